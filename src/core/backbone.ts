@@ -1,0 +1,80 @@
+import type { Envelope } from './envelope.ts';
+import type { ErrorRecord } from './errors.ts';
+
+/**
+ * The seam between the bus and what carries its messages. A backbone stores and delivers envelopes; the
+ * core does everything else (contracts, validation, handlers, middleware, the retry policy). Adding a
+ * backbone means implementing this interface and passing the conformance suite.
+ *
+ * Guarantees every backbone gives:
+ * - `publish` with a transaction writes iff that transaction commits; without one it resolves once the
+ *   messages are durable. Safe to call concurrently.
+ * - Delivery is at least once. Messages with equal partition keys reach a subscription's handler in
+ *   publication (commit) order, one at a time; a key waiting for a retry holds back only that key.
+ * - A delivery's `tx`, when the backbone offers one, commits together with the acknowledgement.
+ */
+export interface Backbone<Tx = unknown> {
+  readonly name: string;
+  /** Connects and prepares storage (migrations, topology). Idempotent. */
+  open(): Promise<void>;
+  /** Writes messages; `tx` enlists them in the caller's transaction (a transactional outbox). */
+  publish(messages: readonly Outgoing[], tx?: Tx): Promise<void>;
+  /** Runs `fn` in a transaction of the backbone's database; consumers are woken after it commits. */
+  transaction<T>(fn: (tx: Tx) => Promise<T>): Promise<T>;
+  /** Starts consuming; resolves once the subscription is registered and its workers run. */
+  consume(subscription: SubscriptionSpec, handle: DeliveryHandler<Tx>): Promise<Consumer>;
+  /** Closes connections it opened. Consumers must be stopped first. */
+  close(): Promise<void>;
+}
+
+/** An envelope ready to be written: its data already serialised, its key hashed. */
+export interface Outgoing {
+  readonly envelope: Envelope;
+  /** `envelope.data` as JSON text. */
+  readonly json: string;
+  readonly keyHash: number;
+}
+
+export interface Consumer {
+  /** Graceful: stops taking new work, finishes and acknowledges what is in flight, releases leases. */
+  stop(): Promise<void>;
+}
+
+export interface SubscriptionSpec {
+  readonly name: string;
+  readonly topics: readonly string[];
+  /** How many ordered lanes the subscription's keys are hashed into; workers lease whole partitions. */
+  readonly partitions: number;
+  /** Handlers in flight at once per partition (different keys only). */
+  readonly concurrency: number;
+  /** Messages read per batch. */
+  readonly batchSize: number;
+  /** Record handled message ids so a redelivered or redriven message is handled once. */
+  readonly inbox: boolean;
+  /** Where a new subscription starts reading. */
+  readonly startFrom: 'now' | 'beginning';
+}
+
+/** One attempt at handling a message, as kept in retry and dead-letter histories. */
+export interface AttemptRecord {
+  readonly attempt: number;
+  readonly at: string;
+  readonly error: ErrorRecord;
+}
+
+export interface Delivery<Tx = unknown> {
+  /** Decoded as far as the backbone can; the core validates the rest. */
+  readonly envelope: Envelope;
+  /** 1 for the first attempt; counts every attempt over the message's life, across restarts. */
+  readonly attempt: number;
+  /** A transaction scoped to this attempt that commits with the acknowledgement, if the backbone has one. */
+  readonly tx: Tx | undefined;
+}
+
+/** What the backbone must do with a delivery after one attempt. */
+export type DeliveryResult =
+  | { readonly outcome: 'ack' }
+  | { readonly outcome: 'retry'; readonly delayMs: number; readonly error: ErrorRecord }
+  | { readonly outcome: 'dead-letter'; readonly reason: string; readonly error: ErrorRecord };
+
+export type DeliveryHandler<Tx = unknown> = (delivery: Delivery<Tx>) => Promise<DeliveryResult>;

@@ -1,0 +1,292 @@
+import type { Backbone, Consumer, Outgoing } from './backbone.ts';
+import { validate, validateName, type AnyContract, type DataOf, type InputOf } from './contract.ts';
+import { keyHash, newId, type Envelope, type Message } from './envelope.ts';
+import { TidingsError } from './errors.ts';
+import { createPipeline, handlerScope, type Handler, type Middleware, type Route } from './handler.ts';
+import { busDefaults, OptionProblems, resolveSubscribeOptions, type ResolvedSubscribeOptions, type SubscribeOptions } from './options.ts';
+
+export interface BusOptions<Tx> {
+  /** This service's name: the CloudEvents `source` of what it publishes. */
+  service: string;
+  backbone: Backbone<Tx>;
+  /** Largest `data` accepted at publish, in bytes of JSON (default 256 KiB). */
+  maxPayloadBytes?: number;
+  /** Defaults for every subscription of this bus; each `subscribe` may override them. */
+  subscriptionDefaults?: SubscribeOptions;
+}
+
+export interface PublishOptions {
+  /** The caller's transaction: the message exists iff it commits (transactional outbox). */
+  tx?: unknown;
+  /** Overrides the contract's key function. */
+  key?: string;
+  /** CloudEvents `subject`: what the event is about, within the source. */
+  subject?: string;
+  tenant?: string;
+  /** Defaults to a new UUIDv7. Give your own to make a retried publish recognisable downstream. */
+  id?: string;
+  correlationId?: string;
+  causationId?: string;
+  traceparent?: string;
+  tracestate?: string;
+}
+
+export interface PublishedMessage {
+  readonly id: string;
+  readonly topic: string;
+  readonly key: string;
+}
+
+/** A named consumer group: its handlers, one per contract, share order, retries and dead letters. */
+export class Subscription<Tx> {
+  readonly routes = new Map<string, Route<Tx>>();
+  constructor(
+    readonly name: string,
+    readonly options: ResolvedSubscribeOptions,
+    private readonly bus: Bus<Tx>,
+  ) {}
+
+  /** Handles `contract`'s messages with `handler`; `message.data` has the contract's type. */
+  on<C extends AnyContract>(contract: C, handler: Handler<DataOf<C>, Tx>): this {
+    if (this.routes.has(contract.topic)) {
+      throw new TidingsError('SUBSCRIPTION_CONFLICT', `Subscription ${this.name} already handles ${contract.topic}`);
+    }
+    this.routes.set(contract.topic, { contract, handler: handler as Handler<unknown, Tx> });
+    this.bus.changed(this);
+    return this;
+  }
+}
+
+/**
+ * The bus: publish and send typed messages, subscribe handlers, and run them. One per service process.
+ */
+export class Bus<Tx = unknown> {
+  readonly service: string;
+  readonly backbone: Backbone<Tx>;
+  readonly #maxPayloadBytes: number;
+  readonly #subscriptionDefaults: SubscribeOptions;
+  readonly #subscriptions = new Map<string, Subscription<Tx>>();
+  readonly #consumers = new Map<string, Consumer>();
+  readonly #middleware: Middleware<Tx>[] = [];
+  readonly #started = new Set<string>();
+  /** Errors of subscriptions started in the background, rethrown by stop(). */
+  readonly #background: unknown[] = [];
+  #stopping = new AbortController();
+  #opened: Promise<void> | undefined;
+  #state: 'idle' | 'starting' | 'running' | 'stopping' | 'stopped' = 'idle';
+
+  constructor(options: BusOptions<Tx>) {
+    const problems = new OptionProblems('createBus');
+    problems.check(typeof options?.service === 'string' && options.service.length > 0, 'service must be a non-empty string (this service\'s name)');
+    problems.check(options?.backbone !== undefined && typeof options.backbone.publish === 'function', 'backbone is required, for example postgres({ url })');
+    problems.integer('maxPayloadBytes', options?.maxPayloadBytes, 1);
+    problems.throwIfAny();
+    this.service = options.service;
+    this.backbone = options.backbone;
+    this.#maxPayloadBytes = options.maxPayloadBytes ?? busDefaults.maxPayloadBytes;
+    this.#subscriptionDefaults = options.subscriptionDefaults ?? {};
+    resolveSubscribeOptions('createBus subscriptionDefaults', this.#subscriptionDefaults);
+  }
+
+  /** Adds middleware around every handler of this bus, outermost first. */
+  use(middleware: Middleware<Tx>): this {
+    this.#middleware.push(middleware);
+    return this;
+  }
+
+  /** Publishes an event. With `{ tx }` it is part of that transaction; inside a handler it joins the handler's. */
+  async publish<C extends AnyContract>(contract: C, data: InputOf<C>, options: PublishOptions = {}): Promise<PublishedMessage> {
+    const [published] = await this.#publish(contract, [data], options);
+    return published!;
+  }
+
+  /** Publishes many messages of one contract in one write (and one transaction). */
+  publishMany<C extends AnyContract>(contract: C, data: readonly InputOf<C>[], options: PublishOptions = {}): Promise<PublishedMessage[]> {
+    return this.#publish(contract, data, options);
+  }
+
+  /** Sends a command: like publish, for a contract declared with `defineCommand`. */
+  async send<C extends AnyContract>(command: C, data: InputOf<C>, options: PublishOptions = {}): Promise<PublishedMessage> {
+    if (command.kind !== 'command') {
+      throw new TidingsError('INVALID_CONTRACT', `${command.name} is an event: publish it with bus.publish, or declare it with defineCommand`);
+    }
+    return this.publish(command, data, options);
+  }
+
+  /** Runs `fn` in a transaction of the backbone's database; what it publishes is delivered iff it commits. */
+  async transaction<T>(fn: (tx: Tx) => Promise<T>): Promise<T> {
+    await this.#open();
+    return this.backbone.transaction(fn);
+  }
+
+  /** Subscribes `handler` to one contract under the consumer group `name`. */
+  subscribe<C extends AnyContract>(name: string, contract: C, handler: Handler<DataOf<C>, Tx>, options?: SubscribeOptions): Subscription<Tx> {
+    return this.subscription(name, options).on(contract, handler);
+  }
+
+  /** Declares a consumer group; add its handlers with `.on(contract, handler)`. */
+  subscription(name: string, options?: SubscribeOptions): Subscription<Tx> {
+    validateName('Subscription', name);
+    if (this.#subscriptions.has(name)) {
+      throw new TidingsError('SUBSCRIPTION_CONFLICT', `Subscription ${name} is already declared on this bus; add handlers to it with .on()`);
+    }
+    const resolved = resolveSubscribeOptions(`subscription ${name}`, { ...this.#subscriptionDefaults, ...options });
+    const subscription = new Subscription<Tx>(name, resolved, this);
+    this.#subscriptions.set(name, subscription);
+    return subscription;
+  }
+
+  /** @internal A subscription gained a handler. Once the bus runs, a new subscription starts on the next turn. */
+  changed(subscription: Subscription<Tx>): void {
+    if (this.#state !== 'running') return;
+    if (this.#started.has(subscription.name)) {
+      throw new TidingsError('SUBSCRIPTION_CONFLICT', `Subscription ${subscription.name} is running: declare its handlers before it starts`);
+    }
+    this.#started.add(subscription.name);
+    // Deferred so that chained .on() calls made in the same turn all belong to the first start.
+    setImmediate(() => {
+      this.#startConsumer(subscription).catch((error: unknown) => this.#background.push(error));
+    });
+  }
+
+  /** Opens the backbone (migrating its storage if needed) and starts every subscription's workers. */
+  async start(): Promise<void> {
+    if (this.#state === 'running' || this.#state === 'starting') return;
+    if (this.#state === 'stopping' || this.#state === 'stopped') {
+      throw new TidingsError('STOPPED', 'This bus was stopped; create a new one to start again');
+    }
+    this.#state = 'starting';
+    await this.#open();
+    for (const subscription of this.#subscriptions.values()) {
+      if (subscription.routes.size === 0) continue;
+      this.#started.add(subscription.name);
+      await this.#startConsumer(subscription);
+    }
+    this.#state = 'running';
+  }
+
+  /** Graceful: finishes in-flight handlers, acknowledges them, releases leases, then closes the backbone. */
+  async stop(): Promise<void> {
+    if (this.#state === 'stopped') return;
+    this.#state = 'stopping';
+    const consumers = [...this.#consumers.values()];
+    this.#consumers.clear();
+    await Promise.all(consumers.map((consumer) => consumer.stop()));
+    this.#stopping.abort(new TidingsError('STOPPED', 'The bus is stopping'));
+    if (this.#opened !== undefined) await this.#opened.catch(() => undefined);
+    await this.backbone.close();
+    this.#state = 'stopped';
+    if (this.#background.length > 0) throw new AggregateError(this.#background, 'Subscriptions started after bus.start() failed');
+  }
+
+  get subscriptions(): ReadonlyMap<string, Subscription<Tx>> {
+    return this.#subscriptions;
+  }
+
+  #open(): Promise<void> {
+    if (this.#state === 'stopped') return Promise.reject(new TidingsError('STOPPED', 'This bus was stopped'));
+    this.#opened ??= this.backbone.open();
+    return this.#opened;
+  }
+
+  async #startConsumer(subscription: Subscription<Tx>): Promise<void> {
+    const { options } = subscription;
+    const handle = createPipeline<Tx>({
+      subscription: subscription.name,
+      routes: subscription.routes,
+      retry: options.retry,
+      timeoutMs: options.timeoutMs,
+      middleware: this.#middleware,
+      stopping: this.#stopping.signal,
+      publish: (contract, data, publishOptions, parent, tx) => {
+        const inherited: PublishOptions = { tx, ...inherit(parent), ...publishOptions };
+        return this.publish(contract, data as InputOf<typeof contract>, inherited);
+      },
+    });
+    const consumer = await this.backbone.consume(
+      {
+        name: subscription.name,
+        topics: [...subscription.routes.keys()],
+        partitions: options.partitions,
+        concurrency: options.concurrency,
+        batchSize: options.batchSize,
+        inbox: options.inbox,
+        startFrom: options.startFrom,
+      },
+      handle,
+    );
+    this.#consumers.set(subscription.name, consumer);
+  }
+
+  async #publish(contract: AnyContract, items: readonly unknown[], options: PublishOptions): Promise<PublishedMessage[]> {
+    if (this.#state === 'stopped') throw new TidingsError('STOPPED', `Cannot publish ${contract.name}: the bus is stopped`);
+    const scope = handlerScope.getStore();
+    // Inside a handler, a publish joins the handler's transaction and carries its correlation, so it is
+    // delivered iff the handled message is acknowledged.
+    const effective: PublishOptions = scope === undefined ? options : { ...inherit(scope.message), tx: scope.tx, ...options };
+    const outgoing: Outgoing[] = [];
+    const time = new Date().toISOString();
+    for (const data of items) {
+      outgoing.push(await this.#encode(contract, data, effective, time, items.length === 1));
+    }
+    await this.#open();
+    await this.backbone.publish(outgoing, effective.tx as Tx | undefined);
+    return outgoing.map(({ envelope }) => ({ id: envelope.id, topic: envelope.topic, key: envelope.partitionkey }));
+  }
+
+  async #encode(contract: AnyContract, data: unknown, options: PublishOptions, time: string, single: boolean): Promise<Outgoing> {
+    const id = single && options.id !== undefined ? options.id : newId();
+    const parsed = await validate(contract, data, { id, topic: contract.topic });
+    const key = options.key ?? (contract.key === undefined ? id : contract.key(parsed));
+    if (typeof key !== 'string' || key.length === 0) {
+      throw new TidingsError('INVALID_PAYLOAD', `The key function of ${contract.name} returned ${JSON.stringify(key)}; it must return a non-empty string`, {
+        ref: { id, topic: contract.topic },
+      });
+    }
+    const json = JSON.stringify(data);
+    if (json === undefined) {
+      throw new TidingsError('INVALID_PAYLOAD', `Payload for ${contract.name} cannot be serialised as JSON`, { ref: { id, topic: contract.topic, key } });
+    }
+    // Length in UTF-16 units is at most the UTF-8 byte length for ASCII; measure bytes only near the limit.
+    if (json.length * 3 > this.#maxPayloadBytes && Buffer.byteLength(json) > this.#maxPayloadBytes) {
+      throw new TidingsError(
+        'PAYLOAD_TOO_LARGE',
+        `Payload for ${contract.name} is ${Buffer.byteLength(json)} bytes, over the limit of ${this.#maxPayloadBytes} (maxPayloadBytes); store large data elsewhere and publish a reference to it`,
+        { ref: { id, topic: contract.topic, key } },
+      );
+    }
+    const envelope: Envelope = {
+      specversion: '1.0',
+      id,
+      source: `tidings://${this.service}`,
+      type: contract.type,
+      time,
+      subject: options.subject,
+      datacontenttype: 'application/json',
+      topic: contract.topic,
+      partitionkey: key,
+      tenant: options.tenant,
+      correlationid: options.correlationId ?? id,
+      causationid: options.causationId,
+      traceparent: options.traceparent,
+      tracestate: options.tracestate,
+      data,
+    };
+    return { envelope, json, keyHash: keyHash(key) };
+  }
+}
+
+/** What a message published while handling `parent` inherits from it. */
+function inherit(parent: Message<unknown>): PublishOptions {
+  return {
+    correlationId: parent.correlationId,
+    causationId: parent.id,
+    ...(parent.tenant === undefined ? {} : { tenant: parent.tenant }),
+    ...(parent.traceparent === undefined ? {} : { traceparent: parent.traceparent }),
+    ...(parent.tracestate === undefined ? {} : { tracestate: parent.tracestate }),
+  };
+}
+
+export function createBus<Tx>(options: BusOptions<Tx>): Bus<Tx> {
+  return new Bus(options);
+}

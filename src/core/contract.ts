@@ -1,0 +1,105 @@
+import type { StandardSchemaV1 } from '@standard-schema/spec';
+import { TidingsError, ValidationError, type MessageRef, type ValidationIssue } from './errors.ts';
+
+/**
+ * A contract names one kind of message, its version and schema, and how to find its partition key.
+ * Events are facts, fanned out to every subscription of their topic; commands ask one service to act.
+ * One contract object is the single source of types for `publish`, handlers and (later) AsyncAPI.
+ */
+export interface Contract<Name extends string = string, Input = unknown, Output = Input> {
+  readonly kind: 'event' | 'command';
+  /** Dotted, lower-case name; also the topic the message travels on (`orders.order-placed`). */
+  readonly name: Name;
+  readonly version: number;
+  /** CloudEvents `type`: `<name>.v<version>`. */
+  readonly type: string;
+  readonly topic: string;
+  readonly schema: StandardSchemaV1<Input, Output>;
+  /** Returns the partition key: messages with equal keys are handled in order, one at a time. */
+  readonly key: ((data: Output) => string) | undefined;
+  readonly description: string | undefined;
+}
+
+// eslint-disable-next-line @typescript-eslint/no-explicit-any -- the key function makes Contract invariant in its data
+export type AnyContract = Contract<string, any, any>;
+
+/** The data a publisher passes for a contract. */
+export type InputOf<C> = C extends Contract<string, infer I, unknown> ? I : never;
+/** The data a handler receives for a contract. */
+export type DataOf<C> = C extends Contract<string, unknown, infer O> ? O : never;
+
+export interface ContractOptions<S extends StandardSchemaV1> {
+  version?: number;
+  schema: S;
+  key?: (data: StandardSchemaV1.InferOutput<S>) => string;
+  description?: string;
+}
+
+const NAME = /^[a-z0-9]+(?:[._-][a-z0-9]+)*$/;
+export const MAX_NAME_LENGTH = 200;
+
+/** A topic, contract or subscription name: lower-case words joined by `.`, `-` or `_`. */
+export function validateName(kind: string, name: unknown): string {
+  if (typeof name !== 'string' || !NAME.test(name) || name.length > MAX_NAME_LENGTH) {
+    throw new TidingsError(
+      'INVALID_CONTRACT',
+      `${kind} name ${JSON.stringify(name)} is invalid: use lower-case letters and digits in words joined by ".", "-" or "_", at most ${MAX_NAME_LENGTH} characters (for example "orders.order-placed")`,
+    );
+  }
+  return name;
+}
+
+function define<const Name extends string, S extends StandardSchemaV1>(
+  kind: 'event' | 'command',
+  name: Name,
+  options: ContractOptions<S>,
+): Contract<Name, StandardSchemaV1.InferInput<S>, StandardSchemaV1.InferOutput<S>> {
+  validateName(kind === 'event' ? 'Event' : 'Command', name);
+  const version = options.version ?? 1;
+  if (!Number.isInteger(version) || version < 1) {
+    throw new TidingsError('INVALID_CONTRACT', `Contract ${name}: version must be a positive integer, got ${version}`);
+  }
+  const schema = options.schema as StandardSchemaV1 | undefined;
+  if (schema === undefined || typeof schema['~standard']?.validate !== 'function') {
+    throw new TidingsError(
+      'INVALID_CONTRACT',
+      `Contract ${name}: schema must be a Standard Schema (zod 4, valibot, arktype...), got ${typeof schema}`,
+    );
+  }
+  return Object.freeze({
+    kind,
+    name,
+    version,
+    type: `${name}.v${version}`,
+    topic: name,
+    schema: options.schema,
+    key: options.key,
+    description: options.description,
+  });
+}
+
+/** Declares an event: a fact that every subscription of its topic receives. */
+export function defineEvent<const Name extends string, S extends StandardSchemaV1>(name: Name, options: ContractOptions<S>) {
+  return define('event', name, options);
+}
+
+/** Declares a command: a request for one service to act, handled by one subscription. */
+export function defineCommand<const Name extends string, S extends StandardSchemaV1>(name: Name, options: ContractOptions<S>) {
+  return define('command', name, options);
+}
+
+/** Validates `value` against the contract's schema; throws a ValidationError naming every bad field. */
+export async function validate<C extends AnyContract>(contract: C, value: unknown, ref?: MessageRef): Promise<DataOf<C>> {
+  let result = contract.schema['~standard'].validate(value);
+  if (result instanceof Promise) result = await result;
+  if (result.issues) throw new ValidationError(contract.name, result.issues.map(toIssue), ref);
+  return result.value as DataOf<C>;
+}
+
+function toIssue(issue: StandardSchemaV1.Issue): ValidationIssue {
+  const path = (issue.path ?? [])
+    .map((segment) => (typeof segment === 'object' ? segment.key : segment))
+    .map((key) => String(key))
+    .join('.');
+  return { path, message: issue.message };
+}

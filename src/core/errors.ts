@@ -1,0 +1,118 @@
+/**
+ * The few error classes Tidings throws. Each has a stable `code` a program can branch on, names the
+ * message (id, topic, key) when there is one, and keeps the original error as `cause`.
+ */
+
+export type TidingsErrorCode =
+  | 'INVALID_OPTIONS'
+  | 'INVALID_CONTRACT'
+  | 'INVALID_PAYLOAD'
+  | 'PAYLOAD_TOO_LARGE'
+  | 'UNDECODABLE_MESSAGE'
+  | 'NOT_STARTED'
+  | 'STOPPED'
+  | 'PUBLISH_FAILED'
+  | 'HANDLER_TIMEOUT'
+  | 'BACKBONE_UNAVAILABLE'
+  | 'SUBSCRIPTION_CONFLICT';
+
+export interface MessageRef {
+  readonly id?: string;
+  readonly topic?: string;
+  readonly key?: string;
+}
+
+export class TidingsError extends Error {
+  override name = 'TidingsError';
+  readonly code: TidingsErrorCode;
+  /** The message this error is about, if any. */
+  readonly ref: MessageRef | undefined;
+  /** True when trying the same operation again may succeed (a dropped connection, a restart). */
+  readonly retryable: boolean;
+
+  constructor(
+    code: TidingsErrorCode,
+    message: string,
+    options: { cause?: unknown; ref?: MessageRef; retryable?: boolean } = {},
+  ) {
+    super(message, options.cause === undefined ? undefined : { cause: options.cause });
+    this.code = code;
+    this.ref = options.ref;
+    this.retryable = options.retryable ?? false;
+  }
+}
+
+/** One problem found by a schema, with the path of the field it concerns. */
+export interface ValidationIssue {
+  readonly path: string;
+  readonly message: string;
+}
+
+/** A payload broke its contract's schema: at publish (nothing was written) or on receive (dead-lettered). */
+export class ValidationError extends TidingsError {
+  override name = 'ValidationError';
+  readonly issues: readonly ValidationIssue[];
+  readonly contract: string;
+
+  constructor(contract: string, issues: readonly ValidationIssue[], ref?: MessageRef) {
+    const list = issues.map((i) => `${i.path || '(root)'}: ${i.message}`).join('; ');
+    super('INVALID_PAYLOAD', `Payload for ${contract} is invalid: ${list}`, ref === undefined ? {} : { ref });
+    this.issues = issues;
+    this.contract = contract;
+  }
+}
+
+/**
+ * Throw this (or return `deadLetter(reason)`) from a handler when trying again cannot help: the message
+ * goes to dead letters at once instead of burning its retries.
+ */
+export class PermanentError extends Error {
+  override name = 'PermanentError';
+  constructor(message: string, options?: { cause?: unknown }) {
+    super(message, options);
+  }
+}
+
+/** A handler ran past its timeout; it counts as a failed attempt. */
+export class HandlerTimeoutError extends TidingsError {
+  override name = 'HandlerTimeoutError';
+  constructor(timeoutMs: number, ref: MessageRef) {
+    super('HANDLER_TIMEOUT', `Handler did not finish within ${timeoutMs} ms (message ${ref.id} on ${ref.topic})`, {
+      ref,
+      retryable: true,
+    });
+  }
+}
+
+export function isPermanent(error: unknown): boolean {
+  return error instanceof PermanentError || (error instanceof TidingsError && error.code === 'INVALID_PAYLOAD');
+}
+
+/** A plain, JSON-safe description of an error for attempt histories and dead letters. */
+export interface ErrorRecord {
+  readonly name: string;
+  readonly message: string;
+  readonly stack?: string;
+  readonly code?: string;
+}
+
+export function describeError(error: unknown): ErrorRecord {
+  if (error instanceof Error) {
+    const code = (error as { code?: unknown }).code;
+    return {
+      name: error.name,
+      message: error.message,
+      ...(error.stack === undefined ? {} : { stack: error.stack }),
+      ...(typeof code === 'string' ? { code } : {}),
+    };
+  }
+  return { name: 'NonError', message: safeString(error) };
+}
+
+function safeString(value: unknown): string {
+  try {
+    return typeof value === 'string' ? value : JSON.stringify(value) ?? String(value);
+  } catch {
+    return String(value);
+  }
+}

@@ -1,0 +1,192 @@
+import { AsyncLocalStorage } from 'node:async_hooks';
+import type { Delivery, DeliveryHandler, DeliveryResult } from './backbone.ts';
+import { validate, type AnyContract, type DataOf, type InputOf } from './contract.ts';
+import { toMessage, type Envelope, type Message } from './envelope.ts';
+import { describeError, HandlerTimeoutError, isPermanent, TidingsError, type ErrorRecord } from './errors.ts';
+import type { ResolvedRetry } from './options.ts';
+import type { PublishOptions, PublishedMessage } from './bus.ts';
+
+/** What a handler may return instead of throwing: ask for a later retry, or give up on the message. */
+export type Outcome =
+  | { readonly kind: 'retry'; readonly afterMs: number; readonly reason: string }
+  | { readonly kind: 'dead-letter'; readonly reason: string };
+
+/** Try this message again after `afterMs` (counts as a failed attempt; the key is held meanwhile). */
+export function retryLater(afterMs: number, reason = 'handler asked to retry later'): Outcome {
+  return { kind: 'retry', afterMs, reason };
+}
+
+/** Send this message to dead letters now: nothing retrying could change would help. */
+export function deadLetter(reason: string): Outcome {
+  return { kind: 'dead-letter', reason };
+}
+
+export interface HandlerContext<Tx = unknown> {
+  readonly subscription: string;
+  /** 1 on the first attempt. */
+  readonly attempt: number;
+  /**
+   * A transaction that commits together with this message's acknowledgement, so writes made through it
+   * happen exactly once. Throws if the backbone has no transaction to offer.
+   */
+  readonly tx: Tx;
+  /** Aborted when the handler times out or the consumer stops. */
+  readonly signal: AbortSignal;
+  /** Publishes in this handler's transaction, inheriting correlation id, causation id and tenant. */
+  publish<C extends AnyContract>(contract: C, data: InputOf<C>, options?: PublishOptions): Promise<PublishedMessage>;
+}
+
+export type Handler<Data, Tx = unknown> = (
+  message: Message<Data>,
+  context: HandlerContext<Tx>,
+) => Promise<Outcome | void> | Outcome | void;
+
+/** Wraps every handler of a bus; call `next()` to go on. Tracing, tenancy and logging are middleware. */
+export type Middleware<Tx = unknown> = (
+  message: Message<unknown>,
+  context: HandlerContext<Tx>,
+  next: () => Promise<Outcome | void>,
+) => Promise<Outcome | void>;
+
+export interface Route<Tx> {
+  readonly contract: AnyContract;
+  readonly handler: Handler<unknown, Tx>;
+}
+
+/** The message being handled, so `bus.publish` inside a handler can inherit from it and use its transaction. */
+export interface HandlerScope {
+  readonly message: Message<unknown>;
+  readonly tx: unknown;
+}
+export const handlerScope = new AsyncLocalStorage<HandlerScope>();
+
+/** After attempt `attempt` (1-based) failed: retry now (0), retry after a delay, or give up (undefined). */
+export function nextRetryDelay(retry: ResolvedRetry, attempt: number, random = Math.random): number | undefined {
+  if (attempt <= retry.immediate) return 0;
+  const base = retry.delayed[attempt - retry.immediate - 1];
+  if (base === undefined) return undefined;
+  const spread = base * retry.jitter;
+  return Math.max(0, Math.round(base - spread + random() * 2 * spread));
+}
+
+export interface PipelineOptions<Tx> {
+  readonly subscription: string;
+  readonly routes: ReadonlyMap<string, Route<Tx>>;
+  readonly retry: ResolvedRetry;
+  readonly timeoutMs: number;
+  readonly middleware: readonly Middleware<Tx>[];
+  readonly publish: (
+    contract: AnyContract,
+    data: unknown,
+    options: PublishOptions,
+    parent: Message<unknown>,
+    tx: Tx | undefined,
+  ) => Promise<PublishedMessage>;
+  /** Aborted when the consumer stops: handlers see it through `context.signal`. */
+  readonly stopping: AbortSignal;
+}
+
+/**
+ * Builds the function a backbone calls for each delivery: route by topic, validate, run middleware and
+ * the handler under a timeout, and turn what happened into ack, retry (with the policy's delay) or dead letter.
+ */
+export function createPipeline<Tx>(options: PipelineOptions<Tx>): DeliveryHandler<Tx> {
+  return async (delivery: Delivery<Tx>): Promise<DeliveryResult> => {
+    const { envelope, attempt } = delivery;
+    const ref = { id: envelope.id, topic: envelope.topic, key: envelope.partitionkey };
+    const route = options.routes.get(envelope.topic);
+    if (route === undefined) {
+      const error = new TidingsError('UNDECODABLE_MESSAGE', `Subscription ${options.subscription} has no handler for topic ${envelope.topic}`, { ref });
+      return { outcome: 'dead-letter', reason: error.message, error: describeError(error) };
+    }
+    const broken = checkEnvelope(envelope);
+    if (broken !== undefined) {
+      const error = new TidingsError('UNDECODABLE_MESSAGE', `Message ${envelope.id} on ${envelope.topic} cannot be decoded: ${broken}`, { ref });
+      return { outcome: 'dead-letter', reason: error.message, error: describeError(error) };
+    }
+    let data: DataOf<AnyContract>;
+    try {
+      data = await validate(route.contract, envelope.data, ref);
+    } catch (error) {
+      return { outcome: 'dead-letter', reason: `invalid payload: ${(error as Error).message}`, error: describeError(error) };
+    }
+    const message = toMessage(envelope, data);
+    const controller = new AbortController();
+    const onStop = () => controller.abort(options.stopping.reason);
+    options.stopping.addEventListener('abort', onStop, { once: true });
+    const context: HandlerContext<Tx> = {
+      subscription: options.subscription,
+      attempt,
+      signal: controller.signal,
+      get tx(): Tx {
+        if (delivery.tx === undefined) {
+          throw new TidingsError('INVALID_OPTIONS', 'This backbone offers no transaction to handlers (context.tx)');
+        }
+        return delivery.tx;
+      },
+      publish: (contract, payload, publishOptions = {}) => options.publish(contract, payload, publishOptions, message, delivery.tx),
+    };
+    try {
+      const outcome = await handlerScope.run({ message, tx: delivery.tx }, () =>
+        withTimeout(runChain(options.middleware, route.handler, message, context), options.timeoutMs, controller, ref),
+      );
+      if (outcome === undefined || outcome === null) return { outcome: 'ack' };
+      const error = { name: 'Outcome', message: outcome.reason };
+      if (outcome.kind === 'dead-letter') return { outcome: 'dead-letter', reason: outcome.reason, error };
+      const delay = nextRetryDelay(options.retry, attempt);
+      if (delay === undefined) return exhausted(attempt, error);
+      return { outcome: 'retry', delayMs: Math.max(outcome.afterMs, 0), error };
+    } catch (error) {
+      const record = describeError(error);
+      if (isPermanent(error)) return { outcome: 'dead-letter', reason: `permanent error: ${record.message}`, error: record };
+      const delay = nextRetryDelay(options.retry, attempt);
+      if (delay === undefined) return exhausted(attempt, record);
+      return { outcome: 'retry', delayMs: delay, error: record };
+    } finally {
+      options.stopping.removeEventListener('abort', onStop);
+    }
+  };
+}
+
+function exhausted(attempt: number, error: ErrorRecord): DeliveryResult {
+  return { outcome: 'dead-letter', reason: `failed ${attempt} attempt${attempt === 1 ? '' : 's'}; last error: ${error.message}`, error };
+}
+
+function checkEnvelope(envelope: Envelope): string | undefined {
+  if (typeof envelope.id !== 'string' || envelope.id.length === 0) return 'id is missing';
+  if (typeof envelope.type !== 'string' || envelope.type.length === 0) return 'type is missing';
+  if (typeof envelope.partitionkey !== 'string') return 'partitionkey is missing';
+  if (Number.isNaN(Date.parse(envelope.time))) return `time ${JSON.stringify(envelope.time)} is not a date`;
+  return undefined;
+}
+
+function runChain<Tx>(
+  middleware: readonly Middleware<Tx>[],
+  handler: Handler<unknown, Tx>,
+  message: Message<unknown>,
+  context: HandlerContext<Tx>,
+): Promise<Outcome | void> {
+  const step = async (index: number): Promise<Outcome | void> => {
+    const layer = middleware[index];
+    if (layer === undefined) return handler(message, context);
+    return layer(message, context, () => step(index + 1));
+  };
+  return step(0);
+}
+
+async function withTimeout<T>(work: Promise<T>, timeoutMs: number, controller: AbortController, ref: { id: string; topic: string; key: string }): Promise<T> {
+  if (timeoutMs <= 0) return work;
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => {
+      const error = new HandlerTimeoutError(timeoutMs, ref);
+      controller.abort(error);
+      reject(error);
+    }, timeoutMs);
+  });
+  try {
+    return await Promise.race([work, timeout]);
+  } finally {
+    clearTimeout(timer);
+  }
+}

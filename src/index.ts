@@ -1,0 +1,22 @@
+export { createBus, Bus, Subscription } from './core/bus.ts';
+export type { BusOptions, PublishOptions, PublishedMessage } from './core/bus.ts';
+export { defineEvent, defineCommand, validate } from './core/contract.ts';
+export type { Contract, AnyContract, ContractOptions, DataOf, InputOf } from './core/contract.ts';
+export { newId, keyHash, partitionOf } from './core/envelope.ts';
+export type { Envelope, Message } from './core/envelope.ts';
+export { TidingsError, ValidationError, PermanentError, HandlerTimeoutError, describeError } from './core/errors.ts';
+export type { TidingsErrorCode, ValidationIssue, ErrorRecord, MessageRef } from './core/errors.ts';
+export { retryLater, deadLetter, nextRetryDelay } from './core/handler.ts';
+export type { Handler, HandlerContext, Middleware, Outcome } from './core/handler.ts';
+export { subscriptionDefaults, busDefaults, resolveSubscribeOptions } from './core/options.ts';
+export type { SubscribeOptions, RetryOptions } from './core/options.ts';
+export type {
+  Backbone,
+  Consumer,
+  Outgoing,
+  SubscriptionSpec,
+  Delivery,
+  DeliveryHandler,
+  DeliveryResult,
+  AttemptRecord,
+} from './core/backbone.ts';

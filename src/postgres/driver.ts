@@ -1,0 +1,253 @@
+import { TidingsError } from '../core/errors.ts';
+
+/**
+ * The small part of a Postgres client Tidings needs. `pg`'s Pool and PGlite are both adapted to it, so the
+ * backbone above runs unchanged on a server or in process.
+ */
+export interface Queryable {
+  query<R = Record<string, unknown>>(text: string, params?: readonly unknown[]): Promise<{ rows: R[]; rowCount?: number | null }>;
+}
+
+export interface ListenSession {
+  /** Sends a notification on this session's own connection. */
+  notify(channel: string, payload: string): Promise<void>;
+  /** A cheap round trip to prove the connection is alive. */
+  ping(): Promise<void>;
+  close(): Promise<void>;
+}
+
+export interface ListenHandlers {
+  onNotification(channel: string, payload: string): void;
+  /** The session's connection ended or failed; the notifier reconnects. */
+  onEnd(error: Error | undefined): void;
+}
+
+export interface SqlDriver extends Queryable {
+  /** True for an in-process database: one session, no other process to wake. */
+  readonly embedded: boolean;
+  /** A description safe to print (no password). */
+  readonly description: string;
+  transaction<T>(fn: (tx: Queryable) => Promise<T>): Promise<T>;
+  /** Opens a dedicated session for LISTEN. */
+  listen(channels: readonly string[], handlers: ListenHandlers): Promise<ListenSession>;
+  close(): Promise<void>;
+}
+
+// ---- pg ------------------------------------------------------------------------------------------
+
+/** The subset of `pg.PoolClient` used. */
+export interface PgClientLike extends Queryable {
+  release(error?: Error | boolean): void;
+}
+
+/** The subset of `pg.Pool` used. */
+export interface PgPoolLike extends Queryable {
+  connect(): Promise<PgClientLike>;
+  end(): Promise<void>;
+  readonly options?: Record<string, unknown>;
+}
+
+interface PgListenClient extends Queryable {
+  connect(): Promise<void>;
+  end(): Promise<void>;
+  on(event: 'notification', listener: (message: { channel: string; payload?: string }) => void): void;
+  on(event: 'error' | 'end', listener: (error?: Error) => void): void;
+}
+
+export interface PgDriverOptions {
+  /** A connection URL; Tidings opens and closes its own pool. */
+  url?: string | undefined;
+  /** Your pool: Tidings uses it and leaves it open. */
+  pool?: PgPoolLike | undefined;
+  poolSize: number;
+}
+
+export async function pgDriver(options: PgDriverOptions): Promise<SqlDriver> {
+  const pg = await import('pg').catch((cause: unknown) => {
+    throw new TidingsError('BACKBONE_UNAVAILABLE', 'The postgres backbone needs the "pg" package: npm install pg', { cause });
+  });
+  const Pool = pg.default.Pool;
+  const Client = pg.default.Client;
+  const ownPool = options.pool === undefined;
+  const pool: PgPoolLike =
+    options.pool ?? (new Pool({ connectionString: options.url, max: options.poolSize, keepAlive: true }) as unknown as PgPoolLike);
+  if (ownPool) (pool as unknown as { on(e: 'error', l: (e: Error) => void): void }).on('error', () => undefined);
+  const config = options.url !== undefined ? { connectionString: options.url } : (pool.options ?? {});
+  const description = describeUrl(options.url ?? (typeof config.connectionString === 'string' ? config.connectionString : undefined), config);
+
+  return {
+    embedded: false,
+    description,
+    query: (text, params) => wrap(description, () => pool.query(text, params as unknown[])),
+    async transaction(fn) {
+      const client = await wrap(description, () => pool.connect());
+      let broken: Error | undefined;
+      try {
+        await client.query('begin');
+        const result = await fn(client);
+        await client.query('commit');
+        return result;
+      } catch (error) {
+        try {
+          await client.query('rollback');
+        } catch (rollbackError) {
+          broken = rollbackError as Error;
+        }
+        throw connectionError(description, error);
+      } finally {
+        client.release(broken ?? false);
+      }
+    },
+    async listen(channels, handlers) {
+      const client = new Client({ ...config, keepAlive: true }) as unknown as PgListenClient;
+      let ended = false;
+      const end = (error?: Error) => {
+        if (ended) return;
+        ended = true;
+        handlers.onEnd(error);
+      };
+      client.on('notification', (message) => handlers.onNotification(message.channel, message.payload ?? ''));
+      client.on('error', (error) => end(error ?? new Error('listen connection failed')));
+      client.on('end', () => end(new Error('listen connection ended')));
+      try {
+        await client.connect();
+        for (const channel of channels) await client.query(`listen ${quoteIdent(channel)}`);
+      } catch (error) {
+        ended = true;
+        await client.end().catch(() => undefined);
+        throw connectionError(description, error);
+      }
+      return {
+        notify: async (channel, payload) => {
+          await client.query('select pg_notify($1, $2)', [channel, payload]);
+        },
+        ping: async () => {
+          await client.query('select 1');
+        },
+        close: async () => {
+          ended = true;
+          await client.end().catch(() => undefined);
+        },
+      };
+    },
+    async close() {
+      if (ownPool) await pool.end();
+    },
+  };
+}
+
+// ---- PGlite --------------------------------------------------------------------------------------
+
+/** The subset of PGlite used. */
+export interface PGliteLike extends Queryable {
+  transaction<T>(fn: (tx: Queryable) => Promise<T>): Promise<T>;
+  listen(channel: string, callback: (payload: string) => void): Promise<() => Promise<void>>;
+  close(): Promise<void>;
+  readonly closed?: boolean;
+}
+
+export interface PgliteDriverOptions {
+  /** Your PGlite instance: Tidings uses it and leaves it open. */
+  db?: PGliteLike | undefined;
+  /** Where a PGlite Tidings opens keeps its files; in memory when absent. */
+  dataDir?: string | undefined;
+}
+
+export async function pgliteDriver(options: PgliteDriverOptions): Promise<SqlDriver> {
+  let db = options.db;
+  const own = db === undefined;
+  if (db === undefined) {
+    const module = await import('@electric-sql/pglite').catch((cause: unknown) => {
+      throw new TidingsError('BACKBONE_UNAVAILABLE', 'The embedded backbone needs the "@electric-sql/pglite" package: npm install @electric-sql/pglite', { cause });
+    });
+    db = (await module.PGlite.create(options.dataDir === undefined ? {} : { dataDir: options.dataDir })) as unknown as PGliteLike;
+  }
+  const database = db;
+  return {
+    embedded: true,
+    description: `PGlite (${options.dataDir ?? 'in memory'})`,
+    query: (text, params) => database.query(text, params as unknown[]),
+    transaction: (fn) => database.transaction(fn),
+    async listen(channels, handlers) {
+      const unlisten: Array<() => Promise<void>> = [];
+      for (const channel of channels) {
+        unlisten.push(await database.listen(channel, (payload) => handlers.onNotification(channel, payload)));
+      }
+      return {
+        notify: async (channel, payload) => {
+          await database.query('select pg_notify($1, $2)', [channel, payload]);
+        },
+        ping: async () => {
+          await database.query('select 1');
+        },
+        close: async () => {
+          for (const stop of unlisten) await stop().catch(() => undefined);
+        },
+      };
+    },
+    async close() {
+      if (own && !database.closed) await database.close();
+    },
+  };
+}
+
+// ---- helpers -------------------------------------------------------------------------------------
+
+const IDENT = /^[a-z_][a-z0-9_]{0,62}$/;
+
+/** Validates an identifier Tidings puts in SQL text (schema, channel): never interpolate anything else. */
+export function checkIdentifier(kind: string, name: string): string {
+  if (!IDENT.test(name)) {
+    throw new TidingsError('INVALID_OPTIONS', `${kind} ${JSON.stringify(name)} is invalid: use lower-case letters, digits and "_", starting with a letter, at most 63 characters`);
+  }
+  return name;
+}
+
+export function quoteIdent(name: string): string {
+  return `"${name.replaceAll('"', '""')}"`;
+}
+
+/** Errors Postgres or the network raise when a connection was lost or refused: trying again may work. */
+const RETRYABLE_SQLSTATES = new Set(['57P01', '57P02', '57P03', '08000', '08003', '08006', '08001', '08004', '40001', '40P01', '53300']);
+const RETRYABLE_NODE_CODES = new Set(['ECONNREFUSED', 'ECONNRESET', 'EPIPE', 'ETIMEDOUT', 'ENOTFOUND', 'EAI_AGAIN']);
+
+export function isConnectionError(error: unknown): boolean {
+  const code = (error as { code?: unknown } | undefined)?.code;
+  if (typeof code === 'string' && (RETRYABLE_SQLSTATES.has(code) || RETRYABLE_NODE_CODES.has(code))) return true;
+  const message = error instanceof Error ? error.message : '';
+  return /Connection terminated|connection is closed|Client has encountered a connection error|terminating connection/i.test(message);
+}
+
+function connectionError(description: string, error: unknown): unknown {
+  if (error instanceof TidingsError || !isConnectionError(error)) return error;
+  return new TidingsError('BACKBONE_UNAVAILABLE', `PostgreSQL at ${description} is unreachable or dropped the connection (${(error as Error).message}); the operation did not complete and may be retried`, {
+    cause: error,
+    retryable: true,
+  });
+}
+
+async function wrap<T>(description: string, fn: () => Promise<T>): Promise<T> {
+  try {
+    return await fn();
+  } catch (error) {
+    throw connectionError(description, error);
+  }
+}
+
+/** `postgres://user@host:port/db`, without the password. */
+export function describeUrl(url: string | undefined, config: Record<string, unknown> = {}): string {
+  if (url !== undefined) {
+    try {
+      const parsed = new URL(url);
+      parsed.password = '';
+      return parsed.toString().replace(/:@/, '@');
+    } catch {
+      return 'the configured URL (unparseable)';
+    }
+  }
+  const host = String(config.host ?? process.env.PGHOST ?? 'localhost');
+  const port = String(config.port ?? process.env.PGPORT ?? 5432);
+  const database = String(config.database ?? process.env.PGDATABASE ?? '');
+  const user = String(config.user ?? process.env.PGUSER ?? '');
+  return `postgres://${user ? `${user}@` : ''}${host}:${port}/${database}`;
+}

@@ -1,0 +1,219 @@
+import type { Backbone, Consumer, DeliveryHandler, Outgoing, SubscriptionSpec } from '../core/backbone.ts';
+import { OptionProblems } from '../core/options.ts';
+import { PostgresConsumer, type ConsumerSettings } from './consumer.ts';
+import { checkIdentifier, pgDriver, pgliteDriver, type PGliteLike, type PgPoolLike, type SqlDriver } from './driver.ts';
+import { migrate } from './migrate.ts';
+import { Notifier } from './notifier.ts';
+import { GroupCommit, insertMessages } from './publisher.ts';
+import { statements, type Statements } from './statements.ts';
+import { isTracked, PUBLISHED, track, type PgTransaction } from './transaction.ts';
+
+export type { PgTransaction } from './transaction.ts';
+export type { Queryable, PgPoolLike, PGliteLike, SqlDriver } from './driver.ts';
+export { migrate } from './migrate.ts';
+
+export interface PostgresOptions {
+  /** A PostgreSQL connection URL (`postgres://user@host:5432/db`). */
+  url?: string;
+  /** Your own `pg` Pool instead of a URL; Tidings leaves it open on stop. */
+  pool?: PgPoolLike;
+  /** Run on embedded PostgreSQL (PGlite) in this process: `true`, or your own PGlite instance. */
+  pglite?: true | PGliteLike;
+  /** Where embedded PostgreSQL keeps its files; in memory when absent. */
+  dataDir?: string;
+  /** The schema holding Tidings' tables. */
+  schema?: string;
+  /** Connections in the pool Tidings opens for a URL. */
+  poolSize?: number;
+  /** Create or upgrade the schema on start. */
+  migrate?: boolean;
+  /** A partition lease lasts this long without renewal; a killed worker's partitions move after it. */
+  leaseMs?: number;
+  /** How often leases are renewed and partitions rebalanced between workers. */
+  heartbeatMs?: number;
+  /** Backstop poll while LISTEN works: a lost notification costs at most this much latency. */
+  pollMs?: number;
+  /** Poll interval when LISTEN is unavailable (a transaction-pooling proxy). */
+  fallbackPollMs?: number;
+  /** Idle time after which the notifier pings its connection. */
+  notifierPingMs?: number;
+  /** A publish in a transaction Tidings does not drive wakes consumers this long after the insert, hoping it has committed; the backstop poll covers the rest. */
+  foreignCommitNudgeMs?: number;
+  /** Group commit of publishes made outside a transaction. */
+  publishBatch?: { maxBatch?: number; maxInFlight?: number };
+  /** Called with problems Tidings recovers from by itself (a dropped connection, a failed batch). */
+  onWarning?: (message: string, error?: unknown) => void;
+}
+
+export const postgresDefaults = {
+  schema: 'tidings',
+  poolSize: 10,
+  migrate: true,
+  leaseMs: 10_000,
+  heartbeatMs: 3_000,
+  pollMs: 5_000,
+  fallbackPollMs: 250,
+  notifierPingMs: 10_000,
+  foreignCommitNudgeMs: 10,
+  publishBatch: { maxBatch: 1_000, maxInFlight: 2 },
+  reconnectMinMs: 100,
+  reconnectMaxMs: 5_000,
+  errorBackoffMaxMs: 5_000,
+  selfTestMs: 2_000,
+} as const;
+
+function defaultWarning(message: string, error?: unknown): void {
+  const detail = error instanceof Error ? `: ${error.message}` : '';
+  console.warn(`[tidings] ${message}${detail}`);
+}
+
+/**
+ * The PostgreSQL backbone: a log table read in commit order, LISTEN/NOTIFY wake-ups from one connection per
+ * process, partition leases for competing workers, and a transactional outbox for free (the log is in
+ * your database). Works on a server by URL or pool, and on embedded PGlite.
+ */
+export class PostgresBackbone implements Backbone<PgTransaction> {
+  readonly name = 'postgres';
+  readonly options: PostgresOptions;
+  readonly schema: string;
+  #driver: SqlDriver | undefined;
+  #sql: Statements;
+  #notifier: Notifier | undefined;
+  #groupCommit: GroupCommit | undefined;
+  #opening: Promise<void> | undefined;
+  #warn: (message: string, error?: unknown) => void;
+  #nudges = new Set<NodeJS.Timeout>();
+
+  constructor(options: PostgresOptions) {
+    const problems = new OptionProblems('postgres()');
+    const sources = [options.url, options.pool, options.pglite].filter((source) => source !== undefined).length;
+    problems.check(sources === 1, 'give exactly one of url (a connection URL), pool (a pg Pool) or pglite (true for embedded PostgreSQL)');
+    problems.check(options.url === undefined || typeof options.url === 'string', 'url must be a string');
+    problems.integer('poolSize', options.poolSize, 2, 1_000);
+    problems.integer('leaseMs', options.leaseMs, 1_000);
+    problems.integer('heartbeatMs', options.heartbeatMs, 100);
+    problems.integer('pollMs', options.pollMs, 10);
+    problems.integer('fallbackPollMs', options.fallbackPollMs, 10);
+    problems.integer('notifierPingMs', options.notifierPingMs, 100);
+    problems.integer('foreignCommitNudgeMs', options.foreignCommitNudgeMs, 0);
+    problems.integer('publishBatch.maxBatch', options.publishBatch?.maxBatch, 1, 100_000);
+    problems.integer('publishBatch.maxInFlight', options.publishBatch?.maxInFlight, 1, 100);
+    if (options.leaseMs !== undefined || options.heartbeatMs !== undefined) {
+      const lease = options.leaseMs ?? postgresDefaults.leaseMs;
+      const beat = options.heartbeatMs ?? postgresDefaults.heartbeatMs;
+      problems.check(beat * 2 <= lease, `heartbeatMs (${beat}) must be at most half of leaseMs (${lease}), or leases expire between renewals`);
+    }
+    try {
+      checkIdentifier('schema', options.schema ?? postgresDefaults.schema);
+    } catch (error) {
+      problems.check(false, (error as Error).message);
+    }
+    problems.throwIfAny();
+    this.options = options;
+    this.schema = options.schema ?? postgresDefaults.schema;
+    this.#sql = statements(this.schema);
+    this.#warn = options.onWarning ?? defaultWarning;
+  }
+
+  /** The driver, once open: for tools and tests that need to run SQL next to the bus. */
+  get driver(): SqlDriver {
+    if (this.#driver === undefined) throw new Error('The postgres backbone is not open yet: call bus.start() first');
+    return this.#driver;
+  }
+
+  open(): Promise<void> {
+    this.#opening ??= this.#open();
+    return this.#opening;
+  }
+
+  async #open(): Promise<void> {
+    const o = this.options;
+    const driver =
+      o.pglite !== undefined
+        ? await pgliteDriver({ db: o.pglite === true ? undefined : o.pglite, dataDir: o.dataDir })
+        : await pgDriver({ url: o.url, pool: o.pool, poolSize: o.poolSize ?? postgresDefaults.poolSize });
+    this.#driver = driver;
+    if (o.migrate ?? postgresDefaults.migrate) await migrate(driver, this.schema);
+    this.#notifier = new Notifier(driver, {
+      channel: this.schema,
+      pingMs: o.notifierPingMs ?? postgresDefaults.notifierPingMs,
+      reconnectMinMs: postgresDefaults.reconnectMinMs,
+      reconnectMaxMs: postgresDefaults.reconnectMaxMs,
+      selfTestMs: postgresDefaults.selfTestMs,
+      warn: this.#warn,
+    });
+    await this.#notifier.start();
+    const batch = { ...postgresDefaults.publishBatch, ...o.publishBatch };
+    this.#groupCommit = new GroupCommit(
+      batch,
+      (messages) => insertMessages(driver, this.#sql.insertMessages, messages),
+      (topics) => this.#notifier?.poke(topics),
+    );
+  }
+
+  async publish(messages: readonly Outgoing[], tx?: PgTransaction): Promise<void> {
+    await this.open();
+    if (tx === undefined) return this.#groupCommit!.publish(messages);
+    await insertMessages(tx, this.#sql.insertMessages, messages);
+    if (isTracked(tx)) {
+      for (const message of messages) tx[PUBLISHED].add(message.envelope.topic);
+      return;
+    }
+    // A transaction the caller drives: we cannot see its commit. Wake consumers shortly after, when it
+    // has most likely committed; if it has not, the backstop poll finds the messages.
+    const topics = new Set(messages.map((message) => message.envelope.topic));
+    const nudge = setTimeout(() => {
+      this.#nudges.delete(nudge);
+      this.#notifier?.poke(topics);
+    }, this.options.foreignCommitNudgeMs ?? postgresDefaults.foreignCommitNudgeMs);
+    this.#nudges.add(nudge);
+  }
+
+  async transaction<T>(fn: (tx: PgTransaction) => Promise<T>): Promise<T> {
+    await this.open();
+    const published = new Set<string>();
+    const result = await this.driver.transaction((inner) => fn(track(inner, published)));
+    if (published.size > 0) this.#notifier?.poke(published);
+    return result;
+  }
+
+  async consume(spec: SubscriptionSpec, handle: DeliveryHandler<PgTransaction>): Promise<Consumer> {
+    await this.open();
+    const o = this.options;
+    const settings: ConsumerSettings = {
+      leaseMs: o.leaseMs ?? postgresDefaults.leaseMs,
+      heartbeatMs: o.heartbeatMs ?? postgresDefaults.heartbeatMs,
+      pollMs: o.pollMs ?? postgresDefaults.pollMs,
+      fallbackPollMs: o.fallbackPollMs ?? postgresDefaults.fallbackPollMs,
+      errorBackoffMaxMs: postgresDefaults.errorBackoffMaxMs,
+    };
+    const consumer = new PostgresConsumer(
+      {
+        driver: this.driver,
+        sql: this.#sql,
+        notifier: this.#notifier!,
+        settings,
+        warn: this.#warn,
+        committed: (topics) => this.#notifier?.poke(topics),
+      },
+      spec,
+      handle,
+    );
+    await consumer.start();
+    return consumer;
+  }
+
+  async close(): Promise<void> {
+    for (const nudge of this.#nudges) clearTimeout(nudge);
+    this.#nudges.clear();
+    if (this.#opening === undefined) return;
+    await this.#opening.catch(() => undefined);
+    await this.#notifier?.close();
+    await this.#driver?.close();
+  }
+}
+
+/** The PostgreSQL backbone, on a server (`url` or `pool`) or embedded (`pglite: true`). */
+export function postgres(options: PostgresOptions): PostgresBackbone {
+  return new PostgresBackbone(options);
+}

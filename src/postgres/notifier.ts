@@ -1,0 +1,206 @@
+import type { ListenSession, SqlDriver } from './driver.ts';
+
+export interface NotifierOptions {
+  readonly channel: string;
+  /** A ping after this long without traffic proves the connection is still alive. */
+  readonly pingMs: number;
+  readonly reconnectMinMs: number;
+  readonly reconnectMaxMs: number;
+  /** How long the self-test waits for its own notification before deciding LISTEN does not work here. */
+  readonly selfTestMs: number;
+  readonly warn: (message: string, error?: unknown) => void;
+}
+
+type Wake = (topics: ReadonlySet<string> | 'all') => void;
+
+/**
+ * One LISTEN connection per process (brandur's notifier pattern). Notifications only wake consumers: they
+ * carry topic names, never messages, so a lost one costs latency and never correctness (consumers also
+ * poll slowly, and every (re)connect wakes them all to catch up).
+ *
+ * Producers never NOTIFY inside their transactions: a NOTIFY takes a global lock at commit, and with many
+ * writers it cut the commit rate by 72 % on our machine (research/performance.md). Instead, after a commit
+ * the publishing process calls `poke`; pokes are coalesced so at most one NOTIFY is in flight per process.
+ */
+export class Notifier {
+  readonly #driver: SqlDriver;
+  readonly #options: NotifierOptions;
+  readonly #listeners = new Set<{ topics: ReadonlySet<string>; wake: Wake }>();
+  #session: ListenSession | undefined;
+  #connecting: Promise<void> | undefined;
+  #closed = false;
+  #attempt = 0;
+  #pingTimer: NodeJS.Timeout | undefined;
+  #reconnectTimer: NodeJS.Timeout | undefined;
+  #pending = new Set<string>();
+  #sending = false;
+  #selfTest: { token: string; resolve: () => void } | undefined;
+  /** False when LISTEN is impossible here (say, behind a transaction-pooling proxy): consumers must poll. */
+  listening = false;
+  #warnedUnavailable = false;
+
+  constructor(driver: SqlDriver, options: NotifierOptions) {
+    this.#driver = driver;
+    this.#options = options;
+  }
+
+  /** Registers a consumer to wake when any of `topics` gets messages. Returns the unsubscribe function. */
+  register(topics: readonly string[], wake: Wake): () => void {
+    const entry = { topics: new Set(topics), wake };
+    this.#listeners.add(entry);
+    return () => this.#listeners.delete(entry);
+  }
+
+  async start(): Promise<void> {
+    this.#connecting ??= this.#connect();
+    await this.#connecting;
+  }
+
+  /** After a commit that published on `topics`: wake this process's consumers now, and others by NOTIFY. */
+  poke(topics: Iterable<string>): void {
+    const set = new Set(topics);
+    if (set.size === 0) return;
+    this.#wakeLocal(set);
+    if (this.#driver.embedded || this.#closed) return;
+    for (const topic of set) this.#pending.add(topic);
+    void this.#send();
+  }
+
+  async close(): Promise<void> {
+    this.#closed = true;
+    clearTimeout(this.#pingTimer);
+    clearTimeout(this.#reconnectTimer);
+    await this.#connecting?.catch(() => undefined);
+    const session = this.#session;
+    this.#session = undefined;
+    await session?.close();
+  }
+
+  async #send(): Promise<void> {
+    if (this.#sending) return;
+    this.#sending = true;
+    try {
+      while (this.#pending.size > 0 && !this.#closed) {
+        const topics = [...this.#pending];
+        this.#pending.clear();
+        // Payloads are capped at 8,000 bytes: beyond that, wake everyone.
+        let payload = topics.join(',');
+        if (payload.length > 7_000) payload = '*';
+        try {
+          if (this.#session !== undefined) await this.#session.notify(this.#options.channel, payload);
+          else await this.#driver.query('select pg_notify($1, $2)', [this.#options.channel, payload]);
+        } catch {
+          // Consumers in other processes will poll; nothing is lost.
+        }
+      }
+    } finally {
+      this.#sending = false;
+    }
+  }
+
+  #wakeLocal(topics: ReadonlySet<string> | 'all'): void {
+    for (const listener of this.#listeners) {
+      if (topics === 'all') listener.wake('all');
+      else {
+        for (const topic of topics) {
+          if (listener.topics.has(topic)) {
+            listener.wake(topics);
+            break;
+          }
+        }
+      }
+    }
+  }
+
+  async #connect(): Promise<void> {
+    if (this.#closed) return;
+    try {
+      this.#session = await this.#driver.listen([this.#options.channel], {
+        onNotification: (_channel, payload) => this.#onNotification(payload),
+        onEnd: (error) => this.#onEnd(error),
+      });
+      this.#attempt = 0;
+      this.listening = await this.#checkDelivery();
+      if (!this.listening && !this.#warnedUnavailable) {
+        this.#warnedUnavailable = true;
+        this.#options.warn(
+          `LISTEN/NOTIFY does not deliver on ${this.#driver.description} (a transaction-pooling proxy?); consumers fall back to polling`,
+        );
+      }
+      this.#schedulePing();
+      // Anything committed while we were not listening would otherwise wait for the backstop poll.
+      this.#wakeLocal('all');
+    } catch (error) {
+      this.listening = false;
+      this.#scheduleReconnect(error);
+    } finally {
+      this.#connecting = undefined;
+    }
+  }
+
+  /** Sends a notification to ourselves: if it never arrives, LISTEN does not work through this connection. */
+  async #checkDelivery(): Promise<boolean> {
+    if (this.#driver.embedded) return true;
+    const token = `tidings-self-test-${process.pid}-${Math.random().toString(36).slice(2)}`;
+    const arrived = new Promise<void>((resolve) => {
+      this.#selfTest = { token, resolve };
+    });
+    await this.#session?.notify(this.#options.channel, token);
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<false>((resolve) => {
+      timer = setTimeout(() => resolve(false), this.#options.selfTestMs);
+    });
+    const result = await Promise.race([arrived.then(() => true as const), timeout]);
+    clearTimeout(timer);
+    this.#selfTest = undefined;
+    return result;
+  }
+
+  #onNotification(payload: string): void {
+    if (this.#selfTest !== undefined && payload === this.#selfTest.token) {
+      this.#selfTest.resolve();
+      return;
+    }
+    if (payload.startsWith('tidings-self-test-')) return;
+    this.#schedulePing();
+    this.#wakeLocal(payload === '*' ? 'all' : new Set(payload.split(',')));
+  }
+
+  #onEnd(error: Error | undefined): void {
+    if (this.#closed) return;
+    this.#session = undefined;
+    this.listening = false;
+    clearTimeout(this.#pingTimer);
+    this.#scheduleReconnect(error);
+  }
+
+  #schedulePing(): void {
+    clearTimeout(this.#pingTimer);
+    if (this.#closed || this.#driver.embedded) return;
+    this.#pingTimer = setTimeout(() => {
+      const session = this.#session;
+      if (session === undefined) return;
+      session.ping().then(
+        () => this.#schedulePing(),
+        (error: unknown) => {
+          void session.close();
+          this.#onEnd(error as Error);
+        },
+      );
+    }, this.#options.pingMs);
+    this.#pingTimer.unref();
+  }
+
+  #scheduleReconnect(error: unknown): void {
+    if (this.#closed || this.#reconnectTimer !== undefined) return;
+    const { reconnectMinMs, reconnectMaxMs } = this.#options;
+    const delay = Math.min(reconnectMaxMs, reconnectMinMs * 2 ** this.#attempt) * (0.75 + Math.random() * 0.5);
+    if (this.#attempt === 0) this.#options.warn(`Notifier lost its connection to ${this.#driver.description}; reconnecting`, error);
+    this.#attempt++;
+    this.#reconnectTimer = setTimeout(() => {
+      this.#reconnectTimer = undefined;
+      this.#connecting ??= this.#connect();
+    }, delay);
+    this.#reconnectTimer.unref();
+  }
+}

@@ -1,0 +1,95 @@
+import type { Outgoing } from '../core/backbone.ts';
+import type { Queryable } from './driver.ts';
+
+export interface GroupCommitOptions {
+  /** Most messages written by one statement. */
+  readonly maxBatch: number;
+  /** Writes in flight at once; while they run, new publishes gather into the next one. */
+  readonly maxInFlight: number;
+}
+
+interface Waiting {
+  readonly messages: readonly Outgoing[];
+  readonly resolve: () => void;
+  readonly reject: (error: unknown) => void;
+}
+
+/**
+ * Group commit for publishes made outside any transaction: publishes issued while a write is in flight
+ * are gathered and written together by the next single statement, which commits on its own. Each caller's
+ * promise resolves once its messages are durable. Like a Kafka producer's linger, but with no timer: the
+ * batch is whatever arrived during the previous round trip, so a lone publish is not delayed.
+ */
+export class GroupCommit {
+  readonly #queue: Waiting[] = [];
+  #inFlight = 0;
+
+  constructor(
+    private readonly options: GroupCommitOptions,
+    private readonly write: (messages: readonly Outgoing[]) => Promise<void>,
+    private readonly committed: (topics: ReadonlySet<string>) => void,
+  ) {}
+
+  publish(messages: readonly Outgoing[]): Promise<void> {
+    return new Promise((resolve, reject) => {
+      this.#queue.push({ messages, resolve, reject });
+      this.#drain();
+    });
+  }
+
+  #drain(): void {
+    while (this.#inFlight < this.options.maxInFlight && this.#queue.length > 0) {
+      const batch: Waiting[] = [];
+      let size = 0;
+      while (this.#queue.length > 0 && (batch.length === 0 || size + this.#queue[0]!.messages.length <= this.options.maxBatch)) {
+        const next = this.#queue.shift()!;
+        batch.push(next);
+        size += next.messages.length;
+      }
+      this.#inFlight++;
+      void this.#flush(batch);
+    }
+  }
+
+  async #flush(batch: Waiting[]): Promise<void> {
+    const messages = batch.length === 1 ? batch[0]!.messages : batch.flatMap((waiting) => waiting.messages);
+    try {
+      await this.write(messages);
+      for (const waiting of batch) waiting.resolve();
+      this.committed(new Set(messages.map((message) => message.envelope.topic)));
+    } catch (error) {
+      for (const waiting of batch) waiting.reject(error);
+    } finally {
+      this.#inFlight--;
+      this.#drain();
+    }
+  }
+}
+
+/** The JSON text `insertMessages` takes: one object per message, the data spliced in as already serialised. */
+export function messagesJson(messages: readonly Outgoing[]): string {
+  const parts: string[] = [];
+  for (const { envelope: e, json, keyHash } of messages) {
+    const head = JSON.stringify({
+      topic: e.topic,
+      id: e.id,
+      type: e.type,
+      source: e.source,
+      time: e.time,
+      subject: e.subject,
+      key: e.partitionkey,
+      key_hash: keyHash,
+      tenant: e.tenant,
+      correlation_id: e.correlationid,
+      causation_id: e.causationid,
+      traceparent: e.traceparent,
+      tracestate: e.tracestate,
+    });
+    parts.push(`${head.slice(0, -1)},"data":${json}}`);
+  }
+  return `[${parts.join(',')}]`;
+}
+
+export async function insertMessages(db: Queryable, statement: string, messages: readonly Outgoing[]): Promise<void> {
+  await db.query(statement, [messagesJson(messages)]);
+}

@@ -1,0 +1,71 @@
+import assert from 'node:assert/strict';
+import type { TestContext } from 'node:test';
+import pg from 'pg';
+
+/** The PostgreSQL server the tests use: DATABASE_URL, or the local one CI starts. */
+export const DATABASE_URL = process.env.DATABASE_URL ?? 'postgres://postgres@127.0.0.1:5432/test';
+
+let reachable: Promise<string | undefined> | undefined;
+
+/** Undefined when the server answers, else why not. */
+function probe(): Promise<string | undefined> {
+  reachable ??= (async () => {
+    const client = new pg.Client({ connectionString: DATABASE_URL, connectionTimeoutMillis: 3_000 });
+    try {
+      await client.connect();
+      await client.query('select 1');
+      return undefined;
+    } catch (error) {
+      return (error as Error).message;
+    } finally {
+      await client.end().catch(() => undefined);
+    }
+  })();
+  return reachable;
+}
+
+/**
+ * Skips the test when PostgreSQL is unreachable on a developer's machine; under CI=true an unreachable
+ * server fails the test instead, so a broken CI never passes by skipping.
+ */
+export async function requirePostgres(t: TestContext): Promise<boolean> {
+  const problem = await probe();
+  if (problem === undefined) return true;
+  const message = `PostgreSQL at ${DATABASE_URL.replace(/:[^:@/]*@/, '@')} is unreachable (${problem}); start it or set DATABASE_URL`;
+  if (process.env.CI === 'true') assert.fail(message);
+  t.skip(message);
+  return false;
+}
+
+/** A schema of its own for each test, dropped afterwards. */
+export function uniqueSchema(prefix = 't'): string {
+  return `${prefix}_${process.pid}_${Math.random().toString(36).slice(2, 8)}`;
+}
+
+export async function dropSchema(schema: string): Promise<void> {
+  const client = new pg.Client({ connectionString: DATABASE_URL });
+  await client.connect();
+  try {
+    await client.query(`drop schema if exists "${schema}" cascade`);
+  } finally {
+    await client.end();
+  }
+}
+
+/** A plain client for the test's own SQL. */
+export async function connect(): Promise<pg.Client> {
+  const client = new pg.Client({ connectionString: DATABASE_URL });
+  await client.connect();
+  return client;
+}
+
+/** Waits until `condition` holds, checking often; fails with `what` after `timeoutMs`. */
+export async function waitFor(what: string, condition: () => boolean | Promise<boolean>, timeoutMs = 20_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!(await condition())) {
+    if (Date.now() > deadline) assert.fail(`Timed out after ${timeoutMs} ms waiting for ${what}`);
+    await new Promise((resolve) => setTimeout(resolve, 10));
+  }
+}
+
+export const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
