@@ -1,3 +1,4 @@
+import { setMaxListeners } from 'node:events';
 import type { Backbone, Consumer, Outgoing } from './backbone.ts';
 import { validate, validateName, type AnyContract, type DataOf, type InputOf } from './contract.ts';
 import { keyHash, newId, type Envelope, type Message } from './envelope.ts';
@@ -85,6 +86,8 @@ export class Bus<Tx = unknown> {
     this.backbone = options.backbone;
     this.#maxPayloadBytes = options.maxPayloadBytes ?? busDefaults.maxPayloadBytes;
     this.#subscriptionDefaults = options.subscriptionDefaults ?? {};
+    // Every handler in flight listens for the stop; there may be thousands.
+    setMaxListeners(0, this.#stopping.signal);
     resolveSubscribeOptions('createBus subscriptionDefaults', this.#subscriptionDefaults);
   }
 

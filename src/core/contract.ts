@@ -24,9 +24,9 @@ export interface Contract<Name extends string = string, Input = unknown, Output 
 export type AnyContract = Contract<string, any, any>;
 
 /** The data a publisher passes for a contract. */
-export type InputOf<C> = C extends Contract<string, infer I, unknown> ? I : never;
+export type InputOf<C> = C extends Contract<string, infer I, any> ? I : never;
 /** The data a handler receives for a contract. */
-export type DataOf<C> = C extends Contract<string, unknown, infer O> ? O : never;
+export type DataOf<C> = C extends Contract<string, any, infer O> ? O : never;
 
 export interface ContractOptions<S extends StandardSchemaV1> {
   version?: number;

@@ -1,0 +1,472 @@
+/**
+ * The guarantees of DESIGN.md, proven against a real PostgreSQL server. Each test has its own schema.
+ */
+import assert from 'node:assert/strict';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { after, test, type TestContext } from 'node:test';
+import { createBus, deadLetter, PermanentError, ValidationError, type Bus } from '../src/index.ts';
+import { postgres, type PgTransaction } from '../src/postgres/index.ts';
+import { Ticked } from './fixtures/contracts.ts';
+import { connect, DATABASE_URL, dropSchema, requirePostgres, sleep, uniqueSchema, waitFor } from './helpers.ts';
+
+const schemas: string[] = [];
+const buses: Bus<PgTransaction>[] = [];
+after(async () => {
+  await Promise.all(buses.map((bus) => bus.stop().catch(() => undefined)));
+  for (const schema of schemas) await dropSchema(schema);
+});
+
+function newBus(schema: string, service = 'test'): Bus<PgTransaction> {
+  const bus = createBus({
+    service,
+    backbone: postgres({ url: DATABASE_URL, schema, leaseMs: 2_000, heartbeatMs: 500, pollMs: 1_000, onWarning: () => undefined }),
+  });
+  buses.push(bus);
+  return bus;
+}
+
+async function setup(t: TestContext): Promise<string | undefined> {
+  if (!(await requirePostgres(t))) return undefined;
+  const schema = uniqueSchema('g');
+  schemas.push(schema);
+  return schema;
+}
+
+test('1. atomic publish: a rolled-back transaction delivers nothing, a committed one always delivers', async (t) => {
+  const schema = await setup(t);
+  if (schema === undefined) return;
+  const bus = newBus(schema);
+  const seen: string[] = [];
+  bus.subscribe('atomic', Ticked, (message) => {
+    seen.push(`${message.data.key}:${message.data.seq}`);
+  });
+  await bus.start();
+
+  await assert.rejects(
+    bus.transaction(async (tx) => {
+      await bus.publish(Ticked, { key: 'rolled-back', seq: 1 }, { tx });
+      throw new Error('business rule failed');
+    }),
+    /business rule failed/,
+  );
+  // A transaction the caller drives on its own connection.
+  const client = await connect();
+  await client.query('begin');
+  await bus.publish(Ticked, { key: 'rolled-back', seq: 2 }, { tx: client });
+  await client.query('rollback');
+  await client.query('begin');
+  await bus.publish(Ticked, { key: 'committed', seq: 2 }, { tx: client });
+  await client.query('commit');
+  await client.end();
+  await bus.transaction(async (tx) => {
+    await bus.publish(Ticked, { key: 'committed', seq: 1 }, { tx });
+  });
+  await bus.publish(Ticked, { key: 'committed', seq: 3 });
+
+  await waitFor('the three committed messages', () => seen.length >= 3);
+  await sleep(300); // a rolled-back message would have arrived by now
+  assert.deepEqual(seen.sort(), ['committed:1', 'committed:2', 'committed:3']);
+});
+
+test('2. no skipped messages: 8 publishers committing out of order, 5,000 messages, consumers reading throughout', async (t) => {
+  const schema = await setup(t);
+  if (schema === undefined) return;
+  const bus = newBus(schema);
+  const seen = new Map<string, number>();
+  bus.subscribe(
+    'all-of-them',
+    Ticked,
+    (message) => {
+      seen.set(message.id, (seen.get(message.id) ?? 0) + 1);
+    },
+    { batchSize: 100 },
+  );
+  await bus.start();
+
+  const committed = new Set<string>();
+  const publishers = 8;
+  const perPublisher = 625;
+  const client = await connect();
+  await Promise.all(
+    Array.from({ length: publishers }, async (_, p) => {
+      for (let i = 0; i < perPublisher; ) {
+        // Several messages per transaction, and a random pause between the insert and the commit, so
+        // transactions that took their positions early often commit late.
+        const n = Math.min(1 + Math.floor(Math.random() * 10), perPublisher - i);
+        const ids = await bus.transaction(async (tx) => {
+          const published = await bus.publishMany(
+            Ticked,
+            Array.from({ length: n }, (_, j) => ({ key: `p${p}`, seq: i + j })),
+            { tx },
+          );
+          await sleep(Math.random() * 15);
+          return published.map((m) => m.id);
+        });
+        for (const id of ids) committed.add(id);
+        i += n;
+      }
+    }),
+  );
+  // A long transaction that published first and commits last: the classic skipped row.
+  await client.query('begin');
+  const [late] = await bus.publishMany(Ticked, [{ key: 'late', seq: 0 }], { tx: client });
+  const early = await bus.publish(Ticked, { key: 'early', seq: 0 });
+  await waitFor('the early message, committed after the late one took its position', () => seen.has(early.id));
+  await client.query('commit');
+  const { rows } = await client.query(`select id, position::int8 as position from "${schema}".log where id = any($1)`, [[late!.id, early.id]]);
+  await client.end();
+  const position = new Map(rows.map((row: { id: string; position: string }) => [row.id, Number(row.position)]));
+  // A reader keeping "the highest position I have seen" was already past the late row when it committed.
+  assert.ok(position.get(late!.id)! < position.get(early.id)!, 'the late message has the lower position');
+  committed.add(late!.id);
+  committed.add(early.id);
+
+  assert.equal(committed.size, publishers * perPublisher + 2);
+  await waitFor('every committed message', () => [...committed].every((id) => seen.has(id)), 30_000);
+  const duplicates = [...seen.values()].filter((count) => count > 1).length;
+  assert.equal(duplicates, 0, 'no message handled twice');
+});
+
+test('2b. an unrelated long-running transaction does not hold back delivery', async (t) => {
+  const schema = await setup(t);
+  if (schema === undefined) return;
+  const bus = newBus(schema);
+  const seen: number[] = [];
+  bus.subscribe('not-blocked', Ticked, (message) => {
+    seen.push(message.data.seq);
+  });
+  await bus.start();
+  const idle = await connect();
+  await idle.query('begin');
+  await idle.query('select pg_current_xact_id()'); // holds the xmin horizon back
+  const started = Date.now();
+  for (let seq = 0; seq < 20; seq++) await bus.publish(Ticked, { key: 'k', seq });
+  await waitFor('delivery while another transaction stays open', () => seen.length === 20, 5_000);
+  t.diagnostic(`20 messages delivered in ${Date.now() - started} ms while a transaction stayed open`);
+  await idle.query('rollback');
+  await idle.end();
+  assert.deepEqual(seen, Array.from({ length: 20 }, (_, i) => i));
+});
+
+function startWorker(schema: string, env: Record<string, string> = {}): Promise<ChildProcess> {
+  const child = spawn(process.execPath, ['--import', 'tsx', 'test/fixtures/worker.ts'], {
+    env: { ...process.env, DATABASE_URL, SCHEMA: schema, ...env },
+    stdio: ['ignore', 'pipe', 'inherit'],
+  });
+  return new Promise((resolve, reject) => {
+    child.once('error', reject);
+    child.once('exit', (code) => reject(new Error(`worker exited with ${code} before it was ready`)));
+    child.stdout!.on('data', (chunk: Buffer) => {
+      if (chunk.toString().includes('ready')) {
+        child.removeAllListeners('exit');
+        resolve(child);
+      }
+    });
+  });
+}
+
+async function stopWorker(child: ChildProcess): Promise<void> {
+  if (child.exitCode !== null || child.signalCode !== null) return;
+  const exited = new Promise((resolve) => child.once('exit', resolve));
+  child.kill('SIGTERM');
+  await exited;
+}
+
+async function createEffects(schema: string): Promise<void> {
+  const client = await connect();
+  try {
+    // The bus creates the schema on start; the effects table lives beside it.
+    await client.query(`create schema if not exists "${schema}"`);
+    await client.query(
+      `create table "${schema}".effects (n bigserial primary key, message_id text not null, key text not null, seq int not null, worker int not null)`,
+    );
+  } finally {
+    await client.end();
+  }
+}
+
+async function effects(schema: string): Promise<Array<{ message_id: string; key: string; seq: number; worker: number }>> {
+  const client = await connect();
+  try {
+    return (await client.query(`select message_id, key, seq, worker from "${schema}".effects order by n`)).rows;
+  } finally {
+    await client.end();
+  }
+}
+
+test('3. per-key order with two worker processes and 50 keys; keys run in parallel', async (t) => {
+  const schema = await setup(t);
+  if (schema === undefined) return;
+  await createEffects(schema);
+  const publisher = newBus(schema, 'publisher');
+  await publisher.start();
+  const first = await startWorker(schema, { HANDLE_MS: '1' });
+  const keys = 50;
+  const perKey = 40;
+  // Each key's messages are committed one after another by one publisher; 10 publishers run at once.
+  const publishing = Promise.all(
+    Array.from({ length: 10 }, async (_, p) => {
+      for (let seq = 0; seq < perKey; seq++) {
+        for (let k = p; k < keys; k += 10) {
+          await publisher.transaction(async (tx) => {
+            await publisher.publish(Ticked, { key: `key-${k}`, seq }, { tx });
+          });
+        }
+      }
+    }),
+  );
+  await sleep(300);
+  const second = await startWorker(schema, { HANDLE_MS: '1' });
+  await publishing;
+  try {
+    await waitFor('all messages handled', async () => (await effects(schema)).length >= keys * perKey, 60_000);
+    const rows = await effects(schema);
+    assert.equal(rows.length, keys * perKey, 'each message handled exactly once (effects through ctx.tx)');
+    const byKey = new Map<string, number[]>();
+    for (const row of rows) byKey.set(row.key, [...(byKey.get(row.key) ?? []), row.seq]);
+    for (const [key, seqs] of byKey) {
+      assert.deepEqual(seqs, Array.from({ length: perKey }, (_, i) => i), `order of ${key}`);
+    }
+    const workers = new Set(rows.map((row) => row.worker));
+    assert.equal(workers.size, 2, 'both worker processes handled messages');
+  } finally {
+    await Promise.all([stopWorker(first), stopWorker(second)]);
+  }
+});
+
+test('3b. within one process, different keys are handled concurrently, one key never', async (t) => {
+  const schema = await setup(t);
+  if (schema === undefined) return;
+  const bus = newBus(schema);
+  let running = 0;
+  let maxRunning = 0;
+  let handled = 0;
+  const runningKeys = new Set<string>();
+  let overlap = false;
+  bus.subscribe(
+    'parallel',
+    Ticked,
+    async (message) => {
+      if (runningKeys.has(message.data.key)) overlap = true;
+      runningKeys.add(message.data.key);
+      maxRunning = Math.max(maxRunning, ++running);
+      await sleep(20);
+      running--;
+      runningKeys.delete(message.data.key);
+      handled++;
+    },
+    { concurrency: 8, partitions: 1 },
+  );
+  await bus.start();
+  await bus.publishMany(
+    Ticked,
+    Array.from({ length: 80 }, (_, i) => ({ key: `k${i % 8}`, seq: Math.floor(i / 8) })),
+  );
+  await waitFor('80 messages', () => handled === 80);
+  assert.ok(maxRunning >= 4, `up to 8 keys in flight at once (saw ${maxRunning})`);
+  assert.equal(overlap, false, 'never two messages of one key at once');
+});
+
+test('4. retries follow the schedule; an always-failing message is dead-lettered with its attempts; a held key holds only itself', async (t) => {
+  const schema = await setup(t);
+  if (schema === undefined) return;
+  const bus = newBus(schema);
+  const attempts = new Map<string, number[]>();
+  const order: string[] = [];
+  bus.subscribe(
+    'flaky',
+    Ticked,
+    (message) => {
+      const id = `${message.data.key}:${message.data.seq}`;
+      attempts.set(id, [...(attempts.get(id) ?? []), Date.now()]);
+      if (message.data.note === 'fail-twice' && attempts.get(id)!.length <= 2) throw new Error(`transient failure of ${id}`);
+      if (message.data.note === 'always') throw new Error(`${id} always fails`);
+      if (message.data.note === 'permanent') throw new PermanentError('cannot ever work');
+      if (message.data.note === 'give-up') return deadLetter('handler gave up');
+      order.push(id);
+      return undefined;
+    },
+    { retry: { immediate: 1, delayed: [300, 600], jitter: 0 }, partitions: 1 },
+  );
+  await bus.start();
+  await bus.publish(Ticked, { key: 'a', seq: 1, note: 'fail-twice' });
+  await bus.publish(Ticked, { key: 'a', seq: 2 });
+  await bus.publish(Ticked, { key: 'b', seq: 1 });
+  await bus.publish(Ticked, { key: 'c', seq: 1, note: 'always' });
+  await bus.publish(Ticked, { key: 'c', seq: 2 });
+  await bus.publish(Ticked, { key: 'd', seq: 1, note: 'permanent' });
+  await bus.publish(Ticked, { key: 'd', seq: 2, note: 'give-up' });
+  await bus.publish(Ticked, { key: 'd', seq: 3 });
+
+  await waitFor('a:2 and c:2 handled', () => order.includes('a:2') && order.includes('c:2'), 10_000);
+  // a:1 failed twice (first attempt, one immediate retry), then succeeded 300 ms later; a:2 waited for it.
+  const a1 = attempts.get('a:1')!;
+  assert.equal(a1.length, 3);
+  assert.ok(a1[1]! - a1[0]! < 250, 'the immediate retry ran at once');
+  assert.ok(a1[2]! - a1[1]! >= 280, `the delayed retry waited 300 ms (waited ${a1[2]! - a1[1]!})`);
+  assert.ok(order.indexOf('a:1') < order.indexOf('a:2'), 'a:2 after a:1');
+  assert.ok(order.indexOf('b:1') < order.indexOf('a:1'), 'key b did not wait for key a');
+  // c:1 used every attempt: 1 + 1 immediate + 2 delayed, then went to dead letters; c:2 followed it.
+  assert.equal(attempts.get('c:1')!.length, 4);
+  assert.equal(attempts.get('d:1')!.length, 1, 'a permanent error is not retried');
+  assert.equal(attempts.get('d:2')!.length, 1, 'a handler that gives up is not retried');
+  assert.ok(order.includes('d:3'));
+
+  const client = await connect();
+  const { rows } = await client.query(`select message_id, topic, key, reason, attempts from "${schema}".dead_letters order by key, id`);
+  await client.end();
+  assert.equal(rows.length, 3);
+  const [c1, d1, d2] = rows;
+  assert.equal(c1.key, 'c');
+  assert.equal(c1.attempts.length, 4);
+  assert.match(c1.attempts[3].error.message, /c:1 always fails/);
+  assert.ok(c1.attempts[3].error.stack.includes('guarantees.pg.test.ts'), 'the stack of each attempt is kept');
+  assert.match(c1.reason, /failed 4 attempts/);
+  assert.match(d1.reason, /permanent error: cannot ever work/);
+  assert.match(d2.reason, /handler gave up/);
+});
+
+test('5. with ctx.tx, a handler that fails after its write leaves no write and no ack; the retry does both once', async (t) => {
+  const schema = await setup(t);
+  if (schema === undefined) return;
+  await createEffects(schema);
+  const bus = newBus(schema);
+  const tries = new Map<string, number>();
+  bus.subscribe(
+    'effects',
+    Ticked,
+    async (message, ctx) => {
+      await ctx.tx.query(`insert into "${schema}".effects (message_id, key, seq, worker) values ($1, $2, $3, 0)`, [
+        message.id,
+        message.data.key,
+        message.data.seq,
+      ]);
+      const n = (tries.get(message.id) ?? 0) + 1;
+      tries.set(message.id, n);
+      if (message.data.seq % 3 === 0 && n === 1) throw new Error('crash after the write, before the ack');
+    },
+    { retry: { immediate: 0, delayed: [50], jitter: 0 } },
+  );
+  await bus.start();
+  await bus.publishMany(
+    Ticked,
+    Array.from({ length: 300 }, (_, i) => ({ key: `k${i % 30}`, seq: i })),
+  );
+  await waitFor('300 effects', async () => (await effects(schema)).length >= 300);
+  await sleep(200);
+  const rows = await effects(schema);
+  assert.equal(rows.length, 300, 'exactly one effect per message');
+  assert.equal(new Set(rows.map((row) => row.message_id)).size, 300);
+  assert.equal([...tries.values()].filter((n) => n === 2).length, 100, 'the failing third were tried twice');
+});
+
+test('5b. kill -9 after the write, before the ack: the effect happens once, on the worker that takes over', async (t) => {
+  const schema = await setup(t);
+  if (schema === undefined) return;
+  await createEffects(schema);
+  const publisher = newBus(schema, 'publisher');
+  await publisher.start();
+  const doomed = await startWorker(schema, { CRASH_ON: 'k3:5' });
+  const exited = new Promise<NodeJS.Signals | null>((resolve) => doomed.once('exit', (_code, signal) => resolve(signal)));
+  await publisher.publishMany(
+    Ticked,
+    Array.from({ length: 200 }, (_, i) => ({ key: `k${i % 10}`, seq: Math.floor(i / 10) })),
+  );
+  assert.equal(await exited, 'SIGKILL');
+  const heir = await startWorker(schema);
+  try {
+    await waitFor('200 effects', async () => (await effects(schema)).length >= 200, 30_000);
+    await sleep(300);
+    const rows = await effects(schema);
+    assert.equal(rows.length, 200, 'one effect per message, none from the killed attempt');
+    assert.equal(new Set(rows.map((row) => row.message_id)).size, 200);
+    const k3 = rows.filter((row) => row.key === 'k3').map((row) => row.seq);
+    assert.deepEqual(k3, Array.from({ length: 20 }, (_, i) => i), 'k3 still in order');
+  } finally {
+    await stopWorker(heir);
+  }
+});
+
+test('6. bad input: refused at publish naming the field; an undecodable row is dead-lettered and the consumer goes on', async (t) => {
+  const schema = await setup(t);
+  if (schema === undefined) return;
+  const bus = newBus(schema);
+  const seen: number[] = [];
+  bus.subscribe('strict', Ticked, (message) => {
+    seen.push(message.data.seq);
+  });
+  await bus.start();
+
+  const error = await bus.publish(Ticked, { key: 'x', seq: 'one' } as never).catch((e: unknown) => e);
+  assert.ok(error instanceof ValidationError);
+  assert.equal(error.code, 'INVALID_PAYLOAD');
+  assert.equal(error.contract, 'test.ticked');
+  assert.deepEqual(error.issues.map((issue) => issue.path), ['seq']);
+  assert.match(error.message, /test\.ticked.*seq/);
+
+  await bus.publish(Ticked, { key: 'x', seq: 1 });
+  // Rows written behind Tidings' back: data that breaks the schema, and data that is not an object at all.
+  const client = await connect();
+  for (const [id, data] of [
+    ['corrupt-1', '{"key": "x", "seq": "not a number"}'],
+    ['corrupt-2', '"just a string"'],
+  ]) {
+    await client.query(
+      `insert into "${schema}".log (topic, id, type, source, time, key, key_hash, correlation_id, data)
+       values ('test.ticked', $1, 'test.ticked.v1', 'psql', now(), 'x', 7, $1, $2::jsonb)`,
+      [id, data],
+    );
+  }
+  await client.end();
+  await bus.publish(Ticked, { key: 'x', seq: 2 });
+  await waitFor('the valid messages around the corrupt ones', () => seen.includes(2));
+  assert.deepEqual(seen, [1, 2]);
+  const check = await connect();
+  const { rows } = await check.query(`select message_id, reason from "${schema}".dead_letters order by id`);
+  const { rows: logRows } = await check.query(`select count(*)::int as n from "${schema}".log`);
+  await check.end();
+  assert.deepEqual(rows.map((row) => row.message_id), ['corrupt-1', 'corrupt-2']);
+  for (const row of rows) assert.match(row.reason, /invalid payload/);
+  assert.equal(logRows[0].n, 4, 'the refused publish wrote nothing');
+});
+
+test('7. graceful stop during load finishes and acknowledges in-flight work; a restart continues where it left off', async (t) => {
+  const schema = await setup(t);
+  if (schema === undefined) return;
+  await createEffects(schema);
+  const handler = async (message: { id: string; data: { key: string; seq: number } }, ctx: { tx: PgTransaction }) => {
+    started++;
+    await sleep(2);
+    await ctx.tx.query(`insert into "${schema}".effects (message_id, key, seq, worker) values ($1, $2, $3, 0)`, [
+      message.id,
+      message.data.key,
+      message.data.seq,
+    ]);
+    finished++;
+  };
+  let started = 0;
+  let finished = 0;
+  const total = 1_000;
+  const first = newBus(schema);
+  first.subscribe('stoppable', Ticked, handler, { batchSize: 50 });
+  await first.start();
+  await first.publishMany(
+    Ticked,
+    Array.from({ length: total }, (_, i) => ({ key: `k${i % 20}`, seq: i })),
+  );
+  await waitFor('some progress', () => finished > 100);
+  await first.stop();
+  assert.equal(started, finished, 'stop() waited for every handler in flight');
+  const afterStop = (await effects(schema)).length;
+  assert.equal(afterStop, finished, 'every finished handler was acknowledged with its effect');
+  assert.ok(afterStop < total, 'stopped before the end');
+
+  const second = newBus(schema);
+  second.subscribe('stoppable', Ticked, handler, { batchSize: 50 });
+  await second.start();
+  await waitFor('the rest', async () => (await effects(schema)).length >= total);
+  await sleep(200);
+  const rows = await effects(schema);
+  assert.equal(rows.length, total, 'nothing lost, nothing handled twice');
+  assert.equal(new Set(rows.map((row) => row.message_id)).size, total);
+});
