@@ -1,5 +1,5 @@
 export { createBus, Bus, Subscription } from './core/bus.ts';
-export type { BusOptions, PublishOptions, PublishedMessage } from './core/bus.ts';
+export type { BusOptions, PublishOptions, PublishedMessage, BusStats, SubscriptionStats } from './core/bus.ts';
 export { defineEvent, defineCommand, validate } from './core/contract.ts';
 export type { Contract, AnyContract, ContractOptions, DataOf, InputOf } from './core/contract.ts';
 export { newId, keyHash, partitionOf } from './core/envelope.ts';

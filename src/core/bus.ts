@@ -1,5 +1,5 @@
 import { setMaxListeners } from 'node:events';
-import type { Backbone, Consumer, Outgoing } from './backbone.ts';
+import type { Backbone, Consumer, DeliveryHandler, Outgoing } from './backbone.ts';
 import { validate, validateName, type AnyContract, type DataOf, type InputOf } from './contract.ts';
 import { keyHash, newId, type Envelope, type Message } from './envelope.ts';
 import { TidingsError } from './errors.ts';
@@ -30,6 +30,21 @@ export interface PublishOptions {
   causationId?: string;
   traceparent?: string;
   tracestate?: string;
+}
+
+export interface SubscriptionStats {
+  /** Attempts that succeeded (the message was acknowledged, or will be with its batch). */
+  handled: number;
+  /** Attempts that failed and were scheduled to try again. */
+  retried: number;
+  /** Messages sent to dead letters. */
+  deadLettered: number;
+}
+
+export interface BusStats {
+  /** Messages published per topic (in a transaction: counted when written, before the commit). */
+  readonly published: Readonly<Record<string, number>>;
+  readonly subscriptions: Readonly<Record<string, SubscriptionStats>>;
 }
 
 export interface PublishedMessage {
@@ -70,6 +85,8 @@ export class Bus<Tx = unknown> {
   readonly #consumers = new Map<string, Consumer>();
   readonly #middleware: Middleware<Tx>[] = [];
   readonly #started = new Set<string>();
+  readonly #published: Record<string, number> = {};
+  readonly #counts = new Map<string, SubscriptionStats>();
   /** Errors of subscriptions started in the background, rethrown by stop(). */
   readonly #background: unknown[] = [];
   #stopping = new AbortController();
@@ -182,6 +199,26 @@ export class Bus<Tx = unknown> {
     if (this.#background.length > 0) throw new AggregateError(this.#background, 'Subscriptions started after bus.start() failed');
   }
 
+  /**
+   * What this process has done since it started: messages published per topic, and per subscription the
+   * attempts that succeeded, were retried, or sent their message to dead letters.
+   */
+  stats(): BusStats {
+    return {
+      published: { ...this.#published },
+      subscriptions: Object.fromEntries([...this.#counts].map(([name, counts]) => [name, { ...counts }])),
+    };
+  }
+
+  #stats(subscription: string): SubscriptionStats {
+    let counts = this.#counts.get(subscription);
+    if (counts === undefined) {
+      counts = { handled: 0, retried: 0, deadLettered: 0 };
+      this.#counts.set(subscription, counts);
+    }
+    return counts;
+  }
+
   get subscriptions(): ReadonlyMap<string, Subscription<Tx>> {
     return this.#subscriptions;
   }
@@ -194,7 +231,8 @@ export class Bus<Tx = unknown> {
 
   async #startConsumer(subscription: Subscription<Tx>): Promise<void> {
     const { options } = subscription;
-    const handle = createPipeline<Tx>({
+    const counts = this.#stats(subscription.name);
+    const pipeline = createPipeline<Tx>({
       subscription: subscription.name,
       routes: subscription.routes,
       retry: options.retry,
@@ -206,6 +244,13 @@ export class Bus<Tx = unknown> {
         return this.publish(contract, data as InputOf<typeof contract>, inherited);
       },
     });
+    const handle: DeliveryHandler<Tx> = async (delivery) => {
+      const result = await pipeline(delivery);
+      if (result.outcome === 'ack') counts.handled++;
+      else if (result.outcome === 'retry') counts.retried++;
+      else counts.deadLettered++;
+      return result;
+    };
     const consumer = await this.backbone.consume(
       {
         name: subscription.name,
@@ -234,6 +279,7 @@ export class Bus<Tx = unknown> {
     }
     await this.#open();
     await this.backbone.publish(outgoing, effective.tx as Tx | undefined);
+    this.#published[contract.topic] = (this.#published[contract.topic] ?? 0) + outgoing.length;
     return outgoing.map(({ envelope }) => ({ id: envelope.id, topic: envelope.topic, key: envelope.partitionkey }));
   }
 

@@ -61,7 +61,8 @@ export class Notifier {
     const set = new Set(topics);
     if (set.size === 0) return;
     this.#wakeLocal(set);
-    if (this.#driver.embedded || this.#closed) return;
+    // Embedded too: other buses of this process may share the PGlite instance, each with its own notifier.
+    if (this.#closed) return;
     for (const topic of set) this.#pending.add(topic);
     void this.#send();
   }

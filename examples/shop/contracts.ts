@@ -1,0 +1,36 @@
+/**
+ * The shop's contracts: one place defines every message, its schema and its partition key. Services
+ * import them; types flow from here to `publish` and to every handler's `message.data`.
+ */
+import { z } from 'zod';
+import { defineEvent } from '../../src/index.ts';
+
+export const OrderPlaced = defineEvent('orders.order-placed', {
+  schema: z.object({
+    orderId: z.string(),
+    customerId: z.string(),
+    amountCents: z.number().int().positive(),
+    currency: z.string().length(3),
+    card: z.string().regex(/^\d{16}$/),
+  }),
+  key: (order) => order.orderId,
+  description: 'A customer placed an order; billing charges it.',
+});
+
+export const PaymentCaptured = defineEvent('billing.payment-captured', {
+  schema: z.object({ orderId: z.string(), paymentId: z.string(), amountCents: z.number().int() }),
+  key: (payment) => payment.orderId,
+  description: 'The card was charged; shipping may ship.',
+});
+
+export const PaymentDeclined = defineEvent('billing.payment-declined', {
+  schema: z.object({ orderId: z.string(), reason: z.string() }),
+  key: (payment) => payment.orderId,
+  description: 'The card was refused; orders cancels the order.',
+});
+
+export const ShipmentScheduled = defineEvent('shipping.shipment-scheduled', {
+  schema: z.object({ orderId: z.string(), shipmentId: z.string() }),
+  key: (shipment) => shipment.orderId,
+  description: 'A parcel is booked for a paid order.',
+});
