@@ -1,0 +1,91 @@
+/**
+ * The same bus on embedded PostgreSQL (PGlite, in process): what `npm start` runs on. One PGlite instance,
+ * a schema per test.
+ */
+import assert from 'node:assert/strict';
+import { after, before, test } from 'node:test';
+import { PGlite } from '@electric-sql/pglite';
+import { createBus, type Bus } from '../src/index.ts';
+import { postgres, type PgTransaction } from '../src/postgres/index.ts';
+import { Ticked } from './fixtures/contracts.ts';
+import { uniqueSchema, waitFor } from './helpers.ts';
+
+let db: PGlite;
+const buses: Bus<PgTransaction>[] = [];
+before(async () => {
+  db = await PGlite.create();
+});
+after(async () => {
+  for (const bus of buses) await bus.stop();
+  await db.close();
+});
+
+function newBus(schema: string): Bus<PgTransaction> {
+  const bus = createBus({ service: 'embedded', backbone: postgres({ pglite: db, schema, onWarning: () => undefined }) });
+  buses.push(bus);
+  return bus;
+}
+
+test('publish in a transaction, consume in per-key order, effects through ctx.tx exactly once', async () => {
+  const schema = uniqueSchema('e');
+  const bus = newBus(schema);
+  const order: string[] = [];
+  let failedOnce = false;
+  bus.subscribe(
+    'embedded-orders',
+    Ticked,
+    async (message, ctx) => {
+      await ctx.tx.query(`insert into ${schema}.effects (message_id) values ($1)`, [message.id]);
+      if (message.data.seq === 5 && !failedOnce) {
+        failedOnce = true;
+        throw new Error('fails once after writing');
+      }
+      order.push(`${message.data.key}:${message.data.seq}`);
+    },
+    { retry: { immediate: 1, delayed: [] } },
+  );
+  await bus.start();
+  await db.query(`create table ${schema}.effects (message_id text primary key)`);
+  await assert.rejects(
+    bus.transaction(async (tx) => {
+      await bus.publish(Ticked, { key: 'gone', seq: 0 }, { tx });
+      throw new Error('rolled back');
+    }),
+  );
+  for (let seq = 0; seq < 10; seq++) {
+    await bus.transaction(async (tx) => {
+      await bus.publishMany(Ticked, [{ key: 'a', seq }, { key: 'b', seq }], { tx });
+    });
+  }
+  await waitFor('20 messages', () => order.length === 20);
+  const expected = (key: string) => Array.from({ length: 10 }, (_, seq) => `${key}:${seq}`);
+  assert.deepEqual(order.filter((entry) => entry.startsWith('a:')), expected('a'));
+  assert.deepEqual(order.filter((entry) => entry.startsWith('b:')), expected('b'));
+  const { rows } = await db.query<{ n: number }>(`select count(*)::int as n from ${schema}.effects`);
+  assert.equal(rows[0]!.n, 20, 'the failed attempt left no effect');
+});
+
+test('an always-failing message goes to dead letters and the rest keep flowing', async () => {
+  const schema = uniqueSchema('e');
+  const bus = newBus(schema);
+  const handled: number[] = [];
+  bus.subscribe(
+    'embedded-dead',
+    Ticked,
+    (message) => {
+      if (message.data.note === 'poison') throw new Error('poison');
+      handled.push(message.data.seq);
+    },
+    { retry: { immediate: 1, delayed: [50], jitter: 0 } },
+  );
+  await bus.start();
+  await bus.publish(Ticked, { key: 'k', seq: 1, note: 'poison' });
+  await bus.publish(Ticked, { key: 'k', seq: 2 });
+  await bus.publish(Ticked, { key: 'other', seq: 3 });
+  await waitFor('both good messages', () => handled.length === 2);
+  assert.deepEqual(handled.sort(), [2, 3]);
+  const { rows } = await db.query<{ reason: string; attempts: unknown[] }>(`select reason, attempts from ${schema}.dead_letters`);
+  assert.equal(rows.length, 1);
+  assert.equal(rows[0]!.attempts.length, 3);
+  assert.match(rows[0]!.reason, /failed 3 attempts; last error: poison/);
+});

@@ -1,0 +1,33 @@
+/**
+ * Compile-time checks, run by `npm run typecheck` (part of `npm test`): types flow from a contract to
+ * publish and to handlers with no casts. Every `@ts-expect-error` line must fail to compile.
+ */
+import { z } from 'zod';
+import { createBus, defineEvent } from '../src/index.ts';
+import { postgres } from '../src/postgres/index.ts';
+
+const Placed = defineEvent('orders.order-placed', {
+  schema: z.object({ orderId: z.string(), total: z.number(), placedAt: z.string().transform((s) => new Date(s)) }),
+  key: (order) => order.orderId,
+});
+const bus = createBus({ service: 'orders', backbone: postgres({ pglite: true }) });
+
+export async function typeChecks(): Promise<void> {
+  await bus.publish(Placed, { orderId: 'o', total: 1, placedAt: '2026-01-01' });
+  // @ts-expect-error total must be a number
+  await bus.publish(Placed, { orderId: 'o', total: '1', placedAt: '2026-01-01' });
+  // @ts-expect-error orderId is required
+  await bus.publish(Placed, { total: 1, placedAt: '2026-01-01' });
+  bus.subscribe('billing', Placed, async (message, ctx) => {
+    const total: number = message.data.total;
+    // The handler sees the schema's output type: the transform made a Date.
+    const placedAt: Date = message.data.placedAt;
+    // @ts-expect-error no such field
+    void message.data.customer;
+    // ctx.tx is the backbone's transaction type
+    await ctx.tx.query('select $1::int', [total + placedAt.getTime()]);
+  });
+  await bus.transaction(async (tx) => {
+    await bus.publish(Placed, { orderId: 'o', total: 1, placedAt: '2026-01-01' }, { tx });
+  });
+}
