@@ -1,0 +1,54 @@
+/** What the parent asks a child process to run, and what the child answers. Shared by both sides. */
+
+export type Workload = 'raw' | 'bulk' | 'drain' | 'e2e' | 'standalone' | 'fanout' | 'latency';
+export type SystemName = 'tidings' | 'pgboss' | 'graphile' | 'bullmq' | 'raw';
+
+export interface Variant {
+  /** Distinct keys the events use; 0: every event has its own key. */
+  keys: number;
+  /** The handler writes one row per message to `bench_effects` (in Tidings through `ctx.tx`, its transaction). */
+  effects: boolean;
+  /** Tidings only: the per-message-id inbox (on by default). */
+  inbox: boolean;
+}
+
+export interface Task {
+  system: SystemName;
+  /** Label of the row this task belongs to, e.g. `tidings` or `tidings, 1,000 keys + effects`. */
+  label: string;
+  workload: Workload;
+  variant: Variant;
+  /** Events per run (bulk, drain, e2e, standalone), or events before fan-out (fanout). */
+  events: number;
+  /** Subscriptions of the fan-out workload. */
+  fanout: number;
+  /** Latency workload: producer rates (events/s) and seconds at each. */
+  rates: number[];
+  latencySeconds: number;
+  /** Seconds of the idle window after the latency phases (0: skip). */
+  idleSeconds: number;
+  pgUrl: string;
+  /** Database of `pgUrl`, for pg_stat_database. */
+  database: string;
+  redis: { host: string; port: number };
+  quick: boolean;
+  /** The child gives up after this long. */
+  timeoutMs: number;
+}
+
+export interface LatencySeries {
+  rate: number;
+  /** [percentile, ms] pairs, for the distribution chart. */
+  quantiles: Array<[number, number]>;
+}
+
+export interface ChildResult {
+  ok: boolean;
+  error?: string;
+  /** Named figures; rates are events/s, latencies ms, CPU % of all cores. */
+  metrics: Record<string, number>;
+  series?: LatencySeries[];
+  notes?: string[];
+}
+
+export const RESULT_MARK = '@@BENCH-RESULT ';

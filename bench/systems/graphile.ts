@@ -1,0 +1,191 @@
+/**
+ * graphile-worker 0.17 (the newest that runs on Node 20), configured as its performance page recommends
+ * for throughput: `localQueue` (batch fetch, size 500), batched completion (`completeJobBatchDelay: 0`),
+ * concurrency 24; bulk `addJobs()`; LISTEN/NOTIFY wake-up (its `add_job` notifies).
+ */
+import { Logger, makeWorkerUtils, run, runMigrations, type Runner, type TaskList, type WorkerUtils } from 'graphile-worker';
+import pg from 'pg';
+import {
+  Counter,
+  ensureEffectsTable,
+  idlePg,
+  latencyPhases,
+  makeEvent,
+  monitorClient,
+  now,
+  pollUntil,
+  produce,
+  rate,
+  runChild,
+  type BenchEvent,
+} from '../lib/child.ts';
+import type { ChildResult, Task } from '../lib/types.ts';
+
+const SCHEMA = 'graphile_bench';
+const TASK = 'bench';
+const CONCURRENCY = 24;
+const PRODUCERS = 10;
+const CHUNK = 1_000;
+const silent = new Logger(() => (level, message) => {
+  if (level === 'error') console.error('[graphile-worker]', message);
+});
+
+async function freshSchema(task: Task): Promise<WorkerUtils> {
+  const client = await monitorClient(task.pgUrl);
+  try {
+    await client.query(`drop schema if exists ${SCHEMA} cascade`);
+  } finally {
+    await client.end();
+  }
+  if (task.variant.effects) await ensureEffectsTable(task.pgUrl);
+  await runMigrations({ connectionString: task.pgUrl, schema: SCHEMA, logger: silent });
+  return makeWorkerUtils({ connectionString: task.pgUrl, schema: SCHEMA, logger: silent });
+}
+
+function startRunner(task: Task, taskList: TaskList): Promise<Runner> {
+  return run({
+    connectionString: task.pgUrl,
+    schema: SCHEMA,
+    concurrency: CONCURRENCY,
+    maxPoolSize: CONCURRENCY + 2,
+    noHandleSignals: true,
+    logger: silent,
+    taskList,
+    preset: { worker: { localQueue: { size: 500 }, completeJobBatchDelay: 0, failJobBatchDelay: 0 } },
+  });
+}
+
+function handlerFor(task: Task, counter: Counter, probe?: { fn: (seq: number) => void }): TaskList[string] {
+  return async (payload, helpers) => {
+    const event = payload as BenchEvent;
+    probe?.fn(event.seq);
+    if (task.variant.effects) await helpers.query('insert into bench_effects (id) values ($1)', [helpers.job.id]);
+    counter.add();
+  };
+}
+
+/** Completed jobs are deleted: the work is acknowledged when no job is left. */
+async function remaining(task: Task): Promise<() => Promise<number>> {
+  const client = await monitorClient(task.pgUrl);
+  return async () => {
+    const { rows } = await client.query<{ n: string }>(`select count(*) as n from ${SCHEMA}._private_jobs`);
+    return Number(rows[0]?.n ?? 0);
+  };
+}
+
+function specs(identifier: string, first: number, n: number, keys: number) {
+  return Array.from({ length: n }, (_, i) => ({ identifier, payload: makeEvent(first + i, keys) }));
+}
+
+async function bulk(task: Task): Promise<ChildResult> {
+  const utils = await freshSchema(task);
+  const chunks = Array.from({ length: Math.ceil(task.events / CHUNK) }, (_, c) =>
+    specs(TASK, c * CHUNK, Math.min(CHUNK, task.events - c * CHUNK), task.variant.keys),
+  );
+  const t0 = now();
+  for (const chunk of chunks) await utils.addJobs(chunk);
+  const ms = now() - t0;
+  await utils.release();
+  return { ok: true, metrics: { rate: rate(task.events, ms) } };
+}
+
+async function drain(task: Task): Promise<ChildResult> {
+  const utils = await freshSchema(task);
+  for (let first = 0; first < task.events; first += CHUNK) {
+    await utils.addJobs(specs(TASK, first, Math.min(CHUNK, task.events - first), task.variant.keys));
+  }
+  const counter = new Counter();
+  const left = await remaining(task);
+  const t0 = now();
+  const runner = await startRunner(task, { [TASK]: handlerFor(task, counter) });
+  await counter.until(task.events, task.timeoutMs);
+  const handledMs = now() - t0;
+  await pollUntil(async () => (await left()) === 0, 60_000, 'no job left');
+  const ms = now() - t0;
+  await runner.stop();
+  return { ok: true, metrics: { rate: rate(task.events, ms), handlerRate: rate(task.events, handledMs) } };
+}
+
+/**
+ * Workload 3: each job added in the producer's own transaction with the `add_job` SQL function (the
+ * documented way to enqueue from a transaction). Workload 4: `addJob()` on its own.
+ */
+async function endToEnd(task: Task, standalone: boolean): Promise<ChildResult> {
+  const utils = await freshSchema(task);
+  const counter = new Counter();
+  const runner = await startRunner(task, { [TASK]: handlerFor(task, counter) });
+  const left = await remaining(task);
+  const producers = new pg.Pool({ connectionString: task.pgUrl, max: PRODUCERS });
+  const t0 = now();
+  await produce(task.events, PRODUCERS, async (seq) => {
+    const event = makeEvent(seq, task.variant.keys);
+    if (standalone) {
+      await utils.addJob(TASK, event);
+      return;
+    }
+    const client = await producers.connect();
+    try {
+      await client.query('begin');
+      await client.query(`select ${SCHEMA}.add_job($1, $2::json)`, [TASK, JSON.stringify(event)]);
+      await client.query('commit');
+    } finally {
+      client.release();
+    }
+  });
+  const producedMs = now() - t0;
+  await counter.until(task.events, task.timeoutMs);
+  await pollUntil(async () => (await left()) === 0, 60_000, 'no job left');
+  const ms = now() - t0;
+  await runner.stop();
+  return { ok: true, metrics: { rate: rate(task.events, ms), producerRate: rate(task.events, producedMs) } };
+}
+
+/** Fan-out: no pub/sub in graphile-worker; one job per subscriber task, all added in one `addJobs` call. */
+async function fanout(task: Task): Promise<ChildResult> {
+  const utils = await freshSchema(task);
+  const counter = new Counter();
+  const identifiers = Array.from({ length: task.fanout }, (_, i) => `fan${i}`);
+  const taskList: TaskList = {};
+  for (const identifier of identifiers) taskList[identifier] = handlerFor(task, counter);
+  const runner = await startRunner(task, taskList);
+  const left = await remaining(task);
+  const deliveries = task.events * task.fanout;
+  const t0 = now();
+  await produce(task.events, PRODUCERS, async (seq) => {
+    const payload = makeEvent(seq, task.variant.keys);
+    await utils.addJobs(identifiers.map((identifier) => ({ identifier, payload })));
+  });
+  const producedMs = now() - t0;
+  await counter.until(deliveries, task.timeoutMs);
+  await pollUntil(async () => (await left()) === 0, 60_000, 'no job left');
+  const ms = now() - t0;
+  await runner.stop();
+  return { ok: true, metrics: { rate: rate(deliveries, ms), producerRate: rate(task.events, producedMs) } };
+}
+
+async function latency(task: Task): Promise<ChildResult> {
+  const utils = await freshSchema(task);
+  const counter = new Counter();
+  const probe = { fn: (_seq: number) => undefined as void };
+  const runner = await startRunner(task, { [TASK]: handlerFor(task, counter, probe) });
+  const { metrics, series } = await latencyPhases(
+    task,
+    ['postgres'],
+    (seq) => utils.addJob(TASK, makeEvent(seq, task.variant.keys)),
+    (fn) => {
+      probe.fn = fn;
+    },
+  );
+  Object.assign(metrics, await idlePg(task));
+  await runner.stop();
+  return { ok: true, metrics, series };
+}
+
+runChild({
+  bulk,
+  drain,
+  e2e: (task) => endToEnd(task, false),
+  standalone: (task) => endToEnd(task, true),
+  fanout,
+  latency,
+});

@@ -1,0 +1,125 @@
+/**
+ * The raw floor: what PostgreSQL itself does here with the `pg` package, on rows like the events.
+ * COPY is not measured: `COPY ... FROM STDIN` needs pg-copy-streams, which is not a dependency.
+ */
+import pg from 'pg';
+import { makeEvent, now, percentile, produce, rate, runChild, sleep } from '../lib/child.ts';
+import type { ChildResult, Task } from '../lib/types.ts';
+
+const TABLE = 'bench_raw_events';
+
+async function connect(url: string): Promise<pg.Client> {
+  const client = new pg.Client({ connectionString: url });
+  client.on('error', () => undefined);
+  await client.connect();
+  return client;
+}
+
+function row(seq: number): [string, string] {
+  return ['bench.event', JSON.stringify(makeEvent(seq, 1_000))];
+}
+
+async function resetTable(client: pg.Client): Promise<void> {
+  await client.query(`drop table if exists ${TABLE}`);
+  await client.query(`create table ${TABLE} (id bigserial primary key, topic text not null, payload jsonb not null, created_at timestamptz not null default now())`);
+}
+
+/** Multi-row INSERT, 1,000 rows per statement (one transaction each). */
+async function multiRowInsert(client: pg.Client, total: number): Promise<number> {
+  await resetTable(client);
+  const per = 1_000;
+  const statements: Array<{ text: string; values: string[] }> = [];
+  for (let first = 0; first < total; first += per) {
+    const n = Math.min(per, total - first);
+    const values: string[] = [];
+    const tuples: string[] = [];
+    for (let i = 0; i < n; i++) {
+      values.push(...row(first + i));
+      tuples.push(`($${2 * i + 1}, $${2 * i + 2}::jsonb)`);
+    }
+    statements.push({ text: `insert into ${TABLE} (topic, payload) values ${tuples.join(',')}`, values });
+  }
+  const t0 = now();
+  for (const statement of statements) await client.query(statement.text, statement.values);
+  return rate(total, now() - t0);
+}
+
+/** The same rows sent as one JSON array parameter per 1,000 (how Tidings writes a batch). */
+async function jsonArrayInsert(client: pg.Client, total: number): Promise<number> {
+  await resetTable(client);
+  const per = 1_000;
+  const arrays: string[] = [];
+  for (let first = 0; first < total; first += per) {
+    const n = Math.min(per, total - first);
+    arrays.push(`[${Array.from({ length: n }, (_, i) => row(first + i)[1]).join(',')}]`);
+  }
+  const t0 = now();
+  for (const array of arrays) {
+    await client.query(`insert into ${TABLE} (topic, payload) select 'bench.event', value from jsonb_array_elements($1::jsonb)`, [array]);
+  }
+  return rate(total, now() - t0);
+}
+
+/** Single-row autocommit inserts from `clients` connections; optionally each also sends a NOTIFY. */
+async function singleRows(clients: pg.Client[], total: number, notify: boolean): Promise<number> {
+  await resetTable(clients[0]!);
+  const text = notify
+    ? `with i as (insert into ${TABLE} (topic, payload) values ($1, $2::jsonb) returning id) select pg_notify('bench_raw', id::text) from i`
+    : `insert into ${TABLE} (topic, payload) values ($1, $2::jsonb)`;
+  const pool = [...clients];
+  const t0 = now();
+  await produce(total, clients.length, async (seq, producer) => {
+    const client = pool[producer]!;
+    await client.query(text, row(seq));
+  });
+  return rate(total, now() - t0);
+}
+
+/** NOTIFY on one connection -> notification on another, sequential samples. */
+async function notifyRoundTrip(sender: pg.Client, listener: pg.Client, samples: number): Promise<{ p50: number; p99: number }> {
+  await listener.query('listen bench_rtt');
+  let waiting: ((payload: string) => void) | undefined;
+  listener.on('notification', (message) => waiting?.(message.payload ?? ''));
+  const times: number[] = [];
+  for (let i = 0; i < samples; i++) {
+    const arrived = new Promise<string>((resolve) => {
+      waiting = resolve;
+    });
+    const t0 = now();
+    await sender.query('select pg_notify($1, $2)', ['bench_rtt', String(i)]);
+    await arrived;
+    times.push(now() - t0);
+  }
+  await listener.query('unlisten bench_rtt');
+  times.sort((a, b) => a - b);
+  return { p50: percentile(times, 50), p99: percentile(times, 99) };
+}
+
+async function raw(task: Task): Promise<ChildResult> {
+  const clients = await Promise.all(Array.from({ length: 10 }, () => connect(task.pgUrl)));
+  const first = clients[0]!;
+  const listener = await connect(task.pgUrl);
+  const metrics: Record<string, number> = {};
+  metrics.insertMulti = await multiRowInsert(first, task.events);
+  await sleep(200);
+  metrics.insertJson = await jsonArrayInsert(first, task.events);
+  await sleep(200);
+  metrics.single1 = await singleRows([first], Math.round(task.events / 6), false);
+  await sleep(200);
+  metrics.insertJson = await jsonArrayInsert(first, task.events);
+  await sleep(200);
+  metrics.single10 = await singleRows(clients, task.events, false);
+  await sleep(200);
+  metrics.insertJson = await jsonArrayInsert(first, task.events);
+  await sleep(200);
+  metrics.single10notify = await singleRows(clients, Math.round(task.events / 3), true);
+  await sleep(200);
+  const rtt = await notifyRoundTrip(first, listener, task.quick ? 500 : 2_000);
+  metrics.notifyP50 = rtt.p50;
+  metrics.notifyP99 = rtt.p99;
+  await first.query(`drop table if exists ${TABLE}`);
+  await Promise.all([...clients, listener].map((client) => client.end()));
+  return { ok: true, metrics, notes: ['COPY not measured: COPY FROM STDIN needs pg-copy-streams, which is not installed'] };
+}
+
+runChild({ raw });
