@@ -3,7 +3,7 @@
  * import them; types flow from here to `publish` and to every handler's `message.data`.
  */
 import { z } from 'zod';
-import { defineEvent } from '../../src/index.ts';
+import { defineEvent } from 'tidings';
 
 export const OrderPlaced = defineEvent('orders.order-placed', {
   schema: z.object({

@@ -9,7 +9,7 @@
  * message ends in dead letters while everything else flows. Then it prints what happened.
  */
 import { PGlite } from '@electric-sql/pglite';
-import { postgres, type PostgresBackbone, type Queryable } from '../../src/postgres/index.ts';
+import { postgres, type PostgresBackbone, type Queryable } from 'tidings/postgres';
 import { billingService, CardGateway, ordersService, shippingService, shopTables, type NewOrder } from './services.ts';
 
 const ORDERS = Number(process.env.ORDERS ?? 300);

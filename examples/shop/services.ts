@@ -2,8 +2,8 @@
  * Three services of a small shop. Each has its own bus (its own name, its own subscriptions) and writes its
  * own tables; they share nothing but the contracts and the database the bus lives in.
  */
-import { createBus, PermanentError, type Bus } from '../../src/index.ts';
-import type { PgTransaction, PostgresBackbone } from '../../src/postgres/index.ts';
+import { createBus, PermanentError, type Bus } from 'tidings';
+import type { PgTransaction, PostgresBackbone } from 'tidings/postgres';
 import { OrderPlaced, PaymentCaptured, PaymentDeclined, ShipmentScheduled } from './contracts.ts';
 
 type ShopBus = Bus<PgTransaction>;
