@@ -79,9 +79,16 @@ export class PostgresConsumer implements Consumer {
       await tx.query(sql.createCursors, [spec.name, spec.partitions, spec.startFrom === 'beginning']);
       await tx.query(sql.registerWorker, [this.#workerId, spec.name, hostname(), process.pid, settings.leaseMs]);
     });
-    this.#unregister = this.#ctx.notifier.register(spec.topics, () => {
+    const stopWakes = this.#ctx.notifier.register(spec.topics, () => {
       for (const worker of this.#partitions.values()) worker.wake();
     });
+    const stopSignals = this.#ctx.notifier.onSignal(`held:${spec.name}`, () => {
+      for (const worker of this.#partitions.values()) worker.reloadHeld();
+    });
+    this.#unregister = () => {
+      stopWakes();
+      stopSignals();
+    };
     await this.#heartbeat();
     this.#timer = setInterval(() => {
       this.#beating ??= this.#heartbeat()
@@ -247,6 +254,12 @@ class PartitionWorker {
   wake(): void {
     this.#dirty = true;
     this.#wakeUp?.();
+  }
+
+  /** Held messages were added from outside (a redrive): learn the held keys again and retry what is due. */
+  reloadHeld(): void {
+    this.#loaded = false;
+    this.wake();
   }
 
   async stop(): Promise<void> {

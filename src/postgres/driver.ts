@@ -70,7 +70,7 @@ export async function pgDriver(options: PgDriverOptions): Promise<SqlDriver> {
   const Client = pg.default.Client;
   const ownPool = options.pool === undefined;
   const pool: PgPoolLike =
-    options.pool ?? (new Pool({ connectionString: options.url, max: options.poolSize, keepAlive: true }) as unknown as PgPoolLike);
+    options.pool ?? (new Pool({ connectionString: options.url, max: options.poolSize, keepAlive: true, application_name: 'tidings' }) as unknown as PgPoolLike);
   if (ownPool) (pool as unknown as { on(e: 'error', l: (e: Error) => void): void }).on('error', () => undefined);
   const config = options.url !== undefined ? { connectionString: options.url } : (pool.options ?? {});
   const description = describeUrl(options.url ?? (typeof config.connectionString === 'string' ? config.connectionString : undefined), config);
@@ -99,7 +99,7 @@ export async function pgDriver(options: PgDriverOptions): Promise<SqlDriver> {
       }
     },
     async listen(channels, handlers) {
-      const client = new Client({ ...config, keepAlive: true }) as unknown as PgListenClient;
+      const client = new Client({ ...config, keepAlive: true, application_name: 'tidings-notifier' }) as unknown as PgListenClient;
       let ended = false;
       const end = (error?: Error) => {
         if (ended) return;

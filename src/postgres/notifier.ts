@@ -26,6 +26,7 @@ export class Notifier {
   readonly #driver: SqlDriver;
   readonly #options: NotifierOptions;
   readonly #listeners = new Set<{ topics: ReadonlySet<string>; wake: Wake }>();
+  readonly #signals = new Map<string, Set<() => void>>();
   #session: ListenSession | undefined;
   #connecting: Promise<void> | undefined;
   #closed = false;
@@ -49,6 +50,17 @@ export class Notifier {
     const entry = { topics: new Set(topics), wake };
     this.#listeners.add(entry);
     return () => this.#listeners.delete(entry);
+  }
+
+  /**
+   * Registers for a named signal (`held:<subscription>`: held messages were added from outside, say by a
+   * redrive). Signals travel as `!<name>` in the same payloads as topics.
+   */
+  onSignal(name: string, fn: () => void): () => void {
+    let set = this.#signals.get(name);
+    if (set === undefined) this.#signals.set(name, (set = new Set()));
+    set.add(fn);
+    return () => set.delete(fn);
   }
 
   async start(): Promise<void> {
@@ -164,7 +176,13 @@ export class Notifier {
     }
     if (payload.startsWith('tidings-self-test-')) return;
     this.#schedulePing();
-    this.#wakeLocal(payload === '*' ? 'all' : new Set(payload.split(',')));
+    if (payload === '*') return this.#wakeLocal('all');
+    const topics = new Set<string>();
+    for (const token of payload.split(',')) {
+      if (token.startsWith('!')) for (const fn of this.#signals.get(token.slice(1)) ?? []) fn();
+      else topics.add(token);
+    }
+    if (topics.size > 0) this.#wakeLocal(topics);
   }
 
   #onEnd(error: Error | undefined): void {
