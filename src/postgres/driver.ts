@@ -55,6 +55,8 @@ interface PgListenClient extends Queryable {
 }
 
 export interface PgDriverOptions {
+  /** Shown in pg_stat_activity as `tidings:<name>` and `tidings-notifier:<name>`. */
+  name: string;
   /** A connection URL; Tidings opens and closes its own pool. */
   url?: string | undefined;
   /** Your pool: Tidings uses it and leaves it open. */
@@ -70,7 +72,7 @@ export async function pgDriver(options: PgDriverOptions): Promise<SqlDriver> {
   const Client = pg.default.Client;
   const ownPool = options.pool === undefined;
   const pool: PgPoolLike =
-    options.pool ?? (new Pool({ connectionString: options.url, max: options.poolSize, keepAlive: true, application_name: 'tidings' }) as unknown as PgPoolLike);
+    options.pool ?? (new Pool({ connectionString: options.url, max: options.poolSize, keepAlive: true, application_name: `tidings:${options.name}` }) as unknown as PgPoolLike);
   if (ownPool) (pool as unknown as { on(e: 'error', l: (e: Error) => void): void }).on('error', () => undefined);
   const config = options.url !== undefined ? { connectionString: options.url } : (pool.options ?? {});
   const description = describeUrl(options.url ?? (typeof config.connectionString === 'string' ? config.connectionString : undefined), config);
@@ -99,7 +101,7 @@ export async function pgDriver(options: PgDriverOptions): Promise<SqlDriver> {
       }
     },
     async listen(channels, handlers) {
-      const client = new Client({ ...config, keepAlive: true, application_name: 'tidings-notifier' }) as unknown as PgListenClient;
+      const client = new Client({ ...config, keepAlive: true, application_name: `tidings-notifier:${options.name}` }) as unknown as PgListenClient;
       let ended = false;
       const end = (error?: Error) => {
         if (ended) return;

@@ -131,7 +131,7 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
     const driver =
       o.pglite !== undefined
         ? await pgliteDriver({ db: o.pglite === true ? undefined : o.pglite, dataDir: o.dataDir })
-        : await pgDriver({ url: o.url, pool: o.pool, poolSize: o.poolSize ?? postgresDefaults.poolSize });
+        : await pgDriver({ url: o.url, pool: o.pool, poolSize: o.poolSize ?? postgresDefaults.poolSize, name: this.schema });
     this.#driver = driver;
     if (o.migrate ?? postgresDefaults.migrate) await migrate(driver, this.schema);
     this.#notifier = new Notifier(driver, {

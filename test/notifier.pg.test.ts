@@ -1,0 +1,109 @@
+/**
+ * Wake-ups across processes, the notifier's recovery, and what happens when PostgreSQL cannot be reached.
+ * Buses here poll only every 60 s, so a fast delivery proves a notification woke the consumer.
+ */
+import assert from 'node:assert/strict';
+import { after, test } from 'node:test';
+import { createBus, TidingsError, type Bus } from '../src/index.ts';
+import { postgres, type PgTransaction } from '../src/postgres/index.ts';
+import { pgDriver, type SqlDriver } from '../src/postgres/driver.ts';
+import { Notifier } from '../src/postgres/notifier.ts';
+import { Ticked } from './fixtures/contracts.ts';
+import { connect, DATABASE_URL, dropSchema, requirePostgres, uniqueSchema, waitFor } from './helpers.ts';
+
+const schemas: string[] = [];
+const buses: Bus<PgTransaction>[] = [];
+after(async () => {
+  for (const bus of buses) await bus.stop().catch(() => undefined);
+  for (const schema of schemas) await dropSchema(schema);
+});
+
+function newBus(schema: string, warnings: string[] = []): Bus<PgTransaction> {
+  const bus = createBus({
+    service: 'notified',
+    backbone: postgres({ url: DATABASE_URL, schema, pollMs: 60_000, onWarning: (message) => warnings.push(message) }),
+  });
+  buses.push(bus);
+  return bus;
+}
+
+test('a publish in one process wakes a consumer in another at once; after its LISTEN connection is killed, the notifier reconnects and catches up', async (t) => {
+  if (!(await requirePostgres(t))) return;
+  const schema = uniqueSchema('n');
+  schemas.push(schema);
+  const warnings: string[] = [];
+  const consumer = newBus(schema, warnings);
+  const seen: number[] = [];
+  consumer.subscribe('woken', Ticked, (message) => {
+    seen.push(message.data.seq);
+  });
+  await consumer.start();
+  // A second bus stands for another process: its own pool, its own notifier.
+  const producer = newBus(schema);
+  await producer.start();
+
+  let started = Date.now();
+  await producer.publish(Ticked, { key: 'k', seq: 1 });
+  await waitFor('delivery woken by NOTIFY', () => seen.length === 1, 5_000);
+  t.diagnostic(`publish -> handler across processes: ${Date.now() - started} ms`);
+
+  const admin = await connect();
+  const { rows } = await admin.query(
+    `select pg_terminate_backend(pid) as killed from pg_stat_activity where application_name = $1`,
+    [`tidings-notifier:${schema}`],
+  );
+  assert.ok(rows.length >= 1, 'found the notifier connections');
+  // Published while the consumer's notifier is down: it must be found by the catch-up after reconnecting.
+  await producer.publish(Ticked, { key: 'k', seq: 2 });
+  started = Date.now();
+  await waitFor('catch-up after the notifier reconnected', () => seen.length === 2, 10_000);
+  t.diagnostic(`notifier reconnect + catch-up: ${Date.now() - started} ms`);
+  await waitFor('the notifier listening again', async () => {
+    const { rows: back } = await admin.query(`select count(*)::int as n from pg_stat_activity where application_name = $1`, [
+      `tidings-notifier:${schema}`,
+    ]);
+    return back[0].n >= 2;
+  });
+  started = Date.now();
+  await producer.publish(Ticked, { key: 'k', seq: 3 });
+  await waitFor('a wake-up through the new connection', () => seen.length === 3, 5_000);
+  await admin.end();
+  assert.deepEqual(seen, [1, 2, 3]);
+  assert.ok(warnings.some((warning) => /Notifier lost its connection/.test(warning)), 'the loss was reported');
+});
+
+test('when LISTEN does not deliver (a transaction-pooling proxy), the notifier says so once and consumers poll', async (t) => {
+  if (!(await requirePostgres(t))) return;
+  const real = await pgDriver({ url: DATABASE_URL, poolSize: 2, name: 'deaf' });
+  // What a transaction pooler does to LISTEN: it succeeds, but notifications never come back.
+  const deaf: SqlDriver = { ...real, listen: (_channels, handlers) => real.listen(['nobody_sends_here'], handlers) };
+  const warnings: string[] = [];
+  const notifier = new Notifier(deaf, {
+    channel: 'deaf_test',
+    pingMs: 10_000,
+    reconnectMinMs: 100,
+    reconnectMaxMs: 1_000,
+    selfTestMs: 300,
+    warn: (message) => warnings.push(message),
+  });
+  await notifier.start();
+  assert.equal(notifier.listening, false);
+  assert.equal(warnings.length, 1);
+  assert.match(warnings[0]!, /LISTEN\/NOTIFY does not deliver .* consumers fall back to polling/);
+  await notifier.close();
+  await real.close();
+});
+
+test('an unreachable database gives a typed, retryable error naming the URL without its password', async () => {
+  const bus = createBus({
+    service: 'nowhere',
+    backbone: postgres({ url: 'postgres://user:secret@127.0.0.1:1/nothing', onWarning: () => undefined }),
+  });
+  const error = await bus.start().catch((e: unknown) => e);
+  assert.ok(error instanceof TidingsError, String(error));
+  assert.equal(error.code, 'BACKBONE_UNAVAILABLE');
+  assert.equal(error.retryable, true);
+  assert.match(error.message, /postgres:\/\/user@127\.0\.0\.1:1\/nothing/);
+  assert.doesNotMatch(error.message, /secret/);
+  await bus.stop();
+});
