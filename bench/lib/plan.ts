@@ -1,0 +1,150 @@
+/** What runs, in which order, with which sizes. */
+import type { SystemName, Task, Variant, Workload } from './types.ts';
+
+export interface Row {
+  system: SystemName;
+  label: string;
+  variant: Variant;
+  /** Rows of one table share a group; the ratio column compares each with its group's reference row. */
+  group: 'base' | 'guarantees' | 'raw';
+  /** The Tidings row the others of its table are compared with. */
+  reference?: boolean;
+}
+
+export interface Sizes {
+  rounds: number;
+  bulk: number;
+  drain: number;
+  e2e: number;
+  standalone: number;
+  fanoutEvents: number;
+  fanout: number;
+  latencySeconds: number;
+  baseRates: number[];
+  guaranteeRates: number[];
+  idleSeconds: number;
+  raw: number;
+  timeoutMs: number;
+}
+
+export const FULL: Sizes = {
+  rounds: 3,
+  bulk: 20_000,
+  drain: 20_000,
+  e2e: 10_000,
+  standalone: 10_000,
+  fanoutEvents: 1_000,
+  fanout: 10,
+  latencySeconds: 10,
+  baseRates: [500, 1_000],
+  guaranteeRates: [1_000],
+  idleSeconds: 5,
+  raw: 20_000,
+  timeoutMs: 240_000,
+};
+
+export const QUICK: Sizes = {
+  rounds: 1,
+  bulk: 5_000,
+  drain: 5_000,
+  e2e: 1_500,
+  standalone: 1_500,
+  fanoutEvents: 150,
+  fanout: 10,
+  latencySeconds: 3,
+  baseRates: [500, 1_000],
+  guaranteeRates: [1_000],
+  idleSeconds: 2,
+  raw: 5_000,
+  timeoutMs: 90_000,
+};
+
+const plain: Variant = { keys: 0, effects: false, inbox: true };
+const keyed: Variant = { keys: 1_000, effects: false, inbox: true };
+const effects: Variant = { keys: 1_000, effects: true, inbox: true };
+const noInbox: Variant = { keys: 1_000, effects: false, inbox: false };
+
+export const LABELS = {
+  tidings: 'Tidings',
+  pgboss: 'pg-boss',
+  graphile: 'graphile-worker',
+  bullmq: 'BullMQ',
+};
+
+const base: Row[] = [
+  { system: 'tidings', label: LABELS.tidings, variant: plain, group: 'base', reference: true },
+  { system: 'pgboss', label: LABELS.pgboss, variant: plain, group: 'base' },
+  { system: 'graphile', label: LABELS.graphile, variant: plain, group: 'base' },
+  { system: 'bullmq', label: LABELS.bullmq, variant: plain, group: 'base' },
+];
+const tidingsKeyed: Row = { system: 'tidings', label: 'Tidings, 1k keys, inbox, no-op', variant: keyed, group: 'guarantees' };
+const tidingsEffects: Row = {
+  system: 'tidings',
+  label: 'Tidings, 1k keys, inbox, insert via ctx.tx',
+  variant: effects,
+  group: 'guarantees',
+  reference: true,
+};
+const tidingsNoInbox: Row = { system: 'tidings', label: 'Tidings, 1k keys, inbox off, no-op', variant: noInbox, group: 'guarantees' };
+const peersEffects: Row[] = [
+  { system: 'pgboss', label: 'pg-boss, insert (own connection)', variant: effects, group: 'guarantees' },
+  { system: 'graphile', label: 'graphile-worker, insert (own connection)', variant: effects, group: 'guarantees' },
+  { system: 'bullmq', label: 'BullMQ, insert into PostgreSQL', variant: effects, group: 'guarantees' },
+];
+
+export interface Step {
+  workload: Workload;
+  rows: Row[];
+}
+
+/** The workloads in order; in each round every step runs its rows one after another (A B C, A B C ...). */
+export function steps(quick: boolean): Step[] {
+  const guarantees = quick ? [tidingsKeyed, tidingsEffects] : [tidingsKeyed, tidingsEffects, ...peersEffects];
+  return [
+    { workload: 'raw', rows: [{ system: 'raw', label: 'PostgreSQL (pg)', variant: plain, group: 'raw' }] },
+    { workload: 'bulk', rows: base },
+    { workload: 'drain', rows: [...base, ...guarantees, ...(quick ? [] : [tidingsNoInbox])] },
+    { workload: 'e2e', rows: [...base, ...guarantees] },
+    { workload: 'standalone', rows: base },
+    { workload: 'fanout', rows: base },
+    { workload: 'latency', rows: [...base, tidingsKeyed, tidingsEffects] },
+  ];
+}
+
+export function taskFor(row: Row, workload: Workload, sizes: Sizes, db: { url: string; name: string }, quick: boolean): Task {
+  const events: Record<Workload, number> = {
+    raw: sizes.raw,
+    bulk: sizes.bulk,
+    drain: sizes.drain,
+    e2e: sizes.e2e,
+    standalone: sizes.standalone,
+    fanout: sizes.fanoutEvents,
+    latency: 0,
+  };
+  return {
+    system: row.system,
+    label: row.label,
+    workload,
+    variant: row.variant,
+    events: events[workload],
+    fanout: sizes.fanout,
+    rates: row.group === 'base' ? sizes.baseRates : sizes.guaranteeRates,
+    latencySeconds: sizes.latencySeconds,
+    idleSeconds: row.group === 'base' ? sizes.idleSeconds : 0,
+    pgUrl: db.url,
+    database: db.name,
+    redis: { host: '127.0.0.1', port: 6379 },
+    quick,
+    timeoutMs: sizes.timeoutMs,
+  };
+}
+
+export const WORKLOAD_TITLES: Record<Workload, string> = {
+  raw: 'Raw PostgreSQL floor',
+  bulk: '1. Bulk publish (1,000 per call, one transaction each)',
+  drain: '2. Drain a stored backlog (until acknowledged)',
+  e2e: '3. End to end, 10 producers, one event per transaction',
+  standalone: '4. Standalone publish end to end, 10 concurrent callers',
+  fanout: '7. Fan-out: one event to 10 subscriptions, 10 producers (deliveries/s)',
+  latency: '5. Latency, open-loop producer: publish call -> handler start',
+};

@@ -1,0 +1,341 @@
+/** Aggregates the runs into medians and ranges, prints the tables, checks the targets, draws the charts. */
+import * as vega from 'vega';
+import * as vl from 'vega-lite';
+import { WORKLOAD_TITLES, type Row } from './plan.ts';
+import type { ChildResult, LatencySeries, Workload } from './types.ts';
+
+export interface Summary {
+  median: number;
+  min: number;
+  max: number;
+  n: number;
+}
+
+export interface Entry {
+  workload: Workload;
+  row: Row;
+  runs: ChildResult[];
+  summary: Record<string, Summary>;
+  /** Latency distribution of the run with the median p50 at each rate. */
+  series?: LatencySeries[];
+}
+
+export function median(values: readonly number[]): number {
+  const sorted = [...values].sort((a, b) => a - b);
+  const mid = Math.floor(sorted.length / 2);
+  return sorted.length % 2 === 1 ? sorted[mid]! : (sorted[mid - 1]! + sorted[mid]!) / 2;
+}
+
+export function summarise(workload: Workload, row: Row, runs: ChildResult[]): Entry {
+  const ok = runs.filter((run) => run.ok);
+  const names = new Set(ok.flatMap((run) => Object.keys(run.metrics)));
+  const summary: Record<string, Summary> = {};
+  for (const name of names) {
+    const values = ok.map((run) => run.metrics[name]).filter((v): v is number => typeof v === 'number' && Number.isFinite(v));
+    if (values.length === 0) continue;
+    summary[name] = { median: median(values), min: Math.min(...values), max: Math.max(...values), n: values.length };
+  }
+  const entry: Entry = { workload, row, runs, summary };
+  if (workload === 'latency') {
+    const series: LatencySeries[] = [];
+    const rates = new Set(ok.flatMap((run) => (run.series ?? []).map((s) => s.rate)));
+    for (const rate of rates) {
+      const target = summary[`p50@${rate}`]?.median;
+      const candidates = ok.filter((run) => run.metrics[`p50@${rate}`] !== undefined);
+      candidates.sort((a, b) => Math.abs(a.metrics[`p50@${rate}`]! - target!) - Math.abs(b.metrics[`p50@${rate}`]! - target!));
+      const pick = candidates[0]?.series?.find((s) => s.rate === rate);
+      if (pick !== undefined) series.push(pick);
+    }
+    entry.series = series;
+  }
+  return entry;
+}
+
+// ---- formatting -----------------------------------------------------------------------------------
+
+export function fmt(value: number | undefined, digits?: number): string {
+  if (value === undefined || !Number.isFinite(value)) return '-';
+  const d = digits ?? (Math.abs(value) >= 100 ? 0 : Math.abs(value) >= 10 ? 1 : 2);
+  return value.toLocaleString('en-US', { minimumFractionDigits: d, maximumFractionDigits: d });
+}
+
+function range(s: Summary | undefined, digits?: number): string {
+  if (s === undefined) return '-';
+  if (s.n === 1) return '';
+  return `${fmt(s.min, digits)}-${fmt(s.max, digits)}`;
+}
+
+function ratio(value: number | undefined, reference: number | undefined): string {
+  if (value === undefined || reference === undefined || reference === 0) return '-';
+  return `${(value / reference).toFixed(2)}x`;
+}
+
+function table(header: string[], rows: string[][]): string {
+  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? '').length)));
+  const line = (cells: string[]) => `| ${cells.map((c, i) => (i === 0 ? c.padEnd(widths[i]!) : c.padStart(widths[i]!))).join(' | ')} |`;
+  return [line(header), `|${widths.map((w, i) => (i === 0 ? ` ${'-'.repeat(w)} ` : ` ${'-'.repeat(w - 1)}: `)).join('|')}|`, ...rows.map(line)].join('\n');
+}
+
+function groupsOf(entries: Entry[], workload: Workload): Entry[][] {
+  const mine = entries.filter((e) => e.workload === workload);
+  const groups = new Map<string, Entry[]>();
+  for (const entry of mine) {
+    const list = groups.get(entry.row.group) ?? [];
+    list.push(entry);
+    groups.set(entry.row.group, list);
+  }
+  return [...groups.values()];
+}
+
+const RAW_METRICS: Array<[string, string, string]> = [
+  ['insertMulti', 'multi-row INSERT ... VALUES, 1,000 rows per statement', 'rows/s'],
+  ['insertJson', 'INSERT ... SELECT from one JSON array parameter, 1,000 rows (how Tidings writes)', 'rows/s'],
+  ['single1', 'single-row autocommit INSERT, 1 connection', 'rows/s'],
+  ['single10', 'single-row autocommit INSERT, 10 connections', 'rows/s'],
+  ['single10notify', 'single-row INSERT + pg_notify in each, 10 connections', 'rows/s'],
+  ['notifyP50', 'NOTIFY -> LISTEN round trip, p50', 'ms'],
+  ['notifyP99', 'NOTIFY -> LISTEN round trip, p99', 'ms'],
+];
+
+/** The readable report: one table per workload (and per group), then the targets. */
+export function renderTables(entries: Entry[]): string {
+  const out: string[] = [];
+  for (const workload of ['raw', 'bulk', 'drain', 'e2e', 'standalone', 'fanout', 'latency'] as Workload[]) {
+    for (const group of groupsOf(entries, workload)) {
+      const first = group[0]!;
+      const suffix = first.row.group === 'guarantees' ? ' -- guarantees on (workload 6)' : '';
+      out.push(`\n### ${WORKLOAD_TITLES[workload]}${suffix}\n`);
+      const reference = group.find((e) => e.row.reference);
+      if (workload === 'raw') {
+        const s = first.summary;
+        out.push(
+          table(
+            ['Raw method (pg)', 'median', 'min-max', 'unit'],
+            RAW_METRICS.map(([key, label, unit]) => [label, fmt(s[key]?.median), range(s[key]), unit]),
+          ),
+        );
+        out.push('COPY: not measured (COPY FROM STDIN needs pg-copy-streams, which is not installed).');
+      } else if (workload === 'latency') {
+        const rates = [...new Set(group.flatMap((e) => Object.keys(e.summary).filter((k) => k.startsWith('p50@')).map((k) => Number(k.slice(4)))))].sort((a, b) => a - b);
+        const rows: string[][] = [];
+        for (const rate of rates) {
+          for (const e of group) {
+            const s = e.summary;
+            if (s[`p50@${rate}`] === undefined) continue;
+            const ref = reference?.summary;
+            rows.push([
+              `${e.row.label} @ ${rate}/s`,
+              fmt(s[`p50@${rate}`]?.median),
+              range(s[`p50@${rate}`]),
+              fmt(s[`p99@${rate}`]?.median),
+              range(s[`p99@${rate}`]),
+              fmt(s[`p999@${rate}`]?.median),
+              fmt(s[`max@${rate}`]?.median),
+              fmt(s[`cpu@${rate}`]?.median, 0),
+              fmt(s[`cpuMachine@${rate}`]?.median, 0),
+              ratio(s[`p50@${rate}`]?.median, ref?.[`p50@${rate}`]?.median),
+              ratio(s[`p99@${rate}`]?.median, ref?.[`p99@${rate}`]?.median),
+            ]);
+          }
+        }
+        out.push(
+          table(
+            ['System @ rate', 'p50 ms', 'p50 min-max', 'p99 ms', 'p99 min-max', 'p99.9 ms', 'max ms', 'CPU % (node+server)', 'CPU % machine', 'p50 / Tidings', 'p99 / Tidings'],
+            rows,
+          ),
+        );
+        const idle = group.filter((e) => e.summary.idleQueries !== undefined);
+        if (idle.length > 0) {
+          out.push('\nIdle cost, one consumer running, no traffic (PostgreSQL systems: queries counted in the client, and');
+          out.push('transactions from pg_stat_database; BullMQ: Redis commands served):\n');
+          out.push(
+            table(
+              ['System', 'queries/s idle', 'min-max', 'xacts/s (pg_stat_database)'],
+              idle.map((e) => [e.row.label, fmt(e.summary.idleQueries?.median), range(e.summary.idleQueries), fmt(e.summary.idleXacts?.median)]),
+            ),
+          );
+        }
+      } else {
+        const extra = workload === 'drain' ? 'handler rate' : workload === 'bulk' ? '' : 'producer rate';
+        const extraKey = workload === 'drain' ? 'handlerRate' : 'producerRate';
+        const header = ['System', 'events/s median', 'min-max', 'x Tidings'];
+        if (extra !== '') header.push(`${extra} median`);
+        out.push(
+          table(
+            header,
+            group.map((e) => {
+              const cells = [e.row.label, fmt(e.summary.rate?.median), range(e.summary.rate), ratio(e.summary.rate?.median, reference?.summary.rate?.median)];
+              if (extra !== '') cells.push(fmt(e.summary[extraKey]?.median));
+              return cells;
+            }),
+          ),
+        );
+      }
+      const failures = group.flatMap((e) => e.runs.filter((r) => !r.ok).map((r) => `${e.row.label}: ${(r.error ?? '').split('\n')[0]}`));
+      if (failures.length > 0) out.push(`\nFailed runs:\n${failures.map((f) => `- ${f}`).join('\n')}`);
+    }
+  }
+  return out.join('\n');
+}
+
+// ---- targets (issue 8) ----------------------------------------------------------------------------
+
+export interface TargetCheck {
+  id: string;
+  measure: string;
+  value: string;
+  target: string;
+  floor: string;
+  verdict: 'target' | 'floor' | 'missed' | 'n/a';
+}
+
+function find(entries: Entry[], workload: Workload, label: string): Entry | undefined {
+  return entries.find((e) => e.workload === workload && e.row.label === label);
+}
+
+export function checkTargets(entries: Entry[], tidings: string, keyed: string): TargetCheck[] {
+  const m = (workload: Workload, label: string, metric: string) => find(entries, workload, label)?.summary[metric]?.median;
+  const higher = (v: number | undefined, target: number, floor: number): TargetCheck['verdict'] =>
+    v === undefined ? 'n/a' : v >= target ? 'target' : v >= floor ? 'floor' : 'missed';
+  const lower = (v: number | undefined, target: number, floor: number): TargetCheck['verdict'] =>
+    v === undefined ? 'n/a' : v <= target ? 'target' : v <= floor ? 'floor' : 'missed';
+  const worst = (...verdicts: TargetCheck['verdict'][]): TargetCheck['verdict'] =>
+    verdicts.includes('n/a') ? 'n/a' : verdicts.includes('missed') ? 'missed' : verdicts.includes('floor') ? 'floor' : 'target';
+  const raw10 = m('raw', 'PostgreSQL (pg)', 'single10');
+  const t1 = m('e2e', keyed, 'rate');
+  const t2 = m('standalone', tidings, 'rate');
+  const t3 = m('drain', keyed, 'rate');
+  const p50 = m('latency', tidings, 'p50@1000');
+  const p99 = m('latency', tidings, 'p99@1000');
+  const producer = m('e2e', tidings, 'producerRate');
+  const loss = producer !== undefined && raw10 !== undefined ? 100 * (1 - producer / raw10) : undefined;
+  const t6 = m('bulk', tidings, 'rate');
+  const cpu = m('latency', tidings, 'cpu@1000');
+  const idle = m('latency', tidings, 'idleQueries');
+  return [
+    { id: 'T1', measure: 'e2e events/s, 10 producers, 1 event/tx, 1k keys + inbox', value: fmt(t1), target: '>= 6,000', floor: '>= 4,000', verdict: higher(t1, 6_000, 4_000) },
+    { id: 'T2', measure: 'standalone publish e2e events/s, 10 callers', value: fmt(t2), target: '>= 20,000', floor: '>= 12,000', verdict: higher(t2, 20_000, 12_000) },
+    { id: 'T3', measure: 'drain events/s, 1k keys + inbox', value: fmt(t3), target: '>= 80,000', floor: '>= 50,000', verdict: higher(t3, 80_000, 50_000) },
+    {
+      id: 'T4',
+      measure: 'latency at 1,000/s, p50 / p99 ms',
+      value: `${fmt(p50)} / ${fmt(p99)}`,
+      target: '<= 1.5 / <= 8',
+      floor: '<= 5 / <= 20',
+      verdict: worst(lower(p50, 1.5, 5), lower(p99, 8, 20)),
+    },
+    {
+      id: 'T5',
+      measure: 'producer commit rate lost vs raw 10-connection INSERT (same run)',
+      value: loss === undefined ? '-' : `${fmt(loss, 0)} % (${fmt(producer)} vs ${fmt(raw10)}/s)`,
+      target: '<= 10 %',
+      floor: '<= 25 %',
+      verdict: lower(loss, 10, 25),
+    },
+    { id: 'T6', measure: 'bulk publish events/s', value: fmt(t6), target: '>= 120,000', floor: '>= 80,000', verdict: higher(t6, 120_000, 80_000) },
+    { id: 'T7', measure: 'CPU % of all cores (Node + PostgreSQL) at 1,000/s', value: fmt(cpu, 0), target: '<= 35', floor: '<= 60', verdict: lower(cpu, 35, 60) },
+    { id: 'T8', measure: 'idle queries/s, one consumer (4 partitions)', value: fmt(idle), target: '<= 1', floor: '<= 10', verdict: lower(idle, 1, 10) },
+  ];
+}
+
+export function renderTargets(checks: TargetCheck[]): string {
+  return table(
+    ['#', 'Measure (Tidings, this run)', 'value', 'target', 'floor', 'verdict'],
+    checks.map((c) => [c.id, c.measure, c.value, c.target, c.floor, c.verdict]),
+  );
+}
+
+// ---- charts ---------------------------------------------------------------------------------------
+
+async function toSvg(spec: vl.TopLevelSpec): Promise<string> {
+  const compiled = vl.compile(spec).spec;
+  const view = new vega.View(vega.parse(compiled), { renderer: 'none' });
+  const svg = await view.toSVG();
+  view.finalize();
+  return svg;
+}
+
+const SHORT: Partial<Record<Workload, string>> = {
+  bulk: '1 bulk publish',
+  drain: '2 drain',
+  e2e: '3 e2e, 1 event/tx',
+  standalone: '4 standalone publish',
+  fanout: '7 fan-out x10',
+};
+
+export async function throughputChart(entries: Entry[], subtitle: string): Promise<string> {
+  const values = entries
+    .filter((e) => SHORT[e.workload] !== undefined && e.summary.rate !== undefined)
+    .map((e) => ({
+      workload: `${SHORT[e.workload]}${e.row.group === 'guarantees' ? ' (guarantees)' : ''}`,
+      system: e.row.label,
+      median: Math.round(e.summary.rate!.median),
+      min: Math.round(e.summary.rate!.min),
+      max: Math.round(e.summary.rate!.max),
+    }));
+  const spec: vl.TopLevelSpec = {
+    $schema: 'https://vega.github.io/schema/vega-lite/v5.json',
+    title: { text: 'Throughput, events/s (median of rounds, bars: min-max)', subtitle },
+    data: { values },
+    facet: { row: { field: 'workload', type: 'nominal', title: null, header: { labelAngle: 0, labelAlign: 'left', labelFontWeight: 'bold' } } },
+    spec: {
+      width: 420,
+      height: { step: 16 },
+      layer: [
+        {
+          mark: { type: 'bar' },
+          encoding: {
+            y: { field: 'system', type: 'nominal', title: null, sort: null },
+            x: { field: 'median', type: 'quantitative', title: 'events/s' },
+            color: { field: 'system', type: 'nominal', legend: null },
+          },
+        },
+        {
+          mark: { type: 'rule' },
+          encoding: {
+            y: { field: 'system', type: 'nominal', sort: null },
+            x: { field: 'min', type: 'quantitative' },
+            x2: { field: 'max' },
+          },
+        },
+        {
+          mark: { type: 'text', align: 'left', dx: 4, fontSize: 9 },
+          encoding: {
+            y: { field: 'system', type: 'nominal', sort: null },
+            x: { field: 'max', type: 'quantitative' },
+            text: { field: 'median', type: 'quantitative', format: ',' },
+          },
+        },
+      ],
+    },
+    resolve: { scale: { x: 'independent', y: 'independent' } },
+  };
+  return toSvg(spec);
+}
+
+export async function latencyChart(entries: Entry[], subtitle: string): Promise<string> {
+  const values = entries
+    .filter((e) => e.workload === 'latency')
+    .flatMap((e) =>
+      (e.series ?? []).flatMap((s) =>
+        s.quantiles.map(([p, ms]) => ({ system: e.row.label, rate: `${s.rate} events/s`, percentile: p, ms: Math.max(ms, 0.01) })),
+      ),
+    );
+  const spec: vl.TopLevelSpec = {
+    $schema: 'https://vega.github.io/schema/vega-lite/v5.json',
+    title: { text: 'Latency, publish call -> handler start (median run)', subtitle },
+    data: { values },
+    facet: { column: { field: 'rate', type: 'nominal', title: null } },
+    spec: {
+      width: 360,
+      height: 260,
+      mark: { type: 'line', point: { size: 12 } },
+      encoding: {
+        x: { field: 'percentile', type: 'ordinal', title: 'percentile', sort: null },
+        y: { field: 'ms', type: 'quantitative', scale: { type: 'log' }, title: 'ms (log)' },
+        color: { field: 'system', type: 'nominal', legend: { orient: 'bottom', columns: 2, title: null } },
+      },
+    },
+  };
+  return toSvg(spec);
+}
