@@ -9,7 +9,7 @@
  *   options: --rounds N, --sync-off (database bench_async, synchronous_commit off),
  *            --only drain,e2e (workloads), --systems tidings,pgboss (systems), --no-write
  */
-import { spawn } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { cpus, release, totalmem } from 'node:os';
 import { dirname, join } from 'node:path';
@@ -120,6 +120,12 @@ async function environment(): Promise<Record<string, unknown>> {
   } catch {
     // not a git checkout
   }
+  let srcChanges: string[] = [];
+  try {
+    srcChanges = execFileSync('git', ['status', '--porcelain', '--', 'src'], { cwd: root, encoding: 'utf8' }).split('\n').filter(Boolean);
+  } catch {
+    // git unavailable
+  }
   return {
     date: new Date().toISOString(),
     cpu: { model, count: cpus().length },
@@ -141,6 +147,8 @@ async function environment(): Promise<Record<string, unknown>> {
       pg: version('pg'),
     },
     commit,
+    /** Uncommitted changes under src/ when the run started: the figures are of that working tree. */
+    srcChanges,
     mode: quick ? 'quick' : 'full',
     rounds: sizes.rounds,
     sizes,
@@ -180,6 +188,19 @@ function runTask(task: Task): Promise<ChildResult> {
   });
 }
 
+/** Share of the machine's CPU busy over `ms` before a task: other work on this shared machine. */
+async function backgroundLoad(ms: number): Promise<number> {
+  const ticks = () => {
+    const fields = readFileSync('/proc/stat', 'utf8').split('\n')[0]!.trim().split(/\s+/).slice(1).map(Number);
+    const total = fields.reduce((a, b) => a + b, 0);
+    return { busy: total - (fields[3] ?? 0) - (fields[4] ?? 0), total };
+  };
+  const a = ticks();
+  await new Promise((resolve) => setTimeout(resolve, ms));
+  const b = ticks();
+  return (100 * (b.busy - a.busy)) / Math.max(1, b.total - a.total);
+}
+
 function headline(workload: Workload, result: ChildResult): string {
   if (!result.ok) return `FAILED: ${(result.error ?? '').split('\n')[0]}`;
   const m = result.metrics;
@@ -212,13 +233,15 @@ async function main(): Promise<void> {
     for (const step of plan) {
       for (const row of step.rows) {
         const task = taskFor(row, step.workload, sizes, db, quick);
+        const background = await backgroundLoad(300);
         const t0 = Date.now();
         const result = await runTask(task);
+        result.metrics.backgroundCpu = background;
         const key = `${step.workload}|${row.label}`;
         const slot = results.get(key) ?? { workload: step.workload, row, runs: [] };
         slot.runs.push(result);
         results.set(key, slot);
-        log(`  ${step.workload.padEnd(10)} ${row.label.padEnd(44)} ${headline(step.workload, result)}  (${((Date.now() - t0) / 1000).toFixed(1)} s)`);
+        log(`  ${step.workload.padEnd(10)} ${row.label.padEnd(44)} ${headline(step.workload, result)}  (${((Date.now() - t0) / 1000).toFixed(1)} s${background > 25 ? `, machine ${background.toFixed(0)} % busy before` : ''})`);
       }
     }
   }
@@ -260,6 +283,7 @@ async function main(): Promise<void> {
         'Throughput is counted to acknowledgement: Tidings cursors, pg-boss completed state, graphile-worker jobs deleted, BullMQ jobs no longer pending.',
         'Peers in workload 3 enqueue inside an explicit transaction (pg-boss send with { db }, graphile-worker add_job SQL); BullMQ has no transaction, its workloads 3 and 4 are the same add().',
         'Guarantee rows of peers write the effect on a separate connection (not atomic with the acknowledgement) and have no per-key order.',
+        'backgroundCpu: % of the machine busy during the 0.3 s before each task (another user of this shared machine); high values mean that run was disturbed.',
         'CPU: node+server = this child process + PostgreSQL processes of the benchmark database and background writers (or redis-server), as % of all cores; machine = /proc/stat, includes anything else running.',
       ],
       results: entries.map((e) => ({

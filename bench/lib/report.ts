@@ -70,10 +70,12 @@ function ratio(value: number | undefined, reference: number | undefined): string
   return `${(value / reference).toFixed(2)}x`;
 }
 
-function table(header: string[], rows: string[][]): string {
+/** A Markdown table; the first `left` columns are text (left-aligned), the others figures. */
+function table(header: string[], rows: string[][], left = 1): string {
   const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? '').length)));
-  const line = (cells: string[]) => `| ${cells.map((c, i) => (i === 0 ? c.padEnd(widths[i]!) : c.padStart(widths[i]!))).join(' | ')} |`;
-  return [line(header), `|${widths.map((w, i) => (i === 0 ? ` ${'-'.repeat(w)} ` : ` ${'-'.repeat(w - 1)}: `)).join('|')}|`, ...rows.map(line)].join('\n');
+  const line = (cells: string[]) => `| ${cells.map((c, i) => (i < left ? c.padEnd(widths[i]!) : c.padStart(widths[i]!))).join(' | ')} |`;
+  const rule = widths.map((w, i) => (i < left ? ` ${'-'.repeat(w)} ` : ` ${'-'.repeat(w - 1)}: `)).join('|');
+  return [line(header), `|${rule}|`, ...rows.map(line)].join('\n');
 }
 
 function groupsOf(entries: Entry[], workload: Workload): Entry[][] {
@@ -114,7 +116,9 @@ export function renderTables(entries: Entry[]): string {
             RAW_METRICS.map(([key, label, unit]) => [label, fmt(s[key]?.median), range(s[key]), unit]),
           ),
         );
-        out.push('COPY: not measured (COPY FROM STDIN needs pg-copy-streams, which is not installed).');
+        out.push(
+          '\nCOPY: not measured (COPY FROM STDIN needs pg-copy-streams, which is not installed).',
+        );
       } else if (workload === 'latency') {
         const rates = [...new Set(group.flatMap((e) => Object.keys(e.summary).filter((k) => k.startsWith('p50@')).map((k) => Number(k.slice(4)))))].sort((a, b) => a - b);
         const rows: string[][] = [];
@@ -242,13 +246,34 @@ export function renderTargets(checks: TargetCheck[]): string {
   return table(
     ['#', 'Measure (Tidings, this run)', 'value', 'target', 'floor', 'verdict'],
     checks.map((c) => [c.id, c.measure, c.value, c.target, c.floor, c.verdict]),
+    6,
   );
 }
 
 // ---- charts ---------------------------------------------------------------------------------------
 
+/** Vega-Lite's notices about the faceted charts' independent scales are expected: keep them quiet. */
+const quiet = {
+  level(): number {
+    return 0;
+  },
+  error(...args: unknown[]) {
+    console.error('[vega-lite]', ...args);
+    return this;
+  },
+  warn() {
+    return this;
+  },
+  info() {
+    return this;
+  },
+  debug() {
+    return this;
+  },
+} as NonNullable<Parameters<typeof vl.compile>[1]>['logger'];
+
 async function toSvg(spec: vl.TopLevelSpec): Promise<string> {
-  const compiled = vl.compile(spec).spec;
+  const compiled = vl.compile(spec, { logger: quiet }).spec;
   const view = new vega.View(vega.parse(compiled), { renderer: 'none' });
   const svg = await view.toSVG();
   view.finalize();
