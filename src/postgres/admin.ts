@@ -254,14 +254,15 @@ export async function listDeadLetters(db: Queryable, options: ListDeadLettersOpt
   const s = schemaOf(options.schema);
   const params: unknown[] = [];
   const where = selectionSql(options, params, { requireFilter: false });
-  const limit = options.limit ?? adminDefaults.listLimit;
+  const countParams = [...params];
+  const limit = param(params, options.limit ?? adminDefaults.listLimit);
   return explainMissingSchema(options.schema, async () => {
     const [count, rows] = await Promise.all([
-      db.query<{ total: string | number }>(`select count(*)::int8 as total from ${s}.dead_letters d where ${where}`, params),
+      db.query<{ total: string | number }>(`select count(*)::int8 as total from ${s}.dead_letters d where ${where}`, countParams),
       db.query<SummaryRow>(
         `select d.id::text as id, d.subscription, d.message_id, d.topic, d.key, d.position::int8 as position, d.reason,
             jsonb_array_length(d.attempts) as attempts, d.dead_at
-          from ${s}.dead_letters d where ${where} order by d.id limit ${param(params, limit)}`,
+          from ${s}.dead_letters d where ${where} order by d.id limit ${limit}`,
         params,
       ),
     ]);

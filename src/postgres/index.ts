@@ -217,3 +217,4 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
 export function postgres(options: PostgresOptions): PostgresBackbone {
   return new PostgresBackbone(options);
 }
+export * from './admin.ts';

@@ -1,0 +1,368 @@
+/**
+ * The `tidings` CLI, driven as an operator would: the real binary (node bin/tidings.js) in a child
+ * process, against a real PostgreSQL server, with real buses producing the dead letters, lag and leases.
+ */
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { hostname, userInfo } from 'node:os';
+import { after, test, type TestContext } from 'node:test';
+import { createBus, type Bus } from '../src/index.ts';
+import { postgres, type PgTransaction } from '../src/postgres/index.ts';
+import { Ticked } from './fixtures/contracts.ts';
+import { connect, DATABASE_URL, dropSchema, requirePostgres, uniqueSchema, waitFor } from './helpers.ts';
+
+const BIN = new URL('../bin/tidings.js', import.meta.url).pathname;
+const schemas: string[] = [];
+const buses: Bus<PgTransaction>[] = [];
+after(async () => {
+  await Promise.all(buses.map((bus) => bus.stop().catch(() => undefined)));
+  for (const schema of schemas) await dropSchema(schema);
+});
+
+interface Run {
+  code: number | null;
+  stdout: string;
+  stderr: string;
+  ms: number;
+}
+
+/** Runs `tidings <args>`; the URL and schema come first unless the test gives its own. */
+function tidings(args: readonly string[], options: { env?: NodeJS.ProcessEnv; input?: string } = {}): Promise<Run> {
+  const started = Date.now();
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, [BIN, ...args], { env: options.env ?? { ...process.env, DATABASE_URL }, stdio: 'pipe' });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (chunk: Buffer) => (stdout += chunk.toString()));
+    child.stderr.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
+    child.on('error', reject);
+    child.on('close', (code) => resolve({ code, stdout, stderr, ms: Date.now() - started }));
+  });
+}
+
+/** `tidings --schema <schema> --json <args>`, expecting success, parsed. */
+async function json<T = any>(schema: string, args: readonly string[]): Promise<T> {
+  const run = await tidings(['--schema', schema, '--json', ...args]);
+  assert.equal(run.code, 0, `tidings ${args.join(' ')} exited ${run.code}: ${run.stderr}`);
+  return JSON.parse(run.stdout) as T;
+}
+
+function newBus(schema: string): Bus<PgTransaction> {
+  const bus = createBus({
+    service: 'cli-test',
+    backbone: postgres({ url: DATABASE_URL, schema, leaseMs: 2_000, heartbeatMs: 500, pollMs: 1_000, onWarning: () => undefined }),
+  });
+  buses.push(bus);
+  return bus;
+}
+
+async function setup(t: TestContext): Promise<string | undefined> {
+  if (!(await requirePostgres(t))) return undefined;
+  const schema = uniqueSchema('cli');
+  schemas.push(schema);
+  return schema;
+}
+
+async function sql<R = any>(text: string, params: unknown[] = []): Promise<R[]> {
+  const client = await connect();
+  try {
+    return (await client.query(text, params)).rows as R[];
+  } finally {
+    await client.end();
+  }
+}
+
+/** Dead letters of `subscription`: a bus whose handler always fails, no retries, then stopped. */
+async function makeDeadLetters(schema: string, subscription: string, messages: Array<{ key: string; seq: number; note?: string }>): Promise<string[]> {
+  const bus = newBus(schema);
+  bus.subscribe(
+    subscription,
+    Ticked,
+    (message) => {
+      throw new Error(`${message.data.key}:${message.data.seq} always fails`);
+    },
+    { retry: { immediate: 0, delayed: [] }, partitions: 2 },
+  );
+  await bus.start();
+  const published = await bus.publishMany(Ticked, messages);
+  await waitFor(`${messages.length} dead letters of ${subscription}`, async () => {
+    const [row] = await sql(`select count(*)::int as n from "${schema}".dead_letters where subscription = $1`, [subscription]);
+    return row.n === messages.length;
+  });
+  await bus.stop();
+  return published.map((message) => message.id);
+}
+
+test('dead letters: list, group, show; redrive to a running bus handles each once, in per-key order, with its original id', async (t) => {
+  const schema = await setup(t);
+  if (schema === undefined) return;
+  const messages = Array.from({ length: 20 }, (_, i) => ({ key: `k${i % 5}`, seq: Math.floor(i / 5) + 1 }));
+  const ids = await makeDeadLetters(schema, 'billing', messages);
+
+  const listed = await json(schema, ['dead-letters', 'list', '--subscription', 'billing']);
+  assert.equal(listed.total, 20);
+  assert.deepEqual(new Set(listed.deadLetters.map((row: { messageId: string }) => row.messageId)), new Set(ids));
+  assert.equal(listed.deadLetters[0].attempts, 1);
+  assert.match(listed.deadLetters[0].reason, /failed 1 attempt; last error: k\d:\d always fails/);
+
+  const groups = await json(schema, ['dead-letters', 'list', '--group']);
+  assert.deepEqual(
+    groups.map((group: { subscription: string; pattern: string; count: number }) => [group.subscription, group.pattern, group.count]),
+    [['billing', 'failed N attempt; last error: kN:N always fails', 20]],
+    'one error on many messages is one group',
+  );
+  const narrowed = await json(schema, ['dead-letters', 'list', '--error', 'K2:3 ALWAYS']);
+  assert.equal(narrowed.total, 1, '--error matches text in any case');
+
+  const shown = await json(schema, ['dead-letters', 'show', listed.deadLetters[0].id]);
+  assert.equal(shown.messageId, listed.deadLetters[0].messageId);
+  assert.equal(shown.envelope.id, shown.messageId);
+  assert.deepEqual(Object.keys(shown.envelope.data).sort(), ['key', 'seq']);
+  assert.equal(shown.attempts.length, 1);
+  assert.ok(shown.attempts[0].error.stack.includes('cli.pg.test.ts'), 'show gives the stack of each attempt');
+  const human = await tidings(['--schema', schema, 'dead-letters', 'show', shown.messageId]);
+  assert.equal(human.code, 0, human.stderr);
+  assert.match(human.stdout, /Attempts \(1\):\n {2}#1 at .*: Error: k\d:\d always fails\n {6}at /);
+  const missing = await tidings(['--schema', schema, 'dead-letters', 'show', '999999']);
+  assert.equal(missing.code, 1);
+  assert.match(missing.stderr, /No dead letter 999999.*tidings dead-letters list/);
+
+  // The handler is fixed: a running bus takes the redriven messages back.
+  const handled: Array<{ id: string; key: string; seq: number }> = [];
+  const fixed = newBus(schema);
+  fixed.subscribe(
+    'billing',
+    Ticked,
+    (message) => {
+      handled.push({ id: message.id, key: message.data.key, seq: message.data.seq });
+    },
+    { retry: { immediate: 0, delayed: [] }, partitions: 2 },
+  );
+  await fixed.start();
+
+  const nothing = await tidings(['--schema', schema, 'dead-letters', 'redrive']);
+  assert.equal(nothing.code, 2, 'a redrive that names no dead letters is a usage error');
+  assert.match(nothing.stderr, /Say which dead letters to redrive/);
+  const dry = await json(schema, ['dead-letters', 'redrive', '--subscription', 'billing', '--dry-run']);
+  assert.equal(dry.matched, 20);
+  assert.equal((await sql(`select count(*)::int as n from "${schema}".dead_letters`))[0].n, 20, 'a dry run changes nothing');
+
+  const redrive = await tidings(['--schema', schema, '--json', 'dead-letters', 'redrive', '--subscription', 'billing', '--rate', '8', '--actor', 'ops-test']);
+  assert.equal(redrive.code, 0, redrive.stderr);
+  const result = JSON.parse(redrive.stdout);
+  assert.equal(result.count, 20);
+  assert.deepEqual(result.bySubscription, { billing: 20 });
+  // 8 per second: chunks of 8, 8 and 4, the second and third a second apart.
+  assert.ok(redrive.ms >= 2_000, `--rate 8 spread 20 messages over at least 2 s (took ${redrive.ms} ms)`);
+
+  await waitFor('the 20 redriven messages handled', () => handled.length >= 20, 15_000);
+  await waitFor('held drained', async () => (await sql(`select count(*)::int as n from "${schema}".held`))[0].n === 0);
+  assert.equal(handled.length, 20, 'each handled once');
+  assert.deepEqual(new Set(handled.map((message) => message.id)), new Set(ids), 'with their original ids');
+  for (let k = 0; k < 5; k++) {
+    assert.deepEqual(
+      handled.filter((message) => message.key === `k${k}`).map((message) => message.seq),
+      [1, 2, 3, 4],
+      `key k${k} in order`,
+    );
+  }
+  assert.equal((await sql(`select count(*)::int as n from "${schema}".dead_letters`))[0].n, 0, 'redriven dead letters are gone');
+  const audit = await sql(`select action, actor, subscription, message_ids, count from "${schema}".dead_letter_actions order by id`);
+  assert.equal(audit.length, 3, 'one audit row per chunk');
+  assert.ok(audit.every((row) => row.action === 'redrive' && row.actor === 'ops-test' && row.subscription === 'billing'));
+  assert.deepEqual(audit.map((row) => row.count), [8, 8, 4]);
+  assert.deepEqual(new Set(audit.flatMap((row) => row.message_ids)), new Set(ids));
+
+  // A dead letter of a message the subscription has handled since: redriven, the inbox keeps it from running twice.
+  await sql(
+    `insert into "${schema}".dead_letters (subscription, message_id, topic, key, position, envelope, reason, attempts)
+      select 'billing', id, topic, key, position, jsonb_build_object('specversion', '1.0', 'id', id, 'source', source, 'type', type,
+        'time', time, 'datacontenttype', 'application/json', 'topic', topic, 'partitionkey', key, 'correlationid', correlation_id, 'data', data),
+        'copied by the test', '[]'
+      from "${schema}".log where id = $1`,
+    [ids[0]],
+  );
+  const again = await json(schema, ['dead-letters', 'redrive', '--error', 'copied by the test']);
+  assert.equal(again.count, 1);
+  await waitFor('the copy to leave held', async () => (await sql(`select count(*)::int as n from "${schema}".held`))[0].n === 0);
+  assert.equal(handled.length, 20, 'the inbox de-duplicated the redriven copy by its id');
+});
+
+test('dead letters: drop by id and by error, recorded with the actor; --dry-run changes nothing', async (t) => {
+  const schema = await setup(t);
+  if (schema === undefined) return;
+  const ids = await makeDeadLetters(schema, 'shipping', Array.from({ length: 5 }, (_, i) => ({ key: `s${i}`, seq: 1 })));
+  const { deadLetters } = await json(schema, ['dead-letters', 'list']);
+
+  const usage = await tidings(['--schema', schema, 'dead-letters', 'drop']);
+  assert.equal(usage.code, 2);
+  const dry = await json(schema, ['dead-letters', 'drop', '--all', '--dry-run']);
+  assert.equal(dry.matched, 5);
+
+  // By dead-letter id, and by message id.
+  const dropped = await json(schema, ['dead-letters', 'drop', deadLetters[0].id, deadLetters[1].messageId]);
+  assert.equal(dropped.count, 2);
+  assert.deepEqual(new Set(dropped.messageIds), new Set([deadLetters[0].messageId, deadLetters[1].messageId]));
+  const byError = await tidings(['--schema', schema, 'dead-letters', 'drop', '--error', 'always fails']);
+  assert.equal(byError.code, 0, byError.stderr);
+  assert.match(byError.stdout, /Dropped 3 dead letters \(shipping: 3\)/);
+  assert.equal((await sql(`select count(*)::int as n from "${schema}".dead_letters`))[0].n, 0);
+
+  const audit = await sql(`select action, actor, subscription, message_ids, count, at from "${schema}".dead_letter_actions order by id`);
+  assert.deepEqual(audit.map((row) => [row.action, row.count]), [['drop', 2], ['drop', 3]]);
+  assert.equal(audit[0].actor, `${userInfo().username}@${hostname()}`, 'the actor defaults to user@host');
+  assert.deepEqual(new Set(audit.flatMap((row) => row.message_ids)), new Set(ids));
+  assert.ok(audit.every((row) => row.at instanceof Date));
+});
+
+test('status: lag per partition, oldest unprocessed age, leases and workers', async (t) => {
+  const schema = await setup(t);
+  if (schema === undefined) return;
+  let release!: () => void;
+  const released = new Promise<void>((resolve) => (release = resolve));
+  let started = 0;
+  const bus = newBus(schema);
+  bus.subscribe(
+    'slow',
+    Ticked,
+    async () => {
+      started++;
+      await released;
+    },
+    { partitions: 3 },
+  );
+  await bus.start();
+  await bus.publishMany(Ticked, Array.from({ length: 6 }, (_, i) => ({ key: 'one-key', seq: i })));
+  await waitFor('the first message in its handler', () => started === 1);
+
+  const status = await json(schema, ['status']);
+  assert.equal(status.schema, schema);
+  const slow = status.subscriptions.find((sub: { name: string }) => sub.name === 'slow');
+  assert.deepEqual(slow.topics, ['test.ticked']);
+  assert.equal(slow.partitions, 3);
+  assert.equal(slow.lag, 6, 'a batch in progress is not acknowledged: all six are lag');
+  assert.ok(slow.oldestUnprocessedAgeMs >= 0 && slow.oldestUnprocessedAgeMs < 60_000);
+  const busy = slow.cursors.filter((cursor: { lag: number }) => cursor.lag > 0);
+  assert.equal(busy.length, 1, 'one key lives in one partition');
+  assert.equal(busy[0].lag, 6);
+  assert.equal(slow.workers.length, 1);
+  assert.ok(slow.workers[0].live);
+  for (const cursor of slow.cursors) {
+    assert.equal(cursor.owner, slow.workers[0].id, 'the only worker holds every lease');
+    assert.ok(cursor.leaseRemainingMs > 0 && cursor.leaseRemainingMs <= 2_000, `lease time left ${cursor.leaseRemainingMs}`);
+  }
+
+  const human = await tidings(['--schema', schema, 'status']);
+  assert.equal(human.code, 0, human.stderr);
+  assert.match(human.stdout, /SUBSCRIPTION +TOPICS +WORKERS +LAG +OLDEST UNPROCESSED/);
+  assert.match(human.stdout, /slow +test\.ticked +1 +6 /);
+  assert.match(human.stdout, /PARTITION +OWNER +LEASE +EPOCH +HANDLED +LAG/);
+  assert.match(human.stdout, /\d+\.\d s left/);
+
+  release();
+  await waitFor('lag back to 0', async () => (await json(schema, ['status', '--subscription', 'slow'])).subscriptions[0].lag === 0);
+  await bus.stop();
+  const stopped = await json(schema, ['status', '--subscription', 'slow']);
+  assert.equal(stopped.subscriptions[0].handled, 6);
+  assert.ok(stopped.subscriptions[0].cursors.every((cursor: { owner: string | null }) => cursor.owner === null), 'a graceful stop frees the leases');
+  const unknown = await tidings(['--schema', schema, 'status', '--subscription', 'nope']);
+  assert.equal(unknown.code, 2);
+  assert.match(unknown.stderr, /no subscription nope; it has slow/);
+});
+
+test('replay from a position, then from a time: the messages are handled again, in order, by the running bus', async (t) => {
+  const schema = await setup(t);
+  if (schema === undefined) return;
+  const handled: Array<{ id: string; seq: number }> = [];
+  const bus = newBus(schema);
+  bus.subscribe('ledger', Ticked, (message) => {
+    handled.push({ id: message.id, seq: message.data.seq });
+  });
+  await bus.start();
+  const published = [];
+  for (let seq = 1; seq <= 6; seq++) published.push(await bus.publish(Ticked, { key: seq % 2 === 0 ? 'even' : 'odd', seq }));
+  await waitFor('six handled', () => handled.length === 6);
+  const [third] = await sql(`select position::int8 as position, time from "${schema}".log where id = $1`, [published[2]!.id]);
+
+  const replay = await json(schema, ['replay', 'ledger', '--from', String(third.position)]);
+  assert.equal(replay.fromPosition, Number(third.position));
+  assert.equal(replay.messages, 4);
+  assert.equal(replay.inboxCleared, 4, 'the inbox forgets the replayed messages, or it would skip them');
+  assert.equal(replay.skipped, 0);
+  await waitFor('the last four handled again', () => handled.length === 10, 15_000);
+  assert.deepEqual(
+    handled.slice(6).map((message) => message.id).sort(),
+    published.slice(2).map((message) => message.id).sort(),
+  );
+  for (const key of ['odd', 'even']) {
+    const seqs = handled.slice(6).filter((message) => (message.seq % 2 === 0 ? 'even' : 'odd') === key).map((message) => message.seq);
+    assert.deepEqual(seqs, [...seqs].sort((a, b) => a - b), `${key} replayed in order`);
+  }
+
+  const [first] = await sql(`select time from "${schema}".log where id = $1`, [published[0]!.id]);
+  const fromTime = await json(schema, ['replay', 'ledger', '--from', new Date(first.time.getTime() - 1_000).toISOString(), '--wait']);
+  assert.equal(fromTime.messages, 6);
+  assert.equal(fromTime.caughtUp, true, '--wait returns once the workers caught up');
+  await waitFor('all six handled a third time', () => handled.length === 16);
+
+  const bad = await tidings(['--schema', schema, 'replay', 'ledger', '--from', 'yesterday']);
+  assert.equal(bad.code, 2);
+  assert.match(bad.stderr, /log position .* or an ISO 8601 time/);
+  const unknown = await tidings(['--schema', schema, 'replay', 'nope', '--from', '1']);
+  assert.equal(unknown.code, 2);
+  assert.match(unknown.stderr, /no subscription nope/);
+});
+
+test('tail follows new messages of a topic with filters; migrate is idempotent', async (t) => {
+  const schema = await setup(t);
+  if (schema === undefined) return;
+  const migrated = await json(schema, ['migrate']);
+  assert.deepEqual(migrated.applied, [1, 2]);
+  assert.deepEqual((await json(schema, ['migrate'])).applied, []);
+
+  const bus = newBus(schema);
+  await bus.start();
+  const [next] = await sql(`select coalesce(max(position), 0) + 1 as next from "${schema}".log`);
+  const tail = tidings(['--schema', schema, '--json', 'tail', 'test.ticked', '--key', 'a', '--grep', 'NEEDLE', '--from', String(next.next), '--limit', '2']);
+  await bus.publish(Ticked, { key: 'a', seq: 1 });
+  await bus.publish(Ticked, { key: 'b', seq: 2, note: 'needle' });
+  const wanted = [await bus.publish(Ticked, { key: 'a', seq: 3, note: 'a needle' }), await bus.publish(Ticked, { key: 'a', seq: 4, note: 'needle again' })];
+  const run = await tail;
+  assert.equal(run.code, 0, run.stderr);
+  const lines = run.stdout.trim().split('\n').map((line) => JSON.parse(line));
+  assert.deepEqual(lines.map((line) => line.id), wanted.map((message) => message.id));
+  assert.equal(lines[0].data.seq, 3);
+  assert.ok(lines[0].position < lines[1].position);
+
+  // Live, from now: started before the publish, stopped by --limit.
+  const live = tidings(['--schema', schema, 'tail', 'test.ticked', '--limit', '1']);
+  await waitFor('tail to start', async () => (await sql(`select count(*)::int as n from pg_stat_activity where application_name = 'tidings:cli'`))[0].n > 0);
+  const late = await bus.publish(Ticked, { key: 'z', seq: 9 });
+  const liveRun = await live;
+  assert.equal(liveRun.code, 0, liveRun.stderr);
+  assert.match(liveRun.stdout, new RegExp(`^#\\d+ +\\S+ \\S+ +test\\.ticked\\.v1 +key=z +id=${late.id} +\\{"key":"z","seq":9\\}\\n$`));
+});
+
+test('exit codes: 3 and a password-free URL for an unreachable database, 2 for usage errors, 0 for help', async () => {
+  const unreachable = await tidings(['--url', 'postgres://u:secret@127.0.0.1:1/x', 'status']);
+  assert.equal(unreachable.code, 3);
+  assert.match(unreachable.stderr, /Cannot reach PostgreSQL at postgres:\/\/u@127\.0\.0\.1:1\/x .*Check --url or DATABASE_URL/);
+  assert.ok(!unreachable.stderr.includes('secret'), 'the password is never printed');
+  const asJson = await tidings(['--url', 'postgres://u:secret@127.0.0.1:1/x', '--json', 'dead-letters', 'list']);
+  assert.equal(asJson.code, 3);
+  const error = JSON.parse(asJson.stderr).error;
+  assert.equal(error.code, 'BACKBONE_UNAVAILABLE');
+  assert.equal(error.exitCode, 3);
+  assert.ok(!asJson.stderr.includes('secret'));
+
+  const { DATABASE_URL: _, ...withoutUrl } = process.env;
+  const noUrl = await tidings(['status'], { env: withoutUrl });
+  assert.equal(noUrl.code, 2);
+  assert.match(noUrl.stderr, /pass --url .* or set DATABASE_URL/);
+  assert.equal((await tidings(['bogus'])).code, 2);
+  assert.equal((await tidings(['status', '--nope'])).code, 2);
+  assert.equal((await tidings(['--schema', 'Bad-Name', 'status'])).code, 2);
+  const help = await tidings(['--help']);
+  assert.equal(help.code, 0);
+  assert.match(help.stdout, /Exit codes:\n {2}0 +success\n {2}1 .*\n {2}2 .*usage.*\n {2}3 .*unreachable/);
+});
