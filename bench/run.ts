@@ -10,7 +10,7 @@
  *            --only drain,e2e (workloads), --systems tidings,pgboss (systems), --no-write
  */
 import { execFileSync, spawn } from 'node:child_process';
-import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { cpSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { cpus, release, totalmem } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -24,6 +24,8 @@ import { RESULT_MARK, type ChildResult, type Task, type Workload } from './lib/t
 const here = dirname(fileURLToPath(import.meta.url));
 const root = join(here, '..');
 const SERVER = 'postgres://postgres@127.0.0.1:5432';
+/** src/ as it was when the run began: every round measures the same code even if src/ changes meanwhile. */
+const snapshot = join(here, '.snapshot', String(process.pid));
 
 const { values: args } = parseArgs({
   options: {
@@ -163,7 +165,7 @@ function runTask(task: Task): Promise<ChildResult> {
     const child = spawn(process.execPath, ['--import', 'tsx', file, JSON.stringify(task)], {
       cwd: root,
       stdio: ['ignore', 'pipe', 'pipe'],
-      env: { ...process.env, NODE_NO_WARNINGS: '1' },
+      env: { ...process.env, NODE_NO_WARNINGS: '1', TIDINGS_SRC: join(snapshot, 'src') },
     });
     let stdout = '';
     let stderr = '';
@@ -221,6 +223,8 @@ async function main(): Promise<void> {
   await prepareDatabases();
   await cleanRedis();
   const env = await environment();
+  rmSync(join(here, '.snapshot'), { recursive: true, force: true });
+  cpSync(join(root, 'src'), join(snapshot, 'src'), { recursive: true });
   log(`Tidings benchmark (${quick ? 'quick' : 'full'}, ${sizes.rounds} round${sizes.rounds > 1 ? 's' : ''}), database ${database} (synchronous_commit ${String((env.postgres as { synchronous_commit: string }).synchronous_commit)})`);
 
   const plan = steps(quick)
@@ -237,6 +241,7 @@ async function main(): Promise<void> {
         const t0 = Date.now();
         const result = await runTask(task);
         result.metrics.backgroundCpu = background;
+        if (task.events > 0 && result.ok) result.metrics.events = task.events;
         const key = `${step.workload}|${row.label}`;
         const slot = results.get(key) ?? { workload: step.workload, row, runs: [] };
         slot.runs.push(result);
@@ -313,7 +318,9 @@ async function main(): Promise<void> {
   }
 }
 
-main().catch((error: unknown) => {
-  console.error(error);
-  process.exitCode = 1;
-});
+main()
+  .catch((error: unknown) => {
+    console.error(error);
+    process.exitCode = 1;
+  })
+  .finally(() => rmSync(join(here, '.snapshot'), { recursive: true, force: true }));

@@ -106,7 +106,9 @@ export function renderTables(entries: Entry[]): string {
     for (const group of groupsOf(entries, workload)) {
       const first = group[0]!;
       const suffix = first.row.group === 'guarantees' ? ' -- guarantees on (workload 6)' : '';
-      out.push(`\n### ${WORKLOAD_TITLES[workload]}${suffix}\n`);
+      const events = first.summary.events?.median;
+      const size = events === undefined || workload === 'raw' ? '' : workload === 'fanout' ? ` [${fmt(events, 0)} events x 10]` : ` [${fmt(events, 0)} events]`;
+      out.push(`\n### ${WORKLOAD_TITLES[workload]}${suffix}${size}\n`);
       const reference = group.find((e) => e.row.reference);
       if (workload === 'raw') {
         const s = first.summary;

@@ -1,7 +1,7 @@
 /** Tidings on its PostgreSQL backbone. One process per task; a fresh schema each time. */
 import { z } from 'zod';
-import { createBus, defineEvent, type Bus, type HandlerContext, type Message } from '../../src/index.ts';
-import { postgres, type PgTransaction } from '../../src/postgres/index.ts';
+import type { Bus, HandlerContext, Message } from '../../src/index.ts';
+import type { PgTransaction } from '../../src/postgres/index.ts';
 import {
   Counter,
   ensureEffectsTable,
@@ -17,6 +17,14 @@ import {
   type BenchEvent,
 } from '../lib/child.ts';
 import type { ChildResult, Task } from '../lib/types.ts';
+
+/**
+ * The Tidings source to measure: the snapshot of src/ the parent took when the run began (so that every
+ * round measures the same code while src/ is being edited), or src/ itself when run by hand.
+ */
+const source = process.env.TIDINGS_SRC ?? new URL('../../src', import.meta.url).pathname;
+const { createBus, defineEvent } = (await import(`${source}/index.ts`)) as typeof import('../../src/index.ts');
+const { postgres } = (await import(`${source}/postgres/index.ts`)) as typeof import('../../src/postgres/index.ts');
 
 const SCHEMA = 'tidings_bench';
 const PRODUCERS = 10;
