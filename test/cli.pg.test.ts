@@ -114,7 +114,8 @@ test('dead letters: list, group, show; redrive to a running bus handles each onc
   const narrowed = await json(schema, ['dead-letters', 'list', '--error', 'K2:3 ALWAYS']);
   assert.equal(narrowed.total, 1, '--error matches text in any case');
 
-  const shown = await json(schema, ['dead-letters', 'show', listed.deadLetters[0].id]);
+  const [shown, ...more] = await json(schema, ['dead-letters', 'show', listed.deadLetters[0].id]);
+  assert.equal(more.length, 0);
   assert.equal(shown.messageId, listed.deadLetters[0].messageId);
   assert.equal(shown.envelope.id, shown.messageId);
   assert.deepEqual(Object.keys(shown.envelope.data).sort(), ['key', 'seq']);

@@ -193,13 +193,14 @@ export function buildProgram(context: CliContext): Command {
       await withDatabase(context, command, async (db, globals) => {
         const found = await showDeadLetter(db.driver, { schema: globals.schema, id });
         if (found.length === 0) throw new CommandFailed(`No dead letter ${id} in schema ${globals.schema}. List them with: tidings dead-letters list`);
-        emit(context, globals, found.length === 1 ? found[0] : found, () =>
+        // Always a list in JSON: a message id can name dead letters of several subscriptions.
+        emit(context, globals, found, () =>
           found
             .map((letter) => {
               const head = [
                 `Dead letter ${letter.id} of subscription ${letter.subscription}`,
                 `  message   ${letter.messageId}`,
-                `  topic     ${letter.topic} (${letter.envelope.type})`,
+                `  topic     ${letter.topic}${typeof letter.envelope.type === 'string' ? ` (${letter.envelope.type})` : ''}`,
                 `  key       ${letter.key}`,
                 `  position  ${letter.position ?? '-'}`,
                 `  dead at   ${shortTime(letter.deadAt)}`,
@@ -396,11 +397,18 @@ async function withDatabase(context: CliContext, command: Command, run: (db: Dat
     throw new TidingsError('INVALID_OPTIONS', 'The database URL must start with postgres:// or postgresql://, for example postgres://user@host:5432/db');
   }
   const db = await openDatabase({ url, connectTimeoutMs: globals.connectTimeout * 1_000 });
+  const started = Date.now();
   try {
+    // One round trip first: an unreachable server costs one connect timeout, not one per pooled query.
+    await db.driver.query('select 1');
     await run(db, globals);
   } catch (error) {
     if (isUnreachable(error)) {
-      throw new TidingsError('BACKBONE_UNAVAILABLE', unreachableMessage(error, db.description), { cause: error, retryable: true });
+      const gaveUp = Date.now() - started >= globals.connectTimeout * 1_000 ? globals.connectTimeout : undefined;
+      throw new TidingsError('BACKBONE_UNAVAILABLE', unreachableMessage(error, { description: db.description, gaveUpAfterSeconds: gaveUp }), {
+        cause: error,
+        retryable: true,
+      });
     }
     throw error;
   } finally {
@@ -542,7 +550,8 @@ function renderGroups(groups: readonly DeadLetterGroup[]): string {
 
 /** `2026-01-31 12:00:05Z`: an ISO time without the milliseconds, readable in a table. */
 function shortTime(value: string): string {
-  return value.replace('T', ' ').replace(/\.\d+Z$/, 'Z');
+  const time = new Date(value);
+  return Number.isNaN(time.getTime()) ? value : time.toISOString().replace('T', ' ').replace(/\.\d+Z$/, 'Z');
 }
 
 function indent(text: string, prefix: string): string {

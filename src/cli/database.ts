@@ -45,7 +45,8 @@ export function isUnreachable(error: unknown): boolean {
 }
 
 /** What to tell an operator whose database cannot be reached: the URL tried (no password), why, and what to check. */
-export function unreachableMessage(error: unknown, description: string): string {
+export function unreachableMessage(error: unknown, where: { readonly description: string; readonly gaveUpAfterSeconds?: number | undefined }): string {
+  const { description } = where;
   const root = rootCause(error);
   const code = (root as { code?: unknown }).code;
   const why = describeCause(root);
@@ -53,7 +54,8 @@ export function unreachableMessage(error: unknown, description: string): string 
     return `PostgreSQL at ${description} refused the login (${why}). Check the user and password in --url or DATABASE_URL.`;
   }
   if (code === '3D000') return `PostgreSQL at ${description} has no such database (${why}). Create it, or fix the database name in --url or DATABASE_URL.`;
-  return `Cannot reach PostgreSQL at ${description} (${why}). Is the server running and reachable from here? Check --url or DATABASE_URL.`;
+  const waited = where.gaveUpAfterSeconds === undefined ? '' : `; no answer within ${where.gaveUpAfterSeconds} s (--connect-timeout)`;
+  return `Cannot reach PostgreSQL at ${description} (${why}${waited}). Is the server running and reachable from here? Check --url or DATABASE_URL.`;
 }
 
 /** Node reports a refused connection to a name with several addresses as an AggregateError with no message. */
