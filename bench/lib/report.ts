@@ -304,15 +304,17 @@ export async function throughputChart(entries: Entry[], subtitle: string): Promi
     $schema: 'https://vega.github.io/schema/vega-lite/v5.json',
     title: { text: 'Throughput, events/s (median of rounds, bars: min-max)', subtitle },
     data: { values },
-    facet: { row: { field: 'workload', type: 'nominal', title: null, header: { labelAngle: 0, labelAlign: 'left', labelFontWeight: 'bold' } } },
+    facet: {
+      row: { field: 'workload', type: 'nominal', title: null, sort: null, header: { labelAngle: 0, labelOrient: 'top', labelAnchor: 'start', labelFontWeight: 'bold', labelFontSize: 12 } },
+    },
     spec: {
-      width: 420,
+      width: 460,
       height: { step: 16 },
       layer: [
         {
           mark: { type: 'bar' },
           encoding: {
-            y: { field: 'system', type: 'nominal', title: null, sort: null },
+            y: { field: 'system', type: 'nominal', title: null, sort: null, axis: { labelLimit: 320 } },
             x: { field: 'median', type: 'quantitative', title: 'events/s' },
             color: { field: 'system', type: 'nominal', legend: null },
           },
@@ -345,14 +347,14 @@ export async function latencyChart(entries: Entry[], subtitle: string): Promise<
     .filter((e) => e.workload === 'latency')
     .flatMap((e) =>
       (e.series ?? []).flatMap((s) =>
-        s.quantiles.map(([p, ms]) => ({ system: e.row.label, rate: `${s.rate} events/s`, percentile: p, ms: Math.max(ms, 0.01) })),
+        s.quantiles.map(([p, ms]) => ({ system: e.row.label, rate: `${s.rate} events/s`, rateValue: s.rate, percentile: p, ms: Math.max(ms, 0.01) })),
       ),
     );
   const spec: vl.TopLevelSpec = {
     $schema: 'https://vega.github.io/schema/vega-lite/v5.json',
     title: { text: 'Latency, publish call -> handler start (median run)', subtitle },
     data: { values },
-    facet: { column: { field: 'rate', type: 'nominal', title: null } },
+    facet: { column: { field: 'rate', type: 'nominal', title: null, sort: { field: 'rateValue', op: 'min' } } },
     spec: {
       width: 360,
       height: 260,
@@ -360,7 +362,7 @@ export async function latencyChart(entries: Entry[], subtitle: string): Promise<
       encoding: {
         x: { field: 'percentile', type: 'ordinal', title: 'percentile', sort: null },
         y: { field: 'ms', type: 'quantitative', scale: { type: 'log' }, title: 'ms (log)' },
-        color: { field: 'system', type: 'nominal', legend: { orient: 'bottom', columns: 2, title: null } },
+        color: { field: 'system', type: 'nominal', legend: { orient: 'bottom', columns: 2, title: null, labelLimit: 400 } },
       },
     },
   };
