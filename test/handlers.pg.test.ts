@@ -108,6 +108,7 @@ test('a handler that hangs is abandoned at its timeout, the attempt counts as fa
     await client.end();
     return rows.length === 1 && /did not finish within 200 ms/.test(rows[0].reason);
   }, 10_000);
+  await waitFor('the other two handled', () => handled.length === 2);
   assert.equal(calls.get(1), 3, 'three attempts, each abandoned at its timeout');
   assert.equal(aborted, 3, 'each abandoned attempt saw its signal aborted');
   assert.deepEqual(handled.sort(), [2, 3]);

@@ -1,11 +1,11 @@
 import { hostname } from 'node:os';
-import type { AttemptRecord, Consumer, DeliveryHandler, SubscriptionSpec } from '../core/backbone.ts';
+import type { AttemptRecord, Consumer, DeliveryHandler, DeliveryResult, SubscriptionSpec } from '../core/backbone.ts';
 import type { Envelope } from '../core/envelope.ts';
 import { describeError, TidingsError } from '../core/errors.ts';
 import type { Queryable, SqlDriver } from './driver.ts';
 import type { Notifier } from './notifier.ts';
 import type { LogRow, Statements } from './statements.ts';
-import { AttemptScope, Gate, type PgTransaction } from './transaction.ts';
+import { AttemptScope, Gate, SharedScope, type PgTransaction } from './transaction.ts';
 
 export interface ConsumerSettings {
   readonly leaseMs: number;
@@ -27,8 +27,19 @@ export interface ConsumerContext {
   readonly committed: (topics: ReadonlySet<string>) => void;
 }
 
-/** Where a partition has read to. See the `cursors` table. */
-interface CursorState {
+/**
+ * Where a lane (a partition this worker holds) has read to; see the `cursors` table.
+ *
+ * Commit order without skipping: `done` is a snapshot whose committed messages are all handled. A read
+ * takes the current snapshot `window` and returns the messages of transactions that completed after `done`
+ * and by `window`, in position order; when the window is exhausted it becomes the new `done`. A transaction
+ * that commits late is simply in a later window, however early its rows were numbered, so the classic
+ * outbox bug (a bigserial read as "greater than my offset" skips late commits) cannot happen; see
+ * test/guarantees.pg.test.ts, "no skipped messages".
+ */
+interface Lane {
+  readonly partition: number;
+  readonly epoch: string;
   done: string;
   window: string | null;
   position: number | null;
@@ -38,145 +49,9 @@ class LeaseLost extends Error {
   override name = 'LeaseLost';
 }
 
-/**
- * A subscription's workers in this process. It registers the process as a worker, and on every heartbeat
- * renews its leases and balances partitions with the other live workers: each takes ceil(partitions / workers).
- * A worker killed with -9 stops renewing; its partitions are free once their lease expires.
- */
-export class PostgresConsumer implements Consumer {
-  readonly #ctx: ConsumerContext;
-  readonly #spec: SubscriptionSpec;
-  readonly #handle: DeliveryHandler<PgTransaction>;
-  readonly #workerId = `${hostname()}:${process.pid}:${Math.random().toString(36).slice(2, 10)}`;
-  readonly #partitions = new Map<number, PartitionWorker>();
-  #timer: NodeJS.Timeout | undefined;
-  #beating: Promise<void> | undefined;
-  #unregister: (() => void) | undefined;
-  #stopped = false;
-
-  constructor(ctx: ConsumerContext, spec: SubscriptionSpec, handle: DeliveryHandler<PgTransaction>) {
-    this.#ctx = ctx;
-    this.#spec = spec;
-    this.#handle = handle;
-  }
-
-  get workerId(): string {
-    return this.#workerId;
-  }
-
-  async start(): Promise<void> {
-    const { driver, sql, settings } = this.#ctx;
-    const spec = this.#spec;
-    await driver.transaction(async (tx) => {
-      const { rows } = await tx.query<{ partitions: number }>(sql.upsertSubscription, [spec.name, spec.topics, spec.partitions]);
-      const stored = rows[0]?.partitions ?? (await tx.query<{ partitions: number }>(sql.subscriptionPartitions, [spec.name])).rows[0]?.partitions;
-      if (stored !== undefined && stored !== spec.partitions) {
-        throw new TidingsError(
-          'SUBSCRIPTION_CONFLICT',
-          `Subscription ${spec.name} exists with ${stored} partitions, not ${spec.partitions}: changing the count would break per-key order. Keep partitions: ${stored}, or use a new subscription name`,
-        );
-      }
-      await tx.query(sql.createCursors, [spec.name, spec.partitions, spec.startFrom === 'beginning']);
-      await tx.query(sql.registerWorker, [this.#workerId, spec.name, hostname(), process.pid, settings.leaseMs]);
-    });
-    const stopWakes = this.#ctx.notifier.register(spec.topics, () => {
-      for (const worker of this.#partitions.values()) worker.wake();
-    });
-    const stopSignals = this.#ctx.notifier.onSignal(`held:${spec.name}`, () => {
-      for (const worker of this.#partitions.values()) worker.reloadHeld();
-    });
-    this.#unregister = () => {
-      stopWakes();
-      stopSignals();
-    };
-    await this.#heartbeat();
-    this.#timer = setInterval(() => {
-      this.#beating ??= this.#heartbeat()
-        .catch((error: unknown) => this.#ctx.warn(`Subscription ${spec.name}: heartbeat failed; retrying`, error))
-        .finally(() => {
-          this.#beating = undefined;
-        });
-    }, settings.heartbeatMs);
-  }
-
-  async stop(): Promise<void> {
-    if (this.#stopped) return;
-    this.#stopped = true;
-    clearInterval(this.#timer);
-    this.#unregister?.();
-    await this.#beating?.catch(() => undefined);
-    const workers = [...this.#partitions.values()];
-    this.#partitions.clear();
-    await Promise.all(workers.map((worker) => worker.stop()));
-    const { driver, sql } = this.#ctx;
-    try {
-      for (const worker of workers) await driver.query(sql.release, [this.#spec.name, worker.partition, this.#workerId]);
-      await driver.query(sql.unregisterWorker, [this.#workerId]);
-    } catch (error) {
-      // The leases expire by themselves; another worker takes over then.
-      this.#ctx.warn(`Subscription ${this.#spec.name}: could not release leases on stop; they expire in ${this.#ctx.settings.leaseMs} ms`, error);
-    }
-  }
-
-  async #heartbeat(): Promise<void> {
-    if (this.#stopped) return;
-    const { driver, sql, settings } = this.#ctx;
-    const spec = this.#spec;
-    const { rows } = await driver.query<{ live: number; mine: Array<{ partition: number; epoch: string }> }>(sql.heartbeat, [
-      this.#workerId,
-      spec.name,
-      settings.leaseMs,
-    ]);
-    const live = Math.max(1, Number(rows[0]?.live ?? 1));
-    const mine = new Map((rows[0]?.mine ?? []).map((entry) => [entry.partition, entry.epoch]));
-    if (this.#stopped) return;
-    if (rows[0] !== undefined && !mine.size && this.#partitions.size === 0) {
-      await driver.query(sql.registerWorker, [this.#workerId, spec.name, hostname(), process.pid, settings.leaseMs]);
-    }
-    // A partition whose lease we no longer hold (expired during a pause, taken over) stops at once;
-    // its next acknowledgement would be refused by the epoch fence anyway.
-    for (const [partition, worker] of this.#partitions) {
-      if (mine.get(partition) !== worker.epoch) {
-        this.#partitions.delete(partition);
-        void worker.stop();
-      }
-    }
-    const target = Math.ceil(spec.partitions / live);
-    if (this.#partitions.size < target) {
-      const { rows: acquired } = await driver.query<{
-        partition: number;
-        epoch: string;
-        done: string;
-        window_snapshot: string | null;
-        window_position: string | number | null;
-      }>(sql.acquire, [this.#workerId, spec.name, settings.leaseMs, target - this.#partitions.size]);
-      for (const row of acquired) {
-        if (this.#stopped) {
-          await driver.query(sql.release, [spec.name, row.partition, this.#workerId]);
-          continue;
-        }
-        const worker = new PartitionWorker(this.#ctx, spec, this.#handle, this.#workerId, row.partition, row.epoch, {
-          done: row.done,
-          window: row.window_snapshot,
-          position: row.window_position === null ? null : Number(row.window_position),
-        });
-        this.#partitions.set(row.partition, worker);
-        worker.start();
-      }
-    } else if (this.#partitions.size > target) {
-      const extra = [...this.#partitions.keys()].sort((a, b) => b - a).slice(0, this.#partitions.size - target);
-      for (const partition of extra) {
-        const worker = this.#partitions.get(partition)!;
-        this.#partitions.delete(partition);
-        await worker.stop();
-        await driver.query(sql.release, [spec.name, partition, this.#workerId]);
-      }
-    }
-    await driver.query(sql.forgetExpiredWorkers, [spec.name]);
-  }
-}
-
+/** A message that must wait behind its key, or for its own retry; written to `held` with the acknowledgement. */
 interface HeldRow {
+  partition: number;
   key: string;
   position: number | null;
   message: Envelope | null;
@@ -201,112 +76,227 @@ type AttemptsResult =
   | { kind: 'retry'; delayMs: number; attempt: number; history: AttemptRecord[] }
   | { kind: 'dead'; reason: string; history: AttemptRecord[] };
 
+/** The batch's transaction was abandoned: a handler that wrote through it failed. Replay the batch with savepoints. */
+class ReplayCarefully extends Error {}
+
 /**
- * Reads one partition in commit order and hands its messages to the pipeline, one batch per transaction.
- *
- * Commit order without skipping: each read compares two snapshots. `done` is a snapshot whose committed
- * messages are all handled; a read takes the current snapshot `win` and returns the messages of
- * transactions that completed after `done` and by `win`, in position order. A transaction that commits
- * late is simply in a later window, however early its rows were numbered, so the classic outbox bug
- * (a bigserial read as "greater than my offset" skipping late commits) cannot happen; see
- * test/guarantees.pg.test.ts "no skipped messages".
+ * One subscription's worker in this process. It holds leases on some of the subscription's partitions
+ * (its lanes) and reads all of them with one statement, handles the messages with up to `concurrency`
+ * keys in flight, and acknowledges the whole batch with one more. On every heartbeat it renews its
+ * leases and balances partitions with the other live workers: each takes ceil(partitions / workers).
+ * A worker killed with -9 stops renewing; its partitions are free once their lease expires.
  */
-class PartitionWorker {
+export class PostgresConsumer implements Consumer {
   readonly #ctx: ConsumerContext;
   readonly #spec: SubscriptionSpec;
   readonly #handle: DeliveryHandler<PgTransaction>;
-  readonly #owner: string;
-  readonly partition: number;
-  readonly epoch: string;
-  #state: CursorState;
+  readonly #owner = `${hostname()}:${process.pid}:${Math.random().toString(36).slice(2, 10)}`;
+  readonly #lanes = new Map<number, Lane>();
+  /** Held while a batch runs, so lanes change only between batches. */
+  readonly #batchGate = new Gate();
   /** Keys with messages waiting for a retry: their later messages wait behind them. */
   readonly #parked = new Set<string>();
+  #heldLoaded = false;
   #nextRetryAt = 0;
   #dirty = true;
   #stopping = false;
   #wakeUp: (() => void) | undefined;
   #loop: Promise<void> | undefined;
   #failures = 0;
-  #loaded = false;
+  #timer: NodeJS.Timeout | undefined;
+  #beating: Promise<void> | undefined;
+  #rebalancing: Promise<void> | undefined;
+  #unregister: (() => void) | undefined;
 
-  constructor(
-    ctx: ConsumerContext,
-    spec: SubscriptionSpec,
-    handle: DeliveryHandler<PgTransaction>,
-    owner: string,
-    partition: number,
-    epoch: string,
-    state: CursorState,
-  ) {
+  constructor(ctx: ConsumerContext, spec: SubscriptionSpec, handle: DeliveryHandler<PgTransaction>) {
     this.#ctx = ctx;
     this.#spec = spec;
     this.#handle = handle;
-    this.#owner = owner;
-    this.partition = partition;
-    this.epoch = epoch;
-    this.#state = state;
   }
 
-  start(): void {
+  async start(): Promise<void> {
+    const { driver, sql, settings, notifier } = this.#ctx;
+    const spec = this.#spec;
+    await driver.transaction(async (tx) => {
+      const { rows } = await tx.query<{ partitions: number }>(sql.upsertSubscription, [spec.name, spec.topics, spec.partitions]);
+      const stored = rows[0]?.partitions ?? (await tx.query<{ partitions: number }>(sql.subscriptionPartitions, [spec.name])).rows[0]?.partitions;
+      if (stored !== undefined && stored !== spec.partitions) {
+        throw new TidingsError(
+          'SUBSCRIPTION_CONFLICT',
+          `Subscription ${spec.name} exists with ${stored} partitions, not ${spec.partitions}: changing the count would break per-key order. Keep partitions: ${stored}, or use a new subscription name`,
+        );
+      }
+      await tx.query(sql.createCursors, [spec.name, spec.partitions, spec.startFrom === 'beginning']);
+      await tx.query(sql.registerWorker, [this.#owner, spec.name, hostname(), process.pid, settings.leaseMs]);
+    });
+    const stopWakes = notifier.register(spec.topics, () => this.#wake());
+    const stopSignals = notifier.onSignal(`held:${spec.name}`, () => {
+      // Held messages were added from outside (a redrive): learn the held keys again, retry what is due.
+      this.#heldLoaded = false;
+      this.#wake();
+    });
+    this.#unregister = () => {
+      stopWakes();
+      stopSignals();
+    };
+    await this.#heartbeat();
     this.#loop = this.#run();
+    this.#timer = setInterval(() => {
+      this.#beating ??= this.#heartbeat()
+        .catch((error: unknown) => this.#ctx.warn(`Subscription ${spec.name}: heartbeat failed; retrying`, error))
+        .finally(() => {
+          this.#beating = undefined;
+        });
+    }, settings.heartbeatMs);
   }
 
-  wake(): void {
+  async stop(): Promise<void> {
+    if (this.#stopping) return;
+    this.#stopping = true;
+    clearInterval(this.#timer);
+    this.#unregister?.();
+    this.#wakeUp?.();
+    await this.#loop;
+    await this.#beating?.catch(() => undefined);
+    await this.#rebalancing;
+    const { driver, sql } = this.#ctx;
+    try {
+      for (const partition of this.#lanes.keys()) await driver.query(sql.release, [this.#spec.name, partition, this.#owner]);
+      this.#lanes.clear();
+      await driver.query(sql.unregisterWorker, [this.#owner]);
+    } catch (error) {
+      // The leases expire by themselves; another worker takes over then.
+      this.#ctx.warn(`Subscription ${this.#spec.name}: could not release leases on stop; they expire in ${this.#ctx.settings.leaseMs} ms`, error);
+    }
+  }
+
+  #wake(): void {
     this.#dirty = true;
     this.#wakeUp?.();
   }
 
-  /** Held messages were added from outside (a redrive): learn the held keys again and retry what is due. */
-  reloadHeld(): void {
-    this.#loaded = false;
-    this.wake();
+  // ---- leases ------------------------------------------------------------------------------------
+
+  /**
+   * Renews this worker and its leases, then rebalances. Renewal never waits for a batch, so a long batch
+   * keeps its leases; rebalancing changes lanes only between batches, and runs in the background so the
+   * next renewal is not held up by it.
+   */
+  async #heartbeat(): Promise<void> {
+    if (this.#stopping) return;
+    const { driver, sql, settings } = this.#ctx;
+    const { rows } = await driver.query<{ live: number; mine: Array<{ partition: number; epoch: string }> }>(sql.heartbeat, [
+      this.#owner,
+      this.#spec.name,
+      settings.leaseMs,
+    ]);
+    const live = Math.max(1, Number(rows[0]?.live ?? 1));
+    const mine = new Map((rows[0]?.mine ?? []).map((entry) => [entry.partition, String(entry.epoch)]));
+    this.#rebalancing ??= this.#rebalance(live, mine)
+      .catch((error: unknown) => this.#ctx.warn(`Subscription ${this.#spec.name}: rebalancing failed; retrying`, error))
+      .finally(() => {
+        this.#rebalancing = undefined;
+      });
+    if (this.#lanes.size === 0) await this.#rebalancing;
   }
 
-  async stop(): Promise<void> {
-    this.#stopping = true;
-    this.#wakeUp?.();
-    await this.#loop;
+  async #rebalance(live: number, mine: ReadonlyMap<number, string>): Promise<void> {
+    const { driver, sql, settings } = this.#ctx;
+    const spec = this.#spec;
+    const release = await this.#batchGate.acquire();
+    try {
+      if (this.#stopping) return;
+      // A lane whose lease we no longer hold (expired during a pause, taken over) is dropped at once; a
+      // batch still running for it is refused by the epoch fence when it acknowledges.
+      for (const [partition, lane] of this.#lanes) {
+        if (mine.get(partition) !== lane.epoch) this.#dropLane(partition);
+      }
+      const target = Math.ceil(spec.partitions / live);
+      if (this.#lanes.size < target) {
+        const { rows: acquired } = await driver.query<{
+          partition: number;
+          epoch: string;
+          done: string;
+          window_snapshot: string | null;
+          window_position: string | number | null;
+        }>(sql.acquire, [this.#owner, spec.name, settings.leaseMs, target - this.#lanes.size]);
+        for (const row of acquired) {
+          this.#lanes.set(row.partition, {
+            partition: row.partition,
+            epoch: String(row.epoch),
+            done: row.done,
+            window: row.window_snapshot,
+            position: row.window_position === null ? null : Number(row.window_position),
+          });
+        }
+        if (acquired.length > 0) {
+          this.#heldLoaded = false;
+          this.#wake();
+        }
+      } else if (this.#lanes.size > target) {
+        const extra = [...this.#lanes.keys()].sort((a, b) => b - a).slice(0, this.#lanes.size - target);
+        for (const partition of extra) {
+          this.#dropLane(partition);
+          await driver.query(sql.release, [spec.name, partition, this.#owner]);
+        }
+      }
+      await driver.query(sql.forgetExpiredWorkers, [spec.name]);
+    } finally {
+      release();
+    }
   }
+
+  #dropLane(partition: number): void {
+    this.#lanes.delete(partition);
+    this.#heldLoaded = false;
+  }
+
+  // ---- the loop ----------------------------------------------------------------------------------
 
   async #run(): Promise<void> {
-    const { driver, sql } = this.#ctx;
     while (!this.#stopping) {
+      let more = false;
+      const release = await this.#batchGate.acquire();
       try {
-        if (!this.#loaded) {
-          const { rows } = await driver.query<{ key: string }>(sql.heldKeys, [this.#spec.name, this.partition]);
-          for (const row of rows) this.#parked.add(row.key);
-          if (rows.length > 0) this.#nextRetryAt = Date.now();
-          this.#loaded = true;
-        }
-        let more = false;
-        if (this.#nextRetryAt !== 0 && this.#nextRetryAt <= Date.now()) await this.#retryDue();
-        if (this.#dirty || this.#state.window !== null) {
-          this.#dirty = false;
-          more = await this.#readAndHandle();
+        if (this.#lanes.size > 0) {
+          if (!this.#heldLoaded) await this.#loadHeld();
+          if (this.#nextRetryAt !== 0 && this.#nextRetryAt <= Date.now()) await this.#retryDue();
+          if (this.#dirty || [...this.#lanes.values()].some((lane) => lane.window !== null)) {
+            this.#dirty = false;
+            more = await this.#readAndHandle();
+          }
         }
         this.#failures = 0;
-        if (!more) await this.#idle();
       } catch (error) {
+        this.#dirty = true;
         if (error instanceof LeaseLost) {
-          this.#ctx.warn(`Subscription ${this.#spec.name}: lost the lease of partition ${this.partition}; another worker has it`);
-          return;
+          this.#ctx.warn(`Subscription ${this.#spec.name}: a partition's lease was lost during a batch; the batch is left to its new owner`);
+          continue;
         }
         this.#failures++;
         const delay = Math.min(this.#ctx.settings.errorBackoffMaxMs, 100 * 2 ** this.#failures);
-        this.#ctx.warn(`Subscription ${this.#spec.name}, partition ${this.partition}: ${(error as Error).message}; retrying in ${delay} ms`, error);
-        this.#dirty = true;
+        this.#ctx.warn(`Subscription ${this.#spec.name}: ${(error as Error).message}; retrying in ${delay} ms`, error);
+        release();
         await this.#sleep(delay);
+        continue;
+      } finally {
+        release();
       }
+      if (!more) await this.#idle();
     }
   }
 
   async #idle(): Promise<void> {
     const { notifier, settings } = this.#ctx;
+    // Without lanes there is nothing to read: wait for the heartbeat to acquire some (it wakes us).
+    if (this.#lanes.size === 0) this.#dirty = false;
     let wait = notifier.listening ? settings.pollMs : settings.fallbackPollMs;
-    if (this.#nextRetryAt !== 0) wait = Math.min(wait, Math.max(0, this.#nextRetryAt - Date.now()));
-    if (this.#dirty || wait <= 0) return;
+    if (this.#nextRetryAt !== 0 && this.#lanes.size > 0) wait = Math.min(wait, Math.max(0, this.#nextRetryAt - Date.now()));
+    // Always through a timer, never a bare promise chain, so timers and I/O get their turn.
+    if (this.#dirty || wait <= 0) wait = 0;
+    const woken = this.#dirty;
     await this.#sleep(wait);
-    this.#dirty = true;
+    if (!woken) this.#dirty = true;
   }
 
   #sleep(ms: number): Promise<void> {
@@ -324,117 +314,183 @@ class PartitionWorker {
     });
   }
 
-  /** Reads the next batch of this partition and handles it. Returns true if more is waiting. */
+  async #loadHeld(): Promise<void> {
+    const { driver, sql } = this.#ctx;
+    const { rows } = await driver.query<{ key: string }>(sql.heldKeys, [this.#spec.name, [...this.#lanes.keys()]]);
+    this.#parked.clear();
+    for (const row of rows) this.#parked.add(row.key);
+    if (rows.length > 0) this.#nextRetryAt = Date.now();
+    this.#heldLoaded = true;
+  }
+
+  /** Reads the next batch of every lane and handles it. Returns true if more is waiting. */
   async #readAndHandle(): Promise<boolean> {
     const { driver, sql } = this.#ctx;
     const spec = this.#spec;
-    const state = this.#state;
-    const common = [state.done, spec.topics, spec.partitions, this.partition, spec.batchSize];
-    let rows: LogRow[];
-    let window: string;
-    if (state.window === null) {
-      const result = await driver.query<LogRow & { win: string }>(sql.openWindow, common);
-      window = result.rows[0]!.win;
-      rows = result.rows.filter((row) => row.position !== null);
-    } else {
-      window = state.window;
-      rows = (await driver.query<LogRow>(sql.continueWindow, [...common, state.window, state.position])).rows;
+    const lanes = [...this.#lanes.values()];
+    const params: unknown[] = [
+      lanes.map((lane) => lane.partition),
+      lanes.map((lane) => lane.done),
+      lanes.map((lane) => lane.window),
+      lanes.map((lane) => lane.position),
+      spec.topics,
+      spec.partitions,
+      spec.batchSize,
+    ];
+    if (spec.inbox) params.push(spec.name);
+    const { rows } = await driver.query<LogRow & { partition: number; win: string }>(sql.readLanes(spec.inbox), params);
+    const perLane = new Map<number, { rows: LogRow[]; window: string }>();
+    for (const row of rows) {
+      let entry = perLane.get(row.partition);
+      if (entry === undefined) perLane.set(row.partition, (entry = { rows: [], window: row.win }));
+      if (row.position !== null) entry.rows.push(row);
     }
-    const full = rows.length === spec.batchSize;
-    const next: CursorState = full
-      ? { done: state.done, window, position: Number(rows[rows.length - 1]!.position) }
-      : { done: window, window: null, position: null };
-    if (rows.length === 0) {
-      // Nothing to acknowledge: the cursor moves in memory and is written with the next batch.
-      this.#state = next;
-      return false;
+    let more = false;
+    const next = new Map<number, Pick<Lane, 'done' | 'window' | 'position'>>();
+    const batch: LogRow[] = [];
+    const partitionOf = new Map<LogRow, number>();
+    for (const lane of lanes) {
+      const entry = perLane.get(lane.partition);
+      if (entry === undefined) continue;
+      const full = entry.rows.length === spec.batchSize;
+      more ||= full;
+      next.set(
+        lane.partition,
+        full
+          ? { done: lane.done, window: entry.window, position: Number(entry.rows[entry.rows.length - 1]!.position) }
+          : { done: entry.window, window: null, position: null },
+      );
+      for (const row of entry.rows) {
+        batch.push(row);
+        partitionOf.set(row, lane.partition);
+      }
     }
-    await this.#handleBatch(rows, next);
-    this.#state = next;
-    return full;
+    if (batch.length > 0) {
+      const counts = new Map<number, number>();
+      for (const partition of partitionOf.values()) counts.set(partition, (counts.get(partition) ?? 0) + 1);
+      const acked = lanes.filter((lane) => counts.has(lane.partition));
+      try {
+        await this.#handleBatch(batch, partitionOf, acked, next, counts, false);
+      } catch (error) {
+        if (!(error instanceof ReplayCarefully)) throw error;
+        await this.#handleBatch(batch, partitionOf, acked, next, counts, true);
+      }
+    }
+    // Lanes with nothing to acknowledge move on in memory; their cursor is written with a later batch.
+    for (const lane of lanes) {
+      const moved = next.get(lane.partition);
+      if (moved !== undefined && this.#lanes.get(lane.partition) === lane) Object.assign(lane, moved);
+    }
+    return more;
   }
 
-  async #handleBatch(rows: LogRow[], next: CursorState): Promise<void> {
+  /**
+   * Handles a batch and acknowledges it. Fast mode runs the handlers without savepoints: handlers that
+   * never touch `ctx.tx` need no transaction at all, and the acknowledgement is one statement. If a handler
+   * that wrote through `ctx.tx` fails, its writes cannot be undone alone, so the batch is rolled back and
+   * run again carefully: each attempt in its own savepoint (see AttemptScope).
+   */
+  async #handleBatch(
+    rows: LogRow[],
+    partitionOf: Map<LogRow, number>,
+    lanes: Lane[],
+    next: Map<number, Pick<Lane, 'done' | 'window' | 'position'>>,
+    counts: Map<number, number>,
+    careful: boolean,
+  ): Promise<void> {
     const { driver, sql } = this.#ctx;
     const spec = this.#spec;
     const published = new Set<string>();
     const parkedNow = new Set<string>();
+    const held: HeldRow[] = [];
+    const dead: DeadRow[] = [];
+    const handledIds: string[] = [];
     let earliestRetry = 0;
-    await driver.transaction(async (tx) => {
-      const gate = new Gate();
-      const fresh = spec.inbox ? await this.#claim(tx, rows.map((row) => row.id)) : undefined;
-      const held: HeldRow[] = [];
-      const dead: DeadRow[] = [];
-      const unclaim: string[] = [];
+    const scope = new SharedScope(driver, published, careful);
+
+    const handleAll = async () => {
       await forEachLimit(groupByKey(rows), spec.concurrency, async (group) => {
         let holding = this.#parked.has(group[0]!.key);
         for (const row of group) {
+          const partition = partitionOf.get(row)!;
           const position = Number(row.position);
           if (holding) {
-            held.push({ key: row.key, position, message: null, attempts: 0, next_attempt_at: null, history: [] });
-            unclaim.push(row.id);
+            held.push({ partition, key: row.key, position, message: null, attempts: 0, next_attempt_at: null, history: [] });
             continue;
           }
-          if (fresh !== undefined && !fresh.has(row.id)) continue; // handled before (redelivery or redrive)
+          if (row.seen === true) continue; // handled before: a redelivery, or a publisher that sent it twice
           const envelope = toEnvelope(row);
-          const result = await this.#attempts(tx, gate, published, envelope, 1, []);
-          if (result.kind === 'ack') continue;
-          unclaim.push(row.id);
+          const result = await this.#attempts(scope, envelope, 1, []);
+          if (result.kind === 'ack') {
+            if (spec.inbox) handledIds.push(row.id);
+            continue;
+          }
           if (result.kind === 'dead') {
             dead.push(deadRow(spec.name, envelope, position, result.reason, result.history));
             continue;
           }
           const at = Date.now() + result.delayMs;
           earliestRetry = earliestRetry === 0 ? at : Math.min(earliestRetry, at);
-          held.push({
-            key: row.key,
-            position,
-            message: null,
-            attempts: result.attempt,
-            next_attempt_at: new Date(at).toISOString(),
-            history: result.history,
-          });
+          held.push({ partition, key: row.key, position, message: null, attempts: result.attempt, next_attempt_at: new Date(at).toISOString(), history: result.history });
           holding = true;
           parkedNow.add(row.key);
         }
       });
-      if (held.length > 0) await tx.query(sql.hold, [spec.name, this.partition, JSON.stringify(held)]);
-      if (dead.length > 0) await tx.query(sql.deadLetter, [JSON.stringify(dead)]);
-      if (unclaim.length > 0 && spec.inbox) await tx.query(sql.inboxForget, [spec.name, unclaim]);
-      const { rowCount } = await tx.query(sql.advanceCursor, [
+    };
+
+    const ack = async (db: Queryable) => {
+      const { rows: result } = await db.query<{ fenced: number }>(sql.ack, [
         spec.name,
-        this.partition,
         this.#owner,
-        next.done,
-        next.window,
-        next.position,
-        rows.length,
-        this.epoch,
+        lanes.map((lane) => lane.partition),
+        lanes.map((lane) => lane.epoch),
+        lanes.map((lane) => next.get(lane.partition)!.done),
+        lanes.map((lane) => next.get(lane.partition)!.window),
+        lanes.map((lane) => next.get(lane.partition)!.position),
+        lanes.map((lane) => counts.get(lane.partition) ?? 0),
+        handledIds,
+        JSON.stringify(held),
+        JSON.stringify(dead),
       ]);
-      if (rowCount === 0) throw new LeaseLost();
-    });
+      if (Number(result[0]?.fenced ?? 0) !== lanes.length) throw new LeaseLost();
+    };
+
+    if (careful) {
+      await scope.run(async () => {
+        await handleAll();
+        await ack(scope.connection!);
+      });
+    } else {
+      await handleAll();
+      if (scope.abandoned) {
+        await scope.rollback();
+        throw new ReplayCarefully();
+      }
+      if (scope.open) {
+        await ack(scope.connection!).catch(async (error: unknown) => {
+          await scope.rollback();
+          throw error;
+        });
+        await scope.commit();
+      } else {
+        await ack(driver);
+      }
+    }
     for (const key of parkedNow) this.#parked.add(key);
     if (earliestRetry !== 0) this.#nextRetryAt = this.#nextRetryAt === 0 ? earliestRetry : Math.min(this.#nextRetryAt, earliestRetry);
     if (published.size > 0) this.#ctx.committed(published);
   }
 
   /** Runs one message's attempts: immediate retries in place, until it is acknowledged, delayed or dead. */
-  async #attempts(
-    tx: Queryable,
-    gate: Gate,
-    published: Set<string>,
-    envelope: Envelope,
-    firstAttempt: number,
-    history: AttemptRecord[],
-  ): Promise<AttemptsResult> {
+  async #attempts(scope: SharedScope, envelope: Envelope, firstAttempt: number, history: AttemptRecord[]): Promise<AttemptsResult> {
     for (let attempt = firstAttempt; ; attempt++) {
-      const scope = new AttemptScope(tx, gate, published);
-      let result = await this.#handle({ envelope, attempt, tx: scope.tx }).catch((error: unknown) => ({
+      const attemptScope = scope.attempt();
+      let result: DeliveryResult = await this.#handle({ envelope, attempt, tx: attemptScope.tx }).catch((error: unknown) => ({
         outcome: 'retry' as const,
         delayMs: 0,
         error: describeError(error),
       }));
-      const lost = await scope.end(result.outcome === 'ack');
+      const lost = await attemptScope.end(result.outcome === 'ack');
       if (lost !== undefined) {
         result = {
           outcome: 'retry',
@@ -443,27 +499,29 @@ class PartitionWorker {
         };
       }
       if (result.outcome === 'ack') return { kind: 'ack' };
+      // In fast mode a failed attempt that wrote cannot be undone alone: the batch is replayed carefully.
+      if (scope.abandoned) return { kind: 'retry', delayMs: 0, attempt, history };
       history.push({ attempt, at: new Date().toISOString(), error: result.error });
       if (result.outcome === 'dead-letter') return { kind: 'dead', reason: result.reason, history };
       if (result.delayMs > 0 || this.#stopping) return { kind: 'retry', delayMs: result.delayMs, attempt, history };
     }
   }
 
-  async #claim(tx: Queryable, ids: string[]): Promise<Set<string>> {
-    const { rows } = await tx.query<{ message_id: string }>(this.#ctx.sql.inboxClaim, [this.#spec.name, ids]);
-    return new Set(rows.map((row) => row.message_id));
-  }
-
   /** Retries the heads of held keys whose time has come; a key whose head succeeds drains in order. */
   async #retryDue(): Promise<void> {
     const { driver, sql } = this.#ctx;
     const spec = this.#spec;
+    const lanes = [...this.#lanes.values()];
+    const partitions = lanes.map((lane) => lane.partition);
     this.#nextRetryAt = 0;
     const published = new Set<string>();
     const drained = new Set<string>();
-    await driver.transaction(async (tx) => {
-      const { rows: heads } = await tx.query<HeldHead>(sql.dueHeads, [spec.name, this.partition, spec.batchSize]);
-      const gate = new Gate();
+    const scope = new SharedScope(driver, published, true);
+    await scope.run(async () => {
+      const tx = scope.connection!;
+      const { rows: fence } = await tx.query<{ fenced: number }>(sql.fence, [spec.name, this.#owner, partitions, lanes.map((lane) => lane.epoch)]);
+      if (Number(fence[0]?.fenced ?? 0) !== lanes.length) throw new LeaseLost();
+      const { rows: heads } = await tx.query<HeldHead>(sql.dueHeads, [spec.name, partitions, spec.batchSize]);
       for (const first of heads) {
         let head: HeldHead | undefined = first;
         while (head !== undefined) {
@@ -471,46 +529,32 @@ class PartitionWorker {
           let outcome: AttemptsResult;
           if (envelope === undefined) {
             outcome = { kind: 'dead', reason: `message at position ${head.position} is no longer in the log`, history: head.history };
-          } else if (spec.inbox && (await this.#claim(tx, [envelope.id])).size === 0) {
+          } else if (spec.inbox && (await tx.query(sql.inboxClaim, [spec.name, envelope.id])).rows.length === 0) {
             outcome = { kind: 'ack' };
           } else {
-            outcome = await this.#attempts(tx, gate, published, envelope, head.attempts + 1, [...head.history]);
+            outcome = await this.#attempts(scope, envelope, head.attempts + 1, [...head.history]);
           }
           if (outcome.kind === 'retry') {
             await tx.query(sql.rescheduleHeld, [head.seq, outcome.attempt, outcome.delayMs, JSON.stringify(outcome.history)]);
             if (spec.inbox && envelope !== undefined) await tx.query(sql.inboxForget, [spec.name, [envelope.id]]);
             break;
           }
-          if (outcome.kind === 'dead' && envelope !== undefined) {
-            await tx.query(sql.deadLetter, [JSON.stringify([deadRow(spec.name, envelope, head.position, outcome.reason, outcome.history)])]);
-            if (spec.inbox) await tx.query(sql.inboxForget, [spec.name, [envelope.id]]);
+          if (outcome.kind === 'dead') {
+            const copy = envelope ?? deadEnvelope(head);
+            await tx.query(sql.deadLetter, [JSON.stringify([deadRow(spec.name, copy, head.position, outcome.reason, outcome.history)])]);
+            if (spec.inbox && envelope !== undefined) await tx.query(sql.inboxForget, [spec.name, [envelope.id]]);
           }
           await tx.query(sql.releaseHeld, [head.seq]);
           head = (await tx.query<HeldHead>(sql.nextHeld, [spec.name, first.key])).rows[0];
         }
         if (head === undefined) drained.add(first.key);
       }
-      const { rows } = await tx.query<{ ms: number | string | null }>(sql.nextDue, [spec.name, this.partition]);
+      const { rows } = await tx.query<{ ms: number | string | null }>(sql.nextDue, [spec.name, partitions]);
       const ms = rows[0]?.ms;
       if (ms !== null && ms !== undefined) this.#nextRetryAt = Date.now() + Math.max(0, Number(ms));
-      await this.#checkLease(tx);
     });
     for (const key of drained) this.#parked.delete(key);
     if (published.size > 0) this.#ctx.committed(published);
-  }
-
-  async #checkLease(tx: Queryable): Promise<void> {
-    const { rowCount } = await tx.query(this.#ctx.sql.advanceCursor, [
-      this.#spec.name,
-      this.partition,
-      this.#owner,
-      this.#state.done,
-      this.#state.window,
-      this.#state.position,
-      0,
-      this.epoch,
-    ]);
-    if (rowCount === 0) throw new LeaseLost();
   }
 
   async #fromLog(tx: Queryable, position: number | string | null): Promise<Envelope | undefined> {
@@ -522,11 +566,28 @@ class PartitionWorker {
 
 interface HeldHead {
   seq: number | string;
+  partition: number;
   key: string;
   position: number | string | null;
   message: Envelope | null;
   attempts: number;
   history: AttemptRecord[];
+}
+
+/** What a dead letter records when the message itself is gone from the log. */
+function deadEnvelope(head: HeldHead): Envelope {
+  return {
+    specversion: '1.0',
+    id: `missing-at-${head.position}`,
+    source: 'tidings://unknown',
+    type: 'unknown',
+    time: new Date().toISOString(),
+    datacontenttype: 'application/json',
+    topic: 'unknown',
+    partitionkey: head.key,
+    correlationid: `missing-at-${head.position}`,
+    data: null,
+  };
 }
 
 function deadRow(subscription: string, envelope: Envelope, position: number | string | null, reason: string, attempts: AttemptRecord[]): DeadRow {

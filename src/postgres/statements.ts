@@ -6,7 +6,6 @@ export function statements(schema: string) {
   const s = `"${schema}"`;
   const logColumns = `l.position::int8 as position, l.topic, l.id, l.type, l.source, l.time, l.subject, l.key, l.key_hash,
     l.tenant, l.correlation_id, l.causation_id, l.traceparent, l.tracestate, l.data`;
-  const partitionFilter = `l.topic = any($2::text[]) and l.key_hash % $3 = $4`;
 
   return {
     /** $1: a JSON array of rows. One statement for any number of messages; order is kept by ordinality. */
@@ -18,29 +17,87 @@ export function statements(schema: string) {
       order by r.n`,
 
     /**
-     * Opens a window: takes the current snapshot and returns the first messages of this partition whose
-     * transactions completed after `done` ($1) and before that snapshot. Candidates are found through the
-     * xid index: the transactions in progress at `done`, and those that began after it. So a long-running
-     * unrelated transaction does not widen the scan. Returns one row with null columns when there is none.
+     * Reads every lane (partition) this worker holds in one statement. $1-$4: each lane's partition, `done`
+     * snapshot, open window (null: open one now at the current snapshot) and position reached in it.
+     *
+     * Opening a window returns the first messages of the lane whose transactions completed after `done`
+     * and by the current snapshot. Candidates are found through the xid index: the transactions in
+     * progress at `done`, and those that began after it, so an unrelated long-running transaction does not
+     * widen the scan. Continuing a window walks the primary key from the position reached. Each lane
+     * returns one row with null message columns when it has nothing. `seen`: the inbox already has it.
      */
-    openWindow: `select w.win::text as win, m.*
-      from (select pg_current_snapshot() as win) w
-      left join lateral (
-        select ${logColumns} from ${s}.log l
-        where (l.xid = any(array(select pg_snapshot_xip($1::pg_snapshot))) or l.xid >= pg_snapshot_xmax($1::pg_snapshot))
-          and pg_visible_in_snapshot(l.xid, w.win)
-          and ${partitionFilter}
-        order by l.position
-        limit $5
-      ) m on true`,
+    readLanes: (inbox: boolean) => {
+      const seen = inbox
+        ? `exists (select 1 from ${s}.inbox i where i.subscription = $8 and i.message_id = l.id) as seen`
+        : 'false as seen';
+      return `with lanes as (
+          select * from unnest($1::int[], $2::text[], $3::text[], $4::int8[]) as c(partition, done, win, pos)
+        ), now as (select pg_current_snapshot() as snap)
+        select c.partition, now.snap::text as win, m.*
+        from lanes c cross join now
+        left join lateral (
+          select ${logColumns}, ${seen} from ${s}.log l
+          where (l.xid = any(array(select pg_snapshot_xip(c.done::pg_snapshot))) or l.xid >= pg_snapshot_xmax(c.done::pg_snapshot))
+            and pg_visible_in_snapshot(l.xid, now.snap)
+            and l.topic = any($5::text[]) and l.key_hash % $6 = c.partition
+          order by l.position
+          limit $7
+        ) m on true
+        where c.win is null
+        union all
+        select c.partition, c.win, m.*
+        from lanes c
+        left join lateral (
+          select ${logColumns}, ${seen} from ${s}.log l
+          where l.position > c.pos
+            and pg_visible_in_snapshot(l.xid, c.win::pg_snapshot) and not pg_visible_in_snapshot(l.xid, c.done::pg_snapshot)
+            and l.topic = any($5::text[]) and l.key_hash % $6 = c.partition
+          order by l.position
+          limit $7
+        ) m on true
+        where c.win is not null`;
+    },
 
-    /** Continues a window ($6) after the position reached in it ($7), in position order through the primary key. */
-    continueWindow: `select ${logColumns} from ${s}.log l
-      where l.position > $7
-        and pg_visible_in_snapshot(l.xid, $6::pg_snapshot) and not pg_visible_in_snapshot(l.xid, $1::pg_snapshot)
-        and ${partitionFilter}
-      order by l.position
-      limit $5`,
+    /**
+     * The acknowledgement of a batch, in one statement: moves the cursors of its lanes and records the inbox,
+     * held messages and dead letters, only if this worker still holds every one of those lanes at the
+     * epoch it read them with (the fence: a worker that lost a lease changes nothing). Returns the number
+     * of lanes fenced; fewer than given means a lease was lost and nothing was written.
+     * $1 subscription, $2 owner, $3-$8 per lane: partition, epoch, done, window, position, handled count,
+     * $9 inbox ids, $10 held (JSON), $11 dead letters (JSON).
+     */
+    ack: `with lanes as (
+        select * from unnest($3::int[], $4::int8[], $5::text[], $6::text[], $7::int8[], $8::int8[]) as v(partition, epoch, done, win, pos, n)
+      ), fenced as (
+        select k.partition from ${s}.cursors k join lanes v on k.partition = v.partition
+        where k.subscription = $1 and k.owner = $2 and k.epoch = v.epoch
+        for update of k
+      ), ok as (
+        select (select count(*) from fenced) = (select count(*) from lanes) as ok
+      ), moved as (
+        update ${s}.cursors k set done = v.done::pg_snapshot, window_snapshot = v.win::pg_snapshot, window_position = v.pos,
+          handled = k.handled + v.n, updated_at = now()
+        from lanes v, ok
+        where ok.ok and k.subscription = $1 and k.partition = v.partition
+        returning k.partition
+      ), inboxed as (
+        insert into ${s}.inbox (subscription, message_id) select $1, id from unnest($9::text[]) id, ok where ok.ok
+        on conflict do nothing
+      ), held as (
+        insert into ${s}.held (subscription, partition, key, position, message, attempts, next_attempt_at, history)
+        select $1, r.partition, r.key, r.position, r.message, r.attempts, r.next_attempt_at, coalesce(r.history, '[]')
+        from rows from (json_to_recordset($10::json) as (partition integer, key text, position bigint, message jsonb, attempts integer,
+          next_attempt_at timestamptz, history jsonb)) with ordinality as r(partition, key, position, message, attempts, next_attempt_at, history, n), ok
+        where ok.ok
+        order by r.n
+      ), dead as (
+        insert into ${s}.dead_letters (subscription, message_id, topic, key, position, envelope, reason, attempts)
+        select r.subscription, r.message_id, r.topic, r.key, r.position, r.envelope, r.reason, r.attempts
+        from json_to_recordset($11::json) as r(subscription text, message_id text, topic text, key text, position bigint,
+          envelope jsonb, reason text, attempts jsonb), ok
+        where ok.ok
+      )
+      select (select count(*)::int from moved) as fenced`,
 
     messagesAt: `select ${logColumns} from ${s}.log l where l.position = any($1::int8[])`,
 
@@ -76,33 +133,27 @@ export function statements(schema: string) {
     unregisterWorker: `delete from ${s}.workers where id = $1`,
     forgetExpiredWorkers: `delete from ${s}.workers where subscription = $1 and expires_at < now() - interval '1 hour'`,
 
-    /** The acknowledgement: moves the cursor, fenced by the lease epoch so a worker that lost its lease cannot. */
-    advanceCursor: `update ${s}.cursors set done = $4::pg_snapshot, window_snapshot = $5::pg_snapshot, window_position = $6,
-        handled = handled + $7, updated_at = now()
-      where subscription = $1 and partition = $2 and owner = $3 and epoch = $8`,
 
-    inboxClaim: `insert into ${s}.inbox (subscription, message_id) select $1, unnest($2::text[])
-      on conflict do nothing returning message_id`,
     inboxForget: `delete from ${s}.inbox where subscription = $1 and message_id = any($2::text[])`,
 
-    /** $3: JSON array of {key, position, message, attempts, next_attempt_at, history}. */
-    hold: `insert into ${s}.held (subscription, partition, key, position, message, attempts, next_attempt_at, history)
-      select $1, $2, r.key, r.position, r.message, r.attempts, r.next_attempt_at, coalesce(r.history, '[]')
-      from rows from (json_to_recordset($3::json) as (key text, position bigint, message jsonb, attempts integer,
-        next_attempt_at timestamptz, history jsonb))
-        with ordinality as r(key, position, message, attempts, next_attempt_at, history, n)
-      order by r.n`,
-    heldKeys: `select distinct key from ${s}.held where subscription = $1 and partition = $2`,
-    dueHeads: `select seq::int8 as seq, key, position::int8 as position, message, attempts, history
-      from ${s}.held where subscription = $1 and partition = $2 and next_attempt_at <= now()
+    heldKeys: `select distinct key from ${s}.held where subscription = $1 and partition = any($2::int[])`,
+    dueHeads: `select seq::int8 as seq, partition, key, position::int8 as position, message, attempts, history
+      from ${s}.held where subscription = $1 and partition = any($2::int[]) and next_attempt_at <= now()
       order by next_attempt_at limit $3`,
     nextDue: `select extract(epoch from min(next_attempt_at) - now()) * 1000 as ms
-      from ${s}.held where subscription = $1 and partition = $2 and next_attempt_at is not null`,
+      from ${s}.held where subscription = $1 and partition = any($2::int[]) and next_attempt_at is not null`,
+    /** Holds the lanes' rows and checks this worker still owns them: the fence of a retry pass. */
+    fence: `select count(*)::int as fenced from (
+        select 1 from ${s}.cursors k
+        join unnest($3::int[], $4::int8[]) as v(partition, epoch) on k.partition = v.partition
+        where k.subscription = $1 and k.owner = $2 and k.epoch = v.epoch
+        for update of k) f`,
     nextHeld: `select seq::int8 as seq, key, position::int8 as position, message, attempts, history
       from ${s}.held where subscription = $1 and key = $2 order by seq limit 1`,
     releaseHeld: `delete from ${s}.held where seq = $1`,
     rescheduleHeld: `update ${s}.held set attempts = $2, next_attempt_at = now() + make_interval(secs => $3 / 1000.0), history = $4::jsonb where seq = $1`,
 
+    inboxClaim: `insert into ${s}.inbox (subscription, message_id) values ($1, $2) on conflict do nothing returning message_id`,
     /** $1: JSON array of dead letters. */
     deadLetter: `insert into ${s}.dead_letters (subscription, message_id, topic, key, position, envelope, reason, attempts)
       select r.subscription, r.message_id, r.topic, r.key, r.position, r.envelope, r.reason, r.attempts
@@ -130,4 +181,5 @@ export interface LogRow {
   traceparent: string | null;
   tracestate: string | null;
   data: unknown;
+  seen?: boolean;
 }

@@ -42,7 +42,7 @@ export class Gate {
  * and runs in parallel with the others. On first use it takes the batch's gate and opens a savepoint, so a
  * failed attempt rolls back only its own writes; the gate is held until the attempt ends.
  */
-export class AttemptScope {
+export class AttemptScope implements Attempt {
   readonly tx: TrackedTransaction;
   #entered: Promise<void> | undefined;
   #release: (() => void) | undefined;
@@ -97,4 +97,117 @@ export class AttemptScope {
       this.#release?.();
     }
   }
+}
+
+/** One handler attempt's view of the batch transaction. */
+export interface Attempt {
+  readonly tx: TrackedTransaction;
+  /** The attempt is over: keep or drop its writes. Returns why they could not be kept, if so. */
+  end(keep: boolean): Promise<Error | undefined>;
+}
+
+const ROLLBACK = Symbol('rollback');
+
+/**
+ * The transaction the handlers of one batch share; the acknowledgement commits in it.
+ *
+ * Fast mode: opened lazily by the first handler that queries `ctx.tx`, and shared without savepoints,
+ * so handlers that never write cost nothing and those that do cost one round trip per statement. If an
+ * attempt that wrote fails, or any statement fails, its writes cannot be undone alone: the scope is
+ * abandoned, and the caller rolls back and runs the batch again in careful mode.
+ *
+ * Careful mode: `run` opens the transaction, and each attempt that writes gets a savepoint (AttemptScope).
+ */
+export class SharedScope {
+  readonly #driver: SqlDriverLike;
+  readonly #published: Set<string>;
+  readonly #careful: boolean;
+  readonly #gate = new Gate();
+  #opening: Promise<Queryable> | undefined;
+  #finished: Promise<unknown> | undefined;
+  #end: { resolve: () => void; reject: (reason: unknown) => void } | undefined;
+  connection: Queryable | undefined;
+  abandoned = false;
+
+  constructor(driver: SqlDriverLike, published: Set<string>, careful: boolean) {
+    this.#driver = driver;
+    this.#published = published;
+    this.#careful = careful;
+  }
+
+  get open(): boolean {
+    return this.#opening !== undefined;
+  }
+
+  attempt(): Attempt {
+    if (this.#careful) return new AttemptScope(this.connection!, this.#gate, this.#published);
+    let wrote = false;
+    let ended = false;
+    const tx = track(
+      {
+        query: async (text, params) => {
+          if (ended) throw new TidingsError('STOPPED', 'This handler attempt has ended (timed out or finished): its transaction can no longer be used');
+          if (this.abandoned) throw new TidingsError('STOPPED', 'This batch is being rolled back and will be handled again');
+          wrote = true;
+          const connection = await this.#begin();
+          try {
+            return await connection.query(text, params);
+          } catch (error) {
+            this.abandoned = true;
+            throw error;
+          }
+        },
+      },
+      this.#published,
+    );
+    return {
+      tx,
+      end: async (keep) => {
+        ended = true;
+        if (wrote && !keep) this.abandoned = true;
+        return undefined;
+      },
+    };
+  }
+
+  /** Careful mode: runs `fn` in a transaction opened now; it commits if `fn` resolves. */
+  async run(fn: () => Promise<void>): Promise<void> {
+    await this.#driver.transaction(async (tx) => {
+      this.connection = tx;
+      await fn();
+    });
+  }
+
+  async commit(): Promise<void> {
+    this.#end?.resolve();
+    await this.#finished;
+  }
+
+  async rollback(): Promise<void> {
+    this.#end?.reject(ROLLBACK);
+    await this.#finished?.catch((error: unknown) => {
+      if (error !== ROLLBACK) throw error;
+    });
+  }
+
+  /** Opens the fast-mode transaction once, and holds it open until commit or rollback. */
+  #begin(): Promise<Queryable> {
+    this.#opening ??= new Promise<Queryable>((resolve, reject) => {
+      const ended = new Promise<void>((resolveEnd, rejectEnd) => {
+        this.#end = { resolve: resolveEnd, reject: rejectEnd };
+      });
+      this.#finished = this.#driver.transaction(async (tx) => {
+        this.connection = tx;
+        resolve(tx);
+        await ended;
+      });
+      this.#finished.catch(reject);
+    });
+    return this.#opening;
+  }
+}
+
+/** The part of SqlDriver a scope needs. */
+export interface SqlDriverLike {
+  transaction<T>(fn: (tx: Queryable) => Promise<T>): Promise<T>;
 }
