@@ -1,4 +1,5 @@
 import type { Backbone, Consumer, DeliveryHandler, Outgoing, SubscriptionSpec } from '../core/backbone.ts';
+import { TidingsError } from '../core/errors.ts';
 import { OptionProblems } from '../core/options.ts';
 import { PostgresConsumer, type ConsumerSettings } from './consumer.ts';
 import { checkIdentifier, pgDriver, pgliteDriver, type PGliteLike, type PgPoolLike, type SqlDriver } from './driver.ts';
@@ -61,6 +62,9 @@ export const postgresDefaults = {
   errorBackoffMaxMs: 5_000,
   selfTestMs: 2_000,
 } as const;
+
+/** `\u0000` in JSON text, not preceded by an escaped backslash (`\\u0000` is the harmless text "\u0000"). */
+const NUL_ESCAPE = /(?:^|[^\\])(?:\\\\)*\\u0000/;
 
 function defaultWarning(message: string, error?: unknown): void {
   const detail = error instanceof Error ? `: ${error.message}` : '';
@@ -152,6 +156,15 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
   }
 
   async publish(messages: readonly Outgoing[], tx?: PgTransaction): Promise<void> {
+    for (const { envelope, json } of messages) {
+      // jsonb cannot hold a NUL character. Refuse it here, so one bad payload cannot fail the group
+      // commit that other callers' messages share.
+      if (NUL_ESCAPE.test(json)) {
+        throw new TidingsError('INVALID_PAYLOAD', `Payload of message ${envelope.id} on ${envelope.topic} contains a NUL character (\\u0000), which PostgreSQL cannot store; remove it or encode the value`, {
+          ref: { id: envelope.id, topic: envelope.topic, key: envelope.partitionkey },
+        });
+      }
+    }
     await this.open();
     if (tx === undefined) return this.#groupCommit!.publish(messages);
     await insertMessages(tx, this.#sql.insertMessages, messages);
