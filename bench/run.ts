@@ -305,11 +305,13 @@ async function main(): Promise<void> {
       failed,
       report: text,
     };
-    writeFileSync(join(dir, 'latest.json'), `${JSON.stringify(json, null, 2)}\n`);
-    writeFileSync(join(dir, 'latest.md'), `${text}\n`);
-    writeFileSync(join(dir, 'latest-throughput.svg'), await throughputChart(entries, subtitle));
-    writeFileSync(join(dir, 'latest-latency.svg'), await latencyChart(entries, subtitle));
-    log(`\nWrote bench/results/latest.json, latest.md, latest-throughput.svg, latest-latency.svg`);
+    // A quick run is a smoke check: it must not replace the committed figures of a full run.
+    const base = quick ? 'quick' : 'latest';
+    writeFileSync(join(dir, `${base}.json`), `${JSON.stringify(json, null, 2)}\n`);
+    writeFileSync(join(dir, `${base}.md`), `${text}\n`);
+    writeFileSync(join(dir, `${base}-throughput.svg`), await throughputChart(entries, subtitle));
+    writeFileSync(join(dir, `${base}-latency.svg`), await latencyChart(entries, subtitle));
+    log(`\nWrote bench/results/${base}.json, ${base}.md, ${base}-throughput.svg, ${base}-latency.svg`);
   }
   if (failed.length > 0) {
     log(`\n${failed.length} run(s) failed:`);

@@ -94,6 +94,7 @@ const RAW_METRICS: Array<[string, string, string]> = [
   ['insertJson', 'INSERT ... SELECT from one JSON array parameter, 1,000 rows (how Tidings writes)', 'rows/s'],
   ['single1', 'single-row autocommit INSERT, 1 connection', 'rows/s'],
   ['single10', 'single-row autocommit INSERT, 10 connections', 'rows/s'],
+  ['tx10', 'BEGIN; INSERT; COMMIT (3 round trips), 10 connections', 'rows/s'],
   ['single10notify', 'single-row INSERT + pg_notify in each, 10 connections', 'rows/s'],
   ['notifyP50', 'NOTIFY -> LISTEN round trip, p50', 'ms'],
   ['notifyP99', 'NOTIFY -> LISTEN round trip, p99', 'ms'],
@@ -166,12 +167,15 @@ export function renderTables(entries: Entry[]): string {
         const extraKey = workload === 'drain' ? 'handlerRate' : 'producerRate';
         const header = ['System', 'events/s median', 'min-max', 'x Tidings'];
         if (extra !== '') header.push(`${extra} median`);
+        const queries = group.some((e) => e.summary.queriesPerEvent !== undefined);
+        if (queries) header.push('queries/event');
         out.push(
           table(
             header,
             group.map((e) => {
               const cells = [e.row.label, fmt(e.summary.rate?.median), range(e.summary.rate), ratio(e.summary.rate?.median, reference?.summary.rate?.median)];
               if (extra !== '') cells.push(fmt(e.summary[extraKey]?.median));
+              if (queries) cells.push(fmt(e.summary.queriesPerEvent?.median));
               return cells;
             }),
           ),
@@ -208,6 +212,7 @@ export function checkTargets(entries: Entry[], tidings: string, keyed: string): 
   const worst = (...verdicts: TargetCheck['verdict'][]): TargetCheck['verdict'] =>
     verdicts.includes('n/a') ? 'n/a' : verdicts.includes('missed') ? 'missed' : verdicts.includes('floor') ? 'floor' : 'target';
   const raw10 = m('raw', 'PostgreSQL (pg)', 'single10');
+  const rawTx10 = m('raw', 'PostgreSQL (pg)', 'tx10');
   const t1 = m('e2e', keyed, 'rate');
   const t2 = m('standalone', tidings, 'rate');
   const t3 = m('drain', keyed, 'rate');
@@ -215,6 +220,7 @@ export function checkTargets(entries: Entry[], tidings: string, keyed: string): 
   const p99 = m('latency', tidings, 'p99@1000');
   const producer = m('e2e', tidings, 'producerRate');
   const loss = producer !== undefined && raw10 !== undefined ? 100 * (1 - producer / raw10) : undefined;
+  const lossTx = producer !== undefined && rawTx10 !== undefined ? 100 * (1 - producer / rawTx10) : undefined;
   const t6 = m('bulk', tidings, 'rate');
   const cpu = m('latency', tidings, 'cpu@1000');
   const idle = m('latency', tidings, 'idleQueries');
@@ -237,6 +243,14 @@ export function checkTargets(entries: Entry[], tidings: string, keyed: string): 
       target: '<= 10 %',
       floor: '<= 25 %',
       verdict: lower(loss, 10, 25),
+    },
+    {
+      id: 'T5b',
+      measure: 'the same vs raw BEGIN; INSERT; COMMIT from 10 connections (same round trips)',
+      value: lossTx === undefined ? '-' : `${fmt(lossTx, 0)} % (${fmt(producer)} vs ${fmt(rawTx10)}/s)`,
+      target: '<= 10 %',
+      floor: '<= 25 %',
+      verdict: lower(lossTx, 10, 25),
     },
     { id: 'T6', measure: 'bulk publish events/s', value: fmt(t6), target: '>= 120,000', floor: '>= 80,000', verdict: higher(t6, 120_000, 80_000) },
     { id: 'T7', measure: 'CPU % of all cores (Node + PostgreSQL) at 1,000/s', value: fmt(cpu, 0), target: '<= 35', floor: '<= 60', verdict: lower(cpu, 35, 60) },

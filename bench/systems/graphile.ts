@@ -15,6 +15,7 @@ import {
   now,
   pollUntil,
   produce,
+  queriesSoFar,
   rate,
   runChild,
   type BenchEvent,
@@ -96,6 +97,7 @@ async function drain(task: Task): Promise<ChildResult> {
   }
   const counter = new Counter();
   const left = await remaining(task);
+  const q0 = queriesSoFar();
   const t0 = now();
   const runner = await startRunner(task, { [TASK]: handlerFor(task, counter) });
   await counter.until(task.events, task.timeoutMs);
@@ -103,7 +105,8 @@ async function drain(task: Task): Promise<ChildResult> {
   await pollUntil(async () => (await left()) === 0, 60_000, 'no job left');
   const ms = now() - t0;
   await runner.stop();
-  return { ok: true, metrics: { rate: rate(task.events, ms), handlerRate: rate(task.events, handledMs) } };
+  const queriesPerEvent = (queriesSoFar() - q0) / task.events;
+  return { ok: true, metrics: { rate: rate(task.events, ms), handlerRate: rate(task.events, handledMs), queriesPerEvent } };
 }
 
 /**
@@ -116,6 +119,7 @@ async function endToEnd(task: Task, standalone: boolean): Promise<ChildResult> {
   const runner = await startRunner(task, { [TASK]: handlerFor(task, counter) });
   const left = await remaining(task);
   const producers = new pg.Pool({ connectionString: task.pgUrl, max: PRODUCERS });
+  const q0 = queriesSoFar();
   const t0 = now();
   await produce(task.events, PRODUCERS, async (seq) => {
     const event = makeEvent(seq, task.variant.keys);
@@ -137,7 +141,8 @@ async function endToEnd(task: Task, standalone: boolean): Promise<ChildResult> {
   await pollUntil(async () => (await left()) === 0, 60_000, 'no job left');
   const ms = now() - t0;
   await runner.stop();
-  return { ok: true, metrics: { rate: rate(task.events, ms), producerRate: rate(task.events, producedMs) } };
+  const queriesPerEvent = (queriesSoFar() - q0) / task.events;
+  return { ok: true, metrics: { rate: rate(task.events, ms), producerRate: rate(task.events, producedMs), queriesPerEvent } };
 }
 
 /** Fan-out: no pub/sub in graphile-worker; one job per subscriber task, all added in one `addJobs` call. */
@@ -150,6 +155,7 @@ async function fanout(task: Task): Promise<ChildResult> {
   const runner = await startRunner(task, taskList);
   const left = await remaining(task);
   const deliveries = task.events * task.fanout;
+  const q0 = queriesSoFar();
   const t0 = now();
   await produce(task.events, PRODUCERS, async (seq) => {
     const payload = makeEvent(seq, task.variant.keys);
@@ -160,7 +166,8 @@ async function fanout(task: Task): Promise<ChildResult> {
   await pollUntil(async () => (await left()) === 0, 60_000, 'no job left');
   const ms = now() - t0;
   await runner.stop();
-  return { ok: true, metrics: { rate: rate(deliveries, ms), producerRate: rate(task.events, producedMs) } };
+  const queriesPerEvent = (queriesSoFar() - q0) / task.events;
+  return { ok: true, metrics: { rate: rate(deliveries, ms), producerRate: rate(task.events, producedMs), queriesPerEvent } };
 }
 
 async function latency(task: Task): Promise<ChildResult> {

@@ -15,6 +15,7 @@ import {
   now,
   pollUntil,
   produce,
+  queriesSoFar,
   rate,
   runChild,
   type BenchEvent,
@@ -104,13 +105,15 @@ async function drain(task: Task): Promise<ChildResult> {
   }
   const counter = new Counter();
   const done = await completed(task, [QUEUE]);
+  const q0 = queriesSoFar();
   const t0 = now();
   await work(boss, task, QUEUE, handlerFor(task, counter, effectsPool(task)));
   await counter.until(task.events, task.timeoutMs);
   const handledMs = now() - t0;
   await pollUntil(async () => (await done()) >= task.events, 60_000, 'all completed');
   const ms = now() - t0;
-  return { ok: true, metrics: { rate: rate(task.events, ms), handlerRate: rate(task.events, handledMs) } };
+  const queriesPerEvent = (queriesSoFar() - q0) / task.events;
+  return { ok: true, metrics: { rate: rate(task.events, ms), handlerRate: rate(task.events, handledMs), queriesPerEvent } };
 }
 
 /**
@@ -124,6 +127,7 @@ async function endToEnd(task: Task, standalone: boolean): Promise<ChildResult> {
   await work(boss, task, QUEUE, handlerFor(task, counter, effectsPool(task)));
   const done = await completed(task, [QUEUE]);
   const producers = new pg.Pool({ connectionString: task.pgUrl, max: PRODUCERS });
+  const q0 = queriesSoFar();
   const t0 = now();
   await produce(task.events, PRODUCERS, async (seq) => {
     const event = makeEvent(seq, task.variant.keys);
@@ -144,7 +148,8 @@ async function endToEnd(task: Task, standalone: boolean): Promise<ChildResult> {
   await counter.until(task.events, task.timeoutMs);
   await pollUntil(async () => (await done()) >= task.events, 60_000, 'all completed');
   const ms = now() - t0;
-  return { ok: true, metrics: { rate: rate(task.events, ms), producerRate: rate(task.events, producedMs) } };
+  const queriesPerEvent = (queriesSoFar() - q0) / task.events;
+  return { ok: true, metrics: { rate: rate(task.events, ms), producerRate: rate(task.events, producedMs), queriesPerEvent } };
 }
 
 /** Fan-out: its pub/sub (`subscribe(event, queue)`, `publish(event, data)`), one queue per subscriber. */
@@ -159,6 +164,7 @@ async function fanout(task: Task): Promise<ChildResult> {
   }
   const done = await completed(task, queues);
   const deliveries = task.events * task.fanout;
+  const q0 = queriesSoFar();
   const t0 = now();
   await produce(task.events, PRODUCERS, async (seq) => {
     await boss.publish('bench.event', makeEvent(seq, task.variant.keys));
@@ -167,7 +173,8 @@ async function fanout(task: Task): Promise<ChildResult> {
   await counter.until(deliveries, task.timeoutMs);
   await pollUntil(async () => (await done()) >= deliveries, 60_000, 'all completed');
   const ms = now() - t0;
-  return { ok: true, metrics: { rate: rate(deliveries, ms), producerRate: rate(task.events, producedMs) } };
+  const queriesPerEvent = (queriesSoFar() - q0) / task.events;
+  return { ok: true, metrics: { rate: rate(deliveries, ms), producerRate: rate(task.events, producedMs), queriesPerEvent } };
 }
 
 async function latency(task: Task): Promise<ChildResult> {

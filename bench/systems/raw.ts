@@ -75,6 +75,19 @@ async function singleRows(clients: pg.Client[], total: number, notify: boolean):
   return rate(total, now() - t0);
 }
 
+/** BEGIN; INSERT; COMMIT from `clients` connections: the round trips of one event per application transaction. */
+async function explicitTransactions(clients: pg.Client[], total: number): Promise<number> {
+  await resetTable(clients[0]!);
+  const t0 = now();
+  await produce(total, clients.length, async (seq, producer) => {
+    const client = clients[producer]!;
+    await client.query('begin');
+    await client.query(`insert into ${TABLE} (topic, payload) values ($1, $2::jsonb)`, row(seq));
+    await client.query('commit');
+  });
+  return rate(total, now() - t0);
+}
+
 /** NOTIFY on one connection -> notification on another, sequential samples. */
 async function notifyRoundTrip(sender: pg.Client, listener: pg.Client, samples: number): Promise<{ p50: number; p99: number }> {
   await listener.query('listen bench_rtt');
@@ -104,7 +117,7 @@ async function raw(task: Task): Promise<ChildResult> {
   await sleep(200);
   metrics.insertJson = await jsonArrayInsert(first, task.events);
   await sleep(200);
-  metrics.single1 = await singleRows([first], Math.round(task.events / 6), false);
+  metrics.single1 = await singleRows([first], Math.round(task.events / 10), false);
   await sleep(200);
   metrics.insertJson = await jsonArrayInsert(first, task.events);
   await sleep(200);

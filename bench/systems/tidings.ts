@@ -12,6 +12,7 @@ import {
   now,
   pollUntil,
   produce,
+  queriesSoFar,
   rate,
   runChild,
   type BenchEvent,
@@ -120,6 +121,7 @@ async function drain(task: Task): Promise<ChildResult> {
   await bus.transaction(async () => undefined);
   bus.subscribe('drain', Ev, handlerFor(task, counter), subscribeOptions(task, 'beginning'));
   const acked = await acknowledged(task, ['drain']);
+  const q0 = queriesSoFar();
   const t0 = now();
   await bus.start();
   await counter.until(task.events, task.timeoutMs);
@@ -127,7 +129,8 @@ async function drain(task: Task): Promise<ChildResult> {
   await pollUntil(async () => (await acked()) >= task.events, 30_000, 'all acknowledged');
   const ms = now() - t0;
   await bus.stop();
-  return { ok: true, metrics: { rate: rate(task.events, ms), handlerRate: rate(task.events, handledMs) } };
+  const queriesPerEvent = (queriesSoFar() - q0) / task.events;
+  return { ok: true, metrics: { rate: rate(task.events, ms), handlerRate: rate(task.events, handledMs), queriesPerEvent } };
 }
 
 /** Workloads 3 and 4: 10 producers, one event per transaction (e2e) or standalone publishes. */
@@ -138,6 +141,7 @@ async function endToEnd(task: Task, standalone: boolean): Promise<ChildResult> {
   bus.subscribe('e2e', Ev, handlerFor(task, counter), subscribeOptions(task, 'now'));
   await bus.start();
   const acked = await acknowledged(task, ['e2e']);
+  const q0 = queriesSoFar();
   const t0 = now();
   await produce(task.events, PRODUCERS, async (seq) => {
     const event = makeEvent(seq, task.variant.keys);
@@ -149,7 +153,8 @@ async function endToEnd(task: Task, standalone: boolean): Promise<ChildResult> {
   await pollUntil(async () => (await acked()) >= task.events, 30_000, 'all acknowledged');
   const ms = now() - t0;
   await bus.stop();
-  return { ok: true, metrics: { rate: rate(task.events, ms), producerRate: rate(task.events, producedMs) } };
+  const queriesPerEvent = (queriesSoFar() - q0) / task.events;
+  return { ok: true, metrics: { rate: rate(task.events, ms), producerRate: rate(task.events, producedMs), queriesPerEvent } };
 }
 
 async function fanout(task: Task): Promise<ChildResult> {
@@ -161,6 +166,7 @@ async function fanout(task: Task): Promise<ChildResult> {
   await bus.start();
   const acked = await acknowledged(task, names);
   const deliveries = task.events * task.fanout;
+  const q0 = queriesSoFar();
   const t0 = now();
   await produce(task.events, PRODUCERS, async (seq) => {
     const event = makeEvent(seq, task.variant.keys);
@@ -171,7 +177,8 @@ async function fanout(task: Task): Promise<ChildResult> {
   await pollUntil(async () => (await acked()) >= deliveries, 30_000, 'all acknowledged');
   const ms = now() - t0;
   await bus.stop();
-  return { ok: true, metrics: { rate: rate(deliveries, ms), producerRate: rate(task.events, producedMs) } };
+  const queriesPerEvent = (queriesSoFar() - q0) / task.events;
+  return { ok: true, metrics: { rate: rate(deliveries, ms), producerRate: rate(task.events, producedMs), queriesPerEvent } };
 }
 
 async function latency(task: Task): Promise<ChildResult> {
