@@ -328,47 +328,56 @@ export class PostgresConsumer implements Consumer {
     const { driver, sql } = this.#ctx;
     const spec = this.#spec;
     const lanes = [...this.#lanes.values()];
+    // Lanes at the same cursor read as one group, with one scan; after a read that finds them caught up,
+    // lanes read in the same statement share their new `done`, so groups merge by themselves.
+    const groups = new Map<string, Lane[]>();
+    for (const lane of lanes) {
+      const key = `${lane.done}|${lane.window}|${lane.position}`;
+      groups.set(key, [...(groups.get(key) ?? []), lane]);
+    }
+    const grouped = [...groups.values()];
     const params: unknown[] = [
-      lanes.map((lane) => lane.partition),
-      lanes.map((lane) => lane.done),
-      lanes.map((lane) => lane.window),
-      lanes.map((lane) => lane.position),
+      grouped.map((group) => `{${group.map((lane) => lane.partition).join(',')}}`),
+      grouped.map((group) => group[0]!.done),
+      grouped.map((group) => group[0]!.window),
+      grouped.map((group) => group[0]!.position),
       spec.topics,
       spec.partitions,
       spec.batchSize,
     ];
     if (spec.inbox) params.push(spec.name);
-    const { rows } = await driver.query<LogRow & { partition: number; win: string }>(sql.readLanes(spec.inbox), params);
-    const perLane = new Map<number, { rows: LogRow[]; window: string }>();
+    const { rows } = await driver.query<LogRow & { lane_group: number | string; win: string; partition: number }>(sql.readLanes(spec.inbox), params);
+    const perGroup = new Map<number, { rows: LogRow[]; window: string }>();
     for (const row of rows) {
-      let entry = perLane.get(row.partition);
-      if (entry === undefined) perLane.set(row.partition, (entry = { rows: [], window: row.win }));
+      const index = Number(row.lane_group) - 1;
+      let entry = perGroup.get(index);
+      if (entry === undefined) perGroup.set(index, (entry = { rows: [], window: row.win }));
       if (row.position !== null) entry.rows.push(row);
     }
     let more = false;
     const next = new Map<number, Pick<Lane, 'done' | 'window' | 'position'>>();
     const batch: LogRow[] = [];
     const partitionOf = new Map<LogRow, number>();
-    for (const lane of lanes) {
-      const entry = perLane.get(lane.partition);
+    for (const [index, group] of grouped.entries()) {
+      const entry = perGroup.get(index);
       if (entry === undefined) continue;
       const full = entry.rows.length === spec.batchSize;
       more ||= full;
-      next.set(
-        lane.partition,
-        full
-          ? { done: lane.done, window: entry.window, position: Number(entry.rows[entry.rows.length - 1]!.position) }
-          : { done: entry.window, window: null, position: null },
-      );
+      const first = group[0]!;
+      const moved = full
+        ? { done: first.done, window: entry.window, position: Number(entry.rows[entry.rows.length - 1]!.position) }
+        : { done: entry.window, window: null, position: null };
+      for (const lane of group) next.set(lane.partition, moved);
       for (const row of entry.rows) {
         batch.push(row);
-        partitionOf.set(row, lane.partition);
+        partitionOf.set(row, Number((row as LogRow & { partition: number }).partition));
       }
     }
     if (batch.length > 0) {
       const counts = new Map<number, number>();
       for (const partition of partitionOf.values()) counts.set(partition, (counts.get(partition) ?? 0) + 1);
-      const acked = lanes.filter((lane) => counts.has(lane.partition));
+      // Every lane that moved is acknowledged, so lanes of a group stay in step in the database too.
+      const acked = lanes.filter((lane) => next.has(lane.partition) && groupHasRows(grouped, lane, perGroup));
       try {
         await this.#handleBatch(batch, partitionOf, acked, next, counts, false);
       } catch (error) {
@@ -621,6 +630,11 @@ export function toEnvelope(row: LogRow): Envelope {
     tracestate: row.tracestate ?? undefined,
     data: row.data,
   };
+}
+
+function groupHasRows(groups: Lane[][], lane: Lane, rows: Map<number, { rows: LogRow[] }>): boolean {
+  const index = groups.findIndex((group) => group.includes(lane));
+  return (rows.get(index)?.rows.length ?? 0) > 0;
 }
 
 /** Groups rows by key, keeping the order of first appearance and the order within each key. */

@@ -17,41 +17,45 @@ export function statements(schema: string) {
       order by r.n`,
 
     /**
-     * Reads every lane (partition) this worker holds in one statement. $1-$4: each lane's partition, `done`
-     * snapshot, open window (null: open one now at the current snapshot) and position reached in it.
+     * Reads every lane (partition) this worker holds, in one statement. Lanes at the same cursor are read
+     * together, as a group, by one scan (they stay in step: the scan covers all of their partitions up to
+     * the position it reached). $1-$4: per group, its partitions (as `{0,1}`), `done` snapshot, open
+     * window (null: open one now, at the current snapshot) and position reached in it.
      *
-     * Opening a window returns the first messages of the lane whose transactions completed after `done`
+     * Opening a window returns the first messages of the group whose transactions completed after `done`
      * and by the current snapshot. Candidates are found through the xid index: the transactions in
      * progress at `done`, and those that began after it, so an unrelated long-running transaction does not
-     * widen the scan. Continuing a window walks the primary key from the position reached. Each lane
+     * widen the scan. Continuing a window walks the primary key from the position reached. Each group
      * returns one row with null message columns when it has nothing. `seen`: the inbox already has it.
      */
     readLanes: (inbox: boolean) => {
       const seen = inbox
         ? `exists (select 1 from ${s}.inbox i where i.subscription = $8 and i.message_id = l.id) as seen`
         : 'false as seen';
-      return `with lanes as (
-          select * from unnest($1::int[], $2::text[], $3::text[], $4::int8[]) as c(partition, done, win, pos)
+      const columns = `${logColumns}, l.key_hash % $6 as partition, ${seen}`;
+      return `with groups as (
+          select n, parts::int[] as parts, done, win, pos
+          from unnest($1::text[], $2::text[], $3::text[], $4::int8[]) with ordinality as c(parts, done, win, pos, n)
         ), now as (select pg_current_snapshot() as snap)
-        select c.partition, now.snap::text as win, m.*
-        from lanes c cross join now
+        select c.n as lane_group, now.snap::text as win, m.*
+        from groups c cross join now
         left join lateral (
-          select ${logColumns}, ${seen} from ${s}.log l
+          select ${columns} from ${s}.log l
           where (l.xid = any(array(select pg_snapshot_xip(c.done::pg_snapshot))) or l.xid >= pg_snapshot_xmax(c.done::pg_snapshot))
             and pg_visible_in_snapshot(l.xid, now.snap)
-            and l.topic = any($5::text[]) and l.key_hash % $6 = c.partition
+            and l.topic = any($5::text[]) and l.key_hash % $6 = any(c.parts)
           order by l.position
           limit $7
         ) m on true
         where c.win is null
         union all
-        select c.partition, c.win, m.*
-        from lanes c
+        select c.n, c.win, m.*
+        from groups c
         left join lateral (
-          select ${logColumns}, ${seen} from ${s}.log l
+          select ${columns} from ${s}.log l
           where l.position > c.pos
             and pg_visible_in_snapshot(l.xid, c.win::pg_snapshot) and not pg_visible_in_snapshot(l.xid, c.done::pg_snapshot)
-            and l.topic = any($5::text[]) and l.key_hash % $6 = c.partition
+            and l.topic = any($5::text[]) and l.key_hash % $6 = any(c.parts)
           order by l.position
           limit $7
         ) m on true
