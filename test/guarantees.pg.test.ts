@@ -4,7 +4,8 @@
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { after, test, type TestContext } from 'node:test';
-import { createBus, deadLetter, PermanentError, ValidationError, type Bus } from '../src/index.ts';
+import { z } from 'zod';
+import { createBus, deadLetter, defineEvent, PermanentError, ValidationError, type Bus } from '../src/index.ts';
 import { postgres, type PgTransaction } from '../src/postgres/index.ts';
 import { Ticked } from './fixtures/contracts.ts';
 import { connect, DATABASE_URL, dropSchema, requirePostgres, sleep, uniqueSchema, waitFor } from './helpers.ts';
@@ -148,10 +149,35 @@ test('2b. an unrelated long-running transaction does not hold back delivery', as
   assert.deepEqual(seen, Array.from({ length: 20 }, (_, i) => i));
 });
 
+test('2c. a large window is read in bounded ranges: a rare topic among many others, small batches, nothing missed', async (t) => {
+  const schema = await setup(t);
+  if (schema === undefined) return;
+  const publisher = newBus(schema);
+  await publisher.start();
+  const Other = defineEvent('test.other', { schema: z.object({ n: z.number() }) });
+  const expected: number[] = [];
+  for (let chunk = 0; chunk < 10; chunk++) {
+    await publisher.transaction(async (tx) => {
+      await publisher.publishMany(Other, Array.from({ length: 500 }, (_, n) => ({ n })), { tx });
+      const seq = chunk * 3;
+      await publisher.publishMany(Ticked, [0, 1, 2].map((i) => ({ key: 'rare', seq: seq + i })), { tx });
+      expected.push(seq, seq + 1, seq + 2);
+    });
+  }
+  const bus = newBus(schema);
+  const seen: number[] = [];
+  bus.subscribe('rare-reader', Ticked, (message) => {
+    seen.push(message.data.seq);
+  }, { startFrom: 'beginning', batchSize: 2, partitions: 2 });
+  await bus.start();
+  await waitFor('all 30 rare messages', () => seen.length >= 30);
+  assert.deepEqual(seen, expected);
+});
+
 function startWorker(schema: string, env: Record<string, string> = {}): Promise<ChildProcess> {
   const child = spawn(process.execPath, ['--import', 'tsx', 'test/fixtures/worker.ts'], {
     env: { ...process.env, DATABASE_URL, SCHEMA: schema, ...env },
-    stdio: ['ignore', 'pipe', 'inherit'],
+    stdio: ['pipe', 'pipe', 'inherit'],
   });
   return new Promise((resolve, reject) => {
     child.once('error', reject);

@@ -45,11 +45,20 @@ export interface Message<Data = unknown> {
   readonly data: Data;
 }
 
+/** Random bytes are drawn in blocks: one system call for many ids. */
+const POOL_SIZE = 16 * 512;
+let pool = Buffer.alloc(0);
+let offset = POOL_SIZE;
+
 /** Time-ordered UUID (version 7): ids sort by creation time, which keeps inbox and dead-letter indexes compact. */
 export function newId(): string {
-  const bytes = randomBytes(16);
-  const now = Date.now();
-  bytes.writeUIntBE(now, 0, 6);
+  if (offset + 16 > pool.length) {
+    pool = randomBytes(POOL_SIZE);
+    offset = 0;
+  }
+  const bytes = Buffer.from(pool.subarray(offset, offset + 16));
+  offset += 16;
+  bytes.writeUIntBE(Date.now(), 0, 6);
   bytes[6] = (bytes[6]! & 0x0f) | 0x70;
   bytes[8] = (bytes[8]! & 0x3f) | 0x80;
   const hex = bytes.toString('hex');

@@ -43,7 +43,17 @@ interface Lane {
   done: string;
   window: string | null;
   position: number | null;
+  /** No message of the open window has a higher position (null after a restart: the log's last is used). */
+  hi: number | null;
+  /** Positions scanned by the next read of the open window; grows while reads come back sparse. */
+  span: number;
 }
+
+type LaneCursor = Pick<Lane, 'done' | 'window' | 'position' | 'hi' | 'span'>;
+
+/** A window is scanned `batchSize` x this many positions at a time at least, up to the maximum. */
+const MIN_SPAN_BATCHES = 4;
+const MAX_SPAN = 1_000_000;
 
 class LeaseLost extends Error {
   override name = 'LeaseLost';
@@ -227,6 +237,8 @@ export class PostgresConsumer implements Consumer {
             done: row.done,
             window: row.window_snapshot,
             position: row.window_position === null ? null : Number(row.window_position),
+            hi: null,
+            span: this.#spec.batchSize * MIN_SPAN_BATCHES,
           });
         }
         if (acquired.length > 0) {
@@ -344,33 +356,47 @@ export class PostgresConsumer implements Consumer {
       spec.topics,
       spec.partitions,
       spec.batchSize,
+      grouped.map((group) => group[0]!.hi),
+      grouped.map((group) => group[0]!.span),
     ];
     if (spec.inbox) params.push(spec.name);
-    const { rows } = await driver.query<LogRow & { lane_group: number | string; win: string; partition: number }>(sql.readLanes(spec.inbox), params);
-    const perGroup = new Map<number, { rows: LogRow[]; window: string }>();
+    type Row = LogRow & { lane_group: number | string; win: string; hi: number | string; range_end: number | string | null; partition: number };
+    const { rows } = await driver.query<Row>(sql.readLanes(spec.inbox), params);
+    const perGroup = new Map<number, { rows: LogRow[]; window: string; hi: number; rangeEnd: number | null }>();
     for (const row of rows) {
       const index = Number(row.lane_group) - 1;
       let entry = perGroup.get(index);
-      if (entry === undefined) perGroup.set(index, (entry = { rows: [], window: row.win }));
+      if (entry === undefined) {
+        entry = { rows: [], window: row.win, hi: Number(row.hi), rangeEnd: row.range_end === null ? null : Number(row.range_end) };
+        perGroup.set(index, entry);
+      }
       if (row.position !== null) entry.rows.push(row);
     }
     let more = false;
-    const next = new Map<number, Pick<Lane, 'done' | 'window' | 'position'>>();
+    const next = new Map<number, LaneCursor>();
     const batch: LogRow[] = [];
     const partitionOf = new Map<LogRow, number>();
+    const minSpan = spec.batchSize * MIN_SPAN_BATCHES;
     for (const [index, group] of grouped.entries()) {
       const entry = perGroup.get(index);
       if (entry === undefined) continue;
-      const full = entry.rows.length === spec.batchSize;
-      more ||= full;
       const first = group[0]!;
-      const moved = full
-        ? { done: first.done, window: entry.window, position: Number(entry.rows[entry.rows.length - 1]!.position) }
-        : { done: entry.window, window: null, position: null };
+      const full = entry.rows.length === spec.batchSize;
+      let moved: LaneCursor;
+      if (full) {
+        // More may wait right after the last row.
+        moved = { done: first.done, window: entry.window, position: Number(entry.rows[entry.rows.length - 1]!.position), hi: entry.hi, span: minSpan };
+      } else if (entry.rangeEnd !== null && entry.rangeEnd < entry.hi) {
+        // The range was sparse: scan on from its end, a wider range next time.
+        moved = { done: first.done, window: entry.window, position: entry.rangeEnd, hi: entry.hi, span: Math.min(MAX_SPAN, first.span * 2) };
+      } else {
+        moved = { done: entry.window, window: null, position: null, hi: null, span: minSpan };
+      }
+      more ||= moved.window !== null;
       for (const lane of group) next.set(lane.partition, moved);
       for (const row of entry.rows) {
         batch.push(row);
-        partitionOf.set(row, Number((row as LogRow & { partition: number }).partition));
+        partitionOf.set(row, Number((row as Row).partition));
       }
     }
     if (batch.length > 0) {
@@ -403,7 +429,7 @@ export class PostgresConsumer implements Consumer {
     rows: LogRow[],
     partitionOf: Map<LogRow, number>,
     lanes: Lane[],
-    next: Map<number, Pick<Lane, 'done' | 'window' | 'position'>>,
+    next: Map<number, LaneCursor>,
     counts: Map<number, number>,
     careful: boolean,
   ): Promise<void> {

@@ -25,19 +25,24 @@ export function statements(schema: string) {
      * Opening a window returns the first messages of the group whose transactions completed after `done`
      * and by the current snapshot. Candidates are found through the xid index: the transactions in
      * progress at `done`, and those that began after it, so an unrelated long-running transaction does not
-     * widen the scan. Continuing a window walks the primary key from the position reached. Each group
-     * returns one row with null message columns when it has nothing. `seen`: the inbox already has it.
+     * widen the scan. Opening also returns `hi`, the log's last position: no message of the window can be
+     * numbered higher. Continuing a window scans the positions after the one reached, a bounded range
+     * ($9: its span) at a time, up to `hi`: bounded, each read costs the same however large the window
+     * (an unbounded "position > x order by position limit n" lets the planner sort the whole rest of it).
+     * Each group returns one row with null message columns when it has nothing. `seen`: the inbox has it.
      */
     readLanes: (inbox: boolean) => {
       const seen = inbox
-        ? `exists (select 1 from ${s}.inbox i where i.subscription = $8 and i.message_id = l.id) as seen`
+        ? `exists (select 1 from ${s}.inbox i where i.subscription = $10 and i.message_id = l.id) as seen`
         : 'false as seen';
       const columns = `${logColumns}, l.key_hash % $6 as partition, ${seen}`;
       return `with groups as (
-          select n, parts::int[] as parts, done, win, pos
-          from unnest($1::text[], $2::text[], $3::text[], $4::int8[]) with ordinality as c(parts, done, win, pos, n)
-        ), now as (select pg_current_snapshot() as snap)
-        select c.n as lane_group, now.snap::text as win, m.*
+          select n, parts::int[] as parts, done, win, pos, hi, span
+          from unnest($1::text[], $2::text[], $3::text[], $4::int8[], $8::int8[], $9::int8[]) with ordinality as c(parts, done, win, pos, hi, span, n)
+        ), now as (
+          select pg_current_snapshot() as snap, coalesce(pg_sequence_last_value('${s}.log_position_seq'::regclass), 0) as last
+        )
+        select c.n as lane_group, now.snap::text as win, now.last as hi, null::int8 as range_end, m.*
         from groups c cross join now
         left join lateral (
           select ${columns} from ${s}.log l
@@ -49,11 +54,14 @@ export function statements(schema: string) {
         ) m on true
         where c.win is null
         union all
-        select c.n, c.win, m.*
-        from groups c
+        select c.n, c.win, r.hi, r.range_end, m.*
+        from groups c cross join now
+        cross join lateral (
+          select coalesce(c.hi, now.last) as hi, least(c.pos + c.span, coalesce(c.hi, now.last)) as range_end
+        ) r
         left join lateral (
           select ${columns} from ${s}.log l
-          where l.position > c.pos
+          where l.position > c.pos and l.position <= r.range_end
             and pg_visible_in_snapshot(l.xid, c.win::pg_snapshot) and not pg_visible_in_snapshot(l.xid, c.done::pg_snapshot)
             and l.topic = any($5::text[]) and l.key_hash % $6 = any(c.parts)
           order by l.position
