@@ -51,8 +51,8 @@ interface Lane {
 
 type LaneCursor = Pick<Lane, 'done' | 'window' | 'position' | 'hi' | 'span'>;
 
-/** A window is scanned `batchSize` x this many positions at a time at least, up to the maximum. */
-const MIN_SPAN_BATCHES = 4;
+/** A window's first range spans `batchSize` x this many positions; sparse ranges double it, up to the maximum. */
+const MIN_SPAN_BATCHES = 1;
 const MAX_SPAN = 1_000_000;
 
 class LeaseLost extends Error {
@@ -361,7 +361,7 @@ export class PostgresConsumer implements Consumer {
     ];
     if (spec.inbox) params.push(spec.name);
     type Row = LogRow & { lane_group: number | string; win: string; hi: number | string; range_end: number | string | null; partition: number };
-    const { rows } = await driver.query<Row>(sql.readLanes(spec.inbox), params);
+    const { rows } = await driver.prepared<Row>(`tidings.${sql.schema}.read.${spec.inbox}`, sql.readLanes(spec.inbox), params);
     const perGroup = new Map<number, { rows: LogRow[]; window: string; hi: number; rangeEnd: number | null }>();
     for (const row of rows) {
       const index = Number(row.lane_group) - 1;
@@ -385,7 +385,7 @@ export class PostgresConsumer implements Consumer {
       let moved: LaneCursor;
       if (full) {
         // More may wait right after the last row.
-        moved = { done: first.done, window: entry.window, position: Number(entry.rows[entry.rows.length - 1]!.position), hi: entry.hi, span: minSpan };
+        moved = { done: first.done, window: entry.window, position: Number(entry.rows[entry.rows.length - 1]!.position), hi: entry.hi, span: first.span };
       } else if (entry.rangeEnd !== null && entry.rangeEnd < entry.hi) {
         // The range was sparse: scan on from its end, a wider range next time.
         moved = { done: first.done, window: entry.window, position: entry.rangeEnd, hi: entry.hi, span: Math.min(MAX_SPAN, first.span * 2) };
@@ -473,8 +473,8 @@ export class PostgresConsumer implements Consumer {
       });
     };
 
-    const ack = async (db: Queryable) => {
-      const { rows: result } = await db.query<{ fenced: number }>(sql.ack, [
+    const ack = async (db: Queryable | undefined) => {
+      const values = [
         spec.name,
         this.#owner,
         lanes.map((lane) => lane.partition),
@@ -486,7 +486,9 @@ export class PostgresConsumer implements Consumer {
         handledIds,
         JSON.stringify(held),
         JSON.stringify(dead),
-      ]);
+      ];
+      const { rows: result } =
+        db === undefined ? await driver.prepared<{ fenced: number }>(`tidings.${sql.schema}.ack`, sql.ack, values) : await db.query<{ fenced: number }>(sql.ack, values);
       if (Number(result[0]?.fenced ?? 0) !== lanes.length) throw new LeaseLost();
     };
 
@@ -508,7 +510,7 @@ export class PostgresConsumer implements Consumer {
         });
         await scope.commit();
       } else {
-        await ack(driver);
+        await ack(undefined);
       }
     }
     for (const key of parkedNow) this.#parked.add(key);

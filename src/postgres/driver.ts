@@ -25,6 +25,11 @@ export interface ListenHandlers {
 export interface SqlDriver extends Queryable {
   /** True for an in-process database: one session, no other process to wake. */
   readonly embedded: boolean;
+  /**
+   * Runs a statement the server may keep planned under `name` (a prepared statement per connection): for
+   * the hot statements whose planning costs as much as running them. `name` must identify `text`.
+   */
+  prepared<R = Record<string, unknown>>(name: string, text: string, params: readonly unknown[]): Promise<{ rows: R[]; rowCount?: number | null }>;
   /** A description safe to print (no password). */
   readonly description: string;
   transaction<T>(fn: (tx: Queryable) => Promise<T>): Promise<T>;
@@ -45,6 +50,10 @@ export interface PgPoolLike extends Queryable {
   connect(): Promise<PgClientLike>;
   end(): Promise<void>;
   readonly options?: Record<string, unknown>;
+}
+
+interface PreparingPool {
+  query<R>(config: { name: string; text: string; values: unknown[] }): Promise<{ rows: R[]; rowCount?: number | null }>;
 }
 
 interface PgListenClient extends Queryable {
@@ -81,6 +90,8 @@ export async function pgDriver(options: PgDriverOptions): Promise<SqlDriver> {
     embedded: false,
     description,
     query: (text, params) => wrap(description, () => pool.query(text, params as unknown[])),
+    prepared: (name, text, params) =>
+      wrap(description, () => (pool as unknown as PreparingPool).query({ name, text, values: params as unknown[] })),
     async transaction(fn) {
       const client = await wrap(description, () => pool.connect());
       let broken: Error | undefined;
@@ -169,6 +180,7 @@ export async function pgliteDriver(options: PgliteDriverOptions): Promise<SqlDri
     embedded: true,
     description: `PGlite (${options.dataDir ?? 'in memory'})`,
     query: (text, params) => database.query(text, params as unknown[]),
+    prepared: (_name, text, params) => database.query(text, params as unknown[]),
     transaction: (fn) => database.transaction(fn),
     async listen(channels, handlers) {
       const unlisten: Array<() => Promise<void>> = [];

@@ -8,6 +8,7 @@ export function statements(schema: string) {
     l.tenant, l.correlation_id, l.causation_id, l.traceparent, l.tracestate, l.data`;
 
   return {
+    schema,
     /** $1: a JSON array of rows. One statement for any number of messages; order is kept by ordinality. */
     insertMessages: `insert into ${s}.log (topic, id, type, source, time, subject, key, key_hash, tenant, correlation_id, causation_id, traceparent, tracestate, data)
       select r.topic, r.id, r.type, r.source, r.time, r.subject, r.key, r.key_hash, r.tenant, r.correlation_id, r.causation_id, r.traceparent, r.tracestate, r.data
