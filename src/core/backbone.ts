@@ -45,7 +45,7 @@ export interface SubscriptionSpec {
   readonly topics: readonly string[];
   /** How many ordered lanes the subscription's keys are hashed into; workers lease whole partitions. */
   readonly partitions: number;
-  /** Handlers in flight at once per partition (different keys only). */
+  /** Handlers in flight at once per subscription in one process (different keys only). */
   readonly concurrency: number;
   /** Messages read per batch. */
   readonly batchSize: number;

@@ -11,11 +11,11 @@ export interface RetryOptions {
 }
 
 export interface SubscribeOptions {
-  /** Handlers in flight at once per partition; messages of one key never run concurrently. */
+  /** Handlers in flight at once per subscription in this process; messages of one key never run concurrently. */
   concurrency?: number;
   /** Ordered lanes the subscription's keys hash into; workers in several processes share them by lease. */
   partitions?: number;
-  /** Messages read per batch (one read, one acknowledgement per batch). */
+  /** Messages read per partition per batch (one read and one acknowledgement per batch). */
   batchSize?: number;
   retry?: RetryOptions;
   /** A handler running longer than this is abandoned and the attempt counts as failed. 0 disables. */
