@@ -34,9 +34,10 @@ after(async () => {
 const bounded = { timeout: 60_000 };
 
 function newBus(schema: string, service = 'faults', options: Partial<PostgresOptions> = {}): Bus<PgTransaction> {
+  const source = options.pool === undefined ? { url: DATABASE_URL } : {};
   const bus = createBus({
     service,
-    backbone: postgres({ url: DATABASE_URL, schema, leaseMs: 2_000, heartbeatMs: 500, pollMs: 1_000, onWarning: () => undefined, ...options }),
+    backbone: postgres({ ...source, schema, leaseMs: 2_000, heartbeatMs: 500, pollMs: 1_000, onWarning: () => undefined, ...options }),
   });
   buses.push(bus);
   return bus;
@@ -259,3 +260,244 @@ test('kill -9 of a worker mid-batch, 4 times, while publishers publish: one effe
     await db.end();
   }
 });
+
+// ---- connections cut -----------------------------------------------------------------------------
+
+/**
+ * A pg Pool as an application passes it (`postgres({ pool })`), named like Tidings' own, with the guard pg
+ * needs against a connection dropped while checked out and idle (inside an open transaction): without an
+ * 'error' listener on the client, pg raises an uncaught exception that ends the process. Tidings' own pool
+ * lacks that guard today: see the todo test after this one.
+ */
+function guardedPool(schema: string): PgPoolLike {
+  const pool = new pg.Pool({ connectionString: DATABASE_URL, max: 10, application_name: `tidings:${schema}` });
+  pool.on('error', () => undefined);
+  pool.on('connect', (client) => client.on('error', () => undefined));
+  cleanups.push(() => pool.end());
+  return pool as unknown as PgPoolLike;
+}
+
+test('PostgreSQL connections cut mid-stream, 3 times: publishers get a retryable BACKBONE_UNAVAILABLE, consumers and the notifier reconnect by themselves, nothing is lost or skipped', bounded, async (t) => {
+  const schema = await setup(t, 'cut');
+  if (schema === undefined) return;
+  await createEffects(schema);
+  const db = await connect();
+  // The default backstop poll (5 s): a quick delivery after the cuts proves a notification woke the consumer.
+  const warnings: string[] = [];
+  const onWarning = (message: string) => void warnings.push(message);
+  const producer = newBus(schema, 'producer', { pollMs: 5_000, pool: guardedPool(schema), onWarning });
+  const consumer = newBus(schema, 'consumer', { pollMs: 5_000, pool: guardedPool(schema), onWarning });
+  consumer.subscribe(
+    'resilient',
+    Ticked,
+    async (message, ctx) => {
+      await ctx.tx.query(`insert into "${schema}".effects (message_id, key, seq, worker) values ($1, $2, $3, 0)`, [message.id, message.data.key, message.data.seq]);
+    },
+    { partitions: 2, batchSize: 50 },
+  );
+  await consumer.start();
+  await producer.start();
+
+  const attempts = new Map<string, number>();
+  const unexpected: unknown[] = [];
+  let unavailable = 0;
+  let cutAt = Number.POSITIVE_INFINITY;
+  let firstAfterCut: { id: string; at: number } | undefined;
+  /** Publishes until it succeeds, retrying with the same id what the backbone says may be retried. */
+  async function publish(key: string, seq: number, inTransaction: boolean): Promise<void> {
+    const id = newId();
+    for (let attempt = 1; ; attempt++) {
+      const startedAt = Date.now();
+      try {
+        if (inTransaction) {
+          await producer.transaction(async (tx) => {
+            await producer.publish(Ticked, { key, seq }, { tx, id });
+            await sleep(2); // a little time between the insert and the commit, for a cut to land in
+          });
+        } else {
+          await producer.publish(Ticked, { key, seq }, { id });
+        }
+        attempts.set(id, attempt);
+        if (startedAt >= cutAt && firstAfterCut === undefined) firstAfterCut = { id, at: Date.now() };
+        return;
+      } catch (error) {
+        if (error instanceof TidingsError && error.code === 'BACKBONE_UNAVAILABLE' && error.retryable) {
+          unavailable++;
+          await sleep(20);
+          continue;
+        }
+        unexpected.push(error);
+        return;
+      }
+    }
+  }
+  const keys = keysPerPartition(2, 4);
+  let publishing = true;
+  // Half the loops publish on their own (group commit), half inside transactions Tidings drives.
+  const loops = Array.from({ length: 4 }, async (_, p) => {
+    const mine = keys.filter((_key, i) => i % 4 === p);
+    for (let seq = 0; publishing; seq++) {
+      for (const key of mine) await publish(key, seq, p % 2 === 1);
+      await sleep(10);
+    }
+  });
+  const count = async () => Number((await db.query(`select count(*)::int as n from "${schema}".effects`)).rows[0].n);
+  const notifiers = async () =>
+    Number((await db.query(`select count(*)::int as n from pg_stat_activity where application_name = $1`, [`tidings-notifier:${schema}`])).rows[0].n);
+
+  try {
+    const figures: string[] = [];
+    for (let round = 1; round <= 3; round++) {
+      const before = await count();
+      await waitFor('messages flowing', async () => (await count()) >= before + 100, 20_000);
+      firstAfterCut = undefined;
+      cutAt = Date.now();
+      const { rows: cut } = await db.query(`select pg_terminate_backend(pid) as cut from pg_stat_activity where application_name = any($1)`, [
+        [`tidings:${schema}`, `tidings-notifier:${schema}`],
+      ]);
+      assert.ok(cut.length >= 3, `cut the pools' and both notifiers' connections (${cut.length})`);
+      await waitFor('both notifiers listening again', async () => (await notifiers()) >= 2, 20_000);
+      const notifierMs = Date.now() - cutAt;
+      await waitFor('a publish begun after the cut to succeed', () => firstAfterCut !== undefined, 20_000);
+      const published = firstAfterCut!;
+      await waitFor(
+        'the consumer to handle a message published after the cut',
+        async () => (await db.query(`select 1 from "${schema}".effects where message_id = $1`, [published.id])).rows.length > 0,
+        20_000,
+      );
+      const resumedMs = Date.now() - cutAt;
+      figures.push(`${resumedMs}`);
+      t.diagnostic(
+        `cut ${round}: ${cut.length} connections terminated; first publish after it succeeded in ${published.at - cutAt} ms; notifiers listening again after ${notifierMs} ms; a message published after the cut was handled ${resumedMs} ms after the cut`,
+      );
+    }
+    publishing = false;
+    await Promise.all(loops);
+    assert.deepEqual(unexpected, [], 'every failed publish was a retryable BACKBONE_UNAVAILABLE');
+    await waitFor(
+      'an effect for every message whose publish resolved',
+      async () => Number((await db.query(`select count(distinct message_id)::int as n from "${schema}".effects`)).rows[0].n) >= attempts.size,
+      30_000,
+    );
+    // Woken by a notification through a reconnected LISTEN, not found by the 5 s backstop poll.
+    const started = Date.now();
+    const last = await producer.publish(Ticked, { key: 'after-the-cuts', seq: 0 });
+    await waitFor('a wake-up after the cuts', async () => (await db.query(`select 1 from "${schema}".effects where message_id = $1`, [last.id])).rows.length > 0, 10_000);
+    const wakeMs = Date.now() - started;
+    assert.ok(wakeMs < 2_500, `delivered by notification in ${wakeMs} ms, not by the 5 s poll`);
+    await consumer.stop();
+
+    const rows = await effects(db, schema);
+    const perId = new Map<string, number>();
+    for (const row of rows) perId.set(row.message_id, (perId.get(row.message_id) ?? 0) + 1);
+    const missing = [...attempts.keys()].filter((id) => !perId.has(id));
+    assert.deepEqual(missing, [], 'every publish that resolved was delivered');
+    const twiceOnce = [...attempts].filter(([id, n]) => n === 1 && perId.get(id) !== 1);
+    assert.deepEqual(twiceOnce, [], 'a message published once has exactly one effect');
+    const retried = [...attempts].filter(([, n]) => n > 1);
+    const duplicated = retried.filter(([id]) => (perId.get(id) ?? 0) > 1).length;
+    assert.deepEqual(checkOrder(rows.filter((row) => row.key !== 'after-the-cuts')), [], 'per-key order kept');
+    t.diagnostic(
+      `${attempts.size} messages; ${unavailable} publish attempts failed with BACKBONE_UNAVAILABLE (retryable) and were retried with the same id (${retried.length} messages; ${duplicated} of them handled twice because the cut attempt had in fact committed); wake-up after the cuts ${wakeMs} ms; ${warnings.length} warnings (the consumers' failed batches and heartbeats, the notifiers' reconnects)`,
+    );
+  } finally {
+    publishing = false;
+    await Promise.all(loops);
+    await db.end();
+  }
+});
+
+/**
+ * Runs in a child process, because the failure it looks for ends the process: a bus on Tidings' own pool
+ * (`url`) has a transaction open and idle (the application works between two statements, or a handler
+ * runs between its write through ctx.tx and the batch's ack) when its connection is cut.
+ */
+const idleTransactionCut = (mode: 'transaction' | 'handler') => `
+  const pg = (await import('pg')).default;
+  const { createBus } = await import(${JSON.stringify(new URL('../src/index.ts', import.meta.url).pathname)});
+  const { postgres } = await import(${JSON.stringify(new URL('../src/postgres/index.ts', import.meta.url).pathname)});
+  const { Ticked } = await import(${JSON.stringify(new URL('./fixtures/contracts.ts', import.meta.url).pathname)});
+  const schema = process.env.SCHEMA;
+  const admin = new pg.Client({ connectionString: process.env.DATABASE_URL });
+  await admin.connect();
+  const cut = () => admin.query('select pg_terminate_backend(pid) from pg_stat_activity where application_name = $1', ['tidings:' + schema]);
+  const bus = createBus({ service: 'cut', backbone: postgres({ url: process.env.DATABASE_URL, schema, leaseMs: 2000, heartbeatMs: 500, onWarning: () => {} }) });
+  let handled = 0;
+  let inHandler;
+  const entered = new Promise((resolve) => (inHandler = resolve));
+  bus.subscribe('idle', Ticked, async (message, ctx) => {
+    if (${JSON.stringify(mode)} === 'handler') {
+      await ctx.tx.query('select 1');
+      if (handled === 0) { inHandler(); await new Promise((r) => setTimeout(r, 500)); }
+    }
+    handled++;
+  }, { partitions: 1 });
+  await bus.start();
+  const result = {};
+  if (${JSON.stringify(mode)} === 'transaction') {
+    let opened;
+    const open = new Promise((resolve) => (opened = resolve));
+    const work = bus.transaction(async (tx) => {
+      await tx.query('select 1');
+      opened();
+      await new Promise((r) => setTimeout(r, 500));
+      await tx.query('select 2');
+    }).then(() => 'committed', (error) => error.code + (error.retryable ? ' retryable' : ''));
+    await open;
+    await cut();
+    result.transaction = await work;
+  } else {
+    await bus.publish(Ticked, { key: 'k', seq: 1 });
+    await entered;
+    await cut();
+    const deadline = Date.now() + 15000;
+    while (handled < 2 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+    result.handled = handled;
+  }
+  await bus.stop();
+  await admin.end();
+  process.stdout.write('RESULT ' + JSON.stringify(result) + '\\n');
+`;
+
+async function runIsolated(schema: string, code: string): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  const child = spawn(process.execPath, ['--conditions=source', '--import', 'tsx', '--input-type=module', '-e', code], {
+    env: { ...process.env, DATABASE_URL, SCHEMA: schema },
+    stdio: ['pipe', 'pipe', 'pipe'],
+  });
+  children.add(child);
+  let stdout = '';
+  let stderr = '';
+  child.stdout!.on('data', (chunk: Buffer) => (stdout += chunk.toString()));
+  child.stderr!.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
+  const timer = setTimeout(() => child.kill('SIGKILL'), 30_000);
+  const exitCode = await new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
+  clearTimeout(timer);
+  children.delete(child);
+  return { code: exitCode, stdout, stderr };
+}
+
+test(
+  "a connection cut while a transaction is open and idle fails that transaction with BACKBONE_UNAVAILABLE, and the process goes on (Tidings' own pool)",
+  {
+    ...bounded,
+    todo: "driver.ts transaction() checks a client out of the pool without an 'error' listener: pg emits 'error' on an idle checked-out client whose backend is terminated, and with no listener that is an uncaught exception that ends the process",
+  },
+  async (t) => {
+    const outcomes: Record<string, unknown> = {};
+    for (const mode of ['transaction', 'handler'] as const) {
+      const schema = await setup(t, 'idle');
+      if (schema === undefined) return;
+      const run = await runIsolated(schema, idleTransactionCut(mode));
+      const result = /^RESULT (.*)$/m.exec(run.stdout)?.[1];
+      const uncaught = /terminating connection due to administrator command|Connection terminated[^\n]*/.exec(run.stderr)?.[0];
+      outcomes[mode] = result === undefined ? `process ended with exit code ${run.code}${uncaught === undefined ? '' : ` (uncaught: ${uncaught})`}` : JSON.parse(result);
+    }
+    t.diagnostic(JSON.stringify(outcomes));
+    assert.deepEqual(outcomes, {
+      // bus.transaction rejects with the retryable error; the application may run it again.
+      transaction: { transaction: 'BACKBONE_UNAVAILABLE retryable' },
+      // The batch is rolled back and handled again on a new connection: the handler runs twice.
+      handler: { handled: 2 },
+    });
+  },
+);
