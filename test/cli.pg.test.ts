@@ -3,6 +3,7 @@
  * process, against a real PostgreSQL server, with real buses producing the dead letters, lag and leases.
  */
 import assert from 'node:assert/strict';
+import { loadMigrations } from '../src/postgres/migrate.ts';
 import { spawn } from 'node:child_process';
 import { hostname, userInfo } from 'node:os';
 import { after, test, type TestContext } from 'node:test';
@@ -325,7 +326,7 @@ test('tail follows new messages of a topic with filters; migrate is idempotent',
   const schema = await setup(t);
   if (schema === undefined) return;
   const migrated = await json(schema, ['migrate']);
-  assert.deepEqual(migrated.applied, [1, 2]);
+  assert.deepEqual(migrated.applied, (await loadMigrations()).map((migration) => migration.version));
   assert.deepEqual((await json(schema, ['migrate'])).applied, []);
 
   const bus = newBus(schema);

@@ -23,6 +23,7 @@ import {
 } from '../postgres/admin.ts';
 import { checkIdentifier } from '../postgres/driver.ts';
 import { migrate } from '../postgres/migrate.ts';
+import { prune } from '../postgres/retention.ts';
 import { isUnreachable, openDatabase, unreachableMessage, type Database } from './database.ts';
 import { duration, lease, progress, table } from './format.ts';
 
@@ -73,11 +74,12 @@ Examples:
   tidings tail orders.order-placed --key o-42
   tidings dead-letters list --group
   tidings dead-letters redrive --subscription billing --error "gateway timeout" --rate 50
-  tidings replay billing --from 2026-01-31T12:00:00Z --wait`;
+  tidings replay billing --from 2026-01-31T12:00:00Z --wait
+  tidings prune --dry-run`;
 
 export function buildProgram(context: CliContext): Command {
   const program = new Command('tidings')
-    .description('Operate Tidings on PostgreSQL: schema, status and lag, live tail, dead letters, replay.')
+    .description('Operate Tidings on PostgreSQL: schema, status and lag, live tail, dead letters, replay, retention.')
     .exitOverride()
     .configureOutput({ writeOut: context.out, writeErr: context.err })
     .showHelpAfterError('(add --help for usage)')
@@ -305,6 +307,35 @@ export function buildProgram(context: CliContext): Command {
         if (globals.json) emit(context, globals, { ...result, caughtUp }, () => '');
         if (!caughtUp) throw new CommandFailed(`Stopped waiting; the replay itself is done. Follow it with: tidings status --subscription ${subscription}`);
         if (!globals.json) context.out(`${subscription} has caught up.\n`);
+      });
+    });
+
+  program
+    .command('prune')
+    .description('run retention once: delete handled log rows, inbox records and dead letters older than their windows')
+    .option('--log-days <days>', 'keep log rows this many days (default 7)', positiveNumber)
+    .option('--inbox-days <days>', 'keep inbox records (the de-duplication window) this many days (default 14)', positiveNumber)
+    .option('--dead-letter-days <days>', 'keep dead letters this many days (default 30)', positiveNumber)
+    .option('--force', 'also delete old log rows a subscription has not handled yet (it will never see them)')
+    .option('--dry-run', 'count what would be deleted, delete nothing')
+    .action(async (options: { logDays?: number; inboxDays?: number; deadLetterDays?: number; force?: boolean; dryRun?: boolean }, command: Command) => {
+      await withDatabase(context, command, async (db, globals) => {
+        const ms = (days: number | undefined) => (days === undefined ? undefined : Math.round(days * 86_400_000));
+        const result = await prune(db.driver, {
+          schema: globals.schema,
+          log: { maxAgeMs: ms(options.logDays), force: options.force === true },
+          inbox: { maxAgeMs: ms(options.inboxDays) },
+          deadLetters: { maxAgeMs: ms(options.deadLetterDays) },
+          dryRun: options.dryRun === true,
+          signal: context.interrupt,
+        });
+        emit(context, globals, result, () =>
+          [
+            `${result.dryRun ? 'Would delete' : 'Deleted'} ${result.log.deleted} log rows, ${result.inbox.deleted} inbox records and ${result.deadLetters.deleted} dead letters (${result.statements} statements, ${result.ms} ms).`,
+            ...(result.log.kept > 0 ? [`Kept ${result.log.kept} old log rows that a subscription has not handled yet (--force deletes them).`] : []),
+          ].join('\n'),
+        );
+        if (result.stopped) throw new CommandFailed('Stopped before the end; run the same command again to continue.');
       });
     });
 

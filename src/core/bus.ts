@@ -275,7 +275,16 @@ export class Bus<Tx = unknown> {
     const outgoing: Outgoing[] = [];
     const time = new Date().toISOString();
     for (const data of items) {
-      outgoing.push(await this.#encode(contract, data, effective, time, items.length === 1));
+      try {
+        outgoing.push(await this.#encode(contract, data, effective, time, items.length === 1));
+      } catch (error) {
+        // A payload nested deeper than the stack: the schema library or JSON.stringify overflows.
+        if (!(error instanceof RangeError)) throw error;
+        throw new TidingsError('INVALID_PAYLOAD', `Payload for ${contract.name} is nested too deeply to validate or serialise (${error.message}); flatten it`, {
+          cause: error,
+          ref: { topic: contract.topic },
+        });
+      }
     }
     await this.#open();
     await this.backbone.publish(outgoing, effective.tx as Tx | undefined);

@@ -43,6 +43,8 @@ export interface SqlDriver extends Queryable {
 /** The subset of `pg.PoolClient` used. */
 export interface PgClientLike extends Queryable {
   release(error?: Error | boolean): void;
+  on(event: 'error', listener: (error: Error) => void): unknown;
+  off(event: 'error', listener: (error: Error) => void): unknown;
 }
 
 /** The subset of `pg.Pool` used. */
@@ -95,6 +97,12 @@ export async function pgDriver(options: PgDriverOptions): Promise<SqlDriver> {
     async transaction(fn) {
       const client = await wrap(description, () => pool.connect());
       let broken: Error | undefined;
+      // A checked-out connection that dies between statements emits 'error' with no query to reject:
+      // without a listener that would crash the process. The next statement fails instead.
+      const onError = (error: Error) => {
+        broken = error;
+      };
+      client.on('error', onError);
       try {
         await client.query('begin');
         const result = await fn(client);
@@ -108,6 +116,7 @@ export async function pgDriver(options: PgDriverOptions): Promise<SqlDriver> {
         }
         throw connectionError(description, error);
       } finally {
+        client.off('error', onError);
         client.release(broken ?? false);
       }
     },

@@ -1,4 +1,5 @@
 import type { Backbone, Consumer, DeliveryHandler, Outgoing, SubscriptionSpec } from '../core/backbone.ts';
+import type { Envelope } from '../core/envelope.ts';
 import { TidingsError } from '../core/errors.ts';
 import { OptionProblems } from '../core/options.ts';
 import { PostgresConsumer, type ConsumerSettings } from './consumer.ts';
@@ -65,6 +66,25 @@ export const postgresDefaults = {
 
 /** `\u0000` in JSON text, not preceded by an escaped backslash (`\\u0000` is the harmless text "\u0000"). */
 const NUL_ESCAPE = /(?:^|[^\\])(?:\\\\)*\\u0000/;
+/** A lone UTF-16 surrogate, as JSON.stringify escapes it (jsonb refuses it). */
+const LONE_SURROGATE_ESCAPE = /\\ud[89ab][0-9a-f]{2}(?!\\ud[c-f][0-9a-f]{2})|(?<!\\ud[89ab][0-9a-f]{2})\\ud[c-f][0-9a-f]{2}/i;
+/** A lone UTF-16 surrogate in a string (text columns refuse it). */
+const LONE_SURROGATE = /[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]/;
+
+const ATTRIBUTES = ['id', 'source', 'type', 'subject', 'topic', 'partitionkey', 'tenant', 'correlationid', 'causationid', 'traceparent', 'tracestate'] as const;
+
+/** Why PostgreSQL would refuse this message, if it would: text cannot hold NUL characters or lone surrogates. */
+function unstorable(envelope: Envelope, json: string): string | undefined {
+  for (const name of ATTRIBUTES) {
+    const value = envelope[name];
+    if (typeof value !== 'string') continue;
+    if (value.includes('\0')) return `${name} contains a NUL character`;
+    if (LONE_SURROGATE.test(value)) return `${name} contains a lone UTF-16 surrogate`;
+  }
+  if (NUL_ESCAPE.test(json)) return 'data contains a NUL character (\\u0000)';
+  if (LONE_SURROGATE_ESCAPE.test(json)) return 'data contains a lone UTF-16 surrogate';
+  return undefined;
+}
 
 function defaultWarning(message: string, error?: unknown): void {
   const detail = error instanceof Error ? `: ${error.message}` : '';
@@ -157,10 +177,11 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
 
   async publish(messages: readonly Outgoing[], tx?: PgTransaction): Promise<void> {
     for (const { envelope, json } of messages) {
-      // jsonb cannot hold a NUL character. Refuse it here, so one bad payload cannot fail the group
-      // commit that other callers' messages share.
-      if (NUL_ESCAPE.test(json)) {
-        throw new TidingsError('INVALID_PAYLOAD', `Payload of message ${envelope.id} on ${envelope.topic} contains a NUL character (\\u0000), which PostgreSQL cannot store; remove it or encode the value`, {
+      // Refuse what PostgreSQL cannot store here, so one bad message cannot fail the group commit that
+      // other callers' messages share.
+      const problem = unstorable(envelope, json);
+      if (problem !== undefined) {
+        throw new TidingsError('INVALID_PAYLOAD', `Message ${envelope.id} on ${envelope.topic} cannot be stored in PostgreSQL: ${problem}; remove it or encode the value`, {
           ref: { id: envelope.id, topic: envelope.topic, key: envelope.partitionkey },
         });
       }

@@ -196,6 +196,8 @@ export class SharedScope {
       const ended = new Promise<void>((resolveEnd, rejectEnd) => {
         this.#end = { resolve: resolveEnd, reject: rejectEnd };
       });
+      // If the transaction never opened (the database is unreachable), nobody awaits `ended`.
+      ended.catch(() => undefined);
       this.#finished = this.#driver.transaction(async (tx) => {
         this.connection = tx;
         resolve(tx);
