@@ -119,13 +119,11 @@ async function raw(task: Task): Promise<ChildResult> {
   await sleep(200);
   metrics.single1 = await singleRows([first], Math.round(task.events / 10), false);
   await sleep(200);
-  metrics.insertJson = await jsonArrayInsert(first, task.events);
+  metrics.single10 = await singleRows(clients, Math.round(task.events / 2), false);
   await sleep(200);
-  metrics.single10 = await singleRows(clients, task.events, false);
+  metrics.tx10 = await explicitTransactions(clients, Math.round(task.events / 4));
   await sleep(200);
-  metrics.insertJson = await jsonArrayInsert(first, task.events);
-  await sleep(200);
-  metrics.single10notify = await singleRows(clients, Math.round(task.events / 3), true);
+  metrics.single10notify = await singleRows(clients, Math.round(task.events / 6), true);
   await sleep(200);
   const rtt = await notifyRoundTrip(first, listener, task.quick ? 500 : 2_000);
   metrics.notifyP50 = rtt.p50;
