@@ -721,7 +721,7 @@ test(
       const deadLetters = async () => (await db.query(`select message_id from "${schema}".dead_letters`)).rows.map((row: { message_id: string }) => row.message_id);
       const acknowledged = async () => Number((await db.query(`select sum(handled)::int as n from "${schema}".cursors`)).rows[0].n);
       try {
-        await waitFor('the deep row in dead letters, and the batch acknowledged', async () => (await deadLetters()).length > 0 && (await acknowledged()) >= 2, 10_000);
+        await waitFor('the deep row in dead letters, and the batch acknowledged', async () => (await deadLetters()).length > 0 && (await acknowledged()) >= 2, 6_000);
       } finally {
         t.diagnostic(`after the deep row: the next message was handled ${seen.length} times; dead letters ${JSON.stringify(await deadLetters())}; acknowledged ${await acknowledged()}; warnings ${JSON.stringify([...new Set([...warnings].map((w) => w.replace(/retrying in \d+ ms/, 'retrying')))])}`);
       }

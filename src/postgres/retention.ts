@@ -3,8 +3,10 @@
  *
  * - the log: a row older than its topic's age is deleted once every subscription of its topic has handled
  *   it. "Handled" is what the consumer itself relies on: for the subscription's cursor of the row's
- *   partition (key_hash % partitions), the row's transaction is visible in the cursor's `done` snapshot,
- *   and the row is not waiting in `held` (a key waiting for a retry reads its rows back from the log).
+ *   partition (key_hash % partitions), the row's transaction is visible in the cursor's `done` snapshot
+ *   (or the row is at or before the position reached in the window being worked through, as the
+ *   acknowledgement records), and the row is not waiting in `held` (a key waiting for a retry reads its
+ *   rows back from the log).
  *   `force` deletes old rows whatever the subscriptions have done: for a subscription abandoned for good.
  * - the inbox: records older than the de-duplication window. A message delivered again after it (a redrive
  *   of a month-old dead letter) is handled again.
@@ -148,7 +150,8 @@ function retentionStatements(schema: string) {
           not exists (
             select 1 from ${s}.subscriptions sub
             join ${s}.cursors c on c.subscription = sub.name and c.partition = e.key_hash % sub.partitions
-            where e.topic = any(sub.topics) and not pg_visible_in_snapshot(e.xid, c.done))
+            where e.topic = any(sub.topics) and not pg_visible_in_snapshot(e.xid, c.done)
+              and not (c.window_snapshot is not null and e.position <= c.window_position and pg_visible_in_snapshot(e.xid, c.window_snapshot)))
           and not exists (select 1 from ${s}.held h where h.position = e.position))
       ), deleted as (
         delete from ${s}.log l using doomed d where l.position = d.position and not $7::boolean returning 1
