@@ -627,14 +627,16 @@ function deadEnvelope(head: HeldHead): Envelope {
   };
 }
 
+/** A dead letter to write. Its data stays in the log when the message has a position there (see `deadLetter`). */
 function deadRow(subscription: string, envelope: Envelope, position: number | string | null, reason: string, attempts: AttemptRecord[]): DeadRow {
+  const { data, ...attributes } = envelope;
   return {
     subscription,
     message_id: envelope.id,
     topic: envelope.topic,
     key: envelope.partitionkey,
     position: position === null ? null : Number(position),
-    envelope,
+    envelope: position === null ? envelope : (attributes as Envelope),
     reason,
     attempts,
   };

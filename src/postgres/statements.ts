@@ -105,7 +105,7 @@ export function statements(schema: string) {
         order by r.n
       ), dead as (
         insert into ${s}.dead_letters (subscription, message_id, topic, key, position, envelope, reason, attempts)
-        select r.subscription, r.message_id, r.topic, r.key, r.position, r.envelope, r.reason, r.attempts
+        select r.subscription, r.message_id, r.topic, r.key, r.position, r.envelope || case when r.position is not null and not r.envelope ? 'data' then jsonb_build_object('data', (select d.data from ${s}.log d where d.position = r.position)) else '{}'::jsonb end, r.reason, r.attempts
         from json_to_recordset($11::json) as r(subscription text, message_id text, topic text, key text, position bigint,
           envelope jsonb, reason text, attempts jsonb), ok
         where ok.ok
@@ -167,9 +167,12 @@ export function statements(schema: string) {
     rescheduleHeld: `update ${s}.held set attempts = $2, next_attempt_at = now() + make_interval(secs => $3 / 1000.0), history = $4::jsonb where seq = $1`,
 
     inboxClaim: `insert into ${s}.inbox (subscription, message_id) values ($1, $2) on conflict do nothing returning message_id`,
-    /** $1: JSON array of dead letters. */
+    /**
+     * $1: JSON array of dead letters. An envelope sent without its data takes it from the log row at its
+     * position: the data is never sent back (and a payload too deep for JSON.stringify cannot block the ack).
+     */
     deadLetter: `insert into ${s}.dead_letters (subscription, message_id, topic, key, position, envelope, reason, attempts)
-      select r.subscription, r.message_id, r.topic, r.key, r.position, r.envelope, r.reason, r.attempts
+      select r.subscription, r.message_id, r.topic, r.key, r.position, r.envelope || case when r.position is not null and not r.envelope ? 'data' then jsonb_build_object('data', (select d.data from ${s}.log d where d.position = r.position)) else '{}'::jsonb end, r.reason, r.attempts
       from json_to_recordset($1::json) as r(subscription text, message_id text, topic text, key text, position bigint,
         envelope jsonb, reason text, attempts jsonb)`,
   };
