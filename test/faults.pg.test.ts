@@ -12,7 +12,7 @@ import v8 from 'node:v8';
 import vm from 'node:vm';
 import pg from 'pg';
 import { z } from 'zod';
-import { createBus, deadLetter, defineEvent, keyHash, newId, retryLater, TidingsError, ValidationError, type Bus } from '../src/index.ts';
+import { createBus, deadLetter, defineEvent, keyHash, newId, retryLater, TidingsError, type Bus } from '../src/index.ts';
 import { postgres, readStatus, type PgPoolLike, type PgTransaction, type PostgresOptions } from '../src/postgres/index.ts';
 import { pgDriver } from '../src/postgres/driver.ts';
 import { prune, resolveRetention, Retention, retentionDefaults, type PruneResult } from '../src/postgres/retention.ts';
