@@ -487,6 +487,38 @@ test(
   },
 );
 
+test(
+  'a publish retried with the same id after its first attempt did commit (the cut came after COMMIT) is handled once, even when both copies land in one batch',
+  {
+    ...bounded,
+    todo: "the inbox is checked when the batch is read (readLanes' `seen`), so two rows with one id in the same batch are both handled: PostgresConsumer's batch keeps no set of the ids it handled. A fix: skip a row whose id the batch already handled (when inbox is on)",
+  },
+  async (t) => {
+    const schema = await setup(t, 'twice');
+    if (schema === undefined) return;
+    const bus = newBus(schema);
+    const handled: string[] = [];
+    bus.subscribe('once', Ticked, (message) => void handled.push(`${message.id}:${message.data.seq}`), { partitions: 1 });
+    await bus.start();
+    // What a retry after an ambiguous BACKBONE_UNAVAILABLE produces: the same message id, twice in the log.
+    await bus.transaction(async (tx) => {
+      await bus.publish(Ticked, { key: 'a', seq: 1 }, { tx, id: 'retried-in-one-batch' });
+      await bus.publish(Ticked, { key: 'a', seq: 1 }, { tx, id: 'retried-in-one-batch' });
+    });
+    await bus.publish(Ticked, { key: 'a', seq: 2 });
+    await waitFor('the message after the copies', () => handled.some((h) => h.endsWith(':2')));
+    // Across batches the inbox already de-duplicates.
+    await bus.publish(Ticked, { key: 'b', seq: 1 }, { id: 'retried-in-two-batches' });
+    await waitFor('the first copy', () => handled.includes('retried-in-two-batches:1'));
+    await bus.publish(Ticked, { key: 'b', seq: 1 }, { id: 'retried-in-two-batches' });
+    await bus.publish(Ticked, { key: 'b', seq: 2 });
+    await waitFor('the message after the second copy', () => handled.filter((h) => h.endsWith(':2')).length === 2);
+    t.diagnostic(JSON.stringify(handled));
+    assert.deepEqual(handled.filter((h) => h.startsWith('retried-in-two-batches')), ['retried-in-two-batches:1']);
+    assert.deepEqual(handled.filter((h) => h.startsWith('retried-in-one-batch')), ['retried-in-one-batch:1']);
+  },
+);
+
 // ---- hostile input -------------------------------------------------------------------------------
 
 const Nested = defineEvent('test.nested', {
