@@ -5,6 +5,7 @@ import { OptionProblems } from '../core/options.ts';
 import { PostgresConsumer, type ConsumerSettings } from './consumer.ts';
 import { checkIdentifier, pgDriver, pgliteDriver, type PGliteLike, type PgPoolLike, type SqlDriver } from './driver.ts';
 import { migrate } from './migrate.ts';
+import { resolveRetention, Retention, type RetentionOptions } from './retention.ts';
 import { Notifier } from './notifier.ts';
 import { GroupCommit, insertMessages } from './publisher.ts';
 import { statements, type Statements } from './statements.ts';
@@ -45,6 +46,8 @@ export interface PostgresOptions {
   publishBatch?: { maxBatch?: number; maxInFlight?: number };
   /** Called with problems Tidings recovers from by itself (a dropped connection, a failed batch). */
   onWarning?: (message: string, error?: unknown) => void;
+  /** How long handled messages, inbox records and dead letters are kept (see `retentionDefaults`); `false` keeps everything. */
+  retention?: RetentionOptions | false;
 }
 
 export const postgresDefaults = {
@@ -107,6 +110,7 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
   #opening: Promise<void> | undefined;
   #warn: (message: string, error?: unknown) => void;
   #nudges = new Set<NodeJS.Timeout>();
+  #retention: Retention | undefined;
 
   constructor(options: PostgresOptions) {
     const problems = new OptionProblems('postgres()');
@@ -133,6 +137,7 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
       problems.check(false, (error as Error).message);
     }
     problems.throwIfAny();
+    if (options.retention !== undefined && options.retention !== false) resolveRetention('postgres() retention', options.retention);
     this.options = options;
     this.schema = options.schema ?? postgresDefaults.schema;
     this.#sql = statements(this.schema);
@@ -167,6 +172,10 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
       warn: this.#warn,
     });
     await this.#notifier.start();
+    if (o.retention !== false) {
+      this.#retention = new Retention(driver, { ...o.retention, schema: this.schema, onWarning: this.#warn });
+      this.#retention.start();
+    }
     const batch = { ...postgresDefaults.publishBatch, ...o.publishBatch };
     this.#groupCommit = new GroupCommit(
       batch,
@@ -242,6 +251,7 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
     this.#nudges.clear();
     if (this.#opening === undefined) return;
     await this.#opening.catch(() => undefined);
+    await this.#retention?.stop();
     await this.#notifier?.close();
     await this.#driver?.close();
   }
@@ -252,3 +262,4 @@ export function postgres(options: PostgresOptions): PostgresBackbone {
   return new PostgresBackbone(options);
 }
 export * from './admin.ts';
+export { Retention, prune, retentionDefaults, type RetentionOptions, type PruneResult } from './retention.ts';
