@@ -156,9 +156,12 @@ let retentionDeleted = { log: 0, inbox: 0, deadLetters: 0 };
 
 const warnings = new Map<string, number>();
 const onWarning = (message: string) => warnings.set(message.replace(/\d+/g, 'N'), (warnings.get(message.replace(/\d+/g, 'N')) ?? 0) + 1);
-const publisherBackbone = postgres({ url, schema, onWarning });
+// The soak runs its own retention at short windows: the buses' default one (the backbone's `retention`
+// option) stays off.
+const noBackboneRetention: object = { retention: false };
+const publisherBackbone = postgres({ url, schema, onWarning, ...noBackboneRetention });
 const producer = createBus({ service: 'soak-orders', backbone: publisherBackbone });
-const consumer = createBus({ service: 'soak-billing', backbone: postgres({ url, schema, onWarning }) });
+const consumer = createBus({ service: 'soak-billing', backbone: postgres({ url, schema, onWarning, ...noBackboneRetention }) });
 
 consumer.subscribe(
   'billing',
