@@ -158,10 +158,9 @@ const warnings = new Map<string, number>();
 const onWarning = (message: string) => warnings.set(message.replace(/\d+/g, 'N'), (warnings.get(message.replace(/\d+/g, 'N')) ?? 0) + 1);
 // The soak runs its own retention at short windows: the buses' default one (the backbone's `retention`
 // option) stays off.
-const noBackboneRetention: object = { retention: false };
-const publisherBackbone = postgres({ url, schema, onWarning, ...noBackboneRetention });
+const publisherBackbone = postgres({ url, schema, onWarning, retention: false });
 const producer = createBus({ service: 'soak-orders', backbone: publisherBackbone });
-const consumer = createBus({ service: 'soak-billing', backbone: postgres({ url, schema, onWarning, ...noBackboneRetention }) });
+const consumer = createBus({ service: 'soak-billing', backbone: postgres({ url, schema, onWarning, retention: false }) });
 
 consumer.subscribe(
   'billing',

@@ -33,17 +33,21 @@ after(async () => {
 /** Bounds every test: a hang fails it instead of the whole run. */
 const bounded = { timeout: 60_000 };
 
-/**
- * The retention tests run retention themselves and count what it deletes: a bus's own (the backbone's
- * `retention` option, on by default once wired) must not prune at the same time.
- */
-const noBackboneRetention: object = { retention: false };
-
 function newBus(schema: string, service = 'faults', options: Partial<PostgresOptions> = {}): Bus<PgTransaction> {
   const source = options.pool === undefined ? { url: DATABASE_URL } : {};
   const bus = createBus({
     service,
-    backbone: postgres({ ...source, schema, leaseMs: 2_000, heartbeatMs: 500, pollMs: 1_000, onWarning: () => undefined, ...noBackboneRetention, ...options }),
+    backbone: postgres({
+      ...source,
+      schema,
+      leaseMs: 2_000,
+      heartbeatMs: 500,
+      pollMs: 1_000,
+      onWarning: () => undefined,
+      // The retention tests run retention themselves and count what it deletes: the backbone's own must not.
+      retention: false,
+      ...options,
+    }),
   });
   buses.push(bus);
   return bus;
