@@ -440,6 +440,7 @@ export class PostgresConsumer implements Consumer {
     const held: HeldRow[] = [];
     const dead: DeadRow[] = [];
     const handledIds: string[] = [];
+    const claimed = new Set<string>();
     let earliestRetry = 0;
     const scope = new SharedScope(driver, published, careful);
 
@@ -454,6 +455,11 @@ export class PostgresConsumer implements Consumer {
             continue;
           }
           if (row.seen === true) continue; // handled before: a redelivery, or a publisher that sent it twice
+          if (spec.inbox) {
+            // The same id twice in one batch (a publish retried after a commit whose answer was lost).
+            if (claimed.has(row.id)) continue;
+            claimed.add(row.id);
+          }
           const envelope = toEnvelope(row);
           const result = await this.#attempts(scope, envelope, 1, []);
           if (result.kind === 'ack') {

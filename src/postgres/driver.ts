@@ -241,8 +241,18 @@ export function isConnectionError(error: unknown): boolean {
   return /Connection terminated|connection is closed|Client has encountered a connection error|terminating connection/i.test(message);
 }
 
+/** Transaction conflicts: nothing is wrong with the connection, and the same transaction may succeed again. */
+const CONFLICT_SQLSTATES = new Set(['40001', '40P01']);
+
 function connectionError(description: string, error: unknown): unknown {
   if (error instanceof TidingsError || !isConnectionError(error)) return error;
+  const code = (error as { code?: unknown }).code;
+  if (typeof code === 'string' && CONFLICT_SQLSTATES.has(code)) {
+    return new TidingsError('BACKBONE_UNAVAILABLE', `PostgreSQL at ${description} aborted the transaction (${(error as Error).message}); nothing of it was written, and it may be retried`, {
+      cause: error,
+      retryable: true,
+    });
+  }
   return new TidingsError('BACKBONE_UNAVAILABLE', `PostgreSQL at ${description} is unreachable or dropped the connection (${(error as Error).message}); the operation did not complete and may be retried`, {
     cause: error,
     retryable: true,

@@ -150,11 +150,15 @@ export class SharedScope {
           if (this.abandoned) throw new TidingsError('STOPPED', 'This batch is being rolled back and will be handled again');
           wrote = true;
           const connection = await this.#begin();
+          // One statement at a time on the shared connection: pg will stop queueing them for us.
+          const release = await this.#gate.acquire();
           try {
             return await connection.query(text, params);
           } catch (error) {
             this.abandoned = true;
             throw error;
+          } finally {
+            release();
           }
         },
       },
