@@ -72,6 +72,23 @@ async function prepareDatabases(): Promise<void> {
   }
 }
 
+/**
+ * One benchmark at a time on a machine: two runs would drop each other's schemas and queues. The lock is
+ * a PostgreSQL advisory lock held by a session open for the whole run (released if this process dies).
+ */
+const LOCK_KEY = 0x7469_6469; // 'tidi'
+async function lockMachine(): Promise<pg.Client> {
+  const session = new pg.Client({ connectionString: `${SERVER}/postgres`, application_name: 'tidings-bench-lock' });
+  session.on('error', () => undefined);
+  await session.connect();
+  const { rows } = await session.query<{ ok: boolean }>('select pg_try_advisory_lock($1) as ok', [LOCK_KEY]);
+  if (rows[0]?.ok !== true) {
+    log('Another benchmark run holds the lock on this machine; waiting for it to finish...');
+    await session.query('select pg_advisory_lock($1)', [LOCK_KEY]);
+  }
+  return session;
+}
+
 /** Removes what an interrupted earlier run left in Redis under the harness's prefix. */
 async function cleanRedis(): Promise<void> {
   const redis = new Redis({ host: '127.0.0.1', port: 6379, lazyConnect: true, maxRetriesPerRequest: 1 });
@@ -220,9 +237,19 @@ function headline(workload: Workload, result: ChildResult): string {
 
 async function main(): Promise<void> {
   const started = Date.now();
+  const lock = await lockMachine();
+  try {
+    await run(started);
+  } finally {
+    await lock.end().catch(() => undefined);
+  }
+}
+
+async function run(started: number): Promise<void> {
   await prepareDatabases();
   await cleanRedis();
   const env = await environment();
+  // Snapshots left by runs that were killed (only one run holds the lock, so none is in use).
   rmSync(join(here, '.snapshot'), { recursive: true, force: true });
   cpSync(join(root, 'src'), join(snapshot, 'src'), { recursive: true });
   log(`Tidings benchmark (${quick ? 'quick' : 'full'}, ${sizes.rounds} round${sizes.rounds > 1 ? 's' : ''}), database ${database} (synchronous_commit ${String((env.postgres as { synchronous_commit: string }).synchronous_commit)})`);
@@ -325,4 +352,4 @@ main()
     console.error(error);
     process.exitCode = 1;
   })
-  .finally(() => rmSync(join(here, '.snapshot'), { recursive: true, force: true }));
+  .finally(() => rmSync(snapshot, { recursive: true, force: true }));
