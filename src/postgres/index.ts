@@ -179,7 +179,7 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
     const batch = { ...postgresDefaults.publishBatch, ...o.publishBatch };
     this.#groupCommit = new GroupCommit(
       batch,
-      (messages) => insertMessages(driver, this.#sql.insertMessages, messages),
+      (messages) => insertMessages(driver, this.#sql, messages),
       (topics) => this.#notifier?.poke(topics),
     );
   }
@@ -197,7 +197,7 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
     }
     await this.open();
     if (tx === undefined) return this.#groupCommit!.publish(messages);
-    await insertMessages(tx, this.#sql.insertMessages, messages);
+    await insertMessages(tx, this.#sql, messages);
     if (isTracked(tx)) {
       for (const message of messages) tx[PUBLISHED].add(message.envelope.topic);
       return;

@@ -90,6 +90,26 @@ export function messagesJson(messages: readonly Outgoing[]): string {
   return `[${parts.join(',')}]`;
 }
 
-export async function insertMessages(db: Queryable, statement: string, messages: readonly Outgoing[]): Promise<void> {
-  await db.query(statement, [messagesJson(messages)]);
+export async function insertMessages(db: Queryable, statements: { insertMessage: string; insertMessages: string }, messages: readonly Outgoing[]): Promise<void> {
+  if (messages.length === 1) {
+    const { envelope: e, json, keyHash } = messages[0]!;
+    await db.query(statements.insertMessage, [
+      e.topic,
+      e.id,
+      e.type,
+      e.source,
+      e.time,
+      e.subject ?? null,
+      e.partitionkey,
+      keyHash,
+      e.tenant ?? null,
+      e.correlationid,
+      e.causationid ?? null,
+      e.traceparent ?? null,
+      e.tracestate ?? null,
+      json,
+    ]);
+    return;
+  }
+  await db.query(statements.insertMessages, [messagesJson(messages)]);
 }
