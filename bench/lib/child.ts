@@ -304,19 +304,24 @@ export async function idlePg(task: Task): Promise<Record<string, number>> {
       );
       return Number(rows[0]?.n ?? 0);
     };
-    await sleep(1_500);
+    // A backend that goes idle less than a second after its last stats flush defers the next one by
+    // 10 s (PostgreSQL 15's PGSTAT_IDLE_INTERVAL): wait that out, or the traffic just before would be
+    // counted as idle transactions. Quick runs skip the server-side figure instead of waiting.
+    const serverSide = !task.quick;
+    await sleep(serverSide ? 11_000 : 1_500);
     await monitor.query('select pg_stat_clear_snapshot()');
     const x0 = await xacts();
     const q0 = queriesSoFar();
     const t0 = now();
     await sleep(task.idleSeconds * 1000);
     const q1 = queriesSoFar();
-    await sleep(1_100); // let backends flush their counters
+    const seconds = (now() - t0) / 1000;
+    if (!serverSide) return { idleQueries: (q1 - q0) / seconds };
+    await sleep(11_000); // the idle window's own transactions are flushed by then
     await monitor.query('select pg_stat_clear_snapshot()');
     const x1 = await xacts();
-    const seconds = (now() - t0) / 1000;
-    // The monitor's own transactions (the two reads above and the clears) are excluded.
-    return { idleQueries: (q1 - q0) / seconds, idleXacts: Math.max(0, x1 - x0 - 3) / (seconds + 1.1) };
+    // Over window + wait, less the monitor's own transactions (the reads and the clears).
+    return { idleQueries: (q1 - q0) / seconds, idleXacts: Math.max(0, x1 - x0 - 3) / (seconds + 11) };
   } finally {
     await monitor.end();
   }
