@@ -17,7 +17,7 @@ import { postgres, readStatus, type PgPoolLike, type PgTransaction, type Postgre
 import { pgDriver } from '../src/postgres/driver.ts';
 import { prune, resolveRetention, Retention, retentionDefaults, type PruneResult } from '../src/postgres/retention.ts';
 import { Ticked } from './fixtures/contracts.ts';
-import { connect, DATABASE_URL, dropSchema, requirePostgres, sleep, uniqueSchema, waitFor } from './helpers.ts';
+import { connect, createEffects, DATABASE_URL, dropSchema, requirePostgres, sleep, uniqueSchema, waitFor } from './helpers.ts';
 
 const schemas: string[] = [];
 const buses: Bus<PgTransaction>[] = [];
@@ -58,18 +58,6 @@ async function setup(t: TestContext, prefix = 'f'): Promise<string | undefined> 
   const schema = uniqueSchema(prefix);
   schemas.push(schema);
   return schema;
-}
-
-async function createEffects(schema: string): Promise<void> {
-  const client = await connect();
-  try {
-    await client.query(`create schema if not exists "${schema}"`);
-    await client.query(
-      `create table "${schema}".effects (n bigserial primary key, message_id text not null, key text not null, seq int not null, worker int not null)`,
-    );
-  } finally {
-    await client.end();
-  }
 }
 
 interface Effect {

@@ -8,7 +8,7 @@ import { z } from 'zod';
 import { createBus, deadLetter, defineEvent, PermanentError, ValidationError, type Bus } from '../src/index.ts';
 import { postgres, type PgTransaction } from '../src/postgres/index.ts';
 import { Ticked } from './fixtures/contracts.ts';
-import { connect, DATABASE_URL, dropSchema, requirePostgres, sleep, uniqueSchema, waitFor } from './helpers.ts';
+import { connect, createEffects, DATABASE_URL, dropSchema, requirePostgres, sleep, uniqueSchema, waitFor } from './helpers.ts';
 
 const schemas: string[] = [];
 const buses: Bus<PgTransaction>[] = [];
@@ -196,19 +196,6 @@ async function stopWorker(child: ChildProcess): Promise<void> {
   const exited = new Promise((resolve) => child.once('exit', resolve));
   child.kill('SIGTERM');
   await exited;
-}
-
-async function createEffects(schema: string): Promise<void> {
-  const client = await connect();
-  try {
-    // The bus creates the schema on start; the effects table lives beside it.
-    await client.query(`create schema if not exists "${schema}"`);
-    await client.query(
-      `create table "${schema}".effects (n bigserial primary key, message_id text not null, key text not null, seq int not null, worker int not null)`,
-    );
-  } finally {
-    await client.end();
-  }
 }
 
 async function effects(schema: string): Promise<Array<{ message_id: string; key: string; seq: number; worker: number }>> {

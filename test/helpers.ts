@@ -69,3 +69,17 @@ export async function waitFor(what: string, condition: () => boolean | Promise<b
 }
 
 export const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
+
+/** The table the multi-process tests count effects in: one row per handling committed through ctx.tx. */
+export async function createEffects(schema: string): Promise<void> {
+  const client = await connect();
+  try {
+    // The bus creates the schema on start; the effects table lives beside it.
+    await client.query(`create schema if not exists "${schema}"`);
+    await client.query(
+      `create table "${schema}".effects (n bigserial primary key, message_id text not null, key text not null, seq int not null, worker int not null)`,
+    );
+  } finally {
+    await client.end();
+  }
+}
