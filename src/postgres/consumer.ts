@@ -376,6 +376,8 @@ export class PostgresConsumer implements Consumer {
     const next = new Map<number, LaneCursor>();
     const batch: LogRow[] = [];
     const partitionOf = new Map<LogRow, number>();
+    /** Lanes of groups that returned rows: all of them are acknowledged, so a group stays in step in the database too. */
+    const withRows: Lane[] = [];
     const minSpan = spec.batchSize * MIN_SPAN_BATCHES;
     for (const [index, group] of grouped.entries()) {
       const entry = perGroup.get(index);
@@ -394,6 +396,7 @@ export class PostgresConsumer implements Consumer {
       }
       more ||= moved.window !== null;
       for (const lane of group) next.set(lane.partition, moved);
+      if (entry.rows.length > 0) withRows.push(...group);
       for (const row of entry.rows) {
         batch.push(row);
         partitionOf.set(row, Number((row as Row).partition));
@@ -402,8 +405,7 @@ export class PostgresConsumer implements Consumer {
     if (batch.length > 0) {
       const counts = new Map<number, number>();
       for (const partition of partitionOf.values()) counts.set(partition, (counts.get(partition) ?? 0) + 1);
-      // Every lane that moved is acknowledged, so lanes of a group stay in step in the database too.
-      const acked = lanes.filter((lane) => next.has(lane.partition) && groupHasRows(grouped, lane, perGroup));
+      const acked = withRows;
       try {
         await this.#handleBatch(batch, partitionOf, acked, next, counts, false);
       } catch (error) {
@@ -666,11 +668,6 @@ export function toEnvelope(row: LogRow): Envelope {
     tracestate: row.tracestate ?? undefined,
     data: row.data,
   };
-}
-
-function groupHasRows(groups: Lane[][], lane: Lane, rows: Map<number, { rows: LogRow[] }>): boolean {
-  const index = groups.findIndex((group) => group.includes(lane));
-  return (rows.get(index)?.rows.length ?? 0) > 0;
 }
 
 /** Groups rows by key, keeping the order of first appearance and the order within each key. */

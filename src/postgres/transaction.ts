@@ -1,5 +1,5 @@
 import { TidingsError } from '../core/errors.ts';
-import type { Queryable } from './driver.ts';
+import type { Queryable, SqlDriver } from './driver.ts';
 
 /** What handlers and `bus.transaction` callbacks get as `tx`: run SQL in the transaction. */
 export interface PgTransaction extends Queryable {}
@@ -214,6 +214,4 @@ export class SharedScope {
 }
 
 /** The part of SqlDriver a scope needs. */
-export interface SqlDriverLike {
-  transaction<T>(fn: (tx: Queryable) => Promise<T>): Promise<T>;
-}
+type SqlDriverLike = Pick<SqlDriver, 'transaction'>;
