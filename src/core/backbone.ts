@@ -40,8 +40,12 @@ export interface Consumer {
   stop(): Promise<void>;
 }
 
+/** In `SubscriptionSpec.topics`: every topic, present and future (the outbox relay reads this way). */
+export const EVERY_TOPIC = '*';
+
 export interface SubscriptionSpec {
   readonly name: string;
+  /** Topic names, or `[EVERY_TOPIC]`. */
   readonly topics: readonly string[];
   /** How many ordered lanes the subscription's keys are hashed into; workers lease whole partitions. */
   readonly partitions: number;

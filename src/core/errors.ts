@@ -14,7 +14,8 @@ export type TidingsErrorCode =
   | 'PUBLISH_FAILED'
   | 'HANDLER_TIMEOUT'
   | 'BACKBONE_UNAVAILABLE'
-  | 'SUBSCRIPTION_CONFLICT';
+  | 'SUBSCRIPTION_CONFLICT'
+  | 'NO_TRANSACTION';
 
 export interface MessageRef {
   readonly id?: string;

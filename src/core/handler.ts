@@ -120,7 +120,7 @@ export function createPipeline<Tx>(options: PipelineOptions<Tx>): DeliveryHandle
       signal: controller.signal,
       get tx(): Tx {
         if (delivery.tx === undefined) {
-          throw new TidingsError('INVALID_OPTIONS', 'This backbone offers no transaction to handlers (context.tx)');
+          throw new TidingsError('NO_TRANSACTION', 'This backbone offers no transaction to handlers (context.tx): give a broker backbone an outbox database');
         }
         return delivery.tx;
       },

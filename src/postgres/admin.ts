@@ -9,6 +9,15 @@
  */
 import { hostname, userInfo } from 'node:os';
 import type { AttemptRecord } from '../core/backbone.ts';
+import type {
+  DeadLetter,
+  DeadLetterActionResult,
+  DeadLetterProgress,
+  DeadLetterSelection,
+  DeadLetterSummary,
+} from '../core/broker.ts';
+
+export type { DeadLetter, DeadLetterActionResult, DeadLetterProgress, DeadLetterSelection, DeadLetterSummary };
 import { keyHash, partitionOf, type Envelope } from '../core/envelope.ts';
 import { TidingsError } from '../core/errors.ts';
 import { toEnvelope } from './consumer.ts';
@@ -205,35 +214,6 @@ export async function readStatus(db: Queryable, options: StatusOptions): Promise
 
 // ---- dead letters --------------------------------------------------------------------------------
 
-/** Which dead letters an operation concerns. Filters combine with AND; `all` stands for no filter. */
-export interface DeadLetterSelection {
-  /** Dead-letter ids (the number `list` shows) or message ids. */
-  readonly ids?: readonly string[] | undefined;
-  readonly subscription?: string | undefined;
-  readonly topic?: string | undefined;
-  /** Case-insensitive text in the reason or in any attempt's error message. */
-  readonly errorText?: string | undefined;
-  /** Required when no filter is given, so that an empty filter never means "everything" by accident. */
-  readonly all?: boolean | undefined;
-}
-
-export interface DeadLetterSummary {
-  readonly id: string;
-  readonly subscription: string;
-  readonly messageId: string;
-  readonly topic: string;
-  readonly key: string;
-  readonly position: number | null;
-  readonly reason: string;
-  readonly attempts: number;
-  readonly deadAt: string;
-}
-
-export interface DeadLetter extends Omit<DeadLetterSummary, 'attempts'> {
-  readonly envelope: Envelope;
-  readonly attempts: AttemptRecord[];
-}
-
 export interface DeadLetterGroup {
   readonly subscription: string;
   /** The reason with numbers and ids masked (`N`, `<id>`), so one error on many messages is one group. */
@@ -329,11 +309,6 @@ export async function showDeadLetter(db: Queryable, options: ShowDeadLetterOptio
   });
 }
 
-export interface DeadLetterProgress {
-  readonly done: number;
-  readonly total: number;
-}
-
 export interface DeadLetterActionOptions extends DeadLetterSelection {
   readonly schema: string;
   /** Who does this, for the audit table: defaults to the OS user and host (`alice@ops-1`). */
@@ -347,16 +322,6 @@ export interface DeadLetterActionOptions extends DeadLetterSelection {
 export interface RedriveOptions extends DeadLetterActionOptions {
   /** At most this many messages per second (done in chunks of at most this size); unlimited when absent. */
   readonly ratePerSecond?: number | undefined;
-}
-
-export interface DeadLetterActionResult {
-  /** Dead letters that matched when the operation began. */
-  readonly matched: number;
-  /** Dead letters redriven or dropped. Fewer than `matched` if stopped, or if another operator got there first. */
-  readonly count: number;
-  readonly bySubscription: Record<string, number>;
-  readonly messageIds: string[];
-  readonly stopped: boolean;
 }
 
 /** How many dead letters a selection matches now, without changing anything. */

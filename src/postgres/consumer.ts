@@ -1,5 +1,5 @@
 import { hostname } from 'node:os';
-import type { AttemptRecord, Consumer, DeliveryHandler, DeliveryResult, SubscriptionSpec } from '../core/backbone.ts';
+import { EVERY_TOPIC, type AttemptRecord, type Consumer, type DeliveryHandler, type DeliveryResult, type SubscriptionSpec } from '../core/backbone.ts';
 import type { Envelope } from '../core/envelope.ts';
 import { describeError, TidingsError } from '../core/errors.ts';
 import type { Queryable, SqlDriver } from './driver.ts';
@@ -360,8 +360,13 @@ export class PostgresConsumer implements Consumer {
       grouped.map((group) => group[0]!.span),
     ];
     if (spec.inbox) params.push(spec.name);
+    const everyTopic = spec.topics.includes(EVERY_TOPIC);
     type Row = LogRow & { lane_group: number | string; win: string; hi: number | string; range_end: number | string | null; partition: number };
-    const { rows } = await driver.prepared<Row>(`tidings.${sql.schema}.read.${spec.inbox}`, sql.readLanes(spec.inbox), params);
+    const { rows } = await driver.prepared<Row>(
+      `tidings.${sql.schema}.read.${spec.inbox}.${everyTopic}`,
+      sql.readLanes(spec.inbox, everyTopic),
+      params,
+    );
     const perGroup = new Map<number, { rows: LogRow[]; window: string; hi: number; rangeEnd: number | null }>();
     for (const row of rows) {
       const index = Number(row.lane_group) - 1;

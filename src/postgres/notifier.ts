@@ -1,3 +1,4 @@
+import { EVERY_TOPIC } from '../core/backbone.ts';
 import type { ListenSession, SqlDriver } from './driver.ts';
 
 export interface NotifierOptions {
@@ -116,7 +117,7 @@ export class Notifier {
       if (topics === 'all') listener.wake('all');
       else {
         for (const topic of topics) {
-          if (listener.topics.has(topic)) {
+          if (listener.topics.has(topic) || listener.topics.has(EVERY_TOPIC)) {
             listener.wake(topics);
             break;
           }

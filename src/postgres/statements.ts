@@ -35,7 +35,9 @@ export function statements(schema: string) {
      * (an unbounded "position > x order by position limit n" lets the planner sort the whole rest of it).
      * Each group returns one row with null message columns when it has nothing. `seen`: the inbox has it.
      */
-    readLanes: (inbox: boolean) => {
+    readLanes: (inbox: boolean, everyTopic: boolean) => {
+      // Every topic: $5 stays a parameter, so both variants take the same list.
+      const topic = everyTopic ? 'and $5::text[] is not null ' : 'and l.topic = any($5::text[]) ';
       const seen = inbox
         ? `exists (select 1 from ${s}.inbox i where i.subscription = $10 and i.message_id = l.id) as seen`
         : 'false as seen';
@@ -52,7 +54,7 @@ export function statements(schema: string) {
           select ${columns} from ${s}.log l
           where (l.xid = any(array(select pg_snapshot_xip(c.done::pg_snapshot))) or l.xid >= pg_snapshot_xmax(c.done::pg_snapshot))
             and pg_visible_in_snapshot(l.xid, now.snap)
-            and l.topic = any($5::text[]) and l.key_hash % $6 = any(c.parts)
+            ${topic}and l.key_hash % $6 = any(c.parts)
           order by l.position
           limit $7
         ) m on true
@@ -67,7 +69,7 @@ export function statements(schema: string) {
           select ${columns} from ${s}.log l
           where l.position > c.pos and l.position <= r.range_end
             and pg_visible_in_snapshot(l.xid, c.win::pg_snapshot) and not pg_visible_in_snapshot(l.xid, c.done::pg_snapshot)
-            and l.topic = any($5::text[]) and l.key_hash % $6 = any(c.parts)
+            ${topic}and l.key_hash % $6 = any(c.parts)
           order by l.position
           limit $7
         ) m on true

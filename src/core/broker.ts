@@ -1,0 +1,99 @@
+import type { AttemptRecord, Consumer, DeliveryHandler, Outgoing, SubscriptionSpec } from './backbone.ts';
+import type { Envelope } from './envelope.ts';
+
+/**
+ * A message broker that carries Tidings' messages (RabbitMQ, NATS JetStream). It stores and delivers; it
+ * has no transaction of its own. `brokered()` (src/outbox) turns a broker into a full backbone: publishes
+ * made in a database transaction go through a PostgreSQL outbox and a relay, and handlers get a database
+ * transaction that commits with the inbox record.
+ *
+ * What a broker guarantees:
+ * - `publish` resolves once the broker has every message durably (publisher confirms, JetStream acks).
+ *   Messages given in one call, and in calls awaited one after another, keep their order per key.
+ * - `consume` delivers at least once; equal partition keys reach the handler in publication order, one at a
+ *   time, also across the subscription's topics and across processes; a key waiting for a delayed retry
+ *   holds back only that key. `Delivery.tx` is always undefined; `attempt` counts deliveries across
+ *   restarts as far as the broker records them.
+ * - `retry` results wait `delayMs` on the broker side or in the consumer; `dead-letter` results, and
+ *   messages that cannot be decoded, go to the broker's dead letters with their error history.
+ */
+export interface Broker {
+  readonly name: string;
+  /** Connects and declares the topology it needs. Idempotent. */
+  open(): Promise<void>;
+  publish(messages: readonly Outgoing[]): Promise<void>;
+  consume(subscription: SubscriptionSpec, handle: DeliveryHandler<undefined>): Promise<Consumer>;
+  /** Dead letters kept by this broker, for the CLI and tools. */
+  deadLetters(): DeadLetterStore;
+  close(): Promise<void>;
+}
+
+// ---- dead letters, whatever keeps them ----------------------------------------------------------------
+
+/** Which dead letters an operation concerns. Filters combine with AND; `all` stands for no filter. */
+export interface DeadLetterSelection {
+  /** Dead-letter ids (what `list` shows) or message ids. */
+  readonly ids?: readonly string[] | undefined;
+  readonly subscription?: string | undefined;
+  readonly topic?: string | undefined;
+  /** Case-insensitive text in the reason or in any attempt's error message. */
+  readonly errorText?: string | undefined;
+  /** Required when no filter is given, so that an empty filter never means "everything" by accident. */
+  readonly all?: boolean | undefined;
+}
+
+export interface DeadLetterSummary {
+  readonly id: string;
+  readonly subscription: string;
+  readonly messageId: string;
+  readonly topic: string;
+  readonly key: string;
+  /** Where the message sits in the source log, if the backbone has one. */
+  readonly position: number | null;
+  readonly reason: string;
+  readonly attempts: number;
+  readonly deadAt: string;
+}
+
+export interface DeadLetter extends Omit<DeadLetterSummary, 'attempts'> {
+  readonly envelope: Envelope;
+  readonly attempts: AttemptRecord[];
+}
+
+export interface DeadLetterProgress {
+  readonly done: number;
+  readonly total: number;
+}
+
+export interface DeadLetterActionResult {
+  /** Dead letters that matched when the operation began. */
+  readonly matched: number;
+  /** Dead letters redriven or dropped. Fewer than `matched` if stopped, or if another operator got there first. */
+  readonly count: number;
+  readonly bySubscription: Record<string, number>;
+  readonly messageIds: string[];
+  readonly stopped: boolean;
+}
+
+export interface DeadLetterActionRequest extends DeadLetterSelection {
+  /** Who does this, for the audit trail: defaults to the OS user and host (`alice@ops-1`). */
+  readonly actor?: string | undefined;
+  readonly onProgress?: ((progress: DeadLetterProgress) => void) | undefined;
+  /** Stops between chunks; what was done stays done. */
+  readonly signal?: AbortSignal | undefined;
+  /** Redrive only: at most this many messages per second; unlimited when absent. */
+  readonly ratePerSecond?: number | undefined;
+}
+
+/**
+ * Dead letters of one backbone, as the CLI (`tidings dead-letters ...`) sees them. Redrive hands a message
+ * back to its subscription with its id unchanged, so inboxes still de-duplicate it.
+ */
+export interface DeadLetterStore {
+  list(selection: DeadLetterSelection & { readonly limit?: number | undefined }): Promise<{ total: number; deadLetters: DeadLetterSummary[] }>;
+  /** A dead-letter id, or a message id (which may have died in several subscriptions). */
+  show(id: string): Promise<DeadLetter[]>;
+  count(selection: DeadLetterSelection): Promise<number>;
+  redrive(request: DeadLetterActionRequest): Promise<DeadLetterActionResult>;
+  drop(request: DeadLetterActionRequest): Promise<DeadLetterActionResult>;
+}

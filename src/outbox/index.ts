@@ -1,0 +1,217 @@
+/**
+ * A broker made into a backbone. Publishing inside a database transaction writes to a PostgreSQL outbox (the
+ * postgres backbone's log, in the caller's transaction); a relay, itself an ordered subscription on that
+ * log, moves committed messages to the broker, at least once and in per-key order. Handlers get a database
+ * transaction that commits together with their inbox record, so their writes happen once although the
+ * broker may deliver twice. Without an outbox the broker is used alone: no `tx`, no inbox.
+ */
+import type { Backbone, Consumer, Delivery, DeliveryHandler, DeliveryResult, Outgoing, SubscriptionSpec } from '../core/backbone.ts';
+import { EVERY_TOPIC } from '../core/backbone.ts';
+import type { Broker, DeadLetterStore } from '../core/broker.ts';
+import { keyHash, type Envelope } from '../core/envelope.ts';
+import { describeError, TidingsError } from '../core/errors.ts';
+import { OptionProblems } from '../core/options.ts';
+import type { PgTransaction, PostgresBackbone } from '../postgres/index.ts';
+
+export interface RelayOptions {
+  /** Ordered lanes of the relay subscription; processes running the relay share them. */
+  partitions?: number;
+  /** Messages being handed to the broker at once, per process (different keys only). */
+  concurrency?: number;
+  batchSize?: number;
+}
+
+export interface BrokeredOptions {
+  /**
+   * The PostgreSQL database of this service: `publish(..., { tx })` writes there and the relay carries it to
+   * the broker; handlers get `ctx.tx` and an inbox there. Without it, only standalone publishes work.
+   */
+  outbox?: PostgresBackbone | undefined;
+  /** Runs the relay in this process (default true). Turn it off in processes that only consume. */
+  relay?: boolean | RelayOptions | undefined;
+  onWarning?: ((message: string, error?: unknown) => void) | undefined;
+}
+
+export const relayDefaults = {
+  /** The relay's subscription on the outbox log. */
+  subscription: 'tidings-relay',
+  partitions: 4,
+  concurrency: 64,
+  batchSize: 500,
+  /** Backoff while the broker refuses or cannot be reached; the message stays in line meanwhile. */
+  retryMinMs: 100,
+  retryMaxMs: 5_000,
+} as const;
+
+/** How long a delivery waits after the outbox database failed it, before the broker redelivers. */
+const databaseRetryMs = 1_000;
+
+const ROLLBACK = Symbol('rollback');
+
+export class BrokerBackbone implements Backbone<PgTransaction> {
+  readonly name: string;
+  readonly broker: Broker;
+  readonly outbox: PostgresBackbone | undefined;
+  readonly #relayOptions: Required<RelayOptions> | undefined;
+  readonly #warn: (message: string, error?: unknown) => void;
+  readonly #stopping = new AbortController();
+  #relay: Consumer | undefined;
+  #opening: Promise<void> | undefined;
+
+  constructor(broker: Broker, options: BrokeredOptions = {}) {
+    const problems = new OptionProblems(`${broker.name}()`);
+    const relay = typeof options.relay === 'object' ? options.relay : {};
+    problems.integer('relay.partitions', relay.partitions, 1, 1_024);
+    problems.integer('relay.concurrency', relay.concurrency, 1, 10_000);
+    problems.integer('relay.batchSize', relay.batchSize, 1, 100_000);
+    problems.check(
+      options.outbox === undefined || typeof options.outbox.transaction === 'function',
+      'outbox must be a postgres backbone, for example postgres({ url: process.env.DATABASE_URL })',
+    );
+    problems.throwIfAny();
+    this.name = broker.name;
+    this.broker = broker;
+    this.outbox = options.outbox;
+    this.#relayOptions =
+      options.outbox === undefined || options.relay === false
+        ? undefined
+        : {
+            partitions: relay.partitions ?? relayDefaults.partitions,
+            concurrency: relay.concurrency ?? relayDefaults.concurrency,
+            batchSize: relay.batchSize ?? relayDefaults.batchSize,
+          };
+    this.#warn = options.onWarning ?? ((message, error) => console.warn(`[tidings] ${message}${error instanceof Error ? `: ${error.message}` : ''}`));
+  }
+
+  open(): Promise<void> {
+    this.#opening ??= this.#open();
+    return this.#opening;
+  }
+
+  async #open(): Promise<void> {
+    await Promise.all([this.broker.open(), this.outbox?.open()]);
+    const relay = this.#relayOptions;
+    if (this.outbox === undefined || relay === undefined) return;
+    this.#relay = await this.outbox.consume(
+      {
+        name: relayDefaults.subscription,
+        topics: [EVERY_TOPIC],
+        partitions: relay.partitions,
+        concurrency: relay.concurrency,
+        batchSize: relay.batchSize,
+        inbox: false,
+        // What the outbox holds from before this process first relayed still has to reach the broker.
+        startFrom: 'beginning',
+      },
+      (delivery) => this.#forward(delivery),
+    );
+  }
+
+  /** Hands one outbox message to the broker; waits out a broker outage rather than giving up on it. */
+  async #forward(delivery: Delivery<PgTransaction>): Promise<DeliveryResult> {
+    const outgoing = toOutgoing(delivery.envelope);
+    for (let waitMs: number = relayDefaults.retryMinMs; ; waitMs = Math.min(waitMs * 2, relayDefaults.retryMaxMs)) {
+      try {
+        await this.broker.publish([outgoing]);
+        return { outcome: 'ack' };
+      } catch (error) {
+        if (this.#stopping.signal.aborted) return { outcome: 'retry', delayMs: 0, error: describeError(error) };
+        this.#warn(`Relay could not hand message ${outgoing.envelope.id} (${outgoing.envelope.topic}) to ${this.broker.name}; retrying in ${waitMs} ms`, error);
+        await sleep(waitMs, this.#stopping.signal);
+      }
+    }
+  }
+
+  async publish(messages: readonly Outgoing[], tx?: PgTransaction): Promise<void> {
+    await this.open();
+    if (tx === undefined) return this.broker.publish(messages);
+    if (this.outbox === undefined) throw noOutbox(this.name, 'publish in a transaction');
+    return this.outbox.publish(messages, tx);
+  }
+
+  async transaction<T>(fn: (tx: PgTransaction) => Promise<T>): Promise<T> {
+    if (this.outbox === undefined) throw noOutbox(this.name, 'run a transaction');
+    await this.open();
+    return this.outbox.transaction(fn);
+  }
+
+  async consume(spec: SubscriptionSpec, handle: DeliveryHandler<PgTransaction>): Promise<Consumer> {
+    await this.open();
+    const outbox = this.outbox;
+    if (outbox === undefined) return this.broker.consume(spec, (delivery) => handle(delivery as Delivery<never>));
+    return this.broker.consume(spec, (delivery) => this.#inTransaction(outbox, spec, delivery, handle));
+  }
+
+  /**
+   * One attempt inside a transaction of the outbox database: the inbox record (when the subscription keeps
+   * one) is written first, so a duplicate delivery waits for the first to commit, then finds it handled.
+   * The transaction commits only if the handler succeeded; the broker acknowledges after that.
+   */
+  async #inTransaction(
+    outbox: PostgresBackbone,
+    spec: SubscriptionSpec,
+    delivery: Delivery<undefined>,
+    handle: DeliveryHandler<PgTransaction>,
+  ): Promise<DeliveryResult> {
+    let failed: DeliveryResult | undefined;
+    try {
+      return await outbox.transaction(async (tx) => {
+        if (spec.inbox) {
+          const { rows } = await tx.query(
+            `insert into ${outbox.schema}.inbox (subscription, message_id) values ($1, $2) on conflict do nothing returning 1 as fresh`,
+            [spec.name, delivery.envelope.id],
+          );
+          if (rows.length === 0) return { outcome: 'ack' } as const;
+        }
+        const result = await handle({ envelope: delivery.envelope, attempt: delivery.attempt, tx });
+        if (result.outcome === 'ack') return result;
+        failed = result;
+        throw ROLLBACK;
+      });
+    } catch (error) {
+      if (error === ROLLBACK && failed !== undefined) return failed;
+      this.#warn(`Subscription ${spec.name} could not use the outbox database for message ${delivery.envelope.id}; it will be delivered again`, error);
+      return { outcome: 'retry', delayMs: databaseRetryMs, error: describeError(error) };
+    }
+  }
+
+  deadLetters(): DeadLetterStore {
+    return this.broker.deadLetters();
+  }
+
+  async close(): Promise<void> {
+    this.#stopping.abort();
+    if (this.#opening !== undefined) await this.#opening.catch(() => undefined);
+    await this.#relay?.stop();
+    await Promise.all([this.broker.close(), this.outbox?.close()]);
+  }
+}
+
+/** A broker as a backbone, with a PostgreSQL outbox for transactional publishes and inboxes if given one. */
+export function brokered(broker: Broker, options?: BrokeredOptions): BrokerBackbone {
+  return new BrokerBackbone(broker, options);
+}
+
+/** The relay re-serialises what the outbox stored: the same envelope, the same id, the same key. */
+export function toOutgoing(envelope: Envelope): Outgoing {
+  return { envelope, json: JSON.stringify(envelope.data), keyHash: keyHash(envelope.partitionkey) };
+}
+
+function noOutbox(backbone: string, what: string): TidingsError {
+  return new TidingsError(
+    'NO_TRANSACTION',
+    `The ${backbone} backbone has no database to ${what} with: give it an outbox, ${backbone}({ ..., outbox: postgres({ url }) })`,
+  );
+}
+
+function sleep(ms: number, signal: AbortSignal): Promise<void> {
+  return new Promise((resolve) => {
+    const timer = setTimeout(done, ms);
+    signal.addEventListener('abort', done, { once: true });
+    function done(): void {
+      clearTimeout(timer);
+      signal.removeEventListener('abort', done);
+      resolve();
+    }
+  });
+}
