@@ -1,4 +1,5 @@
 import assert from 'node:assert/strict';
+import { connect as tcpConnect } from 'node:net';
 import type { TestContext } from 'node:test';
 import pg from 'pg';
 
@@ -32,6 +33,37 @@ export async function requirePostgres(t: TestContext): Promise<boolean> {
   const problem = await probe();
   if (problem === undefined) return true;
   const message = `PostgreSQL at ${DATABASE_URL.replace(/:[^:@/]*@/, '@')} is unreachable (${problem}); start it or set DATABASE_URL`;
+  if (process.env.CI === 'true') assert.fail(message);
+  t.skip(message);
+  return false;
+}
+
+/** The brokers the tests use: RABBITMQ_URL and NATS_URL, or the local ones CI starts. */
+export const RABBITMQ_URL = process.env.RABBITMQ_URL ?? 'amqp://guest:guest@127.0.0.1:5672';
+export const NATS_URL = process.env.NATS_URL ?? 'nats://127.0.0.1:4222';
+
+const brokerProbes = new Map<string, Promise<string | undefined>>();
+
+/** Like requirePostgres, for a broker: skips when its port does not answer, fails under CI=true. */
+export async function requireBroker(t: TestContext, name: 'RabbitMQ' | 'NATS', url: string): Promise<boolean> {
+  const { hostname, port } = new URL(url);
+  const address = `${hostname}:${port}`;
+  let probe = brokerProbes.get(address);
+  if (probe === undefined) {
+    probe = new Promise((resolve) => {
+      const socket = tcpConnect({ host: hostname, port: Number(port) });
+      socket.setTimeout(3_000, () => socket.destroy(new Error('no answer within 3 s')));
+      socket.once('connect', () => {
+        socket.end();
+        resolve(undefined);
+      });
+      socket.once('error', (error) => resolve(error.message));
+    });
+    brokerProbes.set(address, probe);
+  }
+  const problem = await probe;
+  if (problem === undefined) return true;
+  const message = `${name} at ${address} is unreachable (${problem}); start it (see .ci/run) or set ${name === 'NATS' ? 'NATS_URL' : 'RABBITMQ_URL'}`;
   if (process.env.CI === 'true') assert.fail(message);
   t.skip(message);
   return false;
