@@ -103,6 +103,9 @@ function recordingBackbone(): Backbone & { written: Outgoing[] } {
     },
     transaction: (fn) => fn(undefined),
     consume: async () => ({ stop: async () => {} }),
+    deadLetters: () => {
+      throw new Error('the recording backbone keeps no dead letters');
+    },
     close: async () => {},
   };
 }

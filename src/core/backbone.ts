@@ -1,4 +1,5 @@
 import type { Envelope } from './envelope.ts';
+import type { DeadLetterStore } from './broker.ts';
 import type { ErrorRecord } from './errors.ts';
 
 /**
@@ -23,6 +24,8 @@ export interface Backbone<Tx = unknown> {
   transaction<T>(fn: (tx: Tx) => Promise<T>): Promise<T>;
   /** Starts consuming; resolves once the subscription is registered and its workers run. */
   consume(subscription: SubscriptionSpec, handle: DeliveryHandler<Tx>): Promise<Consumer>;
+  /** The messages subscriptions gave up on, to inspect, redrive or drop. Opens the backbone if needed. */
+  deadLetters(): DeadLetterStore;
   /** Closes connections it opened. Consumers must be stopped first. */
   close(): Promise<void>;
 }
