@@ -15,7 +15,9 @@ export type TidingsErrorCode =
   | 'HANDLER_TIMEOUT'
   | 'BACKBONE_UNAVAILABLE'
   | 'SUBSCRIPTION_CONFLICT'
-  | 'NO_TRANSACTION';
+  | 'NO_TRANSACTION'
+  /** A replica's source did not answer a drift check or state transfer in time. */
+  | 'SOURCE_UNAVAILABLE';
 
 export interface MessageRef {
   readonly id?: string;
