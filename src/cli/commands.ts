@@ -5,22 +5,8 @@
  */
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { TidingsError } from '../core/errors.ts';
-import {
-  countDeadLetters,
-  dropDeadLetters,
-  firstPositionAt,
-  groupDeadLetters,
-  listDeadLetters,
-  readStatus,
-  redriveDeadLetters,
-  replaySubscription,
-  showDeadLetter,
-  tailTopic,
-  type DeadLetterActionResult,
-  type DeadLetterGroup,
-  type DeadLetterSelection,
-  type Status,
-} from '../postgres/admin.ts';
+import { groupDeadLetters, type DeadLetterActionResult, type DeadLetterGroup, type DeadLetterSelection, type DeadLetterStore } from '../core/broker.ts';
+import { adminDefaults, deadLetterStore, firstPositionAt, readStatus, replaySubscription, tailTopic, type Status } from '../postgres/admin.ts';
 import { checkIdentifier } from '../postgres/driver.ts';
 import { migrate } from '../postgres/migrate.ts';
 import { prune } from '../postgres/retention.ts';
@@ -162,14 +148,14 @@ export function buildProgram(context: CliContext): Command {
     .option('--limit <count>', 'show at most this many rows', positiveInteger, 50)
     .option('--group', 'one row per subscription and error (numbers and ids masked), largest first')
     .action(async (options: SelectionOptions & { limit: number; group?: boolean }, command: Command) => {
-      await withDatabase(context, command, async (db, globals) => {
+      await withDeadLetters(context, command, async (store, globals) => {
         const selection = selectionOf([], options);
         if (options.group === true) {
-          const groups = await groupDeadLetters(db.driver, { schema: globals.schema, ...selection, limit: options.limit });
+          const groups = await groupOf(store, { ...selection, limit: options.limit });
           emit(context, globals, groups, () => (groups.length === 0 ? 'No dead letters.' : renderGroups(groups)));
           return;
         }
-        const { total, deadLetters: rows } = await listDeadLetters(db.driver, { schema: globals.schema, ...selection, limit: options.limit });
+        const { total, deadLetters: rows } = await store.list({ ...selection, limit: options.limit });
         emit(context, globals, { total, deadLetters: rows }, () => {
           if (total === 0) return 'No dead letters.';
           const shown = table(rows, [
@@ -192,9 +178,9 @@ export function buildProgram(context: CliContext): Command {
     .description('one dead letter in full: envelope with data, and every attempt with its stack')
     .argument('<id>', 'a dead-letter id (from list) or a message id')
     .action(async (id: string, _options, command: Command) => {
-      await withDatabase(context, command, async (db, globals) => {
-        const found = await showDeadLetter(db.driver, { schema: globals.schema, id });
-        if (found.length === 0) throw new CommandFailed(`No dead letter ${id} in schema ${globals.schema}. List them with: tidings dead-letters list`);
+      await withDeadLetters(context, command, async (store, globals, where) => {
+        const found = await store.show(id);
+        if (found.length === 0) throw new CommandFailed(`No dead letter ${id} in ${where}. List them with: tidings dead-letters list`);
         // Always a list in JSON: a message id can name dead letters of several subscriptions.
         emit(context, globals, found, () =>
           found
@@ -232,14 +218,13 @@ export function buildProgram(context: CliContext): Command {
     .option('--actor <name>', 'who does this, for the audit table (default: OS user@host)')
     .option('--dry-run', 'show what would be redriven, change nothing')
     .action(async (ids: string[], options: SelectionOptions & { rate?: number; actor?: string; dryRun?: boolean }, command: Command) => {
-      await withDatabase(context, command, async (db, globals) => {
+      await withDeadLetters(context, command, async (store, globals) => {
         const selection = selectionOf(ids, options, 'redrive');
-        if (options.dryRun === true) return dryRun(context, db, globals, selection, 'redrive');
+        if (options.dryRun === true) return dryRun(context, store, globals, selection, 'redrive');
         const bar = progress({ label: 'Redriving', enabled: showProgress(context, globals) });
         let result: DeadLetterActionResult;
         try {
-          result = await redriveDeadLetters(db.driver, {
-            schema: globals.schema,
+          result = await store.redrive({
             ...selection,
             actor: options.actor,
             ratePerSecond: options.rate,
@@ -258,14 +243,13 @@ export function buildProgram(context: CliContext): Command {
     .option('--actor <name>', 'who does this, for the audit table (default: OS user@host)')
     .option('--dry-run', 'show what would be dropped, change nothing')
     .action(async (ids: string[], options: SelectionOptions & { actor?: string; dryRun?: boolean }, command: Command) => {
-      await withDatabase(context, command, async (db, globals) => {
+      await withDeadLetters(context, command, async (store, globals) => {
         const selection = selectionOf(ids, options, 'drop');
-        if (options.dryRun === true) return dryRun(context, db, globals, selection, 'drop');
+        if (options.dryRun === true) return dryRun(context, store, globals, selection, 'drop');
         const bar = progress({ label: 'Dropping', enabled: showProgress(context, globals) });
         let result: DeadLetterActionResult;
         try {
-          result = await dropDeadLetters(db.driver, {
-            schema: globals.schema,
+          result = await store.drop({
             ...selection,
             actor: options.actor,
             signal: context.interrupt,
@@ -447,6 +431,24 @@ async function withDatabase(context: CliContext, command: Command, run: (db: Dat
   }
 }
 
+/** Dead letters wherever the URL points: a PostgreSQL schema, or a broker's dead-letter queues. */
+async function withDeadLetters(
+  context: CliContext,
+  command: Command,
+  run: (store: DeadLetterStore, globals: GlobalOptions, where: string) => Promise<void>,
+): Promise<void> {
+  await withDatabase(context, command, (db, globals) =>
+    run(deadLetterStore(async () => db.driver, globals.schema), globals, `schema ${globals.schema}`),
+  );
+}
+
+/** Stores that cannot group by themselves are grouped here, from as many dead letters as a list returns. */
+async function groupOf(store: DeadLetterStore, selection: DeadLetterSelection & { limit?: number }): Promise<DeadLetterGroup[]> {
+  if (store.group !== undefined) return store.group(selection);
+  const { deadLetters } = await store.list({ ...selection, limit: adminDefaults.groupScanLimit });
+  return groupDeadLetters(deadLetters, selection.limit);
+}
+
 function emit(context: CliContext, globals: GlobalOptions, value: unknown, human: () => string): void {
   if (globals.json) context.out(`${JSON.stringify(value, null, 2)}\n`);
   else {
@@ -464,9 +466,9 @@ async function positionOf(db: Database, schema: string, from: From, topics: stri
   return firstPositionAt(db.driver, { schema, time: from.time, topics });
 }
 
-async function dryRun(context: CliContext, db: Database, globals: GlobalOptions, selection: DeadLetterSelection, action: string): Promise<void> {
-  const matched = await countDeadLetters(db.driver, { schema: globals.schema, ...selection });
-  const groups = matched === 0 ? [] : await groupDeadLetters(db.driver, { schema: globals.schema, ...selection });
+async function dryRun(context: CliContext, store: DeadLetterStore, globals: GlobalOptions, selection: DeadLetterSelection, action: string): Promise<void> {
+  const matched = await store.count(selection);
+  const groups = matched === 0 ? [] : await groupOf(store, selection);
   emit(context, globals, { dryRun: true, action, matched, groups }, () =>
     matched === 0 ? `Nothing to ${action}: no dead letter matches.` : `Would ${action} ${matched} dead letter${matched === 1 ? '' : 's'}:\n${renderGroups(groups)}`,
   );

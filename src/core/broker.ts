@@ -60,6 +60,17 @@ export interface DeadLetter extends Omit<DeadLetterSummary, 'attempts'> {
   readonly attempts: AttemptRecord[];
 }
 
+export interface DeadLetterGroup {
+  readonly subscription: string;
+  /** The reason with numbers and ids masked (`N`, `<id>`), so one error on many messages is one group. */
+  readonly pattern: string;
+  readonly example: string;
+  readonly count: number;
+  readonly topics: string[];
+  readonly firstAt: string;
+  readonly lastAt: string;
+}
+
 export interface DeadLetterProgress {
   readonly done: number;
   readonly total: number;
@@ -91,9 +102,36 @@ export interface DeadLetterActionRequest extends DeadLetterSelection {
  */
 export interface DeadLetterStore {
   list(selection: DeadLetterSelection & { readonly limit?: number | undefined }): Promise<{ total: number; deadLetters: DeadLetterSummary[] }>;
+  /** One row per subscription and error, largest first. Stores that cannot group themselves leave it to `groupDeadLetters`. */
+  group?(selection: DeadLetterSelection & { readonly limit?: number | undefined }): Promise<DeadLetterGroup[]>;
   /** A dead-letter id, or a message id (which may have died in several subscriptions). */
   show(id: string): Promise<DeadLetter[]>;
   count(selection: DeadLetterSelection): Promise<number>;
   redrive(request: DeadLetterActionRequest): Promise<DeadLetterActionResult>;
   drop(request: DeadLetterActionRequest): Promise<DeadLetterActionResult>;
+}
+
+const UUID = /[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}/gi;
+
+/** Groups listed dead letters by subscription and masked reason, largest group first (as PostgreSQL does in SQL). */
+export function groupDeadLetters(letters: readonly DeadLetterSummary[], limit = Number.POSITIVE_INFINITY): DeadLetterGroup[] {
+  const groups = new Map<string, { subscription: string; pattern: string; example: string; count: number; topics: Set<string>; firstAt: string; lastAt: string }>();
+  for (const letter of letters) {
+    const pattern = letter.reason.replace(UUID, '<id>').replace(/[0-9]+/g, 'N');
+    const id = JSON.stringify([letter.subscription, pattern]);
+    const group = groups.get(id);
+    if (group === undefined) {
+      groups.set(id, { subscription: letter.subscription, pattern, example: letter.reason, count: 1, topics: new Set([letter.topic]), firstAt: letter.deadAt, lastAt: letter.deadAt });
+      continue;
+    }
+    group.count++;
+    group.topics.add(letter.topic);
+    if (letter.reason < group.example) group.example = letter.reason;
+    if (letter.deadAt < group.firstAt) group.firstAt = letter.deadAt;
+    if (letter.deadAt > group.lastAt) group.lastAt = letter.deadAt;
+  }
+  return [...groups.values()]
+    .sort((a, b) => b.count - a.count || a.subscription.localeCompare(b.subscription) || a.pattern.localeCompare(b.pattern))
+    .slice(0, limit)
+    .map((group) => ({ ...group, topics: [...group.topics].sort() }));
 }

@@ -12,21 +12,26 @@ import type { AttemptRecord } from '../core/backbone.ts';
 import type {
   DeadLetter,
   DeadLetterActionResult,
+  DeadLetterGroup,
   DeadLetterProgress,
   DeadLetterSelection,
+  DeadLetterStore,
   DeadLetterSummary,
 } from '../core/broker.ts';
 
-export type { DeadLetter, DeadLetterActionResult, DeadLetterProgress, DeadLetterSelection, DeadLetterSummary };
 import { keyHash, partitionOf, type Envelope } from '../core/envelope.ts';
 import { TidingsError } from '../core/errors.ts';
 import { toEnvelope } from './consumer.ts';
 import { checkIdentifier, type Queryable, type SqlDriver } from './driver.ts';
 import type { LogRow } from './statements.ts';
 
+export type { DeadLetter, DeadLetterActionResult, DeadLetterGroup, DeadLetterProgress, DeadLetterSelection, DeadLetterSummary };
+
 export const adminDefaults = {
   /** Dead letters moved per transaction by a redrive or a drop. */
   chunkSize: 500,
+  /** Dead letters read to group them, where the store cannot group by itself (a broker's queue). */
+  groupScanLimit: 10_000,
   /** Rows `listDeadLetters` returns. */
   listLimit: 100,
   /** How often `tailTopic` looks for new messages. */
@@ -214,17 +219,6 @@ export async function readStatus(db: Queryable, options: StatusOptions): Promise
 
 // ---- dead letters --------------------------------------------------------------------------------
 
-export interface DeadLetterGroup {
-  readonly subscription: string;
-  /** The reason with numbers and ids masked (`N`, `<id>`), so one error on many messages is one group. */
-  readonly pattern: string;
-  readonly example: string;
-  readonly count: number;
-  readonly topics: string[];
-  readonly firstAt: string;
-  readonly lastAt: string;
-}
-
 export interface ListDeadLettersOptions extends DeadLetterSelection {
   readonly schema: string;
   readonly limit?: number | undefined;
@@ -396,6 +390,18 @@ export async function redriveDeadLetters(driver: SqlDriver, options: RedriveOpti
       },
     });
   });
+}
+
+/** The dead letters of a schema behind the backbone-neutral interface the CLI and the conformance suite use. */
+export function deadLetterStore(driver: () => Promise<SqlDriver>, schema: string): DeadLetterStore {
+  return {
+    list: async (selection) => listDeadLetters(await driver(), { ...selection, schema }),
+    group: async (selection) => groupDeadLetters(await driver(), { ...selection, schema }),
+    show: async (id) => showDeadLetter(await driver(), { id, schema }),
+    count: async (selection) => countDeadLetters(await driver(), { ...selection, schema }),
+    redrive: async (request) => redriveDeadLetters(await driver(), { ...request, schema }),
+    drop: async (request) => dropDeadLetters(await driver(), { ...request, schema }),
+  };
 }
 
 /** Deletes dead letters for good, in chunks, each audited in its own transaction. */

@@ -4,7 +4,7 @@ import type { Envelope } from '../core/envelope.ts';
 import { TidingsError } from '../core/errors.ts';
 import { OptionProblems } from '../core/options.ts';
 import { PostgresConsumer, type ConsumerSettings } from './consumer.ts';
-import { countDeadLetters, dropDeadLetters, listDeadLetters, redriveDeadLetters, showDeadLetter } from './admin.ts';
+import { deadLetterStore } from './admin.ts';
 import { checkIdentifier, pgDriver, pgliteDriver, type PGliteLike, type PgPoolLike, type SqlDriver } from './driver.ts';
 import { migrate } from './migrate.ts';
 import { resolveRetention, Retention, type RetentionOptions } from './retention.ts';
@@ -249,18 +249,10 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
   }
 
   deadLetters(): DeadLetterStore {
-    const schema = this.schema;
-    const driver = async () => {
+    return deadLetterStore(async () => {
       await this.open();
       return this.driver;
-    };
-    return {
-      list: async (selection) => listDeadLetters(await driver(), { ...selection, schema }),
-      show: async (id) => showDeadLetter(await driver(), { id, schema }),
-      count: async (selection) => countDeadLetters(await driver(), { ...selection, schema }),
-      redrive: async (request) => redriveDeadLetters(await driver(), { ...request, schema }),
-      drop: async (request) => dropDeadLetters(await driver(), { ...request, schema }),
-    };
+    }, this.schema);
   }
 
   async close(): Promise<void> {
