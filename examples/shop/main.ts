@@ -62,7 +62,7 @@ const count = async (sql: string) => Number((await db.query<{ n: number }>(sql))
 const settled = async () =>
   (await count(`select count(*)::int as n from shop.shipments`)) +
   (await count(`select count(*)::int as n from shop.orders where status = 'cancelled'`)) +
-  (await count(`select count(*)::int as n from ${SCHEMA}.dead_letters`));
+  (await buses.billing.backbone.deadLetters().count({ all: true }));
 const deadline = Date.now() + 60_000;
 while ((await settled()) < list.length && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 50));
 const elapsed = Date.now() - placing;
@@ -84,12 +84,10 @@ printTable([
 const paid = await count(`select count(*)::int as n from shop.payments`);
 const shipped = await count(`select count(*)::int as n from shop.shipments`);
 const cancelled = await count(`select count(*)::int as n from shop.orders where status = 'cancelled'`);
-const { rows: dead } = await db.query<{ message_id: string; subscription: string; reason: string; attempts: unknown[] }>(
-  `select message_id, subscription, reason, attempts from ${SCHEMA}.dead_letters order by id`,
-);
+const { deadLetters: dead } = await buses.billing.backbone.deadLetters().list({ all: true });
 console.log(`\nIn the databases after ${elapsed} ms: ${list.length} orders, ${paid} paid, ${shipped} shipped, ${cancelled} cancelled (declined), ${dead.length} in dead letters`);
 for (const letter of dead) {
-  console.log(`  dead letter ${letter.message_id} in ${letter.subscription} after ${letter.attempts.length} attempts: ${letter.reason}`);
+  console.log(`  dead letter ${letter.messageId} in ${letter.subscription} after ${letter.attempts} attempts: ${letter.reason}`);
 }
 const consistent = paid === shipped && paid + cancelled + dead.length === list.length;
 console.log(consistent ? '\nEvery order is accounted for: nothing lost, nothing twice.' : '\nSome orders are unaccounted for.');

@@ -2,14 +2,16 @@
  * Three services of a small shop. Each has its own bus (its own name, its own subscriptions) and writes its
  * own tables; they share nothing but the contracts and the database the bus lives in.
  */
-import { createBus, PermanentError, type Bus } from 'tidings';
-import type { PgTransaction, PostgresBackbone } from 'tidings/postgres';
+import { createBus, PermanentError, type Backbone, type Bus } from 'tidings';
+import type { PgTransaction } from 'tidings/postgres';
 import { OrderPlaced, PaymentCaptured, PaymentDeclined, ShipmentScheduled } from './contracts.ts';
 
 type ShopBus = Bus<PgTransaction>;
+/** Any backbone whose transactions are PostgreSQL's: postgres(), or a broker with a PostgreSQL outbox. */
+type ShopBackbone = Backbone<PgTransaction>;
 
 /** Orders: takes orders (writing the order and publishing OrderPlaced in one transaction), cancels declined ones. */
-export function ordersService(backbone: PostgresBackbone): { bus: ShopBus; placeOrder: (order: NewOrder) => Promise<void> } {
+export function ordersService(backbone: ShopBackbone): { bus: ShopBus; placeOrder: (order: NewOrder) => Promise<void> } {
   const bus = createBus({ service: 'orders', backbone });
   bus.subscribe('orders.on-payment-declined', PaymentDeclined, async (message, ctx) => {
     await ctx.tx.query(`update shop.orders set status = 'cancelled' where id = $1`, [message.data.orderId]);
@@ -52,7 +54,7 @@ export class CardGateway {
 }
 
 /** Billing: charges each order; records the payment and announces it in the same transaction as the ack. */
-export function billingService(backbone: PostgresBackbone, gateway: CardGateway): ShopBus {
+export function billingService(backbone: ShopBackbone, gateway: CardGateway): ShopBus {
   const bus = createBus({ service: 'billing', backbone });
   bus.subscribe(
     'billing.charge-orders',
@@ -80,7 +82,7 @@ export function billingService(backbone: PostgresBackbone, gateway: CardGateway)
 }
 
 /** Shipping: books a parcel for each captured payment. */
-export function shippingService(backbone: PostgresBackbone): ShopBus {
+export function shippingService(backbone: ShopBackbone): ShopBus {
   const bus = createBus({ service: 'shipping', backbone });
   bus.subscribe('shipping.ship-paid-orders', PaymentCaptured, async (message, ctx) => {
     const shipmentId = `ship-${message.data.orderId}`;
