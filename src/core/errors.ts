@@ -17,7 +17,9 @@ export type TidingsErrorCode =
   | 'SUBSCRIPTION_CONFLICT'
   | 'NO_TRANSACTION'
   /** A replica's source did not answer a drift check or state transfer in time. */
-  | 'SOURCE_UNAVAILABLE';
+  | 'SOURCE_UNAVAILABLE'
+  /** A wait the caller bounded ran out (the memory backbone's `drain()`). */
+  | 'TIMEOUT';
 
 export interface MessageRef {
   readonly id?: string;
