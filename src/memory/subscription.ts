@@ -1,0 +1,377 @@
+import { AsyncResource } from 'node:async_hooks';
+import type { AttemptRecord, Consumer, DeliveryHandler, DeliveryResult, SubscriptionSpec } from '../core/backbone.ts';
+import { partitionOf, type Envelope } from '../core/envelope.ts';
+import { describeError } from '../core/errors.ts';
+import { Deque } from './deque.ts';
+import type { MemoryTransaction } from './transaction.ts';
+
+/** A committed message, as the log keeps it: shared by every subscription, never mutated. */
+export interface Stored {
+  /** Commit order across the backbone (a dead letter's `position`). */
+  readonly seq: number;
+  readonly envelope: Envelope;
+  /** The data as JSON: every delivery parses its own copy, as a real backbone would hand it over. */
+  readonly json: string;
+  readonly keyHash: number;
+}
+
+/** One message waiting in, or moving through, one subscription. */
+export interface Entry {
+  readonly message: Stored;
+  /** Attempts made so far (a redrive starts again from 0, as PostgreSQL's does). */
+  attempts: number;
+  history: AttemptRecord[];
+}
+
+/** What a subscription needs from the backbone. */
+export interface GroupContext {
+  /** A transaction for one handler attempt. */
+  begin(what: string): MemoryTransaction;
+  /** Commits (true) or rolls back a handler attempt's transaction. */
+  end(tx: MemoryTransaction, commit: boolean): void;
+  deadLetter(subscription: string, entry: Entry, reason: string): void;
+  /** The subscription may have become idle: drain() waiters look again. */
+  settled(): void;
+  warn(message: string, error?: unknown): void;
+  readonly maxInbox: number;
+}
+
+/** A handler that threw instead of returning a result (a bug below the bus): try again later, not in a hot loop. */
+const CRASHED_HANDLER_RETRY_MS = 1_000;
+/** Handlers started back to back before a worker yields to timers and I/O: all-synchronous handlers never would. */
+const DISPATCHES_PER_TURN = 256;
+
+/** The messages of one key in one subscription: handled one at a time, in commit order. */
+class KeyLine {
+  readonly pending = new Deque<Entry>();
+  /** A message of this key is being handled. */
+  busy = false;
+  /** Queued in its lane's `ready` line. */
+  ready = false;
+  /** When the head's delayed retry is due (0: not waiting). The key's later messages wait behind it. */
+  retryAt = 0;
+  timer: NodeJS.Timeout | undefined;
+  constructor(
+    readonly key: string,
+    readonly lane: Lane,
+  ) {}
+}
+
+/** One partition of a subscription; a worker holds it while it runs. */
+class Lane {
+  readonly keys = new Map<string, KeyLine>();
+  /** Keys with a message that can be handled now, in the order they became ready. */
+  readonly ready = new Deque<KeyLine>();
+  owner: MemoryWorker | undefined;
+  constructor(readonly index: number) {}
+}
+
+/**
+ * A subscription (consumer group) of the memory backbone. It outlives its workers, like PostgreSQL's
+ * cursors do: what is published while none runs waits for the next one, and a message's attempts and
+ * history survive a stop. Each worker (one `consume` call) holds some of its lanes; a key is marked busy
+ * here, in the group, so a lane that moves between workers never runs two messages of one key at once.
+ */
+export class Group {
+  readonly name: string;
+  topics: readonly string[];
+  readonly partitions: number;
+  inbox: boolean;
+  readonly #lanes: Lane[];
+  readonly #workers: MemoryWorker[] = [];
+  readonly #ctx: GroupContext;
+  /** Handled message ids, oldest first (a Set iterates in insertion order), at most `maxInbox`. */
+  readonly #handled = new Set<string>();
+  /** Keys waiting for a delayed retry. */
+  readonly #waiting = new Set<KeyLine>();
+  /** Messages queued, in flight or waiting for a retry: drain() waits for 0. */
+  outstanding = 0;
+
+  constructor(spec: SubscriptionSpec, ctx: GroupContext) {
+    this.name = spec.name;
+    this.topics = [...spec.topics];
+    this.partitions = spec.partitions;
+    this.inbox = spec.inbox;
+    this.#ctx = ctx;
+    this.#lanes = Array.from({ length: spec.partitions }, (_, index) => new Lane(index));
+  }
+
+  get running(): boolean {
+    return this.#workers.length > 0;
+  }
+
+  /** A committed message of one of this subscription's topics. */
+  enqueue(message: Stored): void {
+    const line = this.#line(message);
+    line.pending.push({ message, attempts: 0, history: [] });
+    this.outstanding++;
+    this.#makeReady(line);
+  }
+
+  /**
+   * Dead letters handed back, oldest first. A key not waiting for a retry handles them next, before what it
+   * still has queued (they were published earlier); a key waiting for a retry queues them behind what it
+   * holds. The same rule as PostgreSQL's redrive.
+   */
+  redrive(entries: readonly Entry[]): void {
+    const byKey = new Map<KeyLine, Entry[]>();
+    for (const entry of entries) {
+      const line = this.#line(entry.message);
+      const list = byKey.get(line);
+      if (list === undefined) byKey.set(line, [entry]);
+      else list.push(entry);
+    }
+    for (const [line, list] of byKey) {
+      if (line.retryAt !== 0) for (const entry of list) line.pending.push(entry);
+      else line.pending.unshift(...list);
+      this.outstanding += list.length;
+      this.#makeReady(line);
+    }
+  }
+
+  handled(id: string): boolean {
+    return this.#handled.has(id);
+  }
+
+  remember(id: string): void {
+    if (this.#handled.has(id)) return;
+    this.#handled.add(id);
+    if (this.#handled.size > this.#ctx.maxInbox) {
+      for (const oldest of this.#handled) {
+        this.#handled.delete(oldest);
+        break;
+      }
+    }
+  }
+
+  attach(worker: MemoryWorker): void {
+    this.#workers.push(worker);
+    this.#assignLanes();
+    if (this.#workers.length === 1) for (const line of this.#waiting) this.#arm(line);
+  }
+
+  detach(worker: MemoryWorker): void {
+    const index = this.#workers.indexOf(worker);
+    if (index === -1) return;
+    this.#workers.splice(index, 1);
+    this.#assignLanes();
+    // No worker left: retry timers would only wake nobody. They are armed again, for the time left, on attach.
+    if (this.#workers.length === 0) {
+      for (const line of this.#waiting) {
+        clearTimeout(line.timer);
+        line.timer = undefined;
+      }
+    }
+    this.#ctx.settled();
+  }
+
+  /** Lane i goes to worker i mod n, so live workers hold lanes in turn, as PostgreSQL's leases balance. */
+  #assignLanes(): void {
+    for (const worker of this.#workers) worker.readyLanes.clear();
+    for (const lane of this.#lanes) {
+      lane.owner = this.#workers.length === 0 ? undefined : this.#workers[lane.index % this.#workers.length];
+      if (lane.owner !== undefined && lane.ready.length > 0) lane.owner.readyLanes.add(lane);
+    }
+    for (const worker of this.#workers) worker.schedule();
+  }
+
+  /** The next key a worker may handle from one of its lanes, marked busy, with its head message. */
+  take(worker: MemoryWorker): { line: KeyLine; entry: Entry } | undefined {
+    for (const lane of worker.readyLanes) {
+      worker.readyLanes.delete(lane);
+      const line = lane.ready.shift();
+      // Round robin between lanes: one with more ready keys goes to the back of the worker's list.
+      if (lane.ready.length > 0) worker.readyLanes.add(lane);
+      if (line === undefined) continue;
+      line.ready = false;
+      const entry = line.pending.shift();
+      if (entry === undefined) continue;
+      line.busy = true;
+      return { line, entry };
+    }
+    return undefined;
+  }
+
+  /**
+   * A handling ended: `done` (acknowledged or dead-lettered), `wait` for a delayed retry (the key is
+   * held), or `again` (the worker is stopping: another worker, or the next one, tries it).
+   */
+  release(line: KeyLine, entry: Entry, how: 'done' | 'wait' | 'again', delayMs = 0): void {
+    line.busy = false;
+    if (how === 'done') {
+      this.outstanding--;
+    } else {
+      line.pending.unshift(entry);
+      if (how === 'wait') {
+        line.retryAt = Date.now() + delayMs;
+        this.#waiting.add(line);
+        if (this.#workers.length > 0) this.#arm(line);
+      }
+    }
+    if (line.retryAt === 0 && line.pending.length > 0) this.#makeReady(line);
+    else if (line.retryAt === 0) line.lane.keys.delete(line.key);
+    if (this.outstanding === 0) this.#ctx.settled();
+  }
+
+  /** Counts for drain()'s timeout message. */
+  describe(): string {
+    let queued = 0;
+    let busy = 0;
+    for (const lane of this.#lanes) {
+      for (const line of lane.keys.values()) {
+        queued += line.pending.length;
+        if (line.busy) busy++;
+      }
+    }
+    const waiting = this.#waiting.size;
+    return `subscription ${this.name} has ${queued + busy} unhandled (${busy} in flight, ${waiting} key${waiting === 1 ? '' : 's'} waiting for a retry)`;
+  }
+
+  #line(message: Stored): KeyLine {
+    const lane = this.#lanes[partitionOf(message.keyHash, this.partitions)]!;
+    const key = message.envelope.partitionkey;
+    let line = lane.keys.get(key);
+    if (line === undefined) {
+      line = new KeyLine(key, lane);
+      lane.keys.set(key, line);
+    }
+    return line;
+  }
+
+  #makeReady(line: KeyLine): void {
+    if (line.ready || line.busy || line.retryAt !== 0 || line.pending.length === 0) return;
+    line.ready = true;
+    const lane = line.lane;
+    lane.ready.push(line);
+    if (lane.ready.length === 1 && lane.owner !== undefined) {
+      lane.owner.readyLanes.add(lane);
+      lane.owner.schedule();
+    }
+  }
+
+  #arm(line: KeyLine): void {
+    clearTimeout(line.timer);
+    line.timer = setTimeout(() => {
+      line.timer = undefined;
+      line.retryAt = 0;
+      this.#waiting.delete(line);
+      this.#makeReady(line);
+    }, Math.max(0, line.retryAt - Date.now()));
+    // A retry waiting in memory must not keep a test process alive.
+    line.timer.unref();
+  }
+}
+
+/**
+ * One `consume` call: handles the ready keys of the lanes it holds, up to `concurrency` at once, one
+ * message per key at a time. Handlers start in the async context of the `consume` call, not in that of
+ * whichever publisher or handler made their message ready.
+ */
+export class MemoryWorker implements Consumer {
+  /** Lanes this worker holds that have a ready key, in round-robin order. */
+  readonly readyLanes = new Set<Lane>();
+  readonly #group: Group;
+  readonly #spec: SubscriptionSpec;
+  readonly #handle: DeliveryHandler<MemoryTransaction>;
+  readonly #ctx: GroupContext;
+  readonly #scope = new AsyncResource('tidings.memory.worker');
+  readonly #running = new Set<Promise<void>>();
+  #inFlight = 0;
+  #scheduled = false;
+  #dispatched = 0;
+  #stopping = false;
+  #stopped: Promise<void> | undefined;
+
+  constructor(group: Group, spec: SubscriptionSpec, handle: DeliveryHandler<MemoryTransaction>, ctx: GroupContext) {
+    this.#group = group;
+    this.#spec = spec;
+    this.#handle = handle;
+    this.#ctx = ctx;
+  }
+
+  /** Pumps on a later turn of the event loop (coalesced). */
+  schedule(): void {
+    if (this.#scheduled || this.#stopping) return;
+    this.#scheduled = true;
+    setImmediate(() => {
+      this.#scheduled = false;
+      this.#dispatched = 0;
+      this.#scope.runInAsyncScope(() => this.#pump());
+    });
+  }
+
+  #pump(): void {
+    while (!this.#stopping && this.#inFlight < this.#spec.concurrency) {
+      if (this.#dispatched >= DISPATCHES_PER_TURN) {
+        this.schedule();
+        return;
+      }
+      const next = this.#group.take(this);
+      if (next === undefined) return;
+      this.#dispatched++;
+      this.#inFlight++;
+      const running = this.#run(next.line, next.entry).catch((error: unknown) => {
+        this.#ctx.warn(`Subscription ${this.#group.name}: internal error of the memory backbone while handling a message (a bug: please report it)`, error);
+      });
+      this.#running.add(running);
+      void running.finally(() => this.#running.delete(running));
+    }
+  }
+
+  /** Attempts the key's head until it is acknowledged, dead-lettered or must wait; then frees the key. */
+  async #run(line: KeyLine, entry: Entry): Promise<void> {
+    const group = this.#group;
+    let how: 'done' | 'wait' | 'again' = 'done';
+    let delayMs = 0;
+    try {
+      for (;;) {
+        const { envelope } = entry.message;
+        // A redriven or re-published message this subscription already handled.
+        if (group.inbox && group.handled(envelope.id)) break;
+        const attempt = ++entry.attempts;
+        const tx = this.#ctx.begin(`the transaction of attempt ${attempt} at message ${envelope.id} (${envelope.topic}) in subscription ${group.name}`);
+        let result: DeliveryResult;
+        try {
+          result = await this.#handle({ envelope: { ...envelope, data: JSON.parse(entry.message.json) as unknown }, attempt, tx });
+        } catch (error) {
+          result = { outcome: 'retry', delayMs: CRASHED_HANDLER_RETRY_MS, error: describeError(error) };
+        }
+        if (result.outcome === 'ack') {
+          // The inbox record and what the handler published become visible together, as in one commit.
+          if (group.inbox) group.remember(envelope.id);
+          this.#ctx.end(tx, true);
+          break;
+        }
+        this.#ctx.end(tx, false);
+        entry.history.push({ attempt, at: new Date().toISOString(), error: result.error });
+        if (result.outcome === 'dead-letter') {
+          this.#ctx.deadLetter(group.name, entry, result.reason);
+          break;
+        }
+        if (result.delayMs > 0) {
+          how = 'wait';
+          delayMs = result.delayMs;
+          break;
+        }
+        if (this.#stopping) {
+          how = 'again';
+          break;
+        }
+      }
+    } finally {
+      this.#inFlight--;
+      group.release(line, entry, how, delayMs);
+      if (!this.#stopping) this.#pump();
+    }
+  }
+
+  /** Graceful: takes no new message, lets those in flight finish, then hands its lanes to the other workers. */
+  stop(): Promise<void> {
+    this.#stopping = true;
+    this.#stopped ??= (async () => {
+      while (this.#running.size > 0) await Promise.allSettled([...this.#running]);
+      this.#group.detach(this);
+    })();
+    return this.#stopped;
+  }
+}
