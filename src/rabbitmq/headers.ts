@@ -1,0 +1,181 @@
+/**
+ * How an envelope travels in an AMQP 0-9-1 message: the CloudEvents AMQP binding, binary content mode. The
+ * binding is written for AMQP 1.0; its application-properties are what 0-9-1 calls headers. Every attribute
+ * except `datacontenttype` is a header named `cloudEvents:<attribute>` (the binding's prefix; `cloudEvents_`,
+ * which some SDKs write for JMS, is read too), `datacontenttype` is the `content_type` property, and the
+ * body is the data's JSON alone. `message_id` repeats the id and `timestamp` the time, for plain clients
+ * and the management UI.
+ *
+ * Tidings' own bookkeeping (attempt count, failed-attempt history, dead-letter facts) rides in `x-tidings-*`
+ * headers, which CloudEvents consumers ignore.
+ */
+import type { ConsumeMessage, GetMessage, MessagePropertyHeaders, Options } from 'amqplib';
+import type { AttemptRecord, Outgoing } from '../core/backbone.ts';
+import type { Envelope } from '../core/envelope.ts';
+import type { ErrorRecord } from '../core/errors.ts';
+
+export const CE_PREFIX = 'cloudEvents:';
+const CE_PREFIXES = ['cloudEvents:', 'cloudEvents_'] as const;
+
+/** Attempts made before this copy of the message was published (by retries through retry queues). */
+export const H_ATTEMPTS = 'x-tidings-attempts';
+/** JSON AttemptRecord[] of the failed attempts so far. */
+export const H_HISTORY = 'x-tidings-history';
+/** The partition queue a retried or redriven message goes back to (matched by the return exchange). */
+export const H_PARTITION = 'x-tidings-partition';
+export const H_DEAD_ID = 'x-tidings-dead-id';
+export const H_DEAD_REASON = 'x-tidings-dead-reason';
+export const H_DEAD_AT = 'x-tidings-dead-at';
+export const H_SUBSCRIPTION = 'x-tidings-subscription';
+export const H_QUEUE = 'x-tidings-queue';
+/** Quorum queues count returns of a message (nack with requeue, a consumer that went away) in this header. */
+export const H_DELIVERY_COUNT = 'x-delivery-count';
+
+/** Headers kept small: a frame is 128 KiB by default and headers must fit in one. */
+const MAX_HISTORY = 20;
+const MAX_STACK = 2_000;
+
+const ATTRIBUTES = ['specversion', 'id', 'source', 'type', 'time', 'subject', 'topic', 'partitionkey', 'tenant', 'correlationid', 'causationid', 'traceparent', 'tracestate'] as const;
+
+/** Buckets of the key hash used as routing keys: `String(keyHash % BUCKETS)`. Part of the wire contract. */
+export const BUCKETS = 1_024;
+
+export function routingKey(keyHash: number): string {
+  return String(keyHash % BUCKETS);
+}
+
+export function encode(message: Outgoing): { body: Buffer; options: Options.Publish } {
+  const { envelope } = message;
+  const headers: Record<string, unknown> = {};
+  for (const name of ATTRIBUTES) {
+    const value = envelope[name];
+    if (value !== undefined) headers[CE_PREFIX + name] = value;
+  }
+  const time = Date.parse(envelope.time);
+  return {
+    body: Buffer.from(message.json, 'utf8'),
+    options: {
+      persistent: true,
+      contentType: 'application/json',
+      messageId: envelope.id,
+      ...(Number.isNaN(time) ? {} : { timestamp: Math.floor(time / 1_000) }),
+      headers,
+    },
+  };
+}
+
+export interface Decoded {
+  readonly envelope: Envelope;
+  /** Attempts recorded in headers (made before the message went through a retry queue). */
+  readonly priorAttempts: number;
+  readonly history: AttemptRecord[];
+}
+
+export type DecodeResult = { readonly ok: true; readonly value: Decoded } | { readonly ok: false; readonly problem: string; readonly id: string | undefined };
+
+/** Reads an envelope back; never throws: what cannot be read is described for the dead letter. */
+export function decode(message: ConsumeMessage | GetMessage, fallbackTopic: string | undefined): DecodeResult {
+  const headers = message.properties.headers ?? {};
+  const attribute = (name: string): string | undefined => {
+    for (const prefix of CE_PREFIXES) {
+      const value = headers[prefix + name] as unknown;
+      if (typeof value === 'string') return value;
+      if (Buffer.isBuffer(value)) return value.toString('utf8');
+      if (value instanceof Date) return value.toISOString();
+      if (typeof value === 'number' && name === 'time') return new Date(value * 1_000).toISOString();
+    }
+    return undefined;
+  };
+  const messageId = typeof message.properties.messageId === 'string' ? message.properties.messageId : undefined;
+  const id = attribute('id') ?? messageId;
+  const missing = ['specversion', 'source', 'type'].filter((name) => attribute(name) === undefined);
+  if (id === undefined) missing.unshift('id');
+  if (missing.length > 0) {
+    return { ok: false, id, problem: `missing CloudEvents attribute${missing.length === 1 ? '' : 's'} ${missing.join(', ')} (headers ${CE_PREFIX}<name>)` };
+  }
+  if (attribute('specversion') !== '1.0') return { ok: false, id, problem: `unsupported CloudEvents specversion ${JSON.stringify(attribute('specversion'))}` };
+  const contentType = message.properties.contentType as unknown;
+  if (contentType !== undefined && (typeof contentType !== 'string' || !/^application\/([\w.+-]+\+)?json\b/i.test(contentType))) {
+    return { ok: false, id, problem: `content_type ${JSON.stringify(contentType)} is not JSON` };
+  }
+  const topic = attribute('topic') ?? fallbackTopic;
+  if (topic === undefined) return { ok: false, id, problem: `missing the ${CE_PREFIX}topic header` };
+  let data: unknown;
+  try {
+    data = JSON.parse(message.content.toString('utf8'));
+  } catch (error) {
+    return { ok: false, id, problem: `the body is not JSON (${(error as Error).message})` };
+  }
+  const timestamp = typeof message.properties.timestamp === 'number' ? new Date(message.properties.timestamp * 1_000).toISOString() : undefined;
+  const envelope: Envelope = {
+    specversion: '1.0',
+    id: id!,
+    source: attribute('source')!,
+    type: attribute('type')!,
+    time: attribute('time') ?? timestamp ?? new Date().toISOString(),
+    subject: attribute('subject'),
+    datacontenttype: 'application/json',
+    topic,
+    // A message from a plain client without a key is its own key: no order to keep.
+    partitionkey: attribute('partitionkey') ?? id!,
+    tenant: attribute('tenant'),
+    correlationid: attribute('correlationid') ?? id!,
+    causationid: attribute('causationid'),
+    traceparent: attribute('traceparent'),
+    tracestate: attribute('tracestate'),
+    data,
+  };
+  return { ok: true, value: { envelope, priorAttempts: attemptsOf(headers), history: historyOf(headers) } };
+}
+
+export function attemptsOf(headers: MessagePropertyHeaders): number {
+  const value = Number(headers[H_ATTEMPTS] ?? 0);
+  return Number.isInteger(value) && value >= 0 ? value : 0;
+}
+
+/** Returns counted by a quorum queue; a classic queue only says whether the message was delivered before. */
+export function returnsOf(message: ConsumeMessage): number {
+  const count = Number(message.properties.headers?.[H_DELIVERY_COUNT] ?? Number.NaN);
+  if (Number.isInteger(count) && count >= 0) return count;
+  return message.fields.redelivered ? 1 : 0;
+}
+
+export function historyOf(headers: MessagePropertyHeaders): AttemptRecord[] {
+  const raw = headers[H_HISTORY] as unknown;
+  const text = Buffer.isBuffer(raw) ? raw.toString('utf8') : raw;
+  if (typeof text !== 'string') return [];
+  try {
+    const parsed = JSON.parse(text) as unknown;
+    return Array.isArray(parsed) ? (parsed as AttemptRecord[]) : [];
+  } catch {
+    return [];
+  }
+}
+
+/** The history as a header: the newest records, stacks cut, so it always fits in a frame. */
+export function historyHeader(history: readonly AttemptRecord[]): string {
+  const kept = history.slice(-MAX_HISTORY).map((record) => ({ ...record, error: trimError(record.error) }));
+  return JSON.stringify(kept);
+}
+
+function trimError(error: ErrorRecord): ErrorRecord {
+  const message = error.message.length > MAX_STACK ? `${error.message.slice(0, MAX_STACK)}...` : error.message;
+  if (error.stack === undefined || error.stack.length <= MAX_STACK) return { ...error, message };
+  return { ...error, message, stack: `${error.stack.slice(0, MAX_STACK)}...` };
+}
+
+/** The publish options of a message copied as it is (to a retry queue, dead letters, or back), headers replaced. */
+export function copyOptions(message: ConsumeMessage | GetMessage, headers: MessagePropertyHeaders): Options.Publish {
+  const p = message.properties;
+  return {
+    persistent: true,
+    headers,
+    ...(p.contentType === undefined ? {} : { contentType: p.contentType as string }),
+    ...(p.contentEncoding === undefined ? {} : { contentEncoding: p.contentEncoding as string }),
+    ...(p.messageId === undefined ? {} : { messageId: p.messageId as string }),
+    ...(p.timestamp === undefined ? {} : { timestamp: p.timestamp as number }),
+    ...(p.correlationId === undefined ? {} : { correlationId: p.correlationId as string }),
+    ...(p.type === undefined ? {} : { type: p.type as string }),
+    ...(p.appId === undefined ? {} : { appId: p.appId as string }),
+  };
+}

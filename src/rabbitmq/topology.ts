@@ -1,0 +1,114 @@
+/**
+ * The names and declarations of everything Tidings keeps in RabbitMQ. Every declaration is idempotent
+ * (declared again on every open and every reconnect), so a deleted queue or exchange comes back.
+ *
+ *   <prefix><topic>                    topic exchange per contract; routing key = String(keyHash % 1024)
+ *   <prefix><subscription>:p<n>        partition queue n: binds the buckets b with b % partitions == n
+ *                                      of each of the subscription's topics; single active consumer
+ *   <prefix><subscription>:return      headers exchange; retried and redriven messages come back through it
+ *                                      to the partition named by their x-tidings-partition header
+ *   <prefix><subscription>:retry:<ms>  a delayed retry waits here (x-message-ttl), then dead-letters into
+ *                                      the return exchange
+ *   <prefix><subscription>:dead        the subscription's dead letters
+ *   <prefix>dead-letter-queues         which subscriptions have dead-letter queues (for the CLI)
+ *
+ * The `:` keeps subscription names apart from topic names, which cannot contain it.
+ */
+import type { Channel } from 'amqplib';
+import { BUCKETS, H_PARTITION } from './headers.ts';
+
+export interface TopologySettings {
+  readonly prefix: string;
+  readonly quorum: boolean;
+}
+
+export class Names {
+  constructor(readonly prefix: string) {}
+  exchange(topic: string): string {
+    return `${this.prefix}${topic}`;
+  }
+  partition(subscription: string, partition: number): string {
+    return `${this.prefix}${subscription}:p${partition}`;
+  }
+  returnExchange(subscription: string): string {
+    return `${this.prefix}${subscription}:return`;
+  }
+  retryQueue(subscription: string, delayMs: number): string {
+    return `${this.prefix}${subscription}:retry:${delayMs}`;
+  }
+  deadQueue(subscription: string): string {
+    return `${this.prefix}${subscription}:dead`;
+  }
+  get registry(): string {
+    return `${this.prefix}dead-letter-queues`;
+  }
+}
+
+/** Durable, quorum (replicated, counts redeliveries) or classic. */
+function queueArguments(settings: TopologySettings, extra: Record<string, unknown> = {}): Record<string, unknown> {
+  return { 'x-queue-type': settings.quorum ? 'quorum' : 'classic', ...extra };
+}
+
+export async function declareExchange(channel: Channel, names: Names, topic: string): Promise<void> {
+  await channel.assertExchange(names.exchange(topic), 'topic', { durable: true });
+}
+
+export interface SubscriptionTopology {
+  readonly name: string;
+  readonly topics: readonly string[];
+  readonly partitions: number;
+}
+
+/**
+ * The subscription's queues, exchanges and bindings. Bindings are declared in one pipelined burst (amqplib
+ * queues the calls on the channel): 1,024 per topic in all, whatever the partition count.
+ */
+export async function declareSubscription(channel: Channel, names: Names, settings: TopologySettings, spec: SubscriptionTopology): Promise<void> {
+  const back = names.returnExchange(spec.name);
+  await Promise.all(spec.topics.map((topic) => declareExchange(channel, names, topic)));
+  await channel.assertExchange(back, 'headers', { durable: true });
+  await channel.assertQueue(names.deadQueue(spec.name), { durable: true, arguments: queueArguments(settings) });
+  const work: Promise<unknown>[] = [];
+  for (let partition = 0; partition < spec.partitions; partition++) {
+    const queue = names.partition(spec.name, partition);
+    work.push(channel.assertQueue(queue, { durable: true, arguments: queueArguments(settings, { 'x-single-active-consumer': true }) }));
+    work.push(channel.bindQueue(queue, back, '', { 'x-match': 'all', [H_PARTITION]: String(partition) }));
+  }
+  await Promise.all(work);
+  const bindings: Promise<unknown>[] = [];
+  for (const topic of spec.topics) {
+    for (let bucket = 0; bucket < BUCKETS; bucket++) {
+      bindings.push(channel.bindQueue(names.partition(spec.name, bucket % spec.partitions), names.exchange(topic), String(bucket)));
+    }
+  }
+  await Promise.all(bindings);
+}
+
+/**
+ * A delay queue: messages wait `delayMs` (the queue's TTL, so they expire in order at the head), then
+ * go back through the return exchange. One queue per delay: a per-message expiration on a shared queue
+ * would let a long delay at the head hold back every shorter one behind it.
+ */
+export async function declareRetryQueue(channel: Channel, names: Names, settings: TopologySettings, subscription: string, delayMs: number): Promise<string> {
+  const queue = names.retryQueue(subscription, delayMs);
+  await channel.assertQueue(queue, {
+    durable: true,
+    arguments: queueArguments(settings, {
+      'x-message-ttl': delayMs,
+      'x-dead-letter-exchange': names.returnExchange(subscription),
+      // Quorum queues dead-letter at most once unless told otherwise; a retry must not vanish.
+      ...(settings.quorum ? { 'x-dead-letter-strategy': 'at-least-once', 'x-overflow': 'reject-publish' } : {}),
+    }),
+  });
+  return queue;
+}
+
+/**
+ * Delays are rounded up to a ladder (steps of about 19 %: 2^(1/4)) so that jittered and computed delays
+ * share a handful of queues instead of one queue each. A retry waits at most 19 % longer than asked.
+ */
+export function retryLevel(delayMs: number, minimumMs: number): number {
+  const wanted = Math.max(delayMs, minimumMs);
+  const step = Math.ceil(Math.log2(wanted / minimumMs) * 4 - 1e-9);
+  return Math.round(minimumMs * 2 ** (step / 4));
+}
