@@ -1,0 +1,12 @@
+/**
+ * Replicas: a service's own copy of data another service owns, fed by its events, with staleness,
+ * rebuild by state transfer, and drift detection and repair against the source over the bus.
+ * See docs/replicas.md.
+ */
+export { defineReplica, feed, replica, Replica, replicaDefaults } from './replica.ts';
+export type { Feed, ReplicaDefinition, ReplicaOptions, ReplicaStats, Staleness, DriftReport, RebuildProgress, RebuildReport } from './replica.ts';
+export { defineSource, source, sourceDefaults } from './source.ts';
+export type { SourceDefinition, SourceOptions, SourceStats, ReplicaSource } from './source.ts';
+export { digestTree } from './digest.ts';
+export { requestContract, replyContract, checkContract } from './protocol.ts';
+export type { ReplicaRequest, ReplicaReply, StateRow, CheckCommand } from './protocol.ts';

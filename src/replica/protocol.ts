@@ -1,0 +1,94 @@
+/**
+ * The messages a replica and its source exchange, on Tidings topics like any other (no service calls
+ * another directly):
+ *
+ *   tidings.replica.<source>.request          replica -> source: digests, keys to compare, a page of state
+ *   tidings.replica.<source>.reply.<replica>  source -> that replica: the answers, in one or more parts
+ *   tidings.replica.<replica>.check           anyone (the CLI) -> the replica: run a drift check now
+ *
+ * Every request carries a `requestId` and the replica's name; every reply names the request and says how
+ * many parts answer it, so the replica knows when it has the whole answer.
+ */
+import type { StandardSchemaV1 } from '@standard-schema/spec';
+import { defineCommand, defineEvent, type Contract } from '../core/contract.ts';
+
+/** A key's state as the source sees it: the document the replica stores, and its version. */
+export interface StateRow {
+  readonly key: string;
+  readonly version: number;
+  readonly state: unknown;
+}
+
+export type ReplicaRequest =
+  /** The digests of these nodes of the tree at `level` (0 = the root). */
+  | { readonly kind: 'digest'; readonly requestId: string; readonly replica: string; readonly checkId: string; readonly level: number; readonly nodes: readonly number[] }
+  /** The replica's keys (and row hashes) in these leaves: answer with the state of every key that differs. */
+  | {
+      readonly kind: 'keys';
+      readonly requestId: string;
+      readonly replica: string;
+      readonly checkId: string;
+      readonly leaves: readonly number[];
+      readonly keys: readonly (readonly [key: string, hash: string])[];
+    }
+  /** A page of the source's state in key order, after `after` (null: from the start). */
+  | { readonly kind: 'page'; readonly requestId: string; readonly replica: string; readonly after: string | null; readonly limit: number };
+
+export type ReplicaReply =
+  | { readonly kind: 'digest'; readonly requestId: string; readonly part: number; readonly parts: number; readonly level: number; readonly hashes: Record<string, string> }
+  | {
+      readonly kind: 'keys';
+      readonly requestId: string;
+      readonly part: number;
+      readonly parts: number;
+      /** Keys whose state differs from the replica's, or that the replica lacks. */
+      readonly rows: readonly StateRow[];
+      /** Keys the replica has that the source does not. */
+      readonly absent: readonly string[];
+    }
+  | { readonly kind: 'page'; readonly requestId: string; readonly part: number; readonly parts: number; readonly rows: readonly StateRow[]; readonly total: number | null };
+
+export interface CheckCommand {
+  readonly checkId: string;
+  readonly requestedBy: string;
+}
+
+/** A schema for our own messages: written and read only by this module, so a shape check is enough. */
+function shape<T>(what: string, fields: readonly string[]): StandardSchemaV1<T, T> {
+  return {
+    '~standard': {
+      version: 1,
+      vendor: 'tidings',
+      validate(value) {
+        if (typeof value !== 'object' || value === null) return { issues: [{ message: `${what} must be an object` }] };
+        const missing = fields.filter((field) => !(field in value));
+        if (missing.length > 0) return { issues: missing.map((field) => ({ message: `${what} needs ${field}`, path: [field] })) };
+        return { value: value as T };
+      },
+    },
+  };
+}
+
+export function requestContract(source: string): Contract<string, ReplicaRequest, ReplicaRequest> {
+  return defineCommand(`tidings.replica.${source}.request`, {
+    schema: shape<ReplicaRequest>('a replica request', ['kind', 'requestId', 'replica']),
+    key: (request) => request.requestId,
+    description: `Requests from replicas of ${source}: digests, keys to compare, pages of state.`,
+  });
+}
+
+export function replyContract(source: string, replica: string): Contract<string, ReplicaReply, ReplicaReply> {
+  return defineEvent(`tidings.replica.${source}.reply.${replica}`, {
+    schema: shape<ReplicaReply>('a replica reply', ['kind', 'requestId', 'part', 'parts']),
+    key: (reply) => reply.requestId,
+    description: `Answers of ${source} to the replica ${replica}.`,
+  });
+}
+
+export function checkContract(replica: string): Contract<string, CheckCommand, CheckCommand> {
+  return defineCommand(`tidings.replica.${replica}.check`, {
+    schema: shape<CheckCommand>('a drift check command', ['checkId']),
+    key: (command) => command.checkId,
+    description: `Asks the replica ${replica} to compare itself with its source now (tidings drift check).`,
+  });
+}

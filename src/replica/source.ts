@@ -1,0 +1,161 @@
+/**
+ * The owning service's side of replication: it answers replicas' requests for digests, for the state of
+ * the keys that differ, and for pages of its whole state (a state transfer), over the bus. It reads its
+ * own data with one SQL query the service declares, so digests of 100,000 keys are one grouped scan.
+ */
+import type { Bus } from '../core/bus.ts';
+import { validateName } from '../core/contract.ts';
+import { OptionProblems } from '../core/options.ts';
+import type { PgTransaction } from '../postgres/transaction.ts';
+import { bucketSql, buildTree, chunks, leavesFrom, rowHashSql } from './digest.ts';
+import { replyContract, requestContract, type ReplicaReply, type ReplicaRequest, type StateRow } from './protocol.ts';
+
+export interface SourceDefinition {
+  /** The name replicas refer to (`identity.users`); it is part of the request and reply topics. */
+  readonly name: string;
+  /**
+   * A query over the owner's tables returning one row per live key: `key` (text), `version` (int8, grows
+   * with every change of the key) and `state` (jsonb, the document replicas store). Deleted keys are
+   * absent. Replicas compare `state` by content, so build it the way the events build the replica's row.
+   */
+  readonly select: string;
+}
+
+export function defineSource(definition: SourceDefinition): SourceDefinition {
+  validateName('Source', definition?.name);
+  const problems = new OptionProblems(`defineSource ${definition.name}`);
+  problems.check(typeof definition.select === 'string' && /^\s*(select|with)\b/i.test(definition.select), 'select must be a SQL query (select ... or with ...) returning key, version and state');
+  problems.throwIfAny();
+  return Object.freeze({ ...definition });
+}
+
+export interface SourceOptions {
+  /** The subscription answering replicas' requests. */
+  subscription?: string;
+  /** Keys with their state per reply message. */
+  maxRowsPerReply?: number;
+  /** How long a check's snapshot of the leaf digests is kept, so one check reads the source's data once. */
+  digestCacheMs?: number;
+}
+
+export const sourceDefaults = {
+  subscription: undefined as string | undefined,
+  maxRowsPerReply: 500,
+  digestCacheMs: 60_000,
+} satisfies Record<keyof SourceOptions, unknown>;
+
+export interface SourceStats {
+  /** Requests answered, by kind. */
+  readonly requests: { digest: number; keys: number; page: number };
+  /** Reply messages published. */
+  readonly replies: number;
+}
+
+export interface ReplicaSource {
+  readonly definition: SourceDefinition;
+  stats(): SourceStats;
+}
+
+/** Answers replicas of `definition` on `bus` (registers a subscription; start the bus as usual). */
+export function source(bus: Bus<PgTransaction>, definition: SourceDefinition, options: SourceOptions = {}): ReplicaSource {
+  const problems = new OptionProblems(`source ${definition.name}`);
+  problems.integer('maxRowsPerReply', options.maxRowsPerReply, 1, 10_000);
+  problems.integer('digestCacheMs', options.digestCacheMs, 0);
+  problems.throwIfAny();
+  const maxRows = options.maxRowsPerReply ?? sourceDefaults.maxRowsPerReply;
+  const cacheMs = options.digestCacheMs ?? sourceDefaults.digestCacheMs;
+  const select = definition.select;
+  const replies = new Map<string, ReturnType<typeof replyContract>>();
+  const trees = new Map<string, { at: number; tree: Promise<string[][]> }>();
+  const counts = { requests: { digest: 0, keys: 0, page: 0 }, replies: 0 };
+
+  const reply = async (tx: PgTransaction, to: string, parts: ReplicaReply[]) => {
+    let contract = replies.get(to);
+    if (contract === undefined) {
+      contract = replyContract(definition.name, to);
+      replies.set(to, contract);
+    }
+    await bus.publishMany(contract, parts, { tx });
+    counts.replies += parts.length;
+  };
+
+  const treeOf = (tx: PgTransaction, checkId: string): Promise<string[][]> => {
+    const now = Date.now();
+    for (const [id, entry] of trees) if (now - entry.at > cacheMs) trees.delete(id);
+    let entry = trees.get(checkId);
+    if (entry === undefined) {
+      const tree = tx
+        .query<{ bucket: number; digest: string | null }>(
+          `select bucket, bit_xor(hash)::text as digest
+             from (select ${bucketSql('s.key')} as bucket, ${rowHashSql('s.key', 's.version', 's.state')} as hash from (${select}) s) d
+            group by bucket`,
+        )
+        .then((result) => buildTree(leavesFrom(result.rows)));
+      entry = { at: now, tree };
+      trees.set(checkId, entry);
+      tree.catch(() => trees.delete(checkId));
+    }
+    return entry.tree;
+  };
+
+  bus.subscribe(
+    options.subscription ?? `replica-source.${definition.name}`,
+    requestContract(definition.name),
+    async (message, ctx) => {
+      const request: ReplicaRequest = message.data;
+      counts.requests[request.kind]++;
+      if (request.kind === 'digest') {
+        const level = (await treeOf(ctx.tx, request.checkId))[request.level] ?? [];
+        const hashes: Record<string, string> = {};
+        for (const node of request.nodes) hashes[node] = level[node] ?? '0';
+        await reply(ctx.tx, request.replica, [{ kind: 'digest', requestId: request.requestId, part: 0, parts: 1, level: request.level, hashes }]);
+        return;
+      }
+      if (request.kind === 'keys') {
+        const { rows } = await ctx.tx.query<{ key: string; version: string | number; state: unknown; hash: string }>(
+          `select s.key, s.version, s.state, ${rowHashSql('s.key', 's.version', 's.state')}::text as hash
+             from (${select}) s where ${bucketSql('s.key')} = any($1::int[])`,
+          [request.leaves],
+        );
+        const theirs = new Map(request.keys.map(([key, hash]) => [key, hash]));
+        const differing: StateRow[] = [];
+        for (const row of rows) {
+          if (theirs.get(row.key) !== row.hash) differing.push({ key: row.key, version: Number(row.version), state: row.state });
+          theirs.delete(row.key);
+        }
+        const absent = [...theirs.keys()];
+        const rowChunks = chunks(differing, maxRows);
+        const absentChunks = chunks(absent, maxRows * 10);
+        const parts = Math.max(1, rowChunks.length + absentChunks.length);
+        const messages: ReplicaReply[] = [
+          ...rowChunks.map((chunk, i) => ({ kind: 'keys' as const, requestId: request.requestId, part: i, parts, rows: chunk, absent: [] })),
+          ...absentChunks.map((chunk, i) => ({ kind: 'keys' as const, requestId: request.requestId, part: rowChunks.length + i, parts, rows: [], absent: chunk })),
+        ];
+        if (messages.length === 0) messages.push({ kind: 'keys', requestId: request.requestId, part: 0, parts, rows: [], absent: [] });
+        await reply(ctx.tx, request.replica, messages);
+        return;
+      }
+      // A page of a state transfer, in key order: the next request starts after its last key.
+      const limit = Math.min(request.limit, maxRows * 10);
+      const { rows } = await ctx.tx.query<{ key: string; version: string | number; state: unknown }>(
+        `select s.key, s.version, s.state from (${select}) s where $1::text is null or s.key > $1 order by s.key limit $2`,
+        [request.after, limit],
+      );
+      const total =
+        request.after === null ? Number((await ctx.tx.query<{ n: string }>(`select count(*)::int8 as n from (${select}) s`)).rows[0]!.n) : null;
+      const pages = chunks(rows.map((row) => ({ key: row.key, version: Number(row.version), state: row.state })), maxRows);
+      if (pages.length === 0) pages.push([]);
+      await reply(
+        ctx.tx,
+        request.replica,
+        pages.map((chunk, part) => ({ kind: 'page' as const, requestId: request.requestId, part, parts: pages.length, total, rows: chunk })),
+      );
+    },
+    { startFrom: 'now' },
+  );
+
+  return {
+    definition,
+    stats: () => ({ requests: { ...counts.requests }, replies: counts.replies }),
+  };
+}
