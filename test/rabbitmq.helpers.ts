@@ -1,0 +1,78 @@
+/** What the RabbitMQ tests share: a prefix per test, buses that clean up, and a plain amqplib client. */
+import { execFile } from 'node:child_process';
+import { promisify } from 'node:util';
+import amqp from 'amqplib';
+import { createBus, type Bus } from '../src/index.ts';
+import { postgres, type PgTransaction } from '../src/postgres/index.ts';
+import { rabbitmq, type RabbitMqOptions } from '../src/rabbitmq/index.ts';
+import { DATABASE_URL, dropSchema, RABBITMQ_URL, uniqueSchema } from './helpers.ts';
+
+const run = promisify(execFile);
+
+export const warnings: string[] = [];
+
+/** Options for tests: short timeouts so failures show quickly. */
+export function testOptions(prefix: string): Omit<RabbitMqOptions, 'outbox'> {
+  return {
+    url: RABBITMQ_URL,
+    prefix,
+    connectTimeoutMs: 5_000,
+    publishTimeoutMs: 15_000,
+    reconnectMinMs: 50,
+    reconnectMaxMs: 500,
+    heartbeatSeconds: 5,
+    retryReturnGraceMs: 5_000,
+    connectionName: 'tidings-test',
+    onWarning: (message) => warnings.push(message),
+  };
+}
+
+export class Harness {
+  readonly prefix = `${uniqueSchema('tt')}.`;
+  readonly schema = uniqueSchema('rq');
+  readonly buses: Bus<PgTransaction>[] = [];
+  #usedSchema = false;
+
+  bus(service: string, options: { outbox?: boolean; relay?: boolean; rabbit?: Partial<RabbitMqOptions> } = {}): Bus<PgTransaction> {
+    if (options.outbox) this.#usedSchema = true;
+    const outbox = options.outbox ? postgres({ url: DATABASE_URL, schema: this.schema, onWarning: (message) => warnings.push(message) }) : undefined;
+    const backbone = rabbitmq({ ...testOptions(this.prefix), ...options.rabbit, ...(outbox === undefined ? {} : { outbox }), ...(options.relay === undefined ? {} : { relay: options.relay }) });
+    const bus = createBus({ service, backbone });
+    this.buses.push(bus);
+    return bus;
+  }
+
+  async cleanup(): Promise<void> {
+    for (const bus of this.buses) await bus.stop().catch(() => undefined);
+    await deleteByPrefix(this.prefix);
+    if (this.#usedSchema) await dropSchema(this.schema);
+  }
+}
+
+/** Deletes the queues and exchanges whose names start with `prefix` (listed by rabbitmqctl when it is here). */
+export async function deleteByPrefix(prefix: string): Promise<void> {
+  const list = async (what: 'list_queues' | 'list_exchanges'): Promise<string[]> => {
+    try {
+      const { stdout } = await run('rabbitmqctl', ['-q', what, 'name'], { timeout: 30_000 });
+      return stdout.split('\n').map((line) => line.trim()).filter((name) => name.startsWith(prefix));
+    } catch {
+      return [];
+    }
+  };
+  const [queues, exchanges] = await Promise.all([list('list_queues'), list('list_exchanges')]);
+  if (queues.length + exchanges.length === 0) return;
+  const connection = await amqp.connect(RABBITMQ_URL);
+  try {
+    const channel = await connection.createChannel();
+    for (const queue of queues) await channel.deleteQueue(queue);
+    for (const exchange of exchanges) await channel.deleteExchange(exchange);
+    await channel.close();
+  } finally {
+    await connection.close();
+  }
+}
+
+export async function rabbitmqctl(...args: string[]): Promise<string> {
+  const { stdout } = await run('rabbitmqctl', args, { timeout: 60_000 });
+  return stdout;
+}
