@@ -1,0 +1,150 @@
+/**
+ * How a Tidings envelope travels on NATS: the CloudEvents NATS protocol binding in binary content mode.
+ * Each attribute is a `ce-<name>` header, `content-type` carries `datacontenttype`, and the payload is the
+ * data as JSON text, so a plain NATS client reads the event without knowing Tidings.
+ */
+import { headers as natsHeaders, Match, type MsgHdrs } from 'nats';
+import type { Envelope } from '../core/envelope.ts';
+
+/** The attributes sent as `ce-` headers, in the order they are written. */
+const ATTRIBUTES = [
+  'specversion',
+  'id',
+  'source',
+  'type',
+  'time',
+  'subject',
+  'topic',
+  'partitionkey',
+  'tenant',
+  'correlationid',
+  'causationid',
+  'traceparent',
+  'tracestate',
+] as const satisfies ReadonlyArray<keyof Envelope>;
+
+/** Set on a redriven message: only this subscription handles it; the others acknowledge it unseen. */
+export const REDRIVE_FOR = 'tidings-redrive-for';
+
+/**
+ * Header values are percent-encoded by the HTTP binding's rule (space, `"`, `%` and anything outside printable
+ * ASCII), since a NATS header value cannot hold a line break. Ordinary ids, types and keys pass unchanged.
+ */
+export function encodeValue(value: string): string {
+  return /[^\x21-\x7e]|["%]/.test(value) ? value.replace(/[^\x21-\x7e]|["%]/gu, (c) => encodeURIComponent(c).replace(/"/g, '%22')) : value;
+}
+
+export function decodeValue(value: string): string {
+  if (!value.includes('%')) return value;
+  try {
+    return decodeURIComponent(value);
+  } catch {
+    return value;
+  }
+}
+
+export function toHeaders(envelope: Envelope): MsgHdrs {
+  const h = natsHeaders();
+  for (const name of ATTRIBUTES) {
+    const value = envelope[name];
+    if (value !== undefined && value !== null) h.set(`ce-${name}`, encodeValue(String(value)));
+  }
+  h.set('content-type', envelope.datacontenttype);
+  return h;
+}
+
+export function header(h: MsgHdrs | undefined, name: string): string | undefined {
+  if (h === undefined || !h.has(name, Match.IgnoreCase)) return undefined;
+  return decodeValue(h.get(name, Match.IgnoreCase));
+}
+
+/** What the wire carried, decoded as far as it goes; `problem` says why it is not a Tidings message. */
+export type Decoded = { readonly envelope: Envelope; readonly problem?: undefined } | { readonly envelope?: undefined; readonly problem: string };
+
+/**
+ * Reads a message back into an envelope. Required: `ce-specversion` 1.0, `ce-id`, `ce-source`, `ce-type`
+ * and a JSON payload. Tidings' own extensions default for foreign CloudEvents producers: the topic comes from
+ * the subject, the key is the id (no order), the correlation id is the id, the time is the stream's.
+ */
+export function decode(h: MsgHdrs | undefined, payload: Uint8Array, topicFromSubject: string, storedAt: Date): Decoded {
+  const missing = ['specversion', 'id', 'source', 'type'].filter((name) => !header(h, `ce-${name}`));
+  if (missing.length > 0) return { problem: `no CloudEvents attribute${missing.length > 1 ? 's' : ''} ${missing.map((m) => `ce-${m}`).join(', ')} in its headers` };
+  const specversion = header(h, 'ce-specversion');
+  if (specversion !== '1.0') return { problem: `ce-specversion is ${JSON.stringify(specversion)}, not "1.0"` };
+  const contentType = header(h, 'content-type') ?? header(h, 'ce-datacontenttype');
+  if (contentType !== undefined && !/^application\/(?:[\w.+-]+\+)?json\b/i.test(contentType)) {
+    return { problem: `content-type is ${JSON.stringify(contentType)}, not application/json` };
+  }
+  let data: unknown;
+  try {
+    data = JSON.parse(Buffer.from(payload.buffer, payload.byteOffset, payload.byteLength).toString('utf8'));
+  } catch (error) {
+    return { problem: `the payload is not JSON (${(error as Error).message})` };
+  }
+  const id = header(h, 'ce-id')!;
+  const topic = header(h, 'ce-topic') ?? topicFromSubject;
+  if (topic !== topicFromSubject) return { problem: `ce-topic ${JSON.stringify(topic)} does not match the subject's topic ${JSON.stringify(topicFromSubject)}` };
+  return {
+    envelope: {
+      specversion: '1.0',
+      id,
+      source: header(h, 'ce-source')!,
+      type: header(h, 'ce-type')!,
+      time: header(h, 'ce-time') ?? storedAt.toISOString(),
+      subject: header(h, 'ce-subject'),
+      datacontenttype: 'application/json',
+      topic,
+      partitionkey: header(h, 'ce-partitionkey') ?? id,
+      tenant: header(h, 'ce-tenant'),
+      correlationid: header(h, 'ce-correlationid') ?? id,
+      causationid: header(h, 'ce-causationid'),
+      traceparent: header(h, 'ce-traceparent'),
+      tracestate: header(h, 'ce-tracestate'),
+      data,
+    },
+  };
+}
+
+/** Headers as a plain object, for dead letters (they keep the original message to redrive it as it was). */
+export function headersToRecord(h: MsgHdrs | undefined): Record<string, string[]> {
+  const record: Record<string, string[]> = {};
+  if (h === undefined) return record;
+  for (const [key, values] of h) record[key] = [...values];
+  return record;
+}
+
+export function recordToHeaders(record: Record<string, string[]>): MsgHdrs {
+  const h = natsHeaders();
+  for (const [key, values] of Object.entries(record)) {
+    // The broker's own headers are set afresh by whoever publishes again.
+    if (/^nats-/i.test(key)) continue;
+    for (const value of values) h.append(key, value);
+  }
+  return h;
+}
+
+// ---- subjects and names ---------------------------------------------------------------------------
+
+/** `<prefix>.<bucket>.<topic>`: a bucket is a fixed slice of the key space (keyHash % buckets). */
+export function subjectOf(prefix: string, bucket: number, topic: string): string {
+  return `${prefix}.${bucket}.${topic}`;
+}
+
+/** The topic and bucket of a subject of the stream, or undefined if it is not shaped like one. */
+export function parseSubject(prefix: string, subject: string): { bucket: number; topic: string } | undefined {
+  if (!subject.startsWith(`${prefix}.`)) return undefined;
+  const rest = subject.slice(prefix.length + 1);
+  const dot = rest.indexOf('.');
+  if (dot <= 0 || dot === rest.length - 1) return undefined;
+  const bucket = Number(rest.slice(0, dot));
+  if (!Number.isInteger(bucket) || bucket < 0) return undefined;
+  return { bucket, topic: rest.slice(dot + 1) };
+}
+
+/**
+ * A subscription name as a NATS consumer name and KV key token: those cannot contain `.`. Names are words
+ * joined by single `.`, `-` or `_` (src/core/contract.ts), so `__` never occurs in one and is unambiguous.
+ */
+export function nameToken(name: string): string {
+  return name.replace(/\./g, '__');
+}

@@ -1,0 +1,507 @@
+import { hostname } from 'node:os';
+import { AckPolicy, DeliverPolicy, nanos, type Consumer as JsConsumer, type ConsumerConfig, type JsMsg } from 'nats';
+import { EVERY_TOPIC, type AttemptRecord, type Consumer, type DeliveryHandler, type DeliveryResult, type SubscriptionSpec } from '../core/backbone.ts';
+import type { Envelope } from '../core/envelope.ts';
+import { describeError, TidingsError } from '../core/errors.ts';
+import { decode, header, headersToRecord, nameToken, parseSubject, REDRIVE_FOR } from './codec.ts';
+import type { DeadLetterRecord } from './dead-letters.ts';
+import { apiErrorCode, type NatsContext } from './index.ts';
+
+/** A message this worker has pulled and not yet acknowledged (or handed back). */
+interface Pulled {
+  msg: JsMsg;
+  readonly seq: number;
+  readonly subject: string;
+  readonly topic: string;
+  /** Undefined when the message cannot be decoded: it goes to dead letters. */
+  readonly envelope: Envelope | undefined;
+  readonly problem: string | undefined;
+  /** Deliveries JetStream had made before this worker got it (a crash, a hand-over). */
+  readonly earlier: number;
+  /** Attempts made by this worker. */
+  attempts: number;
+  /** Every failed attempt's error, for the dead letter; kept in memory only (lost with the process). */
+  readonly history: AttemptRecord[];
+  touchedAt: number;
+}
+
+/** The messages of one key in this bucket, in stream order: one runs at a time, the rest wait behind it. */
+interface KeyLine {
+  readonly queue: Pulled[];
+  busy: boolean;
+  retryTimer: NodeJS.Timeout | undefined;
+}
+
+/** A bucket this worker holds the lease of, and pulls from through its durable consumer. */
+interface Lane {
+  readonly bucket: number;
+  readonly consumer: JsConsumer;
+  revision: number;
+  renewedAt: number;
+  active: boolean;
+  readonly pulled: Map<number, Pulled>;
+  readonly keys: Map<string, KeyLine>;
+  readonly running: Set<Promise<void>>;
+  loop: Promise<void> | undefined;
+  wakeLoop: (() => void) | undefined;
+  released: Promise<void> | undefined;
+}
+
+/**
+ * One subscription's worker in this process. The stream's subjects are split into buckets by key hash; the
+ * subscription has one durable pull consumer per bucket, and a bucket is pulled by one worker at a time,
+ * the holder of its lease in the stream's KV bucket. So a key's messages reach one process, in stream
+ * order, and this worker runs them one at a time per key, up to `concurrency` keys at once.
+ *
+ * Leases: each worker announces itself (`<subscription>.worker.<id>`, renewed every heartbeat, expiring
+ * with the KV bucket's TTL) and holds ceil(buckets / live workers) leases (`<subscription>.lease.<bucket>`),
+ * renewed by compare-and-set on their revision. A worker that gives a bucket up finishes what runs, hands
+ * the rest back with a nak in stream order (JetStream redelivers before anything newer), then deletes the
+ * lease. A worker that dies stops renewing; leaseMs > ackWaitMs + heartbeatMs guarantees its messages are
+ * back in JetStream's redelivery queue before another worker takes the bucket.
+ */
+export class NatsConsumer implements Consumer {
+  readonly #ctx: NatsContext;
+  readonly #spec: SubscriptionSpec;
+  readonly #handle: DeliveryHandler<undefined>;
+  readonly #token: string;
+  readonly #owner = `${hostname().replace(/[^\w-]/g, '_')}-${process.pid}-${Math.random().toString(36).slice(2, 10)}`;
+  readonly #lanes = new Map<number, Lane>();
+  readonly #everyTopic: boolean;
+  readonly #topics: ReadonlySet<string>;
+  #stopping = false;
+  #timer: NodeJS.Timeout | undefined;
+  #keepAlive: NodeJS.Timeout | undefined;
+  #beating: Promise<void> | undefined;
+  /** Handlers running in this process, across lanes, at most `concurrency`. */
+  #inFlight = 0;
+  readonly #slotWaiters: Array<() => void> = [];
+
+  constructor(ctx: NatsContext, spec: SubscriptionSpec, handle: DeliveryHandler<undefined>) {
+    this.#ctx = ctx;
+    this.#spec = spec;
+    this.#handle = handle;
+    this.#token = nameToken(spec.name);
+    this.#everyTopic = spec.topics.includes(EVERY_TOPIC);
+    this.#topics = new Set(spec.topics);
+  }
+
+  get #maxPending(): number {
+    return this.#spec.concurrency * this.#ctx.settings.ackPendingPerHandler;
+  }
+
+  #durable(bucket: number): string {
+    return `${this.#token}_${bucket}`;
+  }
+
+  #leaseKey(bucket: number): string {
+    return `${this.#token}.lease.${bucket}`;
+  }
+
+  get #workerKey(): string {
+    return `${this.#token}.worker.${this.#owner}`;
+  }
+
+  async start(): Promise<void> {
+    const { settings } = this.#ctx;
+    await Promise.all(Array.from({ length: settings.buckets }, (_, bucket) => this.#ensureConsumer(bucket)));
+    await this.#heartbeat();
+    this.#timer = setInterval(() => {
+      this.#beating ??= this.#heartbeat()
+        .catch((error: unknown) => this.#ctx.warn(`Subscription ${this.#spec.name}: heartbeat failed; retrying`, error))
+        .finally(() => {
+          this.#beating = undefined;
+        });
+    }, settings.heartbeatMs);
+    this.#keepAlive = setInterval(() => this.#touch(), Math.max(100, Math.floor(settings.ackWaitMs / 3)));
+  }
+
+  /** Declares the bucket's durable consumer, or brings the settings Tidings owns up to date. Idempotent. */
+  async #ensureConsumer(bucket: number): Promise<void> {
+    const { jsm, settings } = this.#ctx;
+    const name = this.#durable(bucket);
+    const config: Partial<ConsumerConfig> = {
+      durable_name: name,
+      description: `Tidings subscription ${this.#spec.name}, bucket ${bucket} of ${settings.buckets}`,
+      ack_policy: AckPolicy.Explicit,
+      filter_subject: `${settings.subjectPrefix}.${bucket}.>`,
+      deliver_policy: this.#spec.startFrom === 'beginning' ? DeliverPolicy.All : DeliverPolicy.New,
+      ack_wait: nanos(settings.ackWaitMs),
+      max_ack_pending: this.#maxPending,
+      // Tidings counts attempts and dead-letters itself; JetStream must never drop a message on its own.
+      max_deliver: -1,
+    };
+    const existing = await jsm.consumers.info(settings.stream, name).catch((error: unknown) => {
+      if (apiErrorCode(error) === 10014) return undefined; // consumer not found
+      throw error;
+    });
+    if (existing === undefined) {
+      try {
+        await jsm.consumers.add(settings.stream, config);
+      } catch (error) {
+        // Another worker created it at the same moment.
+        if ((await jsm.consumers.info(settings.stream, name).catch(() => undefined)) === undefined) throw error;
+      }
+      return;
+    }
+    if (existing.config.ack_wait !== config.ack_wait || existing.config.max_ack_pending !== config.max_ack_pending) {
+      await jsm.consumers.update(settings.stream, name, { ack_wait: config.ack_wait!, max_ack_pending: config.max_ack_pending! });
+    }
+  }
+
+  async stop(): Promise<void> {
+    if (this.#stopping) return;
+    this.#stopping = true;
+    clearInterval(this.#timer);
+    await this.#beating?.catch(() => undefined);
+    await Promise.all([...this.#lanes.values()].map((lane) => this.#release(lane, true)));
+    clearInterval(this.#keepAlive);
+    await this.#ctx.leases.delete(this.#workerKey).catch(() => undefined);
+  }
+
+  // ---- leases ------------------------------------------------------------------------------------
+
+  async #heartbeat(): Promise<void> {
+    if (this.#stopping) return;
+    const { leases, settings } = this.#ctx;
+    await leases.put(this.#workerKey, this.#owner);
+    for (const lane of [...this.#lanes.values()]) {
+      if (!lane.active) continue;
+      try {
+        lane.revision = await leases.update(this.#leaseKey(lane.bucket), this.#owner, lane.revision);
+        lane.renewedAt = Date.now();
+      } catch (error) {
+        // A conflict means another worker holds it now (ours expired during a pause). A failure to reach
+        // NATS is waited out until the lease would have expired anyway.
+        const conflict = apiErrorCode(error) === 10071 || /wrong last sequence/i.test(String((error as Error).message));
+        if (conflict || Date.now() - lane.renewedAt > settings.leaseMs - settings.heartbeatMs) {
+          this.#ctx.warn(`Subscription ${this.#spec.name}: lost the lease of bucket ${lane.bucket}; its messages go back to JetStream`, error);
+          void this.#release(lane, false);
+        }
+      }
+    }
+    if (this.#stopping) return;
+    const live = await this.#liveWorkers();
+    const target = Math.ceil(settings.buckets / Math.max(1, live));
+    const held = [...this.#lanes.values()].filter((lane) => lane.active);
+    if (held.length < target) {
+      const start = Math.floor(Math.random() * settings.buckets);
+      for (let i = 0; i < settings.buckets && this.#activeLanes() < target && !this.#stopping; i++) {
+        const bucket = (start + i) % settings.buckets;
+        if (this.#lanes.has(bucket)) continue;
+        let revision: number;
+        try {
+          revision = await leases.create(this.#leaseKey(bucket), this.#owner);
+        } catch {
+          continue; // held by another worker
+        }
+        await this.#acquire(bucket, revision);
+      }
+    } else if (held.length > target) {
+      const extra = held.sort((a, b) => b.bucket - a.bucket).slice(0, held.length - target);
+      for (const lane of extra) void this.#release(lane, true);
+    }
+  }
+
+  #activeLanes(): number {
+    let n = 0;
+    for (const lane of this.#lanes.values()) if (lane.active) n++;
+    return n;
+  }
+
+  async #liveWorkers(): Promise<number> {
+    const keys = await this.#ctx.leases.keys(`${this.#token}.worker.*`);
+    let live = 0;
+    for await (const _ of keys) live++;
+    return live;
+  }
+
+  async #acquire(bucket: number, revision: number): Promise<void> {
+    const { js, settings, leases } = this.#ctx;
+    let consumer: JsConsumer;
+    try {
+      consumer = await js.consumers.get(settings.stream, this.#durable(bucket));
+    } catch (error) {
+      await leases.delete(this.#leaseKey(bucket), { previousSeq: revision }).catch(() => undefined);
+      throw error;
+    }
+    const lane: Lane = {
+      bucket,
+      consumer,
+      revision,
+      renewedAt: Date.now(),
+      active: true,
+      pulled: new Map(),
+      keys: new Map(),
+      running: new Set(),
+      loop: undefined,
+      wakeLoop: undefined,
+      released: undefined,
+    };
+    this.#lanes.set(bucket, lane);
+    lane.loop = this.#pull(lane);
+  }
+
+  /**
+   * Gives a bucket up: stop pulling, let running handlers finish and acknowledge, hand what is left back to
+   * JetStream in stream order (nak: redelivered before anything newer), then free the lease if it is ours.
+   * A message waiting for a delayed retry is handed back too: its next owner retries it at once.
+   */
+  #release(lane: Lane, ours: boolean): Promise<void> {
+    lane.released ??= (async () => {
+      lane.active = false;
+      lane.wakeLoop?.();
+      await lane.loop;
+      while (lane.running.size > 0) await Promise.all([...lane.running]);
+      for (const line of lane.keys.values()) clearTimeout(line.retryTimer);
+      const left = [...lane.pulled.values()].sort((a, b) => a.seq - b.seq);
+      for (const pulled of left) pulled.msg.nak();
+      lane.pulled.clear();
+      lane.keys.clear();
+      await this.#ctx.nc.flush().catch(() => undefined);
+      if (ours) await this.#ctx.leases.delete(this.#leaseKey(lane.bucket), { previousSeq: lane.revision }).catch(() => undefined);
+      if (this.#lanes.get(lane.bucket) === lane) this.#lanes.delete(lane.bucket);
+    })();
+    return lane.released;
+  }
+
+  // ---- pulling -----------------------------------------------------------------------------------
+
+  /**
+   * Pulls while the lane is active, never more than max_ack_pending in memory. A pull is never abandoned
+   * half way: what JetStream sends for it is received, so nothing sits unseen in the client when the
+   * bucket changes hands.
+   */
+  async #pull(lane: Lane): Promise<void> {
+    const { settings } = this.#ctx;
+    let failures = 0;
+    while (lane.active) {
+      const room = this.#maxPending - lane.pulled.size;
+      if (room <= 0) {
+        await this.#pause(lane, settings.fetchExpiresMs);
+        continue;
+      }
+      try {
+        const batch = await lane.consumer.fetch({ max_messages: Math.min(room, this.#spec.batchSize), expires: settings.fetchExpiresMs });
+        for await (const msg of batch) this.#receive(lane, msg);
+        failures = 0;
+      } catch (error) {
+        if (!lane.active) break;
+        failures++;
+        const wait = Math.min(settings.errorBackoffMs * 2 ** Math.min(failures, 5), 10_000) || 100;
+        this.#ctx.warn(`Subscription ${this.#spec.name}: pulling bucket ${lane.bucket} failed; retrying in ${wait} ms`, error);
+        await this.#pause(lane, wait);
+      }
+    }
+  }
+
+  #pause(lane: Lane, ms: number): Promise<void> {
+    return new Promise((resolve) => {
+      const timer = setTimeout(done, ms);
+      function done(): void {
+        clearTimeout(timer);
+        lane.wakeLoop = undefined;
+        resolve();
+      }
+      lane.wakeLoop = done;
+    });
+  }
+
+  #receive(lane: Lane, msg: JsMsg): void {
+    const seq = msg.seq;
+    const known = lane.pulled.get(seq);
+    if (known !== undefined) {
+      // Redelivered while we still hold it (its ack wait ran out): keep one copy, answer the newest delivery.
+      known.msg = msg;
+      known.touchedAt = Date.now();
+      return;
+    }
+    const { settings } = this.#ctx;
+    const parsed = parseSubject(settings.subjectPrefix, msg.subject);
+    const topic = parsed?.topic ?? msg.subject;
+    const redriveFor = header(msg.headers, REDRIVE_FOR);
+    if ((!this.#everyTopic && !this.#topics.has(topic)) || (redriveFor !== undefined && redriveFor !== this.#spec.name)) {
+      msg.ack(); // another subscription's topic, or a redrive meant for another subscription
+      return;
+    }
+    const decoded = parsed === undefined ? { problem: `subject ${msg.subject} is not <prefix>.<bucket>.<topic>` } : decode(msg.headers, msg.data, topic, new Date(Math.floor(msg.info.timestampNanos / 1e6)));
+    const pulled: Pulled = {
+      msg,
+      seq,
+      subject: msg.subject,
+      topic,
+      envelope: decoded.envelope,
+      problem: decoded.problem,
+      earlier: Math.max(0, msg.info.redeliveryCount - 1),
+      attempts: 0,
+      history: [],
+      touchedAt: Date.now(),
+    };
+    lane.pulled.set(seq, pulled);
+    // Undecodable messages have no key to keep in order: they go to dead letters straight away.
+    const key = pulled.envelope === undefined ? `\u0000undecodable:${seq}` : pulled.envelope.partitionkey;
+    let line = lane.keys.get(key);
+    if (line === undefined) {
+      line = { queue: [], busy: false, retryTimer: undefined };
+      lane.keys.set(key, line);
+    }
+    line.queue.push(pulled);
+    this.#pump(lane, key, line);
+  }
+
+  /** JetStream redelivers after ackWaitMs; a message held here (running, queued, waiting to retry) is kept alive. */
+  #touch(): void {
+    const now = Date.now();
+    const every = this.#ctx.settings.ackWaitMs / 3;
+    for (const lane of this.#lanes.values()) {
+      for (const pulled of lane.pulled.values()) {
+        if (now - pulled.touchedAt < every) continue;
+        pulled.msg.working();
+        pulled.touchedAt = now;
+      }
+    }
+  }
+
+  // ---- handling ----------------------------------------------------------------------------------
+
+  #pump(lane: Lane, key: string, line: KeyLine): void {
+    if (line.busy || line.retryTimer !== undefined || !lane.active || line.queue.length === 0) return;
+    line.busy = true;
+    const run = this.#runHead(lane, key, line).catch((error: unknown) => {
+      this.#ctx.warn(`Subscription ${this.#spec.name}: unexpected failure handling bucket ${lane.bucket}`, error);
+    });
+    lane.running.add(run);
+    void run.finally(() => {
+      lane.running.delete(run);
+      line.busy = false;
+      if (line.queue.length === 0 && line.retryTimer === undefined) lane.keys.delete(key);
+      else this.#pump(lane, key, line);
+    });
+  }
+
+  async #slot(): Promise<void> {
+    if (this.#inFlight < this.#spec.concurrency) {
+      this.#inFlight++;
+      return;
+    }
+    await new Promise<void>((resolve) => this.#slotWaiters.push(resolve));
+  }
+
+  #freeSlot(): void {
+    const next = this.#slotWaiters.shift();
+    if (next !== undefined) next();
+    else this.#inFlight--;
+  }
+
+  /** Runs the key's first message: immediate retries in place, until it is acknowledged, delayed or dead. */
+  async #runHead(lane: Lane, key: string, line: KeyLine): Promise<void> {
+    await this.#slot();
+    try {
+      const head = line.queue[0];
+      if (head === undefined || !lane.active) return;
+      if (head.envelope === undefined) {
+        const reason = `UNDECODABLE_MESSAGE: the message at subject ${head.subject}, stream ${this.#ctx.settings.stream} sequence ${head.seq}, cannot be decoded: ${head.problem}`;
+        const error = describeError(new TidingsError('UNDECODABLE_MESSAGE', reason, { ref: { topic: head.topic } }));
+        head.history.push({ attempt: head.earlier + 1, at: new Date().toISOString(), error });
+        if (await this.#deadLetter(lane, head, reason)) this.#done(lane, line, head, 'term');
+        return;
+      }
+      for (;;) {
+        const attempt = head.earlier + head.attempts + 1;
+        const result: DeliveryResult = await this.#handle({ envelope: head.envelope, attempt, tx: undefined }).catch((error: unknown) => ({
+          // A handler pipeline should not reject; if it does, it is a failed attempt, not a crash.
+          outcome: 'retry' as const,
+          delayMs: this.#ctx.settings.errorBackoffMs,
+          error: describeError(error),
+        }));
+        head.attempts++;
+        if (result.outcome === 'ack') {
+          this.#done(lane, line, head, 'ack');
+          return;
+        }
+        head.history.push({ attempt, at: new Date().toISOString(), error: result.error });
+        if (result.outcome === 'dead-letter') {
+          if (await this.#deadLetter(lane, head, result.reason)) this.#done(lane, line, head, 'term');
+          return;
+        }
+        if (result.delayMs > 0 || !lane.active) {
+          // The key waits here, its later messages unacknowledged behind it and kept alive; other keys flow.
+          line.retryTimer = setTimeout(() => {
+            line.retryTimer = undefined;
+            this.#pump(lane, key, line);
+          }, result.delayMs);
+          return;
+        }
+      }
+    } finally {
+      this.#freeSlot();
+    }
+  }
+
+  #done(lane: Lane, line: KeyLine, pulled: Pulled, how: 'ack' | 'term'): void {
+    if (how === 'ack') pulled.msg.ack();
+    else pulled.msg.term();
+    line.queue.shift();
+    lane.pulled.delete(pulled.seq);
+  }
+
+  /**
+   * Writes the dead letter to the dead-letter stream, confirmed, before the message is terminated. If NATS
+   * cannot take it, the message stays (its key held) and is tried again after errorBackoffMs.
+   */
+  async #deadLetter(lane: Lane, pulled: Pulled, reason: string): Promise<boolean> {
+    const { js, settings, dlqPrefix } = this.#ctx;
+    const envelope = pulled.envelope ?? undecodableEnvelope(pulled, settings.stream);
+    const record: DeadLetterRecord = {
+      subscription: this.#spec.name,
+      messageId: envelope.id,
+      topic: pulled.topic,
+      key: envelope.partitionkey,
+      reason,
+      attempts: pulled.history,
+      deadAt: new Date().toISOString(),
+      envelope,
+      source: {
+        stream: settings.stream,
+        sequence: pulled.seq,
+        subject: pulled.subject,
+        headers: headersToRecord(pulled.msg.headers),
+        ...(pulled.envelope === undefined ? { payload: Buffer.from(pulled.msg.data).toString('base64') } : {}),
+      },
+    };
+    const subject = `${dlqPrefix}.${this.#token}.${pulled.topic}`;
+    for (;;) {
+      try {
+        // One dead letter per (subscription, stream sequence): written twice after a crash, stored once.
+        await js.publish(subject, Buffer.from(JSON.stringify(record)), {
+          msgID: `${this.#token}:${settings.stream}:${pulled.seq}`,
+          timeout: settings.publishTimeoutMs,
+        });
+        return true;
+      } catch (error) {
+        this.#ctx.warn(`Subscription ${this.#spec.name}: could not write the dead letter of message ${envelope.id} (${pulled.topic}); retrying in ${settings.errorBackoffMs} ms`, error);
+        if (!lane.active) return false;
+        await new Promise((resolve) => setTimeout(resolve, settings.errorBackoffMs));
+        if (!lane.active) return false;
+      }
+    }
+  }
+}
+
+/** What a dead letter records as the envelope of a message that could not be decoded. */
+function undecodableEnvelope(pulled: Pulled, stream: string): Envelope {
+  const text = Buffer.from(pulled.msg.data).toString('utf8');
+  const id = header(pulled.msg.headers, 'ce-id') ?? `undecodable-${stream}-${pulled.seq}`;
+  return {
+    specversion: '1.0',
+    id,
+    source: header(pulled.msg.headers, 'ce-source') ?? 'nats://unknown',
+    type: header(pulled.msg.headers, 'ce-type') ?? 'unknown',
+    time: new Date().toISOString(),
+    datacontenttype: 'application/json',
+    topic: pulled.topic,
+    partitionkey: header(pulled.msg.headers, 'ce-partitionkey') ?? id,
+    correlationid: id,
+    data: text,
+  };
+}

@@ -1,0 +1,204 @@
+/**
+ * Dead letters on NATS: one message per dead letter in the dead-letter stream (`<stream>_DLQ`, subjects
+ * `<prefix>_dlq.<subscription>.<topic>`), its payload a DeadLetterRecord. The dead letter's id is its
+ * sequence in that stream. Redrive publishes the original message again, marked for its subscription only,
+ * then deletes the dead letter; drop deletes it.
+ */
+import { userInfo, hostname } from 'node:os';
+import type { AttemptRecord } from '../core/backbone.ts';
+import type {
+  DeadLetter,
+  DeadLetterActionRequest,
+  DeadLetterActionResult,
+  DeadLetterSelection,
+  DeadLetterStore,
+  DeadLetterSummary,
+} from '../core/broker.ts';
+import type { Envelope } from '../core/envelope.ts';
+import { TidingsError } from '../core/errors.ts';
+import { recordToHeaders, REDRIVE_FOR, toHeaders } from './codec.ts';
+import { isUnavailable, type NatsContext } from './index.ts';
+
+/** The payload of a dead-letter message. */
+export interface DeadLetterRecord {
+  readonly subscription: string;
+  readonly messageId: string;
+  readonly topic: string;
+  readonly key: string;
+  readonly reason: string;
+  readonly attempts: AttemptRecord[];
+  readonly deadAt: string;
+  readonly envelope: Envelope;
+  /** Where the message was, and what it was on the wire, so a redrive republishes it as it came. */
+  readonly source: {
+    readonly stream: string;
+    readonly sequence: number;
+    readonly subject: string;
+    readonly headers: Record<string, string[]>;
+    /** Base64 of the payload, kept only when it could not be decoded (otherwise it is envelope.data). */
+    readonly payload?: string;
+  };
+}
+
+interface Stored {
+  readonly seq: number;
+  readonly record: DeadLetterRecord;
+}
+
+export class NatsDeadLetters implements DeadLetterStore {
+  readonly #context: () => Promise<NatsContext>;
+
+  constructor(context: () => Promise<NatsContext>) {
+    this.#context = context;
+  }
+
+  async list(selection: DeadLetterSelection & { readonly limit?: number | undefined }): Promise<{ total: number; deadLetters: DeadLetterSummary[] }> {
+    const matched = await this.#select(selection, false);
+    const limit = selection.limit ?? matched.length;
+    return { total: matched.length, deadLetters: matched.slice(0, limit).map(summary) };
+  }
+
+  async show(id: string): Promise<DeadLetter[]> {
+    const matched = await this.#select({ ids: [id] }, false);
+    return matched.map(({ seq, record }) => ({ ...summary({ seq, record }), envelope: record.envelope, attempts: record.attempts }));
+  }
+
+  async count(selection: DeadLetterSelection): Promise<number> {
+    return (await this.#select(selection, false)).length;
+  }
+
+  redrive(request: DeadLetterActionRequest): Promise<DeadLetterActionResult> {
+    return this.#act(request, 'redrive');
+  }
+
+  drop(request: DeadLetterActionRequest): Promise<DeadLetterActionResult> {
+    return this.#act(request, 'drop');
+  }
+
+  async #act(request: DeadLetterActionRequest, action: 'redrive' | 'drop'): Promise<DeadLetterActionResult> {
+    const rate = request.ratePerSecond;
+    if (rate !== undefined && !(typeof rate === 'number' && rate > 0)) {
+      throw new TidingsError('INVALID_OPTIONS', `ratePerSecond must be a positive number of messages per second, got ${rate}`);
+    }
+    const ctx = await this.#context();
+    const matched = await this.#select(request, true);
+    const result = { matched: matched.length, count: 0, bySubscription: {} as Record<string, number>, messageIds: [] as string[], stopped: false };
+    const started = Date.now();
+    request.onProgress?.({ done: 0, total: matched.length });
+    for (const { seq, record } of matched) {
+      if (request.signal?.aborted === true) {
+        result.stopped = true;
+        break;
+      }
+      if (action === 'redrive') {
+        const headers = Object.keys(record.source.headers).length > 0 ? recordToHeaders(record.source.headers) : toHeaders(record.envelope);
+        headers.set(REDRIVE_FOR, record.subscription);
+        headers.set('tidings-redriven-by', actorOf(request));
+        const payload = record.source.payload !== undefined ? Buffer.from(record.source.payload, 'base64') : Buffer.from(JSON.stringify(record.envelope.data));
+        try {
+          // A new Nats-Msg-Id: the original id is likely still inside the duplicate window. The message id
+          // itself (ce-id) is unchanged, so an inbox still recognises it.
+          await ctx.js.publish(record.source.subject, payload, { headers, msgID: `${record.messageId}:redrive:${ctx.dlqStream}:${seq}`, timeout: ctx.settings.publishTimeoutMs });
+        } catch (error) {
+          throw new TidingsError(isUnavailable(error) ? 'BACKBONE_UNAVAILABLE' : 'PUBLISH_FAILED', `Could not redrive dead letter ${seq} (message ${record.messageId}, ${record.topic}): ${(error as Error).message}; ${result.count} were redriven before it, run the command again for the rest`, {
+            cause: error,
+            ref: { id: record.messageId, topic: record.topic, key: record.key },
+            retryable: isUnavailable(error),
+          });
+        }
+      }
+      // Gone already: another operator got there first.
+      const deleted = await ctx.jsm.streams.deleteMessage(ctx.dlqStream, seq, false).catch(() => false);
+      if (deleted || action === 'redrive') {
+        result.count++;
+        result.bySubscription[record.subscription] = (result.bySubscription[record.subscription] ?? 0) + 1;
+        result.messageIds.push(record.messageId);
+      }
+      request.onProgress?.({ done: result.count, total: matched.length });
+      if (rate !== undefined) await pause(started + (result.count / rate) * 1000 - Date.now(), request.signal);
+    }
+    return result;
+  }
+
+  /** Reads the dead-letter stream through an ordered consumer and keeps what matches, oldest first. */
+  async #select(selection: DeadLetterSelection, requireFilter: boolean): Promise<Stored[]> {
+    const filtered = selection.ids !== undefined || selection.subscription !== undefined || selection.topic !== undefined || selection.errorText !== undefined;
+    if (requireFilter && !filtered && selection.all !== true) {
+      throw new TidingsError('INVALID_OPTIONS', 'Name the dead letters (by ids, subscription, topic or error text), or select all of them explicitly with all: true');
+    }
+    const ctx = await this.#context();
+    const ids = selection.ids === undefined ? undefined : new Set(selection.ids);
+    const text = selection.errorText?.toLowerCase();
+    const all = await readAll(ctx);
+    return all.filter(({ seq, record }) => {
+      if (ids !== undefined && !ids.has(String(seq)) && !ids.has(record.messageId)) return false;
+      if (selection.subscription !== undefined && record.subscription !== selection.subscription) return false;
+      if (selection.topic !== undefined && record.topic !== selection.topic) return false;
+      if (text !== undefined && !record.reason.toLowerCase().includes(text) && !record.attempts.some((a) => a.error.message.toLowerCase().includes(text))) return false;
+      return true;
+    });
+  }
+}
+
+async function readAll(ctx: NatsContext): Promise<Stored[]> {
+  const info = await ctx.jsm.streams.info(ctx.dlqStream);
+  if (info.state.messages === 0) return [];
+  const last = info.state.last_seq;
+  const out: Stored[] = [];
+  const reader = await ctx.js.consumers.get(ctx.dlqStream);
+  const messages = await reader.consume({ max_messages: 256 });
+  // A message deleted while we read can leave us waiting for one that never comes: stop after a quiet spell.
+  let quiet = setTimeout(() => messages.stop(), 3_000);
+  try {
+    for await (const msg of messages) {
+      clearTimeout(quiet);
+      try {
+        out.push({ seq: msg.seq, record: JSON.parse(Buffer.from(msg.data).toString('utf8')) as DeadLetterRecord });
+      } catch {
+        // Not written by Tidings: skip it rather than fail the whole listing.
+      }
+      if (msg.info.pending === 0 || msg.seq >= last) break;
+      quiet = setTimeout(() => messages.stop(), 3_000);
+    }
+  } finally {
+    clearTimeout(quiet);
+    messages.stop();
+  }
+  return out;
+}
+
+function summary({ seq, record }: Stored): DeadLetterSummary {
+  return {
+    id: String(seq),
+    subscription: record.subscription,
+    messageId: record.messageId,
+    topic: record.topic,
+    key: record.key,
+    position: record.source.sequence,
+    reason: record.reason,
+    attempts: record.attempts.length,
+    deadAt: record.deadAt,
+  };
+}
+
+function actorOf(request: DeadLetterActionRequest): string {
+  if (request.actor !== undefined) return request.actor;
+  try {
+    return `${userInfo().username}@${hostname()}`;
+  } catch {
+    return `unknown@${hostname()}`;
+  }
+}
+
+function pause(ms: number, signal: AbortSignal | undefined): Promise<void> {
+  return new Promise((resolve) => {
+    if (ms <= 0 || signal?.aborted === true) return resolve();
+    const timer = setTimeout(done, ms);
+    signal?.addEventListener('abort', done, { once: true });
+    function done(): void {
+      clearTimeout(timer);
+      signal?.removeEventListener('abort', done);
+      resolve();
+    }
+  });
+}
