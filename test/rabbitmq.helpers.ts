@@ -12,7 +12,7 @@ const run = promisify(execFile);
 export const warnings: string[] = [];
 
 /** Options for tests: short timeouts so failures show quickly. */
-export function testOptions(prefix: string): Omit<RabbitMqOptions, 'outbox'> {
+export function testOptions(prefix: string, connectionName = 'tidings-test'): Omit<RabbitMqOptions, 'outbox'> {
   return {
     url: RABBITMQ_URL,
     prefix,
@@ -22,7 +22,7 @@ export function testOptions(prefix: string): Omit<RabbitMqOptions, 'outbox'> {
     reconnectMaxMs: 500,
     heartbeatSeconds: 5,
     retryReturnGraceMs: 5_000,
-    connectionName: 'tidings-test',
+    connectionName,
     onWarning: (message) => warnings.push(message),
   };
 }
@@ -30,13 +30,15 @@ export function testOptions(prefix: string): Omit<RabbitMqOptions, 'outbox'> {
 export class Harness {
   readonly prefix = `${uniqueSchema('tt')}.`;
   readonly schema = uniqueSchema('rq');
+  /** The name of this harness' connections, so a fault test can close only its own. */
+  readonly connectionName = `tidings-test-${this.prefix}`;
   readonly buses: Bus<PgTransaction>[] = [];
   #usedSchema = false;
 
   bus(service: string, options: { outbox?: boolean; relay?: boolean; rabbit?: Partial<RabbitMqOptions> } = {}): Bus<PgTransaction> {
     if (options.outbox) this.#usedSchema = true;
     const outbox = options.outbox ? postgres({ url: DATABASE_URL, schema: this.schema, onWarning: (message) => warnings.push(message) }) : undefined;
-    const backbone = rabbitmq({ ...testOptions(this.prefix), ...options.rabbit, ...(outbox === undefined ? {} : { outbox }), ...(options.relay === undefined ? {} : { relay: options.relay }) });
+    const backbone = rabbitmq({ ...testOptions(this.prefix, this.connectionName), ...options.rabbit, ...(outbox === undefined ? {} : { outbox }), ...(options.relay === undefined ? {} : { relay: options.relay }) });
     const bus = createBus({ service, backbone });
     this.buses.push(bus);
     return bus;
@@ -75,4 +77,15 @@ export async function deleteByPrefix(prefix: string): Promise<void> {
 export async function rabbitmqctl(...args: string[]): Promise<string> {
   const { stdout } = await run('rabbitmqctl', args, { timeout: 60_000 });
   return stdout;
+}
+
+/** Closes the server side of every connection named `name` (as a network failure would); returns how many. */
+export async function closeConnections(name: string): Promise<number> {
+  const listing = await rabbitmqctl('-q', 'list_connections', 'pid', 'client_properties');
+  const pids = listing
+    .split('\n')
+    .filter((line) => line.includes(`{"connection_name","${name}"}`))
+    .map((line) => line.split('\t')[0]!);
+  await Promise.all(pids.map((pid) => rabbitmqctl('close_connection', pid, 'test')));
+  return pids.length;
 }
