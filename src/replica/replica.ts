@@ -782,14 +782,16 @@ export class Replica<Row> {
         const rows = parts!.flatMap((reply) => (reply.kind === 'page' ? reply.rows : []));
         if (after === null) total = parts![0]?.kind === 'page' ? parts![0].total : null;
         if (rows.length > 0) {
-          // Guarded like events: a live event already applied to the new table is newer than the page.
-          await this.#driver.query(
+          // Guarded like events: a live event already applied to the new table is newer than the page. A
+          // batch of live events holding some of these keys can deadlock with it: the page is idempotent,
+          // so it is the one that tries again.
+          await retryConflicts(() => this.#driver.query(
             `insert into ${this.#table(next)} as t (key, version, state, event_time)
              select r.key, r.version, r.state, null from jsonb_to_recordset($1::jsonb) as r(key text, version int8, state jsonb)
              on conflict (key) do update set version = excluded.version, state = excluded.state, updated_at = now()
               where t.version < excluded.version`,
             [JSON.stringify(rows)],
-          );
+          ));
           done += rows.length;
           after = rows[rows.length - 1]!.key;
         }
@@ -813,6 +815,19 @@ export class Replica<Row> {
     if (this.#options.memory) await this.#reload();
     this.#counts.rebuilds++;
     return { replica: this.name, generation: next, rows: done, durationMs: Date.now() - started, messages: traffic };
+  }
+}
+
+/** Runs `fn` again after a deadlock or serialization failure (up to 10 times): for idempotent writes only. */
+async function retryConflicts<T>(fn: () => Promise<T>): Promise<T> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await fn();
+    } catch (error) {
+      const code = ((error as { cause?: { code?: unknown } }).cause ?? (error as { code?: unknown }))?.code;
+      if (attempt >= 10 || (code !== '40P01' && code !== '40001')) throw error;
+      await new Promise((resolve) => setTimeout(resolve, attempt * 20 * Math.random()));
+    }
   }
 }
 

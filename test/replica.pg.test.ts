@@ -1,0 +1,307 @@
+/**
+ * Replicas against a real PostgreSQL server: built by replay equal to the source, drift injected and
+ * repaired with messages that grow with the differences, rebuild under live traffic, and versions that
+ * never move backwards.
+ */
+import assert from 'node:assert/strict';
+import { after, test } from 'node:test';
+import { z } from 'zod';
+import { createBus, defineEvent, type Bus } from '../src/index.ts';
+import { postgres, type PgTransaction } from '../src/postgres/index.ts';
+import { defineReplica, defineSource, feed, replica, source, type Replica } from '../src/replica/index.ts';
+import { connect, DATABASE_URL, dropSchema, requirePostgres, sleep, uniqueSchema, waitFor } from './helpers.ts';
+
+const UserChanged = defineEvent('test.user-changed', {
+  schema: z.object({ id: z.string(), version: z.number().int(), name: z.string(), score: z.number().int() }),
+  key: (user) => user.id,
+});
+const UserDeleted = defineEvent('test.user-deleted', { schema: z.object({ id: z.string(), version: z.number().int() }), key: (user) => user.id });
+const UserRenamed = defineEvent('test.user-renamed', {
+  schema: z.object({ id: z.string(), version: z.number().int(), name: z.string() }),
+  key: (user) => user.id,
+});
+
+type User = z.infer<typeof UserChanged.schema>;
+
+const users = defineReplica<User>({
+  name: 'users',
+  source: 'test.users',
+  feeds: [
+    feed(UserChanged),
+    feed(UserDeleted, { delete: true }),
+    feed<User, typeof UserRenamed>(UserRenamed, { apply: (row, e) => (row === undefined ? null : { ...row, name: e.name, version: e.version }) }),
+  ],
+});
+
+const schemas: string[] = [];
+const buses: Bus<PgTransaction>[] = [];
+const replicas: Replica<User>[] = [];
+after(async () => {
+  for (const r of replicas) r.stop();
+  for (const bus of buses) await bus.stop().catch(() => undefined);
+  for (const schema of schemas) await dropSchema(schema);
+});
+
+function newBus(schema: string, service: string): Bus<PgTransaction> {
+  const bus = createBus({ service, backbone: postgres({ url: DATABASE_URL, schema, onWarning: () => undefined, poolSize: 4 }) });
+  buses.push(bus);
+  return bus;
+}
+
+/** The identity side: a users table, its source declaration, and writes that publish in the same transaction. */
+async function identity(schema: string) {
+  const bus = newBus(schema, 'identity');
+  const src = source(bus, defineSource({
+    name: 'test.users',
+    select: `select id as key, version, jsonb_build_object('id', id, 'version', version, 'name', name, 'score', score) as state from "${schema}".users`,
+  }));
+  await bus.start();
+  await bus.transaction((tx) => tx.query(`create table "${schema}".users (id text primary key, version int8 not null, name text not null, score int not null)`));
+  const versions = new Map<string, number>();
+  /** Upserts or deletes a user and publishes the event in the same transaction. */
+  const change = async (tx: PgTransaction, id: string, op: 'upsert' | 'delete', name = `name-${id}`, score = 0) => {
+    const version = (versions.get(id) ?? 0) + 1;
+    versions.set(id, version);
+    if (op === 'delete') {
+      await tx.query(`delete from "${schema}".users where id = $1`, [id]);
+      await bus.publish(UserDeleted, { id, version }, { tx });
+    } else {
+      await tx.query(
+        `insert into "${schema}".users (id, version, name, score) values ($1, $2, $3, $4)
+         on conflict (id) do update set version = excluded.version, name = excluded.name, score = excluded.score`,
+        [id, version, name, score],
+      );
+      await bus.publish(UserChanged, { id, version, name, score }, { tx });
+    }
+  };
+  return { bus, src, change, versions };
+}
+
+async function sourceRows(schema: string) {
+  const client = await connect();
+  try {
+    const { rows } = await client.query(`select id as key, version::int8::text as version, jsonb_build_object('id', id, 'version', version, 'name', name, 'score', score) as state from "${schema}".users order by id`);
+    return rows;
+  } finally {
+    await client.end();
+  }
+}
+
+async function replicaRows(r: Replica<User>) {
+  const client = await connect();
+  try {
+    return (await client.query(`select key, version::text as version, state from ${r.view} order by key`)).rows;
+  } finally {
+    await client.end();
+  }
+}
+
+test('a replica built by replaying 10,000 changes over 1,000 keys (updates and deletes) equals the source', async (t) => {
+  if (!(await requirePostgres(t))) return;
+  const schema = uniqueSchema('rp');
+  schemas.push(schema);
+  const { change } = await identity(schema);
+  const idBus = buses.at(-1)!;
+  let seed = 42;
+  const random = () => (seed = (seed * 1_103_515_245 + 12_345) % 2_147_483_648) / 2_147_483_648;
+  let deletes = 0;
+  for (let batch = 0; batch < 100; batch++) {
+    await idBus.transaction(async (tx) => {
+      for (let i = 0; i < 100; i++) {
+        const id = `u-${String(Math.floor(random() * 1_000)).padStart(4, '0')}`;
+        const op = random() < 0.1 ? 'delete' : 'upsert';
+        if (op === 'delete') deletes++;
+        await change(tx, id, op, `n${batch}-${i}`, Math.floor(random() * 1_000));
+      }
+    });
+  }
+  // The replica starts after the fact: it fills itself by replaying the source's events from the start.
+  const gateway = newBus(schema, 'gateway');
+  const r = replica(gateway, users, { bootstrap: 'replay', driftCheckEveryMs: 0, subscription: { concurrency: 16 } });
+  replicas.push(r);
+  const started = Date.now();
+  await gateway.start();
+  await r.start();
+  await r.caughtUp(60_000);
+  const expected = await sourceRows(schema);
+  assert.ok(expected.length > 500 && deletes > 500, `a real mix: ${expected.length} live keys, ${deletes} deletes`);
+  assert.deepEqual(await replicaRows(r), expected);
+  const stats = r.stats();
+  assert.equal(stats.applied + stats.stale, 10_000, 'every event handled once');
+  t.diagnostic(`replayed 10,000 events in ${Date.now() - started} ms; ${expected.length} live keys`);
+  const check = await r.checkDrift();
+  assert.deepEqual([check.missing, check.extra, check.different], [0, 0, 0]);
+  assert.deepEqual(check.messages, { sent: 1, received: 1 }, 'equal roots: one request, one reply');
+  const one = expected[0]!;
+  assert.deepEqual(await r.get(one.key), one.state);
+  assert.deepEqual((await r.query(`state->>'name' = $1`, [one.state.name])).map((u) => u.id), [one.key]);
+  const staleness = await r.staleness();
+  assert.equal(staleness.lag, 0);
+  assert.ok(staleness.newestEventAt instanceof Date && staleness.ageMs !== null);
+});
+
+test('drift injected three ways is found and repaired by one check, a second finds nothing, and messages grow with differences not keys', async (t) => {
+  if (!(await requirePostgres(t))) return;
+  const schema = uniqueSchema('rp');
+  schemas.push(schema);
+  await identity(schema);
+  const client = await connect();
+  t.after(() => client.end());
+  const KEYS = 100_000;
+  await client.query(
+    `insert into "${schema}".users (id, version, name, score) select 'u-' || lpad(i::text, 6, '0'), 1, 'name-' || i, i % 997 from generate_series(1, $1) i`,
+    [KEYS],
+  );
+  const gateway = newBus(schema, 'gateway');
+  const r = replica(gateway, users, { bootstrap: 'transfer', driftCheckEveryMs: 0, pageSize: 5_000 });
+  replicas.push(r);
+  await gateway.start();
+  let started = Date.now();
+  await r.start(); // a new replica with bootstrap 'transfer' fills itself by state transfer
+  t.diagnostic(`state transfer of ${KEYS} keys: ${Date.now() - started} ms`);
+  assert.equal(Number((await client.query(`select count(*) from ${r.view}`)).rows[0].count), KEYS);
+
+  started = Date.now();
+  const clean = await r.checkDrift();
+  t.diagnostic(`check of ${KEYS} equal keys: ${Date.now() - started} ms, ${JSON.stringify(clean.messages)}`);
+  assert.deepEqual([clean.missing, clean.extra, clean.different], [0, 0, 0]);
+  assert.deepEqual(clean.messages, { sent: 1, received: 1 });
+
+  // 1. A replica row edited by hand. 2. A replica row deleted. 3. A source change whose event was never
+  // published. 4. A source row deleted without an event.
+  await client.query(`update ${r.view} set state = jsonb_set(state, '{name}', '"edited by hand"') where key = 'u-000001'`);
+  await client.query(`delete from ${r.view} where key = 'u-000002'`);
+  await client.query(`update "${schema}".users set version = 2, name = 'changed silently' where id = 'u-000003'`);
+  await client.query(`delete from "${schema}".users where id = 'u-000004'`);
+  const found = await r.checkDrift();
+  t.diagnostic(`check with 4 differences: ${found.durationMs} ms, ${JSON.stringify(found.messages)}, ${found.entries} entries`);
+  assert.equal(found.different, 2);
+  assert.deepEqual([...found.samples.different].sort(), ['u-000001', 'u-000003']);
+  assert.equal(found.missing, 1);
+  assert.deepEqual(found.samples.missing, ['u-000002']);
+  assert.equal(found.extra, 1);
+  assert.deepEqual(found.samples.extra, ['u-000004']);
+  assert.equal(found.repaired, 4);
+  assert.equal((await r.get('u-000001'))?.name, 'name-1');
+  assert.equal((await r.get('u-000002'))?.name, 'name-2');
+  assert.equal((await r.get('u-000003'))?.name, 'changed silently');
+  assert.equal(await r.get('u-000004'), undefined);
+  const again = await r.checkDrift();
+  assert.deepEqual([again.missing, again.extra, again.different, again.repaired], [0, 0, 0, 0]);
+  assert.deepEqual(again.messages, { sent: 1, received: 1 });
+  assert.deepEqual(await replicaRows(r), await sourceRows(schema));
+
+  // Messages and entries against the number of differing keys, in a replica of 100,000 keys.
+  const figures: Array<{ differences: number; messages: number; entries: number; ms: number }> = [];
+  for (const differences of [1, 10, 100, 1_000]) {
+    await client.query(`update ${r.view} set state = jsonb_set(state, '{score}', '-1') where key in (select key from ${r.view} order by md5(key) limit $1)`, [differences]);
+    const report = await r.checkDrift();
+    assert.equal(report.different, differences);
+    assert.equal(report.repaired, differences);
+    figures.push({ differences, messages: report.messages.sent + report.messages.received, entries: report.entries, ms: report.durationMs });
+  }
+  t.diagnostic(`differences -> messages, entries, ms: ${figures.map((f) => `${f.differences} -> ${f.messages}, ${f.entries}, ${f.ms}`).join('; ')}`);
+  const [one, ten, hundred, thousand] = figures as [(typeof figures)[0], (typeof figures)[0], (typeof figures)[0], (typeof figures)[0]];
+  assert.ok(one.entries < 200, `one difference costs ${one.entries} entries, not ${KEYS}`);
+  assert.ok(one.messages <= 10, `one difference costs ${one.messages} messages`);
+  assert.ok(one.entries < ten.entries && ten.entries < hundred.entries && hundred.entries < thousand.entries, 'entries grow with the differences');
+  assert.ok(one.messages <= ten.messages && ten.messages <= hundred.messages && hundred.messages < thousand.messages, 'messages grow with the differences');
+  assert.ok(thousand.entries < KEYS / 2, `1,000 differences cost ${thousand.entries} entries, well under the ${KEYS} keys`);
+  assert.deepEqual([(await r.checkDrift()).different], [0]);
+});
+
+test('a rebuild under live traffic: reads never see a partial replica, and no event is lost', async (t) => {
+  if (!(await requirePostgres(t))) return;
+  const schema = uniqueSchema('rp');
+  schemas.push(schema);
+  const { change, bus: idBus } = await identity(schema);
+  const KEYS = 1_000;
+  const ids = Array.from({ length: KEYS }, (_, i) => `u-${String(i).padStart(5, '0')}`);
+  await idBus.transaction(async (tx) => {
+    for (const id of ids) await change(tx, id, 'upsert');
+  });
+  const gateway = newBus(schema, 'gateway');
+  const r = replica(gateway, users, { bootstrap: 'replay', memory: true, driftCheckEveryMs: 0, pageSize: 100 });
+  replicas.push(r);
+  await gateway.start();
+  await r.start();
+  await r.caughtUp();
+
+  let traffic = true;
+  let updates = 0;
+  const writer = (async () => {
+    while (traffic) {
+      await idBus.transaction(async (tx) => {
+        for (let i = 0; i < 5; i++) await change(tx, ids[Math.floor(Math.random() * KEYS)]!, 'upsert', `live-${updates}`, updates);
+      });
+      updates += 5;
+      await sleep(5);
+    }
+  })();
+  const client = await connect();
+  t.after(() => client.end());
+  let reads = 0;
+  let reading = true;
+  const reader = (async () => {
+    while (reading) {
+      const count = Number((await client.query(`select count(*) from ${r.view}`)).rows[0].count);
+      assert.equal(count, KEYS, 'the view always shows a whole replica');
+      const id = ids[Math.floor(Math.random() * KEYS)]!;
+      assert.ok((await r.get(id)) !== undefined, `memory has ${id}`);
+      reads++;
+    }
+  })();
+  const progress: number[] = [];
+  let report;
+  try {
+    report = await r.rebuild({ onProgress: ({ done }) => progress.push(done) });
+  } finally {
+    reading = false;
+    traffic = false;
+    await Promise.all([reader, writer]);
+  }
+  t.diagnostic(`rebuild: ${report.rows} rows in ${report.durationMs} ms over ${report.messages.sent + report.messages.received} messages; ${updates} live updates, ${reads} reads meanwhile`);
+  assert.equal(report.generation, 2);
+  assert.ok(report.rows >= KEYS);
+  assert.ok(progress.length >= KEYS / 100 && progress.at(-1)! >= KEYS, 'progress reported page by page');
+  assert.ok(updates > 0 && reads > 0);
+  await r.caughtUp();
+  assert.deepEqual(await replicaRows(r), await sourceRows(schema), 'nothing lost: the new table has every live update');
+  for (const row of await sourceRows(schema)) assert.deepEqual(await r.get(row.key), row.state);
+  assert.equal(r.stats().memoryRows, KEYS);
+});
+
+test('out-of-order and duplicate deliveries never move a row backwards, and a tombstone keeps an older upsert out', async (t) => {
+  if (!(await requirePostgres(t))) return;
+  const schema = uniqueSchema('rp');
+  schemas.push(schema);
+  const idBus = newBus(schema, 'identity');
+  await idBus.start();
+  const gateway = newBus(schema, 'gateway');
+  const r = replica(gateway, users, { memory: true, driftCheckEveryMs: 0 });
+  replicas.push(r);
+  await gateway.start();
+  await r.start();
+  const user = (version: number, name: string) => ({ id: 'k', version, name, score: version });
+  // Each publish is its own message (its own id), as a redelivery by a publisher that retried would be.
+  for (const [version, name] of [[3, 'three'], [1, 'one'], [2, 'two'], [3, 'three again']] as const) await idBus.publish(UserChanged, user(version, name));
+  await idBus.publish(UserRenamed, { id: 'k', version: 2, name: 'renamed late' });
+  await waitFor('five events handled', () => r.stats().applied + r.stats().stale === 5);
+  assert.deepEqual(await r.get('k'), user(3, 'three'));
+  assert.deepEqual(await r.query(), [user(3, 'three')]);
+  await idBus.publish(UserRenamed, { id: 'k', version: 4, name: 'four' });
+  await idBus.publish(UserDeleted, { id: 'k', version: 6 });
+  await idBus.publish(UserChanged, user(5, 'five, after the delete'));
+  await idBus.publish(UserRenamed, { id: 'k', version: 7, name: 'renamed after the delete' });
+  await waitFor('nine events handled', () => r.stats().applied + r.stats().stale === 9);
+  assert.equal(await r.get('k'), undefined, 'the delete at version 6 holds');
+  assert.deepEqual(await r.query(), []);
+  const client = await connect();
+  t.after(() => client.end());
+  const { rows } = await client.query(`select version::int as version, state from "${schema}".replica_users_g1 where key = 'k'`);
+  assert.deepEqual(rows, [{ version: 7, state: null }], 'a tombstone, at the version of the last event that concerned the key');
+  const stats = r.stats();
+  assert.equal(stats.applied, 4, 'v3, the rename to v4, the delete at v6, the rename at v7 (applied to nothing: still deleted)');
+  assert.equal(stats.stale, 5);
+  assert.equal(stats.deleted, 2);
+});
