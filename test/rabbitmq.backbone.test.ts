@@ -107,13 +107,14 @@ test('with an outbox: a rolled-back transaction publishes nothing, a committed o
   assert.deepEqual(seen, [2]);
 });
 
-test('per-key order over 100 keys with two buses sharing the subscription and concurrent publishers; none lost', async (t) => {
+test('per-key order over 100 keys with two buses sharing the subscription and concurrent publishers; none lost, also when the active bus stops mid-stream', async (t) => {
   if (!(await requireBroker(t, 'RabbitMQ', RABBITMQ_URL))) return;
   const h = harness();
   const keys = 100;
   const perKey = 20;
   const handled = new Map<string, number[]>();
   const byBus = [0, 0];
+  const publisher = h.bus('publisher');
   const buses = [h.bus('worker-1'), h.bus('worker-2')];
   buses.forEach((bus, index) => {
     bus.subscribe(
@@ -126,33 +127,41 @@ test('per-key order over 100 keys with two buses sharing the subscription and co
         byBus[index]!++;
         if (message.data.seq % 7 === 0) await sleep(1);
       },
-      { concurrency: 16, partitions: 4 },
+      { concurrency: 16, partitions: 4, inbox: false },
     );
   });
-  await Promise.all(buses.map((bus) => bus.start()));
+  // worker-1 starts first: it is the single active consumer of every partition; worker-2 waits.
+  await buses[0]!.start();
+  await buses[1]!.start();
+  await publisher.start();
   const started = Date.now();
+  const total = () => [...handled.values()].reduce((n, list) => n + list.length, 0);
+  let stoppedAt = -1;
   // Four publishers, each owning a quarter of the keys, publishing in order per key but all at once.
   await Promise.all(
-    [0, 1, 2, 3].map(async (publisher) => {
+    [0, 1, 2, 3].map(async (p) => {
       for (let seq = 1; seq <= perKey; seq++) {
         const batch = [];
-        for (let k = publisher; k < keys; k += 4) batch.push(buses[publisher % 2]!.publish(Ticked, { key: `key-${k}`, seq }));
+        for (let k = p; k < keys; k += 4) batch.push(publisher.publish(Ticked, { key: `key-${k}`, seq }));
         await Promise.all(batch);
+        if (seq === perKey / 2 && p === 0) {
+          // Graceful stop of the active worker mid-stream: worker-2 takes over every partition.
+          await buses[0]!.stop();
+          stoppedAt = total();
+        }
       }
     }),
   );
-  const published = Date.now() - started;
-  await waitFor('every message', () => [...handled.values()].reduce((n, list) => n + list.length, 0) >= keys * perKey, 30_000);
+  await waitFor('every message', () => total() >= keys * perKey, 30_000);
   const elapsed = Date.now() - started;
   await sleep(200);
-  let total = 0;
   for (let k = 0; k < keys; k++) {
     const list = handled.get(`key-${k}`) ?? [];
-    total += list.length;
     assert.deepEqual(list, Array.from({ length: perKey }, (_, i) => i + 1), `order and completeness of key-${k}`);
   }
-  assert.equal(total, keys * perKey);
-  t.diagnostic(`${total} messages: published in ${published} ms, all handled in ${elapsed} ms; per bus ${byBus.join(' / ')}`);
+  assert.equal(total(), keys * perKey, 'none lost, none twice');
+  assert.ok(byBus[0]! > 0 && byBus[1]! > 0, `both workers handled messages (${byBus.join(' / ')})`);
+  t.diagnostic(`${total()} messages handled in ${elapsed} ms; per worker ${byBus.join(' / ')}; worker-1 stopped after ${stoppedAt}`);
 });
 
 test('retries: immediate then delayed, the key held meanwhile while other keys flow; then a dead letter with its history; redrive delivers it once', async (t) => {
