@@ -1,5 +1,6 @@
 /** The memory backbone through the bus: no server, so these run in the fast tier. */
 import assert from 'node:assert/strict';
+import { AsyncLocalStorage } from 'node:async_hooks';
 import { test } from 'node:test';
 import { z } from 'zod';
 import { createBus, defineEvent, retryLater, TidingsError, type Bus } from '../src/index.ts';
@@ -44,6 +45,20 @@ test('every subscription gets every message; a handler gets its own copy of the 
   assert.deepEqual(audit.find((data) => (data as { seq: number }).seq === 0), { key: 'k', seq: 0 });
   assert.equal(published.note, undefined);
   assert.deepEqual(bus.stats().subscriptions.billing, { handled: 4, retried: 0, deadLettered: 0 });
+});
+
+test("handlers run in the consumer's async context, not in their publisher's", async (t) => {
+  const backbone = memory(noWarnings);
+  const bus = busOn(t, backbone);
+  const context = new AsyncLocalStorage<string>();
+  const seen: Array<string | undefined> = [];
+  bus.subscribe('contexts', Ticked, () => {
+    seen.push(context.getStore());
+  });
+  await context.run('consumer', () => bus.start());
+  await context.run('publisher', () => bus.publishMany(Ticked, [1, 2, 3].map((seq) => ({ key: 'k', seq }))));
+  await backbone.drain();
+  assert.deepEqual(seen, ['consumer', 'consumer', 'consumer']);
 });
 
 test('a transaction publishes iff it commits; onCommit runs only then', async (t) => {
@@ -272,6 +287,25 @@ test('dead letters keep the attempt history; a redrive is handled once, and the 
   const dropped = await store.drop({ topic: 'test.ticked' });
   assert.equal(dropped.count, 1);
   assert.equal((await store.list({})).total, 0);
+});
+
+test('maxDeadLetters drops the oldest with a warning; a redrive can be stopped by its signal', async (t) => {
+  const warnings: string[] = [];
+  const backbone = memory({ maxDeadLetters: 2, onWarning: (message) => warnings.push(message) });
+  const bus = busOn(t, backbone);
+  bus.subscribe('doomed', Ticked, (message) => retryLater(1, `no ${message.data.seq}`), { retry: { immediate: 0, delayed: [], jitter: 0 } });
+  await bus.start();
+  for (let seq = 1; seq <= 3; seq++) await bus.publish(Ticked, { key: `k${seq}`, seq });
+  await backbone.drain();
+  const store = backbone.deadLetters();
+  const { deadLetters } = await store.list({ subscription: 'doomed' });
+  assert.deepEqual(deadLetters.map((letter) => letter.key).sort(), ['k2', 'k3']);
+  assert.equal(warnings.length, 1);
+  assert.match(warnings[0]!, /at most 2 dead letters \(maxDeadLetters\): dropped the oldest, .* of subscription doomed/);
+  const stopped = await store.redrive({ all: true, signal: AbortSignal.abort() });
+  assert.deepEqual({ matched: stopped.matched, count: stopped.count, stopped: stopped.stopped }, { matched: 2, count: 0, stopped: true });
+  await assert.rejects(store.redrive({ all: true, ratePerSecond: 0 }), /ratePerSecond must be a positive number/);
+  assert.equal(await store.count({ all: true }), 2);
 });
 
 test("what a handler publishes joins its transaction: dropped when it fails, delivered once when it succeeds", async (t) => {

@@ -21,7 +21,8 @@ export class Deque<T> {
     this.#items[this.#head] = undefined;
     this.#head++;
     if (this.#head === this.#items.length) {
-      this.#items = [];
+      // Most keys hold one message at a time: reuse the array rather than make garbage per message.
+      this.#items.length = 0;
       this.#head = 0;
     } else if (this.#head > 1_024 && this.#head * 2 > this.#items.length) {
       this.#items = this.#items.slice(this.#head);
