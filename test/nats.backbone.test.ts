@@ -4,13 +4,14 @@
  */
 import assert from 'node:assert/strict';
 import { after, describe, test, type TestContext } from 'node:test';
-import { connect as natsConnect, headers as natsHeaders, AckPolicy, DeliverPolicy, type NatsConnection } from 'nats';
-import { createBus, newId, type Bus } from '../src/index.ts';
+import { connect as natsConnect, headers as natsHeaders, AckPolicy, DeliverPolicy } from 'nats';
+import { createBus, keyHash, newId, type Bus } from '../src/index.ts';
+import type { Envelope } from '../src/core/envelope.ts';
 import { nats, natsDefaults, type NatsOptions } from '../src/nats/index.ts';
 import { postgres, type PgTransaction } from '../src/postgres/index.ts';
 import { Ticked } from './fixtures/contracts.ts';
 import { DATABASE_URL, dropSchema, NATS_URL, requirePostgres, sleep, uniqueSchema, waitFor } from './helpers.ts';
-import { natsNamespace, type NatsNamespace } from './nats.helpers.ts';
+import { natsNamespace, quickNats, type NatsNamespace } from './nats.helpers.ts';
 
 const buses: Bus<PgTransaction>[] = [];
 const cleanups: Array<() => Promise<void>> = [];
@@ -53,5 +54,209 @@ describe('nats backbone', () => {
     await b.publishMany(Ticked, [{ key: 'a', seq: 2 }, { key: 'b', seq: 3 }]);
     await waitFor('three messages', () => seen.length === 3);
     assert.deepEqual(seen.sort(), [1, 2, 3]);
+  });
+
+  test('with an outbox: a rolled-back transaction publishes nothing, a committed one arrives through the relay; a relay retry is stored once', async (t) => {
+    const ns = await world(t);
+    if (ns === undefined || !(await requirePostgres(t))) return;
+    const schema = uniqueSchema('natsob');
+    cleanups.push(() => dropSchema(schema));
+    const b = bus(ns.options({ outbox: postgres({ url: DATABASE_URL, schema, leaseMs: 2_000, heartbeatMs: 500, pollMs: 1_000 }) }));
+    const seen: string[] = [];
+    b.subscribe('outboxed', Ticked, async (message, ctx) => {
+      await ctx.tx.query('select 1');
+      seen.push(`${message.data.key}:${message.data.seq}`);
+    });
+    await b.start();
+    await assert.rejects(
+      b.transaction(async (tx) => {
+        await b.publish(Ticked, { key: 'rolled-back', seq: 1 }, { tx });
+        throw new Error('rolled back on purpose');
+      }),
+      /rolled back on purpose/,
+    );
+    await b.transaction((tx) => b.publish(Ticked, { key: 'committed', seq: 1 }, { tx }));
+    await waitFor('the committed message', () => seen.length >= 1);
+    await sleep(300);
+    assert.deepEqual(seen, ['committed:1']);
+
+    // The relay hands a message to JetStream again when it did not hear the first confirmation.
+    const backbone = b.backbone as ReturnType<typeof nats>;
+    const id = newId();
+    const envelope: Envelope = {
+      specversion: '1.0', id, source: 'tidings://relay-test', type: 'test.ticked.v1', time: new Date().toISOString(),
+      datacontenttype: 'application/json', topic: Ticked.topic, partitionkey: 'dup', correlationid: id, data: { key: 'dup', seq: 1 },
+    };
+    const outgoing = { envelope, json: JSON.stringify(envelope.data), keyHash: keyHash('dup') };
+    await backbone.broker.publish([outgoing]);
+    await backbone.broker.publish([outgoing]);
+    await waitFor('the duplicated message', () => seen.includes('dup:1'));
+    const nc = await natsConnect({ servers: NATS_URL });
+    try {
+      const info = await (await nc.jetstreamManager()).streams.info(ns.stream);
+      assert.equal(info.state.messages, 2, 'committed:1 and one copy of dup:1 in the stream');
+    } finally {
+      await nc.close();
+    }
+    await sleep(300);
+    assert.equal(seen.filter((s) => s === 'dup:1').length, 1);
+  });
+
+  test('per-key order over 100 keys with two buses of one subscription and concurrent publishers', async (t) => {
+    const ns = await world(t);
+    if (ns === undefined) return;
+    const publisher = bus(ns.options(), 'publisher');
+    await publisher.start();
+    const byKey = new Map<string, number[]>();
+    const byWorker = [0, 0];
+    for (const worker of [0, 1]) {
+      const b = bus(ns.options(), `worker-${worker}`);
+      b.subscribe(
+        'ordered',
+        Ticked,
+        async (message) => {
+          byWorker[worker]!++;
+          byKey.set(message.data.key, [...(byKey.get(message.data.key) ?? []), message.data.seq]);
+          if (message.data.seq % 5 === 0) await sleep(1);
+        },
+        { concurrency: 16 },
+      );
+      await b.start();
+    }
+    await sleep(1_000); // both workers hold their buckets
+    const keys = 100;
+    const perKey = 10;
+    await Promise.all(
+      Array.from({ length: 5 }, async (_, p) => {
+        for (let seq = 0; seq < perKey; seq++) {
+          const data = [];
+          for (let k = p; k < keys; k += 5) data.push({ key: `key-${k}`, seq });
+          await publisher.publishMany(Ticked, data);
+        }
+      }),
+    );
+    await waitFor('every message', () => byWorker[0]! + byWorker[1]! >= keys * perKey, 30_000);
+    await sleep(300);
+    assert.equal(byWorker[0]! + byWorker[1]!, keys * perKey, 'none lost, none twice');
+    assert.equal(byKey.size, keys);
+    for (const [key, seqs] of byKey) assert.deepEqual(seqs, Array.from({ length: perKey }, (_, i) => i), `order of ${key}`);
+    assert.ok(byWorker[0]! > 0 && byWorker[1]! > 0, `both workers took part (${byWorker.join(' / ')})`);
+  });
+
+  test('a delayed retry holds its key only, then succeeds; exhausted retries dead-letter with every attempt; redrive delivers once', async (t) => {
+    const ns = await world(t);
+    if (ns === undefined) return;
+    const b = bus(ns.options());
+    const order: string[] = [];
+    const attempts = new Map<string, number[]>();
+    let poisoned = true;
+    b.subscribe(
+      'retrying',
+      Ticked,
+      (message, ctx) => {
+        const id = `${message.data.key}:${message.data.seq}`;
+        attempts.set(id, [...(attempts.get(id) ?? []), ctx.attempt]);
+        if (message.data.note === 'flaky' && ctx.attempt < 3) throw new Error(`flaky ${id}`);
+        if (message.data.note === 'poison' && poisoned) throw new Error(`poison ${id}`);
+        order.push(id);
+      },
+      { retry: { immediate: 1, delayed: [200, 200], jitter: 0 } },
+    );
+    await b.start();
+    await b.publish(Ticked, { key: 'k', seq: 1, note: 'flaky' });
+    await b.publish(Ticked, { key: 'k', seq: 2 });
+    await b.publish(Ticked, { key: 'other', seq: 1 });
+    await b.publish(Ticked, { key: 'p', seq: 1, note: 'poison' });
+    await b.publish(Ticked, { key: 'p', seq: 2 });
+    await waitFor('k:2 and p:2', () => order.includes('k:2') && order.includes('p:2'), 10_000);
+    assert.deepEqual(attempts.get('k:1'), [1, 2, 3], 'attempt numbers 1, 2 (immediate), 3 (delayed)');
+    assert.ok(order.indexOf('k:1') < order.indexOf('k:2'), 'k:2 waited for k:1');
+    assert.ok(order.indexOf('other:1') < order.indexOf('k:1'), 'another key did not wait');
+    assert.deepEqual(attempts.get('p:1'), [1, 2, 3, 4]);
+
+    const store = b.backbone.deadLetters();
+    await waitFor('the dead letter', async () => (await store.count({ subscription: 'retrying' })) === 1);
+    const [summary] = (await store.list({ subscription: 'retrying' })).deadLetters;
+    assert.equal(summary!.attempts, 4);
+    assert.match(summary!.reason, /failed 4 attempts; last error: poison p:1/);
+    const [letter] = await store.show(summary!.messageId);
+    assert.deepEqual(letter!.attempts.map((a) => a.attempt), [1, 2, 3, 4]);
+    assert.match(letter!.attempts[0]!.error.stack ?? '', /poison p:1/);
+    assert.deepEqual(letter!.envelope.data, { key: 'p', seq: 1, note: 'poison' });
+    await assert.rejects(store.drop({}), /all: true/);
+
+    poisoned = false;
+    assert.equal((await store.redrive({ ids: [summary!.id] })).count, 1);
+    await waitFor('the redriven p:1', () => order.includes('p:1'));
+    await sleep(500);
+    assert.equal(order.filter((id) => id === 'p:1').length, 1, 'handled once');
+    assert.equal(await store.count({ all: true }), 0);
+  });
+
+  test('undecodable messages from a plain NATS client are dead-lettered with the reason; the rest flows', async (t) => {
+    const ns = await world(t);
+    if (ns === undefined) return;
+    const b = bus(ns.options());
+    const seen: number[] = [];
+    b.subscribe('tolerant', Ticked, (message) => {
+      seen.push(message.data.seq);
+    });
+    await b.start();
+    const bucket = keyHash('x') % quickNats.buckets;
+    const subject = `${ns.subjectPrefix}.${bucket}.${Ticked.topic}`;
+    await b.publish(Ticked, { key: 'x', seq: 1 });
+    const nc = await natsConnect({ servers: NATS_URL });
+    try {
+      const js = nc.jetstream();
+      await js.publish(subject, Buffer.from('{"key":"x","seq":99}')); // no CloudEvents headers at all
+      const h = natsHeaders();
+      for (const [name, value] of [['ce-specversion', '1.0'], ['ce-id', 'not-json-1'], ['ce-source', 'tidings://foreign'], ['ce-type', 'test.ticked.v1'], ['ce-partitionkey', 'x']]) h.set(name!, value!);
+      await js.publish(subject, Buffer.from('this is not json'), { headers: h });
+    } finally {
+      await nc.close();
+    }
+    await b.publish(Ticked, { key: 'x', seq: 2 });
+    await waitFor('the valid messages', () => seen.includes(2));
+    assert.deepEqual(seen, [1, 2]);
+    const store = b.backbone.deadLetters();
+    await waitFor('two dead letters', async () => (await store.count({ subscription: 'tolerant' })) === 2);
+    const { deadLetters } = await store.list({ subscription: 'tolerant' });
+    for (const letter of deadLetters) {
+      assert.match(letter.reason, new RegExp(`UNDECODABLE_MESSAGE: the message at subject ${subject.replace(/\./g, '\\.')}, stream ${ns.stream} sequence \\d+`));
+    }
+    assert.match(deadLetters[0]!.reason, /no CloudEvents attributes ce-specversion, ce-id, ce-source, ce-type/);
+    assert.match(deadLetters[1]!.reason, /payload is not JSON/);
+    assert.equal(deadLetters[1]!.messageId, 'not-json-1');
+  });
+
+  test('interop: a plain nats.js JetStream consumer reads a Tidings message as a CloudEvent in binary mode', async (t) => {
+    const ns = await world(t);
+    if (ns === undefined) return;
+    const b = bus(ns.options(), 'interop');
+    await b.start();
+    const published = await b.publish(Ticked, { key: 'i', seq: 7 }, { subject: 'order 42 "quoted" 100%', tenant: 'acme' });
+    const nc = await natsConnect({ servers: NATS_URL });
+    try {
+      const jsm = await nc.jetstreamManager();
+      await jsm.consumers.add(ns.stream, { durable_name: 'plain', ack_policy: AckPolicy.Explicit, deliver_policy: DeliverPolicy.All });
+      const consumer = await nc.jetstream().consumers.get(ns.stream, 'plain');
+      const msg = await consumer.next({ expires: 5_000 });
+      assert.ok(msg, 'the plain consumer got the message');
+      assert.equal(msg.subject, `${ns.subjectPrefix}.${keyHash('i') % quickNats.buckets}.test.ticked`);
+      assert.equal(msg.headers?.get('ce-specversion'), '1.0');
+      assert.equal(msg.headers?.get('ce-id'), published.id);
+      assert.equal(msg.headers?.get('ce-type'), 'test.ticked.v1');
+      assert.equal(msg.headers?.get('ce-source'), 'tidings://interop');
+      assert.equal(msg.headers?.get('ce-partitionkey'), 'i');
+      assert.equal(msg.headers?.get('ce-tenant'), 'acme');
+      assert.equal(msg.headers?.get('ce-subject'), 'order%2042%20%22quoted%22%20100%25', 'percent-encoded by the HTTP binding rule');
+      assert.ok(!Number.isNaN(Date.parse(msg.headers!.get('ce-time'))));
+      assert.equal(msg.headers?.get('content-type'), 'application/json');
+      assert.equal(msg.headers?.get('Nats-Msg-Id'), published.id);
+      assert.deepEqual(msg.json(), { key: 'i', seq: 7 });
+      msg.ack();
+    } finally {
+      await nc.close();
+    }
   });
 });
