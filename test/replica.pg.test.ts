@@ -6,9 +6,10 @@
 import assert from 'node:assert/strict';
 import { after, test } from 'node:test';
 import { z } from 'zod';
-import { createBus, defineEvent, type Bus } from '../src/index.ts';
+import { createBus, defineEvent, type Bus, type DataOf } from '../src/index.ts';
 import { postgres, type PgTransaction } from '../src/postgres/index.ts';
 import { defineReplica, defineSource, feed, replica, source, type Replica } from '../src/replica/index.ts';
+import { buildProgram } from '../src/cli/commands.ts';
 import { connect, DATABASE_URL, dropSchema, requirePostgres, sleep, uniqueSchema, waitFor } from './helpers.ts';
 
 const UserChanged = defineEvent('test.user-changed', {
@@ -21,7 +22,7 @@ const UserRenamed = defineEvent('test.user-renamed', {
   key: (user) => user.id,
 });
 
-type User = z.infer<typeof UserChanged.schema>;
+type User = DataOf<typeof UserChanged>;
 
 const users = defineReplica<User>({
   name: 'users',
@@ -304,4 +305,42 @@ test('out-of-order and duplicate deliveries never move a row backwards, and a to
   assert.equal(stats.applied, 4, 'v3, the rename to v4, the delete at v6, the rename at v7 (applied to nothing: still deleted)');
   assert.equal(stats.stale, 5);
   assert.equal(stats.deleted, 2);
+});
+
+test('tidings drift check asks the running replica over the bus and prints its report; status and drift status list replicas', async (t) => {
+  if (!(await requirePostgres(t))) return;
+  const schema = uniqueSchema('rp');
+  schemas.push(schema);
+  const { change, bus: idBus } = await identity(schema);
+  await idBus.transaction(async (tx) => {
+    for (let i = 0; i < 50; i++) await change(tx, `u-${i}`, 'upsert');
+  });
+  const gateway = newBus(schema, 'gateway');
+  const r = replica(gateway, users, { instance: 'gw1', driftCheckEveryMs: 0 });
+  replicas.push(r);
+  await gateway.start();
+  await r.start();
+  await r.caughtUp();
+  const client = await connect();
+  t.after(() => client.end());
+  await client.query(`delete from ${r.view} where key = 'u-7'`);
+
+  const cli = async (...args: string[]) => {
+    let out = '';
+    const program = buildProgram({ env: { DATABASE_URL }, interrupt: new AbortController().signal, stdoutIsTTY: false, out: (text) => (out += text), err: () => undefined });
+    await program.parseAsync(['node', 'tidings', '--schema', schema, ...args]);
+    return out;
+  };
+  const checked = await cli('drift', 'check', 'users-gw1', '--timeout', '20');
+  assert.match(checked, /Replica users-gw1: 1 missing, 0 extra, 0 different; 1 repaired\./);
+  assert.match(checked, /missing: u-7/);
+  assert.equal((await r.get('u-7'))?.id, 'u-7');
+  assert.equal(r.stats().checks, 1, 'the check ran in the replica');
+  const status = await cli('status');
+  assert.match(status, /Replicas\n/);
+  assert.match(status, /users-gw1 +test\.users +50 +1 /);
+  const json = JSON.parse(await cli('--json', 'drift', 'status'));
+  assert.equal(json.replicas[0].name, 'users-gw1');
+  assert.equal(json.replicas[0].lastCheck.missing, 1);
+  await assert.rejects(cli('drift', 'check', 'nope'), /No replica "nope" in schema .*there are: users-gw1/);
 });

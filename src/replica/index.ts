@@ -10,3 +10,4 @@ export type { SourceDefinition, SourceOptions, SourceStats, ReplicaSource } from
 export { digestTree } from './digest.ts';
 export { requestContract, replyContract, checkContract } from './protocol.ts';
 export type { ReplicaRequest, ReplicaReply, StateRow, CheckCommand } from './protocol.ts';
+export { listReplicas, requestDriftCheck, type ReplicaStatus } from './admin.ts';

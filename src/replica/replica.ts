@@ -16,6 +16,7 @@ import type { Bus } from '../core/bus.ts';
 import { validateName, type AnyContract, type DataOf } from '../core/contract.ts';
 import { newId } from '../core/envelope.ts';
 import { PermanentError, TidingsError } from '../core/errors.ts';
+import { handlerScope } from '../core/handler.ts';
 import { OptionProblems, type SubscribeOptions } from '../core/options.ts';
 import { readStatus } from '../postgres/admin.ts';
 import { checkIdentifier, type Queryable, type SqlDriver } from '../postgres/driver.ts';
@@ -272,8 +273,11 @@ export class Replica<Row> {
       .subscription(`replica.${this.name}.replies`, { startFrom: 'now', concurrency: 16 })
       .on(replyContract(definition.source, this.name), (message) => this.#received(message.data))
       .on(checkContract(this.name), (message) => {
-        // Not awaited: the check exchanges messages this subscription's own handlers must receive.
-        void this.checkDrift({ checkId: message.data.checkId }).catch((error: unknown) => this.#warn(`Replica ${this.name}: drift check ${message.data.checkId} failed`, error));
+        // Not awaited: the check exchanges messages this subscription's own handlers must receive. Run
+        // outside the handler's scope, or its publishes would join this handler's (finished) transaction.
+        handlerScope.exit(() => {
+          void this.checkDrift({ checkId: message.data.checkId }).catch((error: unknown) => this.#warn(`Replica ${this.name}: drift check ${message.data.checkId} failed`, error));
+        });
       });
   }
 

@@ -1,0 +1,96 @@
+/**
+ * Operating replicas from outside their process (the `tidings` CLI, a console): list them with their last
+ * drift check, and ask one to check now. The check itself runs in the replica's own process, which talks
+ * to the source over the bus; this side only sends the command and reads the recorded result.
+ */
+import { createBus } from '../core/bus.ts';
+import { newId } from '../core/envelope.ts';
+import { TidingsError } from '../core/errors.ts';
+import { checkIdentifier, type Queryable } from '../postgres/driver.ts';
+import { postgres } from '../postgres/index.ts';
+import { checkContract } from './protocol.ts';
+import type { DriftReport } from './replica.ts';
+
+export interface ReplicaStatus {
+  readonly name: string;
+  readonly source: string;
+  readonly generation: number;
+  /** The generation a rebuild is filling, or null. */
+  readonly building: number | null;
+  readonly rows: number;
+  readonly checkedAt: string | null;
+  readonly rebuiltAt: string | null;
+  readonly lastCheck: DriftReport | null;
+}
+
+/** Every replica whose tables live in `schema`; none when there are no replicas there. */
+export async function listReplicas(db: Queryable, options: { schema: string; replica?: string }): Promise<ReplicaStatus[]> {
+  const s = `"${checkIdentifier('schema', options.schema)}"`;
+  const { rows: exists } = await db.query<{ t: string | null }>(`select to_regclass($1)::text as t`, [`${s}.replicas`]);
+  if (exists[0]?.t == null) return [];
+  const { rows } = await db.query<{
+    name: string;
+    source: string;
+    generation: number;
+    building: number | null;
+    checked_at: Date | string | null;
+    rebuilt_at: Date | string | null;
+    last_check: DriftReport | null;
+  }>(`select name, source, generation, building, checked_at, rebuilt_at, last_check from ${s}.replicas where $1::text is null or name = $1 order by name`, [options.replica ?? null]);
+  const result: ReplicaStatus[] = [];
+  for (const row of rows) {
+    const table = `${s}."replica_${row.name.replace(/[.-]/g, '_').slice(0, 44)}_g${Number(row.generation)}"`;
+    const count = await db.query<{ n: string }>(`select count(*) filter (where state is not null)::int8 as n from ${table}`).catch(() => ({ rows: [{ n: '0' }] }));
+    result.push({
+      name: row.name,
+      source: row.source,
+      generation: Number(row.generation),
+      building: row.building === null ? null : Number(row.building),
+      rows: Number(count.rows[0]?.n ?? 0),
+      checkedAt: row.checked_at === null ? null : new Date(row.checked_at).toISOString(),
+      rebuiltAt: row.rebuilt_at === null ? null : new Date(row.rebuilt_at).toISOString(),
+      lastCheck: row.last_check,
+    });
+  }
+  return result;
+}
+
+/**
+ * Sends `tidings.replica.<replica>.check` over the bus and waits until the replica records the check's
+ * report. Fails with SOURCE_UNAVAILABLE if no report comes within `timeoutMs` (the replica's process is
+ * not running, or its source does not answer).
+ */
+export async function requestDriftCheck(options: {
+  url: string;
+  schema: string;
+  replica: string;
+  db: Queryable;
+  timeoutMs: number;
+  signal?: AbortSignal;
+}): Promise<DriftReport> {
+  const known = await listReplicas(options.db, { schema: options.schema, replica: options.replica });
+  if (known.length === 0) {
+    const all = await listReplicas(options.db, { schema: options.schema });
+    throw new TidingsError('INVALID_OPTIONS', `No replica ${JSON.stringify(options.replica)} in schema ${options.schema}${all.length > 0 ? `; there are: ${all.map((r) => r.name).join(', ')}` : ''} (tidings drift status lists them)`);
+  }
+  const checkId = newId();
+  const bus = createBus({ service: 'tidings-cli', backbone: postgres({ url: options.url, schema: options.schema, migrate: false, retention: false, poolSize: 2, onWarning: () => undefined }) });
+  try {
+    await bus.send(checkContract(options.replica), { checkId, requestedBy: 'tidings-cli' });
+  } finally {
+    await bus.stop();
+  }
+  const s = `"${options.schema}"`;
+  const deadline = Date.now() + options.timeoutMs;
+  for (;;) {
+    const { rows } = await options.db.query<{ last_check: DriftReport | null }>(`select last_check from ${s}.replicas where name = $1 and last_check->>'checkId' = $2`, [options.replica, checkId]);
+    if (rows[0]?.last_check != null) return rows[0].last_check;
+    if (Date.now() > deadline || options.signal?.aborted) {
+      throw new TidingsError(
+        'SOURCE_UNAVAILABLE',
+        `Replica ${options.replica} did not report check ${checkId} within ${Math.round(options.timeoutMs / 1000)} s. Is its service running (its subscription replica.${options.replica}.replies in tidings status)? The command stays in the log: the replica runs it when its process starts again.`,
+      );
+    }
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+}
