@@ -10,6 +10,8 @@ import { adminDefaults, deadLetterStore, firstPositionAt, readStatus, replaySubs
 import { checkIdentifier } from '../postgres/driver.ts';
 import { migrate } from '../postgres/migrate.ts';
 import { prune } from '../postgres/retention.ts';
+import { listReplicas, requestDriftCheck, type ReplicaStatus } from '../replica/admin.ts';
+import type { DriftReport } from '../replica/replica.ts';
 import { isUnreachable, openDatabase, unreachableMessage, type Database } from './database.ts';
 import { duration, lease, progress, table } from './format.ts';
 
@@ -61,7 +63,8 @@ Examples:
   tidings dead-letters list --group
   tidings dead-letters redrive --subscription billing --error "gateway timeout" --rate 50
   tidings replay billing --from 2026-01-31T12:00:00Z --wait
-  tidings prune --dry-run`;
+  tidings prune --dry-run
+  tidings drift check credentials-gw1`;
 
 export function buildProgram(context: CliContext): Command {
   const program = new Command('tidings')
@@ -96,7 +99,10 @@ export function buildProgram(context: CliContext): Command {
     .action(async (options: { subscription?: string }, command: Command) => {
       await withDatabase(context, command, async (db, globals) => {
         const status = await readStatus(db.driver, { schema: globals.schema, subscription: options.subscription });
-        emit(context, globals, status, () => renderStatus(status, db.description));
+        const replicas = options.subscription === undefined ? await listReplicas(db.driver, { schema: globals.schema }) : [];
+        emit(context, globals, replicas.length === 0 ? status : { ...status, replicas }, () =>
+          [renderStatus(status, db.description), ...(replicas.length === 0 ? [] : ['', renderReplicas(replicas)])].join('\n'),
+        );
       });
     });
 
@@ -323,6 +329,29 @@ export function buildProgram(context: CliContext): Command {
       });
     });
 
+  const drift = program.command('drift').description("replicas' drift from their sources: status, and a check (with repair) on demand");
+  drift
+    .command('status')
+    .description('every replica with its generation, rows and last drift check')
+    .action(async (_options, command: Command) => {
+      await withDatabase(context, command, async (db, globals) => {
+        const replicas = await listReplicas(db.driver, { schema: globals.schema });
+        emit(context, globals, { replicas }, () => (replicas.length === 0 ? `No replicas in schema ${globals.schema}.` : renderReplicas(replicas)));
+      });
+    });
+  drift
+    .command('check')
+    .description("ask a replica to compare itself with its source now and repair what differs; runs in the replica's process, over the bus")
+    .argument('<replica>', 'the replica, for example credentials-gw1 (tidings drift status lists them)')
+    .option('--timeout <seconds>', 'give up waiting for the report after this long', positiveNumber, 60)
+    .action(async (name: string, options: { timeout: number }, command: Command) => {
+      await withDatabase(context, command, async (db, globals) => {
+        const url = globals.url ?? context.env.DATABASE_URL!;
+        const report = await requestDriftCheck({ url, schema: globals.schema, replica: name, db: db.driver, timeoutMs: options.timeout * 1_000, signal: context.interrupt });
+        emit(context, globals, report, () => renderDrift(report));
+      });
+    });
+
   return program;
 }
 
@@ -514,6 +543,38 @@ async function waitForCatchUp(context: CliContext, db: Database, globals: Global
 }
 
 // ---- rendering -----------------------------------------------------------------------------------
+
+function renderReplicas(replicas: readonly ReplicaStatus[]): string {
+  return [
+    'Replicas',
+    table(replicas, [
+      { header: 'replica', value: (r) => r.name },
+      { header: 'source', value: (r) => r.source },
+      { header: 'rows', value: (r) => r.rows },
+      { header: 'generation', value: (r) => (r.building === null ? r.generation : `${r.generation} (building ${r.building})`) },
+      { header: 'last check', value: (r) => (r.checkedAt === null ? 'never' : shortTime(r.checkedAt)) },
+      { header: 'missing', value: (r) => r.lastCheck?.missing ?? '' },
+      { header: 'extra', value: (r) => r.lastCheck?.extra ?? '' },
+      { header: 'different', value: (r) => r.lastCheck?.different ?? '' },
+      { header: 'repaired', value: (r) => r.lastCheck?.repaired ?? '' },
+    ]),
+  ].join('\n');
+}
+
+function renderDrift(report: DriftReport): string {
+  if (report.skipped !== undefined) return `Replica ${report.replica}: no check, ${report.skipped}.`;
+  const found = report.missing + report.extra + report.different;
+  const lines = [
+    found === 0
+      ? `Replica ${report.replica} matches its source.`
+      : `Replica ${report.replica}: ${report.missing} missing, ${report.extra} extra, ${report.different} different; ${report.repaired} repaired.`,
+    `${report.messages.sent + report.messages.received} messages (${report.messages.sent} requests, ${report.messages.received} replies), ${report.entries} hashes and keys, ${report.durationMs} ms; differing tree nodes per level: ${report.differingNodes.join(' / ') || '0'}.`,
+  ];
+  for (const kind of ['missing', 'extra', 'different'] as const) {
+    if (report.samples[kind].length > 0) lines.push(`  ${kind}: ${report.samples[kind].join(', ')}${report[kind] > report.samples[kind].length ? ', ...' : ''}`);
+  }
+  return lines.join('\n');
+}
 
 function renderStatus(status: Status, where: string): string {
   const lines = [`Schema ${status.schema} at ${where}, ${shortTime(status.at)}`, ''];
