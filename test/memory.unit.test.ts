@@ -412,7 +412,7 @@ test('drain() waits for cascades and retries, ignores stopped subscriptions, and
   await bus.start();
   await backbone.drain(); // nothing published yet
   await bus.publishMany(Ticked, [1, 2, 3].map((seq) => ({ key: `k${seq}`, seq })));
-  const error = await backbone.drain({ timeoutMs: 300 }).catch((e: unknown) => e);
+  const error = await backbone.drain({ timeoutMs: 600 }).catch((e: unknown) => e);
   assert.ok(error instanceof TidingsError && error.code === 'TIMEOUT', String(error));
   assert.match(error.message, /subscription stuck has 3 unhandled \(0 in flight, 3 keys waiting for a retry\)/);
   assert.doesNotMatch(error.message, /subscription (orders|shipping)/);
