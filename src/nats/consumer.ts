@@ -443,6 +443,8 @@ export class NatsConsumer implements Consumer {
     else pulled.msg.term();
     line.queue.shift();
     lane.pulled.delete(pulled.seq);
+    // The pull loop may be waiting for room under max_ack_pending.
+    if (lane.pulled.size === this.#maxPending - 1) lane.wakeLoop?.();
   }
 
   /**
