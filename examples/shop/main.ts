@@ -10,6 +10,7 @@
  */
 import { PGlite } from '@electric-sql/pglite';
 import { postgres, type PostgresBackbone, type Queryable } from 'tidings/postgres';
+import { loginDemo } from './login.ts';
 import { billingService, CardGateway, ordersService, shippingService, shopTables, type NewOrder } from './services.ts';
 
 const ORDERS = Number(process.env.ORDERS ?? 300);
@@ -93,8 +94,9 @@ const consistent = paid === shipped && paid + cancelled + dead.length === list.l
 console.log(consistent ? '\nEvery order is accounted for: nothing lost, nothing twice.' : '\nSome orders are unaccounted for.');
 
 for (const bus of Object.values(buses)) await bus.stop();
+const loginsOk = await loginDemo(backbone, db);
 await closeDb();
-process.exitCode = consistent ? 0 : 1;
+process.exitCode = consistent && loginsOk ? 0 : 1;
 
 function printTable(table: string[][]): void {
   const widths = table[0]!.map((_, column) => Math.max(...table.map((row) => row[column]!.length)));
