@@ -27,3 +27,13 @@ conformance<PgTransaction>({
   },
   offers: { transactions: true, durable: true, balances: true },
 });
+
+conformance<PgTransaction>({
+  name: 'nats alone (no outbox: no transactions, the stream de-duplicates ids)',
+  namespace: async (t) => {
+    const ns = await natsNamespace(t, 'a');
+    if (ns === undefined) return undefined;
+    return { backbone: () => nats(ns.options()), cleanup: () => ns.cleanup() };
+  },
+  offers: { transactions: false, durable: true, balances: true },
+});
