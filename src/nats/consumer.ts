@@ -255,7 +255,7 @@ export class NatsConsumer implements Consumer {
       while (lane.running.size > 0) await Promise.all([...lane.running]);
       for (const line of lane.keys.values()) clearTimeout(line.retryTimer);
       const left = [...lane.pulled.values()].sort((a, b) => a.seq - b.seq);
-      for (const pulled of left) pulled.msg.nak();
+      for (const pulled of left) quietly(() => pulled.msg.nak());
       lane.pulled.clear();
       lane.keys.clear();
       await this.#ctx.nc.flush().catch(() => undefined);
@@ -321,7 +321,7 @@ export class NatsConsumer implements Consumer {
     const topic = parsed?.topic ?? msg.subject;
     const redriveFor = header(msg.headers, REDRIVE_FOR);
     if ((!this.#everyTopic && !this.#topics.has(topic)) || (redriveFor !== undefined && redriveFor !== this.#spec.name)) {
-      msg.ack(); // another subscription's topic, or a redrive meant for another subscription
+      quietly(() => msg.ack()); // another subscription's topic, or a redrive meant for another subscription
       return;
     }
     const decoded = parsed === undefined ? { problem: `subject ${msg.subject} is not <prefix>.<bucket>.<topic>` } : decode(msg.headers, msg.data, topic, new Date(Math.floor(msg.info.timestampNanos / 1e6)));
@@ -356,7 +356,7 @@ export class NatsConsumer implements Consumer {
     for (const lane of this.#lanes.values()) {
       for (const pulled of lane.pulled.values()) {
         if (now - pulled.touchedAt < every) continue;
-        pulled.msg.working();
+        quietly(() => pulled.msg.working());
         pulled.touchedAt = now;
       }
     }
@@ -439,8 +439,8 @@ export class NatsConsumer implements Consumer {
   }
 
   #done(lane: Lane, line: KeyLine, pulled: Pulled, how: 'ack' | 'term'): void {
-    if (how === 'ack') pulled.msg.ack();
-    else pulled.msg.term();
+    // On a closed connection these throw; the message is then simply delivered again (at least once).
+    quietly(() => (how === 'ack' ? pulled.msg.ack() : pulled.msg.term()));
     line.queue.shift();
     lane.pulled.delete(pulled.seq);
     // The pull loop may be waiting for room under max_ack_pending.
@@ -487,6 +487,18 @@ export class NatsConsumer implements Consumer {
         if (!lane.active) return false;
       }
     }
+  }
+}
+
+/**
+ * Acknowledgements are fire-and-forget; nats.js throws synchronously once the connection is closed. A lost
+ * ack only means a redelivery, and it must never escape a timer callback as an uncaught exception.
+ */
+function quietly(fn: () => void): void {
+  try {
+    fn();
+  } catch {
+    // see above
   }
 }
 
