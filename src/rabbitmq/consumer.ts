@@ -42,6 +42,9 @@ import {
 import { sleep, type Link } from './link.ts';
 import { declareRetryQueue, declareSubscription, retryLevel, type Names, type TopologySettings } from './topology.ts';
 
+/** A parked message waits at least this long: a head that is overdue must not make its followers spin. */
+const PARK_MIN_MS = 250;
+
 export interface ConsumerSettings extends TopologySettings {
   /** Unacknowledged messages per partition queue (per-consumer basic.qos). */
   readonly prefetch: number;
@@ -191,6 +194,7 @@ export class RabbitConsumer implements Consumer {
       away.decoded = decoded.value;
       away.generation = generation;
       if (lane![0] === away) this.#ready.push(key);
+      else if (lane![0]!.state === 'away') this.#relieve(partition);
       this.#pump();
       return;
     }
@@ -205,20 +209,26 @@ export class RabbitConsumer implements Consumer {
       this.#pump();
       return;
     }
-    const head = lane[0]!;
-    if (head.state === 'away' && this.#parked(partition) > Math.floor(this.#settings.prefetch / 2)) {
-      this.#track(this.#park(entry, Math.max(head.dueAt - Date.now(), 0)));
-    }
+    if (lane[0]!.state === 'away') this.#relieve(partition);
   }
 
-  /** Unacknowledged messages of this partition waiting behind a key whose head is away. */
-  #parked(partition: number): number {
-    let count = 0;
+  /**
+   * Keeps the messages of a partition held behind away keys to half its prefetch window, parking the latest
+   * ones in a delay queue: otherwise held messages could fill the window and keep the very message they
+   * wait for from being delivered. Called when a message joins a held key and when a key becomes held.
+   */
+  #relieve(partition: number): void {
+    const limit = Math.floor(this.#settings.prefetch / 2);
+    const held: { entry: Entry; head: Entry }[] = [];
     for (const lane of this.#lanes.values()) {
-      if (lane[0]?.state !== 'away') continue;
-      for (const entry of lane) if (entry.state === 'local' && entry.partition === partition) count++;
+      const head = lane[0]!;
+      if (head.state !== 'away') continue;
+      for (const entry of lane) if (entry.state === 'local' && entry.partition === partition) held.push({ entry, head });
     }
-    return count;
+    for (let excess = held.length - limit; excess > 0; excess--) {
+      const { entry, head } = held.pop()!;
+      this.#track(this.#park(entry, Math.max(head.dueAt - Date.now(), PARK_MIN_MS)));
+    }
   }
 
   #pump(): void {
@@ -261,6 +271,7 @@ export class RabbitConsumer implements Consumer {
         }
         await this.#retry(entry, result.delayMs, history, attempt);
         settled = true;
+        if (!this.#stopping) this.#relieve(entry.partition);
         return;
       }
       settled = true;
@@ -291,13 +302,14 @@ export class RabbitConsumer implements Consumer {
     if (index >= 0) lane.splice(index, 1);
     if (lane.length === 0) this.#lanes.delete(entry.key);
     else if (index === 0 && lane[0]!.state === 'local') this.#ready.push(entry.key);
+    else if (index === 0 && lane[0]!.state === 'away' && !this.#stopping) this.#relieve(lane[0]!.partition);
   }
 
-  #ack(entry: Entry): void {
-    if (entry.generation !== this.#generation || this.#channel === undefined) {
+  #ack(entry: Entry, message = entry.message!, generation = entry.generation): void {
+    if (generation !== this.#generation || this.#channel === undefined) {
       throw new TidingsError('BACKBONE_UNAVAILABLE', `The channel that delivered message ${entry.id} closed before its acknowledgement`, { retryable: true });
     }
-    this.#channel.ack(entry.message!);
+    this.#channel.ack(message);
   }
 
   /** Sends the message to the delay queue for `delayMs`, then acknowledges it; its place in the lane stays. */
@@ -330,15 +342,21 @@ export class RabbitConsumer implements Consumer {
     const channel = this.#channelOf(entry);
     const level = retryLevel(delayMs, this.#settings.retryMinMs);
     const queue = await this.#retryQueue(channel, level);
-    const message = entry.message!;
-    const headers = { ...cleanHeaders(message.properties.headers), ...extra, [H_PARTITION]: String(entry.partition) };
-    await confirm(channel, '', queue, message.content, copyOptions(message, headers));
-    this.#ack(entry);
+    const { message, decoded, generation, state } = entry;
+    const headers = { ...cleanHeaders(message!.properties.headers), ...extra, [H_PARTITION]: String(entry.partition) };
+    // Away before the publish: the copy may come back (a short delay) before the confirm does.
     entry.state = 'away';
     entry.message = undefined;
     entry.decoded = undefined;
     entry.dueAt = Date.now() + level;
     entry.giveUpAt = entry.dueAt + this.#settings.retryReturnGraceMs;
+    try {
+      await confirm(channel, '', queue, message!.content, copyOptions(message!, headers));
+    } catch (error) {
+      Object.assign(entry, { state, message, decoded });
+      throw error;
+    }
+    this.#ack(entry, message, generation);
   }
 
   #retryQueue(channel: ConfirmChannel, level: number): Promise<string> {
