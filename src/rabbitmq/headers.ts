@@ -21,8 +21,11 @@ const CE_PREFIXES = ['cloudEvents:', 'cloudEvents_'] as const;
 export const H_ATTEMPTS = 'x-tidings-attempts';
 /** JSON AttemptRecord[] of the failed attempts so far. */
 export const H_HISTORY = 'x-tidings-history';
-/** The partition queue a retried or redriven message goes back to (matched by the return exchange). */
-export const H_PARTITION = 'x-tidings-partition';
+/**
+ * The partition queue a retried or redriven message goes back to, matched by the return exchange. Not an
+ * `x-` name: a headers exchange ignores `x-` headers when it matches, so every partition would get a copy.
+ */
+export const H_PARTITION = 'tidings-partition';
 export const H_DEAD_ID = 'x-tidings-dead-id';
 export const H_DEAD_REASON = 'x-tidings-dead-reason';
 export const H_DEAD_AT = 'x-tidings-dead-at';
