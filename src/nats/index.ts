@@ -165,8 +165,12 @@ export class NatsBroker implements Broker {
   #opening: Promise<NatsContext> | undefined;
   #closed = false;
 
+  /** Options given explicitly; the others follow an existing stream. */
+  readonly #explicit: { readonly buckets: boolean; readonly subjectPrefix: boolean };
+
   constructor(options: NatsOptions) {
     this.settings = resolveNatsSettings(options);
+    this.#explicit = { buckets: options.buckets !== undefined, subjectPrefix: options.subjectPrefix !== undefined };
     this.#warn = options.onWarning ?? ((message, error) => console.warn(`[tidings] ${message}${error instanceof Error ? `: ${error.message}` : ''}`));
   }
 
@@ -218,10 +222,14 @@ export class NatsBroker implements Broker {
         if (stored === undefined) {
           throw new TidingsError('INVALID_OPTIONS', `Stream ${s.stream} exists but was not created by Tidings (its description has no "tidings buckets=N"); use another stream name`);
         }
+        // Not given: the stream's own settings hold, so a service (or the CLI) needs only the stream's name.
+        if (!this.#explicit.buckets) s.buckets = Number(stored);
+        const prefix = info.config.subjects?.[0]?.replace(/\.>$/, '');
+        if (!this.#explicit.subjectPrefix && prefix !== undefined) s.subjectPrefix = prefix;
         if (Number(stored) !== s.buckets) {
           throw new TidingsError(
             'INVALID_OPTIONS',
-            `Stream ${s.stream} was created with ${stored} buckets, not ${s.buckets}: changing the count would break per-key order. Use buckets: ${stored}, or a new stream`,
+            `Stream ${s.stream} was created with ${stored} buckets, not ${s.buckets}: changing the count would break per-key order. Use buckets: ${stored} (or leave it out), or a new stream`,
           );
         }
       });
