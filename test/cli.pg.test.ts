@@ -4,15 +4,13 @@
  */
 import assert from 'node:assert/strict';
 import { loadMigrations } from '../src/postgres/migrate.ts';
-import { spawn } from 'node:child_process';
 import { hostname, userInfo } from 'node:os';
 import { after, test, type TestContext } from 'node:test';
 import { createBus, type Bus } from '../src/index.ts';
 import { postgres, type PgTransaction } from '../src/postgres/index.ts';
 import { Ticked } from './fixtures/contracts.ts';
-import { connect, DATABASE_URL, dropSchema, requirePostgres, uniqueSchema, waitFor } from './helpers.ts';
+import { connect, DATABASE_URL, dropSchema, requirePostgres, runTidings, uniqueSchema, waitFor, type CliRun } from './helpers.ts';
 
-const BIN = new URL('../bin/tidings.js', import.meta.url).pathname;
 const schemas: string[] = [];
 const buses: Bus<PgTransaction>[] = [];
 after(async () => {
@@ -20,32 +18,9 @@ after(async () => {
   for (const schema of schemas) await dropSchema(schema);
 });
 
-interface Run {
-  code: number | null;
-  stdout: string;
-  stderr: string;
-  ms: number;
-}
-
-/**
- * Runs `tidings <args>` with DATABASE_URL set. A run still going after 30 s is killed and reported with
- * exit code null, so a tail that never sees its messages fails the test instead of hanging it.
- */
-function tidings(args: readonly string[], options: { env?: NodeJS.ProcessEnv } = {}): Promise<Run> {
-  const started = Date.now();
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [BIN, ...args], { env: options.env ?? { ...process.env, DATABASE_URL }, stdio: 'pipe' });
-    const timer = setTimeout(() => child.kill('SIGKILL'), 30_000);
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (chunk: Buffer) => (stdout += chunk.toString()));
-    child.stderr.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
-    child.on('error', reject);
-    child.on('close', (code) => {
-      clearTimeout(timer);
-      resolve({ code, stdout, stderr, ms: Date.now() - started });
-    });
-  });
+/** Runs `tidings <args>` with DATABASE_URL set. */
+function tidings(args: readonly string[], options: { env?: NodeJS.ProcessEnv } = {}): Promise<CliRun> {
+  return runTidings(args, options.env ?? { ...process.env, DATABASE_URL });
 }
 
 /** `tidings --schema <schema> --json <args>`, expecting success, parsed. */

@@ -1,4 +1,5 @@
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
 import { connect as tcpConnect } from 'node:net';
 import type { TestContext } from 'node:test';
 import pg from 'pg';
@@ -114,4 +115,34 @@ export async function createEffects(schema: string): Promise<void> {
   } finally {
     await client.end();
   }
+}
+
+export interface CliRun {
+  code: number | null;
+  stdout: string;
+  stderr: string;
+  ms: number;
+}
+
+const BIN = new URL('../bin/tidings.js', import.meta.url).pathname;
+
+/**
+ * Runs the real `tidings` binary in a child process, as an operator would. A run still going after 30 s is
+ * killed and reported with exit code null, so a command that never ends fails its test instead of hanging it.
+ */
+export function runTidings(args: readonly string[], env: NodeJS.ProcessEnv = process.env): Promise<CliRun> {
+  const started = Date.now();
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, [BIN, ...args], { env, stdio: 'pipe' });
+    const timer = setTimeout(() => child.kill('SIGKILL'), 30_000);
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (chunk: Buffer) => (stdout += chunk.toString()));
+    child.stderr.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
+    child.on('error', reject);
+    child.on('close', (code) => {
+      clearTimeout(timer);
+      resolve({ code, stdout, stderr, ms: Date.now() - started });
+    });
+  });
 }

@@ -5,6 +5,7 @@
  */
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { TidingsError } from '../core/errors.ts';
+import type { Backbone } from '../core/backbone.ts';
 import { groupDeadLetters, type DeadLetterActionResult, type DeadLetterGroup, type DeadLetterSelection, type DeadLetterStore } from '../core/broker.ts';
 import { adminDefaults, deadLetterStore, firstPositionAt, readStatus, replaySubscription, tailTopic, type Status } from '../postgres/admin.ts';
 import { checkIdentifier } from '../postgres/driver.ts';
@@ -179,8 +180,7 @@ export function buildProgram(context: CliContext): Command {
       });
     });
 
-  deadLetters
-    .command('show')
+  addBrokerOptions(deadLetters.command('show'))
     .description('one dead letter in full: envelope with data, and every attempt with its stack')
     .argument('<id>', 'a dead-letter id (from list) or a message id')
     .action(async (id: string, _options, command: Command) => {
@@ -376,15 +376,22 @@ interface TailCommandOptions {
 type From = { kind: 'position'; position: number } | { kind: 'time'; time: string };
 
 function addSelection(command: Command): Command {
-  return command
+  return addBrokerOptions(command)
     .option('--subscription <name>', 'only dead letters of this subscription')
     .option('--topic <topic>', 'only dead letters of this topic')
     .option('--error <text>', 'only dead letters whose reason or error message contains this text (any case)')
     .option('--all', 'every dead letter (required to redrive or drop without any other selection)');
 }
 
+/** Where a broker keeps Tidings' dead letters, when --url is amqp:// or nats://. */
+function addBrokerOptions(command: Command): Command {
+  return command
+    .option('--prefix <prefix>', "with an amqp:// URL: the prefix of Tidings' exchanges and queues, as given to rabbitmq({ prefix })")
+    .option('--stream <name>', "with a nats:// URL: the JetStream stream of Tidings' messages, as given to nats({ stream })");
+}
+
 function selectionOf(ids: readonly string[], options: SelectionOptions, action?: 'redrive' | 'drop'): DeadLetterSelection {
-  const selection = { ids, subscription: options.subscription, topic: options.topic, errorText: options.error, all: options.all === true };
+  const selection = { ids: ids.length > 0 ? ids : undefined, subscription: options.subscription, topic: options.topic, errorText: options.error, all: options.all === true };
   const named = ids.length > 0 || options.subscription !== undefined || options.topic !== undefined || options.error !== undefined;
   if (action !== undefined && !named && !selection.all) {
     throw new TidingsError(
@@ -460,15 +467,48 @@ async function withDatabase(context: CliContext, command: Command, run: (db: Dat
   }
 }
 
-/** Dead letters wherever the URL points: a PostgreSQL schema, or a broker's dead-letter queues. */
+/** Dead letters wherever the URL points: a PostgreSQL schema, or a broker's dead-letter queues or stream. */
 async function withDeadLetters(
   context: CliContext,
   command: Command,
   run: (store: DeadLetterStore, globals: GlobalOptions, where: string) => Promise<void>,
 ): Promise<void> {
-  await withDatabase(context, command, (db, globals) =>
-    run(deadLetterStore(async () => db.driver, globals.schema), globals, `schema ${globals.schema}`),
-  );
+  const globals = command.optsWithGlobals<GlobalOptions & BrokerOptions>();
+  const url = globals.url ?? context.env.DATABASE_URL ?? '';
+  const broker = await brokerFor(url, globals);
+  if (broker === undefined) {
+    await withDatabase(context, command, (db) => run(deadLetterStore(async () => db.driver, globals.schema), globals, `schema ${globals.schema}`));
+    return;
+  }
+  try {
+    await run(broker.backbone.deadLetters(), globals, broker.where);
+  } finally {
+    await broker.backbone.close().catch(() => undefined);
+  }
+}
+
+interface BrokerOptions {
+  prefix?: string;
+  stream?: string;
+}
+
+/** A broker backbone for an amqp:// or nats:// URL, opened only to reach its dead letters (no relay, no consumers). */
+async function brokerFor(url: string, options: GlobalOptions & BrokerOptions): Promise<{ backbone: Backbone; where: string } | undefined> {
+  const quiet = () => undefined;
+  const safeUrl = url.replace(/\/\/([^:@/]*):[^@/]*@/, '//$1@');
+  if (/^amqps?:\/\//.test(url)) {
+    const { rabbitmq, rabbitmqDefaults } = await import('../rabbitmq/index.ts');
+    const prefix = options.prefix ?? rabbitmqDefaults.prefix;
+    const backbone = rabbitmq({ url, prefix, relay: false, connectTimeoutMs: options.connectTimeout * 1_000, onWarning: quiet });
+    return { backbone, where: `RabbitMQ at ${safeUrl} (prefix ${prefix})` };
+  }
+  if (/^nats:\/\//.test(url)) {
+    const { nats, natsDefaults } = await import('../nats/index.ts');
+    const stream = options.stream ?? natsDefaults.stream;
+    const backbone = nats({ servers: url, stream, relay: false, publishTimeoutMs: options.connectTimeout * 1_000, onWarning: quiet });
+    return { backbone, where: `NATS at ${safeUrl} (stream ${stream})` };
+  }
+  return undefined;
 }
 
 /** Stores that cannot group by themselves are grouped here, from as many dead letters as a list returns. */

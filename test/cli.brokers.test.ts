@@ -1,0 +1,105 @@
+/**
+ * The `tidings dead-letters` commands on the broker backbones: the same commands as on PostgreSQL, with an
+ * amqp:// or nats:// URL. Real buses produce the dead letters; the real binary lists, shows, redrives
+ * and drops them.
+ */
+import assert from 'node:assert/strict';
+import { after, test, type TestContext } from 'node:test';
+import { createBus, type Backbone, type Bus } from '../src/index.ts';
+import { nats } from '../src/nats/index.ts';
+import { rabbitmq } from '../src/rabbitmq/index.ts';
+import { Ticked } from './fixtures/contracts.ts';
+import { NATS_URL, RABBITMQ_URL, requireBroker, runTidings, waitFor } from './helpers.ts';
+import { natsNamespace, quickNats } from './nats.helpers.ts';
+import { deleteByPrefix, testOptions } from './rabbitmq.helpers.ts';
+
+const buses: Bus[] = [];
+const cleanups: Array<() => Promise<void>> = [];
+after(async () => {
+  await Promise.all(buses.map((bus) => bus.stop().catch(() => undefined)));
+  for (const cleanup of cleanups) await cleanup().catch(() => undefined);
+});
+
+interface Target {
+  /** The CLI arguments that point at this backbone's dead letters. */
+  args: string[];
+  backbone(): Backbone;
+}
+
+async function rabbitTarget(t: TestContext): Promise<Target | undefined> {
+  if (!(await requireBroker(t, 'RabbitMQ', RABBITMQ_URL))) return undefined;
+  const prefix = `cli_${process.pid}_${Math.random().toString(36).slice(2, 8)}.`;
+  cleanups.push(() => deleteByPrefix(prefix));
+  return { args: ['--url', RABBITMQ_URL, '--prefix', prefix], backbone: () => rabbitmq(testOptions(prefix)) };
+}
+
+async function natsTarget(t: TestContext): Promise<Target | undefined> {
+  const namespace = await natsNamespace(t, 'cli');
+  if (namespace === undefined) return undefined;
+  cleanups.push(() => namespace.cleanup());
+  return { args: ['--url', NATS_URL, '--stream', namespace.stream], backbone: () => nats(namespace.options({ ...quickNats })) };
+}
+
+for (const [name, target] of [
+  ['RabbitMQ', rabbitTarget],
+  ['NATS', natsTarget],
+] as const) {
+  test(`${name}: dead letters are listed, shown, redriven and dropped with the same commands as on PostgreSQL`, async (t) => {
+    const world = await target(t);
+    if (world === undefined) return;
+    const bus = createBus({ service: 'cli-test', backbone: world.backbone() });
+    buses.push(bus);
+    let healed = false;
+    const handled: number[] = [];
+    bus.subscribe(
+      'cli-billing',
+      Ticked,
+      (message) => {
+        if (!healed) throw new Error(`gateway timeout for ${message.data.key}`);
+        handled.push(message.data.seq);
+      },
+      { retry: { immediate: 0, delayed: [], jitter: 0 } },
+    );
+    await bus.start();
+    await bus.publishMany(Ticked, [1, 2, 3].map((seq) => ({ key: `k${seq}`, seq })));
+    const store = bus.backbone.deadLetters();
+    await waitFor('three dead letters', async () => (await store.count({ all: true })) === 3, 20_000);
+
+    const cli = async (...args: string[]) => {
+      const run = await runTidings(['--json', 'dead-letters', ...args, ...world.args]);
+      assert.equal(run.code, 0, `tidings dead-letters ${args.join(' ')} exited ${run.code}: ${run.stderr}`);
+      return JSON.parse(run.stdout);
+    };
+    const listed = await cli('list');
+    assert.equal(listed.total, 3);
+    assert.deepEqual(listed.deadLetters.map((letter: { topic: string }) => letter.topic), ['test.ticked', 'test.ticked', 'test.ticked']);
+    assert.match(listed.deadLetters[0].reason, /gateway timeout/);
+    const groups = await cli('list', '--group');
+    assert.equal(groups.length, 1, 'one error, numbers masked: one group');
+    assert.equal(groups[0].count, 3);
+    const [shown] = await cli('show', listed.deadLetters[0].id);
+    assert.equal(shown.subscription, 'cli-billing');
+    assert.equal(shown.attempts.length, 1);
+    assert.match(shown.attempts[0].error.message, /gateway timeout/);
+
+    healed = true;
+    const first = listed.deadLetters.find((letter: { key: string }) => letter.key === 'k1');
+    const redriven = await cli('redrive', first.id);
+    assert.equal(redriven.count, 1);
+    await waitFor('the redriven message handled', () => handled.includes(1), 20_000);
+    const dropped = await cli('drop', '--subscription', 'cli-billing');
+    assert.equal(dropped.count, 2);
+    assert.equal((await cli('list')).total, 0);
+    assert.deepEqual(handled, [1], 'only the redriven message ran again');
+
+    const refused = await runTidings(['dead-letters', 'drop', ...world.args]);
+    assert.equal(refused.code, 2, 'a drop without a selection is a usage error');
+  });
+}
+
+test('an unreachable broker exits with code 3 and names it', async () => {
+  const run = await runTidings(['dead-letters', 'list', '--url', 'amqp://guest:secret@127.0.0.1:1', '--connect-timeout', '2']);
+  assert.equal(run.code, 3, run.stderr);
+  assert.match(run.stderr, /127\.0\.0\.1:1/);
+  assert.doesNotMatch(run.stderr, /secret/, 'the password is not printed');
+});
