@@ -273,8 +273,12 @@ export class PostgresConsumer implements Consumer {
         if (this.#lanes.size > 0) {
           if (!this.#heldLoaded) await this.#loadHeld();
           if (this.#nextRetryAt !== 0 && this.#nextRetryAt <= Date.now()) await this.#retryDue();
-          if (this.#dirty || [...this.#lanes.values()].some((lane) => lane.window !== null)) {
-            this.#dirty = false;
+          const lanes = [...this.#lanes.values()];
+          if (this.#dirty || lanes.some((lane) => lane.window !== null)) {
+            // Only a read that opens a window for every lane sees what was committed up to now. One that
+            // goes on with an open window does not: a wake-up that came meanwhile waits for the next window,
+            // or the last commits of a burst would wait for the backstop poll.
+            if (lanes.every((lane) => lane.window === null)) this.#dirty = false;
             more = await this.#readAndHandle();
           }
         }
