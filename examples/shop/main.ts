@@ -1,15 +1,19 @@
 /**
  * The demo: a small shop of three services (orders -> billing -> shipping) talking through Tidings.
  *
- *   npm start                          embedded PostgreSQL (PGlite), nothing to install
- *   DATABASE_URL=postgres://... npm start   the same on a real server
+ *   npm start                                embedded PostgreSQL (PGlite), nothing to install
+ *   DATABASE_URL=postgres://... npm start    the same on a real server
+ *   BACKBONE=rabbitmq npm start              messages through RabbitMQ (RABBITMQ_URL, default localhost),
+ *   BACKBONE=nats npm start                  or NATS JetStream (NATS_URL); each service's database is
+ *                                            still PostgreSQL, its outbox: the services' code is unchanged
  *
  * It places a few hundred orders. Some cards time out twice and succeed on a retry, some are declined
  * (the order is cancelled), and one order carries a currency the gateway rejects every time: that poison
  * message ends in dead letters while everything else flows. Then it prints what happened.
  */
 import { PGlite } from '@electric-sql/pglite';
-import { postgres, type PostgresBackbone, type Queryable } from 'tidings/postgres';
+import type { Backbone } from 'tidings';
+import { postgres, type PgTransaction, type PostgresBackbone, type Queryable } from 'tidings/postgres';
 import { loginDemo } from './login.ts';
 import { billingService, CardGateway, ordersService, shippingService, shopTables, type NewOrder } from './services.ts';
 
@@ -19,20 +23,20 @@ const url = process.env.DATABASE_URL;
 
 const started = Date.now();
 let db: Queryable;
-let backbone: () => PostgresBackbone;
+let database: () => PostgresBackbone;
 let closeDb = async () => {};
 if (url === undefined) {
   const lite = await PGlite.create();
   db = lite;
   // One embedded database in this process; each service gets its own bus on it.
-  backbone = () => postgres({ pglite: lite, schema: SCHEMA });
+  database = () => postgres({ pglite: lite, schema: SCHEMA });
   closeDb = () => lite.close();
   console.log(`Embedded PostgreSQL (PGlite) ready in ${Date.now() - started} ms`);
 } else {
   const pg = (await import('pg')).default;
   const pool = new pg.Pool({ connectionString: url, max: 4 });
   db = pool;
-  backbone = () => postgres({ url, schema: SCHEMA });
+  database = () => postgres({ url, schema: SCHEMA });
   closeDb = () => pool.end();
   await pool.query(`drop schema if exists shop cascade`);
   await pool.query(`drop schema if exists ${SCHEMA} cascade`);
@@ -40,12 +44,33 @@ if (url === undefined) {
 }
 for (const statement of shopTables) await db.query(statement);
 
+// The backbone is configuration: the services below do not know which one carries their messages.
+const kind = process.env.BACKBONE ?? 'postgres';
+let backbone: () => Backbone<PgTransaction>;
+if (kind === 'rabbitmq') {
+  const { rabbitmq } = await import('tidings/rabbitmq');
+  const rabbitUrl = process.env.RABBITMQ_URL ?? 'amqp://guest:guest@127.0.0.1:5672';
+  backbone = () => rabbitmq({ url: rabbitUrl, prefix: 'shop.', outbox: database() });
+  console.log(`Messages through RabbitMQ at ${rabbitUrl.replace(/:[^:@/]*@/, '@')}, with each service's outbox in PostgreSQL`);
+} else if (kind === 'nats') {
+  const { nats } = await import('tidings/nats');
+  const natsUrl = process.env.NATS_URL ?? 'nats://127.0.0.1:4222';
+  backbone = () => nats({ servers: natsUrl, stream: 'SHOP', subjectPrefix: 'shop', outbox: database() });
+  console.log(`Messages through NATS JetStream at ${natsUrl}, with each service's outbox in PostgreSQL`);
+} else if (kind === 'postgres') {
+  backbone = database;
+} else {
+  throw new Error(`BACKBONE must be postgres, rabbitmq or nats, not ${JSON.stringify(kind)}`);
+}
+
 const gateway = new CardGateway();
 const orders = ordersService(backbone());
 const billing = billingService(backbone(), gateway);
 const shipping = shippingService(backbone());
 const buses = { orders: orders.bus, billing, shipping };
 for (const bus of Object.values(buses)) await bus.start();
+// A broker keeps its dead letters between runs; this run counts only its own.
+await billing.backbone.deadLetters().drop({ all: true });
 
 const list: NewOrder[] = Array.from({ length: ORDERS }, (_, i) => ({
   orderId: `order-${String(i + 1).padStart(4, '0')}`,
@@ -94,7 +119,7 @@ const consistent = paid === shipped && paid + cancelled + dead.length === list.l
 console.log(consistent ? '\nEvery order is accounted for: nothing lost, nothing twice.' : '\nSome orders are unaccounted for.');
 
 for (const bus of Object.values(buses)) await bus.stop();
-const loginsOk = await loginDemo(backbone, db);
+const loginsOk = await loginDemo(database, db);
 await closeDb();
 process.exitCode = consistent && loginsOk ? 0 : 1;
 
