@@ -56,6 +56,12 @@ export interface ConsumerSettings extends TopologySettings {
   readonly reconnectMaxMs: number;
   readonly warn: (message: string, error?: unknown) => void;
   readonly register: (subscription: string) => Promise<void>;
+  /**
+   * How many handled ids each subscription remembers in memory to drop a duplicate (the same id published
+   * twice, a publish retried after a lost confirm). Per process and best effort: the outbox's inbox is the
+   * durable one. 0 turns it off.
+   */
+  readonly recentIds: number;
 }
 
 interface Entry {
@@ -85,6 +91,8 @@ export class RabbitConsumer implements Consumer {
   readonly #ready: string[] = [];
   readonly #tasks = new Set<Promise<void>>();
   readonly #retryQueues = new Map<number, Promise<string>>();
+  /** Ids handled lately (insertion order = age), when the subscription keeps an inbox: see `recentIds`. */
+  readonly #recent = new Set<string>();
   #channel: ConfirmChannel | undefined;
   #generation = 0;
   #running = 0;
@@ -250,6 +258,15 @@ export class RabbitConsumer implements Consumer {
   async #run(entry: Entry): Promise<void> {
     const decoded = entry.decoded!;
     const message = entry.message!;
+    if (this.#spec.inbox && this.#recent.has(entry.id)) {
+      try {
+        this.#ack(entry);
+      } catch {
+        // The channel is gone: the duplicate comes again and is dropped again.
+      }
+      this.#done(entry);
+      return;
+    }
     const history = [...decoded.history];
     let attempt = decoded.priorAttempts + returnsOf(message) + 1;
     let settled = false;
@@ -258,6 +275,7 @@ export class RabbitConsumer implements Consumer {
         const result = await this.#attempt(decoded, attempt);
         if (result.outcome === 'ack') {
           this.#ack(entry);
+          this.#remember(entry.id);
           break;
         }
         history.push({ attempt, at: new Date().toISOString(), error: result.error });
@@ -282,6 +300,12 @@ export class RabbitConsumer implements Consumer {
     } finally {
       if (!settled) this.#done(entry);
     }
+  }
+
+  #remember(id: string): void {
+    if (!this.#spec.inbox || this.#settings.recentIds === 0) return;
+    this.#recent.add(id);
+    if (this.#recent.size > this.#settings.recentIds) this.#recent.delete(this.#recent.values().next().value!);
   }
 
   /** One attempt; a handler promise that rejects (it should not) counts as a failure to retry after a pause. */

@@ -47,6 +47,11 @@ export interface RabbitMqOptions {
   retryMinMs?: number;
   /** How long past its due time a held key waits for its retried message before later messages go on. */
   retryReturnGraceMs?: number;
+  /**
+   * Handled message ids remembered per subscription (in memory, per process) to drop duplicates when the
+   * subscription keeps an inbox; the outbox's inbox is the durable de-duplication. 0 turns it off.
+   */
+  recentIds?: number;
   /** Named in the server's connection list (`rabbitmqctl list_connections name`). */
   connectionName?: string;
   onWarning?: (message: string, error?: unknown) => void;
@@ -65,6 +70,7 @@ export const rabbitmqDefaults = {
   retryMinMs: 50,
   retryReturnGraceMs: 30_000,
   rejectedHandlerRetryMs: 1_000,
+  recentIds: 10_000,
   connectionName: 'tidings',
   deadLetterScanLimit: 100_000,
   deadLetterListLimit: 100,
@@ -103,6 +109,7 @@ export class RabbitBroker implements Broker {
     problems.integer('reconnectMaxMs', options.reconnectMaxMs, 1);
     problems.integer('retryMinMs', options.retryMinMs, 1, 60_000);
     problems.integer('retryReturnGraceMs', options.retryReturnGraceMs, 0);
+    problems.integer('recentIds', options.recentIds, 0, 10_000_000);
     problems.check(options.onWarning === undefined || typeof options.onWarning === 'function', 'onWarning must be a function');
     problems.throwIfAny();
     const d = rabbitmqDefaults;
@@ -118,6 +125,7 @@ export class RabbitBroker implements Broker {
       reconnectMaxMs: Math.max(options.reconnectMaxMs ?? d.reconnectMaxMs, options.reconnectMinMs ?? d.reconnectMinMs),
       retryMinMs: options.retryMinMs ?? d.retryMinMs,
       retryReturnGraceMs: options.retryReturnGraceMs ?? d.retryReturnGraceMs,
+      recentIds: options.recentIds ?? d.recentIds,
       connectionName: options.connectionName ?? d.connectionName,
       warn: options.onWarning ?? defaultWarning,
     };
@@ -165,6 +173,7 @@ export class RabbitBroker implements Broker {
       reconnectMaxMs: this.#settings.reconnectMaxMs,
       warn: this.#settings.warn,
       register: (subscription) => this.#deadLetters.register(subscription),
+      recentIds: this.#settings.recentIds,
     });
     await consumer.start(deadline);
     this.#consumers.add(consumer);
