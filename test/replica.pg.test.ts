@@ -8,7 +8,7 @@ import { after, test } from 'node:test';
 import { z } from 'zod';
 import { createBus, defineEvent, type Bus, type DataOf } from '../src/index.ts';
 import { postgres, type PgTransaction } from '../src/postgres/index.ts';
-import { defineReplica, defineSource, feed, replica, source, type Replica } from '../src/replica/index.ts';
+import { defineReplica, defineSource, feed, replica, requestRebuild, source, type Replica } from '../src/replica/index.ts';
 import { buildProgram } from '../src/cli/commands.ts';
 import { connect, DATABASE_URL, dropSchema, requirePostgres, sleep, uniqueSchema, waitFor } from './helpers.ts';
 
@@ -345,4 +345,55 @@ test('tidings drift check asks the running replica over the bus and prints its r
   assert.equal(json.replicas[0].name, 'users-gw1');
   assert.equal(json.replicas[0].lastCheck.missing, 1);
   await assert.rejects(cli('drift', 'check', 'nope'), /No replica "nope" in schema .*there are: users-gw1/);
+});
+
+test('tidings replica rebuild asks the running replica over the bus, follows the progress it reports, and prints its report', async (t) => {
+  if (!(await requirePostgres(t))) return;
+  const schema = uniqueSchema('rp');
+  schemas.push(schema);
+  await identity(schema);
+  const client = await connect();
+  t.after(() => client.end());
+  const KEYS = 5_000;
+  await client.query(
+    `insert into "${schema}".users (id, version, name, score) select 'u-' || lpad(i::text, 5, '0'), 1, 'name-' || i, i from generate_series(1, $1) i`,
+    [KEYS],
+  );
+  const gateway = newBus(schema, 'gateway');
+  // Small pages: the rebuild takes a few dozen round trips, so there is progress to see.
+  const r = replica(gateway, users, { instance: 'gw1', bootstrap: 'transfer', driftCheckEveryMs: 0, pageSize: 100, memory: true });
+  replicas.push(r);
+  await gateway.start();
+  await r.start();
+  assert.equal(r.stats().memoryRows, KEYS);
+  await client.query(`update "${schema}".users set name = 'changed without an event' where id = 'u-00042'`);
+
+  const progress: Array<{ done: number; total: number | null }> = [];
+  const report = await requestRebuild({ url: DATABASE_URL, schema, replica: 'users-gw1', db: client, timeoutMs: 20_000, onProgress: (p) => progress.push(p) });
+  t.diagnostic(`rebuild over the bus: ${report.rows} rows in ${report.durationMs} ms, ${progress.length} progress reports`);
+  assert.equal(report.generation, 3, 'generation 2 was the bootstrap transfer');
+  assert.equal(report.rows, KEYS);
+  assert.ok(progress.some((p) => p.done > 0 && p.done < KEYS && p.total === KEYS), `progress from the replica during the rebuild: ${JSON.stringify(progress)}`);
+  assert.deepEqual(progress.at(-1), { done: KEYS, total: KEYS });
+  for (let i = 1; i < progress.length; i++) assert.ok(progress[i]!.done >= progress[i - 1]!.done, 'progress never goes back');
+  assert.equal((await r.get('u-00042'))?.name, 'changed without an event', 'memory reloaded from the new table');
+  assert.equal(r.stats().rebuilds, 2);
+
+  const cli = async (...args: string[]) => {
+    let out = '';
+    const program = buildProgram({ env: { DATABASE_URL }, interrupt: new AbortController().signal, stdoutIsTTY: false, out: (text) => (out += text), err: () => undefined });
+    await program.parseAsync(['node', 'tidings', '--schema', schema, ...args]);
+    return out;
+  };
+  const json = JSON.parse(await cli('--json', 'replica', 'rebuild', 'users-gw1', '--timeout', '20'));
+  assert.deepEqual([json.replica, json.generation, json.rows], ['users-gw1', 4, KEYS]);
+  assert.match(await cli('replica', 'rebuild', 'users-gw1'), /^Replica users-gw1 rebuilt: generation 5, 5000 rows from its source in [\d.]+ m?s \(\d+ messages\)\.\n$/);
+  assert.deepEqual(await replicaRows(r), await sourceRows(schema));
+  assert.match(await cli('drift', 'status'), /users-gw1 +test\.users +5000 +5 /);
+  await assert.rejects(cli('replica', 'rebuild', 'nope'), /No replica "nope" in schema .*there are: users-gw1/);
+
+  // A replica whose process is not running: the CLI gives up after --timeout and says where to look.
+  r.stop();
+  await gateway.stop();
+  await assert.rejects(cli('replica', 'rebuild', 'users-gw1', '--timeout', '1'), /reported nothing on rebuild .* for 1 s\. Is its service running \(its subscription replica\.users-gw1\.replies/);
 });

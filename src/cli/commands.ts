@@ -11,8 +11,8 @@ import { adminDefaults, deadLetterStore, firstPositionAt, readStatus, replaySubs
 import { checkIdentifier } from '../postgres/driver.ts';
 import { migrate } from '../postgres/migrate.ts';
 import { prune } from '../postgres/retention.ts';
-import { listReplicas, requestDriftCheck, type ReplicaStatus } from '../replica/admin.ts';
-import type { DriftReport } from '../replica/replica.ts';
+import { listReplicas, requestDriftCheck, requestRebuild, type ReplicaStatus } from '../replica/admin.ts';
+import type { DriftReport, RebuildReport } from '../replica/replica.ts';
 import { isUnreachable, openDatabase, unreachableMessage, type Database } from './database.ts';
 import { duration, lease, progress, table } from './format.ts';
 
@@ -65,7 +65,8 @@ Examples:
   tidings dead-letters redrive --subscription billing --error "gateway timeout" --rate 50
   tidings replay billing --from 2026-01-31T12:00:00Z --wait
   tidings prune --dry-run
-  tidings drift check credentials-gw1`;
+  tidings drift check credentials-gw1
+  tidings replica rebuild credentials-gw1`;
 
 export function buildProgram(context: CliContext): Command {
   const program = new Command('tidings')
@@ -352,6 +353,34 @@ export function buildProgram(context: CliContext): Command {
       });
     });
 
+  const replicaCommands = program.command('replica').description('replicas of other services\' data: rebuild one from its source (tidings drift for status and checks)');
+  replicaCommands
+    .command('rebuild')
+    .description("ask a replica to refill itself by state transfer from its source, over the bus, and follow its progress; readers see the previous table, whole, until the switch")
+    .argument('<replica>', 'the replica, for example credentials-gw1 (tidings drift status lists them)')
+    .option('--timeout <seconds>', 'give up when the replica reports no progress for this long', positiveNumber, 60)
+    .action(async (name: string, options: { timeout: number }, command: Command) => {
+      await withDatabase(context, command, async (db, globals) => {
+        const url = globals.url ?? context.env.DATABASE_URL!;
+        const bar = progress({ label: `Rebuilding ${name}`, enabled: showProgress(context, globals) });
+        let report: RebuildReport;
+        try {
+          report = await requestRebuild({
+            url,
+            schema: globals.schema,
+            replica: name,
+            db: db.driver,
+            timeoutMs: options.timeout * 1_000,
+            signal: context.interrupt,
+            onProgress: ({ done, total }) => total !== null && bar.update(done, Math.max(total, done)),
+          });
+        } finally {
+          bar.stop();
+        }
+        emit(context, globals, report, () => renderRebuild(report));
+      });
+    });
+
   return program;
 }
 
@@ -599,6 +628,10 @@ function renderReplicas(replicas: readonly ReplicaStatus[]): string {
       { header: 'repaired', value: (r) => r.lastCheck?.repaired ?? '' },
     ]),
   ].join('\n');
+}
+
+function renderRebuild(report: RebuildReport): string {
+  return `Replica ${report.replica} rebuilt: generation ${report.generation}, ${report.rows} rows from its source in ${duration(report.durationMs)} (${report.messages.sent + report.messages.received} messages).`;
 }
 
 function renderDrift(report: DriftReport): string {

@@ -8,8 +8,8 @@ import { newId } from '../core/envelope.ts';
 import { TidingsError } from '../core/errors.ts';
 import { checkIdentifier, type Queryable } from '../postgres/driver.ts';
 import { postgres } from '../postgres/index.ts';
-import { checkContract } from './protocol.ts';
-import type { DriftReport } from './replica.ts';
+import { checkContract, rebuildContract } from './protocol.ts';
+import type { DriftReport, RebuildProgress, RebuildReport } from './replica.ts';
 
 export interface ReplicaStatus {
   readonly name: string;
@@ -89,6 +89,68 @@ export async function requestDriftCheck(options: {
       throw new TidingsError(
         'SOURCE_UNAVAILABLE',
         `Replica ${options.replica} did not report check ${checkId} within ${Math.round(options.timeoutMs / 1000)} s. Is its service running (its subscription replica.${options.replica}.replies in tidings status)? The command stays in the log: the replica runs it when its process starts again.`,
+      );
+    }
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+}
+
+/**
+ * Sends `tidings.replica.<replica>.rebuild` over the bus and follows the progress the replica records in
+ * its meta row (`onProgress` on every change), until it reports the rebuild done or failed. Fails with
+ * SOURCE_UNAVAILABLE if the replica reports nothing new for `timeoutMs` (its process is not running, or
+ * its source does not answer), and with STOPPED when `signal` aborts (the rebuild goes on in the replica).
+ */
+export async function requestRebuild(options: {
+  url: string;
+  schema: string;
+  replica: string;
+  db: Queryable;
+  timeoutMs: number;
+  signal?: AbortSignal;
+  onProgress?: (progress: RebuildProgress) => void;
+}): Promise<RebuildReport> {
+  const known = await listReplicas(options.db, { schema: options.schema, replica: options.replica });
+  if (known.length === 0) {
+    const all = await listReplicas(options.db, { schema: options.schema });
+    throw new TidingsError('INVALID_OPTIONS', `No replica ${JSON.stringify(options.replica)} in schema ${options.schema}${all.length > 0 ? `; there are: ${all.map((r) => r.name).join(', ')}` : ''} (tidings drift status lists them)`);
+  }
+  const rebuildId = newId();
+  const bus = createBus({ service: 'tidings-cli', backbone: postgres({ url: options.url, schema: options.schema, migrate: false, retention: false, poolSize: 2, onWarning: () => undefined }) });
+  try {
+    await bus.send(rebuildContract(options.replica), { rebuildId, requestedBy: 'tidings-cli' });
+  } finally {
+    await bus.stop();
+  }
+  const s = `"${checkIdentifier('schema', options.schema)}"`;
+  let heard = Date.now();
+  let last = '';
+  for (;;) {
+    // A meta table from before rebuild progress has no column yet: the replica adds it when it starts.
+    const { rows } = await options.db
+      .query<{ rebuild: { state: string; done: number; total: number | null; report?: RebuildReport; error?: string } | null }>(
+        `select rebuild from ${s}.replicas where name = $1 and rebuild->>'rebuildId' = $2`,
+        [options.replica, rebuildId],
+      )
+      .catch(() => ({ rows: [] }));
+    const record = rows[0]?.rebuild;
+    if (record != null) {
+      const seen = `${record.state}:${record.done}:${record.total}`;
+      if (seen !== last) {
+        last = seen;
+        heard = Date.now();
+        options.onProgress?.({ done: record.done, total: record.total });
+      }
+      if (record.state === 'done' && record.report !== undefined) return record.report;
+      if (record.state === 'failed') throw new TidingsError('SOURCE_UNAVAILABLE', `Replica ${options.replica}: rebuild ${rebuildId} failed: ${record.error ?? 'no reason given'}. Readers still see the previous generation, whole.`);
+    }
+    if (options.signal?.aborted) {
+      throw new TidingsError('STOPPED', `Stopped following rebuild ${rebuildId} of ${options.replica}; the replica goes on with it (tidings drift status shows the generation being built).`);
+    }
+    if (Date.now() - heard > options.timeoutMs) {
+      throw new TidingsError(
+        'SOURCE_UNAVAILABLE',
+        `Replica ${options.replica} reported nothing on rebuild ${rebuildId} for ${Math.round(options.timeoutMs / 1000)} s. Is its service running (its subscription replica.${options.replica}.replies in tidings status), and its source's (replica-source.<source>)? The command stays in the log: the replica runs it when its process starts again.`,
       );
     }
     await new Promise((resolve) => setTimeout(resolve, 100));

@@ -8,6 +8,6 @@ export type { Feed, ReplicaDefinition, ReplicaOptions, ReplicaStats, Staleness, 
 export { defineSource, source, sourceDefaults } from './source.ts';
 export type { SourceDefinition, SourceOptions, SourceStats, ReplicaSource } from './source.ts';
 export { digestTree } from './digest.ts';
-export { requestContract, replyContract, checkContract } from './protocol.ts';
-export type { ReplicaRequest, ReplicaReply, StateRow, CheckCommand } from './protocol.ts';
-export { listReplicas, requestDriftCheck, type ReplicaStatus } from './admin.ts';
+export { requestContract, replyContract, checkContract, rebuildContract } from './protocol.ts';
+export type { ReplicaRequest, ReplicaReply, StateRow, CheckCommand, RebuildCommand } from './protocol.ts';
+export { listReplicas, requestDriftCheck, requestRebuild, type ReplicaStatus } from './admin.ts';

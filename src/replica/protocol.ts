@@ -5,6 +5,7 @@
  *   tidings.replica.<source>.request          replica -> source: digests, keys to compare, a page of state
  *   tidings.replica.<source>.reply.<replica>  source -> that replica: the answers, in one or more parts
  *   tidings.replica.<replica>.check           anyone (the CLI) -> the replica: run a drift check now
+ *   tidings.replica.<replica>.rebuild         anyone (the CLI) -> the replica: rebuild by state transfer now
  *
  * Every request carries a `requestId` and the replica's name; every reply names the request and says how
  * many parts answer it, so the replica knows when it has the whole answer.
@@ -48,6 +49,11 @@ export type ReplicaReply =
     }
   | { readonly kind: 'page'; readonly requestId: string; readonly part: number; readonly parts: number; readonly rows: readonly StateRow[]; readonly total: number | null };
 
+export interface RebuildCommand {
+  readonly rebuildId: string;
+  readonly requestedBy: string;
+}
+
 export interface CheckCommand {
   readonly checkId: string;
   readonly requestedBy: string;
@@ -90,5 +96,13 @@ export function checkContract(replica: string): Contract<string, CheckCommand, C
     schema: shape<CheckCommand>('a drift check command', ['checkId']),
     key: (command) => command.checkId,
     description: `Asks the replica ${replica} to compare itself with its source now (tidings drift check).`,
+  });
+}
+
+export function rebuildContract(replica: string): Contract<string, RebuildCommand, RebuildCommand> {
+  return defineCommand(`tidings.replica.${replica}.rebuild`, {
+    schema: shape<RebuildCommand>('a rebuild command', ['rebuildId']),
+    key: (command) => command.rebuildId,
+    description: `Asks the replica ${replica} to rebuild itself from its source's state now (tidings replica rebuild); it reports progress in its meta row.`,
   });
 }

@@ -22,7 +22,7 @@ import { readStatus } from '../postgres/admin.ts';
 import { checkIdentifier, type Queryable, type SqlDriver } from '../postgres/driver.ts';
 import type { PgTransaction } from '../postgres/transaction.ts';
 import { bucketSql, buildTree, childrenOf, chunks, digestTree, leavesFrom, rowHashSql } from './digest.ts';
-import { checkContract, replyContract, requestContract, type ReplicaReply, type ReplicaRequest, type StateRow } from './protocol.ts';
+import { checkContract, rebuildContract, replyContract, requestContract, type ReplicaReply, type ReplicaRequest, type StateRow } from './protocol.ts';
 
 // ---- declaring a replica ---------------------------------------------------------------------------
 
@@ -221,9 +221,12 @@ export class Replica<Row> {
   /** Set while the memory map is reloaded: updates meanwhile are replayed onto the new map. */
   #reloading: Array<[string, Entry<Row>]> | undefined;
   #newestEvent: Date | null = null;
+  /** The generations this process last read from the meta row; every write verifies them (see #write). */
+  #known: Meta | undefined;
   #ready: Promise<void> | undefined;
   #timer: NodeJS.Timeout | undefined;
   #checking: Promise<DriftReport> | undefined;
+  #rebuilding: Promise<RebuildReport> | undefined;
   #stopped = false;
   readonly #counts = { applied: 0, stale: 0, deleted: 0, checks: 0, repaired: 0, rebuilds: 0 };
   #lastCheck: DriftReport | null = null;
@@ -277,6 +280,13 @@ export class Replica<Row> {
         // outside the handler's scope, or its publishes would join this handler's (finished) transaction.
         handlerScope.exit(() => {
           void this.checkDrift({ checkId: message.data.checkId }).catch((error: unknown) => this.#warn(`Replica ${this.name}: drift check ${message.data.checkId} failed`, error));
+        });
+      })
+      .on(rebuildContract(this.name), (message) => {
+        // Like a check: not awaited, outside the handler's scope; progress and outcome go to the meta row,
+        // where `tidings replica rebuild` reads them.
+        handlerScope.exit(() => {
+          void this.#rebuildOnRequest(message.data.rebuildId);
         });
       });
   }
@@ -349,9 +359,13 @@ export class Replica<Row> {
            filled_at timestamptz,
            rebuilt_at timestamptz,
            checked_at timestamptz,
-           last_check jsonb
+           last_check jsonb,
+           rebuild jsonb
          )`,
       );
+      // Tables made by a version without rebuild progress; altered only when needed (the lock is exclusive).
+      const { rows: column } = await tx.query(`select 1 from pg_attribute where attrelid = to_regclass($1) and attname = 'rebuild' and not attisdropped`, [this.#meta]);
+      if (column.length === 0) await tx.query(`alter table ${this.#meta} add column if not exists rebuild jsonb`);
       await tx.query(`insert into ${this.#meta} (name, source) values ($1, $2) on conflict (name) do nothing`, [this.name, this.definition.source]);
       const meta = await this.#readMeta(tx);
       await this.#createGeneration(tx, meta.generation);
@@ -408,25 +422,27 @@ export class Replica<Row> {
     if (!Number.isSafeInteger(version) || version < 0) {
       throw new PermanentError(`Replica ${this.name}: ${f.contract.topic} event for key ${key} has no usable version (got ${JSON.stringify(version)}); give the feed a version function returning the source's version of the key`);
     }
-    // Read per event, not cached: a rebuild in another process must see every event from when it starts.
-    const meta = await this.#readMeta(tx);
+    let applied: boolean;
     let next: Row | null;
-    if (f.delete) {
-      next = null;
-    } else if (f.apply !== undefined) {
-      const { rows } = await tx.query<{ version: string | number; state: Row | null }>(`select version, state from ${this.#table(meta.generation)} where key = $1 for update`, [key]);
-      const current = rows[0];
-      if (current !== undefined && Number(current.version) >= version) {
-        this.#counts.stale++;
-        return;
+    try {
+      if (f.apply !== undefined) {
+        // The meta row and the current row in one statement; the write in a second.
+        const read = await this.#readRow(tx, key);
+        if (read.current !== undefined && read.current.version >= version) {
+          this.#counts.stale++;
+          return;
+        }
+        next = f.apply(read.current?.state ?? undefined, data);
+      } else {
+        next = f.delete ? null : f.upsert === undefined ? (data as Row) : f.upsert(data);
       }
-      next = f.apply(current?.state ?? undefined, data);
-    } else {
-      next = f.upsert === undefined ? (data as Row) : f.upsert(data);
+      applied = await this.#write(tx, key, version, next, time);
+    } catch (error) {
+      // Most likely a generation another process's rebuild switched away from and dropped: forget what we
+      // knew, so that the bus's next attempt reads the meta row afresh.
+      this.#known = undefined;
+      throw error;
     }
-    const applied = await this.#write(tx, meta.generation, key, version, next, time);
-    // During a rebuild the table being filled gets every event too, so none is lost at the switch.
-    if (meta.building !== null) await this.#write(tx, meta.building, key, version, next, time);
     if (!applied) {
       this.#counts.stale++;
       return;
@@ -439,15 +455,62 @@ export class Replica<Row> {
     this.#remember(key, { version, row: next });
   }
 
-  /** Writes a row unless the table has this key at this version or newer. True if it wrote. */
-  async #write(q: Queryable, generation: number, key: string, version: number, row: Row | null, time: Date | null): Promise<boolean> {
-    const result = await q.query(
-      `insert into ${this.#table(generation)} as t (key, version, state, event_time) values ($1, $2, $3::jsonb, $4)
-       on conflict (key) do update set version = excluded.version, state = excluded.state, event_time = excluded.event_time, updated_at = now()
-        where t.version < excluded.version`,
-      [key, version, row === null ? null : JSON.stringify(row), time],
-    );
-    return (result.rowCount ?? 0) > 0;
+  /**
+   * The generation(s) to write, as this process last saw them. Every write checks them against the meta
+   * row in the same statement, so a rebuild started or switched by any process is seen by the next event:
+   * a mismatch rereads and writes again.
+   */
+  async #generations(q: Queryable): Promise<Meta> {
+    this.#known ??= await this.#readMeta(q);
+    return this.#known;
+  }
+
+  /** The meta row and the key's current row (locked), in one statement. */
+  async #readRow(tx: PgTransaction, key: string): Promise<{ current: { version: number; state: Row | null } | undefined }> {
+    for (;;) {
+      const known = await this.#generations(tx);
+      const { rows } = await tx.query<{ generation: number; building: number | null; version: string | number | null; state: Row | null }>(
+        `select m.generation, m.building, r.version, r.state
+           from ${this.#meta} m
+           left join lateral (select version, state from ${this.#table(known.generation)} where key = $2 for update) r on true
+          where m.name = $1`,
+        [this.name, key],
+      );
+      const row = rows[0];
+      if (row === undefined) throw new TidingsError('NOT_STARTED', `Replica ${this.name} has no meta row in ${this.#meta}: was its schema dropped while it ran?`);
+      if (Number(row.generation) === known.generation && (row.building === null ? null : Number(row.building)) === known.building) {
+        return { current: row.version === null ? undefined : { version: Number(row.version), state: row.state } };
+      }
+      this.#known = undefined;
+    }
+  }
+
+  /**
+   * Writes a row unless the table has this key at this version or newer, in one statement: it checks the
+   * meta row (the generation readers see, and the one a rebuild fills, which gets every event too) and
+   * writes the current generation and the building one. True if it wrote the current one.
+   */
+  async #write(tx: PgTransaction, key: string, version: number, row: Row | null, time: Date | null): Promise<boolean> {
+    const params = [this.name, key, version, row === null ? null : JSON.stringify(row), time];
+    for (;;) {
+      const known = await this.#generations(tx);
+      const upsert = (generation: number) =>
+        `insert into ${this.#table(generation)} as t (key, version, state, event_time)
+           select $2, $3, $4::jsonb, $5 from m where m.ok
+         on conflict (key) do update set version = excluded.version, state = excluded.state, event_time = excluded.event_time, updated_at = now()
+          where t.version < excluded.version
+         returning 1`;
+      const { rows } = await tx.query<{ ok: boolean; applied: number }>(
+        `with m as (select generation = ${known.generation} and building is not distinct from ${known.building ?? 'null'}::int as ok from ${this.#meta} where name = $1),
+              w as (${upsert(known.generation)})${known.building === null ? '' : `,
+              b as (${upsert(known.building)})`}
+         select (select ok from m) as ok, (select count(*) from w)::int as applied`,
+        params,
+      );
+      if (rows[0]?.ok === true) return rows[0].applied > 0;
+      if (rows[0]?.ok == null) throw new TidingsError('NOT_STARTED', `Replica ${this.name} has no meta row in ${this.#meta}: was its schema dropped while it ran?`);
+      this.#known = undefined;
+    }
   }
 
   // ---- reading ------------------------------------------------------------------------------------------
@@ -762,7 +825,45 @@ export class Replica<Row> {
    * transaction; events arriving meanwhile are applied to both tables, so none is lost at the switch.
    * Readers see the old table, whole, until the switch.
    */
-  async rebuild(options: { onProgress?: (progress: RebuildProgress) => void } = {}): Promise<RebuildReport> {
+  rebuild(options: { onProgress?: (progress: RebuildProgress) => void } = {}): Promise<RebuildReport> {
+    if (this.#rebuilding !== undefined) {
+      return Promise.reject(new TidingsError('SUBSCRIPTION_CONFLICT', `Replica ${this.name}: a rebuild is already running in this process; wait for it (tidings drift status shows the generation being built)`));
+    }
+    const running = this.#rebuild(options).finally(() => {
+      this.#rebuilding = undefined;
+    });
+    this.#rebuilding = running;
+    return running;
+  }
+
+  /**
+   * A rebuild asked for over the bus (tidings replica rebuild): its progress, then its report or error,
+   * recorded in the meta row under the request's id, at most every 100 ms until the end.
+   */
+  async #rebuildOnRequest(rebuildId: string): Promise<void> {
+    const record = (value: Record<string, unknown>) =>
+      this.#driver.query(`update ${this.#meta} set rebuild = $2::jsonb where name = $1`, [this.name, JSON.stringify({ rebuildId, at: new Date().toISOString(), ...value })]);
+    let last = 0;
+    let writing: Promise<unknown> = Promise.resolve();
+    try {
+      await record({ state: 'running', done: 0, total: null });
+      const report = await this.rebuild({
+        onProgress: ({ done, total }) => {
+          if (Date.now() - last < 100) return;
+          last = Date.now();
+          writing = writing.then(() => record({ state: 'running', done, total })).catch(() => undefined);
+        },
+      });
+      await writing;
+      await record({ state: 'done', done: report.rows, total: report.rows, report });
+    } catch (error) {
+      await writing;
+      this.#warn(`Replica ${this.name}: rebuild ${rebuildId} failed`, error);
+      await record({ state: 'failed', error: error instanceof Error ? error.message : String(error) }).catch(() => undefined);
+    }
+  }
+
+  async #rebuild(options: { onProgress?: (progress: RebuildProgress) => void }): Promise<RebuildReport> {
     await this.ready();
     const started = Date.now();
     const traffic = { sent: 0, received: 0 };
@@ -777,6 +878,7 @@ export class Replica<Row> {
       await tx.query(`update ${this.#meta} set building = $2 where name = $1`, [this.name, generation]);
       return generation;
     });
+    this.#known = undefined;
     let done = 0;
     let total: number | null = null;
     let after: string | null = null;
@@ -811,7 +913,9 @@ export class Replica<Row> {
         // generation and writes after this commit fails, is retried, and reads the new one.
         await tx.query(`drop table ${this.#table(meta.generation)}`);
       });
+      this.#known = undefined;
     } catch (error) {
+      this.#known = undefined;
       await this.#driver.query(`update ${this.#meta} set building = null where name = $1 and building = $2`, [this.name, next]).catch(() => undefined);
       await this.#driver.query(`drop table if exists ${this.#table(next)}`).catch(() => undefined);
       throw error;
