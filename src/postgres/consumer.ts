@@ -15,6 +15,11 @@ export interface ConsumerSettings {
   /** Poll interval when LISTEN is unavailable. */
   readonly fallbackPollMs: number;
   readonly errorBackoffMaxMs: number;
+  /**
+   * Transactions (so connections) a batch whose handlers write through `ctx.tx` is split into, by partition;
+   * 1 keeps one. Forced to 1 on a driver with one session (PGlite).
+   */
+  readonly handlerConnections: number;
 }
 
 export interface ConsumerContext {
@@ -113,6 +118,8 @@ export class PostgresConsumer implements Consumer {
   #wakeUp: (() => void) | undefined;
   #loop: Promise<void> | undefined;
   #failures = 0;
+  /** The last batch's handlers wrote through `ctx.tx`: the next batch is split into sub-batches (see #split). */
+  #wrote = false;
   #timer: NodeJS.Timeout | undefined;
   #beating: Promise<void> | undefined;
   #rebalancing: Promise<void> | undefined;
@@ -411,30 +418,92 @@ export class PostgresConsumer implements Consumer {
         partitionOf.set(row, Number((row as Row).partition));
       }
     }
+    /** Lanes whose sub-batch failed: they stay where they were and read the same messages again. */
+    const failed = new Set<number>();
+    let failure: unknown;
     if (batch.length > 0) {
       const counts = new Map<number, number>();
       for (const partition of partitionOf.values()) counts.set(partition, (counts.get(partition) ?? 0) + 1);
-      const acked = withRows;
-      try {
-        await this.#handleBatch(batch, partitionOf, acked, next, counts, false);
-      } catch (error) {
-        if (!(error instanceof ReplayCarefully)) throw error;
-        await this.#handleBatch(batch, partitionOf, acked, next, counts, true);
+      const parts = this.#split(batch, partitionOf, withRows, counts);
+      const outcomes = await Promise.allSettled(
+        parts.map(async (part) => {
+          try {
+            return await this.#handleBatch(part.rows, partitionOf, part.lanes, next, counts, false, part.concurrency);
+          } catch (error) {
+            if (!(error instanceof ReplayCarefully)) throw error;
+            return await this.#handleBatch(part.rows, partitionOf, part.lanes, next, counts, true, part.concurrency);
+          }
+        }),
+      );
+      let wrote = false;
+      for (const [index, outcome] of outcomes.entries()) {
+        if (outcome.status === 'fulfilled') {
+          wrote ||= outcome.value;
+          continue;
+        }
+        for (const lane of parts[index]!.lanes) failed.add(lane.partition);
+        // A lost lease is only a warning: report a real error first, so the loop backs off.
+        if (failure === undefined || failure instanceof LeaseLost) failure = outcome.reason;
       }
+      this.#wrote = wrote || failure !== undefined;
     }
-    // Lanes with nothing to acknowledge move on in memory; their cursor is written with a later batch.
+    // Lanes with nothing to acknowledge move on in memory; their cursor is written with a later batch. The
+    // lanes of sub-batches that committed move on even if another sub-batch failed: their acknowledgement
+    // is in the database, and reading their messages again would handle them twice.
     for (const lane of lanes) {
       const moved = next.get(lane.partition);
-      if (moved !== undefined && this.#lanes.get(lane.partition) === lane) Object.assign(lane, moved);
+      if (moved !== undefined && !failed.has(lane.partition) && this.#lanes.get(lane.partition) === lane) Object.assign(lane, moved);
     }
+    if (failure !== undefined) throw failure;
     return more;
+  }
+
+  /**
+   * Splits a batch by partition into sub-batches, each handled in its own transaction on its own connection
+   * and acknowledged (fenced) for its own lanes. Handlers that write through `ctx.tx` share their
+   * sub-batch's connection, one statement at a time, so more connections let more of them write at once.
+   * A key lives in one partition, so its messages stay in one sub-batch, in order. Split only when the
+   * last batch's handlers wrote: handlers that never write keep one acknowledgement per batch.
+   *
+   * `concurrency` is shared, not multiplied: each sub-batch gets a fixed part of it, by its number of keys.
+   * A fixed part, not a common pool: a sub-batch waiting for a connection from a busy pool must not hold
+   * slots that the sub-batches already holding connections need to finish and give theirs back.
+   */
+  #split(batch: LogRow[], partitionOf: Map<LogRow, number>, lanes: Lane[], counts: Map<number, number>): Array<{ rows: LogRow[]; lanes: Lane[]; concurrency: number }> {
+    const spec = this.#spec;
+    const withRows = lanes.filter((lane) => (counts.get(lane.partition) ?? 0) > 0);
+    const n = this.#wrote ? Math.min(this.#ctx.settings.handlerConnections, spec.concurrency, withRows.length) : 1;
+    if (n <= 1) return [{ rows: batch, lanes, concurrency: spec.concurrency }];
+    const parts = Array.from({ length: n }, () => ({ rows: [] as LogRow[], lanes: [] as Lane[], size: 0, keys: new Set<string>(), concurrency: 1 }));
+    // Largest lanes first, each to the sub-batch with the fewest messages so far.
+    const partOf = new Map<number, (typeof parts)[number]>();
+    for (const lane of [...withRows].sort((a, b) => counts.get(b.partition)! - counts.get(a.partition)!)) {
+      const part = parts.reduce((least, candidate) => (candidate.size < least.size ? candidate : least));
+      part.lanes.push(lane);
+      part.size += counts.get(lane.partition)!;
+      partOf.set(lane.partition, part);
+    }
+    // Lanes of a group that had rows, but none of their own: acknowledged with the first sub-batch.
+    for (const lane of lanes) if (!partOf.has(lane.partition)) parts[0]!.lanes.push(lane);
+    for (const row of batch) {
+      const part = partOf.get(partitionOf.get(row)!)!;
+      part.rows.push(row);
+      part.keys.add(row.key);
+    }
+    for (let spare = spec.concurrency - n; spare > 0; spare--) {
+      const hungriest = parts.reduce((best, part) => (part.keys.size / part.concurrency > best.keys.size / best.concurrency ? part : best));
+      if (hungriest.keys.size <= hungriest.concurrency) break;
+      hungriest.concurrency++;
+    }
+    return parts.map(({ rows, lanes: own, concurrency }) => ({ rows, lanes: own, concurrency }));
   }
 
   /**
    * Handles a batch and acknowledges it. Fast mode runs the handlers without savepoints: handlers that
    * never touch `ctx.tx` need no transaction at all, and the acknowledgement is one statement. If a handler
    * that wrote through `ctx.tx` fails, its writes cannot be undone alone, so the batch is rolled back and
-   * run again carefully: each attempt in its own savepoint (see AttemptScope).
+   * run again carefully: each attempt in its own savepoint (see AttemptScope). Returns true if a handler
+   * wrote through `ctx.tx`.
    */
   async #handleBatch(
     rows: LogRow[],
@@ -443,7 +512,8 @@ export class PostgresConsumer implements Consumer {
     next: Map<number, LaneCursor>,
     counts: Map<number, number>,
     careful: boolean,
-  ): Promise<void> {
+    concurrency: number,
+  ): Promise<boolean> {
     const { driver, sql } = this.#ctx;
     const spec = this.#spec;
     const published = new Set<string>();
@@ -456,7 +526,7 @@ export class PostgresConsumer implements Consumer {
     const scope = new SharedScope(driver, published, careful);
 
     const handleAll = async () => {
-      await forEachLimit(groupByKey(rows), spec.concurrency, async (group) => {
+      await forEachLimit(groupByKey(rows), concurrency, async (group) => {
         let holding = this.#parked.has(group[0]!.key);
         for (const row of group) {
           const partition = partitionOf.get(row)!;
@@ -533,6 +603,7 @@ export class PostgresConsumer implements Consumer {
     for (const key of parkedNow) this.#parked.add(key);
     if (earliestRetry !== 0) this.#nextRetryAt = this.#nextRetryAt === 0 ? earliestRetry : Math.min(this.#nextRetryAt, earliestRetry);
     if (published.size > 0) this.#ctx.committed(published);
+    return careful || scope.open;
   }
 
   /** Runs one message's attempts: immediate retries in place, until it is acknowledged, delayed or dead. */

@@ -48,6 +48,14 @@ export interface PostgresOptions {
   publishBatch?: { maxBatch?: number; maxInFlight?: number };
   /** Called with problems Tidings recovers from by itself (a dropped connection, a failed batch). */
   onWarning?: (message: string, error?: unknown) => void;
+  /**
+   * Connections a batch may use when its handlers write through `ctx.tx`: the batch is split by partition
+   * into this many transactions, handled at once (sharing the subscription's `concurrency`), each committed
+   * with its own partitions' acknowledgement. Every subscription may hold this many pool connections while
+   * a batch runs; 1 keeps one transaction per batch. Always 1 on embedded PostgreSQL (one session).
+   * Default: 4, at most half of `poolSize`.
+   */
+  handlerConnections?: number;
   /** How long handled messages, inbox records and dead letters are kept (see `retentionDefaults`); `false` keeps everything. */
   retention?: RetentionOptions | false;
 }
@@ -66,6 +74,7 @@ export const postgresDefaults = {
   reconnectMinMs: 100,
   reconnectMaxMs: 5_000,
   errorBackoffMaxMs: 5_000,
+  handlerConnections: 4,
   selfTestMs: 2_000,
 } as const;
 
@@ -126,6 +135,7 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
     problems.integer('fallbackPollMs', options.fallbackPollMs, 10);
     problems.integer('notifierPingMs', options.notifierPingMs, 100);
     problems.integer('foreignCommitNudgeMs', options.foreignCommitNudgeMs, 0);
+    problems.integer('handlerConnections', options.handlerConnections, 1, 100);
     problems.integer('publishBatch.maxBatch', options.publishBatch?.maxBatch, 1, 100_000);
     problems.integer('publishBatch.maxInFlight', options.publishBatch?.maxInFlight, 1, 100);
     if (options.leaseMs !== undefined || options.heartbeatMs !== undefined) {
@@ -231,6 +241,10 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
       pollMs: o.pollMs ?? postgresDefaults.pollMs,
       fallbackPollMs: o.fallbackPollMs ?? postgresDefaults.fallbackPollMs,
       errorBackoffMaxMs: postgresDefaults.errorBackoffMaxMs,
+      // One session (PGlite): a second transaction would wait for the first, whose handlers may wait for it.
+      handlerConnections: this.driver.embedded
+        ? 1
+        : (o.handlerConnections ?? Math.max(1, Math.min(postgresDefaults.handlerConnections, Math.floor((o.poolSize ?? postgresDefaults.poolSize) / 2)))),
     };
     const consumer = new PostgresConsumer(
       {
