@@ -2,11 +2,13 @@
  * The names and declarations of everything Tidings keeps in RabbitMQ. Every declaration is idempotent
  * (declared again on every open and every reconnect), so a deleted queue or exchange comes back.
  *
- *   <prefix><topic>                    topic exchange per contract; routing key = String(keyHash % 1024)
+ *   <prefix><topic>                    topic exchange per contract; routing key = the 10 bits of
+ *                                      keyHash % 1024 as words (`0.1.1.0.0.1.0.1.1.1`)
  *   <prefix><subscription>:p<n>        partition queue n: binds the buckets b with b % partitions == n
- *                                      of each of the subscription's topics; single active consumer
+ *                                      of each of the subscription's topics (`#.1.0`: n = 2 of 4);
+ *                                      single active consumer
  *   <prefix><subscription>:return      headers exchange; retried and redriven messages come back through it
- *                                      to the partition named by their x-tidings-partition header
+ *                                      to the partition named by their tidings-partition header
  *   <prefix><subscription>:retry:<ms>  a delayed retry waits here (x-message-ttl), then dead-letters into
  *                                      the return exchange
  *   <prefix><subscription>:dead        the subscription's dead letters
@@ -15,7 +17,7 @@
  * The `:` keeps subscription names apart from topic names, which cannot contain it.
  */
 import type { Channel } from 'amqplib';
-import { BUCKETS, H_PARTITION } from './headers.ts';
+import { bits, BUCKET_BITS, bucketKey, BUCKETS, H_PARTITION } from './headers.ts';
 
 export interface TopologySettings {
   readonly prefix: string;
@@ -61,7 +63,8 @@ export interface SubscriptionTopology {
 
 /**
  * The subscription's queues, exchanges and bindings. Bindings are declared in one pipelined burst (amqplib
- * queues the calls on the channel): 1,024 per topic in all, whatever the partition count.
+ * queues the calls on the channel): one per partition and topic, or 1,024 per topic when the partition
+ * count is not a power of two.
  */
 export async function declareSubscription(channel: Channel, names: Names, settings: TopologySettings, spec: SubscriptionTopology): Promise<void> {
   const back = names.returnExchange(spec.name);
@@ -77,11 +80,23 @@ export async function declareSubscription(channel: Channel, names: Names, settin
   await Promise.all(work);
   const bindings: Promise<unknown>[] = [];
   for (const topic of spec.topics) {
-    for (let bucket = 0; bucket < BUCKETS; bucket++) {
-      bindings.push(channel.bindQueue(names.partition(spec.name, bucket % spec.partitions), names.exchange(topic), String(bucket)));
+    for (const [partition, pattern] of partitionPatterns(spec.partitions)) {
+      bindings.push(channel.bindQueue(names.partition(spec.name, partition), names.exchange(topic), pattern));
     }
   }
   await Promise.all(bindings);
+}
+
+/**
+ * The binding patterns of each partition: with a power-of-two count, one pattern on the low bits of the
+ * bucket (`#.1.0` for partition 2 of 4); otherwise every bucket `b` with `b % partitions == p`, one by one.
+ */
+export function partitionPatterns(partitions: number): Array<[number, string]> {
+  const power = Math.log2(partitions);
+  if (Number.isInteger(power) && power <= BUCKET_BITS) {
+    return Array.from({ length: partitions }, (_, p) => [p, power === 0 ? '#' : `#.${bits(p, power)}`]);
+  }
+  return Array.from({ length: BUCKETS }, (_, bucket) => [bucket % partitions, bucketKey(bucket)]);
 }
 
 /**
