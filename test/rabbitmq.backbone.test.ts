@@ -5,7 +5,8 @@ import assert from 'node:assert/strict';
 import { after, test } from 'node:test';
 import amqp from 'amqplib';
 import { z } from 'zod';
-import { defineEvent, deadLetter, type Message } from '../src/index.ts';
+import { defineEvent, deadLetter, keyHash, type Message } from '../src/index.ts';
+import { partitionPatterns, routingKey } from '../src/rabbitmq/index.ts';
 import { Ticked } from './fixtures/contracts.ts';
 import { RABBITMQ_URL, requireBroker, requirePostgres, sleep, waitFor } from './helpers.ts';
 import { Harness, warnings } from './rabbitmq.helpers.ts';
@@ -79,7 +80,8 @@ test('interop: a plain amqplib consumer bound with # reads CloudEvents headers a
   assert.equal(headers['cloudEvents:tenant'], 'acme');
   assert.equal(headers['cloudEvents:partitionkey'], 'k-1');
   assert.ok(!Number.isNaN(Date.parse(headers['cloudEvents:time'] as string)));
-  assert.match(message.fields.routingKey, /^\d+$/, 'routed by the key bucket');
+  assert.equal(message.fields.routingKey, routingKey(keyHash('k-1')), 'routed by the key bucket');
+  assert.match(message.fields.routingKey, /^[01](\.[01]){9}$/);
 });
 
 test('with an outbox: a rolled-back transaction publishes nothing, a committed one arrives through the relay', async (t) => {
@@ -242,14 +244,14 @@ test('an undecodable message from a plain client is dead-lettered with a clear r
   t.after(() => connection.close());
   const channel = await connection.createConfirmChannel();
   const exchange = `${h.prefix}test.ticked`;
-  channel.publish(exchange, '1', Buffer.from('{"key": "raw", "seq": 1}'), { messageId: 'no-attributes' });
-  channel.publish(exchange, '2', Buffer.from('not json {'), {
+  channel.publish(exchange, routingKey(keyHash('raw')), Buffer.from('{"key": "raw", "seq": 1}'), { messageId: 'no-attributes' });
+  channel.publish(exchange, routingKey(keyHash('bad')), Buffer.from('not json {'), {
     messageId: 'bad-body',
     contentType: 'application/json',
     headers: { 'cloudEvents:specversion': '1.0', 'cloudEvents:id': 'bad-body', 'cloudEvents:source': 'plain', 'cloudEvents:type': 'test.ticked.v1' },
   });
   // A plain client that follows the binding is understood (cloudEvents_ prefix too).
-  channel.publish(exchange, '3', Buffer.from('{"key": "plain", "seq": 3}'), {
+  channel.publish(exchange, routingKey(keyHash('plain')), Buffer.from('{"key": "plain", "seq": 3}'), {
     contentType: 'application/json',
     headers: { cloudEvents_specversion: '1.0', cloudEvents_id: 'plain-ok', cloudEvents_source: 'plain', cloudEvents_type: 'test.ticked.v1' },
   });
@@ -298,4 +300,17 @@ test('a key held by a delayed retry keeps its later messages in order even when 
   await sleep(200);
   assert.equal(order.length, 29, 'nothing twice');
   assert.ok(!warnings.some((w) => w.includes('did not come back')), 'no place was given up');
+});
+
+test('routing keys and partition bindings: every bucket lands in exactly the partition keyHash % partitions names', () => {
+  // A topic pattern of this shape: '#' (everything), '#.<words>' (the last words), or an exact key.
+  const matches = (pattern: string, key: string) => pattern === '#' || pattern === key || (pattern.startsWith('#.') && key.endsWith(pattern.slice(1)));
+  for (const partitions of [1, 2, 3, 4, 8, 12]) {
+    const patterns = partitionPatterns(partitions);
+    for (let bucket = 0; bucket < 1_024; bucket += 7) {
+      const key = routingKey(bucket);
+      const hit = patterns.filter(([, pattern]) => matches(pattern, key)).map(([p]) => p);
+      assert.deepEqual([...new Set(hit)], [bucket % partitions], `bucket ${bucket} of ${partitions} partitions`);
+    }
+  }
 });

@@ -40,11 +40,30 @@ const MAX_STACK = 2_000;
 
 const ATTRIBUTES = ['specversion', 'id', 'source', 'type', 'time', 'subject', 'topic', 'partitionkey', 'tenant', 'correlationid', 'causationid', 'traceparent', 'tracestate'] as const;
 
-/** Buckets of the key hash used as routing keys: `String(keyHash % BUCKETS)`. Part of the wire contract. */
+/** Buckets of the key hash: messages are routed by `keyHash % BUCKETS`. Part of the wire contract. */
 export const BUCKETS = 1_024;
+/** log2(BUCKETS): the number of words in a routing key. */
+export const BUCKET_BITS = 10;
 
+/**
+ * The routing key: the bucket's 10 bits as words, most significant first (bucket 6 is `0.0.0.0.0.0.0.1.1.0`).
+ * A binding on the low bits (`#.1.0`: bucket % 4 == 2) then takes a whole partition in one binding when the
+ * partition count is a power of two, where decimal keys would need one binding per bucket (1,024 per topic
+ * and subscription, seconds to declare). `#` still reads everything.
+ */
 export function routingKey(keyHash: number): string {
-  return String(keyHash % BUCKETS);
+  return bucketKey(keyHash % BUCKETS);
+}
+
+export function bucketKey(bucket: number): string {
+  return bits(bucket, BUCKET_BITS);
+}
+
+/** `value`'s `count` low bits as routing-key words, most significant first. */
+export function bits(value: number, count: number): string {
+  const words: string[] = [];
+  for (let bit = count - 1; bit >= 0; bit--) words.push(String((value >> bit) & 1));
+  return words.join('.');
 }
 
 export function encode(message: Outgoing): { body: Buffer; options: Options.Publish } {

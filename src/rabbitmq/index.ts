@@ -18,6 +18,7 @@ import { Publisher } from './publisher.ts';
 import { Names } from './topology.ts';
 
 export { BUCKETS, CE_PREFIX, routingKey } from './headers.ts';
+export { partitionPatterns } from './topology.ts';
 export { Names } from './topology.ts';
 export { RabbitDeadLetters } from './dead-letters.ts';
 
