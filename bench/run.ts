@@ -230,6 +230,11 @@ function headline(workload: Workload, result: ChildResult): string {
     if (m.idleQueries !== undefined) parts.push(`idle ${fmt(m.idleQueries)} q/s`);
     return parts.join(', ');
   }
+  if (workload === 'login') return `replica p50 ${fmt(m.replicaP50, 3)} p99 ${fmt(m.replicaP99, 3)} ms, HTTP p50 ${fmt(m.httpP50, 3)} p99 ${fmt(m.httpP99, 3)} ms`;
+  if (workload === 'drift') {
+    const checks = Object.keys(m).filter((k) => k.startsWith('ms@')).map((k) => k.slice(3));
+    return checks.map((d) => `${d} diff ${fmt(m[`ms@${d}`], 0)} ms ${fmt(m[`messages@${d}`], 0)} msgs`).join(', ');
+  }
   return `${fmt(m.rate)} events/s`;
 }
 

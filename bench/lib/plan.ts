@@ -1,12 +1,12 @@
 /** What runs, in which order, with which sizes. */
-import type { SystemName, Task, Variant, Workload } from './types.ts';
+import type { ReplicaSizes, SystemName, Task, Variant, Workload } from './types.ts';
 
 export interface Row {
   system: SystemName;
   label: string;
   variant: Variant;
   /** Rows of one table share a group; the ratio column compares each with its group's reference row. */
-  group: 'base' | 'guarantees' | 'raw';
+  group: 'base' | 'guarantees' | 'raw' | 'replica';
   /** The Tidings row the others of its table are compared with. */
   reference?: boolean;
 }
@@ -27,6 +27,7 @@ export interface Sizes {
   idleSeconds: number;
   raw: number;
   timeoutMs: number;
+  replica: ReplicaSizes;
 }
 
 export const FULL: Sizes = {
@@ -44,6 +45,7 @@ export const FULL: Sizes = {
   idleSeconds: 5,
   raw: 20_000,
   timeoutMs: 240_000,
+  replica: { logins: 4_000, concurrency: 4, users: 10_000, driftKeys: 100_000, differences: [0, 10, 1_000] },
 };
 
 export const QUICK: Sizes = {
@@ -61,6 +63,7 @@ export const QUICK: Sizes = {
   idleSeconds: 2,
   raw: 5_000,
   timeoutMs: 90_000,
+  replica: { logins: 400, concurrency: 4, users: 2_000, driftKeys: 10_000, differences: [0, 10, 1_000] },
 };
 
 const plain: Variant = { keys: 0, effects: false, inbox: true };
@@ -96,6 +99,9 @@ const peersEffects: Row[] = [
   { system: 'bullmq', label: 'BullMQ, insert into PostgreSQL', variant: effects, group: 'guarantees' },
 ];
 
+/** Workload 9: Tidings replicas (issue 6), no peers; bench/systems/replica.ts. */
+const replicaRow: Row = { system: 'replica', label: 'Tidings replica', variant: plain, group: 'replica', reference: true };
+
 export interface Step {
   workload: Workload;
   rows: Row[];
@@ -112,6 +118,8 @@ export function steps(quick: boolean): Step[] {
     { workload: 'standalone', rows: base },
     { workload: 'fanout', rows: base },
     { workload: 'latency', rows: [...base, tidingsKeyed, tidingsEffects] },
+    { workload: 'login', rows: [replicaRow] },
+    { workload: 'drift', rows: [replicaRow] },
   ];
 }
 
@@ -124,6 +132,8 @@ export function taskFor(row: Row, workload: Workload, sizes: Sizes, db: { url: s
     standalone: sizes.standalone,
     fanout: sizes.fanoutEvents,
     latency: 0,
+    login: sizes.replica.logins,
+    drift: sizes.replica.driftKeys,
   };
   return {
     system: row.system,
@@ -140,6 +150,7 @@ export function taskFor(row: Row, workload: Workload, sizes: Sizes, db: { url: s
     redis: { host: '127.0.0.1', port: 6379 },
     quick,
     timeoutMs: sizes.timeoutMs,
+    replica: sizes.replica,
   };
 }
 
@@ -151,4 +162,6 @@ export const WORKLOAD_TITLES: Record<Workload, string> = {
   standalone: '4. Standalone publish end to end, 10 concurrent callers',
   fanout: '7. Fan-out: one event to 10 subscriptions, 10 producers (deliveries/s)',
   latency: '5. Latency, open-loop producer: publish call -> handler start',
+  login: '9a. Login from a local replica (memory) vs a synchronous HTTP call to identity',
+  drift: '9b. Drift check of a replica against its source over the bus',
 };

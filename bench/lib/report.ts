@@ -103,12 +103,12 @@ const RAW_METRICS: Array<[string, string, string]> = [
 /** The readable report: one table per workload (and per group), then the targets. */
 export function renderTables(entries: Entry[]): string {
   const out: string[] = [];
-  for (const workload of ['raw', 'bulk', 'drain', 'e2e', 'standalone', 'fanout', 'latency'] as Workload[]) {
+  for (const workload of ['raw', 'bulk', 'drain', 'e2e', 'standalone', 'fanout', 'latency', 'login', 'drift'] as Workload[]) {
     for (const group of groupsOf(entries, workload)) {
       const first = group[0]!;
       const suffix = first.row.group === 'guarantees' ? ' -- guarantees on (workload 6)' : '';
       const events = first.summary.events?.median;
-      const size = events === undefined || workload === 'raw' ? '' : workload === 'fanout' ? ` [${fmt(events, 0)} events x 10]` : ` [${fmt(events, 0)} events]`;
+      const size = events === undefined || workload === 'raw' || first.row.group === 'replica' ? '' : workload === 'fanout' ? ` [${fmt(events, 0)} events x 10]` : ` [${fmt(events, 0)} events]`;
       out.push(`\n### ${WORKLOAD_TITLES[workload]}${suffix}${size}\n`);
       const reference = group.find((e) => e.row.reference);
       if (workload === 'raw') {
@@ -122,6 +122,8 @@ export function renderTables(entries: Entry[]): string {
         out.push(
           '\nCOPY: not measured (COPY FROM STDIN needs pg-copy-streams, which is not installed).',
         );
+      } else if (workload === 'login' || workload === 'drift') {
+        out.push(renderReplica(workload, first.summary));
       } else if (workload === 'latency') {
         const rates = [...new Set(group.flatMap((e) => Object.keys(e.summary).filter((k) => k.startsWith('p50@')).map((k) => Number(k.slice(4)))))].sort((a, b) => a - b);
         const rows: string[][] = [];
@@ -186,6 +188,50 @@ export function renderTables(entries: Entry[]): string {
     }
   }
   return out.join('\n');
+}
+
+/** Workload 9 (bench/systems/replica.ts): the two login paths side by side; the drift check per number of differences. */
+function renderReplica(workload: 'login' | 'drift', s: Record<string, Summary>): string {
+  if (workload === 'login') {
+    const paths: Array<[string, string]> = [
+      ['replica', 'login, local replica (memory lookup) + scrypt'],
+      ['http', 'login, HTTP call to identity + scrypt'],
+      ['replicaLookup', 'data access only: replica lookup'],
+      ['httpLookup', 'data access only: HTTP call (1 indexed query)'],
+    ];
+    return [
+      `${fmt(s.logins?.median, 0)} logins per path, ${fmt(s.concurrency?.median, 0)} concurrent, ${fmt(s.users?.median, 0)} users; scrypt N = 1,024 in both; identity's node:http server in its own process.\n`,
+      table(
+        ['Path', 'p50 ms', 'p50 min-max', 'p99 ms', 'p99 min-max', 'p99.9 ms', 'max ms', 'per s', 'p50 / replica', 'p99 / replica'],
+        paths.map(([key, label]) => {
+          const ref = key.endsWith('Lookup') ? 'replicaLookup' : 'replica';
+          return [
+            label,
+            fmt(s[`${key}P50`]?.median, 3),
+            range(s[`${key}P50`], 3),
+            fmt(s[`${key}P99`]?.median, 3),
+            range(s[`${key}P99`], 3),
+            fmt(s[`${key}P999`]?.median, 3),
+            fmt(s[`${key}Max`]?.median),
+            fmt(s[`${key}Rate`]?.median),
+            ratio(s[`${key}P50`]?.median, s[`${ref}P50`]?.median),
+            ratio(s[`${key}P99`]?.median, s[`${ref}P99`]?.median),
+          ];
+        }),
+      ),
+    ].join('\n');
+  }
+  const differences = Object.keys(s)
+    .filter((k) => k.startsWith('ms@'))
+    .map((k) => Number(k.slice(3)))
+    .sort((a, b) => a - b);
+  return [
+    `Replica of ${fmt(s.keys?.median, 0)} keys, filled by state transfer in ${fmt(s.transferMs?.median, 0)} ms (${fmt(s.transferRate?.median)} keys/s); digest tree of 4,096 leaves, fan-out 16.\n`,
+    table(
+      ['Differing keys', 'check ms', 'min-max', 'messages (requests + replies)', 'hashes, keys and rows carried', 'found and repaired'],
+      differences.map((d) => [fmt(d, 0), fmt(s[`ms@${d}`]?.median, 0), range(s[`ms@${d}`], 0), fmt(s[`messages@${d}`]?.median, 0), fmt(s[`entries@${d}`]?.median, 0), fmt(s[`found@${d}`]?.median, 0)]),
+    ),
+  ].join('\n');
 }
 
 // ---- targets (issue 8) ----------------------------------------------------------------------------

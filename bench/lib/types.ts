@@ -1,7 +1,7 @@
 /** What the parent asks a child process to run, and what the child answers. Shared by both sides. */
 
-export type Workload = 'raw' | 'bulk' | 'drain' | 'e2e' | 'standalone' | 'fanout' | 'latency';
-export type SystemName = 'tidings' | 'pgboss' | 'graphile' | 'bullmq' | 'raw';
+export type Workload = 'raw' | 'bulk' | 'drain' | 'e2e' | 'standalone' | 'fanout' | 'latency' | 'login' | 'drift';
+export type SystemName = 'tidings' | 'pgboss' | 'graphile' | 'bullmq' | 'raw' | 'replica';
 
 export interface Variant {
   /** Distinct keys the events use; 0: every event has its own key. */
@@ -34,6 +34,19 @@ export interface Task {
   quick: boolean;
   /** The child gives up after this long. */
   timeoutMs: number;
+  /** Workload 9 (bench/systems/replica.ts): logins per path at a fixed concurrency, and the drift check's keys. */
+  replica?: ReplicaSizes;
+}
+
+export interface ReplicaSizes {
+  logins: number;
+  /** Logins in flight; at most libuv's thread pool (4), where scrypt runs, or both paths measure its queue. */
+  concurrency: number;
+  /** Users in identity's table (and the replica). */
+  users: number;
+  driftKeys: number;
+  /** Differing keys of the successive drift checks. */
+  differences: number[];
 }
 
 export interface LatencySeries {
