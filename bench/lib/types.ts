@@ -1,7 +1,7 @@
 /** What the parent asks a child process to run, and what the child answers. Shared by both sides. */
 
 export type Workload = 'raw' | 'bulk' | 'drain' | 'e2e' | 'standalone' | 'fanout' | 'latency' | 'login' | 'drift';
-export type SystemName = 'tidings' | 'pgboss' | 'graphile' | 'bullmq' | 'raw' | 'replica';
+export type SystemName = 'tidings' | 'pgboss' | 'graphile' | 'bullmq' | 'raw' | 'replica' | 'rabbitmq' | 'amqp' | 'nats' | 'natsjs';
 
 export interface Variant {
   /** Distinct keys the events use; 0: every event has its own key. */
@@ -10,6 +10,8 @@ export interface Variant {
   effects: boolean;
   /** Tidings only: the per-message-id inbox (on by default). */
   inbox: boolean;
+  /** Tidings on a broker: publishes go through a PostgreSQL outbox and the relay (bench/lib/tidings-broker.ts). */
+  outbox?: boolean;
 }
 
 export interface Task {
