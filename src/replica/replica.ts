@@ -320,6 +320,48 @@ export class Replica<Row> {
     );
     await q.query(`create index if not exists "${this.#base}_g${generation}_bucket" on ${table} (bucket)`);
     await q.query(`create index if not exists "${this.#base}_g${generation}_event_time" on ${table} (event_time)`);
+    await q.query(this.#applyFunctionSql(generation));
+  }
+
+  /** The function applying one event to generation `generation` (see #write). */
+  #applyFunction(generation: number): string {
+    return `"${this.schema}"."${this.#base}_apply_g${generation}"`;
+  }
+
+  /**
+   * One event's write as a function per generation, created with its table: it checks the meta row (the
+   * generation readers see, and the one a rebuild fills) and writes the guarded upsert into that
+   * generation, and into the one being built. One round trip per event, and PL/pgSQL keeps the plans of
+   * its statements for the session instead of planning them for every event. Returns the rows written in
+   * this generation (0: the key is at this version or newer), -1 if the meta row says otherwise than
+   * `building` (the caller rereads it), -2 if there is no meta row.
+   */
+  #applyFunctionSql(generation: number): string {
+    const upsert = (table: string) => `insert into ${table} as t (key, version, state, event_time) values (k, v, st, et)
+        on conflict (key) do update set version = excluded.version, state = excluded.state, event_time = excluded.event_time, updated_at = now()
+         where t.version < excluded.version`;
+    const name = this.name.replace(/'/g, "''");
+    return `create or replace function ${this.#applyFunction(generation)}(k text, v int8, st jsonb, et timestamptz, expected_building int) returns int
+      language plpgsql as $apply$
+      declare
+        current_generation int;
+        building_generation int;
+        written int;
+      begin
+        select generation, building into current_generation, building_generation from ${this.#meta} where name = '${name}';
+        if not found then return -2; end if;
+        if current_generation <> ${generation} or building_generation is distinct from expected_building then return -1; end if;
+        ${upsert(this.#table(generation))};
+        get diagnostics written = row_count;
+        -- Planned only when reached: the next generation's table need not exist before.
+        if building_generation = ${generation + 1} then
+          ${upsert(this.#table(generation + 1))};
+        elsif building_generation is not null then
+          execute format($sql$${upsert(`%I.%I`).replace('values (k, v, st, et)', 'values ($1, $2, $3, $4)')}$sql$, '${this.schema}', '${this.#base}_g' || building_generation) using k, v, st, et;
+        end if;
+        return written;
+      end
+      $apply$`;
   }
 
   async #point(q: Queryable, generation: number): Promise<void> {
@@ -486,29 +528,23 @@ export class Replica<Row> {
   }
 
   /**
-   * Writes a row unless the table has this key at this version or newer, in one statement: it checks the
-   * meta row (the generation readers see, and the one a rebuild fills, which gets every event too) and
-   * writes the current generation and the building one. True if it wrote the current one.
+   * Writes a row unless the table has this key at this version or newer, in one statement (the generation's
+   * apply function): into the current generation, and the one a rebuild fills, which gets every event too.
+   * True if it wrote the current one.
    */
   async #write(tx: PgTransaction, key: string, version: number, row: Row | null, time: Date | null): Promise<boolean> {
-    const params = [this.name, key, version, row === null ? null : JSON.stringify(row), time];
     for (;;) {
       const known = await this.#generations(tx);
-      const upsert = (generation: number) =>
-        `insert into ${this.#table(generation)} as t (key, version, state, event_time)
-           select $2, $3, $4::jsonb, $5 from m where m.ok
-         on conflict (key) do update set version = excluded.version, state = excluded.state, event_time = excluded.event_time, updated_at = now()
-          where t.version < excluded.version
-         returning 1`;
-      const { rows } = await tx.query<{ ok: boolean; applied: number }>(
-        `with m as (select generation = ${known.generation} and building is not distinct from ${known.building ?? 'null'}::int as ok from ${this.#meta} where name = $1),
-              w as (${upsert(known.generation)})${known.building === null ? '' : `,
-              b as (${upsert(known.building)})`}
-         select (select ok from m) as ok, (select count(*) from w)::int as applied`,
-        params,
-      );
-      if (rows[0]?.ok === true) return rows[0].applied > 0;
-      if (rows[0]?.ok == null) throw new TidingsError('NOT_STARTED', `Replica ${this.name} has no meta row in ${this.#meta}: was its schema dropped while it ran?`);
+      const { rows } = await tx.query<{ n: number }>(`select ${this.#applyFunction(known.generation)}($1, $2, $3::jsonb, $4, $5) as n`, [
+        key,
+        version,
+        row === null ? null : JSON.stringify(row),
+        time,
+        known.building,
+      ]);
+      const n = Number(rows[0]?.n);
+      if (n >= 0) return n > 0;
+      if (n === -2) throw new TidingsError('NOT_STARTED', `Replica ${this.name} has no meta row in ${this.#meta}: was its schema dropped while it ran?`);
       this.#known = undefined;
     }
   }
@@ -872,6 +908,7 @@ export class Replica<Row> {
       if (meta.building !== null) {
         // A rebuild that died half-way (its process stopped): start that table again.
         await tx.query(`drop table if exists ${this.#table(meta.building)}`);
+        await tx.query(`drop function if exists ${this.#applyFunction(meta.building)}`);
       }
       const generation = Math.max(meta.generation, meta.building ?? 0) + 1;
       await this.#createGeneration(tx, generation);
@@ -912,12 +949,14 @@ export class Replica<Row> {
         // Handlers still writing the old table hold it until they commit; a handler that read the old
         // generation and writes after this commit fails, is retried, and reads the new one.
         await tx.query(`drop table ${this.#table(meta.generation)}`);
+        await tx.query(`drop function if exists ${this.#applyFunction(meta.generation)}`);
       });
       this.#known = undefined;
     } catch (error) {
       this.#known = undefined;
       await this.#driver.query(`update ${this.#meta} set building = null where name = $1 and building = $2`, [this.name, next]).catch(() => undefined);
       await this.#driver.query(`drop table if exists ${this.#table(next)}`).catch(() => undefined);
+      await this.#driver.query(`drop function if exists ${this.#applyFunction(next)}`).catch(() => undefined);
       throw error;
     }
     if (this.#options.memory) await this.#reload();
