@@ -1,0 +1,28 @@
+/** Tidings on NATS JetStream (workloads 2, 3, 5; bench/lib/tidings-broker.ts), in a stream of its own per task. */
+import { deleteNats, NATS_BUCKETS, NATS_PROCESSES, NATS_STREAM_MARK, NATS_URL, natsUnacked, uniqueId } from '../lib/broker-child.ts';
+import { runChild } from '../lib/child.ts';
+import { source, tidingsOnBroker } from '../lib/tidings-broker.ts';
+
+const { nats } = (await import(`${source}/nats/index.ts`)) as typeof import('../../src/nats/index.ts');
+
+const id = uniqueId();
+const stream = `${NATS_STREAM_MARK}${id}`;
+
+runChild(
+  tidingsOnBroker({
+    processes: NATS_PROCESSES,
+    declareBeforeBacklog: false,
+    backbone: (outbox) =>
+      nats({
+        servers: NATS_URL,
+        stream,
+        subjectPrefix: `tbench_${id}`,
+        buckets: NATS_BUCKETS,
+        ...(outbox === undefined ? {} : { outbox }),
+        onWarning: (message) => process.stderr.write(`[tidings] ${message}\n`),
+      }),
+    unacked: () => natsUnacked(stream),
+    // The stream, its dead letters, and the KV bucket of leases (itself a stream, KV_<stream>_leases).
+    cleanup: () => deleteNats([stream, `${stream}_DLQ`, `KV_${stream}_leases`]),
+  }),
+);

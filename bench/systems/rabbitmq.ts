@@ -1,0 +1,33 @@
+/** Tidings on RabbitMQ (workloads 2, 3, 5; bench/lib/tidings-broker.ts), in a queue and exchange prefix of its own per task. */
+import { deleteRabbit, PARTITIONS, RABBITMQ_PROCESSES, RABBITMQ_URL, rabbitReady, uniqueId } from '../lib/broker-child.ts';
+import { runChild } from '../lib/child.ts';
+import { Ev, source, tidingsOnBroker } from '../lib/tidings-broker.ts';
+
+const { rabbitmq, Names } = (await import(`${source}/rabbitmq/index.ts`)) as typeof import('../../src/rabbitmq/index.ts');
+
+const prefix = `tbench.${uniqueId()}.`;
+const names = new Names(prefix);
+const partitionQueues = (subscriptions: readonly string[]) =>
+  subscriptions.flatMap((s) => Array.from({ length: PARTITIONS }, (_, p) => names.partition(s, p)));
+
+runChild(
+  tidingsOnBroker({
+    processes: RABBITMQ_PROCESSES,
+    declareBeforeBacklog: true,
+    backbone: (outbox) =>
+      rabbitmq({
+        url: RABBITMQ_URL,
+        prefix,
+        connectionName: 'tidings-bench',
+        ...(outbox === undefined ? {} : { outbox }),
+        onWarning: (message) => process.stderr.write(`[tidings] ${message}\n`),
+      }),
+    // Closed channels hand their unacknowledged messages back: a stopped bus leaves only unacked ones ready.
+    unacked: (subscriptions) => rabbitReady(partitionQueues(subscriptions)),
+    cleanup: (subscriptions) =>
+      deleteRabbit(
+        [...partitionQueues(subscriptions), ...subscriptions.map((s) => names.deadQueue(s)), names.registry],
+        [names.exchange(Ev.name), ...subscriptions.map((s) => names.returnExchange(s))],
+      ),
+  }),
+);
