@@ -1,4 +1,5 @@
 /** What runs, in which order, with which sizes. */
+import { brokerSteps, brokerTask, isBrokerRow } from './brokers.ts';
 import type { ReplicaSizes, SystemName, Task, Variant, Workload } from './types.ts';
 
 export interface Row {
@@ -6,7 +7,7 @@ export interface Row {
   label: string;
   variant: Variant;
   /** Rows of one table share a group; the ratio column compares each with its group's reference row. */
-  group: 'base' | 'guarantees' | 'raw' | 'replica';
+  group: 'base' | 'guarantees' | 'raw' | 'replica' | 'rabbitmq' | 'nats';
   /** The Tidings row the others of its table are compared with. */
   reference?: boolean;
 }
@@ -120,6 +121,7 @@ export function steps(quick: boolean): Step[] {
     { workload: 'latency', rows: [...base, tidingsKeyed, tidingsEffects] },
     { workload: 'login', rows: [replicaRow] },
     { workload: 'drift', rows: [replicaRow] },
+    ...brokerSteps(),
   ];
 }
 
@@ -135,7 +137,7 @@ export function taskFor(row: Row, workload: Workload, sizes: Sizes, db: { url: s
     login: sizes.replica.logins,
     drift: sizes.replica.driftKeys,
   };
-  return {
+  const task: Task = {
     system: row.system,
     label: row.label,
     workload,
@@ -152,6 +154,7 @@ export function taskFor(row: Row, workload: Workload, sizes: Sizes, db: { url: s
     timeoutMs: sizes.timeoutMs,
     replica: sizes.replica,
   };
+  return isBrokerRow(row) ? brokerTask(task, quick) : task;
 }
 
 export const WORKLOAD_TITLES: Record<Workload, string> = {
