@@ -1,6 +1,7 @@
 /** Aggregates the runs into medians and ranges, prints the tables, checks the targets, draws the charts. */
 import * as vega from 'vega';
 import * as vl from 'vega-lite';
+import { BROKER_TITLES, BROKERS } from './brokers.ts';
 import { WORKLOAD_TITLES, type Row } from './plan.ts';
 import type { ChildResult, LatencySeries, Workload } from './types.ts';
 
@@ -106,7 +107,8 @@ export function renderTables(entries: Entry[]): string {
   for (const workload of ['raw', 'bulk', 'drain', 'e2e', 'standalone', 'fanout', 'latency', 'login', 'drift'] as Workload[]) {
     for (const group of groupsOf(entries, workload)) {
       const first = group[0]!;
-      const suffix = first.row.group === 'guarantees' ? ' -- guarantees on (workload 6)' : '';
+      const kind = first.row.group;
+      const suffix = kind === 'guarantees' ? ' -- guarantees on (workload 6)' : kind === 'rabbitmq' || kind === 'nats' ? BROKER_TITLES[kind] : '';
       const events = first.summary.events?.median;
       const size = events === undefined || workload === 'raw' || first.row.group === 'replica' ? '' : workload === 'fanout' ? ` [${fmt(events, 0)} events x 10]` : ` [${fmt(events, 0)} events]`;
       out.push(`\n### ${WORKLOAD_TITLES[workload]}${suffix}${size}\n`);
@@ -301,6 +303,24 @@ export function checkTargets(entries: Entry[], tidings: string, keyed: string): 
     { id: 'T6', measure: 'bulk publish events/s', value: fmt(t6), target: '>= 120,000', floor: '>= 80,000', verdict: higher(t6, 120_000, 80_000) },
     { id: 'T7', measure: 'CPU % of all cores (Node + PostgreSQL) at 1,000/s', value: fmt(cpu, 0), target: '<= 35', floor: '<= 60', verdict: lower(cpu, 35, 60) },
     { id: 'T8', measure: 'idle queries/s, one consumer (4 partitions)', value: fmt(idle), target: '<= 1', floor: '<= 10', verdict: lower(idle, 1, 10) },
+    // T9: Tidings on a broker (no outbox) as a share of a plain client's throughput on the same broker.
+    ...BROKERS.map((b): TargetCheck => {
+      const share = (workload: Workload) => {
+        const mine = m(workload, b.tidings, 'rate');
+        const theirs = m(workload, b.plain, 'rate');
+        return mine === undefined || theirs === undefined || theirs === 0 ? undefined : (100 * mine) / theirs;
+      };
+      const drain = share('drain');
+      const e2e = share('e2e');
+      return {
+        id: `T9 ${b.name}`,
+        measure: `Tidings on ${b.name} / plain ${b.client}, events/s: drain, e2e`,
+        value: `${fmt(drain, 0)} %, ${fmt(e2e, 0)} %`,
+        target: '>= 50 %',
+        floor: '>= 25 %',
+        verdict: worst(higher(drain, 50, 25), higher(e2e, 50, 25)),
+      };
+    }),
   ];
 }
 
@@ -354,7 +374,7 @@ export async function throughputChart(entries: Entry[], subtitle: string): Promi
   const values = entries
     .filter((e) => SHORT[e.workload] !== undefined && e.summary.rate !== undefined)
     .map((e) => ({
-      workload: `${SHORT[e.workload]}${e.row.group === 'guarantees' ? ' (guarantees)' : ''}`,
+      workload: `${SHORT[e.workload]}${e.row.group === 'guarantees' ? ' (guarantees)' : e.row.group === 'rabbitmq' ? ' (RabbitMQ)' : e.row.group === 'nats' ? ' (NATS)' : ''}`,
       system: e.row.label,
       median: Math.round(e.summary.rate!.median),
       min: Math.round(e.summary.rate!.min),
