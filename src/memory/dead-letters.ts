@@ -8,6 +8,7 @@ import type {
   DeadLetterSummary,
 } from '../core/broker.ts';
 import { TidingsError } from '../core/errors.ts';
+import { sleep } from '../core/sleep.ts';
 import type { Entry, Stored } from './subscription.ts';
 
 interface DeadRecord {
@@ -131,7 +132,7 @@ export class DeadLetterBook {
       result.count += chunk.length;
       request.onProgress?.({ done: result.count, total: matched.length });
       if (rate !== undefined && offset + chunkSize < matched.length) {
-        await pause(started + ((offset + chunkSize) / rate) * 1_000 - Date.now(), request.signal);
+        await sleep(started + ((offset + chunkSize) / rate) * 1_000 - Date.now(), request.signal);
       }
     }
     return result;
@@ -160,17 +161,4 @@ function whole(record: DeadRecord): DeadLetter {
     envelope: { ...record.message.envelope, data: JSON.parse(record.message.json) as unknown },
     attempts: record.attempts.map((attempt) => ({ ...attempt })),
   };
-}
-
-function pause(ms: number, signal: AbortSignal | undefined): Promise<void> {
-  return new Promise((resolve) => {
-    if (ms <= 0 || signal?.aborted === true) return resolve();
-    const timer = setTimeout(done, ms);
-    function done() {
-      clearTimeout(timer);
-      signal?.removeEventListener('abort', done);
-      resolve();
-    }
-    signal?.addEventListener('abort', done, { once: true });
-  });
 }

@@ -11,6 +11,7 @@ import type { Broker, DeadLetterStore } from '../core/broker.ts';
 import { keyHash, type Envelope } from '../core/envelope.ts';
 import { describeError, TidingsError } from '../core/errors.ts';
 import { OptionProblems } from '../core/options.ts';
+import { sleep } from '../core/sleep.ts';
 import type { PgTransaction, PostgresBackbone } from '../postgres/index.ts';
 
 export interface RelayOptions {
@@ -202,16 +203,4 @@ function noOutbox(backbone: string, what: string): TidingsError {
     'NO_TRANSACTION',
     `The ${backbone} backbone has no database to ${what} with: give it an outbox, ${backbone}({ ..., outbox: postgres({ url }) })`,
   );
-}
-
-function sleep(ms: number, signal: AbortSignal): Promise<void> {
-  return new Promise((resolve) => {
-    const timer = setTimeout(done, ms);
-    signal.addEventListener('abort', done, { once: true });
-    function done(): void {
-      clearTimeout(timer);
-      signal.removeEventListener('abort', done);
-      resolve();
-    }
-  });
 }

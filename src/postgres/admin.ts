@@ -21,6 +21,7 @@ import type {
 
 import { keyHash, partitionOf, type Envelope } from '../core/envelope.ts';
 import { TidingsError } from '../core/errors.ts';
+import { sleep } from '../core/sleep.ts';
 import { toEnvelope } from './consumer.ts';
 import { checkIdentifier, type Queryable, type SqlDriver } from './driver.ts';
 import type { LogRow } from './statements.ts';
@@ -488,7 +489,7 @@ async function inChunks(driver: SqlDriver, plan: ChunkPlan): Promise<DeadLetterA
     result.count += rows.length;
     options.onProgress?.({ done: result.count, total });
     if (plan.ratePerSecond !== undefined && result.count < total) {
-      await pause(started + (result.count / plan.ratePerSecond) * 1000 - Date.now(), options.signal);
+      await sleep(started + (result.count / plan.ratePerSecond) * 1000 - Date.now(), options.signal);
     }
   }
   return result;
@@ -697,7 +698,7 @@ export async function* tailTopic(db: Queryable, options: TailOptions): AsyncGene
     done = window;
     window = null;
     after = 0;
-    await pause(pollMs, options.signal);
+    await sleep(pollMs, options.signal);
   }
 }
 
@@ -820,18 +821,4 @@ function groupBy<T>(items: readonly T[], keyOf: (item: T) => string): Map<string
 
 function iso(value: Date | string): string {
   return value instanceof Date ? value.toISOString() : new Date(value).toISOString();
-}
-
-/** Waits `ms`, or less if `signal` aborts. */
-function pause(ms: number, signal: AbortSignal | undefined): Promise<void> {
-  return new Promise((resolve) => {
-    if (ms <= 0 || signal?.aborted === true) return resolve();
-    const timer = setTimeout(done, ms);
-    function done() {
-      clearTimeout(timer);
-      signal?.removeEventListener('abort', done);
-      resolve();
-    }
-    signal?.addEventListener('abort', done, { once: true });
-  });
 }

@@ -39,7 +39,8 @@ import {
   returnsOf,
   type Decoded,
 } from './headers.ts';
-import { sleep, type Link } from './link.ts';
+import { sleep } from '../core/sleep.ts';
+import type { Link } from './link.ts';
 import { declareRetryQueue, declareSubscription, retryLevel, type Names, type TopologySettings } from './topology.ts';
 
 /** A parked message waits at least this long: a head that is overdue must not make its followers spin. */

@@ -6,6 +6,7 @@
  */
 import { connect, type ChannelModel, type ConfirmChannel } from 'amqplib';
 import { TidingsError } from '../core/errors.ts';
+import { sleep } from '../core/sleep.ts';
 
 export interface LinkSettings {
   readonly url: string;
@@ -136,17 +137,4 @@ export function redact(url: string): string {
   } catch {
     return '(an unparsable URL)';
   }
-}
-
-export function sleep(ms: number, signal?: AbortSignal): Promise<void> {
-  return new Promise((resolve) => {
-    if (signal?.aborted) return resolve();
-    const timer = setTimeout(done, ms);
-    signal?.addEventListener('abort', done, { once: true });
-    function done(): void {
-      clearTimeout(timer);
-      signal?.removeEventListener('abort', done);
-      resolve();
-    }
-  });
 }

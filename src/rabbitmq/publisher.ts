@@ -11,7 +11,8 @@ import type { ConfirmChannel } from 'amqplib';
 import type { Outgoing } from '../core/backbone.ts';
 import { TidingsError } from '../core/errors.ts';
 import { encode, routingKey } from './headers.ts';
-import { redact, sleep, type Link } from './link.ts';
+import { sleep } from '../core/sleep.ts';
+import { redact, type Link } from './link.ts';
 import { declareExchange, type Names } from './topology.ts';
 
 export interface PublisherSettings {
