@@ -63,16 +63,25 @@ export async function deleteRabbit(queues: readonly string[], exchanges: readonl
   }
 }
 
-/** Ready (not acknowledged, not in flight) messages of each queue; closed consumers' unacked ones are back. */
-export async function rabbitReady(queues: readonly string[]): Promise<number> {
+/**
+ * Messages left in the queues once their consumers' channels are closed (which hands unacknowledged ones
+ * back), waited for up to `timeoutMs`: a quorum queue applies acknowledgements and counts a moment later.
+ */
+export async function rabbitReady(queues: readonly string[], timeoutMs = 5_000): Promise<number> {
   const connection = await amqp.connect(RABBITMQ_URL);
   connection.on('error', () => undefined);
   try {
     const channel = await connection.createChannel();
-    let ready = 0;
-    for (const queue of queues) ready += (await channel.checkQueue(queue)).messageCount;
-    await channel.close();
-    return ready;
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      let ready = 0;
+      for (const queue of queues) ready += (await channel.checkQueue(queue)).messageCount;
+      if (ready === 0 || Date.now() > deadline) {
+        await channel.close();
+        return ready;
+      }
+      await new Promise((resolve) => setTimeout(resolve, 100));
+    }
   } finally {
     await connection.close().catch(() => undefined);
   }

@@ -18,7 +18,7 @@ export interface BrokerSizes {
 }
 
 export const BROKER_FULL: BrokerSizes = { drain: 10_000, e2e: 1_500, rate: 500, latencySeconds: 4, timeoutMs: 120_000 };
-export const BROKER_QUICK: BrokerSizes = { drain: 2_000, e2e: 300, rate: 500, latencySeconds: 1, timeoutMs: 60_000 };
+export const BROKER_QUICK: BrokerSizes = { drain: 1_000, e2e: 200, rate: 500, latencySeconds: 1, timeoutMs: 60_000 };
 
 const plain: Variant = { keys: 0, effects: false, inbox: true };
 const outbox: Variant = { ...plain, outbox: true };
