@@ -14,6 +14,7 @@ import { connect, DATABASE_URL, dropSchema, requirePostgres, uniqueSchema, waitF
 
 const PARTITIONS = 4;
 const KEYS = 40;
+const PER_KEY = 5;
 
 const schemas: string[] = [];
 const buses: Bus<PgTransaction>[] = [];
@@ -115,7 +116,7 @@ test('a writing batch runs on several connections at once; a writer that fails r
     { partitions: PARTITIONS, concurrency: 8, batchSize: 500, inbox: false, retry: { immediate: 2, delayed: [] } },
   );
   await bus.start();
-  const total = await publishAll(bus, () => calls.size, 5);
+  const total = await publishAll(bus, () => calls.size, PER_KEY);
   await waitFor('every message handled', () => calls.size === total);
   await waitFor('every effect committed', async () => (await effects(schema)).length === total);
   const rows = await effects(schema);
@@ -162,7 +163,8 @@ test('a lease lost on one partition mid-batch: its sub-batch is fenced and rolle
     { partitions: PARTITIONS, concurrency: 8, batchSize: 500, inbox: false, timeoutMs: 0 },
   );
   await bus.start();
-  const total = await publishAll(bus, () => calls.size, 3);
+  // 200 messages: enough for a sub-batch per partition (see MIN_SUB_BATCH).
+  const total = await publishAll(bus, () => calls.size, PER_KEY);
   await waitFor('the k0 handler to block', () => blocking);
   const lost = await partitionOf(schema, 'k0');
   const keysOf = new Map<number, number>();
@@ -170,7 +172,7 @@ test('a lease lost on one partition mid-batch: its sub-batch is fenced and rolle
     const p = await partitionOf(schema, `k${k}`);
     keysOf.set(p, (keysOf.get(p) ?? 0) + 1);
   }
-  const others = (KEYS - (keysOf.get(lost) ?? 0)) * 3 + ((await partitionOf(schema, 'warm-up')) === lost ? 0 : 1);
+  const others = (KEYS - (keysOf.get(lost) ?? 0)) * PER_KEY + ((await partitionOf(schema, 'warm-up')) === lost ? 0 : 1);
   const client = await connect();
   try {
     const handledElsewhere = async () => {

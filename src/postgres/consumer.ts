@@ -59,6 +59,11 @@ type LaneCursor = Pick<Lane, 'done' | 'window' | 'position' | 'hi' | 'span'>;
 /** A window's first range spans `batchSize` x this many positions; sparse ranges double it, up to the maximum. */
 const MIN_SPAN_BATCHES = 1;
 const MAX_SPAN = 1_000_000;
+/**
+ * Fewest messages per sub-batch: each costs its own begin, acknowledgement and commit (and a pool
+ * connection publishers may be waiting for), worth it only when it spares many statements in line.
+ */
+const MIN_SUB_BATCH = 32;
 
 class LeaseLost extends Error {
   override name = 'LeaseLost';
@@ -472,7 +477,7 @@ export class PostgresConsumer implements Consumer {
   #split(batch: LogRow[], partitionOf: Map<LogRow, number>, lanes: Lane[], counts: Map<number, number>): Array<{ rows: LogRow[]; lanes: Lane[]; concurrency: number }> {
     const spec = this.#spec;
     const withRows = lanes.filter((lane) => (counts.get(lane.partition) ?? 0) > 0);
-    const n = this.#wrote ? Math.min(this.#ctx.settings.handlerConnections, spec.concurrency, withRows.length) : 1;
+    const n = this.#wrote ? Math.min(this.#ctx.settings.handlerConnections, spec.concurrency, withRows.length, Math.floor(batch.length / MIN_SUB_BATCH)) : 1;
     if (n <= 1) return [{ rows: batch, lanes, concurrency: spec.concurrency }];
     const parts = Array.from({ length: n }, () => ({ rows: [] as LogRow[], lanes: [] as Lane[], size: 0, keys: new Set<string>(), concurrency: 1 }));
     // Largest lanes first, each to the sub-batch with the fewest messages so far.
