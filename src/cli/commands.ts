@@ -63,6 +63,7 @@ Examples:
   tidings tail orders.order-placed --key o-42
   tidings dead-letters list --group
   tidings dead-letters redrive --subscription billing --error "gateway timeout" --rate 50
+  tidings dead-letters list --url amqp://guest:guest@localhost:5672 --prefix shop.
   tidings replay billing --from 2026-01-31T12:00:00Z --wait
   tidings prune --dry-run
   tidings drift check credentials-gw1
@@ -70,11 +71,11 @@ Examples:
 
 export function buildProgram(context: CliContext): Command {
   const program = new Command('tidings')
-    .description('Operate Tidings on PostgreSQL: schema, status and lag, live tail, dead letters, replay, retention.')
+    .description('Operate Tidings: schema, status and lag, live tail, dead letters (on PostgreSQL, RabbitMQ or NATS), replay, retention, replicas.')
     .exitOverride()
     .configureOutput({ writeOut: context.out, writeErr: context.err })
     .showHelpAfterError('(add --help for usage)')
-    .addOption(new Option('--url <url>', 'PostgreSQL connection URL (default: $DATABASE_URL)'))
+    .addOption(new Option('--url <url>', 'PostgreSQL connection URL (default: $DATABASE_URL); the dead-letters commands also take amqp:// and nats:// URLs'))
     .addOption(new Option('--schema <name>', "schema of Tidings' tables").default('tidings').argParser(parseSchema))
     .addOption(new Option('--json', 'print JSON for scripts instead of tables').default(false))
     .addOption(new Option('--connect-timeout <seconds>', 'give up connecting after this long').default(10).argParser(positiveNumber))
