@@ -4,7 +4,7 @@
  */
 import assert from 'node:assert/strict';
 import { after, describe, test, type TestContext } from 'node:test';
-import { connect as natsConnect, headers as natsHeaders, AckPolicy, DeliverPolicy } from 'nats';
+import { connect as natsConnect, createInbox, headers as natsHeaders, nanos, AckPolicy, DeliverPolicy, JSONCodec, type Msg } from 'nats';
 import { createBus, keyHash, newId, type Bus } from '../src/index.ts';
 import type { Envelope } from '../src/core/envelope.ts';
 import { nats, natsDefaults, type NatsOptions } from '../src/nats/index.ts';
@@ -258,5 +258,49 @@ describe('nats backbone', () => {
     } finally {
       await nc.close();
     }
+  });
+  test('a delivery taken by a pull that is not the worker\'s is waited for: the key\'s later messages run after it comes back', async (t) => {
+    // The shape of the bug this guards against: JetStream counts a message delivered, but it never reaches the
+    // worker (here a stray pull request queued before the worker's takes it and never answers); the worker
+    // receives the key's later messages first. It sees the jump in the consumer sequence and holds the bucket
+    // until JetStream redelivers the missing one after ack_wait, then runs the key in stream order.
+    const ns = await world(t);
+    if (ns === undefined) return;
+    const options = ns.options({ buckets: 1 });
+    const publisher = bus(options, 'publisher');
+    await publisher.start(); // creates the stream
+    const nc = await natsConnect({ servers: NATS_URL });
+    cleanups.push(() => nc.close());
+    const jsm = await nc.jetstreamManager();
+    const concurrency = 4;
+    // The subscription's own durable consumer, declared as the worker would, so the stray pull can queue first.
+    await jsm.consumers.add(ns.stream, {
+      durable_name: 'held_0',
+      ack_policy: AckPolicy.Explicit,
+      filter_subject: `${ns.subjectPrefix}.0.>`,
+      deliver_policy: DeliverPolicy.New,
+      ack_wait: nanos(quickNats.ackWaitMs),
+      max_ack_pending: concurrency * natsDefaults.ackPendingPerHandler,
+      max_deliver: -1,
+    });
+    const stray: Msg[] = [];
+    const inbox = createInbox();
+    nc.subscribe(inbox, { callback: (_error, msg) => (msg.subject === inbox ? undefined : stray.push(msg)) });
+    nc.publish(`$JS.API.CONSUMER.MSG.NEXT.${ns.stream}.held_0`, JSONCodec().encode({ batch: 1, expires: nanos(30_000) }), { reply: inbox });
+    await nc.flush();
+
+    const worker = bus(options, 'worker');
+    const seen: Array<{ seq: number; attempt: number }> = [];
+    worker.subscribe('held', Ticked, (message, ctx) => {
+      seen.push({ seq: message.data.seq, attempt: ctx.attempt });
+    }, { concurrency });
+    await worker.start();
+    await waitFor('the worker holds the bucket and pulls', async () => (await jsm.consumers.info(ns.stream, 'held_0')).num_waiting >= 2);
+    await publisher.publishMany(Ticked, [0, 1, 2, 3, 4].map((seq) => ({ key: 'k', seq })));
+    await waitFor('every message', () => seen.length >= 5, 15_000);
+    assert.equal(stray.length, 1, 'the stray pull took one delivery');
+    assert.equal(JSON.parse(new TextDecoder().decode(stray[0]!.data)).seq, 0, 'the first message of the key');
+    assert.deepEqual(seen.map((s) => s.seq), [0, 1, 2, 3, 4], 'in stream order although seq 0 came back last');
+    assert.equal(seen[0]!.attempt, 2, 'seq 0 is a redelivery');
   });
 });

@@ -1,15 +1,16 @@
 import { hostname } from 'node:os';
-import { AckPolicy, DeliverPolicy, nanos, type Consumer as JsConsumer, type ConsumerConfig, type JsMsg } from 'nats';
+import { AckPolicy, DeliverPolicy, nanos, type ConsumerConfig } from 'nats';
 import { EVERY_TOPIC, type AttemptRecord, type Consumer, type DeliveryHandler, type DeliveryResult, type SubscriptionSpec } from '../core/backbone.ts';
 import type { Envelope } from '../core/envelope.ts';
 import { describeError, TidingsError } from '../core/errors.ts';
 import { decode, header, headersToRecord, nameToken, parseSubject, REDRIVE_FOR } from './codec.ts';
 import type { DeadLetterRecord } from './dead-letters.ts';
 import { apiErrorCode, type NatsContext } from './index.ts';
+import { Puller, type Delivered } from './pull.ts';
 
 /** A message this worker has pulled and not yet acknowledged (or handed back). */
 interface Pulled {
-  msg: JsMsg;
+  msg: Delivered;
   readonly seq: number;
   readonly subject: string;
   readonly topic: string;
@@ -35,7 +36,7 @@ interface KeyLine {
 /** A bucket this worker holds the lease of, and pulls from through its durable consumer. */
 interface Lane {
   readonly bucket: number;
-  readonly consumer: JsConsumer;
+  readonly puller: Puller;
   revision: number;
   renewedAt: number;
   active: boolean;
@@ -45,6 +46,10 @@ interface Lane {
   loop: Promise<void> | undefined;
   wakeLoop: (() => void) | undefined;
   released: Promise<void> | undefined;
+  /** The consumer sequence the next delivery should carry; a jump means deliveries that never reached us. */
+  nextDelivery: number;
+  /** Set while no handler may start in this lane: deliveries that never arrived are on their way back. */
+  holdTimer: NodeJS.Timeout | undefined;
 }
 
 /**
@@ -217,17 +222,25 @@ export class NatsConsumer implements Consumer {
   }
 
   async #acquire(bucket: number, revision: number): Promise<void> {
-    const { js, settings, leases } = this.#ctx;
-    let consumer: JsConsumer;
+    const { jsm, nc, settings, leases } = this.#ctx;
+    let delivered: number;
     try {
-      consumer = await js.consumers.get(settings.stream, this.#durable(bucket));
+      // Where the consumer's deliveries stand now: every later one should reach this lane, in order.
+      delivered = (await jsm.consumers.info(settings.stream, this.#durable(bucket))).delivered.consumer_seq;
     } catch (error) {
       await leases.delete(this.#leaseKey(bucket), { previousSeq: revision }).catch(() => undefined);
       throw error;
     }
     const lane: Lane = {
       bucket,
-      consumer,
+      puller: new Puller({
+        nc,
+        stream: settings.stream,
+        durable: this.#durable(bucket),
+        onMessage: (delivery) => this.#receive(lane, delivery),
+        onLingering: (waitedMs) =>
+          this.#ctx.warn(`Subscription ${this.#spec.name}: JetStream did not close a pull request on bucket ${bucket} within ${waitedMs} ms; pulling again`),
+      }),
       revision,
       renewedAt: Date.now(),
       active: true,
@@ -237,6 +250,8 @@ export class NatsConsumer implements Consumer {
       loop: undefined,
       wakeLoop: undefined,
       released: undefined,
+      nextDelivery: delivered + 1,
+      holdTimer: undefined,
     };
     this.#lanes.set(bucket, lane);
     lane.loop = this.#pull(lane);
@@ -252,6 +267,9 @@ export class NatsConsumer implements Consumer {
       lane.active = false;
       lane.wakeLoop?.();
       await lane.loop;
+      // Every pull request is over: nothing more can arrive, so what is held now is all there is to hand back.
+      await lane.puller.close();
+      clearTimeout(lane.holdTimer);
       while (lane.running.size > 0) await Promise.all([...lane.running]);
       for (const line of lane.keys.values()) clearTimeout(line.retryTimer);
       const left = [...lane.pulled.values()].sort((a, b) => a.seq - b.seq);
@@ -282,8 +300,7 @@ export class NatsConsumer implements Consumer {
         continue;
       }
       try {
-        const batch = await lane.consumer.fetch({ max_messages: Math.min(room, this.#spec.batchSize), expires: settings.fetchExpiresMs });
-        for await (const msg of batch) this.#receive(lane, msg);
+        await lane.puller.pull(Math.min(room, this.#spec.batchSize), settings.fetchExpiresMs);
         failures = 0;
       } catch (error) {
         if (!lane.active) break;
@@ -307,9 +324,11 @@ export class NatsConsumer implements Consumer {
     });
   }
 
-  #receive(lane: Lane, msg: JsMsg): void {
+  #receive(lane: Lane, msg: Delivered): void {
     const seq = msg.seq;
     const known = lane.pulled.get(seq);
+    if (msg.deliverySeq > lane.nextDelivery) this.#hold(lane, msg.deliverySeq - lane.nextDelivery);
+    lane.nextDelivery = Math.max(lane.nextDelivery, msg.deliverySeq + 1);
     if (known !== undefined) {
       // Redelivered while we still hold it (its ack wait ran out): keep one copy, answer the newest delivery.
       known.msg = msg;
@@ -324,7 +343,7 @@ export class NatsConsumer implements Consumer {
       quietly(() => msg.ack()); // another subscription's topic, or a redrive meant for another subscription
       return;
     }
-    const decoded = parsed === undefined ? { problem: `subject ${msg.subject} is not <prefix>.<bucket>.<topic>` } : decode(msg.headers, msg.data, topic, new Date(Math.floor(msg.info.timestampNanos / 1e6)));
+    const decoded = parsed === undefined ? { problem: `subject ${msg.subject} is not <prefix>.<bucket>.<topic>` } : decode(msg.headers, msg.data, topic, new Date(Math.floor(msg.timestampNanos / 1e6)));
     const pulled: Pulled = {
       msg,
       seq,
@@ -332,7 +351,7 @@ export class NatsConsumer implements Consumer {
       topic,
       envelope: decoded.envelope,
       problem: decoded.problem,
-      earlier: Math.max(0, msg.info.redeliveryCount - 1),
+      earlier: Math.max(0, msg.deliveries - 1),
       attempts: 0,
       history: [],
       touchedAt: Date.now(),
@@ -345,8 +364,34 @@ export class NatsConsumer implements Consumer {
       line = { queue: [], busy: false, retryTimer: undefined };
       lane.keys.set(key, line);
     }
-    line.queue.push(pulled);
+    // In stream order: a delivery that comes back late (see #hold) goes before the key's later messages still
+    // waiting. The head stays put once it has started or been tried.
+    const head = line.busy || line.retryTimer !== undefined || (line.queue[0]?.attempts ?? 0) > 0 ? 1 : 0;
+    let at = line.queue.length;
+    while (at > head && line.queue[at - 1]!.seq > seq) at--;
+    line.queue.splice(at, 0, pulled);
     this.#pump(lane, key, line);
+  }
+
+  /**
+   * Deliveries numbered between the last one received and this one never reached this lane (lost on a
+   * reconnection, or taken by a pull that is not ours). JetStream holds them as delivered and redelivers them
+   * once their ack wait runs out; until then nothing new starts in this bucket, or a key's later messages
+   * would run before them. What arrives meanwhile waits in its key's line, and the lost ones take their place
+   * in stream order when they come back.
+   */
+  #hold(lane: Lane, missing: number): void {
+    const { settings } = this.#ctx;
+    // They were delivered before now, so JetStream redelivers them within ackWaitMs; a pull's length on top.
+    const holdMs = settings.ackWaitMs + settings.fetchExpiresMs;
+    this.#ctx.warn(
+      `Subscription ${this.#spec.name}: ${missing} deliveries of bucket ${lane.bucket} never arrived (from consumer sequence ${lane.nextDelivery}); holding the bucket ${holdMs} ms until JetStream redelivers them`,
+    );
+    clearTimeout(lane.holdTimer);
+    lane.holdTimer = setTimeout(() => {
+      lane.holdTimer = undefined;
+      for (const [key, line] of lane.keys) this.#pump(lane, key, line);
+    }, holdMs);
   }
 
   /** JetStream redelivers after ackWaitMs; a message held here (running, queued, waiting to retry) is kept alive. */
@@ -365,7 +410,7 @@ export class NatsConsumer implements Consumer {
   // ---- handling ----------------------------------------------------------------------------------
 
   #pump(lane: Lane, key: string, line: KeyLine): void {
-    if (line.busy || line.retryTimer !== undefined || !lane.active || line.queue.length === 0) return;
+    if (line.busy || line.retryTimer !== undefined || !lane.active || line.queue.length === 0 || lane.holdTimer !== undefined) return;
     line.busy = true;
     const run = this.#runHead(lane, key, line).catch((error: unknown) => {
       this.#ctx.warn(`Subscription ${this.#spec.name}: unexpected failure handling bucket ${lane.bucket}`, error);
@@ -398,7 +443,8 @@ export class NatsConsumer implements Consumer {
     await this.#slot();
     try {
       const head = line.queue[0];
-      if (head === undefined || !lane.active) return;
+      // The bucket may have been given up, or put on hold, while this waited for a slot.
+      if (head === undefined || !lane.active || lane.holdTimer !== undefined) return;
       if (head.envelope === undefined) {
         const reason = `UNDECODABLE_MESSAGE: the message at subject ${head.subject}, stream ${this.#ctx.settings.stream} sequence ${head.seq}, cannot be decoded: ${head.problem}`;
         const error = describeError(new TidingsError('UNDECODABLE_MESSAGE', reason, { ref: { topic: head.topic } }));

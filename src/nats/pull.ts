@@ -1,0 +1,194 @@
+/**
+ * Pull requests on a durable JetStream consumer, through one inbox subscription that stays open for as long
+ * as the bucket is held.
+ *
+ * Why not nats.js `consumer.fetch()`: it closes its inbox on a client-side timer (expires x 1.05) that starts
+ * before the request is even sent. When the request reaches the server late (a loaded machine), the server
+ * still holds it after the client stopped listening, and the messages it delivers in that window are lost in
+ * the client. JetStream counts them delivered and redelivers them only after ack_wait, after the next pull has
+ * handed out later messages of their keys: per-key order breaks. Here a request is over only when the server
+ * says so (status 408/404/409 on the request's own reply subject) or when all its messages arrived, and the
+ * subscription is closed only once every request is over.
+ */
+import { createInbox, JSONCodec, nanos, type Msg, type MsgHdrs, type NatsConnection, type Subscription } from 'nats';
+
+const ACK = Uint8Array.of(0x2b, 0x41, 0x43, 0x4b); // +ACK
+const NAK = Uint8Array.of(0x2d, 0x4e, 0x41, 0x4b); // -NAK
+const WPI = Uint8Array.of(0x2b, 0x57, 0x50, 0x49); // +WPI
+const TERM = Uint8Array.of(0x2b, 0x54, 0x45, 0x52, 0x4d); // +TERM
+
+/**
+ * A message JetStream delivered to one of our pull requests. Its reply subject carries the delivery's
+ * metadata ($JS.ACK.[<domain>.<account>.]<stream>.<consumer>.<deliveries>.<stream seq>.<consumer seq>.<ns>.<pending>)
+ * and takes the acknowledgement.
+ */
+export class Delivered {
+  readonly #msg: Msg;
+  /** Stream sequence. */
+  readonly seq: number;
+  /** Consumer (delivery) sequence: +1 for every delivery the consumer makes, to anyone. */
+  readonly deliverySeq: number;
+  /** Times JetStream delivered this message, this one included. */
+  readonly deliveries: number;
+  readonly timestampNanos: number;
+
+  constructor(msg: Msg) {
+    this.#msg = msg;
+    const tokens = (msg.reply ?? '').split('.');
+    if (tokens.length === 9) tokens.splice(2, 0, '_', '');
+    if (tokens.length < 11 || tokens[0] !== '$JS' || tokens[1] !== 'ACK') throw new Error(`not a JetStream delivery: reply subject ${JSON.stringify(msg.reply)}`);
+    this.deliveries = Number(tokens[6]);
+    this.seq = Number(tokens[7]);
+    this.deliverySeq = Number(tokens[8]);
+    this.timestampNanos = Number(tokens[9]);
+  }
+
+  get subject(): string {
+    return this.#msg.subject;
+  }
+
+  get headers(): MsgHdrs | undefined {
+    return this.#msg.headers;
+  }
+
+  get data(): Uint8Array {
+    return this.#msg.data;
+  }
+
+  ack(): void {
+    this.#msg.respond(ACK);
+  }
+
+  nak(): void {
+    this.#msg.respond(NAK);
+  }
+
+  /** Resets the ack wait: still being worked on. */
+  working(): void {
+    this.#msg.respond(WPI);
+  }
+
+  term(): void {
+    this.#msg.respond(TERM);
+  }
+}
+
+interface Request {
+  remaining: number;
+  readonly timer: NodeJS.Timeout;
+  readonly done: () => void;
+  readonly fail: (error: Error) => void;
+}
+
+export interface PullerOptions {
+  readonly nc: NatsConnection;
+  readonly stream: string;
+  readonly durable: string;
+  /** Every delivery, in the order it arrives; called synchronously from the subscription. */
+  readonly onMessage: (delivery: Delivered) => void;
+  /** A request the server did not close in time (its status lost on a reconnection?): it may still deliver. */
+  readonly onLingering: (waitedMs: number) => void;
+}
+
+const codec = JSONCodec<{ batch: number; expires: number }>();
+
+export class Puller {
+  readonly #options: PullerOptions;
+  readonly #inbox = createInbox();
+  readonly #sub: Subscription;
+  /** Requests in the order sent; the server serves a consumer's waiting requests in that order too. */
+  readonly #requests = new Map<string, Request>();
+  #next = 0;
+  readonly #settled = new Set<Promise<void>>();
+
+  constructor(options: PullerOptions) {
+    this.#options = options;
+    this.#sub = options.nc.subscribe(`${this.#inbox}.*`, { callback: (error, msg) => this.#arrived(error, msg) });
+  }
+
+  /**
+   * Asks for up to `batch` messages, waiting up to `expiresMs` on the server; resolves when the server ended
+   * the request or all of them arrived. Messages go to `onMessage` as they arrive.
+   */
+  pull(batch: number, expiresMs: number): Promise<void> {
+    const { nc, stream, durable } = this.#options;
+    const reply = `${this.#inbox}.${++this.#next}`;
+    const lingerMs = 2 * expiresMs + 1_000;
+    const over = new Promise<void>((resolve, reject) => {
+      const finish = (): void => {
+        clearTimeout(request.timer);
+        this.#requests.delete(reply);
+      };
+      const request: Request = {
+        remaining: batch,
+        // The server ends the request after expiresMs (408). Not hearing that for much longer means the status
+        // was lost (a reconnection); the request may still be alive on the server and deliver here later.
+        timer: setTimeout(() => {
+          finish();
+          this.#options.onLingering(lingerMs);
+          resolve();
+        }, lingerMs),
+        done: () => {
+          finish();
+          resolve();
+        },
+        fail: (error) => {
+          finish();
+          reject(error);
+        },
+      };
+      this.#requests.set(reply, request);
+      try {
+        nc.publish(`$JS.API.CONSUMER.MSG.NEXT.${stream}.${durable}`, codec.encode({ batch, expires: nanos(expiresMs) }), { reply });
+      } catch (error) {
+        request.fail(error as Error);
+      }
+    });
+    const settled = over.then(
+      () => undefined,
+      () => undefined,
+    );
+    this.#settled.add(settled);
+    void settled.then(() => this.#settled.delete(settled));
+    return over;
+  }
+
+  #arrived(error: Error | null, msg: Msg): void {
+    if (error !== null) {
+      for (const request of [...this.#requests.values()]) request.fail(error);
+      return;
+    }
+    if (msg.subject.startsWith(`${this.#inbox}.`)) {
+      this.#status(msg);
+      return;
+    }
+    // A delivery: it counts against the oldest open request, the one the server is serving.
+    const oldest = this.#requests.values().next().value;
+    if (oldest !== undefined && --oldest.remaining <= 0) oldest.done();
+    let delivery: Delivered;
+    try {
+      delivery = new Delivered(msg);
+    } catch {
+      return; // not from JetStream (someone published to our inbox): nothing to acknowledge
+    }
+    this.#options.onMessage(delivery);
+  }
+
+  /** A status the server sent to one request's reply subject: its end, or a heartbeat. */
+  #status(msg: Msg): void {
+    const request = this.#requests.get(msg.subject);
+    const code = msg.headers?.code ?? 0;
+    if (request === undefined || code === 100) return; // idle heartbeat, or a request already over
+    const description = msg.headers?.description ?? '';
+    // 408 request expired, 404 no messages, 409 leadership change or a limit: over, pull again. Anything else
+    // (503 no responders: no such consumer or no JetStream; 409 consumer deleted) is a failure to report.
+    if (code === 408 || code === 404 || (code === 409 && !/consumer deleted/i.test(description))) request.done();
+    else request.fail(new Error(`JetStream ended pull request on ${this.#options.stream} > ${this.#options.durable}: ${code} ${description}`.trim()));
+  }
+
+  /** Waits until every request is over (nothing more can arrive), then closes the inbox. */
+  async close(): Promise<void> {
+    await Promise.all([...this.#settled]);
+    this.#sub.unsubscribe();
+  }
+}
