@@ -11,6 +11,7 @@
  *   replicas                  one row per replica: current generation, the one being built, last check
  *   replica_<name>_g<n>       the rows of generation n (tombstones included)
  *   replica_<name>            a view of the current generation's live rows: what readers query
+ *   replica_<name>_apply_g<n> a function applying one event to generation n (and to the one being built)
  */
 import type { Bus } from '../core/bus.ts';
 import { validateName, type AnyContract, type DataOf } from '../core/contract.ts';
