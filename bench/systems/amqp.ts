@@ -7,7 +7,7 @@
  */
 import amqp, { type Channel, type ChannelModel, type ConfirmChannel } from 'amqplib';
 import { AMQP_PREFETCH, CHUNK, deleteRabbit, Handled, PRODUCERS, RABBITMQ_PROCESSES, RABBITMQ_URL, rabbitReady, uniqueId } from '../lib/broker-child.ts';
-import { latencyPhases, makeEvent, now, produce, rate, runChild, type BenchEvent } from '../lib/child.ts';
+import { latencyPhases, makeEvent, now, produce, rate, runChild, sleep, type BenchEvent } from '../lib/child.ts';
 import type { ChildResult, Task } from '../lib/types.ts';
 
 const prefix = `tbench.plain.${uniqueId()}.`;
@@ -52,6 +52,16 @@ async function open(): Promise<Plain> {
   };
 }
 
+/**
+ * A quorum queue applies acknowledgements asynchronously; a consumer channel closed at once can be
+ * processed before its last acks, which then come back as unacknowledged (RabbitMQ redelivers them: at
+ * least once). After the timed part, a pause, so that the check sees what the consumer did.
+ */
+async function settleAndClose(channel: Channel): Promise<void> {
+  await sleep(500);
+  await channel.close();
+}
+
 /** Runs `body`, checks that the queue holds nothing once the consumer's channel is closed, and removes the queue. */
 async function guarded(body: (plain: Plain) => Promise<ChildResult>): Promise<ChildResult> {
   const plain = await open();
@@ -77,7 +87,7 @@ async function drain(task: Task): Promise<ChildResult> {
     const channel = await plain.consume((event) => handled.add(event.seq));
     await handled.until(task.events, task.timeoutMs);
     const ms = now() - t0;
-    await channel.close();
+    await settleAndClose(channel);
     return { ok: true, metrics: { rate: rate(task.events, ms), handlerRate: rate(task.events, ms), duplicates: handled.duplicates } };
   });
 }
@@ -91,7 +101,7 @@ async function endToEnd(task: Task): Promise<ChildResult> {
     const producedMs = now() - t0;
     await handled.until(task.events, task.timeoutMs);
     const ms = now() - t0;
-    await channel.close();
+    await settleAndClose(channel);
     return { ok: true, metrics: { rate: rate(task.events, ms), producerRate: rate(task.events, producedMs), duplicates: handled.duplicates } };
   });
 }
@@ -112,7 +122,7 @@ async function latency(task: Task): Promise<ChildResult> {
         probe = fn;
       },
     );
-    await channel.close();
+    await settleAndClose(channel);
     metrics.duplicates = handled.duplicates;
     return { ok: true, metrics, series };
   });
