@@ -361,7 +361,7 @@ test('tidings replica rebuild asks the running replica over the bus, follows the
   );
   const gateway = newBus(schema, 'gateway');
   // Small pages: the rebuild takes a few dozen round trips, so there is progress to see.
-  const r = replica(gateway, users, { instance: 'gw1', bootstrap: 'transfer', driftCheckEveryMs: 0, pageSize: 100, memory: true });
+  const r = replica(gateway, users, { instance: 'gw1', bootstrap: 'transfer', driftCheckEveryMs: 0, pageSize: 50, memory: true });
   replicas.push(r);
   await gateway.start();
   await r.start();
