@@ -20,3 +20,18 @@ export type {
   DeliveryResult,
   AttemptRecord,
 } from './core/backbone.ts';
+export { EVERY_TOPIC } from './core/backbone.ts';
+export { groupDeadLetters } from './core/broker.ts';
+export type {
+  Broker,
+  DeadLetter,
+  DeadLetterActionRequest,
+  DeadLetterActionResult,
+  DeadLetterGroup,
+  DeadLetterProgress,
+  DeadLetterSelection,
+  DeadLetterStore,
+  DeadLetterSummary,
+} from './core/broker.ts';
+export { brokered, BrokerBackbone, relayDefaults } from './outbox/index.ts';
+export type { BrokeredOptions, RelayOptions } from './outbox/index.ts';
