@@ -2,8 +2,8 @@
  * A broker made into a backbone. Publishing inside a database transaction writes to a PostgreSQL outbox (the
  * postgres backbone's log, in the caller's transaction); a relay, itself an ordered subscription on that
  * log, moves committed messages to the broker, at least once and in per-key order. Handlers get a database
- * transaction that commits together with their inbox record, so their writes happen once although the
- * broker may deliver twice. Without an outbox the broker is used alone: no `tx`, no inbox.
+ * transaction (opened on first use) that commits together with their inbox record, so their writes happen
+ * once although the broker may deliver twice. Without an outbox the broker is used alone: no `tx`, no inbox.
  */
 import type { Backbone, Consumer, Delivery, DeliveryHandler, DeliveryResult, Outgoing, SubscriptionSpec } from '../core/backbone.ts';
 import { EVERY_TOPIC } from '../core/backbone.ts';
@@ -12,6 +12,7 @@ import { keyHash, type Envelope } from '../core/envelope.ts';
 import { describeError, TidingsError } from '../core/errors.ts';
 import { OptionProblems } from '../core/options.ts';
 import { sleep } from '../core/sleep.ts';
+import { LazyTransaction, SharedInbox } from './inbox.ts';
 import type { PgTransaction, PostgresBackbone } from '../postgres/index.ts';
 
 export interface RelayOptions {
@@ -46,8 +47,6 @@ export const relayDefaults = {
 
 /** How long a delivery waits after the outbox database failed it, before the broker redelivers. */
 const databaseRetryMs = 1_000;
-
-const ROLLBACK = Symbol('rollback');
 
 export class BrokerBackbone implements Backbone<PgTransaction> {
   readonly name: string;
@@ -140,39 +139,51 @@ export class BrokerBackbone implements Backbone<PgTransaction> {
     await this.open();
     const outbox = this.outbox;
     if (outbox === undefined) return this.broker.consume(spec, (delivery) => handle(delivery as Delivery<never>));
-    return this.broker.consume(spec, (delivery) => this.#inTransaction(outbox, spec, delivery, handle));
+    const inbox = spec.inbox ? new SharedInbox(outbox.driver, outbox.schema, spec.name) : undefined;
+    return this.broker.consume(spec, (delivery) => this.#withOutbox(outbox, spec, inbox, delivery, handle));
   }
 
   /**
-   * One attempt inside a transaction of the outbox database: the inbox record (when the subscription keeps
-   * one) is written first, so a duplicate delivery waits for the first to commit, then finds it handled.
-   * The transaction commits only if the handler succeeded; the broker acknowledges after that.
+   * One attempt with the outbox database (see inbox.ts): a message the inbox already has is acknowledged
+   * unhandled; `ctx.tx`, if the handler uses it, is a transaction that records the message in the inbox
+   * before the handler's writes and commits with them; a handler that never used it has its message
+   * recorded by an insert shared with concurrent deliveries. The broker is acknowledged only after that.
    */
-  async #inTransaction(
+  async #withOutbox(
     outbox: PostgresBackbone,
     spec: SubscriptionSpec,
+    inbox: SharedInbox | undefined,
     delivery: Delivery<undefined>,
     handle: DeliveryHandler<PgTransaction>,
   ): Promise<DeliveryResult> {
-    let failed: DeliveryResult | undefined;
-    try {
-      return await outbox.transaction(async (tx) => {
-        if (spec.inbox) {
-          const { rows } = await tx.query(
-            `insert into ${outbox.schema}.inbox (subscription, message_id) values ($1, $2) on conflict do nothing returning 1 as fresh`,
-            [spec.name, delivery.envelope.id],
-          );
-          if (rows.length === 0) return { outcome: 'ack' } as const;
-        }
-        const result = await handle({ envelope: delivery.envelope, attempt: delivery.attempt, tx });
-        if (result.outcome === 'ack') return result;
-        failed = result;
-        throw ROLLBACK;
-      });
-    } catch (error) {
-      if (error === ROLLBACK && failed !== undefined) return failed;
-      this.#warn(`Subscription ${spec.name} could not use the outbox database for message ${delivery.envelope.id}; it will be delivered again`, error);
+    const id = delivery.envelope.id;
+    const databaseFailed = (error: unknown): DeliveryResult => {
+      this.#warn(`Subscription ${spec.name} could not use the outbox database for message ${id} (${delivery.envelope.topic}); it will be delivered again`, error);
       return { outcome: 'retry', delayMs: databaseRetryMs, error: describeError(error) };
+    };
+    try {
+      if (inbox !== undefined && (await inbox.seen(id))) return { outcome: 'ack' };
+    } catch (error) {
+      return databaseFailed(error);
+    }
+    const lazy = new LazyTransaction(outbox, inbox === undefined ? undefined : { subscription: spec.name, id });
+    let result: DeliveryResult;
+    try {
+      result = await handle({ envelope: delivery.envelope, attempt: delivery.attempt, tx: lazy.tx });
+    } catch (error) {
+      // The pipeline turns a handler's errors into results; this is a bug below it. Undo, deliver again.
+      await lazy.end(false);
+      throw error;
+    }
+    const ended = await lazy.end(result.outcome === 'ack');
+    if (ended === 'duplicate') return { outcome: 'ack' };
+    if (typeof ended === 'object') return databaseFailed(ended.error);
+    if (ended !== 'unused' || result.outcome !== 'ack' || inbox === undefined) return result;
+    try {
+      await inbox.record(id);
+      return result;
+    } catch (error) {
+      return databaseFailed(error);
     }
   }
 
