@@ -129,7 +129,11 @@ export class LazyTransaction {
         if (!(await finished)) throw ROLLBACK;
       });
       // If the transaction fails before it is open (pool, BEGIN, duplicate), the handler's statement fails.
-      this.#done.catch(rejectOpened);
+      this.#done.catch((error: unknown) => {
+        if (error !== DUPLICATE) return rejectOpened(error);
+        const { subscription, id } = this.inbox!;
+        rejectOpened(new TidingsError('STOPPED', `Message ${id} was handled by another delivery to ${subscription} meanwhile: this attempt keeps none of its writes and is acknowledged`));
+      });
     });
   }
 
