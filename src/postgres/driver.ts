@@ -17,7 +17,8 @@ export interface ListenSession {
 }
 
 export interface ListenHandlers {
-  onNotification(channel: string, payload: string): void;
+  /** `fromSelf`: sent by this session's own connection (so by this notifier, which woke its consumers already). */
+  onNotification(channel: string, payload: string, fromSelf: boolean): void;
   /** The session's connection ended or failed; the notifier reconnects. */
   onEnd(error: Error | undefined): void;
 }
@@ -61,7 +62,7 @@ interface PreparingPool {
 interface PgListenClient extends Queryable {
   connect(): Promise<void>;
   end(): Promise<void>;
-  on(event: 'notification', listener: (message: { channel: string; payload?: string }) => void): void;
+  on(event: 'notification', listener: (message: { channel: string; payload?: string; processId: number }) => void): void;
   on(event: 'error' | 'end', listener: (error?: Error) => void): void;
 }
 
@@ -128,7 +129,10 @@ export async function pgDriver(options: PgDriverOptions): Promise<SqlDriver> {
         ended = true;
         handlers.onEnd(error);
       };
-      client.on('notification', (message) => handlers.onNotification(message.channel, message.payload ?? ''));
+      const own = client as unknown as { processID: number | null };
+      client.on('notification', (message) =>
+        handlers.onNotification(message.channel, message.payload ?? '', own.processID !== null && message.processId === own.processID),
+      );
       client.on('error', (error) => end(error ?? new Error('listen connection failed')));
       client.on('end', () => end(new Error('listen connection ended')));
       try {
@@ -194,7 +198,7 @@ export async function pgliteDriver(options: PgliteDriverOptions): Promise<SqlDri
     async listen(channels, handlers) {
       const unlisten: Array<() => Promise<void>> = [];
       for (const channel of channels) {
-        unlisten.push(await database.listen(channel, (payload) => handlers.onNotification(channel, payload)));
+        unlisten.push(await database.listen(channel, (payload) => handlers.onNotification(channel, payload, false)));
       }
       return {
         notify: async (channel, payload) => {

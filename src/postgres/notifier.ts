@@ -130,7 +130,7 @@ export class Notifier {
     if (this.#closed) return;
     try {
       this.#session = await this.#driver.listen([this.#options.channel], {
-        onNotification: (_channel, payload) => this.#onNotification(payload),
+        onNotification: (_channel, payload, fromSelf) => this.#onNotification(payload, fromSelf),
         onEnd: (error) => this.#onEnd(error),
       });
       this.#attempt = 0;
@@ -170,13 +170,16 @@ export class Notifier {
     return result;
   }
 
-  #onNotification(payload: string): void {
+  #onNotification(payload: string, fromSelf: boolean): void {
     if (this.#selfTest !== undefined && payload === this.#selfTest.token) {
       this.#selfTest.resolve();
       return;
     }
     if (payload.startsWith('tidings-self-test-')) return;
     this.#schedulePing();
+    // Our own NOTIFY coming back: `poke` woke this process's consumers before sending it. Waking them
+    // again would only cost each an extra read (one per commit at a steady rate).
+    if (fromSelf) return;
     if (payload === '*') return this.#wakeLocal('all');
     const topics = new Set<string>();
     for (const token of payload.split(',')) {
