@@ -58,6 +58,23 @@ export function header(h: MsgHdrs | undefined, name: string): string | undefined
   return decodeValue(h.get(name, Match.IgnoreCase));
 }
 
+/** A message's headers by lower-case name, each its first value decoded (what `header` gives, for one name). */
+export type HeaderFields = ReadonlyMap<string, string>;
+
+/**
+ * Reads every header once. A case-insensitive `MsgHdrs` look-up scans all the names, and decoding reads
+ * about fifteen of them per message: on a drain that was a tenth of the consumer's time.
+ */
+export function headerFields(h: MsgHdrs | undefined): HeaderFields {
+  const fields = new Map<string, string>();
+  if (h === undefined) return fields;
+  for (const [name, values] of h) {
+    const lower = name.toLowerCase();
+    if (!fields.has(lower)) fields.set(lower, decodeValue(values[0] ?? ''));
+  }
+  return fields;
+}
+
 /** What the wire carried, decoded as far as it goes; `problem` says why it is not a Tidings message. */
 export type Decoded = { readonly envelope: Envelope; readonly problem?: undefined } | { readonly envelope?: undefined; readonly problem: string };
 
@@ -66,12 +83,13 @@ export type Decoded = { readonly envelope: Envelope; readonly problem?: undefine
  * and a JSON payload. Tidings' own extensions default for foreign CloudEvents producers: the topic comes from
  * the subject, the key is the id (no order), the correlation id is the id, the time is the stream's.
  */
-export function decode(h: MsgHdrs | undefined, payload: Uint8Array, topicFromSubject: string, storedAt: Date): Decoded {
-  const missing = ['specversion', 'id', 'source', 'type'].filter((name) => !header(h, `ce-${name}`));
+export function decode(fields: HeaderFields, payload: Uint8Array, topicFromSubject: string, storedAtNanos: number): Decoded {
+  const header = (name: string) => fields.get(name);
+  const missing = ['specversion', 'id', 'source', 'type'].filter((name) => !header(`ce-${name}`));
   if (missing.length > 0) return { problem: `no CloudEvents attribute${missing.length > 1 ? 's' : ''} ${missing.map((m) => `ce-${m}`).join(', ')} in its headers` };
-  const specversion = header(h, 'ce-specversion');
+  const specversion = header('ce-specversion');
   if (specversion !== '1.0') return { problem: `ce-specversion is ${JSON.stringify(specversion)}, not "1.0"` };
-  const contentType = header(h, 'content-type') ?? header(h, 'ce-datacontenttype');
+  const contentType = header('content-type') ?? header('ce-datacontenttype');
   if (contentType !== undefined && !/^application\/(?:[\w.+-]+\+)?json\b/i.test(contentType)) {
     return { problem: `content-type is ${JSON.stringify(contentType)}, not application/json` };
   }
@@ -81,25 +99,25 @@ export function decode(h: MsgHdrs | undefined, payload: Uint8Array, topicFromSub
   } catch (error) {
     return { problem: `the payload is not JSON (${(error as Error).message})` };
   }
-  const id = header(h, 'ce-id')!;
-  const topic = header(h, 'ce-topic') ?? topicFromSubject;
+  const id = header('ce-id')!;
+  const topic = header('ce-topic') ?? topicFromSubject;
   if (topic !== topicFromSubject) return { problem: `ce-topic ${JSON.stringify(topic)} does not match the subject's topic ${JSON.stringify(topicFromSubject)}` };
   return {
     envelope: {
       specversion: '1.0',
       id,
-      source: header(h, 'ce-source')!,
-      type: header(h, 'ce-type')!,
-      time: header(h, 'ce-time') ?? storedAt.toISOString(),
-      subject: header(h, 'ce-subject'),
+      source: header('ce-source')!,
+      type: header('ce-type')!,
+      time: header('ce-time') ?? new Date(Math.floor(storedAtNanos / 1e6)).toISOString(),
+      subject: header('ce-subject'),
       datacontenttype: 'application/json',
       topic,
-      partitionkey: header(h, 'ce-partitionkey') ?? id,
-      tenant: header(h, 'ce-tenant'),
-      correlationid: header(h, 'ce-correlationid') ?? id,
-      causationid: header(h, 'ce-causationid'),
-      traceparent: header(h, 'ce-traceparent'),
-      tracestate: header(h, 'ce-tracestate'),
+      partitionkey: header('ce-partitionkey') ?? id,
+      tenant: header('ce-tenant'),
+      correlationid: header('ce-correlationid') ?? id,
+      causationid: header('ce-causationid'),
+      traceparent: header('ce-traceparent'),
+      tracestate: header('ce-tracestate'),
       data,
     },
   };
