@@ -40,6 +40,7 @@ import {
   type Decoded,
 } from './headers.ts';
 import { sleep } from '../core/sleep.ts';
+import { ChannelAcks } from './acks.ts';
 import type { Link } from './link.ts';
 import { declareRetryQueue, declareSubscription, retryLevel, type Names, type TopologySettings } from './topology.ts';
 
@@ -95,6 +96,8 @@ export class RabbitConsumer implements Consumer {
   /** Ids handled lately (insertion order = age), when the subscription keeps an inbox: see `recentIds`. */
   readonly #recent = new Set<string>();
   #channel: ConfirmChannel | undefined;
+  /** Acknowledgements of the current channel, sent together (see acks.ts). */
+  #acks: ChannelAcks | undefined;
   #generation = 0;
   #running = 0;
   #stopping = false;
@@ -126,6 +129,8 @@ export class RabbitConsumer implements Consumer {
       this.#retryQueues.clear();
       const generation = ++this.#generation;
       this.#channel = channel;
+      const acks = new ChannelAcks(channel);
+      this.#acks = acks;
       channel.once('close', () => this.#lost(generation));
       await channel.prefetch(this.#settings.prefetch, false);
       for (let partition = 0; partition < this.#spec.partitions; partition++) {
@@ -137,6 +142,7 @@ export class RabbitConsumer implements Consumer {
               channel.close().catch(() => undefined);
               return;
             }
+            acks.delivered(message);
             this.#arrive(partition, message, generation);
           },
           { noAck: false },
@@ -152,6 +158,8 @@ export class RabbitConsumer implements Consumer {
   #lost(generation: number): void {
     if (generation !== this.#generation) return;
     this.#channel = undefined;
+    this.#acks?.discard();
+    this.#acks = undefined;
     this.#retryQueues.clear();
     for (const [key, lane] of this.#lanes) {
       // Keep what runs (its redelivered copy must wait behind it) and the away places (order of held keys);
@@ -331,10 +339,10 @@ export class RabbitConsumer implements Consumer {
   }
 
   #ack(entry: Entry, message = entry.message!, generation = entry.generation): void {
-    if (generation !== this.#generation || this.#channel === undefined) {
+    if (generation !== this.#generation || this.#acks === undefined) {
       throw new TidingsError('BACKBONE_UNAVAILABLE', `The channel that delivered message ${entry.id} closed before its acknowledgement`, { retryable: true });
     }
-    this.#channel.ack(message);
+    this.#acks.ack(message);
   }
 
   /** Sends the message to the delay queue for `delayMs`, then acknowledges it; its place in the lane stays. */
@@ -407,7 +415,7 @@ export class RabbitConsumer implements Consumer {
       const channel = this.#channel;
       if (channel === undefined || generation !== this.#generation) return;
       await confirm(channel, '', this.#names.deadQueue(this.#spec.name), message.content, copyOptions(message, this.#deadHeaders(message, partition, reason, history, attemptsOf(message.properties.headers ?? {}) + 1)));
-      if (generation === this.#generation) channel.ack(message);
+      if (generation === this.#generation) this.#acks?.ack(message);
       this.#settings.warn(`Subscription ${this.#spec.name}: ${reason}; moved to ${this.#names.deadQueue(this.#spec.name)}`);
     } catch (error) {
       if (!this.#stopping) this.#settings.warn(`Subscription ${this.#spec.name} could not dead-letter an undecodable message; it will be delivered again`, error);
@@ -470,6 +478,12 @@ export class RabbitConsumer implements Consumer {
     const channel = this.#channel;
     this.#channel = undefined;
     this.#generation++;
+    try {
+      this.#acks?.flush();
+    } catch {
+      // Closed already: what was not acknowledged comes again.
+    }
+    this.#acks = undefined;
     await channel?.close().catch(() => undefined);
     this.#lanes.clear();
     this.#ready.length = 0;
