@@ -1,0 +1,59 @@
+/**
+ * The PostgreSQL consumer starts its next read while a batch's acknowledgement commits (when a wake-up came
+ * during the batch). That read cannot see the inbox records the acknowledgement is writing: a copy of a
+ * message of that batch (a publish retried with the same id) must still count as seen, and be handled once.
+ */
+import assert from 'node:assert/strict';
+import { after, test } from 'node:test';
+import { createBus, keyHash, type Bus } from '../src/index.ts';
+import { postgres, type PgTransaction } from '../src/postgres/index.ts';
+import { Ticked } from './fixtures/contracts.ts';
+import { connect, DATABASE_URL, dropSchema, requirePostgres, sleep, uniqueSchema, waitFor } from './helpers.ts';
+
+const schemas: string[] = [];
+const buses: Bus<PgTransaction>[] = [];
+after(async () => {
+  await Promise.all(buses.map((bus) => bus.stop().catch(() => undefined)));
+  for (const schema of schemas) await dropSchema(schema);
+});
+
+test('a copy committed while its original is being acknowledged is read ahead, and handled once (inbox)', { timeout: 30_000 }, async (t) => {
+  if (!(await requirePostgres(t))) return;
+  const schema = uniqueSchema('pf');
+  schemas.push(schema);
+  const bus = createBus({ service: 'prefetch', backbone: postgres({ url: DATABASE_URL, schema, onWarning: () => undefined }) });
+  buses.push(bus);
+  const db = await connect();
+  t.after(() => db.end());
+  const handled: string[] = [];
+  let copied = false;
+  bus.subscribe(
+    'once',
+    Ticked,
+    async (message) => {
+      handled.push(`${message.id}:${message.data.seq}`);
+      if (message.id !== 'copied' || copied) return;
+      copied = true;
+      // The copy commits during this batch, from another connection, and its NOTIFY wakes the consumer
+      // before the handler returns: the next read starts as this batch's acknowledgement is sent.
+      await db.query(
+        `insert into "${schema}".log (topic, id, type, source, time, key, key_hash, correlation_id, data)
+         values ('test.ticked', 'copied', 'test.ticked.v1', 'test', now(), 'a', $1, 'copied', '{"key":"a","seq":1}'::jsonb)`,
+        [keyHash('a')],
+      );
+      await db.query('select pg_notify($1, $2)', [schema, 'test.ticked']);
+      await sleep(100);
+    },
+    { partitions: 1, inbox: true },
+  );
+  await bus.start();
+  await bus.publish(Ticked, { key: 'a', seq: 1 }, { id: 'copied' });
+  await waitFor('the original', () => copied);
+  await bus.publish(Ticked, { key: 'a', seq: 2 });
+  await waitFor('the message after the copy', () => handled.some((h) => h.endsWith(':2')));
+  await sleep(200);
+  t.diagnostic(JSON.stringify(handled));
+  assert.deepEqual(handled.filter((h) => h.startsWith('copied')), ['copied:1'], 'the copy is not handled again');
+  const { rows } = await db.query<{ n: number }>(`select count(*)::int as n from "${schema}".log where id = 'copied'`);
+  assert.equal(rows[0]!.n, 2, 'both copies are in the log');
+});
