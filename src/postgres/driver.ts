@@ -8,6 +8,27 @@ export interface Queryable {
   query<R = Record<string, unknown>>(text: string, params?: readonly unknown[]): Promise<{ rows: R[]; rowCount?: number | null }>;
 }
 
+/**
+ * Set on a transaction's Queryable when its connection can keep statements prepared: runs `text` as the
+ * prepared statement `name` on that connection (see SqlDriver.prepared).
+ */
+export const PREPARED = Symbol('tidings.prepared');
+
+export type Prepare = <R = Record<string, unknown>>(name: string, text: string, params: readonly unknown[]) => Promise<{ rows: R[]; rowCount?: number | null }>;
+
+/** The driver as a Queryable whose statements may be prepared (see PREPARED). */
+export function preparing(driver: SqlDriver): Queryable {
+  if (driver.embedded) return driver;
+  const db: Queryable & { [PREPARED]: Prepare } = { query: (text, params) => driver.query(text, params), [PREPARED]: (name, text, params) => driver.prepared(name, text, params) };
+  return db;
+}
+
+/** Runs `text` prepared as `name` where `db` can, and as a plain statement where it cannot. */
+export function queryPrepared<R = Record<string, unknown>>(db: Queryable, name: string, text: string, params: readonly unknown[]): Promise<{ rows: R[]; rowCount?: number | null }> {
+  const prepare = (db as { [PREPARED]?: Prepare })[PREPARED];
+  return prepare === undefined ? db.query<R>(text, params) : prepare<R>(name, text, params);
+}
+
 export interface ListenSession {
   /** Sends a notification on this session's own connection. */
   notify(channel: string, payload: string): Promise<void>;
@@ -104,9 +125,13 @@ export async function pgDriver(options: PgDriverOptions): Promise<SqlDriver> {
         broken = error;
       };
       client.on('error', onError);
+      const tx: Queryable & { [PREPARED]: Prepare } = {
+        query: (text, params) => client.query(text, params),
+        [PREPARED]: (name, text, params) => (client as unknown as PreparingPool).query({ name, text, values: params as unknown[] }),
+      };
       try {
         await client.query('begin');
-        const result = await fn(client);
+        const result = await fn(tx);
         await client.query('commit');
         return result;
       } catch (error) {

@@ -5,7 +5,7 @@ import { TidingsError } from '../core/errors.ts';
 import { OptionProblems } from '../core/options.ts';
 import { PostgresConsumer, type ConsumerSettings } from './consumer.ts';
 import { deadLetterStore } from './admin.ts';
-import { checkIdentifier, pgDriver, pgliteDriver, type PGliteLike, type PgPoolLike, type SqlDriver } from './driver.ts';
+import { checkIdentifier, pgDriver, pgliteDriver, preparing, type PGliteLike, type PgPoolLike, type SqlDriver } from './driver.ts';
 import { migrate } from './migrate.ts';
 import { resolveRetention, Retention, type RetentionOptions } from './retention.ts';
 import { Notifier } from './notifier.ts';
@@ -189,9 +189,10 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
       this.#retention.start();
     }
     const batch = { ...postgresDefaults.publishBatch, ...o.publishBatch };
+    const writer = preparing(driver);
     this.#groupCommit = new GroupCommit(
       batch,
-      (messages) => insertMessages(driver, this.#sql, messages),
+      (messages) => insertMessages(writer, this.#sql, messages),
       (topics) => this.#notifier?.poke(topics),
     );
   }

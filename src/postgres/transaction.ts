@@ -1,5 +1,5 @@
 import { TidingsError } from '../core/errors.ts';
-import type { Queryable, SqlDriver } from './driver.ts';
+import { PREPARED, type Prepare, type Queryable, type SqlDriver } from './driver.ts';
 
 /** What handlers and `bus.transaction` callbacks get as `tx`: run SQL in the transaction. */
 export interface PgTransaction extends Queryable {}
@@ -12,9 +12,11 @@ export interface TrackedTransaction extends PgTransaction {
 }
 
 export function track(inner: Queryable, published = new Set<string>()): TrackedTransaction {
+  const prepare = (inner as { [PREPARED]?: Prepare })[PREPARED];
   return {
     [PUBLISHED]: published,
     query: (text, params) => inner.query(text, params),
+    ...(prepare === undefined ? {} : { [PREPARED]: prepare }),
   };
 }
 
