@@ -8,6 +8,7 @@
  */
 import type { SqlDriver, Queryable } from '../postgres/driver.ts';
 import type { PgTransaction, PostgresBackbone } from '../postgres/index.ts';
+import { isTracked, PUBLISHED, track } from '../postgres/transaction.ts';
 import { TidingsError } from '../core/errors.ts';
 
 /**
@@ -90,6 +91,7 @@ const ROLLBACK = Symbol('rollback');
  */
 export class LazyTransaction {
   readonly tx: PgTransaction;
+  readonly #published = new Set<string>();
   #opened: Promise<Queryable> | undefined;
   #done: Promise<void> | undefined;
   #finish: ((keep: boolean) => void) | undefined;
@@ -99,11 +101,9 @@ export class LazyTransaction {
     private readonly outbox: PostgresBackbone,
     private readonly inbox: { subscription: string; id: string } | undefined,
   ) {
-    this.tx = { query: (text, params) => this.#query(text, params) };
-  }
-
-  get used(): boolean {
-    return this.#opened !== undefined;
+    // Tracked like the transactions the outbox drives, so what the handler publishes through it wakes the
+    // relay as soon as it commits (see the end of #open).
+    this.tx = track({ query: (text, params) => this.#query(text, params) }, this.#published);
   }
 
   async #query<R>(text: string, params?: readonly unknown[]): Promise<{ rows: R[]; rowCount?: number | null }> {
@@ -128,6 +128,7 @@ export class LazyTransaction {
         }
         resolveOpened(inner);
         if (!(await finished)) throw ROLLBACK;
+        if (isTracked(inner)) for (const topic of this.#published) inner[PUBLISHED].add(topic);
       });
       // If the transaction fails before it is open (pool, BEGIN, duplicate), the handler's statement fails.
       this.#done.catch((error: unknown) => {
