@@ -72,6 +72,9 @@ export class NatsConsumer implements Consumer {
   readonly #token: string;
   readonly #owner = `${hostname().replace(/[^\w-]/g, '_')}-${process.pid}-${Math.random().toString(36).slice(2, 10)}`;
   readonly #lanes = new Map<number, Lane>();
+  /** Acknowledgements waiting for the end of this turn of the event loop (see #sendAcks). */
+  readonly #acks: Delivered[] = [];
+  #acksDue: NodeJS.Immediate | undefined;
   readonly #everyTopic: boolean;
   readonly #topics: ReadonlySet<string>;
   #stopping = false;
@@ -271,6 +274,7 @@ export class NatsConsumer implements Consumer {
       await lane.puller.close();
       clearTimeout(lane.holdTimer);
       while (lane.running.size > 0) await Promise.all([...lane.running]);
+      this.#sendAcks();
       for (const line of lane.keys.values()) clearTimeout(line.retryTimer);
       const left = [...lane.pulled.values()].sort((a, b) => a.seq - b.seq);
       for (const pulled of left) quietly(() => pulled.msg.nak());
@@ -486,13 +490,28 @@ export class NatsConsumer implements Consumer {
   }
 
   #done(lane: Lane, line: KeyLine, pulled: Pulled, how: 'ack' | 'term'): void {
-    // On a closed connection these throw; the message is then simply delivered again (at least once).
-    quietly(() => (how === 'ack' ? pulled.msg.ack() : pulled.msg.term()));
+    if (how === 'ack') {
+      this.#acks.push(pulled.msg);
+      this.#acksDue ??= setImmediate(() => this.#sendAcks());
+    } else {
+      quietly(() => pulled.msg.term());
+    }
     line.queue.shift();
     lane.pulled.delete(pulled.seq);
     // The pull loop may be waiting for room under max_ack_pending.
     if (lane.pulled.size === this.#maxPending - 1) lane.wakeLoop?.();
   }
+  /**
+   * Sends the acknowledgements of the handlers finished in this turn of the event loop. nats.js writes what
+   * is queued at the next microtask, so acks sent as each handler finished went out one socket write each;
+   * sent together they share one. On a closed connection they throw: the messages come again (at least once).
+   */
+  #sendAcks(): void {
+    clearImmediate(this.#acksDue);
+    this.#acksDue = undefined;
+    for (const msg of this.#acks.splice(0)) quietly(() => msg.ack());
+  }
+
 
   /**
    * Writes the dead letter to the dead-letter stream, confirmed, before the message is terminated. If NATS
