@@ -5,6 +5,12 @@
  * the publishers of the same pool. Instead: a cheap look-up before the handler (many deliveries' look-ups
  * share one statement), a transaction only if the handler touches `ctx.tx` (inbox record first, as before),
  * and for the others one shared insert of many handled ids, committed before any of them is acknowledged.
+ * What changes: two copies of one message running at the same moment (a redelivery while the first still
+ * runs; copies of one key otherwise run one after the other) may both run a handler that never uses
+ * `ctx.tx`, whose effects are at least once anyway; writes through `ctx.tx` still happen once.
+ *
+ * Measured on the outbox end-to-end row (NATS, 3,000 events): PostgreSQL statements per event 6.6 -> 4.2
+ * (of them the producer's BEGIN, INSERT, COMMIT), the process's CPU per event -15 %.
  */
 import type { SqlDriver, Queryable } from '../postgres/driver.ts';
 import type { PgTransaction, PostgresBackbone } from '../postgres/index.ts';
