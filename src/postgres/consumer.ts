@@ -56,33 +56,6 @@ interface Lane {
 
 type LaneCursor = Pick<Lane, 'done' | 'window' | 'position' | 'hi' | 'span'>;
 
-/** A lane as one read sees it: the cursor the read starts from. */
-interface LaneRead {
-  readonly lane: Lane;
-  readonly cursor: LaneCursor;
-}
-
-type ReadRow = LogRow & { lane_group: number | string; win: string; hi: number | string; range_end: number | string | null; partition: number };
-
-/** A read in flight: its lanes in groups (one scan each), and its rows. */
-interface PendingRead {
-  readonly groups: LaneRead[][];
-  readonly rows: Promise<ReadRow[]>;
-}
-
-/**
- * The next batch's read, started while the previous batch's acknowledgement commits (see #prefetch). It
- * is used only if nothing changed in between: the lanes moved exactly to the cursors it read from, and no
- * held message, retry or lease changed (`generation`).
- */
-interface Prefetch extends PendingRead {
-  readonly generation: number;
-  /** Inbox ids the acknowledgement in flight records: the read cannot see them yet. */
-  readonly handled: ReadonlySet<string>;
-  /** It cleared `dirty` when it started (it opened every window): set it again if it is dropped. */
-  readonly clearedDirty: boolean;
-}
-
 /** A window's first range spans `batchSize` x this many positions; sparse ranges double it, up to the maximum. */
 const MIN_SPAN_BATCHES = 1;
 const MAX_SPAN = 1_000_000;
@@ -144,9 +117,6 @@ export class PostgresConsumer implements Consumer {
   /** Keys with messages waiting for a retry: their later messages wait behind them. */
   readonly #parked = new Set<string>();
   #heldLoaded = false;
-  /** Moves whenever held messages, retries or lanes change: a prefetched read from before is dropped. */
-  #generation = 0;
-  #prefetch: Prefetch | undefined;
   #nextRetryAt = 0;
   #dirty = true;
   #stopping = false;
@@ -209,8 +179,6 @@ export class PostgresConsumer implements Consumer {
     this.#unregister?.();
     this.#wakeUp?.();
     await this.#loop;
-    await this.#prefetch?.rows.catch(() => undefined);
-    this.#prefetch = undefined;
     await this.#beating?.catch(() => undefined);
     await this.#rebalancing;
     const { driver, sql } = this.#ctx;
@@ -286,7 +254,6 @@ export class PostgresConsumer implements Consumer {
           });
         }
         if (acquired.length > 0) {
-          this.#generation++;
           this.#heldLoaded = false;
           this.#wake();
         }
@@ -304,7 +271,6 @@ export class PostgresConsumer implements Consumer {
   }
 
   #dropLane(partition: number): void {
-    this.#generation++;
     this.#lanes.delete(partition);
     this.#heldLoaded = false;
   }
@@ -320,12 +286,17 @@ export class PostgresConsumer implements Consumer {
           if (!this.#heldLoaded) await this.#loadHeld();
           if (this.#nextRetryAt !== 0 && this.#nextRetryAt <= Date.now()) await this.#retryDue();
           const lanes = [...this.#lanes.values()];
-          if (this.#dirty || this.#prefetch !== undefined || lanes.some((lane) => lane.window !== null)) more = await this.#readAndHandle();
+          if (this.#dirty || lanes.some((lane) => lane.window !== null)) {
+            // Only a read that opens a window for every lane sees what was committed up to now. One that
+            // goes on with an open window does not: a wake-up that came meanwhile waits for the next window,
+            // or the last commits of a burst would wait for the backstop poll.
+            if (lanes.every((lane) => lane.window === null)) this.#dirty = false;
+            more = await this.#readAndHandle();
+          }
         }
         this.#failures = 0;
       } catch (error) {
         this.#dirty = true;
-        this.#generation++;
         if (error instanceof LeaseLost) {
           this.#ctx.warn(`Subscription ${this.#spec.name}: a partition's lease was lost during a batch; the batch is left to its new owner`);
           continue;
@@ -380,95 +351,40 @@ export class PostgresConsumer implements Consumer {
     for (const row of rows) this.#parked.add(row.key);
     if (rows.length > 0) this.#nextRetryAt = Date.now();
     this.#heldLoaded = true;
-    this.#generation++;
-  }
-
-  /** Starts one read of `lanes` from their given cursors. */
-  #read(lanes: LaneRead[]): PendingRead {
-    const { driver, sql } = this.#ctx;
-    const spec = this.#spec;
-    // Lanes at the same cursor read as one group, with one scan; after a read that finds them caught up,
-    // lanes read in the same statement share their new `done`, so groups merge by themselves.
-    const byCursor = new Map<string, LaneRead[]>();
-    for (const entry of lanes) {
-      const key = `${entry.cursor.done}|${entry.cursor.window}|${entry.cursor.position}`;
-      byCursor.set(key, [...(byCursor.get(key) ?? []), entry]);
-    }
-    const groups = [...byCursor.values()];
-    const params: unknown[] = [
-      groups.map((group) => `{${group.map((entry) => entry.lane.partition).join(',')}}`),
-      groups.map((group) => group[0]!.cursor.done),
-      groups.map((group) => group[0]!.cursor.window),
-      groups.map((group) => group[0]!.cursor.position),
-      spec.topics,
-      spec.partitions,
-      spec.batchSize,
-      groups.map((group) => group[0]!.cursor.hi),
-      groups.map((group) => group[0]!.cursor.span),
-    ];
-    if (spec.inbox) params.push(spec.name);
-    const everyTopic = spec.topics.includes(EVERY_TOPIC);
-    const rows = driver
-      .prepared<ReadRow>(`tidings.${sql.schema}.read.${spec.inbox}.${everyTopic}`, sql.readLanes(spec.inbox, everyTopic), params)
-      .then((result) => result.rows);
-    return { groups, rows };
-  }
-
-  /**
-   * Called as a batch's acknowledgement is sent: if another read will follow (a wake-up came during the
-   * batch, or a window is still open), start it now, from the cursors the acknowledgement moves the lanes
-   * to, so that it runs while the acknowledgement commits instead of after it. Its rows are handled only
-   * after the acknowledgement committed (the next #readAndHandle), and only if the lanes did move there.
-   */
-  #startPrefetch(lanes: readonly Lane[], next: ReadonlyMap<number, LaneCursor>, handled: readonly string[]): void {
-    if (this.#stopping || this.#prefetch !== undefined) return;
-    const reads = lanes.map((lane) => ({ lane, cursor: next.get(lane.partition) ?? cursorOf(lane) }));
-    const opensAll = reads.every((entry) => entry.cursor.window === null);
-    if (!this.#dirty && opensAll) return; // nothing known to be waiting: the loop will idle
-    // As in #readAndHandle: a read that opens every window sees every commit so far, wake-ups included.
-    const clearedDirty = opensAll && this.#dirty;
-    if (clearedDirty) this.#dirty = false;
-    const pending = this.#read(reads);
-    pending.rows.catch(() => undefined); // awaited (and reported) when used; dropped quietly otherwise
-    this.#prefetch = { ...pending, generation: this.#generation, handled: new Set(handled), clearedDirty };
-  }
-
-  /** The prefetched read, if it still reads what a read now would; otherwise it is dropped. */
-  #takePrefetch(lanes: readonly Lane[]): Prefetch | undefined {
-    const prefetch = this.#prefetch;
-    this.#prefetch = undefined;
-    if (prefetch === undefined) return undefined;
-    const reads = prefetch.groups.flat();
-    const current =
-      prefetch.generation === this.#generation &&
-      this.#heldLoaded &&
-      reads.length === lanes.length &&
-      reads.every(({ lane, cursor }) => this.#lanes.get(lane.partition) === lane && sameCursor(lane, cursor));
-    if (current) return prefetch;
-    if (prefetch.clearedDirty) this.#dirty = true;
-    return undefined;
   }
 
   /** Reads the next batch of every lane and handles it. Returns true if more is waiting. */
   async #readAndHandle(): Promise<boolean> {
+    const { driver, sql } = this.#ctx;
     const spec = this.#spec;
     const lanes = [...this.#lanes.values()];
-    const prefetched = this.#takePrefetch(lanes);
-    let read: PendingRead;
-    if (prefetched !== undefined) {
-      read = prefetched;
-    } else {
-      // Only a read that opens a window for every lane sees what was committed up to now. One that
-      // goes on with an open window does not: a wake-up that came meanwhile waits for the next window,
-      // or the last commits of a burst would wait for the backstop poll.
-      if (lanes.every((lane) => lane.window === null)) this.#dirty = false;
-      read = this.#read(lanes.map((lane) => ({ lane, cursor: cursorOf(lane) })));
+    // Lanes at the same cursor read as one group, with one scan; after a read that finds them caught up,
+    // lanes read in the same statement share their new `done`, so groups merge by themselves.
+    const groups = new Map<string, Lane[]>();
+    for (const lane of lanes) {
+      const key = `${lane.done}|${lane.window}|${lane.position}`;
+      groups.set(key, [...(groups.get(key) ?? []), lane]);
     }
-    const grouped = read.groups;
-    const rows = await read.rows;
-    if (prefetched !== undefined && spec.inbox) {
-      for (const row of rows) if (row.position !== null && prefetched.handled.has(row.id)) row.seen = true;
-    }
+    const grouped = [...groups.values()];
+    const params: unknown[] = [
+      grouped.map((group) => `{${group.map((lane) => lane.partition).join(',')}}`),
+      grouped.map((group) => group[0]!.done),
+      grouped.map((group) => group[0]!.window),
+      grouped.map((group) => group[0]!.position),
+      spec.topics,
+      spec.partitions,
+      spec.batchSize,
+      grouped.map((group) => group[0]!.hi),
+      grouped.map((group) => group[0]!.span),
+    ];
+    if (spec.inbox) params.push(spec.name);
+    const everyTopic = spec.topics.includes(EVERY_TOPIC);
+    type Row = LogRow & { lane_group: number | string; win: string; hi: number | string; range_end: number | string | null; partition: number };
+    const { rows } = await driver.prepared<Row>(
+      `tidings.${sql.schema}.read.${spec.inbox}.${everyTopic}`,
+      sql.readLanes(spec.inbox, everyTopic),
+      params,
+    );
     const perGroup = new Map<number, { rows: LogRow[]; window: string; hi: number; rangeEnd: number | null }>();
     for (const row of rows) {
       const index = Number(row.lane_group) - 1;
@@ -489,7 +405,7 @@ export class PostgresConsumer implements Consumer {
     for (const [index, group] of grouped.entries()) {
       const entry = perGroup.get(index);
       if (entry === undefined) continue;
-      const first = group[0]!.cursor;
+      const first = group[0]!;
       const full = entry.rows.length === spec.batchSize;
       let moved: LaneCursor;
       if (full) {
@@ -502,11 +418,11 @@ export class PostgresConsumer implements Consumer {
         moved = { done: entry.window, window: null, position: null, hi: null, span: minSpan };
       }
       more ||= moved.window !== null;
-      for (const { lane } of group) next.set(lane.partition, moved);
-      if (entry.rows.length > 0) withRows.push(...group.map(({ lane }) => lane));
+      for (const lane of group) next.set(lane.partition, moved);
+      if (entry.rows.length > 0) withRows.push(...group);
       for (const row of entry.rows) {
         batch.push(row);
-        partitionOf.set(row, Number((row as ReadRow).partition));
+        partitionOf.set(row, Number((row as Row).partition));
       }
     }
     /** Lanes whose sub-batch failed: they stay where they were and read the same messages again. */
@@ -516,16 +432,13 @@ export class PostgresConsumer implements Consumer {
       const counts = new Map<number, number>();
       for (const partition of partitionOf.values()) counts.set(partition, (counts.get(partition) ?? 0) + 1);
       const parts = this.#split(batch, partitionOf, withRows, counts);
-      // One acknowledgement for the whole batch: the next read may run while it commits. (Sub-batches
-      // commit one by one; their batch is not on the latency path, and is left as it is.)
-      const beforeAck = parts.length === 1 ? (handled: readonly string[]) => this.#startPrefetch(lanes, next, handled) : undefined;
       const outcomes = await Promise.allSettled(
         parts.map(async (part) => {
           try {
-            return await this.#handleBatch(part.rows, partitionOf, part.lanes, next, counts, false, part.concurrency, beforeAck);
+            return await this.#handleBatch(part.rows, partitionOf, part.lanes, next, counts, false, part.concurrency);
           } catch (error) {
             if (!(error instanceof ReplayCarefully)) throw error;
-            return await this.#handleBatch(part.rows, partitionOf, part.lanes, next, counts, true, part.concurrency, beforeAck);
+            return await this.#handleBatch(part.rows, partitionOf, part.lanes, next, counts, true, part.concurrency);
           }
         }),
       );
@@ -549,8 +462,7 @@ export class PostgresConsumer implements Consumer {
       if (moved !== undefined && !failed.has(lane.partition) && this.#lanes.get(lane.partition) === lane) Object.assign(lane, moved);
     }
     if (failure !== undefined) throw failure;
-    // A prefetched read is on its way: the loop must come back for it rather than idle.
-    return more || this.#prefetch !== undefined;
+    return more;
   }
 
   /**
@@ -608,7 +520,6 @@ export class PostgresConsumer implements Consumer {
     counts: Map<number, number>,
     careful: boolean,
     concurrency: number,
-    beforeAck?: (handled: readonly string[]) => void,
   ): Promise<boolean> {
     const { driver, sql } = this.#ctx;
     const spec = this.#spec;
@@ -670,7 +581,6 @@ export class PostgresConsumer implements Consumer {
         JSON.stringify(held),
         JSON.stringify(dead),
       ];
-      beforeAck?.(handledIds);
       const { rows: result } =
         db === undefined ? await driver.prepared<{ fenced: number }>(`tidings.${sql.schema}.ack`, sql.ack, values) : await db.query<{ fenced: number }>(sql.ack, values);
       if (Number(result[0]?.fenced ?? 0) !== lanes.length) throw new LeaseLost();
@@ -736,7 +646,6 @@ export class PostgresConsumer implements Consumer {
     const lanes = [...this.#lanes.values()];
     const partitions = lanes.map((lane) => lane.partition);
     this.#nextRetryAt = 0;
-    this.#generation++;
     const published = new Set<string>();
     const drained = new Set<string>();
     const scope = new SharedScope(driver, published, true);
@@ -785,14 +694,6 @@ export class PostgresConsumer implements Consumer {
     const { rows } = await tx.query<LogRow>(this.#ctx.sql.messagesAt, [[position]]);
     return rows[0] === undefined ? undefined : toEnvelope(rows[0]);
   }
-}
-
-function cursorOf(lane: Lane): LaneCursor {
-  return { done: lane.done, window: lane.window, position: lane.position, hi: lane.hi, span: lane.span };
-}
-
-function sameCursor(a: LaneCursor, b: LaneCursor): boolean {
-  return a.done === b.done && a.window === b.window && a.position === b.position && a.hi === b.hi && a.span === b.span;
 }
 
 interface HeldHead {
