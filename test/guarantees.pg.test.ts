@@ -8,7 +8,7 @@ import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { after, test, type TestContext } from 'node:test';
 import { z } from 'zod';
-import { createBus, deadLetter, defineEvent, PermanentError, ValidationError, type Bus } from '../src/index.ts';
+import { createBus, deadLetter, defineEvent, PermanentError, type Bus } from '../src/index.ts';
 import { postgres, type PgTransaction } from '../src/postgres/index.ts';
 import { Ticked } from './fixtures/contracts.ts';
 import { connect, createEffects, DATABASE_URL, dropSchema, requirePostgres, sleep, uniqueSchema, waitFor } from './helpers.ts';
@@ -325,7 +325,7 @@ test('5b. kill -9 after the write, before the ack: the effect happens once, on t
   }
 });
 
-test('6. bad input: refused at publish naming the field; an undecodable row is dead-lettered and the consumer goes on', async (t) => {
+test('6. bad input written behind Tidings\' back: an undecodable row is dead-lettered and the consumer goes on', async (t) => {
   const schema = await setup(t);
   if (schema === undefined) return;
   const bus = newBus(schema);
@@ -335,13 +335,7 @@ test('6. bad input: refused at publish naming the field; an undecodable row is d
   });
   await bus.start();
 
-  const error = await bus.publish(Ticked, { key: 'x', seq: 'one' } as never).catch((e: unknown) => e);
-  assert.ok(error instanceof ValidationError);
-  assert.equal(error.code, 'INVALID_PAYLOAD');
-  assert.equal(error.contract, 'test.ticked');
-  assert.deepEqual(error.issues.map((issue) => issue.path), ['seq']);
-  assert.match(error.message, /test\.ticked.*seq/);
-
+  // (Refusal at publish is in the conformance suite; here, rows a foreign writer put in the log.)
   await bus.publish(Ticked, { key: 'x', seq: 1 });
   // Rows written behind Tidings' back: data that breaks the schema, and data that is not an object at all.
   const client = await connect();
@@ -365,5 +359,5 @@ test('6. bad input: refused at publish naming the field; an undecodable row is d
   await check.end();
   assert.deepEqual(rows.map((row) => row.message_id), ['corrupt-1', 'corrupt-2']);
   for (const row of rows) assert.match(row.reason, /invalid payload/);
-  assert.equal(logRows[0].n, 4, 'the refused publish wrote nothing');
+  assert.equal(logRows[0].n, 4, 'two published, two written by hand');
 });

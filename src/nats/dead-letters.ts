@@ -16,6 +16,7 @@ import type {
 } from '../core/broker.ts';
 import type { Envelope } from '../core/envelope.ts';
 import { TidingsError } from '../core/errors.ts';
+import { sleep } from '../core/sleep.ts';
 import { recordToHeaders, REDRIVE_FOR, toHeaders } from './codec.ts';
 import { isUnavailable, type NatsContext } from './index.ts';
 
@@ -115,7 +116,7 @@ export class NatsDeadLetters implements DeadLetterStore {
         result.messageIds.push(record.messageId);
       }
       request.onProgress?.({ done: result.count, total: matched.length });
-      if (rate !== undefined) await pause(started + (result.count / rate) * 1000 - Date.now(), request.signal);
+      if (rate !== undefined) await sleep(started + (result.count / rate) * 1000 - Date.now(), request.signal);
     }
     return result;
   }
@@ -188,17 +189,4 @@ function actorOf(request: DeadLetterActionRequest): string {
   } catch {
     return `unknown@${hostname()}`;
   }
-}
-
-function pause(ms: number, signal: AbortSignal | undefined): Promise<void> {
-  return new Promise((resolve) => {
-    if (ms <= 0 || signal?.aborted === true) return resolve();
-    const timer = setTimeout(done, ms);
-    signal?.addEventListener('abort', done, { once: true });
-    function done(): void {
-      clearTimeout(timer);
-      signal?.removeEventListener('abort', done);
-      resolve();
-    }
-  });
 }
