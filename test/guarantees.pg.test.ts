@@ -354,7 +354,10 @@ test('6. bad input written behind Tidings\' back: an undecodable row is dead-let
   await waitFor('the valid messages around the corrupt ones', () => seen.includes(2));
   assert.deepEqual(seen, [1, 2]);
   const check = await connect();
-  const { rows } = await check.query(`select message_id, reason from "${schema}".dead_letters order by id`);
+  // The dead letters are written by their batch's acknowledgement, which may commit after seq 2's handler ran.
+  const deadLetters = async () => (await check.query(`select message_id, reason from "${schema}".dead_letters order by id`)).rows;
+  await waitFor('both dead letters committed', async () => (await deadLetters()).length >= 2);
+  const rows = await deadLetters();
   const { rows: logRows } = await check.query(`select count(*)::int as n from "${schema}".log`);
   await check.end();
   assert.deepEqual(rows.map((row) => row.message_id), ['corrupt-1', 'corrupt-2']);
