@@ -4,6 +4,7 @@
  * to the source over the bus; this side only sends the command and reads the recorded result.
  */
 import { createBus } from '../core/bus.ts';
+import type { AnyContract, InputOf } from '../core/contract.ts';
 import { newId } from '../core/envelope.ts';
 import { TidingsError } from '../core/errors.ts';
 import { checkIdentifier, type Queryable } from '../postgres/driver.ts';
@@ -68,18 +69,9 @@ export async function requestDriftCheck(options: {
   timeoutMs: number;
   signal?: AbortSignal;
 }): Promise<DriftReport> {
-  const known = await listReplicas(options.db, { schema: options.schema, replica: options.replica });
-  if (known.length === 0) {
-    const all = await listReplicas(options.db, { schema: options.schema });
-    throw new TidingsError('INVALID_OPTIONS', `No replica ${JSON.stringify(options.replica)} in schema ${options.schema}${all.length > 0 ? `; there are: ${all.map((r) => r.name).join(', ')}` : ''} (tidings drift status lists them)`);
-  }
+  await requireReplica(options);
   const checkId = newId();
-  const bus = createBus({ service: 'tidings-cli', backbone: postgres({ url: options.url, schema: options.schema, migrate: false, retention: false, poolSize: 2, onWarning: () => undefined }) });
-  try {
-    await bus.send(checkContract(options.replica), { checkId, requestedBy: 'tidings-cli' });
-  } finally {
-    await bus.stop();
-  }
+  await sendCommand(options, checkContract(options.replica), { checkId, requestedBy: 'tidings-cli' });
   const s = `"${options.schema}"`;
   const deadline = Date.now() + options.timeoutMs;
   for (;;) {
@@ -92,6 +84,31 @@ export async function requestDriftCheck(options: {
       );
     }
     await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+}
+
+interface ReplicaTarget {
+  readonly url: string;
+  readonly schema: string;
+  readonly replica: string;
+  readonly db: Queryable;
+}
+
+/** Fails with the names of the replicas that do exist when `replica` is not one of them. */
+async function requireReplica(options: ReplicaTarget): Promise<void> {
+  const known = await listReplicas(options.db, { schema: options.schema, replica: options.replica });
+  if (known.length > 0) return;
+  const all = await listReplicas(options.db, { schema: options.schema });
+  throw new TidingsError('INVALID_OPTIONS', `No replica ${JSON.stringify(options.replica)} in schema ${options.schema}${all.length > 0 ? `; there are: ${all.map((r) => r.name).join(', ')}` : ''} (tidings drift status lists them)`);
+}
+
+/** Publishes one command to the replica's process from a short-lived bus of its own. */
+async function sendCommand<C extends AnyContract>(options: ReplicaTarget, command: C, data: InputOf<C>): Promise<void> {
+  const bus = createBus({ service: 'tidings-cli', backbone: postgres({ url: options.url, schema: options.schema, migrate: false, retention: false, poolSize: 2, onWarning: () => undefined }) });
+  try {
+    await bus.send(command, data);
+  } finally {
+    await bus.stop();
   }
 }
 
@@ -110,18 +127,9 @@ export async function requestRebuild(options: {
   signal?: AbortSignal;
   onProgress?: (progress: RebuildProgress) => void;
 }): Promise<RebuildReport> {
-  const known = await listReplicas(options.db, { schema: options.schema, replica: options.replica });
-  if (known.length === 0) {
-    const all = await listReplicas(options.db, { schema: options.schema });
-    throw new TidingsError('INVALID_OPTIONS', `No replica ${JSON.stringify(options.replica)} in schema ${options.schema}${all.length > 0 ? `; there are: ${all.map((r) => r.name).join(', ')}` : ''} (tidings drift status lists them)`);
-  }
+  await requireReplica(options);
   const rebuildId = newId();
-  const bus = createBus({ service: 'tidings-cli', backbone: postgres({ url: options.url, schema: options.schema, migrate: false, retention: false, poolSize: 2, onWarning: () => undefined }) });
-  try {
-    await bus.send(rebuildContract(options.replica), { rebuildId, requestedBy: 'tidings-cli' });
-  } finally {
-    await bus.stop();
-  }
+  await sendCommand(options, rebuildContract(options.replica), { rebuildId, requestedBy: 'tidings-cli' });
   const s = `"${checkIdentifier('schema', options.schema)}"`;
   let heard = Date.now();
   let last = '';
