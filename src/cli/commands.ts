@@ -421,7 +421,7 @@ function addBrokerOptions(command: Command): Command {
 }
 
 function selectionOf(ids: readonly string[], options: SelectionOptions, action?: 'redrive' | 'drop'): DeadLetterSelection {
-  const selection = { ids: ids.length > 0 ? ids : undefined, subscription: options.subscription, topic: options.topic, errorText: options.error, all: options.all === true };
+  const selection = { ids, subscription: options.subscription, topic: options.topic, errorText: options.error, all: options.all === true };
   const named = ids.length > 0 || options.subscription !== undefined || options.topic !== undefined || options.error !== undefined;
   if (action !== undefined && !named && !selection.all) {
     throw new TidingsError(

@@ -1,5 +1,6 @@
 import type { AttemptRecord, Consumer, DeliveryHandler, Outgoing, SubscriptionSpec } from './backbone.ts';
 import type { Envelope } from './envelope.ts';
+import { TidingsError } from './errors.ts';
 
 /**
  * A message broker that carries Tidings' messages (RabbitMQ, NATS JetStream). It stores and delivers; it
@@ -109,6 +110,17 @@ export interface DeadLetterStore {
   count(selection: DeadLetterSelection): Promise<number>;
   redrive(request: DeadLetterActionRequest): Promise<DeadLetterActionResult>;
   drop(request: DeadLetterActionRequest): Promise<DeadLetterActionResult>;
+}
+
+/**
+ * Refuses a selection that names nothing and does not say `all`, so that a forgotten filter never means
+ * "every dead letter". An empty id list names nothing, as an absent one.
+ */
+export function requireSelection(selection: DeadLetterSelection): void {
+  const named = (selection.ids?.length ?? 0) > 0 || selection.subscription !== undefined || selection.topic !== undefined || selection.errorText !== undefined;
+  if (!named && selection.all !== true) {
+    throw new TidingsError('INVALID_OPTIONS', 'Name the dead letters (by ids, subscription, topic or error text), or select all of them explicitly with all: true');
+  }
 }
 
 const UUID = /[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}/gi;

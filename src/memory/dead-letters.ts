@@ -7,6 +7,7 @@ import type {
   DeadLetterStore,
   DeadLetterSummary,
 } from '../core/broker.ts';
+import { requireSelection } from '../core/broker.ts';
 import { TidingsError } from '../core/errors.ts';
 import { sleep } from '../core/sleep.ts';
 import type { Entry, Stored } from './subscription.ts';
@@ -83,9 +84,7 @@ export class DeadLetterBook {
   #select(selection: DeadLetterSelection, requireFilter: boolean): DeadRecord[] {
     const ids = selection.ids === undefined || selection.ids.length === 0 ? undefined : new Set(selection.ids);
     const text = selection.errorText?.toLowerCase();
-    if (requireFilter && ids === undefined && selection.subscription === undefined && selection.topic === undefined && text === undefined && selection.all !== true) {
-      throw new TidingsError('INVALID_OPTIONS', 'Name the dead letters (by ids, subscription, topic or error text), or select all of them explicitly with all: true');
-    }
+    if (requireFilter) requireSelection(selection);
     const matched: DeadRecord[] = [];
     for (const record of this.#records.values()) {
       if (ids !== undefined && !ids.has(record.id) && !ids.has(record.message.envelope.id)) continue;

@@ -14,6 +14,7 @@ import type {
   DeadLetterStore,
   DeadLetterSummary,
 } from '../core/broker.ts';
+import { requireSelection } from '../core/broker.ts';
 import type { Envelope } from '../core/envelope.ts';
 import { TidingsError } from '../core/errors.ts';
 import { sleep } from '../core/sleep.ts';
@@ -123,12 +124,9 @@ export class NatsDeadLetters implements DeadLetterStore {
 
   /** Reads the dead-letter stream through an ordered consumer and keeps what matches, oldest first. */
   async #select(selection: DeadLetterSelection, requireFilter: boolean): Promise<Stored[]> {
-    const filtered = selection.ids !== undefined || selection.subscription !== undefined || selection.topic !== undefined || selection.errorText !== undefined;
-    if (requireFilter && !filtered && selection.all !== true) {
-      throw new TidingsError('INVALID_OPTIONS', 'Name the dead letters (by ids, subscription, topic or error text), or select all of them explicitly with all: true');
-    }
+    if (requireFilter) requireSelection(selection);
     const ctx = await this.#context();
-    const ids = selection.ids === undefined ? undefined : new Set(selection.ids);
+    const ids = selection.ids === undefined || selection.ids.length === 0 ? undefined : new Set(selection.ids);
     const text = selection.errorText?.toLowerCase();
     const all = await readAll(ctx);
     return all.filter(({ seq, record }) => {

@@ -21,6 +21,7 @@ import type {
   DeadLetterStore,
   DeadLetterSummary,
 } from '../core/broker.ts';
+import { requireSelection } from '../core/broker.ts';
 import type { Envelope } from '../core/envelope.ts';
 import { TidingsError } from '../core/errors.ts';
 import { copyOptions, decode, H_ATTEMPTS, H_DEAD_AT, H_DEAD_ID, H_DEAD_REASON, H_HISTORY, H_PARTITION, H_QUEUE, H_SUBSCRIPTION, historyOf } from './headers.ts';
@@ -121,7 +122,7 @@ export class RabbitDeadLetters implements DeadLetterStore {
   }
 
   async #act(request: DeadLetterActionRequest, action: 'redrive' | 'drop'): Promise<DeadLetterActionResult> {
-    checkSelection(request);
+    requireSelection(request);
     const result = { matched: 0, count: 0, bySubscription: {} as Record<string, number>, messageIds: [] as string[], stopped: false };
     const subscriptions = await this.#chosenSubscriptions(request);
     const started = Date.now();
@@ -253,7 +254,7 @@ function toScanned(subscription: string, message: GetMessage): Scanned {
 }
 
 function matches(letter: DeadLetter, selection: DeadLetterSelection): boolean {
-  if (selection.ids !== undefined && !selection.ids.some((id) => id === letter.id || id === letter.messageId)) return false;
+  if ((selection.ids?.length ?? 0) > 0 && !selection.ids!.some((id) => id === letter.id || id === letter.messageId)) return false;
   if (selection.subscription !== undefined && selection.subscription !== letter.subscription) return false;
   if (selection.topic !== undefined && selection.topic !== letter.topic) return false;
   if (selection.errorText !== undefined) {
@@ -264,10 +265,3 @@ function matches(letter: DeadLetter, selection: DeadLetterSelection): boolean {
   return true;
 }
 
-/** An empty selection must say `all`, so that a missing filter never means "everything" by accident. */
-export function checkSelection(selection: DeadLetterSelection): void {
-  const filtered = selection.ids !== undefined || selection.subscription !== undefined || selection.topic !== undefined || selection.errorText !== undefined;
-  if (!filtered && selection.all !== true) {
-    throw new TidingsError('INVALID_OPTIONS', 'Say which dead letters: ids, subscription, topic, errorText, or all: true');
-  }
-}
