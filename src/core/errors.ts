@@ -16,6 +16,8 @@ export type TidingsErrorCode =
   | 'BACKBONE_UNAVAILABLE'
   | 'SUBSCRIPTION_CONFLICT'
   | 'NO_TRANSACTION'
+  /** `bus.transaction()` could not commit: a statement in it failed, and the callback caught the error. */
+  | 'ROLLED_BACK'
   /** A replica's source did not answer a drift check or state transfer in time. */
   | 'SOURCE_UNAVAILABLE'
   /** A wait the caller bounded ran out (the memory backbone's `drain()`). */

@@ -9,9 +9,9 @@ import { checkIdentifier, pgDriver, pgliteDriver, preparing, type PGliteLike, ty
 import { migrate } from './migrate.ts';
 import { resolveRetention, Retention, type RetentionOptions } from './retention.ts';
 import { Notifier } from './notifier.ts';
-import { GroupCommit, insertMessages } from './publisher.ts';
+import { GroupCommit, insertMessages, insertStatement } from './publisher.ts';
 import { statements, type Statements } from './statements.ts';
-import { isTracked, PUBLISHED, track, type PgTransaction } from './transaction.ts';
+import { AT_COMMIT, isTracked, PUBLISHED, track, type PgTransaction } from './transaction.ts';
 
 export type { PgTransaction } from './transaction.ts';
 export type { Queryable, PgPoolLike, PGliteLike, SqlDriver } from './driver.ts';
@@ -210,6 +210,14 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
     }
     await this.open();
     if (tx === undefined) return this.#groupCommit!.publish(messages);
+    if (isTracked(tx) && tx[AT_COMMIT] !== undefined) {
+      // Written with the commit: one statement for all of the transaction's messages, in its round trip.
+      for (const message of messages) {
+        tx[AT_COMMIT].push(message);
+        tx[PUBLISHED].add(message.envelope.topic);
+      }
+      return;
+    }
     await insertMessages(tx, this.#sql, messages);
     if (isTracked(tx)) {
       for (const message of messages) tx[PUBLISHED].add(message.envelope.topic);
@@ -228,7 +236,11 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
   async transaction<T>(fn: (tx: PgTransaction) => Promise<T>): Promise<T> {
     await this.open();
     const published = new Set<string>();
-    const result = await this.driver.transaction((inner) => fn(track(inner, published)));
+    const outgoing: Outgoing[] = [];
+    const result = await this.driver.transaction(
+      (inner) => fn(track(inner, published, outgoing)),
+      () => (outgoing.length === 0 ? undefined : insertStatement(this.#sql, outgoing)),
+    );
     if (published.size > 0) this.#notifier?.poke(published);
     return result;
   }

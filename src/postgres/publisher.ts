@@ -1,5 +1,5 @@
 import type { Outgoing } from '../core/backbone.ts';
-import { queryPrepared, type Queryable } from './driver.ts';
+import { queryPrepared, type Queryable, type Statement } from './driver.ts';
 
 export interface GroupCommitOptions {
   /** Most messages written by one statement. */
@@ -90,34 +90,36 @@ export function messagesJson(messages: readonly Outgoing[]): string {
   return `[${parts.join(',')}]`;
 }
 
-/**
- * Writes messages with one statement, prepared where the connection allows (the parse and plan of an
- * insert cost about as much as running it, once per publish).
- */
-export async function insertMessages(
-  db: Queryable,
-  statements: { schema: string; insertMessage: string; insertMessages: string },
-  messages: readonly Outgoing[],
-): Promise<void> {
+/** The one statement that writes `messages`, prepared where the connection allows (its parse and plan cost about as much as running it). */
+export function insertStatement(statements: { schema: string; insertMessage: string; insertMessages: string }, messages: readonly Outgoing[]): Statement {
   if (messages.length === 1) {
     const { envelope: e, json, keyHash } = messages[0]!;
-    await queryPrepared(db, `tidings.${statements.schema}.insert1`, statements.insertMessage, [
-      e.topic,
-      e.id,
-      e.type,
-      e.source,
-      e.time,
-      e.subject ?? null,
-      e.partitionkey,
-      keyHash,
-      e.tenant ?? null,
-      e.correlationid,
-      e.causationid ?? null,
-      e.traceparent ?? null,
-      e.tracestate ?? null,
-      json,
-    ]);
-    return;
+    return {
+      name: `tidings.${statements.schema}.insert1`,
+      text: statements.insertMessage,
+      params: [
+        e.topic,
+        e.id,
+        e.type,
+        e.source,
+        e.time,
+        e.subject ?? null,
+        e.partitionkey,
+        keyHash,
+        e.tenant ?? null,
+        e.correlationid,
+        e.causationid ?? null,
+        e.traceparent ?? null,
+        e.tracestate ?? null,
+        json,
+      ],
+    };
   }
-  await queryPrepared(db, `tidings.${statements.schema}.insertn`, statements.insertMessages, [messagesJson(messages)]);
+  return { name: `tidings.${statements.schema}.insertn`, text: statements.insertMessages, params: [messagesJson(messages)] };
+}
+
+/** Writes messages with one statement. */
+export async function insertMessages(db: Queryable, statements: { schema: string; insertMessage: string; insertMessages: string }, messages: readonly Outgoing[]): Promise<void> {
+  const { name, text, params } = insertStatement(statements, messages);
+  await queryPrepared(db, name!, text, params);
 }

@@ -1,3 +1,4 @@
+import type { Outgoing } from '../core/backbone.ts';
 import { TidingsError } from '../core/errors.ts';
 import { PREPARED, type Prepare, type Queryable, type SqlDriver } from './driver.ts';
 
@@ -6,15 +7,22 @@ export interface PgTransaction extends Queryable {}
 
 /** Topics published through a transaction Tidings drives, to wake their consumers once it commits. */
 export const PUBLISHED = Symbol('tidings.published');
+/**
+ * Messages published through a `bus.transaction()`, written by one statement with its commit. Absent on
+ * handlers' transactions: an attempt rolled back to its savepoint must take its messages with it.
+ */
+export const AT_COMMIT = Symbol('tidings.atCommit');
 
 export interface TrackedTransaction extends PgTransaction {
   readonly [PUBLISHED]: Set<string>;
+  readonly [AT_COMMIT]?: Outgoing[];
 }
 
-export function track(inner: Queryable, published = new Set<string>()): TrackedTransaction {
+export function track(inner: Queryable, published = new Set<string>(), atCommit?: Outgoing[]): TrackedTransaction {
   const prepare = (inner as { [PREPARED]?: Prepare })[PREPARED];
   return {
     [PUBLISHED]: published,
+    ...(atCommit === undefined ? {} : { [AT_COMMIT]: atCommit }),
     query: (text, params) => inner.query(text, params),
     ...(prepare === undefined ? {} : { [PREPARED]: prepare }),
   };

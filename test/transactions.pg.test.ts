@@ -1,0 +1,197 @@
+/**
+ * `bus.transaction()` on a PostgreSQL server: BEGIN travels with the first statement, the transaction's
+ * messages are written by one statement that travels with COMMIT, and a transaction that only publishes
+ * is that one statement alone. These tests hold the outcome to what a transaction promises, however few
+ * round trips it takes: everything or nothing, errors surfaced, with a pipelining pool (ours) and without
+ * (one the caller gives).
+ */
+import assert from 'node:assert/strict';
+import { after, test, type TestContext } from 'node:test';
+import pg from 'pg';
+import { createBus, TidingsError, type Bus } from '../src/index.ts';
+import { postgres, type PgTransaction } from '../src/postgres/index.ts';
+import { Ticked } from './fixtures/contracts.ts';
+import { connect, DATABASE_URL, dropSchema, requirePostgres, sleep, uniqueSchema, waitFor } from './helpers.ts';
+
+const schemas: string[] = [];
+const buses: Bus<PgTransaction>[] = [];
+const pools: pg.Pool[] = [];
+after(async () => {
+  await Promise.all(buses.map((bus) => bus.stop().catch(() => undefined)));
+  await Promise.all(pools.map((pool) => pool.end().catch(() => undefined)));
+  for (const schema of schemas) await dropSchema(schema);
+});
+
+type Pooling = 'own pool (pipelined)' | 'caller pool (not pipelined)';
+const POOLINGS: Pooling[] = ['own pool (pipelined)', 'caller pool (not pipelined)'];
+
+async function setup(t: TestContext, pooling: Pooling) {
+  if (!(await requirePostgres(t))) return undefined;
+  const schema = uniqueSchema('tx');
+  schemas.push(schema);
+  const common = { schema, pollMs: 1_000, onWarning: () => undefined };
+  let backbone;
+  if (pooling === 'own pool (pipelined)') backbone = postgres({ url: DATABASE_URL, ...common });
+  else {
+    const pool = new pg.Pool({ connectionString: DATABASE_URL, max: 6 });
+    pools.push(pool);
+    backbone = postgres({ pool, ...common });
+  }
+  const bus = createBus({ service: 'tx-test', backbone });
+  buses.push(bus);
+  const seen: string[] = [];
+  bus.subscribe('seen', Ticked, (message) => {
+    seen.push(`${message.data.key}:${message.data.seq}`);
+  });
+  await bus.start();
+  await bus.transaction(async (tx) => {
+    await tx.query(`create table ${schema}.orders (id text primary key, total int not null check (total >= 0))`);
+  });
+  const orders = async () => {
+    const client = await connect();
+    try {
+      return (await client.query<{ id: string }>(`select id from ${schema}.orders order by id`)).rows.map((row) => row.id);
+    } finally {
+      await client.end();
+    }
+  };
+  const logged = async () => {
+    const client = await connect();
+    try {
+      return Number((await client.query<{ n: string }>(`select count(*) as n from ${schema}.log`)).rows[0]!.n);
+    } finally {
+      await client.end();
+    }
+  };
+  return { schema, bus, seen, orders, logged };
+}
+
+for (const pooling of POOLINGS) {
+  test(`${pooling}: a write and its events commit together, each key's in the order published; nothing when the callback throws`, async (t) => {
+    const s = await setup(t, pooling);
+    if (s === undefined) return;
+    const { schema, bus, seen, orders } = s;
+    // Only publishes: one statement, committed on its own.
+    await bus.transaction(async (tx) => {
+      await bus.publish(Ticked, { key: 'a', seq: 1 }, { tx });
+      await bus.publishMany(Ticked, [{ key: 'a', seq: 2 }, { key: 'a', seq: 3 }], { tx });
+    });
+    // A write first (BEGIN goes with it), then events (they go with COMMIT).
+    await bus.transaction(async (tx) => {
+      await tx.query(`insert into ${schema}.orders (id, total) values ('o1', 10)`);
+      await bus.publish(Ticked, { key: 'b', seq: 1 }, { tx });
+    });
+    // Events first, then a write: the events are still written with the commit.
+    await bus.transaction(async (tx) => {
+      await bus.publish(Ticked, { key: 'c', seq: 1 }, { tx });
+      await tx.query(`insert into ${schema}.orders (id, total) values ('o2', 20)`);
+    });
+    // Rolled back: the callback throws after publishing and writing.
+    await assert.rejects(
+      bus.transaction(async (tx) => {
+        await tx.query(`insert into ${schema}.orders (id, total) values ('o3', 30)`);
+        await bus.publish(Ticked, { key: 'rolled-back', seq: 1 }, { tx });
+        throw new Error('changed my mind');
+      }),
+      /changed my mind/,
+    );
+    // Rolled back: only publishes, then a throw (no statement was ever sent).
+    await assert.rejects(
+      bus.transaction(async (tx) => {
+        await bus.publish(Ticked, { key: 'rolled-back', seq: 2 }, { tx });
+        throw new Error('nothing sent');
+      }),
+      /nothing sent/,
+    );
+    await waitFor('5 messages', () => seen.length >= 5);
+    await sleep(300); // a rolled-back message would have arrived by now
+    // Keys are handled in parallel: order holds within each key.
+    assert.deepEqual([...seen].sort(), ['a:1', 'a:2', 'a:3', 'b:1', 'c:1']);
+    assert.deepEqual(
+      seen.filter((entry) => entry.startsWith('a:')),
+      ['a:1', 'a:2', 'a:3'],
+    );
+    assert.deepEqual(await orders(), ['o1', 'o2']);
+  });
+
+  test(`${pooling}: a failed statement whose error the callback catches rolls everything back and says so (ROLLED_BACK)`, async (t) => {
+    const s = await setup(t, pooling);
+    if (s === undefined) return;
+    const { schema, bus, orders, logged } = s;
+    const attempt = bus.transaction(async (tx) => {
+      await tx.query(`insert into ${schema}.orders (id, total) values ('kept?', 1)`);
+      await bus.publish(Ticked, { key: 'k', seq: 1 }, { tx });
+      await tx.query(`insert into ${schema}.orders (id, total) values ('negative', -1)`).catch(() => undefined); // check violation, swallowed
+      return 'returned normally';
+    });
+    await assert.rejects(attempt, (error: unknown) => error instanceof TidingsError && error.code === 'ROLLED_BACK');
+    assert.deepEqual(await orders(), []);
+    assert.equal(await logged(), 0);
+    // The connection went back to the pool in a usable state.
+    await bus.transaction(async (tx) => {
+      await tx.query(`insert into ${schema}.orders (id, total) values ('after', 1)`);
+      await bus.publish(Ticked, { key: 'k', seq: 2 }, { tx });
+    });
+    assert.deepEqual(await orders(), ['after']);
+    assert.equal(await logged(), 1);
+  });
+
+  test(`${pooling}: when the events' insert fails at commit, the transaction's writes are rolled back and the error reaches the caller`, async (t) => {
+    const s = await setup(t, pooling);
+    if (s === undefined) return;
+    const { schema, bus, seen, orders, logged } = s;
+    // Another session locks the log, so the insert that travels with COMMIT times out.
+    const locker = await connect();
+    await locker.query('begin');
+    await locker.query(`lock table ${schema}.log in access exclusive mode`);
+    const attempt = bus.transaction(async (tx) => {
+      await tx.query(`set local lock_timeout = '200ms'`);
+      await tx.query(`insert into ${schema}.orders (id, total) values ('o1', 1)`);
+      await bus.publish(Ticked, { key: 'locked-out', seq: 1 }, { tx });
+    });
+    await assert.rejects(attempt, /lock timeout/);
+    await locker.query('rollback');
+    await locker.end();
+    assert.deepEqual(await orders(), []);
+    assert.equal(await logged(), 0);
+    // And the next transaction goes through on the same pool.
+    await bus.transaction(async (tx) => {
+      await tx.query(`insert into ${schema}.orders (id, total) values ('o2', 2)`);
+      await bus.publish(Ticked, { key: 'after', seq: 1 }, { tx });
+    });
+    await waitFor('the later message', () => seen.length >= 1);
+    assert.deepEqual(seen, ['after:1']);
+    assert.deepEqual(await orders(), ['o2']);
+  });
+
+  test(`${pooling}: 10 concurrent producers, 2,000 transactions with a write and an event each: every pair once, none without the other`, async (t) => {
+    const s = await setup(t, pooling);
+    if (s === undefined) return;
+    const { schema, bus, seen, orders } = s;
+    const total = 2_000;
+    let next = 0;
+    await Promise.all(
+      Array.from({ length: 10 }, async () => {
+        while (next < total) {
+          const seq = next++;
+          // Every 10th transaction fails after both statements: neither may appear.
+          await bus
+            .transaction(async (tx) => {
+              await tx.query(`insert into ${schema}.orders (id, total) values ($1, $2)`, [`o${seq}`, seq]);
+              await bus.publish(Ticked, { key: `k${seq % 50}`, seq }, { tx });
+              if (seq % 10 === 9) throw new Error('fail on purpose');
+            })
+            .catch((error: unknown) => {
+              if (!(error instanceof Error) || error.message !== 'fail on purpose') throw error;
+            });
+        }
+      }),
+    );
+    const expected = Array.from({ length: total }, (_, seq) => seq).filter((seq) => seq % 10 !== 9);
+    await waitFor(`${expected.length} messages`, () => seen.length >= expected.length, 30_000);
+    await sleep(300);
+    const handled = seen.map((entry) => Number(entry.split(':')[1])).sort((a, b) => a - b);
+    assert.deepEqual(handled, expected);
+    assert.deepEqual((await orders()).map((id) => Number(id.slice(1))).sort((a, b) => a - b), expected);
+  });
+}
