@@ -24,7 +24,7 @@ import { RESULT_MARK, type ChildResult, type Task, type Workload } from './lib/t
 const here = dirname(fileURLToPath(import.meta.url));
 const root = join(here, '..');
 const SERVER = 'postgres://postgres@127.0.0.1:5432';
-/** src/ as it was when the run began: every round measures the same code even if src/ changes meanwhile. */
+/** The build of src/ as it was when the run began: every round measures the same code even if src/ changes meanwhile. */
 const snapshot = join(here, '.snapshot', String(process.pid));
 
 const { values: args } = parseArgs({
@@ -174,6 +174,13 @@ async function environment(): Promise<Record<string, unknown>> {
   };
 }
 
+/** Compiles src/ the way `npm run build` does, into the snapshot: what users run, without tsx's transform. */
+function buildSnapshot(): void {
+  const tsc = join(root, 'node_modules', 'typescript', 'bin', 'tsc');
+  execFileSync(process.execPath, [tsc, '-p', join(root, 'tsconfig.build.json'), '--outDir', snapshot, '--declaration', 'false', '--sourceMap', 'false'], { cwd: root, stdio: 'inherit' });
+  cpSync(join(root, 'src', 'postgres', 'migrations'), join(snapshot, 'postgres', 'migrations'), { recursive: true });
+}
+
 // ---- children -------------------------------------------------------------------------------------
 
 function runTask(task: Task): Promise<ChildResult> {
@@ -182,7 +189,7 @@ function runTask(task: Task): Promise<ChildResult> {
     const child = spawn(process.execPath, ['--import', 'tsx', file, JSON.stringify(task)], {
       cwd: root,
       stdio: ['ignore', 'pipe', 'pipe'],
-      env: { ...process.env, NODE_NO_WARNINGS: '1', TIDINGS_SRC: join(snapshot, 'src') },
+      env: { ...process.env, NODE_NO_WARNINGS: '1', TIDINGS_BUILD: snapshot },
     });
     let stdout = '';
     let stderr = '';
@@ -256,7 +263,7 @@ async function run(started: number): Promise<void> {
   const env = await environment();
   // Snapshots left by runs that were killed (only one run holds the lock, so none is in use).
   rmSync(join(here, '.snapshot'), { recursive: true, force: true });
-  cpSync(join(root, 'src'), join(snapshot, 'src'), { recursive: true });
+  buildSnapshot();
   log(`Tidings benchmark (${quick ? 'quick' : 'full'}, ${sizes.rounds} round${sizes.rounds > 1 ? 's' : ''}), database ${database} (synchronous_commit ${String((env.postgres as { synchronous_commit: string }).synchronous_commit)})`);
 
   const plan = steps(quick)

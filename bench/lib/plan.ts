@@ -93,6 +93,8 @@ const tidingsEffects: Row = {
   group: 'guarantees',
   reference: true,
 };
+/** T5: the producers' commit rate with no consumer taking CPU from them, beside the raw single-row commits. */
+const tidingsProducers: Row = { system: 'tidings', label: 'Tidings, producers only (no consumer)', variant: { ...plain, producersOnly: true }, group: 'guarantees' };
 const tidingsNoInbox: Row = { system: 'tidings', label: 'Tidings, 1k keys, inbox off, no-op', variant: noInbox, group: 'guarantees' };
 const peersEffects: Row[] = [
   { system: 'pgboss', label: 'pg-boss, insert (own connection)', variant: effects, group: 'guarantees' },
@@ -115,7 +117,7 @@ export function steps(quick: boolean): Step[] {
     { workload: 'raw', rows: [{ system: 'raw', label: 'PostgreSQL (pg)', variant: plain, group: 'raw' }] },
     { workload: 'bulk', rows: base },
     { workload: 'drain', rows: [...base, ...guarantees, ...(quick ? [] : [tidingsNoInbox])] },
-    { workload: 'e2e', rows: [...base, tidingsKeyed, tidingsEffects] },
+    { workload: 'e2e', rows: [...base, tidingsKeyed, tidingsEffects, tidingsProducers] },
     { workload: 'standalone', rows: base },
     { workload: 'fanout', rows: base },
     { workload: 'latency', rows: [...base, tidingsKeyed, tidingsEffects] },

@@ -18,12 +18,11 @@ import type { BrokerBackbone } from '../../src/outbox/index.ts';
 import type { PgTransaction, PostgresBackbone } from '../../src/postgres/index.ts';
 import { CHUNK, CONCURRENCY, Handled, PARTITIONS, PRODUCERS } from './broker-child.ts';
 import { latencyPhases, makeEvent, monitorClient, now, produce, rate, type BenchEvent } from './child.ts';
+import { tidings } from './tidings.ts';
 import type { ChildResult, Task } from './types.ts';
 
-/** The snapshot of src/ the parent took (see bench/systems/tidings.ts), or src/ when run by hand. */
-export const source = process.env.TIDINGS_SRC ?? new URL('../../src', import.meta.url).pathname;
-const { createBus, defineEvent } = (await import(`${source}/index.ts`)) as typeof import('../../src/index.ts');
-const { postgres } = (await import(`${source}/postgres/index.ts`)) as typeof import('../../src/postgres/index.ts');
+const { createBus, defineEvent } = await tidings<typeof import('../../src/index.ts')>('index');
+const { postgres } = await tidings<typeof import('../../src/postgres/index.ts')>('postgres/index');
 
 /** The outbox schema of the outbox rows; one benchmark runs at a time (the parent's lock). */
 const OUTBOX_SCHEMA = 'tidings_bench_outbox';

@@ -12,6 +12,8 @@ export interface Variant {
   inbox: boolean;
   /** Tidings on a broker: publishes go through a PostgreSQL outbox and the relay (bench/lib/tidings-broker.ts). */
   outbox?: boolean;
+  /** Workload 3 with nothing consuming: the producers' own commit rate (T5). */
+  producersOnly?: boolean;
 }
 
 export interface Task {

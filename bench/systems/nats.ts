@@ -1,9 +1,10 @@
 /** Tidings on NATS JetStream (workloads 2, 3, 5; bench/lib/tidings-broker.ts), in a stream of its own per task. */
 import { deleteNats, NATS_BUCKETS, NATS_PROCESSES, NATS_STREAM_MARK, NATS_URL, natsUnacked, uniqueId } from '../lib/broker-child.ts';
 import { runChild } from '../lib/child.ts';
-import { source, tidingsOnBroker } from '../lib/tidings-broker.ts';
+import { tidingsOnBroker } from '../lib/tidings-broker.ts';
+import { tidings } from '../lib/tidings.ts';
 
-const { nats } = (await import(`${source}/nats/index.ts`)) as typeof import('../../src/nats/index.ts');
+const { nats } = await tidings<typeof import('../../src/nats/index.ts')>('nats/index');
 
 const id = uniqueId();
 const stream = `${NATS_STREAM_MARK}${id}`;

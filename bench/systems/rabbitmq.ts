@@ -1,9 +1,10 @@
 /** Tidings on RabbitMQ (workloads 2, 3, 5; bench/lib/tidings-broker.ts), in a queue and exchange prefix of its own per task. */
 import { deleteRabbit, PARTITIONS, RABBITMQ_PROCESSES, RABBITMQ_URL, rabbitReady, uniqueId } from '../lib/broker-child.ts';
 import { runChild } from '../lib/child.ts';
-import { Ev, source, tidingsOnBroker } from '../lib/tidings-broker.ts';
+import { Ev, tidingsOnBroker } from '../lib/tidings-broker.ts';
+import { tidings } from '../lib/tidings.ts';
 
-const { rabbitmq, Names } = (await import(`${source}/rabbitmq/index.ts`)) as typeof import('../../src/rabbitmq/index.ts');
+const { rabbitmq, Names } = await tidings<typeof import('../../src/rabbitmq/index.ts')>('rabbitmq/index');
 
 const prefix = `tbench.${uniqueId()}.`;
 const names = new Names(prefix);

@@ -18,13 +18,12 @@ import pg from 'pg';
 import { z } from 'zod';
 import { monitorClient, now, percentile, rate, runChild, sleep } from '../lib/child.ts';
 import type { DataOf } from '../../src/index.ts';
+import { tidings } from '../lib/tidings.ts';
 import type { ChildResult, Task } from '../lib/types.ts';
 
-/** The Tidings source to measure: the parent's snapshot of src/, or src/ when run by hand (see tidings.ts). */
-const source = process.env.TIDINGS_SRC ?? new URL('../../src', import.meta.url).pathname;
-const { createBus, defineEvent } = (await import(`${source}/index.ts`)) as typeof import('../../src/index.ts');
-const { postgres } = (await import(`${source}/postgres/index.ts`)) as typeof import('../../src/postgres/index.ts');
-const replicas = (await import(`${source}/replica/index.ts`)) as typeof import('../../src/replica/index.ts');
+const { createBus, defineEvent } = await tidings<typeof import('../../src/index.ts')>('index');
+const { postgres } = await tidings<typeof import('../../src/postgres/index.ts')>('postgres/index');
+const replicas = await tidings<typeof import('../../src/replica/index.ts')>('replica/index');
 
 const SCHEMA = 'replica_bench';
 const scrypt = promisify(scryptCallback) as (password: string, salt: Buffer, keylen: number, options: { N: number }) => Promise<Buffer>;

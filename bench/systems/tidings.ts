@@ -17,15 +17,11 @@ import {
   runChild,
   type BenchEvent,
 } from '../lib/child.ts';
+import { tidings } from '../lib/tidings.ts';
 import type { ChildResult, Task } from '../lib/types.ts';
 
-/**
- * The Tidings source to measure: the snapshot of src/ the parent took when the run began (so that every
- * round measures the same code while src/ is being edited), or src/ itself when run by hand.
- */
-const source = process.env.TIDINGS_SRC ?? new URL('../../src', import.meta.url).pathname;
-const { createBus, defineEvent } = (await import(`${source}/index.ts`)) as typeof import('../../src/index.ts');
-const { postgres } = (await import(`${source}/postgres/index.ts`)) as typeof import('../../src/postgres/index.ts');
+const { createBus, defineEvent } = await tidings<typeof import('../../src/index.ts')>('index');
+const { postgres } = await tidings<typeof import('../../src/postgres/index.ts')>('postgres/index');
 
 const SCHEMA = 'tidings_bench';
 const PRODUCERS = 10;
@@ -138,7 +134,8 @@ async function endToEnd(task: Task, standalone: boolean): Promise<ChildResult> {
   await freshSchema(task);
   const counter = new Counter();
   const bus = newBus(task);
-  bus.subscribe('e2e', Ev, handlerFor(task, counter), subscribeOptions(task, 'now'));
+  const consuming = task.variant.producersOnly !== true;
+  if (consuming) bus.subscribe('e2e', Ev, handlerFor(task, counter), subscribeOptions(task, 'now'));
   await bus.start();
   const acked = await acknowledged(task, ['e2e']);
   const q0 = queriesSoFar();
@@ -149,8 +146,10 @@ async function endToEnd(task: Task, standalone: boolean): Promise<ChildResult> {
     else await bus.transaction(async (tx) => bus.publish(Ev, event, { tx }));
   });
   const producedMs = now() - t0;
-  await counter.until(task.events, task.timeoutMs);
-  await pollUntil(async () => (await acked()) >= task.events, 30_000, 'all acknowledged');
+  if (consuming) {
+    await counter.until(task.events, task.timeoutMs);
+    await pollUntil(async () => (await acked()) >= task.events, 30_000, 'all acknowledged');
+  }
   const ms = now() - t0;
   await bus.stop();
   const queriesPerEvent = (queriesSoFar() - q0) / task.events;
