@@ -526,3 +526,49 @@ test('100,000 messages through one subscription: each once, in order per key (ti
     `published ${total} in ${Math.round(published - started)} ms, handled all in ${Math.round(done - published)} ms more (${Math.round(total / ((done - started) / 1_000))} messages/s end to end)`,
   );
 });
+
+test('ctx.signal: quiet when the handler finishes, already aborted when first read after a timeout, aborted when the bus stops', async (t) => {
+  const seen: Array<{ seq: number; aborted: boolean; reason?: string | undefined }> = [];
+  const timeouts = busOn(t);
+  timeouts.subscribe(
+    'signals',
+    Ticked,
+    async (message, ctx) => {
+      const seq = message.data.seq;
+      if (seq === 1) await sleep(150); // outlives its timeout without looking at the signal, then looks
+      seen.push({ seq, aborted: ctx.signal.aborted, reason: (ctx.signal.reason as Error | undefined)?.name });
+    },
+    { timeoutMs: 60, retry: { immediate: 0, delayed: [] } },
+  );
+  await timeouts.start();
+  await timeouts.publishMany(Ticked, [
+    { key: 'a', seq: 0 },
+    { key: 'b', seq: 1 },
+  ]);
+  await waitFor('both handlers', () => seen.length === 2);
+  assert.deepEqual(
+    seen.sort((a, b) => a.seq - b.seq),
+    [
+      { seq: 0, aborted: false, reason: undefined },
+      { seq: 1, aborted: true, reason: 'HandlerTimeoutError' },
+    ],
+  );
+
+  const stopped = busOn(t);
+  let entered!: () => void;
+  const inHandler = new Promise<void>((resolve) => {
+    entered = resolve;
+  });
+  let abortedByStop = false;
+  stopped.subscribe('waits-for-stop', Ticked, async (_message, ctx) => {
+    const signal = ctx.signal;
+    entered();
+    await new Promise((resolve) => signal.addEventListener('abort', resolve, { once: true }));
+    abortedByStop = signal.aborted;
+  });
+  await stopped.start();
+  await stopped.publish(Ticked, { key: 'c', seq: 2 });
+  await inHandler;
+  await stopped.stop();
+  assert.equal(abortedByStop, true);
+});

@@ -111,13 +111,13 @@ export function createPipeline<Tx>(options: PipelineOptions<Tx>): DeliveryHandle
       return { outcome: 'dead-letter', reason: `invalid payload: ${(error as Error).message}`, error: describeError(error) };
     }
     const message = toMessage(envelope, data);
-    const controller = new AbortController();
-    const onStop = () => controller.abort(options.stopping.reason);
-    options.stopping.addEventListener('abort', onStop, { once: true });
+    const abort = new LazyAbort(options.stopping);
     const context: HandlerContext<Tx> = {
       subscription: options.subscription,
       attempt,
-      signal: controller.signal,
+      get signal(): AbortSignal {
+        return abort.signal;
+      },
       get tx(): Tx {
         if (delivery.tx === undefined) {
           throw new TidingsError('NO_TRANSACTION', 'This backbone offers no transaction to handlers (context.tx): give a broker backbone an outbox database');
@@ -128,7 +128,7 @@ export function createPipeline<Tx>(options: PipelineOptions<Tx>): DeliveryHandle
     };
     try {
       const outcome = await handlerScope.run({ message, tx: delivery.tx }, () =>
-        withTimeout(runChain(options.middleware, route.handler, message, context), options.timeoutMs, controller, ref),
+        withTimeout(runChain(options.middleware, route.handler, message, context), options.timeoutMs, abort, ref),
       );
       if (outcome === undefined || outcome === null) return { outcome: 'ack' };
       const error = { name: 'Outcome', message: outcome.reason };
@@ -143,9 +143,43 @@ export function createPipeline<Tx>(options: PipelineOptions<Tx>): DeliveryHandle
       if (delay === undefined) return exhausted(attempt, record);
       return { outcome: 'retry', delayMs: delay, error: record };
     } finally {
-      options.stopping.removeEventListener('abort', onStop);
+      abort.dispose();
     }
   };
+}
+
+/**
+ * A handler's `signal`, made only when the handler reads it: most never do, and an AbortController with a
+ * listener on the consumer's stop signal costs about as much as the rest of a delivery.
+ */
+class LazyAbort {
+  #controller: AbortController | undefined;
+  #aborted = false;
+  #reason: unknown;
+
+  constructor(private readonly stopping: AbortSignal) {}
+
+  get signal(): AbortSignal {
+    if (this.#controller === undefined) {
+      this.#controller = new AbortController();
+      if (this.#aborted) this.#controller.abort(this.#reason);
+      else if (this.stopping.aborted) this.#controller.abort(this.stopping.reason);
+      else this.stopping.addEventListener('abort', this.#onStop, { once: true });
+    }
+    return this.#controller.signal;
+  }
+
+  abort(reason: unknown): void {
+    this.#aborted = true;
+    this.#reason = reason;
+    this.#controller?.abort(reason);
+  }
+
+  dispose(): void {
+    if (this.#controller !== undefined) this.stopping.removeEventListener('abort', this.#onStop);
+  }
+
+  readonly #onStop = (): void => this.#controller?.abort(this.stopping.reason);
 }
 
 function exhausted(attempt: number, error: ErrorRecord): DeliveryResult {
@@ -174,7 +208,7 @@ function runChain<Tx>(
   return step(0);
 }
 
-async function withTimeout<T>(work: Promise<T>, timeoutMs: number, controller: AbortController, ref: { id: string; topic: string; key: string }): Promise<T> {
+async function withTimeout<T>(work: Promise<T>, timeoutMs: number, controller: LazyAbort, ref: { id: string; topic: string; key: string }): Promise<T> {
   if (timeoutMs <= 0) return work;
   let timer: NodeJS.Timeout | undefined;
   const timeout = new Promise<never>((_, reject) => {
