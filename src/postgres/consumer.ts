@@ -2,7 +2,7 @@ import { hostname } from 'node:os';
 import { EVERY_TOPIC, type AttemptRecord, type Consumer, type DeliveryHandler, type DeliveryResult, type SubscriptionSpec } from '../core/backbone.ts';
 import type { Envelope } from '../core/envelope.ts';
 import { describeError, TidingsError } from '../core/errors.ts';
-import type { Queryable, SqlDriver } from './driver.ts';
+import { queryPrepared, type Queryable, type SqlDriver, type Statement } from './driver.ts';
 import type { Notifier } from './notifier.ts';
 import type { LogRow, Statements } from './statements.ts';
 import { AttemptScope, Gate, SharedScope, type PgTransaction } from './transaction.ts';
@@ -64,6 +64,9 @@ const MAX_SPAN = 1_000_000;
  * connection publishers may be waiting for), worth it only when it spares many statements in line.
  */
 const MIN_SUB_BATCH = 32;
+
+/** SQLSTATE the acknowledgement raises when a lease was lost (migration 004). */
+const LEASE_LOST = 'TDL01';
 
 class LeaseLost extends Error {
   override name = 'LeaseLost';
@@ -567,8 +570,10 @@ export class PostgresConsumer implements Consumer {
       });
     };
 
-    const ack = async (db: Queryable | undefined) => {
-      const values = [
+    const ackStatement = (): Statement => ({
+      name: `tidings.${sql.schema}.ack`,
+      text: sql.ack,
+      params: [
         spec.name,
         this.#owner,
         lanes.map((lane) => lane.partition),
@@ -580,32 +585,30 @@ export class PostgresConsumer implements Consumer {
         handledIds,
         JSON.stringify(held),
         JSON.stringify(dead),
-      ];
-      const { rows: result } =
-        db === undefined ? await driver.prepared<{ fenced: number }>(`tidings.${sql.schema}.ack`, sql.ack, values) : await db.query<{ fenced: number }>(sql.ack, values);
-      if (Number(result[0]?.fenced ?? 0) !== lanes.length) throw new LeaseLost();
-    };
+      ],
+    });
 
-    if (careful) {
-      await scope.run(async () => {
-        await handleAll();
-        await ack(scope.connection!);
-      });
-    } else {
-      await handleAll();
-      if (scope.abandoned) {
-        await scope.rollback();
-        throw new ReplayCarefully();
-      }
-      if (scope.open) {
-        await ack(scope.connection!).catch(async (error: unknown) => {
-          await scope.rollback();
-          throw error;
+    try {
+      if (careful) {
+        await scope.run(async () => {
+          await handleAll();
+          const { name, text, params } = ackStatement();
+          await queryPrepared(scope.connection!, name!, text, params);
         });
-        await scope.commit();
       } else {
-        await ack(undefined);
+        await handleAll();
+        if (scope.abandoned) {
+          await scope.rollback();
+          throw new ReplayCarefully();
+        }
+        // In the handlers' transaction, the acknowledgement travels with its COMMIT; without one, it commits alone.
+        const ack = ackStatement();
+        if (scope.open) await scope.commit(ack);
+        else await driver.prepared(ack.name!, ack.text, ack.params);
       }
+    } catch (error) {
+      if ((error as { code?: unknown }).code === LEASE_LOST) throw new LeaseLost();
+      throw error;
     }
     for (const key of parkedNow) this.#parked.add(key);
     if (earliestRetry !== 0) this.#nextRetryAt = this.#nextRetryAt === 0 ? earliestRetry : Math.min(this.#nextRetryAt, earliestRetry);

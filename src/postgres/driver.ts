@@ -14,6 +14,9 @@ export interface Queryable {
  */
 export const PREPARED = Symbol('tidings.prepared');
 
+/** Set (true) on a transaction's Queryable whose statements may be sent without waiting for the ones before. */
+export const PIPELINED = Symbol('tidings.pipelined');
+
 export type Prepare = <R = Record<string, unknown>>(name: string, text: string, params: readonly unknown[]) => Promise<{ rows: R[]; rowCount?: number | null }>;
 
 /** The driver as a Queryable whose statements may be prepared (see PREPARED). */
@@ -140,9 +143,10 @@ export async function pgDriver(options: PgDriverOptions): Promise<SqlDriver> {
       };
       client.on('error', onError);
       const session = new PgSession(client);
-      const tx: Queryable & { [PREPARED]: Prepare } = {
+      const tx: Queryable & { [PREPARED]: Prepare; [PIPELINED]: boolean } = {
         query: (text, params) => session.run({ text, params: params ?? [] }),
         [PREPARED]: (name, text, params) => session.run({ name, text, params }),
+        [PIPELINED]: session.pipelined,
       };
       try {
         const result = await fn(tx);
@@ -233,6 +237,11 @@ class PgSession {
 
   constructor(private readonly client: PgClientLike) {}
 
+  get pipelined(): boolean {
+    const client = this.client as PipelinedClient;
+    return client.pipeline === true && client.connection?.stream?.cork !== undefined && client.connection.stream.uncork !== undefined;
+  }
+
   run<R>(statement: Statement): Promise<{ rows: R[]; rowCount?: number | null }> {
     if (this.#begun) return this.#send<R>(statement);
     this.#begun = true;
@@ -275,9 +284,8 @@ class PgSession {
 
   /** Sends statements in one write and one round trip where the connection pipelines; resolves with the last one's result. */
   async #sendAll<R>(statements: readonly Statement[]): Promise<{ rows: R[]; rowCount?: number | null }> {
-    const pipelined = this.client as PipelinedClient;
-    const stream = pipelined.connection?.stream;
-    if (pipelined.pipeline !== true || stream?.cork === undefined || stream.uncork === undefined) {
+    const stream = (this.client as PipelinedClient).connection?.stream;
+    if (!this.pipelined || stream?.cork === undefined || stream.uncork === undefined) {
       let result: { rows: R[]; rowCount?: number | null } | undefined;
       for (const statement of statements) result = await this.#send<R>(statement);
       return result!;

@@ -79,8 +79,8 @@ export function statements(schema: string) {
     /**
      * The acknowledgement of a batch, in one statement: moves the cursors of its lanes and records the inbox,
      * held messages and dead letters, only if this worker still holds every one of those lanes at the
-     * epoch it read them with (the fence: a worker that lost a lease changes nothing). Returns the number
-     * of lanes fenced; fewer than given means a lease was lost and nothing was written.
+     * epoch it read them with (the fence: a worker that lost a lease changes nothing). If a lease was lost it
+     * writes nothing and raises SQLSTATE TDL01 (LEASE_LOST), so a COMMIT sent with it rolls the batch back.
      * $1 subscription, $2 owner, $3-$8 per lane: partition, epoch, done, window, position, handled count,
      * $9 inbox ids, $10 held (JSON), $11 dead letters (JSON).
      */
@@ -115,7 +115,7 @@ export function statements(schema: string) {
           envelope jsonb, reason text, attempts jsonb), ok
         where ok.ok
       )
-      select (select count(*)::int from moved) as fenced`,
+      select case when (select count(*) from moved) = cardinality($3::int[]) then cardinality($3::int[]) else ${s}.lease_lost() end as fenced`,
 
     messagesAt: `select ${logColumns} from ${s}.log l where l.position = any($1::int8[])`,
 

@@ -1,6 +1,6 @@
 import type { Outgoing } from '../core/backbone.ts';
 import { TidingsError } from '../core/errors.ts';
-import { PREPARED, type Prepare, type Queryable, type SqlDriver } from './driver.ts';
+import { PIPELINED, PREPARED, type Prepare, type Queryable, type SqlDriver, type Statement } from './driver.ts';
 
 /** What handlers and `bus.transaction` callbacks get as `tx`: run SQL in the transaction. */
 export interface PgTransaction extends Queryable {}
@@ -136,6 +136,7 @@ export class SharedScope {
   #opening: Promise<Queryable> | undefined;
   #finished: Promise<unknown> | undefined;
   #end: { resolve: () => void; reject: (reason: unknown) => void } | undefined;
+  #last: Statement | undefined;
   connection: Queryable | undefined;
   abandoned = false;
 
@@ -160,15 +161,16 @@ export class SharedScope {
           if (this.abandoned) throw new TidingsError('STOPPED', 'This batch is being rolled back and will be handled again');
           wrote = true;
           const connection = await this.#begin();
-          // One statement at a time on the shared connection: pg will stop queueing them for us.
-          const release = await this.#gate.acquire();
+          // A pipelining connection takes the handlers' statements as they come, each sent without waiting
+          // for the others' answers; any other, one at a time (pg stops queueing them for us).
+          const release = (connection as { [PIPELINED]?: boolean })[PIPELINED] === true ? undefined : await this.#gate.acquire();
           try {
             return await connection.query(text, params);
           } catch (error) {
             this.abandoned = true;
             throw error;
           } finally {
-            release();
+            release?.();
           }
         },
       },
@@ -192,7 +194,9 @@ export class SharedScope {
     });
   }
 
-  async commit(): Promise<void> {
+  /** Commits, with `last` (the acknowledgement) sent in the same round trip as COMMIT. */
+  async commit(last?: Statement): Promise<void> {
+    this.#last = last;
     this.#end?.resolve();
     await this.#finished;
   }
@@ -212,11 +216,14 @@ export class SharedScope {
       });
       // If the transaction never opened (the database is unreachable), nobody awaits `ended`.
       ended.catch(() => undefined);
-      this.#finished = this.#driver.transaction(async (tx) => {
-        this.connection = tx;
-        resolve(tx);
-        await ended;
-      });
+      this.#finished = this.#driver.transaction(
+        async (tx) => {
+          this.connection = tx;
+          resolve(tx);
+          await ended;
+        },
+        () => this.#last,
+      );
       this.#finished.catch(reject);
     });
     return this.#opening;
