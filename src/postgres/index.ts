@@ -190,10 +190,11 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
     }
     const batch = { ...postgresDefaults.publishBatch, ...o.publishBatch };
     const writer = preparing(driver);
+    const notifier = this.#notifier;
     this.#groupCommit = new GroupCommit(
       batch,
-      (messages) => insertMessages(writer, this.#sql, messages),
-      (topics) => this.#notifier?.poke(topics),
+      (messages) => insertMessages(writer, this.#sql, messages, notifier.payload(new Set(messages.map((message) => message.envelope.topic)))),
+      (topics) => notifier.poke(topics, true),
     );
   }
 

@@ -39,6 +39,8 @@ export class Notifier {
   #selfTest: { token: string; resolve: () => void } | undefined;
   /** False when LISTEN is impossible here (say, behind a transaction-pooling proxy): consumers must poll. */
   listening = false;
+  /** Marks the notifications this notifier caused, whichever connection sent them, so it can ignore them. */
+  readonly #origin = Math.random().toString(36).slice(2, 10);
   #warnedUnavailable = false;
 
   constructor(driver: SqlDriver, options: NotifierOptions) {
@@ -69,13 +71,16 @@ export class Notifier {
     await this.#connecting;
   }
 
-  /** After a commit that published on `topics`: wake this process's consumers now, and others by NOTIFY. */
-  poke(topics: Iterable<string>): void {
+  /**
+   * After a commit that published on `topics`: wake this process's consumers now, and others by NOTIFY
+   * (unless the committed statement carried it already, see `payload`).
+   */
+  poke(topics: Iterable<string>, notified = false): void {
     const set = new Set(topics);
     if (set.size === 0) return;
     this.#wakeLocal(set);
     // Embedded too: other buses of this process may share the PGlite instance, each with its own notifier.
-    if (this.#closed) return;
+    if (this.#closed || notified) return;
     for (const topic of set) this.#pending.add(topic);
     void this.#send();
   }
@@ -90,16 +95,24 @@ export class Notifier {
     await session?.close();
   }
 
+  /**
+   * The channel and payload of a NOTIFY waking other processes' consumers of `topics`, for a statement that
+   * publishes to send itself: `select pg_notify(channel, payload)` in the same statement costs no round trip.
+   */
+  payload(topics: Iterable<string>): { channel: string; payload: string } {
+    // Payloads are capped at 8,000 bytes: beyond that, wake everyone.
+    let list = [...topics].join(',');
+    if (list.length > 7_000) list = '*';
+    return { channel: this.#options.channel, payload: `@${this.#origin} ${list}` };
+  }
+
   async #send(): Promise<void> {
     if (this.#sending) return;
     this.#sending = true;
     try {
       while (this.#pending.size > 0 && !this.#closed) {
-        const topics = [...this.#pending];
+        const { payload } = this.payload(this.#pending);
         this.#pending.clear();
-        // Payloads are capped at 8,000 bytes: beyond that, wake everyone.
-        let payload = topics.join(',');
-        if (payload.length > 7_000) payload = '*';
         try {
           if (this.#session !== undefined) await this.#session.notify(this.#options.channel, payload);
           else await this.#driver.query('select pg_notify($1, $2)', [this.#options.channel, payload]);
@@ -177,12 +190,18 @@ export class Notifier {
     }
     if (payload.startsWith('tidings-self-test-')) return;
     this.#schedulePing();
-    // Our own NOTIFY coming back: `poke` woke this process's consumers before sending it. Waking them
-    // again would only cost each an extra read (one per commit at a steady rate).
+    // `@<origin> <topics>`: an origin of ours means our own NOTIFY coming back, and `poke` woke this
+    // process's consumers before it was sent. Waking them again would only cost each an extra read.
+    let body = payload;
+    if (payload.startsWith('@')) {
+      const space = payload.indexOf(' ');
+      if (payload.slice(1, space) === this.#origin) return;
+      body = payload.slice(space + 1);
+    }
     if (fromSelf) return;
-    if (payload === '*') return this.#wakeLocal('all');
+    if (body === '*') return this.#wakeLocal('all');
     const topics = new Set<string>();
-    for (const token of payload.split(',')) {
+    for (const token of body.split(',')) {
       if (token.startsWith('!')) for (const fn of this.#signals.get(token.slice(1)) ?? []) fn();
       else topics.add(token);
     }

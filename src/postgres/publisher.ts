@@ -90,8 +90,28 @@ export function messagesJson(messages: readonly Outgoing[]): string {
   return `[${parts.join(',')}]`;
 }
 
-/** The one statement that writes `messages`, prepared where the connection allows (its parse and plan cost about as much as running it). */
-export function insertStatement(statements: { schema: string; insertMessage: string; insertMessages: string }, messages: readonly Outgoing[]): Statement {
+/**
+ * The one statement that writes `messages`, prepared where the connection allows (its parse and plan cost
+ * about as much as running it). With `wake`, the same statement sends the NOTIFY that wakes other
+ * processes' consumers: for a statement that commits on its own, that spares the NOTIFY's own round trip
+ * (a NOTIFY only serialises commits that carry one, and group commit keeps those few).
+ */
+export function insertStatement(
+  statements: { schema: string; insertMessage: string; insertMessages: string },
+  messages: readonly Outgoing[],
+  wake?: { channel: string; payload: string },
+): Statement {
+  const insert = insertOnly(statements, messages);
+  if (wake === undefined) return insert;
+  const n = insert.params.length;
+  return {
+    name: `${insert.name}.wake`,
+    text: `with inserted as (${insert.text}) select pg_notify($${n + 1}, $${n + 2})`,
+    params: [...insert.params, wake.channel, wake.payload],
+  };
+}
+
+function insertOnly(statements: { schema: string; insertMessage: string; insertMessages: string }, messages: readonly Outgoing[]): Statement & { name: string } {
   if (messages.length === 1) {
     const { envelope: e, json, keyHash } = messages[0]!;
     return {
@@ -118,8 +138,13 @@ export function insertStatement(statements: { schema: string; insertMessage: str
   return { name: `tidings.${statements.schema}.insertn`, text: statements.insertMessages, params: [messagesJson(messages)] };
 }
 
-/** Writes messages with one statement. */
-export async function insertMessages(db: Queryable, statements: { schema: string; insertMessage: string; insertMessages: string }, messages: readonly Outgoing[]): Promise<void> {
-  const { name, text, params } = insertStatement(statements, messages);
+/** Writes messages with one statement (and wakes other processes' consumers with it, given `wake`). */
+export async function insertMessages(
+  db: Queryable,
+  statements: { schema: string; insertMessage: string; insertMessages: string },
+  messages: readonly Outgoing[],
+  wake?: { channel: string; payload: string },
+): Promise<void> {
+  const { name, text, params } = insertStatement(statements, messages, wake);
   await queryPrepared(db, name!, text, params);
 }
