@@ -2,7 +2,7 @@ import { hostname } from 'node:os';
 import { EVERY_TOPIC, type AttemptRecord, type Consumer, type DeliveryHandler, type DeliveryResult, type SubscriptionSpec } from '../core/backbone.ts';
 import type { Envelope } from '../core/envelope.ts';
 import { describeError, TidingsError } from '../core/errors.ts';
-import { queryPrepared, type Queryable, type SqlDriver, type Statement } from './driver.ts';
+import { preparing, runStatement, type Queryable, type SqlDriver, type Statement } from './driver.ts';
 import type { Notifier } from './notifier.ts';
 import type { LogRow, Statements } from './statements.ts';
 import { AttemptScope, Gate, SharedScope, type PgTransaction } from './transaction.ts';
@@ -592,8 +592,7 @@ export class PostgresConsumer implements Consumer {
       if (careful) {
         await scope.run(async () => {
           await handleAll();
-          const { name, text, params } = ackStatement();
-          await queryPrepared(scope.connection!, name!, text, params);
+          await runStatement(scope.connection!, ackStatement());
         });
       } else {
         await handleAll();
@@ -604,7 +603,7 @@ export class PostgresConsumer implements Consumer {
         // In the handlers' transaction, the acknowledgement travels with its COMMIT; without one, it commits alone.
         const ack = ackStatement();
         if (scope.open) await scope.commit(ack);
-        else await driver.prepared(ack.name!, ack.text, ack.params);
+        else await runStatement(preparing(driver), ack);
       }
     } catch (error) {
       if ((error as { code?: unknown }).code === LEASE_LOST) throw new LeaseLost();

@@ -39,6 +39,12 @@ export interface Statement {
   readonly name?: string;
 }
 
+/** Runs `statement` on `db`, prepared under its name where `db` can. */
+export function runStatement<R = Record<string, unknown>>(db: Queryable, statement: Statement): Promise<{ rows: R[]; rowCount?: number | null }> {
+  const { name, text, params } = statement;
+  return name === undefined ? db.query<R>(text, params) : queryPrepared<R>(db, name, text, params);
+}
+
 export interface ListenSession {
   /** Sends a notification on this session's own connection. */
   notify(channel: string, payload: string): Promise<void>;
@@ -238,8 +244,7 @@ class PgSession {
   constructor(private readonly client: PgClientLike) {}
 
   get pipelined(): boolean {
-    const client = this.client as PipelinedClient;
-    return client.pipeline === true && client.connection?.stream?.cork !== undefined && client.connection.stream.uncork !== undefined;
+    return this.#corkable() !== undefined;
   }
 
   run<R>(statement: Statement): Promise<{ rows: R[]; rowCount?: number | null }> {
@@ -271,6 +276,13 @@ class PgSession {
     await this.#send(ROLLBACK);
   }
 
+  /** The socket, when the client pipelines and statements can be gathered into one write on it. */
+  #corkable(): { cork(): void; uncork(): void } | undefined {
+    const { pipeline, connection } = this.client as PipelinedClient;
+    const stream = connection?.stream;
+    return pipeline === true && stream?.cork !== undefined && stream.uncork !== undefined ? (stream as { cork(): void; uncork(): void }) : undefined;
+  }
+
   /** The server's last word on the transaction: 'I' idle, 'T' in one, 'E' in a failed one (undefined if the client does not say). */
   #status(): string | undefined {
     return (this.client as { getTransactionStatus?(): string | null }).getTransactionStatus?.() ?? undefined;
@@ -284,8 +296,8 @@ class PgSession {
 
   /** Sends statements in one write and one round trip where the connection pipelines; resolves with the last one's result. */
   async #sendAll<R>(statements: readonly Statement[]): Promise<{ rows: R[]; rowCount?: number | null }> {
-    const stream = (this.client as PipelinedClient).connection?.stream;
-    if (!this.pipelined || stream?.cork === undefined || stream.uncork === undefined) {
+    const stream = this.#corkable();
+    if (stream === undefined) {
       let result: { rows: R[]; rowCount?: number | null } | undefined;
       for (const statement of statements) result = await this.#send<R>(statement);
       return result!;

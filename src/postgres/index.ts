@@ -193,7 +193,7 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
     const notifier = this.#notifier;
     this.#groupCommit = new GroupCommit(
       batch,
-      (messages) => insertMessages(writer, this.#sql, messages, notifier.payload(new Set(messages.map((message) => message.envelope.topic)))),
+      (messages, topics) => insertMessages(writer, this.#sql, messages, notifier.payload(topics)),
       (topics) => notifier.poke(topics, true),
     );
   }

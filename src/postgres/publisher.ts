@@ -1,5 +1,5 @@
 import type { Outgoing } from '../core/backbone.ts';
-import { queryPrepared, type Queryable, type Statement } from './driver.ts';
+import { runStatement, type Queryable, type Statement } from './driver.ts';
 
 export interface GroupCommitOptions {
   /** Most messages written by one statement. */
@@ -26,7 +26,7 @@ export class GroupCommit {
 
   constructor(
     private readonly options: GroupCommitOptions,
-    private readonly write: (messages: readonly Outgoing[]) => Promise<void>,
+    private readonly write: (messages: readonly Outgoing[], topics: ReadonlySet<string>) => Promise<void>,
     private readonly committed: (topics: ReadonlySet<string>) => void,
   ) {}
 
@@ -54,9 +54,10 @@ export class GroupCommit {
   async #flush(batch: Waiting[]): Promise<void> {
     const messages = batch.length === 1 ? batch[0]!.messages : batch.flatMap((waiting) => waiting.messages);
     try {
-      await this.write(messages);
+      const topics = new Set(messages.map((message) => message.envelope.topic));
+      await this.write(messages, topics);
       for (const waiting of batch) waiting.resolve();
-      this.committed(new Set(messages.map((message) => message.envelope.topic)));
+      this.committed(topics);
     } catch (error) {
       for (const waiting of batch) waiting.reject(error);
     } finally {
@@ -145,6 +146,5 @@ export async function insertMessages(
   messages: readonly Outgoing[],
   wake?: { channel: string; payload: string },
 ): Promise<void> {
-  const { name, text, params } = insertStatement(statements, messages, wake);
-  await queryPrepared(db, name!, text, params);
+  await runStatement(db, insertStatement(statements, messages, wake));
 }
