@@ -514,6 +514,40 @@ test(
   },
 );
 
+test(
+  'copies of one id in consecutive batches of a backlog are handled once, although the second batch is read while the first is handled',
+  bounded,
+  async (t) => {
+    const schema = await setup(t, 'ahead');
+    if (schema === undefined) return;
+    const bus = newBus(schema);
+    // A backlog of 3 batches of 10; the copies are the last message of the first batch and the first of the second.
+    await bus.transaction(async (tx) => {
+      for (let seq = 1; seq <= 30; seq++) {
+        const id = seq === 10 || seq === 11 ? 'copy-across-batches' : `m${seq}`;
+        await bus.publish(Ticked, { key: `k${seq % 3}`, seq }, { tx, id });
+      }
+    });
+    const handled: string[] = [];
+    bus.subscribe(
+      'once',
+      Ticked,
+      async (message) => {
+        handled.push(message.id);
+        // Slow enough that the read of the next batch (sent when this batch's rows came) returns meanwhile.
+        await new Promise((resolve) => setTimeout(resolve, 2));
+      },
+      { partitions: 1, batchSize: 10, startFrom: 'beginning' },
+    );
+    await bus.start();
+    await waitFor('the whole backlog', () => handled.includes('m30'));
+    await bus.stop();
+    t.diagnostic(`handled ${handled.length} messages`);
+    assert.equal(handled.filter((id) => id === 'copy-across-batches').length, 1);
+    assert.equal(handled.length, 29);
+  },
+);
+
 // ---- hostile input -------------------------------------------------------------------------------
 
 const Nested = defineEvent('test.nested', {

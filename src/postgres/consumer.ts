@@ -126,6 +126,8 @@ export class PostgresConsumer implements Consumer {
   #wakeUp: (() => void) | undefined;
   #loop: Promise<void> | undefined;
   #failures = 0;
+  /** The next batch's read, sent while the current batch was handled (see #readAndHandle). */
+  #ahead: ReadAhead | undefined;
   /** The last batch's handlers wrote through `ctx.tx`: the next batch is split into sub-batches (see #split). */
   #wrote = false;
   #timer: NodeJS.Timeout | undefined;
@@ -182,6 +184,8 @@ export class PostgresConsumer implements Consumer {
     this.#unregister?.();
     this.#wakeUp?.();
     await this.#loop;
+    await this.#ahead?.rows.catch(() => undefined);
+    this.#ahead = undefined;
     await this.#beating?.catch(() => undefined);
     await this.#rebalancing;
     const { driver, sql } = this.#ctx;
@@ -300,6 +304,7 @@ export class PostgresConsumer implements Consumer {
         this.#failures = 0;
       } catch (error) {
         this.#dirty = true;
+        this.#ahead = undefined;
         if (error instanceof LeaseLost) {
           this.#ctx.warn(`Subscription ${this.#spec.name}: a partition's lease was lost during a batch; the batch is left to its new owner`);
           continue;
@@ -356,38 +361,21 @@ export class PostgresConsumer implements Consumer {
     this.#heldLoaded = true;
   }
 
-  /** Reads the next batch of every lane and handles it. Returns true if more is waiting. */
+  /**
+   * Reads the next batch of every lane and handles it. Returns true if more is waiting.
+   *
+   * While a window stays open, the read of the next batch is sent as soon as this one's rows are in, so the
+   * server scans it while this batch is handled and acknowledged (see #readAhead).
+   */
   async #readAndHandle(): Promise<boolean> {
-    const { driver, sql } = this.#ctx;
     const spec = this.#spec;
     const lanes = [...this.#lanes.values()];
     // Lanes at the same cursor read as one group, with one scan; after a read that finds them caught up,
     // lanes read in the same statement share their new `done`, so groups merge by themselves.
-    const groups = new Map<string, Lane[]>();
-    for (const lane of lanes) {
-      const key = `${lane.done}|${lane.window}|${lane.position}`;
-      groups.set(key, [...(groups.get(key) ?? []), lane]);
-    }
-    const grouped = [...groups.values()];
-    const params: unknown[] = [
-      grouped.map((group) => `{${group.map((lane) => lane.partition).join(',')}}`),
-      grouped.map((group) => group[0]!.done),
-      grouped.map((group) => group[0]!.window),
-      grouped.map((group) => group[0]!.position),
-      spec.topics,
-      spec.partitions,
-      spec.batchSize,
-      grouped.map((group) => group[0]!.hi),
-      grouped.map((group) => group[0]!.span),
-    ];
-    if (spec.inbox) params.push(spec.name);
-    const everyTopic = spec.topics.includes(EVERY_TOPIC);
-    type Row = LogRow & { lane_group: number | string; win: string; hi: number | string; range_end: number | string | null; partition: number };
-    const { rows } = await driver.prepared<Row>(
-      `tidings.${sql.schema}.read.${spec.inbox}.${everyTopic}`,
-      sql.readLanes(spec.inbox, everyTopic),
-      params,
-    );
+    const grouped = groupLanes(lanes);
+    const ahead = this.#ahead;
+    this.#ahead = undefined;
+    const rows = await (ahead !== undefined && ahead.cursors === cursorsKey(grouped) ? ahead.rows : this.#read(grouped));
     const perGroup = new Map<number, { rows: LogRow[]; window: string; hi: number; rangeEnd: number | null }>();
     for (const row of rows) {
       const index = Number(row.lane_group) - 1;
@@ -425,9 +413,10 @@ export class PostgresConsumer implements Consumer {
       if (entry.rows.length > 0) withRows.push(...group);
       for (const row of entry.rows) {
         batch.push(row);
-        partitionOf.set(row, Number((row as Row).partition));
+        partitionOf.set(row, Number((row as ReadRow).partition));
       }
     }
+    const readAhead = more && !this.#ctx.driver.embedded && !this.#stopping ? this.#readAhead(lanes, next) : undefined;
     /** Lanes whose sub-batch failed: they stay where they were and read the same messages again. */
     const failed = new Set<number>();
     let failure: unknown;
@@ -438,17 +427,18 @@ export class PostgresConsumer implements Consumer {
       const outcomes = await Promise.allSettled(
         parts.map(async (part) => {
           try {
-            return await this.#handleBatch(part.rows, partitionOf, part.lanes, next, counts, false, part.concurrency);
+            return await this.#handleBatch(part.rows, partitionOf, part.lanes, next, counts, false, part.concurrency, ahead?.handledBefore);
           } catch (error) {
             if (!(error instanceof ReplayCarefully)) throw error;
-            return await this.#handleBatch(part.rows, partitionOf, part.lanes, next, counts, true, part.concurrency);
+            return await this.#handleBatch(part.rows, partitionOf, part.lanes, next, counts, true, part.concurrency, ahead?.handledBefore);
           }
         }),
       );
       let wrote = false;
       for (const [index, outcome] of outcomes.entries()) {
         if (outcome.status === 'fulfilled') {
-          wrote ||= outcome.value;
+          wrote ||= outcome.value.wrote;
+          if (readAhead !== undefined) for (const id of outcome.value.handled) readAhead.handledBefore.add(id);
           continue;
         }
         for (const lane of parts[index]!.lanes) failed.add(lane.partition);
@@ -465,7 +455,42 @@ export class PostgresConsumer implements Consumer {
       if (moved !== undefined && !failed.has(lane.partition) && this.#lanes.get(lane.partition) === lane) Object.assign(lane, moved);
     }
     if (failure !== undefined) throw failure;
+    this.#ahead = readAhead;
     return more;
+  }
+
+  /** One statement reading the next messages of every group of lanes. */
+  async #read(grouped: Lane[][]): Promise<ReadRow[]> {
+    const { driver, sql } = this.#ctx;
+    const spec = this.#spec;
+    const params: unknown[] = [
+      grouped.map((group) => `{${group.map((lane) => lane.partition).join(',')}}`),
+      grouped.map((group) => group[0]!.done),
+      grouped.map((group) => group[0]!.window),
+      grouped.map((group) => group[0]!.position),
+      spec.topics,
+      spec.partitions,
+      spec.batchSize,
+      grouped.map((group) => group[0]!.hi),
+      grouped.map((group) => group[0]!.span),
+    ];
+    if (spec.inbox) params.push(spec.name);
+    const everyTopic = spec.topics.includes(EVERY_TOPIC);
+    const { rows } = await driver.prepared<ReadRow>(`tidings.${sql.schema}.read.${spec.inbox}.${everyTopic}`, sql.readLanes(spec.inbox, everyTopic), params);
+    return rows;
+  }
+
+  /**
+   * Sends the read of the batch after this one, from the cursors this one moves the lanes to. It is used only
+   * if the lanes are there when the next batch starts (nothing failed, no lane came or went); otherwise it is
+   * dropped and read again. Its `seen` flags were taken before this batch's inbox rows committed, so the
+   * ids this batch handles are passed on, and count as seen too.
+   */
+  #readAhead(lanes: readonly Lane[], next: ReadonlyMap<number, LaneCursor>): ReadAhead {
+    const grouped = groupLanes(lanes.map((lane) => ({ ...lane, ...next.get(lane.partition) })));
+    const rows = this.#read(grouped);
+    rows.catch(() => undefined); // a read that fails is read again, or reports when it is used
+    return { cursors: cursorsKey(grouped), rows, handledBefore: new Set() };
   }
 
   /**
@@ -523,7 +548,8 @@ export class PostgresConsumer implements Consumer {
     counts: Map<number, number>,
     careful: boolean,
     concurrency: number,
-  ): Promise<boolean> {
+    handledBefore: ReadonlySet<string> = new Set(),
+  ): Promise<{ wrote: boolean; handled: string[] }> {
     const { driver, sql } = this.#ctx;
     const spec = this.#spec;
     const published = new Set<string>();
@@ -545,7 +571,8 @@ export class PostgresConsumer implements Consumer {
             held.push({ partition, key: row.key, position, message: null, attempts: 0, next_attempt_at: null, history: [] });
             continue;
           }
-          if (row.seen === true) continue; // handled before: a redelivery, or a publisher that sent it twice
+          // Handled before: a redelivery, or a publisher that sent it twice.
+          if (row.seen === true || handledBefore.has(row.id)) continue;
           if (spec.inbox) {
             // The same id twice in one batch (a publish retried after a commit whose answer was lost).
             if (claimed.has(row.id)) continue;
@@ -612,7 +639,7 @@ export class PostgresConsumer implements Consumer {
     for (const key of parkedNow) this.#parked.add(key);
     if (earliestRetry !== 0) this.#nextRetryAt = this.#nextRetryAt === 0 ? earliestRetry : Math.min(this.#nextRetryAt, earliestRetry);
     if (published.size > 0) this.#ctx.committed(published);
-    return careful || scope.open;
+    return { wrote: careful || scope.open, handled: handledIds };
   }
 
   /** Runs one message's attempts: immediate retries in place, until it is acknowledged, delayed or dead. */
@@ -757,6 +784,33 @@ export function toEnvelope(row: LogRow): Envelope {
     tracestate: row.tracestate ?? undefined,
     data: row.data,
   };
+}
+
+type ReadRow = LogRow & { lane_group: number | string; win: string; hi: number | string; range_end: number | string | null; partition: number };
+
+interface ReadAhead {
+  /** The cursors it read from (cursorsKey). */
+  readonly cursors: string;
+  readonly rows: Promise<ReadRow[]>;
+  /** Ids the batch before it handled (inbox subscriptions). */
+  readonly handledBefore: Set<string>;
+}
+
+/** Lanes at the same cursor, together. */
+function groupLanes(lanes: readonly Lane[]): Lane[][] {
+  const groups = new Map<string, Lane[]>();
+  for (const lane of lanes) {
+    const key = `${lane.done}|${lane.window}|${lane.position}`;
+    const group = groups.get(key);
+    if (group === undefined) groups.set(key, [lane]);
+    else group.push(lane);
+  }
+  return [...groups.values()];
+}
+
+/** Everything a read depends on of its lanes. */
+function cursorsKey(grouped: readonly Lane[][]): string {
+  return JSON.stringify(grouped.map((group) => [group.map((lane) => lane.partition), group[0]!.done, group[0]!.window, group[0]!.position, group[0]!.hi, group[0]!.span]));
 }
 
 /** Groups rows by key, keeping the order of first appearance and the order within each key. */
