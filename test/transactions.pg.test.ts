@@ -194,4 +194,48 @@ for (const pooling of POOLINGS) {
     assert.deepEqual(handled, expected);
     assert.deepEqual((await orders()).map((id) => Number(id.slice(1))).sort((a, b) => a - b), expected);
   });
+
+  test(`${pooling}: a publishMany of 1,000 written in chunks as it is encoded keeps the transaction's order and atomicity`, async (t) => {
+    const s = await setup(t, pooling);
+    if (s === undefined) return;
+    const { schema, bus, seen, orders, logged } = s;
+    const many = (from: number, n: number, extra: Record<string, unknown> = {}) =>
+      Array.from({ length: n }, (_, i) => ({ key: `k${(from + i) % 7}`, seq: from + i, ...(i === n - 100 ? extra : {}) }));
+    // Publishes before and after the chunked one: one key's messages stay in publication order.
+    await bus.transaction(async (tx) => {
+      await bus.publish(Ticked, { key: 'k0', seq: 0 }, { tx });
+      await tx.query(`insert into ${schema}.orders (id, total) values ('bulk', 1)`);
+      await bus.publishMany(Ticked, many(1, 1_000), { tx });
+      await bus.publish(Ticked, { key: 'k0', seq: 1_001 }, { tx });
+    });
+    await waitFor('1,002 messages', () => seen.length >= 1_002, 20_000);
+    for (let key = 0; key < 7; key++) {
+      const seqs = seen.filter((entry) => entry.startsWith(`k${key}:`)).map((entry) => Number(entry.split(':')[1]));
+      assert.deepEqual(seqs, [...seqs].sort((a, b) => a - b), `key k${key} in publication order`);
+    }
+    assert.equal(seen.length, 1_002);
+
+    // A message that cannot be stored, 900th of 1,000: refused after the first chunks were sent. The
+    // callback catches the error; the commit must then fail, writing nothing.
+    const before = await logged();
+    const failed = await bus
+      .transaction(async (tx) => {
+        await tx.query(`insert into ${schema}.orders (id, total) values ('partial', 1)`);
+        const refused = await bus.publishMany(Ticked, many(2_000, 1_000, { note: 'nul \u0000 here' }), { tx }).catch((error: unknown) => error);
+        assert.ok(refused instanceof TidingsError && refused.code === 'INVALID_PAYLOAD', String(refused));
+      })
+      .catch((error: unknown) => error);
+    assert.ok(failed instanceof TidingsError, String(failed));
+    assert.equal(failed.code, 'ROLLED_BACK');
+    assert.match(failed.message, /part of its messages were written/);
+
+    // A schema error in the 900th is found before anything is written: the transaction goes on and commits.
+    await bus.transaction(async (tx) => {
+      await tx.query(`insert into ${schema}.orders (id, total) values ('after-invalid', 1)`);
+      const invalid = await bus.publishMany(Ticked, many(3_000, 1_000, { seq: 'not a number' }), { tx }).catch((error: unknown) => error);
+      assert.equal((invalid as TidingsError).name, 'ValidationError');
+    });
+    assert.equal(await logged(), before);
+    assert.deepEqual(await orders(), ['after-invalid', 'bulk']);
+  });
 }

@@ -20,6 +20,12 @@ export interface Backbone<Tx = unknown> {
   open(): Promise<void>;
   /** Writes messages; `tx` enlists them in the caller's transaction (a transactional outbox). */
   publish(messages: readonly Outgoing[], tx?: Tx): Promise<void>;
+  /**
+   * Optional, for a large `publishMany` in a transaction: writes the messages chunk by chunk as the bus
+   * encodes them, so storing the first overlaps encoding the next. Iterating `chunks` may throw (a message
+   * that cannot be serialised); then `tx` must not commit any of them.
+   */
+  publishChunks?(chunks: Iterable<readonly Outgoing[]>, tx: Tx): Promise<void>;
   /** Runs `fn` in a transaction of the backbone's database; consumers are woken after it commits. */
   transaction<T>(fn: (tx: Tx) => Promise<T>): Promise<T>;
   /** Starts consuming; resolves once the subscription is registered and its workers run. */

@@ -272,27 +272,24 @@ export class Bus<Tx = unknown> {
     // Inside a handler, a publish joins the handler's transaction and carries its correlation, so it is
     // delivered iff the handled message is acknowledged.
     const effective: PublishOptions = scope === undefined ? options : { ...inherit(scope.message), tx: scope.tx, ...options };
-    const outgoing: Outgoing[] = [];
     const time = new Date().toISOString();
-    for (const data of items) {
-      try {
-        outgoing.push(await this.#encode(contract, data, effective, time, items.length === 1));
-      } catch (error) {
-        // A payload nested deeper than the stack: the schema library or JSON.stringify overflows.
-        if (!(error instanceof RangeError)) throw error;
-        throw new TidingsError('INVALID_PAYLOAD', `Payload for ${contract.name} is nested too deeply to validate or serialise (${error.message}); flatten it`, {
-          cause: error,
-          ref: { topic: contract.topic },
-        });
-      }
-    }
+    // Every message is validated before any is written or serialised: a bad one stops them all.
+    const checked: Checked[] = [];
+    for (const data of items) checked.push(await tooDeep(contract, () => this.#check(contract, data, effective, items.length === 1)));
+    const seal = (item: Checked) => tooDeep(contract, () => this.#seal(contract, item, effective, time));
     await this.#open();
-    await this.backbone.publish(outgoing, effective.tx as Tx | undefined);
-    this.#published[contract.topic] = (this.#published[contract.topic] ?? 0) + outgoing.length;
-    return outgoing.map(({ envelope }) => ({ id: envelope.id, topic: envelope.topic, key: envelope.partitionkey }));
+    const tx = effective.tx as Tx | undefined;
+    if (tx !== undefined && this.backbone.publishChunks !== undefined && checked.length > STREAM_CHUNK) {
+      await this.backbone.publishChunks(chunked(checked, STREAM_CHUNK, seal), tx);
+    } else {
+      await this.backbone.publish(checked.map(seal), tx);
+    }
+    this.#published[contract.topic] = (this.#published[contract.topic] ?? 0) + checked.length;
+    return checked.map(({ id, key }) => ({ id, topic: contract.topic, key }));
   }
 
-  async #encode(contract: AnyContract, data: unknown, options: PublishOptions, time: string, single: boolean): Promise<Outgoing> {
+  /** Validates one message's data and finds its key. */
+  async #check(contract: AnyContract, data: unknown, options: PublishOptions, single: boolean): Promise<Checked> {
     const id = single && options.id !== undefined ? options.id : newId();
     const parsed = await validate(contract, data, { id, topic: contract.topic });
     const key = options.key ?? (contract.key === undefined ? id : contract.key(parsed));
@@ -301,6 +298,11 @@ export class Bus<Tx = unknown> {
         ref: { id, topic: contract.topic },
       });
     }
+    return { id, key, data };
+  }
+
+  /** Serialises a checked message into its envelope. */
+  #seal(contract: AnyContract, { id, key, data }: Checked, options: PublishOptions, time: string): Outgoing {
     const json = JSON.stringify(data);
     if (json === undefined) {
       throw new TidingsError('INVALID_PAYLOAD', `Payload for ${contract.name} cannot be serialised as JSON`, { ref: { id, topic: contract.topic, key } });
@@ -331,6 +333,42 @@ export class Bus<Tx = unknown> {
       data,
     };
     return { envelope, json, keyHash: keyHash(key) };
+  }
+}
+
+/**
+ * A `publishMany` in a transaction larger than this is handed to a backbone that can take it in chunks
+ * (Backbone.publishChunks) this many at a time: large enough that a chunk's statement costs little next to
+ * its rows, small enough that the first reaches the database early.
+ */
+const STREAM_CHUNK = 250;
+
+/** A message validated and keyed, not yet serialised. */
+interface Checked {
+  readonly id: string;
+  readonly key: string;
+  readonly data: unknown;
+}
+
+/** `items` in chunks of `size`, each mapped by `map` only when the consumer of the iterable reaches it. */
+function* chunked<T, U>(items: readonly T[], size: number, map: (item: T) => U): Generator<U[]> {
+  for (let first = 0; first < items.length; first += size) yield items.slice(first, first + size).map(map);
+}
+
+/** Runs `fn`, turning a stack overflow (a payload nested deeper than the schema library or JSON.stringify can go) into INVALID_PAYLOAD. */
+function tooDeep<T>(contract: AnyContract, fn: () => T): T {
+  const deep = (error: unknown): never => {
+    if (!(error instanceof RangeError)) throw error;
+    throw new TidingsError('INVALID_PAYLOAD', `Payload for ${contract.name} is nested too deeply to validate or serialise (${error.message}); flatten it`, {
+      cause: error,
+      ref: { topic: contract.topic },
+    });
+  };
+  try {
+    const result = fn();
+    return (result instanceof Promise ? result.catch(deep) : result) as T;
+  } catch (error) {
+    return deep(error);
   }
 }
 

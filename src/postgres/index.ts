@@ -11,7 +11,7 @@ import { resolveRetention, Retention, type RetentionOptions } from './retention.
 import { Notifier } from './notifier.ts';
 import { GroupCommit, insertMessages, insertStatement } from './publisher.ts';
 import { statements, type Statements } from './statements.ts';
-import { AT_COMMIT, isTracked, PUBLISHED, track, type PgTransaction } from './transaction.ts';
+import { AT_COMMIT, isTracked, PUBLISHED, track, type AtCommit, type PgTransaction } from './transaction.ts';
 
 export type { PgTransaction } from './transaction.ts';
 export type { Queryable, PgPoolLike, PGliteLike, SqlDriver } from './driver.ts';
@@ -86,6 +86,17 @@ const LONE_SURROGATE_ESCAPE = /\\ud[89ab][0-9a-f]{2}(?!\\ud[c-f][0-9a-f]{2})|(?<
 const LONE_SURROGATE = /[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]/;
 
 const ATTRIBUTES = ['id', 'source', 'type', 'subject', 'topic', 'partitionkey', 'tenant', 'correlationid', 'causationid', 'traceparent', 'tracestate'] as const;
+
+function refuseUnstorable(messages: readonly Outgoing[]): void {
+  for (const { envelope, json } of messages) {
+    const problem = unstorable(envelope, json);
+    if (problem !== undefined) {
+      throw new TidingsError('INVALID_PAYLOAD', `Message ${envelope.id} on ${envelope.topic} cannot be stored in PostgreSQL: ${problem}; remove it or encode the value`, {
+        ref: { id: envelope.id, topic: envelope.topic, key: envelope.partitionkey },
+      });
+    }
+  }
+}
 
 /** Why PostgreSQL would refuse this message, if it would: text cannot hold NUL characters or lone surrogates. */
 function unstorable(envelope: Envelope, json: string): string | undefined {
@@ -199,22 +210,15 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
   }
 
   async publish(messages: readonly Outgoing[], tx?: PgTransaction): Promise<void> {
-    for (const { envelope, json } of messages) {
-      // Refuse what PostgreSQL cannot store here, so one bad message cannot fail the group commit that
-      // other callers' messages share.
-      const problem = unstorable(envelope, json);
-      if (problem !== undefined) {
-        throw new TidingsError('INVALID_PAYLOAD', `Message ${envelope.id} on ${envelope.topic} cannot be stored in PostgreSQL: ${problem}; remove it or encode the value`, {
-          ref: { id: envelope.id, topic: envelope.topic, key: envelope.partitionkey },
-        });
-      }
-    }
+    // Refuse what PostgreSQL cannot store here, so one bad message cannot fail the group commit that
+    // other callers' messages share.
+    refuseUnstorable(messages);
     await this.open();
     if (tx === undefined) return this.#groupCommit!.publish(messages);
     if (isTracked(tx) && tx[AT_COMMIT] !== undefined) {
       // Written with the commit: one statement for all of the transaction's messages, in its round trip.
       for (const message of messages) {
-        tx[AT_COMMIT].push(message);
+        tx[AT_COMMIT].messages.push(message);
         tx[PUBLISHED].add(message.envelope.topic);
       }
       return;
@@ -234,13 +238,50 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
     this.#nudges.add(nudge);
   }
 
+  /**
+   * In a `bus.transaction()` on a server, each chunk is sent as soon as it is encoded, so PostgreSQL inserts
+   * one while the next is encoded (a bulk publish is about half each). Messages published before it in the
+   * transaction go first, to keep their order. Elsewhere, all of them are written as one `publish`.
+   */
+  async publishChunks(chunks: Iterable<readonly Outgoing[]>, tx: PgTransaction): Promise<void> {
+    const atCommit = isTracked(tx) ? tx[AT_COMMIT] : undefined;
+    if (atCommit === undefined || this.driver.embedded || !isTracked(tx)) return this.publish([...chunks].flat(), tx);
+    const sent: Array<Promise<void>> = [];
+    const send = (messages: readonly Outgoing[]) => {
+      refuseUnstorable(messages);
+      const write = insertMessages(tx, this.#sql, messages);
+      write.catch(() => undefined); // awaited below; a failed insert fails the transaction too
+      sent.push(write);
+      for (const message of messages) tx[PUBLISHED].add(message.envelope.topic);
+    };
+    try {
+      if (atCommit.messages.length > 0) send(atCommit.messages.splice(0));
+      for (const chunk of chunks) send(chunk);
+    } catch (error) {
+      // Part of the messages may be written already: the transaction must not commit them alone.
+      atCommit.failure = error;
+      await Promise.allSettled(sent);
+      throw error;
+    }
+    await Promise.all(sent);
+  }
+
   async transaction<T>(fn: (tx: PgTransaction) => Promise<T>): Promise<T> {
     await this.open();
     const published = new Set<string>();
-    const outgoing: Outgoing[] = [];
+    const atCommit: AtCommit = { messages: [] };
     const result = await this.driver.transaction(
-      (inner) => fn(track(inner, published, outgoing)),
-      () => (outgoing.length === 0 ? undefined : insertStatement(this.#sql, outgoing)),
+      (inner) => fn(track(inner, published, atCommit)),
+      () => {
+        if (atCommit.failure !== undefined) {
+          throw new TidingsError(
+            'ROLLED_BACK',
+            `The transaction was rolled back, not committed: a publish in it failed after part of its messages were written (${(atCommit.failure as Error).message}), and the callback caught the error; nothing of it was written`,
+            { cause: atCommit.failure },
+          );
+        }
+        return atCommit.messages.length === 0 ? undefined : insertStatement(this.#sql, atCommit.messages);
+      },
     );
     if (published.size > 0) this.#notifier?.poke(published);
     return result;

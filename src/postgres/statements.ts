@@ -15,7 +15,7 @@ export function statements(schema: string) {
     /** $1: a JSON array of rows. One statement for any number of messages; order is kept by ordinality. */
     insertMessages: `insert into ${s}.log (topic, id, type, source, time, subject, key, key_hash, tenant, correlation_id, causation_id, traceparent, tracestate, data)
       select r.topic, r.id, r.type, r.source, r.time, r.subject, r.key, r.key_hash, r.tenant, r.correlation_id, r.causation_id, r.traceparent, r.tracestate, r.data
-      from rows from (json_to_recordset($1::json) as (topic text, id text, type text, source text, time timestamptz, subject text, key text,
+      from rows from (jsonb_to_recordset($1::jsonb) as (topic text, id text, type text, source text, time timestamptz, subject text, key text,
         key_hash integer, tenant text, correlation_id text, causation_id text, traceparent text, tracestate text, data jsonb))
         with ordinality as r(topic, id, type, source, time, subject, key, key_hash, tenant, correlation_id, causation_id, traceparent, tracestate, data, n)
       order by r.n`,

@@ -13,12 +13,19 @@ export const PUBLISHED = Symbol('tidings.published');
  */
 export const AT_COMMIT = Symbol('tidings.atCommit');
 
-export interface TrackedTransaction extends PgTransaction {
-  readonly [PUBLISHED]: Set<string>;
-  readonly [AT_COMMIT]?: Outgoing[];
+/** What a `bus.transaction()` writes with its commit. */
+export interface AtCommit {
+  readonly messages: Outgoing[];
+  /** A publish that had sent part of its messages failed: the transaction must not commit. */
+  failure?: unknown;
 }
 
-export function track(inner: Queryable, published = new Set<string>(), atCommit?: Outgoing[]): TrackedTransaction {
+export interface TrackedTransaction extends PgTransaction {
+  readonly [PUBLISHED]: Set<string>;
+  readonly [AT_COMMIT]?: AtCommit;
+}
+
+export function track(inner: Queryable, published = new Set<string>(), atCommit?: AtCommit): TrackedTransaction {
   const prepare = (inner as { [PREPARED]?: Prepare })[PREPARED];
   return {
     [PUBLISHED]: published,
