@@ -126,6 +126,8 @@ export class PostgresConsumer implements Consumer {
   #wakeUp: (() => void) | undefined;
   #loop: Promise<void> | undefined;
   #failures = 0;
+  /** The log's last position when last read: how large the log has grown (see #read). */
+  #logEnd = 0;
   /** The next batch's read, sent while the current batch was handled (see #readAndHandle). */
   #ahead: ReadAhead | undefined;
   /** The last batch's handlers wrote through `ctx.tx`: the next batch is split into sub-batches (see #split). */
@@ -476,7 +478,13 @@ export class PostgresConsumer implements Consumer {
     ];
     if (spec.inbox) params.push(spec.name);
     const everyTopic = spec.topics.includes(EVERY_TOPIC);
-    const { rows } = await driver.prepared<ReadRow>(`tidings.${sql.schema}.read.${spec.inbox}.${everyTopic}`, sql.readLanes(spec.inbox, everyTopic), params);
+    // A prepared statement keeps the plan it was given while the log was small (a sequential scan, which
+    // costs milliseconds once the log holds thousands): a new name each time the log grows fourfold plans it again.
+    const scale = Math.floor(Math.log2(this.#logEnd + 1) / 2);
+    const name = `tidings.${sql.schema}.read.${spec.inbox}.${everyTopic}.${scale}`;
+    const { rows } = await driver.prepared<ReadRow>(name, sql.readLanes(spec.inbox, everyTopic), params);
+    const hi = Number(rows[0]?.hi ?? 0);
+    if (hi > this.#logEnd) this.#logEnd = hi;
     return rows;
   }
 

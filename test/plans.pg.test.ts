@@ -1,0 +1,82 @@
+/**
+ * The consumer's read is a prepared statement: after five runs PostgreSQL may keep one generic plan for it,
+ * made without the parameters' values. That plan must find a window's messages through the xid index
+ * whatever the log's size; a plan that walks the log in position order (or scans it) costs time in
+ * proportion to the whole log on every read. Checked on the plan itself, not on a timing.
+ */
+import assert from 'node:assert/strict';
+import { after, test } from 'node:test';
+import { createBus } from '../src/index.ts';
+import { postgres } from '../src/postgres/index.ts';
+import { statements } from '../src/postgres/statements.ts';
+import { Ticked } from './fixtures/contracts.ts';
+import { connect, DATABASE_URL, dropSchema, requirePostgres, uniqueSchema } from './helpers.ts';
+
+const schemas: string[] = [];
+after(async () => {
+  for (const schema of schemas) await dropSchema(schema);
+});
+
+interface PlanNode {
+  'Node Type': string;
+  'Relation Name'?: string;
+  'Index Name'?: string;
+  'Rows Removed by Filter'?: number;
+  Plans?: PlanNode[];
+}
+
+function nodes(plan: PlanNode): PlanNode[] {
+  return [plan, ...(plan.Plans ?? []).flatMap(nodes)];
+}
+
+test("the generic plan of the consumer's read opens a window through the xid index on a log of 200,000, without scanning the log", async (t) => {
+  if (!(await requirePostgres(t))) return;
+  const schema = uniqueSchema('plan');
+  schemas.push(schema);
+  const bus = createBus({ service: 'plans', backbone: postgres({ url: DATABASE_URL, schema, onWarning: () => undefined }) });
+  await bus.transaction(async () => undefined); // creates the schema
+  await bus.stop();
+  const client = await connect();
+  try {
+    const fill = (from: number, to: number) =>
+      client.query(
+        `insert into ${schema}.log (topic, id, type, source, time, key, key_hash, correlation_id, data)
+         select $1, 'm' || g, $1, 'tidings://plans', now(), 'k' || (g % 100), g % 100, 'm' || g, jsonb_build_object('key', 'k' || (g % 100), 'seq', g)
+         from generate_series($2::int, $3::int) g`,
+        [Ticked.topic, from, to],
+      );
+    // 200,000 messages from 10,000 transactions (as a live log has: few messages per transaction).
+    await client.query('set synchronous_commit = off');
+    await client.query(
+      `do $$ begin for t in 0..9999 loop
+         insert into ${schema}.log (topic, id, type, source, time, key, key_hash, correlation_id, data)
+         select '${Ticked.topic}', 'm' || g, '${Ticked.topic}', 'tidings://plans', now(), 'k' || (g % 100), g % 100, 'm' || g, jsonb_build_object('key', 'k' || (g % 100), 'seq', g)
+         from generate_series(t * 20 + 1, t * 20 + 20) g;
+         commit;
+       end loop; end $$`,
+    );
+    // `done`: a snapshot taken after those, so the window holds only the 10 published next.
+    const { rows } = await client.query<{ done: string }>('select pg_current_snapshot()::text as done');
+    const done = rows[0]!.done;
+    await fill(200_001, 200_010);
+    await client.query(`analyze ${schema}.log`);
+    await client.query('set plan_cache_mode = force_generic_plan');
+    await client.query(
+      `prepare read(text[], text[], text[], int8[], text[], int, int, int8[], int8[], text) as ${statements(schema).readLanes(true, false)}`,
+    );
+    const explained = await client.query<{ 'QUERY PLAN': Array<{ Plan: PlanNode }> }>(
+      `explain (analyze, format json) execute read('{"{0,1,2,3}"}', '{"${done}"}', '{NULL}', '{NULL}', '{${Ticked.topic}}', 4, 500, '{NULL}', '{500}', 'plans')`,
+    );
+    const all = nodes(explained.rows[0]!['QUERY PLAN'][0]!.Plan);
+    const onLog = all.filter((node) => node['Relation Name'] === 'log');
+    t.diagnostic(JSON.stringify(onLog.map((node) => `${node['Node Type']} ${node['Index Name'] ?? ''} removed ${node['Rows Removed by Filter'] ?? 0}`)));
+    assert.ok(!onLog.some((node) => node['Node Type'] === 'Seq Scan'), 'no sequential scan of the log');
+    assert.ok(all.some((node) => node['Index Name'] === 'log_xid'), 'the xid index finds the window');
+    const examined = onLog.reduce((sum, node) => sum + (node['Rows Removed by Filter'] ?? 0), 0);
+    assert.ok(examined < 100, `rows read and thrown away: ${examined}`);
+    const returned = all.find((node) => node['Node Type'] === 'Limit') as (PlanNode & { 'Actual Rows'?: number }) | undefined;
+    assert.equal(returned?.['Actual Rows'], 10, 'the window holds the 10 messages committed after done');
+  } finally {
+    await client.end();
+  }
+});
