@@ -241,8 +241,6 @@ export class NatsConsumer implements Consumer {
         stream: settings.stream,
         durable: this.#durable(bucket),
         onMessage: (delivery) => this.#receive(lane, delivery),
-        onLingering: (waitedMs) =>
-          this.#ctx.warn(`Subscription ${this.#spec.name}: JetStream did not close a pull request on bucket ${bucket} within ${waitedMs} ms; pulling again`),
       }),
       revision,
       renewedAt: Date.now(),
