@@ -72,6 +72,59 @@ test('a publish in one process wakes a consumer in another at once; after its LI
   assert.ok(warnings.some((warning) => /Notifier lost its connection/.test(warning)), 'the loss was reported');
 });
 
+test('a publisher sends no NOTIFY while no other process consumes; one that starts consuming is woken by NOTIFY within about a second', async (t) => {
+  if (!(await requirePostgres(t))) return;
+  const schema = uniqueSchema('n');
+  schemas.push(schema);
+  const producer = newBus(schema);
+  const local: number[] = [];
+  // A consumer in the publishing process is woken directly, not by NOTIFY.
+  producer.subscribe('local', Ticked, (message) => {
+    local.push(message.data.seq);
+  });
+  await producer.start();
+  const listener = await connect();
+  const heard: string[] = [];
+  listener.on('notification', (message) => heard.push(message.payload ?? ''));
+  await listener.query(`listen "${schema}"`);
+  try {
+    // The first publishes may notify (the answer "nobody else" is not known yet); from then on, none.
+    for (let seq = 1; seq <= 3; seq++) await producer.publish(Ticked, { key: 'k', seq });
+    await new Promise((resolve) => setTimeout(resolve, 1_200));
+    const before = heard.length;
+    for (let seq = 4; seq <= 40; seq++) {
+      await producer.publish(Ticked, { key: 'k', seq });
+      await producer.transaction(async (tx) => producer.publish(Ticked, { key: 't', seq }, { tx }));
+    }
+    await waitFor('the local consumer', () => local.length === 77, 5_000);
+    await new Promise((resolve) => setTimeout(resolve, 200));
+    t.diagnostic(`notifications while nobody else consumed: ${heard.length - before} (before the first answer: ${before})`);
+    assert.equal(heard.length - before, 0, 'no NOTIFY while only the publishing process consumes');
+
+    // Another process starts consuming (polling only every 60 s): within ~1 s, publishes NOTIFY again.
+    const remote = newBus(schema);
+    const seen: number[] = [];
+    remote.subscribe('remote', Ticked, (message) => {
+      seen.push(message.data.seq);
+    }, { startFrom: 'now' });
+    await remote.start();
+    // Past its first reads at start: from now on only a NOTIFY (or its 60 s poll) can wake it.
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    const started = Date.now();
+    let seq = 1_000;
+    while (!seen.some((s) => s >= 1_000) && Date.now() - started < 10_000) {
+      await producer.publish(Ticked, { key: 'r', seq: seq++ });
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+    const waited = Date.now() - started;
+    t.diagnostic(`a consumer started in another process was woken ${waited} ms after its first reads`);
+    assert.ok(seen.some((s) => s >= 1_000), 'the new consumer was woken');
+    assert.ok(waited < 5_000, `woken by NOTIFY, not by its 60 s poll (${waited} ms)`);
+  } finally {
+    await listener.end();
+  }
+});
+
 test('when LISTEN does not deliver (a transaction-pooling proxy), the notifier says so once and consumers poll', async (t) => {
   if (!(await requirePostgres(t))) return;
   const real = await pgDriver({ url: DATABASE_URL, poolSize: 2, name: 'deaf' });

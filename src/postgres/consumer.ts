@@ -30,6 +30,8 @@ export interface ConsumerContext {
   readonly warn: (message: string, error?: unknown) => void;
   /** Wakes consumers of topics published inside a consumer's transaction, once it committed. */
   readonly committed: (topics: ReadonlySet<string>) => void;
+  /** This process's workers on the backbone: a consumer is in it while registered in `workers`. */
+  readonly workers: Set<string>;
 }
 
 /**
@@ -146,6 +148,7 @@ export class PostgresConsumer implements Consumer {
   async start(): Promise<void> {
     const { driver, sql, settings, notifier } = this.#ctx;
     const spec = this.#spec;
+    this.#ctx.workers.add(this.#owner);
     await driver.transaction(async (tx) => {
       const { rows } = await tx.query<{ partitions: number }>(sql.upsertSubscription, [spec.name, spec.topics, spec.partitions]);
       const stored = rows[0]?.partitions ?? (await tx.query<{ partitions: number }>(sql.subscriptionPartitions, [spec.name])).rows[0]?.partitions;
@@ -195,6 +198,7 @@ export class PostgresConsumer implements Consumer {
       for (const partition of this.#lanes.keys()) await driver.query(sql.release, [this.#spec.name, partition, this.#owner]);
       this.#lanes.clear();
       await driver.query(sql.unregisterWorker, [this.#owner]);
+      this.#ctx.workers.delete(this.#owner);
     } catch (error) {
       // The leases expire by themselves; another worker takes over then.
       this.#ctx.warn(`Subscription ${this.#spec.name}: could not release leases on stop; they expire in ${this.#ctx.settings.leaseMs} ms`, error);

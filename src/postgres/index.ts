@@ -128,6 +128,8 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
   #driver: SqlDriver | undefined;
   #sql: Statements;
   #notifier: Notifier | undefined;
+  /** The workers (consumers) of this backbone, registered in `workers`: a NOTIFY need not wake them. */
+  readonly #workers = new Set<string>();
   #groupCommit: GroupCommit | undefined;
   #opening: Promise<void> | undefined;
   #warn: (message: string, error?: unknown) => void;
@@ -193,6 +195,10 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
       reconnectMaxMs: postgresDefaults.reconnectMaxMs,
       selfTestMs: postgresDefaults.selfTestMs,
       warn: this.#warn,
+      othersConsume: async () => {
+        const { rows } = await driver.query<{ others: boolean }>(this.#sql.othersConsume, [[...this.#workers]]);
+        return rows[0]?.others !== false;
+      },
     });
     await this.#notifier.start();
     if (o.retention !== false) {
@@ -204,7 +210,7 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
     const notifier = this.#notifier;
     this.#groupCommit = new GroupCommit(
       batch,
-      (messages, topics) => insertMessages(writer, this.#sql, messages, notifier.payload(topics)),
+      (messages, topics) => insertMessages(writer, this.#sql, messages, notifier.othersListening() ? notifier.payload(topics) : undefined),
       (topics) => notifier.poke(topics, true),
     );
   }
@@ -309,6 +315,7 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
         settings,
         warn: this.#warn,
         committed: (topics) => this.#notifier?.poke(topics),
+        workers: this.#workers,
       },
       spec,
       handle,

@@ -10,7 +10,15 @@ export interface NotifierOptions {
   /** How long the self-test waits for its own notification before deciding LISTEN does not work here. */
   readonly selfTestMs: number;
   readonly warn: (message: string, error?: unknown) => void;
+  /**
+   * Whether a consumer other than this backbone's own may be listening (see `othersListening`); absent:
+   * assume one is.
+   */
+  readonly othersConsume?: () => Promise<boolean>;
 }
+
+/** How old the answer to "does anyone else consume?" may be before it is asked again. */
+const AUDIENCE_MAX_AGE_MS = 1_000;
 
 type Wake = (topics: ReadonlySet<string> | 'all') => void;
 
@@ -42,6 +50,7 @@ export class Notifier {
   /** Marks the notifications this notifier caused, whichever connection sent them, so it can ignore them. */
   readonly #origin = Math.random().toString(36).slice(2, 10);
   #warnedUnavailable = false;
+  #audience: { others: boolean; at: number; asking: boolean } = { others: true, at: 0, asking: false };
 
   constructor(driver: SqlDriver, options: NotifierOptions) {
     this.#driver = driver;
@@ -80,7 +89,7 @@ export class Notifier {
     if (set.size === 0) return;
     this.#wakeLocal(set);
     // Embedded too: other buses of this process may share the PGlite instance, each with its own notifier.
-    if (this.#closed || notified) return;
+    if (this.#closed || notified || !this.othersListening()) return;
     for (const topic of set) this.#pending.add(topic);
     void this.#send();
   }
@@ -93,6 +102,31 @@ export class Notifier {
     const session = this.#session;
     this.#session = undefined;
     await session?.close();
+  }
+
+  /**
+   * Whether a NOTIFY may wake anyone: true if a consumer registered outside this process (a worker that is
+   * not this notifier's) was seen at most a second ago. With nobody else consuming, a NOTIFY wakes nobody,
+   * and it costs a transaction of its own (or makes the publishing one a notifying one, which serialises its
+   * commit). The answer is cached and refreshed in the background, so a consumer starting elsewhere is
+   * woken by NOTIFY within about a second; until then its backstop poll finds the messages.
+   */
+  othersListening(): boolean {
+    const audience = this.#audience;
+    const ask = this.#options.othersConsume;
+    if (ask === undefined) return true;
+    if (!audience.asking && Date.now() - audience.at > AUDIENCE_MAX_AGE_MS) {
+      audience.asking = true;
+      ask().then(
+        (others) => {
+          this.#audience = { others, at: Date.now(), asking: false };
+        },
+        () => {
+          this.#audience = { others: true, at: Date.now(), asking: false };
+        },
+      );
+    }
+    return audience.others;
   }
 
   /**

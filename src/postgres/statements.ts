@@ -155,6 +155,8 @@ export function statements(schema: string) {
       returning c.partition, c.epoch::text as epoch, c.done::text as done, c.window_snapshot::text as window_snapshot, c.window_position::int8 as window_position`,
     release: `update ${s}.cursors set owner = null, lease_expires_at = null where subscription = $1 and partition = $2 and owner = $3`,
     unregisterWorker: `delete from ${s}.workers where id = $1`,
+    /** Is any worker registered other than $1 (this process's)? Expired ones count: they may be alive, only late. */
+    othersConsume: `select exists (select 1 from ${s}.workers where id <> all($1::text[])) as others`,
     forgetExpiredWorkers: `delete from ${s}.workers where subscription = $1 and expires_at < now() - interval '1 hour'`,
 
 
