@@ -128,6 +128,8 @@ export class PostgresConsumer implements Consumer {
   #wakeUp: (() => void) | undefined;
   #loop: Promise<void> | undefined;
   #failures = 0;
+  /** When workers expired long ago were last forgotten (see #rebalance). */
+  #forgotAt = 0;
   /** The log's last position when last read: how large the log has grown (see #read). */
   #logEnd = 0;
   /** The next batch's read, sent while the current batch was handled (see #readAndHandle). */
@@ -277,7 +279,12 @@ export class PostgresConsumer implements Consumer {
           await driver.query(sql.release, [spec.name, partition, this.#owner]);
         }
       }
-      await driver.query(sql.forgetExpiredWorkers, [spec.name]);
+      // Workers gone for an hour are forgotten; once a minute is often enough (every heartbeat was a third
+      // of an idle consumer's queries).
+      if (Date.now() - this.#forgotAt > 60_000) {
+        await driver.query(sql.forgetExpiredWorkers, [spec.name]);
+        this.#forgotAt = Date.now();
+      }
     } finally {
       release();
     }
