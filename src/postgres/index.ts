@@ -250,8 +250,8 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
    * transaction go first, to keep their order. Elsewhere, all of them are written as one `publish`.
    */
   async publishChunks(chunks: Iterable<readonly Outgoing[]>, tx: PgTransaction): Promise<void> {
-    const atCommit = isTracked(tx) ? tx[AT_COMMIT] : undefined;
-    if (atCommit === undefined || this.driver.embedded || !isTracked(tx)) return this.publish([...chunks].flat(), tx);
+    if (!isTracked(tx) || tx[AT_COMMIT] === undefined || this.driver.embedded) return this.publish([...chunks].flat(), tx);
+    const atCommit = tx[AT_COMMIT];
     const sent: Array<Promise<void>> = [];
     const send = (messages: readonly Outgoing[]) => {
       refuseUnstorable(messages);
