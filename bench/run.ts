@@ -323,7 +323,6 @@ async function run(started: number): Promise<void> {
       environment: env,
       workloads: WORKLOAD_TITLES,
       notes: [
-        'COPY not measured: COPY FROM STDIN needs pg-copy-streams, which is not installed.',
         'Throughput is counted to acknowledgement: Tidings cursors, pg-boss completed state, graphile-worker jobs deleted, BullMQ jobs no longer pending.',
         'Peers in workload 3 enqueue inside an explicit transaction (pg-boss send with { db }, graphile-worker add_job SQL); BullMQ has no transaction, its workloads 3 and 4 are the same add().',
         'Guarantee rows of peers write the effect on a separate connection (not atomic with the acknowledgement) and have no per-key order.',

@@ -239,3 +239,91 @@ for (const pooling of POOLINGS) {
     assert.deepEqual(await orders(), ['after-invalid', 'bulk']);
   });
 }
+
+/** Text COPY's format treats specially (its escapes, delimiters, null marker, end marker), and some that it does not. */
+const HOSTILE = ['tab\there', 'new\nline', 'cr\rlf\r\n', 'back\\slash', '\\N', '\\.', 'end\\', '\\\\t', '\\', 'emoji 🎉 ü', `quote " ' ,;`, '\u2028sep', ' '];
+
+for (const pooling of POOLINGS) {
+  test(`${pooling}: a large publishMany (streamed with COPY) stores hostile text exactly, and statements issued meanwhile keep their order`, async (t) => {
+    const s = await setup(t, pooling);
+    if (s === undefined) return;
+    const { schema, bus, orders } = s;
+    const options = { subject: '\\N', tenant: 'ten\tant\\', correlationId: 'corr\nid\\.', causationId: '\\' };
+    const items = Array.from({ length: 900 }, (_, i) => ({ key: `${HOSTILE[i % HOSTILE.length]}#${i}`, seq: i, note: HOSTILE[(i + 3) % HOSTILE.length]! }));
+    let writes = 0;
+    await bus.transaction(async (tx) => {
+      await bus.publish(Ticked, { key: 'first', seq: -1 }, { tx });
+      let done = false;
+      const publishing = bus.publishMany(Ticked, items, { tx, ...options }).finally(() => {
+        done = true;
+      });
+      // Statements issued while the messages stream, three per turn of the event loop without waiting for
+      // those before: each waits its turn, none disturbs the COPY.
+      const statements: Array<Promise<unknown>> = [];
+      while (!done) {
+        for (let i = 0; i < 3; i++) statements.push(tx.query(`insert into ${schema}.orders (id, total) values ($1, 1)`, [`w${String(writes++).padStart(4, '0')}`]));
+        await new Promise(setImmediate);
+      }
+      await Promise.all([publishing, ...statements]);
+      await bus.publish(Ticked, { key: 'last', seq: 900 }, { tx });
+    });
+    assert.ok(writes >= 1);
+    assert.equal((await orders()).length, writes);
+
+    const client = await connect();
+    try {
+      const { rows } = await client.query<Record<string, string | null> & { data: { key: string; seq: number; note?: string } }>(
+        `select key, subject, tenant, correlation_id, causation_id, data from ${schema}.log order by position`,
+      );
+      assert.equal(rows.length, 902);
+      assert.deepEqual(rows.map((row) => row.data.seq), [-1, ...items.map((item) => item.seq), 900], 'stored in publication order');
+      rows.slice(1, -1).forEach((row, i) => {
+        assert.deepEqual(row.data, items[i], `data of message ${i}`);
+        assert.equal(row.key, items[i]!.key, `key of message ${i}`);
+        assert.deepEqual(
+          [row.subject, row.tenant, row.correlation_id, row.causation_id],
+          [options.subject, options.tenant, options.correlationId, options.causationId],
+          `attributes of message ${i}`,
+        );
+      });
+    } finally {
+      await client.end();
+    }
+  });
+}
+
+test('a COPY the server fails mid-stream rolls its transaction back, and the pool connection that ran it serves later transactions', async (t) => {
+  if (!(await requirePostgres(t))) return;
+  const schema = uniqueSchema('tx');
+  schemas.push(schema);
+  const bus = createBus({ service: 'tx-test', backbone: postgres({ url: DATABASE_URL, schema, poolSize: 2, onWarning: () => undefined }) });
+  buses.push(bus);
+  await bus.start();
+  const items = (from: number, n: number) => Array.from({ length: n }, (_, i) => ({ key: `k${i % 10}`, seq: from + i, note: 'x'.repeat(200) }));
+  for (let round = 0; round < 3; round++) {
+    const failed = await bus
+      .transaction(async (tx) => {
+        // The server cancels the COPY after 1 ms, while it streams.
+        await tx.query(`set local statement_timeout = 1`);
+        await bus.publishMany(Ticked, items(0, 20_000), { tx });
+      })
+      .catch((error: unknown) => error);
+    assert.match(String((failed as Error).message), /statement timeout/, String(failed));
+  }
+  for (let round = 0; round < 6; round++) {
+    await bus.transaction(async (tx) => {
+      await tx.query('select 1');
+      await bus.publishMany(Ticked, items(round * 300, 300), { tx });
+    });
+  }
+  const client = await connect();
+  try {
+    const { rows } = await client.query<{ seq: number }>(`select (data->>'seq')::int as seq from ${schema}.log order by position`);
+    assert.deepEqual(
+      rows.map((row) => row.seq),
+      Array.from({ length: 1_800 }, (_, i) => i),
+    );
+  } finally {
+    await client.end();
+  }
+});

@@ -21,9 +21,9 @@ export interface Backbone<Tx = unknown> {
   /** Writes messages; `tx` enlists them in the caller's transaction (a transactional outbox). */
   publish(messages: readonly Outgoing[], tx?: Tx): Promise<void>;
   /**
-   * Optional, for a large `publishMany` in a transaction: writes the messages chunk by chunk as the bus
-   * encodes them, so storing the first overlaps encoding the next. Iterating `chunks` may throw (a message
-   * that cannot be serialised); then `tx` must not commit any of them.
+   * Optional, for a large `publishMany`, in the caller's transaction or one the bus opens for it: writes
+   * the messages chunk by chunk as the bus encodes them, so storing the first overlaps encoding the next.
+   * Iterating `chunks` may throw (a message that cannot be serialised); then `tx` must not commit any of them.
    */
   publishChunks?(chunks: Iterable<readonly Outgoing[]>, tx: Tx): Promise<void>;
   /** Runs `fn` in a transaction of the backbone's database; consumers are woken after it commits. */
@@ -39,7 +39,7 @@ export interface Backbone<Tx = unknown> {
 /** An envelope ready to be written: its data already serialised, its key hashed. */
 export interface Outgoing {
   readonly envelope: Envelope;
-  /** `envelope.data` as JSON text. */
+  /** `envelope.data` as JSON text, as JSON.stringify writes it (every control character escaped). */
   readonly json: string;
   readonly keyHash: number;
 }

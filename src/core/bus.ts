@@ -279,8 +279,10 @@ export class Bus<Tx = unknown> {
     const seal = (item: Checked) => tooDeep(contract, () => this.#seal(contract, item, effective, time));
     await this.#open();
     const tx = effective.tx as Tx | undefined;
-    if (tx !== undefined && this.backbone.publishChunks !== undefined && checked.length > STREAM_CHUNK) {
-      await this.backbone.publishChunks(chunked(checked, STREAM_CHUNK, seal), tx);
+    const publishChunks = this.backbone.publishChunks?.bind(this.backbone);
+    if (publishChunks !== undefined && checked.length > STREAM_CHUNK) {
+      const chunks = chunked(checked, STREAM_CHUNK, seal);
+      await (tx !== undefined ? publishChunks(chunks, tx) : this.backbone.transaction((own) => publishChunks(chunks, own)));
     } else {
       await this.backbone.publish(checked.map(seal), tx);
     }
@@ -337,9 +339,9 @@ export class Bus<Tx = unknown> {
 }
 
 /**
- * A `publishMany` in a transaction larger than this is handed to a backbone that can take it in chunks
- * (Backbone.publishChunks) this many at a time: large enough that a chunk's statement costs little next to
- * its rows, small enough that the first reaches the database early.
+ * A `publishMany` larger than this is handed to a backbone that can take it in chunks (Backbone.publishChunks)
+ * this many at a time, in the caller's transaction or one of its own: large enough that a chunk costs little
+ * next to its rows, small enough that the first reaches the database early.
  */
 const STREAM_CHUNK = 250;
 

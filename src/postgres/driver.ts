@@ -1,3 +1,5 @@
+import { Readable } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
 import { TidingsError } from '../core/errors.ts';
 
 /**
@@ -16,6 +18,15 @@ export const PREPARED = Symbol('tidings.prepared');
 
 /** Set (true) on a transaction's Queryable whose statements may be sent without waiting for the ones before. */
 export const PIPELINED = Symbol('tidings.pipelined');
+
+/**
+ * Set on a server transaction's Queryable: streams rows into a table with `COPY ... FROM STDIN` (`text`),
+ * in the transaction. `rows` holds COPY text, a chunk per item, each produced only when the one before has
+ * been handed to the connection, so PostgreSQL ingests one while the next is made.
+ */
+export const COPY_IN = Symbol('tidings.copyIn');
+
+export type CopyIn = (text: string, rows: Iterable<string>) => Promise<void>;
 
 export type Prepare = <R = Record<string, unknown>>(name: string, text: string, params: readonly unknown[]) => Promise<{ rows: R[]; rowCount?: number | null }>;
 
@@ -123,6 +134,7 @@ export async function pgDriver(options: PgDriverOptions): Promise<SqlDriver> {
   const pg = await import('pg').catch((cause: unknown) => {
     throw new TidingsError('BACKBONE_UNAVAILABLE', 'The postgres backbone needs the "pg" package: npm install pg', { cause });
   });
+  const { from: copyFrom } = await import('pg-copy-streams');
   const Pool = pg.default.Pool;
   const Client = pg.default.Client;
   const ownPool = options.pool === undefined;
@@ -148,11 +160,12 @@ export async function pgDriver(options: PgDriverOptions): Promise<SqlDriver> {
         broken = error;
       };
       client.on('error', onError);
-      const session = new PgSession(client);
-      const tx: Queryable & { [PREPARED]: Prepare; [PIPELINED]: boolean } = {
+      const session = new PgSession(client, copyFrom);
+      const tx: Queryable & { [PREPARED]: Prepare; [PIPELINED]: boolean; [COPY_IN]: CopyIn } = {
         query: (text, params) => session.run({ text, params: params ?? [] }),
         [PREPARED]: (name, text, params) => session.run({ name, text, params }),
         [PIPELINED]: session.pipelined,
+        [COPY_IN]: (text, rows) => session.copy(text, rows),
       };
       try {
         const result = await fn(tx);
@@ -240,20 +253,61 @@ interface PipelinedClient {
  */
 class PgSession {
   #begun = false;
+  /** A COPY in progress: the connection takes nothing else until it ends, so statements wait for it, in order. */
+  #copying: Promise<void> | undefined;
+  /** The last statement sent: once it is answered, so are all before it. */
+  #last: Promise<unknown> | undefined;
 
-  constructor(private readonly client: PgClientLike) {}
+  constructor(
+    private readonly client: PgClientLike,
+    private readonly copyFrom: (text: string) => NodeJS.WritableStream,
+  ) {}
 
   get pipelined(): boolean {
     return this.#corkable() !== undefined;
   }
 
   run<R>(statement: Statement): Promise<{ rows: R[]; rowCount?: number | null }> {
+    if (this.#copying !== undefined) return this.#copying.then(() => this.run<R>(statement));
     if (this.#begun) return this.#send<R>(statement);
     this.#begun = true;
     return this.#sendAll<R>([BEGIN, statement]);
   }
 
+  /** Streams `rows` into `COPY ... FROM STDIN` (see COPY_IN); a failure aborts the transaction. */
+  copy(text: string, rows: Iterable<string>): Promise<void> {
+    if (this.#copying !== undefined) return this.#copying.then(() => this.copy(text, rows));
+    const copying = this.#copy(text, rows);
+    const settled = copying.catch(() => undefined);
+    this.#copying = settled;
+    void settled.then(() => {
+      if (this.#copying === settled) this.#copying = undefined;
+    });
+    return copying;
+  }
+
+  async #copy(text: string, rows: Iterable<string>): Promise<void> {
+    if (!this.#begun) {
+      this.#begun = true;
+      this.#send(BEGIN).catch(() => undefined); // a failed BEGIN fails the COPY too
+    }
+    // pg refuses a COPY among pipelined statements: once those sent are answered, it goes alone.
+    await this.#last?.catch(() => undefined);
+    const client = this.client as unknown as { pipeline?: boolean; query(submittable: NodeJS.WritableStream): unknown };
+    const pipelined = client.pipeline === true;
+    if (pipelined) client.pipeline = false;
+    try {
+      const stream = this.copyFrom(text);
+      const streamed = pipeline(Readable.from(rows), stream);
+      client.query(stream);
+      await streamed;
+    } finally {
+      if (pipelined) client.pipeline = true;
+    }
+  }
+
   async commit(last: Statement | undefined): Promise<void> {
+    if (this.#copying !== undefined) await this.#copying;
     if (!this.#begun) {
       if (last !== undefined) await this.#send(last);
       return;
@@ -272,6 +326,7 @@ class PgSession {
 
   /** Ends the transaction if it is still open (a pipelined COMMIT ends it even when a statement before it failed). */
   async rollback(): Promise<void> {
+    if (this.#copying !== undefined) await this.#copying;
     if (!this.#begun || this.#status() === 'I') return;
     await this.#send(ROLLBACK);
   }
@@ -290,8 +345,12 @@ class PgSession {
 
   #send<R>(statement: Statement): Promise<{ rows: R[]; rowCount?: number | null }> {
     const { client } = this;
-    if (statement.name === undefined) return client.query<R>(statement.text, statement.params);
-    return (client as unknown as PreparingPool).query<R>({ name: statement.name, text: statement.text, values: statement.params as unknown[] });
+    const sent =
+      statement.name === undefined
+        ? client.query<R>(statement.text, statement.params)
+        : (client as unknown as PreparingPool).query<R>({ name: statement.name, text: statement.text, values: statement.params as unknown[] });
+    this.#last = sent;
+    return sent;
   }
 
   /** Sends statements in one write and one round trip where the connection pipelines; resolves with the last one's result. */

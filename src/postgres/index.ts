@@ -5,11 +5,11 @@ import { TidingsError } from '../core/errors.ts';
 import { OptionProblems } from '../core/options.ts';
 import { PostgresConsumer, type ConsumerSettings } from './consumer.ts';
 import { deadLetterStore } from './admin.ts';
-import { checkIdentifier, pgDriver, pgliteDriver, preparing, type PGliteLike, type PgPoolLike, type SqlDriver } from './driver.ts';
+import { checkIdentifier, COPY_IN, pgDriver, pgliteDriver, preparing, type CopyIn, type PGliteLike, type PgPoolLike, type SqlDriver } from './driver.ts';
 import { migrate } from './migrate.ts';
 import { resolveRetention, Retention, type RetentionOptions } from './retention.ts';
 import { Notifier } from './notifier.ts';
-import { GroupCommit, insertMessages, insertStatement } from './publisher.ts';
+import { copyRows, GroupCommit, insertMessages, insertStatement } from './publisher.ts';
 import { statements, type Statements } from './statements.ts';
 import { AT_COMMIT, isTracked, PUBLISHED, track, type AtCommit, type PgTransaction } from './transaction.ts';
 
@@ -106,6 +106,7 @@ function unstorable(envelope: Envelope, json: string): string | undefined {
     if (value.includes('\0')) return `${name} contains a NUL character`;
     if (LONE_SURROGATE.test(value)) return `${name} contains a lone UTF-16 surrogate`;
   }
+  if (!json.includes('\\')) return undefined; // both are escapes: the usual payload has none
   if (NUL_ESCAPE.test(json)) return 'data contains a NUL character (\\u0000)';
   if (LONE_SURROGATE_ESCAPE.test(json)) return 'data contains a lone UTF-16 surrogate';
   return undefined;
@@ -245,31 +246,33 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
   }
 
   /**
-   * In a `bus.transaction()` on a server, each chunk is sent as soon as it is encoded, so PostgreSQL inserts
-   * one while the next is encoded (a bulk publish is about half each). Messages published before it in the
+   * In a `bus.transaction()` on a server, the messages are streamed with COPY, each chunk as soon as it is
+   * encoded, so PostgreSQL ingests one while the next is encoded (a bulk publish is about half each, and COPY
+   * costs the server a third of what an INSERT of the same rows does). Messages published before it in the
    * transaction go first, to keep their order. Elsewhere, all of them are written as one `publish`.
    */
   async publishChunks(chunks: Iterable<readonly Outgoing[]>, tx: PgTransaction): Promise<void> {
-    if (!isTracked(tx) || tx[AT_COMMIT] === undefined || this.driver.embedded) return this.publish([...chunks].flat(), tx);
+    const copyIn = (tx as { [COPY_IN]?: CopyIn })[COPY_IN];
+    if (!isTracked(tx) || tx[AT_COMMIT] === undefined || copyIn === undefined) return this.publish([...chunks].flat(), tx);
     const atCommit = tx[AT_COMMIT];
-    const sent: Array<Promise<void>> = [];
-    const send = (messages: readonly Outgoing[]) => {
-      refuseUnstorable(messages);
-      const write = insertMessages(tx, this.#sql, messages);
-      write.catch(() => undefined); // awaited below; a failed insert fails the transaction too
-      sent.push(write);
-      for (const message of messages) tx[PUBLISHED].add(message.envelope.topic);
+    const published = tx[PUBLISHED];
+    const earlier = atCommit.messages.splice(0);
+    const encode = (chunk: readonly Outgoing[]): string => {
+      refuseUnstorable(chunk);
+      for (const message of chunk) published.add(message.envelope.topic);
+      return copyRows(chunk);
     };
+    function* rows(): Generator<string> {
+      if (earlier.length > 0) yield encode(earlier);
+      for (const chunk of chunks) yield encode(chunk);
+    }
     try {
-      if (atCommit.messages.length > 0) send(atCommit.messages.splice(0));
-      for (const chunk of chunks) send(chunk);
+      await copyIn(this.#sql.copyMessages, rows());
     } catch (error) {
       // Part of the messages may be written already: the transaction must not commit them alone.
       atCommit.failure = error;
-      await Promise.allSettled(sent);
       throw error;
     }
-    await Promise.all(sent);
   }
 
   async transaction<T>(fn: (tx: PgTransaction) => Promise<T>): Promise<T> {

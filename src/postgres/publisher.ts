@@ -91,6 +91,31 @@ export function messagesJson(messages: readonly Outgoing[]): string {
   return `[${parts.join(',')}]`;
 }
 
+/** What COPY's text format escapes: its own escape character and the field and row delimiters. */
+const COPY_SPECIAL = /[\\\t\n\r]/;
+const COPY_ESCAPES: Record<string, string> = { '\\': '\\\\', '\t': '\\t', '\n': '\\n', '\r': '\\r' };
+
+function copyField(value: string | null | undefined): string {
+  if (value === undefined || value === null) return '\\N';
+  return COPY_SPECIAL.test(value) ? value.replace(/[\\\t\n\r]/g, (char) => COPY_ESCAPES[char]!) : value;
+}
+
+/** JSON text as a COPY field: JSON.stringify escapes every control character, so only backslashes need it. */
+function copyJson(json: string): string {
+  return json.includes('\\') ? json.replaceAll('\\', '\\\\') : json;
+}
+
+/** `messages` as rows of `COPY ... FROM STDIN` text, in the columns of `copyMessages`. */
+export function copyRows(messages: readonly Outgoing[]): string {
+  let text = '';
+  for (const { envelope: e, json, keyHash } of messages) {
+    text += `${copyField(e.topic)}\t${copyField(e.id)}\t${copyField(e.type)}\t${copyField(e.source)}\t${copyField(e.time)}\t${copyField(e.subject)}\t`;
+    text += `${copyField(e.partitionkey)}\t${keyHash}\t${copyField(e.tenant)}\t${copyField(e.correlationid)}\t${copyField(e.causationid)}\t`;
+    text += `${copyField(e.traceparent)}\t${copyField(e.tracestate)}\t${copyJson(json)}\n`;
+  }
+  return text;
+}
+
 /**
  * The one statement that writes `messages`, prepared where the connection allows (its parse and plan cost
  * about as much as running it). With `wake`, the same statement sends the NOTIFY that wakes other

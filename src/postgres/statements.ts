@@ -12,6 +12,8 @@ export function statements(schema: string) {
     /** One message, its columns as parameters: cheaper than the JSON form for the most common publish. */
     insertMessage: `insert into ${s}.log (topic, id, type, source, time, subject, key, key_hash, tenant, correlation_id, causation_id, traceparent, tracestate, data)
       values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)`,
+    /** Many messages streamed as COPY text (see `copyRows`): a third of the server's work per row of `insertMessages`. */
+    copyMessages: `copy ${s}.log (topic, id, type, source, time, subject, key, key_hash, tenant, correlation_id, causation_id, traceparent, tracestate, data) from stdin`,
     /** $1: a JSON array of rows. One statement for any number of messages; order is kept by ordinality. */
     insertMessages: `insert into ${s}.log (topic, id, type, source, time, subject, key, key_hash, tenant, correlation_id, causation_id, traceparent, tracestate, data)
       select r.topic, r.id, r.type, r.source, r.time, r.subject, r.key, r.key_hash, r.tenant, r.correlation_id, r.causation_id, r.traceparent, r.tracestate, r.data

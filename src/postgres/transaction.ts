@@ -1,6 +1,6 @@
 import type { Outgoing } from '../core/backbone.ts';
 import { TidingsError } from '../core/errors.ts';
-import { PIPELINED, PREPARED, type Prepare, type Queryable, type SqlDriver, type Statement } from './driver.ts';
+import { COPY_IN, PIPELINED, PREPARED, type CopyIn, type Prepare, type Queryable, type SqlDriver, type Statement } from './driver.ts';
 
 /** What handlers and `bus.transaction` callbacks get as `tx`: run SQL in the transaction. */
 export interface PgTransaction extends Queryable {}
@@ -27,11 +27,13 @@ export interface TrackedTransaction extends PgTransaction {
 
 export function track(inner: Queryable, published = new Set<string>(), atCommit?: AtCommit): TrackedTransaction {
   const prepare = (inner as { [PREPARED]?: Prepare })[PREPARED];
+  const copyIn = (inner as { [COPY_IN]?: CopyIn })[COPY_IN];
   return {
     [PUBLISHED]: published,
     ...(atCommit === undefined ? {} : { [AT_COMMIT]: atCommit }),
     query: (text, params) => inner.query(text, params),
     ...(prepare === undefined ? {} : { [PREPARED]: prepare }),
+    ...(copyIn === undefined ? {} : { [COPY_IN]: copyIn }),
   };
 }
 
