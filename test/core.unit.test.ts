@@ -81,7 +81,11 @@ test('ids are time-ordered UUIDv7; key hashes are stable, 31-bit, and spread ove
   const b = newId();
   assert.match(a, /^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/);
   assert.ok(a < b);
-  assert.equal(keyHash('order-1'), keyHash('order-1'));
+  // Pinned: a key's partition must not move between versions (messages in flight keep their order).
+  assert.deepEqual(
+    ['order-1', '', 'ключ-ü-🎉', 'a\u007f\u0080'].map(keyHash),
+    [729795949, 18652613, 953580386, 1450068067],
+  );
   const counts = [0, 0, 0, 0];
   for (let i = 0; i < 4_000; i++) {
     const hash = keyHash(`key-${i}`);

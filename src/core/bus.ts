@@ -1,6 +1,6 @@
 import { setMaxListeners } from 'node:events';
 import type { Backbone, Consumer, DeliveryHandler, Outgoing } from './backbone.ts';
-import { validate, validateName, type AnyContract, type DataOf, type InputOf } from './contract.ts';
+import { validateName, validateNow, type AnyContract, type DataOf, type InputOf } from './contract.ts';
 import { keyHash, newId, type Envelope, type Message } from './envelope.ts';
 import { TidingsError } from './errors.ts';
 import { createPipeline, handlerScope, type Handler, type Middleware, type Route } from './handler.ts';
@@ -275,7 +275,10 @@ export class Bus<Tx = unknown> {
     const time = new Date().toISOString();
     // Every message is validated before any is written or serialised: a bad one stops them all.
     const checked: Checked[] = [];
-    for (const data of items) checked.push(await tooDeep(contract, () => this.#check(contract, data, effective, items.length === 1)));
+    for (const data of items) {
+      const item = tooDeep(contract, () => this.#check(contract, data, effective, items.length === 1));
+      checked.push(item instanceof Promise ? await item : item);
+    }
     const seal = (item: Checked) => tooDeep(contract, () => this.#seal(contract, item, effective, time));
     await this.#open();
     const tx = effective.tx as Tx | undefined;
@@ -291,9 +294,14 @@ export class Bus<Tx = unknown> {
   }
 
   /** Validates one message's data and finds its key. */
-  async #check(contract: AnyContract, data: unknown, options: PublishOptions, single: boolean): Promise<Checked> {
+  #check(contract: AnyContract, data: unknown, options: PublishOptions, single: boolean): Checked | Promise<Checked> {
     const id = single && options.id !== undefined ? options.id : newId();
-    const parsed = await validate(contract, data, { id, topic: contract.topic });
+    const parsed = validateNow(contract, data, { id, topic: contract.topic });
+    return parsed instanceof Promise ? parsed.then((value) => this.#keyed(contract, id, data, value, options)) : this.#keyed(contract, id, data, parsed, options);
+  }
+
+  /** Finds a validated message's key. */
+  #keyed(contract: AnyContract, id: string, data: unknown, parsed: unknown, options: PublishOptions): Checked {
     const key = options.key ?? (contract.key === undefined ? id : contract.key(parsed));
     if (typeof key !== 'string' || key.length === 0) {
       throw new TidingsError('INVALID_PAYLOAD', `The key function of ${contract.name} returned ${JSON.stringify(key)}; it must return a non-empty string`, {

@@ -56,12 +56,13 @@ export function newId(): string {
     pool = randomBytes(POOL_SIZE);
     offset = 0;
   }
-  const bytes = Buffer.from(pool.subarray(offset, offset + 16));
+  // The pool's bytes are used once: stamp them in place rather than copy them out.
+  const at = offset;
   offset += 16;
-  bytes.writeUIntBE(Date.now(), 0, 6);
-  bytes[6] = (bytes[6]! & 0x0f) | 0x70;
-  bytes[8] = (bytes[8]! & 0x3f) | 0x80;
-  const hex = bytes.toString('hex');
+  pool.writeUIntBE(Date.now(), at, 6);
+  pool[at + 6] = (pool[at + 6]! & 0x0f) | 0x70;
+  pool[at + 8] = (pool[at + 8]! & 0x3f) | 0x80;
+  const hex = pool.toString('hex', at, at + 16);
   return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20)}`;
 }
 
@@ -70,6 +71,18 @@ export function newId(): string {
  * lands in the same partition whichever backbone carries it.
  */
 export function keyHash(key: string): number {
+  let hash = 0x811c9dc5;
+  // ASCII is its own UTF-8: hash the characters without encoding the key.
+  for (let i = 0; i < key.length; i++) {
+    const code = key.charCodeAt(i);
+    if (code >= 0x80) return keyHashUtf8(key);
+    hash ^= code;
+    hash = Math.imul(hash, 0x01000193);
+  }
+  return (hash >>> 0) & 0x7fffffff;
+}
+
+function keyHashUtf8(key: string): number {
   let hash = 0x811c9dc5;
   const bytes = Buffer.from(key, 'utf8');
   for (const byte of bytes) {
