@@ -264,7 +264,7 @@ export function checkTargets(entries: Entry[], tidings: string, keyed: string): 
   const t3 = m('drain', keyed, 'rate');
   const p50 = m('latency', tidings, 'p50@1000');
   const p99 = m('latency', tidings, 'p99@1000');
-  const producer = m('e2e', 'Tidings, producers only (no consumer)', 'producerRate');
+  const producer = m('e2e', 'Tidings, producers only (no consumer; as many events as raw 10-conn commits)', 'producerRate');
   const loss = producer !== undefined && raw10 !== undefined ? 100 * (1 - producer / raw10) : undefined;
   const lossTx = producer !== undefined && rawTx10 !== undefined ? 100 * (1 - producer / rawTx10) : undefined;
   const t6 = m('bulk', tidings, 'rate');

@@ -4,6 +4,7 @@ import { pipeline } from 'node:stream/promises';
 import pg from 'pg';
 import { from as copyFrom } from 'pg-copy-streams';
 import { makeEvent, now, percentile, produce, rate, runChild, sleep } from '../lib/child.ts';
+import { rawSingleRowCommits } from '../lib/plan.ts';
 import type { ChildResult, Task } from '../lib/types.ts';
 
 const TABLE = 'bench_raw_events';
@@ -136,7 +137,7 @@ async function raw(task: Task): Promise<ChildResult> {
   await sleep(200);
   metrics.single1 = await singleRows([first], Math.round(task.events / 10), false);
   await sleep(200);
-  metrics.single10 = await singleRows(clients, Math.round(task.events / 2), false);
+  metrics.single10 = await singleRows(clients, rawSingleRowCommits(task.events), false);
   await sleep(200);
   metrics.tx10 = await explicitTransactions(clients, Math.round(task.events / 4));
   await sleep(200);
