@@ -6,7 +6,7 @@
 import { Queue, Worker, type Job } from 'bullmq';
 import { Redis } from 'ioredis';
 import pg from 'pg';
-import { Counter, ensureEffectsTable, latencyPhases, makeEvent, now, pollUntil, produce, rate, runChild, sleep, type BenchEvent } from '../lib/child.ts';
+import { Counter, ensureEffectsTable, latencyPhases, makeEvent, now, pollUntil, produce, rate, runChild, sleep, warmUp, type BenchEvent } from '../lib/child.ts';
 import type { ChildResult, Task } from '../lib/types.ts';
 
 const PREFIX = 'tbench';
@@ -93,10 +93,12 @@ async function endToEnd(task: Task): Promise<ChildResult> {
   const counter = new Counter();
   const worker = startWorker(task, queue, CONCURRENCY, counter);
   await worker.waitUntilReady();
+  const publishOne = (seq: number) => queue.add('bench', makeEvent(seq, task.variant.keys), jobOptions);
+  const warm = await warmUp(task, PRODUCERS, publishOne, { counter, acknowledged: async () => (await pending([queue])) === 0 });
   const t0 = now();
-  await produce(task.events, PRODUCERS, (seq) => queue.add('bench', makeEvent(seq, task.variant.keys), jobOptions));
+  await produce(task.events, PRODUCERS, publishOne);
   const producedMs = now() - t0;
-  await counter.until(task.events, task.timeoutMs);
+  await counter.until(warm + task.events, task.timeoutMs);
   await pollUntil(async () => (await pending([queue])) === 0, 60_000, 'no job pending');
   const ms = now() - t0;
   await worker.close();

@@ -19,6 +19,7 @@ import {
   rate,
   runChild,
   type BenchEvent,
+  warmUp,
 } from '../lib/child.ts';
 import type { ChildResult, Task } from '../lib/types.ts';
 
@@ -119,9 +120,7 @@ async function endToEnd(task: Task, standalone: boolean): Promise<ChildResult> {
   const runner = await startRunner(task, { [TASK]: handlerFor(task, counter) });
   const left = await remaining(task);
   const producers = new pg.Pool({ connectionString: task.pgUrl, max: PRODUCERS });
-  const q0 = queriesSoFar();
-  const t0 = now();
-  await produce(task.events, PRODUCERS, async (seq) => {
+  const publishOne = async (seq: number) => {
     const event = makeEvent(seq, task.variant.keys);
     if (standalone) {
       await utils.addJob(TASK, event);
@@ -135,9 +134,13 @@ async function endToEnd(task: Task, standalone: boolean): Promise<ChildResult> {
     } finally {
       client.release();
     }
-  });
+  };
+  const warm = await warmUp(task, PRODUCERS, publishOne, { counter, acknowledged: async () => (await left()) === 0 });
+  const q0 = queriesSoFar();
+  const t0 = now();
+  await produce(task.events, PRODUCERS, publishOne);
   const producedMs = now() - t0;
-  await counter.until(task.events, task.timeoutMs);
+  await counter.until(warm + task.events, task.timeoutMs);
   await pollUntil(async () => (await left()) === 0, 60_000, 'no job left');
   const ms = now() - t0;
   await runner.stop();

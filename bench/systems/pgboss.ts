@@ -19,6 +19,7 @@ import {
   rate,
   runChild,
   type BenchEvent,
+  warmUp,
 } from '../lib/child.ts';
 import type { ChildResult, Task } from '../lib/types.ts';
 
@@ -127,9 +128,7 @@ async function endToEnd(task: Task, standalone: boolean): Promise<ChildResult> {
   await work(boss, task, QUEUE, handlerFor(task, counter, effectsPool(task)));
   const done = await completed(task, [QUEUE]);
   const producers = new pg.Pool({ connectionString: task.pgUrl, max: PRODUCERS });
-  const q0 = queriesSoFar();
-  const t0 = now();
-  await produce(task.events, PRODUCERS, async (seq) => {
+  const publishOne = async (seq: number) => {
     const event = makeEvent(seq, task.variant.keys);
     if (standalone) {
       await boss.send(QUEUE, event);
@@ -143,10 +142,14 @@ async function endToEnd(task: Task, standalone: boolean): Promise<ChildResult> {
     } finally {
       client.release();
     }
-  });
+  };
+  const warm = await warmUp(task, PRODUCERS, publishOne, { counter, acknowledged: async (n) => (await done()) >= n });
+  const q0 = queriesSoFar();
+  const t0 = now();
+  await produce(task.events, PRODUCERS, publishOne);
   const producedMs = now() - t0;
-  await counter.until(task.events, task.timeoutMs);
-  await pollUntil(async () => (await done()) >= task.events, 60_000, 'all completed');
+  await counter.until(warm + task.events, task.timeoutMs);
+  await pollUntil(async () => (await done()) >= warm + task.events, 60_000, 'all completed');
   const ms = now() - t0;
   const queriesPerEvent = (queriesSoFar() - q0) / task.events;
   return { ok: true, metrics: { rate: rate(task.events, ms), producerRate: rate(task.events, producedMs), queriesPerEvent } };

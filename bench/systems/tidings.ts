@@ -16,6 +16,7 @@ import {
   rate,
   runChild,
   type BenchEvent,
+  warmUp,
 } from '../lib/child.ts';
 import { tidings } from '../lib/tidings.ts';
 import type { ChildResult, Task } from '../lib/types.ts';
@@ -138,17 +139,19 @@ async function endToEnd(task: Task, standalone: boolean): Promise<ChildResult> {
   if (consuming) bus.subscribe('e2e', Ev, handlerFor(task, counter), subscribeOptions(task, 'now'));
   await bus.start();
   const acked = await acknowledged(task, ['e2e']);
-  const q0 = queriesSoFar();
-  const t0 = now();
-  await produce(task.events, PRODUCERS, async (seq) => {
+  const publishOne = async (seq: number) => {
     const event = makeEvent(seq, task.variant.keys);
     if (standalone) await bus.publish(Ev, event);
     else await bus.transaction(async (tx) => bus.publish(Ev, event, { tx }));
-  });
+  };
+  const warm = await warmUp(task, PRODUCERS, publishOne, consuming ? { counter, acknowledged: async (n) => (await acked()) >= n } : undefined);
+  const q0 = queriesSoFar();
+  const t0 = now();
+  await produce(task.events, PRODUCERS, publishOne);
   const producedMs = now() - t0;
   if (consuming) {
-    await counter.until(task.events, task.timeoutMs);
-    await pollUntil(async () => (await acked()) >= task.events, 30_000, 'all acknowledged');
+    await counter.until(warm + task.events, task.timeoutMs);
+    await pollUntil(async () => (await acked()) >= warm + task.events, 30_000, 'all acknowledged');
   }
   const ms = now() - t0;
   await bus.stop();
