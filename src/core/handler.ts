@@ -1,6 +1,6 @@
 import { AsyncLocalStorage } from 'node:async_hooks';
 import type { Delivery, DeliveryHandler, DeliveryResult } from './backbone.ts';
-import { validate, type AnyContract, type DataOf, type InputOf } from './contract.ts';
+import { validateNow, type AnyContract, type DataOf, type InputOf } from './contract.ts';
 import { toMessage, type Envelope, type Message } from './envelope.ts';
 import { describeError, HandlerTimeoutError, isPermanent, TidingsError, type ErrorRecord } from './errors.ts';
 import type { ResolvedRetry } from './options.ts';
@@ -106,7 +106,8 @@ export function createPipeline<Tx>(options: PipelineOptions<Tx>): DeliveryHandle
     }
     let data: DataOf<AnyContract>;
     try {
-      data = await validate(route.contract, envelope.data, ref);
+      const validated = validateNow(route.contract, envelope.data, ref);
+      data = validated instanceof Promise ? await validated : validated;
     } catch (error) {
       return { outcome: 'dead-letter', reason: `invalid payload: ${(error as Error).message}`, error: describeError(error) };
     }
