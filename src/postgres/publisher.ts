@@ -18,11 +18,13 @@ interface Waiting {
  * Group commit for publishes made outside any transaction: publishes issued while a write is in flight
  * are gathered and written together by the next single statement, which commits on its own. Each caller's
  * promise resolves once its messages are durable. Like a Kafka producer's linger, but with no timer: the
- * batch is whatever arrived during the previous round trip, so a lone publish is not delayed.
+ * batch is whatever arrived during the previous round trip and the current turn of the event loop, so a
+ * lone publish waits for nothing but the end of that turn.
  */
 export class GroupCommit {
   readonly #queue: Waiting[] = [];
   #inFlight = 0;
+  #scheduled = false;
 
   constructor(
     private readonly options: GroupCommitOptions,
@@ -33,6 +35,20 @@ export class GroupCommit {
   publish(messages: readonly Outgoing[]): Promise<void> {
     return new Promise((resolve, reject) => {
       this.#queue.push({ messages, resolve, reject });
+      this.#schedule();
+    });
+  }
+
+  /**
+   * Writes start at the end of the event loop's turn, not at once: the callers one commit resolves publish
+   * again in the same turn, and the first of them would otherwise leave alone in a write of its own while
+   * the rest wait for the next (10 callers: ~3 messages per write instead of 10, and half the rate).
+   */
+  #schedule(): void {
+    if (this.#scheduled) return;
+    this.#scheduled = true;
+    setImmediate(() => {
+      this.#scheduled = false;
       this.#drain();
     });
   }
@@ -62,7 +78,7 @@ export class GroupCommit {
       for (const waiting of batch) waiting.reject(error);
     } finally {
       this.#inFlight--;
-      this.#drain();
+      this.#schedule();
     }
   }
 }
