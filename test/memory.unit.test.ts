@@ -527,6 +527,43 @@ test('100,000 messages through one subscription: each once, in order per key (ti
   );
 });
 
+test('handler timeouts: each attempt gets its whole timeout from its own start, however many are in flight', async (t) => {
+  const bus = busOn(t);
+  const lasted = new Map<number, number>();
+  let quick = 0;
+  bus.subscribe(
+    'timeouts',
+    Ticked,
+    async (message, ctx) => {
+      if (message.data.seq === 0) {
+        quick++;
+        return;
+      }
+      const started = performance.now();
+      await new Promise((resolve) => ctx.signal.addEventListener('abort', resolve, { once: true }));
+      lasted.set(message.data.seq, performance.now() - started);
+    },
+    { timeoutMs: 100, concurrency: 8, retry: { immediate: 0, delayed: [] } },
+  );
+  await bus.start();
+  // Hung handlers that start 40 ms apart, with quick ones in between that finish long before them.
+  for (let seq = 1; seq <= 4; seq++) {
+    await bus.publishMany(Ticked, [
+      { key: `hung-${seq}`, seq },
+      { key: `quick-${seq}`, seq: 0 },
+    ]);
+    await sleep(40);
+  }
+  await waitFor('every hung handler timed out', () => lasted.size === 4);
+  assert.equal(quick, 4);
+  for (const [seq, ms] of lasted) {
+    assert.ok(ms >= 98, `handler ${seq} was abandoned after ${ms.toFixed(1)} ms, before its 100 ms timeout`);
+    assert.ok(ms < 600, `handler ${seq} was abandoned only after ${ms.toFixed(1)} ms`);
+  }
+  await waitFor('the timed-out messages dead-lettered', () => bus.stats().subscriptions.timeouts?.deadLettered === 4);
+  assert.deepEqual(bus.stats().subscriptions.timeouts, { handled: 4, retried: 0, deadLettered: 4 });
+});
+
 test('ctx.signal: quiet when the handler finishes, already aborted when first read after a timeout, aborted when the bus stops', async (t) => {
   const seen: Array<{ seq: number; aborted: boolean; reason?: string | undefined }> = [];
   const timeouts = busOn(t);

@@ -1,5 +1,5 @@
 import { setMaxListeners } from 'node:events';
-import type { Backbone, Consumer, DeliveryHandler, Outgoing } from './backbone.ts';
+import type { Backbone, Consumer, DeliveryHandler, DeliveryResult, Outgoing } from './backbone.ts';
 import { validateName, validateNow, type AnyContract, type DataOf, type InputOf } from './contract.ts';
 import { keyHash, newId, type Envelope, type Message } from './envelope.ts';
 import { TidingsError } from './errors.ts';
@@ -244,13 +244,13 @@ export class Bus<Tx = unknown> {
         return this.publish(contract, data as InputOf<typeof contract>, inherited);
       },
     });
-    const handle: DeliveryHandler<Tx> = async (delivery) => {
-      const result = await pipeline(delivery);
+    const count = (result: DeliveryResult): DeliveryResult => {
       if (result.outcome === 'ack') counts.handled++;
       else if (result.outcome === 'retry') counts.retried++;
       else counts.deadLettered++;
       return result;
     };
+    const handle: DeliveryHandler<Tx> = (delivery) => pipeline(delivery).then(count);
     const consumer = await this.backbone.consume(
       {
         name: subscription.name,
@@ -271,7 +271,7 @@ export class Bus<Tx = unknown> {
     const scope = handlerScope.getStore();
     // Inside a handler, a publish joins the handler's transaction and carries its correlation, so it is
     // delivered iff the handled message is acknowledged.
-    const effective: PublishOptions = scope === undefined ? options : { ...inherit(scope.message), tx: scope.tx, ...options };
+    const effective: PublishOptions = scope === undefined ? options : { ...inherit(scope.message), tx: scope.delivery.tx, ...options };
     const time = new Date().toISOString();
     // Every message is validated before any is written or serialised: a bad one stops them all.
     const checked: Checked[] = [];

@@ -1,11 +1,11 @@
 import { hostname } from 'node:os';
-import { EVERY_TOPIC, type AttemptRecord, type Consumer, type DeliveryHandler, type DeliveryResult, type SubscriptionSpec } from '../core/backbone.ts';
+import { EVERY_TOPIC, type AttemptRecord, type Consumer, type Delivery, type DeliveryHandler, type DeliveryResult, type SubscriptionSpec } from '../core/backbone.ts';
 import type { Envelope } from '../core/envelope.ts';
 import { describeError, TidingsError } from '../core/errors.ts';
 import { preparing, runStatement, type Queryable, type SqlDriver, type Statement } from './driver.ts';
 import type { Notifier } from './notifier.ts';
 import type { LogRow, Statements } from './statements.ts';
-import { AttemptScope, Gate, SharedScope, type PgTransaction } from './transaction.ts';
+import { AttemptScope, Gate, SharedScope, type Attempt, type PgTransaction } from './transaction.ts';
 
 export interface ConsumerSettings {
   readonly leaseMs: number;
@@ -665,11 +665,12 @@ export class PostgresConsumer implements Consumer {
   async #attempts(scope: SharedScope, envelope: Envelope, firstAttempt: number, history: AttemptRecord[]): Promise<AttemptsResult> {
     for (let attempt = firstAttempt; ; attempt++) {
       const attemptScope = scope.attempt();
-      let result: DeliveryResult = await this.#handle({ envelope, attempt, tx: attemptScope.tx }).catch((error: unknown) => ({
-        outcome: 'retry' as const,
-        delayMs: 0,
-        error: describeError(error),
-      }));
+      let result: DeliveryResult;
+      try {
+        result = await this.#handle(new AttemptDelivery(envelope, attempt, attemptScope));
+      } catch (error) {
+        result = { outcome: 'retry', delayMs: 0, error: describeError(error) };
+      }
       const lost = await attemptScope.end(result.outcome === 'ack');
       if (lost !== undefined) {
         result = {
@@ -678,7 +679,7 @@ export class PostgresConsumer implements Consumer {
           error: describeError(new Error(`the handler returned, but a statement in its transaction failed, so its writes were rolled back: ${lost.message}`, { cause: lost })),
         };
       }
-      if (result.outcome === 'ack') return { kind: 'ack' };
+      if (result.outcome === 'ack') return ACKED;
       // In fast mode a failed attempt that wrote cannot be undone alone: the batch is replayed carefully.
       if (scope.abandoned) return { kind: 'retry', delayMs: 0, attempt, history };
       history.push({ attempt, at: new Date().toISOString(), error: result.error });
@@ -741,6 +742,21 @@ export class PostgresConsumer implements Consumer {
     if (position === null) return undefined;
     const { rows } = await tx.query<LogRow>(this.#ctx.sql.messagesAt, [[position]]);
     return rows[0] === undefined ? undefined : toEnvelope(rows[0]);
+  }
+}
+
+const ACKED: AttemptsResult = Object.freeze({ kind: 'ack' });
+
+/** A delivery whose `tx` is the attempt's, made only if the handler (or a publish in it) reads it. */
+class AttemptDelivery implements Delivery<PgTransaction> {
+  constructor(
+    readonly envelope: Envelope,
+    readonly attempt: number,
+    private readonly scope: Attempt,
+  ) {}
+
+  get tx(): PgTransaction {
+    return this.scope.tx;
   }
 }
 

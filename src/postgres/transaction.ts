@@ -126,6 +126,29 @@ export interface Attempt {
 }
 
 const ROLLBACK = Symbol('rollback');
+const NOTHING_LOST: Promise<Error | undefined> = Promise.resolve(undefined);
+
+/** A fast-mode attempt. Its `tx` is made when the handler first reads it: most handlers never do. */
+class SharedAttempt implements Attempt {
+  #tx: TrackedTransaction | undefined;
+  ended = false;
+  wrote = false;
+
+  constructor(
+    private readonly scope: SharedScope,
+    private readonly published: Set<string>,
+  ) {}
+
+  get tx(): TrackedTransaction {
+    return (this.#tx ??= track({ query: (text, params) => this.scope.query(this, text, params) }, this.published));
+  }
+
+  end(keep: boolean): Promise<Error | undefined> {
+    this.ended = true;
+    if (this.wrote && !keep) this.scope.abandoned = true;
+    return NOTHING_LOST;
+  }
+}
 
 /**
  * The transaction the handlers of one batch share; the acknowledgement commits in it.
@@ -161,38 +184,26 @@ export class SharedScope {
 
   attempt(): Attempt {
     if (this.#careful) return new AttemptScope(this.connection!, this.#gate, this.#published);
-    let wrote = false;
-    let ended = false;
-    const tx = track(
-      {
-        query: async (text, params) => {
-          if (ended) throw new TidingsError('STOPPED', 'This handler attempt has ended (timed out or finished): its transaction can no longer be used');
-          if (this.abandoned) throw new TidingsError('STOPPED', 'This batch is being rolled back and will be handled again');
-          wrote = true;
-          const connection = await this.#begin();
-          // A pipelining connection takes the handlers' statements as they come, each sent without waiting
-          // for the others' answers; any other, one at a time (pg stops queueing them for us).
-          const release = (connection as { [PIPELINED]?: boolean })[PIPELINED] === true ? undefined : await this.#gate.acquire();
-          try {
-            return await connection.query(text, params);
-          } catch (error) {
-            this.abandoned = true;
-            throw error;
-          } finally {
-            release?.();
-          }
-        },
-      },
-      this.#published,
-    );
-    return {
-      tx,
-      end: async (keep) => {
-        ended = true;
-        if (wrote && !keep) this.abandoned = true;
-        return undefined;
-      },
-    };
+    return new SharedAttempt(this, this.#published);
+  }
+
+  /** Fast mode: runs a statement of `attempt`'s handler in the shared transaction, opening it if needed. */
+  async query<R>(attempt: { ended: boolean; wrote: boolean }, text: string, params?: readonly unknown[]): Promise<{ rows: R[]; rowCount?: number | null }> {
+    if (attempt.ended) throw new TidingsError('STOPPED', 'This handler attempt has ended (timed out or finished): its transaction can no longer be used');
+    if (this.abandoned) throw new TidingsError('STOPPED', 'This batch is being rolled back and will be handled again');
+    attempt.wrote = true;
+    const connection = await this.#begin();
+    // A pipelining connection takes the handlers' statements as they come, each sent without waiting
+    // for the others' answers; any other, one at a time (pg stops queueing them for us).
+    const release = (connection as { [PIPELINED]?: boolean })[PIPELINED] === true ? undefined : await this.#gate.acquire();
+    try {
+      return await connection.query<R>(text, params);
+    } catch (error) {
+      this.abandoned = true;
+      throw error;
+    } finally {
+      release?.();
+    }
   }
 
   /** Careful mode: runs `fn` in a transaction opened now; it commits if `fn` resolves. */
