@@ -515,17 +515,25 @@ test(
 );
 
 test(
-  'copies of one id in consecutive batches of a backlog are handled once, although the second batch is read while the first is handled',
+  'copies of one id in nearby batches of a backlog are handled once, although each batch is read while the one before is handled and acknowledged',
   bounded,
   async (t) => {
     const schema = await setup(t, 'ahead');
     if (schema === undefined) return;
     const bus = newBus(schema);
-    // A backlog of 3 batches of 10; the copies are the last message of the first batch and the first of the second.
+    // A backlog of 4 batches of 10, with copies in consecutive batches (10 and 11), two batches apart (5 and
+    // 25: the third batch is read while the first's acknowledgement may still be in flight) and three (8, 38).
+    const copies = new Map([
+      [10, 'copy-across-batches'],
+      [11, 'copy-across-batches'],
+      [5, 'copy-two-apart'],
+      [25, 'copy-two-apart'],
+      [8, 'copy-three-apart'],
+      [38, 'copy-three-apart'],
+    ]);
     await bus.transaction(async (tx) => {
-      for (let seq = 1; seq <= 30; seq++) {
-        const id = seq === 10 || seq === 11 ? 'copy-across-batches' : `m${seq}`;
-        await bus.publish(Ticked, { key: `k${seq % 3}`, seq }, { tx, id });
+      for (let seq = 1; seq <= 40; seq++) {
+        await bus.publish(Ticked, { key: `k${seq % 3}`, seq }, { tx, id: copies.get(seq) ?? `m${seq}` });
       }
     });
     const handled: string[] = [];
@@ -540,11 +548,11 @@ test(
       { partitions: 1, batchSize: 10, startFrom: 'beginning' },
     );
     await bus.start();
-    await waitFor('the whole backlog', () => handled.includes('m30'));
+    await waitFor('the whole backlog', () => handled.includes('m40'));
     await bus.stop();
     t.diagnostic(`handled ${handled.length} messages`);
-    assert.equal(handled.filter((id) => id === 'copy-across-batches').length, 1);
-    assert.equal(handled.length, 29);
+    for (const id of new Set(copies.values())) assert.equal(handled.filter((handledId) => handledId === id).length, 1, id);
+    assert.equal(handled.length, 37);
   },
 );
 

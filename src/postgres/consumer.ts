@@ -136,6 +136,8 @@ export class PostgresConsumer implements Consumer {
   #ahead: ReadAhead | undefined;
   /** The last batch's handlers wrote through `ctx.tx`: the next batch is split into sub-batches (see #split). */
   #wrote = false;
+  /** The last batch's acknowledgement, still in flight while the next batch is handled (see #readAndHandle). */
+  #acking: Acking | undefined;
   #timer: NodeJS.Timeout | undefined;
   #beating: Promise<void> | undefined;
   #rebalancing: Promise<void> | undefined;
@@ -191,6 +193,7 @@ export class PostgresConsumer implements Consumer {
     this.#unregister?.();
     this.#wakeUp?.();
     await this.#loop;
+    await this.#acking?.done.catch(() => undefined);
     await this.#ahead?.rows.catch(() => undefined);
     this.#ahead = undefined;
     await this.#beating?.catch(() => undefined);
@@ -243,6 +246,8 @@ export class PostgresConsumer implements Consumer {
     const release = await this.#batchGate.acquire();
     try {
       if (this.#stopping) return;
+      // Lanes change only once the last acknowledgement has settled (a failed one is dealt with by the loop).
+      await this.#acking?.done.catch(() => undefined);
       // A lane whose lease we no longer hold (expired during a pause, taken over) is dropped at once; a
       // batch still running for it is refused by the epoch fence when it acknowledges.
       for (const [partition, lane] of this.#lanes) {
@@ -303,8 +308,10 @@ export class PostgresConsumer implements Consumer {
       const release = await this.#batchGate.acquire();
       try {
         if (this.#lanes.size > 0) {
+          const retrying = this.#nextRetryAt !== 0 && this.#nextRetryAt <= Date.now();
+          if (!this.#heldLoaded || retrying) await this.#settled();
           if (!this.#heldLoaded) await this.#loadHeld();
-          if (this.#nextRetryAt !== 0 && this.#nextRetryAt <= Date.now()) await this.#retryDue();
+          if (retrying) await this.#retryDue();
           const lanes = [...this.#lanes.values()];
           if (this.#dirty || lanes.some((lane) => lane.window !== null)) {
             // Only a read that opens a window for every lane sees what was committed up to now. One that
@@ -314,10 +321,13 @@ export class PostgresConsumer implements Consumer {
             more = await this.#readAndHandle();
           }
         }
+        // Idle only once the last acknowledgement has committed: if it failed, its batch is read again now.
+        if (!more) await this.#settled();
         this.#failures = 0;
       } catch (error) {
         this.#dirty = true;
         this.#ahead = undefined;
+        await this.#settled().catch(() => undefined);
         if (error instanceof LeaseLost) {
           this.#ctx.warn(`Subscription ${this.#spec.name}: a partition's lease was lost during a batch; the batch is left to its new owner`);
           continue;
@@ -332,6 +342,25 @@ export class PostgresConsumer implements Consumer {
         release();
       }
       if (!more) await this.#idle();
+    }
+  }
+
+  /**
+   * Waits for the in-flight acknowledgement. If it failed, the lanes go back to where they were before its
+   * batch, whose messages are read again (no later acknowledgement was sent: each waits for the one before),
+   * and the failure is thrown.
+   */
+  async #settled(): Promise<void> {
+    const acking = this.#acking;
+    if (acking === undefined) return;
+    this.#acking = undefined;
+    try {
+      await acking.done;
+    } catch (error) {
+      for (const [lane, cursor] of acking.before) if (this.#lanes.get(lane.partition) === lane) Object.assign(lane, cursor);
+      this.#ahead = undefined;
+      this.#dirty = true;
+      throw error;
     }
   }
 
@@ -388,6 +417,7 @@ export class PostgresConsumer implements Consumer {
     const grouped = groupLanes(lanes);
     const ahead = this.#ahead;
     this.#ahead = undefined;
+    const previous = this.#acking;
     const rows = await (ahead !== undefined && ahead.cursors === cursorsKey(grouped) ? ahead.rows : this.#read(grouped));
     const perGroup = new Map<number, { rows: LogRow[]; window: string; hi: number; rangeEnd: number | null }>();
     for (const row of rows) {
@@ -429,7 +459,7 @@ export class PostgresConsumer implements Consumer {
         partitionOf.set(row, Number((row as ReadRow).partition));
       }
     }
-    const readAhead = more && !this.#ctx.driver.embedded && !this.#stopping ? this.#readAhead(lanes, next) : undefined;
+    const readAhead = more && !this.#ctx.driver.embedded && !this.#stopping ? this.#readAhead(lanes, next, previous) : undefined;
     /** Lanes whose sub-batch failed: they stay where they were and read the same messages again. */
     const failed = new Set<number>();
     let failure: unknown;
@@ -437,21 +467,30 @@ export class PostgresConsumer implements Consumer {
       const counts = new Map<number, number>();
       for (const partition of partitionOf.values()) counts.set(partition, (counts.get(partition) ?? 0) + 1);
       const parts = this.#split(batch, partitionOf, withRows, counts);
+      // With another batch read ahead, a batch in one part whose handlers only acknowledge need not wait
+      // for its acknowledgement: it commits while the next batch is handled (see #handleBatch).
+      const overlap = readAhead !== undefined && parts.length === 1;
+      const before = overlap ? lanes.map((lane): [Lane, LaneCursor] => [lane, { done: lane.done, window: lane.window, position: lane.position, hi: lane.hi, span: lane.span }]) : [];
+      const handledBefore = ahead?.handledBefore ?? new Set<string>();
       const outcomes = await Promise.allSettled(
         parts.map(async (part) => {
+          const run = (careful: boolean) =>
+            this.#handleBatch(part.rows, partitionOf, part.lanes, next, counts, careful, part.concurrency, handledBefore, previous, overlap && !careful);
           try {
-            return await this.#handleBatch(part.rows, partitionOf, part.lanes, next, counts, false, part.concurrency, ahead?.handledBefore);
+            return await run(false);
           } catch (error) {
             if (!(error instanceof ReplayCarefully)) throw error;
-            return await this.#handleBatch(part.rows, partitionOf, part.lanes, next, counts, true, part.concurrency, ahead?.handledBefore);
+            return await run(true);
           }
         }),
       );
       let wrote = false;
+      let acking: Acking | undefined;
       for (const [index, outcome] of outcomes.entries()) {
         if (outcome.status === 'fulfilled') {
           wrote ||= outcome.value.wrote;
           if (readAhead !== undefined) for (const id of outcome.value.handled) readAhead.handledBefore.add(id);
+          if (outcome.value.acking !== undefined) acking = { done: outcome.value.acking, before, handled: new Set(outcome.value.handled) };
           continue;
         }
         for (const lane of parts[index]!.lanes) failed.add(lane.partition);
@@ -459,6 +498,8 @@ export class PostgresConsumer implements Consumer {
         if (failure === undefined || failure instanceof LeaseLost) failure = outcome.reason;
       }
       this.#wrote = wrote || failure !== undefined;
+      // Every part waited for the previous acknowledgement before sending its own: if none failed, it committed.
+      if (failure === undefined) this.#acking = acking;
     }
     // Lanes with nothing to acknowledge move on in memory; their cursor is written with a later batch. The
     // lanes of sub-batches that committed move on even if another sub-batch failed: their acknowledgement
@@ -505,11 +546,12 @@ export class PostgresConsumer implements Consumer {
    * dropped and read again. Its `seen` flags were taken before this batch's inbox rows committed, so the
    * ids this batch handles are passed on, and count as seen too.
    */
-  #readAhead(lanes: readonly Lane[], next: ReadonlyMap<number, LaneCursor>): ReadAhead {
+  #readAhead(lanes: readonly Lane[], next: ReadonlyMap<number, LaneCursor>, acking: Acking | undefined): ReadAhead {
     const grouped = groupLanes(lanes.map((lane) => ({ ...lane, ...next.get(lane.partition) })));
     const rows = this.#read(grouped);
     rows.catch(() => undefined); // a read that fails is read again, or reports when it is used
-    return { cursors: cursorsKey(grouped), rows, handledBefore: new Set() };
+    // Nor may it see the inbox rows of an acknowledgement still in flight.
+    return { cursors: cursorsKey(grouped), rows, handledBefore: new Set(acking?.handled) };
   }
 
   /**
@@ -567,8 +609,10 @@ export class PostgresConsumer implements Consumer {
     counts: Map<number, number>,
     careful: boolean,
     concurrency: number,
-    handledBefore: ReadonlySet<string> = new Set(),
-  ): Promise<{ wrote: boolean; handled: string[] }> {
+    handledBefore: ReadonlySet<string>,
+    previous: Acking | undefined,
+    overlap: boolean,
+  ): Promise<{ wrote: boolean; handled: string[]; acking?: Promise<void> }> {
     const { driver, sql } = this.#ctx;
     const spec = this.#spec;
     const published = new Set<string>();
@@ -591,7 +635,7 @@ export class PostgresConsumer implements Consumer {
             continue;
           }
           // Handled before: a redelivery, or a publisher that sent it twice.
-          if (row.seen === true || handledBefore.has(row.id)) continue;
+          if (row.seen === true || handledBefore.has(row.id) || previous?.handled.has(row.id) === true) continue;
           if (spec.inbox) {
             // The same id twice in one batch (a publish retried after a commit whose answer was lost).
             if (claimed.has(row.id)) continue;
@@ -634,10 +678,15 @@ export class PostgresConsumer implements Consumer {
       ],
     });
 
+    const leaseLost = (error: unknown) => {
+      throw (error as { code?: unknown }).code === LEASE_LOST ? new LeaseLost() : error;
+    };
+    // Acknowledgements commit in order: each is sent once the one before it has committed.
     try {
       if (careful) {
         await scope.run(async () => {
           await handleAll();
+          await previous?.done;
           await runStatement(scope.connection!, ackStatement());
         });
       } else {
@@ -646,14 +695,25 @@ export class PostgresConsumer implements Consumer {
           await scope.rollback();
           throw new ReplayCarefully();
         }
+        try {
+          await previous?.done;
+        } catch (error) {
+          if (scope.open) await scope.rollback();
+          throw error;
+        }
         // In the handlers' transaction, the acknowledgement travels with its COMMIT; without one, it commits alone.
         const ack = ackStatement();
         if (scope.open) await scope.commit(ack);
-        else await runStatement(preparing(driver), ack);
+        else if (overlap && held.length === 0 && dead.length === 0 && published.size === 0) {
+          // Nothing else waits for it: no held key, no retry, no dead letter, no write. The next batch is
+          // handled while it commits; if it fails, the loop puts the lanes back and reads both batches again.
+          const acking = runStatement(preparing(driver), ack).then(() => undefined, leaseLost);
+          acking.catch(() => undefined);
+          return { wrote: false, handled: handledIds, acking };
+        } else await runStatement(preparing(driver), ack);
       }
     } catch (error) {
-      if ((error as { code?: unknown }).code === LEASE_LOST) throw new LeaseLost();
-      throw error;
+      leaseLost(error);
     }
     for (const key of parkedNow) this.#parked.add(key);
     if (earliestRetry !== 0) this.#nextRetryAt = this.#nextRetryAt === 0 ? earliestRetry : Math.min(this.#nextRetryAt, earliestRetry);
@@ -822,6 +882,15 @@ export function toEnvelope(row: LogRow): Envelope {
 }
 
 type ReadRow = LogRow & { lane_group: number | string; win: string; hi: number | string; range_end: number | string | null; partition: number };
+
+/** An acknowledgement in flight (see #readAndHandle). */
+interface Acking {
+  readonly done: Promise<void>;
+  /** Where its batch's lanes were: they go back there if it fails. */
+  readonly before: ReadonlyArray<[Lane, LaneCursor]>;
+  /** Message ids it records in the inbox: reads sent before it commits do not see them. */
+  readonly handled: ReadonlySet<string>;
+}
 
 interface ReadAhead {
   /** The cursors it read from (cursorsKey). */
