@@ -21,9 +21,14 @@ const NATS_SERVER = process.env.NATS_SERVER_BIN ?? '/usr/sbin/nats-server';
 
 let server: ChildProcess | undefined;
 const dir = mkdtempSync(join(tmpdir(), 'tidings-nats-'));
-after(() => {
-  server?.kill('SIGTERM');
-  rmSync(dir, { recursive: true, force: true });
+after(async () => {
+  // Removed once the server has exited: one still shutting down writes into the directory being removed.
+  if (server !== undefined && server.exitCode === null && server.signalCode === null) {
+    const exited = new Promise((resolve) => server!.once('exit', resolve));
+    server.kill('SIGTERM');
+    await exited;
+  }
+  rmSync(dir, { recursive: true, force: true, maxRetries: 5 });
 });
 
 function freePort(): Promise<number> {
