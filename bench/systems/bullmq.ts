@@ -6,7 +6,7 @@
 import { Queue, Worker, type Job } from 'bullmq';
 import { Redis } from 'ioredis';
 import pg from 'pg';
-import { Counter, ensureEffectsTable, latencyPhases, makeEvent, now, pollUntil, produce, rate, runChild, sleep, warmUp, type BenchEvent } from '../lib/child.ts';
+import { Counter, ensureEffectsTable, latencyPhases, makeEvent, now, pollUntil, produce, rate, runChild, sleep, warmedDrain, warmUp, type BenchEvent } from '../lib/child.ts';
 import type { ChildResult, Task } from '../lib/types.ts';
 
 const PREFIX = 'tbench';
@@ -162,4 +162,4 @@ async function latency(task: Task): Promise<ChildResult> {
   return { ok: true, metrics, series };
 }
 
-runChild({ bulk, drain, e2e: endToEnd, standalone: endToEnd, fanout, latency });
+runChild({ bulk, drain: warmedDrain(drain), e2e: endToEnd, standalone: endToEnd, fanout, latency });

@@ -20,6 +20,7 @@ import {
   runChild,
   type BenchEvent,
   warmUp,
+  warmedDrain,
 } from '../lib/child.ts';
 import type { ChildResult, Task } from '../lib/types.ts';
 
@@ -108,12 +109,16 @@ async function drain(task: Task): Promise<ChildResult> {
   const done = await completed(task, [QUEUE]);
   const q0 = queriesSoFar();
   const t0 = now();
-  await work(boss, task, QUEUE, handlerFor(task, counter, effectsPool(task)));
+  const effects = effectsPool(task);
+  await work(boss, task, QUEUE, handlerFor(task, counter, effects));
   await counter.until(task.events, task.timeoutMs);
   const handledMs = now() - t0;
   await pollUntil(async () => (await done()) >= task.events, 60_000, 'all completed');
   const ms = now() - t0;
   const queriesPerEvent = (queriesSoFar() - q0) / task.events;
+  // The measured drain runs after a warm-up in the same process (warmedDrain): leave nothing running.
+  await boss.stop({ graceful: true, wait: true });
+  await effects?.end();
   return { ok: true, metrics: { rate: rate(task.events, ms), handlerRate: rate(task.events, handledMs), queriesPerEvent } };
 }
 
@@ -200,7 +205,7 @@ async function latency(task: Task): Promise<ChildResult> {
 
 runChild({
   bulk,
-  drain,
+  drain: warmedDrain(drain),
   e2e: (task) => endToEnd(task, false),
   standalone: (task) => endToEnd(task, true),
   fanout,

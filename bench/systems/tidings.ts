@@ -17,6 +17,7 @@ import {
   runChild,
   type BenchEvent,
   warmUp,
+  warmedDrain,
 } from '../lib/child.ts';
 import { tidings } from '../lib/tidings.ts';
 import type { ChildResult, Task } from '../lib/types.ts';
@@ -205,7 +206,7 @@ async function latency(task: Task): Promise<ChildResult> {
 
 runChild({
   bulk,
-  drain,
+  drain: warmedDrain(drain),
   e2e: (task) => endToEnd(task, false),
   standalone: (task) => endToEnd(task, true),
   fanout,
