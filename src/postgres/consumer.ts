@@ -5,7 +5,7 @@ import { describeError, TidingsError } from '../core/errors.ts';
 import { preparing, runStatement, type Queryable, type SqlDriver, type Statement } from './driver.ts';
 import type { Notifier } from './notifier.ts';
 import type { LogRow, Statements } from './statements.ts';
-import { AttemptScope, Gate, SharedScope, type Attempt, type PgTransaction } from './transaction.ts';
+import { Gate, SharedScope, type Attempt, type PgTransaction } from './transaction.ts';
 
 export interface ConsumerSettings {
   readonly leaseMs: number;
