@@ -316,12 +316,13 @@ test("what a handler publishes joins its transaction: dropped when it fails, del
   bus.subscribe(
     'orders',
     Ticked,
-    async (message, ctx) => {
-      await ctx.publish(Shipped, { key: message.data.key, seq: message.data.seq });
+    // The context destructured, as handlers often take it.
+    async (message, { publish, tx, attempt }) => {
+      await publish(Shipped, { key: message.data.key, seq: message.data.seq });
       // bus.publish inside a handler joins the same transaction.
       await bus.publish(Shipped, { key: message.data.key, seq: message.data.seq + 100 });
-      ctx.tx.onCommit(() => committed++);
-      if (ctx.attempt === 1) throw new Error('fails after publishing');
+      tx.onCommit(() => committed++);
+      if (attempt === 1) throw new Error('fails after publishing');
     },
     { retry: { immediate: 1, delayed: [], jitter: 0 } },
   );

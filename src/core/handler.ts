@@ -172,8 +172,9 @@ class DeliveryContext<Tx> implements HandlerContext<Tx> {
     return this.delivery.tx;
   }
 
-  publish<C extends AnyContract>(contract: C, data: InputOf<C>, options: PublishOptions = {}): Promise<PublishedMessage> {
-    return this.options.publish(contract, data, options, this.message, this.delivery.tx);
+  /** A getter, so that `const { publish } = ctx` works too; the function is made only when read. */
+  get publish(): HandlerContext<Tx>['publish'] {
+    return (contract, data, options = {}) => this.options.publish(contract, data, options, this.message, this.delivery.tx);
   }
 }
 
