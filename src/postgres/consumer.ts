@@ -635,7 +635,7 @@ export class PostgresConsumer implements Consumer {
             continue;
           }
           // Handled before: a redelivery, or a publisher that sent it twice.
-          if (row.seen === true || handledBefore.has(row.id) || previous?.handled.has(row.id) === true) continue;
+          if (row.seen === true || handledBefore.has(row.id)) continue;
           if (spec.inbox) {
             // The same id twice in one batch (a publish retried after a commit whose answer was lost).
             if (claimed.has(row.id)) continue;
