@@ -58,3 +58,40 @@ test('a copy committed while its original is being acknowledged is read ahead, a
   const { rows } = await db.query<{ n: number }>(`select count(*)::int as n from "${schema}".log where id = 'copied'`);
   assert.equal(rows[0]!.n, 2, 'both copies are in the log');
 });
+
+test('an id another worker records while its batch is handled: the acknowledgement is sent again without it, and the batch is not read again', { timeout: 30_000 }, async (t) => {
+  if (!(await requirePostgres(t))) return;
+  const schema = uniqueSchema('ib');
+  schemas.push(schema);
+  const bus = createBus({ service: 'inbox-ack', backbone: postgres({ url: DATABASE_URL, schema, onWarning: () => undefined }) });
+  buses.push(bus);
+  const db = await connect();
+  t.after(() => db.end());
+  // Batches of 3: 'first-taken' is in a full batch (acknowledged while the next one, read ahead, is handled),
+  // 'last-taken' in the last, partial one (acknowledged before the next read).
+  const ids = ['m1', 'first-taken', 'm2', 'm3', 'm4', 'm5', 'm6', 'last-taken'];
+  const handled: string[] = [];
+  bus.subscribe(
+    'once',
+    Ticked,
+    async (message) => {
+      handled.push(message.id);
+      if (!message.id.endsWith('-taken')) return;
+      // As a worker holding a copy of this message on another lane would: its record commits first.
+      await db.query(`insert into "${schema}".inbox (subscription, message_id) select name, $1 from "${schema}".subscriptions`, [message.id]);
+    },
+    { partitions: 1, batchSize: 3, inbox: true, startFrom: 'beginning' },
+  );
+  await bus.transaction(async (tx) => {
+    for (const [seq, id] of ids.entries()) await bus.publish(Ticked, { key: 'a', seq }, { tx, id });
+  });
+  await bus.start();
+  await waitFor('the whole backlog', () => handled.includes('last-taken'));
+  await bus.publish(Ticked, { key: 'a', seq: ids.length }, { id: 'after' });
+  await waitFor('the message after it', () => handled.includes('after'));
+  await sleep(200);
+  t.diagnostic(JSON.stringify(handled));
+  assert.deepEqual(handled, [...ids, 'after'], 'each message handled once, in order');
+  const { rows } = await db.query<{ n: number }>(`select count(*)::int as n from "${schema}".inbox`);
+  assert.equal(rows[0]!.n, ids.length + 1, 'one inbox record per message');
+});

@@ -69,6 +69,7 @@ const MIN_SUB_BATCH = 32;
 
 /** SQLSTATE the acknowledgement raises when a lease was lost (migration 004). */
 const LEASE_LOST = 'TDL01';
+const UNIQUE_VIOLATION = '23505';
 
 class LeaseLost extends Error {
   override name = 'LeaseLost';
@@ -660,9 +661,9 @@ export class PostgresConsumer implements Consumer {
       });
     };
 
-    const ackStatement = (): Statement => ({
-      name: `tidings.${sql.schema}.ack`,
-      text: sql.ack,
+    const ackStatement = (duplicates: 'skip' | 'fail'): Statement => ({
+      name: `tidings.${sql.schema}.ack.${duplicates}`,
+      text: sql.ack(duplicates),
       params: [
         spec.name,
         this.#owner,
@@ -687,7 +688,7 @@ export class PostgresConsumer implements Consumer {
         await scope.run(async () => {
           await handleAll();
           await previous?.done;
-          await runStatement(scope.connection!, ackStatement());
+          await runStatement(scope.connection!, ackStatement('skip'));
         });
       } else {
         await handleAll();
@@ -702,15 +703,14 @@ export class PostgresConsumer implements Consumer {
           throw error;
         }
         // In the handlers' transaction, the acknowledgement travels with its COMMIT; without one, it commits alone.
-        const ack = ackStatement();
-        if (scope.open) await scope.commit(ack);
+        if (scope.open) await scope.commit(ackStatement('skip'));
         else if (overlap && held.length === 0 && dead.length === 0 && published.size === 0) {
           // Nothing else waits for it: no held key, no retry, no dead letter, no write. The next batch is
           // handled while it commits; if it fails, the loop puts the lanes back and reads both batches again.
-          const acking = runStatement(preparing(driver), ack).then(() => undefined, leaseLost);
+          const acking = ackAlone(driver, ackStatement).then(() => undefined, leaseLost);
           acking.catch(() => undefined);
           return { wrote: false, handled: handledIds, acking };
-        } else await runStatement(preparing(driver), ack);
+        } else await ackAlone(driver, ackStatement);
       }
     } catch (error) {
       leaseLost(error);
@@ -831,6 +831,20 @@ interface HeldHead {
 }
 
 /** What a dead letter records when the message itself is gone from the log. */
+/**
+ * Sends an acknowledgement that commits alone, its inbox insert failing on an id already recorded (the cheaper
+ * statement); if one was (another worker handled a copy since the read), sends it again skipping those ids.
+ */
+async function ackAlone(driver: SqlDriver, ack: (duplicates: 'skip' | 'fail') => Statement): Promise<void> {
+  try {
+    await runStatement(preparing(driver), ack('fail'));
+  } catch (error) {
+    const { code, table } = error as { code?: unknown; table?: unknown };
+    if (code !== UNIQUE_VIOLATION || (table !== undefined && table !== 'inbox')) throw error;
+    await runStatement(preparing(driver), ack('skip'));
+  }
+}
+
 function deadEnvelope(head: HeldHead): Envelope {
   return {
     specversion: '1.0',
