@@ -280,7 +280,8 @@ async function run(started: number): Promise<void> {
         const t0 = Date.now();
         const result = await runTask(task);
         result.metrics.backgroundCpu = background;
-        if (task.events > 0 && result.ok) result.metrics.events = task.events;
+        if (task.events > 0 && result.ok) result.metrics.events ??= task.events;
+        if (task.publishSeconds > 0 && result.ok) result.metrics.publishSeconds = task.publishSeconds;
         const key = `${step.workload}|${row.label}`;
         const slot = results.get(key) ?? { workload: step.workload, row, runs: [] };
         slot.runs.push(result);

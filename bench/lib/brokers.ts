@@ -55,5 +55,5 @@ export function isBrokerRow(row: Row): boolean {
 export function brokerTask(task: Task, quick: boolean): Task {
   const sizes = quick ? BROKER_QUICK : BROKER_FULL;
   const events = task.workload === 'drain' ? sizes.drain : task.workload === 'e2e' ? sizes.e2e : 0;
-  return { ...task, events, rates: [sizes.rate], latencySeconds: sizes.latencySeconds, idleSeconds: 0, timeoutMs: sizes.timeoutMs };
+  return { ...task, events, publishSeconds: 0, rates: [sizes.rate], latencySeconds: sizes.latencySeconds, idleSeconds: 0, timeoutMs: sizes.timeoutMs };
 }

@@ -111,7 +111,15 @@ export function renderTables(entries: Entry[]): string {
       const kind = first.row.group;
       const suffix = kind === 'guarantees' ? ' -- guarantees on (workload 6)' : kind === 'rabbitmq' || kind === 'nats' ? BROKER_TITLES[kind] : '';
       const events = first.summary.events?.median;
-      const size = events === undefined || workload === 'raw' || first.row.group === 'replica' ? '' : workload === 'fanout' ? ` [${fmt(events, 0)} events x 10]` : ` [${fmt(events, 0)} events]`;
+      const seconds = first.summary.publishSeconds?.median;
+      const size =
+        events === undefined || workload === 'raw' || first.row.group === 'replica'
+          ? ''
+          : workload === 'fanout'
+            ? ` [${fmt(events, 0)} events x 10]`
+            : seconds !== undefined
+              ? ` [${seconds} s of publishing per run]`
+              : ` [${fmt(events, 0)} events]`;
       out.push(`\n### ${WORKLOAD_TITLES[workload]}${suffix}${size}\n`);
       const reference = group.find((e) => e.row.reference);
       if (workload === 'raw') {
@@ -171,6 +179,9 @@ export function renderTables(entries: Entry[]): string {
         if (extra !== '') header.push(`${extra} median`);
         const queries = group.some((e) => e.summary.queriesPerEvent !== undefined);
         if (queries) header.push('queries/event');
+        // Workloads 3 and 4 publish for a time: each row's own number of events.
+        const timed = group.some((e) => e.summary.publishSeconds !== undefined);
+        if (timed) header.push('events median');
         out.push(
           table(
             header,
@@ -178,6 +189,7 @@ export function renderTables(entries: Entry[]): string {
               const cells = [e.row.label, fmt(e.summary.rate?.median), range(e.summary.rate), ratio(e.summary.rate?.median, reference?.summary.rate?.median)];
               if (extra !== '') cells.push(fmt(e.summary[extraKey]?.median));
               if (queries) cells.push(fmt(e.summary.queriesPerEvent?.median));
+              if (timed) cells.push(fmt(e.summary.events?.median, 0));
               return cells;
             }),
           ),

@@ -24,6 +24,11 @@ export interface Task {
   variant: Variant;
   /** Events per run (bulk, drain, e2e, standalone), or events before fan-out (fanout). */
   events: number;
+  /**
+   * Workloads 3 and 4: publish for this many seconds, measured, after a warm-up (see `warmUp`), instead of
+   * `events` events; 0: `events`.
+   */
+  publishSeconds: number;
   /** Subscriptions of the fan-out workload. */
   fanout: number;
   /** Latency workload: producer rates (events/s) and seconds at each. */

@@ -6,7 +6,7 @@
 import { Queue, Worker, type Job } from 'bullmq';
 import { Redis } from 'ioredis';
 import pg from 'pg';
-import { Counter, ensureEffectsTable, latencyPhases, makeEvent, now, pollUntil, produce, rate, runChild, sleep, warmedDrain, warmUp, type BenchEvent } from '../lib/child.ts';
+import { Counter, ensureEffectsTable, latencyPhases, makeEvent, measuredAmount, now, pollUntil, produce, rate, runChild, sleep, warmedDrain, warmUp, type BenchEvent } from '../lib/child.ts';
 import type { ChildResult, Task } from '../lib/types.ts';
 
 const PREFIX = 'tbench';
@@ -96,14 +96,14 @@ async function endToEnd(task: Task): Promise<ChildResult> {
   const publishOne = (seq: number) => queue.add('bench', makeEvent(seq, task.variant.keys), jobOptions);
   const warm = await warmUp(task, PRODUCERS, publishOne, { counter, acknowledged: async () => (await pending([queue])) === 0 });
   const t0 = now();
-  await produce(task.events, PRODUCERS, publishOne);
+  const events = await produce(measuredAmount(task), PRODUCERS, publishOne);
   const producedMs = now() - t0;
-  await counter.until(warm + task.events, task.timeoutMs);
+  await counter.until(warm + events, task.timeoutMs);
   await pollUntil(async () => (await pending([queue])) === 0, 60_000, 'no job pending');
   const ms = now() - t0;
   await worker.close();
   await queue.obliterate({ force: true });
-  return { ok: true, metrics: { rate: rate(task.events, ms), producerRate: rate(task.events, producedMs) } };
+  return { ok: true, metrics: { events, rate: rate(events, ms), producerRate: rate(events, producedMs) } };
 }
 
 /** Fan-out: one queue (and worker) per subscriber; each event is added to every queue. */

@@ -11,6 +11,7 @@ import {
   idlePg,
   latencyPhases,
   makeEvent,
+  measuredAmount,
   monitorClient,
   now,
   pollUntil,
@@ -139,14 +140,14 @@ async function endToEnd(task: Task, standalone: boolean): Promise<ChildResult> {
   const warm = await warmUp(task, PRODUCERS, publishOne, { counter, acknowledged: async () => (await left()) === 0 });
   const q0 = queriesSoFar();
   const t0 = now();
-  await produce(task.events, PRODUCERS, publishOne);
+  const events = await produce(measuredAmount(task), PRODUCERS, publishOne);
   const producedMs = now() - t0;
-  await counter.until(warm + task.events, task.timeoutMs);
+  await counter.until(warm + events, task.timeoutMs);
   await pollUntil(async () => (await left()) === 0, 60_000, 'no job left');
   const ms = now() - t0;
   await runner.stop();
-  const queriesPerEvent = (queriesSoFar() - q0) / task.events;
-  return { ok: true, metrics: { rate: rate(task.events, ms), producerRate: rate(task.events, producedMs), queriesPerEvent } };
+  const queriesPerEvent = (queriesSoFar() - q0) / events;
+  return { ok: true, metrics: { events, rate: rate(events, ms), producerRate: rate(events, producedMs), queriesPerEvent } };
 }
 
 /** Fan-out: no pub/sub in graphile-worker; one job per subscriber task, all added in one `addJobs` call. */

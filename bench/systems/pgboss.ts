@@ -11,6 +11,7 @@ import {
   idlePg,
   latencyPhases,
   makeEvent,
+  measuredAmount,
   monitorClient,
   now,
   pollUntil,
@@ -151,13 +152,13 @@ async function endToEnd(task: Task, standalone: boolean): Promise<ChildResult> {
   const warm = await warmUp(task, PRODUCERS, publishOne, { counter, acknowledged: async (n) => (await done()) >= n });
   const q0 = queriesSoFar();
   const t0 = now();
-  await produce(task.events, PRODUCERS, publishOne);
+  const events = await produce(measuredAmount(task), PRODUCERS, publishOne);
   const producedMs = now() - t0;
-  await counter.until(warm + task.events, task.timeoutMs);
-  await pollUntil(async () => (await done()) >= warm + task.events, 60_000, 'all completed');
+  await counter.until(warm + events, task.timeoutMs);
+  await pollUntil(async () => (await done()) >= warm + events, 60_000, 'all completed');
   const ms = now() - t0;
-  const queriesPerEvent = (queriesSoFar() - q0) / task.events;
-  return { ok: true, metrics: { rate: rate(task.events, ms), producerRate: rate(task.events, producedMs), queriesPerEvent } };
+  const queriesPerEvent = (queriesSoFar() - q0) / events;
+  return { ok: true, metrics: { events, rate: rate(events, ms), producerRate: rate(events, producedMs), queriesPerEvent } };
 }
 
 /** Fan-out: its pub/sub (`subscribe(event, queue)`, `publish(event, data)`), one queue per subscriber. */

@@ -8,6 +8,7 @@ import {
   idlePg,
   latencyPhases,
   makeEvent,
+  measuredAmount,
   monitorClient,
   now,
   pollUntil,
@@ -148,16 +149,16 @@ async function endToEnd(task: Task, standalone: boolean): Promise<ChildResult> {
   const warm = await warmUp(task, PRODUCERS, publishOne, consuming ? { counter, acknowledged: async (n) => (await acked()) >= n } : undefined);
   const q0 = queriesSoFar();
   const t0 = now();
-  await produce(task.events, PRODUCERS, publishOne);
+  const events = await produce(measuredAmount(task), PRODUCERS, publishOne);
   const producedMs = now() - t0;
   if (consuming) {
-    await counter.until(warm + task.events, task.timeoutMs);
-    await pollUntil(async () => (await acked()) >= warm + task.events, 30_000, 'all acknowledged');
+    await counter.until(warm + events, task.timeoutMs);
+    await pollUntil(async () => (await acked()) >= warm + events, 30_000, 'all acknowledged');
   }
   const ms = now() - t0;
   await bus.stop();
-  const queriesPerEvent = (queriesSoFar() - q0) / task.events;
-  return { ok: true, metrics: { rate: rate(task.events, ms), producerRate: rate(task.events, producedMs), queriesPerEvent } };
+  const queriesPerEvent = (queriesSoFar() - q0) / events;
+  return { ok: true, metrics: { events, rate: rate(events, ms), producerRate: rate(events, producedMs), queriesPerEvent } };
 }
 
 async function fanout(task: Task): Promise<ChildResult> {
