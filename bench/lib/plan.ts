@@ -16,8 +16,6 @@ export interface Sizes {
   rounds: number;
   bulk: number;
   drain: number;
-  /** Drain size of the guarantee rows (their handlers write, so they are slower). */
-  guaranteeDrain: number;
   /** Workloads 3 and 4 (but the producers-only row, sized like the raw floor): seconds of publishing measured. */
   publishSeconds: number;
   fanoutEvents: number;
@@ -35,7 +33,6 @@ export const FULL: Sizes = {
   rounds: 3,
   bulk: 20_000,
   drain: 20_000,
-  guaranteeDrain: 10_000,
   publishSeconds: 3,
   fanoutEvents: 500,
   fanout: 10,
@@ -52,7 +49,6 @@ export const QUICK: Sizes = {
   rounds: 1,
   bulk: 5_000,
   drain: 5_000,
-  guaranteeDrain: 3_000,
   publishSeconds: 0.5,
   fanoutEvents: 100,
   fanout: 10,
@@ -134,7 +130,7 @@ export function taskFor(row: Row, workload: Workload, sizes: Sizes, db: { url: s
   const events: Record<Workload, number> = {
     raw: sizes.raw,
     bulk: sizes.bulk,
-    drain: row.group === 'guarantees' ? sizes.guaranteeDrain : sizes.drain,
+    drain: sizes.drain,
     // The other rows of workloads 3 and 4 publish for `publishSeconds`. T5 compares this one with the raw
     // 10-connection single-row commits: the same number of commits.
     e2e: row.variant.producersOnly === true ? rawSingleRowCommits(sizes.raw) : 0,
