@@ -5,7 +5,7 @@
  * tried (commit 695fa66, reverted: no latency gain measured, more reads per event).
  */
 import assert from 'node:assert/strict';
-import { after, test } from 'node:test';
+import { after, test, type TestContext } from 'node:test';
 import { createBus, keyHash, type Bus } from '../src/index.ts';
 import { postgres, type PgTransaction } from '../src/postgres/index.ts';
 import { Ticked } from './fixtures/contracts.ts';
@@ -18,14 +18,22 @@ after(async () => {
   for (const schema of schemas) await dropSchema(schema);
 });
 
-test('a copy committed while its original is being acknowledged is read ahead, and handled once (inbox)', { timeout: 30_000 }, async (t) => {
-  if (!(await requirePostgres(t))) return;
-  const schema = uniqueSchema('ia');
+/** A schema, a bus on it and a client of the test's own; undefined (skipped) without PostgreSQL. */
+async function setup(t: TestContext, prefix: string) {
+  if (!(await requirePostgres(t))) return undefined;
+  const schema = uniqueSchema(prefix);
   schemas.push(schema);
   const bus = createBus({ service: 'inbox-ack', backbone: postgres({ url: DATABASE_URL, schema, onWarning: () => undefined }) });
   buses.push(bus);
   const db = await connect();
   t.after(() => db.end());
+  return { schema, bus, db };
+}
+
+test('a copy committed while its original is being acknowledged is read ahead, and handled once (inbox)', { timeout: 30_000 }, async (t) => {
+  const setUp = await setup(t, 'ia');
+  if (setUp === undefined) return;
+  const { schema, bus, db } = setUp;
   const handled: string[] = [];
   let copied = false;
   bus.subscribe(
@@ -60,13 +68,9 @@ test('a copy committed while its original is being acknowledged is read ahead, a
 });
 
 test('an id another worker records while its batch is handled: the acknowledgement is sent again without it, and the batch is not read again', { timeout: 30_000 }, async (t) => {
-  if (!(await requirePostgres(t))) return;
-  const schema = uniqueSchema('ib');
-  schemas.push(schema);
-  const bus = createBus({ service: 'inbox-ack', backbone: postgres({ url: DATABASE_URL, schema, onWarning: () => undefined }) });
-  buses.push(bus);
-  const db = await connect();
-  t.after(() => db.end());
+  const setUp = await setup(t, 'ib');
+  if (setUp === undefined) return;
+  const { schema, bus, db } = setUp;
   // Batches of 3: 'first-taken' is in a full batch (acknowledged while the next one, read ahead, is handled),
   // 'last-taken' in the last, partial one (acknowledged before the next read).
   const ids = ['m1', 'first-taken', 'm2', 'm3', 'm4', 'm5', 'm6', 'last-taken'];

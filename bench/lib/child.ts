@@ -137,11 +137,10 @@ export function measuredAmount(task: Task): Amount {
  * 4,000 events, ~5k/s over the next). The same for every system; none with `--quick`.
  */
 function warmUpAmount(task: Task): Amount {
-  if (task.quick) return 0;
-  return task.publishSeconds > 0 ? { ms: (task.publishSeconds * 1_000) / 3 } : Math.round(task.events / 4);
+  return task.publishSeconds > 0 && !task.quick ? { ms: (task.publishSeconds * 1_000) / 3 } : warmUpEvents(task);
 }
 
-/** Drain (workload 2): a quarter of the events, drained before the measured drain (see `warmedDrain`). */
+/** A quarter of the measured events (drain, and rows that publish a number of events); none with `--quick`. */
 function warmUpEvents(task: Task): number {
   return task.quick ? 0 : Math.round(task.events / 4);
 }
@@ -159,13 +158,14 @@ export function warmedDrain(drain: WorkloadFn): WorkloadFn {
   };
 }
 
+/** The warm-up's first sequence number: its keys (with `keys: 0`, one per event) are not the measured ones. */
+const WARM_UP_FIRST = 1_000_000_000;
+
 /**
  * Runs the warm-up: `publish` for each of its events (numbered apart from the measured ones); with a
  * consumer, waits until it has handled (`counter`) and acknowledged (`acknowledged(n)`) them all. Returns
  * their number.
  */
-/** The warm-up's first sequence number: its keys (with `keys: 0`, one per event) are not the measured ones. */
-const WARM_UP_FIRST = 1_000_000_000;
 
 export async function warmUp(
   task: Task,

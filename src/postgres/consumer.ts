@@ -830,7 +830,6 @@ interface HeldHead {
   history: AttemptRecord[];
 }
 
-/** What a dead letter records when the message itself is gone from the log. */
 /**
  * Sends an acknowledgement that commits alone, its inbox insert failing on an id already recorded (the cheaper
  * statement); if one was (another worker handled a copy since the read), sends it again skipping those ids.
@@ -845,6 +844,7 @@ async function ackAlone(driver: SqlDriver, ack: (duplicates: 'skip' | 'fail') =>
   }
 }
 
+/** What a dead letter records when the message itself is gone from the log. */
 function deadEnvelope(head: HeldHead): Envelope {
   return {
     specversion: '1.0',
