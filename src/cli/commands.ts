@@ -12,7 +12,7 @@ import { checkIdentifier } from '../postgres/driver.ts';
 import { migrate } from '../postgres/migrate.ts';
 import { prune } from '../postgres/retention.ts';
 import { listReplicas, requestDriftCheck, requestRebuild, type ReplicaStatus } from '../replica/admin.ts';
-import type { DriftReport, RebuildReport } from '../replica/replica.ts';
+import type { DriftReport, RebuildReport } from '../replica/define.ts';
 import { isUnreachable, openDatabase, unreachableMessage, type Database } from './database.ts';
 import { duration, lease, progress, table } from './format.ts';
 
