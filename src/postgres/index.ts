@@ -1,3 +1,4 @@
+import { defaultWarning } from '../core/warnings.ts';
 import type { Backbone, Consumer, DeliveryHandler, Outgoing, SubscriptionSpec } from '../core/backbone.ts';
 import type { DeadLetterStore } from '../core/broker.ts';
 import type { Envelope } from '../core/envelope.ts';
@@ -6,6 +7,7 @@ import { OptionProblems } from '../core/options.ts';
 import { PostgresConsumer, type ConsumerSettings } from './consume/consumer.ts';
 import { deadLetterStore, readStatus } from './admin.ts';
 import { checkIdentifier, pgDriver, pgliteDriver, preparing, type PGliteLike, type PgPoolLike, type SqlDriver } from './driver.ts';
+import { Inbox } from './inbox.ts';
 import { migrate } from './migrate.ts';
 import { resolveRetention, Retention, type RetentionOptions } from './retention.ts';
 import { Notifier } from './notifier.ts';
@@ -112,10 +114,6 @@ function unstorable(envelope: Envelope, json: string): string | undefined {
   return undefined;
 }
 
-function defaultWarning(message: string, error?: unknown): void {
-  const detail = error instanceof Error ? `: ${error.message}` : '';
-  console.warn(`[tidings] ${message}${detail}`);
-}
 
 /**
  * The PostgreSQL backbone: a log table read in commit order, LISTEN/NOTIFY wake-ups from one connection per
@@ -323,6 +321,11 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
     );
     await consumer.start();
     return consumer;
+  }
+
+  /** The inbox of `subscription` in this database, for a consumer of another backbone (a broker's, through its outbox). Needs the backbone open. */
+  inbox(subscription: string): Inbox {
+    return new Inbox(this.driver, this.#sql, subscription);
   }
 
   /** Messages committed to `subscription`'s topics and not yet handled by it; 0 when it does not exist yet. */
