@@ -6,7 +6,7 @@
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { TidingsError } from '../core/errors.ts';
 import type { Backbone } from '../core/backbone.ts';
-import { groupDeadLetters, type DeadLetterActionResult, type DeadLetterGroup, type DeadLetterSelection, type DeadLetterStore } from '../core/broker.ts';
+import { groupDeadLetters, type DeadLetterActionResult, type DeadLetterGroup, type DeadLetterSelection, type DeadLetterStore } from '../core/dead-letters.ts';
 import { adminDefaults, deadLetterStore, firstPositionAt, readStatus, replaySubscription, tailTopic, type Status } from '../postgres/admin.ts';
 import { checkIdentifier } from '../postgres/driver.ts';
 import { migrate } from '../postgres/migrate.ts';

@@ -7,7 +7,7 @@
  */
 import { defaultWarning } from '../core/warnings.ts';
 import { EVERY_TOPIC, type Backbone, type Consumer, type DeliveryHandler, type Outgoing, type SubscriptionSpec } from '../core/backbone.ts';
-import type { DeadLetterStore } from '../core/broker.ts';
+import type { DeadLetterStore } from '../core/dead-letters.ts';
 import { TidingsError } from '../core/errors.ts';
 import { OptionProblems } from '../core/options.ts';
 import { DeadLetterBook } from './dead-letters.ts';

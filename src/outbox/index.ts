@@ -8,7 +8,8 @@
 import { defaultWarning } from '../core/warnings.ts';
 import type { Backbone, Consumer, Delivery, DeliveryHandler, DeliveryResult, Outgoing, SubscriptionSpec } from '../core/backbone.ts';
 import { EVERY_TOPIC } from '../core/backbone.ts';
-import type { Broker, DeadLetterStore } from '../core/broker.ts';
+import type { Broker } from '../core/broker.ts';
+import type { DeadLetterStore } from '../core/dead-letters.ts';
 import { keyHash, type Envelope } from '../core/envelope.ts';
 import { describeError, storable, TidingsError } from '../core/errors.ts';
 import { envelopeProblem } from '../core/limits.ts';

@@ -18,7 +18,7 @@ import type {
   DeadLetterSelection,
   DeadLetterStore,
   DeadLetterSummary,
-} from '../core/broker.ts';
+} from '../core/dead-letters.ts';
 
 import { keyHash, partitionOf, type Envelope } from '../core/envelope.ts';
 import { TidingsError } from '../core/errors.ts';
