@@ -1,6 +1,7 @@
 import type { Envelope } from './envelope.ts';
 import type { DeadLetterStore } from './dead-letters.ts';
 import type { ErrorRecord } from './errors.ts';
+import type { ResolvedRetry } from './options.ts';
 
 /**
  * The seam between the bus and what carries its messages. A backbone stores and delivers envelopes; the
@@ -66,6 +67,8 @@ export interface SubscriptionSpec {
   readonly inbox: boolean;
   /** Where a new subscription starts reading. */
   readonly startFrom: 'now' | 'beginning';
+  /** The retry policy, for failures below the handler (core/attempts.ts); the subscription defaults' if absent. */
+  readonly retry?: ResolvedRetry | undefined;
 }
 
 export type { AttemptRecord } from './errors.ts';

@@ -255,6 +255,7 @@ export class Bus<Tx = unknown> {
         batchSize: options.batchSize,
         inbox: options.inbox,
         startFrom: options.startFrom,
+        retry: options.retry,
       },
       handle,
     );
