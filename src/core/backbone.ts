@@ -27,6 +27,12 @@ export interface Backbone<Tx = unknown> {
    * Iterating `chunks` may throw (a message that cannot be serialised); then `tx` must not commit any of them.
    */
   publishChunks?(chunks: Iterable<readonly Outgoing[]>, tx: Tx): Promise<void>;
+  /**
+   * Optional: cancels a message published with `dueAt` that is not due yet; true if it was (then it is never
+   * delivered), false if it is unknown, delivered already, or being delivered. A backbone without it refuses
+   * messages with `dueAt`.
+   */
+  cancelScheduled?(id: string): Promise<boolean>;
   /** Runs `fn` in a transaction of the backbone's database; consumers are woken after it commits. */
   transaction<T>(fn: (tx: Tx) => Promise<T>): Promise<T>;
   /** Starts consuming; resolves once the subscription is registered and its workers run. */
@@ -43,6 +49,8 @@ export interface Outgoing {
   /** `envelope.data` as JSON text, as JSON.stringify writes it (every control character escaped). */
   readonly json: string;
   readonly keyHash: number;
+  /** Epoch milliseconds when it is due, for a message scheduled for later: it enters its key's order then. */
+  readonly dueAt?: number | undefined;
 }
 
 export interface Consumer {

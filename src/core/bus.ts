@@ -281,24 +281,46 @@ export class Bus<Tx = unknown> {
       true,
     );
     if (broken !== undefined) throw limitError(contract, `publish options: ${broken}`, {});
+    const dueAt = dueTime(contract, effective);
+    if (dueAt !== undefined && this.backbone.cancelScheduled === undefined) {
+      throw new TidingsError(
+        'INVALID_OPTIONS',
+        `Cannot publish ${contract.name} for later: the ${this.backbone.name} backbone cannot schedule delivery${this.backbone.name === 'postgres' || this.backbone.name === 'memory' ? '' : ' without an outbox database (give it outbox: postgres({ url }))'}`,
+      );
+    }
     // Every message is validated before any is written or serialised: a bad one stops them all.
     const checked: Checked[] = [];
     for (const data of items) {
       const item = tooDeep(contract, () => this.#check(contract, data, effective, items.length === 1));
       checked.push(item instanceof Promise ? await item : item);
     }
-    const seal = (item: Checked) => tooDeep(contract, () => this.#seal(contract, item, effective, time));
+    const seal = (item: Checked) => tooDeep(contract, () => this.#seal(contract, item, effective, time, dueAt));
     await this.#open();
     const tx = effective.tx as Tx | undefined;
     const publishChunks = this.backbone.publishChunks?.bind(this.backbone);
-    if (publishChunks !== undefined && checked.length > STREAM_CHUNK) {
+    if (publishChunks !== undefined && checked.length > STREAM_CHUNK && dueAt === undefined) {
       const chunks = chunked(checked, STREAM_CHUNK, seal);
       await (tx !== undefined ? publishChunks(chunks, tx) : this.backbone.transaction((own) => publishChunks(chunks, own)));
     } else {
       await this.backbone.publish(checked.map(seal), tx);
     }
     this.#published[contract.topic] = (this.#published[contract.topic] ?? 0) + checked.length;
-    return checked.map(({ id, key }) => ({ id, topic: contract.topic, key }));
+    if (dueAt === undefined) return checked.map(({ id, key }) => ({ id, topic: contract.topic, key }));
+    const deliverAt = new Date(dueAt);
+    return checked.map(({ id, key }) => ({ id, topic: contract.topic, key, deliverAt }));
+  }
+
+  /**
+   * Cancels a message published for later (`deliverAt`, `delayMs`) that is not due yet: true if it was
+   * cancelled (it will never be delivered), false if it was delivered already, is being delivered, or is
+   * unknown. Either one or the other, never both, however close to its due time.
+   */
+  async cancelScheduled(id: string): Promise<boolean> {
+    await this.#open();
+    if (this.backbone.cancelScheduled === undefined) {
+      throw new TidingsError('INVALID_OPTIONS', `The ${this.backbone.name} backbone cannot schedule delivery, so there is nothing to cancel`);
+    }
+    return this.backbone.cancelScheduled(id);
   }
 
   /** Validates one message's data and finds its key. */
@@ -330,7 +352,7 @@ export class Bus<Tx = unknown> {
   }
 
   /** Serialises a checked message into its envelope. */
-  #seal(contract: AnyContract, { id, key, data }: Checked, options: PublishOptions, time: string): Outgoing {
+  #seal(contract: AnyContract, { id, key, data }: Checked, options: PublishOptions, time: string, dueAt: number | undefined): Outgoing {
     const json = JSON.stringify(data);
     if (json === undefined) {
       throw new TidingsError('INVALID_PAYLOAD', `Payload for ${contract.name} cannot be serialised as JSON`, { ref: { id, topic: contract.topic, key } });
@@ -360,7 +382,7 @@ export class Bus<Tx = unknown> {
       tracestate: options.tracestate,
       data,
     };
-    return { envelope, json, keyHash: keyHash(key) };
+    return dueAt === undefined ? { envelope, json, keyHash: keyHash(key) } : { envelope, json, keyHash: keyHash(key), dueAt };
   }
 }
 
@@ -398,6 +420,26 @@ function tooDeep<T>(contract: AnyContract, fn: () => T): T {
   } catch (error) {
     return deep(error);
   }
+}
+
+/**
+ * When a message published with `deliverAt` or `delayMs` is due (epoch ms), or undefined to deliver it now
+ * (neither given, or a time already past). A date that is not one, or a negative delay, is refused by name.
+ */
+function dueTime(contract: AnyContract, options: PublishOptions): number | undefined {
+  const { deliverAt, delayMs } = options;
+  if (deliverAt === undefined && delayMs === undefined) return undefined;
+  const refuse = (problem: string) => new TidingsError('INVALID_OPTIONS', `Invalid options for publishing ${contract.name}: ${problem}`);
+  if (deliverAt !== undefined && delayMs !== undefined) throw refuse('give deliverAt or delayMs, not both');
+  let due: number;
+  if (delayMs !== undefined) {
+    if (typeof delayMs !== 'number' || !Number.isFinite(delayMs) || delayMs < 0) throw refuse(`delayMs must be a number of milliseconds >= 0, got ${JSON.stringify(delayMs)}`);
+    due = Date.now() + delayMs;
+  } else {
+    due = deliverAt instanceof Date ? deliverAt.getTime() : typeof deliverAt === 'number' ? deliverAt : typeof deliverAt === 'string' ? Date.parse(deliverAt) : Number.NaN;
+    if (!Number.isFinite(due)) throw refuse(`deliverAt must be a Date, an ISO 8601 string or epoch milliseconds, got ${JSON.stringify(deliverAt)}`);
+  }
+  return due > Date.now() ? due : undefined;
 }
 
 /** Letters, digits and the other characters a URI authority takes unescaped. */

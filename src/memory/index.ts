@@ -74,6 +74,8 @@ export class MemoryBackbone implements Backbone<MemoryTransaction> {
   #everyTopic: Group[] = [];
   readonly #deadLetters: DeadLetterBook;
   readonly #waiters = new Set<Waiter>();
+  /** Messages scheduled for later, by id, waiting in their timers. */
+  readonly #scheduled = new Map<string, NodeJS.Timeout>();
   readonly #ctx: GroupContext;
 
   constructor(options: MemoryOptions = {}) {
@@ -202,23 +204,56 @@ export class MemoryBackbone implements Backbone<MemoryTransaction> {
     }
   }
 
-  /** Appends to the log in commit order and hands each message to the subscriptions of its topic. */
+  /**
+   * Cancels a scheduled message not yet due: true if it was waiting. Memory keeps scheduled messages in
+   * timers, as long as the backbone object lives (a stopped process forgets them: nothing is durable here).
+   */
+  async cancelScheduled(id: string): Promise<boolean> {
+    const waiting = this.#scheduled.get(id);
+    if (waiting === undefined) return false;
+    clearTimeout(waiting);
+    this.#scheduled.delete(id);
+    return true;
+  }
+
+  /**
+   * Appends to the log in commit order and hands each message to the subscriptions of its topic. A message
+   * due later waits in a timer and is committed then, entering its key's order at its due time.
+   */
   #commit(messages: readonly Outgoing[]): void {
-    for (const { envelope, json, keyHash } of messages) {
-      const stored: Stored = { seq: ++this.#seq, envelope, json, keyHash };
-      if (this.#maxLog > 0) {
-        this.#log.push(stored);
-        if (this.#log.length > this.#maxLog) {
-          this.#log.shift();
-          this.#forgotten++;
-        }
-      } else {
+    for (const message of messages) {
+      if (message.dueAt !== undefined && message.dueAt > Date.now()) this.#later(message);
+      else this.#append(message);
+    }
+  }
+
+  #later(message: Outgoing): void {
+    const { id } = message.envelope;
+    // The same id scheduled twice (a retried publish) is one message, as on PostgreSQL.
+    if (this.#scheduled.has(id)) return;
+    const timer = setTimeout(() => {
+      this.#scheduled.delete(id);
+      this.#append(message);
+    }, message.dueAt! - Date.now());
+    // A scheduled message must not keep a test process alive.
+    timer.unref();
+    this.#scheduled.set(id, timer);
+  }
+
+  #append({ envelope, json, keyHash }: Outgoing): void {
+    const stored: Stored = { seq: ++this.#seq, envelope, json, keyHash };
+    if (this.#maxLog > 0) {
+      this.#log.push(stored);
+      if (this.#log.length > this.#maxLog) {
+        this.#log.shift();
         this.#forgotten++;
       }
-      const groups = this.#byTopic.get(envelope.topic);
-      if (groups !== undefined) for (const group of groups) group.enqueue(stored);
-      for (const group of this.#everyTopic) group.enqueue(stored);
+    } else {
+      this.#forgotten++;
     }
+    const groups = this.#byTopic.get(envelope.topic);
+    if (groups !== undefined) for (const group of groups) group.enqueue(stored);
+    for (const group of this.#everyTopic) group.enqueue(stored);
   }
 
   #replayLog(group: Group): void {

@@ -146,9 +146,20 @@ export class BrokerBackbone implements Backbone<PgTransaction> {
 
   async publish(messages: readonly Outgoing[], tx?: PgTransaction): Promise<void> {
     await this.open();
+    // The broker cannot hold a message until it is due: the outbox does, and the relay carries it then.
+    if (messages.some((message) => message.dueAt !== undefined)) {
+      if (this.outbox === undefined) throw noOutbox(this.name, 'schedule delivery');
+      return this.outbox.publish(messages, tx);
+    }
     if (tx === undefined) return this.broker.publish(messages);
     if (this.outbox === undefined) throw noOutbox(this.name, 'publish in a transaction');
     return this.outbox.publish(messages, tx);
+  }
+
+  async cancelScheduled(id: string): Promise<boolean> {
+    if (this.outbox === undefined) throw noOutbox(this.name, 'schedule delivery');
+    await this.open();
+    return this.outbox.cancelScheduled(id);
   }
 
   async transaction<T>(fn: (tx: PgTransaction) => Promise<T>): Promise<T> {

@@ -6,12 +6,13 @@ import { TidingsError } from '../core/errors.ts';
 import { OptionProblems } from '../core/options.ts';
 import { PostgresConsumer, type ConsumerSettings } from './consume/consumer.ts';
 import { deadLetterStore, readStatus } from './admin.ts';
-import { checkIdentifier, pgDriver, pgliteDriver, preparing, type PGliteLike, type PgPoolLike, type SqlDriver } from './driver.ts';
+import { checkIdentifier, pgDriver, pgliteDriver, preparing, runStatement, type PGliteLike, type PgPoolLike, type SqlDriver } from './driver.ts';
 import { Inbox } from './inbox.ts';
 import { migrate } from './migrate.ts';
 import { resolveRetention, Retention, type RetentionOptions } from './retention.ts';
 import { Notifier } from './notifier.ts';
-import { copyRows, GroupCommit, insertMessages, insertStatement } from './publisher.ts';
+import { copyRows, GroupCommit, insertMessages, insertStatement, messagesJson } from './publisher.ts';
+import { SCHEDULED_SIGNAL, Scheduler } from './scheduler.ts';
 import { statements, type Statements } from './statements.ts';
 import { TrackedTransaction, type AtCommit, type PgTransaction } from './transaction.ts';
 
@@ -77,6 +78,8 @@ export const postgresDefaults = {
   reconnectMaxMs: 5_000,
   errorBackoffMaxMs: 5_000,
   handlerConnections: 2,
+  /** Scheduled messages the scheduler moves into the log per statement. */
+  scheduledBatch: 1_000,
   selfTestMs: 2_000,
 } as const;
 
@@ -134,6 +137,7 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
   #warn: (message: string, error?: unknown) => void;
   #nudges = new Set<NodeJS.Timeout>();
   #retention: Retention | undefined;
+  #scheduler: Scheduler | undefined;
 
   constructor(options: PostgresOptions) {
     const problems = new OptionProblems('postgres()');
@@ -204,6 +208,19 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
       this.#retention = new Retention(driver, { ...o.retention, schema: this.schema, onWarning: this.#warn });
       this.#retention.start();
     }
+    this.#scheduler = new Scheduler(
+      driver,
+      this.#sql,
+      this.#notifier,
+      {
+        leaseMs: o.leaseMs ?? postgresDefaults.leaseMs,
+        heartbeatMs: o.heartbeatMs ?? postgresDefaults.heartbeatMs,
+        batchSize: postgresDefaults.scheduledBatch,
+      },
+      this.#warn,
+    );
+    this.#workers.add(this.#scheduler.owner);
+    this.#scheduler.start();
     const batch = { ...postgresDefaults.publishBatch, ...o.publishBatch };
     const writer = preparing(driver);
     const notifier = this.#notifier;
@@ -219,6 +236,7 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
     // other callers' messages share.
     refuseUnstorable(messages);
     await this.open();
+    if (messages.some((message) => message.dueAt !== undefined)) return this.#schedule(messages, tx);
     if (tx === undefined) return this.#groupCommit!.publish(messages);
     if (tx instanceof TrackedTransaction && tx.atCommit !== undefined) {
       // Written with the commit: one statement for all of the transaction's messages, in its round trip.
@@ -241,6 +259,39 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
       this.#notifier?.poke(topics);
     }, this.options.foreignCommitNudgeMs ?? postgresDefaults.foreignCommitNudgeMs);
     this.#nudges.add(nudge);
+  }
+
+  /**
+   * Writes messages due later to `scheduled` (migration 007), in `tx` or on their own; the scheduler's leader
+   * moves them into the log when they are due (scheduler.ts). If one is due before the leader's next
+   * wake-up, the commit wakes it (the `scheduled` signal, in this process and by NOTIFY in others).
+   */
+  async #schedule(messages: readonly Outgoing[], tx: PgTransaction | undefined): Promise<void> {
+    const soon = messages.some((message) => message.dueAt! - Date.now() < (this.options.heartbeatMs ?? postgresDefaults.heartbeatMs));
+    const signal = `!${SCHEDULED_SIGNAL}`;
+    const insert = { name: `tidings.${this.schema}.schedule`, text: this.#sql.insertScheduled, params: [messagesJson(messages)] };
+    if (tx === undefined) {
+      await runStatement(preparing(this.driver), insert);
+      if (soon) this.#notifier?.poke([signal]);
+      return;
+    }
+    await runStatement(tx instanceof TrackedTransaction ? tx : { query: (text, params) => tx.query(text, params) }, insert);
+    if (!soon) return;
+    if (tx instanceof TrackedTransaction) tx.published.add(signal);
+    else {
+      const nudge = setTimeout(() => {
+        this.#nudges.delete(nudge);
+        this.#notifier?.poke([signal]);
+      }, this.options.foreignCommitNudgeMs ?? postgresDefaults.foreignCommitNudgeMs);
+      this.#nudges.add(nudge);
+    }
+  }
+
+  /** Cancels a message scheduled for later that is not due yet (see Backbone.cancelScheduled). */
+  async cancelScheduled(id: string): Promise<boolean> {
+    await this.open();
+    const { rows } = await this.driver.query(this.#sql.cancelScheduled, [id]);
+    return rows.length > 0;
   }
 
   /**
@@ -347,6 +398,7 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
     this.#nudges.clear();
     if (this.#opening === undefined) return;
     await this.#opening.catch(() => undefined);
+    await this.#scheduler?.stop();
     await this.#retention?.stop();
     await this.#notifier?.close();
     await this.#driver?.close();

@@ -23,6 +23,7 @@ import { Ticked } from '../fixtures/contracts.ts';
 import { sleep, waitFor } from '../helpers.ts';
 import { rollingDeploy } from './deploy.ts';
 import { hostileInput } from './hostile.ts';
+import { scheduledDelivery } from './scheduled.ts';
 
 /** A handling's lasting effect, written through the handler's transaction: counted to prove "exactly once". */
 export interface EffectStore<Tx> {
@@ -428,6 +429,7 @@ export function conformance<Tx>(target: ConformanceTarget<Tx>): void {
 
     hostileInput(target, { world, newBus, stop });
     rollingDeploy({ world, newBus, stop });
+    scheduledDelivery(target, { world, newBus, stop });
   });
 }
 
