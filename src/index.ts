@@ -8,6 +8,8 @@ export { TidingsError, ValidationError, PermanentError, HandlerTimeoutError, des
 export type { TidingsErrorCode, ValidationIssue, ErrorRecord, MessageRef } from './core/errors.ts';
 export { retryLater, deadLetter } from './core/handler.ts';
 export { nextRetryDelay } from './core/retry.ts';
+export { scheduleDefaults } from './core/schedules.ts';
+export type { ScheduleOptions } from './core/schedules.ts';
 export type { Handler, HandlerContext, Middleware, Outcome } from './core/handler.ts';
 export { subscriptionDefaults, busDefaults, resolveSubscribeOptions } from './core/options.ts';
 export type { SubscribeOptions, RetryOptions } from './core/options.ts';

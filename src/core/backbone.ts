@@ -33,6 +33,15 @@ export interface Backbone<Tx = unknown> {
    * messages with `dueAt`.
    */
   cancelScheduled?(id: string): Promise<boolean>;
+  /**
+   * Optional, for recurring schedules (core/schedules.ts): records in `tx` that schedule `name` (described by
+   * `definition`) fired its tick at `tick` (epoch ms), unless a tick as late was recorded already. True for
+   * the one caller that claimed it, which publishes the tick's message in the same `tx`: one publish per tick
+   * however many processes run the schedule.
+   */
+  claimTick?(name: string, definition: string, tick: number, tx: Tx): Promise<boolean>;
+  /** Optional, with `claimTick`: the last tick recorded for `name`, and the definition it was fired under. */
+  lastTick?(name: string): Promise<{ readonly tick: number; readonly definition: string } | undefined>;
   /** Runs `fn` in a transaction of the backbone's database; consumers are woken after it commits. */
   transaction<T>(fn: (tx: Tx) => Promise<T>): Promise<T>;
   /** Starts consuming; resolves once the subscription is registered and its workers run. */

@@ -5,6 +5,8 @@ import { keyHash, newId, type Envelope, type Message } from './envelope.ts';
 import { TidingsError } from './errors.ts';
 import { attributeProblem, bytesOver, dataProblem, messageLimits } from './limits.ts';
 import type { PublishedMessage, PublishOptions } from './publish.ts';
+import { Schedule, type ScheduleOptions, type TickPublisher } from './schedules.ts';
+import { defaultWarning } from './warnings.ts';
 import { createPipeline, handlerScope, type Handler, type Middleware, type Route } from './handler.ts';
 import { busDefaults, OptionProblems, resolveSubscribeOptions, type ResolvedSubscribeOptions, type SubscribeOptions } from './options.ts';
 
@@ -18,6 +20,8 @@ export interface BusOptions<Tx> {
   maxPayloadBytes?: number;
   /** Defaults for every subscription of this bus; each `subscribe` may override them. */
   subscriptionDefaults?: SubscribeOptions;
+  /** Called with what the bus recovers from by itself (a schedule's tick that could not be published); the console by default. */
+  onWarning?: (message: string, error?: unknown) => void;
 }
 
 export interface SubscriptionStats {
@@ -64,6 +68,8 @@ export class Bus<Tx = unknown> {
   readonly backbone: Backbone<Tx>;
   readonly #maxPayloadBytes: number;
   readonly #subscriptionDefaults: SubscribeOptions;
+  readonly #warn: (message: string, error?: unknown) => void;
+  readonly #schedules = new Map<string, Schedule>();
   readonly #subscriptions = new Map<string, Subscription<Tx>>();
   readonly #consumers = new Map<string, Consumer>();
   readonly #middleware: Middleware<Tx>[] = [];
@@ -89,6 +95,7 @@ export class Bus<Tx = unknown> {
     this.backbone = options.backbone;
     this.#maxPayloadBytes = options.maxPayloadBytes ?? busDefaults.maxPayloadBytes;
     this.#subscriptionDefaults = options.subscriptionDefaults ?? {};
+    this.#warn = options.onWarning ?? defaultWarning;
     // Every handler in flight listens for the stop; there may be thousands.
     setMaxListeners(0, this.#stopping.signal);
     resolveSubscribeOptions('createBus subscriptionDefaults', this.#subscriptionDefaults);
@@ -177,13 +184,48 @@ export class Bus<Tx = unknown> {
       this.#started.add(subscription.name);
       await this.#startConsumer(subscription);
     }
+    for (const schedule of this.#schedules.values()) await schedule.start(this.#tickPublisher());
     this.#state = 'running';
+  }
+
+  /**
+   * Publishes `contract`'s message at every tick of the cron `pattern` (five fields, or six with seconds
+   * first), in `options.timezone` (UTC by default): exactly once per tick across every process that declares
+   * the same schedule, also while they start, stop and crash. `data` is the message's data, or a function of
+   * the tick's time that returns it. A tick missed while no process ran fires once on start (or not, with
+   * `missed: 'none'`). Its messages' ids are `<name>@<tick as ISO time>`.
+   */
+  schedule<C extends AnyContract>(name: string, pattern: string, contract: C, data: InputOf<C> | ((tick: Date) => InputOf<C>), options: ScheduleOptions = {}): this {
+    if (this.#schedules.has(name)) {
+      throw new TidingsError('SUBSCRIPTION_CONFLICT', `Schedule ${name} is already declared on this bus (${this.#schedules.get(name)!.definition}); give the other one a name of its own`);
+    }
+    if (this.backbone.claimTick === undefined || this.backbone.lastTick === undefined) {
+      throw new TidingsError('INVALID_OPTIONS', `Schedule ${name}: the ${this.backbone.name} backbone cannot run recurring schedules`);
+    }
+    const schedule = new Schedule(name, pattern, contract, data, options);
+    // Fixed data is checked now, so a mistake shows at start, not at the first tick.
+    if (typeof data !== 'function') {
+      const checked = validateNow(contract, data, { topic: contract.topic });
+      if (checked instanceof Promise) checked.catch(() => undefined);
+    }
+    this.#schedules.set(name, schedule);
+    if (this.#state === 'running') void schedule.start(this.#tickPublisher()).catch((error: unknown) => this.#background.push(error));
+    return this;
+  }
+
+  #tickPublisher(): TickPublisher<Tx> {
+    return {
+      backbone: this.backbone,
+      publish: (contract, data, options) => this.publish(contract, data, options),
+      warn: this.#warn,
+    };
   }
 
   /** Graceful: finishes in-flight handlers, acknowledges them, releases leases, then closes the backbone. */
   async stop(): Promise<void> {
     if (this.#state === 'stopped') return;
     this.#state = 'stopping';
+    await Promise.all([...this.#schedules.values()].map((schedule) => schedule.stop()));
     const consumers = [...this.#consumers.values()];
     this.#consumers.clear();
     await Promise.all(consumers.map((consumer) => consumer.stop()));

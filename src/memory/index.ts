@@ -13,7 +13,7 @@ import { OptionProblems } from '../core/options.ts';
 import { DeadLetterBook } from './dead-letters.ts';
 import { Deque } from './deque.ts';
 import { Group, MemoryWorker, type GroupContext, type Stored } from './subscription.ts';
-import { enlist, finish, MemoryTransaction } from './transaction.ts';
+import { enlist, finish, MemoryTransaction, rollbackHook } from './transaction.ts';
 
 export { MemoryTransaction, type MemoryTransactionState } from './transaction.ts';
 
@@ -74,6 +74,8 @@ export class MemoryBackbone implements Backbone<MemoryTransaction> {
   #everyTopic: Group[] = [];
   readonly #deadLetters: DeadLetterBook;
   readonly #waiters = new Set<Waiter>();
+  /** The last tick each recurring schedule fired (see claimTick). */
+  readonly #ticks = new Map<string, { tick: number; definition: string }>();
   /** Messages scheduled for later, by id, waiting in their timers. */
   readonly #scheduled = new Map<string, NodeJS.Timeout>();
   readonly #ctx: GroupContext;
@@ -202,6 +204,26 @@ export class MemoryBackbone implements Backbone<MemoryTransaction> {
         this.#warn('An onCommit hook of a memory transaction threw; the transaction stays committed', error);
       }
     }
+  }
+
+  /** One process is every process here: the last tick of each schedule is kept in this object. */
+  async claimTick(name: string, definition: string, tick: number, tx: MemoryTransaction): Promise<boolean> {
+    const last = this.#ticks.get(name);
+    if (last !== undefined && last.tick >= tick) return false;
+    const previous = last;
+    this.#ticks.set(name, { tick, definition });
+    // Claimed with the transaction: undone if it rolls back, as the tick's message is.
+    rollbackHook(tx, () => {
+      if (this.#ticks.get(name)?.tick === tick) {
+        if (previous === undefined) this.#ticks.delete(name);
+        else this.#ticks.set(name, previous);
+      }
+    });
+    return true;
+  }
+
+  async lastTick(name: string): Promise<{ tick: number; definition: string } | undefined> {
+    return this.#ticks.get(name);
   }
 
   /**

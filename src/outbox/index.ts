@@ -156,6 +156,17 @@ export class BrokerBackbone implements Backbone<PgTransaction> {
     return this.outbox.publish(messages, tx);
   }
 
+  async claimTick(name: string, definition: string, tick: number, tx: PgTransaction): Promise<boolean> {
+    if (this.outbox === undefined) throw noOutbox(this.name, 'run recurring schedules');
+    return this.outbox.claimTick(name, definition, tick, tx);
+  }
+
+  async lastTick(name: string): Promise<{ tick: number; definition: string } | undefined> {
+    if (this.outbox === undefined) throw noOutbox(this.name, 'run recurring schedules');
+    await this.open();
+    return this.outbox.lastTick(name);
+  }
+
   async cancelScheduled(id: string): Promise<boolean> {
     if (this.outbox === undefined) throw noOutbox(this.name, 'schedule delivery');
     await this.open();

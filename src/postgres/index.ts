@@ -287,6 +287,17 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
     }
   }
 
+  async claimTick(name: string, definition: string, tick: number, tx: PgTransaction): Promise<boolean> {
+    const { rows } = await tx.query(this.#sql.claimTick, [name, definition, new Date(tick)]);
+    return rows.length > 0;
+  }
+
+  async lastTick(name: string): Promise<{ tick: number; definition: string } | undefined> {
+    await this.open();
+    const { rows } = await this.driver.query<{ definition: string; last_tick: Date | string }>(this.#sql.lastTick, [name]);
+    return rows[0] === undefined ? undefined : { tick: new Date(rows[0].last_tick).getTime(), definition: rows[0].definition };
+  }
+
   /** Cancels a message scheduled for later that is not due yet (see Backbone.cancelScheduled). */
   async cancelScheduled(id: string): Promise<boolean> {
     await this.open();

@@ -175,6 +175,16 @@ export function statements(schema: string) {
       on conflict (id) do nothing`,
     cancelScheduled: `delete from ${s}.scheduled where id = $1 returning id`,
     /**
+     * Records that schedule $1 (defined as $2) fired its tick $3, unless a tick as late was recorded already:
+     * returns a row only to the one caller that claimed it. Concurrent claims of one tick wait on the row and
+     * find it taken; a claim rolled back (a crash before the commit) leaves it to the next.
+     */
+    claimTick: `insert into ${s}.schedules (name, definition, last_tick) values ($1, $2, $3)
+      on conflict (name) do update set definition = excluded.definition, last_tick = excluded.last_tick, fired_at = now()
+        where ${s}.schedules.last_tick < excluded.last_tick
+      returning 1 as claimed`,
+    lastTick: `select definition, last_tick from ${s}.schedules where name = $1`,
+    /**
      * Takes or renews a lease on a role ($1) for $2 for $3 ms; returns a row only to its holder. With it, how
      * long until the next scheduled message is due (null: none; negative: overdue).
      */

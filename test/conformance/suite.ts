@@ -24,6 +24,7 @@ import { sleep, waitFor } from '../helpers.ts';
 import { rollingDeploy } from './deploy.ts';
 import { hostileInput } from './hostile.ts';
 import { scheduledDelivery } from './scheduled.ts';
+import { recurringSchedules } from './schedules.ts';
 
 /** A handling's lasting effect, written through the handler's transaction: counted to prove "exactly once". */
 export interface EffectStore<Tx> {
@@ -430,6 +431,7 @@ export function conformance<Tx>(target: ConformanceTarget<Tx>): void {
     hostileInput(target, { world, newBus, stop });
     rollingDeploy({ world, newBus, stop });
     scheduledDelivery(target, { world, newBus, stop });
+    recurringSchedules(target, { world, newBus, stop });
   });
 }
 
