@@ -3,6 +3,7 @@
  * mid-stream, cancels racing the due time. What every backbone promises is in test/conformance/scheduled.ts.
  */
 import assert from 'node:assert/strict';
+import { spawn, type ChildProcess } from 'node:child_process';
 import { after, test, type TestContext } from 'node:test';
 import { createBus, type Bus } from '../src/index.ts';
 import { postgres, type PgTransaction } from '../src/postgres/index.ts';
@@ -116,4 +117,57 @@ test('a cancel racing the due time: each message is either cancelled or delivere
   assert.deepEqual(both, [], 'never both');
   assert.deepEqual(neither, [], 'never neither');
   t.diagnostic(`${cancelled.size} cancelled, ${delivered.size} delivered`);
+});
+
+/** A ticker process (test/fixtures/ticker.ts); resolves once it runs. */
+function startTicker(schema: string): Promise<ChildProcess> {
+  const child = spawn(process.execPath, ['--conditions=source', '--import', 'tsx', 'test/fixtures/ticker.ts'], {
+    env: { ...process.env, DATABASE_URL, SCHEMA: schema },
+    stdio: ['pipe', 'pipe', 'inherit'],
+  });
+  return new Promise((resolve, reject) => {
+    child.once('error', reject);
+    child.once('exit', (code) => reject(new Error(`ticker exited with ${code} before it was ready`)));
+    child.stdout!.on('data', (chunk: Buffer) => {
+      if (chunk.toString().includes('ready')) {
+        child.removeAllListeners('exit');
+        resolve(child);
+      }
+    });
+  });
+}
+
+test('kill -9: a schedule run by three processes, one killed, publishes every tick once; delayed messages survive their leader killed', async (t) => {
+  const schema = await setup(t);
+  if (schema === undefined) return;
+  const consumer = newBus(schema, 'consumer');
+  const ticks: number[] = [];
+  const delayed = new Map<string, number>();
+  consumer.subscribe('kill-ticks', Ticked, (message) => {
+    if (message.data.key === 'tick') ticks.push(message.data.seq);
+    else delayed.set(message.id, Date.now());
+  });
+  // The tickers start first: one of them leads the delayed-message scheduler.
+  const tickers = [await startTicker(schema), await startTicker(schema), await startTicker(schema)];
+  try {
+    await consumer.start();
+    const dueAt = Date.now() + 2_500;
+    const published = await consumer.publishMany(Ticked, Array.from({ length: 200 }, (_, i) => ({ key: `d${i % 10}`, seq: i })), { deliverAt: dueAt });
+    await waitFor('two ticks', () => ticks.length >= 2, 20_000);
+    // Kill every ticker but one, with -9, one after the other: the leader of the scheduler among them.
+    tickers[0]!.kill('SIGKILL');
+    await sleep(1_200);
+    tickers[1]!.kill('SIGKILL');
+    const killedAt = Date.now();
+    await waitFor('ticks after the kills', () => ticks.some((seq) => seq * 1_000 > killedAt + 2_000), 20_000);
+    await waitFor('every delayed message', () => delayed.size >= published.length, 20_000);
+    const first = Math.min(...ticks);
+    const last = Math.max(...ticks);
+    assert.equal(new Set(ticks).size, ticks.length, `each tick once: ${ticks.join(' ')}`);
+    assert.deepEqual([...ticks].sort((a, b) => a - b), Array.from({ length: last - first + 1 }, (_, i) => first + i), 'no tick missed across the kills');
+    assert.ok([...delayed.values()].every((at) => at >= dueAt), 'no delayed message early');
+    t.diagnostic(`ticks ${first}..${last}; delayed messages late by at most ${Math.max(...delayed.values()) - dueAt} ms`);
+  } finally {
+    for (const ticker of tickers) if (ticker.exitCode === null && ticker.signalCode === null) ticker.kill('SIGKILL');
+  }
 });
