@@ -84,6 +84,11 @@ export interface SubscriptionSpec {
   readonly inbox: boolean;
   /** Where a new subscription starts reading. */
   readonly startFrom: 'now' | 'beginning';
+  /**
+   * The topics among `topics` that carry commands: a command has one owner, so a backbone refuses a second
+   * subscription of one (SUBSCRIPTION_CONFLICT naming both), while events fan out to every subscription.
+   */
+  readonly commands?: readonly string[] | undefined;
   /** The retry policy, for failures below the handler (core/attempts.ts); the subscription defaults' if absent. */
   readonly retry?: ResolvedRetry | undefined;
 }

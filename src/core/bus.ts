@@ -298,6 +298,7 @@ export class Bus<Tx = unknown> {
         inbox: options.inbox,
         startFrom: options.startFrom,
         retry: options.retry,
+        commands: [...subscription.routes.values()].filter((route) => route.contract.kind === 'command').map((route) => route.contract.topic),
       },
       handle,
     );

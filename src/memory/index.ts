@@ -131,6 +131,15 @@ export class MemoryBackbone implements Backbone<MemoryTransaction> {
   }
 
   async consume(spec: SubscriptionSpec, handle: DeliveryHandler<MemoryTransaction>): Promise<Consumer> {
+    for (const command of spec.commands ?? []) {
+      const owner = [...this.#groups.values()].find((other) => other.name !== spec.name && other.topics.includes(command));
+      if (owner !== undefined) {
+        throw new TidingsError(
+          'SUBSCRIPTION_CONFLICT',
+          `Command ${command} is handled by subscription ${owner.name} already; subscription ${spec.name} cannot take it too: a command has one owner (send delivers it once). Handle it in ${owner.name}`,
+        );
+      }
+    }
     let group = this.#groups.get(spec.name);
     if (group === undefined) {
       group = new Group(spec, this.#ctx);

@@ -217,6 +217,12 @@ export function statements(schema: string) {
       on conflict (name) do nothing
       returning partitions`,
     subscriptionPartitions: `select partitions from ${s}.subscriptions where name = $1`,
+    /**
+     * Serialises the subscriptions that take command $1 (a lock held to the end of the transaction); then
+     * `commandOwner` names another subscription ($2 is this one) that handles it already: a command has one owner.
+     */
+    commandLock: `select pg_advisory_xact_lock(hashtext('tidings.command'), hashtext($1))`,
+    commandOwner: `select name from ${s}.subscriptions where name <> $2 and $1 = any(topics) limit 1`,
     /** $2: partition count; $3: start from the beginning of the log (true) or from now. */
     createCursors: `insert into ${s}.cursors (subscription, partition, done)
       select $1, p, case when $3::boolean then '1:1:'::pg_snapshot else pg_current_snapshot() end

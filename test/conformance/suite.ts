@@ -25,6 +25,7 @@ import { rollingDeploy } from './deploy.ts';
 import { hostileInput } from './hostile.ts';
 import { scheduledDelivery } from './scheduled.ts';
 import { recurringSchedules } from './schedules.ts';
+import { commandOwners } from './commands.ts';
 
 /** A handling's lasting effect, written through the handler's transaction: counted to prove "exactly once". */
 export interface EffectStore<Tx> {
@@ -432,6 +433,7 @@ export function conformance<Tx>(target: ConformanceTarget<Tx>): void {
     rollingDeploy({ world, newBus, stop });
     scheduledDelivery(target, { world, newBus, stop });
     recurringSchedules(target, { world, newBus, stop });
+    commandOwners({ world, newBus, stop });
   });
 }
 
