@@ -469,4 +469,5 @@ export function postgres(options: PostgresOptions): PostgresBackbone {
   return new PostgresBackbone(options);
 }
 export * from './admin.ts';
+export * from './ops/sagas.ts';
 export { Retention, prune, retentionDefaults, type RetentionOptions, type PruneResult } from './retention.ts';
