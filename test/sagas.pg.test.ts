@@ -4,50 +4,12 @@
  * every backbone promises is in test/conformance/sagas.ts.
  */
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
-import { after, test, type TestContext } from 'node:test';
-import { createBus, type Bus } from '../src/index.ts';
-import { listSagas, postgres, showSaga, type PgTransaction } from '../src/postgres/index.ts';
-import { quickPostgres } from './conformance/postgres.ts';
+import { test } from 'node:test';
+import { listSagas, showSaga, type PostgresBackbone } from '../src/postgres/index.ts';
+import { pgWorld } from './fixtures/bus.ts';
 import { Counter, CounterAdded, CounterStarted, counterRetry } from './fixtures/counter-saga.ts';
-import { connect, DATABASE_URL, dropSchema, requirePostgres, sleep, uniqueSchema, waitFor } from './helpers.ts';
-
-const schemas: string[] = [];
-const buses: Bus<PgTransaction>[] = [];
-after(async () => {
-  await Promise.all(buses.map((bus) => bus.stop().catch(() => undefined)));
-  for (const schema of schemas) await dropSchema(schema);
-});
-
-function newBus(schema: string, service: string): Bus<PgTransaction> {
-  const bus = createBus({ service, backbone: postgres({ url: DATABASE_URL, schema, ...quickPostgres }) });
-  buses.push(bus);
-  return bus;
-}
-
-async function setup(t: TestContext): Promise<string | undefined> {
-  if (!(await requirePostgres(t))) return undefined;
-  const schema = uniqueSchema('saga');
-  schemas.push(schema);
-  return schema;
-}
-
-function startWorker(schema: string): Promise<ChildProcess> {
-  const child = spawn(process.execPath, ['--conditions=source', '--import', 'tsx', 'test/fixtures/saga-worker.ts'], {
-    env: { ...process.env, DATABASE_URL, SCHEMA: schema },
-    stdio: ['pipe', 'pipe', 'inherit'],
-  });
-  return new Promise((resolve, reject) => {
-    child.once('error', reject);
-    child.once('exit', (code) => reject(new Error(`saga worker exited with ${code} before it was ready`)));
-    child.stdout!.on('data', (chunk: Buffer) => {
-      if (chunk.toString().includes('ready')) {
-        child.removeAllListeners('exit');
-        resolve(child);
-      }
-    });
-  });
-}
+import { startProcess } from './fixtures/processes.ts';
+import { connect, sleep, waitFor } from './helpers.ts';
 
 /** A deterministic shuffle (mulberry32), so a failure can be replayed. */
 function shuffle<T>(items: T[], seed: number): T[] {
@@ -66,11 +28,12 @@ function shuffle<T>(items: T[], seed: number): T[] {
 }
 
 test('1,000 sagas driven in random order by 4 publishers, their workers killed with -9 midway: each ends as a serial run would', async (t) => {
-  const schema = await setup(t);
-  if (schema === undefined) return;
-  const workers = [await startWorker(schema), await startWorker(schema)];
+  const world = await pgWorld(t, 'saga');
+  if (world === undefined) return;
+  const { schema } = world;
+  const workers = [await startProcess('saga-worker', { SCHEMA: schema }), await startProcess('saga-worker', { SCHEMA: schema })];
   try {
-    const publishers = Array.from({ length: 4 }, (_, i) => newBus(schema, `publisher-${i}`));
+    const publishers = Array.from({ length: 4 }, (_, i) => world.bus(`publisher-${i}`));
     await Promise.all(publishers.map((bus) => bus.start()));
     const expected = new Map<string, { sum: number; adds: number }>();
     const messages: Array<{ kind: 'start'; id: string } | { kind: 'add'; id: string; n: number; slot: number }> = [];
@@ -97,8 +60,8 @@ test('1,000 sagas driven in random order by 4 publishers, their workers killed w
           else await bus.publish(CounterAdded, { id: message.id, n: message.n, slot: message.slot });
           if (++sent === killAt) {
             // A third of the way: one worker dies mid-batch; a fresh one joins.
-            workers[0]!.kill('SIGKILL');
-            workers.push(await startWorker(schema));
+            workers[0]!.kill();
+            workers.push(await startProcess('saga-worker', { SCHEMA: schema }));
           }
         }
       }),
@@ -126,13 +89,14 @@ test('1,000 sagas driven in random order by 4 publishers, their workers killed w
       await db.end();
     }
   } finally {
-    for (const worker of workers) if (worker.exitCode === null && worker.signalCode === null) worker.kill('SIGKILL');
+    for (const worker of workers) worker.kill();
   }
 });
 
 test('an operator sees an instance whole: state, version, each transition with its message, pending timeouts', async (t) => {
-  const schema = await setup(t);
-  if (schema === undefined) return;
+  const world = await pgWorld(t, 'saga');
+  if (world === undefined) return;
+  const { schema } = world;
   const { defineSaga } = await import('../src/index.ts');
   const { z } = await import('zod');
   const Watch = defineSaga({
@@ -149,9 +113,8 @@ test('an operator sees an instance whole: state, version, each transition with i
     handle: { added: (state) => ({ ...state, seen: state.seen + 1 }) },
     timeouts: { 'give-up': (state) => state },
   });
-  const backbone = postgres({ url: DATABASE_URL, schema, ...quickPostgres });
-  const bus = createBus({ service: 'watcher', backbone });
-  buses.push(bus);
+  const bus = world.bus('watcher');
+  const backbone = bus.backbone as PostgresBackbone;
   bus.saga(Watch, { retry: counterRetry });
   bus.saga(Counter, { retry: counterRetry });
   await bus.start();
