@@ -148,17 +148,6 @@ export function subjectOf(prefix: string, bucket: number, topic: string): string
   return `${prefix}.${bucket}.${topic}`;
 }
 
-/** The topic and bucket of a subject of the stream, or undefined if it is not shaped like one. */
-export function parseSubject(prefix: string, subject: string): { bucket: number; topic: string } | undefined {
-  if (!subject.startsWith(`${prefix}.`)) return undefined;
-  const rest = subject.slice(prefix.length + 1);
-  const dot = rest.indexOf('.');
-  if (dot <= 0 || dot === rest.length - 1) return undefined;
-  const bucket = Number(rest.slice(0, dot));
-  if (!Number.isInteger(bucket) || bucket < 0) return undefined;
-  return { bucket, topic: rest.slice(dot + 1) };
-}
-
 /**
  * A subscription name as a NATS consumer name and KV key token: those cannot contain `.`. Names are words
  * joined by single `.`, `-` or `_` (src/core/contract.ts), so `__` never occurs in one and is unambiguous.

@@ -3,7 +3,7 @@ import { AckPolicy, DeliverPolicy, nanos, type ConsumerConfig } from 'nats';
 import { EVERY_TOPIC, type AttemptRecord, type Consumer, type DeliveryHandler, type DeliveryResult, type SubscriptionSpec } from '../core/backbone.ts';
 import type { Envelope } from '../core/envelope.ts';
 import { describeError, TidingsError } from '../core/errors.ts';
-import { decode, header, headerFields, headersToRecord, nameToken, parseSubject, REDRIVE_FOR } from './codec.ts';
+import { decode, header, headerFields, headersToRecord, nameToken, REDRIVE_FOR } from './codec.ts';
 import type { DeadLetterRecord } from './dead-letters.ts';
 import { apiErrorCode, type NatsContext } from './index.ts';
 import { Puller, type Delivered } from './pull.ts';
@@ -338,15 +338,15 @@ export class NatsConsumer implements Consumer {
       return;
     }
     const { settings } = this.#ctx;
-    const parsed = parseSubject(settings.subjectPrefix, msg.subject);
-    const topic = parsed?.topic ?? msg.subject;
+    // The bucket's consumer reads `<prefix>.<bucket>.>` only (the stream takes nothing else): the rest is the topic.
+    const topic = msg.subject.slice(settings.subjectPrefix.length + String(lane.bucket).length + 2);
     const fields = headerFields(msg.headers);
     const redriveFor = fields.get(REDRIVE_FOR);
     if ((!this.#everyTopic && !this.#topics.has(topic)) || (redriveFor !== undefined && redriveFor !== this.#spec.name)) {
       quietly(() => msg.ack()); // another subscription's topic, or a redrive meant for another subscription
       return;
     }
-    const decoded = parsed === undefined ? { problem: `subject ${msg.subject} is not <prefix>.<bucket>.<topic>` } : decode(fields, msg.data, topic, msg.timestampNanos);
+    const decoded = decode(fields, msg.data, topic, msg.timestampNanos);
     const pulled: Pulled = {
       msg,
       seq,

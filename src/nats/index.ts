@@ -15,6 +15,7 @@ import {
   type NatsConnection,
   type NatsError,
   type StreamConfig,
+  type StreamInfo,
 } from 'nats';
 import type { Consumer, DeliveryHandler, Outgoing, SubscriptionSpec } from '../core/backbone.ts';
 import type { Broker, DeadLetterStore } from '../core/broker.ts';
@@ -31,7 +32,7 @@ export interface NatsOptions extends BrokeredOptions {
   servers: string | string[];
   /** The JetStream stream carrying the messages; created if missing. */
   stream?: string;
-  /** Subjects are `<subjectPrefix>.<bucket>.<topic>`; the stream takes `<subjectPrefix>.>`. */
+  /** Subjects are `<subjectPrefix>.<bucket>.<topic>`; the stream takes `<subjectPrefix>.<bucket>.>` for each bucket. */
   subjectPrefix?: string;
   /**
    * Slices of the key space (keyHash % buckets). Fixed for the life of a stream: it is written in the
@@ -85,6 +86,8 @@ const STREAM_NAME = /^[A-Za-z0-9_-]{1,200}$/;
 const SUBJECT_PREFIX = /^[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*$/;
 /** Written in the stream's description: server 2.9 streams have no metadata. */
 const BUCKETS_MARK = /tidings buckets=(\d+)/;
+/** The subject prefix, from the same description. */
+const PREFIX_MARK = /, subjects (\S+)\.<bucket>\.<topic>/;
 
 /** What consumers and the dead-letter store share with the broker once it is open. */
 export interface NatsContext {
@@ -209,9 +212,9 @@ export class NatsBroker implements Broker {
     try {
       const jsm = await nc.jetstreamManager({ timeout: s.publishTimeoutMs });
       const description = `tidings buckets=${s.buckets}: Tidings messages, subjects ${s.subjectPrefix}.<bucket>.<topic>`;
-      await ensureStream(jsm, {
+      const info = await ensureStream(jsm, {
         name: s.stream,
-        subjects: [`${s.subjectPrefix}.>`],
+        subjects: bucketSubjects(s.subjectPrefix, s.buckets),
         description,
         storage: StorageType.File,
         retention: RetentionPolicy.Limits,
@@ -224,8 +227,11 @@ export class NatsBroker implements Broker {
         }
         // Not given: the stream's own settings hold, so a service (or the CLI) needs only the stream's name.
         if (!this.#explicit.buckets) s.buckets = Number(stored);
-        const prefix = info.config.subjects?.[0]?.replace(/\.>$/, '');
+        const prefix = PREFIX_MARK.exec(info.config.description ?? '')?.[1];
         if (!this.#explicit.subjectPrefix && prefix !== undefined) s.subjectPrefix = prefix;
+        if (prefix !== undefined && prefix !== s.subjectPrefix) {
+          throw new TidingsError('INVALID_OPTIONS', `Stream ${s.stream} carries subjects ${prefix}.<bucket>.<topic>, not ${s.subjectPrefix}.<bucket>.<topic>. Use subjectPrefix: '${prefix}' (or leave it out), or a new stream`);
+        }
         if (Number(stored) !== s.buckets) {
           throw new TidingsError(
             'INVALID_OPTIONS',
@@ -233,6 +239,10 @@ export class NatsBroker implements Broker {
           );
         }
       });
+      // A stream made before the stream took only its buckets' subjects (it took `<prefix>.>`) is narrowed:
+      // a message published outside them would never reach a bucket's consumer (test/nats.input.test.ts).
+      const subjects = bucketSubjects(s.subjectPrefix, s.buckets);
+      if (info.config.subjects?.join(' ') !== subjects.join(' ')) await jsm.streams.update(s.stream, { subjects });
       const dlqStream = `${s.stream}_DLQ`;
       const dlqPrefix = `${s.subjectPrefix}_dlq`;
       await ensureStream(jsm, {
@@ -313,23 +323,33 @@ export class NatsBroker implements Broker {
   }
 }
 
+/**
+ * The stream's subjects: one `<prefix>.<bucket>.>` per bucket and nothing else, so JetStream refuses a
+ * message no bucket's consumer would ever read (no bucket number, or one past the last), instead of
+ * storing it where nobody delivers or dead-letters it.
+ */
+export function bucketSubjects(prefix: string, buckets: number): string[] {
+  return Array.from({ length: buckets }, (_, bucket) => `${prefix}.${bucket}.>`);
+}
+
 /** Creates the stream, or checks the existing one (`check` throws if it is not ours to use). */
-async function ensureStream(jsm: JetStreamManager, config: Partial<StreamConfig> & { name: string }, check?: (info: Awaited<ReturnType<JetStreamManager['streams']['info']>>) => void): Promise<void> {
+async function ensureStream(jsm: JetStreamManager, config: Partial<StreamConfig> & { name: string }, check?: (info: StreamInfo) => void): Promise<StreamInfo> {
   try {
     const info = await jsm.streams.info(config.name);
     check?.(info);
-    return;
+    return info;
   } catch (error) {
     if (error instanceof TidingsError) throw error;
     if (apiErrorCode(error) !== 10059) throw error; // 10059: stream not found
   }
   try {
-    await jsm.streams.add(config);
+    return await jsm.streams.add(config);
   } catch (error) {
     // Another process created it at the same moment.
     const info = await jsm.streams.info(config.name).catch(() => undefined);
     if (info === undefined) throw error;
     check?.(info);
+    return info;
   }
 }
 
