@@ -6,7 +6,7 @@
 import assert from 'node:assert/strict';
 import { after, describe, test, type TestContext } from 'node:test';
 import { connect as natsConnect, headers as natsHeaders, type MsgHdrs } from 'nats';
-import { createBus, keyHash, type Bus } from '../src/index.ts';
+import { createBus, deadLetter, keyHash, type Bus } from '../src/index.ts';
 import { nats, type NatsOptions } from '../src/nats/index.ts';
 import type { PgTransaction } from '../src/postgres/index.ts';
 import { Ticked } from './fixtures/contracts.ts';
@@ -69,6 +69,58 @@ describe('nats hostile input', () => {
     await sleep(300);
     assert.deepEqual(seen, [1]);
     assert.equal(await b.backbone.deadLetters().count({ all: true }), 0);
+  });
+
+  test('a payload nested 10,000 deep from a plain client is dead-lettered once with its raw bytes; its key\'s next message flows', async (t) => {
+    const ns = await world(t);
+    if (ns === undefined) return;
+    const b = bus(ns.options());
+    const seen: string[] = [];
+    b.subscribe('deep', Ticked, (message) => {
+      seen.push(`${message.data.key}:${message.data.seq}`);
+    });
+    await b.start();
+    const subject = `${ns.subjectPrefix}.${keyHash('d') % quickNats.buckets}.${Ticked.topic}`;
+    const deep = '['.repeat(10_000) + ']'.repeat(10_000);
+    assert.throws(() => JSON.stringify(JSON.parse(deep)), RangeError, 'JSON.stringify cannot write it back');
+    await publishPlain(subject, deep, cloudEventHeaders('deep-1', 'd'));
+    await publishPlain(subject, '{"key":"d","seq":2}', cloudEventHeaders('after-deep', 'd'));
+    await waitFor('the next message of the key', () => seen.includes('d:2'), 10_000);
+    const store = b.backbone.deadLetters();
+    await waitFor('the dead letter', async () => (await store.count({ subscription: 'deep' })) === 1);
+    await sleep(1_000); // a retried dead letter would be written again within errorBackoffMs
+    assert.equal(await store.count({ all: true }), 1, 'written once');
+    const [letter] = await store.show('deep-1');
+    assert.equal(letter!.key, 'd');
+    assert.match(letter!.reason, /invalid payload|nested|deep/i);
+    assert.equal(letter!.envelope.data, deep, 'the payload kept as the text that came, since it cannot be written as JSON');
+  });
+
+  test('a dead letter too large to keep whole points at the message in its stream; a redrive reads it from there', async (t) => {
+    const ns = await world(t);
+    if (ns === undefined) return;
+    const b = bus(ns.options());
+    let refuse = true;
+    const seen: string[] = [];
+    b.subscribe('large', Ticked, (message) => {
+      if (refuse && message.data.note !== undefined) return deadLetter('too large for this test');
+      seen.push(`${message.data.key}:${message.data.seq}`);
+    });
+    await b.start();
+    // Just under the server's max_payload (1 MiB) with its headers: stored, but its dead letter cannot hold it.
+    const note = 'n'.repeat(1_046_000);
+    const subject = `${ns.subjectPrefix}.${keyHash('L') % quickNats.buckets}.${Ticked.topic}`;
+    await publishPlain(subject, JSON.stringify({ key: 'L', seq: 1, note }), cloudEventHeaders('large-1', 'L'));
+    await publishPlain(subject, '{"key":"L","seq":2}', cloudEventHeaders('large-2', 'L'));
+    await waitFor('the next message of the key', () => seen.includes('L:2'), 10_000);
+    const store = b.backbone.deadLetters();
+    await waitFor('the dead letter', async () => (await store.count({ subscription: 'large' })) === 1);
+    const [letter] = await store.show('large-1');
+    assert.match(letter!.reason, /too large for this test \[dead letter kept without its payload, headers and stacks: over \d+ bytes; the message is in stream .* at sequence 1\]/);
+    assert.equal('data' in letter!.envelope, false);
+    refuse = false;
+    assert.equal((await store.redrive({ ids: ['large-1'] })).count, 1);
+    await waitFor('the redriven message', () => seen.includes('L:1'));
   });
 
   test('a stream made when the stream took every subject under the prefix is narrowed to its buckets on open', async (t) => {

@@ -4,8 +4,8 @@ import { EVERY_TOPIC, type AttemptRecord, type Consumer, type DeliveryHandler, t
 import type { Envelope } from '../core/envelope.ts';
 import { describeError, TidingsError } from '../core/errors.ts';
 import { decode, header, headerFields, headersToRecord, nameToken, REDRIVE_FOR } from './codec.ts';
-import type { DeadLetterRecord } from './dead-letters.ts';
-import { apiErrorCode, type NatsContext } from './index.ts';
+import { deadLetterEncodings, type DeadLetterRecord } from './dead-letters.ts';
+import { apiErrorCode, isUnavailable, type NatsContext } from './index.ts';
 import { Puller, type Delivered } from './pull.ts';
 
 /** A message this worker has pulled and not yet acknowledged (or handed back). */
@@ -512,11 +512,12 @@ export class NatsConsumer implements Consumer {
 
 
   /**
-   * Writes the dead letter to the dead-letter stream, confirmed, before the message is terminated. If NATS
-   * cannot take it, the message stays (its key held) and is tried again after errorBackoffMs.
+   * Writes the dead letter to the dead-letter stream, confirmed, before the message is terminated: the first
+   * of deadLetterEncodings that NATS takes. If NATS cannot be reached, the message stays (its key held) and
+   * is tried again after errorBackoffMs.
    */
   async #deadLetter(lane: Lane, pulled: Pulled, reason: string): Promise<boolean> {
-    const { js, settings, dlqPrefix } = this.#ctx;
+    const { js, nc, settings, dlqPrefix } = this.#ctx;
     const envelope = pulled.envelope ?? undecodableEnvelope(pulled, settings.stream);
     const record: DeadLetterRecord = {
       subscription: this.#spec.name,
@@ -536,20 +537,27 @@ export class NatsConsumer implements Consumer {
       },
     };
     const subject = `${dlqPrefix}.${this.#token}.${pulled.topic}`;
+    // Room for the headers NATS adds (Nats-Msg-Id) under the server's limit on a whole message.
+    const maxBytes = (nc.info?.max_payload ?? 1_048_576) - 4_096;
     for (;;) {
-      try {
-        // One dead letter per (subscription, stream sequence): written twice after a crash, stored once.
-        await js.publish(subject, Buffer.from(JSON.stringify(record)), {
-          msgID: `${this.#token}:${settings.stream}:${pulled.seq}`,
-          timeout: settings.publishTimeoutMs,
-        });
-        return true;
-      } catch (error) {
-        this.#ctx.warn(`Subscription ${this.#spec.name}: could not write the dead letter of message ${envelope.id} (${pulled.topic}); retrying in ${settings.errorBackoffMs} ms`, error);
-        if (!lane.active) return false;
-        await new Promise((resolve) => setTimeout(resolve, settings.errorBackoffMs));
-        if (!lane.active) return false;
+      let refused: unknown;
+      for (const json of deadLetterEncodings(record, pulled.msg.data, maxBytes)) {
+        try {
+          // One dead letter per (subscription, stream sequence): written twice after a crash, stored once.
+          await js.publish(subject, Buffer.from(json), {
+            msgID: `${this.#token}:${settings.stream}:${pulled.seq}`,
+            timeout: settings.publishTimeoutMs,
+          });
+          return true;
+        } catch (error) {
+          refused = error;
+          if (isUnavailable(error)) break; // the same again later; a refusal tries the next, smaller one
+        }
       }
+      this.#ctx.warn(`Subscription ${this.#spec.name}: could not write the dead letter of message ${envelope.id} (${pulled.topic}); retrying in ${settings.errorBackoffMs} ms`, refused);
+      if (!lane.active) return false;
+      await new Promise((resolve) => setTimeout(resolve, settings.errorBackoffMs));
+      if (!lane.active) return false;
     }
   }
 }
