@@ -94,7 +94,11 @@ export interface NatsContext {
   readonly nc: NatsConnection;
   readonly js: JetStreamClient;
   readonly jsm: JetStreamManager;
+  /** Workers and bucket leases, entries expiring after leaseMs (see NatsConsumer). */
   readonly leases: KV;
+  /** Messages waiting for a delayed retry, kept until they are done (see holds.ts), and the stream under them. */
+  readonly holds: KV;
+  readonly holdsStream: string;
   readonly settings: NatsSettings;
   readonly dlqStream: string;
   readonly dlqPrefix: string;
@@ -256,7 +260,8 @@ export class NatsBroker implements Broker {
       });
       const js = nc.jetstream({ timeout: s.publishTimeoutMs });
       const leases = await js.views.kv(`${s.stream}_leases`, { ttl: s.leaseMs, history: 1, replicas: s.replicas, timeout: s.publishTimeoutMs });
-      return { nc, js, jsm, leases, settings: s, dlqStream, dlqPrefix, warn: this.#warn };
+      const holds = await js.views.kv(`${s.stream}_holds`, { history: 1, replicas: s.replicas, timeout: s.publishTimeoutMs });
+      return { nc, js, jsm, leases, holds, holdsStream: `KV_${s.stream}_holds`, settings: s, dlqStream, dlqPrefix, warn: this.#warn };
     } catch (error) {
       await nc.close().catch(() => undefined);
       if (error instanceof TidingsError) throw error;
