@@ -6,11 +6,13 @@
 import assert from 'node:assert/strict';
 import { after, describe, test, type TestContext } from 'node:test';
 import { connect as natsConnect, headers as natsHeaders, type MsgHdrs } from 'nats';
-import { createBus, deadLetter, keyHash, type Bus } from '../src/index.ts';
-import { nats, type NatsOptions } from '../src/nats/index.ts';
-import type { PgTransaction } from '../src/postgres/index.ts';
+import { createBus, deadLetter, keyHash, newId, TidingsError, type Bus } from '../src/index.ts';
+import type { Outgoing } from '../src/core/backbone.ts';
+import type { Envelope } from '../src/core/envelope.ts';
+import { nats, NatsBroker, type NatsOptions } from '../src/nats/index.ts';
+import { postgres, type PgTransaction } from '../src/postgres/index.ts';
 import { Ticked } from './fixtures/contracts.ts';
-import { NATS_URL, sleep, waitFor } from './helpers.ts';
+import { DATABASE_URL, dropSchema, NATS_URL, requirePostgres, sleep, uniqueSchema, waitFor } from './helpers.ts';
 import { natsNamespace, quickNats, type NatsNamespace } from './nats.helpers.ts';
 
 const buses: Bus<PgTransaction>[] = [];
@@ -49,7 +51,83 @@ async function publishPlain(subject: string, payload: string, headers?: MsgHdrs)
   }
 }
 
+function outgoing(overrides: Partial<Envelope>, data: unknown = { key: 'k', seq: 1 }): Outgoing {
+  const id = overrides.id ?? newId();
+  const envelope: Envelope = {
+    specversion: '1.0', id, source: 'tidings://hostile', type: 'test.ticked.v1', time: new Date().toISOString(),
+    datacontenttype: 'application/json', topic: Ticked.topic, partitionkey: 'k', correlationid: id, data, ...overrides,
+  };
+  return { envelope, json: JSON.stringify(data), keyHash: keyHash(envelope.partitionkey) };
+}
+
 describe('nats hostile input', () => {
+  test('a message NATS can never take fails at once in publish, not retryable, naming the limit, the id and the topic; the connection stays up', async (t) => {
+    const ns = await world(t);
+    if (ns === undefined) return;
+    const broker = new NatsBroker(ns.options());
+    cleanups.push(() => broker.close());
+    await broker.open();
+    const poisons: Array<[string, Outgoing, string, RegExp]> = [
+      ['a message over max_payload', outgoing({ id: 'big' }, { key: 'k', seq: 1, note: 'x'.repeat(1_100_000) }), 'LIMIT_EXCEEDED', /message big \(test\.ticked\): it is \d+ bytes with its headers, over the server's max_payload of 1048576/],
+      ['headers over 64 KiB (a 70 kB key)', outgoing({ id: 'long-key', partitionkey: 'k'.repeat(70_000) }), 'LIMIT_EXCEEDED', /message long-key \(test\.ticked\): its headers are \d+ bytes, over JetStream's limit of 65535/],
+      ['a 1 MB key', outgoing({ id: 'huge-key', partitionkey: 'k'.repeat(1_000_000) }), 'LIMIT_EXCEEDED', /its headers are \d+ bytes, over JetStream's limit of 65535/],
+      ['a lone surrogate in the key', outgoing({ id: 'surrogate', partitionkey: 'a\ud800b' }), 'INVALID_PAYLOAD', /message surrogate \(test\.ticked\): its partitionkey holds a lone surrogate/],
+      ['a lone surrogate in the id', outgoing({ id: 'x\udc00' }), 'INVALID_PAYLOAD', /its id holds a lone surrogate/],
+      ['a topic of 5,000 bytes', outgoing({ id: 'long-topic', topic: 't'.repeat(5_000) }), 'LIMIT_EXCEEDED', /message long-topic \(t+\): its subject is \d+ bytes, over the limit of 3840/],
+      ['a topic with a space', outgoing({ id: 'spaced', topic: 'a b' }), 'INVALID_PAYLOAD', /message spaced \(a b\): its subject .* is not NATS subject tokens/],
+    ];
+    for (const [what, message, code, pattern] of poisons) {
+      const began = Date.now();
+      const error = await broker.publish([message]).then(() => undefined, (e: unknown) => e);
+      assert.ok(error instanceof TidingsError, `${what}: a TidingsError (got ${String(error)})`);
+      assert.equal(error.code, code, `${what}: ${error.message}`);
+      assert.equal(error.retryable, false, `${what}: not retryable`);
+      assert.match(error.message, pattern, what);
+      assert.equal(error.ref?.id, message.envelope.id, `${what}: the id in ref`);
+      assert.equal(error.ref?.topic, message.envelope.topic, `${what}: the topic in ref`);
+      assert.ok(Date.now() - began < 1_000, `${what}: at once (${Date.now() - began} ms)`);
+    }
+    // Nothing of a refused batch is sent; the connection is still up for the next publish.
+    await assert.rejects(broker.publish([outgoing({ id: 'fine-1' }), poisons[0]![1]]), /max_payload/);
+    const fine = outgoing({ id: 'line\r\nbreak' }); // a header value cannot hold a line break: percent-encoded
+    await broker.publish([fine]);
+    const nc = await natsConnect({ servers: NATS_URL });
+    try {
+      const info = await (await nc.jetstreamManager()).streams.info(ns.stream);
+      assert.equal(info.state.messages, 1, 'only the message NATS can take was stored');
+    } finally {
+      await nc.close();
+    }
+  });
+
+  test('through the outbox relay: a message NATS refuses is set aside in the outbox\'s dead letters, the messages behind it flow', async (t) => {
+    const ns = await world(t);
+    if (ns === undefined || !(await requirePostgres(t))) return;
+    const schema = uniqueSchema('natsin');
+    cleanups.push(() => dropSchema(schema));
+    const outbox = postgres({ url: DATABASE_URL, schema, leaseMs: 2_000, heartbeatMs: 500, pollMs: 500 });
+    // The bus lets 2 MB through; the NATS server (max_payload 1 MiB) never will.
+    const b = createBus({ service: 'nats-input', maxPayloadBytes: 2_000_000, backbone: nats(ns.options({ outbox })) });
+    buses.push(b);
+    const seen: number[] = [];
+    b.subscribe('relayed', Ticked, (message) => {
+      seen.push(message.data.seq);
+    });
+    await b.start();
+    await b.transaction(async (tx) => {
+      await b.publish(Ticked, { key: 'r', seq: 1 }, { tx });
+      await b.publish(Ticked, { key: 'r', seq: 2, note: 'x'.repeat(1_200_000) }, { tx });
+      await b.publish(Ticked, { key: 'r', seq: 3 }, { tx });
+    });
+    await b.transaction((tx) => b.publish(Ticked, { key: 'other', seq: 4 }, { tx }));
+    await waitFor('the messages around the refused one', () => seen.includes(3) && seen.includes(4), 15_000);
+    assert.deepEqual(seen.sort(), [1, 3, 4]);
+    await waitFor('the refused message set aside', async () => (await outbox.deadLetters().count({ subscription: 'tidings-relay' })) === 1);
+    const setAside = await outbox.deadLetters().list({ subscription: 'tidings-relay' });
+    assert.match(setAside.deadLetters[0]!.reason, /nats refused message .* for good: NATS cannot take message .*max_payload of 1048576/);
+  });
+
+
   test('a subject without a bucket number, or with one past the last bucket, is refused at publish: nothing is stored where no consumer reads', async (t) => {
     const ns = await world(t);
     if (ns === undefined) return;

@@ -23,7 +23,7 @@ import { partitionOf } from '../core/envelope.ts';
 import { TidingsError } from '../core/errors.ts';
 import { OptionProblems } from '../core/options.ts';
 import { brokered, type BrokerBackbone, type BrokeredOptions } from '../outbox/index.ts';
-import { subjectOf, toHeaders } from './codec.ts';
+import { subjectOf, toWire } from './codec.ts';
 import { NatsConsumer } from './consumer.ts';
 import { NatsDeadLetters } from './dead-letters.ts';
 
@@ -161,6 +161,16 @@ export function isUnavailable(error: unknown): boolean {
   return ['TIMEOUT', 'CONNECTION_CLOSED', 'CONNECTION_DRAINING', 'CONNECTION_REFUSED', 'CONNECTION_TIMEOUT', 'DISCONNECT', '503', 'REQUEST_ERROR'].includes(String(code));
 }
 
+/** nats-server's default max_payload, for a connection that has not said its own. */
+const DEFAULT_MAX_PAYLOAD = 1_048_576;
+
+/** What the client or the server says when a message breaks one of their limits, or undefined. */
+function refusedForGood(error: unknown): string | undefined {
+  const { code, message } = (error ?? {}) as NatsError;
+  if (code === 'MAX_PAYLOAD_EXCEEDED' || code === 'BAD_HEADER' || /header size exceeds|maximum payload|message size exceeds/i.test(String(message))) return String(message);
+  return undefined;
+}
+
 export function apiErrorCode(error: unknown): number | undefined {
   return (error as NatsError | undefined)?.api_error?.err_code;
 }
@@ -274,33 +284,33 @@ export class NatsBroker implements Broker {
 
   /**
    * Publishes every message at once on one connection, so JetStream stores them in the order given; each
-   * carries its id as Nats-Msg-Id, so a retry within the duplicate window is stored once.
+   * carries its id as Nats-Msg-Id, so a retry within the duplicate window is stored once. A message NATS can
+   * never take is refused before any is sent (toWire: LIMIT_EXCEEDED or INVALID_PAYLOAD, not retryable); a
+   * publish not confirmed is BACKBONE_UNAVAILABLE (retryable).
    */
   async publish(messages: readonly Outgoing[]): Promise<void> {
     if (messages.length === 0) return;
-    const { js } = await this.context();
+    const { js, nc } = await this.context();
     const s = this.settings;
-    const results = await Promise.allSettled(
-      messages.map((message) =>
-        js.publish(subjectOf(s.subjectPrefix, partitionOf(message.keyHash, s.buckets), message.envelope.topic), Buffer.from(message.json), {
-          msgID: message.envelope.id,
-          headers: toHeaders(message.envelope),
-          timeout: s.publishTimeoutMs,
-        }),
-      ),
-    );
+    const maxPayload = nc.info?.max_payload ?? DEFAULT_MAX_PAYLOAD;
+    const wires = messages.map((message) => toWire(message, subjectOf(s.subjectPrefix, partitionOf(message.keyHash, s.buckets), message.envelope.topic), maxPayload));
+    const results = await Promise.allSettled(wires.map((wire) => js.publish(wire.subject, wire.payload, { headers: wire.headers, timeout: s.publishTimeoutMs })));
     const failed = results.findIndex((result) => result.status === 'rejected');
     if (failed === -1) return;
     const error = (results[failed] as PromiseRejectedResult).reason as unknown;
     const message = messages[failed]!.envelope;
     const stored = results.filter((result) => result.status === 'fulfilled').length;
-    const retryable = isUnavailable(error);
+    const ref = { id: message.id, topic: message.topic, key: message.partitionkey };
+    const refused = refusedForGood(error);
+    if (refused !== undefined) {
+      // The server's limits differ from what toWire assumed (a cluster with a lower max_payload, say).
+      throw new TidingsError('LIMIT_EXCEEDED', `NATS refused message ${message.id} (${message.topic}) for good: ${refused}`, { cause: error, ref, retryable: false });
+    }
+    // Anything else may pass later: a server down or slow, a stream full with discard new, a leader election.
     throw new TidingsError(
-      retryable ? 'BACKBONE_UNAVAILABLE' : 'PUBLISH_FAILED',
-      `NATS did not confirm message ${message.id} (${message.topic})${messages.length > 1 ? ` and ${messages.length - stored - 1} more of ${messages.length}` : ''}: ${(error as Error).message}. ${
-        retryable ? 'Publish again with the same ids: JetStream drops copies within its duplicate window' : 'Check the stream and the message size'
-      }`,
-      { cause: error, ref: { id: message.id, topic: message.topic, key: message.partitionkey }, retryable },
+      isUnavailable(error) ? 'BACKBONE_UNAVAILABLE' : 'PUBLISH_FAILED',
+      `NATS did not confirm message ${message.id} (${message.topic})${messages.length > 1 ? ` and ${messages.length - stored - 1} more of ${messages.length}` : ''}: ${(error as Error).message}. Publish again with the same ids: JetStream drops copies within its duplicate window`,
+      { cause: error, ref, retryable: true },
     );
   }
 
