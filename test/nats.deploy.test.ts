@@ -6,20 +6,12 @@
  */
 import assert from 'node:assert/strict';
 import { after, describe, test, type TestContext } from 'node:test';
-import { z } from 'zod';
-import { createBus, defineEvent, type Bus } from '../src/index.ts';
+import { createBus, type Bus } from '../src/index.ts';
 import { nats } from '../src/nats/index.ts';
 import type { PgTransaction } from '../src/postgres/index.ts';
-import { Ticked } from './fixtures/contracts.ts';
+import { Ticked, Tocked } from './fixtures/contracts.ts';
 import { sleep, waitFor } from './helpers.ts';
 import { natsNamespace, quickNats, type NatsNamespace } from './nats.helpers.ts';
-
-/** The topic the deploy adds or removes; Ticked is the one both versions handle. */
-const Tocked = defineEvent('test.tocked', {
-  schema: z.object({ key: z.string(), seq: z.number().int() }),
-  key: (data) => data.key,
-  description: 'A second topic of the same keys',
-});
 
 const buses: Bus<PgTransaction>[] = [];
 const cleanups: Array<() => Promise<void>> = [];
@@ -99,6 +91,37 @@ describe('nats rolling deploy', () => {
       oldWarnings.some((w) => /^Subscription billing: its live workers handle different topics \(.+ handles test\.ticked; .+ handles test\.ticked, test\.tocked|^Subscription billing: its live workers handle different topics \(.+ handles test\.ticked, test\.tocked; .+ handles test\.ticked;/.test(w)),
       `a warning names the subscription, the workers and their topics: ${oldWarnings.join(' | ')}`,
     );
+  });
+
+  test('adding a topic, then the only new worker stops: the old one holds the new topic\'s messages, skipping nothing, until a new worker is back', async (t) => {
+    const ns = await world(t);
+    if (ns === undefined) return;
+    const publisher = createBus({ service: 'publisher', backbone: nats(ns.options()) });
+    buses.push(publisher);
+    await publisher.start();
+    const log: Handled[] = [];
+    const oldWarnings: string[] = [];
+    await worker(ns, 'old', ['ticked'], log, oldWarnings);
+    const first = await worker(ns, 'new', ['ticked', 'tocked'], log, []);
+    const keys = 8;
+    await publishRound(publisher, keys, 4);
+    await waitFor('the first round', () => log.length >= keys * 4, 30_000);
+    buses.splice(buses.indexOf(first), 1);
+    await first.stop();
+
+    // Only the old worker runs: the new topic is still the subscription's (its newest worker had it).
+    await publishRound(publisher, keys, 4, 4);
+    await waitFor('the old worker warns that the new topic waits', () => oldWarnings.some((w) => /topic test\.tocked is its newest worker's .* but no live worker handles it/.test(w)), 15_000);
+    await waitFor('the first message of each key in this round', () => log.filter((h) => h.seq === 4).length >= keys, 15_000);
+    await sleep(4 * quickNats.heartbeatMs);
+    assert.deepEqual(log.filter((h) => h.seq >= 5), [], 'the keys wait at their Tocked message: nothing after it, nothing skipped');
+
+    await worker(ns, 'back', ['ticked', 'tocked'], log, []);
+    await waitFor('every message', () => log.length >= keys * 8, 30_000);
+    await sleep(500);
+    assertOncePerKeyInOrder(log, keys, Array.from({ length: 8 }, (_, i) => i));
+    assert.ok(log.filter((h) => h.topic === Tocked.topic).every((h) => h.worker !== 'old'), 'the new topic never by the old worker');
+    assert.equal(await publisher.backbone.deadLetters().count({ all: true }), 0, 'nothing dead-lettered');
   });
 
   test('removing a topic: the new worker takes no bucket while the old one, which still handles it, lives', async (t) => {

@@ -157,7 +157,7 @@ test('a consumer killed with -9 while a key waits for its delayed retry: the nex
   const holds = await nc.jetstream().views.kv(`${ns.stream}_holds`);
   let dueAt = 0;
   await waitFor('the durable hold of k:0', async () => {
-    for await (const key of await holds.keys()) dueAt = (await holds.get(key))!.json<{ dueAt: number }>().dueAt;
+    for await (const key of await holds.keys('held.*.*')) dueAt = (await holds.get(key))!.json<{ dueAt: number }>().dueAt;
     return dueAt > 0;
   });
   child.kill('SIGKILL');
@@ -194,7 +194,7 @@ test('a consumer killed with -9 while a key waits for its delayed retry: the nex
   assert.match(letter!.attempts[0]!.error.message, new RegExp(`refused by process ${child.pid} at attempt 1`));
   assert.match(letter!.attempts[1]!.error.message, /refused by the next owner at attempt 2/);
   await waitFor('the hold deleted', async () => {
-    for await (const _ of await holds.keys()) return false;
+    for await (const _ of await holds.keys('held.*.*')) return false;
     return true;
   });
 });

@@ -9,7 +9,7 @@ import { apiErrorCode, isUnavailable, type NatsContext } from './index.ts';
 import { Holds, type Hold } from './holds.ts';
 import { readEntries } from './kv.ts';
 import { Puller, type Delivered } from './pull.ts';
-import { announcement, readAnnouncement, WorkerView } from './workers.ts';
+import { announcement, readAnnouncement, WorkerView, type LiveWorker } from './workers.ts';
 
 /** A message this worker has pulled and not yet acknowledged (or handed back). */
 interface Pulled {
@@ -20,11 +20,12 @@ interface Pulled {
   /** Its partition key: its line in the bucket (an undecodable message has a line of its own). */
   readonly key: string;
   /**
-   * Who runs it: this worker ('here'); unknown until a read of the live workers made after it arrived says
-   * whether the subscription has its topic ('undecided'); or another live worker, since this one has no
-   * handler for its topic ('elsewhere': left, its key held, and the bucket given up).
+   * Who runs it: this worker ('here'); unknown until a read of the workers made after it arrived says
+   * whether the subscription has its topic ('undecided'); a worker that is not running, since the topic is
+   * the subscription's but no live worker handles it ('waiting': held here, its key with it, and decided
+   * again at each heartbeat); or another live worker ('elsewhere': left to it, and the bucket given up).
    */
-  where: 'here' | 'undecided' | 'elsewhere';
+  where: 'here' | 'undecided' | 'waiting' | 'elsewhere';
   /** For an undecided message: the number of worker reads begun before it arrived (see #askView). */
   readonly readsBefore: number;
   /** Undefined when the message cannot be decoded (it goes to dead letters), or is not run here. */
@@ -108,8 +109,12 @@ export class NatsConsumer implements Consumer {
   /** Handlers running in this process, across lanes, at most `concurrency`. */
   #inFlight = 0;
   readonly #slotWaiters: Array<() => void> = [];
-  /** Messages of topics this worker has no handler for, until a read of the live workers decides them. */
+  /** Messages of topics this worker has no handler for, until a read of the workers decides them. */
   readonly #undecided = new Map<Pulled, Lane>();
+  /** Messages of the subscription's topics that no live worker handles, decided again at each heartbeat. */
+  readonly #waiting = new Map<Pulled, Lane>();
+  /** The topics whose messages wait for a worker that handles them, warned about once. */
+  readonly #unhandled = new Set<string>();
   /** Reads of the live workers begun so far, and the one asked for by undecided messages, if running. */
   #reads = 0;
   #asking: Promise<void> | undefined;
@@ -144,9 +149,15 @@ export class NatsConsumer implements Consumer {
     return `${this.#token}.worker.${this.#owner}`;
   }
 
+  /** In the holds bucket (it does not expire): the topics of the subscription's last worker started. */
+  get #newestKey(): string {
+    return `${this.#token}.newest`;
+  }
+
   async start(): Promise<void> {
     const { settings } = this.#ctx;
     await Promise.all(Array.from({ length: settings.buckets }, (_, bucket) => this.#ensureConsumer(bucket)));
+    await this.#ctx.holds.put(this.#newestKey, JSON.stringify({ owner: this.#owner, announcement: announcement(this.#spec.topics) }));
     await this.#heartbeat();
     this.#timer = setInterval(() => this.#beat(), settings.heartbeatMs);
     this.#keepAlive = setInterval(() => this.#touch(), Math.max(100, Math.floor(settings.ackWaitMs / 3)));
@@ -280,14 +291,19 @@ export class NatsConsumer implements Consumer {
     return n;
   }
 
-  /** The live workers of the subscription and what they handle, read now; decides undecided messages. */
+  /** The live workers of the subscription, its newest worker and what they handle, read now; decides messages. */
   async #readWorkers(): Promise<WorkerView> {
     const read = ++this.#reads;
     const prefix = `${this.#token}.worker.`;
-    const entries = await readEntries(this.#ctx.leases, `${prefix}*`);
+    const [entries, newestEntry] = await Promise.all([readEntries(this.#ctx.leases, `${prefix}*`), this.#ctx.holds.get(this.#newestKey)]);
     const workers = entries.map((entry) => readAnnouncement(entry.key.slice(prefix.length), entry.string()));
     if (!workers.some((worker) => worker.owner === this.#owner)) workers.push(readAnnouncement(this.#owner, announcement(this.#spec.topics)));
-    const view = new WorkerView(workers);
+    let newest: LiveWorker | undefined;
+    if (newestEntry !== null && newestEntry.operation === 'PUT') {
+      const { owner, announcement: topics } = newestEntry.json<{ owner: string; announcement: string }>();
+      newest = readAnnouncement(owner, topics);
+    }
+    const view = new WorkerView(workers, newest);
     this.#decide(view, read);
     return view;
   }
@@ -371,6 +387,7 @@ export class NatsConsumer implements Consumer {
       const left = [...lane.pulled.values()].sort((a, b) => a.seq - b.seq);
       for (const pulled of left) {
         this.#undecided.delete(pulled);
+        this.#waiting.delete(pulled);
         quietly(() => pulled.msg.nak());
       }
       lane.pulled.clear();
@@ -507,15 +524,30 @@ export class NatsConsumer implements Consumer {
   }
 
   /**
-   * Settles the messages that arrived before read `read` began: a topic no live worker handles is not the
-   * subscription's (acknowledged unseen); one another live worker handles is left to it.
+   * Settles the messages that arrived before read `read` began, and those waiting for a worker: a topic that
+   * is not the subscription's is acknowledged unseen; one another live worker handles is left to it; one no
+   * live worker handles (its newest worker's, which is not running) waits here.
    */
   #decide(view: WorkerView, read: number): void {
-    for (const [pulled, lane] of this.#undecided) {
-      if (pulled.readsBefore >= read) continue;
+    for (const [pulled, lane] of [...this.#undecided, ...this.#waiting]) {
+      if (pulled.where === 'undecided' && pulled.readsBefore >= read) continue;
       this.#undecided.delete(pulled);
+      this.#waiting.delete(pulled);
       if (!lane.active || lane.pulled.get(pulled.seq) !== pulled) continue; // handed back meanwhile
       const handlers = view.handlersOf(pulled.topic);
+      if (view.has(pulled.topic) && handlers.length === 0) {
+        pulled.where = 'waiting';
+        this.#waiting.set(pulled, lane);
+        if (!this.#unhandled.has(pulled.topic)) {
+          this.#unhandled.add(pulled.topic);
+          this.#ctx.warn(
+            `Subscription ${this.#spec.name}: topic ${pulled.topic} is its newest worker's (${view.newest?.owner}), but no live worker handles it; ` +
+              `its messages wait in the buckets worker ${this.#owner} holds, and their keys with them, until a worker that handles it runs again (or a newer worker without it starts)`,
+          );
+        }
+        continue;
+      }
+      this.#unhandled.delete(pulled.topic);
       if (handlers.length === 0) {
         const line = lane.keys.get(pulled.key)!;
         if (pulled.hold === undefined) {

@@ -1,10 +1,12 @@
 /**
- * Which topics a subscription has, as its live workers say (issue 18, defect 0: a rolling deploy). Each worker
- * announces the topics it has handlers for in its entry of the leases bucket; the subscription's topics are
- * those of its live workers together. A topic no live worker handles is not the subscription's (removing a
- * handler everywhere stops its delivery); a topic some live worker handles is, and a worker without a handler
- * for it never acknowledges, dead-letters or skips its messages: it leaves them, and their keys, to a worker
- * that can. The buckets go to the workers that handle every topic (test/nats.deploy.test.ts).
+ * Which topics a subscription has, as its workers say (issue 18, defect 0: a rolling deploy). Each worker
+ * announces the topics it has handlers for in its entry of the leases bucket, and on start writes them as the
+ * subscription's newest worker's (`<subscription>.newest` in the holds bucket, which does not expire). The
+ * subscription's topics are those of its live workers and of its newest worker, alive or not, together (as on
+ * PostgreSQL, README "Adding or removing a handler"). A topic none of them handles is not the subscription's
+ * (removing a handler everywhere stops its delivery); one that is, a worker without a handler for it never
+ * acknowledges, dead-letters or skips: it leaves the message, and its key, to a live worker that can, or holds
+ * it until one runs again. The buckets go to the workers that handle every topic (test/nats.deploy.test.ts).
  */
 import { EVERY_TOPIC } from '../core/backbone.ts';
 
@@ -33,24 +35,32 @@ export function readAnnouncement(owner: string, value: string): LiveWorker {
   return { owner, handles: 'unknown' };
 }
 
-/** The live workers of one subscription, read at one moment. */
+/** The live workers of one subscription and its newest worker, read at one moment. */
 export class WorkerView {
   readonly workers: readonly LiveWorker[];
-  /** The subscription's topics: every topic one of its live workers handles. */
+  /** The last worker started, alive or not (undefined before any worker of this version started). */
+  readonly newest: LiveWorker | undefined;
+  /** The subscription's topics: every topic one of its live workers, or its newest worker, handles. */
   readonly topics: ReadonlySet<string> | 'every';
-  /** The workers that handle every one of those topics; an unknown worker is taken to (it follows no rule). */
+  /** The live workers that handle every one of those topics; an unknown worker is taken to (it follows no rule). */
   readonly complete: readonly LiveWorker[];
 
-  constructor(workers: readonly LiveWorker[]) {
+  constructor(workers: readonly LiveWorker[], newest: LiveWorker | undefined) {
     this.workers = [...workers].sort((a, b) => a.owner.localeCompare(b.owner));
+    this.newest = newest;
     const union = new Set<string>();
     let every = false;
-    for (const { handles } of this.workers) {
+    for (const { handles } of newest === undefined ? this.workers : [...this.workers, newest]) {
       if (handles === 'every') every = true;
       else if (handles !== 'unknown') for (const topic of handles) union.add(topic);
     }
     this.topics = every ? 'every' : union;
     this.complete = this.workers.filter(({ handles }) => handles === 'unknown' || handles === 'every' || (this.topics !== 'every' && [...union].every((topic) => handles.has(topic))));
+  }
+
+  /** Whether `topic` is the subscription's. */
+  has(topic: string): boolean {
+    return this.topics === 'every' || this.topics.has(topic);
   }
 
   /** The live workers with a handler for `topic`. */
