@@ -3,7 +3,7 @@
  * Each attribute is a `ce-<name>` header, `content-type` carries `datacontenttype`, and the payload is the
  * data as JSON text, so a plain NATS client reads the event without knowing Tidings.
  */
-import { headers as natsHeaders, Match, type MsgHdrs } from 'nats';
+import { headers as natsHeaders, Match, type MsgHdrs } from '@nats-io/transport-node';
 import type { Outgoing } from '../core/backbone.ts';
 import type { Envelope } from '../core/envelope.ts';
 import { TidingsError } from '../core/errors.ts';

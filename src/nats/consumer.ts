@@ -1,5 +1,6 @@
 import { hostname } from 'node:os';
-import { AckPolicy, DeliverPolicy, nanos, type ConsumerConfig } from 'nats';
+import { AckPolicy, DeliverPolicy, type ConsumerConfig } from '@nats-io/jetstream';
+import { nanos } from '@nats-io/transport-node';
 import { EVERY_TOPIC, type AttemptRecord, type Consumer, type DeliveryHandler, type DeliveryResult, type SubscriptionSpec } from '../core/backbone.ts';
 import type { Envelope } from '../core/envelope.ts';
 import { describeError, TidingsError } from '../core/errors.ts';
@@ -130,7 +131,7 @@ export class NatsConsumer implements Consumer {
     this.#token = nameToken(spec.name);
     this.#everyTopic = spec.topics.includes(EVERY_TOPIC);
     this.#topics = new Set(spec.topics);
-    this.#holds = new Holds(ctx.holds, ctx.jsm, ctx.holdsStream, this.#token);
+    this.#holds = new Holds(ctx.holds, ctx.jsm, ctx.holdsBucket, this.#token);
   }
 
   get #maxPending(): number {
@@ -295,7 +296,7 @@ export class NatsConsumer implements Consumer {
   async #readWorkers(): Promise<WorkerView> {
     const read = ++this.#reads;
     const prefix = `${this.#token}.worker.`;
-    const [entries, newestEntry] = await Promise.all([readEntries(this.#ctx.leases, `${prefix}*`), this.#ctx.holds.get(this.#newestKey)]);
+    const [entries, newestEntry] = await Promise.all([readEntries(this.#ctx.jsm, this.#ctx.leases, this.#ctx.leasesBucket, `${prefix}*`), this.#ctx.holds.get(this.#newestKey)]);
     const workers = entries.map((entry) => readAnnouncement(entry.key.slice(prefix.length), entry.string()));
     if (!workers.some((worker) => worker.owner === this.#owner)) workers.push(readAnnouncement(this.#owner, announcement(this.#spec.topics)));
     let newest: LiveWorker | undefined;

@@ -18,7 +18,8 @@ import { requireSelection } from '../core/broker.ts';
 import type { Envelope } from '../core/envelope.ts';
 import { TidingsError } from '../core/errors.ts';
 import { sleep } from '../core/sleep.ts';
-import type { MsgHdrs, StoredMsg } from 'nats';
+import type { StoredMsg } from '@nats-io/jetstream';
+import type { MsgHdrs } from '@nats-io/transport-node';
 import { headersToRecord, recordToHeaders, REDRIVE_FOR, toHeaders } from './codec.ts';
 import { isUnavailable, type NatsContext } from './index.ts';
 
@@ -226,12 +227,16 @@ async function original(ctx: NatsContext, record: DeadLetterRecord): Promise<{ h
   const kept = Object.keys(record.source.headers).length > 0 ? recordToHeaders(record.source.headers) : undefined;
   if (record.source.payload !== undefined) return { headers: kept ?? toHeaders(record.envelope), payload: Buffer.from(record.source.payload, 'base64') };
   if ('data' in record.envelope) return { headers: kept ?? toHeaders(record.envelope), payload: Buffer.from(JSON.stringify(record.envelope.data)) };
-  let stored: StoredMsg;
+  let stored: StoredMsg | null;
+  let missing: unknown;
   try {
     stored = await ctx.jsm.streams.getMessage(record.source.stream, { seq: record.source.sequence });
   } catch (error) {
     if (isUnavailable(error)) throw error;
-    throw new TidingsError('PUBLISH_FAILED', `Dead letter of message ${record.messageId} (${record.topic}) keeps no payload, and stream ${record.source.stream} no longer has it at sequence ${record.source.sequence}: it cannot be redriven; drop it`, { cause: error, ref: { id: record.messageId, topic: record.topic, key: record.key } });
+    [stored, missing] = [null, error];
+  }
+  if (stored === null) {
+    throw new TidingsError('PUBLISH_FAILED', `Dead letter of message ${record.messageId} (${record.topic}) keeps no payload, and stream ${record.source.stream} no longer has it at sequence ${record.source.sequence}: it cannot be redriven; drop it`, { cause: missing, ref: { id: record.messageId, topic: record.topic, key: record.key } });
   }
   return { headers: recordToHeaders(headersToRecord(stored.header)), payload: stored.data };
 }

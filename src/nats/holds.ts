@@ -12,8 +12,10 @@
  * A hold is deleted as a message of the bucket's stream, by its revision, not with a KV delete: a delete
  * marker would stay for every message that ever waited.
  */
-import type { JetStreamManager, KV } from 'nats';
+import type { JetStreamManager } from '@nats-io/jetstream';
+import type { KV } from '@nats-io/kv';
 import type { AttemptRecord } from '../core/backbone.ts';
+import { apiErrorCode } from './index.ts';
 import { readEntries } from './kv.ts';
 
 export interface Hold {
@@ -36,13 +38,13 @@ const STACK_CHARS = 4_000;
 export class Holds {
   readonly #kv: KV;
   readonly #jsm: JetStreamManager;
-  readonly #kvStream: string;
+  readonly #bucket: string;
   readonly #token: string;
 
-  constructor(kv: KV, jsm: JetStreamManager, kvStream: string, subscriptionToken: string) {
+  constructor(kv: KV, jsm: JetStreamManager, bucket: string, subscriptionToken: string) {
     this.#kv = kv;
     this.#jsm = jsm;
-    this.#kvStream = kvStream;
+    this.#bucket = bucket;
     this.#token = subscriptionToken;
   }
 
@@ -52,7 +54,7 @@ export class Holds {
 
   /** Every hold of one bucket of the subscription. */
   async load(bucket: number): Promise<Hold[]> {
-    const entries = await readEntries(this.#kv, `${this.#token}.${bucket}.*`);
+    const entries = await readEntries(this.#jsm, this.#kv, this.#bucket, `${this.#token}.${bucket}.*`);
     return entries.map((entry) => ({ ...entry.json<Hold>(), revision: entry.revision }));
   }
 
@@ -66,8 +68,9 @@ export class Holds {
 
   /** Deletes the hold; one already gone (deleted by an owner before) is no error. */
   async delete(hold: Hold): Promise<void> {
-    await this.#jsm.streams.deleteMessage(this.#kvStream, hold.revision, false).catch((error: unknown) => {
-      if (!/no message found|not found/i.test(String((error as Error).message))) throw error;
+    await this.#jsm.streams.deleteMessage(`KV_${this.#bucket}`, hold.revision, false).catch((error: unknown) => {
+      // 10057: the delete failed; "no message found" is the one failure that means done.
+      if (apiErrorCode(error) !== 10057 || !/no message found/i.test((error as Error).message)) throw error;
     });
   }
 }

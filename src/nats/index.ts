@@ -5,18 +5,17 @@
  */
 import { hostname } from 'node:os';
 import {
-  connect,
-  nanos,
+  jetstream,
+  jetstreamManager,
   RetentionPolicy,
   StorageType,
   type JetStreamClient,
   type JetStreamManager,
-  type KV,
-  type NatsConnection,
-  type NatsError,
   type StreamConfig,
   type StreamInfo,
-} from 'nats';
+} from '@nats-io/jetstream';
+import { Kvm, type KV } from '@nats-io/kv';
+import { connect, nanos, type NatsConnection } from '@nats-io/transport-node';
 import type { Consumer, DeliveryHandler, Outgoing, SubscriptionSpec } from '../core/backbone.ts';
 import type { Broker, DeadLetterStore } from '../core/broker.ts';
 import { partitionOf } from '../core/envelope.ts';
@@ -94,11 +93,12 @@ export interface NatsContext {
   readonly nc: NatsConnection;
   readonly js: JetStreamClient;
   readonly jsm: JetStreamManager;
-  /** Workers and bucket leases, entries expiring after leaseMs (see NatsConsumer). */
+  /** Workers and bucket leases, entries expiring after leaseMs (see NatsConsumer), and the KV bucket's name. */
   readonly leases: KV;
-  /** Messages waiting for a delayed retry, kept until they are done (see holds.ts), and the stream under them. */
+  readonly leasesBucket: string;
+  /** Messages waiting for a delayed retry, kept until they are done (see holds.ts), and the KV bucket's name. */
   readonly holds: KV;
-  readonly holdsStream: string;
+  readonly holdsBucket: string;
   readonly settings: NatsSettings;
   readonly dlqStream: string;
   readonly dlqPrefix: string;
@@ -155,10 +155,16 @@ export function resolveNatsSettings(options: NatsOptions): NatsSettings {
   return settings;
 }
 
+/**
+ * The client's errors by name, not class: @nats-io/kv and @nats-io/jetstream pin exact versions of the
+ * packages below them, so an application with other versions of them has two copies of each error class.
+ */
+const UNAVAILABLE = new Set(['TimeoutError', 'ClosedConnectionError', 'DrainingConnectionError', 'ConnectionError', 'NoResponders', 'NoRespondersError', 'RequestError']);
+
 /** True for failures that a later try may not see: no connection, no JetStream answer, a timeout. */
 export function isUnavailable(error: unknown): boolean {
-  const code = (error as NatsError | undefined)?.code;
-  return ['TIMEOUT', 'CONNECTION_CLOSED', 'CONNECTION_DRAINING', 'CONNECTION_REFUSED', 'CONNECTION_TIMEOUT', 'DISCONNECT', '503', 'REQUEST_ERROR'].includes(String(code));
+  const { name, status } = (error ?? {}) as { name?: unknown; status?: unknown };
+  return UNAVAILABLE.has(String(name)) || (apiErrorCode(error) !== undefined && status === 503);
 }
 
 /** nats-server's default max_payload, for a connection that has not said its own. */
@@ -166,13 +172,14 @@ const DEFAULT_MAX_PAYLOAD = 1_048_576;
 
 /** What the client or the server says when a message breaks one of their limits, or undefined. */
 function refusedForGood(error: unknown): string | undefined {
-  const { code, message } = (error ?? {}) as NatsError;
-  if (code === 'MAX_PAYLOAD_EXCEEDED' || code === 'BAD_HEADER' || /header size exceeds|maximum payload|message size exceeds/i.test(String(message))) return String(message);
-  return undefined;
+  const message = String((error as Error | undefined)?.message);
+  return /max_payload|header size exceeds|maximum payload|message size exceeds/i.test(message) ? message : undefined;
 }
 
+/** JetStream's error code (err_code) of a refused API request: 10059 stream not found, 10071 wrong last sequence... */
 export function apiErrorCode(error: unknown): number | undefined {
-  return (error as NatsError | undefined)?.api_error?.err_code;
+  const { name, code } = (error ?? {}) as { name?: unknown; code?: unknown };
+  return /^(?:JetStreamApiError|ConsumerNotFoundError|StreamNotFoundError)$/.test(String(name)) && typeof code === 'number' ? code : undefined;
 }
 
 export class NatsBroker implements Broker {
@@ -224,7 +231,7 @@ export class NatsBroker implements Broker {
       });
     }
     try {
-      const jsm = await nc.jetstreamManager({ timeout: s.publishTimeoutMs });
+      const jsm = await jetstreamManager(nc, { timeout: s.publishTimeoutMs });
       const description = `tidings buckets=${s.buckets}: Tidings messages, subjects ${s.subjectPrefix}.<bucket>.<topic>`;
       const info = await ensureStream(jsm, {
         name: s.stream,
@@ -268,10 +275,13 @@ export class NatsBroker implements Broker {
         duplicate_window: nanos(s.duplicateWindowMs),
         num_replicas: s.replicas,
       });
-      const js = nc.jetstream({ timeout: s.publishTimeoutMs });
-      const leases = await js.views.kv(`${s.stream}_leases`, { ttl: s.leaseMs, history: 1, replicas: s.replicas, timeout: s.publishTimeoutMs });
-      const holds = await js.views.kv(`${s.stream}_holds`, { history: 1, replicas: s.replicas, timeout: s.publishTimeoutMs });
-      return { nc, js, jsm, leases, holds, holdsStream: `KV_${s.stream}_holds`, settings: s, dlqStream, dlqPrefix, warn: this.#warn };
+      const js = jetstream(nc, { timeout: s.publishTimeoutMs });
+      const kvm = new Kvm(js);
+      const leasesBucket = `${s.stream}_leases`;
+      const holdsBucket = `${s.stream}_holds`;
+      const leases = await kvm.create(leasesBucket, { ttl: s.leaseMs, history: 1, replicas: s.replicas, timeout: s.publishTimeoutMs });
+      const holds = await kvm.create(holdsBucket, { history: 1, replicas: s.replicas, timeout: s.publishTimeoutMs });
+      return { nc, js, jsm, leases, leasesBucket, holds, holdsBucket, settings: s, dlqStream, dlqPrefix, warn: this.#warn };
     } catch (error) {
       await nc.close().catch(() => undefined);
       if (error instanceof TidingsError) throw error;
