@@ -21,9 +21,9 @@ export type {
   AttemptRecord,
 } from './core/backbone.ts';
 export { EVERY_TOPIC } from './core/backbone.ts';
-export { groupDeadLetters } from './core/broker.ts';
+export { groupDeadLetters } from './core/dead-letters.ts';
+export type { Broker } from './core/broker.ts';
 export type {
-  Broker,
   DeadLetter,
   DeadLetterActionRequest,
   DeadLetterActionResult,
@@ -32,6 +32,6 @@ export type {
   DeadLetterSelection,
   DeadLetterStore,
   DeadLetterSummary,
-} from './core/broker.ts';
+} from './core/dead-letters.ts';
 export { brokered, BrokerBackbone, relayDefaults } from './outbox/index.ts';
 export type { BrokeredOptions, RelayOptions } from './outbox/index.ts';

@@ -6,13 +6,13 @@
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { TidingsError } from '../core/errors.ts';
 import type { Backbone } from '../core/backbone.ts';
-import { groupDeadLetters, type DeadLetterActionResult, type DeadLetterGroup, type DeadLetterSelection, type DeadLetterStore } from '../core/broker.ts';
+import { groupDeadLetters, type DeadLetterActionResult, type DeadLetterGroup, type DeadLetterSelection, type DeadLetterStore } from '../core/dead-letters.ts';
 import { adminDefaults, deadLetterStore, firstPositionAt, readStatus, replaySubscription, tailTopic, type Status } from '../postgres/admin.ts';
 import { checkIdentifier } from '../postgres/driver.ts';
 import { migrate } from '../postgres/migrate.ts';
 import { prune } from '../postgres/retention.ts';
 import { listReplicas, requestDriftCheck, requestRebuild, type ReplicaStatus } from '../replica/admin.ts';
-import type { DriftReport, RebuildReport } from '../replica/replica.ts';
+import type { DriftReport, RebuildReport } from '../replica/define.ts';
 import { isUnreachable, openDatabase, unreachableMessage, type Database } from './database.ts';
 import { duration, lease, progress, table } from './format.ts';
 

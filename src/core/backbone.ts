@@ -1,5 +1,5 @@
 import type { Envelope } from './envelope.ts';
-import type { DeadLetterStore } from './broker.ts';
+import type { DeadLetterStore } from './dead-letters.ts';
 import type { ErrorRecord } from './errors.ts';
 
 /**
@@ -68,12 +68,7 @@ export interface SubscriptionSpec {
   readonly startFrom: 'now' | 'beginning';
 }
 
-/** One attempt at handling a message, as kept in retry and dead-letter histories. */
-export interface AttemptRecord {
-  readonly attempt: number;
-  readonly at: string;
-  readonly error: ErrorRecord;
-}
+export type { AttemptRecord } from './errors.ts';
 
 export interface Delivery<Tx = unknown> {
   /** Decoded as far as the backbone can; the core validates the rest. */

@@ -4,8 +4,11 @@ import { MAX_NAME_LENGTH, validateName, validateNow, type AnyContract, type Data
 import { keyHash, newId, type Envelope, type Message } from './envelope.ts';
 import { TidingsError } from './errors.ts';
 import { attributeProblem, bytesOver, dataProblem, messageLimits } from './limits.ts';
+import type { PublishedMessage, PublishOptions } from './publish.ts';
 import { createPipeline, handlerScope, type Handler, type Middleware, type Route } from './handler.ts';
 import { busDefaults, OptionProblems, resolveSubscribeOptions, type ResolvedSubscribeOptions, type SubscribeOptions } from './options.ts';
+
+export type { PublishedMessage, PublishOptions } from './publish.ts';
 
 export interface BusOptions<Tx> {
   /** This service's name: the CloudEvents `source` of what it publishes. */
@@ -15,22 +18,6 @@ export interface BusOptions<Tx> {
   maxPayloadBytes?: number;
   /** Defaults for every subscription of this bus; each `subscribe` may override them. */
   subscriptionDefaults?: SubscribeOptions;
-}
-
-export interface PublishOptions {
-  /** The caller's transaction: the message exists iff it commits (transactional outbox). */
-  tx?: unknown;
-  /** Overrides the contract's key function. */
-  key?: string;
-  /** CloudEvents `subject`: what the event is about, within the source. */
-  subject?: string;
-  tenant?: string;
-  /** Defaults to a new UUIDv7. Give your own to make a retried publish recognisable downstream. */
-  id?: string;
-  correlationId?: string;
-  causationId?: string;
-  traceparent?: string;
-  tracestate?: string;
 }
 
 export interface SubscriptionStats {
@@ -48,11 +35,6 @@ export interface BusStats {
   readonly subscriptions: Readonly<Record<string, SubscriptionStats>>;
 }
 
-export interface PublishedMessage {
-  readonly id: string;
-  readonly topic: string;
-  readonly key: string;
-}
 
 /** A named consumer group: its handlers, one per contract, share order, retries and dead letters. */
 export class Subscription<Tx> {
@@ -135,6 +117,15 @@ export class Bus<Tx = unknown> {
       throw new TidingsError('INVALID_CONTRACT', `${command.name} is an event: publish it with bus.publish, or declare it with defineCommand`);
     }
     return this.publish(command, data, options);
+  }
+
+  /**
+   * Runs `fn` as if no handler were running: what it publishes does not join the current handler's
+   * transaction nor inherit its correlation. For work a handler starts and does not wait for (a replica's
+   * drift check asked for by a message), which would otherwise publish into a transaction already over.
+   */
+  detached<T>(fn: () => T): T {
+    return handlerScope.exit(fn);
   }
 
   /** Runs `fn` in a transaction of the backbone's database; what it publishes is delivered iff it commits. */

@@ -5,7 +5,7 @@ import { toMessage, type Envelope, type Message } from './envelope.ts';
 import { describeError, HandlerTimeoutError, isPermanent, storable, TidingsError, type ErrorRecord, type MessageRef } from './errors.ts';
 import { envelopeProblem } from './limits.ts';
 import type { ResolvedRetry } from './options.ts';
-import type { PublishOptions, PublishedMessage } from './bus.ts';
+import type { PublishOptions, PublishedMessage } from './publish.ts';
 
 /** What a handler may return instead of throwing: ask for a later retry, or give up on the message. */
 export type Outcome =

@@ -5,8 +5,9 @@
  * key, dead letters with their history and redrive, an inbox per subscription, graceful stop. Nothing is
  * durable: the state lives as long as the backbone object. docs/memory.md describes it.
  */
+import { defaultWarning } from '../core/warnings.ts';
 import { EVERY_TOPIC, type Backbone, type Consumer, type DeliveryHandler, type Outgoing, type SubscriptionSpec } from '../core/backbone.ts';
-import type { DeadLetterStore } from '../core/broker.ts';
+import type { DeadLetterStore } from '../core/dead-letters.ts';
 import { TidingsError } from '../core/errors.ts';
 import { OptionProblems } from '../core/options.ts';
 import { DeadLetterBook } from './dead-letters.ts';
@@ -51,10 +52,6 @@ interface Waiter {
   timer: NodeJS.Timeout | undefined;
 }
 
-function defaultWarning(message: string, error?: unknown): void {
-  const detail = error instanceof Error ? `: ${error.message}` : '';
-  console.warn(`[tidings] ${message}${detail}`);
-}
 
 /**
  * Publishing appends to one log in commit order and copies a reference into the queue of each

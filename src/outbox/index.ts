@@ -5,15 +5,18 @@
  * transaction (opened on first use) that commits together with their inbox record, so their writes happen
  * once although the broker may deliver twice. Without an outbox the broker is used alone: no `tx`, no inbox.
  */
+import { defaultWarning } from '../core/warnings.ts';
 import type { Backbone, Consumer, Delivery, DeliveryHandler, DeliveryResult, Outgoing, SubscriptionSpec } from '../core/backbone.ts';
 import { EVERY_TOPIC } from '../core/backbone.ts';
-import type { Broker, DeadLetterStore } from '../core/broker.ts';
+import type { Broker } from '../core/broker.ts';
+import type { DeadLetterStore } from '../core/dead-letters.ts';
 import { keyHash, type Envelope } from '../core/envelope.ts';
 import { describeError, storable, TidingsError } from '../core/errors.ts';
 import { envelopeProblem } from '../core/limits.ts';
 import { OptionProblems } from '../core/options.ts';
 import { sleep } from '../core/sleep.ts';
-import { LazyTransaction, SharedInbox } from './inbox.ts';
+import { LazyTransaction } from './inbox.ts';
+import type { Inbox } from '../postgres/inbox.ts';
 import type { PgTransaction, PostgresBackbone } from '../postgres/index.ts';
 
 export interface RelayOptions {
@@ -81,7 +84,7 @@ export class BrokerBackbone implements Backbone<PgTransaction> {
             concurrency: relay.concurrency ?? relayDefaults.concurrency,
             batchSize: relay.batchSize ?? relayDefaults.batchSize,
           };
-    this.#warn = options.onWarning ?? ((message, error) => console.warn(`[tidings] ${message}${error instanceof Error ? `: ${error.message}` : ''}`));
+    this.#warn = options.onWarning ?? defaultWarning;
   }
 
   open(): Promise<void> {
@@ -158,7 +161,7 @@ export class BrokerBackbone implements Backbone<PgTransaction> {
     await this.open();
     const outbox = this.outbox;
     if (outbox === undefined) return this.broker.consume(spec, (delivery) => handle(delivery as Delivery<never>));
-    const inbox = spec.inbox ? new SharedInbox(outbox.driver, outbox.schema, spec.name) : undefined;
+    const inbox = spec.inbox ? outbox.inbox(spec.name) : undefined;
     return this.broker.consume(spec, (delivery) => this.#withOutbox(outbox, spec, inbox, delivery, handle));
   }
 
@@ -171,7 +174,7 @@ export class BrokerBackbone implements Backbone<PgTransaction> {
   async #withOutbox(
     outbox: PostgresBackbone,
     spec: SubscriptionSpec,
-    inbox: SharedInbox | undefined,
+    inbox: Inbox | undefined,
     delivery: Delivery<undefined>,
     handle: DeliveryHandler<PgTransaction>,
   ): Promise<DeliveryResult> {
@@ -185,7 +188,7 @@ export class BrokerBackbone implements Backbone<PgTransaction> {
     } catch (error) {
       return databaseFailed(error);
     }
-    const lazy = new LazyTransaction(outbox, inbox === undefined ? undefined : { subscription: spec.name, id });
+    const lazy = new LazyTransaction(outbox, inbox === undefined ? undefined : { inbox, subscription: spec.name, id });
     let result: DeliveryResult;
     try {
       result = await handle({ envelope: delivery.envelope, attempt: delivery.attempt, tx: lazy.tx });

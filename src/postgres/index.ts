@@ -1,17 +1,19 @@
+import { defaultWarning } from '../core/warnings.ts';
 import type { Backbone, Consumer, DeliveryHandler, Outgoing, SubscriptionSpec } from '../core/backbone.ts';
-import type { DeadLetterStore } from '../core/broker.ts';
+import type { DeadLetterStore } from '../core/dead-letters.ts';
 import type { Envelope } from '../core/envelope.ts';
 import { TidingsError } from '../core/errors.ts';
 import { OptionProblems } from '../core/options.ts';
-import { PostgresConsumer, type ConsumerSettings } from './consumer.ts';
-import { deadLetterStore } from './admin.ts';
-import { checkIdentifier, COPY_IN, pgDriver, pgliteDriver, preparing, type CopyIn, type PGliteLike, type PgPoolLike, type SqlDriver } from './driver.ts';
+import { PostgresConsumer, type ConsumerSettings } from './consume/consumer.ts';
+import { deadLetterStore, readStatus } from './admin.ts';
+import { checkIdentifier, pgDriver, pgliteDriver, preparing, type PGliteLike, type PgPoolLike, type SqlDriver } from './driver.ts';
+import { Inbox } from './inbox.ts';
 import { migrate } from './migrate.ts';
 import { resolveRetention, Retention, type RetentionOptions } from './retention.ts';
 import { Notifier } from './notifier.ts';
 import { copyRows, GroupCommit, insertMessages, insertStatement } from './publisher.ts';
 import { statements, type Statements } from './statements.ts';
-import { AT_COMMIT, isTracked, PUBLISHED, track, type AtCommit, type PgTransaction } from './transaction.ts';
+import { TrackedTransaction, type AtCommit, type PgTransaction } from './transaction.ts';
 
 export type { PgTransaction } from './transaction.ts';
 export type { Queryable, PgPoolLike, PGliteLike, SqlDriver } from './driver.ts';
@@ -112,10 +114,6 @@ function unstorable(envelope: Envelope, json: string): string | undefined {
   return undefined;
 }
 
-function defaultWarning(message: string, error?: unknown): void {
-  const detail = error instanceof Error ? `: ${error.message}` : '';
-  console.warn(`[tidings] ${message}${detail}`);
-}
 
 /**
  * The PostgreSQL backbone: a log table read in commit order, LISTEN/NOTIFY wake-ups from one connection per
@@ -222,17 +220,17 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
     refuseUnstorable(messages);
     await this.open();
     if (tx === undefined) return this.#groupCommit!.publish(messages);
-    if (isTracked(tx) && tx[AT_COMMIT] !== undefined) {
+    if (tx instanceof TrackedTransaction && tx.atCommit !== undefined) {
       // Written with the commit: one statement for all of the transaction's messages, in its round trip.
       for (const message of messages) {
-        tx[AT_COMMIT].messages.push(message);
-        tx[PUBLISHED].add(message.envelope.topic);
+        tx.atCommit.messages.push(message);
+        tx.published.add(message.envelope.topic);
       }
       return;
     }
     await insertMessages(tx, this.#sql, messages);
-    if (isTracked(tx)) {
-      for (const message of messages) tx[PUBLISHED].add(message.envelope.topic);
+    if (tx instanceof TrackedTransaction) {
+      for (const message of messages) tx.published.add(message.envelope.topic);
       return;
     }
     // A transaction the caller drives: we cannot see its commit. Wake consumers shortly after, when it
@@ -252,10 +250,8 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
    * transaction go first, to keep their order. Elsewhere, all of them are written as one `publish`.
    */
   async publishChunks(chunks: Iterable<readonly Outgoing[]>, tx: PgTransaction): Promise<void> {
-    const copyIn = (tx as { [COPY_IN]?: CopyIn })[COPY_IN];
-    if (!isTracked(tx) || tx[AT_COMMIT] === undefined || copyIn === undefined) return this.publish([...chunks].flat(), tx);
-    const atCommit = tx[AT_COMMIT];
-    const published = tx[PUBLISHED];
+    if (!(tx instanceof TrackedTransaction) || tx.atCommit === undefined || tx.copyIn === undefined) return this.publish([...chunks].flat(), tx);
+    const { atCommit, published, copyIn } = tx;
     const earlier = atCommit.messages.splice(0);
     const encode = (chunk: readonly Outgoing[]): string => {
       refuseUnstorable(chunk);
@@ -280,7 +276,7 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
     const published = new Set<string>();
     const atCommit: AtCommit = { messages: [] };
     const result = await this.driver.transaction(
-      (inner) => fn(track(inner, published, atCommit)),
+      (inner) => fn(new TrackedTransaction(inner, published, atCommit)),
       () => {
         if (atCommit.failure !== undefined) {
           throw new TidingsError(
@@ -325,6 +321,18 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
     );
     await consumer.start();
     return consumer;
+  }
+
+  /** The inbox of `subscription` in this database, for a consumer of another backbone (a broker's, through its outbox). Needs the backbone open. */
+  inbox(subscription: string): Inbox {
+    return new Inbox(this.driver, this.#sql, subscription);
+  }
+
+  /** Messages committed to `subscription`'s topics and not yet handled by it; 0 when it does not exist yet. */
+  async lag(subscription: string): Promise<number> {
+    await this.open();
+    const status = await readStatus(this.driver, { schema: this.schema, subscription }).catch(() => undefined);
+    return status?.subscriptions[0]?.lag ?? 0;
   }
 
   deadLetters(): DeadLetterStore {

@@ -227,6 +227,9 @@ export function statements(schema: string) {
     rescheduleHeld: `update ${s}.held set attempts = $2, next_attempt_at = now() + make_interval(secs => $3 / 1000.0), history = $4::jsonb where seq = $1`,
 
     inboxClaim: `insert into ${s}.inbox (subscription, message_id) values ($1, $2) on conflict do nothing returning message_id`,
+    /** Which of $2's ids subscription $1 has handled. */
+    inboxSeen: `select message_id from ${s}.inbox where subscription = $1 and message_id = any($2::text[])`,
+    inboxRecord: `insert into ${s}.inbox (subscription, message_id) select $1, unnest($2::text[]) on conflict do nothing`,
     /**
      * $1: JSON array of dead letters. An envelope sent without its data takes it from the log row at its
      * position: the data is never sent back (and a payload too deep for JSON.stringify cannot block the ack).
@@ -239,23 +242,3 @@ export function statements(schema: string) {
 }
 
 export type Statements = ReturnType<typeof statements>;
-
-/** A row of the log as the consumer reads it. */
-export interface LogRow {
-  position: number | string;
-  topic: string;
-  id: string;
-  type: string;
-  source: string;
-  time: Date | string;
-  subject: string | null;
-  key: string;
-  key_hash: number;
-  tenant: string | null;
-  correlation_id: string;
-  causation_id: string | null;
-  traceparent: string | null;
-  tracestate: string | null;
-  data: unknown;
-  seen?: boolean;
-}
