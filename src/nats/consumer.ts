@@ -1,9 +1,9 @@
 import { hostname } from 'node:os';
 import { AckPolicy, DeliverPolicy, type ConsumerConfig } from '@nats-io/jetstream';
 import { nanos } from '@nats-io/transport-node';
-import { EVERY_TOPIC, type AttemptRecord, type Consumer, type DeliveryHandler, type DeliveryResult, type SubscriptionSpec } from '../core/backbone.ts';
+import { EVERY_TOPIC, type Consumer, type DeliveryHandler, type DeliveryResult, type SubscriptionSpec } from '../core/backbone.ts';
 import type { Envelope } from '../core/envelope.ts';
-import { describeError, TidingsError } from '../core/errors.ts';
+import { describeError, TidingsError, type AttemptRecord } from '../core/errors.ts';
 import { decode, header, headerFields, headersToRecord, nameToken, REDRIVE_FOR } from './codec.ts';
 import { deadLetterEncodings, type DeadLetterRecord } from './dead-letters.ts';
 import { apiErrorCode, isUnavailable, type NatsContext } from './index.ts';

@@ -5,7 +5,6 @@
  * then deletes the dead letter; drop deletes it.
  */
 import { userInfo, hostname } from 'node:os';
-import type { AttemptRecord } from '../core/backbone.ts';
 import type {
   DeadLetter,
   DeadLetterActionRequest,
@@ -13,10 +12,10 @@ import type {
   DeadLetterSelection,
   DeadLetterStore,
   DeadLetterSummary,
-} from '../core/broker.ts';
-import { requireSelection } from '../core/broker.ts';
+} from '../core/dead-letters.ts';
+import { requireSelection } from '../core/dead-letters.ts';
 import type { Envelope } from '../core/envelope.ts';
-import { TidingsError } from '../core/errors.ts';
+import { TidingsError, type AttemptRecord } from '../core/errors.ts';
 import { sleep } from '../core/sleep.ts';
 import type { StoredMsg } from '@nats-io/jetstream';
 import type { MsgHdrs } from '@nats-io/transport-node';

@@ -14,7 +14,7 @@
  */
 import type { JetStreamManager } from '@nats-io/jetstream';
 import type { KV } from '@nats-io/kv';
-import type { AttemptRecord } from '../core/backbone.ts';
+import type { AttemptRecord } from '../core/errors.ts';
 import { apiErrorCode } from './index.ts';
 import { readEntries } from './kv.ts';
 

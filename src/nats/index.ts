@@ -17,10 +17,12 @@ import {
 import { Kvm, type KV } from '@nats-io/kv';
 import { connect, nanos, type NatsConnection } from '@nats-io/transport-node';
 import type { Consumer, DeliveryHandler, Outgoing, SubscriptionSpec } from '../core/backbone.ts';
-import type { Broker, DeadLetterStore } from '../core/broker.ts';
+import type { Broker } from '../core/broker.ts';
+import type { DeadLetterStore } from '../core/dead-letters.ts';
 import { partitionOf } from '../core/envelope.ts';
 import { TidingsError } from '../core/errors.ts';
 import { OptionProblems } from '../core/options.ts';
+import { defaultWarning } from '../core/warnings.ts';
 import { brokered, type BrokerBackbone, type BrokeredOptions } from '../outbox/index.ts';
 import { subjectOf, toWire } from './codec.ts';
 import { NatsConsumer } from './consumer.ts';
@@ -195,7 +197,7 @@ export class NatsBroker implements Broker {
   constructor(options: NatsOptions) {
     this.settings = resolveNatsSettings(options);
     this.#explicit = { buckets: options.buckets !== undefined, subjectPrefix: options.subjectPrefix !== undefined };
-    this.#warn = options.onWarning ?? ((message, error) => console.warn(`[tidings] ${message}${error instanceof Error ? `: ${error.message}` : ''}`));
+    this.#warn = options.onWarning ?? defaultWarning;
   }
 
   async open(): Promise<void> {
