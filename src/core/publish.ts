@@ -13,10 +13,25 @@ export interface PublishOptions {
   causationId?: string;
   traceparent?: string;
   tracestate?: string;
+  /**
+   * Deliver at this time (a Date, an ISO string or epoch milliseconds), not now: the message enters its
+   * key's order when it is due. A time in the past delivers now. Cancel it with `bus.cancelScheduled(id)`.
+   */
+  deliverAt?: Date | string | number;
+  /** Deliver this many milliseconds from now (instead of `deliverAt`). */
+  delayMs?: number;
 }
 
 export interface PublishedMessage {
   readonly id: string;
   readonly topic: string;
   readonly key: string;
+  /** When it is due, if it was scheduled for later (`deliverAt`, `delayMs`); `bus.cancelScheduled(id)` cancels it until then. */
+  readonly deliverAt?: Date;
+}
+
+/** What `bus.request` takes: a publish's options, and how long to wait for the reply. */
+export interface RequestOptions extends Omit<PublishOptions, 'tx' | 'deliverAt' | 'delayMs'> {
+  /** Reject with REQUEST_TIMEOUT after this long (default `busDefaults.requestTimeoutMs`). */
+  timeoutMs?: number;
 }

@@ -6,9 +6,10 @@
  * once although the broker may deliver twice. Without an outbox the broker is used alone: no `tx`, no inbox.
  */
 import { defaultWarning } from '../core/warnings.ts';
-import type { Backbone, Consumer, Delivery, DeliveryHandler, DeliveryResult, Outgoing, SubscriptionSpec } from '../core/backbone.ts';
+import type { Backbone, Consumer, Delivery, DeliveryHandler, DeliveryResult, Outgoing, Reply, SubscriptionSpec } from '../core/backbone.ts';
 import { EVERY_TOPIC } from '../core/backbone.ts';
 import type { Broker } from '../core/broker.ts';
+import type { SagaStore } from '../core/saga.ts';
 import type { DeadLetterStore } from '../core/dead-letters.ts';
 import { keyHash, type Envelope } from '../core/envelope.ts';
 import { describeError, storable, TidingsError } from '../core/errors.ts';
@@ -146,9 +147,48 @@ export class BrokerBackbone implements Backbone<PgTransaction> {
 
   async publish(messages: readonly Outgoing[], tx?: PgTransaction): Promise<void> {
     await this.open();
+    // The broker cannot hold a message until it is due: the outbox does, and the relay carries it then.
+    if (messages.some((message) => message.dueAt !== undefined)) {
+      if (this.outbox === undefined) throw noOutbox(this.name, 'schedule delivery');
+      return this.outbox.publish(messages, tx);
+    }
     if (tx === undefined) return this.broker.publish(messages);
     if (this.outbox === undefined) throw noOutbox(this.name, 'publish in a transaction');
     return this.outbox.publish(messages, tx);
+  }
+
+  async claimTick(name: string, definition: string, tick: number, tx: PgTransaction): Promise<boolean> {
+    if (this.outbox === undefined) throw noOutbox(this.name, 'run recurring schedules');
+    return this.outbox.claimTick(name, definition, tick, tx);
+  }
+
+  async lastTick(name: string): Promise<{ tick: number; definition: string } | undefined> {
+    if (this.outbox === undefined) throw noOutbox(this.name, 'run recurring schedules');
+    await this.open();
+    return this.outbox.lastTick(name);
+  }
+
+  sagas(): SagaStore<PgTransaction> {
+    if (this.outbox === undefined) throw noOutbox(this.name, 'keep saga state');
+    return this.outbox.sagas();
+  }
+
+  async reply(requestId: string, reply: Reply, tx?: PgTransaction): Promise<void> {
+    if (this.outbox === undefined) throw noOutbox(this.name, 'carry replies');
+    await this.open();
+    return this.outbox.reply(requestId, reply, tx);
+  }
+
+  async awaitReply(requestId: string, signal: AbortSignal, late: () => void): Promise<Reply> {
+    if (this.outbox === undefined) throw noOutbox(this.name, 'carry replies');
+    await this.open();
+    return this.outbox.awaitReply(requestId, signal, late);
+  }
+
+  async cancelScheduled(id: string): Promise<boolean> {
+    if (this.outbox === undefined) throw noOutbox(this.name, 'schedule delivery');
+    await this.open();
+    return this.outbox.cancelScheduled(id);
   }
 
   async transaction<T>(fn: (tx: PgTransaction) => Promise<T>): Promise<T> {

@@ -1,17 +1,20 @@
 import { defaultWarning } from '../core/warnings.ts';
-import type { Backbone, Consumer, DeliveryHandler, Outgoing, SubscriptionSpec } from '../core/backbone.ts';
+import type { Backbone, Consumer, DeliveryHandler, Outgoing, Reply, SubscriptionSpec } from '../core/backbone.ts';
+import type { SagaStore } from '../core/saga.ts';
 import type { DeadLetterStore } from '../core/dead-letters.ts';
 import type { Envelope } from '../core/envelope.ts';
 import { TidingsError } from '../core/errors.ts';
 import { OptionProblems } from '../core/options.ts';
 import { PostgresConsumer, type ConsumerSettings } from './consume/consumer.ts';
 import { deadLetterStore, readStatus } from './admin.ts';
-import { checkIdentifier, pgDriver, pgliteDriver, preparing, type PGliteLike, type PgPoolLike, type SqlDriver } from './driver.ts';
+import { checkIdentifier, pgDriver, pgliteDriver, preparing, runStatement, type PGliteLike, type PgPoolLike, type SqlDriver } from './driver.ts';
 import { Inbox } from './inbox.ts';
 import { migrate } from './migrate.ts';
 import { resolveRetention, Retention, type RetentionOptions } from './retention.ts';
 import { Notifier } from './notifier.ts';
-import { copyRows, GroupCommit, insertMessages, insertStatement } from './publisher.ts';
+import { copyRows, GroupCommit, insertMessages, insertStatement, messagesJson } from './publisher.ts';
+import { SCHEDULED_SIGNAL, Scheduler } from './scheduler.ts';
+import { REPLY_SIGNAL, ReplyWaiter } from './replies.ts';
 import { statements, type Statements } from './statements.ts';
 import { TrackedTransaction, type AtCommit, type PgTransaction } from './transaction.ts';
 
@@ -77,6 +80,10 @@ export const postgresDefaults = {
   reconnectMaxMs: 5_000,
   errorBackoffMaxMs: 5_000,
   handlerConnections: 2,
+  /** How often a process waiting for replies looks for them even without a notification. */
+  replyPollMs: 1_000,
+  /** Scheduled messages the scheduler moves into the log per statement. */
+  scheduledBatch: 1_000,
   selfTestMs: 2_000,
 } as const;
 
@@ -134,6 +141,8 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
   #warn: (message: string, error?: unknown) => void;
   #nudges = new Set<NodeJS.Timeout>();
   #retention: Retention | undefined;
+  #scheduler: Scheduler | undefined;
+  #replies: ReplyWaiter | undefined;
 
   constructor(options: PostgresOptions) {
     const problems = new OptionProblems('postgres()');
@@ -204,6 +213,19 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
       this.#retention = new Retention(driver, { ...o.retention, schema: this.schema, onWarning: this.#warn });
       this.#retention.start();
     }
+    this.#scheduler = new Scheduler(
+      driver,
+      this.#sql,
+      this.#notifier,
+      {
+        leaseMs: o.leaseMs ?? postgresDefaults.leaseMs,
+        heartbeatMs: o.heartbeatMs ?? postgresDefaults.heartbeatMs,
+        batchSize: postgresDefaults.scheduledBatch,
+      },
+      this.#warn,
+    );
+    this.#workers.add(this.#scheduler.owner);
+    this.#scheduler.start();
     const batch = { ...postgresDefaults.publishBatch, ...o.publishBatch };
     const writer = preparing(driver);
     const notifier = this.#notifier;
@@ -219,6 +241,7 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
     // other callers' messages share.
     refuseUnstorable(messages);
     await this.open();
+    if (messages.some((message) => message.dueAt !== undefined)) return this.#schedule(messages, tx);
     if (tx === undefined) return this.#groupCommit!.publish(messages);
     if (tx instanceof TrackedTransaction && tx.atCommit !== undefined) {
       // Written with the commit: one statement for all of the transaction's messages, in its round trip.
@@ -241,6 +264,92 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
       this.#notifier?.poke(topics);
     }, this.options.foreignCommitNudgeMs ?? postgresDefaults.foreignCommitNudgeMs);
     this.#nudges.add(nudge);
+  }
+
+  /**
+   * Writes messages due later to `scheduled` (migration 007), in `tx` or on their own; the scheduler's leader
+   * moves them into the log when they are due (scheduler.ts). If one is due before the leader's next
+   * wake-up, the commit wakes it (the `scheduled` signal, in this process and by NOTIFY in others).
+   */
+  async #schedule(messages: readonly Outgoing[], tx: PgTransaction | undefined): Promise<void> {
+    const soon = messages.some((message) => message.dueAt! - Date.now() < (this.options.heartbeatMs ?? postgresDefaults.heartbeatMs));
+    const signal = `!${SCHEDULED_SIGNAL}`;
+    const insert = { name: `tidings.${this.schema}.schedule`, text: this.#sql.insertScheduled, params: [messagesJson(messages)] };
+    if (tx === undefined) {
+      await runStatement(preparing(this.driver), insert);
+      if (soon) this.#notifier?.poke([signal]);
+      return;
+    }
+    await runStatement(tx instanceof TrackedTransaction ? tx : { query: (text, params) => tx.query(text, params) }, insert);
+    if (!soon) return;
+    if (tx instanceof TrackedTransaction) tx.published.add(signal);
+    else {
+      const nudge = setTimeout(() => {
+        this.#nudges.delete(nudge);
+        this.#notifier?.poke([signal]);
+      }, this.options.foreignCommitNudgeMs ?? postgresDefaults.foreignCommitNudgeMs);
+      this.#nudges.add(nudge);
+    }
+  }
+
+  async claimTick(name: string, definition: string, tick: number, tx: PgTransaction): Promise<boolean> {
+    const { rows } = await tx.query(this.#sql.claimTick, [name, definition, new Date(tick)]);
+    return rows.length > 0;
+  }
+
+  async lastTick(name: string): Promise<{ tick: number; definition: string } | undefined> {
+    await this.open();
+    const { rows } = await this.driver.query<{ definition: string; last_tick: Date | string }>(this.#sql.lastTick, [name]);
+    return rows[0] === undefined ? undefined : { tick: new Date(rows[0].last_tick).getTime(), definition: rows[0].definition };
+  }
+
+  sagas(): SagaStore<PgTransaction> {
+    const sql = this.#sql;
+    return {
+      async load(tx, saga, id) {
+        const { rows } = await tx.query<{ state: unknown; version: number; completed: boolean }>(sql.loadSaga, [saga, id]);
+        const row = rows[0];
+        return row === undefined ? undefined : { state: row.state, version: Number(row.version), completed: row.completed };
+      },
+      find: async (saga, id) => {
+        await this.open();
+        const { rows } = await this.driver.query<{ state: unknown; version: number; completed: boolean }>(sql.findSaga, [saga, id]);
+        const row = rows[0];
+        return row === undefined ? undefined : { state: row.state, version: Number(row.version), completed: row.completed };
+      },
+      async save(tx, saga, id, row, cause) {
+        const { rows } = await tx.query<{ saved: number }>(sql.saveSaga, [saga, id, JSON.stringify(row.state), row.version, row.completed, cause.messageId, cause.topic]);
+        return Number(rows[0]?.saved ?? 0) > 0;
+      },
+    };
+  }
+
+  /** Records a request's answer (see Backbone.reply): in `tx`, whose commit wakes the requester, or on its own. */
+  async reply(requestId: string, reply: Reply, tx?: PgTransaction): Promise<void> {
+    await this.open();
+    const params = [requestId, reply.data === undefined ? null : JSON.stringify(reply.data), reply.error === undefined ? null : JSON.stringify(reply.error)];
+    const signal = `!${REPLY_SIGNAL}`;
+    if (tx === undefined) {
+      await this.driver.query(this.#sql.insertReply, params);
+      this.#notifier?.poke([signal]);
+      return;
+    }
+    await tx.query(this.#sql.insertReply, params);
+    if (tx instanceof TrackedTransaction) tx.published.add(signal);
+    else setTimeout(() => this.#notifier?.poke([signal]), this.options.foreignCommitNudgeMs ?? postgresDefaults.foreignCommitNudgeMs);
+  }
+
+  async awaitReply(requestId: string, signal: AbortSignal, late: () => void): Promise<Reply> {
+    await this.open();
+    this.#replies ??= new ReplyWaiter(this.driver, this.#sql, this.#notifier!, postgresDefaults.replyPollMs, this.#warn);
+    return this.#replies.await(requestId, signal, late);
+  }
+
+  /** Cancels a message scheduled for later that is not due yet (see Backbone.cancelScheduled). */
+  async cancelScheduled(id: string): Promise<boolean> {
+    await this.open();
+    const { rows } = await this.driver.query(this.#sql.cancelScheduled, [id]);
+    return rows.length > 0;
   }
 
   /**
@@ -347,6 +456,8 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
     this.#nudges.clear();
     if (this.#opening === undefined) return;
     await this.#opening.catch(() => undefined);
+    this.#replies?.close();
+    await this.#scheduler?.stop();
     await this.#retention?.stop();
     await this.#notifier?.close();
     await this.#driver?.close();
@@ -358,4 +469,5 @@ export function postgres(options: PostgresOptions): PostgresBackbone {
   return new PostgresBackbone(options);
 }
 export * from './admin.ts';
+export * from './ops/sagas.ts';
 export { Retention, prune, retentionDefaults, type RetentionOptions, type PruneResult } from './retention.ts';

@@ -45,7 +45,7 @@ const NOTHING: void[] = [];
 /** The JSON text `insertMessages` takes: one object per message, the data spliced in as already serialised. */
 export function messagesJson(messages: readonly Outgoing[]): string {
   const parts: string[] = [];
-  for (const { envelope: e, json, keyHash } of messages) {
+  for (const { envelope: e, json, keyHash, dueAt } of messages) {
     const head = JSON.stringify({
       topic: e.topic,
       id: e.id,
@@ -60,6 +60,7 @@ export function messagesJson(messages: readonly Outgoing[]): string {
       causation_id: e.causationid,
       traceparent: e.traceparent,
       tracestate: e.tracestate,
+      due_at: dueAt === undefined ? undefined : new Date(dueAt).toISOString(),
     });
     parts.push(`${head.slice(0, -1)},"data":${json}}`);
   }
