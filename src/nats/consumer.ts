@@ -1,8 +1,9 @@
 import { hostname } from 'node:os';
 import { AckPolicy, DeliverPolicy, type ConsumerConfig } from '@nats-io/jetstream';
 import { nanos } from '@nats-io/transport-node';
-import { EVERY_TOPIC, type Consumer, type DeliveryHandler, type DeliveryResult, type SubscriptionSpec } from '../core/backbone.ts';
+import { EVERY_TOPIC, type Consumer, type DeliveryHandler, type SubscriptionSpec } from '../core/backbone.ts';
 import type { Envelope } from '../core/envelope.ts';
+import { runAttempts, type AttemptScope } from '../core/attempts.ts';
 import { describeError, TidingsError, type AttemptRecord } from '../core/errors.ts';
 import { decode, header, headerFields, headersToRecord, nameToken, REDRIVE_FOR } from './codec.ts';
 import { deadLetterEncodings, type DeadLetterRecord } from './dead-letters.ts';
@@ -678,31 +679,27 @@ export class NatsConsumer implements Consumer {
         if (await this.#deadLetter(lane, head, reason)) await this.#finish(lane, line, head, 'term');
         return;
       }
-      for (;;) {
-        const attempt = head.earlier + head.attempts + 1;
-        const result: DeliveryResult = await this.#handle({ envelope: head.envelope, attempt, tx: undefined }).catch((error: unknown) => ({
-          // A handler pipeline should not reject; if it does, it is a failed attempt, not a crash.
-          outcome: 'retry' as const,
-          delayMs: this.#ctx.settings.errorBackoffMs,
-          error: describeError(error),
-        }));
-        head.attempts++;
-        if (result.outcome === 'ack') {
-          if (head.hold === undefined) this.#done(lane, line, head, 'ack');
-          else await this.#finish(lane, line, head, 'ack');
-          return;
-        }
-        head.history.push({ attempt, at: new Date().toISOString(), error: result.error });
-        if (result.outcome === 'dead-letter') {
-          if (await this.#deadLetter(lane, head, result.reason)) await this.#finish(lane, line, head, 'term');
-          return;
-        }
-        if (result.delayMs > 0 || !lane.active) {
-          // #pump starts the wait once this returns; the hold makes it outlive this worker.
-          head.dueAt = Date.now() + result.delayMs;
-          await this.#holdKey(lane, head);
-          return;
-        }
+      const envelope = head.envelope;
+      const result = await runAttempts(this.#handle, {
+        first: head.earlier + head.attempts + 1,
+        history: head.history,
+        retry: this.#spec.retry,
+        envelope: () => envelope,
+        open: (attempt) => {
+          head.attempts = attempt - head.earlier;
+          return NO_TRANSACTION;
+        },
+        stopping: () => !lane.active,
+      });
+      if (result.kind === 'ack') {
+        if (head.hold === undefined) this.#done(lane, line, head, 'ack');
+        else await this.#finish(lane, line, head, 'ack');
+      } else if (result.kind === 'dead') {
+        if (await this.#deadLetter(lane, head, result.reason)) await this.#finish(lane, line, head, 'term');
+      } else {
+        // #pump starts the wait once this returns; the hold makes it outlive this worker.
+        head.dueAt = Date.now() + result.delayMs;
+        await this.#holdKey(lane, head);
       }
     } finally {
       this.#freeSlot();
@@ -827,6 +824,9 @@ export class NatsConsumer implements Consumer {
     }
   }
 }
+
+/** A broker's attempt has no transaction of its own (with an outbox, src/outbox gives the handler one). */
+const NO_TRANSACTION: AttemptScope<undefined> = Object.freeze({ tx: undefined, end: () => Promise.resolve(undefined) });
 
 /**
  * Acknowledgements are fire-and-forget; nats.js throws synchronously once the connection is closed. A lost

@@ -59,7 +59,7 @@ export interface NatsOptions extends BrokeredOptions {
   reconnectWaitMs?: number;
   /** Unacknowledged messages per bucket consumer = subscription concurrency x this (JetStream max_ack_pending). */
   ackPendingPerHandler?: number;
-  /** Wait before retrying a message whose handler promise rejected, or whose dead letter could not be written. */
+  /** Wait before trying NATS again after a dead letter, a hold or a read of the workers failed (a pull backs off from it too). */
   errorBackoffMs?: number;
 }
 
