@@ -2,7 +2,6 @@ import type { Envelope } from './envelope.ts';
 import type { DeadLetterStore } from './dead-letters.ts';
 import type { ErrorRecord } from './errors.ts';
 import type { ResolvedRetry } from './options.ts';
-import type { SagaStore } from './saga.ts';
 
 /**
  * The seam between the bus and what carries its messages. A backbone stores and delivers envelopes; the
@@ -132,3 +131,31 @@ export type DeliveryResult =
   | { readonly outcome: 'dead-letter'; readonly reason: string; readonly error: ErrorRecord };
 
 export type DeliveryHandler<Tx = unknown> = (delivery: Delivery<Tx>) => Promise<DeliveryResult>;
+
+// ---- saga state, for backbones that keep it (core/saga.ts runs the sagas) ------------------------------
+
+/** An instance as the store keeps it. */
+export interface SagaRow {
+  readonly state: unknown;
+  readonly version: number;
+  readonly completed: boolean;
+}
+
+/** What a transition records besides the state: the message that caused it. */
+export interface SagaCause {
+  readonly messageId: string;
+  readonly topic: string;
+}
+
+/** Where a backbone keeps saga instances, in its handlers' transactions. */
+export interface SagaStore<Tx> {
+  /** The instance, locked until `tx` ends (a second transition of it waits), or undefined if it has not started. */
+  load(tx: Tx, saga: string, id: string): Promise<SagaRow | undefined>;
+  /**
+   * Saves the instance's new state at `version` (the loaded one + 1; 1 for a start). False if another
+   * transaction started it meanwhile: the caller retries on the new state.
+   */
+  save(tx: Tx, saga: string, id: string, row: SagaRow, cause: SagaCause): Promise<boolean>;
+  /** The instance as last committed, for operators and tests; undefined if it never started. */
+  find(saga: string, id: string): Promise<SagaRow | undefined>;
+}

@@ -3,7 +3,10 @@ import { defineCommand, validateName, type AnyContract, type Contract, type Data
 import type { Message } from './envelope.ts';
 import { PermanentError, TidingsError, ValidationError } from './errors.ts';
 import { retryLater, type HandlerContext, type Outcome } from './handler.ts';
+import type { SagaRow, SagaStore } from './backbone.ts';
 import { bytesOver, messageLimits } from './limits.ts';
+
+export type { SagaCause, SagaRow, SagaStore } from './backbone.ts';
 
 /**
  * Sagas (process managers): long-running, message-driven state machines. A saga instance is identified by a
@@ -61,32 +64,6 @@ export const sagaDefaults = {
   /** How long a message that came before its saga started waits before it is tried again. */
   retryEarlyMs: 1_000,
 } as const;
-
-/** An instance as the store keeps it. */
-export interface SagaRow {
-  readonly state: unknown;
-  readonly version: number;
-  readonly completed: boolean;
-}
-
-/** What a transition records besides the state: the message that caused it. */
-export interface SagaCause {
-  readonly messageId: string;
-  readonly topic: string;
-}
-
-/** Where a backbone keeps saga instances, in its handlers' transactions. */
-export interface SagaStore<Tx> {
-  /** The instance, locked until `tx` ends (a second transition of it waits), or undefined if it has not started. */
-  load(tx: Tx, saga: string, id: string): Promise<SagaRow | undefined>;
-  /**
-   * Saves the instance's new state at `version` (the loaded one + 1; 1 for a start). False if another
-   * transaction started it meanwhile: the caller retries on the new state.
-   */
-  save(tx: Tx, saga: string, id: string, row: SagaRow, cause: SagaCause): Promise<boolean>;
-  /** The instance as last committed, for operators and tests; undefined if it never started. */
-  find(saga: string, id: string): Promise<SagaRow | undefined>;
-}
 
 /** The scheduled message a saga's timeout travels as. */
 export function timeoutContract(saga: string) {

@@ -20,7 +20,8 @@ import { sleep } from '../core/sleep.ts';
 import type { StoredMsg } from '@nats-io/jetstream';
 import type { MsgHdrs } from '@nats-io/transport-node';
 import { headersToRecord, recordToHeaders, REDRIVE_FOR, toHeaders } from './codec.ts';
-import { isUnavailable, type NatsContext } from './index.ts';
+import type { NatsContext } from './context.ts';
+import { isUnavailable } from './errors.ts';
 
 /** The payload of a dead-letter message. */
 export interface DeadLetterRecord {

@@ -15,7 +15,7 @@
 import type { JetStreamManager } from '@nats-io/jetstream';
 import type { KV } from '@nats-io/kv';
 import type { AttemptRecord } from '../core/errors.ts';
-import { apiErrorCode } from './index.ts';
+import { apiErrorCode } from './errors.ts';
 import { readEntries } from './kv.ts';
 
 export interface Hold {
