@@ -31,3 +31,10 @@ export async function typeChecks(): Promise<void> {
     await bus.publish(Placed, { orderId: 'o', total: 1, placedAt: '2026-01-01' }, { tx });
   });
 }
+
+// src/core/standard-schema.ts is a copy of the Standard Schema interface: it must accept the spec's and be
+// accepted by it, so any library that implements the spec fits a contract.
+type Spec = import('@standard-schema/spec').StandardSchemaV1<{ a: string }, { a: number }>;
+type Ours = import('../src/index.ts').StandardSchemaV1<{ a: string }, { a: number }>;
+export const specFitsOurs = (schema: Spec): Ours => schema;
+export const oursFitsSpec = (schema: Ours): Spec => schema;
