@@ -3,6 +3,7 @@
  * process, against a real PostgreSQL server, with real buses producing the dead letters, lag and leases.
  */
 import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
 import { loadMigrations } from '../src/postgres/migrate.ts';
 import { hostname, userInfo } from 'node:os';
 import { after, test, type TestContext } from 'node:test';
@@ -301,7 +302,7 @@ test('tail follows new messages of a topic with filters; migrate is idempotent',
   const schema = await setup(t);
   if (schema === undefined) return;
   const migrated = await json(schema, ['migrate']);
-  assert.deepEqual(migrated.applied, (await loadMigrations()).map((migration) => migration.version));
+  assert.deepEqual(migrated.applied, loadMigrations().map((migration) => migration.version));
   assert.deepEqual((await json(schema, ['migrate'])).applied, []);
 
   const bus = newBus(schema);
@@ -359,4 +360,32 @@ test('exit codes: 3 and a password-free URL for an unreachable database, 2 for u
   const help = await tidings(['--help']);
   assert.equal(help.code, 0);
   assert.match(help.stdout, /Exit codes:\n {2}0 +success\n {2}1 .*\n {2}2 .*usage.*\n {2}3 .*unreachable/);
+});
+
+test('migrate --dry-run prints only what the database lacks and changes nothing; --version', async (t) => {
+  const schema = await setup(t);
+  if (schema === undefined) return;
+  const fresh = await tidings(['--schema', schema, 'migrate', '--dry-run']);
+  assert.equal(fresh.code, 0, fresh.stderr);
+  assert.match(fresh.stdout, new RegExp(`^-- Tidings: migrations of schema "${schema}"[^\\n]*\\nbegin;\\n`));
+  assert.match(fresh.stdout, /-- 001_initial\n/);
+  assert.match(fresh.stdout, /\ncommit;\n$/);
+  const [created] = await sql(`select count(*)::int as n from information_schema.schemata where schema_name = $1`, [schema]);
+  assert.equal(created.n, 0, 'a dry run creates nothing');
+
+  await json(schema, ['migrate']);
+  const upToDate = await tidings(['--schema', schema, 'migrate', '--dry-run']);
+  assert.equal(upToDate.stdout, `-- Schema ${schema} is up to date: nothing to run.\n`);
+  assert.deepEqual((await json(schema, ['migrate', '--dry-run'])).pending, []);
+
+  // With no database, the SQL of a new schema, for a DBA who prepares it elsewhere.
+  const { DATABASE_URL: _, ...withoutUrl } = process.env;
+  const offline = await tidings(['--schema', schema, 'migrate', '--dry-run'], { env: withoutUrl });
+  assert.equal(offline.code, 0);
+  assert.equal(offline.stdout, fresh.stdout);
+  assert.match(offline.stderr, /No database given: this is the SQL of a new schema/);
+
+  const version = await tidings(['--version']);
+  assert.equal(version.code, 0);
+  assert.equal(version.stdout.trim(), JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')).version);
 });

@@ -3,13 +3,14 @@
  * the result: an aligned table for a person, or JSON with `--json` for a script. Failures become exit
  * codes in main.ts; nothing here exits the process.
  */
+import { readFileSync } from 'node:fs';
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { TidingsError } from '../core/errors.ts';
 import type { Backbone } from '../core/backbone.ts';
 import { groupDeadLetters, type DeadLetterActionResult, type DeadLetterGroup, type DeadLetterSelection, type DeadLetterStore } from '../core/broker.ts';
 import { adminDefaults, deadLetterStore, firstPositionAt, readStatus, replaySubscription, tailTopic, type Status } from '../postgres/admin.ts';
 import { checkIdentifier } from '../postgres/driver.ts';
-import { migrate } from '../postgres/migrate.ts';
+import { appliedVersions, migrate, migrationScript, pendingMigrations } from '../postgres/migrate.ts';
 import { prune } from '../postgres/retention.ts';
 import { listReplicas, requestDriftCheck, requestRebuild, type ReplicaStatus } from '../replica/admin.ts';
 import type { DriftReport, RebuildReport } from '../replica/replica.ts';
@@ -72,6 +73,7 @@ Examples:
 export function buildProgram(context: CliContext): Command {
   const program = new Command('tidings')
     .description('Operate Tidings: schema, status and lag, live tail, dead letters (on PostgreSQL, RabbitMQ or NATS), replay, retention, replicas.')
+    .version(packageVersion(), '-V, --version', "print Tidings' version")
     .exitOverride()
     .configureOutput({ writeOut: context.out, writeErr: context.err })
     .showHelpAfterError('(add --help for usage)')
@@ -84,7 +86,9 @@ export function buildProgram(context: CliContext): Command {
   program
     .command('migrate')
     .description('create the schema, or upgrade it to this version of Tidings')
-    .action(async (_options, command: Command) => {
+    .option('--dry-run', 'print the SQL it would run, change nothing (for a DBA to review, or to run with psql); with no database given, the SQL of a new schema')
+    .action(async (options: { dryRun?: boolean }, command: Command) => {
+      if (options.dryRun === true) return migrateDryRun(context, command);
       await withDatabase(context, command, async (db, globals) => {
         const { applied } = await migrate(db.driver, globals.schema);
         emit(context, globals, { schema: globals.schema, applied }, () =>
@@ -385,6 +389,11 @@ export function buildProgram(context: CliContext): Command {
   return program;
 }
 
+/** This package's version, from its package.json (two folders up from src/cli and from dist/cli alike). */
+function packageVersion(): string {
+  return (JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string }).version;
+}
+
 // ---- options -------------------------------------------------------------------------------------
 
 interface SelectionOptions {
@@ -495,6 +504,25 @@ async function withDatabase(context: CliContext, command: Command, run: (db: Dat
   } finally {
     await db.close().catch(() => undefined);
   }
+}
+
+/**
+ * `migrate --dry-run`: the SQL `migrate` would run, as a script. With a database, only what it lacks (read
+ * from its migrations table, nothing written); without one, everything, for a DBA preparing a new schema.
+ */
+async function migrateDryRun(context: CliContext, command: Command): Promise<void> {
+  const globals = command.optsWithGlobals<GlobalOptions>();
+  const show = (applied: ReadonlySet<number>) => {
+    const pending = pendingMigrations(globals.schema, applied);
+    if (globals.json) emit(context, globals, { schema: globals.schema, dryRun: true, pending }, () => '');
+    else context.out(pending.length === 0 ? `-- Schema ${globals.schema} is up to date: nothing to run.\n` : migrationScript(globals.schema, applied));
+  };
+  if ((globals.url ?? context.env.DATABASE_URL ?? '') === '') {
+    if (!globals.json) context.err(`No database given: this is the SQL of a new schema ${globals.schema}. Give --url to see only what a database lacks.\n`);
+    show(new Set());
+    return;
+  }
+  await withDatabase(context, command, async (db) => show(await appliedVersions(db.driver, globals.schema)));
 }
 
 /** Dead letters wherever the URL points: a PostgreSQL schema, or a broker's dead-letter queues or stream. */
