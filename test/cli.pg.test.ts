@@ -389,3 +389,17 @@ test('migrate --dry-run prints only what the database lacks and changes nothing;
   assert.equal(version.code, 0);
   assert.equal(version.stdout.trim(), JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')).version);
 });
+
+test('a refused login and a URL that is not PostgreSQL\'s: exit 3 with what to check, exit 2', async (t) => {
+  if (!(await requirePostgres(t))) return;
+  const url = new URL(DATABASE_URL);
+  url.username = 'no_such_role_tidings';
+  url.password = 'secret';
+  const refused = await tidings(['--url', url.toString(), 'status']);
+  assert.equal(refused.code, 3);
+  assert.match(refused.stderr, /^tidings: PostgreSQL at postgres:\/\/no_such_role_tidings@\S+ refused the login \(.*\)\. Check the user and password in --url or DATABASE_URL\.\n$/);
+  assert.ok(!refused.stderr.includes('secret'));
+  const mysql = await tidings(['--url', 'mysql://root@localhost/shop', 'status']);
+  assert.equal(mysql.code, 2);
+  assert.match(mysql.stderr, /The database URL must be a PostgreSQL URL \(postgres:\/\/ or postgresql:\/\/\), not mysql:\/\//);
+});

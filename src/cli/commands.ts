@@ -9,7 +9,7 @@ import { TidingsError } from '../core/errors.ts';
 import type { Backbone } from '../core/backbone.ts';
 import { groupDeadLetters, type DeadLetterActionResult, type DeadLetterGroup, type DeadLetterSelection, type DeadLetterStore } from '../core/broker.ts';
 import { adminDefaults, deadLetterStore, firstPositionAt, readStatus, replaySubscription, tailTopic, type Status } from '../postgres/admin.ts';
-import { checkIdentifier } from '../postgres/driver.ts';
+import { checkIdentifier, urlProblem } from '../postgres/driver.ts';
 import { appliedVersions, migrate, migrationScript, pendingMigrations } from '../postgres/migrate.ts';
 import { prune } from '../postgres/retention.ts';
 import { listReplicas, requestDriftCheck, requestRebuild, type ReplicaStatus } from '../replica/admin.ts';
@@ -483,9 +483,8 @@ async function withDatabase(context: CliContext, command: Command, run: (db: Dat
   if (url === undefined || url === '') {
     throw new TidingsError('INVALID_OPTIONS', 'No database given: pass --url postgres://user@host:5432/db, or set DATABASE_URL');
   }
-  if (!/^postgres(ql)?:\/\//.test(url)) {
-    throw new TidingsError('INVALID_OPTIONS', 'The database URL must start with postgres:// or postgresql://, for example postgres://user@host:5432/db');
-  }
+  const problem = urlProblem(url);
+  if (problem !== undefined) throw new TidingsError('INVALID_OPTIONS', `The database ${problem.replace(/^url/, 'URL')}`);
   const db = await openDatabase({ url, connectTimeoutMs: globals.connectTimeout * 1_000 });
   const started = Date.now();
   try {

@@ -5,7 +5,7 @@ import { TidingsError } from '../core/errors.ts';
 import { OptionProblems } from '../core/options.ts';
 import { PostgresConsumer, type ConsumerSettings } from './consumer.ts';
 import { deadLetterStore } from './admin.ts';
-import { checkIdentifier, COPY_IN, pgDriver, pgliteDriver, preparing, type CopyIn, type PGliteLike, type PgPoolLike, type SqlDriver } from './driver.ts';
+import { checkIdentifier, COPY_IN, pgDriver, urlProblem, pgliteDriver, preparing, type CopyIn, type PGliteLike, type PgPoolLike, type SqlDriver } from './driver.ts';
 import { migrate } from './migrate.ts';
 import { resolveRetention, Retention, type RetentionOptions } from './retention.ts';
 import { Notifier } from './notifier.ts';
@@ -141,7 +141,8 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
     const problems = new OptionProblems('postgres()');
     const sources = [options.url, options.pool, options.pglite].filter((source) => source !== undefined).length;
     problems.check(sources === 1, 'give exactly one of url (a connection URL), pool (a pg Pool) or pglite (true for embedded PostgreSQL)');
-    problems.check(options.url === undefined || typeof options.url === 'string', 'url must be a string');
+    const badUrl = options.url === undefined ? undefined : urlProblem(options.url);
+    if (badUrl !== undefined) problems.check(false, badUrl);
     problems.integer('poolSize', options.poolSize, 2, 1_000);
     problems.integer('leaseMs', options.leaseMs, 1_000);
     problems.integer('heartbeatMs', options.heartbeatMs, 100);
