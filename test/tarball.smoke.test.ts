@@ -77,8 +77,10 @@ before(async () => {
       include: ['*.ts', '*.cts'],
     }),
   );
-  // The README's quick start, with a schema of its own on the shared server.
+  // The README's quick start (examples/quickstart.ts is its copy CI runs), with a schema of its own on the shared server.
   const quickstart = readFileSync(join(root, 'examples', 'quickstart.ts'), 'utf8');
+  const code = quickstart.slice(quickstart.indexOf('import '));
+  assert.ok(readFileSync(join(root, 'README.md'), 'utf8').includes(`\`\`\`ts\n${code}\`\`\``), 'the README shows examples/quickstart.ts as it is');
   const server = 'postgres({ url: process.env.DATABASE_URL })';
   assert.ok(quickstart.includes(server), `examples/quickstart.ts opens the server with ${server}`);
   writeFileSync(join(app, 'quickstart.ts'), quickstart.replace(server, 'postgres({ url: process.env.DATABASE_URL, schema: process.env.SMOKE_SCHEMA })'));

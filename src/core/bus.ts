@@ -4,6 +4,7 @@ import { MAX_NAME_LENGTH, validateName, validateNow, type AnyContract, type Data
 import { keyHash, newId, type Envelope, type Message } from './envelope.ts';
 import { TidingsError } from './errors.ts';
 import { attributeProblem, bytesOver, dataProblem, messageLimits } from './limits.ts';
+import { stopOnSignals } from './signals.ts';
 import { createPipeline, handlerScope, type Handler, type Middleware, type Route } from './handler.ts';
 import { busDefaults, OptionProblems, resolveSubscribeOptions, type ResolvedSubscribeOptions, type SubscribeOptions } from './options.ts';
 
@@ -92,6 +93,9 @@ export class Bus<Tx = unknown> {
   readonly #background: unknown[] = [];
   #stopping = new AbortController();
   #opened: Promise<void> | undefined;
+  #starting: Promise<void> | undefined;
+  #stopped: Promise<void> | undefined;
+  #forgetSignals: (() => void) | undefined;
   #state: 'idle' | 'starting' | 'running' | 'stopping' | 'stopped' = 'idle';
 
   constructor(options: BusOptions<Tx>) {
@@ -174,25 +178,42 @@ export class Bus<Tx = unknown> {
   }
 
   /** Opens the backbone (migrating its storage if needed) and starts every subscription's workers. */
-  async start(): Promise<void> {
-    if (this.#state === 'running' || this.#state === 'starting') return;
+  start(): Promise<void> {
     if (this.#state === 'stopping' || this.#state === 'stopped') {
-      throw new TidingsError('STOPPED', 'This bus was stopped; create a new one to start again');
+      return Promise.reject(new TidingsError('STOPPED', 'This bus was stopped; create a new one to start again'));
     }
+    this.#starting ??= this.#start();
+    return this.#starting;
+  }
+
+  async #start(): Promise<void> {
     this.#state = 'starting';
     await this.#open();
     for (const subscription of this.#subscriptions.values()) {
       if (subscription.routes.size === 0) continue;
+      if (this.#state !== 'starting') return; // stop() was called meanwhile
       this.#started.add(subscription.name);
       await this.#startConsumer(subscription);
     }
     this.#state = 'running';
   }
 
-  /** Graceful: finishes in-flight handlers, acknowledges them, releases leases, then closes the backbone. */
-  async stop(): Promise<void> {
-    if (this.#state === 'stopped') return;
+  /**
+   * Graceful: finishes in-flight handlers, acknowledges them, releases leases, then closes the backbone.
+   * Every call gets the same promise, so a SIGINT and a SIGTERM handler, or a framework's hook and your
+   * own, may both call it (test/lifecycle.pg.test.ts).
+   */
+  stop(): Promise<void> {
+    this.#stopped ??= this.#stop();
+    return this.#stopped;
+  }
+
+  async #stop(): Promise<void> {
+    this.#forgetSignals?.();
     this.#state = 'stopping';
+    // A start in progress finishes first (each consumer it starts is then stopped below); one that fails
+    // leaves nothing to stop but the backbone.
+    await this.#starting?.catch(() => undefined);
     const consumers = [...this.#consumers.values()];
     this.#consumers.clear();
     await Promise.all(consumers.map((consumer) => consumer.stop()));
@@ -201,6 +222,19 @@ export class Bus<Tx = unknown> {
     await this.backbone.close();
     this.#state = 'stopped';
     if (this.#background.length > 0) throw new AggregateError(this.#background, 'Subscriptions started after bus.start() failed');
+  }
+
+  /**
+   * Stops this bus gracefully on SIGINT (Ctrl-C) or SIGTERM (docker stop, Kubernetes), then lets the signal
+   * end the process, unless the application listens to it too. Without it, Ctrl-C ends the process at
+   * once and the messages in flight wait for their lease (`leaseMs`) to move to another worker. Returns a
+   * function that removes the handlers; `stop()` removes them too. See src/core/signals.ts for why this is
+   * not the default.
+   */
+  stopOnSignals(): () => void {
+    if (this.#stopped !== undefined) return () => undefined;
+    this.#forgetSignals ??= stopOnSignals(this);
+    return this.#forgetSignals;
   }
 
   /**

@@ -57,6 +57,7 @@ export class BrokerBackbone implements Backbone<PgTransaction> {
   readonly #warn: (message: string, error?: unknown) => void;
   readonly #stopping = new AbortController();
   #relay: Consumer | undefined;
+  #closing: Promise<void> | undefined;
   #opening: Promise<void> | undefined;
 
   constructor(broker: Broker, options: BrokeredOptions = {}) {
@@ -210,7 +211,13 @@ export class BrokerBackbone implements Backbone<PgTransaction> {
     return this.broker.deadLetters();
   }
 
-  async close(): Promise<void> {
+  /** Every call gets the same promise (bus.stop() may be called twice at once). */
+  close(): Promise<void> {
+    this.#closing ??= this.#close();
+    return this.#closing;
+  }
+
+  async #close(): Promise<void> {
     this.#stopping.abort();
     if (this.#opening !== undefined) await this.#opening.catch(() => undefined);
     await this.#relay?.stop();

@@ -145,6 +145,7 @@ export async function pgDriver(options: PgDriverOptions): Promise<SqlDriver> {
   if (ownPool) (pool as unknown as { on(e: 'error', l: (e: Error) => void): void }).on('error', () => undefined);
   const config: Record<string, unknown> = options.url !== undefined ? { connectionString: options.url } : { ...pool.options };
   const description = describeUrl(options.url ?? (typeof config.connectionString === 'string' ? config.connectionString : undefined), config);
+  let closing: Promise<void> | undefined;
   const where: Where = { description, settingsFrom: options.settingsFrom ?? (options.url !== undefined ? 'postgres({ url })' : "your pool's settings") };
 
   return {
@@ -220,8 +221,10 @@ export async function pgDriver(options: PgDriverOptions): Promise<SqlDriver> {
         },
       };
     },
-    async close() {
-      if (ownPool) await pool.end();
+    close() {
+      // Once: pg throws "Called end on pool more than once" at a second end.
+      closing ??= ownPool ? pool.end() : Promise.resolve();
+      return closing;
     },
   };
 }

@@ -136,6 +136,7 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
   #warn: (message: string, error?: unknown) => void;
   #nudges = new Set<NodeJS.Timeout>();
   #retention: Retention | undefined;
+  #closing: Promise<void> | undefined;
 
   constructor(options: PostgresOptions) {
     const problems = new OptionProblems('postgres()');
@@ -335,7 +336,13 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
     }, this.schema);
   }
 
-  async close(): Promise<void> {
+  /** Closes what `open` opened. Every call gets the same promise: two callers must not end the pool twice. */
+  close(): Promise<void> {
+    this.#closing ??= this.#close();
+    return this.#closing;
+  }
+
+  async #close(): Promise<void> {
     for (const nudge of this.#nudges) clearTimeout(nudge);
     this.#nudges.clear();
     if (this.#opening === undefined) return;
