@@ -183,6 +183,25 @@ test('embedded PostgreSQL: without PGlite installed the error says what to insta
   assert.match(started.stdout, /billing handled 2 orders/);
 });
 
+test('a broker backbone without its client package: the error names the package and the install command', async () => {
+  // Plain JavaScript: the type check would (rightly) ask for amqplib's types first.
+  writeFileSync(
+    join(app, 'rabbitmq.mjs'),
+    `import { createBus } from 'tidings';
+import { rabbitmq } from 'tidings/rabbitmq';
+const bus = createBus({ service: 'smoke', backbone: rabbitmq({ url: 'amqp://127.0.0.1:1' }) });
+try {
+  await bus.start();
+} catch (error) {
+  console.log(error.code, error.message);
+}
+await bus.stop().catch(() => undefined);
+`,
+  );
+  const started = ok(await run(process.execPath, ['rabbitmq.mjs'], { cwd: app }), 'the RabbitMQ backbone without amqplib');
+  assert.equal(started.stdout, 'PACKAGE_UNAVAILABLE The RabbitMQ backbone needs the "amqplib" package, which is not installed: npm install amqplib\n');
+});
+
 test('CommonJS: a .cts module requires tidings and runs a bus', async () => {
   ok(await run(process.execPath, [tsc, '-p', '.'], { cwd: app }), 'tsc');
   const started = ok(await run(process.execPath, ['out/common.cjs'], { cwd: app }), 'the CommonJS module');
