@@ -3,7 +3,8 @@
  * publish and to handlers with no casts. Every `@ts-expect-error` line must fail to compile.
  */
 import { z } from 'zod';
-import { createBus, defineEvent } from '../src/index.ts';
+import { createBus, defineEvent, type RetryOptions } from '../src/index.ts';
+import { optionNames } from '../src/core/options.ts';
 import { postgres } from '../src/postgres/index.ts';
 
 const Placed = defineEvent('orders.order-placed', {
@@ -38,3 +39,10 @@ type Spec = import('@standard-schema/spec').StandardSchemaV1<{ a: string }, { a:
 type Ours = import('../src/index.ts').StandardSchemaV1<{ a: string }, { a: number }>;
 export const specFitsOurs = (schema: Spec): Ours => schema;
 export const oursFitsSpec = (schema: Ours): Spec => schema;
+
+// optionNames lists every option of a type, or does not compile: the unknown-key check cannot fall behind.
+export const allRetryOptions = optionNames<RetryOptions>()('immediate', 'delayed', 'jitter');
+// @ts-expect-error jitter is left out
+export const someRetryOptions = optionNames<RetryOptions>()('immediate', 'delayed');
+// @ts-expect-error not an option
+export const wrongRetryOptions = optionNames<RetryOptions>()('immediate', 'delayed', 'jitter', 'nope');

@@ -6,7 +6,7 @@ import { TidingsError } from './errors.ts';
 import { attributeProblem, bytesOver, dataProblem, messageLimits } from './limits.ts';
 import { stopOnSignals } from './signals.ts';
 import { createPipeline, handlerScope, type Handler, type Middleware, type Route } from './handler.ts';
-import { busDefaults, OptionProblems, resolveSubscribeOptions, type ResolvedSubscribeOptions, type SubscribeOptions } from './options.ts';
+import { busDefaults, OptionProblems, optionNames, resolveSubscribeOptions, type ResolvedSubscribeOptions, type SubscribeOptions } from './options.ts';
 
 export interface BusOptions<Tx> {
   /** This service's name: the CloudEvents `source` of what it publishes. */
@@ -17,6 +17,8 @@ export interface BusOptions<Tx> {
   /** Defaults for every subscription of this bus; each `subscribe` may override them. */
   subscriptionDefaults?: SubscribeOptions;
 }
+
+const busOptionNames = optionNames<BusOptions<unknown>>()('service', 'backbone', 'maxPayloadBytes', 'subscriptionDefaults');
 
 export interface PublishOptions {
   /** The caller's transaction: the message exists iff it commits (transactional outbox). */
@@ -100,6 +102,7 @@ export class Bus<Tx = unknown> {
 
   constructor(options: BusOptions<Tx>) {
     const problems = new OptionProblems('createBus');
+    problems.unknownKeys(options, busOptionNames);
     problems.check(
       typeof options?.service === 'string' && SERVICE.test(options.service),
       `service ${JSON.stringify(options?.service)} must be a name of letters, digits, ".", "-", "_" or "~" (at most ${MAX_NAME_LENGTH} characters, for example "billing-service"): it becomes the CloudEvents source URI tidings://<service>`,

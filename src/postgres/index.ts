@@ -2,7 +2,7 @@ import type { Backbone, Consumer, DeliveryHandler, Outgoing, SubscriptionSpec } 
 import type { DeadLetterStore } from '../core/broker.ts';
 import type { Envelope } from '../core/envelope.ts';
 import { TidingsError } from '../core/errors.ts';
-import { OptionProblems } from '../core/options.ts';
+import { OptionProblems, optionNames } from '../core/options.ts';
 import { PostgresConsumer, type ConsumerSettings } from './consumer.ts';
 import { deadLetterStore } from './admin.ts';
 import { checkIdentifier, COPY_IN, pgDriver, urlProblem, pgliteDriver, preparing, type CopyIn, type PGliteLike, type PgPoolLike, type SqlDriver } from './driver.ts';
@@ -59,6 +59,11 @@ export interface PostgresOptions {
   /** How long handled messages, inbox records and dead letters are kept (see `retentionDefaults`); `false` keeps everything. */
   retention?: RetentionOptions | false;
 }
+
+const postgresOptionNames = optionNames<PostgresOptions>()(
+  'url', 'pool', 'pglite', 'dataDir', 'schema', 'poolSize', 'migrate', 'leaseMs', 'heartbeatMs', 'pollMs', 'fallbackPollMs',
+  'notifierPingMs', 'foreignCommitNudgeMs', 'publishBatch', 'onWarning', 'handlerConnections', 'retention',
+);
 
 export const postgresDefaults = {
   schema: 'tidings',
@@ -140,6 +145,8 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
 
   constructor(options: PostgresOptions) {
     const problems = new OptionProblems('postgres()');
+    problems.unknownKeys(options, postgresOptionNames);
+    problems.unknownKeys(options.publishBatch, ['maxBatch', 'maxInFlight'], 'publishBatch.');
     const sources = [options.url, options.pool, options.pglite].filter((source) => source !== undefined).length;
     problems.check(sources === 1, 'give exactly one of url (a connection URL), pool (a pg Pool) or pglite (true for embedded PostgreSQL)');
     const badUrl = options.url === undefined ? undefined : urlProblem(options.url);

@@ -22,7 +22,7 @@
  * Proven by test/faults.pg.test.ts ("retention ...").
  */
 import { hostname } from 'node:os';
-import { OptionProblems } from '../core/options.ts';
+import { OptionProblems, optionNames } from '../core/options.ts';
 import { checkIdentifier, type Queryable } from './driver.ts';
 
 const DAY = 86_400_000;
@@ -69,6 +69,10 @@ export interface RetentionPolicy {
 /** Validates retention options (every bad one named in one INVALID_OPTIONS error) and fills in the defaults. */
 export function resolveRetention(where: string, options: RetentionOptions = {}): RetentionPolicy {
   const problems = new OptionProblems(where);
+  problems.unknownKeys(options, optionNames<RetentionOptions>()('log', 'inbox', 'deadLetters', 'intervalMs', 'batchSize', 'vacuum'));
+  problems.unknownKeys(options.log, ['maxAgeMs', 'topics', 'force'], 'log.');
+  problems.unknownKeys(options.inbox, ['maxAgeMs'], 'inbox.');
+  problems.unknownKeys(options.deadLetters, ['maxAgeMs'], 'deadLetters.');
   const age = (name: string, value: unknown) => {
     if (value !== null) problems.integer(name, value, 0);
   };
