@@ -44,6 +44,6 @@ test('createBus, and its subscriptionDefaults', () => {
 test('postgres(), its publishBatch and its retention', () => {
   refused(() => postgres(loose({ pglite: true, poolsize: 4 })), /postgres\(\): poolsize is not an option: did you mean poolSize\?/);
   refused(() => postgres(loose({ pglite: true, publishBatch: { maxbatch: 10 } })), /publishBatch\.maxbatch is not an option: did you mean publishBatch\.maxBatch\?/);
-  refused(() => postgres(loose({ pglite: true, retention: { log: { maxAge: 1 } } })), /log\.maxAge is not an option: did you mean log\.maxAgeMs\?/);
+  refused(() => postgres(loose({ pglite: true, retention: { log: { maxAge: 1 } } })), /retention\.log\.maxAge is not an option: did you mean retention\.log\.maxAgeMs\?/);
   assert.doesNotThrow(() => postgres({ pglite: true, poolSize: 4, publishBatch: { maxBatch: 10 }, retention: { log: { maxAgeMs: 1 } } }));
 });

@@ -7,7 +7,7 @@ import { PostgresConsumer, type ConsumerSettings } from './consumer.ts';
 import { deadLetterStore } from './admin.ts';
 import { checkIdentifier, COPY_IN, pgDriver, urlProblem, pgliteDriver, preparing, type CopyIn, type PGliteLike, type PgPoolLike, type SqlDriver } from './driver.ts';
 import { migrate } from './migrate.ts';
-import { resolveRetention, Retention, type RetentionOptions } from './retention.ts';
+import { resolveRetention, Retention, unknownRetentionKeys, type RetentionOptions } from './retention.ts';
 import { Notifier } from './notifier.ts';
 import { copyRows, GroupCommit, insertMessages, insertStatement } from './publisher.ts';
 import { statements, type Statements } from './statements.ts';
@@ -147,6 +147,7 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
     const problems = new OptionProblems('postgres()');
     problems.unknownKeys(options, postgresOptionNames);
     problems.unknownKeys(options.publishBatch, ['maxBatch', 'maxInFlight'], 'publishBatch.');
+    if (options.retention !== undefined && options.retention !== false) unknownRetentionKeys(problems, options.retention);
     const sources = [options.url, options.pool, options.pglite].filter((source) => source !== undefined).length;
     problems.check(sources === 1, 'give exactly one of url (a connection URL), pool (a pg Pool) or pglite (true for embedded PostgreSQL)');
     const badUrl = options.url === undefined ? undefined : urlProblem(options.url);

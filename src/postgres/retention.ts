@@ -67,12 +67,16 @@ export interface RetentionPolicy {
 }
 
 /** Validates retention options (every bad one named in one INVALID_OPTIONS error) and fills in the defaults. */
+/** Reports misspelt keys of postgres({ retention }) (the Retention class adds its own, so not in resolveRetention). */
+export function unknownRetentionKeys(problems: OptionProblems, options: RetentionOptions): void {
+  problems.unknownKeys(options, optionNames<RetentionOptions>()('log', 'inbox', 'deadLetters', 'intervalMs', 'batchSize', 'vacuum'), 'retention.');
+  problems.unknownKeys(options.log, ['maxAgeMs', 'topics', 'force'], 'retention.log.');
+  problems.unknownKeys(options.inbox, ['maxAgeMs'], 'retention.inbox.');
+  problems.unknownKeys(options.deadLetters, ['maxAgeMs'], 'retention.deadLetters.');
+}
+
 export function resolveRetention(where: string, options: RetentionOptions = {}): RetentionPolicy {
   const problems = new OptionProblems(where);
-  problems.unknownKeys(options, optionNames<RetentionOptions>()('log', 'inbox', 'deadLetters', 'intervalMs', 'batchSize', 'vacuum'));
-  problems.unknownKeys(options.log, ['maxAgeMs', 'topics', 'force'], 'log.');
-  problems.unknownKeys(options.inbox, ['maxAgeMs'], 'inbox.');
-  problems.unknownKeys(options.deadLetters, ['maxAgeMs'], 'deadLetters.');
   const age = (name: string, value: unknown) => {
     if (value !== null) problems.integer(name, value, 0);
   };
