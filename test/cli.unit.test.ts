@@ -12,7 +12,7 @@ import { coloured, plain, styleFor } from '../src/cli/format.ts';
 import { renderStatus } from '../src/cli/status.ts';
 import type { PartitionStatus, Status, SubscriptionStatus, WorkerStatus } from '../src/postgres/admin.ts';
 
-const worker: WorkerStatus = { id: 'w-1', subscription: 'billing.charge-orders', host: 'h', pid: 1, startedAt: '2026-01-01T00:00:00Z', expiresAt: '2026-01-01T00:01:00Z', live: true };
+const worker: WorkerStatus = { id: 'w-1', subscription: 'billing.charge-orders', host: 'h', pid: 1, startedAt: '2026-01-01T00:00:00Z', expiresAt: '2026-01-01T00:01:00Z', live: true, topics: ['orders.order-placed'] };
 
 function cursor(partition: number, lag: number, leaseRemainingMs = 5_000): PartitionStatus {
   return { partition, owner: 'w-1', epoch: 3, leaseExpiresAt: null, leaseRemainingMs, handled: 10, lag, oldestUnprocessedAgeMs: lag > 0 ? 1_500 : null, updatedAt: '2026-01-01T00:00:00Z' };
@@ -31,6 +31,7 @@ function subscription(name: string, lag: number, extra: Partial<SubscriptionStat
     deadLetters: 0,
     cursors: [cursor(0, lag), cursor(1, 0), cursor(2, 0), cursor(3, 0)],
     workers: [worker],
+    disagreements: [],
     ...extra,
   };
 }

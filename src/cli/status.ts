@@ -67,6 +67,12 @@ export function renderStatus(status: Status, where: string, view: StatusView): s
     lines.push(style.paint('dim', `(and ${plumbing.length} replica request/reply subscription${plumbing.length === 1 ? '' : 's'}, all caught up, ${handled} handled: --verbose shows them)`));
   }
 
+  // A rolling deploy in progress (or stuck): always shown, it explains partitions that seem unowned.
+  for (const sub of status.subscriptions) {
+    for (const { worker, missing } of sub.disagreements) {
+      lines.push('', style.paint('warn', `! ${sub.name}: worker ${worker} has no handler for ${missing.join(', ')}; it holds no partition until it has one or the subscription's topics change (a rolling deploy, until the old version's workers stop)`));
+    }
+  }
   for (const sub of status.subscriptions) {
     const found = troubles(sub);
     if (!view.verbose && (found.length === 0 || (quietPlumbing && isReplicaPlumbing(sub.name)))) continue;
@@ -110,6 +116,7 @@ export function renderStatus(status: Status, where: string, view: StatusView): s
               { header: 'pid', value: (worker) => worker.pid },
               { header: 'started', value: (worker) => shortTime(worker.startedAt) },
               { header: 'state', value: (worker) => (worker.live ? 'live' : 'expired'), tone: (worker) => (worker.live ? undefined : 'dim') },
+              { header: 'topics', value: (worker) => worker.topics?.join(', ') ?? '?', max: 40, shrink: 2 },
             ],
             { indent: '  ', width, style },
           ),

@@ -69,10 +69,22 @@ const MIN_SUB_BATCH = 32;
 
 /** SQLSTATE the acknowledgement raises when a lease was lost (migration 004). */
 const LEASE_LOST = 'TDL01';
+/** SQLSTATE the acknowledgement raises when the subscription gained a topic this worker cannot handle (migration 005). */
+const TOPICS_CHANGED = 'TDL02';
 const UNIQUE_VIOLATION = '23505';
 
 class LeaseLost extends Error {
   override name = 'LeaseLost';
+}
+
+class TopicsChanged extends Error {
+  override name = 'TopicsChanged';
+}
+
+/** A live worker of the subscription, as the heartbeat reads it; `topics` null for a worker of an older version. */
+interface WorkerTopics {
+  readonly id: string;
+  readonly topics: readonly string[] | null;
 }
 
 /** A message that must wait behind its key, or for its own retry; written to `held` with the acknowledgement. */
@@ -143,6 +155,8 @@ export class PostgresConsumer implements Consumer {
   #beating: Promise<void> | undefined;
   #rebalancing: Promise<void> | undefined;
   #unregister: (() => void) | undefined;
+  /** The last disagreement on topics this worker warned about (see #agree), so it warns once per change. */
+  #disagreement = '';
 
   constructor(ctx: ConsumerContext, spec: SubscriptionSpec, handle: DeliveryHandler<PgTransaction>) {
     this.#ctx = ctx;
@@ -164,7 +178,9 @@ export class PostgresConsumer implements Consumer {
         );
       }
       await tx.query(sql.createCursors, [spec.name, spec.partitions, spec.startFrom === 'beginning']);
-      await tx.query(sql.registerWorker, [this.#owner, spec.name, hostname(), process.pid, settings.leaseMs]);
+      await tx.query(sql.registerWorker, [this.#owner, spec.name, hostname(), process.pid, settings.leaseMs, spec.topics]);
+      // From its commit, an acknowledgement of a worker without one of these topics fails (TDL02).
+      await tx.query(sql.settleTopics, [spec.name]);
     });
     const stopWakes = notifier.register(spec.topics, () => this.#wake());
     const stopSignals = notifier.onSignal(`held:${spec.name}`, () => {
@@ -204,6 +220,8 @@ export class PostgresConsumer implements Consumer {
       for (const partition of this.#lanes.keys()) await driver.query(sql.release, [this.#spec.name, partition, this.#owner]);
       this.#lanes.clear();
       await driver.query(sql.unregisterWorker, [this.#owner]);
+      // A topic only this worker handled is no longer the subscription's, unless the newest worker has it.
+      await driver.query(sql.settleTopics, [this.#spec.name]);
       this.#ctx.workers.delete(this.#owner);
     } catch (error) {
       // The leases expire by themselves; another worker takes over then.
@@ -226,12 +244,12 @@ export class PostgresConsumer implements Consumer {
   async #heartbeat(): Promise<void> {
     if (this.#stopping) return;
     const { driver, sql, settings } = this.#ctx;
-    const { rows } = await driver.query<{ live: number; mine: Array<{ partition: number; epoch: string }> }>(sql.heartbeat, [
+    const { rows } = await driver.query<{ workers: WorkerTopics[]; topics: string[] | null; mine: Array<{ partition: number; epoch: string }> }>(sql.heartbeat, [
       this.#owner,
       this.#spec.name,
       settings.leaseMs,
     ]);
-    const live = Math.max(1, Number(rows[0]?.live ?? 1));
+    const live = this.#agree(rows[0]?.topics ?? [], rows[0]?.workers ?? []);
     const mine = new Map((rows[0]?.mine ?? []).map((entry) => [entry.partition, String(entry.epoch)]));
     this.#rebalancing ??= this.#rebalance(live, mine)
       .catch((error: unknown) => this.#ctx.warn(`Subscription ${this.#spec.name}: rebalancing failed; retrying`, error))
@@ -239,6 +257,27 @@ export class PostgresConsumer implements Consumer {
         this.#rebalancing = undefined;
       });
     if (this.#lanes.size === 0) await this.#rebalancing;
+  }
+
+  /**
+   * How many live workers may hold partitions: those that handle every topic of the subscription (0 if this
+   * worker does not; then it holds none). A worker without a handler for one of the subscription's topics
+   * would skip its messages: during a rolling deploy that adds a handler, the old workers hand their
+   * partitions to the new ones; one that removes a handler waits for the old ones to stop. Warns, once per
+   * change, naming the topics and the workers that disagree; see test/conformance/deploy.ts.
+   */
+  #agree(topics: readonly string[], workers: readonly WorkerTopics[]): number {
+    const handles = (own: readonly string[] | null) => own === null || own.includes(EVERY_TOPIC) || topics.every((topic) => own.includes(topic));
+    const able = workers.filter((worker) => handles(worker.topics));
+    const me = handles(this.#spec.topics);
+    const unable = workers.filter((worker) => !handles(worker.topics));
+    const disagreement = unable.length === 0 ? '' : JSON.stringify([topics, unable.map((worker) => worker.id), me]);
+    if (disagreement !== this.#disagreement) {
+      this.#disagreement = disagreement;
+      if (disagreement !== '') this.#ctx.warn(describeDisagreement(this.#spec.name, this.#owner, topics, unable, able));
+      else this.#ctx.warn(`Subscription ${this.#spec.name}: its workers agree on its topics again (${topics.join(', ')})`);
+    }
+    return me ? Math.max(1, able.length) : 0;
   }
 
   async #rebalance(live: number, mine: ReadonlyMap<number, string>): Promise<void> {
@@ -254,7 +293,7 @@ export class PostgresConsumer implements Consumer {
       for (const [partition, lane] of this.#lanes) {
         if (mine.get(partition) !== lane.epoch) this.#dropLane(partition);
       }
-      const target = Math.ceil(spec.partitions / live);
+      const target = live === 0 ? 0 : Math.ceil(spec.partitions / live);
       if (this.#lanes.size < target) {
         const { rows: acquired } = await driver.query<{
           partition: number;
@@ -279,11 +318,7 @@ export class PostgresConsumer implements Consumer {
           this.#wake();
         }
       } else if (this.#lanes.size > target) {
-        const extra = [...this.#lanes.keys()].sort((a, b) => b - a).slice(0, this.#lanes.size - target);
-        for (const partition of extra) {
-          this.#dropLane(partition);
-          await driver.query(sql.release, [spec.name, partition, this.#owner]);
-        }
+        await this.#release([...this.#lanes.keys()].sort((a, b) => b - a).slice(0, this.#lanes.size - target));
       }
       // Workers gone for an hour are forgotten; once a minute is often enough (every heartbeat was a third
       // of an idle consumer's queries).
@@ -299,6 +334,14 @@ export class PostgresConsumer implements Consumer {
   #dropLane(partition: number): void {
     this.#lanes.delete(partition);
     this.#heldLoaded = false;
+  }
+
+  /** Gives partitions back at once, so another worker takes them without waiting for the leases to expire. */
+  async #release(partitions: readonly number[]): Promise<void> {
+    for (const partition of partitions) {
+      this.#dropLane(partition);
+      await this.#ctx.driver.query(this.#ctx.sql.release, [this.#spec.name, partition, this.#owner]);
+    }
   }
 
   // ---- the loop ----------------------------------------------------------------------------------
@@ -331,6 +374,12 @@ export class PostgresConsumer implements Consumer {
         await this.#settled().catch(() => undefined);
         if (error instanceof LeaseLost) {
           this.#ctx.warn(`Subscription ${this.#spec.name}: a partition's lease was lost during a batch; the batch is left to its new owner`);
+          continue;
+        }
+        if (error instanceof TopicsChanged) {
+          // The next heartbeat says who may hold them; till then, hold none (reading on would handle in vain).
+          this.#ctx.warn(`Subscription ${this.#spec.name}: it gained a topic this worker has no handler for; its batch is left to workers that have one`);
+          await this.#release([...this.#lanes.keys()]).catch((failure: unknown) => this.#ctx.warn(`Subscription ${this.#spec.name}: could not release partitions`, failure));
           continue;
         }
         this.#failures++;
@@ -676,11 +725,13 @@ export class PostgresConsumer implements Consumer {
         handledIds,
         JSON.stringify(held),
         JSON.stringify(dead),
+        spec.topics,
       ],
     });
 
     const leaseLost = (error: unknown) => {
-      throw (error as { code?: unknown }).code === LEASE_LOST ? new LeaseLost() : error;
+      const code = (error as { code?: unknown }).code;
+      throw code === LEASE_LOST ? new LeaseLost() : code === TOPICS_CHANGED ? new TopicsChanged() : error;
     };
     // Acknowledgements commit in order: each is sent once the one before it has committed.
     try {
@@ -806,6 +857,23 @@ export class PostgresConsumer implements Consumer {
 }
 
 const ACKED: AttemptsResult = Object.freeze({ kind: 'ack' });
+
+function describeDisagreement(
+  subscription: string,
+  self: string,
+  topics: readonly string[],
+  unable: readonly WorkerTopics[],
+  able: readonly WorkerTopics[],
+): string {
+  const lacking = (worker: WorkerTopics) => topics.filter((topic) => !worker.topics!.includes(topic));
+  const list = unable.map((worker) => `${worker.id === self ? 'this worker' : worker.id} (no handler for ${lacking(worker).join(', ')})`).join('; ');
+  const fate =
+    able.length === 0
+      ? 'No live worker handles all of them, so every partition is held: nothing is skipped, and lag grows until one does'
+      : `Their partitions go to the workers that handle all of them (${able.map((worker) => (worker.id === self ? 'this worker' : worker.id)).join(', ')})`;
+  const hint = 'During a rolling deploy that adds or removes a handler this lasts until the old version\'s workers stop; otherwise give every worker of the subscription the same handlers';
+  return `Subscription ${subscription}: its workers disagree on its topics (${topics.join(', ')}): ${list}. ${fate}. ${hint}`;
+}
 
 /** A delivery whose `tx` is the attempt's, made only if the handler (or a publish in it) reads it. */
 class AttemptDelivery implements Delivery<PgTransaction> {

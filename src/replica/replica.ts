@@ -13,6 +13,7 @@
  *   replica_<name>            a view of the current generation's live rows: what readers query
  *   replica_<name>_apply_g<n> a function applying one event to generation n (and to the one being built)
  */
+import { bytesOver, messageLimits } from '../core/limits.ts';
 import type { Bus } from '../core/bus.ts';
 import { validateName, type AnyContract, type DataOf } from '../core/contract.ts';
 import { newId } from '../core/envelope.ts';
@@ -461,6 +462,10 @@ export class Replica<Row> {
   async #apply(f: Feed<Row, any>, data: any, messageKey: string, time: Date, tx: PgTransaction): Promise<void> {
     await this.ready();
     const key = f.key === undefined ? messageKey : f.key(data);
+    // The replica's table is keyed by it: a key over the limit could never be stored (a btree entry is at most ~2.7 kB).
+    if (typeof key !== 'string' || bytesOver(key, messageLimits.keyBytes) !== undefined) {
+      throw new PermanentError(`Replica ${this.name}: ${f.contract.topic} event has a key that is not a string of at most ${messageLimits.keyBytes} bytes; give the feed a shorter key`);
+    }
     const version = f.version === undefined ? data?.version : f.version(data);
     if (!Number.isSafeInteger(version) || version < 0) {
       throw new PermanentError(`Replica ${this.name}: ${f.contract.topic} event for key ${key} has no usable version (got ${JSON.stringify(version)}); give the feed a version function returning the source's version of the key`);
