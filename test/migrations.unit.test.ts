@@ -12,7 +12,7 @@ test('the generated migrations module matches the .sql files', () => {
   assert.equal(
     readFileSync(MODULE, 'utf8'),
     migrationsModule(),
-    'src/postgres/migrations/index.ts is out of date with the .sql files beside it: run node --import tsx scripts/migrations.ts',
+    'src/postgres/migrations/index.ts is out of date with the .sql files beside it: run npm run migrations, and commit both',
   );
 });
 
