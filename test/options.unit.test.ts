@@ -47,3 +47,17 @@ test('postgres(), its publishBatch and its retention', () => {
   refused(() => postgres(loose({ pglite: true, retention: { log: { maxAge: 1 } } })), /retention\.log\.maxAge is not an option: did you mean retention\.log\.maxAgeMs\?/);
   assert.doesNotThrow(() => postgres({ pglite: true, poolSize: 4, publishBatch: { maxBatch: 10 }, retention: { log: { maxAgeMs: 1 } } }));
 });
+
+test('rabbitmq(), nats() and their relay options', async () => {
+  const { rabbitmq } = await import('../src/rabbitmq/index.ts');
+  const { nats } = await import('../src/nats/index.ts');
+  refused(() => rabbitmq(loose({ url: 'amqp://localhost', prefetch: 10, heartbeat: 5 })), /rabbitmq\(\): heartbeat is not an option \(the options are/);
+  refused(() => rabbitmq(loose({ url: 'amqp://localhost', prefix: 'shop.', quorom: true })), /quorom is not an option: did you mean quorum\?/);
+  refused(() => nats(loose({ servers: 'nats://localhost:4222', bucket: 8 })), /nats\(\): bucket is not an option: did you mean buckets\?/);
+  refused(
+    () => rabbitmq(loose({ url: 'amqp://localhost', outbox: postgres({ pglite: true }), relay: { concurency: 8 } })),
+    /rabbitmq\(\): relay\.concurency is not an option: did you mean relay\.concurrency\?/,
+  );
+  assert.doesNotThrow(() => rabbitmq({ url: 'amqp://localhost', prefix: 'shop.', relay: { concurrency: 8 } }));
+  assert.doesNotThrow(() => nats({ servers: 'nats://localhost:4222', buckets: 8, relay: false }));
+});

@@ -20,7 +20,7 @@ import type { Consumer, DeliveryHandler, Outgoing, SubscriptionSpec } from '../c
 import type { Broker, DeadLetterStore } from '../core/broker.ts';
 import { partitionOf } from '../core/envelope.ts';
 import { TidingsError } from '../core/errors.ts';
-import { OptionProblems } from '../core/options.ts';
+import { OptionProblems, optionNames } from '../core/options.ts';
 import { brokered, type BrokerBackbone, type BrokeredOptions } from '../outbox/index.ts';
 import { subjectOf, toHeaders } from './codec.ts';
 import { NatsConsumer } from './consumer.ts';
@@ -98,8 +98,14 @@ export interface NatsContext {
   readonly warn: (message: string, error?: unknown) => void;
 }
 
+const natsOptionNames = optionNames<NatsOptions>()(
+  'servers', 'stream', 'subjectPrefix', 'buckets', 'duplicateWindowMs', 'replicas', 'ackWaitMs', 'leaseMs', 'heartbeatMs',
+  'fetchExpiresMs', 'publishTimeoutMs', 'reconnectWaitMs', 'ackPendingPerHandler', 'errorBackoffMs', 'outbox', 'relay', 'onWarning',
+);
+
 export function resolveNatsSettings(options: NatsOptions): NatsSettings {
   const problems = new OptionProblems('nats()');
+  problems.unknownKeys(options, natsOptionNames);
   const servers = typeof options?.servers === 'string' ? [options.servers] : options?.servers;
   problems.check(Array.isArray(servers) && servers.length > 0 && servers.every((s) => typeof s === 'string' && s.length > 0), 'servers must be a NATS URL or a list of them, for example nats://127.0.0.1:4222');
   problems.check(options.stream === undefined || (typeof options.stream === 'string' && STREAM_NAME.test(options.stream)), `stream must be letters, digits, "-" or "_", got ${JSON.stringify(options.stream)}`);

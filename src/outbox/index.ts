@@ -11,7 +11,7 @@ import type { Broker, DeadLetterStore } from '../core/broker.ts';
 import { keyHash, type Envelope } from '../core/envelope.ts';
 import { describeError, storable, TidingsError } from '../core/errors.ts';
 import { envelopeProblem } from '../core/limits.ts';
-import { OptionProblems } from '../core/options.ts';
+import { OptionProblems, optionNames } from '../core/options.ts';
 import { sleep } from '../core/sleep.ts';
 import { LazyTransaction, SharedInbox } from './inbox.ts';
 import type { PgTransaction, PostgresBackbone } from '../postgres/index.ts';
@@ -62,7 +62,9 @@ export class BrokerBackbone implements Backbone<PgTransaction> {
 
   constructor(broker: Broker, options: BrokeredOptions = {}) {
     const problems = new OptionProblems(`${broker.name}()`);
+    problems.unknownKeys(options, optionNames<BrokeredOptions>()('outbox', 'relay', 'onWarning'));
     const relay = typeof options.relay === 'object' ? options.relay : {};
+    problems.unknownKeys(relay, optionNames<RelayOptions>()('partitions', 'concurrency', 'batchSize'), 'relay.');
     problems.integer('relay.partitions', relay.partitions, 1, 1_024);
     problems.integer('relay.concurrency', relay.concurrency, 1, 10_000);
     problems.integer('relay.batchSize', relay.batchSize, 1, 100_000);
