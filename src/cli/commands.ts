@@ -13,7 +13,7 @@ import { checkIdentifier, urlProblem } from '../postgres/driver.ts';
 import { appliedVersions, migrate, migrationScript, pendingMigrations } from '../postgres/migrate.ts';
 import { prune } from '../postgres/retention.ts';
 import { listReplicas, requestDriftCheck, requestRebuild, type ReplicaStatus } from '../replica/admin.ts';
-import type { DriftReport, RebuildReport } from '../replica/replica.ts';
+import type { DriftReport, RebuildReport } from '../replica/define.ts';
 import { CONFIG_FILE, cliDefaults, resolveGlobals, type GivenOptions, type GlobalOptions } from './config.ts';
 import { isUnreachable, openDatabase, unreachableMessage, type Database } from './database.ts';
 import { duration, plain, progress, styleFor, table } from './format.ts';

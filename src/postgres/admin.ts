@@ -23,9 +23,8 @@ import type {
 import { keyHash, partitionOf, type Envelope } from '../core/envelope.ts';
 import { TidingsError } from '../core/errors.ts';
 import { sleep } from '../core/sleep.ts';
-import { toEnvelope } from './consumer.ts';
+import { toEnvelope, type LogRow } from './log.ts';
 import { checkIdentifier, type Queryable, type SqlDriver } from './driver.ts';
-import type { LogRow } from './statements.ts';
 
 export type { DeadLetter, DeadLetterActionResult, DeadLetterGroup, DeadLetterProgress, DeadLetterSelection, DeadLetterSummary };
 

@@ -239,23 +239,3 @@ export function statements(schema: string) {
 }
 
 export type Statements = ReturnType<typeof statements>;
-
-/** A row of the log as the consumer reads it. */
-export interface LogRow {
-  position: number | string;
-  topic: string;
-  id: string;
-  type: string;
-  source: string;
-  time: Date | string;
-  subject: string | null;
-  key: string;
-  key_hash: number;
-  tenant: string | null;
-  correlation_id: string;
-  causation_id: string | null;
-  traceparent: string | null;
-  tracestate: string | null;
-  data: unknown;
-  seen?: boolean;
-}

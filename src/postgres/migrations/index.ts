@@ -7,7 +7,7 @@ export const migrations: ReadonlyArray<{ readonly version: number; readonly name
     version: 1,
     name: 'initial',
     sql: `-- The log: every published message, in one table. \`xid\` is the publishing transaction, so readers can
--- take messages in the order their transactions committed, by comparing snapshots (see consumer.ts).
+-- take messages in the order their transactions committed, by comparing snapshots (see consume/lanes.ts).
 create table {{schema}}.log (
   position bigint generated always as identity primary key,
   xid xid8 not null default pg_current_xact_id(),
@@ -152,11 +152,32 @@ create function {{schema}}.lease_lost() returns integer language plpgsql volatil
     name: 'worker_topics',
     sql: `-- What each worker handles, so the workers of a subscription can tell when they disagree (a rolling deploy
 -- that adds or removes a handler): a worker never moves a cursor past messages of a topic the subscription
--- has and it cannot handle (consumer.ts, "topics"). Null: a worker of a version before this one.
+-- has and it cannot handle (consume/leases.ts). Null: a worker of a version before this one.
 alter table {{schema}}.workers add column topics text[];
 -- An acknowledgement whose worker lacks a topic the subscription gained raises this instead of moving its
 -- cursors past that topic's messages, so a COMMIT sent with it rolls the batch back.
 create function {{schema}}.topics_changed() returns integer language plpgsql volatile as $$ begin raise exception 'the subscription gained a topic this worker has no handler for; its partitions go to workers that have one' using errcode = 'TDL02'; end $$;
+`,
+  },
+  {
+    version: 6,
+    name: 'replicas',
+    sql: `-- Replicas (src/replica): one row per replica in this schema, with its current generation (the table
+-- readers see), the generation a rebuild is filling, and its last drift check and rebuild. The rows
+-- themselves live in one table per generation, replica_<name>_g<n>, made when the generation starts
+-- (store.ts). Versions before this one made this table themselves: it may exist already.
+create table if not exists {{schema}}.replicas (
+  name text primary key,
+  source text not null,
+  generation int not null default 1,
+  building int,
+  filled_at timestamptz,
+  rebuilt_at timestamptz,
+  checked_at timestamptz,
+  last_check jsonb,
+  rebuild jsonb
+);
+alter table {{schema}}.replicas add column if not exists rebuild jsonb;
 `,
   },
 ];
