@@ -14,7 +14,7 @@
  */
 import type { SqlDriver, Queryable } from '../postgres/driver.ts';
 import type { PgTransaction, PostgresBackbone } from '../postgres/index.ts';
-import { isTracked, PUBLISHED, track } from '../postgres/transaction.ts';
+import { TrackedTransaction } from '../postgres/transaction.ts';
 import { TidingsError } from '../core/errors.ts';
 
 /**
@@ -109,7 +109,7 @@ export class LazyTransaction {
   ) {
     // Tracked like the transactions the outbox drives, so what the handler publishes through it wakes the
     // relay as soon as it commits (see the end of #open).
-    this.tx = track({ query: (text, params) => this.#query(text, params) }, this.#published);
+    this.tx = new TrackedTransaction({ query: (text, params) => this.#query(text, params) }, this.#published);
   }
 
   async #query<R>(text: string, params?: readonly unknown[]): Promise<{ rows: R[]; rowCount?: number | null }> {
@@ -134,7 +134,7 @@ export class LazyTransaction {
         }
         resolveOpened(inner);
         if (!(await finished)) throw ROLLBACK;
-        if (isTracked(inner)) for (const topic of this.#published) inner[PUBLISHED].add(topic);
+        if (inner instanceof TrackedTransaction) for (const topic of this.#published) inner.published.add(topic);
       });
       // If the transaction fails before it is open (pool, BEGIN, duplicate), the handler's statement fails.
       this.#done.catch((error: unknown) => {

@@ -5,13 +5,13 @@ import { TidingsError } from '../core/errors.ts';
 import { OptionProblems, optionNames } from '../core/options.ts';
 import { PostgresConsumer, type ConsumerSettings } from './consume/consumer.ts';
 import { deadLetterStore, readStatus } from './admin.ts';
-import { checkIdentifier, COPY_IN, pgDriver, pgliteDriver, preparing, urlProblem, type CopyIn, type PGliteLike, type PgPoolLike, type SqlDriver } from './driver.ts';
+import { checkIdentifier, pgDriver, pgliteDriver, preparing, urlProblem, type PGliteLike, type PgPoolLike, type SqlDriver } from './driver.ts';
 import { migrate } from './migrate.ts';
 import { resolveRetention, Retention, unknownRetentionKeys, type RetentionOptions } from './retention.ts';
 import { Notifier } from './notifier.ts';
 import { copyRows, GroupCommit, insertMessages, insertStatement } from './publisher.ts';
 import { statements, type Statements } from './statements.ts';
-import { AT_COMMIT, isTracked, PUBLISHED, track, type AtCommit, type PgTransaction } from './transaction.ts';
+import { TrackedTransaction, type AtCommit, type PgTransaction } from './transaction.ts';
 
 export type { PgTransaction } from './transaction.ts';
 export type { Queryable, PgPoolLike, PGliteLike, SqlDriver } from './driver.ts';
@@ -232,17 +232,17 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
     refuseUnstorable(messages);
     await this.open();
     if (tx === undefined) return this.#groupCommit!.publish(messages);
-    if (isTracked(tx) && tx[AT_COMMIT] !== undefined) {
+    if (tx instanceof TrackedTransaction && tx.atCommit !== undefined) {
       // Written with the commit: one statement for all of the transaction's messages, in its round trip.
       for (const message of messages) {
-        tx[AT_COMMIT].messages.push(message);
-        tx[PUBLISHED].add(message.envelope.topic);
+        tx.atCommit.messages.push(message);
+        tx.published.add(message.envelope.topic);
       }
       return;
     }
     await insertMessages(tx, this.#sql, messages);
-    if (isTracked(tx)) {
-      for (const message of messages) tx[PUBLISHED].add(message.envelope.topic);
+    if (tx instanceof TrackedTransaction) {
+      for (const message of messages) tx.published.add(message.envelope.topic);
       return;
     }
     // A transaction the caller drives: we cannot see its commit. Wake consumers shortly after, when it
@@ -262,10 +262,8 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
    * transaction go first, to keep their order. Elsewhere, all of them are written as one `publish`.
    */
   async publishChunks(chunks: Iterable<readonly Outgoing[]>, tx: PgTransaction): Promise<void> {
-    const copyIn = (tx as { [COPY_IN]?: CopyIn })[COPY_IN];
-    if (!isTracked(tx) || tx[AT_COMMIT] === undefined || copyIn === undefined) return this.publish([...chunks].flat(), tx);
-    const atCommit = tx[AT_COMMIT];
-    const published = tx[PUBLISHED];
+    if (!(tx instanceof TrackedTransaction) || tx.atCommit === undefined || tx.copyIn === undefined) return this.publish([...chunks].flat(), tx);
+    const { atCommit, published, copyIn } = tx;
     const earlier = atCommit.messages.splice(0);
     const encode = (chunk: readonly Outgoing[]): string => {
       refuseUnstorable(chunk);
@@ -290,7 +288,7 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
     const published = new Set<string>();
     const atCommit: AtCommit = { messages: [] };
     const result = await this.driver.transaction(
-      (inner) => fn(track(inner, published, atCommit)),
+      (inner) => fn(new TrackedTransaction(inner, published, atCommit)),
       () => {
         if (atCommit.failure !== undefined) {
           throw new TidingsError(

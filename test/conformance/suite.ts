@@ -66,20 +66,31 @@ export function conformance<Tx>(target: ConformanceTarget<Tx>): void {
     for (const namespace of namespaces) await namespace.cleanup().catch(() => undefined);
   });
 
+  /** The buses of each namespace: stopped when its test ends, so a file of tests never holds them all at once. */
+  const busesOf = new Map<Namespace<Tx>, Bus<Tx>[]>();
+
   async function world(t: TestContext): Promise<Namespace<Tx> | undefined> {
     const namespace = await target.namespace(t);
-    if (namespace !== undefined) namespaces.push(namespace);
+    if (namespace === undefined) return undefined;
+    namespaces.push(namespace);
+    busesOf.set(namespace, []);
+    t.after(async () => {
+      const own = busesOf.get(namespace) ?? [];
+      await Promise.all(own.map((bus) => stop(bus).catch(() => undefined)));
+    });
     return namespace;
   }
 
   function newBus(namespace: Namespace<Tx>, service = 'conformance'): Bus<Tx> {
     const bus = createBus<Tx>({ service, backbone: namespace.backbone(), subscriptionDefaults: target.subscribeOptions });
     buses.push(bus);
+    busesOf.get(namespace)?.push(bus);
     return bus;
   }
 
   async function stop(bus: Bus<Tx>): Promise<void> {
-    buses.splice(buses.indexOf(bus), 1);
+    if (buses.includes(bus)) buses.splice(buses.indexOf(bus), 1);
+    for (const own of busesOf.values()) if (own.includes(bus)) own.splice(own.indexOf(bus), 1);
     await bus.stop();
   }
 
