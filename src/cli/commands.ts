@@ -192,7 +192,7 @@ export function buildProgram(context: CliContext): Command {
         const selection = selectionOf([], options);
         if (options.group === true) {
           const groups = await groupOf(store, { ...selection, limit: options.limit });
-          emit(context, globals, groups, () => (groups.length === 0 ? 'No dead letters.' : renderGroups(groups)));
+          emit(context, globals, groups, () => (groups.length === 0 ? 'No dead letters.' : renderGroups(groups, context.columns)));
           return;
         }
         const { total, deadLetters: rows } = await store.list({ ...selection, limit: options.limit });
@@ -202,11 +202,11 @@ export function buildProgram(context: CliContext): Command {
             { header: 'id', value: (row) => row.id, align: 'right' },
             { header: 'subscription', value: (row) => row.subscription },
             { header: 'topic', value: (row) => row.topic },
-            { header: 'key', value: (row) => row.key, max: 24 },
+            { header: 'key', value: (row) => row.key, max: 24, shrink: 1 },
             { header: 'attempts', value: (row) => row.attempts },
             { header: 'dead at', value: (row) => shortTime(row.deadAt) },
-            { header: 'reason', value: (row) => row.reason, max: 80 },
-          ]);
+            { header: 'reason', value: (row) => row.reason, max: 80, shrink: 2 },
+          ], { width: context.columns });
           const more = total > rows.length ? `\n${rows.length} of ${total} shown: narrow the selection or raise --limit.` : '';
           return `${shown}${more}\nShow one with: tidings dead-letters show <id>`;
         });
@@ -693,7 +693,7 @@ async function dryRun(context: CliContext, store: DeadLetterStore, globals: Glob
   const matched = await store.count(selection);
   const groups = matched === 0 ? [] : await groupOf(store, selection);
   emit(context, globals, { dryRun: true, action, matched, groups }, () =>
-    matched === 0 ? `Nothing to ${action}: no dead letter matches.` : `Would ${action} ${matched} dead letter${matched === 1 ? '' : 's'}:\n${renderGroups(groups)}`,
+    matched === 0 ? `Nothing to ${action}: no dead letter matches.` : `Would ${action} ${matched} dead letter${matched === 1 ? '' : 's'}:\n${renderGroups(groups, context.columns)}`,
   );
 }
 
@@ -774,14 +774,18 @@ function renderDrift(report: DriftReport): string {
   return lines.join('\n');
 }
 
-function renderGroups(groups: readonly DeadLetterGroup[]): string {
-  return table(groups, [
-    { header: 'count', value: (group) => group.count },
-    { header: 'subscription', value: (group) => group.subscription },
-    { header: 'topics', value: (group) => group.topics.join(', '), max: 30 },
-    { header: 'last', value: (group) => shortTime(group.lastAt) },
-    { header: 'error', value: (group) => group.pattern, max: 100 },
-  ]);
+function renderGroups(groups: readonly DeadLetterGroup[], width: number | undefined): string {
+  return table(
+    groups,
+    [
+      { header: 'count', value: (group) => group.count },
+      { header: 'subscription', value: (group) => group.subscription },
+      { header: 'topics', value: (group) => group.topics.join(', '), max: 30, shrink: 1 },
+      { header: 'last', value: (group) => shortTime(group.lastAt) },
+      { header: 'error', value: (group) => group.pattern, max: 100, shrink: 2 },
+    ],
+    { width },
+  );
 }
 
 function indent(text: string, prefix: string): string {

@@ -27,8 +27,8 @@ export interface TableOptions {
 }
 
 /** An aligned plain-text table, headers in capitals, `-` for empty cells. */
-export function table<T>(rows: readonly T[], columns: readonly Column<T>[], options: TableOptions | string = {}): string {
-  const { indent = '', width, style = plain } = typeof options === 'string' ? { indent: options } : options;
+export function table<T>(rows: readonly T[], columns: readonly Column<T>[], options: TableOptions = {}): string {
+  const { indent = '', width, style = plain } = options;
   const cells = rows.map((row) =>
     columns.map((column) => {
       const value = column.value(row);
