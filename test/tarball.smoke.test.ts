@@ -149,26 +149,34 @@ test('the quick start runs from the tarball on the PostgreSQL server', async (t)
   assert.match(started.stdout, /billing handled 2 orders/);
 });
 
-test('the quick start bundled into one file (no migrations beside it) starts', async (t) => {
+test('the quick start bundled into one file (no migrations beside it) starts; a pg the bundle cannot load is named as such', async (t) => {
   if (!(await requirePostgres(t))) return;
   ok(await run(process.execPath, [tsc, '-p', '.'], { cwd: app }), 'tsc');
   const { build } = await import('esbuild');
   const bundled = join(app, 'bundle', 'app.mjs');
-  await build({
-    entryPoints: [join(app, 'out', 'quickstart.js')],
-    bundle: true,
-    platform: 'node',
-    format: 'esm',
-    outfile: bundled,
-    // pg's optional native binding and PGlite's WASM files stay installed packages, as in any bundled app.
-    external: ['pg-native', '@electric-sql/pglite'],
-    // pg is CommonJS: in an ES module bundle its require() calls need one (the README's bundling note).
-    banner: { js: "import { createRequire } from 'node:module'; const require = createRequire(import.meta.url);" },
-    logLevel: 'error',
-  });
+  const bundle = (banner: string) =>
+    build({
+      entryPoints: [join(app, 'out', 'quickstart.js')],
+      bundle: true,
+      platform: 'node',
+      format: 'esm',
+      outfile: bundled,
+      // pg's optional native binding and PGlite's WASM files stay installed packages, as in any bundled app.
+      external: ['pg-native', '@electric-sql/pglite'],
+      banner: { js: banner },
+      logLevel: 'error',
+    });
   const schema = uniqueSchema('bundle');
   schemas.push(schema);
-  const started = ok(await run(process.execPath, [bundled], { cwd: join(app, 'bundle'), env: { ...process.env, DATABASE_URL, SMOKE_SCHEMA: schema } }), 'the bundled quick start');
+  const env = { ...process.env, DATABASE_URL, SMOKE_SCHEMA: schema };
+  // pg is CommonJS: in an ES module bundle its require() calls fail without one. Installed, not loadable.
+  await bundle('');
+  const broken = await run(process.execPath, [bundled], { cwd: join(app, 'bundle'), env });
+  assert.notEqual(broken.code, 0);
+  assert.match(broken.stderr, /The postgres backbone needs the "pg" package: it is installed but failed to load \(Dynamic require of "\w+" is not supported\)/);
+  // With the README's bundling note: a require for pg.
+  await bundle("import { createRequire } from 'node:module'; const require = createRequire(import.meta.url);");
+  const started = ok(await run(process.execPath, [bundled], { cwd: join(app, 'bundle'), env }), 'the bundled quick start');
   assert.match(started.stdout, /billing handled 2 orders/);
 });
 
