@@ -61,3 +61,7 @@ test('rabbitmq(), nats() and their relay options', async () => {
   assert.doesNotThrow(() => rabbitmq({ url: 'amqp://localhost', prefix: 'shop.', relay: { concurrency: 8 } }));
   assert.doesNotThrow(() => nats({ servers: 'nats://localhost:4222', buckets: 8, relay: false }));
 });
+
+test('memory()', () => {
+  refused(() => memory(loose({ maxLogs: 10 })), /memory\(\): maxLogs is not an option: did you mean maxLog\?/);
+});

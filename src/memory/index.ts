@@ -8,7 +8,7 @@
 import { EVERY_TOPIC, type Backbone, type Consumer, type DeliveryHandler, type Outgoing, type SubscriptionSpec } from '../core/backbone.ts';
 import type { DeadLetterStore } from '../core/broker.ts';
 import { TidingsError } from '../core/errors.ts';
-import { OptionProblems } from '../core/options.ts';
+import { OptionProblems, optionNames } from '../core/options.ts';
 import { DeadLetterBook } from './dead-letters.ts';
 import { Deque } from './deque.ts';
 import { Group, MemoryWorker, type GroupContext, type Stored } from './subscription.ts';
@@ -81,6 +81,7 @@ export class MemoryBackbone implements Backbone<MemoryTransaction> {
 
   constructor(options: MemoryOptions = {}) {
     const problems = new OptionProblems('memory()');
+    problems.unknownKeys(options, optionNames<MemoryOptions>()('maxLog', 'maxInbox', 'maxDeadLetters', 'drainTimeoutMs', 'onWarning'));
     problems.integer('maxLog', options.maxLog, 0);
     problems.integer('maxInbox', options.maxInbox, 0);
     problems.integer('maxDeadLetters', options.maxDeadLetters, 1);
