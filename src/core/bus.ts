@@ -5,8 +5,13 @@ import { keyHash, newId, type Envelope, type Message } from './envelope.ts';
 import { TidingsError } from './errors.ts';
 import { attributeProblem, bytesOver, dataProblem, messageLimits } from './limits.ts';
 import { stopOnSignals } from './signals.ts';
+import type { PublishedMessage, PublishOptions } from './publish.ts';
+import { Schedule, type ScheduleOptions, type TickPublisher } from './schedules.ts';
+import { defaultWarning } from './warnings.ts';
 import { createPipeline, handlerScope, type Handler, type Middleware, type Route } from './handler.ts';
 import { busDefaults, OptionProblems, optionNames, resolveSubscribeOptions, type ResolvedSubscribeOptions, type SubscribeOptions } from './options.ts';
+
+export type { PublishedMessage, PublishOptions } from './publish.ts';
 
 export interface BusOptions<Tx> {
   /** This service's name: the CloudEvents `source` of what it publishes. */
@@ -16,25 +21,11 @@ export interface BusOptions<Tx> {
   maxPayloadBytes?: number;
   /** Defaults for every subscription of this bus; each `subscribe` may override them. */
   subscriptionDefaults?: SubscribeOptions;
+  /** Called with what the bus recovers from by itself (a schedule's tick that could not be published); the console by default. */
+  onWarning?: (message: string, error?: unknown) => void;
 }
 
-const busOptionNames = optionNames<BusOptions<unknown>>()('service', 'backbone', 'maxPayloadBytes', 'subscriptionDefaults');
-
-export interface PublishOptions {
-  /** The caller's transaction: the message exists iff it commits (transactional outbox). */
-  tx?: unknown;
-  /** Overrides the contract's key function. */
-  key?: string;
-  /** CloudEvents `subject`: what the event is about, within the source. */
-  subject?: string;
-  tenant?: string;
-  /** Defaults to a new UUIDv7. Give your own to make a retried publish recognisable downstream. */
-  id?: string;
-  correlationId?: string;
-  causationId?: string;
-  traceparent?: string;
-  tracestate?: string;
-}
+const busOptionNames = optionNames<BusOptions<unknown>>()('service', 'backbone', 'maxPayloadBytes', 'subscriptionDefaults', 'onWarning');
 
 export interface SubscriptionStats {
   /** Attempts that succeeded (the message was acknowledged, or will be with its batch). */
@@ -51,11 +42,6 @@ export interface BusStats {
   readonly subscriptions: Readonly<Record<string, SubscriptionStats>>;
 }
 
-export interface PublishedMessage {
-  readonly id: string;
-  readonly topic: string;
-  readonly key: string;
-}
 
 /** A named consumer group: its handlers, one per contract, share order, retries and dead letters. */
 export class Subscription<Tx> {
@@ -85,6 +71,8 @@ export class Bus<Tx = unknown> {
   readonly backbone: Backbone<Tx>;
   readonly #maxPayloadBytes: number;
   readonly #subscriptionDefaults: SubscribeOptions;
+  readonly #warn: (message: string, error?: unknown) => void;
+  readonly #schedules = new Map<string, Schedule>();
   readonly #subscriptions = new Map<string, Subscription<Tx>>();
   readonly #consumers = new Map<string, Consumer>();
   readonly #middleware: Middleware<Tx>[] = [];
@@ -114,6 +102,7 @@ export class Bus<Tx = unknown> {
     this.backbone = options.backbone;
     this.#maxPayloadBytes = options.maxPayloadBytes ?? busDefaults.maxPayloadBytes;
     this.#subscriptionDefaults = options.subscriptionDefaults ?? {};
+    this.#warn = options.onWarning ?? defaultWarning;
     // Every handler in flight listens for the stop; there may be thousands.
     setMaxListeners(0, this.#stopping.signal);
     resolveSubscribeOptions('createBus subscriptionDefaults', this.#subscriptionDefaults);
@@ -207,7 +196,42 @@ export class Bus<Tx = unknown> {
       this.#started.add(subscription.name);
       await this.#startConsumer(subscription);
     }
+    if (this.#state !== 'starting') return;
+    for (const schedule of this.#schedules.values()) await schedule.start(this.#tickPublisher());
     this.#state = 'running';
+  }
+
+  /**
+   * Publishes `contract`'s message at every tick of the cron `pattern` (five fields, or six with seconds
+   * first), in `options.timezone` (UTC by default): exactly once per tick across every process that declares
+   * the same schedule, also while they start, stop and crash. `data` is the message's data, or a function of
+   * the tick's time that returns it. A tick missed while no process ran fires once on start (or not, with
+   * `missed: 'none'`). Its messages' ids are `<name>@<tick as ISO time>`.
+   */
+  schedule<C extends AnyContract>(name: string, pattern: string, contract: C, data: InputOf<C> | ((tick: Date) => InputOf<C>), options: ScheduleOptions = {}): this {
+    if (this.#schedules.has(name)) {
+      throw new TidingsError('SUBSCRIPTION_CONFLICT', `Schedule ${name} is already declared on this bus (${this.#schedules.get(name)!.definition}); give the other one a name of its own`);
+    }
+    if (this.backbone.claimTick === undefined || this.backbone.lastTick === undefined) {
+      throw new TidingsError('INVALID_OPTIONS', `Schedule ${name}: the ${this.backbone.name} backbone cannot run recurring schedules`);
+    }
+    const schedule = new Schedule(name, pattern, contract, data, options);
+    // Fixed data is checked now, so a mistake shows at start, not at the first tick.
+    if (typeof data !== 'function') {
+      const checked = validateNow(contract, data, { topic: contract.topic });
+      if (checked instanceof Promise) checked.catch(() => undefined);
+    }
+    this.#schedules.set(name, schedule);
+    if (this.#state === 'running') void schedule.start(this.#tickPublisher()).catch((error: unknown) => this.#background.push(error));
+    return this;
+  }
+
+  #tickPublisher(): TickPublisher<Tx> {
+    return {
+      backbone: this.backbone,
+      publish: (contract, data, options) => this.publish(contract, data, options),
+      warn: this.#warn,
+    };
   }
 
   /**
@@ -226,6 +250,7 @@ export class Bus<Tx = unknown> {
     // A start in progress finishes first (each consumer it starts is then stopped below); one that fails
     // leaves nothing to stop but the backbone.
     await this.#starting?.catch(() => undefined);
+    await Promise.all([...this.#schedules.values()].map((schedule) => schedule.stop()));
     const consumers = [...this.#consumers.values()];
     this.#consumers.clear();
     await Promise.all(consumers.map((consumer) => consumer.stop()));
@@ -310,6 +335,8 @@ export class Bus<Tx = unknown> {
         batchSize: options.batchSize,
         inbox: options.inbox,
         startFrom: options.startFrom,
+        retry: options.retry,
+        commands: [...subscription.routes.values()].filter((route) => route.contract.kind === 'command').map((route) => route.contract.topic),
       },
       handle,
     );
@@ -335,24 +362,46 @@ export class Bus<Tx = unknown> {
       true,
     );
     if (broken !== undefined) throw limitError(contract, `publish options: ${broken}`, {});
+    const dueAt = dueTime(contract, effective);
+    if (dueAt !== undefined && this.backbone.cancelScheduled === undefined) {
+      throw new TidingsError(
+        'INVALID_OPTIONS',
+        `Cannot publish ${contract.name} for later: the ${this.backbone.name} backbone cannot schedule delivery${this.backbone.name === 'postgres' || this.backbone.name === 'memory' ? '' : ' without an outbox database (give it outbox: postgres({ url }))'}`,
+      );
+    }
     // Every message is validated before any is written or serialised: a bad one stops them all.
     const checked: Checked[] = [];
     for (const data of items) {
       const item = tooDeep(contract, () => this.#check(contract, data, effective, items.length === 1));
       checked.push(item instanceof Promise ? await item : item);
     }
-    const seal = (item: Checked) => tooDeep(contract, () => this.#seal(contract, item, effective, time));
+    const seal = (item: Checked) => tooDeep(contract, () => this.#seal(contract, item, effective, time, dueAt));
     await this.#open();
     const tx = effective.tx as Tx | undefined;
     const publishChunks = this.backbone.publishChunks?.bind(this.backbone);
-    if (publishChunks !== undefined && checked.length > STREAM_CHUNK) {
+    if (publishChunks !== undefined && checked.length > STREAM_CHUNK && dueAt === undefined) {
       const chunks = chunked(checked, STREAM_CHUNK, seal);
       await (tx !== undefined ? publishChunks(chunks, tx) : this.backbone.transaction((own) => publishChunks(chunks, own)));
     } else {
       await this.backbone.publish(checked.map(seal), tx);
     }
     this.#published[contract.topic] = (this.#published[contract.topic] ?? 0) + checked.length;
-    return checked.map(({ id, key }) => ({ id, topic: contract.topic, key }));
+    if (dueAt === undefined) return checked.map(({ id, key }) => ({ id, topic: contract.topic, key }));
+    const deliverAt = new Date(dueAt);
+    return checked.map(({ id, key }) => ({ id, topic: contract.topic, key, deliverAt }));
+  }
+
+  /**
+   * Cancels a message published for later (`deliverAt`, `delayMs`) that is not due yet: true if it was
+   * cancelled (it will never be delivered), false if it was delivered already, is being delivered, or is
+   * unknown. Either one or the other, never both, however close to its due time.
+   */
+  async cancelScheduled(id: string): Promise<boolean> {
+    await this.#open();
+    if (this.backbone.cancelScheduled === undefined) {
+      throw new TidingsError('INVALID_OPTIONS', `The ${this.backbone.name} backbone cannot schedule delivery, so there is nothing to cancel`);
+    }
+    return this.backbone.cancelScheduled(id);
   }
 
   /** Validates one message's data and finds its key. */
@@ -384,7 +433,7 @@ export class Bus<Tx = unknown> {
   }
 
   /** Serialises a checked message into its envelope. */
-  #seal(contract: AnyContract, { id, key, data }: Checked, options: PublishOptions, time: string): Outgoing {
+  #seal(contract: AnyContract, { id, key, data }: Checked, options: PublishOptions, time: string, dueAt: number | undefined): Outgoing {
     const json = JSON.stringify(data);
     if (json === undefined) {
       throw new TidingsError('INVALID_PAYLOAD', `Payload for ${contract.name} cannot be serialised as JSON`, { ref: { id, topic: contract.topic, key } });
@@ -414,7 +463,7 @@ export class Bus<Tx = unknown> {
       tracestate: options.tracestate,
       data,
     };
-    return { envelope, json, keyHash: keyHash(key) };
+    return dueAt === undefined ? { envelope, json, keyHash: keyHash(key) } : { envelope, json, keyHash: keyHash(key), dueAt };
   }
 }
 
@@ -452,6 +501,26 @@ function tooDeep<T>(contract: AnyContract, fn: () => T): T {
   } catch (error) {
     return deep(error);
   }
+}
+
+/**
+ * When a message published with `deliverAt` or `delayMs` is due (epoch ms), or undefined to deliver it now
+ * (neither given, or a time already past). A date that is not one, or a negative delay, is refused by name.
+ */
+function dueTime(contract: AnyContract, options: PublishOptions): number | undefined {
+  const { deliverAt, delayMs } = options;
+  if (deliverAt === undefined && delayMs === undefined) return undefined;
+  const refuse = (problem: string) => new TidingsError('INVALID_OPTIONS', `Invalid options for publishing ${contract.name}: ${problem}`);
+  if (deliverAt !== undefined && delayMs !== undefined) throw refuse('give deliverAt or delayMs, not both');
+  let due: number;
+  if (delayMs !== undefined) {
+    if (typeof delayMs !== 'number' || !Number.isFinite(delayMs) || delayMs < 0) throw refuse(`delayMs must be a number of milliseconds >= 0, got ${JSON.stringify(delayMs)}`);
+    due = Date.now() + delayMs;
+  } else {
+    due = deliverAt instanceof Date ? deliverAt.getTime() : typeof deliverAt === 'number' ? deliverAt : typeof deliverAt === 'string' ? Date.parse(deliverAt) : Number.NaN;
+    if (!Number.isFinite(due)) throw refuse(`deliverAt must be a Date, an ISO 8601 string or epoch milliseconds, got ${JSON.stringify(deliverAt)}`);
+  }
+  return due > Date.now() ? due : undefined;
 }
 
 /** Letters, digits and the other characters a URI authority takes unescaped. */

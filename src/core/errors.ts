@@ -99,6 +99,13 @@ export function isPermanent(error: unknown): boolean {
   return error instanceof PermanentError || (error instanceof TidingsError && error.code === 'INVALID_PAYLOAD');
 }
 
+/** One attempt at handling a message, as kept in retry and dead-letter histories. */
+export interface AttemptRecord {
+  readonly attempt: number;
+  readonly at: string;
+  readonly error: ErrorRecord;
+}
+
 /** A plain, JSON-safe description of an error for attempt histories and dead letters. */
 export interface ErrorRecord {
   readonly name: string;

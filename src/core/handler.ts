@@ -5,7 +5,8 @@ import { toMessage, type Envelope, type Message } from './envelope.ts';
 import { describeError, HandlerTimeoutError, isPermanent, storable, TidingsError, type ErrorRecord, type MessageRef } from './errors.ts';
 import { envelopeProblem } from './limits.ts';
 import type { ResolvedRetry } from './options.ts';
-import type { PublishOptions, PublishedMessage } from './bus.ts';
+import { exhausted, nextRetryDelay } from './retry.ts';
+import type { PublishOptions, PublishedMessage } from './publish.ts';
 
 /** What a handler may return instead of throwing: ask for a later retry, or give up on the message. */
 export type Outcome =
@@ -61,15 +62,6 @@ export interface HandlerScope {
   readonly delivery: { readonly tx: unknown };
 }
 export const handlerScope = new AsyncLocalStorage<HandlerScope>();
-
-/** After attempt `attempt` (1-based) failed: retry now (0), retry after a delay, or give up (undefined). */
-export function nextRetryDelay(retry: ResolvedRetry, attempt: number, random = Math.random): number | undefined {
-  if (attempt <= retry.immediate) return 0;
-  const base = retry.delayed[attempt - retry.immediate - 1];
-  if (base === undefined) return undefined;
-  const spread = base * retry.jitter;
-  return Math.max(0, Math.round(base - spread + random() * 2 * spread));
-}
 
 export interface PipelineOptions<Tx> {
   readonly subscription: string;
@@ -218,10 +210,6 @@ class LazyAbort {
   dispose(): void {
     if (this.#onStop !== undefined) this.stopping.removeEventListener('abort', this.#onStop);
   }
-}
-
-function exhausted(attempt: number, error: ErrorRecord): DeliveryResult {
-  return { outcome: 'dead-letter', reason: `failed ${attempt} attempt${attempt === 1 ? '' : 's'}; last error: ${error.message}`, error };
 }
 
 /** The message's dead letter, before any handler ran: it can never be handled as it is. */

@@ -5,14 +5,15 @@
  * key, dead letters with their history and redrive, an inbox per subscription, graceful stop. Nothing is
  * durable: the state lives as long as the backbone object. docs/memory.md describes it.
  */
+import { defaultWarning } from '../core/warnings.ts';
 import { EVERY_TOPIC, type Backbone, type Consumer, type DeliveryHandler, type Outgoing, type SubscriptionSpec } from '../core/backbone.ts';
-import type { DeadLetterStore } from '../core/broker.ts';
+import type { DeadLetterStore } from '../core/dead-letters.ts';
 import { TidingsError } from '../core/errors.ts';
 import { OptionProblems, optionNames } from '../core/options.ts';
 import { DeadLetterBook } from './dead-letters.ts';
 import { Deque } from './deque.ts';
 import { Group, MemoryWorker, type GroupContext, type Stored } from './subscription.ts';
-import { enlist, finish, MemoryTransaction } from './transaction.ts';
+import { enlist, finish, MemoryTransaction, rollbackHook } from './transaction.ts';
 
 export { MemoryTransaction, type MemoryTransactionState } from './transaction.ts';
 
@@ -51,10 +52,6 @@ interface Waiter {
   timer: NodeJS.Timeout | undefined;
 }
 
-function defaultWarning(message: string, error?: unknown): void {
-  const detail = error instanceof Error ? `: ${error.message}` : '';
-  console.warn(`[tidings] ${message}${detail}`);
-}
 
 /**
  * Publishing appends to one log in commit order and copies a reference into the queue of each
@@ -77,6 +74,10 @@ export class MemoryBackbone implements Backbone<MemoryTransaction> {
   #everyTopic: Group[] = [];
   readonly #deadLetters: DeadLetterBook;
   readonly #waiters = new Set<Waiter>();
+  /** The last tick each recurring schedule fired (see claimTick). */
+  readonly #ticks = new Map<string, { tick: number; definition: string }>();
+  /** Messages scheduled for later, by id, waiting in their timers. */
+  readonly #scheduled = new Map<string, NodeJS.Timeout>();
   readonly #ctx: GroupContext;
 
   constructor(options: MemoryOptions = {}) {
@@ -131,6 +132,15 @@ export class MemoryBackbone implements Backbone<MemoryTransaction> {
   }
 
   async consume(spec: SubscriptionSpec, handle: DeliveryHandler<MemoryTransaction>): Promise<Consumer> {
+    for (const command of spec.commands ?? []) {
+      const owner = [...this.#groups.values()].find((other) => other.name !== spec.name && other.topics.includes(command));
+      if (owner !== undefined) {
+        throw new TidingsError(
+          'SUBSCRIPTION_CONFLICT',
+          `Command ${command} is handled by subscription ${owner.name} already; subscription ${spec.name} cannot take it too: a command has one owner (send delivers it once). Handle it in ${owner.name}`,
+        );
+      }
+    }
     let group = this.#groups.get(spec.name);
     if (group === undefined) {
       group = new Group(spec, this.#ctx);
@@ -206,23 +216,76 @@ export class MemoryBackbone implements Backbone<MemoryTransaction> {
     }
   }
 
-  /** Appends to the log in commit order and hands each message to the subscriptions of its topic. */
+  /** One process is every process here: the last tick of each schedule is kept in this object. */
+  async claimTick(name: string, definition: string, tick: number, tx: MemoryTransaction): Promise<boolean> {
+    const last = this.#ticks.get(name);
+    if (last !== undefined && last.tick >= tick) return false;
+    const previous = last;
+    this.#ticks.set(name, { tick, definition });
+    // Claimed with the transaction: undone if it rolls back, as the tick's message is.
+    rollbackHook(tx, () => {
+      if (this.#ticks.get(name)?.tick === tick) {
+        if (previous === undefined) this.#ticks.delete(name);
+        else this.#ticks.set(name, previous);
+      }
+    });
+    return true;
+  }
+
+  async lastTick(name: string): Promise<{ tick: number; definition: string } | undefined> {
+    return this.#ticks.get(name);
+  }
+
+  /**
+   * Cancels a scheduled message not yet due: true if it was waiting. Memory keeps scheduled messages in
+   * timers, as long as the backbone object lives (a stopped process forgets them: nothing is durable here).
+   */
+  async cancelScheduled(id: string): Promise<boolean> {
+    const waiting = this.#scheduled.get(id);
+    if (waiting === undefined) return false;
+    clearTimeout(waiting);
+    this.#scheduled.delete(id);
+    return true;
+  }
+
+  /**
+   * Appends to the log in commit order and hands each message to the subscriptions of its topic. A message
+   * due later waits in a timer and is committed then, entering its key's order at its due time.
+   */
   #commit(messages: readonly Outgoing[]): void {
-    for (const { envelope, json, keyHash } of messages) {
-      const stored: Stored = { seq: ++this.#seq, envelope, json, keyHash };
-      if (this.#maxLog > 0) {
-        this.#log.push(stored);
-        if (this.#log.length > this.#maxLog) {
-          this.#log.shift();
-          this.#forgotten++;
-        }
-      } else {
+    for (const message of messages) {
+      if (message.dueAt !== undefined && message.dueAt > Date.now()) this.#later(message);
+      else this.#append(message);
+    }
+  }
+
+  #later(message: Outgoing): void {
+    const { id } = message.envelope;
+    // The same id scheduled twice (a retried publish) is one message, as on PostgreSQL.
+    if (this.#scheduled.has(id)) return;
+    const timer = setTimeout(() => {
+      this.#scheduled.delete(id);
+      this.#append(message);
+    }, message.dueAt! - Date.now());
+    // A scheduled message must not keep a test process alive.
+    timer.unref();
+    this.#scheduled.set(id, timer);
+  }
+
+  #append({ envelope, json, keyHash }: Outgoing): void {
+    const stored: Stored = { seq: ++this.#seq, envelope, json, keyHash };
+    if (this.#maxLog > 0) {
+      this.#log.push(stored);
+      if (this.#log.length > this.#maxLog) {
+        this.#log.shift();
         this.#forgotten++;
       }
-      const groups = this.#byTopic.get(envelope.topic);
-      if (groups !== undefined) for (const group of groups) group.enqueue(stored);
-      for (const group of this.#everyTopic) group.enqueue(stored);
+    } else {
+      this.#forgotten++;
     }
+    const groups = this.#byTopic.get(envelope.topic);
+    if (groups !== undefined) for (const group of groups) group.enqueue(stored);
+    for (const group of this.#everyTopic) group.enqueue(stored);
   }
 
   #replayLog(group: Group): void {

@@ -1,7 +1,7 @@
 import { AsyncResource } from 'node:async_hooks';
 import { EVERY_TOPIC, type AttemptRecord, type Consumer, type DeliveryHandler, type DeliveryResult, type SubscriptionSpec } from '../core/backbone.ts';
 import { partitionOf, type Envelope } from '../core/envelope.ts';
-import { describeError } from '../core/errors.ts';
+import { runAttempts } from '../core/attempts.ts';
 import { Deque } from './deque.ts';
 import type { MemoryTransaction } from './transaction.ts';
 
@@ -38,8 +38,6 @@ export interface GroupContext {
   readonly maxInbox: number;
 }
 
-/** A handler that threw instead of returning a result (a bug below the bus): try again later, not in a hot loop. */
-const CRASHED_HANDLER_RETRY_MS = 1_000;
 /** Handlers started back to back before a worker yields to timers and I/O: all-synchronous handlers never would. */
 const DISPATCHES_PER_TURN = 256;
 
@@ -379,46 +377,41 @@ export class MemoryWorker implements Consumer {
     }
   }
 
-  /** Attempts the key's head until it is acknowledged, dead-lettered or must wait; then frees the key. */
+  /** Attempts the key's head until it is acknowledged, dead-lettered or must wait (core/attempts.ts); then frees the key. */
   async #run(line: KeyLine, entry: Entry): Promise<void> {
     const group = this.#group;
     let how: 'done' | 'wait' | 'again' = 'done';
     let delayMs = 0;
     try {
-      for (;;) {
-        const { envelope } = entry.message;
-        // A redriven or re-published message this subscription already handled.
-        if (group.inbox && group.handled(envelope.id)) break;
-        const attempt = ++entry.attempts;
-        const tx = this.#ctx.begin(`the transaction of attempt ${attempt} at message ${envelope.id} (${envelope.topic}) in subscription ${group.name}`);
-        let result: DeliveryResult;
-        try {
-          result = await this.#handle({ envelope: { ...envelope, data: JSON.parse(entry.message.json) as unknown }, attempt, tx });
-        } catch (error) {
-          result = { outcome: 'retry', delayMs: CRASHED_HANDLER_RETRY_MS, error: describeError(error) };
-        }
-        if (result.outcome === 'ack') {
-          // The inbox record and what the handler published become visible together, as in one commit.
-          if (group.inbox) group.remember(envelope.id);
-          this.#ctx.end(tx, true);
-          break;
-        }
-        this.#ctx.end(tx, false);
-        entry.history.push({ attempt, at: new Date().toISOString(), error: result.error });
-        if (result.outcome === 'dead-letter') {
-          this.#ctx.deadLetter(group.name, entry, result.reason);
-          break;
-        }
-        if (result.delayMs > 0) {
-          how = 'wait';
-          delayMs = result.delayMs;
-          break;
-        }
-        if (this.#stopping) {
-          how = 'again';
-          break;
-        }
-      }
+      const { envelope, json } = entry.message;
+      // A redriven or re-published message this subscription already handled.
+      if (group.inbox && group.handled(envelope.id)) return;
+      const result = await runAttempts(this.#handle, {
+        first: entry.attempts + 1,
+        history: entry.history,
+        retry: this.#spec.retry,
+        // Each attempt parses its own copy of the data, as a real backbone would hand it over.
+        envelope: () => ({ ...envelope, data: JSON.parse(json) as unknown }),
+        open: (attempt) => {
+          entry.attempts = attempt;
+          const tx = this.#ctx.begin(`the transaction of attempt ${attempt} at message ${envelope.id} (${envelope.topic}) in subscription ${group.name}`);
+          return {
+            tx,
+            end: async (keep) => {
+              // The inbox record and what the handler published become visible together, as in one commit.
+              if (keep && group.inbox) group.remember(envelope.id);
+              this.#ctx.end(tx, keep);
+              return undefined;
+            },
+          };
+        },
+        stopping: () => this.#stopping,
+      });
+      if (result.kind === 'dead') this.#ctx.deadLetter(group.name, entry, result.reason);
+      else if (result.kind === 'retry' && result.delayMs > 0) {
+        how = 'wait';
+        delayMs = result.delayMs;
+      } else if (result.kind === 'retry') how = 'again';
     } finally {
       this.#inFlight--;
       group.release(line, entry, how, delayMs);

@@ -1,15 +1,18 @@
+import { defaultWarning } from '../core/warnings.ts';
 import type { Backbone, Consumer, DeliveryHandler, Outgoing, SubscriptionSpec } from '../core/backbone.ts';
-import type { DeadLetterStore } from '../core/broker.ts';
+import type { DeadLetterStore } from '../core/dead-letters.ts';
 import type { Envelope } from '../core/envelope.ts';
 import { TidingsError } from '../core/errors.ts';
 import { OptionProblems, optionNames } from '../core/options.ts';
 import { PostgresConsumer, type ConsumerSettings } from './consume/consumer.ts';
 import { deadLetterStore, readStatus } from './admin.ts';
-import { checkIdentifier, pgDriver, pgliteDriver, preparing, urlProblem, type PGliteLike, type PgPoolLike, type SqlDriver } from './driver.ts';
+import { checkIdentifier, pgDriver, pgliteDriver, preparing, runStatement, urlProblem, type PGliteLike, type PgPoolLike, type SqlDriver } from './driver.ts';
+import { Inbox } from './inbox.ts';
 import { migrate } from './migrate.ts';
 import { resolveRetention, Retention, unknownRetentionKeys, type RetentionOptions } from './retention.ts';
 import { Notifier } from './notifier.ts';
-import { copyRows, GroupCommit, insertMessages, insertStatement } from './publisher.ts';
+import { copyRows, GroupCommit, insertMessages, insertStatement, messagesJson } from './publisher.ts';
+import { SCHEDULED_SIGNAL, Scheduler } from './scheduler.ts';
 import { statements, type Statements } from './statements.ts';
 import { TrackedTransaction, type AtCommit, type PgTransaction } from './transaction.ts';
 
@@ -80,6 +83,8 @@ export const postgresDefaults = {
   reconnectMaxMs: 5_000,
   errorBackoffMaxMs: 5_000,
   handlerConnections: 2,
+  /** Scheduled messages the scheduler moves into the log per statement. */
+  scheduledBatch: 1_000,
   selfTestMs: 2_000,
 } as const;
 
@@ -117,10 +122,6 @@ function unstorable(envelope: Envelope, json: string): string | undefined {
   return undefined;
 }
 
-function defaultWarning(message: string, error?: unknown): void {
-  const detail = error instanceof Error ? `: ${error.message}` : '';
-  console.warn(`[tidings] ${message}${detail}`);
-}
 
 /**
  * The PostgreSQL backbone: a log table read in commit order, LISTEN/NOTIFY wake-ups from one connection per
@@ -142,6 +143,7 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
   #nudges = new Set<NodeJS.Timeout>();
   #retention: Retention | undefined;
   #closing: Promise<void> | undefined;
+  #scheduler: Scheduler | undefined;
 
   constructor(options: PostgresOptions) {
     const problems = new OptionProblems('postgres()');
@@ -216,6 +218,19 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
       this.#retention = new Retention(driver, { ...o.retention, schema: this.schema, onWarning: this.#warn });
       this.#retention.start();
     }
+    this.#scheduler = new Scheduler(
+      driver,
+      this.#sql,
+      this.#notifier,
+      {
+        leaseMs: o.leaseMs ?? postgresDefaults.leaseMs,
+        heartbeatMs: o.heartbeatMs ?? postgresDefaults.heartbeatMs,
+        batchSize: postgresDefaults.scheduledBatch,
+      },
+      this.#warn,
+    );
+    this.#workers.add(this.#scheduler.owner);
+    this.#scheduler.start();
     const batch = { ...postgresDefaults.publishBatch, ...o.publishBatch };
     const writer = preparing(driver);
     const notifier = this.#notifier;
@@ -231,6 +246,7 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
     // other callers' messages share.
     refuseUnstorable(messages);
     await this.open();
+    if (messages.some((message) => message.dueAt !== undefined)) return this.#schedule(messages, tx);
     if (tx === undefined) return this.#groupCommit!.publish(messages);
     if (tx instanceof TrackedTransaction && tx.atCommit !== undefined) {
       // Written with the commit: one statement for all of the transaction's messages, in its round trip.
@@ -253,6 +269,50 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
       this.#notifier?.poke(topics);
     }, this.options.foreignCommitNudgeMs ?? postgresDefaults.foreignCommitNudgeMs);
     this.#nudges.add(nudge);
+  }
+
+  /**
+   * Writes messages due later to `scheduled` (migration 007), in `tx` or on their own; the scheduler's leader
+   * moves them into the log when they are due (scheduler.ts). If one is due before the leader's next
+   * wake-up, the commit wakes it (the `scheduled` signal, in this process and by NOTIFY in others).
+   */
+  async #schedule(messages: readonly Outgoing[], tx: PgTransaction | undefined): Promise<void> {
+    const soon = messages.some((message) => message.dueAt! - Date.now() < (this.options.heartbeatMs ?? postgresDefaults.heartbeatMs));
+    const signal = `!${SCHEDULED_SIGNAL}`;
+    const insert = { name: `tidings.${this.schema}.schedule`, text: this.#sql.insertScheduled, params: [messagesJson(messages)] };
+    if (tx === undefined) {
+      await runStatement(preparing(this.driver), insert);
+      if (soon) this.#notifier?.poke([signal]);
+      return;
+    }
+    await runStatement(tx instanceof TrackedTransaction ? tx : { query: (text, params) => tx.query(text, params) }, insert);
+    if (!soon) return;
+    if (tx instanceof TrackedTransaction) tx.published.add(signal);
+    else {
+      const nudge = setTimeout(() => {
+        this.#nudges.delete(nudge);
+        this.#notifier?.poke([signal]);
+      }, this.options.foreignCommitNudgeMs ?? postgresDefaults.foreignCommitNudgeMs);
+      this.#nudges.add(nudge);
+    }
+  }
+
+  async claimTick(name: string, definition: string, tick: number, tx: PgTransaction): Promise<boolean> {
+    const { rows } = await tx.query(this.#sql.claimTick, [name, definition, new Date(tick)]);
+    return rows.length > 0;
+  }
+
+  async lastTick(name: string): Promise<{ tick: number; definition: string } | undefined> {
+    await this.open();
+    const { rows } = await this.driver.query<{ definition: string; last_tick: Date | string }>(this.#sql.lastTick, [name]);
+    return rows[0] === undefined ? undefined : { tick: new Date(rows[0].last_tick).getTime(), definition: rows[0].definition };
+  }
+
+  /** Cancels a message scheduled for later that is not due yet (see Backbone.cancelScheduled). */
+  async cancelScheduled(id: string): Promise<boolean> {
+    await this.open();
+    const { rows } = await this.driver.query(this.#sql.cancelScheduled, [id]);
+    return rows.length > 0;
   }
 
   /**
@@ -335,6 +395,11 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
     return consumer;
   }
 
+  /** The inbox of `subscription` in this database, for a consumer of another backbone (a broker's, through its outbox). Needs the backbone open. */
+  inbox(subscription: string): Inbox {
+    return new Inbox(this.driver, this.#sql, subscription);
+  }
+
   /** Messages committed to `subscription`'s topics and not yet handled by it; 0 when it does not exist yet. */
   async lag(subscription: string): Promise<number> {
     await this.open();
@@ -360,6 +425,7 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
     this.#nudges.clear();
     if (this.#opening === undefined) return;
     await this.#opening.catch(() => undefined);
+    await this.#scheduler?.stop();
     await this.#retention?.stop();
     await this.#notifier?.close();
     await this.#driver?.close();

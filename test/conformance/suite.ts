@@ -23,6 +23,9 @@ import { Ticked } from '../fixtures/contracts.ts';
 import { sleep, waitFor } from '../helpers.ts';
 import { rollingDeploy } from './deploy.ts';
 import { hostileInput } from './hostile.ts';
+import { scheduledDelivery } from './scheduled.ts';
+import { recurringSchedules } from './schedules.ts';
+import { commandOwners } from './commands.ts';
 
 /** A handling's lasting effect, written through the handler's transaction: counted to prove "exactly once". */
 export interface EffectStore<Tx> {
@@ -51,6 +54,8 @@ export interface ConformanceTarget<Tx> {
     readonly durable: boolean;
     /** A second worker of a subscription takes part of the work (not only over on failure). */
     readonly balances: boolean;
+    /** Refuses a second subscription of a command (absent: not yet, and the case is skipped saying so). */
+    readonly commandOwners?: boolean;
   };
   /** Writes a message behind Tidings' back whose data breaks the contract (a foreign or corrupt producer). */
   readonly injectInvalid?: (backbone: Backbone<Tx>, envelope: Envelope) => Promise<void>;
@@ -428,6 +433,9 @@ export function conformance<Tx>(target: ConformanceTarget<Tx>): void {
 
     hostileInput(target, { world, newBus, stop });
     rollingDeploy({ world, newBus, stop });
+    scheduledDelivery(target, { world, newBus, stop });
+    recurringSchedules(target, { world, newBus, stop });
+    commandOwners(target, { world, newBus, stop });
   });
 }
 
