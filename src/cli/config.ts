@@ -16,7 +16,7 @@ export const cliDefaults = {
 } as const;
 
 /** The settings a config file may hold: the global options' long names. */
-export interface ConfigFile {
+interface ConfigFile {
   url?: string;
   schema?: string;
   connectTimeout?: number;

@@ -16,7 +16,7 @@ export interface StatusView {
 }
 
 /** A subscription the replicas create for themselves (requests, replies), not one an application declared. */
-export function isReplicaPlumbing(name: string): boolean {
+function isReplicaPlumbing(name: string): boolean {
   return name.startsWith('replica-source.') || (name.startsWith('replica.') && name.endsWith('.replies'));
 }
 
