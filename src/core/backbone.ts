@@ -42,6 +42,18 @@ export interface Backbone<Tx = unknown> {
   claimTick?(name: string, definition: string, tick: number, tx: Tx): Promise<boolean>;
   /** Optional, with `claimTick`: the last tick recorded for `name`, and the definition it was fired under. */
   lastTick?(name: string): Promise<{ readonly tick: number; readonly definition: string } | undefined>;
+  /**
+   * Optional, for request/reply (`bus.request`): records the answer to request `requestId`, in `tx` (the
+   * handler's: it exists iff the request is acknowledged) or on its own (an error answer), and wakes whoever
+   * waits for it, in any process. The first answer to a request stands.
+   */
+  reply?(requestId: string, reply: Reply, tx?: Tx): Promise<void>;
+  /**
+   * Optional, with `reply`: resolves with the answer to `requestId` once it is recorded (waiting costs
+   * nothing while no request is open). After `signal` aborts, an answer that still comes is dropped, and
+   * `late` is called.
+   */
+  awaitReply?(requestId: string, signal: AbortSignal, late: () => void): Promise<Reply>;
   /** Runs `fn` in a transaction of the backbone's database; consumers are woken after it commits. */
   transaction<T>(fn: (tx: Tx) => Promise<T>): Promise<T>;
   /** Starts consuming; resolves once the subscription is registered and its workers run. */
@@ -50,6 +62,12 @@ export interface Backbone<Tx = unknown> {
   deadLetters(): DeadLetterStore;
   /** Closes connections it opened. Consumers must be stopped first. */
   close(): Promise<void>;
+}
+
+/** A request's answer: the reply's data (as JSON carries it), or the error the request ended with. */
+export interface Reply {
+  readonly data?: unknown;
+  readonly error?: ErrorRecord;
 }
 
 /** An envelope ready to be written: its data already serialised, its key hashed. */

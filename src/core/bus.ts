@@ -1,17 +1,17 @@
 import { setMaxListeners } from 'node:events';
-import type { Backbone, Consumer, DeliveryHandler, DeliveryResult, Outgoing } from './backbone.ts';
-import { MAX_NAME_LENGTH, validateName, validateNow, type AnyContract, type DataOf, type InputOf } from './contract.ts';
+import type { Backbone, Consumer, Delivery, DeliveryHandler, DeliveryResult, Outgoing } from './backbone.ts';
+import { MAX_NAME_LENGTH, validateName, validateNow, validateReplyNow, type AnyRequestContract, type ReplyInputOf, type ReplyOf, type AnyContract, type DataOf, type InputOf } from './contract.ts';
 import { keyHash, newId, type Envelope, type Message } from './envelope.ts';
-import { TidingsError } from './errors.ts';
+import { TidingsError, type TidingsErrorCode } from './errors.ts';
 import { attributeProblem, bytesOver, dataProblem, messageLimits } from './limits.ts';
 import { stopOnSignals } from './signals.ts';
-import type { PublishedMessage, PublishOptions } from './publish.ts';
+import type { PublishedMessage, PublishOptions, RequestOptions } from './publish.ts';
 import { Schedule, type ScheduleOptions, type TickPublisher } from './schedules.ts';
 import { defaultWarning } from './warnings.ts';
-import { createPipeline, handlerScope, type Handler, type Middleware, type Route } from './handler.ts';
+import { createPipeline, handlerScope, type Handler, type Middleware, type ReplyHandler, type Route } from './handler.ts';
 import { busDefaults, OptionProblems, optionNames, resolveSubscribeOptions, type ResolvedSubscribeOptions, type SubscribeOptions } from './options.ts';
 
-export type { PublishedMessage, PublishOptions } from './publish.ts';
+export type { PublishedMessage, PublishOptions, RequestOptions } from './publish.ts';
 
 export interface BusOptions<Tx> {
   /** This service's name: the CloudEvents `source` of what it publishes. */
@@ -40,8 +40,13 @@ export interface BusStats {
   /** Messages published per topic (in a transaction: counted when written, before the commit). */
   readonly published: Readonly<Record<string, number>>;
   readonly subscriptions: Readonly<Record<string, SubscriptionStats>>;
+  /** `bus.request`s this process made: sent, answered, timed out, and replies that came after their timeout. */
+  readonly requests: { readonly sent: number; readonly answered: number; readonly timedOut: number; readonly late: number };
 }
 
+
+/** The handler a contract takes: one that returns the reply for a command that answers, else a plain one. */
+export type HandlerFor<C, Tx> = C extends AnyRequestContract ? ReplyHandler<DataOf<C>, ReplyInputOf<C>, Tx> : Handler<DataOf<C>, Tx>;
 
 /** A named consumer group: its handlers, one per contract, share order, retries and dead letters. */
 export class Subscription<Tx> {
@@ -53,7 +58,7 @@ export class Subscription<Tx> {
   ) {}
 
   /** Handles `contract`'s messages with `handler`; `message.data` has the contract's type. */
-  on<C extends AnyContract>(contract: C, handler: Handler<DataOf<C>, Tx>): this {
+  on<C extends AnyContract>(contract: C, handler: HandlerFor<C, Tx>): this {
     if (this.routes.has(contract.topic)) {
       throw new TidingsError('SUBSCRIPTION_CONFLICT', `Subscription ${this.name} already handles ${contract.topic}`);
     }
@@ -73,6 +78,7 @@ export class Bus<Tx = unknown> {
   readonly #subscriptionDefaults: SubscribeOptions;
   readonly #warn: (message: string, error?: unknown) => void;
   readonly #schedules = new Map<string, Schedule>();
+  readonly #requests = { sent: 0, answered: 0, timedOut: 0, late: 0 };
   readonly #subscriptions = new Map<string, Subscription<Tx>>();
   readonly #consumers = new Map<string, Consumer>();
   readonly #middleware: Middleware<Tx>[] = [];
@@ -125,6 +131,58 @@ export class Bus<Tx = unknown> {
     return this.#publish(contract, data, options);
   }
 
+  /**
+   * Sends a command that answers and waits for its reply (typed and validated by the contract's `reply`):
+   * the handler's return value, committed with its acknowledgement. Rejects with REQUEST_TIMEOUT after
+   * `timeoutMs` (a reply that comes later is dropped and counted in `stats().requests.late`), with
+   * REQUEST_FAILED (the remote error's code and message) if the request ends in dead letters, and with
+   * INVALID_PAYLOAD if the reply breaks its schema. Not inside a handler: waiting there would hold the
+   * handler's key (use a saga, or publish and handle the answer as a message).
+   */
+  async request<C extends AnyRequestContract>(contract: C, data: InputOf<C>, options: RequestOptions = {}): Promise<ReplyOf<C>> {
+    if (handlerScope.getStore() !== undefined) {
+      throw new TidingsError(
+        'INVALID_OPTIONS',
+        `bus.request(${contract.name}) inside a handler would hold the handler's key until the reply comes: publish the command and handle the answer as a message, or use a saga`,
+      );
+    }
+    if (contract.kind !== 'command' || contract.reply === undefined) {
+      throw new TidingsError('INVALID_CONTRACT', `${contract.name} declares no reply: declare it with defineCommand(name, { schema, reply }) to request it`);
+    }
+    const { timeoutMs = busDefaults.requestTimeoutMs, ...publish } = options;
+    if (!Number.isFinite(timeoutMs) || timeoutMs <= 0) throw new TidingsError('INVALID_OPTIONS', `Invalid options for requesting ${contract.name}: timeoutMs must be a number of milliseconds > 0, got ${timeoutMs}`);
+    const awaitReply = this.backbone.awaitReply?.bind(this.backbone);
+    if (awaitReply === undefined) throw new TidingsError('INVALID_OPTIONS', `The ${this.backbone.name} backbone cannot carry replies`);
+    await this.#open();
+    const id = publish.id ?? newId();
+    const waiting = new AbortController();
+    // Waiting before sending: the reply may come before send resolves.
+    const answer = awaitReply(id, waiting.signal, () => this.#requests.late++);
+    answer.catch(() => undefined);
+    this.#requests.sent++;
+    let timer: NodeJS.Timeout | undefined;
+    try {
+      await this.send(contract, data, { ...publish, id });
+      const timeout = new Promise<never>((_, reject) => {
+        timer = setTimeout(() => {
+          this.#requests.timedOut++;
+          reject(new TidingsError('REQUEST_TIMEOUT', `Request ${contract.name} (message ${id}) got no reply within ${timeoutMs} ms: is a subscription of ${contract.topic} running (tidings status)?`, { ref: { id, topic: contract.topic }, retryable: true }));
+        }, timeoutMs);
+      });
+      const reply = await Promise.race([answer, timeout]);
+      if (reply.error !== undefined) {
+        const code = PASSED_ON.find((known) => known === reply.error!.code) ?? 'REQUEST_FAILED';
+        throw new TidingsError(code, `Request ${contract.name} (message ${id}) failed: ${reply.error.message}`, { ref: { id, topic: contract.topic } });
+      }
+      const checked = validateReplyNow(contract, reply.data, { id, topic: contract.topic });
+      this.#requests.answered++;
+      return (checked instanceof Promise ? await checked : checked) as ReplyOf<C>;
+    } finally {
+      clearTimeout(timer);
+      waiting.abort();
+    }
+  }
+
   /** Sends a command: like publish, for a contract declared with `defineCommand`. */
   async send<C extends AnyContract>(command: C, data: InputOf<C>, options: PublishOptions = {}): Promise<PublishedMessage> {
     if (command.kind !== 'command') {
@@ -149,7 +207,7 @@ export class Bus<Tx = unknown> {
   }
 
   /** Subscribes `handler` to one contract under the consumer group `name`. */
-  subscribe<C extends AnyContract>(name: string, contract: C, handler: Handler<DataOf<C>, Tx>, options?: SubscribeOptions): Subscription<Tx> {
+  subscribe<C extends AnyContract>(name: string, contract: C, handler: HandlerFor<C, Tx>, options?: SubscribeOptions): Subscription<Tx> {
     return this.subscription(name, options).on(contract, handler);
   }
 
@@ -282,6 +340,7 @@ export class Bus<Tx = unknown> {
     return {
       published: { ...this.#published },
       subscriptions: Object.fromEntries([...this.#counts].map(([name, counts]) => [name, { ...counts }])),
+      requests: { ...this.#requests },
     };
   }
 
@@ -318,6 +377,9 @@ export class Bus<Tx = unknown> {
         const inherited: PublishOptions = { tx, ...inherit(parent), ...publishOptions };
         return this.publish(contract, data as InputOf<typeof contract>, inherited);
       },
+      reply: async (request, reply, tx) => {
+        await this.backbone.reply?.(request.id, { data: reply }, tx);
+      },
     });
     const count = (result: DeliveryResult): DeliveryResult => {
       if (result.outcome === 'ack') counts.handled++;
@@ -325,7 +387,22 @@ export class Bus<Tx = unknown> {
       else counts.deadLettered++;
       return result;
     };
-    const handle: DeliveryHandler<Tx> = (delivery) => pipeline(delivery).then(count);
+    const requests = new Set([...subscription.routes.values()].filter((route) => route.contract.reply !== undefined).map((route) => route.contract.topic));
+    /**
+     * A request that ends in dead letters answers with its error at once, on its own: whoever waits for it
+     * learns why rather than waiting out its timeout. (Should the dead letter be rolled back after all, and the
+     * request succeed on a later delivery, this first answer stands.)
+     */
+    const answerFailure = (delivery: Delivery<Tx>, result: DeliveryResult): DeliveryResult => {
+      if (result.outcome === 'dead-letter' && requests.has(delivery.envelope.topic)) {
+        this.backbone.reply?.(delivery.envelope.id, { error: result.error }).catch((error: unknown) => {
+          this.#warn(`Subscription ${subscription.name}: could not answer request ${delivery.envelope.id} with its error; it waits for its timeout`, error);
+        });
+      }
+      return result;
+    };
+    const handle: DeliveryHandler<Tx> =
+      requests.size === 0 ? (delivery) => pipeline(delivery).then(count) : (delivery) => pipeline(delivery).then((result) => count(answerFailure(delivery, result)));
     const consumer = await this.backbone.consume(
       {
         name: subscription.name,
@@ -522,6 +599,9 @@ function dueTime(contract: AnyContract, options: PublishOptions): number | undef
   }
   return due > Date.now() ? due : undefined;
 }
+
+/** The codes of a request's remote error that a requester can act on as they are; any other is REQUEST_FAILED. */
+const PASSED_ON: readonly TidingsErrorCode[] = ['INVALID_PAYLOAD', 'LIMIT_EXCEEDED', 'PAYLOAD_TOO_LARGE', 'UNDECODABLE_MESSAGE', 'HANDLER_TIMEOUT'];
 
 /** Letters, digits and the other characters a URI authority takes unescaped. */
 const SERVICE = new RegExp(`^[A-Za-z0-9._~-]{1,${MAX_NAME_LENGTH}}$`);

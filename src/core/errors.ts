@@ -25,7 +25,11 @@ export type TidingsErrorCode =
   /** A replica's source did not answer a drift check or state transfer in time. */
   | 'SOURCE_UNAVAILABLE'
   /** A wait the caller bounded ran out (the memory backbone's `drain()`). */
-  | 'TIMEOUT';
+  | 'TIMEOUT'
+  /** `bus.request` got no reply in time. */
+  | 'REQUEST_TIMEOUT'
+  /** The handler of a `bus.request` failed for good: the request ended in dead letters. */
+  | 'REQUEST_FAILED';
 
 export interface MessageRef {
   readonly id?: string;

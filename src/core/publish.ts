@@ -29,3 +29,9 @@ export interface PublishedMessage {
   /** When it is due, if it was scheduled for later (`deliverAt`, `delayMs`); `bus.cancelScheduled(id)` cancels it until then. */
   readonly deliverAt?: Date;
 }
+
+/** What `bus.request` takes: a publish's options, and how long to wait for the reply. */
+export interface RequestOptions extends Omit<PublishOptions, 'tx' | 'deliverAt' | 'delayMs'> {
+  /** Reject with REQUEST_TIMEOUT after this long (default `busDefaults.requestTimeoutMs`). */
+  timeoutMs?: number;
+}

@@ -6,7 +6,7 @@
  * durable: the state lives as long as the backbone object. docs/memory.md describes it.
  */
 import { defaultWarning } from '../core/warnings.ts';
-import { EVERY_TOPIC, type Backbone, type Consumer, type DeliveryHandler, type Outgoing, type SubscriptionSpec } from '../core/backbone.ts';
+import { EVERY_TOPIC, type Backbone, type Consumer, type DeliveryHandler, type Outgoing, type Reply, type SubscriptionSpec } from '../core/backbone.ts';
 import type { DeadLetterStore } from '../core/dead-letters.ts';
 import { TidingsError } from '../core/errors.ts';
 import { OptionProblems, optionNames } from '../core/options.ts';
@@ -74,6 +74,8 @@ export class MemoryBackbone implements Backbone<MemoryTransaction> {
   #everyTopic: Group[] = [];
   readonly #deadLetters: DeadLetterBook;
   readonly #waiters = new Set<Waiter>();
+  /** The requests waited for, by id (see awaitReply). */
+  readonly #awaiting = new Map<string, { resolve: (reply: Reply) => void; late: () => void; gone?: boolean }>();
   /** The last tick each recurring schedule fired (see claimTick). */
   readonly #ticks = new Map<string, { tick: number; definition: string }>();
   /** Messages scheduled for later, by id, waiting in their timers. */
@@ -214,6 +216,41 @@ export class MemoryBackbone implements Backbone<MemoryTransaction> {
         this.#warn('An onCommit hook of a memory transaction threw; the transaction stays committed', error);
       }
     }
+  }
+
+  /** Records a request's answer: with `tx`, when it commits (so it exists iff the request is acknowledged). */
+  async reply(requestId: string, reply: Reply, tx?: MemoryTransaction): Promise<void> {
+    // As JSON carries it, like every message here.
+    const copy: Reply = reply.data === undefined ? reply : { data: JSON.parse(JSON.stringify(reply.data)) as unknown };
+    // Nobody waits for the answer to a command sent without request: it is dropped (the first answer stands).
+    const deliver = () => {
+      const waiting = this.#awaiting.get(requestId);
+      if (waiting === undefined) return;
+      this.#awaiting.delete(requestId);
+      if (waiting.gone === true) waiting.late();
+      else waiting.resolve(copy);
+    };
+    if (tx === undefined) deliver();
+    else tx.onCommit(deliver);
+  }
+
+  async awaitReply(requestId: string, signal: AbortSignal, late: () => void): Promise<Reply> {
+    return new Promise<Reply>((resolve, reject) => {
+      this.#awaiting.set(requestId, { resolve, late });
+      signal.addEventListener(
+        'abort',
+        () => {
+          const waiting = this.#awaiting.get(requestId);
+          if (waiting !== undefined) this.#awaiting.set(requestId, { ...waiting, gone: true });
+          reject(signal.reason);
+          // An answer may still come within a minute: then it is counted as late.
+          setTimeout(() => {
+            if (this.#awaiting.get(requestId)?.gone === true) this.#awaiting.delete(requestId);
+          }, 60_000).unref();
+        },
+        { once: true },
+      );
+    });
   }
 
   /** One process is every process here: the last tick of each schedule is kept in this object. */

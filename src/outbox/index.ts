@@ -6,7 +6,7 @@
  * once although the broker may deliver twice. Without an outbox the broker is used alone: no `tx`, no inbox.
  */
 import { defaultWarning } from '../core/warnings.ts';
-import type { Backbone, Consumer, Delivery, DeliveryHandler, DeliveryResult, Outgoing, SubscriptionSpec } from '../core/backbone.ts';
+import type { Backbone, Consumer, Delivery, DeliveryHandler, DeliveryResult, Outgoing, Reply, SubscriptionSpec } from '../core/backbone.ts';
 import { EVERY_TOPIC } from '../core/backbone.ts';
 import type { Broker } from '../core/broker.ts';
 import type { DeadLetterStore } from '../core/dead-letters.ts';
@@ -168,6 +168,18 @@ export class BrokerBackbone implements Backbone<PgTransaction> {
     if (this.outbox === undefined) throw noOutbox(this.name, 'run recurring schedules');
     await this.open();
     return this.outbox.lastTick(name);
+  }
+
+  async reply(requestId: string, reply: Reply, tx?: PgTransaction): Promise<void> {
+    if (this.outbox === undefined) throw noOutbox(this.name, 'carry replies');
+    await this.open();
+    return this.outbox.reply(requestId, reply, tx);
+  }
+
+  async awaitReply(requestId: string, signal: AbortSignal, late: () => void): Promise<Reply> {
+    if (this.outbox === undefined) throw noOutbox(this.name, 'carry replies');
+    await this.open();
+    return this.outbox.awaitReply(requestId, signal, late);
   }
 
   async cancelScheduled(id: string): Promise<boolean> {

@@ -1,5 +1,5 @@
 import { defaultWarning } from '../core/warnings.ts';
-import type { Backbone, Consumer, DeliveryHandler, Outgoing, SubscriptionSpec } from '../core/backbone.ts';
+import type { Backbone, Consumer, DeliveryHandler, Outgoing, Reply, SubscriptionSpec } from '../core/backbone.ts';
 import type { DeadLetterStore } from '../core/dead-letters.ts';
 import type { Envelope } from '../core/envelope.ts';
 import { TidingsError } from '../core/errors.ts';
@@ -13,6 +13,7 @@ import { resolveRetention, Retention, unknownRetentionKeys, type RetentionOption
 import { Notifier } from './notifier.ts';
 import { copyRows, GroupCommit, insertMessages, insertStatement, messagesJson } from './publisher.ts';
 import { SCHEDULED_SIGNAL, Scheduler } from './scheduler.ts';
+import { REPLY_SIGNAL, ReplyWaiter } from './replies.ts';
 import { statements, type Statements } from './statements.ts';
 import { TrackedTransaction, type AtCommit, type PgTransaction } from './transaction.ts';
 
@@ -83,6 +84,8 @@ export const postgresDefaults = {
   reconnectMaxMs: 5_000,
   errorBackoffMaxMs: 5_000,
   handlerConnections: 2,
+  /** How often a process waiting for replies looks for them even without a notification. */
+  replyPollMs: 1_000,
   /** Scheduled messages the scheduler moves into the log per statement. */
   scheduledBatch: 1_000,
   selfTestMs: 2_000,
@@ -144,6 +147,7 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
   #retention: Retention | undefined;
   #closing: Promise<void> | undefined;
   #scheduler: Scheduler | undefined;
+  #replies: ReplyWaiter | undefined;
 
   constructor(options: PostgresOptions) {
     const problems = new OptionProblems('postgres()');
@@ -308,6 +312,27 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
     return rows[0] === undefined ? undefined : { tick: new Date(rows[0].last_tick).getTime(), definition: rows[0].definition };
   }
 
+  /** Records a request's answer (see Backbone.reply): in `tx`, whose commit wakes the requester, or on its own. */
+  async reply(requestId: string, reply: Reply, tx?: PgTransaction): Promise<void> {
+    await this.open();
+    const params = [requestId, reply.data === undefined ? null : JSON.stringify(reply.data), reply.error === undefined ? null : JSON.stringify(reply.error)];
+    const signal = `!${REPLY_SIGNAL}`;
+    if (tx === undefined) {
+      await this.driver.query(this.#sql.insertReply, params);
+      this.#notifier?.poke([signal]);
+      return;
+    }
+    await tx.query(this.#sql.insertReply, params);
+    if (tx instanceof TrackedTransaction) tx.published.add(signal);
+    else setTimeout(() => this.#notifier?.poke([signal]), this.options.foreignCommitNudgeMs ?? postgresDefaults.foreignCommitNudgeMs);
+  }
+
+  async awaitReply(requestId: string, signal: AbortSignal, late: () => void): Promise<Reply> {
+    await this.open();
+    this.#replies ??= new ReplyWaiter(this.driver, this.#sql, this.#notifier!, postgresDefaults.replyPollMs, this.#warn);
+    return this.#replies.await(requestId, signal, late);
+  }
+
   /** Cancels a message scheduled for later that is not due yet (see Backbone.cancelScheduled). */
   async cancelScheduled(id: string): Promise<boolean> {
     await this.open();
@@ -425,6 +450,7 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
     this.#nudges.clear();
     if (this.#opening === undefined) return;
     await this.#opening.catch(() => undefined);
+    this.#replies?.close();
     await this.#scheduler?.stop();
     await this.#retention?.stop();
     await this.#notifier?.close();

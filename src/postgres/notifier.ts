@@ -95,7 +95,8 @@ export class Notifier {
     }
     if (topicsOnly.size > 0) this.#wakeLocal(topicsOnly);
     // Embedded too: other buses of this process may share the PGlite instance, each with its own notifier.
-    if (this.#closed || notified || !this.othersListening()) return;
+    // A signal goes out whoever consumes: its listener (a process waiting for a reply) may consume nothing.
+    if (this.#closed || notified || (topicsOnly.size === set.size && !this.othersListening())) return;
     for (const topic of set) this.#pending.add(topic);
     void this.#send();
   }

@@ -184,6 +184,9 @@ export function statements(schema: string) {
         where ${s}.schedules.last_tick < excluded.last_tick
       returning 1 as claimed`,
     lastTick: `select definition, last_tick from ${s}.schedules where name = $1`,
+    /** The first answer to a request stands. */
+    insertReply: `insert into ${s}.replies (request_id, data, error) values ($1, $2::jsonb, $3::jsonb) on conflict (request_id) do nothing`,
+    takeReplies: `delete from ${s}.replies where request_id = any($1::text[]) returning request_id, data, error`,
     /**
      * Takes or renews a lease on a role ($1) for $2 for $3 ms; returns a row only to its holder. With it, how
      * long until the next scheduled message is due (null: none; negative: overdue).

@@ -26,6 +26,7 @@ import { hostileInput } from './hostile.ts';
 import { scheduledDelivery } from './scheduled.ts';
 import { recurringSchedules } from './schedules.ts';
 import { commandOwners } from './commands.ts';
+import { requestReply } from './requests.ts';
 
 /** A handling's lasting effect, written through the handler's transaction: counted to prove "exactly once". */
 export interface EffectStore<Tx> {
@@ -436,6 +437,7 @@ export function conformance<Tx>(target: ConformanceTarget<Tx>): void {
     scheduledDelivery(target, { world, newBus, stop });
     recurringSchedules(target, { world, newBus, stop });
     commandOwners(target, { world, newBus, stop });
+    requestReply(target, { world, newBus, stop });
   });
 }
 
