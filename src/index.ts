@@ -10,6 +10,8 @@ export type { TidingsErrorCode, ValidationIssue, ErrorRecord, MessageRef } from 
 export { retryLater, deadLetter } from './core/handler.ts';
 export { nextRetryDelay } from './core/retry.ts';
 export { scheduleDefaults } from './core/schedules.ts';
+export { defineSaga, sagaDefaults } from './core/saga.ts';
+export type { SagaContext, SagaDefinition, SagaStats, SagaStore, SagaRow, Transition } from './core/saga.ts';
 export type { ScheduleOptions } from './core/schedules.ts';
 export type { Handler, HandlerContext, Middleware, Outcome } from './core/handler.ts';
 export { subscriptionDefaults, busDefaults, resolveSubscribeOptions } from './core/options.ts';

@@ -3,33 +3,11 @@
  * mid-stream, cancels racing the due time. What every backbone promises is in test/conformance/scheduled.ts.
  */
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
-import { after, test, type TestContext } from 'node:test';
-import { createBus, type Bus } from '../src/index.ts';
-import { postgres, type PgTransaction } from '../src/postgres/index.ts';
+import { test } from 'node:test';
+import { pgWorld } from './fixtures/bus.ts';
 import { Ticked } from './fixtures/contracts.ts';
-import { quickPostgres } from './conformance/postgres.ts';
-import { DATABASE_URL, dropSchema, requirePostgres, sleep, uniqueSchema, waitFor } from './helpers.ts';
-
-const schemas: string[] = [];
-const buses: Bus<PgTransaction>[] = [];
-after(async () => {
-  await Promise.all(buses.map((bus) => bus.stop().catch(() => undefined)));
-  for (const schema of schemas) await dropSchema(schema);
-});
-
-function newBus(schema: string, service: string): Bus<PgTransaction> {
-  const bus = createBus({ service, backbone: postgres({ url: DATABASE_URL, schema, ...quickPostgres }) });
-  buses.push(bus);
-  return bus;
-}
-
-async function setup(t: TestContext): Promise<string | undefined> {
-  if (!(await requirePostgres(t))) return undefined;
-  const schema = uniqueSchema('sch');
-  schemas.push(schema);
-  return schema;
-}
+import { startProcess } from './fixtures/processes.ts';
+import { sleep, waitFor } from './helpers.ts';
 
 function percentile(values: number[], p: number): number {
   const sorted = [...values].sort((a, b) => a - b);
@@ -37,9 +15,10 @@ function percentile(values: number[], p: number): number {
 }
 
 test('8,000 messages due over 5 s from 4 publishers: each delivered once, none early; the leader stops midway and another takes over', async (t) => {
-  const schema = await setup(t);
-  if (schema === undefined) return;
-  const consumer = newBus(schema, 'consumer');
+  const world = await pgWorld(t, 'sch');
+  if (world === undefined) return;
+  const { schema } = world;
+  const consumer = world.bus('consumer');
   const due = new Map<string, number>();
   const late: number[] = [];
   const seen = new Map<string, number>();
@@ -58,7 +37,7 @@ test('8,000 messages due over 5 s from 4 publishers: each delivered once, none e
     { concurrency: 32 },
   );
   // The publishers start first, so one of them leads the scheduler; when they stop, the consumer's process must take over.
-  const publishers = Array.from({ length: 4 }, (_, i) => newBus(schema, `publisher-${i}`));
+  const publishers = Array.from({ length: 4 }, (_, i) => world.bus(`publisher-${i}`));
   await Promise.all(publishers.map((bus) => bus.start()));
   await consumer.start();
   const start = Date.now() + 1_000;
@@ -86,15 +65,16 @@ test('8,000 messages due over 5 s from 4 publishers: each delivered once, none e
 });
 
 test('a cancel racing the due time: each message is either cancelled or delivered, never both, never neither', async (t) => {
-  const schema = await setup(t);
-  if (schema === undefined) return;
-  const consumer = newBus(schema, 'consumer');
+  const world = await pgWorld(t, 'sch');
+  if (world === undefined) return;
+  const { schema } = world;
+  const consumer = world.bus('consumer');
   const delivered = new Set<string>();
   consumer.subscribe('race', Ticked, (message) => {
     delivered.add(message.id);
   });
   await consumer.start();
-  const canceller = newBus(schema, 'canceller');
+  const canceller = world.bus('canceller');
   await canceller.start();
   const dueAt = Date.now() + 1_500;
   const published = await consumer.publishMany(
@@ -119,28 +99,11 @@ test('a cancel racing the due time: each message is either cancelled or delivere
   t.diagnostic(`${cancelled.size} cancelled, ${delivered.size} delivered`);
 });
 
-/** A ticker process (test/fixtures/ticker.ts); resolves once it runs. */
-function startTicker(schema: string): Promise<ChildProcess> {
-  const child = spawn(process.execPath, ['--conditions=source', '--import', 'tsx', 'test/fixtures/ticker.ts'], {
-    env: { ...process.env, DATABASE_URL, SCHEMA: schema },
-    stdio: ['pipe', 'pipe', 'inherit'],
-  });
-  return new Promise((resolve, reject) => {
-    child.once('error', reject);
-    child.once('exit', (code) => reject(new Error(`ticker exited with ${code} before it was ready`)));
-    child.stdout!.on('data', (chunk: Buffer) => {
-      if (chunk.toString().includes('ready')) {
-        child.removeAllListeners('exit');
-        resolve(child);
-      }
-    });
-  });
-}
-
 test('kill -9: a schedule run by three processes, one killed, publishes every tick once; delayed messages survive their leader killed', async (t) => {
-  const schema = await setup(t);
-  if (schema === undefined) return;
-  const consumer = newBus(schema, 'consumer');
+  const world = await pgWorld(t, 'sch');
+  if (world === undefined) return;
+  const { schema } = world;
+  const consumer = world.bus('consumer');
   const ticks: number[] = [];
   const delayed = new Map<string, number>();
   consumer.subscribe('kill-ticks', Ticked, (message) => {
@@ -148,16 +111,16 @@ test('kill -9: a schedule run by three processes, one killed, publishes every ti
     else delayed.set(message.id, Date.now());
   });
   // The tickers start first: one of them leads the delayed-message scheduler.
-  const tickers = [await startTicker(schema), await startTicker(schema), await startTicker(schema)];
+  const tickers = [await startProcess('ticker', { SCHEMA: schema }), await startProcess('ticker', { SCHEMA: schema }), await startProcess('ticker', { SCHEMA: schema })];
   try {
     await consumer.start();
     const dueAt = Date.now() + 2_500;
     const published = await consumer.publishMany(Ticked, Array.from({ length: 200 }, (_, i) => ({ key: `d${i % 10}`, seq: i })), { deliverAt: dueAt });
     await waitFor('two ticks', () => ticks.length >= 2, 20_000);
     // Kill every ticker but one, with -9, one after the other: the leader of the scheduler among them.
-    tickers[0]!.kill('SIGKILL');
+    tickers[0]!.kill();
     await sleep(1_200);
-    tickers[1]!.kill('SIGKILL');
+    tickers[1]!.kill();
     const killedAt = Date.now();
     await waitFor('ticks after the kills', () => ticks.some((seq) => seq * 1_000 > killedAt + 2_000), 20_000);
     await waitFor('every delayed message', () => delayed.size >= published.length, 20_000);
@@ -168,6 +131,6 @@ test('kill -9: a schedule run by three processes, one killed, publishes every ti
     assert.ok([...delayed.values()].every((at) => at >= dueAt), 'no delayed message early');
     t.diagnostic(`ticks ${first}..${last}; delayed messages late by at most ${Math.max(...delayed.values()) - dueAt} ms`);
   } finally {
-    for (const ticker of tickers) if (ticker.exitCode === null && ticker.signalCode === null) ticker.kill('SIGKILL');
+    for (const ticker of tickers) ticker.kill();
   }
 });

@@ -2,6 +2,7 @@ import type { Envelope } from './envelope.ts';
 import type { DeadLetterStore } from './dead-letters.ts';
 import type { ErrorRecord } from './errors.ts';
 import type { ResolvedRetry } from './options.ts';
+import type { SagaStore } from './saga.ts';
 
 /**
  * The seam between the bus and what carries its messages. A backbone stores and delivers envelopes; the
@@ -54,6 +55,8 @@ export interface Backbone<Tx = unknown> {
    * `late` is called.
    */
   awaitReply?(requestId: string, signal: AbortSignal, late: () => void): Promise<Reply>;
+  /** Optional: where saga instances live, saved in handlers' transactions (core/saga.ts). */
+  sagas?(): SagaStore<Tx>;
   /** Runs `fn` in a transaction of the backbone's database; consumers are woken after it commits. */
   transaction<T>(fn: (tx: Tx) => Promise<T>): Promise<T>;
   /** Starts consuming; resolves once the subscription is registered and its workers run. */

@@ -6,6 +6,7 @@ import { TidingsError, type TidingsErrorCode } from './errors.ts';
 import { attributeProblem, bytesOver, dataProblem, messageLimits } from './limits.ts';
 import { stopOnSignals } from './signals.ts';
 import type { PublishedMessage, PublishOptions, RequestOptions } from './publish.ts';
+import { sagaHandlers, type SagaDefinition, type SagaStats } from './saga.ts';
 import { Schedule, type ScheduleOptions, type TickPublisher } from './schedules.ts';
 import { defaultWarning } from './warnings.ts';
 import { createPipeline, handlerScope, type Handler, type Middleware, type ReplyHandler, type Route } from './handler.ts';
@@ -42,6 +43,8 @@ export interface BusStats {
   readonly subscriptions: Readonly<Record<string, SubscriptionStats>>;
   /** `bus.request`s this process made: sent, answered, timed out, and replies that came after their timeout. */
   readonly requests: { readonly sent: number; readonly answered: number; readonly timedOut: number; readonly late: number };
+  /** Per saga run here: instances started, transitions, completions, and messages ignored after completion or before the start. */
+  readonly sagas: Readonly<Record<string, Readonly<SagaStats>>>;
 }
 
 
@@ -79,6 +82,7 @@ export class Bus<Tx = unknown> {
   readonly #warn: (message: string, error?: unknown) => void;
   readonly #schedules = new Map<string, Schedule>();
   readonly #requests = { sent: 0, answered: 0, timedOut: 0, late: 0 };
+  readonly #sagaStats = new Map<string, SagaStats>();
   readonly #subscriptions = new Map<string, Subscription<Tx>>();
   readonly #consumers = new Map<string, Consumer>();
   readonly #middleware: Middleware<Tx>[] = [];
@@ -260,6 +264,21 @@ export class Bus<Tx = unknown> {
   }
 
   /**
+   * Runs a saga (defineSaga) on this bus: a subscription `saga.<name>` of its messages and timeouts, whose
+   * transitions load and save the instance's state in the message's transaction. Needs a backbone that keeps
+   * saga state (PostgreSQL, memory, or a broker with an outbox).
+   */
+  saga<S, M extends Record<string, AnyContract>>(definition: SagaDefinition<S, M>, options?: SubscribeOptions): this {
+    const store = this.backbone.sagas?.();
+    if (store === undefined) throw new TidingsError('INVALID_OPTIONS', `Saga ${definition.name}: the ${this.backbone.name} backbone cannot keep saga state`);
+    const stats: SagaStats = { started: 0, transitions: 0, completed: 0, ignoredAfterCompletion: 0, early: 0 };
+    const subscription = this.subscription(`saga.${definition.name}`, options);
+    for (const { contract, handler } of sagaHandlers(definition, { store }, stats)) subscription.on(contract, handler as Handler<DataOf<AnyContract>, Tx>);
+    this.#sagaStats.set(definition.name, stats);
+    return this;
+  }
+
+  /**
    * Publishes `contract`'s message at every tick of the cron `pattern` (five fields, or six with seconds
    * first), in `options.timezone` (UTC by default): exactly once per tick across every process that declares
    * the same schedule, also while they start, stop and crash. `data` is the message's data, or a function of
@@ -341,6 +360,7 @@ export class Bus<Tx = unknown> {
       published: { ...this.#published },
       subscriptions: Object.fromEntries([...this.#counts].map(([name, counts]) => [name, { ...counts }])),
       requests: { ...this.#requests },
+      sagas: Object.fromEntries([...this.#sagaStats].map(([name, counts]) => [name, { ...counts }])),
     };
   }
 

@@ -8,6 +8,7 @@
 import { defaultWarning } from '../core/warnings.ts';
 import { EVERY_TOPIC, type Backbone, type Consumer, type DeliveryHandler, type Outgoing, type Reply, type SubscriptionSpec } from '../core/backbone.ts';
 import type { DeadLetterStore } from '../core/dead-letters.ts';
+import type { SagaRow, SagaStore } from '../core/saga.ts';
 import { TidingsError } from '../core/errors.ts';
 import { OptionProblems, optionNames } from '../core/options.ts';
 import { DeadLetterBook } from './dead-letters.ts';
@@ -74,6 +75,9 @@ export class MemoryBackbone implements Backbone<MemoryTransaction> {
   #everyTopic: Group[] = [];
   readonly #deadLetters: DeadLetterBook;
   readonly #waiters = new Set<Waiter>();
+  /** Saga instances by [saga, id], and the instances locked by a transaction in progress (see sagas). */
+  readonly #sagas = new Map<string, SagaRow>();
+  readonly #sagaLocks = new Map<string, Promise<void>>();
   /** The requests waited for, by id (see awaitReply). */
   readonly #awaiting = new Map<string, { resolve: (reply: Reply) => void; late: () => void; gone?: boolean }>();
   /** The last tick each recurring schedule fired (see claimTick). */
@@ -216,6 +220,40 @@ export class MemoryBackbone implements Backbone<MemoryTransaction> {
         this.#warn('An onCommit hook of a memory transaction threw; the transaction stays committed', error);
       }
     }
+  }
+
+  /**
+   * Saga instances in this object. Loading one locks it until the loading transaction ends, as PostgreSQL's
+   * row lock does, so two transitions of one instance never interleave; a save applies at commit.
+   */
+  sagas(): SagaStore<MemoryTransaction> {
+    const instances = this.#sagas;
+    const locks = this.#sagaLocks;
+    return {
+      async load(tx, saga, id) {
+        const name = JSON.stringify([saga, id]);
+        while (locks.has(name)) await locks.get(name);
+        let release!: () => void;
+        locks.set(name, new Promise<void>((resolve) => (release = resolve)));
+        const unlock = () => {
+          locks.delete(name);
+          release();
+        };
+        tx.onCommit(unlock);
+        rollbackHook(tx, unlock);
+        return instances.get(name);
+      },
+      async find(saga, id) {
+        return instances.get(JSON.stringify([saga, id]));
+      },
+      async save(tx, saga, id, row) {
+        const name = JSON.stringify([saga, id]);
+        if ((instances.get(name)?.version ?? 0) !== row.version - 1) return false;
+        const copy = { ...row, state: JSON.parse(JSON.stringify(row.state)) as unknown };
+        tx.onCommit(() => instances.set(name, copy));
+        return true;
+      },
+    };
   }
 
   /** Records a request's answer: with `tx`, when it commits (so it exists iff the request is acknowledged). */

@@ -9,6 +9,7 @@ import { defaultWarning } from '../core/warnings.ts';
 import type { Backbone, Consumer, Delivery, DeliveryHandler, DeliveryResult, Outgoing, Reply, SubscriptionSpec } from '../core/backbone.ts';
 import { EVERY_TOPIC } from '../core/backbone.ts';
 import type { Broker } from '../core/broker.ts';
+import type { SagaStore } from '../core/saga.ts';
 import type { DeadLetterStore } from '../core/dead-letters.ts';
 import { keyHash, type Envelope } from '../core/envelope.ts';
 import { describeError, storable, TidingsError } from '../core/errors.ts';
@@ -168,6 +169,11 @@ export class BrokerBackbone implements Backbone<PgTransaction> {
     if (this.outbox === undefined) throw noOutbox(this.name, 'run recurring schedules');
     await this.open();
     return this.outbox.lastTick(name);
+  }
+
+  sagas(): SagaStore<PgTransaction> {
+    if (this.outbox === undefined) throw noOutbox(this.name, 'keep saga state');
+    return this.outbox.sagas();
   }
 
   async reply(requestId: string, reply: Reply, tx?: PgTransaction): Promise<void> {

@@ -799,7 +799,8 @@ function escapeLike(text: string): string {
   return text.replace(/[\\%_]/g, (char) => `\\${char}`);
 }
 
-function schemaOf(schema: string): string {
+/** The schema as quoted SQL, once validated. */
+export function schemaOf(schema: string): string {
   return `"${checkIdentifier('schema', schema)}"`;
 }
 
@@ -810,7 +811,7 @@ function chunkOf(options: { readonly chunkSize?: number | undefined }): number {
 }
 
 /** A schema that was never migrated, or migrated by an older version, gets an error that says what to do. */
-async function explainMissingSchema<T>(schema: string, fn: () => Promise<T>): Promise<T> {
+export async function explainMissingSchema<T>(schema: string, fn: () => Promise<T>): Promise<T> {
   try {
     return await fn();
   } catch (error) {
@@ -846,7 +847,7 @@ function groupBy<T>(items: readonly T[], keyOf: (item: T) => string): Map<string
   return groups;
 }
 
-function iso(value: Date | string): string {
+export function iso(value: Date | string): string {
   return value instanceof Date ? value.toISOString() : new Date(value).toISOString();
 }
 

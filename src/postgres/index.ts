@@ -1,5 +1,6 @@
 import { defaultWarning } from '../core/warnings.ts';
 import type { Backbone, Consumer, DeliveryHandler, Outgoing, Reply, SubscriptionSpec } from '../core/backbone.ts';
+import type { SagaStore } from '../core/saga.ts';
 import type { DeadLetterStore } from '../core/dead-letters.ts';
 import type { Envelope } from '../core/envelope.ts';
 import { TidingsError } from '../core/errors.ts';
@@ -312,6 +313,27 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
     return rows[0] === undefined ? undefined : { tick: new Date(rows[0].last_tick).getTime(), definition: rows[0].definition };
   }
 
+  sagas(): SagaStore<PgTransaction> {
+    const sql = this.#sql;
+    return {
+      async load(tx, saga, id) {
+        const { rows } = await tx.query<{ state: unknown; version: number; completed: boolean }>(sql.loadSaga, [saga, id]);
+        const row = rows[0];
+        return row === undefined ? undefined : { state: row.state, version: Number(row.version), completed: row.completed };
+      },
+      find: async (saga, id) => {
+        await this.open();
+        const { rows } = await this.driver.query<{ state: unknown; version: number; completed: boolean }>(sql.findSaga, [saga, id]);
+        const row = rows[0];
+        return row === undefined ? undefined : { state: row.state, version: Number(row.version), completed: row.completed };
+      },
+      async save(tx, saga, id, row, cause) {
+        const { rows } = await tx.query<{ saved: number }>(sql.saveSaga, [saga, id, JSON.stringify(row.state), row.version, row.completed, cause.messageId, cause.topic]);
+        return Number(rows[0]?.saved ?? 0) > 0;
+      },
+    };
+  }
+
   /** Records a request's answer (see Backbone.reply): in `tx`, whose commit wakes the requester, or on its own. */
   async reply(requestId: string, reply: Reply, tx?: PgTransaction): Promise<void> {
     await this.open();
@@ -463,4 +485,5 @@ export function postgres(options: PostgresOptions): PostgresBackbone {
   return new PostgresBackbone(options);
 }
 export * from './admin.ts';
+export * from './ops/sagas.ts';
 export { Retention, prune, retentionDefaults, type RetentionOptions, type PruneResult } from './retention.ts';

@@ -184,6 +184,22 @@ export function statements(schema: string) {
         where ${s}.schedules.last_tick < excluded.last_tick
       returning 1 as claimed`,
     lastTick: `select definition, last_tick from ${s}.schedules where name = $1`,
+    /** A saga instance, locked until the transaction ends (core/saga.ts). */
+    loadSaga: `select state, version, completed_at is not null as completed from ${s}.sagas where saga = $1 and id = $2 for update`,
+    findSaga: `select state, version, completed_at is not null as completed from ${s}.sagas where saga = $1 and id = $2`,
+    /**
+     * Saves a saga instance at version $4 if it is at $4 - 1 (0: not started), with the transition's cause
+     * ($6 message id, $7 topic); returns a row only if it saved.
+     */
+    saveSaga: `with saved as (
+        insert into ${s}.sagas as g (saga, id, state, version, completed_at) values ($1, $2, $3::jsonb, $4, case when $5::boolean then now() end)
+        on conflict (saga, id) do update set state = excluded.state, version = excluded.version, completed_at = excluded.completed_at, updated_at = now()
+          where g.version = excluded.version - 1
+        returning 1
+      ), logged as (
+        insert into ${s}.saga_transitions (saga, id, version, message_id, topic) select $1, $2, $4, $6, $7 from saved
+      )
+      select count(*)::int as saved from saved`,
     /** The first answer to a request stands. */
     insertReply: `insert into ${s}.replies (request_id, data, error) values ($1, $2::jsonb, $3::jsonb) on conflict (request_id) do nothing`,
     takeReplies: `delete from ${s}.replies where request_id = any($1::text[]) returning request_id, data, error`,

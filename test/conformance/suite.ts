@@ -27,6 +27,7 @@ import { scheduledDelivery } from './scheduled.ts';
 import { recurringSchedules } from './schedules.ts';
 import { commandOwners } from './commands.ts';
 import { requestReply } from './requests.ts';
+import { sagas } from './sagas.ts';
 
 /** A handling's lasting effect, written through the handler's transaction: counted to prove "exactly once". */
 export interface EffectStore<Tx> {
@@ -438,6 +439,7 @@ export function conformance<Tx>(target: ConformanceTarget<Tx>): void {
     recurringSchedules(target, { world, newBus, stop });
     commandOwners(target, { world, newBus, stop });
     requestReply(target, { world, newBus, stop });
+    sagas(target, { world, newBus, stop });
   });
 }
 
