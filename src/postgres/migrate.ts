@@ -8,8 +8,8 @@ export interface Migration {
 }
 
 /**
- * Every migration, oldest first. The SQL is inside the JavaScript (migrations/index.ts, generated from the
- * .sql files beside it), not read from disk: an application bundled into one file starts all the same.
+ * Every migration, oldest first: from the .sql files when Tidings runs from its sources, from inside the
+ * JavaScript in the built package (see migrations/index.ts), so that a bundled application starts.
  */
 export function loadMigrations(): readonly Migration[] {
   return migrations;
