@@ -9,6 +9,7 @@ import type { PublishedMessage, PublishOptions, RequestOptions } from './publish
 import { sagaHandlers, type SagaDefinition, type SagaStats } from './saga.ts';
 import { Schedule, type ScheduleOptions, type TickPublisher } from './schedules.ts';
 import { defaultWarning } from './warnings.ts';
+import { systemClock, type Clock, type ClockTimer } from './clock.ts';
 import { createPipeline, handlerScope, type Handler, type Middleware, type ReplyHandler, type Route } from './handler.ts';
 import { busDefaults, OptionProblems, optionNames, resolveSubscribeOptions, type ResolvedSubscribeOptions, type SubscribeOptions } from './options.ts';
 
@@ -24,9 +25,11 @@ export interface BusOptions<Tx> {
   subscriptionDefaults?: SubscribeOptions;
   /** Called with what the bus recovers from by itself (a schedule's tick that could not be published); the console by default. */
   onWarning?: (message: string, error?: unknown) => void;
+  /** The clock of scheduled publishes, schedules' ticks and request timeouts: the system's, or a virtual one (tidings/testing). */
+  clock?: Clock;
 }
 
-const busOptionNames = optionNames<BusOptions<unknown>>()('service', 'backbone', 'maxPayloadBytes', 'subscriptionDefaults', 'onWarning');
+const busOptionNames = optionNames<BusOptions<unknown>>()('service', 'backbone', 'maxPayloadBytes', 'subscriptionDefaults', 'onWarning', 'clock');
 
 export interface SubscriptionStats {
   /** Attempts that succeeded (the message was acknowledged, or will be with its batch). */
@@ -80,6 +83,7 @@ export class Bus<Tx = unknown> {
   readonly #maxPayloadBytes: number;
   readonly #subscriptionDefaults: SubscribeOptions;
   readonly #warn: (message: string, error?: unknown) => void;
+  readonly clock: Clock;
   readonly #schedules = new Map<string, Schedule>();
   readonly #requests = { sent: 0, answered: 0, timedOut: 0, late: 0 };
   readonly #sagaStats = new Map<string, SagaStats>();
@@ -113,6 +117,7 @@ export class Bus<Tx = unknown> {
     this.#maxPayloadBytes = options.maxPayloadBytes ?? busDefaults.maxPayloadBytes;
     this.#subscriptionDefaults = options.subscriptionDefaults ?? {};
     this.#warn = options.onWarning ?? defaultWarning;
+    this.clock = options.clock ?? systemClock;
     // Every handler in flight listens for the stop; there may be thousands.
     setMaxListeners(0, this.#stopping.signal);
     resolveSubscribeOptions('createBus subscriptionDefaults', this.#subscriptionDefaults);
@@ -164,11 +169,11 @@ export class Bus<Tx = unknown> {
     const answer = awaitReply(id, waiting.signal, () => this.#requests.late++);
     answer.catch(() => undefined);
     this.#requests.sent++;
-    let timer: NodeJS.Timeout | undefined;
+    let timer: ClockTimer | undefined;
     try {
       await this.send(contract, data, { ...publish, id });
       const timeout = new Promise<never>((_, reject) => {
-        timer = setTimeout(() => {
+        timer = this.clock.setTimeout(() => {
           this.#requests.timedOut++;
           reject(new TidingsError('REQUEST_TIMEOUT', `Request ${contract.name} (message ${id}) got no reply within ${timeoutMs} ms: is a subscription of ${contract.topic} running (tidings status)?`, { ref: { id, topic: contract.topic }, retryable: true }));
         }, timeoutMs);
@@ -182,7 +187,7 @@ export class Bus<Tx = unknown> {
       this.#requests.answered++;
       return (checked instanceof Promise ? await checked : checked) as ReplyOf<C>;
     } finally {
-      clearTimeout(timer);
+      this.clock.clearTimeout(timer);
       waiting.abort();
     }
   }
@@ -308,6 +313,7 @@ export class Bus<Tx = unknown> {
       backbone: this.backbone,
       publish: (contract, data, options) => this.publish(contract, data, options),
       warn: this.#warn,
+      clock: this.clock,
     };
   }
 
@@ -459,7 +465,7 @@ export class Bus<Tx = unknown> {
       true,
     );
     if (broken !== undefined) throw limitError(contract, `publish options: ${broken}`, {});
-    const dueAt = dueTime(contract, effective);
+    const dueAt = dueTime(contract, effective, this.clock.now());
     if (dueAt !== undefined && this.backbone.cancelScheduled === undefined) {
       throw new TidingsError(
         'INVALID_OPTIONS',
@@ -604,7 +610,7 @@ function tooDeep<T>(contract: AnyContract, fn: () => T): T {
  * When a message published with `deliverAt` or `delayMs` is due (epoch ms), or undefined to deliver it now
  * (neither given, or a time already past). A date that is not one, or a negative delay, is refused by name.
  */
-function dueTime(contract: AnyContract, options: PublishOptions): number | undefined {
+function dueTime(contract: AnyContract, options: PublishOptions, now: number): number | undefined {
   const { deliverAt, delayMs } = options;
   if (deliverAt === undefined && delayMs === undefined) return undefined;
   const refuse = (problem: string) => new TidingsError('INVALID_OPTIONS', `Invalid options for publishing ${contract.name}: ${problem}`);
@@ -612,12 +618,12 @@ function dueTime(contract: AnyContract, options: PublishOptions): number | undef
   let due: number;
   if (delayMs !== undefined) {
     if (typeof delayMs !== 'number' || !Number.isFinite(delayMs) || delayMs < 0) throw refuse(`delayMs must be a number of milliseconds >= 0, got ${JSON.stringify(delayMs)}`);
-    due = Date.now() + delayMs;
+    due = now + delayMs;
   } else {
     due = deliverAt instanceof Date ? deliverAt.getTime() : typeof deliverAt === 'number' ? deliverAt : typeof deliverAt === 'string' ? Date.parse(deliverAt) : Number.NaN;
     if (!Number.isFinite(due)) throw refuse(`deliverAt must be a Date, an ISO 8601 string or epoch milliseconds, got ${JSON.stringify(deliverAt)}`);
   }
-  return due > Date.now() ? due : undefined;
+  return due > now ? due : undefined;
 }
 
 /** The codes of a request's remote error that a requester can act on as they are; any other is REQUEST_FAILED. */

@@ -2,6 +2,7 @@ import { Cron } from 'croner';
 import type { Backbone } from './backbone.ts';
 import { validateName, type AnyContract, type InputOf } from './contract.ts';
 import { TidingsError } from './errors.ts';
+import type { Clock, ClockTimer } from './clock.ts';
 import type { PublishOptions } from './publish.ts';
 
 /** What a recurring schedule publishes besides its data (its `tx`, `id` and time are the tick's). */
@@ -22,6 +23,7 @@ export interface TickPublisher<Tx> {
   readonly backbone: Backbone<Tx>;
   publish<C extends AnyContract>(contract: C, data: InputOf<C>, options: PublishOptions): Promise<unknown>;
   warn(message: string, error?: unknown): void;
+  readonly clock: Clock;
 }
 
 /** Longest single wait: timers of more than ~24.8 days fire at once, and a clock may be adjusted meanwhile. */
@@ -39,7 +41,8 @@ export class Schedule<C extends AnyContract = AnyContract> {
   readonly definition: string;
   readonly timezone: string;
   readonly missed: 'one' | 'none';
-  #timer: NodeJS.Timeout | undefined;
+  #timer: ClockTimer | undefined;
+  #clock: Clock | undefined;
   #firing: Promise<void> | undefined;
   #stopped = false;
 
@@ -82,12 +85,13 @@ export class Schedule<C extends AnyContract = AnyContract> {
   /** Starts ticking; first fires the tick missed while nothing ran, if `missed` says so. */
   async start(bus: TickPublisher<unknown>): Promise<void> {
     this.#stopped = false;
+    this.#clock = bus.clock;
     const last = await bus.backbone.lastTick!(this.name);
     if (last !== undefined && last.definition !== this.definition) {
       bus.warn(`Schedule ${this.name} changed from ${last.definition} to ${this.definition}: its ticks follow the new definition from now on`);
     }
     if (last !== undefined && this.missed === 'one') {
-      const latest = this.previousTick(Date.now());
+      const latest = this.previousTick(bus.clock.now());
       if (latest !== undefined && latest > last.tick) await this.#fire(bus, latest);
     }
     this.#arm(bus);
@@ -95,22 +99,23 @@ export class Schedule<C extends AnyContract = AnyContract> {
 
   async stop(): Promise<void> {
     this.#stopped = true;
-    clearTimeout(this.#timer);
+    this.#clock?.clearTimeout(this.#timer);
     await this.#firing;
   }
 
   #arm(bus: TickPublisher<unknown>): void {
     if (this.#stopped) return;
-    const tick = this.nextTick(Date.now());
+    const tick = this.nextTick(bus.clock.now());
     if (tick === undefined) return;
-    const wait = tick - Date.now();
-    this.#timer = setTimeout(() => {
+    const wait = tick - bus.clock.now();
+    this.#timer = bus.clock.setTimeout(() => {
       // A long wait is cut in pieces: re-arm until the tick is near.
       if (wait > MAX_WAIT_MS) return this.#arm(bus);
       this.#firing = this.#fire(bus, tick).finally(() => {
         this.#firing = undefined;
         this.#arm(bus);
       });
+      return this.#firing;
     }, Math.min(wait, MAX_WAIT_MS));
   }
 

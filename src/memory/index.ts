@@ -6,6 +6,8 @@
  * durable: the state lives as long as the backbone object. docs/memory.md describes it.
  */
 import { defaultWarning } from '../core/warnings.ts';
+import { systemClock, type Clock, type ClockTimer } from '../core/clock.ts';
+import type { Envelope } from '../core/envelope.ts';
 import { EVERY_TOPIC, type Backbone, type Consumer, type DeliveryHandler, type Outgoing, type Reply, type SubscriptionSpec } from '../core/backbone.ts';
 import type { DeadLetterStore } from '../core/dead-letters.ts';
 import type { SagaRow, SagaStore } from '../core/saga.ts';
@@ -33,6 +35,8 @@ export interface MemoryOptions {
   drainTimeoutMs?: number;
   /** Called with what the backbone recovers from or drops by itself (see maxLog, maxDeadLetters). */
   onWarning?: (message: string, error?: unknown) => void;
+  /** The clock of retries and scheduled messages: the system's, or a virtual one (tidings/testing). */
+  clock?: Clock;
 }
 
 export const memoryDefaults = {
@@ -40,14 +44,21 @@ export const memoryDefaults = {
   maxInbox: 100_000,
   maxDeadLetters: 100_000,
   drainTimeoutMs: 10_000,
-} as const satisfies Required<Omit<MemoryOptions, 'onWarning'>>;
+} as const satisfies Required<Omit<MemoryOptions, 'onWarning' | 'clock'>>;
 
 export interface DrainOptions {
   /** Reject with a TIMEOUT error after this long (default `drainTimeoutMs`); 0 waits for ever. */
   timeoutMs?: number;
+  /**
+   * Wait for keys that wait for a delayed retry too (default true). False resolves once nothing can run
+   * now: what a test with a virtual clock waits for before it moves the clock (tidings/testing).
+   */
+  retries?: boolean;
 }
 
 interface Waiter {
+  /** Also waits for keys that wait for a retry. */
+  readonly retries: boolean;
   resolve(): void;
   reject(error: unknown): void;
   timer: NodeJS.Timeout | undefined;
@@ -65,6 +76,7 @@ export class MemoryBackbone implements Backbone<MemoryTransaction> {
   readonly #maxInbox: number;
   readonly #drainTimeoutMs: number;
   readonly #warn: (message: string, error?: unknown) => void;
+  readonly #clock: Clock;
   readonly #log = new Deque<Stored>();
   /** Messages forgotten by the log (maxLog). */
   #forgotten = 0;
@@ -83,12 +95,12 @@ export class MemoryBackbone implements Backbone<MemoryTransaction> {
   /** The last tick each recurring schedule fired (see claimTick). */
   readonly #ticks = new Map<string, { tick: number; definition: string }>();
   /** Messages scheduled for later, by id, waiting in their timers. */
-  readonly #scheduled = new Map<string, NodeJS.Timeout>();
+  readonly #scheduled = new Map<string, ClockTimer>();
   readonly #ctx: GroupContext;
 
   constructor(options: MemoryOptions = {}) {
     const problems = new OptionProblems('memory()');
-    problems.unknownKeys(options, optionNames<MemoryOptions>()('maxLog', 'maxInbox', 'maxDeadLetters', 'drainTimeoutMs', 'onWarning'));
+    problems.unknownKeys(options, optionNames<MemoryOptions>()('maxLog', 'maxInbox', 'maxDeadLetters', 'drainTimeoutMs', 'onWarning', 'clock'));
     problems.integer('maxLog', options.maxLog, 0);
     problems.integer('maxInbox', options.maxInbox, 0);
     problems.integer('maxDeadLetters', options.maxDeadLetters, 1);
@@ -99,6 +111,7 @@ export class MemoryBackbone implements Backbone<MemoryTransaction> {
     this.#maxInbox = options.maxInbox ?? memoryDefaults.maxInbox;
     this.#drainTimeoutMs = options.drainTimeoutMs ?? memoryDefaults.drainTimeoutMs;
     this.#warn = options.onWarning ?? defaultWarning;
+    this.#clock = options.clock ?? systemClock;
     this.#deadLetters = new DeadLetterBook(options.maxDeadLetters ?? memoryDefaults.maxDeadLetters, (message) => this.#warn(message));
     this.#ctx = {
       begin: (what) => new MemoryTransaction(this, what),
@@ -108,6 +121,7 @@ export class MemoryBackbone implements Backbone<MemoryTransaction> {
       retopic: () => this.#index(),
       warn: (message, error) => this.#warn(message, error),
       maxInbox: this.#maxInbox,
+      clock: this.#clock,
     };
   }
 
@@ -173,6 +187,18 @@ export class MemoryBackbone implements Backbone<MemoryTransaction> {
   }
 
   /**
+   * The committed messages still kept (`maxLog`), oldest first, each with its own copy of the data as JSON
+   * carried it; only those of `topic` if given. What a test reads to see what was published.
+   */
+  messages(topic?: string): Envelope[] {
+    const found: Envelope[] = [];
+    for (const stored of this.#log) {
+      if (topic === undefined || stored.envelope.topic === topic) found.push({ ...stored.envelope, data: JSON.parse(stored.json) as unknown });
+    }
+    return found;
+  }
+
+  /**
    * Resolves when every running subscription (one with a consumer that is not stopped) has nothing left:
    * no message queued, in flight or waiting for a retry. What handlers publish meanwhile is waited for
    * too, so after `await backbone.drain()` a whole cascade of handlers has run. Rejects with a TIMEOUT
@@ -183,10 +209,11 @@ export class MemoryBackbone implements Backbone<MemoryTransaction> {
     const problems = new OptionProblems('drain()');
     problems.integer('timeoutMs', options.timeoutMs, 0);
     problems.throwIfAny();
-    if (this.#idle()) return Promise.resolve();
+    const retries = options.retries ?? true;
+    if (this.#idle(retries)) return Promise.resolve();
     const timeoutMs = options.timeoutMs ?? this.#drainTimeoutMs;
     return new Promise<void>((resolve, reject) => {
-      const waiter: Waiter = { resolve, reject, timer: undefined };
+      const waiter: Waiter = { retries, resolve, reject, timer: undefined };
       if (timeoutMs > 0) {
         waiter.timer = setTimeout(() => {
           this.#waiters.delete(waiter);
@@ -318,7 +345,7 @@ export class MemoryBackbone implements Backbone<MemoryTransaction> {
   async cancelScheduled(id: string): Promise<boolean> {
     const waiting = this.#scheduled.get(id);
     if (waiting === undefined) return false;
-    clearTimeout(waiting);
+    this.#clock.clearTimeout(waiting);
     this.#scheduled.delete(id);
     return true;
   }
@@ -329,7 +356,7 @@ export class MemoryBackbone implements Backbone<MemoryTransaction> {
    */
   #commit(messages: readonly Outgoing[]): void {
     for (const message of messages) {
-      if (message.dueAt !== undefined && message.dueAt > Date.now()) this.#later(message);
+      if (message.dueAt !== undefined && message.dueAt > this.#clock.now()) this.#later(message);
       else this.#append(message);
     }
   }
@@ -338,12 +365,12 @@ export class MemoryBackbone implements Backbone<MemoryTransaction> {
     const { id } = message.envelope;
     // The same id scheduled twice (a retried publish) is one message, as on PostgreSQL.
     if (this.#scheduled.has(id)) return;
-    const timer = setTimeout(() => {
+    const timer = this.#clock.setTimeout(() => {
       this.#scheduled.delete(id);
       this.#append(message);
-    }, message.dueAt! - Date.now());
+    }, message.dueAt! - this.#clock.now());
     // A scheduled message must not keep a test process alive.
-    timer.unref();
+    timer.unref?.();
     this.#scheduled.set(id, timer);
   }
 
@@ -390,16 +417,16 @@ export class MemoryBackbone implements Backbone<MemoryTransaction> {
     }
   }
 
-  #idle(): boolean {
-    for (const group of this.#groups.values()) if (group.running && group.outstanding > 0) return false;
+  #idle(retries: boolean): boolean {
+    for (const group of this.#groups.values()) if (group.running && (retries ? group.outstanding : group.outstanding - group.waiting) > 0) return false;
     return true;
   }
 
   #checkIdle(): void {
-    if (this.#waiters.size === 0 || !this.#idle()) return;
-    const waiters = [...this.#waiters];
-    this.#waiters.clear();
-    for (const waiter of waiters) {
+    if (this.#waiters.size === 0) return;
+    for (const waiter of [...this.#waiters]) {
+      if (!this.#idle(waiter.retries)) continue;
+      this.#waiters.delete(waiter);
       clearTimeout(waiter.timer);
       waiter.resolve();
     }

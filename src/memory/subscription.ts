@@ -2,6 +2,7 @@ import { AsyncResource } from 'node:async_hooks';
 import { EVERY_TOPIC, type AttemptRecord, type Consumer, type DeliveryHandler, type DeliveryResult, type SubscriptionSpec } from '../core/backbone.ts';
 import { partitionOf, type Envelope } from '../core/envelope.ts';
 import { runAttempts } from '../core/attempts.ts';
+import type { Clock, ClockTimer } from '../core/clock.ts';
 import { Deque } from './deque.ts';
 import type { MemoryTransaction } from './transaction.ts';
 
@@ -36,6 +37,8 @@ export interface GroupContext {
   retopic(): void;
   warn(message: string, error?: unknown): void;
   readonly maxInbox: number;
+  /** The clock of delayed retries. */
+  readonly clock: Clock;
 }
 
 /** Handlers started back to back before a worker yields to timers and I/O: all-synchronous handlers never would. */
@@ -50,7 +53,7 @@ class KeyLine {
   ready = false;
   /** When the head's delayed retry is due (0: not waiting). The key's later messages wait behind it. */
   retryAt = 0;
-  timer: NodeJS.Timeout | undefined;
+  timer: ClockTimer | undefined;
   constructor(
     readonly key: string,
     readonly lane: Lane,
@@ -100,6 +103,13 @@ export class Group {
 
   get running(): boolean {
     return this.#workers.length > 0;
+  }
+
+  /** Messages of keys that wait for a delayed retry: counted in `outstanding`, but nothing runs them until it is due. */
+  get waiting(): number {
+    let messages = 0;
+    for (const line of this.#waiting) messages += line.pending.length;
+    return messages;
   }
 
   /** A committed message of one of this subscription's topics. */
@@ -162,7 +172,7 @@ export class Group {
     // No worker left: retry timers would only wake nobody. They are armed again, for the time left, on attach.
     if (this.#workers.length === 0) {
       for (const line of this.#waiting) {
-        clearTimeout(line.timer);
+        this.#ctx.clock.clearTimeout(line.timer);
         line.timer = undefined;
       }
     }
@@ -194,7 +204,7 @@ export class Group {
         while (line.pending.shift() !== undefined);
         for (const entry of kept) line.pending.push(entry);
         if (kept.length === 0 && line.retryAt !== 0) {
-          clearTimeout(line.timer);
+          this.#ctx.clock.clearTimeout(line.timer);
           line.retryAt = 0;
           this.#waiting.delete(line);
         }
@@ -259,14 +269,15 @@ export class Group {
     } else {
       line.pending.unshift(entry);
       if (how === 'wait') {
-        line.retryAt = Date.now() + delayMs;
+        line.retryAt = this.#ctx.clock.now() + delayMs;
         this.#waiting.add(line);
         if (this.#workers.length > 0) this.#arm(line);
       }
     }
     if (line.retryAt === 0 && line.pending.length > 0) this.#makeReady(line);
     else if (line.retryAt === 0) line.lane.keys.delete(line.key);
-    if (this.outstanding === 0) this.#ctx.settled();
+    // Drain waiters look again: one that does not wait for retries may be done although messages wait.
+    this.#ctx.settled();
   }
 
   /** Counts for drain()'s timeout message. */
@@ -306,15 +317,15 @@ export class Group {
   }
 
   #arm(line: KeyLine): void {
-    clearTimeout(line.timer);
-    line.timer = setTimeout(() => {
+    this.#ctx.clock.clearTimeout(line.timer);
+    line.timer = this.#ctx.clock.setTimeout(() => {
       line.timer = undefined;
       line.retryAt = 0;
       this.#waiting.delete(line);
       this.#makeReady(line);
-    }, Math.max(0, line.retryAt - Date.now()));
+    }, Math.max(0, line.retryAt - this.#ctx.clock.now()));
     // A retry waiting in memory must not keep a test process alive.
-    line.timer.unref();
+    line.timer.unref?.();
   }
 }
 
