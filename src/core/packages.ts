@@ -7,17 +7,18 @@ import { TidingsError } from './errors.ts';
  * installed but failing to load (with the reason: a broken install, an unsupported version, a bundle that
  * cannot load it). Proven by test/packages.unit.test.ts and, from the packed package, tarball.smoke.test.ts.
  */
-export async function loadPackage<T>(loading: Promise<T>, name: string, neededFor: string): Promise<T> {
+export async function loadPackage<T>(loading: Promise<T>, name: string, neededFor: string, install = name): Promise<T> {
   try {
     return await loading;
   } catch (cause) {
-    throw packageError(cause, name, neededFor);
+    throw packageError(cause, name, neededFor, install);
   }
 }
 
-export function packageError(cause: unknown, name: string, neededFor: string): TidingsError {
+/** `install`: what to give `npm install` (the package, or it and the ones that go with it). */
+export function packageError(cause: unknown, name: string, neededFor: string, install = name): TidingsError {
   if (isNotInstalled(cause, name)) {
-    return new TidingsError('PACKAGE_UNAVAILABLE', `${neededFor} needs the "${name}" package, which is not installed: npm install ${name}`, { cause });
+    return new TidingsError('PACKAGE_UNAVAILABLE', `${neededFor} needs the "${name}" package, which is not installed: npm install ${install}`, { cause });
   }
   const why = cause instanceof Error ? cause.message.split('\n')[0] : String(cause);
   return new TidingsError(
