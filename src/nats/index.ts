@@ -4,18 +4,9 @@
  * its relay) and gives handlers a transaction that commits with their inbox record. See docs/nats.md.
  */
 import { hostname } from 'node:os';
-import {
-  jetstream,
-  jetstreamManager,
-  RetentionPolicy,
-  StorageType,
-  type JetStreamClient,
-  type JetStreamManager,
-  type StreamConfig,
-  type StreamInfo,
-} from '@nats-io/jetstream';
-import { Kvm, type KV } from '@nats-io/kv';
-import { connect, nanos, type NatsConnection } from '@nats-io/transport-node';
+import type { JetStreamClient, JetStreamManager, StreamConfig, StreamInfo } from '@nats-io/jetstream';
+import type { KV } from '@nats-io/kv';
+import type { NatsConnection } from '@nats-io/transport-node';
 import type { Consumer, DeliveryHandler, Outgoing, SubscriptionSpec } from '../core/backbone.ts';
 import type { Broker } from '../core/broker.ts';
 import type { DeadLetterStore } from '../core/dead-letters.ts';
@@ -24,6 +15,7 @@ import { TidingsError } from '../core/errors.ts';
 import { OptionProblems, optionNames } from '../core/options.ts';
 import { defaultWarning } from '../core/warnings.ts';
 import { brokered, type BrokerBackbone, type BrokeredOptions } from '../outbox/index.ts';
+import { loadClient } from './client.ts';
 import { subjectOf, toWire } from './codec.ts';
 import { NatsConsumer } from './consumer.ts';
 import { NatsDeadLetters } from './dead-letters.ts';
@@ -222,9 +214,12 @@ export class NatsBroker implements Broker {
 
   async #open(): Promise<NatsContext> {
     const s = this.settings;
+    const { transport, jetstream, kv } = await loadClient();
+    const { nanos } = transport;
+    const { RetentionPolicy, StorageType } = jetstream;
     let nc: NatsConnection;
     try {
-      nc = await connect({
+      nc = await transport.connect({
         servers: s.servers,
         name: `tidings ${hostname()}:${process.pid}`,
         maxReconnectAttempts: -1,
@@ -239,7 +234,7 @@ export class NatsBroker implements Broker {
       });
     }
     try {
-      const jsm = await jetstreamManager(nc, { timeout: s.publishTimeoutMs });
+      const jsm = await jetstream.jetstreamManager(nc, { timeout: s.publishTimeoutMs });
       const description = `tidings buckets=${s.buckets}: Tidings messages, subjects ${s.subjectPrefix}.<bucket>.<topic>`;
       const info = await ensureStream(jsm, {
         name: s.stream,
@@ -283,8 +278,8 @@ export class NatsBroker implements Broker {
         duplicate_window: nanos(s.duplicateWindowMs),
         num_replicas: s.replicas,
       });
-      const js = jetstream(nc, { timeout: s.publishTimeoutMs });
-      const kvm = new Kvm(js);
+      const js = jetstream.jetstream(nc, { timeout: s.publishTimeoutMs });
+      const kvm = new kv.Kvm(js);
       const leasesBucket = `${s.stream}_leases`;
       const holdsBucket = `${s.stream}_holds`;
       const leases = await kvm.create(leasesBucket, { ttl: s.leaseMs, history: 1, replicas: s.replicas, timeout: s.publishTimeoutMs });
