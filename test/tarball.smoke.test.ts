@@ -192,7 +192,7 @@ test('embedded PostgreSQL: without PGlite installed the error says what to insta
 });
 
 test('a broker backbone without its client package: the error names the package and the install command', async () => {
-  // Plain JavaScript: the type check would (rightly) ask for amqplib's types first.
+  // Plain JavaScript: the type check would (rightly) ask for the clients' types first.
   writeFileSync(
     join(app, 'rabbitmq.mjs'),
     `import { createBus } from 'tidings';
@@ -208,6 +208,24 @@ await bus.stop().catch(() => undefined);
   );
   const started = ok(await run(process.execPath, ['rabbitmq.mjs'], { cwd: app }), 'the RabbitMQ backbone without amqplib');
   assert.equal(started.stdout, 'PACKAGE_UNAVAILABLE The RabbitMQ backbone needs the "amqplib" package, which is not installed: npm install amqplib\n');
+  writeFileSync(
+    join(app, 'nats.mjs'),
+    `import { createBus } from 'tidings';
+import { nats } from 'tidings/nats';
+const bus = createBus({ service: 'smoke', backbone: nats({ servers: 'nats://127.0.0.1:1' }) });
+try {
+  await bus.start();
+} catch (error) {
+  console.log(error.code, error.message);
+}
+await bus.stop().catch(() => undefined);
+`,
+  );
+  const nats = ok(await run(process.execPath, ['nats.mjs'], { cwd: app }), 'the NATS backbone without nats.js');
+  assert.equal(
+    nats.stdout,
+    'PACKAGE_UNAVAILABLE The NATS backbone needs the "@nats-io/transport-node" package, which is not installed: npm install @nats-io/transport-node @nats-io/jetstream @nats-io/kv\n',
+  );
 });
 
 test('the oldest Node that package.json\'s engines names runs the quick start from the tarball', async (t) => {
