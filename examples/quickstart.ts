@@ -13,6 +13,7 @@ const OrderPlaced = defineEvent('orders.order-placed', {
 // A connection URL for a PostgreSQL server, or embedded PostgreSQL in this process.
 const backbone = process.env.DATABASE_URL ? postgres({ url: process.env.DATABASE_URL }) : postgres({ pglite: true });
 const bus = createBus({ service: 'orders', backbone });
+bus.stopOnSignals(); // Ctrl-C or SIGTERM: finish the messages in flight, release leases, then exit
 
 let charged = 0;
 bus.subscribe(

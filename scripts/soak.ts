@@ -2,7 +2,7 @@
  * Soak: a steady publish/consume load on a real PostgreSQL server for a given time, to show that memory,
  * latency and table sizes stay flat. Not part of `npm test`.
  *
- *   npx tsx --conditions=source scripts/soak.ts --seconds 60 [--url postgres://...] [--rate 1000]
+ *   npx tsx --conditions=tidings-source scripts/soak.ts --seconds 60 [--url postgres://...] [--rate 1000]
  *
  * Publishers (`--publishers` loops, `--rate` messages per second in all, 0 for as fast as they go) publish
  * one event at a time on `--keys` keys, each key owned by one loop, so its sequence numbers commit in

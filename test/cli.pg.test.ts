@@ -3,13 +3,15 @@
  * process, against a real PostgreSQL server, with real buses producing the dead letters, lag and leases.
  */
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { readFileSync } from 'node:fs';
 import { loadMigrations } from '../src/postgres/migrate.ts';
 import { hostname, userInfo } from 'node:os';
 import { after, test, type TestContext } from 'node:test';
 import { createBus, type Bus } from '../src/index.ts';
 import { postgres, type PgTransaction } from '../src/postgres/index.ts';
 import { Ticked } from './fixtures/contracts.ts';
-import { connect, DATABASE_URL, dropSchema, requirePostgres, runTidings, uniqueSchema, waitFor, type CliRun } from './helpers.ts';
+import { BIN, connect, DATABASE_URL, dropSchema, requirePostgres, runTidings, uniqueSchema, waitFor, type CliRun } from './helpers.ts';
 
 const schemas: string[] = [];
 const buses: Bus<PgTransaction>[] = [];
@@ -238,13 +240,32 @@ test('status: lag per partition, oldest unprocessed age, leases and workers', as
 
   const human = await tidings(['--schema', schema, 'status']);
   assert.equal(human.code, 0, human.stderr);
-  assert.match(human.stdout, /SUBSCRIPTION +TOPICS +WORKERS +LAG +OLDEST UNPROCESSED/);
+  assert.match(human.stdout, /SUBSCRIPTION +TOPICS +WORKERS +LAG +OLDEST +HANDLED/);
   assert.match(human.stdout, /slow +test\.ticked +1 +6 /);
-  assert.match(human.stdout, /PARTITION +OWNER +LEASE +EPOCH +HANDLED +LAG/);
-  assert.match(human.stdout, /\d+\.\d s left/);
+  // Compact: the one partition behind is shown, not the two caught up; no escape codes into a pipe.
+  assert.match(human.stdout, /\nslow: 3 partitions; 1 of 3 partitions behind\n +PARTITION +OWNER +LEASE +EPOCH +HANDLED +LAG[^\n]*\n +\d +\S+ +\d+\.\d s left +\d+ +0 +6 [^\n]*\n\n/);
+  assert.match(human.stdout, /Workers: 1 live in 1 process\./);
+  assert.ok(!human.stdout.includes('\x1b['), 'no colour into a pipe');
+  const verbose = await tidings(['--schema', schema, 'status', '--verbose']);
+  assert.equal(verbose.stdout.match(/ s left /g)?.length, 3, 'every partition with --verbose');
+  assert.match(verbose.stdout, /Workers:\n +ID +SUBSCRIPTION +HOST +PID/);
+  assert.ok(slow.cursors.every((cursor: { epoch: unknown }) => typeof cursor.epoch === 'number'), 'epoch is a number in JSON');
+
+  // --watch: a reading every 0.2 s until Ctrl-C, one JSON object per line.
+  const watching = spawn(process.execPath, [BIN, '--schema', schema, '--json', 'status', '--watch', '0.2'], { env: { ...process.env, DATABASE_URL } });
+  let watched = '';
+  watching.stdout.on('data', (chunk: Buffer) => (watched += chunk.toString()));
+  const watchExit = new Promise<number | null>((resolve) => watching.once('exit', resolve));
+  await waitFor('three readings', () => watched.split('\n').length > 3);
+  watching.kill('SIGINT');
+  assert.equal(await watchExit, 0, 'Ctrl-C ends --watch without an error');
+  for (const line of watched.trim().split('\n')) assert.equal(JSON.parse(line).schema, schema);
 
   release();
   await waitFor('lag back to 0', async () => (await json(schema, ['status', '--subscription', 'slow'])).subscriptions[0].lag === 0);
+  const caughtUp = await tidings(['--schema', schema, 'status']);
+  assert.match(caughtUp.stdout, /Every subscription is caught up\./);
+  assert.doesNotMatch(caughtUp.stdout, /PARTITION/, 'no partition detail when nothing needs a look');
   await bus.stop();
   const stopped = await json(schema, ['status', '--subscription', 'slow']);
   assert.equal(stopped.subscriptions[0].handled, 6);
@@ -301,7 +322,7 @@ test('tail follows new messages of a topic with filters; migrate is idempotent',
   const schema = await setup(t);
   if (schema === undefined) return;
   const migrated = await json(schema, ['migrate']);
-  assert.deepEqual(migrated.applied, (await loadMigrations()).map((migration) => migration.version));
+  assert.deepEqual(migrated.applied, loadMigrations().map((migration) => migration.version));
   assert.deepEqual((await json(schema, ['migrate'])).applied, []);
 
   const bus = newBus(schema);
@@ -359,6 +380,84 @@ test('exit codes: 3 and a password-free URL for an unreachable database, 2 for u
   const help = await tidings(['--help']);
   assert.equal(help.code, 0);
   assert.match(help.stdout, /Exit codes:\n {2}0 +success\n {2}1 .*\n {2}2 .*usage.*\n {2}3 .*unreachable/);
+});
+
+test('migrate --dry-run prints only what the database lacks and changes nothing; --version', async (t) => {
+  const schema = await setup(t);
+  if (schema === undefined) return;
+  const fresh = await tidings(['--schema', schema, 'migrate', '--dry-run']);
+  assert.equal(fresh.code, 0, fresh.stderr);
+  assert.match(fresh.stdout, new RegExp(`^-- Tidings: migrations of schema "${schema}"[^\\n]*\\nbegin;\\n`));
+  assert.match(fresh.stdout, /-- 001_initial\n/);
+  assert.match(fresh.stdout, /\ncommit;\n$/);
+  const [created] = await sql(`select count(*)::int as n from information_schema.schemata where schema_name = $1`, [schema]);
+  assert.equal(created.n, 0, 'a dry run creates nothing');
+
+  await json(schema, ['migrate']);
+  const upToDate = await tidings(['--schema', schema, 'migrate', '--dry-run']);
+  assert.equal(upToDate.stdout, `-- Schema ${schema} is up to date: nothing to run.\n`);
+  assert.deepEqual((await json(schema, ['migrate', '--dry-run'])).pending, []);
+
+  // With no database, the SQL of a new schema, for a DBA who prepares it elsewhere.
+  const { DATABASE_URL: _, ...withoutUrl } = process.env;
+  const offline = await tidings(['--schema', schema, 'migrate', '--dry-run'], { env: withoutUrl });
+  assert.equal(offline.code, 0);
+  assert.equal(offline.stdout, fresh.stdout);
+  assert.match(offline.stderr, /No database given: this is the SQL of a new schema/);
+
+  const version = await tidings(['--version']);
+  assert.equal(version.code, 0);
+  assert.equal(version.stdout.trim(), JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')).version);
+});
+
+test('a refused login and a URL that is not PostgreSQL\'s: exit 3 with what to check, exit 2', async (t) => {
+  if (!(await requirePostgres(t))) return;
+  const url = new URL(DATABASE_URL);
+  url.username = 'no_such_role_tidings';
+  url.password = 'secret';
+  const refused = await tidings(['--url', url.toString(), 'status']);
+  assert.equal(refused.code, 3);
+  assert.match(refused.stderr, /^tidings: PostgreSQL at postgres:\/\/no_such_role_tidings@\S+ refused the login \(.*\)\. Check the user and password in --url or DATABASE_URL\.\n$/);
+  assert.ok(!refused.stderr.includes('secret'));
+  const mysql = await tidings(['--url', 'mysql://root@localhost/shop', 'status']);
+  assert.equal(mysql.code, 2);
+  assert.match(mysql.stderr, /The database URL must be a PostgreSQL URL \(postgres:\/\/ or postgresql:\/\/\), not mysql:\/\//);
+});
+
+test('a wrong --schema lists the schemas that have Tidings tables; tail warns about a topic nothing knows; show collapses repeated stacks', async (t) => {
+  const schema = await setup(t);
+  if (schema === undefined) return;
+  const bus = newBus(schema);
+  bus.subscribe(
+    'repeats',
+    Ticked,
+    () => {
+      throw new Error('the same failure every time');
+    },
+    { retry: { immediate: 2, delayed: [] } },
+  );
+  await bus.start();
+  const [published] = await bus.publishMany(Ticked, [{ key: 'r', seq: 1 }]);
+  await waitFor('the dead letter', async () => (await sql(`select count(*)::int as n from "${schema}".dead_letters`))[0].n === 1);
+
+  const wrong = await tidings(['--schema', `${schema}_typo`, 'status']);
+  assert.equal(wrong.code, 2);
+  assert.match(wrong.stderr, new RegExp(`Schema ${schema}_typo at postgres://\\S+ has no Tidings tables; (this schema has|these have): [^\\n]*\\b${schema}\\b`));
+
+  const shown = await tidings(['--schema', schema, 'dead-letters', 'show', published!.id]);
+  assert.match(shown.stdout, /Attempts \(3\):\n {2}#1 at [^\n]*the same failure every time\n {6}at [^\n]*\n(?: {6}at [^\n]*\n)*/);
+  assert.equal(shown.stdout.match(/\(thrown from the same place as #1: stack above\)/g)?.length, 2, `the stack once, then referred to:\n${shown.stdout}`);
+
+  const tail = spawn(process.execPath, [BIN, '--schema', schema, 'tail', 'test.tickd'], { env: { ...process.env, DATABASE_URL } });
+  let stderr = '';
+  tail.stderr.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
+  const exited = new Promise<number | null>((resolve) => tail.once('exit', resolve));
+  await waitFor('the tail to start', () => stderr.includes('Following'));
+  tail.kill('SIGINT');
+  assert.equal(await exited, 0);
+  assert.match(stderr, /^Warning: no subscription handles test\.tickd, and none of the newest 10,000 messages has it: check the name \(the subscriptions handle test\.ticked\)\. Waiting for it all the same\.\n/);
+  const known = await tidings(['--schema', schema, '--json', 'tail', 'test.ticked', '--from', '1', '--limit', '1']);
+  assert.doesNotMatch(known.stderr, /Warning/);
 });
 
 test('status shows a rolling deploy: the worker without a handler for a topic of its subscription, and the topics of each worker', async (t) => {

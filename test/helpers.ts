@@ -124,7 +124,7 @@ export interface CliRun {
   ms: number;
 }
 
-const BIN = new URL('../bin/tidings.js', import.meta.url).pathname;
+export const BIN = new URL('../bin/tidings.js', import.meta.url).pathname;
 
 /**
  * Runs the real `tidings` binary in a child process, as an operator would. A run still going after 30 s is

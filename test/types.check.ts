@@ -3,7 +3,8 @@
  * publish and to handlers with no casts. Every `@ts-expect-error` line must fail to compile.
  */
 import { z } from 'zod';
-import { createBus, defineCommand, defineEvent } from '../src/index.ts';
+import { createBus, defineCommand, defineEvent, type RetryOptions } from '../src/index.ts';
+import { optionNames } from '../src/core/options.ts';
 import { postgres } from '../src/postgres/index.ts';
 
 const Placed = defineEvent('orders.order-placed', {
@@ -47,3 +48,17 @@ export async function requestTypeChecks(): Promise<void> {
   // @ts-expect-error an event declares no reply
   await bus.request(Placed, { orderId: 'o', total: 1, placedAt: '2026-01-01' });
 }
+
+// src/core/standard-schema.ts is a copy of the Standard Schema interface: it must accept the spec's and be
+// accepted by it, so any library that implements the spec fits a contract.
+type Spec = import('@standard-schema/spec').StandardSchemaV1<{ a: string }, { a: number }>;
+type Ours = import('../src/index.ts').StandardSchemaV1<{ a: string }, { a: number }>;
+export const specFitsOurs = (schema: Spec): Ours => schema;
+export const oursFitsSpec = (schema: Ours): Spec => schema;
+
+// optionNames lists every option of a type, or does not compile: the unknown-key check cannot fall behind.
+export const allRetryOptions = optionNames<RetryOptions>()('immediate', 'delayed', 'jitter');
+// @ts-expect-error jitter is left out
+export const someRetryOptions = optionNames<RetryOptions>()('immediate', 'delayed');
+// @ts-expect-error not an option
+export const wrongRetryOptions = optionNames<RetryOptions>()('immediate', 'delayed', 'jitter', 'nope');

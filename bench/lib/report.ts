@@ -3,7 +3,7 @@ import * as vega from 'vega';
 import * as vl from 'vega-lite';
 import { BROKER_TITLES, BROKERS } from './brokers.ts';
 import { WORKLOAD_TITLES, type Row } from './plan.ts';
-import type { ChildResult, LatencySeries, Workload } from './types.ts';
+import type { ChildResult, LatencySeries, SystemName, Workload } from './types.ts';
 
 export interface Summary {
   median: number;
@@ -372,30 +372,90 @@ async function toSvg(spec: vl.TopLevelSpec): Promise<string> {
   return svg;
 }
 
-const SHORT: Partial<Record<Workload, string>> = {
-  bulk: '1 bulk publish',
-  drain: '2 drain',
-  e2e: '3 e2e, 1 event/tx',
-  standalone: '4 standalone publish',
-  fanout: '7 fan-out x10',
+/** The workloads of the throughput chart, by name (their numbers belong to issue 8's tables, not to a reader). */
+const CHARTED: readonly Workload[] = ['bulk', 'drain', 'e2e', 'standalone', 'fanout'];
+
+/** A workload's title without its number: "Drain a stored backlog (until acknowledged)". */
+function workloadName(workload: Workload, group: Row['group']): string {
+  const title = WORKLOAD_TITLES[workload].replace(/^\d+[a-z]?\. /, '');
+  return `${title}${group === 'guarantees' ? ', guarantees on' : group === 'rabbitmq' ? ', on RabbitMQ' : group === 'nats' ? ', on NATS JetStream' : ''}`;
+}
+
+/**
+ * One colour per system, the same in every chart and every run: Tidings on any backbone, each peer, each
+ * broker's plain client, the raw floor (Tableau 10, readable by most colour-blind readers).
+ */
+const SYSTEM_COLOURS = {
+  Tidings: '#4c78a8',
+  'pg-boss': '#f58518',
+  'graphile-worker': '#54a24b',
+  BullMQ: '#e45756',
+  'PostgreSQL (raw)': '#79706e',
+  amqplib: '#b279a2',
+  'nats.js': '#72b7b2',
+} as const;
+
+const FAMILY: Record<SystemName, keyof typeof SYSTEM_COLOURS> = {
+  tidings: 'Tidings',
+  replica: 'Tidings',
+  rabbitmq: 'Tidings',
+  nats: 'Tidings',
+  pgboss: 'pg-boss',
+  graphile: 'graphile-worker',
+  bullmq: 'BullMQ',
+  raw: 'PostgreSQL (raw)',
+  amqp: 'amqplib',
+  natsjs: 'nats.js',
 };
 
+/** Dashes for a system's second, third... row (Tidings with the guarantees on beside plain Tidings). */
+const DASHES = [[1, 0], [6, 3], [2, 2], [8, 2, 2, 2], [12, 4], [4, 4, 1, 4]];
+
+/**
+ * The colour and dash encodings of `rows` (the latency chart's lines), as one legend beside the plots
+ * listing every row by its full label: each takes its system's colour; rows of one system differ by dashes.
+ */
+export function systemEncodings(rows: readonly Pick<Row, 'system' | 'label'>[]): { color: Record<string, unknown>; strokeDash: Record<string, unknown> } {
+  const labels = [...new Set(rows.map((row) => row.label))];
+  const systemOf = new Map(rows.map((row) => [row.label, row.system]));
+  const seen = new Map<string, number>();
+  const dashes = labels.map((label) => {
+    const family = FAMILY[systemOf.get(label)!];
+    const index = seen.get(family) ?? 0;
+    seen.set(family, index + 1);
+    return DASHES[index % DASHES.length]!;
+  });
+  const legend = { orient: 'right', title: null, labelLimit: 1_000, symbolType: 'stroke', symbolSize: 400, symbolStrokeWidth: 2 };
+  return {
+    color: { field: 'label', type: 'nominal', scale: { domain: labels, range: labels.map((label) => SYSTEM_COLOURS[FAMILY[systemOf.get(label)!]]) }, legend },
+    strokeDash: { field: 'label', type: 'nominal', scale: { domain: labels, range: dashes }, legend },
+  };
+}
+
 export async function throughputChart(entries: Entry[], subtitle: string): Promise<string> {
-  const values = entries
-    .filter((e) => SHORT[e.workload] !== undefined && e.summary.rate !== undefined)
-    .map((e) => ({
-      workload: `${SHORT[e.workload]}${e.row.group === 'guarantees' ? ' (guarantees)' : e.row.group === 'rabbitmq' ? ' (RabbitMQ)' : e.row.group === 'nats' ? ' (NATS)' : ''}`,
-      system: e.row.label,
-      median: Math.round(e.summary.rate!.median),
-      min: Math.round(e.summary.rate!.min),
-      max: Math.round(e.summary.rate!.max),
-    }));
+  const charted = entries.filter((e) => CHARTED.includes(e.workload) && e.summary.rate !== undefined);
+  const values = charted.map((e) => ({
+    workload: workloadName(e.workload, e.row.group),
+    label: e.row.label,
+    system: FAMILY[e.row.system],
+    median: Math.round(e.summary.rate!.median),
+    min: Math.round(e.summary.rate!.min),
+    max: Math.round(e.summary.rate!.max),
+  }));
+  // The bars are labelled on their axis: the legend names the systems, one colour each.
+  const systems = (Object.keys(SYSTEM_COLOURS) as (keyof typeof SYSTEM_COLOURS)[]).filter((system) => values.some((value) => value.system === system));
+  const color = {
+    field: 'system',
+    type: 'nominal',
+    scale: { domain: systems, range: systems.map((system) => SYSTEM_COLOURS[system]) },
+    legend: { orient: 'right', title: 'system', labelLimit: 1_000 },
+  } as const;
   const spec: vl.TopLevelSpec = {
     $schema: 'https://vega.github.io/schema/vega-lite/v5.json',
     title: { text: 'Throughput, events/s (median of rounds, bars: min-max)', subtitle },
     data: { values },
     facet: {
-      row: { field: 'workload', type: 'nominal', title: null, sort: null, header: { labelAngle: 0, labelOrient: 'top', labelAnchor: 'start', labelFontWeight: 'bold', labelFontSize: 12 } },
+      row: { field: 'workload', type: 'nominal', title: null, sort: null, header: { labelAngle: 0, labelOrient: 'top', labelAnchor: 'start', labelFontWeight: 'bold', labelFontSize: 12, labelLimit: 1_000 } },
     },
     spec: {
       width: 460,
@@ -404,15 +464,15 @@ export async function throughputChart(entries: Entry[], subtitle: string): Promi
         {
           mark: { type: 'bar' },
           encoding: {
-            y: { field: 'system', type: 'nominal', title: null, sort: null, axis: { labelLimit: 320 } },
+            y: { field: 'label', type: 'nominal', title: null, sort: null, axis: { labelLimit: 1_000 } },
             x: { field: 'median', type: 'quantitative', title: 'events/s' },
-            color: { field: 'system', type: 'nominal', legend: null },
+            color,
           },
         },
         {
           mark: { type: 'rule' },
           encoding: {
-            y: { field: 'system', type: 'nominal', sort: null },
+            y: { field: 'label', type: 'nominal', sort: null },
             x: { field: 'min', type: 'quantitative' },
             x2: { field: 'max' },
           },
@@ -420,7 +480,7 @@ export async function throughputChart(entries: Entry[], subtitle: string): Promi
         {
           mark: { type: 'text', align: 'left', dx: 4, fontSize: 9 },
           encoding: {
-            y: { field: 'system', type: 'nominal', sort: null },
+            y: { field: 'label', type: 'nominal', sort: null },
             x: { field: 'max', type: 'quantitative' },
             text: { field: 'median', type: 'quantitative', format: ',' },
           },
@@ -433,13 +493,12 @@ export async function throughputChart(entries: Entry[], subtitle: string): Promi
 }
 
 export async function latencyChart(entries: Entry[], subtitle: string): Promise<string> {
-  const values = entries
-    .filter((e) => e.workload === 'latency')
-    .flatMap((e) =>
-      (e.series ?? []).flatMap((s) =>
-        s.quantiles.map(([p, ms]) => ({ system: e.row.label, rate: `${s.rate} events/s`, rateValue: s.rate, percentile: p, ms: Math.max(ms, 0.01) })),
-      ),
-    );
+  const latency = entries.filter((e) => e.workload === 'latency');
+  const values = latency.flatMap((e) =>
+    (e.series ?? []).flatMap((s) =>
+      s.quantiles.map(([p, ms]) => ({ label: e.row.label, rate: `${s.rate} events/s`, rateValue: s.rate, percentile: p, ms: Math.max(ms, 0.01) })),
+    ),
+  );
   const spec: vl.TopLevelSpec = {
     $schema: 'https://vega.github.io/schema/vega-lite/v5.json',
     title: { text: 'Latency, publish call -> handler start (median run)', subtitle },
@@ -452,7 +511,7 @@ export async function latencyChart(entries: Entry[], subtitle: string): Promise<
       encoding: {
         x: { field: 'percentile', type: 'ordinal', title: 'percentile', sort: null },
         y: { field: 'ms', type: 'quantitative', scale: { type: 'log' }, title: 'ms (log)' },
-        color: { field: 'system', type: 'nominal', legend: { orient: 'bottom', columns: 2, title: null, labelLimit: 400 } },
+        ...systemEncodings(latency.map((e) => e.row)),
       },
     },
   };

@@ -114,6 +114,7 @@ export async function loginDemo(backbone: () => PostgresBackbone, db: { query(sq
 
   // Someone edits a row of gw2's table by hand: a drift check finds it and repairs it from identity's
   // state, over the bus (identity answers; nobody calls it directly).
+  console.log("now, on purpose, user u-2's row in gw2's replica table is changed by hand (its password hash set to \"tampered\"), as a bug or a manual edit would do");
   await db.query(`update ${gateways[1]!.view} set state = jsonb_set(state, '{passwordHash}', '"tampered"') where key = 'u-2'`);
   const report = await gateways[1]!.checkDrift();
   const [row] = await gateways[1]!.query('key = $1', ['u-2']);

@@ -15,6 +15,7 @@ import { PGlite } from '@electric-sql/pglite';
 import type { Backbone } from 'tidings';
 import { postgres, type PgTransaction, type PostgresBackbone, type Queryable } from 'tidings/postgres';
 import { loginDemo } from './login.ts';
+import { OrderPlaced, PaymentCaptured, PaymentDeclined, ShipmentScheduled } from './contracts.ts';
 import { billingService, CardGateway, ordersService, shippingService, shopTables, type NewOrder } from './services.ts';
 
 const ORDERS = Number(process.env.ORDERS ?? 300);
@@ -38,9 +39,9 @@ if (url === undefined) {
   db = pool;
   database = () => postgres({ url, schema: SCHEMA });
   closeDb = () => pool.end();
+  console.log(`PostgreSQL at ${url.replace(/:[^:@/]*@/, '@')}: dropping this demo's schemas from an earlier run, shop and ${SCHEMA}, if they exist`);
   await pool.query(`drop schema if exists shop cascade`);
   await pool.query(`drop schema if exists ${SCHEMA} cascade`);
-  console.log(`PostgreSQL at ${url.replace(/:[^:@/]*@/, '@')}`);
 }
 for (const statement of shopTables) await db.query(statement);
 
@@ -62,6 +63,8 @@ if (kind === 'rabbitmq') {
 } else {
   throw new Error(`BACKBONE must be postgres, rabbitmq or nats, not ${JSON.stringify(kind)}`);
 }
+
+console.log(`\nThe shop: three services, each with its own bus, that talk only through these events:\n${picture()}\n`);
 
 const gateway = new CardGateway();
 const orders = ordersService(backbone());
@@ -101,11 +104,7 @@ for (const [service, bus] of Object.entries(buses)) {
   }
 }
 printTable(rows);
-console.log('\nPublished, per topic:');
-printTable([
-  ['service', 'topic', 'published'],
-  ...Object.entries(buses).flatMap(([service, bus]) => Object.entries(bus.stats().published).map(([topic, n]) => [service, topic, String(n)])),
-]);
+const retried = Object.values(buses).reduce((sum, bus) => sum + Object.values(bus.stats().subscriptions).reduce((n, stats) => n + stats.retried, 0), 0);
 
 const paid = await count(`select count(*)::int as n from shop.payments`);
 const shipped = await count(`select count(*)::int as n from shop.shipments`);
@@ -115,6 +114,15 @@ console.log(`\nIn the databases after ${elapsed} ms: ${list.length} orders, ${pa
 for (const letter of dead) {
   console.log(`  dead letter ${letter.messageId} in ${letter.subscription} after ${letter.attempts} attempts: ${letter.reason}`);
 }
+// Why the retries: the gateway timed out on purpose (every 10th card, twice before it works), and the
+// poison order was tried as often as billing's retry policy allows before it went to dead letters.
+const poisonRetries = dead.reduce((sum, letter) => sum + letter.attempts - 1, 0);
+console.log(
+  `\n${retried} retries: ${gateway.timeouts} gateway timeouts (${gateway.timedOutOrders} cards time out twice, then work)` +
+    (dead.length === 0 ? '.' : ` + ${poisonRetries} for the poison order (1 at once, then after 200, 500 and 1,000 ms) before it was dead-lettered.`),
+);
+const published = Object.assign({}, ...Object.values(buses).map((bus) => bus.stats().published)) as Record<string, number>;
+console.log(`\nWho told whom what, with the number of events:\n${picture(published)}`);
 const consistent = paid === shipped && paid + cancelled + dead.length === list.length;
 console.log(consistent ? '\nEvery order is accounted for: nothing lost, nothing twice.' : '\nSome orders are unaccounted for.');
 
@@ -123,10 +131,44 @@ const loginsOk = await loginDemo(database, db);
 await closeDb();
 process.exitCode = consistent && loginsOk ? 0 : 1;
 
+// What to try next: the operations CLI on what this run left behind, then the code.
+console.log('\nNext:');
+if (url === undefined) {
+  console.log('  DATABASE_URL=postgres://... npm start   the same on a PostgreSQL server, whose tables stay for the tidings CLI to explore');
+} else {
+  console.log(`  export DATABASE_URL=... TIDINGS_SCHEMA=${SCHEMA}   (the DATABASE_URL given to npm start)`);
+  console.log('  npx tidings status');
+  if (kind === 'postgres' && dead[0] !== undefined) console.log(`  npx tidings dead-letters show ${dead[0].messageId}`);
+  console.log('  npx tidings tail orders.order-placed --from 1 --limit 5');
+}
+// A URL from the environment is named, not printed: it may hold a password.
+const brokerUrl = (name: string, fallback: string) => (process.env[name] === undefined ? fallback : `"$${name}"`);
+if (kind === 'rabbitmq') console.log(`  npx tidings dead-letters show ${dead[0]?.messageId ?? '<id>'} --url ${brokerUrl('RABBITMQ_URL', 'amqp://guest:guest@127.0.0.1:5672')} --prefix shop.`);
+if (kind === 'nats') console.log(`  npx tidings dead-letters show ${dead[0]?.messageId ?? '<id>'} --url ${brokerUrl('NATS_URL', 'nats://127.0.0.1:4222')} --stream SHOP`);
+console.log('  npm run quickstart   the smallest program; then read examples/shop/services.ts');
+
 function printTable(table: string[][]): void {
   const widths = table[0]!.map((_, column) => Math.max(...table.map((row) => row[column]!.length)));
   for (const [index, row] of table.entries()) {
     console.log('  ' + row.map((cell, column) => (column === 0 || column === 1 ? cell.padEnd(widths[column]!) : cell.padStart(widths[column]!))).join('  '));
     if (index === 0) console.log('  ' + widths.map((width) => '-'.repeat(width)).join('  '));
   }
+}
+
+/**
+ * The services and the events between them; with `counts` (published per topic), the number beside each
+ * arrow. Only what the shop's code does: orders publishes OrderPlaced, billing answers with
+ * PaymentCaptured or PaymentDeclined, shipping with ShipmentScheduled (which nobody consumes yet).
+ */
+function picture(counts?: Record<string, number>): string {
+  const label = (name: string, topic: string) => (counts === undefined ? name : `${name} ${counts[topic] ?? 0}`);
+  const placed = label('OrderPlaced', OrderPlaced.topic);
+  const captured = label('PaymentCaptured', PaymentCaptured.topic);
+  const declined = label('PaymentDeclined', PaymentDeclined.topic);
+  const scheduled = label('ShipmentScheduled', ShipmentScheduled.topic);
+  const first = `  orders ── ${placed} ──▶ billing ── ${captured} ──▶ shipping ── ${scheduled} ──▶ (no subscriber yet)`;
+  const column = first.indexOf('billing') + 3; // the corner sits under the middle of "billing"
+  const back = `     ▲${' '.repeat(column - 6)}│`;
+  const under = `     └${'─'.repeat(Math.max(1, column - 6 - declined.length - 4))} ${declined} ──┘`;
+  return [first, back, under].join('\n');
 }

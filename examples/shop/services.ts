@@ -41,12 +41,20 @@ export interface NewOrder {
 /** A card gateway with moods: some cards time out a couple of times, some are refused, one currency is unknown. */
 export class CardGateway {
   readonly #timeouts = new Map<string, number>();
+  /** Timeouts thrown so far, and how many orders had them: the demo explains its retries with these. */
+  timeouts = 0;
+  get timedOutOrders(): number {
+    return this.#timeouts.size;
+  }
   charge(orderId: string, card: string, currency: string): 'ok' | 'declined' {
     if (currency === 'XXX') throw new Error(`gateway rejects currency ${currency} for order ${orderId}`);
     if (card.endsWith('0002')) {
       const seen = (this.#timeouts.get(orderId) ?? 0) + 1;
       this.#timeouts.set(orderId, seen);
-      if (seen <= 2) throw new Error(`gateway timeout charging order ${orderId} (try ${seen})`);
+      if (seen <= 2) {
+        this.timeouts++;
+        throw new Error(`gateway timeout charging order ${orderId} (try ${seen})`);
+      }
     }
     if (card.endsWith('0003')) return 'declined';
     return 'ok';

@@ -3,18 +3,22 @@
  * the result: an aligned table for a person, or JSON with `--json` for a script. Failures become exit
  * codes in main.ts; nothing here exits the process.
  */
+import { readFileSync } from 'node:fs';
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { TidingsError } from '../core/errors.ts';
 import type { Backbone } from '../core/backbone.ts';
 import { groupDeadLetters, type DeadLetterActionResult, type DeadLetterGroup, type DeadLetterSelection, type DeadLetterStore } from '../core/dead-letters.ts';
-import { adminDefaults, deadLetterStore, dropSubscription, firstPositionAt, readStatus, replaySubscription, tailTopic, type Status } from '../postgres/admin.ts';
-import { checkIdentifier } from '../postgres/driver.ts';
-import { migrate } from '../postgres/migrate.ts';
+import { adminDefaults, deadLetterStore, dropSubscription, firstPositionAt, readStatus, replaySubscription, tailTopic } from '../postgres/admin.ts';
+import { checkIdentifier, urlProblem } from '../postgres/driver.ts';
+import { appliedVersions, migrate, migrationScript, pendingMigrations } from '../postgres/migrate.ts';
 import { prune } from '../postgres/retention.ts';
 import { listReplicas, requestDriftCheck, requestRebuild, type ReplicaStatus } from '../replica/admin.ts';
 import type { DriftReport, RebuildReport } from '../replica/define.ts';
+import { CONFIG_FILE, cliDefaults, resolveGlobals, type GivenOptions, type GlobalOptions } from './config.ts';
 import { isUnreachable, openDatabase, unreachableMessage, type Database } from './database.ts';
-import { duration, lease, progress, table } from './format.ts';
+import { duration, plain, progress, styleFor, table } from './format.ts';
+import { renderStatus, shortTime, type StatusView } from './status.ts';
+import { sleep } from '../core/sleep.ts';
 
 /** What scripts can rely on. Also listed in `tidings --help`. */
 export const exitCodes = {
@@ -34,19 +38,17 @@ export class CommandFailed extends Error {
 
 export interface CliContext {
   readonly env: NodeJS.ProcessEnv;
+  /** Where the config file is looked for (see config.ts); the process's folder when absent. */
+  readonly cwd?: string;
   /** Aborted by Ctrl-C: long operations stop between steps and say how far they got. */
   readonly interrupt: AbortSignal;
   readonly stdoutIsTTY: boolean;
+  /** The terminal's width, when stdout is one: tables are cut to fit. */
+  readonly columns?: number | undefined;
   readonly out: (text: string) => void;
   readonly err: (text: string) => void;
 }
 
-interface GlobalOptions {
-  url?: string;
-  schema: string;
-  json: boolean;
-  connectTimeout: number;
-}
 
 const HELP_AFTER = `
 Exit codes:
@@ -55,8 +57,12 @@ Exit codes:
   2  usage error (unknown command or option, a bad value, no dead letters named)
   3  the database is unreachable (not running, wrong host or port, login refused, no such database)
 
-Environment:
-  DATABASE_URL  the database when --url is not given
+Environment and config file (the command line wins, then the environment, then the file):
+  DATABASE_URL     the database when --url is not given
+  TIDINGS_SCHEMA   the schema when --schema is not given
+  NO_COLOR         no colours, even on a terminal
+  ${CONFIG_FILE}  in this folder or the nearest one above (or --config <file>): {"schema": "shop", "url": "postgres://..."};
+                   also connectTimeout, prefix, stream
 
 Examples:
   tidings status
@@ -72,19 +78,24 @@ Examples:
 export function buildProgram(context: CliContext): Command {
   const program = new Command('tidings')
     .description('Operate Tidings: schema, status and lag, live tail, dead letters (on PostgreSQL, RabbitMQ or NATS), replay, retention, replicas.')
+    .version(packageVersion(), '-V, --version', "print Tidings' version")
     .exitOverride()
     .configureOutput({ writeOut: context.out, writeErr: context.err })
     .showHelpAfterError('(add --help for usage)')
-    .addOption(new Option('--url <url>', 'PostgreSQL connection URL (default: $DATABASE_URL); the dead-letters commands also take amqp:// and nats:// URLs'))
-    .addOption(new Option('--schema <name>', "schema of Tidings' tables").default('tidings').argParser(parseSchema))
-    .addOption(new Option('--json', 'print JSON for scripts instead of tables').default(false))
-    .addOption(new Option('--connect-timeout <seconds>', 'give up connecting after this long').default(10).argParser(positiveNumber))
+    .configureHelp({ showGlobalOptions: true })
+    .addOption(new Option('--url <url>', 'PostgreSQL connection URL (default: $DATABASE_URL, or the config file\'s url); the dead-letters commands also take amqp:// and nats:// URLs'))
+    .addOption(new Option('--schema <name>', `schema of Tidings' tables (default: $TIDINGS_SCHEMA, the config file's schema, or ${cliDefaults.schema})`).argParser(parseSchema))
+    .addOption(new Option('--json', 'print JSON for scripts instead of tables'))
+    .addOption(new Option('--connect-timeout <seconds>', `give up connecting after this long (default: ${cliDefaults.connectTimeout})`).argParser(positiveNumber))
+    .addOption(new Option('--config <file>', `read settings from this file instead of the nearest ${CONFIG_FILE}`))
     .addHelpText('after', HELP_AFTER);
 
   program
     .command('migrate')
     .description('create the schema, or upgrade it to this version of Tidings')
-    .action(async (_options, command: Command) => {
+    .option('--dry-run', 'print the SQL it would run, change nothing (for a DBA to review, or to run with psql); with no database given, the SQL of a new schema')
+    .action(async (options: { dryRun?: boolean }, command: Command) => {
+      if (options.dryRun === true) return migrateDryRun(context, command);
       await withDatabase(context, command, async (db, globals) => {
         const { applied } = await migrate(db.driver, globals.schema);
         emit(context, globals, { schema: globals.schema, applied }, () =>
@@ -97,15 +108,33 @@ export function buildProgram(context: CliContext): Command {
 
   program
     .command('status')
-    .description('subscriptions with their lag per partition, leases, workers, held keys and dead letters')
+    .description('subscriptions with their lag, held keys and dead letters; partitions and leases where something needs a look')
     .option('--subscription <name>', 'only this subscription')
-    .action(async (options: { subscription?: string }, command: Command) => {
+    .option('--verbose', 'every partition (owner, lease, epoch, lag) and every worker, not only those in trouble')
+    .option('--watch [seconds]', 'show it again every few seconds (2 unless given) until Ctrl-C; with --json, one object per line', positiveNumber)
+    .action(async (options: { subscription?: string; verbose?: boolean; watch?: number | true }, command: Command) => {
       await withDatabase(context, command, async (db, globals) => {
-        const status = await readStatus(db.driver, { schema: globals.schema, subscription: options.subscription });
-        const replicas = options.subscription === undefined ? await listReplicas(db.driver, { schema: globals.schema }) : [];
-        emit(context, globals, replicas.length === 0 ? status : { ...status, replicas }, () =>
-          [renderStatus(status, db.description), ...(replicas.length === 0 ? [] : ['', renderReplicas(replicas)])].join('\n'),
-        );
+        const view: StatusView = { verbose: options.verbose === true, width: context.columns, style: globals.json ? plain : styleFor(context.stdoutIsTTY, context.env) };
+        const read = async () => {
+          const status = await readStatus(db.driver, { schema: globals.schema, subscription: options.subscription });
+          const replicas = options.subscription === undefined ? await listReplicas(db.driver, { schema: globals.schema }) : [];
+          const value = replicas.length === 0 ? status : { ...status, replicas };
+          const text = () => [renderStatus(status, db.description, view), ...(replicas.length === 0 ? [] : ['', renderReplicas(replicas)])].join('\n');
+          return { value, text };
+        };
+        if (options.watch === undefined) {
+          const { value, text } = await read();
+          emit(context, globals, value, text);
+          return;
+        }
+        const everyMs = (options.watch === true ? 2 : options.watch) * 1_000;
+        while (!context.interrupt.aborted) {
+          const { value, text } = await read();
+          if (globals.json) context.out(`${JSON.stringify(value)}\n`);
+          // On a terminal the screen is redrawn in place; into a file or a pipe, each reading follows the last.
+          else context.out(`${context.stdoutIsTTY ? '\x1b[H\x1b[2J' : '\n'}${text()}\n${context.stdoutIsTTY ? `\nEvery ${everyMs / 1_000} s; Ctrl-C to stop.\n` : ''}`);
+          await sleep(everyMs, context.interrupt);
+        }
       });
     });
 
@@ -122,6 +151,8 @@ export function buildProgram(context: CliContext): Command {
     .action(async (topic: string, options: TailCommandOptions, command: Command) => {
       await withDatabase(context, command, async (db, globals) => {
         const fromPosition = options.from === undefined ? undefined : await positionOf(db, globals.schema, options.from, [topic]);
+        const unknown = await unknownTopic(db, globals.schema, topic);
+        if (unknown !== undefined) context.err(`${unknown}\n`);
         if (!globals.json) context.err(`Following ${topic} in schema ${globals.schema} at ${db.description} (Ctrl-C to stop)\n`);
         const stop = new AbortController();
         const onInterrupt = () => stop.abort();
@@ -161,7 +192,7 @@ export function buildProgram(context: CliContext): Command {
         const selection = selectionOf([], options);
         if (options.group === true) {
           const groups = await groupOf(store, { ...selection, limit: options.limit });
-          emit(context, globals, groups, () => (groups.length === 0 ? 'No dead letters.' : renderGroups(groups)));
+          emit(context, globals, groups, () => (groups.length === 0 ? 'No dead letters.' : renderGroups(groups, context.columns)));
           return;
         }
         const { total, deadLetters: rows } = await store.list({ ...selection, limit: options.limit });
@@ -171,11 +202,11 @@ export function buildProgram(context: CliContext): Command {
             { header: 'id', value: (row) => row.id, align: 'right' },
             { header: 'subscription', value: (row) => row.subscription },
             { header: 'topic', value: (row) => row.topic },
-            { header: 'key', value: (row) => row.key, max: 24 },
+            { header: 'key', value: (row) => row.key, max: 24, shrink: 1 },
             { header: 'attempts', value: (row) => row.attempts },
             { header: 'dead at', value: (row) => shortTime(row.deadAt) },
-            { header: 'reason', value: (row) => row.reason, max: 80 },
-          ]);
+            { header: 'reason', value: (row) => row.reason, max: 80, shrink: 2 },
+          ], { width: context.columns });
           const more = total > rows.length ? `\n${rows.length} of ${total} shown: narrow the selection or raise --limit.` : '';
           return `${shown}${more}\nShow one with: tidings dead-letters show <id>`;
         });
@@ -207,12 +238,19 @@ export function buildProgram(context: CliContext): Command {
                 '',
                 `Attempts (${letter.attempts.length}):`,
               ];
-              const attempts = letter.attempts.map((attempt) =>
-                [
+              // A failure repeated on every attempt is thrown from the same place each time: its stack is shown
+              // once, then referred to. (Only the top frames are compared: the async frames below them vary.)
+              const firstFrom = new Map<string, number>();
+              const attempts = letter.attempts.map((attempt) => {
+                const frames = attempt.error.stack === undefined ? undefined : stackFrames(attempt.error.stack);
+                const place = frames?.split('\n').slice(0, 3).join('\n');
+                const same = place === undefined ? undefined : firstFrom.get(place);
+                if (place !== undefined && same === undefined) firstFrom.set(place, attempt.attempt);
+                return [
                   `  #${attempt.attempt} at ${shortTime(attempt.at)}: ${attempt.error.name}: ${attempt.error.message}`,
-                  ...(attempt.error.stack === undefined ? [] : [indent(stackFrames(attempt.error.stack), '      ')]),
-                ].join('\n'),
-              );
+                  ...(frames === undefined ? [] : [same === undefined ? indent(frames, '      ') : `      (thrown from the same place as #${same}: stack above)`]),
+                ].join('\n');
+              });
               return [...head, ...attempts].join('\n');
             })
             .join('\n\n'),
@@ -361,7 +399,7 @@ export function buildProgram(context: CliContext): Command {
     .option('--timeout <seconds>', 'give up waiting for the report after this long', positiveNumber, 60)
     .action(async (name: string, options: { timeout: number }, command: Command) => {
       await withDatabase(context, command, async (db, globals) => {
-        const url = globals.url ?? context.env.DATABASE_URL!;
+        const url = globals.url!;
         const report = await requestDriftCheck({ url, schema: globals.schema, replica: name, db: db.driver, timeoutMs: options.timeout * 1_000, signal: context.interrupt });
         emit(context, globals, report, () => renderDrift(report));
       });
@@ -375,7 +413,7 @@ export function buildProgram(context: CliContext): Command {
     .option('--timeout <seconds>', 'give up when the replica reports no progress for this long', positiveNumber, 60)
     .action(async (name: string, options: { timeout: number }, command: Command) => {
       await withDatabase(context, command, async (db, globals) => {
-        const url = globals.url ?? context.env.DATABASE_URL!;
+        const url = globals.url!;
         const bar = progress({ label: `Rebuilding ${name}`, enabled: showProgress(context, globals) });
         let report: RebuildReport;
         try {
@@ -396,6 +434,11 @@ export function buildProgram(context: CliContext): Command {
     });
 
   return program;
+}
+
+/** This package's version, from its package.json (two folders up from src/cli and from dist/cli alike). */
+function packageVersion(): string {
+  return (JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string }).version;
 }
 
 // ---- options -------------------------------------------------------------------------------------
@@ -477,19 +520,23 @@ function positiveNumber(value: string): number {
 
 // ---- running -------------------------------------------------------------------------------------
 
+/** The global options of `command`, completed from the environment, the config file and the defaults (config.ts). */
+function globalsOf(context: CliContext, command: Command): GlobalOptions {
+  return resolveGlobals(command.optsWithGlobals<GivenOptions>(), context.env, context.cwd ?? process.cwd());
+}
+
 /**
  * Opens the database for one command and closes it after. A failure to reach it becomes a
  * BACKBONE_UNAVAILABLE error that names the URL tried, without its password.
  */
 async function withDatabase(context: CliContext, command: Command, run: (db: Database, globals: GlobalOptions) => Promise<void>): Promise<void> {
-  const globals = command.optsWithGlobals<GlobalOptions>();
-  const url = globals.url ?? context.env.DATABASE_URL;
-  if (url === undefined || url === '') {
-    throw new TidingsError('INVALID_OPTIONS', 'No database given: pass --url postgres://user@host:5432/db, or set DATABASE_URL');
+  const globals = globalsOf(context, command);
+  const url = globals.url;
+  if (url === undefined) {
+    throw new TidingsError('INVALID_OPTIONS', `No database given: pass --url postgres://user@host:5432/db, or set DATABASE_URL, or give a url in ${CONFIG_FILE}`);
   }
-  if (!/^postgres(ql)?:\/\//.test(url)) {
-    throw new TidingsError('INVALID_OPTIONS', 'The database URL must start with postgres:// or postgresql://, for example postgres://user@host:5432/db');
-  }
+  const problem = urlProblem(url);
+  if (problem !== undefined) throw new TidingsError('INVALID_OPTIONS', `The database ${problem.replace(/^url/, 'URL')}`);
   const db = await openDatabase({ url, connectTimeoutMs: globals.connectTimeout * 1_000 });
   const started = Date.now();
   try {
@@ -501,13 +548,95 @@ async function withDatabase(context: CliContext, command: Command, run: (db: Dat
       const gaveUp = Date.now() - started >= globals.connectTimeout * 1_000 ? globals.connectTimeout : undefined;
       throw new TidingsError('BACKBONE_UNAVAILABLE', unreachableMessage(error, { description: db.description, gaveUpAfterSeconds: gaveUp }), {
         cause: error,
-        retryable: true,
+        retryable: error instanceof TidingsError ? error.retryable : true,
       });
+    }
+    if (causedBy(error, MISSING_RELATION) && !(await hasTidingsTables(db, globals.schema).catch(() => true))) {
+      throw new TidingsError('INVALID_OPTIONS', await wrongSchemaMessage(db, globals.schema), { cause: error });
     }
     throw error;
   } finally {
     await db.close().catch(() => undefined);
   }
+}
+
+/** SQLSTATEs of a table or schema that is not there: 42P01 undefined_table, 3F000 invalid_schema_name. */
+const MISSING_RELATION = new Set(['42P01', '3F000']);
+
+/** True when `error` or one of its causes has one of these SQLSTATEs. */
+function causedBy(error: unknown, codes: ReadonlySet<string>): boolean {
+  for (let current = error; current !== undefined && current !== null; current = (current as { cause?: unknown }).cause) {
+    const code = (current as { code?: unknown }).code;
+    if (typeof code === 'string' && codes.has(code)) return true;
+    if (!(current instanceof Error)) break;
+  }
+  return false;
+}
+
+/** How many of the newest messages `tail` looks through for a topic no subscription handles: a bounded read. */
+const RECENT_MESSAGES = 10_000;
+
+/**
+ * A warning when `topic` looks misspelt: no subscription handles it and none of the newest messages has
+ * it. (Not the whole log: on a large one, a topic that is not there would cost a full scan.)
+ */
+async function unknownTopic(db: Database, schema: string, topic: string): Promise<string | undefined> {
+  const s = `"${schema}"`;
+  const { rows: handled } = await db.driver.query<{ topic: string }>(`select distinct unnest(topics) as topic from ${s}.subscriptions order by 1`);
+  if (handled.some((row) => row.topic === topic)) return undefined;
+  const { rows: recent } = await db.driver.query<{ seen: boolean }>(
+    `select exists (select 1 from (select topic from ${s}.log order by position desc limit ${RECENT_MESSAGES}) newest where topic = $1) as seen`,
+    [topic],
+  );
+  if (recent[0]?.seen === true) return undefined;
+  const known = handled.map((row) => row.topic);
+  return `Warning: no subscription handles ${topic}, and none of the newest ${RECENT_MESSAGES.toLocaleString('en')} messages has it: check the name${known.length === 0 ? '' : ` (the subscriptions handle ${listed(known, 10)})`}. Waiting for it all the same.`;
+}
+
+/** Schemas holding Tidings' tables: a log and a migrations table side by side. */
+async function tidingsSchemas(db: Database): Promise<string[]> {
+  const { rows } = await db.driver.query<{ schema: string }>(
+    `select l.table_schema as schema from information_schema.tables l
+       join information_schema.tables m on m.table_schema = l.table_schema and m.table_name = 'migrations'
+      where l.table_name = 'log' order by 1`,
+  );
+  return rows.map((row) => row.schema);
+}
+
+async function hasTidingsTables(db: Database, schema: string): Promise<boolean> {
+  return (await tidingsSchemas(db)).includes(schema);
+}
+
+/** A --schema with no Tidings tables: which schemas have them, and how to pick one. */
+async function wrongSchemaMessage(db: Database, schema: string): Promise<string> {
+  const found = await tidingsSchemas(db);
+  return found.length === 0
+    ? `Schema ${schema} at ${db.description} has no Tidings tables, and no other schema there has them: a bus creates its schema when it starts, or run tidings migrate --schema ${schema}`
+    : `Schema ${schema} at ${db.description} has no Tidings tables; ${found.length === 1 ? 'this schema has' : 'these have'}: ${listed(found, 10)}. Choose with --schema, TIDINGS_SCHEMA or "schema" in ${CONFIG_FILE}`;
+}
+
+/** `a, b, c` or, past `max`, `a, b, c and 7 more`. */
+function listed(items: readonly string[], max: number): string {
+  return items.length <= max ? items.join(', ') : `${items.slice(0, max).join(', ')} and ${items.length - max} more`;
+}
+
+/**
+ * `migrate --dry-run`: the SQL `migrate` would run, as a script. With a database, only what it lacks (read
+ * from its migrations table, nothing written); without one, everything, for a DBA preparing a new schema.
+ */
+async function migrateDryRun(context: CliContext, command: Command): Promise<void> {
+  const globals = globalsOf(context, command);
+  const show = (applied: ReadonlySet<number>) => {
+    const pending = pendingMigrations(globals.schema, applied);
+    if (globals.json) emit(context, globals, { schema: globals.schema, dryRun: true, pending }, () => '');
+    else context.out(pending.length === 0 ? `-- Schema ${globals.schema} is up to date: nothing to run.\n` : migrationScript(globals.schema, applied));
+  };
+  if (globals.url === undefined) {
+    if (!globals.json) context.err(`No database given: this is the SQL of a new schema ${globals.schema}. Give --url to see only what a database lacks.\n`);
+    show(new Set());
+    return;
+  }
+  await withDatabase(context, command, async (db) => show(await appliedVersions(db.driver, globals.schema)));
 }
 
 /** Dead letters wherever the URL points: a PostgreSQL schema, or a broker's dead-letter queues or stream. */
@@ -516,8 +645,8 @@ async function withDeadLetters(
   command: Command,
   run: (store: DeadLetterStore, globals: GlobalOptions, where: string) => Promise<void>,
 ): Promise<void> {
-  const globals = command.optsWithGlobals<GlobalOptions & BrokerOptions>();
-  const url = globals.url ?? context.env.DATABASE_URL ?? '';
+  const globals = globalsOf(context, command);
+  const url = globals.url ?? '';
   const broker = await brokerFor(url, globals);
   if (broker === undefined) {
     await withDatabase(context, command, (db) => run(deadLetterStore(async () => db.driver, globals.schema), globals, `schema ${globals.schema}`));
@@ -530,13 +659,8 @@ async function withDeadLetters(
   }
 }
 
-interface BrokerOptions {
-  prefix?: string;
-  stream?: string;
-}
-
 /** A broker backbone for an amqp:// or nats:// URL, opened only to reach its dead letters (no relay, no consumers). */
-async function brokerFor(url: string, options: GlobalOptions & BrokerOptions): Promise<{ backbone: Backbone; where: string } | undefined> {
+async function brokerFor(url: string, options: GlobalOptions): Promise<{ backbone: Backbone; where: string } | undefined> {
   const quiet = () => undefined;
   const safeUrl = url.replace(/\/\/([^:@/]*):[^@/]*@/, '//$1@');
   if (/^amqps?:\/\//.test(url)) {
@@ -582,7 +706,7 @@ async function dryRun(context: CliContext, store: DeadLetterStore, globals: Glob
   const matched = await store.count(selection);
   const groups = matched === 0 ? [] : await groupOf(store, selection);
   emit(context, globals, { dryRun: true, action, matched, groups }, () =>
-    matched === 0 ? `Nothing to ${action}: no dead letter matches.` : `Would ${action} ${matched} dead letter${matched === 1 ? '' : 's'}:\n${renderGroups(groups)}`,
+    matched === 0 ? `Nothing to ${action}: no dead letter matches.` : `Would ${action} ${matched} dead letter${matched === 1 ? '' : 's'}:\n${renderGroups(groups, context.columns)}`,
   );
 }
 
@@ -663,82 +787,18 @@ function renderDrift(report: DriftReport): string {
   return lines.join('\n');
 }
 
-function renderStatus(status: Status, where: string): string {
-  const lines = [`Schema ${status.schema} at ${where}, ${shortTime(status.at)}`, ''];
-  if (status.subscriptions.length === 0) {
-    lines.push('No subscriptions yet: they appear when a bus with subscribers starts.');
-    return lines.join('\n');
-  }
-  lines.push(
-    table(status.subscriptions, [
-      { header: 'subscription', value: (sub) => sub.name },
-      { header: 'topics', value: (sub) => sub.topics.join(', '), max: 40 },
-      { header: 'workers', value: (sub) => sub.workers.filter((worker) => worker.live).length },
-      { header: 'lag', value: (sub) => sub.lag },
-      { header: 'oldest unprocessed', value: (sub) => duration(sub.oldestUnprocessedAgeMs), align: 'right' },
-      { header: 'handled', value: (sub) => sub.handled },
-      { header: 'held keys', value: (sub) => sub.heldKeys },
-      { header: 'dead letters', value: (sub) => sub.deadLetters },
-    ]),
+function renderGroups(groups: readonly DeadLetterGroup[], width: number | undefined): string {
+  return table(
+    groups,
+    [
+      { header: 'count', value: (group) => group.count },
+      { header: 'subscription', value: (group) => group.subscription },
+      { header: 'topics', value: (group) => group.topics.join(', '), max: 30, shrink: 1 },
+      { header: 'last', value: (group) => shortTime(group.lastAt) },
+      { header: 'error', value: (group) => group.pattern, max: 100, shrink: 2 },
+    ],
+    { width },
   );
-  for (const sub of status.subscriptions) {
-    for (const { worker, missing } of sub.disagreements) {
-      lines.push('', `! ${sub.name}: worker ${worker} has no handler for ${missing.join(', ')}; it holds no partition until it has one or the subscription's topics change (a rolling deploy, until the old version's workers stop)`);
-    }
-  }
-  for (const sub of status.subscriptions) {
-    lines.push('', `${sub.name}: ${sub.partitions} partition${sub.partitions === 1 ? '' : 's'}${sub.heldMessages > 0 ? `, ${sub.heldMessages} held message${sub.heldMessages === 1 ? '' : 's'} on ${sub.heldKeys} key${sub.heldKeys === 1 ? '' : 's'}` : ''}`);
-    lines.push(
-      table(
-        sub.cursors,
-        [
-          { header: 'partition', value: (cursor) => cursor.partition },
-          { header: 'owner', value: (cursor) => cursor.owner },
-          { header: 'lease', value: (cursor) => lease(cursor.owner, cursor.leaseRemainingMs) },
-          { header: 'epoch', value: (cursor) => cursor.epoch, align: 'right' },
-          { header: 'handled', value: (cursor) => cursor.handled },
-          { header: 'lag', value: (cursor) => cursor.lag },
-          { header: 'oldest unprocessed', value: (cursor) => duration(cursor.oldestUnprocessedAgeMs), align: 'right' },
-        ],
-        '  ',
-      ),
-    );
-  }
-  lines.push('', 'Workers:');
-  lines.push(
-    status.workers.length === 0
-      ? '  none registered'
-      : table(
-          status.workers,
-          [
-            { header: 'id', value: (worker) => worker.id },
-            { header: 'subscription', value: (worker) => worker.subscription },
-            { header: 'host', value: (worker) => worker.host },
-            { header: 'pid', value: (worker) => worker.pid },
-            { header: 'started', value: (worker) => shortTime(worker.startedAt) },
-            { header: 'state', value: (worker) => (worker.live ? 'live' : 'expired') },
-            { header: 'topics', value: (worker) => worker.topics?.join(', ') ?? '?', max: 40 },
-          ],
-          '  ',
-        ),
-  );
-  return lines.join('\n');
-}
-
-function renderGroups(groups: readonly DeadLetterGroup[]): string {
-  return table(groups, [
-    { header: 'count', value: (group) => group.count },
-    { header: 'subscription', value: (group) => group.subscription },
-    { header: 'topics', value: (group) => group.topics.join(', '), max: 30 },
-    { header: 'last', value: (group) => shortTime(group.lastAt) },
-    { header: 'error', value: (group) => group.pattern, max: 100 },
-  ]);
-}
-
-/** `2026-01-31 12:00:05Z`: an ISO time without the milliseconds, readable in a table. */
-function shortTime(value: string): string {
-  const time = new Date(value);
-  return Number.isNaN(time.getTime()) ? value : time.toISOString().replace('T', ' ').replace(/\.\d+Z$/, 'Z');
 }
 
 function indent(text: string, prefix: string): string {

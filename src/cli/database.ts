@@ -3,7 +3,11 @@
  * judgement of which failures mean "the database cannot be reached" (exit code 3).
  */
 import { TidingsError } from '../core/errors.ts';
-import { describeUrl, isConnectionError, pgDriver, type PgPoolLike, type SqlDriver } from '../postgres/driver.ts';
+import { loadPackage } from '../core/packages.ts';
+import { connectionError, describeCause, describeUrl, isConnectionError, pgDriver, type PgPoolLike, type SqlDriver } from '../postgres/driver.ts';
+
+/** Where an operator gives the CLI its database, named in what to fix. */
+const SETTINGS_FROM = '--url or DATABASE_URL';
 
 export interface Database {
   readonly driver: SqlDriver;
@@ -18,9 +22,7 @@ export interface OpenOptions {
 }
 
 export async function openDatabase(options: OpenOptions): Promise<Database> {
-  const pg = await import('pg').catch((cause: unknown) => {
-    throw new TidingsError('BACKBONE_UNAVAILABLE', 'The tidings CLI needs the "pg" package: npm install pg', { cause });
-  });
+  const pg = await loadPackage(import('pg'), 'pg', 'The tidings CLI');
   const pool = new pg.default.Pool({
     connectionString: options.url,
     max: 3,
@@ -29,7 +31,7 @@ export async function openDatabase(options: OpenOptions): Promise<Database> {
   });
   // An idle connection that drops is replaced on the next query; without a listener it would crash us.
   pool.on('error', () => undefined);
-  const driver = await pgDriver({ pool: pool as unknown as PgPoolLike, poolSize: 3, name: 'cli' });
+  const driver = await pgDriver({ pool: pool as unknown as PgPoolLike, poolSize: 3, name: 'cli', settingsFrom: SETTINGS_FROM });
   return { driver, description: describeUrl(options.url), close: () => pool.end() };
 }
 
@@ -48,21 +50,11 @@ export function isUnreachable(error: unknown): boolean {
 export function unreachableMessage(error: unknown, where: { readonly description: string; readonly gaveUpAfterSeconds?: number | undefined }): string {
   const { description } = where;
   const root = rootCause(error);
-  const code = (root as { code?: unknown }).code;
-  const why = describeCause(root);
-  if (typeof code === 'string' && code.startsWith('28')) {
-    return `PostgreSQL at ${description} refused the login (${why}). Check the user and password in --url or DATABASE_URL.`;
-  }
-  if (code === '3D000') return `PostgreSQL at ${description} has no such database (${why}). Create it, or fix the database name in --url or DATABASE_URL.`;
+  // A refused login or a missing database: the library's own words (src/postgres/driver.ts).
+  const explained = connectionError({ description, settingsFrom: SETTINGS_FROM }, root);
+  if (explained instanceof TidingsError && !explained.retryable) return explained.message;
   const waited = where.gaveUpAfterSeconds === undefined ? '' : `; no answer within ${where.gaveUpAfterSeconds} s (--connect-timeout)`;
-  return `Cannot reach PostgreSQL at ${description} (${why}${waited}). Is the server running and reachable from here? Check --url or DATABASE_URL.`;
-}
-
-/** Node reports a refused connection to a name with several addresses as an AggregateError with no message. */
-function describeCause(error: unknown): string {
-  if (error instanceof AggregateError && error.message === '') return error.errors.map(describeCause).join('; ') || 'connection failed';
-  if (error instanceof Error) return error.message || String((error as { code?: unknown }).code ?? error.name);
-  return String(error);
+  return `Cannot reach PostgreSQL at ${description} (${describeCause(root)}${waited}). Is the server running and reachable from here? Check ${SETTINGS_FROM}.`;
 }
 
 function rootCause(error: unknown): unknown {

@@ -11,10 +11,24 @@ export interface Column<T> {
   readonly align?: 'left' | 'right';
   /** Longer cells are cut with an ellipsis. */
   readonly max?: number;
+  /** May be cut (down to its header's width, 8 at least) when the table is wider than the terminal; 2 gives way before 1. */
+  readonly shrink?: 1 | 2;
+  /** How a cell reads at a glance, coloured on a terminal: trouble, worth a look, or fine. */
+  readonly tone?: (row: T) => Tone | undefined;
+}
+
+export type Tone = 'bad' | 'warn' | 'good' | 'dim';
+
+export interface TableOptions {
+  readonly indent?: string;
+  /** The terminal's width: shrinkable columns give way until the table fits. */
+  readonly width?: number | undefined;
+  readonly style?: Style;
 }
 
 /** An aligned plain-text table, headers in capitals, `-` for empty cells. */
-export function table<T>(rows: readonly T[], columns: readonly Column<T>[], indent = ''): string {
+export function table<T>(rows: readonly T[], columns: readonly Column<T>[], options: TableOptions = {}): string {
+  const { indent = '', width, style = plain } = options;
   const cells = rows.map((row) =>
     columns.map((column) => {
       const value = column.value(row);
@@ -26,13 +40,55 @@ export function table<T>(rows: readonly T[], columns: readonly Column<T>[], inde
     (column) => column.align === 'right' || (column.align === undefined && rows.length > 0 && rows.every((row) => typeof column.value(row) === 'number')),
   );
   const widths = columns.map((column, index) => Math.max(column.header.length, ...cells.map((line) => line[index]!.length)));
-  const render = (line: readonly string[]) =>
+  if (width !== undefined) fit(widths, columns, width - indent.length);
+  const cut = (text: string, index: number) => (text.length > widths[index]! ? `${text.slice(0, widths[index]! - 1)}…` : text);
+  const render = (line: readonly string[], row: T | undefined) =>
     indent +
     line
-      .map((cell, index) => (rightAligned[index] ? cell.padStart(widths[index]!) : cell.padEnd(widths[index]!)))
+      .map((cell, index) => {
+        const text = cut(cell, index);
+        const padded = rightAligned[index] ? text.padStart(widths[index]!) : text.padEnd(widths[index]!);
+        const tone = row === undefined ? undefined : columns[index]!.tone?.(row);
+        return tone === undefined ? padded : style.paint(tone, padded);
+      })
       .join('  ')
       .trimEnd();
-  return [render(columns.map((column) => column.header.toUpperCase())), ...cells.map(render)].join('\n');
+  return [style.bold(render(columns.map((column) => column.header.toUpperCase()), undefined)), ...cells.map((line, index) => render(line, rows[index]))].join('\n');
+}
+
+/** Narrows the shrinkable columns, those that give way first before the others, until the table fits `available`. */
+function fit<T>(widths: number[], columns: readonly Column<T>[], available: number): void {
+  const floor = (index: number) => Math.max(8, columns[index]!.header.length);
+  for (const order of [2, 1] as const) {
+    for (const [index, column] of columns.entries()) {
+      if (column.shrink !== order) continue;
+      const over = widths.reduce((sum, w) => sum + w, 0) + 2 * (widths.length - 1) - available;
+      if (over <= 0) return;
+      widths[index] = Math.max(floor(index), widths[index]! - over);
+    }
+  }
+}
+
+/** Colours for a person at a terminal; `plain` for everything else (pipes, files, --json, NO_COLOR). */
+export interface Style {
+  paint(tone: Tone, text: string): string;
+  bold(text: string): string;
+}
+
+export const plain: Style = { paint: (_tone, text) => text, bold: (text) => text };
+
+const ANSI: Record<Tone, string> = { bad: '31', warn: '33', good: '32', dim: '2' };
+
+export const coloured: Style = {
+  paint: (tone, text) => `\x1b[${ANSI[tone]}m${text}\x1b[0m`,
+  bold: (text) => `\x1b[1m${text}\x1b[0m`,
+};
+
+/** Colour on a terminal unless NO_COLOR is set (https://no-color.org); FORCE_COLOR asks for it anywhere. */
+export function styleFor(isTTY: boolean, env: NodeJS.ProcessEnv): Style {
+  if (env.NO_COLOR !== undefined && env.NO_COLOR !== '') return plain;
+  if (env.FORCE_COLOR !== undefined && env.FORCE_COLOR !== '0') return coloured;
+  return isTTY ? coloured : plain;
 }
 
 /** `350 ms`, `4.2 s`, `3 min 5 s`, `2 h 3 min`, `3 d 4 h`. */

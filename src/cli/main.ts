@@ -19,8 +19,10 @@ async function main(argv: readonly string[]): Promise<number> {
   const json = argv.includes('--json');
   const program = buildProgram({
     env: process.env,
+    cwd: process.cwd(),
     interrupt: interrupt.signal,
     stdoutIsTTY: process.stdout.isTTY === true,
+    columns: process.stdout.isTTY === true ? process.stdout.columns : undefined,
     out: (text) => void process.stdout.write(text),
     err: (text) => void process.stderr.write(text),
   });

@@ -4,13 +4,14 @@ import { MAX_NAME_LENGTH, validateName, validateNow, validateReplyNow, type AnyR
 import { keyHash, newId, type Envelope, type Message } from './envelope.ts';
 import { TidingsError, type TidingsErrorCode } from './errors.ts';
 import { attributeProblem, bytesOver, dataProblem, messageLimits } from './limits.ts';
+import { stopOnSignals } from './signals.ts';
 import type { PublishedMessage, PublishOptions, RequestOptions } from './publish.ts';
 import { sagaHandlers, type SagaDefinition, type SagaStats } from './saga.ts';
 import { Schedule, type ScheduleOptions, type TickPublisher } from './schedules.ts';
 import { defaultWarning } from './warnings.ts';
 import { systemClock, type Clock, type ClockTimer } from './clock.ts';
 import { createPipeline, handlerScope, type Handler, type Middleware, type ReplyHandler, type Route } from './handler.ts';
-import { busDefaults, OptionProblems, resolveSubscribeOptions, type ResolvedSubscribeOptions, type SubscribeOptions } from './options.ts';
+import { busDefaults, OptionProblems, optionNames, resolveSubscribeOptions, type ResolvedSubscribeOptions, type SubscribeOptions } from './options.ts';
 
 export type { PublishedMessage, PublishOptions, RequestOptions } from './publish.ts';
 
@@ -27,6 +28,8 @@ export interface BusOptions<Tx> {
   /** The clock of scheduled publishes, schedules' ticks and request timeouts: the system's, or a virtual one (tidings/testing). */
   clock?: Clock;
 }
+
+const busOptionNames = optionNames<BusOptions<unknown>>()('service', 'backbone', 'maxPayloadBytes', 'subscriptionDefaults', 'onWarning', 'clock');
 
 export interface SubscriptionStats {
   /** Attempts that succeeded (the message was acknowledged, or will be with its batch). */
@@ -94,10 +97,14 @@ export class Bus<Tx = unknown> {
   readonly #background: unknown[] = [];
   #stopping = new AbortController();
   #opened: Promise<void> | undefined;
+  #starting: Promise<void> | undefined;
+  #stopped: Promise<void> | undefined;
+  #forgetSignals: (() => void) | undefined;
   #state: 'idle' | 'starting' | 'running' | 'stopping' | 'stopped' = 'idle';
 
   constructor(options: BusOptions<Tx>) {
     const problems = new OptionProblems('createBus');
+    problems.unknownKeys(options, busOptionNames);
     problems.check(
       typeof options?.service === 'string' && SERVICE.test(options.service),
       `service ${JSON.stringify(options?.service)} must be a name of letters, digits, ".", "-", "_" or "~" (at most ${MAX_NAME_LENGTH} characters, for example "billing-service"): it becomes the CloudEvents source URI tidings://<service>`,
@@ -239,18 +246,24 @@ export class Bus<Tx = unknown> {
   }
 
   /** Opens the backbone (migrating its storage if needed) and starts every subscription's workers. */
-  async start(): Promise<void> {
-    if (this.#state === 'running' || this.#state === 'starting') return;
+  start(): Promise<void> {
     if (this.#state === 'stopping' || this.#state === 'stopped') {
-      throw new TidingsError('STOPPED', 'This bus was stopped; create a new one to start again');
+      return Promise.reject(new TidingsError('STOPPED', 'This bus was stopped; create a new one to start again'));
     }
+    this.#starting ??= this.#start();
+    return this.#starting;
+  }
+
+  async #start(): Promise<void> {
     this.#state = 'starting';
     await this.#open();
     for (const subscription of this.#subscriptions.values()) {
       if (subscription.routes.size === 0) continue;
+      if (this.#state !== 'starting') return; // stop() was called meanwhile
       this.#started.add(subscription.name);
       await this.#startConsumer(subscription);
     }
+    if (this.#state !== 'starting') return;
     for (const schedule of this.#schedules.values()) await schedule.start(this.#tickPublisher());
     this.#state = 'running';
   }
@@ -304,10 +317,22 @@ export class Bus<Tx = unknown> {
     };
   }
 
-  /** Graceful: finishes in-flight handlers, acknowledges them, releases leases, then closes the backbone. */
-  async stop(): Promise<void> {
-    if (this.#state === 'stopped') return;
+  /**
+   * Graceful: finishes in-flight handlers, acknowledges them, releases leases, then closes the backbone.
+   * Every call gets the same promise, so a SIGINT and a SIGTERM handler, or a framework's hook and your
+   * own, may both call it (test/lifecycle.pg.test.ts).
+   */
+  stop(): Promise<void> {
+    this.#stopped ??= this.#stop();
+    return this.#stopped;
+  }
+
+  async #stop(): Promise<void> {
+    this.#forgetSignals?.();
     this.#state = 'stopping';
+    // A start in progress finishes first (each consumer it starts is then stopped below); one that fails
+    // leaves nothing to stop but the backbone.
+    await this.#starting?.catch(() => undefined);
     await Promise.all([...this.#schedules.values()].map((schedule) => schedule.stop()));
     const consumers = [...this.#consumers.values()];
     this.#consumers.clear();
@@ -317,6 +342,19 @@ export class Bus<Tx = unknown> {
     await this.backbone.close();
     this.#state = 'stopped';
     if (this.#background.length > 0) throw new AggregateError(this.#background, 'Subscriptions started after bus.start() failed');
+  }
+
+  /**
+   * Stops this bus gracefully on SIGINT (Ctrl-C) or SIGTERM (docker stop, Kubernetes), then lets the signal
+   * end the process, unless the application listens to it too. Without it, Ctrl-C ends the process at
+   * once and the messages in flight wait for their lease (`leaseMs`) to move to another worker. Returns a
+   * function that removes the handlers; `stop()` removes them too. See src/core/signals.ts for why this is
+   * not the default.
+   */
+  stopOnSignals(): () => void {
+    if (this.#stopped !== undefined) return () => undefined;
+    this.#forgetSignals ??= stopOnSignals(this);
+    return this.#forgetSignals;
   }
 
   /**

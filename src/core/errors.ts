@@ -16,6 +16,8 @@ export type TidingsErrorCode =
   | 'PUBLISH_FAILED'
   | 'HANDLER_TIMEOUT'
   | 'BACKBONE_UNAVAILABLE'
+  /** A package the backbone needs (pg, PGlite, amqplib, nats) is not installed, or is and fails to load. */
+  | 'PACKAGE_UNAVAILABLE'
   | 'SUBSCRIPTION_CONFLICT'
   | 'NO_TRANSACTION'
   /** `bus.transaction()` could not commit: a statement in it failed, and the callback caught the error. */

@@ -85,6 +85,20 @@ export class OptionProblems {
     }
   }
 
+  /**
+   * Reports every key of `options` that is not one of `known`: a misspelt option (`concurency: 4`) would
+   * otherwise be ignored and its default used without a word. TypeScript catches it in an object literal,
+   * not in options built from a config file, a spread or JavaScript (test/options.unit.test.ts).
+   */
+  unknownKeys(options: unknown, known: readonly string[], prefix = ''): void {
+    if (options === null || typeof options !== 'object' || Array.isArray(options)) return;
+    for (const key of Object.keys(options)) {
+      if (known.includes(key)) continue;
+      const near = known.find((name) => editDistance(name.toLowerCase(), key.toLowerCase()) <= 2);
+      this.#problems.push(`${prefix}${key} is not an option${near === undefined ? ` (the options are ${known.map((name) => prefix + name).join(', ')})` : `: did you mean ${prefix}${near}?`}`);
+    }
+  }
+
   check(condition: boolean, problem: string): void {
     if (!condition) this.#problems.push(problem);
   }
@@ -96,8 +110,34 @@ export class OptionProblems {
   }
 }
 
+/**
+ * The names of an options type, for OptionProblems.unknownKeys: the compiler refuses a list that leaves one
+ * out (`{ missing: ... }` names it), so the list cannot fall behind the type.
+ */
+export function optionNames<T extends object>() {
+  return <const K extends readonly (keyof T & string)[]>(
+    ...names: K & ([Exclude<keyof T, K[number]>] extends [never] ? unknown : { missing: Exclude<keyof T, K[number]> })
+  ): readonly string[] => names;
+}
+
+const subscribeOptionNames = optionNames<SubscribeOptions>()('concurrency', 'partitions', 'batchSize', 'retry', 'timeoutMs', 'inbox', 'startFrom');
+const retryOptionNames = optionNames<RetryOptions>()('immediate', 'delayed', 'jitter');
+
+/** Edits (insert, delete, replace a character) between two short names: a typo is one or two. */
+function editDistance(a: string, b: string): number {
+  let previous = Array.from({ length: b.length + 1 }, (_, index) => index);
+  for (let i = 1; i <= a.length; i++) {
+    const current = [i];
+    for (let j = 1; j <= b.length; j++) current[j] = Math.min(previous[j]! + 1, current[j - 1]! + 1, previous[j - 1]! + (a[i - 1] === b[j - 1] ? 0 : 1));
+    previous = current;
+  }
+  return previous[b.length]!;
+}
+
 export function resolveSubscribeOptions(where: string, options: SubscribeOptions = {}): ResolvedSubscribeOptions {
   const problems = new OptionProblems(where);
+  problems.unknownKeys(options, subscribeOptionNames);
+  problems.unknownKeys(options.retry, retryOptionNames, 'retry.');
   problems.integer('concurrency', options.concurrency, 1, 10_000);
   problems.integer('partitions', options.partitions, 1, 1_024);
   problems.integer('batchSize', options.batchSize, 1, 10_000);

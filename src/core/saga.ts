@@ -1,4 +1,4 @@
-import type { StandardSchemaV1 } from '@standard-schema/spec';
+import type { StandardSchemaV1 } from './standard-schema.ts';
 import { defineCommand, validateName, type AnyContract, type Contract, type DataOf } from './contract.ts';
 import type { Message } from './envelope.ts';
 import { PermanentError, TidingsError, ValidationError } from './errors.ts';

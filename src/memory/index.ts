@@ -12,7 +12,7 @@ import { EVERY_TOPIC, type Backbone, type Consumer, type DeliveryHandler, type O
 import type { DeadLetterStore } from '../core/dead-letters.ts';
 import type { SagaRow, SagaStore } from '../core/saga.ts';
 import { TidingsError } from '../core/errors.ts';
-import { OptionProblems } from '../core/options.ts';
+import { OptionProblems, optionNames } from '../core/options.ts';
 import { DeadLetterBook } from './dead-letters.ts';
 import { Deque } from './deque.ts';
 import { Group, MemoryWorker, type GroupContext, type Stored } from './subscription.ts';
@@ -100,6 +100,7 @@ export class MemoryBackbone implements Backbone<MemoryTransaction> {
 
   constructor(options: MemoryOptions = {}) {
     const problems = new OptionProblems('memory()');
+    problems.unknownKeys(options, optionNames<MemoryOptions>()('maxLog', 'maxInbox', 'maxDeadLetters', 'drainTimeoutMs', 'onWarning', 'clock'));
     problems.integer('maxLog', options.maxLog, 0);
     problems.integer('maxInbox', options.maxInbox, 0);
     problems.integer('maxDeadLetters', options.maxDeadLetters, 1);

@@ -1,17 +1,8 @@
 /** The NATS JetStream broker: the stream, its buckets and consumers, publishing with confirms. */
 import { hostname } from 'node:os';
-import {
-  jetstream,
-  jetstreamManager,
-  RetentionPolicy,
-  StorageType,
-  type JetStreamClient,
-  type JetStreamManager,
-  type StreamConfig,
-  type StreamInfo,
-} from '@nats-io/jetstream';
-import { Kvm, type KV } from '@nats-io/kv';
-import { connect, nanos, type NatsConnection } from '@nats-io/transport-node';
+import type { JetStreamClient, JetStreamManager, StreamConfig, StreamInfo } from '@nats-io/jetstream';
+import type { KV } from '@nats-io/kv';
+import type { NatsConnection } from '@nats-io/transport-node';
 import type { Consumer, DeliveryHandler, Outgoing, SubscriptionSpec } from '../core/backbone.ts';
 import type { Broker } from '../core/broker.ts';
 import type { DeadLetterStore } from '../core/dead-letters.ts';
@@ -19,6 +10,7 @@ import { partitionOf } from '../core/envelope.ts';
 import { TidingsError } from '../core/errors.ts';
 import { OptionProblems } from '../core/options.ts';
 import { defaultWarning } from '../core/warnings.ts';
+import { loadClient } from './client.ts';
 import { subjectOf, toWire } from './codec.ts';
 import { NatsConsumer } from './consumer.ts';
 import { NatsDeadLetters } from './dead-letters.ts';
@@ -67,8 +59,11 @@ export class NatsBroker implements Broker {
   async #open(): Promise<NatsContext> {
     const s = this.settings;
     let nc: NatsConnection;
+    const { transport, jetstream, kv } = await loadClient();
+    const { nanos } = transport;
+    const { RetentionPolicy, StorageType } = jetstream;
     try {
-      nc = await connect({
+      nc = await transport.connect({
         servers: s.servers,
         name: `tidings ${hostname()}:${process.pid}`,
         maxReconnectAttempts: -1,
@@ -83,7 +78,7 @@ export class NatsBroker implements Broker {
       });
     }
     try {
-      const jsm = await jetstreamManager(nc, { timeout: s.publishTimeoutMs });
+      const jsm = await jetstream.jetstreamManager(nc, { timeout: s.publishTimeoutMs });
       const description = `tidings buckets=${s.buckets}: Tidings messages, subjects ${s.subjectPrefix}.<bucket>.<topic>`;
       const info = await ensureStream(jsm, {
         name: s.stream,
@@ -127,8 +122,8 @@ export class NatsBroker implements Broker {
         duplicate_window: nanos(s.duplicateWindowMs),
         num_replicas: s.replicas,
       });
-      const js = jetstream(nc, { timeout: s.publishTimeoutMs });
-      const kvm = new Kvm(js);
+      const js = jetstream.jetstream(nc, { timeout: s.publishTimeoutMs });
+      const kvm = new kv.Kvm(js);
       const leasesBucket = `${s.stream}_leases`;
       const holdsBucket = `${s.stream}_holds`;
       const leases = await kvm.create(leasesBucket, { ttl: s.leaseMs, history: 1, replicas: s.replicas, timeout: s.publishTimeoutMs });

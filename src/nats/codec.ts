@@ -3,7 +3,8 @@
  * Each attribute is a `ce-<name>` header, `content-type` carries `datacontenttype`, and the payload is the
  * data as JSON text, so a plain NATS client reads the event without knowing Tidings.
  */
-import { headers as natsHeaders, Match, type MsgHdrs } from '@nats-io/transport-node';
+import type { MsgHdrs } from '@nats-io/transport-node';
+import { client } from './client.ts';
 import type { Outgoing } from '../core/backbone.ts';
 import type { Envelope } from '../core/envelope.ts';
 import { TidingsError } from '../core/errors.ts';
@@ -47,7 +48,7 @@ export function decodeValue(value: string): string {
 
 /** Throws a URIError for text holding a lone surrogate (no UTF-8 for it): see toWire. */
 export function toHeaders(envelope: Envelope): MsgHdrs {
-  const h = natsHeaders();
+  const h = client().transport.headers();
   for (const name of ATTRIBUTES) {
     const value = envelope[name];
     if (value !== undefined && value !== null) h.set(`ce-${name}`, encodeValue(String(value)));
@@ -132,8 +133,8 @@ function abridged(text: string): string {
 }
 
 export function header(h: MsgHdrs | undefined, name: string): string | undefined {
-  if (h === undefined || !h.has(name, Match.IgnoreCase)) return undefined;
-  return decodeValue(h.get(name, Match.IgnoreCase));
+  if (h === undefined || !h.has(name, client().transport.Match.IgnoreCase)) return undefined;
+  return decodeValue(h.get(name, client().transport.Match.IgnoreCase));
 }
 
 /** A message's headers by lower-case name, each its first value decoded (what `header` gives, for one name). */
@@ -210,7 +211,7 @@ export function headersToRecord(h: MsgHdrs | undefined): Record<string, string[]
 }
 
 export function recordToHeaders(record: Record<string, string[]>): MsgHdrs {
-  const h = natsHeaders();
+  const h = client().transport.headers();
   for (const [key, values] of Object.entries(record)) {
     // The broker's own headers are set afresh by whoever publishes again.
     if (/^nats-/i.test(key)) continue;

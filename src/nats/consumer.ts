@@ -1,6 +1,6 @@
 import { hostname } from 'node:os';
-import { AckPolicy, DeliverPolicy, type ConsumerConfig } from '@nats-io/jetstream';
-import { nanos } from '@nats-io/transport-node';
+import type { ConsumerConfig } from '@nats-io/jetstream';
+import { client } from './client.ts';
 import { EVERY_TOPIC, type Consumer, type DeliveryHandler, type SubscriptionSpec } from '../core/backbone.ts';
 import type { Envelope } from '../core/envelope.ts';
 import { runAttempts, type AttemptScope } from '../core/attempts.ts';
@@ -182,10 +182,10 @@ export class NatsConsumer implements Consumer {
     const config: Partial<ConsumerConfig> = {
       durable_name: name,
       description: `Tidings subscription ${this.#spec.name}, bucket ${bucket} of ${settings.buckets}`,
-      ack_policy: AckPolicy.Explicit,
+      ack_policy: client().jetstream.AckPolicy.Explicit,
       filter_subject: `${settings.subjectPrefix}.${bucket}.>`,
-      deliver_policy: this.#spec.startFrom === 'beginning' ? DeliverPolicy.All : DeliverPolicy.New,
-      ack_wait: nanos(settings.ackWaitMs),
+      deliver_policy: this.#spec.startFrom === 'beginning' ? client().jetstream.DeliverPolicy.All : client().jetstream.DeliverPolicy.New,
+      ack_wait: client().transport.nanos(settings.ackWaitMs),
       max_ack_pending: this.#maxPending,
       // Tidings counts attempts and dead-letters itself; JetStream must never drop a message on its own.
       max_deliver: -1,

@@ -1,4 +1,4 @@
-import { OptionProblems } from '../core/options.ts';
+import { OptionProblems, optionNames } from '../core/options.ts';
 import type { BrokeredOptions } from '../outbox/index.ts';
 
 export interface NatsOptions extends BrokeredOptions {
@@ -59,8 +59,14 @@ export type NatsSettings = { -readonly [K in keyof typeof natsDefaults]: (typeof
 const STREAM_NAME = /^[A-Za-z0-9_-]{1,200}$/;
 const SUBJECT_PREFIX = /^[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*$/;
 
+const natsOptionNames = optionNames<NatsOptions>()(
+  'servers', 'stream', 'subjectPrefix', 'buckets', 'duplicateWindowMs', 'replicas', 'ackWaitMs', 'leaseMs', 'heartbeatMs',
+  'fetchExpiresMs', 'publishTimeoutMs', 'reconnectWaitMs', 'ackPendingPerHandler', 'errorBackoffMs', 'outbox', 'relay', 'onWarning',
+);
+
 export function resolveNatsSettings(options: NatsOptions): NatsSettings {
   const problems = new OptionProblems('nats()');
+  problems.unknownKeys(options, natsOptionNames);
   const servers = typeof options?.servers === 'string' ? [options.servers] : options?.servers;
   problems.check(Array.isArray(servers) && servers.length > 0 && servers.every((s) => typeof s === 'string' && s.length > 0), 'servers must be a NATS URL or a list of them, for example nats://127.0.0.1:4222');
   problems.check(options.stream === undefined || (typeof options.stream === 'string' && STREAM_NAME.test(options.stream)), `stream must be letters, digits, "-" or "_", got ${JSON.stringify(options.stream)}`);

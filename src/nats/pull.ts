@@ -10,7 +10,8 @@
  * says so (status 408/404/409 on the request's own reply subject) or when all its messages arrived, and the
  * subscription is closed only once every request is over.
  */
-import { createInbox, nanos, type Msg, type MsgHdrs, type NatsConnection, type Subscription } from '@nats-io/transport-node';
+import type { Msg, MsgHdrs, NatsConnection, Subscription } from '@nats-io/transport-node';
+import { client } from './client.ts';
 
 const ACK = Uint8Array.of(0x2b, 0x41, 0x43, 0x4b); // +ACK
 const NAK = Uint8Array.of(0x2d, 0x4e, 0x41, 0x4b); // -NAK
@@ -100,7 +101,7 @@ export interface PullerOptions {
 
 export class Puller {
   readonly #options: PullerOptions;
-  readonly #inbox = createInbox();
+  readonly #inbox = client().transport.createInbox();
   readonly #sub: Subscription;
   /** Requests in the order sent; the server serves a consumer's waiting requests in that order too. */
   readonly #requests = new Map<string, Request>();
@@ -149,7 +150,7 @@ export class Puller {
       };
       this.#requests.set(reply, request);
       try {
-        nc.publish(`$JS.API.CONSUMER.MSG.NEXT.${stream}.${durable}`, JSON.stringify({ batch, expires: nanos(expiresMs) }), { reply });
+        nc.publish(`$JS.API.CONSUMER.MSG.NEXT.${stream}.${durable}`, JSON.stringify({ batch, expires: client().transport.nanos(expiresMs) }), { reply });
       } catch (error) {
         request.fail(error as Error);
       }

@@ -14,7 +14,7 @@ import type { DeadLetterStore } from '../core/dead-letters.ts';
 import { keyHash, type Envelope } from '../core/envelope.ts';
 import { describeError, storable, TidingsError } from '../core/errors.ts';
 import { envelopeProblem } from '../core/limits.ts';
-import { OptionProblems } from '../core/options.ts';
+import { OptionProblems, optionNames } from '../core/options.ts';
 import { sleep } from '../core/sleep.ts';
 import { LazyTransaction } from './inbox.ts';
 import type { Inbox } from '../postgres/inbox.ts';
@@ -61,11 +61,14 @@ export class BrokerBackbone implements Backbone<PgTransaction> {
   readonly #warn: (message: string, error?: unknown) => void;
   readonly #stopping = new AbortController();
   #relay: Consumer | undefined;
+  #closing: Promise<void> | undefined;
   #opening: Promise<void> | undefined;
 
   constructor(broker: Broker, options: BrokeredOptions = {}) {
     const problems = new OptionProblems(`${broker.name}()`);
+    problems.unknownKeys(options, optionNames<BrokeredOptions>()('outbox', 'relay', 'onWarning'));
     const relay = typeof options.relay === 'object' ? options.relay : {};
+    problems.unknownKeys(relay, optionNames<RelayOptions>()('partitions', 'concurrency', 'batchSize'), 'relay.');
     problems.integer('relay.partitions', relay.partitions, 1, 1_024);
     problems.integer('relay.concurrency', relay.concurrency, 1, 10_000);
     problems.integer('relay.batchSize', relay.batchSize, 1, 100_000);
@@ -253,7 +256,13 @@ export class BrokerBackbone implements Backbone<PgTransaction> {
     return this.broker.deadLetters();
   }
 
-  async close(): Promise<void> {
+  /** Every call gets the same promise (bus.stop() may be called twice at once). */
+  close(): Promise<void> {
+    this.#closing ??= this.#close();
+    return this.#closing;
+  }
+
+  async #close(): Promise<void> {
     this.#stopping.abort();
     if (this.#opening !== undefined) await this.#opening.catch(() => undefined);
     await this.#relay?.stop();

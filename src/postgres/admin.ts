@@ -47,7 +47,8 @@ export interface PartitionStatus {
   readonly partition: number;
   /** The worker holding the lease, or null when no one does. */
   readonly owner: string | null;
-  readonly epoch: string;
+  /** Bumped at every change of owner; a bigint in the table, far below 2^53 in practice. */
+  readonly epoch: number;
   readonly leaseExpiresAt: string | null;
   /** Time left on the lease by the database's clock; negative once expired, null without a lease. */
   readonly leaseRemainingMs: number | null;
@@ -196,7 +197,7 @@ export async function readStatus(db: Queryable, options: StatusOptions): Promise
           (row): PartitionStatus => ({
             partition: Number(row.partition),
             owner: row.owner,
-            epoch: row.epoch,
+            epoch: Number(row.epoch),
             leaseExpiresAt: row.lease_expires_at === null ? null : iso(row.lease_expires_at),
             leaseRemainingMs: row.lease_remaining_ms === null ? null : Math.round(Number(row.lease_remaining_ms)),
             handled: Number(row.handled),

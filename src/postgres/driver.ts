@@ -1,6 +1,7 @@
 import { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { TidingsError } from '../core/errors.ts';
+import { loadPackage } from '../core/packages.ts';
 
 /**
  * The small part of a Postgres client Tidings needs. `pg`'s Pool and PGlite are both adapted to it, so the
@@ -125,13 +126,13 @@ export interface PgDriverOptions {
   /** Your pool: Tidings uses it and leaves it open. */
   pool?: PgPoolLike | undefined;
   poolSize: number;
+  /** Where the user gave the connection settings, named in connection errors (default: `postgres({ url })`, or your pool's settings). */
+  settingsFrom?: string | undefined;
 }
 
 export async function pgDriver(options: PgDriverOptions): Promise<SqlDriver> {
-  const pg = await import('pg').catch((cause: unknown) => {
-    throw new TidingsError('BACKBONE_UNAVAILABLE', 'The postgres backbone needs the "pg" package: npm install pg', { cause });
-  });
-  const { from: copyFrom } = await import('pg-copy-streams');
+  const pg = await loadPackage(import('pg'), 'pg', 'The postgres backbone');
+  const { from: copyFrom } = await loadPackage(import('pg-copy-streams'), 'pg-copy-streams', 'The postgres backbone');
   const Pool = pg.default.Pool;
   const Client = pg.default.Client;
   const ownPool = options.pool === undefined;
@@ -141,15 +142,17 @@ export async function pgDriver(options: PgDriverOptions): Promise<SqlDriver> {
   if (ownPool) (pool as unknown as { on(e: 'error', l: (e: Error) => void): void }).on('error', () => undefined);
   const config: Record<string, unknown> = options.url !== undefined ? { connectionString: options.url } : { ...pool.options };
   const description = describeUrl(options.url ?? (typeof config.connectionString === 'string' ? config.connectionString : undefined), config);
+  let closing: Promise<void> | undefined;
+  const where: Where = { description, settingsFrom: options.settingsFrom ?? (options.url !== undefined ? 'postgres({ url })' : "your pool's settings") };
 
   return {
     embedded: false,
     description,
-    query: (text, params) => wrap(description, () => pool.query(text, params as unknown[])),
+    query: (text, params) => wrap(where, () => pool.query(text, params as unknown[])),
     prepared: (name, text, params) =>
-      wrap(description, () => (pool as unknown as PreparingPool).query({ name, text, values: params as unknown[] })),
+      wrap(where, () => (pool as unknown as PreparingPool).query({ name, text, values: params as unknown[] })),
     async transaction(fn, atCommit) {
-      const client = await wrap(description, () => pool.connect());
+      const client = await wrap(where, () => pool.connect());
       let broken: Error | undefined;
       // A checked-out connection that dies between statements emits 'error' with no query to reject:
       // without a listener that would crash the process. The next statement fails instead.
@@ -174,7 +177,7 @@ export async function pgDriver(options: PgDriverOptions): Promise<SqlDriver> {
         } catch (rollbackError) {
           broken = rollbackError as Error;
         }
-        throw connectionError(description, error);
+        throw connectionError(where, error);
       } finally {
         client.off('error', onError);
         client.release(broken ?? false);
@@ -200,7 +203,7 @@ export async function pgDriver(options: PgDriverOptions): Promise<SqlDriver> {
       } catch (error) {
         ended = true;
         await client.end().catch(() => undefined);
-        throw connectionError(description, error);
+        throw connectionError(where, error);
       }
       return {
         notify: async (channel, payload) => {
@@ -215,8 +218,10 @@ export async function pgDriver(options: PgDriverOptions): Promise<SqlDriver> {
         },
       };
     },
-    async close() {
-      if (ownPool) await pool.end();
+    close() {
+      // Once: pg throws "Called end on pool more than once" at a second end.
+      closing ??= ownPool ? pool.end() : Promise.resolve();
+      return closing;
     },
   };
 }
@@ -393,9 +398,7 @@ export async function pgliteDriver(options: PgliteDriverOptions): Promise<SqlDri
   let db = options.db;
   const own = db === undefined;
   if (db === undefined) {
-    const module = await import('@electric-sql/pglite').catch((cause: unknown) => {
-      throw new TidingsError('BACKBONE_UNAVAILABLE', 'The embedded backbone needs the "@electric-sql/pglite" package: npm install @electric-sql/pglite', { cause });
-    });
+    const module = await loadPackage(import('@electric-sql/pglite'), '@electric-sql/pglite', 'Embedded PostgreSQL (postgres({ pglite: true }))');
     db = (await module.PGlite.create(options.dataDir === undefined ? {} : { dataDir: options.dataDir })) as unknown as PGliteLike;
   }
   const database = db;
@@ -463,28 +466,81 @@ export function isConnectionError(error: unknown): boolean {
 
 /** Transaction conflicts: nothing is wrong with the connection, and the same transaction may succeed again. */
 const CONFLICT_SQLSTATES = new Set(['40001', '40P01']);
+/** SQLSTATE class 28: the server refused the login (no such role, wrong password, pg_hba.conf). */
+const LOGIN_REFUSED = /^28/;
+/** SQLSTATE 3D000: no database of that name. */
+const NO_SUCH_DATABASE = '3D000';
 
-function connectionError(description: string, error: unknown): unknown {
-  if (error instanceof TidingsError || !isConnectionError(error)) return error;
-  const code = (error as { code?: unknown }).code;
+/** The server a driver talks to, safe to print, and where the user gave its settings (to say what to fix). */
+export interface Where {
+  readonly description: string;
+  readonly settingsFrom: string;
+}
+
+/**
+ * A TidingsError for a failure to reach or use the server, naming it (no password) and saying what to do;
+ * any other error is returned as it is. Shared with the CLI (src/cli/database.ts), so the library's errors
+ * read like the CLI's. Proven by test/connection.pg.test.ts.
+ */
+export function connectionError(where: Where, error: unknown): unknown {
+  if (error instanceof TidingsError) return error;
+  const { description, settingsFrom } = where;
+  const code = (error as { code?: unknown } | undefined)?.code;
+  const why = describeCause(error);
+  if (typeof code === 'string' && LOGIN_REFUSED.test(code)) {
+    return new TidingsError('BACKBONE_UNAVAILABLE', `PostgreSQL at ${description} refused the login (${why}). Check the user and password in ${settingsFrom}.`, { cause: error });
+  }
+  if (code === NO_SUCH_DATABASE) {
+    return new TidingsError('BACKBONE_UNAVAILABLE', `PostgreSQL at ${description} has no such database (${why}). Create it, or fix the database name in ${settingsFrom}.`, {
+      cause: error,
+    });
+  }
+  if (!isConnectionError(error)) return error;
   if (typeof code === 'string' && CONFLICT_SQLSTATES.has(code)) {
-    return new TidingsError('BACKBONE_UNAVAILABLE', `PostgreSQL at ${description} aborted the transaction (${(error as Error).message}); nothing of it was written, and it may be retried`, {
+    return new TidingsError('BACKBONE_UNAVAILABLE', `PostgreSQL at ${description} aborted the transaction (${why}); nothing of it was written, and it may be retried`, {
       cause: error,
       retryable: true,
     });
   }
-  return new TidingsError('BACKBONE_UNAVAILABLE', `PostgreSQL at ${description} is unreachable or dropped the connection (${(error as Error).message}); the operation did not complete and may be retried`, {
-    cause: error,
-    retryable: true,
-  });
+  return new TidingsError(
+    'BACKBONE_UNAVAILABLE',
+    `PostgreSQL at ${description} is unreachable or dropped the connection (${why}); the operation did not complete and may be retried. If this lasts, check that the server is running and reachable from here, and ${settingsFrom}.`,
+    { cause: error, retryable: true },
+  );
 }
 
-async function wrap<T>(description: string, fn: () => Promise<T>): Promise<T> {
+async function wrap<T>(where: Where, fn: () => Promise<T>): Promise<T> {
   try {
     return await fn();
   } catch (error) {
-    throw connectionError(description, error);
+    throw connectionError(where, error);
   }
+}
+
+/** Node reports a refused connection to a name with several addresses as an AggregateError with no message. */
+export function describeCause(error: unknown): string {
+  if (error instanceof AggregateError && error.message === '') return error.errors.map(describeCause).join('; ') || 'connection failed';
+  if (error instanceof Error) return error.message || String((error as { code?: unknown }).code ?? error.name);
+  return String(error);
+}
+
+/**
+ * Why `url` cannot be a PostgreSQL connection URL, or undefined when it can. pg itself takes any text (a
+ * `mysql://` URL or a typo becomes a connection to some host): refused here, when the backbone is made.
+ * The message never repeats the URL, which may hold a password.
+ */
+export function urlProblem(url: unknown): string | undefined {
+  const example = 'for example postgres://user:password@host:5432/database';
+  if (typeof url !== 'string' || url.trim() === '') return `url must be a PostgreSQL connection URL, ${example}`;
+  if (url.startsWith('/')) return undefined; // a Unix socket directory, as pg takes it
+  const scheme = /^([a-z][a-z0-9+.-]*):/i.exec(url)?.[1]?.toLowerCase();
+  if (scheme === undefined) return `url is not a URL: it must start with postgres:// or postgresql://, ${example}`;
+  if (scheme !== 'postgres' && scheme !== 'postgresql' && scheme !== 'socket') return `url must be a PostgreSQL URL (postgres:// or postgresql://), not ${scheme}://; ${example}`;
+  // A URL with no host (the socket given as ?host=/var/run/postgresql) is valid for pg, not for URL.
+  if (!URL.canParse(url) && !URL.canParse(url.replace('@/', '@localhost/'))) {
+    return `url cannot be parsed as a URL: percent-encode special characters in the user name and password (encodeURIComponent), ${example}`;
+  }
+  return undefined;
 }
 
 /** `postgres://user@host:port/db`, without the password. */

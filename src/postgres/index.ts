@@ -4,13 +4,13 @@ import type { SagaStore } from '../core/saga.ts';
 import type { DeadLetterStore } from '../core/dead-letters.ts';
 import type { Envelope } from '../core/envelope.ts';
 import { TidingsError } from '../core/errors.ts';
-import { OptionProblems } from '../core/options.ts';
+import { OptionProblems, optionNames } from '../core/options.ts';
 import { PostgresConsumer, type ConsumerSettings } from './consume/consumer.ts';
 import { deadLetterStore, readStatus } from './admin.ts';
-import { checkIdentifier, pgDriver, pgliteDriver, preparing, runStatement, type PGliteLike, type PgPoolLike, type SqlDriver } from './driver.ts';
+import { checkIdentifier, pgDriver, pgliteDriver, preparing, runStatement, urlProblem, type PGliteLike, type PgPoolLike, type SqlDriver } from './driver.ts';
 import { Inbox } from './inbox.ts';
 import { migrate } from './migrate.ts';
-import { resolveRetention, Retention, type RetentionOptions } from './retention.ts';
+import { resolveRetention, Retention, unknownRetentionKeys, type RetentionOptions } from './retention.ts';
 import { Notifier } from './notifier.ts';
 import { copyRows, GroupCommit, insertMessages, insertStatement, messagesJson } from './publisher.ts';
 import { SCHEDULED_SIGNAL, Scheduler } from './scheduler.ts';
@@ -64,6 +64,11 @@ export interface PostgresOptions {
   /** How long handled messages, inbox records and dead letters are kept (see `retentionDefaults`); `false` keeps everything. */
   retention?: RetentionOptions | false;
 }
+
+const postgresOptionNames = optionNames<PostgresOptions>()(
+  'url', 'pool', 'pglite', 'dataDir', 'schema', 'poolSize', 'migrate', 'leaseMs', 'heartbeatMs', 'pollMs', 'fallbackPollMs',
+  'notifierPingMs', 'foreignCommitNudgeMs', 'publishBatch', 'onWarning', 'handlerConnections', 'retention',
+);
 
 export const postgresDefaults = {
   schema: 'tidings',
@@ -141,14 +146,19 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
   #warn: (message: string, error?: unknown) => void;
   #nudges = new Set<NodeJS.Timeout>();
   #retention: Retention | undefined;
+  #closing: Promise<void> | undefined;
   #scheduler: Scheduler | undefined;
   #replies: ReplyWaiter | undefined;
 
   constructor(options: PostgresOptions) {
     const problems = new OptionProblems('postgres()');
+    problems.unknownKeys(options, postgresOptionNames);
+    problems.unknownKeys(options.publishBatch, ['maxBatch', 'maxInFlight'], 'publishBatch.');
+    if (options.retention !== undefined && options.retention !== false) unknownRetentionKeys(problems, options.retention);
     const sources = [options.url, options.pool, options.pglite].filter((source) => source !== undefined).length;
     problems.check(sources === 1, 'give exactly one of url (a connection URL), pool (a pg Pool) or pglite (true for embedded PostgreSQL)');
-    problems.check(options.url === undefined || typeof options.url === 'string', 'url must be a string');
+    const badUrl = options.url === undefined ? undefined : urlProblem(options.url);
+    if (badUrl !== undefined) problems.check(false, badUrl);
     problems.integer('poolSize', options.poolSize, 2, 1_000);
     problems.integer('leaseMs', options.leaseMs, 1_000);
     problems.integer('heartbeatMs', options.heartbeatMs, 100);
@@ -451,7 +461,13 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
     }, this.schema);
   }
 
-  async close(): Promise<void> {
+  /** Closes what `open` opened. Every call gets the same promise: two callers must not end the pool twice. */
+  close(): Promise<void> {
+    this.#closing ??= this.#close();
+    return this.#closing;
+  }
+
+  async #close(): Promise<void> {
     for (const nudge of this.#nudges) clearTimeout(nudge);
     this.#nudges.clear();
     if (this.#opening === undefined) return;

@@ -22,7 +22,7 @@
  * Proven by test/faults.pg.test.ts ("retention ...").
  */
 import { hostname } from 'node:os';
-import { OptionProblems } from '../core/options.ts';
+import { OptionProblems, optionNames } from '../core/options.ts';
 import { checkIdentifier, type Queryable } from './driver.ts';
 
 const DAY = 86_400_000;
@@ -69,6 +69,14 @@ export interface RetentionPolicy {
 }
 
 /** Validates retention options (every bad one named in one INVALID_OPTIONS error) and fills in the defaults. */
+/** Reports misspelt keys of postgres({ retention }) (the Retention class adds its own, so not in resolveRetention). */
+export function unknownRetentionKeys(problems: OptionProblems, options: RetentionOptions): void {
+  problems.unknownKeys(options, optionNames<RetentionOptions>()('log', 'inbox', 'deadLetters', 'intervalMs', 'batchSize', 'vacuum'), 'retention.');
+  problems.unknownKeys(options.log, ['maxAgeMs', 'topics', 'force'], 'retention.log.');
+  problems.unknownKeys(options.inbox, ['maxAgeMs'], 'retention.inbox.');
+  problems.unknownKeys(options.deadLetters, ['maxAgeMs'], 'retention.deadLetters.');
+}
+
 export function resolveRetention(where: string, options: RetentionOptions = {}): RetentionPolicy {
   const problems = new OptionProblems(where);
   const age = (name: string, value: unknown) => {

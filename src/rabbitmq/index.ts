@@ -8,7 +8,7 @@ import type { Consumer, DeliveryHandler, Outgoing, SubscriptionSpec } from '../c
 import { EVERY_TOPIC } from '../core/backbone.ts';
 import type { Broker, DeadLetterStore } from '../core/broker.ts';
 import { TidingsError } from '../core/errors.ts';
-import { OptionProblems } from '../core/options.ts';
+import { OptionProblems, optionNames } from '../core/options.ts';
 import { brokered, type BrokerBackbone, type RelayOptions } from '../outbox/index.ts';
 import type { PostgresBackbone } from '../postgres/index.ts';
 import { RabbitConsumer } from './consumer.ts';
@@ -99,6 +99,7 @@ export class RabbitBroker implements Broker {
 
   constructor(options: RabbitMqOptions) {
     const problems = new OptionProblems('rabbitmq()');
+    problems.unknownKeys(options, rabbitmqOptionNames);
     problems.check(typeof options?.url === 'string' && /^amqps?:\/\//.test(options.url), `url must be an AMQP URL (amqp://user:password@host:5672), got ${JSON.stringify(typeof options?.url === 'string' ? redact(options.url) : options?.url)}`);
     problems.check(options.prefix === undefined || (typeof options.prefix === 'string' && !options.prefix.includes(':') && options.prefix.length <= 100), 'prefix must be a string of at most 100 characters without ":"');
     problems.oneOf('quorum', options.quorum, [true, false]);
@@ -227,6 +228,11 @@ export class RabbitBroker implements Broker {
     await this.#link.close();
   }
 }
+
+const rabbitmqOptionNames = optionNames<RabbitMqOptions>()(
+  'url', 'outbox', 'relay', 'prefix', 'quorum', 'prefetch', 'connectTimeoutMs', 'heartbeatSeconds', 'publishTimeoutMs',
+  'reconnectMinMs', 'reconnectMaxMs', 'retryMinMs', 'retryReturnGraceMs', 'recentIds', 'connectionName', 'onWarning',
+);
 
 export interface RabbitMqBackboneOptions extends RabbitMqOptions {}
 

@@ -4,8 +4,9 @@
  * Channels are not kept here: each user owns its channels and watches their `close` event, because a
  * channel also closes alone (a refused declaration) while the connection stays up.
  */
-import { connect, type ChannelModel, type ConfirmChannel } from 'amqplib';
+import type { ChannelModel, ConfirmChannel } from 'amqplib';
 import { TidingsError } from '../core/errors.ts';
+import { loadPackage } from '../core/packages.ts';
 import { sleep } from '../core/sleep.ts';
 
 export interface LinkSettings {
@@ -78,6 +79,9 @@ export class Link {
 
   async #connect(): Promise<ChannelModel> {
     const s = this.#settings;
+    // Loaded here, not imported at the top: without amqplib, importing tidings/rabbitmq would fail with
+    // Node's bare "Cannot find package" instead of this error naming it (not retried: installing takes a person).
+    const { connect } = await loadPackage(import('amqplib'), 'amqplib', 'The RabbitMQ backbone');
     for (let attempt = 0, waitMs = s.reconnectMinMs; ; attempt++, waitMs = Math.min(waitMs * 2, s.reconnectMaxMs)) {
       if (this.#closed) throw this.#unavailable('the backbone is closed');
       try {

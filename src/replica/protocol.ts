@@ -10,7 +10,7 @@
  * Every request carries a `requestId` and the replica's name; every reply names the request and says how
  * many parts answer it, so the replica knows when it has the whole answer.
  */
-import type { StandardSchemaV1 } from '@standard-schema/spec';
+import type { StandardSchemaV1 } from '../core/standard-schema.ts';
 import { defineCommand, defineEvent, type Contract } from '../core/contract.ts';
 
 /** A key's state as the source sees it: the document the replica stores, and its version. */

@@ -1,0 +1,105 @@
+/**
+ * The CLI's rendering and settings, without a database: compact status, terminal width, colour, replica
+ * plumbing folded; TIDINGS_SCHEMA and the config file.
+ */
+import assert from 'node:assert/strict';
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { test } from 'node:test';
+import { resolveGlobals } from '../src/cli/config.ts';
+import { coloured, plain, styleFor } from '../src/cli/format.ts';
+import { renderStatus } from '../src/cli/status.ts';
+import type { PartitionStatus, Status, SubscriptionStatus, WorkerStatus } from '../src/postgres/admin.ts';
+
+const worker: WorkerStatus = { id: 'w-1', subscription: 'billing.charge-orders', host: 'h', pid: 1, startedAt: '2026-01-01T00:00:00Z', expiresAt: '2026-01-01T00:01:00Z', live: true, topics: ['orders.order-placed'] };
+
+function cursor(partition: number, lag: number, leaseRemainingMs = 5_000): PartitionStatus {
+  return { partition, owner: 'w-1', epoch: 3, leaseExpiresAt: null, leaseRemainingMs, handled: 10, lag, oldestUnprocessedAgeMs: lag > 0 ? 1_500 : null, updatedAt: '2026-01-01T00:00:00Z' };
+}
+
+function subscription(name: string, lag: number, extra: Partial<SubscriptionStatus> = {}): SubscriptionStatus {
+  return {
+    name,
+    topics: ['orders.order-placed', 'orders.order-cancelled', 'orders.order-amended-by-the-customer'],
+    partitions: 4,
+    handled: 40,
+    lag,
+    oldestUnprocessedAgeMs: lag > 0 ? 1_500 : null,
+    heldKeys: 0,
+    heldMessages: 0,
+    deadLetters: 0,
+    cursors: [cursor(0, lag), cursor(1, 0), cursor(2, 0), cursor(3, 0)],
+    workers: [worker],
+    disagreements: [],
+    ...extra,
+  };
+}
+
+const status: Status = {
+  schema: 'shop',
+  at: '2026-01-01T00:00:00Z',
+  subscriptions: [
+    subscription('billing.charge-orders', 7),
+    subscription('shipping.ship-paid-orders', 0, { heldKeys: 1, heldMessages: 2, deadLetters: 1 }),
+    subscription('replica.credentials-gw1.replies', 0),
+    subscription('replica-source.identity.users', 0),
+  ],
+  workers: [worker],
+  heldKeys: 1,
+  deadLetters: 1,
+};
+
+test('status is compact: detail only where something needs a look, replica plumbing folded into a line', () => {
+  const text = renderStatus(status, 'postgres://db/shop', { verbose: false, width: undefined, style: plain });
+  assert.match(text, /\nbilling\.charge-orders: 4 partitions; 1 of 4 partitions behind\n +PARTITION[^\n]*\n +0 +w-1 +5\.0 s left +3 +10 +7 +1\.5 s\n/);
+  assert.equal(text.match(/s left/g)?.length, 1, 'the caught-up partitions are not listed');
+  assert.match(text, /\nshipping\.ship-paid-orders: 4 partitions; 1 key held for a retry \(2 messages\)\n/);
+  assert.match(text, /\(and 2 replica request\/reply subscriptions, all caught up, 80 handled: --verbose shows them\)/);
+  assert.doesNotMatch(text, /replica\.credentials-gw1\.replies/);
+  assert.match(text, /1 dead letter: tidings dead-letters list --group/);
+  const verbose = renderStatus(status, 'postgres://db/shop', { verbose: true, width: undefined, style: plain });
+  assert.match(verbose, /replica\.credentials-gw1\.replies/);
+  assert.equal(verbose.match(/s left/g)?.length, 16);
+});
+
+test('status fits the terminal: long columns are cut, none is wider than the width', () => {
+  const text = renderStatus(status, 'postgres://db/shop', { verbose: false, width: 100, style: plain });
+  const table = text.split('\n').filter((line) => /^SUBSCRIPTION|^\S+ +orders\./.test(line));
+  assert.equal(table.length, 3);
+  for (const line of table) assert.ok(line.length <= 100, `${line.length}: ${line}`);
+  assert.match(text, /\nshipping\.ship-paid-orders +orders\.order-pla…/, 'the topics give way first, the names stay whole');
+});
+
+test('colour on a terminal only, and never with NO_COLOR', () => {
+  assert.equal(styleFor(true, {}), coloured);
+  assert.equal(styleFor(false, {}), plain);
+  assert.equal(styleFor(true, { NO_COLOR: '1' }), plain);
+  assert.equal(styleFor(false, { FORCE_COLOR: '1' }), coloured);
+  const text = renderStatus(status, 'postgres://db/shop', { verbose: false, width: undefined, style: coloured });
+  assert.match(text, /\x1b\[33m +7\x1b\[0m/, 'lag in yellow');
+  assert.match(text, /\x1b\[31m +1\x1b\[0m/, 'dead letters in red');
+});
+
+test('settings: the command line, then TIDINGS_SCHEMA and DATABASE_URL, then tidings.config.json (here or above), then defaults', () => {
+  const dir = mkdtempSync(join(tmpdir(), 'tidings-config-'));
+  try {
+    assert.equal(resolveGlobals({}, {}, dir).schema, 'tidings');
+    writeFileSync(join(dir, 'tidings.config.json'), JSON.stringify({ schema: 'from_file', url: 'postgres://file/db', connectTimeout: 3 }));
+    mkdirSync(join(dir, 'service', 'src'), { recursive: true });
+    const below = resolveGlobals({}, {}, join(dir, 'service', 'src'));
+    assert.deepEqual([below.schema, below.url, below.connectTimeout, below.configFile], ['from_file', 'postgres://file/db', 3, join(dir, 'tidings.config.json')]);
+    const env = resolveGlobals({}, { TIDINGS_SCHEMA: 'from_env', DATABASE_URL: 'postgres://env/db' }, dir);
+    assert.deepEqual([env.schema, env.url], ['from_env', 'postgres://env/db']);
+    const flags = resolveGlobals({ schema: 'from_flag', url: 'postgres://flag/db' }, { TIDINGS_SCHEMA: 'from_env' }, dir);
+    assert.deepEqual([flags.schema, flags.url], ['from_flag', 'postgres://flag/db']);
+
+    writeFileSync(join(dir, 'tidings.config.json'), JSON.stringify({ shema: 'x', connectTimeout: 'soon' }));
+    assert.throws(() => resolveGlobals({}, {}, dir), /tidings\.config\.json: shema is not a setting \(the settings are url, schema, connectTimeout, prefix, stream\); connectTimeout must be a number/);
+    rmSync(join(dir, 'tidings.config.json'));
+    assert.throws(() => resolveGlobals({}, { TIDINGS_SCHEMA: 'Bad-Name' }, dir), /TIDINGS_SCHEMA "Bad-Name" is invalid/);
+    assert.throws(() => resolveGlobals({ config: 'nope.json' }, {}, dir), /--config nope\.json: no such file/);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
