@@ -203,7 +203,7 @@ const idleTransactionCut = (mode: 'transaction' | 'handler') => `
 `;
 
 async function runIsolated(schema: string, code: string): Promise<{ code: number | null; stdout: string; stderr: string }> {
-  const child = spawn(process.execPath, ['--conditions=source', '--import', 'tsx', '--input-type=module', '-e', code], {
+  const child = spawn(process.execPath, ['--conditions=tidings-source', '--import', 'tsx', '--input-type=module', '-e', code], {
     env: { ...process.env, DATABASE_URL, SCHEMA: schema },
     stdio: ['pipe', 'pipe', 'pipe'],
   });
