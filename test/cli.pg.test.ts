@@ -506,3 +506,37 @@ test('subscriptions drop: refused while a worker lives; then a command moves to 
   await again.start();
   assert.deepEqual((await json(schema, ['status'])).subscriptions.map((sub: { name: string }) => sub.name), ['payments-v2']);
 });
+
+test('sagas list and show: instances by state, one whole with its transitions; an unknown instance exits 1 with the list command', async (t) => {
+  const schema = await setup(t);
+  if (schema === undefined) return;
+  const { Counter, CounterAdded, CounterStarted } = await import('./fixtures/counter-saga.ts');
+  const bus = newBus(schema);
+  bus.saga(Counter);
+  await bus.start();
+  await bus.publish(CounterStarted, { id: 'c1' });
+  await bus.publish(CounterAdded, { id: 'c1', n: 4, slot: 1 });
+  const added = await bus.publish(CounterAdded, { id: 'c1', n: 6, slot: 2 });
+  await bus.publish(CounterStarted, { id: 'c2' });
+  await waitFor('three transitions of c1 and a start of c2', async () => {
+    const rows = await sql(`select id, version from "${schema}".sagas order by id`);
+    return rows.length === 2 && rows[0].version === 3;
+  });
+  const list = await json(schema, ['sagas', 'list', '--saga', 'test.counter']);
+  assert.equal(list.total, 2);
+  assert.deepEqual(list.sagas.map((row: { id: string }) => row.id).sort(), ['c1', 'c2']);
+  const shown = await json(schema, ['sagas', 'show', 'test.counter', 'c1']);
+  assert.deepEqual(shown.state, { id: 'c1', sum: 10, adds: 2 });
+  assert.equal(shown.transitions.length, 3);
+  assert.equal(shown.transitions[2].messageId, added.id);
+  const text = await tidings(['--schema', schema, 'sagas', 'show', 'test.counter', 'c1']);
+  assert.equal(text.code, 0, text.stderr);
+  assert.match(text.stdout, /Saga test\.counter instance c1: version 3, active/);
+  assert.match(text.stdout, /"sum": 10/);
+  assert.match(text.stdout, new RegExp(`v3 at .*: test\\.counter-added \\(message ${added.id}\\)`));
+  const table = await tidings(['--schema', schema, 'sagas', 'list']);
+  assert.match(table.stdout, /test\.counter +c1 +3 +active/);
+  const missing = await tidings(['--schema', schema, 'sagas', 'show', 'test.counter', 'nobody']);
+  assert.equal(missing.code, 1);
+  assert.match(missing.stderr, /No instance nobody of saga test\.counter .*tidings sagas list --saga test\.counter/);
+});

@@ -9,7 +9,7 @@ import { z } from 'zod';
 import { createBus, defineEvent, type Bus, type DataOf } from '../src/index.ts';
 import { postgres, type PgTransaction } from '../src/postgres/index.ts';
 import { defineReplica, defineSource, feed, replica, requestRebuild, source, type Replica } from '../src/replica/index.ts';
-import { buildProgram } from '../src/cli/commands.ts';
+import { buildProgram } from '../src/cli/program.ts';
 import { connect, DATABASE_URL, dropSchema, requirePostgres, sleep, uniqueSchema, waitFor } from './helpers.ts';
 
 const UserChanged = defineEvent('test.user-changed', {

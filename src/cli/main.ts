@@ -5,7 +5,7 @@
  */
 import { CommanderError } from 'commander';
 import { TidingsError } from '../core/errors.ts';
-import { buildProgram, CommandFailed, exitCodes } from './commands.ts';
+import { buildProgram, CommandFailed, exitCodes } from './program.ts';
 
 async function main(argv: readonly string[]): Promise<number> {
   const interrupt = new AbortController();
