@@ -5,7 +5,7 @@
  */
 import { existsSync, readFileSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
-import { TidingsError } from '../core/errors.ts';
+import { TidingsError } from '../index.ts';
 import { checkIdentifier } from '../postgres/driver.ts';
 
 export const CONFIG_FILE = 'tidings.config.json';

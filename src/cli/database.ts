@@ -2,7 +2,7 @@
  * The CLI's connection: a small pool of its own (so it can bound the time spent connecting), and the
  * judgement of which failures mean "the database cannot be reached" (exit code 3).
  */
-import { TidingsError } from '../core/errors.ts';
+import { TidingsError } from '../index.ts';
 import { loadPackage } from '../core/packages.ts';
 import { connectionError, describeCause, describeUrl, isConnectionError, pgDriver, type PgPoolLike, type SqlDriver } from '../postgres/driver.ts';
 

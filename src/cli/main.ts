@@ -4,7 +4,7 @@
  * process.exitCode, so pending output is flushed before the process ends.
  */
 import { CommanderError } from 'commander';
-import { TidingsError } from '../core/errors.ts';
+import { TidingsError } from '../index.ts';
 import { buildProgram, CommandFailed, exitCodes } from './program.ts';
 
 async function main(argv: readonly string[]): Promise<number> {

@@ -7,7 +7,7 @@
  */
 import { readFileSync } from 'node:fs';
 import { Command, InvalidArgumentError, Option } from 'commander';
-import { TidingsError } from '../core/errors.ts';
+import { TidingsError } from '../index.ts';
 import { firstPositionAt } from '../postgres/index.ts';
 import { checkIdentifier, urlProblem } from '../postgres/driver.ts';
 import { registerDeadLetters } from './commands/dead-letters.ts';

@@ -4,7 +4,7 @@
  * reply subscriptions, plumbing an operator rarely reads, fold into one line while they are healthy.
  * `--verbose` shows every partition and worker.
  */
-import type { PartitionStatus, Status, SubscriptionStatus } from '../postgres/admin.ts';
+import type { PartitionStatus, Status, SubscriptionStatus } from '../postgres/index.ts';
 import { duration, lease, table, type Column, type Style, type Tone } from './format.ts';
 
 export interface StatusView {

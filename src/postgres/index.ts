@@ -20,7 +20,7 @@ import { TrackedTransaction, type AtCommit, type PgTransaction } from './transac
 
 export type { PgTransaction } from './transaction.ts';
 export type { Queryable, PgPoolLike, PGliteLike, SqlDriver } from './driver.ts';
-export { migrate } from './migrate.ts';
+export { migrate, appliedVersions, migrationScript, pendingMigrations, type PlannedMigration } from './migrate.ts';
 
 export interface PostgresOptions {
   /** A PostgreSQL connection URL (`postgres://user@host:5432/db`). */

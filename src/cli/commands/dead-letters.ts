@@ -1,8 +1,6 @@
 /** `tidings dead-letters list|show|redrive|drop`: on PostgreSQL, RabbitMQ or NATS. */
 import type { Command } from 'commander';
-import type { Backbone } from '../../core/backbone.ts';
-import { groupDeadLetters, type DeadLetterActionResult, type DeadLetterGroup, type DeadLetterSelection, type DeadLetterStore } from '../../core/dead-letters.ts';
-import { TidingsError } from '../../core/errors.ts';
+import { groupDeadLetters, TidingsError, type Backbone, type DeadLetterActionResult, type DeadLetterGroup, type DeadLetterSelection, type DeadLetterStore } from '../../index.ts';
 import { adminDefaults, deadLetterStore } from '../../postgres/index.ts';
 import type { GlobalOptions } from '../config.ts';
 import { progress, table } from '../format.ts';

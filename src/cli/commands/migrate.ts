@@ -1,7 +1,7 @@
 /** `tidings migrate [--dry-run]`: create or upgrade the schema, or print the SQL it would run. */
 import type { Command } from 'commander';
 import { migrate } from '../../postgres/index.ts';
-import { appliedVersions, migrationScript, pendingMigrations } from '../../postgres/migrate.ts';
+import { appliedVersions, migrationScript, pendingMigrations } from '../../postgres/index.ts';
 import { emit, globalsOf, withDatabase, type CliContext } from '../program.ts';
 
 export function registerMigrate(program: Command, context: CliContext): void {
