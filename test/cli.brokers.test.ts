@@ -10,7 +10,7 @@ import { nats } from '../src/nats/index.ts';
 import { rabbitmq } from '../src/rabbitmq/index.ts';
 import { Ticked } from './fixtures/contracts.ts';
 import { NATS_URL, RABBITMQ_URL, requireBroker, runTidings, waitFor } from './helpers.ts';
-import { natsNamespace, quickNats } from './nats.helpers.ts';
+import { natsNamespace, quickNats } from './fixtures/nats.ts';
 import { deleteByPrefix, testOptions } from './rabbitmq.helpers.ts';
 
 const buses: Bus[] = [];

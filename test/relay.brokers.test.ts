@@ -14,7 +14,7 @@ import { rabbitmq } from '../src/rabbitmq/index.ts';
 import { postgresSchema, quickPostgres } from './conformance/postgres.ts';
 import { Ticked } from './fixtures/contracts.ts';
 import { DATABASE_URL, dropSchema, NATS_URL, RABBITMQ_URL, requireBroker, waitFor } from './helpers.ts';
-import { natsNamespace, quickNats } from './nats.helpers.ts';
+import { natsNamespace, quickNats } from './fixtures/nats.ts';
 import { deleteByPrefix } from './rabbitmq.helpers.ts';
 
 const buses: Bus<PgTransaction>[] = [];

@@ -108,7 +108,7 @@ export class NatsBroker implements Broker {
         }
       });
       // A stream made before the stream took only its buckets' subjects (it took `<prefix>.>`) is narrowed:
-      // a message published outside them would never reach a bucket's consumer (test/nats.input.test.ts).
+      // a message published outside them would never reach a bucket's consumer (test/input.nats.test.ts).
       const subjects = bucketSubjects(s.subjectPrefix, s.buckets);
       if (info.config.subjects?.join(' ') !== subjects.join(' ')) await jsm.streams.update(s.stream, { subjects });
       const dlqStream = `${s.stream}_DLQ`;

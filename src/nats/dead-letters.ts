@@ -52,7 +52,7 @@ export interface DeadLetterRecord {
  * The dead letter as JSON text, from the whole record down to a bare reference, for the writer to try in
  * this order: the first that can be written and fits in `maxBytes` (the server's max_payload, less room for
  * headers) is the one to keep. A message must be set aside once even when its record cannot be written
- * whole (test/nats.input.test.ts, "nested 10,000 deep"): writing it was retried every second, for ever.
+ * whole (test/input.nats.test.ts, "nested 10,000 deep"): writing it was retried every second, for ever.
  * 1. the whole record;
  * 2. the data as the text that came (a string, so no nesting) and its raw bytes: data JSON.stringify cannot
  *    write back (nested too deep for the stack);

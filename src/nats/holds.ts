@@ -2,7 +2,7 @@
  * Durable holds: a message waiting for a delayed retry, written to JetStream (the `<stream>_holds` KV bucket)
  * before its key starts waiting, so the wait survives a crash or a hand-over of its bucket. The next owner of
  * the bucket reads the holds before it handles anything there, runs the held message at its time with its
- * attempt history, and runs none of that key's later messages before it (test/nats.faults.test.ts, "kill -9
+ * attempt history, and runs none of that key's later messages before it (test/faults.nats.test.ts, "kill -9
  * while a key waits for its retry"). Kept in JetStream rather than in the outbox database so that it works the
  * same with and without an outbox, and one bucket lease covers the messages and their holds.
  *

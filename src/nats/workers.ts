@@ -6,7 +6,7 @@
  * PostgreSQL, README "Adding or removing a handler"). A topic none of them handles is not the subscription's
  * (removing a handler everywhere stops its delivery); one that is, a worker without a handler for it never
  * acknowledges, dead-letters or skips: it leaves the message, and its key, to a live worker that can, or holds
- * it until one runs again. The buckets go to the workers that handle every topic (test/nats.deploy.test.ts).
+ * it until one runs again. The buckets go to the workers that handle every topic (test/deploy.nats.test.ts).
  */
 import { EVERY_TOPIC } from '../core/backbone.ts';
 

@@ -7,7 +7,7 @@ import { postgresSchema, quickPostgres } from './conformance/postgres.ts';
 import { nats } from '../src/nats/index.ts';
 import { postgres, type PgTransaction } from '../src/postgres/index.ts';
 import { DATABASE_URL, dropSchema } from './helpers.ts';
-import { natsNamespace } from './nats.helpers.ts';
+import { natsNamespace } from './fixtures/nats.ts';
 
 conformance<PgTransaction>({
   name: 'nats with a postgres outbox',

@@ -11,7 +11,7 @@ import { nats } from '../src/nats/index.ts';
 import type { PgTransaction } from '../src/postgres/index.ts';
 import { Ticked, Tocked } from './fixtures/contracts.ts';
 import { sleep, waitFor } from './helpers.ts';
-import { natsNamespace, quickNats, type NatsNamespace } from './nats.helpers.ts';
+import { natsNamespace, quickNats, type NatsNamespace } from './fixtures/nats.ts';
 
 const buses: Bus<PgTransaction>[] = [];
 const cleanups: Array<() => Promise<void>> = [];

@@ -19,7 +19,7 @@ import { createBus, newId, TidingsError } from '../src/index.ts';
 import { nats } from '../src/nats/index.ts';
 import { Ticked } from './fixtures/contracts.ts';
 import { NATS_URL, sleep, waitFor } from './helpers.ts';
-import { natsNamespace, quickNats } from './nats.helpers.ts';
+import { natsNamespace, quickNats } from './fixtures/nats.ts';
 
 const NATS_SERVER = process.env.NATS_SERVER_BIN ?? '/usr/sbin/nats-server';
 

@@ -11,7 +11,7 @@ import { nats, natsDefaults, type NatsOptions } from '../src/nats/index.ts';
 import { postgres, type PgTransaction } from '../src/postgres/index.ts';
 import { Ticked } from './fixtures/contracts.ts';
 import { DATABASE_URL, dropSchema, NATS_URL, requirePostgres, sleep, uniqueSchema, waitFor } from './helpers.ts';
-import { natsNamespace, quickNats, type NatsNamespace } from './nats.helpers.ts';
+import { natsNamespace, quickNats, type NatsNamespace } from './fixtures/nats.ts';
 
 const buses: Bus<PgTransaction>[] = [];
 const cleanups: Array<() => Promise<void>> = [];
