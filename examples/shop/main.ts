@@ -1,5 +1,5 @@
 /**
- * The demo: a small shop of three services (orders -> billing -> shipping) talking through Tidings.
+ * The demo: a small shop of four services (orders -> billing <-> payments, billing -> shipping) talking through Tidings.
  *
  *   npm start                                embedded PostgreSQL (PGlite), nothing to install
  *   DATABASE_URL=postgres://... npm start    the same on a real server
@@ -7,16 +7,18 @@
  *   BACKBONE=nats npm start                  or NATS JetStream (NATS_URL); each service's database is
  *                                            still PostgreSQL, its outbox: the services' code is unchanged
  *
- * It places a few hundred orders. Some cards time out twice and succeed on a retry, some are declined
- * (the order is cancelled), and one order carries a currency the gateway rejects every time: that poison
- * message ends in dead letters while everything else flows. Then it prints what happened.
+ * It places a few hundred orders; billing runs a payment saga for each. Some cards time out twice and succeed
+ * on a retry, some are declined, some charges are never answered (the saga times out), and one order carries
+ * a currency the gateway rejects every time: that poison message ends in dead letters while everything else
+ * flows, and its saga times out too. A declined or timed-out order is compensated: cancelled, its stock
+ * released. Then it prints what happened.
  */
 import { PGlite } from '@electric-sql/pglite';
 import type { Backbone } from 'tidings';
 import { postgres, type PgTransaction, type PostgresBackbone, type Queryable } from 'tidings/postgres';
 import { loginDemo } from './login.ts';
-import { OrderPlaced, PaymentCaptured, PaymentDeclined, ShipmentScheduled } from './contracts.ts';
-import { billingService, CardGateway, ordersService, shippingService, shopTables, type NewOrder } from './services.ts';
+import { CardCharged, CardRefused, ChargeCard, OrderPlaced, PaymentCaptured, PaymentDeclined, ShipmentScheduled } from './contracts.ts';
+import { ANSWER_WITHIN_MS, billingService, CardGateway, ordersService, paymentsService, shippingService, shopTables, type NewOrder } from './services.ts';
 
 const ORDERS = Number(process.env.ORDERS ?? 300);
 const SCHEMA = 'tidings_shop';
@@ -64,35 +66,36 @@ if (kind === 'rabbitmq') {
   throw new Error(`BACKBONE must be postgres, rabbitmq or nats, not ${JSON.stringify(kind)}`);
 }
 
-console.log(`\nThe shop: three services, each with its own bus, that talk only through these events:\n${picture()}\n`);
+console.log(`\nThe shop: four services, each with its own bus, that talk only through these messages:\n${picture()}\n`);
 
 const gateway = new CardGateway();
 const orders = ordersService(backbone());
-const billing = billingService(backbone(), gateway);
+const billing = billingService(backbone());
+const payments = paymentsService(backbone(), gateway);
 const shipping = shippingService(backbone());
-const buses = { orders: orders.bus, billing, shipping };
+const buses = { orders: orders.bus, billing, payments, shipping };
 for (const bus of Object.values(buses)) await bus.start();
 // A broker keeps its dead letters between runs; this run counts only its own.
-await billing.backbone.deadLetters().drop({ all: true });
+await payments.backbone.deadLetters().drop({ all: true });
 
 const list: NewOrder[] = Array.from({ length: ORDERS }, (_, i) => ({
   orderId: `order-${String(i + 1).padStart(4, '0')}`,
   customerId: `customer-${(i % 40) + 1}`,
   amountCents: 500 + ((i * 37) % 20_000),
   currency: i === 41 ? 'XXX' : 'EUR',
-  // Every 10th card times out twice before it works, every 25th is refused.
-  card: `4000000000000${i % 25 === 7 ? '003' : i % 10 === 3 ? '002' : '001'}`,
+  // Every 10th card times out twice before it works, every 25th is refused, every 40th charge is never answered.
+  card: `4000000000000${i % 25 === 7 ? '003' : i % 40 === 21 ? '004' : i % 10 === 3 ? '002' : '001'}`,
 }));
 const placing = Date.now();
 for (let i = 0; i < list.length; i += 10) await Promise.all(list.slice(i, i + 10).map((order) => orders.placeOrder(order)));
 console.log(`Placed ${list.length} orders in ${Date.now() - placing} ms (order row + OrderPlaced in one transaction each)\n`);
 
 const count = async (sql: string) => Number((await db.query<{ n: number }>(sql)).rows[0]!.n);
+// Every order ends shipped or cancelled: a charge the gateway never answers, or answers only with errors,
+// is cancelled by its saga's timeout.
 const settled = async () =>
-  (await count(`select count(*)::int as n from shop.shipments`)) +
-  (await count(`select count(*)::int as n from shop.orders where status = 'cancelled'`)) +
-  (await buses.billing.backbone.deadLetters().count({ all: true }));
-const deadline = Date.now() + 60_000;
+  (await count(`select count(*)::int as n from shop.shipments`)) + (await count(`select count(*)::int as n from shop.orders where status = 'cancelled'`));
+const deadline = Date.now() + 60_000 + ANSWER_WITHIN_MS;
 while ((await settled()) < list.length && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 50));
 const elapsed = Date.now() - placing;
 
@@ -109,13 +112,20 @@ const retried = Object.values(buses).reduce((sum, bus) => sum + Object.values(bu
 const paid = await count(`select count(*)::int as n from shop.payments`);
 const shipped = await count(`select count(*)::int as n from shop.shipments`);
 const cancelled = await count(`select count(*)::int as n from shop.orders where status = 'cancelled'`);
-const { deadLetters: dead } = await buses.billing.backbone.deadLetters().list({ all: true });
-console.log(`\nIn the databases after ${elapsed} ms: ${list.length} orders, ${paid} paid, ${shipped} shipped, ${cancelled} cancelled (declined), ${dead.length} in dead letters`);
+const timedOut = await count(`select count(*)::int as n from shop.orders where cancel_reason like 'no answer%'`);
+const reserved = await count(`select reserved as n from shop.stock where sku = 'widget'`);
+const { deadLetters: dead } = await buses.payments.backbone.deadLetters().list({ all: true });
+const sagas = buses.billing.stats().sagas['billing.payment'];
+console.log(
+  `\nBilling's payment sagas: ${sagas?.started ?? 0} started, ${sagas?.completed ?? 0} completed: ${paid} paid, ${cancelled - timedOut} refused by the card's issuer, ` +
+    `${timedOut} timed out (no answer from the gateway within ${ANSWER_WITHIN_MS / 1_000} s); ${cancelled} compensated: order cancelled, stock released.`,
+);
+console.log(`\nIn the databases after ${elapsed} ms: ${list.length} orders, ${paid} paid, ${shipped} shipped, ${cancelled} cancelled, ${reserved} widgets reserved, ${dead.length} in dead letters`);
 for (const letter of dead) {
   console.log(`  dead letter ${letter.messageId} in ${letter.subscription} after ${letter.attempts} attempts: ${letter.reason}`);
 }
 // Why the retries: the gateway timed out on purpose (every 10th card, twice before it works), and the
-// poison order was tried as often as billing's retry policy allows before it went to dead letters.
+// poison order was tried as often as the payments service's retry policy allows before it went to dead letters.
 const poisonRetries = dead.reduce((sum, letter) => sum + letter.attempts - 1, 0);
 console.log(
   `\n${retried} retries: ${gateway.timeouts} gateway timeouts (${gateway.timedOutOrders} cards time out twice, then work)` +
@@ -123,7 +133,7 @@ console.log(
 );
 const published = Object.assign({}, ...Object.values(buses).map((bus) => bus.stats().published)) as Record<string, number>;
 console.log(`\nWho told whom what, with the number of events:\n${picture(published)}`);
-const consistent = paid === shipped && paid + cancelled + dead.length === list.length;
+const consistent = paid === shipped && paid + cancelled === list.length && reserved === paid && sagas?.completed === list.length;
 console.log(consistent ? '\nEvery order is accounted for: nothing lost, nothing twice.' : '\nSome orders are unaccounted for.');
 
 for (const bus of Object.values(buses)) await bus.stop();
@@ -156,19 +166,24 @@ function printTable(table: string[][]): void {
 }
 
 /**
- * The services and the events between them; with `counts` (published per topic), the number beside each
- * arrow. Only what the shop's code does: orders publishes OrderPlaced, billing answers with
- * PaymentCaptured or PaymentDeclined, shipping with ShipmentScheduled (which nobody consumes yet).
+ * The services and the messages between them; with `counts` (published per topic), the number beside each
+ * arrow. Only what the shop's code does: orders publishes OrderPlaced; billing's saga sends ChargeCard to
+ * payments, which answers CardCharged or CardRefused (or nothing); billing then publishes PaymentCaptured or
+ * PaymentDeclined; shipping answers with ShipmentScheduled (which nobody consumes yet).
  */
 function picture(counts?: Record<string, number>): string {
   const label = (name: string, topic: string) => (counts === undefined ? name : `${name} ${counts[topic] ?? 0}`);
-  const placed = label('OrderPlaced', OrderPlaced.topic);
-  const captured = label('PaymentCaptured', PaymentCaptured.topic);
-  const declined = label('PaymentDeclined', PaymentDeclined.topic);
-  const scheduled = label('ShipmentScheduled', ShipmentScheduled.topic);
-  const first = `  orders ── ${placed} ──▶ billing ── ${captured} ──▶ shipping ── ${scheduled} ──▶ (no subscriber yet)`;
-  const column = first.indexOf('billing') + 3; // the corner sits under the middle of "billing"
-  const back = `     ▲${' '.repeat(column - 6)}│`;
-  const under = `     └${'─'.repeat(Math.max(1, column - 6 - declined.length - 4))} ${declined} ──┘`;
-  return [first, back, under].join('\n');
+  const first = `  orders ── ${label('OrderPlaced', OrderPlaced.topic)} ──▶ billing ── ${label('PaymentCaptured', PaymentCaptured.topic)} ──▶ shipping ── ${label('ShipmentScheduled', ShipmentScheduled.topic)} ──▶ (no subscriber yet)`;
+  const left = first.indexOf('billing') + 1; // billing's two lines down: the declined one and the charge
+  const declined = ` ${label('PaymentDeclined', PaymentDeclined.topic)} `;
+  const charge = `${label('ChargeCard', ChargeCard.topic)} `;
+  const answers = ` ${label('CardCharged', CardCharged.topic)}, ${label('CardRefused', CardRefused.topic)}`;
+  const pad = (text: string, width: number) => text + ' '.repeat(Math.max(0, width - text.length));
+  return [
+    first,
+    `${pad('     ▲', left)}│ │ ▲`,
+    `${pad(`     └${'─'.repeat(Math.max(1, left - 7 - declined.length))}${declined}`, left - 1)}─┘ │ │`,
+    `${pad('', left + 2 - charge.length)}${charge}▼ │${answers}`,
+    `${pad('', left - 1)}payments`,
+  ].join('\n');
 }

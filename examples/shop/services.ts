@@ -4,17 +4,25 @@
  */
 import { createBus, PermanentError, type Backbone, type Bus } from 'tidings';
 import type { PgTransaction } from 'tidings/postgres';
-import { OrderPlaced, PaymentCaptured, PaymentDeclined, ShipmentScheduled } from './contracts.ts';
+import { paymentSaga } from './billing.ts';
+import { CardCharged, CardRefused, ChargeCard, OrderPlaced, PaymentCaptured, PaymentDeclined, ShipmentScheduled } from './contracts.ts';
 
 type ShopBus = Bus<PgTransaction>;
 /** Any backbone whose transactions are PostgreSQL's: postgres(), or a broker with a PostgreSQL outbox. */
 type ShopBackbone = Backbone<PgTransaction>;
 
-/** Orders: takes orders (writing the order and publishing OrderPlaced in one transaction), cancels declined ones. */
+/**
+ * Orders: takes orders (the order row, its stock reservation and OrderPlaced in one transaction); cancels a
+ * declined one and releases its stock.
+ */
 export function ordersService(backbone: ShopBackbone): { bus: ShopBus; placeOrder: (order: NewOrder) => Promise<void> } {
   const bus = createBus({ service: 'orders', backbone });
   bus.subscribe('orders.on-payment-declined', PaymentDeclined, async (message, ctx) => {
-    await ctx.tx.query(`update shop.orders set status = 'cancelled' where id = $1`, [message.data.orderId]);
+    const cancelled = await ctx.tx.query(`update shop.orders set status = 'cancelled', cancel_reason = $2 where id = $1 and status = 'placed' returning id`, [
+      message.data.orderId,
+      message.data.reason,
+    ]);
+    if (cancelled.rows.length === 1) await ctx.tx.query(`update shop.stock set reserved = reserved - 1 where sku = 'widget'`);
   });
   const placeOrder = (order: NewOrder) =>
     bus.transaction(async (tx) => {
@@ -24,6 +32,7 @@ export function ordersService(backbone: ShopBackbone): { bus: ShopBus; placeOrde
         order.amountCents,
         'placed',
       ]);
+      await tx.query(`update shop.stock set reserved = reserved + 1 where sku = 'widget'`);
       // The transactional outbox: this event exists if and only if the order row commits.
       await bus.publish(OrderPlaced, order, { tx });
     });
@@ -38,7 +47,10 @@ export interface NewOrder {
   card: string;
 }
 
-/** A card gateway with moods: some cards time out a couple of times, some are refused, one currency is unknown. */
+/**
+ * A card gateway with moods: some cards time out a couple of times, some are refused, some charges are never
+ * answered (the answer is lost), one currency is unknown.
+ */
 export class CardGateway {
   readonly #timeouts = new Map<string, number>();
   /** Timeouts thrown so far, and how many orders had them: the demo explains its retries with these. */
@@ -46,7 +58,7 @@ export class CardGateway {
   get timedOutOrders(): number {
     return this.#timeouts.size;
   }
-  charge(orderId: string, card: string, currency: string): 'ok' | 'declined' {
+  charge(orderId: string, card: string, currency: string): 'ok' | 'declined' | 'no answer' {
     if (currency === 'XXX') throw new Error(`gateway rejects currency ${currency} for order ${orderId}`);
     if (card.endsWith('0002')) {
       const seen = (this.#timeouts.get(orderId) ?? 0) + 1;
@@ -57,35 +69,50 @@ export class CardGateway {
       }
     }
     if (card.endsWith('0003')) return 'declined';
+    if (card.endsWith('0004')) return 'no answer';
     return 'ok';
   }
 }
 
-/** Billing: charges each order; records the payment and announces it in the same transaction as the ack. */
-export function billingService(backbone: ShopBackbone, gateway: CardGateway): ShopBus {
-  const bus = createBus({ service: 'billing', backbone });
+/**
+ * Payments: the card gateway's adapter. Charges each ChargeCard command and answers with CardCharged or
+ * CardRefused; a timeout is retried; a charge the gateway never answers gets no answer (billing's saga times out).
+ */
+export function paymentsService(backbone: ShopBackbone, gateway: CardGateway): ShopBus {
+  const bus = createBus({ service: 'payments', backbone });
   bus.subscribe(
-    'billing.charge-orders',
-    OrderPlaced,
+    'payments.charge-cards',
+    ChargeCard,
     async (message, ctx) => {
-      const order = message.data;
-      if (order.amountCents > 1_000_000) throw new PermanentError(`order ${order.orderId} is over the card limit`);
-      const result = gateway.charge(order.orderId, order.card, order.currency);
-      if (result === 'declined') {
-        await ctx.publish(PaymentDeclined, { orderId: order.orderId, reason: 'card refused by issuer' });
-        return;
-      }
-      const paymentId = `pay-${order.orderId}`;
-      await ctx.tx.query('insert into shop.payments (id, order_id, amount_cents) values ($1, $2, $3)', [
-        paymentId,
-        order.orderId,
-        order.amountCents,
-      ]);
-      await ctx.publish(PaymentCaptured, { orderId: order.orderId, paymentId, amountCents: order.amountCents });
+      const charge = message.data;
+      if (charge.amountCents > 1_000_000) throw new PermanentError(`order ${charge.orderId} is over the card limit`);
+      const result = gateway.charge(charge.orderId, charge.card, charge.currency);
+      if (result === 'ok') await ctx.publish(CardCharged, { orderId: charge.orderId, chargeId: `ch-${charge.orderId}` });
+      if (result === 'declined') await ctx.publish(CardRefused, { orderId: charge.orderId, reason: 'card refused by issuer' });
     },
     // Short delays so the demo shows retries in seconds; production would wait longer.
     { concurrency: 8, retry: { immediate: 1, delayed: [200, 500, 1_000] } },
   );
+  return bus;
+}
+
+/** How long billing waits for the gateway's answer: short, for the demo. */
+export const ANSWER_WITHIN_MS = 3_000;
+
+/** Billing: one payment saga per order (examples/shop/billing.ts); records each captured payment. */
+export function billingService(backbone: ShopBackbone): ShopBus {
+  const bus = createBus({ service: 'billing', backbone });
+  const saga = paymentSaga({
+    answerWithinMs: ANSWER_WITHIN_MS,
+    recordPayment: async (tx, payment) => {
+      await (tx as PgTransaction).query('insert into shop.payments (id, order_id, amount_cents) values ($1, $2, $3)', [
+        payment.paymentId,
+        payment.orderId,
+        payment.amountCents,
+      ]);
+    },
+  });
+  bus.saga(saga, { concurrency: 8 });
   return bus;
 }
 
@@ -102,7 +129,9 @@ export function shippingService(backbone: ShopBackbone): ShopBus {
 
 export const shopTables = [
   'create schema if not exists shop',
-  'create table if not exists shop.orders (id text primary key, customer_id text not null, amount_cents int not null, status text not null)',
+  'create table if not exists shop.orders (id text primary key, customer_id text not null, amount_cents int not null, status text not null, cancel_reason text)',
+  'create table if not exists shop.stock (sku text primary key, reserved int not null)',
+  "insert into shop.stock (sku, reserved) values ('widget', 0) on conflict do nothing",
   'create table if not exists shop.payments (id text primary key, order_id text not null unique, amount_cents int not null)',
   'create table if not exists shop.shipments (id text primary key, order_id text not null unique)',
 ];

@@ -9,6 +9,7 @@ import { PostgresConsumer, type ConsumerSettings } from './consume/consumer.ts';
 import { deadLetterStore, readStatus } from './admin.ts';
 import { checkIdentifier, pgDriver, pgliteDriver, preparing, runStatement, urlProblem, type PGliteLike, type PgPoolLike, type SqlDriver } from './driver.ts';
 import { Inbox } from './inbox.ts';
+import { toEnvelope, type LogRow } from './log.ts';
 import { migrate } from './migrate.ts';
 import { resolveRetention, Retention, unknownRetentionKeys, type RetentionOptions } from './retention.ts';
 import { Notifier } from './notifier.ts';
@@ -452,6 +453,15 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
     await this.open();
     const status = await readStatus(this.driver, { schema: this.schema, subscription }).catch(() => undefined);
     return status?.subscriptions[0]?.lag ?? 0;
+  }
+
+  /**
+   * The log's committed messages, oldest first: the newest `limit` (10,000 by default), of `topic` or of all
+   * topics. For tests (tidings/testing's `published()` reads it), not for consuming.
+   */
+  async messages(topic?: string, limit = 10_000): Promise<Envelope[]> {
+    await this.open();
+    return (await this.driver.query<LogRow>(this.#sql.newestMessages, [limit, topic ?? null])).rows.map(toEnvelope);
   }
 
   deadLetters(): DeadLetterStore {

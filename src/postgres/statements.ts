@@ -37,6 +37,12 @@ export function statements(schema: string) {
     /** One message, its columns as parameters: cheaper than the JSON form for the most common publish. */
     insertMessage: `insert into ${s}.log (topic, id, type, source, time, subject, key, key_hash, tenant, correlation_id, causation_id, traceparent, tracestate, data)
       values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)`,
+    /** The newest $1 committed messages, of topic $2 or of every topic when $2 is null, oldest first (tidings/testing). */
+    newestMessages: `select * from (
+        select position::int8 as position, topic, id, type, source, time, subject, key, key_hash, tenant,
+          correlation_id, causation_id, traceparent, tracestate, data
+        from ${s}.log where $2::text is null or topic = $2 order by position desc limit $1
+      ) newest order by position`,
     /** Many messages streamed as COPY text (see `copyRows`): a third of the server's work per row of `insertMessages`. */
     copyMessages: `copy ${s}.log (topic, id, type, source, time, subject, key, key_hash, tenant, correlation_id, causation_id, traceparent, tracestate, data) from stdin`,
     /** $1: a JSON array of rows. One statement for any number of messages; order is kept by ordinality. */

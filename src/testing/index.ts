@@ -12,7 +12,7 @@ import { createBus, type Bus, type BusOptions } from '../core/bus.ts';
 import { duration, systemClock, VirtualClock } from '../core/clock.ts';
 import type { AnyContract, DataOf, InputOf } from '../core/contract.ts';
 import type { DeadLetterSummary } from '../core/dead-letters.ts';
-import { toMessage, type Message } from '../core/envelope.ts';
+import { toMessage, type Envelope, type Message } from '../core/envelope.ts';
 import type { PublishedMessage, PublishOptions } from '../core/publish.ts';
 import type { SagaDefinition } from '../core/saga.ts';
 import { memory, MemoryBackbone, type MemoryTransaction } from '../memory/index.ts';
@@ -29,11 +29,19 @@ export interface TestBusOptions<Tx> extends Omit<BusOptions<Tx>, 'backbone' | 's
 }
 
 /** A bus to test with, and what a test asks of it. */
+/** What the kit reads from a real backbone: lag, to settle; its messages, for published(). PostgreSQL offers both. */
+interface Observable {
+  lag?(subscription: string): Promise<number>;
+  messages?(topic?: string): Promise<Envelope[]>;
+}
+
 export class TestBus<Tx = MemoryTransaction> {
   readonly bus: Bus<Tx>;
   readonly backbone: Backbone<Tx>;
   /** The virtual clock, on the memory backbone; undefined on a real one. */
   readonly clock: VirtualClock | undefined;
+  /** On a real backbone: its newest messages as of the last settle. */
+  #seen: Envelope[] | undefined;
 
   constructor(options: TestBusOptions<Tx> = {}) {
     const { service = 'test', backbone, startAt, ...rest } = options;
@@ -76,21 +84,23 @@ export class TestBus<Tx = MemoryTransaction> {
       await this.backbone.drain({ timeoutMs: 10_000, retries: this.clock === undefined });
       return;
     }
-    const lag = (this.backbone as { lag?: (subscription: string) => Promise<number> }).lag?.bind(this.backbone);
-    if (lag === undefined) throw new Error(`settle() needs the memory backbone or one that reports lag (PostgreSQL); ${this.backbone.name} does not`);
+    const real = this.backbone as Backbone<Tx> & Observable;
+    if (real.lag === undefined) throw new Error(`settle() needs the memory backbone or one that reports lag (PostgreSQL); ${this.backbone.name} does not`);
     const deadline = Date.now() + 30_000;
     for (;;) {
-      const lags = await Promise.all([...this.bus.subscriptions.keys()].map((name) => lag(name)));
-      if (lags.every((n) => n === 0)) return;
+      const lags = await Promise.all([...this.bus.subscriptions.keys()].map((name) => real.lag!(name)));
+      if (lags.every((n) => n === 0)) break;
       if (Date.now() > deadline) throw new Error(`settle() waited 30 s; still behind: ${lags.join(', ')}`);
       await new Promise((resolve) => setTimeout(resolve, 20));
     }
+    this.#seen = (await real.messages?.()) ?? undefined;
   }
 
   /** The messages of `contract` published so far (by the test and by handlers), oldest first, typed. */
   published<C extends AnyContract>(contract: C): Message<DataOf<C>>[] {
-    if (!(this.backbone instanceof MemoryBackbone)) throw new Error('published() reads the memory backbone; on a real backbone, subscribe a recording handler');
-    return this.backbone.messages(contract.topic).map((envelope) => toMessage(envelope, envelope.data as DataOf<C>));
+    const envelopes = this.backbone instanceof MemoryBackbone ? this.backbone.messages(contract.topic) : this.#seen?.filter((envelope) => envelope.topic === contract.topic);
+    if (envelopes === undefined) throw new Error(`published() reads the memory backbone, or a backbone that lists its messages (PostgreSQL) after when(), given() or settle(); ${this.backbone.name} does not`);
+    return envelopes.map((envelope) => toMessage(envelope, envelope.data as DataOf<C>));
   }
 
   /**
