@@ -23,8 +23,11 @@ import type { ConfirmChannel, ConsumeMessage, MessagePropertyHeaders } from 'amq
 import type { AttemptRecord, Consumer, DeliveryHandler, DeliveryResult, SubscriptionSpec } from '../core/backbone.ts';
 import { newId } from '../core/envelope.ts';
 import { describeError, TidingsError } from '../core/errors.ts';
+import type { Envelope } from '../core/envelope.ts';
 import {
   attemptsOf,
+  attributeHeaders,
+  cleanHeaders,
   copyOptions,
   decode,
   H_ATTEMPTS,
@@ -376,7 +379,8 @@ export class RabbitConsumer implements Consumer {
     const level = retryLevel(delayMs, this.#settings.retryMinMs);
     const queue = await this.#retryQueue(channel, level);
     const { message, decoded, generation, state } = entry;
-    const headers = { ...cleanHeaders(message!.properties.headers), ...extra, [H_PARTITION]: String(entry.partition) };
+    // What the first delivery derived (a topic from the exchange, a time from now...) travels with the copy.
+    const headers = { ...cleanHeaders(message!.properties.headers), ...attributeHeaders(decoded!.envelope), ...extra, [H_PARTITION]: String(entry.partition) };
     // Away before the publish: the copy may come back (a short delay) before the confirm does.
     entry.state = 'away';
     entry.message = undefined;
@@ -405,7 +409,8 @@ export class RabbitConsumer implements Consumer {
   async #deadLetter(entry: Entry, reason: string, history: readonly AttemptRecord[], attempt: number): Promise<void> {
     const channel = this.#channelOf(entry);
     const message = entry.message!;
-    await confirm(channel, '', this.#names.deadQueue(this.#spec.name), message.content, copyOptions(message, this.#deadHeaders(message, entry.partition, reason, history, attempt)));
+    const headers = this.#deadHeaders(message, entry.partition, reason, history, attempt, entry.decoded!.envelope);
+    await confirm(channel, '', this.#names.deadQueue(this.#spec.name), message.content, copyOptions(message, headers));
     this.#ack(entry);
   }
 
@@ -422,9 +427,10 @@ export class RabbitConsumer implements Consumer {
     }
   }
 
-  #deadHeaders(message: ConsumeMessage, partition: number, reason: string, history: readonly AttemptRecord[], attempt: number): MessagePropertyHeaders {
+  #deadHeaders(message: ConsumeMessage, partition: number, reason: string, history: readonly AttemptRecord[], attempt: number, envelope?: Envelope): MessagePropertyHeaders {
     return {
       ...cleanHeaders(message.properties.headers),
+      ...(envelope === undefined ? {} : attributeHeaders(envelope)),
       [H_DEAD_ID]: newId(),
       [H_DEAD_REASON]: reason.slice(0, 4_000),
       [H_DEAD_AT]: new Date().toISOString(),
@@ -489,16 +495,6 @@ export class RabbitConsumer implements Consumer {
     this.#ready.length = 0;
     this.#stopped = true;
   }
-}
-
-/** Headers that grow on every trip through a delay queue (x-death) or that only the broker sets. */
-function cleanHeaders(headers: MessagePropertyHeaders | undefined): MessagePropertyHeaders {
-  const clean: MessagePropertyHeaders = {};
-  for (const [name, value] of Object.entries(headers ?? {})) {
-    if (name === 'x-death' || name.startsWith('x-first-death') || name.startsWith('x-last-death') || name === 'x-delivery-count') continue;
-    clean[name] = value;
-  }
-  return clean;
 }
 
 function confirm(channel: ConfirmChannel, exchange: string, routingKey: string, content: Buffer, options: Parameters<ConfirmChannel['publish']>[3]): Promise<void> {

@@ -68,11 +68,7 @@ export function bits(value: number, count: number): string {
 
 export function encode(message: Outgoing): { body: Buffer; options: Options.Publish } {
   const { envelope } = message;
-  const headers: Record<string, unknown> = {};
-  for (const name of ATTRIBUTES) {
-    const value = envelope[name];
-    if (value !== undefined) headers[CE_PREFIX + name] = value;
-  }
+  const headers = attributeHeaders(envelope);
   const time = Date.parse(envelope.time);
   return {
     body: Buffer.from(message.json, 'utf8'),
@@ -84,6 +80,16 @@ export function encode(message: Outgoing): { body: Buffer; options: Options.Publ
       headers,
     },
   };
+}
+
+/** The envelope's attributes as `cloudEvents:<name>` headers (every attribute but the data and its content type). */
+export function attributeHeaders(envelope: Envelope): MessagePropertyHeaders {
+  const headers: MessagePropertyHeaders = {};
+  for (const name of ATTRIBUTES) {
+    const value = envelope[name];
+    if (value !== undefined) headers[CE_PREFIX + name] = value;
+  }
+  return headers;
 }
 
 export interface Decoded {
@@ -184,6 +190,19 @@ function trimError(error: ErrorRecord): ErrorRecord {
   const message = error.message.length > MAX_STACK ? `${error.message.slice(0, MAX_STACK)}...` : error.message;
   if (error.stack === undefined || error.stack.length <= MAX_STACK) return { ...error, message };
   return { ...error, message, stack: `${error.stack.slice(0, MAX_STACK)}...` };
+}
+
+/**
+ * The headers of a message to copy (to a delay queue, dead letters, or back), without those that grow on every
+ * trip through a delay queue (x-death) or that only the broker sets (x-delivery-count: a copy starts at 0).
+ */
+export function cleanHeaders(headers: MessagePropertyHeaders | undefined): MessagePropertyHeaders {
+  const clean: MessagePropertyHeaders = {};
+  for (const [name, value] of Object.entries(headers ?? {})) {
+    if (name === 'x-death' || name.startsWith('x-first-death') || name.startsWith('x-last-death') || name === 'x-delivery-count') continue;
+    clean[name] = value;
+  }
+  return clean;
 }
 
 /** The publish options of a message copied as it is (to a retry queue, dead letters, or back), headers replaced. */
