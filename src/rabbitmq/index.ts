@@ -1,7 +1,8 @@
 /**
  * The RabbitMQ backbone: Tidings' topology on a RabbitMQ server (docs/rabbitmq.md), publisher confirms,
- * per-key order through partition queues with a single active consumer, delayed retries through delay
- * queues, dead-letter queues. With `outbox: postgres(...)`, publishes in a transaction go through the
+ * per-key order through partition queues with a single active consumer, shared out among a subscription's
+ * workers; delayed retries through delay queues, with the keys they hold recorded in the broker; dead-letter
+ * queues. With `outbox: postgres(...)`, publishes in a transaction go through the
  * PostgreSQL outbox and a relay, and handlers get a transaction and an inbox (src/outbox).
  */
 import type { Consumer, DeliveryHandler, Outgoing, SubscriptionSpec } from '../core/backbone.ts';
@@ -48,6 +49,10 @@ export interface RabbitMqOptions {
   retryMinMs?: number;
   /** How long past its due time a held key waits for its retried message before later messages go on. */
   retryReturnGraceMs?: number;
+  /** How often each worker of a subscription announces itself to the others (they share the partitions). */
+  workerHeartbeatMs?: number;
+  /** A worker not heard for this long is gone: its partitions go to the others. */
+  workerTimeoutMs?: number;
   /**
    * Handled message ids remembered per subscription (in memory, per process) to drop duplicates when the
    * subscription keeps an inbox; the outbox's inbox is the durable de-duplication. 0 turns it off.
@@ -70,6 +75,8 @@ export const rabbitmqDefaults = {
   reconnectMaxMs: 5_000,
   retryMinMs: 50,
   retryReturnGraceMs: 30_000,
+  workerHeartbeatMs: 1_000,
+  workerTimeoutMs: 5_000,
   rejectedHandlerRetryMs: 1_000,
   recentIds: 10_000,
   connectionName: 'tidings',
@@ -110,6 +117,11 @@ export class RabbitBroker implements Broker {
     problems.integer('reconnectMaxMs', options.reconnectMaxMs, 1);
     problems.integer('retryMinMs', options.retryMinMs, 1, 60_000);
     problems.integer('retryReturnGraceMs', options.retryReturnGraceMs, 0);
+    problems.integer('workerHeartbeatMs', options.workerHeartbeatMs, 10);
+    problems.integer('workerTimeoutMs', options.workerTimeoutMs, 100);
+    const beat = options.workerHeartbeatMs ?? rabbitmqDefaults.workerHeartbeatMs;
+    const timeout = options.workerTimeoutMs ?? rabbitmqDefaults.workerTimeoutMs;
+    problems.check(beat * 2 <= timeout, `workerHeartbeatMs (${beat}) must be at most half of workerTimeoutMs (${timeout}), or live workers are taken for gone between heartbeats`);
     problems.integer('recentIds', options.recentIds, 0, 10_000_000);
     problems.check(options.onWarning === undefined || typeof options.onWarning === 'function', 'onWarning must be a function');
     problems.throwIfAny();
@@ -126,6 +138,8 @@ export class RabbitBroker implements Broker {
       reconnectMaxMs: Math.max(options.reconnectMaxMs ?? d.reconnectMaxMs, options.reconnectMinMs ?? d.reconnectMinMs),
       retryMinMs: options.retryMinMs ?? d.retryMinMs,
       retryReturnGraceMs: options.retryReturnGraceMs ?? d.retryReturnGraceMs,
+      workerHeartbeatMs: options.workerHeartbeatMs ?? d.workerHeartbeatMs,
+      workerTimeoutMs: options.workerTimeoutMs ?? d.workerTimeoutMs,
       recentIds: options.recentIds ?? d.recentIds,
       connectionName: options.connectionName ?? d.connectionName,
       warn: options.onWarning ?? defaultWarning,
@@ -172,6 +186,10 @@ export class RabbitBroker implements Broker {
       rejectedHandlerRetryMs: rabbitmqDefaults.rejectedHandlerRetryMs,
       reconnectMinMs: this.#settings.reconnectMinMs,
       reconnectMaxMs: this.#settings.reconnectMaxMs,
+      connectTimeoutMs: this.#settings.connectTimeoutMs,
+      workerHeartbeatMs: this.#settings.workerHeartbeatMs,
+      workerTimeoutMs: this.#settings.workerTimeoutMs,
+      connectionName: this.#settings.connectionName,
       warn: this.#settings.warn,
       register: (subscription) => this.#deadLetters.register(subscription),
       recentIds: this.#settings.recentIds,

@@ -1,0 +1,757 @@
+/**
+ * One partition of a subscription, read by this process while it is given the partition (workers.ts).
+ *
+ * Channel. A reader has a channel of its own, consuming the partition queue and its holds queue (both with a
+ * single active consumer). Handing the partition over is closing that channel once the handlers in flight
+ * are finished and acknowledged: RabbitMQ then returns what was delivered and not acknowledged to the head
+ * of the queues and lets the next reader's consumer in. (Cancelling the consumer instead would let the next
+ * reader start on later messages while ours were still out.)
+ *
+ * Order. Messages are lined up per key in arrival order (a lane); a key runs one message at a time, and the
+ * subscription's readers in this process run up to `concurrency` keys at once (slots.ts).
+ *
+ * Delayed retries. A message to retry after a delay goes to a delay queue and its place at the head of its
+ * key's lane stays taken ("away"): later messages of that key wait in the lane, in order, until it comes
+ * back through the return exchange and is handled. Other keys flow. The hold is written to the holds queue
+ * before the message is acknowledged (holds.ts), so whoever reads the partition next keeps holding the key
+ * (after a crash, a hand-over, a lost connection). Held messages take prefetch slots; so that a long hold
+ * cannot fill the prefetch window (and keep the retried message itself from being delivered), once the
+ * partition holds `prefetch / 2` messages behind away keys, the latest ones go to the delay queue too and
+ * keep their places in the lane ("away" as well, with a hold record each): however they come back, they run
+ * in lane order. A place whose message does not come back within its delay plus `retryReturnGraceMs` is
+ * given up, with a warning.
+ *
+ * Attempts. `attempt` = attempts recorded in the x-tidings-attempts header (retries through delay queues)
+ * + returns counted by the queue (x-delivery-count on quorum queues; classic queues only say "redelivered")
+ * + 1. Immediate retries (delay 0) run again in place, without a round trip. Each failed attempt's error
+ * travels in x-tidings-history, so a dead letter carries the whole history.
+ *
+ * Topics. A message whose topic this worker has no handler for is never acknowledged, dead-lettered or run
+ * past: the reader hands the partition over (to a worker that has the handler, once the workers agree), or,
+ * when no live worker has had a handler for that topic for a whole worker timeout, dead-letters it with the
+ * reason (RabbitConsumer#unhandled).
+ */
+import type { ConfirmChannel, ConsumeMessage, MessagePropertyHeaders } from 'amqplib';
+import type { AttemptRecord, DeliveryHandler, DeliveryResult, SubscriptionSpec } from '../core/backbone.ts';
+import { newId, type Envelope } from '../core/envelope.ts';
+import { describeError, TidingsError } from '../core/errors.ts';
+import { sleep } from '../core/sleep.ts';
+import { ChannelAcks } from './acks.ts';
+import {
+  attemptsOf,
+  attributeHeaders,
+  cleanHeaders,
+  copyOptions,
+  decode,
+  H_ATTEMPTS,
+  H_DEAD_AT,
+  H_DEAD_ID,
+  H_DEAD_REASON,
+  H_HISTORY,
+  H_PARTITION,
+  H_QUEUE,
+  H_SUBSCRIPTION,
+  historyHeader,
+  returnsOf,
+  type Decoded,
+} from './headers.ts';
+import { holdMessage, markerMessage, readHoldsMessage, type HoldRecord } from './holds.ts';
+import type { Link } from './link.ts';
+import type { RecentIds, Slots } from './slots.ts';
+import { declareExchanges, declarePartition, declareRetryQueue, retryLevel, type Names, type TopologySettings } from './topology.ts';
+import type { Workers } from './workers.ts';
+
+/** A parked message waits at least this long: a head that is overdue must not make its followers spin. */
+const PARK_MIN_MS = 250;
+
+export interface ReaderSettings extends TopologySettings {
+  /** Unacknowledged messages per partition queue (per-consumer basic.qos). */
+  readonly prefetch: number;
+  readonly retryMinMs: number;
+  readonly retryReturnGraceMs: number;
+  /** Wait after a handler promise rejected (a bug in the pipeline or a middleware), before trying again. */
+  readonly rejectedHandlerRetryMs: number;
+  readonly reconnectMinMs: number;
+  readonly reconnectMaxMs: number;
+  readonly connectTimeoutMs: number;
+  /** A reader whose marker has not come back within this time starts over (workers.ts' timeout). */
+  readonly workerTimeoutMs: number;
+  readonly warn: (message: string, error?: unknown) => void;
+}
+
+/** What to do with a message of a topic this worker has no handler for. */
+export type Unhandled = { readonly action: 'hand-over'; readonly pauseMs: number } | { readonly action: 'dead-letter'; readonly reason: string };
+
+/** What the readers of one subscription share (RabbitConsumer). */
+export interface ReaderHost {
+  readonly spec: SubscriptionSpec;
+  readonly handle: DeliveryHandler<undefined>;
+  readonly link: Link;
+  readonly names: Names;
+  readonly settings: ReaderSettings;
+  readonly slots: Slots;
+  readonly recent: RecentIds;
+  readonly workers: Workers;
+  unhandled(partition: number, topic: string, id: string): Unhandled;
+}
+
+interface Entry {
+  readonly key: string;
+  readonly id: string;
+  /** Its place in the lane (held records carry it). */
+  readonly seq: number;
+  /** local: delivered, waiting; running; moving: being parked in a delay queue; away: in a delay queue, place kept. */
+  state: 'local' | 'running' | 'moving' | 'away';
+  message: ConsumeMessage | undefined;
+  decoded: Decoded | undefined;
+  /** The channel generation the message was delivered on: acknowledgements only count on that channel. */
+  generation: number;
+  /** For an away entry: when its copy is due back from the delay queue, and when to stop waiting for it. */
+  dueAt: number;
+  giveUpAt: number;
+  /** The delivery of its hold record, acknowledged when the entry is finished. */
+  record: Delivered | undefined;
+}
+
+interface Delivered {
+  readonly message: ConsumeMessage;
+  readonly generation: number;
+}
+
+/**
+ * idle: no channel. opening. waiting: consuming, nothing delivered yet (the queue is empty or another reader
+ * is active). restoring: the first message came; waiting for the marker, which brings the holds before it.
+ * reading. releasing: no new handler starts; the channel closes once the running ones are finished.
+ */
+type Phase = 'idle' | 'opening' | 'waiting' | 'restoring' | 'reading' | 'releasing';
+
+export class PartitionReader {
+  readonly index: number;
+  readonly #host: ReaderHost;
+  readonly #queue: string;
+  readonly #holdsQueue: string;
+  #phase: Phase = 'idle';
+  /** Whether the subscription gives this process the partition. */
+  #wanted = false;
+  /** A hand-over pauses reading the partition until then. */
+  #notBefore = 0;
+  #wake: AbortController | undefined;
+  #driving: Promise<void> | undefined;
+  #channel: ConfirmChannel | undefined;
+  #acks: ChannelAcks | undefined;
+  #generation = 0;
+  readonly #lanes = new Map<string, Entry[]>();
+  /** Keys whose lane head can run, in the order they became ready. */
+  #ready: string[] = [];
+  /** Delivered while restoring: placed once the holds are known. */
+  #buffered: ConsumeMessage[] = [];
+  #restored: Array<{ record: HoldRecord; delivered: Delivered }> = [];
+  #marker: string | undefined;
+  #markerTimer: NodeJS.Timeout | undefined;
+  readonly #tasks = new Set<Promise<void>>();
+  readonly #retryQueues = new Map<number, Promise<string>>();
+  readonly #pump = () => this.#run();
+
+  constructor(host: ReaderHost, index: number) {
+    this.#host = host;
+    this.index = index;
+    this.#queue = host.names.partition(host.spec.name, index);
+    this.#holdsQueue = host.names.holds(host.spec.name, index);
+  }
+
+  /** Reads the partition from now on (resolves once consuming, or once no longer wanted). */
+  acquire(): Promise<void> {
+    this.#wanted = true;
+    return this.#drive();
+  }
+
+  /** Stops reading: resolves once the handlers in flight are finished and the channel is closed. */
+  release(): Promise<void> {
+    this.#wanted = false;
+    this.#wake?.abort();
+    return this.#drive();
+  }
+
+  // ---- the channel's life ---------------------------------------------------------------------------
+
+  #drive(): Promise<void> {
+    this.#driving ??= this.#steer().finally(() => {
+      this.#driving = undefined;
+    });
+    return this.#driving;
+  }
+
+  /** Opens or closes the channel until the phase matches what is wanted; one at a time. */
+  async #steer(): Promise<void> {
+    const { reconnectMinMs, reconnectMaxMs } = this.#host.settings;
+    for (let waitMs = reconnectMinMs; ; ) {
+      const pausedMs = this.#notBefore - Date.now();
+      if (!this.#wanted || this.#host.link.closed || pausedMs > 0) {
+        if (this.#phase !== 'idle') await this.#close();
+        if (!this.#wanted || this.#host.link.closed) return;
+        await this.#nap(pausedMs);
+        continue;
+      }
+      if (this.#phase !== 'idle') return;
+      try {
+        await this.#open();
+        waitMs = reconnectMinMs;
+      } catch (error) {
+        if (this.#host.link.closed) return;
+        this.#host.settings.warn(`Subscription ${this.#host.spec.name} could not read partition queue ${this.#queue}; retrying in ${waitMs} ms`, error);
+        await this.#nap(waitMs);
+        waitMs = Math.min(waitMs * 2, reconnectMaxMs);
+      }
+    }
+  }
+
+  /** Sleeps, unless `release()` or the link's closing ends the wait first. */
+  async #nap(ms: number): Promise<void> {
+    if (ms <= 0) return;
+    const wake = new AbortController();
+    this.#wake = wake;
+    const onClose = () => wake.abort();
+    this.#host.link.signal.addEventListener('abort', onClose, { once: true });
+    try {
+      await sleep(ms, wake.signal).catch(() => undefined);
+    } finally {
+      this.#host.link.signal.removeEventListener('abort', onClose);
+      this.#wake = undefined;
+    }
+  }
+
+  async #open(): Promise<void> {
+    const { link, names, settings, spec } = this.#host;
+    this.#phase = 'opening';
+    let channel: ConfirmChannel;
+    try {
+      channel = await link.confirmChannel(Date.now() + settings.connectTimeoutMs);
+    } catch (error) {
+      this.#phase = 'idle';
+      throw error;
+    }
+    try {
+      await declareExchanges(channel, names, spec);
+      await declarePartition(channel, names, settings, spec, this.index);
+      const generation = ++this.#generation;
+      const acks = new ChannelAcks(channel);
+      this.#channel = channel;
+      this.#acks = acks;
+      this.#retryQueues.clear();
+      channel.once('close', () => this.#lost(generation));
+      this.#phase = 'waiting';
+      // Hold records stay unacknowledged while their keys are held: no prefetch limit on them.
+      await channel.prefetch(0, false);
+      await channel.consume(this.#holdsQueue, (message) => this.#delivered(channel, acks, message, () => this.#onHolds(message!, generation)), { noAck: false });
+      await channel.prefetch(settings.prefetch, false);
+      await channel.consume(this.#queue, (message) => this.#delivered(channel, acks, message, () => this.#arrive(message!, generation)), { noAck: false });
+    } catch (error) {
+      if (this.#channel === channel) {
+        this.#generation++;
+        this.#forgetChannel();
+      }
+      this.#phase = 'idle';
+      await channel.close().catch(() => undefined);
+      throw error;
+    }
+  }
+
+  #delivered(channel: ConfirmChannel, acks: ChannelAcks, message: ConsumeMessage | null, then: () => void): void {
+    if (message === null) {
+      // The queue was deleted or the server cancelled us: start over on a new channel.
+      channel.close().catch(() => undefined);
+      return;
+    }
+    acks.delivered(message);
+    then();
+  }
+
+  /** The channel closed: what it delivered and we did not acknowledge goes back to the queues by itself. */
+  #lost(generation: number): void {
+    if (generation !== this.#generation) return;
+    this.#forgetChannel();
+    for (const [key, lane] of this.#lanes) {
+      // Keep what runs (its redelivered copy must wait behind it) and the away places (the holds queue gives
+      // their records again); what was only delivered comes again.
+      const kept = lane.filter((entry) => entry.state === 'running' || entry.state === 'away');
+      if (kept.length === 0) this.#lanes.delete(key);
+      else this.#lanes.set(key, kept);
+    }
+    if (this.#phase !== 'releasing') this.#phase = 'idle';
+    if (!this.#host.link.closed) void this.#drive();
+  }
+
+  #forgetChannel(): void {
+    this.#channel = undefined;
+    this.#acks?.discard();
+    this.#acks = undefined;
+    this.#retryQueues.clear();
+    this.#ready = [];
+    this.#buffered = [];
+    this.#restored = [];
+    this.#marker = undefined;
+    clearTimeout(this.#markerTimer);
+  }
+
+  /**
+   * Graceful: no new handler starts; handlers in flight finish and their outcomes are acknowledged; then the
+   * channel closes, which returns every message not started (and every hold record) to its queue, ahead of
+   * the rest, for whichever reader comes next.
+   */
+  async #close(): Promise<void> {
+    this.#phase = 'releasing';
+    while (this.#tasks.size > 0) await Promise.allSettled([...this.#tasks]);
+    const channel = this.#channel;
+    this.#generation++;
+    try {
+      this.#acks?.flush();
+    } catch {
+      // Closed already: what was not acknowledged comes again.
+    }
+    this.#forgetChannel();
+    await channel?.close().catch(() => undefined);
+    this.#lanes.clear();
+    this.#phase = 'idle';
+  }
+
+  // ---- the holds queue and the marker ---------------------------------------------------------------
+
+  #arrive(message: ConsumeMessage, generation: number): void {
+    if (generation !== this.#generation) return;
+    if (this.#phase === 'waiting') {
+      // The first message: this reader is the partition's active consumer now. Holds first.
+      this.#phase = 'restoring';
+      this.#buffered.push(message);
+      this.#sendMarker(generation);
+      return;
+    }
+    if (this.#phase === 'restoring') {
+      this.#buffered.push(message);
+      return;
+    }
+    this.#place(message, generation);
+  }
+
+  #sendMarker(generation: number): void {
+    const channel = this.#channel!;
+    const token = newId();
+    this.#marker = token;
+    const marker = markerMessage({ worker: this.#host.workers.self.id, token });
+    confirm(channel, '', this.#holdsQueue, marker.body, marker.options).catch(() => channel.close().catch(() => undefined));
+    this.#markerTimer = setTimeout(() => {
+      if (generation !== this.#generation || this.#phase !== 'restoring') return;
+      this.#host.settings.warn(
+        `Subscription ${this.#host.spec.name}: the holds of partition queue ${this.#queue} did not arrive within ${this.#host.settings.workerTimeoutMs} ms (another worker holds ${this.#holdsQueue}?); starting over`,
+      );
+      channel.close().catch(() => undefined);
+    }, this.#host.settings.workerTimeoutMs);
+    this.#markerTimer.unref();
+  }
+
+  #onHolds(message: ConsumeMessage, generation: number): void {
+    if (generation !== this.#generation) return;
+    const delivered: Delivered = { message, generation };
+    const read = readHoldsMessage(message);
+    if (read.kind === 'unknown') {
+      this.#host.settings.warn(`Subscription ${this.#host.spec.name}: dropped a message in ${this.#holdsQueue} that is neither a hold nor a marker (put there by hand?)`);
+      this.#acks?.ack(message);
+      return;
+    }
+    if (read.kind === 'marker') {
+      const { marker } = read;
+      if (marker.token === this.#marker) {
+        this.#acks?.ack(message);
+        this.#restore();
+        return;
+      }
+      if (this.#phase === 'waiting' && marker.worker !== this.#host.workers.self.id && this.#host.workers.isLive(marker.worker)) {
+        // Another worker reads the partition queue while this channel has the holds queue: it waits for its
+        // marker, which this channel holds. Let go of both and come back later.
+        this.#notBefore = Date.now() + this.#host.settings.reconnectMaxMs;
+        this.#channel?.close().catch(() => undefined);
+        return;
+      }
+      // A marker of a reader that has gone (it is ahead of ours, or we read the partition already).
+      this.#acks?.ack(message);
+      return;
+    }
+    if (this.#phase === 'waiting' || this.#phase === 'restoring') {
+      this.#restored.push({ record: read.record, delivered });
+      return;
+    }
+    // One of our own records, back from the holds queue.
+    const entry = this.#lanes.get(read.record.key)?.find((e) => e.id === read.record.id);
+    if (entry === undefined) {
+      this.#ackRecord(delivered);
+      return;
+    }
+    if (entry.record !== undefined) this.#ackRecord(entry.record);
+    entry.record = delivered;
+  }
+
+  /**
+   * The marker is back: every hold record of the partition came before it. Held keys get their away places
+   * again, in lane order, ahead of anything delivered since; then reading starts.
+   */
+  #restore(): void {
+    clearTimeout(this.#markerTimer);
+    const grace = this.#host.settings.retryReturnGraceMs;
+    const byKey = new Map<string, Array<{ record: HoldRecord; delivered: Delivered }>>();
+    for (const held of this.#restored) byKey.set(held.record.key, [...(byKey.get(held.record.key) ?? []), held]);
+    const kept = new Set<Entry>();
+    for (const [key, records] of byKey) {
+      records.sort((a, b) => a.record.seq - b.record.seq);
+      const lane = this.#lanes.get(key) ?? [];
+      const running = lane.filter((entry) => entry.state === 'running');
+      const away: Entry[] = [];
+      for (const { record, delivered } of records) {
+        let entry = lane.find((e) => e.id === record.id) ?? away.find((e) => e.id === record.id);
+        if (entry === undefined) {
+          entry = { key, id: record.id, seq: record.seq, state: 'away', message: undefined, decoded: undefined, generation: this.#generation, dueAt: record.dueAt, giveUpAt: record.dueAt + grace, record: undefined };
+        } else if (entry.state === 'away') {
+          entry.dueAt = Math.max(entry.dueAt, record.dueAt);
+          entry.giveUpAt = entry.dueAt + grace;
+        }
+        if (entry.record !== undefined) this.#ackRecord(entry.record);
+        entry.record = delivered;
+        if (entry.state === 'away' && !away.includes(entry)) away.push(entry);
+        kept.add(entry);
+      }
+      this.#lanes.set(key, [...running, ...away]);
+    }
+    // Away places kept from a lost channel without a record now were finished by another reader meanwhile.
+    for (const [key, lane] of this.#lanes) {
+      const left = lane.filter((entry) => entry.state !== 'away' || kept.has(entry));
+      if (left.length === 0) this.#lanes.delete(key);
+      else this.#lanes.set(key, left);
+    }
+    this.#restored = [];
+    this.#marker = undefined;
+    this.#phase = 'reading';
+    const buffered = this.#buffered;
+    this.#buffered = [];
+    for (const message of buffered) this.#place(message, this.#generation);
+    this.#run();
+  }
+
+  #ackRecord(record: Delivered): void {
+    if (record.generation === this.#generation) this.#acks?.ack(record.message);
+  }
+
+  // ---- lanes ----------------------------------------------------------------------------------------
+
+  #place(message: ConsumeMessage, generation: number): void {
+    const exchange = message.fields.exchange;
+    const names = this.#host.names;
+    const fromTopic = exchange.startsWith(names.prefix) && !exchange.includes(':') ? exchange.slice(names.prefix.length) : undefined;
+    const decoded = decode(message, fromTopic);
+    if (!decoded.ok) {
+      const reason = `UNDECODABLE_MESSAGE: message ${decoded.id ?? `(no id, delivery ${message.fields.deliveryTag})`} in queue ${this.#queue} cannot be decoded: ${decoded.problem}`;
+      const error = describeError(new TidingsError('UNDECODABLE_MESSAGE', reason, decoded.id === undefined ? {} : { ref: { id: decoded.id } }));
+      this.#track(this.#deadLetterRaw(message, generation, reason, [{ attempt: 1, at: new Date().toISOString(), error }]));
+      return;
+    }
+    const { envelope } = decoded.value;
+    const key = envelope.partitionkey;
+    let lane = this.#lanes.get(key);
+    const away = lane?.find((entry) => entry.state === 'away' && entry.id === envelope.id && entry.message === undefined);
+    if (away !== undefined) {
+      // A retried (or parked) message is back: it takes its place again.
+      away.state = 'local';
+      away.message = message;
+      away.decoded = decoded.value;
+      away.generation = generation;
+      if (lane![0] === away) this.#ready.push(key);
+      else if (lane![0]!.state === 'away') this.#relieve();
+      this.#run();
+      return;
+    }
+    if (lane === undefined) {
+      lane = [];
+      this.#lanes.set(key, lane);
+    }
+    const seq = lane.length === 0 ? 0 : lane[lane.length - 1]!.seq + 1;
+    lane.push({ key, id: envelope.id, seq, state: 'local', message, decoded: decoded.value, generation, giveUpAt: 0, dueAt: 0, record: undefined });
+    if (lane.length === 1) {
+      this.#ready.push(key);
+      this.#run();
+      return;
+    }
+    if (lane[0]!.state === 'away') this.#relieve();
+  }
+
+  /**
+   * Keeps the messages held behind away keys to half the prefetch window, parking the latest ones in a delay
+   * queue: otherwise held messages could fill the window and keep the very message they wait for from being
+   * delivered. Called when a message joins a held key and when a key becomes held.
+   */
+  #relieve(): void {
+    if (this.#phase !== 'reading') return;
+    const limit = Math.floor(this.#host.settings.prefetch / 2);
+    const held: { entry: Entry; head: Entry }[] = [];
+    for (const lane of this.#lanes.values()) {
+      const head = lane[0]!;
+      if (head.state !== 'away') continue;
+      for (const entry of lane) if (entry.state === 'local') held.push({ entry, head });
+    }
+    for (const { entry, head } of held.slice(limit)) this.#track(this.#park(entry, Math.max(head.dueAt - Date.now(), PARK_MIN_MS)));
+  }
+
+  /** Starts the lane heads that can run, as long as the subscription has free slots. */
+  #run(): void {
+    const { slots, spec } = this.#host;
+    while (this.#phase === 'reading' && this.#ready.length > 0) {
+      const key = this.#ready[0]!;
+      const head = this.#lanes.get(key)?.[0];
+      if (head === undefined || head.state !== 'local') {
+        this.#ready.shift();
+        continue;
+      }
+      const topic = head.decoded!.envelope.topic;
+      const unhandled = spec.topics.includes(topic) ? undefined : this.#host.unhandled(this.index, topic, head.id);
+      if (unhandled?.action === 'hand-over') {
+        // Not acknowledged, not run past: the partition goes back to its queue, for a worker that handles it.
+        this.#notBefore = Date.now() + unhandled.pauseMs;
+        void this.#drive();
+        return;
+      }
+      if (!slots.take()) {
+        slots.wait(this.#pump);
+        return;
+      }
+      this.#ready.shift();
+      head.state = 'running';
+      this.#track(
+        (unhandled === undefined ? this.#handle(head) : this.#refuse(head, unhandled.reason)).finally(() => {
+          slots.give();
+          this.#run();
+        }),
+      );
+    }
+  }
+
+  async #handle(entry: Entry): Promise<void> {
+    const decoded = entry.decoded!;
+    const message = entry.message!;
+    const { recent, spec } = this.#host;
+    if (spec.inbox && recent.has(entry.id)) {
+      try {
+        this.#ack(entry);
+      } catch {
+        // The channel is gone: the duplicate comes again and is dropped again.
+      }
+      this.#done(entry);
+      return;
+    }
+    const history = [...decoded.history];
+    let attempt = decoded.priorAttempts + returnsOf(message) + 1;
+    let settled = false;
+    try {
+      for (;;) {
+        const result = await this.#attempt(decoded.envelope, attempt);
+        if (result.outcome === 'ack') {
+          this.#ack(entry);
+          if (spec.inbox) recent.add(entry.id);
+          break;
+        }
+        history.push({ attempt, at: new Date().toISOString(), error: result.error });
+        if (result.outcome === 'dead-letter') {
+          await this.#deadLetter(entry, result.reason, history, attempt);
+          break;
+        }
+        if (result.delayMs <= 0 && this.#phase === 'reading') {
+          attempt++;
+          continue;
+        }
+        await this.#sendToDelay(entry, result.delayMs, { [H_ATTEMPTS]: attempt, [H_HISTORY]: historyHeader(history) });
+        settled = true;
+        this.#relieve();
+        return;
+      }
+      settled = true;
+      this.#done(entry);
+    } catch (error) {
+      // The channel went away while the outcome was being recorded: the broker redelivers the message.
+      if (this.#phase !== 'releasing') this.#host.settings.warn(`Subscription ${spec.name} could not record the outcome of message ${entry.id}; it will be delivered again`, error);
+    } finally {
+      if (!settled) this.#done(entry);
+    }
+  }
+
+  /** A message of a topic no live worker has a handler for (RabbitConsumer#unhandled): a dead letter, with the reason. */
+  async #refuse(entry: Entry, reason: string): Promise<void> {
+    const decoded = entry.decoded!;
+    const attempt = decoded.priorAttempts + returnsOf(entry.message!) + 1;
+    const error = describeError(new TidingsError('UNDECODABLE_MESSAGE', reason, { ref: { id: entry.id, topic: decoded.envelope.topic, key: entry.key } }));
+    try {
+      await this.#deadLetter(entry, reason, [...decoded.history, { attempt, at: new Date().toISOString(), error }], attempt);
+      this.#host.settings.warn(`Subscription ${this.#host.spec.name}: ${reason}; moved to ${this.#host.names.deadQueue(this.#host.spec.name)}`);
+    } catch (failure) {
+      if (this.#phase !== 'releasing') this.#host.settings.warn(`Subscription ${this.#host.spec.name} could not dead-letter message ${entry.id}; it will be delivered again`, failure);
+    } finally {
+      this.#done(entry);
+    }
+  }
+
+  /** One attempt; a handler promise that rejects (it should not) counts as a failure to retry after a pause. */
+  async #attempt(envelope: Envelope, attempt: number): Promise<DeliveryResult> {
+    const { handle, settings, spec } = this.#host;
+    try {
+      return await handle({ envelope, attempt, tx: undefined });
+    } catch (error) {
+      settings.warn(`Subscription ${spec.name}: the handler pipeline failed for message ${envelope.id}; retrying in ${settings.rejectedHandlerRetryMs} ms`, error);
+      return { outcome: 'retry', delayMs: settings.rejectedHandlerRetryMs, error: describeError(error) };
+    }
+  }
+
+  /** The head of a lane is finished: its hold record goes, and the next message of the key, if any, may run. */
+  #done(entry: Entry): void {
+    if (entry.record !== undefined) this.#ackRecord(entry.record);
+    entry.record = undefined;
+    const lane = this.#lanes.get(entry.key);
+    if (lane === undefined) return;
+    const index = lane.indexOf(entry);
+    if (index >= 0) lane.splice(index, 1);
+    if (lane.length === 0) this.#lanes.delete(entry.key);
+    else if (index === 0 && lane[0]!.state === 'local') this.#ready.push(entry.key);
+    else if (index === 0 && lane[0]!.state === 'away') this.#relieve();
+  }
+
+  #ack(entry: Entry, message = entry.message!, generation = entry.generation): void {
+    if (generation !== this.#generation || this.#acks === undefined) {
+      throw new TidingsError('BACKBONE_UNAVAILABLE', `The channel that delivered message ${entry.id} closed before its acknowledgement`, { retryable: true });
+    }
+    this.#acks.ack(message);
+  }
+
+  /** A message held behind an away key leaves the prefetch window: it waits in the delay queue, keeping its place. */
+  async #park(entry: Entry, delayMs: number): Promise<void> {
+    entry.state = 'moving';
+    try {
+      await this.#sendToDelay(entry, delayMs, {});
+    } catch (error) {
+      const lane = this.#lanes.get(entry.key);
+      if (lane === undefined || !lane.includes(entry)) return;
+      if (this.#phase !== 'releasing') this.#host.settings.warn(`Subscription ${this.#host.spec.name} could not park message ${entry.id} of a held key; it stays in memory`, error);
+      entry.state = 'local';
+      if (lane[0] === entry) {
+        this.#ready.push(entry.key);
+        this.#run();
+      }
+    }
+  }
+
+  /**
+   * Sends the message to the delay queue for `delayMs` and records the hold, then acknowledges the message;
+   * its place in the lane stays.
+   */
+  async #sendToDelay(entry: Entry, delayMs: number, extra: MessagePropertyHeaders): Promise<void> {
+    const channel = this.#channelOf(entry);
+    const level = retryLevel(delayMs, this.#host.settings.retryMinMs);
+    const queue = await this.#retryQueue(channel, level);
+    const { message, decoded, generation, state } = entry;
+    // What the first delivery derived (a topic from the exchange, a time from now...) travels with the copy.
+    const headers = { ...cleanHeaders(message!.properties.headers), ...attributeHeaders(decoded!.envelope), ...extra, [H_PARTITION]: String(this.index) };
+    // Away before the publish: the copy may come back (a short delay) before the confirm does.
+    entry.state = 'away';
+    entry.message = undefined;
+    entry.decoded = undefined;
+    entry.dueAt = Date.now() + level;
+    entry.giveUpAt = entry.dueAt + this.#host.settings.retryReturnGraceMs;
+    const hold = holdMessage({ key: entry.key, id: entry.id, dueAt: entry.dueAt, seq: entry.seq });
+    try {
+      await Promise.all([confirm(channel, '', this.#holdsQueue, hold.body, hold.options), confirm(channel, '', queue, message!.content, copyOptions(message!, headers))]);
+    } catch (error) {
+      Object.assign(entry, { state, message, decoded });
+      throw error;
+    }
+    this.#ack(entry, message, generation);
+  }
+
+  #retryQueue(channel: ConfirmChannel, level: number): Promise<string> {
+    let queue = this.#retryQueues.get(level);
+    if (queue === undefined) {
+      queue = declareRetryQueue(channel, this.#host.names, this.#host.settings, this.#host.spec.name, level);
+      this.#retryQueues.set(level, queue);
+      queue.catch(() => this.#retryQueues.delete(level));
+    }
+    return queue;
+  }
+
+  async #deadLetter(entry: Entry, reason: string, history: readonly AttemptRecord[], attempt: number): Promise<void> {
+    const channel = this.#channelOf(entry);
+    const message = entry.message!;
+    const headers = this.#deadHeaders(message, reason, history, attempt, entry.decoded!.envelope);
+    await confirm(channel, '', this.#host.names.deadQueue(this.#host.spec.name), message.content, copyOptions(message, headers));
+    this.#ack(entry);
+  }
+
+  /** A message that cannot be decoded goes to dead letters as it came (body and headers), with the reason. */
+  async #deadLetterRaw(message: ConsumeMessage, generation: number, reason: string, history: readonly AttemptRecord[]): Promise<void> {
+    const { names, settings, spec } = this.#host;
+    try {
+      const channel = this.#channel;
+      if (channel === undefined || generation !== this.#generation) return;
+      const headers = this.#deadHeaders(message, reason, history, attemptsOf(message.properties.headers ?? {}) + 1);
+      await confirm(channel, '', names.deadQueue(spec.name), message.content, copyOptions(message, headers));
+      if (generation === this.#generation) this.#acks?.ack(message);
+      settings.warn(`Subscription ${spec.name}: ${reason}; moved to ${names.deadQueue(spec.name)}`);
+    } catch (error) {
+      if (this.#phase !== 'releasing') settings.warn(`Subscription ${spec.name} could not dead-letter an undecodable message; it will be delivered again`, error);
+    }
+  }
+
+  #deadHeaders(message: ConsumeMessage, reason: string, history: readonly AttemptRecord[], attempt: number, envelope?: Envelope): MessagePropertyHeaders {
+    return {
+      ...cleanHeaders(message.properties.headers),
+      ...(envelope === undefined ? {} : attributeHeaders(envelope)),
+      [H_DEAD_ID]: newId(),
+      [H_DEAD_REASON]: reason.slice(0, 4_000),
+      [H_DEAD_AT]: new Date().toISOString(),
+      [H_SUBSCRIPTION]: this.#host.spec.name,
+      [H_QUEUE]: this.#queue,
+      [H_PARTITION]: String(this.index),
+      [H_ATTEMPTS]: attempt,
+      [H_HISTORY]: historyHeader(history),
+    };
+  }
+
+  #channelOf(entry: Entry): ConfirmChannel {
+    const channel = this.#channel;
+    if (channel === undefined || entry.generation !== this.#generation) {
+      throw new TidingsError('BACKBONE_UNAVAILABLE', `The channel that delivered message ${entry.id} closed`, { retryable: true });
+    }
+    return channel;
+  }
+
+  /** Gives up on away places whose message has not come back in time, so their keys move on. */
+  sweep(): void {
+    if (this.#phase !== 'reading') return;
+    const now = Date.now();
+    for (const [key, lane] of this.#lanes) {
+      for (const entry of [...lane]) {
+        if (entry.state !== 'away' || entry.message !== undefined || entry.giveUpAt > now) continue;
+        this.#host.settings.warn(
+          `Subscription ${this.#host.spec.name}: message ${entry.id} (key ${key}) did not come back from its delay queue within ${this.#host.settings.retryReturnGraceMs} ms of its due time; later messages of the key go on`,
+        );
+        this.#done(entry);
+      }
+    }
+    this.#run();
+  }
+
+  #track(task: Promise<void>): void {
+    this.#tasks.add(task);
+    task.finally(() => this.#tasks.delete(task)).catch(() => undefined);
+  }
+}
+
+function confirm(channel: ConfirmChannel, exchange: string, routingKey: string, content: Buffer, options: Parameters<ConfirmChannel['publish']>[3]): Promise<void> {
+  return new Promise((resolve, reject) => {
+    try {
+      channel.publish(exchange, routingKey, content, options, (error: unknown) => (error ? reject(error) : resolve()));
+    } catch (error) {
+      reject(error);
+    }
+  });
+}
