@@ -1,0 +1,196 @@
+/**
+ * A subscription's workers on RabbitMQ (src/rabbitmq/workers.ts): a rolling deploy that adds or removes a
+ * handler while old and new workers run side by side (issue 18, defect 0), and several processes sharing the
+ * partitions, one of them killed with -9.
+ */
+import assert from 'node:assert/strict';
+import type { ChildProcess } from 'node:child_process';
+import { after, test } from 'node:test';
+import { z } from 'zod';
+import { defineEvent, type Bus } from '../src/index.ts';
+import type { PgTransaction } from '../src/postgres/index.ts';
+import { assignPartitions } from '../src/rabbitmq/workers.ts';
+import { Ticked } from './fixtures/contracts.ts';
+import { connect, RABBITMQ_URL, requireBroker, requirePostgres, sleep, waitFor } from './helpers.ts';
+import { createWorkerTables, Harness, startWorker, warnings } from './rabbitmq.helpers.ts';
+
+const harnesses: Harness[] = [];
+const children: ChildProcess[] = [];
+after(async () => {
+  for (const child of children) child.kill('SIGKILL');
+  for (const harness of harnesses) await harness.cleanup();
+});
+
+function harness(): Harness {
+  const h = new Harness();
+  harnesses.push(h);
+  return h;
+}
+
+const Noted = defineEvent('test.noted', { schema: z.object({ key: z.string(), seq: z.number().int() }), key: (data) => data.key });
+
+/** Quick worker timings, so that the workers hear of each other in a few hundred ms. */
+const quick = { workerHeartbeatMs: 200, workerTimeoutMs: 1_000 };
+
+interface Handling {
+  readonly worker: string;
+  readonly id: string;
+  readonly topic: string;
+  readonly key: string;
+  readonly seq: number;
+}
+
+/** A worker of subscription `billing` that handles test.ticked, and test.noted too when `withNoted`. */
+function billingWorker(h: Harness, name: string, withNoted: boolean, log: Handling[]): Bus<PgTransaction> {
+  const bus = h.bus(name, { rabbit: quick });
+  const record = (message: { id: string; topic: string; data: { key: string; seq: number } }) => {
+    log.push({ worker: name, id: message.id, topic: message.topic, key: message.data.key, seq: message.data.seq });
+  };
+  const subscription = bus.subscription('billing', { partitions: 4, concurrency: 4 }).on(Ticked, record);
+  if (withNoted) subscription.on(Noted, record);
+  return bus;
+}
+
+/** Publishes ticked then noted, `rounds` times, for each of `keys` keys (keys in parallel, each in order). */
+async function publishBoth(publisher: Bus<PgTransaction>, keys: number, rounds: number): Promise<string[][]> {
+  return Promise.all(
+    Array.from({ length: keys }, async (_, k) => {
+      const order: string[] = [];
+      for (let seq = 1; seq <= rounds; seq++) {
+        await publisher.publish(Ticked, { key: `k${k}`, seq });
+        order.push(`test.ticked:${seq}`);
+        await publisher.publish(Noted, { key: `k${k}`, seq });
+        order.push(`test.noted:${seq}`);
+      }
+      return order;
+    }),
+  );
+}
+
+function assertDeploy(log: readonly Handling[], expected: string[][], worker: string, total: number): void {
+  const ids = new Map<string, number>();
+  for (const handling of log) ids.set(handling.id, (ids.get(handling.id) ?? 0) + 1);
+  assert.equal(ids.size, total, 'every message handled');
+  assert.deepEqual([...ids.values()].filter((n) => n > 1), [], 'none twice');
+  const noted = log.filter((handling) => handling.topic === 'test.noted');
+  assert.deepEqual([...new Set(noted.map((handling) => handling.worker))], [worker], `every test.noted by ${worker}, the worker with its handler`);
+  expected.forEach((order, k) => {
+    assert.deepEqual(
+      log.filter((handling) => handling.key === `k${k}`).map((handling) => `${handling.topic}:${handling.seq}`),
+      order,
+      `k${k} in publication order, across both topics and both workers`,
+    );
+  });
+}
+
+test('a rolling deploy that adds a handler: an old worker beside a new one never takes the new topic; every message handled once, in order, by a worker with its handler; nothing dead-lettered', async (t) => {
+  if (!(await requireBroker(t, 'RabbitMQ', RABBITMQ_URL))) return;
+  const h = harness();
+  const log: Handling[] = [];
+  const old = billingWorker(h, 'old', false, log);
+  const fresh = billingWorker(h, 'new', true, log);
+  const publisher = h.bus('publisher');
+  const warned = warnings.length;
+  // The old worker first: it reads every partition when the new one arrives, as in a real deploy.
+  await old.start();
+  await fresh.start();
+  await publisher.start();
+  const keys = 10;
+  const rounds = 4;
+  const expected = await publishBoth(publisher, keys, rounds);
+  await waitFor('every message', () => new Set(log.map((handling) => handling.id)).size >= keys * rounds * 2, 20_000);
+  await sleep(300);
+  assertDeploy(log, expected, 'new', keys * rounds * 2);
+  assert.equal(old.stats().subscriptions.billing?.deadLettered, 0);
+  assert.equal(fresh.stats().subscriptions.billing?.deadLettered, 0);
+  assert.equal(await fresh.backbone.deadLetters().count({ subscription: 'billing' }), 0, 'nothing dead-lettered');
+  const said = warnings.slice(warned).find((warning) => warning.includes('Subscription billing: its live workers handle different topics'));
+  assert.ok(said, 'the disagreement is said');
+  assert.match(said, /handles test\.ticked; .*handles test\.noted, test\.ticked|handles test\.noted, test\.ticked; .*handles test\.ticked/, 'naming each worker and its topics');
+  t.diagnostic(said);
+});
+
+test('a rolling deploy that removes a handler: the new worker beside an old one that still has it never takes that topic; then, the old one gone, the new one reads everything', async (t) => {
+  if (!(await requireBroker(t, 'RabbitMQ', RABBITMQ_URL))) return;
+  const h = harness();
+  const log: Handling[] = [];
+  const fresh = billingWorker(h, 'new', false, log);
+  const old = billingWorker(h, 'old', true, log);
+  const publisher = h.bus('publisher');
+  // The new worker first: it reads every partition when the old one (still running elsewhere) is heard.
+  await fresh.start();
+  await old.start();
+  await publisher.start();
+  const keys = 10;
+  const rounds = 4;
+  const expected = await publishBoth(publisher, keys, rounds);
+  await waitFor('every message', () => new Set(log.map((handling) => handling.id)).size >= keys * rounds * 2, 20_000);
+  await sleep(300);
+  assertDeploy(log, expected, 'old', keys * rounds * 2);
+
+  // The deploy ends: the last old worker stops, and test.noted is no longer the subscription's.
+  await old.stop();
+  const before = log.length;
+  for (let k = 0; k < keys; k++) await publisher.publish(Ticked, { key: `k${k}`, seq: 100 });
+  await waitFor('the ticks after the deploy', () => log.length === before + keys, 10_000);
+  assert.ok(log.slice(before).every((handling) => handling.worker === 'new'));
+  assert.equal(fresh.stats().subscriptions.billing?.deadLettered, 0);
+  assert.equal(await fresh.backbone.deadLetters().count({ subscription: 'billing' }), 0, 'nothing dead-lettered');
+});
+
+test('partitions go in turn to the workers that handle every topic; none when no worker handles them all', () => {
+  const worker = (id: string, ...topics: string[]) => ({ id, name: id, topics });
+  const share = (workers: ReturnType<typeof worker>[], partitions: number) => Object.fromEntries(assignPartitions(workers, partitions));
+  assert.deepEqual(share([worker('b', 'e'), worker('a', 'e')], 4), { a: [0, 2], b: [1, 3] });
+  assert.deepEqual(share([worker('a', 'e'), worker('b', 'e'), worker('c', 'e')], 4), { a: [0, 3], b: [1], c: [2] });
+  assert.deepEqual(share([worker('old', 'e'), worker('new', 'e', 'f')], 4), { old: [], new: [0, 1, 2, 3] }, 'the worker lacking a topic reads nothing');
+  assert.deepEqual(share([worker('a', 'e', 'g'), worker('b', 'e', 'f')], 2), { a: [], b: [] }, 'no worker handles e, f and g: nobody reads');
+  assert.deepEqual(share([worker('a', 'e')], 3), { a: [0, 1, 2] });
+});
+
+test('load sharing: two processes both handle a subscription, each key in order; one joins, one is killed with -9, nothing is lost or handled twice', async (t) => {
+  if (!(await requireBroker(t, 'RabbitMQ', RABBITMQ_URL)) || !(await requirePostgres(t))) return;
+  const h = harness();
+  // The schema the workers' outbox creates; the effects and attempts tables go beside it first.
+  await createWorkerTables(h.schema);
+  const publisher = h.bus('publisher', { outbox: true, relay: false });
+  await publisher.start();
+  const env = { SCHEMA: h.schema, PREFIX: h.prefix, HANDLE_MS: '3' };
+  const first = await startWorker(env, children);
+  const client = await connect();
+  t.after(() => client.end());
+  const effects = async () =>
+    (await client.query<{ n: string; key: string; seq: number; worker: number; message_id: string }>(`select n, key, seq, worker, message_id from "${h.schema}".effects order by n`)).rows;
+  const keys = 40;
+  const rounds = 30;
+  const publishRounds = async (from: number, to: number) => {
+    for (let seq = from; seq <= to; seq++) await publisher.publishMany(Ticked, Array.from({ length: keys }, (_, k) => ({ key: `k${k}`, seq })));
+  };
+  await publishRounds(1, 5);
+  await waitFor('the first worker under way', async () => (await effects()).length >= 50, 20_000);
+  // A second process joins: it takes its share of the partitions while the first still runs.
+  const second = await startWorker(env, children);
+  await publishRounds(6, 25);
+  await waitFor('20 rounds handled', async () => (await effects()).length >= keys * 20, 30_000);
+  // The first process dies mid-stream, handlers running, messages delivered and not acknowledged.
+  first.kill('SIGKILL');
+  const beforeKill = await effects();
+  await publishRounds(26, rounds);
+  const total = keys * rounds;
+  await waitFor(`all ${total} effects`, async () => (await effects()).length >= total, 30_000);
+  await sleep(500);
+  const rows = await effects();
+  assert.equal(rows.length, total, 'every message handled once (an effect commits with its inbox record)');
+  assert.equal(new Set(rows.map((row) => row.message_id)).size, total);
+  const byKey = new Map<string, number[]>();
+  for (const row of rows) byKey.set(row.key, [...(byKey.get(row.key) ?? []), row.seq]);
+  for (const [key, seqs] of byKey) assert.deepEqual(seqs, Array.from({ length: rounds }, (_, i) => i + 1), `${key} in order`);
+  // Rounds 6 to 20 were published once both ran: each process took a part of them.
+  const shared = beforeKill.filter((row) => row.seq >= 6 && row.seq <= 20);
+  const shares = [first.pid, second.pid].map((pid) => shared.filter((row) => row.worker === pid).length);
+  assert.ok(shares.every((share) => share >= shared.length / 5), `both processes handled a fair part of the messages while both ran (${shares.join(' / ')})`);
+  const late = rows.filter((row) => row.seq >= 26);
+  assert.ok(late.every((row) => row.worker === second.pid), 'the survivor took every partition over');
+  t.diagnostic(`rounds 6-20 by each process: ${shares.join(' / ')}; ${rows.length - beforeKill.length} handled after the kill, by the survivor`);
+  second.kill('SIGTERM');
+});
