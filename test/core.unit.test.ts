@@ -154,9 +154,24 @@ test('publish builds a CloudEvents envelope; oversized and invalid payloads are 
 test('createBus reports every bad option by name', () => {
   assert.throws(() => createBus({ service: '', backbone: undefined as never, maxPayloadBytes: -1 }), (error: unknown) => {
     assert.ok(error instanceof TidingsError && error.code === 'INVALID_OPTIONS');
-    assert.match(error.message, /service must be/);
+    assert.match(error.message, /service "" must be a name/);
     assert.match(error.message, /backbone is required/);
     assert.match(error.message, /maxPayloadBytes/);
     return true;
   });
+});
+
+test('the service name must fit the CloudEvents source URI, tidings://<service>', () => {
+  const backbone = { publish: async () => undefined } as unknown as Backbone;
+  for (const service of ['Billing Service', 'billing/eu', 'a#b', 'x?y', 'ünï', 'x'.repeat(201)]) {
+    assert.throws(() => createBus({ service, backbone }), (error: unknown) => {
+      assert.ok(error instanceof TidingsError && error.code === 'INVALID_OPTIONS', service);
+      assert.match(error.message, /source URI tidings:\/\/<service>/);
+      assert.match(error.message, /billing-service/);
+      return true;
+    });
+  }
+  for (const service of ['billing', 'Billing', 'billing-service', 'eu.billing_v2~x']) {
+    assert.equal(createBus({ service, backbone }).service, service);
+  }
 });

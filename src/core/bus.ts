@@ -1,8 +1,9 @@
 import { setMaxListeners } from 'node:events';
 import type { Backbone, Consumer, DeliveryHandler, DeliveryResult, Outgoing } from './backbone.ts';
-import { validateName, validateNow, type AnyContract, type DataOf, type InputOf } from './contract.ts';
+import { MAX_NAME_LENGTH, validateName, validateNow, type AnyContract, type DataOf, type InputOf } from './contract.ts';
 import { keyHash, newId, type Envelope, type Message } from './envelope.ts';
 import { TidingsError } from './errors.ts';
+import { attributeProblem, bytesOver, dataProblem, messageLimits } from './limits.ts';
 import { createPipeline, handlerScope, type Handler, type Middleware, type Route } from './handler.ts';
 import { busDefaults, OptionProblems, resolveSubscribeOptions, type ResolvedSubscribeOptions, type SubscribeOptions } from './options.ts';
 
@@ -95,7 +96,10 @@ export class Bus<Tx = unknown> {
 
   constructor(options: BusOptions<Tx>) {
     const problems = new OptionProblems('createBus');
-    problems.check(typeof options?.service === 'string' && options.service.length > 0, 'service must be a non-empty string (this service\'s name)');
+    problems.check(
+      typeof options?.service === 'string' && SERVICE.test(options.service),
+      `service ${JSON.stringify(options?.service)} must be a name of letters, digits, ".", "-", "_" or "~" (at most ${MAX_NAME_LENGTH} characters, for example "billing-service"): it becomes the CloudEvents source URI tidings://<service>`,
+    );
     problems.check(options?.backbone !== undefined && typeof options.backbone.publish === 'function', 'backbone is required, for example postgres({ url })');
     problems.integer('maxPayloadBytes', options?.maxPayloadBytes, 1);
     problems.throwIfAny();
@@ -273,6 +277,18 @@ export class Bus<Tx = unknown> {
     // delivered iff the handled message is acknowledged.
     const effective: PublishOptions = scope === undefined ? options : { ...inherit(scope.message), tx: scope.delivery.tx, ...options };
     const time = new Date().toISOString();
+    const broken = attributeProblem(
+      {
+        subject: effective.subject,
+        tenant: effective.tenant,
+        correlationid: effective.correlationId,
+        causationid: effective.causationId,
+        traceparent: effective.traceparent,
+        tracestate: effective.tracestate,
+      },
+      true,
+    );
+    if (broken !== undefined) throw limitError(contract, `publish options: ${broken}`, {});
     // Every message is validated before any is written or serialised: a bad one stops them all.
     const checked: Checked[] = [];
     for (const data of items) {
@@ -307,6 +323,16 @@ export class Bus<Tx = unknown> {
       throw new TidingsError('INVALID_PAYLOAD', `The key function of ${contract.name} returned ${JSON.stringify(key)}; it must return a non-empty string`, {
         ref: { id, topic: contract.topic },
       });
+    }
+    const idBytes = bytesOver(id, messageLimits.idBytes);
+    if (idBytes !== undefined) throw limitError(contract, `id is ${idBytes} bytes, over the limit of ${messageLimits.idBytes}`, { topic: contract.topic });
+    const keyBytes = bytesOver(key, messageLimits.keyBytes);
+    if (keyBytes !== undefined) {
+      throw limitError(contract, `key is ${keyBytes} bytes, over the limit of ${messageLimits.keyBytes}; use a shorter key (a hash of it keeps the order)`, { id, topic: contract.topic });
+    }
+    const problem = dataProblem(data);
+    if (problem !== undefined) {
+      throw new TidingsError(problem.code, `Payload for ${contract.name} cannot be published: ${problem.message}`, { ref: { id, topic: contract.topic, key } });
     }
     return { id, key, data };
   }
@@ -380,6 +406,13 @@ function tooDeep<T>(contract: AnyContract, fn: () => T): T {
   } catch (error) {
     return deep(error);
   }
+}
+
+/** Letters, digits and the other characters a URI authority takes unescaped. */
+const SERVICE = new RegExp(`^[A-Za-z0-9._~-]{1,${MAX_NAME_LENGTH}}$`);
+
+function limitError(contract: AnyContract, problem: string, ref: { id?: string; topic?: string }): TidingsError {
+  return new TidingsError('LIMIT_EXCEEDED', `Cannot publish ${contract.name}: ${problem}`, { ref: { topic: contract.topic, ...ref } });
 }
 
 /** What a message published while handling `parent` inherits from it. */

@@ -8,6 +8,8 @@ export type TidingsErrorCode =
   | 'INVALID_CONTRACT'
   | 'INVALID_PAYLOAD'
   | 'PAYLOAD_TOO_LARGE'
+  /** A message breaks one of `messageLimits` (an id or key too long, data nested too deep). */
+  | 'LIMIT_EXCEEDED'
   | 'UNDECODABLE_MESSAGE'
   | 'NOT_STARTED'
   | 'STOPPED'
@@ -107,13 +109,28 @@ export function describeError(error: unknown): ErrorRecord {
   if (error instanceof Error) {
     const code = (error as { code?: unknown }).code;
     return {
-      name: error.name,
-      message: error.message,
-      ...(error.stack === undefined ? {} : { stack: error.stack }),
-      ...(typeof code === 'string' ? { code } : {}),
+      name: storable(String(error.name), 200),
+      message: storable(String(error.message), MAX_ERROR_TEXT),
+      ...(typeof error.stack === 'string' ? { stack: storable(error.stack, MAX_ERROR_TEXT) } : {}),
+      ...(typeof code === 'string' ? { code: storable(code, 200) } : {}),
     };
   }
-  return { name: 'NonError', message: safeString(error) };
+  return { name: 'NonError', message: storable(safeString(error), MAX_ERROR_TEXT) };
+}
+
+/** Characters kept of an error's message or stack in histories and dead letters (each attempt keeps its own). */
+const MAX_ERROR_TEXT = 16_384;
+const LONE_SURROGATE = /[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]/;
+const LONE_SURROGATES = new RegExp(LONE_SURROGATE.source, 'g');
+
+/**
+ * Text from a handler (an error, a dead-letter reason) made fit to store anywhere: NUL characters and lone
+ * surrogates, which PostgreSQL's text and jsonb refuse, become U+FFFD, and very long text is cut. Otherwise
+ * one handler's odd error message would fail the acknowledgement of its whole batch, again and again.
+ */
+export function storable(text: string, max = MAX_ERROR_TEXT): string {
+  const cut = text.length > max ? `${text.slice(0, max)}... (${text.length - max} more characters)` : text;
+  return cut.includes('\0') || LONE_SURROGATE.test(cut) ? cut.replaceAll('\0', '\ufffd').replace(LONE_SURROGATES, '\ufffd') : cut;
 }
 
 function safeString(value: unknown): string {

@@ -2,7 +2,8 @@ import { AsyncLocalStorage } from 'node:async_hooks';
 import type { Delivery, DeliveryHandler, DeliveryResult } from './backbone.ts';
 import { validateNow, type AnyContract, type DataOf, type InputOf } from './contract.ts';
 import { toMessage, type Envelope, type Message } from './envelope.ts';
-import { describeError, HandlerTimeoutError, isPermanent, TidingsError, type ErrorRecord } from './errors.ts';
+import { describeError, HandlerTimeoutError, isPermanent, storable, TidingsError, type ErrorRecord, type MessageRef } from './errors.ts';
+import { envelopeProblem } from './limits.ts';
 import type { ResolvedRetry } from './options.ts';
 import type { PublishOptions, PublishedMessage } from './bus.ts';
 
@@ -96,15 +97,19 @@ export function createPipeline<Tx>(options: PipelineOptions<Tx>): DeliveryHandle
   return async (delivery: Delivery<Tx>): Promise<DeliveryResult> => {
     const { envelope, attempt } = delivery;
     const ref = { id: envelope.id, topic: envelope.topic, key: envelope.partitionkey };
-    const route = options.routes.get(envelope.topic);
-    if (route === undefined) {
-      const error = new TidingsError('UNDECODABLE_MESSAGE', `Subscription ${options.subscription} has no handler for topic ${envelope.topic}`, { ref });
-      return { outcome: 'dead-letter', reason: error.message, error: describeError(error) };
-    }
     const broken = checkEnvelope(envelope);
-    if (broken !== undefined) {
-      const error = new TidingsError('UNDECODABLE_MESSAGE', `Message ${envelope.id} on ${envelope.topic} cannot be decoded: ${broken}`, { ref });
-      return { outcome: 'dead-letter', reason: error.message, error: describeError(error) };
+    if (broken !== undefined) return refuse('UNDECODABLE_MESSAGE', `Message ${storable(String(envelope.id), 300)} on ${envelope.topic} cannot be decoded: ${broken}`, ref);
+    const over = envelopeProblem(envelope);
+    if (over !== undefined) return refuse('LIMIT_EXCEEDED', `Message on ${envelope.topic} breaks a limit: ${over}`, ref);
+    const route = options.routes.get(envelope.topic);
+    if (route === undefined) return refuse('UNDECODABLE_MESSAGE', `Subscription ${options.subscription} has no handler for topic ${envelope.topic}`, ref);
+    const version = versionOf(envelope.type, envelope.topic);
+    if (version !== undefined && version > route.contract.version) {
+      return refuse(
+        'UNDECODABLE_MESSAGE',
+        `Subscription ${options.subscription} has no handler for version ${version} of ${envelope.topic} (it reads version ${route.contract.version}): deploy a handler that reads it, then redrive`,
+        ref,
+      );
     }
     let data: DataOf<AnyContract>;
     try {
@@ -127,8 +132,9 @@ export function createPipeline<Tx>(options: PipelineOptions<Tx>): DeliveryHandle
         });
       });
       if (outcome === undefined || outcome === null) return ACK;
-      const error = { name: 'Outcome', message: outcome.reason };
-      if (outcome.kind === 'dead-letter') return { outcome: 'dead-letter', reason: outcome.reason, error };
+      const reason = storable(String(outcome.reason));
+      const error = { name: 'Outcome', message: reason };
+      if (outcome.kind === 'dead-letter') return { outcome: 'dead-letter', reason, error };
       const delay = nextRetryDelay(options.retry, attempt);
       if (delay === undefined) return exhausted(attempt, error);
       return { outcome: 'retry', delayMs: Math.max(outcome.afterMs, 0), error };
@@ -216,6 +222,20 @@ class LazyAbort {
 
 function exhausted(attempt: number, error: ErrorRecord): DeliveryResult {
   return { outcome: 'dead-letter', reason: `failed ${attempt} attempt${attempt === 1 ? '' : 's'}; last error: ${error.message}`, error };
+}
+
+/** The message's dead letter, before any handler ran: it can never be handled as it is. */
+function refuse(code: 'UNDECODABLE_MESSAGE' | 'LIMIT_EXCEEDED', reason: string, ref: MessageRef): DeliveryResult {
+  // Its id may be what broke a limit: the error names it, cut to a length every store takes.
+  const error = new TidingsError(code, reason, { ref: { ...ref, id: storable(String(ref.id), 300), key: storable(String(ref.key), 300) } });
+  return { outcome: 'dead-letter', reason: error.message, error: describeError(error) };
+}
+
+/** The version a CloudEvents type `<topic>.v<n>` names; undefined for a type of another form (a foreign producer's). */
+function versionOf(type: string, topic: string): number | undefined {
+  if (!type.startsWith(topic) || type.charCodeAt(topic.length) !== 46 /* . */ || type.charCodeAt(topic.length + 1) !== 118 /* v */) return undefined;
+  const version = Number(type.slice(topic.length + 2));
+  return Number.isSafeInteger(version) ? version : undefined;
 }
 
 function checkEnvelope(envelope: Envelope): string | undefined {

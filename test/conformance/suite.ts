@@ -21,6 +21,7 @@ import {
 import type { Envelope } from '../../src/core/envelope.ts';
 import { Ticked } from '../fixtures/contracts.ts';
 import { sleep, waitFor } from '../helpers.ts';
+import { hostileInput } from './hostile.ts';
 
 /** A handling's lasting effect, written through the handler's transaction: counted to prove "exactly once". */
 export interface EffectStore<Tx> {
@@ -412,6 +413,8 @@ export function conformance<Tx>(target: ConformanceTarget<Tx>): void {
       await sleep(300);
       assert.deepEqual(handled.filter((handledId) => handledId === id).length, 1);
     });
+
+    hostileInput(target, { world, newBus });
   });
 }
 
