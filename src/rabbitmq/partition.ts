@@ -43,6 +43,7 @@ import {
   cleanHeaders,
   copyOptions,
   decode,
+  fitHeaders,
   H_ATTEMPTS,
   H_DEAD_AT,
   H_DEAD_ID,
@@ -651,7 +652,8 @@ export class PartitionReader {
     const queue = await this.#retryQueue(channel, level);
     const { message, decoded, generation, state } = entry;
     // What the first delivery derived (a topic from the exchange, a time from now...) travels with the copy.
-    const headers = { ...cleanHeaders(message!.properties.headers), ...attributeHeaders(decoded!.envelope), ...extra, [H_PARTITION]: String(this.index) };
+    const original = cleanHeaders(message!.properties.headers);
+    const headers = fitHeaders({ ...original, ...attributeHeaders(decoded!.envelope, original), ...extra, [H_PARTITION]: String(this.index) });
     // Away before the publish: the copy may come back (a short delay) before the confirm does.
     entry.state = 'away';
     entry.message = undefined;
@@ -701,10 +703,12 @@ export class PartitionReader {
     }
   }
 
+  /** The dead letter's headers: the message's, what its delivery derived, the dead-letter facts; cut to fit. */
   #deadHeaders(message: ConsumeMessage, reason: string, history: readonly AttemptRecord[], attempt: number, envelope?: Envelope): MessagePropertyHeaders {
-    return {
-      ...cleanHeaders(message.properties.headers),
-      ...(envelope === undefined ? {} : attributeHeaders(envelope)),
+    const original = cleanHeaders(message.properties.headers);
+    return fitHeaders({
+      ...original,
+      ...(envelope === undefined ? {} : attributeHeaders(envelope, original)),
       [H_DEAD_ID]: newId(),
       [H_DEAD_REASON]: reason.slice(0, 4_000),
       [H_DEAD_AT]: new Date().toISOString(),
@@ -713,7 +717,7 @@ export class PartitionReader {
       [H_PARTITION]: String(this.index),
       [H_ATTEMPTS]: attempt,
       [H_HISTORY]: historyHeader(history),
-    };
+    });
   }
 
   #channelOf(entry: Entry): ConfirmChannel {
