@@ -16,9 +16,9 @@
  * before the message is acknowledged (holds.ts), so whoever reads the partition next keeps holding the key
  * (after a crash, a hand-over, a lost connection). Held messages take prefetch slots; so that a long hold
  * cannot fill the prefetch window (and keep the retried message itself from being delivered), once the
- * partition holds `prefetch / 2` messages behind away keys, the latest ones go to the delay queue too and
- * keep their places in the lane ("away" as well, with a hold record each): however they come back, they run
- * in lane order. A place whose message does not come back within its delay plus `retryReturnGraceMs` is
+ * partition holds `prefetch / 2` messages behind away keys, the earliest of them go to the delay queue too
+ * and keep their places in the lane ("away" as well, with a hold record each): however they come back, they
+ * run in lane order. A place whose message does not come back within its delay plus `retryReturnGraceMs` is
  * given up, with a warning.
  *
  * Attempts. `attempt` = attempts recorded in the x-tidings-attempts header (retries through delay queues)
@@ -482,20 +482,27 @@ export class PartitionReader {
   }
 
   /**
-   * Keeps the messages held behind away keys to half the prefetch window, parking the latest ones in a delay
-   * queue: otherwise held messages could fill the window and keep the very message they wait for from being
-   * delivered. Called when a message joins a held key and when a key becomes held.
+   * Keeps the messages held behind away keys to half the prefetch window, parking some in a delay queue:
+   * otherwise held messages could fill the window and keep the very message they wait for from being
+   * delivered. Called when a message joins a held key and when a key becomes held. A lane's earliest local
+   * messages are parked first, so that its messages that never left the partition queue always come after
+   * its held records: a reader taking the partition over puts those records first and the returned messages
+   * after them, in order. (Test: rabbitmq.faults 'kill -9 while a key waits ..., parked in the delay queue'.)
    */
   #relieve(): void {
     if (this.#phase !== 'reading') return;
-    const limit = Math.floor(this.#host.settings.prefetch / 2);
-    const held: { entry: Entry; head: Entry }[] = [];
-    for (const lane of this.#lanes.values()) {
+    const heldLanes = [...this.#lanes.values()].filter((lane) => lane[0]!.state === 'away');
+    let excess = -Math.floor(this.#host.settings.prefetch / 2);
+    for (const lane of heldLanes) for (const entry of lane) if (entry.state === 'local') excess++;
+    for (const lane of heldLanes) {
       const head = lane[0]!;
-      if (head.state !== 'away') continue;
-      for (const entry of lane) if (entry.state === 'local') held.push({ entry, head });
+      for (const entry of lane) {
+        if (excess <= 0) return;
+        if (entry.state !== 'local') continue;
+        excess--;
+        this.#track(this.#park(entry, Math.max(head.dueAt - Date.now(), PARK_MIN_MS)));
+      }
     }
-    for (const { entry, head } of held.slice(limit)) this.#track(this.#park(entry, Math.max(head.dueAt - Date.now(), PARK_MIN_MS)));
   }
 
   /** Starts the lane heads that can run, as long as the subscription has free slots. */
