@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import type { ChildProcess } from 'node:child_process';
 import { after, test } from 'node:test';
 import { z } from 'zod';
-import { defineEvent, type Bus } from '../src/index.ts';
+import { defineEvent, keyHash, type Bus } from '../src/index.ts';
 import type { PgTransaction } from '../src/postgres/index.ts';
 import { assignPartitions } from '../src/rabbitmq/workers.ts';
 import { Ticked } from './fixtures/contracts.ts';
@@ -38,13 +38,14 @@ interface Handling {
   readonly topic: string;
   readonly key: string;
   readonly seq: number;
+  readonly attempt: number;
 }
 
 /** A worker of subscription `billing` that handles test.ticked, and test.noted too when `withNoted`. */
 function billingWorker(h: Harness, name: string, withNoted: boolean, log: Handling[]): Bus<PgTransaction> {
   const bus = h.bus(name, { rabbit: quick });
-  const record = (message: { id: string; topic: string; data: { key: string; seq: number } }) => {
-    log.push({ worker: name, id: message.id, topic: message.topic, key: message.data.key, seq: message.data.seq });
+  const record = (message: { id: string; topic: string; data: { key: string; seq: number } }, ctx: { attempt: number }) => {
+    log.push({ worker: name, id: message.id, topic: message.topic, key: message.data.key, seq: message.data.seq, attempt: ctx.attempt });
   };
   const subscription = bus.subscription('billing', { partitions: 4, concurrency: 4 }).on(Ticked, record);
   if (withNoted) subscription.on(Noted, record);
@@ -72,6 +73,8 @@ function assertDeploy(log: readonly Handling[], expected: string[][], worker: st
   for (const handling of log) ids.set(handling.id, (ids.get(handling.id) ?? 0) + 1);
   assert.equal(ids.size, total, 'every message handled');
   assert.deepEqual([...ids.values()].filter((n) => n > 1), [], 'none twice');
+  // Messages a worker returned without starting them, as it handed a partition over, were not attempts.
+  assert.deepEqual(log.filter((handling) => handling.attempt !== 1), [], 'each on its first attempt');
   const noted = log.filter((handling) => handling.topic === 'test.noted');
   assert.deepEqual([...new Set(noted.map((handling) => handling.worker))], [worker], `every test.noted by ${worker}, the worker with its handler`);
   expected.forEach((order, k) => {
@@ -136,6 +139,44 @@ test('a rolling deploy that removes a handler: the new worker beside an old one 
   assert.ok(log.slice(before).every((handling) => handling.worker === 'new'));
   assert.equal(fresh.stats().subscriptions.billing?.deadLettered, 0);
   assert.equal(await fresh.backbone.deadLetters().count({ subscription: 'billing' }), 0, 'nothing dead-lettered');
+});
+
+test('a partition handed over while one of its keys waits for a delayed retry: the new reader keeps the key held, and the retry runs there', async (t) => {
+  if (!(await requireBroker(t, 'RabbitMQ', RABBITMQ_URL))) return;
+  const h = harness();
+  const log: Array<{ worker: string; seq: number; attempt: number }> = [];
+  const worker = (name: string) => {
+    const bus = h.bus(name, { rabbit: quick });
+    bus.subscribe(
+      'handover',
+      Ticked,
+      (message, ctx) => {
+        log.push({ worker: name, seq: message.data.seq, attempt: ctx.attempt });
+        if (message.data.seq === 1 && ctx.attempt === 1) throw new Error('once, then after a delay');
+      },
+      { partitions: 2, retry: { immediate: 0, delayed: [1_500], jitter: 0 } },
+    );
+    return bus;
+  };
+  // A key of partition 1 of 2, which the second worker (the larger id) takes when it joins.
+  let key = 'held';
+  for (let i = 0; keyHash(key) % 2 !== 1; i++) key = `held-${i}`;
+  const first = worker('first');
+  await first.start();
+  const publisher = h.bus('publisher');
+  await publisher.start();
+  await publisher.publish(Ticked, { key, seq: 1 });
+  await waitFor('the first attempt', () => log.length === 1);
+  for (let seq = 2; seq <= 6; seq++) await publisher.publish(Ticked, { key, seq });
+  const second = worker('second');
+  await second.start();
+  await waitFor('every message', () => log.filter((entry) => entry.seq > 1).length === 5 && log.length === 7, 15_000);
+  await sleep(300);
+  assert.deepEqual(
+    log.map((entry) => `${entry.worker}:${entry.seq}@${entry.attempt}`),
+    ['first:1@1', 'second:1@2', ...[2, 3, 4, 5, 6].map((seq) => `second:${seq}@1`)],
+    'the retry at the new reader, after its delay, and only then the key\'s later messages',
+  );
 });
 
 test('partitions go in turn to the workers that handle every topic; none when no worker handles them all', () => {

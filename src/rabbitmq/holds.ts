@@ -17,7 +17,13 @@
  * reader publishes a marker of its own to the holds queue and handles nothing until the marker comes back.
  * It can only come back once the reader is the holds queue's active consumer, that is once the previous
  * reader's records were returned, and those come first. So a reader knows every hold before it handles a
- * message. (Test: rabbitmq.holds 'kill -9 while a key waits for its delayed retry...'.)
+ * message. (Test: rabbitmq.faults 'kill -9 while a key waits for its delayed retry...'.)
+ *
+ * A reader that lets go of the partition gracefully also says which messages it returns without having
+ * started them (a "returned" record): the queue counts every return as a delivery (x-delivery-count), and
+ * the next reader takes those returns off a message's attempt count, so that a partition changing hands does
+ * not use up its messages' retries. A crash writes no such record: a message it returns may have been
+ * running, and counts as an attempt. (Test: rabbitmq.workers 'a partition handed over while...'.)
  */
 import type { ConsumeMessage, Options } from 'amqplib';
 
@@ -40,7 +46,14 @@ export interface Marker {
   readonly token: string;
 }
 
-export type HoldsMessage = { readonly kind: 'hold'; readonly record: HoldRecord } | { readonly kind: 'marker'; readonly marker: Marker } | { readonly kind: 'unknown' };
+/** Message id -> how many times it was returned to the partition queue without having been started. */
+export type Unstarted = Readonly<Record<string, number>>;
+
+export type HoldsMessage =
+  | { readonly kind: 'hold'; readonly record: HoldRecord }
+  | { readonly kind: 'marker'; readonly marker: Marker }
+  | { readonly kind: 'returned'; readonly unstarted: Unstarted }
+  | { readonly kind: 'unknown' };
 
 export function holdMessage(record: HoldRecord): { body: Buffer; options: Options.Publish } {
   return { body: Buffer.from(JSON.stringify(record)), options: { persistent: true, contentType: 'application/json', headers: { [H_KIND]: 'hold' } } };
@@ -48,6 +61,10 @@ export function holdMessage(record: HoldRecord): { body: Buffer; options: Option
 
 export function markerMessage(marker: Marker): { body: Buffer; options: Options.Publish } {
   return { body: Buffer.from(JSON.stringify(marker)), options: { persistent: true, contentType: 'application/json', headers: { [H_KIND]: 'marker' } } };
+}
+
+export function returnedMessage(unstarted: Unstarted): { body: Buffer; options: Options.Publish } {
+  return { body: Buffer.from(JSON.stringify({ unstarted })), options: { persistent: true, contentType: 'application/json', headers: { [H_KIND]: 'returned' } } };
 }
 
 /** Reads a message of the holds queue; anything else (a message put there by hand) is `unknown`. */
@@ -64,6 +81,11 @@ export function readHoldsMessage(message: ConsumeMessage): HoldsMessage {
   }
   if (kind === 'marker' && typeof body.worker === 'string' && typeof body.token === 'string') {
     return { kind: 'marker', marker: { worker: body.worker, token: body.token } };
+  }
+  if (kind === 'returned' && typeof body.unstarted === 'object' && body.unstarted !== null) {
+    const unstarted: Record<string, number> = {};
+    for (const [id, count] of Object.entries(body.unstarted)) if (Number.isInteger(count) && (count as number) > 0) unstarted[id] = count as number;
+    return { kind: 'returned', unstarted };
   }
   return { kind: 'unknown' };
 }

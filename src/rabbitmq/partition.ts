@@ -22,7 +22,8 @@
  * given up, with a warning.
  *
  * Attempts. `attempt` = attempts recorded in the x-tidings-attempts header (retries through delay queues)
- * + returns counted by the queue (x-delivery-count on quorum queues; classic queues only say "redelivered")
+ * + returns counted by the queue (x-delivery-count on quorum queues; classic queues only say "redelivered"),
+ * less those a reader made as it let go of the partition without having started the message (holds.ts)
  * + 1. Immediate retries (delay 0) run again in place, without a round trip. Each failed attempt's error
  * travels in x-tidings-history, so a dead letter carries the whole history.
  *
@@ -56,7 +57,7 @@ import {
   returnsOf,
   type Decoded,
 } from './headers.ts';
-import { holdMessage, markerMessage, readHoldsMessage, type HoldRecord } from './holds.ts';
+import { holdMessage, markerMessage, readHoldsMessage, returnedMessage, type HoldRecord, type Unstarted } from './holds.ts';
 import type { Link } from './link.ts';
 import type { RecentIds, Slots } from './slots.ts';
 import { declareExchanges, declarePartition, declareRetryQueue, retryLevel, type Names, type TopologySettings } from './topology.ts';
@@ -64,6 +65,8 @@ import type { Workers } from './workers.ts';
 
 /** A parked message waits at least this long: a head that is overdue must not make its followers spin. */
 const PARK_MIN_MS = 250;
+/** Messages a "returned" record names at most (holds.ts): a partition's prefetch window, many times over. */
+const MAX_UNSTARTED = 10_000;
 
 export interface ReaderSettings extends TopologySettings {
   /** Unacknowledged messages per partition queue (per-consumer basic.qos). */
@@ -112,6 +115,8 @@ interface Entry {
   giveUpAt: number;
   /** The delivery of its hold record, acknowledged when the entry is finished. */
   record: Delivered | undefined;
+  /** Returns of its message that a reader before this one made without starting it: not attempts. */
+  unstarted: number;
 }
 
 interface Delivered {
@@ -147,6 +152,10 @@ export class PartitionReader {
   /** Delivered while restoring: placed once the holds are known. */
   #buffered: ConsumeMessage[] = [];
   #restored: Array<{ record: HoldRecord; delivered: Delivered }> = [];
+  #restoredReturns: Array<{ unstarted: Unstarted; delivered: Delivered }> = [];
+  /** Messages the previous readers returned unstarted, not delivered here yet (see holds.ts), and their records. */
+  #unstarted = new Map<string, number>();
+  #returnedRecords: Delivered[] = [];
   #marker: string | undefined;
   #markerTimer: NodeJS.Timeout | undefined;
   readonly #tasks = new Set<Promise<void>>();
@@ -290,6 +299,9 @@ export class PartitionReader {
     this.#ready = [];
     this.#buffered = [];
     this.#restored = [];
+    this.#restoredReturns = [];
+    this.#unstarted = new Map();
+    this.#returnedRecords = [];
     this.#marker = undefined;
     clearTimeout(this.#markerTimer);
   }
@@ -300,9 +312,11 @@ export class PartitionReader {
    * the rest, for whichever reader comes next.
    */
   async #close(): Promise<void> {
+    const wasReading = this.#phase === 'reading';
     this.#phase = 'releasing';
     while (this.#tasks.size > 0) await Promise.allSettled([...this.#tasks]);
     const channel = this.#channel;
+    if (wasReading && channel !== undefined) await this.#sayReturned(channel);
     this.#generation++;
     try {
       this.#acks?.flush();
@@ -313,6 +327,28 @@ export class PartitionReader {
     await channel?.close().catch(() => undefined);
     this.#lanes.clear();
     this.#phase = 'idle';
+  }
+
+  /**
+   * Before the channel closes: records which messages go back to the partition queue without having been
+   * started (those delivered here, and those the previous readers returned that did not come here yet), so
+   * that the next reader does not count those returns as attempts; the records it replaces go.
+   */
+  async #sayReturned(channel: ConfirmChannel): Promise<void> {
+    const unstarted: Record<string, number> = Object.fromEntries(this.#unstarted);
+    for (const lane of this.#lanes.values()) {
+      for (const entry of lane) if (entry.state === 'local' && entry.generation === this.#generation) unstarted[entry.id] = entry.unstarted + 1;
+    }
+    const ids = Object.keys(unstarted);
+    try {
+      if (ids.length > 0) {
+        const returned = returnedMessage(Object.fromEntries(ids.slice(0, MAX_UNSTARTED).map((id) => [id, unstarted[id]!])));
+        await confirm(channel, '', this.#holdsQueue, returned.body, returned.options);
+      }
+      for (const record of this.#returnedRecords) this.#ackRecord(record);
+    } catch {
+      // Not recorded: the next reader counts these returns as attempts, as after a crash.
+    }
   }
 
   // ---- the holds queue and the marker ---------------------------------------------------------------
@@ -376,6 +412,12 @@ export class PartitionReader {
       this.#acks?.ack(message);
       return;
     }
+    if (read.kind === 'returned') {
+      if (this.#phase === 'waiting' || this.#phase === 'restoring') this.#restoredReturns.push({ unstarted: read.unstarted, delivered });
+      // Releasing: our own, published as the channel closes; it goes back to the queue with it, for the next reader.
+      else if (this.#phase !== 'releasing') this.#acks?.ack(message);
+      return;
+    }
     if (this.#phase === 'waiting' || this.#phase === 'restoring') {
       this.#restored.push({ record: read.record, delivered });
       return;
@@ -408,7 +450,19 @@ export class PartitionReader {
       for (const { record, delivered } of records) {
         let entry = lane.find((e) => e.id === record.id) ?? away.find((e) => e.id === record.id);
         if (entry === undefined) {
-          entry = { key, id: record.id, seq: record.seq, state: 'away', message: undefined, decoded: undefined, generation: this.#generation, dueAt: record.dueAt, giveUpAt: record.dueAt + grace, record: undefined };
+          entry = {
+            key,
+            id: record.id,
+            seq: record.seq,
+            state: 'away',
+            message: undefined,
+            decoded: undefined,
+            generation: this.#generation,
+            dueAt: record.dueAt,
+            giveUpAt: record.dueAt + grace,
+            record: undefined,
+            unstarted: 0,
+          };
         } else if (entry.state === 'away') {
           entry.dueAt = Math.max(entry.dueAt, record.dueAt);
           entry.giveUpAt = entry.dueAt + grace;
@@ -426,7 +480,12 @@ export class PartitionReader {
       if (left.length === 0) this.#lanes.delete(key);
       else this.#lanes.set(key, left);
     }
+    for (const { unstarted, delivered } of this.#restoredReturns) {
+      for (const [id, count] of Object.entries(unstarted)) this.#unstarted.set(id, (this.#unstarted.get(id) ?? 0) + count);
+      this.#returnedRecords.push(delivered);
+    }
     this.#restored = [];
+    this.#restoredReturns = [];
     this.#marker = undefined;
     this.#phase = 'reading';
     const buffered = this.#buffered;
@@ -446,6 +505,7 @@ export class PartitionReader {
     const names = this.#host.names;
     const fromTopic = exchange.startsWith(names.prefix) && !exchange.includes(':') ? exchange.slice(names.prefix.length) : undefined;
     const decoded = decode(message, fromTopic);
+    const unstarted = this.#takeUnstarted(decoded.ok ? decoded.value.envelope.id : decoded.id);
     if (!decoded.ok) {
       const reason = `UNDECODABLE_MESSAGE: message ${decoded.id ?? `(no id, delivery ${message.fields.deliveryTag})`} in queue ${this.#queue} cannot be decoded: ${decoded.problem}`;
       const error = describeError(new TidingsError('UNDECODABLE_MESSAGE', reason, decoded.id === undefined ? {} : { ref: { id: decoded.id } }));
@@ -462,6 +522,7 @@ export class PartitionReader {
       away.message = message;
       away.decoded = decoded.value;
       away.generation = generation;
+      away.unstarted = unstarted;
       if (lane![0] === away) this.#ready.push(key);
       else if (lane![0]!.state === 'away') this.#relieve();
       this.#run();
@@ -472,13 +533,30 @@ export class PartitionReader {
       this.#lanes.set(key, lane);
     }
     const seq = lane.length === 0 ? 0 : lane[lane.length - 1]!.seq + 1;
-    lane.push({ key, id: envelope.id, seq, state: 'local', message, decoded: decoded.value, generation, giveUpAt: 0, dueAt: 0, record: undefined });
+    lane.push({ key, id: envelope.id, seq, state: 'local', message, decoded: decoded.value, generation, giveUpAt: 0, dueAt: 0, record: undefined, unstarted });
     if (lane.length === 1) {
       this.#ready.push(key);
       this.#run();
       return;
     }
     if (lane[0]!.state === 'away') this.#relieve();
+  }
+
+  /** How many returns of message `id` were not attempts; once every such message is here, their records go. */
+  #takeUnstarted(id: string | undefined): number {
+    if (id === undefined || this.#unstarted.size === 0) return 0;
+    const count = this.#unstarted.get(id) ?? 0;
+    this.#unstarted.delete(id);
+    if (this.#unstarted.size === 0) {
+      for (const record of this.#returnedRecords) this.#ackRecord(record);
+      this.#returnedRecords = [];
+    }
+    return count;
+  }
+
+  /** The attempt a delivery is: attempts before it went through a delay queue, returns that were attempts, this one. */
+  #attemptOf(entry: Entry): number {
+    return entry.decoded!.priorAttempts + Math.max(returnsOf(entry.message!) - entry.unstarted, 0) + 1;
   }
 
   /**
@@ -540,7 +618,6 @@ export class PartitionReader {
 
   async #handle(entry: Entry): Promise<void> {
     const decoded = entry.decoded!;
-    const message = entry.message!;
     const { recent, spec } = this.#host;
     if (spec.inbox && recent.has(entry.id)) {
       try {
@@ -552,7 +629,7 @@ export class PartitionReader {
       return;
     }
     const history = [...decoded.history];
-    let attempt = decoded.priorAttempts + returnsOf(message) + 1;
+    let attempt = this.#attemptOf(entry);
     let settled = false;
     try {
       for (;;) {
@@ -589,7 +666,7 @@ export class PartitionReader {
   /** A message of a topic no live worker has a handler for (RabbitConsumer#unhandled): a dead letter, with the reason. */
   async #refuse(entry: Entry, reason: string): Promise<void> {
     const decoded = entry.decoded!;
-    const attempt = decoded.priorAttempts + returnsOf(entry.message!) + 1;
+    const attempt = this.#attemptOf(entry);
     const error = describeError(new TidingsError('UNDECODABLE_MESSAGE', reason, { ref: { id: entry.id, topic: decoded.envelope.topic, key: entry.key } }));
     try {
       await this.#deadLetter(entry, reason, [...decoded.history, { attempt, at: new Date().toISOString(), error }], attempt);
