@@ -360,3 +360,28 @@ test('exit codes: 3 and a password-free URL for an unreachable database, 2 for u
   assert.equal(help.code, 0);
   assert.match(help.stdout, /Exit codes:\n {2}0 +success\n {2}1 .*\n {2}2 .*usage.*\n {2}3 .*unreachable/);
 });
+
+test('status shows a rolling deploy: the worker without a handler for a topic of its subscription, and the topics of each worker', async (t) => {
+  const schema = await setup(t);
+  if (schema === undefined) return;
+  const { Tocked } = await import('./fixtures/contracts.ts');
+  const old = newBus(schema);
+  old.subscription('deploying', { partitions: 2 }).on(Ticked, () => undefined);
+  await old.start();
+  const neu = newBus(schema);
+  neu.subscription('deploying', { partitions: 2 }).on(Ticked, () => undefined).on(Tocked, () => undefined);
+  await neu.start();
+  const status = await json(schema, ['status']);
+  const sub = status.subscriptions.find((entry: { name: string }) => entry.name === 'deploying');
+  assert.deepEqual(sub.topics, ['test.ticked', 'test.tocked']);
+  assert.equal(sub.disagreements.length, 1);
+  assert.deepEqual(sub.disagreements[0].missing, ['test.tocked']);
+  assert.deepEqual(sub.workers.map((worker: { topics: string[] }) => worker.topics), [['test.ticked'], ['test.ticked', 'test.tocked']]);
+  const text = await tidings(['--schema', schema, 'status']);
+  assert.equal(text.code, 0, text.stderr);
+  assert.match(text.stdout, /! deploying: worker \S+ has no handler for test\.tocked; it holds no partition/);
+  // Once the old worker stops, they agree again.
+  await old.stop();
+  const after = await json(schema, ['status', '--subscription', 'deploying']);
+  assert.deepEqual(after.subscriptions[0].disagreements, []);
+});

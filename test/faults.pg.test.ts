@@ -676,7 +676,7 @@ test(
   },
 );
 
-test('deeply nested JSON (5,000 levels) at publish is refused with INVALID_PAYLOAD, writes nothing, and the bus goes on', bounded, async (t) => {
+test('deeply nested JSON (5,000 levels) at publish is refused with LIMIT_EXCEEDED (INVALID_PAYLOAD where the schema overflows first), writes nothing, and the bus goes on', bounded, async (t) => {
   const schema = await setup(t, 'deep');
   if (schema === undefined) return;
   const db = await connect();
@@ -695,11 +695,17 @@ test('deeply nested JSON (5,000 levels) at publish is refused with INVALID_PAYLO
       outcomes[name] = error instanceof TidingsError ? error.code : `${(error as Error).name}: ${(error as Error).message}`;
     }
     t.diagnostic(`errors at publish: ${JSON.stringify(outcomes)}`);
-    assert.deepEqual(outcomes, { 'z.unknown()': 'INVALID_PAYLOAD', 'z.lazy() recursive schema': 'INVALID_PAYLOAD' });
+    // The depth limit (messageLimits.depth, 64) refuses it before JSON.stringify would overflow; a recursive
+    // schema overflows while validating, before the limit is checked.
+    assert.deepEqual(outcomes, { 'z.unknown()': 'LIMIT_EXCEEDED', 'z.lazy() recursive schema': 'INVALID_PAYLOAD' });
     assert.equal(await logCount(db, schema), 0, 'nothing written');
-    // 500 levels are fine, through the same schemas.
-    await bus.publish(Nested, { key: 'n', tree: deepObject(500) });
-    await bus.publish(Recursive, { key: 'n', tree: deepObject(500) });
+    // 60 levels are fine, through the same schemas; 70 are over the limit.
+    await bus.publish(Nested, { key: 'n', tree: deepObject(60) });
+    await bus.publish(Recursive, { key: 'n', tree: deepObject(60) });
+    assert.equal(await logCount(db, schema), 2);
+    for (const contract of [Nested, Recursive]) {
+      await assert.rejects(bus.publish(contract, { key: 'n', tree: deepObject(70) }), (error: unknown) => error instanceof TidingsError && error.code === 'LIMIT_EXCEEDED' && /nested more than 64/.test(error.message));
+    }
     assert.equal(await logCount(db, schema), 2);
   } finally {
     await db.end();

@@ -10,7 +10,7 @@ import { after, test, type TestContext } from 'node:test';
 import { z } from 'zod';
 import { createBus, deadLetter, defineEvent, PermanentError, type Bus } from '../src/index.ts';
 import { postgres, type PgTransaction } from '../src/postgres/index.ts';
-import { Ticked } from './fixtures/contracts.ts';
+import { Ticked, Tocked } from './fixtures/contracts.ts';
 import { connect, createEffects, DATABASE_URL, dropSchema, requirePostgres, sleep, uniqueSchema, waitFor } from './helpers.ts';
 
 const schemas: string[] = [];
@@ -233,6 +233,77 @@ test('3. per-key order with two worker processes and 50 keys; keys run in parall
     assert.equal(workers.size, 2, 'both worker processes handled messages');
   } finally {
     await Promise.all([stopWorker(first), stopWorker(second)]);
+  }
+});
+
+test('3b. a rolling deploy across processes, both ways: adding a topic (its first new worker killed -9 midway), then removing it; each message once, in key order', async (t) => {
+  const schema = await setup(t);
+  if (schema === undefined) return;
+  await createEffects(schema);
+  const publisher = newBus(schema, 'publisher');
+  await publisher.start();
+  const both = `${Ticked.topic},${Tocked.topic}`;
+  const workers: ChildProcess[] = [];
+  const start = async (topics: string) => {
+    const child = await startWorker(schema, { TOPICS: topics, HANDLE_MS: '1' });
+    workers.push(child);
+    return child;
+  };
+  const published = new Map<string, 'E' | 'F'>();
+  const publish = async (from: number, count: number, during?: (seq: number) => Promise<void>) => {
+    for (let seq = from; seq < from + count; seq++) {
+      const contract = seq % 2 === 0 ? Ticked : Tocked;
+      const { id } = await publisher.publish(contract, { key: `k${seq % 10}`, seq });
+      published.set(id, seq % 2 === 0 ? 'E' : 'F');
+      if (seq % 20 === 19) await sleep(100);
+      await during?.(seq);
+    }
+  };
+  try {
+    const old = await start(Ticked.topic);
+    let first = await start(both);
+    const firstPid = first.pid;
+    let second: ChildProcess | undefined;
+    // Adding: half way, the only new worker dies; the old one must hold F's partitions, not skip them.
+    await publish(0, 200, async (seq) => {
+      if (seq !== 100) return;
+      first.kill('SIGKILL');
+      await sleep(1_500);
+      second = await start(both);
+    });
+    await waitFor('every message of the deploy', async () => (await effects(schema)).length >= 200, 60_000);
+    await stopWorker(old);
+    let rows = await effects(schema);
+    assert.equal(rows.length, 200, 'each message once (effects commit with the acknowledgement)');
+    assert.equal(new Set(rows.map((row) => row.message_id)).size, 200);
+    const newPids = new Set([firstPid, second!.pid]);
+    const fByOld = rows.filter((row) => published.get(row.message_id) === 'F' && !newPids.has(row.worker));
+    assert.deepEqual(fByOld, [], 'every F handled by a worker with its handler');
+    for (let k = 0; k < 10; k++) {
+      const seqs = rows.filter((row) => row.key === `k${k}`).map((row) => row.seq);
+      assert.deepEqual(seqs, [...seqs].sort((a, b) => a - b), `order of k${k}`);
+    }
+
+    // Removing: a worker without F starts beside the one with it; F is handled by the latter while it runs.
+    const newest = await start(Ticked.topic);
+    await publish(200, 40);
+    await waitFor('the messages while both run', async () => (await effects(schema)).length >= 240, 60_000);
+    rows = await effects(schema);
+    assert.deepEqual(
+      rows.filter((row) => published.get(row.message_id) === 'F' && row.worker === newest.pid),
+      [],
+      'the worker without F handled no F',
+    );
+    await stopWorker(second!);
+    first = newest;
+    await publish(240, 20);
+    await waitFor('the E messages after the deploy', async () => (await effects(schema)).filter((row) => row.seq >= 240).length >= 10, 60_000);
+    await sleep(500);
+    rows = await effects(schema);
+    assert.deepEqual(rows.filter((row) => row.seq >= 240).map((row) => row.seq % 2), Array(10).fill(0), 'after it, only E is the subscription\'s');
+    assert.equal(await publisher.backbone.deadLetters().count({ all: true }), 0, 'nothing dead-lettered');
+  } finally {
+    await Promise.all(workers.map((worker) => stopWorker(worker)));
   }
 });
 

@@ -12,7 +12,7 @@ import { checkIdentifier } from '../postgres/driver.ts';
 import { migrate } from '../postgres/migrate.ts';
 import { prune } from '../postgres/retention.ts';
 import { listReplicas, requestDriftCheck, requestRebuild, type ReplicaStatus } from '../replica/admin.ts';
-import type { DriftReport, RebuildReport } from '../replica/replica.ts';
+import type { DriftReport, RebuildReport } from '../replica/define.ts';
 import { isUnreachable, openDatabase, unreachableMessage, type Database } from './database.ts';
 import { duration, lease, progress, table } from './format.ts';
 
@@ -669,6 +669,11 @@ function renderStatus(status: Status, where: string): string {
     ]),
   );
   for (const sub of status.subscriptions) {
+    for (const { worker, missing } of sub.disagreements) {
+      lines.push('', `! ${sub.name}: worker ${worker} has no handler for ${missing.join(', ')}; it holds no partition until it has one or the subscription's topics change (a rolling deploy, until the old version's workers stop)`);
+    }
+  }
+  for (const sub of status.subscriptions) {
     lines.push('', `${sub.name}: ${sub.partitions} partition${sub.partitions === 1 ? '' : 's'}${sub.heldMessages > 0 ? `, ${sub.heldMessages} held message${sub.heldMessages === 1 ? '' : 's'} on ${sub.heldKeys} key${sub.heldKeys === 1 ? '' : 's'}` : ''}`);
     lines.push(
       table(
@@ -699,6 +704,7 @@ function renderStatus(status: Status, where: string): string {
             { header: 'pid', value: (worker) => worker.pid },
             { header: 'started', value: (worker) => shortTime(worker.startedAt) },
             { header: 'state', value: (worker) => (worker.live ? 'live' : 'expired') },
+            { header: 'topics', value: (worker) => worker.topics?.join(', ') ?? '?', max: 40 },
           ],
           '  ',
         ),

@@ -137,6 +137,15 @@ export class Bus<Tx = unknown> {
     return this.publish(command, data, options);
   }
 
+  /**
+   * Runs `fn` as if no handler were running: what it publishes does not join the current handler's
+   * transaction nor inherit its correlation. For work a handler starts and does not wait for (a replica's
+   * drift check asked for by a message), which would otherwise publish into a transaction already over.
+   */
+  detached<T>(fn: () => T): T {
+    return handlerScope.exit(fn);
+  }
+
   /** Runs `fn` in a transaction of the backbone's database; what it publishes is delivered iff it commits. */
   async transaction<T>(fn: (tx: Tx) => Promise<T>): Promise<T> {
     await this.#open();

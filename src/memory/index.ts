@@ -97,6 +97,7 @@ export class MemoryBackbone implements Backbone<MemoryTransaction> {
       end: (tx, commit) => this.#finish(tx, commit),
       deadLetter: (subscription, entry, reason) => this.#deadLetters.add(subscription, entry, reason),
       settled: () => this.#checkIdle(),
+      retopic: () => this.#index(),
       warn: (message, error) => this.#warn(message, error),
       maxInbox: this.#maxInbox,
     };
@@ -142,11 +143,7 @@ export class MemoryBackbone implements Backbone<MemoryTransaction> {
           `Subscription ${spec.name} exists with ${group.partitions} partitions, not ${spec.partitions}: changing the count would break per-key order. Keep partitions: ${group.partitions}, or use a new subscription name`,
         );
       }
-      // As PostgreSQL's upsert: the latest declaration's topics and inbox apply from now on.
-      if (group.topics.join('\n') !== spec.topics.join('\n')) {
-        group.topics = [...spec.topics];
-        this.#index();
-      }
+      // Its topics are settled from its workers when this one attaches; the latest declaration's inbox applies.
       group.inbox = spec.inbox;
     }
     const worker = new MemoryWorker(group, spec, handle, this.#ctx);

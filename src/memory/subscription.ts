@@ -1,5 +1,5 @@
 import { AsyncResource } from 'node:async_hooks';
-import type { AttemptRecord, Consumer, DeliveryHandler, DeliveryResult, SubscriptionSpec } from '../core/backbone.ts';
+import { EVERY_TOPIC, type AttemptRecord, type Consumer, type DeliveryHandler, type DeliveryResult, type SubscriptionSpec } from '../core/backbone.ts';
 import { partitionOf, type Envelope } from '../core/envelope.ts';
 import { describeError } from '../core/errors.ts';
 import { Deque } from './deque.ts';
@@ -32,6 +32,8 @@ export interface GroupContext {
   deadLetter(subscription: string, entry: Entry, reason: string): void;
   /** The subscription may have become idle: drain() waiters look again. */
   settled(): void;
+  /** The subscription's topics changed: publishes route by the new ones from now on. */
+  retopic(): void;
   warn(message: string, error?: unknown): void;
   readonly maxInbox: number;
 }
@@ -86,6 +88,8 @@ export class Group {
   readonly #waiting = new Set<KeyLine>();
   /** Messages queued, in flight or waiting for a retry: drain() waits for 0. */
   outstanding = 0;
+  /** The disagreement on topics last warned about (see #assignLanes). */
+  #disagreement = '';
 
   constructor(spec: SubscriptionSpec, ctx: GroupContext) {
     this.name = spec.name;
@@ -146,6 +150,7 @@ export class Group {
 
   attach(worker: MemoryWorker): void {
     this.#workers.push(worker);
+    this.#settleTopics();
     this.#assignLanes();
     if (this.#workers.length === 1) for (const line of this.#waiting) this.#arm(line);
   }
@@ -154,6 +159,7 @@ export class Group {
     const index = this.#workers.indexOf(worker);
     if (index === -1) return;
     this.#workers.splice(index, 1);
+    this.#settleTopics();
     this.#assignLanes();
     // No worker left: retry timers would only wake nobody. They are armed again, for the time left, on attach.
     if (this.#workers.length === 0) {
@@ -165,14 +171,66 @@ export class Group {
     this.#ctx.settled();
   }
 
-  /** Lane i goes to worker i mod n, so live workers hold lanes in turn, as PostgreSQL's leases balance. */
+  /**
+   * The subscription's topics are those its workers handle, as on PostgreSQL (statements.ts, `settle`): a
+   * worker that starts with a new topic adds it; once no worker handles a topic it is no longer the
+   * subscription's, and its messages still queued are dropped (PostgreSQL's readers skip them too).
+   */
+  #settleTopics(): void {
+    if (this.#workers.length === 0) return;
+    const topics = [...new Set(this.#workers.flatMap((worker) => worker.topics))].sort();
+    const before = this.topics;
+    if (topics.join('\n') === [...before].sort().join('\n')) return;
+    this.topics = topics;
+    this.#ctx.retopic();
+    const gone = before.filter((topic) => !topics.includes(topic));
+    if (gone.length > 0 && !topics.includes(EVERY_TOPIC)) this.#forget(new Set(gone));
+  }
+
+  #forget(topics: ReadonlySet<string>): void {
+    for (const lane of this.#lanes) {
+      for (const line of lane.keys.values()) {
+        const kept = [...line.pending].filter((entry) => !topics.has(entry.message.envelope.topic));
+        if (kept.length === line.pending.length) continue;
+        this.outstanding -= line.pending.length - kept.length;
+        while (line.pending.shift() !== undefined);
+        for (const entry of kept) line.pending.push(entry);
+        if (kept.length === 0 && line.retryAt !== 0) {
+          clearTimeout(line.timer);
+          line.retryAt = 0;
+          this.#waiting.delete(line);
+        }
+        if (kept.length === 0 && !line.busy && !line.ready) lane.keys.delete(line.key);
+      }
+    }
+    this.#ctx.settled();
+  }
+
+  /** A worker that lacks one of the subscription's topics would skip its messages: it holds no lane. */
+  #able(worker: MemoryWorker): boolean {
+    return worker.topics.includes(EVERY_TOPIC) || this.topics.every((topic) => worker.topics.includes(topic));
+  }
+
+  /** Lane i goes to able worker i mod n, so live workers hold lanes in turn, as PostgreSQL's leases balance. */
   #assignLanes(): void {
     for (const worker of this.#workers) worker.readyLanes.clear();
+    const able = this.#workers.filter((worker) => this.#able(worker));
+    const unable = this.#workers.filter((worker) => !this.#able(worker));
+    const disagreement = unable.length === 0 ? '' : `${this.topics.join(',')}|${unable.length}|${able.length}`;
+    if (disagreement !== this.#disagreement && disagreement !== '') {
+      const lacking = unable.map((worker) => this.topics.filter((topic) => !worker.topics.includes(topic)).join(', ')).join('; ');
+      this.#ctx.warn(
+        `Subscription ${this.name}: its workers disagree on its topics (${this.topics.join(', ')}): ${unable.length} of them have no handler for ${lacking}. ` +
+          (able.length === 0 ? 'No worker handles all of them, so every partition is held' : 'Their partitions go to the workers that handle all of them') +
+          '. During a rolling deploy that adds or removes a handler this lasts until the old version\'s workers stop',
+      );
+    }
+    this.#disagreement = disagreement;
     for (const lane of this.#lanes) {
-      lane.owner = this.#workers.length === 0 ? undefined : this.#workers[lane.index % this.#workers.length];
+      lane.owner = able.length === 0 ? undefined : able[lane.index % able.length];
       if (lane.owner !== undefined && lane.ready.length > 0) lane.owner.readyLanes.add(lane);
     }
-    for (const worker of this.#workers) worker.schedule();
+    for (const worker of able) worker.schedule();
   }
 
   /** The next key a worker may handle from one of its lanes, marked busy, with its head message. */
@@ -270,6 +328,8 @@ export class Group {
 export class MemoryWorker implements Consumer {
   /** Lanes this worker holds that have a ready key, in round-robin order. */
   readonly readyLanes = new Set<Lane>();
+  /** The topics this worker has handlers for. */
+  readonly topics: readonly string[];
   readonly #group: Group;
   readonly #spec: SubscriptionSpec;
   readonly #handle: DeliveryHandler<MemoryTransaction>;
@@ -283,6 +343,7 @@ export class MemoryWorker implements Consumer {
   #stopped: Promise<void> | undefined;
 
   constructor(group: Group, spec: SubscriptionSpec, handle: DeliveryHandler<MemoryTransaction>, ctx: GroupContext) {
+    this.topics = spec.topics;
     this.#group = group;
     this.#spec = spec;
     this.#handle = handle;

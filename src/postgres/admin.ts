@@ -7,6 +7,7 @@
  * that subscription (through `held`, the table of keys waiting for a retry); to *replay* is to move every
  * cursor of a subscription back to a position, so it handles the log again from there.
  */
+import { attributeProblem } from '../core/limits.ts';
 import { hostname, userInfo } from 'node:os';
 import type { AttemptRecord } from '../core/backbone.ts';
 import type {
@@ -22,9 +23,8 @@ import type {
 import { keyHash, partitionOf, type Envelope } from '../core/envelope.ts';
 import { TidingsError } from '../core/errors.ts';
 import { sleep } from '../core/sleep.ts';
-import { toEnvelope } from './consumer.ts';
+import { toEnvelope, type LogRow } from './log.ts';
 import { checkIdentifier, type Queryable, type SqlDriver } from './driver.ts';
-import type { LogRow } from './statements.ts';
 
 export type { DeadLetter, DeadLetterActionResult, DeadLetterGroup, DeadLetterProgress, DeadLetterSelection, DeadLetterSummary };
 
@@ -67,6 +67,14 @@ export interface WorkerStatus {
   readonly startedAt: string;
   readonly expiresAt: string;
   readonly live: boolean;
+  /** The topics it has handlers for; null for a worker of a version that did not record them. */
+  readonly topics: string[] | null;
+}
+
+/** A live worker without a handler for some of its subscription's topics: it holds no partition meanwhile. */
+export interface TopicDisagreement {
+  readonly worker: string;
+  readonly missing: string[];
 }
 
 export interface SubscriptionStatus {
@@ -82,6 +90,11 @@ export interface SubscriptionStatus {
   readonly deadLetters: number;
   readonly cursors: PartitionStatus[];
   readonly workers: WorkerStatus[];
+  /**
+   * Live workers that lack a handler for some of the subscription's topics (a rolling deploy that adds or
+   * removes one): they hold no partition, and the partitions go to workers that handle every topic.
+   */
+  readonly disagreements: TopicDisagreement[];
 }
 
 export interface Status {
@@ -148,8 +161,8 @@ export async function readStatus(db: Queryable, options: StatusOptions): Promise
           order by c.subscription, c.partition`,
         [only],
       ),
-      db.query<{ id: string; subscription: string; host: string; pid: number; started_at: Date | string; expires_at: Date | string; live: boolean }>(
-        `select id, subscription, host, pid, started_at, expires_at, expires_at > now() as live from ${s}.workers
+      db.query<{ id: string; subscription: string; host: string; pid: number; started_at: Date | string; expires_at: Date | string; live: boolean; topics: string[] | null }>(
+        `select id, subscription, host, pid, started_at, expires_at, expires_at > now() as live, topics from ${s}.workers
           where $1::text is null or subscription = $1 order by subscription, started_at, id`,
         [only],
       ),
@@ -172,6 +185,7 @@ export async function readStatus(db: Queryable, options: StatusOptions): Promise
       startedAt: iso(row.started_at),
       expiresAt: iso(row.expires_at),
       live: row.live,
+      topics: row.topics,
     }));
     const heldBy = new Map(held.rows.map((row) => [row.subscription, { keys: Number(row.keys), messages: Number(row.messages) }]));
     const deadBy = new Map(dead.rows.map((row) => [row.subscription, Number(row.count)]));
@@ -205,6 +219,10 @@ export async function readStatus(db: Queryable, options: StatusOptions): Promise
         deadLetters: deadBy.get(sub.name) ?? 0,
         cursors: own,
         workers: allWorkers.filter((worker) => worker.subscription === sub.name),
+        disagreements: allWorkers
+          .filter((worker) => worker.subscription === sub.name && worker.live && worker.topics !== null && !worker.topics.includes('*'))
+          .map((worker) => ({ worker: worker.id, missing: sub.topics.filter((topic) => !worker.topics!.includes(topic)) }))
+          .filter((entry) => entry.missing.length > 0),
       };
     });
     return {
@@ -368,6 +386,14 @@ export async function redriveDeadLetters(driver: SqlDriver, options: RedriveOpti
         const moves = rows.map((row) => {
           const count = partitions.get(row.subscription);
           if (count === undefined) throw notRedrivable(options.schema, row.subscription);
+          // Dead-lettered for breaking a limit: handed back, it would break it again (held keys are indexed).
+          const broken = attributeProblem({ id: row.message_id, partitionkey: row.key }, false);
+          if (broken !== undefined) {
+            throw new TidingsError(
+              'LIMIT_EXCEEDED',
+              `Dead letter ${row.id} of ${row.subscription} cannot be redriven: its ${broken}. Drop it (tidings dead-letters drop ${row.id}), and publish a corrected copy if it is still needed`,
+            );
+          }
           const keyId = JSON.stringify([row.subscription, row.key]);
           const first = !firstOfKey.has(keyId);
           firstOfKey.add(keyId);

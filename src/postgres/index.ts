@@ -3,8 +3,8 @@ import type { DeadLetterStore } from '../core/broker.ts';
 import type { Envelope } from '../core/envelope.ts';
 import { TidingsError } from '../core/errors.ts';
 import { OptionProblems } from '../core/options.ts';
-import { PostgresConsumer, type ConsumerSettings } from './consumer.ts';
-import { deadLetterStore } from './admin.ts';
+import { PostgresConsumer, type ConsumerSettings } from './consume/consumer.ts';
+import { deadLetterStore, readStatus } from './admin.ts';
 import { checkIdentifier, COPY_IN, pgDriver, pgliteDriver, preparing, type CopyIn, type PGliteLike, type PgPoolLike, type SqlDriver } from './driver.ts';
 import { migrate } from './migrate.ts';
 import { resolveRetention, Retention, type RetentionOptions } from './retention.ts';
@@ -325,6 +325,13 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
     );
     await consumer.start();
     return consumer;
+  }
+
+  /** Messages committed to `subscription`'s topics and not yet handled by it; 0 when it does not exist yet. */
+  async lag(subscription: string): Promise<number> {
+    await this.open();
+    const status = await readStatus(this.driver, { schema: this.schema, subscription }).catch(() => undefined);
+    return status?.subscriptions[0]?.lag ?? 0;
   }
 
   deadLetters(): DeadLetterStore {

@@ -10,6 +10,28 @@ export function statements(schema: string) {
     to_char(l.time at time zone 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') as time, l.subject, l.key, l.key_hash,
     l.tenant, l.correlation_id, l.causation_id, l.traceparent, l.tracestate, l.data`;
 
+  /**
+   * The subscription's topics settled from its workers (CTEs ending in `settled`, the new topics if they
+   * changed): every topic a live worker handles, and every topic the newest worker (the last started, alive
+   * or not) handles. So a rolling deploy that adds a topic adds it when its first new worker starts, and keeps
+   * it while that worker is down after a crash (old workers hold its partitions rather than skip its
+   * messages); one that removes a topic removes it once no live worker handles it and the newest does not.
+   * Workers of versions that did not record topics count for nothing. `me`: a worker counted as live.
+   */
+  const settle = (subscription: string, me: string) => `registered as (
+        select topics, started_at, id, (expires_at > now() or id = ${me}) as live from ${s}.workers where subscription = ${subscription} and topics is not null
+      ), wanted as (
+        select array_agg(distinct t order by t) as topics from (
+          select unnest(topics) as t from registered where live
+          union all
+          select unnest(topics) from (select topics from registered order by started_at desc, id desc limit 1) newest
+        ) u
+      ), settled as (
+        update ${s}.subscriptions s set topics = w.topics, updated_at = now() from wanted w
+        where s.name = ${subscription} and w.topics is not null and not (s.topics @> w.topics and s.topics <@ w.topics)
+        returning s.topics
+      )`;
+
   return {
     schema,
     /** One message, its columns as parameters: cheaper than the JSON form for the most common publish. */
@@ -92,8 +114,12 @@ export function statements(schema: string) {
      * held messages and dead letters, only if this worker still holds every one of those lanes at the
      * epoch it read them with (the fence: a worker that lost a lease changes nothing). If a lease was lost it
      * writes nothing and raises SQLSTATE TDL01 (LEASE_LOST), so a COMMIT sent with it rolls the batch back.
+     * If the subscription has a topic this worker does not handle (another worker that handles it registered
+     * since: a rolling deploy), it writes nothing and raises TDL02 (TOPICS_CHANGED): its read skipped that
+     * topic's messages, and its cursors must not move past them. (Messages of its window committed before its
+     * read, so before that registration committed: they were not yet the subscription's.)
      * $1 subscription, $2 owner, $3-$8 per lane: partition, epoch, done, window, position, handled count,
-     * $9 inbox ids, $10 held (JSON), $11 dead letters (JSON).
+     * $9 inbox ids, $10 held (JSON), $11 dead letters (JSON), $12 the topics this worker handles.
      *
      * `duplicates`: what an inbox id already recorded does. 'skip' (`on conflict do nothing`) for an
      * acknowledgement that commits with the handlers' writes, which cannot be sent again alone; 'fail' (a
@@ -107,8 +133,10 @@ export function statements(schema: string) {
         select k.partition from ${s}.cursors k join lanes v on k.partition = v.partition
         where k.subscription = $1 and k.owner = $2 and k.epoch = v.epoch
         for update of k
+      ), covered as (
+        select coalesce((select s.topics <@ $12::text[] or '*' = any($12::text[]) from ${s}.subscriptions s where s.name = $1), true) as covered
       ), ok as (
-        select (select count(*) from fenced) = (select count(*) from lanes) as ok
+        select covered and (select count(*) from fenced) = (select count(*) from lanes) as ok from covered
       ), moved as (
         update ${s}.cursors k set done = v.done::pg_snapshot, window_snapshot = v.win::pg_snapshot, window_position = v.pos,
           handled = k.handled + v.n, updated_at = now()
@@ -132,13 +160,14 @@ export function statements(schema: string) {
           envelope jsonb, reason text, attempts jsonb), ok
         where ok.ok
       )
-      select case when (select count(*) from moved) = cardinality($3::int[]) then cardinality($3::int[]) else ${s}.lease_lost() end as fenced`,
+      select case when not (select covered from covered) then ${s}.topics_changed()
+        when (select count(*) from moved) = cardinality($3::int[]) then cardinality($3::int[]) else ${s}.lease_lost() end as fenced`,
 
     messagesAt: `select ${logColumns} from ${s}.log l where l.position = any($1::int8[])`,
 
+    /** Creates the subscription with its first worker's topics; its topics change only through `settleTopics`. */
     upsertSubscription: `insert into ${s}.subscriptions (name, topics, partitions) values ($1, $2, $3)
-      on conflict (name) do update set topics = excluded.topics, updated_at = now()
-        where ${s}.subscriptions.topics is distinct from excluded.topics
+      on conflict (name) do nothing
       returning partitions`,
     subscriptionPartitions: `select partitions from ${s}.subscriptions where name = $1`,
     /** $2: partition count; $3: start from the beginning of the log (true) or from now. */
@@ -147,16 +176,23 @@ export function statements(schema: string) {
       from generate_series(0, $2 - 1) p
       on conflict do nothing`,
 
-    registerWorker: `insert into ${s}.workers (id, subscription, host, pid, expires_at) values ($1, $2, $3, $4, now() + make_interval(secs => $5 / 1000.0))
-      on conflict (id) do update set expires_at = excluded.expires_at`,
-    /** Renews this worker and its leases; returns how many workers are alive and which partitions it still holds. */
+    registerWorker: `insert into ${s}.workers (id, subscription, host, pid, expires_at, topics) values ($1, $2, $3, $4, now() + make_interval(secs => $5 / 1000.0), $6)
+      on conflict (id) do update set expires_at = excluded.expires_at, topics = excluded.topics`,
+    /** `settleTopics` alone: when a worker starts (after registering) or stops (after unregistering). $1 subscription. */
+    settleTopics: `with ${settle('$1', 'null')} select topics from settled`,
+    /**
+     * Renews this worker and its leases; returns the live workers with what they handle, the subscription's
+     * topics, and which partitions this worker still holds.
+     */
     heartbeat: `with me as (
         update ${s}.workers set expires_at = now() + make_interval(secs => $3 / 1000.0) where id = $1 returning id
       ), mine as (
         update ${s}.cursors set lease_expires_at = now() + make_interval(secs => $3 / 1000.0)
         where subscription = $2 and owner = $1 returning partition, epoch
-      )
-      select (select count(*)::int from ${s}.workers where subscription = $2 and (expires_at > now() or id in (select id from me))) as live,
+      ), ${settle('$2', '$1')}
+      select coalesce((select json_agg(json_build_object('id', id, 'topics', topics) order by started_at)
+          from ${s}.workers where subscription = $2 and (expires_at > now() or id = $1)), '[]'::json) as workers,
+        coalesce((select topics from settled), (select topics from ${s}.subscriptions where name = $2)) as topics,
         coalesce((select json_agg(json_build_object('partition', partition, 'epoch', epoch::text)) from mine), '[]'::json) as mine`,
     acquire: `update ${s}.cursors c set owner = $1, epoch = c.epoch + 1, lease_expires_at = now() + make_interval(secs => $3 / 1000.0)
       where (c.subscription, c.partition) in (
@@ -203,23 +239,3 @@ export function statements(schema: string) {
 }
 
 export type Statements = ReturnType<typeof statements>;
-
-/** A row of the log as the consumer reads it. */
-export interface LogRow {
-  position: number | string;
-  topic: string;
-  id: string;
-  type: string;
-  source: string;
-  time: Date | string;
-  subject: string | null;
-  key: string;
-  key_hash: number;
-  tenant: string | null;
-  correlation_id: string;
-  causation_id: string | null;
-  traceparent: string | null;
-  tracestate: string | null;
-  data: unknown;
-  seen?: boolean;
-}

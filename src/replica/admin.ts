@@ -7,10 +7,11 @@ import { createBus } from '../core/bus.ts';
 import type { AnyContract, InputOf } from '../core/contract.ts';
 import { newId } from '../core/envelope.ts';
 import { TidingsError } from '../core/errors.ts';
-import { checkIdentifier, type Queryable } from '../postgres/driver.ts';
+import type { Queryable } from '../postgres/driver.ts';
 import { postgres } from '../postgres/index.ts';
 import { checkContract, rebuildContract } from './protocol.ts';
-import type { DriftReport, RebuildProgress, RebuildReport } from './replica.ts';
+import { generationStatements, metaStatements, replicaBase } from './sql.ts';
+import type { DriftReport, RebuildProgress, RebuildReport } from './define.ts';
 
 export interface ReplicaStatus {
   readonly name: string;
@@ -26,8 +27,8 @@ export interface ReplicaStatus {
 
 /** Every replica whose tables live in `schema`; none when there are no replicas there. */
 export async function listReplicas(db: Queryable, options: { schema: string; replica?: string }): Promise<ReplicaStatus[]> {
-  const s = `"${checkIdentifier('schema', options.schema)}"`;
-  const { rows: exists } = await db.query<{ t: string | null }>(`select to_regclass($1)::text as t`, [`${s}.replicas`]);
+  const meta = metaStatements(options.schema);
+  const { rows: exists } = await db.query<{ t: string | null }>(meta.exists);
   if (exists[0]?.t == null) return [];
   const { rows } = await db.query<{
     name: string;
@@ -37,11 +38,11 @@ export async function listReplicas(db: Queryable, options: { schema: string; rep
     checked_at: Date | string | null;
     rebuilt_at: Date | string | null;
     last_check: DriftReport | null;
-  }>(`select name, source, generation, building, checked_at, rebuilt_at, last_check from ${s}.replicas where $1::text is null or name = $1 order by name`, [options.replica ?? null]);
+  }>(meta.list, [options.replica ?? null]);
   const result: ReplicaStatus[] = [];
   for (const row of rows) {
-    const table = `${s}."replica_${row.name.replace(/[.-]/g, '_').slice(0, 44)}_g${Number(row.generation)}"`;
-    const count = await db.query<{ n: string }>(`select count(*) filter (where state is not null)::int8 as n from ${table}`).catch(() => ({ rows: [{ n: '0' }] }));
+    const tables = generationStatements(options.schema, replicaBase(row.name), row.name, meta.meta);
+    const count = await db.query<{ n: string }>(tables.liveCount(Number(row.generation))).catch(() => ({ rows: [{ n: '0' }] }));
     result.push({
       name: row.name,
       source: row.source,
@@ -72,10 +73,10 @@ export async function requestDriftCheck(options: {
   await requireReplica(options);
   const checkId = newId();
   await sendCommand(options, checkContract(options.replica), { checkId, requestedBy: 'tidings-cli' });
-  const s = `"${options.schema}"`;
+  const meta = metaStatements(options.schema);
   const deadline = Date.now() + options.timeoutMs;
   for (;;) {
-    const { rows } = await options.db.query<{ last_check: DriftReport | null }>(`select last_check from ${s}.replicas where name = $1 and last_check->>'checkId' = $2`, [options.replica, checkId]);
+    const { rows } = await options.db.query<{ last_check: DriftReport | null }>(meta.checkRecorded, [options.replica, checkId]);
     if (rows[0]?.last_check != null) return rows[0].last_check;
     if (Date.now() > deadline || options.signal?.aborted) {
       throw new TidingsError(
@@ -130,16 +131,13 @@ export async function requestRebuild(options: {
   await requireReplica(options);
   const rebuildId = newId();
   await sendCommand(options, rebuildContract(options.replica), { rebuildId, requestedBy: 'tidings-cli' });
-  const s = `"${checkIdentifier('schema', options.schema)}"`;
+  const meta = metaStatements(options.schema);
   let heard = Date.now();
   let last = '';
   for (;;) {
-    // A meta table from before rebuild progress has no column yet: the replica adds it when it starts.
+    // A meta table from before rebuild progress has no column yet: the replica's migration adds it.
     const { rows } = await options.db
-      .query<{ rebuild: { state: string; done: number; total: number | null; report?: RebuildReport; error?: string } | null }>(
-        `select rebuild from ${s}.replicas where name = $1 and rebuild->>'rebuildId' = $2`,
-        [options.replica, rebuildId],
-      )
+      .query<{ rebuild: { state: string; done: number; total: number | null; report?: RebuildReport; error?: string } | null }>(meta.rebuildRecorded, [options.replica, rebuildId])
       .catch(() => ({ rows: [] }));
     const record = rows[0]?.rebuild;
     if (record != null) {

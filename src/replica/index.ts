@@ -3,8 +3,9 @@
  * rebuild by state transfer, and drift detection and repair against the source over the bus.
  * See docs/replicas.md.
  */
-export { defineReplica, feed, replica, Replica, replicaDefaults } from './replica.ts';
-export type { Feed, ReplicaDefinition, ReplicaOptions, ReplicaStats, Staleness, DriftReport, RebuildProgress, RebuildReport } from './replica.ts';
+export { defineReplica, feed, replicaDefaults } from './define.ts';
+export type { Feed, ReplicaDefinition, ReplicaOptions, ReplicaStats, Staleness, DriftReport, RebuildProgress, RebuildReport } from './define.ts';
+export { replica, Replica } from './replica.ts';
 export { defineSource, source, sourceDefaults } from './source.ts';
 export type { SourceDefinition, SourceOptions, SourceStats, ReplicaSource } from './source.ts';
 export { digestTree } from './digest.ts';

@@ -16,7 +16,9 @@ import type { ConformanceTarget, Namespace } from './suite.ts';
 
 export interface SuiteKit<Tx> {
   world(t: TestContext): Promise<Namespace<Tx> | undefined>;
+  /** A bus on a new backbone instance of the namespace: another process, as far as the backbone can tell. */
   newBus(namespace: Namespace<Tx>): Bus<Tx>;
+  stop(bus: Bus<Tx>): Promise<void>;
 }
 
 /** `length` bytes of UTF-8 in three-byte characters, topped up with ASCII. */
@@ -187,6 +189,17 @@ export function hostileInput<Tx>(target: ConformanceTarget<Tx>, kit: SuiteKit<Tx
       assert.match(letter.reason, /over the limit/);
       void envelope;
     }
+    // Redriven, they are refused again (by the redrive, naming the limit, or back in dead letters), and nothing else moves.
+    const redrive = await store.redrive({ subscription: 'foreign-limits' }).then(
+      () => undefined,
+      (error: unknown) => error,
+    );
+    if (redrive !== undefined) assert.ok(redrive instanceof TidingsError && redrive.code === 'LIMIT_EXCEEDED', `a redrive refused names the limit (got ${String(redrive)})`);
+    await bus.publish(Ticked, { key: 'good', seq: good++ });
+    await waitFor('the message after the redrive', () => handled.length >= good, 20_000);
+    await waitFor('the poison back in dead letters', async () => (await store.count({ subscription: 'foreign-limits' })) === expected, 20_000);
+    await sleep(300);
+    assert.deepEqual(handled, Array.from({ length: good }, (_, i) => `good:${i}`));
   });
 
   test("a handler's hostile errors are kept, made storable: NUL, lone surrogates, megabytes of text; the rest flows", async (t) => {

@@ -21,6 +21,7 @@ import {
 import type { Envelope } from '../../src/core/envelope.ts';
 import { Ticked } from '../fixtures/contracts.ts';
 import { sleep, waitFor } from '../helpers.ts';
+import { rollingDeploy } from './deploy.ts';
 import { hostileInput } from './hostile.ts';
 
 /** A handling's lasting effect, written through the handler's transaction: counted to prove "exactly once". */
@@ -414,7 +415,8 @@ export function conformance<Tx>(target: ConformanceTarget<Tx>): void {
       assert.deepEqual(handled.filter((handledId) => handledId === id).length, 1);
     });
 
-    hostileInput(target, { world, newBus });
+    hostileInput(target, { world, newBus, stop });
+    rollingDeploy({ world, newBus, stop });
   });
 }
 

@@ -1,5 +1,5 @@
 -- The log: every published message, in one table. `xid` is the publishing transaction, so readers can
--- take messages in the order their transactions committed, by comparing snapshots (see consumer.ts).
+-- take messages in the order their transactions committed, by comparing snapshots (see consume/lanes.ts).
 create table {{schema}}.log (
   position bigint generated always as identity primary key,
   xid xid8 not null default pg_current_xact_id(),

@@ -1,0 +1,31 @@
+import type { SqlDriver } from '../driver.ts';
+import type { Notifier } from '../notifier.ts';
+import type { Statements } from '../statements.ts';
+
+export interface ConsumerSettings {
+  readonly leaseMs: number;
+  readonly heartbeatMs: number;
+  /** Backstop poll while LISTEN works: a lost notification costs at most this much latency. */
+  readonly pollMs: number;
+  /** Poll interval when LISTEN is unavailable. */
+  readonly fallbackPollMs: number;
+  readonly errorBackoffMaxMs: number;
+  /**
+   * Transactions (so connections) a batch whose handlers write through `ctx.tx` is split into, by partition;
+   * 1 keeps one. Forced to 1 on a driver with one session (PGlite).
+   */
+  readonly handlerConnections: number;
+}
+
+/** What a consumer's parts share: the backbone's connections, statements and notifier, and this worker's name. */
+export interface ConsumerContext {
+  readonly driver: SqlDriver;
+  readonly sql: Statements;
+  readonly notifier: Notifier;
+  readonly settings: ConsumerSettings;
+  readonly warn: (message: string, error?: unknown) => void;
+  /** Wakes consumers of topics published inside a consumer's transaction, once it committed. */
+  readonly committed: (topics: ReadonlySet<string>) => void;
+  /** This process's workers on the backbone: a consumer is in it while registered in `workers`. */
+  readonly workers: Set<string>;
+}

@@ -1,0 +1,120 @@
+import { checkIdentifier } from '../postgres/driver.ts';
+import { bucketSql, rowHashSql } from './digest.ts';
+
+/**
+ * Every SQL statement of replicas. `meta` statements work on the `replicas` table of a Tidings schema
+ * (migration 006); `generation` statements on the tables of one replica, named after it. Identifiers are
+ * validated; everything else is a parameter.
+ */
+
+/** The base name of a replica's tables and view (`replica_credentials_node_1`), within PostgreSQL's 63 characters. */
+export function replicaBase(name: string): string {
+  return checkIdentifier('replica table', `replica_${name.replace(/[.-]/g, '_')}`.slice(0, 52));
+}
+
+export function metaStatements(schema: string) {
+  const meta = `"${checkIdentifier('schema', schema)}".replicas`;
+  return {
+    meta,
+    exists: `select to_regclass('${meta}')::text as t`,
+    /** Two processes preparing one replica at once would race on `create table if not exists`. */
+    lock: `select pg_advisory_xact_lock(hashtext('tidings.replica'), hashtext($1))`,
+    insert: `insert into ${meta} (name, source) values ($1, $2) on conflict (name) do nothing`,
+    read: `select generation, building, filled_at from ${meta} where name = $1`,
+    readForUpdate: `select generation, building, filled_at from ${meta} where name = $1 for update`,
+    list: `select name, source, generation, building, checked_at, rebuilt_at, last_check from ${meta} where $1::text is null or name = $1 order by name`,
+    names: `select name from ${meta} order by name`,
+    recordCheck: `update ${meta} set last_check = $2::jsonb, checked_at = now() where name = $1`,
+    checkRecorded: `select last_check from ${meta} where name = $1 and last_check->>'checkId' = $2`,
+    recordRebuild: `update ${meta} set rebuild = $2::jsonb where name = $1`,
+    rebuildRecorded: `select rebuild from ${meta} where name = $1 and rebuild->>'rebuildId' = $2`,
+    startBuilding: `update ${meta} set building = $2 where name = $1`,
+    switchTo: `update ${meta} set generation = $2, building = null, filled_at = coalesce(filled_at, now()), rebuilt_at = now() where name = $1`,
+    stopBuilding: `update ${meta} set building = null where name = $1 and building = $2`,
+  };
+}
+
+export type MetaStatements = ReturnType<typeof metaStatements>;
+
+/** The statements of one replica's tables: `schema.base_g<n>`, its apply function, its view. */
+export function generationStatements(schema: string, base: string, name: string, meta: string) {
+  const s = `"${checkIdentifier('schema', schema)}"`;
+  const table = (generation: number) => `${s}."${base}_g${generation}"`;
+  const applyFunction = (generation: number) => `${s}."${base}_apply_g${generation}"`;
+  const upsert = (target: string) => `insert into ${target} as t (key, version, state, event_time) values (k, v, st, et)
+        on conflict (key) do update set version = excluded.version, state = excluded.state, event_time = excluded.event_time, updated_at = now()
+         where t.version < excluded.version`;
+  return {
+    table,
+    view: `${s}."${base}"`,
+    create: (generation: number) => [
+      `create table if not exists ${table(generation)} (
+         key text primary key,
+         version int8 not null,
+         state jsonb,
+         event_time timestamptz,
+         updated_at timestamptz not null default now(),
+         bucket int not null generated always as (${bucketSql('key')}) stored,
+         hash int8 generated always as (case when state is null then null else ${rowHashSql('key', 'version', 'state')} end) stored
+       )`,
+      `create index if not exists "${base}_g${generation}_bucket" on ${table(generation)} (bucket)`,
+      `create index if not exists "${base}_g${generation}_event_time" on ${table(generation)} (event_time)`,
+      /*
+       * One event's write as a function per generation, created with its table: it checks the meta row (the
+       * generation readers see, and the one a rebuild fills) and writes the guarded upsert into that
+       * generation, and into the one being built. One round trip per event, and PL/pgSQL keeps the plans of
+       * its statements for the session instead of planning them for every event. Returns the rows written in
+       * this generation (0: the key is at this version or newer), -1 if the meta row says otherwise than
+       * `building` (the caller rereads it), -2 if there is no meta row.
+       */
+      `create or replace function ${applyFunction(generation)}(k text, v int8, st jsonb, et timestamptz, expected_building int) returns int
+      language plpgsql as $apply$
+      declare
+        current_generation int;
+        building_generation int;
+        written int;
+      begin
+        select generation, building into current_generation, building_generation from ${meta} where name = '${name.replace(/'/g, "''")}';
+        if not found then return -2; end if;
+        if current_generation <> ${generation} or building_generation is distinct from expected_building then return -1; end if;
+        ${upsert(table(generation))};
+        get diagnostics written = row_count;
+        -- Planned only when reached: the next generation's table need not exist before.
+        if building_generation = ${generation + 1} then
+          ${upsert(table(generation + 1))};
+        elsif building_generation is not null then
+          execute format($sql$${upsert(`%I.%I`).replace('values (k, v, st, et)', 'values ($1, $2, $3, $4)')}$sql$, '${schema}', '${base}_g' || building_generation) using k, v, st, et;
+        end if;
+        return written;
+      end
+      $apply$`,
+    ],
+    drop: (generation: number) => [`drop table if exists ${table(generation)}`, `drop function if exists ${applyFunction(generation)}`],
+    /** Readers query the view: switching it to another generation is one statement in the switch's transaction. */
+    point: (generation: number) => `create or replace view ${s}."${base}" as select key, version, state, event_time, updated_at from ${table(generation)} where state is not null`,
+    apply: (generation: number) => `select ${applyFunction(generation)}($1, $2, $3::jsonb, $4, $5) as n`,
+    /** The meta row and the key's current row (locked), in one statement. */
+    readRow: (generation: number) => `select m.generation, m.building, r.version, r.state
+           from ${meta} m
+           left join lateral (select version, state from ${table(generation)} where key = $2 for update) r on true
+          where m.name = $1`,
+    all: (generation: number) => `select key, version, state, event_time from ${table(generation)}`,
+    newest: (generation: number) => `select max(event_time) as at, now() as now from ${table(generation)}`,
+    liveCount: (generation: number) => `select count(*) filter (where state is not null)::int8 as n from ${table(generation)}`,
+    leafDigests: (generation: number) => `select bucket, bit_xor(hash)::text as digest from ${table(generation)} where hash is not null group by bucket`,
+    keysOfLeaves: (generation: number) => `select key, bucket, hash::text as hash from ${table(generation)} where bucket = any($1::int[]) and hash is not null order by bucket, key`,
+    /** A repair writes the source's state over a row only if it is still as the check listed it ($4: its hash). */
+    repairRow: (generation: number) => `insert into ${table(generation)} as t (key, version, state, event_time) values ($1, $2, $3::jsonb, null)
+           on conflict (key) do update set version = excluded.version, state = excluded.state, updated_at = now()
+            where t.hash is not distinct from $4::int8`,
+    /** A tombstone at the row's own version, if the row is still as listed: an older upsert in flight cannot bring it back. */
+    repairAbsent: (generation: number) => `update ${table(generation)} set state = null, updated_at = now() where key = $1 and hash = $2::int8 returning version`,
+    /** A page of a state transfer, guarded like events: a live event already applied is newer than the page. */
+    insertPage: (generation: number) => `insert into ${table(generation)} as t (key, version, state, event_time)
+             select r.key, r.version, r.state, null from jsonb_to_recordset($1::jsonb) as r(key text, version int8, state jsonb)
+             on conflict (key) do update set version = excluded.version, state = excluded.state, updated_at = now()
+              where t.version < excluded.version`,
+  };
+}
+
+export type GenerationStatements = ReturnType<typeof generationStatements>;
