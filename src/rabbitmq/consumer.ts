@@ -38,6 +38,8 @@ export class RabbitConsumer implements Consumer, ReaderHost {
   readonly #readers: PartitionReader[];
   /** Since when a topic nobody handles has been met (see `unhandled`). */
   readonly #unhandledSince = new Map<string, number>();
+  /** Topics no longer the subscription's whose messages it has been told it skips. */
+  readonly #skipping = new Set<string>();
   #sweeper: NodeJS.Timeout | undefined;
   #stopping = false;
   #stopped: Promise<void> | undefined;
@@ -94,35 +96,51 @@ export class RabbitConsumer implements Consumer, ReaderHost {
   }
 
   /**
-   * A message of `topic`, which this worker has no handler for, heads its lane in `partition`. If a live
-   * worker handles the topic, the partition is handed over (this worker should not have it: the workers'
-   * views differ for a moment). If none does, the partition is held back for a whole worker timeout (a worker
-   * with the handler may be starting, or unheard yet); after that the topic is no longer this subscription's,
-   * and its messages are dead-lettered with the reason.
+   * A message of `topic`, which this worker has no handler for, heads its lane in `partition`.
+   *
+   * If the topic is the subscription's (a live worker or the newest one handles it), this worker should not
+   * read the partition (the workers' views differ for a moment): it hands it over, the message unacknowledged.
+   * If it is not, it may be that a worker with the handler is starting and not heard yet: the partition is
+   * held back until the topic has been unknown for a whole worker timeout. After that the message is not
+   * the subscription's: one that came straight from the topic's exchange (through a binding left by a
+   * worker that had the handler) is acknowledged unhandled, as PostgreSQL moves past it; one that came
+   * another way (a foreign producer's wrong topic header, a redrive) is dead-lettered with the reason.
    */
-  unhandled(partition: number, topic: string, id: string): Unhandled {
+  unhandled(partition: number, topic: string, id: string, fromItsExchange: boolean): Unhandled {
     const queue = this.names.partition(this.spec.name, partition);
     const self = this.workers.self;
-    const handling = this.workers.handling(topic);
-    if (handling.length > 0) {
+    const now = Date.now();
+    if (this.workers.topics().includes(topic)) {
       this.#unhandledSince.delete(topic);
+      const handling = this.workers.handling(topic);
+      const who = handling.length > 0 ? `${handling.map((w) => w.name).join(', ')} ${handling.length === 1 ? 'has' : 'have'} one` : `the newest worker, ${this.workers.departedNewest?.name}, had one`;
       this.settings.warn(
-        `Subscription ${this.spec.name}: message ${id} in ${queue} is of topic ${topic}, which this worker (${self.name}) has no handler for and ${handling.map((w) => w.name).join(', ')} ${handling.length === 1 ? 'has' : 'have'}: the partition goes back to its queue for ${handling.length === 1 ? 'it' : 'them'}, the message unacknowledged`,
+        `Subscription ${this.spec.name}: message ${id} in ${queue} is of topic ${topic}, which this worker (${self.name}) has no handler for and ${who}: the partition goes back to its queue, the message unacknowledged`,
       );
       return { action: 'hand-over', pauseMs: this.settings.workerHeartbeatMs };
     }
-    const now = Date.now();
     const since = this.#unhandledSince.get(topic) ?? now;
     this.#unhandledSince.set(topic, since);
-    const waitMs = Math.max(since + this.settings.workerTimeoutMs - now, 0);
+    const waitMs = since + this.settings.workerTimeoutMs - now;
     if (waitMs > 0 || !this.workers.settled) {
-      this.settings.warn(
-        `Subscription ${this.spec.name}: message ${id} in ${queue} is of topic ${topic}, which no live worker has a handler for (this one: ${self.topics.join(', ')}); the partition waits for one (up to ${this.settings.workerTimeoutMs} ms), the message unacknowledged`,
-      );
+      if (since === now) {
+        this.settings.warn(
+          `Subscription ${this.spec.name}: message ${id} in ${queue} is of topic ${topic}, which no worker of the subscription has a handler for; the partition waits ${this.settings.workerTimeoutMs} ms for one to be heard of, the message unacknowledged`,
+        );
+      }
       return { action: 'hand-over', pauseMs: Math.max(Math.min(waitMs, this.settings.workerHeartbeatMs), this.settings.reconnectMinMs) };
     }
+    if (fromItsExchange) {
+      if (!this.#skipping.has(topic)) {
+        this.#skipping.add(topic);
+        this.settings.warn(
+          `Subscription ${this.spec.name}: topic ${topic} is no longer the subscription's (no worker handles it, nor did the newest): its messages that still reach ${this.names.partition(this.spec.name, 0).replace(/p0$/, 'p*')} through the binding to exchange ${this.names.exchange(topic)} are acknowledged unhandled; remove that binding if the topic is still published`,
+        );
+      }
+      return { action: 'skip' };
+    }
     const workers = this.workers.live().map((w) => `${w.name} (${w.topics.join(', ')})`).join('; ');
-    return { action: 'dead-letter', reason: `no live worker of subscription ${this.spec.name} has a handler for topic ${topic} (workers: ${workers}) of message ${id}` };
+    return { action: 'dead-letter', reason: `no worker of subscription ${this.spec.name} has a handler for topic ${topic} (workers: ${workers}) of message ${id}` };
   }
 
   /**

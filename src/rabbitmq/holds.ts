@@ -10,14 +10,15 @@
  * message is back and finished. Each record carries its place in the lane, so a reader rebuilds every held
  * key's lane as it was.
  *
- * The holds queue has a single active consumer, like the partition queue, and every reader of the partition
- * consumes both on one channel. Closing that channel (a crash closes it too) returns the records to the
- * holds queue; but the two queues hear of it separately, so the next reader could start on the partition
- * before the records are back. A marker closes that race: on its first delivery from the partition queue, a
- * reader publishes a marker of its own to the holds queue and handles nothing until the marker comes back.
- * It can only come back once the reader is the holds queue's active consumer, that is once the previous
- * reader's records were returned, and those come first. So a reader knows every hold before it handles a
- * message. (Test: rabbitmq.faults 'kill -9 while a key waits for its delayed retry...'.)
+ * The holds queue is declared the first time the partition holds a key. It has a single active consumer,
+ * like the partition queue, and a reader consumes both on one channel. Closing that channel (a crash closes
+ * it too) returns the records to the holds queue; but the two queues hear of it separately, so the next
+ * reader could start on the partition before the records are back. A marker closes that race: on its first
+ * delivery from the partition queue, a reader that finds a holds queue consumes it, publishes a marker of its
+ * own to it and handles nothing until the marker comes back. It can only come back once the reader is the
+ * holds queue's active consumer, that is once the previous reader's records were returned, and those come
+ * first. So a reader knows every hold before it handles a message. (A partition without a holds queue never
+ * held a key: its reader starts at once.) (Test: rabbitmq.faults 'kill -9 while a key waits for its delayed retry...'.)
  *
  * A reader that lets go of the partition gracefully also says which messages it returns without having
  * started them (a "returned" record): the queue counts every return as a delivery (x-delivery-count), and

@@ -1,8 +1,8 @@
 /**
  * One partition of a subscription, read by this process while it is given the partition (workers.ts).
  *
- * Channel. A reader has a channel of its own, consuming the partition queue and its holds queue (both with a
- * single active consumer). Handing the partition over is closing that channel once the handlers in flight
+ * Channel. A reader has a channel of its own, consuming the partition queue and, once there are holds, its
+ * holds queue (both with a single active consumer). Handing the partition over is closing that channel once the handlers in flight
  * are finished and acknowledged: RabbitMQ then returns what was delivered and not acknowledged to the head
  * of the queues and lets the next reader's consumer in. (Cancelling the consumer instead would let the next
  * reader start on later messages while ours were still out.)
@@ -27,10 +27,10 @@
  * + 1. Immediate retries (delay 0) run again in place, without a round trip. Each failed attempt's error
  * travels in x-tidings-history, so a dead letter carries the whole history.
  *
- * Topics. A message whose topic this worker has no handler for is never acknowledged, dead-lettered or run
- * past: the reader hands the partition over (to a worker that has the handler, once the workers agree), or,
- * when no live worker has had a handler for that topic for a whole worker timeout, dead-letters it with the
- * reason (RabbitConsumer#unhandled).
+ * Topics. A message of a topic the subscription has and this worker has no handler for is never
+ * acknowledged, dead-lettered or run past: the reader hands the partition over, to a worker that has the
+ * handler. One of a topic that is no longer the subscription's is skipped or dead-lettered once that is
+ * sure (RabbitConsumer#unhandled).
  */
 import type { ConfirmChannel, ConsumeMessage, MessagePropertyHeaders } from 'amqplib';
 import type { AttemptRecord, DeliveryHandler, DeliveryResult, SubscriptionSpec } from '../core/backbone.ts';
@@ -60,7 +60,7 @@ import {
 import { holdMessage, markerMessage, readHoldsMessage, returnedMessage, type HoldRecord, type Unstarted } from './holds.ts';
 import type { Link } from './link.ts';
 import type { RecentIds, Slots } from './slots.ts';
-import { declareExchanges, declarePartition, declareRetryQueue, retryLevel, type Names, type TopologySettings } from './topology.ts';
+import { declareExchanges, declareHolds, declarePartition, declareRetryQueue, retryLevel, type Names, type TopologySettings } from './topology.ts';
 import type { Workers } from './workers.ts';
 
 /** A parked message waits at least this long: a head that is overdue must not make its followers spin. */
@@ -83,8 +83,11 @@ export interface ReaderSettings extends TopologySettings {
   readonly warn: (message: string, error?: unknown) => void;
 }
 
-/** What to do with a message of a topic this worker has no handler for. */
-export type Unhandled = { readonly action: 'hand-over'; readonly pauseMs: number } | { readonly action: 'dead-letter'; readonly reason: string };
+/** What to do with a message of a topic this worker has no handler for (RabbitConsumer#unhandled). */
+export type Unhandled =
+  | { readonly action: 'hand-over'; readonly pauseMs: number }
+  | { readonly action: 'skip' }
+  | { readonly action: 'dead-letter'; readonly reason: string };
 
 /** What the readers of one subscription share (RabbitConsumer). */
 export interface ReaderHost {
@@ -96,7 +99,7 @@ export interface ReaderHost {
   readonly slots: Slots;
   readonly recent: RecentIds;
   readonly workers: Workers;
-  unhandled(partition: number, topic: string, id: string): Unhandled;
+  unhandled(partition: number, topic: string, id: string, fromItsExchange: boolean): Unhandled;
 }
 
 interface Entry {
@@ -126,8 +129,8 @@ interface Delivered {
 
 /**
  * idle: no channel. opening. waiting: consuming, nothing delivered yet (the queue is empty or another reader
- * is active). restoring: the first message came; waiting for the marker, which brings the holds before it.
- * reading. releasing: no new handler starts; the channel closes once the running ones are finished.
+ * is active). restoring: the first message came; picking up the partition's holds (holds.ts). reading.
+ * releasing: no new handler starts; the channel closes once the running ones are finished.
  */
 type Phase = 'idle' | 'opening' | 'waiting' | 'restoring' | 'reading' | 'releasing';
 
@@ -158,6 +161,8 @@ export class PartitionReader {
   #returnedRecords: Delivered[] = [];
   #marker: string | undefined;
   #markerTimer: NodeJS.Timeout | undefined;
+  /** The holds queue consumed on the current channel (declared first), once it is needed. */
+  #holds: Promise<void> | undefined;
   readonly #tasks = new Set<Promise<void>>();
   readonly #retryQueues = new Map<number, Promise<string>>();
   readonly #pump = () => this.#run();
@@ -250,9 +255,6 @@ export class PartitionReader {
       this.#retryQueues.clear();
       channel.once('close', () => this.#lost(generation));
       this.#phase = 'waiting';
-      // Hold records stay unacknowledged while their keys are held: no prefetch limit on them.
-      await channel.prefetch(0, false);
-      await channel.consume(this.#holdsQueue, (message) => this.#delivered(channel, acks, message, () => this.#onHolds(message!, generation)), { noAck: false });
       await channel.prefetch(settings.prefetch, false);
       await channel.consume(this.#queue, (message) => this.#delivered(channel, acks, message, () => this.#arrive(message!, generation)), { noAck: false });
     } catch (error) {
@@ -293,6 +295,7 @@ export class PartitionReader {
 
   #forgetChannel(): void {
     this.#channel = undefined;
+    this.#holds = undefined;
     this.#acks?.discard();
     this.#acks = undefined;
     this.#retryQueues.clear();
@@ -343,6 +346,7 @@ export class PartitionReader {
     try {
       if (ids.length > 0) {
         const returned = returnedMessage(Object.fromEntries(ids.slice(0, MAX_UNSTARTED).map((id) => [id, unstarted[id]!])));
+        if (this.#holds === undefined) await declareHolds(channel, this.#host.names, this.#host.settings, this.#host.spec.name, this.index);
         await confirm(channel, '', this.#holdsQueue, returned.body, returned.options);
       }
       for (const record of this.#returnedRecords) this.#ackRecord(record);
@@ -359,7 +363,7 @@ export class PartitionReader {
       // The first message: this reader is the partition's active consumer now. Holds first.
       this.#phase = 'restoring';
       this.#buffered.push(message);
-      this.#sendMarker(generation);
+      void this.#takeOver(generation);
       return;
     }
     if (this.#phase === 'restoring') {
@@ -369,8 +373,56 @@ export class PartitionReader {
     this.#place(message, generation);
   }
 
-  #sendMarker(generation: number): void {
+  /**
+   * Picks up the partition's holds before reading it: none if it has no holds queue (no key of it was ever
+   * held); else every record, which come before a marker of this reader's own (holds.ts).
+   */
+  async #takeOver(generation: number): Promise<void> {
     const channel = this.#channel!;
+    try {
+      if (!(await this.#holdsExist())) {
+        if (generation === this.#generation && this.#phase === 'restoring') this.#restore();
+        return;
+      }
+      if (generation !== this.#generation) return;
+      await this.#readHolds(channel, generation);
+      if (generation !== this.#generation || this.#phase !== 'restoring') return;
+      this.#sendMarker(channel, generation);
+    } catch (error) {
+      if (generation !== this.#generation) return;
+      this.#host.settings.warn(`Subscription ${this.#host.spec.name} could not read the holds of ${this.#queue}; starting over`, error);
+      channel.close().catch(() => undefined);
+    }
+  }
+
+  /** Whether the partition has a holds queue; looked up on a channel of its own, which a missing queue closes. */
+  async #holdsExist(): Promise<boolean> {
+    const probe = await this.#host.link.confirmChannel(Date.now() + this.#host.settings.connectTimeoutMs);
+    try {
+      await probe.checkQueue(this.#holdsQueue);
+      return true;
+    } catch (error) {
+      if ((error as { code?: unknown }).code === 404) return false;
+      throw error;
+    } finally {
+      await probe.close().catch(() => undefined);
+    }
+  }
+
+  /** Consumes the holds queue on this channel (declaring it first), once per channel. */
+  #readHolds(channel: ConfirmChannel, generation: number): Promise<void> {
+    this.#holds ??= (async () => {
+      const { names, settings, spec } = this.#host;
+      const acks = this.#acks!;
+      await declareHolds(channel, names, settings, spec.name, this.index);
+      // Hold records stay unacknowledged while their keys are held: no prefetch limit on them.
+      await channel.prefetch(0, false);
+      await channel.consume(this.#holdsQueue, (message) => this.#delivered(channel, acks, message, () => this.#onHolds(message!, generation)), { noAck: false });
+    })();
+    return this.#holds;
+  }
+
+  #sendMarker(channel: ConfirmChannel, generation: number): void {
     const token = newId();
     this.#marker = token;
     const marker = markerMessage({ worker: this.#host.workers.self.id, token });
@@ -401,24 +453,17 @@ export class PartitionReader {
         this.#restore();
         return;
       }
-      if (this.#phase === 'waiting' && marker.worker !== this.#host.workers.self.id && this.#host.workers.isLive(marker.worker)) {
-        // Another worker reads the partition queue while this channel has the holds queue: it waits for its
-        // marker, which this channel holds. Let go of both and come back later.
-        this.#notBefore = Date.now() + this.#host.settings.reconnectMaxMs;
-        this.#channel?.close().catch(() => undefined);
-        return;
-      }
-      // A marker of a reader that has gone (it is ahead of ours, or we read the partition already).
+      // A marker of a reader that has gone (before it got its own back): ahead of ours.
       this.#acks?.ack(message);
       return;
     }
     if (read.kind === 'returned') {
-      if (this.#phase === 'waiting' || this.#phase === 'restoring') this.#restoredReturns.push({ unstarted: read.unstarted, delivered });
+      if (this.#phase === 'restoring') this.#restoredReturns.push({ unstarted: read.unstarted, delivered });
       // Releasing: our own, published as the channel closes; it goes back to the queue with it, for the next reader.
       else if (this.#phase !== 'releasing') this.#acks?.ack(message);
       return;
     }
-    if (this.#phase === 'waiting' || this.#phase === 'restoring') {
+    if (this.#phase === 'restoring') {
       this.#restored.push({ record: read.record, delivered });
       return;
     }
@@ -501,10 +546,7 @@ export class PartitionReader {
   // ---- lanes ----------------------------------------------------------------------------------------
 
   #place(message: ConsumeMessage, generation: number): void {
-    const exchange = message.fields.exchange;
-    const names = this.#host.names;
-    const fromTopic = exchange.startsWith(names.prefix) && !exchange.includes(':') ? exchange.slice(names.prefix.length) : undefined;
-    const decoded = decode(message, fromTopic);
+    const decoded = decode(message, this.#exchangeTopic(message));
     const unstarted = this.#takeUnstarted(decoded.ok ? decoded.value.envelope.id : decoded.id);
     if (!decoded.ok) {
       const reason = `UNDECODABLE_MESSAGE: message ${decoded.id ?? `(no id, delivery ${message.fields.deliveryTag})`} in queue ${this.#queue} cannot be decoded: ${decoded.problem}`;
@@ -540,6 +582,13 @@ export class PartitionReader {
       return;
     }
     if (lane[0]!.state === 'away') this.#relieve();
+  }
+
+  /** The topic whose exchange the message came through, if it came through one (not the return exchange). */
+  #exchangeTopic(message: ConsumeMessage): string | undefined {
+    const exchange = message.fields.exchange;
+    const prefix = this.#host.names.prefix;
+    return exchange.startsWith(prefix) && !exchange.includes(':') ? exchange.slice(prefix.length) : undefined;
   }
 
   /** How many returns of message `id` were not attempts; once every such message is here, their records go. */
@@ -594,7 +643,7 @@ export class PartitionReader {
         continue;
       }
       const topic = head.decoded!.envelope.topic;
-      const unhandled = spec.topics.includes(topic) ? undefined : this.#host.unhandled(this.index, topic, head.id);
+      const unhandled = spec.topics.includes(topic) ? undefined : this.#host.unhandled(this.index, topic, head.id, this.#exchangeTopic(head.message!) === topic);
       if (unhandled?.action === 'hand-over') {
         // Not acknowledged, not run past: the partition goes back to its queue, for a worker that handles it.
         this.#notBefore = Date.now() + unhandled.pauseMs;
@@ -608,7 +657,7 @@ export class PartitionReader {
       this.#ready.shift();
       head.state = 'running';
       this.#track(
-        (unhandled === undefined ? this.#handle(head) : this.#refuse(head, unhandled.reason)).finally(() => {
+        (unhandled === undefined ? this.#handle(head) : unhandled.action === 'skip' ? this.#skip(head) : this.#refuse(head, unhandled.reason)).finally(() => {
           slots.give();
           this.#run();
         }),
@@ -663,7 +712,17 @@ export class PartitionReader {
     }
   }
 
-  /** A message of a topic no live worker has a handler for (RabbitConsumer#unhandled): a dead letter, with the reason. */
+  /** A message of a topic that is no longer the subscription's, come through a binding left behind: acknowledged. */
+  async #skip(entry: Entry): Promise<void> {
+    try {
+      this.#ack(entry);
+    } catch {
+      // The channel is gone: it comes again and is skipped again.
+    }
+    this.#done(entry);
+  }
+
+  /** A message of a topic no worker has a handler for, not come from its exchange: a dead letter, with the reason. */
   async #refuse(entry: Entry, reason: string): Promise<void> {
     const decoded = entry.decoded!;
     const attempt = this.#attemptOf(entry);
@@ -746,6 +805,7 @@ export class PartitionReader {
     entry.giveUpAt = entry.dueAt + this.#host.settings.retryReturnGraceMs;
     const hold = holdMessage({ key: entry.key, id: entry.id, dueAt: entry.dueAt, seq: entry.seq });
     try {
+      await this.#readHolds(channel, generation);
       await Promise.all([confirm(channel, '', this.#holdsQueue, hold.body, hold.options), confirm(channel, '', queue, message!.content, copyOptions(message!, headers))]);
     } catch (error) {
       Object.assign(entry, { state, message, decoded });

@@ -12,7 +12,8 @@
  *   <prefix><subscription>:retry:<ms>  a delayed retry waits here (x-message-ttl), then dead-letters into
  *                                      the return exchange
  *   <prefix><subscription>:p<n>:holds  the holds of partition n (keys waiting for a delayed retry), read by
- *                                      whoever consumes partition n; single active consumer (holds.ts)
+ *                                      whoever consumes partition n; single active consumer (holds.ts);
+ *                                      declared when the partition first holds a key
  *   <prefix><subscription>:workers     fanout exchange; the subscription's workers announce themselves on it
  *                                      (workers.ts), each through an exclusive queue of its own
  *   <prefix><subscription>:dead        the subscription's dead letters
@@ -89,22 +90,25 @@ export async function declareExchanges(channel: Channel, names: Names, spec: Sub
   await Promise.all([...spec.topics.map((topic) => declareExchange(channel, names, topic)), channel.assertExchange(names.returnExchange(spec.name), 'headers', { durable: true })]);
 }
 
-/**
- * One partition's queues (messages and holds) and bindings, its exchanges declared first; declared again by
- * its reader on every channel it opens, so a deleted queue comes back.
- */
+/** One partition's queue and bindings; declared again by its reader on every channel it opens, so a deleted queue comes back. */
 export async function declarePartition(channel: Channel, names: Names, settings: TopologySettings, spec: SubscriptionTopology, partition: number): Promise<void> {
   const queue = names.partition(spec.name, partition);
-  const work: Promise<unknown>[] = [
-    channel.assertQueue(queue, { durable: true, arguments: queueArguments(settings, { 'x-single-active-consumer': true }) }),
-    channel.assertQueue(names.holds(spec.name, partition), { durable: true, arguments: queueArguments(settings, { 'x-single-active-consumer': true }) }),
-  ];
-  await Promise.all(work);
+  await channel.assertQueue(queue, { durable: true, arguments: queueArguments(settings, { 'x-single-active-consumer': true }) });
   const bindings: Promise<unknown>[] = [channel.bindQueue(queue, names.returnExchange(spec.name), '', { 'x-match': 'all', [H_PARTITION]: String(partition) })];
   for (const topic of spec.topics) {
     for (const [p, pattern] of partitionPatterns(spec.partitions)) if (p === partition) bindings.push(channel.bindQueue(queue, names.exchange(topic), pattern));
   }
   await Promise.all(bindings);
+}
+
+/**
+ * A partition's holds queue (holds.ts): declared the first time the partition holds a key, so a subscription
+ * that never retries after a delay has none (each queue costs the broker file handles).
+ */
+export async function declareHolds(channel: Channel, names: Names, settings: TopologySettings, subscription: string, partition: number): Promise<string> {
+  const queue = names.holds(subscription, partition);
+  await channel.assertQueue(queue, { durable: true, arguments: queueArguments(settings, { 'x-single-active-consumer': true }) });
+  return queue;
 }
 
 /**

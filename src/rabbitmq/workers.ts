@@ -7,11 +7,14 @@
  * worker that hears a newcomer answers at once, so a newcomer knows its peers within a round trip, and one
  * that stops says so, so that its partitions move at once.
  *
- * The partitions go to the workers that handle every topic some live worker handles, in turn by id: each
+ * The subscription's topics are those its workers have handlers for (README, "Adding or removing a handler
+ * on a live subscription"): every topic a live worker handles, and every topic its newest worker handles
+ * (the last one started, alive or not: ids are time-ordered, and each worker remembers the newest it heard
+ * of). The partitions go to the workers that handle every topic of the subscription, in turn by id: each
  * takes partitions / workers of them, give or take one, as PostgreSQL's leases share them. A worker that
  * lacks a topic (an old version during a rolling deploy that adds a handler, a new one during a deploy that
- * removes one) reads no partition while a worker that handles more is alive: it would meet messages it has
- * no handler for, and could neither acknowledge them nor let later messages of their key overtake them.
+ * removes one) reads no partition: it would meet messages it has no handler for, and could neither
+ * acknowledge them nor let later messages of their key overtake them.
  * Two workers whose views differ for a moment may both read a partition: the queue's single active
  * consumer lets one of them at a time, so a view only decides who shares the work, never the order.
  * (Tests: rabbitmq.workers.)
@@ -48,20 +51,24 @@ interface Announcement {
 }
 
 /**
- * Which partitions each worker reads: the workers that handle every topic of `workers` take them in turn,
- * by id. Workers that lack a topic get none; if no worker handles every topic, nobody reads.
+ * Which partitions each worker reads: the workers that handle every one of `topics` (by default, every topic
+ * some worker handles) take them in turn, by id. Workers that lack a topic get none; if no worker handles
+ * them all, nobody reads.
  */
-export function assignPartitions(workers: readonly WorkerInfo[], partitions: number): Map<string, number[]> {
-  const capable = ableWorkers(workers);
+export function assignPartitions(workers: readonly WorkerInfo[], partitions: number, topics = topicsOf(workers)): Map<string, number[]> {
+  const capable = ableWorkers(workers, topics);
   const assigned = new Map<string, number[]>(workers.map((worker) => [worker.id, []]));
   for (let partition = 0; partition < partitions && capable.length > 0; partition++) assigned.get(capable[partition % capable.length]!.id)!.push(partition);
   return assigned;
 }
 
-/** The workers that handle every topic some worker handles, by id. */
-export function ableWorkers(workers: readonly WorkerInfo[]): WorkerInfo[] {
-  const every = new Set(workers.flatMap((worker) => worker.topics));
-  return workers.filter((worker) => [...every].every((topic) => worker.topics.includes(topic))).sort((a, b) => a.id.localeCompare(b.id));
+/** The workers that handle every one of `topics`, by id. */
+export function ableWorkers(workers: readonly WorkerInfo[], topics: readonly string[]): WorkerInfo[] {
+  return workers.filter((worker) => topics.every((topic) => worker.topics.includes(topic))).sort((a, b) => a.id.localeCompare(b.id));
+}
+
+function topicsOf(workers: readonly WorkerInfo[]): string[] {
+  return [...new Set(workers.flatMap((worker) => worker.topics))].sort();
 }
 
 export class Workers {
@@ -73,6 +80,8 @@ export class Workers {
   readonly #onChange: () => void;
   /** The others, with when each was last heard (ms since epoch). */
   readonly #peers = new Map<string, { info: WorkerInfo; heardAt: number }>();
+  /** The last worker started that this one heard of (itself, at first), alive or not. */
+  #newest: WorkerInfo;
   #channel: ConfirmChannel | undefined;
   /** Since when this worker has been heard by the others (its announcement went out on this channel). */
   #joinedAt = Number.POSITIVE_INFINITY;
@@ -89,6 +98,7 @@ export class Workers {
     this.#onChange = onChange;
     const id = newId();
     this.self = { id, name: `${hostname()}/${process.pid}/${settings.connectionName}/${id.slice(-6)}`, topics: [...topics].sort() };
+    this.#newest = this.self;
   }
 
   async start(deadline: number): Promise<void> {
@@ -106,6 +116,16 @@ export class Workers {
     return id === this.self.id || this.#peers.has(id);
   }
 
+  /** The subscription's topics: every topic a live worker handles, and every topic the newest worker handles. */
+  topics(): string[] {
+    return topicsOf([...this.live(), this.#newest]);
+  }
+
+  /** The newest worker, if it is gone. */
+  get departedNewest(): WorkerInfo | undefined {
+    return this.isLive(this.#newest.id) ? undefined : this.#newest;
+  }
+
   /** The live workers that handle `topic`. */
   handling(topic: string): WorkerInfo[] {
     return this.live().filter((worker) => worker.topics.includes(topic));
@@ -118,7 +138,7 @@ export class Workers {
 
   /** The partitions this worker reads, given what it knows. */
   assigned(partitions: number): number[] {
-    return assignPartitions(this.live(), partitions).get(this.self.id) ?? [];
+    return assignPartitions(this.live(), partitions, this.topics()).get(this.self.id) ?? [];
   }
 
   async #connect(deadline?: number): Promise<void> {
@@ -192,6 +212,7 @@ export class Workers {
     }
     const info: WorkerInfo = { id: heard.id, name: String(heard.name), topics: [...heard.topics].map(String).sort() };
     this.#peers.set(heard.id, { info, heardAt: Date.now() });
+    if (info.id > this.#newest.id) this.#newest = info;
     if (known === undefined) {
       // A newcomer: answer now rather than at the next heartbeat.
       this.#announce();
@@ -224,20 +245,22 @@ export class Workers {
    */
   #warnOfDisagreement(): void {
     const live = this.live();
-    const every = [...new Set(live.flatMap((worker) => worker.topics))].sort();
+    const every = this.topics();
     const lacking = live.filter((worker) => worker.topics.length < every.length);
-    const signature = lacking.length === 0 ? '' : live.map((worker) => `${worker.id}:${worker.topics.join(',')}`).join(' ');
+    const gone = this.departedNewest;
+    const signature = lacking.length === 0 ? '' : [...live, ...(gone === undefined ? [] : [gone])].map((worker) => `${worker.id}:${worker.topics.join(',')}`).join(' ');
     if (signature === this.#disagreement) return;
     this.#disagreement = signature;
     if (lacking.length === 0) return;
-    const able = ableWorkers(live);
+    const able = ableWorkers(live, every);
     const list = live.map((worker) => `${worker.name} handles ${worker.topics.join(', ')}`).join('; ');
+    const newest = gone === undefined ? '' : ` (and the newest worker, ${gone.name}, gone now, handled ${gone.topics.join(', ')})`;
     const outcome =
       able.length === 0
-        ? `no worker handles all of ${every.join(', ')}, so no partition is read until they agree`
+        ? `no live worker handles all of ${every.join(', ')}, so no partition is read until one does`
         : `its partitions go only to the workers that handle all of them (${able.map((worker) => worker.name).join(', ')})`;
     this.#settings.warn(
-      `Subscription ${this.#subscription}: its live workers handle different topics (a rolling deploy?): ${list}. ${outcome[0]!.toUpperCase()}${outcome.slice(1)}; a worker never acknowledges, dead-letters or skips a message it has no handler for.`,
+      `Subscription ${this.#subscription}: its workers handle different topics (a rolling deploy?): ${list}${newest}. ${outcome[0]!.toUpperCase()}${outcome.slice(1)}; a worker never acknowledges, dead-letters or skips a message of a topic the subscription has and it cannot handle.`,
     );
   }
 
