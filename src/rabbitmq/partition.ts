@@ -450,7 +450,8 @@ export class PartitionReader {
       const { marker } = read;
       if (marker.token === this.#marker) {
         this.#acks?.ack(message);
-        this.#restore();
+        // Not if the partition is being let go of meanwhile: nothing more starts.
+        if (this.#phase === 'restoring') this.#restore();
         return;
       }
       // A marker of a reader that has gone (before it got its own back): ahead of ours.
