@@ -6,7 +6,12 @@ export { newId, keyHash, partitionOf } from './core/envelope.ts';
 export type { Envelope, Message } from './core/envelope.ts';
 export { TidingsError, ValidationError, PermanentError, HandlerTimeoutError, describeError } from './core/errors.ts';
 export type { TidingsErrorCode, ValidationIssue, ErrorRecord, MessageRef } from './core/errors.ts';
-export { retryLater, deadLetter, nextRetryDelay } from './core/handler.ts';
+export { retryLater, deadLetter } from './core/handler.ts';
+export { nextRetryDelay } from './core/retry.ts';
+export { scheduleDefaults } from './core/schedules.ts';
+export { defineSaga, sagaDefaults } from './core/saga.ts';
+export type { SagaContext, SagaDefinition, SagaStats, SagaStore, SagaRow, Transition } from './core/saga.ts';
+export type { ScheduleOptions } from './core/schedules.ts';
 export type { Handler, HandlerContext, Middleware, Outcome } from './core/handler.ts';
 export { subscriptionDefaults, busDefaults, resolveSubscribeOptions } from './core/options.ts';
 export type { SubscribeOptions, RetryOptions } from './core/options.ts';
@@ -21,9 +26,9 @@ export type {
   AttemptRecord,
 } from './core/backbone.ts';
 export { EVERY_TOPIC } from './core/backbone.ts';
-export { groupDeadLetters } from './core/broker.ts';
+export { groupDeadLetters } from './core/dead-letters.ts';
+export type { Broker } from './core/broker.ts';
 export type {
-  Broker,
   DeadLetter,
   DeadLetterActionRequest,
   DeadLetterActionResult,
@@ -32,6 +37,6 @@ export type {
   DeadLetterSelection,
   DeadLetterStore,
   DeadLetterSummary,
-} from './core/broker.ts';
+} from './core/dead-letters.ts';
 export { brokered, BrokerBackbone, relayDefaults } from './outbox/index.ts';
 export type { BrokeredOptions, RelayOptions } from './outbox/index.ts';

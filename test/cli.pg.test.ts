@@ -385,3 +385,25 @@ test('status shows a rolling deploy: the worker without a handler for a topic of
   const after = await json(schema, ['status', '--subscription', 'deploying']);
   assert.deepEqual(after.subscriptions[0].disagreements, []);
 });
+
+test('subscriptions drop: refused while a worker lives; then a command moves to a new owner', async (t) => {
+  const schema = await setup(t);
+  if (schema === undefined) return;
+  const { Charge } = await import('./fixtures/contracts.ts');
+  const old = newBus(schema);
+  old.subscribe('payments-v1', Charge, () => undefined);
+  await old.start();
+  const refused = await tidings(['--schema', schema, 'subscriptions', 'drop', 'payments-v1']);
+  assert.notEqual(refused.code, 0);
+  assert.match(refused.stderr, /has 1 live worker .*: stop it first/);
+  await old.stop();
+  const neu = newBus(schema);
+  neu.subscribe('payments-v2', Charge, () => undefined);
+  await assert.rejects(neu.start(), /Command test\.charge is handled by subscription payments-v1 already.*tidings subscriptions drop payments-v1/);
+  const dropped = await json(schema, ['subscriptions', 'drop', 'payments-v1']);
+  assert.equal(dropped.subscription, 'payments-v1');
+  const again = newBus(schema);
+  again.subscribe('payments-v2', Charge, () => undefined);
+  await again.start();
+  assert.deepEqual((await json(schema, ['status'])).subscriptions.map((sub: { name: string }) => sub.name), ['payments-v2']);
+});

@@ -4,7 +4,7 @@ import { conformance, type EffectStore } from './conformance/suite.ts';
 
 conformance<MemoryTransaction>({
   name: 'memory',
-  offers: { transactions: true, durable: true, balances: true },
+  offers: { transactions: true, durable: true, balances: true, commandOwners: true },
   async namespace() {
     const backbone = memory({ onWarning: () => undefined });
     const rows: Array<{ messageId: string; key: string; seq: number }> = [];

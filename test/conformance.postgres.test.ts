@@ -6,7 +6,7 @@ import { conformance } from './conformance/suite.ts';
 
 conformance<PgTransaction>({
   name: 'postgres',
-  offers: { transactions: true, durable: true, balances: true },
+  offers: { transactions: true, durable: true, balances: true, commandOwners: true },
   async namespace(t) {
     const world = await postgresSchema(t, 'cp');
     if (world === undefined) return undefined;

@@ -175,3 +175,30 @@ test('the service name must fit the CloudEvents source URI, tidings://<service>'
     assert.equal(createBus({ service, backbone }).service, service);
   }
 });
+
+test('the attempt loop: a pipeline that throws, or writes that could not be kept, follow the retry policy and end in a dead letter', async () => {
+  const { runAttempts } = await import('../src/core/attempts.ts');
+  const envelope = { specversion: '1.0', id: 'm1', source: 'tidings://t', type: 'x.v1', time: new Date().toISOString(), datacontenttype: 'application/json', topic: 'x', partitionkey: 'k', correlationid: 'm1', data: {} } as const;
+  const retry = { immediate: 2, delayed: [100], jitter: 0 };
+  let calls = 0;
+  const throwing = async () => {
+    calls++;
+    throw new Error('bug below the handler');
+  };
+  const open = () => ({ tx: undefined, end: async () => undefined });
+  const first = await runAttempts(throwing, { first: 1, history: [], retry, envelope: () => envelope, open, stopping: () => false });
+  assert.equal(calls, 3, 'the first attempt and two immediate retries');
+  assert.equal(first.kind, 'retry');
+  assert.equal(first.kind === 'retry' && first.delayMs, 100);
+  assert.match(first.kind === 'retry' ? first.history[2]!.error.message : '', /below the handler.*bug below the handler/);
+  const last = await runAttempts(throwing, { first: 4, history: [], retry, envelope: () => envelope, open, stopping: () => false });
+  assert.equal(last.kind, 'dead', 'the delayed retries spent, a dead letter: never a loop');
+  assert.match(last.kind === 'dead' ? last.reason : '', /failed 4 attempts/);
+
+  // The handler acknowledged, but its writes could not be kept.
+  const acking = async () => ({ outcome: 'ack' }) as const;
+  const losing = () => ({ tx: undefined, end: async (keep: boolean) => (keep ? new Error('unique violation caught by the handler') : undefined) });
+  const lost = await runAttempts(acking, { first: 1, history: [], retry: { immediate: 0, delayed: [], jitter: 0 }, envelope: () => envelope, open: losing, stopping: () => false });
+  assert.equal(lost.kind, 'dead');
+  assert.match(lost.kind === 'dead' ? lost.history[0]!.error.message : '', /its writes were rolled back: unique violation/);
+});

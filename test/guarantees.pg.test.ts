@@ -5,12 +5,12 @@
  * caller drives, commit order against positions, long transactions, worker processes and kill -9.
  */
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
 import { after, test, type TestContext } from 'node:test';
 import { z } from 'zod';
 import { createBus, deadLetter, defineEvent, PermanentError, type Bus } from '../src/index.ts';
 import { postgres, type PgTransaction } from '../src/postgres/index.ts';
 import { Ticked, Tocked } from './fixtures/contracts.ts';
+import { startProcess, type TestProcess } from './fixtures/processes.ts';
 import { connect, createEffects, DATABASE_URL, dropSchema, requirePostgres, sleep, uniqueSchema, waitFor } from './helpers.ts';
 
 const schemas: string[] = [];
@@ -163,30 +163,6 @@ test('2c. a large window is read in bounded ranges: a rare topic among many othe
   assert.deepEqual(seen, expected);
 });
 
-function startWorker(schema: string, env: Record<string, string> = {}): Promise<ChildProcess> {
-  const child = spawn(process.execPath, ['--import', 'tsx', 'test/fixtures/worker.ts'], {
-    env: { ...process.env, DATABASE_URL, SCHEMA: schema, ...env },
-    stdio: ['pipe', 'pipe', 'inherit'],
-  });
-  return new Promise((resolve, reject) => {
-    child.once('error', reject);
-    child.once('exit', (code) => reject(new Error(`worker exited with ${code} before it was ready`)));
-    child.stdout!.on('data', (chunk: Buffer) => {
-      if (chunk.toString().includes('ready')) {
-        child.removeAllListeners('exit');
-        resolve(child);
-      }
-    });
-  });
-}
-
-async function stopWorker(child: ChildProcess): Promise<void> {
-  if (child.exitCode !== null || child.signalCode !== null) return;
-  const exited = new Promise((resolve) => child.once('exit', resolve));
-  child.kill('SIGTERM');
-  await exited;
-}
-
 async function effects(schema: string): Promise<Array<{ message_id: string; key: string; seq: number; worker: number }>> {
   const client = await connect();
   try {
@@ -202,7 +178,7 @@ test('3. per-key order with two worker processes and 50 keys; keys run in parall
   await createEffects(schema);
   const publisher = newBus(schema, 'publisher');
   await publisher.start();
-  const first = await startWorker(schema, { HANDLE_MS: '1' });
+  const first = await startProcess('worker', { SCHEMA: schema, HANDLE_MS: '1' });
   const keys = 50;
   const perKey = 40;
   // Each key's messages are committed one after another by one publisher; 10 publishers run at once.
@@ -218,7 +194,7 @@ test('3. per-key order with two worker processes and 50 keys; keys run in parall
     }),
   );
   await sleep(300);
-  const second = await startWorker(schema, { HANDLE_MS: '1' });
+  const second = await startProcess('worker', { SCHEMA: schema, HANDLE_MS: '1' });
   await publishing;
   try {
     await waitFor('all messages handled', async () => (await effects(schema)).length >= keys * perKey, 60_000);
@@ -232,7 +208,7 @@ test('3. per-key order with two worker processes and 50 keys; keys run in parall
     const workers = new Set(rows.map((row) => row.worker));
     assert.equal(workers.size, 2, 'both worker processes handled messages');
   } finally {
-    await Promise.all([stopWorker(first), stopWorker(second)]);
+    await Promise.all([first.stop(), second.stop()]);
   }
 });
 
@@ -243,9 +219,9 @@ test('3b. a rolling deploy across processes, both ways: adding a topic (its firs
   const publisher = newBus(schema, 'publisher');
   await publisher.start();
   const both = `${Ticked.topic},${Tocked.topic}`;
-  const workers: ChildProcess[] = [];
+  const workers: TestProcess[] = [];
   const start = async (topics: string) => {
-    const child = await startWorker(schema, { TOPICS: topics, HANDLE_MS: '1' });
+    const child = await startProcess('worker', { SCHEMA: schema, TOPICS: topics, HANDLE_MS: '1' });
     workers.push(child);
     return child;
   };
@@ -263,16 +239,16 @@ test('3b. a rolling deploy across processes, both ways: adding a topic (its firs
     const old = await start(Ticked.topic);
     let first = await start(both);
     const firstPid = first.pid;
-    let second: ChildProcess | undefined;
+    let second: TestProcess | undefined;
     // Adding: half way, the only new worker dies; the old one must hold F's partitions, not skip them.
     await publish(0, 200, async (seq) => {
       if (seq !== 100) return;
-      first.kill('SIGKILL');
+      first.kill();
       await sleep(1_500);
       second = await start(both);
     });
     await waitFor('every message of the deploy', async () => (await effects(schema)).length >= 200, 60_000);
-    await stopWorker(old);
+    await old.stop();
     let rows = await effects(schema);
     assert.equal(rows.length, 200, 'each message once (effects commit with the acknowledgement)');
     assert.equal(new Set(rows.map((row) => row.message_id)).size, 200);
@@ -294,7 +270,7 @@ test('3b. a rolling deploy across processes, both ways: adding a topic (its firs
       [],
       'the worker without F handled no F',
     );
-    await stopWorker(second!);
+    await second!.stop();
     first = newest;
     await publish(240, 20);
     await waitFor('the E messages after the deploy', async () => (await effects(schema)).filter((row) => row.seq >= 240).length >= 10, 60_000);
@@ -303,7 +279,7 @@ test('3b. a rolling deploy across processes, both ways: adding a topic (its firs
     assert.deepEqual(rows.filter((row) => row.seq >= 240).map((row) => row.seq % 2), Array(10).fill(0), 'after it, only E is the subscription\'s');
     assert.equal(await publisher.backbone.deadLetters().count({ all: true }), 0, 'nothing dead-lettered');
   } finally {
-    await Promise.all(workers.map((worker) => stopWorker(worker)));
+    await Promise.all(workers.map((worker) => worker.stop()));
   }
 });
 
@@ -375,14 +351,14 @@ test('5b. kill -9 after the write, before the ack: the effect happens once, on t
   await createEffects(schema);
   const publisher = newBus(schema, 'publisher');
   await publisher.start();
-  const doomed = await startWorker(schema, { CRASH_ON: 'k3:5' });
-  const exited = new Promise<NodeJS.Signals | null>((resolve) => doomed.once('exit', (_code, signal) => resolve(signal)));
+  const doomed = await startProcess('worker', { SCHEMA: schema, CRASH_ON: 'k3:5' });
+  const { exited } = doomed;
   await publisher.publishMany(
     Ticked,
     Array.from({ length: 200 }, (_, i) => ({ key: `k${i % 10}`, seq: Math.floor(i / 10) })),
   );
   assert.equal(await exited, 'SIGKILL');
-  const heir = await startWorker(schema);
+  const heir = await startProcess('worker', { SCHEMA: schema });
   try {
     await waitFor('200 effects', async () => (await effects(schema)).length >= 200, 30_000);
     await sleep(300);
@@ -392,7 +368,7 @@ test('5b. kill -9 after the write, before the ack: the effect happens once, on t
     const k3 = rows.filter((row) => row.key === 'k3').map((row) => row.seq);
     assert.deepEqual(k3, Array.from({ length: 20 }, (_, i) => i), 'k3 still in order');
   } finally {
-    await stopWorker(heir);
+    await heir.stop();
   }
 });
 

@@ -3,7 +3,7 @@
  * publish and to handlers with no casts. Every `@ts-expect-error` line must fail to compile.
  */
 import { z } from 'zod';
-import { createBus, defineEvent } from '../src/index.ts';
+import { createBus, defineCommand, defineEvent } from '../src/index.ts';
 import { postgres } from '../src/postgres/index.ts';
 
 const Placed = defineEvent('orders.order-placed', {
@@ -30,4 +30,20 @@ export async function typeChecks(): Promise<void> {
   await bus.transaction(async (tx) => {
     await bus.publish(Placed, { orderId: 'o', total: 1, placedAt: '2026-01-01' }, { tx });
   });
+}
+
+const Quote = defineCommand('types.quote', { schema: z.object({ sku: z.string() }), reply: z.object({ price: z.number(), at: z.string().transform((s) => new Date(s)) }) });
+
+export async function requestTypeChecks(): Promise<void> {
+  // The handler returns the reply's input type...
+  bus.subscribe('pricing', Quote, (message) => ({ price: message.data.sku.length, at: '2026-01-01' }));
+  // @ts-expect-error the reply's price must be a number
+  bus.subscribe('pricing-bad', Quote, () => ({ price: 'free', at: '2026-01-01' }));
+  // ...and the requester gets its output type.
+  const reply = await bus.request(Quote, { sku: 'a' });
+  const price: number = reply.price;
+  const at: Date = reply.at;
+  void [price, at];
+  // @ts-expect-error an event declares no reply
+  await bus.request(Placed, { orderId: 'o', total: 1, placedAt: '2026-01-01' });
 }

@@ -6,8 +6,8 @@
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { TidingsError } from '../core/errors.ts';
 import type { Backbone } from '../core/backbone.ts';
-import { groupDeadLetters, type DeadLetterActionResult, type DeadLetterGroup, type DeadLetterSelection, type DeadLetterStore } from '../core/broker.ts';
-import { adminDefaults, deadLetterStore, firstPositionAt, readStatus, replaySubscription, tailTopic, type Status } from '../postgres/admin.ts';
+import { groupDeadLetters, type DeadLetterActionResult, type DeadLetterGroup, type DeadLetterSelection, type DeadLetterStore } from '../core/dead-letters.ts';
+import { adminDefaults, deadLetterStore, dropSubscription, firstPositionAt, readStatus, replaySubscription, tailTopic, type Status } from '../postgres/admin.ts';
 import { checkIdentifier } from '../postgres/driver.ts';
 import { migrate } from '../postgres/migrate.ts';
 import { prune } from '../postgres/retention.ts';
@@ -267,6 +267,19 @@ export function buildProgram(context: CliContext): Command {
           bar.stop();
         }
         reportAction(context, globals, result, 'drop', 'Dropped', 'Recorded in the dead_letter_actions table.');
+      });
+    });
+
+  program
+    .command('subscriptions')
+    .description('subscriptions gone for good')
+    .command('drop')
+    .description('remove a subscription with no live worker: its cursors, held messages and inbox (its dead letters stay)')
+    .argument('<subscription>', 'the subscription to remove')
+    .action(async (subscription: string, _options: unknown, command: Command) => {
+      await withDatabase(context, command, async (db, globals) => {
+        const result = await dropSubscription(db.driver, { schema: globals.schema, subscription });
+        emit(context, globals, result, () => `Dropped ${subscription} (${result.held} held message${result.held === 1 ? '' : 's'}, ${result.inbox} inbox record${result.inbox === 1 ? '' : 's'}); its dead letters stay.`);
       });
     });
 

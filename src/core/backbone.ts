@@ -1,6 +1,8 @@
 import type { Envelope } from './envelope.ts';
-import type { DeadLetterStore } from './broker.ts';
+import type { DeadLetterStore } from './dead-letters.ts';
 import type { ErrorRecord } from './errors.ts';
+import type { ResolvedRetry } from './options.ts';
+import type { SagaStore } from './saga.ts';
 
 /**
  * The seam between the bus and what carries its messages. A backbone stores and delivers envelopes; the
@@ -26,6 +28,35 @@ export interface Backbone<Tx = unknown> {
    * Iterating `chunks` may throw (a message that cannot be serialised); then `tx` must not commit any of them.
    */
   publishChunks?(chunks: Iterable<readonly Outgoing[]>, tx: Tx): Promise<void>;
+  /**
+   * Optional: cancels a message published with `dueAt` that is not due yet; true if it was (then it is never
+   * delivered), false if it is unknown, delivered already, or being delivered. A backbone without it refuses
+   * messages with `dueAt`.
+   */
+  cancelScheduled?(id: string): Promise<boolean>;
+  /**
+   * Optional, for recurring schedules (core/schedules.ts): records in `tx` that schedule `name` (described by
+   * `definition`) fired its tick at `tick` (epoch ms), unless a tick as late was recorded already. True for
+   * the one caller that claimed it, which publishes the tick's message in the same `tx`: one publish per tick
+   * however many processes run the schedule.
+   */
+  claimTick?(name: string, definition: string, tick: number, tx: Tx): Promise<boolean>;
+  /** Optional, with `claimTick`: the last tick recorded for `name`, and the definition it was fired under. */
+  lastTick?(name: string): Promise<{ readonly tick: number; readonly definition: string } | undefined>;
+  /**
+   * Optional, for request/reply (`bus.request`): records the answer to request `requestId`, in `tx` (the
+   * handler's: it exists iff the request is acknowledged) or on its own (an error answer), and wakes whoever
+   * waits for it, in any process. The first answer to a request stands.
+   */
+  reply?(requestId: string, reply: Reply, tx?: Tx): Promise<void>;
+  /**
+   * Optional, with `reply`: resolves with the answer to `requestId` once it is recorded (waiting costs
+   * nothing while no request is open). After `signal` aborts, an answer that still comes is dropped, and
+   * `late` is called.
+   */
+  awaitReply?(requestId: string, signal: AbortSignal, late: () => void): Promise<Reply>;
+  /** Optional: where saga instances live, saved in handlers' transactions (core/saga.ts). */
+  sagas?(): SagaStore<Tx>;
   /** Runs `fn` in a transaction of the backbone's database; consumers are woken after it commits. */
   transaction<T>(fn: (tx: Tx) => Promise<T>): Promise<T>;
   /** Starts consuming; resolves once the subscription is registered and its workers run. */
@@ -36,12 +67,20 @@ export interface Backbone<Tx = unknown> {
   close(): Promise<void>;
 }
 
+/** A request's answer: the reply's data (as JSON carries it), or the error the request ended with. */
+export interface Reply {
+  readonly data?: unknown;
+  readonly error?: ErrorRecord;
+}
+
 /** An envelope ready to be written: its data already serialised, its key hashed. */
 export interface Outgoing {
   readonly envelope: Envelope;
   /** `envelope.data` as JSON text, as JSON.stringify writes it (every control character escaped). */
   readonly json: string;
   readonly keyHash: number;
+  /** Epoch milliseconds when it is due, for a message scheduled for later: it enters its key's order then. */
+  readonly dueAt?: number | undefined;
 }
 
 export interface Consumer {
@@ -66,14 +105,16 @@ export interface SubscriptionSpec {
   readonly inbox: boolean;
   /** Where a new subscription starts reading. */
   readonly startFrom: 'now' | 'beginning';
+  /**
+   * The topics among `topics` that carry commands: a command has one owner, so a backbone refuses a second
+   * subscription of one (SUBSCRIPTION_CONFLICT naming both), while events fan out to every subscription.
+   */
+  readonly commands?: readonly string[] | undefined;
+  /** The retry policy, for failures below the handler (core/attempts.ts); the subscription defaults' if absent. */
+  readonly retry?: ResolvedRetry | undefined;
 }
 
-/** One attempt at handling a message, as kept in retry and dead-letter histories. */
-export interface AttemptRecord {
-  readonly attempt: number;
-  readonly at: string;
-  readonly error: ErrorRecord;
-}
+export type { AttemptRecord } from './errors.ts';
 
 export interface Delivery<Tx = unknown> {
   /** Decoded as far as the backbone can; the core validates the rest. */

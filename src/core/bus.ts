@@ -1,11 +1,18 @@
 import { setMaxListeners } from 'node:events';
-import type { Backbone, Consumer, DeliveryHandler, DeliveryResult, Outgoing } from './backbone.ts';
-import { MAX_NAME_LENGTH, validateName, validateNow, type AnyContract, type DataOf, type InputOf } from './contract.ts';
+import type { Backbone, Consumer, Delivery, DeliveryHandler, DeliveryResult, Outgoing } from './backbone.ts';
+import { MAX_NAME_LENGTH, validateName, validateNow, validateReplyNow, type AnyRequestContract, type ReplyInputOf, type ReplyOf, type AnyContract, type DataOf, type InputOf } from './contract.ts';
 import { keyHash, newId, type Envelope, type Message } from './envelope.ts';
-import { TidingsError } from './errors.ts';
+import { TidingsError, type TidingsErrorCode } from './errors.ts';
 import { attributeProblem, bytesOver, dataProblem, messageLimits } from './limits.ts';
-import { createPipeline, handlerScope, type Handler, type Middleware, type Route } from './handler.ts';
+import type { PublishedMessage, PublishOptions, RequestOptions } from './publish.ts';
+import { sagaHandlers, type SagaDefinition, type SagaStats } from './saga.ts';
+import { Schedule, type ScheduleOptions, type TickPublisher } from './schedules.ts';
+import { defaultWarning } from './warnings.ts';
+import { systemClock, type Clock, type ClockTimer } from './clock.ts';
+import { createPipeline, handlerScope, type Handler, type Middleware, type ReplyHandler, type Route } from './handler.ts';
 import { busDefaults, OptionProblems, resolveSubscribeOptions, type ResolvedSubscribeOptions, type SubscribeOptions } from './options.ts';
+
+export type { PublishedMessage, PublishOptions, RequestOptions } from './publish.ts';
 
 export interface BusOptions<Tx> {
   /** This service's name: the CloudEvents `source` of what it publishes. */
@@ -15,22 +22,10 @@ export interface BusOptions<Tx> {
   maxPayloadBytes?: number;
   /** Defaults for every subscription of this bus; each `subscribe` may override them. */
   subscriptionDefaults?: SubscribeOptions;
-}
-
-export interface PublishOptions {
-  /** The caller's transaction: the message exists iff it commits (transactional outbox). */
-  tx?: unknown;
-  /** Overrides the contract's key function. */
-  key?: string;
-  /** CloudEvents `subject`: what the event is about, within the source. */
-  subject?: string;
-  tenant?: string;
-  /** Defaults to a new UUIDv7. Give your own to make a retried publish recognisable downstream. */
-  id?: string;
-  correlationId?: string;
-  causationId?: string;
-  traceparent?: string;
-  tracestate?: string;
+  /** Called with what the bus recovers from by itself (a schedule's tick that could not be published); the console by default. */
+  onWarning?: (message: string, error?: unknown) => void;
+  /** The clock of scheduled publishes, schedules' ticks and request timeouts: the system's, or a virtual one (tidings/testing). */
+  clock?: Clock;
 }
 
 export interface SubscriptionStats {
@@ -46,13 +41,15 @@ export interface BusStats {
   /** Messages published per topic (in a transaction: counted when written, before the commit). */
   readonly published: Readonly<Record<string, number>>;
   readonly subscriptions: Readonly<Record<string, SubscriptionStats>>;
+  /** `bus.request`s this process made: sent, answered, timed out, and replies that came after their timeout. */
+  readonly requests: { readonly sent: number; readonly answered: number; readonly timedOut: number; readonly late: number };
+  /** Per saga run here: instances started, transitions, completions, and messages ignored after completion or before the start. */
+  readonly sagas: Readonly<Record<string, Readonly<SagaStats>>>;
 }
 
-export interface PublishedMessage {
-  readonly id: string;
-  readonly topic: string;
-  readonly key: string;
-}
+
+/** The handler a contract takes: one that returns the reply for a command that answers, else a plain one. */
+export type HandlerFor<C, Tx> = C extends AnyRequestContract ? ReplyHandler<DataOf<C>, ReplyInputOf<C>, Tx> : Handler<DataOf<C>, Tx>;
 
 /** A named consumer group: its handlers, one per contract, share order, retries and dead letters. */
 export class Subscription<Tx> {
@@ -64,7 +61,7 @@ export class Subscription<Tx> {
   ) {}
 
   /** Handles `contract`'s messages with `handler`; `message.data` has the contract's type. */
-  on<C extends AnyContract>(contract: C, handler: Handler<DataOf<C>, Tx>): this {
+  on<C extends AnyContract>(contract: C, handler: HandlerFor<C, Tx>): this {
     if (this.routes.has(contract.topic)) {
       throw new TidingsError('SUBSCRIPTION_CONFLICT', `Subscription ${this.name} already handles ${contract.topic}`);
     }
@@ -82,6 +79,11 @@ export class Bus<Tx = unknown> {
   readonly backbone: Backbone<Tx>;
   readonly #maxPayloadBytes: number;
   readonly #subscriptionDefaults: SubscribeOptions;
+  readonly #warn: (message: string, error?: unknown) => void;
+  readonly clock: Clock;
+  readonly #schedules = new Map<string, Schedule>();
+  readonly #requests = { sent: 0, answered: 0, timedOut: 0, late: 0 };
+  readonly #sagaStats = new Map<string, SagaStats>();
   readonly #subscriptions = new Map<string, Subscription<Tx>>();
   readonly #consumers = new Map<string, Consumer>();
   readonly #middleware: Middleware<Tx>[] = [];
@@ -107,6 +109,8 @@ export class Bus<Tx = unknown> {
     this.backbone = options.backbone;
     this.#maxPayloadBytes = options.maxPayloadBytes ?? busDefaults.maxPayloadBytes;
     this.#subscriptionDefaults = options.subscriptionDefaults ?? {};
+    this.#warn = options.onWarning ?? defaultWarning;
+    this.clock = options.clock ?? systemClock;
     // Every handler in flight listens for the stop; there may be thousands.
     setMaxListeners(0, this.#stopping.signal);
     resolveSubscribeOptions('createBus subscriptionDefaults', this.#subscriptionDefaults);
@@ -127,6 +131,58 @@ export class Bus<Tx = unknown> {
   /** Publishes many messages of one contract in one write (and one transaction). */
   publishMany<C extends AnyContract>(contract: C, data: readonly InputOf<C>[], options: PublishOptions = {}): Promise<PublishedMessage[]> {
     return this.#publish(contract, data, options);
+  }
+
+  /**
+   * Sends a command that answers and waits for its reply (typed and validated by the contract's `reply`):
+   * the handler's return value, committed with its acknowledgement. Rejects with REQUEST_TIMEOUT after
+   * `timeoutMs` (a reply that comes later is dropped and counted in `stats().requests.late`), with
+   * REQUEST_FAILED (the remote error's code and message) if the request ends in dead letters, and with
+   * INVALID_PAYLOAD if the reply breaks its schema. Not inside a handler: waiting there would hold the
+   * handler's key (use a saga, or publish and handle the answer as a message).
+   */
+  async request<C extends AnyRequestContract>(contract: C, data: InputOf<C>, options: RequestOptions = {}): Promise<ReplyOf<C>> {
+    if (handlerScope.getStore() !== undefined) {
+      throw new TidingsError(
+        'INVALID_OPTIONS',
+        `bus.request(${contract.name}) inside a handler would hold the handler's key until the reply comes: publish the command and handle the answer as a message, or use a saga`,
+      );
+    }
+    if (contract.kind !== 'command' || contract.reply === undefined) {
+      throw new TidingsError('INVALID_CONTRACT', `${contract.name} declares no reply: declare it with defineCommand(name, { schema, reply }) to request it`);
+    }
+    const { timeoutMs = busDefaults.requestTimeoutMs, ...publish } = options;
+    if (!Number.isFinite(timeoutMs) || timeoutMs <= 0) throw new TidingsError('INVALID_OPTIONS', `Invalid options for requesting ${contract.name}: timeoutMs must be a number of milliseconds > 0, got ${timeoutMs}`);
+    const awaitReply = this.backbone.awaitReply?.bind(this.backbone);
+    if (awaitReply === undefined) throw new TidingsError('INVALID_OPTIONS', `The ${this.backbone.name} backbone cannot carry replies`);
+    await this.#open();
+    const id = publish.id ?? newId();
+    const waiting = new AbortController();
+    // Waiting before sending: the reply may come before send resolves.
+    const answer = awaitReply(id, waiting.signal, () => this.#requests.late++);
+    answer.catch(() => undefined);
+    this.#requests.sent++;
+    let timer: ClockTimer | undefined;
+    try {
+      await this.send(contract, data, { ...publish, id });
+      const timeout = new Promise<never>((_, reject) => {
+        timer = this.clock.setTimeout(() => {
+          this.#requests.timedOut++;
+          reject(new TidingsError('REQUEST_TIMEOUT', `Request ${contract.name} (message ${id}) got no reply within ${timeoutMs} ms: is a subscription of ${contract.topic} running (tidings status)?`, { ref: { id, topic: contract.topic }, retryable: true }));
+        }, timeoutMs);
+      });
+      const reply = await Promise.race([answer, timeout]);
+      if (reply.error !== undefined) {
+        const code = PASSED_ON.find((known) => known === reply.error!.code) ?? 'REQUEST_FAILED';
+        throw new TidingsError(code, `Request ${contract.name} (message ${id}) failed: ${reply.error.message}`, { ref: { id, topic: contract.topic } });
+      }
+      const checked = validateReplyNow(contract, reply.data, { id, topic: contract.topic });
+      this.#requests.answered++;
+      return (checked instanceof Promise ? await checked : checked) as ReplyOf<C>;
+    } finally {
+      this.clock.clearTimeout(timer);
+      waiting.abort();
+    }
   }
 
   /** Sends a command: like publish, for a contract declared with `defineCommand`. */
@@ -153,7 +209,7 @@ export class Bus<Tx = unknown> {
   }
 
   /** Subscribes `handler` to one contract under the consumer group `name`. */
-  subscribe<C extends AnyContract>(name: string, contract: C, handler: Handler<DataOf<C>, Tx>, options?: SubscribeOptions): Subscription<Tx> {
+  subscribe<C extends AnyContract>(name: string, contract: C, handler: HandlerFor<C, Tx>, options?: SubscribeOptions): Subscription<Tx> {
     return this.subscription(name, options).on(contract, handler);
   }
 
@@ -195,13 +251,64 @@ export class Bus<Tx = unknown> {
       this.#started.add(subscription.name);
       await this.#startConsumer(subscription);
     }
+    for (const schedule of this.#schedules.values()) await schedule.start(this.#tickPublisher());
     this.#state = 'running';
+  }
+
+  /**
+   * Runs a saga (defineSaga) on this bus: a subscription `saga.<name>` of its messages and timeouts, whose
+   * transitions load and save the instance's state in the message's transaction. Needs a backbone that keeps
+   * saga state (PostgreSQL, memory, or a broker with an outbox).
+   */
+  saga<S, M extends Record<string, AnyContract>>(definition: SagaDefinition<S, M>, options?: SubscribeOptions): this {
+    const store = this.backbone.sagas?.();
+    if (store === undefined) throw new TidingsError('INVALID_OPTIONS', `Saga ${definition.name}: the ${this.backbone.name} backbone cannot keep saga state`);
+    const stats: SagaStats = { started: 0, transitions: 0, completed: 0, ignoredAfterCompletion: 0, early: 0 };
+    const subscription = this.subscription(`saga.${definition.name}`, options);
+    for (const { contract, handler } of sagaHandlers(definition, { store }, stats)) subscription.on(contract, handler as Handler<DataOf<AnyContract>, Tx>);
+    this.#sagaStats.set(definition.name, stats);
+    return this;
+  }
+
+  /**
+   * Publishes `contract`'s message at every tick of the cron `pattern` (five fields, or six with seconds
+   * first), in `options.timezone` (UTC by default): exactly once per tick across every process that declares
+   * the same schedule, also while they start, stop and crash. `data` is the message's data, or a function of
+   * the tick's time that returns it. A tick missed while no process ran fires once on start (or not, with
+   * `missed: 'none'`). Its messages' ids are `<name>@<tick as ISO time>`.
+   */
+  schedule<C extends AnyContract>(name: string, pattern: string, contract: C, data: InputOf<C> | ((tick: Date) => InputOf<C>), options: ScheduleOptions = {}): this {
+    if (this.#schedules.has(name)) {
+      throw new TidingsError('SUBSCRIPTION_CONFLICT', `Schedule ${name} is already declared on this bus (${this.#schedules.get(name)!.definition}); give the other one a name of its own`);
+    }
+    if (this.backbone.claimTick === undefined || this.backbone.lastTick === undefined) {
+      throw new TidingsError('INVALID_OPTIONS', `Schedule ${name}: the ${this.backbone.name} backbone cannot run recurring schedules`);
+    }
+    const schedule = new Schedule(name, pattern, contract, data, options);
+    // Fixed data is checked now, so a mistake shows at start, not at the first tick.
+    if (typeof data !== 'function') {
+      const checked = validateNow(contract, data, { topic: contract.topic });
+      if (checked instanceof Promise) checked.catch(() => undefined);
+    }
+    this.#schedules.set(name, schedule);
+    if (this.#state === 'running') void schedule.start(this.#tickPublisher()).catch((error: unknown) => this.#background.push(error));
+    return this;
+  }
+
+  #tickPublisher(): TickPublisher<Tx> {
+    return {
+      backbone: this.backbone,
+      publish: (contract, data, options) => this.publish(contract, data, options),
+      warn: this.#warn,
+      clock: this.clock,
+    };
   }
 
   /** Graceful: finishes in-flight handlers, acknowledges them, releases leases, then closes the backbone. */
   async stop(): Promise<void> {
     if (this.#state === 'stopped') return;
     this.#state = 'stopping';
+    await Promise.all([...this.#schedules.values()].map((schedule) => schedule.stop()));
     const consumers = [...this.#consumers.values()];
     this.#consumers.clear();
     await Promise.all(consumers.map((consumer) => consumer.stop()));
@@ -220,6 +327,8 @@ export class Bus<Tx = unknown> {
     return {
       published: { ...this.#published },
       subscriptions: Object.fromEntries([...this.#counts].map(([name, counts]) => [name, { ...counts }])),
+      requests: { ...this.#requests },
+      sagas: Object.fromEntries([...this.#sagaStats].map(([name, counts]) => [name, { ...counts }])),
     };
   }
 
@@ -256,6 +365,9 @@ export class Bus<Tx = unknown> {
         const inherited: PublishOptions = { tx, ...inherit(parent), ...publishOptions };
         return this.publish(contract, data as InputOf<typeof contract>, inherited);
       },
+      reply: async (request, reply, tx) => {
+        await this.backbone.reply?.(request.id, { data: reply }, tx);
+      },
     });
     const count = (result: DeliveryResult): DeliveryResult => {
       if (result.outcome === 'ack') counts.handled++;
@@ -263,7 +375,22 @@ export class Bus<Tx = unknown> {
       else counts.deadLettered++;
       return result;
     };
-    const handle: DeliveryHandler<Tx> = (delivery) => pipeline(delivery).then(count);
+    const requests = new Set([...subscription.routes.values()].filter((route) => route.contract.reply !== undefined).map((route) => route.contract.topic));
+    /**
+     * A request that ends in dead letters answers with its error at once, on its own: whoever waits for it
+     * learns why rather than waiting out its timeout. (Should the dead letter be rolled back after all, and the
+     * request succeed on a later delivery, this first answer stands.)
+     */
+    const answerFailure = (delivery: Delivery<Tx>, result: DeliveryResult): DeliveryResult => {
+      if (result.outcome === 'dead-letter' && requests.has(delivery.envelope.topic)) {
+        this.backbone.reply?.(delivery.envelope.id, { error: result.error }).catch((error: unknown) => {
+          this.#warn(`Subscription ${subscription.name}: could not answer request ${delivery.envelope.id} with its error; it waits for its timeout`, error);
+        });
+      }
+      return result;
+    };
+    const handle: DeliveryHandler<Tx> =
+      requests.size === 0 ? (delivery) => pipeline(delivery).then(count) : (delivery) => pipeline(delivery).then((result) => count(answerFailure(delivery, result)));
     const consumer = await this.backbone.consume(
       {
         name: subscription.name,
@@ -273,6 +400,8 @@ export class Bus<Tx = unknown> {
         batchSize: options.batchSize,
         inbox: options.inbox,
         startFrom: options.startFrom,
+        retry: options.retry,
+        commands: [...subscription.routes.values()].filter((route) => route.contract.kind === 'command').map((route) => route.contract.topic),
       },
       handle,
     );
@@ -298,24 +427,46 @@ export class Bus<Tx = unknown> {
       true,
     );
     if (broken !== undefined) throw limitError(contract, `publish options: ${broken}`, {});
+    const dueAt = dueTime(contract, effective, this.clock.now());
+    if (dueAt !== undefined && this.backbone.cancelScheduled === undefined) {
+      throw new TidingsError(
+        'INVALID_OPTIONS',
+        `Cannot publish ${contract.name} for later: the ${this.backbone.name} backbone cannot schedule delivery${this.backbone.name === 'postgres' || this.backbone.name === 'memory' ? '' : ' without an outbox database (give it outbox: postgres({ url }))'}`,
+      );
+    }
     // Every message is validated before any is written or serialised: a bad one stops them all.
     const checked: Checked[] = [];
     for (const data of items) {
       const item = tooDeep(contract, () => this.#check(contract, data, effective, items.length === 1));
       checked.push(item instanceof Promise ? await item : item);
     }
-    const seal = (item: Checked) => tooDeep(contract, () => this.#seal(contract, item, effective, time));
+    const seal = (item: Checked) => tooDeep(contract, () => this.#seal(contract, item, effective, time, dueAt));
     await this.#open();
     const tx = effective.tx as Tx | undefined;
     const publishChunks = this.backbone.publishChunks?.bind(this.backbone);
-    if (publishChunks !== undefined && checked.length > STREAM_CHUNK) {
+    if (publishChunks !== undefined && checked.length > STREAM_CHUNK && dueAt === undefined) {
       const chunks = chunked(checked, STREAM_CHUNK, seal);
       await (tx !== undefined ? publishChunks(chunks, tx) : this.backbone.transaction((own) => publishChunks(chunks, own)));
     } else {
       await this.backbone.publish(checked.map(seal), tx);
     }
     this.#published[contract.topic] = (this.#published[contract.topic] ?? 0) + checked.length;
-    return checked.map(({ id, key }) => ({ id, topic: contract.topic, key }));
+    if (dueAt === undefined) return checked.map(({ id, key }) => ({ id, topic: contract.topic, key }));
+    const deliverAt = new Date(dueAt);
+    return checked.map(({ id, key }) => ({ id, topic: contract.topic, key, deliverAt }));
+  }
+
+  /**
+   * Cancels a message published for later (`deliverAt`, `delayMs`) that is not due yet: true if it was
+   * cancelled (it will never be delivered), false if it was delivered already, is being delivered, or is
+   * unknown. Either one or the other, never both, however close to its due time.
+   */
+  async cancelScheduled(id: string): Promise<boolean> {
+    await this.#open();
+    if (this.backbone.cancelScheduled === undefined) {
+      throw new TidingsError('INVALID_OPTIONS', `The ${this.backbone.name} backbone cannot schedule delivery, so there is nothing to cancel`);
+    }
+    return this.backbone.cancelScheduled(id);
   }
 
   /** Validates one message's data and finds its key. */
@@ -347,7 +498,7 @@ export class Bus<Tx = unknown> {
   }
 
   /** Serialises a checked message into its envelope. */
-  #seal(contract: AnyContract, { id, key, data }: Checked, options: PublishOptions, time: string): Outgoing {
+  #seal(contract: AnyContract, { id, key, data }: Checked, options: PublishOptions, time: string, dueAt: number | undefined): Outgoing {
     const json = JSON.stringify(data);
     if (json === undefined) {
       throw new TidingsError('INVALID_PAYLOAD', `Payload for ${contract.name} cannot be serialised as JSON`, { ref: { id, topic: contract.topic, key } });
@@ -377,7 +528,7 @@ export class Bus<Tx = unknown> {
       tracestate: options.tracestate,
       data,
     };
-    return { envelope, json, keyHash: keyHash(key) };
+    return dueAt === undefined ? { envelope, json, keyHash: keyHash(key) } : { envelope, json, keyHash: keyHash(key), dueAt };
   }
 }
 
@@ -416,6 +567,29 @@ function tooDeep<T>(contract: AnyContract, fn: () => T): T {
     return deep(error);
   }
 }
+
+/**
+ * When a message published with `deliverAt` or `delayMs` is due (epoch ms), or undefined to deliver it now
+ * (neither given, or a time already past). A date that is not one, or a negative delay, is refused by name.
+ */
+function dueTime(contract: AnyContract, options: PublishOptions, now: number): number | undefined {
+  const { deliverAt, delayMs } = options;
+  if (deliverAt === undefined && delayMs === undefined) return undefined;
+  const refuse = (problem: string) => new TidingsError('INVALID_OPTIONS', `Invalid options for publishing ${contract.name}: ${problem}`);
+  if (deliverAt !== undefined && delayMs !== undefined) throw refuse('give deliverAt or delayMs, not both');
+  let due: number;
+  if (delayMs !== undefined) {
+    if (typeof delayMs !== 'number' || !Number.isFinite(delayMs) || delayMs < 0) throw refuse(`delayMs must be a number of milliseconds >= 0, got ${JSON.stringify(delayMs)}`);
+    due = now + delayMs;
+  } else {
+    due = deliverAt instanceof Date ? deliverAt.getTime() : typeof deliverAt === 'number' ? deliverAt : typeof deliverAt === 'string' ? Date.parse(deliverAt) : Number.NaN;
+    if (!Number.isFinite(due)) throw refuse(`deliverAt must be a Date, an ISO 8601 string or epoch milliseconds, got ${JSON.stringify(deliverAt)}`);
+  }
+  return due > now ? due : undefined;
+}
+
+/** The codes of a request's remote error that a requester can act on as they are; any other is REQUEST_FAILED. */
+const PASSED_ON: readonly TidingsErrorCode[] = ['INVALID_PAYLOAD', 'LIMIT_EXCEEDED', 'PAYLOAD_TOO_LARGE', 'UNDECODABLE_MESSAGE', 'HANDLER_TIMEOUT'];
 
 /** Letters, digits and the other characters a URI authority takes unescaped. */
 const SERVICE = new RegExp(`^[A-Za-z0-9._~-]{1,${MAX_NAME_LENGTH}}$`);

@@ -18,6 +18,18 @@ export interface Contract<Name extends string = string, Input = unknown, Output 
   /** Returns the partition key: messages with equal keys are handled in order, one at a time. */
   readonly key: ((data: Output) => string) | undefined;
   readonly description: string | undefined;
+  /** A command's answer to `bus.request` (see RequestContract); undefined otherwise. */
+  readonly reply?: StandardSchemaV1 | undefined;
+}
+
+/**
+ * A command that answers: its handler returns the reply, validated by `reply`, and `bus.request` waits for
+ * it, typed by `reply`'s output.
+ */
+export interface RequestContract<Name extends string = string, Input = unknown, Output = Input, ReplyInput = unknown, ReplyOutput = ReplyInput>
+  extends Contract<Name, Input, Output> {
+  readonly kind: 'command';
+  readonly reply: StandardSchemaV1<ReplyInput, ReplyOutput>;
 }
 
 // eslint-disable-next-line @typescript-eslint/no-explicit-any -- the key function makes Contract invariant in its data
@@ -27,6 +39,12 @@ export type AnyContract = Contract<string, any, any>;
 export type InputOf<C> = C extends Contract<string, infer I, any> ? I : never;
 /** The data a handler receives for a contract. */
 export type DataOf<C> = C extends Contract<string, any, infer O> ? O : never;
+// eslint-disable-next-line @typescript-eslint/no-explicit-any -- as AnyContract
+export type AnyRequestContract = RequestContract<string, any, any, any, any>;
+/** What a request's handler returns. */
+export type ReplyInputOf<C> = C extends RequestContract<string, any, any, infer R, any> ? R : never;
+/** What `bus.request` resolves to. */
+export type ReplyOf<C> = C extends RequestContract<string, any, any, any, infer R> ? R : never;
 
 export interface ContractOptions<S extends StandardSchemaV1> {
   version?: number;
@@ -52,7 +70,7 @@ export function validateName(kind: string, name: unknown): string {
 function define<const Name extends string, S extends StandardSchemaV1>(
   kind: 'event' | 'command',
   name: Name,
-  options: ContractOptions<S>,
+  options: ContractOptions<S> & { reply?: StandardSchemaV1 },
 ): Contract<Name, StandardSchemaV1.InferInput<S>, StandardSchemaV1.InferOutput<S>> {
   validateName(kind === 'event' ? 'Event' : 'Command', name);
   const version = options.version ?? 1;
@@ -75,6 +93,7 @@ function define<const Name extends string, S extends StandardSchemaV1>(
     schema: options.schema,
     key: options.key,
     description: options.description,
+    reply: options.reply,
   });
 }
 
@@ -84,7 +103,19 @@ export function defineEvent<const Name extends string, S extends StandardSchemaV
 }
 
 /** Declares a command: a request for one service to act, handled by one subscription. */
-export function defineCommand<const Name extends string, S extends StandardSchemaV1>(name: Name, options: ContractOptions<S>) {
+/** Declares a command that answers: `bus.request(command, data)` resolves to its handler's reply. */
+export function defineCommand<const Name extends string, S extends StandardSchemaV1, R extends StandardSchemaV1>(
+  name: Name,
+  options: ContractOptions<S> & { reply: R },
+): RequestContract<Name, StandardSchemaV1.InferInput<S>, StandardSchemaV1.InferOutput<S>, StandardSchemaV1.InferInput<R>, StandardSchemaV1.InferOutput<R>>;
+export function defineCommand<const Name extends string, S extends StandardSchemaV1>(
+  name: Name,
+  options: ContractOptions<S>,
+): Contract<Name, StandardSchemaV1.InferInput<S>, StandardSchemaV1.InferOutput<S>>;
+export function defineCommand(name: string, options: ContractOptions<StandardSchemaV1> & { reply?: StandardSchemaV1 }): AnyContract {
+  if (options.reply !== undefined && typeof options.reply['~standard']?.validate !== 'function') {
+    throw new TidingsError('INVALID_CONTRACT', `Contract ${name}: reply must be a Standard Schema (zod 4, valibot, arktype...), got ${typeof options.reply}`);
+  }
   return define('command', name, options);
 }
 
@@ -99,9 +130,18 @@ export function validateNow<C extends AnyContract>(contract: C, value: unknown, 
   return result instanceof Promise ? result.then((settled) => outcome(contract, settled, ref)) : outcome(contract, result, ref);
 }
 
-function outcome<C extends AnyContract>(contract: C, result: StandardSchemaV1.Result<unknown>, ref: MessageRef | undefined): DataOf<C> {
-  if (result.issues) throw new ValidationError(contract.name, result.issues.map(toIssue), ref);
+function outcome<C extends AnyContract>(contract: C, result: StandardSchemaV1.Result<unknown>, ref: MessageRef | undefined, what = contract.name): DataOf<C> {
+  if (result.issues) throw new ValidationError(what, result.issues.map(toIssue), ref);
   return result.value as DataOf<C>;
+}
+
+/** Validates a request's reply against its contract's `reply` schema; synchronous when the schema is. */
+export function validateReplyNow<C extends AnyContract>(contract: C, value: unknown, ref?: MessageRef): unknown {
+  const schema = contract.reply;
+  if (schema === undefined) throw new TidingsError('INVALID_CONTRACT', `${contract.name} declares no reply: give defineCommand a reply schema`);
+  const what = `the reply of ${contract.name}`;
+  const result = schema['~standard'].validate(value);
+  return result instanceof Promise ? result.then((settled) => outcome(contract, settled, ref, what)) : outcome(contract, result, ref, what);
 }
 
 function toIssue(issue: StandardSchemaV1.Issue): ValidationIssue {

@@ -23,7 +23,11 @@ export type TidingsErrorCode =
   /** A replica's source did not answer a drift check or state transfer in time. */
   | 'SOURCE_UNAVAILABLE'
   /** A wait the caller bounded ran out (the memory backbone's `drain()`). */
-  | 'TIMEOUT';
+  | 'TIMEOUT'
+  /** `bus.request` got no reply in time. */
+  | 'REQUEST_TIMEOUT'
+  /** The handler of a `bus.request` failed for good: the request ended in dead letters. */
+  | 'REQUEST_FAILED';
 
 export interface MessageRef {
   readonly id?: string;
@@ -95,6 +99,13 @@ export class HandlerTimeoutError extends TidingsError {
 
 export function isPermanent(error: unknown): boolean {
   return error instanceof PermanentError || (error instanceof TidingsError && error.code === 'INVALID_PAYLOAD');
+}
+
+/** One attempt at handling a message, as kept in retry and dead-letter histories. */
+export interface AttemptRecord {
+  readonly attempt: number;
+  readonly at: string;
+  readonly error: ErrorRecord;
 }
 
 /** A plain, JSON-safe description of an error for attempt histories and dead letters. */

@@ -1,11 +1,12 @@
 import { AsyncLocalStorage } from 'node:async_hooks';
 import type { Delivery, DeliveryHandler, DeliveryResult } from './backbone.ts';
-import { validateNow, type AnyContract, type DataOf, type InputOf } from './contract.ts';
+import { validateNow, validateReplyNow, type AnyContract, type DataOf, type InputOf } from './contract.ts';
 import { toMessage, type Envelope, type Message } from './envelope.ts';
 import { describeError, HandlerTimeoutError, isPermanent, storable, TidingsError, type ErrorRecord, type MessageRef } from './errors.ts';
 import { envelopeProblem } from './limits.ts';
 import type { ResolvedRetry } from './options.ts';
-import type { PublishOptions, PublishedMessage } from './bus.ts';
+import { exhausted, nextRetryDelay } from './retry.ts';
+import type { PublishOptions, PublishedMessage } from './publish.ts';
 
 /** What a handler may return instead of throwing: ask for a later retry, or give up on the message. */
 export type Outcome =
@@ -13,13 +14,21 @@ export type Outcome =
   | { readonly kind: 'dead-letter'; readonly reason: string };
 
 /** Try this message again after `afterMs` (counts as a failed attempt; the key is held meanwhile). */
+/** Outcomes made by retryLater and deadLetter: a request's handler returns its reply or one of these. */
+const outcomes = new WeakSet<object>();
+
+function outcome(value: Outcome): Outcome {
+  outcomes.add(value);
+  return value;
+}
+
 export function retryLater(afterMs: number, reason = 'handler asked to retry later'): Outcome {
-  return { kind: 'retry', afterMs, reason };
+  return outcome({ kind: 'retry', afterMs, reason });
 }
 
 /** Send this message to dead letters now: nothing retrying could change would help. */
 export function deadLetter(reason: string): Outcome {
-  return { kind: 'dead-letter', reason };
+  return outcome({ kind: 'dead-letter', reason });
 }
 
 export interface HandlerContext<Tx = unknown> {
@@ -42,6 +51,13 @@ export type Handler<Data, Tx = unknown> = (
   context: HandlerContext<Tx>,
 ) => Promise<Outcome | void> | Outcome | void;
 
+/**
+ * The handler of a command that answers (RequestContract): returns the reply, which commits with the
+ * message's acknowledgement and reaches the `bus.request` waiting for it, or an Outcome (retryLater,
+ * deadLetter) like any handler; a request that ends in dead letters answers with its error.
+ */
+export type ReplyHandler<Data, Reply, Tx = unknown> = (message: Message<Data>, context: HandlerContext<Tx>) => Promise<Reply | Outcome> | Reply | Outcome;
+
 /** Wraps every handler of a bus; call `next()` to go on. Tracing, tenancy and logging are middleware. */
 export type Middleware<Tx = unknown> = (
   message: Message<unknown>,
@@ -62,15 +78,6 @@ export interface HandlerScope {
 }
 export const handlerScope = new AsyncLocalStorage<HandlerScope>();
 
-/** After attempt `attempt` (1-based) failed: retry now (0), retry after a delay, or give up (undefined). */
-export function nextRetryDelay(retry: ResolvedRetry, attempt: number, random = Math.random): number | undefined {
-  if (attempt <= retry.immediate) return 0;
-  const base = retry.delayed[attempt - retry.immediate - 1];
-  if (base === undefined) return undefined;
-  const spread = base * retry.jitter;
-  return Math.max(0, Math.round(base - spread + random() * 2 * spread));
-}
-
 export interface PipelineOptions<Tx> {
   readonly subscription: string;
   readonly routes: ReadonlyMap<string, Route<Tx>>;
@@ -86,6 +93,8 @@ export interface PipelineOptions<Tx> {
   ) => Promise<PublishedMessage>;
   /** Aborted when the consumer stops: handlers see it through `context.signal`. */
   readonly stopping: AbortSignal;
+  /** Records a request's reply in the handler's transaction, so it exists iff the message is acknowledged. */
+  readonly reply: (request: Message<unknown>, reply: unknown, tx: Tx | undefined) => Promise<void>;
 }
 
 /**
@@ -131,6 +140,9 @@ export function createPipeline<Tx>(options: PipelineOptions<Tx>): DeliveryHandle
           return error;
         });
       });
+      if (route.contract.reply !== undefined && !(typeof outcome === 'object' && outcome !== null && outcomes.has(outcome))) {
+        return await answer(options, route.contract, message, outcome, delivery.tx);
+      }
       if (outcome === undefined || outcome === null) return ACK;
       const reason = storable(String(outcome.reason));
       const error = { name: 'Outcome', message: reason };
@@ -151,6 +163,22 @@ export function createPipeline<Tx>(options: PipelineOptions<Tx>): DeliveryHandle
 }
 
 const ACK: DeliveryResult = Object.freeze({ outcome: 'ack' });
+
+/**
+ * A request's handler returned its reply: checked against the contract's reply schema, then recorded in the
+ * handler's transaction. A reply that breaks its schema is the handler's bug: the request goes to dead
+ * letters, and the requester gets the error (INVALID_PAYLOAD).
+ */
+async function answer<Tx>(options: PipelineOptions<Tx>, contract: AnyContract, request: Message<unknown>, reply: unknown, tx: Tx | undefined): Promise<DeliveryResult> {
+  try {
+    const checked = validateReplyNow(contract, reply, { id: request.id, topic: request.topic, key: request.key });
+    if (checked instanceof Promise) await checked;
+  } catch (error) {
+    return { outcome: 'dead-letter', reason: `the handler's reply is invalid: ${(error as Error).message}`, error: describeError(error) };
+  }
+  await options.reply(request, reply, tx);
+  return ACK;
+}
 
 /** A handler's `context`: a class, so its getters are shared, not made again for every message. */
 class DeliveryContext<Tx> implements HandlerContext<Tx> {
@@ -218,10 +246,6 @@ class LazyAbort {
   dispose(): void {
     if (this.#onStop !== undefined) this.stopping.removeEventListener('abort', this.#onStop);
   }
-}
-
-function exhausted(attempt: number, error: ErrorRecord): DeliveryResult {
-  return { outcome: 'dead-letter', reason: `failed ${attempt} attempt${attempt === 1 ? '' : 's'}; last error: ${error.message}`, error };
 }
 
 /** The message's dead letter, before any handler ran: it can never be handled as it is. */

@@ -55,6 +55,8 @@ export interface ResolvedSubscribeOptions {
 export const busDefaults = {
   /** Largest `data` accepted at publish, in bytes of JSON. */
   maxPayloadBytes: 256 * 1024,
+  /** How long `bus.request` waits for its reply. */
+  requestTimeoutMs: 30_000,
 } as const;
 
 /** Collects every bad option before throwing, so one error lists them all by name. */

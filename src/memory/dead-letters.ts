@@ -6,8 +6,8 @@ import type {
   DeadLetterSelection,
   DeadLetterStore,
   DeadLetterSummary,
-} from '../core/broker.ts';
-import { requireSelection } from '../core/broker.ts';
+} from '../core/dead-letters.ts';
+import { requireSelection } from '../core/dead-letters.ts';
 import { TidingsError } from '../core/errors.ts';
 import { sleep } from '../core/sleep.ts';
 import type { Entry, Stored } from './subscription.ts';

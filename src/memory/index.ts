@@ -5,14 +5,18 @@
  * key, dead letters with their history and redrive, an inbox per subscription, graceful stop. Nothing is
  * durable: the state lives as long as the backbone object. docs/memory.md describes it.
  */
-import { EVERY_TOPIC, type Backbone, type Consumer, type DeliveryHandler, type Outgoing, type SubscriptionSpec } from '../core/backbone.ts';
-import type { DeadLetterStore } from '../core/broker.ts';
+import { defaultWarning } from '../core/warnings.ts';
+import { systemClock, type Clock, type ClockTimer } from '../core/clock.ts';
+import type { Envelope } from '../core/envelope.ts';
+import { EVERY_TOPIC, type Backbone, type Consumer, type DeliveryHandler, type Outgoing, type Reply, type SubscriptionSpec } from '../core/backbone.ts';
+import type { DeadLetterStore } from '../core/dead-letters.ts';
+import type { SagaRow, SagaStore } from '../core/saga.ts';
 import { TidingsError } from '../core/errors.ts';
 import { OptionProblems } from '../core/options.ts';
 import { DeadLetterBook } from './dead-letters.ts';
 import { Deque } from './deque.ts';
 import { Group, MemoryWorker, type GroupContext, type Stored } from './subscription.ts';
-import { enlist, finish, MemoryTransaction } from './transaction.ts';
+import { enlist, finish, MemoryTransaction, rollbackHook } from './transaction.ts';
 
 export { MemoryTransaction, type MemoryTransactionState } from './transaction.ts';
 
@@ -31,6 +35,8 @@ export interface MemoryOptions {
   drainTimeoutMs?: number;
   /** Called with what the backbone recovers from or drops by itself (see maxLog, maxDeadLetters). */
   onWarning?: (message: string, error?: unknown) => void;
+  /** The clock of retries and scheduled messages: the system's, or a virtual one (tidings/testing). */
+  clock?: Clock;
 }
 
 export const memoryDefaults = {
@@ -38,23 +44,26 @@ export const memoryDefaults = {
   maxInbox: 100_000,
   maxDeadLetters: 100_000,
   drainTimeoutMs: 10_000,
-} as const satisfies Required<Omit<MemoryOptions, 'onWarning'>>;
+} as const satisfies Required<Omit<MemoryOptions, 'onWarning' | 'clock'>>;
 
 export interface DrainOptions {
   /** Reject with a TIMEOUT error after this long (default `drainTimeoutMs`); 0 waits for ever. */
   timeoutMs?: number;
+  /**
+   * Wait for keys that wait for a delayed retry too (default true). False resolves once nothing can run
+   * now: what a test with a virtual clock waits for before it moves the clock (tidings/testing).
+   */
+  retries?: boolean;
 }
 
 interface Waiter {
+  /** Also waits for keys that wait for a retry. */
+  readonly retries: boolean;
   resolve(): void;
   reject(error: unknown): void;
   timer: NodeJS.Timeout | undefined;
 }
 
-function defaultWarning(message: string, error?: unknown): void {
-  const detail = error instanceof Error ? `: ${error.message}` : '';
-  console.warn(`[tidings] ${message}${detail}`);
-}
 
 /**
  * Publishing appends to one log in commit order and copies a reference into the queue of each
@@ -67,6 +76,7 @@ export class MemoryBackbone implements Backbone<MemoryTransaction> {
   readonly #maxInbox: number;
   readonly #drainTimeoutMs: number;
   readonly #warn: (message: string, error?: unknown) => void;
+  readonly #clock: Clock;
   readonly #log = new Deque<Stored>();
   /** Messages forgotten by the log (maxLog). */
   #forgotten = 0;
@@ -77,6 +87,15 @@ export class MemoryBackbone implements Backbone<MemoryTransaction> {
   #everyTopic: Group[] = [];
   readonly #deadLetters: DeadLetterBook;
   readonly #waiters = new Set<Waiter>();
+  /** Saga instances by [saga, id], and the instances locked by a transaction in progress (see sagas). */
+  readonly #sagas = new Map<string, SagaRow>();
+  readonly #sagaLocks = new Map<string, Promise<void>>();
+  /** The requests waited for, by id (see awaitReply). */
+  readonly #awaiting = new Map<string, { resolve: (reply: Reply) => void; late: () => void; gone?: boolean }>();
+  /** The last tick each recurring schedule fired (see claimTick). */
+  readonly #ticks = new Map<string, { tick: number; definition: string }>();
+  /** Messages scheduled for later, by id, waiting in their timers. */
+  readonly #scheduled = new Map<string, ClockTimer>();
   readonly #ctx: GroupContext;
 
   constructor(options: MemoryOptions = {}) {
@@ -91,6 +110,7 @@ export class MemoryBackbone implements Backbone<MemoryTransaction> {
     this.#maxInbox = options.maxInbox ?? memoryDefaults.maxInbox;
     this.#drainTimeoutMs = options.drainTimeoutMs ?? memoryDefaults.drainTimeoutMs;
     this.#warn = options.onWarning ?? defaultWarning;
+    this.#clock = options.clock ?? systemClock;
     this.#deadLetters = new DeadLetterBook(options.maxDeadLetters ?? memoryDefaults.maxDeadLetters, (message) => this.#warn(message));
     this.#ctx = {
       begin: (what) => new MemoryTransaction(this, what),
@@ -100,6 +120,7 @@ export class MemoryBackbone implements Backbone<MemoryTransaction> {
       retopic: () => this.#index(),
       warn: (message, error) => this.#warn(message, error),
       maxInbox: this.#maxInbox,
+      clock: this.#clock,
     };
   }
 
@@ -130,6 +151,15 @@ export class MemoryBackbone implements Backbone<MemoryTransaction> {
   }
 
   async consume(spec: SubscriptionSpec, handle: DeliveryHandler<MemoryTransaction>): Promise<Consumer> {
+    for (const command of spec.commands ?? []) {
+      const owner = [...this.#groups.values()].find((other) => other.name !== spec.name && other.topics.includes(command));
+      if (owner !== undefined) {
+        throw new TidingsError(
+          'SUBSCRIPTION_CONFLICT',
+          `Command ${command} is handled by subscription ${owner.name} already; subscription ${spec.name} cannot take it too: a command has one owner (send delivers it once). Handle it in ${owner.name}`,
+        );
+      }
+    }
     let group = this.#groups.get(spec.name);
     if (group === undefined) {
       group = new Group(spec, this.#ctx);
@@ -156,6 +186,18 @@ export class MemoryBackbone implements Backbone<MemoryTransaction> {
   }
 
   /**
+   * The committed messages still kept (`maxLog`), oldest first, each with its own copy of the data as JSON
+   * carried it; only those of `topic` if given. What a test reads to see what was published.
+   */
+  messages(topic?: string): Envelope[] {
+    const found: Envelope[] = [];
+    for (const stored of this.#log) {
+      if (topic === undefined || stored.envelope.topic === topic) found.push({ ...stored.envelope, data: JSON.parse(stored.json) as unknown });
+    }
+    return found;
+  }
+
+  /**
    * Resolves when every running subscription (one with a consumer that is not stopped) has nothing left:
    * no message queued, in flight or waiting for a retry. What handlers publish meanwhile is waited for
    * too, so after `await backbone.drain()` a whole cascade of handlers has run. Rejects with a TIMEOUT
@@ -166,10 +208,11 @@ export class MemoryBackbone implements Backbone<MemoryTransaction> {
     const problems = new OptionProblems('drain()');
     problems.integer('timeoutMs', options.timeoutMs, 0);
     problems.throwIfAny();
-    if (this.#idle()) return Promise.resolve();
+    const retries = options.retries ?? true;
+    if (this.#idle(retries)) return Promise.resolve();
     const timeoutMs = options.timeoutMs ?? this.#drainTimeoutMs;
     return new Promise<void>((resolve, reject) => {
-      const waiter: Waiter = { resolve, reject, timer: undefined };
+      const waiter: Waiter = { retries, resolve, reject, timer: undefined };
       if (timeoutMs > 0) {
         waiter.timer = setTimeout(() => {
           this.#waiters.delete(waiter);
@@ -205,23 +248,145 @@ export class MemoryBackbone implements Backbone<MemoryTransaction> {
     }
   }
 
-  /** Appends to the log in commit order and hands each message to the subscriptions of its topic. */
+  /**
+   * Saga instances in this object. Loading one locks it until the loading transaction ends, as PostgreSQL's
+   * row lock does, so two transitions of one instance never interleave; a save applies at commit.
+   */
+  sagas(): SagaStore<MemoryTransaction> {
+    const instances = this.#sagas;
+    const locks = this.#sagaLocks;
+    return {
+      async load(tx, saga, id) {
+        const name = JSON.stringify([saga, id]);
+        while (locks.has(name)) await locks.get(name);
+        let release!: () => void;
+        locks.set(name, new Promise<void>((resolve) => (release = resolve)));
+        const unlock = () => {
+          locks.delete(name);
+          release();
+        };
+        tx.onCommit(unlock);
+        rollbackHook(tx, unlock);
+        return instances.get(name);
+      },
+      async find(saga, id) {
+        return instances.get(JSON.stringify([saga, id]));
+      },
+      async save(tx, saga, id, row) {
+        const name = JSON.stringify([saga, id]);
+        if ((instances.get(name)?.version ?? 0) !== row.version - 1) return false;
+        const copy = { ...row, state: JSON.parse(JSON.stringify(row.state)) as unknown };
+        tx.onCommit(() => instances.set(name, copy));
+        return true;
+      },
+    };
+  }
+
+  /** Records a request's answer: with `tx`, when it commits (so it exists iff the request is acknowledged). */
+  async reply(requestId: string, reply: Reply, tx?: MemoryTransaction): Promise<void> {
+    // As JSON carries it, like every message here.
+    const copy: Reply = reply.data === undefined ? reply : { data: JSON.parse(JSON.stringify(reply.data)) as unknown };
+    // Nobody waits for the answer to a command sent without request: it is dropped (the first answer stands).
+    const deliver = () => {
+      const waiting = this.#awaiting.get(requestId);
+      if (waiting === undefined) return;
+      this.#awaiting.delete(requestId);
+      if (waiting.gone === true) waiting.late();
+      else waiting.resolve(copy);
+    };
+    if (tx === undefined) deliver();
+    else tx.onCommit(deliver);
+  }
+
+  async awaitReply(requestId: string, signal: AbortSignal, late: () => void): Promise<Reply> {
+    return new Promise<Reply>((resolve, reject) => {
+      this.#awaiting.set(requestId, { resolve, late });
+      signal.addEventListener(
+        'abort',
+        () => {
+          const waiting = this.#awaiting.get(requestId);
+          if (waiting !== undefined) this.#awaiting.set(requestId, { ...waiting, gone: true });
+          reject(signal.reason);
+          // An answer may still come within a minute: then it is counted as late.
+          setTimeout(() => {
+            if (this.#awaiting.get(requestId)?.gone === true) this.#awaiting.delete(requestId);
+          }, 60_000).unref();
+        },
+        { once: true },
+      );
+    });
+  }
+
+  /** One process is every process here: the last tick of each schedule is kept in this object. */
+  async claimTick(name: string, definition: string, tick: number, tx: MemoryTransaction): Promise<boolean> {
+    const last = this.#ticks.get(name);
+    if (last !== undefined && last.tick >= tick) return false;
+    const previous = last;
+    this.#ticks.set(name, { tick, definition });
+    // Claimed with the transaction: undone if it rolls back, as the tick's message is.
+    rollbackHook(tx, () => {
+      if (this.#ticks.get(name)?.tick === tick) {
+        if (previous === undefined) this.#ticks.delete(name);
+        else this.#ticks.set(name, previous);
+      }
+    });
+    return true;
+  }
+
+  async lastTick(name: string): Promise<{ tick: number; definition: string } | undefined> {
+    return this.#ticks.get(name);
+  }
+
+  /**
+   * Cancels a scheduled message not yet due: true if it was waiting. Memory keeps scheduled messages in
+   * timers, as long as the backbone object lives (a stopped process forgets them: nothing is durable here).
+   */
+  async cancelScheduled(id: string): Promise<boolean> {
+    const waiting = this.#scheduled.get(id);
+    if (waiting === undefined) return false;
+    this.#clock.clearTimeout(waiting);
+    this.#scheduled.delete(id);
+    return true;
+  }
+
+  /**
+   * Appends to the log in commit order and hands each message to the subscriptions of its topic. A message
+   * due later waits in a timer and is committed then, entering its key's order at its due time.
+   */
   #commit(messages: readonly Outgoing[]): void {
-    for (const { envelope, json, keyHash } of messages) {
-      const stored: Stored = { seq: ++this.#seq, envelope, json, keyHash };
-      if (this.#maxLog > 0) {
-        this.#log.push(stored);
-        if (this.#log.length > this.#maxLog) {
-          this.#log.shift();
-          this.#forgotten++;
-        }
-      } else {
+    for (const message of messages) {
+      if (message.dueAt !== undefined && message.dueAt > this.#clock.now()) this.#later(message);
+      else this.#append(message);
+    }
+  }
+
+  #later(message: Outgoing): void {
+    const { id } = message.envelope;
+    // The same id scheduled twice (a retried publish) is one message, as on PostgreSQL.
+    if (this.#scheduled.has(id)) return;
+    const timer = this.#clock.setTimeout(() => {
+      this.#scheduled.delete(id);
+      this.#append(message);
+    }, message.dueAt! - this.#clock.now());
+    // A scheduled message must not keep a test process alive.
+    timer.unref?.();
+    this.#scheduled.set(id, timer);
+  }
+
+  #append({ envelope, json, keyHash }: Outgoing): void {
+    const stored: Stored = { seq: ++this.#seq, envelope, json, keyHash };
+    if (this.#maxLog > 0) {
+      this.#log.push(stored);
+      if (this.#log.length > this.#maxLog) {
+        this.#log.shift();
         this.#forgotten++;
       }
-      const groups = this.#byTopic.get(envelope.topic);
-      if (groups !== undefined) for (const group of groups) group.enqueue(stored);
-      for (const group of this.#everyTopic) group.enqueue(stored);
+    } else {
+      this.#forgotten++;
     }
+    const groups = this.#byTopic.get(envelope.topic);
+    if (groups !== undefined) for (const group of groups) group.enqueue(stored);
+    for (const group of this.#everyTopic) group.enqueue(stored);
   }
 
   #replayLog(group: Group): void {
@@ -251,16 +416,16 @@ export class MemoryBackbone implements Backbone<MemoryTransaction> {
     }
   }
 
-  #idle(): boolean {
-    for (const group of this.#groups.values()) if (group.running && group.outstanding > 0) return false;
+  #idle(retries: boolean): boolean {
+    for (const group of this.#groups.values()) if (group.running && (retries ? group.outstanding : group.outstanding - group.waiting) > 0) return false;
     return true;
   }
 
   #checkIdle(): void {
-    if (this.#waiters.size === 0 || !this.#idle()) return;
-    const waiters = [...this.#waiters];
-    this.#waiters.clear();
-    for (const waiter of waiters) {
+    if (this.#waiters.size === 0) return;
+    for (const waiter of [...this.#waiters]) {
+      if (!this.#idle(waiter.retries)) continue;
+      this.#waiters.delete(waiter);
       clearTimeout(waiter.timer);
       waiter.resolve();
     }

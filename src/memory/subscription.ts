@@ -1,7 +1,8 @@
 import { AsyncResource } from 'node:async_hooks';
 import { EVERY_TOPIC, type AttemptRecord, type Consumer, type DeliveryHandler, type DeliveryResult, type SubscriptionSpec } from '../core/backbone.ts';
 import { partitionOf, type Envelope } from '../core/envelope.ts';
-import { describeError } from '../core/errors.ts';
+import { runAttempts } from '../core/attempts.ts';
+import type { Clock, ClockTimer } from '../core/clock.ts';
 import { Deque } from './deque.ts';
 import type { MemoryTransaction } from './transaction.ts';
 
@@ -36,10 +37,10 @@ export interface GroupContext {
   retopic(): void;
   warn(message: string, error?: unknown): void;
   readonly maxInbox: number;
+  /** The clock of delayed retries. */
+  readonly clock: Clock;
 }
 
-/** A handler that threw instead of returning a result (a bug below the bus): try again later, not in a hot loop. */
-const CRASHED_HANDLER_RETRY_MS = 1_000;
 /** Handlers started back to back before a worker yields to timers and I/O: all-synchronous handlers never would. */
 const DISPATCHES_PER_TURN = 256;
 
@@ -52,7 +53,7 @@ class KeyLine {
   ready = false;
   /** When the head's delayed retry is due (0: not waiting). The key's later messages wait behind it. */
   retryAt = 0;
-  timer: NodeJS.Timeout | undefined;
+  timer: ClockTimer | undefined;
   constructor(
     readonly key: string,
     readonly lane: Lane,
@@ -102,6 +103,13 @@ export class Group {
 
   get running(): boolean {
     return this.#workers.length > 0;
+  }
+
+  /** Messages of keys that wait for a delayed retry: counted in `outstanding`, but nothing runs them until it is due. */
+  get waiting(): number {
+    let messages = 0;
+    for (const line of this.#waiting) messages += line.pending.length;
+    return messages;
   }
 
   /** A committed message of one of this subscription's topics. */
@@ -164,7 +172,7 @@ export class Group {
     // No worker left: retry timers would only wake nobody. They are armed again, for the time left, on attach.
     if (this.#workers.length === 0) {
       for (const line of this.#waiting) {
-        clearTimeout(line.timer);
+        this.#ctx.clock.clearTimeout(line.timer);
         line.timer = undefined;
       }
     }
@@ -196,7 +204,7 @@ export class Group {
         while (line.pending.shift() !== undefined);
         for (const entry of kept) line.pending.push(entry);
         if (kept.length === 0 && line.retryAt !== 0) {
-          clearTimeout(line.timer);
+          this.#ctx.clock.clearTimeout(line.timer);
           line.retryAt = 0;
           this.#waiting.delete(line);
         }
@@ -261,14 +269,15 @@ export class Group {
     } else {
       line.pending.unshift(entry);
       if (how === 'wait') {
-        line.retryAt = Date.now() + delayMs;
+        line.retryAt = this.#ctx.clock.now() + delayMs;
         this.#waiting.add(line);
         if (this.#workers.length > 0) this.#arm(line);
       }
     }
     if (line.retryAt === 0 && line.pending.length > 0) this.#makeReady(line);
     else if (line.retryAt === 0) line.lane.keys.delete(line.key);
-    if (this.outstanding === 0) this.#ctx.settled();
+    // Drain waiters look again: one that does not wait for retries may be done although messages wait.
+    this.#ctx.settled();
   }
 
   /** Counts for drain()'s timeout message. */
@@ -308,15 +317,15 @@ export class Group {
   }
 
   #arm(line: KeyLine): void {
-    clearTimeout(line.timer);
-    line.timer = setTimeout(() => {
+    this.#ctx.clock.clearTimeout(line.timer);
+    line.timer = this.#ctx.clock.setTimeout(() => {
       line.timer = undefined;
       line.retryAt = 0;
       this.#waiting.delete(line);
       this.#makeReady(line);
-    }, Math.max(0, line.retryAt - Date.now()));
+    }, Math.max(0, line.retryAt - this.#ctx.clock.now()));
     // A retry waiting in memory must not keep a test process alive.
-    line.timer.unref();
+    line.timer.unref?.();
   }
 }
 
@@ -379,46 +388,41 @@ export class MemoryWorker implements Consumer {
     }
   }
 
-  /** Attempts the key's head until it is acknowledged, dead-lettered or must wait; then frees the key. */
+  /** Attempts the key's head until it is acknowledged, dead-lettered or must wait (core/attempts.ts); then frees the key. */
   async #run(line: KeyLine, entry: Entry): Promise<void> {
     const group = this.#group;
     let how: 'done' | 'wait' | 'again' = 'done';
     let delayMs = 0;
     try {
-      for (;;) {
-        const { envelope } = entry.message;
-        // A redriven or re-published message this subscription already handled.
-        if (group.inbox && group.handled(envelope.id)) break;
-        const attempt = ++entry.attempts;
-        const tx = this.#ctx.begin(`the transaction of attempt ${attempt} at message ${envelope.id} (${envelope.topic}) in subscription ${group.name}`);
-        let result: DeliveryResult;
-        try {
-          result = await this.#handle({ envelope: { ...envelope, data: JSON.parse(entry.message.json) as unknown }, attempt, tx });
-        } catch (error) {
-          result = { outcome: 'retry', delayMs: CRASHED_HANDLER_RETRY_MS, error: describeError(error) };
-        }
-        if (result.outcome === 'ack') {
-          // The inbox record and what the handler published become visible together, as in one commit.
-          if (group.inbox) group.remember(envelope.id);
-          this.#ctx.end(tx, true);
-          break;
-        }
-        this.#ctx.end(tx, false);
-        entry.history.push({ attempt, at: new Date().toISOString(), error: result.error });
-        if (result.outcome === 'dead-letter') {
-          this.#ctx.deadLetter(group.name, entry, result.reason);
-          break;
-        }
-        if (result.delayMs > 0) {
-          how = 'wait';
-          delayMs = result.delayMs;
-          break;
-        }
-        if (this.#stopping) {
-          how = 'again';
-          break;
-        }
-      }
+      const { envelope, json } = entry.message;
+      // A redriven or re-published message this subscription already handled.
+      if (group.inbox && group.handled(envelope.id)) return;
+      const result = await runAttempts(this.#handle, {
+        first: entry.attempts + 1,
+        history: entry.history,
+        retry: this.#spec.retry,
+        // Each attempt parses its own copy of the data, as a real backbone would hand it over.
+        envelope: () => ({ ...envelope, data: JSON.parse(json) as unknown }),
+        open: (attempt) => {
+          entry.attempts = attempt;
+          const tx = this.#ctx.begin(`the transaction of attempt ${attempt} at message ${envelope.id} (${envelope.topic}) in subscription ${group.name}`);
+          return {
+            tx,
+            end: async (keep) => {
+              // The inbox record and what the handler published become visible together, as in one commit.
+              if (keep && group.inbox) group.remember(envelope.id);
+              this.#ctx.end(tx, keep);
+              return undefined;
+            },
+          };
+        },
+        stopping: () => this.#stopping,
+      });
+      if (result.kind === 'dead') this.#ctx.deadLetter(group.name, entry, result.reason);
+      else if (result.kind === 'retry' && result.delayMs > 0) {
+        how = 'wait';
+        delayMs = result.delayMs;
+      } else if (result.kind === 'retry') how = 'again';
     } finally {
       this.#inFlight--;
       group.release(line, entry, how, delayMs);

@@ -10,6 +10,8 @@ interface Internals {
   state: MemoryTransactionState;
   readonly pending: Outgoing[];
   readonly hooks: Array<() => void>;
+  /** What the backbone undoes if the transaction rolls back (a schedule's claimed tick). */
+  readonly undo: Array<() => void>;
 }
 
 /** Kept off the object so that a user's `tx` shows nothing to call but its small public surface. */
@@ -24,7 +26,7 @@ const internals = new WeakMap<MemoryTransaction, Internals>();
 export class MemoryTransaction {
   /** @internal Made by the memory backbone only. */
   constructor(owner: object, what: string) {
-    internals.set(this, { owner, what, state: 'open', pending: [], hooks: [] });
+    internals.set(this, { owner, what, state: 'open', pending: [], hooks: [], undo: [] });
   }
 
   get state(): MemoryTransactionState {
@@ -60,8 +62,9 @@ function open(tx: MemoryTransaction, action: string, owner?: object): Internals 
   return inner;
 }
 
-export function isMemoryTransaction(tx: unknown): tx is MemoryTransaction {
-  return tx instanceof MemoryTransaction && internals.has(tx);
+/** Runs `fn` if the open transaction `tx` rolls back. */
+export function rollbackHook(tx: MemoryTransaction, fn: () => void): void {
+  open(tx, 'claim a schedule tick').undo.push(fn);
 }
 
 /** Buffers messages in an open transaction of `owner`. */
@@ -85,8 +88,10 @@ export function finish(tx: MemoryTransaction, commit: boolean): { messages: Outg
   if (inner.state !== 'open') return { messages: [], hooks: [] };
   inner.state = commit ? 'committed' : 'rolled-back';
   const result = commit ? { messages: inner.pending.splice(0), hooks: inner.hooks.splice(0) } : { messages: [], hooks: [] };
+  if (!commit) for (const undo of inner.undo) undo();
   inner.pending.length = 0;
   inner.hooks.length = 0;
+  inner.undo.length = 0;
   return result;
 }
 

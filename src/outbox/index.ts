@@ -5,15 +5,19 @@
  * transaction (opened on first use) that commits together with their inbox record, so their writes happen
  * once although the broker may deliver twice. Without an outbox the broker is used alone: no `tx`, no inbox.
  */
-import type { Backbone, Consumer, Delivery, DeliveryHandler, DeliveryResult, Outgoing, SubscriptionSpec } from '../core/backbone.ts';
+import { defaultWarning } from '../core/warnings.ts';
+import type { Backbone, Consumer, Delivery, DeliveryHandler, DeliveryResult, Outgoing, Reply, SubscriptionSpec } from '../core/backbone.ts';
 import { EVERY_TOPIC } from '../core/backbone.ts';
-import type { Broker, DeadLetterStore } from '../core/broker.ts';
+import type { Broker } from '../core/broker.ts';
+import type { SagaStore } from '../core/saga.ts';
+import type { DeadLetterStore } from '../core/dead-letters.ts';
 import { keyHash, type Envelope } from '../core/envelope.ts';
 import { describeError, storable, TidingsError } from '../core/errors.ts';
 import { envelopeProblem } from '../core/limits.ts';
 import { OptionProblems } from '../core/options.ts';
 import { sleep } from '../core/sleep.ts';
-import { LazyTransaction, SharedInbox } from './inbox.ts';
+import { LazyTransaction } from './inbox.ts';
+import type { Inbox } from '../postgres/inbox.ts';
 import type { PgTransaction, PostgresBackbone } from '../postgres/index.ts';
 
 export interface RelayOptions {
@@ -81,7 +85,7 @@ export class BrokerBackbone implements Backbone<PgTransaction> {
             concurrency: relay.concurrency ?? relayDefaults.concurrency,
             batchSize: relay.batchSize ?? relayDefaults.batchSize,
           };
-    this.#warn = options.onWarning ?? ((message, error) => console.warn(`[tidings] ${message}${error instanceof Error ? `: ${error.message}` : ''}`));
+    this.#warn = options.onWarning ?? defaultWarning;
   }
 
   open(): Promise<void> {
@@ -143,9 +147,48 @@ export class BrokerBackbone implements Backbone<PgTransaction> {
 
   async publish(messages: readonly Outgoing[], tx?: PgTransaction): Promise<void> {
     await this.open();
+    // The broker cannot hold a message until it is due: the outbox does, and the relay carries it then.
+    if (messages.some((message) => message.dueAt !== undefined)) {
+      if (this.outbox === undefined) throw noOutbox(this.name, 'schedule delivery');
+      return this.outbox.publish(messages, tx);
+    }
     if (tx === undefined) return this.broker.publish(messages);
     if (this.outbox === undefined) throw noOutbox(this.name, 'publish in a transaction');
     return this.outbox.publish(messages, tx);
+  }
+
+  async claimTick(name: string, definition: string, tick: number, tx: PgTransaction): Promise<boolean> {
+    if (this.outbox === undefined) throw noOutbox(this.name, 'run recurring schedules');
+    return this.outbox.claimTick(name, definition, tick, tx);
+  }
+
+  async lastTick(name: string): Promise<{ tick: number; definition: string } | undefined> {
+    if (this.outbox === undefined) throw noOutbox(this.name, 'run recurring schedules');
+    await this.open();
+    return this.outbox.lastTick(name);
+  }
+
+  sagas(): SagaStore<PgTransaction> {
+    if (this.outbox === undefined) throw noOutbox(this.name, 'keep saga state');
+    return this.outbox.sagas();
+  }
+
+  async reply(requestId: string, reply: Reply, tx?: PgTransaction): Promise<void> {
+    if (this.outbox === undefined) throw noOutbox(this.name, 'carry replies');
+    await this.open();
+    return this.outbox.reply(requestId, reply, tx);
+  }
+
+  async awaitReply(requestId: string, signal: AbortSignal, late: () => void): Promise<Reply> {
+    if (this.outbox === undefined) throw noOutbox(this.name, 'carry replies');
+    await this.open();
+    return this.outbox.awaitReply(requestId, signal, late);
+  }
+
+  async cancelScheduled(id: string): Promise<boolean> {
+    if (this.outbox === undefined) throw noOutbox(this.name, 'schedule delivery');
+    await this.open();
+    return this.outbox.cancelScheduled(id);
   }
 
   async transaction<T>(fn: (tx: PgTransaction) => Promise<T>): Promise<T> {
@@ -158,7 +201,7 @@ export class BrokerBackbone implements Backbone<PgTransaction> {
     await this.open();
     const outbox = this.outbox;
     if (outbox === undefined) return this.broker.consume(spec, (delivery) => handle(delivery as Delivery<never>));
-    const inbox = spec.inbox ? new SharedInbox(outbox.driver, outbox.schema, spec.name) : undefined;
+    const inbox = spec.inbox ? outbox.inbox(spec.name) : undefined;
     return this.broker.consume(spec, (delivery) => this.#withOutbox(outbox, spec, inbox, delivery, handle));
   }
 
@@ -171,7 +214,7 @@ export class BrokerBackbone implements Backbone<PgTransaction> {
   async #withOutbox(
     outbox: PostgresBackbone,
     spec: SubscriptionSpec,
-    inbox: SharedInbox | undefined,
+    inbox: Inbox | undefined,
     delivery: Delivery<undefined>,
     handle: DeliveryHandler<PgTransaction>,
   ): Promise<DeliveryResult> {
@@ -185,7 +228,7 @@ export class BrokerBackbone implements Backbone<PgTransaction> {
     } catch (error) {
       return databaseFailed(error);
     }
-    const lazy = new LazyTransaction(outbox, inbox === undefined ? undefined : { subscription: spec.name, id });
+    const lazy = new LazyTransaction(outbox, inbox === undefined ? undefined : { inbox, subscription: spec.name, id });
     let result: DeliveryResult;
     try {
       result = await handle({ envelope: delivery.envelope, attempt: delivery.attempt, tx: lazy.tx });

@@ -18,7 +18,7 @@ import type {
   DeadLetterSelection,
   DeadLetterStore,
   DeadLetterSummary,
-} from '../core/broker.ts';
+} from '../core/dead-letters.ts';
 
 import { keyHash, partitionOf, type Envelope } from '../core/envelope.ts';
 import { TidingsError } from '../core/errors.ts';
@@ -798,7 +798,8 @@ function escapeLike(text: string): string {
   return text.replace(/[\\%_]/g, (char) => `\\${char}`);
 }
 
-function schemaOf(schema: string): string {
+/** The schema as quoted SQL, once validated. */
+export function schemaOf(schema: string): string {
   return `"${checkIdentifier('schema', schema)}"`;
 }
 
@@ -809,7 +810,7 @@ function chunkOf(options: { readonly chunkSize?: number | undefined }): number {
 }
 
 /** A schema that was never migrated, or migrated by an older version, gets an error that says what to do. */
-async function explainMissingSchema<T>(schema: string, fn: () => Promise<T>): Promise<T> {
+export async function explainMissingSchema<T>(schema: string, fn: () => Promise<T>): Promise<T> {
   try {
     return await fn();
   } catch (error) {
@@ -845,6 +846,41 @@ function groupBy<T>(items: readonly T[], keyOf: (item: T) => string): Map<string
   return groups;
 }
 
-function iso(value: Date | string): string {
+export function iso(value: Date | string): string {
   return value instanceof Date ? value.toISOString() : new Date(value).toISOString();
+}
+
+// ---- dropping a subscription ----------------------------------------------------------------------
+
+export interface DropSubscriptionResult {
+  readonly subscription: string;
+  /** Held messages and inbox records removed with it; its dead letters are kept (drop them apart). */
+  readonly held: number;
+  readonly inbox: number;
+}
+
+/**
+ * Removes a subscription that is gone for good (renamed, or a command that moved to another owner): its
+ * cursors, workers, held messages and inbox. Refused while a worker of it is alive: stop them first, or
+ * they would register it again. Its dead letters stay, to inspect or drop.
+ */
+export async function dropSubscription(driver: SqlDriver, options: { schema: string; subscription: string }): Promise<DropSubscriptionResult> {
+  const s = schemaOf(options.schema);
+  return explainMissingSchema(options.schema, () =>
+    driver.transaction(async (tx) => {
+      const { rows: subs } = await tx.query(`select name from ${s}.subscriptions where name = $1 for update`, [options.subscription]);
+      if (subs.length === 0) throw await unknownSubscription(tx, s, options.schema, options.subscription);
+      const { rows: live } = await tx.query<{ id: string }>(`select id from ${s}.workers where subscription = $1 and expires_at > now()`, [options.subscription]);
+      if (live.length > 0) {
+        throw new TidingsError(
+          'SUBSCRIPTION_CONFLICT',
+          `Subscription ${options.subscription} has ${live.length} live worker${live.length === 1 ? '' : 's'} (${live.map((worker) => worker.id).join(', ')}): stop ${live.length === 1 ? 'it' : 'them'} first, or ${live.length === 1 ? 'it' : 'they'} would register it again`,
+        );
+      }
+      const held = await tx.query(`delete from ${s}.held where subscription = $1`, [options.subscription]);
+      const inbox = await tx.query(`delete from ${s}.inbox where subscription = $1`, [options.subscription]);
+      await tx.query(`delete from ${s}.subscriptions where name = $1`, [options.subscription]);
+      return { subscription: options.subscription, held: held.rowCount ?? 0, inbox: inbox.rowCount ?? 0 };
+    }),
+  );
 }

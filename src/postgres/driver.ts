@@ -11,36 +11,33 @@ export interface Queryable {
 }
 
 /**
- * Set on a transaction's Queryable when its connection can keep statements prepared: runs `text` as the
- * prepared statement `name` on that connection (see SqlDriver.prepared).
+ * Streams rows into a table with `COPY ... FROM STDIN` (`text`), in the transaction. `rows` holds COPY text, a
+ * chunk per item, each produced only when the one before has been handed to the connection, so PostgreSQL
+ * ingests one while the next is made.
  */
-export const PREPARED = Symbol('tidings.prepared');
-
-/** Set (true) on a transaction's Queryable whose statements may be sent without waiting for the ones before. */
-export const PIPELINED = Symbol('tidings.pipelined');
-
-/**
- * Set on a server transaction's Queryable: streams rows into a table with `COPY ... FROM STDIN` (`text`),
- * in the transaction. `rows` holds COPY text, a chunk per item, each produced only when the one before has
- * been handed to the connection, so PostgreSQL ingests one while the next is made.
- */
-export const COPY_IN = Symbol('tidings.copyIn');
-
 export type CopyIn = (text: string, rows: Iterable<string>) => Promise<void>;
 
 export type Prepare = <R = Record<string, unknown>>(name: string, text: string, params: readonly unknown[]) => Promise<{ rows: R[]; rowCount?: number | null }>;
 
-/** The driver as a Queryable whose statements may be prepared (see PREPARED). */
-export function preparing(driver: SqlDriver): Queryable {
+/** A connection (or the pool) as Tidings uses it: queries, and what more its client can do. */
+export interface Session extends Queryable {
+  /** Runs `text` as the prepared statement `name`, where the connection keeps statements prepared (see SqlDriver.prepared). */
+  readonly prepared?: Prepare | undefined;
+  /** COPY into a table, in the transaction (a server transaction only). */
+  readonly copyIn?: CopyIn | undefined;
+  /** Statements may be sent without waiting for the answers to the ones before. */
+  readonly pipelined?: boolean | undefined;
+}
+
+/** The driver as a session whose statements may be prepared. */
+export function preparing(driver: SqlDriver): Session {
   if (driver.embedded) return driver;
-  const db: Queryable & { [PREPARED]: Prepare } = { query: (text, params) => driver.query(text, params), [PREPARED]: (name, text, params) => driver.prepared(name, text, params) };
-  return db;
+  return { query: (text, params) => driver.query(text, params), prepared: (name, text, params) => driver.prepared(name, text, params) };
 }
 
 /** Runs `text` prepared as `name` where `db` can, and as a plain statement where it cannot. */
-export function queryPrepared<R = Record<string, unknown>>(db: Queryable, name: string, text: string, params: readonly unknown[]): Promise<{ rows: R[]; rowCount?: number | null }> {
-  const prepare = (db as { [PREPARED]?: Prepare })[PREPARED];
-  return prepare === undefined ? db.query<R>(text, params) : prepare<R>(name, text, params);
+export function queryPrepared<R = Record<string, unknown>>(db: Session, name: string, text: string, params: readonly unknown[]): Promise<{ rows: R[]; rowCount?: number | null }> {
+  return db.prepared === undefined ? db.query<R>(text, params) : db.prepared<R>(name, text, params);
 }
 
 /** A statement to run; `name` keeps it prepared on the connection, where the driver can. */
@@ -51,7 +48,7 @@ export interface Statement {
 }
 
 /** Runs `statement` on `db`, prepared under its name where `db` can. */
-export function runStatement<R = Record<string, unknown>>(db: Queryable, statement: Statement): Promise<{ rows: R[]; rowCount?: number | null }> {
+export function runStatement<R = Record<string, unknown>>(db: Session, statement: Statement): Promise<{ rows: R[]; rowCount?: number | null }> {
   const { name, text, params } = statement;
   return name === undefined ? db.query<R>(text, params) : queryPrepared<R>(db, name, text, params);
 }
@@ -86,7 +83,7 @@ export interface SqlDriver extends Queryable {
    * On a server, the statement travels with COMMIT in one round trip; if `fn` ran nothing, it runs alone
    * and commits by itself, without BEGIN or COMMIT.
    */
-  transaction<T>(fn: (tx: Queryable) => Promise<T>, atCommit?: () => Statement | undefined): Promise<T>;
+  transaction<T>(fn: (tx: Session) => Promise<T>, atCommit?: () => Statement | undefined): Promise<T>;
   /** Opens a dedicated session for LISTEN. */
   listen(channels: readonly string[], handlers: ListenHandlers): Promise<ListenSession>;
   close(): Promise<void>;
@@ -161,11 +158,11 @@ export async function pgDriver(options: PgDriverOptions): Promise<SqlDriver> {
       };
       client.on('error', onError);
       const session = new PgSession(client, copyFrom);
-      const tx: Queryable & { [PREPARED]: Prepare; [PIPELINED]: boolean; [COPY_IN]: CopyIn } = {
+      const tx: Session = {
         query: (text, params) => session.run({ text, params: params ?? [] }),
-        [PREPARED]: (name, text, params) => session.run({ name, text, params }),
-        [PIPELINED]: session.pipelined,
-        [COPY_IN]: (text, rows) => session.copy(text, rows),
+        prepared: (name, text, params) => session.run({ name, text, params }),
+        pipelined: session.pipelined,
+        copyIn: (text, rows) => session.copy(text, rows),
       };
       try {
         const result = await fn(tx);
@@ -274,7 +271,7 @@ class PgSession {
     return this.#sendAll<R>([BEGIN, statement]);
   }
 
-  /** Streams `rows` into `COPY ... FROM STDIN` (see COPY_IN); a failure aborts the transaction. */
+  /** Streams `rows` into `COPY ... FROM STDIN` (see CopyIn); a failure aborts the transaction. */
   copy(text: string, rows: Iterable<string>): Promise<void> {
     if (this.#copying !== undefined) return this.#copying.then(() => this.copy(text, rows));
     const copying = this.#copy(text, rows);

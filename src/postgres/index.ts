@@ -1,17 +1,22 @@
-import type { Backbone, Consumer, DeliveryHandler, Outgoing, SubscriptionSpec } from '../core/backbone.ts';
-import type { DeadLetterStore } from '../core/broker.ts';
+import { defaultWarning } from '../core/warnings.ts';
+import type { Backbone, Consumer, DeliveryHandler, Outgoing, Reply, SubscriptionSpec } from '../core/backbone.ts';
+import type { SagaStore } from '../core/saga.ts';
+import type { DeadLetterStore } from '../core/dead-letters.ts';
 import type { Envelope } from '../core/envelope.ts';
 import { TidingsError } from '../core/errors.ts';
 import { OptionProblems } from '../core/options.ts';
 import { PostgresConsumer, type ConsumerSettings } from './consume/consumer.ts';
 import { deadLetterStore, readStatus } from './admin.ts';
-import { checkIdentifier, COPY_IN, pgDriver, pgliteDriver, preparing, type CopyIn, type PGliteLike, type PgPoolLike, type SqlDriver } from './driver.ts';
+import { checkIdentifier, pgDriver, pgliteDriver, preparing, runStatement, type PGliteLike, type PgPoolLike, type SqlDriver } from './driver.ts';
+import { Inbox } from './inbox.ts';
 import { migrate } from './migrate.ts';
 import { resolveRetention, Retention, type RetentionOptions } from './retention.ts';
 import { Notifier } from './notifier.ts';
-import { copyRows, GroupCommit, insertMessages, insertStatement } from './publisher.ts';
+import { copyRows, GroupCommit, insertMessages, insertStatement, messagesJson } from './publisher.ts';
+import { SCHEDULED_SIGNAL, Scheduler } from './scheduler.ts';
+import { REPLY_SIGNAL, ReplyWaiter } from './replies.ts';
 import { statements, type Statements } from './statements.ts';
-import { AT_COMMIT, isTracked, PUBLISHED, track, type AtCommit, type PgTransaction } from './transaction.ts';
+import { TrackedTransaction, type AtCommit, type PgTransaction } from './transaction.ts';
 
 export type { PgTransaction } from './transaction.ts';
 export type { Queryable, PgPoolLike, PGliteLike, SqlDriver } from './driver.ts';
@@ -75,6 +80,10 @@ export const postgresDefaults = {
   reconnectMaxMs: 5_000,
   errorBackoffMaxMs: 5_000,
   handlerConnections: 2,
+  /** How often a process waiting for replies looks for them even without a notification. */
+  replyPollMs: 1_000,
+  /** Scheduled messages the scheduler moves into the log per statement. */
+  scheduledBatch: 1_000,
   selfTestMs: 2_000,
 } as const;
 
@@ -112,10 +121,6 @@ function unstorable(envelope: Envelope, json: string): string | undefined {
   return undefined;
 }
 
-function defaultWarning(message: string, error?: unknown): void {
-  const detail = error instanceof Error ? `: ${error.message}` : '';
-  console.warn(`[tidings] ${message}${detail}`);
-}
 
 /**
  * The PostgreSQL backbone: a log table read in commit order, LISTEN/NOTIFY wake-ups from one connection per
@@ -136,6 +141,8 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
   #warn: (message: string, error?: unknown) => void;
   #nudges = new Set<NodeJS.Timeout>();
   #retention: Retention | undefined;
+  #scheduler: Scheduler | undefined;
+  #replies: ReplyWaiter | undefined;
 
   constructor(options: PostgresOptions) {
     const problems = new OptionProblems('postgres()');
@@ -206,6 +213,19 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
       this.#retention = new Retention(driver, { ...o.retention, schema: this.schema, onWarning: this.#warn });
       this.#retention.start();
     }
+    this.#scheduler = new Scheduler(
+      driver,
+      this.#sql,
+      this.#notifier,
+      {
+        leaseMs: o.leaseMs ?? postgresDefaults.leaseMs,
+        heartbeatMs: o.heartbeatMs ?? postgresDefaults.heartbeatMs,
+        batchSize: postgresDefaults.scheduledBatch,
+      },
+      this.#warn,
+    );
+    this.#workers.add(this.#scheduler.owner);
+    this.#scheduler.start();
     const batch = { ...postgresDefaults.publishBatch, ...o.publishBatch };
     const writer = preparing(driver);
     const notifier = this.#notifier;
@@ -221,18 +241,19 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
     // other callers' messages share.
     refuseUnstorable(messages);
     await this.open();
+    if (messages.some((message) => message.dueAt !== undefined)) return this.#schedule(messages, tx);
     if (tx === undefined) return this.#groupCommit!.publish(messages);
-    if (isTracked(tx) && tx[AT_COMMIT] !== undefined) {
+    if (tx instanceof TrackedTransaction && tx.atCommit !== undefined) {
       // Written with the commit: one statement for all of the transaction's messages, in its round trip.
       for (const message of messages) {
-        tx[AT_COMMIT].messages.push(message);
-        tx[PUBLISHED].add(message.envelope.topic);
+        tx.atCommit.messages.push(message);
+        tx.published.add(message.envelope.topic);
       }
       return;
     }
     await insertMessages(tx, this.#sql, messages);
-    if (isTracked(tx)) {
-      for (const message of messages) tx[PUBLISHED].add(message.envelope.topic);
+    if (tx instanceof TrackedTransaction) {
+      for (const message of messages) tx.published.add(message.envelope.topic);
       return;
     }
     // A transaction the caller drives: we cannot see its commit. Wake consumers shortly after, when it
@@ -246,16 +267,100 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
   }
 
   /**
+   * Writes messages due later to `scheduled` (migration 007), in `tx` or on their own; the scheduler's leader
+   * moves them into the log when they are due (scheduler.ts). If one is due before the leader's next
+   * wake-up, the commit wakes it (the `scheduled` signal, in this process and by NOTIFY in others).
+   */
+  async #schedule(messages: readonly Outgoing[], tx: PgTransaction | undefined): Promise<void> {
+    const soon = messages.some((message) => message.dueAt! - Date.now() < (this.options.heartbeatMs ?? postgresDefaults.heartbeatMs));
+    const signal = `!${SCHEDULED_SIGNAL}`;
+    const insert = { name: `tidings.${this.schema}.schedule`, text: this.#sql.insertScheduled, params: [messagesJson(messages)] };
+    if (tx === undefined) {
+      await runStatement(preparing(this.driver), insert);
+      if (soon) this.#notifier?.poke([signal]);
+      return;
+    }
+    await runStatement(tx instanceof TrackedTransaction ? tx : { query: (text, params) => tx.query(text, params) }, insert);
+    if (!soon) return;
+    if (tx instanceof TrackedTransaction) tx.published.add(signal);
+    else {
+      const nudge = setTimeout(() => {
+        this.#nudges.delete(nudge);
+        this.#notifier?.poke([signal]);
+      }, this.options.foreignCommitNudgeMs ?? postgresDefaults.foreignCommitNudgeMs);
+      this.#nudges.add(nudge);
+    }
+  }
+
+  async claimTick(name: string, definition: string, tick: number, tx: PgTransaction): Promise<boolean> {
+    const { rows } = await tx.query(this.#sql.claimTick, [name, definition, new Date(tick)]);
+    return rows.length > 0;
+  }
+
+  async lastTick(name: string): Promise<{ tick: number; definition: string } | undefined> {
+    await this.open();
+    const { rows } = await this.driver.query<{ definition: string; last_tick: Date | string }>(this.#sql.lastTick, [name]);
+    return rows[0] === undefined ? undefined : { tick: new Date(rows[0].last_tick).getTime(), definition: rows[0].definition };
+  }
+
+  sagas(): SagaStore<PgTransaction> {
+    const sql = this.#sql;
+    return {
+      async load(tx, saga, id) {
+        const { rows } = await tx.query<{ state: unknown; version: number; completed: boolean }>(sql.loadSaga, [saga, id]);
+        const row = rows[0];
+        return row === undefined ? undefined : { state: row.state, version: Number(row.version), completed: row.completed };
+      },
+      find: async (saga, id) => {
+        await this.open();
+        const { rows } = await this.driver.query<{ state: unknown; version: number; completed: boolean }>(sql.findSaga, [saga, id]);
+        const row = rows[0];
+        return row === undefined ? undefined : { state: row.state, version: Number(row.version), completed: row.completed };
+      },
+      async save(tx, saga, id, row, cause) {
+        const { rows } = await tx.query<{ saved: number }>(sql.saveSaga, [saga, id, JSON.stringify(row.state), row.version, row.completed, cause.messageId, cause.topic]);
+        return Number(rows[0]?.saved ?? 0) > 0;
+      },
+    };
+  }
+
+  /** Records a request's answer (see Backbone.reply): in `tx`, whose commit wakes the requester, or on its own. */
+  async reply(requestId: string, reply: Reply, tx?: PgTransaction): Promise<void> {
+    await this.open();
+    const params = [requestId, reply.data === undefined ? null : JSON.stringify(reply.data), reply.error === undefined ? null : JSON.stringify(reply.error)];
+    const signal = `!${REPLY_SIGNAL}`;
+    if (tx === undefined) {
+      await this.driver.query(this.#sql.insertReply, params);
+      this.#notifier?.poke([signal]);
+      return;
+    }
+    await tx.query(this.#sql.insertReply, params);
+    if (tx instanceof TrackedTransaction) tx.published.add(signal);
+    else setTimeout(() => this.#notifier?.poke([signal]), this.options.foreignCommitNudgeMs ?? postgresDefaults.foreignCommitNudgeMs);
+  }
+
+  async awaitReply(requestId: string, signal: AbortSignal, late: () => void): Promise<Reply> {
+    await this.open();
+    this.#replies ??= new ReplyWaiter(this.driver, this.#sql, this.#notifier!, postgresDefaults.replyPollMs, this.#warn);
+    return this.#replies.await(requestId, signal, late);
+  }
+
+  /** Cancels a message scheduled for later that is not due yet (see Backbone.cancelScheduled). */
+  async cancelScheduled(id: string): Promise<boolean> {
+    await this.open();
+    const { rows } = await this.driver.query(this.#sql.cancelScheduled, [id]);
+    return rows.length > 0;
+  }
+
+  /**
    * In a `bus.transaction()` on a server, the messages are streamed with COPY, each chunk as soon as it is
    * encoded, so PostgreSQL ingests one while the next is encoded (a bulk publish is about half each, and COPY
    * costs the server a third of what an INSERT of the same rows does). Messages published before it in the
    * transaction go first, to keep their order. Elsewhere, all of them are written as one `publish`.
    */
   async publishChunks(chunks: Iterable<readonly Outgoing[]>, tx: PgTransaction): Promise<void> {
-    const copyIn = (tx as { [COPY_IN]?: CopyIn })[COPY_IN];
-    if (!isTracked(tx) || tx[AT_COMMIT] === undefined || copyIn === undefined) return this.publish([...chunks].flat(), tx);
-    const atCommit = tx[AT_COMMIT];
-    const published = tx[PUBLISHED];
+    if (!(tx instanceof TrackedTransaction) || tx.atCommit === undefined || tx.copyIn === undefined) return this.publish([...chunks].flat(), tx);
+    const { atCommit, published, copyIn } = tx;
     const earlier = atCommit.messages.splice(0);
     const encode = (chunk: readonly Outgoing[]): string => {
       refuseUnstorable(chunk);
@@ -280,7 +385,7 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
     const published = new Set<string>();
     const atCommit: AtCommit = { messages: [] };
     const result = await this.driver.transaction(
-      (inner) => fn(track(inner, published, atCommit)),
+      (inner) => fn(new TrackedTransaction(inner, published, atCommit)),
       () => {
         if (atCommit.failure !== undefined) {
           throw new TidingsError(
@@ -327,6 +432,11 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
     return consumer;
   }
 
+  /** The inbox of `subscription` in this database, for a consumer of another backbone (a broker's, through its outbox). Needs the backbone open. */
+  inbox(subscription: string): Inbox {
+    return new Inbox(this.driver, this.#sql, subscription);
+  }
+
   /** Messages committed to `subscription`'s topics and not yet handled by it; 0 when it does not exist yet. */
   async lag(subscription: string): Promise<number> {
     await this.open();
@@ -346,6 +456,8 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
     this.#nudges.clear();
     if (this.#opening === undefined) return;
     await this.#opening.catch(() => undefined);
+    this.#replies?.close();
+    await this.#scheduler?.stop();
     await this.#retention?.stop();
     await this.#notifier?.close();
     await this.#driver?.close();
@@ -357,4 +469,5 @@ export function postgres(options: PostgresOptions): PostgresBackbone {
   return new PostgresBackbone(options);
 }
 export * from './admin.ts';
+export * from './ops/sagas.ts';
 export { Retention, prune, retentionDefaults, type RetentionOptions, type PruneResult } from './retention.ts';

@@ -87,9 +87,16 @@ export class Notifier {
   poke(topics: Iterable<string>, notified = false): void {
     const set = new Set(topics);
     if (set.size === 0) return;
-    this.#wakeLocal(set);
+    // Signals (`!name`) among them reach this process's handlers too, as a received notification's do.
+    const topicsOnly = new Set<string>();
+    for (const token of set) {
+      if (token.startsWith('!')) this.#signal(token.slice(1));
+      else topicsOnly.add(token);
+    }
+    if (topicsOnly.size > 0) this.#wakeLocal(topicsOnly);
     // Embedded too: other buses of this process may share the PGlite instance, each with its own notifier.
-    if (this.#closed || notified || !this.othersListening()) return;
+    // A signal goes out whoever consumes: its listener (a process waiting for a reply) may consume nothing.
+    if (this.#closed || notified || (topicsOnly.size === set.size && !this.othersListening())) return;
     for (const topic of set) this.#pending.add(topic);
     void this.#send();
   }
@@ -157,6 +164,10 @@ export class Notifier {
     } finally {
       this.#sending = false;
     }
+  }
+
+  #signal(name: string): void {
+    for (const fn of this.#signals.get(name) ?? []) fn();
   }
 
   #wakeLocal(topics: ReadonlySet<string> | 'all'): void {
@@ -236,7 +247,7 @@ export class Notifier {
     if (body === '*') return this.#wakeLocal('all');
     const topics = new Set<string>();
     for (const token of body.split(',')) {
-      if (token.startsWith('!')) for (const fn of this.#signals.get(token.slice(1)) ?? []) fn();
+      if (token.startsWith('!')) this.#signal(token.slice(1));
       else topics.add(token);
     }
     if (topics.size > 0) this.#wakeLocal(topics);

@@ -1,4 +1,5 @@
 import type { Outgoing } from '../core/backbone.ts';
+import { Batcher } from '../core/batching.ts';
 import { runStatement, type Queryable, type Statement } from './driver.ts';
 
 export interface GroupCommitOptions {
@@ -8,85 +9,43 @@ export interface GroupCommitOptions {
   readonly maxInFlight: number;
 }
 
-interface Waiting {
-  readonly messages: readonly Outgoing[];
-  readonly resolve: () => void;
-  readonly reject: (error: unknown) => void;
-}
-
 /**
- * Group commit for publishes made outside any transaction: publishes issued while a write is in flight
- * are gathered and written together by the next single statement, which commits on its own. Each caller's
- * promise resolves once its messages are durable. Like a Kafka producer's linger, but with no timer: the
- * batch is whatever arrived during the previous round trip and the current turn of the event loop, so a
- * lone publish waits for nothing but the end of that turn.
+ * Group commit for publishes made outside any transaction (see Batcher): publishes issued while a write is
+ * in flight are gathered and written together by the next single statement, which commits on its own. Each
+ * caller's promise resolves once its messages are durable.
  */
 export class GroupCommit {
-  readonly #queue: Waiting[] = [];
-  #inFlight = 0;
-  #scheduled = false;
+  readonly #batcher: Batcher<readonly Outgoing[], void>;
 
   constructor(
-    private readonly options: GroupCommitOptions,
-    private readonly write: (messages: readonly Outgoing[], topics: ReadonlySet<string>) => Promise<void>,
-    private readonly committed: (topics: ReadonlySet<string>) => void,
-  ) {}
+    options: GroupCommitOptions,
+    write: (messages: readonly Outgoing[], topics: ReadonlySet<string>) => Promise<void>,
+    committed: (topics: ReadonlySet<string>) => void,
+  ) {
+    this.#batcher = new Batcher(
+      async (calls) => {
+        const messages = calls.length === 1 ? calls[0]! : calls.flat();
+        const topics = new Set(messages.map((message) => message.envelope.topic));
+        await write(messages, topics);
+        committed(topics);
+        return NOTHING;
+      },
+      { inFlight: options.maxInFlight, maxBatch: options.maxBatch, weight: (messages) => messages.length },
+    );
+  }
 
   publish(messages: readonly Outgoing[]): Promise<void> {
-    return new Promise((resolve, reject) => {
-      this.#queue.push({ messages, resolve, reject });
-      this.#schedule();
-    });
-  }
-
-  /**
-   * Writes start at the end of the event loop's turn, not at once: the callers one commit resolves publish
-   * again in the same turn, and the first of them would otherwise leave alone in a write of its own while
-   * the rest wait for the next (10 callers: ~3 messages per write instead of 10, and half the rate).
-   */
-  #schedule(): void {
-    if (this.#scheduled) return;
-    this.#scheduled = true;
-    setImmediate(() => {
-      this.#scheduled = false;
-      this.#drain();
-    });
-  }
-
-  #drain(): void {
-    while (this.#inFlight < this.options.maxInFlight && this.#queue.length > 0) {
-      const batch: Waiting[] = [];
-      let size = 0;
-      while (this.#queue.length > 0 && (batch.length === 0 || size + this.#queue[0]!.messages.length <= this.options.maxBatch)) {
-        const next = this.#queue.shift()!;
-        batch.push(next);
-        size += next.messages.length;
-      }
-      this.#inFlight++;
-      void this.#flush(batch);
-    }
-  }
-
-  async #flush(batch: Waiting[]): Promise<void> {
-    const messages = batch.length === 1 ? batch[0]!.messages : batch.flatMap((waiting) => waiting.messages);
-    try {
-      const topics = new Set(messages.map((message) => message.envelope.topic));
-      await this.write(messages, topics);
-      for (const waiting of batch) waiting.resolve();
-      this.committed(topics);
-    } catch (error) {
-      for (const waiting of batch) waiting.reject(error);
-    } finally {
-      this.#inFlight--;
-      this.#schedule();
-    }
+    return this.#batcher.submit(messages);
   }
 }
+
+/** What every caller of a write gets back: nothing (a sparse array reads as undefined everywhere). */
+const NOTHING: void[] = [];
 
 /** The JSON text `insertMessages` takes: one object per message, the data spliced in as already serialised. */
 export function messagesJson(messages: readonly Outgoing[]): string {
   const parts: string[] = [];
-  for (const { envelope: e, json, keyHash } of messages) {
+  for (const { envelope: e, json, keyHash, dueAt } of messages) {
     const head = JSON.stringify({
       topic: e.topic,
       id: e.id,
@@ -101,6 +60,7 @@ export function messagesJson(messages: readonly Outgoing[]): string {
       causation_id: e.causationid,
       traceparent: e.traceparent,
       tracestate: e.tracestate,
+      due_at: dueAt === undefined ? undefined : new Date(dueAt).toISOString(),
     });
     parts.push(`${head.slice(0, -1)},"data":${json}}`);
   }

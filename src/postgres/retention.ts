@@ -26,6 +26,8 @@ import { OptionProblems } from '../core/options.ts';
 import { checkIdentifier, type Queryable } from './driver.ts';
 
 const DAY = 86_400_000;
+/** An answer to a request is read within its timeout; one still there an hour later has nobody waiting for it. */
+const REPLY_MAX_AGE_MS = 3_600_000;
 
 export interface RetentionOptions {
   log?: {
@@ -119,6 +121,8 @@ export interface PruneResult {
   };
   readonly inbox: { readonly deleted: number };
   readonly deadLetters: { readonly deleted: number };
+  /** Answers to requests nobody waited for any more (they timed out), older than an hour. */
+  readonly replies: { readonly deleted: number };
   /** Statements run: each a short transaction of its own. */
   readonly statements: number;
   readonly ms: number;
@@ -179,6 +183,14 @@ function retentionStatements(schema: string) {
       )
       select count(*)::int as deleted from deleted`,
     deadLettersCount: `select count(*)::int as deleted from ${s}.dead_letters where dead_at < now() - make_interval(secs => $1::float8 / 1000.0)`,
+    replies: `with doomed as (
+        select request_id from ${s}.replies where created_at < now() - make_interval(secs => $1::float8 / 1000.0)
+        order by created_at limit $2 for update skip locked
+      ), deleted as (
+        delete from ${s}.replies r using doomed d where r.request_id = d.request_id returning 1
+      )
+      select count(*)::int as deleted from deleted`,
+    repliesCount: `select count(*)::int as deleted from ${s}.replies where created_at < now() - make_interval(secs => $1::float8 / 1000.0)`,
     /** Takes the turn to prune if no one did for $2 ms; returns a row if this process ($1) got it. */
     claim: `insert into ${s}.retention (id, runner, last_run_at) values (true, $1, now())
       on conflict (id) do update set runner = excluded.runner, last_run_at = excluded.last_run_at
@@ -250,6 +262,7 @@ export async function prune(db: Queryable, options: PruneOptions): Promise<Prune
   };
   const inbox = await sweep(policy.inbox.maxAgeMs, sql.inbox, sql.inboxCount);
   const deadLetters = await sweep(policy.deadLetters.maxAgeMs, sql.deadLetters, sql.deadLettersCount);
+  const replies = await sweep(REPLY_MAX_AGE_MS, sql.replies, sql.repliesCount);
 
   if (policy.vacuum && !dryRun && !stopped()) {
     // Outside any transaction: VACUUM cannot run in one (the driver's query is a statement of its own).
@@ -265,6 +278,7 @@ export async function prune(db: Queryable, options: PruneOptions): Promise<Prune
     log,
     inbox: { deleted: inbox },
     deadLetters: { deleted: deadLetters },
+    replies: { deleted: replies },
     statements,
     ms: Date.now() - started,
     stopped: stopped(),

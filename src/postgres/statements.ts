@@ -165,11 +165,83 @@ export function statements(schema: string) {
 
     messagesAt: `select ${logColumns} from ${s}.log l where l.position = any($1::int8[])`,
 
+    /** $1: a JSON array of rows with `due_at` (see `messagesJson`). A message scheduled again under its id is one message. */
+    insertScheduled: `insert into ${s}.scheduled (id, due_at, topic, type, source, time, subject, key, key_hash, tenant, correlation_id, causation_id, traceparent, tracestate, data)
+      select r.id, r.due_at, r.topic, r.type, r.source, r.time, r.subject, r.key, r.key_hash, r.tenant, r.correlation_id, r.causation_id, r.traceparent, r.tracestate, r.data
+      from rows from (jsonb_to_recordset($1::jsonb) as (id text, due_at timestamptz, topic text, type text, source text, time timestamptz, subject text, key text,
+        key_hash integer, tenant text, correlation_id text, causation_id text, traceparent text, tracestate text, data jsonb))
+        with ordinality as r(id, due_at, topic, type, source, time, subject, key, key_hash, tenant, correlation_id, causation_id, traceparent, tracestate, data, n)
+      order by r.n
+      on conflict (id) do nothing`,
+    cancelScheduled: `delete from ${s}.scheduled where id = $1 returning id`,
+    /**
+     * Records that schedule $1 (defined as $2) fired its tick $3, unless a tick as late was recorded already:
+     * returns a row only to the one caller that claimed it. Concurrent claims of one tick wait on the row and
+     * find it taken; a claim rolled back (a crash before the commit) leaves it to the next.
+     */
+    claimTick: `insert into ${s}.schedules (name, definition, last_tick) values ($1, $2, $3)
+      on conflict (name) do update set definition = excluded.definition, last_tick = excluded.last_tick, fired_at = now()
+        where ${s}.schedules.last_tick < excluded.last_tick
+      returning 1 as claimed`,
+    lastTick: `select definition, last_tick from ${s}.schedules where name = $1`,
+    /** A saga instance, locked until the transaction ends (core/saga.ts). */
+    loadSaga: `select state, version, completed_at is not null as completed from ${s}.sagas where saga = $1 and id = $2 for update`,
+    findSaga: `select state, version, completed_at is not null as completed from ${s}.sagas where saga = $1 and id = $2`,
+    /**
+     * Saves a saga instance at version $4 if it is at $4 - 1 (0: not started), with the transition's cause
+     * ($6 message id, $7 topic); returns a row only if it saved.
+     */
+    saveSaga: `with saved as (
+        insert into ${s}.sagas as g (saga, id, state, version, completed_at) values ($1, $2, $3::jsonb, $4, case when $5::boolean then now() end)
+        on conflict (saga, id) do update set state = excluded.state, version = excluded.version, completed_at = excluded.completed_at, updated_at = now()
+          where g.version = excluded.version - 1
+        returning 1
+      ), logged as (
+        insert into ${s}.saga_transitions (saga, id, version, message_id, topic) select $1, $2, $4, $6, $7 from saved
+      )
+      select count(*)::int as saved from saved`,
+    /** The first answer to a request stands. */
+    insertReply: `insert into ${s}.replies (request_id, data, error) values ($1, $2::jsonb, $3::jsonb) on conflict (request_id) do nothing`,
+    takeReplies: `delete from ${s}.replies where request_id = any($1::text[]) returning request_id, data, error`,
+    /**
+     * Takes or renews a lease on a role ($1) for $2 for $3 ms; returns a row only to its holder. With it, how
+     * long until the next scheduled message is due (null: none; negative: overdue).
+     */
+    leadScheduler: `insert into ${s}.leases (name, owner, expires_at) values ($1, $2, now() + make_interval(secs => $3 / 1000.0))
+      on conflict (name) do update set owner = excluded.owner, expires_at = excluded.expires_at
+        where ${s}.leases.owner = excluded.owner or ${s}.leases.expires_at < now()
+      returning (select extract(epoch from min(due_at) - now()) * 1000 from ${s}.scheduled)::float8 as next_ms`,
+    resignScheduler: `delete from ${s}.leases where name = $1 and owner = $2`,
+    /**
+     * Moves up to $3 due messages into the log, oldest due first, in one statement, if $2 still holds the
+     * scheduler's lease ($1): two leaders, one of them late, could otherwise commit a key's due messages out
+     * of order. Returns the topics moved to (to wake their consumers) and how many.
+     */
+    moveDue: `with leader as (
+        select 1 from ${s}.leases where name = $1 and owner = $2 and expires_at > now()
+      ), due as (
+        delete from ${s}.scheduled where seq in (
+          select seq from ${s}.scheduled where due_at <= now() and exists (select 1 from leader) order by due_at, seq limit $3 for update skip locked)
+        returning *
+      ), moved as (
+        insert into ${s}.log (topic, id, type, source, time, subject, key, key_hash, tenant, correlation_id, causation_id, traceparent, tracestate, data)
+        select topic, id, type, source, time, subject, key, key_hash, tenant, correlation_id, causation_id, traceparent, tracestate, data
+        from due order by due_at, seq
+        returning topic
+      )
+      select topic, count(*)::int as n from moved group by topic`,
+
     /** Creates the subscription with its first worker's topics; its topics change only through `settleTopics`. */
     upsertSubscription: `insert into ${s}.subscriptions (name, topics, partitions) values ($1, $2, $3)
       on conflict (name) do nothing
       returning partitions`,
     subscriptionPartitions: `select partitions from ${s}.subscriptions where name = $1`,
+    /**
+     * Serialises the subscriptions that take command $1 (a lock held to the end of the transaction); then
+     * `commandOwner` names another subscription ($2 is this one) that handles it already: a command has one owner.
+     */
+    commandLock: `select pg_advisory_xact_lock(hashtext('tidings.command'), hashtext($1))`,
+    commandOwner: `select name from ${s}.subscriptions where name <> $2 and $1 = any(topics) limit 1`,
     /** $2: partition count; $3: start from the beginning of the log (true) or from now. */
     createCursors: `insert into ${s}.cursors (subscription, partition, done)
       select $1, p, case when $3::boolean then '1:1:'::pg_snapshot else pg_current_snapshot() end
@@ -202,8 +274,12 @@ export function statements(schema: string) {
       returning c.partition, c.epoch::text as epoch, c.done::text as done, c.window_snapshot::text as window_snapshot, c.window_position::int8 as window_position`,
     release: `update ${s}.cursors set owner = null, lease_expires_at = null where subscription = $1 and partition = $2 and owner = $3`,
     unregisterWorker: `delete from ${s}.workers where id = $1`,
-    /** Is any worker registered other than $1 (this process's)? Expired ones count: they may be alive, only late. */
-    othersConsume: `select exists (select 1 from ${s}.workers where id <> all($1::text[])) as others`,
+    /**
+     * Is any worker registered other than $1 (this process's), or does another process lead the scheduler?
+     * Expired workers count: they may be alive, only late.
+     */
+    othersConsume: `select exists (select 1 from ${s}.workers where id <> all($1::text[]))
+      or exists (select 1 from ${s}.leases where owner <> all($1::text[]) and expires_at > now()) as others`,
     forgetExpiredWorkers: `delete from ${s}.workers where subscription = $1 and expires_at < now() - interval '1 hour'`,
 
 
@@ -227,6 +303,9 @@ export function statements(schema: string) {
     rescheduleHeld: `update ${s}.held set attempts = $2, next_attempt_at = now() + make_interval(secs => $3 / 1000.0), history = $4::jsonb where seq = $1`,
 
     inboxClaim: `insert into ${s}.inbox (subscription, message_id) values ($1, $2) on conflict do nothing returning message_id`,
+    /** Which of $2's ids subscription $1 has handled. */
+    inboxSeen: `select message_id from ${s}.inbox where subscription = $1 and message_id = any($2::text[])`,
+    inboxRecord: `insert into ${s}.inbox (subscription, message_id) select $1, unnest($2::text[]) on conflict do nothing`,
     /**
      * $1: JSON array of dead letters. An envelope sent without its data takes it from the log row at its
      * position: the data is never sent back (and a payload too deep for JSON.stringify cannot block the ack).

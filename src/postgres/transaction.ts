@@ -1,16 +1,8 @@
 import type { Outgoing } from '../core/backbone.ts';
-import { COPY_IN, PREPARED, type CopyIn, type Prepare, type Queryable } from './driver.ts';
+import type { CopyIn, Prepare, Queryable, Session } from './driver.ts';
 
 /** What handlers and `bus.transaction` callbacks get as `tx`: run SQL in the transaction. */
 export interface PgTransaction extends Queryable {}
-
-/** Topics published through a transaction Tidings drives, to wake their consumers once it commits. */
-export const PUBLISHED = Symbol('tidings.published');
-/**
- * Messages published through a `bus.transaction()`, written by one statement with its commit. Absent on
- * handlers' transactions: an attempt rolled back to its savepoint must take its messages with it.
- */
-export const AT_COMMIT = Symbol('tidings.atCommit');
 
 /** What a `bus.transaction()` writes with its commit. */
 export interface AtCommit {
@@ -19,23 +11,29 @@ export interface AtCommit {
   failure?: unknown;
 }
 
-export interface TrackedTransaction extends PgTransaction {
-  readonly [PUBLISHED]: Set<string>;
-  readonly [AT_COMMIT]?: AtCommit;
-}
+/**
+ * A transaction Tidings drives (a `bus.transaction()`, a handler's `ctx.tx`), as a `tx` publishes through
+ * it: its session's powers (prepared statements, COPY), the topics published through it, so whoever commits
+ * it wakes their consumers afterwards, and, for a `bus.transaction()`, the messages written with its commit.
+ */
+export class TrackedTransaction implements PgTransaction, Session {
+  /** Topics published through it: their consumers are woken once it commits. */
+  readonly published: Set<string>;
+  /**
+   * Messages published through a `bus.transaction()`, written by one statement with its commit. Absent on
+   * handlers' transactions: an attempt rolled back to its savepoint must take its messages with it.
+   */
+  readonly atCommit: AtCommit | undefined;
+  readonly prepared: Prepare | undefined;
+  readonly copyIn: CopyIn | undefined;
+  /** A property, not a method: `const { query } = tx` works. */
+  readonly query: Queryable['query'];
 
-export function track(inner: Queryable, published = new Set<string>(), atCommit?: AtCommit): TrackedTransaction {
-  const prepare = (inner as { [PREPARED]?: Prepare })[PREPARED];
-  const copyIn = (inner as { [COPY_IN]?: CopyIn })[COPY_IN];
-  return {
-    [PUBLISHED]: published,
-    ...(atCommit === undefined ? {} : { [AT_COMMIT]: atCommit }),
-    query: (text, params) => inner.query(text, params),
-    ...(prepare === undefined ? {} : { [PREPARED]: prepare }),
-    ...(copyIn === undefined ? {} : { [COPY_IN]: copyIn }),
-  };
-}
-
-export function isTracked(tx: unknown): tx is TrackedTransaction {
-  return typeof tx === 'object' && tx !== null && PUBLISHED in tx;
+  constructor(session: Session, published = new Set<string>(), atCommit?: AtCommit) {
+    this.published = published;
+    this.atCommit = atCommit;
+    this.prepared = session.prepared;
+    this.copyIn = session.copyIn;
+    this.query = (text, params) => session.query(text, params);
+  }
 }

@@ -17,6 +17,7 @@
  * The parts: define.ts (declaring one), this file (applying events, reading, lifecycle), store.ts (its
  * tables), cache.ts (rows in memory), requests.ts (asking the source), drift.ts, rebuild.ts.
  */
+import { defaultWarning } from '../core/warnings.ts';
 import type { Bus } from '../core/bus.ts';
 import { PermanentError, TidingsError } from '../core/errors.ts';
 import { bytesOver, messageLimits } from '../core/limits.ts';
@@ -77,7 +78,7 @@ export class Replica<Row> {
     this.schema = backbone.schema;
     this.view = `"${this.schema}"."${replicaBase(this.name)}"`;
     this.#feedSubscription = `replica.${this.name}`;
-    this.#warn = options.onWarning ?? ((message, error) => console.warn(`[tidings] ${message}${error instanceof Error ? `: ${error.message}` : ''}`));
+    this.#warn = options.onWarning ?? defaultWarning;
     const d = replicaDefaults;
     this.#options = {
       memory: options.memory ?? d.memory,

@@ -1,10 +1,9 @@
 import type { TestContext } from 'node:test';
-import type { PgTransaction, PostgresOptions } from '../../src/postgres/index.ts';
+import type { PgTransaction } from '../../src/postgres/index.ts';
 import { connect, createEffects, requirePostgres, uniqueSchema } from '../helpers.ts';
 import type { EffectStore } from './suite.ts';
 
-/** Timings that keep tests quick: leases move within seconds, polls are frequent. */
-export const quickPostgres = { leaseMs: 2_000, heartbeatMs: 500, pollMs: 1_000, onWarning: () => undefined } satisfies PostgresOptions;
+export { quickPostgres } from '../fixtures/bus.ts';
 
 /** A fresh schema on the test server, with the effects table beside Tidings' tables. */
 export async function postgresSchema(t: TestContext, prefix: string): Promise<{ schema: string; effects: EffectStore<PgTransaction> } | undefined> {

@@ -51,7 +51,7 @@ export class PostgresConsumer implements Consumer {
       dropped: () => this.#held.invalidate(),
       stopping: () => this.#stopping,
     });
-    const attempts = new Attempts(handle, () => this.#stopping);
+    const attempts = new Attempts(handle, spec, () => this.#stopping);
     this.#reader = new LaneReader(ctx, spec);
     this.#held = new HeldKeys(ctx, spec, this.#leases.owner, attempts);
     this.#batches = new BatchHandler(ctx, spec, this.#leases.owner, attempts, this.#held);

@@ -83,6 +83,16 @@ export class Leases {
           `Subscription ${spec.name} exists with ${stored} partitions, not ${spec.partitions}: changing the count would break per-key order. Keep partitions: ${stored}, or use a new subscription name`,
         );
       }
+      for (const command of spec.commands ?? []) {
+        await tx.query(sql.commandLock, [command]);
+        const { rows: owner } = await tx.query<{ name: string }>(sql.commandOwner, [command, spec.name]);
+        if (owner[0] !== undefined) {
+          throw new TidingsError(
+            'SUBSCRIPTION_CONFLICT',
+            `Command ${command} is handled by subscription ${owner[0].name} already; subscription ${spec.name} cannot take it too: a command has one owner (send delivers it once). Handle it in ${owner[0].name}, or, if that subscription is gone for good, drop it: tidings subscriptions drop ${owner[0].name}`,
+          );
+        }
+      }
       await tx.query(sql.createCursors, [spec.name, spec.partitions, spec.startFrom === 'beginning']);
       await tx.query(sql.registerWorker, [this.owner, spec.name, hostname(), process.pid, settings.leaseMs, spec.topics]);
       // From its commit, an acknowledgement of a worker without one of these topics fails (TDL02).

@@ -1,6 +1,6 @@
 import { TidingsError } from '../../core/errors.ts';
-import { PIPELINED, type Queryable, type SqlDriver, type Statement } from '../driver.ts';
-import { track, type TrackedTransaction } from '../transaction.ts';
+import type { Queryable, Session, SqlDriver, Statement } from '../driver.ts';
+import { TrackedTransaction } from '../transaction.ts';
 
 /** A mutex: handlers of one batch share one connection, and a savepoint must not interleave with another. */
 export class Gate {
@@ -33,7 +33,7 @@ export class AttemptScope implements Attempt {
     private readonly gate: Gate,
     published: Set<string>,
   ) {
-    this.tx = track({ query: (text, params) => this.#query(text, params) }, published);
+    this.tx = new TrackedTransaction({ query: (text, params) => this.#query(text, params) }, published);
   }
 
   async #query<R>(text: string, params?: readonly unknown[]): Promise<{ rows: R[]; rowCount?: number | null }> {
@@ -101,7 +101,7 @@ class SharedAttempt implements Attempt {
   ) {}
 
   get tx(): TrackedTransaction {
-    return (this.#tx ??= track({ query: (text, params) => this.scope.query(this, text, params) }, this.published));
+    return (this.#tx ??= new TrackedTransaction({ query: (text, params) => this.scope.query(this, text, params) }, this.published));
   }
 
   end(keep: boolean): Promise<Error | undefined> {
@@ -126,11 +126,11 @@ export class SharedScope {
   readonly #published: Set<string>;
   readonly #careful: boolean;
   readonly #gate = new Gate();
-  #opening: Promise<Queryable> | undefined;
+  #opening: Promise<Session> | undefined;
   #finished: Promise<unknown> | undefined;
   #end: { resolve: () => void; reject: (reason: unknown) => void } | undefined;
   #last: Statement | undefined;
-  connection: Queryable | undefined;
+  connection: Session | undefined;
   abandoned = false;
 
   constructor(driver: SqlDriverLike, published: Set<string>, careful: boolean) {
@@ -156,7 +156,7 @@ export class SharedScope {
     const connection = await this.#begin();
     // A pipelining connection takes the handlers' statements as they come, each sent without waiting
     // for the others' answers; any other, one at a time (pg stops queueing them for us).
-    const release = (connection as { [PIPELINED]?: boolean })[PIPELINED] === true ? undefined : await this.#gate.acquire();
+    const release = connection.pipelined === true ? undefined : await this.#gate.acquire();
     try {
       return await connection.query<R>(text, params);
     } catch (error) {
@@ -190,8 +190,8 @@ export class SharedScope {
   }
 
   /** Opens the fast-mode transaction once, and holds it open until commit or rollback. */
-  #begin(): Promise<Queryable> {
-    this.#opening ??= new Promise<Queryable>((resolve, reject) => {
+  #begin(): Promise<Session> {
+    this.#opening ??= new Promise<Session>((resolve, reject) => {
       const ended = new Promise<void>((resolveEnd, rejectEnd) => {
         this.#end = { resolve: resolveEnd, reject: rejectEnd };
       });
