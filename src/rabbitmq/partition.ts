@@ -21,7 +21,7 @@
  * run in lane order. A place whose message does not come back within its delay plus `retryReturnGraceMs` is
  * given up, with a warning.
  *
- * Attempts. `attempt` = attempts recorded in the x-tidings-attempts header (retries through delay queues)
+ * Attempts (core/attempts.ts runs them). `attempt` = attempts recorded in the x-tidings-attempts header (retries through delay queues)
  * + returns counted by the queue (x-delivery-count on quorum queues; classic queues only say "redelivered"),
  * less those a reader made as it let go of the partition without having started the message (holds.ts)
  * + 1. Immediate retries (delay 0) run again in place, without a round trip. Each failed attempt's error
@@ -33,7 +33,8 @@
  * sure (RabbitConsumer#unhandled).
  */
 import type { ConfirmChannel, ConsumeMessage, MessagePropertyHeaders } from 'amqplib';
-import type { AttemptRecord, DeliveryHandler, DeliveryResult, SubscriptionSpec } from '../core/backbone.ts';
+import { runAttempts, type AttemptScope } from '../core/attempts.ts';
+import type { AttemptRecord, DeliveryHandler, SubscriptionSpec } from '../core/backbone.ts';
 import { newId, type Envelope } from '../core/envelope.ts';
 import { describeError, TidingsError } from '../core/errors.ts';
 import { sleep } from '../core/sleep.ts';
@@ -63,6 +64,9 @@ import type { RecentIds, Slots } from './slots.ts';
 import { declareExchanges, declareHolds, declarePartition, declareRetryQueue, retryLevel, type Names, type TopologySettings } from './topology.ts';
 import type { Workers } from './workers.ts';
 
+/** A broker has no transaction of its own: the outbox, if any, gives the handler one (src/outbox). */
+const NO_TRANSACTION: AttemptScope<undefined> = { tx: undefined, end: async () => undefined };
+
 /** A parked message waits at least this long: a head that is overdue must not make its followers spin. */
 const PARK_MIN_MS = 250;
 /** Messages a "returned" record names at most (holds.ts): a partition's prefetch window, many times over. */
@@ -73,8 +77,6 @@ export interface ReaderSettings extends TopologySettings {
   readonly prefetch: number;
   readonly retryMinMs: number;
   readonly retryReturnGraceMs: number;
-  /** Wait after a handler promise rejected (a bug in the pipeline or a middleware), before trying again. */
-  readonly rejectedHandlerRetryMs: number;
   readonly reconnectMinMs: number;
   readonly reconnectMaxMs: number;
   readonly connectTimeoutMs: number;
@@ -678,27 +680,24 @@ export class PartitionReader {
       this.#done(entry);
       return;
     }
-    const history = [...decoded.history];
-    let attempt = this.#attemptOf(entry);
     let settled = false;
     try {
-      for (;;) {
-        const result = await this.#attempt(decoded.envelope, attempt);
-        if (result.outcome === 'ack') {
-          this.#ack(entry);
-          if (spec.inbox) recent.add(entry.id);
-          break;
-        }
-        history.push({ attempt, at: new Date().toISOString(), error: result.error });
-        if (result.outcome === 'dead-letter') {
-          await this.#deadLetter(entry, result.reason, history, attempt);
-          break;
-        }
-        if (result.delayMs <= 0 && this.#phase === 'reading') {
-          attempt++;
-          continue;
-        }
-        await this.#sendToDelay(entry, result.delayMs, { [H_ATTEMPTS]: attempt, [H_HISTORY]: historyHeader(history) });
+      const result = await runAttempts(this.#host.handle, {
+        first: this.#attemptOf(entry),
+        history: [...decoded.history],
+        retry: spec.retry,
+        envelope: () => decoded.envelope,
+        open: () => NO_TRANSACTION,
+        // Letting go of the partition: a failed attempt waits in a delay queue for the next reader.
+        stopping: () => this.#phase !== 'reading',
+      });
+      if (result.kind === 'ack') {
+        this.#ack(entry);
+        if (spec.inbox) recent.add(entry.id);
+      } else if (result.kind === 'dead') {
+        await this.#deadLetter(entry, result.reason, result.history, result.history.at(-1)?.attempt ?? this.#attemptOf(entry));
+      } else {
+        await this.#sendToDelay(entry, result.delayMs, { [H_ATTEMPTS]: result.attempt, [H_HISTORY]: historyHeader(result.history) });
         settled = true;
         this.#relieve();
         return;
@@ -735,17 +734,6 @@ export class PartitionReader {
       if (this.#phase !== 'releasing') this.#host.settings.warn(`Subscription ${this.#host.spec.name} could not dead-letter message ${entry.id}; it will be delivered again`, failure);
     } finally {
       this.#done(entry);
-    }
-  }
-
-  /** One attempt; a handler promise that rejects (it should not) counts as a failure to retry after a pause. */
-  async #attempt(envelope: Envelope, attempt: number): Promise<DeliveryResult> {
-    const { handle, settings, spec } = this.#host;
-    try {
-      return await handle({ envelope, attempt, tx: undefined });
-    } catch (error) {
-      settings.warn(`Subscription ${spec.name}: the handler pipeline failed for message ${envelope.id}; retrying in ${settings.rejectedHandlerRetryMs} ms`, error);
-      return { outcome: 'retry', delayMs: settings.rejectedHandlerRetryMs, error: describeError(error) };
     }
   }
 
