@@ -10,6 +10,7 @@ import { EVERY_TOPIC } from '../core/backbone.ts';
 import type { Broker, DeadLetterStore } from '../core/broker.ts';
 import { TidingsError } from '../core/errors.ts';
 import { OptionProblems } from '../core/options.ts';
+import { defaultWarning } from '../core/warnings.ts';
 import { brokered, type BrokerBackbone, type RelayOptions } from '../outbox/index.ts';
 import type { PostgresBackbone } from '../postgres/index.ts';
 import { RabbitConsumer } from './consumer.ts';
@@ -87,10 +88,6 @@ type Settings = Required<Omit<RabbitMqOptions, 'outbox' | 'relay' | 'prefetch' |
   prefetch: number | undefined;
   warn: (message: string, error?: unknown) => void;
 };
-
-function defaultWarning(message: string, error?: unknown): void {
-  console.warn(`[tidings] ${message}${error instanceof Error ? `: ${error.message}` : ''}`);
-}
 
 /** The broker alone: see `rabbitmq()` for the backbone a bus uses. */
 export class RabbitBroker implements Broker {
