@@ -4,17 +4,15 @@
  * duplicates happen only where at-least-once allows, and the inbox removes them; a held key stays held.
  */
 import assert from 'node:assert/strict';
-import type { ChildProcess } from 'node:child_process';
 import { after, test } from 'node:test';
 import { TidingsError } from '../src/index.ts';
 import { Ticked } from './fixtures/contracts.ts';
+import { startProcess } from './fixtures/processes.ts';
 import { connect, createEffects, RABBITMQ_URL, requireBroker, requirePostgres, sleep, waitFor } from './helpers.ts';
-import { closeConnections, createWorkerTables, Harness, rabbitmqctl, startWorker, warnings } from './rabbitmq.helpers.ts';
+import { closeConnections, createWorkerTables, Harness, rabbitmqctl, warnings } from './rabbitmq.helpers.ts';
 
 const harnesses: Harness[] = [];
-const children: ChildProcess[] = [];
 after(async () => {
-  for (const child of children) child.kill('SIGKILL');
   for (const harness of harnesses) await harness.cleanup();
 });
 
@@ -148,7 +146,7 @@ for (const [label, prefetch, later] of [
     await publisher.start();
     // held:1 fails every attempt: one delayed retry (3 s), then a dead letter.
     const env = { SCHEMA: h.schema, PREFIX: h.prefix, FAIL: 'held:1', RETRY: JSON.stringify({ immediate: 0, delayed: [3_000], jitter: 0 }), PREFETCH: String(prefetch) };
-    const doomed = await startWorker(env, children);
+    const doomed = await startProcess('rabbitmq-worker', { ...env, RABBITMQ_URL });
     const client = await connect();
     t.after(() => client.end());
     const rows = async <R extends Record<string, unknown>>(sql: string) => (await client.query<R>(sql)).rows;
@@ -158,10 +156,10 @@ for (const [label, prefetch, later] of [
     for (let seq = 2; seq <= later + 1; seq++) await publisher.publish(Ticked, { key: 'held', seq });
     await publisher.publishMany(Ticked, Array.from({ length: 20 }, (_, k) => ({ key: `free-${k}`, seq: 1 })));
     await waitFor('the other keys handled', async () => (await rows(`select 1 from "${h.schema}".effects where key like 'free-%'`)).length === 20, 15_000);
-    doomed.kill('SIGKILL');
+    doomed.kill();
     const killedAt = Date.now();
 
-    const heir = await startWorker(env, children);
+    const heir = await startProcess('rabbitmq-worker', { ...env, RABBITMQ_URL });
     const store = publisher.backbone.deadLetters();
     await waitFor('the retried message dead-lettered', async () => (await store.count({ subscription: 'shared' })) === 1, 20_000);
     await waitFor("the key's later messages", async () => (await rows(`select 1 from "${h.schema}".effects where key = 'held'`)).length === later, 15_000);
@@ -191,6 +189,6 @@ for (const [label, prefetch, later] of [
       'the dead letter carries both attempts, the first from the killed worker',
     );
     t.diagnostic(`retry ${retriedAt - killedAt} ms after the kill; the held key's messages followed ${held[0]!.at.getTime() - retriedAt} ms after it`);
-    heir.kill('SIGTERM');
+    await heir.stop();
   });
 }

@@ -1,5 +1,5 @@
 /** What the RabbitMQ tests share: a prefix per test, buses that clean up, and a plain amqplib client. */
-import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
 import amqp from 'amqplib';
 import pg from 'pg';
@@ -89,28 +89,6 @@ export async function closeConnections(name: string): Promise<number> {
     .map((line) => line.split('\t')[0]!);
   await Promise.all(pids.map((pid) => rabbitmqctl('close_connection', pid, 'test')));
   return pids.length;
-}
-
-/**
- * Starts test/fixtures/rabbitmq-worker.ts in a child process and resolves once it consumes. `env` adds to
- * its settings (SCHEMA, PREFIX, FAIL, RETRY, HANDLE_MS); the caller kills it.
- */
-export function startWorker(env: Record<string, string>, children: ChildProcess[]): Promise<ChildProcess> {
-  const child = spawn(process.execPath, ['--conditions=source', '--import', 'tsx', 'test/fixtures/rabbitmq-worker.ts'], {
-    env: { ...process.env, DATABASE_URL, RABBITMQ_URL, ...env },
-    stdio: ['pipe', 'pipe', 'pipe'],
-  });
-  children.push(child);
-  child.stderr!.on('data', (chunk: Buffer) => warnings.push(...chunk.toString().split('\n').filter((line) => line !== '')));
-  return new Promise((resolve, reject) => {
-    child.once('exit', (code) => reject(new Error(`worker exited with ${code} before it was ready`)));
-    child.stdout!.on('data', (chunk: Buffer) => {
-      if (chunk.toString().includes('ready')) {
-        child.removeAllListeners('exit');
-        resolve(child);
-      }
-    });
-  });
 }
 
 /** The tables rabbitmq-worker.ts writes: effects (through ctx.tx) and attempts (each attempt, kept). */

@@ -4,20 +4,18 @@
  * partitions, one of them killed with -9.
  */
 import assert from 'node:assert/strict';
-import type { ChildProcess } from 'node:child_process';
 import { after, test } from 'node:test';
 import { z } from 'zod';
 import { defineEvent, keyHash, type Bus } from '../src/index.ts';
 import type { PgTransaction } from '../src/postgres/index.ts';
 import { assignPartitions } from '../src/rabbitmq/workers.ts';
-import { Ticked } from './fixtures/contracts.ts';
+import { Ticked, Tocked } from './fixtures/contracts.ts';
+import { startProcess } from './fixtures/processes.ts';
 import { connect, RABBITMQ_URL, requireBroker, requirePostgres, sleep, waitFor } from './helpers.ts';
-import { createWorkerTables, Harness, startWorker, warnings } from './rabbitmq.helpers.ts';
+import { createWorkerTables, Harness, warnings } from './rabbitmq.helpers.ts';
 
 const harnesses: Harness[] = [];
-const children: ChildProcess[] = [];
 after(async () => {
-  for (const child of children) child.kill('SIGKILL');
   for (const harness of harnesses) await harness.cleanup();
 });
 
@@ -147,6 +145,53 @@ test('a rolling deploy that removes a handler: the new worker beside an old one 
   assert.equal(await fresh.backbone.deadLetters().count({ subscription: 'billing' }), 0, 'nothing dead-lettered');
 });
 
+test('a rolling deploy whose new workers all crash: the added topic stays the subscription\'s (the newest worker had it), the old worker holds and skips nothing; a new worker back handles it all once', async (t) => {
+  if (!(await requireBroker(t, 'RabbitMQ', RABBITMQ_URL)) || !(await requirePostgres(t))) return;
+  const h = harness();
+  await createWorkerTables(h.schema);
+  const log: Handling[] = [];
+  const old = h.bus('old', { rabbit: quick });
+  const record = (message: { id: string; topic: string; data: { key: string; seq: number } }, ctx: { attempt: number }) => {
+    log.push({ worker: 'old', id: message.id, topic: message.topic, key: message.data.key, seq: message.data.seq, attempt: ctx.attempt });
+  };
+  old.subscription('shared', { partitions: 4, concurrency: 8 }).on(Ticked, record);
+  await old.start();
+  const publisher = h.bus('publisher');
+  await publisher.start();
+  const env = { SCHEMA: h.schema, PREFIX: h.prefix, TOCKED: '1', RABBITMQ_URL };
+  const client = await connect();
+  t.after(() => client.end());
+  const effects = async (from: number) =>
+    (await client.query<{ worker: number; message_id: string }>(`select worker, message_id from "${h.schema}".effects where seq >= $1`, [from])).rows;
+  const publishRound = async (seq: number) => {
+    for (let k = 0; k < 20; k++) {
+      await publisher.publish(Ticked, { key: `k${k}`, seq });
+      await publisher.publish(Tocked, { key: `k${k}`, seq });
+    }
+  };
+
+  const fresh = await startProcess('rabbitmq-worker', env);
+  await publishRound(1);
+  await waitFor('the new worker handling the first round', async () => (await effects(1)).length + log.length >= 40, 15_000);
+  fresh.kill();
+  const warned = warnings.length;
+  await publishRound(100);
+  // The old worker hears the new one is gone: test.tocked is still the subscription's, so it reads nothing.
+  await waitFor('the old worker noticing', () => warnings.slice(warned).some((w) => w.includes('Subscription shared') && w.includes('gone now, handled test.ticked, test.tocked')), 10_000);
+  await sleep(1_500);
+  assert.deepEqual(log.filter((handling) => handling.seq >= 100), [], 'the old worker handled nothing of the second round (not even test.ticked: a key spans both topics)');
+
+  const heir = await startProcess('rabbitmq-worker', env);
+  await waitFor('the second round, by the new worker back', async () => (await effects(100)).length >= 40, 15_000);
+  await sleep(300);
+  const late = await effects(100);
+  assert.equal(late.length, 40, 'each once');
+  assert.equal(new Set(late.map((row) => row.message_id)).size, 40);
+  assert.ok(late.every((row) => row.worker === heir.pid));
+  assert.equal(await old.backbone.deadLetters().count({ all: true }), 0, 'nothing dead-lettered');
+  await heir.stop();
+});
+
 test('a partition handed over while one of its keys waits for a delayed retry: the new reader keeps the key held, and the retry runs there', async (t) => {
   if (!(await requireBroker(t, 'RabbitMQ', RABBITMQ_URL))) return;
   const h = harness();
@@ -203,7 +248,7 @@ test('load sharing: two processes both handle a subscription, each key in order;
   const publisher = h.bus('publisher', { outbox: true, relay: false });
   await publisher.start();
   const env = { SCHEMA: h.schema, PREFIX: h.prefix, HANDLE_MS: '3' };
-  const first = await startWorker(env, children);
+  const first = await startProcess('rabbitmq-worker', { ...env, RABBITMQ_URL });
   const client = await connect();
   t.after(() => client.end());
   const effects = async () =>
@@ -216,11 +261,11 @@ test('load sharing: two processes both handle a subscription, each key in order;
   await publishRounds(1, 5);
   await waitFor('the first worker under way', async () => (await effects()).length >= 50, 20_000);
   // A second process joins: it takes its share of the partitions while the first still runs.
-  const second = await startWorker(env, children);
+  const second = await startProcess('rabbitmq-worker', { ...env, RABBITMQ_URL });
   await publishRounds(6, 25);
   await waitFor('20 rounds handled', async () => (await effects()).length >= keys * 20, 30_000);
   // The first process dies mid-stream, handlers running, messages delivered and not acknowledged.
-  first.kill('SIGKILL');
+  first.kill();
   const beforeKill = await effects();
   await publishRounds(26, rounds);
   const total = keys * rounds;
@@ -239,5 +284,5 @@ test('load sharing: two processes both handle a subscription, each key in order;
   const late = rows.filter((row) => row.seq >= 26);
   assert.ok(late.every((row) => row.worker === second.pid), 'the survivor took every partition over');
   t.diagnostic(`rounds 6-20 by each process: ${shares.join(' / ')}; ${rows.length - beforeKill.length} handled after the kill, by the survivor`);
-  second.kill('SIGTERM');
+  await second.stop();
 });

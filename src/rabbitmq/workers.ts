@@ -248,7 +248,7 @@ export class Workers {
     const every = this.topics();
     const lacking = live.filter((worker) => worker.topics.length < every.length);
     const gone = this.departedNewest;
-    const signature = lacking.length === 0 ? '' : [...live, ...(gone === undefined ? [] : [gone])].map((worker) => `${worker.id}:${worker.topics.join(',')}`).join(' ');
+    const signature = lacking.length === 0 ? '' : `${live.map((worker) => `${worker.id}:${worker.topics.join(',')}`).join(' ')} gone:${gone?.id ?? ''}`;
     if (signature === this.#disagreement) return;
     this.#disagreement = signature;
     if (lacking.length === 0) return;
