@@ -6,10 +6,12 @@
 import assert from 'node:assert/strict';
 import { after, test } from 'node:test';
 import { TidingsError } from '../src/index.ts';
+import { Names, rabbitmqDefaults } from '../src/rabbitmq/index.ts';
+import { retryLevel } from '../src/rabbitmq/topology.ts';
 import { Ticked } from './fixtures/contracts.ts';
 import { startProcess } from './fixtures/processes.ts';
 import { connect, createEffects, RABBITMQ_URL, requireBroker, requirePostgres, sleep, waitFor } from './helpers.ts';
-import { closeConnections, createWorkerTables, Harness, rabbitmqctl, warnings } from './rabbitmq.helpers.ts';
+import { closeConnections, createWorkerTables, Harness, messagesIn, rabbitmqctl, warnings } from './rabbitmq.helpers.ts';
 
 const harnesses: Harness[] = [];
 after(async () => {
@@ -152,6 +154,9 @@ for (const [label, prefetch, later] of [
     const rows = async <R extends Record<string, unknown>>(sql: string) => (await client.query<R>(sql)).rows;
     const poison = await publisher.publish(Ticked, { key: 'held', seq: 1 });
     await waitFor('the first attempt', async () => (await rows(`select 1 from "${h.schema}".attempts where key = 'held'`)).length === 1, 15_000);
+    // Waiting for its retry: its copy is in the delay queue (3 s rounded up the delay ladder).
+    const delayQueue = new Names(h.prefix).retryQueue('shared', retryLevel(3_000, rabbitmqDefaults.retryMinMs));
+    await waitFor('the retry in its delay queue', async () => (await messagesIn(delayQueue)) === 1, 15_000);
     // The key's later messages (and other keys' after them) reach the doomed worker and wait in its lane.
     for (let seq = 2; seq <= later + 1; seq++) await publisher.publish(Ticked, { key: 'held', seq });
     await publisher.publishMany(Ticked, Array.from({ length: 20 }, (_, k) => ({ key: `free-${k}`, seq: 1 })));

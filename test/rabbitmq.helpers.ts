@@ -107,3 +107,17 @@ export async function createWorkerTables(schema: string): Promise<void> {
     await client.end();
   }
 }
+
+/** How many messages wait in `queue` (0 if it does not exist). */
+export async function messagesIn(queue: string): Promise<number> {
+  const connection = await amqp.connect(RABBITMQ_URL);
+  try {
+    const channel = await connection.createChannel();
+    channel.on('error', () => undefined);
+    return (await channel.checkQueue(queue)).messageCount;
+  } catch {
+    return 0;
+  } finally {
+    await connection.close().catch(() => undefined);
+  }
+}
