@@ -15,6 +15,7 @@
  * lacks a topic (an old version during a rolling deploy that adds a handler, a new one during a deploy that
  * removes one) reads no partition: it would meet messages it has no handler for, and could neither
  * acknowledge them nor let later messages of their key overtake them.
+ *
  * Two workers whose views differ for a moment may both read a partition: the queue's single active
  * consumer lets one of them at a time, so a view only decides who shares the work, never the order.
  * (Tests: rabbitmq.workers.)
@@ -63,7 +64,7 @@ export function assignPartitions(workers: readonly WorkerInfo[], partitions: num
 }
 
 /** The workers that handle every one of `topics`, by id. */
-export function ableWorkers(workers: readonly WorkerInfo[], topics: readonly string[]): WorkerInfo[] {
+function ableWorkers(workers: readonly WorkerInfo[], topics: readonly string[]): WorkerInfo[] {
   return workers.filter((worker) => topics.every((topic) => worker.topics.includes(topic))).sort((a, b) => a.id.localeCompare(b.id));
 }
 
@@ -112,10 +113,6 @@ export class Workers {
     return [this.self, ...[...this.#peers.values()].map((peer) => peer.info)].sort((a, b) => a.id.localeCompare(b.id));
   }
 
-  isLive(id: string): boolean {
-    return id === this.self.id || this.#peers.has(id);
-  }
-
   /** The subscription's topics: every topic a live worker handles, and every topic the newest worker handles. */
   topics(): string[] {
     return topicsOf([...this.live(), this.#newest]);
@@ -123,7 +120,7 @@ export class Workers {
 
   /** The newest worker, if it is gone. */
   get departedNewest(): WorkerInfo | undefined {
-    return this.isLive(this.#newest.id) ? undefined : this.#newest;
+    return this.#newest.id === this.self.id || this.#peers.has(this.#newest.id) ? undefined : this.#newest;
   }
 
   /** The live workers that handle `topic`. */
