@@ -193,6 +193,40 @@ describe('nats backbone', () => {
     assert.equal(await store.count({ all: true }), 0);
   });
 
+  test('a delayed retry handed over by a stopping worker keeps its time and history on the next owner, before its key\'s later messages', async (t) => {
+    const ns = await world(t);
+    if (ns === undefined) return;
+    const retry = { immediate: 0, delayed: [3_000], jitter: 0 };
+    const handled: Array<{ worker: string; id: string; attempt: number; at: number }> = [];
+    const workerBus = (name: string) => {
+      const b = bus(ns.options(), name);
+      b.subscribe('handover', Ticked, (message, ctx) => {
+        handled.push({ worker: name, id: `${message.data.key}:${message.data.seq}`, attempt: ctx.attempt, at: Date.now() });
+        if (message.data.note === 'fail') throw new Error(`${name} refused attempt ${ctx.attempt}`);
+      }, { retry });
+      return b;
+    };
+    const first = workerBus('first');
+    await first.start();
+    await first.publish(Ticked, { key: 'h', seq: 0, note: 'fail' });
+    await first.publishMany(Ticked, [1, 2].map((seq) => ({ key: 'h', seq })));
+    await waitFor('the first attempt', () => handled.some((h) => h.id === 'h:0'));
+    const failedAt = handled[0]!.at;
+    await stopBus(first); // hands the bucket back while h:0 waits for its retry
+    const second = workerBus('second');
+    await second.start();
+    await waitFor('the key\'s later messages', () => handled.some((h) => h.id === 'h:2'), 15_000);
+    const retried = handled.filter((h) => h.id === 'h:0' && h.worker === 'second');
+    assert.equal(retried.length, 1);
+    assert.equal(retried[0]!.attempt, 2);
+    assert.ok(retried[0]!.at >= failedAt + retry.delayed[0]! - 50, `at its time, not at once (${retried[0]!.at - failedAt} ms after the first attempt)`);
+    assert.deepEqual(handled.filter((h) => h.id !== 'h:0').map((h) => `${h.worker} ${h.id}`), ['second h:1', 'second h:2']);
+    const store = second.backbone.deadLetters();
+    await waitFor('the dead letter', async () => (await store.count({ subscription: 'handover' })) === 1);
+    const [letter] = await store.show((await store.list({ subscription: 'handover' })).deadLetters[0]!.messageId);
+    assert.deepEqual(letter!.attempts.map((a) => a.error.message), ['first refused attempt 1', 'second refused attempt 2']);
+  });
+
   test('undecodable messages from a plain NATS client are dead-lettered with the reason; the rest flows', async (t) => {
     const ns = await world(t);
     if (ns === undefined) return;

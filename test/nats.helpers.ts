@@ -24,7 +24,7 @@ export interface NatsNamespace {
   cleanup(): Promise<void>;
 }
 
-/** A stream and subject prefix of its own; cleanup deletes the stream, its dead letters and its leases. */
+/** A stream and subject prefix of its own; cleanup deletes the stream, its dead letters, leases and holds. */
 export async function natsNamespace(t: TestContext, prefix = 't'): Promise<NatsNamespace | undefined> {
   if (!(await requireBroker(t, 'NATS', NATS_URL))) return undefined;
   const id = `${prefix}_${process.pid}_${Math.random().toString(36).slice(2, 8)}`;
@@ -38,7 +38,7 @@ export async function natsNamespace(t: TestContext, prefix = 't'): Promise<NatsN
       const nc = await natsConnect({ servers: NATS_URL });
       try {
         const jsm = await nc.jetstreamManager();
-        for (const name of [stream, `${stream}_DLQ`, `KV_${stream}_leases`]) await jsm.streams.delete(name).catch(() => undefined);
+        for (const name of [stream, `${stream}_DLQ`, `KV_${stream}_leases`, `KV_${stream}_holds`]) await jsm.streams.delete(name).catch(() => undefined);
       } finally {
         await nc.close();
       }

@@ -23,7 +23,7 @@ runChild(
         onWarning: (message) => process.stderr.write(`[tidings] ${message}\n`),
       }),
     unacked: () => natsUnacked(stream),
-    // The stream, its dead letters, and the KV bucket of leases (itself a stream, KV_<stream>_leases).
-    cleanup: () => deleteNats([stream, `${stream}_DLQ`, `KV_${stream}_leases`]),
+    // The stream, its dead letters, and the KV buckets of leases and holds (streams KV_<stream>_leases, _holds).
+    cleanup: () => deleteNats([stream, `${stream}_DLQ`, `KV_${stream}_leases`, `KV_${stream}_holds`]),
   }),
 );

@@ -3,8 +3,10 @@
  * Each attribute is a `ce-<name>` header, `content-type` carries `datacontenttype`, and the payload is the
  * data as JSON text, so a plain NATS client reads the event without knowing Tidings.
  */
-import { headers as natsHeaders, Match, type MsgHdrs } from 'nats';
+import { headers as natsHeaders, Match, type MsgHdrs } from '@nats-io/transport-node';
+import type { Outgoing } from '../core/backbone.ts';
 import type { Envelope } from '../core/envelope.ts';
+import { TidingsError } from '../core/errors.ts';
 
 /** The attributes sent as `ce-` headers, in the order they are written. */
 const ATTRIBUTES = [
@@ -43,14 +45,90 @@ export function decodeValue(value: string): string {
   }
 }
 
+/** Throws a URIError for text holding a lone surrogate (no UTF-8 for it): see toWire. */
 export function toHeaders(envelope: Envelope): MsgHdrs {
   const h = natsHeaders();
   for (const name of ATTRIBUTES) {
     const value = envelope[name];
     if (value !== undefined && value !== null) h.set(`ce-${name}`, encodeValue(String(value)));
   }
-  h.set('content-type', envelope.datacontenttype);
+  h.set('content-type', encodeValue(envelope.datacontenttype));
   return h;
+}
+
+/** What NATS refuses for good, beyond the limits every backbone holds a message to (src/core/limits.ts). */
+export const natsLimits = {
+  /** JetStream refuses a message whose header block (every `ce-` attribute, the key and ids among them) is larger. */
+  headerBytes: 65_535,
+  /**
+   * A subject, in bytes: nats-server's max_control_line (4,096 by default) holds it with the reply inbox and
+   * two lengths, and closes the connection on a longer line (every publish on it then times out).
+   */
+  subjectBytes: 3_840,
+} as const;
+
+/** A subject as NATS reads it: tokens joined by ".", none empty, no space, `*` or `>` (which would be wildcards). */
+const SUBJECT = /^[^\s.*>]+(?:\.[^\s.*>]+)*$/;
+
+/** A message as NATS carries it: the `ce-` headers with `Nats-Msg-Id`, and the data as JSON. */
+export interface Wire {
+  readonly subject: string;
+  readonly headers: MsgHdrs;
+  readonly payload: Uint8Array;
+}
+
+/**
+ * Encodes a message for NATS, or throws a TidingsError (`retryable: false`, the limit named, the message in
+ * `ref`) for a message NATS can never take, before anything is sent: a header that cannot be encoded, headers
+ * over JetStream's limit, a message over the server's max_payload, a subject NATS would not read as one. The
+ * outbox relay sets such a message aside (src/outbox/index.ts); one that could take later (the server down) is
+ * only known when publishing. `maxPayload` is the server's, as it announced it (`nc.info.max_payload`).
+ */
+export function toWire(message: Outgoing, subject: string, maxPayload: number): Wire {
+  const { envelope } = message;
+  const refuse = (code: 'LIMIT_EXCEEDED' | 'INVALID_PAYLOAD', problem: string, fix: string): TidingsError =>
+    new TidingsError(code, `NATS cannot take message ${abridged(envelope.id)} (${envelope.topic}): ${problem}; ${fix}`, {
+      ref: { id: envelope.id, topic: envelope.topic, key: envelope.partitionkey },
+      retryable: false,
+    });
+  if (Buffer.byteLength(subject) > natsLimits.subjectBytes) {
+    throw refuse('LIMIT_EXCEEDED', `its subject is ${Buffer.byteLength(subject)} bytes, over the limit of ${natsLimits.subjectBytes} (NATS' max_control_line)`, 'use a shorter topic or subjectPrefix');
+  }
+  if (!SUBJECT.test(subject)) throw refuse('INVALID_PAYLOAD', `its subject ${JSON.stringify(abridged(subject))} is not NATS subject tokens`, 'a topic must have no space, "*", ">" or empty part');
+  let headers: MsgHdrs;
+  let msgId: string;
+  try {
+    headers = toHeaders(envelope);
+    msgId = encodeValue(envelope.id);
+  } catch (error) {
+    if (!(error instanceof URIError)) throw refuse('INVALID_PAYLOAD', `its headers cannot be encoded (${(error as Error).message})`, 'check its attributes');
+    const name = ATTRIBUTES.find((attribute) => {
+      try {
+        encodeValue(String(envelope[attribute] ?? ''));
+        return false;
+      } catch {
+        return true;
+      }
+    });
+    throw refuse('INVALID_PAYLOAD', `its ${name ?? 'id'} holds a lone surrogate (half of a UTF-16 pair), which has no UTF-8 form for a NATS header`, 'send well-formed text');
+  }
+  // JetStream keeps one copy of a message id within the duplicate window (a relay's retry is stored once).
+  headers.set('Nats-Msg-Id', msgId);
+  // "NATS/1.0\r\n", a "name: value\r\n" line per value (values are ASCII once encoded), a closing "\r\n".
+  let headerBytes = 12;
+  for (const [name, values] of headers) for (const value of values) headerBytes += name.length + value.length + 4;
+  if (headerBytes > natsLimits.headerBytes) {
+    throw refuse('LIMIT_EXCEEDED', `its headers are ${headerBytes} bytes, over JetStream's limit of ${natsLimits.headerBytes}`, 'the key, ids and subject travel in headers: shorten them');
+  }
+  const payload = Buffer.from(message.json);
+  if (headerBytes + payload.byteLength > maxPayload) {
+    throw refuse('LIMIT_EXCEEDED', `it is ${headerBytes + payload.byteLength} bytes with its headers, over the server's max_payload of ${maxPayload}`, 'send less data, or raise max_payload in nats-server');
+  }
+  return { subject, headers, payload };
+}
+
+function abridged(text: string): string {
+  return text.length > 120 ? `${text.slice(0, 120)}... (${text.length} characters)` : text;
 }
 
 export function header(h: MsgHdrs | undefined, name: string): string | undefined {
@@ -146,17 +224,6 @@ export function recordToHeaders(record: Record<string, string[]>): MsgHdrs {
 /** `<prefix>.<bucket>.<topic>`: a bucket is a fixed slice of the key space (keyHash % buckets). */
 export function subjectOf(prefix: string, bucket: number, topic: string): string {
   return `${prefix}.${bucket}.${topic}`;
-}
-
-/** The topic and bucket of a subject of the stream, or undefined if it is not shaped like one. */
-export function parseSubject(prefix: string, subject: string): { bucket: number; topic: string } | undefined {
-  if (!subject.startsWith(`${prefix}.`)) return undefined;
-  const rest = subject.slice(prefix.length + 1);
-  const dot = rest.indexOf('.');
-  if (dot <= 0 || dot === rest.length - 1) return undefined;
-  const bucket = Number(rest.slice(0, dot));
-  if (!Number.isInteger(bucket) || bucket < 0) return undefined;
-  return { bucket, topic: rest.slice(dot + 1) };
 }
 
 /**

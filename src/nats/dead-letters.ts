@@ -5,7 +5,6 @@
  * then deletes the dead letter; drop deletes it.
  */
 import { userInfo, hostname } from 'node:os';
-import type { AttemptRecord } from '../core/backbone.ts';
 import type {
   DeadLetter,
   DeadLetterActionRequest,
@@ -13,12 +12,14 @@ import type {
   DeadLetterSelection,
   DeadLetterStore,
   DeadLetterSummary,
-} from '../core/broker.ts';
-import { requireSelection } from '../core/broker.ts';
+} from '../core/dead-letters.ts';
+import { requireSelection } from '../core/dead-letters.ts';
 import type { Envelope } from '../core/envelope.ts';
-import { TidingsError } from '../core/errors.ts';
+import { TidingsError, type AttemptRecord } from '../core/errors.ts';
 import { sleep } from '../core/sleep.ts';
-import { recordToHeaders, REDRIVE_FOR, toHeaders } from './codec.ts';
+import type { StoredMsg } from '@nats-io/jetstream';
+import type { MsgHdrs } from '@nats-io/transport-node';
+import { headersToRecord, recordToHeaders, REDRIVE_FOR, toHeaders } from './codec.ts';
 import { isUnavailable, type NatsContext } from './index.ts';
 
 /** The payload of a dead-letter message. */
@@ -37,9 +38,64 @@ export interface DeadLetterRecord {
     readonly sequence: number;
     readonly subject: string;
     readonly headers: Record<string, string[]>;
-    /** Base64 of the payload, kept only when it could not be decoded (otherwise it is envelope.data). */
+    /**
+     * Base64 of the payload as it came, kept when envelope.data cannot stand for it (it could not be decoded,
+     * or written back as JSON). Absent with no envelope.data either: the payload was too large to keep here,
+     * and a redrive reads it from `stream` at `sequence` (see deadLetterEncodings).
+     */
     readonly payload?: string;
   };
+}
+
+/**
+ * The dead letter as JSON text, from the whole record down to a bare reference, for the writer to try in
+ * this order: the first that can be written and fits in `maxBytes` (the server's max_payload, less room for
+ * headers) is the one to keep. A message must be set aside once even when its record cannot be written
+ * whole (test/nats.input.test.ts, "nested 10,000 deep"): writing it was retried every second, for ever.
+ * 1. the whole record;
+ * 2. the data as the text that came (a string, so no nesting) and its raw bytes: data JSON.stringify cannot
+ *    write back (nested too deep for the stack);
+ * 3. the raw bytes only, without the attempts' stacks: a record over the size limit;
+ * 4. a reference to the message in the source stream, which keeps it (limits retention): still too large.
+ * Each step after the first says in the reason what it left out.
+ */
+export function* deadLetterEncodings(record: DeadLetterRecord, raw: Uint8Array, maxBytes: number): Generator<string> {
+  const payload = () => Buffer.from(raw.buffer, raw.byteOffset, raw.byteLength).toString('base64');
+  const bare = record.attempts.map(({ attempt, at, error }) => ({ attempt, at, error: { name: error.name, message: error.message.slice(0, 1_000) } }));
+  const note = (what: string) => `${record.reason} [dead letter kept ${what}]`;
+  const { data: _data, ...envelope } = record.envelope;
+  const candidates: Array<() => DeadLetterRecord> = [
+    () => record,
+    () => ({
+      ...record,
+      reason: note('with its data as the text that came: it cannot be written back as JSON'),
+      envelope: { ...record.envelope, data: Buffer.from(raw.buffer, raw.byteOffset, raw.byteLength).toString('utf8') },
+      source: { ...record.source, payload: payload() },
+    }),
+    () => ({
+      ...record,
+      reason: note(`without its data (its ${raw.byteLength} bytes in source.payload) and stacks: the whole record is over ${maxBytes} bytes`),
+      attempts: bare,
+      envelope: envelope as DeadLetterRecord['envelope'],
+      source: { ...record.source, payload: payload() },
+    }),
+    () => ({
+      ...record,
+      reason: note(`without its payload, headers and stacks: over ${maxBytes} bytes; the message is in stream ${record.source.stream} at sequence ${record.source.sequence}`),
+      attempts: bare,
+      envelope: envelope as DeadLetterRecord['envelope'],
+      source: { stream: record.source.stream, sequence: record.source.sequence, subject: record.source.subject, headers: {} },
+    }),
+  ];
+  for (const candidate of candidates) {
+    let json: string;
+    try {
+      json = JSON.stringify(candidate());
+    } catch {
+      continue; // nested deeper than the stack, or a value JSON cannot hold: the next one leaves the data out
+    }
+    if (Buffer.byteLength(json) <= maxBytes) yield json;
+  }
 }
 
 interface Stored {
@@ -93,11 +149,10 @@ export class NatsDeadLetters implements DeadLetterStore {
         break;
       }
       if (action === 'redrive') {
-        const headers = Object.keys(record.source.headers).length > 0 ? recordToHeaders(record.source.headers) : toHeaders(record.envelope);
-        headers.set(REDRIVE_FOR, record.subscription);
-        headers.set('tidings-redriven-by', actorOf(request));
-        const payload = record.source.payload !== undefined ? Buffer.from(record.source.payload, 'base64') : Buffer.from(JSON.stringify(record.envelope.data));
         try {
+          const { headers, payload } = await original(ctx, record);
+          headers.set(REDRIVE_FOR, record.subscription);
+          headers.set('tidings-redriven-by', actorOf(request));
           // A new Nats-Msg-Id: the original id is likely still inside the duplicate window. The message id
           // itself (ce-id) is unchanged, so an inbox still recognises it.
           await ctx.js.publish(record.source.subject, payload, { headers, msgID: `${record.messageId}:redrive:${ctx.dlqStream}:${seq}`, timeout: ctx.settings.publishTimeoutMs });
@@ -164,6 +219,25 @@ async function readAll(ctx: NatsContext): Promise<Stored[]> {
     messages.stop();
   }
   return out;
+}
+
+/** The message as it came, to publish again: from the dead letter, or from the source stream if it was too large to keep. */
+async function original(ctx: NatsContext, record: DeadLetterRecord): Promise<{ headers: MsgHdrs; payload: Uint8Array }> {
+  const kept = Object.keys(record.source.headers).length > 0 ? recordToHeaders(record.source.headers) : undefined;
+  if (record.source.payload !== undefined) return { headers: kept ?? toHeaders(record.envelope), payload: Buffer.from(record.source.payload, 'base64') };
+  if ('data' in record.envelope) return { headers: kept ?? toHeaders(record.envelope), payload: Buffer.from(JSON.stringify(record.envelope.data)) };
+  let stored: StoredMsg | null;
+  let missing: unknown;
+  try {
+    stored = await ctx.jsm.streams.getMessage(record.source.stream, { seq: record.source.sequence });
+  } catch (error) {
+    if (isUnavailable(error)) throw error;
+    [stored, missing] = [null, error];
+  }
+  if (stored === null) {
+    throw new TidingsError('PUBLISH_FAILED', `Dead letter of message ${record.messageId} (${record.topic}) keeps no payload, and stream ${record.source.stream} no longer has it at sequence ${record.source.sequence}: it cannot be redriven; drop it`, { cause: missing, ref: { id: record.messageId, topic: record.topic, key: record.key } });
+  }
+  return { headers: recordToHeaders(headersToRecord(stored.header)), payload: stored.data };
 }
 
 function summary({ seq, record }: Stored): DeadLetterSummary {

@@ -5,24 +5,26 @@
  */
 import { hostname } from 'node:os';
 import {
-  connect,
-  nanos,
+  jetstream,
+  jetstreamManager,
   RetentionPolicy,
   StorageType,
   type JetStreamClient,
   type JetStreamManager,
-  type KV,
-  type NatsConnection,
-  type NatsError,
   type StreamConfig,
-} from 'nats';
+  type StreamInfo,
+} from '@nats-io/jetstream';
+import { Kvm, type KV } from '@nats-io/kv';
+import { connect, nanos, type NatsConnection } from '@nats-io/transport-node';
 import type { Consumer, DeliveryHandler, Outgoing, SubscriptionSpec } from '../core/backbone.ts';
-import type { Broker, DeadLetterStore } from '../core/broker.ts';
+import type { Broker } from '../core/broker.ts';
+import type { DeadLetterStore } from '../core/dead-letters.ts';
 import { partitionOf } from '../core/envelope.ts';
 import { TidingsError } from '../core/errors.ts';
 import { OptionProblems } from '../core/options.ts';
+import { defaultWarning } from '../core/warnings.ts';
 import { brokered, type BrokerBackbone, type BrokeredOptions } from '../outbox/index.ts';
-import { subjectOf, toHeaders } from './codec.ts';
+import { subjectOf, toWire } from './codec.ts';
 import { NatsConsumer } from './consumer.ts';
 import { NatsDeadLetters } from './dead-letters.ts';
 
@@ -31,7 +33,7 @@ export interface NatsOptions extends BrokeredOptions {
   servers: string | string[];
   /** The JetStream stream carrying the messages; created if missing. */
   stream?: string;
-  /** Subjects are `<subjectPrefix>.<bucket>.<topic>`; the stream takes `<subjectPrefix>.>`. */
+  /** Subjects are `<subjectPrefix>.<bucket>.<topic>`; the stream takes `<subjectPrefix>.<bucket>.>` for each bucket. */
   subjectPrefix?: string;
   /**
    * Slices of the key space (keyHash % buckets). Fixed for the life of a stream: it is written in the
@@ -57,7 +59,7 @@ export interface NatsOptions extends BrokeredOptions {
   reconnectWaitMs?: number;
   /** Unacknowledged messages per bucket consumer = subscription concurrency x this (JetStream max_ack_pending). */
   ackPendingPerHandler?: number;
-  /** Wait before retrying a message whose handler promise rejected, or whose dead letter could not be written. */
+  /** Wait before trying NATS again after a dead letter, a hold or a read of the workers failed (a pull backs off from it too). */
   errorBackoffMs?: number;
 }
 
@@ -85,13 +87,20 @@ const STREAM_NAME = /^[A-Za-z0-9_-]{1,200}$/;
 const SUBJECT_PREFIX = /^[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*$/;
 /** Written in the stream's description: server 2.9 streams have no metadata. */
 const BUCKETS_MARK = /tidings buckets=(\d+)/;
+/** The subject prefix, from the same description. */
+const PREFIX_MARK = /, subjects (\S+)\.<bucket>\.<topic>/;
 
 /** What consumers and the dead-letter store share with the broker once it is open. */
 export interface NatsContext {
   readonly nc: NatsConnection;
   readonly js: JetStreamClient;
   readonly jsm: JetStreamManager;
+  /** Workers and bucket leases, entries expiring after leaseMs (see NatsConsumer), and the KV bucket's name. */
   readonly leases: KV;
+  readonly leasesBucket: string;
+  /** Messages waiting for a delayed retry, kept until they are done (see holds.ts), and the KV bucket's name. */
+  readonly holds: KV;
+  readonly holdsBucket: string;
   readonly settings: NatsSettings;
   readonly dlqStream: string;
   readonly dlqPrefix: string;
@@ -148,14 +157,31 @@ export function resolveNatsSettings(options: NatsOptions): NatsSettings {
   return settings;
 }
 
+/**
+ * The client's errors by name, not class: @nats-io/kv and @nats-io/jetstream pin exact versions of the
+ * packages below them, so an application with other versions of them has two copies of each error class.
+ */
+const UNAVAILABLE = new Set(['TimeoutError', 'ClosedConnectionError', 'DrainingConnectionError', 'ConnectionError', 'NoResponders', 'NoRespondersError', 'RequestError']);
+
 /** True for failures that a later try may not see: no connection, no JetStream answer, a timeout. */
 export function isUnavailable(error: unknown): boolean {
-  const code = (error as NatsError | undefined)?.code;
-  return ['TIMEOUT', 'CONNECTION_CLOSED', 'CONNECTION_DRAINING', 'CONNECTION_REFUSED', 'CONNECTION_TIMEOUT', 'DISCONNECT', '503', 'REQUEST_ERROR'].includes(String(code));
+  const { name, status } = (error ?? {}) as { name?: unknown; status?: unknown };
+  return UNAVAILABLE.has(String(name)) || (apiErrorCode(error) !== undefined && status === 503);
 }
 
+/** nats-server's default max_payload, for a connection that has not said its own. */
+const DEFAULT_MAX_PAYLOAD = 1_048_576;
+
+/** What the client or the server says when a message breaks one of their limits, or undefined. */
+function refusedForGood(error: unknown): string | undefined {
+  const message = String((error as Error | undefined)?.message);
+  return /max_payload|header size exceeds|maximum payload|message size exceeds/i.test(message) ? message : undefined;
+}
+
+/** JetStream's error code (err_code) of a refused API request: 10059 stream not found, 10071 wrong last sequence... */
 export function apiErrorCode(error: unknown): number | undefined {
-  return (error as NatsError | undefined)?.api_error?.err_code;
+  const { name, code } = (error ?? {}) as { name?: unknown; code?: unknown };
+  return /^(?:JetStreamApiError|ConsumerNotFoundError|StreamNotFoundError)$/.test(String(name)) && typeof code === 'number' ? code : undefined;
 }
 
 export class NatsBroker implements Broker {
@@ -171,7 +197,7 @@ export class NatsBroker implements Broker {
   constructor(options: NatsOptions) {
     this.settings = resolveNatsSettings(options);
     this.#explicit = { buckets: options.buckets !== undefined, subjectPrefix: options.subjectPrefix !== undefined };
-    this.#warn = options.onWarning ?? ((message, error) => console.warn(`[tidings] ${message}${error instanceof Error ? `: ${error.message}` : ''}`));
+    this.#warn = options.onWarning ?? defaultWarning;
   }
 
   async open(): Promise<void> {
@@ -207,11 +233,11 @@ export class NatsBroker implements Broker {
       });
     }
     try {
-      const jsm = await nc.jetstreamManager({ timeout: s.publishTimeoutMs });
+      const jsm = await jetstreamManager(nc, { timeout: s.publishTimeoutMs });
       const description = `tidings buckets=${s.buckets}: Tidings messages, subjects ${s.subjectPrefix}.<bucket>.<topic>`;
-      await ensureStream(jsm, {
+      const info = await ensureStream(jsm, {
         name: s.stream,
-        subjects: [`${s.subjectPrefix}.>`],
+        subjects: bucketSubjects(s.subjectPrefix, s.buckets),
         description,
         storage: StorageType.File,
         retention: RetentionPolicy.Limits,
@@ -224,8 +250,11 @@ export class NatsBroker implements Broker {
         }
         // Not given: the stream's own settings hold, so a service (or the CLI) needs only the stream's name.
         if (!this.#explicit.buckets) s.buckets = Number(stored);
-        const prefix = info.config.subjects?.[0]?.replace(/\.>$/, '');
+        const prefix = PREFIX_MARK.exec(info.config.description ?? '')?.[1];
         if (!this.#explicit.subjectPrefix && prefix !== undefined) s.subjectPrefix = prefix;
+        if (prefix !== undefined && prefix !== s.subjectPrefix) {
+          throw new TidingsError('INVALID_OPTIONS', `Stream ${s.stream} carries subjects ${prefix}.<bucket>.<topic>, not ${s.subjectPrefix}.<bucket>.<topic>. Use subjectPrefix: '${prefix}' (or leave it out), or a new stream`);
+        }
         if (Number(stored) !== s.buckets) {
           throw new TidingsError(
             'INVALID_OPTIONS',
@@ -233,6 +262,10 @@ export class NatsBroker implements Broker {
           );
         }
       });
+      // A stream made before the stream took only its buckets' subjects (it took `<prefix>.>`) is narrowed:
+      // a message published outside them would never reach a bucket's consumer (test/nats.input.test.ts).
+      const subjects = bucketSubjects(s.subjectPrefix, s.buckets);
+      if (info.config.subjects?.join(' ') !== subjects.join(' ')) await jsm.streams.update(s.stream, { subjects });
       const dlqStream = `${s.stream}_DLQ`;
       const dlqPrefix = `${s.subjectPrefix}_dlq`;
       await ensureStream(jsm, {
@@ -244,9 +277,13 @@ export class NatsBroker implements Broker {
         duplicate_window: nanos(s.duplicateWindowMs),
         num_replicas: s.replicas,
       });
-      const js = nc.jetstream({ timeout: s.publishTimeoutMs });
-      const leases = await js.views.kv(`${s.stream}_leases`, { ttl: s.leaseMs, history: 1, replicas: s.replicas, timeout: s.publishTimeoutMs });
-      return { nc, js, jsm, leases, settings: s, dlqStream, dlqPrefix, warn: this.#warn };
+      const js = jetstream(nc, { timeout: s.publishTimeoutMs });
+      const kvm = new Kvm(js);
+      const leasesBucket = `${s.stream}_leases`;
+      const holdsBucket = `${s.stream}_holds`;
+      const leases = await kvm.create(leasesBucket, { ttl: s.leaseMs, history: 1, replicas: s.replicas, timeout: s.publishTimeoutMs });
+      const holds = await kvm.create(holdsBucket, { history: 1, replicas: s.replicas, timeout: s.publishTimeoutMs });
+      return { nc, js, jsm, leases, leasesBucket, holds, holdsBucket, settings: s, dlqStream, dlqPrefix, warn: this.#warn };
     } catch (error) {
       await nc.close().catch(() => undefined);
       if (error instanceof TidingsError) throw error;
@@ -259,33 +296,33 @@ export class NatsBroker implements Broker {
 
   /**
    * Publishes every message at once on one connection, so JetStream stores them in the order given; each
-   * carries its id as Nats-Msg-Id, so a retry within the duplicate window is stored once.
+   * carries its id as Nats-Msg-Id, so a retry within the duplicate window is stored once. A message NATS can
+   * never take is refused before any is sent (toWire: LIMIT_EXCEEDED or INVALID_PAYLOAD, not retryable); a
+   * publish not confirmed is BACKBONE_UNAVAILABLE (retryable).
    */
   async publish(messages: readonly Outgoing[]): Promise<void> {
     if (messages.length === 0) return;
-    const { js } = await this.context();
+    const { js, nc } = await this.context();
     const s = this.settings;
-    const results = await Promise.allSettled(
-      messages.map((message) =>
-        js.publish(subjectOf(s.subjectPrefix, partitionOf(message.keyHash, s.buckets), message.envelope.topic), Buffer.from(message.json), {
-          msgID: message.envelope.id,
-          headers: toHeaders(message.envelope),
-          timeout: s.publishTimeoutMs,
-        }),
-      ),
-    );
+    const maxPayload = nc.info?.max_payload ?? DEFAULT_MAX_PAYLOAD;
+    const wires = messages.map((message) => toWire(message, subjectOf(s.subjectPrefix, partitionOf(message.keyHash, s.buckets), message.envelope.topic), maxPayload));
+    const results = await Promise.allSettled(wires.map((wire) => js.publish(wire.subject, wire.payload, { headers: wire.headers, timeout: s.publishTimeoutMs })));
     const failed = results.findIndex((result) => result.status === 'rejected');
     if (failed === -1) return;
     const error = (results[failed] as PromiseRejectedResult).reason as unknown;
     const message = messages[failed]!.envelope;
     const stored = results.filter((result) => result.status === 'fulfilled').length;
-    const retryable = isUnavailable(error);
+    const ref = { id: message.id, topic: message.topic, key: message.partitionkey };
+    const refused = refusedForGood(error);
+    if (refused !== undefined) {
+      // The server's limits differ from what toWire assumed (a cluster with a lower max_payload, say).
+      throw new TidingsError('LIMIT_EXCEEDED', `NATS refused message ${message.id} (${message.topic}) for good: ${refused}`, { cause: error, ref, retryable: false });
+    }
+    // Anything else may pass later: a server down or slow, a stream full with discard new, a leader election.
     throw new TidingsError(
-      retryable ? 'BACKBONE_UNAVAILABLE' : 'PUBLISH_FAILED',
-      `NATS did not confirm message ${message.id} (${message.topic})${messages.length > 1 ? ` and ${messages.length - stored - 1} more of ${messages.length}` : ''}: ${(error as Error).message}. ${
-        retryable ? 'Publish again with the same ids: JetStream drops copies within its duplicate window' : 'Check the stream and the message size'
-      }`,
-      { cause: error, ref: { id: message.id, topic: message.topic, key: message.partitionkey }, retryable },
+      isUnavailable(error) ? 'BACKBONE_UNAVAILABLE' : 'PUBLISH_FAILED',
+      `NATS did not confirm message ${message.id} (${message.topic})${messages.length > 1 ? ` and ${messages.length - stored - 1} more of ${messages.length}` : ''}: ${(error as Error).message}. Publish again with the same ids: JetStream drops copies within its duplicate window`,
+      { cause: error, ref, retryable: true },
     );
   }
 
@@ -313,23 +350,33 @@ export class NatsBroker implements Broker {
   }
 }
 
+/**
+ * The stream's subjects: one `<prefix>.<bucket>.>` per bucket and nothing else, so JetStream refuses a
+ * message no bucket's consumer would ever read (no bucket number, or one past the last), instead of
+ * storing it where nobody delivers or dead-letters it.
+ */
+export function bucketSubjects(prefix: string, buckets: number): string[] {
+  return Array.from({ length: buckets }, (_, bucket) => `${prefix}.${bucket}.>`);
+}
+
 /** Creates the stream, or checks the existing one (`check` throws if it is not ours to use). */
-async function ensureStream(jsm: JetStreamManager, config: Partial<StreamConfig> & { name: string }, check?: (info: Awaited<ReturnType<JetStreamManager['streams']['info']>>) => void): Promise<void> {
+async function ensureStream(jsm: JetStreamManager, config: Partial<StreamConfig> & { name: string }, check?: (info: StreamInfo) => void): Promise<StreamInfo> {
   try {
     const info = await jsm.streams.info(config.name);
     check?.(info);
-    return;
+    return info;
   } catch (error) {
     if (error instanceof TidingsError) throw error;
     if (apiErrorCode(error) !== 10059) throw error; // 10059: stream not found
   }
   try {
-    await jsm.streams.add(config);
+    return await jsm.streams.add(config);
   } catch (error) {
     // Another process created it at the same moment.
     const info = await jsm.streams.info(config.name).catch(() => undefined);
     if (info === undefined) throw error;
     check?.(info);
+    return info;
   }
 }
 

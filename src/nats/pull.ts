@@ -10,7 +10,7 @@
  * says so (status 408/404/409 on the request's own reply subject) or when all its messages arrived, and the
  * subscription is closed only once every request is over.
  */
-import { createInbox, JSONCodec, nanos, type Msg, type MsgHdrs, type NatsConnection, type Subscription } from 'nats';
+import { createInbox, nanos, type Msg, type MsgHdrs, type NatsConnection, type Subscription } from '@nats-io/transport-node';
 
 const ACK = Uint8Array.of(0x2b, 0x41, 0x43, 0x4b); // +ACK
 const NAK = Uint8Array.of(0x2d, 0x4e, 0x41, 0x4b); // -NAK
@@ -97,7 +97,6 @@ export interface PullerOptions {
   readonly onMessage: (delivery: Delivered) => void;
 }
 
-const codec = JSONCodec<{ batch: number; expires: number }>();
 
 export class Puller {
   readonly #options: PullerOptions;
@@ -150,7 +149,7 @@ export class Puller {
       };
       this.#requests.set(reply, request);
       try {
-        nc.publish(`$JS.API.CONSUMER.MSG.NEXT.${stream}.${durable}`, codec.encode({ batch, expires: nanos(expiresMs) }), { reply });
+        nc.publish(`$JS.API.CONSUMER.MSG.NEXT.${stream}.${durable}`, JSON.stringify({ batch, expires: nanos(expiresMs) }), { reply });
       } catch (error) {
         request.fail(error as Error);
       }
