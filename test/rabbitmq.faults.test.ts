@@ -1,14 +1,17 @@
 /**
- * The RabbitMQ backbone under faults: connections closed by the server mid-stream, and the broker stopped
- * and started again. Nothing is lost; duplicates happen only where at-least-once allows, and the inbox
- * removes them.
+ * The RabbitMQ backbone under faults: connections closed by the server mid-stream, the broker stopped and
+ * started again, a consumer process killed with -9 while a key waits for its delayed retry. Nothing is lost;
+ * duplicates happen only where at-least-once allows, and the inbox removes them; a held key stays held.
  */
 import assert from 'node:assert/strict';
 import { after, test } from 'node:test';
 import { TidingsError } from '../src/index.ts';
+import { Names, rabbitmqDefaults } from '../src/rabbitmq/index.ts';
+import { retryLevel } from '../src/rabbitmq/topology.ts';
 import { Ticked } from './fixtures/contracts.ts';
+import { startProcess } from './fixtures/processes.ts';
 import { connect, createEffects, RABBITMQ_URL, requireBroker, requirePostgres, sleep, waitFor } from './helpers.ts';
-import { closeConnections, Harness, rabbitmqctl, warnings } from './rabbitmq.helpers.ts';
+import { closeConnections, createWorkerTables, Harness, messagesIn, rabbitmqctl, warnings } from './rabbitmq.helpers.ts';
 
 const harnesses: Harness[] = [];
 after(async () => {
@@ -131,3 +134,66 @@ test('the broker stopped and started: a publish fails with a retryable BACKBONE_
   await waitFor('the message published after the outage', () => seen.has(`${h.prefix}during`), 30_000);
   assert.equal(seen.get(before.id), 1);
 });
+
+for (const [label, prefetch, later] of [
+  ['its later messages in the prefetch window', 16, 5],
+  ['its later messages parked in the delay queue (prefetch 4)', 4, 14],
+] as const) {
+  test(`kill -9 while a key waits for its delayed retry, ${label}: the next worker holds the key (they never overtake the retry), and the retry comes with its history`, async (t) => {
+    if (!(await requireBroker(t, 'RabbitMQ', RABBITMQ_URL)) || !(await requirePostgres(t))) return;
+    const h = new Harness();
+    harnesses.push(h);
+    await createWorkerTables(h.schema);
+    const publisher = h.bus('publisher');
+    await publisher.start();
+    // held:1 fails every attempt: one delayed retry (3 s), then a dead letter.
+    const env = { SCHEMA: h.schema, PREFIX: h.prefix, FAIL: 'held:1', RETRY: JSON.stringify({ immediate: 0, delayed: [3_000], jitter: 0 }), PREFETCH: String(prefetch) };
+    const doomed = await startProcess('rabbitmq-worker', { ...env, RABBITMQ_URL });
+    const client = await connect();
+    t.after(() => client.end());
+    const rows = async <R extends Record<string, unknown>>(sql: string) => (await client.query<R>(sql)).rows;
+    const poison = await publisher.publish(Ticked, { key: 'held', seq: 1 });
+    await waitFor('the first attempt', async () => (await rows(`select 1 from "${h.schema}".attempts where key = 'held'`)).length === 1, 15_000);
+    // Waiting for its retry: its copy is in the delay queue (3 s rounded up the delay ladder).
+    const delayQueue = new Names(h.prefix).retryQueue('shared', retryLevel(3_000, rabbitmqDefaults.retryMinMs));
+    await waitFor('the retry in its delay queue', async () => (await messagesIn(delayQueue)) === 1, 15_000);
+    // The key's later messages (and other keys' after them) reach the doomed worker and wait in its lane.
+    for (let seq = 2; seq <= later + 1; seq++) await publisher.publish(Ticked, { key: 'held', seq });
+    await publisher.publishMany(Ticked, Array.from({ length: 20 }, (_, k) => ({ key: `free-${k}`, seq: 1 })));
+    await waitFor('the other keys handled', async () => (await rows(`select 1 from "${h.schema}".effects where key like 'free-%'`)).length === 20, 15_000);
+    doomed.kill();
+    const killedAt = Date.now();
+
+    const heir = await startProcess('rabbitmq-worker', { ...env, RABBITMQ_URL });
+    const store = publisher.backbone.deadLetters();
+    await waitFor('the retried message dead-lettered', async () => (await store.count({ subscription: 'shared' })) === 1, 20_000);
+    await waitFor("the key's later messages", async () => (await rows(`select 1 from "${h.schema}".effects where key = 'held'`)).length === later, 15_000);
+    await sleep(300);
+
+    const attempts = await rows<{ attempt: number; worker: number; at: Date }>(`select attempt, worker, at from "${h.schema}".attempts where key = 'held' and seq = 1 order by n`);
+    assert.deepEqual(
+      attempts.map((a) => [a.attempt, a.worker]),
+      [
+        [1, doomed.pid],
+        [2, heir.pid],
+      ],
+      'attempt 1 by the killed worker; the retry, attempt 2, by the next one',
+    );
+    const held = await rows<{ seq: number; worker: number; at: Date }>(`select seq, worker, at from "${h.schema}".effects where key = 'held' order by n`);
+    assert.deepEqual(held.map((e) => e.seq), Array.from({ length: later }, (_, i) => i + 2), 'the later messages once each, in order');
+    const retriedAt = attempts[1]!.at.getTime();
+    assert.ok(held.every((e) => e.at.getTime() > retriedAt), 'none of them before the retry: the key stayed held across the crash');
+    const [dead] = await store.show(poison.id);
+    assert.ok(dead);
+    assert.deepEqual(
+      dead.attempts.map((a) => [a.attempt, a.error.message]),
+      [
+        [1, `failing on purpose in worker ${doomed.pid}, attempt 1`],
+        [2, `failing on purpose in worker ${heir.pid}, attempt 2`],
+      ],
+      'the dead letter carries both attempts, the first from the killed worker',
+    );
+    t.diagnostic(`retry ${retriedAt - killedAt} ms after the kill; the held key's messages followed ${held[0]!.at.getTime() - retriedAt} ms after it`);
+    await heir.stop();
+  });
+}

@@ -2,6 +2,7 @@
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
 import amqp from 'amqplib';
+import pg from 'pg';
 import { createBus, type Bus } from '../src/index.ts';
 import { postgres, type PgTransaction } from '../src/postgres/index.ts';
 import { rabbitmq, type RabbitMqOptions } from '../src/rabbitmq/index.ts';
@@ -88,4 +89,35 @@ export async function closeConnections(name: string): Promise<number> {
     .map((line) => line.split('\t')[0]!);
   await Promise.all(pids.map((pid) => rabbitmqctl('close_connection', pid, 'test')));
   return pids.length;
+}
+
+/** The tables rabbitmq-worker.ts writes: effects (through ctx.tx) and attempts (each attempt, kept). */
+export async function createWorkerTables(schema: string): Promise<void> {
+  const client = new pg.Client({ connectionString: DATABASE_URL });
+  await client.connect();
+  try {
+    await client.query(`create schema if not exists "${schema}"`);
+    await client.query(
+      `create table "${schema}".effects (n bigserial primary key, message_id text not null, key text not null, seq int not null, worker int not null, at timestamptz not null default clock_timestamp())`,
+    );
+    await client.query(
+      `create table "${schema}".attempts (n bigserial primary key, message_id text not null, key text not null, seq int not null, attempt int not null, worker int not null, at timestamptz not null default clock_timestamp())`,
+    );
+  } finally {
+    await client.end();
+  }
+}
+
+/** How many messages wait in `queue` (0 if it does not exist). */
+export async function messagesIn(queue: string): Promise<number> {
+  const connection = await amqp.connect(RABBITMQ_URL);
+  try {
+    const channel = await connection.createChannel();
+    channel.on('error', () => undefined);
+    return (await channel.checkQueue(queue)).messageCount;
+  } catch {
+    return 0;
+  } finally {
+    await connection.close().catch(() => undefined);
+  }
 }

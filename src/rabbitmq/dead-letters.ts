@@ -24,7 +24,7 @@ import type {
 import { requireSelection } from '../core/broker.ts';
 import type { Envelope } from '../core/envelope.ts';
 import { TidingsError } from '../core/errors.ts';
-import { copyOptions, decode, H_ATTEMPTS, H_DEAD_AT, H_DEAD_ID, H_DEAD_REASON, H_HISTORY, H_PARTITION, H_QUEUE, H_SUBSCRIPTION, historyOf } from './headers.ts';
+import { cleanHeaders, copyOptions, decode, H_ATTEMPTS, H_DEAD_AT, H_DEAD_ID, H_DEAD_REASON, H_HISTORY, H_PARTITION, H_QUEUE, H_SUBSCRIPTION, historyOf } from './headers.ts';
 import type { Link } from './link.ts';
 import type { Names } from './topology.ts';
 
@@ -171,7 +171,8 @@ export class RabbitDeadLetters implements DeadLetterStore {
   }
 
   async #sendBack(channel: ConfirmChannel, subscription: string, scanned: Scanned): Promise<void> {
-    const headers = { ...scanned.message.properties.headers };
+    // Each scan returned the dead letter to its queue, which counted a delivery: the copy starts afresh.
+    const headers = cleanHeaders(scanned.message.properties.headers);
     for (const name of [H_DEAD_ID, H_DEAD_REASON, H_DEAD_AT, H_SUBSCRIPTION, H_QUEUE, H_HISTORY]) delete headers[name];
     headers[H_ATTEMPTS] = 0;
     headers[H_PARTITION] = String(scanned.partition);

@@ -12,7 +12,7 @@
 import type { ConsumeMessage, GetMessage, MessagePropertyHeaders, Options } from 'amqplib';
 import type { AttemptRecord, Outgoing } from '../core/backbone.ts';
 import type { Envelope } from '../core/envelope.ts';
-import type { ErrorRecord } from '../core/errors.ts';
+import { storable, TidingsError, type ErrorRecord } from '../core/errors.ts';
 
 export const CE_PREFIX = 'cloudEvents:';
 const CE_PREFIXES = ['cloudEvents:', 'cloudEvents_'] as const;
@@ -34,9 +34,27 @@ export const H_QUEUE = 'x-tidings-queue';
 /** Quorum queues count returns of a message (nack with requeue, a consumer that went away) in this header. */
 export const H_DELIVERY_COUNT = 'x-delivery-count';
 
-/** Headers kept small: a frame is 128 KiB by default and headers must fit in one. */
+/**
+ * What AMQP 0-9-1 (and its client here) can carry; a message over one of these can never be published, so
+ * `publish` refuses it at once (LIMIT_EXCEEDED) rather than retry it.
+ */
+export const amqpLimits = {
+  /** A short string: `message_id` (the envelope's id), header names. */
+  shortStringBytes: 255,
+  /**
+   * Every header of a message together, encoded: amqplib encodes them into a 64 KiB buffer (and they must
+   * fit in one frame, 128 KiB by default on RabbitMQ).
+   */
+  headerBytes: 65_536,
+} as const;
+
+/** Attempt histories are cut to this many UTF-8 bytes (the newest attempts kept), within `amqpLimits.headerBytes`. */
+const HISTORY_BYTES = 24 * 1_024;
+/** The newest attempts a history keeps, and what each keeps of its error's message and stack. */
 const MAX_HISTORY = 20;
 const MAX_STACK = 2_000;
+/** A header cut to fit the others in (a retried or dead-lettered copy of a message with huge headers). */
+const CUT_HEADER_BYTES = 1_024;
 
 const ATTRIBUTES = ['specversion', 'id', 'source', 'type', 'time', 'subject', 'topic', 'partitionkey', 'tenant', 'correlationid', 'causationid', 'traceparent', 'tracestate'] as const;
 
@@ -68,11 +86,7 @@ export function bits(value: number, count: number): string {
 
 export function encode(message: Outgoing): { body: Buffer; options: Options.Publish } {
   const { envelope } = message;
-  const headers: Record<string, unknown> = {};
-  for (const name of ATTRIBUTES) {
-    const value = envelope[name];
-    if (value !== undefined) headers[CE_PREFIX + name] = value;
-  }
+  const headers = attributeHeaders(envelope);
   const time = Date.parse(envelope.time);
   return {
     body: Buffer.from(message.json, 'utf8'),
@@ -84,6 +98,92 @@ export function encode(message: Outgoing): { body: Buffer; options: Options.Publ
       headers,
     },
   };
+}
+
+/**
+ * The envelope's attributes as `cloudEvents:<name>` headers (every attribute but the data and its content
+ * type); with `present`, only those it lacks under either prefix: what a delivery derived (a topic from the
+ * exchange, a time from now) then travels with a copy of the message.
+ */
+export function attributeHeaders(envelope: Envelope, present: MessagePropertyHeaders = {}): MessagePropertyHeaders {
+  const headers: MessagePropertyHeaders = {};
+  for (const name of ATTRIBUTES) {
+    const value = envelope[name];
+    if (value !== undefined && !CE_PREFIXES.some((prefix) => present[prefix + name] !== undefined)) headers[CE_PREFIX + name] = value;
+  }
+  return headers;
+}
+
+/** About how many bytes `headers` take encoded (an AMQP field table). */
+export function headerBytes(headers: MessagePropertyHeaders): number {
+  let bytes = 4;
+  for (const [name, value] of Object.entries(headers)) {
+    if (value === undefined) continue;
+    bytes += 2 + Buffer.byteLength(name) + valueBytes(value);
+  }
+  return bytes;
+}
+
+function valueBytes(value: unknown): number {
+  if (typeof value === 'string') return 4 + Buffer.byteLength(value);
+  if (Buffer.isBuffer(value)) return 4 + value.length;
+  if (typeof value === 'number' || typeof value === 'bigint' || value instanceof Date) return 8;
+  if (typeof value === 'boolean' || value === null) return 1;
+  try {
+    return 4 + Buffer.byteLength(JSON.stringify(value) ?? '');
+  } catch {
+    return 4;
+  }
+}
+
+/**
+ * Why a message can never go to RabbitMQ, if it cannot: an id over a short string, headers over what one
+ * message can carry. The error names the limit, the message and its topic.
+ */
+export function wireProblem(envelope: Envelope, options: Options.Publish): TidingsError | undefined {
+  const refuse = (problem: string) => {
+    const ref = { id: storable(String(envelope.id), 300), topic: envelope.topic, key: storable(String(envelope.partitionkey), 300) };
+    return new TidingsError('LIMIT_EXCEEDED', `Message ${ref.id} on ${envelope.topic} cannot go to RabbitMQ: ${problem}`, { ref });
+  };
+  const id = String(options.messageId ?? '');
+  // Three bytes a character at most: most ids and headers are measured without encoding them.
+  const idBytes = id.length * 3 <= amqpLimits.shortStringBytes ? 0 : Buffer.byteLength(id);
+  if (idBytes > amqpLimits.shortStringBytes) {
+    return refuse(`its id is ${idBytes} bytes, over the limit of ${amqpLimits.shortStringBytes} (AMQP carries it in message_id, a short string); give it a shorter id`);
+  }
+  const headers = options.headers ?? {};
+  let bound = 4;
+  for (const name in headers) {
+    const value = headers[name] as unknown;
+    bound += 6 + name.length * 3 + (typeof value === 'string' ? value.length * 3 : valueBytes(value));
+  }
+  if (bound <= amqpLimits.headerBytes) return undefined;
+  const bytes = headerBytes(headers);
+  if (bytes <= amqpLimits.headerBytes) return undefined;
+  const [largest, size] = Object.entries(headers)
+    .map(([name, value]): [string, number] => [name, valueBytes(value)])
+    .reduce((a, b) => (b[1] > a[1] ? b : a));
+  return refuse(`its headers are ${bytes} bytes, over the limit of ${amqpLimits.headerBytes} for one message's headers (the largest, ${largest}, is ${size} bytes); shorten it`);
+}
+
+/**
+ * `headers` cut to fit a copy of a message within `amqpLimits.headerBytes`: the largest values first, each to
+ * 1 KiB with a note of what was cut. Only a message that came with huge headers (a foreign producer's) is
+ * cut; its body is never touched, and a copy that cannot be published would leave it stuck.
+ */
+export function fitHeaders(headers: MessagePropertyHeaders): MessagePropertyHeaders {
+  const fitted = { ...headers };
+  const budget = amqpLimits.headerBytes - 1_024;
+  while (headerBytes(fitted) > budget) {
+    const [name, value] = Object.entries(fitted)
+      .filter(([, v]) => typeof v === 'string' || Buffer.isBuffer(v))
+      .reduce((a, b) => (valueBytes(b[1]) > valueBytes(a[1]) ? b : a), ['', ''] as [string, unknown]);
+    if (name === '' || valueBytes(value) <= CUT_HEADER_BYTES + 64) break;
+    const text = Buffer.isBuffer(value) ? value.toString('utf8') : (value as string);
+    const kept = Buffer.from(text).subarray(0, CUT_HEADER_BYTES).toString('utf8');
+    fitted[name] = `${kept}... (cut from ${Buffer.byteLength(text)} bytes to fit AMQP's headers)`;
+  }
+  return fitted;
 }
 
 export interface Decoded {
@@ -174,16 +274,43 @@ export function historyOf(headers: MessagePropertyHeaders): AttemptRecord[] {
   }
 }
 
-/** The history as a header: the newest records, stacks cut, so it always fits in a frame. */
+/**
+ * The history as a header: the newest records, their messages and stacks cut, at most `HISTORY_BYTES`, so
+ * that it always fits in a message's headers beside the rest. (Test: rabbitmq.input 'attempt histories...'.)
+ */
 export function historyHeader(history: readonly AttemptRecord[]): string {
-  const kept = history.slice(-MAX_HISTORY).map((record) => ({ ...record, error: trimError(record.error) }));
+  const kept: AttemptRecord[] = [];
+  let bytes = 2;
+  for (const record of history.slice(-MAX_HISTORY).reverse()) {
+    let trimmed = { ...record, error: trimError(record.error, MAX_STACK) };
+    if (bytes + Buffer.byteLength(JSON.stringify(trimmed)) + 1 > HISTORY_BYTES) {
+      if (kept.length > 0) break;
+      // The newest attempt is always kept, cut harder if it has to be.
+      trimmed = { ...record, error: trimError(record.error, MAX_STACK / 8) };
+    }
+    kept.unshift(trimmed);
+    bytes += Buffer.byteLength(JSON.stringify(trimmed)) + 1;
+  }
   return JSON.stringify(kept);
 }
 
-function trimError(error: ErrorRecord): ErrorRecord {
-  const message = error.message.length > MAX_STACK ? `${error.message.slice(0, MAX_STACK)}...` : error.message;
-  if (error.stack === undefined || error.stack.length <= MAX_STACK) return { ...error, message };
-  return { ...error, message, stack: `${error.stack.slice(0, MAX_STACK)}...` };
+function trimError(error: ErrorRecord, max: number): ErrorRecord {
+  const message = error.message.length > max ? `${error.message.slice(0, max)}...` : error.message;
+  if (error.stack === undefined || error.stack.length <= max) return { ...error, message };
+  return { ...error, message, stack: `${error.stack.slice(0, max)}...` };
+}
+
+/**
+ * The headers of a message to copy (to a delay queue, dead letters, or back), without those that grow on every
+ * trip through a delay queue (x-death) or that only the broker sets (x-delivery-count: a copy starts at 0).
+ */
+export function cleanHeaders(headers: MessagePropertyHeaders | undefined): MessagePropertyHeaders {
+  const clean: MessagePropertyHeaders = {};
+  for (const [name, value] of Object.entries(headers ?? {})) {
+    if (name === 'x-death' || name.startsWith('x-first-death') || name.startsWith('x-last-death') || name === 'x-delivery-count') continue;
+    clean[name] = value;
+  }
+  return clean;
 }
 
 /** The publish options of a message copied as it is (to a retry queue, dead letters, or back), headers replaced. */

@@ -1,7 +1,8 @@
 /**
  * The RabbitMQ backbone: Tidings' topology on a RabbitMQ server (docs/rabbitmq.md), publisher confirms,
- * per-key order through partition queues with a single active consumer, delayed retries through delay
- * queues, dead-letter queues. With `outbox: postgres(...)`, publishes in a transaction go through the
+ * per-key order through partition queues with a single active consumer, shared out among a subscription's
+ * workers; delayed retries through delay queues, with the keys they hold recorded in the broker; dead-letter
+ * queues. With `outbox: postgres(...)`, publishes in a transaction go through the
  * PostgreSQL outbox and a relay, and handlers get a transaction and an inbox (src/outbox).
  */
 import type { Consumer, DeliveryHandler, Outgoing, SubscriptionSpec } from '../core/backbone.ts';
@@ -9,6 +10,7 @@ import { EVERY_TOPIC } from '../core/backbone.ts';
 import type { Broker, DeadLetterStore } from '../core/broker.ts';
 import { TidingsError } from '../core/errors.ts';
 import { OptionProblems, optionNames } from '../core/options.ts';
+import { defaultWarning } from '../core/warnings.ts';
 import { brokered, type BrokerBackbone, type RelayOptions } from '../outbox/index.ts';
 import type { PostgresBackbone } from '../postgres/index.ts';
 import { RabbitConsumer } from './consumer.ts';
@@ -48,6 +50,10 @@ export interface RabbitMqOptions {
   retryMinMs?: number;
   /** How long past its due time a held key waits for its retried message before later messages go on. */
   retryReturnGraceMs?: number;
+  /** How often each worker of a subscription announces itself to the others (they share the partitions). */
+  workerHeartbeatMs?: number;
+  /** A worker not heard for this long is gone: its partitions go to the others. */
+  workerTimeoutMs?: number;
   /**
    * Handled message ids remembered per subscription (in memory, per process) to drop duplicates when the
    * subscription keeps an inbox; the outbox's inbox is the durable de-duplication. 0 turns it off.
@@ -70,7 +76,8 @@ export const rabbitmqDefaults = {
   reconnectMaxMs: 5_000,
   retryMinMs: 50,
   retryReturnGraceMs: 30_000,
-  rejectedHandlerRetryMs: 1_000,
+  workerHeartbeatMs: 1_000,
+  workerTimeoutMs: 5_000,
   recentIds: 10_000,
   connectionName: 'tidings',
   deadLetterScanLimit: 100_000,
@@ -81,10 +88,6 @@ type Settings = Required<Omit<RabbitMqOptions, 'outbox' | 'relay' | 'prefetch' |
   prefetch: number | undefined;
   warn: (message: string, error?: unknown) => void;
 };
-
-function defaultWarning(message: string, error?: unknown): void {
-  console.warn(`[tidings] ${message}${error instanceof Error ? `: ${error.message}` : ''}`);
-}
 
 /** The broker alone: see `rabbitmq()` for the backbone a bus uses. */
 export class RabbitBroker implements Broker {
@@ -111,6 +114,11 @@ export class RabbitBroker implements Broker {
     problems.integer('reconnectMaxMs', options.reconnectMaxMs, 1);
     problems.integer('retryMinMs', options.retryMinMs, 1, 60_000);
     problems.integer('retryReturnGraceMs', options.retryReturnGraceMs, 0);
+    problems.integer('workerHeartbeatMs', options.workerHeartbeatMs, 10);
+    problems.integer('workerTimeoutMs', options.workerTimeoutMs, 100);
+    const beat = options.workerHeartbeatMs ?? rabbitmqDefaults.workerHeartbeatMs;
+    const timeout = options.workerTimeoutMs ?? rabbitmqDefaults.workerTimeoutMs;
+    problems.check(beat * 2 <= timeout, `workerHeartbeatMs (${beat}) must be at most half of workerTimeoutMs (${timeout}), or live workers are taken for gone between heartbeats`);
     problems.integer('recentIds', options.recentIds, 0, 10_000_000);
     problems.check(options.onWarning === undefined || typeof options.onWarning === 'function', 'onWarning must be a function');
     problems.throwIfAny();
@@ -127,6 +135,8 @@ export class RabbitBroker implements Broker {
       reconnectMaxMs: Math.max(options.reconnectMaxMs ?? d.reconnectMaxMs, options.reconnectMinMs ?? d.reconnectMinMs),
       retryMinMs: options.retryMinMs ?? d.retryMinMs,
       retryReturnGraceMs: options.retryReturnGraceMs ?? d.retryReturnGraceMs,
+      workerHeartbeatMs: options.workerHeartbeatMs ?? d.workerHeartbeatMs,
+      workerTimeoutMs: options.workerTimeoutMs ?? d.workerTimeoutMs,
       recentIds: options.recentIds ?? d.recentIds,
       connectionName: options.connectionName ?? d.connectionName,
       warn: options.onWarning ?? defaultWarning,
@@ -170,9 +180,12 @@ export class RabbitBroker implements Broker {
       prefetch: this.#settings.prefetch ?? Math.min(65_535, spec.concurrency * rabbitmqDefaults.prefetchPerConcurrency),
       retryMinMs: this.#settings.retryMinMs,
       retryReturnGraceMs: this.#settings.retryReturnGraceMs,
-      rejectedHandlerRetryMs: rabbitmqDefaults.rejectedHandlerRetryMs,
       reconnectMinMs: this.#settings.reconnectMinMs,
       reconnectMaxMs: this.#settings.reconnectMaxMs,
+      connectTimeoutMs: this.#settings.connectTimeoutMs,
+      workerHeartbeatMs: this.#settings.workerHeartbeatMs,
+      workerTimeoutMs: this.#settings.workerTimeoutMs,
+      connectionName: this.#settings.connectionName,
       warn: this.#settings.warn,
       register: (subscription) => this.#deadLetters.register(subscription),
       recentIds: this.#settings.recentIds,
@@ -231,7 +244,7 @@ export class RabbitBroker implements Broker {
 
 const rabbitmqOptionNames = optionNames<RabbitMqOptions>()(
   'url', 'outbox', 'relay', 'prefix', 'quorum', 'prefetch', 'connectTimeoutMs', 'heartbeatSeconds', 'publishTimeoutMs',
-  'reconnectMinMs', 'reconnectMaxMs', 'retryMinMs', 'retryReturnGraceMs', 'recentIds', 'connectionName', 'onWarning',
+  'reconnectMinMs', 'reconnectMaxMs', 'retryMinMs', 'retryReturnGraceMs', 'recentIds', 'workerHeartbeatMs', 'workerTimeoutMs', 'connectionName', 'onWarning',
 );
 
 export interface RabbitMqBackboneOptions extends RabbitMqOptions {}

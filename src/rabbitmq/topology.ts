@@ -11,6 +11,11 @@
  *                                      to the partition named by their tidings-partition header
  *   <prefix><subscription>:retry:<ms>  a delayed retry waits here (x-message-ttl), then dead-letters into
  *                                      the return exchange
+ *   <prefix><subscription>:p<n>:holds  the holds of partition n (keys waiting for a delayed retry), read by
+ *                                      whoever consumes partition n; single active consumer (holds.ts);
+ *                                      declared when the partition first holds a key
+ *   <prefix><subscription>:workers     fanout exchange; the subscription's workers announce themselves on it
+ *                                      (workers.ts), each through an exclusive queue of its own
  *   <prefix><subscription>:dead        the subscription's dead letters
  *   <prefix>dead-letter-queues         which subscriptions have dead-letter queues (for the CLI)
  *
@@ -31,6 +36,12 @@ export class Names {
   }
   partition(subscription: string, partition: number): string {
     return `${this.prefix}${subscription}:p${partition}`;
+  }
+  holds(subscription: string, partition: number): string {
+    return `${this.prefix}${subscription}:p${partition}:holds`;
+  }
+  workers(subscription: string): string {
+    return `${this.prefix}${subscription}:workers`;
   }
   returnExchange(subscription: string): string {
     return `${this.prefix}${subscription}:return`;
@@ -62,29 +73,42 @@ export interface SubscriptionTopology {
 }
 
 /**
- * The subscription's queues, exchanges and bindings. Bindings are declared in one pipelined burst (amqplib
+ * The subscription's queues, exchanges and bindings, every partition's included: a partition that no worker
+ * reads at the moment must still receive its messages. Bindings are declared in one pipelined burst (amqplib
  * queues the calls on the channel): one per partition and topic, or 1,024 per topic when the partition
  * count is not a power of two.
  */
 export async function declareSubscription(channel: Channel, names: Names, settings: TopologySettings, spec: SubscriptionTopology): Promise<void> {
-  const back = names.returnExchange(spec.name);
-  await Promise.all(spec.topics.map((topic) => declareExchange(channel, names, topic)));
-  await channel.assertExchange(back, 'headers', { durable: true });
+  await declareExchanges(channel, names, spec);
+  await channel.assertExchange(names.workers(spec.name), 'fanout', { durable: true });
   await channel.assertQueue(names.deadQueue(spec.name), { durable: true, arguments: queueArguments(settings) });
-  const work: Promise<unknown>[] = [];
-  for (let partition = 0; partition < spec.partitions; partition++) {
-    const queue = names.partition(spec.name, partition);
-    work.push(channel.assertQueue(queue, { durable: true, arguments: queueArguments(settings, { 'x-single-active-consumer': true }) }));
-    work.push(channel.bindQueue(queue, back, '', { 'x-match': 'all', [H_PARTITION]: String(partition) }));
-  }
-  await Promise.all(work);
-  const bindings: Promise<unknown>[] = [];
+  await Promise.all(Array.from({ length: spec.partitions }, (_, partition) => declarePartition(channel, names, settings, spec, partition)));
+}
+
+/** The exchanges a partition queue is bound to: the topics' and the return exchange. */
+export async function declareExchanges(channel: Channel, names: Names, spec: SubscriptionTopology): Promise<void> {
+  await Promise.all([...spec.topics.map((topic) => declareExchange(channel, names, topic)), channel.assertExchange(names.returnExchange(spec.name), 'headers', { durable: true })]);
+}
+
+/** One partition's queue and bindings; declared again by its reader on every channel it opens, so a deleted queue comes back. */
+export async function declarePartition(channel: Channel, names: Names, settings: TopologySettings, spec: SubscriptionTopology, partition: number): Promise<void> {
+  const queue = names.partition(spec.name, partition);
+  await channel.assertQueue(queue, { durable: true, arguments: queueArguments(settings, { 'x-single-active-consumer': true }) });
+  const bindings: Promise<unknown>[] = [channel.bindQueue(queue, names.returnExchange(spec.name), '', { 'x-match': 'all', [H_PARTITION]: String(partition) })];
   for (const topic of spec.topics) {
-    for (const [partition, pattern] of partitionPatterns(spec.partitions)) {
-      bindings.push(channel.bindQueue(names.partition(spec.name, partition), names.exchange(topic), pattern));
-    }
+    for (const [p, pattern] of partitionPatterns(spec.partitions)) if (p === partition) bindings.push(channel.bindQueue(queue, names.exchange(topic), pattern));
   }
   await Promise.all(bindings);
+}
+
+/**
+ * A partition's holds queue (holds.ts): declared the first time the partition holds a key, so a subscription
+ * that never retries after a delay has none (each queue costs the broker file handles).
+ */
+export async function declareHolds(channel: Channel, names: Names, settings: TopologySettings, subscription: string, partition: number): Promise<string> {
+  const queue = names.holds(subscription, partition);
+  await channel.assertQueue(queue, { durable: true, arguments: queueArguments(settings, { 'x-single-active-consumer': true }) });
+  return queue;
 }
 
 /**
