@@ -11,7 +11,7 @@ import { rabbitmq } from '../src/rabbitmq/index.ts';
 import { Ticked } from './fixtures/contracts.ts';
 import { NATS_URL, RABBITMQ_URL, requireBroker, runTidings, waitFor } from './helpers.ts';
 import { natsNamespace, quickNats } from './fixtures/nats.ts';
-import { deleteByPrefix, testOptions } from './rabbitmq.helpers.ts';
+import { deleteByPrefix, testOptions } from './fixtures/rabbitmq.ts';
 
 const buses: Bus[] = [];
 const cleanups: Array<() => Promise<void>> = [];

@@ -15,7 +15,7 @@ import { postgresSchema, quickPostgres } from './conformance/postgres.ts';
 import { Ticked } from './fixtures/contracts.ts';
 import { DATABASE_URL, dropSchema, NATS_URL, RABBITMQ_URL, requireBroker, waitFor } from './helpers.ts';
 import { natsNamespace, quickNats } from './fixtures/nats.ts';
-import { deleteByPrefix } from './rabbitmq.helpers.ts';
+import { deleteByPrefix } from './fixtures/rabbitmq.ts';
 
 const buses: Bus<PgTransaction>[] = [];
 const children: ChildProcess[] = [];

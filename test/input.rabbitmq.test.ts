@@ -14,7 +14,7 @@ import { amqpLimits, historyHeader } from '../src/rabbitmq/headers.ts';
 import { RabbitBroker, routingKey } from '../src/rabbitmq/index.ts';
 import { Ticked } from './fixtures/contracts.ts';
 import { RABBITMQ_URL, requireBroker, requirePostgres, sleep, waitFor } from './helpers.ts';
-import { Harness, testOptions, warnings } from './rabbitmq.helpers.ts';
+import { Harness, testOptions, warnings } from './fixtures/rabbitmq.ts';
 
 const harnesses: Harness[] = [];
 after(async () => {

@@ -9,7 +9,7 @@ import { postgresSchema, quickPostgres } from './conformance/postgres.ts';
 import { postgres, type PgTransaction } from '../src/postgres/index.ts';
 import { rabbitmq } from '../src/rabbitmq/index.ts';
 import { DATABASE_URL, dropSchema, RABBITMQ_URL, requireBroker, uniqueSchema } from './helpers.ts';
-import { deleteByPrefix, testOptions } from './rabbitmq.helpers.ts';
+import { deleteByPrefix, testOptions } from './fixtures/rabbitmq.ts';
 
 async function prefix(t: TestContext, name: string): Promise<string | undefined> {
   if (!(await requireBroker(t, 'RabbitMQ', RABBITMQ_URL))) return undefined;

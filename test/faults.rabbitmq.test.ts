@@ -11,7 +11,7 @@ import { retryLevel } from '../src/rabbitmq/topology.ts';
 import { Ticked } from './fixtures/contracts.ts';
 import { startProcess } from './fixtures/processes.ts';
 import { connect, createEffects, RABBITMQ_URL, requireBroker, requirePostgres, sleep, waitFor } from './helpers.ts';
-import { closeConnections, createWorkerTables, Harness, messagesIn, rabbitmqctl, warnings } from './rabbitmq.helpers.ts';
+import { closeConnections, createWorkerTables, Harness, messagesIn, rabbitmqctl, warnings } from './fixtures/rabbitmq.ts';
 
 const harnesses: Harness[] = [];
 after(async () => {

@@ -12,7 +12,7 @@ import { assignPartitions } from '../src/rabbitmq/workers.ts';
 import { Ticked, Tocked } from './fixtures/contracts.ts';
 import { startProcess } from './fixtures/processes.ts';
 import { connect, RABBITMQ_URL, requireBroker, requirePostgres, sleep, waitFor } from './helpers.ts';
-import { createWorkerTables, Harness, warnings } from './rabbitmq.helpers.ts';
+import { createWorkerTables, Harness, warnings } from './fixtures/rabbitmq.ts';
 
 const harnesses: Harness[] = [];
 after(async () => {

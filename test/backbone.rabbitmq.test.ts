@@ -9,7 +9,7 @@ import { defineEvent, deadLetter, keyHash, type Message } from '../src/index.ts'
 import { partitionPatterns, routingKey } from '../src/rabbitmq/index.ts';
 import { Ticked } from './fixtures/contracts.ts';
 import { RABBITMQ_URL, requireBroker, requirePostgres, sleep, waitFor } from './helpers.ts';
-import { Harness, warnings } from './rabbitmq.helpers.ts';
+import { Harness, warnings } from './fixtures/rabbitmq.ts';
 
 const harnesses: Harness[] = [];
 after(async () => {

@@ -10,7 +10,7 @@ import { after, test } from 'node:test';
 import pg from 'pg';
 import { Ticked } from './fixtures/contracts.ts';
 import { DATABASE_URL, RABBITMQ_URL, requireBroker, requirePostgres, sleep, waitFor } from './helpers.ts';
-import { Harness } from './rabbitmq.helpers.ts';
+import { Harness } from './fixtures/rabbitmq.ts';
 
 const harnesses: Harness[] = [];
 after(async () => {
