@@ -8,7 +8,7 @@
  * gracefully: its reader finishes what runs, then closes its channel, which returns the rest to the head of
  * the queue for the next reader, and the next reader picks up the partition's holds (holds.ts). Each
  * partition queue keeps a single active consumer, so even two workers that disagree for a moment about who
- * reads a partition never read it at the same time. (Tests: rabbitmq.workers.)
+ * reads a partition never read it at the same time. (Tests: workers.rabbitmq.)
  */
 import type { Consumer, DeliveryHandler, SubscriptionSpec } from '../core/backbone.ts';
 import type { Link } from './link.ts';

@@ -276,7 +276,7 @@ export function historyOf(headers: MessagePropertyHeaders): AttemptRecord[] {
 
 /**
  * The history as a header: the newest records, their messages and stacks cut, at most `HISTORY_BYTES`, so
- * that it always fits in a message's headers beside the rest. (Test: rabbitmq.input 'attempt histories...'.)
+ * that it always fits in a message's headers beside the rest. (Test: input.rabbitmq 'attempt histories...'.)
  */
 export function historyHeader(history: readonly AttemptRecord[]): string {
   const kept: AttemptRecord[] = [];

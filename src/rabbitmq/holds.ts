@@ -18,13 +18,13 @@
  * own to it and handles nothing until the marker comes back. It can only come back once the reader is the
  * holds queue's active consumer, that is once the previous reader's records were returned, and those come
  * first. So a reader knows every hold before it handles a message. (A partition without a holds queue never
- * held a key: its reader starts at once.) (Test: rabbitmq.faults 'kill -9 while a key waits for its delayed retry...'.)
+ * held a key: its reader starts at once.) (Test: faults.rabbitmq 'kill -9 while a key waits for its delayed retry...'.)
  *
  * A reader that lets go of the partition gracefully also says which messages it returns without having
  * started them (a "returned" record): the queue counts every return as a delivery (x-delivery-count), and
  * the next reader takes those returns off a message's attempt count, so that a partition changing hands does
  * not use up its messages' retries. A crash writes no such record: a message it returns may have been
- * running, and counts as an attempt. (Test: rabbitmq.workers 'a partition handed over while...'.)
+ * running, and counts as an attempt. (Test: workers.rabbitmq 'a partition handed over while...'.)
  */
 import type { ConsumeMessage, Options } from 'amqplib';
 

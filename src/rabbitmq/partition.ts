@@ -617,7 +617,7 @@ export class PartitionReader {
    * delivered. Called when a message joins a held key and when a key becomes held. A lane's earliest local
    * messages are parked first, so that its messages that never left the partition queue always come after
    * its held records: a reader taking the partition over puts those records first and the returned messages
-   * after them, in order. (Test: rabbitmq.faults 'kill -9 while a key waits ..., parked in the delay queue'.)
+   * after them, in order. (Test: faults.rabbitmq 'kill -9 while a key waits ..., parked in the delay queue'.)
    */
   #relieve(): void {
     if (this.#phase !== 'reading') return;

@@ -10,7 +10,7 @@
  * A message RabbitMQ can never take fails at once, and for good (`retryable: false`), so that nobody waits
  * for it or publishes it again: one over AMQP's limits (headers.ts, `wireProblem`) or that the client cannot
  * encode, before anything is sent; one over the server's `max_message_size`, when the server refuses it
- * (the others of the call are published still). (Tests: rabbitmq.input.)
+ * (the others of the call are published still). (Tests: input.rabbitmq.)
  */
 import type { ConfirmChannel } from 'amqplib';
 import type { Outgoing } from '../core/backbone.ts';

@@ -18,7 +18,7 @@
  *
  * Two workers whose views differ for a moment may both read a partition: the queue's single active
  * consumer lets one of them at a time, so a view only decides who shares the work, never the order.
- * (Tests: rabbitmq.workers.)
+ * (Tests: workers.rabbitmq.)
  */
 import { hostname } from 'node:os';
 import type { ConfirmChannel } from 'amqplib';
