@@ -34,9 +34,14 @@ const admin = new pg.Client({ connectionString: url });
 await admin.connect();
 const bus = createBus({ service: 'bench', backbone: postgres({ url, schema, retention: false }) });
 let handled = 0;
-bus.subscribe('drain', Ev, () => {
-  handled++;
-}, { startFrom: 'beginning' });
+bus.subscribe(
+  'drain',
+  Ev,
+  () => {
+    handled++;
+  },
+  { startFrom: 'beginning' },
+);
 
 try {
   // Migrate by opening a bus with no running subscription yet, then fill the log behind it.
@@ -69,7 +74,8 @@ try {
   const timer = setInterval(() => {
     sample();
     const last = samples.at(-1)!;
-    if (last.s % 5 === 0) console.log(`  ${String(last.s).padStart(4)} s  ${last.handled.toLocaleString('en').padStart(10)} handled  rss ${last.rssMb} MB  heap ${last.heapMb} MB`);
+    if (last.s % 5 === 0)
+      console.log(`  ${String(last.s).padStart(4)} s  ${last.handled.toLocaleString('en').padStart(10)} handled  rss ${last.rssMb} MB  heap ${last.heapMb} MB`);
   }, 1_000);
   await bus.start();
   while (handled < EVENTS) await new Promise((resolve) => setTimeout(resolve, 50));

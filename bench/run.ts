@@ -177,7 +177,10 @@ async function environment(): Promise<Record<string, unknown>> {
 /** Compiles src/ the way `npm run build` does, into the snapshot: what users run, without tsx's transform. */
 function buildSnapshot(): void {
   const tsc = join(root, 'node_modules', 'typescript', 'bin', 'tsc');
-  execFileSync(process.execPath, [tsc, '-p', join(root, 'tsconfig.build.json'), '--outDir', snapshot, '--declaration', 'false', '--sourceMap', 'false'], { cwd: root, stdio: 'inherit' });
+  execFileSync(process.execPath, [tsc, '-p', join(root, 'tsconfig.build.json'), '--outDir', snapshot, '--declaration', 'false', '--sourceMap', 'false'], {
+    cwd: root,
+    stdio: 'inherit',
+  });
   cpSync(join(root, 'src', 'postgres', 'migrations'), join(snapshot, 'postgres', 'migrations'), { recursive: true });
 }
 
@@ -232,14 +235,19 @@ function headline(workload: Workload, result: ChildResult): string {
   const m = result.metrics;
   if (workload === 'raw') return `multi-row ${fmt(m.insertMulti)}/s, 10 conns ${fmt(m.single10)}/s, notify p50 ${fmt(m.notifyP50)} ms`;
   if (workload === 'latency') {
-    const rates = Object.keys(m).filter((k) => k.startsWith('p50@')).map((k) => k.slice(4));
+    const rates = Object.keys(m)
+      .filter((k) => k.startsWith('p50@'))
+      .map((k) => k.slice(4));
     const parts = rates.map((r) => `@${r}/s p50 ${fmt(m[`p50@${r}`])} p99 ${fmt(m[`p99@${r}`])} ms cpu ${fmt(m[`cpu@${r}`], 0)}%`);
     if (m.idleQueries !== undefined) parts.push(`idle ${fmt(m.idleQueries)} q/s`);
     return parts.join(', ');
   }
-  if (workload === 'login') return `replica p50 ${fmt(m.replicaP50, 3)} p99 ${fmt(m.replicaP99, 3)} ms, HTTP p50 ${fmt(m.httpP50, 3)} p99 ${fmt(m.httpP99, 3)} ms`;
+  if (workload === 'login')
+    return `replica p50 ${fmt(m.replicaP50, 3)} p99 ${fmt(m.replicaP99, 3)} ms, HTTP p50 ${fmt(m.httpP50, 3)} p99 ${fmt(m.httpP99, 3)} ms`;
   if (workload === 'drift') {
-    const checks = Object.keys(m).filter((k) => k.startsWith('ms@')).map((k) => k.slice(3));
+    const checks = Object.keys(m)
+      .filter((k) => k.startsWith('ms@'))
+      .map((k) => k.slice(3));
     return checks.map((d) => `${d} diff ${fmt(m[`ms@${d}`], 0)} ms ${fmt(m[`messages@${d}`], 0)} msgs`).join(', ');
   }
   return `${fmt(m.rate)} events/s`;
@@ -264,7 +272,9 @@ async function run(started: number): Promise<void> {
   // Snapshots left by runs that were killed (only one run holds the lock, so none is in use).
   rmSync(join(here, '.snapshot'), { recursive: true, force: true });
   buildSnapshot();
-  log(`Tidings benchmark (${quick ? 'quick' : 'full'}, ${sizes.rounds} round${sizes.rounds > 1 ? 's' : ''}), database ${database} (synchronous_commit ${String((env.postgres as { synchronous_commit: string }).synchronous_commit)})`);
+  log(
+    `Tidings benchmark (${quick ? 'quick' : 'full'}, ${sizes.rounds} round${sizes.rounds > 1 ? 's' : ''}), database ${database} (synchronous_commit ${String((env.postgres as { synchronous_commit: string }).synchronous_commit)})`,
+  );
 
   const plan = steps(quick)
     .filter((step) => onlyWorkloads === undefined || onlyWorkloads.includes(step.workload))
@@ -286,7 +296,9 @@ async function run(started: number): Promise<void> {
         const slot = results.get(key) ?? { workload: step.workload, row, runs: [] };
         slot.runs.push(result);
         results.set(key, slot);
-        log(`  ${step.workload.padEnd(10)} ${row.label.padEnd(44)} ${headline(step.workload, result)}  (${((Date.now() - t0) / 1000).toFixed(1)} s${background > 25 ? `, machine ${background.toFixed(0)} % busy before` : ''})`);
+        log(
+          `  ${step.workload.padEnd(10)} ${row.label.padEnd(44)} ${headline(step.workload, result)}  (${((Date.now() - t0) / 1000).toFixed(1)} s${background > 25 ? `, machine ${background.toFixed(0)} % busy before` : ''})`,
+        );
       }
     }
   }

@@ -317,7 +317,8 @@ if (!args.keep) await admin.query(`drop schema "${schema}" cascade`);
 await admin.end();
 
 const problems: string[] = [];
-if (lost.billing > 0 || lost.audit > 0) problems.push(`lost messages: billing ${lost.billing}, audit ${lost.audit} (not handled ${Math.round(drainMs / 1_000)} s after publishing stopped)`);
+if (lost.billing > 0 || lost.audit > 0)
+  problems.push(`lost messages: billing ${lost.billing}, audit ${lost.audit} (not handled ${Math.round(drainMs / 1_000)} s after publishing stopped)`);
 const violations = [...billing.violations, ...audit.violations];
 if (violations.length > 0) problems.push(`out of order or skipped: ${violations.slice(0, 5).join('; ')}`);
 if (warm === undefined) problems.push(`the run was shorter than the warm-up (${warmUpSeconds} s): no memory baseline`);
@@ -332,14 +333,22 @@ const levelled = (pick: (s: (typeof sizes)[number]) => number) =>
   firstHalf.length === 0 || half.length === 0 ? 'n/a' : `${mb(Math.max(...firstHalf.map(pick)))} -> ${mb(Math.max(...half.map(pick)))}`;
 
 console.log('');
-console.log(`summary: ${published} published in ${loadSeconds.toFixed(0)} s (${Math.round(published / loadSeconds)}/s), ${publishErrors} publish errors${publishErrors > 0 ? ` (last: ${lastPublishError})` : ''}`);
-console.log(`  handled: billing ${billing.handled} (${billing.duplicates} redelivered), audit ${audit.handled} (${audit.duplicates} redelivered); ${dead[0].n} dead letters left; drained in ${Math.round(drainMs)} ms`);
+console.log(
+  `summary: ${published} published in ${loadSeconds.toFixed(0)} s (${Math.round(published / loadSeconds)}/s), ${publishErrors} publish errors${publishErrors > 0 ? ` (last: ${lastPublishError})` : ''}`,
+);
+console.log(
+  `  handled: billing ${billing.handled} (${billing.duplicates} redelivered), audit ${audit.handled} (${audit.duplicates} redelivered); ${dead[0].n} dead letters left; drained in ${Math.round(drainMs)} ms`,
+);
 console.log(
   `  latency publish -> handler (first attempts): after warm-up p50 ${ms(steady.percentile(50))} ms, p99 ${ms(steady.percentile(99))} ms, max ${ms(steady.max)} ms; whole run p50 ${ms(overall.percentile(50))} ms, p99 ${ms(overall.percentile(99))} ms, max ${ms(overall.max)} ms`,
 );
 if (warm !== undefined) console.log(`  memory (after GC): rss ${mb(warm.rss)} -> ${mb(end.rss)}, heap ${mb(warm.heap)} -> ${mb(end.heap)} (warm-up -> end)`);
-console.log(`  table sizes, largest in the first half after warm-up -> in the second half: log ${levelled((s) => s.log)}, inbox ${levelled((s) => s.inbox)}, dead_letters ${levelled((s) => s.dead)}`);
-console.log(`  retention: ${retentionRuns} runs deleted ${retentionDeleted.log} log rows, ${retentionDeleted.inbox} inbox records, ${retentionDeleted.deadLetters} dead letters`);
+console.log(
+  `  table sizes, largest in the first half after warm-up -> in the second half: log ${levelled((s) => s.log)}, inbox ${levelled((s) => s.inbox)}, dead_letters ${levelled((s) => s.dead)}`,
+);
+console.log(
+  `  retention: ${retentionRuns} runs deleted ${retentionDeleted.log} log rows, ${retentionDeleted.inbox} inbox records, ${retentionDeleted.deadLetters} dead letters`,
+);
 if (warnings.size > 0) console.log(`  warnings: ${[...warnings].map(([message, count]) => `${count}x ${message}`).join('; ')}`);
 if (problems.length > 0) {
   console.log(`FAILED: ${problems.join('; ')}`);

@@ -51,7 +51,10 @@ describe('nats backbone', () => {
     });
     await b.start();
     await b.publish(Ticked, { key: 'a', seq: 1 });
-    await b.publishMany(Ticked, [{ key: 'a', seq: 2 }, { key: 'b', seq: 3 }]);
+    await b.publishMany(Ticked, [
+      { key: 'a', seq: 2 },
+      { key: 'b', seq: 3 },
+    ]);
     await waitFor('three messages', () => seen.length === 3);
     assert.deepEqual(seen.sort(), [1, 2, 3]);
   });
@@ -84,8 +87,16 @@ describe('nats backbone', () => {
     const backbone = b.backbone as ReturnType<typeof nats>;
     const id = newId();
     const envelope: Envelope = {
-      specversion: '1.0', id, source: 'tidings://relay-test', type: 'test.ticked.v1', time: new Date().toISOString(),
-      datacontenttype: 'application/json', topic: Ticked.topic, partitionkey: 'dup', correlationid: id, data: { key: 'dup', seq: 1 },
+      specversion: '1.0',
+      id,
+      source: 'tidings://relay-test',
+      type: 'test.ticked.v1',
+      time: new Date().toISOString(),
+      datacontenttype: 'application/json',
+      topic: Ticked.topic,
+      partitionkey: 'dup',
+      correlationid: id,
+      data: { key: 'dup', seq: 1 },
     };
     const outgoing = { envelope, json: JSON.stringify(envelope.data), keyHash: keyHash('dup') };
     await backbone.broker.publish([outgoing]);
@@ -139,7 +150,12 @@ describe('nats backbone', () => {
     await sleep(300);
     assert.equal(byWorker[0]! + byWorker[1]!, keys * perKey, 'none lost, none twice');
     assert.equal(byKey.size, keys);
-    for (const [key, seqs] of byKey) assert.deepEqual(seqs, Array.from({ length: perKey }, (_, i) => i), `order of ${key}`);
+    for (const [key, seqs] of byKey)
+      assert.deepEqual(
+        seqs,
+        Array.from({ length: perKey }, (_, i) => i),
+        `order of ${key}`,
+      );
     assert.ok(byWorker[0]! > 0 && byWorker[1]! > 0, `both workers took part (${byWorker.join(' / ')})`);
   });
 
@@ -180,7 +196,10 @@ describe('nats backbone', () => {
     assert.equal(summary!.attempts, 4);
     assert.match(summary!.reason, /failed 4 attempts; last error: poison p:1/);
     const [letter] = await store.show(summary!.messageId);
-    assert.deepEqual(letter!.attempts.map((a) => a.attempt), [1, 2, 3, 4]);
+    assert.deepEqual(
+      letter!.attempts.map((a) => a.attempt),
+      [1, 2, 3, 4],
+    );
     assert.match(letter!.attempts[0]!.error.stack ?? '', /poison p:1/);
     assert.deepEqual(letter!.envelope.data, { key: 'p', seq: 1, note: 'poison' });
     await assert.rejects(store.drop({}), /all: true/);
@@ -193,38 +212,52 @@ describe('nats backbone', () => {
     assert.equal(await store.count({ all: true }), 0);
   });
 
-  test('a delayed retry handed over by a stopping worker keeps its time and history on the next owner, before its key\'s later messages', async (t) => {
+  test("a delayed retry handed over by a stopping worker keeps its time and history on the next owner, before its key's later messages", async (t) => {
     const ns = await world(t);
     if (ns === undefined) return;
     const retry = { immediate: 0, delayed: [3_000], jitter: 0 };
     const handled: Array<{ worker: string; id: string; attempt: number; at: number }> = [];
     const workerBus = (name: string) => {
       const b = bus(ns.options(), name);
-      b.subscribe('handover', Ticked, (message, ctx) => {
-        handled.push({ worker: name, id: `${message.data.key}:${message.data.seq}`, attempt: ctx.attempt, at: Date.now() });
-        if (message.data.note === 'fail') throw new Error(`${name} refused attempt ${ctx.attempt}`);
-      }, { retry });
+      b.subscribe(
+        'handover',
+        Ticked,
+        (message, ctx) => {
+          handled.push({ worker: name, id: `${message.data.key}:${message.data.seq}`, attempt: ctx.attempt, at: Date.now() });
+          if (message.data.note === 'fail') throw new Error(`${name} refused attempt ${ctx.attempt}`);
+        },
+        { retry },
+      );
       return b;
     };
     const first = workerBus('first');
     await first.start();
     await first.publish(Ticked, { key: 'h', seq: 0, note: 'fail' });
-    await first.publishMany(Ticked, [1, 2].map((seq) => ({ key: 'h', seq })));
+    await first.publishMany(
+      Ticked,
+      [1, 2].map((seq) => ({ key: 'h', seq })),
+    );
     await waitFor('the first attempt', () => handled.some((h) => h.id === 'h:0'));
     const failedAt = handled[0]!.at;
     await stopBus(first); // hands the bucket back while h:0 waits for its retry
     const second = workerBus('second');
     await second.start();
-    await waitFor('the key\'s later messages', () => handled.some((h) => h.id === 'h:2'), 15_000);
+    await waitFor("the key's later messages", () => handled.some((h) => h.id === 'h:2'), 15_000);
     const retried = handled.filter((h) => h.id === 'h:0' && h.worker === 'second');
     assert.equal(retried.length, 1);
     assert.equal(retried[0]!.attempt, 2);
     assert.ok(retried[0]!.at >= failedAt + retry.delayed[0]! - 50, `at its time, not at once (${retried[0]!.at - failedAt} ms after the first attempt)`);
-    assert.deepEqual(handled.filter((h) => h.id !== 'h:0').map((h) => `${h.worker} ${h.id}`), ['second h:1', 'second h:2']);
+    assert.deepEqual(
+      handled.filter((h) => h.id !== 'h:0').map((h) => `${h.worker} ${h.id}`),
+      ['second h:1', 'second h:2'],
+    );
     const store = second.backbone.deadLetters();
     await waitFor('the dead letter', async () => (await store.count({ subscription: 'handover' })) === 1);
     const [letter] = await store.show((await store.list({ subscription: 'handover' })).deadLetters[0]!.messageId);
-    assert.deepEqual(letter!.attempts.map((a) => a.error.message), ['first refused attempt 1', 'second refused attempt 2']);
+    assert.deepEqual(
+      letter!.attempts.map((a) => a.error.message),
+      ['first refused attempt 1', 'second refused attempt 2'],
+    );
   });
 
   test('undecodable messages from a plain NATS client are dead-lettered with the reason; the rest flows', async (t) => {
@@ -244,7 +277,14 @@ describe('nats backbone', () => {
       const js = nc.jetstream();
       await js.publish(subject, Buffer.from('{"key":"x","seq":99}')); // no CloudEvents headers at all
       const h = natsHeaders();
-      for (const [name, value] of [['ce-specversion', '1.0'], ['ce-id', 'not-json-1'], ['ce-source', 'tidings://foreign'], ['ce-type', 'test.ticked.v1'], ['ce-partitionkey', 'x']]) h.set(name!, value!);
+      for (const [name, value] of [
+        ['ce-specversion', '1.0'],
+        ['ce-id', 'not-json-1'],
+        ['ce-source', 'tidings://foreign'],
+        ['ce-type', 'test.ticked.v1'],
+        ['ce-partitionkey', 'x'],
+      ])
+        h.set(name!, value!);
       await js.publish(subject, Buffer.from('this is not json'), { headers: h });
     } finally {
       await nc.close();
@@ -256,7 +296,10 @@ describe('nats backbone', () => {
     await waitFor('two dead letters', async () => (await store.count({ subscription: 'tolerant' })) === 2);
     const { deadLetters } = await store.list({ subscription: 'tolerant' });
     for (const letter of deadLetters) {
-      assert.match(letter.reason, new RegExp(`UNDECODABLE_MESSAGE: the message at subject ${subject.replace(/\./g, '\\.')}, stream ${ns.stream} sequence \\d+`));
+      assert.match(
+        letter.reason,
+        new RegExp(`UNDECODABLE_MESSAGE: the message at subject ${subject.replace(/\./g, '\\.')}, stream ${ns.stream} sequence \\d+`),
+      );
     }
     assert.match(deadLetters[0]!.reason, /no CloudEvents attributes ce-specversion, ce-id, ce-source, ce-type/);
     assert.match(deadLetters[1]!.reason, /payload is not JSON/);
@@ -293,7 +336,7 @@ describe('nats backbone', () => {
       await nc.close();
     }
   });
-  test('a delivery taken by a pull that is not the worker\'s is waited for: the key\'s later messages run after it comes back', async (t) => {
+  test("a delivery taken by a pull that is not the worker's is waited for: the key's later messages run after it comes back", async (t) => {
     // The shape of the bug this guards against: JetStream counts a message delivered, but it never reaches the
     // worker (here a stray pull request queued before the worker's takes it and never answers); the worker
     // receives the key's later messages first. It sees the jump in the consumer sequence and holds the bucket
@@ -325,16 +368,28 @@ describe('nats backbone', () => {
 
     const worker = bus(options, 'worker');
     const seen: Array<{ seq: number; attempt: number }> = [];
-    worker.subscribe('held', Ticked, (message, ctx) => {
-      seen.push({ seq: message.data.seq, attempt: ctx.attempt });
-    }, { concurrency });
+    worker.subscribe(
+      'held',
+      Ticked,
+      (message, ctx) => {
+        seen.push({ seq: message.data.seq, attempt: ctx.attempt });
+      },
+      { concurrency },
+    );
     await worker.start();
     await waitFor('the worker holds the bucket and pulls', async () => (await jsm.consumers.info(ns.stream, 'held_0')).num_waiting >= 2);
-    await publisher.publishMany(Ticked, [0, 1, 2, 3, 4].map((seq) => ({ key: 'k', seq })));
+    await publisher.publishMany(
+      Ticked,
+      [0, 1, 2, 3, 4].map((seq) => ({ key: 'k', seq })),
+    );
     await waitFor('every message', () => seen.length >= 5, 15_000);
     assert.equal(stray.length, 1, 'the stray pull took one delivery');
     assert.equal(JSON.parse(new TextDecoder().decode(stray[0]!.data)).seq, 0, 'the first message of the key');
-    assert.deepEqual(seen.map((s) => s.seq), [0, 1, 2, 3, 4], 'in stream order although seq 0 came back last');
+    assert.deepEqual(
+      seen.map((s) => s.seq),
+      [0, 1, 2, 3, 4],
+      'in stream order although seq 0 came back last',
+    );
     assert.equal(seen[0]!.attempt, 2, 'seq 0 is a redelivery');
   });
 });

@@ -40,7 +40,11 @@ test('publish, publishMany and subscribe across two topics of one subscription, 
   await bus.start();
   await bus.publish(Ticked, { key: 'a', seq: 1 });
   await bus.publish(Noted, { key: 'a', text: 'x' });
-  await bus.publishMany(Ticked, [{ key: 'a', seq: 2 }, { key: 'b', seq: 1 }, { key: 'a', seq: 3 }]);
+  await bus.publishMany(Ticked, [
+    { key: 'a', seq: 2 },
+    { key: 'b', seq: 1 },
+    { key: 'a', seq: 3 },
+  ]);
   await waitFor('5 messages', () => seen.length === 5);
   assert.deepEqual(
     seen.filter((s) => s.startsWith('a:')),
@@ -159,7 +163,11 @@ test('per-key order over 100 keys with two buses sharing the subscription and co
   await sleep(200);
   for (let k = 0; k < keys; k++) {
     const list = handled.get(`key-${k}`) ?? [];
-    assert.deepEqual(list, Array.from({ length: perKey }, (_, i) => i + 1), `order and completeness of key-${k}`);
+    assert.deepEqual(
+      list,
+      Array.from({ length: perKey }, (_, i) => i + 1),
+      `order and completeness of key-${k}`,
+    );
   }
   assert.equal(total(), keys * perKey, 'none lost, none twice');
   assert.ok(byBus[0]! > 0 && byBus[1]! > 0, `both workers handled messages (${byBus.join(' / ')})`);
@@ -212,7 +220,10 @@ test('retries: immediate then delayed, the key held meanwhile while other keys f
   assert.equal(dead.topic, 'test.ticked');
   assert.equal(dead.key, 'poison');
   assert.match(dead.reason, /failed 4 attempts; last error: poison failure 4/);
-  assert.deepEqual(dead.attempts.map((a) => [a.attempt, a.error.message]), [1, 2, 3, 4].map((n) => [n, `poison failure ${n}`]));
+  assert.deepEqual(
+    dead.attempts.map((a) => [a.attempt, a.error.message]),
+    [1, 2, 3, 4].map((n) => [n, `poison failure ${n}`]),
+  );
   assert.ok(dead.attempts[0]!.error.stack?.includes('poison failure 1'));
   assert.deepEqual(dead.envelope.data, { key: 'poison', seq: 20 });
   assert.equal(await store.count({ errorText: 'refused by the handler' }), 1);
@@ -263,9 +274,15 @@ test('an undecodable message from a plain client is dead-lettered with a clear r
   await waitFor('two dead letters', async () => (await store.count({ subscription: 'robust' })) === 2);
   const { deadLetters } = await store.list({ subscription: 'robust' });
   const reasons = Object.fromEntries(deadLetters.map((d) => [d.messageId, d.reason]));
-  assert.match(reasons['no-attributes']!, /UNDECODABLE_MESSAGE: message no-attributes in queue .*robust:p\d cannot be decoded: missing CloudEvents attributes specversion, source, type/);
+  assert.match(
+    reasons['no-attributes']!,
+    /UNDECODABLE_MESSAGE: message no-attributes in queue .*robust:p\d cannot be decoded: missing CloudEvents attributes specversion, source, type/,
+  );
   assert.match(reasons['bad-body']!, /UNDECODABLE_MESSAGE: message bad-body in queue .*robust:p\d cannot be decoded: the body is not JSON/);
-  assert.ok(warnings.some((w) => w.includes('bad-body')), 'the operator is told');
+  assert.ok(
+    warnings.some((w) => w.includes('bad-body')),
+    'the operator is told',
+  );
 });
 
 test('a key held by a delayed retry keeps its later messages in order even when they outgrow the prefetch window (parked in the delay queue)', async (t) => {
@@ -291,11 +308,18 @@ test('a key held by a delayed retry keeps its later messages in order even when 
   await bus.start();
   await bus.publish(Ticked, { key: 'held', seq: 1 });
   for (let seq = 2; seq <= 15; seq++) {
-    await bus.publishMany(Ticked, [{ key: 'held', seq }, { key: `free-${seq}`, seq }]);
+    await bus.publishMany(Ticked, [
+      { key: 'held', seq },
+      { key: `free-${seq}`, seq },
+    ]);
   }
   await waitFor('every message', () => order.length === 29, 15_000);
   const held = order.filter((o) => o.startsWith('held:'));
-  assert.deepEqual(held, Array.from({ length: 15 }, (_, i) => `held:${i + 1}`), 'the held key kept its order');
+  assert.deepEqual(
+    held,
+    Array.from({ length: 15 }, (_, i) => `held:${i + 1}`),
+    'the held key kept its order',
+  );
   assert.ok(order.indexOf('free-15:15') < order.indexOf('held:1'), 'other keys flowed past the held key');
   await sleep(200);
   assert.equal(order.length, 29, 'nothing twice');

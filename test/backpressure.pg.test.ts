@@ -10,7 +10,7 @@ import pg from 'pg';
 import type { PgPoolLike } from '../src/postgres/index.ts';
 import { Ticked } from './fixtures/contracts.ts';
 import { pgWorld } from './fixtures/bus.ts';
-import { connect, DATABASE_URL, sleep } from './helpers.ts';
+import { DATABASE_URL, sleep } from './helpers.ts';
 
 /** Bounds every test: a hang fails it instead of the whole run. */
 const bounded = { timeout: 60_000 };

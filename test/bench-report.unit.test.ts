@@ -17,9 +17,51 @@ const entries: Entry[] = [
   { workload: 'drain', row: row('pgboss', 'pg-boss'), runs: [], summary: rate(4_000) },
   { workload: 'e2e', row: row('tidings', long, 'guarantees'), runs: [], summary: rate(14_000) },
   { workload: 'e2e', row: row('bullmq', 'BullMQ'), runs: [], summary: rate(20_000) },
-  { workload: 'latency', row: row('tidings', 'Tidings'), runs: [], summary: {}, series: [{ rate: 500, quantiles: [[50, 0.9], [99, 4]] }] } as Entry,
-  { workload: 'latency', row: row('tidings', 'Tidings, 1k keys, inbox, no-op', 'guarantees'), runs: [], summary: {}, series: [{ rate: 500, quantiles: [[50, 1], [99, 5]] }] } as Entry,
-  { workload: 'latency', row: row('pgboss', 'pg-boss'), runs: [], summary: {}, series: [{ rate: 500, quantiles: [[50, 250], [99, 500]] }] } as Entry,
+  {
+    workload: 'latency',
+    row: row('tidings', 'Tidings'),
+    runs: [],
+    summary: {},
+    series: [
+      {
+        rate: 500,
+        quantiles: [
+          [50, 0.9],
+          [99, 4],
+        ],
+      },
+    ],
+  } as Entry,
+  {
+    workload: 'latency',
+    row: row('tidings', 'Tidings, 1k keys, inbox, no-op', 'guarantees'),
+    runs: [],
+    summary: {},
+    series: [
+      {
+        rate: 500,
+        quantiles: [
+          [50, 1],
+          [99, 5],
+        ],
+      },
+    ],
+  } as Entry,
+  {
+    workload: 'latency',
+    row: row('pgboss', 'pg-boss'),
+    runs: [],
+    summary: {},
+    series: [
+      {
+        rate: 500,
+        quantiles: [
+          [50, 250],
+          [99, 500],
+        ],
+      },
+    ],
+  } as Entry,
 ];
 
 test('each system keeps its colour in every chart; rows of one system differ by their dashes', () => {

@@ -61,7 +61,10 @@ for (const [name, target] of [
       { retry: { immediate: 0, delayed: [], jitter: 0 } },
     );
     await bus.start();
-    await bus.publishMany(Ticked, [1, 2, 3].map((seq) => ({ key: `k${seq}`, seq })));
+    await bus.publishMany(
+      Ticked,
+      [1, 2, 3].map((seq) => ({ key: `k${seq}`, seq })),
+    );
     const store = bus.backbone.deadLetters();
     await waitFor('three dead letters', async () => (await store.count({ all: true })) === 3, 20_000);
 
@@ -72,7 +75,10 @@ for (const [name, target] of [
     };
     const listed = await cli('list');
     assert.equal(listed.total, 3);
-    assert.deepEqual(listed.deadLetters.map((letter: { topic: string }) => letter.topic), ['test.ticked', 'test.ticked', 'test.ticked']);
+    assert.deepEqual(
+      listed.deadLetters.map((letter: { topic: string }) => letter.topic),
+      ['test.ticked', 'test.ticked', 'test.ticked'],
+    );
     assert.match(listed.deadLetters[0].reason, /gateway timeout/);
     const groups = await cli('list', '--group');
     assert.equal(groups.length, 1, 'one error, numbers masked: one group');

@@ -26,6 +26,7 @@ function tidings(args: readonly string[], options: { env?: NodeJS.ProcessEnv } =
 }
 
 /** `tidings --schema <schema> --json <args>`, expecting success, parsed. */
+// biome-ignore lint/suspicious/noExplicitAny: each test reads the JSON shape of its own command
 async function json<T = any>(schema: string, args: readonly string[]): Promise<T> {
   const run = await tidings(['--schema', schema, '--json', ...args]);
   assert.equal(run.code, 0, `tidings ${args.join(' ')} exited ${run.code}: ${run.stderr}`);
@@ -48,6 +49,7 @@ async function setup(t: TestContext): Promise<string | undefined> {
   return schema;
 }
 
+// biome-ignore lint/suspicious/noExplicitAny: each test reads its own rows
 async function sql<R = any>(text: string, params: unknown[] = []): Promise<R[]> {
   const client = await connect();
   try {
@@ -156,7 +158,10 @@ test('dead letters: list, group, show; redrive to a running bus handles each onc
   const audit = await sql(`select action, actor, subscription, message_ids, count from "${schema}".dead_letter_actions order by id`);
   assert.equal(audit.length, 3, 'one audit row per chunk');
   assert.ok(audit.every((row) => row.action === 'redrive' && row.actor === 'ops-test' && row.subscription === 'billing'));
-  assert.deepEqual(audit.map((row) => row.count), [8, 8, 4]);
+  assert.deepEqual(
+    audit.map((row) => row.count),
+    [8, 8, 4],
+  );
   assert.deepEqual(new Set(audit.flatMap((row) => row.message_ids)), new Set(ids));
 
   // A dead letter of a message the subscription has handled since: redriven, the inbox keeps it from running twice.
@@ -177,7 +182,11 @@ test('dead letters: list, group, show; redrive to a running bus handles each onc
 test('dead letters: drop by id and by error, recorded with the actor; --dry-run changes nothing', async (t) => {
   const schema = await setup(t);
   if (schema === undefined) return;
-  const ids = await makeDeadLetters(schema, 'shipping', Array.from({ length: 5 }, (_, i) => ({ key: `s${i}`, seq: 1 })));
+  const ids = await makeDeadLetters(
+    schema,
+    'shipping',
+    Array.from({ length: 5 }, (_, i) => ({ key: `s${i}`, seq: 1 })),
+  );
   const { deadLetters } = await json(schema, ['dead-letters', 'list']);
 
   const usage = await tidings(['--schema', schema, 'dead-letters', 'drop']);
@@ -195,7 +204,13 @@ test('dead letters: drop by id and by error, recorded with the actor; --dry-run 
   assert.equal((await sql(`select count(*)::int as n from "${schema}".dead_letters`))[0].n, 0);
 
   const audit = await sql(`select action, actor, subscription, message_ids, count, at from "${schema}".dead_letter_actions order by id`);
-  assert.deepEqual(audit.map((row) => [row.action, row.count]), [['drop', 2], ['drop', 3]]);
+  assert.deepEqual(
+    audit.map((row) => [row.action, row.count]),
+    [
+      ['drop', 2],
+      ['drop', 3],
+    ],
+  );
   assert.equal(audit[0].actor, `${userInfo().username}@${hostname()}`, 'the actor defaults to user@host');
   assert.deepEqual(new Set(audit.flatMap((row) => row.message_ids)), new Set(ids));
   assert.ok(audit.every((row) => row.at instanceof Date));
@@ -218,7 +233,10 @@ test('status: lag per partition, oldest unprocessed age, leases and workers', as
     { partitions: 3 },
   );
   await bus.start();
-  await bus.publishMany(Ticked, Array.from({ length: 6 }, (_, i) => ({ key: 'one-key', seq: i })));
+  await bus.publishMany(
+    Ticked,
+    Array.from({ length: 6 }, (_, i) => ({ key: 'one-key', seq: i })),
+  );
   await waitFor('the first message in its handler', () => started === 1);
 
   const status = await json(schema, ['status']);
@@ -243,13 +261,19 @@ test('status: lag per partition, oldest unprocessed age, leases and workers', as
   assert.match(human.stdout, /SUBSCRIPTION +TOPICS +WORKERS +LAG +OLDEST +HANDLED/);
   assert.match(human.stdout, /slow +test\.ticked +1 +6 /);
   // Compact: the one partition behind is shown, not the two caught up; no escape codes into a pipe.
-  assert.match(human.stdout, /\nslow: 3 partitions; 1 of 3 partitions behind\n +PARTITION +OWNER +LEASE +EPOCH +HANDLED +LAG[^\n]*\n +\d +\S+ +\d+\.\d s left +\d+ +0 +6 [^\n]*\n\n/);
+  assert.match(
+    human.stdout,
+    /\nslow: 3 partitions; 1 of 3 partitions behind\n +PARTITION +OWNER +LEASE +EPOCH +HANDLED +LAG[^\n]*\n +\d +\S+ +\d+\.\d s left +\d+ +0 +6 [^\n]*\n\n/,
+  );
   assert.match(human.stdout, /Workers: 1 live in 1 process\./);
   assert.ok(!human.stdout.includes('\x1b['), 'no colour into a pipe');
   const verbose = await tidings(['--schema', schema, 'status', '--verbose']);
   assert.equal(verbose.stdout.match(/ s left /g)?.length, 3, 'every partition with --verbose');
   assert.match(verbose.stdout, /Workers:\n +ID +SUBSCRIPTION +HOST +PID/);
-  assert.ok(slow.cursors.every((cursor: { epoch: unknown }) => typeof cursor.epoch === 'number'), 'epoch is a number in JSON');
+  assert.ok(
+    slow.cursors.every((cursor: { epoch: unknown }) => typeof cursor.epoch === 'number'),
+    'epoch is a number in JSON',
+  );
 
   // --watch: a reading every 0.2 s until Ctrl-C, one JSON object per line.
   const watching = spawn(process.execPath, [BIN, '--schema', schema, '--json', 'status', '--watch', '0.2'], { env: { ...process.env, DATABASE_URL } });
@@ -269,7 +293,10 @@ test('status: lag per partition, oldest unprocessed age, leases and workers', as
   await bus.stop();
   const stopped = await json(schema, ['status', '--subscription', 'slow']);
   assert.equal(stopped.subscriptions[0].handled, 6);
-  assert.ok(stopped.subscriptions[0].cursors.every((cursor: { owner: string | null }) => cursor.owner === null), 'a graceful stop frees the leases');
+  assert.ok(
+    stopped.subscriptions[0].cursors.every((cursor: { owner: string | null }) => cursor.owner === null),
+    'a graceful stop frees the leases',
+  );
   const unknown = await tidings(['--schema', schema, 'status', '--subscription', 'nope']);
   assert.equal(unknown.code, 2);
   assert.match(unknown.stderr, /no subscription nope; it has slow/);
@@ -296,12 +323,25 @@ test('replay from a position, then from a time: the messages are handled again, 
   assert.equal(replay.skipped, 0);
   await waitFor('the last four handled again', () => handled.length === 10, 15_000);
   assert.deepEqual(
-    handled.slice(6).map((message) => message.id).sort(),
-    published.slice(2).map((message) => message.id).sort(),
+    handled
+      .slice(6)
+      .map((message) => message.id)
+      .sort(),
+    published
+      .slice(2)
+      .map((message) => message.id)
+      .sort(),
   );
   for (const key of ['odd', 'even']) {
-    const seqs = handled.slice(6).filter((message) => (message.seq % 2 === 0 ? 'even' : 'odd') === key).map((message) => message.seq);
-    assert.deepEqual(seqs, [...seqs].sort((a, b) => a - b), `${key} replayed in order`);
+    const seqs = handled
+      .slice(6)
+      .filter((message) => (message.seq % 2 === 0 ? 'even' : 'odd') === key)
+      .map((message) => message.seq);
+    assert.deepEqual(
+      seqs,
+      [...seqs].sort((a, b) => a - b),
+      `${key} replayed in order`,
+    );
   }
 
   const [first] = await sql(`select time from "${schema}".log where id = $1`, [published[0]!.id]);
@@ -322,7 +362,10 @@ test('tail follows new messages of a topic with filters; migrate is idempotent',
   const schema = await setup(t);
   if (schema === undefined) return;
   const migrated = await json(schema, ['migrate']);
-  assert.deepEqual(migrated.applied, loadMigrations().map((migration) => migration.version));
+  assert.deepEqual(
+    migrated.applied,
+    loadMigrations().map((migration) => migration.version),
+  );
   assert.deepEqual((await json(schema, ['migrate'])).applied, []);
 
   const bus = newBus(schema);
@@ -334,8 +377,14 @@ test('tail follows new messages of a topic with filters; migrate is idempotent',
   const wanted = [await bus.publish(Ticked, { key: 'a', seq: 3, note: 'a needle' }), await bus.publish(Ticked, { key: 'a', seq: 4, note: 'needle again' })];
   const run = await tail;
   assert.equal(run.code, 0, run.stderr);
-  const lines = run.stdout.trim().split('\n').map((line) => JSON.parse(line));
-  assert.deepEqual(lines.map((line) => line.id), wanted.map((message) => message.id));
+  const lines = run.stdout
+    .trim()
+    .split('\n')
+    .map((line) => JSON.parse(line));
+  assert.deepEqual(
+    lines.map((line) => line.id),
+    wanted.map((message) => message.id),
+  );
   assert.equal(lines[0].data.seq, 3);
   assert.ok(lines[0].position < lines[1].position);
 
@@ -410,14 +459,17 @@ test('migrate --dry-run prints only what the database lacks and changes nothing;
   assert.equal(version.stdout.trim(), JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')).version);
 });
 
-test('a refused login and a URL that is not PostgreSQL\'s: exit 3 with what to check, exit 2', async (t) => {
+test("a refused login and a URL that is not PostgreSQL's: exit 3 with what to check, exit 2", async (t) => {
   if (!(await requirePostgres(t))) return;
   const url = new URL(DATABASE_URL);
   url.username = 'no_such_role_tidings';
   url.password = 'secret';
   const refused = await tidings(['--url', url.toString(), 'status']);
   assert.equal(refused.code, 3);
-  assert.match(refused.stderr, /^tidings: PostgreSQL at postgres:\/\/no_such_role_tidings@\S+ refused the login \(.*\)\. Check the user and password in --url or DATABASE_URL\.\n$/);
+  assert.match(
+    refused.stderr,
+    /^tidings: PostgreSQL at postgres:\/\/no_such_role_tidings@\S+ refused the login \(.*\)\. Check the user and password in --url or DATABASE_URL\.\n$/,
+  );
   assert.ok(!refused.stderr.includes('secret'));
   const mysql = await tidings(['--url', 'mysql://root@localhost/shop', 'status']);
   assert.equal(mysql.code, 2);
@@ -442,7 +494,10 @@ test('a wrong --schema lists the schemas that have Tidings tables; tail warns ab
 
   const wrong = await tidings(['--schema', `${schema}_typo`, 'status']);
   assert.equal(wrong.code, 2);
-  assert.match(wrong.stderr, new RegExp(`Schema ${schema}_typo at postgres://\\S+ has no Tidings tables; (this schema has|these have): [^\\n]*\\b${schema}\\b`));
+  assert.match(
+    wrong.stderr,
+    new RegExp(`Schema ${schema}_typo at postgres://\\S+ has no Tidings tables; (this schema has|these have): [^\\n]*\\b${schema}\\b`),
+  );
 
   const shown = await tidings(['--schema', schema, 'dead-letters', 'show', published!.id]);
   assert.match(shown.stdout, /Attempts \(3\):\n {2}#1 at [^\n]*the same failure every time\n {6}at [^\n]*\n(?: {6}at [^\n]*\n)*/);
@@ -455,7 +510,10 @@ test('a wrong --schema lists the schemas that have Tidings tables; tail warns ab
   await waitFor('the tail to start', () => stderr.includes('Following'));
   tail.kill('SIGINT');
   assert.equal(await exited, 0);
-  assert.match(stderr, /^Warning: no subscription handles test\.tickd, and none of the newest 10,000 messages has it: check the name \(the subscriptions handle test\.ticked\)\. Waiting for it all the same\.\n/);
+  assert.match(
+    stderr,
+    /^Warning: no subscription handles test\.tickd, and none of the newest 10,000 messages has it: check the name \(the subscriptions handle test\.ticked\)\. Waiting for it all the same\.\n/,
+  );
   const known = await tidings(['--schema', schema, '--json', 'tail', 'test.ticked', '--from', '1', '--limit', '1']);
   assert.doesNotMatch(known.stderr, /Warning/);
 });
@@ -468,14 +526,20 @@ test('status shows a rolling deploy: the worker without a handler for a topic of
   old.subscription('deploying', { partitions: 2 }).on(Ticked, () => undefined);
   await old.start();
   const neu = newBus(schema);
-  neu.subscription('deploying', { partitions: 2 }).on(Ticked, () => undefined).on(Tocked, () => undefined);
+  neu
+    .subscription('deploying', { partitions: 2 })
+    .on(Ticked, () => undefined)
+    .on(Tocked, () => undefined);
   await neu.start();
   const status = await json(schema, ['status']);
   const sub = status.subscriptions.find((entry: { name: string }) => entry.name === 'deploying');
   assert.deepEqual(sub.topics, ['test.ticked', 'test.tocked']);
   assert.equal(sub.disagreements.length, 1);
   assert.deepEqual(sub.disagreements[0].missing, ['test.tocked']);
-  assert.deepEqual(sub.workers.map((worker: { topics: string[] }) => worker.topics), [['test.ticked'], ['test.ticked', 'test.tocked']]);
+  assert.deepEqual(
+    sub.workers.map((worker: { topics: string[] }) => worker.topics),
+    [['test.ticked'], ['test.ticked', 'test.tocked']],
+  );
   const text = await tidings(['--schema', schema, 'status']);
   assert.equal(text.code, 0, text.stderr);
   assert.match(text.stdout, /! deploying: worker \S+ has no handler for test\.tocked; it holds no partition/);
@@ -504,7 +568,10 @@ test('subscriptions drop: refused while a worker lives; then a command moves to 
   const again = newBus(schema);
   again.subscribe('payments-v2', Charge, () => undefined);
   await again.start();
-  assert.deepEqual((await json(schema, ['status'])).subscriptions.map((sub: { name: string }) => sub.name), ['payments-v2']);
+  assert.deepEqual(
+    (await json(schema, ['status'])).subscriptions.map((sub: { name: string }) => sub.name),
+    ['payments-v2'],
+  );
 });
 
 test('sagas list and show: instances by state, one whole with its transitions; an unknown instance exits 1 with the list command', async (t) => {

@@ -12,10 +12,29 @@ import { coloured, plain, styleFor } from '../src/cli/format.ts';
 import { renderStatus } from '../src/cli/status.ts';
 import type { PartitionStatus, Status, SubscriptionStatus, WorkerStatus } from '../src/postgres/admin.ts';
 
-const worker: WorkerStatus = { id: 'w-1', subscription: 'billing.charge-orders', host: 'h', pid: 1, startedAt: '2026-01-01T00:00:00Z', expiresAt: '2026-01-01T00:01:00Z', live: true, topics: ['orders.order-placed'] };
+const worker: WorkerStatus = {
+  id: 'w-1',
+  subscription: 'billing.charge-orders',
+  host: 'h',
+  pid: 1,
+  startedAt: '2026-01-01T00:00:00Z',
+  expiresAt: '2026-01-01T00:01:00Z',
+  live: true,
+  topics: ['orders.order-placed'],
+};
 
 function cursor(partition: number, lag: number, leaseRemainingMs = 5_000): PartitionStatus {
-  return { partition, owner: 'w-1', epoch: 3, leaseExpiresAt: null, leaseRemainingMs, handled: 10, lag, oldestUnprocessedAgeMs: lag > 0 ? 1_500 : null, updatedAt: '2026-01-01T00:00:00Z' };
+  return {
+    partition,
+    owner: 'w-1',
+    epoch: 3,
+    leaseExpiresAt: null,
+    leaseRemainingMs,
+    handled: 10,
+    lag,
+    oldestUnprocessedAgeMs: lag > 0 ? 1_500 : null,
+    updatedAt: '2026-01-01T00:00:00Z',
+  };
 }
 
 function subscription(name: string, lag: number, extra: Partial<SubscriptionStatus> = {}): SubscriptionStatus {
@@ -77,7 +96,9 @@ test('colour on a terminal only, and never with NO_COLOR', () => {
   assert.equal(styleFor(true, { NO_COLOR: '1' }), plain);
   assert.equal(styleFor(false, { FORCE_COLOR: '1' }), coloured);
   const text = renderStatus(status, 'postgres://db/shop', { verbose: false, width: undefined, style: coloured });
+  // biome-ignore lint/suspicious/noControlCharactersInRegex: the escape codes are what this test checks
   assert.match(text, /\x1b\[33m +7\x1b\[0m/, 'lag in yellow');
+  // biome-ignore lint/suspicious/noControlCharactersInRegex: the escape codes are what this test checks
   assert.match(text, /\x1b\[31m +1\x1b\[0m/, 'dead letters in red');
 });
 
@@ -88,14 +109,20 @@ test('settings: the command line, then TIDINGS_SCHEMA and DATABASE_URL, then tid
     writeFileSync(join(dir, 'tidings.config.json'), JSON.stringify({ schema: 'from_file', url: 'postgres://file/db', connectTimeout: 3 }));
     mkdirSync(join(dir, 'service', 'src'), { recursive: true });
     const below = resolveGlobals({}, {}, join(dir, 'service', 'src'));
-    assert.deepEqual([below.schema, below.url, below.connectTimeout, below.configFile], ['from_file', 'postgres://file/db', 3, join(dir, 'tidings.config.json')]);
+    assert.deepEqual(
+      [below.schema, below.url, below.connectTimeout, below.configFile],
+      ['from_file', 'postgres://file/db', 3, join(dir, 'tidings.config.json')],
+    );
     const env = resolveGlobals({}, { TIDINGS_SCHEMA: 'from_env', DATABASE_URL: 'postgres://env/db' }, dir);
     assert.deepEqual([env.schema, env.url], ['from_env', 'postgres://env/db']);
     const flags = resolveGlobals({ schema: 'from_flag', url: 'postgres://flag/db' }, { TIDINGS_SCHEMA: 'from_env' }, dir);
     assert.deepEqual([flags.schema, flags.url], ['from_flag', 'postgres://flag/db']);
 
     writeFileSync(join(dir, 'tidings.config.json'), JSON.stringify({ shema: 'x', connectTimeout: 'soon' }));
-    assert.throws(() => resolveGlobals({}, {}, dir), /tidings\.config\.json: shema is not a setting \(the settings are url, schema, connectTimeout, prefix, stream\); connectTimeout must be a number/);
+    assert.throws(
+      () => resolveGlobals({}, {}, dir),
+      /tidings\.config\.json: shema is not a setting \(the settings are url, schema, connectTimeout, prefix, stream\); connectTimeout must be a number/,
+    );
     rmSync(join(dir, 'tidings.config.json'));
     assert.throws(() => resolveGlobals({}, { TIDINGS_SCHEMA: 'Bad-Name' }, dir), /TIDINGS_SCHEMA "Bad-Name" is invalid/);
     assert.throws(() => resolveGlobals({ config: 'nope.json' }, {}, dir), /--config nope\.json: no such file/);

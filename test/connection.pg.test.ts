@@ -51,14 +51,20 @@ test('a database that does not exist: named, with what to do', async (t) => {
   if (!(await requirePostgres(t))) return;
   const error = await startFails(variant((u) => (u.pathname = '/no_such_database_tidings')));
   assert.equal(error.code, 'BACKBONE_UNAVAILABLE');
-  assert.match(error.message, /^PostgreSQL at postgres:\/\/\S+\/no_such_database_tidings has no such database \(.*\)\. Create it, or fix the database name in postgres\(\{ url \}\)\.$/);
+  assert.match(
+    error.message,
+    /^PostgreSQL at postgres:\/\/\S+\/no_such_database_tidings has no such database \(.*\)\. Create it, or fix the database name in postgres\(\{ url \}\)\.$/,
+  );
 });
 
 test('a server that does not answer: retryable, the URL without its password', async () => {
   const error = await startFails('postgres://someone:s3cret@127.0.0.1:1/test');
   assert.equal(error.code, 'BACKBONE_UNAVAILABLE');
   assert.equal(error.retryable, true);
-  assert.match(error.message, /^PostgreSQL at postgres:\/\/someone@127\.0\.0\.1:1\/test is unreachable .*ECONNREFUSED.*check that the server is running and reachable from here, and postgres\(\{ url \}\)\.$/);
+  assert.match(
+    error.message,
+    /^PostgreSQL at postgres:\/\/someone@127\.0\.0\.1:1\/test is unreachable .*ECONNREFUSED.*check that the server is running and reachable from here, and postgres\(\{ url \}\)\.$/,
+  );
 });
 
 test('URLs that are not PostgreSQL connection URLs are refused by postgres(), without echoing them', () => {
@@ -81,7 +87,12 @@ test('URLs that are not PostgreSQL connection URLs are refused by postgres(), wi
       url,
     );
   }
-  for (const url of ['postgres://u@localhost/db', 'postgresql://u:p@db.example:6432/app?sslmode=require', 'postgres://u@/db?host=/var/run/postgresql', '/var/run/postgresql app']) {
+  for (const url of [
+    'postgres://u@localhost/db',
+    'postgresql://u:p@db.example:6432/app?sslmode=require',
+    'postgres://u@/db?host=/var/run/postgresql',
+    '/var/run/postgresql app',
+  ]) {
     assert.doesNotThrow(() => postgres({ url }), url);
   }
 });

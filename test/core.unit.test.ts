@@ -35,7 +35,11 @@ test('a contract carries its name, version, CloudEvents type and topic', () => {
 
 test('contract names are validated: no quotes, spaces, semicolons or unicode', () => {
   for (const name of ['Orders', 'a b', "x';drop table y;--", 'ünïcode', '', 'a..b', '.a', 'x'.repeat(201)]) {
-    assert.throws(() => defineEvent(name, { schema: z.object({}) }), (error: unknown) => error instanceof TidingsError && error.code === 'INVALID_CONTRACT', name);
+    assert.throws(
+      () => defineEvent(name, { schema: z.object({}) }),
+      (error: unknown) => error instanceof TidingsError && error.code === 'INVALID_CONTRACT',
+      name,
+    );
   }
   assert.throws(() => defineEvent('a.b', { schema: z.object({}), version: 0 }), /version must be a positive integer/);
   assert.throws(() => defineEvent('a.b', { schema: {} as never }), /must be a Standard Schema/);
@@ -54,9 +58,18 @@ test('the retry schedule: immediate retries, then each delay with bounded jitter
   const retry = { immediate: 2, delayed: [1_000, 10_000], jitter: 0.1 };
   assert.equal(nextRetryDelay(retry, 1), 0);
   assert.equal(nextRetryDelay(retry, 2), 0);
-  assert.equal(nextRetryDelay(retry, 3, () => 0), 900);
-  assert.equal(nextRetryDelay(retry, 3, () => 1), 1_100);
-  assert.equal(nextRetryDelay(retry, 4, () => 0.5), 10_000);
+  assert.equal(
+    nextRetryDelay(retry, 3, () => 0),
+    900,
+  );
+  assert.equal(
+    nextRetryDelay(retry, 3, () => 1),
+    1_100,
+  );
+  assert.equal(
+    nextRetryDelay(retry, 4, () => 0.5),
+    10_000,
+  );
   assert.equal(nextRetryDelay(retry, 5), undefined);
   assert.equal(nextRetryDelay({ immediate: 0, delayed: [], jitter: 0 }, 1), undefined);
 });
@@ -69,7 +82,8 @@ test('subscription options: defaults, and one error naming every bad option', ()
     () => resolveSubscribeOptions('subscription x', { concurrency: 0, partitions: 1.5, retry: { delayed: [-1], jitter: 2 }, startFrom: 'yesterday' as never }),
     (error: unknown) => {
       assert.ok(error instanceof TidingsError && error.code === 'INVALID_OPTIONS');
-      for (const name of ['concurrency', 'partitions', 'retry.delayed', 'retry.jitter', 'startFrom']) assert.match(error.message, new RegExp(name.replace('.', '\\.')));
+      for (const name of ['concurrency', 'partitions', 'retry.delayed', 'retry.jitter', 'startFrom'])
+        assert.match(error.message, new RegExp(name.replace('.', '\\.')));
       return true;
     },
   );
@@ -82,10 +96,7 @@ test('ids are time-ordered UUIDv7; key hashes are stable, 31-bit, and spread ove
   assert.match(a, /^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/);
   assert.ok(a < b);
   // Pinned: a key's partition must not move between versions (messages in flight keep their order).
-  assert.deepEqual(
-    ['order-1', '', 'ключ-ü-🎉', 'a\u007f\u0080'].map(keyHash),
-    [729795949, 18652613, 953580386, 1450068067],
-  );
+  assert.deepEqual(['order-1', '', 'ключ-ü-🎉', 'a\u007f\u0080'].map(keyHash), [729795949, 18652613, 953580386, 1450068067]);
   const counts = [0, 0, 0, 0];
   for (let i = 0; i < 4_000; i++) {
     const hash = keyHash(`key-${i}`);
@@ -152,24 +163,30 @@ test('publish builds a CloudEvents envelope; oversized and invalid payloads are 
 });
 
 test('createBus reports every bad option by name', () => {
-  assert.throws(() => createBus({ service: '', backbone: undefined as never, maxPayloadBytes: -1 }), (error: unknown) => {
-    assert.ok(error instanceof TidingsError && error.code === 'INVALID_OPTIONS');
-    assert.match(error.message, /service "" must be a name/);
-    assert.match(error.message, /backbone is required/);
-    assert.match(error.message, /maxPayloadBytes/);
-    return true;
-  });
+  assert.throws(
+    () => createBus({ service: '', backbone: undefined as never, maxPayloadBytes: -1 }),
+    (error: unknown) => {
+      assert.ok(error instanceof TidingsError && error.code === 'INVALID_OPTIONS');
+      assert.match(error.message, /service "" must be a name/);
+      assert.match(error.message, /backbone is required/);
+      assert.match(error.message, /maxPayloadBytes/);
+      return true;
+    },
+  );
 });
 
 test('the service name must fit the CloudEvents source URI, tidings://<service>', () => {
   const backbone = { publish: async () => undefined } as unknown as Backbone;
   for (const service of ['Billing Service', 'billing/eu', 'a#b', 'x?y', 'ünï', 'x'.repeat(201)]) {
-    assert.throws(() => createBus({ service, backbone }), (error: unknown) => {
-      assert.ok(error instanceof TidingsError && error.code === 'INVALID_OPTIONS', service);
-      assert.match(error.message, /source URI tidings:\/\/<service>/);
-      assert.match(error.message, /billing-service/);
-      return true;
-    });
+    assert.throws(
+      () => createBus({ service, backbone }),
+      (error: unknown) => {
+        assert.ok(error instanceof TidingsError && error.code === 'INVALID_OPTIONS', service);
+        assert.match(error.message, /source URI tidings:\/\/<service>/);
+        assert.match(error.message, /billing-service/);
+        return true;
+      },
+    );
   }
   for (const service of ['billing', 'Billing', 'billing-service', 'eu.billing_v2~x']) {
     assert.equal(createBus({ service, backbone }).service, service);
@@ -178,7 +195,18 @@ test('the service name must fit the CloudEvents source URI, tidings://<service>'
 
 test('the attempt loop: a pipeline that throws, or writes that could not be kept, follow the retry policy and end in a dead letter', async () => {
   const { runAttempts } = await import('../src/core/attempts.ts');
-  const envelope = { specversion: '1.0', id: 'm1', source: 'tidings://t', type: 'x.v1', time: new Date().toISOString(), datacontenttype: 'application/json', topic: 'x', partitionkey: 'k', correlationid: 'm1', data: {} } as const;
+  const envelope = {
+    specversion: '1.0',
+    id: 'm1',
+    source: 'tidings://t',
+    type: 'x.v1',
+    time: new Date().toISOString(),
+    datacontenttype: 'application/json',
+    topic: 'x',
+    partitionkey: 'k',
+    correlationid: 'm1',
+    data: {},
+  } as const;
   const retry = { immediate: 2, delayed: [100], jitter: 0 };
   let calls = 0;
   const throwing = async () => {
@@ -198,7 +226,14 @@ test('the attempt loop: a pipeline that throws, or writes that could not be kept
   // The handler acknowledged, but its writes could not be kept.
   const acking = async () => ({ outcome: 'ack' }) as const;
   const losing = () => ({ tx: undefined, end: async (keep: boolean) => (keep ? new Error('unique violation caught by the handler') : undefined) });
-  const lost = await runAttempts(acking, { first: 1, history: [], retry: { immediate: 0, delayed: [], jitter: 0 }, envelope: () => envelope, open: losing, stopping: () => false });
+  const lost = await runAttempts(acking, {
+    first: 1,
+    history: [],
+    retry: { immediate: 0, delayed: [], jitter: 0 },
+    envelope: () => envelope,
+    open: losing,
+    stopping: () => false,
+  });
   assert.equal(lost.kind, 'dead');
   assert.match(lost.kind === 'dead' ? lost.history[0]!.error.message : '', /its writes were rolled back: unique violation/);
 });

@@ -34,7 +34,13 @@ interface Handled {
 }
 
 /** A worker of subscription `billing`, with handlers for `topics`; what it handles goes to `log`, in order. */
-async function worker(ns: NatsNamespace, name: string, topics: ReadonlyArray<'ticked' | 'tocked'>, log: Handled[], warnings: string[]): Promise<Bus<PgTransaction>> {
+async function worker(
+  ns: NatsNamespace,
+  name: string,
+  topics: ReadonlyArray<'ticked' | 'tocked'>,
+  log: Handled[],
+  warnings: string[],
+): Promise<Bus<PgTransaction>> {
   const bus = createBus({ service: name, backbone: nats(ns.options({ onWarning: (message) => warnings.push(message) })) });
   buses.push(bus);
   const record = (topic: string) => (message: { data: { key: string; seq: number } }) => {
@@ -64,7 +70,7 @@ function assertOncePerKeyInOrder(log: readonly Handled[], keys: number, seqs: re
 }
 
 describe('nats rolling deploy', () => {
-  test('adding a topic: the old worker leaves the new topic\'s messages, and the buckets, to the new one', async (t) => {
+  test("adding a topic: the old worker leaves the new topic's messages, and the buckets, to the new one", async (t) => {
     const ns = await world(t);
     if (ns === undefined) return;
     const publisher = createBus({ service: 'publisher', backbone: nats(ns.options()) });
@@ -73,7 +79,10 @@ describe('nats rolling deploy', () => {
     const log: Handled[] = [];
     const oldWarnings: string[] = [];
     await worker(ns, 'old', ['ticked'], log, oldWarnings);
-    await publisher.publishMany(Ticked, [{ key: 'key-0', seq: -2 }, { key: 'key-1', seq: -2 }]);
+    await publisher.publishMany(Ticked, [
+      { key: 'key-0', seq: -2 },
+      { key: 'key-1', seq: -2 },
+    ]);
     await waitFor('the old worker runs', () => log.length === 2);
     log.length = 0;
 
@@ -84,16 +93,27 @@ describe('nats rolling deploy', () => {
     await publishRound(publisher, keys, perKey);
     await waitFor('every message', () => log.length >= keys * perKey, 30_000);
     await sleep(500);
-    assertOncePerKeyInOrder(log, keys, Array.from({ length: perKey }, (_, i) => i));
-    assert.ok(log.filter((h) => h.topic === Tocked.topic).every((h) => h.worker === 'new'), 'the new topic only by the new worker');
+    assertOncePerKeyInOrder(
+      log,
+      keys,
+      Array.from({ length: perKey }, (_, i) => i),
+    );
+    assert.ok(
+      log.filter((h) => h.topic === Tocked.topic).every((h) => h.worker === 'new'),
+      'the new topic only by the new worker',
+    );
     assert.equal(await publisher.backbone.deadLetters().count({ all: true }), 0, 'nothing dead-lettered');
     assert.ok(
-      oldWarnings.some((w) => /^Subscription billing: its live workers handle different topics \(.+ handles test\.ticked; .+ handles test\.ticked, test\.tocked|^Subscription billing: its live workers handle different topics \(.+ handles test\.ticked, test\.tocked; .+ handles test\.ticked;/.test(w)),
+      oldWarnings.some((w) =>
+        /^Subscription billing: its live workers handle different topics \(.+ handles test\.ticked; .+ handles test\.ticked, test\.tocked|^Subscription billing: its live workers handle different topics \(.+ handles test\.ticked, test\.tocked; .+ handles test\.ticked;/.test(
+          w,
+        ),
+      ),
       `a warning names the subscription, the workers and their topics: ${oldWarnings.join(' | ')}`,
     );
   });
 
-  test('adding a topic, then the only new worker stops: the old one holds the new topic\'s messages, skipping nothing, until a new worker is back', async (t) => {
+  test("adding a topic, then the only new worker stops: the old one holds the new topic's messages, skipping nothing, until a new worker is back", async (t) => {
     const ns = await world(t);
     if (ns === undefined) return;
     const publisher = createBus({ service: 'publisher', backbone: nats(ns.options()) });
@@ -111,16 +131,31 @@ describe('nats rolling deploy', () => {
 
     // Only the old worker runs: the new topic is still the subscription's (its newest worker had it).
     await publishRound(publisher, keys, 4, 4);
-    await waitFor('the old worker warns that the new topic waits', () => oldWarnings.some((w) => /topic test\.tocked is its newest worker's .* but no live worker handles it/.test(w)), 15_000);
+    await waitFor(
+      'the old worker warns that the new topic waits',
+      () => oldWarnings.some((w) => /topic test\.tocked is its newest worker's .* but no live worker handles it/.test(w)),
+      15_000,
+    );
     await waitFor('the first message of each key in this round', () => log.filter((h) => h.seq === 4).length >= keys, 15_000);
     await sleep(4 * quickNats.heartbeatMs);
-    assert.deepEqual(log.filter((h) => h.seq >= 5), [], 'the keys wait at their Tocked message: nothing after it, nothing skipped');
+    assert.deepEqual(
+      log.filter((h) => h.seq >= 5),
+      [],
+      'the keys wait at their Tocked message: nothing after it, nothing skipped',
+    );
 
     await worker(ns, 'back', ['ticked', 'tocked'], log, []);
     await waitFor('every message', () => log.length >= keys * 8, 30_000);
     await sleep(500);
-    assertOncePerKeyInOrder(log, keys, Array.from({ length: 8 }, (_, i) => i));
-    assert.ok(log.filter((h) => h.topic === Tocked.topic).every((h) => h.worker !== 'old'), 'the new topic never by the old worker');
+    assertOncePerKeyInOrder(
+      log,
+      keys,
+      Array.from({ length: 8 }, (_, i) => i),
+    );
+    assert.ok(
+      log.filter((h) => h.topic === Tocked.topic).every((h) => h.worker !== 'old'),
+      'the new topic never by the old worker',
+    );
     assert.equal(await publisher.backbone.deadLetters().count({ all: true }), 0, 'nothing dead-lettered');
   });
 
@@ -143,9 +178,19 @@ describe('nats rolling deploy', () => {
     await publishRound(publisher, keys, perKey);
     await waitFor('every message', () => log.length >= keys * perKey, 30_000);
     await sleep(500);
-    assertOncePerKeyInOrder(log, keys, Array.from({ length: perKey }, (_, i) => i));
-    assert.ok(log.every((h) => h.worker === 'old'), 'the old worker, which handles every topic, holds every bucket');
-    assert.ok(warnings.some((w) => /handle different topics/.test(w)), 'the disagreement is warned about');
+    assertOncePerKeyInOrder(
+      log,
+      keys,
+      Array.from({ length: perKey }, (_, i) => i),
+    );
+    assert.ok(
+      log.every((h) => h.worker === 'old'),
+      'the old worker, which handles every topic, holds every bucket',
+    );
+    assert.ok(
+      warnings.some((w) => /handle different topics/.test(w)),
+      'the disagreement is warned about',
+    );
 
     // The old worker goes: the removed topic is no longer the subscription's; the rest flows to the new one.
     buses.splice(buses.indexOf(old), 1);

@@ -5,10 +5,8 @@
  */
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { spawn, type ChildProcess } from 'node:child_process';
-import pg from 'pg';
-import { createBus, newId, TidingsError } from '../src/index.ts';
-import { postgres } from '../src/postgres/index.ts';
+import { spawn } from 'node:child_process';
+import { newId, TidingsError } from '../src/index.ts';
 import { Ticked } from './fixtures/contracts.ts';
 import { pgWorld } from './fixtures/bus.ts';
 import { checkOrder, effects, keysPerPartition } from './fixtures/effects.ts';
@@ -19,136 +17,148 @@ const bounded = { timeout: 60_000 };
 /** The retention tests run retention themselves and count what it deletes: the backbone's own must not. */
 const faultDefaults = { retention: false } as const;
 
-test('PostgreSQL connections cut mid-stream, 3 times: publishers get a retryable BACKBONE_UNAVAILABLE, consumers and the notifier reconnect by themselves, nothing is lost or skipped', bounded, async (t) => {
-  const world = await pgWorld(t, 'cut', faultDefaults);
-  if (world === undefined) return;
-  const { schema } = world;
-  await createEffects(schema);
-  const db = await connect();
-  // The default backstop poll (5 s): a quick delivery after the cuts proves a notification woke the consumer.
-  const warnings: string[] = [];
-  const onWarning = (message: string) => void warnings.push(message);
-  const producer = world.bus('producer', { pollMs: 5_000, onWarning });
-  const consumer = world.bus('consumer', { pollMs: 5_000, onWarning });
-  consumer.subscribe(
-    'resilient',
-    Ticked,
-    async (message, ctx) => {
-      await ctx.tx.query(`insert into "${schema}".effects (message_id, key, seq, worker) values ($1, $2, $3, 0)`, [message.id, message.data.key, message.data.seq]);
-    },
-    { partitions: 2, batchSize: 50 },
-  );
-  await consumer.start();
-  await producer.start();
+test(
+  'PostgreSQL connections cut mid-stream, 3 times: publishers get a retryable BACKBONE_UNAVAILABLE, consumers and the notifier reconnect by themselves, nothing is lost or skipped',
+  bounded,
+  async (t) => {
+    const world = await pgWorld(t, 'cut', faultDefaults);
+    if (world === undefined) return;
+    const { schema } = world;
+    await createEffects(schema);
+    const db = await connect();
+    // The default backstop poll (5 s): a quick delivery after the cuts proves a notification woke the consumer.
+    const warnings: string[] = [];
+    const onWarning = (message: string) => void warnings.push(message);
+    const producer = world.bus('producer', { pollMs: 5_000, onWarning });
+    const consumer = world.bus('consumer', { pollMs: 5_000, onWarning });
+    consumer.subscribe(
+      'resilient',
+      Ticked,
+      async (message, ctx) => {
+        await ctx.tx.query(`insert into "${schema}".effects (message_id, key, seq, worker) values ($1, $2, $3, 0)`, [
+          message.id,
+          message.data.key,
+          message.data.seq,
+        ]);
+      },
+      { partitions: 2, batchSize: 50 },
+    );
+    await consumer.start();
+    await producer.start();
 
-  const attempts = new Map<string, number>();
-  const unexpected: unknown[] = [];
-  let unavailable = 0;
-  let cutAt = Number.POSITIVE_INFINITY;
-  let firstAfterCut: { id: string; at: number } | undefined;
-  /** Publishes until it succeeds, retrying with the same id what the backbone says may be retried. */
-  async function publish(key: string, seq: number, inTransaction: boolean): Promise<void> {
-    const id = newId();
-    for (let attempt = 1; ; attempt++) {
-      const startedAt = Date.now();
-      try {
-        if (inTransaction) {
-          await producer.transaction(async (tx) => {
-            await producer.publish(Ticked, { key, seq }, { tx, id });
-            await sleep(2); // a little time between the insert and the commit, for a cut to land in
-          });
-        } else {
-          await producer.publish(Ticked, { key, seq }, { id });
+    const attempts = new Map<string, number>();
+    const unexpected: unknown[] = [];
+    let unavailable = 0;
+    let cutAt = Number.POSITIVE_INFINITY;
+    let firstAfterCut: { id: string; at: number } | undefined;
+    /** Publishes until it succeeds, retrying with the same id what the backbone says may be retried. */
+    async function publish(key: string, seq: number, inTransaction: boolean): Promise<void> {
+      const id = newId();
+      for (let attempt = 1; ; attempt++) {
+        const startedAt = Date.now();
+        try {
+          if (inTransaction) {
+            await producer.transaction(async (tx) => {
+              await producer.publish(Ticked, { key, seq }, { tx, id });
+              await sleep(2); // a little time between the insert and the commit, for a cut to land in
+            });
+          } else {
+            await producer.publish(Ticked, { key, seq }, { id });
+          }
+          attempts.set(id, attempt);
+          if (startedAt >= cutAt && firstAfterCut === undefined) firstAfterCut = { id, at: Date.now() };
+          return;
+        } catch (error) {
+          if (error instanceof TidingsError && error.code === 'BACKBONE_UNAVAILABLE' && error.retryable) {
+            unavailable++;
+            await sleep(20);
+            continue;
+          }
+          unexpected.push(error);
+          return;
         }
-        attempts.set(id, attempt);
-        if (startedAt >= cutAt && firstAfterCut === undefined) firstAfterCut = { id, at: Date.now() };
-        return;
-      } catch (error) {
-        if (error instanceof TidingsError && error.code === 'BACKBONE_UNAVAILABLE' && error.retryable) {
-          unavailable++;
-          await sleep(20);
-          continue;
-        }
-        unexpected.push(error);
-        return;
       }
     }
-  }
-  const keys = keysPerPartition(2, 4);
-  let publishing = true;
-  // Half the loops publish on their own (group commit), half inside transactions Tidings drives.
-  const loops = Array.from({ length: 4 }, async (_, p) => {
-    const mine = keys.filter((_key, i) => i % 4 === p);
-    for (let seq = 0; publishing; seq++) {
-      for (const key of mine) await publish(key, seq, p % 2 === 1);
-      await sleep(10);
-    }
-  });
-  const count = async () => Number((await db.query(`select count(*)::int as n from "${schema}".effects`)).rows[0].n);
-  const notifiers = async () =>
-    Number((await db.query(`select count(*)::int as n from pg_stat_activity where application_name = $1`, [`tidings-notifier:${schema}`])).rows[0].n);
+    const keys = keysPerPartition(2, 4);
+    let publishing = true;
+    // Half the loops publish on their own (group commit), half inside transactions Tidings drives.
+    const loops = Array.from({ length: 4 }, async (_, p) => {
+      const mine = keys.filter((_key, i) => i % 4 === p);
+      for (let seq = 0; publishing; seq++) {
+        for (const key of mine) await publish(key, seq, p % 2 === 1);
+        await sleep(10);
+      }
+    });
+    const count = async () => Number((await db.query(`select count(*)::int as n from "${schema}".effects`)).rows[0].n);
+    const notifiers = async () =>
+      Number((await db.query(`select count(*)::int as n from pg_stat_activity where application_name = $1`, [`tidings-notifier:${schema}`])).rows[0].n);
 
-  try {
-    const figures: string[] = [];
-    for (let round = 1; round <= 3; round++) {
-      const before = await count();
-      await waitFor('messages flowing', async () => (await count()) >= before + 100, 20_000);
-      firstAfterCut = undefined;
-      cutAt = Date.now();
-      const { rows: cut } = await db.query(`select pg_terminate_backend(pid) as cut from pg_stat_activity where application_name = any($1)`, [
-        [`tidings:${schema}`, `tidings-notifier:${schema}`],
-      ]);
-      assert.ok(cut.length >= 3, `cut the pools' and both notifiers' connections (${cut.length})`);
-      await waitFor('both notifiers listening again', async () => (await notifiers()) >= 2, 20_000);
-      const notifierMs = Date.now() - cutAt;
-      await waitFor('a publish begun after the cut to succeed', () => firstAfterCut !== undefined, 20_000);
-      const published = firstAfterCut!;
+    try {
+      const figures: string[] = [];
+      for (let round = 1; round <= 3; round++) {
+        const before = await count();
+        await waitFor('messages flowing', async () => (await count()) >= before + 100, 20_000);
+        firstAfterCut = undefined;
+        cutAt = Date.now();
+        const { rows: cut } = await db.query(`select pg_terminate_backend(pid) as cut from pg_stat_activity where application_name = any($1)`, [
+          [`tidings:${schema}`, `tidings-notifier:${schema}`],
+        ]);
+        assert.ok(cut.length >= 3, `cut the pools' and both notifiers' connections (${cut.length})`);
+        await waitFor('both notifiers listening again', async () => (await notifiers()) >= 2, 20_000);
+        const notifierMs = Date.now() - cutAt;
+        await waitFor('a publish begun after the cut to succeed', () => firstAfterCut !== undefined, 20_000);
+        const published = firstAfterCut!;
+        await waitFor(
+          'the consumer to handle a message published after the cut',
+          async () => (await db.query(`select 1 from "${schema}".effects where message_id = $1`, [published.id])).rows.length > 0,
+          20_000,
+        );
+        const resumedMs = Date.now() - cutAt;
+        figures.push(`${resumedMs}`);
+        t.diagnostic(
+          `cut ${round}: ${cut.length} connections terminated; first publish after it succeeded in ${published.at - cutAt} ms; notifiers listening again after ${notifierMs} ms; a message published after the cut was handled ${resumedMs} ms after the cut`,
+        );
+      }
+      publishing = false;
+      await Promise.all(loops);
+      assert.deepEqual(unexpected, [], 'every failed publish was a retryable BACKBONE_UNAVAILABLE');
       await waitFor(
-        'the consumer to handle a message published after the cut',
-        async () => (await db.query(`select 1 from "${schema}".effects where message_id = $1`, [published.id])).rows.length > 0,
-        20_000,
+        'an effect for every message whose publish resolved',
+        async () => Number((await db.query(`select count(distinct message_id)::int as n from "${schema}".effects`)).rows[0].n) >= attempts.size,
+        30_000,
       );
-      const resumedMs = Date.now() - cutAt;
-      figures.push(`${resumedMs}`);
-      t.diagnostic(
-        `cut ${round}: ${cut.length} connections terminated; first publish after it succeeded in ${published.at - cutAt} ms; notifiers listening again after ${notifierMs} ms; a message published after the cut was handled ${resumedMs} ms after the cut`,
+      // Woken by a notification through a reconnected LISTEN, not found by the 5 s backstop poll.
+      const started = Date.now();
+      const last = await producer.publish(Ticked, { key: 'after-the-cuts', seq: 0 });
+      await waitFor(
+        'a wake-up after the cuts',
+        async () => (await db.query(`select 1 from "${schema}".effects where message_id = $1`, [last.id])).rows.length > 0,
+        10_000,
       );
-    }
-    publishing = false;
-    await Promise.all(loops);
-    assert.deepEqual(unexpected, [], 'every failed publish was a retryable BACKBONE_UNAVAILABLE');
-    await waitFor(
-      'an effect for every message whose publish resolved',
-      async () => Number((await db.query(`select count(distinct message_id)::int as n from "${schema}".effects`)).rows[0].n) >= attempts.size,
-      30_000,
-    );
-    // Woken by a notification through a reconnected LISTEN, not found by the 5 s backstop poll.
-    const started = Date.now();
-    const last = await producer.publish(Ticked, { key: 'after-the-cuts', seq: 0 });
-    await waitFor('a wake-up after the cuts', async () => (await db.query(`select 1 from "${schema}".effects where message_id = $1`, [last.id])).rows.length > 0, 10_000);
-    const wakeMs = Date.now() - started;
-    assert.ok(wakeMs < 2_500, `delivered by notification in ${wakeMs} ms, not by the 5 s poll`);
-    await consumer.stop();
+      const wakeMs = Date.now() - started;
+      assert.ok(wakeMs < 2_500, `delivered by notification in ${wakeMs} ms, not by the 5 s poll`);
+      await consumer.stop();
 
-    const rows = await effects(db, schema);
-    const perId = new Map<string, number>();
-    for (const row of rows) perId.set(row.message_id, (perId.get(row.message_id) ?? 0) + 1);
-    const missing = [...attempts.keys()].filter((id) => !perId.has(id));
-    assert.deepEqual(missing, [], 'every publish that resolved was delivered');
-    const twiceOnce = [...attempts].filter(([id, n]) => n === 1 && perId.get(id) !== 1);
-    assert.deepEqual(twiceOnce, [], 'a message published once has exactly one effect');
-    const retried = [...attempts].filter(([, n]) => n > 1);
-    const duplicated = retried.filter(([id]) => (perId.get(id) ?? 0) > 1).length;
-    assert.deepEqual(checkOrder(rows.filter((row) => row.key !== 'after-the-cuts')), [], 'per-key order kept');
-    t.diagnostic(
-      `${attempts.size} messages; ${unavailable} publish attempts failed with BACKBONE_UNAVAILABLE (retryable) and were retried with the same id (${retried.length} messages; ${duplicated} of them handled twice because the cut attempt had in fact committed); wake-up after the cuts ${wakeMs} ms; ${warnings.length} warnings (the consumers' failed batches and heartbeats, the notifiers' reconnects)`,
-    );
-  } finally {
-    publishing = false;
-    await Promise.all(loops);
-    await db.end();
-  }
-});
+      const rows = await effects(db, schema);
+      const perId = new Map<string, number>();
+      for (const row of rows) perId.set(row.message_id, (perId.get(row.message_id) ?? 0) + 1);
+      const missing = [...attempts.keys()].filter((id) => !perId.has(id));
+      assert.deepEqual(missing, [], 'every publish that resolved was delivered');
+      const twiceOnce = [...attempts].filter(([id, n]) => n === 1 && perId.get(id) !== 1);
+      assert.deepEqual(twiceOnce, [], 'a message published once has exactly one effect');
+      const retried = [...attempts].filter(([, n]) => n > 1);
+      const duplicated = retried.filter(([id]) => (perId.get(id) ?? 0) > 1).length;
+      assert.deepEqual(checkOrder(rows.filter((row) => row.key !== 'after-the-cuts')), [], 'per-key order kept');
+      t.diagnostic(
+        `${attempts.size} messages; ${unavailable} publish attempts failed with BACKBONE_UNAVAILABLE (retryable) and were retried with the same id (${retried.length} messages; ${duplicated} of them handled twice because the cut attempt had in fact committed); wake-up after the cuts ${wakeMs} ms; ${warnings.length} warnings (the consumers' failed batches and heartbeats, the notifiers' reconnects)`,
+      );
+    } finally {
+      publishing = false;
+      await Promise.all(loops);
+      await db.end();
+    }
+  },
+);
 
 /**
  * Runs in a child process, because the failure it looks for ends the process: a bus on Tidings' own pool
@@ -231,7 +241,8 @@ test(
       const run = await runIsolated(schema, idleTransactionCut(mode));
       const result = /^RESULT (.*)$/m.exec(run.stdout)?.[1];
       const uncaught = /terminating connection due to administrator command|Connection terminated[^\n]*/.exec(run.stderr)?.[0];
-      outcomes[mode] = result === undefined ? `process ended with exit code ${run.code}${uncaught === undefined ? '' : ` (uncaught: ${uncaught})`}` : JSON.parse(result);
+      outcomes[mode] =
+        result === undefined ? `process ended with exit code ${run.code}${uncaught === undefined ? '' : ` (uncaught: ${uncaught})`}` : JSON.parse(result);
     }
     t.diagnostic(JSON.stringify(outcomes));
     assert.deepEqual(outcomes, {
@@ -249,7 +260,6 @@ test(
   async (t) => {
     const world = await pgWorld(t, 'twice', faultDefaults);
     if (world === undefined) return;
-    const { schema } = world;
     const bus = world.bus();
     const handled: string[] = [];
     bus.subscribe('once', Ticked, (message) => void handled.push(`${message.id}:${message.data.seq}`), { partitions: 1 });
@@ -268,8 +278,14 @@ test(
     await bus.publish(Ticked, { key: 'b', seq: 2 });
     await waitFor('the message after the second copy', () => handled.filter((h) => h.endsWith(':2')).length === 2);
     t.diagnostic(JSON.stringify(handled));
-    assert.deepEqual(handled.filter((h) => h.startsWith('retried-in-two-batches')), ['retried-in-two-batches:1']);
-    assert.deepEqual(handled.filter((h) => h.startsWith('retried-in-one-batch')), ['retried-in-one-batch:1']);
+    assert.deepEqual(
+      handled.filter((h) => h.startsWith('retried-in-two-batches')),
+      ['retried-in-two-batches:1'],
+    );
+    assert.deepEqual(
+      handled.filter((h) => h.startsWith('retried-in-one-batch')),
+      ['retried-in-one-batch:1'],
+    );
   },
 );
 
@@ -279,7 +295,6 @@ test(
   async (t) => {
     const world = await pgWorld(t, 'ahead', faultDefaults);
     if (world === undefined) return;
-    const { schema } = world;
     const bus = world.bus();
     // A backlog of 4 batches of 10, with copies in consecutive batches (10 and 11), two batches apart (5 and
     // 25: the third batch is read while the first's acknowledgement may still be in flight) and three (8, 38).

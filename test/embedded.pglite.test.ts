@@ -52,15 +52,30 @@ test('publish in a transaction, consume in per-key order, effects through ctx.tx
   );
   for (let seq = 0; seq < 10; seq++) {
     await bus.transaction(async (tx) => {
-      await bus.publishMany(Ticked, [{ key: 'a', seq }, { key: 'b', seq }], { tx });
+      await bus.publishMany(
+        Ticked,
+        [
+          { key: 'a', seq },
+          { key: 'b', seq },
+        ],
+        { tx },
+      );
     });
   }
   const effects = async () => (await db.query<{ key: string; seq: number }>(`select key, seq from ${schema}.effects order by n`)).rows;
   await waitFor('20 effects', async () => (await effects()).length === 20);
   const rows = await effects();
   const expected = Array.from({ length: 10 }, (_, seq) => seq);
-  assert.deepEqual(rows.filter((row) => row.key === 'a').map((row) => row.seq), expected, 'key a in order, once each');
-  assert.deepEqual(rows.filter((row) => row.key === 'b').map((row) => row.seq), expected, 'key b in order, once each');
+  assert.deepEqual(
+    rows.filter((row) => row.key === 'a').map((row) => row.seq),
+    expected,
+    'key a in order, once each',
+  );
+  assert.deepEqual(
+    rows.filter((row) => row.key === 'b').map((row) => row.seq),
+    expected,
+    'key b in order, once each',
+  );
   assert.ok(failedOnce, 'the failure happened, and its write was rolled back');
 });
 

@@ -48,16 +48,19 @@ function freePort(): Promise<number> {
 
 async function startServer(port: number): Promise<ChildProcess> {
   const child = spawn(NATS_SERVER, ['-a', '127.0.0.1', '-p', String(port), '-js', '-sd', dir], { stdio: 'ignore' });
-  await waitFor(`nats-server on port ${port}`, () =>
-    new Promise<boolean>((resolve) => {
-      const socket = tcpConnect({ host: '127.0.0.1', port });
-      socket.once('connect', () => {
-        socket.end();
-        resolve(true);
-      });
-      socket.once('error', () => resolve(false));
-    }),
-  10_000);
+  await waitFor(
+    `nats-server on port ${port}`,
+    () =>
+      new Promise<boolean>((resolve) => {
+        const socket = tcpConnect({ host: '127.0.0.1', port });
+        socket.once('connect', () => {
+          socket.end();
+          resolve(true);
+        });
+        socket.once('error', () => resolve(false));
+      }),
+    10_000,
+  );
   return child;
 }
 
@@ -98,7 +101,10 @@ test('nats-server killed with -9 and restarted mid-stream: nothing lost, publish
             break;
           } catch (error) {
             failures++;
-            assert.ok(error instanceof TidingsError && error.code === 'BACKBONE_UNAVAILABLE' && error.retryable, `a retryable BACKBONE_UNAVAILABLE, got ${String(error)}`);
+            assert.ok(
+              error instanceof TidingsError && error.code === 'BACKBONE_UNAVAILABLE' && error.retryable,
+              `a retryable BACKBONE_UNAVAILABLE, got ${String(error)}`,
+            );
             await sleep(100);
           } finally {
             slowest = Math.max(slowest, Date.now() - began);
@@ -118,7 +124,9 @@ test('nats-server killed with -9 and restarted mid-stream: nothing lost, publish
     assert.ok(killed);
     await waitFor('every published message after the restart', () => published.every((id) => seen.has(id)), 45_000);
     const duplicates = [...seen.values()].filter((n) => n > 1).length;
-    t.diagnostic(`${total} published, ${failures} publish attempts failed during the outage, slowest publish call ${slowest} ms, ${duplicates} handled twice (at least once)`);
+    t.diagnostic(
+      `${total} published, ${failures} publish attempts failed during the outage, slowest publish call ${slowest} ms, ${duplicates} handled twice (at least once)`,
+    );
     assert.equal(published.length, total);
     assert.ok(failures > 0, 'some publishes met the outage');
     assert.ok(slowest < quickNats.publishTimeoutMs + 2_000, `no publish hung (slowest ${slowest} ms)`);
@@ -127,7 +135,7 @@ test('nats-server killed with -9 and restarted mid-stream: nothing lost, publish
   }
 });
 
-test('a consumer killed with -9 while a key waits for its delayed retry: the next owner retries it on time, with its history, before the key\'s later messages', async (t) => {
+test("a consumer killed with -9 while a key waits for its delayed retry: the next owner retries it on time, with its history, before the key's later messages", async (t) => {
   const ns = await natsNamespace(t, 'k');
   if (ns === undefined) return;
   after(() => ns.cleanup());
@@ -147,9 +155,18 @@ test('a consumer killed with -9 while a key waits for its delayed retry: the nex
   after(() => publisher.stop());
   await publisher.start();
   await publisher.publish(Ticked, { key: 'k', seq: 0, note: 'fail' });
-  await publisher.publishMany(Ticked, [1, 2, 3, 4].map((seq) => ({ key: 'k', seq })));
-  await publisher.publishMany(Ticked, [0, 1, 2, 3, 4].map((seq) => ({ key: 'o', seq })));
-  await waitFor('the first attempt, and the other key flowing', () => childLines.includes('failed k:0 attempt 1') && childLines.includes('handled o:4 attempt 1'));
+  await publisher.publishMany(
+    Ticked,
+    [1, 2, 3, 4].map((seq) => ({ key: 'k', seq })),
+  );
+  await publisher.publishMany(
+    Ticked,
+    [0, 1, 2, 3, 4].map((seq) => ({ key: 'o', seq })),
+  );
+  await waitFor(
+    'the first attempt, and the other key flowing',
+    () => childLines.includes('failed k:0 attempt 1') && childLines.includes('handled o:4 attempt 1'),
+  );
 
   // Killed once its hold is written: the wait for the retry is all there is left of k:0 in this process.
   const nc = await natsConnect({ servers: NATS_URL });
@@ -162,7 +179,7 @@ test('a consumer killed with -9 while a key waits for its delayed retry: the nex
   });
   child.kill('SIGKILL');
   await new Promise((resolve) => child.once('exit', resolve));
-  assert.ok(!childLines.some((line) => / k:[1-4] /.test(line)), 'the key\'s later messages waited in the killed worker');
+  assert.ok(!childLines.some((line) => / k:[1-4] /.test(line)), "the key's later messages waited in the killed worker");
 
   const handled: Array<{ id: string; attempt: number; at: number }> = [];
   const next = createBus({ service: 'faults', backbone: nats(ns.options()) });
@@ -177,20 +194,31 @@ test('a consumer killed with -9 while a key waits for its delayed retry: the nex
     { retry: { immediate: 0, delayed: [retryMs], jitter: 0 } },
   );
   await next.start();
-  await waitFor('the key\'s later messages on the next owner', () => handled.some((h) => h.id === 'k:4'), 30_000);
+  await waitFor("the key's later messages on the next owner", () => handled.some((h) => h.id === 'k:4'), 30_000);
   const retried = handled.filter((h) => h.id === 'k:0');
   assert.equal(retried.length, 1, 'k:0 tried once more, its retry not lost nor run twice');
   assert.equal(retried[0]!.attempt, 2, 'counted as the second attempt');
   assert.ok(retried[0]!.at >= dueAt - 50, `not before its time (${dueAt - retried[0]!.at} ms early)`);
   assert.ok(retried[0]!.at <= dueAt + 2_000, `on time (${retried[0]!.at - dueAt} ms late)`);
   const later = handled.filter((h) => /^k:[1-4]$/.test(h.id));
-  assert.deepEqual(later.map((h) => h.id), ['k:1', 'k:2', 'k:3', 'k:4'], 'each of the later messages once, in order');
-  assert.ok(later.every((h) => h.at >= retried[0]!.at), 'none before the retry of k:0');
+  assert.deepEqual(
+    later.map((h) => h.id),
+    ['k:1', 'k:2', 'k:3', 'k:4'],
+    'each of the later messages once, in order',
+  );
+  assert.ok(
+    later.every((h) => h.at >= retried[0]!.at),
+    'none before the retry of k:0',
+  );
 
   const store = next.backbone.deadLetters();
   await waitFor('the dead letter of k:0', async () => (await store.count({ subscription: 'held' })) === 1);
-  const [letter] = (await store.show((await store.list({ subscription: 'held' })).deadLetters[0]!.messageId));
-  assert.deepEqual(letter!.attempts.map((a) => a.attempt), [1, 2], 'the history kept across the crash');
+  const [letter] = await store.show((await store.list({ subscription: 'held' })).deadLetters[0]!.messageId);
+  assert.deepEqual(
+    letter!.attempts.map((a) => a.attempt),
+    [1, 2],
+    'the history kept across the crash',
+  );
   assert.match(letter!.attempts[0]!.error.message, new RegExp(`refused by process ${child.pid} at attempt 1`));
   assert.match(letter!.attempts[1]!.error.message, /refused by the next owner at attempt 2/);
   await waitFor('the hold deleted', async () => {

@@ -30,7 +30,11 @@ test('connections closed by the server while publishing and consuming: every mes
     Ticked,
     async (message, ctx) => {
       handlerRuns++;
-      await ctx.tx.query(`insert into "${h.schema}".effects (message_id, key, seq, worker) values ($1, $2, $3, 1)`, [message.id, message.data.key, message.data.seq]);
+      await ctx.tx.query(`insert into "${h.schema}".effects (message_id, key, seq, worker) values ($1, $2, $3, 1)`, [
+        message.id,
+        message.data.key,
+        message.data.seq,
+      ]);
       if (message.data.seq % 10 === 0) await sleep(2);
     },
     { concurrency: 8 },
@@ -81,14 +85,25 @@ test('connections closed by the server while publishing and consuming: every mes
   assert.equal(rows.length, keys);
   for (const row of rows) {
     assert.equal(row.ids, perKey, `every message of ${row.key} once`);
-    assert.deepEqual(row.seqs, Array.from({ length: perKey }, (_, i) => i + 1), `${row.key}: each effect once, in order`);
+    assert.deepEqual(
+      row.seqs,
+      Array.from({ length: perKey }, (_, i) => i + 1),
+      `${row.key}: each effect once, in order`,
+    );
   }
   assert.equal(await count(), keys * perKey, 'no effect twice (the inbox removed redeliveries)');
   assert.ok(kills >= 2, `connections were closed (${kills} times)`);
   const reconnects = warnings.filter((w) => w.includes('closed; reconnecting')).length;
   assert.ok(reconnects >= 2, `the backbone reconnected (${reconnects} times)`);
-  t.diagnostic(warnings.filter((w) => !w.includes('closed; reconnecting')).slice(0, 5).join(' | '));
-  t.diagnostic(`${keys * perKey} messages in ${Date.now() - started} ms; connections closed ${kills} times, ${reconnects} reconnections; ${handlerRuns} handler runs (redeliveries of handled messages stop at the inbox); ${retriedByCaller} publishes retried by the caller`);
+  t.diagnostic(
+    warnings
+      .filter((w) => !w.includes('closed; reconnecting'))
+      .slice(0, 5)
+      .join(' | '),
+  );
+  t.diagnostic(
+    `${keys * perKey} messages in ${Date.now() - started} ms; connections closed ${kills} times, ${reconnects} reconnections; ${handlerRuns} handler runs (redeliveries of handled messages stop at the inbox); ${retriedByCaller} publishes retried by the caller`,
+  );
 });
 
 test('the broker stopped and started: a publish fails with a retryable BACKBONE_UNAVAILABLE in bounded time, then everything resumes', async (t) => {
@@ -147,7 +162,13 @@ for (const [label, prefetch, later] of [
     const publisher = h.bus('publisher');
     await publisher.start();
     // held:1 fails every attempt: one delayed retry (3 s), then a dead letter.
-    const env = { SCHEMA: h.schema, PREFIX: h.prefix, FAIL: 'held:1', RETRY: JSON.stringify({ immediate: 0, delayed: [3_000], jitter: 0 }), PREFETCH: String(prefetch) };
+    const env = {
+      SCHEMA: h.schema,
+      PREFIX: h.prefix,
+      FAIL: 'held:1',
+      RETRY: JSON.stringify({ immediate: 0, delayed: [3_000], jitter: 0 }),
+      PREFETCH: String(prefetch),
+    };
     const doomed = await startProcess('rabbitmq-worker', { ...env, RABBITMQ_URL });
     const client = await connect();
     t.after(() => client.end());
@@ -159,7 +180,10 @@ for (const [label, prefetch, later] of [
     await waitFor('the retry in its delay queue', async () => (await messagesIn(delayQueue)) === 1, 15_000);
     // The key's later messages (and other keys' after them) reach the doomed worker and wait in its lane.
     for (let seq = 2; seq <= later + 1; seq++) await publisher.publish(Ticked, { key: 'held', seq });
-    await publisher.publishMany(Ticked, Array.from({ length: 20 }, (_, k) => ({ key: `free-${k}`, seq: 1 })));
+    await publisher.publishMany(
+      Ticked,
+      Array.from({ length: 20 }, (_, k) => ({ key: `free-${k}`, seq: 1 })),
+    );
     await waitFor('the other keys handled', async () => (await rows(`select 1 from "${h.schema}".effects where key like 'free-%'`)).length === 20, 15_000);
     doomed.kill();
     const killedAt = Date.now();
@@ -170,7 +194,9 @@ for (const [label, prefetch, later] of [
     await waitFor("the key's later messages", async () => (await rows(`select 1 from "${h.schema}".effects where key = 'held'`)).length === later, 15_000);
     await sleep(300);
 
-    const attempts = await rows<{ attempt: number; worker: number; at: Date }>(`select attempt, worker, at from "${h.schema}".attempts where key = 'held' and seq = 1 order by n`);
+    const attempts = await rows<{ attempt: number; worker: number; at: Date }>(
+      `select attempt, worker, at from "${h.schema}".attempts where key = 'held' and seq = 1 order by n`,
+    );
     assert.deepEqual(
       attempts.map((a) => [a.attempt, a.worker]),
       [
@@ -180,9 +206,16 @@ for (const [label, prefetch, later] of [
       'attempt 1 by the killed worker; the retry, attempt 2, by the next one',
     );
     const held = await rows<{ seq: number; worker: number; at: Date }>(`select seq, worker, at from "${h.schema}".effects where key = 'held' order by n`);
-    assert.deepEqual(held.map((e) => e.seq), Array.from({ length: later }, (_, i) => i + 2), 'the later messages once each, in order');
+    assert.deepEqual(
+      held.map((e) => e.seq),
+      Array.from({ length: later }, (_, i) => i + 2),
+      'the later messages once each, in order',
+    );
     const retriedAt = attempts[1]!.at.getTime();
-    assert.ok(held.every((e) => e.at.getTime() > retriedAt), 'none of them before the retry: the key stayed held across the crash');
+    assert.ok(
+      held.every((e) => e.at.getTime() > retriedAt),
+      'none of them before the retry: the key stayed held across the crash',
+    );
     const [dead] = await store.show(poison.id);
     assert.ok(dead);
     assert.deepEqual(

@@ -135,7 +135,10 @@ test('2b. an unrelated long-running transaction does not hold back delivery', as
   t.diagnostic(`20 messages delivered in ${Date.now() - started} ms while a transaction stayed open`);
   await idle.query('rollback');
   await idle.end();
-  assert.deepEqual(seen, Array.from({ length: 20 }, (_, i) => i));
+  assert.deepEqual(
+    seen,
+    Array.from({ length: 20 }, (_, i) => i),
+  );
 });
 
 test('2c. a large window is read in bounded ranges: a rare topic among many others, small batches, nothing missed', async (t) => {
@@ -147,17 +150,30 @@ test('2c. a large window is read in bounded ranges: a rare topic among many othe
   const expected: number[] = [];
   for (let chunk = 0; chunk < 10; chunk++) {
     await publisher.transaction(async (tx) => {
-      await publisher.publishMany(Other, Array.from({ length: 500 }, (_, n) => ({ n })), { tx });
+      await publisher.publishMany(
+        Other,
+        Array.from({ length: 500 }, (_, n) => ({ n })),
+        { tx },
+      );
       const seq = chunk * 3;
-      await publisher.publishMany(Ticked, [0, 1, 2].map((i) => ({ key: 'rare', seq: seq + i })), { tx });
+      await publisher.publishMany(
+        Ticked,
+        [0, 1, 2].map((i) => ({ key: 'rare', seq: seq + i })),
+        { tx },
+      );
       expected.push(seq, seq + 1, seq + 2);
     });
   }
   const bus = newBus(schema);
   const seen: number[] = [];
-  bus.subscribe('rare-reader', Ticked, (message) => {
-    seen.push(message.data.seq);
-  }, { startFrom: 'beginning', batchSize: 2, partitions: 2 });
+  bus.subscribe(
+    'rare-reader',
+    Ticked,
+    (message) => {
+      seen.push(message.data.seq);
+    },
+    { startFrom: 'beginning', batchSize: 2, partitions: 2 },
+  );
   await bus.start();
   await waitFor('all 30 rare messages', () => seen.length >= 30);
   assert.deepEqual(seen, expected);
@@ -203,7 +219,11 @@ test('3. per-key order with two worker processes and 50 keys; keys run in parall
     const byKey = new Map<string, number[]>();
     for (const row of rows) byKey.set(row.key, [...(byKey.get(row.key) ?? []), row.seq]);
     for (const [key, seqs] of byKey) {
-      assert.deepEqual(seqs, Array.from({ length: perKey }, (_, i) => i), `order of ${key}`);
+      assert.deepEqual(
+        seqs,
+        Array.from({ length: perKey }, (_, i) => i),
+        `order of ${key}`,
+      );
     }
     const workers = new Set(rows.map((row) => row.worker));
     assert.equal(workers.size, 2, 'both worker processes handled messages');
@@ -257,7 +277,11 @@ test('3b. a rolling deploy across processes, both ways: adding a topic (its firs
     assert.deepEqual(fByOld, [], 'every F handled by a worker with its handler');
     for (let k = 0; k < 10; k++) {
       const seqs = rows.filter((row) => row.key === `k${k}`).map((row) => row.seq);
-      assert.deepEqual(seqs, [...seqs].sort((a, b) => a - b), `order of k${k}`);
+      assert.deepEqual(
+        seqs,
+        [...seqs].sort((a, b) => a - b),
+        `order of k${k}`,
+      );
     }
 
     // Removing: a worker without F starts beside the one with it; F is handled by the latter while it runs.
@@ -276,7 +300,11 @@ test('3b. a rolling deploy across processes, both ways: adding a topic (its firs
     await waitFor('the E messages after the deploy', async () => (await effects(schema)).filter((row) => row.seq >= 240).length >= 10, 60_000);
     await sleep(500);
     rows = await effects(schema);
-    assert.deepEqual(rows.filter((row) => row.seq >= 240).map((row) => row.seq % 2), Array(10).fill(0), 'after it, only E is the subscription\'s');
+    assert.deepEqual(
+      rows.filter((row) => row.seq >= 240).map((row) => row.seq % 2),
+      Array(10).fill(0),
+      "after it, only E is the subscription's",
+    );
     assert.equal(await publisher.backbone.deadLetters().count({ all: true }), 0, 'nothing dead-lettered');
   } finally {
     await Promise.all(workers.map((worker) => worker.stop()));
@@ -330,8 +358,7 @@ test('4. retries follow the schedule; an always-failing message is dead-lettered
 
   // c:2 ran in the transaction that dead-letters c:1: wait for it to commit.
   const client = await connect();
-  const deadLetters = async () =>
-    (await client.query(`select message_id, topic, key, reason, attempts from "${schema}".dead_letters order by key, id`)).rows;
+  const deadLetters = async () => (await client.query(`select message_id, topic, key, reason, attempts from "${schema}".dead_letters order by key, id`)).rows;
   await waitFor('three dead letters', async () => (await deadLetters()).length === 3);
   const rows = await deadLetters();
   await client.end();
@@ -366,13 +393,17 @@ test('5b. kill -9 after the write, before the ack: the effect happens once, on t
     assert.equal(rows.length, 200, 'one effect per message, none from the killed attempt');
     assert.equal(new Set(rows.map((row) => row.message_id)).size, 200);
     const k3 = rows.filter((row) => row.key === 'k3').map((row) => row.seq);
-    assert.deepEqual(k3, Array.from({ length: 20 }, (_, i) => i), 'k3 still in order');
+    assert.deepEqual(
+      k3,
+      Array.from({ length: 20 }, (_, i) => i),
+      'k3 still in order',
+    );
   } finally {
     await heir.stop();
   }
 });
 
-test('6. bad input written behind Tidings\' back: an undecodable row is dead-lettered and the consumer goes on', async (t) => {
+test("6. bad input written behind Tidings' back: an undecodable row is dead-lettered and the consumer goes on", async (t) => {
   const schema = await setup(t);
   if (schema === undefined) return;
   const bus = newBus(schema);
@@ -407,7 +438,10 @@ test('6. bad input written behind Tidings\' back: an undecodable row is dead-let
   const rows = await deadLetters();
   const { rows: logRows } = await check.query(`select count(*)::int as n from "${schema}".log`);
   await check.end();
-  assert.deepEqual(rows.map((row) => row.message_id), ['corrupt-1', 'corrupt-2']);
+  assert.deepEqual(
+    rows.map((row) => row.message_id),
+    ['corrupt-1', 'corrupt-2'],
+  );
   for (const row of rows) assert.match(row.reason, /invalid payload/);
   assert.equal(logRows[0].n, 4, 'two published, two written by hand');
 });

@@ -102,12 +102,16 @@ test('a handler that hangs is abandoned at its timeout, the attempt counts as fa
   await bus.publish(Ticked, { key: 'a', seq: 1, note: 'hang' });
   await bus.publish(Ticked, { key: 'b', seq: 2 });
   await bus.publish(Ticked, { key: 'c', seq: 3, note: 'later' });
-  await waitFor('the hanging message dead-lettered', async () => {
-    const client = await connect();
-    const { rows } = await client.query(`select reason, attempts from "${schema}".dead_letters`);
-    await client.end();
-    return rows.length === 1 && /did not finish within 200 ms/.test(rows[0].reason);
-  }, 10_000);
+  await waitFor(
+    'the hanging message dead-lettered',
+    async () => {
+      const client = await connect();
+      const { rows } = await client.query(`select reason, attempts from "${schema}".dead_letters`);
+      await client.end();
+      return rows.length === 1 && /did not finish within 200 ms/.test(rows[0].reason);
+    },
+    10_000,
+  );
   await waitFor('the other two handled', () => handled.length === 2);
   assert.equal(calls.get(1), 3, 'three attempts, each abandoned at its timeout');
   assert.equal(aborted, 3, 'each abandoned attempt saw its signal aborted');

@@ -62,12 +62,18 @@ test('a copy committed while its original is being acknowledged is read ahead, a
   await waitFor('the message after the copy', () => handled.some((h) => h.endsWith(':2')));
   await sleep(200);
   t.diagnostic(JSON.stringify(handled));
-  assert.deepEqual(handled.filter((h) => h.startsWith('copied')), ['copied:1'], 'the copy is not handled again');
+  assert.deepEqual(
+    handled.filter((h) => h.startsWith('copied')),
+    ['copied:1'],
+    'the copy is not handled again',
+  );
   const { rows } = await db.query<{ n: number }>(`select count(*)::int as n from "${schema}".log where id = 'copied'`);
   assert.equal(rows[0]!.n, 2, 'both copies are in the log');
 });
 
-test('an id another worker records while its batch is handled: the acknowledgement is sent again without it, and the batch is not read again', { timeout: 30_000 }, async (t) => {
+test('an id another worker records while its batch is handled: the acknowledgement is sent again without it, and the batch is not read again', {
+  timeout: 30_000,
+}, async (t) => {
   const setUp = await setup(t, 'ib');
   if (setUp === undefined) return;
   const { schema, bus, db } = setUp;

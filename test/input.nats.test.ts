@@ -37,7 +37,14 @@ async function world(t: TestContext): Promise<NatsNamespace | undefined> {
 /** The headers a foreign CloudEvents producer sends for a Ticked event of `key`. */
 function cloudEventHeaders(id: string, key: string): MsgHdrs {
   const h = natsHeaders();
-  for (const [name, value] of [['ce-specversion', '1.0'], ['ce-id', id], ['ce-source', 'tidings://foreign'], ['ce-type', 'test.ticked.v1'], ['ce-partitionkey', key]] as const) h.set(name, value);
+  for (const [name, value] of [
+    ['ce-specversion', '1.0'],
+    ['ce-id', id],
+    ['ce-source', 'tidings://foreign'],
+    ['ce-type', 'test.ticked.v1'],
+    ['ce-partitionkey', key],
+  ] as const)
+    h.set(name, value);
   return h;
 }
 
@@ -54,8 +61,17 @@ async function publishPlain(subject: string, payload: string, headers?: MsgHdrs)
 function outgoing(overrides: Partial<Envelope>, data: unknown = { key: 'k', seq: 1 }): Outgoing {
   const id = overrides.id ?? newId();
   const envelope: Envelope = {
-    specversion: '1.0', id, source: 'tidings://hostile', type: 'test.ticked.v1', time: new Date().toISOString(),
-    datacontenttype: 'application/json', topic: Ticked.topic, partitionkey: 'k', correlationid: id, data, ...overrides,
+    specversion: '1.0',
+    id,
+    source: 'tidings://hostile',
+    type: 'test.ticked.v1',
+    time: new Date().toISOString(),
+    datacontenttype: 'application/json',
+    topic: Ticked.topic,
+    partitionkey: 'k',
+    correlationid: id,
+    data,
+    ...overrides,
   };
   return { envelope, json: JSON.stringify(data), keyHash: keyHash(envelope.partitionkey) };
 }
@@ -68,17 +84,50 @@ describe('nats hostile input', () => {
     cleanups.push(() => broker.close());
     await broker.open();
     const poisons: Array<[string, Outgoing, string, RegExp]> = [
-      ['a message over max_payload', outgoing({ id: 'big' }, { key: 'k', seq: 1, note: 'x'.repeat(1_100_000) }), 'LIMIT_EXCEEDED', /message big \(test\.ticked\): it is \d+ bytes with its headers, over the server's max_payload of 1048576/],
-      ['headers over 64 KiB (a 70 kB key)', outgoing({ id: 'long-key', partitionkey: 'k'.repeat(70_000) }), 'LIMIT_EXCEEDED', /message long-key \(test\.ticked\): its headers are \d+ bytes, over JetStream's limit of 65535/],
-      ['a 1 MB key', outgoing({ id: 'huge-key', partitionkey: 'k'.repeat(1_000_000) }), 'LIMIT_EXCEEDED', /its headers are \d+ bytes, over JetStream's limit of 65535/],
-      ['a lone surrogate in the key', outgoing({ id: 'surrogate', partitionkey: 'a\ud800b' }), 'INVALID_PAYLOAD', /message surrogate \(test\.ticked\): its partitionkey holds a lone surrogate/],
+      [
+        'a message over max_payload',
+        outgoing({ id: 'big' }, { key: 'k', seq: 1, note: 'x'.repeat(1_100_000) }),
+        'LIMIT_EXCEEDED',
+        /message big \(test\.ticked\): it is \d+ bytes with its headers, over the server's max_payload of 1048576/,
+      ],
+      [
+        'headers over 64 KiB (a 70 kB key)',
+        outgoing({ id: 'long-key', partitionkey: 'k'.repeat(70_000) }),
+        'LIMIT_EXCEEDED',
+        /message long-key \(test\.ticked\): its headers are \d+ bytes, over JetStream's limit of 65535/,
+      ],
+      [
+        'a 1 MB key',
+        outgoing({ id: 'huge-key', partitionkey: 'k'.repeat(1_000_000) }),
+        'LIMIT_EXCEEDED',
+        /its headers are \d+ bytes, over JetStream's limit of 65535/,
+      ],
+      [
+        'a lone surrogate in the key',
+        outgoing({ id: 'surrogate', partitionkey: 'a\ud800b' }),
+        'INVALID_PAYLOAD',
+        /message surrogate \(test\.ticked\): its partitionkey holds a lone surrogate/,
+      ],
       ['a lone surrogate in the id', outgoing({ id: 'x\udc00' }), 'INVALID_PAYLOAD', /its id holds a lone surrogate/],
-      ['a topic of 5,000 bytes', outgoing({ id: 'long-topic', topic: 't'.repeat(5_000) }), 'LIMIT_EXCEEDED', /message long-topic \(t+\): its subject is \d+ bytes, over the limit of 3840/],
-      ['a topic with a space', outgoing({ id: 'spaced', topic: 'a b' }), 'INVALID_PAYLOAD', /message spaced \(a b\): its subject .* is not NATS subject tokens/],
+      [
+        'a topic of 5,000 bytes',
+        outgoing({ id: 'long-topic', topic: 't'.repeat(5_000) }),
+        'LIMIT_EXCEEDED',
+        /message long-topic \(t+\): its subject is \d+ bytes, over the limit of 3840/,
+      ],
+      [
+        'a topic with a space',
+        outgoing({ id: 'spaced', topic: 'a b' }),
+        'INVALID_PAYLOAD',
+        /message spaced \(a b\): its subject .* is not NATS subject tokens/,
+      ],
     ];
     for (const [what, message, code, pattern] of poisons) {
       const began = Date.now();
-      const error = await broker.publish([message]).then(() => undefined, (e: unknown) => e);
+      const error = await broker.publish([message]).then(
+        () => undefined,
+        (e: unknown) => e,
+      );
       assert.ok(error instanceof TidingsError, `${what}: a TidingsError (got ${String(error)})`);
       assert.equal(error.code, code, `${what}: ${error.message}`);
       assert.equal(error.retryable, false, `${what}: not retryable`);
@@ -100,7 +149,7 @@ describe('nats hostile input', () => {
     }
   });
 
-  test('through the outbox relay: a message NATS refuses is set aside in the outbox\'s dead letters, the messages behind it flow', async (t) => {
+  test("through the outbox relay: a message NATS refuses is set aside in the outbox's dead letters, the messages behind it flow", async (t) => {
     const ns = await world(t);
     if (ns === undefined || !(await requirePostgres(t))) return;
     const schema = uniqueSchema('natsin');
@@ -127,7 +176,6 @@ describe('nats hostile input', () => {
     assert.match(setAside.deadLetters[0]!.reason, /nats refused message .* for good: NATS cannot take message .*max_payload of 1048576/);
   });
 
-
   test('a subject without a bucket number, or with one past the last bucket, is refused at publish: nothing is stored where no consumer reads', async (t) => {
     const ns = await world(t);
     if (ns === undefined) return;
@@ -137,9 +185,18 @@ describe('nats hostile input', () => {
       seen.push(message.data.seq);
     });
     await b.start();
-    const stray = [`${ns.subjectPrefix}.${Ticked.topic}`, `${ns.subjectPrefix}.x.${Ticked.topic}`, `${ns.subjectPrefix}.${quickNats.buckets}.${Ticked.topic}`, `${ns.subjectPrefix}.0`];
+    const stray = [
+      `${ns.subjectPrefix}.${Ticked.topic}`,
+      `${ns.subjectPrefix}.x.${Ticked.topic}`,
+      `${ns.subjectPrefix}.${quickNats.buckets}.${Ticked.topic}`,
+      `${ns.subjectPrefix}.0`,
+    ];
     for (const subject of stray) {
-      await assert.rejects(publishPlain(subject, '{"key":"s","seq":99}', cloudEventHeaders(`stray-${subject}`, 's')), /no responders|503/i, `JetStream refuses ${subject}`);
+      await assert.rejects(
+        publishPlain(subject, '{"key":"s","seq":99}', cloudEventHeaders(`stray-${subject}`, 's')),
+        /no responders|503/i,
+        `JetStream refuses ${subject}`,
+      );
     }
     // The same event on its bucket's subject is stored and handled.
     await publishPlain(`${ns.subjectPrefix}.${keyHash('s') % quickNats.buckets}.${Ticked.topic}`, '{"key":"s","seq":1}', cloudEventHeaders('on-a-bucket', 's'));
@@ -149,7 +206,7 @@ describe('nats hostile input', () => {
     assert.equal(await b.backbone.deadLetters().count({ all: true }), 0);
   });
 
-  test('a payload nested 10,000 deep from a plain client is dead-lettered once with its raw bytes; its key\'s next message flows', async (t) => {
+  test("a payload nested 10,000 deep from a plain client is dead-lettered once with its raw bytes; its key's next message flows", async (t) => {
     const ns = await world(t);
     if (ns === undefined) return;
     const b = bus(ns.options());
@@ -194,7 +251,10 @@ describe('nats hostile input', () => {
     const store = b.backbone.deadLetters();
     await waitFor('the dead letter', async () => (await store.count({ subscription: 'large' })) === 1);
     const [letter] = await store.show('large-1');
-    assert.match(letter!.reason, /too large for this test \[dead letter kept without its payload, headers and stacks: over \d+ bytes; the message is in stream .* at sequence 1\]/);
+    assert.match(
+      letter!.reason,
+      /too large for this test \[dead letter kept without its payload, headers and stacks: over \d+ bytes; the message is in stream .* at sequence 1\]/,
+    );
     assert.equal('data' in letter!.envelope, false);
     refuse = false;
     assert.equal((await store.redrive({ ids: ['large-1'] })).count, 1);
@@ -207,12 +267,22 @@ describe('nats hostile input', () => {
     const nc = await natsConnect({ servers: NATS_URL });
     try {
       const jsm = await nc.jetstreamManager();
-      await jsm.streams.add({ name: ns.stream, subjects: [`${ns.subjectPrefix}.>`], description: `tidings buckets=${quickNats.buckets}: Tidings messages, subjects ${ns.subjectPrefix}.<bucket>.<topic>` });
+      await jsm.streams.add({
+        name: ns.stream,
+        subjects: [`${ns.subjectPrefix}.>`],
+        description: `tidings buckets=${quickNats.buckets}: Tidings messages, subjects ${ns.subjectPrefix}.<bucket>.<topic>`,
+      });
       const b = bus(ns.options());
       await b.start();
       const info = await jsm.streams.info(ns.stream);
-      assert.deepEqual(info.config.subjects, Array.from({ length: quickNats.buckets }, (_, i) => `${ns.subjectPrefix}.${i}.>`));
-      await assert.rejects(createBus({ service: 'other-prefix', backbone: nats(ns.options({ subjectPrefix: 'elsewhere' })) }).start(), /carries subjects .*Use subjectPrefix/);
+      assert.deepEqual(
+        info.config.subjects,
+        Array.from({ length: quickNats.buckets }, (_, i) => `${ns.subjectPrefix}.${i}.>`),
+      );
+      await assert.rejects(
+        createBus({ service: 'other-prefix', backbone: nats(ns.options({ subjectPrefix: 'elsewhere' })) }).start(),
+        /carries subjects .*Use subjectPrefix/,
+      );
     } finally {
       await nc.close();
     }

@@ -47,7 +47,10 @@ function outgoing(seq: number, overrides: Partial<Envelope> = {}, json = JSON.st
 
 async function refusal(publish: Promise<void>): Promise<{ error: TidingsError; ms: number }> {
   const started = Date.now();
-  const error = await publish.then(() => undefined, (caught: unknown) => caught);
+  const error = await publish.then(
+    () => undefined,
+    (caught: unknown) => caught,
+  );
   assert.ok(error instanceof TidingsError, `refused with a TidingsError (got ${String(error)})`);
   return { error, ms: Date.now() - started };
 }
@@ -65,9 +68,19 @@ test('a message RabbitMQ can never take fails at once in publish, for good, nami
   const broker = new RabbitBroker(testOptions(h.prefix));
   t.after(() => broker.close());
   const cases: Array<[string, Outgoing, string, RegExp]> = [
-    ['an id of 256 bytes', outgoing(1, { id: 'i'.repeat(256) }), 'LIMIT_EXCEEDED', /its id is 256 bytes, over the limit of 255 \(AMQP carries it in message_id/],
+    [
+      'an id of 256 bytes',
+      outgoing(1, { id: 'i'.repeat(256) }),
+      'LIMIT_EXCEEDED',
+      /its id is 256 bytes, over the limit of 255 \(AMQP carries it in message_id/,
+    ],
     ['an id of 100 three-byte characters', outgoing(2, { id: '€'.repeat(100) }), 'LIMIT_EXCEEDED', /its id is 300 bytes/],
-    ['a key of 70 kB', outgoing(3, { partitionkey: 'k'.repeat(70_000) }), 'LIMIT_EXCEEDED', /headers are \d+ bytes, over the limit of 65536 .*cloudEvents:partitionkey, is 70004 bytes/],
+    [
+      'a key of 70 kB',
+      outgoing(3, { partitionkey: 'k'.repeat(70_000) }),
+      'LIMIT_EXCEEDED',
+      /headers are \d+ bytes, over the limit of 65536 .*cloudEvents:partitionkey, is 70004 bytes/,
+    ],
     ['a source of 1 MB', outgoing(4, { source: 's'.repeat(1_000_000) }), 'LIMIT_EXCEEDED', /over the limit of 65536 .*cloudEvents:source/],
     ['an attribute the client cannot encode', outgoing(5, { tenant: 10n as never }), 'INVALID_PAYLOAD', /cannot be encoded for RabbitMQ: .*bigint/],
   ];
@@ -77,7 +90,10 @@ test('a message RabbitMQ can never take fails at once in publish, for good, nami
     assert.equal(error.retryable, false, `${what}: not worth publishing again`);
     assert.match(error.message, pattern, what);
     assert.match(error.message, /on test\.ticked/, `${what}: names the topic`);
-    assert.ok(error.ref?.id !== undefined && error.ref.id.length <= 303 && message.envelope.id.startsWith(error.ref.id.slice(0, 200)), `${what}: names the message`);
+    assert.ok(
+      error.ref?.id !== undefined && error.ref.id.length <= 303 && message.envelope.id.startsWith(error.ref.id.slice(0, 200)),
+      `${what}: names the message`,
+    );
     assert.ok(ms < 1_000, `${what}: at once (${ms} ms)`);
     await broker.publish([outgoing(100 + index)]);
   }
@@ -128,8 +144,12 @@ test('the relay sets aside an outbox message RabbitMQ refuses for good (a dead l
   assert.deepEqual(seen, [1, 3]);
 });
 
-test('attempt histories are cut to fit a message\'s headers, the newest attempts kept', () => {
-  const record = (attempt: number) => ({ attempt, at: new Date().toISOString(), error: { name: 'Error', message: '€'.repeat(5_000), stack: '€'.repeat(5_000) } });
+test("attempt histories are cut to fit a message's headers, the newest attempts kept", () => {
+  const record = (attempt: number) => ({
+    attempt,
+    at: new Date().toISOString(),
+    error: { name: 'Error', message: '€'.repeat(5_000), stack: '€'.repeat(5_000) },
+  });
   const header = historyHeader(Array.from({ length: 30 }, (_, i) => record(i + 1)));
   const kept = JSON.parse(header) as Array<{ attempt: number }>;
   assert.ok(Buffer.byteLength(header) <= amqpLimits.headerBytes / 2, `${Buffer.byteLength(header)} bytes`);
@@ -174,12 +194,19 @@ test('a CloudEvent from a plain producer without the optional attributes keeps i
   assert.match(dead.reason, /failed 2 attempts; last error: failure 2/, 'dead-lettered by its handler, not as undecodable');
   assert.equal(dead.topic, 'test.ticked', 'the dead letter knows its topic');
   assert.equal(dead.key, 'plain-1');
-  assert.deepEqual(dead.attempts.map((a) => a.attempt), [1, 2]);
+  assert.deepEqual(
+    dead.attempts.map((a) => a.attempt),
+    [1, 2],
+  );
 
   failUntil = 0;
   assert.equal((await store.redrive({ ids: ['plain-1'] })).count, 1);
   await waitFor('the redriven attempt', () => seen.length === 3, 10_000);
-  assert.deepEqual(seen.map((s) => s.attempt), [1, 2, 1], 'redrive resets the attempts');
+  assert.deepEqual(
+    seen.map((s) => s.attempt),
+    [1, 2, 1],
+    'redrive resets the attempts',
+  );
   for (const s of seen) {
     assert.equal(s.topic, 'test.ticked');
     assert.equal(s.key, 'plain-1', 'the key derived from the id stays');

@@ -51,7 +51,10 @@ test('stop() during start(): the start completes or gives up, nothing is left ru
   await bus.stop();
   await starting;
   const status = await withClient((client) => readStatus(client, { schema }));
-  assert.ok(status.subscriptions.every((sub) => sub.cursors.every((cursor) => cursor.owner === null)), 'no lease held');
+  assert.ok(
+    status.subscriptions.every((sub) => sub.cursors.every((cursor) => cursor.owner === null)),
+    'no lease held',
+  );
   await assert.rejects(bus.start(), /This bus was stopped/);
 });
 
@@ -115,7 +118,10 @@ test('stopOnSignals: SIGINT mid-handler finishes and acknowledges it, releases t
   assert.equal(effects, 1, 'the handler in flight finished and its write committed');
   const [sub] = status.subscriptions;
   assert.equal(sub!.lag, 0, 'and its message was acknowledged');
-  assert.ok(sub!.cursors.every((cursor) => cursor.owner === null), 'every lease released, nothing to wait out');
+  assert.ok(
+    sub!.cursors.every((cursor) => cursor.owner === null),
+    'every lease released, nothing to wait out',
+  );
 });
 
 test('stopOnSignals: when the application listens to SIGTERM too, the bus stops and the process ends on its own', async (t) => {

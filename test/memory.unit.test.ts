@@ -37,12 +37,18 @@ test('every subscription gets every message; a handler gets its own copy of the 
   await bus.start();
   const published = { key: 'k', seq: 0, note: undefined };
   await bus.publish(Ticked, published);
-  await bus.publishMany(Ticked, [1, 2, 3].map((seq) => ({ key: `k${seq}`, seq })));
+  await bus.publishMany(
+    Ticked,
+    [1, 2, 3].map((seq) => ({ key: `k${seq}`, seq })),
+  );
   await backbone.drain();
   assert.deepEqual(billing.sort(), [0, 1, 2, 3]);
   assert.equal(audit.length, 4);
   // JSON drops undefined fields and the other subscription's mutation is not seen.
-  assert.deepEqual(audit.find((data) => (data as { seq: number }).seq === 0), { key: 'k', seq: 0 });
+  assert.deepEqual(
+    audit.find((data) => (data as { seq: number }).seq === 0),
+    { key: 'k', seq: 0 },
+  );
   assert.equal(published.note, undefined);
   assert.deepEqual(bus.stats().subscriptions.billing, { handled: 4, retried: 0, deadLettered: 0 });
 });
@@ -56,7 +62,12 @@ test("handlers run in the consumer's async context, not in their publisher's", a
     seen.push(context.getStore());
   });
   await context.run('consumer', () => bus.start());
-  await context.run('publisher', () => bus.publishMany(Ticked, [1, 2, 3].map((seq) => ({ key: 'k', seq }))));
+  await context.run('publisher', () =>
+    bus.publishMany(
+      Ticked,
+      [1, 2, 3].map((seq) => ({ key: 'k', seq })),
+    ),
+  );
   await backbone.drain();
   assert.deepEqual(seen, ['consumer', 'consumer', 'consumer']);
 });
@@ -94,7 +105,10 @@ test('a transaction publishes iff it commits; onCommit runs only then', async (t
   assert.deepEqual(hooks, ['committed']);
   assert.equal(kept?.state, 'rolled-back');
   // A finished transaction, and a transaction that is not the memory backbone's, are refused by name.
-  await assert.rejects(bus.publish(Ticked, { key: 'a', seq: 4 }, { tx: kept }), (error) => error instanceof TidingsError && error.code === 'STOPPED' && /rolled back/.test(error.message));
+  await assert.rejects(
+    bus.publish(Ticked, { key: 'a', seq: 4 }, { tx: kept }),
+    (error) => error instanceof TidingsError && error.code === 'STOPPED' && /rolled back/.test(error.message),
+  );
   await assert.rejects(
     bus.publish(Ticked, { key: 'a', seq: 5 }, { tx: { query: async () => ({ rows: [] }) } }),
     (error) => error instanceof TidingsError && error.code === 'NO_TRANSACTION' && /test\.ticked/.test(error.message),
@@ -136,7 +150,11 @@ test('per-key order: 100 keys x 50 messages with concurrency 8, each once, in or
   );
   await bus.start();
   const keys = Array.from({ length: 100 }, (_, i) => `key-${i}`);
-  for (let seq = 0; seq < 50; seq++) await bus.publishMany(Ticked, keys.map((key) => ({ key, seq })));
+  for (let seq = 0; seq < 50; seq++)
+    await bus.publishMany(
+      Ticked,
+      keys.map((key) => ({ key, seq })),
+    );
   await backbone.drain();
   assert.equal(handled, 5_000);
   for (const key of keys) assert.equal(lastSeq.get(key), 49);
@@ -169,18 +187,29 @@ test('two consumers of one subscription share its work without breaking per-key 
   });
   await buses[0]!.start();
   const keys = Array.from({ length: 40 }, (_, i) => `key-${i}`);
-  for (let seq = 0; seq < 10; seq++) await buses[0]!.publishMany(Ticked, keys.map((key) => ({ key, seq })));
+  for (let seq = 0; seq < 10; seq++)
+    await buses[0]!.publishMany(
+      Ticked,
+      keys.map((key) => ({ key, seq })),
+    );
   // The second worker joins mid-stream: lanes move to it while the first still has keys in flight.
   await waitFor('the first worker to get going', () => byWorker[0]! > 20);
   await buses[1]!.start();
-  for (let seq = 10; seq < 20; seq++) await buses[1]!.publishMany(Ticked, keys.map((key) => ({ key, seq })));
+  for (let seq = 10; seq < 20; seq++)
+    await buses[1]!.publishMany(
+      Ticked,
+      keys.map((key) => ({ key, seq })),
+    );
   await backbone.drain();
   assert.equal(byWorker[0]! + byWorker[1]!, 800);
   assert.ok(byWorker[1]! > 100, `the second worker handled only ${byWorker[1]}`);
   for (const key of keys) assert.equal(lastSeq.get(key), 19);
   // One stops: the other takes over its lanes.
   await buses[1]!.stop();
-  await buses[0]!.publishMany(Ticked, keys.map((key) => ({ key, seq: 20 })));
+  await buses[0]!.publishMany(
+    Ticked,
+    keys.map((key) => ({ key, seq: 20 })),
+  );
   await backbone.drain();
   for (const key of keys) assert.equal(lastSeq.get(key), 20);
 });
@@ -201,7 +230,10 @@ test('retries: immediate, then delayed, then success; attempts counted', async (
   await bus.start();
   await bus.publish(Ticked, { key: 'k', seq: 1 });
   await backbone.drain();
-  assert.deepEqual(attempts.map((a) => a.attempt), [1, 2, 3]);
+  assert.deepEqual(
+    attempts.map((a) => a.attempt),
+    [1, 2, 3],
+  );
   assert.ok(attempts[2]!.at - attempts[1]!.at >= 55, `the delayed retry came after ${attempts[2]!.at - attempts[1]!.at} ms`);
   assert.deepEqual(bus.stats().subscriptions.flaky, { handled: 1, retried: 2, deadLettered: 0 });
 });
@@ -261,7 +293,10 @@ test('dead letters keep the attempt history; a redrive is handled once, and the 
   assert.equal(listed.deadLetters[0]!.attempts, 3);
   const [dead] = await store.show(id);
   assert.ok(dead !== undefined);
-  assert.deepEqual(dead.attempts.map((a) => a.attempt), [1, 2, 3]);
+  assert.deepEqual(
+    dead.attempts.map((a) => a.attempt),
+    [1, 2, 3],
+  );
   assert.match(dead.attempts[2]!.error.message, /gateway refused 1/);
   assert.ok(dead.attempts[0]!.error.stack?.includes('Error: gateway refused 1'));
   assert.match(dead.reason, /failed 3 attempts/);
@@ -308,7 +343,7 @@ test('maxDeadLetters drops the oldest with a warning; a redrive can be stopped b
   assert.equal(await store.count({ all: true }), 2);
 });
 
-test("what a handler publishes joins its transaction: dropped when it fails, delivered once when it succeeds", async (t) => {
+test('what a handler publishes joins its transaction: dropped when it fails, delivered once when it succeeds', async (t) => {
   const backbone = memory(noWarnings);
   const bus = busOn(t, backbone);
   const shipped: Array<{ seq: number; causationId: string | undefined; correlationId: string }> = [];
@@ -363,7 +398,10 @@ test('graceful stop finishes what is in flight, starts nothing new, and a new bu
     { concurrency: 3 },
   );
   await first.start();
-  await first.publishMany(Ticked, Array.from({ length: 10 }, (_, seq) => ({ key: `k${seq}`, seq })));
+  await first.publishMany(
+    Ticked,
+    Array.from({ length: 10 }, (_, seq) => ({ key: `k${seq}`, seq })),
+  );
   await waitFor('three handlers in flight', () => started.length === 3);
   let stopped = false;
   const stopping = first.stop().then(() => {
@@ -385,7 +423,10 @@ test('graceful stop finishes what is in flight, starts nothing new, and a new bu
   await second.start();
   await backbone.drain();
   assert.equal(rest.length, 7);
-  assert.deepEqual([...started, ...rest].sort((a, b) => a - b), [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]);
+  assert.deepEqual(
+    [...started, ...rest].sort((a, b) => a - b),
+    [0, 1, 2, 3, 4, 5, 6, 7, 8, 9],
+  );
 });
 
 test('drain() waits for cascades and retries, ignores stopped subscriptions, and says what is left when it gives up', async (t) => {
@@ -404,15 +445,13 @@ test('drain() waits for cascades and retries, ignores stopped subscriptions, and
     },
     { retry: { immediate: 0, delayed: [30], jitter: 0 } },
   );
-  bus.subscribe(
-    'stuck',
-    Ticked,
-    () => retryLater(60_000),
-    { retry: { immediate: 0, delayed: [60_000], jitter: 0 } },
-  );
+  bus.subscribe('stuck', Ticked, () => retryLater(60_000), { retry: { immediate: 0, delayed: [60_000], jitter: 0 } });
   await bus.start();
   await backbone.drain(); // nothing published yet
-  await bus.publishMany(Ticked, [1, 2, 3].map((seq) => ({ key: `k${seq}`, seq })));
+  await bus.publishMany(
+    Ticked,
+    [1, 2, 3].map((seq) => ({ key: `k${seq}`, seq })),
+  );
   const error = await backbone.drain({ timeoutMs: 600 }).catch((e: unknown) => e);
   assert.ok(error instanceof TidingsError && error.code === 'TIMEOUT', String(error));
   assert.match(error.message, /subscription stuck has 3 unhandled \(0 in flight, 3 keys waiting for a retry\)/);
@@ -457,7 +496,10 @@ test('startFrom: a new subscription sees the log from the beginning, or only wha
   const backbone = memory({ maxLog: 3, onWarning: (message) => warnings.push(message) });
   const bus = busOn(t, backbone);
   await bus.start();
-  await bus.publishMany(Ticked, [1, 2, 3, 4, 5].map((seq) => ({ key: 'k', seq })));
+  await bus.publishMany(
+    Ticked,
+    [1, 2, 3, 4, 5].map((seq) => ({ key: 'k', seq })),
+  );
   const fromStart: number[] = [];
   const fromNow: number[] = [];
   bus.subscribe('from-start', Ticked, (m) => void fromStart.push(m.data.seq), { startFrom: 'beginning' });
@@ -490,7 +532,10 @@ test('options are validated by name; a changed partition count is refused', asyn
   await one.start();
   const two = busOn(t, backbone, 'two');
   two.subscribe('counted', Ticked, () => undefined, { partitions: 8 });
-  await assert.rejects(two.start(), (error) => error instanceof TidingsError && error.code === 'SUBSCRIPTION_CONFLICT' && /Keep partitions: 4/.test(error.message));
+  await assert.rejects(
+    two.start(),
+    (error) => error instanceof TidingsError && error.code === 'SUBSCRIPTION_CONFLICT' && /Keep partitions: 4/.test(error.message),
+  );
 });
 
 test('100,000 messages through one subscription: each once, in order per key (timing printed)', async (t) => {

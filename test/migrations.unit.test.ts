@@ -20,7 +20,10 @@ test('the built module holds exactly the migrations the .sql files do, byte for 
     writeFileSync(file, embeddedModule());
     const built = (await import(pathToFileURL(file).href)) as { migrations: typeof migrations };
     assert.deepEqual(built.migrations, migrations);
-    assert.ok(migrations.some((migration) => migration.sql.includes('`')), 'the escaping is exercised: a migration has a backtick');
+    assert.ok(
+      migrations.some((migration) => migration.sql.includes('`')),
+      'the escaping is exercised: a migration has a backtick',
+    );
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }

@@ -48,10 +48,9 @@ test('a publish in one process wakes a consumer in another at once; after its LI
   t.diagnostic(`publish -> handler across processes: ${Date.now() - started} ms`);
 
   const admin = await connect();
-  const { rows } = await admin.query(
-    `select pg_terminate_backend(pid) as killed from pg_stat_activity where application_name = $1`,
-    [`tidings-notifier:${schema}`],
-  );
+  const { rows } = await admin.query(`select pg_terminate_backend(pid) as killed from pg_stat_activity where application_name = $1`, [
+    `tidings-notifier:${schema}`,
+  ]);
   assert.ok(rows.length >= 1, 'found the notifier connections');
   // Published while the consumer's notifier is down: it must be found by the catch-up after reconnecting.
   await producer.publish(Ticked, { key: 'k', seq: 2 });
@@ -59,9 +58,7 @@ test('a publish in one process wakes a consumer in another at once; after its LI
   await waitFor('catch-up after the notifier reconnected', () => seen.length === 2, 10_000);
   t.diagnostic(`notifier reconnect + catch-up: ${Date.now() - started} ms`);
   await waitFor('the notifier listening again', async () => {
-    const { rows: back } = await admin.query(`select count(*)::int as n from pg_stat_activity where application_name = $1`, [
-      `tidings-notifier:${schema}`,
-    ]);
+    const { rows: back } = await admin.query(`select count(*)::int as n from pg_stat_activity where application_name = $1`, [`tidings-notifier:${schema}`]);
     return back[0].n >= 2;
   });
   started = Date.now();
@@ -69,7 +66,10 @@ test('a publish in one process wakes a consumer in another at once; after its LI
   await waitFor('a wake-up through the new connection', () => seen.length === 3, 5_000);
   await admin.end();
   assert.deepEqual(seen, [1, 2, 3]);
-  assert.ok(warnings.some((warning) => /Notifier lost its connection/.test(warning)), 'the loss was reported');
+  assert.ok(
+    warnings.some((warning) => /Notifier lost its connection/.test(warning)),
+    'the loss was reported',
+  );
 });
 
 test('a publisher sends no NOTIFY while no other process consumes; one that starts consuming is woken by NOTIFY within about a second', async (t) => {
@@ -104,9 +104,14 @@ test('a publisher sends no NOTIFY while no other process consumes; one that star
     // Another process starts consuming (polling only every 60 s): within ~1 s, publishes NOTIFY again.
     const remote = newBus(schema);
     const seen: number[] = [];
-    remote.subscribe('remote', Ticked, (message) => {
-      seen.push(message.data.seq);
-    }, { startFrom: 'now' });
+    remote.subscribe(
+      'remote',
+      Ticked,
+      (message) => {
+        seen.push(message.data.seq);
+      },
+      { startFrom: 'now' },
+    );
     await remote.start();
     // Past its first reads at start: from now on only a NOTIFY (or its 60 s poll) can wake it.
     await new Promise((resolve) => setTimeout(resolve, 300));
@@ -118,7 +123,10 @@ test('a publisher sends no NOTIFY while no other process consumes; one that star
     }
     const waited = Date.now() - started;
     t.diagnostic(`a consumer started in another process was woken ${waited} ms after its first reads`);
-    assert.ok(seen.some((s) => s >= 1_000), 'the new consumer was woken');
+    assert.ok(
+      seen.some((s) => s >= 1_000),
+      'the new consumer was woken',
+    );
     assert.ok(waited < 5_000, `woken by NOTIFY, not by its 60 s poll (${waited} ms)`);
   } finally {
     await listener.end();

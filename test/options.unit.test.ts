@@ -37,14 +37,26 @@ test('subscribe: a misspelt option and a misspelt retry option are named, with t
 });
 
 test('createBus, and its subscriptionDefaults', () => {
-  refused(() => createBus(loose({ service: 'options', backbone: memory(), maxPayloadByte: 10 })), /createBus: maxPayloadByte is not an option: did you mean maxPayloadBytes\?/);
-  refused(() => createBus(loose({ service: 'options', backbone: memory(), subscriptionDefaults: { timeout: 5 } })), /createBus subscriptionDefaults: timeout is not an option/);
+  refused(
+    () => createBus(loose({ service: 'options', backbone: memory(), maxPayloadByte: 10 })),
+    /createBus: maxPayloadByte is not an option: did you mean maxPayloadBytes\?/,
+  );
+  refused(
+    () => createBus(loose({ service: 'options', backbone: memory(), subscriptionDefaults: { timeout: 5 } })),
+    /createBus subscriptionDefaults: timeout is not an option/,
+  );
 });
 
 test('postgres(), its publishBatch and its retention', () => {
   refused(() => postgres(loose({ pglite: true, poolsize: 4 })), /postgres\(\): poolsize is not an option: did you mean poolSize\?/);
-  refused(() => postgres(loose({ pglite: true, publishBatch: { maxbatch: 10 } })), /publishBatch\.maxbatch is not an option: did you mean publishBatch\.maxBatch\?/);
-  refused(() => postgres(loose({ pglite: true, retention: { log: { maxAge: 1 } } })), /retention\.log\.maxAge is not an option: did you mean retention\.log\.maxAgeMs\?/);
+  refused(
+    () => postgres(loose({ pglite: true, publishBatch: { maxbatch: 10 } })),
+    /publishBatch\.maxbatch is not an option: did you mean publishBatch\.maxBatch\?/,
+  );
+  refused(
+    () => postgres(loose({ pglite: true, retention: { log: { maxAge: 1 } } })),
+    /retention\.log\.maxAge is not an option: did you mean retention\.log\.maxAgeMs\?/,
+  );
   assert.doesNotThrow(() => postgres({ pglite: true, poolSize: 4, publishBatch: { maxBatch: 10 }, retention: { log: { maxAgeMs: 1 } } }));
 });
 

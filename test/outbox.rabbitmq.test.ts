@@ -59,8 +59,17 @@ test('outbox inbox, handler without ctx.tx: 300 messages each published twice wi
   }
   await waitFor('every message handled', () => runs.size === keys * perKey, 30_000);
   await sleep(500); // the second copies, had they not stopped at the inbox, would arrive meanwhile
-  assert.deepEqual([...runs.values()].filter((n) => n !== 1), [], 'no message handled twice');
-  for (const [key, seqs] of order) assert.deepEqual(seqs, Array.from({ length: perKey }, (_, i) => i), `order of ${key}`);
+  assert.deepEqual(
+    [...runs.values()].filter((n) => n !== 1),
+    [],
+    'no message handled twice',
+  );
+  for (const [key, seqs] of order)
+    assert.deepEqual(
+      seqs,
+      Array.from({ length: perKey }, (_, i) => i),
+      `order of ${key}`,
+    );
   const [row] = await sql<{ n: string }>(`select count(*) as n from ${h.schema}.inbox where subscription = 'counter'`);
   assert.equal(Number(row!.n), keys * perKey, 'every handled id recorded');
 });
@@ -92,7 +101,13 @@ test('outbox inbox, handler writing through ctx.tx: when the id got recorded bef
   assert.equal(attempts, 2, 'the raced message was acknowledged, not retried');
   assert.ok(rejected !== undefined, "the raced delivery's statement was refused");
   const effects = await sql<{ id: string }>(`select id from ${h.schema}.effects order by id`);
-  assert.deepEqual(effects.map((row) => row.id), ['alone']);
+  assert.deepEqual(
+    effects.map((row) => row.id),
+    ['alone'],
+  );
   const inbox = await sql<{ message_id: string }>(`select message_id from ${h.schema}.inbox where subscription = 'writer' order by message_id`);
-  assert.deepEqual(inbox.map((row) => row.message_id), ['alone', 'raced']);
+  assert.deepEqual(
+    inbox.map((row) => row.message_id),
+    ['alone', 'raced'],
+  );
 });

@@ -31,7 +31,9 @@ test('src imports only dependencies, peer dependencies and node: builtins', () =
   const wrong: string[] = [];
   for (const file of sources(join(root, 'src'))) {
     // Comments may name imports (`import('name')` in a doc comment): only code counts.
-    const text = readFileSync(file, 'utf8').replace(/\/\*[\s\S]*?\*\//g, '').replace(/^\s*\/\/.*$/gm, '');
+    const text = readFileSync(file, 'utf8')
+      .replace(/\/\*[\s\S]*?\*\//g, '')
+      .replace(/^\s*\/\/.*$/gm, '');
     for (const [, specifier] of text.matchAll(/(?:from|import)\s*\(?\s*'([^'.][^']*)'/g)) {
       if (specifier!.startsWith('node:') || allowed.has(packageOf(specifier!))) continue;
       wrong.push(`${file.slice(root.length)} imports ${specifier}`);

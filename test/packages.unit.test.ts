@@ -24,7 +24,10 @@ async function failure(loading: Promise<unknown>, name: string): Promise<Tidings
 
 test('a package that is not installed: named, with the install command', async () => {
   const error = await failure(import('tidings-test-no-such-package' as string), 'tidings-test-no-such-package');
-  assert.equal(error.message, 'The test backbone needs the "tidings-test-no-such-package" package, which is not installed: npm install tidings-test-no-such-package');
+  assert.equal(
+    error.message,
+    'The test backbone needs the "tidings-test-no-such-package" package, which is not installed: npm install tidings-test-no-such-package',
+  );
 });
 
 test('a package that is installed but fails to load: named, with its own error, not "npm install" alone', async () => {
@@ -36,7 +39,10 @@ test('a package that is installed but fails to load: named, with its own error, 
     writeFileSync(join(dir, 'node_modules', 'broken', 'index.js'), "import 'its-missing-dependency';\n");
     writeFileSync(join(dir, 'entry.js'), "export * from 'broken';\n");
     const missingDependency = await failure(import(pathToFileURL(join(dir, 'entry.js')).href), 'broken');
-    assert.match(missingDependency.message, /needs the "broken" package: it is installed but failed to load \(Cannot find (package|module) 'its-missing-dependency'/);
+    assert.match(
+      missingDependency.message,
+      /needs the "broken" package: it is installed but failed to load \(Cannot find (package|module) 'its-missing-dependency'/,
+    );
     assert.match(missingDependency.message, /Reinstall it \(npm install broken\)/);
 
     writeFileSync(join(dir, 'thrower.js'), "throw new Error('this build of the driver needs a newer Node');\n");

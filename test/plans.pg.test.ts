@@ -61,9 +61,7 @@ test("the generic plan of the consumer's read opens a window through the xid ind
     await fill(200_001, 200_010);
     await client.query(`analyze ${schema}.log`);
     await client.query('set plan_cache_mode = force_generic_plan');
-    await client.query(
-      `prepare read(text[], text[], text[], int8[], text[], int, int, int8[], int8[], text) as ${statements(schema).readLanes(true, false)}`,
-    );
+    await client.query(`prepare read(text[], text[], text[], int8[], text[], int, int, int8[], int8[], text) as ${statements(schema).readLanes(true, false)}`);
     const explained = await client.query<{ 'QUERY PLAN': Array<{ Plan: PlanNode }> }>(
       `explain (analyze, format json) execute read('{"{0,1,2,3}"}', '{"${done}"}', '{NULL}', '{NULL}', '{${Ticked.topic}}', 4, 500, '{NULL}', '{500}', 'plans')`,
     );
@@ -71,7 +69,10 @@ test("the generic plan of the consumer's read opens a window through the xid ind
     const onLog = all.filter((node) => node['Relation Name'] === 'log');
     t.diagnostic(JSON.stringify(onLog.map((node) => `${node['Node Type']} ${node['Index Name'] ?? ''} removed ${node['Rows Removed by Filter'] ?? 0}`)));
     assert.ok(!onLog.some((node) => node['Node Type'] === 'Seq Scan'), 'no sequential scan of the log');
-    assert.ok(all.some((node) => node['Index Name'] === 'log_xid'), 'the xid index finds the window');
+    assert.ok(
+      all.some((node) => node['Index Name'] === 'log_xid'),
+      'the xid index finds the window',
+    );
     const examined = onLog.reduce((sum, node) => sum + (node['Rows Removed by Filter'] ?? 0), 0);
     assert.ok(examined < 100, `rows read and thrown away: ${examined}`);
     const returned = all.find((node) => node['Node Type'] === 'Limit') as (PlanNode & { 'Actual Rows'?: number }) | undefined;

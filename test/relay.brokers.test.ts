@@ -91,7 +91,13 @@ for (const [label, make] of [
     const keys = 50;
     const perKey = 40;
     for (let seq = 0; seq < perKey; seq++) {
-      await publisher.transaction((tx) => publisher.publishMany(Ticked, Array.from({ length: keys }, (_, k) => ({ key: `k${k}`, seq })), { tx }));
+      await publisher.transaction((tx) =>
+        publisher.publishMany(
+          Ticked,
+          Array.from({ length: keys }, (_, k) => ({ key: `k${k}`, seq })),
+          { tx },
+        ),
+      );
     }
     const total = keys * perKey;
 
@@ -108,6 +114,11 @@ for (const [label, make] of [
     assert.equal(rows.length, total, 'every message handled once: relayed twice is de-duplicated');
     const byKey = new Map<string, number[]>();
     for (const row of rows) byKey.set(row.key, [...(byKey.get(row.key) ?? []), row.seq]);
-    for (const [key, seqs] of byKey) assert.deepEqual(seqs, Array.from({ length: perKey }, (_, i) => i), `order of ${key}`);
+    for (const [key, seqs] of byKey)
+      assert.deepEqual(
+        seqs,
+        Array.from({ length: perKey }, (_, i) => i),
+        `order of ${key}`,
+      );
   });
 }

@@ -52,12 +52,17 @@ function newBus(schema: string, service: string): Bus<PgTransaction> {
 /** The identity side: a users table, its source declaration, and writes that publish in the same transaction. */
 async function identity(schema: string) {
   const bus = newBus(schema, 'identity');
-  const src = source(bus, defineSource({
-    name: 'test.users',
-    select: `select id as key, version, jsonb_build_object('id', id, 'version', version, 'name', name, 'score', score) as state from "${schema}".users`,
-  }));
+  const src = source(
+    bus,
+    defineSource({
+      name: 'test.users',
+      select: `select id as key, version, jsonb_build_object('id', id, 'version', version, 'name', name, 'score', score) as state from "${schema}".users`,
+    }),
+  );
   await bus.start();
-  await bus.transaction((tx) => tx.query(`create table "${schema}".users (id text primary key, version int8 not null, name text not null, score int not null)`));
+  await bus.transaction((tx) =>
+    tx.query(`create table "${schema}".users (id text primary key, version int8 not null, name text not null, score int not null)`),
+  );
   const versions = new Map<string, number>();
   /** Upserts or deletes a user and publishes the event in the same transaction. */
   const change = async (tx: PgTransaction, id: string, op: 'upsert' | 'delete', name = `name-${id}`, score = 0) => {
@@ -81,7 +86,9 @@ async function identity(schema: string) {
 async function sourceRows(schema: string) {
   const client = await connect();
   try {
-    const { rows } = await client.query(`select id as key, version::int8::text as version, jsonb_build_object('id', id, 'version', version, 'name', name, 'score', score) as state from "${schema}".users order by id`);
+    const { rows } = await client.query(
+      `select id as key, version::int8::text as version, jsonb_build_object('id', id, 'version', version, 'name', name, 'score', score) as state from "${schema}".users order by id`,
+    );
     return rows;
   } finally {
     await client.end();
@@ -135,7 +142,10 @@ test('a replica built by replaying 10,000 changes over 1,000 keys (updates and d
   assert.deepEqual(check.messages, { sent: 1, received: 1 }, 'equal roots: one request, one reply');
   const one = expected[0]!;
   assert.deepEqual(await r.get(one.key), one.state);
-  assert.deepEqual((await r.query(`state->>'name' = $1`, [one.state.name])).map((u) => u.id), [one.key]);
+  assert.deepEqual(
+    (await r.query(`state->>'name' = $1`, [one.state.name])).map((u) => u.id),
+    [one.key],
+  );
   const staleness = await r.staleness();
   assert.equal(staleness.lag, 0);
   assert.ok(staleness.newestEventAt instanceof Date && staleness.ageMs !== null);
@@ -195,7 +205,9 @@ test('drift injected three ways is found and repaired by one check, a second fin
   // Messages and entries against the number of differing keys, in a replica of 100,000 keys.
   const figures: Array<{ differences: number; messages: number; entries: number; ms: number }> = [];
   for (const differences of [1, 10, 100, 1_000]) {
-    await client.query(`update ${r.view} set state = jsonb_set(state, '{score}', '-1') where key in (select key from ${r.view} order by md5(key) limit $1)`, [differences]);
+    await client.query(`update ${r.view} set state = jsonb_set(state, '{score}', '-1') where key in (select key from ${r.view} order by md5(key) limit $1)`, [
+      differences,
+    ]);
     const report = await r.checkDrift();
     assert.equal(report.different, differences);
     assert.equal(report.repaired, differences);
@@ -253,7 +265,7 @@ test('a rebuild under live traffic: reads never see a partial replica, and no ev
     }
   })();
   const progress: number[] = [];
-  let report;
+  let report: Awaited<ReturnType<typeof r.rebuild>>;
   try {
     report = await r.rebuild({ onProgress: ({ done }) => progress.push(done) });
   } finally {
@@ -261,7 +273,9 @@ test('a rebuild under live traffic: reads never see a partial replica, and no ev
     traffic = false;
     await Promise.all([reader, writer]);
   }
-  t.diagnostic(`rebuild: ${report.rows} rows in ${report.durationMs} ms over ${report.messages.sent + report.messages.received} messages; ${updates} live updates, ${reads} reads meanwhile`);
+  t.diagnostic(
+    `rebuild: ${report.rows} rows in ${report.durationMs} ms over ${report.messages.sent + report.messages.received} messages; ${updates} live updates, ${reads} reads meanwhile`,
+  );
   assert.equal(report.generation, 2);
   assert.ok(report.rows >= KEYS);
   assert.ok(progress.length >= KEYS / 100 && progress.at(-1)! >= KEYS, 'progress reported page by page');
@@ -285,7 +299,13 @@ test('out-of-order and duplicate deliveries never move a row backwards, and a to
   await r.start();
   const user = (version: number, name: string) => ({ id: 'k', version, name, score: version });
   // Each publish is its own message (its own id), as a redelivery by a publisher that retried would be.
-  for (const [version, name] of [[3, 'three'], [1, 'one'], [2, 'two'], [3, 'three again']] as const) await idBus.publish(UserChanged, user(version, name));
+  for (const [version, name] of [
+    [3, 'three'],
+    [1, 'one'],
+    [2, 'two'],
+    [3, 'three again'],
+  ] as const)
+    await idBus.publish(UserChanged, user(version, name));
   await idBus.publish(UserRenamed, { id: 'k', version: 2, name: 'renamed late' });
   await waitFor('five events handled', () => r.stats().applied + r.stats().stale === 5);
   await r.caughtUp(); // the table is written when the batch commits; memory a moment earlier
@@ -329,7 +349,13 @@ test('tidings drift check asks the running replica over the bus and prints its r
 
   const cli = async (...args: string[]) => {
     let out = '';
-    const program = buildProgram({ env: { DATABASE_URL }, interrupt: new AbortController().signal, stdoutIsTTY: false, out: (text) => (out += text), err: () => undefined });
+    const program = buildProgram({
+      env: { DATABASE_URL },
+      interrupt: new AbortController().signal,
+      stdoutIsTTY: false,
+      out: (text) => (out += text),
+      err: () => undefined,
+    });
     await program.parseAsync(['node', 'tidings', '--schema', schema, ...args]);
     return out;
   };
@@ -373,7 +399,10 @@ test('tidings replica rebuild asks the running replica over the bus, follows the
   t.diagnostic(`rebuild over the bus: ${report.rows} rows in ${report.durationMs} ms, ${progress.length} progress reports`);
   assert.equal(report.generation, 3, 'generation 2 was the bootstrap transfer');
   assert.equal(report.rows, KEYS);
-  assert.ok(progress.some((p) => p.done > 0 && p.done < KEYS && p.total === KEYS), `progress from the replica during the rebuild: ${JSON.stringify(progress)}`);
+  assert.ok(
+    progress.some((p) => p.done > 0 && p.done < KEYS && p.total === KEYS),
+    `progress from the replica during the rebuild: ${JSON.stringify(progress)}`,
+  );
   assert.deepEqual(progress.at(-1), { done: KEYS, total: KEYS });
   for (let i = 1; i < progress.length; i++) assert.ok(progress[i]!.done >= progress[i - 1]!.done, 'progress never goes back');
   assert.equal((await r.get('u-00042'))?.name, 'changed without an event', 'memory reloaded from the new table');
@@ -381,13 +410,22 @@ test('tidings replica rebuild asks the running replica over the bus, follows the
 
   const cli = async (...args: string[]) => {
     let out = '';
-    const program = buildProgram({ env: { DATABASE_URL }, interrupt: new AbortController().signal, stdoutIsTTY: false, out: (text) => (out += text), err: () => undefined });
+    const program = buildProgram({
+      env: { DATABASE_URL },
+      interrupt: new AbortController().signal,
+      stdoutIsTTY: false,
+      out: (text) => (out += text),
+      err: () => undefined,
+    });
     await program.parseAsync(['node', 'tidings', '--schema', schema, ...args]);
     return out;
   };
   const json = JSON.parse(await cli('--json', 'replica', 'rebuild', 'users-gw1', '--timeout', '20'));
   assert.deepEqual([json.replica, json.generation, json.rows], ['users-gw1', 4, KEYS]);
-  assert.match(await cli('replica', 'rebuild', 'users-gw1'), /^Replica users-gw1 rebuilt: generation 5, 5000 rows from its source in [\d.]+ m?s \(\d+ messages\)\.\n$/);
+  assert.match(
+    await cli('replica', 'rebuild', 'users-gw1'),
+    /^Replica users-gw1 rebuilt: generation 5, 5000 rows from its source in [\d.]+ m?s \(\d+ messages\)\.\n$/,
+  );
   assert.deepEqual(await replicaRows(r), await sourceRows(schema));
   assert.match(await cli('drift', 'status'), /users-gw1 +test\.users +5000 +5 /);
   await assert.rejects(cli('replica', 'rebuild', 'nope'), /No replica "nope" in schema .*there are: users-gw1/);
@@ -395,5 +433,8 @@ test('tidings replica rebuild asks the running replica over the bus, follows the
   // A replica whose process is not running: the CLI gives up after --timeout and says where to look.
   r.stop();
   await gateway.stop();
-  await assert.rejects(cli('replica', 'rebuild', 'users-gw1', '--timeout', '1'), /reported nothing on rebuild .* for 1 s\. Is its service running \(its subscription replica\.users-gw1\.replies/);
+  await assert.rejects(
+    cli('replica', 'rebuild', 'users-gw1', '--timeout', '1'),
+    /reported nothing on rebuild .* for 1 s\. Is its service running \(its subscription replica\.users-gw1\.replies/,
+  );
 });

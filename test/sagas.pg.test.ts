@@ -79,9 +79,13 @@ test('1,000 sagas driven in random order by 4 publishers, their workers killed w
         },
         120_000,
       );
-      const { rows } = await db.query<{ id: string; state: { sum: number; adds: number }; version: number }>(`select id, state, version from "${schema}".sagas where saga = 'test.counter'`);
+      const { rows } = await db.query<{ id: string; state: { sum: number; adds: number }; version: number }>(
+        `select id, state, version from "${schema}".sagas where saga = 'test.counter'`,
+      );
       assert.equal(rows.length, 1_000);
-      const wrong = rows.filter((row) => row.state.sum !== expected.get(row.id)!.sum || row.state.adds !== expected.get(row.id)!.adds || row.version !== row.state.adds + 1);
+      const wrong = rows.filter(
+        (row) => row.state.sum !== expected.get(row.id)!.sum || row.state.adds !== expected.get(row.id)!.adds || row.version !== row.state.adds + 1,
+      );
       assert.deepEqual(wrong, [], 'each instance: the sum of its adds, once each, one version per transition');
       const { rows: dead } = await db.query<{ n: number }>(`select count(*)::int as n from "${schema}".dead_letters`);
       assert.equal(dead[0]!.n, 0, 'no add gave up waiting for its start');
@@ -124,15 +128,21 @@ test('an operator sees an instance whole: state, version, each transition with i
   await sleep(200);
   const list = await listSagas(backbone.driver, { schema, saga: 'test.watch', status: 'active' });
   assert.equal(list.total, 1);
-  assert.deepEqual(list.sagas.map((saga) => [saga.id, saga.version, saga.completed]), [['w1', 2, false]]);
+  assert.deepEqual(
+    list.sagas.map((saga) => [saga.id, saga.version, saga.completed]),
+    [['w1', 2, false]],
+  );
   const detail = await showSaga(backbone.driver, { schema, saga: 'test.watch', id: 'w1' });
   assert.deepEqual(detail?.state, { id: 'w1', seen: 1 });
-  assert.deepEqual(detail?.transitions.map((step) => [step.version, step.messageId, step.topic]), [
-    [1, started.id, 'test.counter-started'],
-    [2, added.id, 'test.counter-added'],
-  ]);
+  assert.deepEqual(
+    detail?.transitions.map((step) => [step.version, step.messageId, step.topic]),
+    [
+      [1, started.id, 'test.counter-started'],
+      [2, added.id, 'test.counter-added'],
+    ],
+  );
   assert.equal(detail?.pendingTimeouts.length, 1);
-  assert.equal(detail?.pendingTimeouts[0]!.name, 'give-up');
-  assert.ok(new Date(detail!.pendingTimeouts[0]!.dueAt).getTime() > Date.now() + 3_000_000);
+  assert.equal(detail?.pendingTimeouts[0]?.name, 'give-up');
+  assert.ok(new Date(detail?.pendingTimeouts[0]?.dueAt ?? 0).getTime() > Date.now() + 3_000_000);
   assert.equal(await showSaga(backbone.driver, { schema, saga: 'test.watch', id: 'nobody' }), undefined);
 });

@@ -17,7 +17,6 @@ function percentile(values: number[], p: number): number {
 test('8,000 messages due over 5 s from 4 publishers: each delivered once, none early; the leader stops midway and another takes over', async (t) => {
   const world = await pgWorld(t, 'sch');
   if (world === undefined) return;
-  const { schema } = world;
   const consumer = world.bus('consumer');
   const due = new Map<string, number>();
   const late: number[] = [];
@@ -61,13 +60,14 @@ test('8,000 messages due over 5 s from 4 publishers: each delivered once, none e
   assert.equal(seen.size, total, 'each delivered');
   assert.equal([...seen.values()].filter((n) => n > 1).length, 0, 'none twice');
   assert.equal(early, 0, 'none early');
-  t.diagnostic(`lateness after the due time: p50 ${percentile(late, 50)} ms, p99 ${percentile(late, 99)} ms, max ${Math.max(...late)} ms (the leader's hand-over included)`);
+  t.diagnostic(
+    `lateness after the due time: p50 ${percentile(late, 50)} ms, p99 ${percentile(late, 99)} ms, max ${Math.max(...late)} ms (the leader's hand-over included)`,
+  );
 });
 
 test('a cancel racing the due time: each message is either cancelled or delivered, never both, never neither', async (t) => {
   const world = await pgWorld(t, 'sch');
   if (world === undefined) return;
-  const { schema } = world;
   const consumer = world.bus('consumer');
   const delivered = new Set<string>();
   consumer.subscribe('race', Ticked, (message) => {
@@ -111,11 +111,19 @@ test('kill -9: a schedule run by three processes, one killed, publishes every ti
     else delayed.set(message.id, Date.now());
   });
   // The tickers start first: one of them leads the delayed-message scheduler.
-  const tickers = [await startProcess('ticker', { SCHEMA: schema }), await startProcess('ticker', { SCHEMA: schema }), await startProcess('ticker', { SCHEMA: schema })];
+  const tickers = [
+    await startProcess('ticker', { SCHEMA: schema }),
+    await startProcess('ticker', { SCHEMA: schema }),
+    await startProcess('ticker', { SCHEMA: schema }),
+  ];
   try {
     await consumer.start();
     const dueAt = Date.now() + 2_500;
-    const published = await consumer.publishMany(Ticked, Array.from({ length: 200 }, (_, i) => ({ key: `d${i % 10}`, seq: i })), { deliverAt: dueAt });
+    const published = await consumer.publishMany(
+      Ticked,
+      Array.from({ length: 200 }, (_, i) => ({ key: `d${i % 10}`, seq: i })),
+      { deliverAt: dueAt },
+    );
     await waitFor('two ticks', () => ticks.length >= 2, 20_000);
     // Kill every ticker but one, with -9, one after the other: the leader of the scheduler among them.
     tickers[0]!.kill();
@@ -127,8 +135,15 @@ test('kill -9: a schedule run by three processes, one killed, publishes every ti
     const first = Math.min(...ticks);
     const last = Math.max(...ticks);
     assert.equal(new Set(ticks).size, ticks.length, `each tick once: ${ticks.join(' ')}`);
-    assert.deepEqual([...ticks].sort((a, b) => a - b), Array.from({ length: last - first + 1 }, (_, i) => first + i), 'no tick missed across the kills');
-    assert.ok([...delayed.values()].every((at) => at >= dueAt), 'no delayed message early');
+    assert.deepEqual(
+      [...ticks].sort((a, b) => a - b),
+      Array.from({ length: last - first + 1 }, (_, i) => first + i),
+      'no tick missed across the kills',
+    );
+    assert.ok(
+      [...delayed.values()].every((at) => at >= dueAt),
+      'no delayed message early',
+    );
     t.diagnostic(`ticks ${first}..${last}; delayed messages late by at most ${Math.max(...delayed.values()) - dueAt} ms`);
   } finally {
     for (const ticker of tickers) ticker.kill();

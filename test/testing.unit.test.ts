@@ -50,7 +50,10 @@ test('given/when/then on a saga: compensation published, a timeout half an hour 
   kit.expectPublished(SagaCancelled, { orderId: 'o1', reason: 'declined' });
   await kit.advance('29m');
   kit.expectNotPublished({ ...SagaCancelled, topic: 'test.nothing' });
-  assert.throws(() => kit.expectPublished(SagaCancelled, { orderId: 'o2' }), /No test\.saga-cancelled message with \{"orderId":"o2"\}; published: \{"orderId":"o1","reason":"declined"\}/);
+  assert.throws(
+    () => kit.expectPublished(SagaCancelled, { orderId: 'o2' }),
+    /No test\.saga-cancelled message with \{"orderId":"o2"\}; published: \{"orderId":"o1","reason":"declined"\}/,
+  );
   await kit.advance('1m');
   kit.expectPublished(SagaCancelled, { orderId: 'o2', reason: 'no payment within 30 minutes' });
   const o2 = await kit.saga(Payment, 'o2');

@@ -30,7 +30,7 @@ async function setup(t: TestContext, pooling: Pooling) {
   const schema = uniqueSchema('tx');
   schemas.push(schema);
   const common = { schema, pollMs: 1_000, onWarning: () => undefined };
-  let backbone;
+  let backbone: ReturnType<typeof postgres>;
   if (pooling === 'own pool (pipelined)') backbone = postgres({ url: DATABASE_URL, ...common });
   else {
     const pool = new pg.Pool({ connectionString: DATABASE_URL, max: 6 });
@@ -74,7 +74,14 @@ for (const pooling of POOLINGS) {
     // Only publishes: one statement, committed on its own.
     await bus.transaction(async (tx) => {
       await bus.publish(Ticked, { key: 'a', seq: 1 }, { tx });
-      await bus.publishMany(Ticked, [{ key: 'a', seq: 2 }, { key: 'a', seq: 3 }], { tx });
+      await bus.publishMany(
+        Ticked,
+        [
+          { key: 'a', seq: 2 },
+          { key: 'a', seq: 3 },
+        ],
+        { tx },
+      );
     });
     // A write first (BEGIN goes with it), then events (they go with COMMIT).
     await bus.transaction(async (tx) => {
@@ -192,7 +199,10 @@ for (const pooling of POOLINGS) {
     await sleep(300);
     const handled = seen.map((entry) => Number(entry.split(':')[1])).sort((a, b) => a - b);
     assert.deepEqual(handled, expected);
-    assert.deepEqual((await orders()).map((id) => Number(id.slice(1))).sort((a, b) => a - b), expected);
+    assert.deepEqual(
+      (await orders()).map((id) => Number(id.slice(1))).sort((a, b) => a - b),
+      expected,
+    );
   });
 
   test(`${pooling}: a publishMany of 1,000 written in chunks as it is encoded keeps the transaction's order and atomicity`, async (t) => {
@@ -211,7 +221,11 @@ for (const pooling of POOLINGS) {
     await waitFor('1,002 messages', () => seen.length >= 1_002, 20_000);
     for (let key = 0; key < 7; key++) {
       const seqs = seen.filter((entry) => entry.startsWith(`k${key}:`)).map((entry) => Number(entry.split(':')[1]));
-      assert.deepEqual(seqs, [...seqs].sort((a, b) => a - b), `key k${key} in publication order`);
+      assert.deepEqual(
+        seqs,
+        [...seqs].sort((a, b) => a - b),
+        `key k${key} in publication order`,
+      );
     }
     assert.equal(seen.length, 1_002);
 
@@ -261,7 +275,8 @@ for (const pooling of POOLINGS) {
       // those before: each waits its turn, none disturbs the COPY.
       const statements: Array<Promise<unknown>> = [];
       while (!done) {
-        for (let i = 0; i < 3; i++) statements.push(tx.query(`insert into ${schema}.orders (id, total) values ($1, 1)`, [`w${String(writes++).padStart(4, '0')}`]));
+        for (let i = 0; i < 3; i++)
+          statements.push(tx.query(`insert into ${schema}.orders (id, total) values ($1, 1)`, [`w${String(writes++).padStart(4, '0')}`]));
         await new Promise(setImmediate);
       }
       await Promise.all([publishing, ...statements]);
@@ -276,7 +291,11 @@ for (const pooling of POOLINGS) {
         `select key, subject, tenant, correlation_id, causation_id, data from ${schema}.log order by position`,
       );
       assert.equal(rows.length, 902);
-      assert.deepEqual(rows.map((row) => row.data.seq), [-1, ...items.map((item) => item.seq), 900], 'stored in publication order');
+      assert.deepEqual(
+        rows.map((row) => row.data.seq),
+        [-1, ...items.map((item) => item.seq), 900],
+        'stored in publication order',
+      );
       rows.slice(1, -1).forEach((row, i) => {
         assert.deepEqual(row.data, items[i], `data of message ${i}`);
         assert.equal(row.key, items[i]!.key, `key of message ${i}`);

@@ -33,7 +33,10 @@ export async function typeChecks(): Promise<void> {
   });
 }
 
-const Quote = defineCommand('types.quote', { schema: z.object({ sku: z.string() }), reply: z.object({ price: z.number(), at: z.string().transform((s) => new Date(s)) }) });
+const Quote = defineCommand('types.quote', {
+  schema: z.object({ sku: z.string() }),
+  reply: z.object({ price: z.number(), at: z.string().transform((s) => new Date(s)) }),
+});
 
 export async function requestTypeChecks(): Promise<void> {
   // The handler returns the reply's input type...

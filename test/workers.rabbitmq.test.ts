@@ -70,9 +70,17 @@ function assertDeploy(log: readonly Handling[], expected: string[][], worker: st
   const ids = new Map<string, number>();
   for (const handling of log) ids.set(handling.id, (ids.get(handling.id) ?? 0) + 1);
   assert.equal(ids.size, total, 'every message handled');
-  assert.deepEqual([...ids.values()].filter((n) => n > 1), [], 'none twice');
+  assert.deepEqual(
+    [...ids.values()].filter((n) => n > 1),
+    [],
+    'none twice',
+  );
   // Messages a worker returned without starting them, as it handed a partition over, were not attempts.
-  assert.deepEqual(log.filter((handling) => handling.attempt !== 1), [], 'each on its first attempt');
+  assert.deepEqual(
+    log.filter((handling) => handling.attempt !== 1),
+    [],
+    'each on its first attempt',
+  );
   const noted = log.filter((handling) => handling.topic === 'test.noted');
   assert.deepEqual([...new Set(noted.map((handling) => handling.worker))], [worker], `every test.noted by ${worker}, the worker with its handler`);
   expected.forEach((order, k) => {
@@ -107,7 +115,11 @@ test('a rolling deploy that adds a handler: an old worker beside a new one never
   assert.equal(await fresh.backbone.deadLetters().count({ subscription: 'billing' }), 0, 'nothing dead-lettered');
   const said = warnings.slice(warned).find((warning) => warning.includes('Subscription billing: its workers handle different topics'));
   assert.ok(said, 'the disagreement is said');
-  assert.match(said, /handles test\.ticked; .*handles test\.noted, test\.ticked|handles test\.noted, test\.ticked; .*handles test\.ticked/, 'naming each worker and its topics');
+  assert.match(
+    said,
+    /handles test\.ticked; .*handles test\.noted, test\.ticked|handles test\.noted, test\.ticked; .*handles test\.ticked/,
+    'naming each worker and its topics',
+  );
   t.diagnostic(said);
 });
 
@@ -139,13 +151,23 @@ test('a rolling deploy that removes a handler: the new worker beside an old one 
   }
   await waitFor('the ticks after the deploy', () => log.length === before + keys * 2, 10_000);
   assert.ok(log.slice(before).every((handling) => handling.worker === 'new' && handling.topic === 'test.ticked'));
-  for (let k = 0; k < keys; k++) assert.deepEqual(log.slice(before).filter((h) => h.key === `k${k}`).map((h) => h.seq), [100, 101]);
-  assert.ok(warnings.some((w) => w.includes('topic test.noted is no longer the subscription') && w.includes('acknowledged unhandled')), 'the skipping is said');
+  for (let k = 0; k < keys; k++)
+    assert.deepEqual(
+      log
+        .slice(before)
+        .filter((h) => h.key === `k${k}`)
+        .map((h) => h.seq),
+      [100, 101],
+    );
+  assert.ok(
+    warnings.some((w) => w.includes('topic test.noted is no longer the subscription') && w.includes('acknowledged unhandled')),
+    'the skipping is said',
+  );
   assert.equal(fresh.stats().subscriptions.billing?.deadLettered, 0);
   assert.equal(await fresh.backbone.deadLetters().count({ subscription: 'billing' }), 0, 'nothing dead-lettered');
 });
 
-test('a rolling deploy whose new workers all crash: the added topic stays the subscription\'s (the newest worker had it), the old worker holds and skips nothing; a new worker back handles it all once', async (t) => {
+test("a rolling deploy whose new workers all crash: the added topic stays the subscription's (the newest worker had it), the old worker holds and skips nothing; a new worker back handles it all once", async (t) => {
   if (!(await requireBroker(t, 'RabbitMQ', RABBITMQ_URL)) || !(await requirePostgres(t))) return;
   const h = harness();
   await createWorkerTables(h.schema);
@@ -177,9 +199,17 @@ test('a rolling deploy whose new workers all crash: the added topic stays the su
   const warned = warnings.length;
   await publishRound(100);
   // The old worker hears the new one is gone: test.tocked is still the subscription's, so it reads nothing.
-  await waitFor('the old worker noticing', () => warnings.slice(warned).some((w) => w.includes('Subscription shared') && w.includes('gone now, handled test.ticked, test.tocked')), 10_000);
+  await waitFor(
+    'the old worker noticing',
+    () => warnings.slice(warned).some((w) => w.includes('Subscription shared') && w.includes('gone now, handled test.ticked, test.tocked')),
+    10_000,
+  );
   await sleep(1_500);
-  assert.deepEqual(log.filter((handling) => handling.seq >= 100), [], 'the old worker handled nothing of the second round (not even test.ticked: a key spans both topics)');
+  assert.deepEqual(
+    log.filter((handling) => handling.seq >= 100),
+    [],
+    'the old worker handled nothing of the second round (not even test.ticked: a key spans both topics)',
+  );
 
   const heir = await startProcess('rabbitmq-worker', env);
   await waitFor('the second round, by the new worker back', async () => (await effects(100)).length >= 40, 15_000);
@@ -226,7 +256,7 @@ test('a partition handed over while one of its keys waits for a delayed retry: t
   assert.deepEqual(
     log.map((entry) => `${entry.worker}:${entry.seq}@${entry.attempt}`),
     ['first:1@1', 'second:1@2', ...[2, 3, 4, 5, 6].map((seq) => `second:${seq}@1`)],
-    'the retry at the new reader, after its delay, and only then the key\'s later messages',
+    "the retry at the new reader, after its delay, and only then the key's later messages",
   );
 });
 
@@ -252,11 +282,19 @@ test('load sharing: two processes both handle a subscription, each key in order;
   const client = await connect();
   t.after(() => client.end());
   const effects = async () =>
-    (await client.query<{ n: string; key: string; seq: number; worker: number; message_id: string }>(`select n, key, seq, worker, message_id from "${h.schema}".effects order by n`)).rows;
+    (
+      await client.query<{ n: string; key: string; seq: number; worker: number; message_id: string }>(
+        `select n, key, seq, worker, message_id from "${h.schema}".effects order by n`,
+      )
+    ).rows;
   const keys = 40;
   const rounds = 30;
   const publishRounds = async (from: number, to: number) => {
-    for (let seq = from; seq <= to; seq++) await publisher.publishMany(Ticked, Array.from({ length: keys }, (_, k) => ({ key: `k${k}`, seq })));
+    for (let seq = from; seq <= to; seq++)
+      await publisher.publishMany(
+        Ticked,
+        Array.from({ length: keys }, (_, k) => ({ key: `k${k}`, seq })),
+      );
   };
   await publishRounds(1, 5);
   await waitFor('the first worker under way', async () => (await effects()).length >= 50, 20_000);
@@ -276,13 +314,24 @@ test('load sharing: two processes both handle a subscription, each key in order;
   assert.equal(new Set(rows.map((row) => row.message_id)).size, total);
   const byKey = new Map<string, number[]>();
   for (const row of rows) byKey.set(row.key, [...(byKey.get(row.key) ?? []), row.seq]);
-  for (const [key, seqs] of byKey) assert.deepEqual(seqs, Array.from({ length: rounds }, (_, i) => i + 1), `${key} in order`);
+  for (const [key, seqs] of byKey)
+    assert.deepEqual(
+      seqs,
+      Array.from({ length: rounds }, (_, i) => i + 1),
+      `${key} in order`,
+    );
   // Rounds 6 to 20 were published once both ran: each process took a part of them.
   const shared = beforeKill.filter((row) => row.seq >= 6 && row.seq <= 20);
   const shares = [first.pid, second.pid].map((pid) => shared.filter((row) => row.worker === pid).length);
-  assert.ok(shares.every((share) => share >= shared.length / 5), `both processes handled a fair part of the messages while both ran (${shares.join(' / ')})`);
+  assert.ok(
+    shares.every((share) => share >= shared.length / 5),
+    `both processes handled a fair part of the messages while both ran (${shares.join(' / ')})`,
+  );
   const late = rows.filter((row) => row.seq >= 26);
-  assert.ok(late.every((row) => row.worker === second.pid), 'the survivor took every partition over');
+  assert.ok(
+    late.every((row) => row.worker === second.pid),
+    'the survivor took every partition over',
+  );
   t.diagnostic(`rounds 6-20 by each process: ${shares.join(' / ')}; ${rows.length - beforeKill.length} handled after the kill, by the survivor`);
   await second.stop();
 });

@@ -25,8 +25,24 @@ const outbox: Variant = { ...plain, outbox: true };
 
 /** Labels, also read by the T9 check (bench/lib/report.ts). */
 export const BROKERS = [
-  { group: 'rabbitmq', name: 'RabbitMQ', client: 'amqplib', tidings: 'Tidings on RabbitMQ', outbox: 'Tidings on RabbitMQ, PostgreSQL outbox + relay', plain: 'amqplib (plain client)', systems: ['rabbitmq', 'amqp'] },
-  { group: 'nats', name: 'NATS', client: 'nats.js', tidings: 'Tidings on NATS', outbox: 'Tidings on NATS, PostgreSQL outbox + relay', plain: 'nats.js (plain client)', systems: ['nats', 'natsjs'] },
+  {
+    group: 'rabbitmq',
+    name: 'RabbitMQ',
+    client: 'amqplib',
+    tidings: 'Tidings on RabbitMQ',
+    outbox: 'Tidings on RabbitMQ, PostgreSQL outbox + relay',
+    plain: 'amqplib (plain client)',
+    systems: ['rabbitmq', 'amqp'],
+  },
+  {
+    group: 'nats',
+    name: 'NATS',
+    client: 'nats.js',
+    tidings: 'Tidings on NATS',
+    outbox: 'Tidings on NATS, PostgreSQL outbox + relay',
+    plain: 'nats.js (plain client)',
+    systems: ['nats', 'natsjs'],
+  },
 ] as const;
 
 export const BROKER_TITLES: Record<BrokerGroup, string> = {

@@ -370,10 +370,7 @@ export async function idlePg(task: Task): Promise<Record<string, number>> {
   const monitor = await monitorClient(task.pgUrl);
   try {
     const xacts = async () => {
-      const { rows } = await monitor.query<{ n: string }>(
-        'select xact_commit + xact_rollback as n from pg_stat_database where datname = $1',
-        [task.database],
-      );
+      const { rows } = await monitor.query<{ n: string }>('select xact_commit + xact_rollback as n from pg_stat_database where datname = $1', [task.database]);
       return Number(rows[0]?.n ?? 0);
     };
     // A backend that goes idle less than a second after its last stats flush defers the next one by

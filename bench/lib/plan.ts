@@ -88,7 +88,12 @@ const tidingsEffects: Row = {
   reference: true,
 };
 /** T5: the producers' commit rate with no consumer taking CPU from them, beside the raw single-row commits. */
-const tidingsProducers: Row = { system: 'tidings', label: 'Tidings, producers only (no consumer; as many events as raw 10-conn commits)', variant: { ...plain, producersOnly: true }, group: 'guarantees' };
+const tidingsProducers: Row = {
+  system: 'tidings',
+  label: 'Tidings, producers only (no consumer; as many events as raw 10-conn commits)',
+  variant: { ...plain, producersOnly: true },
+  group: 'guarantees',
+};
 const tidingsNoInbox: Row = { system: 'tidings', label: 'Tidings, 1k keys, inbox off, no-op', variant: noInbox, group: 'guarantees' };
 const peersEffects: Row[] = [
   { system: 'pgboss', label: 'pg-boss, insert (own connection)', variant: effects, group: 'guarantees' },

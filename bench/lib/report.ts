@@ -92,8 +92,8 @@ function groupsOf(entries: Entry[], workload: Workload): Entry[][] {
 
 const RAW_METRICS: Array<[string, string, string]> = [
   ['insertMulti', 'multi-row INSERT ... VALUES, 1,000 rows per statement', 'rows/s'],
-  ['insertJson', 'INSERT ... SELECT from one JSON array parameter, 1,000 rows (Tidings\' small batches)', 'rows/s'],
-  ['copy', 'COPY ... FROM STDIN, 1,000 rows per COPY (Tidings\' large publishMany)', 'rows/s'],
+  ['insertJson', "INSERT ... SELECT from one JSON array parameter, 1,000 rows (Tidings' small batches)", 'rows/s'],
+  ['copy', "COPY ... FROM STDIN, 1,000 rows per COPY (Tidings' large publishMany)", 'rows/s'],
   ['single1', 'single-row autocommit INSERT, 1 connection', 'rows/s'],
   ['single10', 'single-row autocommit INSERT, 10 connections', 'rows/s'],
   ['tx10', 'BEGIN; INSERT; COMMIT (3 round trips), 10 connections', 'rows/s'],
@@ -133,7 +133,15 @@ export function renderTables(entries: Entry[]): string {
       } else if (workload === 'login' || workload === 'drift') {
         out.push(renderReplica(workload, first.summary));
       } else if (workload === 'latency') {
-        const rates = [...new Set(group.flatMap((e) => Object.keys(e.summary).filter((k) => k.startsWith('p50@')).map((k) => Number(k.slice(4)))))].sort((a, b) => a - b);
+        const rates = [
+          ...new Set(
+            group.flatMap((e) =>
+              Object.keys(e.summary)
+                .filter((k) => k.startsWith('p50@'))
+                .map((k) => Number(k.slice(4))),
+            ),
+          ),
+        ].sort((a, b) => a - b);
         const rows: string[][] = [];
         for (const rate of rates) {
           for (const e of group) {
@@ -157,7 +165,19 @@ export function renderTables(entries: Entry[]): string {
         }
         out.push(
           table(
-            ['System @ rate', 'p50 ms', 'p50 min-max', 'p99 ms', 'p99 min-max', 'p99.9 ms', 'max ms', 'CPU % (node+server)', 'CPU % machine', 'p50 / Tidings', 'p99 / Tidings'],
+            [
+              'System @ rate',
+              'p50 ms',
+              'p50 min-max',
+              'p99 ms',
+              'p99 min-max',
+              'p99.9 ms',
+              'max ms',
+              'CPU % (node+server)',
+              'CPU % machine',
+              'p50 / Tidings',
+              'p99 / Tidings',
+            ],
             rows,
           ),
         );
@@ -241,7 +261,14 @@ function renderReplica(workload: 'login' | 'drift', s: Record<string, Summary>):
     `Replica of ${fmt(s.keys?.median, 0)} keys, filled by state transfer in ${fmt(s.transferMs?.median, 0)} ms (${fmt(s.transferRate?.median)} keys/s); digest tree of 4,096 leaves, fan-out 16.\n`,
     table(
       ['Differing keys', 'check ms', 'min-max', 'messages (requests + replies)', 'hashes, keys and rows carried', 'found and repaired'],
-      differences.map((d) => [fmt(d, 0), fmt(s[`ms@${d}`]?.median, 0), range(s[`ms@${d}`], 0), fmt(s[`messages@${d}`]?.median, 0), fmt(s[`entries@${d}`]?.median, 0), fmt(s[`found@${d}`]?.median, 0)]),
+      differences.map((d) => [
+        fmt(d, 0),
+        fmt(s[`ms@${d}`]?.median, 0),
+        range(s[`ms@${d}`], 0),
+        fmt(s[`messages@${d}`]?.median, 0),
+        fmt(s[`entries@${d}`]?.median, 0),
+        fmt(s[`found@${d}`]?.median, 0),
+      ]),
     ),
   ].join('\n');
 }
@@ -283,8 +310,22 @@ export function checkTargets(entries: Entry[], tidings: string, keyed: string): 
   const cpu = m('latency', tidings, 'cpu@1000');
   const idle = m('latency', tidings, 'idleQueries');
   return [
-    { id: 'T1', measure: 'e2e events/s, 10 producers, 1 event/tx, 1k keys + inbox', value: fmt(t1), target: '>= 6,000', floor: '>= 4,000', verdict: higher(t1, 6_000, 4_000) },
-    { id: 'T2', measure: 'standalone publish e2e events/s, 10 callers', value: fmt(t2), target: '>= 20,000', floor: '>= 12,000', verdict: higher(t2, 20_000, 12_000) },
+    {
+      id: 'T1',
+      measure: 'e2e events/s, 10 producers, 1 event/tx, 1k keys + inbox',
+      value: fmt(t1),
+      target: '>= 6,000',
+      floor: '>= 4,000',
+      verdict: higher(t1, 6_000, 4_000),
+    },
+    {
+      id: 'T2',
+      measure: 'standalone publish e2e events/s, 10 callers',
+      value: fmt(t2),
+      target: '>= 20,000',
+      floor: '>= 12,000',
+      verdict: higher(t2, 20_000, 12_000),
+    },
     { id: 'T3', measure: 'drain events/s, 1k keys + inbox', value: fmt(t3), target: '>= 80,000', floor: '>= 50,000', verdict: higher(t3, 80_000, 50_000) },
     {
       id: 'T4',
@@ -311,7 +352,14 @@ export function checkTargets(entries: Entry[], tidings: string, keyed: string): 
       verdict: lower(lossTx, 10, 25),
     },
     { id: 'T6', measure: 'bulk publish events/s', value: fmt(t6), target: '>= 120,000', floor: '>= 80,000', verdict: higher(t6, 120_000, 80_000) },
-    { id: 'T7', measure: 'CPU % of all cores (Node + PostgreSQL) at 1,000/s', value: fmt(cpu, 0), target: '<= 35', floor: '<= 60', verdict: lower(cpu, 35, 60) },
+    {
+      id: 'T7',
+      measure: 'CPU % of all cores (Node + PostgreSQL) at 1,000/s',
+      value: fmt(cpu, 0),
+      target: '<= 35',
+      floor: '<= 60',
+      verdict: lower(cpu, 35, 60),
+    },
     { id: 'T8', measure: 'idle queries/s, one consumer (4 partitions)', value: fmt(idle), target: '<= 1', floor: '<= 10', verdict: lower(idle, 1, 10) },
     // T9: Tidings on a broker (no outbox) as a share of a plain client's throughput on the same broker.
     ...BROKERS.map((b): TargetCheck => {
@@ -409,7 +457,14 @@ const FAMILY: Record<SystemName, keyof typeof SYSTEM_COLOURS> = {
 };
 
 /** Dashes for a system's second, third... row (Tidings with the guarantees on beside plain Tidings). */
-const DASHES = [[1, 0], [6, 3], [2, 2], [8, 2, 2, 2], [12, 4], [4, 4, 1, 4]];
+const DASHES = [
+  [1, 0],
+  [6, 3],
+  [2, 2],
+  [8, 2, 2, 2],
+  [12, 4],
+  [4, 4, 1, 4],
+];
 
 /**
  * The colour and dash encodings of `rows` (the latency chart's lines), as one legend beside the plots
@@ -455,7 +510,13 @@ export async function throughputChart(entries: Entry[], subtitle: string): Promi
     title: { text: 'Throughput, events/s (median of rounds, bars: min-max)', subtitle },
     data: { values },
     facet: {
-      row: { field: 'workload', type: 'nominal', title: null, sort: null, header: { labelAngle: 0, labelOrient: 'top', labelAnchor: 'start', labelFontWeight: 'bold', labelFontSize: 12, labelLimit: 1_000 } },
+      row: {
+        field: 'workload',
+        type: 'nominal',
+        title: null,
+        sort: null,
+        header: { labelAngle: 0, labelOrient: 'top', labelAnchor: 'start', labelFontWeight: 'bold', labelFontSize: 12, labelLimit: 1_000 },
+      },
     },
     spec: {
       width: 460,

@@ -33,7 +33,9 @@ async function open(): Promise<Plain> {
     publish: (seq, keys) =>
       new Promise<void>((resolve, reject) => {
         const body = Buffer.from(JSON.stringify(makeEvent(seq, keys)));
-        publisher.publish(exchange, 'bench.event', body, { persistent: true, contentType: 'application/json' }, (error: unknown) => (error ? reject(error) : resolve()));
+        publisher.publish(exchange, 'bench.event', body, { persistent: true, contentType: 'application/json' }, (error: unknown) =>
+          error ? reject(error) : resolve(),
+        );
       }),
     consume: async (onMessage) => {
       const channel = await connection.createChannel();

@@ -6,7 +6,22 @@
 import { Queue, Worker, type Job } from 'bullmq';
 import { Redis } from 'ioredis';
 import pg from 'pg';
-import { Counter, ensureEffectsTable, latencyPhases, makeEvent, measuredAmount, now, pollUntil, produce, rate, runChild, sleep, warmedDrain, warmUp, type BenchEvent } from '../lib/child.ts';
+import {
+  Counter,
+  ensureEffectsTable,
+  latencyPhases,
+  makeEvent,
+  measuredAmount,
+  now,
+  pollUntil,
+  produce,
+  rate,
+  runChild,
+  sleep,
+  warmedDrain,
+  warmUp,
+  type BenchEvent,
+} from '../lib/child.ts';
 import type { ChildResult, Task } from '../lib/types.ts';
 
 const PREFIX = 'tbench';

@@ -6,7 +6,18 @@
  * each message parsed and acknowledged. No per-key order across processes, retries, dead letters or envelope.
  */
 import { AckPolicy, connect, DeliverPolicy, nanos, RetentionPolicy, StorageType, type JetStreamClient, type JetStreamManager, type NatsConnection } from 'nats';
-import { CHUNK, deleteNats, Handled, NATS_MAX_ACK_PENDING, NATS_PROCESSES, NATS_STREAM_MARK, NATS_URL, natsUnacked, PRODUCERS, uniqueId } from '../lib/broker-child.ts';
+import {
+  CHUNK,
+  deleteNats,
+  Handled,
+  NATS_MAX_ACK_PENDING,
+  NATS_PROCESSES,
+  NATS_STREAM_MARK,
+  NATS_URL,
+  natsUnacked,
+  PRODUCERS,
+  uniqueId,
+} from '../lib/broker-child.ts';
 import { latencyPhases, makeEvent, now, produce, rate, runChild, type BenchEvent } from '../lib/child.ts';
 import type { ChildResult, Task } from '../lib/types.ts';
 

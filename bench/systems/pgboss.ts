@@ -52,7 +52,7 @@ async function startBoss(task: Task, queues: string[] = [QUEUE]): Promise<PgBoss
 }
 
 /** Each work() loop's handler: the whole batch, one message after another (as one transaction would). */
-function handlerFor(task: Task, counter: Counter, effects: pg.Pool | undefined, probe?: { fn: (seq: number) => void }) {
+function handlerFor(_task: Task, counter: Counter, effects: pg.Pool | undefined, probe?: { fn: (seq: number) => void }) {
   return async (jobs: PgBoss.Job<BenchEvent>[]) => {
     for (const job of jobs) {
       probe?.fn(job.data.seq);
@@ -62,7 +62,7 @@ function handlerFor(task: Task, counter: Counter, effects: pg.Pool | undefined, 
   };
 }
 
-async function work(boss: PgBoss, task: Task, queue: string, handler: (jobs: PgBoss.Job<BenchEvent>[]) => Promise<void>): Promise<void> {
+async function work(boss: PgBoss, _task: Task, queue: string, handler: (jobs: PgBoss.Job<BenchEvent>[]) => Promise<void>): Promise<void> {
   for (let i = 0; i < LOOPS; i++) {
     await boss.work<BenchEvent>(queue, { batchSize: BATCH, pollingIntervalSeconds: POLL_SECONDS }, handler);
   }
@@ -76,10 +76,9 @@ function effectsPool(task: Task): pg.Pool | undefined {
 async function completed(task: Task, queues: string[]): Promise<() => Promise<number>> {
   const client = await monitorClient(task.pgUrl);
   return async () => {
-    const { rows } = await client.query<{ n: string }>(
-      `select count(*) as n from ${SCHEMA}.job where name = any($1::text[]) and state = 'completed'`,
-      [queues],
-    );
+    const { rows } = await client.query<{ n: string }>(`select count(*) as n from ${SCHEMA}.job where name = any($1::text[]) and state = 'completed'`, [
+      queues,
+    ]);
     return Number(rows[0]?.n ?? 0);
   };
 }

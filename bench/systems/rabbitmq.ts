@@ -8,8 +8,7 @@ const { rabbitmq, Names } = await tidings<typeof import('../../src/rabbitmq/inde
 
 const prefix = `tbench.${uniqueId()}.`;
 const names = new Names(prefix);
-const partitionQueues = (subscriptions: readonly string[]) =>
-  subscriptions.flatMap((s) => Array.from({ length: PARTITIONS }, (_, p) => names.partition(s, p)));
+const partitionQueues = (subscriptions: readonly string[]) => subscriptions.flatMap((s) => Array.from({ length: PARTITIONS }, (_, p) => names.partition(s, p)));
 
 runChild(
   tidingsOnBroker({

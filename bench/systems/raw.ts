@@ -22,7 +22,9 @@ function row(seq: number): [string, string] {
 
 async function resetTable(client: pg.Client): Promise<void> {
   await client.query(`drop table if exists ${TABLE}`);
-  await client.query(`create table ${TABLE} (id bigserial primary key, topic text not null, payload jsonb not null, created_at timestamptz not null default now())`);
+  await client.query(
+    `create table ${TABLE} (id bigserial primary key, topic text not null, payload jsonb not null, created_at timestamptz not null default now())`,
+  );
 }
 
 /** Multi-row INSERT, 1,000 rows per statement (one transaction each). */
@@ -69,7 +71,13 @@ async function copyIn(client: pg.Client, total: number): Promise<number> {
   for (let first = 0; first < total; first += per) {
     const n = Math.min(per, total - first);
     // JSON text has no tabs or newlines; its backslashes are COPY's escape character.
-    texts.push(Array.from({ length: n }, (_, i) => row(first + i).map((field) => field.replaceAll('\\', '\\\\')).join('\t')).join('\n') + '\n');
+    texts.push(
+      `${Array.from({ length: n }, (_, i) =>
+        row(first + i)
+          .map((field) => field.replaceAll('\\', '\\\\'))
+          .join('\t'),
+      ).join('\n')}\n`,
+    );
   }
   const t0 = now();
   for (const text of texts) await pipeline(Readable.from([text]), client.query(copyFrom(`copy ${TABLE} (topic, payload) from stdin`)));

@@ -45,7 +45,9 @@ async function freshSchema(url: string): Promise<void> {
   try {
     await client.query(`drop schema if exists ${SCHEMA} cascade`);
     await client.query(`create schema ${SCHEMA}`);
-    await client.query(`create table ${SCHEMA}.users (id text primary key, username text unique not null, password_hash text not null, salt text not null, version int8 not null)`);
+    await client.query(
+      `create table ${SCHEMA}.users (id text primary key, username text unique not null, password_hash text not null, salt text not null, version int8 not null)`,
+    );
   } finally {
     await client.end();
   }
@@ -79,7 +81,10 @@ async function serveIdentity(url: string): Promise<void> {
 }
 
 async function startIdentity(url: string): Promise<{ child: ChildProcess; port: number }> {
-  const child = fork(fileURLToPath(import.meta.url), ['--identity-server', url], { execArgv: ['--import', 'tsx'], stdio: ['ignore', 'ignore', 'inherit', 'ipc'] });
+  const child = fork(fileURLToPath(import.meta.url), ['--identity-server', url], {
+    execArgv: ['--import', 'tsx'],
+    stdio: ['ignore', 'ignore', 'inherit', 'ipc'],
+  });
   const port = await new Promise<number>((resolve, reject) => {
     child.once('message', (message) => resolve((message as { port: number }).port));
     child.once('exit', (code) => reject(new Error(`identity's HTTP server exited with ${code}`)));
@@ -112,7 +117,11 @@ async function verify(row: Credentials | undefined, password: string): Promise<b
 }
 
 /** `count` calls of `fn` from `concurrency` loops; each call's latency in ms. */
-async function closedLoop(count: number, concurrency: number, fn: (i: number) => Promise<boolean>): Promise<{ latencies: number[]; ms: number; failed: number }> {
+async function closedLoop(
+  count: number,
+  concurrency: number,
+  fn: (i: number) => Promise<boolean>,
+): Promise<{ latencies: number[]; ms: number; failed: number }> {
   const latencies: number[] = [];
   let next = 0;
   let failed = 0;
@@ -141,7 +150,9 @@ async function login(task: Task): Promise<ChildResult> {
   const salt = randomBytes(16);
   const hash = (await scrypt(PASSWORD, salt, 32, COST)).toString('base64');
   for (let first = 0; first < users; first += 1_000) {
-    const chunk = names.slice(first, first + 1_000).map((username, i) => ({ userId: `u-${first + i}`, username, passwordHash: hash, salt: salt.toString('base64'), version: 1 }));
+    const chunk = names
+      .slice(first, first + 1_000)
+      .map((username, i) => ({ userId: `u-${first + i}`, username, passwordHash: hash, salt: salt.toString('base64'), version: 1 }));
     await identityBus.transaction(async (tx) => {
       await tx.query(
         `insert into ${SCHEMA}.users (id, username, password_hash, salt, version) select r."userId", r.username, r."passwordHash", r.salt, r.version from jsonb_to_recordset($1::jsonb) as r("userId" text, username text, "passwordHash" text, salt text, version int8)`,
@@ -153,10 +164,19 @@ async function login(task: Task): Promise<ChildResult> {
   await identityBus.stop();
 
   const gateway = newBus(task, 'gateway');
-  const creds = replicas.replica(gateway, replicas.defineReplica<Credentials>({ name: 'credentials', source: 'bench.users', feeds: [replicas.feed(CredentialsChanged)], indexes: { username: (row) => row.username } }), {
-    memory: true,
-    driftCheckEveryMs: 0,
-  });
+  const creds = replicas.replica(
+    gateway,
+    replicas.defineReplica<Credentials>({
+      name: 'credentials',
+      source: 'bench.users',
+      feeds: [replicas.feed(CredentialsChanged)],
+      indexes: { username: (row) => row.username },
+    }),
+    {
+      memory: true,
+      driftCheckEveryMs: 0,
+    },
+  );
   await gateway.start();
   await creds.start();
   await creds.caughtUp(60_000);
@@ -214,11 +234,15 @@ async function drift(task: Task): Promise<ChildResult> {
   replicas.source(identityBus, replicas.defineSource({ name: 'bench.users', select: SOURCE_SELECT }));
   await identityBus.start();
   const gateway = newBus(task, 'gateway');
-  const creds = replicas.replica(gateway, replicas.defineReplica<Credentials>({ name: 'credentials', source: 'bench.users', feeds: [replicas.feed(CredentialsChanged)] }), {
-    bootstrap: 'transfer',
-    driftCheckEveryMs: 0,
-    pageSize: 5_000,
-  });
+  const creds = replicas.replica(
+    gateway,
+    replicas.defineReplica<Credentials>({ name: 'credentials', source: 'bench.users', feeds: [replicas.feed(CredentialsChanged)] }),
+    {
+      bootstrap: 'transfer',
+      driftCheckEveryMs: 0,
+      pageSize: 5_000,
+    },
+  );
   try {
     await client.query(
       `insert into ${SCHEMA}.users (id, username, password_hash, salt, version)
@@ -235,7 +259,10 @@ async function drift(task: Task): Promise<ChildResult> {
     for (const d of differences) {
       // Different content at the same version: the case only a digest finds (no event tells of it).
       if (d > 0) {
-        await client.query(`update ${creds.view} set state = jsonb_set(state, '{passwordHash}', '"drifted"') where key in (select key from ${creds.view} order by md5(key || 'bench') limit $1)`, [d]);
+        await client.query(
+          `update ${creds.view} set state = jsonb_set(state, '{passwordHash}', '"drifted"') where key in (select key from ${creds.view} order by md5(key || 'bench') limit $1)`,
+          [d],
+        );
       }
       t0 = now();
       const report = await creds.checkDrift();

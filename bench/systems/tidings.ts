@@ -75,10 +75,9 @@ function subscribeOptions(task: Task, startFrom: 'now' | 'beginning') {
 async function acknowledged(task: Task, subscriptions: string[]): Promise<() => Promise<number>> {
   const client = await monitorClient(task.pgUrl);
   return async () => {
-    const { rows } = await client.query<{ n: string | null }>(
-      `select sum(handled) as n from ${SCHEMA}.cursors where subscription = any($1::text[])`,
-      [subscriptions],
-    );
+    const { rows } = await client.query<{ n: string | null }>(`select sum(handled) as n from ${SCHEMA}.cursors where subscription = any($1::text[])`, [
+      subscriptions,
+    ]);
     return Number(rows[0]?.n ?? 0);
   };
 }

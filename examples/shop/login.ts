@@ -30,10 +30,13 @@ type Credentials = DataOf<typeof CredentialsChanged>;
 /** Identity's side: its table, the source declaration replicas check against, and changes that publish. */
 function identityService(backbone: PostgresBackbone) {
   const bus = createBus({ service: 'identity', backbone });
-  source(bus, defineSource({
-    name: 'identity.users',
-    select: `select id as key, version, jsonb_build_object('userId', id, 'username', username, 'passwordHash', password_hash, 'salt', salt, 'version', version) as state from identity.users`,
-  }));
+  source(
+    bus,
+    defineSource({
+      name: 'identity.users',
+      select: `select id as key, version, jsonb_build_object('userId', id, 'username', username, 'passwordHash', password_hash, 'salt', salt, 'version', version) as state from identity.users`,
+    }),
+  );
   const setPassword = async (userId: string, username: string, password: string) => {
     const salt = randomBytes(16);
     const passwordHash = (await scrypt(password, salt, 32, COST)).toString('base64');
@@ -68,7 +71,9 @@ async function login(gateway: Replica<Credentials>, username: string, password: 
 export async function loginDemo(backbone: () => PostgresBackbone, db: { query(sql: string): Promise<unknown> }): Promise<boolean> {
   console.log('\n--- Login for a web farm: every gateway keeps a replica of the credentials ---');
   await db.query('create schema if not exists identity');
-  await db.query('create table if not exists identity.users (id text primary key, username text unique not null, password_hash text not null, salt text not null, version int8 not null)');
+  await db.query(
+    'create table if not exists identity.users (id text primary key, username text unique not null, password_hash text not null, salt text not null, version int8 not null)',
+  );
   let identity = identityService(backbone());
   await identity.bus.start();
   const USERS = 20;
@@ -107,21 +112,26 @@ export async function loginDemo(backbone: () => PostgresBackbone, db: { query(sq
   const changed = Date.now();
   await identity.setPassword('u-1', 'user1', 'new-secret');
   // Wait for the change to reach every gateway.
-  while (!(await Promise.all(gateways.map((gateway) => login(gateway, 'user1', 'new-secret')))).every(Boolean)) await new Promise((resolve) => setTimeout(resolve, 5));
+  while (!(await Promise.all(gateways.map((gateway) => login(gateway, 'user1', 'new-secret')))).every(Boolean))
+    await new Promise((resolve) => setTimeout(resolve, 5));
   const reached = Date.now() - changed;
   const oldWorks = (await Promise.all(gateways.map((gateway) => login(gateway, 'user1', 'pw-user1')))).some(Boolean);
-  console.log(`identity back; user1 changed their password: every gateway accepts the new one after ${reached} ms, the old one works ${oldWorks ? 'STILL (wrong)' : 'nowhere'}`);
+  console.log(
+    `identity back; user1 changed their password: every gateway accepts the new one after ${reached} ms, the old one works ${oldWorks ? 'STILL (wrong)' : 'nowhere'}`,
+  );
 
   // Someone edits a row of gw2's table by hand: a drift check finds it and repairs it from identity's
   // state, over the bus (identity answers; nobody calls it directly).
-  console.log("now, on purpose, user u-2's row in gw2's replica table is changed by hand (its password hash set to \"tampered\"), as a bug or a manual edit would do");
+  console.log(
+    'now, on purpose, user u-2\'s row in gw2\'s replica table is changed by hand (its password hash set to "tampered"), as a bug or a manual edit would do',
+  );
   await db.query(`update ${gateways[1]!.view} set state = jsonb_set(state, '{passwordHash}', '"tampered"') where key = 'u-2'`);
   const report = await gateways[1]!.checkDrift();
   const [row] = await gateways[1]!.query('key = $1', ['u-2']);
   const repaired = row !== undefined && row.passwordHash !== 'tampered';
   console.log(
     `drift check on gw2: ${report.different} different, ${report.missing} missing, ${report.extra} extra, ${report.repaired} repaired in ${report.durationMs} ms ` +
-      `over ${report.messages.sent + report.messages.received} messages; the row is ${repaired ? 'back to identity\'s state' : 'STILL tampered'}`,
+      `over ${report.messages.sent + report.messages.received} messages; the row is ${repaired ? "back to identity's state" : 'STILL tampered'}`,
   );
   const staleness = await gateways[0]!.staleness();
   console.log(`gw1 staleness: ${staleness.lag} events behind, newest applied event ${staleness.ageMs} ms old`);

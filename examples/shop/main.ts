@@ -120,7 +120,9 @@ console.log(
   `\nBilling's payment sagas: ${sagas?.started ?? 0} started, ${sagas?.completed ?? 0} completed: ${paid} paid, ${cancelled - timedOut} refused by the card's issuer, ` +
     `${timedOut} timed out (no answer from the gateway within ${ANSWER_WITHIN_MS / 1_000} s); ${cancelled} compensated: order cancelled, stock released.`,
 );
-console.log(`\nIn the databases after ${elapsed} ms: ${list.length} orders, ${paid} paid, ${shipped} shipped, ${cancelled} cancelled, ${reserved} widgets reserved, ${dead.length} in dead letters`);
+console.log(
+  `\nIn the databases after ${elapsed} ms: ${list.length} orders, ${paid} paid, ${shipped} shipped, ${cancelled} cancelled, ${reserved} widgets reserved, ${dead.length} in dead letters`,
+);
 for (const letter of dead) {
   console.log(`  dead letter ${letter.messageId} in ${letter.subscription} after ${letter.attempts} attempts: ${letter.reason}`);
 }
@@ -153,15 +155,19 @@ if (url === undefined) {
 }
 // A URL from the environment is named, not printed: it may hold a password.
 const brokerUrl = (name: string, fallback: string) => (process.env[name] === undefined ? fallback : `"$${name}"`);
-if (kind === 'rabbitmq') console.log(`  npx tidings dead-letters show ${dead[0]?.messageId ?? '<id>'} --url ${brokerUrl('RABBITMQ_URL', 'amqp://guest:guest@127.0.0.1:5672')} --prefix shop.`);
-if (kind === 'nats') console.log(`  npx tidings dead-letters show ${dead[0]?.messageId ?? '<id>'} --url ${brokerUrl('NATS_URL', 'nats://127.0.0.1:4222')} --stream SHOP`);
+if (kind === 'rabbitmq')
+  console.log(
+    `  npx tidings dead-letters show ${dead[0]?.messageId ?? '<id>'} --url ${brokerUrl('RABBITMQ_URL', 'amqp://guest:guest@127.0.0.1:5672')} --prefix shop.`,
+  );
+if (kind === 'nats')
+  console.log(`  npx tidings dead-letters show ${dead[0]?.messageId ?? '<id>'} --url ${brokerUrl('NATS_URL', 'nats://127.0.0.1:4222')} --stream SHOP`);
 console.log('  npm run quickstart   the smallest program; then read examples/shop/services.ts');
 
 function printTable(table: string[][]): void {
   const widths = table[0]!.map((_, column) => Math.max(...table.map((row) => row[column]!.length)));
   for (const [index, row] of table.entries()) {
-    console.log('  ' + row.map((cell, column) => (column === 0 || column === 1 ? cell.padEnd(widths[column]!) : cell.padStart(widths[column]!))).join('  '));
-    if (index === 0) console.log('  ' + widths.map((width) => '-'.repeat(width)).join('  '));
+    console.log(`  ${row.map((cell, column) => (column === 0 || column === 1 ? cell.padEnd(widths[column]!) : cell.padStart(widths[column]!))).join('  ')}`);
+    if (index === 0) console.log(`  ${widths.map((width) => '-'.repeat(width)).join('  ')}`);
   }
 }
 

@@ -94,7 +94,8 @@ function readConfig(path: string): ConfigFile {
   for (const key of ['url', 'schema', 'prefix', 'stream'] as const) {
     if (config[key] !== undefined && typeof config[key] !== 'string') problems.push(`${key} must be a string`);
   }
-  if (config.connectTimeout !== undefined && !(typeof config.connectTimeout === 'number' && config.connectTimeout > 0)) problems.push('connectTimeout must be a number of seconds above 0');
+  if (config.connectTimeout !== undefined && !(typeof config.connectTimeout === 'number' && config.connectTimeout > 0))
+    problems.push('connectTimeout must be a number of seconds above 0');
   if (typeof config.schema === 'string') {
     try {
       checkIdentifier('schema', config.schema);

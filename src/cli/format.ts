@@ -53,7 +53,15 @@ export function table<T>(rows: readonly T[], columns: readonly Column<T>[], opti
       })
       .join('  ')
       .trimEnd();
-  return [style.bold(render(columns.map((column) => column.header.toUpperCase()), undefined)), ...cells.map((line, index) => render(line, rows[index]))].join('\n');
+  return [
+    style.bold(
+      render(
+        columns.map((column) => column.header.toUpperCase()),
+        undefined,
+      ),
+    ),
+    ...cells.map((line, index) => render(line, rows[index])),
+  ].join('\n');
 }
 
 /** Narrows the shrinkable columns, those that give way first before the others, until the table fits `available`. */

@@ -56,7 +56,8 @@ function report(error: unknown, exitCode: number, json: boolean): void {
     return;
   }
   // An unexpected error (not one of ours) keeps its stack when asked for: TIDINGS_DEBUG=1.
-  const detail = !(error instanceof TidingsError || error instanceof CommandFailed) && process.env.TIDINGS_DEBUG && error instanceof Error ? `\n${error.stack}` : '';
+  const detail =
+    !(error instanceof TidingsError || error instanceof CommandFailed) && process.env.TIDINGS_DEBUG && error instanceof Error ? `\n${error.stack}` : '';
   process.stderr.write(`tidings: ${message}${detail}\n`);
 }
 

@@ -51,7 +51,6 @@ export interface CliContext {
   readonly err: (text: string) => void;
 }
 
-
 const HELP_AFTER = `
 Exit codes:
   0  success
@@ -80,7 +79,17 @@ Examples:
 /** Each command's file adds it to the program. */
 export type Register = (program: Command, context: CliContext) => void;
 
-const commands: readonly Register[] = [registerMigrate, registerStatus, registerTail, registerDeadLetters, registerSubscriptions, registerReplay, registerPrune, registerReplicas, registerSagas];
+const commands: readonly Register[] = [
+  registerMigrate,
+  registerStatus,
+  registerTail,
+  registerDeadLetters,
+  registerSubscriptions,
+  registerReplay,
+  registerPrune,
+  registerReplicas,
+  registerSagas,
+];
 
 export function buildProgram(context: CliContext): Command {
   const program = new Command('tidings')
@@ -90,10 +99,21 @@ export function buildProgram(context: CliContext): Command {
     .configureOutput({ writeOut: context.out, writeErr: context.err })
     .showHelpAfterError('(add --help for usage)')
     .configureHelp({ showGlobalOptions: true })
-    .addOption(new Option('--url <url>', 'PostgreSQL connection URL (default: $DATABASE_URL, or the config file\'s url); the dead-letters commands also take amqp:// and nats:// URLs'))
-    .addOption(new Option('--schema <name>', `schema of Tidings' tables (default: $TIDINGS_SCHEMA, the config file's schema, or ${cliDefaults.schema})`).argParser(parseSchema))
+    .addOption(
+      new Option(
+        '--url <url>',
+        "PostgreSQL connection URL (default: $DATABASE_URL, or the config file's url); the dead-letters commands also take amqp:// and nats:// URLs",
+      ),
+    )
+    .addOption(
+      new Option('--schema <name>', `schema of Tidings' tables (default: $TIDINGS_SCHEMA, the config file's schema, or ${cliDefaults.schema})`).argParser(
+        parseSchema,
+      ),
+    )
     .addOption(new Option('--json', 'print JSON for scripts instead of tables'))
-    .addOption(new Option('--connect-timeout <seconds>', `give up connecting after this long (default: ${cliDefaults.connectTimeout})`).argParser(positiveNumber))
+    .addOption(
+      new Option('--connect-timeout <seconds>', `give up connecting after this long (default: ${cliDefaults.connectTimeout})`).argParser(positiveNumber),
+    )
     .addOption(new Option('--config <file>', `read settings from this file instead of the nearest ${CONFIG_FILE}`))
     .addHelpText('after', HELP_AFTER);
 
@@ -155,7 +175,10 @@ export async function withDatabase(context: CliContext, command: Command, run: (
   const globals = globalsOf(context, command);
   const url = globals.url;
   if (url === undefined) {
-    throw new TidingsError('INVALID_OPTIONS', `No database given: pass --url postgres://user@host:5432/db, or set DATABASE_URL, or give a url in ${CONFIG_FILE}`);
+    throw new TidingsError(
+      'INVALID_OPTIONS',
+      `No database given: pass --url postgres://user@host:5432/db, or set DATABASE_URL, or give a url in ${CONFIG_FILE}`,
+    );
   }
   const problem = urlProblem(url);
   if (problem !== undefined) throw new TidingsError('INVALID_OPTIONS', `The database ${problem.replace(/^url/, 'URL')}`);
@@ -238,4 +261,3 @@ export async function positionOf(db: Database, schema: string, from: From, topic
   if (from.kind === 'position') return from.position;
   return firstPositionAt(db.driver, { schema, time: from.time, topics });
 }
-

@@ -32,9 +32,13 @@ function troubles(sub: SubscriptionStatus): string[] {
   const behind = sub.cursors.filter((cursor) => cursor.lag > 0).length;
   if (sub.lag > 0 && live === 0) found.push(`${sub.lag} message${sub.lag === 1 ? '' : 's'} waiting and no live worker`);
   else if (behind > 0) found.push(`${behind} of ${sub.partitions} partition${sub.partitions === 1 ? '' : 's'} behind`);
-  if (sub.heldKeys > 0) found.push(`${sub.heldKeys} key${sub.heldKeys === 1 ? '' : 's'} held for a retry (${sub.heldMessages} message${sub.heldMessages === 1 ? '' : 's'})`);
+  if (sub.heldKeys > 0)
+    found.push(`${sub.heldKeys} key${sub.heldKeys === 1 ? '' : 's'} held for a retry (${sub.heldMessages} message${sub.heldMessages === 1 ? '' : 's'})`);
   const expired = sub.cursors.filter((cursor) => cursor.owner !== null && cursor.leaseRemainingMs !== null && cursor.leaseRemainingMs < 0);
-  if (expired.length > 0) found.push(`lease${expired.length === 1 ? '' : 's'} of partition${expired.length === 1 ? '' : 's'} ${expired.map((cursor) => cursor.partition).join(', ')} ran out`);
+  if (expired.length > 0)
+    found.push(
+      `lease${expired.length === 1 ? '' : 's'} of partition${expired.length === 1 ? '' : 's'} ${expired.map((cursor) => cursor.partition).join(', ')} ran out`,
+    );
   return found;
 }
 
@@ -54,7 +58,11 @@ export function renderStatus(status: Status, where: string, view: StatusView): s
   const columns: Column<SubscriptionStatus>[] = [
     { header: 'subscription', value: (sub) => sub.name, shrink: 1 },
     { header: 'topics', value: (sub) => sub.topics.join(', '), max: 60, shrink: 2 },
-    { header: 'workers', value: (sub) => sub.workers.filter((worker) => worker.live).length, tone: (sub) => (sub.lag > 0 && !sub.workers.some((w) => w.live) ? 'bad' : undefined) },
+    {
+      header: 'workers',
+      value: (sub) => sub.workers.filter((worker) => worker.live).length,
+      tone: (sub) => (sub.lag > 0 && !sub.workers.some((w) => w.live) ? 'bad' : undefined),
+    },
     { header: 'lag', value: (sub) => sub.lag, tone: (sub) => lagTone(sub.lag, sub.oldestUnprocessedAgeMs) },
     { header: 'oldest', value: (sub) => duration(sub.oldestUnprocessedAgeMs), align: 'right', tone: (sub) => lagTone(sub.lag, sub.oldestUnprocessedAgeMs) },
     { header: 'handled', value: (sub) => sub.handled },
@@ -64,20 +72,34 @@ export function renderStatus(status: Status, where: string, view: StatusView): s
   lines.push(table(shown, columns, { width, style }));
   if (quietPlumbing && plumbing.length > 0) {
     const handled = plumbing.reduce((sum, sub) => sum + sub.handled, 0);
-    lines.push(style.paint('dim', `(and ${plumbing.length} replica request/reply subscription${plumbing.length === 1 ? '' : 's'}, all caught up, ${handled} handled: --verbose shows them)`));
+    lines.push(
+      style.paint(
+        'dim',
+        `(and ${plumbing.length} replica request/reply subscription${plumbing.length === 1 ? '' : 's'}, all caught up, ${handled} handled: --verbose shows them)`,
+      ),
+    );
   }
 
   // A rolling deploy in progress (or stuck): always shown, it explains partitions that seem unowned.
   for (const sub of status.subscriptions) {
     for (const { worker, missing } of sub.disagreements) {
-      lines.push('', style.paint('warn', `! ${sub.name}: worker ${worker} has no handler for ${missing.join(', ')}; it holds no partition until it has one or the subscription's topics change (a rolling deploy, until the old version's workers stop)`));
+      lines.push(
+        '',
+        style.paint(
+          'warn',
+          `! ${sub.name}: worker ${worker} has no handler for ${missing.join(', ')}; it holds no partition until it has one or the subscription's topics change (a rolling deploy, until the old version's workers stop)`,
+        ),
+      );
     }
   }
   for (const sub of status.subscriptions) {
     const found = troubles(sub);
     if (!view.verbose && (found.length === 0 || (quietPlumbing && isReplicaPlumbing(sub.name)))) continue;
     const cursors = view.verbose ? sub.cursors : sub.cursors.filter(troubled);
-    lines.push('', `${style.bold(sub.name)}: ${[`${sub.partitions} partition${sub.partitions === 1 ? '' : 's'}`, ...found.map((text) => style.paint('warn', text))].join('; ')}`);
+    lines.push(
+      '',
+      `${style.bold(sub.name)}: ${[`${sub.partitions} partition${sub.partitions === 1 ? '' : 's'}`, ...found.map((text) => style.paint('warn', text))].join('; ')}`,
+    );
     if (cursors.length === 0) continue;
     lines.push(
       table(
@@ -123,13 +145,17 @@ export function renderStatus(status: Status, where: string, view: StatusView): s
     );
   } else {
     const hosts = new Set(live.map((worker) => `${worker.host}:${worker.pid}`)).size;
-    lines.push('', `Workers: ${live.length} live in ${hosts} process${hosts === 1 ? '' : 'es'}${expired > 0 ? `, ${expired} expired (gone without stopping; their leases move once they run out)` : ''}.`);
+    lines.push(
+      '',
+      `Workers: ${live.length} live in ${hosts} process${hosts === 1 ? '' : 'es'}${expired > 0 ? `, ${expired} expired (gone without stopping; their leases move once they run out)` : ''}.`,
+    );
   }
 
   const behind = status.subscriptions.filter((sub) => sub.lag > 0).length;
   const next: string[] = [];
   if (behind === 0 && status.heldKeys === 0) next.push(style.paint('good', 'Every subscription is caught up.'));
-  if (status.deadLetters > 0) next.push(style.paint('bad', `${status.deadLetters} dead letter${status.deadLetters === 1 ? '' : 's'}: tidings dead-letters list --group`));
+  if (status.deadLetters > 0)
+    next.push(style.paint('bad', `${status.deadLetters} dead letter${status.deadLetters === 1 ? '' : 's'}: tidings dead-letters list --group`));
   if (!view.verbose) next.push(style.paint('dim', 'Every partition and worker: tidings status --verbose'));
   lines.push(...next);
   return lines.join('\n');
@@ -138,5 +164,10 @@ export function renderStatus(status: Status, where: string, view: StatusView): s
 /** `2026-01-31 12:00:05Z`: an ISO time without the milliseconds, readable in a table. */
 export function shortTime(value: string): string {
   const time = new Date(value);
-  return Number.isNaN(time.getTime()) ? value : time.toISOString().replace('T', ' ').replace(/\.\d+Z$/, 'Z');
+  return Number.isNaN(time.getTime())
+    ? value
+    : time
+        .toISOString()
+        .replace('T', ' ')
+        .replace(/\.\d+Z$/, 'Z');
 }

@@ -58,11 +58,17 @@ export async function runAttempts<Tx>(handle: DeliveryHandler<Tx>, options: Atte
     try {
       result = await handle(new AttemptDelivery(options.envelope(attempt), attempt, scope));
     } catch (error) {
-      result = afterFailure(retry, attempt, describeError(new Error(`the delivery failed below the handler (please report it): ${(error as Error)?.message}`, { cause: error })));
+      result = afterFailure(
+        retry,
+        attempt,
+        describeError(new Error(`the delivery failed below the handler (please report it): ${(error as Error)?.message}`, { cause: error })),
+      );
     }
     const lost = await scope.end(result.outcome === 'ack');
     if (lost !== undefined) {
-      const error = new Error(`the handler returned, but a statement in its transaction failed, so its writes were rolled back: ${lost.message}`, { cause: lost });
+      const error = new Error(`the handler returned, but a statement in its transaction failed, so its writes were rolled back: ${lost.message}`, {
+        cause: lost,
+      });
       result = afterFailure(retry, attempt, describeError(error));
     }
     if (result.outcome === 'ack') return ACKED;

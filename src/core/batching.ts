@@ -71,7 +71,7 @@ export class Batcher<In, Out> {
   async #flush(batch: Waiting<In, Out>[]): Promise<void> {
     try {
       const outs = await this.#run(batch.map((waiting) => waiting.item));
-      batch.forEach((waiting, i) => waiting.resolve(outs[i]!));
+      for (const [i, waiting] of batch.entries()) waiting.resolve(outs[i]!);
     } catch (error) {
       for (const waiting of batch) waiting.reject(error);
     } finally {

@@ -1,6 +1,17 @@
 import { setMaxListeners } from 'node:events';
 import type { Backbone, Consumer, Delivery, DeliveryHandler, DeliveryResult, Outgoing } from './backbone.ts';
-import { MAX_NAME_LENGTH, validateName, validateNow, validateReplyNow, type AnyRequestContract, type ReplyInputOf, type ReplyOf, type AnyContract, type DataOf, type InputOf } from './contract.ts';
+import {
+  MAX_NAME_LENGTH,
+  validateName,
+  validateNow,
+  validateReplyNow,
+  type AnyRequestContract,
+  type ReplyInputOf,
+  type ReplyOf,
+  type AnyContract,
+  type DataOf,
+  type InputOf,
+} from './contract.ts';
 import { keyHash, newId, type Envelope, type Message } from './envelope.ts';
 import { TidingsError, type TidingsErrorCode } from './errors.ts';
 import { attributeProblem, bytesOver, dataProblem, messageLimits } from './limits.ts';
@@ -49,7 +60,6 @@ export interface BusStats {
   /** Per saga run here: instances started, transitions, completions, and messages ignored after completion or before the start. */
   readonly sagas: Readonly<Record<string, Readonly<SagaStats>>>;
 }
-
 
 /** The handler a contract takes: one that returns the reply for a command that answers, else a plain one. */
 export type HandlerFor<C, Tx> = C extends AnyRequestContract ? ReplyHandler<DataOf<C>, ReplyInputOf<C>, Tx> : Handler<DataOf<C>, Tx>;
@@ -159,7 +169,11 @@ export class Bus<Tx = unknown> {
       throw new TidingsError('INVALID_CONTRACT', `${contract.name} declares no reply: declare it with defineCommand(name, { schema, reply }) to request it`);
     }
     const { timeoutMs = busDefaults.requestTimeoutMs, ...publish } = options;
-    if (!Number.isFinite(timeoutMs) || timeoutMs <= 0) throw new TidingsError('INVALID_OPTIONS', `Invalid options for requesting ${contract.name}: timeoutMs must be a number of milliseconds > 0, got ${timeoutMs}`);
+    if (!Number.isFinite(timeoutMs) || timeoutMs <= 0)
+      throw new TidingsError(
+        'INVALID_OPTIONS',
+        `Invalid options for requesting ${contract.name}: timeoutMs must be a number of milliseconds > 0, got ${timeoutMs}`,
+      );
     const awaitReply = this.backbone.awaitReply?.bind(this.backbone);
     if (awaitReply === undefined) throw new TidingsError('INVALID_OPTIONS', `The ${this.backbone.name} backbone cannot carry replies`);
     await this.#open();
@@ -175,7 +189,13 @@ export class Bus<Tx = unknown> {
       const timeout = new Promise<never>((_, reject) => {
         timer = this.clock.setTimeout(() => {
           this.#requests.timedOut++;
-          reject(new TidingsError('REQUEST_TIMEOUT', `Request ${contract.name} (message ${id}) got no reply within ${timeoutMs} ms: is a subscription of ${contract.topic} running (tidings status)?`, { ref: { id, topic: contract.topic }, retryable: true }));
+          reject(
+            new TidingsError(
+              'REQUEST_TIMEOUT',
+              `Request ${contract.name} (message ${id}) got no reply within ${timeoutMs} ms: is a subscription of ${contract.topic} running (tidings status)?`,
+              { ref: { id, topic: contract.topic }, retryable: true },
+            ),
+          );
         }, timeoutMs);
       });
       const reply = await Promise.race([answer, timeout]);
@@ -290,9 +310,18 @@ export class Bus<Tx = unknown> {
    * the tick's time that returns it. A tick missed while no process ran fires once on start (or not, with
    * `missed: 'none'`). Its messages' ids are `<name>@<tick as ISO time>`.
    */
-  schedule<C extends AnyContract>(name: string, pattern: string, contract: C, data: InputOf<C> | ((tick: Date) => InputOf<C>), options: ScheduleOptions = {}): this {
+  schedule<C extends AnyContract>(
+    name: string,
+    pattern: string,
+    contract: C,
+    data: InputOf<C> | ((tick: Date) => InputOf<C>),
+    options: ScheduleOptions = {},
+  ): this {
     if (this.#schedules.has(name)) {
-      throw new TidingsError('SUBSCRIPTION_CONFLICT', `Schedule ${name} is already declared on this bus (${this.#schedules.get(name)!.definition}); give the other one a name of its own`);
+      throw new TidingsError(
+        'SUBSCRIPTION_CONFLICT',
+        `Schedule ${name} is already declared on this bus (${this.#schedules.get(name)!.definition}); give the other one a name of its own`,
+      );
     }
     if (this.backbone.claimTick === undefined || this.backbone.lastTick === undefined) {
       throw new TidingsError('INVALID_OPTIONS', `Schedule ${name}: the ${this.backbone.name} backbone cannot run recurring schedules`);
@@ -428,7 +457,9 @@ export class Bus<Tx = unknown> {
       return result;
     };
     const handle: DeliveryHandler<Tx> =
-      requests.size === 0 ? (delivery) => pipeline(delivery).then(count) : (delivery) => pipeline(delivery).then((result) => count(answerFailure(delivery, result)));
+      requests.size === 0
+        ? (delivery) => pipeline(delivery).then(count)
+        : (delivery) => pipeline(delivery).then((result) => count(answerFailure(delivery, result)));
     const consumer = await this.backbone.consume(
       {
         name: subscription.name,
@@ -511,7 +542,9 @@ export class Bus<Tx = unknown> {
   #check(contract: AnyContract, data: unknown, options: PublishOptions, single: boolean): Checked | Promise<Checked> {
     const id = single && options.id !== undefined ? options.id : newId();
     const parsed = validateNow(contract, data, { id, topic: contract.topic });
-    return parsed instanceof Promise ? parsed.then((value) => this.#keyed(contract, id, data, value, options)) : this.#keyed(contract, id, data, parsed, options);
+    return parsed instanceof Promise
+      ? parsed.then((value) => this.#keyed(contract, id, data, value, options))
+      : this.#keyed(contract, id, data, parsed, options);
   }
 
   /** Finds a validated message's key. */
@@ -526,7 +559,10 @@ export class Bus<Tx = unknown> {
     if (idBytes !== undefined) throw limitError(contract, `id is ${idBytes} bytes, over the limit of ${messageLimits.idBytes}`, { topic: contract.topic });
     const keyBytes = bytesOver(key, messageLimits.keyBytes);
     if (keyBytes !== undefined) {
-      throw limitError(contract, `key is ${keyBytes} bytes, over the limit of ${messageLimits.keyBytes}; use a shorter key (a hash of it keeps the order)`, { id, topic: contract.topic });
+      throw limitError(contract, `key is ${keyBytes} bytes, over the limit of ${messageLimits.keyBytes}; use a shorter key (a hash of it keeps the order)`, {
+        id,
+        topic: contract.topic,
+      });
     }
     const problem = dataProblem(data);
     if (problem !== undefined) {
@@ -617,10 +653,18 @@ function dueTime(contract: AnyContract, options: PublishOptions, now: number): n
   if (deliverAt !== undefined && delayMs !== undefined) throw refuse('give deliverAt or delayMs, not both');
   let due: number;
   if (delayMs !== undefined) {
-    if (typeof delayMs !== 'number' || !Number.isFinite(delayMs) || delayMs < 0) throw refuse(`delayMs must be a number of milliseconds >= 0, got ${JSON.stringify(delayMs)}`);
+    if (typeof delayMs !== 'number' || !Number.isFinite(delayMs) || delayMs < 0)
+      throw refuse(`delayMs must be a number of milliseconds >= 0, got ${JSON.stringify(delayMs)}`);
     due = now + delayMs;
   } else {
-    due = deliverAt instanceof Date ? deliverAt.getTime() : typeof deliverAt === 'number' ? deliverAt : typeof deliverAt === 'string' ? Date.parse(deliverAt) : Number.NaN;
+    due =
+      deliverAt instanceof Date
+        ? deliverAt.getTime()
+        : typeof deliverAt === 'number'
+          ? deliverAt
+          : typeof deliverAt === 'string'
+            ? Date.parse(deliverAt)
+            : Number.NaN;
     if (!Number.isFinite(due)) throw refuse(`deliverAt must be a Date, an ISO 8601 string or epoch milliseconds, got ${JSON.stringify(deliverAt)}`);
   }
   return due > now ? due : undefined;

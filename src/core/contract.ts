@@ -32,18 +32,22 @@ export interface RequestContract<Name extends string = string, Input = unknown, 
   readonly reply: StandardSchemaV1<ReplyInput, ReplyOutput>;
 }
 
-// eslint-disable-next-line @typescript-eslint/no-explicit-any -- the key function makes Contract invariant in its data
+// biome-ignore lint/suspicious/noExplicitAny: the key function makes Contract invariant in its data
 export type AnyContract = Contract<string, any, any>;
 
 /** The data a publisher passes for a contract. */
+// biome-ignore lint/suspicious/noExplicitAny: the parts not inferred match any contract (Contract is invariant)
 export type InputOf<C> = C extends Contract<string, infer I, any> ? I : never;
 /** The data a handler receives for a contract. */
+// biome-ignore lint/suspicious/noExplicitAny: the parts not inferred match any contract (Contract is invariant)
 export type DataOf<C> = C extends Contract<string, any, infer O> ? O : never;
-// eslint-disable-next-line @typescript-eslint/no-explicit-any -- as AnyContract
+// biome-ignore lint/suspicious/noExplicitAny: as AnyContract
 export type AnyRequestContract = RequestContract<string, any, any, any, any>;
 /** What a request's handler returns. */
+// biome-ignore lint/suspicious/noExplicitAny: the parts not inferred match any contract (Contract is invariant)
 export type ReplyInputOf<C> = C extends RequestContract<string, any, any, infer R, any> ? R : never;
 /** What `bus.request` resolves to. */
+// biome-ignore lint/suspicious/noExplicitAny: the parts not inferred match any contract (Contract is invariant)
 export type ReplyOf<C> = C extends RequestContract<string, any, any, any, infer R> ? R : never;
 
 export interface ContractOptions<S extends StandardSchemaV1> {
@@ -79,10 +83,7 @@ function define<const Name extends string, S extends StandardSchemaV1>(
   }
   const schema = options.schema as StandardSchemaV1 | undefined;
   if (schema === undefined || typeof schema['~standard']?.validate !== 'function') {
-    throw new TidingsError(
-      'INVALID_CONTRACT',
-      `Contract ${name}: schema must be a Standard Schema (zod 4, valibot, arktype...), got ${typeof schema}`,
-    );
+    throw new TidingsError('INVALID_CONTRACT', `Contract ${name}: schema must be a Standard Schema (zod 4, valibot, arktype...), got ${typeof schema}`);
   }
   return Object.freeze({
     kind,

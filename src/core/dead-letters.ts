@@ -93,7 +93,10 @@ export interface DeadLetterStore {
 export function requireSelection(selection: DeadLetterSelection): void {
   const named = (selection.ids?.length ?? 0) > 0 || selection.subscription !== undefined || selection.topic !== undefined || selection.errorText !== undefined;
   if (!named && selection.all !== true) {
-    throw new TidingsError('INVALID_OPTIONS', 'Name the dead letters (by ids, subscription, topic or error text), or select all of them explicitly with all: true');
+    throw new TidingsError(
+      'INVALID_OPTIONS',
+      'Name the dead letters (by ids, subscription, topic or error text), or select all of them explicitly with all: true',
+    );
   }
 }
 
@@ -101,13 +104,24 @@ const UUID = /[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}/gi;
 
 /** Groups listed dead letters by subscription and masked reason, largest group first (as PostgreSQL does in SQL). */
 export function groupDeadLetters(letters: readonly DeadLetterSummary[], limit = Number.POSITIVE_INFINITY): DeadLetterGroup[] {
-  const groups = new Map<string, { subscription: string; pattern: string; example: string; count: number; topics: Set<string>; firstAt: string; lastAt: string }>();
+  const groups = new Map<
+    string,
+    { subscription: string; pattern: string; example: string; count: number; topics: Set<string>; firstAt: string; lastAt: string }
+  >();
   for (const letter of letters) {
     const pattern = letter.reason.replace(UUID, '<id>').replace(/[0-9]+/g, 'N');
     const id = JSON.stringify([letter.subscription, pattern]);
     const group = groups.get(id);
     if (group === undefined) {
-      groups.set(id, { subscription: letter.subscription, pattern, example: letter.reason, count: 1, topics: new Set([letter.topic]), firstAt: letter.deadAt, lastAt: letter.deadAt });
+      groups.set(id, {
+        subscription: letter.subscription,
+        pattern,
+        example: letter.reason,
+        count: 1,
+        topics: new Set([letter.topic]),
+        firstAt: letter.deadAt,
+        lastAt: letter.deadAt,
+      });
       continue;
     }
     group.count++;

@@ -45,11 +45,7 @@ export class TidingsError extends Error {
   /** True when trying the same operation again may succeed (a dropped connection, a restart). */
   readonly retryable: boolean;
 
-  constructor(
-    code: TidingsErrorCode,
-    message: string,
-    options: { cause?: unknown; ref?: MessageRef; retryable?: boolean } = {},
-  ) {
+  constructor(code: TidingsErrorCode, message: string, options: { cause?: unknown; ref?: MessageRef; retryable?: boolean } = {}) {
     super(message, options.cause === undefined ? undefined : { cause: options.cause });
     this.code = code;
     this.ref = options.ref;
@@ -148,7 +144,7 @@ export function storable(text: string, max = MAX_ERROR_TEXT): string {
 
 function safeString(value: unknown): string {
   try {
-    return typeof value === 'string' ? value : JSON.stringify(value) ?? String(value);
+    return typeof value === 'string' ? value : (JSON.stringify(value) ?? String(value));
   } catch {
     return String(value);
   }

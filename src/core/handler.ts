@@ -2,16 +2,14 @@ import { AsyncLocalStorage } from 'node:async_hooks';
 import type { Delivery, DeliveryHandler, DeliveryResult } from './backbone.ts';
 import { validateNow, validateReplyNow, type AnyContract, type DataOf, type InputOf } from './contract.ts';
 import { toMessage, type Envelope, type Message } from './envelope.ts';
-import { describeError, HandlerTimeoutError, isPermanent, storable, TidingsError, type ErrorRecord, type MessageRef } from './errors.ts';
+import { describeError, HandlerTimeoutError, isPermanent, storable, TidingsError, type MessageRef } from './errors.ts';
 import { envelopeProblem } from './limits.ts';
 import type { ResolvedRetry } from './options.ts';
 import { exhausted, nextRetryDelay } from './retry.ts';
 import type { PublishOptions, PublishedMessage } from './publish.ts';
 
 /** What a handler may return instead of throwing: ask for a later retry, or give up on the message. */
-export type Outcome =
-  | { readonly kind: 'retry'; readonly afterMs: number; readonly reason: string }
-  | { readonly kind: 'dead-letter'; readonly reason: string };
+export type Outcome = { readonly kind: 'retry'; readonly afterMs: number; readonly reason: string } | { readonly kind: 'dead-letter'; readonly reason: string };
 
 /** Try this message again after `afterMs` (counts as a failed attempt; the key is held meanwhile). */
 /** Outcomes made by retryLater and deadLetter: a request's handler returns its reply or one of these. */
@@ -46,10 +44,7 @@ export interface HandlerContext<Tx = unknown> {
   publish<C extends AnyContract>(contract: C, data: InputOf<C>, options?: PublishOptions): Promise<PublishedMessage>;
 }
 
-export type Handler<Data, Tx = unknown> = (
-  message: Message<Data>,
-  context: HandlerContext<Tx>,
-) => Promise<Outcome | void> | Outcome | void;
+export type Handler<Data, Tx = unknown> = (message: Message<Data>, context: HandlerContext<Tx>) => Promise<Outcome | void> | Outcome | void;
 
 /**
  * The handler of a command that answers (RequestContract): returns the reply, which commits with the
@@ -59,11 +54,7 @@ export type Handler<Data, Tx = unknown> = (
 export type ReplyHandler<Data, Reply, Tx = unknown> = (message: Message<Data>, context: HandlerContext<Tx>) => Promise<Reply | Outcome> | Reply | Outcome;
 
 /** Wraps every handler of a bus; call `next()` to go on. Tracing, tenancy and logging are middleware. */
-export type Middleware<Tx = unknown> = (
-  message: Message<unknown>,
-  context: HandlerContext<Tx>,
-  next: () => Promise<Outcome | void>,
-) => Promise<Outcome | void>;
+export type Middleware<Tx = unknown> = (message: Message<unknown>, context: HandlerContext<Tx>, next: () => Promise<Outcome | void>) => Promise<Outcome | void>;
 
 export interface Route<Tx> {
   readonly contract: AnyContract;
@@ -84,13 +75,7 @@ export interface PipelineOptions<Tx> {
   readonly retry: ResolvedRetry;
   readonly timeoutMs: number;
   readonly middleware: readonly Middleware<Tx>[];
-  readonly publish: (
-    contract: AnyContract,
-    data: unknown,
-    options: PublishOptions,
-    parent: Message<unknown>,
-    tx: Tx | undefined,
-  ) => Promise<PublishedMessage>;
+  readonly publish: (contract: AnyContract, data: unknown, options: PublishOptions, parent: Message<unknown>, tx: Tx | undefined) => Promise<PublishedMessage>;
   /** Aborted when the consumer stops: handlers see it through `context.signal`. */
   readonly stopping: AbortSignal;
   /** Records a request's reply in the handler's transaction, so it exists iff the message is acknowledged. */
@@ -107,7 +92,8 @@ export function createPipeline<Tx>(options: PipelineOptions<Tx>): DeliveryHandle
     const { envelope, attempt } = delivery;
     const ref = { id: envelope.id, topic: envelope.topic, key: envelope.partitionkey };
     const broken = checkEnvelope(envelope);
-    if (broken !== undefined) return refuse('UNDECODABLE_MESSAGE', `Message ${storable(String(envelope.id), 300)} on ${envelope.topic} cannot be decoded: ${broken}`, ref);
+    if (broken !== undefined)
+      return refuse('UNDECODABLE_MESSAGE', `Message ${storable(String(envelope.id), 300)} on ${envelope.topic} cannot be decoded: ${broken}`, ref);
     const over = envelopeProblem(envelope);
     if (over !== undefined) return refuse('LIMIT_EXCEEDED', `Message on ${envelope.topic} breaks a limit: ${over}`, ref);
     const route = options.routes.get(envelope.topic);
@@ -169,7 +155,13 @@ const ACK: DeliveryResult = Object.freeze({ outcome: 'ack' });
  * handler's transaction. A reply that breaks its schema is the handler's bug: the request goes to dead
  * letters, and the requester gets the error (INVALID_PAYLOAD).
  */
-async function answer<Tx>(options: PipelineOptions<Tx>, contract: AnyContract, request: Message<unknown>, reply: unknown, tx: Tx | undefined): Promise<DeliveryResult> {
+async function answer<Tx>(
+  options: PipelineOptions<Tx>,
+  contract: AnyContract,
+  request: Message<unknown>,
+  reply: unknown,
+  tx: Tx | undefined,
+): Promise<DeliveryResult> {
   try {
     const checked = validateReplyNow(contract, reply, { id: request.id, topic: request.topic, key: request.key });
     if (checked instanceof Promise) await checked;

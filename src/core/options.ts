@@ -95,7 +95,9 @@ export class OptionProblems {
     for (const key of Object.keys(options)) {
       if (known.includes(key)) continue;
       const near = known.find((name) => editDistance(name.toLowerCase(), key.toLowerCase()) <= 2);
-      this.#problems.push(`${prefix}${key} is not an option${near === undefined ? ` (the options are ${known.map((name) => prefix + name).join(', ')})` : `: did you mean ${prefix}${near}?`}`);
+      this.#problems.push(
+        `${prefix}${key} is not an option${near === undefined ? ` (the options are ${known.map((name) => prefix + name).join(', ')})` : `: did you mean ${prefix}${near}?`}`,
+      );
     }
   }
 

@@ -68,7 +68,9 @@ export const sagaDefaults = {
 /** The scheduled message a saga's timeout travels as. */
 export function timeoutContract(saga: string) {
   return defineCommand(`tidings.saga.${saga}.timeout`, {
-    schema: { '~standard': { version: 1, vendor: 'tidings', validate: (value: unknown) => ({ value: value as TimeoutData }) } } as StandardSchemaV1<TimeoutData>,
+    schema: {
+      '~standard': { version: 1, vendor: 'tidings', validate: (value: unknown) => ({ value: value as TimeoutData }) },
+    } as StandardSchemaV1<TimeoutData>,
     key: (data) => data.id,
     description: `A timeout of saga ${saga}`,
   });
@@ -96,7 +98,8 @@ export function defineSaga<S, M extends Record<string, AnyContract>>(definition:
   for (const name of [...Object.keys(definition.start ?? {}), ...Object.keys(definition.handle ?? {})]) {
     if (!names.includes(name)) problems.push(`${name} is not one of messages (${names.join(', ')})`);
   }
-  if (definition.early !== undefined && !['retry', 'dead-letter', 'ignore'].includes(definition.early)) problems.push(`early must be "retry", "dead-letter" or "ignore", got ${JSON.stringify(definition.early)}`);
+  if (definition.early !== undefined && !['retry', 'dead-letter', 'ignore'].includes(definition.early))
+    problems.push(`early must be "retry", "dead-letter" or "ignore", got ${JSON.stringify(definition.early)}`);
   if (problems.length > 0) throw new TidingsError('INVALID_CONTRACT', `Saga ${definition.name} is invalid: ${problems.join('; ')}`);
   return Object.freeze({ ...definition });
 }
@@ -137,10 +140,15 @@ export function sagaHandlers<S, M extends Record<string, AnyContract>, Tx>(
     id: string,
     message: Message<unknown>,
     ctx: HandlerContext<Tx>,
-    run: (row: SagaRow | undefined, sagaCtx: SagaContext<Tx>) => Promise<{ kind: 'state'; state: S } | { kind: 'keep' } | { kind: 'outcome'; outcome: Outcome } | { kind: 'skip' }>,
+    run: (
+      row: SagaRow | undefined,
+      sagaCtx: SagaContext<Tx>,
+    ) => Promise<{ kind: 'state'; state: S } | { kind: 'keep' } | { kind: 'outcome'; outcome: Outcome } | { kind: 'skip' }>,
   ): Promise<Outcome | void> => {
     if (typeof id !== 'string' || id.length === 0 || bytesOver(id, messageLimits.keyBytes) !== undefined) {
-      throw new PermanentError(`Saga ${saga}: ${message.topic} message ${message.id} names no usable instance (its correlation gave ${JSON.stringify(id)?.slice(0, 80)}; a non-empty string of at most ${messageLimits.keyBytes} bytes)`);
+      throw new PermanentError(
+        `Saga ${saga}: ${message.topic} message ${message.id} names no usable instance (its correlation gave ${JSON.stringify(id)?.slice(0, 80)}; a non-empty string of at most ${messageLimits.keyBytes} bytes)`,
+      );
     }
     const row = await host.store.load(ctx.tx, saga, id);
     if (row?.completed === true) {
@@ -155,7 +163,13 @@ export function sagaHandlers<S, M extends Record<string, AnyContract>, Tx>(
     if (result.kind === 'skip') return undefined;
     if (result.kind === 'outcome') return result.outcome;
     const state = result.kind === 'state' ? checkState(definition, result.state, message) : row!.state;
-    const saved = await host.store.save(ctx.tx, saga, id, { state, version: (row?.version ?? 0) + 1, completed }, { messageId: message.id, topic: message.topic });
+    const saved = await host.store.save(
+      ctx.tx,
+      saga,
+      id,
+      { state, version: (row?.version ?? 0) + 1, completed },
+      { messageId: message.id, topic: message.topic },
+    );
     // Another transaction started this instance meanwhile: try again, on its state.
     if (!saved) throw new Error(`Saga ${saga}: instance ${id} was started by another message at the same time; this one is tried again on its state`);
     if (row === undefined) stats.started++;
@@ -209,7 +223,13 @@ function toTransition<S>(value: Transition<S>): { kind: 'state'; state: S } | { 
 }
 
 function isOutcome(value: unknown): value is Outcome {
-  return typeof value === 'object' && value !== null && 'kind' in value && ((value as Outcome).kind === 'retry' || (value as Outcome).kind === 'dead-letter') && 'reason' in value;
+  return (
+    typeof value === 'object' &&
+    value !== null &&
+    'kind' in value &&
+    ((value as Outcome).kind === 'retry' || (value as Outcome).kind === 'dead-letter') &&
+    'reason' in value
+  );
 }
 
 /** A state that breaks the saga's schema is the transition's bug: the message goes to dead letters, naming the field. */
@@ -217,7 +237,11 @@ function checkState<S>(definition: SagaDefinition<S, Record<string, AnyContract>
   const result = definition.state['~standard'].validate(state);
   if (result instanceof Promise) throw new PermanentError(`Saga ${definition.name}: its state schema must validate synchronously`);
   if (result.issues !== undefined) {
-    throw new ValidationError(`the state of saga ${definition.name}`, result.issues.map((issue) => ({ path: (issue.path ?? []).map((p) => String(typeof p === 'object' ? p.key : p)).join('.'), message: issue.message })), { id: message.id, topic: message.topic });
+    throw new ValidationError(
+      `the state of saga ${definition.name}`,
+      result.issues.map((issue) => ({ path: (issue.path ?? []).map((p) => String(typeof p === 'object' ? p.key : p)).join('.'), message: issue.message })),
+      { id: message.id, topic: message.topic },
+    );
   }
   return result.value;
 }

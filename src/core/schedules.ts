@@ -54,7 +54,8 @@ export class Schedule<C extends AnyContract = AnyContract> {
     private readonly options: ScheduleOptions = {},
   ) {
     validateName('Schedule', name);
-    if (contract?.topic === undefined) throw new TidingsError('INVALID_CONTRACT', `Schedule ${name}: give a contract (defineEvent or defineCommand), got ${typeof contract}`);
+    if (contract?.topic === undefined)
+      throw new TidingsError('INVALID_CONTRACT', `Schedule ${name}: give a contract (defineEvent or defineCommand), got ${typeof contract}`);
     this.timezone = options.timezone ?? scheduleDefaults.timezone;
     this.missed = options.missed ?? scheduleDefaults.missed;
     const problem = (what: string) => new TidingsError('INVALID_OPTIONS', `Invalid options for schedule ${name}: ${what}`);
@@ -62,7 +63,9 @@ export class Schedule<C extends AnyContract = AnyContract> {
     try {
       this.#cron = new Cron(pattern, { paused: true, timezone: this.timezone });
     } catch (error) {
-      throw problem(`cron pattern ${JSON.stringify(pattern)} is invalid (${(error as Error).message}); five fields (minute hour day month weekday), or six with seconds first`);
+      throw problem(
+        `cron pattern ${JSON.stringify(pattern)} is invalid (${(error as Error).message}); five fields (minute hour day month weekday), or six with seconds first`,
+      );
     }
     try {
       if (this.#cron.nextRun() === null) throw new Error('it never fires');
@@ -108,15 +111,18 @@ export class Schedule<C extends AnyContract = AnyContract> {
     const tick = this.nextTick(bus.clock.now());
     if (tick === undefined) return;
     const wait = tick - bus.clock.now();
-    this.#timer = bus.clock.setTimeout(() => {
-      // A long wait is cut in pieces: re-arm until the tick is near.
-      if (wait > MAX_WAIT_MS) return this.#arm(bus);
-      this.#firing = this.#fire(bus, tick).finally(() => {
-        this.#firing = undefined;
-        this.#arm(bus);
-      });
-      return this.#firing;
-    }, Math.min(wait, MAX_WAIT_MS));
+    this.#timer = bus.clock.setTimeout(
+      () => {
+        // A long wait is cut in pieces: re-arm until the tick is near.
+        if (wait > MAX_WAIT_MS) return this.#arm(bus);
+        this.#firing = this.#fire(bus, tick).finally(() => {
+          this.#firing = undefined;
+          this.#arm(bus);
+        });
+        return this.#firing;
+      },
+      Math.min(wait, MAX_WAIT_MS),
+    );
   }
 
   /** Claims `tick` and publishes its message in one transaction; another process may have claimed it first. */

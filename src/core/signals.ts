@@ -34,12 +34,16 @@ function onSignal(signal: NodeJS.Signals): void {
   removeListeners();
   const stopping = [...buses];
   buses.clear();
-  process.stderr.write(`[tidings] ${signal}: stopping ${stopping.length === 1 ? 'the bus' : `${stopping.length} buses`} gracefully (${signal} again exits at once)\n`);
+  process.stderr.write(
+    `[tidings] ${signal}: stopping ${stopping.length === 1 ? 'the bus' : `${stopping.length} buses`} gracefully (${signal} again exits at once)\n`,
+  );
   void Promise.allSettled(stopping.map((bus) => bus.stop())).then((outcomes) => {
     for (const outcome of outcomes) {
       if (outcome.status === 'rejected') {
         process.exitCode = 1;
-        process.stderr.write(`[tidings] stopping on ${signal} failed: ${outcome.reason instanceof Error ? (outcome.reason.stack ?? outcome.reason.message) : String(outcome.reason)}\n`);
+        process.stderr.write(
+          `[tidings] stopping on ${signal} failed: ${outcome.reason instanceof Error ? (outcome.reason.stack ?? outcome.reason.message) : String(outcome.reason)}\n`,
+        );
       }
     }
     // Raised again for Node's default (the process ends by the signal), unless the application listens to

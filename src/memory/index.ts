@@ -64,7 +64,6 @@ interface Waiter {
   timer: NodeJS.Timeout | undefined;
 }
 
-
 /**
  * Publishing appends to one log in commit order and copies a reference into the queue of each
  * subscription of the topic, by lane and key; workers take ready keys from their lanes. Every step is

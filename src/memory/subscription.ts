@@ -1,5 +1,5 @@
 import { AsyncResource } from 'node:async_hooks';
-import { EVERY_TOPIC, type AttemptRecord, type Consumer, type DeliveryHandler, type DeliveryResult, type SubscriptionSpec } from '../core/backbone.ts';
+import { EVERY_TOPIC, type AttemptRecord, type Consumer, type DeliveryHandler, type SubscriptionSpec } from '../core/backbone.ts';
 import { partitionOf, type Envelope } from '../core/envelope.ts';
 import { runAttempts } from '../core/attempts.ts';
 import type { Clock, ClockTimer } from '../core/clock.ts';
@@ -230,7 +230,7 @@ export class Group {
       this.#ctx.warn(
         `Subscription ${this.name}: its workers disagree on its topics (${this.topics.join(', ')}): ${unable.length} of them have no handler for ${lacking}. ` +
           (able.length === 0 ? 'No worker handles all of them, so every partition is held' : 'Their partitions go to the workers that handle all of them') +
-          '. During a rolling deploy that adds or removes a handler this lasts until the old version\'s workers stop',
+          ". During a rolling deploy that adds or removes a handler this lasts until the old version's workers stop",
       );
     }
     this.#disagreement = disagreement;
@@ -318,12 +318,15 @@ export class Group {
 
   #arm(line: KeyLine): void {
     this.#ctx.clock.clearTimeout(line.timer);
-    line.timer = this.#ctx.clock.setTimeout(() => {
-      line.timer = undefined;
-      line.retryAt = 0;
-      this.#waiting.delete(line);
-      this.#makeReady(line);
-    }, Math.max(0, line.retryAt - this.#ctx.clock.now()));
+    line.timer = this.#ctx.clock.setTimeout(
+      () => {
+        line.timer = undefined;
+        line.retryAt = 0;
+        this.#waiting.delete(line);
+        this.#makeReady(line);
+      },
+      Math.max(0, line.retryAt - this.#ctx.clock.now()),
+    );
     // A retry waiting in memory must not keep a test process alive.
     line.timer.unref?.();
   }

@@ -48,7 +48,10 @@ export class MemoryTransaction {
 function open(tx: MemoryTransaction, action: string, owner?: object): Internals {
   const inner = internals.get(tx);
   if (inner === undefined) {
-    throw new TidingsError('NO_TRANSACTION', `Cannot ${action}: tx is not a transaction of the memory backbone; use the tx of bus.transaction() or of the handler's ctx`);
+    throw new TidingsError(
+      'NO_TRANSACTION',
+      `Cannot ${action}: tx is not a transaction of the memory backbone; use the tx of bus.transaction() or of the handler's ctx`,
+    );
   }
   if (owner !== undefined && inner.owner !== owner) {
     throw new TidingsError('NO_TRANSACTION', `Cannot ${action}: this tx (${inner.what}) belongs to another memory backbone`);
@@ -72,7 +75,7 @@ export function enlist(tx: unknown, owner: object, messages: readonly Outgoing[]
   if (!(tx instanceof MemoryTransaction)) {
     throw new TidingsError(
       'NO_TRANSACTION',
-      `Cannot publish ${describe(messages)} in this tx: the memory backbone takes only its own transactions (bus.transaction() or the handler's ctx.tx), got ${typeof tx === 'object' && tx !== null ? tx.constructor?.name ?? 'an object' : typeof tx}`,
+      `Cannot publish ${describe(messages)} in this tx: the memory backbone takes only its own transactions (bus.transaction() or the handler's ctx.tx), got ${typeof tx === 'object' && tx !== null ? (tx.constructor?.name ?? 'an object') : typeof tx}`,
     );
   }
   const inner = open(tx, `publish ${describe(messages)}`, owner);

@@ -1,14 +1,12 @@
 /** The NATS JetStream broker: the stream, its buckets and consumers, publishing with confirms. */
 import { hostname } from 'node:os';
-import type { JetStreamClient, JetStreamManager, StreamConfig, StreamInfo } from '@nats-io/jetstream';
-import type { KV } from '@nats-io/kv';
+import type { JetStreamManager, StreamConfig, StreamInfo } from '@nats-io/jetstream';
 import type { NatsConnection } from '@nats-io/transport-node';
 import type { Consumer, DeliveryHandler, Outgoing, SubscriptionSpec } from '../core/backbone.ts';
 import type { Broker } from '../core/broker.ts';
 import type { DeadLetterStore } from '../core/dead-letters.ts';
 import { partitionOf } from '../core/envelope.ts';
 import { TidingsError } from '../core/errors.ts';
-import { OptionProblems } from '../core/options.ts';
 import { defaultWarning } from '../core/warnings.ts';
 import { loadClient } from './client.ts';
 import { subjectOf, toWire } from './codec.ts';
@@ -72,41 +70,55 @@ export class NatsBroker implements Broker {
         timeout: s.publishTimeoutMs,
       });
     } catch (error) {
-      throw new TidingsError('BACKBONE_UNAVAILABLE', `Cannot connect to NATS at ${s.servers.join(', ')}: ${(error as Error).message}; start the server or check servers`, {
-        cause: error,
-        retryable: true,
-      });
+      throw new TidingsError(
+        'BACKBONE_UNAVAILABLE',
+        `Cannot connect to NATS at ${s.servers.join(', ')}: ${(error as Error).message}; start the server or check servers`,
+        {
+          cause: error,
+          retryable: true,
+        },
+      );
     }
     try {
       const jsm = await jetstream.jetstreamManager(nc, { timeout: s.publishTimeoutMs });
       const description = `tidings buckets=${s.buckets}: Tidings messages, subjects ${s.subjectPrefix}.<bucket>.<topic>`;
-      const info = await ensureStream(jsm, {
-        name: s.stream,
-        subjects: bucketSubjects(s.subjectPrefix, s.buckets),
-        description,
-        storage: StorageType.File,
-        retention: RetentionPolicy.Limits,
-        duplicate_window: nanos(s.duplicateWindowMs),
-        num_replicas: s.replicas,
-      }, (info) => {
-        const stored = BUCKETS_MARK.exec(info.config.description ?? '')?.[1];
-        if (stored === undefined) {
-          throw new TidingsError('INVALID_OPTIONS', `Stream ${s.stream} exists but was not created by Tidings (its description has no "tidings buckets=N"); use another stream name`);
-        }
-        // Not given: the stream's own settings hold, so a service (or the CLI) needs only the stream's name.
-        if (!this.#explicit.buckets) s.buckets = Number(stored);
-        const prefix = PREFIX_MARK.exec(info.config.description ?? '')?.[1];
-        if (!this.#explicit.subjectPrefix && prefix !== undefined) s.subjectPrefix = prefix;
-        if (prefix !== undefined && prefix !== s.subjectPrefix) {
-          throw new TidingsError('INVALID_OPTIONS', `Stream ${s.stream} carries subjects ${prefix}.<bucket>.<topic>, not ${s.subjectPrefix}.<bucket>.<topic>. Use subjectPrefix: '${prefix}' (or leave it out), or a new stream`);
-        }
-        if (Number(stored) !== s.buckets) {
-          throw new TidingsError(
-            'INVALID_OPTIONS',
-            `Stream ${s.stream} was created with ${stored} buckets, not ${s.buckets}: changing the count would break per-key order. Use buckets: ${stored} (or leave it out), or a new stream`,
-          );
-        }
-      });
+      const info = await ensureStream(
+        jsm,
+        {
+          name: s.stream,
+          subjects: bucketSubjects(s.subjectPrefix, s.buckets),
+          description,
+          storage: StorageType.File,
+          retention: RetentionPolicy.Limits,
+          duplicate_window: nanos(s.duplicateWindowMs),
+          num_replicas: s.replicas,
+        },
+        (info) => {
+          const stored = BUCKETS_MARK.exec(info.config.description ?? '')?.[1];
+          if (stored === undefined) {
+            throw new TidingsError(
+              'INVALID_OPTIONS',
+              `Stream ${s.stream} exists but was not created by Tidings (its description has no "tidings buckets=N"); use another stream name`,
+            );
+          }
+          // Not given: the stream's own settings hold, so a service (or the CLI) needs only the stream's name.
+          if (!this.#explicit.buckets) s.buckets = Number(stored);
+          const prefix = PREFIX_MARK.exec(info.config.description ?? '')?.[1];
+          if (!this.#explicit.subjectPrefix && prefix !== undefined) s.subjectPrefix = prefix;
+          if (prefix !== undefined && prefix !== s.subjectPrefix) {
+            throw new TidingsError(
+              'INVALID_OPTIONS',
+              `Stream ${s.stream} carries subjects ${prefix}.<bucket>.<topic>, not ${s.subjectPrefix}.<bucket>.<topic>. Use subjectPrefix: '${prefix}' (or leave it out), or a new stream`,
+            );
+          }
+          if (Number(stored) !== s.buckets) {
+            throw new TidingsError(
+              'INVALID_OPTIONS',
+              `Stream ${s.stream} was created with ${stored} buckets, not ${s.buckets}: changing the count would break per-key order. Use buckets: ${stored} (or leave it out), or a new stream`,
+            );
+          }
+        },
+      );
       // A stream made before the stream took only its buckets' subjects (it took `<prefix>.>`) is narrowed:
       // a message published outside them would never reach a bucket's consumer (test/input.nats.test.ts).
       const subjects = bucketSubjects(s.subjectPrefix, s.buckets);
@@ -132,10 +144,14 @@ export class NatsBroker implements Broker {
     } catch (error) {
       await nc.close().catch(() => undefined);
       if (error instanceof TidingsError) throw error;
-      throw new TidingsError('BACKBONE_UNAVAILABLE', `NATS at ${s.servers.join(', ')} did not set up stream ${s.stream}: ${(error as Error).message}; is JetStream enabled (nats-server -js)?`, {
-        cause: error,
-        retryable: isUnavailable(error),
-      });
+      throw new TidingsError(
+        'BACKBONE_UNAVAILABLE',
+        `NATS at ${s.servers.join(', ')} did not set up stream ${s.stream}: ${(error as Error).message}; is JetStream enabled (nats-server -js)?`,
+        {
+          cause: error,
+          retryable: isUnavailable(error),
+        },
+      );
     }
   }
 
@@ -150,8 +166,12 @@ export class NatsBroker implements Broker {
     const { js, nc } = await this.context();
     const s = this.settings;
     const maxPayload = nc.info?.max_payload ?? DEFAULT_MAX_PAYLOAD;
-    const wires = messages.map((message) => toWire(message, subjectOf(s.subjectPrefix, partitionOf(message.keyHash, s.buckets), message.envelope.topic), maxPayload));
-    const results = await Promise.allSettled(wires.map((wire) => js.publish(wire.subject, wire.payload, { headers: wire.headers, timeout: s.publishTimeoutMs })));
+    const wires = messages.map((message) =>
+      toWire(message, subjectOf(s.subjectPrefix, partitionOf(message.keyHash, s.buckets), message.envelope.topic), maxPayload),
+    );
+    const results = await Promise.allSettled(
+      wires.map((wire) => js.publish(wire.subject, wire.payload, { headers: wire.headers, timeout: s.publishTimeoutMs })),
+    );
     const failed = results.findIndex((result) => result.status === 'rejected');
     if (failed === -1) return;
     const error = (results[failed] as PromiseRejectedResult).reason as unknown;
@@ -161,7 +181,11 @@ export class NatsBroker implements Broker {
     const refused = refusedForGood(error);
     if (refused !== undefined) {
       // The server's limits differ from what toWire assumed (a cluster with a lower max_payload, say).
-      throw new TidingsError('LIMIT_EXCEEDED', `NATS refused message ${message.id} (${message.topic}) for good: ${refused}`, { cause: error, ref, retryable: false });
+      throw new TidingsError('LIMIT_EXCEEDED', `NATS refused message ${message.id} (${message.topic}) for good: ${refused}`, {
+        cause: error,
+        ref,
+        retryable: false,
+      });
     }
     // Anything else may pass later: a server down or slow, a stream full with discard new, a leader election.
     throw new TidingsError(

@@ -93,9 +93,18 @@ export function toWire(message: Outgoing, subject: string, maxPayload: number): 
       retryable: false,
     });
   if (Buffer.byteLength(subject) > natsLimits.subjectBytes) {
-    throw refuse('LIMIT_EXCEEDED', `its subject is ${Buffer.byteLength(subject)} bytes, over the limit of ${natsLimits.subjectBytes} (NATS' max_control_line)`, 'use a shorter topic or subjectPrefix');
+    throw refuse(
+      'LIMIT_EXCEEDED',
+      `its subject is ${Buffer.byteLength(subject)} bytes, over the limit of ${natsLimits.subjectBytes} (NATS' max_control_line)`,
+      'use a shorter topic or subjectPrefix',
+    );
   }
-  if (!SUBJECT.test(subject)) throw refuse('INVALID_PAYLOAD', `its subject ${JSON.stringify(abridged(subject))} is not NATS subject tokens`, 'a topic must have no space, "*", ">" or empty part');
+  if (!SUBJECT.test(subject))
+    throw refuse(
+      'INVALID_PAYLOAD',
+      `its subject ${JSON.stringify(abridged(subject))} is not NATS subject tokens`,
+      'a topic must have no space, "*", ">" or empty part',
+    );
   let headers: MsgHdrs;
   let msgId: string;
   try {
@@ -111,7 +120,11 @@ export function toWire(message: Outgoing, subject: string, maxPayload: number): 
         return true;
       }
     });
-    throw refuse('INVALID_PAYLOAD', `its ${name ?? 'id'} holds a lone surrogate (half of a UTF-16 pair), which has no UTF-8 form for a NATS header`, 'send well-formed text');
+    throw refuse(
+      'INVALID_PAYLOAD',
+      `its ${name ?? 'id'} holds a lone surrogate (half of a UTF-16 pair), which has no UTF-8 form for a NATS header`,
+      'send well-formed text',
+    );
   }
   // JetStream keeps one copy of a message id within the duplicate window (a relay's retry is stored once).
   headers.set('Nats-Msg-Id', msgId);
@@ -119,11 +132,19 @@ export function toWire(message: Outgoing, subject: string, maxPayload: number): 
   let headerBytes = 12;
   for (const [name, values] of headers) for (const value of values) headerBytes += name.length + value.length + 4;
   if (headerBytes > natsLimits.headerBytes) {
-    throw refuse('LIMIT_EXCEEDED', `its headers are ${headerBytes} bytes, over JetStream's limit of ${natsLimits.headerBytes}`, 'the key, ids and subject travel in headers: shorten them');
+    throw refuse(
+      'LIMIT_EXCEEDED',
+      `its headers are ${headerBytes} bytes, over JetStream's limit of ${natsLimits.headerBytes}`,
+      'the key, ids and subject travel in headers: shorten them',
+    );
   }
   const payload = Buffer.from(message.json);
   if (headerBytes + payload.byteLength > maxPayload) {
-    throw refuse('LIMIT_EXCEEDED', `it is ${headerBytes + payload.byteLength} bytes with its headers, over the server's max_payload of ${maxPayload}`, 'send less data, or raise max_payload in nats-server');
+    throw refuse(
+      'LIMIT_EXCEEDED',
+      `it is ${headerBytes + payload.byteLength} bytes with its headers, over the server's max_payload of ${maxPayload}`,
+      'send less data, or raise max_payload in nats-server',
+    );
   }
   return { subject, headers, payload };
 }
@@ -165,7 +186,8 @@ export type Decoded = { readonly envelope: Envelope; readonly problem?: undefine
 export function decode(fields: HeaderFields, payload: Uint8Array, topicFromSubject: string, storedAtNanos: number): Decoded {
   const header = (name: string) => fields.get(name);
   const missing = ['specversion', 'id', 'source', 'type'].filter((name) => !header(`ce-${name}`));
-  if (missing.length > 0) return { problem: `no CloudEvents attribute${missing.length > 1 ? 's' : ''} ${missing.map((m) => `ce-${m}`).join(', ')} in its headers` };
+  if (missing.length > 0)
+    return { problem: `no CloudEvents attribute${missing.length > 1 ? 's' : ''} ${missing.map((m) => `ce-${m}`).join(', ')} in its headers` };
   const specversion = header('ce-specversion');
   if (specversion !== '1.0') return { problem: `ce-specversion is ${JSON.stringify(specversion)}, not "1.0"` };
   const contentType = header('content-type') ?? header('ce-datacontenttype');
@@ -180,7 +202,8 @@ export function decode(fields: HeaderFields, payload: Uint8Array, topicFromSubje
   }
   const id = header('ce-id')!;
   const topic = header('ce-topic') ?? topicFromSubject;
-  if (topic !== topicFromSubject) return { problem: `ce-topic ${JSON.stringify(topic)} does not match the subject's topic ${JSON.stringify(topicFromSubject)}` };
+  if (topic !== topicFromSubject)
+    return { problem: `ce-topic ${JSON.stringify(topic)} does not match the subject's topic ${JSON.stringify(topicFromSubject)}` };
   return {
     envelope: {
       specversion: '1.0',

@@ -298,7 +298,10 @@ export class NatsConsumer implements Consumer {
   async #readWorkers(): Promise<WorkerView> {
     const read = ++this.#reads;
     const prefix = `${this.#token}.worker.`;
-    const [entries, newestEntry] = await Promise.all([readEntries(this.#ctx.jsm, this.#ctx.leases, this.#ctx.leasesBucket, `${prefix}*`), this.#ctx.holds.get(this.#newestKey)]);
+    const [entries, newestEntry] = await Promise.all([
+      readEntries(this.#ctx.jsm, this.#ctx.leases, this.#ctx.leasesBucket, `${prefix}*`),
+      this.#ctx.holds.get(this.#newestKey),
+    ]);
     const workers = entries.map((entry) => readAnnouncement(entry.key.slice(prefix.length), entry.string()));
     if (!workers.some((worker) => worker.owner === this.#owner)) workers.push(readAnnouncement(this.#owner, announcement(this.#spec.topics)));
     let newest: LiveWorker | undefined;
@@ -361,9 +364,13 @@ export class NatsConsumer implements Consumer {
     lane.staleTimer = undefined;
     for (const [key, hold] of lane.holds) {
       if (!lane.active || lane.pulled.has(hold.seq)) continue;
-      this.#ctx.warn(`Subscription ${this.#spec.name}: the held message ${hold.id} (bucket ${lane.bucket}, stream sequence ${hold.seq}) did not come back; it was acknowledged already, so its key goes on`);
+      this.#ctx.warn(
+        `Subscription ${this.#spec.name}: the held message ${hold.id} (bucket ${lane.bucket}, stream sequence ${hold.seq}) did not come back; it was acknowledged already, so its key goes on`,
+      );
       lane.holds.delete(key);
-      void this.#holds.delete(hold).catch((error: unknown) => this.#ctx.warn(`Subscription ${this.#spec.name}: could not delete the stale hold of message ${hold.id}`, error));
+      void this.#holds
+        .delete(hold)
+        .catch((error: unknown) => this.#ctx.warn(`Subscription ${this.#spec.name}: could not delete the stale hold of message ${hold.id}`, error));
       const line = lane.keys.get(key);
       if (line !== undefined) this.#pump(lane, key, line);
     }
@@ -564,7 +571,11 @@ export class NatsConsumer implements Consumer {
         }
       } else {
         pulled.where = 'elsewhere';
-        this.#leaveToOthers(lane, pulled, handlers.map((worker) => worker.owner));
+        this.#leaveToOthers(
+          lane,
+          pulled,
+          handlers.map((worker) => worker.owner),
+        );
       }
     }
   }
@@ -741,7 +752,10 @@ export class NatsConsumer implements Consumer {
         if (lane.holds.get(pulled.key) === hold) lane.holds.delete(pulled.key);
         break;
       } catch (error) {
-        this.#ctx.warn(`Subscription ${this.#spec.name}: could not delete the hold of message ${hold.id}; retrying in ${this.#ctx.settings.errorBackoffMs} ms`, error);
+        this.#ctx.warn(
+          `Subscription ${this.#spec.name}: could not delete the hold of message ${hold.id}; retrying in ${this.#ctx.settings.errorBackoffMs} ms`,
+          error,
+        );
         if (!lane.active) return;
         await new Promise((resolve) => setTimeout(resolve, this.#ctx.settings.errorBackoffMs));
         if (!lane.active) return;
@@ -818,7 +832,10 @@ export class NatsConsumer implements Consumer {
           if (isUnavailable(error)) break; // the same again later; a refusal tries the next, smaller one
         }
       }
-      this.#ctx.warn(`Subscription ${this.#spec.name}: could not write the dead letter of message ${envelope.id} (${pulled.topic}); retrying in ${settings.errorBackoffMs} ms`, refused);
+      this.#ctx.warn(
+        `Subscription ${this.#spec.name}: could not write the dead letter of message ${envelope.id} (${pulled.topic}); retrying in ${settings.errorBackoffMs} ms`,
+        refused,
+      );
       if (!lane.active) return false;
       await new Promise((resolve) => setTimeout(resolve, settings.errorBackoffMs));
       if (!lane.active) return false;

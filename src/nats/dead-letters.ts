@@ -82,7 +82,9 @@ export function* deadLetterEncodings(record: DeadLetterRecord, raw: Uint8Array, 
     }),
     () => ({
       ...record,
-      reason: note(`without its payload, headers and stacks: over ${maxBytes} bytes; the message is in stream ${record.source.stream} at sequence ${record.source.sequence}`),
+      reason: note(
+        `without its payload, headers and stacks: over ${maxBytes} bytes; the message is in stream ${record.source.stream} at sequence ${record.source.sequence}`,
+      ),
       attempts: bare,
       envelope: envelope as DeadLetterRecord['envelope'],
       source: { stream: record.source.stream, sequence: record.source.sequence, subject: record.source.subject, headers: {} },
@@ -156,13 +158,21 @@ export class NatsDeadLetters implements DeadLetterStore {
           headers.set('tidings-redriven-by', actorOf(request));
           // A new Nats-Msg-Id: the original id is likely still inside the duplicate window. The message id
           // itself (ce-id) is unchanged, so an inbox still recognises it.
-          await ctx.js.publish(record.source.subject, payload, { headers, msgID: `${record.messageId}:redrive:${ctx.dlqStream}:${seq}`, timeout: ctx.settings.publishTimeoutMs });
-        } catch (error) {
-          throw new TidingsError(isUnavailable(error) ? 'BACKBONE_UNAVAILABLE' : 'PUBLISH_FAILED', `Could not redrive dead letter ${seq} (message ${record.messageId}, ${record.topic}): ${(error as Error).message}; ${result.count} were redriven before it, run the command again for the rest`, {
-            cause: error,
-            ref: { id: record.messageId, topic: record.topic, key: record.key },
-            retryable: isUnavailable(error),
+          await ctx.js.publish(record.source.subject, payload, {
+            headers,
+            msgID: `${record.messageId}:redrive:${ctx.dlqStream}:${seq}`,
+            timeout: ctx.settings.publishTimeoutMs,
           });
+        } catch (error) {
+          throw new TidingsError(
+            isUnavailable(error) ? 'BACKBONE_UNAVAILABLE' : 'PUBLISH_FAILED',
+            `Could not redrive dead letter ${seq} (message ${record.messageId}, ${record.topic}): ${(error as Error).message}; ${result.count} were redriven before it, run the command again for the rest`,
+            {
+              cause: error,
+              ref: { id: record.messageId, topic: record.topic, key: record.key },
+              retryable: isUnavailable(error),
+            },
+          );
         }
       }
       // Gone already: another operator got there first.
@@ -189,7 +199,8 @@ export class NatsDeadLetters implements DeadLetterStore {
       if (ids !== undefined && !ids.has(String(seq)) && !ids.has(record.messageId)) return false;
       if (selection.subscription !== undefined && record.subscription !== selection.subscription) return false;
       if (selection.topic !== undefined && record.topic !== selection.topic) return false;
-      if (text !== undefined && !record.reason.toLowerCase().includes(text) && !record.attempts.some((a) => a.error.message.toLowerCase().includes(text))) return false;
+      if (text !== undefined && !record.reason.toLowerCase().includes(text) && !record.attempts.some((a) => a.error.message.toLowerCase().includes(text)))
+        return false;
       return true;
     });
   }
@@ -236,7 +247,11 @@ async function original(ctx: NatsContext, record: DeadLetterRecord): Promise<{ h
     [stored, missing] = [null, error];
   }
   if (stored === null) {
-    throw new TidingsError('PUBLISH_FAILED', `Dead letter of message ${record.messageId} (${record.topic}) keeps no payload, and stream ${record.source.stream} no longer has it at sequence ${record.source.sequence}: it cannot be redriven; drop it`, { cause: missing, ref: { id: record.messageId, topic: record.topic, key: record.key } });
+    throw new TidingsError(
+      'PUBLISH_FAILED',
+      `Dead letter of message ${record.messageId} (${record.topic}) keeps no payload, and stream ${record.source.stream} no longer has it at sequence ${record.source.sequence}: it cannot be redriven; drop it`,
+      { cause: missing, ref: { id: record.messageId, topic: record.topic, key: record.key } },
+    );
   }
   return { headers: recordToHeaders(headersToRecord(stored.header)), payload: stored.data };
 }

@@ -3,7 +3,15 @@
  * The client's errors by name, not class: @nats-io/kv and @nats-io/jetstream pin exact versions of the
  * packages below them, so an application with other versions of them has two copies of each error class.
  */
-const UNAVAILABLE = new Set(['TimeoutError', 'ClosedConnectionError', 'DrainingConnectionError', 'ConnectionError', 'NoResponders', 'NoRespondersError', 'RequestError']);
+const UNAVAILABLE = new Set([
+  'TimeoutError',
+  'ClosedConnectionError',
+  'DrainingConnectionError',
+  'ConnectionError',
+  'NoResponders',
+  'NoRespondersError',
+  'RequestError',
+]);
 
 /** True for failures that a later try may not see: no connection, no JetStream answer, a timeout. */
 export function isUnavailable(error: unknown): boolean {

@@ -60,7 +60,10 @@ export class Holds {
 
   /** Writes (or rewrites) the hold; resolves with it as stored, its revision set. */
   async put(bucket: number, hold: Hold): Promise<Hold> {
-    const attempts = hold.attempts.map((record) => ({ ...record, error: { ...record.error, ...(record.error.stack === undefined ? {} : { stack: record.error.stack.slice(0, STACK_CHARS) }) } }));
+    const attempts = hold.attempts.map((record) => ({
+      ...record,
+      error: { ...record.error, ...(record.error.stack === undefined ? {} : { stack: record.error.stack.slice(0, STACK_CHARS) }) },
+    }));
     const { revision: _, ...stored } = { ...hold, attempts };
     const revision = await this.#kv.put(this.#key(bucket, hold.seq), JSON.stringify(stored));
     return { ...hold, revision };

@@ -60,16 +60,37 @@ const STREAM_NAME = /^[A-Za-z0-9_-]{1,200}$/;
 const SUBJECT_PREFIX = /^[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*$/;
 
 const natsOptionNames = optionNames<NatsOptions>()(
-  'servers', 'stream', 'subjectPrefix', 'buckets', 'duplicateWindowMs', 'replicas', 'ackWaitMs', 'leaseMs', 'heartbeatMs',
-  'fetchExpiresMs', 'publishTimeoutMs', 'reconnectWaitMs', 'ackPendingPerHandler', 'errorBackoffMs', 'outbox', 'relay', 'onWarning',
+  'servers',
+  'stream',
+  'subjectPrefix',
+  'buckets',
+  'duplicateWindowMs',
+  'replicas',
+  'ackWaitMs',
+  'leaseMs',
+  'heartbeatMs',
+  'fetchExpiresMs',
+  'publishTimeoutMs',
+  'reconnectWaitMs',
+  'ackPendingPerHandler',
+  'errorBackoffMs',
+  'outbox',
+  'relay',
+  'onWarning',
 );
 
 export function resolveNatsSettings(options: NatsOptions): NatsSettings {
   const problems = new OptionProblems('nats()');
   problems.unknownKeys(options, natsOptionNames);
   const servers = typeof options?.servers === 'string' ? [options.servers] : options?.servers;
-  problems.check(Array.isArray(servers) && servers.length > 0 && servers.every((s) => typeof s === 'string' && s.length > 0), 'servers must be a NATS URL or a list of them, for example nats://127.0.0.1:4222');
-  problems.check(options.stream === undefined || (typeof options.stream === 'string' && STREAM_NAME.test(options.stream)), `stream must be letters, digits, "-" or "_", got ${JSON.stringify(options.stream)}`);
+  problems.check(
+    Array.isArray(servers) && servers.length > 0 && servers.every((s) => typeof s === 'string' && s.length > 0),
+    'servers must be a NATS URL or a list of them, for example nats://127.0.0.1:4222',
+  );
+  problems.check(
+    options.stream === undefined || (typeof options.stream === 'string' && STREAM_NAME.test(options.stream)),
+    `stream must be letters, digits, "-" or "_", got ${JSON.stringify(options.stream)}`,
+  );
   problems.check(
     options.subjectPrefix === undefined || (typeof options.subjectPrefix === 'string' && SUBJECT_PREFIX.test(options.subjectPrefix)),
     `subjectPrefix must be NATS subject tokens joined by ".", without wildcards, got ${JSON.stringify(options.subjectPrefix)}`,

@@ -37,7 +37,8 @@ export class Delivered {
     this.#msg = msg;
     const tokens = (msg.reply ?? '').split('.');
     if (tokens.length === 9) tokens.splice(2, 0, '_', '');
-    if (tokens.length < 11 || tokens[0] !== '$JS' || tokens[1] !== 'ACK') throw new Error(`not a JetStream delivery: reply subject ${JSON.stringify(msg.reply)}`);
+    if (tokens.length < 11 || tokens[0] !== '$JS' || tokens[1] !== 'ACK')
+      throw new Error(`not a JetStream delivery: reply subject ${JSON.stringify(msg.reply)}`);
     this.deliveries = Number(tokens[6]);
     this.seq = Number(tokens[7]);
     this.deliverySeq = Number(tokens[8]);
@@ -97,7 +98,6 @@ export interface PullerOptions {
   /** Every delivery, in the order it arrives; called synchronously from the subscription. */
   readonly onMessage: (delivery: Delivered) => void;
 }
-
 
 export class Puller {
   readonly #options: PullerOptions;

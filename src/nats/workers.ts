@@ -55,7 +55,9 @@ export class WorkerView {
       else if (handles !== 'unknown') for (const topic of handles) union.add(topic);
     }
     this.topics = every ? 'every' : union;
-    this.complete = this.workers.filter(({ handles }) => handles === 'unknown' || handles === 'every' || (this.topics !== 'every' && [...union].every((topic) => handles.has(topic))));
+    this.complete = this.workers.filter(
+      ({ handles }) => handles === 'unknown' || handles === 'every' || (this.topics !== 'every' && [...union].every((topic) => handles.has(topic))),
+    );
   }
 
   /** Whether `topic` is the subscription's. */

@@ -66,7 +66,12 @@ export class LazyTransaction {
       this.#done.catch((error: unknown) => {
         if (error !== DUPLICATE) return rejectOpened(error);
         const { subscription, id } = this.inbox!;
-        rejectOpened(new TidingsError('STOPPED', `Message ${id} was handled by another delivery to ${subscription} meanwhile: this attempt keeps none of its writes and is acknowledged`));
+        rejectOpened(
+          new TidingsError(
+            'STOPPED',
+            `Message ${id} was handled by another delivery to ${subscription} meanwhile: this attempt keeps none of its writes and is acknowledged`,
+          ),
+        );
       });
     });
   }

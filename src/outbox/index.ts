@@ -223,7 +223,10 @@ export class BrokerBackbone implements Backbone<PgTransaction> {
   ): Promise<DeliveryResult> {
     const id = delivery.envelope.id;
     const databaseFailed = (error: unknown): DeliveryResult => {
-      this.#warn(`Subscription ${spec.name} could not use the outbox database for message ${id} (${delivery.envelope.topic}); it will be delivered again`, error);
+      this.#warn(
+        `Subscription ${spec.name} could not use the outbox database for message ${id} (${delivery.envelope.topic}); it will be delivered again`,
+        error,
+      );
       return { outcome: 'retry', delayMs: databaseRetryMs, error: describeError(error) };
     };
     try {

@@ -162,7 +162,16 @@ export async function readStatus(db: Queryable, options: StatusOptions): Promise
           order by c.subscription, c.partition`,
         [only],
       ),
-      db.query<{ id: string; subscription: string; host: string; pid: number; started_at: Date | string; expires_at: Date | string; live: boolean; topics: string[] | null }>(
+      db.query<{
+        id: string;
+        subscription: string;
+        host: string;
+        pid: number;
+        started_at: Date | string;
+        expires_at: Date | string;
+        live: boolean;
+        topics: string[] | null;
+      }>(
         `select id, subscription, host, pid, started_at, expires_at, expires_at > now() as live, topics from ${s}.workers
           where $1::text is null or subscription = $1 order by subscription, started_at, id`,
         [only],
@@ -348,7 +357,6 @@ export async function countDeadLetters(db: Queryable, options: DeadLetterSelecti
     return Number(rows[0]?.total ?? 0);
   });
 }
-
 
 /**
  * Hands dead letters back to their subscriptions, oldest first, keeping each message's id so that inboxes
@@ -711,9 +719,7 @@ export async function* tailTopic(db: Queryable, options: TailOptions): AsyncGene
   const stopped = () => options.signal?.aborted === true;
   while (!stopped()) {
     window ??= await snapshot();
-    const { rows } = await explainMissingSchema(options.schema, () =>
-      db.query<LogRow>(read, [...params, done, window, after, adminDefaults.tailBatch]),
-    );
+    const { rows } = await explainMissingSchema(options.schema, () => db.query<LogRow>(read, [...params, done, window, after, adminDefaults.tailBatch]));
     for (const row of rows) {
       if (stopped()) return;
       yield { position: Number(row.position), envelope: toEnvelope(row) };
@@ -780,12 +786,13 @@ function selectionSql(selection: DeadLetterSelection, params: unknown[], rules: 
   if (selection.topic !== undefined) clauses.push(`d.topic = ${param(params, selection.topic)}`);
   if (selection.errorText !== undefined) {
     const pattern = param(params, `%${escapeLike(selection.errorText)}%`);
-    clauses.push(
-      `(d.reason ilike ${pattern} or exists (select 1 from jsonb_array_elements(d.attempts) a where a -> 'error' ->> 'message' ilike ${pattern}))`,
-    );
+    clauses.push(`(d.reason ilike ${pattern} or exists (select 1 from jsonb_array_elements(d.attempts) a where a -> 'error' ->> 'message' ilike ${pattern}))`);
   }
   if (clauses.length === 0 && rules.requireFilter && selection.all !== true) {
-    throw new TidingsError('INVALID_OPTIONS', 'Name the dead letters (by ids, subscription, topic or error text), or select all of them explicitly with all: true');
+    throw new TidingsError(
+      'INVALID_OPTIONS',
+      'Name the dead letters (by ids, subscription, topic or error text), or select all of them explicitly with all: true',
+    );
   }
   return clauses.length === 0 ? 'true' : clauses.join(' and ');
 }
@@ -871,7 +878,9 @@ export async function dropSubscription(driver: SqlDriver, options: { schema: str
     driver.transaction(async (tx) => {
       const { rows: subs } = await tx.query(`select name from ${s}.subscriptions where name = $1 for update`, [options.subscription]);
       if (subs.length === 0) throw await unknownSubscription(tx, s, options.schema, options.subscription);
-      const { rows: live } = await tx.query<{ id: string }>(`select id from ${s}.workers where subscription = $1 and expires_at > now()`, [options.subscription]);
+      const { rows: live } = await tx.query<{ id: string }>(`select id from ${s}.workers where subscription = $1 and expires_at > now()`, [
+        options.subscription,
+      ]);
       if (live.length > 0) {
         throw new TidingsError(
           'SUBSCRIPTION_CONFLICT',

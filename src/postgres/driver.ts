@@ -37,7 +37,12 @@ export function preparing(driver: SqlDriver): Session {
 }
 
 /** Runs `text` prepared as `name` where `db` can, and as a plain statement where it cannot. */
-export function queryPrepared<R = Record<string, unknown>>(db: Session, name: string, text: string, params: readonly unknown[]): Promise<{ rows: R[]; rowCount?: number | null }> {
+export function queryPrepared<R = Record<string, unknown>>(
+  db: Session,
+  name: string,
+  text: string,
+  params: readonly unknown[],
+): Promise<{ rows: R[]; rowCount?: number | null }> {
   return db.prepared === undefined ? db.query<R>(text, params) : db.prepared<R>(name, text, params);
 }
 
@@ -138,7 +143,13 @@ export async function pgDriver(options: PgDriverOptions): Promise<SqlDriver> {
   const ownPool = options.pool === undefined;
   const pool: PgPoolLike =
     options.pool ??
-    (new Pool({ connectionString: options.url, max: options.poolSize, keepAlive: true, pipeline: true, application_name: `tidings:${options.name}` }) as unknown as PgPoolLike);
+    (new Pool({
+      connectionString: options.url,
+      max: options.poolSize,
+      keepAlive: true,
+      pipeline: true,
+      application_name: `tidings:${options.name}`,
+    }) as unknown as PgPoolLike);
   if (ownPool) (pool as unknown as { on(e: 'error', l: (e: Error) => void): void }).on('error', () => undefined);
   const config: Record<string, unknown> = options.url !== undefined ? { connectionString: options.url } : { ...pool.options };
   const description = describeUrl(options.url ?? (typeof config.connectionString === 'string' ? config.connectionString : undefined), config);
@@ -149,8 +160,7 @@ export async function pgDriver(options: PgDriverOptions): Promise<SqlDriver> {
     embedded: false,
     description,
     query: (text, params) => wrap(where, () => pool.query(text, params as unknown[])),
-    prepared: (name, text, params) =>
-      wrap(where, () => (pool as unknown as PreparingPool).query({ name, text, values: params as unknown[] })),
+    prepared: (name, text, params) => wrap(where, () => (pool as unknown as PreparingPool).query({ name, text, values: params as unknown[] })),
     async transaction(fn, atCommit) {
       const client = await wrap(where, () => pool.connect());
       let broken: Error | undefined;
@@ -444,7 +454,10 @@ const IDENT = /^[a-z_][a-z0-9_]{0,62}$/;
 /** Validates an identifier Tidings puts in SQL text (schema, channel): never interpolate anything else. */
 export function checkIdentifier(kind: string, name: string): string {
   if (!IDENT.test(name)) {
-    throw new TidingsError('INVALID_OPTIONS', `${kind} ${JSON.stringify(name)} is invalid: use lower-case letters, digits and "_", starting with a letter, at most 63 characters`);
+    throw new TidingsError(
+      'INVALID_OPTIONS',
+      `${kind} ${JSON.stringify(name)} is invalid: use lower-case letters, digits and "_", starting with a letter, at most 63 characters`,
+    );
   }
   return name;
 }
@@ -488,19 +501,31 @@ export function connectionError(where: Where, error: unknown): unknown {
   const code = (error as { code?: unknown } | undefined)?.code;
   const why = describeCause(error);
   if (typeof code === 'string' && LOGIN_REFUSED.test(code)) {
-    return new TidingsError('BACKBONE_UNAVAILABLE', `PostgreSQL at ${description} refused the login (${why}). Check the user and password in ${settingsFrom}.`, { cause: error });
+    return new TidingsError(
+      'BACKBONE_UNAVAILABLE',
+      `PostgreSQL at ${description} refused the login (${why}). Check the user and password in ${settingsFrom}.`,
+      { cause: error },
+    );
   }
   if (code === NO_SUCH_DATABASE) {
-    return new TidingsError('BACKBONE_UNAVAILABLE', `PostgreSQL at ${description} has no such database (${why}). Create it, or fix the database name in ${settingsFrom}.`, {
-      cause: error,
-    });
+    return new TidingsError(
+      'BACKBONE_UNAVAILABLE',
+      `PostgreSQL at ${description} has no such database (${why}). Create it, or fix the database name in ${settingsFrom}.`,
+      {
+        cause: error,
+      },
+    );
   }
   if (!isConnectionError(error)) return error;
   if (typeof code === 'string' && CONFLICT_SQLSTATES.has(code)) {
-    return new TidingsError('BACKBONE_UNAVAILABLE', `PostgreSQL at ${description} aborted the transaction (${why}); nothing of it was written, and it may be retried`, {
-      cause: error,
-      retryable: true,
-    });
+    return new TidingsError(
+      'BACKBONE_UNAVAILABLE',
+      `PostgreSQL at ${description} aborted the transaction (${why}); nothing of it was written, and it may be retried`,
+      {
+        cause: error,
+        retryable: true,
+      },
+    );
   }
   return new TidingsError(
     'BACKBONE_UNAVAILABLE',
@@ -535,7 +560,8 @@ export function urlProblem(url: unknown): string | undefined {
   if (url.startsWith('/')) return undefined; // a Unix socket directory, as pg takes it
   const scheme = /^([a-z][a-z0-9+.-]*):/i.exec(url)?.[1]?.toLowerCase();
   if (scheme === undefined) return `url is not a URL: it must start with postgres:// or postgresql://, ${example}`;
-  if (scheme !== 'postgres' && scheme !== 'postgresql' && scheme !== 'socket') return `url must be a PostgreSQL URL (postgres:// or postgresql://), not ${scheme}://; ${example}`;
+  if (scheme !== 'postgres' && scheme !== 'postgresql' && scheme !== 'socket')
+    return `url must be a PostgreSQL URL (postgres:// or postgresql://), not ${scheme}://; ${example}`;
   // A URL with no host (the socket given as ?host=/var/run/postgresql) is valid for pg, not for URL.
   if (!URL.canParse(url) && !URL.canParse(url.replace('@/', '@localhost/'))) {
     return `url cannot be parsed as a URL: percent-encode special characters in the user name and password (encodeURIComponent), ${example}`;

@@ -18,15 +18,21 @@ export class Inbox {
     private readonly sql: Statements,
     private readonly subscription: string,
   ) {
-    this.#seen = new Batcher(async (ids) => {
-      const { rows } = await driver.query<{ message_id: string }>(sql.inboxSeen, [subscription, ids]);
-      const found = new Set(rows.map((row) => row.message_id));
-      return ids.map((id) => found.has(id));
-    }, { inFlight: 1 });
-    this.#record = new Batcher(async (ids) => {
-      await driver.query(sql.inboxRecord, [subscription, ids]);
-      return ids.map(() => undefined);
-    }, { inFlight: 1 });
+    this.#seen = new Batcher(
+      async (ids) => {
+        const { rows } = await driver.query<{ message_id: string }>(sql.inboxSeen, [subscription, ids]);
+        const found = new Set(rows.map((row) => row.message_id));
+        return ids.map((id) => found.has(id));
+      },
+      { inFlight: 1 },
+    );
+    this.#record = new Batcher(
+      async (ids) => {
+        await driver.query(sql.inboxRecord, [subscription, ids]);
+        return ids.map(() => undefined);
+      },
+      { inFlight: 1 },
+    );
   }
 
   /** True if a delivery of this id was handled (and recorded) before. */

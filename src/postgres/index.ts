@@ -67,8 +67,23 @@ export interface PostgresOptions {
 }
 
 const postgresOptionNames = optionNames<PostgresOptions>()(
-  'url', 'pool', 'pglite', 'dataDir', 'schema', 'poolSize', 'migrate', 'leaseMs', 'heartbeatMs', 'pollMs', 'fallbackPollMs',
-  'notifierPingMs', 'foreignCommitNudgeMs', 'publishBatch', 'onWarning', 'handlerConnections', 'retention',
+  'url',
+  'pool',
+  'pglite',
+  'dataDir',
+  'schema',
+  'poolSize',
+  'migrate',
+  'leaseMs',
+  'heartbeatMs',
+  'pollMs',
+  'fallbackPollMs',
+  'notifierPingMs',
+  'foreignCommitNudgeMs',
+  'publishBatch',
+  'onWarning',
+  'handlerConnections',
+  'retention',
 );
 
 export const postgresDefaults = {
@@ -106,9 +121,13 @@ function refuseUnstorable(messages: readonly Outgoing[]): void {
   for (const { envelope, json } of messages) {
     const problem = unstorable(envelope, json);
     if (problem !== undefined) {
-      throw new TidingsError('INVALID_PAYLOAD', `Message ${envelope.id} on ${envelope.topic} cannot be stored in PostgreSQL: ${problem}; remove it or encode the value`, {
-        ref: { id: envelope.id, topic: envelope.topic, key: envelope.partitionkey },
-      });
+      throw new TidingsError(
+        'INVALID_PAYLOAD',
+        `Message ${envelope.id} on ${envelope.topic} cannot be stored in PostgreSQL: ${problem}; remove it or encode the value`,
+        {
+          ref: { id: envelope.id, topic: envelope.topic, key: envelope.partitionkey },
+        },
+      );
     }
   }
 }
@@ -126,7 +145,6 @@ function unstorable(envelope: Envelope, json: string): string | undefined {
   if (LONE_SURROGATE_ESCAPE.test(json)) return 'data contains a lone UTF-16 surrogate';
   return undefined;
 }
-
 
 /**
  * The PostgreSQL backbone: a log table read in commit order, LISTEN/NOTIFY wake-ups from one connection per
@@ -329,7 +347,15 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
         return row === undefined ? undefined : { state: row.state, version: Number(row.version), completed: row.completed };
       },
       async save(tx, saga, id, row, cause) {
-        const { rows } = await tx.query<{ saved: number }>(sql.saveSaga, [saga, id, JSON.stringify(row.state), row.version, row.completed, cause.messageId, cause.topic]);
+        const { rows } = await tx.query<{ saved: number }>(sql.saveSaga, [
+          saga,
+          id,
+          JSON.stringify(row.state),
+          row.version,
+          row.completed,
+          cause.messageId,
+          cause.topic,
+        ]);
         return Number(rows[0]?.saved ?? 0) > 0;
       },
     };

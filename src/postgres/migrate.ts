@@ -80,7 +80,11 @@ export async function migrate(driver: SqlDriver, schema: string): Promise<{ appl
 
 /** What `migrate` would run on `schema` after the `applied` versions, as one script a DBA can read and run with psql. */
 export function migrationScript(schema: string, applied: ReadonlySet<number>): string {
-  const lines = [`-- Tidings: migrations of schema "${schema}", as \`tidings migrate\` runs them, in one transaction.`, 'begin;', ...migrationLock(schema).map((s) => `${s};`)];
+  const lines = [
+    `-- Tidings: migrations of schema "${schema}", as \`tidings migrate\` runs them, in one transaction.`,
+    'begin;',
+    ...migrationLock(schema).map((s) => `${s};`),
+  ];
   for (const migration of pendingMigrations(schema, applied)) {
     lines.push('', `-- ${String(migration.version).padStart(3, '0')}_${migration.name}`, ...migration.statements.map((s) => `${s};`));
   }

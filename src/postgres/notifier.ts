@@ -195,9 +195,7 @@ export class Notifier {
       this.listening = await this.#checkDelivery();
       if (!this.listening && !this.#warnedUnavailable) {
         this.#warnedUnavailable = true;
-        this.#options.warn(
-          `LISTEN/NOTIFY does not deliver on ${this.#driver.description} (a transaction-pooling proxy?); consumers fall back to polling`,
-        );
+        this.#options.warn(`LISTEN/NOTIFY does not deliver on ${this.#driver.description} (a transaction-pooling proxy?); consumers fall back to polling`);
       }
       this.#schedulePing();
       // Anything committed while we were not listening would otherwise wait for the backstop poll.
@@ -244,7 +242,10 @@ export class Notifier {
       body = payload.slice(space + 1);
     }
     if (fromSelf) return;
-    if (body === '*') return this.#wakeLocal('all');
+    if (body === '*') {
+      this.#wakeLocal('all');
+      return;
+    }
     const topics = new Set<string>();
     for (const token of body.split(',')) {
       if (token.startsWith('!')) this.#signal(token.slice(1));

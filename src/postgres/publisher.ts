@@ -113,7 +113,10 @@ export function insertStatement(
   };
 }
 
-function insertOnly(statements: { schema: string; insertMessage: string; insertMessages: string }, messages: readonly Outgoing[]): Statement & { name: string } {
+function insertOnly(
+  statements: { schema: string; insertMessage: string; insertMessages: string },
+  messages: readonly Outgoing[],
+): Statement & { name: string } {
   if (messages.length === 1) {
     const { envelope: e, json, keyHash } = messages[0]!;
     return {

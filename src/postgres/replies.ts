@@ -76,7 +76,9 @@ export class ReplyWaiter {
     const now = Date.now();
     for (const [id, waiting] of this.#waiting) if (waiting.until !== undefined && waiting.until < now) this.#waiting.delete(id);
     if (this.#waiting.size === 0) return this.#idle();
-    const { rows } = await this.driver.query<{ request_id: string; data: unknown; error: ErrorRecord | null }>(this.sql.takeReplies, [[...this.#waiting.keys()]]);
+    const { rows } = await this.driver.query<{ request_id: string; data: unknown; error: ErrorRecord | null }>(this.sql.takeReplies, [
+      [...this.#waiting.keys()],
+    ]);
     for (const row of rows) {
       const waiting = this.#waiting.get(row.request_id);
       this.#waiting.delete(row.request_id);

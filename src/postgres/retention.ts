@@ -274,7 +274,11 @@ export async function prune(db: Queryable, options: PruneOptions): Promise<Prune
 
   if (policy.vacuum && !dryRun && !stopped()) {
     // Outside any transaction: VACUUM cannot run in one (the driver's query is a statement of its own).
-    for (const [table, deleted] of [['log', log.deleted], ['inbox', inbox], ['dead_letters', deadLetters]] as const) {
+    for (const [table, deleted] of [
+      ['log', log.deleted],
+      ['inbox', inbox],
+      ['dead_letters', deadLetters],
+    ] as const) {
       if (deleted === 0) continue;
       await db.query(sql.vacuum(table));
       statements++;
@@ -374,7 +378,9 @@ export class Retention {
         .then((result) => {
           if (result !== undefined && !result.stopped) this.#settings.onRun?.(result);
         })
-        .catch((error: unknown) => this.#settings.onWarning?.(`Retention of schema ${this.#settings.schema} failed; trying again in ${this.policy.intervalMs} ms`, error))
+        .catch((error: unknown) =>
+          this.#settings.onWarning?.(`Retention of schema ${this.#settings.schema} failed; trying again in ${this.policy.intervalMs} ms`, error),
+        )
         .finally(() => this.#schedule(this.policy.intervalMs * (0.9 + Math.random() / 5)));
     }, delayMs);
     // Retention never keeps a process alive by itself.

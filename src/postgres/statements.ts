@@ -76,9 +76,7 @@ export function statements(schema: string) {
     readLanes: (inbox: boolean, everyTopic: boolean) => {
       // Every topic: $5 stays a parameter, so both variants take the same list.
       const topic = everyTopic ? 'and $5::text[] is not null ' : 'and l.topic = any($5::text[]) ';
-      const seen = inbox
-        ? `exists (select 1 from ${s}.inbox i where i.subscription = $10 and i.message_id = l.id) as seen`
-        : 'false as seen';
+      const seen = inbox ? `exists (select 1 from ${s}.inbox i where i.subscription = $10 and i.message_id = l.id) as seen` : 'false as seen';
       const columns = `${logColumns}, l.key_hash % $6 as partition, ${seen}`;
       return `with groups as (
           select n, parts::int[] as parts, done, win, pos, hi, span
@@ -287,7 +285,6 @@ export function statements(schema: string) {
     othersConsume: `select exists (select 1 from ${s}.workers where id <> all($1::text[]))
       or exists (select 1 from ${s}.leases where owner <> all($1::text[]) and expires_at > now()) as others`,
     forgetExpiredWorkers: `delete from ${s}.workers where subscription = $1 and expires_at < now() - interval '1 hour'`,
-
 
     inboxForget: `delete from ${s}.inbox where subscription = $1 and message_id = any($2::text[])`,
 

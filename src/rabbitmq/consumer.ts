@@ -83,7 +83,9 @@ export class RabbitConsumer implements Consumer, ReaderHost {
     }
     await this.settings.register(this.spec.name);
     await this.workers.start(deadline);
-    this.#sweeper = setInterval(() => this.#readers.forEach((reader) => reader.sweep()), 250);
+    this.#sweeper = setInterval(() => {
+      for (const reader of this.#readers) reader.sweep();
+    }, 250);
     this.#sweeper.unref();
     await Promise.all(this.#share());
   }
@@ -113,7 +115,10 @@ export class RabbitConsumer implements Consumer, ReaderHost {
     if (this.workers.topics().includes(topic)) {
       this.#unhandledSince.delete(topic);
       const handling = this.workers.handling(topic);
-      const who = handling.length > 0 ? `${handling.map((w) => w.name).join(', ')} ${handling.length === 1 ? 'has' : 'have'} one` : `the newest worker, ${this.workers.departedNewest?.name}, had one`;
+      const who =
+        handling.length > 0
+          ? `${handling.map((w) => w.name).join(', ')} ${handling.length === 1 ? 'has' : 'have'} one`
+          : `the newest worker, ${this.workers.departedNewest?.name}, had one`;
       this.settings.warn(
         `Subscription ${this.spec.name}: message ${id} in ${queue} is of topic ${topic}, which this worker (${self.name}) has no handler for and ${who}: the partition goes back to its queue, the message unacknowledged`,
       );
@@ -139,8 +144,14 @@ export class RabbitConsumer implements Consumer, ReaderHost {
       }
       return { action: 'skip' };
     }
-    const workers = this.workers.live().map((w) => `${w.name} (${w.topics.join(', ')})`).join('; ');
-    return { action: 'dead-letter', reason: `no worker of subscription ${this.spec.name} has a handler for topic ${topic} (workers: ${workers}) of message ${id}` };
+    const workers = this.workers
+      .live()
+      .map((w) => `${w.name} (${w.topics.join(', ')})`)
+      .join('; ');
+    return {
+      action: 'dead-letter',
+      reason: `no worker of subscription ${this.spec.name} has a handler for topic ${topic} (workers: ${workers}) of message ${id}`,
+    };
   }
 
   /**

@@ -13,18 +13,24 @@
  */
 import type { Channel, ConfirmChannel, GetMessage } from 'amqplib';
 import type { AttemptRecord } from '../core/backbone.ts';
-import type {
-  DeadLetter,
-  DeadLetterActionRequest,
-  DeadLetterActionResult,
-  DeadLetterSelection,
-  DeadLetterStore,
-  DeadLetterSummary,
-} from '../core/broker.ts';
+import type { DeadLetter, DeadLetterActionRequest, DeadLetterActionResult, DeadLetterSelection, DeadLetterStore, DeadLetterSummary } from '../core/broker.ts';
 import { requireSelection } from '../core/broker.ts';
 import type { Envelope } from '../core/envelope.ts';
 import { TidingsError } from '../core/errors.ts';
-import { cleanHeaders, copyOptions, decode, H_ATTEMPTS, H_DEAD_AT, H_DEAD_ID, H_DEAD_REASON, H_HISTORY, H_PARTITION, H_QUEUE, H_SUBSCRIPTION, historyOf } from './headers.ts';
+import {
+  cleanHeaders,
+  copyOptions,
+  decode,
+  H_ATTEMPTS,
+  H_DEAD_AT,
+  H_DEAD_ID,
+  H_DEAD_REASON,
+  H_HISTORY,
+  H_PARTITION,
+  H_QUEUE,
+  H_SUBSCRIPTION,
+  historyOf,
+} from './headers.ts';
 import type { Link } from './link.ts';
 import type { Names } from './topology.ts';
 
@@ -61,7 +67,9 @@ export class RabbitDeadLetters implements DeadLetterStore {
     try {
       await this.#declareRegistry(channel);
       await new Promise<void>((resolve, reject) => {
-        channel.sendToQueue(this.#names.registry, Buffer.from(subscription), { persistent: true, contentType: 'text/plain' }, (error: unknown) => (error ? reject(error) : resolve()));
+        channel.sendToQueue(this.#names.registry, Buffer.from(subscription), { persistent: true, contentType: 'text/plain' }, (error: unknown) =>
+          error ? reject(error) : resolve(),
+        );
       });
     } finally {
       await channel.close().catch(() => undefined);
@@ -89,7 +97,10 @@ export class RabbitDeadLetters implements DeadLetterStore {
   async list(selection: DeadLetterSelection & { readonly limit?: number | undefined }): Promise<{ total: number; deadLetters: DeadLetterSummary[] }> {
     const found = await this.#read(selection);
     const limit = selection.limit ?? this.#settings.listLimit;
-    return { total: found.length, deadLetters: found.slice(0, limit).map(({ attempts, envelope: _envelope, ...rest }) => ({ ...rest, attempts: attempts.length })) };
+    return {
+      total: found.length,
+      deadLetters: found.slice(0, limit).map(({ attempts, envelope: _envelope, ...rest }) => ({ ...rest, attempts: attempts.length })),
+    };
   }
 
   async show(id: string): Promise<DeadLetter[]> {
@@ -265,4 +276,3 @@ function matches(letter: DeadLetter, selection: DeadLetterSelection): boolean {
   }
   return true;
 }
-

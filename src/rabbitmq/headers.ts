@@ -56,7 +56,21 @@ const MAX_STACK = 2_000;
 /** A header cut to fit the others in (a retried or dead-lettered copy of a message with huge headers). */
 const CUT_HEADER_BYTES = 1_024;
 
-const ATTRIBUTES = ['specversion', 'id', 'source', 'type', 'time', 'subject', 'topic', 'partitionkey', 'tenant', 'correlationid', 'causationid', 'traceparent', 'tracestate'] as const;
+const ATTRIBUTES = [
+  'specversion',
+  'id',
+  'source',
+  'type',
+  'time',
+  'subject',
+  'topic',
+  'partitionkey',
+  'tenant',
+  'correlationid',
+  'causationid',
+  'traceparent',
+  'tracestate',
+] as const;
 
 /** Buckets of the key hash: messages are routed by `keyHash % BUCKETS`. Part of the wire contract. */
 export const BUCKETS = 1_024;
@@ -149,7 +163,9 @@ export function wireProblem(envelope: Envelope, options: Options.Publish): Tidin
   // Three bytes a character at most: most ids and headers are measured without encoding them.
   const idBytes = id.length * 3 <= amqpLimits.shortStringBytes ? 0 : Buffer.byteLength(id);
   if (idBytes > amqpLimits.shortStringBytes) {
-    return refuse(`its id is ${idBytes} bytes, over the limit of ${amqpLimits.shortStringBytes} (AMQP carries it in message_id, a short string); give it a shorter id`);
+    return refuse(
+      `its id is ${idBytes} bytes, over the limit of ${amqpLimits.shortStringBytes} (AMQP carries it in message_id, a short string); give it a shorter id`,
+    );
   }
   const headers = options.headers ?? {};
   let bound = 4;
@@ -163,7 +179,9 @@ export function wireProblem(envelope: Envelope, options: Options.Publish): Tidin
   const [largest, size] = Object.entries(headers)
     .map(([name, value]): [string, number] => [name, valueBytes(value)])
     .reduce((a, b) => (b[1] > a[1] ? b : a));
-  return refuse(`its headers are ${bytes} bytes, over the limit of ${amqpLimits.headerBytes} for one message's headers (the largest, ${largest}, is ${size} bytes); shorten it`);
+  return refuse(
+    `its headers are ${bytes} bytes, over the limit of ${amqpLimits.headerBytes} for one message's headers (the largest, ${largest}, is ${size} bytes); shorten it`,
+  );
 }
 
 /**

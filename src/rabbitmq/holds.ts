@@ -65,7 +65,10 @@ export function markerMessage(marker: Marker): { body: Buffer; options: Options.
 }
 
 export function returnedMessage(unstarted: Unstarted): { body: Buffer; options: Options.Publish } {
-  return { body: Buffer.from(JSON.stringify({ unstarted })), options: { persistent: true, contentType: 'application/json', headers: { [H_KIND]: 'returned' } } };
+  return {
+    body: Buffer.from(JSON.stringify({ unstarted })),
+    options: { persistent: true, contentType: 'application/json', headers: { [H_KIND]: 'returned' } },
+  };
 }
 
 /** Reads a message of the holds queue; anything else (a message put there by hand) is `unknown`. */

@@ -103,8 +103,14 @@ export class RabbitBroker implements Broker {
   constructor(options: RabbitMqOptions) {
     const problems = new OptionProblems('rabbitmq()');
     problems.unknownKeys(options, rabbitmqOptionNames);
-    problems.check(typeof options?.url === 'string' && /^amqps?:\/\//.test(options.url), `url must be an AMQP URL (amqp://user:password@host:5672), got ${JSON.stringify(typeof options?.url === 'string' ? redact(options.url) : options?.url)}`);
-    problems.check(options.prefix === undefined || (typeof options.prefix === 'string' && !options.prefix.includes(':') && options.prefix.length <= 100), 'prefix must be a string of at most 100 characters without ":"');
+    problems.check(
+      typeof options?.url === 'string' && /^amqps?:\/\//.test(options.url),
+      `url must be an AMQP URL (amqp://user:password@host:5672), got ${JSON.stringify(typeof options?.url === 'string' ? redact(options.url) : options?.url)}`,
+    );
+    problems.check(
+      options.prefix === undefined || (typeof options.prefix === 'string' && !options.prefix.includes(':') && options.prefix.length <= 100),
+      'prefix must be a string of at most 100 characters without ":"',
+    );
     problems.oneOf('quorum', options.quorum, [true, false]);
     problems.integer('prefetch', options.prefetch, 1, 65_535);
     problems.integer('connectTimeoutMs', options.connectTimeoutMs, 100);
@@ -118,7 +124,10 @@ export class RabbitBroker implements Broker {
     problems.integer('workerTimeoutMs', options.workerTimeoutMs, 100);
     const beat = options.workerHeartbeatMs ?? rabbitmqDefaults.workerHeartbeatMs;
     const timeout = options.workerTimeoutMs ?? rabbitmqDefaults.workerTimeoutMs;
-    problems.check(beat * 2 <= timeout, `workerHeartbeatMs (${beat}) must be at most half of workerTimeoutMs (${timeout}), or live workers are taken for gone between heartbeats`);
+    problems.check(
+      beat * 2 <= timeout,
+      `workerHeartbeatMs (${beat}) must be at most half of workerTimeoutMs (${timeout}), or live workers are taken for gone between heartbeats`,
+    );
     problems.integer('recentIds', options.recentIds, 0, 10_000_000);
     problems.check(options.onWarning === undefined || typeof options.onWarning === 'function', 'onWarning must be a function');
     problems.throwIfAny();
@@ -169,7 +178,10 @@ export class RabbitBroker implements Broker {
 
   async consume(spec: SubscriptionSpec, handle: DeliveryHandler<undefined>): Promise<Consumer> {
     if (spec.topics.includes(EVERY_TOPIC)) {
-      throw new TidingsError('INVALID_OPTIONS', `Subscription ${spec.name}: RabbitMQ subscriptions name their topics; "every topic" is for the outbox relay on PostgreSQL`);
+      throw new TidingsError(
+        'INVALID_OPTIONS',
+        `Subscription ${spec.name}: RabbitMQ subscriptions name their topics; "every topic" is for the outbox relay on PostgreSQL`,
+      );
     }
     await this.open();
     const deadline = Date.now() + this.#settings.connectTimeoutMs;
@@ -243,8 +255,24 @@ export class RabbitBroker implements Broker {
 }
 
 const rabbitmqOptionNames = optionNames<RabbitMqOptions>()(
-  'url', 'outbox', 'relay', 'prefix', 'quorum', 'prefetch', 'connectTimeoutMs', 'heartbeatSeconds', 'publishTimeoutMs',
-  'reconnectMinMs', 'reconnectMaxMs', 'retryMinMs', 'retryReturnGraceMs', 'recentIds', 'workerHeartbeatMs', 'workerTimeoutMs', 'connectionName', 'onWarning',
+  'url',
+  'outbox',
+  'relay',
+  'prefix',
+  'quorum',
+  'prefetch',
+  'connectTimeoutMs',
+  'heartbeatSeconds',
+  'publishTimeoutMs',
+  'reconnectMinMs',
+  'reconnectMaxMs',
+  'retryMinMs',
+  'retryReturnGraceMs',
+  'recentIds',
+  'workerHeartbeatMs',
+  'workerTimeoutMs',
+  'connectionName',
+  'onWarning',
 );
 
 export interface RabbitMqBackboneOptions extends RabbitMqOptions {}

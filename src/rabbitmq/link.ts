@@ -51,7 +51,10 @@ export class Link {
     if (deadline === Number.POSITIVE_INFINITY) return this.#connecting;
     let timer: NodeJS.Timeout | undefined;
     const timeout = new Promise<never>((_, reject) => {
-      timer = setTimeout(() => reject(this.#unavailable(`could not connect within ${Math.max(0, Math.round(deadline - Date.now()))} ms`)), Math.max(0, deadline - Date.now()));
+      timer = setTimeout(
+        () => reject(this.#unavailable(`could not connect within ${Math.max(0, Math.round(deadline - Date.now()))} ms`)),
+        Math.max(0, deadline - Date.now()),
+      );
     });
     try {
       return await Promise.race([this.#connecting, timeout]);
@@ -111,10 +114,14 @@ export class Link {
   }
 
   #unavailable(what: string, cause?: unknown): TidingsError {
-    return new TidingsError('BACKBONE_UNAVAILABLE', `RabbitMQ at ${redact(this.#settings.url)} is unavailable: ${what}${cause instanceof Error ? ` (${cause.message})` : ''}`, {
-      retryable: !this.#closed,
-      cause,
-    });
+    return new TidingsError(
+      'BACKBONE_UNAVAILABLE',
+      `RabbitMQ at ${redact(this.#settings.url)} is unavailable: ${what}${cause instanceof Error ? ` (${cause.message})` : ''}`,
+      {
+        retryable: !this.#closed,
+        cause,
+      },
+    );
   }
 
   async close(): Promise<void> {

@@ -419,7 +419,9 @@ export class PartitionReader {
       await declareHolds(channel, names, settings, spec.name, this.index);
       // Hold records stay unacknowledged while their keys are held: no prefetch limit on them.
       await channel.prefetch(0, false);
-      await channel.consume(this.#holdsQueue, (message) => this.#delivered(channel, acks, message, () => this.#onHolds(message!, generation)), { noAck: false });
+      await channel.consume(this.#holdsQueue, (message) => this.#delivered(channel, acks, message, () => this.#onHolds(message!, generation)), {
+        noAck: false,
+      });
     })();
     return this.#holds;
   }
@@ -444,7 +446,9 @@ export class PartitionReader {
     const delivered: Delivered = { message, generation };
     const read = readHoldsMessage(message);
     if (read.kind === 'unknown') {
-      this.#host.settings.warn(`Subscription ${this.#host.spec.name}: dropped a message in ${this.#holdsQueue} that is neither a hold nor a marker (put there by hand?)`);
+      this.#host.settings.warn(
+        `Subscription ${this.#host.spec.name}: dropped a message in ${this.#holdsQueue} that is neither a hold nor a marker (put there by hand?)`,
+      );
       this.#acks?.ack(message);
       return;
     }
@@ -646,7 +650,9 @@ export class PartitionReader {
         continue;
       }
       const topic = head.decoded!.envelope.topic;
-      const unhandled = spec.topics.includes(topic) ? undefined : this.#host.unhandled(this.index, topic, head.id, this.#exchangeTopic(head.message!) === topic);
+      const unhandled = spec.topics.includes(topic)
+        ? undefined
+        : this.#host.unhandled(this.index, topic, head.id, this.#exchangeTopic(head.message!) === topic);
       if (unhandled?.action === 'hand-over') {
         // Not acknowledged, not run past: the partition goes back to its queue, for a worker that handles it.
         this.#notBefore = Date.now() + unhandled.pauseMs;
@@ -706,7 +712,8 @@ export class PartitionReader {
       this.#done(entry);
     } catch (error) {
       // The channel went away while the outcome was being recorded: the broker redelivers the message.
-      if (this.#phase !== 'releasing') this.#host.settings.warn(`Subscription ${spec.name} could not record the outcome of message ${entry.id}; it will be delivered again`, error);
+      if (this.#phase !== 'releasing')
+        this.#host.settings.warn(`Subscription ${spec.name} could not record the outcome of message ${entry.id}; it will be delivered again`, error);
     } finally {
       if (!settled) this.#done(entry);
     }
@@ -731,7 +738,8 @@ export class PartitionReader {
       await this.#deadLetter(entry, reason, [...decoded.history, { attempt, at: new Date().toISOString(), error }], attempt);
       this.#host.settings.warn(`Subscription ${this.#host.spec.name}: ${reason}; moved to ${this.#host.names.deadQueue(this.#host.spec.name)}`);
     } catch (failure) {
-      if (this.#phase !== 'releasing') this.#host.settings.warn(`Subscription ${this.#host.spec.name} could not dead-letter message ${entry.id}; it will be delivered again`, failure);
+      if (this.#phase !== 'releasing')
+        this.#host.settings.warn(`Subscription ${this.#host.spec.name} could not dead-letter message ${entry.id}; it will be delivered again`, failure);
     } finally {
       this.#done(entry);
     }
@@ -765,7 +773,8 @@ export class PartitionReader {
     } catch (error) {
       const lane = this.#lanes.get(entry.key);
       if (lane === undefined || !lane.includes(entry)) return;
-      if (this.#phase !== 'releasing') this.#host.settings.warn(`Subscription ${this.#host.spec.name} could not park message ${entry.id} of a held key; it stays in memory`, error);
+      if (this.#phase !== 'releasing')
+        this.#host.settings.warn(`Subscription ${this.#host.spec.name} could not park message ${entry.id} of a held key; it stays in memory`, error);
       entry.state = 'local';
       if (lane[0] === entry) {
         this.#ready.push(entry.key);
@@ -795,7 +804,10 @@ export class PartitionReader {
     const hold = holdMessage({ key: entry.key, id: entry.id, dueAt: entry.dueAt, seq: entry.seq });
     try {
       await this.#readHolds(channel, generation);
-      await Promise.all([confirm(channel, '', this.#holdsQueue, hold.body, hold.options), confirm(channel, '', queue, message!.content, copyOptions(message!, headers))]);
+      await Promise.all([
+        confirm(channel, '', this.#holdsQueue, hold.body, hold.options),
+        confirm(channel, '', queue, message!.content, copyOptions(message!, headers)),
+      ]);
     } catch (error) {
       Object.assign(entry, { state, message, decoded });
       throw error;
@@ -832,7 +844,8 @@ export class PartitionReader {
       if (generation === this.#generation) this.#acks?.ack(message);
       settings.warn(`Subscription ${spec.name}: ${reason}; moved to ${names.deadQueue(spec.name)}`);
     } catch (error) {
-      if (this.#phase !== 'releasing') settings.warn(`Subscription ${spec.name} could not dead-letter an undecodable message; it will be delivered again`, error);
+      if (this.#phase !== 'releasing')
+        settings.warn(`Subscription ${spec.name} could not dead-letter an undecodable message; it will be delivered again`, error);
     }
   }
 
@@ -883,7 +896,13 @@ export class PartitionReader {
   }
 }
 
-function confirm(channel: ConfirmChannel, exchange: string, routingKey: string, content: Buffer, options: Parameters<ConfirmChannel['publish']>[3]): Promise<void> {
+function confirm(
+  channel: ConfirmChannel,
+  exchange: string,
+  routingKey: string,
+  content: Buffer,
+  options: Parameters<ConfirmChannel['publish']>[3],
+): Promise<void> {
   return new Promise((resolve, reject) => {
     try {
       channel.publish(exchange, routingKey, content, options, (error: unknown) => (error ? reject(error) : resolve()));

@@ -87,11 +87,20 @@ export async function declareSubscription(channel: Channel, names: Names, settin
 
 /** The exchanges a partition queue is bound to: the topics' and the return exchange. */
 export async function declareExchanges(channel: Channel, names: Names, spec: SubscriptionTopology): Promise<void> {
-  await Promise.all([...spec.topics.map((topic) => declareExchange(channel, names, topic)), channel.assertExchange(names.returnExchange(spec.name), 'headers', { durable: true })]);
+  await Promise.all([
+    ...spec.topics.map((topic) => declareExchange(channel, names, topic)),
+    channel.assertExchange(names.returnExchange(spec.name), 'headers', { durable: true }),
+  ]);
 }
 
 /** One partition's queue and bindings; declared again by its reader on every channel it opens, so a deleted queue comes back. */
-export async function declarePartition(channel: Channel, names: Names, settings: TopologySettings, spec: SubscriptionTopology, partition: number): Promise<void> {
+export async function declarePartition(
+  channel: Channel,
+  names: Names,
+  settings: TopologySettings,
+  spec: SubscriptionTopology,
+  partition: number,
+): Promise<void> {
   const queue = names.partition(spec.name, partition);
   await channel.assertQueue(queue, { durable: true, arguments: queueArguments(settings, { 'x-single-active-consumer': true }) });
   const bindings: Promise<unknown>[] = [channel.bindQueue(queue, names.returnExchange(spec.name), '', { 'x-match': 'all', [H_PARTITION]: String(partition) })];

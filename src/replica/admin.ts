@@ -100,12 +100,18 @@ async function requireReplica(options: ReplicaTarget): Promise<void> {
   const known = await listReplicas(options.db, { schema: options.schema, replica: options.replica });
   if (known.length > 0) return;
   const all = await listReplicas(options.db, { schema: options.schema });
-  throw new TidingsError('INVALID_OPTIONS', `No replica ${JSON.stringify(options.replica)} in schema ${options.schema}${all.length > 0 ? `; there are: ${all.map((r) => r.name).join(', ')}` : ''} (tidings drift status lists them)`);
+  throw new TidingsError(
+    'INVALID_OPTIONS',
+    `No replica ${JSON.stringify(options.replica)} in schema ${options.schema}${all.length > 0 ? `; there are: ${all.map((r) => r.name).join(', ')}` : ''} (tidings drift status lists them)`,
+  );
 }
 
 /** Publishes one command to the replica's process from a short-lived bus of its own. */
 async function sendCommand<C extends AnyContract>(options: ReplicaTarget, command: C, data: InputOf<C>): Promise<void> {
-  const bus = createBus({ service: 'tidings-cli', backbone: postgres({ url: options.url, schema: options.schema, migrate: false, retention: false, poolSize: 2, onWarning: () => undefined }) });
+  const bus = createBus({
+    service: 'tidings-cli',
+    backbone: postgres({ url: options.url, schema: options.schema, migrate: false, retention: false, poolSize: 2, onWarning: () => undefined }),
+  });
   try {
     await bus.send(command, data);
   } finally {
@@ -137,7 +143,10 @@ export async function requestRebuild(options: {
   for (;;) {
     // A meta table from before rebuild progress has no column yet: the replica's migration adds it.
     const { rows } = await options.db
-      .query<{ rebuild: { state: string; done: number; total: number | null; report?: RebuildReport; error?: string } | null }>(meta.rebuildRecorded, [options.replica, rebuildId])
+      .query<{ rebuild: { state: string; done: number; total: number | null; report?: RebuildReport; error?: string } | null }>(meta.rebuildRecorded, [
+        options.replica,
+        rebuildId,
+      ])
       .catch(() => ({ rows: [] }));
     const record = rows[0]?.rebuild;
     if (record != null) {
@@ -148,10 +157,17 @@ export async function requestRebuild(options: {
         options.onProgress?.({ done: record.done, total: record.total });
       }
       if (record.state === 'done' && record.report !== undefined) return record.report;
-      if (record.state === 'failed') throw new TidingsError('SOURCE_UNAVAILABLE', `Replica ${options.replica}: rebuild ${rebuildId} failed: ${record.error ?? 'no reason given'}. Readers still see the previous generation, whole.`);
+      if (record.state === 'failed')
+        throw new TidingsError(
+          'SOURCE_UNAVAILABLE',
+          `Replica ${options.replica}: rebuild ${rebuildId} failed: ${record.error ?? 'no reason given'}. Readers still see the previous generation, whole.`,
+        );
     }
     if (options.signal?.aborted) {
-      throw new TidingsError('STOPPED', `Stopped following rebuild ${rebuildId} of ${options.replica}; the replica goes on with it (tidings drift status shows the generation being built).`);
+      throw new TidingsError(
+        'STOPPED',
+        `Stopped following rebuild ${rebuildId} of ${options.replica}; the replica goes on with it (tidings drift status shows the generation being built).`,
+      );
     }
     if (Date.now() - heard > options.timeoutMs) {
       throw new TidingsError(

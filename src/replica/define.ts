@@ -33,7 +33,7 @@ export interface ReplicaDefinition<Row> {
   readonly name: string;
   /** The source it copies (`identity.users`), as the owner declared it with defineSource. */
   readonly source: string;
-  // eslint-disable-next-line @typescript-eslint/no-explicit-any -- each feed has its own contract
+  // biome-ignore lint/suspicious/noExplicitAny: each feed has its own contract
   readonly feeds: readonly Feed<Row, any>[];
   /** In-memory secondary indexes (with `memory: true`): `lookup(index, value)` finds a row by them. */
   readonly indexes?: Readonly<Record<string, (row: Row) => string>>;
@@ -51,7 +51,10 @@ export function defineReplica<Row>(definition: ReplicaDefinition<Row>): ReplicaD
     problems.check(!topics.has(f.contract.topic), `feeds[${i}]: ${f.contract.topic} is listed twice`);
     topics.add(f.contract.topic);
     problems.check(f.key !== undefined || f.contract.key !== undefined, `feeds[${i}] (${f.contract.topic}): give key, or a key function on the contract`);
-    problems.check([f.apply, f.upsert, f.delete].filter((x) => x !== undefined).length <= 1, `feeds[${i}] (${f.contract.topic}): give at most one of apply, upsert and delete`);
+    problems.check(
+      [f.apply, f.upsert, f.delete].filter((x) => x !== undefined).length <= 1,
+      `feeds[${i}] (${f.contract.topic}): give at most one of apply, upsert and delete`,
+    );
   }
   problems.throwIfAny();
   return Object.freeze({ ...definition });

@@ -22,7 +22,10 @@ export interface DriftCheck<Row> {
  * the source's state. The messages exchanged grow with the number of differences, not of keys. Returns the
  * report and the rows the repair wrote; the report is recorded in the meta row.
  */
-export async function checkDrift<Row>(check: DriftCheck<Row>, options: { checkId?: string; repair?: boolean }): Promise<{ report: DriftReport; written: Array<[string, Entry<Row>]> }> {
+export async function checkDrift<Row>(
+  check: DriftCheck<Row>,
+  options: { checkId?: string; repair?: boolean },
+): Promise<{ report: DriftReport; written: Array<[string, Entry<Row>]> }> {
   const { store } = check;
   const started = Date.now();
   const checkId = options.checkId ?? newId();
@@ -32,7 +35,19 @@ export async function checkDrift<Row>(check: DriftCheck<Row>, options: { checkId
   const meta = await store.readMeta(driver);
   const base = { checkId, replica: check.name, at: new Date(started).toISOString() };
   if (meta.building !== null) {
-    const report: DriftReport = { ...base, durationMs: 0, missing: 0, extra: 0, different: 0, repaired: 0, samples: { missing: [], extra: [], different: [] }, messages: traffic, entries, differingNodes: [], skipped: `a rebuild (generation ${meta.building}) is in progress` };
+    const report: DriftReport = {
+      ...base,
+      durationMs: 0,
+      missing: 0,
+      extra: 0,
+      different: 0,
+      repaired: 0,
+      samples: { missing: [], extra: [], different: [] },
+      messages: traffic,
+      entries,
+      differingNodes: [],
+      skipped: `a rebuild (generation ${meta.building}) is in progress`,
+    };
     await store.recordCheck(report);
     return { report, written: [] };
   }
@@ -43,7 +58,14 @@ export async function checkDrift<Row>(check: DriftCheck<Row>, options: { checkId
   let nodes = [0];
   const differingNodes: number[] = [];
   for (let level = 0; level <= digestTree.depth && nodes.length > 0; level++) {
-    const requests: ReplicaRequest[] = chunks(nodes, check.maxNodesPerRequest).map((part) => ({ kind: 'digest', requestId: newId(), replica: check.name, checkId, level, nodes: part }));
+    const requests: ReplicaRequest[] = chunks(nodes, check.maxNodesPerRequest).map((part) => ({
+      kind: 'digest',
+      requestId: newId(),
+      replica: check.name,
+      checkId,
+      level,
+      nodes: part,
+    }));
     entries += nodes.length;
     const differing: number[] = [];
     for (const parts of await check.requests.ask(requests, traffic)) {

@@ -22,7 +22,14 @@ export interface StateRow {
 
 export type ReplicaRequest =
   /** The digests of these nodes of the tree at `level` (0 = the root). */
-  | { readonly kind: 'digest'; readonly requestId: string; readonly replica: string; readonly checkId: string; readonly level: number; readonly nodes: readonly number[] }
+  | {
+      readonly kind: 'digest';
+      readonly requestId: string;
+      readonly replica: string;
+      readonly checkId: string;
+      readonly level: number;
+      readonly nodes: readonly number[];
+    }
   /** The replica's keys (and row hashes) in these leaves: answer with the state of every key that differs. */
   | {
       readonly kind: 'keys';
@@ -36,7 +43,14 @@ export type ReplicaRequest =
   | { readonly kind: 'page'; readonly requestId: string; readonly replica: string; readonly after: string | null; readonly limit: number };
 
 export type ReplicaReply =
-  | { readonly kind: 'digest'; readonly requestId: string; readonly part: number; readonly parts: number; readonly level: number; readonly hashes: Record<string, string> }
+  | {
+      readonly kind: 'digest';
+      readonly requestId: string;
+      readonly part: number;
+      readonly parts: number;
+      readonly level: number;
+      readonly hashes: Record<string, string>;
+    }
   | {
       readonly kind: 'keys';
       readonly requestId: string;
@@ -47,7 +61,14 @@ export type ReplicaReply =
       /** Keys the replica has that the source does not. */
       readonly absent: readonly string[];
     }
-  | { readonly kind: 'page'; readonly requestId: string; readonly part: number; readonly parts: number; readonly rows: readonly StateRow[]; readonly total: number | null };
+  | {
+      readonly kind: 'page';
+      readonly requestId: string;
+      readonly part: number;
+      readonly parts: number;
+      readonly rows: readonly StateRow[];
+      readonly total: number | null;
+    };
 
 export interface RebuildCommand {
   readonly rebuildId: string;

@@ -53,7 +53,11 @@ export async function rebuild<Row>(job: Rebuild<Row>, onProgress?: (progress: Re
     }
     await job.transaction(async (tx) => {
       const meta = await store.readMeta(tx, true);
-      if (meta.building !== next) throw new TidingsError('SUBSCRIPTION_CONFLICT', `Replica ${name}: another rebuild (generation ${meta.building}) took over this one (generation ${next}); let it finish`);
+      if (meta.building !== next)
+        throw new TidingsError(
+          'SUBSCRIPTION_CONFLICT',
+          `Replica ${name}: another rebuild (generation ${meta.building}) took over this one (generation ${next}); let it finish`,
+        );
       await tx.query(store.tables.point(next));
       await tx.query(store.meta.switchTo, [name, next]);
       // Handlers still writing the old table hold it until they commit; a handler that read the old

@@ -25,7 +25,17 @@ import { OptionProblems } from '../core/options.ts';
 import { PostgresBackbone } from '../postgres/index.ts';
 import type { PgTransaction } from '../postgres/transaction.ts';
 import { RowCache } from './cache.ts';
-import { replicaDefaults, type DriftReport, type Feed, type RebuildProgress, type RebuildReport, type ReplicaDefinition, type ReplicaOptions, type ReplicaStats, type Staleness } from './define.ts';
+import {
+  replicaDefaults,
+  type DriftReport,
+  type Feed,
+  type RebuildProgress,
+  type RebuildReport,
+  type ReplicaDefinition,
+  type ReplicaOptions,
+  type ReplicaStats,
+  type Staleness,
+} from './define.ts';
 import { digestTree } from './digest.ts';
 import { checkDrift } from './drift.ts';
 import { checkContract, rebuildContract, replyContract, requestContract } from './protocol.ts';
@@ -45,7 +55,9 @@ export class Replica<Row> {
   readonly view: string;
   readonly #bus: Bus<PgTransaction>;
   readonly #backbone: PostgresBackbone;
-  readonly #options: Required<Pick<ReplicaOptions, 'memory' | 'bootstrap' | 'driftCheckEveryMs' | 'requestTimeoutMs' | 'maxNodesPerRequest' | 'maxKeysPerRequest' | 'pageSize'>>;
+  readonly #options: Required<
+    Pick<ReplicaOptions, 'memory' | 'bootstrap' | 'driftCheckEveryMs' | 'requestTimeoutMs' | 'maxNodesPerRequest' | 'maxKeysPerRequest' | 'pageSize'>
+  >;
   readonly #feedSubscription: string;
   readonly #warn: (message: string, error?: unknown) => void;
   readonly #cache: RowCache<Row>;
@@ -69,7 +81,10 @@ export class Replica<Row> {
     problems.integer('maxNodesPerRequest', options.maxNodesPerRequest, 1, digestTree.leaves);
     problems.integer('maxKeysPerRequest', options.maxKeysPerRequest, 1, 100_000);
     problems.integer('pageSize', options.pageSize, 1, 100_000);
-    problems.check(options.instance === undefined || /^[a-z0-9]+(?:[_-][a-z0-9]+)*$/.test(options.instance), `instance must be lower-case letters and digits joined by "-" or "_", got ${JSON.stringify(options.instance)}`);
+    problems.check(
+      options.instance === undefined || /^[a-z0-9]+(?:[_-][a-z0-9]+)*$/.test(options.instance),
+      `instance must be lower-case letters and digits joined by "-" or "_", got ${JSON.stringify(options.instance)}`,
+    );
     problems.throwIfAny();
     this.#bus = bus;
     this.#backbone = backbone;
@@ -90,7 +105,13 @@ export class Replica<Row> {
       pageSize: options.pageSize ?? d.pageSize,
     };
     this.#cache = new RowCache(definition.indexes ?? {});
-    this.#requests = new SourceRequests((contract, data) => bus.publishMany(contract, data), this.name, definition.source, requestContract(definition.source), this.#options.requestTimeoutMs);
+    this.#requests = new SourceRequests(
+      (contract, data) => bus.publishMany(contract, data),
+      this.name,
+      definition.source,
+      requestContract(definition.source),
+      this.#options.requestTimeoutMs,
+    );
 
     const feeds = bus.subscription(this.#feedSubscription, {
       ...options.subscription,
@@ -106,7 +127,9 @@ export class Replica<Row> {
         // Not awaited: the check exchanges messages this subscription's own handlers must receive. Detached
         // from the handler, or its publishes would join this handler's (finished) transaction.
         bus.detached(() => {
-          void this.checkDrift({ checkId: message.data.checkId }).catch((error: unknown) => this.#warn(`Replica ${this.name}: drift check ${message.data.checkId} failed`, error));
+          void this.checkDrift({ checkId: message.data.checkId }).catch((error: unknown) =>
+            this.#warn(`Replica ${this.name}: drift check ${message.data.checkId} failed`, error),
+          );
         });
       })
       .on(rebuildContract(this.name), (message) => {
@@ -140,17 +163,21 @@ export class Replica<Row> {
 
   // ---- applying events --------------------------------------------------------------------------------
 
-  // eslint-disable-next-line @typescript-eslint/no-explicit-any -- the feed's contract types its own data
+  // biome-ignore lint/suspicious/noExplicitAny: the feed's contract types its own data
   async #apply(f: Feed<Row, any>, data: any, messageKey: string, time: Date, tx: PgTransaction): Promise<void> {
     await this.ready();
     const key = f.key === undefined ? messageKey : f.key(data);
     // The replica's table is keyed by it: a key over the limit could never be stored (a btree entry is at most ~2.7 kB).
     if (typeof key !== 'string' || bytesOver(key, messageLimits.keyBytes) !== undefined) {
-      throw new PermanentError(`Replica ${this.name}: ${f.contract.topic} event has a key that is not a string of at most ${messageLimits.keyBytes} bytes; give the feed a shorter key`);
+      throw new PermanentError(
+        `Replica ${this.name}: ${f.contract.topic} event has a key that is not a string of at most ${messageLimits.keyBytes} bytes; give the feed a shorter key`,
+      );
     }
     const version = f.version === undefined ? data?.version : f.version(data);
     if (!Number.isSafeInteger(version) || version < 0) {
-      throw new PermanentError(`Replica ${this.name}: ${f.contract.topic} event for key ${key} has no usable version (got ${JSON.stringify(version)}); give the feed a version function returning the source's version of the key`);
+      throw new PermanentError(
+        `Replica ${this.name}: ${f.contract.topic} event for key ${key} has no usable version (got ${JSON.stringify(version)}); give the feed a version function returning the source's version of the key`,
+      );
     }
     const store = this.#tables;
     let applied: boolean;
@@ -199,7 +226,10 @@ export class Replica<Row> {
   /** The row whose index `index` (declared in `indexes`) has `value`; needs `memory: true`. */
   lookup(index: string, value: string): Row | undefined {
     if (!this.#cache.hasIndex(index)) {
-      throw new TidingsError('INVALID_OPTIONS', `Replica ${this.name} has no index ${JSON.stringify(index)}: declare it in defineReplica({ indexes })${this.#options.memory ? '' : ' and run the replica with memory: true'}`);
+      throw new TidingsError(
+        'INVALID_OPTIONS',
+        `Replica ${this.name} has no index ${JSON.stringify(index)}: declare it in defineReplica({ indexes })${this.#options.memory ? '' : ' and run the replica with memory: true'}`,
+      );
     }
     if (!this.#options.memory) throw new TidingsError('INVALID_OPTIONS', `Replica ${this.name}: lookup needs memory: true; without it, use query()`);
     return this.#cache.lookup(index, value);
@@ -231,7 +261,11 @@ export class Replica<Row> {
   async caughtUp(timeoutMs = 60_000): Promise<void> {
     const deadline = Date.now() + timeoutMs;
     while ((await this.staleness()).lag > 0) {
-      if (Date.now() > deadline) throw new TidingsError('SOURCE_UNAVAILABLE', `Replica ${this.name} did not catch up with ${this.definition.source} within ${timeoutMs} ms; see tidings status --subscription ${this.#feedSubscription}`);
+      if (Date.now() > deadline)
+        throw new TidingsError(
+          'SOURCE_UNAVAILABLE',
+          `Replica ${this.name} did not catch up with ${this.definition.source} within ${timeoutMs} ms; see tidings status --subscription ${this.#feedSubscription}`,
+        );
       await new Promise((resolve) => setTimeout(resolve, 25));
     }
   }
@@ -253,13 +287,16 @@ export class Replica<Row> {
       const every = this.#options.driftCheckEveryMs;
       const tick = () => {
         // Jitter, so the gateways of a farm do not all check at the same moment.
-        this.#timer = setTimeout(() => {
-          this.checkDrift()
-            .catch((error: unknown) => this.#warn(`Replica ${this.name}: periodic drift check failed`, error))
-            .finally(() => {
-              if (!this.#stopped) tick();
-            });
-        }, every * (0.9 + Math.random() * 0.2));
+        this.#timer = setTimeout(
+          () => {
+            this.checkDrift()
+              .catch((error: unknown) => this.#warn(`Replica ${this.name}: periodic drift check failed`, error))
+              .finally(() => {
+                if (!this.#stopped) tick();
+              });
+          },
+          every * (0.9 + Math.random() * 0.2),
+        );
         this.#timer.unref();
       };
       tick();
@@ -311,7 +348,12 @@ export class Replica<Row> {
   /** Fills a fresh table from the source's state and switches readers to it at once (rebuild.ts). */
   rebuild(options: { onProgress?: (progress: RebuildProgress) => void } = {}): Promise<RebuildReport> {
     if (this.#rebuilding !== undefined) {
-      return Promise.reject(new TidingsError('SUBSCRIPTION_CONFLICT', `Replica ${this.name}: a rebuild is already running in this process; wait for it (tidings drift status shows the generation being built)`));
+      return Promise.reject(
+        new TidingsError(
+          'SUBSCRIPTION_CONFLICT',
+          `Replica ${this.name}: a rebuild is already running in this process; wait for it (tidings drift status shows the generation being built)`,
+        ),
+      );
     }
     const running = this.#rebuild(options).finally(() => {
       this.#rebuilding = undefined;

@@ -64,7 +64,7 @@ export class SourceRequests {
         }),
     );
     // Registered before publishing: an answer can arrive before publishMany returns.
-    answers.forEach((answer) => answer.catch(() => undefined));
+    for (const answer of answers) answer.catch(() => undefined);
     await this.publish(this.contract, requests);
     traffic.sent += requests.length;
     const replies = await Promise.all(answers);

@@ -24,7 +24,10 @@ export interface SourceDefinition {
 export function defineSource(definition: SourceDefinition): SourceDefinition {
   validateName('Source', definition?.name);
   const problems = new OptionProblems(`defineSource ${definition.name}`);
-  problems.check(typeof definition.select === 'string' && /^\s*(select|with)\b/i.test(definition.select), 'select must be a SQL query (select ... or with ...) returning key, version and state');
+  problems.check(
+    typeof definition.select === 'string' && /^\s*(select|with)\b/i.test(definition.select),
+    'select must be a SQL query (select ... or with ...) returning key, version and state',
+  );
   problems.throwIfAny();
   return Object.freeze({ ...definition });
 }
@@ -129,7 +132,14 @@ export function source(bus: Bus<PgTransaction>, definition: SourceDefinition, op
         const parts = Math.max(1, rowChunks.length + absentChunks.length);
         const messages: ReplicaReply[] = [
           ...rowChunks.map((chunk, i) => ({ kind: 'keys' as const, requestId: request.requestId, part: i, parts, rows: chunk, absent: [] })),
-          ...absentChunks.map((chunk, i) => ({ kind: 'keys' as const, requestId: request.requestId, part: rowChunks.length + i, parts, rows: [], absent: chunk })),
+          ...absentChunks.map((chunk, i) => ({
+            kind: 'keys' as const,
+            requestId: request.requestId,
+            part: rowChunks.length + i,
+            parts,
+            rows: [],
+            absent: chunk,
+          })),
         ];
         if (messages.length === 0) messages.push({ kind: 'keys', requestId: request.requestId, part: 0, parts, rows: [], absent: [] });
         await reply(ctx.tx, request.replica, messages);
@@ -141,9 +151,11 @@ export function source(bus: Bus<PgTransaction>, definition: SourceDefinition, op
         `select s.key, s.version, s.state from (${select}) s where $1::text is null or s.key > $1 order by s.key limit $2`,
         [request.after, limit],
       );
-      const total =
-        request.after === null ? Number((await ctx.tx.query<{ n: string }>(`select count(*)::int8 as n from (${select}) s`)).rows[0]!.n) : null;
-      const pages = chunks(rows.map((row) => ({ key: row.key, version: Number(row.version), state: row.state })), maxRows);
+      const total = request.after === null ? Number((await ctx.tx.query<{ n: string }>(`select count(*)::int8 as n from (${select}) s`)).rows[0]!.n) : null;
+      const pages = chunks(
+        rows.map((row) => ({ key: row.key, version: Number(row.version), state: row.state })),
+        maxRows,
+      );
       if (pages.length === 0) pages.push([]);
       await reply(
         ctx.tx,

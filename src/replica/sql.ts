@@ -91,7 +91,8 @@ export function generationStatements(schema: string, base: string, name: string,
     ],
     drop: (generation: number) => [`drop table if exists ${table(generation)}`, `drop function if exists ${applyFunction(generation)}`],
     /** Readers query the view: switching it to another generation is one statement in the switch's transaction. */
-    point: (generation: number) => `create or replace view ${s}."${base}" as select key, version, state, event_time, updated_at from ${table(generation)} where state is not null`,
+    point: (generation: number) =>
+      `create or replace view ${s}."${base}" as select key, version, state, event_time, updated_at from ${table(generation)} where state is not null`,
     apply: (generation: number) => `select ${applyFunction(generation)}($1, $2, $3::jsonb, $4, $5) as n`,
     /** The meta row and the key's current row (locked), in one statement. */
     readRow: (generation: number) => `select m.generation, m.building, r.version, r.state
@@ -102,13 +103,15 @@ export function generationStatements(schema: string, base: string, name: string,
     newest: (generation: number) => `select max(event_time) as at, now() as now from ${table(generation)}`,
     liveCount: (generation: number) => `select count(*) filter (where state is not null)::int8 as n from ${table(generation)}`,
     leafDigests: (generation: number) => `select bucket, bit_xor(hash)::text as digest from ${table(generation)} where hash is not null group by bucket`,
-    keysOfLeaves: (generation: number) => `select key, bucket, hash::text as hash from ${table(generation)} where bucket = any($1::int[]) and hash is not null order by bucket, key`,
+    keysOfLeaves: (generation: number) =>
+      `select key, bucket, hash::text as hash from ${table(generation)} where bucket = any($1::int[]) and hash is not null order by bucket, key`,
     /** A repair writes the source's state over a row only if it is still as the check listed it ($4: its hash). */
     repairRow: (generation: number) => `insert into ${table(generation)} as t (key, version, state, event_time) values ($1, $2, $3::jsonb, null)
            on conflict (key) do update set version = excluded.version, state = excluded.state, updated_at = now()
             where t.hash is not distinct from $4::int8`,
     /** A tombstone at the row's own version, if the row is still as listed: an older upsert in flight cannot bring it back. */
-    repairAbsent: (generation: number) => `update ${table(generation)} set state = null, updated_at = now() where key = $1 and hash = $2::int8 returning version`,
+    repairAbsent: (generation: number) =>
+      `update ${table(generation)} set state = null, updated_at = now() where key = $1 and hash = $2::int8 returning version`,
     /** A page of a state transfer, guarded like events: a live event already applied is newer than the page. */
     insertPage: (generation: number) => `insert into ${table(generation)} as t (key, version, state, event_time)
              select r.key, r.version, r.state, null from jsonb_to_recordset($1::jsonb) as r(key text, version int8, state jsonb)

@@ -57,9 +57,12 @@ export class ReplicaStore<Row> {
   }
 
   async readMeta(q: Queryable, lock = false): Promise<Meta> {
-    const { rows } = await q.query<{ generation: number; building: number | null; filled_at: unknown }>(lock ? this.meta.readForUpdate : this.meta.read, [this.name]);
+    const { rows } = await q.query<{ generation: number; building: number | null; filled_at: unknown }>(lock ? this.meta.readForUpdate : this.meta.read, [
+      this.name,
+    ]);
     const row = rows[0];
-    if (row === undefined) throw new TidingsError('NOT_STARTED', `Replica ${this.name} has no tables yet in schema ${this.schema}: start its bus, or call replica.start()`);
+    if (row === undefined)
+      throw new TidingsError('NOT_STARTED', `Replica ${this.name} has no tables yet in schema ${this.schema}: start its bus, or call replica.start()`);
     return { generation: Number(row.generation), building: row.building === null ? null : Number(row.building), filled: row.filled_at !== null };
   }
 
@@ -77,10 +80,10 @@ export class ReplicaStore<Row> {
   async readRow(tx: PgTransaction, key: string): Promise<{ version: number; state: Row | null } | undefined> {
     for (;;) {
       const known = await this.#generations(tx);
-      const { rows } = await tx.query<{ generation: number; building: number | null; version: string | number | null; state: Row | null }>(this.tables.readRow(known.generation), [
-        this.name,
-        key,
-      ]);
+      const { rows } = await tx.query<{ generation: number; building: number | null; version: string | number | null; state: Row | null }>(
+        this.tables.readRow(known.generation),
+        [this.name, key],
+      );
       const row = rows[0];
       if (row === undefined) throw this.#noMeta();
       if (Number(row.generation) === known.generation && (row.building === null ? null : Number(row.building)) === known.building) {
@@ -98,7 +101,13 @@ export class ReplicaStore<Row> {
   async write(tx: PgTransaction, key: string, version: number, row: Row | null, time: Date | null): Promise<boolean> {
     for (;;) {
       const known = await this.#generations(tx);
-      const { rows } = await tx.query<{ n: number }>(this.tables.apply(known.generation), [key, version, row === null ? null : JSON.stringify(row), time, known.building]);
+      const { rows } = await tx.query<{ n: number }>(this.tables.apply(known.generation), [
+        key,
+        version,
+        row === null ? null : JSON.stringify(row),
+        time,
+        known.building,
+      ]);
       const n = Number(rows[0]?.n);
       if (n >= 0) return n > 0;
       if (n === -2) throw this.#noMeta();
@@ -108,12 +117,16 @@ export class ReplicaStore<Row> {
 
   /** Every row of the current generation, tombstones included (to fill the memory map). */
   async all(): Promise<Array<[string, Entry<Row>]>> {
-    const { rows } = await this.driver.query<{ key: string; version: string | number; state: Row | null }>(this.tables.all((await this.readMeta(this.driver)).generation));
+    const { rows } = await this.driver.query<{ key: string; version: string | number; state: Row | null }>(
+      this.tables.all((await this.readMeta(this.driver)).generation),
+    );
     return rows.map((row) => [row.key, { version: Number(row.version), row: row.state }]);
   }
 
   async newest(): Promise<{ at: Date | null; now: Date }> {
-    const { rows } = await this.driver.query<{ at: Date | string | null; now: Date | string }>(this.tables.newest((await this.readMeta(this.driver)).generation));
+    const { rows } = await this.driver.query<{ at: Date | string | null; now: Date | string }>(
+      this.tables.newest((await this.readMeta(this.driver)).generation),
+    );
     return { at: rows[0]?.at == null ? null : new Date(rows[0].at), now: new Date(rows[0]!.now) };
   }
 
@@ -130,7 +143,13 @@ export class ReplicaStore<Row> {
    * tombstones over those the source lacks. A row a live event changed since is left alone: the event is
    * newer than, or as new as, what the source sent. Returns what it wrote.
    */
-  async repair(tx: PgTransaction, generation: number, rows: readonly StateRow[], absent: readonly string[], listed: ReadonlyMap<string, string>): Promise<Array<[string, Entry<Row>]>> {
+  async repair(
+    tx: PgTransaction,
+    generation: number,
+    rows: readonly StateRow[],
+    absent: readonly string[],
+    listed: ReadonlyMap<string, string>,
+  ): Promise<Array<[string, Entry<Row>]>> {
     const written: Array<[string, Entry<Row>]> = [];
     for (const row of rows) {
       const result = await tx.query(this.tables.repairRow(generation), [row.key, row.version, JSON.stringify(row.state), listed.get(row.key) ?? null]);

@@ -98,8 +98,12 @@ export class TestBus<Tx = MemoryTransaction> {
 
   /** The messages of `contract` published so far (by the test and by handlers), oldest first, typed. */
   published<C extends AnyContract>(contract: C): Message<DataOf<C>>[] {
-    const envelopes = this.backbone instanceof MemoryBackbone ? this.backbone.messages(contract.topic) : this.#seen?.filter((envelope) => envelope.topic === contract.topic);
-    if (envelopes === undefined) throw new Error(`published() reads the memory backbone, or a backbone that lists its messages (PostgreSQL) after when(), given() or settle(); ${this.backbone.name} does not`);
+    const envelopes =
+      this.backbone instanceof MemoryBackbone ? this.backbone.messages(contract.topic) : this.#seen?.filter((envelope) => envelope.topic === contract.topic);
+    if (envelopes === undefined)
+      throw new Error(
+        `published() reads the memory backbone, or a backbone that lists its messages (PostgreSQL) after when(), given() or settle(); ${this.backbone.name} does not`,
+      );
     return envelopes.map((envelope) => toMessage(envelope, envelope.data as DataOf<C>));
   }
 
@@ -110,7 +114,9 @@ export class TestBus<Tx = MemoryTransaction> {
   expectPublished<C extends AnyContract>(contract: C, expected: Partial<DataOf<C>> | ((data: DataOf<C>) => boolean) = {}): Message<DataOf<C>> {
     const all = this.published(contract);
     const matches = (data: DataOf<C>) =>
-      typeof expected === 'function' ? expected(data) : Object.entries(expected).every(([field, value]) => JSON.stringify((data as Record<string, unknown>)[field]) === JSON.stringify(value));
+      typeof expected === 'function'
+        ? expected(data)
+        : Object.entries(expected).every(([field, value]) => JSON.stringify((data as Record<string, unknown>)[field]) === JSON.stringify(value));
     const found = all.find((message) => matches(message.data));
     if (found !== undefined) return found;
     throw new AssertionError({
@@ -121,11 +127,17 @@ export class TestBus<Tx = MemoryTransaction> {
   /** Asserts that no message of `contract` was published; the failure lists those that were. */
   expectNotPublished(contract: AnyContract): void {
     const all = this.published(contract);
-    if (all.length > 0) throw new AssertionError({ message: `${contract.topic} was published ${all.length} time(s): ${all.map((message) => JSON.stringify(message.data)).join(', ')}` });
+    if (all.length > 0)
+      throw new AssertionError({
+        message: `${contract.topic} was published ${all.length} time(s): ${all.map((message) => JSON.stringify(message.data)).join(', ')}`,
+      });
   }
 
   /** The saga instance's saved state (undefined if it never started), and whether it completed. */
-  async saga<S>(definition: SagaDefinition<S, Record<string, AnyContract>>, id: string): Promise<{ state: S; version: number; completed: boolean } | undefined> {
+  async saga<S>(
+    definition: SagaDefinition<S, Record<string, AnyContract>>,
+    id: string,
+  ): Promise<{ state: S; version: number; completed: boolean } | undefined> {
     const store = this.backbone.sagas?.();
     if (store === undefined) throw new Error(`The ${this.backbone.name} backbone keeps no saga state`);
     const row = await store.find(definition.name, id);

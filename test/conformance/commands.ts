@@ -12,7 +12,8 @@ import type { ConformanceTarget } from './suite.ts';
 
 export function commandOwners<Tx>(target: ConformanceTarget<Tx>, kit: SuiteKit<Tx>): void {
   test('a command has one owner: send delivers it once there; a second subscription of it is refused naming both, events still fan out', async (t) => {
-    if (target.offers.commandOwners !== true) return t.skip(`${target.name} does not refuse a second owner of a command yet (issue 21: brokers keep no registry of subscriptions)`);
+    if (target.offers.commandOwners !== true)
+      return t.skip(`${target.name} does not refuse a second owner of a command yet (issue 21: brokers keep no registry of subscriptions)`);
     const namespace = await kit.world(t);
     if (namespace === undefined) return;
     const billing = kit.newBus(namespace);

@@ -62,7 +62,11 @@ export function rollingDeploy<Tx>(kit: SuiteKit<Tx>): void {
     // An F published before the new version started may reach it too (if no cursor had passed it yet): not counted.
     const fs = [...ledger.by].filter(([id]) => id.startsWith('F') && Number(id.slice(2)) >= 100);
     assert.equal(fs.length, 60, 'every F message of the deploy and after it');
-    assert.deepEqual(fs.filter(([, workers]) => workers.length !== 1 || workers[0] !== 'new'), [], 'each handled once, by a worker that has its handler');
+    assert.deepEqual(
+      fs.filter(([, workers]) => workers.length !== 1 || workers[0] !== 'new'),
+      [],
+      'each handled once, by a worker that has its handler',
+    );
     assert.equal(ledger.count('E', 100), 60, 'every E message (at least once)');
     assert.equal(await neu.backbone.deadLetters().count({ all: true }), 0, 'nothing dead-lettered');
   });
@@ -81,7 +85,11 @@ export function rollingDeploy<Tx>(kit: SuiteKit<Tx>): void {
     await publishBoth(old, 100, 20, 250);
     await waitFor('every message of the deploy', () => ledger.count('E') >= 40 && ledger.count('F') >= 40, 30_000);
     const fs = [...ledger.by].filter(([id]) => id.startsWith('F'));
-    assert.deepEqual(fs.filter(([, workers]) => workers.length !== 1 || workers[0] !== 'old'), [], 'each F handled once, by an old worker');
+    assert.deepEqual(
+      fs.filter(([, workers]) => workers.length !== 1 || workers[0] !== 'old'),
+      [],
+      'each F handled once, by an old worker',
+    );
 
     await kit.stop(old);
     ledger.by.clear();

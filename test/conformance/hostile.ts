@@ -82,25 +82,73 @@ export function hostileInput<Tx>(target: ConformanceTarget<Tx>, kit: SuiteKit<Tx
     await bus.start();
 
     const over: Array<[string, () => Promise<unknown>, string, RegExp]> = [
-      ['an id of 256 ASCII bytes', () => bus.publish(Ticked, { key: 'k', seq: -1 }, { id: 'i'.repeat(256) }), 'LIMIT_EXCEEDED', /id is 256 bytes, over the limit of 255/],
+      [
+        'an id of 256 ASCII bytes',
+        () => bus.publish(Ticked, { key: 'k', seq: -1 }, { id: 'i'.repeat(256) }),
+        'LIMIT_EXCEEDED',
+        /id is 256 bytes, over the limit of 255/,
+      ],
       ['an id of 86 three-byte characters', () => bus.publish(Ticked, { key: 'k', seq: -1 }, { id: '€'.repeat(86) }), 'LIMIT_EXCEEDED', /id is 258 bytes/],
-      ['a key of 1,025 bytes', () => bus.publish(Ticked, { key: 'k', seq: -1 }, { key: utf8Of(1_025) }), 'LIMIT_EXCEEDED', /key is 1025 bytes, over the limit of 1024/],
+      [
+        'a key of 1,025 bytes',
+        () => bus.publish(Ticked, { key: 'k', seq: -1 }, { key: utf8Of(1_025) }),
+        'LIMIT_EXCEEDED',
+        /key is 1025 bytes, over the limit of 1024/,
+      ],
       ['a key of 100 kB from the key function', () => bus.publish(Ticked, { key: 'k'.repeat(100_000), seq: -1 }), 'LIMIT_EXCEEDED', /key is 100000 bytes/],
-      ['a correlation id of 256 bytes', () => bus.publish(Ticked, { key: 'k', seq: -1 }, { correlationId: 'c'.repeat(256) }), 'LIMIT_EXCEEDED', /correlation id is 256 bytes/],
-      ['a causation id of 256 bytes', () => bus.publish(Ticked, { key: 'k', seq: -1 }, { causationId: 'c'.repeat(256) }), 'LIMIT_EXCEEDED', /causation id is 256 bytes/],
+      [
+        'a correlation id of 256 bytes',
+        () => bus.publish(Ticked, { key: 'k', seq: -1 }, { correlationId: 'c'.repeat(256) }),
+        'LIMIT_EXCEEDED',
+        /correlation id is 256 bytes/,
+      ],
+      [
+        'a causation id of 256 bytes',
+        () => bus.publish(Ticked, { key: 'k', seq: -1 }, { causationId: 'c'.repeat(256) }),
+        'LIMIT_EXCEEDED',
+        /causation id is 256 bytes/,
+      ],
       ['a tenant of 256 bytes', () => bus.publish(Ticked, { key: 'k', seq: -1 }, { tenant: 't'.repeat(256) }), 'LIMIT_EXCEEDED', /tenant is 256 bytes/],
       ['a subject of 1,025 bytes', () => bus.publish(Ticked, { key: 'k', seq: -1 }, { subject: 's'.repeat(1_025) }), 'LIMIT_EXCEEDED', /subject is 1025 bytes/],
-      ['a malformed traceparent', () => bus.publish(Ticked, { key: 'k', seq: -1 }, { traceparent: 'x'.repeat(10_000) }), 'LIMIT_EXCEEDED', /not a W3C traceparent/],
-      ['a tracestate of 513 bytes', () => bus.publish(Ticked, { key: 'k', seq: -1 }, { tracestate: 'a=b,'.repeat(129).slice(0, 513) }), 'LIMIT_EXCEEDED', /tracestate is 513 bytes/],
-      ['data nested 65 deep', () => bus.publish(Ticked, { key: 'k', seq: -1, deep: nested(64) } as never), 'LIMIT_EXCEEDED', /data\.deep(\.down)+ is nested more than 64 levels/],
-      ['data nested 100,000 deep', () => bus.publish(Ticked, { key: 'k', seq: -1, deep: nested(100_000) } as never), 'LIMIT_EXCEEDED', /nested more than 64|nested too deeply/],
+      [
+        'a malformed traceparent',
+        () => bus.publish(Ticked, { key: 'k', seq: -1 }, { traceparent: 'x'.repeat(10_000) }),
+        'LIMIT_EXCEEDED',
+        /not a W3C traceparent/,
+      ],
+      [
+        'a tracestate of 513 bytes',
+        () => bus.publish(Ticked, { key: 'k', seq: -1 }, { tracestate: 'a=b,'.repeat(129).slice(0, 513) }),
+        'LIMIT_EXCEEDED',
+        /tracestate is 513 bytes/,
+      ],
+      [
+        'data nested 65 deep',
+        () => bus.publish(Ticked, { key: 'k', seq: -1, deep: nested(64) } as never),
+        'LIMIT_EXCEEDED',
+        /data\.deep(\.down)+ is nested more than 64 levels/,
+      ],
+      [
+        'data nested 100,000 deep',
+        () => bus.publish(Ticked, { key: 'k', seq: -1, deep: nested(100_000) } as never),
+        'LIMIT_EXCEEDED',
+        /nested more than 64|nested too deeply/,
+      ],
       ['Infinity in data', () => bus.publish(Ticked, { key: 'k', seq: -1, extra: [1, Infinity] } as never), 'INVALID_PAYLOAD', /data\.extra\.1 is Infinity/],
       ['NaN in data', () => bus.publish(Ticked, { key: 'k', seq: -1, extra: { n: Number.NaN } } as never), 'INVALID_PAYLOAD', /data\.extra\.n is NaN/],
       ['a BigInt in data', () => bus.publish(Ticked, { key: 'k', seq: -1, extra: 10n } as never), 'INVALID_PAYLOAD', /BigInt/],
-      ['one bad message among good ones in publishMany', () => bus.publishMany(Ticked, [{ key: 'k', seq: -1 }, { key: 'k', seq: -2, extra: -Infinity } as never]), 'INVALID_PAYLOAD', /-Infinity/],
+      [
+        'one bad message among good ones in publishMany',
+        () => bus.publishMany(Ticked, [{ key: 'k', seq: -1 }, { key: 'k', seq: -2, extra: -Infinity } as never]),
+        'INVALID_PAYLOAD',
+        /-Infinity/,
+      ],
     ];
     for (const [what, publish, code, pattern] of over) {
-      const error = await publish().then(() => undefined, (e: unknown) => e);
+      const error = await publish().then(
+        () => undefined,
+        (e: unknown) => e,
+      );
       assert.ok(error instanceof TidingsError, `${what}: refused with a TidingsError (got ${String(error)})`);
       assert.equal(error.code, code, `${what}: code`);
       assert.equal(error.retryable, false, `${what}: not worth retrying`);
@@ -124,7 +172,10 @@ export function hostileInput<Tx>(target: ConformanceTarget<Tx>, kit: SuiteKit<Tx
     await bus.publish(Ticked, { key: 'other', seq: 5 });
     const longKey = utf8Of(messageLimits.keyBytes).length;
     await waitFor('every message at the limits', () => handled.length >= 4, 20_000);
-    assert.deepEqual(handled.filter((entry) => !entry.startsWith('5:')), [`1:${longKey}:255`, `2:${longKey}:255`, `4:${longKey}:255`]);
+    assert.deepEqual(
+      handled.filter((entry) => !entry.startsWith('5:')),
+      [`1:${longKey}:255`, `2:${longKey}:255`, `4:${longKey}:255`],
+    );
     assert.equal(attempts.get(1), 2, 'the first was retried once, after its delay');
     const store = bus.backbone.deadLetters();
     await waitFor('the refused one in dead letters', async () => (await store.count({ subscription: 'edge' })) === 1);
@@ -179,7 +230,11 @@ export function hostileInput<Tx>(target: ConformanceTarget<Tx>, kit: SuiteKit<Tx
     const expected = poisons.length - refused.length;
     await waitFor(`${expected} dead letters`, async () => (await store.count({ subscription: 'foreign-limits' })) >= expected, 20_000);
     await sleep(300);
-    assert.deepEqual(handled, Array.from({ length: good }, (_, i) => `good:${i}`), 'the good messages, each once, in order');
+    assert.deepEqual(
+      handled,
+      Array.from({ length: good }, (_, i) => `good:${i}`),
+      'the good messages, each once, in order',
+    );
     const { deadLetters } = await store.list({ subscription: 'foreign-limits' });
     assert.equal(deadLetters.length, expected);
     for (const [what, envelope, pattern] of poisons) {
@@ -194,12 +249,16 @@ export function hostileInput<Tx>(target: ConformanceTarget<Tx>, kit: SuiteKit<Tx
       () => undefined,
       (error: unknown) => error,
     );
-    if (redrive !== undefined) assert.ok(redrive instanceof TidingsError && redrive.code === 'LIMIT_EXCEEDED', `a redrive refused names the limit (got ${String(redrive)})`);
+    if (redrive !== undefined)
+      assert.ok(redrive instanceof TidingsError && redrive.code === 'LIMIT_EXCEEDED', `a redrive refused names the limit (got ${String(redrive)})`);
     await bus.publish(Ticked, { key: 'good', seq: good++ });
     await waitFor('the message after the redrive', () => handled.length >= good, 20_000);
     await waitFor('the poison back in dead letters', async () => (await store.count({ subscription: 'foreign-limits' })) === expected, 20_000);
     await sleep(300);
-    assert.deepEqual(handled, Array.from({ length: good }, (_, i) => `good:${i}`));
+    assert.deepEqual(
+      handled,
+      Array.from({ length: good }, (_, i) => `good:${i}`),
+    );
   });
 
   test("a handler's hostile errors are kept, made storable: NUL, lone surrogates, megabytes of text; the rest flows", async (t) => {
@@ -237,8 +296,15 @@ export function hostileInput<Tx>(target: ConformanceTarget<Tx>, kit: SuiteKit<Tx
     await waitFor('every message that can succeed', () => handled.length >= 7, 20_000);
     const store = bus.backbone.deadLetters();
     await waitFor('three dead letters', async () => (await store.count({ subscription: 'ugly-errors' })) === 3, 20_000);
-    assert.deepEqual(handled.slice().sort((a, b) => a - b), [1, 4, 5, 6, 7, 8, 9]);
-    assert.deepEqual(handled.filter((seq) => seq === 1 || seq >= 5), [1, 5, 6, 7, 8, 9], 'key k1 kept its order behind its retry');
+    assert.deepEqual(
+      handled.slice().sort((a, b) => a - b),
+      [1, 4, 5, 6, 7, 8, 9],
+    );
+    assert.deepEqual(
+      handled.filter((seq) => seq === 1 || seq >= 5),
+      [1, 5, 6, 7, 8, 9],
+      'key k1 kept its order behind its retry',
+    );
     const { deadLetters } = await store.list({ subscription: 'ugly-errors' });
     for (const summary of deadLetters) {
       const [letter] = await store.show(summary.id);
@@ -287,7 +353,14 @@ export function hostileInput<Tx>(target: ConformanceTarget<Tx>, kit: SuiteKit<Tx
       'bare',
       Ticked,
       (message, ctx) => {
-        seen.push({ seq: message.data.seq, attempt: ctx.attempt, subject: message.subject, tenant: message.tenant, causation: message.causationId, trace: message.traceparent });
+        seen.push({
+          seq: message.data.seq,
+          attempt: ctx.attempt,
+          subject: message.subject,
+          tenant: message.tenant,
+          causation: message.causationId,
+          trace: message.traceparent,
+        });
         if (message.data.seq === 1 && ctx.attempt === 1) throw new Error('after a delay, please');
         if (message.data.seq === 2 && failing) throw new Error('dead, then redriven');
         return undefined;

@@ -41,7 +41,11 @@ export function requestReply<Tx>(target: ConformanceTarget<Tx>, kit: SuiteKit<Tx
     }
     const replies = await Promise.all(Array.from({ length: 100 }, (_, n) => client.request(Quote, { key: `k${n % 7}`, n }, { timeoutMs: 20_000 })));
     const typed: { price: number }[] = replies;
-    assert.deepEqual(typed.map((reply) => reply.price), Array.from({ length: 100 }, (_, n) => n * 2), 'each reply matched to its request');
+    assert.deepEqual(
+      typed.map((reply) => reply.price),
+      Array.from({ length: 100 }, (_, n) => n * 2),
+      'each reply matched to its request',
+    );
 
     await assert.rejects(client.request(Quote, { key: 'slow', n: -3 }, { timeoutMs: 300 }), (error: unknown) => {
       assert.ok(error instanceof TidingsError && error.code === 'REQUEST_TIMEOUT', String(error));

@@ -51,7 +51,10 @@ export function sagas<Tx>(target: ConformanceTarget<Tx>, kit: SuiteKit<Tx>): voi
     if (namespace === undefined) return;
     const bus = kit.newBus(namespace);
     if (!target.offers.transactions) {
-      assert.throws(() => bus.saga(Payment), (error: unknown) => error instanceof TidingsError && /outbox/.test(error.message));
+      assert.throws(
+        () => bus.saga(Payment),
+        (error: unknown) => error instanceof TidingsError && /outbox/.test(error.message),
+      );
       return;
     }
     bus.saga(Payment, { concurrency: 16 });
@@ -67,7 +70,10 @@ export function sagas<Tx>(target: ConformanceTarget<Tx>, kit: SuiteKit<Tx>): voi
       if (i % 3 === 1) await bus.publish(SagaDeclined, { orderId: `o${i}` });
     }
     // Twenty bumps of one order, on twenty different keys: they run at once, and must all count.
-    await bus.publishMany(SagaBumped, Array.from({ length: 20 }, (_, n) => ({ orderId: 'o2', n })));
+    await bus.publishMany(
+      SagaBumped,
+      Array.from({ length: 20 }, (_, n) => ({ orderId: 'o2', n })),
+    );
     await waitFor('every saga completed', () => bus.stats().sagas['test.payment']!.completed >= 30, 20_000);
     // The paid and declined orders' timeouts fire after their completion: ignored.
     await waitFor('every timeout', () => bus.stats().sagas['test.payment']!.ignoredAfterCompletion >= 20, 20_000);
@@ -76,12 +82,14 @@ export function sagas<Tx>(target: ConformanceTarget<Tx>, kit: SuiteKit<Tx>): voi
     const store = bus.backbone.sagas!();
     const instances = await Promise.all(Array.from({ length: 30 }, (_, i) => store.find('test.payment', `o${i}`)));
     assert.deepEqual(
-      instances.map((row) => `${(row?.state as { status: string }).status}:${row?.completed}`),
+      instances.map((row) => `${(row?.state as { status: string } | undefined)?.status}:${row?.completed}`),
       Array.from({ length: 30 }, (_, i) => `${['paid', 'declined', 'timed-out'][i % 3]}:true`),
       'each order in the state its messages lead to, completed',
     );
     const stats = bus.stats().sagas['test.payment']!;
-    const expected = Array.from({ length: 30 }, (_, i) => i).filter((i) => i % 3 !== 0).map((i) => `o${i}:${i % 3 === 1 ? 'declined' : 'payment timed out'}`);
+    const expected = Array.from({ length: 30 }, (_, i) => i)
+      .filter((i) => i % 3 !== 0)
+      .map((i) => `o${i}:${i % 3 === 1 ? 'declined' : 'payment timed out'}`);
     assert.deepEqual([...cancelled].sort(), expected.sort(), 'declined and timed-out orders compensated, once each');
     // o2's bumps ran at once on twenty keys: each applied (or, after o2 timed out, ignored), none lost.
     const o2 = await bus.backbone.sagas!().find('test.payment', 'o2');

@@ -12,7 +12,7 @@ import type { SuiteKit } from './hostile.ts';
 import type { ConformanceTarget } from './suite.ts';
 
 export function scheduledDelivery<Tx>(target: ConformanceTarget<Tx>, kit: SuiteKit<Tx>): void {
-  test('scheduled delivery: never early, once, in its key\'s order at its due time; cancellable until then; atomic with a transaction', async (t) => {
+  test("scheduled delivery: never early, once, in its key's order at its due time; cancellable until then; atomic with a transaction", async (t) => {
     const namespace = await kit.world(t);
     if (namespace === undefined) return;
     const bus = kit.newBus(namespace);
@@ -23,7 +23,10 @@ export function scheduledDelivery<Tx>(target: ConformanceTarget<Tx>, kit: SuiteK
     await bus.start();
     if (!target.offers.transactions) {
       // A broker alone cannot hold a message until it is due: refused, naming what it needs.
-      await assert.rejects(bus.publish(Ticked, { key: 'k', seq: 1 }, { delayMs: 100 }), (error: unknown) => error instanceof TidingsError && /outbox/.test(error.message));
+      await assert.rejects(
+        bus.publish(Ticked, { key: 'k', seq: 1 }, { delayMs: 100 }),
+        (error: unknown) => error instanceof TidingsError && /outbox/.test(error.message),
+      );
       return;
     }
     const start = Date.now();
@@ -32,7 +35,14 @@ export function scheduledDelivery<Tx>(target: ConformanceTarget<Tx>, kit: SuiteK
     await bus.publish(Ticked, { key: 'k', seq: 2 }); // now: goes ahead of seq 1, which enters the key's order when due
     await bus.publish(Ticked, { key: 'past', seq: 3 }, { deliverAt: new Date(start - 60_000) }); // a time past: now
     const cancelled = await bus.publish(Ticked, { key: 'c', seq: 4 }, { deliverAt: new Date(start + 800).toISOString() });
-    await bus.publishMany(Ticked, [{ key: 'm', seq: 5 }, { key: 'm', seq: 6 }], { deliverAt: start + 700 });
+    await bus.publishMany(
+      Ticked,
+      [
+        { key: 'm', seq: 5 },
+        { key: 'm', seq: 6 },
+      ],
+      { deliverAt: start + 700 },
+    );
     await assert.rejects(
       bus.transaction(async (tx) => {
         await bus.publish(Ticked, { key: 'r', seq: 7 }, { tx, delayMs: 100 });
@@ -52,10 +62,14 @@ export function scheduledDelivery<Tx>(target: ConformanceTarget<Tx>, kit: SuiteK
     await waitFor('every scheduled message', () => [1, 5, 6, 8, 9].every((seq) => handled.some((entry) => entry.seq === seq)), 20_000);
     await sleep(1_000);
     const at = (seq: number) => handled.find((entry) => entry.seq === seq)!.at;
-    assert.deepEqual(handled.map((entry) => entry.seq).sort((x, y) => x - y), [1, 2, 3, 5, 6, 8, 9], 'each once; the cancelled and the rolled-back never');
+    assert.deepEqual(
+      handled.map((entry) => entry.seq).sort((x, y) => x - y),
+      [1, 2, 3, 5, 6, 8, 9],
+      'each once; the cancelled and the rolled-back never',
+    );
     assert.ok(at(1) >= start + 600, `never early (seq 1 at +${at(1) - start} ms)`);
     assert.ok(at(5) >= start + 700 && at(6) >= start + 700, 'publishMany: never early');
-    assert.ok(at(2) < at(1), 'a message due later enters its key\'s order when due: the one published after it, due now, goes first');
+    assert.ok(at(2) < at(1), "a message due later enters its key's order when due: the one published after it, due now, goes first");
     assert.ok(at(3) < start + 600, 'a time in the past is delivered now');
     assert.equal(await bus.cancelScheduled(a.id), false, 'delivered: nothing to cancel');
     t.diagnostic(`lateness: ${[1, 5, 6].map((seq) => at(seq) - (seq === 1 ? start + 600 : start + 700)).join(', ')} ms`);

@@ -38,7 +38,11 @@ export function recurringSchedules<Tx>(target: ConformanceTarget<Tx>, kit: Suite
     await sleep(500);
     const sorted = [...ticks].sort((a, b) => a - b);
     assert.equal(new Set(ticks).size, ticks.length, `each tick once: ${ticks.join(' ')}`);
-    assert.deepEqual(sorted, Array.from({ length: sorted.length }, (_, i) => sorted[0]! + i), 'no tick missed');
+    assert.deepEqual(
+      sorted,
+      Array.from({ length: sorted.length }, (_, i) => sorted[0]! + i),
+      'no tick missed',
+    );
   });
 
   test('a tick missed while no process ran fires once on start; with missed: none it is skipped', async (t) => {
@@ -86,10 +90,21 @@ export function recurringSchedules<Tx>(target: ConformanceTarget<Tx>, kit: Suite
         assert.match(error.message, pattern);
         return true;
       });
-    refused(() => bus.schedule('bad-cron', '61 * * * *', Ticked, { key: 'k', seq: 1 }), 'INVALID_OPTIONS', /schedule bad-cron: cron pattern "61 \* \* \* \*" is invalid/);
-    refused(() => bus.schedule('bad-zone', '* * * * *', Ticked, { key: 'k', seq: 1 }, { timezone: 'Mars/Olympus' }), 'INVALID_OPTIONS', /time zone "Mars\/Olympus"/);
+    refused(
+      () => bus.schedule('bad-cron', '61 * * * *', Ticked, { key: 'k', seq: 1 }),
+      'INVALID_OPTIONS',
+      /schedule bad-cron: cron pattern "61 \* \* \* \*" is invalid/,
+    );
+    refused(
+      () => bus.schedule('bad-zone', '* * * * *', Ticked, { key: 'k', seq: 1 }, { timezone: 'Mars/Olympus' }),
+      'INVALID_OPTIONS',
+      /time zone "Mars\/Olympus"/,
+    );
     refused(() => bus.schedule('Bad Name', '* * * * *', Ticked, { key: 'k', seq: 1 }), 'INVALID_CONTRACT', /Schedule name "Bad Name" is invalid/);
-    assert.throws(() => bus.schedule('bad-data', '* * * * *', Ticked, { key: 'k', seq: 'one' } as never), (error: unknown) => error instanceof ValidationError && /seq/.test(error.message));
+    assert.throws(
+      () => bus.schedule('bad-data', '* * * * *', Ticked, { key: 'k', seq: 'one' } as never),
+      (error: unknown) => error instanceof ValidationError && /seq/.test(error.message),
+    );
     bus.schedule('twice', '* * * * *', Ticked, { key: 'k', seq: 1 });
     refused(() => bus.schedule('twice', '*/5 * * * *', Ticked, { key: 'k', seq: 1 }), 'SUBSCRIPTION_CONFLICT', /Schedule twice is already declared/);
   });

@@ -124,7 +124,14 @@ export function conformance<Tx>(target: ConformanceTarget<Tx>): void {
         /business rule failed/,
       );
       await bus.transaction(async (tx) => {
-        await bus.publishMany(Ticked, [{ key: 'committed', seq: 1 }, { key: 'committed', seq: 2 }], { tx });
+        await bus.publishMany(
+          Ticked,
+          [
+            { key: 'committed', seq: 1 },
+            { key: 'committed', seq: 2 },
+          ],
+          { tx },
+        );
       });
       await bus.publish(Ticked, { key: 'committed', seq: 3 });
       await waitFor('the three committed messages', () => seen.length >= 3);
@@ -206,7 +213,12 @@ export function conformance<Tx>(target: ConformanceTarget<Tx>): void {
       await waitFor('every message', () => byWorker[0]! + byWorker[1]! >= total, 60_000);
       await sleep(200);
       assert.equal(byWorker[0]! + byWorker[1]!, total, 'each message handled once');
-      for (const [key, seqs] of byKey) assert.deepEqual(seqs, Array.from({ length: perKey }, (_, i) => i), `order of ${key}`);
+      for (const [key, seqs] of byKey)
+        assert.deepEqual(
+          seqs,
+          Array.from({ length: perKey }, (_, i) => i),
+          `order of ${key}`,
+        );
       if (target.offers.balances) assert.ok(byWorker[0]! > 0 && byWorker[1]! > 0, `both workers took part (${byWorker.join(' / ')})`);
     });
 
@@ -327,12 +339,16 @@ export function conformance<Tx>(target: ConformanceTarget<Tx>): void {
       const error = await bus.publish(Ticked, { key: 'x', seq: 'one' } as never).catch((e: unknown) => e);
       assert.ok(error instanceof ValidationError);
       assert.equal(error.code, 'INVALID_PAYLOAD');
-      assert.deepEqual(error.issues.map((issue) => issue.path), ['seq']);
+      assert.deepEqual(
+        error.issues.map((issue) => issue.path),
+        ['seq'],
+      );
       assert.match(error.message, /test\.ticked.*seq/);
 
       await bus.publish(Ticked, { key: 'x', seq: 1 });
       const corrupt = { ...envelopeOf('x', { key: 'x', seq: 'not a number' }), id: `corrupt-${newId()}` };
-      const inject = target.injectInvalid ?? ((backbone, envelope) => backbone.publish([{ envelope, json: JSON.stringify(envelope.data), keyHash: keyHash('x') }]));
+      const inject =
+        target.injectInvalid ?? ((backbone, envelope) => backbone.publish([{ envelope, json: JSON.stringify(envelope.data), keyHash: keyHash('x') }]));
       await inject(bus.backbone, corrupt);
       await bus.publish(Ticked, { key: 'x', seq: 2 });
       await waitFor('the valid messages around the invalid one', () => seen.includes(2));
@@ -370,7 +386,8 @@ export function conformance<Tx>(target: ConformanceTarget<Tx>): void {
       await stop(first);
       assert.equal(started, finished, 'stop() waited for every handler in flight');
       assert.ok(finished < total, 'stopped before the end');
-      if (namespace.effects !== undefined) assert.equal((await namespace.effects.rows()).length, finished, 'every finished handler was acknowledged with its effect');
+      if (namespace.effects !== undefined)
+        assert.equal((await namespace.effects.rows()).length, finished, 'every finished handler was acknowledged with its effect');
 
       const second = newBus(namespace);
       second.subscribe('stoppable', Ticked, handler);
@@ -412,7 +429,10 @@ export function conformance<Tx>(target: ConformanceTarget<Tx>): void {
       assert.equal(new Set(rows.map((row) => row.messageId)).size, 150);
       const failing = [...tries.entries()].filter(([id]) => rows.find((row) => row.messageId === id)!.seq % 3 === 0);
       assert.equal(failing.length, 50);
-      assert.ok(failing.every(([, n]) => n >= 2), 'the failing third were tried again');
+      assert.ok(
+        failing.every(([, n]) => n >= 2),
+        'the failing third were tried again',
+      );
     });
 
     test('the inbox: the same message id published twice is handled once', async (t) => {

@@ -1,6 +1,14 @@
 /** `tidings dead-letters list|show|redrive|drop`: on PostgreSQL, RabbitMQ or NATS. */
 import type { Command } from 'commander';
-import { groupDeadLetters, TidingsError, type Backbone, type DeadLetterActionResult, type DeadLetterGroup, type DeadLetterSelection, type DeadLetterStore } from '../../index.ts';
+import {
+  groupDeadLetters,
+  TidingsError,
+  type Backbone,
+  type DeadLetterActionResult,
+  type DeadLetterGroup,
+  type DeadLetterSelection,
+  type DeadLetterStore,
+} from '../../index.ts';
 import { adminDefaults, deadLetterStore } from '../../postgres/index.ts';
 import type { GlobalOptions } from '../config.ts';
 import { progress, table } from '../format.ts';
@@ -24,15 +32,19 @@ export function registerDeadLetters(program: Command, context: CliContext): void
         const { total, deadLetters: rows } = await store.list({ ...selection, limit: options.limit });
         emit(context, globals, { total, deadLetters: rows }, () => {
           if (total === 0) return 'No dead letters.';
-          const shown = table(rows, [
-            { header: 'id', value: (row) => row.id, align: 'right' },
-            { header: 'subscription', value: (row) => row.subscription },
-            { header: 'topic', value: (row) => row.topic },
-            { header: 'key', value: (row) => row.key, max: 24, shrink: 1 },
-            { header: 'attempts', value: (row) => row.attempts },
-            { header: 'dead at', value: (row) => shortTime(row.deadAt) },
-            { header: 'reason', value: (row) => row.reason, max: 80, shrink: 2 },
-          ], { width: context.columns });
+          const shown = table(
+            rows,
+            [
+              { header: 'id', value: (row) => row.id, align: 'right' },
+              { header: 'subscription', value: (row) => row.subscription },
+              { header: 'topic', value: (row) => row.topic },
+              { header: 'key', value: (row) => row.key, max: 24, shrink: 1 },
+              { header: 'attempts', value: (row) => row.attempts },
+              { header: 'dead at', value: (row) => shortTime(row.deadAt) },
+              { header: 'reason', value: (row) => row.reason, max: 80, shrink: 2 },
+            ],
+            { width: context.columns },
+          );
           const more = total > rows.length ? `\n${rows.length} of ${total} shown: narrow the selection or raise --limit.` : '';
           return `${shown}${more}\nShow one with: tidings dead-letters show <id>`;
         });
@@ -74,7 +86,9 @@ export function registerDeadLetters(program: Command, context: CliContext): void
                 if (place !== undefined && same === undefined) firstFrom.set(place, attempt.attempt);
                 return [
                   `  #${attempt.attempt} at ${shortTime(attempt.at)}: ${attempt.error.name}: ${attempt.error.message}`,
-                  ...(frames === undefined ? [] : [same === undefined ? indent(frames, '      ') : `      (thrown from the same place as #${same}: stack above)`]),
+                  ...(frames === undefined
+                    ? []
+                    : [same === undefined ? indent(frames, '      ') : `      (thrown from the same place as #${same}: stack above)`]),
                 ].join('\n');
               });
               return [...head, ...attempts].join('\n');
@@ -179,7 +193,13 @@ async function withDeadLetters(
   const url = globals.url ?? '';
   const broker = await brokerFor(url, globals);
   if (broker === undefined) {
-    await withDatabase(context, command, (db) => run(deadLetterStore(async () => db.driver, globals.schema), globals, `schema ${globals.schema}`));
+    await withDatabase(context, command, (db) =>
+      run(
+        deadLetterStore(async () => db.driver, globals.schema),
+        globals,
+        `schema ${globals.schema}`,
+      ),
+    );
     return;
   }
   try {
@@ -219,11 +239,20 @@ async function dryRun(context: CliContext, store: DeadLetterStore, globals: Glob
   const matched = await store.count(selection);
   const groups = matched === 0 ? [] : await groupOf(store, selection);
   emit(context, globals, { dryRun: true, action, matched, groups }, () =>
-    matched === 0 ? `Nothing to ${action}: no dead letter matches.` : `Would ${action} ${matched} dead letter${matched === 1 ? '' : 's'}:\n${renderGroups(groups, context.columns)}`,
+    matched === 0
+      ? `Nothing to ${action}: no dead letter matches.`
+      : `Would ${action} ${matched} dead letter${matched === 1 ? '' : 's'}:\n${renderGroups(groups, context.columns)}`,
   );
 }
 
-function reportAction(context: CliContext, globals: GlobalOptions, result: DeadLetterActionResult, action: 'redrive' | 'drop', done: string, then: string): void {
+function reportAction(
+  context: CliContext,
+  globals: GlobalOptions,
+  result: DeadLetterActionResult,
+  action: 'redrive' | 'drop',
+  done: string,
+  then: string,
+): void {
   emit(context, globals, result, () => {
     if (result.matched === 0) return `Nothing to ${action}: no dead letter matches.`;
     const by = Object.entries(result.bySubscription)

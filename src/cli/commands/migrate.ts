@@ -8,7 +8,10 @@ export function registerMigrate(program: Command, context: CliContext): void {
   program
     .command('migrate')
     .description('create the schema, or upgrade it to this version of Tidings')
-    .option('--dry-run', 'print the SQL it would run, change nothing (for a DBA to review, or to run with psql); with no database given, the SQL of a new schema')
+    .option(
+      '--dry-run',
+      'print the SQL it would run, change nothing (for a DBA to review, or to run with psql); with no database given, the SQL of a new schema',
+    )
     .action(async (options: { dryRun?: boolean }, command: Command) => {
       if (options.dryRun === true) return migrateDryRun(context, command);
       await withDatabase(context, command, async (db, globals) => {
@@ -40,4 +43,3 @@ async function migrateDryRun(context: CliContext, command: Command): Promise<voi
   }
   await withDatabase(context, command, async (db) => show(await appliedVersions(db.driver, globals.schema)));
 }
-

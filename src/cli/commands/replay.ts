@@ -26,7 +26,9 @@ export function registerReplay(program: Command, context: CliContext): void {
               `Replaying ${subscription} from position ${result.fromPosition}: ${result.messages} message${result.messages === 1 ? '' : 's'} to handle again across ${result.partitions} partition${result.partitions === 1 ? '' : 's'} (${result.inboxCleared} inbox record${result.inboxCleared === 1 ? '' : 's'} cleared).`,
               'Its workers drop their leases at once and take the partitions back from the new cursors on their next heartbeat.',
               ...(result.skipped > 0
-                ? [`Note: ${result.skipped} message${result.skipped === 1 ? '' : 's'} before position ${result.fromPosition} had not been handled yet and are skipped.`]
+                ? [
+                    `Note: ${result.skipped} message${result.skipped === 1 ? '' : 's'} before position ${result.fromPosition} had not been handled yet and are skipped.`,
+                  ]
                 : []),
             ].join('\n'),
           );
@@ -55,14 +57,17 @@ async function waitForCatchUp(context: CliContext, db: Database, globals: Global
       if (context.interrupt.aborted) return false;
       await new Promise<void>((resolve) => {
         const timer = setTimeout(resolve, 500);
-        context.interrupt.addEventListener('abort', () => {
-          clearTimeout(timer);
-          resolve();
-        }, { once: true });
+        context.interrupt.addEventListener(
+          'abort',
+          () => {
+            clearTimeout(timer);
+            resolve();
+          },
+          { once: true },
+        );
       });
     }
   } finally {
     bar.stop();
   }
 }
-

@@ -25,15 +25,26 @@ export function registerReplicas(program: Command, context: CliContext): void {
     .action(async (name: string, options: { timeout: number }, command: Command) => {
       await withDatabase(context, command, async (db, globals) => {
         const url = globals.url!;
-        const report = await requestDriftCheck({ url, schema: globals.schema, replica: name, db: db.driver, timeoutMs: options.timeout * 1_000, signal: context.interrupt });
+        const report = await requestDriftCheck({
+          url,
+          schema: globals.schema,
+          replica: name,
+          db: db.driver,
+          timeoutMs: options.timeout * 1_000,
+          signal: context.interrupt,
+        });
         emit(context, globals, report, () => renderDrift(report));
       });
     });
 
-  const replicaCommands = program.command('replica').description('replicas of other services\' data: rebuild one from its source (tidings drift for status and checks)');
+  const replicaCommands = program
+    .command('replica')
+    .description("replicas of other services' data: rebuild one from its source (tidings drift for status and checks)");
   replicaCommands
     .command('rebuild')
-    .description("ask a replica to refill itself by state transfer from its source, over the bus, and follow its progress; readers see the previous table, whole, until the switch")
+    .description(
+      'ask a replica to refill itself by state transfer from its source, over the bus, and follow its progress; readers see the previous table, whole, until the switch',
+    )
     .argument('<replica>', 'the replica, for example credentials-gw1 (tidings drift status lists them)')
     .option('--timeout <seconds>', 'give up when the replica reports no progress for this long', positiveNumber, 60)
     .action(async (name: string, options: { timeout: number }, command: Command) => {
@@ -90,7 +101,8 @@ function renderDrift(report: DriftReport): string {
     `${report.messages.sent + report.messages.received} messages (${report.messages.sent} requests, ${report.messages.received} replies), ${report.entries} hashes and keys, ${report.durationMs} ms; differing tree nodes per level: ${report.differingNodes.join(' / ') || '0'}.`,
   ];
   for (const kind of ['missing', 'extra', 'different'] as const) {
-    if (report.samples[kind].length > 0) lines.push(`  ${kind}: ${report.samples[kind].join(', ')}${report[kind] > report.samples[kind].length ? ', ...' : ''}`);
+    if (report.samples[kind].length > 0)
+      lines.push(`  ${kind}: ${report.samples[kind].join(', ')}${report[kind] > report.samples[kind].length ? ', ...' : ''}`);
   }
   return lines.join('\n');
 }

@@ -44,7 +44,8 @@ export function registerSagas(program: Command, context: CliContext): void {
     .action(async (saga: string, id: string, _options: unknown, command: Command) => {
       await withDatabase(context, command, async (db, globals) => {
         const found = await showSaga(db.driver, { schema: globals.schema, saga, id });
-        if (found === undefined) throw new CommandFailed(`No instance ${id} of saga ${saga} in schema ${globals.schema}. List them with: tidings sagas list --saga ${saga}`);
+        if (found === undefined)
+          throw new CommandFailed(`No instance ${id} of saga ${saga} in schema ${globals.schema}. List them with: tidings sagas list --saga ${saga}`);
         emit(context, globals, found, () =>
           [
             `Saga ${found.saga} instance ${found.id}: version ${found.version}, ${found.completed ? 'completed' : 'active'}, started ${shortTime(found.startedAt)}`,

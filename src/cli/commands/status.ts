@@ -17,7 +17,11 @@ export function registerStatus(program: Command, context: CliContext): void {
     .option('--watch [seconds]', 'show it again every few seconds (2 unless given) until Ctrl-C; with --json, one object per line', positiveNumber)
     .action(async (options: { subscription?: string; verbose?: boolean; watch?: number | true }, command: Command) => {
       await withDatabase(context, command, async (db, globals) => {
-        const view: StatusView = { verbose: options.verbose === true, width: context.columns, style: globals.json ? plain : styleFor(context.stdoutIsTTY, context.env) };
+        const view: StatusView = {
+          verbose: options.verbose === true,
+          width: context.columns,
+          style: globals.json ? plain : styleFor(context.stdoutIsTTY, context.env),
+        };
         const read = async () => {
           const status = await readStatus(db.driver, { schema: globals.schema, subscription: options.subscription });
           const replicas = options.subscription === undefined ? await listReplicas(db.driver, { schema: globals.schema }) : [];
@@ -35,7 +39,10 @@ export function registerStatus(program: Command, context: CliContext): void {
           const { value, text } = await read();
           if (globals.json) context.out(`${JSON.stringify(value)}\n`);
           // On a terminal the screen is redrawn in place; into a file or a pipe, each reading follows the last.
-          else context.out(`${context.stdoutIsTTY ? '\x1b[H\x1b[2J' : '\n'}${text()}\n${context.stdoutIsTTY ? `\nEvery ${everyMs / 1_000} s; Ctrl-C to stop.\n` : ''}`);
+          else
+            context.out(
+              `${context.stdoutIsTTY ? '\x1b[H\x1b[2J' : '\n'}${text()}\n${context.stdoutIsTTY ? `\nEvery ${everyMs / 1_000} s; Ctrl-C to stop.\n` : ''}`,
+            );
           await sleep(everyMs, context.interrupt);
         }
       });

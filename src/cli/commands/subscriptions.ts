@@ -13,7 +13,13 @@ export function registerSubscriptions(program: Command, context: CliContext): vo
     .action(async (subscription: string, _options: unknown, command: Command) => {
       await withDatabase(context, command, async (db, globals) => {
         const result = await dropSubscription(db.driver, { schema: globals.schema, subscription });
-        emit(context, globals, result, () => `Dropped ${subscription} (${result.held} held message${result.held === 1 ? '' : 's'}, ${result.inbox} inbox record${result.inbox === 1 ? '' : 's'}); its dead letters stay.`);
+        emit(
+          context,
+          globals,
+          result,
+          () =>
+            `Dropped ${subscription} (${result.held} held message${result.held === 1 ? '' : 's'}, ${result.inbox} inbox record${result.inbox === 1 ? '' : 's'}); its dead letters stay.`,
+        );
       });
     });
 }

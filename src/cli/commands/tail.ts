@@ -39,8 +39,13 @@ export function registerTail(program: Command, context: CliContext): void {
           })) {
             if (globals.json) context.out(`${JSON.stringify({ position, ...envelope })}\n`);
             else {
-              const extra = [envelope.tenant === undefined ? '' : `tenant=${envelope.tenant}`, envelope.subject === undefined ? '' : `subject=${envelope.subject}`];
-              context.out(`#${position}  ${shortTime(envelope.time)}  ${envelope.type}  key=${envelope.partitionkey}  id=${envelope.id}  ${extra.filter(Boolean).join('  ')}${extra.some(Boolean) ? '  ' : ''}${JSON.stringify(envelope.data)}\n`);
+              const extra = [
+                envelope.tenant === undefined ? '' : `tenant=${envelope.tenant}`,
+                envelope.subject === undefined ? '' : `subject=${envelope.subject}`,
+              ];
+              context.out(
+                `#${position}  ${shortTime(envelope.time)}  ${envelope.type}  key=${envelope.partitionkey}  id=${envelope.id}  ${extra.filter(Boolean).join('  ')}${extra.some(Boolean) ? '  ' : ''}${JSON.stringify(envelope.data)}\n`,
+              );
             }
             if (options.limit !== undefined && ++count >= options.limit) break;
           }
@@ -79,4 +84,3 @@ async function unknownTopic(db: Database, schema: string, topic: string): Promis
   const known = handled.map((row) => row.topic);
   return `Warning: no subscription handles ${topic}, and none of the newest ${RECENT_MESSAGES.toLocaleString('en')} messages has it: check the name${known.length === 0 ? '' : ` (the subscriptions handle ${listed(known, 10)})`}. Waiting for it all the same.`;
 }
-

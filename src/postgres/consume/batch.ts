@@ -168,7 +168,15 @@ export class BatchHandler {
           }
           const at = Date.now() + result.delayMs;
           earliestRetry = earliestRetry === 0 ? at : Math.min(earliestRetry, at);
-          held.push({ partition, key: row.key, position, message: null, attempts: result.attempt, next_attempt_at: new Date(at).toISOString(), history: result.history });
+          held.push({
+            partition,
+            key: row.key,
+            position,
+            message: null,
+            attempts: result.attempt,
+            next_attempt_at: new Date(at).toISOString(),
+            history: result.history,
+          });
           holding = true;
           parkedNow.add(row.key);
         }

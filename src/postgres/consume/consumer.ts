@@ -126,7 +126,9 @@ export class PostgresConsumer implements Consumer {
         if (error instanceof TopicsChanged) {
           // The next heartbeat says who may hold them; till then, hold none (reading on would handle in vain).
           this.#ctx.warn(`Subscription ${this.#spec.name}: it gained a topic this worker has no handler for; its batch is left to workers that have one`);
-          await this.#leases.release([...lanes.keys()]).catch((failure: unknown) => this.#ctx.warn(`Subscription ${this.#spec.name}: could not release partitions`, failure));
+          await this.#leases
+            .release([...lanes.keys()])
+            .catch((failure: unknown) => this.#ctx.warn(`Subscription ${this.#spec.name}: could not release partitions`, failure));
           continue;
         }
         this.#failures++;

@@ -31,7 +31,10 @@ const MIN_SPAN_BATCHES = 1;
 const MAX_SPAN = 1_000_000;
 
 /** A lane as its lease was acquired: the cursor stored for it (see `statements.acquire`). */
-export function acquiredLane(spec: SubscriptionSpec, row: { partition: number; epoch: string; done: string; window_snapshot: string | null; window_position: string | number | null }): Lane {
+export function acquiredLane(
+  spec: SubscriptionSpec,
+  row: { partition: number; epoch: string; done: string; window_snapshot: string | null; window_position: string | number | null },
+): Lane {
   return {
     partition: row.partition,
     epoch: String(row.epoch),
@@ -212,5 +215,7 @@ function groupLanes(lanes: readonly Lane[]): Lane[][] {
 
 /** Everything a read depends on of its lanes. */
 function cursorsKey(grouped: readonly Lane[][]): string {
-  return JSON.stringify(grouped.map((group) => [group.map((lane) => lane.partition), group[0]!.done, group[0]!.window, group[0]!.position, group[0]!.hi, group[0]!.span]));
+  return JSON.stringify(
+    grouped.map((group) => [group.map((lane) => lane.partition), group[0]!.done, group[0]!.window, group[0]!.position, group[0]!.hi, group[0]!.span]),
+  );
 }

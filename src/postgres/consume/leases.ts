@@ -158,11 +158,10 @@ export class Leases {
   async #heartbeat(): Promise<void> {
     if (this.#hooks.stopping()) return;
     const { driver, sql, settings } = this.#ctx;
-    const { rows } = await driver.query<{ workers: WorkerTopics[]; topics: string[] | null; mine: Array<{ partition: number; epoch: string }> }>(sql.heartbeat, [
-      this.owner,
-      this.#spec.name,
-      settings.leaseMs,
-    ]);
+    const { rows } = await driver.query<{ workers: WorkerTopics[]; topics: string[] | null; mine: Array<{ partition: number; epoch: string }> }>(
+      sql.heartbeat,
+      [this.owner, this.#spec.name, settings.leaseMs],
+    );
     const live = this.#agree(rows[0]?.topics ?? [], rows[0]?.workers ?? []);
     const mine = new Map((rows[0]?.mine ?? []).map((entry) => [entry.partition, String(entry.epoch)]));
     this.#rebalancing ??= this.#rebalance(live, mine)
@@ -233,7 +232,13 @@ export class Leases {
   }
 }
 
-function describeDisagreement(subscription: string, self: string, topics: readonly string[], unable: readonly WorkerTopics[], able: readonly WorkerTopics[]): string {
+function describeDisagreement(
+  subscription: string,
+  self: string,
+  topics: readonly string[],
+  unable: readonly WorkerTopics[],
+  able: readonly WorkerTopics[],
+): string {
   const name = (worker: WorkerTopics) => (worker.id === self ? 'this worker' : worker.id);
   const lacking = (worker: WorkerTopics) => topics.filter((topic) => !worker.topics!.includes(topic));
   const list = unable.map((worker) => `${name(worker)} (no handler for ${lacking(worker).join(', ')})`).join('; ');
@@ -241,6 +246,7 @@ function describeDisagreement(subscription: string, self: string, topics: readon
     able.length === 0
       ? 'No live worker handles all of them, so every partition is held: nothing is skipped, and lag grows until one does'
       : `Their partitions go to the workers that handle all of them (${able.map(name).join(', ')})`;
-  const hint = "During a rolling deploy that adds or removes a handler this lasts until the old version's workers stop; otherwise give every worker of the subscription the same handlers";
+  const hint =
+    "During a rolling deploy that adds or removes a handler this lasts until the old version's workers stop; otherwise give every worker of the subscription the same handlers";
   return `Subscription ${subscription}: its workers disagree on its topics (${topics.join(', ')}): ${list}. ${fate}. ${hint}`;
 }

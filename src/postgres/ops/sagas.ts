@@ -57,10 +57,18 @@ export async function listSagas(db: Queryable, options: ListSagasOptions): Promi
 export async function showSaga(db: Queryable, options: { schema: string; saga: string; id: string }): Promise<SagaDetail | undefined> {
   const s = schemaOf(options.schema);
   return explainMissingSchema(options.schema, async () => {
-    const { rows } = await db.query<{ saga: string; id: string; version: number; completed: boolean; started_at: Date | string; updated_at: Date | string; state: unknown }>(
-      `select saga, id, version, completed_at is not null as completed, started_at, updated_at, state from ${s}.sagas where saga = $1 and id = $2`,
-      [options.saga, options.id],
-    );
+    const { rows } = await db.query<{
+      saga: string;
+      id: string;
+      version: number;
+      completed: boolean;
+      started_at: Date | string;
+      updated_at: Date | string;
+      state: unknown;
+    }>(`select saga, id, version, completed_at is not null as completed, started_at, updated_at, state from ${s}.sagas where saga = $1 and id = $2`, [
+      options.saga,
+      options.id,
+    ]);
     const row = rows[0];
     if (row === undefined) return undefined;
     const [transitions, timeouts] = await Promise.all([
