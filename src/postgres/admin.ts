@@ -23,7 +23,7 @@ import type {
 import { keyHash, partitionOf, type Envelope } from '../core/envelope.ts';
 import { TidingsError } from '../core/errors.ts';
 import { sleep } from '../core/sleep.ts';
-import { toEnvelope, type LogRow } from './log.ts';
+import { toEnvelope, type LogRow } from './codec.ts';
 import { checkIdentifier, type Queryable, type SqlDriver } from './driver.ts';
 
 export type { DeadLetter, DeadLetterActionResult, DeadLetterGroup, DeadLetterProgress, DeadLetterSelection, DeadLetterSummary };
