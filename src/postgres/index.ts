@@ -6,7 +6,8 @@ import type { Envelope } from '../core/envelope.ts';
 import { TidingsError } from '../core/errors.ts';
 import { OptionProblems, optionNames } from '../core/options.ts';
 import { PostgresConsumer, type ConsumerSettings } from './consume/consumer.ts';
-import { deadLetterStore, readStatus } from './admin.ts';
+import { PostgresDeadLetters } from './dead-letters.ts';
+import { readStatus } from './ops/status.ts';
 import { checkIdentifier, pgDriver, pgliteDriver, preparing, runStatement, urlProblem, type PGliteLike, type PgPoolLike, type SqlDriver } from './driver.ts';
 import { Inbox } from './inbox.ts';
 import { copyRows, messagesJson, refuseUnstorable, toEnvelope, type LogRow } from './codec.ts';
@@ -453,7 +454,7 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
   }
 
   deadLetters(): DeadLetterStore {
-    return deadLetterStore(async () => {
+    return new PostgresDeadLetters(async () => {
       await this.open();
       return this.driver;
     }, this.schema);
@@ -482,6 +483,5 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
 export function postgres(options: PostgresOptions): PostgresBackbone {
   return new PostgresBackbone(options);
 }
-export * from './admin.ts';
-export * from './ops/sagas.ts';
+export * from './ops/index.ts';
 export { Retention, prune, retentionDefaults, type RetentionOptions, type PruneResult } from './retention.ts';
