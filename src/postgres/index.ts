@@ -10,6 +10,7 @@ import { PostgresDeadLetters } from './dead-letters.ts';
 import { readStatus } from './ops/status.ts';
 import { checkIdentifier, pgDriver, pgliteDriver, preparing, runStatement, urlProblem, type PGliteLike, type PgPoolLike, type SqlDriver } from './driver.ts';
 import { Inbox } from './inbox.ts';
+import { LazyTransaction, type InboxClaim } from './lazy-transaction.ts';
 import { copyRows, messagesJson, refuseUnstorable, toEnvelope, type LogRow } from './codec.ts';
 import { migrate } from './migrate.ts';
 import { resolveRetention, Retention, unknownRetentionKeys, type RetentionOptions } from './retention.ts';
@@ -437,6 +438,11 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
     return new Inbox(this.driver, this.#sql, subscription);
   }
 
+  /** A delivery's `ctx.tx` for a consumer of another backbone, opened on first use, recording `claim` in the inbox first (see lazy-transaction.ts). */
+  lazyTransaction(claim?: InboxClaim): LazyTransaction {
+    return new LazyTransaction((fn) => this.transaction(fn), claim);
+  }
+
   /** Messages committed to `subscription`'s topics and not yet handled by it; 0 when it does not exist yet. */
   async lag(subscription: string): Promise<number> {
     await this.open();
@@ -484,4 +490,13 @@ export function postgres(options: PostgresOptions): PostgresBackbone {
   return new PostgresBackbone(options);
 }
 export * from './ops/index.ts';
-export { Retention, prune, retentionDefaults, type RetentionOptions, type PruneResult } from './retention.ts';
+export {
+  Retention,
+  prune,
+  retentionDefaults,
+  type PruneOptions,
+  type PruneResult,
+  type RetentionOptions,
+  type RetentionPolicy,
+  type RetentionSettings,
+} from './retention.ts';

@@ -3,7 +3,7 @@ import { Batcher } from '../core/batching.ts';
 import { logParams, messagesJson } from './codec.ts';
 import { runStatement, type Queryable, type Statement } from './driver.ts';
 
-export interface GroupCommitOptions {
+interface GroupCommitOptions {
   /** Most messages written by one statement. */
   readonly maxBatch: number;
   /** Writes in flight at once; while they run, new publishes gather into the next one. */

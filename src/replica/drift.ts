@@ -7,7 +7,7 @@ import type { SourceRequests, Traffic } from './requests.ts';
 import type { Entry, ReplicaStore } from './store.ts';
 
 /** What a drift check needs of its replica. */
-export interface DriftCheck<Row> {
+interface DriftCheck<Row> {
   readonly name: string;
   readonly store: ReplicaStore<Row>;
   readonly requests: SourceRequests;

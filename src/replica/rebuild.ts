@@ -6,7 +6,7 @@ import type { SourceRequests, Traffic } from './requests.ts';
 import type { ReplicaStore } from './store.ts';
 
 /** What a rebuild needs of its replica. */
-export interface Rebuild<Row> {
+interface Rebuild<Row> {
   readonly name: string;
   readonly store: ReplicaStore<Row>;
   readonly requests: SourceRequests;

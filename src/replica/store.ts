@@ -5,7 +5,7 @@ import type { StateRow } from './protocol.ts';
 import { generationStatements, metaStatements, replicaBase, type GenerationStatements, type MetaStatements } from './sql.ts';
 
 /** Where a replica is: the generation readers see, the one a rebuild fills, and whether it was ever filled. */
-export interface Meta {
+interface Meta {
   generation: number;
   building: number | null;
   filled: boolean;

@@ -20,14 +20,14 @@ export interface ChunkedActionOptions {
   readonly signal?: AbortSignal | undefined;
 }
 
-export interface ChunkRow {
+interface ChunkRow {
   id: string;
   subscription: string;
   message_id: string;
   key: string;
 }
 
-export interface ChunkPlan {
+interface ChunkPlan {
   readonly action: 'redrive' | 'drop';
   readonly sql: DeadLetterStatements;
   /** The selection, from `selectionSql`, and its parameters. */
