@@ -136,19 +136,7 @@ const LONE_SURROGATE_ESCAPE = /\\ud[89ab][0-9a-f]{2}(?!\\ud[c-f][0-9a-f]{2})|(?<
 const LONE_SURROGATE = /[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]/;
 
 /** The attributes stored in text columns. */
-const TEXT_ATTRIBUTES = [
-  'id',
-  'source',
-  'type',
-  'subject',
-  'topic',
-  'partitionkey',
-  'tenant',
-  'correlationid',
-  'causationid',
-  'traceparent',
-  'tracestate',
-] as const satisfies ReadonlyArray<keyof Envelope>;
+const ATTRIBUTES = ['id', 'source', 'type', 'subject', 'topic', 'partitionkey', 'tenant', 'correlationid', 'causationid', 'traceparent', 'tracestate'] as const;
 
 /**
  * Throws INVALID_PAYLOAD, naming the message, for the first of `messages` PostgreSQL would refuse. Checked
@@ -171,7 +159,7 @@ export function refuseUnstorable(messages: readonly Outgoing[]): void {
 
 /** Why PostgreSQL would refuse this message, if it would: text cannot hold NUL characters or lone surrogates. */
 function unstorable(envelope: Envelope, json: string): string | undefined {
-  for (const name of TEXT_ATTRIBUTES) {
+  for (const name of ATTRIBUTES) {
     const value = envelope[name];
     if (typeof value !== 'string') continue;
     if (value.includes('\0')) return `${name} contains a NUL character`;
