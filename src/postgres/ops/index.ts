@@ -39,6 +39,7 @@ export { firstPositionAt, replaySubscription, type PositionAtOptions, type Repla
 export { tailTopic, type TailedMessage, type TailOptions } from './tail.ts';
 export { dropSubscription, type DropSubscriptionResult } from './subscriptions.ts';
 export { listSagas, showSaga, type ListSagasOptions, type SagaDetail, type SagaSummary, type SagaTransition } from './sagas.ts';
+// For tools that run their own queries on a Tidings schema: its quoted name, the missing-schema error, ISO times.
 export { explainMissingSchema } from './schema.ts';
 export { schemaOf } from '../sql/schema.ts';
 export { iso } from '../codec.ts';
