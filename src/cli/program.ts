@@ -130,7 +130,7 @@ function packageVersion(): string {
 
 export type From = { kind: 'position'; position: number } | { kind: 'time'; time: string };
 
-export function parseSchema(value: string): string {
+function parseSchema(value: string): string {
   try {
     return checkIdentifier('--schema', value);
   } catch (error) {
@@ -219,7 +219,7 @@ function causedBy(error: unknown, codes: ReadonlySet<string>): boolean {
 }
 
 /** Schemas holding Tidings' tables: a log and a migrations table side by side. */
-export async function tidingsSchemas(db: Database): Promise<string[]> {
+async function tidingsSchemas(db: Database): Promise<string[]> {
   const { rows } = await db.driver.query<{ schema: string }>(
     `select l.table_schema as schema from information_schema.tables l
        join information_schema.tables m on m.table_schema = l.table_schema and m.table_name = 'migrations'
@@ -228,12 +228,12 @@ export async function tidingsSchemas(db: Database): Promise<string[]> {
   return rows.map((row) => row.schema);
 }
 
-export async function hasTidingsTables(db: Database, schema: string): Promise<boolean> {
+async function hasTidingsTables(db: Database, schema: string): Promise<boolean> {
   return (await tidingsSchemas(db)).includes(schema);
 }
 
 /** A --schema with no Tidings tables: which schemas have them, and how to pick one. */
-export async function wrongSchemaMessage(db: Database, schema: string): Promise<string> {
+async function wrongSchemaMessage(db: Database, schema: string): Promise<string> {
   const found = await tidingsSchemas(db);
   return found.length === 0
     ? `Schema ${schema} at ${db.description} has no Tidings tables, and no other schema there has them: a bus creates its schema when it starts, or run tidings migrate --schema ${schema}`

@@ -16,7 +16,6 @@ import { describeError, storable, TidingsError } from '../core/errors.ts';
 import { envelopeProblem } from '../core/limits.ts';
 import { OptionProblems, optionNames } from '../core/options.ts';
 import { sleep } from '../core/sleep.ts';
-import { LazyTransaction } from './inbox.ts';
 import type { Inbox } from '../postgres/inbox.ts';
 import type { PgTransaction, PostgresBackbone } from '../postgres/index.ts';
 
@@ -209,7 +208,7 @@ export class BrokerBackbone implements Backbone<PgTransaction> {
   }
 
   /**
-   * One attempt with the outbox database (see inbox.ts): a message the inbox already has is acknowledged
+   * One attempt with the outbox database (see postgres/lazy-transaction.ts): a message the inbox already has is acknowledged
    * unhandled; `ctx.tx`, if the handler uses it, is a transaction that records the message in the inbox
    * before the handler's writes and commits with them; a handler that never used it has its message
    * recorded by an insert shared with concurrent deliveries. The broker is acknowledged only after that.
@@ -234,7 +233,7 @@ export class BrokerBackbone implements Backbone<PgTransaction> {
     } catch (error) {
       return databaseFailed(error);
     }
-    const lazy = new LazyTransaction(outbox, inbox === undefined ? undefined : { inbox, subscription: spec.name, id });
+    const lazy = outbox.lazyTransaction(inbox === undefined ? undefined : { inbox, subscription: spec.name, id });
     let result: DeliveryResult;
     try {
       result = await handle({ envelope: delivery.envelope, attempt: delivery.attempt, tx: lazy.tx });
@@ -279,7 +278,7 @@ export function brokered(broker: Broker, options?: BrokeredOptions): BrokerBackb
 }
 
 /** The relay re-serialises what the outbox stored: the same envelope, the same id, the same key. */
-export function toOutgoing(envelope: Envelope): Outgoing {
+function toOutgoing(envelope: Envelope): Outgoing {
   return { envelope, json: JSON.stringify(envelope.data), keyHash: keyHash(envelope.partitionkey) };
 }
 
