@@ -20,6 +20,7 @@ test('1,000 sagas driven in random order by 4 publisher processes, workers kille
   const workers = [await startProcess('saga-worker', { SCHEMA: schema }), await startProcess('saga-worker', { SCHEMA: schema })];
   const senders: TestProcess[] = [];
   const db = await connect();
+  const began = Date.now();
   try {
     senders.push(
       ...(await Promise.all(
@@ -40,6 +41,7 @@ test('1,000 sagas driven in random order by 4 publisher processes, workers kille
       workers.push(await startProcess('saga-worker', { SCHEMA: schema }));
     }
     await waitFor('every publisher done', () => senders.every((sender) => sender.lines.some((line) => line.startsWith('published '))), 120_000);
+    const publishedIn = Date.now() - began;
     const sent = senders.map((sender) => Number(sender.lines.find((line) => line.startsWith('published '))!.split(' ')[1]));
     assert.equal(
       sent.reduce((sum, n) => sum + n, 0),
@@ -72,7 +74,9 @@ test('1,000 sagas driven in random order by 4 publisher processes, workers kille
     assert.deepEqual(steps[0], { n: messages.length, distinct: messages.length }, 'one transition recorded per message, none twice');
     const { rows: dead } = await db.query<{ n: number }>(`select count(*)::int as n from "${schema}".dead_letters`);
     assert.equal(dead[0]!.n, 0, 'no add gave up waiting for its start');
-    t.diagnostic(`${messages.length} messages from ${publishers} processes (${sent.join(' + ')}); workers killed at ${kills.join(' and ')} transitions`);
+    t.diagnostic(
+      `${messages.length} messages from ${publishers} processes (${sent.join(' + ')}) published within ${publishedIn} ms, every saga final after ${Date.now() - began} ms; workers killed at ${kills.join(' and ')} transitions`,
+    );
   } finally {
     await db.end();
     for (const child of [...workers, ...senders]) child.kill();
