@@ -94,7 +94,7 @@ test('20,000 messages due over 10 s, scheduled by 4 processes: each delivered on
         `while the first leader lived p50 ${percentile(before, 50)} ms, p99 ${percentile(before, 99)} ms (${before.length}); ` +
         `under the new leader p50 ${percentile(after, 50)} ms, p99 ${percentile(after, 99)} ms (${after.length}); ` +
         `overall p50 ${percentile(all, 50)} ms, p99 ${percentile(all, 99)} ms, max ${Math.max(...all)} ms (the hand-over included); ` +
-        `the scheduler's leader ran behind by p50 ${percentile(behind, 50)} ms, max ${Math.round(Math.max(...behind))} ms (sampled every 250 ms)`,
+        `the scheduler's leader ran behind by p50 ${Math.round(percentile(behind, 50))} ms, max ${Math.round(Math.max(...behind))} ms (sampled every 250 ms)`,
     );
   } finally {
     for (const child of [leader, ...processes]) child.kill();
