@@ -14,6 +14,7 @@ import { NatsConsumer } from './consumer.ts';
 import { NatsDeadLetters } from './dead-letters.ts';
 import type { NatsContext } from './context.ts';
 import { apiErrorCode, isUnavailable, refusedForGood } from './errors.ts';
+import { claimCommands } from './owners.ts';
 import { resolveNatsSettings, type NatsOptions, type NatsSettings } from './options.ts';
 
 /** Written in the stream's description: server 2.9 streams have no metadata. */
@@ -197,6 +198,7 @@ export class NatsBroker implements Broker {
 
   async consume(spec: SubscriptionSpec, handle: DeliveryHandler<undefined>): Promise<Consumer> {
     const ctx = await this.context();
+    await claimCommands(ctx, spec);
     const consumer = new NatsConsumer(ctx, spec, handle);
     await consumer.start();
     return consumer;

@@ -17,6 +17,7 @@ import { RabbitConsumer } from './consumer.ts';
 import { RabbitDeadLetters } from './dead-letters.ts';
 import { Link, redact } from './link.ts';
 import { Publisher } from './publisher.ts';
+import { CommandOwners } from './owners.ts';
 import { Names } from './topology.ts';
 
 export { BUCKETS, CE_PREFIX, routingKey } from './headers.ts';
@@ -97,6 +98,7 @@ export class RabbitBroker implements Broker {
   readonly #link: Link;
   readonly #publisher: Publisher;
   readonly #deadLetters: RabbitDeadLetters;
+  readonly #owners: CommandOwners;
   readonly #consumers = new Set<RabbitConsumer>();
   #opening: Promise<void> | undefined;
 
@@ -154,6 +156,7 @@ export class RabbitBroker implements Broker {
     this.names = new Names(s.prefix);
     this.#link = new Link({ ...s, connectionName: s.connectionName });
     this.#publisher = new Publisher(this.#link, this.names, s);
+    this.#owners = new CommandOwners(this.#link, this.names);
     this.#deadLetters = new RabbitDeadLetters(this.#link, this.names, {
       quorum: s.quorum,
       scanLimit: d.deadLetterScanLimit,
@@ -186,6 +189,7 @@ export class RabbitBroker implements Broker {
     await this.open();
     const deadline = Date.now() + this.#settings.connectTimeoutMs;
     await this.#checkPartitions(spec, deadline);
+    await this.#owners.claim(spec, deadline);
     const consumer = new RabbitConsumer(spec, handle, this.#link, this.names, {
       prefix: this.#settings.prefix,
       quorum: this.#settings.quorum,
