@@ -56,8 +56,7 @@ export class RabbitConsumer implements Consumer, ReaderHost {
     this.workers = new Workers(
       link,
       names,
-      spec.name,
-      spec.topics,
+      { name: spec.name, topics: spec.topics, onChange: () => this.#share() },
       {
         heartbeatMs: settings.workerHeartbeatMs,
         timeoutMs: settings.workerTimeoutMs,
@@ -66,7 +65,6 @@ export class RabbitConsumer implements Consumer, ReaderHost {
         connectionName: settings.connectionName,
         warn: settings.warn,
       },
-      () => this.#share(),
     );
     this.#readers = Array.from({ length: spec.partitions }, (_, index) => new PartitionReader(this, index));
   }
