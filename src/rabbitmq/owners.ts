@@ -20,7 +20,7 @@ import type { ConfirmChannel } from 'amqplib';
 import type { SubscriptionSpec } from '../core/backbone.ts';
 import { TidingsError } from '../core/errors.ts';
 import { sleep } from '../core/sleep.ts';
-import type { Link } from './link.ts';
+import type { Link } from './connection.ts';
 import type { Names } from './topology.ts';
 
 /** AMQP reply code: the exclusive consumer on the lock is another channel's. */
