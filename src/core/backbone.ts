@@ -57,8 +57,8 @@ export interface Backbone<Tx = unknown> {
   awaitReply?(requestId: string, signal: AbortSignal, late: () => void): Promise<Reply>;
   /** Optional: where saga instances live, saved in handlers' transactions (core/saga.ts). */
   sagas?(): SagaStore<Tx>;
-  /** Optional: where services record their contracts and subscriptions when they start (core/catalog.ts). */
-  contracts?(): ContractRegistry;
+  /** Optional: where services record their contracts and subscriptions when they start (core/catalog.ts); undefined if none. */
+  contracts?(): ContractRegistry | undefined;
   /** Optional: the settings that name things on this backbone (schema, prefix, stream), for AsyncAPI bindings. */
   describe?(): BackboneDescription;
   /** Runs `fn` in a transaction of the backbone's database; consumers are woken after it commits. */

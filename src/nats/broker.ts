@@ -4,6 +4,7 @@ import type { JetStreamManager, StreamConfig, StreamInfo } from '@nats-io/jetstr
 import type { NatsConnection } from '@nats-io/transport-node';
 import type { Consumer, DeliveryHandler, Outgoing, SubscriptionSpec } from '../core/backbone.ts';
 import type { Broker } from '../core/broker.ts';
+import type { BackboneDescription } from '../core/catalog.ts';
 import type { DeadLetterStore } from '../core/dead-letters.ts';
 import { partitionOf } from '../core/envelope.ts';
 import { TidingsError } from '../core/errors.ts';
@@ -200,6 +201,10 @@ export class NatsBroker implements Broker {
     const consumer = new NatsConsumer(ctx, spec, handle);
     await consumer.start();
     return consumer;
+  }
+
+  describe(): BackboneDescription {
+    return { name: this.name, settings: { stream: this.settings.stream, subjectPrefix: this.settings.subjectPrefix } };
   }
 
   deadLetters(): DeadLetterStore {

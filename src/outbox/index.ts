@@ -19,6 +19,7 @@ import { sleep } from '../core/sleep.ts';
 import { LazyTransaction } from './inbox.ts';
 import type { Inbox } from '../postgres/inbox.ts';
 import type { PgTransaction, PostgresBackbone } from '../postgres/index.ts';
+import type { BackboneDescription, ContractRegistry } from '../core/catalog.ts';
 
 export interface RelayOptions {
   /** Ordered lanes of the relay subscription; processes running the relay share them. */
@@ -169,6 +170,15 @@ export class BrokerBackbone implements Backbone<PgTransaction> {
     if (this.outbox === undefined) throw noOutbox(this.name, 'run recurring schedules');
     await this.open();
     return this.outbox.lastTick(name);
+  }
+
+  /** The registry of the outbox database if there is one, else the broker's (NATS KV); RabbitMQ alone has none. */
+  contracts(): ContractRegistry | undefined {
+    return this.outbox?.contracts() ?? this.broker.contracts?.();
+  }
+
+  describe(): BackboneDescription {
+    return this.broker.describe?.() ?? { name: this.name };
   }
 
   sagas(): SagaStore<PgTransaction> {

@@ -8,6 +8,7 @@
 import type { Consumer, DeliveryHandler, Outgoing, SubscriptionSpec } from '../core/backbone.ts';
 import { EVERY_TOPIC } from '../core/backbone.ts';
 import type { Broker, DeadLetterStore } from '../core/broker.ts';
+import type { BackboneDescription } from '../core/catalog.ts';
 import { TidingsError } from '../core/errors.ts';
 import { OptionProblems, optionNames } from '../core/options.ts';
 import { defaultWarning } from '../core/warnings.ts';
@@ -241,6 +242,10 @@ export class RabbitBroker implements Broker {
         `Subscription ${spec.name} exists in RabbitMQ with a different partition count than ${spec.partitions} (queues ${this.names.partition(spec.name, 0)}...); keep its count, or use a new subscription name`,
       );
     }
+  }
+
+  describe(): BackboneDescription {
+    return { name: this.name, settings: { prefix: this.#settings.prefix } };
   }
 
   deadLetters(): DeadLetterStore {
