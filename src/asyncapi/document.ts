@@ -73,7 +73,8 @@ const NATS_BINDING = '0.1.0';
 export function asyncapiDocument(services: readonly ServiceRecord[], options: AsyncApiOptions = {}): AsyncApiDocument {
   const warn = options.onWarning ?? (() => undefined);
   const sorted = [...services].sort((a, b) => a.service.localeCompare(b.service));
-  const channels: Record<string, Channel & { messages: Record<string, Message> }> = {};
+  const channels: Record<string, Channel & { messages: Record<string, Message>; description?: string }> = {};
+  const describedBy = new Map<string, number>();
   const operations: Record<string, Operation> = {};
   /** The first record of each type, and who gave it: a second with another schema is a conflict to report. */
   const firstOf = new Map<string, { readonly record: ContractRecord; readonly service: string }>();
@@ -92,11 +93,15 @@ export function asyncapiDocument(services: readonly ServiceRecord[], options: As
     const channel = (channels[contract.topic] ??= {
       address: addressOf(service, contract.topic),
       title: contract.topic,
-      ...(contract.description === undefined ? {} : { description: contract.description }),
       messages: {},
       ...channelBindings(service, contract.topic),
     });
     channel.messages[contract.type] = messageOf(service, contract);
+    // The channel says what its newest described version says, whichever service was read first.
+    if (contract.description !== undefined && contract.version >= (describedBy.get(contract.topic) ?? 0)) {
+      describedBy.set(contract.topic, contract.version);
+      channel.description = contract.description;
+    }
     if (contract.reply !== undefined) {
       const replies = (channels[replyChannel(contract.topic)] ??= {
         // A reply goes back to the one who asked: no fixed address.

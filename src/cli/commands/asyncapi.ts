@@ -115,7 +115,7 @@ function readDocument(context: CliContext, file: string): unknown {
 
 function sourceName(options: DocumentOptions): string {
   const what = options.service === undefined ? 'the system' : `service ${options.service}`;
-  return options.module === undefined ? `the registry's ${what}` : `${what} in ${options.module}`;
+  return `${what} in ${options.module ?? 'the registry'}`;
 }
 
 function selection(options: DocumentOptions): string[] {
