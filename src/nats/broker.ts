@@ -4,7 +4,7 @@ import type { JetStreamManager, StreamConfig, StreamInfo } from '@nats-io/jetstr
 import type { NatsConnection } from '@nats-io/transport-node';
 import type { Consumer, DeliveryHandler, Outgoing, SubscriptionSpec } from '../core/backbone.ts';
 import type { Broker } from '../core/broker.ts';
-import type { BackboneDescription } from '../core/catalog.ts';
+import type { BackboneDescription, ContractRegistry } from '../core/catalog.ts';
 import type { DeadLetterStore } from '../core/dead-letters.ts';
 import { partitionOf } from '../core/envelope.ts';
 import { TidingsError } from '../core/errors.ts';
@@ -13,6 +13,7 @@ import { loadClient } from './client.ts';
 import { subjectOf, toWire } from './codec.ts';
 import { NatsConsumer } from './consumer.ts';
 import { NatsDeadLetters } from './dead-letters.ts';
+import { natsRegistry } from './registry.ts';
 import type { NatsContext } from './context.ts';
 import { apiErrorCode, isUnavailable, refusedForGood } from './errors.ts';
 import { resolveNatsSettings, type NatsOptions, type NatsSettings } from './options.ts';
@@ -205,6 +206,11 @@ export class NatsBroker implements Broker {
 
   describe(): BackboneDescription {
     return { name: this.name, settings: { stream: this.settings.stream, subjectPrefix: this.settings.subjectPrefix } };
+  }
+
+  /** The registry in a KV bucket of the stream (registry.ts): for a bus without an outbox database. */
+  contracts(): ContractRegistry {
+    return natsRegistry(() => this.context());
   }
 
   deadLetters(): DeadLetterStore {

@@ -13,7 +13,7 @@ import { loadModule } from '../../asyncapi/module.ts';
 import type { ServiceRecord } from '../../core/catalog.ts';
 import { TidingsError } from '../../core/errors.ts';
 import { readServices } from '../../postgres/registry.ts';
-import { CommandFailed, withDatabase, type CliContext } from '../program.ts';
+import { CommandFailed, globalsOf, withDatabase, type CliContext } from '../program.ts';
 
 export interface DocumentOptions {
   module?: string;
@@ -27,9 +27,14 @@ export function registerAsyncApi(program: Command, context: CliContext): void {
     .command('asyncapi')
     .description("the AsyncAPI 3.0 document of a service or the whole system, from the registry (or --module's code); --check compares a committed one")
     .option('--module <file>', 'read the code instead of the registry: a module that exports the buses (created, not started) or contracts')
+    .addHelpText(
+      'after',
+      "\nThe registry is read from --url: PostgreSQL (the bus's database, or a broker's outbox), or nats:// with --stream for a NATS bus without an outbox.",
+    )
     .option('--service <name>', "only this service's operations")
     .option('--system', 'every service (the default)')
     .option('--title <text>', 'the document\'s info.title (default: the service, or "Tidings system")')
+    .option('--stream <name>', 'with a nats:// URL: the JetStream stream of a NATS bus without an outbox, as given to nats({ stream })')
     .option('--out <file>', 'write the document there (JSON) instead of printing it')
     .option('--check <file>', 'compare this committed document with the code or registry: exit 1 and print the differences if they differ')
     .action(async (options: DocumentOptions & { out?: string; check?: string }, command: Command) => {
@@ -89,11 +94,36 @@ export async function serviceRecords(
       throw new TidingsError('INVALID_OPTIONS', `--module ${module} exports contracts but no bus: export the buses to document operations`);
     return services;
   }
+  const globals = globalsOf(context, command);
+  if (globals.url !== undefined && /^amqps?:\/\//.test(globals.url)) {
+    throw new TidingsError(
+      'INVALID_OPTIONS',
+      "RabbitMQ keeps no registry: services on RabbitMQ record themselves in their outbox's PostgreSQL; give its URL (--url postgres://...)",
+    );
+  }
+  if (globals.url !== undefined && /^nats:\/\//.test(globals.url)) return natsServices(globals.url, globals.stream, globals.connectTimeout);
   let services: ServiceRecord[] = [];
-  await withDatabase(context, command, async (db, globals) => {
+  await withDatabase(context, command, async (db) => {
     services = await readServices(db.driver, globals.schema);
   });
   return services;
+}
+
+/** The registry of a NATS bus without an outbox: the stream's KV bucket of services. */
+async function natsServices(url: string, stream: string | undefined, connectTimeout: number): Promise<ServiceRecord[]> {
+  const { nats, natsDefaults } = await import('../../nats/index.ts');
+  const backbone = nats({
+    servers: url,
+    stream: stream ?? natsDefaults.stream,
+    relay: false,
+    publishTimeoutMs: connectTimeout * 1_000,
+    onWarning: () => undefined,
+  });
+  try {
+    return (await backbone.contracts()?.services()) ?? [];
+  } finally {
+    await backbone.close().catch(() => undefined);
+  }
 }
 
 function readDocument(context: CliContext, file: string): unknown {

@@ -8,10 +8,10 @@ import { resolve } from 'node:path';
 import type { Command } from 'commander';
 import { compatibility, contractsOfCode, contractsOfDocument, renderFindings, type ContractSet } from '../../asyncapi/compatibility.ts';
 import { asyncapiDocument, type AsyncApiDocument } from '../../asyncapi/document.ts';
+import { serviceRecords } from './asyncapi.ts';
 import { loadModule } from '../../asyncapi/module.ts';
 import { TidingsError } from '../../core/errors.ts';
-import { readServices } from '../../postgres/registry.ts';
-import { CommandFailed, emit, globalsOf, withDatabase, type CliContext } from '../program.ts';
+import { CommandFailed, emit, globalsOf, type CliContext } from '../program.ts';
 
 export function registerContracts(program: Command, context: CliContext): void {
   const contracts = program.command('contracts').description('check contract changes against what is deployed');
@@ -20,6 +20,7 @@ export function registerContracts(program: Command, context: CliContext): void {
     .description('breaking changes between the code and a committed AsyncAPI document or the registry; exit 1 on any')
     .requiredOption('--module <file>', 'the code: a module that exports the contracts (defineEvent, defineCommand) and/or the buses')
     .option('--against <source>', 'an AsyncAPI document (a file written by tidings asyncapi) or "registry" (the database\'s)', 'registry')
+    .option('--stream <name>', 'with a nats:// URL: the JetStream stream of a NATS bus without an outbox, as given to nats({ stream })')
     .option('--strict-versions', 'any schema change within a version breaks, even adding an optional field')
     .action(async (options: { module: string; against: string; strictVersions?: boolean }, command: Command) => {
       const warn = (message: string) => context.err(`warning: ${message}\n`);
@@ -40,13 +41,9 @@ export function registerContracts(program: Command, context: CliContext): void {
 }
 
 async function registrySet(context: CliContext, command: Command, warn: (message: string) => void): Promise<ContractSet> {
-  let document: AsyncApiDocument | undefined;
-  await withDatabase(context, command, async (db, globals) => {
-    const services = await readServices(db.driver, globals.schema);
-    if (services.length === 0) throw new CommandFailed(`The registry in schema ${globals.schema} is empty: services record themselves when they start`);
-    document = asyncapiDocument(services, { onWarning: warn });
-  });
-  return contractsOfDocument(document!);
+  const services = await serviceRecords(context, command, undefined, warn);
+  if (services.length === 0) throw new CommandFailed('The registry is empty: services record themselves when they start');
+  return contractsOfDocument(asyncapiDocument(services, { onWarning: warn }));
 }
 
 function readDocument(context: CliContext, file: string): AsyncApiDocument {
