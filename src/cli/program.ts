@@ -10,6 +10,8 @@ import { Command, InvalidArgumentError, Option } from 'commander';
 import { TidingsError } from '../index.ts';
 import { firstPositionAt } from '../postgres/index.ts';
 import { checkIdentifier, urlProblem } from '../postgres/driver.ts';
+import { registerAsyncApi } from './commands/asyncapi.ts';
+import { registerContracts } from './commands/contracts.ts';
 import { registerDeadLetters } from './commands/dead-letters.ts';
 import { registerMigrate } from './commands/migrate.ts';
 import { registerPrune } from './commands/prune.ts';
@@ -74,7 +76,9 @@ Examples:
   tidings replay billing --from 2026-01-31T12:00:00Z --wait
   tidings prune --dry-run
   tidings drift check credentials-gw1
-  tidings replica rebuild credentials-gw1`;
+  tidings replica rebuild credentials-gw1
+  tidings asyncapi --system --check asyncapi.json
+  tidings contracts check --module src/contracts.ts --against asyncapi.json`;
 
 /** Each command's file adds it to the program. */
 export type Register = (program: Command, context: CliContext) => void;
@@ -89,6 +93,8 @@ const commands: readonly Register[] = [
   registerPrune,
   registerReplicas,
   registerSagas,
+  registerAsyncApi,
+  registerContracts,
 ];
 
 export function buildProgram(context: CliContext): Command {

@@ -4,6 +4,7 @@
  */
 import type { Consumer, DeliveryHandler, Outgoing, SubscriptionSpec } from '../core/backbone.ts';
 import type { Broker } from '../core/broker.ts';
+import type { BackboneDescription, ContractRegistry } from '../core/catalog.ts';
 import type { DeadLetterStore } from '../core/dead-letters.ts';
 import { TidingsError } from '../core/errors.ts';
 import { defaultWarning } from '../core/warnings.ts';
@@ -13,6 +14,7 @@ import { NatsConsumer } from './consume/consumer.ts';
 import type { NatsContext } from './context.ts';
 import { NatsDeadLetters } from './dead-letters.ts';
 import { isUnavailable } from './errors.ts';
+import { natsRegistry } from './registry.ts';
 import { claimCommands } from './owners.ts';
 import { resolveNatsSettings, type NatsOptions, type NatsSettings } from './options.ts';
 import { publishAll } from './publisher.ts';
@@ -81,6 +83,15 @@ export class NatsBroker implements Broker {
     const consumer = new NatsConsumer(ctx, spec, handle);
     await consumer.start();
     return consumer;
+  }
+
+  describe(): BackboneDescription {
+    return { name: this.name, settings: { stream: this.settings.stream, subjectPrefix: this.settings.subjectPrefix } };
+  }
+
+  /** The registry in a KV bucket of the stream (registry.ts): for a bus without an outbox database. */
+  contracts(): ContractRegistry {
+    return natsRegistry(() => this.context());
   }
 
   deadLetters(): DeadLetterStore {

@@ -18,6 +18,7 @@ import { OptionProblems, optionNames } from '../core/options.ts';
 import { sleep } from '../core/sleep.ts';
 import type { Inbox } from '../postgres/inbox.ts';
 import type { PgTransaction, PostgresBackbone } from '../postgres/index.ts';
+import type { BackboneDescription, ContractRegistry } from '../core/catalog.ts';
 
 export interface RelayOptions {
   /** Ordered lanes of the relay subscription; processes running the relay share them. */
@@ -168,6 +169,15 @@ export class BrokerBackbone implements Backbone<PgTransaction> {
     if (this.outbox === undefined) throw noOutbox(this.name, 'run recurring schedules');
     await this.open();
     return this.outbox.lastTick(name);
+  }
+
+  /** The registry of the outbox database if there is one, else the broker's (NATS KV); RabbitMQ alone has none. */
+  contracts(): ContractRegistry | undefined {
+    return this.outbox?.contracts() ?? this.broker.contracts?.();
+  }
+
+  describe(): BackboneDescription {
+    return this.broker.describe?.() ?? { name: this.name };
   }
 
   sagas(): SagaStore<PgTransaction> {

@@ -20,9 +20,12 @@ import { SCHEDULED_SIGNAL, Scheduler } from './scheduler.ts';
 import { REPLY_SIGNAL, ReplyWaiter } from './replies.ts';
 import { statements, type Statements } from './statements.ts';
 import { TrackedTransaction, type AtCommit, type PgTransaction } from './transaction.ts';
+import type { BackboneDescription, ContractRegistry } from '../core/catalog.ts';
+import { postgresRegistry } from './registry.ts';
 
 export type { PgTransaction } from './transaction.ts';
 export type { Queryable, PgPoolLike, PGliteLike, SqlDriver } from './driver.ts';
+export { readServices } from './registry.ts';
 export { migrate, appliedVersions, migrationScript, pendingMigrations, type PlannedMigration } from './migrate.ts';
 
 export interface PostgresOptions {
@@ -294,6 +297,18 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
     await this.open();
     const { rows } = await this.driver.query<{ definition: string; last_tick: Date | string }>(this.#sql.lastTick, [name]);
     return rows[0] === undefined ? undefined : { tick: new Date(rows[0].last_tick).getTime(), definition: rows[0].definition };
+  }
+
+  /** The contracts registry in this schema (registry.ts): services record themselves there when they start. */
+  contracts(): ContractRegistry {
+    return postgresRegistry(async () => {
+      await this.open();
+      return this.driver;
+    }, this.schema);
+  }
+
+  describe(): BackboneDescription {
+    return { name: this.name, settings: { schema: this.schema } };
   }
 
   sagas(): SagaStore<PgTransaction> {

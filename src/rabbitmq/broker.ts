@@ -2,6 +2,7 @@
 import type { Consumer, DeliveryHandler, Outgoing, SubscriptionSpec } from '../core/backbone.ts';
 import { EVERY_TOPIC } from '../core/backbone.ts';
 import type { Broker, DeadLetterStore } from '../core/broker.ts';
+import type { BackboneDescription } from '../core/catalog.ts';
 import { TidingsError } from '../core/errors.ts';
 import { Link } from './connection.ts';
 import { RabbitConsumer } from './consume/consumer.ts';
@@ -118,6 +119,10 @@ export class RabbitBroker implements Broker {
         `Subscription ${spec.name} exists in RabbitMQ with a different partition count than ${spec.partitions} (queues ${this.names.partition(spec.name, 0)}...); keep its count, or use a new subscription name`,
       );
     }
+  }
+
+  describe(): BackboneDescription {
+    return { name: this.name, settings: { prefix: this.#settings.prefix } };
   }
 
   deadLetters(): DeadLetterStore {
