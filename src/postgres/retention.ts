@@ -19,7 +19,7 @@
  * the first window with nothing old enough for any policy, so a run reads little more than what it deletes
  * (rows kept because a subscription has not handled them are read again by each run, until it does).
  *
- * Proven by test/faults.pg.test.ts ("retention ...").
+ * Proven by test/retention.pg.test.ts.
  */
 import { hostname } from 'node:os';
 import { OptionProblems, optionNames } from '../core/options.ts';
