@@ -1,11 +1,11 @@
 /**
- * ChannelAcks (src/rabbitmq/acks.ts) on a recording channel: which frames it sends for messages finished out
+ * ChannelAcks (src/rabbitmq/consume/acks.ts) on a recording channel: which frames it sends for messages finished out
  * of order. The consumer tests cover it on a real broker; this pins the arithmetic of `allUpTo`.
  */
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import type { Channel, Message } from 'amqplib';
-import { ChannelAcks } from '../src/rabbitmq/acks.ts';
+import { ChannelAcks } from '../src/rabbitmq/consume/acks.ts';
 
 function recording(): { channel: Channel; frames: string[] } {
   const frames: string[] = [];

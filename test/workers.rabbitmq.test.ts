@@ -1,5 +1,5 @@
 /**
- * A subscription's workers on RabbitMQ (src/rabbitmq/workers.ts): a rolling deploy that adds or removes a
+ * A subscription's workers on RabbitMQ (src/rabbitmq/consume/workers.ts): a rolling deploy that adds or removes a
  * handler while old and new workers run side by side (issue 18, defect 0), and several processes sharing the
  * partitions, one of them killed with -9.
  */
@@ -8,7 +8,7 @@ import { after, test } from 'node:test';
 import { z } from 'zod';
 import { defineEvent, keyHash, type Bus } from '../src/index.ts';
 import type { PgTransaction } from '../src/postgres/index.ts';
-import { assignPartitions } from '../src/rabbitmq/workers.ts';
+import { assignPartitions } from '../src/rabbitmq/consume/workers.ts';
 import { Ticked, Tocked } from './fixtures/contracts.ts';
 import { startProcess } from './fixtures/processes.ts';
 import { connect, RABBITMQ_URL, requireBroker, requirePostgres, sleep, waitFor } from './helpers.ts';

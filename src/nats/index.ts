@@ -4,9 +4,10 @@
  * its relay) and gives handlers a transaction that commits with their inbox record. See docs/nats.md.
  *
  * The folder: options.ts, broker.ts, connection.ts (and client.ts, which loads nats.js), topology.ts (the
- * streams and KV buckets), publisher.ts, consume/ (buckets, leases, pulling, running keys) with pull.ts,
- * workers.ts (who handles which topics), holds.ts (delayed retries kept across crashes), dead-letters.ts,
- * codec.ts (envelope <-> message), kv.ts, context.ts and errors.ts.
+ * streams and KV buckets), publisher.ts, consume/ (consumer.ts wires leases, pulling, running keys and their
+ * outcomes; workers.ts says who handles which topics, holds.ts keeps delayed retries across crashes, pull.ts
+ * makes the pull requests), dead-letters.ts, codec.ts (envelope <-> message), owners.ts (commands' owners),
+ * kv.ts, context.ts and errors.ts.
  */
 import { brokered, type BrokerBackbone } from '../outbox/index.ts';
 import { NatsBroker } from './broker.ts';

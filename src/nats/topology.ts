@@ -23,12 +23,14 @@ export interface Explicit {
   readonly subjectPrefix: boolean;
 }
 
-/** The streams and KV buckets, opened (see NatsContext). */
+/** The streams and KV buckets, opened (part of NatsContext). */
 export interface Topology {
   readonly js: JetStreamClient;
   readonly jsm: JetStreamManager;
+  /** Workers and bucket leases, entries expiring after leaseMs (see consume/leases.ts), and the KV bucket's name. */
   readonly leases: KV;
   readonly leasesBucket: string;
+  /** Messages waiting for a delayed retry, kept until they are done (see consume/holds.ts), and the KV bucket's name. */
   readonly holds: KV;
   readonly holdsBucket: string;
   readonly dlqStream: string;

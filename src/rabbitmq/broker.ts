@@ -96,18 +96,7 @@ export class RabbitBroker implements Broker {
    * `p0` existing without `p<partitions - 1>` means it grew.
    */
   async #checkPartitions(spec: SubscriptionSpec, deadline: number): Promise<void> {
-    const exists = async (queue: string): Promise<boolean> => {
-      const channel = await this.#link.confirmChannel(deadline);
-      try {
-        await channel.checkQueue(queue);
-        return true;
-      } catch (error) {
-        if ((error as { code?: unknown }).code === 404) return false;
-        throw error;
-      } finally {
-        await channel.close().catch(() => undefined);
-      }
-    };
+    const exists = (queue: string) => this.#link.queueExists(queue, deadline);
     const [first, last, beyond] = await Promise.all([
       exists(this.names.partition(spec.name, 0)),
       exists(this.names.partition(spec.name, spec.partitions - 1)),

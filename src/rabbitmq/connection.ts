@@ -63,6 +63,20 @@ export class Link {
     }
   }
 
+  /** Whether `queue` exists; looked up on a channel of its own, since a missing queue closes the channel that asks. */
+  async queueExists(queue: string, deadline?: number): Promise<boolean> {
+    const probe = await this.confirmChannel(deadline);
+    try {
+      await probe.checkQueue(queue);
+      return true;
+    } catch (error) {
+      if ((error as { code?: unknown }).code === 404) return false;
+      throw error;
+    } finally {
+      await probe.close().catch(() => undefined);
+    }
+  }
+
   async confirmChannel(deadline?: number): Promise<ConfirmChannel> {
     for (;;) {
       const connection = await this.connection(deadline);

@@ -5,9 +5,10 @@
  * queues. With `outbox: postgres(...)`, publishes in a transaction go through the
  * PostgreSQL outbox and a relay, and handlers get a transaction and an inbox (src/outbox).
  *
- * The folder: options.ts, broker.ts, publisher.ts, consume/ (a subscription's workers and partition readers),
- * workers.ts (who reads which partition), holds.ts (held keys kept in the broker), topology.ts (exchanges and
- * queues), dead-letters.ts, codec.ts (envelope <-> AMQP message), connection.ts, acks.ts and slots.ts.
+ * The folder: options.ts, broker.ts, publisher.ts, consume/ (consumer.ts and a reader per partition;
+ * workers.ts says who reads which partition, holds.ts keeps held keys in the broker, acks.ts and slots.ts),
+ * topology.ts (exchanges and queues), dead-letters.ts, codec.ts (envelope <-> AMQP message), connection.ts,
+ * owners.ts (commands' owners).
  */
 import { brokered, type BrokerBackbone } from '../outbox/index.ts';
 import { RabbitBroker } from './broker.ts';

@@ -7,7 +7,7 @@ import type { AttemptScope } from '../../core/attempts.ts';
 import { runAttempts } from '../../core/attempts.ts';
 import type { DeliveryHandler } from '../../core/backbone.ts';
 import { describeError, TidingsError } from '../../core/errors.ts';
-import type { Holds } from '../holds.ts';
+import type { Holds } from './holds.ts';
 import type { Outcomes } from './outcomes.ts';
 import type { KeyLine, Lane, Pulled, WorkerContext } from './state.ts';
 

@@ -3,10 +3,10 @@
  * reads the live workers and takes or gives up buckets to hold its share. Taking a bucket loads its durable
  * holds before anything of it runs; giving one up hands what is left back to JetStream in stream order.
  */
-import type { Hold, Holds } from '../holds.ts';
+import type { Hold, Holds } from './holds.ts';
 import { apiErrorCode } from '../errors.ts';
-import { Puller } from '../pull.ts';
-import { announcement, type WorkerView } from '../workers.ts';
+import { Puller } from './pull.ts';
+import { announcement, type WorkerView } from './workers.ts';
 import type { KeyRunner } from './keys.ts';
 import type { Outcomes } from './outcomes.ts';
 import type { LanePulling } from './pulling.ts';

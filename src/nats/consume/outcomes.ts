@@ -6,8 +6,8 @@ import type { Envelope } from '../../core/envelope.ts';
 import { header, headersToRecord } from '../codec.ts';
 import { deadLetterEncodings, type DeadLetterRecord } from '../dead-letters.ts';
 import { isUnavailable } from '../errors.ts';
-import type { Holds } from '../holds.ts';
-import type { Delivered } from '../pull.ts';
+import type { Holds } from './holds.ts';
+import type { Delivered } from './pull.ts';
 import { quietly, type KeyLine, type Lane, type Pulled, type WorkerContext } from './state.ts';
 
 export type Ending = 'ack' | 'term';

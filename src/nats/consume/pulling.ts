@@ -4,7 +4,7 @@
  */
 import { EVERY_TOPIC } from '../../core/backbone.ts';
 import { decode, headerFields, REDRIVE_FOR } from '../codec.ts';
-import type { Delivered } from '../pull.ts';
+import type { Delivered } from './pull.ts';
 import type { KeyRunner } from './keys.ts';
 import { quietly, type Lane, type Pulled, type WorkerContext } from './state.ts';
 import type { TopicDecider } from './topics.ts';

@@ -3,8 +3,8 @@ import type { SubscriptionSpec } from '../../core/backbone.ts';
 import type { Envelope } from '../../core/envelope.ts';
 import type { AttemptRecord } from '../../core/errors.ts';
 import type { NatsContext } from '../context.ts';
-import type { Hold } from '../holds.ts';
-import type { Delivered, Puller } from '../pull.ts';
+import type { Hold } from './holds.ts';
+import type { Delivered, Puller } from './pull.ts';
 
 /** One subscription's worker: what every part of its consumer reads. */
 export interface WorkerContext {

@@ -5,7 +5,7 @@
  * heartbeat.
  */
 import { readEntries } from '../kv.ts';
-import { announcement, readAnnouncement, WorkerView, type LiveWorker } from '../workers.ts';
+import { announcement, readAnnouncement, WorkerView, type LiveWorker } from './workers.ts';
 import type { KeyRunner } from './keys.ts';
 import type { Outcomes } from './outcomes.ts';
 import { newestKey, runInLane, type Lane, type Pulled, type WorkerContext } from './state.ts';

@@ -12,9 +12,9 @@
  */
 import type { Consumer, DeliveryHandler, SubscriptionSpec } from '../../core/backbone.ts';
 import type { Link } from '../connection.ts';
-import { RecentIds, Slots } from '../slots.ts';
+import { RecentIds, Slots } from './slots.ts';
 import { declareSubscription, type Names } from '../topology.ts';
-import { Workers } from '../workers.ts';
+import { Workers } from './workers.ts';
 import { PartitionReader } from './reader.ts';
 import type { ReaderHost, ReaderSettings, Unhandled } from './state.ts';
 

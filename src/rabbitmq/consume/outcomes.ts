@@ -31,7 +31,7 @@ import {
   historyHeader,
   returnsOf,
 } from '../codec.ts';
-import { holdMessage } from '../holds.ts';
+import { holdMessage } from './holds.ts';
 import { declareRetryQueue, retryLevel } from '../topology.ts';
 import type { HoldsQueue } from './holds-queue.ts';
 import { ackEntry, channelOf, sendConfirmed, type Entry, type ReaderState } from './state.ts';

@@ -15,7 +15,7 @@
  */
 import type { ConfirmChannel } from 'amqplib';
 import { sleep } from '../../core/sleep.ts';
-import { ChannelAcks } from '../acks.ts';
+import { ChannelAcks } from './acks.ts';
 import { declareExchanges, declarePartition } from '../topology.ts';
 import { HoldsQueue } from './holds-queue.ts';
 import { Lanes } from './lanes.ts';

@@ -4,7 +4,7 @@
  * returns off their attempt counts, so that a partition changing hands does not use up its messages' retries.
  */
 import type { ConfirmChannel } from 'amqplib';
-import { returnedMessage, type Unstarted } from '../holds.ts';
+import { returnedMessage, type Unstarted } from './holds.ts';
 import { declareHolds } from '../topology.ts';
 import { ackRecord, sendConfirmed, type Delivered, type ReaderState } from './state.ts';
 

@@ -2,12 +2,12 @@
 import type { ConfirmChannel, ConsumeMessage, Options } from 'amqplib';
 import type { DeliveryHandler, SubscriptionSpec } from '../../core/backbone.ts';
 import { TidingsError } from '../../core/errors.ts';
-import type { ChannelAcks } from '../acks.ts';
+import type { ChannelAcks } from './acks.ts';
 import type { Decoded } from '../codec.ts';
 import type { Link } from '../connection.ts';
-import type { RecentIds, Slots } from '../slots.ts';
+import type { RecentIds, Slots } from './slots.ts';
 import type { Names, TopologySettings } from '../topology.ts';
-import type { Workers } from '../workers.ts';
+import type { Workers } from './workers.ts';
 
 export interface ReaderSettings extends TopologySettings {
   /** Unacknowledged messages per partition queue (per-consumer basic.qos). */

@@ -6,7 +6,7 @@
  */
 import type { ConfirmChannel, ConsumeMessage } from 'amqplib';
 import { newId } from '../../core/envelope.ts';
-import { markerMessage, readHoldsMessage, type HoldRecord, type Unstarted } from '../holds.ts';
+import { markerMessage, readHoldsMessage, type HoldRecord, type Unstarted } from './holds.ts';
 import type { HoldsQueue } from './holds-queue.ts';
 import type { Lanes } from './lanes.ts';
 import type { UnstartedReturns } from './returns.ts';
@@ -81,19 +81,10 @@ export class Takeover {
     }
   }
 
-  /** Whether the partition has a holds queue; looked up on a channel of its own, which a missing queue closes. */
-  async #holdsExist(): Promise<boolean> {
+  /** Whether the partition has a holds queue. */
+  #holdsExist(): Promise<boolean> {
     const { host, holdsQueue } = this.#state;
-    const probe = await host.link.confirmChannel(Date.now() + host.settings.connectTimeoutMs);
-    try {
-      await probe.checkQueue(holdsQueue);
-      return true;
-    } catch (error) {
-      if ((error as { code?: unknown }).code === 404) return false;
-      throw error;
-    } finally {
-      await probe.close().catch(() => undefined);
-    }
+    return host.link.queueExists(holdsQueue, Date.now() + host.settings.connectTimeoutMs);
   }
 
   #sendMarker(channel: ConfirmChannel, generation: number): void {

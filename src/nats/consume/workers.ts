@@ -8,7 +8,7 @@
  * acknowledges, dead-letters or skips: it leaves the message, and its key, to a live worker that can, or holds
  * it until one runs again. The buckets go to the workers that handle every topic (test/deploy.nats.test.ts).
  */
-import { EVERY_TOPIC } from '../core/backbone.ts';
+import { EVERY_TOPIC } from '../../core/backbone.ts';
 
 /** What a worker handles: topic names, every topic, or unknown (an entry written by an older Tidings). */
 export type Handles = ReadonlySet<string> | 'every' | 'unknown';

@@ -14,9 +14,9 @@
  */
 import type { JetStreamManager } from '@nats-io/jetstream';
 import type { KV } from '@nats-io/kv';
-import type { AttemptRecord } from '../core/errors.ts';
-import { apiErrorCode } from './errors.ts';
-import { readEntries } from './kv.ts';
+import type { AttemptRecord } from '../../core/errors.ts';
+import { apiErrorCode } from '../errors.ts';
+import { readEntries } from '../kv.ts';
 
 export interface Hold {
   /** Its revision in the KV bucket (the hold's own sequence there); 0 before it is written. */

@@ -22,10 +22,10 @@
  */
 import { hostname } from 'node:os';
 import type { ConfirmChannel } from 'amqplib';
-import { newId } from '../core/envelope.ts';
-import { sleep } from '../core/sleep.ts';
-import type { Link } from './connection.ts';
-import type { Names } from './topology.ts';
+import { newId } from '../../core/envelope.ts';
+import { sleep } from '../../core/sleep.ts';
+import type { Link } from '../connection.ts';
+import type { Names } from '../topology.ts';
 
 export interface WorkerInfo {
   readonly id: string;

@@ -11,7 +11,7 @@
  * subscription is closed only once every request is over.
  */
 import type { Msg, MsgHdrs, NatsConnection, Subscription } from '@nats-io/transport-node';
-import { client } from './client.ts';
+import { client } from '../client.ts';
 
 const ACK = Uint8Array.of(0x2b, 0x41, 0x43, 0x4b); // +ACK
 const NAK = Uint8Array.of(0x2d, 0x4e, 0x41, 0x4b); // -NAK
