@@ -154,7 +154,7 @@ if (url === undefined) {
   console.log('  npx tidings status');
   if (kind === 'postgres' && dead[0] !== undefined) console.log(`  npx tidings dead-letters show ${dead[0].messageId}`);
   console.log('  npx tidings tail orders.order-placed --from 1 --limit 5');
-  console.log('  npx tidings asyncapi --check examples/shop/asyncapi.json   the registry against the committed AsyncAPI document');
+  if (kind === 'postgres') console.log('  npx tidings asyncapi --check examples/shop/asyncapi.json   the registry against the committed AsyncAPI document');
 }
 // A URL from the environment is named, not printed: it may hold a password.
 const brokerUrl = (name: string, fallback: string) => (process.env[name] === undefined ? fallback : `"$${name}"`);
