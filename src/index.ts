@@ -1,7 +1,7 @@
 export { createBus, Bus, Subscription } from './core/bus.ts';
 export type { BusOptions, PublishOptions, PublishedMessage, BusStats, SubscriptionStats } from './core/bus.ts';
 export { defineEvent, defineCommand, validate } from './core/contract.ts';
-export type { Contract, AnyContract, ContractOptions, DataOf, InputOf } from './core/contract.ts';
+export type { Contract, AnyContract, ContractOptions, DataOf, InputOf, Upcaster } from './core/contract.ts';
 export type { StandardSchemaV1 } from './core/standard-schema.ts';
 export { newId, keyHash, partitionOf } from './core/envelope.ts';
 export type { Envelope, Message } from './core/envelope.ts';

@@ -14,7 +14,7 @@ import { createBus, defineCommand, defineEvent, type Bus } from '../src/index.ts
 import { postgres, readServices, type PgTransaction } from '../src/postgres/index.ts';
 import { parseAsyncApi } from './fixtures/asyncapi.ts';
 import { quickPostgres } from './fixtures/bus.ts';
-import { connect, DATABASE_URL, dropSchema, requirePostgres, runTidings, uniqueSchema } from './helpers.ts';
+import { connect, DATABASE_URL, dropSchema, requirePostgres, runTidings, uniqueSchema, waitFor } from './helpers.ts';
 
 const Placed = defineEvent('orders.order-placed', {
   schema: z.object({ orderId: z.string(), amountCents: z.number().int(), status: z.enum(['new', 'paid', 'cancelled']) }),
@@ -65,6 +65,13 @@ test('services record their contracts when they start; the CLI documents the sys
     services.map((service) => service.service),
     ['billing', 'orders', 'payments'],
   );
+  // A subscription declared once the bus runs is recorded too.
+  payments.subscribe('payments.audit', Placed, () => undefined);
+  await waitFor('the late subscription in the registry', async () => {
+    const reader = await connect();
+    const now = await readServices(reader, schema).finally(() => reader.end());
+    return now.find((service) => service.service === 'payments')?.subscriptions.length === 2;
+  });
   const recordedBilling = services.find((service) => service.service === 'billing')!;
   assert.deepEqual(recordedBilling.backbone, { name: 'postgres', settings: { schema } });
   assert.equal(recordedBilling.subscriptions[0]!.partitions, 2);
@@ -76,13 +83,17 @@ test('services record their contracts when they start; the CLI documents the sys
     'billing.billing.on-order.receive.orders.order-placed',
     'orders.send.orders.order-placed',
     'orders.send.payments.charge',
+    'payments.payments.audit.receive.orders.order-placed',
     'payments.payments.receive.payments.charge',
   ]);
   assert.equal(document.operations['billing.billing.on-order.receive.orders.order-placed']['x-tidings-dead-letters'].where, `table ${schema}.dead_letters`);
   await parseAsyncApi(document);
   const one = await cli(schema, ['asyncapi', '--service', 'payments']);
   assert.equal(one.code, 0, one.stderr);
-  assert.deepEqual(Object.keys(JSON.parse(one.stdout).operations), ['payments.payments.receive.payments.charge']);
+  assert.deepEqual(Object.keys(JSON.parse(one.stdout).operations), [
+    'payments.payments.audit.receive.orders.order-placed',
+    'payments.payments.receive.payments.charge',
+  ]);
   await parseAsyncApi(one.stdout);
 
   const committed = join(dir, `${schema}.json`);

@@ -65,3 +65,29 @@ export const allRetryOptions = optionNames<RetryOptions>()('immediate', 'delayed
 export const someRetryOptions = optionNames<RetryOptions>()('immediate', 'delayed');
 // @ts-expect-error not an option
 export const wrongRetryOptions = optionNames<RetryOptions>()('immediate', 'delayed', 'jitter', 'nope');
+
+// Upcasters return the new version's input; the old data is unknown unless the upcaster types it.
+export const PlacedV2 = defineEvent('orders.order-placed', {
+  version: 2,
+  schema: z.object({ orderId: z.string(), cents: z.number() }),
+  upcast: {
+    1: (v1: { orderId: string; total: number }) => ({ orderId: v1.orderId, cents: v1.total * 100 }),
+  },
+});
+export const PlacedV3 = defineEvent('orders.order-placed', {
+  version: 3,
+  schema: z.object({ orderId: z.string() }),
+  upcast: {
+    // @ts-expect-error an inline upcaster gets unknown: narrow it or type its parameter
+    1: (v1) => ({ orderId: v1.orderId }),
+    // @ts-expect-error it must return version 3's data
+    2: (v2: { orderId: string }) => ({ order: v2.orderId }),
+  },
+});
+export function upcastTypeChecks(): void {
+  // A handler on version 2 sees version 2's data, whatever version was published.
+  bus.subscribe('upcast', PlacedV2, (message) => {
+    const cents: number = message.data.cents;
+    void cents;
+  });
+}

@@ -29,7 +29,7 @@ type Credentials = DataOf<typeof CredentialsChanged>;
 
 /** Identity's side: its table, the source declaration replicas check against, and changes that publish. */
 function identityService(backbone: PostgresBackbone) {
-  const bus = createBus({ service: 'identity', backbone });
+  const bus = createBus({ service: 'identity', backbone, publishes: [CredentialsChanged, UserRemoved] });
   source(
     bus,
     defineSource({

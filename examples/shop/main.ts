@@ -16,6 +16,7 @@
 import { PGlite } from '@electric-sql/pglite';
 import type { Backbone } from 'tidings';
 import { postgres, type PgTransaction, type PostgresBackbone, type Queryable } from 'tidings/postgres';
+import { writeSystemDocument } from './asyncapi.ts';
 import { loginDemo } from './login.ts';
 import { CardCharged, CardRefused, ChargeCard, OrderPlaced, PaymentCaptured, PaymentDeclined, ShipmentScheduled } from './contracts.ts';
 import { ANSWER_WITHIN_MS, billingService, CardGateway, ordersService, paymentsService, shippingService, shopTables, type NewOrder } from './services.ts';
@@ -140,6 +141,7 @@ console.log(consistent ? '\nEvery order is accounted for: nothing lost, nothing 
 
 for (const bus of Object.values(buses)) await bus.stop();
 const loginsOk = await loginDemo(database, db);
+await writeSystemDocument(db, SCHEMA, kind);
 await closeDb();
 process.exitCode = consistent && loginsOk ? 0 : 1;
 
@@ -152,6 +154,7 @@ if (url === undefined) {
   console.log('  npx tidings status');
   if (kind === 'postgres' && dead[0] !== undefined) console.log(`  npx tidings dead-letters show ${dead[0].messageId}`);
   console.log('  npx tidings tail orders.order-placed --from 1 --limit 5');
+  if (kind === 'postgres') console.log('  npx tidings asyncapi --check examples/shop/asyncapi.json   the registry against the committed AsyncAPI document');
 }
 // A URL from the environment is named, not printed: it may hold a password.
 const brokerUrl = (name: string, fallback: string) => (process.env[name] === undefined ? fallback : `"$${name}"`);

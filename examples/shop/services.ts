@@ -16,7 +16,7 @@ type ShopBackbone = Backbone<PgTransaction>;
  * declined one and releases its stock.
  */
 export function ordersService(backbone: ShopBackbone): { bus: ShopBus; placeOrder: (order: NewOrder) => Promise<void> } {
-  const bus = createBus({ service: 'orders', backbone });
+  const bus = createBus({ service: 'orders', backbone, publishes: [OrderPlaced] });
   bus.subscribe('orders.on-payment-declined', PaymentDeclined, async (message, ctx) => {
     const cancelled = await ctx.tx.query(`update shop.orders set status = 'cancelled', cancel_reason = $2 where id = $1 and status = 'placed' returning id`, [
       message.data.orderId,
@@ -79,7 +79,7 @@ export class CardGateway {
  * CardRefused; a timeout is retried; a charge the gateway never answers gets no answer (billing's saga times out).
  */
 export function paymentsService(backbone: ShopBackbone, gateway: CardGateway): ShopBus {
-  const bus = createBus({ service: 'payments', backbone });
+  const bus = createBus({ service: 'payments', backbone, publishes: [CardCharged, CardRefused] });
   bus.subscribe(
     'payments.charge-cards',
     ChargeCard,
@@ -101,7 +101,7 @@ export const ANSWER_WITHIN_MS = 3_000;
 
 /** Billing: one payment saga per order (examples/shop/billing.ts); records each captured payment. */
 export function billingService(backbone: ShopBackbone): ShopBus {
-  const bus = createBus({ service: 'billing', backbone });
+  const bus = createBus({ service: 'billing', backbone, publishes: [ChargeCard, PaymentCaptured, PaymentDeclined] });
   const saga = paymentSaga({
     answerWithinMs: ANSWER_WITHIN_MS,
     recordPayment: async (tx, payment) => {
@@ -118,7 +118,7 @@ export function billingService(backbone: ShopBackbone): ShopBus {
 
 /** Shipping: books a parcel for each captured payment. */
 export function shippingService(backbone: ShopBackbone): ShopBus {
-  const bus = createBus({ service: 'shipping', backbone });
+  const bus = createBus({ service: 'shipping', backbone, publishes: [ShipmentScheduled] });
   bus.subscribe('shipping.ship-paid-orders', PaymentCaptured, async (message, ctx) => {
     const shipmentId = `ship-${message.data.orderId}`;
     await ctx.tx.query('insert into shop.shipments (id, order_id) values ($1, $2)', [shipmentId, message.data.orderId]);

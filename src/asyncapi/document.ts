@@ -7,7 +7,7 @@
  * --system`), so the two documents are comparable. test/asyncapi.unit.test.ts parses each with @asyncapi/parser.
  */
 import type { ContractRecord, JsonSchema, ServiceRecord, SubscriptionRecord } from '../core/catalog.ts';
-import { messageHeaders } from './headers.ts';
+import { cloudEventsTrait, messageHeaders, TRAIT, TRAIT_REF } from './headers.ts';
 import { canonical } from './json.ts';
 
 export interface AsyncApiOptions {
@@ -27,6 +27,7 @@ export interface AsyncApiDocument {
   readonly defaultContentType: 'application/json';
   readonly channels: Record<string, Channel>;
   readonly operations: Record<string, Operation>;
+  readonly components: { readonly messageTraits: Record<string, unknown> };
   readonly [extension: `x-${string}`]: unknown;
 }
 
@@ -46,7 +47,7 @@ export interface Message {
   readonly contentType: 'application/json';
   readonly headers?: JsonSchema;
   readonly payload: JsonSchema;
-  readonly correlationId?: { readonly location: string; readonly description: string };
+  readonly traits?: readonly Reference[];
   readonly bindings?: Record<string, unknown>;
   readonly [extension: `x-${string}`]: unknown;
 }
@@ -156,6 +157,7 @@ export function asyncapiDocument(services: readonly ServiceRecord[], options: As
     defaultContentType: 'application/json',
     channels: sortedRecord(channels),
     operations: sortedRecord(operations),
+    components: { messageTraits: { [TRAIT]: cloudEventsTrait() } },
     'x-tidings-services': sorted.map((service) => ({ service: service.service, backbone: service.backbone.name })),
   };
 }
@@ -192,7 +194,7 @@ function messageOf(service: ServiceRecord, contract: ContractRecord): Message {
     contentType: 'application/json',
     headers: messageHeaders(contract),
     payload: contract.schema,
-    correlationId: { location: '$message.header#/correlationid', description: 'Shared by a message and every message published while handling it' },
+    traits: [{ $ref: TRAIT_REF }],
     ...bindings,
     'x-tidings-kind': contract.kind,
     'x-tidings-version': contract.version,

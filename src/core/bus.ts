@@ -267,7 +267,10 @@ export class Bus<Tx = unknown> {
     this.#started.add(subscription.name);
     // Deferred so that chained .on() calls made in the same turn all belong to the first start.
     setImmediate(() => {
-      this.#startConsumer(subscription).catch((error: unknown) => this.#background.push(error));
+      // The registry then lists the new subscription too (a failure to write it is only a warning).
+      this.#startConsumer(subscription)
+        .then(() => recordService(this, this.backbone.contracts?.(), this.#warn))
+        .catch((error: unknown) => this.#background.push(error));
     });
   }
 

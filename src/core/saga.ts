@@ -73,6 +73,11 @@ export function timeoutContract(saga: string) {
     } as StandardSchemaV1<TimeoutData>,
     key: (data) => data.id,
     description: `A timeout of saga ${saga}`,
+    toJSONSchema: () => ({
+      type: 'object',
+      properties: { id: { type: 'string', description: "the saga instance's id" }, name: { type: 'string', description: 'the timeout asked for' }, data: {} },
+      required: ['id', 'name'],
+    }),
   });
 }
 

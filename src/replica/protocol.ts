@@ -80,8 +80,15 @@ export interface CheckCommand {
   readonly requestedBy: string;
 }
 
-/** A schema for our own messages: written and read only by this module, so a shape check is enough. */
-function shape<T>(what: string, fields: readonly string[]): StandardSchemaV1<T, T> {
+/**
+ * A schema for our own messages: written and read only by this module, so a shape check is enough; with
+ * its JSON Schema, for the services' AsyncAPI documents (core/catalog.ts).
+ */
+function shape<T>(what: string, fields: readonly string[]): { schema: StandardSchemaV1<T, T>; toJSONSchema: () => Record<string, unknown> } {
+  return { schema: shapeCheck<T>(what, fields), toJSONSchema: () => ({ type: 'object', required: [...fields] }) };
+}
+
+function shapeCheck<T>(what: string, fields: readonly string[]): StandardSchemaV1<T, T> {
   return {
     '~standard': {
       version: 1,
@@ -98,7 +105,7 @@ function shape<T>(what: string, fields: readonly string[]): StandardSchemaV1<T, 
 
 export function requestContract(source: string): Contract<string, ReplicaRequest, ReplicaRequest> {
   return defineCommand(`tidings.replica.${source}.request`, {
-    schema: shape<ReplicaRequest>('a replica request', ['kind', 'requestId', 'replica']),
+    ...shape<ReplicaRequest>('a replica request', ['kind', 'requestId', 'replica']),
     key: (request) => request.requestId,
     description: `Requests from replicas of ${source}: digests, keys to compare, pages of state.`,
   });
@@ -106,7 +113,7 @@ export function requestContract(source: string): Contract<string, ReplicaRequest
 
 export function replyContract(source: string, replica: string): Contract<string, ReplicaReply, ReplicaReply> {
   return defineEvent(`tidings.replica.${source}.reply.${replica}`, {
-    schema: shape<ReplicaReply>('a replica reply', ['kind', 'requestId', 'part', 'parts']),
+    ...shape<ReplicaReply>('a replica reply', ['kind', 'requestId', 'part', 'parts']),
     key: (reply) => reply.requestId,
     description: `Answers of ${source} to the replica ${replica}.`,
   });
@@ -114,7 +121,7 @@ export function replyContract(source: string, replica: string): Contract<string,
 
 export function checkContract(replica: string): Contract<string, CheckCommand, CheckCommand> {
   return defineCommand(`tidings.replica.${replica}.check`, {
-    schema: shape<CheckCommand>('a drift check command', ['checkId']),
+    ...shape<CheckCommand>('a drift check command', ['checkId']),
     key: (command) => command.checkId,
     description: `Asks the replica ${replica} to compare itself with its source now (tidings drift check).`,
   });
@@ -122,7 +129,7 @@ export function checkContract(replica: string): Contract<string, CheckCommand, C
 
 export function rebuildContract(replica: string): Contract<string, RebuildCommand, RebuildCommand> {
   return defineCommand(`tidings.replica.${replica}.rebuild`, {
-    schema: shape<RebuildCommand>('a rebuild command', ['rebuildId']),
+    ...shape<RebuildCommand>('a rebuild command', ['rebuildId']),
     key: (command) => command.rebuildId,
     description: `Asks the replica ${replica} to rebuild itself from its source's state now (tidings replica rebuild); it reports progress in its meta row.`,
   });

@@ -104,6 +104,15 @@ export async function serviceRecords(
   if (globals.url !== undefined && /^nats:\/\//.test(globals.url)) return natsServices(globals.url, globals.stream, globals.connectTimeout);
   let services: ServiceRecord[] = [];
   await withDatabase(context, command, async (db) => {
+    const { rows } = await db.driver.query<{ found: boolean }>('select to_regclass($1) is not null as found', [`"${globals.schema}".services`]);
+    const migrated = rows[0]?.found === true;
+    const logged =
+      migrated || (await db.driver.query<{ found: boolean }>('select to_regclass($1) is not null as found', [`"${globals.schema}".log`])).rows[0]?.found;
+    if (!migrated && logged) {
+      throw new CommandFailed(
+        `Schema ${globals.schema} has no registry yet (migration 011): run tidings migrate --schema ${globals.schema}, then restart the services so they record themselves`,
+      );
+    }
     services = await readServices(db.driver, globals.schema);
   });
   return services;
