@@ -6,23 +6,12 @@
 import { Queue, Worker, type Job } from 'bullmq';
 import { Redis } from 'ioredis';
 import pg from 'pg';
-import {
-  Counter,
-  ensureEffectsTable,
-  latencyPhases,
-  makeEvent,
-  measuredAmount,
-  now,
-  pollUntil,
-  produce,
-  rate,
-  runChild,
-  sleep,
-  warmedDrain,
-  warmUp,
-  type BenchEvent,
-} from '../lib/child.ts';
-import type { ChildResult, Task } from '../lib/types.ts';
+import { runChild } from '../load/child.ts';
+import { makeEvent, type BenchEvent } from '../load/events.ts';
+import { latencyPhases } from '../load/latency.ts';
+import { Counter, measuredAmount, now, pollUntil, produce, rate, sleep, warmedDrain, warmUp } from '../load/measure.ts';
+import { ensureEffectsTable } from '../load/pg.ts';
+import type { ChildResult, Task } from '../protocol.ts';
 
 const PREFIX = 'tbench';
 const PRODUCERS = 10;

@@ -5,25 +5,12 @@
  */
 import pg from 'pg';
 import PgBoss from 'pg-boss';
-import {
-  Counter,
-  ensureEffectsTable,
-  idlePg,
-  latencyPhases,
-  makeEvent,
-  measuredAmount,
-  monitorClient,
-  now,
-  pollUntil,
-  produce,
-  queriesSoFar,
-  rate,
-  runChild,
-  type BenchEvent,
-  warmUp,
-  warmedDrain,
-} from '../lib/child.ts';
-import type { ChildResult, Task } from '../lib/types.ts';
+import { runChild } from '../load/child.ts';
+import { makeEvent, type BenchEvent } from '../load/events.ts';
+import { latencyPhases } from '../load/latency.ts';
+import { Counter, measuredAmount, now, pollUntil, produce, rate, warmUp, warmedDrain } from '../load/measure.ts';
+import { freshSchema, idlePg, monitorClient, queriesSoFar } from '../load/pg.ts';
+import type { ChildResult, Task } from '../protocol.ts';
 
 const SCHEMA = 'pgboss_bench';
 const QUEUE = 'bench';
@@ -32,16 +19,6 @@ const BATCH = 500;
 const POLL_SECONDS = 0.5;
 const PRODUCERS = 10;
 const CHUNK = 1_000;
-
-async function freshSchema(task: Task): Promise<void> {
-  const client = await monitorClient(task.pgUrl);
-  try {
-    await client.query(`drop schema if exists ${SCHEMA} cascade`);
-  } finally {
-    await client.end();
-  }
-  if (task.variant.effects) await ensureEffectsTable(task.pgUrl);
-}
 
 async function startBoss(task: Task, queues: string[] = [QUEUE]): Promise<PgBoss> {
   const boss = new PgBoss({ connectionString: task.pgUrl, schema: SCHEMA });
@@ -88,7 +65,7 @@ function jobs(queue: string, first: number, n: number, keys: number): PgBoss.Job
 }
 
 async function bulk(task: Task): Promise<ChildResult> {
-  await freshSchema(task);
+  await freshSchema(task, SCHEMA);
   const boss = await startBoss(task);
   const chunks = Array.from({ length: Math.ceil(task.events / CHUNK) }, (_, c) =>
     jobs(QUEUE, c * CHUNK, Math.min(CHUNK, task.events - c * CHUNK), task.variant.keys),
@@ -100,7 +77,7 @@ async function bulk(task: Task): Promise<ChildResult> {
 }
 
 async function drain(task: Task): Promise<ChildResult> {
-  await freshSchema(task);
+  await freshSchema(task, SCHEMA);
   const boss = await startBoss(task);
   for (let first = 0; first < task.events; first += CHUNK) {
     await boss.insert(jobs(QUEUE, first, Math.min(CHUNK, task.events - first), task.variant.keys));
@@ -127,7 +104,7 @@ async function drain(task: Task): Promise<ChildResult> {
  * way to enqueue inside an application transaction. Workload 4: a plain `send()`.
  */
 async function endToEnd(task: Task, standalone: boolean): Promise<ChildResult> {
-  await freshSchema(task);
+  await freshSchema(task, SCHEMA);
   const boss = await startBoss(task);
   const counter = new Counter();
   await work(boss, task, QUEUE, handlerFor(task, counter, effectsPool(task)));
@@ -162,7 +139,7 @@ async function endToEnd(task: Task, standalone: boolean): Promise<ChildResult> {
 
 /** Fan-out: its pub/sub (`subscribe(event, queue)`, `publish(event, data)`), one queue per subscriber. */
 async function fanout(task: Task): Promise<ChildResult> {
-  await freshSchema(task);
+  await freshSchema(task, SCHEMA);
   const queues = Array.from({ length: task.fanout }, (_, i) => `fan${i}`);
   const boss = await startBoss(task, queues);
   const counter = new Counter();
@@ -186,7 +163,7 @@ async function fanout(task: Task): Promise<ChildResult> {
 }
 
 async function latency(task: Task): Promise<ChildResult> {
-  await freshSchema(task);
+  await freshSchema(task, SCHEMA);
   const boss = await startBoss(task);
   const counter = new Counter();
   const probe = { fn: (_seq: number) => undefined as void };

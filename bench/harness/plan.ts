@@ -1,16 +1,7 @@
 /** What runs, in which order, with which sizes. */
+import type { ReplicaSizes, Task, Variant, Workload } from '../protocol.ts';
 import { brokerSteps, brokerTask, isBrokerRow } from './brokers.ts';
-import type { ReplicaSizes, SystemName, Task, Variant, Workload } from './types.ts';
-
-export interface Row {
-  system: SystemName;
-  label: string;
-  variant: Variant;
-  /** Rows of one table share a group; the ratio column compares each with its group's reference row. */
-  group: 'base' | 'guarantees' | 'raw' | 'replica' | 'rabbitmq' | 'nats';
-  /** The Tidings row the others of its table are compared with. */
-  reference?: boolean;
-}
+import type { Row, Step } from './rows.ts';
 
 export interface Sizes {
   rounds: number;
@@ -101,13 +92,8 @@ const peersEffects: Row[] = [
   { system: 'bullmq', label: 'BullMQ, insert into PostgreSQL', variant: effects, group: 'guarantees' },
 ];
 
-/** Workload 9: Tidings replicas (issue 6), no peers; bench/systems/replica.ts. */
+/** Workload 9: Tidings replicas (issue 6), no peers; bench/tidings/replica.ts. */
 const replicaRow: Row = { system: 'replica', label: 'Tidings replica', variant: plain, group: 'replica', reference: true };
-
-export interface Step {
-  workload: Workload;
-  rows: Row[];
-}
 
 /** The workloads in order; in each round every step runs its rows one after another (A B C, A B C ...). */
 export function steps(quick: boolean): Step[] {
@@ -126,7 +112,7 @@ export function steps(quick: boolean): Step[] {
   ];
 }
 
-/** Commits of the raw floor's single-row rows (bench/systems/raw.ts). */
+/** Commits of the raw floor's single-row rows (bench/baselines/raw.ts). */
 export function rawSingleRowCommits(rawEvents: number): number {
   return Math.round(rawEvents / 2);
 }

@@ -10,7 +10,7 @@ export interface Variant {
   effects: boolean;
   /** Tidings only: the per-message-id inbox (on by default). */
   inbox: boolean;
-  /** Tidings on a broker: publishes go through a PostgreSQL outbox and the relay (bench/lib/tidings-broker.ts). */
+  /** Tidings on a broker: publishes go through a PostgreSQL outbox and the relay (bench/tidings/on-broker.ts). */
   outbox?: boolean;
   /** Workload 3 with nothing consuming: the producers' own commit rate (T5). */
   producersOnly?: boolean;
@@ -43,7 +43,7 @@ export interface Task {
   quick: boolean;
   /** The child gives up after this long. */
   timeoutMs: number;
-  /** Workload 9 (bench/systems/replica.ts): logins per path at a fixed concurrency, and the drift check's keys. */
+  /** Workload 9 (bench/tidings/replica.ts): logins per path at a fixed concurrency, and the drift check's keys. */
   replica?: ReplicaSizes;
 }
 

@@ -5,25 +5,12 @@
  */
 import { Logger, makeWorkerUtils, run, runMigrations, type Runner, type TaskList, type WorkerUtils } from 'graphile-worker';
 import pg from 'pg';
-import {
-  Counter,
-  ensureEffectsTable,
-  idlePg,
-  latencyPhases,
-  makeEvent,
-  measuredAmount,
-  monitorClient,
-  now,
-  pollUntil,
-  produce,
-  queriesSoFar,
-  rate,
-  runChild,
-  type BenchEvent,
-  warmUp,
-  warmedDrain,
-} from '../lib/child.ts';
-import type { ChildResult, Task } from '../lib/types.ts';
+import { runChild } from '../load/child.ts';
+import { makeEvent, type BenchEvent } from '../load/events.ts';
+import { latencyPhases } from '../load/latency.ts';
+import { Counter, measuredAmount, now, pollUntil, produce, rate, warmUp, warmedDrain } from '../load/measure.ts';
+import { freshSchema, idlePg, monitorClient, queriesSoFar } from '../load/pg.ts';
+import type { ChildResult, Task } from '../protocol.ts';
 
 const SCHEMA = 'graphile_bench';
 const TASK = 'bench';
@@ -34,14 +21,8 @@ const silent = new Logger(() => (level, message) => {
   if (level === 'error') console.error('[graphile-worker]', message);
 });
 
-async function freshSchema(task: Task): Promise<WorkerUtils> {
-  const client = await monitorClient(task.pgUrl);
-  try {
-    await client.query(`drop schema if exists ${SCHEMA} cascade`);
-  } finally {
-    await client.end();
-  }
-  if (task.variant.effects) await ensureEffectsTable(task.pgUrl);
+async function freshStore(task: Task): Promise<WorkerUtils> {
+  await freshSchema(task, SCHEMA);
   await runMigrations({ connectionString: task.pgUrl, schema: SCHEMA, logger: silent });
   return makeWorkerUtils({ connectionString: task.pgUrl, schema: SCHEMA, logger: silent });
 }
@@ -82,7 +63,7 @@ function specs(identifier: string, first: number, n: number, keys: number) {
 }
 
 async function bulk(task: Task): Promise<ChildResult> {
-  const utils = await freshSchema(task);
+  const utils = await freshStore(task);
   const chunks = Array.from({ length: Math.ceil(task.events / CHUNK) }, (_, c) =>
     specs(TASK, c * CHUNK, Math.min(CHUNK, task.events - c * CHUNK), task.variant.keys),
   );
@@ -94,7 +75,7 @@ async function bulk(task: Task): Promise<ChildResult> {
 }
 
 async function drain(task: Task): Promise<ChildResult> {
-  const utils = await freshSchema(task);
+  const utils = await freshStore(task);
   for (let first = 0; first < task.events; first += CHUNK) {
     await utils.addJobs(specs(TASK, first, Math.min(CHUNK, task.events - first), task.variant.keys));
   }
@@ -117,7 +98,7 @@ async function drain(task: Task): Promise<ChildResult> {
  * documented way to enqueue from a transaction). Workload 4: `addJob()` on its own.
  */
 async function endToEnd(task: Task, standalone: boolean): Promise<ChildResult> {
-  const utils = await freshSchema(task);
+  const utils = await freshStore(task);
   const counter = new Counter();
   const runner = await startRunner(task, { [TASK]: handlerFor(task, counter) });
   const left = await remaining(task);
@@ -152,7 +133,7 @@ async function endToEnd(task: Task, standalone: boolean): Promise<ChildResult> {
 
 /** Fan-out: no pub/sub in graphile-worker; one job per subscriber task, all added in one `addJobs` call. */
 async function fanout(task: Task): Promise<ChildResult> {
-  const utils = await freshSchema(task);
+  const utils = await freshStore(task);
   const counter = new Counter();
   const identifiers = Array.from({ length: task.fanout }, (_, i) => `fan${i}`);
   const taskList: TaskList = {};
@@ -176,7 +157,7 @@ async function fanout(task: Task): Promise<ChildResult> {
 }
 
 async function latency(task: Task): Promise<ChildResult> {
-  const utils = await freshSchema(task);
+  const utils = await freshStore(task);
   const counter = new Counter();
   const probe = { fn: (_seq: number) => undefined as void };
   const runner = await startRunner(task, { [TASK]: handlerFor(task, counter, probe) });

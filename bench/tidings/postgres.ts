@@ -2,26 +2,13 @@
 import { z } from 'zod';
 import type { Bus, HandlerContext, Message } from '../../src/index.ts';
 import type { PgTransaction } from '../../src/postgres/index.ts';
-import {
-  Counter,
-  ensureEffectsTable,
-  idlePg,
-  latencyPhases,
-  makeEvent,
-  measuredAmount,
-  monitorClient,
-  now,
-  pollUntil,
-  produce,
-  queriesSoFar,
-  rate,
-  runChild,
-  type BenchEvent,
-  warmUp,
-  warmedDrain,
-} from '../lib/child.ts';
-import { tidings } from '../lib/tidings.ts';
-import type { ChildResult, Task } from '../lib/types.ts';
+import { runChild } from '../load/child.ts';
+import { makeEvent, type BenchEvent } from '../load/events.ts';
+import { latencyPhases } from '../load/latency.ts';
+import { Counter, measuredAmount, now, pollUntil, produce, rate, warmUp, warmedDrain } from '../load/measure.ts';
+import { freshSchema, idlePg, monitorClient, queriesSoFar } from '../load/pg.ts';
+import { tidings } from './build.ts';
+import type { ChildResult, Task } from '../protocol.ts';
 
 const { createBus, defineEvent } = await tidings<typeof import('../../src/index.ts')>('index');
 const { postgres } = await tidings<typeof import('../../src/postgres/index.ts')>('postgres/index');
@@ -37,16 +24,6 @@ const Ev = defineEvent('bench.event', {
 
 type Tx = PgTransaction;
 type Handler = (message: Message<BenchEvent>, ctx: HandlerContext<Tx>) => Promise<void>;
-
-async function freshSchema(task: Task): Promise<void> {
-  const client = await monitorClient(task.pgUrl);
-  try {
-    await client.query(`drop schema if exists ${SCHEMA} cascade`);
-  } finally {
-    await client.end();
-  }
-  if (task.variant.effects) await ensureEffectsTable(task.pgUrl);
-}
 
 function newBus(task: Task): Bus<Tx> {
   return createBus({ service: 'bench', backbone: postgres({ url: task.pgUrl, schema: SCHEMA }) });
@@ -93,7 +70,7 @@ async function publishBacklog(task: Task, total: number): Promise<void> {
 }
 
 async function bulk(task: Task): Promise<ChildResult> {
-  await freshSchema(task);
+  await freshSchema(task, SCHEMA);
   const bus = newBus(task);
   await bus.transaction(async () => undefined);
   const chunks = Math.ceil(task.events / CHUNK);
@@ -112,7 +89,7 @@ async function bulk(task: Task): Promise<ChildResult> {
 }
 
 async function drain(task: Task): Promise<ChildResult> {
-  await freshSchema(task);
+  await freshSchema(task, SCHEMA);
   await publishBacklog(task, task.events);
   const counter = new Counter();
   const bus = newBus(task);
@@ -133,7 +110,7 @@ async function drain(task: Task): Promise<ChildResult> {
 
 /** Workloads 3 and 4: 10 producers, one event per transaction (e2e) or standalone publishes. */
 async function endToEnd(task: Task, standalone: boolean): Promise<ChildResult> {
-  await freshSchema(task);
+  await freshSchema(task, SCHEMA);
   const counter = new Counter();
   const bus = newBus(task);
   const consuming = task.variant.producersOnly !== true;
@@ -161,7 +138,7 @@ async function endToEnd(task: Task, standalone: boolean): Promise<ChildResult> {
 }
 
 async function fanout(task: Task): Promise<ChildResult> {
-  await freshSchema(task);
+  await freshSchema(task, SCHEMA);
   const counter = new Counter();
   const bus = newBus(task);
   const names = Array.from({ length: task.fanout }, (_, i) => `fan${i}`);
@@ -185,7 +162,7 @@ async function fanout(task: Task): Promise<ChildResult> {
 }
 
 async function latency(task: Task): Promise<ChildResult> {
-  await freshSchema(task);
+  await freshSchema(task, SCHEMA);
   const counter = new Counter();
   const probe = { fn: (_seq: number) => undefined as void };
   const bus = newBus(task);

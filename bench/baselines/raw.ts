@@ -3,9 +3,11 @@ import { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import pg from 'pg';
 import { from as copyFrom } from 'pg-copy-streams';
-import { makeEvent, now, percentile, produce, rate, runChild, sleep } from '../lib/child.ts';
-import { rawSingleRowCommits } from '../lib/plan.ts';
-import type { ChildResult, Task } from '../lib/types.ts';
+import { runChild } from '../load/child.ts';
+import { makeEvent } from '../load/events.ts';
+import { now, percentile, produce, rate, sleep } from '../load/measure.ts';
+import { rawSingleRowCommits } from '../harness/plan.ts';
+import type { ChildResult, Task } from '../protocol.ts';
 
 const TABLE = 'bench_raw_events';
 
