@@ -1,6 +1,19 @@
 /** What the parent asks a child process to run, and what the child answers. Shared by both sides. */
 
-export type Workload = 'raw' | 'bulk' | 'drain' | 'e2e' | 'standalone' | 'fanout' | 'latency' | 'login' | 'drift';
+export type Workload =
+  | 'raw'
+  | 'bulk'
+  | 'drain'
+  | 'e2e'
+  | 'standalone'
+  | 'fanout'
+  | 'latency'
+  | 'login'
+  | 'drift'
+  | 'backlog'
+  | 'scheduled'
+  | 'request'
+  | 'saga';
 export type SystemName = 'tidings' | 'pgboss' | 'graphile' | 'bullmq' | 'raw' | 'replica' | 'rabbitmq' | 'amqp' | 'nats' | 'natsjs';
 
 export interface Variant {
@@ -14,6 +27,14 @@ export interface Variant {
   outbox?: boolean;
   /** Workload 3 with nothing consuming: the producers' own commit rate (T5). */
   producersOnly?: boolean;
+  /** Workload 3: each transaction also inserts one business row (`bench_business`), as an application's would. */
+  businessRow?: boolean;
+  /** Producers in one process, the consumer in another (as two services run); 1 when absent. */
+  processes?: 1 | 2;
+  /** Bytes of the event's filler (the whole event is ~40 B more); 210 (~250 B of JSON) when absent. */
+  payloadBytes?: number;
+  /** Subscriptions that each receive every event (e2e vs subscriptions); 1 when absent. */
+  subscriptions?: number;
 }
 
 export interface Task {
@@ -22,8 +43,10 @@ export interface Task {
   label: string;
   workload: Workload;
   variant: Variant;
-  /** Events per run (bulk, drain, e2e, standalone), or events before fan-out (fanout). */
+  /** Events per run (bulk, drain, e2e, standalone, backlog, scheduled), or events before fan-out (fanout). */
   events: number;
+  /** Bulk, drain, fan-out, backlog: events run through first in the same process, unmeasured (0: a cold start). */
+  warmUpEvents: number;
   /**
    * Workloads 3 and 4: publish for this many seconds, measured, after a warm-up (see `warmUp`), instead of
    * `events` events; 0: `events`.

@@ -96,23 +96,83 @@ const RAW_METRICS: Array<[string, string, string]> = [
   ['single1', 'single-row autocommit INSERT, 1 connection', 'rows/s'],
   ['single10', 'single-row autocommit INSERT, 10 connections', 'rows/s'],
   ['tx10', 'BEGIN; INSERT; COMMIT (3 round trips), 10 connections', 'rows/s'],
+  ['business10', 'BEGIN; INSERT business row; COMMIT, 10 connections (workload 3 with a business row, without the event)', 'tx/s'],
   ['single10notify', 'single-row INSERT + pg_notify in each, 10 connections', 'rows/s'],
   ['notifyP50', 'NOTIFY -> LISTEN round trip, p50', 'ms'],
   ['notifyP99', 'NOTIFY -> LISTEN round trip, p99', 'ms'],
 ];
 
+/** What each kind of table adds to its workload's title. */
+const GROUP_TITLES: Partial<Record<Row['group'], string>> = {
+  twoProcess: ' -- producers and consumer in two processes (as two services run; the headline rows)',
+  business: ' -- each transaction also inserts a business row; 2 processes',
+  cold: ' -- cold start (a fresh process)',
+  steady: ' -- steady state (after a warm-up in the same process)',
+  guarantees: ' -- guarantees on (workload 6)',
+  subscriptions: ' -- scaling: subscriptions that each receive every event (1k keys, inbox; 1 process)',
+  payload: ' -- scaling: payload size (1k keys, inbox; 1 process)',
+};
+
+/** The raw floor a throughput table's rows are divided by (same run): [raw metric, its name]. */
+function floorOf(workload: Workload, group: Row['group']): [string, string] | undefined {
+  if (workload === 'bulk') return ['copy', 'raw COPY'];
+  if (workload === 'drain') return ['insertJson', 'raw JSON-array INSERT'];
+  if (workload === 'e2e' && group === 'business') return ['business10', 'raw business tx'];
+  if ((workload === 'e2e' || workload === 'standalone') && (group === 'base' || group === 'twoProcess')) return ['single10', 'raw 1-row commits'];
+  return undefined;
+}
+
+/** Tables of named figures (scaling and issue 21's rows): [metric, header, digits]. */
+const FIGURE_TABLES: Partial<Record<Workload, Array<[string, string, number?]>>> = {
+  backlog: [
+    ['events', 'backlog', 0],
+    ['rate', 'events/s (start -> all acked)'],
+    ['steadyRate', 'events/s (first message -> all acked)'],
+    ['firstMessageMs', 'ms to first message'],
+    ['fillRate', 'fill, publishMany events/s'],
+  ],
+  scheduled: [
+    ['deliveredRate', 'delivered/s (first due -> last handled)'],
+    ['lateP50', 'lateness p50 ms'],
+    ['lateP99', 'lateness p99 ms'],
+    ['lateMax', 'lateness max ms'],
+    ['early', 'early (must be 0)', 0],
+    ['insertRate', 'scheduling, jobs/s'],
+  ],
+  request: [
+    ['p50', 'round trip p50 ms'],
+    ['p99', 'round trip p99 ms'],
+    ['p999', 'p99.9 ms'],
+    ['achieved', 'requests/s achieved'],
+    ['cpu', 'CPU % (node+server)', 0],
+  ],
+  saga: [
+    ['transitionRate', 'transitions/s'],
+    ['sagaRate', 'sagas completed/s'],
+    ['sagas', 'sagas', 0],
+  ],
+};
+
 /** The readable report: one table per workload (and per group), then the targets. */
 export function renderTables(entries: Entry[]): string {
   const out: string[] = [];
-  for (const workload of ['raw', 'bulk', 'drain', 'e2e', 'standalone', 'fanout', 'latency', 'login', 'drift'] as Workload[]) {
+  const rawFloor = entries.find((e) => e.workload === 'raw')?.summary;
+  const workloads: Workload[] = ['raw', 'bulk', 'drain', 'e2e', 'standalone', 'fanout', 'latency', 'backlog', 'scheduled', 'request', 'saga', 'login', 'drift'];
+  for (const workload of workloads) {
     for (const group of groupsOf(entries, workload)) {
       const first = group[0]!;
       const kind = first.row.group;
-      const suffix = kind === 'guarantees' ? ' -- guarantees on (workload 6)' : kind === 'rabbitmq' || kind === 'nats' ? BROKER_TITLES[kind] : '';
+      const suffix =
+        kind === 'rabbitmq' || kind === 'nats'
+          ? BROKER_TITLES[kind]
+          : kind === 'base' && ['e2e', 'standalone', 'latency'].includes(workload)
+            ? ' -- producers and consumer in one process'
+            : (GROUP_TITLES[kind] ?? '');
       const events = first.summary.events?.median;
       const seconds = first.summary.publishSeconds?.median;
+      const sizes = new Set(group.map((e) => e.summary.events?.median));
       const size =
-        events === undefined || workload === 'raw' || first.row.group === 'replica'
+        events === undefined || workload === 'raw' || first.row.group === 'replica' || sizes.size > 1 || FIGURE_TABLES[workload] !== undefined
           ? ''
           : workload === 'fanout'
             ? ` [${fmt(events, 0)} events x 10]`
@@ -127,6 +187,14 @@ export function renderTables(entries: Entry[]): string {
           table(
             ['Raw method (pg)', 'median', 'min-max', 'unit'],
             RAW_METRICS.map(([key, label, unit]) => [label, fmt(s[key]?.median), range(s[key]), unit]),
+          ),
+        );
+      } else if (FIGURE_TABLES[workload] !== undefined) {
+        const columns = FIGURE_TABLES[workload]!;
+        out.push(
+          table(
+            ['System', ...columns.map(([, header]) => header)],
+            group.map((e) => [e.row.label, ...columns.map(([key, , digits]) => fmt(e.summary[key]?.median, digits))]),
           ),
         );
       } else if (workload === 'login' || workload === 'drift') {
@@ -147,8 +215,10 @@ export function renderTables(entries: Entry[]): string {
             const s = e.summary;
             if (s[`p50@${rate}`] === undefined) continue;
             const ref = reference?.summary;
+            // A system that cannot keep up builds a queue: its figures then measure the queue's growth.
+            const notSustained = (s[`sustained@${rate}`]?.min ?? 1) < 1;
             rows.push([
-              `${e.row.label} @ ${rate}/s`,
+              `${e.row.label} @ ${rate}/s${notSustained ? ' (!)' : ''}`,
               fmt(s[`p50@${rate}`]?.median),
               range(s[`p50@${rate}`]),
               fmt(s[`p99@${rate}`]?.median),
@@ -180,6 +250,11 @@ export function renderTables(entries: Entry[]): string {
             rows,
           ),
         );
+        if (rows.some((r) => r[0]!.endsWith('(!)'))) {
+          out.push(
+            "\n(!) not sustained: the system could not keep up with the offered rate (calls below 95 % of it, or the last fifth's latency over twice the first's), so its figures measure a growing queue, not a message's way through.",
+          );
+        }
         const idle = group.filter((e) => e.summary.idleQueries !== undefined);
         if (idle.length > 0) {
           out.push('\nIdle cost, one consumer running, no traffic (PostgreSQL systems: queries counted in the client, and');
@@ -192,21 +267,28 @@ export function renderTables(entries: Entry[]): string {
           );
         }
       } else {
-        const extra = workload === 'drain' ? 'handler rate' : workload === 'bulk' ? '' : 'producer rate';
-        const extraKey = workload === 'drain' ? 'handlerRate' : 'producerRate';
+        const extra = workload === 'drain' ? 'steady (first message on)' : workload === 'bulk' ? '' : 'producer rate';
+        const extraKey = workload === 'drain' ? 'steadyRate' : 'producerRate';
+        const floor = floorOf(workload, kind);
+        const floorValue = floor === undefined ? undefined : rawFloor?.[floor[0]]?.median;
         const header = ['System', 'events/s median', 'min-max', 'x Tidings'];
+        if (floor !== undefined) header.push(`÷ ${floor[1]}`);
         if (extra !== '') header.push(`${extra} median`);
+        const deliveries = group.some((e) => e.summary.deliveryRate !== undefined);
+        if (deliveries) header.push('deliveries/s');
         const queries = group.some((e) => e.summary.queriesPerEvent !== undefined);
         if (queries) header.push('queries/event');
-        // Workloads 3 and 4 publish for a time: each row's own number of events.
-        const timed = group.some((e) => e.summary.publishSeconds !== undefined);
+        // Workloads 3 and 4 publish for a time, and rows of one table may differ in size: each row's own number.
+        const timed = group.some((e) => e.summary.publishSeconds !== undefined) || sizes.size > 1;
         if (timed) header.push('events median');
         out.push(
           table(
             header,
             group.map((e) => {
               const cells = [e.row.label, fmt(e.summary.rate?.median), range(e.summary.rate), ratio(e.summary.rate?.median, reference?.summary.rate?.median)];
+              if (floor !== undefined) cells.push(ratio(e.summary.rate?.median, floorValue));
               if (extra !== '') cells.push(fmt(e.summary[extraKey]?.median));
+              if (deliveries) cells.push(fmt(e.summary.deliveryRate?.median));
               if (queries) cells.push(fmt(e.summary.queriesPerEvent?.median));
               if (timed) cells.push(fmt(e.summary.events?.median, 0));
               return cells;

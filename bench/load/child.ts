@@ -4,8 +4,10 @@
  */
 import { RESULT_MARK, type ChildResult, type Task, type Workload } from '../protocol.ts';
 import type { WorkloadFn } from './measure.ts';
+import { PRODUCERS_FLAG, runProducers, type Sides } from './sides.ts';
 
-export type SystemImpl = Partial<Record<Workload, WorkloadFn>>;
+/** A system's workloads; `sides` also serves its producers' process in the two-process rows (load/sides.ts). */
+export type SystemImpl = Partial<Record<Workload, WorkloadFn>> & { sides?: Sides };
 
 function emit(result: ChildResult): void {
   process.stdout.write(`\n${RESULT_MARK}${JSON.stringify(result)}\n`);
@@ -19,6 +21,14 @@ export function runChild(impl: SystemImpl): void {
     process.exit(2);
   }
   const task = JSON.parse(raw) as Task;
+  if (process.argv[3] === PRODUCERS_FLAG) {
+    if (impl.sides === undefined) throw new Error(`${task.system} has no producers' side`);
+    runProducers(impl.sides, task).catch((error: unknown) => {
+      console.error(error);
+      process.exit(1);
+    });
+    return;
+  }
   const watchdog = setTimeout(() => {
     emit({ ok: false, error: `${task.label} ${task.workload}: no result after ${task.timeoutMs} ms (hang?)`, metrics: {} });
     process.exit(3);

@@ -42,29 +42,51 @@ function serverTicks(names: readonly string[], database: string): number {
   return ticks;
 }
 
-/** CPU used between start() and stop(), as % of all cores: the machine, this process, and the servers. */
+/** CPU ticks (user + system) of the processes `pids` (the producers' process of a two-process row). */
+function pidTicks(pids: readonly number[]): number {
+  let ticks = 0;
+  for (const pid of pids) {
+    try {
+      const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+      const rest = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+      ticks += Number(rest[11]) + Number(rest[12]);
+    } catch {
+      // ended meanwhile
+    }
+  }
+  return ticks;
+}
+
+/**
+ * CPU used between start() and stop(), as % of all cores: the machine, Node (this process and the other
+ * processes of the system under test, `others`), and the servers.
+ */
 export class CpuMeter {
   #t0 = 0;
   #machine = { busy: 0, total: 0 };
   #self = process.cpuUsage();
+  #others = 0;
   #server = 0;
   constructor(
     private readonly servers: readonly string[],
     private readonly database: string,
+    private readonly others: readonly number[] = [],
   ) {}
   start(): void {
     this.#t0 = now();
     this.#machine = machineTicks();
     this.#self = process.cpuUsage();
+    this.#others = pidTicks(this.others);
     this.#server = serverTicks(this.servers, this.database);
   }
   stop(): { machine: number; node: number; server: number; nodeAndServer: number } {
     const wallMs = now() - this.#t0;
     const machine = machineTicks();
     const self = process.cpuUsage(this.#self);
+    const others = pidTicks(this.others) - this.#others;
     const server = serverTicks(this.servers, this.database) - this.#server;
     const pct = (ms: number) => (100 * ms) / (wallMs * CORES);
-    const nodePct = pct((self.user + self.system) / 1000);
+    const nodePct = pct((self.user + self.system) / 1000 + others * TICK_MS);
     const serverPct = pct(server * TICK_MS);
     return {
       machine: (100 * (machine.busy - this.#machine.busy)) / Math.max(1, machine.total - this.#machine.total),

@@ -1,5 +1,4 @@
 /** Counting, waiting, producing and warming up: what every child's workloads are made of. */
-import { performance } from 'node:perf_hooks';
 import type { ChildResult, Task } from '../protocol.ts';
 
 export type WorkloadFn = (task: Task) => Promise<ChildResult>;
@@ -35,7 +34,11 @@ export class Counter {
 }
 
 export const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
-export const now = () => performance.now();
+/**
+ * Milliseconds on the machine's monotonic clock (CLOCK_MONOTONIC, the same in every process): a time taken
+ * in the producers' process and one taken in the consumer's can be subtracted.
+ */
+export const now = () => Number(process.hrtime.bigint()) / 1e6;
 
 /** Polls `check` every `everyMs` until it is true. */
 export async function pollUntil(check: () => Promise<boolean>, timeoutMs: number, what: string, everyMs = 5): Promise<void> {
@@ -88,44 +91,52 @@ function warmUpAmount(task: Task): Amount {
   return task.publishSeconds > 0 && !task.quick ? { ms: (task.publishSeconds * 1_000) / 3 } : warmUpEvents(task);
 }
 
-/** A quarter of the measured events (drain, and rows that publish a number of events); none with `--quick`. */
+/** The task's warm-up events (the plan sets them: 0 for a cold start); none with `--quick`. */
 function warmUpEvents(task: Task): number {
-  return task.quick ? 0 : Math.round(task.events / 4);
+  return task.quick ? 0 : task.warmUpEvents;
 }
 
 /**
- * Drain (workload 2): the measured drain follows an unmeasured one of a quarter of the events in the same
- * process, for the same reason (a fresh Tidings process drained 10,000 events at ~20k/s and 40,000 at
- * ~35k/s: its first few thousand run before V8 has compiled the hot path). `drain` must clean up after itself.
+ * Drain and bulk (workloads 1, 2): the measured run follows an unmeasured one of `warmUpEvents` in the same
+ * process (a fresh Tidings process drained 10,000 events at ~20k/s and 40,000 at ~35k/s: its first few
+ * thousand run before V8 has compiled the hot path); a cold row has none. `run` must clean up after itself.
  */
-export function warmedDrain(drain: WorkloadFn): WorkloadFn {
+export function warmedUp(run: WorkloadFn): WorkloadFn {
   return async (task) => {
     const warm = warmUpEvents(task);
-    if (warm > 0) await drain({ ...task, events: warm });
-    return drain(task);
+    if (warm > 0) await run({ ...task, events: warm });
+    return run(task);
   };
 }
 
 /** The warm-up's first sequence number: its keys (with `keys: 0`, one per event) are not the measured ones. */
-const WARM_UP_FIRST = 1_000_000_000;
+export const WARM_UP_FIRST = 1_000_000_000;
 
 /**
  * Runs the warm-up: `publish` for each of its events (numbered apart from the measured ones); with a
  * consumer, waits until it has handled (`counter`) and acknowledged (`acknowledged(n)`) them all. Returns
  * their number.
  */
-
 export async function warmUp(
   task: Task,
   producers: number,
   publish: (seq: number) => Promise<unknown>,
   consumer?: { counter: Counter; acknowledged: (n: number) => Promise<boolean> },
 ): Promise<number> {
+  return warmUpWith(task, (amount, first) => produce(amount, producers, (seq) => publish(first + seq)), consumer);
+}
+
+/** The warm-up with producers that may run elsewhere: `run(amount, first)` publishes and says how many. */
+export async function warmUpWith(
+  task: Task,
+  run: (amount: Amount, first: number) => Promise<number>,
+  consumer?: { counter: Counter; acknowledged: (n: number) => Promise<boolean>; subscriptions?: number },
+): Promise<number> {
   const amount = warmUpAmount(task);
   if (amount === 0) return 0;
-  const n = await produce(amount, producers, (seq) => publish(WARM_UP_FIRST + seq));
+  const n = await run(amount, WARM_UP_FIRST);
   if (consumer !== undefined) {
-    await consumer.counter.until(n, task.timeoutMs, 'warm-up messages');
+    await consumer.counter.until(n * (consumer.subscriptions ?? 1), task.timeoutMs, 'warm-up messages');
     await pollUntil(() => consumer.acknowledged(n), 60_000, 'warm-up acknowledged');
   }
   return n;

@@ -69,6 +69,7 @@ export async function idlePg(task: Task): Promise<Record<string, number>> {
   }
 }
 
+/** The table the guarantee rows' handlers insert into, emptied. */
 export async function ensureEffectsTable(url: string): Promise<void> {
   const client = await monitorClient(url);
   try {
@@ -79,21 +80,29 @@ export async function ensureEffectsTable(url: string): Promise<void> {
   }
 }
 
-export async function countEffects(url: string): Promise<number> {
-  const client = await monitorClient(url);
-  try {
-    const { rows } = await client.query<{ n: string }>('select count(*) as n from bench_effects');
-    return Number(rows[0]?.n ?? 0);
-  } finally {
-    await client.end();
-  }
+/**
+ * The business row of workload 3's "business row + event" rows: what an application's transaction writes
+ * beside its event (an order, a payment). Every system, and the raw floor, inserts the same row.
+ */
+export const BUSINESS_INSERT = 'insert into bench_business (seq, note) values ($1, $2)';
+export const BUSINESS_NOTE = 'order placed';
+
+async function ensureBusinessTable(client: pg.Client): Promise<void> {
+  await client.query(
+    'create table if not exists bench_business (id bigserial primary key, seq bigint not null, note text not null, at timestamptz not null default now())',
+  );
+  await client.query('truncate bench_business');
 }
 
-/** Drops a system's schema (every task starts from nothing) and, for the guarantee rows, empties the effects table. */
+/**
+ * Drops a system's schema (every task starts from nothing) and empties the tables the task's variant writes
+ * besides it (the effects of the guarantee rows, the business rows).
+ */
 export async function freshSchema(task: Task, schema: string): Promise<void> {
   const client = await monitorClient(task.pgUrl);
   try {
     await client.query(`drop schema if exists ${schema} cascade`);
+    if (task.variant.businessRow === true) await ensureBusinessTable(client);
   } finally {
     await client.end();
   }

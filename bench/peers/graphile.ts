@@ -7,15 +7,14 @@ import { Logger, makeWorkerUtils, run, runMigrations, type Runner, type TaskList
 import pg from 'pg';
 import { runChild } from '../load/child.ts';
 import { makeEvent, type BenchEvent } from '../load/events.ts';
-import { latencyPhases } from '../load/latency.ts';
-import { Counter, measuredAmount, now, pollUntil, produce, rate, warmUp, warmedDrain } from '../load/measure.ts';
-import { freshSchema, idlePg, monitorClient, queriesSoFar } from '../load/pg.ts';
+import { Counter, now, pollUntil, produce, rate, warmedUp } from '../load/measure.ts';
+import { BUSINESS_INSERT, BUSINESS_NOTE, freshSchema, idlePg, monitorClient, queriesSoFar } from '../load/pg.ts';
+import { endToEnd, latency, type Probe, PRODUCERS, type Publisher, type Sides } from '../load/sides.ts';
 import type { ChildResult, Task } from '../protocol.ts';
 
 const SCHEMA = 'graphile_bench';
 const TASK = 'bench';
 const CONCURRENCY = 24;
-const PRODUCERS = 10;
 const CHUNK = 1_000;
 const silent = new Logger(() => (level, message) => {
   if (level === 'error') console.error('[graphile-worker]', message);
@@ -40,14 +39,15 @@ function startRunner(task: Task, taskList: TaskList): Promise<Runner> {
   });
 }
 
-function handlerFor(task: Task, counter: Counter, probe?: { fn: (seq: number) => void }): TaskList[string] {
+function handlerFor(task: Task, probe: Probe): TaskList[string] {
   return async (payload, helpers) => {
-    const event = payload as BenchEvent;
-    probe?.fn(event.seq);
+    probe.start((payload as BenchEvent).seq);
     if (task.variant.effects) await helpers.query('insert into bench_effects (id) values ($1)', [helpers.job.id]);
-    counter.add();
+    probe.end();
   };
 }
+
+const counting = (counter: Counter): Probe => ({ start: () => undefined, end: () => counter.add() });
 
 /** Completed jobs are deleted: the work is acknowledged when no job is left. */
 async function remaining(task: Task): Promise<() => Promise<number>> {
@@ -83,7 +83,7 @@ async function drain(task: Task): Promise<ChildResult> {
   const left = await remaining(task);
   const q0 = queriesSoFar();
   const t0 = now();
-  const runner = await startRunner(task, { [TASK]: handlerFor(task, counter) });
+  const runner = await startRunner(task, { [TASK]: handlerFor(task, counting(counter)) });
   await counter.until(task.events, task.timeoutMs);
   const handledMs = now() - t0;
   await pollUntil(async () => (await left()) === 0, 60_000, 'no job left');
@@ -94,42 +94,46 @@ async function drain(task: Task): Promise<ChildResult> {
 }
 
 /**
- * Workload 3: each job added in the producer's own transaction with the `add_job` SQL function (the
- * documented way to enqueue from a transaction). Workload 4: `addJob()` on its own.
+ * How the task's producers enqueue: workload 3 in the producer's own transaction with the `add_job` SQL
+ * function (the documented way to enqueue from a transaction; with the business row before it), workloads
+ * 4 and 5 `addJob()` on its own.
  */
-async function endToEnd(task: Task, standalone: boolean): Promise<ChildResult> {
-  const utils = await freshStore(task);
-  const counter = new Counter();
-  const runner = await startRunner(task, { [TASK]: handlerFor(task, counter) });
-  const left = await remaining(task);
+function publisherOf(task: Task, utils: WorkerUtils): Publisher {
+  const event = (seq: number) => makeEvent(seq, task.variant.keys, task.variant.payloadBytes);
+  if (task.workload !== 'e2e') return { publish: (seq) => utils.addJob(TASK, event(seq)), stop: async () => utils.release() };
   const producers = new pg.Pool({ connectionString: task.pgUrl, max: PRODUCERS });
-  const publishOne = async (seq: number) => {
-    const event = makeEvent(seq, task.variant.keys);
-    if (standalone) {
-      await utils.addJob(TASK, event);
-      return;
-    }
-    const client = await producers.connect();
-    try {
-      await client.query('begin');
-      await client.query(`select ${SCHEMA}.add_job($1, $2::json)`, [TASK, JSON.stringify(event)]);
-      await client.query('commit');
-    } finally {
-      client.release();
-    }
+  return {
+    publish: async (seq) => {
+      const client = await producers.connect();
+      try {
+        await client.query('begin');
+        if (task.variant.businessRow === true) await client.query(BUSINESS_INSERT, [seq, BUSINESS_NOTE]);
+        await client.query(`select ${SCHEMA}.add_job($1, $2::json)`, [TASK, JSON.stringify(event(seq))]);
+        await client.query('commit');
+      } finally {
+        client.release();
+      }
+    },
+    stop: async () => {
+      await producers.end();
+      await utils.release();
+    },
   };
-  const warm = await warmUp(task, PRODUCERS, publishOne, { counter, acknowledged: async () => (await left()) === 0 });
-  const q0 = queriesSoFar();
-  const t0 = now();
-  const events = await produce(measuredAmount(task), PRODUCERS, publishOne);
-  const producedMs = now() - t0;
-  await counter.until(warm + events, task.timeoutMs);
-  await pollUntil(async () => (await left()) === 0, 60_000, 'no job left');
-  const ms = now() - t0;
-  await runner.stop();
-  const queriesPerEvent = (queriesSoFar() - q0) / events;
-  return { ok: true, metrics: { events, rate: rate(events, ms), producerRate: rate(events, producedMs), queriesPerEvent } };
 }
+
+const sides: Sides = {
+  servers: ['postgres'],
+  async prepare(task) {
+    await (await freshStore(task)).release();
+  },
+  async consumer(task, probe) {
+    const runner = await startRunner(task, { [TASK]: handlerFor(task, probe) });
+    const left = await remaining(task);
+    return { acknowledged: async () => (await left()) === 0, stop: () => runner.stop() };
+  },
+  publisher: async (task) => publisherOf(task, await makeWorkerUtils({ connectionString: task.pgUrl, schema: SCHEMA, logger: silent })),
+  idle: idlePg,
+};
 
 /** Fan-out: no pub/sub in graphile-worker; one job per subscriber task, all added in one `addJobs` call. */
 async function fanout(task: Task): Promise<ChildResult> {
@@ -137,7 +141,7 @@ async function fanout(task: Task): Promise<ChildResult> {
   const counter = new Counter();
   const identifiers = Array.from({ length: task.fanout }, (_, i) => `fan${i}`);
   const taskList: TaskList = {};
-  for (const identifier of identifiers) taskList[identifier] = handlerFor(task, counter);
+  for (const identifier of identifiers) taskList[identifier] = handlerFor(task, counting(counter));
   const runner = await startRunner(task, taskList);
   const left = await remaining(task);
   const deliveries = task.events * task.fanout;
@@ -156,29 +160,12 @@ async function fanout(task: Task): Promise<ChildResult> {
   return { ok: true, metrics: { rate: rate(deliveries, ms), producerRate: rate(task.events, producedMs), queriesPerEvent } };
 }
 
-async function latency(task: Task): Promise<ChildResult> {
-  const utils = await freshStore(task);
-  const counter = new Counter();
-  const probe = { fn: (_seq: number) => undefined as void };
-  const runner = await startRunner(task, { [TASK]: handlerFor(task, counter, probe) });
-  const { metrics, series } = await latencyPhases(
-    task,
-    ['postgres'],
-    (seq) => utils.addJob(TASK, makeEvent(seq, task.variant.keys)),
-    (fn) => {
-      probe.fn = fn;
-    },
-  );
-  Object.assign(metrics, await idlePg(task));
-  await runner.stop();
-  return { ok: true, metrics, series };
-}
-
 runChild({
-  bulk,
-  drain: warmedDrain(drain),
-  e2e: (task) => endToEnd(task, false),
-  standalone: (task) => endToEnd(task, true),
-  fanout,
-  latency,
+  sides,
+  bulk: warmedUp(bulk),
+  drain: warmedUp(drain),
+  e2e: endToEnd(sides),
+  standalone: endToEnd(sides),
+  fanout: warmedUp(fanout),
+  latency: latency(sides),
 });

@@ -7,9 +7,9 @@ import pg from 'pg';
 import PgBoss from 'pg-boss';
 import { runChild } from '../load/child.ts';
 import { makeEvent, type BenchEvent } from '../load/events.ts';
-import { latencyPhases } from '../load/latency.ts';
-import { Counter, measuredAmount, now, pollUntil, produce, rate, warmUp, warmedDrain } from '../load/measure.ts';
-import { freshSchema, idlePg, monitorClient, queriesSoFar } from '../load/pg.ts';
+import { Counter, now, pollUntil, produce, rate, warmedUp } from '../load/measure.ts';
+import { BUSINESS_INSERT, BUSINESS_NOTE, freshSchema, idlePg, monitorClient, queriesSoFar } from '../load/pg.ts';
+import { endToEnd, latency, type Probe, PRODUCERS, type Publisher, type Sides } from '../load/sides.ts';
 import type { ChildResult, Task } from '../protocol.ts';
 
 const SCHEMA = 'pgboss_bench';
@@ -17,7 +17,6 @@ const QUEUE = 'bench';
 const LOOPS = 4;
 const BATCH = 500;
 const POLL_SECONDS = 0.5;
-const PRODUCERS = 10;
 const CHUNK = 1_000;
 
 async function startBoss(task: Task, queues: string[] = [QUEUE]): Promise<PgBoss> {
@@ -29,20 +28,23 @@ async function startBoss(task: Task, queues: string[] = [QUEUE]): Promise<PgBoss
 }
 
 /** Each work() loop's handler: the whole batch, one message after another (as one transaction would). */
-function handlerFor(_task: Task, counter: Counter, effects: pg.Pool | undefined, probe?: { fn: (seq: number) => void }) {
+function handlerFor(effects: pg.Pool | undefined, probe: Probe) {
   return async (jobs: PgBoss.Job<BenchEvent>[]) => {
     for (const job of jobs) {
-      probe?.fn(job.data.seq);
+      probe.start(job.data.seq);
       if (effects !== undefined) await effects.query('insert into bench_effects (id) values ($1)', [job.id]);
-      counter.add();
+      probe.end();
     }
   };
 }
 
-async function work(boss: PgBoss, _task: Task, queue: string, handler: (jobs: PgBoss.Job<BenchEvent>[]) => Promise<void>): Promise<void> {
+/** Starts the work() loops; returns their ids (for `notifyWorker`). */
+async function work(boss: PgBoss, queue: string, handler: (jobs: PgBoss.Job<BenchEvent>[]) => Promise<void>): Promise<string[]> {
+  const ids: string[] = [];
   for (let i = 0; i < LOOPS; i++) {
-    await boss.work<BenchEvent>(queue, { batchSize: BATCH, pollingIntervalSeconds: POLL_SECONDS }, handler);
+    ids.push(await boss.work<BenchEvent>(queue, { batchSize: BATCH, pollingIntervalSeconds: POLL_SECONDS }, handler));
   }
+  return ids;
 }
 
 function effectsPool(task: Task): pg.Pool | undefined {
@@ -59,6 +61,8 @@ async function completed(task: Task, queues: string[]): Promise<() => Promise<nu
     return Number(rows[0]?.n ?? 0);
   };
 }
+
+const counting = (counter: Counter): Probe => ({ start: () => undefined, end: () => counter.add() });
 
 function jobs(queue: string, first: number, n: number, keys: number): PgBoss.JobInsert<BenchEvent>[] {
   return Array.from({ length: n }, (_, i) => ({ name: queue, data: makeEvent(first + i, keys) }));
@@ -87,7 +91,7 @@ async function drain(task: Task): Promise<ChildResult> {
   const q0 = queriesSoFar();
   const t0 = now();
   const effects = effectsPool(task);
-  await work(boss, task, QUEUE, handlerFor(task, counter, effects));
+  await work(boss, QUEUE, handlerFor(effects, counting(counter)));
   await counter.until(task.events, task.timeoutMs);
   const handledMs = now() - t0;
   await pollUntil(async () => (await done()) >= task.events, 60_000, 'all completed');
@@ -100,42 +104,76 @@ async function drain(task: Task): Promise<ChildResult> {
 }
 
 /**
- * Workload 3: each event in the producer's own transaction (BEGIN; send with `{ db }`; COMMIT), pg-boss's
- * way to enqueue inside an application transaction. Workload 4: a plain `send()`.
+ * How the task's producers enqueue: workload 3 in the producer's own transaction (BEGIN; [the business row;]
+ * send with `{ db }`; COMMIT), pg-boss's way to enqueue inside an application transaction; workloads 4 and 5
+ * a plain `send()`.
  */
-async function endToEnd(task: Task, standalone: boolean): Promise<ChildResult> {
-  await freshSchema(task, SCHEMA);
-  const boss = await startBoss(task);
-  const counter = new Counter();
-  await work(boss, task, QUEUE, handlerFor(task, counter, effectsPool(task)));
-  const done = await completed(task, [QUEUE]);
+function publisherOf(task: Task, boss: PgBoss): Publisher {
+  const event = (seq: number) => makeEvent(seq, task.variant.keys, task.variant.payloadBytes);
+  if (task.workload !== 'e2e') return { publish: (seq) => boss.send(QUEUE, event(seq)), stop: async () => undefined };
   const producers = new pg.Pool({ connectionString: task.pgUrl, max: PRODUCERS });
-  const publishOne = async (seq: number) => {
-    const event = makeEvent(seq, task.variant.keys);
-    if (standalone) {
-      await boss.send(QUEUE, event);
-      return;
-    }
-    const client = await producers.connect();
-    try {
-      await client.query('begin');
-      await boss.send(QUEUE, event, { db: { executeSql: (text: string, values: unknown[]) => client.query(text, values) } });
-      await client.query('commit');
-    } finally {
-      client.release();
-    }
+  return {
+    publish: async (seq) => {
+      const client = await producers.connect();
+      try {
+        await client.query('begin');
+        if (task.variant.businessRow === true) await client.query(BUSINESS_INSERT, [seq, BUSINESS_NOTE]);
+        await boss.send(QUEUE, event(seq), { db: { executeSql: (text: string, values: unknown[]) => client.query(text, values) } });
+        await client.query('commit');
+      } finally {
+        client.release();
+      }
+    },
+    stop: () => producers.end(),
   };
-  const warm = await warmUp(task, PRODUCERS, publishOne, { counter, acknowledged: async (n) => (await done()) >= n });
-  const q0 = queriesSoFar();
-  const t0 = now();
-  const events = await produce(measuredAmount(task), PRODUCERS, publishOne);
-  const producedMs = now() - t0;
-  await counter.until(warm + events, task.timeoutMs);
-  await pollUntil(async () => (await done()) >= warm + events, 60_000, 'all completed');
-  const ms = now() - t0;
-  const queriesPerEvent = (queriesSoFar() - q0) / events;
-  return { ok: true, metrics: { events, rate: rate(events, ms), producerRate: rate(events, producedMs), queriesPerEvent } };
 }
+
+const sides: Sides = {
+  servers: ['postgres'],
+  prepare: (task) => freshSchema(task, SCHEMA),
+  async consumer(task, probe) {
+    const boss = await startBoss(task);
+    const effects = effectsPool(task);
+    const workers = await work(boss, QUEUE, handlerFor(effects, probe));
+    const done = await completed(task, [QUEUE]);
+    const own = publisherOf(task, boss);
+    // A pg-boss user publishing in the worker's process wakes it after each send (`notifyWorker`) rather
+    // than waiting for its next poll: the latency rows do (one loop each time, in turn).
+    let next = 0;
+    const local: Publisher =
+      task.workload === 'latency'
+        ? {
+            publish: async (seq) => {
+              await own.publish(seq);
+              boss.notifyWorker(workers[next++ % workers.length]!);
+            },
+            stop: own.stop,
+          }
+        : own;
+    return {
+      acknowledged: async (n) => (await done()) >= n,
+      local,
+      stop: async () => {
+        await boss.stop({ graceful: true, wait: true });
+        await effects?.end();
+      },
+    };
+  },
+  async publisher(task) {
+    const boss = new PgBoss({ connectionString: task.pgUrl, schema: SCHEMA, supervise: false, schedule: false });
+    boss.on('error', (error: unknown) => console.error('[pg-boss]', error));
+    await boss.start();
+    const own = publisherOf(task, boss);
+    return {
+      publish: own.publish,
+      stop: async () => {
+        await own.stop();
+        await boss.stop({ graceful: true, wait: true });
+      },
+    };
+  },
+  idle: idlePg,
+};
 
 /** Fan-out: its pub/sub (`subscribe(event, queue)`, `publish(event, data)`), one queue per subscriber. */
 async function fanout(task: Task): Promise<ChildResult> {
@@ -145,7 +183,7 @@ async function fanout(task: Task): Promise<ChildResult> {
   const counter = new Counter();
   for (const queue of queues) {
     await boss.subscribe('bench.event', queue);
-    await boss.work<BenchEvent>(queue, { batchSize: BATCH, pollingIntervalSeconds: POLL_SECONDS }, handlerFor(task, counter, undefined));
+    await boss.work<BenchEvent>(queue, { batchSize: BATCH, pollingIntervalSeconds: POLL_SECONDS }, handlerFor(undefined, counting(counter)));
   }
   const done = await completed(task, queues);
   const deliveries = task.events * task.fanout;
@@ -162,29 +200,12 @@ async function fanout(task: Task): Promise<ChildResult> {
   return { ok: true, metrics: { rate: rate(deliveries, ms), producerRate: rate(task.events, producedMs), queriesPerEvent } };
 }
 
-async function latency(task: Task): Promise<ChildResult> {
-  await freshSchema(task, SCHEMA);
-  const boss = await startBoss(task);
-  const counter = new Counter();
-  const probe = { fn: (_seq: number) => undefined as void };
-  await work(boss, task, QUEUE, handlerFor(task, counter, effectsPool(task), probe));
-  const { metrics, series } = await latencyPhases(
-    task,
-    ['postgres'],
-    (seq) => boss.send(QUEUE, makeEvent(seq, task.variant.keys)),
-    (fn) => {
-      probe.fn = fn;
-    },
-  );
-  Object.assign(metrics, await idlePg(task));
-  return { ok: true, metrics, series };
-}
-
 runChild({
-  bulk,
-  drain: warmedDrain(drain),
-  e2e: (task) => endToEnd(task, false),
-  standalone: (task) => endToEnd(task, true),
-  fanout,
-  latency,
+  sides,
+  bulk: warmedUp(bulk),
+  drain: warmedUp(drain),
+  e2e: endToEnd(sides),
+  standalone: endToEnd(sides),
+  fanout: warmedUp(fanout),
+  latency: latency(sides),
 });
