@@ -14,7 +14,20 @@ export type Workload =
   | 'scheduled'
   | 'request'
   | 'saga';
-export type SystemName = 'tidings' | 'pgboss' | 'graphile' | 'bullmq' | 'raw' | 'replica' | 'rabbitmq' | 'amqp' | 'nats' | 'natsjs';
+export type SystemName =
+  | 'tidings'
+  | 'pgboss'
+  | 'graphile'
+  | 'bullmq'
+  | 'raw'
+  | 'replica'
+  | 'rabbitmq'
+  | 'amqp'
+  | 'nats'
+  | 'natsjs'
+  /** Request/reply baselines: a plain HTTP call on loopback, NATS core request/reply. */
+  | 'http'
+  | 'natscore';
 
 export interface Variant {
   /** Distinct keys the events use; 0: every event has its own key. */
@@ -54,9 +67,12 @@ export interface Task {
   publishSeconds: number;
   /** Subscriptions of the fan-out workload. */
   fanout: number;
-  /** Latency workload: producer rates (events/s) and seconds at each. */
+  /** Latency workload: producer rates (events/s) and seconds at each (also the request/reply rows' rate and seconds). */
   rates: number[];
   latencySeconds: number;
+  /** Scheduled delivery: the jobs (`events`) are due over this many seconds, starting `scheduleLeadMs` after the task begins. */
+  scheduledSeconds: number;
+  scheduleLeadMs: number;
   /** Seconds of the idle window after the latency phases (0: skip). */
   idleSeconds: number;
   pgUrl: string;

@@ -55,6 +55,8 @@ const SYSTEM_COLOURS = {
   'PostgreSQL (raw)': '#79706e',
   amqplib: '#b279a2',
   'nats.js': '#72b7b2',
+  'HTTP (loopback)': '#eeca3b',
+  'NATS core': '#9d755d',
 } as const;
 
 const FAMILY: Record<SystemName, keyof typeof SYSTEM_COLOURS> = {
@@ -68,6 +70,8 @@ const FAMILY: Record<SystemName, keyof typeof SYSTEM_COLOURS> = {
   raw: 'PostgreSQL (raw)',
   amqp: 'amqplib',
   natsjs: 'nats.js',
+  http: 'HTTP (loopback)',
+  natscore: 'NATS core',
 };
 
 /** Dashes for a system's second, third... row (Tidings with the guarantees on beside plain Tidings). */

@@ -240,6 +240,21 @@ export function steps(quick: boolean, sizes: Sizes): Step[] {
         ),
       ],
     },
+    {
+      workload: 'scheduled',
+      once: true,
+      rows: fourRows(plain, 'time', '', { events: sizes.scheduled, timeoutMs: sizes.timeoutMs }),
+    },
+    {
+      workload: 'request',
+      once: true,
+      rows: [
+        { system: 'tidings', label: 'Tidings on PostgreSQL, bus.request (replier in another process)', variant: plain, group: 'time', reference: true },
+        { system: 'http', label: 'plain HTTP call on loopback (node:http, keep-alive)', variant: plain, group: 'time' },
+        { system: 'natscore', label: 'NATS core request/reply (nothing stored)', variant: plain, group: 'time' },
+      ],
+    },
+    { workload: 'saga', once: true, rows: [{ system: 'tidings', label: 'Tidings saga, 3 steps', variant: plain, group: 'time', reference: true }] },
     { workload: 'login', once: true, rows: [replicaRow] },
     { workload: 'drift', once: true, rows: [replicaRow] },
     ...brokerSteps().map((step) => ({ ...step, once: true })),
@@ -276,8 +291,11 @@ export function taskFor(row: Row, workload: Workload, sizes: Sizes, db: { url: s
     warmUpEvents: 0,
     publishSeconds: timed ? sizes.publishSeconds : 0,
     fanout: sizes.fanout,
-    rates: row.group === 'base' || row.group === 'twoProcess' ? sizes.baseRates : sizes.guaranteeRates,
-    latencySeconds: sizes.latencySeconds,
+    rates: workload === 'request' ? [sizes.requestRate] : row.group === 'base' || row.group === 'twoProcess' ? sizes.baseRates : sizes.guaranteeRates,
+    latencySeconds: workload === 'request' ? sizes.requestSeconds : sizes.latencySeconds,
+    scheduledSeconds: sizes.scheduledSeconds,
+    // Time enough to schedule every job before the first is due (~5k jobs/s on a busy machine).
+    scheduleLeadMs: quick ? 3_000 : 5_000 + sizes.scheduled / 5,
     // The idle cost is measured in the first round only (it waits ~30 s for pg_stat_database to settle).
     idleSeconds: row.group === 'base' && round === 1 ? sizes.idleSeconds : 0,
     pgUrl: db.url,

@@ -20,6 +20,8 @@ export const SYSTEM_FILES: Record<SystemName, string> = {
   amqp: 'peers/amqp.ts',
   natsjs: 'peers/natsjs.ts',
   raw: 'baselines/raw.ts',
+  http: 'baselines/request-reply.ts',
+  natscore: 'baselines/request-reply.ts',
 };
 
 /**

@@ -4,10 +4,14 @@
  */
 import { RESULT_MARK, type ChildResult, type Task, type Workload } from '../protocol.ts';
 import type { WorkloadFn } from './measure.ts';
+import { HELPER_FLAG, serveHelper } from './helper.ts';
 import { PRODUCERS_FLAG, runProducers, type Sides } from './sides.ts';
 
-/** A system's workloads; `sides` also serves its producers' process in the two-process rows (load/sides.ts). */
-export type SystemImpl = Partial<Record<Workload, WorkloadFn>> & { sides?: Sides };
+/**
+ * A system's workloads; `sides` also serves its producers' process in the two-process rows (load/sides.ts),
+ * `helper` its helper process (load/helper.ts: opens what the helper serves, returns how to close it).
+ */
+export type SystemImpl = Partial<Record<Workload, WorkloadFn>> & { sides?: Sides; helper?: (task: Task) => Promise<() => Promise<void>> };
 
 function emit(result: ChildResult): void {
   process.stdout.write(`\n${RESULT_MARK}${JSON.stringify(result)}\n`);
@@ -21,6 +25,15 @@ export function runChild(impl: SystemImpl): void {
     process.exit(2);
   }
   const task = JSON.parse(raw) as Task;
+  if (process.argv[3] === HELPER_FLAG) {
+    const helper = impl.helper;
+    if (helper === undefined) throw new Error(`${task.system} has no helper process`);
+    serveHelper(() => helper(task)).catch((error: unknown) => {
+      console.error(error);
+      process.exit(1);
+    });
+    return;
+  }
   if (process.argv[3] === PRODUCERS_FLAG) {
     if (impl.sides === undefined) throw new Error(`${task.system} has no producers' side`);
     runProducers(impl.sides, task).catch((error: unknown) => {

@@ -10,6 +10,7 @@ import { runChild } from '../load/child.ts';
 import { makeEvent, type BenchEvent } from '../load/events.ts';
 import { Counter, now, pollUntil, produce, rate, sleep, warmedUp } from '../load/measure.ts';
 import { ensureEffectsTable } from '../load/pg.ts';
+import { Schedule } from '../load/scheduled.ts';
 import { endToEnd, latency, type Probe, PRODUCERS, type Sides } from '../load/sides.ts';
 import type { ChildResult, Task } from '../protocol.ts';
 
@@ -157,8 +158,30 @@ async function idleRedis(task: Task): Promise<Record<string, number>> {
   return { idleQueries: Math.max(0, c1 - c0 - 1) / seconds };
 }
 
+/** Scheduled delivery: delayed jobs (`delay` = due - now when added, 1,000 per `addBulk()`), the drain's worker. */
+async function scheduled(task: Task): Promise<ChildResult> {
+  const queue = await freshQueue(task);
+  const schedule = new Schedule(task);
+  const worker = startWorker(task, queue, DRAIN_CONCURRENCY, { start: (seq) => schedule.started(seq), end: () => undefined });
+  await worker.waitUntilReady();
+  await schedule.scheduleAll(CHUNK, false, (seqs) =>
+    queue.addBulk(
+      seqs.map((seq) => ({
+        name: 'bench',
+        data: makeEvent(seq, task.variant.keys),
+        opts: { ...jobOptions, delay: Math.max(0, schedule.dueOf(seq) - Date.now()) },
+      })),
+    ),
+  );
+  const result = await schedule.done();
+  await worker.close();
+  await queue.obliterate({ force: true });
+  return result;
+}
+
 runChild({
   sides,
+  scheduled,
   bulk: warmedUp(bulk),
   drain: warmedUp(drain),
   e2e: endToEnd(sides),

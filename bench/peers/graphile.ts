@@ -8,6 +8,7 @@ import pg from 'pg';
 import { runChild } from '../load/child.ts';
 import { makeEvent, type BenchEvent } from '../load/events.ts';
 import { Counter, now, pollUntil, produce, rate, warmedUp } from '../load/measure.ts';
+import { Schedule } from '../load/scheduled.ts';
 import { BUSINESS_INSERT, BUSINESS_NOTE, freshSchema, idlePg, monitorClient, queriesSoFar } from '../load/pg.ts';
 import { endToEnd, latency, type Probe, PRODUCERS, type Publisher, type Sides } from '../load/sides.ts';
 import type { ChildResult, Task } from '../protocol.ts';
@@ -160,8 +161,23 @@ async function fanout(task: Task): Promise<ChildResult> {
   return { ok: true, metrics: { rate: rate(deliveries, ms), producerRate: rate(task.events, producedMs), queriesPerEvent } };
 }
 
+/** Scheduled delivery: jobs added with `runAt` (1,000 per `addJobs()`), the drain's runner. */
+async function scheduled(task: Task): Promise<ChildResult> {
+  const utils = await freshStore(task);
+  const schedule = new Schedule(task);
+  const runner = await startRunner(task, { [TASK]: handlerFor(task, { start: (seq) => schedule.started(seq), end: () => undefined }) });
+  await schedule.scheduleAll(CHUNK, false, (seqs) =>
+    utils.addJobs(seqs.map((seq) => ({ identifier: TASK, payload: makeEvent(seq, task.variant.keys), runAt: new Date(schedule.dueOf(seq)) }))),
+  );
+  const result = await schedule.done();
+  await runner.stop();
+  await utils.release();
+  return result;
+}
+
 runChild({
   sides,
+  scheduled,
   bulk: warmedUp(bulk),
   drain: warmedUp(drain),
   e2e: endToEnd(sides),

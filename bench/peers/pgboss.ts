@@ -8,6 +8,7 @@ import PgBoss from 'pg-boss';
 import { runChild } from '../load/child.ts';
 import { makeEvent, type BenchEvent } from '../load/events.ts';
 import { Counter, now, pollUntil, produce, rate, warmedUp } from '../load/measure.ts';
+import { Schedule } from '../load/scheduled.ts';
 import { BUSINESS_INSERT, BUSINESS_NOTE, freshSchema, idlePg, monitorClient, queriesSoFar } from '../load/pg.ts';
 import { endToEnd, latency, type Probe, PRODUCERS, type Publisher, type Sides } from '../load/sides.ts';
 import type { ChildResult, Task } from '../protocol.ts';
@@ -200,8 +201,23 @@ async function fanout(task: Task): Promise<ChildResult> {
   return { ok: true, metrics: { rate: rate(deliveries, ms), producerRate: rate(task.events, producedMs), queriesPerEvent } };
 }
 
+/** Scheduled delivery: jobs inserted with `startAfter` (1,000 per `insert()`), the drain's work() loops. */
+async function scheduled(task: Task): Promise<ChildResult> {
+  await freshSchema(task, SCHEMA);
+  const boss = await startBoss(task);
+  const schedule = new Schedule(task);
+  await work(boss, QUEUE, handlerFor(undefined, { start: (seq) => schedule.started(seq), end: () => undefined }));
+  await schedule.scheduleAll(CHUNK, false, (seqs) =>
+    boss.insert(seqs.map((seq) => ({ name: QUEUE, data: makeEvent(seq, task.variant.keys), startAfter: new Date(schedule.dueOf(seq)) }))),
+  );
+  const result = await schedule.done();
+  await boss.stop({ graceful: true, wait: true });
+  return result;
+}
+
 runChild({
   sides,
+  scheduled,
   bulk: warmedUp(bulk),
   drain: warmedUp(drain),
   e2e: endToEnd(sides),

@@ -9,11 +9,10 @@ import { BUSINESS_INSERT, BUSINESS_NOTE, freshSchema, idlePg, monitorClient, que
 import { endToEnd, latency, type Probe, PRODUCERS, type Sides } from '../load/sides.ts';
 import type { ChildResult, Task } from '../protocol.ts';
 import { tidings } from './build.ts';
+import { replier, request, saga, scheduled } from './conversations.ts';
+import { newBus, SCHEMA } from './pg-bus.ts';
 
-const { createBus, defineEvent } = await tidings<typeof import('../../src/index.ts')>('index');
-const { postgres } = await tidings<typeof import('../../src/postgres/index.ts')>('postgres/index');
-
-export const SCHEMA = 'tidings_bench';
+const { defineEvent } = await tidings<typeof import('../../src/index.ts')>('index');
 const CHUNK = 1_000;
 
 const Ev = defineEvent('bench.event', {
@@ -23,10 +22,6 @@ const Ev = defineEvent('bench.event', {
 
 type Tx = PgTransaction;
 type Handler = (message: Message<BenchEvent>, ctx: HandlerContext<Tx>) => Promise<void>;
-
-function newBus(task: Task): Bus<Tx> {
-  return createBus({ service: 'bench', backbone: postgres({ url: task.pgUrl, schema: SCHEMA }) });
-}
 
 const event = (task: Task, seq: number) => makeEvent(seq, task.variant.keys, task.variant.payloadBytes);
 
@@ -196,6 +191,10 @@ async function fanout(task: Task): Promise<ChildResult> {
 
 runChild({
   sides,
+  helper: replier,
+  scheduled,
+  request,
+  saga,
   bulk: warmedUp(bulk),
   drain: warmedUp(drain),
   backlog: warmedUp(drain),
