@@ -183,12 +183,14 @@ export function steps(quick: boolean, sizes: Sizes): Step[] {
     { system: 'tidings', label: ROW.keyed2, variant: { ...keyed, processes: 2 }, group: 'guarantees' },
     { system: 'tidings', label: 'Tidings, 1k keys, inbox, insert via ctx.tx (1 process)', variant: effects, group: 'guarantees' },
   ];
-  const tidingsScaling = (group: Row['group'], label: string, variant: Variant, rowSizes: Row['sizes']): Row => ({
+  /** A Tidings row of a scaling table; the table's first row is the one the others are compared with. */
+  const tidingsScaling = (group: Row['group'], label: string, variant: Variant, rowSizes: Row['sizes'], reference: boolean): Row => ({
     system: 'tidings',
     label,
     variant,
     group,
-    sizes: rowSizes,
+    reference,
+    ...(rowSizes && { sizes: rowSizes }),
   });
   return [
     { workload: 'raw', rows: [{ system: 'raw', label: ROW.raw, variant: plain, group: 'raw' }] },
@@ -215,28 +217,31 @@ export function steps(quick: boolean, sizes: Sizes): Step[] {
     {
       workload: 'backlog',
       once: true,
-      rows: sizes.backlogs.map((n) =>
-        tidingsScaling('backlog', `Tidings, backlog ${n.toLocaleString('en-US')}`, keyed, { events: n, warmUpEvents: Math.min(sizes.warmUp, n) }),
+      rows: sizes.backlogs.map((n, i) =>
+        tidingsScaling('backlog', `Tidings, backlog ${n.toLocaleString('en-US')}`, keyed, { events: n, warmUpEvents: Math.min(sizes.warmUp, n) }, i === 0),
       ),
     },
     {
       workload: 'e2e',
       once: true,
       rows: [
-        ...sizes.subscriptionCounts.map((n) =>
+        ...sizes.subscriptionCounts.map((n, i) =>
           tidingsScaling(
             'subscriptions',
             `Tidings, ${n} subscription${n > 1 ? 's' : ''}`,
             { ...keyed, subscriptions: n },
-            {
-              events: sizes.subscriptionEvents,
-              publishSeconds: 0,
-              warmUpEvents: Math.round(sizes.subscriptionEvents / 4),
-            },
+            { events: sizes.subscriptionEvents, publishSeconds: 0, warmUpEvents: Math.round(sizes.subscriptionEvents / 4) },
+            i === 0,
           ),
         ),
-        ...sizes.payloads.map((bytes) =>
-          tidingsScaling('payload', `Tidings, payload ${bytes >= 1_000 ? `${bytes / 1_000} KB` : `${bytes} B`}`, { ...keyed, payloadBytes: bytes }, undefined),
+        ...sizes.payloads.map((bytes, i) =>
+          tidingsScaling(
+            'payload',
+            `Tidings, payload ${bytes >= 1_000 ? `${bytes / 1_000} KB` : `${bytes} B`}`,
+            { ...keyed, payloadBytes: bytes },
+            undefined,
+            i === 0,
+          ),
         ),
       ],
     },

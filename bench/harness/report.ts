@@ -359,6 +359,9 @@ export function headline(workload: Workload, result: ChildResult): string {
   if (!result.ok) return `FAILED: ${(result.error ?? '').split('\n')[0]}`;
   const m = result.metrics;
   if (workload === 'raw') return `multi-row ${fmt(m.insertMulti)}/s, 10 conns ${fmt(m.single10)}/s, notify p50 ${fmt(m.notifyP50)} ms`;
+  if (workload === 'scheduled') return `${fmt(m.deliveredRate)} delivered/s, late p50 ${fmt(m.lateP50)} p99 ${fmt(m.lateP99)} ms, early ${fmt(m.early, 0)}`;
+  if (workload === 'request') return `round trip p50 ${fmt(m.p50)} p99 ${fmt(m.p99)} ms at ${fmt(m.achieved)}/s`;
+  if (workload === 'saga') return `${fmt(m.transitionRate)} transitions/s`;
   if (workload === 'latency') {
     const rates = Object.keys(m)
       .filter((k) => k.startsWith('p50@'))
