@@ -4,10 +4,12 @@
  * within each workload (A B C, A B C ...) for several rounds, and the report gives median, min-max and
  * each system's ratio to Tidings.
  *
- *   npm run bench                  full run: 3 rounds, ~15-20 minutes
- *   npm run bench -- --quick       smoke check, 1 round, ~2 minutes (fails only on errors)
+ *   npm run bench                  the full run: 2 rounds (scaling, issue 21's rows, brokers, replicas once)
+ *   npm run bench -- --full        the same and the 1,000,000-event backlog
+ *   npm run bench -- --quick       smoke check, 1 round, small sizes (fails only on errors; CI runs it)
  *   options: --rounds N, --sync-off (database bench_async, synchronous_commit off),
- *            --only drain,e2e (workloads), --systems tidings,pgboss (systems), --no-write
+ *            --only drain,e2e (workloads), --systems tidings,pgboss (systems), --no-write,
+ *            --stop-after <minutes> (start no task after that; report what ran)
  */
 import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
@@ -36,6 +38,7 @@ const { values: args } = parseArgs({
     only: { type: 'string' },
     systems: { type: 'string' },
     'no-write': { type: 'boolean', default: false },
+    'stop-after': { type: 'string' },
   },
 });
 
@@ -48,6 +51,19 @@ const database = syncOff ? 'bench_async' : 'bench';
 const db = { url: `${SERVER}/${database}`, name: database };
 const onlyWorkloads = args.only?.split(',').map((s) => s.trim());
 const onlySystems = args.systems?.split(',').map((s) => s.trim());
+
+/**
+ * A run cut short (`--stop-after <minutes>`, or SIGINT / SIGTERM) finishes the task that runs, starts no
+ * other, and reports what ran: a long run on a shared machine still leaves its figures.
+ */
+const stopAfterMs = args['stop-after'] === undefined ? Number.POSITIVE_INFINITY : Number(args['stop-after']) * 60_000;
+let stopRequested = false;
+for (const signal of ['SIGINT', 'SIGTERM'] as const) {
+  process.on(signal, () => {
+    stopRequested = true;
+    log(`\n${signal}: stopping after the task that runs; the report covers what ran.`);
+  });
+}
 
 function log(message: string): void {
   process.stderr.write(`${message}\n`);
@@ -79,11 +95,16 @@ async function run(started: number): Promise<void> {
     .map((step) => ({ ...step, rows: step.rows.filter((row) => onlySystems === undefined || onlySystems.includes(row.system)) }))
     .filter((step) => step.rows.length > 0);
   const results = new Map<string, { workload: Workload; row: Row; runs: ChildResult[] }>();
-  for (let round = 1; round <= sizes.rounds; round++) {
+  let cutShort = false;
+  rounds: for (let round = 1; round <= sizes.rounds; round++) {
     log(`\n== round ${round} of ${sizes.rounds} ==`);
     for (const step of plan) {
       if (step.once === true && round > 1) continue;
       for (const row of step.rows) {
+        if (stopRequested || Date.now() - started > stopAfterMs) {
+          cutShort = true;
+          break rounds;
+        }
         const task = taskFor(row, step.workload, sizes, db, quick, round);
         const background = await backgroundLoad(300);
         const t0 = Date.now();
@@ -121,7 +142,7 @@ async function run(started: number): Promise<void> {
     '\n### Goals of issue 24, as ratios of this run (reported, never asserted)\n',
     renderTargets(targets),
     '',
-    `Total time: ${((Date.now() - started) / 1000).toFixed(0)} s.`,
+    `Total time: ${((Date.now() - started) / 1000).toFixed(0)} s.${cutShort ? ' Cut short (--stop-after or a signal): the rows after the last one shown did not run.' : ''}`,
   ].join('\n');
   process.stdout.write(`${text}\n`);
 
@@ -130,7 +151,7 @@ async function run(started: number): Promise<void> {
     const dir = join(here, 'results');
     mkdirSync(dir, { recursive: true });
     const json = {
-      environment: env,
+      environment: { ...env, cutShort },
       workloads: WORKLOAD_TITLES,
       notes: [
         'Throughput is counted to acknowledgement: Tidings cursors, pg-boss completed state, graphile-worker jobs deleted, BullMQ jobs no longer pending.',

@@ -260,9 +260,9 @@ export function steps(quick: boolean, sizes: Sizes): Step[] {
       ],
     },
     { workload: 'saga', once: true, rows: [{ system: 'tidings', label: 'Tidings saga, 3 steps', variant: plain, group: 'time', reference: true }] },
+    ...brokerSteps().map((step) => ({ ...step, once: true })),
     { workload: 'login', once: true, rows: [replicaRow] },
     { workload: 'drift', once: true, rows: [replicaRow] },
-    ...brokerSteps().map((step) => ({ ...step, once: true })),
   ];
 }
 
