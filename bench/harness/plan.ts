@@ -209,7 +209,6 @@ export function steps(quick: boolean, sizes: Sizes): Step[] {
       ],
     },
     { workload: 'standalone', rows: [...fourRows(two, 'twoProcess', ' (2 processes)'), ...fourRows(plain, 'base', ' (1 process)')] },
-    { workload: 'fanout', rows: fourRows(plain, 'base', '', { events: sizes.fanoutEvents, warmUpEvents: sizes.fanoutWarmUp }) },
     {
       workload: 'latency',
       rows: [...fourRows(two, 'twoProcess', ' (2 processes)', { idleSeconds: 0 }), ...fourRows(plain, 'base', ' (1 process)'), ...latencyGuarantees],
@@ -261,6 +260,7 @@ export function steps(quick: boolean, sizes: Sizes): Step[] {
     },
     { workload: 'saga', once: true, rows: [{ system: 'tidings', label: 'Tidings saga, 3 steps', variant: plain, group: 'time', reference: true }] },
     ...brokerSteps().map((step) => ({ ...step, once: true })),
+    { workload: 'fanout', rows: fourRows(plain, 'base', '', { events: sizes.fanoutEvents, warmUpEvents: sizes.fanoutWarmUp }) },
     { workload: 'login', once: true, rows: [replicaRow] },
     { workload: 'drift', once: true, rows: [replicaRow] },
   ];
