@@ -9,7 +9,7 @@
  *   npm run bench -- --quick       smoke check, 1 round, small sizes (fails only on errors; CI runs it)
  *   options: --rounds N, --sync-off (database bench_async, synchronous_commit off),
  *            --only drain,e2e (workloads), --systems tidings,pgboss (systems), --no-write,
- *            --stop-after <minutes> (start no task after that; report what ran)
+ *            --stop-after <minutes> (start no task after that; report what ran), --out <name> (results/<name>.*)
  */
 import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
@@ -39,6 +39,7 @@ const { values: args } = parseArgs({
     systems: { type: 'string' },
     'no-write': { type: 'boolean', default: false },
     'stop-after': { type: 'string' },
+    out: { type: 'string' },
   },
 });
 
@@ -174,8 +175,9 @@ async function run(started: number): Promise<void> {
       failed,
       report: text,
     };
-    // A quick run is a smoke check: it must not replace the committed figures of a full run.
-    const base = quick ? 'quick' : 'latest';
+    // A quick run is a smoke check: it must not replace the committed figures of a full run; `--out` names
+    // the files of a partial run (say the rows a cut-short run did not reach).
+    const base = args.out ?? (quick ? 'quick' : 'latest');
     writeFileSync(join(dir, `${base}.json`), `${JSON.stringify(json, null, 2)}\n`);
     writeFileSync(join(dir, `${base}.md`), `${text}\n`);
     writeFileSync(join(dir, `${base}-throughput.svg`), await throughputChart(entries, subtitle));
