@@ -4,42 +4,48 @@
  * within each workload (A B C, A B C ...) for several rounds, and the report gives median, min-max and
  * each system's ratio to Tidings.
  *
- *   npm run bench                  full run: 3 rounds, ~15-20 minutes
- *   npm run bench -- --quick       smoke check, 1 round, ~2 minutes (fails only on errors)
+ *   npm run bench                  the full run: 2 rounds (scaling, issue 21's rows, brokers, replicas once)
+ *   npm run bench -- --full        the same and the 1,000,000-event backlog
+ *   npm run bench -- --quick       smoke check, 1 round, small sizes (fails only on errors; CI runs it)
  *   options: --rounds N, --sync-off (database bench_async, synchronous_commit off),
- *            --only drain,e2e (workloads), --systems tidings,pgboss (systems), --no-write
+ *            --only drain,e2e (workloads), --systems tidings,pgboss (systems), --no-write,
+ *            --stop-after <minutes> (start no task after that; report what ran), --out <name> (results/<name>.*)
  */
-import { execFileSync, spawn } from 'node:child_process';
-import { cpSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { cpus, release, totalmem } from 'node:os';
+import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
-import { Redis } from 'ioredis';
-import pg from 'pg';
-import { FULL, QUICK, steps, taskFor, WORKLOAD_TITLES, type Row, type Sizes } from './lib/plan.ts';
-import { checkTargets, fmt, latencyChart, renderTables, renderTargets, summarise, throughputChart, type Entry } from './lib/report.ts';
-import { RESULT_MARK, type ChildResult, type Task, type Workload } from './lib/types.ts';
+import { latencyChart, throughputChart } from './harness/charts.ts';
+import { buildSnapshot, environment } from './harness/environment.ts';
+import { FULL, QUICK, type Sizes, steps, taskFor, WORKLOAD_TITLES, withFullRows } from './harness/plan.ts';
+import { type Entry, headline, renderTables, summarise } from './harness/report.ts';
+import type { Row } from './harness/rows.ts';
+import { cleanRedis, lockMachine, prepareDatabases, SERVER } from './harness/servers.ts';
+import { backgroundLoad, runTask } from './harness/spawn.ts';
+import { checkTargets, renderTargets } from './harness/targets.ts';
+import type { ChildResult, Workload } from './protocol.ts';
 
 const here = dirname(fileURLToPath(import.meta.url));
-const root = join(here, '..');
-const SERVER = 'postgres://postgres@127.0.0.1:5432';
 /** The build of src/ as it was when the run began: every round measures the same code even if src/ changes meanwhile. */
 const snapshot = join(here, '.snapshot', String(process.pid));
 
 const { values: args } = parseArgs({
   options: {
     quick: { type: 'boolean', default: false },
+    full: { type: 'boolean', default: false },
     rounds: { type: 'string' },
     'sync-off': { type: 'boolean', default: false },
     only: { type: 'string' },
     systems: { type: 'string' },
     'no-write': { type: 'boolean', default: false },
+    'stop-after': { type: 'string' },
+    out: { type: 'string' },
   },
 });
 
 const quick = args.quick === true;
-const sizes: Sizes = { ...(quick ? QUICK : FULL) };
+const full = args.full === true && !quick;
+const sizes: Sizes = full ? withFullRows(FULL) : { ...(quick ? QUICK : FULL) };
 if (args.rounds !== undefined) sizes.rounds = Math.max(1, Number(args.rounds));
 const syncOff = args['sync-off'] === true;
 const database = syncOff ? 'bench_async' : 'bench';
@@ -47,213 +53,22 @@ const db = { url: `${SERVER}/${database}`, name: database };
 const onlyWorkloads = args.only?.split(',').map((s) => s.trim());
 const onlySystems = args.systems?.split(',').map((s) => s.trim());
 
+/**
+ * A run cut short (`--stop-after <minutes>`, or SIGINT / SIGTERM) finishes the task that runs, starts no
+ * other, and reports what ran: a long run on a shared machine still leaves its figures.
+ */
+const stopAfterMs = args['stop-after'] === undefined ? Number.POSITIVE_INFINITY : Number(args['stop-after']) * 60_000;
+let stopRequested = false;
+for (const signal of ['SIGINT', 'SIGTERM'] as const) {
+  process.on(signal, () => {
+    stopRequested = true;
+    log(`\n${signal}: stopping after the task that runs; the report covers what ran.`);
+  });
+}
+
 function log(message: string): void {
   process.stderr.write(`${message}\n`);
 }
-
-// ---- servers --------------------------------------------------------------------------------------
-
-/** Creates the benchmark databases if missing (idempotent), so a fresh machine needs nothing else. */
-async function prepareDatabases(): Promise<void> {
-  const admin = new pg.Client({ connectionString: `${SERVER}/postgres` });
-  await admin.connect();
-  try {
-    for (const [name, asyncCommit] of [
-      ['bench', false],
-      ['bench_async', true],
-    ] as const) {
-      if (name === 'bench_async' && !syncOff) continue;
-      const { rowCount } = await admin.query('select 1 from pg_database where datname = $1', [name]);
-      if (rowCount === 0) await admin.query(`create database ${name}`);
-      if (asyncCommit) await admin.query(`alter database ${name} set synchronous_commit = off`);
-    }
-  } finally {
-    await admin.end();
-  }
-}
-
-/**
- * One benchmark at a time on a machine: two runs would drop each other's schemas and queues. The lock is
- * a PostgreSQL advisory lock held by a session open for the whole run (released if this process dies).
- */
-const LOCK_KEY = 0x7469_6469; // 'tidi'
-async function lockMachine(): Promise<pg.Client> {
-  const session = new pg.Client({ connectionString: `${SERVER}/postgres`, application_name: 'tidings-bench-lock' });
-  session.on('error', () => undefined);
-  await session.connect();
-  const { rows } = await session.query<{ ok: boolean }>('select pg_try_advisory_lock($1) as ok', [LOCK_KEY]);
-  if (rows[0]?.ok !== true) {
-    log('Another benchmark run holds the lock on this machine; waiting for it to finish...');
-    await session.query('select pg_advisory_lock($1)', [LOCK_KEY]);
-  }
-  return session;
-}
-
-/** Removes what an interrupted earlier run left in Redis under the harness's prefix. */
-async function cleanRedis(): Promise<void> {
-  const redis = new Redis({ host: '127.0.0.1', port: 6379, lazyConnect: true, maxRetriesPerRequest: 1 });
-  try {
-    await redis.connect();
-    let cursor = '0';
-    do {
-      const [next, keys] = await redis.scan(cursor, 'MATCH', 'tbench:*', 'COUNT', 1000);
-      cursor = next;
-      if (keys.length > 0) await redis.del(...keys);
-    } while (cursor !== '0');
-  } finally {
-    redis.disconnect();
-  }
-}
-
-function version(pkg: string): string {
-  try {
-    return (JSON.parse(readFileSync(join(root, 'node_modules', pkg, 'package.json'), 'utf8')) as { version: string }).version;
-  } catch {
-    return 'not installed';
-  }
-}
-
-async function environment(): Promise<Record<string, unknown>> {
-  const cpuinfo = readFileSync('/proc/cpuinfo', 'utf8');
-  const model = /model name\s*:\s*(.*)/.exec(cpuinfo)?.[1]?.trim() ?? 'unknown';
-  const client = new pg.Client({ connectionString: db.url });
-  await client.connect();
-  const setting = async (name: string) => (await client.query<{ v: string }>(`select current_setting($1) as v`, [name])).rows[0]?.v;
-  const pgInfo = {
-    version: await setting('server_version'),
-    synchronous_commit: await setting('synchronous_commit'),
-    shared_buffers: await setting('shared_buffers'),
-    fsync: await setting('fsync'),
-    database,
-  };
-  await client.end();
-  const redis = new Redis({ host: '127.0.0.1', port: 6379 });
-  const info = await redis.info('server');
-  const persistence = await redis.info('persistence');
-  const save = (await redis.config('GET', 'save')) as string[];
-  redis.disconnect();
-  let commit = 'unknown';
-  try {
-    commit = readFileSync(join(root, '.git', 'HEAD'), 'utf8').trim();
-    if (commit.startsWith('ref: ')) commit = readFileSync(join(root, '.git', commit.slice(5)), 'utf8').trim();
-  } catch {
-    // not a git checkout
-  }
-  let srcChanges: string[] = [];
-  try {
-    srcChanges = execFileSync('git', ['status', '--porcelain', '--', 'src'], { cwd: root, encoding: 'utf8' }).split('\n').filter(Boolean);
-  } catch {
-    // git unavailable
-  }
-  return {
-    date: new Date().toISOString(),
-    cpu: { model, count: cpus().length },
-    memoryGiB: Math.round(totalmem() / 2 ** 30),
-    kernel: release(),
-    node: process.version,
-    postgres: pgInfo,
-    redis: {
-      version: /redis_version:(\S+)/.exec(info)?.[1],
-      save: save[1] ?? '',
-      aof: /aof_enabled:(\d)/.exec(persistence)?.[1] === '1',
-    },
-    versions: {
-      tidings: (JSON.parse(readFileSync(join(root, 'package.json'), 'utf8')) as { version: string }).version,
-      'pg-boss': version('pg-boss'),
-      'graphile-worker': version('graphile-worker'),
-      bullmq: version('bullmq'),
-      ioredis: version('ioredis'),
-      pg: version('pg'),
-    },
-    commit,
-    /** Uncommitted changes under src/ when the run started: the figures are of that working tree. */
-    srcChanges,
-    mode: quick ? 'quick' : 'full',
-    rounds: sizes.rounds,
-    sizes,
-  };
-}
-
-/** Compiles src/ the way `npm run build` does, into the snapshot: what users run, without tsx's transform. */
-function buildSnapshot(): void {
-  const tsc = join(root, 'node_modules', 'typescript', 'bin', 'tsc');
-  execFileSync(process.execPath, [tsc, '-p', join(root, 'tsconfig.build.json'), '--outDir', snapshot, '--declaration', 'false', '--sourceMap', 'false'], {
-    cwd: root,
-    stdio: 'inherit',
-  });
-  cpSync(join(root, 'src', 'postgres', 'migrations'), join(snapshot, 'postgres', 'migrations'), { recursive: true });
-}
-
-// ---- children -------------------------------------------------------------------------------------
-
-function runTask(task: Task): Promise<ChildResult> {
-  const file = join(here, 'systems', `${task.system}.ts`);
-  return new Promise((resolve) => {
-    const child = spawn(process.execPath, ['--import', 'tsx', file, JSON.stringify(task)], {
-      cwd: root,
-      stdio: ['ignore', 'pipe', 'pipe'],
-      env: { ...process.env, NODE_NO_WARNINGS: '1', TIDINGS_BUILD: snapshot },
-    });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (chunk: Buffer) => {
-      stdout += chunk.toString();
-    });
-    child.stderr.on('data', (chunk: Buffer) => {
-      stderr = (stderr + chunk.toString()).slice(-8_000);
-    });
-    const killer = setTimeout(() => child.kill('SIGKILL'), task.timeoutMs + 20_000);
-    child.on('close', (code, signal) => {
-      clearTimeout(killer);
-      const line = stdout.split('\n').find((l) => l.startsWith(RESULT_MARK));
-      if (line !== undefined) {
-        const result = JSON.parse(line.slice(RESULT_MARK.length)) as ChildResult;
-        if (!result.ok && stderr.trim() !== '') result.error = `${result.error ?? ''}\n--- stderr ---\n${stderr.trim()}`;
-        resolve(result);
-        return;
-      }
-      resolve({ ok: false, error: `child exited with ${code ?? signal} and no result\n${stderr.trim()}`, metrics: {} });
-    });
-  });
-}
-
-/** Share of the machine's CPU busy over `ms` before a task: other work on this shared machine. */
-async function backgroundLoad(ms: number): Promise<number> {
-  const ticks = () => {
-    const fields = readFileSync('/proc/stat', 'utf8').split('\n')[0]!.trim().split(/\s+/).slice(1).map(Number);
-    const total = fields.reduce((a, b) => a + b, 0);
-    return { busy: total - (fields[3] ?? 0) - (fields[4] ?? 0), total };
-  };
-  const a = ticks();
-  await new Promise((resolve) => setTimeout(resolve, ms));
-  const b = ticks();
-  return (100 * (b.busy - a.busy)) / Math.max(1, b.total - a.total);
-}
-
-function headline(workload: Workload, result: ChildResult): string {
-  if (!result.ok) return `FAILED: ${(result.error ?? '').split('\n')[0]}`;
-  const m = result.metrics;
-  if (workload === 'raw') return `multi-row ${fmt(m.insertMulti)}/s, 10 conns ${fmt(m.single10)}/s, notify p50 ${fmt(m.notifyP50)} ms`;
-  if (workload === 'latency') {
-    const rates = Object.keys(m)
-      .filter((k) => k.startsWith('p50@'))
-      .map((k) => k.slice(4));
-    const parts = rates.map((r) => `@${r}/s p50 ${fmt(m[`p50@${r}`])} p99 ${fmt(m[`p99@${r}`])} ms cpu ${fmt(m[`cpu@${r}`], 0)}%`);
-    if (m.idleQueries !== undefined) parts.push(`idle ${fmt(m.idleQueries)} q/s`);
-    return parts.join(', ');
-  }
-  if (workload === 'login')
-    return `replica p50 ${fmt(m.replicaP50, 3)} p99 ${fmt(m.replicaP99, 3)} ms, HTTP p50 ${fmt(m.httpP50, 3)} p99 ${fmt(m.httpP99, 3)} ms`;
-  if (workload === 'drift') {
-    const checks = Object.keys(m)
-      .filter((k) => k.startsWith('ms@'))
-      .map((k) => k.slice(3));
-    return checks.map((d) => `${d} diff ${fmt(m[`ms@${d}`], 0)} ms ${fmt(m[`messages@${d}`], 0)} msgs`).join(', ');
-  }
-  return `${fmt(m.rate)} events/s`;
-}
-
-// ---- main -----------------------------------------------------------------------------------------
 
 async function main(): Promise<void> {
   const started = Date.now();
@@ -266,29 +81,35 @@ async function main(): Promise<void> {
 }
 
 async function run(started: number): Promise<void> {
-  await prepareDatabases();
+  await prepareDatabases(syncOff);
   await cleanRedis();
-  const env = await environment();
+  const env = await environment({ db, quick, full, sizes });
   // Snapshots left by runs that were killed (only one run holds the lock, so none is in use).
   rmSync(join(here, '.snapshot'), { recursive: true, force: true });
-  buildSnapshot();
+  buildSnapshot(snapshot);
   log(
     `Tidings benchmark (${quick ? 'quick' : 'full'}, ${sizes.rounds} round${sizes.rounds > 1 ? 's' : ''}), database ${database} (synchronous_commit ${String((env.postgres as { synchronous_commit: string }).synchronous_commit)})`,
   );
 
-  const plan = steps(quick)
+  const plan = steps(quick, sizes)
     .filter((step) => onlyWorkloads === undefined || onlyWorkloads.includes(step.workload))
     .map((step) => ({ ...step, rows: step.rows.filter((row) => onlySystems === undefined || onlySystems.includes(row.system)) }))
     .filter((step) => step.rows.length > 0);
   const results = new Map<string, { workload: Workload; row: Row; runs: ChildResult[] }>();
-  for (let round = 1; round <= sizes.rounds; round++) {
+  let cutShort = false;
+  rounds: for (let round = 1; round <= sizes.rounds; round++) {
     log(`\n== round ${round} of ${sizes.rounds} ==`);
     for (const step of plan) {
+      if (step.once === true && round > 1) continue;
       for (const row of step.rows) {
-        const task = taskFor(row, step.workload, sizes, db, quick);
+        if (stopRequested || Date.now() - started > stopAfterMs) {
+          cutShort = true;
+          break rounds;
+        }
+        const task = taskFor(row, step.workload, sizes, db, quick, round);
         const background = await backgroundLoad(300);
         const t0 = Date.now();
-        const result = await runTask(task);
+        const result = await runTask(task, snapshot);
         result.metrics.backgroundCpu = background;
         if (task.events > 0 && result.ok) result.metrics.events ??= task.events;
         if (task.publishSeconds > 0 && result.ok) result.metrics.publishSeconds = task.publishSeconds;
@@ -308,9 +129,7 @@ async function run(started: number): Promise<void> {
   const pgInfo = env.postgres as { version: string; synchronous_commit: string };
   const versions = env.versions as Record<string, string>;
   const subtitle = `${cpu.count} x ${cpu.model}, Node ${process.version}, PostgreSQL ${pgInfo.version} (synchronous_commit ${pgInfo.synchronous_commit}), ${String(env.date).slice(0, 10)}; ${sizes.rounds} round(s)`;
-  const tidingsLabel = 'Tidings';
-  const keyedLabel = 'Tidings, 1k keys, inbox, no-op';
-  const targets = checkTargets(entries, tidingsLabel, keyedLabel);
+  const targets = checkTargets(entries);
 
   const text = [
     `# Tidings benchmark -- ${String(env.date).slice(0, 19)}Z`,
@@ -321,10 +140,10 @@ async function run(started: number): Promise<void> {
     `${quick ? 'Quick mode (smaller sizes, 1 round): a smoke check, not figures to quote.' : `${sizes.rounds} rounds, systems alternating within each workload; median and min-max of the rounds.`}`,
     'Events ~250 B JSON. "x Tidings" = median / Tidings median of the same table (throughput: higher is better; latency: lower is better).',
     renderTables(entries),
-    '\n### Targets of issue 8 (reported, not asserted)\n',
+    '\n### Goals of issue 24, as ratios of this run (reported, never asserted)\n',
     renderTargets(targets),
     '',
-    `Total time: ${((Date.now() - started) / 1000).toFixed(0)} s.`,
+    `Total time: ${((Date.now() - started) / 1000).toFixed(0)} s.${cutShort ? ' Cut short (--stop-after or a signal): the rows after the last one shown did not run.' : ''}`,
   ].join('\n');
   process.stdout.write(`${text}\n`);
 
@@ -333,7 +152,7 @@ async function run(started: number): Promise<void> {
     const dir = join(here, 'results');
     mkdirSync(dir, { recursive: true });
     const json = {
-      environment: env,
+      environment: { ...env, cutShort },
       workloads: WORKLOAD_TITLES,
       notes: [
         'Throughput is counted to acknowledgement: Tidings cursors, pg-boss completed state, graphile-worker jobs deleted, BullMQ jobs no longer pending.',
@@ -356,8 +175,9 @@ async function run(started: number): Promise<void> {
       failed,
       report: text,
     };
-    // A quick run is a smoke check: it must not replace the committed figures of a full run.
-    const base = quick ? 'quick' : 'latest';
+    // A quick run is a smoke check: it must not replace the committed figures of a full run; `--out` names
+    // the files of a partial run (say the rows a cut-short run did not reach).
+    const base = args.out ?? (quick ? 'quick' : 'latest');
     writeFileSync(join(dir, `${base}.json`), `${JSON.stringify(json, null, 2)}\n`);
     writeFileSync(join(dir, `${base}.md`), `${text}\n`);
     writeFileSync(join(dir, `${base}-throughput.svg`), await throughputChart(entries, subtitle));

@@ -4,8 +4,9 @@
  */
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { latencyChart, systemEncodings, throughputChart, type Entry } from '../bench/lib/report.ts';
-import type { Row } from '../bench/lib/plan.ts';
+import { latencyChart, systemEncodings, throughputChart } from '../bench/harness/charts.ts';
+import type { Entry } from '../bench/harness/report.ts';
+import type { Row } from '../bench/harness/rows.ts';
 
 const plain = { keys: 0, effects: false, inbox: true };
 const row = (system: Row['system'], label: string, group: Row['group'] = 'base'): Row => ({ system, label, variant: plain, group });

@@ -6,26 +6,15 @@
 import { Queue, Worker, type Job } from 'bullmq';
 import { Redis } from 'ioredis';
 import pg from 'pg';
-import {
-  Counter,
-  ensureEffectsTable,
-  latencyPhases,
-  makeEvent,
-  measuredAmount,
-  now,
-  pollUntil,
-  produce,
-  rate,
-  runChild,
-  sleep,
-  warmedDrain,
-  warmUp,
-  type BenchEvent,
-} from '../lib/child.ts';
-import type { ChildResult, Task } from '../lib/types.ts';
+import { runChild } from '../load/child.ts';
+import { makeEvent, type BenchEvent } from '../load/events.ts';
+import { Counter, now, pollUntil, produce, rate, sleep, warmedUp } from '../load/measure.ts';
+import { ensureEffectsTable } from '../load/pg.ts';
+import { Schedule } from '../load/scheduled.ts';
+import { endToEnd, latency, type Probe, PRODUCERS, type Sides } from '../load/sides.ts';
+import type { ChildResult, Task } from '../protocol.ts';
 
 const PREFIX = 'tbench';
-const PRODUCERS = 10;
 const CHUNK = 1_000;
 const DRAIN_CONCURRENCY = 100;
 const CONCURRENCY = 10;
@@ -43,20 +32,22 @@ async function freshQueue(task: Task, name = `bench-${process.pid}`): Promise<Qu
   return queue;
 }
 
-function startWorker(task: Task, queue: Queue, concurrency: number, counter: Counter, probe?: { fn: (seq: number) => void }): Worker {
+function startWorker(task: Task, queue: Queue, concurrency: number, probe: Probe): Worker {
   const effects = task.variant.effects ? new pg.Pool({ connectionString: task.pgUrl, max: 10 }) : undefined;
   const worker = new Worker(
     queue.name,
     async (job: Job<BenchEvent>) => {
-      probe?.fn(job.data.seq);
+      probe.start(job.data.seq);
       if (effects !== undefined) await effects.query('insert into bench_effects (id) values ($1)', [`${queue.name}:${job.id}`]);
-      counter.add();
+      probe.end();
     },
     { connection: connection(task), prefix: PREFIX, concurrency },
   );
   worker.on('error', (error) => console.error('[bullmq]', error));
   return worker;
 }
+
+const counting = (counter: Counter): Probe => ({ start: () => undefined, end: () => counter.add() });
 
 /** Jobs not yet completed (completed ones are removed). */
 async function pending(queues: Queue[]): Promise<number> {
@@ -92,7 +83,7 @@ async function drain(task: Task): Promise<ChildResult> {
   }
   const counter = new Counter();
   const t0 = now();
-  const worker = startWorker(task, queue, DRAIN_CONCURRENCY, counter);
+  const worker = startWorker(task, queue, DRAIN_CONCURRENCY, counting(counter));
   await counter.until(task.events, task.timeoutMs);
   const handledMs = now() - t0;
   await pollUntil(async () => (await pending([queue])) === 0, 60_000, 'no job pending');
@@ -102,30 +93,40 @@ async function drain(task: Task): Promise<ChildResult> {
   return { ok: true, metrics: { rate: rate(task.events, ms), handlerRate: rate(task.events, handledMs) } };
 }
 
-/** Workloads 3 and 4 are the same here: Redis has no transaction to join, each event is one `add()`. */
-async function endToEnd(task: Task): Promise<ChildResult> {
-  const queue = await freshQueue(task);
-  const counter = new Counter();
-  const worker = startWorker(task, queue, CONCURRENCY, counter);
-  await worker.waitUntilReady();
-  const publishOne = (seq: number) => queue.add('bench', makeEvent(seq, task.variant.keys), jobOptions);
-  const warm = await warmUp(task, PRODUCERS, publishOne, { counter, acknowledged: async () => (await pending([queue])) === 0 });
-  const t0 = now();
-  const events = await produce(measuredAmount(task), PRODUCERS, publishOne);
-  const producedMs = now() - t0;
-  await counter.until(warm + events, task.timeoutMs);
-  await pollUntil(async () => (await pending([queue])) === 0, 60_000, 'no job pending');
-  const ms = now() - t0;
-  await worker.close();
-  await queue.obliterate({ force: true });
-  return { ok: true, metrics: { events, rate: rate(events, ms), producerRate: rate(events, producedMs) } };
-}
+/** The queue of the e2e and latency workloads: one name for the task, shared by its two processes. */
+const queueName = (task: Task) => `bench-${task.label.replace(/[^a-z0-9]+/gi, '-')}`;
+
+/** Workloads 3, 4 and 5 are the same here: Redis has no transaction to join, each event is one `add()`. */
+const sides: Sides = {
+  servers: ['redis-server'],
+  async prepare(task) {
+    await (await freshQueue(task, queueName(task))).close();
+  },
+  async consumer(task, probe) {
+    const queue = new Queue(queueName(task), { connection: connection(task), prefix: PREFIX });
+    const worker = startWorker(task, queue, CONCURRENCY, probe);
+    await worker.waitUntilReady();
+    return {
+      acknowledged: async () => (await pending([queue])) === 0,
+      stop: async () => {
+        await worker.close();
+        await queue.obliterate({ force: true });
+        await queue.close();
+      },
+    };
+  },
+  async publisher(task) {
+    const queue = new Queue(queueName(task), { connection: connection(task), prefix: PREFIX });
+    return { publish: (seq) => queue.add('bench', makeEvent(seq, task.variant.keys, task.variant.payloadBytes), jobOptions), stop: () => queue.close() };
+  },
+  idle: idleRedis,
+};
 
 /** Fan-out: one queue (and worker) per subscriber; each event is added to every queue. */
 async function fanout(task: Task): Promise<ChildResult> {
   const queues = await Promise.all(Array.from({ length: task.fanout }, (_, i) => freshQueue(task, `bench-${process.pid}-fan${i}`)));
   const counter = new Counter();
-  const workers = queues.map((queue) => startWorker(task, queue, CONCURRENCY, counter));
+  const workers = queues.map((queue) => startWorker(task, queue, CONCURRENCY, counting(counter)));
   await Promise.all(workers.map((worker) => worker.waitUntilReady()));
   const deliveries = task.events * task.fanout;
   const t0 = now();
@@ -157,24 +158,34 @@ async function idleRedis(task: Task): Promise<Record<string, number>> {
   return { idleQueries: Math.max(0, c1 - c0 - 1) / seconds };
 }
 
-async function latency(task: Task): Promise<ChildResult> {
+/** Scheduled delivery: delayed jobs (`delay` = due - now when added, 1,000 per `addBulk()`), the drain's worker. */
+async function scheduled(task: Task): Promise<ChildResult> {
   const queue = await freshQueue(task);
-  const counter = new Counter();
-  const probe = { fn: (_seq: number) => undefined as void };
-  const worker = startWorker(task, queue, CONCURRENCY, counter, probe);
+  const schedule = new Schedule(task);
+  const worker = startWorker(task, queue, DRAIN_CONCURRENCY, { start: (seq) => schedule.started(seq), end: () => undefined });
   await worker.waitUntilReady();
-  const { metrics, series } = await latencyPhases(
-    task,
-    ['redis-server'],
-    (seq) => queue.add('bench', makeEvent(seq, task.variant.keys), jobOptions),
-    (fn) => {
-      probe.fn = fn;
-    },
+  await schedule.scheduleAll(CHUNK, false, (seqs) =>
+    queue.addBulk(
+      seqs.map((seq) => ({
+        name: 'bench',
+        data: makeEvent(seq, task.variant.keys),
+        opts: { ...jobOptions, delay: Math.max(0, schedule.dueOf(seq) - Date.now()) },
+      })),
+    ),
   );
-  Object.assign(metrics, await idleRedis(task));
+  const result = await schedule.done();
   await worker.close();
   await queue.obliterate({ force: true });
-  return { ok: true, metrics, series };
+  return result;
 }
 
-runChild({ bulk, drain: warmedDrain(drain), e2e: endToEnd, standalone: endToEnd, fanout, latency });
+runChild({
+  sides,
+  scheduled,
+  bulk: warmedUp(bulk),
+  drain: warmedUp(drain),
+  e2e: endToEnd(sides),
+  standalone: endToEnd(sides),
+  fanout: warmedUp(fanout),
+  latency: latency(sides),
+});

@@ -1,11 +1,11 @@
 /**
- * What the broker children share (bench/systems/rabbitmq.ts, nats.ts, amqp.ts, natsjs.ts): the servers,
+ * What the broker children share (bench/tidings/rabbitmq.ts and nats.ts, bench/peers/amqp.ts and natsjs.ts): the servers,
  * a namespace per task and its removal, the windows that keep Tidings and the plain clients comparable,
  * and a handler count that tells duplicates apart.
  */
 import amqp from 'amqplib';
 import { connect as natsConnect, type JetStreamManager } from 'nats';
-import { Counter } from './child.ts';
+import { Counter } from './measure.ts';
 
 export const RABBITMQ_URL = process.env.RABBITMQ_URL ?? 'amqp://guest:guest@127.0.0.1:5672';
 export const NATS_URL = process.env.NATS_URL ?? 'nats://127.0.0.1:4222';
@@ -14,7 +14,7 @@ export const NATS_URL = process.env.NATS_URL ?? 'nats://127.0.0.1:4222';
 export const RABBITMQ_PROCESSES = ['beam.smp'];
 export const NATS_PROCESSES = ['nats-server'];
 
-/** Tidings' subscriptions in these rows: as in the PostgreSQL rows (bench/systems/tidings.ts). */
+/** Tidings' subscriptions in these rows: as in the PostgreSQL rows (bench/tidings/postgres.ts). */
 export const CONCURRENCY = 8;
 export const PARTITIONS = 4;
 /** Tidings on NATS keeps its default bucket count. */

@@ -1,8 +1,8 @@
-/** Tidings on RabbitMQ (workloads 2, 3, 5; bench/lib/tidings-broker.ts), in a queue and exchange prefix of its own per task. */
-import { deleteRabbit, PARTITIONS, RABBITMQ_PROCESSES, RABBITMQ_URL, rabbitReady, uniqueId } from '../lib/broker-child.ts';
-import { runChild } from '../lib/child.ts';
-import { Ev, tidingsOnBroker } from '../lib/tidings-broker.ts';
-import { tidings } from '../lib/tidings.ts';
+/** Tidings on RabbitMQ (workloads 2, 3, 5; bench/tidings/on-broker.ts), in a queue and exchange prefix of its own per task. */
+import { deleteRabbit, PARTITIONS, RABBITMQ_PROCESSES, RABBITMQ_URL, rabbitReady, uniqueId } from '../load/brokers.ts';
+import { runChild } from '../load/child.ts';
+import { Ev, tidingsOnBroker } from './on-broker.ts';
+import { tidings } from './build.ts';
 
 const { rabbitmq, Names } = await tidings<typeof import('../../src/rabbitmq/index.ts')>('rabbitmq/index');
 

@@ -3,9 +3,12 @@ import { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import pg from 'pg';
 import { from as copyFrom } from 'pg-copy-streams';
-import { makeEvent, now, percentile, produce, rate, runChild, sleep } from '../lib/child.ts';
-import { rawSingleRowCommits } from '../lib/plan.ts';
-import type { ChildResult, Task } from '../lib/types.ts';
+import { runChild } from '../load/child.ts';
+import { makeEvent } from '../load/events.ts';
+import { now, percentile, produce, rate, sleep } from '../load/measure.ts';
+import { rawSingleRowCommits } from '../harness/plan.ts';
+import { BUSINESS_INSERT, BUSINESS_NOTE } from '../load/pg.ts';
+import type { ChildResult, Task } from '../protocol.ts';
 
 const TABLE = 'bench_raw_events';
 
@@ -112,6 +115,24 @@ async function explicitTransactions(clients: pg.Client[], total: number): Promis
   return rate(total, now() - t0);
 }
 
+/**
+ * BEGIN; INSERT the business row; COMMIT from `clients` connections: what workload 3's "business row + event"
+ * rows do without the event, the floor they are compared with (issue 24).
+ */
+async function businessTransactions(clients: pg.Client[], total: number): Promise<number> {
+  const first = clients[0]!;
+  await first.query('drop table if exists bench_business');
+  await first.query('create table bench_business (id bigserial primary key, seq bigint not null, note text not null, at timestamptz not null default now())');
+  const t0 = now();
+  await produce(total, clients.length, async (seq, producer) => {
+    const client = clients[producer]!;
+    await client.query('begin');
+    await client.query(BUSINESS_INSERT, [seq, BUSINESS_NOTE]);
+    await client.query('commit');
+  });
+  return rate(total, now() - t0);
+}
+
 /** NOTIFY on one connection -> notification on another, sequential samples. */
 async function notifyRoundTrip(sender: pg.Client, listener: pg.Client, samples: number): Promise<{ p50: number; p99: number }> {
   await listener.query('listen bench_rtt');
@@ -148,6 +169,8 @@ async function raw(task: Task): Promise<ChildResult> {
   metrics.single10 = await singleRows(clients, rawSingleRowCommits(task.events), false);
   await sleep(200);
   metrics.tx10 = await explicitTransactions(clients, Math.round(task.events / 4));
+  await sleep(200);
+  metrics.business10 = await businessTransactions(clients, Math.round(task.events / 4));
   await sleep(200);
   metrics.single10notify = await singleRows(clients, Math.round(task.events / 6), true);
   await sleep(200);

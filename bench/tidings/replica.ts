@@ -16,10 +16,12 @@ import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import pg from 'pg';
 import { z } from 'zod';
-import { monitorClient, now, percentile, rate, runChild, sleep } from '../lib/child.ts';
+import { runChild } from '../load/child.ts';
+import { now, percentile, rate, sleep } from '../load/measure.ts';
+import { monitorClient } from '../load/pg.ts';
 import type { DataOf } from '../../src/index.ts';
-import { tidings } from '../lib/tidings.ts';
-import type { ChildResult, Task } from '../lib/types.ts';
+import { tidings } from './build.ts';
+import type { ChildResult, Task } from '../protocol.ts';
 
 const { createBus, defineEvent } = await tidings<typeof import('../../src/index.ts')>('index');
 const { postgres } = await tidings<typeof import('../../src/postgres/index.ts')>('postgres/index');

@@ -1,6 +1,6 @@
 /**
  * Tidings on a broker backbone (RabbitMQ or NATS JetStream), workloads 2, 3 and 5: the body shared by
- * bench/systems/rabbitmq.ts and bench/systems/nats.ts, which say how to make the backbone and clean up.
+ * bench/tidings/rabbitmq.ts and bench/tidings/nats.ts, which say how to make the backbone and clean up.
  *
  * - drain: a backlog published with `publishMany` (1,000 per call), then a subscription started; timed from
  *   `bus.start()` (connection already open) to the last handler finished.
@@ -16,10 +16,13 @@ import { z } from 'zod';
 import type { Bus, Message } from '../../src/index.ts';
 import type { BrokerBackbone } from '../../src/outbox/index.ts';
 import type { PgTransaction, PostgresBackbone } from '../../src/postgres/index.ts';
-import { CHUNK, CONCURRENCY, Handled, PARTITIONS, PRODUCERS } from './broker-child.ts';
-import { latencyPhases, makeEvent, monitorClient, now, produce, rate, type BenchEvent } from './child.ts';
-import { tidings } from './tidings.ts';
-import type { ChildResult, Task } from './types.ts';
+import { CHUNK, CONCURRENCY, Handled, PARTITIONS, PRODUCERS } from '../load/brokers.ts';
+import { makeEvent, type BenchEvent } from '../load/events.ts';
+import { latencyPhases } from '../load/latency.ts';
+import { now, produce, rate } from '../load/measure.ts';
+import { monitorClient } from '../load/pg.ts';
+import { tidings } from './build.ts';
+import type { ChildResult, Task } from '../protocol.ts';
 
 const { createBus, defineEvent } = await tidings<typeof import('../../src/index.ts')>('index');
 const { postgres } = await tidings<typeof import('../../src/postgres/index.ts')>('postgres/index');

@@ -2,10 +2,10 @@
  * The broker rows (issue 5, issue 8 workload 8): Tidings on RabbitMQ and on NATS JetStream beside a plain
  * amqplib / nats.js client doing the same, in workloads 2 (drain), 3 (e2e) and 5 (latency), with their own
  * sizes (brokers confirm more slowly than PostgreSQL commits; the full run must stay under 20 minutes).
- * Children: bench/systems/rabbitmq.ts, amqp.ts, nats.ts, natsjs.ts.
+ * Children: bench/tidings/rabbitmq.ts and nats.ts, bench/peers/amqp.ts and natsjs.ts.
  */
-import type { Row, Step } from './plan.ts';
-import type { Task, Variant } from './types.ts';
+import type { Task, Variant } from '../protocol.ts';
+import type { Row, Step } from './rows.ts';
 
 export type BrokerGroup = 'rabbitmq' | 'nats';
 
@@ -23,7 +23,7 @@ export const BROKER_QUICK: BrokerSizes = { drain: 1_000, e2e: 200, rate: 500, la
 const plain: Variant = { keys: 0, effects: false, inbox: true };
 const outbox: Variant = { ...plain, outbox: true };
 
-/** Labels, also read by the T9 check (bench/lib/report.ts). */
+/** Labels, also read by the T9 check (bench/harness/targets.ts). */
 export const BROKERS = [
   {
     group: 'rabbitmq',

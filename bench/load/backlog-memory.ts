@@ -14,8 +14,8 @@ import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import pg from 'pg';
 import { z } from 'zod';
-import { createBus, defineEvent, keyHash } from '../src/index.ts';
-import { postgres } from '../src/postgres/index.ts';
+import { createBus, defineEvent, keyHash } from '../../src/index.ts';
+import { postgres } from '../../src/postgres/index.ts';
 
 const { values: args } = parseArgs({ options: { events: { type: 'string' } } });
 const EVENTS = Number(args.events ?? 1_000_000);
@@ -90,7 +90,7 @@ try {
   console.log(
     `Drained ${EVENTS.toLocaleString('en')} in ${seconds.toFixed(1)} s (${result.rate.toLocaleString('en')}/s); RSS max ${maxRss} MB, ${early} MB at 5 %, ${late} MB at the end (T10: flat, < 250 MB: ${maxRss < 250 && late <= early * 1.5 ? 'met' : 'missed'})`,
   );
-  const out = join(dirname(fileURLToPath(import.meta.url)), 'results', 'backlog-memory.json');
+  const out = join(dirname(fileURLToPath(import.meta.url)), '..', 'results', 'backlog-memory.json');
   mkdirSync(dirname(out), { recursive: true });
   writeFileSync(out, `${JSON.stringify(result, null, 2)}\n`);
 } finally {

@@ -1,8 +1,8 @@
-/** Tidings on NATS JetStream (workloads 2, 3, 5; bench/lib/tidings-broker.ts), in a stream of its own per task. */
-import { deleteNats, NATS_BUCKETS, NATS_PROCESSES, NATS_STREAM_MARK, NATS_URL, natsUnacked, uniqueId } from '../lib/broker-child.ts';
-import { runChild } from '../lib/child.ts';
-import { tidingsOnBroker } from '../lib/tidings-broker.ts';
-import { tidings } from '../lib/tidings.ts';
+/** Tidings on NATS JetStream (workloads 2, 3, 5; bench/tidings/on-broker.ts), in a stream of its own per task. */
+import { deleteNats, NATS_BUCKETS, NATS_PROCESSES, NATS_STREAM_MARK, NATS_URL, natsUnacked, uniqueId } from '../load/brokers.ts';
+import { runChild } from '../load/child.ts';
+import { tidingsOnBroker } from './on-broker.ts';
+import { tidings } from './build.ts';
 
 const { nats } = await tidings<typeof import('../../src/nats/index.ts')>('nats/index');
 

@@ -1,7 +1,33 @@
 /** What the parent asks a child process to run, and what the child answers. Shared by both sides. */
 
-export type Workload = 'raw' | 'bulk' | 'drain' | 'e2e' | 'standalone' | 'fanout' | 'latency' | 'login' | 'drift';
-export type SystemName = 'tidings' | 'pgboss' | 'graphile' | 'bullmq' | 'raw' | 'replica' | 'rabbitmq' | 'amqp' | 'nats' | 'natsjs';
+export type Workload =
+  | 'raw'
+  | 'bulk'
+  | 'drain'
+  | 'e2e'
+  | 'standalone'
+  | 'fanout'
+  | 'latency'
+  | 'login'
+  | 'drift'
+  | 'backlog'
+  | 'scheduled'
+  | 'request'
+  | 'saga';
+export type SystemName =
+  | 'tidings'
+  | 'pgboss'
+  | 'graphile'
+  | 'bullmq'
+  | 'raw'
+  | 'replica'
+  | 'rabbitmq'
+  | 'amqp'
+  | 'nats'
+  | 'natsjs'
+  /** Request/reply baselines: a plain HTTP call on loopback, NATS core request/reply. */
+  | 'http'
+  | 'natscore';
 
 export interface Variant {
   /** Distinct keys the events use; 0: every event has its own key. */
@@ -10,10 +36,18 @@ export interface Variant {
   effects: boolean;
   /** Tidings only: the per-message-id inbox (on by default). */
   inbox: boolean;
-  /** Tidings on a broker: publishes go through a PostgreSQL outbox and the relay (bench/lib/tidings-broker.ts). */
+  /** Tidings on a broker: publishes go through a PostgreSQL outbox and the relay (bench/tidings/on-broker.ts). */
   outbox?: boolean;
   /** Workload 3 with nothing consuming: the producers' own commit rate (T5). */
   producersOnly?: boolean;
+  /** Workload 3: each transaction also inserts one business row (`bench_business`), as an application's would. */
+  businessRow?: boolean;
+  /** Producers in one process, the consumer in another (as two services run); 1 when absent. */
+  processes?: 1 | 2;
+  /** Bytes of the event's filler (the whole event is ~40 B more); 210 (~250 B of JSON) when absent. */
+  payloadBytes?: number;
+  /** Subscriptions that each receive every event (e2e vs subscriptions); 1 when absent. */
+  subscriptions?: number;
 }
 
 export interface Task {
@@ -22,8 +56,10 @@ export interface Task {
   label: string;
   workload: Workload;
   variant: Variant;
-  /** Events per run (bulk, drain, e2e, standalone), or events before fan-out (fanout). */
+  /** Events per run (bulk, drain, e2e, standalone, backlog, scheduled), or events before fan-out (fanout). */
   events: number;
+  /** Bulk, drain, fan-out, backlog: events run through first in the same process, unmeasured (0: a cold start). */
+  warmUpEvents: number;
   /**
    * Workloads 3 and 4: publish for this many seconds, measured, after a warm-up (see `warmUp`), instead of
    * `events` events; 0: `events`.
@@ -31,9 +67,12 @@ export interface Task {
   publishSeconds: number;
   /** Subscriptions of the fan-out workload. */
   fanout: number;
-  /** Latency workload: producer rates (events/s) and seconds at each. */
+  /** Latency workload: producer rates (events/s) and seconds at each (also the request/reply rows' rate and seconds). */
   rates: number[];
   latencySeconds: number;
+  /** Scheduled delivery: the jobs (`events`) are due over this many seconds, starting `scheduleLeadMs` after the task begins. */
+  scheduledSeconds: number;
+  scheduleLeadMs: number;
   /** Seconds of the idle window after the latency phases (0: skip). */
   idleSeconds: number;
   pgUrl: string;
@@ -43,7 +82,7 @@ export interface Task {
   quick: boolean;
   /** The child gives up after this long. */
   timeoutMs: number;
-  /** Workload 9 (bench/systems/replica.ts): logins per path at a fixed concurrency, and the drift check's keys. */
+  /** Workload 9 (bench/tidings/replica.ts): logins per path at a fixed concurrency, and the drift check's keys. */
   replica?: ReplicaSizes;
 }
 

@@ -5,43 +5,24 @@
  */
 import { Logger, makeWorkerUtils, run, runMigrations, type Runner, type TaskList, type WorkerUtils } from 'graphile-worker';
 import pg from 'pg';
-import {
-  Counter,
-  ensureEffectsTable,
-  idlePg,
-  latencyPhases,
-  makeEvent,
-  measuredAmount,
-  monitorClient,
-  now,
-  pollUntil,
-  produce,
-  queriesSoFar,
-  rate,
-  runChild,
-  type BenchEvent,
-  warmUp,
-  warmedDrain,
-} from '../lib/child.ts';
-import type { ChildResult, Task } from '../lib/types.ts';
+import { runChild } from '../load/child.ts';
+import { makeEvent, type BenchEvent } from '../load/events.ts';
+import { Counter, now, pollUntil, produce, rate, warmedUp } from '../load/measure.ts';
+import { Schedule } from '../load/scheduled.ts';
+import { BUSINESS_INSERT, BUSINESS_NOTE, freshSchema, idlePg, monitorClient, queriesSoFar } from '../load/pg.ts';
+import { endToEnd, latency, type Probe, PRODUCERS, type Publisher, type Sides } from '../load/sides.ts';
+import type { ChildResult, Task } from '../protocol.ts';
 
 const SCHEMA = 'graphile_bench';
 const TASK = 'bench';
 const CONCURRENCY = 24;
-const PRODUCERS = 10;
 const CHUNK = 1_000;
 const silent = new Logger(() => (level, message) => {
   if (level === 'error') console.error('[graphile-worker]', message);
 });
 
-async function freshSchema(task: Task): Promise<WorkerUtils> {
-  const client = await monitorClient(task.pgUrl);
-  try {
-    await client.query(`drop schema if exists ${SCHEMA} cascade`);
-  } finally {
-    await client.end();
-  }
-  if (task.variant.effects) await ensureEffectsTable(task.pgUrl);
+async function freshStore(task: Task): Promise<WorkerUtils> {
+  await freshSchema(task, SCHEMA);
   await runMigrations({ connectionString: task.pgUrl, schema: SCHEMA, logger: silent });
   return makeWorkerUtils({ connectionString: task.pgUrl, schema: SCHEMA, logger: silent });
 }
@@ -59,14 +40,15 @@ function startRunner(task: Task, taskList: TaskList): Promise<Runner> {
   });
 }
 
-function handlerFor(task: Task, counter: Counter, probe?: { fn: (seq: number) => void }): TaskList[string] {
+function handlerFor(task: Task, probe: Probe): TaskList[string] {
   return async (payload, helpers) => {
-    const event = payload as BenchEvent;
-    probe?.fn(event.seq);
+    probe.start((payload as BenchEvent).seq);
     if (task.variant.effects) await helpers.query('insert into bench_effects (id) values ($1)', [helpers.job.id]);
-    counter.add();
+    probe.end();
   };
 }
+
+const counting = (counter: Counter): Probe => ({ start: () => undefined, end: () => counter.add() });
 
 /** Completed jobs are deleted: the work is acknowledged when no job is left. */
 async function remaining(task: Task): Promise<() => Promise<number>> {
@@ -82,7 +64,7 @@ function specs(identifier: string, first: number, n: number, keys: number) {
 }
 
 async function bulk(task: Task): Promise<ChildResult> {
-  const utils = await freshSchema(task);
+  const utils = await freshStore(task);
   const chunks = Array.from({ length: Math.ceil(task.events / CHUNK) }, (_, c) =>
     specs(TASK, c * CHUNK, Math.min(CHUNK, task.events - c * CHUNK), task.variant.keys),
   );
@@ -94,7 +76,7 @@ async function bulk(task: Task): Promise<ChildResult> {
 }
 
 async function drain(task: Task): Promise<ChildResult> {
-  const utils = await freshSchema(task);
+  const utils = await freshStore(task);
   for (let first = 0; first < task.events; first += CHUNK) {
     await utils.addJobs(specs(TASK, first, Math.min(CHUNK, task.events - first), task.variant.keys));
   }
@@ -102,7 +84,7 @@ async function drain(task: Task): Promise<ChildResult> {
   const left = await remaining(task);
   const q0 = queriesSoFar();
   const t0 = now();
-  const runner = await startRunner(task, { [TASK]: handlerFor(task, counter) });
+  const runner = await startRunner(task, { [TASK]: handlerFor(task, counting(counter)) });
   await counter.until(task.events, task.timeoutMs);
   const handledMs = now() - t0;
   await pollUntil(async () => (await left()) === 0, 60_000, 'no job left');
@@ -113,50 +95,54 @@ async function drain(task: Task): Promise<ChildResult> {
 }
 
 /**
- * Workload 3: each job added in the producer's own transaction with the `add_job` SQL function (the
- * documented way to enqueue from a transaction). Workload 4: `addJob()` on its own.
+ * How the task's producers enqueue: workload 3 in the producer's own transaction with the `add_job` SQL
+ * function (the documented way to enqueue from a transaction; with the business row before it), workloads
+ * 4 and 5 `addJob()` on its own.
  */
-async function endToEnd(task: Task, standalone: boolean): Promise<ChildResult> {
-  const utils = await freshSchema(task);
-  const counter = new Counter();
-  const runner = await startRunner(task, { [TASK]: handlerFor(task, counter) });
-  const left = await remaining(task);
+function publisherOf(task: Task, utils: WorkerUtils): Publisher {
+  const event = (seq: number) => makeEvent(seq, task.variant.keys, task.variant.payloadBytes);
+  if (task.workload !== 'e2e') return { publish: (seq) => utils.addJob(TASK, event(seq)), stop: async () => utils.release() };
   const producers = new pg.Pool({ connectionString: task.pgUrl, max: PRODUCERS });
-  const publishOne = async (seq: number) => {
-    const event = makeEvent(seq, task.variant.keys);
-    if (standalone) {
-      await utils.addJob(TASK, event);
-      return;
-    }
-    const client = await producers.connect();
-    try {
-      await client.query('begin');
-      await client.query(`select ${SCHEMA}.add_job($1, $2::json)`, [TASK, JSON.stringify(event)]);
-      await client.query('commit');
-    } finally {
-      client.release();
-    }
+  return {
+    publish: async (seq) => {
+      const client = await producers.connect();
+      try {
+        await client.query('begin');
+        if (task.variant.businessRow === true) await client.query(BUSINESS_INSERT, [seq, BUSINESS_NOTE]);
+        await client.query(`select ${SCHEMA}.add_job($1, $2::json)`, [TASK, JSON.stringify(event(seq))]);
+        await client.query('commit');
+      } finally {
+        client.release();
+      }
+    },
+    stop: async () => {
+      await producers.end();
+      await utils.release();
+    },
   };
-  const warm = await warmUp(task, PRODUCERS, publishOne, { counter, acknowledged: async () => (await left()) === 0 });
-  const q0 = queriesSoFar();
-  const t0 = now();
-  const events = await produce(measuredAmount(task), PRODUCERS, publishOne);
-  const producedMs = now() - t0;
-  await counter.until(warm + events, task.timeoutMs);
-  await pollUntil(async () => (await left()) === 0, 60_000, 'no job left');
-  const ms = now() - t0;
-  await runner.stop();
-  const queriesPerEvent = (queriesSoFar() - q0) / events;
-  return { ok: true, metrics: { events, rate: rate(events, ms), producerRate: rate(events, producedMs), queriesPerEvent } };
 }
+
+const sides: Sides = {
+  servers: ['postgres'],
+  async prepare(task) {
+    await (await freshStore(task)).release();
+  },
+  async consumer(task, probe) {
+    const runner = await startRunner(task, { [TASK]: handlerFor(task, probe) });
+    const left = await remaining(task);
+    return { acknowledged: async () => (await left()) === 0, stop: () => runner.stop() };
+  },
+  publisher: async (task) => publisherOf(task, await makeWorkerUtils({ connectionString: task.pgUrl, schema: SCHEMA, logger: silent })),
+  idle: idlePg,
+};
 
 /** Fan-out: no pub/sub in graphile-worker; one job per subscriber task, all added in one `addJobs` call. */
 async function fanout(task: Task): Promise<ChildResult> {
-  const utils = await freshSchema(task);
+  const utils = await freshStore(task);
   const counter = new Counter();
   const identifiers = Array.from({ length: task.fanout }, (_, i) => `fan${i}`);
   const taskList: TaskList = {};
-  for (const identifier of identifiers) taskList[identifier] = handlerFor(task, counter);
+  for (const identifier of identifiers) taskList[identifier] = handlerFor(task, counting(counter));
   const runner = await startRunner(task, taskList);
   const left = await remaining(task);
   const deliveries = task.events * task.fanout;
@@ -175,29 +161,27 @@ async function fanout(task: Task): Promise<ChildResult> {
   return { ok: true, metrics: { rate: rate(deliveries, ms), producerRate: rate(task.events, producedMs), queriesPerEvent } };
 }
 
-async function latency(task: Task): Promise<ChildResult> {
-  const utils = await freshSchema(task);
-  const counter = new Counter();
-  const probe = { fn: (_seq: number) => undefined as void };
-  const runner = await startRunner(task, { [TASK]: handlerFor(task, counter, probe) });
-  const { metrics, series } = await latencyPhases(
-    task,
-    ['postgres'],
-    (seq) => utils.addJob(TASK, makeEvent(seq, task.variant.keys)),
-    (fn) => {
-      probe.fn = fn;
-    },
+/** Scheduled delivery: jobs added with `runAt` (1,000 per `addJobs()`), the drain's runner. */
+async function scheduled(task: Task): Promise<ChildResult> {
+  const utils = await freshStore(task);
+  const schedule = new Schedule(task);
+  const runner = await startRunner(task, { [TASK]: handlerFor(task, { start: (seq) => schedule.started(seq), end: () => undefined }) });
+  await schedule.scheduleAll(CHUNK, false, (seqs) =>
+    utils.addJobs(seqs.map((seq) => ({ identifier: TASK, payload: makeEvent(seq, task.variant.keys), runAt: new Date(schedule.dueOf(seq)) }))),
   );
-  Object.assign(metrics, await idlePg(task));
+  const result = await schedule.done();
   await runner.stop();
-  return { ok: true, metrics, series };
+  await utils.release();
+  return result;
 }
 
 runChild({
-  bulk,
-  drain: warmedDrain(drain),
-  e2e: (task) => endToEnd(task, false),
-  standalone: (task) => endToEnd(task, true),
-  fanout,
-  latency,
+  sides,
+  scheduled,
+  bulk: warmedUp(bulk),
+  drain: warmedUp(drain),
+  e2e: endToEnd(sides),
+  standalone: endToEnd(sides),
+  fanout: warmedUp(fanout),
+  latency: latency(sides),
 });

@@ -2,13 +2,16 @@
  * A plain amqplib client doing what Tidings on RabbitMQ does in workloads 2, 3 and 5, as a user without
  * Tidings would write it: one topic exchange, one durable quorum queue bound with `#`, persistent messages
  * (JSON body) on a confirm channel, a consumer that parses the body and acknowledges each message by hand
- * with the same prefetch window Tidings uses in total (bench/lib/broker-child.ts). No per-key order,
+ * with the same prefetch window Tidings uses in total (bench/load/brokers.ts). No per-key order,
  * retries, dead letters or envelope.
  */
 import amqp, { type Channel, type ChannelModel, type ConfirmChannel } from 'amqplib';
-import { AMQP_PREFETCH, CHUNK, deleteRabbit, Handled, PRODUCERS, RABBITMQ_PROCESSES, RABBITMQ_URL, rabbitReady, uniqueId } from '../lib/broker-child.ts';
-import { latencyPhases, makeEvent, now, produce, rate, runChild, sleep, type BenchEvent } from '../lib/child.ts';
-import type { ChildResult, Task } from '../lib/types.ts';
+import { AMQP_PREFETCH, CHUNK, deleteRabbit, Handled, PRODUCERS, RABBITMQ_PROCESSES, RABBITMQ_URL, rabbitReady, uniqueId } from '../load/brokers.ts';
+import { runChild } from '../load/child.ts';
+import { makeEvent, type BenchEvent } from '../load/events.ts';
+import { latencyPhases } from '../load/latency.ts';
+import { now, produce, rate, sleep } from '../load/measure.ts';
+import type { ChildResult, Task } from '../protocol.ts';
 
 const prefix = `tbench.plain.${uniqueId()}.`;
 const exchange = `${prefix}bench.event`;

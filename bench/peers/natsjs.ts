@@ -2,7 +2,7 @@
  * A plain nats.js client doing what Tidings on NATS does in workloads 2, 3 and 5, as a user without
  * Tidings would write it: one file-backed JetStream stream, `js.publish` awaiting the publish ack (JSON
  * payload, no headers, no message id), one durable pull consumer with explicit acks and the same
- * max_ack_pending as Tidings' bucket consumers together (bench/lib/broker-child.ts), read with `consume()`,
+ * max_ack_pending as Tidings' bucket consumers together (bench/load/brokers.ts), read with `consume()`,
  * each message parsed and acknowledged. No per-key order across processes, retries, dead letters or envelope.
  */
 import { AckPolicy, connect, DeliverPolicy, nanos, RetentionPolicy, StorageType, type JetStreamClient, type JetStreamManager, type NatsConnection } from 'nats';
@@ -17,9 +17,12 @@ import {
   natsUnacked,
   PRODUCERS,
   uniqueId,
-} from '../lib/broker-child.ts';
-import { latencyPhases, makeEvent, now, produce, rate, runChild, type BenchEvent } from '../lib/child.ts';
-import type { ChildResult, Task } from '../lib/types.ts';
+} from '../load/brokers.ts';
+import { runChild } from '../load/child.ts';
+import { makeEvent, type BenchEvent } from '../load/events.ts';
+import { latencyPhases } from '../load/latency.ts';
+import { now, produce, rate } from '../load/measure.ts';
+import type { ChildResult, Task } from '../protocol.ts';
 
 const id = uniqueId();
 const stream = `${NATS_STREAM_MARK}plain_${id}`;
