@@ -1,5 +1,6 @@
 import type { Consumer, DeliveryHandler, Outgoing, SubscriptionSpec } from './backbone.ts';
 import type { DeadLetterStore } from './dead-letters.ts';
+import type { HealthCheck } from '../telemetry/status.ts';
 
 /**
  * A message broker that carries Tidings' messages (RabbitMQ, NATS JetStream). It stores and delivers; it
@@ -26,6 +27,8 @@ export interface Broker {
   /** Dead letters kept by this broker, for the CLI and tools. */
   deadLetters(): DeadLetterStore;
   close(): Promise<void>;
+  /** Optional: whether the broker is reachable now, for `bus.health()`. */
+  health?(): Promise<readonly HealthCheck[]>;
 }
 
 // The dead-letter model moved to dead-letters.ts; re-exported here until every backbone imports it from there.

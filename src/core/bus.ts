@@ -23,6 +23,11 @@ import { defaultWarning } from './warnings.ts';
 import { systemClock, type Clock, type ClockTimer } from './clock.ts';
 import { createPipeline, handlerScope, type Handler, type Middleware, type ReplyHandler, type Route } from './handler.ts';
 import { busDefaults, OptionProblems, optionNames, resolveSubscribeOptions, type ResolvedSubscribeOptions, type SubscribeOptions } from './options.ts';
+import type { BusEventListener, BusEventName } from '../telemetry/events.ts';
+import { busHealth, type BusHealth } from '../telemetry/health.ts';
+import { loggerWarning, type Logger } from '../telemetry/logger.ts';
+import type { TelemetryOptions } from '../telemetry/options.ts';
+import { BusTelemetry } from '../telemetry/telemetry.ts';
 
 export type { PublishedMessage, PublishOptions, RequestOptions } from './publish.ts';
 
@@ -34,13 +39,29 @@ export interface BusOptions<Tx> {
   maxPayloadBytes?: number;
   /** Defaults for every subscription of this bus; each `subscribe` may override them. */
   subscriptionDefaults?: SubscribeOptions;
-  /** Called with what the bus recovers from by itself (a schedule's tick that could not be published); the console by default. */
+  /** Called with what the bus recovers from by itself (a schedule's tick that could not be published); the logger's warn, else the console, by default. */
   onWarning?: (message: string, error?: unknown) => void;
+  /**
+   * A pino-style logger (`logger.warn(record, message)`): structured lines with the message id, topic,
+   * subscription and attempt for each retry, dead letter and invalid message, and the bus's warnings.
+   */
+  logger?: Logger;
+  /** OpenTelemetry traces and metrics (docs/observability.md): on when `@opentelemetry/api` is installed; `false` turns them off. */
+  telemetry?: TelemetryOptions | false;
   /** The clock of scheduled publishes, schedules' ticks and request timeouts: the system's, or a virtual one (tidings/testing). */
   clock?: Clock;
 }
 
-const busOptionNames = optionNames<BusOptions<unknown>>()('service', 'backbone', 'maxPayloadBytes', 'subscriptionDefaults', 'onWarning', 'clock');
+const busOptionNames = optionNames<BusOptions<unknown>>()(
+  'service',
+  'backbone',
+  'maxPayloadBytes',
+  'subscriptionDefaults',
+  'onWarning',
+  'clock',
+  'logger',
+  'telemetry',
+);
 
 export interface SubscriptionStats {
   /** Attempts that succeeded (the message was acknowledged, or will be with its batch). */
@@ -94,6 +115,7 @@ export class Bus<Tx = unknown> {
   readonly #subscriptionDefaults: SubscribeOptions;
   readonly #warn: (message: string, error?: unknown) => void;
   readonly clock: Clock;
+  readonly #telemetry: BusTelemetry;
   readonly #schedules = new Map<string, Schedule>();
   readonly #requests = { sent: 0, answered: 0, timedOut: 0, late: 0 };
   readonly #sagaStats = new Map<string, SagaStats>();
@@ -126,11 +148,35 @@ export class Bus<Tx = unknown> {
     this.backbone = options.backbone;
     this.#maxPayloadBytes = options.maxPayloadBytes ?? busDefaults.maxPayloadBytes;
     this.#subscriptionDefaults = options.subscriptionDefaults ?? {};
-    this.#warn = options.onWarning ?? defaultWarning;
+    this.#warn = options.onWarning ?? (options.logger === undefined ? defaultWarning : loggerWarning(options.logger));
     this.clock = options.clock ?? systemClock;
+    this.#telemetry = new BusTelemetry({
+      backbone: this.backbone as Backbone<unknown>,
+      telemetry: options.telemetry,
+      logger: options.logger,
+      warn: this.#warn,
+    });
+    this.backbone.observe?.(this.#telemetry);
     // Every handler in flight listens for the stop; there may be thousands.
     setMaxListeners(0, this.#stopping.signal);
     resolveSubscribeOptions('createBus subscriptionDefaults', this.#subscriptionDefaults);
+  }
+
+  /**
+   * Listens to what operators need to see: `message:retry`, `message:dead-letter`, `message:invalid`,
+   * `lease:lost`, `connection:lost`, `connection:restored` (docs/observability.md). A listener that throws
+   * is reported as a warning and cannot break a worker. Returns a function that removes the listener.
+   */
+  on<E extends BusEventName>(event: E, listener: BusEventListener<E>): () => void {
+    return this.#telemetry.events.on(event, listener);
+  }
+
+  /**
+   * Live (the process should keep running) and ready (started, backbone reachable, relay keeping up), with the
+   * reasons when not: what Kubernetes' probes ask (`healthHandler` in tidings serves them over HTTP).
+   */
+  health(): Promise<BusHealth> {
+    return busHealth({ state: this.#state, failures: this.#background, backbone: this.backbone as Backbone<unknown>, status: () => this.#telemetry.status() });
   }
 
   /** Adds middleware around every handler of this bus, outermost first. */
@@ -414,7 +460,8 @@ export class Bus<Tx = unknown> {
 
   #open(): Promise<void> {
     if (this.#state === 'stopped') return Promise.reject(new TidingsError('STOPPED', 'This bus was stopped'));
-    this.#opened ??= this.backbone.open();
+    // Telemetry first: the backbone may start its relay as it opens, and the relay's spans need the tracer.
+    this.#opened ??= this.#telemetry.load().then(() => this.backbone.open());
     return this.#opened;
   }
 
@@ -456,10 +503,12 @@ export class Bus<Tx = unknown> {
       }
       return result;
     };
-    const handle: DeliveryHandler<Tx> =
+    const handle: DeliveryHandler<Tx> = this.#telemetry.consumer(
+      subscription.name,
       requests.size === 0
         ? (delivery) => pipeline(delivery).then(count)
-        : (delivery) => pipeline(delivery).then((result) => count(answerFailure(delivery, result)));
+        : (delivery) => pipeline(delivery).then((result) => count(answerFailure(delivery, result))),
+    );
     const consumer = await this.backbone.consume(
       {
         name: subscription.name,
@@ -509,17 +558,27 @@ export class Bus<Tx = unknown> {
       const item = tooDeep(contract, () => this.#check(contract, data, effective, items.length === 1));
       checked.push(item instanceof Promise ? await item : item);
     }
-    const seal = (item: Checked) => tooDeep(contract, () => this.#seal(contract, item, effective, time, dueAt));
     await this.#open();
+    // With tracing, the publish's span is the messages' creation context: their traceparent names it.
+    const span = this.#telemetry.tracing?.publish(contract.topic, checked.length, checked[0]?.id, effective, scope?.delivery);
+    const traced = span?.headers === undefined ? effective : { ...effective, ...span.headers };
+    const seal = (item: Checked) => tooDeep(contract, () => this.#seal(contract, item, traced, time, dueAt));
     const tx = effective.tx as Tx | undefined;
     const publishChunks = this.backbone.publishChunks?.bind(this.backbone);
-    if (publishChunks !== undefined && checked.length > STREAM_CHUNK && dueAt === undefined) {
-      const chunks = chunked(checked, STREAM_CHUNK, seal);
-      await (tx !== undefined ? publishChunks(chunks, tx) : this.backbone.transaction((own) => publishChunks(chunks, own)));
-    } else {
-      await this.backbone.publish(checked.map(seal), tx);
+    try {
+      if (publishChunks !== undefined && checked.length > STREAM_CHUNK && dueAt === undefined) {
+        const chunks = chunked(checked, STREAM_CHUNK, seal);
+        await (tx !== undefined ? publishChunks(chunks, tx) : this.backbone.transaction((own) => publishChunks(chunks, own)));
+      } else {
+        await this.backbone.publish(checked.map(seal), tx);
+      }
+    } catch (error) {
+      span?.end(error);
+      throw error;
     }
+    span?.end();
     this.#published[contract.topic] = (this.#published[contract.topic] ?? 0) + checked.length;
+    this.#telemetry.published(contract.topic, checked.length);
     if (dueAt === undefined) return checked.map(({ id, key }) => ({ id, topic: contract.topic, key }));
     const deliverAt = new Date(dueAt);
     return checked.map(({ id, key }) => ({ id, topic: contract.topic, key, deliverAt }));

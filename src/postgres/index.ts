@@ -7,6 +7,8 @@ import { TidingsError } from '../core/errors.ts';
 import { OptionProblems, optionNames } from '../core/options.ts';
 import { PostgresConsumer, type ConsumerSettings } from './consume/consumer.ts';
 import { deadLetterStore, readStatus } from './admin.ts';
+import { postgresHealth, postgresStatus } from './observe.ts';
+import type { BackboneStatus, HealthCheck } from '../telemetry/status.ts';
 import { checkIdentifier, pgDriver, pgliteDriver, preparing, runStatement, urlProblem, type PGliteLike, type PgPoolLike, type SqlDriver } from './driver.ts';
 import { Inbox } from './inbox.ts';
 import { toEnvelope, type LogRow } from './log.ts';
@@ -488,6 +490,18 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
   async messages(topic?: string, limit = 10_000): Promise<Envelope[]> {
     await this.open();
     return (await this.driver.query<LogRow>(this.#sql.newestMessages, [limit, topic ?? null])).rows.map(toEnvelope);
+  }
+
+  /** Lag, held keys and dead letters per subscription, for the metrics' gauges (observe.ts). */
+  async status(): Promise<BackboneStatus> {
+    await this.open();
+    return postgresStatus(this.driver, this.schema);
+  }
+
+  /** The database reachable, the notifier listening or polling: for `bus.health()` (observe.ts). */
+  async health(): Promise<readonly HealthCheck[]> {
+    await this.open();
+    return postgresHealth(this.driver, this.driver.description, this.#notifier?.listening);
   }
 
   deadLetters(): DeadLetterStore {

@@ -1,0 +1,82 @@
+/**
+ * `bus.health()`: whether the process is live (restart it if not) and ready (it can do its work now), with
+ * the reason when it is not, for Kubernetes' liveness and readiness probes (http.ts serves them).
+ *
+ * Live: the bus is not stopped and no subscription failed to start. Ready: live, started, and every check
+ * the backbone reports passes (database or broker reachable, the notifier listening or polling) and, for a
+ * broker with an outbox, the relay keeps up (its oldest unrelayed message is younger than `relayMaxAgeMs`).
+ */
+import type { Backbone } from '../core/backbone.ts';
+import type { BackboneStatus, HealthCheck } from './status.ts';
+
+export const healthDefaults = {
+  /** A check that takes longer fails: a probe must answer before Kubernetes' own timeout (1 s by default, often raised). */
+  timeoutMs: 2_000,
+  /** The relay is behind when the oldest outbox message it has not handed over is older than this. */
+  relayMaxAgeMs: 60_000,
+} as const;
+
+export interface BusHealth {
+  /** The process should keep running: false once the bus stopped, or a subscription failed to start. */
+  readonly live: boolean;
+  /** The bus can do its work now: started, and every check passes. */
+  readonly ready: boolean;
+  /** Why it is not live or not ready; empty when it is both. */
+  readonly reasons: readonly string[];
+  /** What was checked, and what was found. */
+  readonly checks: readonly HealthCheck[];
+}
+
+export interface HealthInputs {
+  readonly state: 'idle' | 'starting' | 'running' | 'stopping' | 'stopped';
+  /** Errors of subscriptions that failed to start in the background. */
+  readonly failures: readonly unknown[];
+  readonly backbone: Backbone<unknown>;
+  /** The backbone's status, cached (telemetry.ts). */
+  readonly status: () => Promise<BackboneStatus | undefined>;
+}
+
+export async function busHealth(inputs: HealthInputs, timeoutMs: number = healthDefaults.timeoutMs): Promise<BusHealth> {
+  const checks: HealthCheck[] = [
+    { name: 'bus', ok: inputs.state === 'running', detail: inputs.state === 'running' ? 'running' : `the bus is ${inputs.state}` },
+  ];
+  for (const failure of inputs.failures) {
+    checks.push({ name: 'subscription', ok: false, detail: `a subscription failed to start: ${(failure as Error)?.message ?? String(failure)}` });
+  }
+  const live = inputs.state !== 'stopping' && inputs.state !== 'stopped' && inputs.failures.length === 0;
+  if (inputs.state === 'running') {
+    const [reported, status] = await Promise.all([
+      within(timeoutMs, inputs.backbone.health?.() ?? Promise.resolve([]), 'the backbone did not answer its health check'),
+      within(timeoutMs, inputs.status(), 'the backbone did not report its status'),
+    ]);
+    if (reported instanceof Error) checks.push({ name: 'backbone', ok: false, detail: reported.message });
+    else checks.push(...reported);
+    const relay = status instanceof Error ? undefined : status?.relay;
+    if (relay !== undefined) {
+      const age = relay.oldestAgeMs ?? 0;
+      checks.push({
+        name: 'relay',
+        ok: age <= healthDefaults.relayMaxAgeMs,
+        detail:
+          age <= healthDefaults.relayMaxAgeMs
+            ? `${relay.backlog} message(s) to relay`
+            : `the relay is behind: ${relay.backlog} message(s) wait, the oldest for ${Math.round(age / 1_000)} s (more than ${healthDefaults.relayMaxAgeMs / 1_000} s)`,
+      });
+    }
+  }
+  const reasons = checks.filter((check) => !check.ok).map((check) => `${check.name}: ${check.detail}`);
+  return { live, ready: live && reasons.length === 0, reasons, checks };
+}
+
+/** What `work` settles to, or an Error saying `late` after `ms`. */
+async function within<T>(ms: number, work: Promise<T>, late: string): Promise<T | Error> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<Error>((resolve) => {
+    timer = setTimeout(() => resolve(new Error(`${late} within ${ms} ms`)), ms);
+  });
+  try {
+    return await Promise.race([work.catch((error: unknown) => (error instanceof Error ? error : new Error(String(error)))), timeout]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
