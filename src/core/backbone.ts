@@ -3,7 +3,7 @@ import type { DeadLetterStore } from './dead-letters.ts';
 import type { ErrorRecord } from './errors.ts';
 import type { ResolvedRetry } from './options.ts';
 import type { BackboneStatus, HealthCheck } from '../telemetry/status.ts';
-import type { BackboneObserver } from '../telemetry/telemetry.ts';
+import type { BackboneObserver } from '../telemetry/observer.ts';
 
 /**
  * The seam between the bus and what carries its messages. A backbone stores and delivers envelopes; the

@@ -24,7 +24,7 @@ import { systemClock, type Clock, type ClockTimer } from './clock.ts';
 import { createPipeline, handlerScope, type Handler, type Middleware, type ReplyHandler, type Route } from './handler.ts';
 import { busDefaults, OptionProblems, optionNames, resolveSubscribeOptions, type ResolvedSubscribeOptions, type SubscribeOptions } from './options.ts';
 import type { BusEventListener, BusEventName } from '../telemetry/events.ts';
-import { busHealth, type BusHealth } from '../telemetry/health.ts';
+import { busHealth, type BusHealth, type HealthOptions } from '../telemetry/health.ts';
 import { loggerWarning, type Logger } from '../telemetry/logger.ts';
 import type { TelemetryOptions } from '../telemetry/options.ts';
 import { BusTelemetry } from '../telemetry/telemetry.ts';
@@ -175,8 +175,9 @@ export class Bus<Tx = unknown> {
    * Live (the process should keep running) and ready (started, backbone reachable, relay keeping up), with the
    * reasons when not: what Kubernetes' probes ask (`healthHandler` in tidings serves them over HTTP).
    */
-  health(): Promise<BusHealth> {
-    return busHealth({ state: this.#state, failures: this.#background, backbone: this.backbone as Backbone<unknown>, status: () => this.#telemetry.status() });
+  health(options?: HealthOptions): Promise<BusHealth> {
+    const inputs = { state: this.#state, failures: this.#background, backbone: this.backbone as Backbone<unknown>, status: () => this.#telemetry.status() };
+    return busHealth(inputs, options);
   }
 
   /** Adds middleware around every handler of this bus, outermost first. */

@@ -20,7 +20,7 @@ import { LazyTransaction } from './inbox.ts';
 import type { Inbox } from '../postgres/inbox.ts';
 import type { PgTransaction, PostgresBackbone } from '../postgres/index.ts';
 import type { BackboneStatus, HealthCheck } from '../telemetry/status.ts';
-import type { BackboneObserver } from '../telemetry/telemetry.ts';
+import type { BackboneObserver } from '../telemetry/observer.ts';
 
 export interface RelayOptions {
   /** Ordered lanes of the relay subscription; processes running the relay share them. */

@@ -27,6 +27,13 @@ export interface BusHealth {
   readonly checks: readonly HealthCheck[];
 }
 
+export interface HealthOptions {
+  /** A check that takes longer fails (default `healthDefaults.timeoutMs`). */
+  timeoutMs?: number;
+  /** The relay is behind when its oldest waiting message is older than this (default `healthDefaults.relayMaxAgeMs`). */
+  relayMaxAgeMs?: number;
+}
+
 export interface HealthInputs {
   readonly state: 'idle' | 'starting' | 'running' | 'stopping' | 'stopped';
   /** Errors of subscriptions that failed to start in the background. */
@@ -36,7 +43,9 @@ export interface HealthInputs {
   readonly status: () => Promise<BackboneStatus | undefined>;
 }
 
-export async function busHealth(inputs: HealthInputs, timeoutMs: number = healthDefaults.timeoutMs): Promise<BusHealth> {
+export async function busHealth(inputs: HealthInputs, options: HealthOptions = {}): Promise<BusHealth> {
+  const timeoutMs = options.timeoutMs ?? healthDefaults.timeoutMs;
+  const relayMaxAgeMs = options.relayMaxAgeMs ?? healthDefaults.relayMaxAgeMs;
   const checks: HealthCheck[] = [
     { name: 'bus', ok: inputs.state === 'running', detail: inputs.state === 'running' ? 'running' : `the bus is ${inputs.state}` },
   ];
@@ -56,11 +65,11 @@ export async function busHealth(inputs: HealthInputs, timeoutMs: number = health
       const age = relay.oldestAgeMs ?? 0;
       checks.push({
         name: 'relay',
-        ok: age <= healthDefaults.relayMaxAgeMs,
+        ok: age <= relayMaxAgeMs,
         detail:
-          age <= healthDefaults.relayMaxAgeMs
+          age <= relayMaxAgeMs
             ? `${relay.backlog} message(s) to relay`
-            : `the relay is behind: ${relay.backlog} message(s) wait, the oldest for ${Math.round(age / 1_000)} s (more than ${healthDefaults.relayMaxAgeMs / 1_000} s)`,
+            : `the relay is behind: ${relay.backlog} message(s) wait, the oldest for ${age} ms (more than ${relayMaxAgeMs} ms)`,
       });
     }
   }

@@ -13,14 +13,8 @@ import { BusMetrics } from './metrics.ts';
 import { telemetryDefaults, type TelemetryOptions } from './options.ts';
 import { loadOtel } from './otel.ts';
 import type { BackboneStatus } from './status.ts';
-import { Tracing, type HopSpan } from './tracing.ts';
-
-/** What the bus hands its backbone (`Backbone.observe`): spans for the relay, and events from below. */
-export interface BackboneObserver {
-  /** The relay's span for handing `envelope` to `broker`; undefined while tracing is off. */
-  relay(envelope: Envelope, broker: string): HopSpan | undefined;
-  emit<E extends 'lease:lost' | 'connection:lost' | 'connection:restored'>(name: E, event: BusEvents[E]): void;
-}
+import { Tracing } from './tracing.ts';
+import type { BackboneEventName, BackboneObserver, HopSpan } from './observer.ts';
 
 export interface BusTelemetryOptions {
   readonly backbone: Backbone<unknown>;
@@ -90,7 +84,7 @@ export class BusTelemetry implements BackboneObserver {
     return this.#tracing?.relay(envelope, broker);
   }
 
-  emit<E extends 'lease:lost' | 'connection:lost' | 'connection:restored'>(name: E, event: BusEvents[E]): void {
+  emit<E extends BackboneEventName>(name: E, event: BusEvents[E]): void {
     const logger = this.#options.logger;
     if (logger !== undefined) {
       const { error, ...fields } = event as { error?: unknown };

@@ -25,20 +25,8 @@ import {
   OPERATION_TYPE,
   OUTCOME,
 } from './attributes.ts';
+import type { HopSpan, TraceHeaders } from './observer.ts';
 import type { OtelApi } from './otel.ts';
-
-/** What a hop writes into the envelope it passes on. */
-export interface TraceHeaders {
-  readonly traceparent: string;
-  readonly tracestate: string | undefined;
-}
-
-/** A span in progress around a publish or a relay: the headers to write into the envelopes, and its end. */
-export interface HopSpan {
-  /** Undefined when there is nothing to propagate (no sampled or parent context). */
-  readonly headers: TraceHeaders | undefined;
-  end(error?: unknown): void;
-}
 
 const TRACEPARENT = /^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$/;
 
