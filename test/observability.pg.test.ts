@@ -14,7 +14,7 @@ import { createBus, deadLetter, healthFetch, healthHandler, retryLater } from '.
 import { prometheusMetrics } from '../src/metrics/index.ts';
 import { pgWorld } from './fixtures/bus.ts';
 import { Ticked } from './fixtures/contracts.ts';
-import { DATABASE_URL, waitFor } from './helpers.ts';
+import { connect, DATABASE_URL, waitFor } from './helpers.ts';
 
 async function serve(t: { after(fn: () => Promise<void>): void }, handler: Parameters<typeof createServer>[1]): Promise<string> {
   const server: Server = createServer(handler);
@@ -122,4 +122,49 @@ test('bus.health(): ready once started, with its checks; the probes answer 200, 
   assert.equal((await fetch(`${url}/livez`)).status, 200);
   await bus.stop().catch(() => undefined);
   assert.equal((await fetch(`${url}/livez`)).status, 503, 'a stopped bus is not live');
+});
+
+test("events from the backbone: a lost lease, and the notifier's connection lost and restored, reach listeners and the logger", async (t) => {
+  const world = await pgWorld(t, 'ev');
+  if (world === undefined) return;
+  const lines: { level: number; msg: string; backbone?: string; subscription?: string }[] = [];
+  const logger = {
+    error: (record: object, msg: string) => lines.push({ level: 50, msg, ...record }),
+    warn: (record: object, msg: string) => lines.push({ level: 40, msg, ...record }),
+    info: (record: object, msg: string) => lines.push({ level: 30, msg, ...record }),
+  };
+  const bus = createBus({ service: 'evented', backbone: world.backbone(), logger, telemetry: false });
+  const events: string[] = [];
+  bus.on('lease:lost', (event) => {
+    events.push(`lease:lost ${event.subscription}`);
+  });
+  bus.on('connection:lost', (event) => {
+    events.push(`connection:lost ${event.backbone}`);
+  });
+  bus.on('connection:restored', (event) => {
+    events.push(`connection:restored ${event.backbone}`);
+  });
+  bus.subscribe('leased', Ticked, () => undefined, { partitions: 1 });
+  await bus.start();
+  const admin = await connect();
+  try {
+    await waitFor(
+      'the lease',
+      async () => (await admin.query(`select owner from "${world.schema}".cursors where subscription = 'leased'`)).rows[0]?.owner != null,
+    );
+    // Another worker takes the partition over, as after a pause longer than the lease.
+    await admin.query(`update "${world.schema}".cursors set owner = 'another-worker', epoch = epoch + 1 where subscription = 'leased'`);
+    await waitFor('lease:lost', () => events.includes('lease:lost leased'));
+    const { rows } = await admin.query('select pg_terminate_backend(pid) as cut from pg_stat_activity where application_name = $1', [
+      `tidings-notifier:${world.schema}`,
+    ]);
+    assert.equal(rows.length, 1, 'the notifier had its connection');
+    await waitFor('the notifier back', () => events.includes('connection:restored postgres'));
+  } finally {
+    await admin.end();
+  }
+  assert.ok(events.includes('connection:lost postgres'));
+  assert.ok(lines.some((line) => line.msg === 'lease:lost' && line.subscription === 'leased' && line.level === 40));
+  assert.ok(lines.some((line) => line.msg === 'connection:restored' && line.backbone === 'postgres' && line.level === 30));
+  await bus.stop();
 });

@@ -15,6 +15,9 @@ import { NatsDeadLetters } from './dead-letters.ts';
 import type { NatsContext } from './context.ts';
 import { apiErrorCode, isUnavailable, refusedForGood } from './errors.ts';
 import { resolveNatsSettings, type NatsOptions, type NatsSettings } from './options.ts';
+import { natsHealth, watchConnection } from './observe.ts';
+import type { BackboneObserver } from '../telemetry/observer.ts';
+import type { HealthCheck } from '../telemetry/status.ts';
 
 /** Written in the stream's description: server 2.9 streams have no metadata. */
 const BUCKETS_MARK = /tidings buckets=(\d+)/;
@@ -30,6 +33,7 @@ export class NatsBroker implements Broker {
   readonly #warn: (message: string, error?: unknown) => void;
   #opening: Promise<NatsContext> | undefined;
   #closed = false;
+  #observer: BackboneObserver | undefined;
 
   /** Options given explicitly; the others follow an existing stream. */
   readonly #explicit: { readonly buckets: boolean; readonly subjectPrefix: boolean };
@@ -42,6 +46,14 @@ export class NatsBroker implements Broker {
 
   async open(): Promise<void> {
     await this.context();
+  }
+
+  observe(observer: BackboneObserver): void {
+    this.#observer = observer;
+  }
+
+  async health(): Promise<readonly HealthCheck[]> {
+    return natsHealth((await this.context()).nc, this.settings.servers);
   }
 
   /** @internal The connection and topology, opened once. */
@@ -79,6 +91,7 @@ export class NatsBroker implements Broker {
         },
       );
     }
+    watchConnection(nc, () => this.#observer);
     try {
       const jsm = await jetstream.jetstreamManager(nc, { timeout: s.publishTimeoutMs });
       const description = `tidings buckets=${s.buckets}: Tidings messages, subjects ${s.subjectPrefix}.<bucket>.<topic>`;
@@ -140,7 +153,7 @@ export class NatsBroker implements Broker {
       const holdsBucket = `${s.stream}_holds`;
       const leases = await kvm.create(leasesBucket, { ttl: s.leaseMs, history: 1, replicas: s.replicas, timeout: s.publishTimeoutMs });
       const holds = await kvm.create(holdsBucket, { history: 1, replicas: s.replicas, timeout: s.publishTimeoutMs });
-      return { nc, js, jsm, leases, leasesBucket, holds, holdsBucket, settings: s, dlqStream, dlqPrefix, warn: this.#warn };
+      return { nc, js, jsm, leases, leasesBucket, holds, holdsBucket, settings: s, dlqStream, dlqPrefix, warn: this.#warn, observer: () => this.#observer };
     } catch (error) {
       await nc.close().catch(() => undefined);
       if (error instanceof TidingsError) throw error;

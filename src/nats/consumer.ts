@@ -236,6 +236,8 @@ export class NatsConsumer implements Consumer {
         const conflict = apiErrorCode(error) === 10071 || /wrong last sequence/i.test(String((error as Error).message));
         if (conflict || Date.now() - lane.renewedAt > settings.leaseMs - settings.heartbeatMs) {
           this.#ctx.warn(`Subscription ${this.#spec.name}: lost the lease of bucket ${lane.bucket}; its messages go back to JetStream`, error);
+          const detail = `the lease of bucket ${lane.bucket} expired or was taken over`;
+          this.#ctx.observer?.()?.emit('lease:lost', { subscription: this.#spec.name, backbone: 'nats', detail });
           void this.#release(lane, false);
         }
       }

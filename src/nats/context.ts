@@ -2,6 +2,7 @@ import type { JetStreamClient, JetStreamManager } from '@nats-io/jetstream';
 import type { KV } from '@nats-io/kv';
 import type { NatsConnection } from '@nats-io/transport-node';
 import type { NatsSettings } from './options.ts';
+import type { BackboneObserver } from '../telemetry/observer.ts';
 
 /** What consumers and the dead-letter store share with the broker once it is open. */
 export interface NatsContext {
@@ -18,4 +19,6 @@ export interface NatsContext {
   readonly dlqStream: string;
   readonly dlqPrefix: string;
   readonly warn: (message: string, error?: unknown) => void;
+  /** The bus's telemetry, once it handed it over (Backbone.observe): told of lost leases. */
+  readonly observer?: () => BackboneObserver | undefined;
 }

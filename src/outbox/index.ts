@@ -120,6 +120,8 @@ export class BrokerBackbone implements Backbone<PgTransaction> {
 
   observe(observer: BackboneObserver): void {
     this.#observer = observer;
+    this.broker.observe?.(observer);
+    this.outbox?.observe(observer);
   }
 
   /** Hands one outbox message to the broker, in its relay span; waits out a broker outage rather than giving up on it. */

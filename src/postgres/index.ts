@@ -9,6 +9,7 @@ import { PostgresConsumer, type ConsumerSettings } from './consume/consumer.ts';
 import { deadLetterStore, readStatus } from './admin.ts';
 import { postgresHealth, postgresStatus } from './observe.ts';
 import type { BackboneStatus, HealthCheck } from '../telemetry/status.ts';
+import type { BackboneObserver } from '../telemetry/observer.ts';
 import { checkIdentifier, pgDriver, pgliteDriver, preparing, runStatement, urlProblem, type PGliteLike, type PgPoolLike, type SqlDriver } from './driver.ts';
 import { Inbox } from './inbox.ts';
 import { toEnvelope, type LogRow } from './log.ts';
@@ -170,6 +171,8 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
   #closing: Promise<void> | undefined;
   #scheduler: Scheduler | undefined;
   #replies: ReplyWaiter | undefined;
+  /** The bus's telemetry (Backbone.observe): lost leases and the notifier's connection are told to it. */
+  #observer: BackboneObserver | undefined;
 
   constructor(options: PostgresOptions) {
     const problems = new OptionProblems('postgres()');
@@ -234,6 +237,12 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
       reconnectMaxMs: postgresDefaults.reconnectMaxMs,
       selfTestMs: postgresDefaults.selfTestMs,
       warn: this.#warn,
+      connection: (lost, error) =>
+        this.#observer?.emit(lost ? 'connection:lost' : 'connection:restored', {
+          backbone: 'postgres',
+          detail: `the notifier's connection to ${driver.description}`,
+          ...(error === undefined ? {} : { error }),
+        }),
       othersConsume: async () => {
         const { rows } = await driver.query<{ others: boolean }>(this.#sql.othersConsume, [[...this.#workers]]);
         return rows[0]?.others !== false;
@@ -463,6 +472,7 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
         warn: this.#warn,
         committed: (topics) => this.#notifier?.poke(topics),
         workers: this.#workers,
+        observer: this.#observer,
       },
       spec,
       handle,
@@ -490,6 +500,10 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
   async messages(topic?: string, limit = 10_000): Promise<Envelope[]> {
     await this.open();
     return (await this.driver.query<LogRow>(this.#sql.newestMessages, [limit, topic ?? null])).rows.map(toEnvelope);
+  }
+
+  observe(observer: BackboneObserver): void {
+    this.#observer = observer;
   }
 
   /** Lag, held keys and dead letters per subscription, for the metrics' gauges (observe.ts). */

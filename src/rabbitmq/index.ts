@@ -18,6 +18,9 @@ import { RabbitDeadLetters } from './dead-letters.ts';
 import { Link, redact } from './link.ts';
 import { Publisher } from './publisher.ts';
 import { Names } from './topology.ts';
+import { healthDefaults } from '../telemetry/health.ts';
+import type { BackboneObserver } from '../telemetry/observer.ts';
+import type { HealthCheck } from '../telemetry/status.ts';
 
 export { BUCKETS, CE_PREFIX, routingKey } from './headers.ts';
 export { partitionPatterns } from './topology.ts';
@@ -99,6 +102,7 @@ export class RabbitBroker implements Broker {
   readonly #deadLetters: RabbitDeadLetters;
   readonly #consumers = new Set<RabbitConsumer>();
   #opening: Promise<void> | undefined;
+  #observer: BackboneObserver | undefined;
 
   constructor(options: RabbitMqOptions) {
     const problems = new OptionProblems('rabbitmq()');
@@ -152,7 +156,12 @@ export class RabbitBroker implements Broker {
     };
     const s = this.#settings;
     this.names = new Names(s.prefix);
-    this.#link = new Link({ ...s, connectionName: s.connectionName });
+    this.#link = new Link({
+      ...s,
+      connectionName: s.connectionName,
+      connection: (lost) =>
+        this.#observer?.emit(lost ? 'connection:lost' : 'connection:restored', { backbone: 'rabbitmq', detail: `RabbitMQ at ${redact(s.url)}` }),
+    });
     this.#publisher = new Publisher(this.#link, this.names, s);
     this.#deadLetters = new RabbitDeadLetters(this.#link, this.names, {
       quorum: s.quorum,
@@ -160,6 +169,22 @@ export class RabbitBroker implements Broker {
       listLimit: d.deadLetterListLimit,
       connectTimeoutMs: s.connectTimeoutMs,
     });
+  }
+
+  observe(observer: BackboneObserver): void {
+    this.#observer = observer;
+  }
+
+  /** Reachable: a connection is open, or one opens within the health check's time (asking for it starts a reconnect). */
+  async health(): Promise<readonly HealthCheck[]> {
+    const where = `RabbitMQ at ${redact(this.#settings.url)}`;
+    try {
+      // Half the check's time: the answer, either way, must come before the bus gives up on the check.
+      await this.#link.connection(Date.now() + healthDefaults.timeoutMs / 2);
+      return [{ name: 'broker', ok: true, detail: `connected to ${where}` }];
+    } catch (error) {
+      return [{ name: 'broker', ok: false, detail: `${where} is unreachable: ${(error as Error).message}` }];
+    }
   }
 
   /** Connects (within `connectTimeoutMs`, else a retryable BACKBONE_UNAVAILABLE). Queues are declared per subscription. */
