@@ -484,10 +484,14 @@ export class Bus<Tx = unknown> {
         await this.backbone.reply?.(request.id, { data: reply }, tx);
       },
     });
-    const count = (result: DeliveryResult): DeliveryResult => {
-      if (result.outcome === 'ack') counts.handled++;
-      else if (result.outcome === 'retry') counts.retried++;
+    const count = (delivery: Delivery<Tx>, result: DeliveryResult): DeliveryResult => {
+      if (result.outcome === 'ack') {
+        counts.handled++;
+        return result;
+      }
+      if (result.outcome === 'retry') counts.retried++;
       else counts.deadLettered++;
+      this.#telemetry.failed(subscription.name, delivery, result);
       return result;
     };
     const requests = new Set([...subscription.routes.values()].filter((route) => route.contract.reply !== undefined).map((route) => route.contract.topic));
@@ -507,8 +511,8 @@ export class Bus<Tx = unknown> {
     const handle: DeliveryHandler<Tx> = this.#telemetry.consumer(
       subscription.name,
       requests.size === 0
-        ? (delivery) => pipeline(delivery).then(count)
-        : (delivery) => pipeline(delivery).then((result) => count(answerFailure(delivery, result))),
+        ? (delivery) => pipeline(delivery).then((result) => count(delivery, result))
+        : (delivery) => pipeline(delivery).then((result) => count(delivery, answerFailure(delivery, result))),
     );
     const consumer = await this.backbone.consume(
       {

@@ -96,22 +96,24 @@ export class BusTelemetry implements BackboneObserver {
 
   /**
    * The delivery handler the backbone calls for each attempt of `subscription`: `handle` in its process span,
-   * timed and counted, with a log line and an event for each retry, dead letter and invalid message.
+   * timed and counted. Without tracing and metrics (no API installed, or turned off), `handle` itself: the
+   * bus has loaded telemetry before it starts consumers, so this is decided once.
    */
   consumer<Tx>(subscription: string, handle: DeliveryHandler<Tx>): DeliveryHandler<Tx> {
+    const tracing = this.#tracing;
+    const metrics = this.#metrics;
+    if (tracing === undefined && metrics === undefined) return handle;
     return async (delivery) => {
-      const tracing = this.#tracing;
-      const metrics = this.#metrics;
       const started = metrics === undefined ? 0 : performance.now();
       const result =
         tracing === undefined ? await handle(delivery) : await tracing.process(subscription, delivery as Delivery<unknown>, () => handle(delivery));
       metrics?.attempt(subscription, delivery.envelope.topic, result, (performance.now() - started) / 1_000, delivery.envelope.time);
-      if (result.outcome !== 'ack') this.#failed(subscription, delivery, result);
       return result;
     };
   }
 
-  #failed(subscription: string, { envelope, attempt }: Delivery<unknown>, result: Exclude<DeliveryResult, { outcome: 'ack' }>): void {
+  /** An attempt of `subscription` failed: a log line and an event for the retry, the dead letter, the invalid message. */
+  failed(subscription: string, { envelope, attempt }: Delivery<unknown>, result: Exclude<DeliveryResult, { outcome: 'ack' }>): void {
     const { events } = this;
     const logger = this.#options.logger;
     if (logger === undefined && !events.has('message:retry') && !events.has('message:dead-letter') && !events.has('message:invalid')) return;
