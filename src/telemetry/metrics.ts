@@ -21,8 +21,8 @@ export class BusMetrics {
   readonly #deadLettered: Counter;
   readonly #duration: Histogram;
   readonly #latency: Histogram;
-  /** Attribute sets by topic and subscription, made once: metrics are recorded for every message. */
-  readonly #attributes = new Map<string, Attributes>();
+  /** Attribute sets by subscription (`undefined` for publishes) and topic, made once: metrics are recorded for every message. */
+  readonly #attributes = new Map<string | undefined, Map<string, Attributes>>();
 
   constructor(
     meter: Meter,
@@ -72,14 +72,18 @@ export class BusMetrics {
   }
 
   #of(topic: string, subscription: string | undefined): Attributes {
-    const key = subscription === undefined ? topic : `${topic}\u0000${subscription}`;
-    let attributes = this.#attributes.get(key);
+    let byTopic = this.#attributes.get(subscription);
+    if (byTopic === undefined) {
+      byTopic = new Map();
+      this.#attributes.set(subscription, byTopic);
+    }
+    let attributes = byTopic.get(topic);
     if (attributes === undefined) {
       attributes =
         subscription === undefined
           ? { [MESSAGING_SYSTEM]: this.system, [OPERATION_NAME]: 'send', [DESTINATION]: topic }
           : { [MESSAGING_SYSTEM]: this.system, [OPERATION_NAME]: 'process', [DESTINATION]: topic, [CONSUMER_GROUP]: subscription };
-      this.#attributes.set(key, attributes);
+      byTopic.set(topic, attributes);
     }
     return attributes;
   }
