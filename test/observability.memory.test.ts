@@ -208,3 +208,13 @@ test('without @opentelemetry/api wanted (telemetry: false) nothing is recorded a
   assert.equal(got[0], parent, 'the traceparent travels as given');
   assert.equal(otel.spans().length, 0);
 });
+
+test('telemetry and logger options are checked by name', () => {
+  assert.throws(
+    () => createBus({ service: 's', backbone: memory(), telemetry: { tracer: {} } as never, logger: { info: () => undefined } as never }),
+    (error: Error) =>
+      error.message.includes('telemetry.tracer') &&
+      error.message.includes('logger must be pino-style, with error, warn, info methods taking (record, message); it lacks error, warn'),
+  );
+  assert.throws(() => createBus({ service: 's', backbone: memory(), telemetry: { tracerProvider: {} } as never }), /telemetry\.tracerProvider must be/);
+});

@@ -95,7 +95,7 @@ test('bus.health(): ready once started, with its checks; the probes answer 200, 
   const before = await bus.health();
   assert.equal(before.live, true);
   assert.equal(before.ready, false);
-  assert.deepEqual(before.reasons, ['bus: the bus is idle']);
+  assert.deepEqual(before.reasons, ['bus: the bus is idle: call bus.start()']);
   await bus.start();
   const health = await bus.health();
   assert.equal(health.ready, true, JSON.stringify(health));

@@ -26,7 +26,7 @@ import { busDefaults, OptionProblems, optionNames, resolveSubscribeOptions, type
 import type { BusEventListener, BusEventName } from '../telemetry/events.ts';
 import { busHealth, type BusHealth, type HealthOptions } from '../telemetry/health.ts';
 import { loggerWarning, type Logger } from '../telemetry/logger.ts';
-import type { TelemetryOptions } from '../telemetry/options.ts';
+import { checkTelemetryOptions, type TelemetryOptions } from '../telemetry/options.ts';
 import { BusTelemetry } from '../telemetry/telemetry.ts';
 
 export type { PublishedMessage, PublishOptions, RequestOptions } from './publish.ts';
@@ -129,6 +129,8 @@ export class Bus<Tx = unknown> {
   readonly #background: unknown[] = [];
   #stopping = new AbortController();
   #opened: Promise<void> | undefined;
+  /** The backbone opened (health checks it only then: a check must not be what opens it). */
+  #backboneOpen = false;
   #starting: Promise<void> | undefined;
   #stopped: Promise<void> | undefined;
   #forgetSignals: (() => void) | undefined;
@@ -143,6 +145,7 @@ export class Bus<Tx = unknown> {
     );
     problems.check(options?.backbone !== undefined && typeof options.backbone.publish === 'function', 'backbone is required, for example postgres({ url })');
     problems.integer('maxPayloadBytes', options?.maxPayloadBytes, 1);
+    checkTelemetryOptions(problems, options?.telemetry, options?.logger);
     problems.throwIfAny();
     this.service = options.service;
     this.backbone = options.backbone;
@@ -176,7 +179,14 @@ export class Bus<Tx = unknown> {
    * reasons when not: what Kubernetes' probes ask (`healthHandler` in tidings serves them over HTTP).
    */
   health(options?: HealthOptions): Promise<BusHealth> {
-    const inputs = { state: this.#state, failures: this.#background, backbone: this.backbone as Backbone<unknown>, status: () => this.#telemetry.status() };
+    const inputs = {
+      state: this.#state,
+      consumes: this.#subscriptions.size > 0 || this.#schedules.size > 0,
+      opened: this.#backboneOpen,
+      failures: this.#background,
+      backbone: this.backbone as Backbone<unknown>,
+      status: () => this.#telemetry.status(),
+    };
     return busHealth(inputs, options);
   }
 
@@ -462,7 +472,12 @@ export class Bus<Tx = unknown> {
   #open(): Promise<void> {
     if (this.#state === 'stopped') return Promise.reject(new TidingsError('STOPPED', 'This bus was stopped'));
     // Telemetry first: the backbone may start its relay as it opens, and the relay's spans need the tracer.
-    this.#opened ??= this.#telemetry.load().then(() => this.backbone.open());
+    this.#opened ??= this.#telemetry
+      .load()
+      .then(() => this.backbone.open())
+      .then(() => {
+        this.#backboneOpen = true;
+      });
     return this.#opened;
   }
 

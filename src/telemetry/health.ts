@@ -2,9 +2,10 @@
  * `bus.health()`: whether the process is live (restart it if not) and ready (it can do its work now), with
  * the reason when it is not, for Kubernetes' liveness and readiness probes (http.ts serves them).
  *
- * Live: the bus is not stopped and no subscription failed to start. Ready: live, started, and every check
- * the backbone reports passes (database or broker reachable, the notifier listening or polling) and, for a
- * broker with an outbox, the relay keeps up (its oldest unrelayed message is younger than `relayMaxAgeMs`).
+ * Live: the bus is not stopped and no subscription failed to start. Ready: live, started (a bus without
+ * subscriptions or schedules only publishes and needs no start), and every check the backbone reports passes
+ * (database or broker reachable, the notifier listening or polling) and, for a broker with an outbox, the
+ * relay keeps up (its oldest unrelayed message is younger than `relayMaxAgeMs`).
  */
 import type { Backbone } from '../core/backbone.ts';
 import type { BackboneStatus, HealthCheck } from './status.ts';
@@ -36,6 +37,10 @@ export interface HealthOptions {
 
 export interface HealthInputs {
   readonly state: 'idle' | 'starting' | 'running' | 'stopping' | 'stopped';
+  /** The bus has subscriptions or schedules: it is ready only once started. Without, it only publishes, and needs no start. */
+  readonly consumes: boolean;
+  /** The backbone is open (by a start, or a publishing bus's first publish). */
+  readonly opened: boolean;
   /** Errors of subscriptions that failed to start in the background. */
   readonly failures: readonly unknown[];
   readonly backbone: Backbone<unknown>;
@@ -46,14 +51,27 @@ export interface HealthInputs {
 export async function busHealth(inputs: HealthInputs, options: HealthOptions = {}): Promise<BusHealth> {
   const timeoutMs = options.timeoutMs ?? healthDefaults.timeoutMs;
   const relayMaxAgeMs = options.relayMaxAgeMs ?? healthDefaults.relayMaxAgeMs;
+  const publishing = !inputs.consumes && inputs.state === 'idle';
+  const working = inputs.state === 'running' || publishing;
   const checks: HealthCheck[] = [
-    { name: 'bus', ok: inputs.state === 'running', detail: inputs.state === 'running' ? 'running' : `the bus is ${inputs.state}` },
+    {
+      name: 'bus',
+      ok: working,
+      detail:
+        inputs.state === 'running'
+          ? 'running'
+          : publishing
+            ? 'publishing only'
+            : `the bus is ${inputs.state}${inputs.state === 'idle' ? ': call bus.start()' : ''}`,
+    },
   ];
   for (const failure of inputs.failures) {
     checks.push({ name: 'subscription', ok: false, detail: `a subscription failed to start: ${(failure as Error)?.message ?? String(failure)}` });
   }
   const live = inputs.state !== 'stopping' && inputs.state !== 'stopped' && inputs.failures.length === 0;
-  if (inputs.state === 'running') {
+  // A publishing bus opens its backbone at its first publish; until then there is nothing to check (a
+  // check must not be what opens it: an open that fails would stay failed).
+  if (working && inputs.opened) {
     const [reported, status] = await Promise.all([
       within(timeoutMs, inputs.backbone.health?.() ?? Promise.resolve([]), 'the backbone did not answer its health check'),
       within(timeoutMs, inputs.status(), 'the backbone did not report its status'),

@@ -4,6 +4,7 @@
  * the providers registered with it (or the ones given here); when it is not, nothing is recorded and nothing
  * is paid. Logs and events need no package.
  */
+import { optionNames, type OptionProblems } from '../core/options.ts';
 import type { Logger } from './logger.ts';
 
 /** The part of an OpenTelemetry `TracerProvider` Tidings calls (typed loosely so Tidings' types never need the API installed). */
@@ -40,10 +41,33 @@ export const telemetryDefaults = {
   statusCacheMs: 5_000,
 } as const satisfies Required<Pick<TelemetryOptions, 'tracing' | 'metrics'>> & Record<string, unknown>;
 
-/** The bus options this module reads, resolved. */
-export interface ResolvedTelemetry {
-  readonly telemetry: TelemetryOptions | false;
-  readonly logger: Logger | undefined;
+/** Adds to `problems` what is wrong with the bus's `telemetry` and `logger` options, by name. */
+export function checkTelemetryOptions(problems: OptionProblems, telemetry: unknown, logger: unknown): void {
+  if (telemetry !== undefined && telemetry !== false) {
+    problems.check(typeof telemetry === 'object' && telemetry !== null, 'telemetry must be false or { tracerProvider, meterProvider, tracing, metrics }');
+    if (typeof telemetry === 'object' && telemetry !== null) {
+      problems.unknownKeys(telemetry, optionNames<TelemetryOptions>()('tracerProvider', 'meterProvider', 'tracing', 'metrics'), 'telemetry.');
+      const { tracerProvider, meterProvider, tracing, metrics } = telemetry as TelemetryOptions;
+      problems.check(
+        tracerProvider === undefined || typeof tracerProvider?.getTracer === 'function',
+        'telemetry.tracerProvider must be an OpenTelemetry TracerProvider (with getTracer)',
+      );
+      problems.check(
+        meterProvider === undefined || typeof meterProvider?.getMeter === 'function',
+        'telemetry.meterProvider must be an OpenTelemetry MeterProvider (with getMeter)',
+      );
+      problems.oneOf('telemetry.tracing', tracing, [true, false]);
+      problems.oneOf('telemetry.metrics', metrics, [true, false]);
+    }
+  }
+  if (logger !== undefined) {
+    const methods = ['error', 'warn', 'info'] as const;
+    const missing = methods.filter((method) => typeof (logger as Record<string, unknown> | null)?.[method] !== 'function');
+    problems.check(
+      missing.length === 0,
+      `logger must be pino-style, with ${methods.join(', ')} methods taking (record, message); it lacks ${missing.join(', ')}`,
+    );
+  }
 }
 
 export type { Logger };

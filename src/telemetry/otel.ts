@@ -4,7 +4,7 @@
  * The import is written out here so bundlers see it.
  */
 import type * as Api from '@opentelemetry/api';
-import { packageError } from '../core/packages.ts';
+import { isNotInstalled, packageError } from '../core/packages.ts';
 
 export type OtelApi = typeof Api;
 
@@ -12,9 +12,10 @@ export async function loadOtel(warn: (message: string, error?: unknown) => void)
   try {
     return await import('@opentelemetry/api');
   } catch (cause) {
-    const error = packageError(cause, '@opentelemetry/api', 'Tracing and metrics');
     // Not installed is the ordinary way to run without telemetry; a broken install is worth a line.
-    if (!error.message.includes('is not installed')) warn(`${error.message}; the bus runs without traces and metrics`, cause);
+    if (!isNotInstalled(cause, '@opentelemetry/api')) {
+      warn(`${packageError(cause, '@opentelemetry/api', 'Tracing and metrics').message}; the bus runs without traces and metrics`, cause);
+    }
     return undefined;
   }
 }
