@@ -4,6 +4,7 @@
  * core's seams (publish, and the delivery handler every backbone calls per attempt).
  */
 import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
 import { Writable } from 'node:stream';
 import { test } from 'node:test';
 import { SpanKind } from '@opentelemetry/api';
@@ -217,4 +218,20 @@ test('telemetry and logger options are checked by name', () => {
       error.message.includes('logger must be pino-style, with error, warn, info methods taking (record, message); it lacks error, warn'),
   );
   assert.throws(() => createBus({ service: 's', backbone: memory(), telemetry: { tracerProvider: {} } as never }), /telemetry\.tracerProvider must be/);
+});
+
+test('without @opentelemetry/api installed: the bus runs as before, silently, and the traceparent travels as given', async () => {
+  const child = spawnSync(
+    process.execPath,
+    ['--import', 'tsx', '--import', './test/fixtures/hide-otel.ts', '--conditions=tidings-source', 'test/fixtures/bus-without-otel.ts'],
+    {
+      encoding: 'utf8',
+      timeout: 60_000,
+    },
+  );
+  assert.equal(child.status, 0, child.stderr);
+  const result = JSON.parse(child.stdout.trim().split('\n').at(-1)!) as { seen: string[]; warnings: string[]; api: string };
+  assert.equal(result.api, 'ERR_MODULE_NOT_FOUND', 'the package is out of reach');
+  assert.deepEqual(result.seen, ['00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01']);
+  assert.deepEqual(result.warnings, []);
 });
