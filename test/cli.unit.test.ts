@@ -10,7 +10,7 @@ import { test } from 'node:test';
 import { resolveGlobals } from '../src/cli/config.ts';
 import { coloured, plain, styleFor } from '../src/cli/format.ts';
 import { renderStatus } from '../src/cli/status.ts';
-import type { PartitionStatus, Status, SubscriptionStatus, WorkerStatus } from '../src/postgres/admin.ts';
+import type { PartitionStatus, Status, SubscriptionStatus, WorkerStatus } from '../src/postgres/index.ts';
 
 const worker: WorkerStatus = {
   id: 'w-1',

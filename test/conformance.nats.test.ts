@@ -25,7 +25,7 @@ conformance<PgTransaction>({
       },
     };
   },
-  offers: { transactions: true, durable: true, balances: true },
+  offers: { transactions: true, durable: true, balances: true, commandOwners: true },
 });
 
 conformance<PgTransaction>({
@@ -35,5 +35,5 @@ conformance<PgTransaction>({
     if (ns === undefined) return undefined;
     return { backbone: () => nats(ns.options()), cleanup: () => ns.cleanup() };
   },
-  offers: { transactions: false, durable: true, balances: true },
+  offers: { transactions: false, durable: true, balances: true, commandOwners: true },
 });

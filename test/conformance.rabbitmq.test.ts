@@ -32,7 +32,7 @@ conformance<PgTransaction>({
       },
     };
   },
-  offers: { transactions: true, durable: true, balances: true },
+  offers: { transactions: true, durable: true, balances: true, commandOwners: true },
 });
 
 conformance<PgTransaction>({
@@ -42,5 +42,5 @@ conformance<PgTransaction>({
     if (p === undefined) return undefined;
     return { backbone: () => rabbitmq(testOptions(p)), cleanup: () => deleteByPrefix(p) };
   },
-  offers: { transactions: false, durable: true, balances: true },
+  offers: { transactions: false, durable: true, balances: true, commandOwners: true },
 });

@@ -5,41 +5,18 @@
  * caller drives, commit order against positions, long transactions, worker processes and kill -9.
  */
 import assert from 'node:assert/strict';
-import { after, test, type TestContext } from 'node:test';
+import { test } from 'node:test';
 import { z } from 'zod';
-import { createBus, deadLetter, defineEvent, PermanentError, type Bus } from '../src/index.ts';
-import { postgres, type PgTransaction } from '../src/postgres/index.ts';
+import { deadLetter, defineEvent, PermanentError } from '../src/index.ts';
 import { Ticked, Tocked } from './fixtures/contracts.ts';
+import { pgWorld } from './fixtures/bus.ts';
 import { startProcess, type TestProcess } from './fixtures/processes.ts';
-import { connect, createEffects, DATABASE_URL, dropSchema, requirePostgres, sleep, uniqueSchema, waitFor } from './helpers.ts';
-
-const schemas: string[] = [];
-const buses: Bus<PgTransaction>[] = [];
-after(async () => {
-  await Promise.all(buses.map((bus) => bus.stop().catch(() => undefined)));
-  for (const schema of schemas) await dropSchema(schema);
-});
-
-function newBus(schema: string, service = 'test'): Bus<PgTransaction> {
-  const bus = createBus({
-    service,
-    backbone: postgres({ url: DATABASE_URL, schema, leaseMs: 2_000, heartbeatMs: 500, pollMs: 1_000, onWarning: () => undefined }),
-  });
-  buses.push(bus);
-  return bus;
-}
-
-async function setup(t: TestContext): Promise<string | undefined> {
-  if (!(await requirePostgres(t))) return undefined;
-  const schema = uniqueSchema('g');
-  schemas.push(schema);
-  return schema;
-}
+import { connect, createEffects, sleep, waitFor } from './helpers.ts';
 
 test('1. atomic publish in a transaction the caller drives on its own connection', async (t) => {
-  const schema = await setup(t);
-  if (schema === undefined) return;
-  const bus = newBus(schema);
+  const world = await pgWorld(t, 'g');
+  if (world === undefined) return;
+  const bus = world.bus();
   const seen: string[] = [];
   bus.subscribe('atomic', Ticked, (message) => {
     seen.push(`${message.data.key}:${message.data.seq}`);
@@ -59,9 +36,10 @@ test('1. atomic publish in a transaction the caller drives on its own connection
 });
 
 test('2. no skipped messages: 8 publishers committing out of order, 5,000 messages, consumers reading throughout', async (t) => {
-  const schema = await setup(t);
-  if (schema === undefined) return;
-  const bus = newBus(schema);
+  const world = await pgWorld(t, 'g');
+  if (world === undefined) return;
+  const { schema } = world;
+  const bus = world.bus();
   const seen = new Map<string, number>();
   bus.subscribe(
     'all-of-them',
@@ -118,9 +96,9 @@ test('2. no skipped messages: 8 publishers committing out of order, 5,000 messag
 });
 
 test('2b. an unrelated long-running transaction does not hold back delivery', async (t) => {
-  const schema = await setup(t);
-  if (schema === undefined) return;
-  const bus = newBus(schema);
+  const world = await pgWorld(t, 'g');
+  if (world === undefined) return;
+  const bus = world.bus();
   const seen: number[] = [];
   bus.subscribe('not-blocked', Ticked, (message) => {
     seen.push(message.data.seq);
@@ -142,9 +120,9 @@ test('2b. an unrelated long-running transaction does not hold back delivery', as
 });
 
 test('2c. a large window is read in bounded ranges: a rare topic among many others, small batches, nothing missed', async (t) => {
-  const schema = await setup(t);
-  if (schema === undefined) return;
-  const publisher = newBus(schema);
+  const world = await pgWorld(t, 'g');
+  if (world === undefined) return;
+  const publisher = world.bus();
   await publisher.start();
   const Other = defineEvent('test.other', { schema: z.object({ n: z.number() }) });
   const expected: number[] = [];
@@ -164,7 +142,7 @@ test('2c. a large window is read in bounded ranges: a rare topic among many othe
       expected.push(seq, seq + 1, seq + 2);
     });
   }
-  const bus = newBus(schema);
+  const bus = world.bus();
   const seen: number[] = [];
   bus.subscribe(
     'rare-reader',
@@ -189,10 +167,11 @@ async function effects(schema: string): Promise<Array<{ message_id: string; key:
 }
 
 test('3. per-key order with two worker processes and 50 keys; keys run in parallel', async (t) => {
-  const schema = await setup(t);
-  if (schema === undefined) return;
+  const world = await pgWorld(t, 'g');
+  if (world === undefined) return;
+  const { schema } = world;
   await createEffects(schema);
-  const publisher = newBus(schema, 'publisher');
+  const publisher = world.bus('publisher');
   await publisher.start();
   const first = await startProcess('worker', { SCHEMA: schema, HANDLE_MS: '1' });
   const keys = 50;
@@ -233,10 +212,11 @@ test('3. per-key order with two worker processes and 50 keys; keys run in parall
 });
 
 test('3b. a rolling deploy across processes, both ways: adding a topic (its first new worker killed -9 midway), then removing it; each message once, in key order', async (t) => {
-  const schema = await setup(t);
-  if (schema === undefined) return;
+  const world = await pgWorld(t, 'g');
+  if (world === undefined) return;
+  const { schema } = world;
   await createEffects(schema);
-  const publisher = newBus(schema, 'publisher');
+  const publisher = world.bus('publisher');
   await publisher.start();
   const both = `${Ticked.topic},${Tocked.topic}`;
   const workers: TestProcess[] = [];
@@ -312,9 +292,10 @@ test('3b. a rolling deploy across processes, both ways: adding a topic (its firs
 });
 
 test('4. retries follow the schedule; an always-failing message is dead-lettered with its attempts; a held key holds only itself', async (t) => {
-  const schema = await setup(t);
-  if (schema === undefined) return;
-  const bus = newBus(schema);
+  const world = await pgWorld(t, 'g');
+  if (world === undefined) return;
+  const { schema } = world;
+  const bus = world.bus();
   const attempts = new Map<string, number[]>();
   const order: string[] = [];
   bus.subscribe(
@@ -373,10 +354,11 @@ test('4. retries follow the schedule; an always-failing message is dead-lettered
 });
 
 test('5b. kill -9 after the write, before the ack: the effect happens once, on the worker that takes over', async (t) => {
-  const schema = await setup(t);
-  if (schema === undefined) return;
+  const world = await pgWorld(t, 'g');
+  if (world === undefined) return;
+  const { schema } = world;
   await createEffects(schema);
-  const publisher = newBus(schema, 'publisher');
+  const publisher = world.bus('publisher');
   await publisher.start();
   const doomed = await startProcess('worker', { SCHEMA: schema, CRASH_ON: 'k3:5' });
   const { exited } = doomed;
@@ -404,9 +386,10 @@ test('5b. kill -9 after the write, before the ack: the effect happens once, on t
 });
 
 test("6. bad input written behind Tidings' back: an undecodable row is dead-lettered and the consumer goes on", async (t) => {
-  const schema = await setup(t);
-  if (schema === undefined) return;
-  const bus = newBus(schema);
+  const world = await pgWorld(t, 'g');
+  if (world === undefined) return;
+  const { schema } = world;
+  const bus = world.bus();
   const seen: number[] = [];
   bus.subscribe('strict', Ticked, (message) => {
     seen.push(message.data.seq);

@@ -3,34 +3,20 @@
  * another inherits, handler timeouts, retryLater.
  */
 import assert from 'node:assert/strict';
-import { after, test } from 'node:test';
+import { test } from 'node:test';
 import { z } from 'zod';
-import { createBus, defineEvent, retryLater, type Bus, type Message } from '../src/index.ts';
-import { postgres, type PgTransaction } from '../src/postgres/index.ts';
+import { defineEvent, retryLater, type Message } from '../src/index.ts';
 import { Ticked } from './fixtures/contracts.ts';
-import { connect, DATABASE_URL, dropSchema, requirePostgres, sleep, uniqueSchema, waitFor } from './helpers.ts';
+import { connect, sleep, waitFor } from './helpers.ts';
+import { pgWorld } from './fixtures/bus.ts';
 
 const Echoed = defineEvent('test.echoed', { schema: z.object({ of: z.string(), via: z.string() }), key: (data) => data.of });
 
-const schemas: string[] = [];
-const buses: Bus<PgTransaction>[] = [];
-after(async () => {
-  for (const bus of buses) await bus.stop().catch(() => undefined);
-  for (const schema of schemas) await dropSchema(schema);
-});
-
-function newBus(schema: string, service: string): Bus<PgTransaction> {
-  const bus = createBus({ service, backbone: postgres({ url: DATABASE_URL, schema, onWarning: () => undefined }) });
-  buses.push(bus);
-  return bus;
-}
-
 test('a message published while handling another inherits correlation, causation, tenant and trace, and exists only if the handling commits', async (t) => {
-  if (!(await requirePostgres(t))) return;
-  const schema = uniqueSchema('h');
-  schemas.push(schema);
-  const upstream = newBus(schema, 'upstream');
-  const downstream = newBus(schema, 'downstream');
+  const world = await pgWorld(t, 'h');
+  if (world === undefined) return;
+  const upstream = world.bus('upstream');
+  const downstream = world.bus('downstream');
   let attempts = 0;
   let parent: Message<unknown> | undefined;
   downstream.subscribe(
@@ -76,10 +62,10 @@ test('a message published while handling another inherits correlation, causation
 });
 
 test('a handler that hangs is abandoned at its timeout, the attempt counts as failed, and the consumer goes on', async (t) => {
-  if (!(await requirePostgres(t))) return;
-  const schema = uniqueSchema('h');
-  schemas.push(schema);
-  const bus = newBus(schema, 'hanging');
+  const world = await pgWorld(t, 'h');
+  if (world === undefined) return;
+  const { schema } = world;
+  const bus = world.bus('hanging');
   const calls = new Map<number, number>();
   const handled: number[] = [];
   let aborted = 0;

@@ -5,26 +5,18 @@
  * tried (commit 695fa66, reverted: no latency gain measured, more reads per event).
  */
 import assert from 'node:assert/strict';
-import { after, test, type TestContext } from 'node:test';
-import { createBus, keyHash, type Bus } from '../src/index.ts';
-import { postgres, type PgTransaction } from '../src/postgres/index.ts';
+import { test, type TestContext } from 'node:test';
+import { keyHash } from '../src/index.ts';
 import { Ticked } from './fixtures/contracts.ts';
-import { connect, DATABASE_URL, dropSchema, requirePostgres, sleep, uniqueSchema, waitFor } from './helpers.ts';
-
-const schemas: string[] = [];
-const buses: Bus<PgTransaction>[] = [];
-after(async () => {
-  await Promise.all(buses.map((bus) => bus.stop().catch(() => undefined)));
-  for (const schema of schemas) await dropSchema(schema);
-});
+import { connect, sleep, waitFor } from './helpers.ts';
+import { pgWorld } from './fixtures/bus.ts';
 
 /** A schema, a bus on it and a client of the test's own; undefined (skipped) without PostgreSQL. */
 async function setup(t: TestContext, prefix: string) {
-  if (!(await requirePostgres(t))) return undefined;
-  const schema = uniqueSchema(prefix);
-  schemas.push(schema);
-  const bus = createBus({ service: 'inbox-ack', backbone: postgres({ url: DATABASE_URL, schema, onWarning: () => undefined }) });
-  buses.push(bus);
+  const world = await pgWorld(t, prefix);
+  if (world === undefined) return undefined;
+  const { schema } = world;
+  const bus = world.bus('inbox-ack');
   const db = await connect();
   t.after(() => db.end());
   return { schema, bus, db };

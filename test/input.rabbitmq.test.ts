@@ -10,7 +10,7 @@ import { keyHash, newId, TidingsError } from '../src/index.ts';
 import type { Outgoing } from '../src/core/backbone.ts';
 import type { Envelope } from '../src/core/envelope.ts';
 import type { BrokerBackbone } from '../src/outbox/index.ts';
-import { amqpLimits, historyHeader } from '../src/rabbitmq/headers.ts';
+import { amqpLimits, historyHeader } from '../src/rabbitmq/codec.ts';
 import { RabbitBroker, routingKey } from '../src/rabbitmq/index.ts';
 import { Ticked } from './fixtures/contracts.ts';
 import { RABBITMQ_URL, requireBroker, requirePostgres, sleep, waitFor } from './helpers.ts';

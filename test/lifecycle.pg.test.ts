@@ -6,23 +6,16 @@
  */
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { after, test, type TestContext } from 'node:test';
+import { test, type TestContext } from 'node:test';
 import { createBus } from '../src/index.ts';
 import { postgres, readStatus } from '../src/postgres/index.ts';
 import { Ticked } from './fixtures/contracts.ts';
 import pg from 'pg';
-import { createEffects, DATABASE_URL, dropSchema, requirePostgres, uniqueSchema, waitFor } from './helpers.ts';
-
-const schemas: string[] = [];
-after(async () => {
-  for (const schema of schemas) await dropSchema(schema);
-});
+import { createEffects, DATABASE_URL, waitFor } from './helpers.ts';
+import { pgWorld } from './fixtures/bus.ts';
 
 async function setup(t: TestContext): Promise<string | undefined> {
-  if (!(await requirePostgres(t))) return undefined;
-  const schema = uniqueSchema('life');
-  schemas.push(schema);
-  return schema;
+  return (await pgWorld(t, 'life'))?.schema;
 }
 
 test('bus.stop() twice at once, and a backbone closed twice at once: one shared stop, no error', async (t) => {

@@ -3,43 +3,28 @@
  * Buses here poll only every 60 s, so a fast delivery proves a notification woke the consumer.
  */
 import assert from 'node:assert/strict';
-import { after, test } from 'node:test';
-import { createBus, TidingsError, type Bus } from '../src/index.ts';
-import { postgres, type PgTransaction } from '../src/postgres/index.ts';
+import { test } from 'node:test';
+import { createBus, TidingsError } from '../src/index.ts';
+import { postgres } from '../src/postgres/index.ts';
 import { pgDriver, type SqlDriver } from '../src/postgres/driver.ts';
 import { Notifier } from '../src/postgres/notifier.ts';
 import { Ticked } from './fixtures/contracts.ts';
-import { connect, DATABASE_URL, dropSchema, requirePostgres, uniqueSchema, waitFor } from './helpers.ts';
-
-const schemas: string[] = [];
-const buses: Bus<PgTransaction>[] = [];
-after(async () => {
-  for (const bus of buses) await bus.stop().catch(() => undefined);
-  for (const schema of schemas) await dropSchema(schema);
-});
-
-function newBus(schema: string, warnings: string[] = []): Bus<PgTransaction> {
-  const bus = createBus({
-    service: 'notified',
-    backbone: postgres({ url: DATABASE_URL, schema, pollMs: 60_000, onWarning: (message) => warnings.push(message) }),
-  });
-  buses.push(bus);
-  return bus;
-}
+import { connect, DATABASE_URL, requirePostgres, waitFor } from './helpers.ts';
+import { pgWorld } from './fixtures/bus.ts';
 
 test('a publish in one process wakes a consumer in another at once; after its LISTEN connection is killed, the notifier reconnects and catches up', async (t) => {
-  if (!(await requirePostgres(t))) return;
-  const schema = uniqueSchema('n');
-  schemas.push(schema);
+  const world = await pgWorld(t, 'n', { pollMs: 60_000 });
+  if (world === undefined) return;
+  const { schema } = world;
   const warnings: string[] = [];
-  const consumer = newBus(schema, warnings);
+  const consumer = world.bus('notified', { onWarning: (message) => warnings.push(message) });
   const seen: number[] = [];
   consumer.subscribe('woken', Ticked, (message) => {
     seen.push(message.data.seq);
   });
   await consumer.start();
   // A second bus stands for another process: its own pool, its own notifier.
-  const producer = newBus(schema);
+  const producer = world.bus('notified');
   await producer.start();
 
   let started = Date.now();
@@ -73,10 +58,10 @@ test('a publish in one process wakes a consumer in another at once; after its LI
 });
 
 test('a publisher sends no NOTIFY while no other process consumes; one that starts consuming is woken by NOTIFY within about a second', async (t) => {
-  if (!(await requirePostgres(t))) return;
-  const schema = uniqueSchema('n');
-  schemas.push(schema);
-  const producer = newBus(schema);
+  const world = await pgWorld(t, 'n', { pollMs: 60_000 });
+  if (world === undefined) return;
+  const { schema } = world;
+  const producer = world.bus('notified');
   const local: number[] = [];
   // A consumer in the publishing process is woken directly, not by NOTIFY.
   producer.subscribe('local', Ticked, (message) => {
@@ -102,7 +87,7 @@ test('a publisher sends no NOTIFY while no other process consumes; one that star
     assert.equal(heard.length - before, 0, 'no NOTIFY while only the publishing process consumes');
 
     // Another process starts consuming (polling only every 60 s): within ~1 s, publishes NOTIFY again.
-    const remote = newBus(schema);
+    const remote = world.bus('notified');
     const seen: number[] = [];
     remote.subscribe(
       'remote',

@@ -1,5 +1,5 @@
 /**
- * The inbox of a broker with a PostgreSQL outbox (src/outbox/inbox.ts), on RabbitMQ because it keeps every
+ * The inbox of a broker with a PostgreSQL outbox (src/postgres/lazy-transaction.ts), on RabbitMQ because it keeps every
  * copy of a message published twice (JetStream would de-duplicate the id itself). Handlers that never use
  * `ctx.tx` get no transaction: their ids are looked up and recorded by statements shared between
  * deliveries, and a copy of a handled message stops at the look-up. A handler that uses `ctx.tx` gets the

@@ -1,99 +1,85 @@
 /**
- * Sagas on PostgreSQL under faults: instances driven by messages in random order from several publishers,
- * their workers killed with -9 midway; and the operator's view of an instance (listSagas, showSaga). What
- * every backbone promises is in test/conformance/sagas.ts.
+ * Sagas on PostgreSQL under faults: instances driven by messages in random order from publishers in processes
+ * of their own, their workers killed with -9 twice midway; and the operator's view of an instance (listSagas,
+ * showSaga). What every backbone promises is in test/conformance/sagas.ts.
  */
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { listSagas, showSaga, type PostgresBackbone } from '../src/postgres/index.ts';
 import { pgWorld } from './fixtures/bus.ts';
-import { Counter, CounterAdded, CounterStarted, counterRetry } from './fixtures/counter-saga.ts';
-import { startProcess } from './fixtures/processes.ts';
+import { Counter, CounterAdded, CounterStarted, counterRetry, counterWorkload } from './fixtures/counter-saga.ts';
+import { startProcess, type TestProcess } from './fixtures/processes.ts';
 import { connect, sleep, waitFor } from './helpers.ts';
 
-/** A deterministic shuffle (mulberry32), so a failure can be replayed. */
-function shuffle<T>(items: T[], seed: number): T[] {
-  let a = seed;
-  const random = () => {
-    a = (a + 0x6d2b79f5) | 0;
-    let t = Math.imul(a ^ (a >>> 15), 1 | a);
-    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-  for (let i = items.length - 1; i > 0; i--) {
-    const j = Math.floor(random() * (i + 1));
-    [items[i], items[j]] = [items[j]!, items[i]!];
-  }
-  return items;
-}
-
-test('1,000 sagas driven in random order by 4 publishers, their workers killed with -9 midway: each ends as a serial run would', async (t) => {
+test('1,000 sagas driven in random order by 4 publisher processes, workers killed with -9 twice midway: each ends as a serial run would, no update lost', async (t) => {
   const world = await pgWorld(t, 'saga');
   if (world === undefined) return;
   const { schema } = world;
+  const [sagas, seed, publishers] = [1_000, 42, 4];
+  const { messages, expected } = counterWorkload(sagas, seed);
   const workers = [await startProcess('saga-worker', { SCHEMA: schema }), await startProcess('saga-worker', { SCHEMA: schema })];
+  const senders: TestProcess[] = [];
+  const db = await connect();
+  const began = Date.now();
   try {
-    const publishers = Array.from({ length: 4 }, (_, i) => world.bus(`publisher-${i}`));
-    await Promise.all(publishers.map((bus) => bus.start()));
-    const expected = new Map<string, { sum: number; adds: number }>();
-    const messages: Array<{ kind: 'start'; id: string } | { kind: 'add'; id: string; n: number; slot: number }> = [];
-    for (let i = 0; i < 1_000; i++) {
-      const id = `c${i}`;
-      messages.push({ kind: 'start', id });
-      const adds = 1 + (i % 4);
-      let sum = 0;
-      for (let k = 0; k < adds; k++) {
-        const n = (i * 7 + k * 13) % 100;
-        sum += n;
-        messages.push({ kind: 'add', id, n, slot: (i * 3 + k) % 64 });
-      }
-      expected.set(id, { sum, adds });
-    }
-    shuffle(messages, 42);
-    let sent = 0;
-    const killAt = Math.floor(messages.length / 3);
-    await Promise.all(
-      publishers.map(async (bus, p) => {
-        for (let i = p; i < messages.length; i += publishers.length) {
-          const message = messages[i]!;
-          if (message.kind === 'start') await bus.publish(CounterStarted, { id: message.id });
-          else await bus.publish(CounterAdded, { id: message.id, n: message.n, slot: message.slot });
-          if (++sent === killAt) {
-            // A third of the way: one worker dies mid-batch; a fresh one joins.
-            workers[0]!.kill();
-            workers.push(await startProcess('saga-worker', { SCHEMA: schema }));
-          }
-        }
-      }),
+    senders.push(
+      ...(await Promise.all(
+        Array.from({ length: publishers }, (_, index) =>
+          startProcess('saga-publisher', { SCHEMA: schema, SAGAS: String(sagas), SEED: String(seed), INDEX: String(index), PUBLISHERS: String(publishers) }),
+        ),
+      )),
     );
-    const db = await connect();
-    try {
-      await waitFor(
-        'every saga at its final state',
-        async () => {
-          const { rows: done } = await db.query<{ n: number }>(
-            `select count(*)::int as n from "${schema}".sagas s join jsonb_to_recordset($1::jsonb) as e(id text, adds int) on e.id = s.id where s.saga = 'test.counter' and (s.state->>'adds')::int = e.adds`,
-            [JSON.stringify([...expected].map(([id, { adds }]) => ({ id, adds })))],
-          );
-          return done[0]!.n === 1_000;
-        },
-        120_000,
-      );
-      const { rows } = await db.query<{ id: string; state: { sum: number; adds: number }; version: number }>(
-        `select id, state, version from "${schema}".sagas where saga = 'test.counter'`,
-      );
-      assert.equal(rows.length, 1_000);
-      const wrong = rows.filter(
-        (row) => row.state.sum !== expected.get(row.id)!.sum || row.state.adds !== expected.get(row.id)!.adds || row.version !== row.state.adds + 1,
-      );
-      assert.deepEqual(wrong, [], 'each instance: the sum of its adds, once each, one version per transition');
-      const { rows: dead } = await db.query<{ n: number }>(`select count(*)::int as n from "${schema}".dead_letters`);
-      assert.equal(dead[0]!.n, 0, 'no add gave up waiting for its start');
-    } finally {
-      await db.end();
+    const transitions = async () =>
+      (await db.query<{ n: number }>(`select count(*)::int as n from "${schema}".saga_transitions where saga = 'test.counter'`)).rows[0]!.n;
+    // A third and two thirds of the way through the transitions, a worker dies with -9 mid-batch and a fresh one joins.
+    const kills: number[] = [];
+    for (const share of [1 / 3, 2 / 3]) {
+      await waitFor(`${Math.round(share * 100)} % of the transitions`, async () => (await transitions()) >= share * messages.length, 120_000);
+      const victim = workers.find((worker) => worker.child.exitCode === null && worker.child.signalCode === null)!;
+      victim.kill();
+      kills.push(await transitions());
+      workers.push(await startProcess('saga-worker', { SCHEMA: schema }));
     }
+    await waitFor('every publisher done', () => senders.every((sender) => sender.lines.some((line) => line.startsWith('published '))), 120_000);
+    const publishedIn = Date.now() - began;
+    const sent = senders.map((sender) => Number(sender.lines.find((line) => line.startsWith('published '))!.split(' ')[1]));
+    assert.equal(
+      sent.reduce((sum, n) => sum + n, 0),
+      messages.length,
+      'every message published',
+    );
+    await waitFor(
+      'every saga at its final state',
+      async () => {
+        const { rows: done } = await db.query<{ n: number }>(
+          `select count(*)::int as n from "${schema}".sagas s join jsonb_to_recordset($1::jsonb) as e(id text, adds int) on e.id = s.id where s.saga = 'test.counter' and (s.state->>'adds')::int = e.adds`,
+          [JSON.stringify([...expected].map(([id, { adds }]) => ({ id, adds })))],
+        );
+        return done[0]!.n === sagas;
+      },
+      120_000,
+    );
+    await sleep(500);
+    const { rows } = await db.query<{ id: string; state: { sum: number; adds: number }; version: number }>(
+      `select id, state, version from "${schema}".sagas where saga = 'test.counter'`,
+    );
+    assert.equal(rows.length, sagas);
+    const wrong = rows.filter(
+      (row) => row.state.sum !== expected.get(row.id)!.sum || row.state.adds !== expected.get(row.id)!.adds || row.version !== row.state.adds + 1,
+    );
+    assert.deepEqual(wrong, [], 'each instance: the sum of its adds, once each, one version per transition');
+    const { rows: steps } = await db.query<{ n: number; distinct: number }>(
+      `select count(*)::int as n, count(distinct (id, version))::int as distinct from "${schema}".saga_transitions where saga = 'test.counter'`,
+    );
+    assert.deepEqual(steps[0], { n: messages.length, distinct: messages.length }, 'one transition recorded per message, none twice');
+    const { rows: dead } = await db.query<{ n: number }>(`select count(*)::int as n from "${schema}".dead_letters`);
+    assert.equal(dead[0]!.n, 0, 'no add gave up waiting for its start');
+    t.diagnostic(
+      `${messages.length} messages from ${publishers} processes (${sent.join(' + ')}) published within ${publishedIn} ms, every saga final after ${Date.now() - began} ms; workers killed at ${kills.join(' and ')} transitions`,
+    );
   } finally {
-    for (const worker of workers) worker.kill();
+    await db.end();
+    for (const child of [...workers, ...senders]) child.kill();
   }
 });
 

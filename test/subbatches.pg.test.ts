@@ -6,27 +6,21 @@
  * The inbox is off here, so a message read twice would be handled (and counted) twice.
  */
 import assert from 'node:assert/strict';
-import { after, test, type TestContext } from 'node:test';
-import { createBus, type Bus } from '../src/index.ts';
-import { postgres, type PgTransaction } from '../src/postgres/index.ts';
+import { test, type TestContext } from 'node:test';
+import type { Bus } from '../src/index.ts';
+import type { PgTransaction } from '../src/postgres/index.ts';
 import { Ticked } from './fixtures/contracts.ts';
-import { connect, DATABASE_URL, dropSchema, requirePostgres, uniqueSchema, waitFor } from './helpers.ts';
+import { connect, waitFor } from './helpers.ts';
+import { pgWorld } from './fixtures/bus.ts';
 
 const PARTITIONS = 4;
 const KEYS = 40;
 const PER_KEY = 5;
 
-const schemas: string[] = [];
-const buses: Bus<PgTransaction>[] = [];
-after(async () => {
-  await Promise.all(buses.map((bus) => bus.stop().catch(() => undefined)));
-  for (const schema of schemas) await dropSchema(schema);
-});
-
 async function setup(t: TestContext): Promise<{ schema: string; bus: Bus<PgTransaction> } | undefined> {
-  if (!(await requirePostgres(t))) return undefined;
-  const schema = uniqueSchema('sb');
-  schemas.push(schema);
+  const world = await pgWorld(t, 'sb');
+  if (world === undefined) return undefined;
+  const { schema } = world;
   const client = await connect();
   try {
     await client.query(`create schema if not exists "${schema}"`);
@@ -35,12 +29,7 @@ async function setup(t: TestContext): Promise<{ schema: string; bus: Bus<PgTrans
   } finally {
     await client.end();
   }
-  const bus = createBus({
-    service: 'sub-batches',
-    backbone: postgres({ url: DATABASE_URL, schema, leaseMs: 2_000, heartbeatMs: 500, pollMs: 1_000, handlerConnections: 4, onWarning: () => undefined }),
-  });
-  buses.push(bus);
-  return { schema, bus };
+  return { schema, bus: world.bus('sub-batches', { handlerConnections: 4 }) };
 }
 
 async function effects(schema: string): Promise<Array<{ id: string; key: string; seq: number; pid: number; n: number }>> {

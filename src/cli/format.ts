@@ -19,7 +19,7 @@ export interface Column<T> {
 
 export type Tone = 'bad' | 'warn' | 'good' | 'dim';
 
-export interface TableOptions {
+interface TableOptions {
   readonly indent?: string;
   /** The terminal's width: shrinkable columns give way until the table fits. */
   readonly width?: number | undefined;
@@ -122,7 +122,7 @@ function oneLine(text: string): string {
   return text.replace(/\s*\n\s*/g, ' ⏎ ');
 }
 
-export interface Progress {
+interface Progress {
   update(done: number, total: number): void;
   stop(): void;
 }

@@ -10,6 +10,8 @@ import { Command, InvalidArgumentError, Option } from 'commander';
 import { TidingsError } from '../index.ts';
 import { firstPositionAt } from '../postgres/index.ts';
 import { checkIdentifier, urlProblem } from '../postgres/driver.ts';
+import { registerAsyncApi } from './commands/asyncapi.ts';
+import { registerContracts } from './commands/contracts.ts';
 import { registerDeadLetters } from './commands/dead-letters.ts';
 import { registerMigrate } from './commands/migrate.ts';
 import { registerPrune } from './commands/prune.ts';
@@ -74,7 +76,9 @@ Examples:
   tidings replay billing --from 2026-01-31T12:00:00Z --wait
   tidings prune --dry-run
   tidings drift check credentials-gw1
-  tidings replica rebuild credentials-gw1`;
+  tidings replica rebuild credentials-gw1
+  tidings asyncapi --system --check asyncapi.json
+  tidings contracts check --module src/contracts.ts --against asyncapi.json`;
 
 /** Each command's file adds it to the program. */
 export type Register = (program: Command, context: CliContext) => void;
@@ -89,6 +93,8 @@ const commands: readonly Register[] = [
   registerPrune,
   registerReplicas,
   registerSagas,
+  registerAsyncApi,
+  registerContracts,
 ];
 
 export function buildProgram(context: CliContext): Command {
@@ -130,7 +136,7 @@ function packageVersion(): string {
 
 export type From = { kind: 'position'; position: number } | { kind: 'time'; time: string };
 
-export function parseSchema(value: string): string {
+function parseSchema(value: string): string {
   try {
     return checkIdentifier('--schema', value);
   } catch (error) {
@@ -219,7 +225,7 @@ function causedBy(error: unknown, codes: ReadonlySet<string>): boolean {
 }
 
 /** Schemas holding Tidings' tables: a log and a migrations table side by side. */
-export async function tidingsSchemas(db: Database): Promise<string[]> {
+async function tidingsSchemas(db: Database): Promise<string[]> {
   const { rows } = await db.driver.query<{ schema: string }>(
     `select l.table_schema as schema from information_schema.tables l
        join information_schema.tables m on m.table_schema = l.table_schema and m.table_name = 'migrations'
@@ -228,12 +234,12 @@ export async function tidingsSchemas(db: Database): Promise<string[]> {
   return rows.map((row) => row.schema);
 }
 
-export async function hasTidingsTables(db: Database, schema: string): Promise<boolean> {
+async function hasTidingsTables(db: Database, schema: string): Promise<boolean> {
   return (await tidingsSchemas(db)).includes(schema);
 }
 
 /** A --schema with no Tidings tables: which schemas have them, and how to pick one. */
-export async function wrongSchemaMessage(db: Database, schema: string): Promise<string> {
+async function wrongSchemaMessage(db: Database, schema: string): Promise<string> {
   const found = await tidingsSchemas(db);
   return found.length === 0
     ? `Schema ${schema} at ${db.description} has no Tidings tables, and no other schema there has them: a bus creates its schema when it starts, or run tidings migrate --schema ${schema}`

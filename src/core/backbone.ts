@@ -1,3 +1,4 @@
+import type { BackboneDescription, ContractRegistry } from './catalog.ts';
 import type { Envelope } from './envelope.ts';
 import type { DeadLetterStore } from './dead-letters.ts';
 import type { ErrorRecord } from './errors.ts';
@@ -58,6 +59,10 @@ export interface Backbone<Tx = unknown> {
   awaitReply?(requestId: string, signal: AbortSignal, late: () => void): Promise<Reply>;
   /** Optional: where saga instances live, saved in handlers' transactions (core/saga.ts). */
   sagas?(): SagaStore<Tx>;
+  /** Optional: where services record their contracts and subscriptions when they start (core/catalog.ts); undefined if none. */
+  contracts?(): ContractRegistry | undefined;
+  /** Optional: the settings that name things on this backbone (schema, prefix, stream), for AsyncAPI bindings. */
+  describe?(): BackboneDescription;
   /** Runs `fn` in a transaction of the backbone's database; consumers are woken after it commits. */
   transaction<T>(fn: (tx: Tx) => Promise<T>): Promise<T>;
   /** Starts consuming; resolves once the subscription is registered and its workers run. */

@@ -1,4 +1,5 @@
 import type { Consumer, DeliveryHandler, Outgoing, SubscriptionSpec } from './backbone.ts';
+import type { BackboneDescription, ContractRegistry } from './catalog.ts';
 import type { DeadLetterStore } from './dead-letters.ts';
 import type { HealthCheck } from '../telemetry/status.ts';
 import type { BackboneObserver } from '../telemetry/observer.ts';
@@ -25,6 +26,10 @@ export interface Broker {
   open(): Promise<void>;
   publish(messages: readonly Outgoing[]): Promise<void>;
   consume(subscription: SubscriptionSpec, handle: DeliveryHandler<undefined>): Promise<Consumer>;
+  /** Optional: a contracts registry of the broker's own, used when the backbone has no outbox database (NATS KV). */
+  contracts?(): ContractRegistry;
+  /** Optional: the settings that name things on the broker (prefix, stream), for AsyncAPI bindings. */
+  describe?(): BackboneDescription;
   /** Dead letters kept by this broker, for the CLI and tools. */
   deadLetters(): DeadLetterStore;
   close(): Promise<void>;

@@ -20,6 +20,8 @@ import type { PublishedMessage, PublishOptions, RequestOptions } from './publish
 import { sagaHandlers, type SagaDefinition, type SagaStats } from './saga.ts';
 import { Schedule, type ScheduleOptions, type TickPublisher } from './schedules.ts';
 import { defaultWarning } from './warnings.ts';
+import { checkPublishes, describeService, recordService } from './catalog.ts';
+import type { AsyncApiDocument, AsyncApiOptions } from '../asyncapi/document.ts';
 import { systemClock, type Clock, type ClockTimer } from './clock.ts';
 import { createPipeline, handlerScope, type Handler, type Middleware, type ReplyHandler, type Route } from './handler.ts';
 import { busDefaults, OptionProblems, optionNames, resolveSubscribeOptions, type ResolvedSubscribeOptions, type SubscribeOptions } from './options.ts';
@@ -50,6 +52,8 @@ export interface BusOptions<Tx> {
   telemetry?: TelemetryOptions | false;
   /** The clock of scheduled publishes, schedules' ticks and request timeouts: the system's, or a virtual one (tidings/testing). */
   clock?: Clock;
+  /** The contracts this service publishes or sends: its `send` operations in AsyncAPI and in the registry (docs/contracts.md). */
+  publishes?: readonly AnyContract[];
 }
 
 const busOptionNames = optionNames<BusOptions<unknown>>()(
@@ -59,6 +63,7 @@ const busOptionNames = optionNames<BusOptions<unknown>>()(
   'subscriptionDefaults',
   'onWarning',
   'clock',
+  'publishes',
   'logger',
   'telemetry',
 );
@@ -116,6 +121,7 @@ export class Bus<Tx = unknown> {
   readonly #warn: (message: string, error?: unknown) => void;
   readonly clock: Clock;
   readonly #telemetry: BusTelemetry;
+  readonly #publishes: readonly AnyContract[];
   readonly #schedules = new Map<string, Schedule>();
   readonly #requests = { sent: 0, answered: 0, timedOut: 0, late: 0 };
   readonly #sagaStats = new Map<string, SagaStats>();
@@ -160,6 +166,7 @@ export class Bus<Tx = unknown> {
       warn: this.#warn,
     });
     this.backbone.observe?.(this.#telemetry);
+    this.#publishes = checkPublishes(options.publishes);
     // Every handler in flight listens for the stop; there may be thousands.
     setMaxListeners(0, this.#stopping.signal);
     resolveSubscribeOptions('createBus subscriptionDefaults', this.#subscriptionDefaults);
@@ -334,6 +341,7 @@ export class Bus<Tx = unknown> {
   async #start(): Promise<void> {
     this.#state = 'starting';
     await this.#open();
+    await recordService(this, this.backbone.contracts?.(), this.#warn);
     for (const subscription of this.#subscriptions.values()) {
       if (subscription.routes.size === 0) continue;
       if (this.#state !== 'starting') return; // stop() was called meanwhile
@@ -467,6 +475,21 @@ export class Bus<Tx = unknown> {
 
   get subscriptions(): ReadonlyMap<string, Subscription<Tx>> {
     return this.#subscriptions;
+  }
+
+  /** What this service publishes: the `publishes` option's contracts and its schedules'. */
+  get publishes(): readonly AnyContract[] {
+    return [...this.#publishes, ...[...this.#schedules.values()].map((schedule) => schedule.contract)];
+  }
+
+  /**
+   * This service's AsyncAPI 3.0 document (src/asyncapi): a channel per topic, `send` operations for what it
+   * publishes, `receive` for its subscriptions. A schema that cannot be converted to JSON Schema is
+   * described as `{}` and named to `onWarning`.
+   */
+  async asyncapi(options: AsyncApiOptions = {}): Promise<AsyncApiDocument> {
+    const { asyncapiDocument } = await import('../asyncapi/document.ts');
+    return asyncapiDocument([describeService(this)], { ...options, onWarning: options.onWarning ?? ((message: string) => this.#warn(message)) });
   }
 
   #open(): Promise<void> {

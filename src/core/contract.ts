@@ -20,7 +20,18 @@ export interface Contract<Name extends string = string, Input = unknown, Output 
   readonly description: string | undefined;
   /** A command's answer to `bus.request` (see RequestContract); undefined otherwise. */
   readonly reply?: StandardSchemaV1 | undefined;
+  /** How to read messages of older versions: version -> a function returning this version's data. */
+  readonly upcast?: Readonly<Record<number, Upcaster<Input>>> | undefined;
+  /** The schema as JSON Schema, for a schema library without Standard JSON Schema (see ContractOptions). */
+  readonly toJSONSchema?: (() => Record<string, unknown>) | undefined;
 }
+
+/**
+ * Turns the data of an older version into this version's input. Declared as a method so that an upcaster
+ * written for a typed older shape (`(v1: OrderPlacedV1) => ...`) is accepted, while an inline one gets
+ * `unknown` to narrow: the old data arrives as it was stored, unvalidated.
+ */
+export type Upcaster<Input> = { bivariant(old: unknown): Input }['bivariant'];
 
 /**
  * A command that answers: its handler returns the reply, validated by `reply`, and `bus.request` waits for
@@ -55,6 +66,19 @@ export interface ContractOptions<S extends StandardSchemaV1> {
   schema: S;
   key?: (data: StandardSchemaV1.InferOutput<S>) => string;
   description?: string;
+  /**
+   * For a version above 1: how to read each older version, `{ 1: (v1) => v2Data }`. Each upcaster returns
+   * this version's data (compose them for a version 3). A consumer then receives older messages upcast and
+   * validated as this version; an older version without an upcaster is validated as it is, and goes to dead
+   * letters with the reason if it does not fit.
+   */
+  upcast?: Record<number, Upcaster<StandardSchemaV1.InferInput<S>>>;
+  /**
+   * The schema as JSON Schema, for AsyncAPI documents and the contracts registry, when the schema library
+   * does not offer Standard JSON Schema (`~standard.jsonSchema`; zod 4 does): for example valibot's
+   * `() => toJsonSchema(schema)` from @valibot/to-json-schema.
+   */
+  toJSONSchema?: () => Record<string, unknown>;
 }
 
 const NAME = /^[a-z0-9]+(?:[._-][a-z0-9]+)*$/;
@@ -85,6 +109,10 @@ function define<const Name extends string, S extends StandardSchemaV1>(
   if (schema === undefined || typeof schema['~standard']?.validate !== 'function') {
     throw new TidingsError('INVALID_CONTRACT', `Contract ${name}: schema must be a Standard Schema (zod 4, valibot, arktype...), got ${typeof schema}`);
   }
+  const upcast = checkUpcasters(name, version, options.upcast);
+  if (options.toJSONSchema !== undefined && typeof options.toJSONSchema !== 'function') {
+    throw new TidingsError('INVALID_CONTRACT', `Contract ${name}: toJSONSchema must be a function returning the schema as JSON Schema`);
+  }
   return Object.freeze({
     kind,
     name,
@@ -95,7 +123,54 @@ function define<const Name extends string, S extends StandardSchemaV1>(
     key: options.key,
     description: options.description,
     reply: options.reply,
+    upcast,
+    toJSONSchema: options.toJSONSchema,
   });
+}
+
+/** Upcasters keyed by versions below `version`, each a function; frozen so a contract stays what it was declared. */
+function checkUpcasters(name: string, version: number, upcast: Record<number, unknown> | undefined): Readonly<Record<number, Upcaster<unknown>>> | undefined {
+  if (upcast === undefined) return undefined;
+  if (upcast === null || typeof upcast !== 'object') {
+    throw new TidingsError('INVALID_CONTRACT', `Contract ${name}: upcast must be an object of older versions, for example { 1: (v1) => v${version}Data }`);
+  }
+  for (const [key, upcaster] of Object.entries(upcast)) {
+    const from = Number(key);
+    if (!Number.isInteger(from) || from < 1 || from >= version) {
+      throw new TidingsError(
+        'INVALID_CONTRACT',
+        `Contract ${name} version ${version}: upcast.${key} must name an older version (an integer from 1 to ${version - 1})`,
+      );
+    }
+    if (typeof upcaster !== 'function') {
+      throw new TidingsError(
+        'INVALID_CONTRACT',
+        `Contract ${name} version ${version}: upcast.${key} must be a function from version ${key}'s data to version ${version}'s`,
+      );
+    }
+  }
+  return Object.freeze({ ...upcast }) as Readonly<Record<number, Upcaster<unknown>>>;
+}
+
+/**
+ * The data of a message of `version` as `contract`'s version reads it: as it is for the contract's own
+ * version (or an older one with no upcaster), else through the upcaster. Throws UNDECODABLE_MESSAGE naming
+ * the versions when the upcaster fails: retrying cannot change stored data.
+ */
+export function upcastData(contract: AnyContract, version: number | undefined, data: unknown, ref?: MessageRef): unknown {
+  if (version === undefined || version >= contract.version) return data;
+  const upcaster = contract.upcast?.[version];
+  if (upcaster === undefined) return data;
+  try {
+    return upcaster(data);
+  } catch (cause) {
+    const why = cause instanceof Error ? cause.message : String(cause);
+    throw new TidingsError(
+      'UNDECODABLE_MESSAGE',
+      `Upcasting version ${version} of ${contract.name} to version ${contract.version} failed: ${why}; fix the upcaster, then redrive`,
+      { cause, ref },
+    );
+  }
 }
 
 /** Declares an event: a fact that every subscription of its topic receives. */

@@ -1,6 +1,6 @@
 import { AsyncLocalStorage } from 'node:async_hooks';
 import type { Delivery, DeliveryHandler, DeliveryResult } from './backbone.ts';
-import { validateNow, validateReplyNow, type AnyContract, type DataOf, type InputOf } from './contract.ts';
+import { upcastData, validateNow, validateReplyNow, type AnyContract, type DataOf, type InputOf } from './contract.ts';
 import { toMessage, type Envelope, type Message } from './envelope.ts';
 import { describeError, HandlerTimeoutError, isPermanent, storable, TidingsError, type MessageRef } from './errors.ts';
 import { envelopeProblem } from './limits.ts';
@@ -108,10 +108,10 @@ export function createPipeline<Tx>(options: PipelineOptions<Tx>): DeliveryHandle
     }
     let data: DataOf<AnyContract>;
     try {
-      const validated = validateNow(route.contract, envelope.data, ref);
+      const validated = validateNow(route.contract, upcastData(route.contract, version, envelope.data, ref), ref);
       data = validated instanceof Promise ? await validated : validated;
     } catch (error) {
-      return { outcome: 'dead-letter', reason: `invalid payload: ${(error as Error).message}`, error: describeError(error) };
+      return { outcome: 'dead-letter', reason: unreadable(error, route.contract, version), error: describeError(error) };
     }
     const message = toMessage(envelope, data);
     const abort = new LazyAbort(options.stopping);
@@ -245,6 +245,15 @@ function refuse(code: 'UNDECODABLE_MESSAGE' | 'LIMIT_EXCEEDED', reason: string, 
   // Its id may be what broke a limit: the error names it, cut to a length every store takes.
   const error = new TidingsError(code, reason, { ref: { ...ref, id: storable(String(ref.id), 300), key: storable(String(ref.key), 300) } });
   return { outcome: 'dead-letter', reason: error.message, error: describeError(error) };
+}
+
+/** Why a message's data cannot be handled: an upcaster failed, or the data (upcast or not) breaks the schema. */
+function unreadable(error: unknown, contract: AnyContract, version: number | undefined): string {
+  if (error instanceof TidingsError && error.code === 'UNDECODABLE_MESSAGE') return error.message;
+  const message = (error as Error).message;
+  if (version === undefined || version >= contract.version) return `invalid payload: ${message}`;
+  const how = contract.upcast?.[version] === undefined ? `as it is (${contract.name} declares no upcaster for version ${version})` : 'after upcasting';
+  return `invalid payload: version ${version} of ${contract.name} does not fit version ${contract.version} ${how}: ${message}`;
 }
 
 /** The version a CloudEvents type `<topic>.v<n>` names; undefined for a type of another form (a foreign producer's). */

@@ -10,7 +10,7 @@ import type {
 import { requireSelection } from '../core/dead-letters.ts';
 import { TidingsError } from '../core/errors.ts';
 import { sleep } from '../core/sleep.ts';
-import type { Entry, Stored } from './subscription.ts';
+import type { Entry, Stored } from './consume/state.ts';
 
 interface DeadRecord {
   readonly id: string;

@@ -9,7 +9,7 @@ export interface NatsContext {
   readonly nc: NatsConnection;
   readonly js: JetStreamClient;
   readonly jsm: JetStreamManager;
-  /** Workers and bucket leases, entries expiring after leaseMs (see NatsConsumer), and the KV bucket's name. */
+  /** Workers and bucket leases, entries expiring after leaseMs (see consume/leases.ts), and the KV bucket's name. */
   readonly leases: KV;
   readonly leasesBucket: string;
   /** Messages waiting for a delayed retry, kept until they are done (see holds.ts), and the KV bucket's name. */

@@ -16,9 +16,9 @@ import { describeError, storable, TidingsError } from '../core/errors.ts';
 import { envelopeProblem } from '../core/limits.ts';
 import { OptionProblems, optionNames } from '../core/options.ts';
 import { sleep } from '../core/sleep.ts';
-import { LazyTransaction } from './inbox.ts';
 import type { Inbox } from '../postgres/inbox.ts';
 import type { PgTransaction, PostgresBackbone } from '../postgres/index.ts';
+import type { BackboneDescription, ContractRegistry } from '../core/catalog.ts';
 import type { BackboneStatus, HealthCheck } from '../telemetry/status.ts';
 import type { BackboneObserver } from '../telemetry/observer.ts';
 
@@ -187,6 +187,15 @@ export class BrokerBackbone implements Backbone<PgTransaction> {
     return this.outbox.lastTick(name);
   }
 
+  /** The registry of the outbox database if there is one, else the broker's (NATS KV); RabbitMQ alone has none. */
+  contracts(): ContractRegistry | undefined {
+    return this.outbox?.contracts() ?? this.broker.contracts?.();
+  }
+
+  describe(): BackboneDescription {
+    return this.broker.describe?.() ?? { name: this.name };
+  }
+
   sagas(): SagaStore<PgTransaction> {
     if (this.outbox === undefined) throw noOutbox(this.name, 'keep saga state');
     return this.outbox.sagas();
@@ -225,7 +234,7 @@ export class BrokerBackbone implements Backbone<PgTransaction> {
   }
 
   /**
-   * One attempt with the outbox database (see inbox.ts): a message the inbox already has is acknowledged
+   * One attempt with the outbox database (see postgres/lazy-transaction.ts): a message the inbox already has is acknowledged
    * unhandled; `ctx.tx`, if the handler uses it, is a transaction that records the message in the inbox
    * before the handler's writes and commits with them; a handler that never used it has its message
    * recorded by an insert shared with concurrent deliveries. The broker is acknowledged only after that.
@@ -250,7 +259,7 @@ export class BrokerBackbone implements Backbone<PgTransaction> {
     } catch (error) {
       return databaseFailed(error);
     }
-    const lazy = new LazyTransaction(outbox, inbox === undefined ? undefined : { inbox, subscription: spec.name, id });
+    const lazy = outbox.lazyTransaction(inbox === undefined ? undefined : { inbox, subscription: spec.name, id });
     let result: DeliveryResult;
     try {
       result = await handle({ envelope: delivery.envelope, attempt: delivery.attempt, tx: lazy.tx });
@@ -307,7 +316,7 @@ export function brokered(broker: Broker, options?: BrokeredOptions): BrokerBackb
 }
 
 /** The relay re-serialises what the outbox stored: the same envelope, the same id, the same key. */
-export function toOutgoing(envelope: Envelope): Outgoing {
+function toOutgoing(envelope: Envelope): Outgoing {
   return { envelope, json: JSON.stringify(envelope.data), keyHash: keyHash(envelope.partitionkey) };
 }
 

@@ -37,7 +37,7 @@ export function preparing(driver: SqlDriver): Session {
 }
 
 /** Runs `text` prepared as `name` where `db` can, and as a plain statement where it cannot. */
-export function queryPrepared<R = Record<string, unknown>>(
+function queryPrepared<R = Record<string, unknown>>(
   db: Session,
   name: string,
   text: string,
@@ -67,7 +67,7 @@ export interface ListenSession {
   close(): Promise<void>;
 }
 
-export interface ListenHandlers {
+interface ListenHandlers {
   /** `fromSelf`: sent by this session's own connection (so by this notifier, which woke its consumers already). */
   onNotification(channel: string, payload: string, fromSelf: boolean): void;
   /** The session's connection ended or failed; the notifier reconnects. */
@@ -98,7 +98,7 @@ export interface SqlDriver extends Queryable {
 // ---- pg ------------------------------------------------------------------------------------------
 
 /** The subset of `pg.PoolClient` used. */
-export interface PgClientLike extends Queryable {
+interface PgClientLike extends Queryable {
   release(error?: Error | boolean): void;
   on(event: 'error', listener: (error: Error) => void): unknown;
   off(event: 'error', listener: (error: Error) => void): unknown;
@@ -123,7 +123,7 @@ interface PgListenClient extends Queryable {
   on(event: 'error' | 'end', listener: (error?: Error) => void): void;
 }
 
-export interface PgDriverOptions {
+interface PgDriverOptions {
   /** Shown in pg_stat_activity as `tidings:<name>` and `tidings-notifier:<name>`. */
   name: string;
   /** A connection URL; Tidings opens and closes its own pool. */
@@ -397,7 +397,7 @@ export interface PGliteLike extends Queryable {
   readonly closed?: boolean;
 }
 
-export interface PgliteDriverOptions {
+interface PgliteDriverOptions {
   /** Your PGlite instance: Tidings uses it and leaves it open. */
   db?: PGliteLike | undefined;
   /** Where a PGlite Tidings opens keeps its files; in memory when absent. */
@@ -462,7 +462,7 @@ export function checkIdentifier(kind: string, name: string): string {
   return name;
 }
 
-export function quoteIdent(name: string): string {
+function quoteIdent(name: string): string {
   return `"${name.replaceAll('"', '""')}"`;
 }
 
@@ -485,7 +485,7 @@ const LOGIN_REFUSED = /^28/;
 const NO_SUCH_DATABASE = '3D000';
 
 /** The server a driver talks to, safe to print, and where the user gave its settings (to say what to fix). */
-export interface Where {
+interface Where {
   readonly description: string;
   readonly settingsFrom: string;
 }

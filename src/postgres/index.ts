@@ -6,24 +6,29 @@ import type { Envelope } from '../core/envelope.ts';
 import { TidingsError } from '../core/errors.ts';
 import { OptionProblems, optionNames } from '../core/options.ts';
 import { PostgresConsumer, type ConsumerSettings } from './consume/consumer.ts';
-import { deadLetterStore, readStatus } from './admin.ts';
+import { PostgresDeadLetters } from './dead-letters.ts';
+import { readStatus } from './ops/status.ts';
 import { postgresHealth, postgresStatus } from './observe.ts';
 import type { BackboneStatus, HealthCheck } from '../telemetry/status.ts';
 import type { BackboneObserver } from '../telemetry/observer.ts';
 import { checkIdentifier, pgDriver, pgliteDriver, preparing, runStatement, urlProblem, type PGliteLike, type PgPoolLike, type SqlDriver } from './driver.ts';
 import { Inbox } from './inbox.ts';
-import { toEnvelope, type LogRow } from './log.ts';
+import { LazyTransaction, type InboxClaim } from './lazy-transaction.ts';
+import { copyRows, messagesJson, refuseUnstorable, toEnvelope, type LogRow } from './codec.ts';
 import { migrate } from './migrate.ts';
 import { resolveRetention, Retention, unknownRetentionKeys, type RetentionOptions } from './retention.ts';
 import { Notifier } from './notifier.ts';
-import { copyRows, GroupCommit, insertMessages, insertStatement, messagesJson } from './publisher.ts';
+import { GroupCommit, insertMessages, insertStatement } from './publisher.ts';
 import { SCHEDULED_SIGNAL, Scheduler } from './scheduler.ts';
 import { REPLY_SIGNAL, ReplyWaiter } from './replies.ts';
 import { statements, type Statements } from './statements.ts';
 import { TrackedTransaction, type AtCommit, type PgTransaction } from './transaction.ts';
+import type { BackboneDescription, ContractRegistry } from '../core/catalog.ts';
+import { postgresRegistry } from './registry.ts';
 
 export type { PgTransaction } from './transaction.ts';
 export type { Queryable, PgPoolLike, PGliteLike, SqlDriver } from './driver.ts';
+export { readServices } from './registry.ts';
 export { migrate, appliedVersions, migrationScript, pendingMigrations, type PlannedMigration } from './migrate.ts';
 
 export interface PostgresOptions {
@@ -110,44 +115,6 @@ export const postgresDefaults = {
   scheduledBatch: 1_000,
   selfTestMs: 2_000,
 } as const;
-
-/** `\u0000` in JSON text, not preceded by an escaped backslash (`\\u0000` is the harmless text "\u0000"). */
-const NUL_ESCAPE = /(?:^|[^\\])(?:\\\\)*\\u0000/;
-/** A lone UTF-16 surrogate, as JSON.stringify escapes it (jsonb refuses it). */
-const LONE_SURROGATE_ESCAPE = /\\ud[89ab][0-9a-f]{2}(?!\\ud[c-f][0-9a-f]{2})|(?<!\\ud[89ab][0-9a-f]{2})\\ud[c-f][0-9a-f]{2}/i;
-/** A lone UTF-16 surrogate in a string (text columns refuse it). */
-const LONE_SURROGATE = /[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]/;
-
-const ATTRIBUTES = ['id', 'source', 'type', 'subject', 'topic', 'partitionkey', 'tenant', 'correlationid', 'causationid', 'traceparent', 'tracestate'] as const;
-
-function refuseUnstorable(messages: readonly Outgoing[]): void {
-  for (const { envelope, json } of messages) {
-    const problem = unstorable(envelope, json);
-    if (problem !== undefined) {
-      throw new TidingsError(
-        'INVALID_PAYLOAD',
-        `Message ${envelope.id} on ${envelope.topic} cannot be stored in PostgreSQL: ${problem}; remove it or encode the value`,
-        {
-          ref: { id: envelope.id, topic: envelope.topic, key: envelope.partitionkey },
-        },
-      );
-    }
-  }
-}
-
-/** Why PostgreSQL would refuse this message, if it would: text cannot hold NUL characters or lone surrogates. */
-function unstorable(envelope: Envelope, json: string): string | undefined {
-  for (const name of ATTRIBUTES) {
-    const value = envelope[name];
-    if (typeof value !== 'string') continue;
-    if (value.includes('\0')) return `${name} contains a NUL character`;
-    if (LONE_SURROGATE.test(value)) return `${name} contains a lone UTF-16 surrogate`;
-  }
-  if (!json.includes('\\')) return undefined; // both are escapes: the usual payload has none
-  if (NUL_ESCAPE.test(json)) return 'data contains a NUL character (\\u0000)';
-  if (LONE_SURROGATE_ESCAPE.test(json)) return 'data contains a lone UTF-16 surrogate';
-  return undefined;
-}
 
 /**
  * The PostgreSQL backbone: a log table read in commit order, LISTEN/NOTIFY wake-ups from one connection per
@@ -343,6 +310,18 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
     return rows[0] === undefined ? undefined : { tick: new Date(rows[0].last_tick).getTime(), definition: rows[0].definition };
   }
 
+  /** The contracts registry in this schema (registry.ts): services record themselves there when they start. */
+  contracts(): ContractRegistry {
+    return postgresRegistry(async () => {
+      await this.open();
+      return this.driver;
+    }, this.schema);
+  }
+
+  describe(): BackboneDescription {
+    return { name: this.name, settings: { schema: this.schema } };
+  }
+
   sagas(): SagaStore<PgTransaction> {
     const sql = this.#sql;
     return {
@@ -486,6 +465,11 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
     return new Inbox(this.driver, this.#sql, subscription);
   }
 
+  /** A delivery's `ctx.tx` for a consumer of another backbone, opened on first use, recording `claim` in the inbox first (see lazy-transaction.ts). */
+  lazyTransaction(claim?: InboxClaim): LazyTransaction {
+    return new LazyTransaction((fn) => this.transaction(fn), claim);
+  }
+
   /** Messages committed to `subscription`'s topics and not yet handled by it; 0 when it does not exist yet. */
   async lag(subscription: string): Promise<number> {
     await this.open();
@@ -519,7 +503,7 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
   }
 
   deadLetters(): DeadLetterStore {
-    return deadLetterStore(async () => {
+    return new PostgresDeadLetters(async () => {
       await this.open();
       return this.driver;
     }, this.schema);
@@ -548,6 +532,14 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
 export function postgres(options: PostgresOptions): PostgresBackbone {
   return new PostgresBackbone(options);
 }
-export * from './admin.ts';
-export * from './ops/sagas.ts';
-export { Retention, prune, retentionDefaults, type RetentionOptions, type PruneResult } from './retention.ts';
+export * from './ops/index.ts';
+export {
+  Retention,
+  prune,
+  retentionDefaults,
+  type PruneOptions,
+  type PruneResult,
+  type RetentionOptions,
+  type RetentionPolicy,
+  type RetentionSettings,
+} from './retention.ts';

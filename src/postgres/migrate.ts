@@ -1,7 +1,7 @@
 import type { Queryable, SqlDriver } from './driver.ts';
 import { migrations } from './migrations/index.ts';
 
-export interface Migration {
+interface Migration {
   readonly version: number;
   readonly name: string;
   readonly sql: string;
@@ -26,7 +26,7 @@ export interface PlannedMigration {
  * The statements that open a migration: an advisory lock (many processes may start at once: it serialises
  * them), the schema and the table recording applied versions. `schema` must be a validated identifier.
  */
-export function migrationLock(schema: string): readonly string[] {
+function migrationLock(schema: string): readonly string[] {
   return [
     `select pg_advisory_xact_lock(hashtext('tidings.migrate.${schema}'))`,
     `create schema if not exists "${schema}"`,

@@ -1,7 +1,7 @@
 import { EVERY_TOPIC } from '../core/backbone.ts';
 import type { ListenSession, SqlDriver } from './driver.ts';
 
-export interface NotifierOptions {
+interface NotifierOptions {
   readonly channel: string;
   /** A ping after this long without traffic proves the connection is still alive. */
   readonly pingMs: number;

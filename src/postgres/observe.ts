@@ -3,7 +3,7 @@
  * the metrics' gauges, and its health checks for `bus.health()`. Both read what `tidings status` reads.
  */
 import type { BackboneStatus, HealthCheck, SubscriptionState } from '../telemetry/status.ts';
-import { readStatus, type SubscriptionStatus } from './admin.ts';
+import { readStatus, type SubscriptionStatus } from './ops/status.ts';
 import type { Queryable } from './driver.ts';
 
 export async function postgresStatus(db: Queryable, schema: string): Promise<BackboneStatus> {

@@ -1,8 +1,9 @@
 import type { Outgoing } from '../core/backbone.ts';
 import { Batcher } from '../core/batching.ts';
+import { logParams, messagesJson } from './codec.ts';
 import { runStatement, type Queryable, type Statement } from './driver.ts';
 
-export interface GroupCommitOptions {
+interface GroupCommitOptions {
   /** Most messages written by one statement. */
   readonly maxBatch: number;
   /** Writes in flight at once; while they run, new publishes gather into the next one. */
@@ -42,56 +43,6 @@ export class GroupCommit {
 /** What every caller of a write gets back: nothing (a sparse array reads as undefined everywhere). */
 const NOTHING: void[] = [];
 
-/** The JSON text `insertMessages` takes: one object per message, the data spliced in as already serialised. */
-export function messagesJson(messages: readonly Outgoing[]): string {
-  const parts: string[] = [];
-  for (const { envelope: e, json, keyHash, dueAt } of messages) {
-    const head = JSON.stringify({
-      topic: e.topic,
-      id: e.id,
-      type: e.type,
-      source: e.source,
-      time: e.time,
-      subject: e.subject,
-      key: e.partitionkey,
-      key_hash: keyHash,
-      tenant: e.tenant,
-      correlation_id: e.correlationid,
-      causation_id: e.causationid,
-      traceparent: e.traceparent,
-      tracestate: e.tracestate,
-      due_at: dueAt === undefined ? undefined : new Date(dueAt).toISOString(),
-    });
-    parts.push(`${head.slice(0, -1)},"data":${json}}`);
-  }
-  return `[${parts.join(',')}]`;
-}
-
-/** What COPY's text format escapes: its own escape character and the field and row delimiters. */
-const COPY_SPECIAL = /[\\\t\n\r]/;
-const COPY_ESCAPES: Record<string, string> = { '\\': '\\\\', '\t': '\\t', '\n': '\\n', '\r': '\\r' };
-
-function copyField(value: string | null | undefined): string {
-  if (value === undefined || value === null) return '\\N';
-  return COPY_SPECIAL.test(value) ? value.replace(/[\\\t\n\r]/g, (char) => COPY_ESCAPES[char]!) : value;
-}
-
-/** JSON text as a COPY field: JSON.stringify escapes every control character, so only backslashes need it. */
-function copyJson(json: string): string {
-  return json.includes('\\') ? json.replaceAll('\\', '\\\\') : json;
-}
-
-/** `messages` as rows of `COPY ... FROM STDIN` text, in the columns of `copyMessages`. */
-export function copyRows(messages: readonly Outgoing[]): string {
-  let text = '';
-  for (const { envelope: e, json, keyHash } of messages) {
-    text += `${copyField(e.topic)}\t${copyField(e.id)}\t${copyField(e.type)}\t${copyField(e.source)}\t${copyField(e.time)}\t${copyField(e.subject)}\t`;
-    text += `${copyField(e.partitionkey)}\t${keyHash}\t${copyField(e.tenant)}\t${copyField(e.correlationid)}\t${copyField(e.causationid)}\t`;
-    text += `${copyField(e.traceparent)}\t${copyField(e.tracestate)}\t${copyJson(json)}\n`;
-  }
-  return text;
-}
-
 /**
  * The one statement that writes `messages`, prepared where the connection allows (its parse and plan cost
  * about as much as running it). With `wake`, the same statement sends the NOTIFY that wakes other
@@ -118,27 +69,7 @@ function insertOnly(
   messages: readonly Outgoing[],
 ): Statement & { name: string } {
   if (messages.length === 1) {
-    const { envelope: e, json, keyHash } = messages[0]!;
-    return {
-      name: `tidings.${statements.schema}.insert1`,
-      text: statements.insertMessage,
-      params: [
-        e.topic,
-        e.id,
-        e.type,
-        e.source,
-        e.time,
-        e.subject ?? null,
-        e.partitionkey,
-        keyHash,
-        e.tenant ?? null,
-        e.correlationid,
-        e.causationid ?? null,
-        e.traceparent ?? null,
-        e.tracestate ?? null,
-        json,
-      ],
-    };
+    return { name: `tidings.${statements.schema}.insert1`, text: statements.insertMessage, params: logParams(messages[0]!) };
   }
   return { name: `tidings.${statements.schema}.insertn`, text: statements.insertMessages, params: [messagesJson(messages)] };
 }

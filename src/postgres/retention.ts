@@ -19,11 +19,12 @@
  * the first window with nothing old enough for any policy, so a run reads little more than what it deletes
  * (rows kept because a subscription has not handled them are read again by each run, until it does).
  *
- * Proven by test/faults.pg.test.ts ("retention ...").
+ * Proven by test/retention.pg.test.ts.
  */
 import { hostname } from 'node:os';
 import { OptionProblems, optionNames } from '../core/options.ts';
 import { checkIdentifier, type Queryable } from './driver.ts';
+import { retentionStatements, type RetentionStatements } from './sql/retention.ts';
 
 const DAY = 86_400_000;
 /** An answer to a request is read within its timeout; one still there an hour later has nobody waiting for it. */
@@ -68,7 +69,6 @@ export interface RetentionPolicy {
   readonly vacuum: boolean;
 }
 
-/** Validates retention options (every bad one named in one INVALID_OPTIONS error) and fills in the defaults. */
 /** Reports misspelt keys of postgres({ retention }) (the Retention class adds its own, so not in resolveRetention). */
 export function unknownRetentionKeys(problems: OptionProblems, options: RetentionOptions): void {
   problems.unknownKeys(options, optionNames<RetentionOptions>()('log', 'inbox', 'deadLetters', 'intervalMs', 'batchSize', 'vacuum'), 'retention.');
@@ -77,6 +77,7 @@ export function unknownRetentionKeys(problems: OptionProblems, options: Retentio
   problems.unknownKeys(options.deadLetters, ['maxAgeMs'], 'retention.deadLetters.');
 }
 
+/** Validates retention options (every bad one named in one INVALID_OPTIONS error) and fills in the defaults. */
 export function resolveRetention(where: string, options: RetentionOptions = {}): RetentionPolicy {
   const problems = new OptionProblems(where);
   const age = (name: string, value: unknown) => {
@@ -138,76 +139,6 @@ export interface PruneResult {
   readonly stopped: boolean;
 }
 
-/** The statements of retention for one schema (a validated identifier); everything else is a parameter. */
-function retentionStatements(schema: string) {
-  const s = `"${schema}"`;
-  return {
-    /**
-     * One window of the log walk: the `$2` rows after position `$1`; deletes those older than their topic's
-     * age ($3/$4 per-topic ages, $5 the default; null keeps forever) that every subscription has handled,
-     * unless $6 (force). $7: dry run. $8: the youngest age of any policy, to tell when the walk can stop.
-     */
-    log: `with win as (
-        select l.position, l.xid, l.topic, l.key_hash, l.time from ${s}.log l
-        where l.position > $1::int8 order by l.position limit $2
-      ), aged as (
-        select w.*, case when o.topic is null then $5::float8 else o.ms end as max_age_ms
-        from win w left join unnest($3::text[], $4::float8[]) as o(topic, ms) on o.topic = w.topic
-      ), expired as (
-        select a.position, a.xid, a.topic, a.key_hash from aged a
-        where a.max_age_ms is not null and a.time < now() - make_interval(secs => a.max_age_ms / 1000.0)
-      ), doomed as (
-        select e.position from expired e
-        where $6::boolean or (
-          not exists (
-            select 1 from ${s}.subscriptions sub
-            join ${s}.cursors c on c.subscription = sub.name and c.partition = e.key_hash % sub.partitions
-            where e.topic = any(sub.topics) and not pg_visible_in_snapshot(e.xid, c.done)
-              and not (c.window_snapshot is not null and e.position <= c.window_position and pg_visible_in_snapshot(e.xid, c.window_snapshot)))
-          and not exists (select 1 from ${s}.held h where h.position = e.position))
-      ), deleted as (
-        delete from ${s}.log l using doomed d where l.position = d.position and not $7::boolean returning 1
-      )
-      select (select count(*) from win)::int as examined,
-        (select max(position) from win)::text as last,
-        (select count(*) from expired)::int as expired,
-        (select count(*) from doomed)::int as doomed,
-        (select count(*) from deleted)::int as deleted,
-        coalesce((select bool_or(w.time < now() - make_interval(secs => $8::float8 / 1000.0)) from win w), false) as old`,
-    /** $1 age in ms, $2 batch size. Rows locked by someone else are left for the next run. */
-    inbox: `with doomed as (
-        select subscription, message_id from ${s}.inbox where handled_at < now() - make_interval(secs => $1::float8 / 1000.0)
-        order by handled_at limit $2 for update skip locked
-      ), deleted as (
-        delete from ${s}.inbox i using doomed d where i.subscription = d.subscription and i.message_id = d.message_id returning 1
-      )
-      select count(*)::int as deleted from deleted`,
-    inboxCount: `select count(*)::int as deleted from ${s}.inbox where handled_at < now() - make_interval(secs => $1::float8 / 1000.0)`,
-    deadLetters: `with doomed as (
-        select id from ${s}.dead_letters where dead_at < now() - make_interval(secs => $1::float8 / 1000.0)
-        order by dead_at limit $2 for update skip locked
-      ), deleted as (
-        delete from ${s}.dead_letters dl using doomed d where dl.id = d.id returning 1
-      )
-      select count(*)::int as deleted from deleted`,
-    deadLettersCount: `select count(*)::int as deleted from ${s}.dead_letters where dead_at < now() - make_interval(secs => $1::float8 / 1000.0)`,
-    replies: `with doomed as (
-        select request_id from ${s}.replies where created_at < now() - make_interval(secs => $1::float8 / 1000.0)
-        order by created_at limit $2 for update skip locked
-      ), deleted as (
-        delete from ${s}.replies r using doomed d where r.request_id = d.request_id returning 1
-      )
-      select count(*)::int as deleted from deleted`,
-    repliesCount: `select count(*)::int as deleted from ${s}.replies where created_at < now() - make_interval(secs => $1::float8 / 1000.0)`,
-    /** Takes the turn to prune if no one did for $2 ms; returns a row if this process ($1) got it. */
-    claim: `insert into ${s}.retention (id, runner, last_run_at) values (true, $1, now())
-      on conflict (id) do update set runner = excluded.runner, last_run_at = excluded.last_run_at
-        where ${s}.retention.last_run_at <= now() - make_interval(secs => $2::float8 / 1000.0)
-      returning runner`,
-    vacuum: (table: 'log' | 'inbox' | 'dead_letters') => `vacuum (analyze) ${s}.${table}`,
-  };
-}
-
 /**
  * Runs retention once over `options.schema`: the log, then the inbox, then dead letters, each in batches.
  * Safe to run while workers publish and consume, and from several processes at once.
@@ -252,15 +183,15 @@ export async function prune(db: Queryable, options: PruneOptions): Promise<Prune
     }
   }
 
-  const sweep = async (maxAgeMs: number | null, statement: string, count: string): Promise<number> => {
+  const sweep = async (maxAgeMs: number | null, statement: { delete: string; count: string }): Promise<number> => {
     if (maxAgeMs === null || stopped()) return 0;
     if (dryRun) {
       statements++;
-      return Number((await db.query<{ deleted: number }>(count, [maxAgeMs])).rows[0]?.deleted ?? 0);
+      return Number((await db.query<{ deleted: number }>(statement.count, [maxAgeMs])).rows[0]?.deleted ?? 0);
     }
     let total = 0;
     while (!stopped()) {
-      const { rows } = await db.query<{ deleted: number }>(statement, [maxAgeMs, policy.batchSize]);
+      const { rows } = await db.query<{ deleted: number }>(statement.delete, [maxAgeMs, policy.batchSize]);
       statements++;
       const deleted = Number(rows[0]?.deleted ?? 0);
       total += deleted;
@@ -268,9 +199,9 @@ export async function prune(db: Queryable, options: PruneOptions): Promise<Prune
     }
     return total;
   };
-  const inbox = await sweep(policy.inbox.maxAgeMs, sql.inbox, sql.inboxCount);
-  const deadLetters = await sweep(policy.deadLetters.maxAgeMs, sql.deadLetters, sql.deadLettersCount);
-  const replies = await sweep(REPLY_MAX_AGE_MS, sql.replies, sql.repliesCount);
+  const inbox = await sweep(policy.inbox.maxAgeMs, sql.inbox);
+  const deadLetters = await sweep(policy.deadLetters.maxAgeMs, sql.deadLetters);
+  const replies = await sweep(REPLY_MAX_AGE_MS, sql.replies);
 
   if (policy.vacuum && !dryRun && !stopped()) {
     // Outside any transaction: VACUUM cannot run in one (the driver's query is a statement of its own).
@@ -319,7 +250,7 @@ export class Retention {
   readonly #db: Queryable;
   readonly #settings: RetentionSettings;
   readonly #runner = `${hostname()}:${process.pid}:${Math.random().toString(36).slice(2, 8)}`;
-  readonly #sql: ReturnType<typeof retentionStatements>;
+  readonly #sql: RetentionStatements;
   #timer: NodeJS.Timeout | undefined;
   #running: Promise<unknown> | undefined;
   #abort: AbortController | undefined;

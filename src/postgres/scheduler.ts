@@ -3,7 +3,7 @@ import type { SqlDriver } from './driver.ts';
 import type { Notifier } from './notifier.ts';
 import type { Statements } from './statements.ts';
 
-export interface SchedulerSettings {
+interface SchedulerSettings {
   readonly leaseMs: number;
   /** How often the leader renews its lease and the others try to take it. */
   readonly heartbeatMs: number;

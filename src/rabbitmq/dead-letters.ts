@@ -30,8 +30,8 @@ import {
   H_QUEUE,
   H_SUBSCRIPTION,
   historyOf,
-} from './headers.ts';
-import type { Link } from './link.ts';
+} from './codec.ts';
+import type { Link } from './connection.ts';
 import type { Names } from './topology.ts';
 
 export interface DeadLetterSettings {

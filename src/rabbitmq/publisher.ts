@@ -8,16 +8,16 @@
  * such duplicates by id.
  *
  * A message RabbitMQ can never take fails at once, and for good (`retryable: false`), so that nobody waits
- * for it or publishes it again: one over AMQP's limits (headers.ts, `wireProblem`) or that the client cannot
+ * for it or publishes it again: one over AMQP's limits (codec.ts, `wireProblem`) or that the client cannot
  * encode, before anything is sent; one over the server's `max_message_size`, when the server refuses it
  * (the others of the call are published still). (Tests: input.rabbitmq.)
  */
 import type { ConfirmChannel } from 'amqplib';
 import type { Outgoing } from '../core/backbone.ts';
 import { storable, TidingsError } from '../core/errors.ts';
-import { encode, routingKey, wireProblem } from './headers.ts';
+import { encode, routingKey, wireProblem } from './codec.ts';
 import { sleep } from '../core/sleep.ts';
-import { redact, type Link } from './link.ts';
+import { redact, type Link } from './connection.ts';
 import { declareExchange, type Names } from './topology.ts';
 
 export interface PublisherSettings {

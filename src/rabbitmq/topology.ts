@@ -22,7 +22,7 @@
  * The `:` keeps subscription names apart from topic names, which cannot contain it.
  */
 import type { Channel } from 'amqplib';
-import { bits, BUCKET_BITS, bucketKey, BUCKETS, H_PARTITION } from './headers.ts';
+import { bits, BUCKET_BITS, bucketKey, BUCKETS, H_PARTITION } from './codec.ts';
 
 export interface TopologySettings {
   readonly prefix: string;

@@ -24,7 +24,7 @@ import { hostname } from 'node:os';
 import type { ConfirmChannel } from 'amqplib';
 import { newId } from '../core/envelope.ts';
 import { sleep } from '../core/sleep.ts';
-import type { Link } from './link.ts';
+import type { Link } from './connection.ts';
 import type { Names } from './topology.ts';
 
 export interface WorkerInfo {
@@ -42,6 +42,13 @@ export interface WorkersSettings {
   readonly reconnectMaxMs: number;
   readonly connectionName: string;
   readonly warn: (message: string, error?: unknown) => void;
+}
+
+/** The subscription these workers read, the topics this one handles, and what to call when the partitions it is given change. */
+export interface WorkersOf {
+  readonly name: string;
+  readonly topics: readonly string[];
+  readonly onChange: () => void;
 }
 
 interface Announcement {
@@ -91,14 +98,14 @@ export class Workers {
   #reconnecting: Promise<void> | undefined;
   #disagreement = '';
 
-  constructor(link: Link, names: Names, subscription: string, topics: readonly string[], settings: WorkersSettings, onChange: () => void) {
+  constructor(link: Link, names: Names, subscription: WorkersOf, settings: WorkersSettings) {
     this.#link = link;
     this.#names = names;
-    this.#subscription = subscription;
+    this.#subscription = subscription.name;
     this.#settings = settings;
-    this.#onChange = onChange;
+    this.#onChange = subscription.onChange;
     const id = newId();
-    this.self = { id, name: `${hostname()}/${process.pid}/${settings.connectionName}/${id.slice(-6)}`, topics: [...topics].sort() };
+    this.self = { id, name: `${hostname()}/${process.pid}/${settings.connectionName}/${id.slice(-6)}`, topics: [...subscription.topics].sort() };
     this.#newest = this.self;
   }
 

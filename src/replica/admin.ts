@@ -57,19 +57,18 @@ export async function listReplicas(db: Queryable, options: { schema: string; rep
   return result;
 }
 
+/** A command to a replica, and how long to wait for its answer. */
+interface ReplicaCommandOptions extends ReplicaTarget {
+  readonly timeoutMs: number;
+  readonly signal?: AbortSignal;
+}
+
 /**
  * Sends `tidings.replica.<replica>.check` over the bus and waits until the replica records the check's
  * report. Fails with SOURCE_UNAVAILABLE if no report comes within `timeoutMs` (the replica's process is
  * not running, or its source does not answer).
  */
-export async function requestDriftCheck(options: {
-  url: string;
-  schema: string;
-  replica: string;
-  db: Queryable;
-  timeoutMs: number;
-  signal?: AbortSignal;
-}): Promise<DriftReport> {
+export async function requestDriftCheck(options: ReplicaCommandOptions): Promise<DriftReport> {
   await requireReplica(options);
   const checkId = newId();
   await sendCommand(options, checkContract(options.replica), { checkId, requestedBy: 'tidings-cli' });
@@ -88,6 +87,7 @@ export async function requestDriftCheck(options: {
   }
 }
 
+/** Where a command to a replica goes (a bus on `url`) and where its answer is read (`db`). */
 interface ReplicaTarget {
   readonly url: string;
   readonly schema: string;
@@ -125,15 +125,7 @@ async function sendCommand<C extends AnyContract>(options: ReplicaTarget, comman
  * SOURCE_UNAVAILABLE if the replica reports nothing new for `timeoutMs` (its process is not running, or
  * its source does not answer), and with STOPPED when `signal` aborts (the rebuild goes on in the replica).
  */
-export async function requestRebuild(options: {
-  url: string;
-  schema: string;
-  replica: string;
-  db: Queryable;
-  timeoutMs: number;
-  signal?: AbortSignal;
-  onProgress?: (progress: RebuildProgress) => void;
-}): Promise<RebuildReport> {
+export async function requestRebuild(options: ReplicaCommandOptions & { onProgress?: (progress: RebuildProgress) => void }): Promise<RebuildReport> {
   await requireReplica(options);
   const rebuildId = newId();
   await sendCommand(options, rebuildContract(options.replica), { rebuildId, requestedBy: 'tidings-cli' });

@@ -15,7 +15,7 @@ export const digestTree = {
 } as const;
 
 /** An empty bucket's digest. Digests travel as decimal text: int8 does not fit a JS number. */
-export const EMPTY = '0';
+const EMPTY = '0';
 
 /** SQL for a key's bucket (0..4095): the first 32 bits of md5(key). Needs `key` in scope. */
 export function bucketSql(key: string): string {
@@ -31,7 +31,7 @@ export function rowHashSql(key: string, version: string, state: string): string 
 }
 
 /** XOR of two int8 digests written as decimal text. */
-export function xor(a: string, b: string): string {
+function xor(a: string, b: string): string {
   if (a === EMPTY) return b;
   if (b === EMPTY) return a;
   return BigInt.asIntN(64, BigInt(a) ^ BigInt(b)).toString();

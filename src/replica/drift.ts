@@ -1,17 +1,12 @@
 import { newId } from '../core/envelope.ts';
-import type { PgTransaction } from '../postgres/transaction.ts';
 import type { DriftReport } from './define.ts';
 import { buildTree, childrenOf, chunks, digestTree, leavesFrom } from './digest.ts';
 import type { ReplicaRequest, StateRow } from './protocol.ts';
-import type { SourceRequests, Traffic } from './requests.ts';
-import type { Entry, ReplicaStore } from './store.ts';
+import type { Traffic } from './requests.ts';
+import type { Entry, ReplicaParts } from './store.ts';
 
 /** What a drift check needs of its replica. */
-export interface DriftCheck<Row> {
-  readonly name: string;
-  readonly store: ReplicaStore<Row>;
-  readonly requests: SourceRequests;
-  readonly transaction: <T>(fn: (tx: PgTransaction) => Promise<T>) => Promise<T>;
+interface DriftCheck<Row> extends ReplicaParts<Row> {
   readonly maxNodesPerRequest: number;
   readonly maxKeysPerRequest: number;
 }

@@ -1,16 +1,11 @@
 import { newId } from '../core/envelope.ts';
 import { TidingsError } from '../core/errors.ts';
-import type { PgTransaction } from '../postgres/transaction.ts';
 import type { RebuildProgress, RebuildReport } from './define.ts';
-import type { SourceRequests, Traffic } from './requests.ts';
-import type { ReplicaStore } from './store.ts';
+import type { Traffic } from './requests.ts';
+import type { ReplicaParts } from './store.ts';
 
 /** What a rebuild needs of its replica. */
-export interface Rebuild<Row> {
-  readonly name: string;
-  readonly store: ReplicaStore<Row>;
-  readonly requests: SourceRequests;
-  readonly transaction: <T>(fn: (tx: PgTransaction) => Promise<T>) => Promise<T>;
+interface Rebuild<Row> extends ReplicaParts<Row> {
   readonly pageSize: number;
 }
 

@@ -42,7 +42,7 @@ import { checkContract, rebuildContract, replyContract, requestContract } from '
 import { rebuild } from './rebuild.ts';
 import { SourceRequests } from './requests.ts';
 import { ReplicaStore } from './store.ts';
-import { replicaBase } from './sql.ts';
+import { replicaView, viewStatements } from './sql.ts';
 
 /** The reader a replica returns, and its operations: check, rebuild, staleness. */
 export class Replica<Row> {
@@ -53,6 +53,7 @@ export class Replica<Row> {
   readonly schema: string;
   /** The view readers query (schema-qualified, quoted). */
   readonly view: string;
+  readonly #read: ReturnType<typeof viewStatements>;
   readonly #bus: Bus<PgTransaction>;
   readonly #backbone: PostgresBackbone;
   readonly #options: Required<
@@ -91,7 +92,8 @@ export class Replica<Row> {
     this.definition = definition;
     this.name = options.instance === undefined ? definition.name : `${definition.name}-${options.instance}`;
     this.schema = backbone.schema;
-    this.view = `"${this.schema}"."${replicaBase(this.name)}"`;
+    this.view = replicaView(this.schema, this.name);
+    this.#read = viewStatements(this.view);
     this.#feedSubscription = `replica.${this.name}`;
     this.#warn = options.onWarning ?? defaultWarning;
     const d = replicaDefaults;
@@ -219,7 +221,7 @@ export class Replica<Row> {
   async get(key: string): Promise<Row | undefined> {
     await this.ready();
     if (this.#options.memory) return this.#cache.get(key);
-    const { rows } = await this.#backbone.driver.query<{ state: Row }>(`select state from ${this.view} where key = $1`, [key]);
+    const { rows } = await this.#backbone.driver.query<{ state: Row }>(this.#read.get, [key]);
     return rows[0]?.state;
   }
 
@@ -242,10 +244,7 @@ export class Replica<Row> {
    */
   async query(where = 'true', params: readonly unknown[] = [], options: { limit?: number; orderBy?: string } = {}): Promise<Row[]> {
     await this.ready();
-    const { rows } = await this.#backbone.driver.query<{ state: Row }>(
-      `select state from ${this.view} where ${where} order by ${options.orderBy ?? 'key'}${options.limit === undefined ? '' : ` limit ${Math.max(0, Math.floor(options.limit))}`}`,
-      params,
-    );
+    const { rows } = await this.#backbone.driver.query<{ state: Row }>(this.#read.query(where, options.orderBy ?? 'key', options.limit), params);
     return rows.map((row) => row.state);
   }
 

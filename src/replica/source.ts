@@ -7,7 +7,8 @@ import type { Bus } from '../core/bus.ts';
 import { validateName } from '../core/contract.ts';
 import { OptionProblems } from '../core/options.ts';
 import type { PgTransaction } from '../postgres/transaction.ts';
-import { bucketSql, buildTree, chunks, leavesFrom, rowHashSql } from './digest.ts';
+import { buildTree, chunks, leavesFrom } from './digest.ts';
+import { sourceStatements } from './sql.ts';
 import { replyContract, requestContract, type ReplicaReply, type ReplicaRequest, type StateRow } from './protocol.ts';
 
 export interface SourceDefinition {
@@ -67,7 +68,7 @@ export function source(bus: Bus<PgTransaction>, definition: SourceDefinition, op
   problems.throwIfAny();
   const maxRows = options.maxRowsPerReply ?? sourceDefaults.maxRowsPerReply;
   const cacheMs = options.digestCacheMs ?? sourceDefaults.digestCacheMs;
-  const select = definition.select;
+  const sql = sourceStatements(definition.select);
   const replies = new Map<string, ReturnType<typeof replyContract>>();
   const trees = new Map<string, { at: number; tree: Promise<string[][]> }>();
   const counts = { requests: { digest: 0, keys: 0, page: 0 }, replies: 0 };
@@ -87,13 +88,7 @@ export function source(bus: Bus<PgTransaction>, definition: SourceDefinition, op
     for (const [id, entry] of trees) if (now - entry.at > cacheMs) trees.delete(id);
     let entry = trees.get(checkId);
     if (entry === undefined) {
-      const tree = tx
-        .query<{ bucket: number; digest: string | null }>(
-          `select bucket, bit_xor(hash)::text as digest
-             from (select ${bucketSql('s.key')} as bucket, ${rowHashSql('s.key', 's.version', 's.state')} as hash from (${select}) s) d
-            group by bucket`,
-        )
-        .then((result) => buildTree(leavesFrom(result.rows)));
+      const tree = tx.query<{ bucket: number; digest: string | null }>(sql.digests).then((result) => buildTree(leavesFrom(result.rows)));
       entry = { at: now, tree };
       trees.set(checkId, entry);
       tree.catch(() => trees.delete(checkId));
@@ -115,11 +110,7 @@ export function source(bus: Bus<PgTransaction>, definition: SourceDefinition, op
         return;
       }
       if (request.kind === 'keys') {
-        const { rows } = await ctx.tx.query<{ key: string; version: string | number; state: unknown; hash: string }>(
-          `select s.key, s.version, s.state, ${rowHashSql('s.key', 's.version', 's.state')}::text as hash
-             from (${select}) s where ${bucketSql('s.key')} = any($1::int[])`,
-          [request.leaves],
-        );
+        const { rows } = await ctx.tx.query<{ key: string; version: string | number; state: unknown; hash: string }>(sql.keysOfLeaves, [request.leaves]);
         const theirs = new Map(request.keys.map(([key, hash]) => [key, hash]));
         const differing: StateRow[] = [];
         for (const row of rows) {
@@ -147,11 +138,8 @@ export function source(bus: Bus<PgTransaction>, definition: SourceDefinition, op
       }
       // A page of a state transfer, in key order: the next request starts after its last key.
       const limit = Math.min(request.limit, maxRows * 10);
-      const { rows } = await ctx.tx.query<{ key: string; version: string | number; state: unknown }>(
-        `select s.key, s.version, s.state from (${select}) s where $1::text is null or s.key > $1 order by s.key limit $2`,
-        [request.after, limit],
-      );
-      const total = request.after === null ? Number((await ctx.tx.query<{ n: string }>(`select count(*)::int8 as n from (${select}) s`)).rows[0]!.n) : null;
+      const { rows } = await ctx.tx.query<{ key: string; version: string | number; state: unknown }>(sql.page, [request.after, limit]);
+      const total = request.after === null ? Number((await ctx.tx.query<{ n: string }>(sql.count)).rows[0]!.n) : null;
       const pages = chunks(
         rows.map((row) => ({ key: row.key, version: Number(row.version), state: row.state })),
         maxRows,

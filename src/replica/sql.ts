@@ -12,6 +12,41 @@ export function replicaBase(name: string): string {
   return checkIdentifier('replica table', `replica_${name.replace(/[.-]/g, '_')}`.slice(0, 52));
 }
 
+/**
+ * What a source runs on its definition's `select` (the owner's query returning key, version and state), in
+ * the transaction of the request it answers: the digests of the buckets, the rows of some buckets with their
+ * hashes, and the pages of a state transfer.
+ */
+export function sourceStatements(select: string) {
+  return {
+    digests: `select bucket, bit_xor(hash)::text as digest
+             from (select ${bucketSql('s.key')} as bucket, ${rowHashSql('s.key', 's.version', 's.state')} as hash from (${select}) s) d
+            group by bucket`,
+    /** $1: the buckets (leaves of the digest tree). */
+    keysOfLeaves: `select s.key, s.version, s.state, ${rowHashSql('s.key', 's.version', 's.state')}::text as hash
+             from (${select}) s where ${bucketSql('s.key')} = any($1::int[])`,
+    /** $1: the last key of the previous page (null for the first), $2: at most this many rows. */
+    page: `select s.key, s.version, s.state from (${select}) s where $1::text is null or s.key > $1 order by s.key limit $2`,
+    count: `select count(*)::int8 as n from (${select}) s`,
+  };
+}
+
+/** What readers run on a replica's view (`view`: schema-qualified and quoted, see `replicaView`). */
+export function viewStatements(view: string) {
+  return {
+    /** $1: the key. */
+    get: `select state from ${view} where key = $1`,
+    /** `where` and `orderBy`: the caller's SQL on the view's columns, its values as parameters (see Replica.query). */
+    query: (where: string, orderBy: string, limit: number | undefined) =>
+      `select state from ${view} where ${where} order by ${orderBy}${limit === undefined ? '' : ` limit ${Math.max(0, Math.floor(limit))}`}`,
+  };
+}
+
+/** The view readers query: `"schema"."replica_<name>"`. */
+export function replicaView(schema: string, name: string): string {
+  return `"${checkIdentifier('schema', schema)}"."${replicaBase(name)}"`;
+}
+
 export function metaStatements(schema: string) {
   const meta = `"${checkIdentifier('schema', schema)}".replicas`;
   return {
@@ -46,7 +81,6 @@ export function generationStatements(schema: string, base: string, name: string,
          where t.version < excluded.version`;
   return {
     table,
-    view: `${s}."${base}"`,
     create: (generation: number) => [
       `create table if not exists ${table(generation)} (
          key text primary key,

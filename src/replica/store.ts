@@ -2,13 +2,22 @@ import { TidingsError } from '../core/errors.ts';
 import type { Queryable, SqlDriver } from '../postgres/driver.ts';
 import type { PgTransaction } from '../postgres/transaction.ts';
 import type { StateRow } from './protocol.ts';
+import type { SourceRequests } from './requests.ts';
 import { generationStatements, metaStatements, replicaBase, type GenerationStatements, type MetaStatements } from './sql.ts';
 
 /** Where a replica is: the generation readers see, the one a rebuild fills, and whether it was ever filled. */
-export interface Meta {
+interface Meta {
   generation: number;
   building: number | null;
   filled: boolean;
+}
+
+/** What a drift check and a rebuild need of their replica: its tables, its source's answers, a bus transaction. */
+export interface ReplicaParts<Row> {
+  readonly name: string;
+  readonly store: ReplicaStore<Row>;
+  readonly requests: SourceRequests;
+  readonly transaction: <T>(fn: (tx: PgTransaction) => Promise<T>) => Promise<T>;
 }
 
 /** A row as the replica keeps it: the source's version of the key, and its state (null: a tombstone). */

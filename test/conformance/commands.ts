@@ -1,6 +1,7 @@
 /**
  * Commands on every backbone: one subscription owns a command and `send` delivers each once there; a second
- * subscription of the same command is refused naming both, while events still fan out. Part of the suite.
+ * subscription of the same command is refused naming both, also when several start at the same moment, while
+ * events still fan out. Part of the suite.
  */
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
@@ -44,5 +45,45 @@ export function commandOwners<Tx>(target: ConformanceTarget<Tx>, kit: SuiteKit<T
     await sleep(300);
     assert.deepEqual([...charged].sort(), [1, 2, 3, 4, 5], 'each command once, by its owner');
     assert.deepEqual([...events.keys()].sort(), ['a1', 's1'], 'an event reaches every subscription');
+  });
+
+  test('two services start a subscription of one command at the same moment: exactly one owns it, the other is refused naming both', async (t) => {
+    if (target.offers.commandOwners !== true) return t.skip(`${target.name} does not refuse a second owner of a command yet`);
+    const namespace = await kit.world(t);
+    if (namespace === undefined) return;
+    const names = ['ledger', 'payments', 'invoices', 'refunds'];
+    const handled = new Map<string, number[]>(names.map((name) => [name, []]));
+    const buses = names.map((name) => {
+      const bus = kit.newBus(namespace);
+      bus.subscribe(name, Charge, (message) => {
+        handled.get(name)!.push(message.data.seq);
+      });
+      return bus;
+    });
+    const starts = await Promise.allSettled(buses.map((bus) => bus.start()));
+    const owners = names.filter((_, i) => starts[i]!.status === 'fulfilled');
+    assert.equal(owners.length, 1, `one owner (started: ${owners.join(', ')})`);
+    const [owner] = owners;
+    for (const [i, start] of starts.entries()) {
+      if (start.status === 'fulfilled') continue;
+      const error: unknown = start.reason;
+      assert.ok(error instanceof TidingsError && error.code === 'SUBSCRIPTION_CONFLICT', String(error));
+      assert.match(error.message, new RegExp(`Command test\\.charge is handled by subscription ${owner} already; subscription ${names[i]} cannot take it too`));
+    }
+    // The owner's own later workers (a restart, a second process) start and share its commands.
+    const again = kit.newBus(namespace);
+    again.subscribe(owner!, Charge, (message) => {
+      handled.get(owner!)!.push(message.data.seq);
+    });
+    await again.start();
+    for (let seq = 1; seq <= 10; seq++) await again.send(Charge, { key: `k${seq}`, seq });
+    await waitFor('ten charges', () => handled.get(owner!)!.length >= 10, 20_000);
+    await sleep(300);
+    assert.deepEqual(
+      [...handled.get(owner!)!].sort((a, b) => a - b),
+      Array.from({ length: 10 }, (_, i) => i + 1),
+      'each command once, by its owner',
+    );
+    for (const name of names) if (name !== owner) assert.deepEqual(handled.get(name), [], `${name} got nothing`);
   });
 }

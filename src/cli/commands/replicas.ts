@@ -5,6 +5,8 @@ import { listReplicas, requestDriftCheck, requestRebuild, type ReplicaStatus } f
 import { duration, progress, table } from '../format.ts';
 import { emit, positiveNumber, showProgress, withDatabase, type CliContext } from '../program.ts';
 import { shortTime } from '../status.ts';
+import type { GlobalOptions } from '../config.ts';
+import type { Database } from '../database.ts';
 
 export function registerReplicas(program: Command, context: CliContext): void {
   const drift = program.command('drift').description("replicas' drift from their sources: status, and a check (with repair) on demand");
@@ -24,15 +26,7 @@ export function registerReplicas(program: Command, context: CliContext): void {
     .option('--timeout <seconds>', 'give up waiting for the report after this long', positiveNumber, 60)
     .action(async (name: string, options: { timeout: number }, command: Command) => {
       await withDatabase(context, command, async (db, globals) => {
-        const url = globals.url!;
-        const report = await requestDriftCheck({
-          url,
-          schema: globals.schema,
-          replica: name,
-          db: db.driver,
-          timeoutMs: options.timeout * 1_000,
-          signal: context.interrupt,
-        });
+        const report = await requestDriftCheck(commandTo(name, db, globals, context, options.timeout));
         emit(context, globals, report, () => renderDrift(report));
       });
     });
@@ -49,17 +43,11 @@ export function registerReplicas(program: Command, context: CliContext): void {
     .option('--timeout <seconds>', 'give up when the replica reports no progress for this long', positiveNumber, 60)
     .action(async (name: string, options: { timeout: number }, command: Command) => {
       await withDatabase(context, command, async (db, globals) => {
-        const url = globals.url!;
         const bar = progress({ label: `Rebuilding ${name}`, enabled: showProgress(context, globals) });
         let report: RebuildReport;
         try {
           report = await requestRebuild({
-            url,
-            schema: globals.schema,
-            replica: name,
-            db: db.driver,
-            timeoutMs: options.timeout * 1_000,
-            signal: context.interrupt,
+            ...commandTo(name, db, globals, context, options.timeout),
             onProgress: ({ done, total }) => total !== null && bar.update(done, Math.max(total, done)),
           });
         } finally {
@@ -68,6 +56,11 @@ export function registerReplicas(program: Command, context: CliContext): void {
         emit(context, globals, report, () => renderRebuild(report));
       });
     });
+}
+
+/** A command to `replica`, sent over the bus at the global --url, its answer read from the database; Ctrl-C stops the wait. */
+function commandTo(replica: string, db: Database, globals: GlobalOptions, context: CliContext, timeoutSeconds: number) {
+  return { url: globals.url!, schema: globals.schema, replica, db: db.driver, timeoutMs: timeoutSeconds * 1_000, signal: context.interrupt };
 }
 
 export function renderReplicas(replicas: readonly ReplicaStatus[]): string {

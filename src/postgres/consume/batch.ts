@@ -1,6 +1,6 @@
 import type { SubscriptionSpec } from '../../core/backbone.ts';
 import { runStatement } from '../driver.ts';
-import { toEnvelope, type LogRow } from '../log.ts';
+import { toEnvelope, type LogRow } from '../codec.ts';
 import { ackAlone, ackStatement, deadRow, type Acknowledgement, type DeadRow, type HeldRow } from './acknowledgement.ts';
 import type { Attempts } from './attempts.ts';
 import type { ConsumerContext } from './context.ts';

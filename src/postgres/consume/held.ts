@@ -1,7 +1,7 @@
 import type { AttemptRecord, SubscriptionSpec } from '../../core/backbone.ts';
 import type { Envelope } from '../../core/envelope.ts';
 import type { Queryable } from '../driver.ts';
-import { toEnvelope, type LogRow } from '../log.ts';
+import { toEnvelope, type LogRow } from '../codec.ts';
 import type { Attempts, AttemptsResult } from './attempts.ts';
 import type { ConsumerContext } from './context.ts';
 import { deadRow } from './acknowledgement.ts';

@@ -1,5 +1,5 @@
 import { EVERY_TOPIC, type SubscriptionSpec } from '../../core/backbone.ts';
-import type { LogRow } from '../log.ts';
+import type { LogRow } from '../codec.ts';
 import type { ConsumerContext } from './context.ts';
 
 /**

@@ -2,8 +2,10 @@
  * Operating sagas from outside their process (the CLI's `tidings sagas`, a console): list instances, and show
  * one whole: its state and version, every transition with the message that caused it, its pending timeouts.
  */
+import { iso } from '../codec.ts';
 import type { Queryable } from '../driver.ts';
-import { explainMissingSchema, iso, schemaOf } from '../admin.ts';
+import { sagaStatements } from '../sql/sagas.ts';
+import { explainMissingSchema } from './schema.ts';
 
 export interface SagaSummary {
   readonly saga: string;
@@ -38,16 +40,15 @@ export interface ListSagasOptions {
 
 /** Instances, the most recently changed first. */
 export async function listSagas(db: Queryable, options: ListSagasOptions): Promise<{ total: number; sagas: SagaSummary[] }> {
-  const s = schemaOf(options.schema);
-  const where = `($1::text is null or saga = $1) and ($2::text is null or ($2 = 'active') = (completed_at is null))`;
+  const sql = sagaStatements(options.schema);
   const params = [options.saga ?? null, options.status ?? null];
   return explainMissingSchema(options.schema, async () => {
     const [{ rows }, count] = await Promise.all([
-      db.query<{ saga: string; id: string; version: number; completed: boolean; started_at: Date | string; updated_at: Date | string }>(
-        `select saga, id, version, completed_at is not null as completed, started_at, updated_at from ${s}.sagas where ${where} order by updated_at desc limit $3`,
-        [...params, options.limit ?? 50],
-      ),
-      db.query<{ n: number }>(`select count(*)::int as n from ${s}.sagas where ${where}`, params),
+      db.query<{ saga: string; id: string; version: number; completed: boolean; started_at: Date | string; updated_at: Date | string }>(sql.list, [
+        ...params,
+        options.limit ?? 50,
+      ]),
+      db.query<{ n: number }>(sql.count, params),
     ]);
     return { total: Number(count.rows[0]?.n ?? 0), sagas: rows.map((row) => summary(row)) };
   });
@@ -55,7 +56,7 @@ export async function listSagas(db: Queryable, options: ListSagasOptions): Promi
 
 /** One instance whole, or undefined if it never started (or was removed). */
 export async function showSaga(db: Queryable, options: { schema: string; saga: string; id: string }): Promise<SagaDetail | undefined> {
-  const s = schemaOf(options.schema);
+  const sql = sagaStatements(options.schema);
   return explainMissingSchema(options.schema, async () => {
     const { rows } = await db.query<{
       saga: string;
@@ -65,21 +66,12 @@ export async function showSaga(db: Queryable, options: { schema: string; saga: s
       started_at: Date | string;
       updated_at: Date | string;
       state: unknown;
-    }>(`select saga, id, version, completed_at is not null as completed, started_at, updated_at, state from ${s}.sagas where saga = $1 and id = $2`, [
-      options.saga,
-      options.id,
-    ]);
+    }>(sql.show, [options.saga, options.id]);
     const row = rows[0];
     if (row === undefined) return undefined;
     const [transitions, timeouts] = await Promise.all([
-      db.query<{ version: number; message_id: string; topic: string; at: Date | string }>(
-        `select version, message_id, topic, at from ${s}.saga_transitions where saga = $1 and id = $2 order by version`,
-        [options.saga, options.id],
-      ),
-      db.query<{ name: string; due_at: Date | string; id: string }>(
-        `select data->>'name' as name, due_at, id from ${s}.scheduled where topic = $1 and data->>'id' = $2 order by due_at`,
-        [`tidings.saga.${options.saga}.timeout`, options.id],
-      ),
+      db.query<{ version: number; message_id: string; topic: string; at: Date | string }>(sql.transitions, [options.saga, options.id]),
+      db.query<{ name: string; due_at: Date | string; id: string }>(sql.pendingTimeouts, [`tidings.saga.${options.saga}.timeout`, options.id]),
     ]);
     return {
       ...summary(row),

@@ -1,6 +1,6 @@
 /**
- * The `ctx.tx` of a brokered subscription's delivery, and how its inbox (postgres/inbox.ts) is used, priced
- * for handlers that never write through `ctx.tx`. A broker
+ * The `ctx.tx` of a delivery from another backbone (a broker's, through its outbox in this database: see
+ * src/outbox), and how its inbox (inbox.ts) is used, priced for handlers that never write through `ctx.tx`. A broker
  * delivers one message at a time, so a transaction per delivery (BEGIN; inbox insert; handler; COMMIT)
  * costs every message a pooled connection for four round trips and its own commit flush, which starves
  * the publishers of the same pool. Instead: a cheap look-up before the handler (many deliveries' look-ups
@@ -12,14 +12,20 @@
  * The bench's end-to-end rows on RabbitMQ and NATS with an outbox measure what this saves (PostgreSQL
  * statements and CPU per event).
  */
-import type { Queryable } from '../postgres/driver.ts';
-import type { Inbox } from '../postgres/inbox.ts';
-import type { PgTransaction, PostgresBackbone } from '../postgres/index.ts';
-import { TrackedTransaction } from '../postgres/transaction.ts';
 import { TidingsError } from '../core/errors.ts';
+import type { Queryable } from './driver.ts';
+import type { Inbox } from './inbox.ts';
+import { TrackedTransaction, type PgTransaction } from './transaction.ts';
+
+/** The message a delivery's transaction records in its subscription's inbox, first thing. */
+export interface InboxClaim {
+  readonly inbox: Inbox;
+  readonly subscription: string;
+  readonly id: string;
+}
 
 /** Thrown inside the lazy transaction when the inbox shows another delivery of the message got there first. */
-export const DUPLICATE = Symbol('duplicate');
+const DUPLICATE = Symbol('duplicate');
 const ROLLBACK = Symbol('rollback');
 
 /**
@@ -36,10 +42,11 @@ export class LazyTransaction {
   #ended = false;
 
   constructor(
-    private readonly outbox: PostgresBackbone,
-    private readonly inbox: { inbox: Inbox; subscription: string; id: string } | undefined,
+    /** The backbone's `transaction`: its commit wakes the consumers of what the handler published. */
+    private readonly transaction: (fn: (tx: PgTransaction) => Promise<void>) => Promise<void>,
+    private readonly inbox: InboxClaim | undefined,
   ) {
-    // Tracked like the transactions the outbox drives, so what the handler publishes through it wakes the
+    // Tracked like the transactions the backbone drives, so what the handler publishes through it wakes the
     // relay as soon as it commits (see the end of #open).
     this.tx = new TrackedTransaction({ query: (text, params) => this.#query(text, params) }, this.#published);
   }
@@ -56,7 +63,7 @@ export class LazyTransaction {
       this.#finish = resolve;
     });
     return new Promise<Queryable>((resolveOpened, rejectOpened) => {
-      this.#done = this.outbox.transaction(async (inner) => {
+      this.#done = this.transaction(async (inner) => {
         if (this.inbox !== undefined && !(await this.inbox.inbox.claim(inner, this.inbox.id))) throw DUPLICATE;
         resolveOpened(inner);
         if (!(await finished)) throw ROLLBACK;

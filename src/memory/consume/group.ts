@@ -1,73 +1,6 @@
-import { AsyncResource } from 'node:async_hooks';
-import { EVERY_TOPIC, type AttemptRecord, type Consumer, type DeliveryHandler, type SubscriptionSpec } from '../core/backbone.ts';
-import { partitionOf, type Envelope } from '../core/envelope.ts';
-import { runAttempts } from '../core/attempts.ts';
-import type { Clock, ClockTimer } from '../core/clock.ts';
-import { Deque } from './deque.ts';
-import type { MemoryTransaction } from './transaction.ts';
-
-/** A committed message, as the log keeps it: shared by every subscription, never mutated. */
-export interface Stored {
-  /** Commit order across the backbone (a dead letter's `position`). */
-  readonly seq: number;
-  readonly envelope: Envelope;
-  /** The data as JSON: every delivery parses its own copy, as a real backbone would hand it over. */
-  readonly json: string;
-  readonly keyHash: number;
-}
-
-/** One message waiting in, or moving through, one subscription. */
-export interface Entry {
-  readonly message: Stored;
-  /** Attempts made so far (a redrive starts again from 0, as PostgreSQL's does). */
-  attempts: number;
-  history: AttemptRecord[];
-}
-
-/** What a subscription needs from the backbone. */
-export interface GroupContext {
-  /** A transaction for one handler attempt. */
-  begin(what: string): MemoryTransaction;
-  /** Commits (true) or rolls back a handler attempt's transaction. */
-  end(tx: MemoryTransaction, commit: boolean): void;
-  deadLetter(subscription: string, entry: Entry, reason: string): void;
-  /** The subscription may have become idle: drain() waiters look again. */
-  settled(): void;
-  /** The subscription's topics changed: publishes route by the new ones from now on. */
-  retopic(): void;
-  warn(message: string, error?: unknown): void;
-  readonly maxInbox: number;
-  /** The clock of delayed retries. */
-  readonly clock: Clock;
-}
-
-/** Handlers started back to back before a worker yields to timers and I/O: all-synchronous handlers never would. */
-const DISPATCHES_PER_TURN = 256;
-
-/** The messages of one key in one subscription: handled one at a time, in commit order. */
-class KeyLine {
-  readonly pending = new Deque<Entry>();
-  /** A message of this key is being handled. */
-  busy = false;
-  /** Queued in its lane's `ready` line. */
-  ready = false;
-  /** When the head's delayed retry is due (0: not waiting). The key's later messages wait behind it. */
-  retryAt = 0;
-  timer: ClockTimer | undefined;
-  constructor(
-    readonly key: string,
-    readonly lane: Lane,
-  ) {}
-}
-
-/** One partition of a subscription; a worker holds it while it runs. */
-class Lane {
-  readonly keys = new Map<string, KeyLine>();
-  /** Keys with a message that can be handled now, in the order they became ready. */
-  readonly ready = new Deque<KeyLine>();
-  owner: MemoryWorker | undefined;
-  constructor(readonly index: number) {}
-}
+import { EVERY_TOPIC, type SubscriptionSpec } from '../../core/backbone.ts';
+import { partitionOf } from '../../core/envelope.ts';
+import { KeyLine, Lane, type Entry, type GroupContext, type LaneHolder, type Stored } from './state.ts';
 
 /**
  * A subscription (consumer group) of the memory backbone. It outlives its workers, like PostgreSQL's
@@ -81,7 +14,7 @@ export class Group {
   readonly partitions: number;
   inbox: boolean;
   readonly #lanes: Lane[];
-  readonly #workers: MemoryWorker[] = [];
+  readonly #workers: LaneHolder[] = [];
   readonly #ctx: GroupContext;
   /** Handled message ids, oldest first (a Set iterates in insertion order), at most `maxInbox`. */
   readonly #handled = new Set<string>();
@@ -156,14 +89,14 @@ export class Group {
     }
   }
 
-  attach(worker: MemoryWorker): void {
+  attach(worker: LaneHolder): void {
     this.#workers.push(worker);
     this.#settleTopics();
     this.#assignLanes();
     if (this.#workers.length === 1) for (const line of this.#waiting) this.#arm(line);
   }
 
-  detach(worker: MemoryWorker): void {
+  detach(worker: LaneHolder): void {
     const index = this.#workers.indexOf(worker);
     if (index === -1) return;
     this.#workers.splice(index, 1);
@@ -215,7 +148,7 @@ export class Group {
   }
 
   /** A worker that lacks one of the subscription's topics would skip its messages: it holds no lane. */
-  #able(worker: MemoryWorker): boolean {
+  #able(worker: LaneHolder): boolean {
     return worker.topics.includes(EVERY_TOPIC) || this.topics.every((topic) => worker.topics.includes(topic));
   }
 
@@ -242,7 +175,7 @@ export class Group {
   }
 
   /** The next key a worker may handle from one of its lanes, marked busy, with its head message. */
-  take(worker: MemoryWorker): { line: KeyLine; entry: Entry } | undefined {
+  take(worker: LaneHolder): { line: KeyLine; entry: Entry } | undefined {
     for (const lane of worker.readyLanes) {
       worker.readyLanes.delete(lane);
       const line = lane.ready.shift();
@@ -329,117 +262,5 @@ export class Group {
     );
     // A retry waiting in memory must not keep a test process alive.
     line.timer.unref?.();
-  }
-}
-
-/**
- * One `consume` call: handles the ready keys of the lanes it holds, up to `concurrency` at once, one
- * message per key at a time. Handlers start in the async context of the `consume` call, not in that of
- * whichever publisher or handler made their message ready.
- */
-export class MemoryWorker implements Consumer {
-  /** Lanes this worker holds that have a ready key, in round-robin order. */
-  readonly readyLanes = new Set<Lane>();
-  /** The topics this worker has handlers for. */
-  readonly topics: readonly string[];
-  readonly #group: Group;
-  readonly #spec: SubscriptionSpec;
-  readonly #handle: DeliveryHandler<MemoryTransaction>;
-  readonly #ctx: GroupContext;
-  readonly #scope = new AsyncResource('tidings.memory.worker');
-  readonly #running = new Set<Promise<void>>();
-  #inFlight = 0;
-  #scheduled = false;
-  #dispatched = 0;
-  #stopping = false;
-  #stopped: Promise<void> | undefined;
-
-  constructor(group: Group, spec: SubscriptionSpec, handle: DeliveryHandler<MemoryTransaction>, ctx: GroupContext) {
-    this.topics = spec.topics;
-    this.#group = group;
-    this.#spec = spec;
-    this.#handle = handle;
-    this.#ctx = ctx;
-  }
-
-  /** Pumps on a later turn of the event loop (coalesced). */
-  schedule(): void {
-    if (this.#scheduled || this.#stopping) return;
-    this.#scheduled = true;
-    setImmediate(() => {
-      this.#scheduled = false;
-      this.#dispatched = 0;
-      this.#scope.runInAsyncScope(() => this.#pump());
-    });
-  }
-
-  #pump(): void {
-    while (!this.#stopping && this.#inFlight < this.#spec.concurrency) {
-      if (this.#dispatched >= DISPATCHES_PER_TURN) {
-        this.schedule();
-        return;
-      }
-      const next = this.#group.take(this);
-      if (next === undefined) return;
-      this.#dispatched++;
-      this.#inFlight++;
-      const running = this.#run(next.line, next.entry).catch((error: unknown) => {
-        this.#ctx.warn(`Subscription ${this.#group.name}: internal error of the memory backbone while handling a message (a bug: please report it)`, error);
-      });
-      this.#running.add(running);
-      void running.finally(() => this.#running.delete(running));
-    }
-  }
-
-  /** Attempts the key's head until it is acknowledged, dead-lettered or must wait (core/attempts.ts); then frees the key. */
-  async #run(line: KeyLine, entry: Entry): Promise<void> {
-    const group = this.#group;
-    let how: 'done' | 'wait' | 'again' = 'done';
-    let delayMs = 0;
-    try {
-      const { envelope, json } = entry.message;
-      // A redriven or re-published message this subscription already handled.
-      if (group.inbox && group.handled(envelope.id)) return;
-      const result = await runAttempts(this.#handle, {
-        first: entry.attempts + 1,
-        history: entry.history,
-        retry: this.#spec.retry,
-        // Each attempt parses its own copy of the data, as a real backbone would hand it over.
-        envelope: () => ({ ...envelope, data: JSON.parse(json) as unknown }),
-        open: (attempt) => {
-          entry.attempts = attempt;
-          const tx = this.#ctx.begin(`the transaction of attempt ${attempt} at message ${envelope.id} (${envelope.topic}) in subscription ${group.name}`);
-          return {
-            tx,
-            end: async (keep) => {
-              // The inbox record and what the handler published become visible together, as in one commit.
-              if (keep && group.inbox) group.remember(envelope.id);
-              this.#ctx.end(tx, keep);
-              return undefined;
-            },
-          };
-        },
-        stopping: () => this.#stopping,
-      });
-      if (result.kind === 'dead') this.#ctx.deadLetter(group.name, entry, result.reason);
-      else if (result.kind === 'retry' && result.delayMs > 0) {
-        how = 'wait';
-        delayMs = result.delayMs;
-      } else if (result.kind === 'retry') how = 'again';
-    } finally {
-      this.#inFlight--;
-      group.release(line, entry, how, delayMs);
-      if (!this.#stopping) this.#pump();
-    }
-  }
-
-  /** Graceful: takes no new message, lets those in flight finish, then hands its lanes to the other workers. */
-  stop(): Promise<void> {
-    this.#stopping = true;
-    this.#stopped ??= (async () => {
-      while (this.#running.size > 0) await Promise.allSettled([...this.#running]);
-      this.#group.detach(this);
-    })();
-    return this.#stopped;
   }
 }

@@ -1,6 +1,6 @@
 /**
  * One subscription's consumer in one process: a worker among the subscription's workers (workers.ts), and
- * a reader for each partition it is given (partition.ts).
+ * a reader for each partition it is given (reader.ts).
  *
  * Sharing. Every worker announces itself and the topics it handles; the partitions are shared out among the
  * workers that handle every topic, about partitions / workers each, and shared out again when a worker joins
@@ -10,12 +10,13 @@
  * partition queue keeps a single active consumer, so even two workers that disagree for a moment about who
  * reads a partition never read it at the same time. (Tests: workers.rabbitmq.)
  */
-import type { Consumer, DeliveryHandler, SubscriptionSpec } from '../core/backbone.ts';
-import type { Link } from './link.ts';
-import { PartitionReader, type ReaderHost, type ReaderSettings, type Unhandled } from './partition.ts';
-import { RecentIds, Slots } from './slots.ts';
-import { declareSubscription, type Names } from './topology.ts';
-import { Workers } from './workers.ts';
+import type { Consumer, DeliveryHandler, SubscriptionSpec } from '../../core/backbone.ts';
+import type { Link } from '../connection.ts';
+import { RecentIds, Slots } from '../slots.ts';
+import { declareSubscription, type Names } from '../topology.ts';
+import { Workers } from '../workers.ts';
+import { PartitionReader } from './reader.ts';
+import type { ReaderHost, ReaderSettings, Unhandled } from './state.ts';
 
 export interface ConsumerSettings extends ReaderSettings {
   /** How often a worker announces itself to the subscription's other workers. */
@@ -55,8 +56,7 @@ export class RabbitConsumer implements Consumer, ReaderHost {
     this.workers = new Workers(
       link,
       names,
-      spec.name,
-      spec.topics,
+      { name: spec.name, topics: spec.topics, onChange: () => this.#share() },
       {
         heartbeatMs: settings.workerHeartbeatMs,
         timeoutMs: settings.workerTimeoutMs,
@@ -65,7 +65,6 @@ export class RabbitConsumer implements Consumer, ReaderHost {
         connectionName: settings.connectionName,
         warn: settings.warn,
       },
-      () => this.#share(),
     );
     this.#readers = Array.from({ length: spec.partitions }, (_, index) => new PartitionReader(this, index));
   }
