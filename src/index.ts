@@ -41,3 +41,13 @@ export type {
 } from './core/dead-letters.ts';
 export { brokered, BrokerBackbone, relayDefaults } from './outbox/index.ts';
 export type { BrokeredOptions, RelayOptions } from './outbox/index.ts';
+export { healthFetch, healthHandler, healthPaths } from './telemetry/http.ts';
+export type { HealthPaths } from './telemetry/http.ts';
+export { healthDefaults } from './telemetry/health.ts';
+export type { BusHealth, HealthOptions } from './telemetry/health.ts';
+export type { BackboneStatus, HealthCheck, PartitionState, SubscriptionState } from './telemetry/status.ts';
+export type { BusEvents, BusEventName, BusEventListener, MessageEvent } from './telemetry/events.ts';
+export type { Logger } from './telemetry/logger.ts';
+export { telemetryDefaults } from './telemetry/options.ts';
+export type { TelemetryOptions, TracerProviderLike, MeterProviderLike } from './telemetry/options.ts';
+export type { BackboneObserver, BackboneEventName, HopSpan, TraceHeaders } from './telemetry/observer.ts';

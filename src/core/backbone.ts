@@ -3,6 +3,8 @@ import type { Envelope } from './envelope.ts';
 import type { DeadLetterStore } from './dead-letters.ts';
 import type { ErrorRecord } from './errors.ts';
 import type { ResolvedRetry } from './options.ts';
+import type { BackboneStatus, HealthCheck } from '../telemetry/status.ts';
+import type { BackboneObserver } from '../telemetry/observer.ts';
 
 /**
  * The seam between the bus and what carries its messages. A backbone stores and delivers envelopes; the
@@ -69,6 +71,12 @@ export interface Backbone<Tx = unknown> {
   deadLetters(): DeadLetterStore;
   /** Closes connections it opened. Consumers must be stopped first. */
   close(): Promise<void>;
+  /** Optional: lag, held keys and dead letters per subscription, for the metrics' gauges (src/telemetry). */
+  status?(): Promise<BackboneStatus>;
+  /** Optional: what readiness depends on (the database or broker reachable, the notifier), for `bus.health()`. */
+  health?(): Promise<readonly HealthCheck[]>;
+  /** Optional: the bus hands over its telemetry (relay spans, connection and lease events) before it opens the backbone. */
+  observe?(observer: BackboneObserver): void;
 }
 
 /** A request's answer: the reply's data (as JSON carries it), or the error the request ended with. */

@@ -1,6 +1,8 @@
 import type { Consumer, DeliveryHandler, Outgoing, SubscriptionSpec } from './backbone.ts';
 import type { BackboneDescription, ContractRegistry } from './catalog.ts';
 import type { DeadLetterStore } from './dead-letters.ts';
+import type { HealthCheck } from '../telemetry/status.ts';
+import type { BackboneObserver } from '../telemetry/observer.ts';
 
 /**
  * A message broker that carries Tidings' messages (RabbitMQ, NATS JetStream). It stores and delivers; it
@@ -31,6 +33,10 @@ export interface Broker {
   /** Dead letters kept by this broker, for the CLI and tools. */
   deadLetters(): DeadLetterStore;
   close(): Promise<void>;
+  /** Optional: whether the broker is reachable now, for `bus.health()`. */
+  health?(): Promise<readonly HealthCheck[]>;
+  /** Optional: the bus's telemetry, told of lost connections and leases. */
+  observe?(observer: BackboneObserver): void;
 }
 
 // The dead-letter model moved to dead-letters.ts; re-exported here until every backbone imports it from there.

@@ -25,6 +25,11 @@ import type { AsyncApiDocument, AsyncApiOptions } from '../asyncapi/document.ts'
 import { systemClock, type Clock, type ClockTimer } from './clock.ts';
 import { createPipeline, handlerScope, type Handler, type Middleware, type ReplyHandler, type Route } from './handler.ts';
 import { busDefaults, OptionProblems, optionNames, resolveSubscribeOptions, type ResolvedSubscribeOptions, type SubscribeOptions } from './options.ts';
+import type { BusEventListener, BusEventName } from '../telemetry/events.ts';
+import { busHealth, type BusHealth, type HealthOptions } from '../telemetry/health.ts';
+import { loggerWarning, type Logger } from '../telemetry/logger.ts';
+import { checkTelemetryOptions, type TelemetryOptions } from '../telemetry/options.ts';
+import { BusTelemetry } from '../telemetry/telemetry.ts';
 
 export type { PublishedMessage, PublishOptions, RequestOptions } from './publish.ts';
 
@@ -36,15 +41,32 @@ export interface BusOptions<Tx> {
   maxPayloadBytes?: number;
   /** Defaults for every subscription of this bus; each `subscribe` may override them. */
   subscriptionDefaults?: SubscribeOptions;
-  /** Called with what the bus recovers from by itself (a schedule's tick that could not be published); the console by default. */
+  /** Called with what the bus recovers from by itself (a schedule's tick that could not be published); the logger's warn, else the console, by default. */
   onWarning?: (message: string, error?: unknown) => void;
+  /**
+   * A pino-style logger (`logger.warn(record, message)`): structured lines with the message id, topic,
+   * subscription and attempt for each retry, dead letter and invalid message, and the bus's warnings.
+   */
+  logger?: Logger;
+  /** OpenTelemetry traces and metrics (docs/observability.md): on when `@opentelemetry/api` is installed; `false` turns them off. */
+  telemetry?: TelemetryOptions | false;
   /** The clock of scheduled publishes, schedules' ticks and request timeouts: the system's, or a virtual one (tidings/testing). */
   clock?: Clock;
   /** The contracts this service publishes or sends: its `send` operations in AsyncAPI and in the registry (docs/contracts.md). */
   publishes?: readonly AnyContract[];
 }
 
-const busOptionNames = optionNames<BusOptions<unknown>>()('service', 'backbone', 'maxPayloadBytes', 'subscriptionDefaults', 'onWarning', 'clock', 'publishes');
+const busOptionNames = optionNames<BusOptions<unknown>>()(
+  'service',
+  'backbone',
+  'maxPayloadBytes',
+  'subscriptionDefaults',
+  'onWarning',
+  'clock',
+  'publishes',
+  'logger',
+  'telemetry',
+);
 
 export interface SubscriptionStats {
   /** Attempts that succeeded (the message was acknowledged, or will be with its batch). */
@@ -98,6 +120,7 @@ export class Bus<Tx = unknown> {
   readonly #subscriptionDefaults: SubscribeOptions;
   readonly #warn: (message: string, error?: unknown) => void;
   readonly clock: Clock;
+  readonly #telemetry: BusTelemetry;
   readonly #publishes: readonly AnyContract[];
   readonly #schedules = new Map<string, Schedule>();
   readonly #requests = { sent: 0, answered: 0, timedOut: 0, late: 0 };
@@ -112,6 +135,8 @@ export class Bus<Tx = unknown> {
   readonly #background: unknown[] = [];
   #stopping = new AbortController();
   #opened: Promise<void> | undefined;
+  /** The backbone opened (health checks it only then: a check must not be what opens it). */
+  #backboneOpen = false;
   #starting: Promise<void> | undefined;
   #stopped: Promise<void> | undefined;
   #forgetSignals: (() => void) | undefined;
@@ -126,17 +151,50 @@ export class Bus<Tx = unknown> {
     );
     problems.check(options?.backbone !== undefined && typeof options.backbone.publish === 'function', 'backbone is required, for example postgres({ url })');
     problems.integer('maxPayloadBytes', options?.maxPayloadBytes, 1);
+    checkTelemetryOptions(problems, options?.telemetry, options?.logger);
     problems.throwIfAny();
     this.service = options.service;
     this.backbone = options.backbone;
     this.#maxPayloadBytes = options.maxPayloadBytes ?? busDefaults.maxPayloadBytes;
     this.#subscriptionDefaults = options.subscriptionDefaults ?? {};
-    this.#warn = options.onWarning ?? defaultWarning;
+    this.#warn = options.onWarning ?? (options.logger === undefined ? defaultWarning : loggerWarning(options.logger));
     this.clock = options.clock ?? systemClock;
+    this.#telemetry = new BusTelemetry({
+      backbone: this.backbone as Backbone<unknown>,
+      telemetry: options.telemetry,
+      logger: options.logger,
+      warn: this.#warn,
+    });
+    this.backbone.observe?.(this.#telemetry);
     this.#publishes = checkPublishes(options.publishes);
     // Every handler in flight listens for the stop; there may be thousands.
     setMaxListeners(0, this.#stopping.signal);
     resolveSubscribeOptions('createBus subscriptionDefaults', this.#subscriptionDefaults);
+  }
+
+  /**
+   * Listens to what operators need to see: `message:retry`, `message:dead-letter`, `message:invalid`,
+   * `lease:lost`, `connection:lost`, `connection:restored` (docs/observability.md). A listener that throws
+   * is reported as a warning and cannot break a worker. Returns a function that removes the listener.
+   */
+  on<E extends BusEventName>(event: E, listener: BusEventListener<E>): () => void {
+    return this.#telemetry.events.on(event, listener);
+  }
+
+  /**
+   * Live (the process should keep running) and ready (started, backbone reachable, relay keeping up), with the
+   * reasons when not: what Kubernetes' probes ask (`healthHandler` in tidings serves them over HTTP).
+   */
+  health(options?: HealthOptions): Promise<BusHealth> {
+    const inputs = {
+      state: this.#state,
+      consumes: this.#subscriptions.size > 0 || this.#schedules.size > 0,
+      opened: this.#backboneOpen,
+      failures: this.#background,
+      backbone: this.backbone as Backbone<unknown>,
+      status: () => this.#telemetry.status(),
+    };
+    return busHealth(inputs, options);
   }
 
   /** Adds middleware around every handler of this bus, outermost first. */
@@ -439,7 +497,13 @@ export class Bus<Tx = unknown> {
 
   #open(): Promise<void> {
     if (this.#state === 'stopped') return Promise.reject(new TidingsError('STOPPED', 'This bus was stopped'));
-    this.#opened ??= this.backbone.open();
+    // Telemetry first: the backbone may start its relay as it opens, and the relay's spans need the tracer.
+    this.#opened ??= this.#telemetry
+      .load()
+      .then(() => this.backbone.open())
+      .then(() => {
+        this.#backboneOpen = true;
+      });
     return this.#opened;
   }
 
@@ -461,10 +525,14 @@ export class Bus<Tx = unknown> {
         await this.backbone.reply?.(request.id, { data: reply }, tx);
       },
     });
-    const count = (result: DeliveryResult): DeliveryResult => {
-      if (result.outcome === 'ack') counts.handled++;
-      else if (result.outcome === 'retry') counts.retried++;
+    const count = (delivery: Delivery<Tx>, result: DeliveryResult): DeliveryResult => {
+      if (result.outcome === 'ack') {
+        counts.handled++;
+        return result;
+      }
+      if (result.outcome === 'retry') counts.retried++;
       else counts.deadLettered++;
+      this.#telemetry.failed(subscription.name, delivery, result);
       return result;
     };
     const requests = new Set([...subscription.routes.values()].filter((route) => route.contract.reply !== undefined).map((route) => route.contract.topic));
@@ -481,10 +549,12 @@ export class Bus<Tx = unknown> {
       }
       return result;
     };
-    const handle: DeliveryHandler<Tx> =
+    const handle: DeliveryHandler<Tx> = this.#telemetry.consumer(
+      subscription.name,
       requests.size === 0
-        ? (delivery) => pipeline(delivery).then(count)
-        : (delivery) => pipeline(delivery).then((result) => count(answerFailure(delivery, result)));
+        ? (delivery) => pipeline(delivery).then((result) => count(delivery, result))
+        : (delivery) => pipeline(delivery).then((result) => count(delivery, answerFailure(delivery, result))),
+    );
     const consumer = await this.backbone.consume(
       {
         name: subscription.name,
@@ -534,17 +604,27 @@ export class Bus<Tx = unknown> {
       const item = tooDeep(contract, () => this.#check(contract, data, effective, items.length === 1));
       checked.push(item instanceof Promise ? await item : item);
     }
-    const seal = (item: Checked) => tooDeep(contract, () => this.#seal(contract, item, effective, time, dueAt));
     await this.#open();
+    // With tracing, the publish's span is the messages' creation context: their traceparent names it.
+    const span = this.#telemetry.tracing?.publish(contract.topic, checked.length, checked[0]?.id, effective, scope?.delivery);
+    const traced = span?.headers === undefined ? effective : { ...effective, ...span.headers };
+    const seal = (item: Checked) => tooDeep(contract, () => this.#seal(contract, item, traced, time, dueAt));
     const tx = effective.tx as Tx | undefined;
     const publishChunks = this.backbone.publishChunks?.bind(this.backbone);
-    if (publishChunks !== undefined && checked.length > STREAM_CHUNK && dueAt === undefined) {
-      const chunks = chunked(checked, STREAM_CHUNK, seal);
-      await (tx !== undefined ? publishChunks(chunks, tx) : this.backbone.transaction((own) => publishChunks(chunks, own)));
-    } else {
-      await this.backbone.publish(checked.map(seal), tx);
+    try {
+      if (publishChunks !== undefined && checked.length > STREAM_CHUNK && dueAt === undefined) {
+        const chunks = chunked(checked, STREAM_CHUNK, seal);
+        await (tx !== undefined ? publishChunks(chunks, tx) : this.backbone.transaction((own) => publishChunks(chunks, own)));
+      } else {
+        await this.backbone.publish(checked.map(seal), tx);
+      }
+    } catch (error) {
+      span?.end(error);
+      throw error;
     }
+    span?.end();
     this.#published[contract.topic] = (this.#published[contract.topic] ?? 0) + checked.length;
+    this.#telemetry.published(contract.topic, checked.length);
     if (dueAt === undefined) return checked.map(({ id, key }) => ({ id, topic: contract.topic, key }));
     const deliverAt = new Date(dueAt);
     return checked.map(({ id, key }) => ({ id, topic: contract.topic, key, deliverAt }));

@@ -29,7 +29,7 @@ export function packageError(cause: unknown, name: string, neededFor: string, in
 }
 
 /** Node's own words for a package that is not there: ESM's "Cannot find package 'x'", CommonJS's "Cannot find module 'x'". */
-function isNotInstalled(error: unknown, name: string): boolean {
+export function isNotInstalled(error: unknown, name: string): boolean {
   const code = (error as { code?: unknown } | undefined)?.code;
   if (code !== 'ERR_MODULE_NOT_FOUND' && code !== 'MODULE_NOT_FOUND') return false;
   const message = error instanceof Error ? error.message : '';

@@ -19,6 +19,9 @@ import { claimCommands } from './owners.ts';
 import { resolveNatsSettings, type NatsOptions, type NatsSettings } from './options.ts';
 import { publishAll } from './publisher.ts';
 import { openTopology, type Explicit } from './topology.ts';
+import { natsHealth, watchConnection } from './observe.ts';
+import type { BackboneObserver } from '../telemetry/observer.ts';
+import type { HealthCheck } from '../telemetry/status.ts';
 
 export class NatsBroker implements Broker {
   readonly name = 'nats';
@@ -26,6 +29,7 @@ export class NatsBroker implements Broker {
   readonly #warn: (message: string, error?: unknown) => void;
   #opening: Promise<NatsContext> | undefined;
   #closed = false;
+  #observer: BackboneObserver | undefined;
 
   /** Options given explicitly; the others follow an existing stream. */
   readonly #explicit: Explicit;
@@ -38,6 +42,13 @@ export class NatsBroker implements Broker {
 
   async open(): Promise<void> {
     await this.context();
+  }
+  observe(observer: BackboneObserver): void {
+    this.#observer = observer;
+  }
+
+  async health(): Promise<readonly HealthCheck[]> {
+    return natsHealth((await this.context()).nc, this.settings.servers);
   }
 
   /** @internal The connection and topology, opened once. */
@@ -54,9 +65,10 @@ export class NatsBroker implements Broker {
     const s = this.settings;
     const client = await loadClient();
     const nc = await connect(client.transport, s);
+    watchConnection(nc, () => this.#observer);
     try {
       const topology = await openTopology(client, nc, s, this.#explicit);
-      return { nc, ...topology, settings: s, warn: this.#warn };
+      return { nc, ...topology, settings: s, warn: this.#warn, observer: () => this.#observer };
     } catch (error) {
       await nc.close().catch(() => undefined);
       if (error instanceof TidingsError) throw error;

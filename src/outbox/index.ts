@@ -19,6 +19,8 @@ import { sleep } from '../core/sleep.ts';
 import type { Inbox } from '../postgres/inbox.ts';
 import type { PgTransaction, PostgresBackbone } from '../postgres/index.ts';
 import type { BackboneDescription, ContractRegistry } from '../core/catalog.ts';
+import type { BackboneStatus, HealthCheck } from '../telemetry/status.ts';
+import type { BackboneObserver } from '../telemetry/observer.ts';
 
 export interface RelayOptions {
   /** Ordered lanes of the relay subscription; processes running the relay share them. */
@@ -61,6 +63,7 @@ export class BrokerBackbone implements Backbone<PgTransaction> {
   readonly #warn: (message: string, error?: unknown) => void;
   readonly #stopping = new AbortController();
   #relay: Consumer | undefined;
+  #observer: BackboneObserver | undefined;
   #closing: Promise<void> | undefined;
   #opening: Promise<void> | undefined;
 
@@ -115,9 +118,22 @@ export class BrokerBackbone implements Backbone<PgTransaction> {
     );
   }
 
-  /** Hands one outbox message to the broker; waits out a broker outage rather than giving up on it. */
+  observe(observer: BackboneObserver): void {
+    this.#observer = observer;
+    this.broker.observe?.(observer);
+    this.outbox?.observe(observer);
+  }
+
+  /** Hands one outbox message to the broker, in its relay span; waits out a broker outage rather than giving up on it. */
   async #forward(delivery: Delivery<PgTransaction>): Promise<DeliveryResult> {
-    const { envelope } = delivery;
+    const span = this.#observer?.relay(delivery.envelope, this.broker.name);
+    const result = await this.#hand(span?.headers === undefined ? delivery.envelope : { ...delivery.envelope, ...span.headers });
+    span?.end(result.outcome === 'ack' ? undefined : result.error);
+    return result;
+  }
+
+  /** `envelope` with the relay span's traceparent, so the consumers' spans are its children. */
+  async #hand(envelope: Envelope): Promise<DeliveryResult> {
     // What the outbox holds was checked at publish, unless an older version or raw SQL wrote it.
     let outgoing: Outgoing;
     try {
@@ -262,6 +278,18 @@ export class BrokerBackbone implements Backbone<PgTransaction> {
     } catch (error) {
       return databaseFailed(error);
     }
+  }
+
+  /** The relay's backlog: what the outbox holds that the broker does not have yet (the gauges, `bus.health()`). */
+  async status(): Promise<BackboneStatus> {
+    if (this.outbox === undefined || this.#relayOptions === undefined) return { subscriptions: [] };
+    const relay = (await this.outbox.status()).subscriptions.find((subscription) => subscription.name === relayDefaults.subscription);
+    return { subscriptions: [], relay: { backlog: relay?.lag ?? 0, oldestAgeMs: relay?.oldestUnhandledAgeMs ?? null } };
+  }
+
+  async health(): Promise<readonly HealthCheck[]> {
+    const [outbox, broker] = await Promise.all([this.outbox?.health() ?? [], this.broker.health?.() ?? []]);
+    return [...broker, ...outbox];
   }
 
   deadLetters(): DeadLetterStore {

@@ -8,6 +8,9 @@ import { OptionProblems, optionNames } from '../core/options.ts';
 import { PostgresConsumer, type ConsumerSettings } from './consume/consumer.ts';
 import { PostgresDeadLetters } from './dead-letters.ts';
 import { readStatus } from './ops/status.ts';
+import { postgresHealth, postgresStatus } from './observe.ts';
+import type { BackboneStatus, HealthCheck } from '../telemetry/status.ts';
+import type { BackboneObserver } from '../telemetry/observer.ts';
 import { checkIdentifier, pgDriver, pgliteDriver, preparing, runStatement, urlProblem, type PGliteLike, type PgPoolLike, type SqlDriver } from './driver.ts';
 import { Inbox } from './inbox.ts';
 import { LazyTransaction, type InboxClaim } from './lazy-transaction.ts';
@@ -135,6 +138,8 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
   #closing: Promise<void> | undefined;
   #scheduler: Scheduler | undefined;
   #replies: ReplyWaiter | undefined;
+  /** The bus's telemetry (Backbone.observe): lost leases and the notifier's connection are told to it. */
+  #observer: BackboneObserver | undefined;
 
   constructor(options: PostgresOptions) {
     const problems = new OptionProblems('postgres()');
@@ -199,6 +204,12 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
       reconnectMaxMs: postgresDefaults.reconnectMaxMs,
       selfTestMs: postgresDefaults.selfTestMs,
       warn: this.#warn,
+      connection: (lost, error) =>
+        this.#observer?.emit(lost ? 'connection:lost' : 'connection:restored', {
+          backbone: 'postgres',
+          detail: `the notifier's connection to ${driver.description}`,
+          ...(error === undefined ? {} : { error }),
+        }),
       othersConsume: async () => {
         const { rows } = await driver.query<{ others: boolean }>(this.#sql.othersConsume, [[...this.#workers]]);
         return rows[0]?.others !== false;
@@ -440,6 +451,7 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
         warn: this.#warn,
         committed: (topics) => this.#notifier?.poke(topics),
         workers: this.#workers,
+        observer: this.#observer,
       },
       spec,
       handle,
@@ -472,6 +484,22 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
   async messages(topic?: string, limit = 10_000): Promise<Envelope[]> {
     await this.open();
     return (await this.driver.query<LogRow>(this.#sql.newestMessages, [limit, topic ?? null])).rows.map(toEnvelope);
+  }
+
+  observe(observer: BackboneObserver): void {
+    this.#observer = observer;
+  }
+
+  /** Lag, held keys and dead letters per subscription, for the metrics' gauges (observe.ts). */
+  async status(): Promise<BackboneStatus> {
+    await this.open();
+    return postgresStatus(this.driver, this.schema);
+  }
+
+  /** The database reachable, the notifier listening or polling: for `bus.health()` (observe.ts). */
+  async health(): Promise<readonly HealthCheck[]> {
+    await this.open();
+    return postgresHealth(this.driver, this.driver.description, this.#notifier?.listening);
   }
 
   deadLetters(): DeadLetterStore {

@@ -7,6 +7,8 @@ interface NotifierOptions {
   readonly pingMs: number;
   readonly reconnectMinMs: number;
   readonly reconnectMaxMs: number;
+  /** Told when the LISTEN connection is lost (`true`, with the error) and when it is back (`false`). */
+  readonly connection?: (lost: boolean, error?: unknown) => void;
   /** How long the self-test waits for its own notification before deciding LISTEN does not work here. */
   readonly selfTestMs: number;
   readonly warn: (message: string, error?: unknown) => void;
@@ -191,6 +193,7 @@ export class Notifier {
         onNotification: (_channel, payload, fromSelf) => this.#onNotification(payload, fromSelf),
         onEnd: (error) => this.#onEnd(error),
       });
+      if (this.#attempt > 0) this.#options.connection?.(false);
       this.#attempt = 0;
       this.listening = await this.#checkDelivery();
       if (!this.listening && !this.#warnedUnavailable) {
@@ -283,7 +286,10 @@ export class Notifier {
     if (this.#closed || this.#reconnectTimer !== undefined) return;
     const { reconnectMinMs, reconnectMaxMs } = this.#options;
     const delay = Math.min(reconnectMaxMs, reconnectMinMs * 2 ** this.#attempt) * (0.75 + Math.random() * 0.5);
-    if (this.#attempt === 0) this.#options.warn(`Notifier lost its connection to ${this.#driver.description}; reconnecting`, error);
+    if (this.#attempt === 0) {
+      this.#options.warn(`Notifier lost its connection to ${this.#driver.description}; reconnecting`, error);
+      this.#options.connection?.(true, error);
+    }
     this.#attempt++;
     this.#reconnectTimer = setTimeout(() => {
       this.#reconnectTimer = undefined;

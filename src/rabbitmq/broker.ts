@@ -4,13 +4,16 @@ import { EVERY_TOPIC } from '../core/backbone.ts';
 import type { Broker, DeadLetterStore } from '../core/broker.ts';
 import type { BackboneDescription } from '../core/catalog.ts';
 import { TidingsError } from '../core/errors.ts';
-import { Link } from './connection.ts';
+import { Link, redact } from './connection.ts';
 import { RabbitConsumer } from './consume/consumer.ts';
 import { RabbitDeadLetters } from './dead-letters.ts';
 import { rabbitmqDefaults, resolveRabbitMqSettings, type RabbitMqOptions, type RabbitMqSettings } from './options.ts';
 import { CommandOwners } from './owners.ts';
 import { Publisher } from './publisher.ts';
 import { Names } from './topology.ts';
+import { healthDefaults } from '../telemetry/health.ts';
+import type { BackboneObserver } from '../telemetry/observer.ts';
+import type { HealthCheck } from '../telemetry/status.ts';
 
 /** The broker alone: see `rabbitmq()` for the backbone a bus uses. */
 export class RabbitBroker implements Broker {
@@ -23,12 +26,18 @@ export class RabbitBroker implements Broker {
   readonly #owners: CommandOwners;
   readonly #consumers = new Set<RabbitConsumer>();
   #opening: Promise<void> | undefined;
+  #observer: BackboneObserver | undefined;
 
   constructor(options: RabbitMqOptions) {
     this.#settings = resolveRabbitMqSettings(options);
     const s = this.#settings;
     this.names = new Names(s.prefix);
-    this.#link = new Link({ ...s, connectionName: s.connectionName });
+    this.#link = new Link({
+      ...s,
+      connectionName: s.connectionName,
+      connection: (lost) =>
+        this.#observer?.emit(lost ? 'connection:lost' : 'connection:restored', { backbone: 'rabbitmq', detail: `RabbitMQ at ${redact(s.url)}` }),
+    });
     this.#publisher = new Publisher(this.#link, this.names, s);
     this.#owners = new CommandOwners(this.#link, this.names);
     this.#deadLetters = new RabbitDeadLetters(this.#link, this.names, {
@@ -37,6 +46,22 @@ export class RabbitBroker implements Broker {
       listLimit: rabbitmqDefaults.deadLetterListLimit,
       connectTimeoutMs: s.connectTimeoutMs,
     });
+  }
+
+  observe(observer: BackboneObserver): void {
+    this.#observer = observer;
+  }
+
+  /** Reachable: a connection is open, or one opens within the health check's time (asking for it starts a reconnect). */
+  async health(): Promise<readonly HealthCheck[]> {
+    const where = `RabbitMQ at ${redact(this.#settings.url)}`;
+    try {
+      // Half the check's time: the answer, either way, must come before the bus gives up on the check.
+      await this.#link.connection(Date.now() + healthDefaults.timeoutMs / 2);
+      return [{ name: 'broker', ok: true, detail: `connected to ${where}` }];
+    } catch (error) {
+      return [{ name: 'broker', ok: false, detail: `${where} is unreachable: ${(error as Error).message}` }];
+    }
   }
 
   /** Connects (within `connectTimeoutMs`, else a retryable BACKBONE_UNAVAILABLE). Queues are declared per subscription. */

@@ -17,6 +17,8 @@ export interface LinkSettings {
   readonly reconnectMaxMs: number;
   readonly connectionName: string;
   readonly warn: (message: string, error?: unknown) => void;
+  /** Told when the connection drops (`true`) and when a new one is open after it (`false`): the bus's events. */
+  readonly connection?: ((lost: boolean, error?: unknown) => void) | undefined;
 }
 
 export class Link {
@@ -24,6 +26,8 @@ export class Link {
   #connection: ChannelModel | undefined;
   #connecting: Promise<ChannelModel> | undefined;
   #closed = false;
+  /** The connection dropped and none is open since. */
+  #lost = false;
   readonly #closing = new AbortController();
 
   constructor(settings: LinkSettings) {
@@ -113,10 +117,17 @@ export class Link {
         connection.on('error', (error: Error) => s.warn(`RabbitMQ connection error (${redact(s.url)})`, error));
         connection.on('close', () => {
           if (this.#connection === connection) this.#connection = undefined;
-          if (!this.#closed) s.warn(`RabbitMQ connection to ${redact(s.url)} closed; reconnecting`);
+          if (this.#closed) return;
+          s.warn(`RabbitMQ connection to ${redact(s.url)} closed; reconnecting`);
+          this.#lost = true;
+          s.connection?.(true);
         });
         connection.on('blocked', (reason: string) => s.warn(`RabbitMQ blocked publishing on this connection: ${reason}`));
         this.#connection = connection;
+        if (this.#lost) {
+          this.#lost = false;
+          s.connection?.(false);
+        }
         if (attempt > 0) s.warn(`RabbitMQ connection to ${redact(s.url)} restored after ${attempt} failed attempt${attempt === 1 ? '' : 's'}`);
         return connection;
       } catch (error) {

@@ -66,6 +66,8 @@ export class BucketLeases {
         const conflict = apiErrorCode(error) === 10071 || /wrong last sequence/i.test(String((error as Error).message));
         if (conflict || Date.now() - lane.renewedAt > settings.leaseMs - settings.heartbeatMs) {
           nats.warn(`Subscription ${spec.name}: lost the lease of bucket ${lane.bucket}; its messages go back to JetStream`, error);
+          const detail = `the lease of bucket ${lane.bucket} expired or was taken over`;
+          nats.observer?.()?.emit('lease:lost', { subscription: spec.name, backbone: 'nats', detail });
           void this.release(lane, false);
         }
       }

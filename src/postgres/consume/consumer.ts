@@ -120,7 +120,9 @@ export class PostgresConsumer implements Consumer {
         this.#reader.forget();
         await this.#settled().catch(() => undefined);
         if (error instanceof LeaseLost) {
-          this.#ctx.warn(`Subscription ${this.#spec.name}: a partition's lease was lost during a batch; the batch is left to its new owner`);
+          const detail = "a partition's lease was lost during a batch; the batch is left to its new owner";
+          this.#ctx.warn(`Subscription ${this.#spec.name}: ${detail}`);
+          this.#ctx.observer?.emit('lease:lost', { subscription: this.#spec.name, backbone: 'postgres', detail });
           continue;
         }
         if (error instanceof TopicsChanged) {

@@ -204,7 +204,10 @@ export class Leases {
       // A lane whose lease we no longer hold (expired during a pause, taken over) is dropped at once; a
       // batch still running for it is refused by the epoch fence when it acknowledges.
       for (const [partition, lane] of this.lanes) {
-        if (mine.get(partition) !== lane.epoch) this.#drop(partition);
+        if (mine.get(partition) === lane.epoch) continue;
+        this.#drop(partition);
+        const detail = `the lease of partition ${partition} expired or was taken over`;
+        this.#ctx.observer?.emit('lease:lost', { subscription: spec.name, backbone: 'postgres', detail });
       }
       const target = live === 0 ? 0 : Math.ceil(spec.partitions / live);
       if (this.lanes.size < target) {

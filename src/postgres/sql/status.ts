@@ -5,6 +5,7 @@ import { schemaOf } from './schema.ts';
  * not in `done`, less those already handled in the window being worked through. Candidates come through the
  * xid index exactly as the consumer's read does (the transactions in progress at `done`, and newer ones), so
  * a caught-up subscription costs an index probe, not a scan of the log. `extra`: a further condition on `l`.
+ * A subscription of every topic ('*': the outbox relay) counts every topic's rows (health.brokers.test.ts).
  */
 export function lagJoin(s: string, extra = 'true'): string {
   return `cross join lateral (
@@ -12,7 +13,7 @@ export function lagJoin(s: string, extra = 'true'): string {
       where (l.xid = any(array(select pg_snapshot_xip(c.done))) or l.xid >= pg_snapshot_xmax(c.done))
         and not pg_visible_in_snapshot(l.xid, c.done)
         and not (c.window_snapshot is not null and l.position <= c.window_position and pg_visible_in_snapshot(l.xid, c.window_snapshot))
-        and l.topic = any(sub.topics) and l.key_hash % sub.partitions = c.partition
+        and (l.topic = any(sub.topics) or '*' = any(sub.topics)) and l.key_hash % sub.partitions = c.partition
         and ${extra}
     ) lag`;
 }
