@@ -73,6 +73,12 @@ export function timeoutContract(saga: string) {
     } as StandardSchemaV1<TimeoutData>,
     key: (data) => data.id,
     description: `A timeout of saga ${saga}`,
+    // Its schema is the saga's own (no library to convert it), so the service registry and AsyncAPI get it here.
+    toJSONSchema: () => ({
+      type: 'object',
+      properties: { id: { type: 'string', description: 'the instance' }, name: { type: 'string', description: 'the timeout' }, data: {} },
+      required: ['id', 'name'],
+    }),
   });
 }
 
