@@ -27,7 +27,10 @@ async function holdLock(h: Harness): Promise<{ release(): Promise<void> }> {
   return { release: () => connection.close() };
 }
 
-test('a process killed while it claims a command leaves no lock: the next subscription waits for the lock, then owns the command', async (t) => {
+// A time limit: a broker restarted under the test (another test's fault injection) fails it instead of hanging the run.
+test('a process killed while it claims a command leaves no lock: the next subscription waits for the lock, then owns the command', {
+  timeout: 60_000,
+}, async (t) => {
   if (!(await requireBroker(t, 'RabbitMQ', RABBITMQ_URL))) return;
   const h = new Harness();
   harnesses.push(h);
@@ -54,7 +57,9 @@ test('a process killed while it claims a command leaves no lock: the next subscr
   assert.deepEqual(charged, [1], 'the owner handles its command');
 });
 
-test('a lock held past the connect timeout: the start fails with a retryable BACKBONE_UNAVAILABLE naming the lock, and nothing was declared', async (t) => {
+test('a lock held past the connect timeout: the start fails with a retryable BACKBONE_UNAVAILABLE naming the lock, and nothing was declared', {
+  timeout: 60_000,
+}, async (t) => {
   if (!(await requireBroker(t, 'RabbitMQ', RABBITMQ_URL))) return;
   const h = new Harness();
   harnesses.push(h);
