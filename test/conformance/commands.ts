@@ -45,6 +45,15 @@ export function commandOwners<Tx>(target: ConformanceTarget<Tx>, kit: SuiteKit<T
     await sleep(300);
     assert.deepEqual([...charged].sort(), [1, 2, 3, 4, 5], 'each command once, by its owner');
     assert.deepEqual([...events.keys()].sort(), ['a1', 's1'], 'an event reaches every subscription');
+
+    // The owner is recorded, not only known while it runs: with every worker of billing stopped, fraud is still refused.
+    await kit.stop(billing);
+    const later = kit.newBus(namespace);
+    later.subscribe('fraud', Charge, () => undefined);
+    await assert.rejects(
+      later.start(),
+      (error: unknown) => error instanceof TidingsError && error.code === 'SUBSCRIPTION_CONFLICT' && /subscription billing/.test(error.message),
+    );
   });
 
   test('two services start a subscription of one command at the same moment: exactly one owns it, the other is refused naming both', async (t) => {
