@@ -16,6 +16,7 @@ import { keyHash, newId, type Envelope, type Message } from './envelope.ts';
 import { TidingsError, type TidingsErrorCode } from './errors.ts';
 import { attributeProblem, bytesOver, dataProblem, messageLimits } from './limits.ts';
 import { stopOnSignals } from './signals.ts';
+import { runForTenant, tenantOfPublish } from './tenant.ts';
 import type { PublishedMessage, PublishOptions, RequestOptions } from './publish.ts';
 import { sagaHandlers, type SagaDefinition, type SagaStats } from './saga.ts';
 import { Schedule, type ScheduleOptions, type TickPublisher } from './schedules.ts';
@@ -38,9 +39,19 @@ export interface BusOptions<Tx> {
   onWarning?: (message: string, error?: unknown) => void;
   /** The clock of scheduled publishes, schedules' ticks and request timeouts: the system's, or a virtual one (tidings/testing). */
   clock?: Clock;
+  /** Every message this bus publishes must carry a tenant: one without fails with TENANT_REQUIRED (docs/tenancy.md). */
+  requireTenant?: boolean;
 }
 
-const busOptionNames = optionNames<BusOptions<unknown>>()('service', 'backbone', 'maxPayloadBytes', 'subscriptionDefaults', 'onWarning', 'clock');
+const busOptionNames = optionNames<BusOptions<unknown>>()(
+  'service',
+  'backbone',
+  'maxPayloadBytes',
+  'subscriptionDefaults',
+  'onWarning',
+  'clock',
+  'requireTenant',
+);
 
 export interface SubscriptionStats {
   /** Attempts that succeeded (the message was acknowledged, or will be with its batch). */
@@ -94,6 +105,7 @@ export class Bus<Tx = unknown> {
   readonly #subscriptionDefaults: SubscribeOptions;
   readonly #warn: (message: string, error?: unknown) => void;
   readonly clock: Clock;
+  readonly #requireTenant: boolean;
   readonly #schedules = new Map<string, Schedule>();
   readonly #requests = { sent: 0, answered: 0, timedOut: 0, late: 0 };
   readonly #sagaStats = new Map<string, SagaStats>();
@@ -121,6 +133,7 @@ export class Bus<Tx = unknown> {
     );
     problems.check(options?.backbone !== undefined && typeof options.backbone.publish === 'function', 'backbone is required, for example postgres({ url })');
     problems.integer('maxPayloadBytes', options?.maxPayloadBytes, 1);
+    problems.oneOf('requireTenant', options?.requireTenant, [true, false]);
     problems.throwIfAny();
     this.service = options.service;
     this.backbone = options.backbone;
@@ -128,6 +141,7 @@ export class Bus<Tx = unknown> {
     this.#subscriptionDefaults = options.subscriptionDefaults ?? {};
     this.#warn = options.onWarning ?? defaultWarning;
     this.clock = options.clock ?? systemClock;
+    this.#requireTenant = options.requireTenant ?? busDefaults.requireTenant;
     // Every handler in flight listens for the stop; there may be thousands.
     setMaxListeners(0, this.#stopping.signal);
     resolveSubscribeOptions('createBus subscriptionDefaults', this.#subscriptionDefaults);
@@ -227,6 +241,15 @@ export class Bus<Tx = unknown> {
    */
   detached<T>(fn: () => T): T {
     return handlerScope.exit(fn);
+  }
+
+  /**
+   * Runs `fn` for `tenant`: every message it publishes carries the tenant (unless a publish names another),
+   * and so does what their handlers publish in turn. Inside a handler, only a cross-tenant subscription may
+   * switch to another tenant (TENANT_FORBIDDEN otherwise). docs/tenancy.md.
+   */
+  withTenant<T>(tenant: string, fn: () => T): T {
+    return runForTenant(tenant, handlerScope.getStore(), fn);
   }
 
   /** Runs `fn` in a transaction of the backbone's database; what it publishes is delivered iff it commits. */
@@ -426,6 +449,8 @@ export class Bus<Tx = unknown> {
       routes: subscription.routes,
       retry: options.retry,
       timeoutMs: options.timeoutMs,
+      requireTenant: options.requireTenant,
+      crossTenant: options.crossTenant,
       middleware: this.#middleware,
       stopping: this.#stopping.signal,
       publish: (contract, data, publishOptions, parent, tx) => {
@@ -482,7 +507,9 @@ export class Bus<Tx = unknown> {
     const scope = handlerScope.getStore();
     // Inside a handler, a publish joins the handler's transaction and carries its correlation, so it is
     // delivered iff the handled message is acknowledged.
-    const effective: PublishOptions = scope === undefined ? options : { ...inherit(scope.message), tx: scope.delivery.tx, ...options };
+    const tenant = tenantOfPublish({ contract, named: options.tenant, handler: scope, required: this.#requireTenant });
+    const inherited: PublishOptions = scope === undefined ? options : { ...inherit(scope.message), tx: scope.delivery.tx, ...options };
+    const effective: PublishOptions = inherited.tenant === tenant ? inherited : { ...inherited, tenant };
     const time = new Date().toISOString();
     const broken = attributeProblem(
       {

@@ -20,6 +20,8 @@ export interface Contract<Name extends string = string, Input = unknown, Output 
   readonly description: string | undefined;
   /** A command's answer to `bus.request` (see RequestContract); undefined otherwise. */
   readonly reply?: StandardSchemaV1 | undefined;
+  /** Publishing it without a tenant fails with TENANT_REQUIRED (core/tenant.ts). */
+  readonly requireTenant?: boolean | undefined;
 }
 
 /**
@@ -55,6 +57,8 @@ export interface ContractOptions<S extends StandardSchemaV1> {
   schema: S;
   key?: (data: StandardSchemaV1.InferOutput<S>) => string;
   description?: string;
+  /** Every message of this contract belongs to a tenant: publishing one without fails with TENANT_REQUIRED. */
+  requireTenant?: boolean;
 }
 
 const NAME = /^[a-z0-9]+(?:[._-][a-z0-9]+)*$/;
@@ -95,6 +99,7 @@ function define<const Name extends string, S extends StandardSchemaV1>(
     key: options.key,
     description: options.description,
     reply: options.reply,
+    requireTenant: options.requireTenant === true,
   });
 }
 

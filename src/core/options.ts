@@ -24,6 +24,10 @@ export interface SubscribeOptions {
   inbox?: boolean;
   /** Where a subscription that does not exist yet starts: messages committed from now on, or all of the log. */
   startFrom?: 'now' | 'beginning';
+  /** A message without a tenant is dead-lettered with the reason instead of handled (core/tenant.ts). */
+  requireTenant?: boolean;
+  /** Its handlers may publish for tenants other than their message's (a fan-out, an operator's job). */
+  crossTenant?: boolean;
 }
 
 export const subscriptionDefaults = {
@@ -34,6 +38,8 @@ export const subscriptionDefaults = {
   timeoutMs: 30_000,
   inbox: true,
   startFrom: 'now',
+  requireTenant: false,
+  crossTenant: false,
 } as const satisfies Required<SubscribeOptions>;
 
 export interface ResolvedRetry {
@@ -50,6 +56,8 @@ export interface ResolvedSubscribeOptions {
   readonly timeoutMs: number;
   readonly inbox: boolean;
   readonly startFrom: 'now' | 'beginning';
+  readonly requireTenant: boolean;
+  readonly crossTenant: boolean;
 }
 
 export const busDefaults = {
@@ -57,6 +65,8 @@ export const busDefaults = {
   maxPayloadBytes: 256 * 1024,
   /** How long `bus.request` waits for its reply. */
   requestTimeoutMs: 30_000,
+  /** Whether every message must carry a tenant. */
+  requireTenant: false,
 } as const;
 
 /** Collects every bad option before throwing, so one error lists them all by name. */
@@ -122,7 +132,17 @@ export function optionNames<T extends object>() {
   ): readonly string[] => names;
 }
 
-const subscribeOptionNames = optionNames<SubscribeOptions>()('concurrency', 'partitions', 'batchSize', 'retry', 'timeoutMs', 'inbox', 'startFrom');
+const subscribeOptionNames = optionNames<SubscribeOptions>()(
+  'concurrency',
+  'partitions',
+  'batchSize',
+  'retry',
+  'timeoutMs',
+  'inbox',
+  'startFrom',
+  'requireTenant',
+  'crossTenant',
+);
 const retryOptionNames = optionNames<RetryOptions>()('immediate', 'delayed', 'jitter');
 
 /** Edits (insert, delete, replace a character) between two short names: a typo is one or two. */
@@ -146,6 +166,8 @@ export function resolveSubscribeOptions(where: string, options: SubscribeOptions
   problems.integer('timeoutMs', options.timeoutMs, 0);
   problems.oneOf('inbox', options.inbox, [true, false]);
   problems.oneOf('startFrom', options.startFrom, ['now', 'beginning']);
+  problems.oneOf('requireTenant', options.requireTenant, [true, false]);
+  problems.oneOf('crossTenant', options.crossTenant, [true, false]);
   const retry = options.retry ?? {};
   problems.integer('retry.immediate', retry.immediate, 0, 100);
   problems.number('retry.jitter', retry.jitter, 0, 1);
@@ -169,5 +191,7 @@ export function resolveSubscribeOptions(where: string, options: SubscribeOptions
     timeoutMs: options.timeoutMs ?? d.timeoutMs,
     inbox: options.inbox ?? d.inbox,
     startFrom: options.startFrom ?? d.startFrom,
+    requireTenant: options.requireTenant ?? d.requireTenant,
+    crossTenant: options.crossTenant ?? d.crossTenant,
   };
 }

@@ -28,6 +28,7 @@ import { recurringSchedules } from './schedules.ts';
 import { commandOwners } from './commands.ts';
 import { requestReply } from './requests.ts';
 import { sagas } from './sagas.ts';
+import { tenancy } from './tenancy.ts';
 
 /** A handling's lasting effect, written through the handler's transaction: counted to prove "exactly once". */
 export interface EffectStore<Tx> {
@@ -460,6 +461,7 @@ export function conformance<Tx>(target: ConformanceTarget<Tx>): void {
     commandOwners(target, { world, newBus, stop });
     requestReply(target, { world, newBus, stop });
     sagas(target, { world, newBus, stop });
+    tenancy(target, { world, newBus, stop });
   });
 }
 
