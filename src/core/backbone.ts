@@ -111,6 +111,8 @@ export interface SubscriptionSpec {
   readonly commands?: readonly string[] | undefined;
   /** The retry policy, for failures below the handler (core/attempts.ts); the subscription defaults' if absent. */
   readonly retry?: ResolvedRetry | undefined;
+  /** Its handlers may touch every tenant's data (a backbone that enforces tenancy lets them). */
+  readonly crossTenant?: boolean | undefined;
 }
 
 export type { AttemptRecord } from './errors.ts';

@@ -495,6 +495,7 @@ export class Bus<Tx = unknown> {
         inbox: options.inbox,
         startFrom: options.startFrom,
         retry: options.retry,
+        crossTenant: options.crossTenant,
         commands: [...subscription.routes.values()].filter((route) => route.contract.kind === 'command').map((route) => route.contract.topic),
       },
       handle,

@@ -20,8 +20,10 @@ import { SCHEDULED_SIGNAL, Scheduler } from './scheduler.ts';
 import { REPLY_SIGNAL, ReplyWaiter } from './replies.ts';
 import { statements, type Statements } from './statements.ts';
 import { TrackedTransaction, type AtCommit, type PgTransaction } from './transaction.ts';
+import { TenantIsolation, tenancyDefaults, tenancyProblems, type TenancyOptions } from './tenants.ts';
 
 export type { PgTransaction } from './transaction.ts';
+export { tenancyDefaults, type TenancyOptions } from './tenants.ts';
 export type { Queryable, PgPoolLike, PGliteLike, SqlDriver } from './driver.ts';
 export { migrate, appliedVersions, migrationScript, pendingMigrations, type PlannedMigration } from './migrate.ts';
 
@@ -66,6 +68,8 @@ export interface PostgresOptions {
   handlerConnections?: number;
   /** How long handled messages, inbox records and dead letters are kept (see `retentionDefaults`); `false` keeps everything. */
   retention?: RetentionOptions | false;
+  /** Tenant isolation enforced by PostgreSQL (row-level security): see `TenancyOptions` and docs/tenancy.md. */
+  tenancy?: TenancyOptions;
 }
 
 const postgresOptionNames = optionNames<PostgresOptions>()(
@@ -86,6 +90,7 @@ const postgresOptionNames = optionNames<PostgresOptions>()(
   'onWarning',
   'handlerConnections',
   'retention',
+  'tenancy',
 );
 
 export const postgresDefaults = {
@@ -132,6 +137,7 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
   #closing: Promise<void> | undefined;
   #scheduler: Scheduler | undefined;
   #replies: ReplyWaiter | undefined;
+  #isolation: TenantIsolation | undefined;
 
   constructor(options: PostgresOptions) {
     const problems = new OptionProblems('postgres()');
@@ -162,6 +168,7 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
     } catch (error) {
       problems.check(false, (error as Error).message);
     }
+    tenancyProblems(problems, options.tenancy, options.pglite !== undefined);
     problems.throwIfAny();
     if (options.retention !== undefined && options.retention !== false) resolveRetention('postgres() retention', options.retention);
     this.options = options;
@@ -189,6 +196,12 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
         : await pgDriver({ url: o.url, pool: o.pool, poolSize: o.poolSize ?? postgresDefaults.poolSize, name: this.schema });
     this.#driver = driver;
     if (o.migrate ?? postgresDefaults.migrate) await migrate(driver, this.schema);
+    if ((o.tenancy?.isolation ?? tenancyDefaults.isolation) === 'rls') {
+      const isolation = new TenantIsolation(this.schema, { ...o.tenancy, backboneUrl: o.url });
+      await isolation.prepare(driver);
+      await isolation.connect(this.schema);
+      this.#isolation = isolation;
+    }
     this.#notifier = new Notifier(driver, {
       channel: this.schema,
       pingMs: o.notifierPingMs ?? postgresDefaults.notifierPingMs,
@@ -425,6 +438,7 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
         warn: this.#warn,
         committed: (topics) => this.#notifier?.poke(topics),
         workers: this.#workers,
+        isolation: this.#isolation,
       },
       spec,
       handle,
@@ -481,6 +495,7 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
     await this.#scheduler?.stop();
     await this.#retention?.stop();
     await this.#notifier?.close();
+    await this.#isolation?.close();
     await this.#driver?.close();
   }
 }

@@ -127,7 +127,9 @@ export class BatchHandler {
     }
   }
 
-  async #handle({ read, part, counts, previous, overlap }: BatchRun, careful: boolean): Promise<BatchOutcome> {
+  async #handle({ read, part, counts, previous, overlap }: BatchRun, replaying: boolean): Promise<BatchOutcome> {
+    // Under tenant isolation every batch is careful: its handlers' statements run one tenant scope at a time.
+    const careful = replaying || this.#ctx.isolation !== undefined;
     const { driver, sql } = this.#ctx;
     const spec = this.#spec;
     const published = new Set<string>();
@@ -137,7 +139,7 @@ export class BatchHandler {
     const handledIds: string[] = [];
     const claimed = new Set<string>();
     let earliestRetry = 0;
-    const scope = new SharedScope(driver, published, careful);
+    const scope = new SharedScope(driver, published, careful, this.#ctx.isolation);
 
     const handleAll = async () => {
       await forEachLimit(groupByKey(part.rows), part.concurrency, async (group) => {

@@ -1,6 +1,7 @@
 import type { SqlDriver } from '../driver.ts';
 import type { Notifier } from '../notifier.ts';
 import type { Statements } from '../statements.ts';
+import type { Isolation } from '../tenants.ts';
 
 export interface ConsumerSettings {
   readonly leaseMs: number;
@@ -28,4 +29,6 @@ export interface ConsumerContext {
   readonly committed: (topics: ReadonlySet<string>) => void;
   /** This process's workers on the backbone: a consumer is in it while registered in `workers`. */
   readonly workers: Set<string>;
+  /** Tenant isolation by row-level security (tenants.ts), when `tenancy.isolation` is 'rls'. */
+  readonly isolation?: Isolation | undefined;
 }

@@ -88,7 +88,7 @@ export class HeldKeys {
     this.#nextRetryAt = 0;
     const published = new Set<string>();
     const drained = new Set<string>();
-    const scope = new SharedScope(driver, published, true);
+    const scope = new SharedScope(driver, published, true, this.#ctx.isolation);
     await scope.run(async () => {
       const tx = scope.connection!;
       const { rows: fence } = await tx.query<{ fenced: number }>(sql.fence, [spec.name, this.#owner, partitions, lanes.map((lane) => lane.epoch)]);
