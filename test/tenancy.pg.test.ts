@@ -84,7 +84,10 @@ test("isolation: a tenant's handler SQL through ctx.tx reads and writes its tena
       found.forgedScope = await tryEscape(`select set_config('tidings.scope', 'all', true)`);
       found.forgedTenant = await tryEscape(`select set_config('tidings.scope', $1, true)`, [own === 'acme' ? 't:globex' : 't:acme']);
       if (message.data.note === 'replay' && captured !== undefined) {
-        found.replayed = await tryEscape(`select set_config('tidings.scope', $1, true), set_config('tidings.proof', $2, true)`, [captured.scope, captured.proof]);
+        found.replayed = await tryEscape(`select set_config('tidings.scope', $1, true), set_config('tidings.proof', $2, true)`, [
+          captured.scope,
+          captured.proof,
+        ]);
       }
       // Rolling back to the attempt's own savepoint brings back the scope set before it: its tenant's, never the consumer's.
       await tx.query('rollback to savepoint tidings_attempt');

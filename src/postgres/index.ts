@@ -6,6 +6,7 @@ import type { Envelope } from '../core/envelope.ts';
 import { TidingsError } from '../core/errors.ts';
 import { OptionProblems, optionNames } from '../core/options.ts';
 import { PostgresConsumer, type ConsumerSettings } from './consume/consumer.ts';
+import { SuspendedTenants } from './consume/suspended.ts';
 import { PostgresDeadLetters } from './dead-letters.ts';
 import { readStatus } from './ops/status.ts';
 import { checkIdentifier, pgDriver, pgliteDriver, preparing, runStatement, urlProblem, type PGliteLike, type PgPoolLike, type SqlDriver } from './driver.ts';
@@ -138,6 +139,7 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
   #scheduler: Scheduler | undefined;
   #replies: ReplyWaiter | undefined;
   #isolation: TenantIsolation | undefined;
+  #suspended: SuspendedTenants | undefined;
 
   constructor(options: PostgresOptions) {
     const problems = new OptionProblems('postgres()');
@@ -215,6 +217,8 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
       },
     });
     await this.#notifier.start();
+    this.#suspended = new SuspendedTenants(driver, this.schema, o.heartbeatMs ?? postgresDefaults.heartbeatMs, this.#warn);
+    await this.#suspended.start(this.#notifier);
     if (o.retention !== false) {
       this.#retention = new Retention(driver, { ...o.retention, schema: this.schema, onWarning: this.#warn });
       this.#retention.start();
@@ -439,6 +443,7 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
         committed: (topics) => this.#notifier?.poke(topics),
         workers: this.#workers,
         isolation: this.#isolation,
+        suspended: this.#suspended,
       },
       spec,
       handle,
@@ -495,6 +500,7 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
     await this.#scheduler?.stop();
     await this.#retention?.stop();
     await this.#notifier?.close();
+    this.#suspended?.stop();
     await this.#isolation?.close();
     await this.#driver?.close();
   }
@@ -515,3 +521,4 @@ export {
   type RetentionPolicy,
   type RetentionSettings,
 } from './retention.ts';
+export * from './ops/tenants.ts';

@@ -153,6 +153,13 @@ export class BatchHandler {
           }
           // Handled before: a redelivery, or a publisher that sent it twice.
           if (row.seen === true || read.handledBefore.has(row.id)) continue;
+          if (this.#ctx.suspended?.has(row.tenant) === true) {
+            // Its tenant is suspended: it waits in held, at the head of its key, due again on resume.
+            held.push({ partition, key: row.key, position, message: null, attempts: 0, next_attempt_at: null, history: [] });
+            holding = true;
+            parkedNow.add(row.key);
+            continue;
+          }
           if (spec.inbox) {
             // The same id twice in one batch (a publish retried after a commit whose answer was lost).
             if (claimed.has(row.id)) continue;

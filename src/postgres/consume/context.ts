@@ -2,6 +2,7 @@ import type { SqlDriver } from '../driver.ts';
 import type { Notifier } from '../notifier.ts';
 import type { Statements } from '../statements.ts';
 import type { Isolation } from '../tenants.ts';
+import type { SuspendedTenants } from './suspended.ts';
 
 export interface ConsumerSettings {
   readonly leaseMs: number;
@@ -31,4 +32,6 @@ export interface ConsumerContext {
   readonly workers: Set<string>;
   /** Tenant isolation by row-level security (tenants.ts), when `tenancy.isolation` is 'rls'. */
   readonly isolation?: Isolation | undefined;
+  /** Tenants whose messages wait instead of being handled (suspended.ts). */
+  readonly suspended?: Pick<SuspendedTenants, 'has'> | undefined;
 }

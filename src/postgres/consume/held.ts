@@ -98,6 +98,11 @@ export class HeldKeys {
         let head: HeldHead | undefined = first;
         while (head !== undefined) {
           const envelope = head.message ?? (await this.#fromLog(tx, head.position));
+          if (this.#ctx.suspended?.has(envelope?.tenant) === true) {
+            // Its tenant is suspended: the key waits, due again when the tenant is resumed (ops/tenants.ts).
+            await tx.query(sql.waitHeld, [head.seq]);
+            break;
+          }
           let outcome: AttemptsResult;
           if (envelope === undefined) {
             outcome = { kind: 'dead', reason: `message at position ${head.position} is no longer in the log`, history: head.history };
