@@ -4,12 +4,15 @@
  * of it left, table by table, nothing of the others touched, an audit row), export one, and its usage.
  */
 import assert from 'node:assert/strict';
+import { mkdtempSync, readFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { test } from 'node:test';
 import { deadLetter } from '../src/index.ts';
 import { exportTenant, listTenants, purgeTenant, resumeTenant, showTenant, suspendTenant, type PostgresBackbone } from '../src/postgres/index.ts';
 import { Ticked } from './fixtures/contracts.ts';
 import { pgWorld } from './fixtures/bus.ts';
-import { connect, sleep, waitFor } from './helpers.ts';
+import { connect, DATABASE_URL, runTidings, sleep, waitFor } from './helpers.ts';
 
 const actor = 'test@host';
 
@@ -153,4 +156,52 @@ test('purge: no row of the tenant is left, table by table; the other tenants kee
   assert.equal(audit[1].actor, actor);
   assert.equal(audit[1].detail.rows.log, 8, 'the audit row says what was deleted');
   await assert.rejects(purgeTenant(driver, { schema, tenant: "acme'--", actor }), /INVALID_TENANT|not a tenant id/);
+});
+
+test('tidings tenants list|show|suspend|resume|purge|export: what an operator runs', async (t) => {
+  const world = await pgWorld(t, 'tcli');
+  if (world === undefined) return;
+  const bus = world.bus();
+  await bus.start();
+  for (const tenant of ['acme', 'globex']) for (let seq = 1; seq <= 3; seq++) await bus.publish(Ticked, { key: tenant, seq }, { tenant });
+  const env = { ...process.env, DATABASE_URL };
+  const run = (...args: string[]) => runTidings(['--schema', world.schema, ...args], env);
+  const json = async (...args: string[]) => {
+    const result = await run('--json', ...args);
+    assert.equal(result.code, 0, `tidings ${args.join(' ')}: ${result.stderr}`);
+    return JSON.parse(result.stdout);
+  };
+  assert.deepEqual(
+    (await json('tenants', 'list')).tenants.map((row: { tenant: string; messages: number }) => `${row.tenant}:${row.messages}`),
+    ['acme:3', 'globex:3'],
+  );
+  const suspended = await run('tenants', 'suspend', 'acme', '--reason', 'unpaid', '--actor', 'ops');
+  assert.equal(suspended.code, 0, suspended.stderr);
+  assert.match(suspended.stdout, /Suspended acme/);
+  const shown = await json('tenants', 'show', 'acme');
+  assert.equal(shown.messages, 3);
+  assert.equal(shown.reason, 'unpaid');
+  assert.equal(shown.suspendedBy, 'ops');
+  assert.match((await run('tenants', 'resume', 'acme')).stdout, /Resumed acme/);
+  assert.equal((await run('tenants', 'resume', 'acme')).code, 1, 'resuming a tenant not suspended fails, saying so');
+  const refused = await run('tenants', 'purge', 'acme');
+  assert.equal(refused.code, 1);
+  assert.match(refused.stderr, /--dry-run.*--yes/);
+  assert.equal((await json('tenants', 'purge', 'acme', '--dry-run')).rows.log, 3);
+  const file = join(mkdtempSync(join(tmpdir(), 'tidings-export-')), 'acme.ndjson');
+  const exported = await run('tenants', 'export', 'acme', '--out', file);
+  assert.equal(exported.code, 0, exported.stderr);
+  const lines = readFileSync(file, 'utf8').trim().split('\n');
+  assert.deepEqual(
+    lines.map((line) => JSON.parse(line).data.seq),
+    [1, 2, 3],
+  );
+  assert.equal((await json('tenants', 'purge', 'acme', '--yes')).rows.log, 3);
+  assert.deepEqual(
+    (await json('tenants', 'list')).tenants.map((row: { tenant: string }) => row.tenant),
+    ['globex'],
+  );
+  const hostile = await run('tenants', 'show', "acme'; drop table log; --");
+  assert.notEqual(hostile.code, 0);
+  assert.match(hostile.stderr, /not a tenant id/);
 });

@@ -19,6 +19,7 @@ import { registerSagas } from './commands/sagas.ts';
 import { registerStatus } from './commands/status.ts';
 import { registerSubscriptions } from './commands/subscriptions.ts';
 import { registerTail } from './commands/tail.ts';
+import { registerTenants } from './commands/tenants.ts';
 import { CONFIG_FILE, cliDefaults, resolveGlobals, type GivenOptions, type GlobalOptions } from './config.ts';
 import { isUnreachable, openDatabase, unreachableMessage, type Database } from './database.ts';
 
@@ -74,7 +75,8 @@ Examples:
   tidings replay billing --from 2026-01-31T12:00:00Z --wait
   tidings prune --dry-run
   tidings drift check credentials-gw1
-  tidings replica rebuild credentials-gw1`;
+  tidings replica rebuild credentials-gw1
+  tidings tenants suspend acme --reason unpaid`;
 
 /** Each command's file adds it to the program. */
 export type Register = (program: Command, context: CliContext) => void;
@@ -89,6 +91,7 @@ const commands: readonly Register[] = [
   registerPrune,
   registerReplicas,
   registerSagas,
+  registerTenants,
 ];
 
 export function buildProgram(context: CliContext): Command {

@@ -13,6 +13,7 @@ import { checkTenant } from '../../core/tenant.ts';
 import type { Queryable, SqlDriver } from '../driver.ts';
 import { iso, toEnvelope, type LogRow } from '../codec.ts';
 import { schemaOf } from '../sql/schema.ts';
+import { defaultActor } from './chunks.ts';
 import { explainMissingSchema } from './schema.ts';
 
 export interface TenantSummary {
@@ -45,8 +46,8 @@ interface TenantOptions {
 }
 
 interface ActingOptions extends TenantOptions {
-  /** Who runs it, for the audit row (the CLI: the OS user and host). */
-  readonly actor: string;
+  /** Who runs it, for the audit row; by default the OS user and host (`alice@ops-1`). */
+  readonly actor?: string | undefined;
 }
 
 /** Every tenant with messages in the log or a suspension on record, by name. */
@@ -134,10 +135,10 @@ export async function suspendTenant(db: SqlDriver, options: ActingOptions & { re
         `insert into ${s}.tenants as t (tenant, suspended_at, suspended_by, reason) values ($1, now(), $2, $3)
          on conflict (tenant) do update set suspended_at = now(), suspended_by = excluded.suspended_by, reason = excluded.reason where t.suspended_at is null
          returning tenant`,
-        [tenant, options.actor, options.reason ?? null],
+        [tenant, options.actor ?? defaultActor(), options.reason ?? null],
       );
       if (rows.length === 0) return { suspended: false };
-      await audit(tx, s, 'suspend', tenant, options.actor, { reason: options.reason ?? null });
+      await audit(tx, s, 'suspend', tenant, options.actor ?? defaultActor(), { reason: options.reason ?? null });
       await tx.query('select pg_notify($1, $2)', [options.schema, '!tenants']);
       return { suspended: true };
     }),
@@ -170,7 +171,7 @@ export async function resumeTenant(db: SqlDriver, options: ActingOptions): Promi
          returning heads.subscription`,
         [tenant],
       );
-      await audit(tx, s, 'resume', tenant, options.actor, { released: released.length });
+      await audit(tx, s, 'resume', tenant, options.actor ?? defaultActor(), { released: released.length });
       await tx.query('select pg_notify($1, $2)', [options.schema, '!tenants']);
       for (const subscription of new Set(released.map((row) => row.subscription))) {
         await tx.query('select pg_notify($1, $2)', [options.schema, `!held:${subscription}`]);
@@ -224,7 +225,7 @@ export async function purgeTenant(db: SqlDriver, options: ActingOptions & { read
         const { rows: counted } = await tx.query<{ n: string | number }>(sql, [tenant]);
         rows[table] = Number(counted[0]?.n ?? 0);
       }
-      if (!dryRun) await audit(tx, s, 'purge', tenant, options.actor, { rows });
+      if (!dryRun) await audit(tx, s, 'purge', tenant, options.actor ?? defaultActor(), { rows });
       return { tenant, dryRun, rows };
     }),
   );
@@ -239,7 +240,7 @@ export async function* exportTenant(db: Queryable, options: ActingOptions & { re
   const tenant = checkTenant(options.tenant, 'tidings tenants export');
   const chunk = options.chunkSize ?? 1_000;
   if (!(Number.isSafeInteger(chunk) && chunk >= 1)) throw new TidingsError('INVALID_OPTIONS', `chunkSize must be a positive integer, got ${chunk}`);
-  await explainMissingSchema(options.schema, () => audit(db, s, 'export', tenant, options.actor, {}));
+  await explainMissingSchema(options.schema, () => audit(db, s, 'export', tenant, options.actor ?? defaultActor(), {}));
   let after = 0;
   for (;;) {
     const { rows } = await db.query<LogRow>(
