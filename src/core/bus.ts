@@ -496,6 +496,10 @@ export class Bus<Tx = unknown> {
         startFrom: options.startFrom,
         retry: options.retry,
         crossTenant: options.crossTenant,
+        tenantShares:
+          options.tenantConcurrency === undefined && Object.keys(options.tenantWeights).length === 0
+            ? undefined
+            : { perTenant: options.tenantConcurrency, weights: options.tenantWeights },
         commands: [...subscription.routes.values()].filter((route) => route.contract.kind === 'command').map((route) => route.contract.topic),
       },
       handle,

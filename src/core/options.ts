@@ -28,6 +28,13 @@ export interface SubscribeOptions {
   requireTenant?: boolean;
   /** Its handlers may publish for tenants other than their message's (a fan-out, an operator's job). */
   crossTenant?: boolean;
+  /**
+   * Keys of one tenant in flight at once within a batch (times its weight), so a tenant whose keys fill a
+   * batch leaves slots to the others; undefined: no cap. PostgreSQL (docs/tenancy.md, "Fair delivery").
+   */
+  tenantConcurrency?: number;
+  /** Tenants' shares of a batch's slots relative to each other (default 1 each): `{ acme: 3 }`. PostgreSQL. */
+  tenantWeights?: Record<string, number>;
 }
 
 export const subscriptionDefaults = {
@@ -40,7 +47,9 @@ export const subscriptionDefaults = {
   startFrom: 'now',
   requireTenant: false,
   crossTenant: false,
-} as const satisfies Required<SubscribeOptions>;
+  tenantConcurrency: undefined,
+  tenantWeights: {},
+} as const satisfies Omit<Required<SubscribeOptions>, 'tenantConcurrency'> & Pick<SubscribeOptions, 'tenantConcurrency'>;
 
 export interface ResolvedRetry {
   readonly immediate: number;
@@ -58,6 +67,8 @@ export interface ResolvedSubscribeOptions {
   readonly startFrom: 'now' | 'beginning';
   readonly requireTenant: boolean;
   readonly crossTenant: boolean;
+  readonly tenantConcurrency: number | undefined;
+  readonly tenantWeights: Readonly<Record<string, number>>;
 }
 
 export const busDefaults = {
@@ -142,6 +153,8 @@ const subscribeOptionNames = optionNames<SubscribeOptions>()(
   'startFrom',
   'requireTenant',
   'crossTenant',
+  'tenantConcurrency',
+  'tenantWeights',
 );
 const retryOptionNames = optionNames<RetryOptions>()('immediate', 'delayed', 'jitter');
 
@@ -168,6 +181,15 @@ export function resolveSubscribeOptions(where: string, options: SubscribeOptions
   problems.oneOf('startFrom', options.startFrom, ['now', 'beginning']);
   problems.oneOf('requireTenant', options.requireTenant, [true, false]);
   problems.oneOf('crossTenant', options.crossTenant, [true, false]);
+  problems.integer('tenantConcurrency', options.tenantConcurrency, 1, 10_000);
+  if (options.tenantWeights !== undefined) {
+    problems.check(
+      typeof options.tenantWeights === 'object' &&
+        options.tenantWeights !== null &&
+        Object.values(options.tenantWeights).every((weight) => typeof weight === 'number' && Number.isFinite(weight) && weight > 0 && weight <= 1_000),
+      `tenantWeights must map tenants to numbers above 0 and at most 1000, got ${JSON.stringify(options.tenantWeights)}`,
+    );
+  }
   const retry = options.retry ?? {};
   problems.integer('retry.immediate', retry.immediate, 0, 100);
   problems.number('retry.jitter', retry.jitter, 0, 1);
@@ -193,5 +215,7 @@ export function resolveSubscribeOptions(where: string, options: SubscribeOptions
     startFrom: options.startFrom ?? d.startFrom,
     requireTenant: options.requireTenant ?? d.requireTenant,
     crossTenant: options.crossTenant ?? d.crossTenant,
+    tenantConcurrency: options.tenantConcurrency ?? d.tenantConcurrency,
+    tenantWeights: { ...(options.tenantWeights ?? d.tenantWeights) },
   };
 }

@@ -7,6 +7,7 @@ import type { ConsumerContext } from './context.ts';
 import type { HeldKeys } from './held.ts';
 import type { Lane, LaneCursor, ReadBatch } from './lanes.ts';
 import { fenceError } from './leases.ts';
+import { forEachFair } from './fair.ts';
 import { SharedScope } from './scopes.ts';
 
 /**
@@ -142,7 +143,12 @@ export class BatchHandler {
     const scope = new SharedScope(driver, published, careful, this.#ctx.isolation);
 
     const handleAll = async () => {
-      await forEachLimit(groupByKey(part.rows), part.concurrency, async (group) => {
+      const shares = spec.tenantShares;
+      const each = (groups: LogRow[][], fn: (group: LogRow[]) => Promise<void>) =>
+        shares === undefined
+          ? forEachLimit(groups, part.concurrency, fn)
+          : forEachFair(groups, part.concurrency, (group) => group[0]!.tenant ?? '', shares, fn);
+      await each(groupByKey(part.rows), async (group) => {
         let holding = this.#held.isParked(group[0]!.key);
         for (const row of group) {
           const partition = read.partitionOf.get(row)!;
