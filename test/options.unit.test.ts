@@ -31,7 +31,7 @@ test('subscribe: a misspelt option and a misspelt retry option are named, with t
   );
   refused(
     () => bus.subscribe('billing', Happened, () => undefined, loose({ parallelism: 4 })),
-    /parallelism is not an option \(the options are concurrency, partitions, batchSize, retry, timeoutMs, inbox, startFrom\)/,
+    /parallelism is not an option \(the options are concurrency, partitions, batchSize, retry, timeoutMs, inbox, startFrom, requireTenant, crossTenant, tenantConcurrency, tenantWeights\)/,
   );
   assert.doesNotThrow(() => bus.subscribe('billing', Happened, () => undefined, { concurrency: 4, retry: { immediate: 1 } }));
 });

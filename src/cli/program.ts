@@ -21,6 +21,7 @@ import { registerSagas } from './commands/sagas.ts';
 import { registerStatus } from './commands/status.ts';
 import { registerSubscriptions } from './commands/subscriptions.ts';
 import { registerTail } from './commands/tail.ts';
+import { registerTenants } from './commands/tenants.ts';
 import { CONFIG_FILE, cliDefaults, resolveGlobals, type GivenOptions, type GlobalOptions } from './config.ts';
 import { isUnreachable, openDatabase, unreachableMessage, type Database } from './database.ts';
 
@@ -78,7 +79,8 @@ Examples:
   tidings drift check credentials-gw1
   tidings replica rebuild credentials-gw1
   tidings asyncapi --system --check asyncapi.json
-  tidings contracts check --module src/contracts.ts --against asyncapi.json`;
+  tidings contracts check --module src/contracts.ts --against asyncapi.json
+  tidings tenants suspend acme --reason unpaid`;
 
 /** Each command's file adds it to the program. */
 export type Register = (program: Command, context: CliContext) => void;
@@ -95,6 +97,7 @@ const commands: readonly Register[] = [
   registerSagas,
   registerAsyncApi,
   registerContracts,
+  registerTenants,
 ];
 
 export function buildProgram(context: CliContext): Command {

@@ -124,6 +124,10 @@ export interface SubscriptionSpec {
   readonly commands?: readonly string[] | undefined;
   /** The retry policy, for failures below the handler (core/attempts.ts); the subscription defaults' if absent. */
   readonly retry?: ResolvedRetry | undefined;
+  /** Its handlers may touch every tenant's data (a backbone that enforces tenancy lets them). */
+  readonly crossTenant?: boolean | undefined;
+  /** Fair shares of handler slots between tenants, for a backbone that schedules by tenant (PostgreSQL). */
+  readonly tenantShares?: { readonly perTenant: number | undefined; readonly weights: Readonly<Record<string, number>> } | undefined;
 }
 
 export type { AttemptRecord } from './errors.ts';

@@ -16,6 +16,7 @@ import { keyHash, newId, type Envelope, type Message } from './envelope.ts';
 import { TidingsError, type TidingsErrorCode } from './errors.ts';
 import { attributeProblem, bytesOver, dataProblem, messageLimits } from './limits.ts';
 import { stopOnSignals } from './signals.ts';
+import { runForTenant, tenantOfPublish } from './tenant.ts';
 import type { PublishedMessage, PublishOptions, RequestOptions } from './publish.ts';
 import { sagaHandlers, type SagaDefinition, type SagaStats } from './saga.ts';
 import { Schedule, type ScheduleOptions, type TickPublisher } from './schedules.ts';
@@ -54,6 +55,8 @@ export interface BusOptions<Tx> {
   clock?: Clock;
   /** The contracts this service publishes or sends: its `send` operations in AsyncAPI and in the registry (docs/contracts.md). */
   publishes?: readonly AnyContract[];
+  /** Every message this bus publishes must carry a tenant: one without fails with TENANT_REQUIRED (docs/tenancy.md). */
+  requireTenant?: boolean;
 }
 
 const busOptionNames = optionNames<BusOptions<unknown>>()(
@@ -66,6 +69,7 @@ const busOptionNames = optionNames<BusOptions<unknown>>()(
   'publishes',
   'logger',
   'telemetry',
+  'requireTenant',
 );
 
 export interface SubscriptionStats {
@@ -122,6 +126,7 @@ export class Bus<Tx = unknown> {
   readonly clock: Clock;
   readonly #telemetry: BusTelemetry;
   readonly #publishes: readonly AnyContract[];
+  readonly #requireTenant: boolean;
   readonly #schedules = new Map<string, Schedule>();
   readonly #requests = { sent: 0, answered: 0, timedOut: 0, late: 0 };
   readonly #sagaStats = new Map<string, SagaStats>();
@@ -152,6 +157,7 @@ export class Bus<Tx = unknown> {
     problems.check(options?.backbone !== undefined && typeof options.backbone.publish === 'function', 'backbone is required, for example postgres({ url })');
     problems.integer('maxPayloadBytes', options?.maxPayloadBytes, 1);
     checkTelemetryOptions(problems, options?.telemetry, options?.logger);
+    problems.oneOf('requireTenant', options?.requireTenant, [true, false]);
     problems.throwIfAny();
     this.service = options.service;
     this.backbone = options.backbone;
@@ -167,6 +173,7 @@ export class Bus<Tx = unknown> {
     });
     this.backbone.observe?.(this.#telemetry);
     this.#publishes = checkPublishes(options.publishes);
+    this.#requireTenant = options.requireTenant ?? busDefaults.requireTenant;
     // Every handler in flight listens for the stop; there may be thousands.
     setMaxListeners(0, this.#stopping.signal);
     resolveSubscribeOptions('createBus subscriptionDefaults', this.#subscriptionDefaults);
@@ -291,6 +298,15 @@ export class Bus<Tx = unknown> {
    */
   detached<T>(fn: () => T): T {
     return handlerScope.exit(fn);
+  }
+
+  /**
+   * Runs `fn` for `tenant`: every message it publishes carries the tenant (unless a publish names another),
+   * and so does what their handlers publish in turn. Inside a handler, only a cross-tenant subscription may
+   * switch to another tenant (TENANT_FORBIDDEN otherwise). docs/tenancy.md.
+   */
+  withTenant<T>(tenant: string, fn: () => T): T {
+    return runForTenant(tenant, handlerScope.getStore(), fn);
   }
 
   /** Runs `fn` in a transaction of the backbone's database; what it publishes is delivered iff it commits. */
@@ -515,6 +531,8 @@ export class Bus<Tx = unknown> {
       routes: subscription.routes,
       retry: options.retry,
       timeoutMs: options.timeoutMs,
+      requireTenant: options.requireTenant,
+      crossTenant: options.crossTenant,
       middleware: this.#middleware,
       stopping: this.#stopping.signal,
       publish: (contract, data, publishOptions, parent, tx) => {
@@ -565,6 +583,11 @@ export class Bus<Tx = unknown> {
         inbox: options.inbox,
         startFrom: options.startFrom,
         retry: options.retry,
+        crossTenant: options.crossTenant,
+        tenantShares:
+          options.tenantConcurrency === undefined && Object.keys(options.tenantWeights).length === 0
+            ? undefined
+            : { perTenant: options.tenantConcurrency, weights: options.tenantWeights },
         commands: [...subscription.routes.values()].filter((route) => route.contract.kind === 'command').map((route) => route.contract.topic),
       },
       handle,
@@ -577,7 +600,9 @@ export class Bus<Tx = unknown> {
     const scope = handlerScope.getStore();
     // Inside a handler, a publish joins the handler's transaction and carries its correlation, so it is
     // delivered iff the handled message is acknowledged.
-    const effective: PublishOptions = scope === undefined ? options : { ...inherit(scope.message), tx: scope.delivery.tx, ...options };
+    const tenant = tenantOfPublish({ contract, named: options.tenant, handler: scope, required: this.#requireTenant });
+    const inherited: PublishOptions = scope === undefined ? options : { ...inherit(scope.message), tx: scope.delivery.tx, ...options };
+    const effective: PublishOptions = inherited.tenant === tenant ? inherited : { ...inherited, tenant };
     const time = new Date().toISOString();
     const broken = attributeProblem(
       {

@@ -24,6 +24,8 @@ export interface Contract<Name extends string = string, Input = unknown, Output 
   readonly upcast?: Readonly<Record<number, Upcaster<Input>>> | undefined;
   /** The schema as JSON Schema, for a schema library without Standard JSON Schema (see ContractOptions). */
   readonly toJSONSchema?: (() => Record<string, unknown>) | undefined;
+  /** Publishing it without a tenant fails with TENANT_REQUIRED (core/tenant.ts). */
+  readonly requireTenant?: boolean | undefined;
 }
 
 /**
@@ -79,6 +81,8 @@ export interface ContractOptions<S extends StandardSchemaV1> {
    * `() => toJsonSchema(schema)` from @valibot/to-json-schema.
    */
   toJSONSchema?: () => Record<string, unknown>;
+  /** Every message of this contract belongs to a tenant: publishing one without fails with TENANT_REQUIRED. */
+  requireTenant?: boolean;
 }
 
 const NAME = /^[a-z0-9]+(?:[._-][a-z0-9]+)*$/;
@@ -125,6 +129,7 @@ function define<const Name extends string, S extends StandardSchemaV1>(
     reply: options.reply,
     upcast,
     toJSONSchema: options.toJSONSchema,
+    requireTenant: options.requireTenant === true,
   });
 }
 

@@ -29,7 +29,13 @@ export type TidingsErrorCode =
   /** `bus.request` got no reply in time. */
   | 'REQUEST_TIMEOUT'
   /** The handler of a `bus.request` failed for good: the request ended in dead letters. */
-  | 'REQUEST_FAILED';
+  | 'REQUEST_FAILED'
+  /** A tenant id that is not one (quotes, NUL, too long): refused before it reaches any store. */
+  | 'INVALID_TENANT'
+  /** A message without a tenant, for a contract, bus or subscription that requires one. */
+  | 'TENANT_REQUIRED'
+  /** A handler of one tenant's message published for another, and its subscription is not cross-tenant. */
+  | 'TENANT_FORBIDDEN';
 
 export interface MessageRef {
   readonly id?: string;
@@ -96,7 +102,8 @@ export class HandlerTimeoutError extends TidingsError {
 }
 
 export function isPermanent(error: unknown): boolean {
-  return error instanceof PermanentError || (error instanceof TidingsError && error.code === 'INVALID_PAYLOAD');
+  // A publish for another tenant (TENANT_FORBIDDEN) is the handler's bug: no retry makes it right.
+  return error instanceof PermanentError || (error instanceof TidingsError && (error.code === 'INVALID_PAYLOAD' || error.code === 'TENANT_FORBIDDEN'));
 }
 
 /** One attempt at handling a message, as kept in retry and dead-letter histories. */

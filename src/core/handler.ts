@@ -6,6 +6,7 @@ import { describeError, HandlerTimeoutError, isPermanent, storable, TidingsError
 import { envelopeProblem } from './limits.ts';
 import type { ResolvedRetry } from './options.ts';
 import { exhausted, nextRetryDelay } from './retry.ts';
+import { receivedTenantProblem } from './tenant.ts';
 import type { PublishOptions, PublishedMessage } from './publish.ts';
 
 /** What a handler may return instead of throwing: ask for a later retry, or give up on the message. */
@@ -66,6 +67,8 @@ export interface HandlerScope {
   readonly message: Message<unknown>;
   /** Its `tx` is read only when the handler publishes: a backbone may make it on first use. */
   readonly delivery: { readonly tx: unknown };
+  /** Its subscription lets handlers publish for other tenants than the message's (core/tenant.ts). */
+  readonly crossTenant?: boolean;
 }
 export const handlerScope = new AsyncLocalStorage<HandlerScope>();
 
@@ -74,6 +77,10 @@ export interface PipelineOptions<Tx> {
   readonly routes: ReadonlyMap<string, Route<Tx>>;
   readonly retry: ResolvedRetry;
   readonly timeoutMs: number;
+  /** Dead-letter a message without a tenant instead of handling it. */
+  readonly requireTenant?: boolean;
+  /** Handlers may publish for other tenants than their message's. */
+  readonly crossTenant?: boolean;
   readonly middleware: readonly Middleware<Tx>[];
   readonly publish: (contract: AnyContract, data: unknown, options: PublishOptions, parent: Message<unknown>, tx: Tx | undefined) => Promise<PublishedMessage>;
   /** Aborted when the consumer stops: handlers see it through `context.signal`. */
@@ -98,6 +105,9 @@ export function createPipeline<Tx>(options: PipelineOptions<Tx>): DeliveryHandle
     if (over !== undefined) return refuse('LIMIT_EXCEEDED', `Message on ${envelope.topic} breaks a limit: ${over}`, ref);
     const route = options.routes.get(envelope.topic);
     if (route === undefined) return refuse('UNDECODABLE_MESSAGE', `Subscription ${options.subscription} has no handler for topic ${envelope.topic}`, ref);
+    const tenancy = receivedTenantProblem(envelope.tenant, options.subscription, options.requireTenant === true);
+    if (tenancy !== undefined)
+      return refuse(envelope.tenant === undefined ? 'TENANT_REQUIRED' : 'INVALID_TENANT', `Message on ${envelope.topic}: ${tenancy}`, ref);
     const version = versionOf(envelope.type, envelope.topic);
     if (version !== undefined && version > route.contract.version) {
       return refuse(
@@ -117,7 +127,7 @@ export function createPipeline<Tx>(options: PipelineOptions<Tx>): DeliveryHandle
     const abort = new LazyAbort(options.stopping);
     const context = new DeliveryContext(options, delivery, message, abort);
     try {
-      const outcome = await handlerScope.run({ message, delivery }, () => {
+      const outcome = await handlerScope.run({ message, delivery, crossTenant: options.crossTenant === true }, () => {
         const work = runChain(options.middleware, route.handler, message, context);
         if (deadlines === undefined) return work;
         return deadlines.race(work, () => {
@@ -241,7 +251,7 @@ class LazyAbort {
 }
 
 /** The message's dead letter, before any handler ran: it can never be handled as it is. */
-function refuse(code: 'UNDECODABLE_MESSAGE' | 'LIMIT_EXCEEDED', reason: string, ref: MessageRef): DeliveryResult {
+function refuse(code: 'UNDECODABLE_MESSAGE' | 'LIMIT_EXCEEDED' | 'TENANT_REQUIRED' | 'INVALID_TENANT', reason: string, ref: MessageRef): DeliveryResult {
   // Its id may be what broke a limit: the error names it, cut to a length every store takes.
   const error = new TidingsError(code, reason, { ref: { ...ref, id: storable(String(ref.id), 300), key: storable(String(ref.key), 300) } });
   return { outcome: 'dead-letter', reason: error.message, error: describeError(error) };

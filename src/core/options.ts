@@ -24,6 +24,17 @@ export interface SubscribeOptions {
   inbox?: boolean;
   /** Where a subscription that does not exist yet starts: messages committed from now on, or all of the log. */
   startFrom?: 'now' | 'beginning';
+  /** A message without a tenant is dead-lettered with the reason instead of handled (core/tenant.ts). */
+  requireTenant?: boolean;
+  /** Its handlers may publish for tenants other than their message's (a fan-out, an operator's job). */
+  crossTenant?: boolean;
+  /**
+   * Keys of one tenant in flight at once within a batch (times its weight), so a tenant whose keys fill a
+   * batch leaves slots to the others; undefined: no cap. PostgreSQL (docs/tenancy.md, "Fair delivery").
+   */
+  tenantConcurrency?: number;
+  /** Tenants' shares of a batch's slots relative to each other (default 1 each): `{ acme: 3 }`. PostgreSQL. */
+  tenantWeights?: Record<string, number>;
 }
 
 export const subscriptionDefaults = {
@@ -34,7 +45,11 @@ export const subscriptionDefaults = {
   timeoutMs: 30_000,
   inbox: true,
   startFrom: 'now',
-} as const satisfies Required<SubscribeOptions>;
+  requireTenant: false,
+  crossTenant: false,
+  tenantConcurrency: undefined,
+  tenantWeights: {},
+} as const satisfies Omit<Required<SubscribeOptions>, 'tenantConcurrency'> & Pick<SubscribeOptions, 'tenantConcurrency'>;
 
 export interface ResolvedRetry {
   readonly immediate: number;
@@ -50,6 +65,10 @@ export interface ResolvedSubscribeOptions {
   readonly timeoutMs: number;
   readonly inbox: boolean;
   readonly startFrom: 'now' | 'beginning';
+  readonly requireTenant: boolean;
+  readonly crossTenant: boolean;
+  readonly tenantConcurrency: number | undefined;
+  readonly tenantWeights: Readonly<Record<string, number>>;
 }
 
 export const busDefaults = {
@@ -57,6 +76,8 @@ export const busDefaults = {
   maxPayloadBytes: 256 * 1024,
   /** How long `bus.request` waits for its reply. */
   requestTimeoutMs: 30_000,
+  /** Whether every message must carry a tenant. */
+  requireTenant: false,
 } as const;
 
 /** Collects every bad option before throwing, so one error lists them all by name. */
@@ -122,7 +143,19 @@ export function optionNames<T extends object>() {
   ): readonly string[] => names;
 }
 
-const subscribeOptionNames = optionNames<SubscribeOptions>()('concurrency', 'partitions', 'batchSize', 'retry', 'timeoutMs', 'inbox', 'startFrom');
+const subscribeOptionNames = optionNames<SubscribeOptions>()(
+  'concurrency',
+  'partitions',
+  'batchSize',
+  'retry',
+  'timeoutMs',
+  'inbox',
+  'startFrom',
+  'requireTenant',
+  'crossTenant',
+  'tenantConcurrency',
+  'tenantWeights',
+);
 const retryOptionNames = optionNames<RetryOptions>()('immediate', 'delayed', 'jitter');
 
 /** Edits (insert, delete, replace a character) between two short names: a typo is one or two. */
@@ -146,6 +179,17 @@ export function resolveSubscribeOptions(where: string, options: SubscribeOptions
   problems.integer('timeoutMs', options.timeoutMs, 0);
   problems.oneOf('inbox', options.inbox, [true, false]);
   problems.oneOf('startFrom', options.startFrom, ['now', 'beginning']);
+  problems.oneOf('requireTenant', options.requireTenant, [true, false]);
+  problems.oneOf('crossTenant', options.crossTenant, [true, false]);
+  problems.integer('tenantConcurrency', options.tenantConcurrency, 1, 10_000);
+  if (options.tenantWeights !== undefined) {
+    problems.check(
+      typeof options.tenantWeights === 'object' &&
+        options.tenantWeights !== null &&
+        Object.values(options.tenantWeights).every((weight) => typeof weight === 'number' && Number.isFinite(weight) && weight > 0 && weight <= 1_000),
+      `tenantWeights must map tenants to numbers above 0 and at most 1000, got ${JSON.stringify(options.tenantWeights)}`,
+    );
+  }
   const retry = options.retry ?? {};
   problems.integer('retry.immediate', retry.immediate, 0, 100);
   problems.number('retry.jitter', retry.jitter, 0, 1);
@@ -169,5 +213,9 @@ export function resolveSubscribeOptions(where: string, options: SubscribeOptions
     timeoutMs: options.timeoutMs ?? d.timeoutMs,
     inbox: options.inbox ?? d.inbox,
     startFrom: options.startFrom ?? d.startFrom,
+    requireTenant: options.requireTenant ?? d.requireTenant,
+    crossTenant: options.crossTenant ?? d.crossTenant,
+    tenantConcurrency: options.tenantConcurrency ?? d.tenantConcurrency,
+    tenantWeights: { ...(options.tenantWeights ?? d.tenantWeights) },
   };
 }

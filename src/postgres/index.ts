@@ -6,6 +6,7 @@ import type { Envelope } from '../core/envelope.ts';
 import { TidingsError } from '../core/errors.ts';
 import { OptionProblems, optionNames } from '../core/options.ts';
 import { PostgresConsumer, type ConsumerSettings } from './consume/consumer.ts';
+import { SuspendedTenants } from './consume/suspended.ts';
 import { PostgresDeadLetters } from './dead-letters.ts';
 import { readStatus } from './ops/status.ts';
 import { postgresHealth, postgresStatus } from './observe.ts';
@@ -25,8 +26,10 @@ import { statements, type Statements } from './statements.ts';
 import { TrackedTransaction, type AtCommit, type PgTransaction } from './transaction.ts';
 import type { BackboneDescription, ContractRegistry } from '../core/catalog.ts';
 import { postgresRegistry } from './registry.ts';
+import { TenantIsolation, tenancyDefaults, tenancyProblems, type TenancyOptions } from './tenants.ts';
 
 export type { PgTransaction } from './transaction.ts';
+export { tenancyDefaults, type TenancyOptions } from './tenants.ts';
 export type { Queryable, PgPoolLike, PGliteLike, SqlDriver } from './driver.ts';
 export { readServices } from './registry.ts';
 export { migrate, appliedVersions, migrationScript, pendingMigrations, type PlannedMigration } from './migrate.ts';
@@ -72,6 +75,8 @@ export interface PostgresOptions {
   handlerConnections?: number;
   /** How long handled messages, inbox records and dead letters are kept (see `retentionDefaults`); `false` keeps everything. */
   retention?: RetentionOptions | false;
+  /** Tenant isolation enforced by PostgreSQL (row-level security): see `TenancyOptions` and docs/tenancy.md. */
+  tenancy?: TenancyOptions;
 }
 
 const postgresOptionNames = optionNames<PostgresOptions>()(
@@ -92,6 +97,7 @@ const postgresOptionNames = optionNames<PostgresOptions>()(
   'onWarning',
   'handlerConnections',
   'retention',
+  'tenancy',
 );
 
 export const postgresDefaults = {
@@ -140,6 +146,8 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
   #replies: ReplyWaiter | undefined;
   /** The bus's telemetry (Backbone.observe): lost leases and the notifier's connection are told to it. */
   #observer: BackboneObserver | undefined;
+  #isolation: TenantIsolation | undefined;
+  #suspended: SuspendedTenants | undefined;
 
   constructor(options: PostgresOptions) {
     const problems = new OptionProblems('postgres()');
@@ -170,6 +178,7 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
     } catch (error) {
       problems.check(false, (error as Error).message);
     }
+    tenancyProblems(problems, options.tenancy, options.pglite !== undefined);
     problems.throwIfAny();
     if (options.retention !== undefined && options.retention !== false) resolveRetention('postgres() retention', options.retention);
     this.options = options;
@@ -197,6 +206,12 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
         : await pgDriver({ url: o.url, pool: o.pool, poolSize: o.poolSize ?? postgresDefaults.poolSize, name: this.schema });
     this.#driver = driver;
     if (o.migrate ?? postgresDefaults.migrate) await migrate(driver, this.schema);
+    if ((o.tenancy?.isolation ?? tenancyDefaults.isolation) === 'rls') {
+      const isolation = new TenantIsolation(this.schema, { ...o.tenancy, backboneUrl: o.url });
+      await isolation.prepare(driver);
+      await isolation.connect(this.schema);
+      this.#isolation = isolation;
+    }
     this.#notifier = new Notifier(driver, {
       channel: this.schema,
       pingMs: o.notifierPingMs ?? postgresDefaults.notifierPingMs,
@@ -216,6 +231,8 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
       },
     });
     await this.#notifier.start();
+    this.#suspended = new SuspendedTenants(driver, this.schema, o.heartbeatMs ?? postgresDefaults.heartbeatMs, this.#warn);
+    await this.#suspended.start(this.#notifier);
     if (o.retention !== false) {
       this.#retention = new Retention(driver, { ...o.retention, schema: this.schema, onWarning: this.#warn });
       this.#retention.start();
@@ -452,6 +469,8 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
         committed: (topics) => this.#notifier?.poke(topics),
         workers: this.#workers,
         observer: this.#observer,
+        isolation: this.#isolation,
+        suspended: this.#suspended,
       },
       spec,
       handle,
@@ -524,6 +543,8 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
     await this.#scheduler?.stop();
     await this.#retention?.stop();
     await this.#notifier?.close();
+    this.#suspended?.stop();
+    await this.#isolation?.close();
     await this.#driver?.close();
   }
 }
@@ -543,3 +564,4 @@ export {
   type RetentionPolicy,
   type RetentionSettings,
 } from './retention.ts';
+export * from './ops/tenants.ts';

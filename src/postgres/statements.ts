@@ -303,6 +303,8 @@ export function statements(schema: string) {
     nextHeld: `select seq::int8 as seq, key, position::int8 as position, message, attempts, history
       from ${s}.held where subscription = $1 and key = $2 order by seq limit 1`,
     releaseHeld: `delete from ${s}.held where seq = $1`,
+    /** A held key of a suspended tenant: its head waits with no time, until a resume makes it due. */
+    waitHeld: `update ${s}.held set next_attempt_at = null where seq = $1`,
     rescheduleHeld: `update ${s}.held set attempts = $2, next_attempt_at = now() + make_interval(secs => $3 / 1000.0), history = $4::jsonb where seq = $1`,
 
     inboxClaim: `insert into ${s}.inbox (subscription, message_id) values ($1, $2) on conflict do nothing returning message_id`,

@@ -29,6 +29,7 @@ import { commandOwners } from './commands.ts';
 import { requestReply } from './requests.ts';
 import { sagas } from './sagas.ts';
 import { upcasting } from './upcast.ts';
+import { tenancy } from './tenancy.ts';
 
 /** A handling's lasting effect, written through the handler's transaction: counted to prove "exactly once". */
 export interface EffectStore<Tx> {
@@ -462,6 +463,7 @@ export function conformance<Tx>(target: ConformanceTarget<Tx>): void {
     requestReply(target, { world, newBus, stop });
     sagas(target, { world, newBus, stop });
     upcasting({ world, newBus, stop });
+    tenancy(target, { world, newBus, stop });
   });
 }
 

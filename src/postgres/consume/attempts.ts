@@ -4,6 +4,7 @@ import { runAttempts, type AttemptsResult } from '../../core/attempts.ts';
 import type { DeliveryHandler } from '../../core/backbone.ts';
 import type { Envelope } from '../../core/envelope.ts';
 import type { PgTransaction } from '../transaction.ts';
+import { scopeOf } from '../tenants.ts';
 import type { SharedScope } from './scopes.ts';
 
 export type { AttemptsResult } from '../../core/attempts.ts';
@@ -22,7 +23,7 @@ export class Attempts {
       history,
       retry: this.spec.retry,
       envelope: () => envelope,
-      open: () => scope.attempt(),
+      open: () => scope.attempt(scopeOf(envelope.tenant, this.spec.crossTenant === true)),
       stopping: this.stopping,
       // In fast mode a failed attempt that wrote cannot be undone alone: the batch is replayed carefully.
       abandoned: () => scope.abandoned,

@@ -7,6 +7,7 @@ import type { ConsumerContext } from './context.ts';
 import type { HeldKeys } from './held.ts';
 import type { Lane, LaneCursor, ReadBatch } from './lanes.ts';
 import { fenceError } from './leases.ts';
+import { forEachFair } from './fair.ts';
 import { SharedScope } from './scopes.ts';
 
 /**
@@ -127,7 +128,9 @@ export class BatchHandler {
     }
   }
 
-  async #handle({ read, part, counts, previous, overlap }: BatchRun, careful: boolean): Promise<BatchOutcome> {
+  async #handle({ read, part, counts, previous, overlap }: BatchRun, replaying: boolean): Promise<BatchOutcome> {
+    // Under tenant isolation every batch is careful: its handlers' statements run one tenant scope at a time.
+    const careful = replaying || this.#ctx.isolation !== undefined;
     const { driver, sql } = this.#ctx;
     const spec = this.#spec;
     const published = new Set<string>();
@@ -137,10 +140,15 @@ export class BatchHandler {
     const handledIds: string[] = [];
     const claimed = new Set<string>();
     let earliestRetry = 0;
-    const scope = new SharedScope(driver, published, careful);
+    const scope = new SharedScope(driver, published, careful, this.#ctx.isolation);
 
     const handleAll = async () => {
-      await forEachLimit(groupByKey(part.rows), part.concurrency, async (group) => {
+      const shares = spec.tenantShares;
+      const each = (groups: LogRow[][], fn: (group: LogRow[]) => Promise<void>) =>
+        shares === undefined
+          ? forEachLimit(groups, part.concurrency, fn)
+          : forEachFair(groups, part.concurrency, (group) => group[0]!.tenant ?? '', shares, fn);
+      await each(groupByKey(part.rows), async (group) => {
         let holding = this.#held.isParked(group[0]!.key);
         for (const row of group) {
           const partition = read.partitionOf.get(row)!;
@@ -151,6 +159,13 @@ export class BatchHandler {
           }
           // Handled before: a redelivery, or a publisher that sent it twice.
           if (row.seen === true || read.handledBefore.has(row.id)) continue;
+          if (this.#ctx.suspended?.has(row.tenant) === true) {
+            // Its tenant is suspended: it waits in held, at the head of its key, due again on resume.
+            held.push({ partition, key: row.key, position, message: null, attempts: 0, next_attempt_at: null, history: [] });
+            holding = true;
+            parkedNow.add(row.key);
+            continue;
+          }
           if (spec.inbox) {
             // The same id twice in one batch (a publish retried after a commit whose answer was lost).
             if (claimed.has(row.id)) continue;

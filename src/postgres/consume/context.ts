@@ -2,6 +2,8 @@ import type { SqlDriver } from '../driver.ts';
 import type { Notifier } from '../notifier.ts';
 import type { Statements } from '../statements.ts';
 import type { BackboneObserver } from '../../telemetry/observer.ts';
+import type { Isolation } from '../tenants.ts';
+import type { SuspendedTenants } from './suspended.ts';
 
 export interface ConsumerSettings {
   readonly leaseMs: number;
@@ -31,4 +33,8 @@ export interface ConsumerContext {
   readonly workers: Set<string>;
   /** The bus's telemetry, told when a lease is lost (`lease:lost`). */
   readonly observer?: BackboneObserver | undefined;
+  /** Tenant isolation by row-level security (tenants.ts), when `tenancy.isolation` is 'rls'. */
+  readonly isolation?: Isolation | undefined;
+  /** Tenants whose messages wait instead of being handled (suspended.ts). */
+  readonly suspended?: Pick<SuspendedTenants, 'has'> | undefined;
 }

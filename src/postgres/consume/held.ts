@@ -88,7 +88,7 @@ export class HeldKeys {
     this.#nextRetryAt = 0;
     const published = new Set<string>();
     const drained = new Set<string>();
-    const scope = new SharedScope(driver, published, true);
+    const scope = new SharedScope(driver, published, true, this.#ctx.isolation);
     await scope.run(async () => {
       const tx = scope.connection!;
       const { rows: fence } = await tx.query<{ fenced: number }>(sql.fence, [spec.name, this.#owner, partitions, lanes.map((lane) => lane.epoch)]);
@@ -98,6 +98,11 @@ export class HeldKeys {
         let head: HeldHead | undefined = first;
         while (head !== undefined) {
           const envelope = head.message ?? (await this.#fromLog(tx, head.position));
+          if (this.#ctx.suspended?.has(envelope?.tenant) === true) {
+            // Its tenant is suspended: the key waits, due again when the tenant is resumed (ops/tenants.ts).
+            await tx.query(sql.waitHeld, [head.seq]);
+            break;
+          }
           let outcome: AttemptsResult;
           if (envelope === undefined) {
             outcome = { kind: 'dead', reason: `message at position ${head.position} is no longer in the log`, history: head.history };

@@ -1,5 +1,6 @@
 import { TidingsError } from '../../core/errors.ts';
 import type { Queryable, Session, SqlDriver, Statement } from '../driver.ts';
+import type { Isolation, Scope } from '../tenants.ts';
 import { TrackedTransaction } from '../transaction.ts';
 
 /** A mutex: handlers of one batch share one connection, and a savepoint must not interleave with another. */
@@ -32,6 +33,8 @@ export class AttemptScope implements Attempt {
     private readonly batch: Queryable,
     private readonly gate: Gate,
     published: Set<string>,
+    /** With tenant isolation: the scope the attempt's statements run in, set before its savepoint (tenants.ts). */
+    private readonly isolated?: { readonly isolation: Isolation; readonly scope: Scope },
   ) {
     this.tx = new TrackedTransaction({ query: (text, params) => this.#query(text, params) }, published);
   }
@@ -47,6 +50,7 @@ export class AttemptScope implements Attempt {
 
   async #enter(): Promise<void> {
     this.#release = await this.gate.acquire();
+    if (this.isolated !== undefined) await this.isolated.isolation.enter(this.batch, this.isolated.scope);
     await this.batch.query('savepoint tidings_attempt');
   }
 
@@ -60,19 +64,22 @@ export class AttemptScope implements Attempt {
     if (this.#entered === undefined) return undefined;
     try {
       await this.#entered;
+      let lost: Error | undefined;
       if (keep) {
         try {
           await this.batch.query('release savepoint tidings_attempt');
-          return undefined;
         } catch (error) {
           await this.batch.query('rollback to savepoint tidings_attempt');
           await this.batch.query('release savepoint tidings_attempt');
-          return error as Error;
+          lost = error as Error;
         }
+      } else {
+        await this.batch.query('rollback to savepoint tidings_attempt');
+        await this.batch.query('release savepoint tidings_attempt');
       }
-      await this.batch.query('rollback to savepoint tidings_attempt');
-      await this.batch.query('release savepoint tidings_attempt');
-      return undefined;
+      // The consumer's statements that follow run in its own scope again.
+      if (this.isolated !== undefined) await this.isolated.isolation.enter(this.batch, 'all');
+      return lost;
     } finally {
       this.#release?.();
     }
@@ -125,6 +132,7 @@ export class SharedScope {
   readonly #driver: SqlDriverLike;
   readonly #published: Set<string>;
   readonly #careful: boolean;
+  readonly #isolation: Isolation | undefined;
   readonly #gate = new Gate();
   #opening: Promise<Session> | undefined;
   #finished: Promise<unknown> | undefined;
@@ -133,18 +141,24 @@ export class SharedScope {
   connection: Session | undefined;
   abandoned = false;
 
-  constructor(driver: SqlDriverLike, published: Set<string>, careful: boolean) {
-    this.#driver = driver;
+  /** With `isolation` (tenants.ts), always careful: the transaction is the restricted role's, each attempt in its tenant's scope. */
+  constructor(driver: SqlDriverLike, published: Set<string>, careful: boolean, isolation?: Isolation) {
+    this.#isolation = isolation;
+    this.#driver = isolation?.driver ?? driver;
     this.#published = published;
-    this.#careful = careful;
+    this.#careful = careful || isolation !== undefined;
   }
 
   get open(): boolean {
     return this.#opening !== undefined;
   }
 
-  attempt(): Attempt {
-    if (this.#careful) return new AttemptScope(this.connection!, this.#gate, this.#published);
+  /** An attempt's view of the transaction; `scope`: the tenant scope its statements run in, under isolation. */
+  attempt(scope: Scope): Attempt {
+    if (this.#careful) {
+      const isolated = this.#isolation === undefined ? undefined : { isolation: this.#isolation, scope };
+      return new AttemptScope(this.connection!, this.#gate, this.#published, isolated);
+    }
     return new SharedAttempt(this, this.#published);
   }
 

@@ -1,0 +1,213 @@
+/**
+ * Tenant isolation enforced by PostgreSQL (src/postgres/tenants.ts, migration 013): handler code's SQL
+ * through `ctx.tx` tries to reach another tenant's rows every way it can (raw selects and updates, SET ROLE,
+ * RESET, set_config, a proof replayed from another transaction, the key itself) and reaches nothing.
+ */
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import type { Message } from '../src/index.ts';
+import type { PgTransaction } from '../src/postgres/index.ts';
+import { Ticked } from './fixtures/contracts.ts';
+import { pgWorld } from './fixtures/bus.ts';
+import { connect, sleep, waitFor } from './helpers.ts';
+
+const rls = { tenancy: { isolation: 'rls' as const } };
+
+/** Runs `sql` in a savepoint of the handler's transaction: its error (if any) is caught and undone, as a careful handler would. */
+async function attempt(tx: PgTransaction, sql: string, params: unknown[] = []): Promise<{ rows: Record<string, unknown>[]; rowCount: number; error?: string }> {
+  await tx.query('savepoint probe');
+  try {
+    const result = await tx.query<Record<string, unknown>>(sql, params);
+    await tx.query('release savepoint probe');
+    return { rows: result.rows, rowCount: result.rowCount ?? result.rows.length };
+  } catch (error) {
+    await tx.query('rollback to savepoint probe');
+    return { rows: [], rowCount: 0, error: (error as Error).message };
+  }
+}
+
+test("isolation: a tenant's handler SQL through ctx.tx reads and writes its tenant's rows only, whatever it tries", async (t) => {
+  const world = await pgWorld(t, 'rls', rls);
+  if (world === undefined) return;
+  const bus = world.bus();
+  const s = `"${world.schema}"`;
+  const findings = new Map<string, Record<string, unknown>>();
+  let captured: { scope: string; proof: string } | undefined;
+  bus.subscribe(
+    'probe',
+    Ticked,
+    async (message: Message<{ key: string; seq: number; note?: string }>, ctx) => {
+      const tx = ctx.tx;
+      const own = message.tenant ?? '(none)';
+      const tenantsSeen = async () =>
+        (await attempt(tx, `select distinct coalesce(tenant, '(none)') as tenant from ${s}.log order by 1`)).rows.map((row) => row.tenant);
+      const found: Record<string, unknown> = {
+        seen: await tenantsSeen(),
+        updatedOthers: (await attempt(tx, `update ${s}.log set data = '{"key":"x","seq":0}' where tenant is distinct from $1`, [message.tenant ?? null]))
+          .rowCount,
+        deletedOthers: (await attempt(tx, `delete from ${s}.log where tenant is distinct from $1`, [message.tenant ?? null])).rowCount,
+        insertForOther: (
+          await attempt(
+            tx,
+            `insert into ${s}.log (topic, id, type, source, time, key, key_hash, tenant, correlation_id, data) values ('test.ticked', gen_random_uuid()::text, 'test.ticked.v1', 'x', now(), 'k', 1, 'globex-2', 'c', '{}')`,
+          )
+        ).error,
+        consumerTables: await Promise.all(
+          ['cursors', 'held', 'inbox', 'dead_letters', 'subscriptions', 'workers'].map(
+            async (table) => (await attempt(tx, `select * from ${s}.${table}`)).rowCount,
+          ),
+        ),
+        key: (await attempt(tx, `select secret from ${s}.tenancy_key`)).error,
+        unlist: (await attempt(tx, `delete from ${s}.tenancy_roles`)).error,
+        disable: (await attempt(tx, `alter table ${s}.log disable row level security`)).error,
+        setRole: (await attempt(tx, 'set role postgres')).error,
+        sessionAuthorization: (await attempt(tx, 'set session authorization postgres')).error,
+      };
+      // The proof of its own scope, visible to its own SQL: kept to replay in a later transaction.
+      const [proofRow] = (await attempt(tx, `select current_setting('tidings.scope') as scope, current_setting('tidings.proof') as proof`)).rows;
+      if (message.data.note === 'capture') captured = { scope: String(proofRow!.scope), proof: String(proofRow!.proof) };
+      // Each of these leaves the rest of the attempt worse off, so each runs in a savepoint undone after.
+      const tryEscape = async (how: string, params: unknown[] = []) => {
+        await tx.query('savepoint escape');
+        try {
+          await tx.query(how, params);
+          return await tenantsSeen();
+        } catch (error) {
+          return (error as Error).message;
+        } finally {
+          await tx.query('rollback to savepoint escape');
+        }
+      };
+      found.resetRole = await tryEscape('reset role');
+      found.resetAll = await tryEscape('reset all');
+      found.resetScope = await tryEscape('reset tidings.scope');
+      found.forgedScope = await tryEscape(`select set_config('tidings.scope', 'all', true)`);
+      found.forgedTenant = await tryEscape(`select set_config('tidings.scope', $1, true)`, [own === 'acme' ? 't:globex' : 't:acme']);
+      if (message.data.note === 'replay' && captured !== undefined) {
+        found.replayed = await tryEscape(`select set_config('tidings.scope', $1, true), set_config('tidings.proof', $2, true)`, [
+          captured.scope,
+          captured.proof,
+        ]);
+      }
+      // Rolling back to the attempt's own savepoint brings back the scope set before it: its tenant's, never the consumer's.
+      await tx.query('rollback to savepoint tidings_attempt');
+      found.rollbackToConsumer = await tenantsSeen();
+      found.own = own;
+      findings.set(`${own}:${message.data.seq}`, found);
+    },
+    { partitions: 1, batchSize: 1 },
+  );
+  await bus.start();
+  await bus.publish(Ticked, { key: 'a', seq: 1, note: 'capture' }, { tenant: 'acme' });
+  await waitFor('the first', () => findings.size >= 1);
+  await bus.publish(Ticked, { key: 'g', seq: 2, note: 'replay' }, { tenant: 'globex' });
+  await bus.publish(Ticked, { key: 'n', seq: 3 });
+  await bus.publish(Ticked, { key: 'a', seq: 4 }, { tenant: 'acme' });
+  await waitFor('every probe', () => findings.size >= 4);
+
+  for (const [which, found] of findings) {
+    const own = found.own;
+    assert.deepEqual(found.seen, [own], `${which}: sees its own tenant's messages only`);
+    assert.equal(found.updatedOthers, 0, `${which}: updates none of the others'`);
+    assert.equal(found.deletedOthers, 0, `${which}: deletes none of the others'`);
+    assert.match(String(found.insertForOther), /row-level security/, `${which}: cannot write a message for another tenant`);
+    assert.deepEqual(found.consumerTables, [0, 0, 0, 0, 0, 0], `${which}: sees nothing of the consumer's tables`);
+    assert.match(String(found.key), /permission denied/, `${which}: cannot read the key`);
+    assert.match(String(found.unlist), /permission denied/, `${which}: cannot unlist its role`);
+    assert.match(String(found.disable), /must be owner/, `${which}: cannot disable row-level security`);
+    assert.match(String(found.setRole), /permission denied|does not exist/, `${which}: cannot SET ROLE`);
+    assert.match(String(found.sessionAuthorization), /permission denied/, `${which}: cannot SET SESSION AUTHORIZATION`);
+    assert.deepEqual(found.resetRole, [own], `${which}: RESET ROLE changes nothing`);
+    for (const field of ['resetAll', 'resetScope', 'forgedScope', 'forgedTenant']) {
+      assert.deepEqual(found[field], [], `${which}: ${field} leaves it seeing nothing at all`);
+    }
+    assert.deepEqual(found.rollbackToConsumer, [own], `${which}: ROLLBACK TO its attempt's savepoint keeps its tenant's scope`);
+    if (found.replayed !== undefined) assert.deepEqual(found.replayed, [], `${which}: a proof replayed from another transaction is worth nothing`);
+  }
+  assert.ok(findings.get('globex:2')?.replayed !== undefined, 'the replay was tried');
+
+  // Nothing the handlers tried changed a row of the log.
+  const client = await connect();
+  try {
+    const { rows } = await client.query(`select tenant, data->>'seq' as seq from ${s}.log order by position`);
+    assert.deepEqual(
+      rows.map((row) => `${row.tenant}:${row.seq}`),
+      ['acme:1', 'globex:2', 'null:3', 'acme:4'],
+    );
+  } finally {
+    await client.end();
+  }
+});
+
+test('isolation: what a handler publishes and its saga rows carry its tenant; a cross-tenant subscription sees every tenant, never the consumer tables', async (t) => {
+  const world = await pgWorld(t, 'rlsx', rls);
+  if (world === undefined) return;
+  const bus = world.bus();
+  const s = `"${world.schema}"`;
+  const seen: Array<{ tenants: unknown[]; cursors: number }> = [];
+  let followUps = 0;
+  bus.subscribe(
+    'writer',
+    Ticked,
+    async (message, ctx) => {
+      if (message.data.note === 'follow-up') {
+        followUps++;
+        return;
+      }
+      await ctx.tx.query(`insert into ${s}.replies (request_id, data) values ($1, '{}')`, [`r-${message.id}`]);
+      await ctx.publish(Ticked, { key: message.key, seq: message.data.seq + 100, note: 'follow-up' });
+    },
+    { partitions: 1 },
+  );
+  bus.subscribe(
+    'auditor',
+    Ticked,
+    async (_message, ctx) => {
+      const tenants = (await ctx.tx.query<{ tenant: string }>(`select distinct coalesce(tenant, '-') as tenant from ${s}.log order by 1`)).rows.map(
+        (row) => row.tenant,
+      );
+      const cursors = (await ctx.tx.query(`select * from ${s}.cursors`)).rows.length;
+      seen.push({ tenants, cursors });
+    },
+    { crossTenant: true, partitions: 1 },
+  );
+  await bus.start();
+  await bus.publish(Ticked, { key: 'a', seq: 1 }, { tenant: 'acme' });
+  await bus.publish(Ticked, { key: 'g', seq: 2 }, { tenant: 'globex' });
+  await waitFor('the follow-ups', () => followUps >= 2);
+  await waitFor('the auditor', () => seen.some((entry) => entry.tenants.length >= 2));
+  await sleep(100);
+  assert.ok(
+    seen.every((entry) => entry.cursors === 0),
+    'a cross-tenant handler sees no cursor',
+  );
+  const client = await connect();
+  try {
+    const { rows } = await client.query(`select tenant, data->>'seq' as seq from ${s}.log order by position`);
+    assert.deepEqual(rows.map((row) => `${row.tenant}:${row.seq}`).sort(), ['acme:1', 'acme:101', 'globex:102', 'globex:2']);
+    const { rows: replies } = await client.query(`select tenant from ${s}.replies order by tenant`);
+    assert.deepEqual(
+      replies.map((row) => row.tenant),
+      ['acme', 'globex'],
+      "a row a handler writes carries its tenant (the column's default)",
+    );
+  } finally {
+    await client.end();
+  }
+});
+
+test('isolation: refused on embedded PostgreSQL and with a role that bypasses it, by name', async (t) => {
+  const world = await pgWorld(t, 'rlsr');
+  if (world === undefined) return;
+  const { postgres } = await import('../src/postgres/index.ts');
+  assert.throws(() => postgres({ pglite: true, tenancy: { isolation: 'rls' } }), /tenancy.isolation 'rls' needs a PostgreSQL server/);
+  assert.throws(() => postgres({ url: 'postgres://x@localhost/db', tenancy: { isolation: 'rls', role: 'Bad-Role' } }), /tenancy.role/);
+  const client = await connect();
+  try {
+    await client.query('do $$ begin create role tidings_bypass bypassrls; exception when duplicate_object then null; end $$');
+  } finally {
+    await client.end();
+  }
+  const bus = world.bus('test', { tenancy: { isolation: 'rls', role: 'tidings_bypass' } });
+  await assert.rejects(bus.start(), /bypasses row-level security/);
+});
