@@ -38,16 +38,3 @@ export interface Broker {
   /** Optional: the bus's telemetry, told of lost connections and leases. */
   observe?(observer: BackboneObserver): void;
 }
-
-// The dead-letter model moved to dead-letters.ts; re-exported here until every backbone imports it from there.
-export type {
-  DeadLetter,
-  DeadLetterActionRequest,
-  DeadLetterActionResult,
-  DeadLetterGroup,
-  DeadLetterProgress,
-  DeadLetterSelection,
-  DeadLetterStore,
-  DeadLetterSummary,
-} from './dead-letters.ts';
-export { groupDeadLetters, requireSelection } from './dead-letters.ts';

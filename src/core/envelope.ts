@@ -28,6 +28,23 @@ export interface Envelope {
   readonly data: unknown;
 }
 
+/** The attributes a broker carries as headers beside the data (`datacontenttype` is implied), in the order written. */
+export const HEADER_ATTRIBUTES = [
+  'specversion',
+  'id',
+  'source',
+  'type',
+  'time',
+  'subject',
+  'topic',
+  'partitionkey',
+  'tenant',
+  'correlationid',
+  'causationid',
+  'traceparent',
+  'tracestate',
+] as const satisfies ReadonlyArray<keyof Envelope>;
+
 /** What a handler receives: the envelope's attributes in camelCase and the data typed by the contract. */
 export interface Message<Data = unknown> {
   readonly id: string;

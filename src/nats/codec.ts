@@ -6,25 +6,8 @@
 import type { MsgHdrs } from '@nats-io/transport-node';
 import { client } from './client.ts';
 import type { Outgoing } from '../core/backbone.ts';
-import type { Envelope } from '../core/envelope.ts';
+import { HEADER_ATTRIBUTES, type Envelope } from '../core/envelope.ts';
 import { TidingsError } from '../core/errors.ts';
-
-/** The attributes sent as `ce-` headers, in the order they are written. */
-const ATTRIBUTES = [
-  'specversion',
-  'id',
-  'source',
-  'type',
-  'time',
-  'subject',
-  'topic',
-  'partitionkey',
-  'tenant',
-  'correlationid',
-  'causationid',
-  'traceparent',
-  'tracestate',
-] as const satisfies ReadonlyArray<keyof Envelope>;
 
 /** Set on a redriven message: only this subscription handles it; the others acknowledge it unseen. */
 export const REDRIVE_FOR = 'tidings-redrive-for';
@@ -49,7 +32,7 @@ export function decodeValue(value: string): string {
 /** Throws a URIError for text holding a lone surrogate (no UTF-8 for it): see toWire. */
 export function toHeaders(envelope: Envelope): MsgHdrs {
   const h = client().transport.headers();
-  for (const name of ATTRIBUTES) {
+  for (const name of HEADER_ATTRIBUTES) {
     const value = envelope[name];
     if (value !== undefined && value !== null) h.set(`ce-${name}`, encodeValue(String(value)));
   }
@@ -112,7 +95,7 @@ export function toWire(message: Outgoing, subject: string, maxPayload: number): 
     msgId = encodeValue(envelope.id);
   } catch (error) {
     if (!(error instanceof URIError)) throw refuse('INVALID_PAYLOAD', `its headers cannot be encoded (${(error as Error).message})`, 'check its attributes');
-    const name = ATTRIBUTES.find((attribute) => {
+    const name = HEADER_ATTRIBUTES.find((attribute) => {
       try {
         encodeValue(String(envelope[attribute] ?? ''));
         return false;

@@ -1,7 +1,8 @@
 /** The RabbitMQ broker: the connection, publishing with confirms, a consumer per subscription, dead letters. */
 import type { Consumer, DeliveryHandler, Outgoing, SubscriptionSpec } from '../core/backbone.ts';
 import { EVERY_TOPIC } from '../core/backbone.ts';
-import type { Broker, DeadLetterStore } from '../core/broker.ts';
+import type { Broker } from '../core/broker.ts';
+import type { DeadLetterStore } from '../core/dead-letters.ts';
 import type { BackboneDescription } from '../core/catalog.ts';
 import { TidingsError } from '../core/errors.ts';
 import { Link, redact } from './connection.ts';

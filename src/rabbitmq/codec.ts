@@ -11,7 +11,7 @@
  */
 import type { ConsumeMessage, GetMessage, MessagePropertyHeaders, Options } from 'amqplib';
 import type { AttemptRecord, Outgoing } from '../core/backbone.ts';
-import type { Envelope } from '../core/envelope.ts';
+import { HEADER_ATTRIBUTES, type Envelope } from '../core/envelope.ts';
 import { storable, TidingsError, type ErrorRecord } from '../core/errors.ts';
 
 export const CE_PREFIX = 'cloudEvents:';
@@ -55,22 +55,6 @@ const MAX_HISTORY = 20;
 const MAX_STACK = 2_000;
 /** A header cut to fit the others in (a retried or dead-lettered copy of a message with huge headers). */
 const CUT_HEADER_BYTES = 1_024;
-
-const ATTRIBUTES = [
-  'specversion',
-  'id',
-  'source',
-  'type',
-  'time',
-  'subject',
-  'topic',
-  'partitionkey',
-  'tenant',
-  'correlationid',
-  'causationid',
-  'traceparent',
-  'tracestate',
-] as const;
 
 /** Buckets of the key hash: messages are routed by `keyHash % BUCKETS`. Part of the wire contract. */
 export const BUCKETS = 1_024;
@@ -121,7 +105,7 @@ export function encode(message: Outgoing): { body: Buffer; options: Options.Publ
  */
 export function attributeHeaders(envelope: Envelope, present: MessagePropertyHeaders = {}): MessagePropertyHeaders {
   const headers: MessagePropertyHeaders = {};
-  for (const name of ATTRIBUTES) {
+  for (const name of HEADER_ATTRIBUTES) {
     const value = envelope[name];
     if (value !== undefined && !CE_PREFIXES.some((prefix) => present[prefix + name] !== undefined)) headers[CE_PREFIX + name] = value;
   }

@@ -13,8 +13,15 @@
  */
 import type { Channel, ConfirmChannel, GetMessage } from 'amqplib';
 import type { AttemptRecord } from '../core/backbone.ts';
-import type { DeadLetter, DeadLetterActionRequest, DeadLetterActionResult, DeadLetterSelection, DeadLetterStore, DeadLetterSummary } from '../core/broker.ts';
-import { requireSelection } from '../core/broker.ts';
+import type {
+  DeadLetter,
+  DeadLetterActionRequest,
+  DeadLetterActionResult,
+  DeadLetterSelection,
+  DeadLetterStore,
+  DeadLetterSummary,
+} from '../core/dead-letters.ts';
+import { requireSelection } from '../core/dead-letters.ts';
 import type { Envelope } from '../core/envelope.ts';
 import { TidingsError } from '../core/errors.ts';
 import {
