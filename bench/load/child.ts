@@ -3,9 +3,9 @@
  * bench/baselines), reads its task from argv, and prints one result line on stdout. Logs go to stderr.
  */
 import { RESULT_MARK, type ChildResult, type Task, type Workload } from '../protocol.ts';
-import type { WorkloadFn } from './measure.ts';
+import { type WorkloadFn, warmedUp } from './measure.ts';
 import { HELPER_FLAG, serveHelper } from './helper.ts';
-import { PRODUCERS_FLAG, runProducers, type Sides } from './sides.ts';
+import { endToEnd, latency, PRODUCERS_FLAG, runProducers, type Sides } from './sides.ts';
 
 /**
  * A system's workloads; `sides` also serves its producers' process in the two-process rows (load/sides.ts),
@@ -15,6 +15,24 @@ export type SystemImpl = Partial<Record<Workload, WorkloadFn>> & { sides?: Sides
 
 function emit(result: ChildResult): void {
   process.stdout.write(`\n${RESULT_MARK}${JSON.stringify(result)}\n`);
+}
+
+/**
+ * The workloads of a job-queue peer (pg-boss, graphile-worker, BullMQ): its own scheduled, bulk, drain and
+ * fan-out runs (bulk, drain and fan-out after a warm-up); end-to-end, standalone and latency from its sides.
+ */
+export function queuePeer(parts: { sides: Sides; scheduled: WorkloadFn; bulk: WorkloadFn; drain: WorkloadFn; fanout: WorkloadFn }): SystemImpl {
+  const { sides } = parts;
+  return {
+    sides,
+    scheduled: parts.scheduled,
+    bulk: warmedUp(parts.bulk),
+    drain: warmedUp(parts.drain),
+    e2e: endToEnd(sides),
+    standalone: endToEnd(sides),
+    fanout: warmedUp(parts.fanout),
+    latency: latency(sides),
+  };
 }
 
 /** Entry point of a system's child process. */

@@ -6,12 +6,12 @@
 import { Queue, Worker, type Job } from 'bullmq';
 import { Redis } from 'ioredis';
 import pg from 'pg';
-import { runChild } from '../load/child.ts';
+import { queuePeer, runChild } from '../load/child.ts';
 import { makeEvent, type BenchEvent } from '../load/events.ts';
-import { Counter, now, pollUntil, produce, rate, sleep, warmedUp } from '../load/measure.ts';
+import { Counter, now, pollUntil, produce, rate, sleep } from '../load/measure.ts';
 import { ensureEffectsTable } from '../load/pg.ts';
 import { Schedule } from '../load/scheduled.ts';
-import { endToEnd, latency, type Probe, PRODUCERS, type Sides } from '../load/sides.ts';
+import { type Probe, PRODUCERS, type Sides } from '../load/sides.ts';
 import type { ChildResult, Task } from '../protocol.ts';
 
 const PREFIX = 'tbench';
@@ -179,13 +179,4 @@ async function scheduled(task: Task): Promise<ChildResult> {
   return result;
 }
 
-runChild({
-  sides,
-  scheduled,
-  bulk: warmedUp(bulk),
-  drain: warmedUp(drain),
-  e2e: endToEnd(sides),
-  standalone: endToEnd(sides),
-  fanout: warmedUp(fanout),
-  latency: latency(sides),
-});
+runChild(queuePeer({ sides, scheduled, bulk, drain, fanout }));

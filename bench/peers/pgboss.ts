@@ -5,12 +5,12 @@
  */
 import pg from 'pg';
 import PgBoss from 'pg-boss';
-import { runChild } from '../load/child.ts';
+import { queuePeer, runChild } from '../load/child.ts';
 import { makeEvent, type BenchEvent } from '../load/events.ts';
-import { Counter, now, pollUntil, produce, rate, warmedUp } from '../load/measure.ts';
+import { Counter, now, pollUntil, produce, rate } from '../load/measure.ts';
 import { Schedule } from '../load/scheduled.ts';
 import { BUSINESS_INSERT, BUSINESS_NOTE, freshSchema, idlePg, monitorClient, queriesSoFar } from '../load/pg.ts';
-import { endToEnd, latency, type Probe, PRODUCERS, type Publisher, type Sides } from '../load/sides.ts';
+import { type Probe, PRODUCERS, type Publisher, type Sides } from '../load/sides.ts';
 import type { ChildResult, Task } from '../protocol.ts';
 
 const SCHEMA = 'pgboss_bench';
@@ -215,13 +215,4 @@ async function scheduled(task: Task): Promise<ChildResult> {
   return result;
 }
 
-runChild({
-  sides,
-  scheduled,
-  bulk: warmedUp(bulk),
-  drain: warmedUp(drain),
-  e2e: endToEnd(sides),
-  standalone: endToEnd(sides),
-  fanout: warmedUp(fanout),
-  latency: latency(sides),
-});
+runChild(queuePeer({ sides, scheduled, bulk, drain, fanout }));
