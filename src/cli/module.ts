@@ -12,7 +12,7 @@ import { describeContract, describeService, type ContractRecord, type ServiceRec
 /** What describeService reads of a bus. */
 type CatalogSource = Parameters<typeof describeService>[0];
 
-export interface ModuleContents {
+interface ModuleContents {
   /** One record per exported bus. */
   readonly services: ServiceRecord[];
   /** Every contract exported, or used by an exported bus, by type. */
