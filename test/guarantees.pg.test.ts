@@ -8,10 +8,10 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { z } from 'zod';
 import { deadLetter, defineEvent, PermanentError } from '../src/index.ts';
-import { Ticked, Tocked } from './fixtures/contracts.ts';
+import { Ticked, ticksSeen, Tocked } from './fixtures/contracts.ts';
 import { pgWorld } from './fixtures/bus.ts';
 import { startProcess, type TestProcess } from './fixtures/processes.ts';
-import { connect, createEffects, sleep, waitFor } from './helpers.ts';
+import { connect, createEffects, sleep, sql, waitFor } from './helpers.ts';
 
 test('1. atomic publish in a transaction the caller drives on its own connection', async (t) => {
   const world = await pgWorld(t, 'g');
@@ -99,11 +99,7 @@ test('2b. an unrelated long-running transaction does not hold back delivery', as
   const world = await pgWorld(t, 'g');
   if (world === undefined) return;
   const bus = world.bus();
-  const seen: number[] = [];
-  bus.subscribe('not-blocked', Ticked, (message) => {
-    seen.push(message.data.seq);
-  });
-  await bus.start();
+  const seen = await ticksSeen(bus, 'not-blocked');
   const idle = await connect();
   await idle.query('begin');
   await idle.query('select pg_current_xact_id()'); // holds the xmin horizon back
@@ -157,13 +153,8 @@ test('2c. a large window is read in bounded ranges: a rare topic among many othe
   assert.deepEqual(seen, expected);
 });
 
-async function effects(schema: string): Promise<Array<{ message_id: string; key: string; seq: number; worker: number }>> {
-  const client = await connect();
-  try {
-    return (await client.query(`select message_id, key, seq, worker from "${schema}".effects order by n`)).rows;
-  } finally {
-    await client.end();
-  }
+function effects(schema: string): Promise<Array<{ message_id: string; key: string; seq: number; worker: number }>> {
+  return sql(`select message_id, key, seq, worker from "${schema}".effects order by n`);
 }
 
 test('3. per-key order with two worker processes and 50 keys; keys run in parallel', async (t) => {
@@ -390,11 +381,7 @@ test("6. bad input written behind Tidings' back: an undecodable row is dead-lett
   if (world === undefined) return;
   const { schema } = world;
   const bus = world.bus();
-  const seen: number[] = [];
-  bus.subscribe('strict', Ticked, (message) => {
-    seen.push(message.data.seq);
-  });
-  await bus.start();
+  const seen = await ticksSeen(bus, 'strict');
 
   // (Refusal at publish is in the conformance suite; here, rows a foreign writer put in the log.)
   await bus.publish(Ticked, { key: 'x', seq: 1 });

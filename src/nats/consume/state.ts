@@ -39,7 +39,7 @@ export function newestKey(worker: WorkerContext): string {
 }
 
 /** Where a pulled message runs: see Pulled.where. */
-export type Where = 'here' | 'undecided' | 'waiting' | 'elsewhere';
+type Where = 'here' | 'undecided' | 'waiting' | 'elsewhere';
 
 /** A message this worker has pulled and not yet acknowledged (or handed back). */
 export interface Pulled {

@@ -18,7 +18,7 @@ import { Workers } from './workers.ts';
 import { PartitionReader } from './reader.ts';
 import type { ReaderHost, ReaderSettings, Unhandled } from './state.ts';
 
-export interface ConsumerSettings extends ReaderSettings {
+interface ConsumerSettings extends ReaderSettings {
   /** How often a worker announces itself to the subscription's other workers. */
   readonly workerHeartbeatMs: number;
   readonly connectionName: string;

@@ -73,7 +73,7 @@ export interface Delivered {
  * is active). restoring: the first message came; picking up the partition's holds (holds.ts). reading.
  * releasing: no new handler starts; the channel closes once the running ones are finished.
  */
-export type Phase = 'idle' | 'opening' | 'waiting' | 'restoring' | 'reading' | 'releasing';
+type Phase = 'idle' | 'opening' | 'waiting' | 'restoring' | 'reading' | 'releasing';
 
 /** One partition reader's state, read and changed by its parts (reader.ts wires them). */
 export interface ReaderState {
