@@ -103,6 +103,7 @@ export class RabbitBroker implements Broker {
       workerTimeoutMs: this.#settings.workerTimeoutMs,
       connectionName: this.#settings.connectionName,
       warn: this.#settings.warn,
+      observer: () => this.#observer,
       register: (subscription) => this.#deadLetters.register(subscription),
       recentIds: this.#settings.recentIds,
     });

@@ -3,7 +3,8 @@
  * `logger`, and the typed events. The bus calls it at three seams only: when it opens (load), around each
  * publish, and around the delivery handler it gives the backbone, which every backbone calls once per
  * attempt (through core/attempts.ts): so every backbone, and a broker behind an outbox, is observed alike.
- * The outbox relay reaches it through `Backbone.observe`.
+ * Backbones reach it through `Backbone.observe` for what only they see: the outbox relay's spans, their
+ * readers' receive spans, lost leases and connections.
  */
 import type { Backbone, Delivery, DeliveryHandler, DeliveryResult } from '../core/backbone.ts';
 import type { Envelope } from '../core/envelope.ts';
@@ -14,7 +15,7 @@ import { telemetryDefaults, type TelemetryOptions } from './options.ts';
 import { loadOtel } from './otel.ts';
 import type { BackboneStatus } from './status.ts';
 import { Tracing } from './tracing.ts';
-import type { BackboneEventName, BackboneObserver, HopSpan } from './observer.ts';
+import type { BackboneEventName, BackboneObserver, HopSpan, Received } from './observer.ts';
 
 export interface BusTelemetryOptions {
   readonly backbone: Backbone<unknown>;
@@ -84,6 +85,15 @@ export class BusTelemetry implements BackboneObserver {
     return this.#tracing?.relay(envelope, broker);
   }
 
+  receiving(system: string, subscription: string): Received | undefined {
+    const tracing = this.#tracing;
+    if (tracing === undefined) return undefined;
+    const startedAt = epochMs();
+    return (messages, partition) => {
+      if (messages.length > 0) tracing.receive(system, subscription, messages, partition, startedAt, epochMs());
+    };
+  }
+
   emit<E extends BackboneEventName>(name: E, event: BusEvents[E]): void {
     const logger = this.#options.logger;
     if (logger !== undefined) {
@@ -137,6 +147,11 @@ export class BusTelemetry implements BackboneObserver {
     if (invalid) events.emit('message:invalid', { ...message, reason: result.reason, error: result.error });
     events.emit('message:dead-letter', { ...message, reason: result.reason, error: result.error });
   }
+}
+
+/** Now, in fractional epoch milliseconds from the monotonic clock: a span's start and end from one clock. */
+function epochMs(): number {
+  return performance.timeOrigin + performance.now();
 }
 
 /**
