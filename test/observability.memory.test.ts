@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import { Writable } from 'node:stream';
 import { test } from 'node:test';
-import { SpanKind } from '@opentelemetry/api';
+import { SpanKind, trace } from '@opentelemetry/api';
 import pino from 'pino';
 import { createBus, defineEvent, deadLetter, type BusOptions } from '../src/index.ts';
 import { memory, type MemoryTransaction } from '../src/memory/index.ts';
@@ -265,6 +265,26 @@ test('without @opentelemetry/api wanted (telemetry: false) nothing is recorded a
   await waitFor('the message', () => got.length === 1);
   assert.equal(got[0], parent, 'the traceparent travels as given');
   assert.equal(otel.spans().length, 0);
+});
+
+test('with the API and no SDK registered nothing is built for spans; an SDK registered later records from the next message on', async (t) => {
+  const bus = busWith(t, { telemetry: { metrics: false } }); // the API's global tracer provider
+  const got: (string | undefined)[] = [];
+  bus.subscribe('late', Ticked, (message) => {
+    got.push(message.traceparent);
+  });
+  await bus.start();
+  await bus.publish(Ticked, { key: 'k', seq: 1 });
+  await waitFor('the first message', () => got.length === 1);
+  assert.equal(got[0], undefined, 'no span, so no context to carry');
+  const otel = otelWorld();
+  trace.setGlobalTracerProvider(otel.tracerProvider);
+  t.after(() => trace.disable());
+  await bus.publish(Ticked, { key: 'k', seq: 2 });
+  await waitFor('the second message and its spans', () => got.length === 2 && otel.spans().some((span) => span.name === 'process test.ticked'));
+  const send = otel.spans().find((span) => span.name === 'send test.ticked')!;
+  assert.equal(got[1], `00-${send.spanContext().traceId}-${send.spanContext().spanId}-01`);
+  assert.ok(otel.spans().some((span) => span.name === 'receive late'));
 });
 
 test('telemetry and logger options are checked by name', () => {
