@@ -8,7 +8,7 @@
  *   npm run bench -- --full        the same and the 1,000,000-event backlog
  *   npm run bench -- --quick       smoke check, 1 round, small sizes (fails only on errors; CI runs it)
  *   options: --rounds N, --sync-off (database bench_async, synchronous_commit off),
- *            --only drain,e2e (workloads), --systems tidings,pgboss (systems), --no-write,
+ *            --only drain,e2e (workloads, or row groups: --only tracing), --systems tidings,pgboss (systems), --no-write,
  *            --stop-after <minutes> (start no task after that; report what ran), --out <name> (results/<name>.*)
  */
 import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
@@ -91,9 +91,16 @@ async function run(started: number): Promise<void> {
     `Tidings benchmark (${quick ? 'quick' : 'full'}, ${sizes.rounds} round${sizes.rounds > 1 ? 's' : ''}), database ${database} (synchronous_commit ${String((env.postgres as { synchronous_commit: string }).synchronous_commit)})`,
   );
 
+  // --only names workloads, or groups of rows (`--only tracing`: issue 22's rows of every workload).
   const plan = steps(quick, sizes)
-    .filter((step) => onlyWorkloads === undefined || onlyWorkloads.includes(step.workload))
-    .map((step) => ({ ...step, rows: step.rows.filter((row) => onlySystems === undefined || onlySystems.includes(row.system)) }))
+    .map((step) => ({
+      ...step,
+      rows: step.rows.filter(
+        (row) =>
+          (onlyWorkloads === undefined || onlyWorkloads.includes(step.workload) || onlyWorkloads.includes(row.group)) &&
+          (onlySystems === undefined || onlySystems.includes(row.system)),
+      ),
+    }))
     .filter((step) => step.rows.length > 0);
   const results = new Map<string, { workload: Workload; row: Row; runs: ChildResult[] }>();
   let cutShort = false;

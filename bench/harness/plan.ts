@@ -144,7 +144,26 @@ export const ROW = {
   producersBusiness: 'Tidings, producers only, business row + event (no consumer; as many as raw business tx)',
   drainSteadyKeyed: 'Tidings, 1k keys, inbox, no-op, steady',
   raw: 'PostgreSQL (pg)',
+  telemetryOff: 'Tidings, telemetry off (as without @opentelemetry/api)',
+  telemetryNoop: 'Tidings, no-op tracer and meter (API, no SDK)',
+  telemetrySdk: 'Tidings, OTel SDK: every span to an in-memory exporter',
 } as const;
+
+/**
+ * Issue 22's overhead rows: one workload's Tidings row with telemetry off (the reference), with the API and
+ * no SDK, and with the SDK sampling every span; run beside each other in every round.
+ */
+function tracingRows(variant: Variant, suffix: string, sizes?: Row['sizes']): Row[] {
+  const row = (label: string, telemetry: Variant['telemetry'], reference = false): Row => ({
+    system: 'tidings',
+    label: `${label}${suffix}`,
+    variant: { ...variant, telemetry },
+    group: 'tracing',
+    ...(reference && { reference }),
+    ...(sizes && { sizes }),
+  });
+  return [row(ROW.telemetryOff, 'off', true), row(ROW.telemetryNoop, 'noop'), row(ROW.telemetrySdk, 'sdk')];
+}
 
 /** The workloads in order; in each round every step runs its rows one after another (A B C, A B C ...). */
 export function steps(quick: boolean, sizes: Sizes): Step[] {
@@ -198,7 +217,15 @@ export function steps(quick: boolean, sizes: Sizes): Step[] {
       workload: 'bulk',
       rows: [...fourRows(plain, 'cold', ', cold start', { events: sizes.bulk, warmUpEvents: 0 }), ...fourRows(plain, 'steady', ', steady', steady)],
     },
-    { workload: 'drain', rows: [...fourRows(plain, 'cold', ', cold start', cold), ...fourRows(plain, 'steady', ', steady', steady), ...guarantees] },
+    {
+      workload: 'drain',
+      rows: [
+        ...fourRows(plain, 'cold', ', cold start', cold),
+        ...fourRows(plain, 'steady', ', steady', steady),
+        ...guarantees,
+        ...tracingRows(plain, ', steady', steady),
+      ],
+    },
     {
       workload: 'e2e',
       rows: [
@@ -206,6 +233,7 @@ export function steps(quick: boolean, sizes: Sizes): Step[] {
         ...fourRows(plain, 'base', ' (1 process)'),
         ...fourRows({ ...two, businessRow: true }, 'business', ', business row + event (2 processes)', undefined, PEERS.slice(0, 2)),
         ...e2eGuarantees,
+        ...tracingRows(plain, ' (1 process)'),
       ],
     },
     { workload: 'standalone', rows: [...fourRows(two, 'twoProcess', ' (2 processes)'), ...fourRows(plain, 'base', ' (1 process)')] },

@@ -16,7 +16,9 @@ export type Group =
   | 'backlog'
   | 'subscriptions'
   | 'payload'
-  | 'time';
+  | 'time'
+  /** Issue 22: the cost of traces and metrics (telemetry off, no-op, full sampling); `--only tracing` runs them alone. */
+  | 'tracing';
 
 export interface Row {
   system: SystemName;

@@ -44,6 +44,13 @@ export function checkTargets(entries: Entry[]): TargetCheck[] {
   const first = largest?.summary.firstMessageMs?.median;
   const producersEmpty = share(m('e2e', ROW.producersEmpty, 'producerRate'), raw('single10'));
   const producersBusiness = share(m('e2e', ROW.producersBusiness, 'producerRate'), raw('business10'));
+  // Issue 22: telemetry's cost, each workload's rows against its telemetry-off row.
+  const traced = (workload: Workload, suffix: string) => {
+    const off = m(workload, `${ROW.telemetryOff}${suffix}`, 'rate');
+    return { noop: share(m(workload, `${ROW.telemetryNoop}${suffix}`, 'rate'), off), sdk: share(m(workload, `${ROW.telemetrySdk}${suffix}`, 'rate'), off) };
+  };
+  const tracedE2e = traced('e2e', ' (1 process)');
+  const tracedDrain = traced('drain', ', steady');
   return [
     {
       id: 'G1',
@@ -101,6 +108,20 @@ export function checkTargets(entries: Entry[]): TargetCheck[] {
       value: `${pct(producersEmpty)}; ${pct(producersBusiness)}`,
       goal: '>= 90 % (issue 8)',
       verdict: both(higher(producersEmpty, 0.9), higher(producersBusiness, 0.9)),
+    },
+    {
+      id: 'O1',
+      measure: 'telemetry, no-op tracer and meter (API, no SDK) / telemetry off, events/s: e2e (1 process), drain (steady)',
+      value: `${pct(tracedE2e.noop)}, ${pct(tracedDrain.noop)}`,
+      goal: '>= 95 % each (issue 22)',
+      verdict: both(higher(tracedE2e.noop, 0.95), higher(tracedDrain.noop, 0.95)),
+    },
+    {
+      id: 'O2',
+      measure: 'telemetry, OTel SDK sampling every span / telemetry off, events/s: e2e (1 process), drain (steady)',
+      value: `${pct(tracedE2e.sdk)}, ${pct(tracedDrain.sdk)}`,
+      goal: 'reported (issue 22)',
+      verdict: 'n/a',
     },
   ];
 }

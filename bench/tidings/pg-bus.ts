@@ -3,6 +3,7 @@ import type { Bus } from '../../src/index.ts';
 import type { PgTransaction } from '../../src/postgres/index.ts';
 import type { Task } from '../protocol.ts';
 import { tidings } from './build.ts';
+import { telemetryOf } from './telemetry.ts';
 
 const { createBus } = await tidings<typeof import('../../src/index.ts')>('index');
 const { postgres } = await tidings<typeof import('../../src/postgres/index.ts')>('postgres/index');
@@ -10,5 +11,5 @@ const { postgres } = await tidings<typeof import('../../src/postgres/index.ts')>
 export const SCHEMA = 'tidings_bench';
 
 export function newBus(task: Task, service = 'bench'): Bus<PgTransaction> {
-  return createBus({ service, backbone: postgres({ url: task.pgUrl, schema: SCHEMA }) });
+  return createBus({ service, backbone: postgres({ url: task.pgUrl, schema: SCHEMA }), telemetry: telemetryOf(task.variant) });
 }
