@@ -196,6 +196,7 @@ const TENANT_ROWS: ReadonlyArray<readonly [table: string, where: (s: string) => 
   ['replies', () => 'x.tenant = $1'],
   ['log', () => 'x.tenant = $1'],
   ['tenants', () => 'x.tenant = $1'],
+  ['tenant_quotas', () => 'x.tenant = $1'],
 ];
 
 export interface PurgeResult {
