@@ -42,7 +42,9 @@ test('several processes publishing for one tenant share its budget: what they al
   const refused = all.reduce((sum, one) => sum + one.refused, 0);
   // Every grant happened between the first take (at or after `start`) and the last (before `finished`).
   const most = rate.burst + (rate.ratePerSecond * (finished - start)) / 1_000;
-  t.diagnostic(`four publishers: ${accepted} accepted, ${refused} refused; one budget allows ${most.toFixed(1)}, four would allow about ${(4 * most).toFixed(0)}`);
+  t.diagnostic(
+    `four publishers: ${accepted} accepted, ${refused} refused; one budget allows ${most.toFixed(1)}, four would allow about ${(4 * most).toFixed(0)}`,
+  );
   assert.ok(accepted <= most + 1, `${accepted} accepted by four publishers; one shared budget allows at most ${most.toFixed(1)}`);
   assert.ok(accepted >= rate.burst, `${accepted} accepted: at least the burst gets through`);
   assert.ok(refused > 0, 'four publishers asked for more than the budget');
