@@ -1,5 +1,5 @@
 /** What runs, in which order, with which sizes. */
-import type { ReplicaSizes, Task, Variant, Workload } from '../protocol.ts';
+import type { FairnessSizes, ReplicaSizes, Task, Variant, Workload } from '../protocol.ts';
 import { brokerSteps, brokerTask, isBrokerRow } from './brokers.ts';
 import type { Row, Step } from './rows.ts';
 
@@ -34,6 +34,8 @@ export interface Sizes {
   requestRate: number;
   requestSeconds: number;
   sagas: number;
+  /** Issue 23: the noisy tenant's backlog and rate, the quiet tenants, seconds measured. */
+  fairness: FairnessSizes;
 }
 
 export const FULL: Sizes = {
@@ -62,6 +64,7 @@ export const FULL: Sizes = {
   requestRate: 1_000,
   requestSeconds: 5,
   sagas: 5_000,
+  fairness: { backlog: 20_000, noisyRate: 5_000, quietTenants: 20, quietRate: 10, seconds: 10 },
 };
 
 export const QUICK: Sizes = {
@@ -90,6 +93,7 @@ export const QUICK: Sizes = {
   requestRate: 200,
   requestSeconds: 1,
   sagas: 200,
+  fairness: { backlog: 2_000, noisyRate: 5_000, quietTenants: 20, quietRate: 10, seconds: 2 },
 };
 
 /** --full adds the 1,000,000-event backlog (~1 minute more). */
@@ -144,7 +148,17 @@ export const ROW = {
   producersBusiness: 'Tidings, producers only, business row + event (no consumer; as many as raw business tx)',
   drainSteadyKeyed: 'Tidings, 1k keys, inbox, no-op, steady',
   raw: 'PostgreSQL (pg)',
+  /** Issue 23: each beside the same with `, RLS` (row-level security). */
+  tenantsDrain: 'Tidings, 1k keys, inbox, 20 tenants, steady',
+  tenantsE2e: 'Tidings, 1k keys, inbox, 20 tenants, no-op (1 process)',
+  tenantsE2eTx: 'Tidings, 1k keys, inbox, 20 tenants, insert via ctx.tx (1 process)',
+  quietAlone: 'Tidings, quiet tenants alone',
+  quietNoisy: 'Tidings, quiet + noisy tenant, fairness off',
+  quietNoisyFair: 'Tidings, quiet + noisy tenant, tenantConcurrency 1',
 } as const;
+
+/** The label of a tenancy row with row-level security on. */
+export const withRls = (label: string) => `${label}, RLS`;
 
 /** The workloads in order; in each round every step runs its rows one after another (A B C, A B C ...). */
 export function steps(quick: boolean, sizes: Sizes): Step[] {
@@ -183,6 +197,18 @@ export function steps(quick: boolean, sizes: Sizes): Step[] {
     { system: 'tidings', label: ROW.keyed2, variant: { ...keyed, processes: 2 }, group: 'guarantees' },
     { system: 'tidings', label: 'Tidings, 1k keys, inbox, insert via ctx.tx (1 process)', variant: effects, group: 'guarantees' },
   ];
+  /** Issue 23: the cost of row-level security, each row with 20 tenants beside the same without it. */
+  const tenants: Variant = { ...keyed, tenants: 20 };
+  const tenancyPair = (label: string, variant: Variant, group: Row['group'], sizes?: Row['sizes']): Row[] => [
+    { system: 'tenancy', label, variant, group, reference: true, ...(sizes && { sizes }) },
+    { system: 'tenancy', label: withRls(label), variant: { ...variant, rls: true }, group, ...(sizes && { sizes }) },
+  ];
+  /** Issue 23: the quiet tenants alone, then beside the noisy one, fairness off and on. */
+  const fairness: Row[] = [
+    { system: 'tenancy', label: ROW.quietAlone, variant: tenants, group: 'fairness', reference: true },
+    { system: 'tenancy', label: ROW.quietNoisy, variant: { ...tenants, noisy: true }, group: 'fairness' },
+    { system: 'tenancy', label: ROW.quietNoisyFair, variant: { ...tenants, noisy: true, fair: true }, group: 'fairness' },
+  ];
   /** A Tidings row of a scaling table; the table's first row is the one the others are compared with. */
   const tidingsScaling = (group: Row['group'], label: string, variant: Variant, rowSizes: Row['sizes'], reference: boolean): Row => ({
     system: 'tidings',
@@ -198,7 +224,15 @@ export function steps(quick: boolean, sizes: Sizes): Step[] {
       workload: 'bulk',
       rows: [...fourRows(plain, 'cold', ', cold start', { events: sizes.bulk, warmUpEvents: 0 }), ...fourRows(plain, 'steady', ', steady', steady)],
     },
-    { workload: 'drain', rows: [...fourRows(plain, 'cold', ', cold start', cold), ...fourRows(plain, 'steady', ', steady', steady), ...guarantees] },
+    {
+      workload: 'drain',
+      rows: [
+        ...fourRows(plain, 'cold', ', cold start', cold),
+        ...fourRows(plain, 'steady', ', steady', steady),
+        ...guarantees,
+        ...tenancyPair(ROW.tenantsDrain, tenants, 'tenancy', steady),
+      ],
+    },
     {
       workload: 'e2e',
       rows: [
@@ -206,6 +240,8 @@ export function steps(quick: boolean, sizes: Sizes): Step[] {
         ...fourRows(plain, 'base', ' (1 process)'),
         ...fourRows({ ...two, businessRow: true }, 'business', ', business row + event (2 processes)', undefined, PEERS.slice(0, 2)),
         ...e2eGuarantees,
+        ...tenancyPair(ROW.tenantsE2e, tenants, 'tenancy'),
+        ...tenancyPair(ROW.tenantsE2eTx, { ...tenants, effects: true }, 'tenancyTx'),
       ],
     },
     { workload: 'standalone', rows: [...fourRows(two, 'twoProcess', ' (2 processes)'), ...fourRows(plain, 'base', ' (1 process)')] },
@@ -259,6 +295,7 @@ export function steps(quick: boolean, sizes: Sizes): Step[] {
       ],
     },
     { workload: 'saga', once: true, rows: [{ system: 'tidings', label: 'Tidings saga, 3 steps', variant: plain, group: 'time', reference: true }] },
+    { workload: 'fairness', once: true, rows: fairness },
     ...brokerSteps().map((step) => ({ ...step, once: true })),
     { workload: 'fanout', rows: fourRows(plain, 'base', '', { events: sizes.fanoutEvents, warmUpEvents: sizes.fanoutWarmUp }) },
     { workload: 'login', once: true, rows: [replicaRow] },
@@ -285,6 +322,7 @@ export function taskFor(row: Row, workload: Workload, sizes: Sizes, db: { url: s
     scheduled: sizes.scheduled,
     request: 0,
     saga: sizes.sagas,
+    fairness: 0,
   };
   const timed = workload === 'e2e' || workload === 'standalone';
   const task: Task = {
@@ -309,6 +347,7 @@ export function taskFor(row: Row, workload: Workload, sizes: Sizes, db: { url: s
     quick,
     timeoutMs: sizes.timeoutMs,
     replica: sizes.replica,
+    fairness: sizes.fairness,
     ...row.sizes,
   };
   return isBrokerRow(row) ? brokerTask(task, quick) : task;
@@ -328,4 +367,5 @@ export const WORKLOAD_TITLES: Record<Workload, string> = {
   scheduled: 'Scheduled delivery: jobs due over a window (delivered/s from the first due time, lateness)',
   request: 'Request/reply: round trip at a fixed rate, open loop',
   saga: 'Sagas: 3 steps each, state in PostgreSQL (transitions/s)',
+  fairness: "Fairness (issue 23): 20 quiet tenants at 10/s each, alone and beside a noisy tenant's backlog and 5,000/s (latency: publish -> handler start)",
 };

@@ -16,7 +16,10 @@ export type Group =
   | 'backlog'
   | 'subscriptions'
   | 'payload'
-  | 'time';
+  | 'time'
+  | 'tenancy'
+  | 'tenancyTx'
+  | 'fairness';
 
 export interface Row {
   system: SystemName;
