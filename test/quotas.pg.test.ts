@@ -7,7 +7,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { createBus, TenantRateLimitedError, TidingsError } from '../src/index.ts';
-import { postgres, type PostgresBackbone } from '../src/postgres/index.ts';
+import { postgres, purgeTenant, showTenant, type PostgresBackbone } from '../src/postgres/index.ts';
 import { Ticked } from './fixtures/contracts.ts';
 import { pgWorld } from './fixtures/bus.ts';
 import { startProcess } from './fixtures/processes.ts';
@@ -76,6 +76,8 @@ test('over its quota a publish fails with TENANT_RATE_LIMITED naming the tenant 
   assert.equal(refusal.retryable, true);
   assert.match(refusal.message, /tenant acme.*10 messages\/s \(burst 5\).*try again in \d+ ms/);
   assert.ok(accepted >= rate.burst && accepted < 10, `the burst got through, then refusals (${accepted} accepted)`);
+  const shown = await showTenant((bus.backbone as PostgresBackbone).driver, { schema: world.schema, tenant: 'acme' });
+  assert.ok(shown.quota !== undefined && shown.quota.tokens < 1, `tidings tenants show: ${JSON.stringify(shown.quota)} tokens left`);
 
   // acme is out of tokens; globex (the default rate, its own bucket) and vip (its own rate) are not.
   for (let seq = 0; seq < rate.burst; seq++) await bus.publish(Ticked, { key: 'g', seq }, { tenant: 'globex' });
@@ -175,7 +177,6 @@ test('the purge of a tenant removes its bucket', async (t) => {
   t.after(() => bus.stop());
   await bus.start();
   await bus.publish(Ticked, { key: 'k', seq: 1 }, { tenant: 'acme' });
-  const { purgeTenant } = await import('../src/postgres/index.ts');
   const purged = await purgeTenant((bus.backbone as PostgresBackbone).driver, { schema: world.schema, tenant: 'acme', actor: 'test' });
   assert.equal(purged.rows.tenant_quotas, 1);
   await bus.publish(Ticked, { key: 'k', seq: 2 }, { tenant: 'acme' });
