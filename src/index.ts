@@ -1,5 +1,9 @@
-export { createBus, Bus, Subscription } from './core/bus.ts';
-export type { BusOptions, PublishOptions, PublishedMessage, BusStats, SubscriptionStats } from './core/bus.ts';
+export { createBus, Bus } from './core/bus.ts';
+export type { BusStats } from './core/bus.ts';
+export type { BusOptions } from './core/bus-options.ts';
+export type { PublishOptions, PublishedMessage } from './core/publish.ts';
+export { Subscription } from './core/subscription.ts';
+export type { SubscriptionStats } from './core/subscription.ts';
 export { defineEvent, defineCommand, validate } from './core/contract.ts';
 export type { Contract, AnyContract, ContractOptions, DataOf, InputOf, Upcaster } from './core/contract.ts';
 export type { StandardSchemaV1 } from './core/standard-schema.ts';

@@ -1,117 +1,41 @@
+/**
+ * The bus, the public face of Tidings: publish, send and request typed messages, declare subscriptions,
+ * sagas and schedules, and run them on a backbone, from start to a graceful stop. The work is done beside
+ * it: bus-options.ts (createBus's options), outgoing.ts (a publish's checks, envelope and hand-over),
+ * requests.ts (request and reply), subscription.ts (a consumer group and starting its consumer), saga.ts and
+ * schedules.ts, and telemetry (src/telemetry).
+ */
 import { setMaxListeners } from 'node:events';
-import type { Backbone, Consumer, Delivery, DeliveryHandler, DeliveryResult, Outgoing } from './backbone.ts';
-import {
-  MAX_NAME_LENGTH,
-  validateName,
-  validateNow,
-  validateReplyNow,
-  type AnyRequestContract,
-  type ReplyInputOf,
-  type ReplyOf,
-  type AnyContract,
-  type DataOf,
-  type InputOf,
-} from './contract.ts';
-import { keyHash, newId, type Envelope, type Message } from './envelope.ts';
-import { TidingsError, type TidingsErrorCode } from './errors.ts';
-import { attributeProblem, bytesOver, dataProblem, messageLimits } from './limits.ts';
-import { stopOnSignals } from './signals.ts';
-import { runForTenant, tenantOfPublish } from './tenant.ts';
+import type { Backbone, Consumer } from './backbone.ts';
+import { busSettings, type BusOptions } from './bus-options.ts';
+import { describeService, recordService } from './catalog.ts';
+import type { Clock } from './clock.ts';
+import { validateName, type AnyContract, type AnyRequestContract, type InputOf, type ReplyOf } from './contract.ts';
+import { TidingsError } from './errors.ts';
+import type { Middleware } from './handler.ts';
+import { resolveSubscribeOptions, type SubscribeOptions } from './options.ts';
+import { Publisher } from './outgoing.ts';
 import type { PublishedMessage, PublishOptions, RequestOptions } from './publish.ts';
-import { sagaHandlers, type SagaDefinition, type SagaStats } from './saga.ts';
-import { Schedule, type ScheduleOptions, type TickPublisher } from './schedules.ts';
-import { defaultWarning } from './warnings.ts';
-import { checkPublishes, describeService, recordService } from './catalog.ts';
+import { Requester, type RequestStats } from './requests.ts';
+import { sagaRun, type SagaDefinition, type SagaStats } from './saga.ts';
+import { Schedules, type ScheduleOptions } from './schedules.ts';
+import { handlerScope } from './scope.ts';
+import { stopOnSignals } from './signals.ts';
+import { startConsumer, Subscription, type HandlerFor, type SubscriptionStats } from './subscription.ts';
+import { runForTenant } from './tenant.ts';
 import type { AsyncApiDocument, AsyncApiOptions } from '../asyncapi/document.ts';
-import { systemClock, type Clock, type ClockTimer } from './clock.ts';
-import { createPipeline, handlerScope, type Handler, type Middleware, type ReplyHandler, type Route } from './handler.ts';
-import { busDefaults, OptionProblems, optionNames, resolveSubscribeOptions, type ResolvedSubscribeOptions, type SubscribeOptions } from './options.ts';
 import type { BusEventListener, BusEventName } from '../telemetry/events.ts';
 import { busHealth, type BusHealth, type HealthOptions } from '../telemetry/health.ts';
-import { loggerWarning, type Logger } from '../telemetry/logger.ts';
-import { checkTelemetryOptions, type TelemetryOptions } from '../telemetry/options.ts';
-import { BusTelemetry } from '../telemetry/telemetry.ts';
-
-export type { PublishedMessage, PublishOptions, RequestOptions } from './publish.ts';
-
-export interface BusOptions<Tx> {
-  /** This service's name: the CloudEvents `source` of what it publishes. */
-  service: string;
-  backbone: Backbone<Tx>;
-  /** Largest `data` accepted at publish, in bytes of JSON (default 256 KiB). */
-  maxPayloadBytes?: number;
-  /** Defaults for every subscription of this bus; each `subscribe` may override them. */
-  subscriptionDefaults?: SubscribeOptions;
-  /** Called with what the bus recovers from by itself (a schedule's tick that could not be published); the logger's warn, else the console, by default. */
-  onWarning?: (message: string, error?: unknown) => void;
-  /**
-   * A pino-style logger (`logger.warn(record, message)`): structured lines with the message id, topic,
-   * subscription and attempt for each retry, dead letter and invalid message, and the bus's warnings.
-   */
-  logger?: Logger;
-  /** OpenTelemetry traces and metrics (docs/observability.md): on when `@opentelemetry/api` is installed; `false` turns them off. */
-  telemetry?: TelemetryOptions | false;
-  /** The clock of scheduled publishes, schedules' ticks and request timeouts: the system's, or a virtual one (tidings/testing). */
-  clock?: Clock;
-  /** The contracts this service publishes or sends: its `send` operations in AsyncAPI and in the registry (docs/contracts.md). */
-  publishes?: readonly AnyContract[];
-  /** Every message this bus publishes must carry a tenant: one without fails with TENANT_REQUIRED (docs/tenancy.md). */
-  requireTenant?: boolean;
-}
-
-const busOptionNames = optionNames<BusOptions<unknown>>()(
-  'service',
-  'backbone',
-  'maxPayloadBytes',
-  'subscriptionDefaults',
-  'onWarning',
-  'clock',
-  'publishes',
-  'logger',
-  'telemetry',
-  'requireTenant',
-);
-
-export interface SubscriptionStats {
-  /** Attempts that succeeded (the message was acknowledged, or will be with its batch). */
-  handled: number;
-  /** Attempts that failed and were scheduled to try again. */
-  retried: number;
-  /** Messages sent to dead letters. */
-  deadLettered: number;
-}
+import type { BusTelemetry } from '../telemetry/telemetry.ts';
 
 export interface BusStats {
   /** Messages published per topic (in a transaction: counted when written, before the commit). */
   readonly published: Readonly<Record<string, number>>;
   readonly subscriptions: Readonly<Record<string, SubscriptionStats>>;
   /** `bus.request`s this process made: sent, answered, timed out, and replies that came after their timeout. */
-  readonly requests: { readonly sent: number; readonly answered: number; readonly timedOut: number; readonly late: number };
+  readonly requests: Readonly<RequestStats>;
   /** Per saga run here: instances started, transitions, completions, and messages ignored after completion or before the start. */
   readonly sagas: Readonly<Record<string, Readonly<SagaStats>>>;
-}
-
-/** The handler a contract takes: one that returns the reply for a command that answers, else a plain one. */
-export type HandlerFor<C, Tx> = C extends AnyRequestContract ? ReplyHandler<DataOf<C>, ReplyInputOf<C>, Tx> : Handler<DataOf<C>, Tx>;
-
-/** A named consumer group: its handlers, one per contract, share order, retries and dead letters. */
-export class Subscription<Tx> {
-  readonly routes = new Map<string, Route<Tx>>();
-  constructor(
-    readonly name: string,
-    readonly options: ResolvedSubscribeOptions,
-    private readonly bus: Bus<Tx>,
-  ) {}
-
-  /** Handles `contract`'s messages with `handler`; `message.data` has the contract's type. */
-  on<C extends AnyContract>(contract: C, handler: HandlerFor<C, Tx>): this {
-    if (this.routes.has(contract.topic)) {
-      throw new TidingsError('SUBSCRIPTION_CONFLICT', `Subscription ${this.name} already handles ${contract.topic}`);
-    }
-    this.routes.set(contract.topic, { contract, handler: handler as Handler<unknown, Tx> });
-    this.bus.changed(this);
-    return this;
-  }
 }
 
 /**
@@ -120,21 +44,19 @@ export class Subscription<Tx> {
 export class Bus<Tx = unknown> {
   readonly service: string;
   readonly backbone: Backbone<Tx>;
-  readonly #maxPayloadBytes: number;
+  readonly clock: Clock;
   readonly #subscriptionDefaults: SubscribeOptions;
   readonly #warn: (message: string, error?: unknown) => void;
-  readonly clock: Clock;
   readonly #telemetry: BusTelemetry;
   readonly #publishes: readonly AnyContract[];
-  readonly #requireTenant: boolean;
-  readonly #schedules = new Map<string, Schedule>();
-  readonly #requests = { sent: 0, answered: 0, timedOut: 0, late: 0 };
+  readonly #publisher: Publisher<Tx>;
+  readonly #requester: Requester;
+  readonly #schedules: Schedules;
   readonly #sagaStats = new Map<string, SagaStats>();
   readonly #subscriptions = new Map<string, Subscription<Tx>>();
   readonly #consumers = new Map<string, Consumer>();
   readonly #middleware: Middleware<Tx>[] = [];
   readonly #started = new Set<string>();
-  readonly #published: Record<string, number> = {};
   readonly #counts = new Map<string, SubscriptionStats>();
   /** Errors of subscriptions started in the background, rethrown by stop(). */
   readonly #background: unknown[] = [];
@@ -148,35 +70,31 @@ export class Bus<Tx = unknown> {
   #state: 'idle' | 'starting' | 'running' | 'stopping' | 'stopped' = 'idle';
 
   constructor(options: BusOptions<Tx>) {
-    const problems = new OptionProblems('createBus');
-    problems.unknownKeys(options, busOptionNames);
-    problems.check(
-      typeof options?.service === 'string' && SERVICE.test(options.service),
-      `service ${JSON.stringify(options?.service)} must be a name of letters, digits, ".", "-", "_" or "~" (at most ${MAX_NAME_LENGTH} characters, for example "billing-service"): it becomes the CloudEvents source URI tidings://<service>`,
-    );
-    problems.check(options?.backbone !== undefined && typeof options.backbone.publish === 'function', 'backbone is required, for example postgres({ url })');
-    problems.integer('maxPayloadBytes', options?.maxPayloadBytes, 1);
-    checkTelemetryOptions(problems, options?.telemetry, options?.logger);
-    problems.oneOf('requireTenant', options?.requireTenant, [true, false]);
-    problems.throwIfAny();
-    this.service = options.service;
-    this.backbone = options.backbone;
-    this.#maxPayloadBytes = options.maxPayloadBytes ?? busDefaults.maxPayloadBytes;
-    this.#subscriptionDefaults = options.subscriptionDefaults ?? {};
-    this.#warn = options.onWarning ?? (options.logger === undefined ? defaultWarning : loggerWarning(options.logger));
-    this.clock = options.clock ?? systemClock;
-    this.#telemetry = new BusTelemetry({
-      backbone: this.backbone as Backbone<unknown>,
-      telemetry: options.telemetry,
-      logger: options.logger,
-      warn: this.#warn,
-    });
+    const settings = busSettings(options);
+    this.service = settings.service;
+    this.backbone = settings.backbone;
+    this.clock = settings.clock;
+    this.#subscriptionDefaults = settings.subscriptionDefaults;
+    this.#warn = settings.warn;
+    this.#telemetry = settings.telemetry;
+    this.#publishes = settings.publishes;
     this.backbone.observe?.(this.#telemetry);
-    this.#publishes = checkPublishes(options.publishes);
-    this.#requireTenant = options.requireTenant ?? busDefaults.requireTenant;
+    const open = () => this.#open();
+    this.#publisher = new Publisher({ ...settings, open });
+    this.#requester = new Requester({
+      backbone: this.backbone as Backbone<unknown>,
+      clock: this.clock,
+      open,
+      send: (contract, data, publish) => this.send(contract, data as InputOf<typeof contract>, publish),
+    });
+    this.#schedules = new Schedules({
+      backbone: this.backbone as Backbone<unknown>,
+      publish: (contract, data, publish) => this.publish(contract, data, publish),
+      warn: this.#warn,
+      clock: this.clock,
+    });
     // Every handler in flight listens for the stop; there may be thousands.
     setMaxListeners(0, this.#stopping.signal);
-    resolveSubscribeOptions('createBus subscriptionDefaults', this.#subscriptionDefaults);
   }
 
   /**
@@ -222,6 +140,19 @@ export class Bus<Tx = unknown> {
   }
 
   /**
+   * Cancels a message published for later (`deliverAt`, `delayMs`) that is not due yet: true if it was
+   * cancelled (it will never be delivered), false if it was delivered already, is being delivered, or is
+   * unknown. Either one or the other, never both, however close to its due time.
+   */
+  async cancelScheduled(id: string): Promise<boolean> {
+    await this.#open();
+    if (this.backbone.cancelScheduled === undefined) {
+      throw new TidingsError('INVALID_OPTIONS', `The ${this.backbone.name} backbone cannot schedule delivery, so there is nothing to cancel`);
+    }
+    return this.backbone.cancelScheduled(id);
+  }
+
+  /**
    * Sends a command that answers and waits for its reply (typed and validated by the contract's `reply`):
    * the handler's return value, committed with its acknowledgement. Rejects with REQUEST_TIMEOUT after
    * `timeoutMs` (a reply that comes later is dropped and counted in `stats().requests.late`), with
@@ -229,58 +160,8 @@ export class Bus<Tx = unknown> {
    * INVALID_PAYLOAD if the reply breaks its schema. Not inside a handler: waiting there would hold the
    * handler's key (use a saga, or publish and handle the answer as a message).
    */
-  async request<C extends AnyRequestContract>(contract: C, data: InputOf<C>, options: RequestOptions = {}): Promise<ReplyOf<C>> {
-    if (handlerScope.getStore() !== undefined) {
-      throw new TidingsError(
-        'INVALID_OPTIONS',
-        `bus.request(${contract.name}) inside a handler would hold the handler's key until the reply comes: publish the command and handle the answer as a message, or use a saga`,
-      );
-    }
-    if (contract.kind !== 'command' || contract.reply === undefined) {
-      throw new TidingsError('INVALID_CONTRACT', `${contract.name} declares no reply: declare it with defineCommand(name, { schema, reply }) to request it`);
-    }
-    const { timeoutMs = busDefaults.requestTimeoutMs, ...publish } = options;
-    if (!Number.isFinite(timeoutMs) || timeoutMs <= 0)
-      throw new TidingsError(
-        'INVALID_OPTIONS',
-        `Invalid options for requesting ${contract.name}: timeoutMs must be a number of milliseconds > 0, got ${timeoutMs}`,
-      );
-    const awaitReply = this.backbone.awaitReply?.bind(this.backbone);
-    if (awaitReply === undefined) throw new TidingsError('INVALID_OPTIONS', `The ${this.backbone.name} backbone cannot carry replies`);
-    await this.#open();
-    const id = publish.id ?? newId();
-    const waiting = new AbortController();
-    // Waiting before sending: the reply may come before send resolves.
-    const answer = awaitReply(id, waiting.signal, () => this.#requests.late++);
-    answer.catch(() => undefined);
-    this.#requests.sent++;
-    let timer: ClockTimer | undefined;
-    try {
-      await this.send(contract, data, { ...publish, id });
-      const timeout = new Promise<never>((_, reject) => {
-        timer = this.clock.setTimeout(() => {
-          this.#requests.timedOut++;
-          reject(
-            new TidingsError(
-              'REQUEST_TIMEOUT',
-              `Request ${contract.name} (message ${id}) got no reply within ${timeoutMs} ms: is a subscription of ${contract.topic} running (tidings status)?`,
-              { ref: { id, topic: contract.topic }, retryable: true },
-            ),
-          );
-        }, timeoutMs);
-      });
-      const reply = await Promise.race([answer, timeout]);
-      if (reply.error !== undefined) {
-        const code = PASSED_ON.find((known) => known === reply.error!.code) ?? 'REQUEST_FAILED';
-        throw new TidingsError(code, `Request ${contract.name} (message ${id}) failed: ${reply.error.message}`, { ref: { id, topic: contract.topic } });
-      }
-      const checked = validateReplyNow(contract, reply.data, { id, topic: contract.topic });
-      this.#requests.answered++;
-      return (checked instanceof Promise ? await checked : checked) as ReplyOf<C>;
-    } finally {
-      this.clock.clearTimeout(timer);
-      waiting.abort();
-    }
+  request<C extends AnyRequestContract>(contract: C, data: InputOf<C>, options: RequestOptions = {}): Promise<ReplyOf<C>> {
+    return this.#requester.request(contract, data, options);
   }
 
   /** Sends a command: like publish, for a contract declared with `defineCommand`. */
@@ -368,7 +249,7 @@ export class Bus<Tx = unknown> {
       await this.#startConsumer(subscription);
     }
     if (this.#state !== 'starting') return;
-    for (const schedule of this.#schedules.values()) await schedule.start(this.#tickPublisher());
+    await this.#schedules.startAll();
     this.#state = 'running';
   }
 
@@ -378,12 +259,10 @@ export class Bus<Tx = unknown> {
    * saga state (PostgreSQL, memory, or a broker with an outbox).
    */
   saga<S, M extends Record<string, AnyContract>>(definition: SagaDefinition<S, M>, options?: SubscribeOptions): this {
-    const store = this.backbone.sagas?.();
-    if (store === undefined) throw new TidingsError('INVALID_OPTIONS', `Saga ${definition.name}: the ${this.backbone.name} backbone cannot keep saga state`);
-    const stats: SagaStats = { started: 0, transitions: 0, completed: 0, ignoredAfterCompletion: 0, early: 0 };
-    const subscription = this.subscription(`saga.${definition.name}`, options);
-    for (const { contract, handler } of sagaHandlers(definition, { store }, stats)) subscription.on(contract, handler as Handler<DataOf<AnyContract>, Tx>);
-    this.#sagaStats.set(definition.name, stats);
+    const run = sagaRun(definition, this.backbone);
+    const subscription = this.subscription(run.subscription, options);
+    for (const { contract, handler } of run.handlers) subscription.on(contract, handler as HandlerFor<AnyContract, Tx>);
+    this.#sagaStats.set(definition.name, run.stats);
     return this;
   }
 
@@ -401,33 +280,9 @@ export class Bus<Tx = unknown> {
     data: InputOf<C> | ((tick: Date) => InputOf<C>),
     options: ScheduleOptions = {},
   ): this {
-    if (this.#schedules.has(name)) {
-      throw new TidingsError(
-        'SUBSCRIPTION_CONFLICT',
-        `Schedule ${name} is already declared on this bus (${this.#schedules.get(name)!.definition}); give the other one a name of its own`,
-      );
-    }
-    if (this.backbone.claimTick === undefined || this.backbone.lastTick === undefined) {
-      throw new TidingsError('INVALID_OPTIONS', `Schedule ${name}: the ${this.backbone.name} backbone cannot run recurring schedules`);
-    }
-    const schedule = new Schedule(name, pattern, contract, data, options);
-    // Fixed data is checked now, so a mistake shows at start, not at the first tick.
-    if (typeof data !== 'function') {
-      const checked = validateNow(contract, data, { topic: contract.topic });
-      if (checked instanceof Promise) checked.catch(() => undefined);
-    }
-    this.#schedules.set(name, schedule);
-    if (this.#state === 'running') void schedule.start(this.#tickPublisher()).catch((error: unknown) => this.#background.push(error));
+    const schedule = this.#schedules.add(name, pattern, contract, data, options);
+    if (this.#state === 'running') void this.#schedules.start(schedule).catch((error: unknown) => this.#background.push(error));
     return this;
-  }
-
-  #tickPublisher(): TickPublisher<Tx> {
-    return {
-      backbone: this.backbone,
-      publish: (contract, data, options) => this.publish(contract, data, options),
-      warn: this.#warn,
-      clock: this.clock,
-    };
   }
 
   /**
@@ -446,7 +301,7 @@ export class Bus<Tx = unknown> {
     // A start in progress finishes first (each consumer it starts is then stopped below); one that fails
     // leaves nothing to stop but the backbone.
     await this.#starting?.catch(() => undefined);
-    await Promise.all([...this.#schedules.values()].map((schedule) => schedule.stop()));
+    await this.#schedules.stop();
     const consumers = [...this.#consumers.values()];
     this.#consumers.clear();
     await Promise.all(consumers.map((consumer) => consumer.stop()));
@@ -476,9 +331,9 @@ export class Bus<Tx = unknown> {
    */
   stats(): BusStats {
     return {
-      published: { ...this.#published },
+      published: { ...this.#publisher.counts },
       subscriptions: Object.fromEntries([...this.#counts].map(([name, counts]) => [name, { ...counts }])),
-      requests: { ...this.#requests },
+      requests: { ...this.#requester.counts },
       sagas: Object.fromEntries([...this.#sagaStats].map(([name, counts]) => [name, { ...counts }])),
     };
   }
@@ -498,7 +353,7 @@ export class Bus<Tx = unknown> {
 
   /** What this service publishes: the `publishes` option's contracts and its schedules'. */
   get publishes(): readonly AnyContract[] {
-    return [...this.#publishes, ...[...this.#schedules.values()].map((schedule) => schedule.contract)];
+    return [...this.#publishes, ...this.#schedules.contracts];
   }
 
   /**
@@ -524,303 +379,22 @@ export class Bus<Tx = unknown> {
   }
 
   async #startConsumer(subscription: Subscription<Tx>): Promise<void> {
-    const { options } = subscription;
-    const counts = this.#stats(subscription.name);
-    const pipeline = createPipeline<Tx>({
-      subscription: subscription.name,
-      routes: subscription.routes,
-      retry: options.retry,
-      timeoutMs: options.timeoutMs,
-      requireTenant: options.requireTenant,
-      crossTenant: options.crossTenant,
+    const consumer = await startConsumer(subscription, {
+      backbone: this.backbone,
+      telemetry: this.#telemetry,
+      warn: this.#warn,
       middleware: this.#middleware,
       stopping: this.#stopping.signal,
-      publish: (contract, data, publishOptions, parent, tx) => {
-        const inherited: PublishOptions = { tx, ...inherit(parent), ...publishOptions };
-        return this.publish(contract, data as InputOf<typeof contract>, inherited);
-      },
-      reply: async (request, reply, tx) => {
-        await this.backbone.reply?.(request.id, { data: reply }, tx);
-      },
+      counts: this.#stats(subscription.name),
+      publish: (contract, data, options) => this.publish(contract, data as InputOf<typeof contract>, options),
     });
-    const count = (delivery: Delivery<Tx>, result: DeliveryResult): DeliveryResult => {
-      if (result.outcome === 'ack') {
-        counts.handled++;
-        return result;
-      }
-      if (result.outcome === 'retry') counts.retried++;
-      else counts.deadLettered++;
-      this.#telemetry.failed(subscription.name, delivery, result);
-      return result;
-    };
-    const requests = new Set([...subscription.routes.values()].filter((route) => route.contract.reply !== undefined).map((route) => route.contract.topic));
-    /**
-     * A request that ends in dead letters answers with its error at once, on its own: whoever waits for it
-     * learns why rather than waiting out its timeout. (Should the dead letter be rolled back after all, and the
-     * request succeed on a later delivery, this first answer stands.)
-     */
-    const answerFailure = (delivery: Delivery<Tx>, result: DeliveryResult): DeliveryResult => {
-      if (result.outcome === 'dead-letter' && requests.has(delivery.envelope.topic)) {
-        this.backbone.reply?.(delivery.envelope.id, { error: result.error }).catch((error: unknown) => {
-          this.#warn(`Subscription ${subscription.name}: could not answer request ${delivery.envelope.id} with its error; it waits for its timeout`, error);
-        });
-      }
-      return result;
-    };
-    const handle: DeliveryHandler<Tx> = this.#telemetry.consumer(
-      subscription.name,
-      requests.size === 0
-        ? (delivery) => pipeline(delivery).then((result) => count(delivery, result))
-        : (delivery) => pipeline(delivery).then((result) => count(delivery, answerFailure(delivery, result))),
-    );
-    const consumer = await this.backbone.consume(
-      {
-        name: subscription.name,
-        topics: [...subscription.routes.keys()],
-        partitions: options.partitions,
-        concurrency: options.concurrency,
-        batchSize: options.batchSize,
-        inbox: options.inbox,
-        startFrom: options.startFrom,
-        retry: options.retry,
-        crossTenant: options.crossTenant,
-        tenantShares:
-          options.tenantConcurrency === undefined && Object.keys(options.tenantWeights).length === 0
-            ? undefined
-            : { perTenant: options.tenantConcurrency, weights: options.tenantWeights },
-        commands: [...subscription.routes.values()].filter((route) => route.contract.kind === 'command').map((route) => route.contract.topic),
-      },
-      handle,
-    );
     this.#consumers.set(subscription.name, consumer);
   }
 
   async #publish(contract: AnyContract, items: readonly unknown[], options: PublishOptions): Promise<PublishedMessage[]> {
     if (this.#state === 'stopped') throw new TidingsError('STOPPED', `Cannot publish ${contract.name}: the bus is stopped`);
-    const scope = handlerScope.getStore();
-    // Inside a handler, a publish joins the handler's transaction and carries its correlation, so it is
-    // delivered iff the handled message is acknowledged.
-    const tenant = tenantOfPublish({ contract, named: options.tenant, handler: scope, required: this.#requireTenant });
-    const inherited: PublishOptions = scope === undefined ? options : { ...inherit(scope.message), tx: scope.delivery.tx, ...options };
-    const effective: PublishOptions = inherited.tenant === tenant ? inherited : { ...inherited, tenant };
-    const time = new Date().toISOString();
-    const broken = attributeProblem(
-      {
-        subject: effective.subject,
-        tenant: effective.tenant,
-        correlationid: effective.correlationId,
-        causationid: effective.causationId,
-        traceparent: effective.traceparent,
-        tracestate: effective.tracestate,
-      },
-      true,
-    );
-    if (broken !== undefined) throw limitError(contract, `publish options: ${broken}`, {});
-    const dueAt = dueTime(contract, effective, this.clock.now());
-    if (dueAt !== undefined && this.backbone.cancelScheduled === undefined) {
-      throw new TidingsError(
-        'INVALID_OPTIONS',
-        `Cannot publish ${contract.name} for later: the ${this.backbone.name} backbone cannot schedule delivery${this.backbone.name === 'postgres' || this.backbone.name === 'memory' ? '' : ' without an outbox database (give it outbox: postgres({ url }))'}`,
-      );
-    }
-    // Every message is validated before any is written or serialised: a bad one stops them all.
-    const checked: Checked[] = [];
-    for (const data of items) {
-      const item = tooDeep(contract, () => this.#check(contract, data, effective, items.length === 1));
-      checked.push(item instanceof Promise ? await item : item);
-    }
-    await this.#open();
-    // A tenant's quota counts what callers publish for it; what its handlers publish follows from messages it admitted.
-    if (tenant !== undefined && scope === undefined) await this.backbone.admit?.(tenant, contract, checked.length, effective.tx as Tx | undefined);
-    // With tracing, the publish's span is the messages' creation context: their traceparent names it.
-    const span = this.#telemetry.tracing?.publish(contract.topic, checked.length, checked[0]?.id, effective, scope?.delivery);
-    const traced = span?.headers === undefined ? effective : { ...effective, ...span.headers };
-    const seal = (item: Checked) => tooDeep(contract, () => this.#seal(contract, item, traced, time, dueAt));
-    const tx = effective.tx as Tx | undefined;
-    const publishChunks = this.backbone.publishChunks?.bind(this.backbone);
-    try {
-      if (publishChunks !== undefined && checked.length > STREAM_CHUNK && dueAt === undefined) {
-        const chunks = chunked(checked, STREAM_CHUNK, seal);
-        await (tx !== undefined ? publishChunks(chunks, tx) : this.backbone.transaction((own) => publishChunks(chunks, own)));
-      } else {
-        await this.backbone.publish(checked.map(seal), tx);
-      }
-    } catch (error) {
-      span?.end(error);
-      throw error;
-    }
-    span?.end();
-    this.#published[contract.topic] = (this.#published[contract.topic] ?? 0) + checked.length;
-    this.#telemetry.published(contract.topic, checked.length);
-    if (dueAt === undefined) return checked.map(({ id, key }) => ({ id, topic: contract.topic, key }));
-    const deliverAt = new Date(dueAt);
-    return checked.map(({ id, key }) => ({ id, topic: contract.topic, key, deliverAt }));
+    return this.#publisher.publish(contract, items, options);
   }
-
-  /**
-   * Cancels a message published for later (`deliverAt`, `delayMs`) that is not due yet: true if it was
-   * cancelled (it will never be delivered), false if it was delivered already, is being delivered, or is
-   * unknown. Either one or the other, never both, however close to its due time.
-   */
-  async cancelScheduled(id: string): Promise<boolean> {
-    await this.#open();
-    if (this.backbone.cancelScheduled === undefined) {
-      throw new TidingsError('INVALID_OPTIONS', `The ${this.backbone.name} backbone cannot schedule delivery, so there is nothing to cancel`);
-    }
-    return this.backbone.cancelScheduled(id);
-  }
-
-  /** Validates one message's data and finds its key. */
-  #check(contract: AnyContract, data: unknown, options: PublishOptions, single: boolean): Checked | Promise<Checked> {
-    const id = single && options.id !== undefined ? options.id : newId();
-    const parsed = validateNow(contract, data, { id, topic: contract.topic });
-    return parsed instanceof Promise
-      ? parsed.then((value) => this.#keyed(contract, id, data, value, options))
-      : this.#keyed(contract, id, data, parsed, options);
-  }
-
-  /** Finds a validated message's key. */
-  #keyed(contract: AnyContract, id: string, data: unknown, parsed: unknown, options: PublishOptions): Checked {
-    const key = options.key ?? (contract.key === undefined ? id : contract.key(parsed));
-    if (typeof key !== 'string' || key.length === 0) {
-      throw new TidingsError('INVALID_PAYLOAD', `The key function of ${contract.name} returned ${JSON.stringify(key)}; it must return a non-empty string`, {
-        ref: { id, topic: contract.topic },
-      });
-    }
-    const idBytes = bytesOver(id, messageLimits.idBytes);
-    if (idBytes !== undefined) throw limitError(contract, `id is ${idBytes} bytes, over the limit of ${messageLimits.idBytes}`, { topic: contract.topic });
-    const keyBytes = bytesOver(key, messageLimits.keyBytes);
-    if (keyBytes !== undefined) {
-      throw limitError(contract, `key is ${keyBytes} bytes, over the limit of ${messageLimits.keyBytes}; use a shorter key (a hash of it keeps the order)`, {
-        id,
-        topic: contract.topic,
-      });
-    }
-    const problem = dataProblem(data);
-    if (problem !== undefined) {
-      throw new TidingsError(problem.code, `Payload for ${contract.name} cannot be published: ${problem.message}`, { ref: { id, topic: contract.topic, key } });
-    }
-    return { id, key, data };
-  }
-
-  /** Serialises a checked message into its envelope. */
-  #seal(contract: AnyContract, { id, key, data }: Checked, options: PublishOptions, time: string, dueAt: number | undefined): Outgoing {
-    const json = JSON.stringify(data);
-    if (json === undefined) {
-      throw new TidingsError('INVALID_PAYLOAD', `Payload for ${contract.name} cannot be serialised as JSON`, { ref: { id, topic: contract.topic, key } });
-    }
-    // Length in UTF-16 units is at most the UTF-8 byte length for ASCII; measure bytes only near the limit.
-    if (json.length * 3 > this.#maxPayloadBytes && Buffer.byteLength(json) > this.#maxPayloadBytes) {
-      throw new TidingsError(
-        'PAYLOAD_TOO_LARGE',
-        `Payload for ${contract.name} is ${Buffer.byteLength(json)} bytes, over the limit of ${this.#maxPayloadBytes} (maxPayloadBytes); store large data elsewhere and publish a reference to it`,
-        { ref: { id, topic: contract.topic, key } },
-      );
-    }
-    const envelope: Envelope = {
-      specversion: '1.0',
-      id,
-      source: `tidings://${this.service}`,
-      type: contract.type,
-      time,
-      subject: options.subject,
-      datacontenttype: 'application/json',
-      topic: contract.topic,
-      partitionkey: key,
-      tenant: options.tenant,
-      correlationid: options.correlationId ?? id,
-      causationid: options.causationId,
-      traceparent: options.traceparent,
-      tracestate: options.tracestate,
-      data,
-    };
-    return dueAt === undefined ? { envelope, json, keyHash: keyHash(key) } : { envelope, json, keyHash: keyHash(key), dueAt };
-  }
-}
-
-/**
- * A `publishMany` larger than this is handed to a backbone that can take it in chunks (Backbone.publishChunks)
- * this many at a time, in the caller's transaction or one of its own: large enough that a chunk costs little
- * next to its rows, small enough that the first reaches the database early.
- */
-const STREAM_CHUNK = 250;
-
-/** A message validated and keyed, not yet serialised. */
-interface Checked {
-  readonly id: string;
-  readonly key: string;
-  readonly data: unknown;
-}
-
-/** `items` in chunks of `size`, each mapped by `map` only when the consumer of the iterable reaches it. */
-function* chunked<T, U>(items: readonly T[], size: number, map: (item: T) => U): Generator<U[]> {
-  for (let first = 0; first < items.length; first += size) yield items.slice(first, first + size).map(map);
-}
-
-/** Runs `fn`, turning a stack overflow (a payload nested deeper than the schema library or JSON.stringify can go) into INVALID_PAYLOAD. */
-function tooDeep<T>(contract: AnyContract, fn: () => T): T {
-  const deep = (error: unknown): never => {
-    if (!(error instanceof RangeError)) throw error;
-    throw new TidingsError('INVALID_PAYLOAD', `Payload for ${contract.name} is nested too deeply to validate or serialise (${error.message}); flatten it`, {
-      cause: error,
-      ref: { topic: contract.topic },
-    });
-  };
-  try {
-    const result = fn();
-    return (result instanceof Promise ? result.catch(deep) : result) as T;
-  } catch (error) {
-    return deep(error);
-  }
-}
-
-/**
- * When a message published with `deliverAt` or `delayMs` is due (epoch ms), or undefined to deliver it now
- * (neither given, or a time already past). A date that is not one, or a negative delay, is refused by name.
- */
-function dueTime(contract: AnyContract, options: PublishOptions, now: number): number | undefined {
-  const { deliverAt, delayMs } = options;
-  if (deliverAt === undefined && delayMs === undefined) return undefined;
-  const refuse = (problem: string) => new TidingsError('INVALID_OPTIONS', `Invalid options for publishing ${contract.name}: ${problem}`);
-  if (deliverAt !== undefined && delayMs !== undefined) throw refuse('give deliverAt or delayMs, not both');
-  let due: number;
-  if (delayMs !== undefined) {
-    if (typeof delayMs !== 'number' || !Number.isFinite(delayMs) || delayMs < 0)
-      throw refuse(`delayMs must be a number of milliseconds >= 0, got ${JSON.stringify(delayMs)}`);
-    due = now + delayMs;
-  } else {
-    due =
-      deliverAt instanceof Date
-        ? deliverAt.getTime()
-        : typeof deliverAt === 'number'
-          ? deliverAt
-          : typeof deliverAt === 'string'
-            ? Date.parse(deliverAt)
-            : Number.NaN;
-    if (!Number.isFinite(due)) throw refuse(`deliverAt must be a Date, an ISO 8601 string or epoch milliseconds, got ${JSON.stringify(deliverAt)}`);
-  }
-  return due > now ? due : undefined;
-}
-
-/** The codes of a request's remote error that a requester can act on as they are; any other is REQUEST_FAILED. */
-const PASSED_ON: readonly TidingsErrorCode[] = ['INVALID_PAYLOAD', 'LIMIT_EXCEEDED', 'PAYLOAD_TOO_LARGE', 'UNDECODABLE_MESSAGE', 'HANDLER_TIMEOUT'];
-
-/** Letters, digits and the other characters a URI authority takes unescaped. */
-const SERVICE = new RegExp(`^[A-Za-z0-9._~-]{1,${MAX_NAME_LENGTH}}$`);
-
-function limitError(contract: AnyContract, problem: string, ref: { id?: string; topic?: string }): TidingsError {
-  return new TidingsError('LIMIT_EXCEEDED', `Cannot publish ${contract.name}: ${problem}`, { ref: { topic: contract.topic, ...ref } });
-}
-
-/** What a message published while handling `parent` inherits from it. */
-function inherit(parent: Message<unknown>): PublishOptions {
-  return {
-    correlationId: parent.correlationId,
-    causationId: parent.id,
-    ...(parent.tenant === undefined ? {} : { tenant: parent.tenant }),
-    ...(parent.traceparent === undefined ? {} : { traceparent: parent.traceparent }),
-    ...(parent.tracestate === undefined ? {} : { tracestate: parent.tracestate }),
-  };
 }
 
 export function createBus<Tx>(options: BusOptions<Tx>): Bus<Tx> {

@@ -1,4 +1,3 @@
-import { AsyncLocalStorage } from 'node:async_hooks';
 import type { Delivery, DeliveryHandler, DeliveryResult } from './backbone.ts';
 import { upcastData, validateNow, validateReplyNow, type AnyContract, type DataOf, type InputOf } from './contract.ts';
 import { toMessage, type Envelope, type Message } from './envelope.ts';
@@ -8,6 +7,7 @@ import type { ResolvedRetry } from './options.ts';
 import { exhausted, nextRetryDelay } from './retry.ts';
 import { receivedTenantProblem } from './tenant.ts';
 import type { PublishOptions, PublishedMessage } from './publish.ts';
+import { handlerScope } from './scope.ts';
 
 /** What a handler may return instead of throwing: ask for a later retry, or give up on the message. */
 export type Outcome = { readonly kind: 'retry'; readonly afterMs: number; readonly reason: string } | { readonly kind: 'dead-letter'; readonly reason: string };
@@ -61,16 +61,6 @@ export interface Route<Tx> {
   readonly contract: AnyContract;
   readonly handler: Handler<unknown, Tx>;
 }
-
-/** The message being handled, so `bus.publish` inside a handler can inherit from it and use its transaction. */
-export interface HandlerScope {
-  readonly message: Message<unknown>;
-  /** Its `tx` is read only when the handler publishes: a backbone may make it on first use. */
-  readonly delivery: { readonly tx: unknown };
-  /** Its subscription lets handlers publish for other tenants than the message's (core/tenant.ts). */
-  readonly crossTenant?: boolean;
-}
-export const handlerScope = new AsyncLocalStorage<HandlerScope>();
 
 export interface PipelineOptions<Tx> {
   readonly subscription: string;

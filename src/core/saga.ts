@@ -3,7 +3,7 @@ import { defineCommand, validateName, type AnyContract, type Contract, type Data
 import type { Message } from './envelope.ts';
 import { PermanentError, TidingsError, ValidationError } from './errors.ts';
 import { retryLater, type HandlerContext, type Outcome } from './handler.ts';
-import type { SagaRow, SagaStore } from './backbone.ts';
+import type { Backbone, SagaRow, SagaStore } from './backbone.ts';
 import { bytesOver, messageLimits } from './limits.ts';
 
 export type { SagaCause, SagaRow, SagaStore } from './backbone.ts';
@@ -123,6 +123,27 @@ export interface SagaStats {
   early: number;
 }
 
+/** One of a saga's handlers: for a message it reacts to, or for its timeouts. */
+export interface SagaHandler<Tx> {
+  readonly contract: AnyContract;
+  readonly handler: (message: Message<unknown>, ctx: HandlerContext<Tx>) => Promise<Outcome | void>;
+}
+
+/** What `bus.saga` subscribes: the saga's subscription (`saga.<name>`), its handlers, and the counts they keep. */
+export interface SagaRun<Tx> {
+  readonly subscription: string;
+  readonly handlers: readonly SagaHandler<Tx>[];
+  readonly stats: SagaStats;
+}
+
+/** Runs `definition` on `backbone`'s saga store; refuses a backbone that keeps no saga state. */
+export function sagaRun<S, M extends Record<string, AnyContract>, Tx>(definition: SagaDefinition<S, M>, backbone: Backbone<Tx>): SagaRun<Tx> {
+  const store = backbone.sagas?.();
+  if (store === undefined) throw new TidingsError('INVALID_OPTIONS', `Saga ${definition.name}: the ${backbone.name} backbone cannot keep saga state`);
+  const stats: SagaStats = { started: 0, transitions: 0, completed: 0, ignoredAfterCompletion: 0, early: 0 };
+  return { subscription: `saga.${definition.name}`, handlers: sagaHandlers(definition, { store }, stats), stats };
+}
+
 /** What running a saga needs of the bus. */
 export interface SagaHost<Tx> {
   readonly store: SagaStore<Tx>;
@@ -136,7 +157,7 @@ export function sagaHandlers<S, M extends Record<string, AnyContract>, Tx>(
   definition: SagaDefinition<S, M>,
   host: SagaHost<Tx>,
   stats: SagaStats,
-): Array<{ contract: AnyContract; handler: (message: Message<unknown>, ctx: HandlerContext<Tx>) => Promise<Outcome | void> }> {
+): SagaHandler<Tx>[] {
   const saga = definition.name;
   const timeouts = timeoutContract(saga);
   const early = definition.early ?? sagaDefaults.early;

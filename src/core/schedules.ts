@@ -1,6 +1,6 @@
 import { Cron } from 'croner';
 import type { Backbone } from './backbone.ts';
-import { validateName, type AnyContract, type InputOf } from './contract.ts';
+import { validateName, validateNow, type AnyContract, type InputOf } from './contract.ts';
 import { TidingsError } from './errors.ts';
 import type { Clock, ClockTimer } from './clock.ts';
 import type { PublishOptions } from './publish.ts';
@@ -138,5 +138,69 @@ export class Schedule<C extends AnyContract = AnyContract> {
     } catch (error) {
       bus.warn(`Schedule ${this.name}: the tick of ${at.toISOString()} could not be published; a later tick will be`, error);
     }
+  }
+}
+
+/**
+ * A bus's schedules (`bus.schedule`): declared by name, started with the bus (or at once when declared on a
+ * running bus), stopped with it.
+ */
+export class Schedules {
+  readonly #all = new Map<string, Schedule>();
+  readonly #publisher: TickPublisher<unknown>;
+
+  constructor(publisher: TickPublisher<unknown>) {
+    this.#publisher = publisher;
+  }
+
+  /** Declares a schedule, refusing a second one of the same name and a backbone that cannot claim ticks. */
+  add<C extends AnyContract>(
+    name: string,
+    pattern: string,
+    contract: C,
+    data: InputOf<C> | ((tick: Date) => InputOf<C>),
+    options: ScheduleOptions,
+  ): Schedule<C> {
+    const { backbone } = this.#publisher;
+    if (this.#all.has(name)) {
+      throw new TidingsError(
+        'SUBSCRIPTION_CONFLICT',
+        `Schedule ${name} is already declared on this bus (${this.#all.get(name)!.definition}); give the other one a name of its own`,
+      );
+    }
+    if (backbone.claimTick === undefined || backbone.lastTick === undefined) {
+      throw new TidingsError('INVALID_OPTIONS', `Schedule ${name}: the ${backbone.name} backbone cannot run recurring schedules`);
+    }
+    const schedule = new Schedule(name, pattern, contract, data, options);
+    // Fixed data is checked now, so a mistake shows at start, not at the first tick.
+    if (typeof data !== 'function') {
+      const checked = validateNow(contract, data, { topic: contract.topic });
+      if (checked instanceof Promise) checked.catch(() => undefined);
+    }
+    this.#all.set(name, schedule);
+    return schedule;
+  }
+
+  get size(): number {
+    return this.#all.size;
+  }
+
+  /** The contracts the schedules publish. */
+  get contracts(): AnyContract[] {
+    return [...this.#all.values()].map((schedule) => schedule.contract);
+  }
+
+  /** Starts every schedule, one after another. */
+  async startAll(): Promise<void> {
+    for (const schedule of this.#all.values()) await schedule.start(this.#publisher);
+  }
+
+  /** Starts one schedule declared once the bus runs. */
+  start(schedule: Schedule): Promise<void> {
+    return schedule.start(this.#publisher);
+  }
+
+  async stop(): Promise<void> {
+    await Promise.all([...this.#all.values()].map((schedule) => schedule.stop()));
   }
 }

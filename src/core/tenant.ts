@@ -7,7 +7,7 @@
 import { AsyncLocalStorage } from 'node:async_hooks';
 import type { AnyContract } from './contract.ts';
 import { TidingsError } from './errors.ts';
-import type { HandlerScope } from './handler.ts';
+import type { HandlerScope } from './scope.ts';
 import { bytesOver, messageLimits } from './limits.ts';
 
 /**

@@ -8,7 +8,8 @@
  */
 import { AssertionError } from 'node:assert';
 import type { Backbone } from '../core/backbone.ts';
-import { createBus, type Bus, type BusOptions } from '../core/bus.ts';
+import { createBus, type Bus } from '../core/bus.ts';
+import type { BusOptions } from '../core/bus-options.ts';
 import { duration, systemClock, VirtualClock } from '../core/clock.ts';
 import type { AnyContract, DataOf, InputOf } from '../core/contract.ts';
 import type { DeadLetterSummary } from '../core/dead-letters.ts';
