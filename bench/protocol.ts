@@ -13,7 +13,8 @@ export type Workload =
   | 'backlog'
   | 'scheduled'
   | 'request'
-  | 'saga';
+  | 'saga'
+  | 'fairness';
 export type SystemName =
   | 'tidings'
   | 'pgboss'
@@ -27,7 +28,9 @@ export type SystemName =
   | 'natsjs'
   /** Request/reply baselines: a plain HTTP call on loopback, NATS core request/reply. */
   | 'http'
-  | 'natscore';
+  | 'natscore'
+  /** Tidings on PostgreSQL with tenants (issue 23): row-level security's cost on drain and e2e, and the fairness workload. */
+  | 'tenancy';
 
 export interface Variant {
   /** Distinct keys the events use; 0: every event has its own key. */
@@ -54,6 +57,14 @@ export interface Variant {
    * every span sampled into an in-memory exporter and the metrics read every 5 s.
    */
   telemetry?: 'off' | 'noop' | 'sdk';
+  /** Tidings: events carry one of this many tenants (`t0`, `t1`, ...); none when absent. */
+  tenants?: number;
+  /** Tidings: `tenancy: { isolation: 'rls' }`, handlers confined to their tenant's rows by row-level security. */
+  rls?: boolean;
+  /** Fairness workload: the noisy tenant publishes (with its backlog) beside the quiet ones. */
+  noisy?: boolean;
+  /** Fairness workload: the subscription shares handler slots between tenants (`tenantConcurrency`). */
+  fair?: boolean;
 }
 
 export interface Task {
@@ -90,6 +101,21 @@ export interface Task {
   timeoutMs: number;
   /** Workload 9 (bench/tidings/replica.ts): logins per path at a fixed concurrency, and the drift check's keys. */
   replica?: ReplicaSizes;
+  /** The fairness workload (bench/tidings/fairness.ts). */
+  fairness?: FairnessSizes;
+}
+
+/** Issue 23's fairness workload: one noisy tenant with a backlog, quiet tenants at a low rate each. */
+export interface FairnessSizes {
+  /** Messages of the noisy tenant stored before the subscription starts. */
+  backlog: number;
+  /** Events/s the noisy tenant publishes while measured. */
+  noisyRate: number;
+  quietTenants: number;
+  /** Events/s of each quiet tenant. */
+  quietRate: number;
+  /** Seconds of publishing measured. */
+  seconds: number;
 }
 
 export interface ReplicaSizes {

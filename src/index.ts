@@ -9,7 +9,7 @@ export type { Contract, AnyContract, ContractOptions, DataOf, InputOf, Upcaster 
 export type { StandardSchemaV1 } from './core/standard-schema.ts';
 export { newId, keyHash, partitionOf } from './core/envelope.ts';
 export type { Envelope, Message } from './core/envelope.ts';
-export { TidingsError, ValidationError, PermanentError, HandlerTimeoutError, describeError } from './core/errors.ts';
+export { TidingsError, ValidationError, PermanentError, HandlerTimeoutError, TenantRateLimitedError, describeError } from './core/errors.ts';
 export type { TidingsErrorCode, ValidationIssue, ErrorRecord, MessageRef } from './core/errors.ts';
 export { retryLater, deadLetter } from './core/handler.ts';
 export { nextRetryDelay } from './core/retry.ts';
@@ -18,8 +18,8 @@ export { defineSaga, sagaDefaults } from './core/saga.ts';
 export type { SagaContext, SagaDefinition, SagaStats, SagaStore, SagaRow, Transition } from './core/saga.ts';
 export type { ScheduleOptions } from './core/schedules.ts';
 export type { Handler, HandlerContext, Middleware, Outcome } from './core/handler.ts';
-export { subscriptionDefaults, busDefaults, resolveSubscribeOptions } from './core/options.ts';
-export type { SubscribeOptions, RetryOptions } from './core/options.ts';
+export { subscriptionDefaults, busDefaults, quotaDefaults, resolveSubscribeOptions } from './core/options.ts';
+export type { SubscribeOptions, RetryOptions, QuotaOptions, TenantRate } from './core/options.ts';
 export type {
   Backbone,
   Consumer,

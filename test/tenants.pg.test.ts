@@ -141,7 +141,18 @@ test('purge: no row of the tenant is left, table by table; the other tenants kee
 
   const dry = await purgeTenant(driver, { schema, tenant: 'acme', actor, dryRun: true });
   assert.equal(dry.dryRun, true);
-  assert.deepEqual(dry.rows, { held: 2, inbox: 5, dead_letters: 1, scheduled: 1, sagas: 0, saga_transitions: 0, replies: 5, log: 8, tenants: 0 });
+  assert.deepEqual(dry.rows, {
+    held: 2,
+    inbox: 5,
+    dead_letters: 1,
+    scheduled: 1,
+    sagas: 0,
+    saga_transitions: 0,
+    replies: 5,
+    log: 8,
+    tenants: 0,
+    tenant_quotas: 0,
+  });
   assert.deepEqual(await perTable('acme'), before.acme, 'a dry run deletes nothing');
 
   const purged = await purgeTenant(driver, { schema, tenant: 'acme', actor });

@@ -64,6 +64,7 @@ const FAMILY: Record<SystemName, keyof typeof SYSTEM_COLOURS> = {
   replica: 'Tidings',
   rabbitmq: 'Tidings',
   nats: 'Tidings',
+  tenancy: 'Tidings',
   pgboss: 'pg-boss',
   graphile: 'graphile-worker',
   bullmq: 'BullMQ',

@@ -1,5 +1,5 @@
 /** What runs, in which order, with which sizes. */
-import type { ReplicaSizes, Task, Variant, Workload } from '../protocol.ts';
+import type { FairnessSizes, ReplicaSizes, Task, Variant, Workload } from '../protocol.ts';
 import { brokerSteps, brokerTask, isBrokerRow } from './brokers.ts';
 import type { Row, Step } from './rows.ts';
 
@@ -34,6 +34,8 @@ export interface Sizes {
   requestRate: number;
   requestSeconds: number;
   sagas: number;
+  /** Issue 23: the noisy tenant's backlog and rate, the quiet tenants, seconds measured. */
+  fairness: FairnessSizes;
 }
 
 export const FULL: Sizes = {
@@ -62,6 +64,7 @@ export const FULL: Sizes = {
   requestRate: 1_000,
   requestSeconds: 5,
   sagas: 5_000,
+  fairness: { backlog: 20_000, noisyRate: 5_000, quietTenants: 20, quietRate: 10, seconds: 10 },
 };
 
 export const QUICK: Sizes = {
@@ -90,6 +93,7 @@ export const QUICK: Sizes = {
   requestRate: 200,
   requestSeconds: 1,
   sagas: 200,
+  fairness: { backlog: 2_000, noisyRate: 5_000, quietTenants: 20, quietRate: 10, seconds: 2 },
 };
 
 /** --full adds the 1,000,000-event backlog (~1 minute more). */
@@ -147,7 +151,17 @@ export const ROW = {
   telemetryOff: 'Tidings, telemetry off (as without @opentelemetry/api)',
   telemetryNoop: 'Tidings, no-op tracer and meter (API, no SDK)',
   telemetrySdk: 'Tidings, OTel SDK: every span to an in-memory exporter',
+  /** Issue 23: each beside the same with `, RLS` (row-level security). */
+  tenantsDrain: 'Tidings, 1k keys, inbox, 20 tenants, steady',
+  tenantsE2e: 'Tidings, 1k keys, inbox, 20 tenants, no-op (1 process)',
+  tenantsE2eTx: 'Tidings, 1k keys, inbox, 20 tenants, insert via ctx.tx (1 process)',
+  quietAlone: 'Tidings, quiet tenants alone',
+  quietNoisy: 'Tidings, quiet + noisy tenant, fairness off',
+  quietNoisyFair: 'Tidings, quiet + noisy tenant, tenantConcurrency 1',
 } as const;
+
+/** The label of a tenancy row with row-level security on. */
+export const withRls = (label: string) => `${label}, RLS`;
 
 /**
  * Issue 22's overhead rows: one workload's Tidings row with telemetry off (the reference), with the API and
@@ -202,6 +216,18 @@ export function steps(quick: boolean, sizes: Sizes): Step[] {
     { system: 'tidings', label: ROW.keyed2, variant: { ...keyed, processes: 2 }, group: 'guarantees' },
     { system: 'tidings', label: 'Tidings, 1k keys, inbox, insert via ctx.tx (1 process)', variant: effects, group: 'guarantees' },
   ];
+  /** Issue 23: the cost of row-level security, each row with 20 tenants beside the same without it. */
+  const tenants: Variant = { ...keyed, tenants: 20 };
+  const tenancyPair = (label: string, variant: Variant, group: Row['group'], sizes?: Row['sizes']): Row[] => [
+    { system: 'tenancy', label, variant, group, reference: true, ...(sizes && { sizes }) },
+    { system: 'tenancy', label: withRls(label), variant: { ...variant, rls: true }, group, ...(sizes && { sizes }) },
+  ];
+  /** Issue 23: the quiet tenants alone, then beside the noisy one, fairness off and on. */
+  const fairness: Row[] = [
+    { system: 'tenancy', label: ROW.quietAlone, variant: tenants, group: 'fairness', reference: true },
+    { system: 'tenancy', label: ROW.quietNoisy, variant: { ...tenants, noisy: true }, group: 'fairness' },
+    { system: 'tenancy', label: ROW.quietNoisyFair, variant: { ...tenants, noisy: true, fair: true }, group: 'fairness' },
+  ];
   /** A Tidings row of a scaling table; the table's first row is the one the others are compared with. */
   const tidingsScaling = (group: Row['group'], label: string, variant: Variant, rowSizes: Row['sizes'], reference: boolean): Row => ({
     system: 'tidings',
@@ -224,6 +250,7 @@ export function steps(quick: boolean, sizes: Sizes): Step[] {
         ...fourRows(plain, 'steady', ', steady', steady),
         ...guarantees,
         ...tracingRows(plain, ', steady', steady),
+        ...tenancyPair(ROW.tenantsDrain, tenants, 'tenancy', steady),
       ],
     },
     {
@@ -234,6 +261,8 @@ export function steps(quick: boolean, sizes: Sizes): Step[] {
         ...fourRows({ ...two, businessRow: true }, 'business', ', business row + event (2 processes)', undefined, PEERS.slice(0, 2)),
         ...e2eGuarantees,
         ...tracingRows(plain, ' (1 process)'),
+        ...tenancyPair(ROW.tenantsE2e, tenants, 'tenancy'),
+        ...tenancyPair(ROW.tenantsE2eTx, { ...tenants, effects: true }, 'tenancyTx'),
       ],
     },
     { workload: 'standalone', rows: [...fourRows(two, 'twoProcess', ' (2 processes)'), ...fourRows(plain, 'base', ' (1 process)')] },
@@ -287,6 +316,7 @@ export function steps(quick: boolean, sizes: Sizes): Step[] {
       ],
     },
     { workload: 'saga', once: true, rows: [{ system: 'tidings', label: 'Tidings saga, 3 steps', variant: plain, group: 'time', reference: true }] },
+    { workload: 'fairness', once: true, rows: fairness },
     ...brokerSteps().map((step) => ({ ...step, once: true })),
     { workload: 'fanout', rows: fourRows(plain, 'base', '', { events: sizes.fanoutEvents, warmUpEvents: sizes.fanoutWarmUp }) },
     { workload: 'login', once: true, rows: [replicaRow] },
@@ -313,6 +343,7 @@ export function taskFor(row: Row, workload: Workload, sizes: Sizes, db: { url: s
     scheduled: sizes.scheduled,
     request: 0,
     saga: sizes.sagas,
+    fairness: 0,
   };
   const timed = workload === 'e2e' || workload === 'standalone';
   const task: Task = {
@@ -337,6 +368,7 @@ export function taskFor(row: Row, workload: Workload, sizes: Sizes, db: { url: s
     quick,
     timeoutMs: sizes.timeoutMs,
     replica: sizes.replica,
+    fairness: sizes.fairness,
     ...row.sizes,
   };
   return isBrokerRow(row) ? brokerTask(task, quick) : task;
@@ -356,4 +388,5 @@ export const WORKLOAD_TITLES: Record<Workload, string> = {
   scheduled: 'Scheduled delivery: jobs due over a window (delivered/s from the first due time, lateness)',
   request: 'Request/reply: round trip at a fixed rate, open loop',
   saga: 'Sagas: 3 steps each, state in PostgreSQL (transitions/s)',
+  fairness: "Fairness (issue 23): 20 quiet tenants at 10/s each, alone and beside a noisy tenant's backlog and 5,000/s (latency: publish -> handler start)",
 };

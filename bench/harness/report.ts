@@ -112,6 +112,8 @@ const GROUP_TITLES: Partial<Record<Row['group'], string>> = {
   subscriptions: ' -- scaling: subscriptions that each receive every event (1k keys, inbox; 1 process)',
   payload: ' -- scaling: payload size (1k keys, inbox; 1 process)',
   tracing: ' -- the cost of traces and metrics (issue 22): off, no-op, every span sampled',
+  tenancy: ' -- tenancy: 20 tenants, without and with row-level security (issue 23)',
+  tenancyTx: ' -- tenancy: 20 tenants, handlers insert via ctx.tx, without and with row-level security (issue 23)',
 };
 
 /** The raw floor a throughput table's rows are divided by (same run): [raw metric, its name]. */
@@ -152,13 +154,37 @@ const FIGURE_TABLES: Partial<Record<Workload, Array<[string, string, number?]>>>
     ['sagaRate', 'sagas completed/s'],
     ['sagas', 'sagas', 0],
   ],
+  fairness: [
+    ['quietP50', 'quiet p50 ms'],
+    ['quietP99', 'quiet p99 ms'],
+    ['quietMax', 'quiet max ms'],
+    ['quietEvents', 'quiet events', 0],
+    ['noisyPublished', 'noisy published/s', 0],
+    ['noisyHandled', 'noisy handled/s', 0],
+    ['backlog', 'noisy backlog', 0],
+  ],
 };
 
 /** The readable report: one table per workload (and per group), then the targets. */
 export function renderTables(entries: Entry[]): string {
   const out: string[] = [];
   const rawFloor = entries.find((e) => e.workload === 'raw')?.summary;
-  const workloads: Workload[] = ['raw', 'bulk', 'drain', 'e2e', 'standalone', 'fanout', 'latency', 'backlog', 'scheduled', 'request', 'saga', 'login', 'drift'];
+  const workloads: Workload[] = [
+    'raw',
+    'bulk',
+    'drain',
+    'e2e',
+    'standalone',
+    'fanout',
+    'latency',
+    'backlog',
+    'scheduled',
+    'request',
+    'saga',
+    'fairness',
+    'login',
+    'drift',
+  ];
   for (const workload of workloads) {
     for (const group of groupsOf(entries, workload)) {
       const first = group[0]!;

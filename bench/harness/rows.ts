@@ -18,7 +18,10 @@ export type Group =
   | 'payload'
   | 'time'
   /** Issue 22: the cost of traces and metrics (telemetry off, no-op, full sampling); `--only tracing` runs them alone. */
-  | 'tracing';
+  | 'tracing'
+  | 'tenancy'
+  | 'tenancyTx'
+  | 'fairness';
 
 export interface Row {
   system: SystemName;

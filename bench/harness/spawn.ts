@@ -22,6 +22,7 @@ export const SYSTEM_FILES: Record<SystemName, string> = {
   raw: 'baselines/raw.ts',
   http: 'baselines/request-reply.ts',
   natscore: 'baselines/request-reply.ts',
+  tenancy: 'tidings/postgres.ts',
 };
 
 /**

@@ -1,7 +1,7 @@
 /** The goals of issue 24 (and issue 8's T5), checked against a run's medians (reported, never asserted). */
 import type { Workload } from '../protocol.ts';
 import { BROKERS } from './brokers.ts';
-import { LABELS, ROW } from './plan.ts';
+import { LABELS, ROW, withRls } from './plan.ts';
 import { type Entry, fmt, table } from './report.ts';
 
 export interface TargetCheck {
@@ -51,6 +51,11 @@ export function checkTargets(entries: Entry[]): TargetCheck[] {
   };
   const tracedE2e = traced('e2e', ' (1 process)');
   const tracedDrain = traced('drain', ', steady');
+  const rls = (workload: Workload, label: string) => share(m(workload, withRls(label), 'rate'), m(workload, label, 'rate'));
+  const [rlsDrain, rlsE2e, rlsE2eTx] = [rls('drain', ROW.tenantsDrain), rls('e2e', ROW.tenantsE2e), rls('e2e', ROW.tenantsE2eTx)];
+  const quietAlone = m('fairness', ROW.quietAlone, 'quietP99');
+  const quietFair = share(m('fairness', ROW.quietNoisyFair, 'quietP99'), quietAlone);
+  const quietOff = share(m('fairness', ROW.quietNoisy, 'quietP99'), quietAlone);
   return [
     {
       id: 'G1',
@@ -102,6 +107,20 @@ export function checkTargets(entries: Entry[]): TargetCheck[] {
         verdict: both(higher(d, 0.9), higher(e, 0.9)),
       };
     }),
+    {
+      id: 'R1',
+      measure: 'row-level security: events/s with RLS / without (20 tenants): drain steady; e2e no-op; e2e insert via ctx.tx (issue 23)',
+      value: `${pct(rlsDrain)}; ${pct(rlsE2e)}; ${pct(rlsE2eTx)}`,
+      goal: '>= 90 % each',
+      verdict: both(both(higher(rlsDrain, 0.9), higher(rlsE2e, 0.9)), higher(rlsE2eTx, 0.9)),
+    },
+    {
+      id: 'F1',
+      measure: "quiet tenants' p99 beside a noisy tenant's backlog and 5,000/s / alone: fairness on (off) (issue 23)",
+      value: `${times(quietFair)} (${times(quietOff)})`,
+      goal: '<= 2.0x',
+      verdict: lower(quietFair, 2),
+    },
     {
       id: 'T5',
       measure: 'producers only (10, 1 event/tx) / raw 10-connection commits: empty tx vs autocommit INSERT; business row vs the same tx without the event',

@@ -10,7 +10,8 @@ import { endToEnd, latency, type Probe, PRODUCERS, type Sides } from '../load/si
 import type { ChildResult, Task } from '../protocol.ts';
 import { tidings } from './build.ts';
 import { replier, request, saga, scheduled } from './conversations.ts';
-import { newBus, SCHEMA } from './pg-bus.ts';
+import { fairness } from './fairness.ts';
+import { grantEffects, newBus, SCHEMA, tenantOf } from './pg-bus.ts';
 
 const { defineEvent } = await tidings<typeof import('../../src/index.ts')>('index');
 const CHUNK = 1_000;
@@ -60,20 +61,23 @@ async function acknowledged(task: Task, subscriptions: string[]): Promise<() => 
  * the variant has one), workloads 4 and 5 a plain `bus.publish`.
  */
 function publisherOf(task: Task, bus: Bus<Tx>): (seq: number) => Promise<unknown> {
-  if (task.workload !== 'e2e') return (seq) => bus.publish(Ev, event(task, seq));
+  if (task.workload !== 'e2e') return (seq) => bus.publish(Ev, event(task, seq), tenantOf(task, seq));
   if (task.variant.businessRow === true) {
     return (seq) =>
       bus.transaction(async (tx) => {
         await tx.query(BUSINESS_INSERT, [seq, BUSINESS_NOTE]);
-        await bus.publish(Ev, event(task, seq), { tx });
+        await bus.publish(Ev, event(task, seq), { tx, ...tenantOf(task, seq) });
       });
   }
-  return (seq) => bus.transaction(async (tx) => bus.publish(Ev, event(task, seq), { tx }));
+  return (seq) => bus.transaction(async (tx) => bus.publish(Ev, event(task, seq), { tx, ...tenantOf(task, seq) }));
 }
 
 const sides: Sides = {
   servers: ['postgres'],
-  prepare: (task) => freshSchema(task, SCHEMA),
+  prepare: async (task) => {
+    await freshSchema(task, SCHEMA);
+    if (task.variant.rls === true && task.variant.effects) await grantEffects(task);
+  },
   async consumer(task, probe) {
     const bus = newBus(task);
     const names = Array.from({ length: task.variant.subscriptions ?? 1 }, (_, i) => `e2e${i}`);
@@ -99,7 +103,8 @@ async function publishBacklog(task: Task, total: number): Promise<void> {
   await bus.transaction(async () => undefined); // opens and migrates
   for (let first = 0; first < total; first += CHUNK) {
     const chunk = Array.from({ length: Math.min(CHUNK, total - first) }, (_, i) => event(task, first + i));
-    await bus.publishMany(Ev, chunk);
+    // One tenant per call (a publishMany carries one): the chunks take the tenants in turn.
+    await bus.publishMany(Ev, chunk, tenantOf(task, first / CHUNK));
   }
   await bus.stop();
 }
@@ -195,6 +200,7 @@ runChild({
   scheduled,
   request,
   saga,
+  fairness,
   bulk: warmedUp(bulk),
   drain: warmedUp(drain),
   backlog: warmedUp(drain),

@@ -11,15 +11,17 @@
  * on a retry, some are declined, some charges are never answered (the saga times out), and one order carries
  * a currency the gateway rejects every time: that poison message ends in dead letters while everything else
  * flows, and its saga times out too. A declined or timed-out order is compensated: cancelled, its stock
- * released. Then it prints what happened.
+ * released. The shop serves three tenants (tenants.ts): acme is noisy, globex quiet, and initech is suspended
+ * until the others are done, then resumed: its orders waited, and catch up. Then it prints what happened.
  */
 import { PGlite } from '@electric-sql/pglite';
 import type { Backbone } from 'tidings';
-import { postgres, type PgTransaction, type PostgresBackbone, type Queryable } from 'tidings/postgres';
+import { postgres, resumeTenant, showTenant, suspendTenant, type PgTransaction, type PostgresBackbone, type Queryable } from 'tidings/postgres';
 import { writeSystemDocument } from './asyncapi.ts';
 import { loginDemo } from './login.ts';
 import { CardCharged, CardRefused, ChargeCard, OrderPlaced, PaymentCaptured, PaymentDeclined, ShipmentScheduled } from './contracts.ts';
 import { ANSWER_WITHIN_MS, billingService, CardGateway, ordersService, paymentsService, shippingService, shopTables, type NewOrder } from './services.ts';
+import { SUSPENDED, TENANTS, TenantMeter, tenantOf } from './tenants.ts';
 
 const ORDERS = Number(process.env.ORDERS ?? 300);
 const SCHEMA = 'tidings_shop';
@@ -75,9 +77,15 @@ const billing = billingService(backbone());
 const payments = paymentsService(backbone(), gateway);
 const shipping = shippingService(backbone());
 const buses = { orders: orders.bus, billing, payments, shipping };
+const meter = new TenantMeter();
+for (const bus of Object.values(buses)) bus.use(meter.middleware);
 for (const bus of Object.values(buses)) await bus.start();
 // A broker keeps its dead letters between runs; this run counts only its own.
 await payments.backbone.deadLetters().drop({ all: true });
+// The shop's database: where the tenants' suspensions are kept (the outbox's, on a broker, whose relay holds the messages).
+const shopDatabase = (orders.bus.backbone as { outbox?: PostgresBackbone }).outbox ?? (orders.bus.backbone as PostgresBackbone);
+const suspendedAt = Date.now();
+await suspendTenant(shopDatabase.driver, { schema: SCHEMA, tenant: SUSPENDED, actor: 'demo', reason: 'unpaid invoice' });
 
 const list: NewOrder[] = Array.from({ length: ORDERS }, (_, i) => ({
   orderId: `order-${String(i + 1).padStart(4, '0')}`,
@@ -88,17 +96,52 @@ const list: NewOrder[] = Array.from({ length: ORDERS }, (_, i) => ({
   card: `4000000000000${i % 25 === 7 ? '003' : i % 40 === 21 ? '004' : i % 10 === 3 ? '002' : '001'}`,
 }));
 const placing = Date.now();
-for (let i = 0; i < list.length; i += 10) await Promise.all(list.slice(i, i + 10).map((order) => orders.placeOrder(order)));
-console.log(`Placed ${list.length} orders in ${Date.now() - placing} ms (order row + OrderPlaced in one transaction each)\n`);
+// Every message of an order's story carries its tenant: withTenant sets it for the publish, and handlers' messages inherit it.
+for (let i = 0; i < list.length; i += 10) {
+  await Promise.all(list.slice(i, i + 10).map((order, j) => orders.bus.withTenant(tenantOf(i + j), () => orders.placeOrder(order))));
+}
+console.log(`Placed ${list.length} orders in ${Date.now() - placing} ms (order row + OrderPlaced in one transaction each)`);
+const ordersOf = (tenant: string) => list.filter((_, i) => tenantOf(i) === tenant).map((order) => order.orderId);
+console.log(`Tenants: ${TENANTS.map((tenant) => `${tenant} ${ordersOf(tenant).length} orders`).join(', ')}; ${SUSPENDED} is suspended (unpaid invoice)\n`);
 
-const count = async (sql: string) => Number((await db.query<{ n: number }>(sql)).rows[0]!.n);
+const count = async (sql: string, params: unknown[] = []) => Number((await db.query<{ n: number }>(sql, params)).rows[0]!.n);
 // Every order ends shipped or cancelled: a charge the gateway never answers, or answers only with errors,
 // is cancelled by its saga's timeout.
-const settled = async () =>
-  (await count(`select count(*)::int as n from shop.shipments`)) + (await count(`select count(*)::int as n from shop.orders where status = 'cancelled'`));
-const deadline = Date.now() + 60_000 + ANSWER_WITHIN_MS;
-while ((await settled()) < list.length && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 50));
+const settled = async (ids: readonly string[]) =>
+  (await count(`select count(*)::int as n from shop.shipments where order_id = any($1)`, [ids])) +
+  (await count(`select count(*)::int as n from shop.orders where status = 'cancelled' and id = any($1)`, [ids]));
+const until = async (done: () => boolean | Promise<boolean>) => {
+  const deadline = Date.now() + 60_000 + ANSWER_WITHIN_MS;
+  while (!(await done()) && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 50));
+};
+// The others flow while initech is suspended: once billing has every one of their orders, initech is resumed.
+const others = TENANTS.filter((tenant) => tenant !== SUSPENDED);
+await until(() => others.every((tenant) => meter.report(tenant).orders >= ordersOf(tenant).length));
+const othersIn = Date.now();
+const waiting = await showTenant(db, { schema: SCHEMA, tenant: SUSPENDED });
+await resumeTenant(shopDatabase.driver, { schema: SCHEMA, tenant: SUSPENDED, actor: 'demo' });
+await until(() => meter.report(SUSPENDED).orders >= ordersOf(SUSPENDED).length);
+console.log(
+  `Billing had the others' ${others.map((tenant) => ordersOf(tenant).length).join(' + ')} orders ${othersIn - placing} ms after placing began, while ${SUSPENDED}'s waited ` +
+    `(${waiting.held} messages held); resumed after ${othersIn - suspendedAt} ms of suspension, it caught up in ${Date.now() - othersIn} ms.\n`,
+);
+await until(async () => (await settled(list.map((order) => order.orderId))) >= list.length);
 const elapsed = Date.now() - placing;
+console.log('Per tenant, as counted by a middleware on every bus (the wait: from an order placed to billing handling it):');
+printTable([
+  ['tenant', 'orders', 'handled', 'wait p50 ms', 'wait p99 ms'],
+  ...TENANTS.map((tenant) => {
+    const { handled, p50, p99 } = meter.report(tenant);
+    return [
+      `${tenant}${tenant === 'acme' ? ' (noisy)' : tenant === SUSPENDED ? ' (suspended)' : ''}`,
+      String(ordersOf(tenant).length),
+      String(handled),
+      String(p50),
+      String(p99),
+    ];
+  }),
+]);
+console.log('');
 
 console.log('Per service, as counted by each bus:');
 const rows: string[][] = [['service', 'subscription', 'handled', 'retried', 'dead-lettered']];
@@ -154,6 +197,7 @@ if (url === undefined) {
   console.log('  npx tidings status');
   if (kind === 'postgres' && dead[0] !== undefined) console.log(`  npx tidings dead-letters show ${dead[0].messageId}`);
   console.log('  npx tidings tail orders.order-placed --from 1 --limit 5');
+  console.log(`  npx tidings tenants show ${SUSPENDED}   its usage, and the suspend and resume this run recorded`);
   if (kind === 'postgres') console.log('  npx tidings asyncapi --check examples/shop/asyncapi.json   the registry against the committed AsyncAPI document');
 }
 // A URL from the environment is named, not printed: it may hold a password.

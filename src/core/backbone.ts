@@ -1,4 +1,5 @@
 import type { BackboneDescription, ContractRegistry } from './catalog.ts';
+import type { AnyContract } from './contract.ts';
 import type { Envelope } from './envelope.ts';
 import type { DeadLetterStore } from './dead-letters.ts';
 import type { ErrorRecord } from './errors.ts';
@@ -30,6 +31,12 @@ export interface Backbone<Tx = unknown> {
    * Iterating `chunks` may throw (a message that cannot be serialised); then `tx` must not commit any of them.
    */
   publishChunks?(chunks: Iterable<readonly Outgoing[]>, tx: Tx): Promise<void>;
+  /**
+   * Optional, for per-tenant quotas (`tenancy.quotas`, core/quotas.ts): resolves once `count` messages of
+   * `contract` for `tenant` fit the tenant's publish rate, or rejects with TENANT_RATE_LIMITED. The bus asks
+   * before it writes what a caller publishes (not what handlers publish). `tx`: the caller's transaction.
+   */
+  admit?(tenant: string, contract: AnyContract, count: number, tx?: Tx): Promise<void>;
   /**
    * Optional: cancels a message published with `dueAt` that is not due yet; true if it was (then it is never
    * delivered), false if it is unknown, delivered already, or being delivered. A backbone without it refuses

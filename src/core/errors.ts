@@ -35,7 +35,9 @@ export type TidingsErrorCode =
   /** A message without a tenant, for a contract, bus or subscription that requires one. */
   | 'TENANT_REQUIRED'
   /** A handler of one tenant's message published for another, and its subscription is not cross-tenant. */
-  | 'TENANT_FORBIDDEN';
+  | 'TENANT_FORBIDDEN'
+  /** A publish over its tenant's quota (`tenancy.quotas`): a TenantRateLimitedError, with `retryAfterMs`. */
+  | 'TENANT_RATE_LIMITED';
 
 export interface MessageRef {
   readonly id?: string;
@@ -76,6 +78,42 @@ export class ValidationError extends TidingsError {
     super('INVALID_PAYLOAD', `Payload for ${contract} is invalid: ${list}`, ref === undefined ? {} : { ref });
     this.issues = issues;
     this.contract = contract;
+  }
+}
+
+/**
+ * A publish over its tenant's quota (`tenancy.quotas`, docs/tenancy.md): nothing was written. Trying again
+ * after `retryAfterMs` may succeed, if the tenant's other publishers leave it the tokens.
+ */
+export class TenantRateLimitedError extends TidingsError {
+  override name = 'TenantRateLimitedError';
+  readonly tenant: string;
+  /** The contract published. */
+  readonly contract: string;
+  /** When the tenant's bucket holds enough tokens for this publish, at its rate, if no one else takes them. */
+  readonly retryAfterMs: number;
+
+  constructor(options: {
+    tenant: string;
+    contract: string;
+    topic: string;
+    count: number;
+    ratePerSecond: number;
+    burst: number;
+    retryAfterMs: number;
+    /** With `onLimit: 'wait'`: how long it waited, and the most it may. */
+    waited?: { ms: number; maxWaitMs: number };
+  }) {
+    const what = options.count === 1 ? `${options.contract}` : `${options.count} messages of ${options.contract}`;
+    const waited = options.waited === undefined ? '' : ` (it waited ${options.waited.ms} ms; waiting on would pass maxWaitMs, ${options.waited.maxWaitMs} ms)`;
+    super(
+      'TENANT_RATE_LIMITED',
+      `Cannot publish ${what} for tenant ${options.tenant}: over its quota of ${options.ratePerSecond} messages/s (burst ${options.burst})${waited}; try again in ${options.retryAfterMs} ms, or raise tenancy.quotas for the tenant`,
+      { ref: { topic: options.topic }, retryable: true },
+    );
+    this.tenant = options.tenant;
+    this.contract = options.contract;
+    this.retryAfterMs = options.retryAfterMs;
   }
 }
 

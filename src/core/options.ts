@@ -1,4 +1,5 @@
 import { TidingsError } from './errors.ts';
+import { tenantProblem } from './tenant.ts';
 
 /** How a subscription retries a failing handler before the message goes to dead letters. */
 export interface RetryOptions {
@@ -79,6 +80,87 @@ export const busDefaults = {
   /** Whether every message must carry a tenant. */
   requireTenant: false,
 } as const;
+
+/** A tenant's publish rate: a token bucket that refills `ratePerSecond` and holds at most `burst` (docs/tenancy.md, "Quotas"). */
+export interface TenantRate {
+  /** Messages per second the tenant may publish, on average. */
+  ratePerSecond: number;
+  /** Messages it may publish at once after a quiet spell (the bucket's size); default: one second's worth. */
+  burst?: number;
+}
+
+/** Per-tenant publish quotas, shared by the service's processes where the backbone has a database. */
+export interface QuotaOptions {
+  /** The rate of every tenant not named in `tenants`; none: those tenants are not limited. */
+  default?: TenantRate;
+  /** Rates of named tenants, over `default`: `{ acme: { ratePerSecond: 500 } }`. */
+  tenants?: Record<string, TenantRate>;
+  /** Over its quota, a publish fails with TENANT_RATE_LIMITED (`'reject'`), or waits for its tokens (`'wait'`). */
+  onLimit?: 'reject' | 'wait';
+  /** With `'wait'`: a publish that would wait longer than this fails with TENANT_RATE_LIMITED instead. */
+  maxWaitMs?: number;
+}
+
+export const quotaDefaults = {
+  onLimit: 'reject',
+  maxWaitMs: 30_000,
+  /** A rate's burst when it names none: this many seconds' worth (at least one message). */
+  burstSeconds: 1,
+} as const satisfies Required<Pick<QuotaOptions, 'onLimit' | 'maxWaitMs'>> & { burstSeconds: number };
+
+export interface ResolvedRate {
+  readonly ratePerSecond: number;
+  readonly burst: number;
+}
+
+export interface ResolvedQuotas {
+  readonly default: ResolvedRate | undefined;
+  readonly tenants: ReadonlyMap<string, ResolvedRate>;
+  readonly onLimit: 'reject' | 'wait';
+  readonly maxWaitMs: number;
+}
+
+const quotaOptionNames = optionNames<QuotaOptions>()('default', 'tenants', 'onLimit', 'maxWaitMs');
+const rateOptionNames = optionNames<TenantRate>()('ratePerSecond', 'burst');
+
+/** Adds what is wrong with `quotas` (at `prefix`, for example `tenancy.quotas.`) to `problems`. */
+export function quotaProblems(problems: OptionProblems, quotas: QuotaOptions | undefined, prefix: string): void {
+  if (quotas === undefined) return;
+  problems.unknownKeys(quotas, quotaOptionNames, prefix);
+  problems.oneOf(`${prefix}onLimit`, quotas.onLimit, ['reject', 'wait']);
+  problems.integer(`${prefix}maxWaitMs`, quotas.maxWaitMs, 0, 3_600_000);
+  const rate = (name: string, value: TenantRate | undefined) => {
+    if (value === undefined) return;
+    problems.check(typeof value === 'object' && value !== null, `${name} must be { ratePerSecond, burst? }, got ${JSON.stringify(value)}`);
+    if (typeof value !== 'object' || value === null) return;
+    problems.unknownKeys(value, rateOptionNames, `${name}.`);
+    problems.check(value.ratePerSecond !== undefined, `${name}.ratePerSecond is required (messages per second)`);
+    problems.number(`${name}.ratePerSecond`, value.ratePerSecond, 0.001, 1_000_000);
+    problems.integer(`${name}.burst`, value.burst, 1, 1_000_000);
+  };
+  rate(`${prefix}default`, quotas.default);
+  if (quotas.tenants === undefined) return;
+  problems.check(typeof quotas.tenants === 'object' && quotas.tenants !== null, `${prefix}tenants must map tenant ids to rates`);
+  for (const [tenant, value] of Object.entries(quotas.tenants ?? {})) {
+    const bad = tenantProblem(tenant);
+    if (bad !== undefined) problems.check(false, `${prefix}tenants: ${bad.message}`);
+    else rate(`${prefix}tenants[${JSON.stringify(tenant)}]`, value);
+  }
+}
+
+/** `quotas` with their defaults applied; checked by `quotaProblems` first. */
+export function resolveQuotas(quotas: QuotaOptions): ResolvedQuotas {
+  const rate = (value: TenantRate): ResolvedRate => ({
+    ratePerSecond: value.ratePerSecond,
+    burst: value.burst ?? Math.max(1, Math.ceil(value.ratePerSecond * quotaDefaults.burstSeconds)),
+  });
+  return {
+    default: quotas.default === undefined ? undefined : rate(quotas.default),
+    tenants: new Map(Object.entries(quotas.tenants ?? {}).map(([tenant, value]) => [tenant, rate(value)])),
+    onLimit: quotas.onLimit ?? quotaDefaults.onLimit,
+    maxWaitMs: quotas.maxWaitMs ?? quotaDefaults.maxWaitMs,
+  };
+}
 
 /** Collects every bad option before throwing, so one error lists them all by name. */
 export class OptionProblems {

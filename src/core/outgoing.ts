@@ -75,6 +75,8 @@ export class Publisher<Tx> {
       checked.push(item instanceof Promise ? await item : item);
     }
     await this.#settings.open();
+    // A tenant's quota counts what callers publish for it; what its handlers publish follows from messages it admitted.
+    if (tenant !== undefined && scope === undefined) await backbone.admit?.(tenant, contract, checked.length, effective.tx as Tx | undefined);
     // With tracing, the publish's span is the messages' creation context: their traceparent names it.
     const span = telemetry.tracing?.publish(contract.topic, checked.length, checked[0]?.id, effective, scope?.delivery);
     const traced = span?.headers === undefined ? effective : { ...effective, ...span.headers };

@@ -14,8 +14,8 @@ import { NatsBroker } from './broker.ts';
 import type { NatsOptions } from './options.ts';
 
 export function nats(options: NatsOptions): BrokerBackbone {
-  const { outbox, relay, onWarning } = options;
-  return brokered(new NatsBroker(options), { outbox, relay, onWarning });
+  const { outbox, relay, onWarning, tenancy } = options;
+  return brokered(new NatsBroker(options), { outbox, relay, onWarning, tenancy });
 }
 
 export { NatsConsumer } from './consume/consumer.ts';

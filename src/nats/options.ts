@@ -77,6 +77,7 @@ const natsOptionNames = optionNames<NatsOptions>()(
   'outbox',
   'relay',
   'onWarning',
+  'tenancy',
 );
 
 export function resolveNatsSettings(options: NatsOptions): NatsSettings {

@@ -14,7 +14,9 @@ import type { DeadLetterStore } from '../core/dead-letters.ts';
 import { keyHash, type Envelope } from '../core/envelope.ts';
 import { describeError, storable, TidingsError } from '../core/errors.ts';
 import { envelopeProblem } from '../core/limits.ts';
-import { OptionProblems, optionNames } from '../core/options.ts';
+import { OptionProblems, optionNames, quotaProblems, resolveQuotas, type QuotaOptions } from '../core/options.ts';
+import { LocalTokenBuckets, TenantQuotas } from '../core/quotas.ts';
+import type { AnyContract } from '../core/contract.ts';
 import { sleep } from '../core/sleep.ts';
 import type { Inbox } from '../postgres/inbox.ts';
 import type { PgTransaction, PostgresBackbone } from '../postgres/index.ts';
@@ -39,6 +41,12 @@ export interface BrokeredOptions {
   /** Runs the relay in this process (default true). Turn it off in processes that only consume. */
   relay?: boolean | RelayOptions | undefined;
   onWarning?: ((message: string, error?: unknown) => void) | undefined;
+  /**
+   * Per-tenant publish rates (docs/tenancy.md, "Quotas"): with an outbox, one budget per tenant for every
+   * process, kept in its database; without one, a budget per process. Without them here, the outbox's own
+   * `tenancy.quotas` apply, if it has them.
+   */
+  tenancy?: { quotas?: QuotaOptions | undefined } | undefined;
 }
 
 export const relayDefaults = {
@@ -62,6 +70,7 @@ export class BrokerBackbone implements Backbone<PgTransaction> {
   readonly #relayOptions: Required<RelayOptions> | undefined;
   readonly #warn: (message: string, error?: unknown) => void;
   readonly #stopping = new AbortController();
+  readonly #quotas: TenantQuotas | undefined;
   #relay: Consumer | undefined;
   #observer: BackboneObserver | undefined;
   #closing: Promise<void> | undefined;
@@ -69,7 +78,9 @@ export class BrokerBackbone implements Backbone<PgTransaction> {
 
   constructor(broker: Broker, options: BrokeredOptions = {}) {
     const problems = new OptionProblems(`${broker.name}()`);
-    problems.unknownKeys(options, optionNames<BrokeredOptions>()('outbox', 'relay', 'onWarning'));
+    problems.unknownKeys(options, optionNames<BrokeredOptions>()('outbox', 'relay', 'onWarning', 'tenancy'));
+    problems.unknownKeys(options.tenancy, ['quotas'], 'tenancy.');
+    quotaProblems(problems, options.tenancy?.quotas, 'tenancy.quotas.');
     const relay = typeof options.relay === 'object' ? options.relay : {};
     problems.unknownKeys(relay, optionNames<RelayOptions>()('partitions', 'concurrency', 'batchSize'), 'relay.');
     problems.integer('relay.partitions', relay.partitions, 1, 1_024);
@@ -92,6 +103,8 @@ export class BrokerBackbone implements Backbone<PgTransaction> {
             batchSize: relay.batchSize ?? relayDefaults.batchSize,
           };
     this.#warn = options.onWarning ?? defaultWarning;
+    const quotas = options.tenancy?.quotas;
+    this.#quotas = quotas === undefined ? undefined : new TenantQuotas(resolveQuotas(quotas), options.outbox?.tokenBuckets() ?? new LocalTokenBuckets());
   }
 
   open(): Promise<void> {
@@ -174,6 +187,12 @@ export class BrokerBackbone implements Backbone<PgTransaction> {
     if (tx === undefined) return this.broker.publish(messages);
     if (this.outbox === undefined) throw noOutbox(this.name, 'publish in a transaction');
     return this.outbox.publish(messages, tx);
+  }
+
+  async admit(tenant: string, contract: AnyContract, count: number, tx?: PgTransaction): Promise<void> {
+    if (this.#quotas === undefined) return this.outbox?.admit(tenant, contract, count, tx);
+    await this.open();
+    return this.#quotas.admit(tenant, contract, count, tx);
   }
 
   async claimTick(name: string, definition: string, tick: number, tx: PgTransaction): Promise<boolean> {
@@ -312,6 +331,7 @@ export class BrokerBackbone implements Backbone<PgTransaction> {
 
   async #close(): Promise<void> {
     this.#stopping.abort();
+    this.#quotas?.close();
     if (this.#opening !== undefined) await this.#opening.catch(() => undefined);
     await this.#relay?.stop();
     await Promise.all([this.broker.close(), this.outbox?.close()]);

@@ -10,6 +10,9 @@ import type { SagaStore } from '../core/saga.ts';
 import type { DeadLetterStore } from '../core/dead-letters.ts';
 import type { Envelope } from '../core/envelope.ts';
 import { TidingsError } from '../core/errors.ts';
+import { resolveQuotas } from '../core/options.ts';
+import { TenantQuotas } from '../core/quotas.ts';
+import type { AnyContract } from '../core/contract.ts';
 import { PostgresConsumer, type ConsumerSettings } from './consume/consumer.ts';
 import { SuspendedTenants } from './consume/suspended.ts';
 import { PostgresDeadLetters } from './dead-letters.ts';
@@ -32,6 +35,7 @@ import { TrackedTransaction, type AtCommit, type PgTransaction } from './transac
 import type { BackboneDescription, ContractRegistry } from '../core/catalog.ts';
 import { postgresRegistry } from './registry.ts';
 import { TenantIsolation, tenancyDefaults } from './tenants.ts';
+import { PostgresTokenBuckets } from './quotas.ts';
 import { checkPostgresOptions, postgresDefaults, type PostgresOptions } from './options.ts';
 
 /**
@@ -60,6 +64,7 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
   #observer: BackboneObserver | undefined;
   #isolation: TenantIsolation | undefined;
   #suspended: SuspendedTenants | undefined;
+  readonly #quotas: TenantQuotas | undefined;
 
   constructor(options: PostgresOptions) {
     checkPostgresOptions(options);
@@ -67,6 +72,20 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
     this.schema = options.schema ?? postgresDefaults.schema;
     this.#sql = statements(this.schema);
     this.#warn = options.onWarning ?? defaultWarning;
+    const quotas = options.tenancy?.quotas;
+    this.#quotas = quotas === undefined ? undefined : new TenantQuotas(resolveQuotas(quotas), this.tokenBuckets());
+  }
+
+  /** The tenants' token buckets in this database (migration 015, quotas.ts), for a broker whose outbox this is. */
+  tokenBuckets(): PostgresTokenBuckets {
+    return new PostgresTokenBuckets(() => this.driver, this.schema);
+  }
+
+  /** Waits for or refuses (TENANT_RATE_LIMITED) a publish over its tenant's quota (`tenancy.quotas`, see Backbone.admit). */
+  async admit(tenant: string, contract: AnyContract, count: number, tx?: PgTransaction): Promise<void> {
+    if (this.#quotas === undefined) return;
+    await this.open();
+    return this.#quotas.admit(tenant, contract, count, tx);
   }
 
   /** The driver, once open: for tools and tests that need to run SQL next to the bus. */
@@ -419,6 +438,7 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
   async #close(): Promise<void> {
     for (const nudge of this.#nudges) clearTimeout(nudge);
     this.#nudges.clear();
+    this.#quotas?.close();
     if (this.#opening === undefined) return;
     await this.#opening.catch(() => undefined);
     this.#replies?.close();

@@ -7,7 +7,7 @@
  * COPY), notifier.ts, statements.ts (the engine's SQL) and sql/ (operator and retention SQL), consume/ (the
  * consumer: leases, lanes, batch, acknowledgement, held keys), dead-letters.ts, scheduler.ts (messages due
  * later), replies.ts, registry.ts, inbox.ts and lazy-transaction.ts (a broker's deliveries through the outbox),
- * tenants.ts, retention.ts, observe.ts, migrate.ts and migrations/, ops/ (operator functions).
+ * tenants.ts (row-level security), quotas.ts (tenants' token buckets), retention.ts, observe.ts, migrate.ts and migrations/, ops/ (operator functions).
  */
 import { PostgresBackbone } from './backbone.ts';
 import type { PostgresOptions } from './options.ts';

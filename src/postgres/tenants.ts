@@ -16,7 +16,7 @@
  */
 import { createHash } from 'node:crypto';
 import { TidingsError } from '../core/errors.ts';
-import { type OptionProblems, optionNames } from '../core/options.ts';
+import { type OptionProblems, optionNames, quotaProblems, type QuotaOptions } from '../core/options.ts';
 import { checkIdentifier, pgDriver, urlProblem, type Queryable, type SqlDriver } from './driver.ts';
 
 export interface TenancyOptions {
@@ -32,15 +32,17 @@ export interface TenancyOptions {
   url?: string;
   /** Connections of the restricted role's pool. */
   poolSize?: number;
+  /** Per-tenant publish rates, one budget per tenant for every process of the service (docs/tenancy.md, "Quotas"). */
+  quotas?: QuotaOptions;
 }
 
 export const tenancyDefaults = {
   isolation: 'none',
   role: 'tidings_tenant',
   poolSize: 10,
-} as const satisfies Required<Omit<TenancyOptions, 'url'>>;
+} as const satisfies Required<Omit<TenancyOptions, 'url' | 'quotas'>>;
 
-const tenancyOptionNames = optionNames<TenancyOptions>()('isolation', 'role', 'url', 'poolSize');
+const tenancyOptionNames = optionNames<TenancyOptions>()('isolation', 'role', 'url', 'poolSize', 'quotas');
 
 /** Adds what is wrong with `tenancy` to `problems`. */
 export function tenancyProblems(problems: OptionProblems, tenancy: TenancyOptions | undefined, embedded: boolean): void {
@@ -48,6 +50,7 @@ export function tenancyProblems(problems: OptionProblems, tenancy: TenancyOption
   problems.unknownKeys(tenancy, tenancyOptionNames, 'tenancy.');
   problems.oneOf('tenancy.isolation', tenancy.isolation, ['none', 'rls']);
   problems.integer('tenancy.poolSize', tenancy.poolSize, 1, 1_000);
+  quotaProblems(problems, tenancy.quotas, 'tenancy.quotas.');
   if (tenancy.role !== undefined) {
     try {
       checkIdentifier('tenancy.role', tenancy.role);

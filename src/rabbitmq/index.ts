@@ -26,6 +26,6 @@ export { rabbitmqDefaults, type RabbitMqOptions, type RabbitMqBackboneOptions } 
  * Without an outbox, standalone publishes and consumers work, but not `bus.transaction` or `ctx.tx`.
  */
 export function rabbitmq(options: RabbitMqBackboneOptions): BrokerBackbone {
-  const { outbox, relay, onWarning } = options;
-  return brokered(new RabbitBroker(options), { outbox, relay, onWarning });
+  const { outbox, relay, onWarning, tenancy } = options;
+  return brokered(new RabbitBroker(options), { outbox, relay, onWarning, tenancy });
 }

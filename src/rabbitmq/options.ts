@@ -1,7 +1,7 @@
 /** The RabbitMQ backbone's options, their defaults, and their validation. */
 import { OptionProblems, optionNames } from '../core/options.ts';
 import { defaultWarning } from '../core/warnings.ts';
-import type { RelayOptions } from '../outbox/index.ts';
+import type { BrokeredOptions, RelayOptions } from '../outbox/index.ts';
 import type { PostgresBackbone } from '../postgres/index.ts';
 import { redact } from './connection.ts';
 
@@ -43,6 +43,8 @@ export interface RabbitMqOptions {
   /** Named in the server's connection list (`rabbitmqctl list_connections name`). */
   connectionName?: string;
   onWarning?: (message: string, error?: unknown) => void;
+  /** Per-tenant publish rates: shared through the outbox's database if there is one, else per process (docs/tenancy.md, "Quotas"). */
+  tenancy?: BrokeredOptions['tenancy'];
 }
 
 export const rabbitmqDefaults = {
@@ -66,7 +68,7 @@ export const rabbitmqDefaults = {
 } as const;
 
 /** The options resolved: every default applied, `prefetch` left to each subscription's concurrency. */
-export type RabbitMqSettings = Required<Omit<RabbitMqOptions, 'outbox' | 'relay' | 'prefetch' | 'onWarning'>> & {
+export type RabbitMqSettings = Required<Omit<RabbitMqOptions, 'outbox' | 'relay' | 'prefetch' | 'onWarning' | 'tenancy'>> & {
   prefetch: number | undefined;
   warn: (message: string, error?: unknown) => void;
 };
@@ -90,6 +92,7 @@ const rabbitmqOptionNames = optionNames<RabbitMqOptions>()(
   'workerTimeoutMs',
   'connectionName',
   'onWarning',
+  'tenancy',
 );
 
 /** Checks every option (OptionProblems names each bad one) and applies the defaults. */

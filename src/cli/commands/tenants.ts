@@ -47,6 +47,9 @@ export function registerTenants(program: Command, context: CliContext): void {
             `  waiting     ${found.held} held, ${found.scheduled} scheduled`,
             `  dead        ${found.deadLetters} dead letters`,
             `  sagas       ${found.sagas} instances`,
+            ...(found.quota === undefined
+              ? []
+              : [`  quota       ${found.quota.tokens.toFixed(1)} tokens left by its last publish, ${shortTime(found.quota.at)}`]),
             ...(found.actions.length === 0
               ? []
               : ['', 'Last actions:', ...found.actions.map((action) => `  ${shortTime(action.at)} ${action.action} by ${action.actor}`)]),

@@ -36,6 +36,8 @@ export interface TenantUsage extends TenantSummary {
   readonly sagas: number;
   readonly suspendedBy: string | undefined;
   readonly reason: string | undefined;
+  /** Its publish quota's bucket (`tenancy.quotas`): the tokens left by its last publish, and when; undefined if it has none. */
+  readonly quota: { readonly tokens: number; readonly at: string } | undefined;
   /** The last actions on the tenant, newest first. */
   readonly actions: ReadonlyArray<{ readonly action: string; readonly actor: string; readonly at: string; readonly detail: unknown }>;
 }
@@ -75,7 +77,7 @@ export async function showTenant(db: Queryable, options: TenantOptions): Promise
   const tenant = checkTenant(options.tenant, 'tidings tenants show');
   return explainMissingSchema(options.schema, async () => {
     const one = async (sql: string) => Number((await db.query<{ n: string | number }>(sql, [tenant])).rows[0]?.n ?? 0);
-    const [log, handled, deadLetters, held, scheduled, sagas, state, actions] = await Promise.all([
+    const [log, handled, deadLetters, held, scheduled, sagas, state, actions, quota] = await Promise.all([
       db.query<{ messages: string | number; bytes: string | number; last_at: Date | string | null }>(
         `select count(*)::int8 as messages, coalesce(sum(octet_length(data::text)), 0)::int8 as bytes, max(time) as last_at from ${s}.log where tenant = $1`,
         [tenant],
@@ -100,7 +102,9 @@ export async function showTenant(db: Queryable, options: TenantOptions): Promise
         `select action, actor, at, detail from ${s}.tenant_actions where tenant = $1 order by id desc limit 10`,
         [tenant],
       ),
+      db.query<{ tokens: number; refilled_at: Date | string }>(`select tokens, refilled_at from ${s}.tenant_quotas where tenant = $1`, [tenant]),
     ]);
+    const bucket = quota.rows[0];
     const row = log.rows[0];
     const suspension = state.rows[0];
     return {
@@ -111,6 +115,7 @@ export async function showTenant(db: Queryable, options: TenantOptions): Promise
       suspendedAt: suspension?.suspended_at ? iso(suspension.suspended_at) : undefined,
       suspendedBy: suspension?.suspended_by ?? undefined,
       reason: suspension?.reason ?? undefined,
+      quota: bucket === undefined ? undefined : { tokens: Number(bucket.tokens), at: iso(bucket.refilled_at) },
       handled: Object.fromEntries(handled.rows.map((entry) => [entry.subscription, Number(entry.n)])),
       deadLetters,
       held,
@@ -196,6 +201,7 @@ const TENANT_ROWS: ReadonlyArray<readonly [table: string, where: (s: string) => 
   ['replies', () => 'x.tenant = $1'],
   ['log', () => 'x.tenant = $1'],
   ['tenants', () => 'x.tenant = $1'],
+  ['tenant_quotas', () => 'x.tenant = $1'],
 ];
 
 export interface PurgeResult {
