@@ -1,4 +1,4 @@
-/** The goals of issue 24 (and issue 8's T5), checked against a run's medians (reported, never asserted). */
+/** The goals of issue 24 (and issue 8's T5, issue 21's scheduled latency), checked against a run's medians (reported, never asserted). */
 import type { Workload } from '../protocol.ts';
 import { BROKERS } from './brokers.ts';
 import { LABELS, ROW } from './plan.ts';
@@ -44,6 +44,7 @@ export function checkTargets(entries: Entry[]): TargetCheck[] {
   const first = largest?.summary.firstMessageMs?.median;
   const producersEmpty = share(m('e2e', ROW.producersEmpty, 'producerRate'), raw('single10'));
   const producersBusiness = share(m('e2e', ROW.producersBusiness, 'producerRate'), raw('business10'));
+  const scheduledP99 = m('scheduled', `${LABELS.tidings}, 1,000 due/s`, 'lateP99');
   return [
     {
       id: 'G1',
@@ -101,6 +102,13 @@ export function checkTargets(entries: Entry[]): TargetCheck[] {
       value: `${pct(producersEmpty)}; ${pct(producersBusiness)}`,
       goal: '>= 90 % (issue 8)',
       verdict: both(higher(producersEmpty, 0.9), higher(producersBusiness, 0.9)),
+    },
+    {
+      id: 'S1',
+      measure: 'scheduled delivery on PostgreSQL, 1,000 due/s: lateness (due time -> handler start) p99',
+      value: scheduledP99 === undefined ? '-' : `${fmt(scheduledP99)} ms`,
+      goal: '< 100 ms (issue 21)',
+      verdict: scheduledP99 === undefined ? 'n/a' : scheduledP99 < 100 ? 'met' : 'missed',
     },
   ];
 }
