@@ -224,7 +224,9 @@ export function statements(schema: string) {
     /**
      * Moves up to $3 due messages into the log, oldest due first, in one statement, if $2 still holds the
      * scheduler's lease ($1): two leaders, one of them late, could otherwise commit a key's due messages out
-     * of order. Returns the topics moved to (to wake their consumers) and how many.
+     * of order. Returns the topics moved to (to wake their consumers, as `{ topic: n }`) and how long until the
+     * next message left is due (`next_ms`: null if none; zero or less if due already), so a leader moving a
+     * steady stream needs no other statement between moves.
      */
     moveDue: `with leader as (
         select 1 from ${s}.leases where name = $1 and owner = $2 and expires_at > now()
@@ -238,7 +240,9 @@ export function statements(schema: string) {
         from due order by due_at, seq
         returning topic
       )
-      select topic, count(*)::int as n from moved group by topic`,
+      select (select json_object_agg(topic, n) from (select topic, count(*)::int as n from moved group by topic) t) as topics,
+        (select extract(epoch from s.due_at - now()) * 1000 from ${s}.scheduled s
+          where not exists (select 1 from due d where d.seq = s.seq) order by s.due_at, s.seq limit 1)::float8 as next_ms`,
 
     /** Creates the subscription with its first worker's topics; its topics change only through `settleTopics`. */
     upsertSubscription: `insert into ${s}.subscriptions (name, topics, partitions) values ($1, $2, $3)
