@@ -344,6 +344,52 @@ test('4. retries follow the schedule; an always-failing message is dead-lettered
   assert.match(d2.reason, /handler gave up/);
 });
 
+test('4b. retries in batches: more held keys than a pass takes, and a key with more messages behind it than a pass drains; each handled once, in key order', async (t) => {
+  const world = await pgWorld(t, 'g');
+  if (world === undefined) return;
+  const bus = world.bus();
+  const failed = new Set<string>();
+  const handled: string[] = [];
+  bus.subscribe(
+    'held-batches',
+    Ticked,
+    (message) => {
+      const id = `${message.data.key}:${message.data.seq}`;
+      // The first message of each key fails once: its key waits for a delayed retry, the rest behind it.
+      if (message.data.seq === 1 && !failed.has(id)) {
+        failed.add(id);
+        throw new Error(`first attempt of ${id}`);
+      }
+      handled.push(id);
+      return undefined;
+    },
+    // A retry pass takes 5 keys, and 5 messages of each.
+    { retry: { immediate: 0, delayed: [100], jitter: 0 }, partitions: 1, batchSize: 5 },
+  );
+  await bus.start();
+  const keys = Array.from({ length: 12 }, (_, i) => `k${i}`);
+  const messages = [
+    ...keys.map((key) => ({ key, seq: 1 })),
+    // Key k0 gets 23 more, behind its first message.
+    ...Array.from({ length: 23 }, (_, i) => ({ key: 'k0', seq: i + 2 })),
+    ...keys.slice(1).map((key) => ({ key, seq: 2 })),
+  ];
+  await bus.publishMany(Ticked, messages);
+  await waitFor(`${messages.length} messages handled`, () => handled.length >= messages.length, 20_000);
+  await sleep(300);
+  assert.equal(handled.length, messages.length, 'each message handled once');
+  assert.equal(new Set(handled).size, messages.length);
+  for (const key of keys) {
+    const seqs = handled.filter((id) => id.startsWith(`${key}:`)).map((id) => Number(id.split(':')[1]));
+    assert.deepEqual(
+      seqs,
+      [...seqs].sort((a, b) => a - b),
+      `key ${key} in order`,
+    );
+  }
+  assert.equal(failed.size, keys.length, 'every key waited for a retry');
+});
+
 test('5b. kill -9 after the write, before the ack: the effect happens once, on the worker that takes over', async (t) => {
   const world = await pgWorld(t, 'g');
   if (world === undefined) return;

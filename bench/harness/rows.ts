@@ -32,7 +32,7 @@ export interface Row {
   /** The Tidings row the others of its table are compared with. */
   reference?: boolean;
   /** This row's own sizes over the workload's (events, warm-up, rates...). */
-  sizes?: Partial<Pick<Task, 'events' | 'warmUpEvents' | 'publishSeconds' | 'rates' | 'idleSeconds' | 'timeoutMs'>>;
+  sizes?: Partial<Pick<Task, 'events' | 'warmUpEvents' | 'publishSeconds' | 'rates' | 'idleSeconds' | 'timeoutMs' | 'scheduleLeadMs'>>;
 }
 
 export interface Step {

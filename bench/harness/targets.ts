@@ -1,4 +1,4 @@
-/** The goals of issue 24 (and issue 8's T5), checked against a run's medians (reported, never asserted). */
+/** The goals of issue 24 (and issue 8's T5, issue 21's scheduled latency), checked against a run's medians (reported, never asserted). */
 import type { Workload } from '../protocol.ts';
 import { BROKERS } from './brokers.ts';
 import { LABELS, ROW, withRls } from './plan.ts';
@@ -56,6 +56,7 @@ export function checkTargets(entries: Entry[]): TargetCheck[] {
   const quietAlone = m('fairness', ROW.quietAlone, 'quietP99');
   const quietFair = share(m('fairness', ROW.quietNoisyFair, 'quietP99'), quietAlone);
   const quietOff = share(m('fairness', ROW.quietNoisy, 'quietP99'), quietAlone);
+  const scheduledP99 = m('scheduled', `${LABELS.tidings}, 1,000 due/s`, 'lateP99');
   return [
     {
       id: 'G1',
@@ -141,6 +142,13 @@ export function checkTargets(entries: Entry[]): TargetCheck[] {
       value: `${pct(tracedE2e.sdk)}, ${pct(tracedDrain.sdk)}`,
       goal: 'reported (issue 22)',
       verdict: 'n/a',
+    },
+    {
+      id: 'S1',
+      measure: 'scheduled delivery on PostgreSQL, 1,000 due/s: lateness (due time -> handler start) p99',
+      value: scheduledP99 === undefined ? '-' : `${fmt(scheduledP99)} ms`,
+      goal: '< 100 ms (issue 21)',
+      verdict: scheduledP99 === undefined ? 'n/a' : scheduledP99 < 100 ? 'met' : 'missed',
     },
   ];
 }

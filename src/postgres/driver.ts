@@ -82,6 +82,13 @@ export interface SqlDriver extends Queryable {
    * the hot statements whose planning costs as much as running them. `name` must identify `text`.
    */
   prepared<R = Record<string, unknown>>(name: string, text: string, params: readonly unknown[]): Promise<{ rows: R[]; rowCount?: number | null }>;
+  /**
+   * As `prepared`, for a read-only statement whose one generic plan is proven good (the consumer's read,
+   * test/plans.pg.test.ts): it is planned once per connection, not afresh on each run (PostgreSQL's custom
+   * plans cost a quarter of the server's CPU at 1,000 events/s). On a server it runs on connections of
+   * their own, whose `plan_cache_mode` is `force_generic_plan`; the pool's (your transactions') keep the default.
+   */
+  planned<R = Record<string, unknown>>(name: string, text: string, params: readonly unknown[]): Promise<{ rows: R[]; rowCount?: number | null }>;
   /** A description safe to print (no password). */
   readonly description: string;
   /**
@@ -124,7 +131,7 @@ interface PgListenClient extends Queryable {
 }
 
 interface PgDriverOptions {
-  /** Shown in pg_stat_activity as `tidings:<name>` and `tidings-notifier:<name>`. */
+  /** Shown in pg_stat_activity as `tidings:<name>`, `tidings-reader:<name>` (the consumers' reads) and `tidings-notifier:<name>`. */
   name: string;
   /** A connection URL; Tidings opens and closes its own pool. */
   url?: string | undefined;
@@ -156,11 +163,29 @@ export async function pgDriver(options: PgDriverOptions): Promise<SqlDriver> {
   let closing: Promise<void> | undefined;
   const where: Where = { description, settingsFrom: options.settingsFrom ?? (options.url !== undefined ? 'postgres({ url })' : "your pool's settings") };
 
+  let planners: PgPoolLike | undefined;
+  /** The `planned` statements' pool, opened on first use: few connections, each taking statements pipelined. */
+  const plannersPool = (): PgPoolLike => {
+    if (planners !== undefined) return planners;
+    const given = typeof config.options === 'string' ? `${config.options} ` : '';
+    planners = new Pool({
+      ...config,
+      max: PLANNED_CONNECTIONS,
+      keepAlive: true,
+      pipeline: true,
+      application_name: `tidings-reader:${options.name}`,
+      options: `${given}-c plan_cache_mode=force_generic_plan`,
+    }) as unknown as PgPoolLike;
+    (planners as unknown as { on(e: 'error', l: (e: Error) => void): void }).on('error', () => undefined);
+    return planners;
+  };
+
   return {
     embedded: false,
     description,
     query: (text, params) => wrap(where, () => pool.query(text, params as unknown[])),
     prepared: (name, text, params) => wrap(where, () => (pool as unknown as PreparingPool).query({ name, text, values: params as unknown[] })),
+    planned: (name, text, params) => wrap(where, () => (plannersPool() as unknown as PreparingPool).query({ name, text, values: params as unknown[] })),
     async transaction(fn, atCommit) {
       const client = await wrap(where, () => pool.connect());
       let broken: Error | undefined;
@@ -230,11 +255,18 @@ export async function pgDriver(options: PgDriverOptions): Promise<SqlDriver> {
     },
     close() {
       // Once: pg throws "Called end on pool more than once" at a second end.
-      closing ??= ownPool ? pool.end() : Promise.resolve();
+      closing ??= Promise.all([ownPool ? pool.end() : undefined, planners?.end()]).then(() => undefined);
       return closing;
     },
   };
 }
+
+/**
+ * Connections of the `planned` statements' pool. Each consumer has at most two reads in flight (one sent
+ * ahead), each a few milliseconds at most; two connections serve a process's consumers without adding much
+ * to the server's connection count.
+ */
+const PLANNED_CONNECTIONS = 2;
 
 const BEGIN: Statement = { text: 'begin', params: [] };
 const COMMIT: Statement = { text: 'commit', params: [] };
@@ -417,6 +449,7 @@ export async function pgliteDriver(options: PgliteDriverOptions): Promise<SqlDri
     description: `PGlite (${options.dataDir ?? 'in memory'})`,
     query: (text, params) => database.query(text, params as unknown[]),
     prepared: (_name, text, params) => database.query(text, params as unknown[]),
+    planned: (_name, text, params) => database.query(text, params as unknown[]),
     transaction: (fn, atCommit) =>
       database.transaction(async (tx) => {
         const result = await fn(tx);
