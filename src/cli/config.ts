@@ -6,7 +6,7 @@
 import { existsSync, readFileSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { TidingsError } from '../index.ts';
-import { checkIdentifier } from '../postgres/driver.ts';
+import { checkIdentifier } from '../postgres/connection/identifiers.ts';
 
 export const CONFIG_FILE = 'tidings.config.json';
 

@@ -4,7 +4,10 @@
  */
 import { TidingsError } from '../index.ts';
 import { loadPackage } from '../core/packages.ts';
-import { connectionError, describeCause, describeUrl, isConnectionError, pgDriver, type PgPoolLike, type SqlDriver } from '../postgres/driver.ts';
+import type { SqlDriver } from '../postgres/connection/driver.ts';
+import { connectionError, describeCause, isConnectionError } from '../postgres/connection/errors.ts';
+import { pgDriver, type PgPoolLike } from '../postgres/connection/pg.ts';
+import { describeUrl } from '../postgres/connection/url.ts';
 
 /** Where an operator gives the CLI its database, named in what to fix. */
 const SETTINGS_FROM = '--url or DATABASE_URL';

@@ -1,4 +1,4 @@
-import { checkIdentifier } from '../postgres/driver.ts';
+import { checkIdentifier } from '../postgres/connection/identifiers.ts';
 import { bucketSql, rowHashSql } from './digest.ts';
 
 /**

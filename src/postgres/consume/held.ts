@@ -1,6 +1,6 @@
 import type { AttemptRecord, SubscriptionSpec } from '../../core/backbone.ts';
 import type { Envelope } from '../../core/envelope.ts';
-import type { Queryable } from '../driver.ts';
+import type { Queryable } from '../connection/driver.ts';
 import { toEnvelope, type LogRow } from '../codec.ts';
 import type { Attempts, AttemptsResult } from './attempts.ts';
 import type { ConsumerContext } from './context.ts';
