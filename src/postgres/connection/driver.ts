@@ -68,6 +68,19 @@ export interface ListenSession {
   close(): Promise<void>;
 }
 
+/** The ListenSession of a LISTEN made on `db`: notifications are sent and pings made on the same connection. */
+export function listenSessionOn(db: Queryable, close: () => Promise<void>): ListenSession {
+  return {
+    notify: async (channel, payload) => {
+      await db.query('select pg_notify($1, $2)', [channel, payload]);
+    },
+    ping: async () => {
+      await db.query('select 1');
+    },
+    close,
+  };
+}
+
 interface ListenHandlers {
   /** `fromSelf`: sent by this session's own connection (so by this notifier, which woke its consumers already). */
   onNotification(channel: string, payload: string, fromSelf: boolean): void;

@@ -1,5 +1,5 @@
 import { loadPackage } from '../../core/packages.ts';
-import type { Queryable, Session, SqlDriver } from './driver.ts';
+import { listenSessionOn, type Queryable, type Session, type SqlDriver } from './driver.ts';
 import { connectionError, withConnectionErrors, type Where } from './errors.ts';
 import { quoteIdent } from './identifiers.ts';
 import { PgSession, type PgClientLike, type PreparingPool } from './pg-session.ts';
@@ -116,18 +116,10 @@ export async function pgDriver(options: PgDriverOptions): Promise<SqlDriver> {
         await client.end().catch(() => undefined);
         throw connectionError(where, error);
       }
-      return {
-        notify: async (channel, payload) => {
-          await client.query('select pg_notify($1, $2)', [channel, payload]);
-        },
-        ping: async () => {
-          await client.query('select 1');
-        },
-        close: async () => {
-          ended = true;
-          await client.end().catch(() => undefined);
-        },
-      };
+      return listenSessionOn(client, async () => {
+        ended = true;
+        await client.end().catch(() => undefined);
+      });
     },
     close() {
       // Once: pg throws "Called end on pool more than once" at a second end.

@@ -1,5 +1,5 @@
 import { loadPackage } from '../../core/packages.ts';
-import type { Queryable, SqlDriver } from './driver.ts';
+import { listenSessionOn, type Queryable, type SqlDriver } from './driver.ts';
 
 /** The subset of PGlite used. */
 export interface PGliteLike extends Queryable {
@@ -42,17 +42,9 @@ export async function pgliteDriver(options: PgliteDriverOptions): Promise<SqlDri
       for (const channel of channels) {
         unlisten.push(await database.listen(channel, (payload) => handlers.onNotification(channel, payload, false)));
       }
-      return {
-        notify: async (channel, payload) => {
-          await database.query('select pg_notify($1, $2)', [channel, payload]);
-        },
-        ping: async () => {
-          await database.query('select 1');
-        },
-        close: async () => {
-          for (const stop of unlisten) await stop().catch(() => undefined);
-        },
-      };
+      return listenSessionOn(database, async () => {
+        for (const stop of unlisten) await stop().catch(() => undefined);
+      });
     },
     async close() {
       if (own && !database.closed) await database.close();
