@@ -7,7 +7,7 @@ import { test } from 'node:test';
 import type pg from 'pg';
 import { z } from 'zod';
 import { deadLetter, defineEvent, retryLater, TidingsError } from '../src/index.ts';
-import { pgDriver } from '../src/postgres/driver.ts';
+import { pgDriver } from '../src/postgres/connection/pg.ts';
 import { prune, resolveRetention, Retention, retentionDefaults, type PruneResult } from '../src/postgres/retention.ts';
 import { Ticked } from './fixtures/contracts.ts';
 import { pgWorld } from './fixtures/bus.ts';

@@ -55,7 +55,7 @@ function isUnreachable(error: unknown): boolean {
 function unreachableMessage(error: unknown, where: { readonly description: string; readonly gaveUpAfterSeconds?: number | undefined }): string {
   const { description } = where;
   const root = rootCause(error);
-  // A refused login or a missing database: the library's own words (src/postgres/driver.ts).
+  // A refused login or a missing database: the library's own words (src/postgres/connection/errors.ts).
   const explained = connectionError({ description, settingsFrom: SETTINGS_FROM }, root);
   if (explained instanceof TidingsError && !explained.retryable) return explained.message;
   const waited = where.gaveUpAfterSeconds === undefined ? '' : `; no answer within ${where.gaveUpAfterSeconds} s (--connect-timeout)`;

@@ -9,4 +9,7 @@
  * would retire this file.
  */
 export { loadPackage } from '../core/packages.ts';
-export { checkIdentifier, connectionError, describeCause, describeUrl, isConnectionError, pgDriver, urlProblem } from '../postgres/driver.ts';
+export { connectionError, describeCause, isConnectionError } from '../postgres/connection/errors.ts';
+export { checkIdentifier } from '../postgres/connection/identifiers.ts';
+export { pgDriver } from '../postgres/connection/pg.ts';
+export { describeUrl, urlProblem } from '../postgres/connection/url.ts';

@@ -14,7 +14,7 @@
  */
 import type { ResolvedRate } from '../core/options.ts';
 import type { TokenBuckets } from '../core/quotas.ts';
-import { preparing, runStatement, type Queryable, type Session, type SqlDriver } from './driver.ts';
+import { preparing, runStatement, type Queryable, type Session, type SqlDriver } from './connection/driver.ts';
 import { quotaStatements } from './sql/quotas.ts';
 
 interface Request {

@@ -1,5 +1,5 @@
 import { hostname } from 'node:os';
-import type { SqlDriver } from './driver.ts';
+import type { SqlDriver } from './connection/driver.ts';
 import type { Notifier } from './notifier.ts';
 import type { Statements } from './statements.ts';
 

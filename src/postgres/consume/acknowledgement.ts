@@ -1,6 +1,6 @@
 import type { AttemptRecord, SubscriptionSpec } from '../../core/backbone.ts';
 import type { Envelope } from '../../core/envelope.ts';
-import { preparing, runStatement, type SqlDriver, type Statement } from '../driver.ts';
+import { preparing, runStatement, type SqlDriver, type Statement } from '../connection/driver.ts';
 import type { Statements } from '../statements.ts';
 import type { Lane, LaneCursor } from './lanes.ts';
 

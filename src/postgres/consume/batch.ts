@@ -1,5 +1,5 @@
 import type { SubscriptionSpec } from '../../core/backbone.ts';
-import { runStatement } from '../driver.ts';
+import { runStatement } from '../connection/driver.ts';
 import { toEnvelope, type LogRow } from '../codec.ts';
 import { ackAlone, ackStatement, deadRow, type Acknowledgement, type DeadRow, type HeldRow } from './acknowledgement.ts';
 import type { Attempts } from './attempts.ts';
