@@ -51,6 +51,12 @@ export interface Variant {
   payloadBytes?: number;
   /** Subscriptions that each receive every event (e2e vs subscriptions); 1 when absent. */
   subscriptions?: number;
+  /**
+   * Tidings' traces and metrics (issue 22, bench/tidings/telemetry.ts): `off` as without `@opentelemetry/api`
+   * (`telemetry: false`, the same path), `noop` the API with no SDK (the default, and every other row), `sdk`
+   * every span sampled into an in-memory exporter and the metrics read every 5 s.
+   */
+  telemetry?: 'off' | 'noop' | 'sdk';
   /** Tidings: events carry one of this many tenants (`t0`, `t1`, ...); none when absent. */
   tenants?: number;
   /** Tidings: `tenancy: { isolation: 'rls' }`, handlers confined to their tenant's rows by row-level security. */

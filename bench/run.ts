@@ -8,7 +8,8 @@
  *   npm run bench -- --full        the same and the 1,000,000-event backlog
  *   npm run bench -- --quick       smoke check, 1 round, small sizes (fails only on errors; CI runs it)
  *   options: --rounds N, --sync-off (database bench_async, synchronous_commit off),
- *            --only drain,e2e (workloads), --systems tidings,pgboss (systems), --no-write,
+ *            --only drain,e2e (workloads, or row groups: --only tracing), --systems tidings,pgboss (systems),
+ *            --rows steady,'1k keys' (label substrings), --no-write,
  *            --stop-after <minutes> (start no task after that; report what ran), --out <name> (results/<name>.*)
  */
 import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
@@ -37,6 +38,7 @@ const { values: args } = parseArgs({
     'sync-off': { type: 'boolean', default: false },
     only: { type: 'string' },
     systems: { type: 'string' },
+    rows: { type: 'string' },
     'no-write': { type: 'boolean', default: false },
     'stop-after': { type: 'string' },
     out: { type: 'string' },
@@ -52,6 +54,8 @@ const database = syncOff ? 'bench_async' : 'bench';
 const db = { url: `${SERVER}/${database}`, name: database };
 const onlyWorkloads = args.only?.split(',').map((s) => s.trim());
 const onlySystems = args.systems?.split(',').map((s) => s.trim());
+/** `--rows a,b`: only rows whose label contains one of these (case-insensitive): one table row, alternated with another build. */
+const onlyRows = args.rows?.split(',').map((s) => s.trim().toLowerCase());
 
 /**
  * A run cut short (`--stop-after <minutes>`, or SIGINT / SIGTERM) finishes the task that runs, starts no
@@ -91,9 +95,17 @@ async function run(started: number): Promise<void> {
     `Tidings benchmark (${quick ? 'quick' : 'full'}, ${sizes.rounds} round${sizes.rounds > 1 ? 's' : ''}), database ${database} (synchronous_commit ${String((env.postgres as { synchronous_commit: string }).synchronous_commit)})`,
   );
 
+  // --only names workloads, or groups of rows (`--only tracing`: issue 22's rows of every workload).
   const plan = steps(quick, sizes)
-    .filter((step) => onlyWorkloads === undefined || onlyWorkloads.includes(step.workload))
-    .map((step) => ({ ...step, rows: step.rows.filter((row) => onlySystems === undefined || onlySystems.includes(row.system)) }))
+    .map((step) => ({
+      ...step,
+      rows: step.rows.filter(
+        (row) =>
+          (onlyWorkloads === undefined || onlyWorkloads.includes(step.workload) || onlyWorkloads.includes(row.group)) &&
+          (onlySystems === undefined || onlySystems.includes(row.system)) &&
+          (onlyRows === undefined || onlyRows.some((part) => row.label.toLowerCase().includes(part))),
+      ),
+    }))
     .filter((step) => step.rows.length > 0);
   const results = new Map<string, { workload: Workload; row: Row; runs: ChildResult[] }>();
   let cutShort = false;

@@ -2,6 +2,7 @@
 // The `tidings` command. Runs the compiled CLI when the package is built (dist/), else the TypeScript
 // sources through tsx, which is how it runs inside this repository.
 import { existsSync } from 'node:fs';
+import { register as registerHooks } from 'node:module';
 
 const built = new URL('../dist/cli/main.js', import.meta.url);
 if (existsSync(built)) {
@@ -12,5 +13,12 @@ if (existsSync(built)) {
     process.exit(1);
   });
   register();
+  // The CLI imports the package's own entries (tidings/postgres, ...): from the sources, they must resolve to
+  // src/ as under --conditions=tidings-source, not to the dist/ this copy does not have.
+  registerHooks(
+    `data:text/javascript,${encodeURIComponent(
+      'export function resolve(specifier, context, next) { return next(specifier, { ...context, conditions: [...context.conditions, "tidings-source"] }); }',
+    )}`,
+  );
   await import(new URL('../src/cli/main.ts', import.meta.url).href);
 }

@@ -3,53 +3,24 @@
  * the outbox, PostgreSQL (DATABASE_URL). Each test has its own stream and subject prefix.
  */
 import assert from 'node:assert/strict';
-import { after, describe, test, type TestContext } from 'node:test';
+import { describe, test } from 'node:test';
 import { connect as natsConnect, createInbox, headers as natsHeaders, nanos, AckPolicy, DeliverPolicy, JSONCodec, type Msg } from 'nats';
-import { createBus, keyHash, newId, type Bus } from '../src/index.ts';
-import type { Envelope } from '../src/core/envelope.ts';
-import { nats, natsDefaults, type NatsOptions } from '../src/nats/index.ts';
-import { postgres, type PgTransaction } from '../src/postgres/index.ts';
-import { Ticked } from './fixtures/contracts.ts';
+import { keyHash } from '../src/index.ts';
+import { nats, natsDefaults } from '../src/nats/index.ts';
+import { postgres } from '../src/postgres/index.ts';
+import { foreignTick, Ticked, ticksSeen } from './fixtures/contracts.ts';
 import { DATABASE_URL, dropSchema, NATS_URL, requirePostgres, sleep, uniqueSchema, waitFor } from './helpers.ts';
-import { natsNamespace, quickNats, type NatsNamespace } from './fixtures/nats.ts';
-
-const buses: Bus<PgTransaction>[] = [];
-const cleanups: Array<() => Promise<void>> = [];
-after(async () => {
-  await Promise.all(buses.map((bus) => bus.stop().catch(() => undefined)));
-  for (const cleanup of cleanups) await cleanup().catch(() => undefined);
-});
-
-function bus(options: NatsOptions, service = 'nats-test'): Bus<PgTransaction> {
-  const created = createBus({ service, backbone: nats(options) });
-  buses.push(created);
-  return created;
-}
-
-async function stopBus(b: Bus<PgTransaction>): Promise<void> {
-  buses.splice(buses.indexOf(b), 1);
-  await b.stop();
-}
-
-async function world(t: TestContext): Promise<NatsNamespace | undefined> {
-  const namespace = await natsNamespace(t);
-  if (namespace !== undefined) cleanups.push(() => namespace.cleanup());
-  return namespace;
-}
+import { natsWorld, quickNats } from './fixtures/nats.ts';
 
 describe('nats backbone', () => {
   test('publish and subscribe; options are validated by name', async (t) => {
     assert.throws(() => nats({ servers: NATS_URL, buckets: 0, leaseMs: 10 }), /buckets must be an integer from 1 to 1024.*leaseMs/);
     assert.throws(() => nats({ servers: NATS_URL, leaseMs: 5_000 }), /leaseMs \(5000\) must exceed ackWaitMs \+ heartbeatMs/);
     assert.equal(natsDefaults.stream, 'TIDINGS');
-    const ns = await world(t);
+    const ns = await natsWorld(t);
     if (ns === undefined) return;
-    const b = bus(ns.options());
-    const seen: number[] = [];
-    b.subscribe('smoke', Ticked, (message) => {
-      seen.push(message.data.seq);
-    });
-    await b.start();
+    const b = ns.bus('nats-test');
+    const seen = await ticksSeen(b, 'smoke');
     await b.publish(Ticked, { key: 'a', seq: 1 });
     await b.publishMany(Ticked, [
       { key: 'a', seq: 2 },
@@ -60,11 +31,11 @@ describe('nats backbone', () => {
   });
 
   test('with an outbox: a rolled-back transaction publishes nothing, a committed one arrives through the relay; a relay retry is stored once', async (t) => {
-    const ns = await world(t);
+    const ns = await natsWorld(t);
     if (ns === undefined || !(await requirePostgres(t))) return;
     const schema = uniqueSchema('natsob');
-    cleanups.push(() => dropSchema(schema));
-    const b = bus(ns.options({ outbox: postgres({ url: DATABASE_URL, schema, leaseMs: 2_000, heartbeatMs: 500, pollMs: 1_000 }) }));
+    t.after(() => dropSchema(schema));
+    const b = ns.bus('nats-test', { outbox: postgres({ url: DATABASE_URL, schema, leaseMs: 2_000, heartbeatMs: 500, pollMs: 1_000 }) });
     const seen: string[] = [];
     b.subscribe('outboxed', Ticked, async (message, ctx) => {
       await ctx.tx.query('select 1');
@@ -85,19 +56,7 @@ describe('nats backbone', () => {
 
     // The relay hands a message to JetStream again when it did not hear the first confirmation.
     const backbone = b.backbone as ReturnType<typeof nats>;
-    const id = newId();
-    const envelope: Envelope = {
-      specversion: '1.0',
-      id,
-      source: 'tidings://relay-test',
-      type: 'test.ticked.v1',
-      time: new Date().toISOString(),
-      datacontenttype: 'application/json',
-      topic: Ticked.topic,
-      partitionkey: 'dup',
-      correlationid: id,
-      data: { key: 'dup', seq: 1 },
-    };
+    const envelope = foreignTick('dup', { key: 'dup', seq: 1 });
     const outgoing = { envelope, json: JSON.stringify(envelope.data), keyHash: keyHash('dup') };
     await backbone.broker.publish([outgoing]);
     await backbone.broker.publish([outgoing]);
@@ -114,14 +73,14 @@ describe('nats backbone', () => {
   });
 
   test('per-key order over 100 keys with two buses of one subscription and concurrent publishers', async (t) => {
-    const ns = await world(t);
+    const ns = await natsWorld(t);
     if (ns === undefined) return;
-    const publisher = bus(ns.options(), 'publisher');
+    const publisher = ns.bus('publisher');
     await publisher.start();
     const byKey = new Map<string, number[]>();
     const byWorker = [0, 0];
     for (const worker of [0, 1]) {
-      const b = bus(ns.options(), `worker-${worker}`);
+      const b = ns.bus(`worker-${worker}`);
       b.subscribe(
         'ordered',
         Ticked,
@@ -160,9 +119,9 @@ describe('nats backbone', () => {
   });
 
   test('a delayed retry holds its key only, then succeeds; exhausted retries dead-letter with every attempt; redrive delivers once', async (t) => {
-    const ns = await world(t);
+    const ns = await natsWorld(t);
     if (ns === undefined) return;
-    const b = bus(ns.options());
+    const b = ns.bus('nats-test');
     const order: string[] = [];
     const attempts = new Map<string, number[]>();
     let poisoned = true;
@@ -213,12 +172,12 @@ describe('nats backbone', () => {
   });
 
   test("a delayed retry handed over by a stopping worker keeps its time and history on the next owner, before its key's later messages", async (t) => {
-    const ns = await world(t);
+    const ns = await natsWorld(t);
     if (ns === undefined) return;
     const retry = { immediate: 0, delayed: [3_000], jitter: 0 };
     const handled: Array<{ worker: string; id: string; attempt: number; at: number }> = [];
     const workerBus = (name: string) => {
-      const b = bus(ns.options(), name);
+      const b = ns.bus(name);
       b.subscribe(
         'handover',
         Ticked,
@@ -239,7 +198,7 @@ describe('nats backbone', () => {
     );
     await waitFor('the first attempt', () => handled.some((h) => h.id === 'h:0'));
     const failedAt = handled[0]!.at;
-    await stopBus(first); // hands the bucket back while h:0 waits for its retry
+    await first.stop(); // hands the bucket back while h:0 waits for its retry
     const second = workerBus('second');
     await second.start();
     await waitFor("the key's later messages", () => handled.some((h) => h.id === 'h:2'), 15_000);
@@ -261,14 +220,10 @@ describe('nats backbone', () => {
   });
 
   test('undecodable messages from a plain NATS client are dead-lettered with the reason; the rest flows', async (t) => {
-    const ns = await world(t);
+    const ns = await natsWorld(t);
     if (ns === undefined) return;
-    const b = bus(ns.options());
-    const seen: number[] = [];
-    b.subscribe('tolerant', Ticked, (message) => {
-      seen.push(message.data.seq);
-    });
-    await b.start();
+    const b = ns.bus('nats-test');
+    const seen = await ticksSeen(b, 'tolerant');
     const bucket = keyHash('x') % quickNats.buckets;
     const subject = `${ns.subjectPrefix}.${bucket}.${Ticked.topic}`;
     await b.publish(Ticked, { key: 'x', seq: 1 });
@@ -307,9 +262,9 @@ describe('nats backbone', () => {
   });
 
   test('interop: a plain nats.js JetStream consumer reads a Tidings message as a CloudEvent in binary mode', async (t) => {
-    const ns = await world(t);
+    const ns = await natsWorld(t);
     if (ns === undefined) return;
-    const b = bus(ns.options(), 'interop');
+    const b = ns.bus('interop');
     await b.start();
     const published = await b.publish(Ticked, { key: 'i', seq: 7 }, { subject: 'order 42 "quoted" 100%', tenant: 'acme' });
     const nc = await natsConnect({ servers: NATS_URL });
@@ -341,13 +296,12 @@ describe('nats backbone', () => {
     // worker (here a stray pull request queued before the worker's takes it and never answers); the worker
     // receives the key's later messages first. It sees the jump in the consumer sequence and holds the bucket
     // until JetStream redelivers the missing one after ack_wait, then runs the key in stream order.
-    const ns = await world(t);
+    const ns = await natsWorld(t);
     if (ns === undefined) return;
-    const options = ns.options({ buckets: 1 });
-    const publisher = bus(options, 'publisher');
+    const publisher = ns.bus('publisher', { buckets: 1 });
     await publisher.start(); // creates the stream
     const nc = await natsConnect({ servers: NATS_URL });
-    cleanups.push(() => nc.close());
+    t.after(() => nc.close());
     const jsm = await nc.jetstreamManager();
     const concurrency = 4;
     // The subscription's own durable consumer, declared as the worker would, so the stray pull can queue first.
@@ -366,7 +320,7 @@ describe('nats backbone', () => {
     nc.publish(`$JS.API.CONSUMER.MSG.NEXT.${ns.stream}.held_0`, JSONCodec().encode({ batch: 1, expires: nanos(30_000) }), { reply: inbox });
     await nc.flush();
 
-    const worker = bus(options, 'worker');
+    const worker = ns.bus('worker', { buckets: 1 });
     const seen: Array<{ seq: number; attempt: number }> = [];
     worker.subscribe(
       'held',

@@ -2,31 +2,20 @@
  * The RabbitMQ backbone end to end through createBus, on a real RabbitMQ (and PostgreSQL for the outbox).
  */
 import assert from 'node:assert/strict';
-import { after, test } from 'node:test';
+import { test } from 'node:test';
 import amqp from 'amqplib';
 import { z } from 'zod';
 import { defineEvent, deadLetter, keyHash, type Message } from '../src/index.ts';
 import { partitionPatterns, routingKey } from '../src/rabbitmq/index.ts';
 import { Ticked } from './fixtures/contracts.ts';
-import { RABBITMQ_URL, requireBroker, requirePostgres, sleep, waitFor } from './helpers.ts';
-import { Harness, warnings } from './fixtures/rabbitmq.ts';
-
-const harnesses: Harness[] = [];
-after(async () => {
-  for (const harness of harnesses) await harness.cleanup();
-});
-
-function harness(): Harness {
-  const h = new Harness();
-  harnesses.push(h);
-  return h;
-}
+import { RABBITMQ_URL, sleep, waitFor } from './helpers.ts';
+import { rabbitWorld, warnings } from './fixtures/rabbitmq.ts';
 
 const Noted = defineEvent('test.noted', { schema: z.object({ key: z.string(), text: z.string() }), key: (data) => data.key });
 
 test('publish, publishMany and subscribe across two topics of one subscription, in per-key order', async (t) => {
-  if (!(await requireBroker(t, 'RabbitMQ', RABBITMQ_URL))) return;
-  const h = harness();
+  const h = await rabbitWorld(t);
+  if (h === undefined) return;
   const bus = h.bus('basic');
   const seen: string[] = [];
   bus
@@ -56,8 +45,8 @@ test('publish, publishMany and subscribe across two topics of one subscription, 
 });
 
 test('interop: a plain amqplib consumer bound with # reads CloudEvents headers and the data JSON', async (t) => {
-  if (!(await requireBroker(t, 'RabbitMQ', RABBITMQ_URL))) return;
-  const h = harness();
+  const h = await rabbitWorld(t);
+  if (h === undefined) return;
   const bus = h.bus('orders');
   bus.subscribe('declares-the-exchange', Ticked, () => undefined);
   await bus.start();
@@ -89,8 +78,8 @@ test('interop: a plain amqplib consumer bound with # reads CloudEvents headers a
 });
 
 test('with an outbox: a rolled-back transaction publishes nothing, a committed one arrives through the relay', async (t) => {
-  if (!(await requireBroker(t, 'RabbitMQ', RABBITMQ_URL)) || !(await requirePostgres(t))) return;
-  const h = harness();
+  const h = await rabbitWorld(t, { postgres: true });
+  if (h === undefined) return;
   const bus = h.bus('tx', { outbox: true });
   const seen: number[] = [];
   bus.subscribe('reader', Ticked, async (message, ctx) => {
@@ -114,8 +103,8 @@ test('with an outbox: a rolled-back transaction publishes nothing, a committed o
 });
 
 test('per-key order over 100 keys with two buses sharing the subscription and concurrent publishers; none lost, also when the active bus stops mid-stream', async (t) => {
-  if (!(await requireBroker(t, 'RabbitMQ', RABBITMQ_URL))) return;
-  const h = harness();
+  const h = await rabbitWorld(t);
+  if (h === undefined) return;
   const keys = 100;
   const perKey = 20;
   const handled = new Map<string, number[]>();
@@ -175,8 +164,8 @@ test('per-key order over 100 keys with two buses sharing the subscription and co
 });
 
 test('retries: immediate then delayed, the key held meanwhile while other keys flow; then a dead letter with its history; redrive delivers it once', async (t) => {
-  if (!(await requireBroker(t, 'RabbitMQ', RABBITMQ_URL)) || !(await requirePostgres(t))) return;
-  const h = harness();
+  const h = await rabbitWorld(t, { postgres: true });
+  if (h === undefined) return;
   const bus = h.bus('retries', { outbox: true });
   const events: string[] = [];
   const attempts = new Map<number, number[]>();
@@ -243,8 +232,8 @@ test('retries: immediate then delayed, the key held meanwhile while other keys f
 });
 
 test('an undecodable message from a plain client is dead-lettered with a clear reason, and the consumer goes on', async (t) => {
-  if (!(await requireBroker(t, 'RabbitMQ', RABBITMQ_URL))) return;
-  const h = harness();
+  const h = await rabbitWorld(t);
+  if (h === undefined) return;
   const bus = h.bus('robust');
   const seen: Message<{ key: string; seq: number }>[] = [];
   bus.subscribe('robust', Ticked, (message) => {
@@ -286,8 +275,8 @@ test('an undecodable message from a plain client is dead-lettered with a clear r
 });
 
 test('a key held by a delayed retry keeps its later messages in order even when they outgrow the prefetch window (parked in the delay queue)', async (t) => {
-  if (!(await requireBroker(t, 'RabbitMQ', RABBITMQ_URL))) return;
-  const h = harness();
+  const h = await rabbitWorld(t);
+  if (h === undefined) return;
   // prefetch 4 per partition, 1 partition: at most 2 messages wait in memory behind the held key. Classic
   // queues here, so that they are covered too.
   const bus = h.bus('parking', { rabbit: { prefetch: 4, quorum: false } });

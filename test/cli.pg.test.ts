@@ -7,18 +7,10 @@ import { spawn } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { loadMigrations } from '../src/postgres/migrate.ts';
 import { hostname, userInfo } from 'node:os';
-import { after, test, type TestContext } from 'node:test';
-import { createBus, type Bus } from '../src/index.ts';
-import { postgres, type PgTransaction } from '../src/postgres/index.ts';
+import { test } from 'node:test';
+import { pgWorld, type PgWorld } from './fixtures/bus.ts';
 import { Ticked } from './fixtures/contracts.ts';
-import { BIN, connect, DATABASE_URL, dropSchema, requirePostgres, runTidings, uniqueSchema, waitFor, type CliRun } from './helpers.ts';
-
-const schemas: string[] = [];
-const buses: Bus<PgTransaction>[] = [];
-after(async () => {
-  await Promise.all(buses.map((bus) => bus.stop().catch(() => undefined)));
-  for (const schema of schemas) await dropSchema(schema);
-});
+import { BIN, DATABASE_URL, requirePostgres, runTidings, sql, waitFor, type CliRun } from './helpers.ts';
 
 /** Runs `tidings <args>` with DATABASE_URL set. */
 function tidings(args: readonly string[], options: { env?: NodeJS.ProcessEnv } = {}): Promise<CliRun> {
@@ -33,35 +25,10 @@ async function json<T = any>(schema: string, args: readonly string[]): Promise<T
   return JSON.parse(run.stdout) as T;
 }
 
-function newBus(schema: string): Bus<PgTransaction> {
-  const bus = createBus({
-    service: 'cli-test',
-    backbone: postgres({ url: DATABASE_URL, schema, leaseMs: 2_000, heartbeatMs: 500, pollMs: 1_000, onWarning: () => undefined }),
-  });
-  buses.push(bus);
-  return bus;
-}
-
-async function setup(t: TestContext): Promise<string | undefined> {
-  if (!(await requirePostgres(t))) return undefined;
-  const schema = uniqueSchema('cli');
-  schemas.push(schema);
-  return schema;
-}
-
-// biome-ignore lint/suspicious/noExplicitAny: each test reads its own rows
-async function sql<R = any>(text: string, params: unknown[] = []): Promise<R[]> {
-  const client = await connect();
-  try {
-    return (await client.query(text, params)).rows as R[];
-  } finally {
-    await client.end();
-  }
-}
-
 /** Dead letters of `subscription`: a bus whose handler always fails, no retries, then stopped. */
-async function makeDeadLetters(schema: string, subscription: string, messages: Array<{ key: string; seq: number; note?: string }>): Promise<string[]> {
-  const bus = newBus(schema);
+async function makeDeadLetters(world: PgWorld, subscription: string, messages: Array<{ key: string; seq: number; note?: string }>): Promise<string[]> {
+  const { schema } = world;
+  const bus = world.bus('cli-test');
   bus.subscribe(
     subscription,
     Ticked,
@@ -81,10 +48,11 @@ async function makeDeadLetters(schema: string, subscription: string, messages: A
 }
 
 test('dead letters: list, group, show; redrive to a running bus handles each once, in per-key order, with its original id', async (t) => {
-  const schema = await setup(t);
-  if (schema === undefined) return;
+  const world = await pgWorld(t, 'cli');
+  if (world === undefined) return;
+  const { schema } = world;
   const messages = Array.from({ length: 20 }, (_, i) => ({ key: `k${i % 5}`, seq: Math.floor(i / 5) + 1 }));
-  const ids = await makeDeadLetters(schema, 'billing', messages);
+  const ids = await makeDeadLetters(world, 'billing', messages);
 
   const listed = await json(schema, ['dead-letters', 'list', '--subscription', 'billing']);
   assert.equal(listed.total, 20);
@@ -117,7 +85,7 @@ test('dead letters: list, group, show; redrive to a running bus handles each onc
 
   // The handler is fixed: a running bus takes the redriven messages back.
   const handled: Array<{ id: string; key: string; seq: number }> = [];
-  const fixed = newBus(schema);
+  const fixed = world.bus('cli-test');
   fixed.subscribe(
     'billing',
     Ticked,
@@ -180,10 +148,11 @@ test('dead letters: list, group, show; redrive to a running bus handles each onc
 });
 
 test('dead letters: drop by id and by error, recorded with the actor; --dry-run changes nothing', async (t) => {
-  const schema = await setup(t);
-  if (schema === undefined) return;
+  const world = await pgWorld(t, 'cli');
+  if (world === undefined) return;
+  const { schema } = world;
   const ids = await makeDeadLetters(
-    schema,
+    world,
     'shipping',
     Array.from({ length: 5 }, (_, i) => ({ key: `s${i}`, seq: 1 })),
   );
@@ -217,12 +186,13 @@ test('dead letters: drop by id and by error, recorded with the actor; --dry-run 
 });
 
 test('status: lag per partition, oldest unprocessed age, leases and workers', async (t) => {
-  const schema = await setup(t);
-  if (schema === undefined) return;
+  const world = await pgWorld(t, 'cli');
+  if (world === undefined) return;
+  const { schema } = world;
   let release!: () => void;
   const released = new Promise<void>((resolve) => (release = resolve));
   let started = 0;
-  const bus = newBus(schema);
+  const bus = world.bus('cli-test');
   bus.subscribe(
     'slow',
     Ticked,
@@ -303,10 +273,11 @@ test('status: lag per partition, oldest unprocessed age, leases and workers', as
 });
 
 test('replay from a position, then from a time: the messages are handled again, in order, by the running bus', async (t) => {
-  const schema = await setup(t);
-  if (schema === undefined) return;
+  const world = await pgWorld(t, 'cli');
+  if (world === undefined) return;
+  const { schema } = world;
   const handled: Array<{ id: string; seq: number }> = [];
-  const bus = newBus(schema);
+  const bus = world.bus('cli-test');
   bus.subscribe('ledger', Ticked, (message) => {
     handled.push({ id: message.id, seq: message.data.seq });
   });
@@ -359,8 +330,9 @@ test('replay from a position, then from a time: the messages are handled again, 
 });
 
 test('tail follows new messages of a topic with filters; migrate is idempotent', async (t) => {
-  const schema = await setup(t);
-  if (schema === undefined) return;
+  const world = await pgWorld(t, 'cli');
+  if (world === undefined) return;
+  const { schema } = world;
   const migrated = await json(schema, ['migrate']);
   assert.deepEqual(
     migrated.applied,
@@ -368,7 +340,7 @@ test('tail follows new messages of a topic with filters; migrate is idempotent',
   );
   assert.deepEqual((await json(schema, ['migrate'])).applied, []);
 
-  const bus = newBus(schema);
+  const bus = world.bus('cli-test');
   await bus.start();
   const [next] = await sql(`select coalesce(max(position), 0) + 1 as next from "${schema}".log`);
   const tail = tidings(['--schema', schema, '--json', 'tail', 'test.ticked', '--key', 'a', '--grep', 'NEEDLE', '--from', String(next.next), '--limit', '2']);
@@ -432,8 +404,9 @@ test('exit codes: 3 and a password-free URL for an unreachable database, 2 for u
 });
 
 test('migrate --dry-run prints only what the database lacks and changes nothing; --version', async (t) => {
-  const schema = await setup(t);
-  if (schema === undefined) return;
+  const world = await pgWorld(t, 'cli');
+  if (world === undefined) return;
+  const { schema } = world;
   const fresh = await tidings(['--schema', schema, 'migrate', '--dry-run']);
   assert.equal(fresh.code, 0, fresh.stderr);
   assert.match(fresh.stdout, new RegExp(`^-- Tidings: migrations of schema "${schema}"[^\\n]*\\nbegin;\\n`));
@@ -477,9 +450,10 @@ test("a refused login and a URL that is not PostgreSQL's: exit 3 with what to ch
 });
 
 test('a wrong --schema lists the schemas that have Tidings tables; tail warns about a topic nothing knows; show collapses repeated stacks', async (t) => {
-  const schema = await setup(t);
-  if (schema === undefined) return;
-  const bus = newBus(schema);
+  const world = await pgWorld(t, 'cli');
+  if (world === undefined) return;
+  const { schema } = world;
+  const bus = world.bus('cli-test');
   bus.subscribe(
     'repeats',
     Ticked,
@@ -519,13 +493,14 @@ test('a wrong --schema lists the schemas that have Tidings tables; tail warns ab
 });
 
 test('status shows a rolling deploy: the worker without a handler for a topic of its subscription, and the topics of each worker', async (t) => {
-  const schema = await setup(t);
-  if (schema === undefined) return;
+  const world = await pgWorld(t, 'cli');
+  if (world === undefined) return;
+  const { schema } = world;
   const { Tocked } = await import('./fixtures/contracts.ts');
-  const old = newBus(schema);
+  const old = world.bus('cli-test');
   old.subscription('deploying', { partitions: 2 }).on(Ticked, () => undefined);
   await old.start();
-  const neu = newBus(schema);
+  const neu = world.bus('cli-test');
   neu
     .subscription('deploying', { partitions: 2 })
     .on(Ticked, () => undefined)
@@ -550,22 +525,23 @@ test('status shows a rolling deploy: the worker without a handler for a topic of
 });
 
 test('subscriptions drop: refused while a worker lives; then a command moves to a new owner', async (t) => {
-  const schema = await setup(t);
-  if (schema === undefined) return;
+  const world = await pgWorld(t, 'cli');
+  if (world === undefined) return;
+  const { schema } = world;
   const { Charge } = await import('./fixtures/contracts.ts');
-  const old = newBus(schema);
+  const old = world.bus('cli-test');
   old.subscribe('payments-v1', Charge, () => undefined);
   await old.start();
   const refused = await tidings(['--schema', schema, 'subscriptions', 'drop', 'payments-v1']);
   assert.notEqual(refused.code, 0);
   assert.match(refused.stderr, /has 1 live worker .*: stop it first/);
   await old.stop();
-  const neu = newBus(schema);
+  const neu = world.bus('cli-test');
   neu.subscribe('payments-v2', Charge, () => undefined);
   await assert.rejects(neu.start(), /Command test\.charge is handled by subscription payments-v1 already.*tidings subscriptions drop payments-v1/);
   const dropped = await json(schema, ['subscriptions', 'drop', 'payments-v1']);
   assert.equal(dropped.subscription, 'payments-v1');
-  const again = newBus(schema);
+  const again = world.bus('cli-test');
   again.subscribe('payments-v2', Charge, () => undefined);
   await again.start();
   assert.deepEqual(
@@ -575,10 +551,11 @@ test('subscriptions drop: refused while a worker lives; then a command moves to 
 });
 
 test('sagas list and show: instances by state, one whole with its transitions; an unknown instance exits 1 with the list command', async (t) => {
-  const schema = await setup(t);
-  if (schema === undefined) return;
+  const world = await pgWorld(t, 'cli');
+  if (world === undefined) return;
+  const { schema } = world;
   const { Counter, CounterAdded, CounterStarted } = await import('./fixtures/counter-saga.ts');
-  const bus = newBus(schema);
+  const bus = world.bus('cli-test');
   bus.saga(Counter);
   await bus.start();
   await bus.publish(CounterStarted, { id: 'c1' });

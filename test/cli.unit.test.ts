@@ -1,12 +1,14 @@
 /**
  * The CLI's rendering and settings, without a database: compact status, terminal width, colour, replica
- * plumbing folded; TIDINGS_SCHEMA and the config file.
+ * plumbing folded; TIDINGS_SCHEMA and the config file. And its shape: no import circle, and the package's
+ * public entries rather than its internals.
  */
 import assert from 'node:assert/strict';
-import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join, relative } from 'node:path';
 import { test } from 'node:test';
+import { fileURLToPath } from 'node:url';
 import { resolveGlobals } from '../src/cli/config.ts';
 import { coloured, plain, styleFor } from '../src/cli/format.ts';
 import { renderStatus } from '../src/cli/status.ts';
@@ -128,5 +130,63 @@ test('settings: the command line, then TIDINGS_SCHEMA and DATABASE_URL, then tid
     assert.throws(() => resolveGlobals({ config: 'nope.json' }, {}, dir), /--config nope\.json: no such file/);
   } finally {
     rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+const CLI = fileURLToPath(new URL('../src/cli/', import.meta.url));
+
+/** The modules each file of src/cli imports (statically, or with `import()`), as written. */
+function cliImports(): Map<string, string[]> {
+  const imports = new Map<string, string[]>();
+  for (const file of readdirSync(CLI, { recursive: true, encoding: 'utf8' }).filter((name) => name.endsWith('.ts'))) {
+    const text = readFileSync(join(CLI, file), 'utf8');
+    imports.set(
+      file,
+      [...text.matchAll(/\bfrom\s*'([^']+)'|\bimport\s*\(\s*'([^']+)'\s*\)|^import\s*'([^']+)'/gm)].map(
+        ([, from, dynamic, bare]) => (from ?? dynamic ?? bare)!,
+      ),
+    );
+  }
+  return imports;
+}
+
+test('the CLI has no import circle: program.ts registers the commands, and no command imports another', () => {
+  const imports = cliImports();
+  const graph = new Map([...imports].map(([file, specifiers]) => [file, specifiers.filter((s) => s.startsWith('.')).map((s) => join(dirname(file), s))]));
+  const done = new Set<string>();
+  const visit = (file: string, path: string[]): void => {
+    const at = path.indexOf(file);
+    assert.equal(at, -1, `import circle: ${[...path.slice(at), file].join(' -> ')}`);
+    if (done.has(file)) return;
+    for (const next of graph.get(file) ?? []) visit(next, [...path, file]);
+    done.add(file);
+  };
+  for (const file of graph.keys()) visit(file, []);
+  for (const [file, targets] of graph) {
+    if (!file.startsWith('commands/')) continue;
+    assert.deepEqual(
+      targets.filter((target) => target.startsWith('commands/') || target === 'program.ts'),
+      [],
+      `${file} imports another command or the program`,
+    );
+  }
+});
+
+test("the CLI imports the package's public entries (tidings, tidings/postgres, ...), its own files and node:, not the library's internals", () => {
+  const pkg = JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as { exports: Record<string, unknown> };
+  const entries = new Set(Object.keys(pkg.exports).map((key) => (key === '.' ? 'tidings' : `tidings/${key.slice(2)}`)));
+  const packages = new Set(['commander', 'cli-progress', 'pg']);
+  for (const [file, specifiers] of cliImports()) {
+    for (const specifier of specifiers) {
+      if (specifier.startsWith('.')) {
+        const target = relative(CLI, join(CLI, dirname(file), specifier));
+        // internals.ts is the one door into the library's own files, and says why.
+        const inside =
+          !target.startsWith('..') || (file === 'internals.ts' && (target === '../core/packages.ts' || target.startsWith('../postgres/connection/')));
+        assert.ok(inside, `${file} imports ${specifier}, inside the library: import it from a public entry (${[...entries].join(', ')})`);
+      } else {
+        assert.ok(specifier.startsWith('node:') || entries.has(specifier) || packages.has(specifier), `${file} imports ${specifier}`);
+      }
+    }
   }
 });

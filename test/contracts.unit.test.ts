@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { after, test } from 'node:test';
 import { compatibility, contractsOfCode, contractsOfDocument, schemaChanges } from '../src/asyncapi/compatibility.ts';
 import { asyncapiDocument } from '../src/asyncapi/document.ts';
-import { loadModule } from '../src/asyncapi/module.ts';
+import { loadModule } from '../src/cli/module.ts';
 import { parseAsyncApi } from './fixtures/asyncapi.ts';
 import { runTidings } from './helpers.ts';
 

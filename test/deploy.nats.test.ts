@@ -5,26 +5,12 @@
  * its own connection and worker id, as a process of its own would.
  */
 import assert from 'node:assert/strict';
-import { after, describe, test, type TestContext } from 'node:test';
-import { createBus, type Bus } from '../src/index.ts';
-import { nats } from '../src/nats/index.ts';
+import { describe, test, type TestContext } from 'node:test';
+import type { Bus } from '../src/index.ts';
 import type { PgTransaction } from '../src/postgres/index.ts';
 import { Ticked, Tocked } from './fixtures/contracts.ts';
 import { sleep, waitFor } from './helpers.ts';
-import { natsNamespace, quickNats, type NatsNamespace } from './fixtures/nats.ts';
-
-const buses: Bus<PgTransaction>[] = [];
-const cleanups: Array<() => Promise<void>> = [];
-after(async () => {
-  await Promise.all(buses.map((bus) => bus.stop().catch(() => undefined)));
-  for (const cleanup of cleanups) await cleanup().catch(() => undefined);
-});
-
-async function world(t: TestContext): Promise<NatsNamespace | undefined> {
-  const namespace = await natsNamespace(t, 'd');
-  if (namespace !== undefined) cleanups.push(() => namespace.cleanup());
-  return namespace;
-}
+import { natsWorld, quickNats, type NatsWorld } from './fixtures/nats.ts';
 
 interface Handled {
   readonly worker: string;
@@ -33,16 +19,24 @@ interface Handled {
   readonly seq: number;
 }
 
+/** A namespace of its own for `t` with a publisher started, and the log its workers will write. */
+async function deployment(t: TestContext): Promise<{ ns: NatsWorld; publisher: Bus<PgTransaction>; log: Handled[] } | undefined> {
+  const ns = await natsWorld(t, 'd');
+  if (ns === undefined) return undefined;
+  const publisher = ns.bus('publisher');
+  await publisher.start();
+  return { ns, publisher, log: [] };
+}
+
 /** A worker of subscription `billing`, with handlers for `topics`; what it handles goes to `log`, in order. */
 async function worker(
-  ns: NatsNamespace,
+  ns: NatsWorld,
   name: string,
   topics: ReadonlyArray<'ticked' | 'tocked'>,
   log: Handled[],
   warnings: string[],
 ): Promise<Bus<PgTransaction>> {
-  const bus = createBus({ service: name, backbone: nats(ns.options({ onWarning: (message) => warnings.push(message) })) });
-  buses.push(bus);
+  const bus = ns.bus(name, { onWarning: (message) => warnings.push(message) });
   const record = (topic: string) => (message: { data: { key: string; seq: number } }) => {
     log.push({ worker: name, topic, key: message.data.key, seq: message.data.seq });
   };
@@ -62,7 +56,16 @@ async function publishRound(publisher: Bus<PgTransaction>, keys: number, perKey:
   }
 }
 
-function assertOncePerKeyInOrder(log: readonly Handled[], keys: number, seqs: readonly number[]): void {
+/** Seqs 0..n-1. */
+const upTo = (n: number) => Array.from({ length: n }, (_, i) => i);
+
+/**
+ * Waits until `log` holds `keys` × `seqs` handlings (and half a second more, for a duplicate to show), then
+ * checks that each key had each of `seqs` once, in order.
+ */
+async function handledOncePerKeyInOrder(what: string, log: readonly Handled[], keys: number, seqs: readonly number[]): Promise<void> {
+  await waitFor(what, () => log.length >= keys * seqs.length, 30_000);
+  await sleep(500);
   for (let k = 0; k < keys; k++) {
     const handled = log.filter((h) => h.key === `key-${k}`).map((h) => h.seq);
     assert.deepEqual(handled, seqs, `key-${k}: each message once, in order`);
@@ -71,12 +74,9 @@ function assertOncePerKeyInOrder(log: readonly Handled[], keys: number, seqs: re
 
 describe('nats rolling deploy', () => {
   test("adding a topic: the old worker leaves the new topic's messages, and the buckets, to the new one", async (t) => {
-    const ns = await world(t);
-    if (ns === undefined) return;
-    const publisher = createBus({ service: 'publisher', backbone: nats(ns.options()) });
-    buses.push(publisher);
-    await publisher.start();
-    const log: Handled[] = [];
+    const deployed = await deployment(t);
+    if (deployed === undefined) return;
+    const { ns, publisher, log } = deployed;
     const oldWarnings: string[] = [];
     await worker(ns, 'old', ['ticked'], log, oldWarnings);
     await publisher.publishMany(Ticked, [
@@ -91,13 +91,7 @@ describe('nats rolling deploy', () => {
     const keys = 20;
     const perKey = 10;
     await publishRound(publisher, keys, perKey);
-    await waitFor('every message', () => log.length >= keys * perKey, 30_000);
-    await sleep(500);
-    assertOncePerKeyInOrder(
-      log,
-      keys,
-      Array.from({ length: perKey }, (_, i) => i),
-    );
+    await handledOncePerKeyInOrder('every message', log, keys, upTo(perKey));
     assert.ok(
       log.filter((h) => h.topic === Tocked.topic).every((h) => h.worker === 'new'),
       'the new topic only by the new worker',
@@ -114,19 +108,15 @@ describe('nats rolling deploy', () => {
   });
 
   test("adding a topic, then the only new worker stops: the old one holds the new topic's messages, skipping nothing, until a new worker is back", async (t) => {
-    const ns = await world(t);
-    if (ns === undefined) return;
-    const publisher = createBus({ service: 'publisher', backbone: nats(ns.options()) });
-    buses.push(publisher);
-    await publisher.start();
-    const log: Handled[] = [];
+    const deployed = await deployment(t);
+    if (deployed === undefined) return;
+    const { ns, publisher, log } = deployed;
     const oldWarnings: string[] = [];
     await worker(ns, 'old', ['ticked'], log, oldWarnings);
     const first = await worker(ns, 'new', ['ticked', 'tocked'], log, []);
     const keys = 8;
     await publishRound(publisher, keys, 4);
     await waitFor('the first round', () => log.length >= keys * 4, 30_000);
-    buses.splice(buses.indexOf(first), 1);
     await first.stop();
 
     // Only the old worker runs: the new topic is still the subscription's (its newest worker had it).
@@ -145,13 +135,7 @@ describe('nats rolling deploy', () => {
     );
 
     await worker(ns, 'back', ['ticked', 'tocked'], log, []);
-    await waitFor('every message', () => log.length >= keys * 8, 30_000);
-    await sleep(500);
-    assertOncePerKeyInOrder(
-      log,
-      keys,
-      Array.from({ length: 8 }, (_, i) => i),
-    );
+    await handledOncePerKeyInOrder('every message', log, keys, upTo(8));
     assert.ok(
       log.filter((h) => h.topic === Tocked.topic).every((h) => h.worker !== 'old'),
       'the new topic never by the old worker',
@@ -160,12 +144,9 @@ describe('nats rolling deploy', () => {
   });
 
   test('removing a topic: the new worker takes no bucket while the old one, which still handles it, lives', async (t) => {
-    const ns = await world(t);
-    if (ns === undefined) return;
-    const publisher = createBus({ service: 'publisher', backbone: nats(ns.options()) });
-    buses.push(publisher);
-    await publisher.start();
-    const log: Handled[] = [];
+    const deployed = await deployment(t);
+    if (deployed === undefined) return;
+    const { ns, publisher, log } = deployed;
     const warnings: string[] = [];
     const old = await worker(ns, 'old', ['ticked', 'tocked'], log, warnings);
     const newWarnings: string[] = [];
@@ -176,13 +157,7 @@ describe('nats rolling deploy', () => {
     const keys = 20;
     const perKey = 10;
     await publishRound(publisher, keys, perKey);
-    await waitFor('every message', () => log.length >= keys * perKey, 30_000);
-    await sleep(500);
-    assertOncePerKeyInOrder(
-      log,
-      keys,
-      Array.from({ length: perKey }, (_, i) => i),
-    );
+    await handledOncePerKeyInOrder('every message', log, keys, upTo(perKey));
     assert.ok(
       log.every((h) => h.worker === 'old'),
       'the old worker, which handles every topic, holds every bucket',
@@ -193,13 +168,10 @@ describe('nats rolling deploy', () => {
     );
 
     // The old worker goes: the removed topic is no longer the subscription's; the rest flows to the new one.
-    buses.splice(buses.indexOf(old), 1);
     await old.stop();
     log.length = 0;
     await publishRound(publisher, keys, 4, perKey);
-    await waitFor('the next round of the remaining topic', () => log.length >= keys * 2, 30_000);
-    await sleep(500);
-    assertOncePerKeyInOrder(log, keys, [perKey, perKey + 2]);
+    await handledOncePerKeyInOrder('the next round of the remaining topic', log, keys, [perKey, perKey + 2]);
     assert.ok(log.every((h) => h.worker === 'new' && h.topic === Ticked.topic));
     assert.equal(await publisher.backbone.deadLetters().count({ all: true }), 0, 'nothing dead-lettered');
   });

@@ -9,7 +9,7 @@ import { spawn } from 'node:child_process';
 import { newId, TidingsError } from '../src/index.ts';
 import { Ticked } from './fixtures/contracts.ts';
 import { pgWorld } from './fixtures/bus.ts';
-import { checkOrder, effects, keysPerPartition } from './fixtures/effects.ts';
+import { checkOrder, effects, keysPerPartition, recordEffect } from './fixtures/effects.ts';
 import { connect, createEffects, DATABASE_URL, sleep, waitFor } from './helpers.ts';
 
 /** Bounds every test: a hang fails it instead of the whole run. */
@@ -31,18 +31,7 @@ test(
     const onWarning = (message: string) => void warnings.push(message);
     const producer = world.bus('producer', { pollMs: 5_000, onWarning });
     const consumer = world.bus('consumer', { pollMs: 5_000, onWarning });
-    consumer.subscribe(
-      'resilient',
-      Ticked,
-      async (message, ctx) => {
-        await ctx.tx.query(`insert into "${schema}".effects (message_id, key, seq, worker) values ($1, $2, $3, 0)`, [
-          message.id,
-          message.data.key,
-          message.data.seq,
-        ]);
-      },
-      { partitions: 2, batchSize: 50 },
-    );
+    consumer.subscribe('resilient', Ticked, (message, ctx) => recordEffect(ctx.tx, schema, message), { partitions: 2, batchSize: 50 });
     await consumer.start();
     await producer.start();
 

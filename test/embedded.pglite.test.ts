@@ -5,30 +5,22 @@
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
 import { PGlite } from '@electric-sql/pglite';
-import { createBus, type Bus } from '../src/index.ts';
-import { postgres, type PgTransaction } from '../src/postgres/index.ts';
+import { pgWorld } from './fixtures/bus.ts';
 import { Ticked } from './fixtures/contracts.ts';
-import { uniqueSchema, waitFor } from './helpers.ts';
+import { waitFor } from './helpers.ts';
 
 let db: PGlite;
-const buses: Bus<PgTransaction>[] = [];
 before(async () => {
   db = await PGlite.create();
 });
 after(async () => {
-  for (const bus of buses) await bus.stop();
   await db.close();
 });
 
-function newBus(schema: string): Bus<PgTransaction> {
-  const bus = createBus({ service: 'embedded', backbone: postgres({ pglite: db, schema, onWarning: () => undefined }) });
-  buses.push(bus);
-  return bus;
-}
-
-test('publish in a transaction, consume in per-key order, effects through ctx.tx exactly once', async () => {
-  const schema = uniqueSchema('e');
-  const bus = newBus(schema);
+test('publish in a transaction, consume in per-key order, effects through ctx.tx exactly once', async (t) => {
+  const world = (await pgWorld(t, 'e', { pglite: db }))!;
+  const { schema } = world;
+  const bus = world.bus('embedded');
   let failedOnce = false;
   bus.subscribe(
     'embedded-orders',
@@ -79,9 +71,10 @@ test('publish in a transaction, consume in per-key order, effects through ctx.tx
   assert.ok(failedOnce, 'the failure happened, and its write was rolled back');
 });
 
-test('an always-failing message goes to dead letters and the rest keep flowing', async () => {
-  const schema = uniqueSchema('e');
-  const bus = newBus(schema);
+test('an always-failing message goes to dead letters and the rest keep flowing', async (t) => {
+  const world = (await pgWorld(t, 'e', { pglite: db }))!;
+  const { schema } = world;
+  const bus = world.bus('embedded');
   const handled: number[] = [];
   bus.subscribe(
     'embedded-dead',

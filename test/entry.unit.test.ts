@@ -3,7 +3,8 @@
  * clients), and the root entry's `brokered()` reaches its PostgreSQL outbox only through the backbone object
  * it is given (PostgresBackbone.lazyTransaction, postgres/inbox.ts), not by importing postgres/ itself.
  * Each module is transpiled as tsx runs it (imports used only as types vanish), and the static imports of
- * the result are followed from src/index.ts; lazy `import()` of optional packages is not loading.
+ * the result are followed from src/index.ts; lazy `import()` of optional packages is not loading. No public
+ * entry loads the `tidings` CLI, nor the packages only the CLI needs.
  */
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
@@ -16,15 +17,20 @@ const src = fileURLToPath(new URL('../src/', import.meta.url));
 
 /** The relative modules `file` loads when it runs: its static imports and re-exports that survive transpiling. */
 function runtimeImports(file: string): string[] {
+  return staticImports(file)
+    .filter((specifier) => specifier.startsWith('.'))
+    .map((specifier) => join(dirname(file), specifier));
+}
+
+/** Every module specifier `file` imports statically when it runs (relative or a package). */
+function staticImports(file: string): string[] {
   const { outputText } = ts.transpileModule(readFileSync(file, 'utf8'), {
     compilerOptions: { module: ts.ModuleKind.ESNext, target: ts.ScriptTarget.ES2022 },
     fileName: file,
   });
-  const found: string[] = [];
-  for (const [, bare, named] of outputText.matchAll(/^\s*(?:import\s*['"](\.[^'"]+)['"]|(?:import|export)\b[^;'"]*?\bfrom\s*['"](\.[^'"]+)['"])/gm)) {
-    found.push(join(dirname(file), (bare ?? named)!));
-  }
-  return found;
+  return [...outputText.matchAll(/^\s*(?:import\s*['"]([^'"]+)['"]|(?:import|export)\b[^;'"]*?\bfrom\s*['"]([^'"]+)['"])/gm)].map(
+    ([, bare, named]) => (bare ?? named)!,
+  );
 }
 
 function loadedFrom(entry: string): Set<string> {
@@ -55,4 +61,26 @@ test('the walk sees runtime imports: tidings/postgres loads its own folder', () 
   const files = [...loadedFrom(join(src, 'postgres/index.ts'))].map((file) => relative(src, file));
   assert.ok(files.includes('postgres/lazy-transaction.ts'), files.join(', '));
   assert.ok(files.includes('postgres/codec.ts'), files.join(', '));
+});
+
+test('no public entry loads the CLI, nor commander or cli-progress: a library user never needs them', () => {
+  const pkg = JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as { exports: Record<string, string | Record<string, string>> };
+  const entries = Object.values(pkg.exports).flatMap((target) =>
+    typeof target === 'object' && target['tidings-source'] !== undefined ? [target['tidings-source']] : [],
+  );
+  assert.ok(entries.length >= 9, entries.join(', '));
+  for (const entry of entries) {
+    const loaded = [...loadedFrom(fileURLToPath(new URL(`../${entry}`, import.meta.url)))];
+    assert.deepEqual(
+      loaded.map((file) => relative(src, file)).filter((file) => file.startsWith('cli/')),
+      [],
+      `${entry} loads the CLI`,
+    );
+    const packages = new Set(loaded.flatMap((file) => staticImports(file).filter((specifier) => !specifier.startsWith('.'))));
+    assert.deepEqual(
+      [...packages].filter((name) => name === 'commander' || name === 'cli-progress'),
+      [],
+      `${entry} loads a package only the CLI needs`,
+    );
+  }
 });

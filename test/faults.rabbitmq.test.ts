@@ -4,24 +4,18 @@
  * duplicates happen only where at-least-once allows, and the inbox removes them; a held key stays held.
  */
 import assert from 'node:assert/strict';
-import { after, test } from 'node:test';
+import { test } from 'node:test';
 import { TidingsError } from '../src/index.ts';
 import { Names, rabbitmqDefaults } from '../src/rabbitmq/index.ts';
 import { retryLevel } from '../src/rabbitmq/topology.ts';
 import { Ticked } from './fixtures/contracts.ts';
 import { startProcess } from './fixtures/processes.ts';
-import { connect, createEffects, RABBITMQ_URL, requireBroker, requirePostgres, sleep, waitFor } from './helpers.ts';
-import { closeConnections, createWorkerTables, Harness, messagesIn, rabbitmqctl, warnings } from './fixtures/rabbitmq.ts';
-
-const harnesses: Harness[] = [];
-after(async () => {
-  for (const harness of harnesses) await harness.cleanup();
-});
+import { connect, createEffects, RABBITMQ_URL, sleep, waitFor } from './helpers.ts';
+import { closeConnections, createWorkerTables, rabbitWorld, messagesIn, rabbitmqctl, warnings } from './fixtures/rabbitmq.ts';
 
 test('connections closed by the server while publishing and consuming: every message handled once, in per-key order', async (t) => {
-  if (!(await requireBroker(t, 'RabbitMQ', RABBITMQ_URL)) || !(await requirePostgres(t))) return;
-  const h = new Harness();
-  harnesses.push(h);
+  const h = await rabbitWorld(t, { postgres: true });
+  if (h === undefined) return;
   await createEffects(h.schema);
   const bus = h.bus('faults', { outbox: true });
   let handlerRuns = 0;
@@ -107,9 +101,8 @@ test('connections closed by the server while publishing and consuming: every mes
 });
 
 test('the broker stopped and started: a publish fails with a retryable BACKBONE_UNAVAILABLE in bounded time, then everything resumes', async (t) => {
-  if (!(await requireBroker(t, 'RabbitMQ', RABBITMQ_URL))) return;
-  const h = new Harness();
-  harnesses.push(h);
+  const h = await rabbitWorld(t);
+  if (h === undefined) return;
   const bus = h.bus('outage', { rabbit: { publishTimeoutMs: 1_500 } });
   const seen = new Map<string, number>();
   bus.subscribe('outage', Ticked, (message) => {
@@ -155,9 +148,8 @@ for (const [label, prefetch, later] of [
   ['its later messages parked in the delay queue (prefetch 4)', 4, 14],
 ] as const) {
   test(`kill -9 while a key waits for its delayed retry, ${label}: the next worker holds the key (they never overtake the retry), and the retry comes with its history`, async (t) => {
-    if (!(await requireBroker(t, 'RabbitMQ', RABBITMQ_URL)) || !(await requirePostgres(t))) return;
-    const h = new Harness();
-    harnesses.push(h);
+    const h = await rabbitWorld(t, { postgres: true });
+    if (h === undefined) return;
     await createWorkerTables(h.schema);
     const publisher = h.bus('publisher');
     await publisher.start();

@@ -8,10 +8,10 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { z } from 'zod';
 import { deadLetter, defineEvent, PermanentError } from '../src/index.ts';
-import { Ticked, Tocked } from './fixtures/contracts.ts';
+import { Ticked, ticksSeen, Tocked } from './fixtures/contracts.ts';
 import { pgWorld } from './fixtures/bus.ts';
 import { startProcess, type TestProcess } from './fixtures/processes.ts';
-import { connect, createEffects, sleep, waitFor } from './helpers.ts';
+import { connect, createEffects, sleep, sql, waitFor } from './helpers.ts';
 
 test('1. atomic publish in a transaction the caller drives on its own connection', async (t) => {
   const world = await pgWorld(t, 'g');
@@ -99,11 +99,7 @@ test('2b. an unrelated long-running transaction does not hold back delivery', as
   const world = await pgWorld(t, 'g');
   if (world === undefined) return;
   const bus = world.bus();
-  const seen: number[] = [];
-  bus.subscribe('not-blocked', Ticked, (message) => {
-    seen.push(message.data.seq);
-  });
-  await bus.start();
+  const seen = await ticksSeen(bus, 'not-blocked');
   const idle = await connect();
   await idle.query('begin');
   await idle.query('select pg_current_xact_id()'); // holds the xmin horizon back
@@ -157,13 +153,8 @@ test('2c. a large window is read in bounded ranges: a rare topic among many othe
   assert.deepEqual(seen, expected);
 });
 
-async function effects(schema: string): Promise<Array<{ message_id: string; key: string; seq: number; worker: number }>> {
-  const client = await connect();
-  try {
-    return (await client.query(`select message_id, key, seq, worker from "${schema}".effects order by n`)).rows;
-  } finally {
-    await client.end();
-  }
+function effects(schema: string): Promise<Array<{ message_id: string; key: string; seq: number; worker: number }>> {
+  return sql(`select message_id, key, seq, worker from "${schema}".effects order by n`);
 }
 
 test('3. per-key order with two worker processes and 50 keys; keys run in parallel', async (t) => {
@@ -353,6 +344,52 @@ test('4. retries follow the schedule; an always-failing message is dead-lettered
   assert.match(d2.reason, /handler gave up/);
 });
 
+test('4b. retries in batches: more held keys than a pass takes, and a key with more messages behind it than a pass drains; each handled once, in key order', async (t) => {
+  const world = await pgWorld(t, 'g');
+  if (world === undefined) return;
+  const bus = world.bus();
+  const failed = new Set<string>();
+  const handled: string[] = [];
+  bus.subscribe(
+    'held-batches',
+    Ticked,
+    (message) => {
+      const id = `${message.data.key}:${message.data.seq}`;
+      // The first message of each key fails once: its key waits for a delayed retry, the rest behind it.
+      if (message.data.seq === 1 && !failed.has(id)) {
+        failed.add(id);
+        throw new Error(`first attempt of ${id}`);
+      }
+      handled.push(id);
+      return undefined;
+    },
+    // A retry pass takes 5 keys, and 5 messages of each.
+    { retry: { immediate: 0, delayed: [100], jitter: 0 }, partitions: 1, batchSize: 5 },
+  );
+  await bus.start();
+  const keys = Array.from({ length: 12 }, (_, i) => `k${i}`);
+  const messages = [
+    ...keys.map((key) => ({ key, seq: 1 })),
+    // Key k0 gets 23 more, behind its first message.
+    ...Array.from({ length: 23 }, (_, i) => ({ key: 'k0', seq: i + 2 })),
+    ...keys.slice(1).map((key) => ({ key, seq: 2 })),
+  ];
+  await bus.publishMany(Ticked, messages);
+  await waitFor(`${messages.length} messages handled`, () => handled.length >= messages.length, 20_000);
+  await sleep(300);
+  assert.equal(handled.length, messages.length, 'each message handled once');
+  assert.equal(new Set(handled).size, messages.length);
+  for (const key of keys) {
+    const seqs = handled.filter((id) => id.startsWith(`${key}:`)).map((id) => Number(id.split(':')[1]));
+    assert.deepEqual(
+      seqs,
+      [...seqs].sort((a, b) => a - b),
+      `key ${key} in order`,
+    );
+  }
+  assert.equal(failed.size, keys.length, 'every key waited for a retry');
+});
+
 test('5b. kill -9 after the write, before the ack: the effect happens once, on the worker that takes over', async (t) => {
   const world = await pgWorld(t, 'g');
   if (world === undefined) return;
@@ -390,11 +427,7 @@ test("6. bad input written behind Tidings' back: an undecodable row is dead-lett
   if (world === undefined) return;
   const { schema } = world;
   const bus = world.bus();
-  const seen: number[] = [];
-  bus.subscribe('strict', Ticked, (message) => {
-    seen.push(message.data.seq);
-  });
-  await bus.start();
+  const seen = await ticksSeen(bus, 'strict');
 
   // (Refusal at publish is in the conformance suite; here, rows a foreign writer put in the log.)
   await bus.publish(Ticked, { key: 'x', seq: 1 });

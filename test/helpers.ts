@@ -92,6 +92,17 @@ export async function connect(): Promise<pg.Client> {
   return client;
 }
 
+/** One statement on a connection of its own: its rows. */
+// biome-ignore lint/suspicious/noExplicitAny: each test reads its own rows
+export async function sql<R = any>(text: string, params: unknown[] = []): Promise<R[]> {
+  const client = await connect();
+  try {
+    return (await client.query(text, params)).rows as R[];
+  } finally {
+    await client.end();
+  }
+}
+
 /** Waits until `condition` holds, checking often; fails with `what` after `timeoutMs`. */
 export async function waitFor(what: string, condition: () => boolean | Promise<boolean>, timeoutMs = 20_000): Promise<void> {
   const deadline = Date.now() + timeoutMs;

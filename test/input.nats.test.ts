@@ -4,35 +4,16 @@
  * the reason), and every other message flows. Each test has its own stream and subject prefix.
  */
 import assert from 'node:assert/strict';
-import { after, describe, test, type TestContext } from 'node:test';
+import { describe, test } from 'node:test';
 import { connect as natsConnect, headers as natsHeaders, type MsgHdrs } from 'nats';
-import { createBus, deadLetter, keyHash, newId, TidingsError, type Bus } from '../src/index.ts';
+import { createBus, deadLetter, keyHash, TidingsError } from '../src/index.ts';
 import type { Outgoing } from '../src/core/backbone.ts';
 import type { Envelope } from '../src/core/envelope.ts';
-import { nats, NatsBroker, type NatsOptions } from '../src/nats/index.ts';
-import { postgres, type PgTransaction } from '../src/postgres/index.ts';
-import { Ticked } from './fixtures/contracts.ts';
+import { nats, NatsBroker } from '../src/nats/index.ts';
+import { postgres } from '../src/postgres/index.ts';
+import { foreignTick, Ticked, ticksSeen } from './fixtures/contracts.ts';
 import { DATABASE_URL, dropSchema, NATS_URL, requirePostgres, sleep, uniqueSchema, waitFor } from './helpers.ts';
-import { natsNamespace, quickNats, type NatsNamespace } from './fixtures/nats.ts';
-
-const buses: Bus<PgTransaction>[] = [];
-const cleanups: Array<() => Promise<void>> = [];
-after(async () => {
-  await Promise.all(buses.map((bus) => bus.stop().catch(() => undefined)));
-  for (const cleanup of cleanups) await cleanup().catch(() => undefined);
-});
-
-function bus(options: NatsOptions, service = 'nats-input'): Bus<PgTransaction> {
-  const created = createBus({ service, backbone: nats(options) });
-  buses.push(created);
-  return created;
-}
-
-async function world(t: TestContext): Promise<NatsNamespace | undefined> {
-  const namespace = await natsNamespace(t, 'i');
-  if (namespace !== undefined) cleanups.push(() => namespace.cleanup());
-  return namespace;
-}
+import { natsWorld, quickNats } from './fixtures/nats.ts';
 
 /** The headers a foreign CloudEvents producer sends for a Ticked event of `key`. */
 function cloudEventHeaders(id: string, key: string): MsgHdrs {
@@ -59,29 +40,16 @@ async function publishPlain(subject: string, payload: string, headers?: MsgHdrs)
 }
 
 function outgoing(overrides: Partial<Envelope>, data: unknown = { key: 'k', seq: 1 }): Outgoing {
-  const id = overrides.id ?? newId();
-  const envelope: Envelope = {
-    specversion: '1.0',
-    id,
-    source: 'tidings://hostile',
-    type: 'test.ticked.v1',
-    time: new Date().toISOString(),
-    datacontenttype: 'application/json',
-    topic: Ticked.topic,
-    partitionkey: 'k',
-    correlationid: id,
-    data,
-    ...overrides,
-  };
+  const envelope = foreignTick('k', data, overrides);
   return { envelope, json: JSON.stringify(data), keyHash: keyHash(envelope.partitionkey) };
 }
 
 describe('nats hostile input', () => {
   test('a message NATS can never take fails at once in publish, not retryable, naming the limit, the id and the topic; the connection stays up', async (t) => {
-    const ns = await world(t);
+    const ns = await natsWorld(t, 'i');
     if (ns === undefined) return;
     const broker = new NatsBroker(ns.options());
-    cleanups.push(() => broker.close());
+    t.after(() => broker.close());
     await broker.open();
     const poisons: Array<[string, Outgoing, string, RegExp]> = [
       [
@@ -150,19 +118,17 @@ describe('nats hostile input', () => {
   });
 
   test("through the outbox relay: a message NATS refuses is set aside in the outbox's dead letters, the messages behind it flow", async (t) => {
-    const ns = await world(t);
+    const ns = await natsWorld(t, 'i');
     if (ns === undefined || !(await requirePostgres(t))) return;
     const schema = uniqueSchema('natsin');
-    cleanups.push(() => dropSchema(schema));
     const outbox = postgres({ url: DATABASE_URL, schema, leaseMs: 2_000, heartbeatMs: 500, pollMs: 500 });
     // The bus lets 2 MB through; the NATS server (max_payload 1 MiB) never will.
     const b = createBus({ service: 'nats-input', maxPayloadBytes: 2_000_000, backbone: nats(ns.options({ outbox })) });
-    buses.push(b);
-    const seen: number[] = [];
-    b.subscribe('relayed', Ticked, (message) => {
-      seen.push(message.data.seq);
+    t.after(async () => {
+      await b.stop().catch(() => undefined);
+      await dropSchema(schema);
     });
-    await b.start();
+    const seen = await ticksSeen(b, 'relayed');
     await b.transaction(async (tx) => {
       await b.publish(Ticked, { key: 'r', seq: 1 }, { tx });
       await b.publish(Ticked, { key: 'r', seq: 2, note: 'x'.repeat(1_200_000) }, { tx });
@@ -177,14 +143,10 @@ describe('nats hostile input', () => {
   });
 
   test('a subject without a bucket number, or with one past the last bucket, is refused at publish: nothing is stored where no consumer reads', async (t) => {
-    const ns = await world(t);
+    const ns = await natsWorld(t, 'i');
     if (ns === undefined) return;
-    const b = bus(ns.options());
-    const seen: number[] = [];
-    b.subscribe('strays', Ticked, (message) => {
-      seen.push(message.data.seq);
-    });
-    await b.start();
+    const b = ns.bus('nats-input');
+    const seen = await ticksSeen(b, 'strays');
     const stray = [
       `${ns.subjectPrefix}.${Ticked.topic}`,
       `${ns.subjectPrefix}.x.${Ticked.topic}`,
@@ -207,9 +169,9 @@ describe('nats hostile input', () => {
   });
 
   test("a payload nested 10,000 deep from a plain client is dead-lettered once with its raw bytes; its key's next message flows", async (t) => {
-    const ns = await world(t);
+    const ns = await natsWorld(t, 'i');
     if (ns === undefined) return;
-    const b = bus(ns.options());
+    const b = ns.bus('nats-input');
     const seen: string[] = [];
     b.subscribe('deep', Ticked, (message) => {
       seen.push(`${message.data.key}:${message.data.seq}`);
@@ -232,9 +194,9 @@ describe('nats hostile input', () => {
   });
 
   test('a dead letter too large to keep whole points at the message in its stream; a redrive reads it from there', async (t) => {
-    const ns = await world(t);
+    const ns = await natsWorld(t, 'i');
     if (ns === undefined) return;
-    const b = bus(ns.options());
+    const b = ns.bus('nats-input');
     let refuse = true;
     const seen: string[] = [];
     b.subscribe('large', Ticked, (message) => {
@@ -262,7 +224,7 @@ describe('nats hostile input', () => {
   });
 
   test('a stream made when the stream took every subject under the prefix is narrowed to its buckets on open', async (t) => {
-    const ns = await world(t);
+    const ns = await natsWorld(t, 'i');
     if (ns === undefined) return;
     const nc = await natsConnect({ servers: NATS_URL });
     try {
@@ -272,7 +234,7 @@ describe('nats hostile input', () => {
         subjects: [`${ns.subjectPrefix}.>`],
         description: `tidings buckets=${quickNats.buckets}: Tidings messages, subjects ${ns.subjectPrefix}.<bucket>.<topic>`,
       });
-      const b = bus(ns.options());
+      const b = ns.bus('nats-input');
       await b.start();
       const info = await jsm.streams.info(ns.stream);
       assert.deepEqual(

@@ -4,44 +4,21 @@
  * they go through a delayed retry, a dead letter and a redrive.
  */
 import assert from 'node:assert/strict';
-import { after, test } from 'node:test';
+import { test } from 'node:test';
 import amqp from 'amqplib';
-import { keyHash, newId, TidingsError } from '../src/index.ts';
+import { keyHash, TidingsError } from '../src/index.ts';
 import type { Outgoing } from '../src/core/backbone.ts';
 import type { Envelope } from '../src/core/envelope.ts';
 import type { BrokerBackbone } from '../src/outbox/index.ts';
 import { amqpLimits, historyHeader } from '../src/rabbitmq/codec.ts';
 import { RabbitBroker, routingKey } from '../src/rabbitmq/index.ts';
-import { Ticked } from './fixtures/contracts.ts';
-import { RABBITMQ_URL, requireBroker, requirePostgres, sleep, waitFor } from './helpers.ts';
-import { Harness, testOptions, warnings } from './fixtures/rabbitmq.ts';
-
-const harnesses: Harness[] = [];
-after(async () => {
-  for (const harness of harnesses) await harness.cleanup();
-});
-
-function harness(): Harness {
-  const h = new Harness();
-  harnesses.push(h);
-  return h;
-}
+import { foreignTick, Ticked, ticksSeen } from './fixtures/contracts.ts';
+import { RABBITMQ_URL, sleep, waitFor } from './helpers.ts';
+import { rabbitWorld, testOptions, warnings } from './fixtures/rabbitmq.ts';
 
 /** A message as a producer that checks nothing would hand it to the broker (raw SQL in an outbox, an older version). */
 function outgoing(seq: number, overrides: Partial<Envelope> = {}, json = JSON.stringify({ key: 'k', seq })): Outgoing {
-  const envelope: Envelope = {
-    specversion: '1.0',
-    id: newId(),
-    source: 'tidings://elsewhere',
-    type: 'test.ticked.v1',
-    time: new Date().toISOString(),
-    datacontenttype: 'application/json',
-    topic: Ticked.topic,
-    partitionkey: 'k',
-    correlationid: newId(),
-    data: JSON.parse(json.length > 1_000 ? '{}' : json) as unknown,
-    ...overrides,
-  };
+  const envelope = foreignTick('k', JSON.parse(json.length > 1_000 ? '{}' : json) as unknown, overrides);
   return { envelope, json, keyHash: keyHash(envelope.partitionkey) };
 }
 
@@ -56,14 +33,10 @@ async function refusal(publish: Promise<void>): Promise<{ error: TidingsError; m
 }
 
 test('a message RabbitMQ can never take fails at once in publish, for good, naming the limit, the message and its topic; the channel goes on', async (t) => {
-  if (!(await requireBroker(t, 'RabbitMQ', RABBITMQ_URL))) return;
-  const h = harness();
+  const h = await rabbitWorld(t);
+  if (h === undefined) return;
   const bus = h.bus('reader');
-  const seen: number[] = [];
-  bus.subscribe('reader', Ticked, (message) => {
-    seen.push(message.data.seq);
-  });
-  await bus.start();
+  const seen = await ticksSeen(bus, 'reader');
   // The broker alone, as the outbox relay uses it: past the bus' own checks. publishTimeoutMs is 15 s here.
   const broker = new RabbitBroker(testOptions(h.prefix));
   t.after(() => broker.close());
@@ -118,14 +91,10 @@ test('a message RabbitMQ can never take fails at once in publish, for good, nami
 });
 
 test('the relay sets aside an outbox message RabbitMQ refuses for good (a dead letter of tidings-relay with the reason), and the messages behind it flow', async (t) => {
-  if (!(await requireBroker(t, 'RabbitMQ', RABBITMQ_URL)) || !(await requirePostgres(t))) return;
-  const h = harness();
+  const h = await rabbitWorld(t, { postgres: true });
+  if (h === undefined) return;
   const bus = h.bus('relayed', { outbox: true, rabbit: { relay: { partitions: 1 } } });
-  const seen: number[] = [];
-  bus.subscribe('relayed', Ticked, (message) => {
-    seen.push(message.data.seq);
-  });
-  await bus.start();
+  const seen = await ticksSeen(bus, 'relayed');
   const backbone = bus.backbone as BrokerBackbone;
   // Written to the outbox as raw SQL or an older version would: within the core's limits, over AMQP's.
   const poison = outgoing(2, { source: 's'.repeat(100_000) });
@@ -160,8 +129,8 @@ test("attempt histories are cut to fit a message's headers, the newest attempts 
 });
 
 test('a CloudEvent from a plain producer without the optional attributes keeps its topic, key, time and correlation id through a delayed retry, a dead letter and a redrive', async (t) => {
-  if (!(await requireBroker(t, 'RabbitMQ', RABBITMQ_URL))) return;
-  const h = harness();
+  const h = await rabbitWorld(t);
+  if (h === undefined) return;
   const bus = h.bus('interop');
   const seen: Array<{ attempt: number; topic: string; key: string; time: string; correlationId: string }> = [];
   let failUntil = 2;

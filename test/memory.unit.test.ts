@@ -5,7 +5,7 @@ import { test } from 'node:test';
 import { z } from 'zod';
 import { createBus, defineEvent, retryLater, TidingsError, type Bus } from '../src/index.ts';
 import { memory, MemoryTransaction, type MemoryBackbone } from '../src/memory/index.ts';
-import { Ticked } from './fixtures/contracts.ts';
+import { Ticked, ticksSeen } from './fixtures/contracts.ts';
 import { sleep, waitFor } from './helpers.ts';
 
 const Shipped = defineEvent('test.shipped', {
@@ -75,11 +75,7 @@ test("handlers run in the consumer's async context, not in their publisher's", a
 test('a transaction publishes iff it commits; onCommit runs only then', async (t) => {
   const backbone = memory(noWarnings);
   const bus = busOn(t, backbone);
-  const seen: number[] = [];
-  bus.subscribe('s', Ticked, (message) => {
-    seen.push(message.data.seq);
-  });
-  await bus.start();
+  const seen = await ticksSeen(bus, 's');
   const hooks: string[] = [];
   await bus.transaction(async (tx) => {
     await bus.publish(Ticked, { key: 'a', seq: 1 }, { tx });

@@ -7,7 +7,7 @@ import { after, before, test } from 'node:test';
 import { PGlite } from '@electric-sql/pglite';
 import { createBus } from '../src/index.ts';
 import { postgres } from '../src/postgres/index.ts';
-import { pgliteDriver } from '../src/postgres/driver.ts';
+import { pgliteDriver } from '../src/postgres/connection/pglite.ts';
 import { migrate, migrationScript } from '../src/postgres/migrate.ts';
 import { Ticked } from './fixtures/contracts.ts';
 import { waitFor } from './helpers.ts';

@@ -6,9 +6,10 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { createBus, TidingsError } from '../src/index.ts';
 import { postgres } from '../src/postgres/index.ts';
-import { pgDriver, type SqlDriver } from '../src/postgres/driver.ts';
+import type { SqlDriver } from '../src/postgres/connection/driver.ts';
+import { pgDriver } from '../src/postgres/connection/pg.ts';
 import { Notifier } from '../src/postgres/notifier.ts';
-import { Ticked } from './fixtures/contracts.ts';
+import { Ticked, ticksSeen } from './fixtures/contracts.ts';
 import { connect, DATABASE_URL, requirePostgres, waitFor } from './helpers.ts';
 import { pgWorld } from './fixtures/bus.ts';
 
@@ -18,11 +19,7 @@ test('a publish in one process wakes a consumer in another at once; after its LI
   const { schema } = world;
   const warnings: string[] = [];
   const consumer = world.bus('notified', { onWarning: (message) => warnings.push(message) });
-  const seen: number[] = [];
-  consumer.subscribe('woken', Ticked, (message) => {
-    seen.push(message.data.seq);
-  });
-  await consumer.start();
+  const seen = await ticksSeen(consumer, 'woken');
   // A second bus stands for another process: its own pool, its own notifier.
   const producer = world.bus('notified');
   await producer.start();

@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import { Writable } from 'node:stream';
 import { test } from 'node:test';
-import { SpanKind } from '@opentelemetry/api';
+import { SpanKind, trace } from '@opentelemetry/api';
 import pino from 'pino';
 import { createBus, defineEvent, deadLetter, type BusOptions } from '../src/index.ts';
 import { memory, type MemoryTransaction } from '../src/memory/index.ts';
@@ -34,7 +34,7 @@ test('one trace: send (producer) -> process (consumer) -> send of what the handl
   });
   await bus.start();
   const sent = await bus.publish(Ticked, { key: 'k', seq: 1 });
-  await waitFor('both handlers and four spans', () => seen.length === 1 && otel.spans().length >= 4);
+  await waitFor('both handlers and their spans', () => seen.length === 1 && otel.spans().some((span) => span.name === 'process test.tocked'));
   const spans = otel.spans();
   const send = spans.find((span) => span.name === 'send test.ticked')!;
   const process = spans.find((span) => span.name === 'process test.ticked')!;
@@ -85,6 +85,63 @@ test('a publishMany is one send span with the batch count; a given traceparent i
   assert.equal(send?.attributes['messaging.batch.message_count'], 3);
   assert.equal(send?.spanContext().traceId, '0af7651916cd43dd8448eb211c80319c');
   assert.equal(send?.parentSpanContext?.spanId, 'b7ad6b7169203331');
+});
+
+test("receive spans: a worker's read is one root span per batch, linked to each message's creation context like its process span", async (t) => {
+  const otel = otelWorld();
+  const bus = busWith(t, { telemetry: { tracerProvider: otel.tracerProvider, metrics: false } });
+  let handled = 0;
+  bus.subscribe(
+    'reader',
+    Ticked,
+    () => {
+      handled++;
+    },
+    { concurrency: 8 },
+  );
+  await bus.start();
+  const sent = await bus.transaction(async (tx) => [
+    await bus.publish(Ticked, { key: 'a', seq: 1 }, { tx }),
+    await bus.publish(Ticked, { key: 'b', seq: 1 }, { tx }),
+    await bus.publish(Ticked, { key: 'c', seq: 1 }, { tx }),
+  ]);
+  await waitFor('three handled', () => handled === 3);
+  const spans = otel.spans();
+  const receives = spans.filter((span) => span.name === 'receive reader');
+  assert.ok(receives.length >= 1);
+  assert.equal(
+    receives.reduce((sum, span) => sum + Number(span.attributes['messaging.batch.message_count']), 0),
+    3,
+    'every message read once',
+  );
+  // Committed together, ready together: one read takes the three keys' heads.
+  const [receive] = receives;
+  assert.equal(receives.length, 1);
+  assert.equal(receive!.kind, SpanKind.CONSUMER);
+  assert.equal(receive!.parentSpanContext, undefined);
+  assert.deepEqual(
+    { ...receive!.attributes },
+    {
+      'messaging.system': 'memory',
+      'messaging.operation.type': 'receive',
+      'messaging.operation.name': 'receive',
+      'messaging.consumer.group.name': 'reader',
+      'messaging.destination.subscription.name': 'reader',
+      'messaging.destination.name': 'test.ticked',
+      'messaging.batch.message_count': 3,
+    },
+  );
+  for (const message of sent) {
+    const send = spans.find((span) => span.name === 'send test.ticked' && span.attributes['messaging.message.id'] === message.id)!;
+    const process = spans.find((span) => span.name === 'process test.ticked' && span.attributes['messaging.message.id'] === message.id)!;
+    const link = receive!.links.find((candidate) => candidate.context.spanId === send.spanContext().spanId);
+    assert.equal(link?.attributes?.['messaging.message.id'], message.id, 'the read links to the creation context, the id on the link');
+    assert.deepEqual(
+      process.links.map((candidate) => candidate.context.spanId),
+      [send.spanContext().spanId],
+      'so does the process span',
+    );
+  }
 });
 
 const Strict = defineEvent('test.strict', { schema: z.object({ n: z.number().int() }) });
@@ -208,6 +265,26 @@ test('without @opentelemetry/api wanted (telemetry: false) nothing is recorded a
   await waitFor('the message', () => got.length === 1);
   assert.equal(got[0], parent, 'the traceparent travels as given');
   assert.equal(otel.spans().length, 0);
+});
+
+test('with the API and no SDK registered nothing is built for spans; an SDK registered later records from the next message on', async (t) => {
+  const bus = busWith(t, { telemetry: { metrics: false } }); // the API's global tracer provider
+  const got: (string | undefined)[] = [];
+  bus.subscribe('late', Ticked, (message) => {
+    got.push(message.traceparent);
+  });
+  await bus.start();
+  await bus.publish(Ticked, { key: 'k', seq: 1 });
+  await waitFor('the first message', () => got.length === 1);
+  assert.equal(got[0], undefined, 'no span, so no context to carry');
+  const otel = otelWorld();
+  trace.setGlobalTracerProvider(otel.tracerProvider);
+  t.after(() => trace.disable());
+  await bus.publish(Ticked, { key: 'k', seq: 2 });
+  await waitFor('the second message and its spans', () => got.length === 2 && otel.spans().some((span) => span.name === 'process test.ticked'));
+  const send = otel.spans().find((span) => span.name === 'send test.ticked')!;
+  assert.equal(got[1], `00-${send.spanContext().traceId}-${send.spanContext().spanId}-01`);
+  assert.ok(otel.spans().some((span) => span.name === 'receive late'));
 });
 
 test('telemetry and logger options are checked by name', () => {

@@ -66,14 +66,15 @@ test('tidings/metrics: a Prometheus scrape over HTTP has the counters, histogram
       return (
         sample(text, 'tidings_messages_handled_total', where) === 2 &&
         sample(text, 'tidings_messages_dead_lettered_total', where) === 1 &&
-        sample(text, 'tidings_subscription_held_keys', { messaging_consumer_group_name: 'metered' }) === 1
+        // One status read (cached for seconds) may come between the held key's commit and the dead letter's.
+        sample(text, 'tidings_subscription_held_keys', { messaging_consumer_group_name: 'metered' }) === 1 &&
+        sample(text, 'tidings_subscription_dead_letters', { messaging_consumer_group_name: 'metered' }) === 1
       );
     },
     30_000,
   );
   assert.equal(sample(text, 'messaging_client_sent_messages_total', { messaging_destination_name: 'test.ticked', messaging_system: 'postgres' }), 5);
   assert.equal(sample(text, 'tidings_messages_retried_total', where), 1);
-  assert.equal(sample(text, 'tidings_subscription_dead_letters', { messaging_consumer_group_name: 'metered' }), 1);
   const process = parsePrometheusTextFormat(text).find((family) => family.name === 'messaging_process_duration');
   assert.equal(process?.type, 'HISTOGRAM');
   const lags = parsePrometheusTextFormat(text).find((family) => family.name === 'tidings_subscription_lag');

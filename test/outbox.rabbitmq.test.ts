@@ -6,31 +6,14 @@
  * inbox record in its transaction, so a delivery that finds the id recorded meanwhile keeps none of its writes.
  */
 import assert from 'node:assert/strict';
-import { after, test } from 'node:test';
-import pg from 'pg';
+import { test } from 'node:test';
 import { Ticked } from './fixtures/contracts.ts';
-import { DATABASE_URL, RABBITMQ_URL, requireBroker, requirePostgres, sleep, waitFor } from './helpers.ts';
-import { Harness } from './fixtures/rabbitmq.ts';
-
-const harnesses: Harness[] = [];
-after(async () => {
-  for (const harness of harnesses) await harness.cleanup();
-});
-
-async function sql<R extends Record<string, unknown>>(text: string, params: unknown[] = []): Promise<R[]> {
-  const client = new pg.Client({ connectionString: DATABASE_URL });
-  await client.connect();
-  try {
-    return (await client.query<R>(text, params)).rows;
-  } finally {
-    await client.end();
-  }
-}
+import { sleep, sql, waitFor } from './helpers.ts';
+import { rabbitWorld } from './fixtures/rabbitmq.ts';
 
 test('outbox inbox, handler without ctx.tx: 300 messages each published twice with one id, over 30 keys, handled once each, in key order, all recorded', async (t) => {
-  if (!(await requireBroker(t, 'RabbitMQ', RABBITMQ_URL)) || !(await requirePostgres(t))) return;
-  const h = new Harness();
-  harnesses.push(h);
+  const h = await rabbitWorld(t, { postgres: true });
+  if (h === undefined) return;
   // recentIds 0: the consumer's memory of handled ids would drop the copies before the inbox sees them.
   const bus = h.bus('plain', { outbox: true, relay: false, rabbit: { recentIds: 0 } });
   const runs = new Map<string, number>();
@@ -75,9 +58,8 @@ test('outbox inbox, handler without ctx.tx: 300 messages each published twice wi
 });
 
 test('outbox inbox, handler writing through ctx.tx: when the id got recorded before its first statement, the delivery keeps no write and is not retried', async (t) => {
-  if (!(await requireBroker(t, 'RabbitMQ', RABBITMQ_URL)) || !(await requirePostgres(t))) return;
-  const h = new Harness();
-  harnesses.push(h);
+  const h = await rabbitWorld(t, { postgres: true });
+  if (h === undefined) return;
   const bus = h.bus('writer', { outbox: true, relay: false, rabbit: { recentIds: 0 } });
   let attempts = 0;
   let rejected: unknown;

@@ -5,17 +5,12 @@
  * fail with a retryable error naming the lock, not hang. The rule itself is in the conformance suite.
  */
 import assert from 'node:assert/strict';
-import { after, test } from 'node:test';
+import { test } from 'node:test';
 import amqp from 'amqplib';
 import { TidingsError } from '../src/index.ts';
 import { Charge } from './fixtures/contracts.ts';
-import { Harness } from './fixtures/rabbitmq.ts';
-import { RABBITMQ_URL, requireBroker, sleep, waitFor } from './helpers.ts';
-
-const harnesses: Harness[] = [];
-after(async () => {
-  for (const harness of harnesses) await harness.cleanup();
-});
+import { rabbitWorld, type Harness } from './fixtures/rabbitmq.ts';
+import { RABBITMQ_URL, sleep, waitFor } from './helpers.ts';
 
 /** Another process in the middle of a claim: an exclusive consumer on the command's lock, on a connection of its own. */
 async function holdLock(h: Harness): Promise<{ release(): Promise<void> }> {
@@ -31,9 +26,8 @@ async function holdLock(h: Harness): Promise<{ release(): Promise<void> }> {
 test('a process killed while it claims a command leaves no lock: the next subscription waits for the lock, then owns the command', {
   timeout: 60_000,
 }, async (t) => {
-  if (!(await requireBroker(t, 'RabbitMQ', RABBITMQ_URL))) return;
-  const h = new Harness();
-  harnesses.push(h);
+  const h = await rabbitWorld(t);
+  if (h === undefined) return;
   const holder = await holdLock(h);
   const charged: number[] = [];
   const bus = h.bus('billing');
@@ -60,9 +54,8 @@ test('a process killed while it claims a command leaves no lock: the next subscr
 test('a lock held past the connect timeout: the start fails with a retryable BACKBONE_UNAVAILABLE naming the lock, and nothing was declared', {
   timeout: 60_000,
 }, async (t) => {
-  if (!(await requireBroker(t, 'RabbitMQ', RABBITMQ_URL))) return;
-  const h = new Harness();
-  harnesses.push(h);
+  const h = await rabbitWorld(t);
+  if (h === undefined) return;
   const holder = await holdLock(h);
   try {
     const bus = h.bus('billing', { rabbit: { connectTimeoutMs: 1_000 } });

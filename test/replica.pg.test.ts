@@ -4,13 +4,14 @@
  * never move backwards.
  */
 import assert from 'node:assert/strict';
-import { after, test } from 'node:test';
+import { after, test, type TestContext } from 'node:test';
 import { z } from 'zod';
-import { createBus, defineEvent, type Bus, type DataOf } from '../src/index.ts';
-import { postgres, type PgTransaction } from '../src/postgres/index.ts';
-import { defineReplica, defineSource, feed, replica, requestRebuild, source, type Replica } from '../src/replica/index.ts';
-import { buildProgram } from '../src/cli/program.ts';
-import { connect, DATABASE_URL, dropSchema, requirePostgres, sleep, uniqueSchema, waitFor } from './helpers.ts';
+import { defineEvent, type DataOf } from '../src/index.ts';
+import type { PgTransaction } from '../src/postgres/index.ts';
+import { defineReplica, defineSource, feed, replica, requestRebuild, source, type Replica, type ReplicaOptions } from '../src/replica/index.ts';
+import { pgWorld, type PgWorld } from './fixtures/bus.ts';
+import { tidingsInProcess } from './fixtures/cli.ts';
+import { connect, DATABASE_URL, sleep, sql, waitFor } from './helpers.ts';
 
 const UserChanged = defineEvent('test.user-changed', {
   schema: z.object({ id: z.string(), version: z.number().int(), name: z.string(), score: z.number().int() }),
@@ -34,24 +35,15 @@ const users = defineReplica<User>({
   ],
 });
 
-const schemas: string[] = [];
-const buses: Bus<PgTransaction>[] = [];
 const replicas: Replica<User>[] = [];
-after(async () => {
+after(() => {
   for (const r of replicas) r.stop();
-  for (const bus of buses) await bus.stop().catch(() => undefined);
-  for (const schema of schemas) await dropSchema(schema);
 });
 
-function newBus(schema: string, service: string): Bus<PgTransaction> {
-  const bus = createBus({ service, backbone: postgres({ url: DATABASE_URL, schema, onWarning: () => undefined, poolSize: 4 }) });
-  buses.push(bus);
-  return bus;
-}
-
 /** The identity side: a users table, its source declaration, and writes that publish in the same transaction. */
-async function identity(schema: string) {
-  const bus = newBus(schema, 'identity');
+async function identity(world: PgWorld) {
+  const { schema } = world;
+  const bus = world.bus('identity');
   const src = source(
     bus,
     defineSource({
@@ -83,33 +75,37 @@ async function identity(schema: string) {
   return { bus, src, change, versions };
 }
 
-async function sourceRows(schema: string) {
-  const client = await connect();
-  try {
-    const { rows } = await client.query(
-      `select id as key, version::int8::text as version, jsonb_build_object('id', id, 'version', version, 'name', name, 'score', score) as state from "${schema}".users order by id`,
-    );
-    return rows;
-  } finally {
-    await client.end();
-  }
+/** A schema of its own for `t` with the identity side running; undefined when PostgreSQL is unreachable. */
+async function identityWorld(t: TestContext) {
+  const world = await pgWorld(t, 'rp', { poolSize: 4 });
+  if (world === undefined) return undefined;
+  return { world, schema: world.schema, ...(await identity(world)) };
 }
 
-async function replicaRows(r: Replica<User>) {
-  const client = await connect();
-  try {
-    return (await client.query(`select key, version::text as version, state from ${r.view} order by key`)).rows;
-  } finally {
-    await client.end();
-  }
+/** The gateway side: a replica of the users on a bus of its own, both started. */
+async function gatewayReplica(world: PgWorld, options: ReplicaOptions) {
+  const gateway = world.bus('gateway');
+  const r = replica(gateway, users, options);
+  replicas.push(r);
+  await gateway.start();
+  await r.start();
+  return { gateway, r };
+}
+
+function sourceRows(schema: string) {
+  return sql(
+    `select id as key, version::int8::text as version, jsonb_build_object('id', id, 'version', version, 'name', name, 'score', score) as state from "${schema}".users order by id`,
+  );
+}
+
+function replicaRows(r: Replica<User>) {
+  return sql(`select key, version::text as version, state from ${r.view} order by key`);
 }
 
 test('a replica built by replaying 10,000 changes over 1,000 keys (updates and deletes) equals the source', async (t) => {
-  if (!(await requirePostgres(t))) return;
-  const schema = uniqueSchema('rp');
-  schemas.push(schema);
-  const { change } = await identity(schema);
-  const idBus = buses.at(-1)!;
+  const w = await identityWorld(t);
+  if (w === undefined) return;
+  const { world, schema, change, bus: idBus } = w;
   let seed = 42;
   const random = () => (seed = (seed * 1_103_515_245 + 12_345) % 2_147_483_648) / 2_147_483_648;
   let deletes = 0;
@@ -124,7 +120,7 @@ test('a replica built by replaying 10,000 changes over 1,000 keys (updates and d
     });
   }
   // The replica starts after the fact: it fills itself by replaying the source's events from the start.
-  const gateway = newBus(schema, 'gateway');
+  const gateway = world.bus('gateway');
   const r = replica(gateway, users, { bootstrap: 'replay', driftCheckEveryMs: 0, subscription: { concurrency: 16 } });
   replicas.push(r);
   const started = Date.now();
@@ -152,10 +148,9 @@ test('a replica built by replaying 10,000 changes over 1,000 keys (updates and d
 });
 
 test('drift injected three ways is found and repaired by one check, a second finds nothing, and messages grow with differences not keys', async (t) => {
-  if (!(await requirePostgres(t))) return;
-  const schema = uniqueSchema('rp');
-  schemas.push(schema);
-  await identity(schema);
+  const w = await identityWorld(t);
+  if (w === undefined) return;
+  const { world, schema } = w;
   const client = await connect();
   t.after(() => client.end());
   const KEYS = 100_000;
@@ -163,7 +158,7 @@ test('drift injected three ways is found and repaired by one check, a second fin
     `insert into "${schema}".users (id, version, name, score) select 'u-' || lpad(i::text, 6, '0'), 1, 'name-' || i, i % 997 from generate_series(1, $1) i`,
     [KEYS],
   );
-  const gateway = newBus(schema, 'gateway');
+  const gateway = world.bus('gateway');
   const r = replica(gateway, users, { bootstrap: 'transfer', driftCheckEveryMs: 0, pageSize: 5_000 });
   replicas.push(r);
   await gateway.start();
@@ -224,20 +219,15 @@ test('drift injected three ways is found and repaired by one check, a second fin
 });
 
 test('a rebuild under live traffic: reads never see a partial replica, and no event is lost', async (t) => {
-  if (!(await requirePostgres(t))) return;
-  const schema = uniqueSchema('rp');
-  schemas.push(schema);
-  const { change, bus: idBus } = await identity(schema);
+  const w = await identityWorld(t);
+  if (w === undefined) return;
+  const { world, schema, change, bus: idBus } = w;
   const KEYS = 1_000;
   const ids = Array.from({ length: KEYS }, (_, i) => `u-${String(i).padStart(5, '0')}`);
   await idBus.transaction(async (tx) => {
     for (const id of ids) await change(tx, id, 'upsert');
   });
-  const gateway = newBus(schema, 'gateway');
-  const r = replica(gateway, users, { bootstrap: 'replay', memory: true, driftCheckEveryMs: 0, pageSize: 100 });
-  replicas.push(r);
-  await gateway.start();
-  await r.start();
+  const { r } = await gatewayReplica(world, { bootstrap: 'replay', memory: true, driftCheckEveryMs: 0, pageSize: 100 });
   await r.caughtUp();
 
   let traffic = true;
@@ -287,16 +277,12 @@ test('a rebuild under live traffic: reads never see a partial replica, and no ev
 });
 
 test('out-of-order and duplicate deliveries never move a row backwards, and a tombstone keeps an older upsert out', async (t) => {
-  if (!(await requirePostgres(t))) return;
-  const schema = uniqueSchema('rp');
-  schemas.push(schema);
-  const idBus = newBus(schema, 'identity');
+  const world = await pgWorld(t, 'rp', { poolSize: 4 });
+  if (world === undefined) return;
+  const { schema } = world;
+  const idBus = world.bus('identity');
   await idBus.start();
-  const gateway = newBus(schema, 'gateway');
-  const r = replica(gateway, users, { memory: true, driftCheckEveryMs: 0 });
-  replicas.push(r);
-  await gateway.start();
-  await r.start();
+  const { r } = await gatewayReplica(world, { memory: true, driftCheckEveryMs: 0 });
   const user = (version: number, name: string) => ({ id: 'k', version, name, score: version });
   // Each publish is its own message (its own id), as a redelivery by a publisher that retried would be.
   for (const [version, name] of [
@@ -330,35 +316,19 @@ test('out-of-order and duplicate deliveries never move a row backwards, and a to
 });
 
 test('tidings drift check asks the running replica over the bus and prints its report; status and drift status list replicas', async (t) => {
-  if (!(await requirePostgres(t))) return;
-  const schema = uniqueSchema('rp');
-  schemas.push(schema);
-  const { change, bus: idBus } = await identity(schema);
+  const w = await identityWorld(t);
+  if (w === undefined) return;
+  const { world, schema, change, bus: idBus } = w;
   await idBus.transaction(async (tx) => {
     for (let i = 0; i < 50; i++) await change(tx, `u-${i}`, 'upsert');
   });
-  const gateway = newBus(schema, 'gateway');
-  const r = replica(gateway, users, { instance: 'gw1', driftCheckEveryMs: 0 });
-  replicas.push(r);
-  await gateway.start();
-  await r.start();
+  const { r } = await gatewayReplica(world, { instance: 'gw1', driftCheckEveryMs: 0 });
   await r.caughtUp();
   const client = await connect();
   t.after(() => client.end());
   await client.query(`delete from ${r.view} where key = 'u-7'`);
 
-  const cli = async (...args: string[]) => {
-    let out = '';
-    const program = buildProgram({
-      env: { DATABASE_URL },
-      interrupt: new AbortController().signal,
-      stdoutIsTTY: false,
-      out: (text) => (out += text),
-      err: () => undefined,
-    });
-    await program.parseAsync(['node', 'tidings', '--schema', schema, ...args]);
-    return out;
-  };
+  const cli = tidingsInProcess(schema);
   const checked = await cli('drift', 'check', 'users-gw1', '--timeout', '20');
   assert.match(checked, /Replica users-gw1: 1 missing, 0 extra, 0 different; 1 repaired\./);
   assert.match(checked, /missing: u-7/);
@@ -374,10 +344,9 @@ test('tidings drift check asks the running replica over the bus and prints its r
 });
 
 test('tidings replica rebuild asks the running replica over the bus, follows the progress it reports, and prints its report', async (t) => {
-  if (!(await requirePostgres(t))) return;
-  const schema = uniqueSchema('rp');
-  schemas.push(schema);
-  await identity(schema);
+  const w = await identityWorld(t);
+  if (w === undefined) return;
+  const { world, schema } = w;
   const client = await connect();
   t.after(() => client.end());
   const KEYS = 5_000;
@@ -385,12 +354,8 @@ test('tidings replica rebuild asks the running replica over the bus, follows the
     `insert into "${schema}".users (id, version, name, score) select 'u-' || lpad(i::text, 5, '0'), 1, 'name-' || i, i from generate_series(1, $1) i`,
     [KEYS],
   );
-  const gateway = newBus(schema, 'gateway');
   // Small pages: the rebuild takes a few dozen round trips, so there is progress to see.
-  const r = replica(gateway, users, { instance: 'gw1', bootstrap: 'transfer', driftCheckEveryMs: 0, pageSize: 50, memory: true });
-  replicas.push(r);
-  await gateway.start();
-  await r.start();
+  const { gateway, r } = await gatewayReplica(world, { instance: 'gw1', bootstrap: 'transfer', driftCheckEveryMs: 0, pageSize: 50, memory: true });
   assert.equal(r.stats().memoryRows, KEYS);
   await client.query(`update "${schema}".users set name = 'changed without an event' where id = 'u-00042'`);
 
@@ -408,18 +373,7 @@ test('tidings replica rebuild asks the running replica over the bus, follows the
   assert.equal((await r.get('u-00042'))?.name, 'changed without an event', 'memory reloaded from the new table');
   assert.equal(r.stats().rebuilds, 2);
 
-  const cli = async (...args: string[]) => {
-    let out = '';
-    const program = buildProgram({
-      env: { DATABASE_URL },
-      interrupt: new AbortController().signal,
-      stdoutIsTTY: false,
-      out: (text) => (out += text),
-      err: () => undefined,
-    });
-    await program.parseAsync(['node', 'tidings', '--schema', schema, ...args]);
-    return out;
-  };
+  const cli = tidingsInProcess(schema);
   const json = JSON.parse(await cli('--json', 'replica', 'rebuild', 'users-gw1', '--timeout', '20'));
   assert.deepEqual([json.replica, json.generation, json.rows], ['users-gw1', 4, KEYS]);
   assert.match(

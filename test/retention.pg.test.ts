@@ -7,11 +7,11 @@ import { test } from 'node:test';
 import type pg from 'pg';
 import { z } from 'zod';
 import { deadLetter, defineEvent, retryLater, TidingsError } from '../src/index.ts';
-import { pgDriver } from '../src/postgres/driver.ts';
+import { pgDriver } from '../src/postgres/connection/pg.ts';
 import { prune, resolveRetention, Retention, retentionDefaults, type PruneResult } from '../src/postgres/retention.ts';
 import { Ticked } from './fixtures/contracts.ts';
 import { pgWorld } from './fixtures/bus.ts';
-import { checkOrder, effects, logCount } from './fixtures/effects.ts';
+import { checkOrder, effects, logCount, recordEffect } from './fixtures/effects.ts';
 import { connect, createEffects, DATABASE_URL, runTidings, sleep, waitFor } from './helpers.ts';
 
 /** Bounds every test: a hang fails it instead of the whole run. */
@@ -185,18 +185,7 @@ test('retention racing live consumers (every row pruned the moment it is handled
     const bus = world.bus();
     const fast = new Set<string>();
     bus.subscribe('fast', Ticked, (message) => void fast.add(message.id), { partitions: 2 });
-    bus.subscribe(
-      'slow',
-      Ticked,
-      async (message, ctx) => {
-        await ctx.tx.query(`insert into "${schema}".effects (message_id, key, seq, worker) values ($1, $2, $3, 0)`, [
-          message.id,
-          message.data.key,
-          message.data.seq,
-        ]);
-      },
-      { partitions: 3, batchSize: 20, concurrency: 2 },
-    );
+    bus.subscribe('slow', Ticked, (message, ctx) => recordEffect(ctx.tx, schema, message), { partitions: 3, batchSize: 20, concurrency: 2 });
     await bus.start();
     let pruning = true;
     let runs = 0;

@@ -7,17 +7,28 @@
  */
 import assert from 'node:assert/strict';
 import { test, type TestContext } from 'node:test';
-import type { Bus } from '../src/index.ts';
+import type { Bus, HandlerContext, Message } from '../src/index.ts';
 import type { PgTransaction } from '../src/postgres/index.ts';
 import { Ticked } from './fixtures/contracts.ts';
-import { connect, waitFor } from './helpers.ts';
+import { connect, sql, waitFor } from './helpers.ts';
 import { pgWorld } from './fixtures/bus.ts';
 
 const PARTITIONS = 4;
 const KEYS = 40;
 const PER_KEY = 5;
 
-async function setup(t: TestContext): Promise<{ schema: string; bus: Bus<PgTransaction> } | undefined> {
+interface Setup {
+  readonly schema: string;
+  readonly bus: Bus<PgTransaction>;
+  /** Handlings per message id (more than 1: handled again). */
+  readonly calls: Map<string, number>;
+  /** Each key's seqs in the order handled, repeats included. */
+  readonly order: Map<string, number[]>;
+  /** What every handler here does first: counts the call, notes the order, writes the effect through ctx.tx. */
+  record(message: Message<{ key: string; seq: number }>, ctx: HandlerContext<PgTransaction>): Promise<void>;
+}
+
+async function setup(t: TestContext): Promise<Setup | undefined> {
   const world = await pgWorld(t, 'sb');
   if (world === undefined) return undefined;
   const { schema } = world;
@@ -29,29 +40,35 @@ async function setup(t: TestContext): Promise<{ schema: string; bus: Bus<PgTrans
   } finally {
     await client.end();
   }
-  return { schema, bus: world.bus('sub-batches', { handlerConnections: 4 }) };
+  const calls = new Map<string, number>();
+  const order = new Map<string, number[]>();
+  return {
+    schema,
+    bus: world.bus('sub-batches', { handlerConnections: 4 }),
+    calls,
+    order,
+    async record(message, ctx) {
+      calls.set(message.id, (calls.get(message.id) ?? 0) + 1);
+      order.set(message.data.key, [...(order.get(message.data.key) ?? []), message.data.seq]);
+      await ctx.tx.query(`insert into "${schema}".effects (id, key, seq, pid) values ($1, $2, $3, pg_backend_pid())`, [
+        message.id,
+        message.data.key,
+        message.data.seq,
+      ]);
+    },
+  };
 }
 
 async function effects(schema: string): Promise<Array<{ id: string; key: string; seq: number; pid: number; n: number }>> {
-  const client = await connect();
-  try {
-    const { rows } = await client.query<{ id: string; key: string; seq: number; pid: number; n: string }>(
-      `select id, key, min(seq) as seq, min(pid) as pid, count(*) as n from "${schema}".effects group by id, key`,
-    );
-    return rows.map((row) => ({ ...row, n: Number(row.n) }));
-  } finally {
-    await client.end();
-  }
+  const rows = await sql<{ id: string; key: string; seq: number; pid: number; n: string }>(
+    `select id, key, min(seq) as seq, min(pid) as pid, count(*) as n from "${schema}".effects group by id, key`,
+  );
+  return rows.map((row) => ({ ...row, n: Number(row.n) }));
 }
 
 async function partitionOf(schema: string, key: string): Promise<number> {
-  const client = await connect();
-  try {
-    const { rows } = await client.query<{ p: number }>(`select key_hash % ${PARTITIONS} as p from "${schema}".log where key = $1 limit 1`, [key]);
-    return Number(rows[0]!.p);
-  } finally {
-    await client.end();
-  }
+  const rows = await sql<{ p: number }>(`select key_hash % ${PARTITIONS} as p from "${schema}".log where key = $1 limit 1`, [key]);
+  return Number(rows[0]!.p);
 }
 
 /** Publishes a warm-up message (its handler writes, so the next batch is split), then `perKey` ticks of every key in one transaction. */
@@ -86,21 +103,13 @@ function assertOncePerMessageInOrder(rows: Awaited<ReturnType<typeof effects>>, 
 test('a writing batch runs on several connections at once; a writer that fails replays only its own sub-batch', async (t) => {
   const ready = await setup(t);
   if (ready === undefined) return;
-  const { schema, bus } = ready;
-  const calls = new Map<string, number>();
-  const order = new Map<string, number[]>();
+  const { schema, bus, calls, order, record } = ready;
   let failed = false;
   bus.subscribe(
     'split',
     Ticked,
     async (message, ctx) => {
-      calls.set(message.id, (calls.get(message.id) ?? 0) + 1);
-      order.set(message.data.key, [...(order.get(message.data.key) ?? []), message.data.seq]);
-      await ctx.tx.query(`insert into "${schema}".effects (id, key, seq, pid) values ($1, $2, $3, pg_backend_pid())`, [
-        message.id,
-        message.data.key,
-        message.data.seq,
-      ]);
+      await record(message, ctx);
       if (message.data.key === 'k7' && message.data.seq === 3 && !failed) {
         failed = true;
         throw new Error('fails once, after writing');
@@ -132,9 +141,7 @@ test('a writing batch runs on several connections at once; a writer that fails r
 test('a lease lost on one partition mid-batch: its sub-batch is fenced and rolled back, the others commit once, and the partition is handled again after it is taken back', async (t) => {
   const ready = await setup(t);
   if (ready === undefined) return;
-  const { schema, bus } = ready;
-  const calls = new Map<string, number>();
-  const order = new Map<string, number[]>();
+  const { schema, bus, calls, order, record } = ready;
   let unblock!: () => void;
   const blocked = new Promise<void>((resolve) => {
     unblock = resolve;
@@ -144,13 +151,7 @@ test('a lease lost on one partition mid-batch: its sub-batch is fenced and rolle
     'lease',
     Ticked,
     async (message, ctx) => {
-      calls.set(message.id, (calls.get(message.id) ?? 0) + 1);
-      order.set(message.data.key, [...(order.get(message.data.key) ?? []), message.data.seq]);
-      await ctx.tx.query(`insert into "${schema}".effects (id, key, seq, pid) values ($1, $2, $3, pg_backend_pid())`, [
-        message.id,
-        message.data.key,
-        message.data.seq,
-      ]);
+      await record(message, ctx);
       if (message.data.key === 'k0' && message.data.seq === 2 && !blocking) {
         blocking = true;
         await blocked;

@@ -204,6 +204,20 @@ test('embedded PostgreSQL: without PGlite installed the error says what to insta
   assert.match(started.stdout, /billing handled 2 orders/);
 });
 
+test('the tidings command runs from the tarball: its compiled sources reach the library through the package entries', async (t) => {
+  if (!(await requirePostgres(t))) return;
+  const bin = join(app, 'node_modules', 'tidings', 'bin', 'tidings.js');
+  const expected = (JSON.parse(readFileSync(join(root, 'package.json'), 'utf8')) as { version: string }).version;
+  assert.equal(ok(await run(process.execPath, [bin, '--version'], { cwd: app }), 'tidings --version').stdout.trim(), expected);
+  const schema = uniqueSchema('tarball_cli');
+  schemas.push(schema);
+  const migrated = ok(
+    await run(process.execPath, [bin, '--json', '--schema', schema, 'migrate'], { cwd: app, env: { ...process.env, DATABASE_URL } }),
+    'tidings migrate',
+  );
+  assert.equal((JSON.parse(migrated.stdout) as { schema: string }).schema, schema);
+});
+
 test('a broker backbone without its client package: the error names the package and the install command', async () => {
   // Plain JavaScript: the type check would (rightly) ask for the clients' types first.
   writeFileSync(

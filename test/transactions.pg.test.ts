@@ -6,39 +6,27 @@
  * (one the caller gives).
  */
 import assert from 'node:assert/strict';
-import { after, test, type TestContext } from 'node:test';
+import { test, type TestContext } from 'node:test';
 import pg from 'pg';
-import { createBus, TidingsError, type Bus } from '../src/index.ts';
-import { postgres, type PgTransaction } from '../src/postgres/index.ts';
+import { TidingsError } from '../src/index.ts';
+import { pgWorld } from './fixtures/bus.ts';
 import { Ticked } from './fixtures/contracts.ts';
-import { connect, DATABASE_URL, dropSchema, requirePostgres, sleep, uniqueSchema, waitFor } from './helpers.ts';
-
-const schemas: string[] = [];
-const buses: Bus<PgTransaction>[] = [];
-const pools: pg.Pool[] = [];
-after(async () => {
-  await Promise.all(buses.map((bus) => bus.stop().catch(() => undefined)));
-  await Promise.all(pools.map((pool) => pool.end().catch(() => undefined)));
-  for (const schema of schemas) await dropSchema(schema);
-});
+import { connect, DATABASE_URL, sleep, sql, waitFor } from './helpers.ts';
 
 type Pooling = 'own pool (pipelined)' | 'caller pool (not pipelined)';
 const POOLINGS: Pooling[] = ['own pool (pipelined)', 'caller pool (not pipelined)'];
 
 async function setup(t: TestContext, pooling: Pooling) {
-  if (!(await requirePostgres(t))) return undefined;
-  const schema = uniqueSchema('tx');
-  schemas.push(schema);
-  const common = { schema, pollMs: 1_000, onWarning: () => undefined };
-  let backbone: ReturnType<typeof postgres>;
-  if (pooling === 'own pool (pipelined)') backbone = postgres({ url: DATABASE_URL, ...common });
-  else {
-    const pool = new pg.Pool({ connectionString: DATABASE_URL, max: 6 });
-    pools.push(pool);
-    backbone = postgres({ pool, ...common });
+  const world = await pgWorld(t, 'tx');
+  if (world === undefined) return undefined;
+  const { schema } = world;
+  let pool: pg.Pool | undefined;
+  if (pooling === 'caller pool (not pipelined)') {
+    pool = new pg.Pool({ connectionString: DATABASE_URL, max: 6 });
+    // After the world's own clean-up, which stops the bus that uses the pool.
+    t.after(() => pool!.end().catch(() => undefined));
   }
-  const bus = createBus({ service: 'tx-test', backbone });
-  buses.push(bus);
+  const bus = world.bus('tx-test', pool === undefined ? {} : { pool });
   const seen: string[] = [];
   bus.subscribe('seen', Ticked, (message) => {
     seen.push(`${message.data.key}:${message.data.seq}`);
@@ -47,22 +35,8 @@ async function setup(t: TestContext, pooling: Pooling) {
   await bus.transaction(async (tx) => {
     await tx.query(`create table ${schema}.orders (id text primary key, total int not null check (total >= 0))`);
   });
-  const orders = async () => {
-    const client = await connect();
-    try {
-      return (await client.query<{ id: string }>(`select id from ${schema}.orders order by id`)).rows.map((row) => row.id);
-    } finally {
-      await client.end();
-    }
-  };
-  const logged = async () => {
-    const client = await connect();
-    try {
-      return Number((await client.query<{ n: string }>(`select count(*) as n from ${schema}.log`)).rows[0]!.n);
-    } finally {
-      await client.end();
-    }
-  };
+  const orders = async () => (await sql<{ id: string }>(`select id from ${schema}.orders order by id`)).map((row) => row.id);
+  const logged = async () => Number((await sql<{ n: string }>(`select count(*) as n from ${schema}.log`))[0]!.n);
   return { schema, bus, seen, orders, logged };
 }
 
@@ -313,11 +287,10 @@ for (const pooling of POOLINGS) {
 }
 
 test('a COPY the server fails mid-stream rolls its transaction back, and the pool connection that ran it serves later transactions', async (t) => {
-  if (!(await requirePostgres(t))) return;
-  const schema = uniqueSchema('tx');
-  schemas.push(schema);
-  const bus = createBus({ service: 'tx-test', backbone: postgres({ url: DATABASE_URL, schema, poolSize: 2, onWarning: () => undefined }) });
-  buses.push(bus);
+  const world = await pgWorld(t, 'tx');
+  if (world === undefined) return;
+  const { schema } = world;
+  const bus = world.bus('tx-test', { poolSize: 2 });
   await bus.start();
   const items = (from: number, n: number) => Array.from({ length: n }, (_, i) => ({ key: `k${i % 10}`, seq: from + i, note: 'x'.repeat(200) }));
   for (let round = 0; round < 3; round++) {

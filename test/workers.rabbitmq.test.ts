@@ -4,26 +4,15 @@
  * partitions, one of them killed with -9.
  */
 import assert from 'node:assert/strict';
-import { after, test } from 'node:test';
+import { test } from 'node:test';
 import { z } from 'zod';
 import { defineEvent, keyHash, type Bus } from '../src/index.ts';
 import type { PgTransaction } from '../src/postgres/index.ts';
 import { assignPartitions } from '../src/rabbitmq/consume/workers.ts';
 import { Ticked, Tocked } from './fixtures/contracts.ts';
 import { startProcess } from './fixtures/processes.ts';
-import { connect, RABBITMQ_URL, requireBroker, requirePostgres, sleep, waitFor } from './helpers.ts';
-import { createWorkerTables, Harness, warnings } from './fixtures/rabbitmq.ts';
-
-const harnesses: Harness[] = [];
-after(async () => {
-  for (const harness of harnesses) await harness.cleanup();
-});
-
-function harness(): Harness {
-  const h = new Harness();
-  harnesses.push(h);
-  return h;
-}
+import { connect, RABBITMQ_URL, sleep, waitFor } from './helpers.ts';
+import { createWorkerTables, rabbitWorld, warnings, type Harness } from './fixtures/rabbitmq.ts';
 
 const Noted = defineEvent('test.noted', { schema: z.object({ key: z.string(), seq: z.number().int() }), key: (data) => data.key });
 
@@ -92,15 +81,13 @@ function assertDeploy(log: readonly Handling[], expected: string[][], worker: st
   });
 }
 
-test('a rolling deploy that adds a handler: an old worker beside a new one never takes the new topic; every message handled once, in order, by a worker with its handler; nothing dead-lettered', async (t) => {
-  if (!(await requireBroker(t, 'RabbitMQ', RABBITMQ_URL))) return;
-  const h = harness();
-  const log: Handling[] = [];
-  const old = billingWorker(h, 'old', false, log);
-  const fresh = billingWorker(h, 'new', true, log);
+/**
+ * A deploy's first phase: the old worker starts first (it reads every partition when the new one arrives, as
+ * in a real deploy), then the new one and a publisher; 10 keys × 4 rounds on both topics are handled, then
+ * checked by assertDeploy, test.noted by the worker `noted`.
+ */
+async function deployPhase(h: Harness, log: Handling[], old: Bus<PgTransaction>, fresh: Bus<PgTransaction>, noted: 'old' | 'new') {
   const publisher = h.bus('publisher');
-  const warned = warnings.length;
-  // The old worker first: it reads every partition when the new one arrives, as in a real deploy.
   await old.start();
   await fresh.start();
   await publisher.start();
@@ -109,7 +96,18 @@ test('a rolling deploy that adds a handler: an old worker beside a new one never
   const expected = await publishBoth(publisher, keys, rounds);
   await waitFor('every message', () => new Set(log.map((handling) => handling.id)).size >= keys * rounds * 2, 20_000);
   await sleep(300);
-  assertDeploy(log, expected, 'new', keys * rounds * 2);
+  assertDeploy(log, expected, noted, keys * rounds * 2);
+  return { publisher, keys };
+}
+
+test('a rolling deploy that adds a handler: an old worker beside a new one never takes the new topic; every message handled once, in order, by a worker with its handler; nothing dead-lettered', async (t) => {
+  const h = await rabbitWorld(t);
+  if (h === undefined) return;
+  const log: Handling[] = [];
+  const old = billingWorker(h, 'old', false, log);
+  const fresh = billingWorker(h, 'new', true, log);
+  const warned = warnings.length;
+  await deployPhase(h, log, old, fresh, 'new');
   assert.equal(old.stats().subscriptions.billing?.deadLettered, 0);
   assert.equal(fresh.stats().subscriptions.billing?.deadLettered, 0);
   assert.equal(await fresh.backbone.deadLetters().count({ subscription: 'billing' }), 0, 'nothing dead-lettered');
@@ -124,21 +122,12 @@ test('a rolling deploy that adds a handler: an old worker beside a new one never
 });
 
 test('a rolling deploy that removes a handler: the new worker beside an old one that still has it never takes that topic; then, the old one gone, the new one reads everything', async (t) => {
-  if (!(await requireBroker(t, 'RabbitMQ', RABBITMQ_URL))) return;
-  const h = harness();
+  const h = await rabbitWorld(t);
+  if (h === undefined) return;
   const log: Handling[] = [];
   const old = billingWorker(h, 'old', true, log);
   const fresh = billingWorker(h, 'new', false, log);
-  const publisher = h.bus('publisher');
-  await old.start();
-  await fresh.start();
-  await publisher.start();
-  const keys = 10;
-  const rounds = 4;
-  const expected = await publishBoth(publisher, keys, rounds);
-  await waitFor('every message', () => new Set(log.map((handling) => handling.id)).size >= keys * rounds * 2, 20_000);
-  await sleep(300);
-  assertDeploy(log, expected, 'old', keys * rounds * 2);
+  const { publisher, keys } = await deployPhase(h, log, old, fresh, 'old');
 
   // The deploy ends: the last old worker stops, and test.noted is no longer the subscription's (its binding
   // stays: its messages are skipped, after a worker timeout, as on PostgreSQL).
@@ -168,8 +157,8 @@ test('a rolling deploy that removes a handler: the new worker beside an old one 
 });
 
 test("a rolling deploy whose new workers all crash: the added topic stays the subscription's (the newest worker had it), the old worker holds and skips nothing; a new worker back handles it all once", async (t) => {
-  if (!(await requireBroker(t, 'RabbitMQ', RABBITMQ_URL)) || !(await requirePostgres(t))) return;
-  const h = harness();
+  const h = await rabbitWorld(t, { postgres: true });
+  if (h === undefined) return;
   await createWorkerTables(h.schema);
   const log: Handling[] = [];
   const old = h.bus('old', { rabbit: quick });
@@ -223,8 +212,8 @@ test("a rolling deploy whose new workers all crash: the added topic stays the su
 });
 
 test('a partition handed over while one of its keys waits for a delayed retry: the new reader keeps the key held, and the retry runs there', async (t) => {
-  if (!(await requireBroker(t, 'RabbitMQ', RABBITMQ_URL))) return;
-  const h = harness();
+  const h = await rabbitWorld(t);
+  if (h === undefined) return;
   const log: Array<{ worker: string; seq: number; attempt: number }> = [];
   const worker = (name: string) => {
     const bus = h.bus(name, { rabbit: quick });
@@ -271,8 +260,8 @@ test('partitions go in turn to the workers that handle every topic; none when no
 });
 
 test('load sharing: two processes both handle a subscription, each key in order; one joins, one is killed with -9, nothing is lost or handled twice', async (t) => {
-  if (!(await requireBroker(t, 'RabbitMQ', RABBITMQ_URL)) || !(await requirePostgres(t))) return;
-  const h = harness();
+  const h = await rabbitWorld(t, { postgres: true });
+  if (h === undefined) return;
   // The schema the workers' outbox creates; the effects and attempts tables go beside it first.
   await createWorkerTables(h.schema);
   const publisher = h.bus('publisher', { outbox: true, relay: false });

@@ -111,6 +111,7 @@ const GROUP_TITLES: Partial<Record<Row['group'], string>> = {
   guarantees: ' -- guarantees on (workload 6)',
   subscriptions: ' -- scaling: subscriptions that each receive every event (1k keys, inbox; 1 process)',
   payload: ' -- scaling: payload size (1k keys, inbox; 1 process)',
+  tracing: ' -- the cost of traces and metrics (issue 22): off, no-op, every span sampled',
   tenancy: ' -- tenancy: 20 tenants, without and with row-level security (issue 23)',
   tenancyTx: ' -- tenancy: 20 tenants, handlers insert via ctx.tx, without and with row-level security (issue 23)',
 };

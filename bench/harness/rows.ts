@@ -17,6 +17,8 @@ export type Group =
   | 'subscriptions'
   | 'payload'
   | 'time'
+  /** Issue 22: the cost of traces and metrics (telemetry off, no-op, full sampling); `--only tracing` runs them alone. */
+  | 'tracing'
   | 'tenancy'
   | 'tenancyTx'
   | 'fairness';
@@ -30,7 +32,7 @@ export interface Row {
   /** The Tidings row the others of its table are compared with. */
   reference?: boolean;
   /** This row's own sizes over the workload's (events, warm-up, rates...). */
-  sizes?: Partial<Pick<Task, 'events' | 'warmUpEvents' | 'publishSeconds' | 'rates' | 'idleSeconds' | 'timeoutMs'>>;
+  sizes?: Partial<Pick<Task, 'events' | 'warmUpEvents' | 'publishSeconds' | 'rates' | 'idleSeconds' | 'timeoutMs' | 'scheduleLeadMs'>>;
 }
 
 export interface Step {

@@ -1,4 +1,4 @@
-/** The goals of issue 24 (and issue 8's T5), checked against a run's medians (reported, never asserted). */
+/** The goals of issue 24 (and issue 8's T5, issue 21's scheduled latency), checked against a run's medians (reported, never asserted). */
 import type { Workload } from '../protocol.ts';
 import { BROKERS } from './brokers.ts';
 import { LABELS, ROW, withRls } from './plan.ts';
@@ -44,11 +44,19 @@ export function checkTargets(entries: Entry[]): TargetCheck[] {
   const first = largest?.summary.firstMessageMs?.median;
   const producersEmpty = share(m('e2e', ROW.producersEmpty, 'producerRate'), raw('single10'));
   const producersBusiness = share(m('e2e', ROW.producersBusiness, 'producerRate'), raw('business10'));
+  // Issue 22: telemetry's cost, each workload's rows against its telemetry-off row.
+  const traced = (workload: Workload, suffix: string) => {
+    const off = m(workload, `${ROW.telemetryOff}${suffix}`, 'rate');
+    return { noop: share(m(workload, `${ROW.telemetryNoop}${suffix}`, 'rate'), off), sdk: share(m(workload, `${ROW.telemetrySdk}${suffix}`, 'rate'), off) };
+  };
+  const tracedE2e = traced('e2e', ' (1 process)');
+  const tracedDrain = traced('drain', ', steady');
   const rls = (workload: Workload, label: string) => share(m(workload, withRls(label), 'rate'), m(workload, label, 'rate'));
   const [rlsDrain, rlsE2e, rlsE2eTx] = [rls('drain', ROW.tenantsDrain), rls('e2e', ROW.tenantsE2e), rls('e2e', ROW.tenantsE2eTx)];
   const quietAlone = m('fairness', ROW.quietAlone, 'quietP99');
   const quietFair = share(m('fairness', ROW.quietNoisyFair, 'quietP99'), quietAlone);
   const quietOff = share(m('fairness', ROW.quietNoisy, 'quietP99'), quietAlone);
+  const scheduledP99 = m('scheduled', `${LABELS.tidings}, 1,000 due/s`, 'lateP99');
   return [
     {
       id: 'G1',
@@ -120,6 +128,27 @@ export function checkTargets(entries: Entry[]): TargetCheck[] {
       value: `${pct(producersEmpty)}; ${pct(producersBusiness)}`,
       goal: '>= 90 % (issue 8)',
       verdict: both(higher(producersEmpty, 0.9), higher(producersBusiness, 0.9)),
+    },
+    {
+      id: 'O1',
+      measure: 'telemetry, no-op tracer and meter (API, no SDK) / telemetry off, events/s: e2e (1 process), drain (steady)',
+      value: `${pct(tracedE2e.noop)}, ${pct(tracedDrain.noop)}`,
+      goal: '>= 95 % each (issue 22)',
+      verdict: both(higher(tracedE2e.noop, 0.95), higher(tracedDrain.noop, 0.95)),
+    },
+    {
+      id: 'O2',
+      measure: 'telemetry, OTel SDK sampling every span / telemetry off, events/s: e2e (1 process), drain (steady)',
+      value: `${pct(tracedE2e.sdk)}, ${pct(tracedDrain.sdk)}`,
+      goal: 'reported (issue 22)',
+      verdict: 'n/a',
+    },
+    {
+      id: 'S1',
+      measure: 'scheduled delivery on PostgreSQL, 1,000 due/s: lateness (due time -> handler start) p99',
+      value: scheduledP99 === undefined ? '-' : `${fmt(scheduledP99)} ms`,
+      goal: '< 100 ms (issue 21)',
+      verdict: scheduledP99 === undefined ? 'n/a' : scheduledP99 < 100 ? 'met' : 'missed',
     },
   ];
 }

@@ -4,6 +4,7 @@ import type { PgTransaction } from '../../src/postgres/index.ts';
 import { monitorClient } from '../load/pg.ts';
 import type { Task } from '../protocol.ts';
 import { tidings } from './build.ts';
+import { telemetryOf } from './telemetry.ts';
 
 const { createBus } = await tidings<typeof import('../../src/index.ts')>('index');
 const { postgres } = await tidings<typeof import('../../src/postgres/index.ts')>('postgres/index');
@@ -12,7 +13,7 @@ export const SCHEMA = 'tidings_bench';
 
 export function newBus(task: Task, service = 'bench'): Bus<PgTransaction> {
   const tenancy = task.variant.rls === true ? { tenancy: { isolation: 'rls' as const } } : {};
-  return createBus({ service, backbone: postgres({ url: task.pgUrl, schema: SCHEMA, ...tenancy }) });
+  return createBus({ service, backbone: postgres({ url: task.pgUrl, schema: SCHEMA, ...tenancy }), telemetry: telemetryOf(task.variant) });
 }
 
 /** The tenant of event `seq` in a variant with tenants (`t0` ... `t<n-1>`, in turn), else none. */

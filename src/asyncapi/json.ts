@@ -3,7 +3,7 @@ export function canonical(value: unknown): string {
   return JSON.stringify(sortKeys(value));
 }
 
-export function sortKeys(value: unknown): unknown {
+function sortKeys(value: unknown): unknown {
   if (Array.isArray(value)) return value.map(sortKeys);
   if (value === null || typeof value !== 'object') return value;
   return Object.fromEntries(

@@ -5,8 +5,8 @@
  */
 import { existsSync, readFileSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
-import { TidingsError } from '../index.ts';
-import { checkIdentifier } from '../postgres/driver.ts';
+import { TidingsError } from 'tidings';
+import { checkIdentifier } from './internals.ts';
 
 export const CONFIG_FILE = 'tidings.config.json';
 

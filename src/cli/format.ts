@@ -118,6 +118,22 @@ export function lease(owner: string | null, remainingMs: number | null): string 
   return remainingMs >= 0 ? `${duration(remainingMs)} left` : `expired ${duration(remainingMs)} ago`;
 }
 
+/** `2026-01-31 12:00:05Z`: an ISO time without the milliseconds, readable in a table. */
+export function shortTime(value: string): string {
+  const time = new Date(value);
+  return Number.isNaN(time.getTime())
+    ? value
+    : time
+        .toISOString()
+        .replace('T', ' ')
+        .replace(/\.\d+Z$/, 'Z');
+}
+
+/** `a, b, c` or, past `max`, `a, b, c and 7 more`. */
+export function listed(items: readonly string[], max: number): string {
+  return items.length <= max ? items.join(', ') : `${items.slice(0, max).join(', ')} and ${items.length - max} more`;
+}
+
 function oneLine(text: string): string {
   return text.replace(/\s*\n\s*/g, ' ⏎ ');
 }

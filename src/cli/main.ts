@@ -4,8 +4,9 @@
  * process.exitCode, so pending output is flushed before the process ends.
  */
 import { CommanderError } from 'commander';
-import { TidingsError } from '../index.ts';
-import { buildProgram, CommandFailed, exitCodes } from './program.ts';
+import { TidingsError } from 'tidings';
+import { CommandFailed, exitCodes } from './context.ts';
+import { buildProgram } from './program.ts';
 
 async function main(argv: readonly string[]): Promise<number> {
   const interrupt = new AbortController();

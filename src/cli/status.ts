@@ -4,8 +4,9 @@
  * reply subscriptions, plumbing an operator rarely reads, fold into one line while they are healthy.
  * `--verbose` shows every partition and worker.
  */
-import type { PartitionStatus, Status, SubscriptionStatus } from '../postgres/index.ts';
-import { duration, lease, table, type Column, type Style, type Tone } from './format.ts';
+import type { PartitionStatus, Status, SubscriptionStatus } from 'tidings/postgres';
+import type { ReplicaStatus } from 'tidings/replica';
+import { duration, lease, shortTime, table, type Column, type Style, type Tone } from './format.ts';
 
 export interface StatusView {
   /** Every partition and worker, not only those in trouble. */
@@ -161,13 +162,20 @@ export function renderStatus(status: Status, where: string, view: StatusView): s
   return lines.join('\n');
 }
 
-/** `2026-01-31 12:00:05Z`: an ISO time without the milliseconds, readable in a table. */
-export function shortTime(value: string): string {
-  const time = new Date(value);
-  return Number.isNaN(time.getTime())
-    ? value
-    : time
-        .toISOString()
-        .replace('T', ' ')
-        .replace(/\.\d+Z$/, 'Z');
+/** The replicas' table, under the subscriptions in `tidings status`, and alone in `tidings drift status`. */
+export function renderReplicas(replicas: readonly ReplicaStatus[]): string {
+  return [
+    'Replicas',
+    table(replicas, [
+      { header: 'replica', value: (r) => r.name },
+      { header: 'source', value: (r) => r.source },
+      { header: 'rows', value: (r) => r.rows },
+      { header: 'generation', value: (r) => (r.building === null ? r.generation : `${r.generation} (building ${r.building})`) },
+      { header: 'last check', value: (r) => (r.checkedAt === null ? 'never' : shortTime(r.checkedAt)) },
+      { header: 'missing', value: (r) => r.lastCheck?.missing ?? '' },
+      { header: 'extra', value: (r) => r.lastCheck?.extra ?? '' },
+      { header: 'different', value: (r) => r.lastCheck?.different ?? '' },
+      { header: 'repaired', value: (r) => r.lastCheck?.repaired ?? '' },
+    ]),
+  ].join('\n');
 }

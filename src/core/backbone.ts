@@ -78,11 +78,11 @@ export interface Backbone<Tx = unknown> {
   deadLetters(): DeadLetterStore;
   /** Closes connections it opened. Consumers must be stopped first. */
   close(): Promise<void>;
-  /** Optional: lag, held keys and dead letters per subscription, for the metrics' gauges (src/telemetry). */
+  /** Optional: lag, held keys and dead letters per subscription (and the relay's backlog), for the metrics' gauges (src/telemetry). */
   status?(): Promise<BackboneStatus>;
   /** Optional: what readiness depends on (the database or broker reachable, the notifier), for `bus.health()`. */
   health?(): Promise<readonly HealthCheck[]>;
-  /** Optional: the bus hands over its telemetry (relay spans, connection and lease events) before it opens the backbone. */
+  /** Optional: the bus hands over its telemetry (relay and receive spans, connection and lease events) before it opens the backbone. */
   observe?(observer: BackboneObserver): void;
 }
 

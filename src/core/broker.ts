@@ -3,6 +3,7 @@ import type { BackboneDescription, ContractRegistry } from './catalog.ts';
 import type { DeadLetterStore } from './dead-letters.ts';
 import type { HealthCheck } from '../telemetry/status.ts';
 import type { BackboneObserver } from '../telemetry/observer.ts';
+import type { BackboneStatus } from '../telemetry/status.ts';
 
 /**
  * A message broker that carries Tidings' messages (RabbitMQ, NATS JetStream). It stores and delivers; it
@@ -35,6 +36,8 @@ export interface Broker {
   close(): Promise<void>;
   /** Optional: whether the broker is reachable now, for `bus.health()`. */
   health?(): Promise<readonly HealthCheck[]>;
+  /** Optional: lag, held keys and dead letters of the subscriptions it consumes, for the metrics' gauges. */
+  status?(): Promise<BackboneStatus>;
   /** Optional: the bus's telemetry, told of lost connections and leases. */
   observe?(observer: BackboneObserver): void;
 }

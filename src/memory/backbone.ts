@@ -20,6 +20,7 @@ import { MemoryPublisher } from './publisher.ts';
 import { MemoryReplies } from './replies.ts';
 import { memorySagaStore } from './sagas.ts';
 import { enlist, finish, MemoryTransaction, rollbackHook } from './transaction.ts';
+import type { BackboneObserver } from '../telemetry/observer.ts';
 
 /**
  * Publishing appends to one log in commit order and copies a reference into the queue of each
@@ -38,6 +39,8 @@ export class MemoryBackbone implements Backbone<MemoryTransaction> {
   /** The last tick each recurring schedule fired (see claimTick). */
   readonly #ticks = new Map<string, { tick: number; definition: string }>();
   readonly #ctx: GroupContext;
+  /** The telemetry of the bus that last opened on this backbone (several may share one): its receive spans. */
+  #observer: BackboneObserver | undefined;
 
   constructor(options: MemoryOptions = {}) {
     const settings = resolveMemoryOptions(options);
@@ -54,7 +57,12 @@ export class MemoryBackbone implements Backbone<MemoryTransaction> {
       warn: (message, error) => settings.warn(message, error),
       maxInbox: settings.maxInbox,
       clock: settings.clock,
+      observer: () => this.#observer,
     };
+  }
+
+  observe(observer: BackboneObserver): void {
+    this.#observer = observer;
   }
 
   /** Nothing to connect to. The state lives in this object, so it may be opened again after close(). */

@@ -3,8 +3,8 @@
  * OpenTelemetry meter provider read by the OpenTelemetry Prometheus exporter (`@opentelemetry/sdk-metrics`
  * and `@opentelemetry/exporter-prometheus`, optional peer dependencies loaded here), to give the bus as
  * `telemetry.meterProvider`, and serves the text exposition format from your own HTTP server: a Node `http`
- * handler and a Fetch API one (Hono, Bun, Deno, Next.js route handlers). Proven by test/metrics.pg.test.ts,
- * which scrapes it and parses the text.
+ * handler and a Fetch API one (Hono, Bun, Deno, Next.js route handlers). Proven by test/observability.pg.test.ts
+ * and test/metrics.brokers.test.ts, which scrape it and parse the text.
  *
  *     const metrics = await prometheusMetrics();
  *     const bus = createBus({ service, backbone, telemetry: { meterProvider: metrics.meterProvider } });

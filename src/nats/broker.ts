@@ -19,9 +19,10 @@ import { claimCommands } from './owners.ts';
 import { resolveNatsSettings, type NatsOptions, type NatsSettings } from './options.ts';
 import { publishAll } from './publisher.ts';
 import { openTopology, type Explicit } from './topology.ts';
-import { natsHealth, watchConnection } from './observe.ts';
+import { natsHealth, natsStatus, watchConnection, type ConsumedSubscription } from './observe.ts';
+import { nameToken } from './codec.ts';
 import type { BackboneObserver } from '../telemetry/observer.ts';
-import type { HealthCheck } from '../telemetry/status.ts';
+import type { BackboneStatus, HealthCheck } from '../telemetry/status.ts';
 
 export class NatsBroker implements Broker {
   readonly name = 'nats';
@@ -30,6 +31,7 @@ export class NatsBroker implements Broker {
   #opening: Promise<NatsContext> | undefined;
   #closed = false;
   #observer: BackboneObserver | undefined;
+  readonly #consumed = new Set<ConsumedSubscription>();
 
   /** Options given explicitly; the others follow an existing stream. */
   readonly #explicit: Explicit;
@@ -94,7 +96,21 @@ export class NatsBroker implements Broker {
     await claimCommands(ctx, spec);
     const consumer = new NatsConsumer(ctx, spec, handle);
     await consumer.start();
-    return consumer;
+    const consumed = { name: spec.name, token: nameToken(spec.name) };
+    this.#consumed.add(consumed);
+    return {
+      stop: async () => {
+        await consumer.stop();
+        this.#consumed.delete(consumed);
+      },
+    };
+  }
+
+  /** The subscriptions this process consumes: lag, held keys, dead letters, from JetStream (observe.ts). */
+  async status(): Promise<BackboneStatus> {
+    // Nothing consumed here: nothing to ask, and a scrape must not be what opens the connection.
+    if (this.#consumed.size === 0) return { subscriptions: [] };
+    return natsStatus(await this.context(), [...this.#consumed]);
   }
 
   describe(): BackboneDescription {

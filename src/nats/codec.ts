@@ -16,11 +16,11 @@ export const REDRIVE_FOR = 'tidings-redrive-for';
  * Header values are percent-encoded by the HTTP binding's rule (space, `"`, `%` and anything outside printable
  * ASCII), since a NATS header value cannot hold a line break. Ordinary ids, types and keys pass unchanged.
  */
-export function encodeValue(value: string): string {
+function encodeValue(value: string): string {
   return /[^\x21-\x7e]|["%]/.test(value) ? value.replace(/[^\x21-\x7e]|["%]/gu, (c) => encodeURIComponent(c).replace(/"/g, '%22')) : value;
 }
 
-export function decodeValue(value: string): string {
+function decodeValue(value: string): string {
   if (!value.includes('%')) return value;
   try {
     return decodeURIComponent(value);
@@ -41,7 +41,7 @@ export function toHeaders(envelope: Envelope): MsgHdrs {
 }
 
 /** What NATS refuses for good, beyond the limits every backbone holds a message to (src/core/limits.ts). */
-export const natsLimits = {
+const natsLimits = {
   /** JetStream refuses a message whose header block (every `ce-` attribute, the key and ids among them) is larger. */
   headerBytes: 65_535,
   /**
@@ -55,7 +55,7 @@ export const natsLimits = {
 const SUBJECT = /^[^\s.*>]+(?:\.[^\s.*>]+)*$/;
 
 /** A message as NATS carries it: the `ce-` headers with `Nats-Msg-Id`, and the data as JSON. */
-export interface Wire {
+interface Wire {
   readonly subject: string;
   readonly headers: MsgHdrs;
   readonly payload: Uint8Array;
@@ -142,7 +142,7 @@ export function header(h: MsgHdrs | undefined, name: string): string | undefined
 }
 
 /** A message's headers by lower-case name, each its first value decoded (what `header` gives, for one name). */
-export type HeaderFields = ReadonlyMap<string, string>;
+type HeaderFields = ReadonlyMap<string, string>;
 
 /**
  * Reads every header once. A case-insensitive `MsgHdrs` look-up scans all the names, and decoding reads
@@ -159,7 +159,7 @@ export function headerFields(h: MsgHdrs | undefined): HeaderFields {
 }
 
 /** What the wire carried, decoded as far as it goes; `problem` says why it is not a Tidings message. */
-export type Decoded = { readonly envelope: Envelope; readonly problem?: undefined } | { readonly envelope?: undefined; readonly problem: string };
+type Decoded = { readonly envelope: Envelope; readonly problem?: undefined } | { readonly envelope?: undefined; readonly problem: string };
 
 /**
  * Reads a message back into an envelope. Required: `ce-specversion` 1.0, `ce-id`, `ce-source`, `ce-type`

@@ -17,7 +17,7 @@ import { TidingsError } from '../core/errors.ts';
 import { client } from './client.ts';
 import type { NatsContext } from './context.ts';
 
-export function ownersBucket(ctx: NatsContext): string {
+function ownersBucket(ctx: NatsContext): string {
   return `${ctx.settings.stream}_owners`;
 }
 

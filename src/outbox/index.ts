@@ -19,7 +19,8 @@ import { LocalTokenBuckets, TenantQuotas } from '../core/quotas.ts';
 import type { AnyContract } from '../core/contract.ts';
 import { sleep } from '../core/sleep.ts';
 import type { Inbox } from '../postgres/inbox.ts';
-import type { PgTransaction, PostgresBackbone } from '../postgres/index.ts';
+import type { PostgresBackbone } from '../postgres/backbone.ts';
+import type { PgTransaction } from '../postgres/transaction.ts';
 import type { BackboneDescription, ContractRegistry } from '../core/catalog.ts';
 import type { BackboneStatus, HealthCheck } from '../telemetry/status.ts';
 import type { BackboneObserver } from '../telemetry/observer.ts';
@@ -299,11 +300,19 @@ export class BrokerBackbone implements Backbone<PgTransaction> {
     }
   }
 
-  /** The relay's backlog: what the outbox holds that the broker does not have yet (the gauges, `bus.health()`). */
+  /**
+   * The broker's subscriptions, as far as it reports them, and the relay's backlog: what the outbox holds
+   * that the broker does not have yet (the gauges, `bus.health()`).
+   */
   async status(): Promise<BackboneStatus> {
-    if (this.outbox === undefined || this.#relayOptions === undefined) return { subscriptions: [] };
-    const relay = (await this.outbox.status()).subscriptions.find((subscription) => subscription.name === relayDefaults.subscription);
-    return { subscriptions: [], relay: { backlog: relay?.lag ?? 0, oldestAgeMs: relay?.oldestUnhandledAgeMs ?? null } };
+    const [broker, outbox] = await Promise.all([
+      // A broker that cannot answer now (health says so) must not hide the relay's backlog.
+      this.broker.status?.().catch(() => ({ subscriptions: [] })) ?? { subscriptions: [] },
+      this.outbox === undefined || this.#relayOptions === undefined ? undefined : this.outbox.status(),
+    ]);
+    if (outbox === undefined) return broker;
+    const relay = outbox.subscriptions.find((subscription) => subscription.name === relayDefaults.subscription);
+    return { subscriptions: broker.subscriptions, relay: { backlog: relay?.lag ?? 0, oldestAgeMs: relay?.oldestUnhandledAgeMs ?? null } };
   }
 
   async health(): Promise<readonly HealthCheck[]> {

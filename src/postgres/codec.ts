@@ -9,7 +9,7 @@ import type { Envelope } from '../core/envelope.ts';
 import { TidingsError } from '../core/errors.ts';
 
 /**
- * A row of the log as readers get it (see `statements.readLanes` and `messagesAt`): the envelope's attributes
+ * A row of the log as readers get it (see `statements.readLanes` and `dueHeld`): the envelope's attributes
  * in columns, `time` as ISO text, `seen` when the reader's inbox has the id.
  */
 export interface LogRow {

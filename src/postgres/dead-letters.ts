@@ -23,7 +23,7 @@ import type { AttemptRecord } from '../core/errors.ts';
 import { TidingsError } from '../core/errors.ts';
 import { attributeProblem } from '../core/limits.ts';
 import { iso } from './codec.ts';
-import type { Queryable, SqlDriver } from './driver.ts';
+import type { Queryable, SqlDriver } from './connection/driver.ts';
 import { chunkOf, inChunks, type ChunkedActionOptions } from './ops/chunks.ts';
 import { adminDefaults } from './ops/options.ts';
 import { explainMissingSchema } from './ops/schema.ts';

@@ -1,5 +1,5 @@
 import { Batcher } from '../core/batching.ts';
-import type { Queryable, SqlDriver } from './driver.ts';
+import type { Queryable, SqlDriver } from './connection/driver.ts';
 import type { Statements } from './statements.ts';
 
 /**

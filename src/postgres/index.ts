@@ -2,8 +2,9 @@
  * The PostgreSQL backbone (backbone.ts): a log table read in commit order, LISTEN/NOTIFY wake-ups, partition
  * leases, and a transactional outbox for free. This file is `tidings/postgres`: the factory and re-exports.
  *
- * The folder: options.ts, backbone.ts, driver.ts and transaction.ts (pg and PGlite behind one driver; the
- * transaction a handler or `bus.transaction` gets), codec.ts (row <-> envelope), publisher.ts (group commit,
+ * The folder: options.ts, backbone.ts, connection/ (driver.ts: pg and PGlite behind one interface; pg.ts with
+ * pg-session.ts, pglite.ts; errors.ts, identifiers.ts, url.ts), transaction.ts (the transaction a handler or
+ * `bus.transaction` gets), codec.ts (row <-> envelope), publisher.ts (group commit,
  * COPY), notifier.ts, statements.ts (the engine's SQL) and sql/ (operator and retention SQL), consume/ (the
  * consumer: leases, lanes, batch, acknowledgement, held keys), dead-letters.ts, scheduler.ts (messages due
  * later), replies.ts, registry.ts, inbox.ts and lazy-transaction.ts (a broker's deliveries through the outbox),
@@ -16,7 +17,9 @@ export { PostgresBackbone } from './backbone.ts';
 export { postgresDefaults, type PostgresOptions } from './options.ts';
 export type { PgTransaction } from './transaction.ts';
 export { tenancyDefaults, type TenancyOptions } from './tenants.ts';
-export type { Queryable, PgPoolLike, PGliteLike, SqlDriver } from './driver.ts';
+export type { Queryable, SqlDriver } from './connection/driver.ts';
+export type { PgPoolLike } from './connection/pg.ts';
+export type { PGliteLike } from './connection/pglite.ts';
 export { readServices } from './registry.ts';
 export { migrate, appliedVersions, migrationScript, pendingMigrations, type PlannedMigration } from './migrate.ts';
 

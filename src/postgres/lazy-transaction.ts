@@ -13,7 +13,7 @@
  * statements and CPU per event).
  */
 import { TidingsError } from '../core/errors.ts';
-import type { Queryable } from './driver.ts';
+import type { Queryable } from './connection/driver.ts';
 import type { Inbox } from './inbox.ts';
 import { TrackedTransaction, type PgTransaction } from './transaction.ts';
 

@@ -1,4 +1,4 @@
-import type { Queryable, SqlDriver } from './driver.ts';
+import type { Queryable, SqlDriver } from './connection/driver.ts';
 import { migrations } from './migrations/index.ts';
 
 interface Migration {

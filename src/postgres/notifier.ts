@@ -1,5 +1,5 @@
 import { EVERY_TOPIC } from '../core/backbone.ts';
-import type { ListenSession, SqlDriver } from './driver.ts';
+import type { ListenSession, SqlDriver } from './connection/driver.ts';
 
 interface NotifierOptions {
   readonly channel: string;

@@ -4,7 +4,7 @@
  */
 import type { BackboneStatus, HealthCheck, SubscriptionState } from '../telemetry/status.ts';
 import { readStatus, type SubscriptionStatus } from './ops/status.ts';
-import type { Queryable } from './driver.ts';
+import type { Queryable } from './connection/driver.ts';
 
 export async function postgresStatus(db: Queryable, schema: string): Promise<BackboneStatus> {
   const status = await readStatus(db, { schema });

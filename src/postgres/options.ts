@@ -1,6 +1,9 @@
 /** The PostgreSQL backbone's options, their defaults, and their validation. */
 import { OptionProblems, optionNames } from '../core/options.ts';
-import { checkIdentifier, urlProblem, type PGliteLike, type PgPoolLike } from './driver.ts';
+import { checkIdentifier } from './connection/identifiers.ts';
+import type { PgPoolLike } from './connection/pg.ts';
+import type { PGliteLike } from './connection/pglite.ts';
+import { urlProblem } from './connection/url.ts';
 import { resolveRetention, unknownRetentionKeys, type RetentionOptions } from './retention.ts';
 import { tenancyProblems, type TenancyOptions } from './tenants.ts';
 

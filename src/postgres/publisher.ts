@@ -1,7 +1,7 @@
 import type { Outgoing } from '../core/backbone.ts';
 import { Batcher } from '../core/batching.ts';
 import { logParams, messagesJson } from './codec.ts';
-import { runStatement, type Queryable, type Statement } from './driver.ts';
+import { runStatement, type Queryable, type Statement } from './connection/driver.ts';
 
 interface GroupCommitOptions {
   /** Most messages written by one statement. */

@@ -17,7 +17,7 @@
  */
 import type { ResolvedRate } from '../core/options.ts';
 import type { TokenBuckets } from '../core/quotas.ts';
-import { preparing, runStatement, type Queryable, type Session, type SqlDriver } from './driver.ts';
+import { preparing, runStatement, type Queryable, type Session, type SqlDriver } from './connection/driver.ts';
 import { quotaStatements } from './sql/quotas.ts';
 
 /** How long tokens taken ahead for a tenant's next publishes stay usable in the process. */

@@ -4,7 +4,7 @@
  * brokers whose outbox is this database.
  */
 import type { ContractRegistry, RecordedService, ServiceRecord } from '../core/catalog.ts';
-import type { Queryable } from './driver.ts';
+import type { Queryable } from './connection/driver.ts';
 
 function registrySql(schema: string) {
   return {

@@ -1,6 +1,6 @@
 import type { Reply } from '../core/backbone.ts';
 import type { ErrorRecord } from '../core/errors.ts';
-import type { SqlDriver } from './driver.ts';
+import type { SqlDriver } from './connection/driver.ts';
 import type { Notifier } from './notifier.ts';
 import type { Statements } from './statements.ts';
 

@@ -23,7 +23,8 @@
  */
 import { hostname } from 'node:os';
 import { OptionProblems, optionNames } from '../core/options.ts';
-import { checkIdentifier, type Queryable } from './driver.ts';
+import type { Queryable } from './connection/driver.ts';
+import { checkIdentifier } from './connection/identifiers.ts';
 import { retentionStatements, type RetentionStatements } from './sql/retention.ts';
 
 const DAY = 86_400_000;

@@ -1,5 +1,5 @@
 import { hostname } from 'node:os';
-import type { SqlDriver } from './driver.ts';
+import type { SqlDriver } from './connection/driver.ts';
 import type { Notifier } from './notifier.ts';
 import type { Statements } from './statements.ts';
 
@@ -32,6 +32,8 @@ export class Scheduler {
   #loop: Promise<void> | undefined;
   #wakeUp: (() => void) | undefined;
   #woken = false;
+  /** When this process last took or renewed the lease (0: it does not lead). */
+  #renewedAt = 0;
   #unsignal: (() => void) | undefined;
 
   constructor(
@@ -79,20 +81,42 @@ export class Scheduler {
     }
   }
 
-  /** Leads if it can; as leader, moves what is due. Returns how long to sleep. */
+  /**
+   * Leads if it can; as leader, moves what is due. Returns how long to sleep. The lease is renewed once per
+   * heartbeat, not before every move: each move checks it is still held, and says when the next is due.
+   */
   async #beat(): Promise<number> {
     const { driver, sql, settings } = this;
-    for (;;) {
+    let next: number | null;
+    if (Date.now() - this.#renewedAt >= settings.heartbeatMs) {
       const { rows } = await driver.query<{ next_ms: number | null }>(sql.leadScheduler, [ROLE, this.owner, settings.leaseMs]);
-      if (rows.length === 0) return settings.heartbeatMs; // another process leads
-      const next = rows[0]!.next_ms;
-      if (next === null || next > 0) return Math.min(settings.heartbeatMs, next ?? Number.POSITIVE_INFINITY);
-      const moved = await driver.query<{ topic: string; n: number }>(sql.moveDue, [ROLE, this.owner, settings.batchSize]);
-      // Nothing moved though something is due: those rows are locked (a cancel), or the lease just went.
-      if (moved.rows.length === 0) return MOVE_AGAIN_MS;
-      this.notifier.poke(moved.rows.map((row) => row.topic));
-      if (this.#stopped) return 0;
+      if (rows.length === 0) {
+        this.#renewedAt = 0;
+        return settings.heartbeatMs; // another process leads
+      }
+      this.#renewedAt = Date.now();
+      next = rows[0]!.next_ms;
+    } else {
+      next = 0; // woken: something may be due
     }
+    const untilRenewal = Math.max(0, this.#renewedAt + settings.heartbeatMs - Date.now());
+    while (next !== null && next <= 0 && !this.#stopped) {
+      const { rows } = await driver.query<{ topics: Record<string, number> | null; next_ms: number | null }>(sql.moveDue, [
+        ROLE,
+        this.owner,
+        settings.batchSize,
+      ]);
+      const topics = Object.keys(rows[0]?.topics ?? {});
+      next = rows[0]?.next_ms ?? null;
+      // Nothing moved though something is due: those rows are locked (a cancel), or the lease just went.
+      if (topics.length === 0) {
+        if (next !== null && next <= 0) return MOVE_AGAIN_MS;
+        break;
+      }
+      this.notifier.poke(topics);
+    }
+    if (this.#stopped) return 0;
+    return Math.min(untilRenewal, next ?? Number.POSITIVE_INFINITY);
   }
 
   #sleep(ms: number): Promise<void> {

@@ -32,6 +32,16 @@ export function statements(schema: string) {
         returning s.topics
       )`;
 
+  /**
+   * Inserts the dead letters of a JSON array (the parameter `json`; rows as `deadRow` makes them). An envelope
+   * sent without its data takes it from the log row at its position: the data is never sent back (and a
+   * payload too deep for JSON.stringify cannot block the acknowledgement).
+   */
+  const insertDeadLetters = (json: string) => `insert into ${s}.dead_letters (subscription, message_id, topic, key, position, envelope, reason, attempts)
+        select r.subscription, r.message_id, r.topic, r.key, r.position, r.envelope || case when r.position is not null and not r.envelope ? 'data' then jsonb_build_object('data', (select d.data from ${s}.log d where d.position = r.position)) else '{}'::jsonb end, r.reason, r.attempts
+        from json_to_recordset(${json}::json) as r(subscription text, message_id text, topic text, key text, position bigint,
+          envelope jsonb, reason text, attempts jsonb)`;
+
   return {
     schema,
     /** One message, its columns as parameters: cheaper than the JSON form for the most common publish. */
@@ -158,16 +168,11 @@ export function statements(schema: string) {
         where ok.ok
         order by r.n
       ), dead as (
-        insert into ${s}.dead_letters (subscription, message_id, topic, key, position, envelope, reason, attempts)
-        select r.subscription, r.message_id, r.topic, r.key, r.position, r.envelope || case when r.position is not null and not r.envelope ? 'data' then jsonb_build_object('data', (select d.data from ${s}.log d where d.position = r.position)) else '{}'::jsonb end, r.reason, r.attempts
-        from json_to_recordset($11::json) as r(subscription text, message_id text, topic text, key text, position bigint,
-          envelope jsonb, reason text, attempts jsonb), ok
+        ${insertDeadLetters('$11')}, ok
         where ok.ok
       )
       select case when not (select covered from covered) then ${s}.topics_changed()
         when (select count(*) from moved) = cardinality($3::int[]) then cardinality($3::int[]) else ${s}.lease_lost() end as fenced`,
-
-    messagesAt: `select ${logColumns} from ${s}.log l where l.position = any($1::int8[])`,
 
     /** $1: a JSON array of rows with `due_at` (see `messagesJson`). A message scheduled again under its id is one message. */
     insertScheduled: `insert into ${s}.scheduled (id, due_at, topic, type, source, time, subject, key, key_hash, tenant, correlation_id, causation_id, traceparent, tracestate, data)
@@ -219,7 +224,9 @@ export function statements(schema: string) {
     /**
      * Moves up to $3 due messages into the log, oldest due first, in one statement, if $2 still holds the
      * scheduler's lease ($1): two leaders, one of them late, could otherwise commit a key's due messages out
-     * of order. Returns the topics moved to (to wake their consumers) and how many.
+     * of order. Returns the topics moved to (to wake their consumers, as `{ topic: n }`) and how long until the
+     * next message left is due (`next_ms`: null if none; zero or less if due already), so a leader moving a
+     * steady stream needs no other statement between moves.
      */
     moveDue: `with leader as (
         select 1 from ${s}.leases where name = $1 and owner = $2 and expires_at > now()
@@ -233,7 +240,9 @@ export function statements(schema: string) {
         from due order by due_at, seq
         returning topic
       )
-      select topic, count(*)::int as n from moved group by topic`,
+      select (select json_object_agg(topic, n) from (select topic, count(*)::int as n from moved group by topic) t) as topics,
+        (select extract(epoch from s.due_at - now()) * 1000 from ${s}.scheduled s
+          where not exists (select 1 from due d where d.seq = s.seq) order by s.due_at, s.seq limit 1)::float8 as next_ms`,
 
     /** Creates the subscription with its first worker's topics; its topics change only through `settleTopics`. */
     upsertSubscription: `insert into ${s}.subscriptions (name, topics, partitions) values ($1, $2, $3)
@@ -286,12 +295,44 @@ export function statements(schema: string) {
       or exists (select 1 from ${s}.leases where owner <> all($1::text[]) and expires_at > now()) as others`,
     forgetExpiredWorkers: `delete from ${s}.workers where subscription = $1 and expires_at < now() - interval '1 hour'`,
 
-    inboxForget: `delete from ${s}.inbox where subscription = $1 and message_id = any($2::text[])`,
-
     heldKeys: `select distinct key from ${s}.held where subscription = $1 and partition = any($2::int[])`,
-    dueHeads: `select seq::int8 as seq, partition, key, position::int8 as position, message, attempts, history
-      from ${s}.held where subscription = $1 and partition = any($2::int[]) and next_attempt_at <= now()
-      order by next_attempt_at limit $3`,
+    /**
+     * The held messages a retry pass takes, in one statement: up to $3 keys whose head is due, and of each its
+     * first $4 rows in key order (the head first), with the message from the log (null columns when it is
+     * no longer there; a redriven one has its own `message`) and whether the inbox has it (`seen`).
+     */
+    dueHeld: `with heads as (
+        select key, min(next_attempt_at) as due_at from (
+          select key, next_attempt_at from ${s}.held where subscription = $1 and partition = any($2::int[]) and next_attempt_at <= now()
+          order by next_attempt_at limit $3) due
+        group by key
+      )
+      select h.seq::int8 as seq, h.key as held_key, h.position::int8 as held_position, h.message, h.attempts, h.history, ${logColumns},
+        exists (select 1 from ${s}.inbox i where i.subscription = $1 and i.message_id = coalesce(l.id, h.message ->> 'id')) as seen
+      from heads cross join lateral (
+        select seq, key, position, message, attempts, history from ${s}.held
+        where subscription = $1 and key = heads.key order by seq limit $4
+      ) h
+      left join ${s}.log l on l.position = h.position
+      order by heads.due_at, h.key, h.seq`,
+    /**
+     * What a retry pass did, in one statement: $2 the held rows it released (handled or dead-lettered), $3 the
+     * rows whose retry it set (JSON `{ seq, attempts, delay_ms, history }`; null fields stay, a null delay
+     * waits with no time), $4 ids for subscription $1's inbox, $5 dead letters (see `insertDeadLetters`).
+     */
+    settleHeld: `with released as (
+        delete from ${s}.held where seq = any($2::int8[])
+      ), retried as (
+        update ${s}.held h set attempts = coalesce(r.attempts, h.attempts), history = coalesce(r.history, h.history),
+          next_attempt_at = now() + make_interval(secs => r.delay_ms / 1000.0)
+        from json_to_recordset($3::json) as r(seq bigint, attempts integer, delay_ms float8, history jsonb)
+        where h.seq = r.seq
+      ), inboxed as (
+        insert into ${s}.inbox (subscription, message_id) select $1, unnest($4::text[]) on conflict do nothing
+      ), dead as (
+        ${insertDeadLetters('$5')}
+      )
+      select 1`,
     nextDue: `select extract(epoch from min(next_attempt_at) - now()) * 1000 as ms
       from ${s}.held where subscription = $1 and partition = any($2::int[]) and next_attempt_at is not null`,
     /** Holds the lanes' rows and checks this worker still owns them: the fence of a retry pass. */
@@ -300,25 +341,11 @@ export function statements(schema: string) {
         join unnest($3::int[], $4::int8[]) as v(partition, epoch) on k.partition = v.partition
         where k.subscription = $1 and k.owner = $2 and k.epoch = v.epoch
         for update of k) f`,
-    nextHeld: `select seq::int8 as seq, key, position::int8 as position, message, attempts, history
-      from ${s}.held where subscription = $1 and key = $2 order by seq limit 1`,
-    releaseHeld: `delete from ${s}.held where seq = $1`,
-    /** A held key of a suspended tenant: its head waits with no time, until a resume makes it due. */
-    waitHeld: `update ${s}.held set next_attempt_at = null where seq = $1`,
-    rescheduleHeld: `update ${s}.held set attempts = $2, next_attempt_at = now() + make_interval(secs => $3 / 1000.0), history = $4::jsonb where seq = $1`,
 
     inboxClaim: `insert into ${s}.inbox (subscription, message_id) values ($1, $2) on conflict do nothing returning message_id`,
     /** Which of $2's ids subscription $1 has handled. */
     inboxSeen: `select message_id from ${s}.inbox where subscription = $1 and message_id = any($2::text[])`,
     inboxRecord: `insert into ${s}.inbox (subscription, message_id) select $1, unnest($2::text[]) on conflict do nothing`,
-    /**
-     * $1: JSON array of dead letters. An envelope sent without its data takes it from the log row at its
-     * position: the data is never sent back (and a payload too deep for JSON.stringify cannot block the ack).
-     */
-    deadLetter: `insert into ${s}.dead_letters (subscription, message_id, topic, key, position, envelope, reason, attempts)
-      select r.subscription, r.message_id, r.topic, r.key, r.position, r.envelope || case when r.position is not null and not r.envelope ? 'data' then jsonb_build_object('data', (select d.data from ${s}.log d where d.position = r.position)) else '{}'::jsonb end, r.reason, r.attempts
-      from json_to_recordset($1::json) as r(subscription text, message_id text, topic text, key text, position bigint,
-        envelope jsonb, reason text, attempts jsonb)`,
   };
 }
 

@@ -17,7 +17,10 @@
 import { createHash } from 'node:crypto';
 import { TidingsError } from '../core/errors.ts';
 import { type OptionProblems, optionNames, quotaProblems, type QuotaOptions } from '../core/options.ts';
-import { checkIdentifier, pgDriver, urlProblem, type Queryable, type SqlDriver } from './driver.ts';
+import type { Queryable, SqlDriver } from './connection/driver.ts';
+import { checkIdentifier } from './connection/identifiers.ts';
+import { pgDriver } from './connection/pg.ts';
+import { urlProblem } from './connection/url.ts';
 
 export interface TenancyOptions {
   /**

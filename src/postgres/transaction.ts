@@ -1,5 +1,5 @@
 import type { Outgoing } from '../core/backbone.ts';
-import type { CopyIn, Prepare, Queryable, Session } from './driver.ts';
+import type { CopyIn, Prepare, Queryable, Session } from './connection/driver.ts';
 
 /** What handlers and `bus.transaction` callbacks get as `tx`: run SQL in the transaction. */
 export interface PgTransaction extends Queryable {}

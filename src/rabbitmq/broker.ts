@@ -14,7 +14,8 @@ import { Publisher } from './publisher.ts';
 import { Names } from './topology.ts';
 import { healthDefaults } from '../telemetry/health.ts';
 import type { BackboneObserver } from '../telemetry/observer.ts';
-import type { HealthCheck } from '../telemetry/status.ts';
+import type { BackboneStatus, HealthCheck } from '../telemetry/status.ts';
+import { rabbitStatus } from './observe.ts';
 
 /** The broker alone: see `rabbitmq()` for the backbone a bus uses. */
 export class RabbitBroker implements Broker {
@@ -65,6 +66,11 @@ export class RabbitBroker implements Broker {
     }
   }
 
+  /** The subscriptions this process consumes: lag, held keys, dead letters (observe.ts says what RabbitMQ can tell). */
+  status(): Promise<BackboneStatus> {
+    return rabbitStatus(this.#link, this.names, this.#consumers, Date.now() + healthDefaults.timeoutMs);
+  }
+
   /** Connects (within `connectTimeoutMs`, else a retryable BACKBONE_UNAVAILABLE). Queues are declared per subscription. */
   open(): Promise<void> {
     this.#opening ??= this.#link.connection(Date.now() + this.#settings.connectTimeoutMs).then(() => undefined);
@@ -103,6 +109,7 @@ export class RabbitBroker implements Broker {
       workerTimeoutMs: this.#settings.workerTimeoutMs,
       connectionName: this.#settings.connectionName,
       warn: this.#settings.warn,
+      observer: () => this.#observer,
       register: (subscription) => this.#deadLetters.register(subscription),
       recentIds: this.#settings.recentIds,
     });

@@ -32,7 +32,7 @@ export const H_DEAD_AT = 'x-tidings-dead-at';
 export const H_SUBSCRIPTION = 'x-tidings-subscription';
 export const H_QUEUE = 'x-tidings-queue';
 /** Quorum queues count returns of a message (nack with requeue, a consumer that went away) in this header. */
-export const H_DELIVERY_COUNT = 'x-delivery-count';
+const H_DELIVERY_COUNT = 'x-delivery-count';
 
 /**
  * What AMQP 0-9-1 (and its client here) can carry; a message over one of these can never be published, so
@@ -113,7 +113,7 @@ export function attributeHeaders(envelope: Envelope, present: MessagePropertyHea
 }
 
 /** About how many bytes `headers` take encoded (an AMQP field table). */
-export function headerBytes(headers: MessagePropertyHeaders): number {
+function headerBytes(headers: MessagePropertyHeaders): number {
   let bytes = 4;
   for (const [name, value] of Object.entries(headers)) {
     if (value === undefined) continue;
@@ -195,7 +195,7 @@ export interface Decoded {
   readonly history: AttemptRecord[];
 }
 
-export type DecodeResult = { readonly ok: true; readonly value: Decoded } | { readonly ok: false; readonly problem: string; readonly id: string | undefined };
+type DecodeResult = { readonly ok: true; readonly value: Decoded } | { readonly ok: false; readonly problem: string; readonly id: string | undefined };
 
 /** Reads an envelope back; never throws: what cannot be read is described for the dead letter. */
 export function decode(message: ConsumeMessage | GetMessage, fallbackTopic: string | undefined): DecodeResult {

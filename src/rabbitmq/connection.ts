@@ -9,7 +9,7 @@ import { TidingsError } from '../core/errors.ts';
 import { loadPackage } from '../core/packages.ts';
 import { sleep } from '../core/sleep.ts';
 
-export interface LinkSettings {
+interface LinkSettings {
   readonly url: string;
   readonly connectTimeoutMs: number;
   readonly heartbeatSeconds: number;

@@ -41,7 +41,7 @@ import {
 import type { Link } from './connection.ts';
 import type { Names } from './topology.ts';
 
-export interface DeadLetterSettings {
+interface DeadLetterSettings {
   readonly quorum: boolean;
   /** Dead letters read per queue at most by one operation. */
   readonly scanLimit: number;

@@ -2,7 +2,7 @@
 import { OptionProblems, optionNames } from '../core/options.ts';
 import { defaultWarning } from '../core/warnings.ts';
 import type { BrokeredOptions, RelayOptions } from '../outbox/index.ts';
-import type { PostgresBackbone } from '../postgres/index.ts';
+import type { PostgresBackbone } from '../postgres/backbone.ts';
 import { redact } from './connection.ts';
 
 export interface RabbitMqOptions {

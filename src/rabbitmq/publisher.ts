@@ -20,7 +20,7 @@ import { sleep } from '../core/sleep.ts';
 import { redact, type Link } from './connection.ts';
 import { declareExchange, type Names } from './topology.ts';
 
-export interface PublisherSettings {
+interface PublisherSettings {
   readonly publishTimeoutMs: number;
   readonly reconnectMinMs: number;
   readonly url: string;
@@ -224,7 +224,7 @@ export class Publisher {
 }
 
 /** A declaration the server refused (406 PRECONDITION_FAILED, 403 ACCESS_REFUSED): retrying cannot help. */
-export function isRefused(error: unknown): boolean {
+function isRefused(error: unknown): boolean {
   const code = (error as { code?: unknown })?.code;
   return code === 406 || code === 403;
 }

@@ -66,7 +66,7 @@ export async function declareExchange(channel: Channel, names: Names, topic: str
   await channel.assertExchange(names.exchange(topic), 'topic', { durable: true });
 }
 
-export interface SubscriptionTopology {
+interface SubscriptionTopology {
   readonly name: string;
   readonly topics: readonly string[];
   readonly partitions: number;

@@ -7,7 +7,7 @@ import { createBus } from '../core/bus.ts';
 import type { AnyContract, InputOf } from '../core/contract.ts';
 import { newId } from '../core/envelope.ts';
 import { TidingsError } from '../core/errors.ts';
-import type { Queryable } from '../postgres/driver.ts';
+import type { Queryable } from '../postgres/connection/driver.ts';
 import { postgres } from '../postgres/index.ts';
 import { checkContract, rebuildContract } from './protocol.ts';
 import { generationStatements, metaStatements, replicaBase } from './sql.ts';

@@ -22,7 +22,7 @@ import type { Bus } from '../core/bus.ts';
 import { PermanentError, TidingsError } from '../core/errors.ts';
 import { bytesOver, messageLimits } from '../core/limits.ts';
 import { OptionProblems } from '../core/options.ts';
-import { PostgresBackbone } from '../postgres/index.ts';
+import { PostgresBackbone } from '../postgres/backbone.ts';
 import type { PgTransaction } from '../postgres/transaction.ts';
 import { RowCache } from './cache.ts';
 import {

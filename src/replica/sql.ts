@@ -1,4 +1,5 @@
-import { checkIdentifier } from '../postgres/driver.ts';
+import { checkIdentifier } from '../postgres/connection/identifiers.ts';
+import { schemaOf } from '../postgres/sql/schema.ts';
 import { bucketSql, rowHashSql } from './digest.ts';
 
 /**
@@ -44,11 +45,11 @@ export function viewStatements(view: string) {
 
 /** The view readers query: `"schema"."replica_<name>"`. */
 export function replicaView(schema: string, name: string): string {
-  return `"${checkIdentifier('schema', schema)}"."${replicaBase(name)}"`;
+  return `${schemaOf(schema)}."${replicaBase(name)}"`;
 }
 
 export function metaStatements(schema: string) {
-  const meta = `"${checkIdentifier('schema', schema)}".replicas`;
+  const meta = `${schemaOf(schema)}.replicas`;
   return {
     meta,
     exists: `select to_regclass('${meta}')::text as t`,
@@ -73,7 +74,7 @@ export type MetaStatements = ReturnType<typeof metaStatements>;
 
 /** The statements of one replica's tables: `schema.base_g<n>`, its apply function, its view. */
 export function generationStatements(schema: string, base: string, name: string, meta: string) {
-  const s = `"${checkIdentifier('schema', schema)}"`;
+  const s = schemaOf(schema);
   const table = (generation: number) => `${s}."${base}_g${generation}"`;
   const applyFunction = (generation: number) => `${s}."${base}_apply_g${generation}"`;
   const upsert = (target: string) => `insert into ${target} as t (key, version, state, event_time) values (k, v, st, et)

@@ -1,5 +1,5 @@
 import { TidingsError } from '../core/errors.ts';
-import type { Queryable, SqlDriver } from '../postgres/driver.ts';
+import type { Queryable, SqlDriver } from '../postgres/connection/driver.ts';
 import type { PgTransaction } from '../postgres/transaction.ts';
 import type { StateRow } from './protocol.ts';
 import type { SourceRequests } from './requests.ts';

@@ -9,6 +9,7 @@ export const OPERATION_NAME = 'messaging.operation.name';
 export const DESTINATION = 'messaging.destination.name';
 export const PARTITION = 'messaging.destination.partition.id';
 export const CONSUMER_GROUP = 'messaging.consumer.group.name';
+export const SUBSCRIPTION = 'messaging.destination.subscription.name';
 export const MESSAGE_ID = 'messaging.message.id';
 export const CONVERSATION_ID = 'messaging.message.conversation_id';
 export const BATCH_COUNT = 'messaging.batch.message_count';

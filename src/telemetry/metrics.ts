@@ -113,7 +113,8 @@ export class BusMetrics {
           for (const partition of subscription.partitions) {
             const attributes = { ...base, [PARTITION]: String(partition.partition) };
             observer.observe(lag, partition.lag, attributes);
-            observer.observe(oldest, (partition.oldestUnhandledAgeMs ?? 0) / 1_000, attributes);
+            // Not observed where the backbone cannot tell (see each backbone's observe.ts), rather than a false 0.
+            if (partition.oldestUnhandledAgeMs !== undefined) observer.observe(oldest, (partition.oldestUnhandledAgeMs ?? 0) / 1_000, attributes);
           }
         }
         if (state.relay !== undefined) {

@@ -1,6 +1,7 @@
 /**
  * What the bus hands its backbone (`Backbone.observe`), in types that need no OpenTelemetry package: the
- * outbox relay's spans, and the events only a backbone sees (a lost lease, a lost or restored connection).
+ * outbox relay's spans, the receive spans of the backbone's readers, and the events only a backbone sees (a
+ * lost lease, a lost or restored connection).
  */
 import type { Envelope } from '../core/envelope.ts';
 import type { BusEvents } from './events.ts';
@@ -21,8 +22,25 @@ export interface HopSpan {
 /** The events a backbone may emit. */
 export type BackboneEventName = 'lease:lost' | 'connection:lost' | 'connection:restored';
 
+/** A message a reader took, as its receive span links to it: an Envelope fits, and so does a PostgreSQL log row. */
+export interface ReceivedMessage {
+  readonly id: string;
+  readonly topic: string;
+  readonly traceparent?: string | null | undefined;
+  readonly tracestate?: string | null | undefined;
+}
+
+/** Ends one read: records its receive span if it brought messages (`partition` when they all came from one). */
+export type Received = (messages: readonly ReceivedMessage[], partition?: number) => void;
+
 export interface BackboneObserver {
   /** The relay's span for handing `envelope` to `broker`; undefined while tracing is off. */
   relay(envelope: Envelope, broker: string): HopSpan | undefined;
+  /**
+   * Times one read of `subscription` on `system` (a PostgreSQL batch, a NATS pull, what RabbitMQ delivered in
+   * one turn, what a memory worker took): call what it returns once the messages are in. Undefined while
+   * tracing is off, so a reader pays one call per read and builds nothing.
+   */
+  receiving(system: string, subscription: string): Received | undefined;
   emit<E extends BackboneEventName>(name: E, event: BusEvents[E]): void;
 }

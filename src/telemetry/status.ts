@@ -8,14 +8,15 @@ export interface PartitionState {
   readonly partition: number;
   /** Messages committed to the partition and not yet handled by the subscription. */
   readonly lag: number;
-  /** Age of the oldest of them, by publication time; null when there is none. */
-  readonly oldestUnhandledAgeMs: number | null;
+  /** Age of the oldest of them, by publication time; null when there is none; undefined when the backbone cannot tell. */
+  readonly oldestUnhandledAgeMs: number | null | undefined;
 }
 
 export interface SubscriptionState {
   readonly name: string;
   readonly lag: number;
-  readonly oldestUnhandledAgeMs: number | null;
+  /** As a partition's: null when there is none, undefined when the backbone cannot tell. */
+  readonly oldestUnhandledAgeMs: number | null | undefined;
   /** Keys waiting for a delayed retry (or a redrive). */
   readonly heldKeys: number;
   readonly deadLetters: number;

@@ -3,7 +3,8 @@
  * `logger`, and the typed events. The bus calls it at three seams only: when it opens (load), around each
  * publish, and around the delivery handler it gives the backbone, which every backbone calls once per
  * attempt (through core/attempts.ts): so every backbone, and a broker behind an outbox, is observed alike.
- * The outbox relay reaches it through `Backbone.observe`.
+ * Backbones reach it through `Backbone.observe` for what only they see: the outbox relay's spans, their
+ * readers' receive spans, lost leases and connections.
  */
 import type { Backbone, Delivery, DeliveryHandler, DeliveryResult } from '../core/backbone.ts';
 import type { Envelope } from '../core/envelope.ts';
@@ -11,10 +12,10 @@ import { BusEventEmitter, type BusEvents } from './events.ts';
 import { safely, type Logger } from './logger.ts';
 import { BusMetrics } from './metrics.ts';
 import { telemetryDefaults, type TelemetryOptions } from './options.ts';
-import { loadOtel } from './otel.ts';
+import { loadOtel, recordsSpans } from './otel.ts';
 import type { BackboneStatus } from './status.ts';
 import { Tracing } from './tracing.ts';
-import type { BackboneEventName, BackboneObserver, HopSpan } from './observer.ts';
+import type { BackboneEventName, BackboneObserver, HopSpan, Received } from './observer.ts';
 
 export interface BusTelemetryOptions {
   readonly backbone: Backbone<unknown>;
@@ -28,6 +29,8 @@ export class BusTelemetry implements BackboneObserver {
   readonly events: BusEventEmitter;
   readonly #options: BusTelemetryOptions;
   #tracing: Tracing | undefined;
+  /** Whether `#tracing`'s provider records spans now (see otel.ts `recordsSpans`). */
+  #recording: () => boolean = () => false;
   #metrics: BusMetrics | undefined;
   #loading: Promise<void> | undefined;
   #status: { at: number; value: Promise<BackboneStatus | undefined> } | undefined;
@@ -52,16 +55,22 @@ export class BusTelemetry implements BackboneObserver {
     if (wanted?.tracing ?? telemetryDefaults.tracing) {
       const provider = (wanted?.tracerProvider as import('@opentelemetry/api').TracerProvider | undefined) ?? api.trace.getTracerProvider();
       this.#tracing = new Tracing(api, provider.getTracer(telemetryDefaults.scope), system);
+      this.#recording = recordsSpans(api, provider);
     }
     if (wanted?.metrics ?? telemetryDefaults.metrics) {
       const provider = (wanted?.meterProvider as import('@opentelemetry/api').MeterProvider | undefined) ?? api.metrics.getMeterProvider();
-      const backbone = this.#options.backbone;
-      this.#metrics = new BusMetrics(provider.getMeter(telemetryDefaults.scope), system, backbone.status === undefined ? undefined : () => this.status());
+      const meter = provider.getMeter(telemetryDefaults.scope);
+      // The API's no-op meter (no SDK registered when the bus opened) stays no-op for good: record nothing.
+      if (meter !== api.createNoopMeter()) {
+        const backbone = this.#options.backbone;
+        this.#metrics = new BusMetrics(meter, system, backbone.status === undefined ? undefined : () => this.status());
+      }
     }
   }
 
+  /** The tracing, while spans can be recorded: undefined with no SDK behind the API, so nothing is built for them. */
   get tracing(): Tracing | undefined {
-    return this.#tracing;
+    return this.#tracing !== undefined && this.#recording() ? this.#tracing : undefined;
   }
 
   /** The backbone's status, read at most every `telemetryDefaults.statusCacheMs` (gauges and health share it). */
@@ -81,7 +90,16 @@ export class BusTelemetry implements BackboneObserver {
   }
 
   relay(envelope: Envelope, broker: string): HopSpan | undefined {
-    return this.#tracing?.relay(envelope, broker);
+    return this.tracing?.relay(envelope, broker);
+  }
+
+  receiving(system: string, subscription: string): Received | undefined {
+    const tracing = this.tracing;
+    if (tracing === undefined) return undefined;
+    const startedAt = epochMs();
+    return (messages, partition) => {
+      if (messages.length > 0) tracing.receive(system, subscription, messages, partition, startedAt, epochMs());
+    };
   }
 
   emit<E extends BackboneEventName>(name: E, event: BusEvents[E]): void {
@@ -97,13 +115,15 @@ export class BusTelemetry implements BackboneObserver {
   /**
    * The delivery handler the backbone calls for each attempt of `subscription`: `handle` in its process span,
    * timed and counted. Without tracing and metrics (no API installed, or turned off), `handle` itself: the
-   * bus has loaded telemetry before it starts consumers, so this is decided once.
+   * bus has loaded telemetry before it starts consumers, so this is decided once. With the API and no SDK,
+   * `handle` too, after one check per attempt (an SDK may register later).
    */
   consumer<Tx>(subscription: string, handle: DeliveryHandler<Tx>): DeliveryHandler<Tx> {
-    const tracing = this.#tracing;
     const metrics = this.#metrics;
-    if (tracing === undefined && metrics === undefined) return handle;
+    if (this.#tracing === undefined && metrics === undefined) return handle;
     return async (delivery) => {
+      const tracing = this.tracing;
+      if (tracing === undefined && metrics === undefined) return handle(delivery);
       const started = metrics === undefined ? 0 : performance.now();
       const result =
         tracing === undefined ? await handle(delivery) : await tracing.process(subscription, delivery as Delivery<unknown>, () => handle(delivery));
@@ -137,6 +157,11 @@ export class BusTelemetry implements BackboneObserver {
     if (invalid) events.emit('message:invalid', { ...message, reason: result.reason, error: result.error });
     events.emit('message:dead-letter', { ...message, reason: result.reason, error: result.error });
   }
+}
+
+/** Now, in fractional epoch milliseconds from the monotonic clock: a span's start and end from one clock. */
+function epochMs(): number {
+  return performance.timeOrigin + performance.now();
 }
 
 /**

@@ -5,11 +5,15 @@
  * context into the envelope's `traceparent`, and the next hop's span is its child (and links to it), so one
  * trace runs from the publisher through the relay to every consumer, on every backbone.
  *
+ * Beside them, `receive <subscription>` (consumer) for each read a backbone's reader makes: a span of its own
+ * trace (a read serves many messages of many traces), linked to each message's creation context, as the
+ * conventions say; the process spans link to the same contexts.
+ *
  * The envelope's `traceparent` is read and written here in the W3C Trace Context format rather than through
  * the application's propagator: it is a CloudEvents attribute of the message (the distributed tracing
  * extension), whatever the application propagates on HTTP.
  */
-import type { Context, Span, SpanContext, Tracer } from '@opentelemetry/api';
+import type { Context, Link, Span, SpanContext, Tracer } from '@opentelemetry/api';
 import type { Delivery, DeliveryResult } from '../core/backbone.ts';
 import type { Envelope } from '../core/envelope.ts';
 import {
@@ -24,8 +28,10 @@ import {
   OPERATION_NAME,
   OPERATION_TYPE,
   OUTCOME,
+  PARTITION,
+  SUBSCRIPTION,
 } from './attributes.ts';
-import type { HopSpan, TraceHeaders } from './observer.ts';
+import type { HopSpan, ReceivedMessage, TraceHeaders } from './observer.ts';
 import type { OtelApi } from './otel.ts';
 
 const TRACEPARENT = /^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$/;
@@ -140,6 +146,44 @@ export class Tracing {
     }
   }
 
+  /**
+   * Records the `receive` span of one read of `subscription` that brought `messages` (at least one), from
+   * `startedAt` to `endedAt` (epoch milliseconds, fractional: both from one clock, so the span's length is
+   * the read's). A root span: the reader works for no one message's trace. Each message with a creation
+   * context is a link, carrying its id; a batch of one topic names it as the destination.
+   */
+  receive(system: string, subscription: string, messages: readonly ReceivedMessage[], partition: number | undefined, startedAt: number, endedAt: number): void {
+    const { api } = this;
+    const links: Link[] = [];
+    let topic: string | undefined = messages[0]!.topic;
+    for (const message of messages) {
+      if (message.topic !== topic) topic = undefined;
+      const context = this.#remote(message.traceparent ?? undefined, message.tracestate ?? undefined);
+      if (context !== undefined) links.push({ context, attributes: { [MESSAGE_ID]: message.id } });
+    }
+    const span = this.tracer.startSpan(
+      `receive ${subscription}`,
+      {
+        kind: api.SpanKind.CONSUMER,
+        startTime: startedAt,
+        links,
+        attributes: {
+          [MESSAGING_SYSTEM]: system,
+          [OPERATION_TYPE]: 'receive',
+          [OPERATION_NAME]: 'receive',
+          [CONSUMER_GROUP]: subscription,
+          [SUBSCRIPTION]: subscription,
+          [BATCH_COUNT]: messages.length,
+          ...(topic === undefined ? {} : { [DESTINATION]: topic }),
+          ...(messages.length === 1 ? { [MESSAGE_ID]: messages[0]!.id } : {}),
+          ...(partition === undefined ? {} : { [PARTITION]: String(partition) }),
+        },
+      },
+      api.ROOT_CONTEXT,
+    );
+    span.end(endedAt);
+  }
+
   #hop(span: Span): HopSpan {
     const { api } = this;
     const context = span.spanContext();
@@ -165,6 +209,12 @@ export class Tracing {
 
   /** The context `traceparent` names, as a remote parent; undefined if it names none (absent, or not W3C). */
   #extract(traceparent: string | undefined, tracestate: string | undefined): Context | undefined {
+    const context = this.#remote(traceparent, tracestate);
+    return context === undefined ? undefined : this.api.trace.setSpanContext(this.api.ROOT_CONTEXT, context);
+  }
+
+  /** The span context `traceparent` names; undefined if it names none. */
+  #remote(traceparent: string | undefined, tracestate: string | undefined): SpanContext | undefined {
     if (traceparent === undefined) return undefined;
     const match = TRACEPARENT.exec(traceparent);
     if (match === null || match[1] === 'ff') return undefined;
@@ -176,8 +226,7 @@ export class Tracing {
       isRemote: true,
       ...(tracestate === undefined || tracestate === '' ? {} : { traceState: api.createTraceState(tracestate) }),
     };
-    if (!api.isSpanContextValid(context)) return undefined;
-    return api.trace.setSpanContext(api.ROOT_CONTEXT, context);
+    return api.isSpanContextValid(context) ? context : undefined;
   }
 }
 

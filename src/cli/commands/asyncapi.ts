@@ -7,15 +7,12 @@
 import { readFileSync, writeFileSync } from 'node:fs';
 import { resolve } from 'node:path';
 import type { Command } from 'commander';
-import { differences, renderDifferences } from '../../asyncapi/diff.ts';
-import { asyncapiDocument, type AsyncApiDocument } from '../../asyncapi/document.ts';
-import { loadModule } from '../../asyncapi/module.ts';
-import type { ServiceRecord } from '../../core/catalog.ts';
-import { TidingsError } from '../../core/errors.ts';
-import { readServices } from '../../postgres/registry.ts';
-import { CommandFailed, globalsOf, withDatabase, type CliContext } from '../program.ts';
+import { TidingsError } from 'tidings';
+import { asyncapiDocument, differences, renderDifferences, type AsyncApiDocument } from 'tidings/asyncapi';
+import { CommandFailed, type CliContext } from '../context.ts';
+import { serviceRecords } from '../services.ts';
 
-export interface DocumentOptions {
+interface DocumentOptions {
   module?: string;
   service?: string;
   system?: boolean;
@@ -65,7 +62,7 @@ export function registerAsyncApi(program: Command, context: CliContext): void {
 }
 
 /** The document the options ask for; warnings (unconvertible schemas, versions with two schemas) go to stderr. */
-export async function buildDocument(context: CliContext, command: Command, options: DocumentOptions): Promise<AsyncApiDocument> {
+async function buildDocument(context: CliContext, command: Command, options: DocumentOptions): Promise<AsyncApiDocument> {
   if (options.service !== undefined && options.system === true) throw new TidingsError('INVALID_OPTIONS', 'Give --service or --system, not both');
   const warn = (message: string) => context.err(`warning: ${message}\n`);
   const services = await serviceRecords(context, command, options.module, warn);
@@ -79,60 +76,6 @@ export async function buildDocument(context: CliContext, command: Command, optio
     );
   }
   return asyncapiDocument(chosen, { ...(options.title === undefined ? {} : { title: options.title }), onWarning: warn });
-}
-
-/** The services of `--module`'s code, or of the registry in the database. */
-export async function serviceRecords(
-  context: CliContext,
-  command: Command,
-  module: string | undefined,
-  warn: (message: string) => void,
-): Promise<ServiceRecord[]> {
-  if (module !== undefined) {
-    const { services } = await loadModule(module, context.cwd ?? process.cwd(), warn);
-    if (services.length === 0)
-      throw new TidingsError('INVALID_OPTIONS', `--module ${module} exports contracts but no bus: export the buses to document operations`);
-    return services;
-  }
-  const globals = globalsOf(context, command);
-  if (globals.url !== undefined && /^amqps?:\/\//.test(globals.url)) {
-    throw new TidingsError(
-      'INVALID_OPTIONS',
-      "RabbitMQ keeps no registry: services on RabbitMQ record themselves in their outbox's PostgreSQL; give its URL (--url postgres://...)",
-    );
-  }
-  if (globals.url !== undefined && /^nats:\/\//.test(globals.url)) return natsServices(globals.url, globals.stream, globals.connectTimeout);
-  let services: ServiceRecord[] = [];
-  await withDatabase(context, command, async (db) => {
-    const { rows } = await db.driver.query<{ found: boolean }>('select to_regclass($1) is not null as found', [`"${globals.schema}".services`]);
-    const migrated = rows[0]?.found === true;
-    const logged =
-      migrated || (await db.driver.query<{ found: boolean }>('select to_regclass($1) is not null as found', [`"${globals.schema}".log`])).rows[0]?.found;
-    if (!migrated && logged) {
-      throw new CommandFailed(
-        `Schema ${globals.schema} has no registry yet (migration 011): run tidings migrate --schema ${globals.schema}, then restart the services so they record themselves`,
-      );
-    }
-    services = await readServices(db.driver, globals.schema);
-  });
-  return services;
-}
-
-/** The registry of a NATS bus without an outbox: the stream's KV bucket of services. */
-async function natsServices(url: string, stream: string | undefined, connectTimeout: number): Promise<ServiceRecord[]> {
-  const { nats, natsDefaults } = await import('../../nats/index.ts');
-  const backbone = nats({
-    servers: url,
-    stream: stream ?? natsDefaults.stream,
-    relay: false,
-    publishTimeoutMs: connectTimeout * 1_000,
-    onWarning: () => undefined,
-  });
-  try {
-    return (await backbone.contracts()?.services()) ?? [];
-  } finally {
-    await backbone.close().catch(() => undefined);
-  }
 }
 
 function readDocument(context: CliContext, file: string): unknown {

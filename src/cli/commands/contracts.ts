@@ -6,12 +6,19 @@
 import { readFileSync } from 'node:fs';
 import { resolve } from 'node:path';
 import type { Command } from 'commander';
-import { compatibility, contractsOfCode, contractsOfDocument, renderFindings, type ContractSet } from '../../asyncapi/compatibility.ts';
-import { asyncapiDocument, type AsyncApiDocument } from '../../asyncapi/document.ts';
-import { serviceRecords } from './asyncapi.ts';
-import { loadModule } from '../../asyncapi/module.ts';
-import { TidingsError } from '../../core/errors.ts';
-import { CommandFailed, emit, globalsOf, type CliContext } from '../program.ts';
+import { TidingsError } from 'tidings';
+import {
+  asyncapiDocument,
+  compatibility,
+  contractsOfCode,
+  contractsOfDocument,
+  renderFindings,
+  type AsyncApiDocument,
+  type ContractSet,
+} from 'tidings/asyncapi';
+import { CommandFailed, emit, globalsOf, type CliContext } from '../context.ts';
+import { loadModule } from '../module.ts';
+import { serviceRecords } from '../services.ts';
 
 export function registerContracts(program: Command, context: CliContext): void {
   const contracts = program.command('contracts').description('check contract changes against what is deployed');

@@ -8,12 +8,13 @@ import {
   type DeadLetterGroup,
   type DeadLetterSelection,
   type DeadLetterStore,
-} from '../../index.ts';
-import { adminDefaults, deadLetterStore } from '../../postgres/index.ts';
+} from 'tidings';
+import { adminDefaults, deadLetterStore } from 'tidings/postgres';
+import { positiveInteger, positiveNumber } from '../arguments.ts';
 import type { GlobalOptions } from '../config.ts';
-import { progress, table } from '../format.ts';
-import { CommandFailed, emit, globalsOf, positiveInteger, positiveNumber, showProgress, withDatabase, type CliContext } from '../program.ts';
-import { shortTime } from '../status.ts';
+import { CommandFailed, emit, globalsOf, showProgress, type CliContext } from '../context.ts';
+import { withDatabase } from '../database.ts';
+import { progress, shortTime, table } from '../format.ts';
 
 export function registerDeadLetters(program: Command, context: CliContext): void {
   const deadLetters = program.command('dead-letters').description('messages a subscription gave up on: list, show, redrive, drop');
@@ -214,13 +215,13 @@ async function brokerFor(url: string, options: GlobalOptions): Promise<{ backbon
   const quiet = () => undefined;
   const safeUrl = url.replace(/\/\/([^:@/]*):[^@/]*@/, '//$1@');
   if (/^amqps?:\/\//.test(url)) {
-    const { rabbitmq, rabbitmqDefaults } = await import('../../rabbitmq/index.ts');
+    const { rabbitmq, rabbitmqDefaults } = await import('tidings/rabbitmq');
     const prefix = options.prefix ?? rabbitmqDefaults.prefix;
     const backbone = rabbitmq({ url, prefix, relay: false, connectTimeoutMs: options.connectTimeout * 1_000, onWarning: quiet });
     return { backbone, where: `RabbitMQ at ${safeUrl} (prefix ${prefix})` };
   }
   if (/^nats:\/\//.test(url)) {
-    const { nats, natsDefaults } = await import('../../nats/index.ts');
+    const { nats, natsDefaults } = await import('tidings/nats');
     const stream = options.stream ?? natsDefaults.stream;
     const backbone = nats({ servers: url, stream, relay: false, publishTimeoutMs: options.connectTimeout * 1_000, onWarning: quiet });
     return { backbone, where: `NATS at ${safeUrl} (stream ${stream})` };

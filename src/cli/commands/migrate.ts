@@ -1,8 +1,8 @@
 /** `tidings migrate [--dry-run]`: create or upgrade the schema, or print the SQL it would run. */
 import type { Command } from 'commander';
-import { migrate } from '../../postgres/index.ts';
-import { appliedVersions, migrationScript, pendingMigrations } from '../../postgres/index.ts';
-import { emit, globalsOf, withDatabase, type CliContext } from '../program.ts';
+import { appliedVersions, migrate, migrationScript, pendingMigrations } from 'tidings/postgres';
+import { emit, globalsOf, type CliContext } from '../context.ts';
+import { withDatabase } from '../database.ts';
 
 export function registerMigrate(program: Command, context: CliContext): void {
   program

@@ -1,7 +1,9 @@
 /** `tidings prune`: run retention once. */
 import type { Command } from 'commander';
-import { prune } from '../../postgres/index.ts';
-import { CommandFailed, emit, positiveNumber, withDatabase, type CliContext } from '../program.ts';
+import { prune } from 'tidings/postgres';
+import { positiveNumber } from '../arguments.ts';
+import { CommandFailed, emit, type CliContext } from '../context.ts';
+import { withDatabase } from '../database.ts';
 
 export function registerPrune(program: Command, context: CliContext): void {
   program

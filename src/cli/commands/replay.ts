@@ -1,10 +1,11 @@
 /** `tidings replay <subscription> --from <position|time> [--wait]`: handle a subscription's messages again. */
 import type { Command } from 'commander';
-import { readStatus, replaySubscription } from '../../postgres/index.ts';
+import { readStatus, replaySubscription } from 'tidings/postgres';
+import { parseFrom, type From } from '../arguments.ts';
 import type { GlobalOptions } from '../config.ts';
-import type { Database } from '../database.ts';
+import { CommandFailed, emit, pause, showProgress, type CliContext } from '../context.ts';
+import { withDatabase, type Database } from '../database.ts';
 import { progress } from '../format.ts';
-import { CommandFailed, emit, parseFrom, showProgress, withDatabase, type CliContext, type From } from '../program.ts';
 
 export function registerReplay(program: Command, context: CliContext): void {
   program
@@ -55,17 +56,7 @@ async function waitForCatchUp(context: CliContext, db: Database, globals: Global
       bar.update(Math.max(0, total - lag), Math.max(total, lag));
       if (lag === 0) return true;
       if (context.interrupt.aborted) return false;
-      await new Promise<void>((resolve) => {
-        const timer = setTimeout(resolve, 500);
-        context.interrupt.addEventListener(
-          'abort',
-          () => {
-            clearTimeout(timer);
-            resolve();
-          },
-          { once: true },
-        );
-      });
+      await pause(context, 500);
     }
   } finally {
     bar.stop();

@@ -1,12 +1,12 @@
 /** `tidings drift status|check` and `tidings replica rebuild`: replicas of other services' data. */
 import type { Command } from 'commander';
-import type { DriftReport, RebuildReport } from '../../replica/index.ts';
-import { listReplicas, requestDriftCheck, requestRebuild, type ReplicaStatus } from '../../replica/index.ts';
-import { duration, progress, table } from '../format.ts';
-import { emit, positiveNumber, showProgress, withDatabase, type CliContext } from '../program.ts';
-import { shortTime } from '../status.ts';
+import { listReplicas, requestDriftCheck, requestRebuild, type DriftReport, type RebuildReport } from 'tidings/replica';
+import { positiveNumber } from '../arguments.ts';
 import type { GlobalOptions } from '../config.ts';
-import type { Database } from '../database.ts';
+import { emit, showProgress, type CliContext } from '../context.ts';
+import { withDatabase, type Database } from '../database.ts';
+import { duration, progress } from '../format.ts';
+import { renderReplicas } from '../status.ts';
 
 export function registerReplicas(program: Command, context: CliContext): void {
   const drift = program.command('drift').description("replicas' drift from their sources: status, and a check (with repair) on demand");
@@ -61,23 +61,6 @@ export function registerReplicas(program: Command, context: CliContext): void {
 /** A command to `replica`, sent over the bus at the global --url, its answer read from the database; Ctrl-C stops the wait. */
 function commandTo(replica: string, db: Database, globals: GlobalOptions, context: CliContext, timeoutSeconds: number) {
   return { url: globals.url!, schema: globals.schema, replica, db: db.driver, timeoutMs: timeoutSeconds * 1_000, signal: context.interrupt };
-}
-
-export function renderReplicas(replicas: readonly ReplicaStatus[]): string {
-  return [
-    'Replicas',
-    table(replicas, [
-      { header: 'replica', value: (r) => r.name },
-      { header: 'source', value: (r) => r.source },
-      { header: 'rows', value: (r) => r.rows },
-      { header: 'generation', value: (r) => (r.building === null ? r.generation : `${r.generation} (building ${r.building})`) },
-      { header: 'last check', value: (r) => (r.checkedAt === null ? 'never' : shortTime(r.checkedAt)) },
-      { header: 'missing', value: (r) => r.lastCheck?.missing ?? '' },
-      { header: 'extra', value: (r) => r.lastCheck?.extra ?? '' },
-      { header: 'different', value: (r) => r.lastCheck?.different ?? '' },
-      { header: 'repaired', value: (r) => r.lastCheck?.repaired ?? '' },
-    ]),
-  ].join('\n');
 }
 
 function renderRebuild(report: RebuildReport): string {

@@ -1,9 +1,10 @@
 /** `tidings sagas list|show`: saga instances, and one whole with its transitions and pending timeouts. */
 import type { Command } from 'commander';
-import { listSagas, showSaga } from '../../postgres/index.ts';
-import { table } from '../format.ts';
-import { CommandFailed, emit, positiveInteger, withDatabase, type CliContext } from '../program.ts';
-import { shortTime } from '../status.ts';
+import { listSagas, showSaga } from 'tidings/postgres';
+import { positiveInteger } from '../arguments.ts';
+import { CommandFailed, emit, type CliContext } from '../context.ts';
+import { withDatabase } from '../database.ts';
+import { shortTime, table } from '../format.ts';
 
 export function registerSagas(program: Command, context: CliContext): void {
   const sagas = program.command('sagas').description('saga instances: list them, show one with its transitions and pending timeouts');

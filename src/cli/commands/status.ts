@@ -1,12 +1,12 @@
 /** `tidings status [--subscription s] [--verbose] [--watch]`: lag, held keys, dead letters, leases, replicas. */
 import type { Command } from 'commander';
-import { sleep } from '../../core/sleep.ts';
-import { readStatus } from '../../postgres/index.ts';
-import { listReplicas } from '../../replica/index.ts';
+import { readStatus } from 'tidings/postgres';
+import { listReplicas } from 'tidings/replica';
+import { positiveNumber } from '../arguments.ts';
+import { emit, pause, type CliContext } from '../context.ts';
+import { withDatabase } from '../database.ts';
 import { plain, styleFor } from '../format.ts';
-import { emit, positiveNumber, withDatabase, type CliContext } from '../program.ts';
-import { renderStatus, type StatusView } from '../status.ts';
-import { renderReplicas } from './replicas.ts';
+import { renderReplicas, renderStatus, type StatusView } from '../status.ts';
 
 export function registerStatus(program: Command, context: CliContext): void {
   program
@@ -43,7 +43,7 @@ export function registerStatus(program: Command, context: CliContext): void {
             context.out(
               `${context.stdoutIsTTY ? '\x1b[H\x1b[2J' : '\n'}${text()}\n${context.stdoutIsTTY ? `\nEvery ${everyMs / 1_000} s; Ctrl-C to stop.\n` : ''}`,
             );
-          await sleep(everyMs, context.interrupt);
+          await pause(context, everyMs);
         }
       });
     });

@@ -1,7 +1,8 @@
 /** `tidings subscriptions drop <name>`: remove a subscription gone for good. */
 import type { Command } from 'commander';
-import { dropSubscription } from '../../postgres/index.ts';
-import { emit, withDatabase, type CliContext } from '../program.ts';
+import { dropSubscription } from 'tidings/postgres';
+import { emit, type CliContext } from '../context.ts';
+import { withDatabase } from '../database.ts';
 
 export function registerSubscriptions(program: Command, context: CliContext): void {
   program

@@ -1,9 +1,10 @@
 /** `tidings tail <topic>`: follow a topic's messages as they commit. */
 import type { Command } from 'commander';
-import { tailTopic } from '../../postgres/index.ts';
-import type { Database } from '../database.ts';
-import { listed, parseFrom, positionOf, positiveInteger, withDatabase, type CliContext, type From } from '../program.ts';
-import { shortTime } from '../status.ts';
+import { firstPositionAt, tailTopic } from 'tidings/postgres';
+import { parseFrom, positiveInteger, type From } from '../arguments.ts';
+import type { CliContext } from '../context.ts';
+import { withDatabase, type Database } from '../database.ts';
+import { listed, shortTime } from '../format.ts';
 
 export function registerTail(program: Command, context: CliContext): void {
   program
@@ -63,6 +64,11 @@ interface TailCommandOptions {
   grep?: string;
   from?: From;
   limit?: number;
+}
+
+async function positionOf(db: Database, schema: string, from: From, topics: string[]): Promise<number> {
+  if (from.kind === 'position') return from.position;
+  return firstPositionAt(db.driver, { schema, time: from.time, topics });
 }
 
 /** How many of the newest messages `tail` looks through for a topic no subscription handles: a bounded read. */

@@ -2,10 +2,10 @@
 import { createWriteStream } from 'node:fs';
 import { once } from 'node:events';
 import type { Command } from 'commander';
-import { exportTenant, listTenants, purgeTenant, resumeTenant, showTenant, suspendTenant } from '../../postgres/index.ts';
-import { table } from '../format.ts';
-import { CommandFailed, emit, withDatabase, type CliContext } from '../program.ts';
-import { shortTime } from '../status.ts';
+import { exportTenant, listTenants, purgeTenant, resumeTenant, showTenant, suspendTenant } from 'tidings/postgres';
+import { CommandFailed, emit, type CliContext } from '../context.ts';
+import { withDatabase } from '../database.ts';
+import { shortTime, table } from '../format.ts';
 
 const ACTOR = ['--actor <name>', 'who does this, for the audit table (default: OS user@host)'] as const;
 

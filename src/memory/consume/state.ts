@@ -4,6 +4,7 @@ import type { Clock, ClockTimer } from '../../core/clock.ts';
 import type { Envelope } from '../../core/envelope.ts';
 import { Deque } from '../deque.ts';
 import type { MemoryTransaction } from '../transaction.ts';
+import type { BackboneObserver } from '../../telemetry/observer.ts';
 
 /** A committed message, as the log keeps it: shared by every subscription, never mutated. */
 export interface Stored {
@@ -38,6 +39,8 @@ export interface GroupContext {
   readonly maxInbox: number;
   /** The clock of delayed retries. */
   readonly clock: Clock;
+  /** The bus's telemetry, once it handed it over (Backbone.observe): the workers' receive spans. */
+  observer(): BackboneObserver | undefined;
 }
 
 /** A worker as its subscription sees it: the topics it handles and the lanes it holds (worker.ts). */

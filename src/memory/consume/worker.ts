@@ -49,16 +49,23 @@ export class MemoryWorker implements Consumer, LaneHolder {
     });
   }
 
+  /** Takes the ready keys' heads it has room for (one read: one receive span, while tracing), then runs them. */
   #pump(): void {
+    const received = this.#ctx.observer()?.receiving('memory', this.#group.name);
+    const taken: Array<{ line: KeyLine; entry: Entry }> = [];
     while (!this.#stopping && this.#inFlight < this.#spec.concurrency) {
       if (this.#dispatched >= DISPATCHES_PER_TURN) {
         this.schedule();
-        return;
+        break;
       }
       const next = this.#group.take(this);
-      if (next === undefined) return;
+      if (next === undefined) break;
       this.#dispatched++;
       this.#inFlight++;
+      taken.push(next);
+    }
+    received?.(taken.map((next) => next.entry.message.envelope));
+    for (const next of taken) {
       const running = this.#run(next.line, next.entry).catch((error: unknown) => {
         this.#ctx.warn(`Subscription ${this.#group.name}: internal error of the memory backbone while handling a message (a bug: please report it)`, error);
       });

@@ -14,7 +14,7 @@ import { durableName, leaseKey, newLane, quietly, workerKey, type Lane, type Wor
 import type { TopicDecider } from './topics.ts';
 
 /** The parts a lease holder drives: what pulls a bucket, runs its keys, ends its messages, decides its topics. */
-export interface LeaseParts {
+interface LeaseParts {
   readonly pulling: LanePulling;
   readonly runner: KeyRunner;
   readonly outcomes: Outcomes;

@@ -10,7 +10,7 @@ import type { Holds } from './holds.ts';
 import type { Delivered } from './pull.ts';
 import { quietly, type KeyLine, type Lane, type Pulled, type WorkerContext } from './state.ts';
 
-export type Ending = 'ack' | 'term';
+type Ending = 'ack' | 'term';
 
 export class Outcomes {
   readonly #worker: WorkerContext;

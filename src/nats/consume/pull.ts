@@ -91,7 +91,7 @@ interface Request {
  */
 const OVERLAP_MS = 250;
 
-export interface PullerOptions {
+interface PullerOptions {
   readonly nc: NatsConnection;
   readonly stream: string;
   readonly durable: string;

@@ -39,8 +39,11 @@ export class LanePulling {
         await pause(lane, settings.fetchExpiresMs);
         continue;
       }
+      const received = nats.observer?.()?.receiving('nats', spec.name);
+      if (received !== undefined) lane.arrived ??= [];
       try {
         await lane.puller.pull(Math.min(room, spec.batchSize), settings.fetchExpiresMs);
+        received?.(lane.arrived!.splice(0), lane.bucket);
         failures = 0;
       } catch (error) {
         if (!lane.active) break;
@@ -98,6 +101,7 @@ export class LanePulling {
       touchedAt: Date.now(),
     };
     lane.pulled.set(seq, pulled);
+    if (pulled.envelope !== undefined) lane.arrived?.push(pulled.envelope);
     let line = lane.keys.get(pulled.key);
     if (line === undefined) {
       line = { queue: [], busy: false, retryTimer: undefined };

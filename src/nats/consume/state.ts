@@ -39,7 +39,7 @@ export function newestKey(worker: WorkerContext): string {
 }
 
 /** Where a pulled message runs: see Pulled.where. */
-export type Where = 'here' | 'undecided' | 'waiting' | 'elsewhere';
+type Where = 'here' | 'undecided' | 'waiting' | 'elsewhere';
 
 /** A message this worker has pulled and not yet acknowledged (or handed back). */
 export interface Pulled {
@@ -102,6 +102,8 @@ export interface Lane {
   gapTimer: NodeJS.Timeout | undefined;
   /** When the holds loaded with the bucket whose message never came back are given up (see leases.ts). */
   staleTimer: NodeJS.Timeout | undefined;
+  /** While tracing: what arrived since the last pull ended, for its receive span (pulling.ts). */
+  arrived: Envelope[] | undefined;
 }
 
 /** A lane just acquired: nothing pulled yet. */
@@ -122,6 +124,7 @@ export function newLane(bucket: number, puller: Puller, revision: number, nextDe
     nextDelivery,
     gapTimer: undefined,
     staleTimer: undefined,
+    arrived: undefined,
   };
 }
 

@@ -12,7 +12,7 @@ import { newestKey, runInLane, type Lane, type Pulled, type WorkerContext } from
 import { header } from '../codec.ts';
 
 /** What deciding asks of the rest of the consumer. */
-export interface TopicHooks {
+interface TopicHooks {
   /** Gives the lane's bucket up and keeps off it for a lease's time: a live worker handles what this one cannot. */
   decline(lane: Lane): void;
   stopping(): boolean;

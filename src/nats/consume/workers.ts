@@ -11,7 +11,7 @@
 import { EVERY_TOPIC } from '../../core/backbone.ts';
 
 /** What a worker handles: topic names, every topic, or unknown (an entry written by an older Tidings). */
-export type Handles = ReadonlySet<string> | 'every' | 'unknown';
+type Handles = ReadonlySet<string> | 'every' | 'unknown';
 
 export interface LiveWorker {
   readonly owner: string;

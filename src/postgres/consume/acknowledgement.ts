@@ -1,6 +1,6 @@
 import type { AttemptRecord, SubscriptionSpec } from '../../core/backbone.ts';
 import type { Envelope } from '../../core/envelope.ts';
-import { preparing, runStatement, type SqlDriver, type Statement } from '../driver.ts';
+import { preparing, runStatement, type SqlDriver, type Statement } from '../connection/driver.ts';
 import type { Statements } from '../statements.ts';
 import type { Lane, LaneCursor } from './lanes.ts';
 
@@ -29,7 +29,7 @@ export interface DeadRow {
   attempts: AttemptRecord[];
 }
 
-/** A dead letter to write. Its data stays in the log when the message has a position there (see `deadLetter`). */
+/** A dead letter to write. Its data stays in the log when the message has a position there (see `statements.insertDeadLetters`). */
 export function deadRow(subscription: string, envelope: Envelope, position: number | string | null, reason: string, attempts: AttemptRecord[]): DeadRow {
   const { data, ...attributes } = envelope;
   return {

@@ -1,5 +1,5 @@
 import type { SubscriptionSpec } from '../../core/backbone.ts';
-import { runStatement } from '../driver.ts';
+import { runStatement } from '../connection/driver.ts';
 import { toEnvelope, type LogRow } from '../codec.ts';
 import { ackAlone, ackStatement, deadRow, type Acknowledgement, type DeadRow, type HeldRow } from './acknowledgement.ts';
 import type { Attempts } from './attempts.ts';
@@ -7,7 +7,7 @@ import type { ConsumerContext } from './context.ts';
 import type { HeldKeys } from './held.ts';
 import type { Lane, LaneCursor, ReadBatch } from './lanes.ts';
 import { fenceError } from './leases.ts';
-import { forEachFair } from './fair.ts';
+import { forEachSlot } from './fair.ts';
 import { SharedScope } from './scopes.ts';
 
 /**
@@ -143,59 +143,60 @@ export class BatchHandler {
     const scope = new SharedScope(driver, published, careful, this.#ctx.isolation);
 
     const handleAll = async () => {
-      const shares = spec.tenantShares;
-      const each = (groups: LogRow[][], fn: (group: LogRow[]) => Promise<void>) =>
-        shares === undefined
-          ? forEachLimit(groups, part.concurrency, fn)
-          : forEachFair(groups, part.concurrency, (group) => group[0]!.tenant ?? '', shares, fn);
-      await each(groupByKey(part.rows), async (group) => {
-        let holding = this.#held.isParked(group[0]!.key);
-        for (const row of group) {
-          const partition = read.partitionOf.get(row)!;
-          const position = Number(row.position);
-          if (holding) {
-            held.push({ partition, key: row.key, position, message: null, attempts: 0, next_attempt_at: null, history: [] });
-            continue;
-          }
-          // Handled before: a redelivery, or a publisher that sent it twice.
-          if (row.seen === true || read.handledBefore.has(row.id)) continue;
-          if (this.#ctx.suspended?.has(row.tenant) === true) {
-            // Its tenant is suspended: it waits in held, at the head of its key, due again on resume.
-            held.push({ partition, key: row.key, position, message: null, attempts: 0, next_attempt_at: null, history: [] });
+      await forEachSlot(
+        groupByKey(part.rows),
+        part.concurrency,
+        (group) => group[0]!.tenant ?? '',
+        spec.tenantShares,
+        async (group) => {
+          let holding = this.#held.isParked(group[0]!.key);
+          for (const row of group) {
+            const partition = read.partitionOf.get(row)!;
+            const position = Number(row.position);
+            if (holding) {
+              held.push({ partition, key: row.key, position, message: null, attempts: 0, next_attempt_at: null, history: [] });
+              continue;
+            }
+            // Handled before: a redelivery, or a publisher that sent it twice.
+            if (row.seen === true || read.handledBefore.has(row.id)) continue;
+            if (this.#ctx.suspended?.has(row.tenant) === true) {
+              // Its tenant is suspended: it waits in held, at the head of its key, due again on resume.
+              held.push({ partition, key: row.key, position, message: null, attempts: 0, next_attempt_at: null, history: [] });
+              holding = true;
+              parkedNow.add(row.key);
+              continue;
+            }
+            if (spec.inbox) {
+              // The same id twice in one batch (a publish retried after a commit whose answer was lost).
+              if (claimed.has(row.id)) continue;
+              claimed.add(row.id);
+            }
+            const envelope = toEnvelope(row);
+            const result = await this.#attempts.run(scope, envelope, 1, []);
+            if (result.kind === 'ack') {
+              if (spec.inbox) handledIds.push(row.id);
+              continue;
+            }
+            if (result.kind === 'dead') {
+              dead.push(deadRow(spec.name, envelope, position, result.reason, result.history));
+              continue;
+            }
+            const at = Date.now() + result.delayMs;
+            earliestRetry = earliestRetry === 0 ? at : Math.min(earliestRetry, at);
+            held.push({
+              partition,
+              key: row.key,
+              position,
+              message: null,
+              attempts: result.attempt,
+              next_attempt_at: new Date(at).toISOString(),
+              history: result.history,
+            });
             holding = true;
             parkedNow.add(row.key);
-            continue;
           }
-          if (spec.inbox) {
-            // The same id twice in one batch (a publish retried after a commit whose answer was lost).
-            if (claimed.has(row.id)) continue;
-            claimed.add(row.id);
-          }
-          const envelope = toEnvelope(row);
-          const result = await this.#attempts.run(scope, envelope, 1, []);
-          if (result.kind === 'ack') {
-            if (spec.inbox) handledIds.push(row.id);
-            continue;
-          }
-          if (result.kind === 'dead') {
-            dead.push(deadRow(spec.name, envelope, position, result.reason, result.history));
-            continue;
-          }
-          const at = Date.now() + result.delayMs;
-          earliestRetry = earliestRetry === 0 ? at : Math.min(earliestRetry, at);
-          held.push({
-            partition,
-            key: row.key,
-            position,
-            message: null,
-            attempts: result.attempt,
-            next_attempt_at: new Date(at).toISOString(),
-            history: result.history,
-          });
-          holding = true;
-          parkedNow.add(row.key);
-        }
-      });
+        },
+      );
     };
 
     const acknowledgement: Acknowledgement = { lanes: part.lanes, next: read.next, counts, handledIds, held, dead };
@@ -251,21 +252,4 @@ function groupByKey(rows: LogRow[]): LogRow[][] {
     else group.push(row);
   }
   return [...groups.values()];
-}
-
-async function forEachLimit<T>(items: readonly T[], limit: number, fn: (item: T) => Promise<void>): Promise<void> {
-  let next = 0;
-  const errors: unknown[] = [];
-  const lane = async () => {
-    while (next < items.length) {
-      const item = items[next++]!;
-      try {
-        await fn(item);
-      } catch (error) {
-        errors.push(error);
-      }
-    }
-  };
-  await Promise.all(Array.from({ length: Math.min(limit, items.length) }, lane));
-  if (errors.length > 0) throw errors[0];
 }

@@ -207,7 +207,9 @@ export class PostgresConsumer implements Consumer {
     const spec = this.#spec;
     const lanes = [...this.#leases.lanes.values()];
     const previous = this.#acking;
+    const received = this.#ctx.observer?.receiving('postgres', spec.name);
     const read = await this.#reader.next(lanes);
+    received?.(read.rows, lanes.length === 1 ? lanes[0]!.partition : undefined);
     const { more, next } = read;
     const readAhead = more && !this.#ctx.driver.embedded && !this.#stopping ? this.#reader.prefetch(lanes, next, previous?.handled) : undefined;
     /** Lanes whose sub-batch failed: they stay where they were and read the same messages again. */

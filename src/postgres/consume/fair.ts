@@ -77,3 +77,32 @@ export async function forEachFair<T>(
   await Promise.all(Array.from({ length: Math.min(limit, items.length) }, slot));
   if (errors.length > 0) throw errors[0];
 }
+
+/** Runs `fn` on every item, `limit` at once: fairly between the items' tenants with `shares` (forEachFair), else in order. */
+export function forEachSlot<T>(
+  items: readonly T[],
+  limit: number,
+  tenantOf: (item: T) => string,
+  shares: FairShares | undefined,
+  fn: (item: T) => Promise<void>,
+): Promise<void> {
+  return shares === undefined ? forEachLimit(items, limit, fn) : forEachFair(items, limit, tenantOf, shares, fn);
+}
+
+/** Runs `fn` on every item, `limit` at once, in order. Throws the first error, after all ran. */
+async function forEachLimit<T>(items: readonly T[], limit: number, fn: (item: T) => Promise<void>): Promise<void> {
+  let next = 0;
+  const errors: unknown[] = [];
+  const lane = async () => {
+    while (next < items.length) {
+      const item = items[next++]!;
+      try {
+        await fn(item);
+      } catch (error) {
+        errors.push(error);
+      }
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(limit, items.length) }, lane));
+  if (errors.length > 0) throw errors[0];
+}

@@ -194,7 +194,7 @@ export class LaneReader {
     // costs milliseconds once the log holds thousands): a new name each time the log grows fourfold plans it again.
     const scale = Math.floor(Math.log2(this.#logEnd + 1) / 2);
     const name = `tidings.${sql.schema}.read.${spec.inbox}.${everyTopic}.${scale}`;
-    const { rows } = await driver.prepared<ReadRow>(name, sql.readLanes(spec.inbox, everyTopic), params);
+    const { rows } = await driver.planned<ReadRow>(name, sql.readLanes(spec.inbox, everyTopic), params);
     const hi = Number(rows[0]?.hi ?? 0);
     if (hi > this.#logEnd) this.#logEnd = hi;
     return rows;

@@ -1,5 +1,5 @@
 import { TidingsError } from '../../core/errors.ts';
-import type { Queryable, Session, SqlDriver, Statement } from '../driver.ts';
+import type { Queryable, Session, SqlDriver, Statement } from '../connection/driver.ts';
 import type { Isolation, Scope } from '../tenants.ts';
 import { TrackedTransaction } from '../transaction.ts';
 

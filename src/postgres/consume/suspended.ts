@@ -1,4 +1,4 @@
-import type { SqlDriver } from '../driver.ts';
+import type { SqlDriver } from '../connection/driver.ts';
 import type { Notifier } from '../notifier.ts';
 
 /**

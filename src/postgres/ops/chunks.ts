@@ -6,7 +6,7 @@ import { hostname, userInfo } from 'node:os';
 import type { DeadLetterActionResult, DeadLetterProgress } from '../../core/dead-letters.ts';
 import { TidingsError } from '../../core/errors.ts';
 import { sleep } from '../../core/sleep.ts';
-import type { Queryable, SqlDriver } from '../driver.ts';
+import type { Queryable, SqlDriver } from '../connection/driver.ts';
 import type { DeadLetterStatements } from '../sql/dead-letters.ts';
 import { adminDefaults } from './options.ts';
 

@@ -3,7 +3,7 @@
  * cursor of a subscription back to a position, so its partitions read the log again from there.
  */
 import { TidingsError } from '../../core/errors.ts';
-import type { Queryable, SqlDriver } from '../driver.ts';
+import type { Queryable, SqlDriver } from '../connection/driver.ts';
 import { replayStatements } from '../sql/replay.ts';
 import { explainMissingSchema, unknownSubscription } from './schema.ts';
 

@@ -3,7 +3,7 @@
  * one whole: its state and version, every transition with the message that caused it, its pending timeouts.
  */
 import { iso } from '../codec.ts';
-import type { Queryable } from '../driver.ts';
+import type { Queryable } from '../connection/driver.ts';
 import { sagaStatements } from '../sql/sagas.ts';
 import { explainMissingSchema } from './schema.ts';
 

@@ -1,5 +1,5 @@
 import { TidingsError } from '../../core/errors.ts';
-import type { Queryable } from '../driver.ts';
+import type { Queryable } from '../connection/driver.ts';
 import { subscriptionStatements } from '../sql/subscriptions.ts';
 
 /** A schema that was never migrated, or migrated by an older version, gets an error that says what to do. */

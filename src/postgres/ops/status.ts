@@ -4,7 +4,7 @@
  * keys, dead letters, and its workers with the topics they handle.
  */
 import { iso } from '../codec.ts';
-import type { Queryable } from '../driver.ts';
+import type { Queryable } from '../connection/driver.ts';
 import { statusStatements } from '../sql/status.ts';
 import { explainMissingSchema, unknownSubscription } from './schema.ts';
 

@@ -1,6 +1,6 @@
 /** Removing a subscription that is gone for good. */
 import { TidingsError } from '../../core/errors.ts';
-import type { SqlDriver } from '../driver.ts';
+import type { SqlDriver } from '../connection/driver.ts';
 import { subscriptionStatements } from '../sql/subscriptions.ts';
 import { explainMissingSchema, unknownSubscription } from './schema.ts';
 

@@ -2,7 +2,7 @@
 import { sleep } from '../../core/sleep.ts';
 import type { Envelope } from '../../core/envelope.ts';
 import { toEnvelope, type LogRow } from '../codec.ts';
-import type { Queryable } from '../driver.ts';
+import type { Queryable } from '../connection/driver.ts';
 import { tailStatements, type TailFilter } from '../sql/tail.ts';
 import { adminDefaults } from './options.ts';
 import { explainMissingSchema } from './schema.ts';

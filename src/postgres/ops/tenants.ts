@@ -10,7 +10,7 @@
 import type { Envelope } from '../../core/envelope.ts';
 import { TidingsError } from '../../core/errors.ts';
 import { checkTenant } from '../../core/tenant.ts';
-import type { Queryable, SqlDriver } from '../driver.ts';
+import type { Queryable, SqlDriver } from '../connection/driver.ts';
 import { iso, toEnvelope, type LogRow } from '../codec.ts';
 import { schemaOf } from '../sql/schema.ts';
 import { defaultActor } from './chunks.ts';

@@ -1,4 +1,4 @@
-import { checkIdentifier } from '../driver.ts';
+import { checkIdentifier } from '../connection/identifiers.ts';
 
 /** The schema as quoted SQL, once validated: what every operator statement module starts from. */
 export function schemaOf(schema: string): string {

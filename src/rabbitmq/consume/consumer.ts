@@ -17,8 +17,9 @@ import { declareSubscription, type Names } from '../topology.ts';
 import { Workers } from './workers.ts';
 import { PartitionReader } from './reader.ts';
 import type { ReaderHost, ReaderSettings, Unhandled } from './state.ts';
+import type { ConsumedSubscription, ReaderFacts } from '../observe.ts';
 
-export interface ConsumerSettings extends ReaderSettings {
+interface ConsumerSettings extends ReaderSettings {
   /** How often a worker announces itself to the subscription's other workers. */
   readonly workerHeartbeatMs: number;
   readonly connectionName: string;
@@ -27,7 +28,7 @@ export interface ConsumerSettings extends ReaderSettings {
   readonly recentIds: number;
 }
 
-export class RabbitConsumer implements Consumer, ReaderHost {
+export class RabbitConsumer implements Consumer, ReaderHost, ConsumedSubscription {
   readonly spec: SubscriptionSpec;
   readonly handle: DeliveryHandler<undefined>;
   readonly link: Link;
@@ -87,6 +88,15 @@ export class RabbitConsumer implements Consumer, ReaderHost {
     }, 250);
     this.#sweeper.unref();
     await Promise.all(this.#share());
+  }
+
+  get name(): string {
+    return this.spec.name;
+  }
+
+  /** What each partition's reader holds, for the gauges (observe.ts). */
+  facts(): ReaderFacts[] {
+    return this.#readers.map((reader) => reader.facts());
   }
 
   /** Reads the partitions this worker is given now, lets go of the others. */

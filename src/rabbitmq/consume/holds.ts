@@ -40,7 +40,7 @@ export interface HoldRecord {
   readonly seq: number;
 }
 
-export interface Marker {
+interface Marker {
   /** The worker whose reader published it (workers.ts). */
   readonly worker: string;
   /** Unique per reading of the partition. */
@@ -50,7 +50,7 @@ export interface Marker {
 /** Message id -> how many times it was returned to the partition queue without having been started. */
 export type Unstarted = Readonly<Record<string, number>>;
 
-export type HoldsMessage =
+type HoldsMessage =
   | { readonly kind: 'hold'; readonly record: HoldRecord }
   | { readonly kind: 'marker'; readonly marker: Marker }
   | { readonly kind: 'returned'; readonly unstarted: Unstarted }

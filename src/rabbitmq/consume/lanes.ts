@@ -13,6 +13,7 @@
  */
 import type { ConsumeMessage } from 'amqplib';
 import { describeError, TidingsError } from '../../core/errors.ts';
+import { Arrivals } from '../../telemetry/arrivals.ts';
 import { decode } from '../codec.ts';
 import type { Outcomes, Settled } from './outcomes.ts';
 import type { UnstartedReturns } from './returns.ts';
@@ -28,12 +29,16 @@ export class Lanes {
   /** A head of a topic this worker has no handler for: the partition goes back to its queue for `pauseMs`. */
   readonly #handOver: (pauseMs: number) => void;
   readonly #pump = () => this.run();
+  /** The receive spans of what the partition queue delivers. */
+  readonly #arrivals: Arrivals;
 
   constructor(state: ReaderState, outcomes: Outcomes, returns: UnstartedReturns, handOver: (pauseMs: number) => void) {
     this.#state = state;
     this.#outcomes = outcomes;
     this.#returns = returns;
     this.#handOver = handOver;
+    const { settings, spec } = state.host;
+    this.#arrivals = new Arrivals(() => settings.observer?.()?.receiving('rabbitmq', spec.name), state.index);
   }
 
   /** A delivery from the partition queue joins its key's lane, or takes back its away place. */
@@ -48,6 +53,7 @@ export class Lanes {
       return;
     }
     const { envelope } = decoded.value;
+    this.#arrivals.add(envelope);
     const key = envelope.partitionkey;
     let lane = state.lanes.get(key);
     const away = lane?.find((entry) => entry.state === 'away' && entry.id === envelope.id && entry.message === undefined);

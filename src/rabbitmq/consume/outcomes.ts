@@ -43,7 +43,7 @@ const NO_TRANSACTION: AttemptScope<undefined> = { tx: undefined, end: async () =
 export type Settled = 'done' | 'away';
 
 /** A message that could not be decoded, as it came: dead-lettered with the reason. */
-export interface Undecodable {
+interface Undecodable {
   readonly message: ConsumeMessage;
   readonly generation: number;
   readonly reason: string;

@@ -23,6 +23,7 @@ import { Outcomes } from './outcomes.ts';
 import { UnstartedReturns } from './returns.ts';
 import { readerState, received, type ReaderHost, type ReaderState } from './state.ts';
 import { Takeover } from './takeover.ts';
+import type { ReaderFacts } from '../observe.ts';
 
 export class PartitionReader {
   readonly index: number;
@@ -69,6 +70,30 @@ export class PartitionReader {
   /** Gives up on away places whose message has not come back in time, so their keys move on. */
   sweep(): void {
     this.#lanes.sweep();
+  }
+
+  /** What it holds of its partition, for the gauges (observe.ts). */
+  facts(): ReaderFacts {
+    const state = this.#state;
+    let unhandled = 0;
+    let heldKeys = 0;
+    let oldestTime: number | null = null;
+    for (const lane of state.lanes.values()) {
+      if (lane[0]?.state === 'away') heldKeys++;
+      for (const entry of lane) {
+        unhandled++;
+        const time = entry.decoded === undefined ? Number.NaN : Date.parse(entry.decoded.envelope.time);
+        if (time < (oldestTime ?? Number.POSITIVE_INFINITY)) oldestTime = time;
+      }
+    }
+    return {
+      partition: this.index,
+      reading: state.phase === 'reading' || state.phase === 'restoring',
+      unhandled,
+      heldKeys,
+      // Messages away in a delay queue are not decoded here: their age is not known.
+      oldestTime: oldestTime === null && unhandled > 0 ? undefined : oldestTime,
+    };
   }
 
   #drive(): Promise<void> {

@@ -8,6 +8,7 @@ import type { Link } from '../connection.ts';
 import type { RecentIds, Slots } from './slots.ts';
 import type { Names, TopologySettings } from '../topology.ts';
 import type { Workers } from './workers.ts';
+import type { BackboneObserver } from '../../telemetry/observer.ts';
 
 export interface ReaderSettings extends TopologySettings {
   /** Unacknowledged messages per partition queue (per-consumer basic.qos). */
@@ -20,6 +21,8 @@ export interface ReaderSettings extends TopologySettings {
   /** A reader whose marker has not come back within this time starts over (workers.ts' timeout). */
   readonly workerTimeoutMs: number;
   readonly warn: (message: string, error?: unknown) => void;
+  /** The bus's telemetry, once it handed it over (Backbone.observe): the readers' receive spans. */
+  readonly observer?: () => BackboneObserver | undefined;
 }
 
 /** What to do with a message of a topic this worker has no handler for (RabbitConsumer#unhandled). */
@@ -73,7 +76,7 @@ export interface Delivered {
  * is active). restoring: the first message came; picking up the partition's holds (holds.ts). reading.
  * releasing: no new handler starts; the channel closes once the running ones are finished.
  */
-export type Phase = 'idle' | 'opening' | 'waiting' | 'restoring' | 'reading' | 'releasing';
+type Phase = 'idle' | 'opening' | 'waiting' | 'restoring' | 'reading' | 'releasing';
 
 /** One partition reader's state, read and changed by its parts (reader.ts wires them). */
 export interface ReaderState {

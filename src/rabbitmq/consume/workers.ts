@@ -27,7 +27,7 @@ import { sleep } from '../../core/sleep.ts';
 import type { Link } from '../connection.ts';
 import type { Names } from '../topology.ts';
 
-export interface WorkerInfo {
+interface WorkerInfo {
   readonly id: string;
   /** For people: `host/pid/connection name`. */
   readonly name: string;
@@ -35,7 +35,7 @@ export interface WorkerInfo {
   readonly topics: readonly string[];
 }
 
-export interface WorkersSettings {
+interface WorkersSettings {
   readonly heartbeatMs: number;
   readonly timeoutMs: number;
   readonly reconnectMinMs: number;
@@ -45,7 +45,7 @@ export interface WorkersSettings {
 }
 
 /** The subscription these workers read, the topics this one handles, and what to call when the partitions it is given change. */
-export interface WorkersOf {
+interface WorkersOf {
   readonly name: string;
   readonly topics: readonly string[];
   readonly onChange: () => void;

@@ -6,11 +6,13 @@
  */
 import { resolve } from 'node:path';
 import { pathToFileURL } from 'node:url';
-import { describeContract, describeService, type CatalogSource, type ContractRecord, type ServiceRecord } from '../core/catalog.ts';
-import type { AnyContract } from '../core/contract.ts';
-import { TidingsError } from '../core/errors.ts';
+import { type AnyContract, TidingsError } from 'tidings';
+import { describeContract, describeService, type ContractRecord, type ServiceRecord } from 'tidings/asyncapi';
 
-export interface ModuleContents {
+/** What describeService reads of a bus. */
+type CatalogSource = Parameters<typeof describeService>[0];
+
+interface ModuleContents {
   /** One record per exported bus. */
   readonly services: ServiceRecord[];
   /** Every contract exported, or used by an exported bus, by type. */
