@@ -13,6 +13,7 @@ import { pgWorld } from './fixtures/bus.ts';
 import { startProcess } from './fixtures/processes.ts';
 import { publishFor } from './fixtures/quotas.ts';
 import { connect, DATABASE_URL, waitFor } from './helpers.ts';
+import { PostgresTokenBuckets } from '../src/postgres/quotas.ts';
 
 const rate = { ratePerSecond: 10, burst: 5 };
 
@@ -180,4 +181,41 @@ test('the purge of a tenant removes its bucket', async (t) => {
   const purged = await purgeTenant((bus.backbone as PostgresBackbone).driver, { schema: world.schema, tenant: 'acme', actor: 'test' });
   assert.equal(purged.rows.tenant_quotas, 1);
   await bus.publish(Ticked, { key: 'k', seq: 2 }, { tenant: 'acme' });
+});
+
+test('a fast tenant takes tokens ahead: far fewer statements than publishes, and never more through than its bucket made', async (t) => {
+  const world = await pgWorld(t, 'tquo');
+  if (world === undefined) return;
+  const backbone = world.backbone();
+  t.after(() => backbone.close());
+  await backbone.open();
+  let statements = 0;
+  const counted = new Proxy(backbone.driver, {
+    get(target, name, receiver) {
+      const value = Reflect.get(target, name, receiver);
+      if (name !== 'query' && name !== 'prepared') return value;
+      return (...args: unknown[]) => {
+        statements++;
+        return (value as (...args: unknown[]) => unknown).apply(target, args);
+      };
+    },
+  });
+  const buckets = new PostgresTokenBuckets(() => counted, world.schema);
+  const takes = async (tenant: string, rate: { ratePerSecond: number; burst: number }) => {
+    const [before, started] = [statements, Date.now()];
+    let granted = 0;
+    for (let i = 0; i < 1_000; i++) if ((await buckets.take(tenant, rate, 1)) === 0) granted++;
+    return { granted, statements: statements - before, most: rate.burst + (rate.ratePerSecond * (Date.now() - started)) / 1_000 };
+  };
+  // Under its rate: each take brings 100 tokens along (the most: 50 ms of it would be 5,000), and the next publishes use them.
+  const roomy = await takes('roomy', { ratePerSecond: 100_000, burst: 10_000 });
+  // At its rate: each take brings what the bucket has to spare, which is little.
+  const busy = await takes('busy', { ratePerSecond: 2_000, burst: 200 });
+  t.diagnostic(
+    `1,000 asked under the rate: ${roomy.granted} granted, ${roomy.statements} statements; at it: ${busy.granted} granted (at most ${busy.most.toFixed(0)}), ${busy.statements} statements`,
+  );
+  assert.equal(roomy.granted, 1_000);
+  assert.ok(roomy.statements <= 40, `${roomy.statements} statements for 1,000 takes under the rate: the tokens taken ahead serve them`);
+  assert.ok(busy.granted <= busy.most + 1, `${busy.granted} granted; the bucket made at most ${busy.most.toFixed(1)}`);
+  assert.ok(busy.granted >= 200, `at least the burst (${busy.granted})`);
 });
