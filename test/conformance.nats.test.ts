@@ -3,10 +3,9 @@
  * application code as on PostgreSQL, transactions and exactly-once effects included.
  */
 import { conformance } from './conformance/suite.ts';
-import { postgresSchema, quickPostgres } from './conformance/postgres.ts';
+import { withOutbox } from './conformance/postgres.ts';
 import { nats } from '../src/nats/index.ts';
-import { postgres, type PgTransaction } from '../src/postgres/index.ts';
-import { DATABASE_URL, dropSchema } from './helpers.ts';
+import type { PgTransaction } from '../src/postgres/index.ts';
 import { natsNamespace } from './fixtures/nats.ts';
 
 conformance<PgTransaction>({
@@ -14,16 +13,7 @@ conformance<PgTransaction>({
   namespace: async (t) => {
     const ns = await natsNamespace(t, 'c');
     if (ns === undefined) return undefined;
-    const pg = await postgresSchema(t, 'nats');
-    if (pg === undefined) return undefined;
-    return {
-      backbone: () => nats(ns.options({ outbox: postgres({ url: DATABASE_URL, schema: pg.schema, ...quickPostgres }) })),
-      effects: pg.effects,
-      cleanup: async () => {
-        await ns.cleanup();
-        await dropSchema(pg.schema);
-      },
-    };
+    return withOutbox(t, 'nats', { backbone: (outbox) => nats(ns.options({ outbox })), cleanup: () => ns.cleanup() });
   },
   offers: { transactions: true, durable: true, balances: true, commandOwners: true },
 });

@@ -5,10 +5,10 @@
  */
 import type { TestContext } from 'node:test';
 import { conformance } from './conformance/suite.ts';
-import { postgresSchema, quickPostgres } from './conformance/postgres.ts';
-import { postgres, type PgTransaction } from '../src/postgres/index.ts';
+import { withOutbox } from './conformance/postgres.ts';
+import type { PgTransaction } from '../src/postgres/index.ts';
 import { rabbitmq } from '../src/rabbitmq/index.ts';
-import { DATABASE_URL, dropSchema, RABBITMQ_URL, requireBroker, uniqueSchema } from './helpers.ts';
+import { RABBITMQ_URL, requireBroker, uniqueSchema } from './helpers.ts';
 import { deleteByPrefix, testOptions } from './fixtures/rabbitmq.ts';
 
 async function prefix(t: TestContext, name: string): Promise<string | undefined> {
@@ -21,16 +21,7 @@ conformance<PgTransaction>({
   namespace: async (t) => {
     const p = await prefix(t, 'rc');
     if (p === undefined) return undefined;
-    const pg = await postgresSchema(t, 'rabbit');
-    if (pg === undefined) return undefined;
-    return {
-      backbone: () => rabbitmq({ ...testOptions(p), outbox: postgres({ url: DATABASE_URL, schema: pg.schema, ...quickPostgres }) }),
-      effects: pg.effects,
-      cleanup: async () => {
-        await deleteByPrefix(p);
-        await dropSchema(pg.schema);
-      },
-    };
+    return withOutbox(t, 'rabbit', { backbone: (outbox) => rabbitmq({ ...testOptions(p), outbox }), cleanup: () => deleteByPrefix(p) });
   },
   offers: { transactions: true, durable: true, balances: true, commandOwners: true },
 });

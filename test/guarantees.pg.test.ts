@@ -5,7 +5,7 @@
  * caller drives, commit order against positions, long transactions, worker processes and kill -9.
  */
 import assert from 'node:assert/strict';
-import { test } from 'node:test';
+import { test, type TestContext } from 'node:test';
 import { z } from 'zod';
 import { deadLetter, defineEvent, PermanentError } from '../src/index.ts';
 import { Ticked, ticksSeen, Tocked } from './fixtures/contracts.ts';
@@ -157,13 +157,20 @@ function effects(schema: string): Promise<Array<{ message_id: string; key: strin
   return sql(`select message_id, key, seq, worker from "${schema}".effects order by n`);
 }
 
-test('3. per-key order with two worker processes and 50 keys; keys run in parallel', async (t) => {
+/** A schema of its own with the effects table the worker processes (fixtures/worker.ts) write, and a publisher started. */
+async function workersWorld(t: TestContext) {
   const world = await pgWorld(t, 'g');
-  if (world === undefined) return;
-  const { schema } = world;
-  await createEffects(schema);
+  if (world === undefined) return undefined;
+  await createEffects(world.schema);
   const publisher = world.bus('publisher');
   await publisher.start();
+  return { world, schema: world.schema, publisher };
+}
+
+test('3. per-key order with two worker processes and 50 keys; keys run in parallel', async (t) => {
+  const ready = await workersWorld(t);
+  if (ready === undefined) return;
+  const { schema, publisher } = ready;
   const first = await startProcess('worker', { SCHEMA: schema, HANDLE_MS: '1' });
   const keys = 50;
   const perKey = 40;
@@ -203,12 +210,9 @@ test('3. per-key order with two worker processes and 50 keys; keys run in parall
 });
 
 test('3b. a rolling deploy across processes, both ways: adding a topic (its first new worker killed -9 midway), then removing it; each message once, in key order', async (t) => {
-  const world = await pgWorld(t, 'g');
-  if (world === undefined) return;
-  const { schema } = world;
-  await createEffects(schema);
-  const publisher = world.bus('publisher');
-  await publisher.start();
+  const ready = await workersWorld(t);
+  if (ready === undefined) return;
+  const { schema, publisher } = ready;
   const both = `${Ticked.topic},${Tocked.topic}`;
   const workers: TestProcess[] = [];
   const start = async (topics: string) => {
@@ -391,12 +395,9 @@ test('4b. retries in batches: more held keys than a pass takes, and a key with m
 });
 
 test('5b. kill -9 after the write, before the ack: the effect happens once, on the worker that takes over', async (t) => {
-  const world = await pgWorld(t, 'g');
-  if (world === undefined) return;
-  const { schema } = world;
-  await createEffects(schema);
-  const publisher = world.bus('publisher');
-  await publisher.start();
+  const ready = await workersWorld(t);
+  if (ready === undefined) return;
+  const { schema, publisher } = ready;
   const doomed = await startProcess('worker', { SCHEMA: schema, CRASH_ON: 'k3:5' });
   const { exited } = doomed;
   await publisher.publishMany(

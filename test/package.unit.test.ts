@@ -1,6 +1,7 @@
 /**
  * What src/ imports, a user has: every package it names is a dependency or a peer dependency of Tidings
- * (or a node: builtin). One from devDependencies works here and breaks for users, silently for types
+ * (or a node: builtin, or one of Tidings' own entries in package.json `exports`, which the CLI imports like
+ * a user: `tidings/postgres`). One from devDependencies works here and breaks for users, silently for types
  * (message.data became any) or loudly at run time. The slow proof is tarball.smoke.test.ts; this is the
  * quick one, run with the unit tests.
  */
@@ -18,11 +19,8 @@ const pkg = JSON.parse(readFileSync(join(root, 'package.json'), 'utf8')) as {
   peerDependencies: Record<string, string>;
 };
 const allowed = new Set([...Object.keys(pkg.dependencies), ...Object.keys(pkg.peerDependencies)]);
-
-/** The CLI imports the package's own public entries by name (`tidings/postgres`): fine when package.json exports them. */
-function ownEntry(specifier: string): boolean {
-  return packageOf(specifier) === pkg.name && `.${specifier.slice(pkg.name.length)}` in pkg.exports;
-}
+/** `tidings`, `tidings/postgres`, ...: the package's self-references, resolved through its own `exports`. */
+const ownEntries = new Set(Object.keys(pkg.exports).map((key) => (key === '.' ? pkg.name : `${pkg.name}/${key.slice(2)}`)));
 
 function sources(dir: string): string[] {
   return readdirSync(dir, { withFileTypes: true }).flatMap((entry) => {
@@ -45,7 +43,7 @@ test('src imports only dependencies, peer dependencies and node: builtins', () =
       .replace(/\/\*[\s\S]*?\*\//g, '')
       .replace(/^\s*\/\/.*$/gm, '');
     for (const [, specifier] of text.matchAll(/(?:from|import)\s*\(?\s*'([^'.][^']*)'/g)) {
-      if (specifier!.startsWith('node:') || allowed.has(packageOf(specifier!)) || ownEntry(specifier!)) continue;
+      if (specifier!.startsWith('node:') || allowed.has(packageOf(specifier!)) || ownEntries.has(specifier!)) continue;
       wrong.push(`${file.slice(root.length)} imports ${specifier}`);
     }
   }

@@ -144,10 +144,23 @@ interface Progress {
 }
 
 /**
- * A progress bar on stderr, shown only to a person: when stdout is a terminal and the output is not JSON.
- * Otherwise it does nothing, so callers need no branches.
+ * Runs `run` with a progress bar on stderr, stopped however `run` ends. The bar is shown only to a person
+ * (`enabled`: stdout is a terminal and the output is not JSON); otherwise it does nothing, so callers need
+ * no branches.
  */
-export function progress(options: { readonly label: string; readonly enabled: boolean }): Progress {
+export async function withProgress<T>(
+  options: { readonly label: string; readonly enabled: boolean },
+  run: (bar: Pick<Progress, 'update'>) => Promise<T>,
+): Promise<T> {
+  const bar = progress(options);
+  try {
+    return await run(bar);
+  } finally {
+    bar.stop();
+  }
+}
+
+function progress(options: { readonly label: string; readonly enabled: boolean }): Progress {
   if (!options.enabled) return { update: () => undefined, stop: () => undefined };
   const bar = new cliProgress.SingleBar(
     {

@@ -7,10 +7,10 @@
  */
 import assert from 'node:assert/strict';
 import { test, type TestContext } from 'node:test';
-import { deadLetter, keyHash, newId, TidingsError, type Backbone, type Bus } from '../../src/index.ts';
+import { deadLetter, keyHash, TidingsError, type Backbone, type Bus } from '../../src/index.ts';
 import type { Envelope } from '../../src/core/envelope.ts';
 import { messageLimits } from '../../src/core/limits.ts';
-import { Ticked } from '../fixtures/contracts.ts';
+import { foreignTick, Ticked } from '../fixtures/contracts.ts';
 import { sleep, waitFor } from '../helpers.ts';
 import type { ConformanceTarget, Namespace } from './suite.ts';
 
@@ -43,19 +43,7 @@ async function inject<Tx>(backbone: Backbone<Tx>, envelope: Envelope): Promise<u
 }
 
 function foreign(key: string, seq: number, overrides: Partial<Envelope> = {}): Envelope {
-  return {
-    specversion: '1.0',
-    id: newId(),
-    source: 'tidings://elsewhere',
-    type: 'test.ticked.v1',
-    time: new Date().toISOString(),
-    datacontenttype: 'application/json',
-    topic: Ticked.topic,
-    partitionkey: key,
-    correlationid: newId(),
-    data: { key, seq },
-    ...overrides,
-  };
+  return foreignTick(key, { key, seq }, overrides);
 }
 
 export function hostileInput<Tx>(target: ConformanceTarget<Tx>, kit: SuiteKit<Tx>): void {

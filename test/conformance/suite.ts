@@ -19,7 +19,7 @@ import {
   type Message,
 } from '../../src/index.ts';
 import type { Envelope } from '../../src/core/envelope.ts';
-import { Ticked } from '../fixtures/contracts.ts';
+import { foreignTick, Ticked } from '../fixtures/contracts.ts';
 import { sleep, waitFor } from '../helpers.ts';
 import { rollingDeploy } from './deploy.ts';
 import { hostileInput } from './hostile.ts';
@@ -348,7 +348,7 @@ export function conformance<Tx>(target: ConformanceTarget<Tx>): void {
       assert.match(error.message, /test\.ticked.*seq/);
 
       await bus.publish(Ticked, { key: 'x', seq: 1 });
-      const corrupt = { ...envelopeOf('x', { key: 'x', seq: 'not a number' }), id: `corrupt-${newId()}` };
+      const corrupt = foreignTick('x', { key: 'x', seq: 'not a number' }, { id: `corrupt-${newId()}` });
       const inject =
         target.injectInvalid ?? ((backbone, envelope) => backbone.publish([{ envelope, json: JSON.stringify(envelope.data), keyHash: keyHash('x') }]));
       await inject(bus.backbone, corrupt);
@@ -465,20 +465,4 @@ export function conformance<Tx>(target: ConformanceTarget<Tx>): void {
     upcasting({ world, newBus, stop });
     tenancy(target, { world, newBus, stop });
   });
-}
-
-/** A Tidings envelope with arbitrary data, as a foreign producer might write it. */
-export function envelopeOf(key: string, data: unknown): Envelope {
-  return {
-    specversion: '1.0',
-    id: newId(),
-    source: 'tidings://conformance',
-    type: 'test.ticked.v1',
-    time: new Date().toISOString(),
-    datacontenttype: 'application/json',
-    topic: Ticked.topic,
-    partitionkey: key,
-    correlationid: newId(),
-    data,
-  };
 }

@@ -14,7 +14,7 @@ import { positiveInteger, positiveNumber } from '../arguments.ts';
 import type { GlobalOptions } from '../config.ts';
 import { CommandFailed, emit, globalsOf, showProgress, type CliContext } from '../context.ts';
 import { withDatabase } from '../database.ts';
-import { progress, shortTime, table } from '../format.ts';
+import { shortTime, table, withProgress } from '../format.ts';
 
 export function registerDeadLetters(program: Command, context: CliContext): void {
   const deadLetters = program.command('dead-letters').description('messages a subscription gave up on: list, show, redrive, drop');
@@ -108,19 +108,15 @@ export function registerDeadLetters(program: Command, context: CliContext): void
       await withDeadLetters(context, command, async (store, globals) => {
         const selection = selectionOf(ids, options, 'redrive');
         if (options.dryRun === true) return dryRun(context, store, globals, selection, 'redrive');
-        const bar = progress({ label: 'Redriving', enabled: showProgress(context, globals) });
-        let result: DeadLetterActionResult;
-        try {
-          result = await store.redrive({
+        const result = await withProgress({ label: 'Redriving', enabled: showProgress(context, globals) }, (bar) =>
+          store.redrive({
             ...selection,
             actor: options.actor,
             ratePerSecond: options.rate,
             signal: context.interrupt,
             onProgress: ({ done, total }) => total > 0 && bar.update(done, total),
-          });
-        } finally {
-          bar.stop();
-        }
+          }),
+        );
         reportAction(context, globals, result, 'redrive', 'Redrove', 'Running workers retry them now, in per-key order; stopped ones when they start.');
       });
     });
@@ -133,18 +129,9 @@ export function registerDeadLetters(program: Command, context: CliContext): void
       await withDeadLetters(context, command, async (store, globals) => {
         const selection = selectionOf(ids, options, 'drop');
         if (options.dryRun === true) return dryRun(context, store, globals, selection, 'drop');
-        const bar = progress({ label: 'Dropping', enabled: showProgress(context, globals) });
-        let result: DeadLetterActionResult;
-        try {
-          result = await store.drop({
-            ...selection,
-            actor: options.actor,
-            signal: context.interrupt,
-            onProgress: ({ done, total }) => total > 0 && bar.update(done, total),
-          });
-        } finally {
-          bar.stop();
-        }
+        const result = await withProgress({ label: 'Dropping', enabled: showProgress(context, globals) }, (bar) =>
+          store.drop({ ...selection, actor: options.actor, signal: context.interrupt, onProgress: ({ done, total }) => total > 0 && bar.update(done, total) }),
+        );
         reportAction(context, globals, result, 'drop', 'Dropped', 'Recorded in the dead_letter_actions table.');
       });
     });

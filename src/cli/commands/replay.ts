@@ -5,7 +5,7 @@ import { parseFrom, type From } from '../arguments.ts';
 import type { GlobalOptions } from '../config.ts';
 import { CommandFailed, emit, pause, showProgress, type CliContext } from '../context.ts';
 import { withDatabase, type Database } from '../database.ts';
-import { progress } from '../format.ts';
+import { withProgress } from '../format.ts';
 
 export function registerReplay(program: Command, context: CliContext): void {
   program
@@ -48,8 +48,7 @@ async function waitForCatchUp(context: CliContext, db: Database, globals: Global
   if (!globals.json && !first.subscriptions[0]?.workers.some((worker) => worker.live)) {
     context.err(`No live worker runs ${subscription} now: the replay happens when one starts. Ctrl-C stops waiting.\n`);
   }
-  const bar = progress({ label: 'Replaying', enabled: showProgress(context, globals) });
-  try {
+  return withProgress({ label: 'Replaying', enabled: showProgress(context, globals) }, async (bar) => {
     for (;;) {
       const status = await readStatus(db.driver, { schema: globals.schema, subscription });
       const lag = status.subscriptions[0]?.lag ?? 0;
@@ -58,7 +57,5 @@ async function waitForCatchUp(context: CliContext, db: Database, globals: Global
       if (context.interrupt.aborted) return false;
       await pause(context, 500);
     }
-  } finally {
-    bar.stop();
-  }
+  });
 }

@@ -5,7 +5,7 @@ import { positiveNumber } from '../arguments.ts';
 import type { GlobalOptions } from '../config.ts';
 import { emit, showProgress, type CliContext } from '../context.ts';
 import { withDatabase, type Database } from '../database.ts';
-import { duration, progress } from '../format.ts';
+import { duration, withProgress } from '../format.ts';
 import { renderReplicas } from '../status.ts';
 
 export function registerReplicas(program: Command, context: CliContext): void {
@@ -43,16 +43,12 @@ export function registerReplicas(program: Command, context: CliContext): void {
     .option('--timeout <seconds>', 'give up when the replica reports no progress for this long', positiveNumber, 60)
     .action(async (name: string, options: { timeout: number }, command: Command) => {
       await withDatabase(context, command, async (db, globals) => {
-        const bar = progress({ label: `Rebuilding ${name}`, enabled: showProgress(context, globals) });
-        let report: RebuildReport;
-        try {
-          report = await requestRebuild({
+        const report = await withProgress({ label: `Rebuilding ${name}`, enabled: showProgress(context, globals) }, (bar) =>
+          requestRebuild({
             ...commandTo(name, db, globals, context, options.timeout),
             onProgress: ({ done, total }) => total !== null && bar.update(done, Math.max(total, done)),
-          });
-        } finally {
-          bar.stop();
-        }
+          }),
+        );
         emit(context, globals, report, () => renderRebuild(report));
       });
     });
