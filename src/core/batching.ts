@@ -6,7 +6,7 @@
  * run at once; each takes what waits, up to `maxBatch` by `weight` (a first request heavier than that goes
  * alone). Like a Kafka producer's linger, with no timer: a lone request waits for nothing but the turn's end.
  */
-export interface BatcherOptions<In> {
+interface BatcherOptions<In> {
   /** Calls running at once; while they run, new requests gather into the next. */
   readonly inFlight: number;
   /** Most weight one call takes. */

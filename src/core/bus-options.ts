@@ -39,7 +39,7 @@ export interface BusOptions<Tx> {
 }
 
 /** A bus's options once checked, with their defaults. */
-export interface BusSettings<Tx> {
+interface BusSettings<Tx> {
   readonly service: string;
   readonly backbone: Backbone<Tx>;
   readonly maxPayloadBytes: number;

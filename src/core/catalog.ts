@@ -73,7 +73,7 @@ export interface ContractRegistry {
 }
 
 /** What the catalog needs of a bus (core/bus.ts gives it; kept apart so this module stays free of the bus). */
-export interface CatalogSource {
+interface CatalogSource {
   readonly service: string;
   readonly publishes: readonly AnyContract[];
   readonly subscriptions: ReadonlyMap<

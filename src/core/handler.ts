@@ -62,7 +62,7 @@ export interface Route<Tx> {
   readonly handler: Handler<unknown, Tx>;
 }
 
-export interface PipelineOptions<Tx> {
+interface PipelineOptions<Tx> {
   readonly subscription: string;
   readonly routes: ReadonlyMap<string, Route<Tx>>;
   readonly retry: ResolvedRetry;

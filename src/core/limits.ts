@@ -74,7 +74,7 @@ export function dataProblem(data: unknown): DataProblem | undefined {
   return walk(data, 'data', 0);
 }
 
-export interface DataProblem {
+interface DataProblem {
   /** LIMIT_EXCEEDED for nesting, INVALID_PAYLOAD for a value JSON cannot carry. */
   readonly code: 'LIMIT_EXCEEDED' | 'INVALID_PAYLOAD';
   readonly message: string;

@@ -17,7 +17,7 @@ import { tenantOfPublish } from './tenant.ts';
 import type { BusTelemetry } from '../telemetry/telemetry.ts';
 
 /** What the publisher needs of its bus. */
-export interface PublisherSettings<Tx> {
+interface PublisherSettings<Tx> {
   /** The CloudEvents `source` of every message: `tidings://<service>`. */
   readonly service: string;
   readonly backbone: Backbone<Tx>;

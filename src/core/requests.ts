@@ -12,7 +12,7 @@ import type { PublishedMessage, PublishOptions, RequestOptions } from './publish
 import { handlerScope } from './scope.ts';
 
 /** What the requester needs of its bus. */
-export interface RequesterSettings {
+interface RequesterSettings {
   readonly backbone: Backbone<unknown>;
   readonly clock: Clock;
   readonly open: () => Promise<void>;

@@ -66,7 +66,7 @@ export const sagaDefaults = {
 } as const;
 
 /** The scheduled message a saga's timeout travels as. */
-export function timeoutContract(saga: string) {
+function timeoutContract(saga: string) {
   return defineCommand(`tidings.saga.${saga}.timeout`, {
     schema: {
       '~standard': { version: 1, vendor: 'tidings', validate: (value: unknown) => ({ value: value as TimeoutData }) },
@@ -124,13 +124,13 @@ export interface SagaStats {
 }
 
 /** One of a saga's handlers: for a message it reacts to, or for its timeouts. */
-export interface SagaHandler<Tx> {
+interface SagaHandler<Tx> {
   readonly contract: AnyContract;
   readonly handler: (message: Message<unknown>, ctx: HandlerContext<Tx>) => Promise<Outcome | void>;
 }
 
 /** What `bus.saga` subscribes: the saga's subscription (`saga.<name>`), its handlers, and the counts they keep. */
-export interface SagaRun<Tx> {
+interface SagaRun<Tx> {
   readonly subscription: string;
   readonly handlers: readonly SagaHandler<Tx>[];
   readonly stats: SagaStats;
@@ -145,7 +145,7 @@ export function sagaRun<S, M extends Record<string, AnyContract>, Tx>(definition
 }
 
 /** What running a saga needs of the bus. */
-export interface SagaHost<Tx> {
+interface SagaHost<Tx> {
   readonly store: SagaStore<Tx>;
 }
 
@@ -153,11 +153,7 @@ export interface SagaHost<Tx> {
  * The handlers a saga's subscription runs: one per message it reacts to, and one for its timeouts. Each
  * loads the instance in the message's transaction, runs the transition, checks and saves the new state.
  */
-export function sagaHandlers<S, M extends Record<string, AnyContract>, Tx>(
-  definition: SagaDefinition<S, M>,
-  host: SagaHost<Tx>,
-  stats: SagaStats,
-): SagaHandler<Tx>[] {
+function sagaHandlers<S, M extends Record<string, AnyContract>, Tx>(definition: SagaDefinition<S, M>, host: SagaHost<Tx>, stats: SagaStats): SagaHandler<Tx>[] {
   const saga = definition.name;
   const timeouts = timeoutContract(saga);
   const early = definition.early ?? sagaDefaults.early;

@@ -19,7 +19,7 @@ export interface ScheduleOptions extends Omit<PublishOptions, 'tx' | 'id' | 'del
 export const scheduleDefaults = { timezone: 'UTC', missed: 'one' } as const satisfies Pick<Required<ScheduleOptions>, 'timezone' | 'missed'>;
 
 /** Runs `fn` in a transaction and publishes in it: what a schedule's tick needs of the bus. */
-export interface TickPublisher<Tx> {
+interface TickPublisher<Tx> {
   readonly backbone: Backbone<Tx>;
   publish<C extends AnyContract>(contract: C, data: InputOf<C>, options: PublishOptions): Promise<unknown>;
   warn(message: string, error?: unknown): void;
@@ -35,7 +35,7 @@ const MAX_WAIT_MS = 60 * 60_000;
  * each tries to claim it in a transaction (Backbone.claimTick) and only the one that claims it publishes,
  * in that same transaction, so the tick and its message commit together or not at all.
  */
-export class Schedule<C extends AnyContract = AnyContract> {
+class Schedule<C extends AnyContract = AnyContract> {
   readonly #cron: Cron;
   /** What the backbone records with each tick: a change is reported when it differs from the stored one. */
   readonly definition: string;

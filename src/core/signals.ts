@@ -7,7 +7,7 @@
  * suppressing Node's default exit or racing its own. Proven by test/lifecycle.pg.test.ts.
  */
 
-export const stopSignals = ['SIGINT', 'SIGTERM'] as const;
+const stopSignals = ['SIGINT', 'SIGTERM'] as const;
 
 interface Stoppable {
   stop(): Promise<void>;

@@ -46,7 +46,7 @@ export class Subscription<Tx> {
 }
 
 /** What a subscription's consumer needs of its bus. */
-export interface ConsumerWiring<Tx> {
+interface ConsumerWiring<Tx> {
   readonly backbone: Backbone<Tx>;
   readonly telemetry: BusTelemetry;
   readonly warn: (message: string, error?: unknown) => void;

@@ -62,12 +62,12 @@ export function runForTenant<T>(tenant: string, handler: HandlerScope | undefine
  * not reach into handlers (a bus started inside `withTenant` would otherwise lend its tenant to every
  * message it handles): inside a handler only a scope entered in that handler counts.
  */
-export function scopedTenant(handler: HandlerScope | undefined): string | undefined {
+function scopedTenant(handler: HandlerScope | undefined): string | undefined {
   const scope = tenantScope.getStore();
   return scope !== undefined && scope.within === handler ? scope.tenant : undefined;
 }
 
-export interface TenantOfPublish {
+interface TenantOfPublish {
   readonly contract: AnyContract;
   /** The tenant the caller named in the publish's options (a handler's `ctx.publish` names its message's). */
   readonly named: string | undefined;

@@ -11,7 +11,7 @@ export async function postgresStatus(db: Queryable, schema: string): Promise<Bac
   return { subscriptions: status.subscriptions.map(toState) };
 }
 
-export function toState(subscription: SubscriptionStatus): SubscriptionState {
+function toState(subscription: SubscriptionStatus): SubscriptionState {
   return {
     name: subscription.name,
     lag: subscription.lag,

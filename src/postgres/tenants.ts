@@ -192,7 +192,7 @@ function restrictedUrl(backboneUrl: string | undefined, role: string): string {
 }
 
 /** The proof of `scope` in transaction `xid`, as migration 013's tenancy_scope() checks it: sha256(k || sha256(k || m)). */
-export function proof(secret: Buffer, scope: string, xid: string): string {
+function proof(secret: Buffer, scope: string, xid: string): string {
   const inner = createHash('sha256').update(secret).update(`${scope}/${xid}`, 'utf8').digest();
   return createHash('sha256').update(secret).update(inner).digest('hex');
 }

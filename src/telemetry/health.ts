@@ -35,7 +35,7 @@ export interface HealthOptions {
   relayMaxAgeMs?: number;
 }
 
-export interface HealthInputs {
+interface HealthInputs {
   readonly state: 'idle' | 'starting' | 'running' | 'stopping' | 'stopped';
   /** The bus has subscriptions or schedules: it is ready only once started. Without, it only publishes, and needs no start. */
   readonly consumes: boolean;

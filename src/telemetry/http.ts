@@ -17,7 +17,7 @@ export interface HealthPaths extends HealthOptions {
 export const healthPaths = { live: '/livez', ready: '/readyz' } as const satisfies Required<Pick<HealthPaths, 'live' | 'ready'>>;
 
 /** What the handlers need of a bus. `paths` also carries the checks' options (`timeoutMs`, `relayMaxAgeMs`). */
-export interface HasHealth {
+interface HasHealth {
   health(options?: HealthOptions): Promise<BusHealth>;
 }
 

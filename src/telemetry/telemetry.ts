@@ -17,7 +17,7 @@ import type { BackboneStatus } from './status.ts';
 import { Tracing } from './tracing.ts';
 import type { BackboneEventName, BackboneObserver, HopSpan, Received } from './observer.ts';
 
-export interface BusTelemetryOptions {
+interface BusTelemetryOptions {
   readonly backbone: Backbone<unknown>;
   readonly telemetry: TelemetryOptions | false | undefined;
   readonly logger: Logger | undefined;
