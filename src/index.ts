@@ -5,7 +5,18 @@ export type { PublishOptions, PublishedMessage } from './core/publish.ts';
 export { Subscription } from './core/subscription.ts';
 export type { SubscriptionStats } from './core/subscription.ts';
 export { defineEvent, defineCommand, validate } from './core/contract.ts';
-export type { Contract, AnyContract, AnyRequestContract, ContractOptions, DataOf, InputOf, ReplyInputOf, ReplyOf, RequestContract, Upcaster } from './core/contract.ts';
+export type {
+  Contract,
+  AnyContract,
+  AnyRequestContract,
+  ContractOptions,
+  DataOf,
+  InputOf,
+  ReplyInputOf,
+  ReplyOf,
+  RequestContract,
+  Upcaster,
+} from './core/contract.ts';
 export type { StandardSchemaV1 } from './core/standard-schema.ts';
 export { newId, keyHash, partitionOf } from './core/envelope.ts';
 export type { Envelope, Message } from './core/envelope.ts';
