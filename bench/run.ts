@@ -9,7 +9,7 @@
  *   npm run bench -- --quick       smoke check, 1 round, small sizes (fails only on errors; CI runs it)
  *   options: --rounds N, --sync-off (database bench_async, synchronous_commit off),
  *            --only drain,e2e (workloads, or row groups: --only tracing), --systems tidings,pgboss (systems),
- *            --rows steady,'1k keys' (label substrings), --no-write,
+ *            --rows 'steady;1k keys' (label substrings, ';' between: labels have commas), --no-write,
  *            --stop-after <minutes> (start no task after that; report what ran), --out <name> (results/<name>.*)
  */
 import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
@@ -54,8 +54,8 @@ const database = syncOff ? 'bench_async' : 'bench';
 const db = { url: `${SERVER}/${database}`, name: database };
 const onlyWorkloads = args.only?.split(',').map((s) => s.trim());
 const onlySystems = args.systems?.split(',').map((s) => s.trim());
-/** `--rows a,b`: only rows whose label contains one of these (case-insensitive): one table row, alternated with another build. */
-const onlyRows = args.rows?.split(',').map((s) => s.trim().toLowerCase());
+/** `--rows 'a;b'`: only rows whose label contains one of these (case-insensitive): one table row, alternated with another build. */
+const onlyRows = args.rows?.split(';').map((s) => s.trim().toLowerCase());
 
 /**
  * A run cut short (`--stop-after <minutes>`, or SIGINT / SIGTERM) finishes the task that runs, starts no

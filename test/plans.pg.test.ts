@@ -8,6 +8,7 @@ import assert from 'node:assert/strict';
 import { after, test } from 'node:test';
 import { createBus } from '../src/index.ts';
 import { postgres } from '../src/postgres/index.ts';
+import { pgDriver } from '../src/postgres/connection/pg.ts';
 import { statements } from '../src/postgres/statements.ts';
 import { Ticked } from './fixtures/contracts.ts';
 import { connect, DATABASE_URL, dropSchema, requirePostgres, uniqueSchema } from './helpers.ts';
@@ -79,5 +80,19 @@ test("the generic plan of the consumer's read opens a window through the xid ind
     assert.equal(returned?.['Actual Rows'], 10, 'the window holds the 10 messages committed after done');
   } finally {
     await client.end();
+  }
+});
+
+test("the consumer's read runs where the generic plan is forced; the pool's connections (users' transactions) keep PostgreSQL's default", async (t) => {
+  if (!(await requirePostgres(t))) return;
+  const driver = await pgDriver({ url: DATABASE_URL, poolSize: 2, name: 'plans' });
+  try {
+    const mode = "select current_setting('plan_cache_mode') as mode";
+    const read = await driver.planned<{ mode: string }>('tidings.test.plan-mode', mode, []);
+    assert.equal(read.rows[0]!.mode, 'force_generic_plan');
+    assert.equal((await driver.query<{ mode: string }>(mode)).rows[0]!.mode, 'auto');
+    assert.equal(await driver.transaction(async (tx) => (await tx.query<{ mode: string }>(mode)).rows[0]!.mode), 'auto');
+  } finally {
+    await driver.close();
   }
 });
