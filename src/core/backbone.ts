@@ -166,7 +166,7 @@ export interface SagaRow {
 }
 
 /** What a transition records besides the state: the message that caused it. */
-export interface SagaCause {
+interface SagaCause {
   readonly messageId: string;
   readonly topic: string;
 }

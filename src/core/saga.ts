@@ -6,7 +6,7 @@ import { retryLater, type HandlerContext, type Outcome } from './handler.ts';
 import type { Backbone, SagaRow, SagaStore } from './backbone.ts';
 import { bytesOver, messageLimits } from './limits.ts';
 
-export type { SagaCause, SagaRow, SagaStore } from './backbone.ts';
+export type { SagaRow, SagaStore } from './backbone.ts';
 
 /**
  * Sagas (process managers): long-running, message-driven state machines. A saga instance is identified by a

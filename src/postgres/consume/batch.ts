@@ -17,7 +17,7 @@ import { SharedScope } from './scopes.ts';
 const MIN_SUB_BATCH = 32;
 
 /** A part of a batch, handled in its own transaction and acknowledged (fenced) for its own lanes. */
-export interface BatchPart {
+interface BatchPart {
   readonly rows: LogRow[];
   readonly lanes: Lane[];
   /** Its share of the subscription's concurrency. */
@@ -34,7 +34,7 @@ export interface Acking {
 }
 
 /** One part of a read batch to handle and acknowledge. */
-export interface BatchRun {
+interface BatchRun {
   readonly read: ReadBatch;
   readonly part: BatchPart;
   /** Messages per partition in the whole batch (the cursors' `handled` counters). */
@@ -45,7 +45,7 @@ export interface BatchRun {
   readonly overlap: boolean;
 }
 
-export interface BatchOutcome {
+interface BatchOutcome {
   /** A handler wrote through `ctx.tx` (the next batch is split, see `splitBatch`). */
   readonly wrote: boolean;
   /** Ids recorded in the inbox. */
@@ -55,7 +55,7 @@ export interface BatchOutcome {
 }
 
 /** The batch's transaction was abandoned: a handler that wrote through it failed. Replay the batch with savepoints. */
-export class ReplayCarefully extends Error {}
+class ReplayCarefully extends Error {}
 
 /**
  * Splits a batch by partition into sub-batches, each handled in its own transaction on its own connection

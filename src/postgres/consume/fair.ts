@@ -6,7 +6,7 @@
  * for its weight (weighted round robin), never to one that already has `perTenant x weight` keys in flight
  * while another waits. A key is one item: its messages stay in order, one at a time.
  */
-export interface FairShares {
+interface FairShares {
   /** Keys of one tenant in flight at once (times its weight); undefined: no cap. */
   readonly perTenant?: number | undefined;
   /** A tenant's share relative to others (default 1): twice the slots for 2. */
@@ -14,7 +14,7 @@ export interface FairShares {
 }
 
 /** Runs `fn` on every item, `limit` at once, sharing the slots fairly between the items' tenants. Throws the first error, after all ran. */
-export async function forEachFair<T>(
+async function forEachFair<T>(
   items: readonly T[],
   limit: number,
   tenantOf: (item: T) => string,

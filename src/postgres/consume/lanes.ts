@@ -69,7 +69,7 @@ export interface ReadBatch {
  * The next read of every lane, sent while the batch before it was handled (see `LaneReader.prefetch`): used
  * only if the lanes are where it read from when the next batch starts, else dropped and read again.
  */
-export interface ReadAhead {
+interface ReadAhead {
   /** The cursors it read from (cursorsKey). */
   readonly cursors: string;
   readonly rows: Promise<ReadRow[]>;

@@ -6,9 +6,9 @@ import { acquiredLane, type Lane } from './lanes.ts';
 import type { Gate } from './scopes.ts';
 
 /** SQLSTATE the acknowledgement raises when a lease was lost (migration 004). */
-export const LEASE_LOST = 'TDL01';
+const LEASE_LOST = 'TDL01';
 /** SQLSTATE the acknowledgement raises when the subscription gained a topic this worker cannot handle (migration 005). */
-export const TOPICS_CHANGED = 'TDL02';
+const TOPICS_CHANGED = 'TDL02';
 
 export class LeaseLost extends Error {
   override name = 'LeaseLost';
@@ -31,7 +31,7 @@ interface WorkerTopics {
 }
 
 /** What the leases need of the consumer they serve. */
-export interface LeaseHooks {
+interface LeaseHooks {
   /** Held while a batch runs: lanes change only between batches. */
   readonly batchGate: Gate;
   /** Resolves once the acknowledgement in flight, if any, has settled (a failed one is the loop's to deal with). */

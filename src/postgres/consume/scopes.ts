@@ -23,7 +23,7 @@ export class Gate {
  * and runs in parallel with the others. On first use it takes the batch's gate and opens a savepoint, so a
  * failed attempt rolls back only its own writes; the gate is held until the attempt ends.
  */
-export class AttemptScope implements Attempt {
+class AttemptScope implements Attempt {
   readonly tx: TrackedTransaction;
   #entered: Promise<void> | undefined;
   #release: (() => void) | undefined;
@@ -87,7 +87,7 @@ export class AttemptScope implements Attempt {
 }
 
 /** One handler attempt's view of the batch transaction. */
-export interface Attempt {
+interface Attempt {
   readonly tx: TrackedTransaction;
   /** The attempt is over: keep or drop its writes. Returns why they could not be kept, if so. */
   end(keep: boolean): Promise<Error | undefined>;
