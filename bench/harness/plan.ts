@@ -328,6 +328,13 @@ export function steps(quick: boolean, sizes: Sizes): Step[] {
       once: true,
       rows: [
         { system: 'tidings', label: 'Tidings on PostgreSQL, bus.request (replier in another process)', variant: plain, group: 'time', reference: true },
+        {
+          system: 'rabbitmq',
+          label: 'Tidings on RabbitMQ (outbox), bus.request (replier in another process)',
+          variant: { ...plain, outbox: true },
+          group: 'time',
+        },
+        { system: 'nats', label: 'Tidings on NATS (outbox), bus.request (replier in another process)', variant: { ...plain, outbox: true }, group: 'time' },
         { system: 'http', label: 'plain HTTP call on loopback (node:http, keep-alive)', variant: plain, group: 'time' },
         { system: 'natscore', label: 'NATS core request/reply (nothing stored)', variant: plain, group: 'time' },
       ],

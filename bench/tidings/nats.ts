@@ -6,7 +6,9 @@ import { tidings } from './build.ts';
 
 const { nats } = await tidings<typeof import('../../src/nats/index.ts')>('nats/index');
 
-const id = uniqueId();
+// The request row's replier is this file forked (load/helper.ts): it inherits the id through the environment.
+process.env.TBENCH_BROKER_ID ??= uniqueId();
+const id = process.env.TBENCH_BROKER_ID;
 const stream = `${NATS_STREAM_MARK}${id}`;
 
 runChild(
@@ -23,7 +25,7 @@ runChild(
         onWarning: (message) => process.stderr.write(`[tidings] ${message}\n`),
       }),
     unacked: () => natsUnacked(stream),
-    // The stream, its dead letters, and the KV buckets of leases and holds (streams KV_<stream>_leases, _holds).
-    cleanup: () => deleteNats([stream, `${stream}_DLQ`, `KV_${stream}_leases`, `KV_${stream}_holds`]),
+    // The stream, its dead letters, and the KV buckets of leases, holds and command owners (streams KV_<stream>_leases, ...).
+    cleanup: () => deleteNats([stream, `${stream}_DLQ`, `KV_${stream}_leases`, `KV_${stream}_holds`, `KV_${stream}_owners`]),
   }),
 );

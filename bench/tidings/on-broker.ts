@@ -8,6 +8,8 @@
  *   With `variant.outbox`: `bus.transaction` + `publish({ tx })` into the PostgreSQL outbox, the relay in
  *   this process hands it to the broker, the handler runs in a transaction with its inbox record.
  * - latency: open loop at the task's rate, `bus.publish` -> handler start.
+ * - request (issue 21): `bus.request` at the task's rate; the replier is another process (load/helper.ts), its
+ *   replies travel through the PostgreSQL outbox database, as they do for users on the brokers.
  *
  * Throughput counts handlers finished, whose acknowledgement is sent right after (brokers do not confirm
  * acks). After `bus.stop()` the queues / consumers are checked: nothing may be left unacknowledged.
@@ -18,13 +20,15 @@ import type { BrokerBackbone } from '../../src/outbox/index.ts';
 import type { PgTransaction, PostgresBackbone } from '../../src/postgres/index.ts';
 import { CHUNK, CONCURRENCY, Handled, PARTITIONS, PRODUCERS } from '../load/brokers.ts';
 import { makeEvent, type BenchEvent } from '../load/events.ts';
+import { type Helper, startHelper } from '../load/helper.ts';
 import { latencyPhases } from '../load/latency.ts';
 import { now, produce, rate } from '../load/measure.ts';
 import { monitorClient } from '../load/pg.ts';
+import { roundTrips } from '../load/round-trip.ts';
 import { tidings } from './build.ts';
 import type { ChildResult, Task } from '../protocol.ts';
 
-const { createBus, defineEvent } = await tidings<typeof import('../../src/index.ts')>('index');
+const { createBus, defineCommand, defineEvent } = await tidings<typeof import('../../src/index.ts')>('index');
 const { postgres } = await tidings<typeof import('../../src/postgres/index.ts')>('postgres/index');
 
 /** The outbox schema of the outbox rows; one benchmark runs at a time (the parent's lock). */
@@ -32,6 +36,14 @@ const OUTBOX_SCHEMA = 'tidings_bench_outbox';
 
 export const Ev = defineEvent('bench.event', {
   schema: z.object({ key: z.string(), seq: z.number(), payload: z.string() }),
+  key: (e) => e.key,
+});
+
+/** The request row's command; its name also names what the row leaves on the broker. */
+export const ASK = 'bench.ask';
+const Ask = defineCommand(ASK, {
+  schema: z.object({ key: z.string(), seq: z.number(), payload: z.string() }),
+  reply: z.object({ seq: z.number() }),
   key: (e) => e.key,
 });
 
@@ -67,9 +79,9 @@ async function dropOutbox(task: Task): Promise<void> {
 }
 
 export function tidingsOnBroker(broker: BrokerUnderTest) {
-  const newBus = (task: Task): TBus => {
+  const newBus = (task: Task, service = 'bench'): TBus => {
     const outbox = task.variant.outbox === true ? postgres({ url: task.pgUrl, schema: OUTBOX_SCHEMA, onWarning: warn }) : undefined;
-    return createBus({ service: 'bench', backbone: broker.backbone(outbox) }) as TBus;
+    return createBus({ service, backbone: broker.backbone(outbox) }) as TBus;
   };
   const counting = (handled: Handled, probe?: { fn: (seq: number) => void }) => async (message: Message<BenchEvent>) => {
     probe?.fn(message.data.seq);
@@ -158,5 +170,28 @@ export function tidingsOnBroker(broker: BrokerUnderTest) {
     });
   }
 
-  return { drain, e2e: endToEnd, latency };
+  /** The helper process of the request row: another service, owner of the command, whose handler replies. */
+  async function replier(task: Task): Promise<() => Promise<void>> {
+    const bus = newBus(task, 'bench-replier');
+    bus.subscribe('ask', Ask, async (message) => ({ seq: message.data.seq }), options('now'));
+    await bus.start();
+    return () => bus.stop();
+  }
+
+  async function request(task: Task): Promise<ChildResult> {
+    return guarded(task, ['ask'], async () => {
+      const bus = newBus(task);
+      await bus.start();
+      let helper: Helper | undefined;
+      try {
+        helper = await startHelper(task);
+        return await roundTrips(task, broker.processes, helper.pid, (seq) => bus.request(Ask, makeEvent(seq, task.variant.keys), { timeoutMs: 30_000 }));
+      } finally {
+        await helper?.stop();
+        await bus.stop();
+      }
+    });
+  }
+
+  return { drain, e2e: endToEnd, latency, request, helper: replier };
 }
