@@ -6,9 +6,10 @@
  */
 import assert from 'node:assert/strict';
 import { after, test } from 'node:test';
+import pg from 'pg';
 import { createBus } from '../src/index.ts';
 import { postgres } from '../src/postgres/index.ts';
-import { pgDriver } from '../src/postgres/connection/pg.ts';
+import { type PgPoolLike, pgDriver } from '../src/postgres/connection/pg.ts';
 import { statements } from '../src/postgres/statements.ts';
 import { Ticked } from './fixtures/contracts.ts';
 import { connect, DATABASE_URL, dropSchema, requirePostgres, uniqueSchema } from './helpers.ts';
@@ -94,5 +95,24 @@ test("the consumer's read runs where the generic plan is forced; the pool's conn
     assert.equal(await driver.transaction(async (tx) => (await tx.query<{ mode: string }>(mode)).rows[0]!.mode), 'auto');
   } finally {
     await driver.close();
+  }
+});
+
+test("given the user's own pool, the consumer's read runs on it (Tidings opens no connection beside it)", async (t) => {
+  if (!(await requirePostgres(t))) return;
+  const name = `plans-own-${process.pid}`;
+  const pool = new pg.Pool({ connectionString: DATABASE_URL, max: 2 });
+  pool.on('error', () => undefined);
+  const driver = await pgDriver({ pool: pool as unknown as PgPoolLike, poolSize: 2, name });
+  try {
+    const mode = "select current_setting('plan_cache_mode') as mode";
+    const read = await driver.planned<{ mode: string }>('tidings.test.plan-mode', mode, []);
+    assert.equal(read.rows[0]!.mode, 'auto', "the user's connection, with the server's default");
+    assert.equal(pool.totalCount, 1, "the read took a connection of the user's pool");
+    const readers = await driver.query<{ n: string }>('select count(*) as n from pg_stat_activity where application_name = $1', [`tidings-reader:${name}`]);
+    assert.equal(Number(readers.rows[0]!.n), 0, 'no reader connection of its own');
+  } finally {
+    await driver.close();
+    await pool.end();
   }
 });

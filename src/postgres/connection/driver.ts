@@ -101,6 +101,7 @@ export interface SqlDriver extends Queryable {
    * test/plans.pg.test.ts): it is planned once per connection, not afresh on each run (PostgreSQL's custom
    * plans cost a quarter of the server's CPU at 1,000 events/s). On a server it runs on connections of
    * their own, whose `plan_cache_mode` is `force_generic_plan`; the pool's (your transactions') keep the default.
+   * Given your own pool, Tidings opens no connection beside it: these run on it as `prepared` statements.
    */
   planned<R = Record<string, unknown>>(name: string, text: string, params: readonly unknown[]): Promise<{ rows: R[]; rowCount?: number | null }>;
   /** A description safe to print (no password). */

@@ -79,8 +79,10 @@ export async function pgDriver(options: PgDriverOptions): Promise<SqlDriver> {
     description,
     query: (text, params) => withConnectionErrors(where, () => pool.query(text, params as unknown[])),
     prepared: (name, text, params) => withConnectionErrors(where, () => (pool as unknown as PreparingPool).query({ name, text, values: params as unknown[] })),
+    // Your pool is yours: its connections count against your budget and Tidings opens none beside it, so
+    // the planned reads run on it as prepared statements (PostgreSQL's default plan cache mode).
     planned: (name, text, params) =>
-      withConnectionErrors(where, () => (plannersPool() as unknown as PreparingPool).query({ name, text, values: params as unknown[] })),
+      withConnectionErrors(where, () => ((ownPool ? plannersPool() : pool) as unknown as PreparingPool).query({ name, text, values: params as unknown[] })),
     async transaction(fn, atCommit) {
       const client = await withConnectionErrors(where, () => pool.connect());
       let broken: Error | undefined;
