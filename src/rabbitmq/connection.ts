@@ -54,10 +54,14 @@ export class Link {
     });
     if (deadline === Number.POSITIVE_INFINITY) return this.#connecting;
     let timer: NodeJS.Timeout | undefined;
+    const waitMs = Math.max(0, Math.round(deadline - Date.now()));
     const timeout = new Promise<never>((_, reject) => {
       timer = setTimeout(
-        () => reject(this.#unavailable(`could not connect within ${Math.max(0, Math.round(deadline - Date.now()))} ms`)),
-        Math.max(0, deadline - Date.now()),
+        () =>
+          reject(
+            this.#unavailable(`no connection within ${waitMs} ms (is the server up and accepting AMQP connections? raise connectTimeoutMs for a slow start)`),
+          ),
+        waitMs,
       );
     });
     try {
