@@ -6,7 +6,9 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { z } from 'zod';
-import { defineEvent, TenantRateLimitedError } from '../src/index.ts';
+import { createBus, defineEvent, TenantRateLimitedError } from '../src/index.ts';
+import { memory } from '../src/memory/index.ts';
+import { VirtualClock } from '../src/testing/index.ts';
 import { OptionProblems, quotaDefaults, quotaProblems, resolveQuotas } from '../src/core/options.ts';
 import { LocalTokenBuckets, TenantQuotas } from '../src/core/quotas.ts';
 
@@ -83,4 +85,42 @@ test('quota options: defaults in one place, each bad one named', () => {
         error.message.includes(name),
       ),
   );
+});
+
+test("the memory backbone's quotas: a budget per tenant on its clock; 'reject' past the burst, 'wait' until the clock brings tokens; nothing published past the limit", async () => {
+  const clock = new VirtualClock(0);
+  const reject = memory({ clock, tenancy: { quotas: { default: { ratePerSecond: 10, burst: 2 } } } });
+  const bus = createBus({ service: 'shop', backbone: reject, clock });
+  await bus.withTenant('acme', () => bus.publish(Placed, { orderId: 'o1' }));
+  await bus.withTenant('acme', () => bus.publish(Placed, { orderId: 'o2' }));
+  await assert.rejects(
+    bus.withTenant('acme', () => bus.publish(Placed, { orderId: 'o3' })),
+    (error: unknown) => error instanceof TenantRateLimitedError && error.tenant === 'acme' && error.retryAfterMs === 100,
+  );
+  await bus.withTenant('globex', () => bus.publish(Placed, { orderId: 'g1' }));
+  await clock.advance(100);
+  await bus.withTenant('acme', () => bus.publish(Placed, { orderId: 'o3' }));
+  assert.deepEqual(
+    reject.messages(Placed.topic).map((m) => `${m.tenant}:${(m.data as { orderId: string }).orderId}`),
+    ['acme:o1', 'acme:o2', 'globex:g1', 'acme:o3'],
+    'the refused publish left nothing behind',
+  );
+
+  const waitClock = new VirtualClock(0);
+  const waiting = memory({ clock: waitClock, tenancy: { quotas: { default: { ratePerSecond: 1, burst: 1 }, onLimit: 'wait', maxWaitMs: 60_000 } } });
+  const waitBus = createBus({ service: 'shop', backbone: waiting, clock: waitClock });
+  await waitBus.withTenant('acme', () => waitBus.publish(Placed, { orderId: 'w1' }));
+  let done = false;
+  const second = waitBus
+    .withTenant('acme', () => waitBus.publish(Placed, { orderId: 'w2' }))
+    .then(() => {
+      done = true;
+    });
+  await new Promise((resolve) => setImmediate(resolve));
+  assert.equal(done, false, 'the second waits for a token');
+  await waitClock.advance(1_000);
+  await second;
+  assert.equal(waiting.messages(Placed.topic).length, 2);
+
+  assert.throws(() => memory({ tenancy: { quotas: { default: { ratePerSecond: 0 } } } }), /tenancy\.quotas\.default\.ratePerSecond/);
 });

@@ -5,10 +5,10 @@
  * atomically, so every process of the service draws on one budget (postgres/quotas.ts); a broker without an
  * outbox database keeps them in the process (`LocalTokenBuckets`). The policy (refuse or wait) is here.
  */
+import { systemClock, type Clock } from './clock.ts';
 import type { AnyContract } from './contract.ts';
 import { TenantRateLimitedError, TidingsError } from './errors.ts';
 import type { ResolvedQuotas, ResolvedRate } from './options.ts';
-import { sleep } from './sleep.ts';
 
 /** Where the tenants' buckets live. */
 export interface TokenBuckets {
@@ -25,7 +25,7 @@ export interface TokenBuckets {
 export class LocalTokenBuckets implements TokenBuckets {
   readonly #buckets = new Map<string, { tokens: number; at: number }>();
 
-  constructor(private readonly now: () => number = Date.now) {}
+  constructor(private readonly now: () => number = () => Date.now()) {}
 
   async take(tenant: string, rate: ResolvedRate, count: number): Promise<number> {
     const now = this.now();
@@ -43,9 +43,11 @@ export class TenantQuotas {
   readonly #settings: ResolvedQuotas;
   readonly #closing = new AbortController();
 
+  /** `clock`: what a wait for tokens waits on (the memory backbone's may be a test's virtual clock). */
   constructor(
     settings: ResolvedQuotas,
     private readonly buckets: TokenBuckets,
+    private readonly clock: Clock = systemClock,
   ) {
     this.#settings = settings;
   }
@@ -63,22 +65,38 @@ export class TenantQuotas {
     const rate = this.rateOf(tenant);
     if (rate === undefined) return;
     const { onLimit, maxWaitMs } = this.#settings;
-    const started = Date.now();
+    const started = this.clock.now();
     for (;;) {
       const retryAfterMs = await this.buckets.take(tenant, rate, count, tx);
       if (retryAfterMs === 0) return;
-      const waited = Date.now() - started;
+      const waited = this.clock.now() - started;
       if (onLimit === 'reject' || waited + retryAfterMs > maxWaitMs) {
         const limited = { tenant, contract: contract.name, topic: contract.topic, count, retryAfterMs, ...rate };
         throw new TenantRateLimitedError(onLimit === 'reject' ? limited : { ...limited, waited: { ms: waited, maxWaitMs } });
       }
-      await sleep(retryAfterMs, this.#closing.signal);
+      await this.#sleep(retryAfterMs);
       if (this.#closing.signal.aborted) {
         throw new TidingsError('STOPPED', `Cannot publish ${contract.name} for tenant ${tenant}: the backbone closed while it waited for its quota`, {
           ref: { topic: contract.topic },
         });
       }
     }
+  }
+
+  /** Waits `ms` on the clock, or less if closed. */
+  #sleep(ms: number): Promise<void> {
+    const signal = this.#closing.signal;
+    return new Promise((resolve) => {
+      if (signal.aborted) return resolve();
+      const timer = this.clock.setTimeout(done, ms);
+      signal.addEventListener('abort', done, { once: true });
+      const clock = this.clock;
+      function done(): void {
+        clock.clearTimeout(timer);
+        signal.removeEventListener('abort', done);
+        resolve();
+      }
+    });
   }
 
   /** Ends the waits in progress: they reject with STOPPED. */

@@ -6,9 +6,11 @@
  * durable: the state lives as long as the backbone object. docs/memory.md describes it.
  */
 import type { Backbone, Consumer, DeliveryHandler, Outgoing, Reply, SubscriptionSpec } from '../core/backbone.ts';
+import type { AnyContract } from '../core/contract.ts';
 import type { DeadLetterStore } from '../core/dead-letters.ts';
 import type { Envelope } from '../core/envelope.ts';
 import { TidingsError } from '../core/errors.ts';
+import { LocalTokenBuckets, TenantQuotas } from '../core/quotas.ts';
 import type { SagaStore } from '../core/saga.ts';
 import { Group } from './consume/group.ts';
 import type { GroupContext } from './consume/state.ts';
@@ -39,6 +41,9 @@ export class MemoryBackbone implements Backbone<MemoryTransaction> {
   /** The last tick each recurring schedule fired (see claimTick). */
   readonly #ticks = new Map<string, { tick: number; definition: string }>();
   readonly #ctx: GroupContext;
+  /** The tenants' publish budgets (`tenancy.quotas`); they outlive a close, like the rest of the state. */
+  readonly #buckets: LocalTokenBuckets;
+  #quotas: TenantQuotas | undefined;
   /** The telemetry of the bus that last opened on this backbone (several may share one): its receive spans. */
   #observer: BackboneObserver | undefined;
 
@@ -48,6 +53,8 @@ export class MemoryBackbone implements Backbone<MemoryTransaction> {
     this.#publisher = new MemoryPublisher(settings);
     this.#deadLetters = new DeadLetterBook(settings.maxDeadLetters, (message) => settings.warn(message));
     this.#drains = new Drains(() => this.#groups.values(), settings.drainTimeoutMs);
+    this.#buckets = new LocalTokenBuckets(() => settings.clock.now());
+    this.#quotas = this.#newQuotas();
     this.#ctx = {
       begin: (what) => new MemoryTransaction(this, what),
       end: (tx, commit) => this.#finish(tx, commit),
@@ -67,6 +74,11 @@ export class MemoryBackbone implements Backbone<MemoryTransaction> {
 
   /** Nothing to connect to. The state lives in this object, so it may be opened again after close(). */
   async open(): Promise<void> {}
+
+  /** Waits for or refuses (TENANT_RATE_LIMITED) a publish over its tenant's quota (`tenancy.quotas`, see Backbone.admit). */
+  async admit(tenant: string, contract: AnyContract, count: number): Promise<void> {
+    await this.#quotas?.admit(tenant, contract, count);
+  }
 
   /** Without `tx`, the messages are committed when this resolves; with it, when that transaction commits. */
   async publish(messages: readonly Outgoing[], tx?: MemoryTransaction): Promise<void> {
@@ -150,7 +162,16 @@ export class MemoryBackbone implements Backbone<MemoryTransaction> {
    * memory backbone (that is how services talk through it), and a new bus on it continues where the
    * subscriptions left off. Retry timers are paused while a subscription has no running consumer.
    */
-  async close(): Promise<void> {}
+  async close(): Promise<void> {
+    // Publishes still waiting for their tokens end with STOPPED; the buckets stay for a bus opened again.
+    this.#quotas?.close();
+    this.#quotas = this.#newQuotas();
+  }
+
+  #newQuotas(): TenantQuotas | undefined {
+    const quotas = this.#settings.quotas;
+    return quotas === undefined ? undefined : new TenantQuotas(quotas, this.#buckets, this.#settings.clock);
+  }
 
   #finish(tx: MemoryTransaction, commit: boolean): void {
     const { messages, hooks } = finish(tx, commit);

@@ -1,6 +1,6 @@
 /** The memory backbone's options, their defaults, and their validation. */
 import { systemClock, type Clock } from '../core/clock.ts';
-import { OptionProblems, optionNames } from '../core/options.ts';
+import { OptionProblems, optionNames, quotaProblems, resolveQuotas, type QuotaOptions, type ResolvedQuotas } from '../core/options.ts';
 import { defaultWarning } from '../core/warnings.ts';
 
 export interface MemoryOptions {
@@ -20,6 +20,8 @@ export interface MemoryOptions {
   onWarning?: (message: string, error?: unknown) => void;
   /** The clock of retries and scheduled messages: the system's, or a virtual one (tidings/testing). */
   clock?: Clock;
+  /** Per-tenant publish rates (docs/tenancy.md, "Quotas"), counted on `clock`: a budget per backbone object. */
+  tenancy?: { quotas?: QuotaOptions };
 }
 
 export const memoryDefaults = {
@@ -27,7 +29,7 @@ export const memoryDefaults = {
   maxInbox: 100_000,
   maxDeadLetters: 100_000,
   drainTimeoutMs: 10_000,
-} as const satisfies Required<Omit<MemoryOptions, 'onWarning' | 'clock'>>;
+} as const satisfies Required<Omit<MemoryOptions, 'onWarning' | 'clock' | 'tenancy'>>;
 
 export interface DrainOptions {
   /** Reject with a TIMEOUT error after this long (default `drainTimeoutMs`); 0 waits for ever. */
@@ -47,12 +49,15 @@ export interface MemorySettings {
   readonly drainTimeoutMs: number;
   readonly warn: (message: string, error?: unknown) => void;
   readonly clock: Clock;
+  readonly quotas: ResolvedQuotas | undefined;
 }
 
 /** Checks every option (OptionProblems names each bad one) and applies the defaults. */
 export function resolveMemoryOptions(options: MemoryOptions): MemorySettings {
   const problems = new OptionProblems('memory()');
-  problems.unknownKeys(options, optionNames<MemoryOptions>()('maxLog', 'maxInbox', 'maxDeadLetters', 'drainTimeoutMs', 'onWarning', 'clock'));
+  problems.unknownKeys(options, optionNames<MemoryOptions>()('maxLog', 'maxInbox', 'maxDeadLetters', 'drainTimeoutMs', 'onWarning', 'clock', 'tenancy'));
+  problems.unknownKeys(options.tenancy, ['quotas'], 'tenancy.');
+  quotaProblems(problems, options.tenancy?.quotas, 'tenancy.quotas.');
   problems.integer('maxLog', options.maxLog, 0);
   problems.integer('maxInbox', options.maxInbox, 0);
   problems.integer('maxDeadLetters', options.maxDeadLetters, 1);
@@ -66,5 +71,6 @@ export function resolveMemoryOptions(options: MemoryOptions): MemorySettings {
     drainTimeoutMs: options.drainTimeoutMs ?? memoryDefaults.drainTimeoutMs,
     warn: options.onWarning ?? defaultWarning,
     clock: options.clock ?? systemClock,
+    quotas: options.tenancy?.quotas === undefined ? undefined : resolveQuotas(options.tenancy.quotas),
   };
 }
