@@ -35,6 +35,8 @@ export class TenantStamps<Tx> implements Backbone<Tx> {
   /** The stamp whose delivery is being handled, for what the core does after the handler (a request's error answer). */
   readonly #delivering = new AsyncLocalStorage<Stamp<Tx>>();
   readonly #reopening = new Map<Stamp<Tx>, NodeJS.Timeout>();
+  /** The services' records written to the registries, for stamps that open later (contracts()). */
+  readonly #records = new Map<string, ServiceRecord>();
   #opening: Promise<void> | undefined;
   #closed = false;
   #observer: BackboneObserver | undefined;
@@ -183,7 +185,7 @@ export class TenantStamps<Tx> implements Backbone<Tx> {
       await Promise.all(started.map((c) => (c.status === 'fulfilled' ? c.value.stop() : undefined)));
     };
     try {
-      await Promise.all([...this.#stamps.values()].filter((stamp) => stamp.up).map((stamp) => this.#startOn(stamp, consumption)));
+      await Promise.all([...this.#stamps.values()].filter((stamp) => stamp.opened).map((stamp) => this.#startOn(stamp, consumption)));
     } catch (error) {
       await stop().catch(() => undefined);
       throw error;
@@ -245,11 +247,15 @@ export class TenantStamps<Tx> implements Backbone<Tx> {
     };
   }
 
-  /** A service's record goes to every stamp that keeps one (each tenant's operators see the whole system). */
+  /**
+   * A service's record goes to every stamp that keeps one (each tenant's operators see the whole system), and
+   * to stamps that open later.
+   */
   contracts(): ContractRegistry | undefined {
     const registries = () => this.#upStamps().flatMap((stamp) => stamp.backbone.contracts?.() ?? []);
     return {
       record: async (service: ServiceRecord) => {
+        this.#records.set(service.service, service);
         await Promise.all(registries().map((registry) => registry.record(service)));
       },
       services: async (): Promise<RecordedService[]> => (await registries()[0]?.services()) ?? [],
@@ -317,7 +323,7 @@ export class TenantStamps<Tx> implements Backbone<Tx> {
     this.#closed = true;
     for (const timer of this.#reopening.values()) clearTimeout(timer);
     this.#reopening.clear();
-    const stamps = [...this.#stamps.values()].filter((stamp) => stamp.up);
+    const stamps = [...this.#stamps.values()].filter((stamp) => stamp.opened);
     this.#opening = undefined;
     const closed = await Promise.allSettled(stamps.map((stamp) => stamp.backbone.close()));
     const failed = closed.find((c) => c.status === 'rejected') as PromiseRejectedResult | undefined;
@@ -329,8 +335,12 @@ export class TenantStamps<Tx> implements Backbone<Tx> {
   // ---- routing ----------------------------------------------------------------------------------------
 
   #add(tenant: string): Stamp<Tx> {
-    const stamp = new Stamp(tenant, this.#settings.backbone(tenant), (opened) => this.#startAll(opened));
-    if (this.#observer !== undefined) stamp.backbone.observe?.(this.#observer);
+    const make = () => {
+      const backbone = this.#settings.backbone(tenant);
+      if (this.#observer !== undefined) backbone.observe?.(this.#observer);
+      return backbone;
+    };
+    const stamp = new Stamp(tenant, make, (opened) => this.#startAll(opened));
     this.#stamps.set(tenant, stamp);
     return stamp;
   }
@@ -427,10 +437,17 @@ export class TenantStamps<Tx> implements Backbone<Tx> {
 
   // ---- consuming --------------------------------------------------------------------------------------
 
+  /** A stamp opened: the running subscriptions start on it, and the services' records are written to it. */
   async #startAll(stamp: Stamp<Tx>): Promise<void> {
     const started = await Promise.allSettled([...this.#running].map((consumption) => this.#startOn(stamp, consumption)));
     for (const result of started) {
       if (result.status === 'rejected') this.#settings.warn(`tenantStamps: a subscription could not start on tenant ${stamp.tenant}'s stamp`, result.reason);
+    }
+    const registry = stamp.backbone.contracts?.();
+    for (const record of this.#records.values()) {
+      await registry
+        ?.record(record)
+        .catch((error: unknown) => this.#settings.warn(`tenantStamps: could not record service ${record.service} in tenant ${stamp.tenant}'s stamp`, error));
     }
   }
 

@@ -12,7 +12,8 @@ export interface TenantStampsOptions<Tx> {
   tenants: readonly string[] | (() => readonly string[] | Promise<readonly string[]>);
   /**
    * Makes the backbone of one tenant's stamp: its own schema, database, vhost or subject prefix. Called once
-   * per tenant, before the stamp opens; the backbones must be of one kind (one transaction type).
+   * per tenant before the stamp opens, and again each time it could not open (the next try starts afresh);
+   * the backbones must be of one kind (one transaction type).
    */
   backbone: (tenant: string) => Backbone<Tx>;
   /** How long to wait before opening again a stamp that could not open (its tenant alone waits meanwhile). */
