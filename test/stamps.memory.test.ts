@@ -10,6 +10,7 @@ import { createBus, deadLetter, defineEvent, type TidingsError, type Bus } from 
 import { memory, type MemoryBackbone, type MemoryTransaction } from '../src/memory/index.ts';
 import { tenantStamps, type TenantStamps } from '../src/stamps/index.ts';
 import { Quote } from './fixtures/contracts.ts';
+import { Counter, CounterAdded, CounterStarted } from './fixtures/counter-saga.ts';
 import { waitFor } from './helpers.ts';
 
 const Placed = defineEvent('stamps.placed', {
@@ -203,4 +204,35 @@ test('request/reply through the requesting tenant stamp', async (t) => {
   await bus.start();
   assert.deepEqual(await bus.withTenant('acme', () => bus.request(Quote, { key: 'k', n: 1 })), { price: 1 });
   assert.deepEqual(await bus.request(Quote, { key: 'k', n: 1 }, { tenant: 'globex' }), { price: 2 });
+});
+
+test("a saga's state lives in its tenant's stamp: one instance id, two tenants, two states; scheduled messages too", async (t) => {
+  const { bus, stamps } = world(t, ['acme', 'globex']);
+  bus.saga(Counter);
+  const handled: string[] = [];
+  bus.subscribe('billing', Placed, (message) => {
+    handled.push(`${message.tenant}:${message.data.seq}`);
+  });
+  await bus.start();
+  for (const [tenant, adds] of [
+    ['acme', [1, 2]],
+    ['globex', [10]],
+  ] as const) {
+    await bus.withTenant(tenant, async () => {
+      await bus.publish(CounterStarted, { id: 'c1' });
+      for (const [slot, n] of adds.entries()) await bus.publish(CounterAdded, { id: 'c1', n, slot });
+    });
+  }
+  const state = (tenant: string) => bus.withTenant(tenant, () => stamps.sagas().find(Counter.name, 'c1'));
+  await waitFor('both instances', async () => (await state('acme'))?.state !== undefined && (await state('globex'))?.state !== undefined);
+  await waitFor('the adds', async () => (await state('acme'))!.version === 3 && (await state('globex'))!.version === 2);
+  assert.deepEqual((await state('acme'))!.state, { id: 'c1', sum: 3, adds: 2 });
+  assert.deepEqual((await state('globex'))!.state, { id: 'c1', sum: 10, adds: 1 });
+  await assert.rejects(stamps.sagas().find(Counter.name, 'c1'), { code: 'TENANT_REQUIRED' });
+
+  const [later] = await bus.publishMany(Placed, [{ key: 'k', seq: 1 }], { tenant: 'globex', delayMs: 60_000 });
+  await bus.publish(Placed, { key: 'k', seq: 2 }, { tenant: 'acme', delayMs: 20 });
+  assert.equal(await bus.cancelScheduled(later!.id), true);
+  await waitFor("acme's scheduled message", () => handled.includes('acme:2'));
+  assert.deepEqual(handled, ['acme:2']);
 });

@@ -241,9 +241,9 @@ export class TenantStamps<Tx> implements Backbone<Tx> {
     };
     const byTx = (tx: Tx) => storeOf(this.#ownerOf(tx) ?? this.#current('A saga transition'));
     return {
-      load: (tx, saga, id) => byTx(tx).load(tx, saga, id),
-      save: (tx, saga, id, row, cause) => byTx(tx).save(tx, saga, id, row, cause),
-      find: (saga, id) => storeOf(this.#current(`Finding saga ${saga} ${id}`)).find(saga, id),
+      load: async (tx, saga, id) => byTx(tx).load(tx, saga, id),
+      save: async (tx, saga, id, row, cause) => byTx(tx).save(tx, saga, id, row, cause),
+      find: async (saga, id) => storeOf(this.#current(`Finding saga ${saga} ${id}`)).find(saga, id),
     };
   }
 
