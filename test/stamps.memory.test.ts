@@ -8,7 +8,7 @@ import { test } from 'node:test';
 import { z } from 'zod';
 import { createBus, deadLetter, defineEvent, type TidingsError, type Bus } from '../src/index.ts';
 import { memory, type MemoryBackbone, type MemoryTransaction } from '../src/memory/index.ts';
-import { tenantStamps, type TenantStamps } from '../src/stamps/index.ts';
+import { tenantStamps, type TenantStamps, type TenantStampsOptions } from '../src/stamps/index.ts';
 import { Quote } from './fixtures/contracts.ts';
 import { Counter, CounterAdded, CounterStarted } from './fixtures/counter-saga.ts';
 import { waitFor } from './helpers.ts';
@@ -30,10 +30,16 @@ interface World {
 }
 
 /** Stamps of memory backbones, one per tenant; `down` tenants' backbones refuse to open until `down` forgets them. */
-function world(t: { after(fn: () => Promise<void>): void }, tenants: string[], down = new Set<string>()): World {
+function world(
+  t: { after(fn: () => Promise<void>): void },
+  tenants: string[],
+  down = new Set<string>(),
+  options: Partial<TenantStampsOptions<MemoryTransaction>> = {},
+): World {
   const backbones = new Map<string, MemoryBackbone>();
   const warnings: string[] = [];
   const stamps = tenantStamps<MemoryTransaction>({
+    ...options,
     tenants,
     reopenMs: 20,
     onWarning: (message) => warnings.push(message),
@@ -152,13 +158,20 @@ test('a stamp that cannot open holds up its tenant alone, and joins once it open
     assert.match(error.message, /stamp of tenant globex is unavailable \(globex is down\); the other tenants' stamps are not affected/);
     return true;
   });
+  // Readiness 'any' (the default): acme runs, so the process stays in service; globex's failure is listed.
   const health = await bus.health();
+  assert.equal(health.ready, true);
   assert.deepEqual(
-    health.checks.filter((check) => check.name.startsWith('globex')).map((check) => [check.name, check.ok]),
-    [['globex: stamp', false]],
+    health.checks.filter((check) => check.name.startsWith('globex')).map((check) => [check.name, check.detail]),
+    [['globex: stamp', "failing: not open: globex is down (this tenant alone waits; readiness: 'any')"]],
   );
+  // Readiness 'every': one stamp down is the process unready.
+  const strict = world(t, ['acme', 'globex'], down, { readiness: 'every' });
+  await strict.bus.start();
+  assert.equal((await strict.bus.health()).ready, false);
   down.delete('globex');
-  await waitFor('globex to open', async () => (await bus.health()).checks.every((check) => check.ok));
+  await waitFor('globex to open', async () => (await bus.health()).checks.every((check) => !check.detail.startsWith('failing')));
+  assert.match(warnings.at(-1) ?? '', /stamp of tenant globex is open now/);
   await bus.publish(Placed, { key: 'k', seq: 3 }, { tenant: 'globex' });
   await waitFor('globex to be handled', () => seen.includes('globex:3'));
   await backbones.get('acme')!.drain();

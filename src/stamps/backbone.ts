@@ -35,6 +35,8 @@ export class TenantStamps<Tx> implements Backbone<Tx> {
   /** The stamp whose delivery is being handled, for what the core does after the handler (a request's error answer). */
   readonly #delivering = new AsyncLocalStorage<Stamp<Tx>>();
   readonly #reopening = new Map<Stamp<Tx>, NodeJS.Timeout>();
+  /** Stamps that could not open and were reported so (once per outage). */
+  readonly #down = new Set<Stamp<Tx>>();
   /** The services' records written to the registries, for stamps that open later (contracts()). */
   readonly #records = new Map<string, ServiceRecord>();
   #opening: Promise<void> | undefined;
@@ -64,7 +66,13 @@ export class TenantStamps<Tx> implements Backbone<Tx> {
     if (this.#stamps.has(tenant)) throw new TidingsError('INVALID_OPTIONS', `Tenant ${tenant} has a stamp already; each tenant has one`);
     await this.#opening;
     const stamp = this.#add(tenant);
-    if (this.#opening !== undefined) await stamp.open();
+    if (this.#opening === undefined) return; // it opens with the others
+    try {
+      await stamp.open();
+    } catch (error) {
+      this.#reopenLater(stamp);
+      throw error;
+    }
   }
 
   observe(observer: BackboneObserver): void {
@@ -301,11 +309,15 @@ export class TenantStamps<Tx> implements Backbone<Tx> {
     return byTenant;
   }
 
-  /** Each stamp's checks, named `<tenant>: <check>`; a stamp that is down is one failed check with the reason. */
+  /**
+   * Each stamp's checks, named `<tenant>: <check>`; a stamp that is down is one check, `<tenant>: stamp`, with
+   * the reason. With `readiness: 'any'` (the default) a failing stamp's checks do not make the bus unready while
+   * another stamp passes all of its own: a process taken out of service would hold up every tenant for one.
+   * They stay listed, with `ok: true` and their detail saying what fails.
+   */
   async health(): Promise<readonly HealthCheck[]> {
-    const stamps = [...this.#stamps.values()];
-    const checks = await Promise.all(
-      stamps.map(async (stamp): Promise<HealthCheck[]> => {
+    const byStamp = await Promise.all(
+      [...this.#stamps.values()].map(async (stamp): Promise<HealthCheck[]> => {
         if (!stamp.up) return [{ name: `${stamp.tenant}: stamp`, ok: false, detail: `not open: ${reason(stamp.failure ?? 'opening')}` }];
         try {
           const own = (await stamp.backbone.health?.()) ?? [{ name: 'stamp', ok: true, detail: 'open' }];
@@ -315,7 +327,11 @@ export class TenantStamps<Tx> implements Backbone<Tx> {
         }
       }),
     );
-    return checks.flat();
+    const anyHealthy = byStamp.some((checks) => checks.every((check) => check.ok));
+    if (this.#settings.readiness === 'every' || !anyHealthy) return byStamp.flat();
+    return byStamp
+      .flat()
+      .map((check) => (check.ok ? check : { ...check, ok: true, detail: `failing: ${check.detail} (this tenant alone waits; readiness: 'any')` }));
   }
 
   /** Closes every stamp (consumers must be stopped first) and stops opening the ones that are down. */
@@ -410,6 +426,9 @@ export class TenantStamps<Tx> implements Backbone<Tx> {
   async #ready(stamp: Stamp<Tx>): Promise<void> {
     if (stamp.up) return;
     try {
+      // A stamp that failed lately fails at once: a publish does not wait out a connect timeout per call.
+      const recent = stamp.failedAt !== undefined && Date.now() - stamp.failedAt < this.#settings.reopenMs;
+      if (recent) throw stamp.failure;
       await stamp.open();
     } catch (error) {
       throw new TidingsError(
@@ -420,12 +439,16 @@ export class TenantStamps<Tx> implements Backbone<Tx> {
     }
   }
 
+  /** Opens a stamp that could not open again after `reopenMs`, until it opens; warns once per outage. */
   #reopenLater(stamp: Stamp<Tx>): void {
     if (this.#closed || this.#reopening.has(stamp)) return;
-    this.#settings.warn(
-      `tenantStamps: the stamp of tenant ${stamp.tenant} could not open (${reason(stamp.failure)}); its tenant waits while the others run, and it is tried again every ${this.#settings.reopenMs} ms`,
-      stamp.failure,
-    );
+    if (!this.#down.has(stamp)) {
+      this.#down.add(stamp);
+      this.#settings.warn(
+        `tenantStamps: the stamp of tenant ${stamp.tenant} could not open (${reason(stamp.failure)}); its tenant waits while the others run, and it is tried again every ${this.#settings.reopenMs} ms`,
+        stamp.failure,
+      );
+    }
     const timer = setTimeout(() => {
       this.#reopening.delete(stamp);
       if (this.#closed || stamp.up) return;
@@ -439,6 +462,7 @@ export class TenantStamps<Tx> implements Backbone<Tx> {
 
   /** A stamp opened: the running subscriptions start on it, and the services' records are written to it. */
   async #startAll(stamp: Stamp<Tx>): Promise<void> {
+    if (this.#down.delete(stamp)) this.#settings.warn(`tenantStamps: the stamp of tenant ${stamp.tenant} is open now`);
     const started = await Promise.allSettled([...this.#running].map((consumption) => this.#startOn(stamp, consumption)));
     for (const result of started) {
       if (result.status === 'rejected') this.#settings.warn(`tenantStamps: a subscription could not start on tenant ${stamp.tenant}'s stamp`, result.reason);

@@ -18,12 +18,19 @@ export interface TenantStampsOptions<Tx> {
   backbone: (tenant: string) => Backbone<Tx>;
   /** How long to wait before opening again a stamp that could not open (its tenant alone waits meanwhile). */
   reopenMs?: number;
+  /**
+   * What `bus.health()`'s readiness asks of the stamps: `'any'`, ready while one stamp passes all its checks
+   * (a failing stamp's checks are listed, not counted: taking the process out of service would hold up every
+   * tenant for one); `'every'`, ready only when every stamp is.
+   */
+  readiness?: 'any' | 'every';
   /** Called with what the stamps recover from by themselves: a stamp that could not open, and is tried again. */
   onWarning?: (message: string, error?: unknown) => void;
 }
 
 export const tenantStampsDefaults = {
   reopenMs: 5_000,
+  readiness: 'any',
 } as const satisfies Required<Omit<TenantStampsOptions<unknown>, 'tenants' | 'backbone' | 'onWarning'>>;
 
 /** The options resolved: every default applied. */
@@ -31,13 +38,14 @@ export interface TenantStampsSettings<Tx> {
   readonly tenants: () => Promise<readonly string[]>;
   readonly backbone: (tenant: string) => Backbone<Tx>;
   readonly reopenMs: number;
+  readonly readiness: 'any' | 'every';
   readonly warn: (message: string, error?: unknown) => void;
 }
 
 /** Checks every option (OptionProblems names each bad one) and applies the defaults. */
 export function resolveTenantStampsOptions<Tx>(options: TenantStampsOptions<Tx>): TenantStampsSettings<Tx> {
   const problems = new OptionProblems('tenantStamps()');
-  problems.unknownKeys(options, optionNames<TenantStampsOptions<Tx>>()('tenants', 'backbone', 'reopenMs', 'onWarning'));
+  problems.unknownKeys(options, optionNames<TenantStampsOptions<Tx>>()('tenants', 'backbone', 'reopenMs', 'readiness', 'onWarning'));
   const { tenants } = options;
   problems.check(
     Array.isArray(tenants) || typeof tenants === 'function',
@@ -48,6 +56,7 @@ export function resolveTenantStampsOptions<Tx>(options: TenantStampsOptions<Tx>)
     'backbone must be a function (tenant) => backbone, for example (tenant) => postgres({ url, schema: "tidings_" + tenant })',
   );
   problems.integer('reopenMs', options.reopenMs, 1);
+  problems.oneOf('readiness', options.readiness, ['any', 'every']);
   problems.check(options.onWarning === undefined || typeof options.onWarning === 'function', 'onWarning must be a function (message, error) => void');
   if (Array.isArray(tenants)) {
     for (const tenant of tenants) {
@@ -61,6 +70,7 @@ export function resolveTenantStampsOptions<Tx>(options: TenantStampsOptions<Tx>)
     tenants: Array.isArray(tenants) ? async () => tenants : async () => await (tenants as () => readonly string[] | Promise<readonly string[]>)(),
     backbone: options.backbone,
     reopenMs: options.reopenMs ?? tenantStampsDefaults.reopenMs,
+    readiness: options.readiness ?? tenantStampsDefaults.readiness,
     warn: options.onWarning ?? defaultWarning,
   };
 }

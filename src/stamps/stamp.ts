@@ -16,8 +16,9 @@ export class Stamp<Tx> {
   #open = false;
   /** Open, with the running subscriptions started on it: what publishing to it waits for. */
   #up = false;
-  /** Why it last failed to open, while it is down. */
+  /** Why it last failed to open, and when (epoch ms), while it is down. */
   #failure: unknown;
+  #failedAt: number | undefined;
 
   constructor(tenant: string, make: () => Backbone<Tx>, opened: (stamp: Stamp<Tx>) => Promise<void>) {
     this.tenant = tenant;
@@ -48,6 +49,11 @@ export class Stamp<Tx> {
     return this.#failure;
   }
 
+  /** When it last failed to open (epoch ms), while it is down. */
+  get failedAt(): number | undefined {
+    return this.#failedAt;
+  }
+
   /** Its backbone was closed: the next open() opens it again. */
   closed(): void {
     this.#open = false;
@@ -61,12 +67,14 @@ export class Stamp<Tx> {
       async () => {
         this.#open = true;
         this.#failure = undefined;
+        this.#failedAt = undefined;
         await this.#opened(this);
         this.#up = true;
       },
       (error: unknown) => {
         this.#opening = undefined;
         this.#failure = error;
+        this.#failedAt = Date.now();
         // What the failed backbone opened is closed; the next try starts from a new one.
         const failed = this.#backbone;
         failed.close().catch(() => undefined);
