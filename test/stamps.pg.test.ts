@@ -11,7 +11,9 @@ import { createBus, deadLetter, defineEvent, type Bus, type TidingsError } from 
 import { postgres, type PgTransaction } from '../src/postgres/index.ts';
 import { tenantStamps, type TenantStamps } from '../src/stamps/index.ts';
 import { quickPostgres } from './fixtures/bus.ts';
-import { DATABASE_URL, requirePostgres, uniqueSchema, waitFor } from './helpers.ts';
+import { Ticked } from './fixtures/contracts.ts';
+import { startProcess } from './fixtures/processes.ts';
+import { createEffects, DATABASE_URL, requirePostgres, sql, uniqueSchema, waitFor } from './helpers.ts';
 
 const Placed = defineEvent('stamps.placed', {
   schema: z.object({ key: z.string(), seq: z.number().int() }),
@@ -277,4 +279,56 @@ test('dead letters and status per stamp, with the tenant named; a tenant added a
       tenant,
     );
   }
+});
+
+test('kill -9 of a worker on the stamps mid-batch: each tenant message handled once, in key order, in its own schema', async (t) => {
+  if (!(await requirePostgres(t))) return;
+  const places: Record<string, Place> = {
+    acme: { database: testDatabase, schema: uniqueSchema('ka') },
+    globex: { database: testDatabase, schema: uniqueSchema('kg') },
+  };
+  for (const { schema } of Object.values(places)) await createEffects(schema);
+  const world = stampsAt(t, places);
+  const { bus: publisher } = world.bus('orders');
+  await publisher.start();
+  const env = { STAMPS: JSON.stringify(Object.fromEntries(Object.entries(places).map(([tenant, place]) => [tenant, place.schema]))), HANDLE_MS: '5' };
+  const first = await startProcess('stamp-worker', env);
+  const keys = 5;
+  const perKey = 20;
+  const publishing = Promise.all(
+    Object.keys(places).map(async (tenant) => {
+      for (let seq = 0; seq < perKey; seq++) {
+        await publisher.publishMany(
+          Ticked,
+          Array.from({ length: keys }, (_, k) => ({ key: `key-${k}`, seq })),
+          { tenant },
+        );
+      }
+    }),
+  );
+  // Killed while handling: its batch's effects roll back with the unacknowledged batch.
+  await first.nextLine(/^handling globex\//, 30_000);
+  await first.nextLine(/^handling /, 30_000);
+  first.kill();
+  await first.exited;
+  const second = await startProcess('stamp-worker', env);
+  t.after(() => second.stop());
+  await publishing;
+  for (const [tenant, { schema }] of Object.entries(places)) {
+    await waitFor(`${tenant}'s messages handled`, async () => (await sql(`select count(*)::int as n from "${schema}".effects`))[0].n >= keys * perKey, 60_000);
+    const rows = await sql<{ message_id: string; key: string; seq: number }>(`select message_id, key, seq from "${schema}".effects order by n`);
+    assert.equal(rows.length, keys * perKey, `${tenant}: each message once (effects through ctx.tx)`);
+    assert.equal(new Set(rows.map((row) => row.message_id)).size, rows.length, `${tenant}: no message twice`);
+    const byKey = new Map<string, number[]>();
+    for (const row of rows) byKey.set(row.key, [...(byKey.get(row.key) ?? []), row.seq]);
+    for (const [key, seqs] of byKey)
+      assert.deepEqual(
+        seqs,
+        Array.from({ length: perKey }, (_, i) => i),
+        `${tenant} ${key}: in order`,
+      );
+    const [{ others }] = await sql(`select count(*)::int as others from "${schema}".log where tenant is distinct from $1`, [tenant]);
+    assert.equal(others, 0, `${tenant}'s log holds no other tenant's message`);
+  }
+  t.diagnostic(`killed worker ${first.pid} after ${first.lines.filter((line) => line.startsWith('handling')).length} handlings; worker ${second.pid} finished`);
 });
