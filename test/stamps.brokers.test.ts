@@ -5,7 +5,9 @@
  * order; a vhost that does not exist yet holds up its tenant alone.
  */
 import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
 import { test } from 'node:test';
+import { promisify } from 'node:util';
 import { z } from 'zod';
 import { createBus, defineEvent, type Backbone, type Bus, type TidingsError } from '../src/index.ts';
 import { nats } from '../src/nats/index.ts';
@@ -13,8 +15,10 @@ import type { PgTransaction } from '../src/postgres/index.ts';
 import { rabbitmq } from '../src/rabbitmq/index.ts';
 import { tenantStamps } from '../src/stamps/index.ts';
 import { natsNamespace, type NatsNamespace } from './fixtures/nats.ts';
-import { rabbitmqctl, testOptions } from './fixtures/rabbitmq.ts';
+import { testOptions } from './fixtures/rabbitmq.ts';
 import { RABBITMQ_URL, requireBroker, uniqueSchema, waitFor } from './helpers.ts';
+
+const run = promisify(execFile);
 
 const Placed = defineEvent('stamps.placed', {
   schema: z.object({ key: z.string(), seq: z.number().int() }),
@@ -93,20 +97,22 @@ test('RabbitMQ: a vhost per tenant; each vhost carries its tenant only; a vhost 
   const id = uniqueSchema('stamp');
   const vhostOf = (tenant: string) => `${id}_${tenant}`;
   const vhosts: string[] = [];
+  // rabbitmqctl takes its time on a loaded machine (over a minute for add_vhost was seen): give it three.
+  const ctl = (...args: string[]) => run('rabbitmqctl', args, { timeout: 180_000 });
   const addVhost = async (vhost: string) => {
     vhosts.push(vhost);
-    await rabbitmqctl('add_vhost', vhost);
-    await rabbitmqctl('set_permissions', '-p', vhost, 'guest', '.*', '.*', '.*');
+    await ctl('add_vhost', vhost);
+    await ctl('set_permissions', '-p', vhost, 'guest', '.*', '.*', '.*');
   };
   t.after(async () => {
-    for (const vhost of vhosts) await rabbitmqctl('delete_vhost', vhost).catch(() => undefined);
+    for (const vhost of vhosts) await ctl('delete_vhost', vhost).catch(() => undefined);
   });
   for (const tenant of TENANTS) await addVhost(vhostOf(tenant));
   const backboneOf = (tenant: string) =>
     rabbitmq({ ...testOptions('tidings.', `tidings-stamp-${id}`), url: `${RABBITMQ_URL}/${encodeURIComponent(vhostOf(tenant))}`, connectTimeoutMs: 2_000 });
   await isolation(backboneOf);
   for (const tenant of TENANTS) {
-    const queues = await rabbitmqctl('-q', 'list_queues', '-p', vhostOf(tenant), 'name');
+    const { stdout: queues } = await ctl('-q', 'list_queues', '-p', vhostOf(tenant), 'name');
     assert.match(queues, /tidings\./, `${tenant}'s vhost has its own queues`);
   }
 
