@@ -57,6 +57,15 @@ test("import 'tidings' loads no backbone's modules", () => {
   assert.ok(loaded.includes('outbox/index.ts'), 'the walk follows re-exports (brokered)');
 });
 
+test("import 'tidings/stamps' loads no backbone's modules: each stamp's backbone is the user's", () => {
+  const loaded = [...loadedFrom(join(src, 'stamps/index.ts'))].map((file) => relative(src, file));
+  assert.deepEqual(
+    loaded.filter((file) => BACKBONES.includes(file.split('/')[0]!)),
+    [],
+  );
+  assert.ok(loaded.includes('stamps/backbone.ts'), loaded.join(', '));
+});
+
 test('the walk sees runtime imports: tidings/postgres loads its own folder', () => {
   const files = [...loadedFrom(join(src, 'postgres/index.ts'))].map((file) => relative(src, file));
   assert.ok(files.includes('postgres/lazy-transaction.ts'), files.join(', '));
@@ -68,7 +77,7 @@ test('no public entry loads the CLI, nor commander or cli-progress: a library us
   const entries = Object.values(pkg.exports).flatMap((target) =>
     typeof target === 'object' && target['tidings-source'] !== undefined ? [target['tidings-source']] : [],
   );
-  assert.ok(entries.length >= 9, entries.join(', '));
+  assert.ok(entries.length >= 10, entries.join(', '));
   for (const entry of entries) {
     const loaded = [...loadedFrom(fileURLToPath(new URL(`../${entry}`, import.meta.url)))];
     assert.deepEqual(

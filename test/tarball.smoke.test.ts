@@ -99,6 +99,7 @@ before(async () => {
     `import { z } from 'zod';
 import { createBus, defineEvent } from 'tidings';
 import { postgres } from 'tidings/postgres';
+import { tenantStamps } from 'tidings/stamps';
 
 const Happened = defineEvent('smoke.happened', { schema: z.object({ n: z.number() }) });
 const bus = createBus({ service: 'smoke', backbone: postgres({ pglite: true }) });
@@ -106,6 +107,11 @@ bus.subscribe('smoke', Happened, async (message) => {
   const n: number = message.data.n;
   // @ts-expect-error message.data is typed, not any: it has no such field
   message.data.anything.goes(n);
+});
+// A backbone per tenant: the stamps' transaction type is their backbones'.
+const stamped = createBus({ service: 'smoke', backbone: tenantStamps({ tenants: ['acme'], backbone: (tenant) => postgres({ url: 'postgres://localhost/' + tenant }) }) });
+stamped.subscribe('stamped', Happened, async (message, ctx) => {
+  await ctx.tx?.query('select $1::int', [message.data.n]);
 });
 export const publishes = async () => {
   await bus.publish(Happened, { n: 1 });

@@ -36,6 +36,8 @@ export type TidingsErrorCode =
   | 'TENANT_REQUIRED'
   /** A handler of one tenant's message published for another, and its subscription is not cross-tenant. */
   | 'TENANT_FORBIDDEN'
+  /** A message or transaction for a tenant that a backbone per tenant (tidings/stamps) has no stamp for. */
+  | 'TENANT_UNKNOWN'
   /** A publish over its tenant's quota (`tenancy.quotas`): a TenantRateLimitedError, with `retryAfterMs`. */
   | 'TENANT_RATE_LIMITED';
 

@@ -7,7 +7,7 @@
 import { AsyncLocalStorage } from 'node:async_hooks';
 import type { AnyContract } from './contract.ts';
 import { TidingsError } from './errors.ts';
-import type { HandlerScope } from './scope.ts';
+import { handlerScope, type HandlerScope } from './scope.ts';
 import { bytesOver, messageLimits } from './limits.ts';
 
 /**
@@ -65,6 +65,15 @@ export function runForTenant<T>(tenant: string, handler: HandlerScope | undefine
 function scopedTenant(handler: HandlerScope | undefined): string | undefined {
   const scope = tenantScope.getStore();
   return scope !== undefined && scope.within === handler ? scope.tenant : undefined;
+}
+
+/**
+ * The tenant of the code running now: a `withTenant` scope's (as `scopedTenant` counts it), else the tenant
+ * of the message being handled. What a backbone that routes by tenant (tidings/stamps) opens a transaction for.
+ */
+export function currentTenant(): string | undefined {
+  const handler = handlerScope.getStore();
+  return scopedTenant(handler) ?? handler?.message.tenant;
 }
 
 interface TenantOfPublish {
