@@ -80,6 +80,13 @@ export function cursorOf(lane: LaneCursor): LaneCursor {
   return { done: lane.done, window: lane.window, position: lane.position, hi: lane.hi, span: lane.span, tenants: lane.tenants };
 }
 
+/** A window of the lane is being worked through: its own, or that of a tenant split off it. */
+export function windowOpen(lane: LaneCursor): boolean {
+  if (lane.window !== null) return true;
+  for (const tenant of lane.tenants.values()) if (tenant.window !== null) return true;
+  return false;
+}
+
 /** The tenants' cursors of a lane as the acknowledgement stores them (`cursors.tenants`); null if none. */
 export function storedTenants(cursor: LaneCursor): string | null {
   if (cursor.tenants.size === 0) return null;
