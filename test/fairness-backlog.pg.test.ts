@@ -9,7 +9,8 @@ import { test } from 'node:test';
 import type { SubscribeOptions } from '../src/index.ts';
 import { Ticked } from './fixtures/contracts.ts';
 import { pgWorld } from './fixtures/bus.ts';
-import { checkOrder, effects } from './fixtures/effects.ts';
+import { prune } from '../src/postgres/retention.ts';
+import { checkOrder, effects, recordEffect } from './fixtures/effects.ts';
 import { startProcess } from './fixtures/processes.ts';
 import { connect, createEffects, sleep, waitFor } from './helpers.ts';
 
@@ -157,6 +158,54 @@ test('fair reads: kill -9 of the consumer mid-backlog while a tenant is split of
   } finally {
     worker.child.kill('SIGKILL');
     await worker.exited;
+    await db.end();
+  }
+});
+
+test("fair reads: retention pruning every row the moment it is handled never deletes a split-off tenant's unread backlog", bounded, async (t) => {
+  const world = await pgWorld(t, 'fairprune', { retention: false });
+  if (world === undefined) return;
+  const { schema } = world;
+  await createEffects(schema);
+  const db = await connect();
+  try {
+    const bus = world.bus();
+    const ids = new Set<string>();
+    for (let seq = 0; seq < 50; seq += 10)
+      for (const receipt of await bus.publishMany(Ticked, noisyTicks(seq, seq + 10), { tenant: 'noisy' })) ids.add(receipt.id);
+    // batchSize 20: the noisy tenant is split off after 5 rows of the first read; the partitions' own cursors
+    // then close the backlog's window long before the noisy tenant's cursor has read it.
+    bus.subscribe('fair', Ticked, (message, ctx) => recordEffect(ctx.tx, schema, message), {
+      partitions: 2,
+      batchSize: 20,
+      concurrency: 2,
+      startFrom: 'beginning',
+      tenantConcurrency: 1,
+    });
+    await bus.start();
+    let pruning = true;
+    let deleted = 0;
+    const pruner = (async () => {
+      while (pruning) {
+        const result = await prune(db, { schema, batchSize: 50, log: { maxAgeMs: 0 }, inbox: { maxAgeMs: null }, deadLetters: { maxAgeMs: null } });
+        deleted += result.log.deleted;
+      }
+    })();
+    for (let seq = 0; seq < 20; seq++) {
+      for (const tenant of QUIET.slice(0, 4)) ids.add((await bus.publish(Ticked, { key: `${tenant}-0`, seq }, { tenant })).id);
+    }
+    const count = async () => Number((await db.query(`select count(*)::int as n from "${schema}".effects`)).rows[0].n);
+    await waitFor('every message handled', async () => (await count()) >= ids.size, 60_000);
+    pruning = false;
+    await pruner;
+    await bus.stop();
+    const rows = await effects(db, schema);
+    assert.deepEqual(new Set(rows.map((row) => row.message_id)), ids, 'every message handled');
+    assert.equal(rows.length, ids.size, 'once each');
+    assert.deepEqual(checkOrder(rows), [], 'per-key order');
+    assert.ok(deleted > 0, 'retention deleted rows as they were handled');
+    t.diagnostic(`${ids.size} messages; retention deleted ${deleted} rows while they were read`);
+  } finally {
     await db.end();
   }
 });
