@@ -9,6 +9,7 @@ import { test } from 'node:test';
 import type { SubscribeOptions } from '../src/index.ts';
 import { Ticked } from './fixtures/contracts.ts';
 import { pgWorld } from './fixtures/bus.ts';
+import { readStatus } from '../src/postgres/index.ts';
 import { prune } from '../src/postgres/retention.ts';
 import { checkOrder, effects, recordEffect } from './fixtures/effects.ts';
 import { startProcess } from './fixtures/processes.ts';
@@ -135,6 +136,11 @@ test('fair reads: kill -9 of the consumer mid-backlog while a tenant is split of
       await worker.nextLine(/^handling n/);
       worker.child.kill('SIGKILL');
       assert.equal(await worker.exited, 'SIGKILL');
+      // With no worker running, the subscription's lag is exactly what is not handled yet, the split-off
+      // tenant's backlog (counted from its own cursor) included.
+      const status = await readStatus(db, { schema, subscription: 'ordered' });
+      const done = Number((await db.query(`select count(*)::int as n from "${schema}".effects`)).rows[0].n);
+      assert.equal(status.subscriptions[0]!.lag, published.size - done, 'lag counts every message not handled');
       worker = await startProcess('worker', env);
     }
     await publishQuiet();
