@@ -88,9 +88,9 @@ export function statements(schema: string) {
       const topic = everyTopic ? 'and $5::text[] is not null ' : 'and l.topic = any($5::text[]) ';
       const seen = inbox ? `exists (select 1 from ${s}.inbox i where i.subscription = $10 and i.message_id = l.id) as seen` : 'false as seen';
       const columns = `${logColumns}, l.key_hash % $6 as partition, ${seen}`;
-      // Fair reads (lanes.ts, LaneReader): per group, the tenant it reads alone (`solo`), or the tenants it
-      // leaves out (`skip`, a JSON array), and each tenant's share of the read ($f + 2). Rows numbered per
-      // tenant; one row past a tenant's share comes back (`beyond`) to say it has more.
+      // Fair reads (lanes.ts, LaneReader): per group, the tenant it reads alone (`solo`, its share of rows),
+      // or the tenants it leaves out (`skip`, a JSON array); $f + 2: a tenant's share of a read. Rows are
+      // numbered per tenant; one row past a tenant's share comes back (`beyond`) to say it has more.
       const f = inbox ? 11 : 10;
       const tenants = fair ? `, $${f}::text[], $${f + 1}::text[]` : '';
       const tenantColumns = fair ? ', solo, skip' : '';
@@ -103,7 +103,7 @@ export function statements(schema: string) {
             ) f join ${s}.log l on l.position = f.position
             where f.rn <= $${f + 2} + 1 or c.solo is not null or f.tenant is null
             order by f.position
-            limit $7`
+            limit case when c.solo is null then $7 else $${f + 2} end`
           : `select ${columns} from ${s}.log l
             where ${where}
             order by ${order}

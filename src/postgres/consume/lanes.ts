@@ -44,7 +44,9 @@ const MIN_SPAN_BATCHES = 1;
 const MAX_SPAN = 1_000_000;
 /**
  * Fair reads: a tenant takes at most this part of a read (times `batchSize`) from its lane's cursor; one
- * with more is split off onto its own cursor. A quarter: a few busy tenants share a read, a flood does not.
+ * with more is split off onto its own cursor, which reads that many at a time. A quarter: a few busy tenants
+ * share a read, and a flood takes a quarter of a batch's messages, so a batch (what a quiet tenant's message
+ * waits for) stays short.
  */
 const FAIR_READ_SHARE = 0.25;
 
@@ -155,7 +157,7 @@ interface ReadGroup {
  * Fair reads (a subscription with `tenantConcurrency` or `tenantWeights`): a lane's cursor reads in commit
  * order too, but a tenant takes at most a share of each read (FAIR_READ_SHARE). A tenant with more in the
  * read is split off at its last row taken: from there it reads on from its own cursor (in the same window),
- * its own share of every read, while the lane's cursor goes on without it, so a backlog is read beside the
+ * its share of every read, while the lane's cursor goes on without it, so a backlog is read beside the
  * other tenants' new messages instead of ahead of them. Each cursor reads every message of its tenants once,
  * in order, so a key keeps its order. When the tenant's cursor and the lane's close a window at the same
  * snapshot (both caught up), the tenant joins the lane's cursor again.
@@ -164,6 +166,8 @@ export class LaneReader {
   readonly #ctx: ConsumerContext;
   readonly #spec: SubscriptionSpec;
   readonly #fair: boolean;
+  /** Fair reads: a tenant's share of a read (FAIR_READ_SHARE), and all a split-off tenant's cursor reads at once. */
+  readonly #share: number;
   /** The log's last position when last read: how large the log has grown (see #read). */
   #logEnd = 0;
   #ahead: ReadAhead | undefined;
@@ -172,6 +176,7 @@ export class LaneReader {
     this.#ctx = ctx;
     this.#spec = spec;
     this.#fair = spec.tenantShares !== undefined;
+    this.#share = Math.max(1, Math.floor(spec.batchSize * FAIR_READ_SHARE));
   }
 
   /** The next batch of `lanes`, from the read sent ahead if it read from where they are. */
@@ -201,7 +206,7 @@ export class LaneReader {
       const entry = perGroup.get(index);
       if (entry === undefined) continue;
       const first = group.cursor;
-      const full = entry.rows.length === spec.batchSize;
+      const full = entry.rows.length === (group.tenant === undefined ? spec.batchSize : this.#share);
       let moved: Cursor;
       if (full) {
         // More may wait right after the last row.
@@ -290,7 +295,7 @@ export class LaneReader {
       params.push(
         groups.map((group) => group.tenant ?? null),
         groups.map((group) => (group.except.length === 0 ? null : JSON.stringify(group.except))),
-        Math.max(1, Math.floor(spec.batchSize * FAIR_READ_SHARE)),
+        this.#share,
       );
     }
     const everyTopic = spec.topics.includes(EVERY_TOPIC);
