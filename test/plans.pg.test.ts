@@ -68,10 +68,10 @@ test("the generic plan of the consumer's read opens a window through the xid ind
     );
     // The fair read (tenantConcurrency): the same scan, its rows numbered per tenant.
     await client.query(
-      `prepare fair(text[], text[], text[], int8[], text[], int, int, int8[], int8[], text, text[], text[], int) as ${statements(schema).readLanes(true, false, true)}`,
+      `prepare fair(text[], text[], text[], int8[], text[], int, int, int8[], int8[], text, text[], text[], int, text) as ${statements(schema).readLanes(true, false, true)}`,
     );
     const args = `'{"{0,1,2,3}"}', '{"${done}"}', '{NULL}', '{NULL}', '{${Ticked.topic}}', 4, 500, '{NULL}', '{500}', 'plans'`;
-    for (const execute of [`execute read(${args})`, `execute fair(${args}, '{NULL}', '{NULL}', 125)`]) {
+    for (const execute of [`execute read(${args})`, `execute fair(${args}, '{NULL}', '{NULL}', 125, '{}')`]) {
       const explained = await client.query<{ 'QUERY PLAN': Array<{ Plan: PlanNode }> }>(`explain (analyze, format json) ${execute}`);
       const all = nodes(explained.rows[0]!['QUERY PLAN'][0]!.Plan);
       const onLog = all.filter((node) => node['Relation Name'] === 'log');

@@ -89,21 +89,23 @@ export function statements(schema: string) {
       const seen = inbox ? `exists (select 1 from ${s}.inbox i where i.subscription = $10 and i.message_id = l.id) as seen` : 'false as seen';
       const columns = `${logColumns}, l.key_hash % $6 as partition, ${seen}`;
       // Fair reads (lanes.ts, LaneReader): per group, the tenant it reads alone (`solo`, its share of rows),
-      // or the tenants it leaves out (`skip`, a JSON array); $f + 2: a tenant's share of a read. Rows are
+      // or the tenants it leaves out (`skip`, a JSON array); a tenant's share of a read (`cap`). Rows are
       // numbered per tenant; one row past a tenant's share comes back (`beyond`) to say it has more.
       const f = inbox ? 11 : 10;
       const tenants = fair ? `, $${f}::text[], $${f + 1}::text[]` : '';
       const tenantColumns = fair ? ', solo, skip' : '';
+      // A tenant's share: $f + 2 times its weight ($f + 3, JSON; 1 if not there), at least 1 (lanes.ts, shareOf).
+      const cap = (tenant: string) => `greatest(1, floor($${f + 2} * coalesce(($${f + 3}::jsonb ->> ${tenant})::float8, 1)))::int8`;
       const scan = (where: string, order: string) =>
         fair
-          ? `select ${columns}, (f.rn > $${f + 2} and c.solo is null and f.tenant is not null) as beyond from (
+          ? `select ${columns}, (f.rn > ${cap('f.tenant')} and c.solo is null and f.tenant is not null) as beyond from (
               select l.position, l.tenant, row_number() over (partition by l.tenant order by l.position) as rn from ${s}.log l
               where ${where}
                 and (c.solo is null or l.tenant = c.solo) and not coalesce(c.skip::jsonb ? l.tenant, false)
             ) f join ${s}.log l on l.position = f.position
-            where f.rn <= $${f + 2} + 1 or c.solo is not null or f.tenant is null
+            where f.rn <= ${cap('f.tenant')} + 1 or c.solo is not null or f.tenant is null
             order by f.position
-            limit case when c.solo is null then $7 else $${f + 2} end`
+            limit case when c.solo is null then $7 else ${cap('c.solo')} end`
           : `select ${columns} from ${s}.log l
             where ${where}
             order by ${order}

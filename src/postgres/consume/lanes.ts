@@ -155,10 +155,10 @@ interface ReadGroup {
  * `done`, so groups merge by themselves.
  *
  * Fair reads (a subscription with `tenantConcurrency` or `tenantWeights`): a lane's cursor reads in commit
- * order too, but a tenant takes at most a share of each read (FAIR_READ_SHARE). A tenant with more in the
- * read is split off at its last row taken: from there it reads on from its own cursor (in the same window),
- * its share of every read, while the lane's cursor goes on without it, so a backlog is read beside the
- * other tenants' new messages instead of ahead of them. Each cursor reads every message of its tenants once,
+ * order too, but a tenant takes at most a share of each read (FAIR_READ_SHARE, times its weight in
+ * `tenantWeights`). A tenant with more in the read is split off at its last row taken: from there it reads
+ * on from its own cursor (in the same window), its share of every read, while the lane's cursor goes on
+ * without it, so a backlog is read beside the other tenants' new messages instead of ahead of them. Each cursor reads every message of its tenants once,
  * in order, so a key keeps its order. When the tenant's cursor and the lane's close a window at the same
  * snapshot (both caught up), the tenant joins the lane's cursor again.
  */
@@ -166,7 +166,7 @@ export class LaneReader {
   readonly #ctx: ConsumerContext;
   readonly #spec: SubscriptionSpec;
   readonly #fair: boolean;
-  /** Fair reads: a tenant's share of a read (FAIR_READ_SHARE), and all a split-off tenant's cursor reads at once. */
+  /** Fair reads: a tenant's share of a read (FAIR_READ_SHARE) at weight 1; a split-off tenant's cursor reads its share at once. */
   readonly #share: number;
   /** The log's last position when last read: how large the log has grown (see #read). */
   #logEnd = 0;
@@ -206,7 +206,7 @@ export class LaneReader {
       const entry = perGroup.get(index);
       if (entry === undefined) continue;
       const first = group.cursor;
-      const full = entry.rows.length === (group.tenant === undefined ? spec.batchSize : this.#share);
+      const full = entry.rows.length === (group.tenant === undefined ? spec.batchSize : this.#shareOf(group.tenant));
       let moved: Cursor;
       if (full) {
         // More may wait right after the last row.
@@ -275,6 +275,11 @@ export class LaneReader {
     this.#ahead = undefined;
   }
 
+  /** What a split-off tenant's cursor reads at once: its share of a read, times its weight (as `statements.readLanes` has it). */
+  #shareOf(tenant: string): number {
+    return Math.max(1, Math.floor(this.#share * (this.#spec.tenantShares?.weights[tenant] ?? 1)));
+  }
+
   /** One statement reading the next messages of every group of lanes. */
   async #read(groups: ReadGroup[]): Promise<ReadRow[]> {
     const { driver, sql } = this.#ctx;
@@ -296,6 +301,7 @@ export class LaneReader {
         groups.map((group) => group.tenant ?? null),
         groups.map((group) => (group.except.length === 0 ? null : JSON.stringify(group.except))),
         this.#share,
+        JSON.stringify(spec.tenantShares?.weights ?? {}),
       );
     }
     const everyTopic = spec.topics.includes(EVERY_TOPIC);
