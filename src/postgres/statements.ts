@@ -82,6 +82,8 @@ export function statements(schema: string) {
      * ($9: its span) at a time, up to `hi`: bounded, each read costs the same however large the window
      * (an unbounded "position > x order by position limit n" lets the planner sort the whole rest of it).
      * Each group returns one row with null message columns when it has nothing. `seen`: the inbox has it.
+     * `fair`: the variant of fair reads (tenantConcurrency, tenantWeights; see LaneReader): a group reads one
+     * tenant, or leaves out some, and a tenant past its share of the read is cut short.
      */
     readLanes: (inbox: boolean, everyTopic: boolean, fair: boolean) => {
       // Every topic: $5 stays a parameter, so both variants take the same list.

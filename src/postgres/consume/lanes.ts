@@ -158,9 +158,10 @@ interface ReadGroup {
  * order too, but a tenant takes at most a share of each read (FAIR_READ_SHARE, times its weight in
  * `tenantWeights`). A tenant with more in the read is split off at its last row taken: from there it reads
  * on from its own cursor (in the same window), its share of every read, while the lane's cursor goes on
- * without it, so a backlog is read beside the other tenants' new messages instead of ahead of them. Each cursor reads every message of its tenants once,
- * in order, so a key keeps its order. When the tenant's cursor and the lane's close a window at the same
- * snapshot (both caught up), the tenant joins the lane's cursor again.
+ * without it, so a backlog is read beside the other tenants' new messages instead of ahead of them. Each
+ * cursor reads every message of its tenants once, in order, so a key keeps its order. When the tenant's
+ * cursor and the lane's close a window at the same snapshot (both caught up), the tenant joins the lane's
+ * cursor again.
  */
 export class LaneReader {
   readonly #ctx: ConsumerContext;
