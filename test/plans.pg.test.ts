@@ -63,22 +63,31 @@ test("the generic plan of the consumer's read opens a window through the xid ind
     await fill(200_001, 200_010);
     await client.query(`analyze ${schema}.log`);
     await client.query('set plan_cache_mode = force_generic_plan');
-    await client.query(`prepare read(text[], text[], text[], int8[], text[], int, int, int8[], int8[], text) as ${statements(schema).readLanes(true, false)}`);
-    const explained = await client.query<{ 'QUERY PLAN': Array<{ Plan: PlanNode }> }>(
-      `explain (analyze, format json) execute read('{"{0,1,2,3}"}', '{"${done}"}', '{NULL}', '{NULL}', '{${Ticked.topic}}', 4, 500, '{NULL}', '{500}', 'plans')`,
+    await client.query(
+      `prepare read(text[], text[], text[], int8[], text[], int, int, int8[], int8[], text) as ${statements(schema).readLanes(true, false, false)}`,
     );
-    const all = nodes(explained.rows[0]!['QUERY PLAN'][0]!.Plan);
-    const onLog = all.filter((node) => node['Relation Name'] === 'log');
-    t.diagnostic(JSON.stringify(onLog.map((node) => `${node['Node Type']} ${node['Index Name'] ?? ''} removed ${node['Rows Removed by Filter'] ?? 0}`)));
-    assert.ok(!onLog.some((node) => node['Node Type'] === 'Seq Scan'), 'no sequential scan of the log');
-    assert.ok(
-      all.some((node) => node['Index Name'] === 'log_xid'),
-      'the xid index finds the window',
+    // The fair read (tenantConcurrency): the same scan, its rows numbered per tenant.
+    await client.query(
+      `prepare fair(text[], text[], text[], int8[], text[], int, int, int8[], int8[], text, text[], text[], int, text) as ${statements(schema).readLanes(true, false, true)}`,
     );
-    const examined = onLog.reduce((sum, node) => sum + (node['Rows Removed by Filter'] ?? 0), 0);
-    assert.ok(examined < 100, `rows read and thrown away: ${examined}`);
-    const returned = all.find((node) => node['Node Type'] === 'Limit') as (PlanNode & { 'Actual Rows'?: number }) | undefined;
-    assert.equal(returned?.['Actual Rows'], 10, 'the window holds the 10 messages committed after done');
+    const args = `'{"{0,1,2,3}"}', '{"${done}"}', '{NULL}', '{NULL}', '{${Ticked.topic}}', 4, 500, '{NULL}', '{500}', 'plans'`;
+    for (const execute of [`execute read(${args})`, `execute fair(${args}, '{NULL}', '{NULL}', 125, '{}')`]) {
+      const explained = await client.query<{ 'QUERY PLAN': Array<{ Plan: PlanNode }> }>(`explain (analyze, format json) ${execute}`);
+      const all = nodes(explained.rows[0]!['QUERY PLAN'][0]!.Plan);
+      const onLog = all.filter((node) => node['Relation Name'] === 'log');
+      t.diagnostic(
+        `${execute.slice(8, 12)}: ${JSON.stringify(onLog.map((node) => `${node['Node Type']} ${node['Index Name'] ?? ''} removed ${node['Rows Removed by Filter'] ?? 0}`))}`,
+      );
+      assert.ok(!onLog.some((node) => node['Node Type'] === 'Seq Scan'), `${execute}: no sequential scan of the log`);
+      assert.ok(
+        all.some((node) => node['Index Name'] === 'log_xid'),
+        `${execute}: the xid index finds the window`,
+      );
+      const examined = onLog.reduce((sum, node) => sum + (node['Rows Removed by Filter'] ?? 0), 0);
+      assert.ok(examined < 100, `${execute}: rows read and thrown away: ${examined}`);
+      const returned = all.find((node) => node['Node Type'] === 'Limit') as (PlanNode & { 'Actual Rows'?: number }) | undefined;
+      assert.equal(returned?.['Actual Rows'], 10, `${execute}: the window holds the 10 messages committed after done`);
+    }
   } finally {
     await client.end();
   }

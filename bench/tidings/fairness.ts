@@ -2,7 +2,8 @@
  * Issue 23's fairness workload: quiet tenants publish at a low rate each (open loop, one `bus.publish` per
  * event), alone, or beside a noisy tenant whose backlog is stored before the subscription starts and who
  * publishes at a high rate meanwhile (a `publishMany` every 20 ms); with the subscription's fairness off
- * (`tenantConcurrency` unset) or on (`tenantConcurrency: 1`). Measured: the quiet tenants' latency, publish
+ * (`tenantConcurrency` unset) or on (`tenantConcurrency: 1`: fair reads, so the backlog is read beside the
+ * quiet tenants' messages, and fair handler slots; docs/tenancy.md). Measured: the quiet tenants' latency, publish
  * call -> handler start, on the monotonic clock; and what the noisy tenant got through. One process.
  */
 import { z } from 'zod';

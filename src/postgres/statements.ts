@@ -82,28 +82,52 @@ export function statements(schema: string) {
      * ($9: its span) at a time, up to `hi`: bounded, each read costs the same however large the window
      * (an unbounded "position > x order by position limit n" lets the planner sort the whole rest of it).
      * Each group returns one row with null message columns when it has nothing. `seen`: the inbox has it.
+     * `fair`: the variant of fair reads (tenantConcurrency, tenantWeights; see LaneReader): a group reads one
+     * tenant, or leaves out some, and a tenant past its share of the read is cut short.
      */
-    readLanes: (inbox: boolean, everyTopic: boolean) => {
+    readLanes: (inbox: boolean, everyTopic: boolean, fair: boolean) => {
       // Every topic: $5 stays a parameter, so both variants take the same list.
       const topic = everyTopic ? 'and $5::text[] is not null ' : 'and l.topic = any($5::text[]) ';
       const seen = inbox ? `exists (select 1 from ${s}.inbox i where i.subscription = $10 and i.message_id = l.id) as seen` : 'false as seen';
       const columns = `${logColumns}, l.key_hash % $6 as partition, ${seen}`;
+      // Fair reads (lanes.ts, LaneReader): per group, the tenant it reads alone (`solo`, its share of rows),
+      // or the tenants it leaves out (`skip`, a JSON array); a tenant's share of a read (`cap`). Rows are
+      // numbered per tenant; one row past a tenant's share comes back (`beyond`) to say it has more.
+      const f = inbox ? 11 : 10;
+      const tenants = fair ? `, $${f}::text[], $${f + 1}::text[]` : '';
+      const tenantColumns = fair ? ', solo, skip' : '';
+      // A tenant's share: $f + 2 times its weight ($f + 3, JSON; 1 if not there), at least 1 (lanes.ts, shareOf).
+      const cap = (tenant: string) => `greatest(1, floor($${f + 2} * coalesce(($${f + 3}::jsonb ->> ${tenant})::float8, 1)))::int8`;
+      const scan = (where: string, order: string) =>
+        fair
+          ? `select ${columns}, (f.rn > ${cap('f.tenant')} and c.solo is null and f.tenant is not null) as beyond from (
+              select l.position, l.tenant, row_number() over (partition by l.tenant order by l.position) as rn from ${s}.log l
+              where ${where}
+                and (c.solo is null or l.tenant = c.solo) and not coalesce(c.skip::jsonb ? l.tenant, false)
+            ) f join ${s}.log l on l.position = f.position
+            where f.rn <= ${cap('f.tenant')} + 1 or c.solo is not null or f.tenant is null
+            order by f.position
+            limit case when c.solo is null then $7 else ${cap('c.solo')} end`
+          : `select ${columns} from ${s}.log l
+            where ${where}
+            order by ${order}
+            limit $7`;
       return `with groups as (
-          select n, parts::int[] as parts, done, win, pos, hi, span
-          from unnest($1::text[], $2::text[], $3::text[], $4::int8[], $8::int8[], $9::int8[]) with ordinality as c(parts, done, win, pos, hi, span, n)
+          select n, parts::int[] as parts, done, win, pos, hi, span${tenantColumns}
+          from unnest($1::text[], $2::text[], $3::text[], $4::int8[], $8::int8[], $9::int8[]${tenants}) with ordinality as c(parts, done, win, pos, hi, span${tenantColumns}, n)
         ), now as (
           select pg_current_snapshot() as snap, coalesce(pg_sequence_last_value('${s}.log_position_seq'::regclass), 0) as last
         )
         select c.n as lane_group, now.snap::text as win, now.last as hi, null::int8 as range_end, m.*
         from groups c cross join now
         left join lateral (
-          select ${columns} from ${s}.log l
-          where (l.xid = any(array(select pg_snapshot_xip(c.done::pg_snapshot)))
+          ${scan(
+            `(l.xid = any(array(select pg_snapshot_xip(c.done::pg_snapshot)))
               or (l.xid >= pg_snapshot_xmax(c.done::pg_snapshot) and l.xid < pg_snapshot_xmax(now.snap)))
             and pg_visible_in_snapshot(l.xid, now.snap)
-            ${topic}and l.key_hash % $6 = any(c.parts)
-          order by l.position + 0
-          limit $7
+            ${topic}and l.key_hash % $6 = any(c.parts)`,
+            'l.position + 0',
+          )}
         ) m on true
         where c.win is null
         union all
@@ -113,12 +137,12 @@ export function statements(schema: string) {
           select coalesce(c.hi, now.last) as hi, least(c.pos + c.span, coalesce(c.hi, now.last)) as range_end
         ) r
         left join lateral (
-          select ${columns} from ${s}.log l
-          where l.position > c.pos and l.position <= r.range_end
+          ${scan(
+            `l.position > c.pos and l.position <= r.range_end
             and pg_visible_in_snapshot(l.xid, c.win::pg_snapshot) and not pg_visible_in_snapshot(l.xid, c.done::pg_snapshot)
-            ${topic}and l.key_hash % $6 = any(c.parts)
-          order by l.position
-          limit $7
+            ${topic}and l.key_hash % $6 = any(c.parts)`,
+            'l.position',
+          )}
         ) m on true
         where c.win is not null`;
     },
@@ -133,7 +157,8 @@ export function statements(schema: string) {
      * topic's messages, and its cursors must not move past them. (Messages of its window committed before its
      * read, so before that registration committed: they were not yet the subscription's.)
      * $1 subscription, $2 owner, $3-$8 per lane: partition, epoch, done, window, position, handled count,
-     * $9 inbox ids, $10 held (JSON), $11 dead letters (JSON), $12 the topics this worker handles.
+     * $9 inbox ids, $10 held (JSON), $11 dead letters (JSON), $12 the topics this worker handles, $13 per
+     * lane the cursors of the tenants split off it (JSON, see lanes.ts; null: none).
      *
      * `duplicates`: what an inbox id already recorded does. 'skip' (`on conflict do nothing`) for an
      * acknowledgement that commits with the handlers' writes, which cannot be sent again alone; 'fail' (a
@@ -142,7 +167,7 @@ export function statements(schema: string) {
      * id recorded in between the read and the acknowledgement (another worker handling a copy) is rare.
      */
     ack: (duplicates: 'skip' | 'fail') => `with lanes as (
-        select * from unnest($3::int[], $4::int8[], $5::text[], $6::text[], $7::int8[], $8::int8[]) as v(partition, epoch, done, win, pos, n)
+        select * from unnest($3::int[], $4::int8[], $5::text[], $6::text[], $7::int8[], $8::int8[], $13::text[]) as v(partition, epoch, done, win, pos, n, tenants)
       ), fenced as (
         select k.partition from ${s}.cursors k join lanes v on k.partition = v.partition
         where k.subscription = $1 and k.owner = $2 and k.epoch = v.epoch
@@ -153,7 +178,7 @@ export function statements(schema: string) {
         select covered and (select count(*) from fenced) = (select count(*) from lanes) as ok from covered
       ), moved as (
         update ${s}.cursors k set done = v.done::pg_snapshot, window_snapshot = v.win::pg_snapshot, window_position = v.pos,
-          handled = k.handled + v.n, updated_at = now()
+          tenants = v.tenants::jsonb, handled = k.handled + v.n, updated_at = now()
         from lanes v, ok
         where ok.ok and k.subscription = $1 and k.partition = v.partition
         returning k.partition
@@ -284,7 +309,7 @@ export function statements(schema: string) {
         select subscription, partition from ${s}.cursors
         where subscription = $2 and (owner is null or lease_expires_at < now())
         order by partition limit $4 for update skip locked)
-      returning c.partition, c.epoch::text as epoch, c.done::text as done, c.window_snapshot::text as window_snapshot, c.window_position::int8 as window_position`,
+      returning c.partition, c.epoch::text as epoch, c.done::text as done, c.window_snapshot::text as window_snapshot, c.window_position::int8 as window_position, c.tenants`,
     release: `update ${s}.cursors set owner = null, lease_expires_at = null where subscription = $1 and partition = $2 and owner = $3`,
     unregisterWorker: `delete from ${s}.workers where id = $1`,
     /**

@@ -2,7 +2,7 @@ import type { AttemptRecord, SubscriptionSpec } from '../../core/backbone.ts';
 import type { Envelope } from '../../core/envelope.ts';
 import { preparing, runStatement, type SqlDriver, type Statement } from '../connection/driver.ts';
 import type { Statements } from '../statements.ts';
-import type { Lane, LaneCursor } from './lanes.ts';
+import { storedTenants, type Lane, type LaneCursor } from './lanes.ts';
 
 const UNIQUE_VIOLATION = '23505';
 
@@ -78,6 +78,7 @@ export function ackStatement(sql: Statements, spec: SubscriptionSpec, owner: str
       JSON.stringify(ack.held),
       JSON.stringify(ack.dead),
       spec.topics,
+      lanes.map((lane) => storedTenants(next.get(lane.partition)!)),
     ],
   };
 }

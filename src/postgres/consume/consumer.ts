@@ -4,7 +4,7 @@ import { Attempts } from './attempts.ts';
 import { BatchHandler, splitBatch, type Acking } from './batch.ts';
 import type { ConsumerContext } from './context.ts';
 import { HeldKeys } from './held.ts';
-import { cursorOf, LaneReader, type Lane, type LaneCursor } from './lanes.ts';
+import { cursorOf, LaneReader, windowOpen, type Lane, type LaneCursor } from './lanes.ts';
 import { LeaseLost, Leases, TopicsChanged } from './leases.ts';
 import { Gate } from './scopes.ts';
 
@@ -104,11 +104,11 @@ export class PostgresConsumer implements Consumer {
           if (!this.#held.loaded) await this.#held.load([...lanes.keys()]);
           if (retrying) await this.#held.retryDue([...lanes.values()]);
           const held = [...lanes.values()];
-          if (this.#dirty || held.some((lane) => lane.window !== null)) {
+          if (this.#dirty || held.some(windowOpen)) {
             // Only a read that opens a window for every lane sees what was committed up to now. One that
             // goes on with an open window does not: a wake-up that came meanwhile waits for the next window,
             // or the last commits of a burst would wait for the backstop poll.
-            if (held.every((lane) => lane.window === null)) this.#dirty = false;
+            if (!held.some(windowOpen)) this.#dirty = false;
             more = await this.#readAndHandle();
           }
         }

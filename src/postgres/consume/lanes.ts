@@ -12,9 +12,19 @@ import type { ConsumerContext } from './context.ts';
  * outbox bug (a bigserial read as "greater than my offset" skips late commits) cannot happen; see
  * test/guarantees.pg.test.ts, "no skipped messages".
  */
-export interface Lane {
+export interface Lane extends Cursor {
   readonly partition: number;
   readonly epoch: string;
+  /**
+   * Tenants split off this lane (fair reads, see `LaneReader`): each read on from its own cursor, while the
+   * lane's own skips their messages. A tenant joins the lane again once both cursors close a window at
+   * the same snapshot. Empty unless the subscription is fair.
+   */
+  tenants: ReadonlyMap<string, Cursor>;
+}
+
+/** Where one reader of a lane has read to: the lane's own, or that of a tenant split off it. */
+export interface Cursor {
   done: string;
   window: string | null;
   position: number | null;
@@ -24,17 +34,38 @@ export interface Lane {
   span: number;
 }
 
-export type LaneCursor = Pick<Lane, 'done' | 'window' | 'position' | 'hi' | 'span'>;
+export type LaneCursor = Cursor & { tenants: ReadonlyMap<string, Cursor> };
+
+/** A tenant's cursor as the `cursors.tenants` column stores it. */
+type StoredCursor = { done: string; window: string | null; position: number | null };
 
 /** A window's first range spans `batchSize` x this many positions; sparse ranges double it, up to the maximum. */
 const MIN_SPAN_BATCHES = 1;
 const MAX_SPAN = 1_000_000;
+/**
+ * Fair reads: a tenant takes at most this part of a read (times `batchSize`) from its lane's cursor; one
+ * with more is split off onto its own cursor, which reads that many at a time. A quarter: a few busy tenants
+ * share a read, and a flood takes a quarter of a batch's messages, so a batch (what a quiet tenant's message
+ * waits for) stays short.
+ */
+const FAIR_READ_SHARE = 0.25;
 
 /** A lane as its lease was acquired: the cursor stored for it (see `statements.acquire`). */
 export function acquiredLane(
   spec: SubscriptionSpec,
-  row: { partition: number; epoch: string; done: string; window_snapshot: string | null; window_position: string | number | null },
+  row: {
+    partition: number;
+    epoch: string;
+    done: string;
+    window_snapshot: string | null;
+    window_position: string | number | null;
+    tenants: Record<string, StoredCursor> | null;
+  },
 ): Lane {
+  const span = spec.batchSize * MIN_SPAN_BATCHES;
+  const tenants = new Map<string, Cursor>();
+  for (const [tenant, cursor] of Object.entries(row.tenants ?? {}))
+    tenants.set(tenant, { done: cursor.done, window: cursor.window, position: cursor.position === null ? null : Number(cursor.position), hi: null, span });
   return {
     partition: row.partition,
     epoch: String(row.epoch),
@@ -42,12 +73,28 @@ export function acquiredLane(
     window: row.window_snapshot,
     position: row.window_position === null ? null : Number(row.window_position),
     hi: null,
-    span: spec.batchSize * MIN_SPAN_BATCHES,
+    span,
+    tenants,
   };
 }
 
-export function cursorOf(lane: Lane): LaneCursor {
-  return { done: lane.done, window: lane.window, position: lane.position, hi: lane.hi, span: lane.span };
+export function cursorOf(lane: LaneCursor): LaneCursor {
+  return { done: lane.done, window: lane.window, position: lane.position, hi: lane.hi, span: lane.span, tenants: lane.tenants };
+}
+
+/** A window of the lane is being worked through: its own, or that of a tenant split off it. */
+export function windowOpen(lane: LaneCursor): boolean {
+  if (lane.window !== null) return true;
+  for (const tenant of lane.tenants.values()) if (tenant.window !== null) return true;
+  return false;
+}
+
+/** The tenants' cursors of a lane as the acknowledgement stores them (`cursors.tenants`); null if none. */
+export function storedTenants(cursor: LaneCursor): string | null {
+  if (cursor.tenants.size === 0) return null;
+  const stored: Record<string, StoredCursor> = {};
+  for (const [tenant, { done, window, position }] of cursor.tenants) stored[tenant] = { done, window, position };
+  return JSON.stringify(stored);
 }
 
 /** What one read found, and where it moves the lanes once its batch is acknowledged. */
@@ -77,16 +124,51 @@ interface ReadAhead {
   readonly handledBefore: Set<string>;
 }
 
-type ReadRow = LogRow & { lane_group: number | string; win: string; hi: number | string; range_end: number | string | null; partition: number };
+type ReadRow = LogRow & {
+  lane_group: number | string;
+  win: string;
+  hi: number | string;
+  range_end: number | string | null;
+  partition: number;
+  /** Fair reads: a row past its tenant's share, returned only to say the tenant has more (not handled). */
+  beyond?: boolean;
+};
+
+/** Who reads which messages of a lane: its own cursor (`tenant` undefined: every tenant not split off), or a split-off tenant's. */
+interface Reader {
+  readonly lane: Lane;
+  readonly tenant: string | undefined;
+}
+
+/** Readers at the same cursor, of the same tenant (or of the same tenants left out), read together by one scan. */
+interface ReadGroup {
+  readonly readers: Reader[];
+  readonly cursor: Cursor;
+  readonly tenant: string | undefined;
+  /** Tenants the lanes' own cursors leave out: those split off. */
+  readonly except: readonly string[];
+}
 
 /**
  * Reads the lanes' next messages, all lanes in one statement: lanes at the same cursor as one group, with
  * one scan; after a read that finds them caught up, lanes read in the same statement share their new
  * `done`, so groups merge by themselves.
+ *
+ * Fair reads (a subscription with `tenantConcurrency` or `tenantWeights`): a lane's cursor reads in commit
+ * order too, but a tenant takes at most a share of each read (FAIR_READ_SHARE, times its weight in
+ * `tenantWeights`). A tenant with more in the read is split off at its last row taken: from there it reads
+ * on from its own cursor (in the same window), its share of every read, while the lane's cursor goes on
+ * without it, so a backlog is read beside the other tenants' new messages instead of ahead of them. Each
+ * cursor reads every message of its tenants once, in order, so a key keeps its order. When the tenant's
+ * cursor and the lane's close a window at the same snapshot (both caught up), the tenant joins the lane's
+ * cursor again.
  */
 export class LaneReader {
   readonly #ctx: ConsumerContext;
   readonly #spec: SubscriptionSpec;
+  readonly #fair: boolean;
+  /** Fair reads: a tenant's share of a read (FAIR_READ_SHARE) at weight 1; a split-off tenant's cursor reads its share at once. */
+  readonly #share: number;
   /** The log's last position when last read: how large the log has grown (see #read). */
   #logEnd = 0;
   #ahead: ReadAhead | undefined;
@@ -94,16 +176,18 @@ export class LaneReader {
   constructor(ctx: ConsumerContext, spec: SubscriptionSpec) {
     this.#ctx = ctx;
     this.#spec = spec;
+    this.#fair = spec.tenantShares !== undefined;
+    this.#share = Math.max(1, Math.floor(spec.batchSize * FAIR_READ_SHARE));
   }
 
   /** The next batch of `lanes`, from the read sent ahead if it read from where they are. */
   async next(lanes: readonly Lane[]): Promise<ReadBatch> {
     const spec = this.#spec;
-    const grouped = groupLanes(lanes);
+    const groups = groupReaders(lanes);
     const ahead = this.#ahead;
     this.#ahead = undefined;
-    const rows = await (ahead !== undefined && ahead.cursors === cursorsKey(grouped) ? ahead.rows : this.#read(grouped));
-    const perGroup = new Map<number, { rows: LogRow[]; window: string; hi: number; rangeEnd: number | null }>();
+    const rows = await (ahead !== undefined && ahead.cursors === cursorsKey(groups) ? ahead.rows : this.#read(groups));
+    const perGroup = new Map<number, { rows: ReadRow[]; window: string; hi: number; rangeEnd: number | null }>();
     for (const row of rows) {
       const index = Number(row.lane_group) - 1;
       let entry = perGroup.get(index);
@@ -114,17 +198,17 @@ export class LaneReader {
       if (row.position !== null) entry.rows.push(row);
     }
     let more = false;
-    const next = new Map<number, LaneCursor>();
+    const next = new Map<number, LaneCursor>(lanes.map((lane) => [lane.partition, cursorOf(lane)]));
     const batch: LogRow[] = [];
     const partitionOf = new Map<LogRow, number>();
-    const withRows: Lane[] = [];
+    const withRows = new Set<Lane>();
     const minSpan = spec.batchSize * MIN_SPAN_BATCHES;
-    for (const [index, group] of grouped.entries()) {
+    for (const [index, group] of groups.entries()) {
       const entry = perGroup.get(index);
       if (entry === undefined) continue;
-      const first = group[0]!;
-      const full = entry.rows.length === spec.batchSize;
-      let moved: LaneCursor;
+      const first = group.cursor;
+      const full = entry.rows.length === (group.tenant === undefined ? spec.batchSize : this.#shareOf(group.tenant));
+      let moved: Cursor;
       if (full) {
         // More may wait right after the last row.
         moved = { done: first.done, window: entry.window, position: Number(entry.rows[entry.rows.length - 1]!.position), hi: entry.hi, span: first.span };
@@ -135,14 +219,33 @@ export class LaneReader {
         moved = { done: entry.window, window: null, position: null, hi: null, span: minSpan };
       }
       more ||= moved.window !== null;
-      for (const lane of group) next.set(lane.partition, moved);
-      if (entry.rows.length > 0) withRows.push(...group);
+      // Tenants past their share: each is split off at its last row taken, in this window.
+      const split = new Map<string, Cursor>();
       for (const row of entry.rows) {
-        batch.push(row);
-        partitionOf.set(row, Number((row as ReadRow).partition));
+        if (row.beyond !== true || row.tenant === null) continue;
+        const taken = entry.rows.filter((other) => other.tenant === row.tenant && other.beyond !== true);
+        split.set(row.tenant, { done: first.done, window: entry.window, position: Number(taken[taken.length - 1]!.position), hi: entry.hi, span: minSpan });
       }
+      more ||= split.size > 0;
+      for (const { lane, tenant } of group.readers) {
+        const cursor = next.get(lane.partition)!;
+        if (tenant === undefined) Object.assign(cursor, moved);
+        const tenants = new Map(cursor.tenants);
+        if (tenant !== undefined) tenants.set(tenant, moved);
+        for (const [splitTenant, at] of split) tenants.set(splitTenant, at);
+        cursor.tenants = tenants;
+      }
+      let handled = 0;
+      for (const row of entry.rows) {
+        if (row.beyond === true) continue;
+        handled++;
+        batch.push(row);
+        partitionOf.set(row, Number(row.partition));
+      }
+      if (handled > 0) for (const { lane } of group.readers) withRows.add(lane);
     }
-    return { rows: batch, partitionOf, next, withRows, more, handledBefore: ahead?.handledBefore ?? new Set<string>() };
+    for (const cursor of next.values()) rejoin(cursor);
+    return { rows: batch, partitionOf, next, withRows: [...withRows], more, handledBefore: ahead?.handledBefore ?? new Set<string>() };
   }
 
   /**
@@ -152,10 +255,10 @@ export class LaneReader {
    * It is used by `next` only once `keep` says the batch went through.
    */
   prefetch(lanes: readonly Lane[], next: ReadonlyMap<number, LaneCursor>, acking: ReadonlySet<string> | undefined): ReadAhead {
-    const grouped = groupLanes(lanes.map((lane) => ({ ...lane, ...next.get(lane.partition) })));
-    const rows = this.#read(grouped);
+    const groups = groupReaders(lanes.map((lane) => ({ ...lane, ...next.get(lane.partition) })));
+    const rows = this.#read(groups);
     rows.catch(() => undefined); // a read that fails is read again, or reports when it is used
-    return { cursors: cursorsKey(grouped), rows, handledBefore: new Set(acking) };
+    return { cursors: cursorsKey(groups), rows, handledBefore: new Set(acking) };
   }
 
   keep(ahead: ReadAhead | undefined): void {
@@ -173,49 +276,85 @@ export class LaneReader {
     this.#ahead = undefined;
   }
 
+  /** What a split-off tenant's cursor reads at once: its share of a read, times its weight (as `statements.readLanes` has it). */
+  #shareOf(tenant: string): number {
+    return Math.max(1, Math.floor(this.#share * (this.#spec.tenantShares?.weights[tenant] ?? 1)));
+  }
+
   /** One statement reading the next messages of every group of lanes. */
-  async #read(grouped: Lane[][]): Promise<ReadRow[]> {
+  async #read(groups: ReadGroup[]): Promise<ReadRow[]> {
     const { driver, sql } = this.#ctx;
     const spec = this.#spec;
     const params: unknown[] = [
-      grouped.map((group) => `{${group.map((lane) => lane.partition).join(',')}}`),
-      grouped.map((group) => group[0]!.done),
-      grouped.map((group) => group[0]!.window),
-      grouped.map((group) => group[0]!.position),
+      groups.map((group) => `{${group.readers.map((reader) => reader.lane.partition).join(',')}}`),
+      groups.map((group) => group.cursor.done),
+      groups.map((group) => group.cursor.window),
+      groups.map((group) => group.cursor.position),
       spec.topics,
       spec.partitions,
       spec.batchSize,
-      grouped.map((group) => group[0]!.hi),
-      grouped.map((group) => group[0]!.span),
+      groups.map((group) => group.cursor.hi),
+      groups.map((group) => group.cursor.span),
     ];
     if (spec.inbox) params.push(spec.name);
+    if (this.#fair) {
+      params.push(
+        groups.map((group) => group.tenant ?? null),
+        groups.map((group) => (group.except.length === 0 ? null : JSON.stringify(group.except))),
+        this.#share,
+        JSON.stringify(spec.tenantShares?.weights ?? {}),
+      );
+    }
     const everyTopic = spec.topics.includes(EVERY_TOPIC);
     // A prepared statement keeps the plan it was given while the log was small (a sequential scan, which
     // costs milliseconds once the log holds thousands): a new name each time the log grows fourfold plans it again.
     const scale = Math.floor(Math.log2(this.#logEnd + 1) / 2);
-    const name = `tidings.${sql.schema}.read.${spec.inbox}.${everyTopic}.${scale}`;
-    const { rows } = await driver.planned<ReadRow>(name, sql.readLanes(spec.inbox, everyTopic), params);
+    const name = `tidings.${sql.schema}.read.${spec.inbox}.${everyTopic}.${this.#fair}.${scale}`;
+    const { rows } = await driver.planned<ReadRow>(name, sql.readLanes(spec.inbox, everyTopic, this.#fair), params);
     const hi = Number(rows[0]?.hi ?? 0);
     if (hi > this.#logEnd) this.#logEnd = hi;
     return rows;
   }
 }
 
-/** Lanes at the same cursor, together. */
-function groupLanes(lanes: readonly Lane[]): Lane[][] {
-  const groups = new Map<string, Lane[]>();
-  for (const lane of lanes) {
-    const key = `${lane.done}|${lane.window}|${lane.position}`;
+/** A split-off tenant whose cursor closed a window at the snapshot the lane's closed one at: it joins the lane's cursor again. */
+function rejoin(cursor: LaneCursor): void {
+  if (cursor.window !== null || cursor.tenants.size === 0) return;
+  const caughtUp = [...cursor.tenants].filter(([, tenant]) => tenant.window === null && tenant.done === cursor.done);
+  if (caughtUp.length === 0) return;
+  const tenants = new Map(cursor.tenants);
+  for (const [tenant] of caughtUp) tenants.delete(tenant);
+  cursor.tenants = tenants;
+}
+
+/** The lanes' readers at the same cursor, together: each lane's own, and one per tenant split off it. */
+function groupReaders(lanes: readonly Lane[]): ReadGroup[] {
+  const groups = new Map<string, ReadGroup>();
+  const add = (lane: Lane, tenant: string | undefined, cursor: Cursor, except: readonly string[]) => {
+    const key = JSON.stringify([tenant ?? null, except, cursor.done, cursor.window, cursor.position]);
     const group = groups.get(key);
-    if (group === undefined) groups.set(key, [lane]);
-    else group.push(lane);
+    if (group === undefined) groups.set(key, { readers: [{ lane, tenant }], cursor, tenant, except });
+    else group.readers.push({ lane, tenant });
+  };
+  for (const lane of lanes) {
+    add(lane, undefined, lane, [...lane.tenants.keys()].sort());
+    for (const [tenant, cursor] of lane.tenants) add(lane, tenant, cursor, []);
   }
   return [...groups.values()];
 }
 
 /** Everything a read depends on of its lanes. */
-function cursorsKey(grouped: readonly Lane[][]): string {
+function cursorsKey(groups: readonly ReadGroup[]): string {
   return JSON.stringify(
-    grouped.map((group) => [group.map((lane) => lane.partition), group[0]!.done, group[0]!.window, group[0]!.position, group[0]!.hi, group[0]!.span]),
+    groups.map(({ readers, cursor, tenant, except }) => [
+      readers.map((reader) => reader.lane.partition),
+      tenant ?? null,
+      except,
+      cursor.done,
+      cursor.window,
+      cursor.position,
+      cursor.hi,
+      cursor.span,
+    ]),
   );
 }

@@ -217,6 +217,7 @@ export class Leases {
           done: string;
           window_snapshot: string | null;
           window_position: string | number | null;
+          tenants: Record<string, { done: string; window: string | null; position: number | null }> | null;
         }>(sql.acquire, [this.owner, spec.name, settings.leaseMs, target - this.lanes.size]);
         for (const row of acquired) this.lanes.set(row.partition, acquiredLane(spec, row));
         if (acquired.length > 0) this.#hooks.acquired();

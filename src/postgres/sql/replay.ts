@@ -12,7 +12,7 @@ export function replayStatements(schema: string) {
           ${lagJoin(s, 'l.position < $2')}
           where c.subscription = $1`,
     /** Every cursor an open window just before $2, its epoch bumped and its owner cleared (see replaySubscription). */
-    moveCursors: `update ${s}.cursors set done = '1:1:'::pg_snapshot, window_snapshot = pg_current_snapshot(), window_position = $2,
+    moveCursors: `update ${s}.cursors set done = '1:1:'::pg_snapshot, window_snapshot = pg_current_snapshot(), window_position = $2, tenants = null,
             epoch = epoch + 1, owner = null, lease_expires_at = null, updated_at = now()
           where subscription = $1`,
     /** $3: the subscription's topics. */

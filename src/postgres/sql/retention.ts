@@ -10,13 +10,13 @@ export function retentionStatements(schema: string) {
      * unless $6 (force). $7: dry run. $8: the youngest age of any policy, to tell when the walk can stop.
      */
     log: `with win as (
-        select l.position, l.xid, l.topic, l.key_hash, l.time from ${s}.log l
+        select l.position, l.xid, l.topic, l.key_hash, l.tenant, l.time from ${s}.log l
         where l.position > $1::int8 order by l.position limit $2
       ), aged as (
         select w.*, case when o.topic is null then $5::float8 else o.ms end as max_age_ms
         from win w left join unnest($3::text[], $4::float8[]) as o(topic, ms) on o.topic = w.topic
       ), expired as (
-        select a.position, a.xid, a.topic, a.key_hash from aged a
+        select a.position, a.xid, a.topic, a.key_hash, a.tenant from aged a
         where a.max_age_ms is not null and a.time < now() - make_interval(secs => a.max_age_ms / 1000.0)
       ), doomed as (
         select e.position from expired e
@@ -24,8 +24,15 @@ export function retentionStatements(schema: string) {
           not exists (
             select 1 from ${s}.subscriptions sub
             join ${s}.cursors c on c.subscription = sub.name and c.partition = e.key_hash % sub.partitions
-            where e.topic = any(sub.topics) and not pg_visible_in_snapshot(e.xid, c.done)
-              and not (c.window_snapshot is not null and e.position <= c.window_position and pg_visible_in_snapshot(e.xid, c.window_snapshot)))
+            cross join lateral (
+              -- The cursor that reads e: its tenant's, if split off this partition's (migration 016), else the partition's.
+              select coalesce((t.c ->> 'done')::pg_snapshot, c.done) as done,
+                case when t.c is null then c.window_snapshot else (t.c ->> 'window')::pg_snapshot end as window_snapshot,
+                case when t.c is null then c.window_position else (t.c ->> 'position')::int8 end as window_position
+              from (select c.tenants -> e.tenant as c) t
+            ) r
+            where e.topic = any(sub.topics) and not pg_visible_in_snapshot(e.xid, r.done)
+              and not (r.window_snapshot is not null and e.position <= r.window_position and pg_visible_in_snapshot(e.xid, r.window_snapshot)))
           and not exists (select 1 from ${s}.held h where h.position = e.position))
       ), deleted as (
         delete from ${s}.log l using doomed d where l.position = d.position and not $7::boolean returning 1

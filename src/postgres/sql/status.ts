@@ -6,15 +6,31 @@ import { schemaOf } from './schema.ts';
  * xid index exactly as the consumer's read does (the transactions in progress at `done`, and newer ones), so
  * a caught-up subscription costs an index probe, not a scan of the log. `extra`: a further condition on `l`.
  * A subscription of every topic ('*': the outbox relay) counts every topic's rows (health.brokers.test.ts).
+ * The rows of a tenant split off the partition's cursor (fair reads) are counted from the tenant's cursor.
  */
 export function lagJoin(s: string, extra = 'true'): string {
+  const rows = `(l.topic = any(sub.topics) or '*' = any(sub.topics)) and l.key_hash % sub.partitions = c.partition
+        and ${extra}`;
+  // A tenant split off the partition's cursor (fair reads, migration 016) is counted from its own cursor.
   return `cross join lateral (
-      select count(*)::int8 as lag, min(l.time) as oldest from ${s}.log l
-      where (l.xid = any(array(select pg_snapshot_xip(c.done))) or l.xid >= pg_snapshot_xmax(c.done))
-        and not pg_visible_in_snapshot(l.xid, c.done)
-        and not (c.window_snapshot is not null and l.position <= c.window_position and pg_visible_in_snapshot(l.xid, c.window_snapshot))
-        and (l.topic = any(sub.topics) or '*' = any(sub.topics)) and l.key_hash % sub.partitions = c.partition
-        and ${extra}
+      select sum(part.lag)::int8 as lag, min(part.oldest) as oldest from (
+        select count(*)::int8 as lag, min(l.time) as oldest from ${s}.log l
+        where (l.xid = any(array(select pg_snapshot_xip(c.done))) or l.xid >= pg_snapshot_xmax(c.done))
+          and not pg_visible_in_snapshot(l.xid, c.done)
+          and not (c.window_snapshot is not null and l.position <= c.window_position and pg_visible_in_snapshot(l.xid, c.window_snapshot))
+          and not coalesce(c.tenants ? l.tenant, false)
+          and ${rows}
+        union all
+        select count(l.position)::int8, min(l.time) from jsonb_each(coalesce(c.tenants, '{}'::jsonb)) as t(tenant, cursor)
+        cross join lateral (
+          select (t.cursor ->> 'done')::pg_snapshot as done, (t.cursor ->> 'window')::pg_snapshot as win, (t.cursor ->> 'position')::int8 as pos
+        ) k
+        join ${s}.log l on (l.xid = any(array(select pg_snapshot_xip(k.done))) or l.xid >= pg_snapshot_xmax(k.done))
+          and not pg_visible_in_snapshot(l.xid, k.done)
+          and not (k.win is not null and l.position <= k.pos and pg_visible_in_snapshot(l.xid, k.win))
+          and l.tenant = t.tenant
+          and ${rows}
+      ) part
     ) lag`;
 }
 
