@@ -75,19 +75,31 @@ export class RabbitConsumer implements Consumer, ReaderHost, ConsumedSubscriptio
    * subscription's workers and starts reading the partitions this worker is given; resolves once it does.
    */
   async start(deadline: number): Promise<void> {
-    const channel = await this.link.confirmChannel(deadline);
+    // Three independent chains of round trips, each on a channel of its own: together, not one after another.
+    const joining = this.workers.start(deadline);
     try {
-      await declareSubscription(channel, this.names, this.settings, this.spec);
-    } finally {
-      await channel.close().catch(() => undefined);
+      await Promise.all([this.#declare(deadline), this.settings.register(this.spec.name), joining]);
+    } catch (error) {
+      await joining.catch(() => undefined);
+      await this.workers.close();
+      throw error;
     }
-    await this.settings.register(this.spec.name);
-    await this.workers.start(deadline);
+    // Declared just now: each reader's first channel goes straight to consuming (the later ones declare again).
+    for (const reader of this.#readers) reader.declared();
     this.#sweeper = setInterval(() => {
       for (const reader of this.#readers) reader.sweep();
     }, 250);
     this.#sweeper.unref();
     await Promise.all(this.#share());
+  }
+
+  async #declare(deadline: number): Promise<void> {
+    const channel = await this.link.confirmChannel(deadline);
+    try {
+      await declareSubscription(channel, this.names, this.settings, this.spec);
+    } finally {
+      channel.close().catch(() => undefined);
+    }
   }
 
   get name(): string {
