@@ -8,7 +8,6 @@ import { deadLetterEncodings, type DeadLetterRecord } from '../dead-letters.ts';
 import { isUnavailable } from '../errors.ts';
 import type { Holds } from './holds.ts';
 import type { Delivered } from './pull.ts';
-import { refillRoom } from './pulling.ts';
 import { quietly, type KeyLine, type Lane, type Pulled, type WorkerContext } from './state.ts';
 
 type Ending = 'ack' | 'term';
@@ -59,8 +58,8 @@ export class Outcomes {
     const at = line.queue.indexOf(pulled);
     if (at >= 0) line.queue.splice(at, 1);
     lane.pulled.delete(pulled.seq);
-    // The pull loop may be waiting for room under max_ack_pending (pulling.ts).
-    if (this.#worker.maxPending - lane.pulled.size === refillRoom(this.#worker.maxPending)) lane.wakeLoop?.();
+    // The pull loop may be waiting for room under max_ack_pending.
+    if (lane.pulled.size === this.#worker.maxPending - 1) lane.wakeLoop?.();
   }
 
   /**

@@ -28,19 +28,14 @@ export class LanePulling {
    * Pulls while the lane is active, never more than max_ack_pending in memory. A pull is never abandoned
    * half way: what JetStream sends for it is received, so nothing sits unseen in the client when the
    * bucket changes hands.
-   *
-   * Once the lane is full, the next pull waits until a quarter of it is free (refillRoom) rather than for one
-   * free place: pulling whenever one message was done sent a request per message or two in a drain, a round
-   * trip each, and the lane sat idle between them.
    */
   async pull(lane: Lane): Promise<void> {
     const { nats, spec, maxPending } = this.#worker;
     const { settings } = nats;
-    const refill = refillRoom(maxPending);
     let failures = 0;
     while (lane.active) {
       const room = maxPending - lane.pulled.size;
-      if (room < refill) {
+      if (room <= 0) {
         await pause(lane, settings.fetchExpiresMs);
         continue;
       }
@@ -143,11 +138,6 @@ export class LanePulling {
       this.#runner.pumpAll(lane);
     }, holdMs);
   }
-}
-
-/** Free places in a lane's max_ack_pending that make a pull worth a round trip: a quarter, at least one. */
-export function refillRoom(maxPending: number): number {
-  return Math.max(1, Math.floor(maxPending / 4));
 }
 
 /** Waits `ms`, or until the lane's loop is woken (room under max_ack_pending, the lane released). */
