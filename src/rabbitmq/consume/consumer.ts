@@ -84,13 +84,15 @@ export class RabbitConsumer implements Consumer, ReaderHost, ConsumedSubscriptio
       await this.workers.close();
       throw error;
     }
-    // Declared just now: each reader's first channel goes straight to consuming (the later ones declare again).
-    for (const reader of this.#readers) reader.declared();
+    // Declared just now: the first channel of each reader given a partition now goes straight to consuming.
+    for (const reader of this.#readers) reader.justDeclared(true);
     this.#sweeper = setInterval(() => {
       for (const reader of this.#readers) reader.sweep();
     }, 250);
     this.#sweeper.unref();
     await Promise.all(this.#share());
+    // A partition given to this worker later, or a channel opened again, declares its queue first.
+    for (const reader of this.#readers) reader.justDeclared(false);
   }
 
   async #declare(deadline: number): Promise<void> {

@@ -57,11 +57,12 @@ export class PartitionReader {
   }
 
   /**
-   * The subscription has just declared this partition's queue and exchanges: the next channel need not
-   * declare them again (a queue deleted in between makes its consume fail, and the channel after declares).
+   * Whether the subscription has just declared this partition's queue and exchanges (RabbitConsumer#start):
+   * if so, the next channel need not declare them again (a queue deleted in between makes its consume fail,
+   * and the channel after declares).
    */
-  declared(): void {
-    this.#declared = true;
+  justDeclared(yes: boolean): void {
+    this.#declared = yes;
   }
 
   /** Reads the partition from now on (resolves once consuming, or once no longer wanted). */
