@@ -78,15 +78,16 @@ export class BucketLeases {
     const held = [...this.#lanes.values()].filter((lane) => lane.active);
     if (held.length < target) {
       const start = Math.floor(Math.random() * settings.buckets);
-      const free = Array.from({ length: settings.buckets }, (_, i) => (start + i) % settings.buckets).filter(
-        (bucket) => !this.#lanes.has(bucket) && (this.#declined.get(bucket) ?? 0) <= Date.now(),
-      );
-      // As many buckets tried at once as are still wanted: each take is a few round trips (the lease, the
-      // consumer's info, the holds), and a worker starting alone takes every bucket.
-      while (free.length > 0 && !this.#stopping()) {
-        const wanted = target - this.#activeLanes();
-        if (wanted <= 0) break;
-        await Promise.all(free.splice(0, wanted).map((bucket) => this.#take(bucket)));
+      for (let i = 0; i < settings.buckets && this.#activeLanes() < target && !this.#stopping(); i++) {
+        const bucket = (start + i) % settings.buckets;
+        if (this.#lanes.has(bucket) || (this.#declined.get(bucket) ?? 0) > Date.now()) continue;
+        let revision: number;
+        try {
+          revision = await leases.create(leaseKey(this.#worker, bucket), owner);
+        } catch {
+          continue; // held by another worker
+        }
+        await this.#acquire(bucket, revision);
       }
     } else if (held.length > target) {
       const extra = held.sort((a, b) => b.bucket - a.bucket).slice(0, held.length - target);
@@ -124,17 +125,6 @@ export class BucketLeases {
     let n = 0;
     for (const lane of this.#lanes.values()) if (lane.active) n++;
     return n;
-  }
-
-  /** Takes the bucket if its lease is free. */
-  async #take(bucket: number): Promise<void> {
-    let revision: number;
-    try {
-      revision = await this.#worker.nats.leases.create(leaseKey(this.#worker, bucket), this.#worker.owner);
-    } catch {
-      return; // held by another worker
-    }
-    await this.#acquire(bucket, revision);
   }
 
   async #acquire(bucket: number, revision: number): Promise<void> {
