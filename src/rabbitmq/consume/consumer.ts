@@ -75,15 +75,15 @@ export class RabbitConsumer implements Consumer, ReaderHost, ConsumedSubscriptio
    * subscription's workers and starts reading the partitions this worker is given; resolves once it does.
    */
   async start(deadline: number): Promise<void> {
-    // Three independent chains of round trips, each on a channel of its own: together, not one after another.
-    const joining = this.workers.start(deadline);
+    const channel = await this.link.confirmChannel(deadline);
     try {
-      await Promise.all([this.#declare(deadline), this.settings.register(this.spec.name), joining]);
-    } catch (error) {
-      await joining.catch(() => undefined);
-      await this.workers.close();
-      throw error;
+      await declareSubscription(channel, this.names, this.settings, this.spec);
+    } finally {
+      // Not awaited: the next steps need not wait for the close's round trip.
+      channel.close().catch(() => undefined);
     }
+    await this.settings.register(this.spec.name);
+    await this.workers.start(deadline);
     // Declared just now: the first channel of each reader given a partition now goes straight to consuming.
     for (const reader of this.#readers) reader.justDeclared(true);
     this.#sweeper = setInterval(() => {
@@ -93,15 +93,6 @@ export class RabbitConsumer implements Consumer, ReaderHost, ConsumedSubscriptio
     await Promise.all(this.#share());
     // A partition given to this worker later, or a channel opened again, declares its queue first.
     for (const reader of this.#readers) reader.justDeclared(false);
-  }
-
-  async #declare(deadline: number): Promise<void> {
-    const channel = await this.link.confirmChannel(deadline);
-    try {
-      await declareSubscription(channel, this.names, this.settings, this.spec);
-    } finally {
-      channel.close().catch(() => undefined);
-    }
   }
 
   get name(): string {
