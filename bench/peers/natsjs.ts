@@ -1,7 +1,9 @@
 /**
  * A plain nats.js client doing what Tidings on NATS does in workloads 2, 3 and 5, as a user without
  * Tidings would write it: one file-backed JetStream stream, `js.publish` awaiting the publish ack (JSON
- * payload, no headers, no message id), one durable pull consumer with explicit acks and the same
+ * payload, no other header) with a message id (`Nats-Msg-Id`), so that JetStream keeps one copy of a publish
+ * retried within its duplicate window, as Tidings' publishes are kept (issue 24: the same guarantee on both
+ * sides; without the id the server skips its duplicate check), one durable pull consumer with explicit acks and the same
  * max_ack_pending as Tidings' bucket consumers together (bench/load/brokers.ts), read with `consume()`,
  * each message parsed and acknowledged. No per-key order across processes, retries, dead letters or envelope.
  */
@@ -46,7 +48,7 @@ async function open(): Promise<Plain> {
     nc,
     js,
     jsm,
-    publish: (seq, keys) => js.publish(subject, JSON.stringify(makeEvent(seq, keys))),
+    publish: (seq, keys) => js.publish(subject, JSON.stringify(makeEvent(seq, keys)), { msgID: `${id}-${seq}` }),
     consume: async (deliver, onMessage) => {
       await jsm.consumers.add(stream, {
         durable_name: 'bench',

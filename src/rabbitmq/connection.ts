@@ -81,7 +81,8 @@ export class Link {
       if ((error as { code?: unknown }).code === 404) return false;
       throw error;
     } finally {
-      await probe.close().catch(() => undefined);
+      // Not awaited: the answer is known, and the close's round trip need not hold up the caller.
+      probe.close().catch(() => undefined);
     }
   }
 

@@ -79,15 +79,20 @@ export class RabbitConsumer implements Consumer, ReaderHost, ConsumedSubscriptio
     try {
       await declareSubscription(channel, this.names, this.settings, this.spec);
     } finally {
-      await channel.close().catch(() => undefined);
+      // Not awaited: the next steps need not wait for the close's round trip.
+      channel.close().catch(() => undefined);
     }
     await this.settings.register(this.spec.name);
     await this.workers.start(deadline);
+    // Declared just now: the first channel of each reader given a partition now goes straight to consuming.
+    for (const reader of this.#readers) reader.justDeclared(true);
     this.#sweeper = setInterval(() => {
       for (const reader of this.#readers) reader.sweep();
     }, 250);
     this.#sweeper.unref();
     await Promise.all(this.#share());
+    // A partition given to this worker later, or a channel opened again, declares its queue first.
+    for (const reader of this.#readers) reader.justDeclared(false);
   }
 
   get name(): string {

@@ -39,6 +39,8 @@ export class PartitionReader {
   #notBefore = 0;
   #wake: AbortController | undefined;
   #driving: Promise<void> | undefined;
+  /** The partition's queue, bindings and exchanges were declared a moment ago (RabbitConsumer#start). */
+  #declared = false;
 
   constructor(host: ReaderHost, index: number) {
     this.index = index;
@@ -52,6 +54,15 @@ export class PartitionReader {
       void this.#drive();
     });
     this.#takeover = new Takeover(state, this.#lanes, this.#returns, this.#holds);
+  }
+
+  /**
+   * Whether the subscription has just declared this partition's queue and exchanges (RabbitConsumer#start):
+   * if so, the next channel need not declare them again (a queue deleted in between makes its consume fail,
+   * and the channel after declares).
+   */
+  justDeclared(yes: boolean): void {
+    this.#declared = yes;
   }
 
   /** Reads the partition from now on (resolves once consuming, or once no longer wanted). */
@@ -156,8 +167,11 @@ export class PartitionReader {
       throw error;
     }
     try {
-      await declareExchanges(channel, names, spec);
-      await declarePartition(channel, names, settings, spec, this.index);
+      if (!this.#declared) {
+        await declareExchanges(channel, names, spec);
+        await declarePartition(channel, names, settings, spec, this.index);
+      }
+      this.#declared = false;
       const generation = ++state.generation;
       const acks = new ChannelAcks(channel);
       state.channel = channel;
