@@ -76,7 +76,7 @@ const CONSUMER_TABLES = ['log', 'scheduled', 'sagas', 'saga_transitions', 'repli
 
 /** What a consumer's scope of transactions can ask of isolation: open one, and set the scope in force. */
 export interface Isolation {
-  /** The driver a consumer opens its transactions with: the restricted role's, each starting in scope `all`. */
+  /** The driver a consumer opens its transactions with: the restricted role's, each in no scope (nothing visible) until one is entered. */
   readonly driver: Pick<SqlDriver, 'transaction'>;
   /** Sets the scope of what runs next in `session`'s transaction: a tenant's, `any` (cross-tenant), or `all`. */
   enter(session: Queryable, scope: Scope): Promise<void>;
@@ -107,7 +107,6 @@ export class TenantIsolation implements Isolation {
         this.#open().transaction(async (tx) => {
           const { rows } = await tx.query<{ xid: string }>('select pg_current_xact_id()::text as xid');
           this.#xids.set(tx, rows[0]!.xid);
-          await this.enter(tx, 'all');
           return fn(tx);
         }, atCommit),
     };
