@@ -78,8 +78,11 @@ const CONSUMER_TABLES = ['log', 'scheduled', 'sagas', 'saga_transitions', 'repli
 export interface Isolation {
   /** The driver a consumer opens its transactions with: the restricted role's, each in no scope (nothing visible) until one is entered. */
   readonly driver: Pick<SqlDriver, 'transaction'>;
-  /** Sets the scope of what runs next in `session`'s transaction: a tenant's, `any` (cross-tenant), or `all`. */
-  enter(session: Queryable, scope: Scope): Promise<void>;
+  /**
+   * The statement that sets the scope of what runs next in `session`'s transaction: a tenant's, `any`
+   * (cross-tenant), or `all`. Literals, no parameters: it travels in one simple query with the savepoint.
+   */
+  scopeStatement(session: Queryable, scope: Scope): string;
 }
 
 /** `all`, `any`, or a tenant's scope (`t:<tenant>`; `t:` for messages without a tenant). */
@@ -152,10 +155,10 @@ export class TenantIsolation implements Isolation {
     this.#secret = key[0]!.secret;
   }
 
-  async enter(session: Queryable, scope: Scope): Promise<void> {
+  scopeStatement(session: Queryable, scope: Scope): string {
     const xid = this.#xids.get(session);
     if (xid === undefined || this.#secret === undefined) throw new Error('tenancy: a scope can be entered only in a transaction of the restricted role');
-    await session.query(`select set_config('tidings.scope', $1, true), set_config('tidings.proof', $2, true)`, [scope, proof(this.#secret, scope, xid)]);
+    return `select set_config('tidings.scope', ${literal(scope)}, true), set_config('tidings.proof', '${proof(this.#secret, scope, xid)}', true)`;
   }
 
   async close(): Promise<void> {
@@ -188,6 +191,15 @@ function restrictedUrl(backboneUrl: string | undefined, role: string): string {
   url.username = role;
   url.password = '';
   return url.toString();
+}
+
+/**
+ * `text` as a string literal: an escape string (`E'...'`) with quotes and backslashes doubled, the same
+ * whatever `standard_conforming_strings` says (a tenant id is checked at publish, but the log may hold a row
+ * written by any producer; it holds no NUL, which no PostgreSQL string can).
+ */
+function literal(text: string): string {
+  return `E'${text.replaceAll('\\', '\\\\').replaceAll("'", "''")}'`;
 }
 
 /** The proof of `scope` in transaction `xid`, as migration 013's tenancy_scope() checks it: sha256(k || sha256(k || m)). */

@@ -22,18 +22,17 @@ export class Gate {
  * The transaction one handler attempt sees. It is lazy: a handler that never touches `ctx.tx` costs nothing
  * and runs in parallel with the others. On first use it takes the batch's gate and opens a savepoint (under
  * isolation, after setting its tenant's scope), so a failed attempt rolls back only its own writes; the gate
- * is held until the attempt ends. Its statements are sent ahead of the handler's first one where the
- * connection pipelines: no round trip of their own, and if one fails, every statement after it fails too.
+ * is held until the attempt ends. Its own statements are one simple query sent ahead of the handler's first
+ * statement where the connection pipelines: no round trip of their own, and if it fails, every statement
+ * after it fails too. Its savepoint's release waits to travel with the next statement of ours.
  */
 class AttemptScope implements Attempt {
   readonly tx: TrackedTransaction;
   #entered: Promise<Session> | undefined;
   #release: (() => void) | undefined;
   #ended = false;
-  /** What this attempt sent, its own statements first: one that failed left the savepoint aborted. */
+  /** What this attempt sent: its own statements (scope, savepoint) first, then the handler's. */
   readonly #sent: Array<Promise<unknown>> = [];
-  /** How many of `#sent` are the attempt's own (scope, savepoint), not the handler's. */
-  #own = 0;
 
   constructor(
     private readonly shared: SharedScope,
@@ -57,24 +56,21 @@ class AttemptScope implements Attempt {
   async #enter(): Promise<Session> {
     this.#release = await this.gate.acquire();
     const session = await this.shared.session();
+    let own = 'savepoint tidings_attempt';
     if (this.isolated !== undefined) {
       this.shared.leftConsumerScope();
-      await this.#ahead(session, this.#send(this.isolated.isolation.enter(session, this.isolated.scope)));
+      own = `${this.isolated.isolation.scopeStatement(session, this.isolated.scope)}; ${own}`;
     }
-    await this.#ahead(session, this.#send(session.query('savepoint tidings_attempt')));
-    this.#own = this.#sent.length;
+    const sent = this.#send(this.shared.ours(session, own));
+    // Where the session pipelines, it travels with the handler's statement; elsewhere it is answered first.
+    if (session.pipelined === true) sent.catch(() => undefined);
+    else await sent;
     return session;
   }
 
   #send<T>(sent: Promise<T>): Promise<T> {
     this.#sent.push(sent);
     return sent;
-  }
-
-  /** Where the session pipelines, `sent` travels with what follows; elsewhere it is answered first. */
-  async #ahead(session: Session, sent: Promise<unknown>): Promise<void> {
-    if (session.pipelined === true) sent.catch(() => undefined);
-    else await sent;
   }
 
   /**
@@ -90,10 +86,10 @@ class AttemptScope implements Attempt {
       const outcomes = await Promise.allSettled(this.#sent);
       const failed = outcomes.findIndex((outcome) => outcome.status === 'rejected');
       // The scope or the savepoint itself failed: the transaction is unusable, the batch fails with why.
-      if (failed !== -1 && failed < this.#own) throw (outcomes[failed] as PromiseRejectedResult).reason;
+      if (failed === 0) throw (outcomes[failed] as PromiseRejectedResult).reason;
       if (keep && failed === -1) {
-        // No statement failed, so neither can the release: it travels with what the batch sends next.
-        this.shared.track(session.query('release savepoint tidings_attempt'));
+        // No statement failed, so neither can the release: it travels with the next statement of ours.
+        this.shared.deferRelease();
         return undefined;
       }
       let lost: Error | undefined;
@@ -177,6 +173,8 @@ export class SharedScope {
   #consumerScope = false;
   /** A statement sent without waiting for its answer failed: the transaction is aborted, and this is why. */
   #failed: unknown;
+  /** The last attempt's savepoint, kept: released ahead of the next statement of ours (COMMIT releases it anyway). */
+  #releasing = false;
   /** The transaction as the consumer's own statements use it (in scope `all` under isolation). */
   connection: Session | undefined;
   abandoned = false;
@@ -212,11 +210,16 @@ export class SharedScope {
     this.#consumerScope = false;
   }
 
-  /** Watches a statement sent without waiting for its answer: if it fails, the transaction cannot commit. */
-  track(sent: Promise<unknown>): void {
-    sent.catch((error: unknown) => {
-      this.#failed ??= error;
-    });
+  /** The attempt that ended kept its writes: its savepoint is released with the next statement of ours. */
+  deferRelease(): void {
+    this.#releasing = true;
+  }
+
+  /** Sends statements of ours (no parameters: one simple query), after the release deferred, if any. */
+  ours(session: Session, text: string): Promise<unknown> {
+    const released = this.#releasing ? `release savepoint tidings_attempt; ${text}` : text;
+    this.#releasing = false;
+    return session.query(released);
   }
 
   /** Fast mode: runs a statement of `attempt`'s handler in the shared transaction, opening it if needed. */
@@ -315,9 +318,12 @@ export class SharedScope {
   #enterConsumerScope(tx: Session): Promise<void> | undefined {
     if (this.#isolation === undefined || this.#consumerScope) return undefined;
     this.#consumerScope = true;
-    const entering = this.#isolation.enter(tx, 'all');
+    const entering = this.ours(tx, this.#isolation.scopeStatement(tx, 'all')).then(() => undefined);
     if (tx.pipelined !== true) return entering;
-    this.track(entering);
+    // If it fails, the transaction is aborted: the consumer's statement after it fails too, with a vaguer error.
+    entering.catch((error: unknown) => {
+      this.#failed ??= error;
+    });
     return undefined;
   }
 }
