@@ -208,7 +208,7 @@ test('isolation: a scope is sent as literals; a tenant id made to break out of t
   });
   await isolation.prepare(client);
   await isolation.connect(world.schema);
-  // Tenant ids are checked at publish, but the log may hold a row written by a producer that checks nothing.
+  // Such an id is refused at publish, and its message dead-lettered before a handler runs: this is defence in depth.
   const hostile = "o'hare\\'; select set_config('tidings.scope', 'all', true); --";
   const seen = await isolation.driver.transaction(async (tx) => {
     await tx.query(`${isolation.scopeStatement(tx, `t:${hostile}`)}; savepoint probe`);

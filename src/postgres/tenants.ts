@@ -195,8 +195,8 @@ function restrictedUrl(backboneUrl: string | undefined, role: string): string {
 
 /**
  * `text` as a string literal: an escape string (`E'...'`) with quotes and backslashes doubled, the same
- * whatever `standard_conforming_strings` says (a tenant id is checked at publish, but the log may hold a row
- * written by any producer; it holds no NUL, which no PostgreSQL string can).
+ * whatever `standard_conforming_strings` says. Defence in depth: a message whose tenant id holds a quote or
+ * a backslash goes to dead letters (INVALID_TENANT) before a handler could open a scope for it.
  */
 function literal(text: string): string {
   return `E'${text.replaceAll('\\', '\\\\').replaceAll("'", "''")}'`;
