@@ -79,10 +79,10 @@ export interface Isolation {
   /** The driver a consumer opens its transactions with: the restricted role's, each in no scope (nothing visible) until one is entered. */
   readonly driver: Pick<SqlDriver, 'transaction'>;
   /**
-   * The statement that sets the scope of what runs next in `session`'s transaction: a tenant's, `any`
-   * (cross-tenant), or `all`. Literals, no parameters: it travels in one simple query with the savepoint.
+   * Sets the scope of what runs next in `session`'s transaction: a tenant's, `any` (cross-tenant), or `all`.
+   * The statement is sent at once; callers on a pipelining session need not wait for its answer.
    */
-  scopeStatement(session: Queryable, scope: Scope): string;
+  enter(session: Queryable, scope: Scope): Promise<unknown>;
 }
 
 /** `all`, `any`, or a tenant's scope (`t:<tenant>`; `t:` for messages without a tenant). */
@@ -155,10 +155,12 @@ export class TenantIsolation implements Isolation {
     this.#secret = key[0]!.secret;
   }
 
-  scopeStatement(session: Queryable, scope: Scope): string {
+  enter(session: Queryable, scope: Scope): Promise<unknown> {
     const xid = this.#xids.get(session);
     if (xid === undefined || this.#secret === undefined) throw new Error('tenancy: a scope can be entered only in a transaction of the restricted role');
-    return `select set_config('tidings.scope', ${literal(scope)}, true), set_config('tidings.proof', '${proof(this.#secret, scope, xid)}', true)`;
+    // Parameters, never literals: pg_stat_activity shows a session's last statement text to every session of
+    // the same role, so a proof in the text would reach other handlers' SQL (their values are not shown).
+    return session.query(`select set_config('tidings.scope', $1, true), set_config('tidings.proof', $2, true)`, [scope, proof(this.#secret, scope, xid)]);
   }
 
   async close(): Promise<void> {
@@ -191,15 +193,6 @@ function restrictedUrl(backboneUrl: string | undefined, role: string): string {
   url.username = role;
   url.password = '';
   return url.toString();
-}
-
-/**
- * `text` as a string literal: an escape string (`E'...'`) with quotes and backslashes doubled, the same
- * whatever `standard_conforming_strings` says. Defence in depth: a message whose tenant id holds a quote or
- * a backslash goes to dead letters (INVALID_TENANT) before a handler could open a scope for it.
- */
-function literal(text: string): string {
-  return `E'${text.replaceAll('\\', '\\\\').replaceAll("'", "''")}'`;
 }
 
 /** The proof of `scope` in transaction `xid`, as migration 013's tenancy_scope() checks it: sha256(k || sha256(k || m)). */

@@ -22,9 +22,9 @@ export class Gate {
  * The transaction one handler attempt sees. It is lazy: a handler that never touches `ctx.tx` costs nothing
  * and runs in parallel with the others. On first use it takes the batch's gate and opens a savepoint (under
  * isolation, after setting its tenant's scope), so a failed attempt rolls back only its own writes; the gate
- * is held until the attempt ends. Its own statements are one simple query sent ahead of the handler's first
- * statement where the connection pipelines: no round trip of their own, and if it fails, every statement
- * after it fails too. Its savepoint's release waits to travel with the next statement of ours.
+ * is held until the attempt ends. Its own statements are sent ahead of the handler's first statement where
+ * the connection pipelines: no round trip of their own, and if one fails, every statement after it fails
+ * too. Its savepoint's release waits to travel with the next attempt's savepoint (COMMIT releases the last).
  */
 class AttemptScope implements Attempt {
   readonly tx: TrackedTransaction;
@@ -33,6 +33,8 @@ class AttemptScope implements Attempt {
   #ended = false;
   /** What this attempt sent: its own statements (scope, savepoint) first, then the handler's. */
   readonly #sent: Array<Promise<unknown>> = [];
+  /** How many of `#sent` are the attempt's own. */
+  #own = 0;
 
   constructor(
     private readonly shared: SharedScope,
@@ -56,15 +58,20 @@ class AttemptScope implements Attempt {
   async #enter(): Promise<Session> {
     this.#release = await this.gate.acquire();
     const session = await this.shared.session();
-    let own = 'savepoint tidings_attempt';
+    // Where the session pipelines, these travel with the handler's statement; elsewhere each is answered first.
+    const ahead = async (sent: Promise<unknown>) => {
+      this.#send(sent);
+      if (session.pipelined === true) sent.catch(() => undefined);
+      else await sent;
+    };
     if (this.isolated !== undefined) {
       this.shared.leftConsumerScope();
-      own = `${this.isolated.isolation.scopeStatement(session, this.isolated.scope)}; ${own}`;
+      // The scope before the savepoint: a ROLLBACK TO it lands in the tenant's scope. (A scope set inside the
+      // last attempt's savepoint outlives its release.)
+      await ahead(this.isolated.isolation.enter(session, this.isolated.scope));
     }
-    const sent = this.#send(this.shared.ours(session, own));
-    // Where the session pipelines, it travels with the handler's statement; elsewhere it is answered first.
-    if (session.pipelined === true) sent.catch(() => undefined);
-    else await sent;
+    await ahead(this.shared.savepoint(session));
+    this.#own = this.#sent.length;
     return session;
   }
 
@@ -86,9 +93,9 @@ class AttemptScope implements Attempt {
       const outcomes = await Promise.allSettled(this.#sent);
       const failed = outcomes.findIndex((outcome) => outcome.status === 'rejected');
       // The scope or the savepoint itself failed: the transaction is unusable, the batch fails with why.
-      if (failed === 0) throw (outcomes[failed] as PromiseRejectedResult).reason;
+      if (failed !== -1 && failed < this.#own) throw (outcomes[failed] as PromiseRejectedResult).reason;
       if (keep && failed === -1) {
-        // No statement failed, so neither can the release: it travels with the next statement of ours.
+        // No statement failed, so neither can the release: it travels with the next attempt's savepoint.
         this.shared.deferRelease();
         return undefined;
       }
@@ -173,7 +180,7 @@ export class SharedScope {
   #consumerScope = false;
   /** A statement sent without waiting for its answer failed: the transaction is aborted, and this is why. */
   #failed: unknown;
-  /** The last attempt's savepoint, kept: released ahead of the next statement of ours (COMMIT releases it anyway). */
+  /** The last attempt's savepoint, kept: released with the next attempt's savepoint (COMMIT releases it anyway). */
   #releasing = false;
   /** The transaction as the consumer's own statements use it (in scope `all` under isolation). */
   connection: Session | undefined;
@@ -210,16 +217,16 @@ export class SharedScope {
     this.#consumerScope = false;
   }
 
-  /** The attempt that ended kept its writes: its savepoint is released with the next statement of ours. */
+  /** The attempt that ended kept its writes: its savepoint is released with the next attempt's. */
   deferRelease(): void {
     this.#releasing = true;
   }
 
-  /** Sends statements of ours (no parameters: one simple query), after the release deferred, if any. */
-  ours(session: Session, text: string): Promise<unknown> {
-    const released = this.#releasing ? `release savepoint tidings_attempt; ${text}` : text;
+  /** Opens an attempt's savepoint, releasing the last attempt's first if it is still open (one simple query). */
+  savepoint(session: Session): Promise<unknown> {
+    const text = this.#releasing ? 'release savepoint tidings_attempt; savepoint tidings_attempt' : 'savepoint tidings_attempt';
     this.#releasing = false;
-    return session.query(released);
+    return session.query(text);
   }
 
   /** Fast mode: runs a statement of `attempt`'s handler in the shared transaction, opening it if needed. */
@@ -318,7 +325,7 @@ export class SharedScope {
   #enterConsumerScope(tx: Session): Promise<void> | undefined {
     if (this.#isolation === undefined || this.#consumerScope) return undefined;
     this.#consumerScope = true;
-    const entering = this.ours(tx, this.#isolation.scopeStatement(tx, 'all')).then(() => undefined);
+    const entering = this.#isolation.enter(tx, 'all').then(() => undefined);
     if (tx.pipelined !== true) return entering;
     // If it fails, the transaction is aborted: the consumer's statement after it fails too, with a vaguer error.
     entering.catch((error: unknown) => {
