@@ -194,6 +194,42 @@ test("isolation: handlers of several tenants writing through ctx.tx, some failin
   );
 });
 
+test("isolation: a savepoint one tenant's handler leaves behind does not give a later handler of another tenant its scope", {
+  todo: "known hole, as on main: ROLLBACK TO a savepoint planted outside the attempt restores the planting tenant's scope (docs/tenancy.md, threat model)",
+}, async (t) => {
+  const world = await pgWorld(t, 'rlsp', rls);
+  if (world === undefined) return;
+  const bus = world.bus();
+  const s = `"${world.schema}"`;
+  const seen = new Map<string, unknown>();
+  bus.subscribe(
+    'planter',
+    Ticked,
+    async (message: Message<{ key: string; seq: number }>, ctx) => {
+      if (message.tenant === 'acme') {
+        // Out of its attempt's savepoint, a savepoint of its own, and the attempt's again so nothing fails.
+        await ctx.tx.query('release savepoint tidings_attempt');
+        await ctx.tx.query('savepoint planted');
+        await ctx.tx.query('savepoint tidings_attempt');
+        seen.set('acme', 'planted');
+        return;
+      }
+      const result = await attempt(ctx.tx, 'rollback to savepoint planted');
+      const { rows } = await ctx.tx.query<{ tenant: string }>(`select distinct tenant from ${s}.log`);
+      seen.set('globex', { rollback: result.error ?? 'done', tenants: rows.map((row) => row.tenant) });
+    },
+    { partitions: 1, batchSize: 10, concurrency: 1, retry: { immediate: 0, delayed: [], jitter: 0 } },
+  );
+  await bus.start();
+  await bus.publishMany(Ticked, [{ key: 'a', seq: 1 }], { tenant: 'acme' });
+  await bus.publishMany(Ticked, [{ key: 'g', seq: 1 }], { tenant: 'globex' });
+  await waitFor('both handled', () => seen.size >= 2);
+  assert.deepEqual(
+    (seen.get('globex') as { tenants: string[] }).tenants.filter((tenant) => tenant !== 'globex'),
+    [],
+  );
+});
+
 test('isolation: what a handler publishes and its saga rows carry its tenant; a cross-tenant subscription sees every tenant, never the consumer tables', async (t) => {
   const world = await pgWorld(t, 'rlsx', rls);
   if (world === undefined) return;
