@@ -139,6 +139,97 @@ test("isolation: a tenant's handler SQL through ctx.tx reads and writes its tena
   }
 });
 
+test("isolation: handlers of several tenants writing through ctx.tx, some failing, retried in the batch and from held: every write once, each in its tenant's scope", async (t) => {
+  const world = await pgWorld(t, 'rlsw', rls);
+  if (world === undefined) return;
+  const bus = world.bus();
+  const s = `"${world.schema}"`;
+  const client = await connect();
+  t.after(() => client.end());
+  const tenants = ['acme', 'globex', 'initech'];
+  const tries = new Map<string, number>();
+  /** Per key: the seqs whose writes were kept, in the order their handlers ran. */
+  const order = new Map<string, number[]>();
+  bus.subscribe(
+    'writer',
+    Ticked,
+    async (message: Message<{ key: string; seq: number }>, ctx) => {
+      const id = message.id;
+      const attempt = (tries.get(id) ?? 0) + 1;
+      tries.set(id, attempt);
+      const { rows } = await ctx.tx.query<{ tenant: string }>(`select distinct tenant from ${s}.log order by 1`);
+      await ctx.tx.query(`insert into ${s}.effects (id, tenant, scope, seen) values ($1, $2, current_setting('tidings.scope', true), $3)`, [
+        id,
+        message.tenant,
+        rows.map((row) => row.tenant),
+      ]);
+      const { seq } = message.data;
+      // Every fifth fails twice (in the batch, then again: it waits in held), every third once (retried in the batch).
+      if ((seq % 5 === 0 && attempt <= 2) || (seq % 3 === 0 && attempt === 1)) throw new Error(`fails at attempt ${attempt}`);
+      order.set(message.data.key, [...(order.get(message.data.key) ?? []), seq]);
+    },
+    { partitions: 2, batchSize: 40, concurrency: 4, retry: { immediate: 1, delayed: [50], jitter: 0 } },
+  );
+  await bus.start();
+  await client.query(`create table ${s}.effects (id text not null, tenant text not null, scope text, seen text[] not null)`);
+  await client.query(`grant select, insert on ${s}.effects to tidings_tenant`);
+  for (const tenant of tenants) {
+    const ticks = Array.from({ length: 40 }, (_, i) => ({ key: `${tenant}-${i % 8}`, seq: Math.floor(i / 8) + 1 }));
+    await bus.publishMany(Ticked, ticks, { tenant });
+  }
+  await waitFor('every message handled', () => [...order.values()].reduce((sum, seqs) => sum + seqs.length, 0) >= 120);
+  await sleep(200);
+
+  const { rows } = await client.query<{ id: string; tenant: string; scope: string | null; seen: string[] }>(`select * from ${s}.effects`);
+  assert.equal(rows.length, 120, 'one write kept per message: those of failed attempts were rolled back');
+  assert.equal(new Set(rows.map((row) => row.id)).size, 120, 'no message written twice');
+  for (const row of rows) {
+    assert.equal(row.scope, `t:${row.tenant}`, `${row.id}: written in its tenant's scope`);
+    assert.deepEqual(row.seen, [row.tenant], `${row.id}: saw its own tenant's messages only`);
+  }
+  for (const [key, seqs] of order) assert.deepEqual(seqs, [1, 2, 3, 4, 5], `${key}: handled once each, in order`);
+  assert.ok(
+    [...tries.values()].some((n) => n === 3),
+    'some messages were retried from held',
+  );
+});
+
+test("isolation: a savepoint one tenant's handler leaves behind does not give a later handler of another tenant its scope", {
+  todo: "known hole, as on main: ROLLBACK TO a savepoint planted outside the attempt restores the planting tenant's scope (docs/tenancy.md, threat model)",
+}, async (t) => {
+  const world = await pgWorld(t, 'rlsp', rls);
+  if (world === undefined) return;
+  const bus = world.bus();
+  const s = `"${world.schema}"`;
+  const seen = new Map<string, unknown>();
+  bus.subscribe(
+    'planter',
+    Ticked,
+    async (message: Message<{ key: string; seq: number }>, ctx) => {
+      if (message.tenant === 'acme') {
+        // Out of its attempt's savepoint, a savepoint of its own, and the attempt's again so nothing fails.
+        await ctx.tx.query('release savepoint tidings_attempt');
+        await ctx.tx.query('savepoint planted');
+        await ctx.tx.query('savepoint tidings_attempt');
+        seen.set('acme', 'planted');
+        return;
+      }
+      const result = await attempt(ctx.tx, 'rollback to savepoint planted');
+      const { rows } = await ctx.tx.query<{ tenant: string }>(`select distinct tenant from ${s}.log`);
+      seen.set('globex', { rollback: result.error ?? 'done', tenants: rows.map((row) => row.tenant) });
+    },
+    { partitions: 1, batchSize: 10, concurrency: 1, retry: { immediate: 0, delayed: [], jitter: 0 } },
+  );
+  await bus.start();
+  await bus.publishMany(Ticked, [{ key: 'a', seq: 1 }], { tenant: 'acme' });
+  await bus.publishMany(Ticked, [{ key: 'g', seq: 1 }], { tenant: 'globex' });
+  await waitFor('both handled', () => seen.size >= 2);
+  assert.deepEqual(
+    (seen.get('globex') as { tenants: string[] }).tenants.filter((tenant) => tenant !== 'globex'),
+    [],
+  );
+});
+
 test('isolation: what a handler publishes and its saga rows carry its tenant; a cross-tenant subscription sees every tenant, never the consumer tables', async (t) => {
   const world = await pgWorld(t, 'rlsx', rls);
   if (world === undefined) return;

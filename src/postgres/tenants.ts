@@ -76,10 +76,13 @@ const CONSUMER_TABLES = ['log', 'scheduled', 'sagas', 'saga_transitions', 'repli
 
 /** What a consumer's scope of transactions can ask of isolation: open one, and set the scope in force. */
 export interface Isolation {
-  /** The driver a consumer opens its transactions with: the restricted role's, each starting in scope `all`. */
+  /** The driver a consumer opens its transactions with: the restricted role's, each in no scope (nothing visible) until one is entered. */
   readonly driver: Pick<SqlDriver, 'transaction'>;
-  /** Sets the scope of what runs next in `session`'s transaction: a tenant's, `any` (cross-tenant), or `all`. */
-  enter(session: Queryable, scope: Scope): Promise<void>;
+  /**
+   * Sets the scope of what runs next in `session`'s transaction: a tenant's, `any` (cross-tenant), or `all`.
+   * The statement is sent at once; callers on a pipelining session need not wait for its answer.
+   */
+  enter(session: Queryable, scope: Scope): Promise<unknown>;
 }
 
 /** `all`, `any`, or a tenant's scope (`t:<tenant>`; `t:` for messages without a tenant). */
@@ -107,7 +110,6 @@ export class TenantIsolation implements Isolation {
         this.#open().transaction(async (tx) => {
           const { rows } = await tx.query<{ xid: string }>('select pg_current_xact_id()::text as xid');
           this.#xids.set(tx, rows[0]!.xid);
-          await this.enter(tx, 'all');
           return fn(tx);
         }, atCommit),
     };
@@ -153,10 +155,12 @@ export class TenantIsolation implements Isolation {
     this.#secret = key[0]!.secret;
   }
 
-  async enter(session: Queryable, scope: Scope): Promise<void> {
+  enter(session: Queryable, scope: Scope): Promise<unknown> {
     const xid = this.#xids.get(session);
     if (xid === undefined || this.#secret === undefined) throw new Error('tenancy: a scope can be entered only in a transaction of the restricted role');
-    await session.query(`select set_config('tidings.scope', $1, true), set_config('tidings.proof', $2, true)`, [scope, proof(this.#secret, scope, xid)]);
+    // Parameters, never literals: pg_stat_activity shows a session's last statement text to every session of
+    // the same role, so a proof in the text would reach other handlers' SQL (their values are not shown).
+    return session.query(`select set_config('tidings.scope', $1, true), set_config('tidings.proof', $2, true)`, [scope, proof(this.#secret, scope, xid)]);
   }
 
   async close(): Promise<void> {

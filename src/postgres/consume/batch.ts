@@ -1,5 +1,4 @@
 import type { SubscriptionSpec } from '../../core/backbone.ts';
-import { runStatement } from '../connection/driver.ts';
 import { toEnvelope, type LogRow } from '../codec.ts';
 import { ackAlone, ackStatement, deadRow, type Acknowledgement, type DeadRow, type HeldRow } from './acknowledgement.ts';
 import type { Attempts } from './attempts.ts';
@@ -129,8 +128,6 @@ export class BatchHandler {
   }
 
   async #handle({ read, part, counts, previous, overlap }: BatchRun, replaying: boolean): Promise<BatchOutcome> {
-    // Under tenant isolation every batch is careful: its handlers' statements run one tenant scope at a time.
-    const careful = replaying || this.#ctx.isolation !== undefined;
     const { driver, sql } = this.#ctx;
     const spec = this.#spec;
     const published = new Set<string>();
@@ -140,7 +137,8 @@ export class BatchHandler {
     const handledIds: string[] = [];
     const claimed = new Set<string>();
     let earliestRetry = 0;
-    const scope = new SharedScope(driver, published, careful, this.#ctx.isolation);
+    // Under tenant isolation every batch is careful: its handlers' statements run one tenant scope at a time.
+    const scope = new SharedScope(driver, published, replaying, this.#ctx.isolation);
 
     const handleAll = async () => {
       await forEachSlot(
@@ -206,40 +204,29 @@ export class BatchHandler {
     };
     // Acknowledgements commit in order: each is sent once the one before it has committed.
     try {
-      if (careful) {
-        await scope.run(async () => {
-          await handleAll();
-          await previous?.done;
-          await runStatement(scope.connection!, ack('skip'));
-        });
-      } else {
+      try {
         await handleAll();
-        if (scope.abandoned) {
-          await scope.rollback();
-          throw new ReplayCarefully();
-        }
-        try {
-          await previous?.done;
-        } catch (error) {
-          if (scope.open) await scope.rollback();
-          throw error;
-        }
-        // In the handlers' transaction, the acknowledgement travels with its COMMIT; without one, it commits alone.
-        if (scope.open) await scope.commit(ack('skip'));
-        else if (overlap && held.length === 0 && dead.length === 0 && published.size === 0) {
-          // Nothing else waits for it: no held key, no retry, no dead letter, no write. The next batch is
-          // handled while it commits; if it fails, the loop puts the lanes back and reads both batches again.
-          const acking = ackAlone(driver, ack).then(() => undefined, fenced);
-          acking.catch(() => undefined);
-          return { wrote: false, handled: handledIds, acking };
-        } else await ackAlone(driver, ack);
+        if (scope.abandoned) throw new ReplayCarefully();
+        await previous?.done;
+      } catch (error) {
+        if (scope.open) await scope.rollback();
+        throw error;
       }
+      // In the handlers' transaction, the acknowledgement travels with its COMMIT; without one, it commits alone.
+      if (scope.open) await scope.commit(ack('skip'));
+      else if (overlap && held.length === 0 && dead.length === 0 && published.size === 0) {
+        // Nothing else waits for it: no held key, no retry, no dead letter, no write. The next batch is
+        // handled while it commits; if it fails, the loop puts the lanes back and reads both batches again.
+        const acking = ackAlone(driver, ack).then(() => undefined, fenced);
+        acking.catch(() => undefined);
+        return { wrote: false, handled: handledIds, acking };
+      } else await ackAlone(driver, ack);
     } catch (error) {
       fenced(error);
     }
     this.#held.parked(parkedNow, earliestRetry);
     if (published.size > 0) this.#ctx.committed(published);
-    return { wrote: careful || scope.open, handled: handledIds };
+    return { wrote: scope.open, handled: handledIds };
   }
 }
 

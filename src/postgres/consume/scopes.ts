@@ -1,5 +1,5 @@
 import { TidingsError } from '../../core/errors.ts';
-import type { Queryable, Session, SqlDriver, Statement } from '../connection/driver.ts';
+import type { Session, SqlDriver, Statement } from '../connection/driver.ts';
 import type { Isolation, Scope } from '../tenants.ts';
 import { TrackedTransaction } from '../transaction.ts';
 
@@ -20,17 +20,24 @@ export class Gate {
 
 /**
  * The transaction one handler attempt sees. It is lazy: a handler that never touches `ctx.tx` costs nothing
- * and runs in parallel with the others. On first use it takes the batch's gate and opens a savepoint, so a
- * failed attempt rolls back only its own writes; the gate is held until the attempt ends.
+ * and runs in parallel with the others. On first use it takes the batch's gate and opens a savepoint (under
+ * isolation, after setting its tenant's scope), so a failed attempt rolls back only its own writes; the gate
+ * is held until the attempt ends. Its own statements are sent ahead of the handler's first statement where
+ * the connection pipelines: no round trip of their own, and if one fails, every statement after it fails
+ * too. Its savepoint's release waits to travel with the next attempt's savepoint (COMMIT releases the last).
  */
 class AttemptScope implements Attempt {
   readonly tx: TrackedTransaction;
-  #entered: Promise<void> | undefined;
+  #entered: Promise<Session> | undefined;
   #release: (() => void) | undefined;
   #ended = false;
+  /** What this attempt sent: its own statements (scope, savepoint) first, then the handler's. */
+  readonly #sent: Array<Promise<unknown>> = [];
+  /** How many of `#sent` are the attempt's own. */
+  #own = 0;
 
   constructor(
-    private readonly batch: Queryable,
+    private readonly shared: SharedScope,
     private readonly gate: Gate,
     published: Set<string>,
     /** With tenant isolation: the scope the attempt's statements run in, set before its savepoint (tenants.ts). */
@@ -44,14 +51,33 @@ class AttemptScope implements Attempt {
       throw new TidingsError('STOPPED', 'This handler attempt has ended (timed out or finished): its transaction can no longer be used');
     }
     this.#entered ??= this.#enter();
-    await this.#entered;
-    return this.batch.query<R>(text, params);
+    const session = await this.#entered;
+    return this.#send(session.query<R>(text, params));
   }
 
-  async #enter(): Promise<void> {
+  async #enter(): Promise<Session> {
     this.#release = await this.gate.acquire();
-    if (this.isolated !== undefined) await this.isolated.isolation.enter(this.batch, this.isolated.scope);
-    await this.batch.query('savepoint tidings_attempt');
+    const session = await this.shared.session();
+    // Where the session pipelines, these travel with the handler's statement; elsewhere each is answered first.
+    const ahead = async (sent: Promise<unknown>) => {
+      this.#send(sent);
+      if (session.pipelined === true) sent.catch(() => undefined);
+      else await sent;
+    };
+    if (this.isolated !== undefined) {
+      this.shared.leftConsumerScope();
+      // The scope before the savepoint: a ROLLBACK TO it lands in the tenant's scope. (A scope set inside the
+      // last attempt's savepoint outlives its release.)
+      await ahead(this.isolated.isolation.enter(session, this.isolated.scope));
+    }
+    await ahead(this.shared.savepoint(session));
+    this.#own = this.#sent.length;
+    return session;
+  }
+
+  #send<T>(sent: Promise<T>): Promise<T> {
+    this.#sent.push(sent);
+    return sent;
   }
 
   /**
@@ -63,22 +89,28 @@ class AttemptScope implements Attempt {
     this.#ended = true;
     if (this.#entered === undefined) return undefined;
     try {
-      await this.#entered;
+      const session = await this.#entered;
+      const outcomes = await Promise.allSettled(this.#sent);
+      const failed = outcomes.findIndex((outcome) => outcome.status === 'rejected');
+      // The scope or the savepoint itself failed: the transaction is unusable, the batch fails with why.
+      if (failed !== -1 && failed < this.#own) throw (outcomes[failed] as PromiseRejectedResult).reason;
+      if (keep && failed === -1) {
+        // No statement failed, so neither can the release: it travels with the next attempt's savepoint.
+        this.shared.deferRelease();
+        return undefined;
+      }
       let lost: Error | undefined;
       if (keep) {
+        // A statement failed: the handler may have undone it (a savepoint of its own), or not.
         try {
-          await this.batch.query('release savepoint tidings_attempt');
+          await session.query('release savepoint tidings_attempt');
+          return undefined;
         } catch (error) {
-          await this.batch.query('rollback to savepoint tidings_attempt');
-          await this.batch.query('release savepoint tidings_attempt');
           lost = error as Error;
         }
-      } else {
-        await this.batch.query('rollback to savepoint tidings_attempt');
-        await this.batch.query('release savepoint tidings_attempt');
       }
-      // The consumer's statements that follow run in its own scope again.
-      if (this.isolated !== undefined) await this.isolated.isolation.enter(this.batch, 'all');
+      await session.query('rollback to savepoint tidings_attempt');
+      await session.query('release savepoint tidings_attempt');
       return lost;
     } finally {
       this.#release?.();
@@ -119,14 +151,18 @@ class SharedAttempt implements Attempt {
 }
 
 /**
- * The transaction the handlers of one batch share; the acknowledgement commits in it.
+ * The transaction the handlers of one batch share; the acknowledgement commits in it. It is opened by the
+ * first handler that queries `ctx.tx` (or by `run`): if none does, the acknowledgement commits alone.
  *
- * Fast mode: opened lazily by the first handler that queries `ctx.tx`, and shared without savepoints,
- * so handlers that never write cost nothing and those that do cost one round trip per statement. If an
+ * Fast mode: shared without savepoints, so handlers that write cost one round trip per statement. If an
  * attempt that wrote fails, or any statement fails, its writes cannot be undone alone: the scope is
  * abandoned, and the caller rolls back and runs the batch again in careful mode.
  *
- * Careful mode: `run` opens the transaction, and each attempt that writes gets a savepoint (AttemptScope).
+ * Careful mode: each attempt that writes gets a savepoint (AttemptScope).
+ *
+ * Under tenant isolation (always careful): the transaction is the restricted role's (tenants.ts); each
+ * attempt runs in its tenant's scope, and the consumer's statements (`connection`, and the one sent with
+ * COMMIT) in scope `all`, set again before the first of them that follows an attempt.
  */
 export class SharedScope {
   readonly #driver: SqlDriverLike;
@@ -138,6 +174,15 @@ export class SharedScope {
   #finished: Promise<unknown> | undefined;
   #end: { resolve: () => void; reject: (reason: unknown) => void } | undefined;
   #last: Statement | undefined;
+  /** The transaction's session, as attempts use it. */
+  #session: Session | undefined;
+  /** Under isolation: the scope in force is the consumer's (`all`); an attempt's scope replaces it. */
+  #consumerScope = false;
+  /** A statement sent without waiting for its answer failed: the transaction is aborted, and this is why. */
+  #failed: unknown;
+  /** The last attempt's savepoint, kept: released with the next attempt's savepoint (COMMIT releases it anyway). */
+  #releasing = false;
+  /** The transaction as the consumer's own statements use it (in scope `all` under isolation). */
   connection: Session | undefined;
   abandoned = false;
 
@@ -157,9 +202,31 @@ export class SharedScope {
   attempt(scope: Scope): Attempt {
     if (this.#careful) {
       const isolated = this.#isolation === undefined ? undefined : { isolation: this.#isolation, scope };
-      return new AttemptScope(this.connection!, this.#gate, this.#published, isolated);
+      return new AttemptScope(this, this.#gate, this.#published, isolated);
     }
     return new SharedAttempt(this, this.#published);
+  }
+
+  /** Careful mode: the transaction's session, opened now if it is not yet. */
+  session(): Promise<Session> {
+    return this.#session === undefined ? this.#begin() : Promise.resolve(this.#session);
+  }
+
+  /** An attempt sets its tenant's scope: the consumer's next statement sets `all` again. */
+  leftConsumerScope(): void {
+    this.#consumerScope = false;
+  }
+
+  /** The attempt that ended kept its writes: its savepoint is released with the next attempt's. */
+  deferRelease(): void {
+    this.#releasing = true;
+  }
+
+  /** Opens an attempt's savepoint, releasing the last attempt's first if it is still open (one simple query). */
+  savepoint(session: Session): Promise<unknown> {
+    const text = this.#releasing ? 'release savepoint tidings_attempt; savepoint tidings_attempt' : 'savepoint tidings_attempt';
+    this.#releasing = false;
+    return session.query(text);
   }
 
   /** Fast mode: runs a statement of `attempt`'s handler in the shared transaction, opening it if needed. */
@@ -181,19 +248,28 @@ export class SharedScope {
     }
   }
 
-  /** Careful mode: runs `fn` in a transaction opened now; it commits if `fn` resolves. */
+  /** Careful mode: runs `fn` in a transaction opened now, for a caller with statements of its own around the handlers'; it commits if `fn` resolves. */
   async run(fn: () => Promise<void>): Promise<void> {
-    await this.#driver.transaction(async (tx) => {
-      this.connection = tx;
-      await fn();
-    });
+    try {
+      await this.#driver.transaction(async (tx) => {
+        this.#opened(tx);
+        await fn();
+      });
+    } catch (error) {
+      throw this.#failed ?? error;
+    }
   }
 
   /** Commits, with `last` (the acknowledgement) sent in the same round trip as COMMIT. */
   async commit(last?: Statement): Promise<void> {
+    if (last !== undefined && this.#session !== undefined) await this.#enterConsumerScope(this.#session);
     this.#last = last;
     this.#end?.resolve();
-    await this.#finished;
+    try {
+      await this.#finished;
+    } catch (error) {
+      throw this.#failed ?? error;
+    }
   }
 
   async rollback(): Promise<void> {
@@ -203,7 +279,7 @@ export class SharedScope {
     });
   }
 
-  /** Opens the fast-mode transaction once, and holds it open until commit or rollback. */
+  /** Opens the transaction once, and holds it open until commit or rollback. */
   #begin(): Promise<Session> {
     this.#opening ??= new Promise<Session>((resolve, reject) => {
       const ended = new Promise<void>((resolveEnd, rejectEnd) => {
@@ -213,7 +289,7 @@ export class SharedScope {
       ended.catch(() => undefined);
       this.#finished = this.#driver.transaction(
         async (tx) => {
-          this.connection = tx;
+          this.#opened(tx);
           resolve(tx);
           await ended;
         },
@@ -222,6 +298,40 @@ export class SharedScope {
       this.#finished.catch(reject);
     });
     return this.#opening;
+  }
+
+  #opened(tx: Session): void {
+    this.#session = tx;
+    if (this.#isolation === undefined) {
+      this.connection = tx;
+      return;
+    }
+    const inScope = <T>(run: () => Promise<T>): Promise<T> => {
+      const entering = this.#enterConsumerScope(tx);
+      return entering === undefined ? run() : entering.then(run);
+    };
+    const { prepared } = tx;
+    this.connection = {
+      query: (text, params) => inScope(() => tx.query(text, params)),
+      prepared: prepared === undefined ? undefined : (name, text, params) => inScope(() => prepared(name, text, params)),
+      pipelined: tx.pipelined,
+    };
+  }
+
+  /**
+   * Under isolation, sets scope `all` for the consumer's statement about to be sent, unless it is in force.
+   * Where the session pipelines it travels with that statement (undefined: nothing to wait for).
+   */
+  #enterConsumerScope(tx: Session): Promise<void> | undefined {
+    if (this.#isolation === undefined || this.#consumerScope) return undefined;
+    this.#consumerScope = true;
+    const entering = this.#isolation.enter(tx, 'all').then(() => undefined);
+    if (tx.pipelined !== true) return entering;
+    // If it fails, the transaction is aborted: the consumer's statement after it fails too, with a vaguer error.
+    entering.catch((error: unknown) => {
+      this.#failed ??= error;
+    });
+    return undefined;
   }
 }
 
