@@ -31,7 +31,7 @@ function nodes(plan: PlanNode): PlanNode[] {
   return [plan, ...(plan.Plans ?? []).flatMap(nodes)];
 }
 
-test("the generic plan of the consumer's read opens a window through the xid index on a log of 200,000, without scanning the log", async (t) => {
+test("the generic plan of the consumer's read opens a window on a log of 200,000 without scanning it: through the xid index, or from the window's floor in position order", async (t) => {
   if (!(await requirePostgres(t))) return;
   const schema = uniqueSchema('plan');
   schemas.push(schema);
@@ -47,6 +47,12 @@ test("the generic plan of the consumer's read opens a window through the xid ind
          from generate_series($2::int, $3::int) g`,
         [Ticked.topic, from, to],
       );
+    // A `done` taken before them with its floor, as the consumer's read takes a window (migration 016).
+    const { rows: taken } = await client.query<{ done: string; last: string; next_xid: string }>(
+      `select snap::text as done, last, (pg_snapshot_xmax(snap)::text::int8 + age(pg_snapshot_xmax(snap)::xid))::text as next_xid
+       from (select pg_current_snapshot() as snap, coalesce(pg_sequence_last_value('${schema}.log_position_seq'::regclass), 0) as last offset 0) taken`,
+    );
+    const before = taken[0]!;
     // 200,000 messages from 10,000 transactions (as a live log has: few messages per transaction).
     await client.query('set synchronous_commit = off');
     await client.query(
@@ -63,9 +69,12 @@ test("the generic plan of the consumer's read opens a window through the xid ind
     await fill(200_001, 200_010);
     await client.query(`analyze ${schema}.log`);
     await client.query('set plan_cache_mode = force_generic_plan');
-    await client.query(`prepare read(text[], text[], text[], int8[], text[], int, int, int8[], int8[], text) as ${statements(schema).readLanes(true, false)}`);
+    await client.query(
+      `prepare read(text[], text[], text[], int8[], text[], int, int, int8[], int8[], int8[], text[], text) as ${statements(schema).readLanes(true, false)}`,
+    );
+    // `done`'s floor unknown (a cursor of a version before migration 016): the window's transactions are found by xid.
     const explained = await client.query<{ 'QUERY PLAN': Array<{ Plan: PlanNode }> }>(
-      `explain (analyze, format json) execute read('{"{0,1,2,3}"}', '{"${done}"}', '{NULL}', '{NULL}', '{${Ticked.topic}}', 4, 500, '{NULL}', '{500}', 'plans')`,
+      `explain (analyze, format json) execute read('{"{0,1,2,3}"}', '{"${done}"}', '{NULL}', '{NULL}', '{${Ticked.topic}}', 4, 500, '{NULL}', '{500}', '{NULL}', '{NULL}', 'plans')`,
     );
     const all = nodes(explained.rows[0]!['QUERY PLAN'][0]!.Plan);
     const onLog = all.filter((node) => node['Relation Name'] === 'log');
@@ -79,6 +88,25 @@ test("the generic plan of the consumer's read opens a window through the xid ind
     assert.ok(examined < 100, `rows read and thrown away: ${examined}`);
     const returned = all.find((node) => node['Node Type'] === 'Limit') as (PlanNode & { 'Actual Rows'?: number }) | undefined;
     assert.equal(returned?.['Actual Rows'], 10, 'the window holds the 10 messages committed after done');
+
+    // From the `done` before them, with its floor: a window of 200,010 messages whose first read takes 500 of
+    // them from the floor on, in position order, and reads little more (no sort of the window).
+    const backlog = await client.query<{ 'QUERY PLAN': Array<{ Plan: PlanNode }> }>(
+      `explain (analyze, format json) execute read('{"{0,1,2,3}"}', '{"${before.done}"}', '{NULL}', '{NULL}', '{${Ticked.topic}}', 4, 500, '{NULL}', '{500}', '{${before.last}}', '{${before.next_xid}}', 'plans')`,
+    );
+    const backlogPlan = nodes(backlog.rows[0]!['QUERY PLAN'][0]!.Plan) as Array<PlanNode & { 'Actual Rows'?: number; 'Actual Loops'?: number }>;
+    const backlogLog = backlogPlan.filter((node) => node['Relation Name'] === 'log');
+    t.diagnostic(
+      JSON.stringify(
+        backlogLog.map((node) => `${node['Node Type']} ${node['Index Name'] ?? ''} rows ${node['Actual Rows']} removed ${node['Rows Removed by Filter'] ?? 0}`),
+      ),
+    );
+    assert.ok(!backlogLog.some((node) => node['Node Type'] === 'Seq Scan'), 'no sequential scan of the log');
+    assert.ok(!backlogPlan.some((node) => node['Node Type'] === 'Sort'), 'no sort of the window');
+    const read = backlogLog.reduce((sum, node) => sum + (node['Actual Rows'] ?? 0) * (node['Actual Loops'] ?? 1) + (node['Rows Removed by Filter'] ?? 0), 0);
+    assert.ok(read < 2_000, `log rows read for a batch of 500: ${read}`);
+    const first = backlogPlan.find((node) => node['Node Type'] === 'Limit');
+    assert.equal(first?.['Actual Rows'], 500, 'a full batch');
   } finally {
     await client.end();
   }

@@ -78,6 +78,10 @@ export function ackStatement(sql: Statements, spec: SubscriptionSpec, owner: str
       JSON.stringify(ack.held),
       JSON.stringify(ack.dead),
       spec.topics,
+      lanes.map((lane) => next.get(lane.partition)!.doneLast),
+      lanes.map((lane) => next.get(lane.partition)!.doneNextXid),
+      lanes.map((lane) => next.get(lane.partition)!.hi),
+      lanes.map((lane) => next.get(lane.partition)!.windowNextXid),
     ],
   };
 }

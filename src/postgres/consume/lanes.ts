@@ -11,43 +11,70 @@ import type { ConsumerContext } from './context.ts';
  * that commits late is simply in a later window, however early its rows were numbered, so the classic
  * outbox bug (a bigserial read as "greater than my offset" skips late commits) cannot happen; see
  * test/guarantees.pg.test.ts, "no skipped messages".
+ *
+ * A window is read in position order from its floor: every message it holds is numbered above `doneLast`,
+ * or belongs to one of the few transactions that held an xid when `done` was taken (below `doneNextXid`);
+ * see migration 016 and `statements.readLanes`. So its first read costs a batch, however large the window
+ * (test/backlog.pg.test.ts). A snapshot's floor is taken with it, when its window is opened (`hi`,
+ * `windowNextXid`), and becomes `done`'s when the window is done.
  */
 export interface Lane {
   readonly partition: number;
   readonly epoch: string;
   done: string;
+  /** The log's last position when `done` was taken (null: unknown, see `doneNextXid`). */
+  doneLast: number | null;
+  /** The next xid to be assigned when `done` was taken, after `doneLast` was read (null: unknown). */
+  doneNextXid: string | null;
   window: string | null;
   position: number | null;
-  /** No message of the open window has a higher position (null after a restart: the log's last is used). */
+  /** No message of the open window has a higher position: the log's last when it was opened (null: unknown, the log's last now is used). */
   hi: number | null;
+  /** The next xid to be assigned when the window was opened, after `hi` was read (null: unknown). */
+  windowNextXid: string | null;
   /** Positions scanned by the next read of the open window; grows while reads come back sparse. */
   span: number;
 }
 
-export type LaneCursor = Pick<Lane, 'done' | 'window' | 'position' | 'hi' | 'span'>;
+export type LaneCursor = Pick<Lane, 'done' | 'doneLast' | 'doneNextXid' | 'window' | 'position' | 'hi' | 'windowNextXid' | 'span'>;
 
 /** A window's first range spans `batchSize` x this many positions; sparse ranges double it, up to the maximum. */
 const MIN_SPAN_BATCHES = 1;
 const MAX_SPAN = 1_000_000;
 
 /** A lane as its lease was acquired: the cursor stored for it (see `statements.acquire`). */
-export function acquiredLane(
-  spec: SubscriptionSpec,
-  row: { partition: number; epoch: string; done: string; window_snapshot: string | null; window_position: string | number | null },
-): Lane {
+export function acquiredLane(spec: SubscriptionSpec, row: AcquiredCursor): Lane {
+  const number = (value: string | number | null) => (value === null ? null : Number(value));
   return {
     partition: row.partition,
     epoch: String(row.epoch),
     done: row.done,
+    doneLast: number(row.done_last),
+    doneNextXid: row.done_next_xid,
     window: row.window_snapshot,
-    position: row.window_position === null ? null : Number(row.window_position),
-    hi: null,
+    position: number(row.window_position),
+    hi: number(row.window_last),
+    windowNextXid: row.window_next_xid,
     span: spec.batchSize * MIN_SPAN_BATCHES,
   };
 }
 
+/** A cursor row as `statements.acquire` returns it. */
+export interface AcquiredCursor {
+  partition: number;
+  epoch: string;
+  done: string;
+  done_last: string | number | null;
+  done_next_xid: string | null;
+  window_snapshot: string | null;
+  window_position: string | number | null;
+  window_last: string | number | null;
+  window_next_xid: string | null;
+}
+
 export function cursorOf(lane: Lane): LaneCursor {
-  return { done: lane.done, window: lane.window, position: lane.position, hi: lane.hi, span: lane.span };
+  const { done, doneLast, doneNextXid, window, position, hi, windowNextXid, span } = lane;
+  return { done, doneLast, doneNextXid, window, position, hi, windowNextXid, span };
 }
 
 /** What one read found, and where it moves the lanes once its batch is acknowledged. */
@@ -77,7 +104,15 @@ interface ReadAhead {
   readonly handledBefore: Set<string>;
 }
 
-type ReadRow = LogRow & { lane_group: number | string; win: string; hi: number | string; range_end: number | string | null; partition: number };
+type ReadRow = LogRow & {
+  lane_group: number | string;
+  win: string;
+  hi: number | string;
+  /** An opened window's next xid (null when a window goes on). */
+  next_xid: string | null;
+  range_end: number | string;
+  partition: number;
+};
 
 /**
  * Reads the lanes' next messages, all lanes in one statement: lanes at the same cursor as one group, with
@@ -103,12 +138,12 @@ export class LaneReader {
     const ahead = this.#ahead;
     this.#ahead = undefined;
     const rows = await (ahead !== undefined && ahead.cursors === cursorsKey(grouped) ? ahead.rows : this.#read(grouped));
-    const perGroup = new Map<number, { rows: LogRow[]; window: string; hi: number; rangeEnd: number | null }>();
+    const perGroup = new Map<number, { rows: LogRow[]; window: string; hi: number; nextXid: string | null; rangeEnd: number }>();
     for (const row of rows) {
       const index = Number(row.lane_group) - 1;
       let entry = perGroup.get(index);
       if (entry === undefined) {
-        entry = { rows: [], window: row.win, hi: Number(row.hi), rangeEnd: row.range_end === null ? null : Number(row.range_end) };
+        entry = { rows: [], window: row.win, hi: Number(row.hi), nextXid: row.next_xid, rangeEnd: Number(row.range_end) };
         perGroup.set(index, entry);
       }
       if (row.position !== null) entry.rows.push(row);
@@ -124,15 +159,27 @@ export class LaneReader {
       if (entry === undefined) continue;
       const first = group[0]!;
       const full = entry.rows.length === spec.batchSize;
+      const { done, doneLast, doneNextXid } = first;
+      const window = { window: entry.window, hi: entry.hi, windowNextXid: first.window === null ? entry.nextXid : first.windowNextXid };
       let moved: LaneCursor;
       if (full) {
         // More may wait right after the last row.
-        moved = { done: first.done, window: entry.window, position: Number(entry.rows[entry.rows.length - 1]!.position), hi: entry.hi, span: first.span };
-      } else if (entry.rangeEnd !== null && entry.rangeEnd < entry.hi) {
+        moved = { done, doneLast, doneNextXid, ...window, position: Number(entry.rows[entry.rows.length - 1]!.position), span: first.span };
+      } else if (entry.rangeEnd < entry.hi) {
         // The range was sparse: scan on from its end, a wider range next time.
-        moved = { done: first.done, window: entry.window, position: entry.rangeEnd, hi: entry.hi, span: Math.min(MAX_SPAN, first.span * 2) };
+        moved = { done, doneLast, doneNextXid, ...window, position: entry.rangeEnd, span: Math.min(MAX_SPAN, first.span * 2) };
       } else {
-        moved = { done: entry.window, window: null, position: null, hi: null, span: minSpan };
+        // The window is done; its floor becomes done's.
+        moved = {
+          done: entry.window,
+          doneLast: entry.hi,
+          doneNextXid: window.windowNextXid,
+          window: null,
+          position: null,
+          hi: null,
+          windowNextXid: null,
+          span: minSpan,
+        };
       }
       more ||= moved.window !== null;
       for (const lane of group) next.set(lane.partition, moved);
@@ -187,6 +234,8 @@ export class LaneReader {
       spec.batchSize,
       grouped.map((group) => group[0]!.hi),
       grouped.map((group) => group[0]!.span),
+      grouped.map((group) => group[0]!.doneLast),
+      grouped.map((group) => group[0]!.doneNextXid),
     ];
     if (spec.inbox) params.push(spec.name);
     const everyTopic = spec.topics.includes(EVERY_TOPIC);
@@ -216,6 +265,9 @@ function groupLanes(lanes: readonly Lane[]): Lane[][] {
 /** Everything a read depends on of its lanes. */
 function cursorsKey(grouped: readonly Lane[][]): string {
   return JSON.stringify(
-    grouped.map((group) => [group.map((lane) => lane.partition), group[0]!.done, group[0]!.window, group[0]!.position, group[0]!.hi, group[0]!.span]),
+    grouped.map((group) => {
+      const { done, doneLast, doneNextXid, window, position, hi, span } = group[0]!;
+      return [group.map((lane) => lane.partition), done, doneLast, doneNextXid, window, position, hi, span];
+    }),
   );
 }
