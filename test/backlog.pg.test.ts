@@ -13,6 +13,7 @@ import { checkOrder } from './fixtures/effects.ts';
 import { Ticked } from './fixtures/contracts.ts';
 import { pgWorld } from './fixtures/bus.ts';
 import { startProcess } from './fixtures/processes.ts';
+import { loadMigrations, pendingMigrations } from '../src/postgres/migrate.ts';
 import { connect, createEffects, sleep, sql, waitFor } from './helpers.ts';
 
 const columns = 'topic, id, type, source, time, key, key_hash, correlation_id, data';
@@ -163,4 +164,61 @@ test('restart against a backlog of 20,000 from 8 publishers committing out of or
     for (const client of late) await client.end();
     await heir.stop();
   }
+});
+
+test('a database of a version before the floor (migration 016): its cursors, one mid-window, read on without loss, and record floors from then on', async (t) => {
+  const world = await pgWorld(t, 'bl');
+  if (world === undefined) return;
+  const { schema } = world;
+  const client = await connect();
+  try {
+    // The schema as the version before 016 made it, with a subscription whose worker stopped mid-window.
+    await client.query(`create schema "${schema}"`);
+    await client.query(`create table "${schema}".migrations (version integer primary key, name text not null, applied_at timestamptz not null default now())`);
+    const later = new Set(
+      loadMigrations()
+        .filter((migration) => migration.version >= 16)
+        .map((migration) => migration.version),
+    );
+    for (const migration of pendingMigrations(schema, later)) for (const statement of migration.statements) await client.query(statement);
+    const write = (from: number, to: number) =>
+      client.query(
+        `insert into "${schema}".log (${columns})
+         select $1, 'm' || g, $1, 'test', now(), 'k' || (g % 4), g % 4, 'm' || g, jsonb_build_object('key', 'k' || (g % 4), 'seq', g / 4)
+         from generate_series($2::int, $3::int) g`,
+        [Ticked.topic, from, to],
+      );
+    await write(0, 99); // handled by the old worker
+    await client.query(`insert into "${schema}".subscriptions (name, topics, partitions) values ('old', $1, 2)`, [[Ticked.topic]]);
+    await client.query(`insert into "${schema}".cursors (subscription, partition, done) select 'old', p, pg_current_snapshot() from generate_series(0, 1) p`);
+    await write(100, 199);
+    // Partition 1 opened a window over 100-199 and handled up to position 150 of it.
+    await client.query(`update "${schema}".cursors set window_snapshot = pg_current_snapshot(), window_position = 150 where partition = 1`);
+    await write(200, 299);
+  } finally {
+    await client.end();
+  }
+  const bus = world.bus();
+  const seen: number[] = [];
+  bus.subscribe(
+    'old',
+    Ticked,
+    (message) => {
+      seen.push(message.data.seq * 4 + Number(message.data.key.slice(1)));
+    },
+    { partitions: 2, batchSize: 20 },
+  );
+  await bus.start(); // migrates to 016 first
+  const expected = Array.from({ length: 200 }, (_, i) => 100 + i).filter((g) => !(g % 2 === 1 && g < 150));
+  await waitFor('the messages the old worker left', () => seen.length >= expected.length);
+  for (let seq = 75; seq < 100; seq++) await bus.publish(Ticked, { key: 'k0', seq });
+  await waitFor('the messages published since', () => seen.length >= expected.length + 25);
+  await sleep(300);
+  assert.deepEqual(
+    [...seen].sort((a, b) => a - b),
+    [...expected, ...Array.from({ length: 25 }, (_, i) => (75 + i) * 4)].sort((a, b) => a - b),
+    'each once, none the old worker handled',
+  );
+  const floors = await sql<{ n: number }>(`select count(*)::int as n from "${schema}".cursors where done_next_xid is not null`);
+  assert.equal(floors[0]!.n, 2, 'both cursors record a floor now');
 });
