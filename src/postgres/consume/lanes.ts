@@ -38,7 +38,10 @@ export interface Lane {
 
 export type LaneCursor = Pick<Lane, 'done' | 'doneLast' | 'doneNextXid' | 'window' | 'position' | 'hi' | 'windowNextXid' | 'span'>;
 
-/** A window's first range spans `batchSize` x this many positions; sparse ranges double it, up to the maximum. */
+/**
+ * A window's first read walks from its floor to its `hi`, stopping at a full batch; each read after it spans
+ * `batchSize` x this many positions at first, sparse ranges doubling it, up to the maximum.
+ */
 const MIN_SPAN_BATCHES = 1;
 const MAX_SPAN = 1_000_000;
 
