@@ -76,8 +76,12 @@ export function statements(schema: string) {
      * in-progress list, or from its xmax up to `done_next_xid`), found through the xid index. Every message
      * of the window is above it (016 says why), so the first read costs a batch, not the window: a window of
      * a million messages is not sorted to return its first hundred. With the floor unknown, those
-     * transactions are all of the window's (as every read did before 016). `+ 0` in `min(l.position + 0)`
-     * keeps the planner from answering the minimum by walking the log in position order from its start.
+     * transactions are all of the window's (as every read did before 016). They are found by xid alone, each
+     * as a range of the xid index (one xid, or the xmax up to `done_next_xid`: its first xid assigned after
+     * `done_last` was read, a harmless extra): a range the generic plan estimates as small whatever the
+     * statistics say (an equality on a log written by few large transactions is estimated as most of it, and
+     * planned as a scan). `+ 0` in `min(l.position + 0)` keeps the planner from answering the minimum by
+     * walking the log in position order from its start (test/plans.pg.test.ts).
      * Opening also returns `hi`, the log's last position, then `next_xid`, the next transaction id (age()
      * reads it at its first call, in this statement's transaction, which holds no xid): no message of the
      * window is numbered above `hi`, and the pair is the floor of the window once it becomes `done`.
@@ -106,10 +110,10 @@ export function statements(schema: string) {
         from groups c cross join now
         cross join lateral (
           select least(f.last, (
-              select min(l.position + 0) - 1 from ${s}.log l
-              where (l.xid = any(array(select pg_snapshot_xip(c.done::pg_snapshot)))
-                  or (l.xid >= pg_snapshot_xmax(c.done::pg_snapshot) and l.xid < f.next_xid))
-                and l.position <= f.last)) as floor
+              select min(m.first) - 1
+              from (select x as lo, x as hi from pg_snapshot_xip(c.done::pg_snapshot) x
+                union all select pg_snapshot_xmax(c.done::pg_snapshot), f.next_xid) r
+              cross join lateral (select min(l.position + 0) as first from ${s}.log l where l.xid >= r.lo and l.xid <= r.hi) m)) as floor
           from (select case when c.done_next_xid is null then now.last else c.done_last end as last,
               coalesce(c.done_next_xid::xid8, pg_snapshot_xmax(now.snap)) as next_xid) f
         ) w
