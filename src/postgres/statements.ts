@@ -83,7 +83,8 @@ export function statements(schema: string) {
      * planned as a scan). `+ 0` in `min(l.position + 0)` keeps the planner from answering the minimum by
      * walking the log in position order from its start (test/plans.pg.test.ts).
      * Opening also returns `hi`, the log's last position, then `next_xid`, the next transaction id (age()
-     * reads it at its first call, in this statement's transaction, which holds no xid): no message of the
+     * reads it at its first call in a transaction that holds no xid: this statement's, once, `now` being
+     * materialized; null in a transaction that holds one, where it would read that xid): no message of the
      * window is numbered above `hi`, and the pair is the floor of the window once it becomes `done`.
      * Continuing a window scans the positions after the one reached, a bounded range ($9: its span) at a
      * time, up to `hi`: bounded, each read costs the same however large the window. The position ranges
@@ -101,7 +102,7 @@ export function statements(schema: string) {
           select n, parts::int[] as parts, done, win, pos, hi, span, done_last, done_next_xid
           from unnest($1::text[], $2::text[], $3::text[], $4::int8[], $8::int8[], $9::int8[], $10::int8[], $11::text[])
             with ordinality as c(parts, done, win, pos, hi, span, done_last, done_next_xid, n)
-        ), now as (
+        ), now as materialized (
           select snap, last, case when pg_current_xact_id_if_assigned() is null
               then (pg_snapshot_xmax(snap)::text::int8 + age(pg_snapshot_xmax(snap)::xid))::text::xid8 end as next_xid
           from (select pg_current_snapshot() as snap, coalesce(pg_sequence_last_value('${s}.log_position_seq'::regclass), 0) as last offset 0) taken
@@ -110,10 +111,10 @@ export function statements(schema: string) {
         from groups c cross join now
         cross join lateral (
           select least(f.last, (
-              select min(m.first) - 1
+              select min(lowest.position) - 1
               from (select x as lo, x as hi from pg_snapshot_xip(c.done::pg_snapshot) x
                 union all select pg_snapshot_xmax(c.done::pg_snapshot), f.next_xid) r
-              cross join lateral (select min(l.position + 0) as first from ${s}.log l where l.xid >= r.lo and l.xid <= r.hi) m)) as floor
+              cross join lateral (select min(l.position + 0) as position from ${s}.log l where l.xid >= r.lo and l.xid <= r.hi) lowest)) as floor
           from (select case when c.done_next_xid is null then now.last else c.done_last end as last,
               coalesce(c.done_next_xid::xid8, pg_snapshot_xmax(now.snap)) as next_xid) f
         ) w
