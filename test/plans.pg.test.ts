@@ -168,13 +168,15 @@ test("a log written by few large transactions (bulk loads): the window's floor i
   }
 });
 
-test("the consumer's read runs where the generic plan is forced; the pool's connections (users' transactions) keep PostgreSQL's default", async (t) => {
+test("the consumer's read runs where the generic plan is forced; without JIT; the pool's connections (users' transactions) keep PostgreSQL's defaults", async (t) => {
   if (!(await requirePostgres(t))) return;
   const driver = await pgDriver({ url: DATABASE_URL, poolSize: 2, name: 'plans' });
   try {
     const mode = "select current_setting('plan_cache_mode') as mode";
     const read = await driver.planned<{ mode: string }>('tidings.test.plan-mode', mode, []);
     assert.equal(read.rows[0]!.mode, 'force_generic_plan');
+    const jit = await driver.planned<{ jit: string }>('tidings.test.jit', "select current_setting('jit') as jit", []);
+    assert.equal(jit.rows[0]!.jit, 'off', 'no JIT compilation of a read');
     assert.equal((await driver.query<{ mode: string }>(mode)).rows[0]!.mode, 'auto');
     assert.equal(await driver.transaction(async (tx) => (await tx.query<{ mode: string }>(mode)).rows[0]!.mode), 'auto');
   } finally {
