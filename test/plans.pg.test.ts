@@ -31,7 +31,7 @@ function nodes(plan: PlanNode): PlanNode[] {
   return [plan, ...(plan.Plans ?? []).flatMap(nodes)];
 }
 
-test("the generic plan of the consumer's read opens a window through the xid index on a log of 200,000, without scanning the log", async (t) => {
+test("the generic plan of the consumer's read opens a window on a log of 200,000 without scanning it or sorting the window: through the xid index, or from the window's floor in position order", async (t) => {
   if (!(await requirePostgres(t))) return;
   const schema = uniqueSchema('plan');
   schemas.push(schema);
@@ -47,16 +47,27 @@ test("the generic plan of the consumer's read opens a window through the xid ind
          from generate_series($2::int, $3::int) g`,
         [Ticked.topic, from, to],
       );
-    // 200,000 messages from 10,000 transactions (as a live log has: few messages per transaction).
+    // As a live log has, few messages per transaction: 100,000 messages from 5,000 transactions, handled
+    // (`middle`: a `done` taken after them, with its floor, as the consumer's read takes a window: migration
+    // 016), then 100,000 more, then `done` and 10 more.
     await client.query('set synchronous_commit = off');
-    await client.query(
-      `do $$ begin for t in 0..9999 loop
-         insert into ${schema}.log (topic, id, type, source, time, key, key_hash, correlation_id, data)
-         select '${Ticked.topic}', 'm' || g, '${Ticked.topic}', 'tidings://plans', now(), 'k' || (g % 100), g % 100, 'm' || g, jsonb_build_object('key', 'k' || (g % 100), 'seq', g)
-         from generate_series(t * 20 + 1, t * 20 + 20) g;
-         commit;
-       end loop; end $$`,
+    const fillTransactions = (first: number) =>
+      client.query(
+        `do $$ begin for t in ${first}..${first + 4999} loop
+           insert into ${schema}.log (topic, id, type, source, time, key, key_hash, correlation_id, data)
+           select '${Ticked.topic}', 'm' || g, '${Ticked.topic}', 'tidings://plans', now(), 'k' || (g % 100), g % 100, 'm' || g, jsonb_build_object('key', 'k' || (g % 100), 'seq', g)
+           from generate_series(t * 20 + 1, t * 20 + 20) g;
+           commit;
+         end loop; end $$`,
+      );
+    await fillTransactions(0);
+    const { rows: taken } = await client.query<{ done: string; last: string; next_xid: string }>(
+      `select snap::text as done, last, (pg_snapshot_xmax(snap)::text::int8 + age(pg_snapshot_xmax(snap)::xid))::text as next_xid
+       from (select pg_current_snapshot() as snap, coalesce(pg_sequence_last_value('${schema}.log_position_seq'::regclass), 0) as last offset 0) taken`,
     );
+    const middle = taken[0]!;
+    assert.equal(middle.last, '100000');
+    await fillTransactions(5000);
     // `done`: a snapshot taken after those, so the window holds only the 10 published next.
     const { rows } = await client.query<{ done: string }>('select pg_current_snapshot()::text as done');
     const done = rows[0]!.done;
@@ -64,13 +75,14 @@ test("the generic plan of the consumer's read opens a window through the xid ind
     await client.query(`analyze ${schema}.log`);
     await client.query('set plan_cache_mode = force_generic_plan');
     await client.query(
-      `prepare read(text[], text[], text[], int8[], text[], int, int, int8[], int8[], text) as ${statements(schema).readLanes(true, false, false)}`,
+      `prepare read(text[], text[], text[], int8[], text[], int, int, int8[], int8[], int8[], text[], text) as ${statements(schema).readLanes(true, false, false)}`,
     );
     // The fair read (tenantConcurrency): the same scan, its rows numbered per tenant.
     await client.query(
-      `prepare fair(text[], text[], text[], int8[], text[], int, int, int8[], int8[], text, text[], text[], int, text) as ${statements(schema).readLanes(true, false, true)}`,
+      `prepare fair(text[], text[], text[], int8[], text[], int, int, int8[], int8[], int8[], text[], text, text[], text[], int, text) as ${statements(schema).readLanes(true, false, true)}`,
     );
-    const args = `'{"{0,1,2,3}"}', '{"${done}"}', '{NULL}', '{NULL}', '{${Ticked.topic}}', 4, 500, '{NULL}', '{500}', 'plans'`;
+    // `done`'s floor unknown (a cursor of a version before migration 017): the window's transactions are found by xid.
+    const args = `'{"{0,1,2,3}"}', '{"${done}"}', '{NULL}', '{NULL}', '{${Ticked.topic}}', 4, 500, '{NULL}', '{500}', '{NULL}', '{NULL}', 'plans'`;
     for (const execute of [`execute read(${args})`, `execute fair(${args}, '{NULL}', '{NULL}', 125, '{}')`]) {
       const explained = await client.query<{ 'QUERY PLAN': Array<{ Plan: PlanNode }> }>(`explain (analyze, format json) ${execute}`);
       const all = nodes(explained.rows[0]!['QUERY PLAN'][0]!.Plan);
@@ -88,18 +100,90 @@ test("the generic plan of the consumer's read opens a window through the xid ind
       const returned = all.find((node) => node['Node Type'] === 'Limit') as (PlanNode & { 'Actual Rows'?: number }) | undefined;
       assert.equal(returned?.['Actual Rows'], 10, `${execute}: the window holds the 10 messages committed after done`);
     }
+
+    // With a floor: from `middle` a window of 100,010 messages, from the beginning one of 200,010. The first
+    // read takes 500 of them from the floor on, in position order, and reads little more: the floor's
+    // transactions through the xid index, no walk of the log before the floor, no sort of the window.
+    for (const [from, last, nextXid] of [
+      [middle.done, middle.last, middle.next_xid],
+      ['1:1:', '0', '1'],
+    ]) {
+      const backlog = await client.query<{ 'QUERY PLAN': Array<{ Plan: PlanNode }> }>(
+        `explain (analyze, format json) execute read('{"{0,1,2,3}"}', '{"${from}"}', '{NULL}', '{NULL}', '{${Ticked.topic}}', 4, 500, '{NULL}', '{500}', '{${last}}', '{${nextXid}}', 'plans')`,
+      );
+      const plan = nodes(backlog.rows[0]!['QUERY PLAN'][0]!.Plan) as Array<PlanNode & { 'Actual Rows'?: number; 'Actual Loops'?: number }>;
+      const onLogRows = plan.filter((node) => node['Relation Name'] === 'log');
+      t.diagnostic(
+        `from ${from}: ${JSON.stringify(onLogRows.map((node) => `${node['Node Type']} ${node['Index Name'] ?? ''} rows ${node['Actual Rows']} removed ${node['Rows Removed by Filter'] ?? 0}`))}`,
+      );
+      assert.ok(!onLogRows.some((node) => node['Node Type'] === 'Seq Scan'), 'no sequential scan of the log');
+      assert.ok(!plan.some((node) => node['Node Type'] === 'Sort'), 'no sort of the window');
+      const read = plan
+        .filter((node) => node['Relation Name'] === 'log' || node['Index Name']?.startsWith('log_'))
+        .reduce((sum, node) => sum + (node['Actual Rows'] ?? 0) * (node['Actual Loops'] ?? 1) + (node['Rows Removed by Filter'] ?? 0), 0);
+      assert.ok(read < 2_000, `log rows read for a batch of 500 from ${from}: ${read}`);
+      assert.equal(plan.find((node) => node['Node Type'] === 'Limit')?.['Actual Rows'], 500, 'a full batch');
+    }
   } finally {
     await client.end();
   }
 });
 
-test("the consumer's read runs where the generic plan is forced; the pool's connections (users' transactions) keep PostgreSQL's default", async (t) => {
+test("a log written by few large transactions (bulk loads): the window's floor is still found through the xid index, not a scan", async (t) => {
+  if (!(await requirePostgres(t))) return;
+  const schema = uniqueSchema('plan');
+  schemas.push(schema);
+  const bus = createBus({ service: 'plans', backbone: postgres({ url: DATABASE_URL, schema, onWarning: () => undefined }) });
+  await bus.transaction(async () => undefined); // creates the schema
+  await bus.stop();
+  const client = await connect();
+  try {
+    // Two transactions of 100,000 messages each: the statistics see two xids, each "most of the log".
+    const bulk = (from: number) =>
+      client.query(
+        `insert into ${schema}.log (topic, id, type, source, time, key, key_hash, correlation_id, data)
+         select $1, 'm' || g, $1, 'tidings://plans', now(), 'k' || (g % 100), g % 100, 'm' || g, jsonb_build_object('key', 'k' || (g % 100), 'seq', g)
+         from generate_series($2::int, $2::int + 99999) g`,
+        [Ticked.topic, from],
+      );
+    await bulk(1);
+    const { rows } = await client.query<{ done: string; last: string; next_xid: string }>(
+      `select snap::text as done, last, (pg_snapshot_xmax(snap)::text::int8 + age(pg_snapshot_xmax(snap)::xid))::text as next_xid
+       from (select pg_current_snapshot() as snap, coalesce(pg_sequence_last_value('${schema}.log_position_seq'::regclass), 0) as last offset 0) taken`,
+    );
+    const { done, last, next_xid: nextXid } = rows[0]!;
+    await bulk(100_001);
+    await client.query(`analyze ${schema}.log`);
+    await client.query('set plan_cache_mode = force_generic_plan');
+    await client.query(
+      `prepare read(text[], text[], text[], int8[], text[], int, int, int8[], int8[], int8[], text[], text) as ${statements(schema).readLanes(true, false, false)}`,
+    );
+    const explained = await client.query<{ 'QUERY PLAN': Array<{ Plan: PlanNode }> }>(
+      `explain (analyze, format json) execute read('{"{0,1,2,3}"}', '{"${done}"}', '{NULL}', '{NULL}', '{${Ticked.topic}}', 4, 500, '{NULL}', '{500}', '{${last}}', '{${nextXid}}', 'plans')`,
+    );
+    const plan = nodes(explained.rows[0]!['QUERY PLAN'][0]!.Plan) as Array<PlanNode & { 'Actual Rows'?: number }>;
+    const onLog = plan.filter((node) => node['Relation Name'] === 'log');
+    t.diagnostic(JSON.stringify(onLog.map((node) => `${node['Node Type']} ${node['Index Name'] ?? ''} removed ${node['Rows Removed by Filter'] ?? 0}`)));
+    assert.ok(!onLog.some((node) => node['Node Type'] === 'Seq Scan'), 'no sequential scan of the log');
+    assert.ok(
+      onLog.some((node) => node['Index Name'] === 'log_xid'),
+      'the xid index finds the transactions of the floor',
+    );
+    assert.equal(plan.find((node) => node['Node Type'] === 'Limit')?.['Actual Rows'], 500, 'a full batch');
+  } finally {
+    await client.end();
+  }
+});
+
+test("the consumer's read runs where the generic plan is forced; without JIT; the pool's connections (users' transactions) keep PostgreSQL's defaults", async (t) => {
   if (!(await requirePostgres(t))) return;
   const driver = await pgDriver({ url: DATABASE_URL, poolSize: 2, name: 'plans' });
   try {
     const mode = "select current_setting('plan_cache_mode') as mode";
     const read = await driver.planned<{ mode: string }>('tidings.test.plan-mode', mode, []);
     assert.equal(read.rows[0]!.mode, 'force_generic_plan');
+    const jit = await driver.planned<{ jit: string }>('tidings.test.jit', "select current_setting('jit') as jit", []);
+    assert.equal(jit.rows[0]!.jit, 'off', 'no JIT compilation of a read');
     assert.equal((await driver.query<{ mode: string }>(mode)).rows[0]!.mode, 'auto');
     assert.equal(await driver.transaction(async (tx) => (await tx.query<{ mode: string }>(mode)).rows[0]!.mode), 'auto');
   } finally {

@@ -67,33 +67,44 @@ export function statements(schema: string) {
      * Reads every lane (partition) this worker holds, in one statement. Lanes at the same cursor are read
      * together, as a group, by one scan (they stay in step: the scan covers all of their partitions up to
      * the position it reached). $1-$4: per group, its partitions (as `{0,1}`), `done` snapshot, open
-     * window (null: open one now, at the current snapshot) and position reached in it.
+     * window (null: open one now, at the current snapshot) and position reached in it; $10-$11 `done`'s
+     * floor (its `last` and `next_xid`, see migration 017; null: unknown).
      *
      * Opening a window returns the first messages of the group whose transactions completed after `done`
-     * and by the current snapshot. Candidates are found through the xid index: the transactions in
-     * progress at `done`, and those that began after it, so an unrelated long-running transaction does not
-     * widen the scan. Two details keep the generic plan of this prepared statement (made without the
-     * parameters' values) on the xid index: `order by l.position + 0`, so the planner cannot walk the whole
-     * log in primary-key order hoping to meet the window early (it did: 11 ms per read at 20,000 rows,
-     * growing with the log; test/plans.pg.test.ts), and an upper bound on xid, which filters nothing (no
-     * later transaction is visible in the current snapshot) but makes the condition a range the planner
-     * estimates as small. Opening also returns `hi`, the log's last position: no message of the window can be
-     * numbered higher. Continuing a window scans the positions after the one reached, a bounded range
-     * ($9: its span) at a time, up to `hi`: bounded, each read costs the same however large the window
-     * (an unbounded "position > x order by position limit n" lets the planner sort the whole rest of it).
-     * Each group returns one row with null message columns when it has nothing. `seen`: the inbox has it.
+     * and by the current snapshot, scanning positions in order from the window's floor: `done_last`, or
+     * one below the lowest message of the few transactions that held an xid when `done` was taken (in its
+     * in-progress list, or from its xmax up to `done_next_xid`), found through the xid index. Every message
+     * of the window is above it (017 says why), so the first read costs a batch, not the window: a window of
+     * a million messages is not sorted to return its first hundred. With the floor unknown, those
+     * transactions are all of the window's (as every read did before 017). They are found by xid alone, each
+     * as a range of the xid index (one xid, or the xmax up to `done_next_xid`: its first xid assigned after
+     * `done_last` was read, a harmless extra): a range the generic plan estimates as small whatever the
+     * statistics say (an equality on a log written by few large transactions is estimated as most of it, and
+     * planned as a scan). `+ 0` in `min(l.position + 0)` keeps the planner from answering the minimum by
+     * walking the log in position order from its start (test/plans.pg.test.ts).
+     * Opening also returns `hi`, the log's last position, then `next_xid`, the next transaction id (age()
+     * reads it at its first call in a transaction that holds no xid: this statement's, once, `now` being
+     * materialized; null in a transaction that holds one, where it would read that xid): no message of the
+     * window is numbered above `hi`, and the pair is the floor of the window once it becomes `done`.
+     * Continuing a window scans the positions after the one reached, a bounded range ($9: its span) at a
+     * time, up to `hi`: bounded, each read costs the same however large the window. The position ranges
+     * are bounded on both sides by values the plan cannot know, so even the generic plan PostgreSQL keeps
+     * for this prepared statement walks the primary key from the floor and stops at the batch's last row
+     * (test/plans.pg.test.ts). Each group returns one row with null message columns when it has nothing.
+     * `seen`: the inbox has it.
      * `fair`: the variant of fair reads (tenantConcurrency, tenantWeights; see LaneReader): a group reads one
-     * tenant, or leaves out some, and a tenant past its share of the read is cut short.
+     * tenant, or leaves out some, and a tenant past its share of the read is cut short (it numbers the rows
+     * of the whole range per tenant, so a fair window's first read is not bounded by a batch).
      */
     readLanes: (inbox: boolean, everyTopic: boolean, fair: boolean) => {
       // Every topic: $5 stays a parameter, so both variants take the same list.
       const topic = everyTopic ? 'and $5::text[] is not null ' : 'and l.topic = any($5::text[]) ';
-      const seen = inbox ? `exists (select 1 from ${s}.inbox i where i.subscription = $10 and i.message_id = l.id) as seen` : 'false as seen';
+      const seen = inbox ? `exists (select 1 from ${s}.inbox i where i.subscription = $12 and i.message_id = l.id) as seen` : 'false as seen';
       const columns = `${logColumns}, l.key_hash % $6 as partition, ${seen}`;
       // Fair reads (lanes.ts, LaneReader): per group, the tenant it reads alone (`solo`, its share of rows),
       // or the tenants it leaves out (`skip`, a JSON array); a tenant's share of a read (`cap`). Rows are
       // numbered per tenant; one row past a tenant's share comes back (`beyond`) to say it has more.
-      const f = inbox ? 11 : 10;
+      const f = inbox ? 13 : 12;
       const tenants = fair ? `, $${f}::text[], $${f + 1}::text[]` : '';
       const tenantColumns = fair ? ', solo, skip' : '';
       // A tenant's share: $f + 2 times its weight ($f + 3, JSON; 1 if not there), at least 1 (lanes.ts, shareOf).
@@ -113,25 +124,36 @@ export function statements(schema: string) {
             order by ${order}
             limit $7`;
       return `with groups as (
-          select n, parts::int[] as parts, done, win, pos, hi, span${tenantColumns}
-          from unnest($1::text[], $2::text[], $3::text[], $4::int8[], $8::int8[], $9::int8[]${tenants}) with ordinality as c(parts, done, win, pos, hi, span${tenantColumns}, n)
-        ), now as (
-          select pg_current_snapshot() as snap, coalesce(pg_sequence_last_value('${s}.log_position_seq'::regclass), 0) as last
+          select n, parts::int[] as parts, done, win, pos, hi, span, done_last, done_next_xid${tenantColumns}
+          from unnest($1::text[], $2::text[], $3::text[], $4::int8[], $8::int8[], $9::int8[], $10::int8[], $11::text[]${tenants})
+            with ordinality as c(parts, done, win, pos, hi, span, done_last, done_next_xid${tenantColumns}, n)
+        ), now as materialized (
+          select snap, last, case when pg_current_xact_id_if_assigned() is null
+              then (pg_snapshot_xmax(snap)::text::int8 + age(pg_snapshot_xmax(snap)::xid))::text::xid8 end as next_xid
+          from (select pg_current_snapshot() as snap, coalesce(pg_sequence_last_value('${s}.log_position_seq'::regclass), 0) as last offset 0) taken
         )
-        select c.n as lane_group, now.snap::text as win, now.last as hi, null::int8 as range_end, m.*
+        select c.n as lane_group, now.snap::text as win, now.last as hi, now.next_xid::text as next_xid, now.last as range_end, m.*
         from groups c cross join now
+        cross join lateral (
+          select least(f.last, (
+              select min(lowest.position) - 1
+              from (select x as lo, x as hi from pg_snapshot_xip(c.done::pg_snapshot) x
+                union all select pg_snapshot_xmax(c.done::pg_snapshot), f.next_xid) r
+              cross join lateral (select min(l.position + 0) as position from ${s}.log l where l.xid >= r.lo and l.xid <= r.hi) lowest)) as floor
+          from (select case when c.done_next_xid is null then now.last else c.done_last end as last,
+              coalesce(c.done_next_xid::xid8, pg_snapshot_xmax(now.snap)) as next_xid) f
+        ) w
         left join lateral (
           ${scan(
-            `(l.xid = any(array(select pg_snapshot_xip(c.done::pg_snapshot)))
-              or (l.xid >= pg_snapshot_xmax(c.done::pg_snapshot) and l.xid < pg_snapshot_xmax(now.snap)))
-            and pg_visible_in_snapshot(l.xid, now.snap)
+            `l.position > w.floor and l.position <= now.last
+            and pg_visible_in_snapshot(l.xid, now.snap) and not pg_visible_in_snapshot(l.xid, c.done::pg_snapshot)
             ${topic}and l.key_hash % $6 = any(c.parts)`,
-            'l.position + 0',
+            'l.position',
           )}
         ) m on true
         where c.win is null
         union all
-        select c.n, c.win, r.hi, r.range_end, m.*
+        select c.n, c.win, r.hi, null, r.range_end, m.*
         from groups c cross join now
         cross join lateral (
           select coalesce(c.hi, now.last) as hi, least(c.pos + c.span, coalesce(c.hi, now.last)) as range_end
@@ -158,7 +180,8 @@ export function statements(schema: string) {
      * read, so before that registration committed: they were not yet the subscription's.)
      * $1 subscription, $2 owner, $3-$8 per lane: partition, epoch, done, window, position, handled count,
      * $9 inbox ids, $10 held (JSON), $11 dead letters (JSON), $12 the topics this worker handles, $13 per
-     * lane the cursors of the tenants split off it (JSON, see lanes.ts; null: none).
+     * lane the cursors of the tenants split off it (JSON, see lanes.ts; null: none), $14-$17 per lane: the
+     * floors of `done` and of the window (`last`, `next_xid`: see migration 017).
      *
      * `duplicates`: what an inbox id already recorded does. 'skip' (`on conflict do nothing`) for an
      * acknowledgement that commits with the handlers' writes, which cannot be sent again alone; 'fail' (a
@@ -167,7 +190,8 @@ export function statements(schema: string) {
      * id recorded in between the read and the acknowledgement (another worker handling a copy) is rare.
      */
     ack: (duplicates: 'skip' | 'fail') => `with lanes as (
-        select * from unnest($3::int[], $4::int8[], $5::text[], $6::text[], $7::int8[], $8::int8[], $13::text[]) as v(partition, epoch, done, win, pos, n, tenants)
+        select * from unnest($3::int[], $4::int8[], $5::text[], $6::text[], $7::int8[], $8::int8[], $13::text[], $14::int8[], $15::text[], $16::int8[], $17::text[])
+          as v(partition, epoch, done, win, pos, n, tenants, done_last, done_next_xid, win_last, win_next_xid)
       ), fenced as (
         select k.partition from ${s}.cursors k join lanes v on k.partition = v.partition
         where k.subscription = $1 and k.owner = $2 and k.epoch = v.epoch
@@ -178,7 +202,9 @@ export function statements(schema: string) {
         select covered and (select count(*) from fenced) = (select count(*) from lanes) as ok from covered
       ), moved as (
         update ${s}.cursors k set done = v.done::pg_snapshot, window_snapshot = v.win::pg_snapshot, window_position = v.pos,
-          tenants = v.tenants::jsonb, handled = k.handled + v.n, updated_at = now()
+          tenants = v.tenants::jsonb,
+          done_last = v.done_last, done_next_xid = v.done_next_xid::xid8, window_last = v.win_last, window_next_xid = v.win_next_xid::xid8,
+          handled = k.handled + v.n, updated_at = now()
         from lanes v, ok
         where ok.ok and k.subscription = $1 and k.partition = v.partition
         returning k.partition
@@ -280,9 +306,15 @@ export function statements(schema: string) {
      */
     commandLock: `select pg_advisory_xact_lock(hashtext('tidings.command'), hashtext($1))`,
     commandOwner: `select name from ${s}.subscriptions where name <> $2 and $1 = any(topics) limit 1`,
-    /** $2: partition count; $3: start from the beginning of the log (true) or from now. */
-    createCursors: `insert into ${s}.cursors (subscription, partition, done)
-      select $1, p, case when $3::boolean then '1:1:'::pg_snapshot else pg_current_snapshot() end
+    /**
+     * $2: partition count; $3: start from the beginning of the log (true) or from now. From the beginning,
+     * every message is after `done`, numbered above 0: the floor is exact. From now, it is unknown (this
+     * transaction holds an xid: age() would read that, not the next one), so the first window is read as a
+     * whole; it holds only what was published since.
+     */
+    createCursors: `insert into ${s}.cursors (subscription, partition, done, done_last, done_next_xid)
+      select $1, p, case when $3::boolean then '1:1:'::pg_snapshot else pg_current_snapshot() end,
+        case when $3::boolean then 0 end, case when $3::boolean then '1'::xid8 end
       from generate_series(0, $2 - 1) p
       on conflict do nothing`,
 
@@ -309,7 +341,8 @@ export function statements(schema: string) {
         select subscription, partition from ${s}.cursors
         where subscription = $2 and (owner is null or lease_expires_at < now())
         order by partition limit $4 for update skip locked)
-      returning c.partition, c.epoch::text as epoch, c.done::text as done, c.window_snapshot::text as window_snapshot, c.window_position::int8 as window_position, c.tenants`,
+      returning c.partition, c.epoch::text as epoch, c.done::text as done, c.window_snapshot::text as window_snapshot, c.window_position::int8 as window_position,
+        c.tenants, c.done_last::int8 as done_last, c.done_next_xid::text as done_next_xid, c.window_last::int8 as window_last, c.window_next_xid::text as window_next_xid`,
     release: `update ${s}.cursors set owner = null, lease_expires_at = null where subscription = $1 and partition = $2 and owner = $3`,
     unregisterWorker: `delete from ${s}.workers where id = $1`,
     /**

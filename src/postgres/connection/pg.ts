@@ -58,7 +58,11 @@ export async function pgDriver(options: PgDriverOptions): Promise<SqlDriver> {
   const where: Where = { description, settingsFrom: options.settingsFrom ?? (options.url !== undefined ? 'postgres({ url })' : "your pool's settings") };
 
   let planners: PgPoolLike | undefined;
-  /** The `planned` statements' pool, opened on first use: few connections, each taking statements pipelined. */
+  /**
+   * The `planned` statements' pool, opened on first use: few connections, each taking statements pipelined.
+   * Without JIT: a read returns a batch in a millisecond, and on a log not analyzed yet (just after a bulk
+   * load) its estimates passed `jit_above_cost`, and compiling it cost 1.8 s before the first message.
+   */
   const plannersPool = (): PgPoolLike => {
     if (planners !== undefined) return planners;
     const given = typeof config.options === 'string' ? `${config.options} ` : '';
@@ -68,7 +72,7 @@ export async function pgDriver(options: PgDriverOptions): Promise<SqlDriver> {
       keepAlive: true,
       pipeline: true,
       application_name: `tidings-reader:${options.name}`,
-      options: `${given}-c plan_cache_mode=force_generic_plan`,
+      options: `${given}-c plan_cache_mode=force_generic_plan -c jit=off`,
     }) as unknown as PgPoolLike;
     (planners as unknown as { on(e: 'error', l: (e: Error) => void): void }).on('error', () => undefined);
     return planners;

@@ -79,6 +79,10 @@ export function ackStatement(sql: Statements, spec: SubscriptionSpec, owner: str
       JSON.stringify(ack.dead),
       spec.topics,
       lanes.map((lane) => storedTenants(next.get(lane.partition)!)),
+      lanes.map((lane) => next.get(lane.partition)!.doneLast),
+      lanes.map((lane) => next.get(lane.partition)!.doneNextXid),
+      lanes.map((lane) => next.get(lane.partition)!.hi),
+      lanes.map((lane) => next.get(lane.partition)!.windowNextXid),
     ],
   };
 }

@@ -11,6 +11,12 @@ import type { ConsumerContext } from './context.ts';
  * that commits late is simply in a later window, however early its rows were numbered, so the classic
  * outbox bug (a bigserial read as "greater than my offset" skips late commits) cannot happen; see
  * test/guarantees.pg.test.ts, "no skipped messages".
+ *
+ * A window is read in position order from its floor: every message it holds is numbered above `doneLast`,
+ * or belongs to one of the few transactions that held an xid when `done` was taken (below `doneNextXid`);
+ * see migration 017 and `statements.readLanes`. So its first read costs a batch, however large the window
+ * (test/backlog.pg.test.ts). A snapshot's floor is taken with it, when its window is opened (`hi`,
+ * `windowNextXid`), and becomes `done`'s when the window is done.
  */
 export interface Lane extends Cursor {
   readonly partition: number;
@@ -26,20 +32,29 @@ export interface Lane extends Cursor {
 /** Where one reader of a lane has read to: the lane's own, or that of a tenant split off it. */
 export interface Cursor {
   done: string;
+  /** The log's last position when `done` was taken (null: unknown, see `doneNextXid`). */
+  doneLast: number | null;
+  /** The next xid to be assigned when `done` was taken, after `doneLast` was read (null: unknown). */
+  doneNextXid: string | null;
   window: string | null;
   position: number | null;
-  /** No message of the open window has a higher position (null after a restart: the log's last is used). */
+  /** No message of the open window has a higher position: the log's last when it was opened (null: unknown, the log's last now is used). */
   hi: number | null;
+  /** The next xid to be assigned when the window was opened, after `hi` was read (null: unknown). */
+  windowNextXid: string | null;
   /** Positions scanned by the next read of the open window; grows while reads come back sparse. */
   span: number;
 }
 
 export type LaneCursor = Cursor & { tenants: ReadonlyMap<string, Cursor> };
 
-/** A tenant's cursor as the `cursors.tenants` column stores it. */
+/** A tenant's cursor as the `cursors.tenants` column stores it; its floors are not kept (unknown after a restart: a whole first read, as before 017). */
 type StoredCursor = { done: string; window: string | null; position: number | null };
 
-/** A window's first range spans `batchSize` x this many positions; sparse ranges double it, up to the maximum. */
+/**
+ * A window's first read walks from its floor to its `hi`, stopping at a full batch; each read after it spans
+ * `batchSize` x this many positions at first, sparse ranges doubling it, up to the maximum.
+ */
 const MIN_SPAN_BATCHES = 1;
 const MAX_SPAN = 1_000_000;
 /**
@@ -51,35 +66,46 @@ const MAX_SPAN = 1_000_000;
 const FAIR_READ_SHARE = 0.25;
 
 /** A lane as its lease was acquired: the cursor stored for it (see `statements.acquire`). */
-export function acquiredLane(
-  spec: SubscriptionSpec,
-  row: {
-    partition: number;
-    epoch: string;
-    done: string;
-    window_snapshot: string | null;
-    window_position: string | number | null;
-    tenants: Record<string, StoredCursor> | null;
-  },
-): Lane {
+export function acquiredLane(spec: SubscriptionSpec, row: AcquiredCursor): Lane {
+  const number = (value: string | number | null) => (value === null ? null : Number(value));
   const span = spec.batchSize * MIN_SPAN_BATCHES;
   const tenants = new Map<string, Cursor>();
-  for (const [tenant, cursor] of Object.entries(row.tenants ?? {}))
-    tenants.set(tenant, { done: cursor.done, window: cursor.window, position: cursor.position === null ? null : Number(cursor.position), hi: null, span });
+  for (const [tenant, cursor] of Object.entries(row.tenants ?? {})) {
+    const { done, window, position } = cursor;
+    tenants.set(tenant, { done, doneLast: null, doneNextXid: null, window, position: number(position), hi: null, windowNextXid: null, span });
+  }
   return {
     partition: row.partition,
     epoch: String(row.epoch),
     done: row.done,
+    doneLast: number(row.done_last),
+    doneNextXid: row.done_next_xid,
     window: row.window_snapshot,
-    position: row.window_position === null ? null : Number(row.window_position),
-    hi: null,
+    position: number(row.window_position),
+    hi: number(row.window_last),
+    windowNextXid: row.window_next_xid,
     span,
     tenants,
   };
 }
 
+/** A cursor row as `statements.acquire` returns it. */
+export interface AcquiredCursor {
+  partition: number;
+  epoch: string;
+  done: string;
+  done_last: string | number | null;
+  done_next_xid: string | null;
+  window_snapshot: string | null;
+  window_position: string | number | null;
+  window_last: string | number | null;
+  window_next_xid: string | null;
+  tenants: Record<string, StoredCursor> | null;
+}
+
 export function cursorOf(lane: LaneCursor): LaneCursor {
-  return { done: lane.done, window: lane.window, position: lane.position, hi: lane.hi, span: lane.span, tenants: lane.tenants };
+  const { done, doneLast, doneNextXid, window, position, hi, windowNextXid, span, tenants } = lane;
+  return { done, doneLast, doneNextXid, window, position, hi, windowNextXid, span, tenants };
 }
 
 /** A window of the lane is being worked through: its own, or that of a tenant split off it. */
@@ -128,7 +154,9 @@ type ReadRow = LogRow & {
   lane_group: number | string;
   win: string;
   hi: number | string;
-  range_end: number | string | null;
+  /** An opened window's next xid (null when a window goes on). */
+  next_xid: string | null;
+  range_end: number | string;
   partition: number;
   /** Fair reads: a row past its tenant's share, returned only to say the tenant has more (not handled). */
   beyond?: boolean;
@@ -187,12 +215,12 @@ export class LaneReader {
     const ahead = this.#ahead;
     this.#ahead = undefined;
     const rows = await (ahead !== undefined && ahead.cursors === cursorsKey(groups) ? ahead.rows : this.#read(groups));
-    const perGroup = new Map<number, { rows: ReadRow[]; window: string; hi: number; rangeEnd: number | null }>();
+    const perGroup = new Map<number, { rows: ReadRow[]; window: string; hi: number; nextXid: string | null; rangeEnd: number }>();
     for (const row of rows) {
       const index = Number(row.lane_group) - 1;
       let entry = perGroup.get(index);
       if (entry === undefined) {
-        entry = { rows: [], window: row.win, hi: Number(row.hi), rangeEnd: row.range_end === null ? null : Number(row.range_end) };
+        entry = { rows: [], window: row.win, hi: Number(row.hi), nextXid: row.next_xid, rangeEnd: Number(row.range_end) };
         perGroup.set(index, entry);
       }
       if (row.position !== null) entry.rows.push(row);
@@ -208,15 +236,27 @@ export class LaneReader {
       if (entry === undefined) continue;
       const first = group.cursor;
       const full = entry.rows.length === (group.tenant === undefined ? spec.batchSize : this.#shareOf(group.tenant));
+      const { done, doneLast, doneNextXid } = first;
+      const window = { window: entry.window, hi: entry.hi, windowNextXid: first.window === null ? entry.nextXid : first.windowNextXid };
       let moved: Cursor;
       if (full) {
         // More may wait right after the last row.
-        moved = { done: first.done, window: entry.window, position: Number(entry.rows[entry.rows.length - 1]!.position), hi: entry.hi, span: first.span };
-      } else if (entry.rangeEnd !== null && entry.rangeEnd < entry.hi) {
+        moved = { done, doneLast, doneNextXid, ...window, position: Number(entry.rows[entry.rows.length - 1]!.position), span: first.span };
+      } else if (entry.rangeEnd < entry.hi) {
         // The range was sparse: scan on from its end, a wider range next time.
-        moved = { done: first.done, window: entry.window, position: entry.rangeEnd, hi: entry.hi, span: Math.min(MAX_SPAN, first.span * 2) };
+        moved = { done, doneLast, doneNextXid, ...window, position: entry.rangeEnd, span: Math.min(MAX_SPAN, first.span * 2) };
       } else {
-        moved = { done: entry.window, window: null, position: null, hi: null, span: minSpan };
+        // The window is done; its floor becomes done's.
+        moved = {
+          done: entry.window,
+          doneLast: entry.hi,
+          doneNextXid: window.windowNextXid,
+          window: null,
+          position: null,
+          hi: null,
+          windowNextXid: null,
+          span: minSpan,
+        };
       }
       more ||= moved.window !== null;
       // Tenants past their share: each is split off at its last row taken, in this window.
@@ -224,7 +264,7 @@ export class LaneReader {
       for (const row of entry.rows) {
         if (row.beyond !== true || row.tenant === null) continue;
         const taken = entry.rows.filter((other) => other.tenant === row.tenant && other.beyond !== true);
-        split.set(row.tenant, { done: first.done, window: entry.window, position: Number(taken[taken.length - 1]!.position), hi: entry.hi, span: minSpan });
+        split.set(row.tenant, { done, doneLast, doneNextXid, ...window, position: Number(taken[taken.length - 1]!.position), span: minSpan });
       }
       more ||= split.size > 0;
       for (const { lane, tenant } of group.readers) {
@@ -295,6 +335,8 @@ export class LaneReader {
       spec.batchSize,
       groups.map((group) => group.cursor.hi),
       groups.map((group) => group.cursor.span),
+      groups.map((group) => group.cursor.doneLast),
+      groups.map((group) => group.cursor.doneNextXid),
     ];
     if (spec.inbox) params.push(spec.name);
     if (this.#fair) {
@@ -351,6 +393,8 @@ function cursorsKey(groups: readonly ReadGroup[]): string {
       tenant ?? null,
       except,
       cursor.done,
+      cursor.doneLast,
+      cursor.doneNextXid,
       cursor.window,
       cursor.position,
       cursor.hi,

@@ -2,7 +2,7 @@ import { hostname } from 'node:os';
 import { EVERY_TOPIC, type SubscriptionSpec } from '../../core/backbone.ts';
 import { TidingsError } from '../../core/errors.ts';
 import type { ConsumerContext } from './context.ts';
-import { acquiredLane, type Lane } from './lanes.ts';
+import { type AcquiredCursor, acquiredLane, type Lane } from './lanes.ts';
 import type { Gate } from './scopes.ts';
 
 /** SQLSTATE the acknowledgement raises when a lease was lost (migration 004). */
@@ -211,14 +211,7 @@ export class Leases {
       }
       const target = live === 0 ? 0 : Math.ceil(spec.partitions / live);
       if (this.lanes.size < target) {
-        const { rows: acquired } = await driver.query<{
-          partition: number;
-          epoch: string;
-          done: string;
-          window_snapshot: string | null;
-          window_position: string | number | null;
-          tenants: Record<string, { done: string; window: string | null; position: number | null }> | null;
-        }>(sql.acquire, [this.owner, spec.name, settings.leaseMs, target - this.lanes.size]);
+        const { rows: acquired } = await driver.query<AcquiredCursor>(sql.acquire, [this.owner, spec.name, settings.leaseMs, target - this.lanes.size]);
         for (const row of acquired) this.lanes.set(row.partition, acquiredLane(spec, row));
         if (acquired.length > 0) this.#hooks.acquired();
       } else if (this.lanes.size > target) {

@@ -11,8 +11,12 @@ export function replayStatements(schema: string) {
     skipped: `select coalesce(sum(lag.lag), 0)::int8 as skipped from ${s}.cursors c join ${s}.subscriptions sub on sub.name = c.subscription
           ${lagJoin(s, 'l.position < $2')}
           where c.subscription = $1`,
-    /** Every cursor an open window just before $2, its epoch bumped and its owner cleared (see replaySubscription). */
+    /**
+     * Every cursor an open window just before $2, its epoch bumped and its owner cleared (see replaySubscription).
+     * The floors (migration 017): exact for '1:1:'; unknown for the window (this transaction holds an xid).
+     */
     moveCursors: `update ${s}.cursors set done = '1:1:'::pg_snapshot, window_snapshot = pg_current_snapshot(), window_position = $2, tenants = null,
+            done_last = 0, done_next_xid = '1', window_last = null, window_next_xid = null,
             epoch = epoch + 1, owner = null, lease_expires_at = null, updated_at = now()
           where subscription = $1`,
     /** $3: the subscription's topics. */
