@@ -222,11 +222,16 @@ export class SharedScope {
     this.#releasing = true;
   }
 
-  /** Opens an attempt's savepoint, releasing the last attempt's first if it is still open (one simple query). */
+  /**
+   * Opens an attempt's savepoint, releasing the last attempt's first if it is still open: one simple query on
+   * a server connection; two on embedded PostgreSQL, whose queries take one statement each.
+   */
   savepoint(session: Session): Promise<unknown> {
-    const text = this.#releasing ? 'release savepoint tidings_attempt; savepoint tidings_attempt' : 'savepoint tidings_attempt';
+    const releasing = this.#releasing;
     this.#releasing = false;
-    return session.query(text);
+    if (!releasing) return session.query('savepoint tidings_attempt');
+    if (session.pipelined === true) return session.query('release savepoint tidings_attempt; savepoint tidings_attempt');
+    return session.query('release savepoint tidings_attempt').then(() => session.query('savepoint tidings_attempt'));
   }
 
   /** Fast mode: runs a statement of `attempt`'s handler in the shared transaction, opening it if needed. */
