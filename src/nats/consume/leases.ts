@@ -10,7 +10,7 @@ import { announcement, type WorkerView } from './workers.ts';
 import type { KeyRunner } from './keys.ts';
 import type { Outcomes } from './outcomes.ts';
 import type { LanePulling } from './pulling.ts';
-import { durableName, leaseKey, newLane, quietly, workerKey, type Lane, type WorkerContext } from './state.ts';
+import { durableName, leaseFresh, leaseKey, newLane, quietly, workerKey, type Lane, type WorkerContext } from './state.ts';
 import type { TopicDecider } from './topics.ts';
 
 /** The parts a lease holder drives: what pulls a bucket, runs its keys, ends its messages, decides its topics. */
@@ -57,9 +57,12 @@ export class BucketLeases {
     await leases.put(workerKey(this.#worker), announcement(spec.topics));
     for (const lane of [...this.#lanes.values()]) {
       if (!lane.active) continue;
+      const sentAt = Date.now();
       try {
         lane.revision = await leases.update(leaseKey(this.#worker, lane.bucket), owner, lane.revision);
-        lane.renewedAt = Date.now();
+        const fenced = !leaseFresh(this.#worker, lane);
+        lane.renewedAt = sentAt; // the server's TTL started after this
+        if (fenced) this.#parts.runner.pumpAll(lane); // its keys waited for this renewal (keys.ts)
       } catch (error) {
         // A conflict means another worker holds it now (ours expired during a pause). A failure to reach
         // NATS is waited out until the lease would have expired anyway.
@@ -82,12 +85,13 @@ export class BucketLeases {
         const bucket = (start + i) % settings.buckets;
         if (this.#lanes.has(bucket) || (this.#declined.get(bucket) ?? 0) > Date.now()) continue;
         let revision: number;
+        const sentAt = Date.now();
         try {
           revision = await leases.create(leaseKey(this.#worker, bucket), owner);
         } catch {
           continue; // held by another worker
         }
-        await this.#acquire(bucket, revision);
+        await this.#acquire(bucket, revision, sentAt);
       }
     } else if (held.length > target) {
       const extra = held.sort((a, b) => b.bucket - a.bucket).slice(0, held.length - target);
@@ -127,7 +131,7 @@ export class BucketLeases {
     return n;
   }
 
-  async #acquire(bucket: number, revision: number): Promise<void> {
+  async #acquire(bucket: number, revision: number, createdAt: number): Promise<void> {
     const { nats } = this.#worker;
     const { jsm, nc, settings, leases } = nats;
     const durable = durableName(this.#worker, bucket);
@@ -143,7 +147,7 @@ export class BucketLeases {
       throw error;
     }
     const puller = new Puller({ nc, stream: settings.stream, durable, onMessage: (delivery) => this.#parts.pulling.receive(lane, delivery) });
-    const lane = newLane(bucket, puller, revision, delivered + 1);
+    const lane = newLane(bucket, puller, revision, createdAt, delivered + 1);
     for (const hold of holds.sort((a, b) => b.seq - a.seq)) lane.holds.set(hold.key, hold); // the oldest per key wins
     if (lane.holds.size > 0) {
       // A held message is pending with the consumer, so it comes back within an ack wait (leaseMs > ackWaitMs

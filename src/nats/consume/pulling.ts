@@ -67,6 +67,12 @@ export class LanePulling {
       known.touchedAt = Date.now();
       return;
     }
+    const ended = lane.ended.get(seq);
+    if (ended !== undefined) {
+      // Handled and ended here already; its acknowledgement arrived after the ack wait (see Outcomes.done).
+      quietly(() => (ended === 'ack' ? msg.ack() : msg.term()));
+      return;
+    }
     const { settings } = this.#worker.nats;
     // The bucket's consumer reads `<prefix>.<bucket>.>` only (the stream takes nothing else): the rest is the topic.
     const topic = msg.subject.slice(settings.subjectPrefix.length + String(lane.bucket).length + 2);
