@@ -106,6 +106,11 @@ export interface Lane {
   nextDelivery: number;
   /** Set while no handler may start in this lane: deliveries that never arrived are on their way back. */
   gapTimer: NodeJS.Timeout | undefined;
+  /**
+   * Set while no handler may start in this lane: messages delivered to an earlier owner of the bucket and
+   * not acknowledged when this lane took it (see leases.ts #acquire), until they come back or the timer ends.
+   */
+  earlier: { readonly count: number; readonly upTo: number; readonly seen: Set<number>; readonly timer: NodeJS.Timeout } | undefined;
   /** When the holds loaded with the bucket whose message never came back are given up (see leases.ts). */
   staleTimer: NodeJS.Timeout | undefined;
   /** While tracing: what arrived since the last pull ended, for its receive span (pulling.ts). */
@@ -130,6 +135,7 @@ export function newLane(bucket: number, puller: Puller, revision: number, renewe
     released: undefined,
     nextDelivery,
     gapTimer: undefined,
+    earlier: undefined,
     staleTimer: undefined,
     arrived: undefined,
   };
@@ -144,6 +150,11 @@ export function newLane(bucket: number, puller: Puller, revision: number, renewe
 export function leaseFresh(worker: WorkerContext, lane: Lane): boolean {
   const { leaseMs, heartbeatMs } = worker.nats.settings;
   return Date.now() - lane.renewedAt < leaseMs - heartbeatMs;
+}
+
+/** Whether the lane waits for deliveries that went astray or to an earlier owner: no handler starts there. */
+export function laneHeld(lane: Lane): boolean {
+  return lane.gapTimer !== undefined || lane.earlier !== undefined;
 }
 
 /** Runs `task` as part of the lane's work: a release waits for it. */
