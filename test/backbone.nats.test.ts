@@ -149,6 +149,40 @@ describe('nats backbone', () => {
     assert.ok(byWorker[0]! > 0 && byWorker[1]! > 0, `both workers took part (${byWorker.join(' / ')})`);
   });
 
+  test('a message whose acknowledgement reached JetStream after its ack wait is not handled again when it is redelivered', async (t) => {
+    // A stalled process (here a handler that blocks the event loop) sends the acknowledgement of a message it
+    // handled after the ack wait ran out; JetStream redelivers it, and the lane, which no longer holds it,
+    // must end the copy rather than handle it again after its key's later messages.
+    const ns = await natsWorld(t);
+    if (ns === undefined) return;
+    const b = ns.bus('stalled', { buckets: 1, ackWaitMs: 500 });
+    const handled: string[] = [];
+    b.subscribe(
+      'stalled',
+      Ticked,
+      (message, ctx) => {
+        handled.push(`${message.data.key}:${message.data.seq}@${ctx.attempt}`);
+        if (message.data.note === 'block') {
+          const until = Date.now() + 1_500; // past the ack wait, short of leaseMs - heartbeatMs
+          while (Date.now() < until) {
+            // blocks the event loop: no acknowledgement or keep-alive goes out meanwhile
+          }
+        }
+      },
+      { concurrency: 2 },
+    );
+    await b.start();
+    await b.publishMany(Ticked, [
+      { key: 'a', seq: 0 },
+      { key: 'b', seq: 0, note: 'block' },
+    ]);
+    await waitFor('both', () => handled.length >= 2);
+    await b.publish(Ticked, { key: 'a', seq: 1 });
+    await waitFor('a:1', () => handled.some((h) => h.startsWith('a:1')));
+    await sleep(1_500);
+    assert.deepEqual(handled.sort(), ['a:0@1', 'a:1@1', 'b:0@1']);
+  });
+
   test('a delayed retry holds its key only, then succeeds; exhausted retries dead-letter with every attempt; redrive delivers once', async (t) => {
     const ns = await natsWorld(t);
     if (ns === undefined) return;
