@@ -28,7 +28,10 @@ import { TopicDecider } from './topics.ts';
  * bucket up finishes what runs, hands the rest back with a nak in stream order (JetStream redelivers before
  * anything newer), then deletes the lease. A worker that dies stops renewing; leaseMs > ackWaitMs +
  * heartbeatMs guarantees its messages are back in JetStream's redelivery queue before another worker takes
- * the bucket, and its delayed retries' holds (holds.ts) are read by that worker before it runs anything.
+ * the bucket, and its delayed retries' holds (holds.ts) are read by that worker before it runs anything. One
+ * that only stalled past its lease may still be served its pull requests: the next owner starts nothing
+ * until the messages unacknowledged when it took the bucket came back (pulling.ts awaitEarlier), and the
+ * stalled one starts no handler once its lease may have lapsed (state.ts leaseFresh).
  */
 export class NatsConsumer implements Consumer {
   readonly #worker: WorkerContext;

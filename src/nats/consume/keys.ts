@@ -9,7 +9,7 @@ import type { DeliveryHandler } from '../../core/backbone.ts';
 import { describeError, TidingsError } from '../../core/errors.ts';
 import type { Holds } from './holds.ts';
 import type { Outcomes } from './outcomes.ts';
-import type { KeyLine, Lane, Pulled, WorkerContext } from './state.ts';
+import { laneHeld, leaseFresh, type KeyLine, type Lane, type Pulled, type WorkerContext } from './state.ts';
 
 /** A broker's attempt has no transaction of its own (with an outbox, src/outbox gives the handler one). */
 const NO_TRANSACTION: AttemptScope<undefined> = Object.freeze({ tx: undefined, end: () => Promise.resolve(undefined) });
@@ -32,7 +32,8 @@ export class KeyRunner {
 
   /** Starts the key's first message if it may run now; arms its retry timer if it waits for a delayed retry. */
   pump(lane: Lane, key: string, line: KeyLine): void {
-    if (line.busy || line.retryTimer !== undefined || !lane.active || lane.gapTimer !== undefined) return;
+    if (line.busy || line.retryTimer !== undefined || !lane.active || laneHeld(lane)) return;
+    if (!leaseFresh(this.#worker, lane)) return; // the next renewal pumps the lane again (leases.ts)
     const head = line.queue[0];
     if (head === undefined && lane.keys.get(key) === line) lane.keys.delete(key); // emptied by topics.ts
     if (head === undefined || head.where !== 'here') return;
@@ -86,7 +87,7 @@ export class KeyRunner {
     try {
       const head = line.queue[0];
       // The bucket may have been given up, or put on hold, while this waited for a slot.
-      if (head === undefined || !lane.active || lane.gapTimer !== undefined) return;
+      if (head === undefined || !lane.active || laneHeld(lane) || !leaseFresh(this.#worker, lane)) return;
       if (head.envelope === undefined) {
         const reason = `UNDECODABLE_MESSAGE: the message at subject ${head.subject}, stream ${this.#worker.nats.settings.stream} sequence ${head.seq}, cannot be decoded: ${head.problem}`;
         const error = describeError(new TidingsError('UNDECODABLE_MESSAGE', reason, { ref: { topic: head.topic } }));

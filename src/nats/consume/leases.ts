@@ -3,6 +3,7 @@
  * reads the live workers and takes or gives up buckets to hold its share. Taking a bucket loads its durable
  * holds before anything of it runs; giving one up hands what is left back to JetStream in stream order.
  */
+import type { ConsumerInfo } from '@nats-io/jetstream';
 import type { Hold, Holds } from './holds.ts';
 import { apiErrorCode } from '../errors.ts';
 import { Puller } from './pull.ts';
@@ -10,7 +11,7 @@ import { announcement, type WorkerView } from './workers.ts';
 import type { KeyRunner } from './keys.ts';
 import type { Outcomes } from './outcomes.ts';
 import type { LanePulling } from './pulling.ts';
-import { durableName, leaseKey, newLane, quietly, workerKey, type Lane, type WorkerContext } from './state.ts';
+import { durableName, leaseFresh, leaseKey, newLane, quietly, workerKey, type Lane, type WorkerContext } from './state.ts';
 import type { TopicDecider } from './topics.ts';
 
 /** The parts a lease holder drives: what pulls a bucket, runs its keys, ends its messages, decides its topics. */
@@ -57,9 +58,12 @@ export class BucketLeases {
     await leases.put(workerKey(this.#worker), announcement(spec.topics));
     for (const lane of [...this.#lanes.values()]) {
       if (!lane.active) continue;
+      const sentAt = Date.now();
       try {
         lane.revision = await leases.update(leaseKey(this.#worker, lane.bucket), owner, lane.revision);
-        lane.renewedAt = Date.now();
+        const fenced = !leaseFresh(this.#worker, lane);
+        lane.renewedAt = sentAt; // the server's TTL started after this
+        if (fenced) this.#parts.runner.pumpAll(lane); // its keys waited for this renewal (keys.ts)
       } catch (error) {
         // A conflict means another worker holds it now (ours expired during a pause). A failure to reach
         // NATS is waited out until the lease would have expired anyway.
@@ -82,12 +86,13 @@ export class BucketLeases {
         const bucket = (start + i) % settings.buckets;
         if (this.#lanes.has(bucket) || (this.#declined.get(bucket) ?? 0) > Date.now()) continue;
         let revision: number;
+        const sentAt = Date.now();
         try {
           revision = await leases.create(leaseKey(this.#worker, bucket), owner);
         } catch {
           continue; // held by another worker
         }
-        await this.#acquire(bucket, revision);
+        await this.#acquire(bucket, revision, sentAt);
       }
     } else if (held.length > target) {
       const extra = held.sort((a, b) => b.bucket - a.bucket).slice(0, held.length - target);
@@ -127,15 +132,15 @@ export class BucketLeases {
     return n;
   }
 
-  async #acquire(bucket: number, revision: number): Promise<void> {
+  async #acquire(bucket: number, revision: number, createdAt: number): Promise<void> {
     const { nats } = this.#worker;
     const { jsm, nc, settings, leases } = nats;
     const durable = durableName(this.#worker, bucket);
-    let delivered: number;
+    let consumer: ConsumerInfo;
     let holds: Hold[];
     try {
       // Where the consumer's deliveries stand now: every later one should reach this lane, in order.
-      delivered = (await jsm.consumers.info(settings.stream, durable)).delivered.consumer_seq;
+      consumer = await jsm.consumers.info(settings.stream, durable);
       // Read before anything of the bucket runs: a held key's later messages must not overtake it.
       holds = await this.#parts.holds.load(bucket);
     } catch (error) {
@@ -143,7 +148,10 @@ export class BucketLeases {
       throw error;
     }
     const puller = new Puller({ nc, stream: settings.stream, durable, onMessage: (delivery) => this.#parts.pulling.receive(lane, delivery) });
-    const lane = newLane(bucket, puller, revision, delivered + 1);
+    const lane = newLane(bucket, puller, revision, createdAt, consumer.delivered.consumer_seq + 1);
+    // Messages delivered before now and not acknowledged went to an earlier owner, perhaps after its lease
+    // lapsed (a stalled process's pull request is still served): the keys' later messages wait for them.
+    if (consumer.num_ack_pending > 0) this.#parts.pulling.awaitEarlier(lane, consumer.num_ack_pending, consumer.delivered.stream_seq);
     for (const hold of holds.sort((a, b) => b.seq - a.seq)) lane.holds.set(hold.key, hold); // the oldest per key wins
     if (lane.holds.size > 0) {
       // A held message is pending with the consumer, so it comes back within an ack wait (leaseMs > ackWaitMs
@@ -186,6 +194,7 @@ export class BucketLeases {
       // Every pull request is over: nothing more can arrive, so what is held now is all there is to hand back.
       await lane.puller.close();
       clearTimeout(lane.gapTimer);
+      clearTimeout(lane.earlier?.timer);
       clearTimeout(lane.staleTimer);
       while (lane.running.size > 0) await Promise.all([...lane.running]);
       this.#parts.outcomes.sendAcks();

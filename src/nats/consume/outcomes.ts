@@ -58,6 +58,13 @@ export class Outcomes {
     const at = line.queue.indexOf(pulled);
     if (at >= 0) line.queue.splice(at, 1);
     lane.pulled.delete(pulled.seq);
+    // JetStream redelivers a message whose acknowledgement reaches it after the ack wait (a stalled process: the
+    // keep-alive was late too); the lane ends such a copy the same way instead of handling it again after its
+    // key's later messages. When the copy was sent, at most max_ack_pending of the consumer's messages were
+    // unacknowledged on the server, so no more than that were ended here between this one and its copy.
+    lane.ended.delete(pulled.seq);
+    lane.ended.set(pulled.seq, how);
+    if (lane.ended.size > 2 * this.#worker.maxPending) lane.ended.delete(lane.ended.keys().next().value!);
     // The pull loop may be waiting for room under max_ack_pending.
     if (lane.pulled.size === this.#worker.maxPending - 1) lane.wakeLoop?.();
   }

@@ -60,11 +60,22 @@ export class LanePulling {
     const seq = msg.seq;
     const known = lane.pulled.get(seq);
     if (msg.deliverySeq > lane.nextDelivery) this.#holdBucket(lane, msg.deliverySeq - lane.nextDelivery);
+    const earlier = lane.earlier;
+    if (earlier !== undefined && msg.deliveries > 1 && seq <= earlier.upTo) {
+      earlier.seen.add(seq);
+      if (earlier.seen.size >= earlier.count) this.#endEarlier(lane);
+    }
     lane.nextDelivery = Math.max(lane.nextDelivery, msg.deliverySeq + 1);
     if (known !== undefined) {
       // Redelivered while we still hold it (its ack wait ran out): keep one copy, answer the newest delivery.
       known.msg = msg;
       known.touchedAt = Date.now();
+      return;
+    }
+    const ended = lane.ended.get(seq);
+    if (ended !== undefined) {
+      // Handled and ended here already; its acknowledgement arrived after the ack wait (see Outcomes.done).
+      quietly(() => (ended === 'ack' ? msg.ack() : msg.term()));
       return;
     }
     const { settings } = this.#worker.nats;
@@ -115,6 +126,26 @@ export class LanePulling {
     line.queue.splice(at, 0, pulled);
     if (pulled.where === 'undecided') this.#topics.undecided(pulled, lane);
     this.#runner.pump(lane, pulled.key, line);
+  }
+
+  /**
+   * The bucket's consumer had `count` messages delivered and not acknowledged (stream sequences up to `upTo`)
+   * when this lane took it: an earlier owner's. One that died or gave the bucket up has them back in JetStream
+   * already; one whose lease lapsed in a stall may still be receiving them on a pull request it sent before.
+   * JetStream redelivers them within its ack wait, ahead of anything newer; nothing starts here until they all
+   * came back (the usual case after a crash: at once) or ackWaitMs + fetchExpiresMs passed (the earlier owner
+   * acknowledged some after all).
+   */
+  awaitEarlier(lane: Lane, count: number, upTo: number): void {
+    const { settings } = this.#worker.nats;
+    const timer = setTimeout(() => this.#endEarlier(lane), settings.ackWaitMs + settings.fetchExpiresMs);
+    lane.earlier = { count, upTo, seen: new Set(), timer };
+  }
+
+  #endEarlier(lane: Lane): void {
+    clearTimeout(lane.earlier?.timer);
+    lane.earlier = undefined;
+    this.#runner.pumpAll(lane);
   }
 
   /**

@@ -86,9 +86,15 @@ export interface Lane {
   readonly bucket: number;
   readonly puller: Puller;
   revision: number;
+  /** When the last renewal of its lease was sent (or its creation): the lease is ours until leaseMs after. */
   renewedAt: number;
   active: boolean;
   readonly pulled: Map<number, Pulled>;
+  /**
+   * The stream sequences this lane acknowledged or terminated lately, oldest first, at most 2 x max_ack_pending
+   * (see Outcomes.done): JetStream redelivers one whose acknowledgement reached it after its ack wait ran out.
+   */
+  readonly ended: Map<number, 'ack' | 'term'>;
   readonly keys: Map<string, KeyLine>;
   /** The bucket's durable holds by partition key: nothing later of that key runs before the held message. */
   readonly holds: Map<string, Hold>;
@@ -100,6 +106,11 @@ export interface Lane {
   nextDelivery: number;
   /** Set while no handler may start in this lane: deliveries that never arrived are on their way back. */
   gapTimer: NodeJS.Timeout | undefined;
+  /**
+   * Set while no handler may start in this lane: messages delivered to an earlier owner of the bucket and
+   * not acknowledged when this lane took it (see leases.ts #acquire), until they come back or the timer ends.
+   */
+  earlier: { readonly count: number; readonly upTo: number; readonly seen: Set<number>; readonly timer: NodeJS.Timeout } | undefined;
   /** When the holds loaded with the bucket whose message never came back are given up (see leases.ts). */
   staleTimer: NodeJS.Timeout | undefined;
   /** While tracing: what arrived since the last pull ended, for its receive span (pulling.ts). */
@@ -107,14 +118,15 @@ export interface Lane {
 }
 
 /** A lane just acquired: nothing pulled yet. */
-export function newLane(bucket: number, puller: Puller, revision: number, nextDelivery: number): Lane {
+export function newLane(bucket: number, puller: Puller, revision: number, renewedAt: number, nextDelivery: number): Lane {
   return {
     bucket,
     puller,
     revision,
-    renewedAt: Date.now(),
+    renewedAt,
     active: true,
     pulled: new Map(),
+    ended: new Map(),
     keys: new Map(),
     holds: new Map(),
     running: new Set(),
@@ -123,9 +135,26 @@ export function newLane(bucket: number, puller: Puller, revision: number, nextDe
     released: undefined,
     nextDelivery,
     gapTimer: undefined,
+    earlier: undefined,
     staleTimer: undefined,
     arrived: undefined,
   };
+}
+
+/**
+ * Whether the lane's lease is surely still ours: renewed less than leaseMs - heartbeatMs ago (the margin a
+ * renewal that fails is given too, leases.ts). A process stalled for longer (a loaded machine) may have lost
+ * it to another worker without knowing yet: it starts no handler there until a renewal succeeds, so two
+ * workers never start handlers of one key at once.
+ */
+export function leaseFresh(worker: WorkerContext, lane: Lane): boolean {
+  const { leaseMs, heartbeatMs } = worker.nats.settings;
+  return Date.now() - lane.renewedAt < leaseMs - heartbeatMs;
+}
+
+/** Whether the lane waits for deliveries that went astray or to an earlier owner: no handler starts there. */
+export function laneHeld(lane: Lane): boolean {
+  return lane.gapTimer !== undefined || lane.earlier !== undefined;
 }
 
 /** Runs `task` as part of the lane's work: a release waits for it. */
