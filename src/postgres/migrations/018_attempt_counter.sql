@@ -9,7 +9,7 @@
 -- The restricted role has no right on the sequence (it can neither advance nor read it); it enters a scope
 -- through tenancy_enter(), which asks for the consumer's ticket: the 013 proof of the scope in this
 -- transaction, computed by the consumer with the key, sent as a parameter, never stored in a setting.
-create sequence {{schema}}.tenancy_entries as bigint cycle;
+create sequence {{schema}}.tenancy_entries as bigint;
 revoke all on sequence {{schema}}.tenancy_entries from public;
 -- Enters `scope` for what runs next in this transaction, if `ticket` proves the consumer sent it; else refused.
 create function {{schema}}.tenancy_enter(scope text, ticket text) returns void language plpgsql volatile security definer set search_path = pg_catalog as $$ declare secret bytea := (select k.secret from {{schema}}.tenancy_key k); bound text := scope || '/' || pg_current_xact_id()::text; begin if ticket is distinct from encode(sha256(secret || sha256(secret || convert_to(bound, 'UTF8'))), 'hex') then raise exception 'tidings: tenancy_enter refused: the ticket does not prove scope %', scope using errcode = '42501'; end if; bound := bound || '#' || nextval('{{schema}}.tenancy_entries')::text; perform set_config('tidings.scope', scope, true), set_config('tidings.proof', encode(sha256(secret || sha256(secret || convert_to(bound, 'UTF8'))), 'hex'), true); end $$;
