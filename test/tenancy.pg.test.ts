@@ -60,6 +60,9 @@ test("isolation: a tenant's handler SQL through ctx.tx reads and writes its tena
         key: (await attempt(tx, `select secret from ${s}.tenancy_key`)).error,
         unlist: (await attempt(tx, `delete from ${s}.tenancy_roles`)).error,
         disable: (await attempt(tx, `alter table ${s}.log disable row level security`)).error,
+        enterWithoutTicket: (await attempt(tx, `select ${s}.tenancy_enter('all', $1)`, [captured?.proof ?? 'x'])).error,
+        advanceCounter: (await attempt(tx, `select nextval('${s}.tenancy_entries')`)).error,
+        readCounter: (await attempt(tx, `select currval('${s}.tenancy_entries')`)).error,
         setRole: (await attempt(tx, 'set role postgres')).error,
         sessionAuthorization: (await attempt(tx, 'set session authorization postgres')).error,
       };
@@ -115,6 +118,9 @@ test("isolation: a tenant's handler SQL through ctx.tx reads and writes its tena
     assert.match(String(found.key), /permission denied/, `${which}: cannot read the key`);
     assert.match(String(found.unlist), /permission denied/, `${which}: cannot unlist its role`);
     assert.match(String(found.disable), /must be owner/, `${which}: cannot disable row-level security`);
+    assert.match(String(found.enterWithoutTicket), /ticket does not prove/, `${which}: cannot enter a scope without the consumer's ticket`);
+    assert.match(String(found.advanceCounter), /permission denied/, `${which}: cannot advance the entry counter`);
+    assert.match(String(found.readCounter), /permission denied/, `${which}: cannot read the entry counter`);
     assert.match(String(found.setRole), /permission denied|does not exist/, `${which}: cannot SET ROLE`);
     assert.match(String(found.sessionAuthorization), /permission denied/, `${which}: cannot SET SESSION AUTHORIZATION`);
     assert.deepEqual(found.resetRole, [own], `${which}: RESET ROLE changes nothing`);
@@ -194,40 +200,65 @@ test("isolation: handlers of several tenants writing through ctx.tx, some failin
   );
 });
 
-test("isolation: a savepoint one tenant's handler leaves behind does not give a later handler of another tenant its scope", {
-  todo: "known hole, as on main: ROLLBACK TO a savepoint planted outside the attempt restores the planting tenant's scope (docs/tenancy.md, threat model)",
-}, async (t) => {
+test("isolation: a savepoint one tenant's handler leaves behind does not give a later handler of another tenant its scope", async (t) => {
   const world = await pgWorld(t, 'rlsp', rls);
   if (world === undefined) return;
   const bus = world.bus();
   const s = `"${world.schema}"`;
-  const seen = new Map<string, unknown>();
+  const seen = new Map<string, { xid: string; before?: string[]; replayed?: string[]; rollback?: string; after?: string[] | string }>();
+  /** acme's scope and proof, kept by handler code for a later handler of the same transaction. */
+  let kept: unknown[] = [];
+  const tenantsSeen = async (tx: PgTransaction) =>
+    (await tx.query<{ tenant: string }>(`select distinct tenant from ${s}.log order by 1`)).rows.map((row) => row.tenant);
   bus.subscribe(
     'planter',
     Ticked,
     async (message: Message<{ key: string; seq: number }>, ctx) => {
+      const [{ xid }] = (await ctx.tx.query<{ xid: string }>('select pg_current_xact_id()::text as xid')).rows as [{ xid: string }];
       if (message.tenant === 'acme') {
         // Out of its attempt's savepoint, a savepoint of its own, and the attempt's again so nothing fails.
         await ctx.tx.query('release savepoint tidings_attempt');
         await ctx.tx.query('savepoint planted');
         await ctx.tx.query('savepoint tidings_attempt');
-        seen.set('acme', 'planted');
+        kept = Object.values((await ctx.tx.query(`select current_setting('tidings.scope') as scope, current_setting('tidings.proof') as proof`)).rows[0]!);
+        seen.set('acme', { xid, before: await tenantsSeen(ctx.tx) });
         return;
       }
-      const result = await attempt(ctx.tx, 'rollback to savepoint planted');
-      const { rows } = await ctx.tx.query<{ tenant: string }>(`select distinct tenant from ${s}.log`);
-      seen.set('globex', { rollback: result.error ?? 'done', tenants: rows.map((row) => row.tenant) });
+      const before = await tenantsSeen(ctx.tx);
+      // acme's proof, set again in the same transaction: bound to an older entry, it proves nothing.
+      await ctx.tx.query('savepoint replay');
+      await ctx.tx.query(`select set_config('tidings.scope', $1, true), set_config('tidings.proof', $2, true)`, kept);
+      const replayed = await tenantsSeen(ctx.tx);
+      await ctx.tx.query('rollback to savepoint replay');
+      let rollback = 'done';
+      let after: string[] | string;
+      try {
+        // Back to acme's savepoint: its scope and proof as they were then, in the same transaction.
+        await ctx.tx.query('rollback to savepoint planted');
+        after = await tenantsSeen(ctx.tx);
+      } catch (error) {
+        rollback = (error as Error).message;
+        after = rollback;
+      }
+      seen.set('globex', { xid, before, replayed, rollback, after });
     },
     { partitions: 1, batchSize: 10, concurrency: 1, retry: { immediate: 0, delayed: [], jitter: 0 } },
   );
   await bus.start();
-  await bus.publishMany(Ticked, [{ key: 'a', seq: 1 }], { tenant: 'acme' });
-  await bus.publishMany(Ticked, [{ key: 'g', seq: 1 }], { tenant: 'globex' });
+  // One transaction, so one batch: both handlers share the consumer's batch transaction.
+  await bus.transaction(async (tx) => {
+    await bus.publish(Ticked, { key: 'a', seq: 1 }, { tx, tenant: 'acme' });
+    await bus.publish(Ticked, { key: 'g', seq: 1 }, { tx, tenant: 'globex' });
+  });
   await waitFor('both handled', () => seen.size >= 2);
-  assert.deepEqual(
-    (seen.get('globex') as { tenants: string[] }).tenants.filter((tenant) => tenant !== 'globex'),
-    [],
-  );
+  const acme = seen.get('acme')!;
+  const globex = seen.get('globex')!;
+  assert.equal(globex.xid, acme.xid, 'both handlers ran in one batch transaction');
+  assert.deepEqual(acme.before, ['acme'], 'acme sees its own rows');
+  assert.deepEqual(globex.before, ['globex'], 'globex sees its own rows before the rollback');
+  assert.deepEqual(globex.replayed, [], "acme's proof replayed by a later handler in the same transaction is worth nothing");
+  assert.equal(globex.rollback, 'done', 'the rollback to the planted savepoint ran');
+  assert.deepEqual(globex.after, [], "the scope the rollback brought back is bound to an older entry: nothing is visible, not acme's rows");
 });
 
 test('isolation: what a handler publishes and its saga rows carry its tenant; a cross-tenant subscription sees every tenant, never the consumer tables', async (t) => {

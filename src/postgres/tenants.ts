@@ -9,10 +9,14 @@
  *
  * Why a restricted login and not `SET ROLE`: handler code could `RESET ROLE` back to a privileged session
  * user. Why a proof beside the scope: handler code can `set_config` any setting, so the scope counts only
- * with a keyed hash of itself and the transaction's id, under a key the restricted role cannot read
- * (`tenancy_key`): handler code can read the proof of its own scope, which is useless to any other scope
- * and in any other transaction. Each attempt's scope is set before its savepoint, so a handler's
- * `ROLLBACK TO SAVEPOINT` cannot bring back the consumer's. test/tenancy.pg.test.ts attacks all of it.
+ * with a keyed hash of itself, the transaction's id and the session's entry counter, under a key the
+ * restricted role cannot read (`tenancy_key`). The consumer enters a scope through `tenancy_enter`
+ * (migration 018) with a ticket only it can make; the function advances the counter, a sequence, which no
+ * rollback undoes and the restricted role can neither advance nor read. So handler code can read the proof
+ * of its own scope, which is useless to any other scope, in any other transaction, and after the next scope
+ * is entered: a scope a `ROLLBACK TO` brings back from an earlier attempt proves nothing (issue 23). Each
+ * attempt's scope is set before its savepoint, so `ROLLBACK TO SAVEPOINT tidings_attempt` lands in its
+ * tenant's scope, not the consumer's. test/tenancy.pg.test.ts attacks all of it.
  */
 import { createHash } from 'node:crypto';
 import { TidingsError } from '../core/errors.ts';
@@ -159,8 +163,8 @@ export class TenantIsolation implements Isolation {
     const xid = this.#xids.get(session);
     if (xid === undefined || this.#secret === undefined) throw new Error('tenancy: a scope can be entered only in a transaction of the restricted role');
     // Parameters, never literals: pg_stat_activity shows a session's last statement text to every session of
-    // the same role, so a proof in the text would reach other handlers' SQL (their values are not shown).
-    return session.query(`select set_config('tidings.scope', $1, true), set_config('tidings.proof', $2, true)`, [scope, proof(this.#secret, scope, xid)]);
+    // the same role, so a ticket in the text would reach other handlers' SQL (their values are not shown).
+    return session.query(`select "${this.schema}".tenancy_enter($1, $2)`, [scope, ticket(this.#secret, scope, xid)]);
   }
 
   async close(): Promise<void> {
@@ -195,8 +199,11 @@ function restrictedUrl(backboneUrl: string | undefined, role: string): string {
   return url.toString();
 }
 
-/** The proof of `scope` in transaction `xid`, as migration 013's tenancy_scope() checks it: sha256(k || sha256(k || m)). */
-function proof(secret: Buffer, scope: string, xid: string): string {
+/**
+ * The ticket of `scope` in transaction `xid`, as migration 018's tenancy_enter() checks it before it sets the
+ * scope with a proof bound to the session's entry counter: sha256(k || sha256(k || m)).
+ */
+function ticket(secret: Buffer, scope: string, xid: string): string {
   const inner = createHash('sha256').update(secret).update(`${scope}/${xid}`, 'utf8').digest();
   return createHash('sha256').update(secret).update(inner).digest('hex');
 }
