@@ -175,20 +175,29 @@ test('3. per-key order with two worker processes and 50 keys; keys run in parall
   const keys = 50;
   const perKey = 40;
   // Each key's messages are committed one after another by one publisher; 10 publishers run at once.
-  const publishing = Promise.all(
-    Array.from({ length: 10 }, async (_, p) => {
-      for (let seq = 0; seq < perKey; seq++) {
-        for (let k = p; k < keys; k += 10) {
-          await publisher.transaction(async (tx) => {
-            await publisher.publish(Ticked, { key: `key-${k}`, seq }, { tx });
-          });
+  const publish = (from: number, to: number) =>
+    Promise.all(
+      Array.from({ length: 10 }, async (_, p) => {
+        for (let seq = from; seq < to; seq++) {
+          for (let k = p; k < keys; k += 10) {
+            await publisher.transaction(async (tx) => {
+              await publisher.publish(Ticked, { key: `key-${k}`, seq }, { tx });
+            });
+          }
         }
-      }
-    }),
-  );
+      }),
+    );
+  const publishing = publish(0, perKey / 2);
   await sleep(300);
   const second = await startProcess('worker', { SCHEMA: schema, HANDLE_MS: '1' });
   await publishing;
+  // The second half once both hold partitions: a first worker fast enough to handle the first half alone
+  // must still share the rest (the per-key order across the hand-over is what this test is for).
+  await waitFor('both workers hold partitions', async () => {
+    const [row] = await sql<{ owners: string }>(`select count(distinct owner) as owners from "${schema}".cursors where owner is not null`);
+    return Number(row?.owners) === 2;
+  });
+  await publish(perKey / 2, perKey);
   try {
     await waitFor('all messages handled', async () => (await effects(schema)).length >= keys * perKey, 60_000);
     const rows = await effects(schema);
