@@ -8,8 +8,7 @@ import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import { test } from 'node:test';
 import { promisify } from 'node:util';
-import { z } from 'zod';
-import { createBus, defineEvent, type Backbone, type Bus, type TidingsError } from '../src/index.ts';
+import { createBus, type Backbone, type Bus, type TidingsError } from '../src/index.ts';
 import { nats } from '../src/nats/index.ts';
 import type { PgTransaction } from '../src/postgres/index.ts';
 import { rabbitmq } from '../src/rabbitmq/index.ts';
@@ -17,13 +16,9 @@ import { tenantStamps } from '../src/stamps/index.ts';
 import { natsNamespace, type NatsNamespace } from './fixtures/nats.ts';
 import { testOptions } from './fixtures/rabbitmq.ts';
 import { RABBITMQ_URL, requireBroker, uniqueSchema, waitFor } from './helpers.ts';
+import { Placed } from './fixtures/stamps.ts';
 
 const run = promisify(execFile);
-
-const Placed = defineEvent('stamps.placed', {
-  schema: z.object({ key: z.string(), seq: z.number().int() }),
-  key: (data) => data.key,
-});
 
 const TENANTS = ['acme', 'globex'];
 const KEYS = 4;

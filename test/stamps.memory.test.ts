@@ -5,22 +5,13 @@
  */
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { z } from 'zod';
-import { createBus, deadLetter, defineEvent, type TidingsError, type Bus } from '../src/index.ts';
+import { createBus, deadLetter, type TidingsError, type Bus } from '../src/index.ts';
 import { memory, type MemoryBackbone, type MemoryTransaction } from '../src/memory/index.ts';
 import { tenantStamps, type TenantStamps, type TenantStampsOptions } from '../src/stamps/index.ts';
 import { Quote } from './fixtures/contracts.ts';
 import { Counter, CounterAdded, CounterStarted } from './fixtures/counter-saga.ts';
 import { waitFor } from './helpers.ts';
-
-const Placed = defineEvent('stamps.placed', {
-  schema: z.object({ key: z.string(), seq: z.number().int() }),
-  key: (data) => data.key,
-});
-const Invoiced = defineEvent('stamps.invoiced', {
-  schema: z.object({ key: z.string(), seq: z.number().int() }),
-  key: (data) => data.key,
-});
+import { Invoiced, Placed } from './fixtures/stamps.ts';
 
 interface World {
   readonly stamps: TenantStamps<MemoryTransaction>;

@@ -6,23 +6,14 @@
 import assert from 'node:assert/strict';
 import { type TestContext, test } from 'node:test';
 import pg from 'pg';
-import { z } from 'zod';
-import { createBus, deadLetter, defineEvent, type Bus, type TidingsError } from '../src/index.ts';
+import { createBus, deadLetter, type Bus, type TidingsError } from '../src/index.ts';
 import { postgres, type PgTransaction } from '../src/postgres/index.ts';
 import { tenantStamps, type TenantStamps } from '../src/stamps/index.ts';
 import { quickPostgres } from './fixtures/bus.ts';
 import { Ticked } from './fixtures/contracts.ts';
 import { startProcess } from './fixtures/processes.ts';
 import { createEffects, DATABASE_URL, requirePostgres, sql, uniqueSchema, waitFor } from './helpers.ts';
-
-const Placed = defineEvent('stamps.placed', {
-  schema: z.object({ key: z.string(), seq: z.number().int() }),
-  key: (data) => data.key,
-});
-const Invoiced = defineEvent('stamps.invoiced', {
-  schema: z.object({ key: z.string(), seq: z.number().int() }),
-  key: (data) => data.key,
-});
+import { Invoiced, Placed } from './fixtures/stamps.ts';
 
 /** The test server's URL with another database. */
 function urlOf(database: string): string {
