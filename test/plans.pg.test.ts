@@ -27,17 +27,32 @@ interface PlanNode {
   Plans?: PlanNode[];
 }
 
+/** A schema of its own, migrated by a bus that then stops. */
+async function migratedSchema(): Promise<string> {
+  const schema = uniqueSchema('plan');
+  schemas.push(schema);
+  const bus = createBus({ service: 'plans', backbone: postgres({ url: DATABASE_URL, schema, onWarning: () => undefined }) });
+  await bus.transaction(async () => undefined); // creates the schema
+  await bus.stop();
+  return schema;
+}
+
+/** A snapshot taken now with its floor (migration 017): the log's last position, then the next xid. */
+async function floorNow(client: pg.Client, schema: string): Promise<{ done: string; last: string; next_xid: string }> {
+  const { rows } = await client.query<{ done: string; last: string; next_xid: string }>(
+    `select snap::text as done, last, (pg_snapshot_xmax(snap)::text::int8 + age(pg_snapshot_xmax(snap)::xid))::text as next_xid
+     from (select pg_current_snapshot() as snap, coalesce(pg_sequence_last_value('${schema}.log_position_seq'::regclass), 0) as last offset 0) taken`,
+  );
+  return rows[0]!;
+}
+
 function nodes(plan: PlanNode): PlanNode[] {
   return [plan, ...(plan.Plans ?? []).flatMap(nodes)];
 }
 
 test("the generic plan of the consumer's read opens a window on a log of 200,000 without scanning it or sorting the window: through the xid index, or from the window's floor in position order", async (t) => {
   if (!(await requirePostgres(t))) return;
-  const schema = uniqueSchema('plan');
-  schemas.push(schema);
-  const bus = createBus({ service: 'plans', backbone: postgres({ url: DATABASE_URL, schema, onWarning: () => undefined }) });
-  await bus.transaction(async () => undefined); // creates the schema
-  await bus.stop();
+  const schema = await migratedSchema();
   const client = await connect();
   try {
     const fill = (from: number, to: number) =>
@@ -61,11 +76,7 @@ test("the generic plan of the consumer's read opens a window on a log of 200,000
          end loop; end $$`,
       );
     await fillTransactions(0);
-    const { rows: taken } = await client.query<{ done: string; last: string; next_xid: string }>(
-      `select snap::text as done, last, (pg_snapshot_xmax(snap)::text::int8 + age(pg_snapshot_xmax(snap)::xid))::text as next_xid
-       from (select pg_current_snapshot() as snap, coalesce(pg_sequence_last_value('${schema}.log_position_seq'::regclass), 0) as last offset 0) taken`,
-    );
-    const middle = taken[0]!;
+    const middle = await floorNow(client, schema);
     assert.equal(middle.last, '100000');
     await fillTransactions(5000);
     // `done`: a snapshot taken after those, so the window holds only the 10 published next.
@@ -131,11 +142,7 @@ test("the generic plan of the consumer's read opens a window on a log of 200,000
 
 test("a log written by few large transactions (bulk loads): the window's floor is still found through the xid index, not a scan", async (t) => {
   if (!(await requirePostgres(t))) return;
-  const schema = uniqueSchema('plan');
-  schemas.push(schema);
-  const bus = createBus({ service: 'plans', backbone: postgres({ url: DATABASE_URL, schema, onWarning: () => undefined }) });
-  await bus.transaction(async () => undefined); // creates the schema
-  await bus.stop();
+  const schema = await migratedSchema();
   const client = await connect();
   try {
     // Two transactions of 100,000 messages each: the statistics see two xids, each "most of the log".
@@ -147,11 +154,7 @@ test("a log written by few large transactions (bulk loads): the window's floor i
         [Ticked.topic, from],
       );
     await bulk(1);
-    const { rows } = await client.query<{ done: string; last: string; next_xid: string }>(
-      `select snap::text as done, last, (pg_snapshot_xmax(snap)::text::int8 + age(pg_snapshot_xmax(snap)::xid))::text as next_xid
-       from (select pg_current_snapshot() as snap, coalesce(pg_sequence_last_value('${schema}.log_position_seq'::regclass), 0) as last offset 0) taken`,
-    );
-    const { done, last, next_xid: nextXid } = rows[0]!;
+    const { done, last, next_xid: nextXid } = await floorNow(client, schema);
     await bulk(100_001);
     await client.query(`analyze ${schema}.log`);
     await client.query('set plan_cache_mode = force_generic_plan');
