@@ -8,6 +8,7 @@
 import { systemClock, type Clock } from './clock.ts';
 import type { AnyContract } from './contract.ts';
 import { TenantRateLimitedError, TidingsError } from './errors.ts';
+import { sleep } from './sleep.ts';
 import type { ResolvedQuotas, ResolvedRate } from './options.ts';
 
 /** Where the tenants' buckets live. */
@@ -74,29 +75,13 @@ export class TenantQuotas {
         const limited = { tenant, contract: contract.name, topic: contract.topic, count, retryAfterMs, ...rate };
         throw new TenantRateLimitedError(onLimit === 'reject' ? limited : { ...limited, waited: { ms: waited, maxWaitMs } });
       }
-      await this.#sleep(retryAfterMs);
+      await sleep(retryAfterMs, this.#closing.signal, this.clock);
       if (this.#closing.signal.aborted) {
         throw new TidingsError('STOPPED', `Cannot publish ${contract.name} for tenant ${tenant}: the backbone closed while it waited for its quota`, {
           ref: { topic: contract.topic },
         });
       }
     }
-  }
-
-  /** Waits `ms` on the clock, or less if closed. */
-  #sleep(ms: number): Promise<void> {
-    const signal = this.#closing.signal;
-    return new Promise((resolve) => {
-      if (signal.aborted) return resolve();
-      const timer = this.clock.setTimeout(done, ms);
-      signal.addEventListener('abort', done, { once: true });
-      const clock = this.clock;
-      function done(): void {
-        clock.clearTimeout(timer);
-        signal.removeEventListener('abort', done);
-        resolve();
-      }
-    });
   }
 
   /** Ends the waits in progress: they reject with STOPPED. */
