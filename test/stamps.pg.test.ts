@@ -323,3 +323,57 @@ test('kill -9 of a worker on the stamps mid-batch: each tenant message handled o
   }
   t.diagnostic(`killed worker ${first.pid} after ${first.lines.filter((line) => line.startsWith('handling')).length} handlings; worker ${second.pid} finished`);
 });
+
+test('a recurring schedule ticks once per tenant, in each stamp, however many processes run it; a tenant removed at run time stops', async (t) => {
+  if (!(await requirePostgres(t))) return;
+  const places: Record<string, Place> = {
+    acme: { database: testDatabase, schema: uniqueSchema('ta') },
+    globex: { database: testDatabase, schema: uniqueSchema('tg') },
+  };
+  const world = stampsAt(t, places);
+  const handled: string[] = [];
+  const one = world.bus('clock');
+  const two = world.bus('clock');
+  for (const { bus } of [one, two]) {
+    bus.schedule('every-second', '* * * * * *', Ticked, (tick) => ({ key: 'tick', seq: tick.getTime() / 1000 }));
+    bus.subscribe('count', Ticked, (message) => {
+      handled.push(`${message.tenant}:${message.data.seq}`);
+    });
+  }
+  await Promise.all([one.bus.start(), two.bus.start()]);
+  await waitFor(
+    'three ticks of each tenant',
+    () => ['acme', 'globex'].every((tenant) => handled.filter((h) => h.startsWith(`${tenant}:`)).length >= 3),
+    10_000,
+  );
+
+  // Each tick once per tenant, in its own schema, though two processes fired it.
+  const ticks = async (tenant: string) =>
+    onDatabase(testDatabase, async (client) => {
+      const { rows } = await client.query<{ id: string; tenant: string | null }>(
+        `select id, tenant from "${places[tenant]!.schema}".log where topic = 'test.ticked'`,
+      );
+      return rows;
+    });
+  for (const tenant of ['acme', 'globex']) {
+    const rows = await ticks(tenant);
+    assert.ok(rows.length >= 3, `${tenant}: ${rows.length} ticks`);
+    assert.equal(new Set(rows.map((row) => row.id)).size, rows.length, `${tenant}: one message per tick`);
+    assert.ok(
+      rows.every((row) => row.tenant === tenant),
+      `${tenant}: its ticks only`,
+    );
+  }
+  assert.equal(new Set(handled).size, handled.length, 'each tick handled once');
+
+  // Removing globex: its publishes are refused, its consumers stop, its ticks stop; acme goes on.
+  await Promise.all([one.stamps.removeTenant('globex'), two.stamps.removeTenant('globex')]);
+  assert.deepEqual(one.stamps.tenants(), ['acme']);
+  await assert.rejects(one.bus.publish(Ticked, { key: 'k', seq: 1 }, { tenant: 'globex' }), { code: 'TENANT_UNKNOWN' });
+  const globexTicks = (await ticks('globex')).length;
+  const acmeTicks = (await ticks('acme')).length;
+  await waitFor('two more ticks of acme', async () => (await ticks('acme')).length >= acmeTicks + 2, 10_000);
+  assert.equal((await ticks('globex')).length, globexTicks, 'no tick written to a removed tenant stamp');
+  await one.stamps.addTenant('globex');
+  await waitFor('globex ticks again once added back', async () => (await ticks('globex')).length > globexTicks, 10_000);
+});

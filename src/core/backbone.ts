@@ -53,6 +53,12 @@ export interface Backbone<Tx = unknown> {
   /** Optional, with `claimTick`: the last tick recorded for `name`, and the definition it was fired under. */
   lastTick?(name: string): Promise<{ readonly tick: number; readonly definition: string } | undefined>;
   /**
+   * Optional, with `claimTick`: a backbone that keeps each tenant's data apart (tidings/stamps) names its
+   * tenants here, and a schedule fires each tick once per tenant, claimed and published inside
+   * `withTenant(tenant)` (its transaction, `claimTick` and `lastTick` are that tenant's).
+   */
+  tickTenants?(): readonly string[];
+  /**
    * Optional, for request/reply (`bus.request`): records the answer to request `requestId`, in `tx` (the
    * handler's: it exists iff the request is acknowledged) or on its own (an error answer), and wakes whoever
    * waits for it, in any process. The first answer to a request stands.

@@ -4,6 +4,7 @@ import { validateName, validateNow, type AnyContract, type InputOf } from './con
 import { TidingsError } from './errors.ts';
 import type { Clock, ClockTimer } from './clock.ts';
 import type { PublishOptions } from './publish.ts';
+import { runForTenant } from './tenant.ts';
 
 /** What a recurring schedule publishes besides its data (its `tx`, `id` and time are the tick's). */
 export interface ScheduleOptions extends Omit<PublishOptions, 'tx' | 'id' | 'deliverAt' | 'delayMs'> {
@@ -33,7 +34,8 @@ const MAX_WAIT_MS = 60 * 60_000;
  * One recurring schedule (`bus.schedule`): at each tick of its cron pattern, publishes its contract's
  * message, exactly once across every process that declares it. Every process runs the timer; at a tick,
  * each tries to claim it in a transaction (Backbone.claimTick) and only the one that claims it publishes,
- * in that same transaction, so the tick and its message commit together or not at all.
+ * in that same transaction, so the tick and its message commit together or not at all. On a backbone per
+ * tenant (Backbone.tickTenants) each tick fires once per tenant, each claimed in that tenant's own storage.
  */
 class Schedule<C extends AnyContract = AnyContract> {
   readonly #cron: Cron;
@@ -89,14 +91,16 @@ class Schedule<C extends AnyContract = AnyContract> {
   async start(bus: TickPublisher<unknown>): Promise<void> {
     this.#stopped = false;
     this.#clock = bus.clock;
-    const last = await bus.backbone.lastTick!(this.name);
-    if (last !== undefined && last.definition !== this.definition) {
-      bus.warn(`Schedule ${this.name} changed from ${last.definition} to ${this.definition}: its ticks follow the new definition from now on`);
-    }
-    if (last !== undefined && this.missed === 'one') {
-      const latest = this.previousTick(bus.clock.now());
-      if (latest !== undefined && latest > last.tick) await this.#fire(bus, latest);
-    }
+    await forEachTenant(bus, async () => {
+      const last = await bus.backbone.lastTick!(this.name);
+      if (last !== undefined && last.definition !== this.definition) {
+        bus.warn(`Schedule ${this.name} changed from ${last.definition} to ${this.definition}: its ticks follow the new definition from now on`);
+      }
+      if (last !== undefined && this.missed === 'one') {
+        const latest = this.previousTick(bus.clock.now());
+        if (latest !== undefined && latest > last.tick) await this.#fireOne(bus, latest);
+      }
+    });
     this.#arm(bus);
   }
 
@@ -125,8 +129,13 @@ class Schedule<C extends AnyContract = AnyContract> {
     );
   }
 
+  /** Fires `tick` (once per tenant on a backbone per tenant: one tenant's failure does not hold up the others). */
+  #fire(bus: TickPublisher<unknown>, tick: number): Promise<void> {
+    return forEachTenant(bus, () => this.#fireOne(bus, tick));
+  }
+
   /** Claims `tick` and publishes its message in one transaction; another process may have claimed it first. */
-  async #fire(bus: TickPublisher<unknown>, tick: number): Promise<void> {
+  async #fireOne(bus: TickPublisher<unknown>, tick: number): Promise<void> {
     const at = new Date(tick);
     try {
       await bus.backbone.transaction(async (tx) => {
@@ -137,6 +146,19 @@ class Schedule<C extends AnyContract = AnyContract> {
       });
     } catch (error) {
       bus.warn(`Schedule ${this.name}: the tick of ${at.toISOString()} could not be published; a later tick will be`, error);
+    }
+  }
+}
+
+/** Runs `fn` once, or once per tenant inside `withTenant` on a backbone that names its tenants for ticks; a tenant's failure is warned and the others go on. */
+async function forEachTenant(bus: TickPublisher<unknown>, fn: () => Promise<void>): Promise<void> {
+  const tenants = bus.backbone.tickTenants?.();
+  if (tenants === undefined) return fn();
+  for (const tenant of tenants) {
+    try {
+      await runForTenant(tenant, undefined, fn);
+    } catch (error) {
+      bus.warn(`Schedules: tenant ${tenant}'s ticks could not be read or fired; its next tick is tried again`, error);
     }
   }
 }

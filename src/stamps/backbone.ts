@@ -75,6 +75,29 @@ export class TenantStamps<Tx> implements Backbone<Tx> {
     }
   }
 
+  /**
+   * Removes a tenant at run time: its publishes fail with TENANT_UNKNOWN from now on, its subscriptions'
+   * consumers stop (handlers in flight finish and are acknowledged), and its backbone is closed. Its data stays
+   * in its stamp (a schema, a database, a vhost: drop or purge it yourself); `addTenant` serves it again.
+   */
+  async removeTenant(tenant: string): Promise<void> {
+    const stamp = this.#stampOf(tenant, 'removeTenant()');
+    this.#stamps.delete(tenant);
+    clearTimeout(this.#reopening.get(stamp));
+    this.#reopening.delete(stamp);
+    this.#down.delete(stamp);
+    const consumers = [...this.#running].flatMap((consumption) => {
+      const consumer = consumption.consumers.get(stamp);
+      consumption.consumers.delete(stamp);
+      return consumer === undefined ? [] : [consumer];
+    });
+    const stopped = await Promise.allSettled(consumers.map(async (consumer) => (await consumer).stop()));
+    if (stamp.opened) await stamp.backbone.close();
+    stamp.closed();
+    const failed = stopped.find((result) => result.status === 'rejected');
+    if (failed !== undefined) throw (failed as PromiseRejectedResult).reason;
+  }
+
   observe(observer: BackboneObserver): void {
     this.#observer = observer;
     for (const stamp of this.#stamps.values()) stamp.backbone.observe?.(observer);
@@ -210,6 +233,37 @@ export class TenantStamps<Tx> implements Backbone<Tx> {
   async cancelScheduled(id: string): Promise<boolean> {
     const answers = await Promise.all(this.#upStamps().map((stamp) => stamp.backbone.cancelScheduled?.(id) ?? false));
     return answers.includes(true);
+  }
+
+  /** A recurring schedule's tick is claimed in the stamp of its transaction (one per tenant: see tickTenants). */
+  async claimTick(name: string, definition: string, tick: number, tx: Tx): Promise<boolean> {
+    const stamp = this.#ownerOf(tx) ?? this.#current(`Schedule ${name}`);
+    return this.#ticksOf(stamp, name).claimTick!(name, definition, tick, tx);
+  }
+
+  /** The current tenant's last tick of schedule `name`, from its stamp. */
+  async lastTick(name: string): Promise<{ readonly tick: number; readonly definition: string } | undefined> {
+    const stamp = this.#current(`Schedule ${name}`);
+    await this.#ready(stamp);
+    return this.#ticksOf(stamp, name).lastTick!(name);
+  }
+
+  /**
+   * A schedule fires each tick once per tenant whose stamp is up, in that stamp (a tick has no tenant of its
+   * own, and each stamp keeps its own record of ticks). A stamp that is down at a tick misses it.
+   */
+  tickTenants(): readonly string[] {
+    return this.#upStamps().map((stamp) => stamp.tenant);
+  }
+
+  #ticksOf(stamp: Stamp<Tx>, name: string): Backbone<Tx> {
+    const { backbone } = stamp;
+    if (backbone.claimTick === undefined || backbone.lastTick === undefined)
+      throw new TidingsError(
+        'INVALID_OPTIONS',
+        `Schedule ${name}: the ${backbone.name} backbone of tenant ${stamp.tenant}'s stamp cannot run recurring schedules`,
+      );
+    return backbone;
   }
 
   /** A request's answer goes to the stamp of its transaction, or of the delivery being handled. */
