@@ -403,7 +403,7 @@ export function taskFor(row: Row, workload: Workload, sizes: Sizes, db: { url: s
     fairness: sizes.fairness,
     ...row.sizes,
   };
-  return isBrokerRow(row) ? brokerTask(task, quick) : task;
+  return isBrokerRow(row) ? brokerTask(task, row, quick) : task;
 }
 
 export const WORKLOAD_TITLES: Record<Workload, string> = {

@@ -1,6 +1,6 @@
 /** Aggregates the runs into medians and ranges and prints the tables (targets: targets.ts; charts: charts.ts). */
 import type { ChildResult, LatencySeries, Workload } from '../protocol.ts';
-import { BROKER_TITLES } from './brokers.ts';
+import { BROKER_TITLES, isBrokerGroup } from './brokers.ts';
 import { WORKLOAD_TITLES } from './plan.ts';
 import type { Row } from './rows.ts';
 
@@ -189,12 +189,11 @@ export function renderTables(entries: Entry[]): string {
     for (const group of groupsOf(entries, workload)) {
       const first = group[0]!;
       const kind = first.row.group;
-      const suffix =
-        kind === 'rabbitmq' || kind === 'nats'
-          ? BROKER_TITLES[kind]
-          : kind === 'base' && ['e2e', 'standalone', 'latency'].includes(workload)
-            ? ' -- producers and consumer in one process'
-            : (GROUP_TITLES[kind] ?? '');
+      const suffix = isBrokerGroup(kind)
+        ? BROKER_TITLES[kind]
+        : kind === 'base' && ['e2e', 'standalone', 'latency'].includes(workload)
+          ? ' -- producers and consumer in one process'
+          : (GROUP_TITLES[kind] ?? '');
       const events = first.summary.events?.median;
       const seconds = first.summary.publishSeconds?.median;
       const sizes = new Set(group.map((e) => e.summary.events?.median));
