@@ -81,8 +81,9 @@ function longestRows(entries: Entry[], count = 12): string {
 }
 
 async function main(): Promise<void> {
-  const started = Date.now();
   const lock = await lockMachine();
+  // Timed from the lock on: the total time and --stop-after leave out a wait for another run to finish.
+  const started = Date.now();
   try {
     await run(started);
   } finally {
