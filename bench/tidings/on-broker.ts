@@ -118,16 +118,16 @@ export function tidingsOnBroker(broker: BrokerUnderTest) {
       }
       await publisher.stop();
       const handled = new Handled();
-      let first = 0;
+      let firstMessageAt = 0;
       const bus = newBus(task);
-      bus.subscribe('drain', Ev, counting(handled, { fn: () => (first ||= now()) }), options('beginning'));
+      bus.subscribe('drain', Ev, counting(handled, { fn: () => (firstMessageAt ||= now()) }), options('beginning'));
       await bus.backbone.open();
       const t0 = now();
       await bus.start();
       await handled.until(task.events, task.timeoutMs);
       const end = now();
       await bus.stop();
-      return { ok: true, metrics: drainMetrics(task.events, t0, first, end, handled) };
+      return { ok: true, metrics: drainMetrics(task.events, t0, firstMessageAt, end, handled) };
     });
   }
 
