@@ -4,8 +4,7 @@
  * within each workload (A B C, A B C ...) for several rounds, and the report gives median, min-max and
  * each system's ratio to Tidings.
  *
- *   npm run bench                  the full run: 2 rounds (scaling, issue 21's rows, brokers, replicas once)
- *   npm run bench -- --full        the same and the 1,000,000-event backlog
+ *   npm run bench                  the full run: 2 rounds (scaling, issue 21's rows, brokers, replicas once), ~40 minutes
  *   npm run bench -- --quick       smoke check, 1 round, small sizes (fails only on errors; CI runs it)
  *   options: --rounds N, --sync-off (database bench_async, synchronous_commit off),
  *            --only drain,e2e (workloads, or row groups: --only tracing), --systems tidings,pgboss (systems),
@@ -18,7 +17,7 @@ import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { latencyChart, throughputChart } from './harness/charts.ts';
 import { buildSnapshot, environment } from './harness/environment.ts';
-import { FULL, QUICK, type Sizes, steps, taskFor, WORKLOAD_TITLES, withFullRows } from './harness/plan.ts';
+import { FULL, QUICK, type Sizes, steps, taskFor, WORKLOAD_TITLES } from './harness/plan.ts';
 import { type Entry, headline, renderTables, summarise } from './harness/report.ts';
 import type { Row } from './harness/rows.ts';
 import { cleanRedis, lockMachine, prepareDatabases, SERVER } from './harness/servers.ts';
@@ -33,7 +32,6 @@ const snapshot = join(here, '.snapshot', String(process.pid));
 const { values: args } = parseArgs({
   options: {
     quick: { type: 'boolean', default: false },
-    full: { type: 'boolean', default: false },
     rounds: { type: 'string' },
     'sync-off': { type: 'boolean', default: false },
     only: { type: 'string' },
@@ -46,8 +44,7 @@ const { values: args } = parseArgs({
 });
 
 const quick = args.quick === true;
-const full = args.full === true && !quick;
-const sizes: Sizes = full ? withFullRows(FULL) : { ...(quick ? QUICK : FULL) };
+const sizes: Sizes = { ...(quick ? QUICK : FULL) };
 if (args.rounds !== undefined) sizes.rounds = Math.max(1, Number(args.rounds));
 const syncOff = args['sync-off'] === true;
 const database = syncOff ? 'bench_async' : 'bench';
@@ -74,9 +71,19 @@ function log(message: string): void {
   process.stderr.write(`${message}\n`);
 }
 
+/** The rows that took longest, all rounds together (each task's wall time, start and watchdog included): where a run's time goes. */
+function longestRows(entries: Entry[], count = 12): string {
+  const rows = entries
+    .map((e) => ({ name: `${e.workload} / ${e.row.label}`, runs: e.runs.length, seconds: e.runs.reduce((sum, r) => sum + (r.metrics.taskSeconds ?? 0), 0) }))
+    .sort((a, b) => b.seconds - a.seconds)
+    .slice(0, count);
+  return `\nLongest rows (seconds, all rounds): ${rows.map((r) => `${r.name} ${r.seconds.toFixed(0)} s${r.runs > 1 ? ` (${r.runs} runs)` : ''}`).join('; ')}.`;
+}
+
 async function main(): Promise<void> {
-  const started = Date.now();
   const lock = await lockMachine();
+  // Timed from the lock on: the total time and --stop-after leave out a wait for another run to finish.
+  const started = Date.now();
   try {
     await run(started);
   } finally {
@@ -87,7 +94,7 @@ async function main(): Promise<void> {
 async function run(started: number): Promise<void> {
   await prepareDatabases(syncOff);
   await cleanRedis();
-  const env = await environment({ db, quick, full, sizes });
+  const env = await environment({ db, quick, sizes });
   // Snapshots left by runs that were killed (only one run holds the lock, so none is in use).
   rmSync(join(here, '.snapshot'), { recursive: true, force: true });
   buildSnapshot(snapshot);
@@ -122,7 +129,9 @@ async function run(started: number): Promise<void> {
         const background = await backgroundLoad(300);
         const t0 = Date.now();
         const result = await runTask(task, snapshot);
+        const seconds = (Date.now() - t0) / 1000;
         result.metrics.backgroundCpu = background;
+        result.metrics.taskSeconds = seconds;
         if (task.events > 0 && result.ok) result.metrics.events ??= task.events;
         if (task.publishSeconds > 0 && result.ok) result.metrics.publishSeconds = task.publishSeconds;
         const key = `${step.workload}|${row.label}`;
@@ -130,7 +139,7 @@ async function run(started: number): Promise<void> {
         slot.runs.push(result);
         results.set(key, slot);
         log(
-          `  ${step.workload.padEnd(10)} ${row.label.padEnd(44)} ${headline(step.workload, result)}  (${((Date.now() - t0) / 1000).toFixed(1)} s${background > 25 ? `, machine ${background.toFixed(0)} % busy before` : ''})`,
+          `  ${step.workload.padEnd(10)} ${row.label.padEnd(44)} ${headline(step.workload, result)}  (${seconds.toFixed(1)} s${background > 25 ? `, machine ${background.toFixed(0)} % busy before` : ''})`,
         );
       }
     }
@@ -156,6 +165,7 @@ async function run(started: number): Promise<void> {
     renderTargets(targets),
     '',
     `Total time: ${((Date.now() - started) / 1000).toFixed(0)} s.${cutShort ? ' Cut short (--stop-after or a signal): the rows after the last one shown did not run.' : ''}`,
+    longestRows(entries),
   ].join('\n');
   process.stdout.write(`${text}\n`);
 

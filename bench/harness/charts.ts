@@ -2,6 +2,7 @@
 import * as vega from 'vega';
 import * as vl from 'vega-lite';
 import type { SystemName, Workload } from '../protocol.ts';
+import { brokerOf } from './brokers.ts';
 import { WORKLOAD_TITLES } from './plan.ts';
 import type { Entry } from './report.ts';
 import type { Row } from './rows.ts';
@@ -40,7 +41,9 @@ const CHARTED: readonly Workload[] = ['bulk', 'drain', 'e2e', 'standalone', 'fan
 /** A workload's title without its number: "Drain a stored backlog (until acknowledged)". */
 function workloadName(workload: Workload, group: Row['group']): string {
   const title = WORKLOAD_TITLES[workload].replace(/^\d+[a-z]?\. /, '');
-  return `${title}${group === 'guarantees' ? ', guarantees on' : group === 'rabbitmq' ? ', on RabbitMQ' : group === 'nats' ? ', on NATS JetStream' : ''}`;
+  const broker = brokerOf(group);
+  const where = broker === undefined ? '' : `, on ${broker.name === 'NATS' ? 'NATS JetStream' : broker.name}${broker.steadyGroup === group ? ', steady' : ''}`;
+  return `${title}${group === 'guarantees' ? ', guarantees on' : where}`;
 }
 
 /**

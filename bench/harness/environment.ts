@@ -21,12 +21,11 @@ function version(pkg: string): string {
 export interface RunSettings {
   db: { url: string; name: string };
   quick: boolean;
-  full: boolean;
   sizes: Sizes;
 }
 
 /** What the figures were measured on: machine, servers, versions, commit, and the run's settings. */
-export async function environment({ db, quick, full, sizes }: RunSettings): Promise<Record<string, unknown>> {
+export async function environment({ db, quick, sizes }: RunSettings): Promise<Record<string, unknown>> {
   const cpuinfo = readFileSync('/proc/cpuinfo', 'utf8');
   const model = /model name\s*:\s*(.*)/.exec(cpuinfo)?.[1]?.trim() ?? 'unknown';
   const client = new pg.Client({ connectionString: db.url });
@@ -81,7 +80,7 @@ export async function environment({ db, quick, full, sizes }: RunSettings): Prom
     commit,
     /** Uncommitted changes under src/ when the run started: the figures are of that working tree. */
     srcChanges,
-    mode: quick ? 'quick' : full ? 'full, with --full rows' : 'default',
+    mode: quick ? 'quick' : 'default',
     rounds: sizes.rounds,
     sizes,
   };

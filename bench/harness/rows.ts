@@ -13,6 +13,9 @@ export type Group =
   | 'replica'
   | 'rabbitmq'
   | 'nats'
+  /** The brokers' steady drain rows (issue 24), beside their cold ones. */
+  | 'rabbitmqSteady'
+  | 'natsSteady'
   | 'backlog'
   | 'subscriptions'
   | 'payload'

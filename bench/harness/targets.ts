@@ -1,6 +1,6 @@
 /** The goals of issue 24 (and issue 8's T5, issue 21's scheduled latency), checked against a run's medians (reported, never asserted). */
 import type { Workload } from '../protocol.ts';
-import { BROKERS } from './brokers.ts';
+import { BROKERS, coldLabel, steadyLabel } from './brokers.ts';
 import { LABELS, ROW, withRls } from './plan.ts';
 import { type Entry, fmt, table } from './report.ts';
 
@@ -91,19 +91,20 @@ export function checkTargets(entries: Entry[]): TargetCheck[] {
     { id: 'G7', measure: 'fan-out: e2e events/s with 16 subscriptions / with 1', value: pct(fan), goal: '>= 70 %', verdict: higher(fan, 0.7) },
     {
       id: 'G8',
-      measure: `time to first message, backlog ${fmt(largest?.summary.events?.median, 0)} (1,000,000 with --full)`,
+      measure: `time to first message, backlog ${fmt(largest?.summary.events?.median, 0)}, a fresh subscription from the beginning`,
       value: first === undefined ? '-' : `${fmt(first)} ms`,
       goal: '<= 50 ms at 1,000,000',
       verdict: lower(first, 50),
     },
     ...BROKERS.map((b): TargetCheck => {
-      const of = (workload: Workload) => share(m(workload, b.tidings, 'rate'), m(workload, b.plain, 'rate'));
-      const d = of('drain');
-      const e = of('e2e');
+      const of = (workload: Workload, label: (l: string) => string) => share(m(workload, label(b.tidings), 'rate'), m(workload, label(b.plain), 'rate'));
+      const d = of('drain', steadyLabel);
+      const cold = of('drain', coldLabel);
+      const e = of('e2e', (l) => l);
       return {
         id: `G9 ${b.name}`,
-        measure: `Tidings on ${b.name} / plain ${b.client}, events/s: drain, e2e`,
-        value: `${pct(d)}, ${pct(e)}`,
+        measure: `Tidings on ${b.name} / plain ${b.client}, events/s: drain steady, e2e (drain cold start, not judged)`,
+        value: `${pct(d)}, ${pct(e)} (${pct(cold)})`,
         goal: '>= 90 % each',
         verdict: both(higher(d, 0.9), higher(e, 0.9)),
       };

@@ -1,7 +1,7 @@
 /**
  * Target T10 of issue 8: the memory of a consumer draining a large backlog stays flat. Writes N events
  * (default 1,000,000, 1,000 keys, ~250 B each) straight into a fresh schema's log with one SQL statement
- * per 100,000, then drains them with one subscription (inbox on, no-op handler) and samples the process's
+ * per 100,000 (bench/tidings/fill-log.ts), then drains them with one subscription (inbox on, no-op handler) and samples the process's
  * RSS and heap every second.
  *
  *   npm run bench:memory [-- --events 1000000]
@@ -16,11 +16,11 @@ import pg from 'pg';
 import { z } from 'zod';
 import { createBus, defineEvent, keyHash } from '../../src/index.ts';
 import { postgres } from '../../src/postgres/index.ts';
+import { fillLog } from '../tidings/fill-log.ts';
 
 const { values: args } = parseArgs({ options: { events: { type: 'string' } } });
 const EVENTS = Number(args.events ?? 1_000_000);
 const KEYS = 1_000;
-const CHUNK = 100_000;
 const url = process.env.DATABASE_URL ?? 'postgres://postgres@127.0.0.1:5432/test';
 const schema = `backlog_${process.pid}`;
 const mb = (bytes: number) => Math.round(bytes / 1024 / 1024);
@@ -49,19 +49,9 @@ try {
   await setup.start();
   await setup.stop();
   // The same key hash Tidings computes, so each key's partition is the one a publish would give it.
-  const hashes = Array.from({ length: KEYS }, (_, k) => keyHash(`k${k}`));
+  const keyHashes = Array.from({ length: KEYS }, (_, k) => keyHash(`k${k}`));
   const filling = Date.now();
-  for (let from = 0; from < EVENTS; from += CHUNK) {
-    const to = Math.min(EVENTS, from + CHUNK);
-    await admin.query(
-      `insert into ${schema}.log (topic, id, type, source, time, key, key_hash, correlation_id, data)
-       select 'bench.event', gen_random_uuid()::text, 'bench.event.v1', 'tidings://bench', now(), 'k' || (n % ${KEYS}),
-         ($3::int[])[n % ${KEYS} + 1], gen_random_uuid()::text,
-         jsonb_build_object('key', 'k' || (n % ${KEYS}), 'seq', n, 'payload', repeat('x', 180))
-       from generate_series($1::int, $2::int - 1) as n order by n`,
-      [from, to, hashes],
-    );
-  }
+  await fillLog(admin, { schema, events: EVENTS, keyHashes, perTransaction: 100_000 });
   console.log(`Wrote ${EVENTS.toLocaleString('en')} events in ${((Date.now() - filling) / 1000).toFixed(1)} s; draining...`);
 
   const samples: Array<{ s: number; handled: number; rssMb: number; heapMb: number }> = [];

@@ -5,7 +5,7 @@
  */
 import amqp from 'amqplib';
 import { connect as natsConnect, type JetStreamManager } from 'nats';
-import { Counter } from './measure.ts';
+import { Counter, rate } from './measure.ts';
 
 export const RABBITMQ_URL = process.env.RABBITMQ_URL ?? 'amqp://guest:guest@127.0.0.1:5672';
 export const NATS_URL = process.env.NATS_URL ?? 'nats://127.0.0.1:4222';
@@ -122,6 +122,20 @@ export async function natsUnacked(stream: string, timeoutMs = 5_000): Promise<nu
       await new Promise((resolve) => setTimeout(resolve, 100));
     }
   });
+}
+
+/**
+ * A drain's figures: events/s from the consumer's start (`t0`) to the last handled (`end`), and from the
+ * first message on (the consumer's start left out), the time to the first message, the copies seen twice.
+ */
+export function drainMetrics(events: number, t0: number, first: number, end: number, handled: Handled): Record<string, number> {
+  return {
+    rate: rate(events, end - t0),
+    handlerRate: rate(events, end - t0),
+    steadyRate: rate(events, end - first),
+    firstMessageMs: first - t0,
+    duplicates: handled.duplicates,
+  };
 }
 
 /** Counts distinct events handled (by seq); copies delivered again are counted apart. */

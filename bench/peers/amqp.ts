@@ -6,11 +6,22 @@
  * retries, dead letters or envelope.
  */
 import amqp, { type Channel, type ChannelModel, type ConfirmChannel } from 'amqplib';
-import { AMQP_PREFETCH, CHUNK, deleteRabbit, Handled, PRODUCERS, RABBITMQ_PROCESSES, RABBITMQ_URL, rabbitReady, uniqueId } from '../load/brokers.ts';
+import {
+  AMQP_PREFETCH,
+  CHUNK,
+  deleteRabbit,
+  drainMetrics,
+  Handled,
+  PRODUCERS,
+  RABBITMQ_PROCESSES,
+  RABBITMQ_URL,
+  rabbitReady,
+  uniqueId,
+} from '../load/brokers.ts';
 import { runChild } from '../load/child.ts';
 import { makeEvent, type BenchEvent } from '../load/events.ts';
 import { latencyPhases } from '../load/latency.ts';
-import { now, produce, rate, sleep } from '../load/measure.ts';
+import { now, produce, rate, sleep, warmedUp } from '../load/measure.ts';
 import type { ChildResult, Task } from '../protocol.ts';
 
 const prefix = `tbench.plain.${uniqueId()}.`;
@@ -88,12 +99,16 @@ async function drain(task: Task): Promise<ChildResult> {
       await Promise.all(Array.from({ length: Math.min(CHUNK, task.events - first) }, (_, i) => plain.publish(first + i, task.variant.keys)));
     }
     const handled = new Handled();
+    let first = 0;
     const t0 = now();
-    const channel = await plain.consume((event) => handled.add(event.seq));
+    const channel = await plain.consume((event) => {
+      first ||= now();
+      handled.add(event.seq);
+    });
     await handled.until(task.events, task.timeoutMs);
-    const ms = now() - t0;
+    const end = now();
     await settleAndClose(channel);
-    return { ok: true, metrics: { rate: rate(task.events, ms), handlerRate: rate(task.events, ms), duplicates: handled.duplicates } };
+    return { ok: true, metrics: drainMetrics(task.events, t0, first, end, handled) };
   });
 }
 
@@ -133,4 +148,4 @@ async function latency(task: Task): Promise<ChildResult> {
   });
 }
 
-runChild({ drain, e2e: endToEnd, latency });
+runChild({ drain: warmedUp(drain), e2e: endToEnd, latency });

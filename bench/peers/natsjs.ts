@@ -11,6 +11,7 @@ import { AckPolicy, connect, DeliverPolicy, nanos, RetentionPolicy, StorageType,
 import {
   CHUNK,
   deleteNats,
+  drainMetrics,
   Handled,
   NATS_MAX_ACK_PENDING,
   NATS_PROCESSES,
@@ -23,7 +24,7 @@ import {
 import { runChild } from '../load/child.ts';
 import { makeEvent, type BenchEvent } from '../load/events.ts';
 import { latencyPhases } from '../load/latency.ts';
-import { now, produce, rate } from '../load/measure.ts';
+import { now, produce, rate, warmedUp } from '../load/measure.ts';
 import type { ChildResult, Task } from '../protocol.ts';
 
 const id = uniqueId();
@@ -96,12 +97,16 @@ async function drain(task: Task): Promise<ChildResult> {
       await Promise.all(Array.from({ length: Math.min(CHUNK, task.events - first) }, (_, i) => plain.publish(first + i, task.variant.keys)));
     }
     const handled = new Handled();
+    let first = 0;
     const t0 = now();
-    const reader = await plain.consume(DeliverPolicy.All, (event) => handled.add(event.seq));
+    const reader = await plain.consume(DeliverPolicy.All, (event) => {
+      first ||= now();
+      handled.add(event.seq);
+    });
     await handled.until(task.events, task.timeoutMs);
-    const ms = now() - t0;
+    const end = now();
     await reader.stop();
-    return { ok: true, metrics: { rate: rate(task.events, ms), handlerRate: rate(task.events, ms), duplicates: handled.duplicates } };
+    return { ok: true, metrics: drainMetrics(task.events, t0, first, end, handled) };
   });
 }
 
@@ -141,4 +146,4 @@ async function latency(task: Task): Promise<ChildResult> {
   });
 }
 
-runChild({ drain, e2e: endToEnd, latency });
+runChild({ drain: warmedUp(drain), e2e: endToEnd, latency });

@@ -3,7 +3,8 @@
  * bench/tidings/rabbitmq.ts and bench/tidings/nats.ts, which say how to make the backbone and clean up.
  *
  * - drain: a backlog published with `publishMany` (1,000 per call), then a subscription started; timed from
- *   `bus.start()` (connection already open) to the last handler finished.
+ *   `bus.start()` (connection already open) to the last handler finished, and from the first message on. The
+ *   steady rows first run a drain of `warmUpEvents` in the same process (`warmedUp`), unmeasured.
  * - e2e: 10 producers, one event per call. Standalone: `bus.publish` (resolves on the broker's confirm).
  *   With `variant.outbox`: `bus.transaction` + `publish({ tx })` into the PostgreSQL outbox, the relay in
  *   this process hands it to the broker, the handler runs in a transaction with its inbox record.
@@ -18,11 +19,11 @@ import { z } from 'zod';
 import type { Bus, Message } from '../../src/index.ts';
 import type { BrokerBackbone } from '../../src/outbox/index.ts';
 import type { PgTransaction, PostgresBackbone } from '../../src/postgres/index.ts';
-import { CHUNK, CONCURRENCY, Handled, PARTITIONS, PRODUCERS } from '../load/brokers.ts';
+import { CHUNK, CONCURRENCY, drainMetrics, Handled, PARTITIONS, PRODUCERS } from '../load/brokers.ts';
 import { makeEvent, type BenchEvent } from '../load/events.ts';
 import { type Helper, startHelper } from '../load/helper.ts';
 import { latencyPhases } from '../load/latency.ts';
-import { now, produce, rate } from '../load/measure.ts';
+import { now, produce, rate, warmedUp } from '../load/measure.ts';
 import { monitorClient } from '../load/pg.ts';
 import { roundTrips } from '../load/round-trip.ts';
 import { tidings } from './build.ts';
@@ -117,15 +118,16 @@ export function tidingsOnBroker(broker: BrokerUnderTest) {
       }
       await publisher.stop();
       const handled = new Handled();
+      let firstMessageAt = 0;
       const bus = newBus(task);
-      bus.subscribe('drain', Ev, counting(handled), options('beginning'));
+      bus.subscribe('drain', Ev, counting(handled, { fn: () => (firstMessageAt ||= now()) }), options('beginning'));
       await bus.backbone.open();
       const t0 = now();
       await bus.start();
       await handled.until(task.events, task.timeoutMs);
-      const ms = now() - t0;
+      const end = now();
       await bus.stop();
-      return { ok: true, metrics: { rate: rate(task.events, ms), handlerRate: rate(task.events, ms), duplicates: handled.duplicates } };
+      return { ok: true, metrics: drainMetrics(task.events, t0, firstMessageAt, end, handled) };
     });
   }
 
@@ -193,5 +195,5 @@ export function tidingsOnBroker(broker: BrokerUnderTest) {
     });
   }
 
-  return { drain, e2e: endToEnd, latency, request, helper: replier };
+  return { drain: warmedUp(drain), e2e: endToEnd, latency, request, helper: replier };
 }
