@@ -13,6 +13,7 @@ import { purgeTenant, type PgTransaction } from '../src/postgres/index.ts';
 import { bucketSql, rowHashSql } from '../src/replica/digest.ts';
 import { defineReplica, defineSource, feed, replica, source, type Replica } from '../src/replica/index.ts';
 import { pgWorld, type PgWorld } from './fixtures/bus.ts';
+import { tidingsInProcess } from './fixtures/cli.ts';
 import { Ticked } from './fixtures/contracts.ts';
 import { DATABASE_URL, sql, waitFor } from './helpers.ts';
 import pg from 'pg';
@@ -259,6 +260,9 @@ test("a purge deletes the tenant's rows from every replica table, and nothing of
   const tables = ['replica_accounts_one_g1', 'replica_accounts_two_g1'];
   for (const table of tables) assert.deepEqual(await perTenant(table), { '': 2, acme: 5, globex: 5 });
   const driver = (bus.backbone as unknown as { driver: Parameters<typeof purgeTenant>[0] }).driver;
+  const printed = await tidingsInProcess(world.schema)('tenants', 'purge', 'acme', '--dry-run');
+  assert.match(printed, /replica_accounts_one_g1 +5\n/, printed);
+  assert.match(printed, /replica_accounts_two_g1 +5\n/);
   const dry = await purgeTenant(driver, { schema: world.schema, tenant: 'acme', dryRun: true, actor: 'test' });
   assert.equal(dry.rows.replica_accounts_one_g1, 5);
   assert.equal(dry.rows.replica_accounts_two_g1, 5);
