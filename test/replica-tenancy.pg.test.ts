@@ -162,7 +162,9 @@ test('a replica keeps each row with its tenant: reads are confined to the tenant
 test("row-level security: a tenant's handler SQL through ctx.tx reads and writes its tenant's replica rows only", async (t) => {
   const world = await pgWorld(t, 'rptls', { tenancy: { isolation: 'rls' } });
   if (world === undefined) return;
-  const { change } = await owner(world, false);
+  const { change } = await owner(world);
+  // The source's select runs in its handler's transaction, as the restricted role.
+  await sql(`grant select on "${world.schema}".accounts to tidings_tenant`);
   const gateway = world.bus('gateway');
   const r = replica(gateway, accounts, { driftCheckEveryMs: 0 });
   running.push(r);
@@ -233,6 +235,17 @@ test("row-level security: a tenant's handler SQL through ctx.tx reads and writes
     (await sql(`select tenant, state->>'name' as name from ${table} order by tenant, key`)).map((row) => `${row.tenant}:${row.name}`),
     [':no tenant', 'acme:acme one', 'globex:globex one'],
     'nothing changed',
+  );
+  // A drift check and a rebuild under isolation: the source answers for every tenant (a cross-tenant subscription).
+  await sql(`update ${table} set state = '{"name":"drifted"}' where tenant = 'globex'`);
+  const drift = await r.checkDrift();
+  assert.deepEqual([drift.different, drift.repaired], [1, 1]);
+  assert.equal((await r.rebuild()).rows, 3);
+  assert.equal((await r.get('a-1', { tenant: 'globex' }))?.name, 'globex one');
+  await change('globex', 'a-1', 'globex renamed');
+  await waitFor(
+    'the event applied to the rebuilt table (granted to the restricted role)',
+    async () => (await r.get('a-1', { tenant: 'globex' }))?.name === 'globex renamed',
   );
 });
 

@@ -162,7 +162,9 @@ export function source(bus: Bus<PgTransaction>, definition: SourceDefinition, op
         pages.map((chunk, part) => ({ kind: 'page' as const, requestId: request.requestId, part, parts: pages.length, total, rows: chunk })),
       );
     },
-    { startFrom: 'now' },
+    // Cross-tenant: a source answers for every tenant's rows (with tenant isolation, its `select` runs in the
+    // scope that sees all of them, as the restricted role: grant that role select on the tables it reads).
+    { startFrom: 'now', crossTenant: true },
   );
 
   return {
