@@ -199,6 +199,7 @@ test("row-level security: a tenant's handler SQL through ctx.tx reads and writes
         updatedView: (await attempt(`update ${r.view} set state = '{"name":"hacked"}' where tenant <> $1`, [message.tenant ?? ''])).count,
         deleted: (await attempt(`delete from ${table} where tenant <> $1`, [message.tenant ?? ''])).count,
         inserted: (await attempt(`insert into ${table} (tenant, key, version, state) values ($1, 'planted', 1, '{}')`, [other])).error,
+        insertedView: (await attempt(`insert into ${r.view} (tenant, key, version, state) values ($1, 'planted', 1, '{}')`, [other])).error,
         applied: (await attempt(`select "${world.schema}".replica_accounts_apply_g1($1, 'planted', 99, '{}', null, null)`, [other])).error,
         forged: (await attempt(`select set_config('tidings.scope', $1, true)`, [`t:${other}`])).error ?? (await seen()),
         dropped: (await attempt(`alter table ${table} disable row level security`)).error,
@@ -227,6 +228,7 @@ test("row-level security: a tenant's handler SQL through ctx.tx reads and writes
     );
     assert.deepEqual([found.updated, found.updatedView, found.deleted], [0, 0, 0], `${tenant}: updates and deletes none of the others'`);
     assert.match(String(found.inserted), /row-level security/, `${tenant}: cannot write a row for another tenant`);
+    assert.match(String(found.insertedView), /check option/, `${tenant}: nor through the view`);
     assert.match(String(found.applied), /row-level security/, `${tenant}: nor through the apply function`);
     assert.deepEqual(found.forged, [], `${tenant}: a forged scope sees nothing`);
     assert.match(String(found.dropped), /must be owner/, `${tenant}: cannot disable row-level security`);
