@@ -10,7 +10,8 @@
  * Tables (store.ts, sql.ts):
  *   replicas                  in the Tidings schema (migration 006), one row per replica: current
  *                             generation, the one being built, last check, last rebuild
- *   replica_<name>_g<n>       the rows of generation n (tombstones included), in the replica's schema
+ *   replica_<name>_g<n>       the rows of generation n (tombstones included), one per key and tenant,
+ *                             with the log's row-level security policy, in the replica's schema
  *   replica_<name>            a view of the current generation's live rows: what readers query
  *   replica_<name>_apply_g<n> a function applying one event to generation n (and to the one being built)
  *
