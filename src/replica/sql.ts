@@ -91,19 +91,26 @@ export function generationStatements(schema: string, base: string, name: string,
   const applyFunction = (generation: number) => `${s}."${base}_apply_g${generation}"`;
   const id = identitySql('tenant', 'key');
   const literal = (text: string) => `'${text.replace(/'/g, "''")}'`;
-  /** Migration 013's test of a tenant's row: the scope in force is every tenant's, or this row's tenant's. */
-  const visible = `(select ${s}.tenancy_scope()) in ('all', 'any', 't:' || tenant)`;
   const bucket = `bucket int not null generated always as (${bucketSql(id)}) stored`;
   const hash = `hash int8 generated always as (case when state is null then null else ${rowHashSql(id, 'version', 'state')} end) stored`;
   const upsert = (target: string) => `insert into ${target} as t (tenant, key, version, state, event_time) values (tn, k, v, st, et)
         on conflict (key, tenant) do update set version = excluded.version, state = excluded.state, event_time = excluded.event_time, updated_at = now()
          where t.version < excluded.version`;
-  /** Grants every restricted role of tenant isolation (migration 013's `tenancy_roles`) what a feed handler needs. */
-  const grants = (generation: number) => `do $grant$ declare r name; begin
+  /**
+   * Grants every restricted role of tenant isolation (migration 013's `tenancy_roles`) what a feed handler
+   * needs; and, the view reading with its reader's rights, every other role that may read the view the
+   * generation's table too (else a reader granted the view would lose it at the next rebuild).
+   */
+  const grants = (generation: number) => `do $grant$ declare r text; begin
         for r in select role from ${s}.tenancy_roles loop
           execute format('grant select, insert, update, delete on %s to %I', ${literal(table(generation))}, r);
           execute format('grant select, insert, update, delete on %s to %I', ${literal(`${s}."${base}"`)}, r);
           execute format('grant select (name, generation, building, filled_at) on %s to %I', ${literal(meta)}, r);
+        end loop;
+        for r in select distinct case when a.grantee = 0 then 'public' else quote_ident(pg_get_userbyid(a.grantee)) end
+                   from pg_class c, aclexplode(c.relacl) a
+                  where c.oid = ${literal(`${s}."${base}"`)}::regclass and a.privilege_type = 'SELECT' and a.grantee <> c.relowner loop
+          execute format('grant select on %s to %s', ${literal(table(generation))}, r);
         end loop;
       end $grant$`;
   return {
@@ -140,7 +147,7 @@ export function generationStatements(schema: string, base: string, name: string,
       `create index if not exists "${base}_g${generation}_event_time" on ${table(generation)} (event_time)`,
       `alter table ${table(generation)} enable row level security`,
       `drop policy if exists tenant_rows on ${table(generation)}`,
-      `create policy tenant_rows on ${table(generation)} using (${visible})`,
+      `create policy tenant_rows on ${table(generation)} using ((select ${s}.tenancy_scope()) in ('all', 'any', 't:' || tenant))`,
       /*
        * One event's write as a function per generation, created with its table: it checks the meta row (the
        * generation readers see, and the one a rebuild fills) and writes the guarded upsert into that
@@ -177,13 +184,12 @@ export function generationStatements(schema: string, base: string, name: string,
     drop: (generation: number) => [`drop table if exists ${table(generation)}`, `drop function if exists ${applyFunction(generation)}`],
     /**
      * Readers query the view: switching it to another generation is one statement in the switch's
-     * transaction. A view reads its table with its owner's rights, whom row-level security does not confine,
-     * so the view applies the policy's test itself, and its check option holds writes through it to the same
-     * (the policy's function sees the reader's login). Roles other than the restricted one see every row.
+     * transaction. `security_invoker`: the table's row-level security confines the view's reader, not its
+     * owner (whom it never confines); the owner's reads, the replica's own, cost no policy check at all.
      */
     point: (generation: number) =>
-      `create or replace view ${s}."${base}" as select key, version, state, event_time, updated_at, tenant from ${table(generation)}
-        where state is not null and ${visible} with check option`,
+      `create or replace view ${s}."${base}" with (security_invoker = true) as
+        select key, version, state, event_time, updated_at, tenant from ${table(generation)} where state is not null`,
     apply: (generation: number) => `select ${applyFunction(generation)}($1, $2, $3, $4::jsonb, $5, $6) as n`,
     /** The meta row and the key's current row (locked), in one statement. */
     readRow: (generation: number) => `select m.generation, m.building, r.version, r.state
