@@ -17,6 +17,14 @@ export const digestTree = {
 /** An empty bucket's digest. Digests travel as decimal text: int8 does not fit a JS number. */
 const EMPTY = '0';
 
+/**
+ * SQL for what a row's bucket and hash are computed over: the key, or for a tenant's row the tenant and the
+ * key (`tenant` is '' for a row of no tenant, so rows of no tenant hash as they did before tenants).
+ */
+export function identitySql(tenant: string, key: string): string {
+  return `(case when ${tenant} = '' then ${key} else ${tenant} || chr(31) || ${key} end)`;
+}
+
 /** SQL for a key's bucket (0..4095): the first 32 bits of md5(key). Needs `key` in scope. */
 export function bucketSql(key: string): string {
   return `((('x' || substr(md5(${key}), 1, 8))::bit(32)::int) & ${digestTree.leaves - 1})`;

@@ -3,7 +3,7 @@ import type { DriftReport } from './define.ts';
 import { buildTree, childrenOf, chunks, digestTree, leavesFrom } from './digest.ts';
 import type { ReplicaRequest, StateRow } from './protocol.ts';
 import type { Traffic } from './requests.ts';
-import type { Entry, ReplicaParts } from './store.ts';
+import { identity, type Entry, type ReplicaParts } from './store.ts';
 
 /** What a drift check needs of its replica. */
 interface DriftCheck<Row> extends ReplicaParts<Row> {
@@ -80,21 +80,22 @@ export async function checkDrift<Row>(
   const leaves = differingNodes.length === digestTree.depth + 1 ? nodes : [];
 
   // The keys of the differing leaves: the source answers with the state of every key that differs.
+  // Rows by identity (tenant and key): two tenants' rows of one key are two rows.
   const listed = new Map<string, string>();
   const missing: StateRow[] = [];
   const different: StateRow[] = [];
-  const extra: string[] = [];
+  const extra: Array<{ tenant: string; key: string }> = [];
   if (leaves.length > 0) {
-    const { rows } = await driver.query<{ key: string; bucket: number; hash: string }>(store.tables.keysOfLeaves(meta.generation), [leaves]);
-    const byLeaf = new Map<number, Array<[string, string]>>(leaves.map((leaf) => [leaf, []]));
+    const { rows } = await driver.query<{ tenant: string; key: string; bucket: number; hash: string }>(store.tables.keysOfLeaves(meta.generation), [leaves]);
+    const byLeaf = new Map<number, Array<[string, string, string?]>>(leaves.map((leaf) => [leaf, []]));
     for (const row of rows) {
-      listed.set(row.key, row.hash);
-      byLeaf.get(Number(row.bucket))!.push([row.key, row.hash]);
+      listed.set(identity(row.tenant, row.key), row.hash);
+      byLeaf.get(Number(row.bucket))!.push(row.tenant === '' ? [row.key, row.hash] : [row.key, row.hash, row.tenant]);
     }
     // Whole leaves per request, as many as fit in maxKeysPerRequest keys.
     const requests: ReplicaRequest[] = [];
     let group: number[] = [];
-    let keys: Array<[string, string]> = [];
+    let keys: Array<[string, string, string?]> = [];
     const flush = () => {
       if (group.length === 0) return;
       requests.push({ kind: 'keys', requestId: newId(), replica: check.name, checkId, leaves: group, keys });
@@ -112,8 +113,8 @@ export async function checkDrift<Row>(
       for (const reply of parts) {
         if (reply.kind !== 'keys') continue;
         entries += reply.rows.length + reply.absent.length;
-        for (const row of reply.rows) (listed.has(row.key) ? different : missing).push(row);
-        extra.push(...reply.absent);
+        for (const row of reply.rows) (listed.has(identity(row.tenant ?? '', row.key)) ? different : missing).push(row);
+        for (const absent of reply.absent) extra.push(typeof absent === 'string' ? { tenant: '', key: absent } : { tenant: absent[1], key: absent[0] });
       }
     }
   }
@@ -122,7 +123,9 @@ export async function checkDrift<Row>(
   if (options.repair !== false && missing.length + different.length + extra.length > 0) {
     written = await check.transaction((tx) => store.repair(tx, meta.generation, [...missing, ...different], extra, listed));
   }
-  const sample = (keys: readonly string[]) => keys.slice(0, 10);
+  // A tenant's key is shown as tenant/key.
+  const sample = (rows: readonly { tenant?: string; key: string }[]) =>
+    rows.slice(0, 10).map((row) => (row.tenant === undefined || row.tenant === '' ? row.key : `${row.tenant}/${row.key}`));
   const report: DriftReport = {
     ...base,
     durationMs: Date.now() - started,
@@ -130,7 +133,7 @@ export async function checkDrift<Row>(
     extra: extra.length,
     different: different.length,
     repaired: written.length,
-    samples: { missing: sample(missing.map((row) => row.key)), extra: sample(extra), different: sample(different.map((row) => row.key)) },
+    samples: { missing: sample(missing), extra: sample(extra), different: sample(different) },
     messages: { ...traffic },
     entries,
     differingNodes,

@@ -13,8 +13,9 @@
 import type { StandardSchemaV1 } from '../core/standard-schema.ts';
 import { defineCommand, defineEvent, type Contract } from '../core/contract.ts';
 
-/** A key's state as the source sees it: the document the replica stores, and its version. */
+/** A key's state as the source sees it: the document the replica stores, its version, and its tenant (absent: none). */
 export interface StateRow {
+  readonly tenant?: string;
   readonly key: string;
   readonly version: number;
   readonly state: unknown;
@@ -30,17 +31,27 @@ export type ReplicaRequest =
       readonly level: number;
       readonly nodes: readonly number[];
     }
-  /** The replica's keys (and row hashes) in these leaves: answer with the state of every key that differs. */
+  /**
+   * The replica's keys (and row hashes, and tenants where there is one) in these leaves: answer with the
+   * state of every key that differs.
+   */
   | {
       readonly kind: 'keys';
       readonly requestId: string;
       readonly replica: string;
       readonly checkId: string;
       readonly leaves: readonly number[];
-      readonly keys: readonly (readonly [key: string, hash: string])[];
+      readonly keys: readonly (readonly [key: string, hash: string, tenant?: string])[];
     }
-  /** A page of the source's state in key order, after `after` (null: from the start). */
-  | { readonly kind: 'page'; readonly requestId: string; readonly replica: string; readonly after: string | null; readonly limit: number };
+  /** A page of the source's state in tenant and key order, after (`afterTenant`, `after`) (`after` null: from the start). */
+  | {
+      readonly kind: 'page';
+      readonly requestId: string;
+      readonly replica: string;
+      readonly after: string | null;
+      readonly afterTenant?: string;
+      readonly limit: number;
+    };
 
 export type ReplicaReply =
   | {
@@ -58,8 +69,8 @@ export type ReplicaReply =
       readonly parts: number;
       /** Keys whose state differs from the replica's, or that the replica lacks. */
       readonly rows: readonly StateRow[];
-      /** Keys the replica has that the source does not. */
-      readonly absent: readonly string[];
+      /** Keys the replica has that the source does not: a key of no tenant, or [key, tenant]. */
+      readonly absent: readonly (string | readonly [key: string, tenant: string])[];
     }
   | {
       readonly kind: 'page';

@@ -31,9 +31,13 @@ export async function rebuild<Row>(job: Rebuild<Row>, onProgress?: (progress: Re
   let done = 0;
   let total: number | null = null;
   let after: string | null = null;
+  let afterTenant = '';
   try {
     for (;;) {
-      const [parts] = await job.requests.ask([{ kind: 'page', requestId: newId(), replica: name, after, limit: job.pageSize }], traffic);
+      const [parts] = await job.requests.ask(
+        [{ kind: 'page', requestId: newId(), replica: name, after, ...(afterTenant === '' ? {} : { afterTenant }), limit: job.pageSize }],
+        traffic,
+      );
       const rows = parts!.flatMap((reply) => (reply.kind === 'page' ? reply.rows : []));
       if (after === null) total = parts![0]?.kind === 'page' ? parts![0].total : null;
       if (rows.length > 0) {
@@ -42,6 +46,7 @@ export async function rebuild<Row>(job: Rebuild<Row>, onProgress?: (progress: Re
         await retryConflicts(() => store.driver.query(store.tables.insertPage(next), [JSON.stringify(rows)]));
         done += rows.length;
         after = rows[rows.length - 1]!.key;
+        afterTenant = rows[rows.length - 1]!.tenant ?? '';
       }
       onProgress?.({ done, total });
       if (rows.length < job.pageSize) break;

@@ -10,7 +10,8 @@
  * Tables (store.ts, sql.ts):
  *   replicas                  in the Tidings schema (migration 006), one row per replica: current
  *                             generation, the one being built, last check, last rebuild
- *   replica_<name>_g<n>       the rows of generation n (tombstones included), in the replica's schema
+ *   replica_<name>_g<n>       the rows of generation n (tombstones included), one per key and tenant,
+ *                             with the log's row-level security policy, in the replica's schema
  *   replica_<name>            a view of the current generation's live rows: what readers query
  *   replica_<name>_apply_g<n> a function applying one event to generation n (and to the one being built)
  *
@@ -21,10 +22,11 @@ import { defaultWarning } from '../core/warnings.ts';
 import type { Bus } from '../core/bus.ts';
 import { PermanentError, TidingsError } from '../core/errors.ts';
 import { bytesOver, messageLimits } from '../core/limits.ts';
+import { checkTenant, currentTenant } from '../core/tenant.ts';
 import { OptionProblems } from '../core/options.ts';
 import { PostgresBackbone } from '../postgres/backbone.ts';
 import type { PgTransaction } from '../postgres/transaction.ts';
-import { RowCache } from './cache.ts';
+import { ambiguous, RowCache } from './cache.ts';
 import {
   replicaDefaults,
   type DriftReport,
@@ -43,6 +45,12 @@ import { rebuild } from './rebuild.ts';
 import { SourceRequests } from './requests.ts';
 import { ReplicaStore } from './store.ts';
 import { replicaView, viewStatements } from './sql.ts';
+
+/** Which tenant's rows a read sees: by default the code's tenant (`bus.withTenant`, or the message being handled). */
+export interface ReadScope {
+  /** This tenant's rows only, wherever the read runs. */
+  readonly tenant?: string;
+}
 
 /** The reader a replica returns, and its operations: check, rebuild, staleness. */
 export class Replica<Row> {
@@ -106,7 +114,7 @@ export class Replica<Row> {
       maxKeysPerRequest: options.maxKeysPerRequest ?? d.maxKeysPerRequest,
       pageSize: options.pageSize ?? d.pageSize,
     };
-    this.#cache = new RowCache(definition.indexes ?? {});
+    this.#cache = new RowCache(this.name, definition.indexes ?? {});
     this.#requests = new SourceRequests(
       (contract, data) => bus.publishMany(contract, data),
       this.name,
@@ -119,7 +127,8 @@ export class Replica<Row> {
       ...options.subscription,
       startFrom: this.#options.bootstrap === 'replay' ? 'beginning' : 'now',
     });
-    for (const f of definition.feeds) feeds.on(f.contract, (message, ctx) => this.#apply(f, message.data, message.key, message.time, ctx.tx));
+    for (const f of definition.feeds)
+      feeds.on(f.contract, (message, ctx) => this.#apply(f, message.data, message.key, message.tenant ?? '', message.time, ctx.tx));
     // Answers from the source, and check commands (tidings drift check), on a subscription of their own
     // so that a check waiting for answers never blocks the feed.
     bus
@@ -166,7 +175,7 @@ export class Replica<Row> {
   // ---- applying events --------------------------------------------------------------------------------
 
   // biome-ignore lint/suspicious/noExplicitAny: the feed's contract types its own data
-  async #apply(f: Feed<Row, any>, data: any, messageKey: string, time: Date, tx: PgTransaction): Promise<void> {
+  async #apply(f: Feed<Row, any>, data: any, messageKey: string, tenant: string, time: Date, tx: PgTransaction): Promise<void> {
     await this.ready();
     const key = f.key === undefined ? messageKey : f.key(data);
     // The replica's table is keyed by it: a key over the limit could never be stored (a btree entry is at most ~2.7 kB).
@@ -187,7 +196,7 @@ export class Replica<Row> {
     try {
       if (f.apply !== undefined) {
         // The meta row and the current row in one statement; the write in a second.
-        const current = await store.readRow(tx, key);
+        const current = await store.readRow(tx, tenant, key);
         if (current !== undefined && current.version >= version) {
           this.#counts.stale++;
           return;
@@ -196,7 +205,7 @@ export class Replica<Row> {
       } else {
         next = f.delete ? null : f.upsert === undefined ? (data as Row) : f.upsert(data);
       }
-      applied = await store.write(tx, key, version, next, time);
+      applied = await store.write(tx, tenant, key, version, next, time);
     } catch (error) {
       // Most likely a generation another process's rebuild switched away from and dropped: forget what we
       // knew, so that the bus's next attempt reads the meta row afresh.
@@ -212,21 +221,41 @@ export class Replica<Row> {
     if (this.#newestEvent === null || time > this.#newestEvent) this.#newestEvent = time;
     // Memory runs ahead of the table by at most the batch being acknowledged; a batch rolled back is
     // handled again and writes the same rows.
-    if (this.#options.memory) this.#cache.remember(key, { version, row: next });
+    if (this.#options.memory) this.#cache.remember(key, { tenant, version, row: next });
   }
 
   // ---- reading ------------------------------------------------------------------------------------------
 
-  /** The row of `key`, or undefined. From memory with `memory: true`, else one indexed query. */
-  async get(key: string): Promise<Row | undefined> {
+  /**
+   * The row of `key`, or undefined. From memory with `memory: true`, else one indexed query. A row is its
+   * tenant's: inside `bus.withTenant(tenant)` or a handler of a tenant's message (or with `{ tenant }`), only
+   * that tenant's row; elsewhere, whichever tenant's holds the key (TENANT_REQUIRED if several do).
+   */
+  async get(key: string, options: ReadScope = {}): Promise<Row | undefined> {
+    const tenant = this.#tenantOf(options);
     await this.ready();
-    if (this.#options.memory) return this.#cache.get(key);
-    const { rows } = await this.#backbone.driver.query<{ state: Row }>(this.#read.get, [key]);
+    if (this.#options.memory) return this.#cache.get(key, tenant);
+    const { rows } = await this.#backbone.driver.query<{ tenant: string; state: Row }>(this.#read.get, [key, tenant ?? null]);
+    if (rows.length > 1)
+      throw ambiguous(
+        this.name,
+        `key ${key}`,
+        rows.map((row) => row.tenant),
+      );
     return rows[0]?.state;
   }
 
-  /** The row whose index `index` (declared in `indexes`) has `value`; needs `memory: true`. */
-  lookup(index: string, value: string): Row | undefined {
+  /** The tenant a read is confined to: the one named, else the code's (withTenant, or the message being handled), else none. */
+  #tenantOf(options: ReadScope): string | undefined {
+    if (options.tenant !== undefined) return checkTenant(options.tenant, `Replica ${this.name}`);
+    return currentTenant();
+  }
+
+  /**
+   * The row whose index `index` (declared in `indexes`) has `value`; needs `memory: true`. Confined to a
+   * tenant like `get`.
+   */
+  lookup(index: string, value: string, options: ReadScope = {}): Row | undefined {
     if (!this.#cache.hasIndex(index)) {
       throw new TidingsError(
         'INVALID_OPTIONS',
@@ -234,17 +263,22 @@ export class Replica<Row> {
       );
     }
     if (!this.#options.memory) throw new TidingsError('INVALID_OPTIONS', `Replica ${this.name}: lookup needs memory: true; without it, use query()`);
-    return this.#cache.lookup(index, value);
+    return this.#cache.lookup(index, value, this.#tenantOf(options));
   }
 
   /**
    * Rows matching a SQL condition on the view's columns (`key`, `version`, `state` jsonb, `event_time`),
    * with values as parameters: `query("state->>'email' = $1", [email])`. The condition is SQL text: never
-   * build it from input.
+   * build it from input. Inside a tenant's scope (as `get` says), only that tenant's rows; elsewhere every
+   * tenant's (the view has a `tenant` column, '' for rows of none).
    */
-  async query(where = 'true', params: readonly unknown[] = [], options: { limit?: number; orderBy?: string } = {}): Promise<Row[]> {
+  async query(where = 'true', params: readonly unknown[] = [], options: ReadScope & { limit?: number; orderBy?: string } = {}): Promise<Row[]> {
+    const tenant = this.#tenantOf(options);
     await this.ready();
-    const { rows } = await this.#backbone.driver.query<{ state: Row }>(this.#read.query(where, options.orderBy ?? 'key', options.limit), params);
+    const { rows } = await this.#backbone.driver.query<{ state: Row }>(
+      this.#read.query(where, options.orderBy ?? 'key', options.limit, tenant === undefined ? undefined : params.length + 1),
+      tenant === undefined ? params : [...params, tenant],
+    );
     return rows.map((row) => row.state);
   }
 

@@ -9,6 +9,7 @@ import { OptionProblems } from '../core/options.ts';
 import type { PgTransaction } from '../postgres/transaction.ts';
 import { buildTree, chunks, leavesFrom } from './digest.ts';
 import { sourceStatements } from './sql.ts';
+import { identity } from './store.ts';
 import { replyContract, requestContract, type ReplicaReply, type ReplicaRequest, type StateRow } from './protocol.ts';
 
 export interface SourceDefinition {
@@ -20,6 +21,11 @@ export interface SourceDefinition {
    * absent. Replicas compare `state` by content, so build it the way the events build the replica's row.
    */
   readonly select: string;
+  /**
+   * The owner's data belongs to tenants, and `select` returns a `tenant` column too (text, null for a row of
+   * no tenant): a key is then unique per tenant, and replicas keep each row with its tenant.
+   */
+  readonly tenants?: boolean;
 }
 
 export function defineSource(definition: SourceDefinition): SourceDefinition {
@@ -29,6 +35,7 @@ export function defineSource(definition: SourceDefinition): SourceDefinition {
     typeof definition.select === 'string' && /^\s*(select|with)\b/i.test(definition.select),
     'select must be a SQL query (select ... or with ...) returning key, version and state',
   );
+  problems.oneOf('tenants', definition.tenants, [true, false]);
   problems.throwIfAny();
   return Object.freeze({ ...definition });
 }
@@ -68,7 +75,7 @@ export function source(bus: Bus<PgTransaction>, definition: SourceDefinition, op
   problems.throwIfAny();
   const maxRows = options.maxRowsPerReply ?? sourceDefaults.maxRowsPerReply;
   const cacheMs = options.digestCacheMs ?? sourceDefaults.digestCacheMs;
-  const sql = sourceStatements(definition.select);
+  const sql = sourceStatements(definition.select, definition.tenants === true);
   const replies = new Map<string, ReturnType<typeof replyContract>>();
   const trees = new Map<string, { at: number; tree: Promise<string[][]> }>();
   const counts = { requests: { digest: 0, keys: 0, page: 0 }, replies: 0 };
@@ -110,14 +117,17 @@ export function source(bus: Bus<PgTransaction>, definition: SourceDefinition, op
         return;
       }
       if (request.kind === 'keys') {
-        const { rows } = await ctx.tx.query<{ key: string; version: string | number; state: unknown; hash: string }>(sql.keysOfLeaves, [request.leaves]);
-        const theirs = new Map(request.keys.map(([key, hash]) => [key, hash]));
+        const { rows } = await ctx.tx.query<{ tenant: string; key: string; version: string | number; state: unknown; hash: string }>(sql.keysOfLeaves, [
+          request.leaves,
+        ]);
+        const theirs = new Map(request.keys.map(([key, hash, tenant = '']) => [identity(tenant, key), { key, hash, tenant }]));
         const differing: StateRow[] = [];
         for (const row of rows) {
-          if (theirs.get(row.key) !== row.hash) differing.push({ key: row.key, version: Number(row.version), state: row.state });
-          theirs.delete(row.key);
+          const id = identity(row.tenant, row.key);
+          if (theirs.get(id)?.hash !== row.hash) differing.push(stateRow(row));
+          theirs.delete(id);
         }
-        const absent = [...theirs.keys()];
+        const absent = [...theirs.values()].map(({ key, tenant }) => (tenant === '' ? key : ([key, tenant] as const)));
         const rowChunks = chunks(differing, maxRows);
         const absentChunks = chunks(absent, maxRows * 10);
         const parts = Math.max(1, rowChunks.length + absentChunks.length);
@@ -138,12 +148,13 @@ export function source(bus: Bus<PgTransaction>, definition: SourceDefinition, op
       }
       // A page of a state transfer, in key order: the next request starts after its last key.
       const limit = Math.min(request.limit, maxRows * 10);
-      const { rows } = await ctx.tx.query<{ key: string; version: string | number; state: unknown }>(sql.page, [request.after, limit]);
+      const { rows } = await ctx.tx.query<{ tenant: string; key: string; version: string | number; state: unknown }>(sql.page, [
+        request.afterTenant ?? '',
+        request.after,
+        limit,
+      ]);
       const total = request.after === null ? Number((await ctx.tx.query<{ n: string }>(sql.count)).rows[0]!.n) : null;
-      const pages = chunks(
-        rows.map((row) => ({ key: row.key, version: Number(row.version), state: row.state })),
-        maxRows,
-      );
+      const pages = chunks(rows.map(stateRow), maxRows);
       if (pages.length === 0) pages.push([]);
       await reply(
         ctx.tx,
@@ -151,11 +162,19 @@ export function source(bus: Bus<PgTransaction>, definition: SourceDefinition, op
         pages.map((chunk, part) => ({ kind: 'page' as const, requestId: request.requestId, part, parts: pages.length, total, rows: chunk })),
       );
     },
-    { startFrom: 'now' },
+    // Cross-tenant: a source answers for every tenant's rows (with tenant isolation, its `select` runs in the
+    // scope that sees all of them, as the restricted role: grant that role select on the tables it reads).
+    { startFrom: 'now', crossTenant: true },
   );
 
   return {
     definition,
     stats: () => ({ requests: { ...counts.requests }, replies: counts.replies }),
   };
+}
+
+/** A row of the source's answer: its tenant only where it has one, so sources without tenants answer as before. */
+function stateRow(row: { tenant: string; key: string; version: string | number; state: unknown }): StateRow {
+  const state = { key: row.key, version: Number(row.version), state: row.state };
+  return row.tenant === '' ? state : { tenant: row.tenant, ...state };
 }

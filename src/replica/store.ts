@@ -20,10 +20,16 @@ export interface ReplicaParts<Row> {
   readonly transaction: <T>(fn: (tx: PgTransaction) => Promise<T>) => Promise<T>;
 }
 
-/** A row as the replica keeps it: the source's version of the key, and its state (null: a tombstone). */
+/** A row as the replica keeps it: its tenant ('' for none), the source's version of the key, and its state (null: a tombstone). */
 export interface Entry<Row> {
+  tenant: string;
   version: number;
   row: Row | null;
+}
+
+/** A row's identity in memory and in a check's lists: its tenant and key (a tenant id holds no control character). */
+export function identity(tenant: string, key: string): string {
+  return `${tenant}\u0000${key}`;
 }
 
 /**
@@ -53,12 +59,18 @@ export class ReplicaStore<Row> {
     await tx.query(this.meta.lock, [`${this.schema}.${this.name}`]);
     await tx.query(this.meta.insert, [this.name, this.source]);
     const meta = await this.readMeta(tx);
-    await this.createGeneration(tx, meta.generation);
+    // A generation a rebuild was filling when its process stopped: brought up to date like the current one.
+    if (meta.building !== null) await this.createGeneration(tx, meta.building, false);
+    await this.createGeneration(tx, meta.generation, false);
     await tx.query(this.tables.point(meta.generation));
+    await tx.query(this.tables.grants(meta.generation));
+    if (meta.building !== null) await tx.query(this.tables.grants(meta.building));
   }
 
-  async createGeneration(q: Queryable, generation: number): Promise<void> {
+  /** Creates a generation's table and function (or brings an older one up to date); `grant`: once the view exists. */
+  async createGeneration(q: Queryable, generation: number, grant = true): Promise<void> {
     for (const statement of this.tables.create(generation)) await q.query(statement);
+    if (grant) await q.query(this.tables.grants(generation));
   }
 
   async dropGeneration(q: Queryable, generation: number): Promise<void> {
@@ -86,12 +98,12 @@ export class ReplicaStore<Row> {
   }
 
   /** The key's current row, locked until `tx` ends, read in one statement with the meta row. */
-  async readRow(tx: PgTransaction, key: string): Promise<{ version: number; state: Row | null } | undefined> {
+  async readRow(tx: PgTransaction, tenant: string, key: string): Promise<{ version: number; state: Row | null } | undefined> {
     for (;;) {
       const known = await this.#generations(tx);
       const { rows } = await tx.query<{ generation: number; building: number | null; version: string | number | null; state: Row | null }>(
         this.tables.readRow(known.generation),
-        [this.name, key],
+        [this.name, key, tenant],
       );
       const row = rows[0];
       if (row === undefined) throw this.#noMeta();
@@ -107,10 +119,11 @@ export class ReplicaStore<Row> {
    * apply function): into the current generation, and the one a rebuild fills, which gets every event too.
    * True if it wrote the current one.
    */
-  async write(tx: PgTransaction, key: string, version: number, row: Row | null, time: Date | null): Promise<boolean> {
+  async write(tx: PgTransaction, tenant: string, key: string, version: number, row: Row | null, time: Date | null): Promise<boolean> {
     for (;;) {
       const known = await this.#generations(tx);
       const { rows } = await tx.query<{ n: number }>(this.tables.apply(known.generation), [
+        tenant,
         key,
         version,
         row === null ? null : JSON.stringify(row),
@@ -126,10 +139,10 @@ export class ReplicaStore<Row> {
 
   /** Every row of the current generation, tombstones included (to fill the memory map). */
   async all(): Promise<Array<[string, Entry<Row>]>> {
-    const { rows } = await this.driver.query<{ key: string; version: string | number; state: Row | null }>(
+    const { rows } = await this.driver.query<{ tenant: string; key: string; version: string | number; state: Row | null }>(
       this.tables.all((await this.readMeta(this.driver)).generation),
     );
-    return rows.map((row) => [row.key, { version: Number(row.version), row: row.state }]);
+    return rows.map((row) => [row.key, { tenant: row.tenant, version: Number(row.version), row: row.state }]);
   }
 
   async newest(): Promise<{ at: Date | null; now: Date }> {
@@ -148,26 +161,37 @@ export class ReplicaStore<Row> {
   }
 
   /**
-   * Writes the source's state over rows that are still as a check listed them (`listed`: key -> hash), and
-   * tombstones over those the source lacks. A row a live event changed since is left alone: the event is
+   * Writes the source's state over rows that are still as a check listed them (`listed`: identity -> hash),
+   * and tombstones over those the source lacks. A row a live event changed since is left alone: the event is
    * newer than, or as new as, what the source sent. Returns what it wrote.
    */
   async repair(
     tx: PgTransaction,
     generation: number,
     rows: readonly StateRow[],
-    absent: readonly string[],
+    absent: readonly { readonly tenant: string; readonly key: string }[],
     listed: ReadonlyMap<string, string>,
   ): Promise<Array<[string, Entry<Row>]>> {
     const written: Array<[string, Entry<Row>]> = [];
     for (const row of rows) {
-      const result = await tx.query(this.tables.repairRow(generation), [row.key, row.version, JSON.stringify(row.state), listed.get(row.key) ?? null]);
-      if ((result.rowCount ?? 0) > 0) written.push([row.key, { version: row.version, row: row.state as Row }]);
+      const tenant = row.tenant ?? '';
+      const result = await tx.query(this.tables.repairRow(generation), [
+        tenant,
+        row.key,
+        row.version,
+        JSON.stringify(row.state),
+        listed.get(identity(tenant, row.key)) ?? null,
+      ]);
+      if ((result.rowCount ?? 0) > 0) written.push([row.key, { tenant, version: row.version, row: row.state as Row }]);
     }
-    for (const key of absent) {
-      const result = await tx.query<{ version: string | number }>(this.tables.repairAbsent(generation), [key, listed.get(key) ?? null]);
+    for (const { tenant, key } of absent) {
+      const result = await tx.query<{ version: string | number }>(this.tables.repairAbsent(generation), [
+        tenant,
+        key,
+        listed.get(identity(tenant, key)) ?? null,
+      ]);
       const version = result.rows[0]?.version;
-      if (version !== undefined) written.push([key, { version: Number(version), row: null }]);
+      if (version !== undefined) written.push([key, { tenant, version: Number(version), row: null }]);
     }
     return written;
   }

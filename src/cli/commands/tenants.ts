@@ -100,10 +100,12 @@ export function registerTenants(program: Command, context: CliContext): void {
         }
         const result = await purgeTenant(db.driver, { schema: globals.schema, tenant, dryRun, actor: options.actor });
         const total = Object.values(result.rows).reduce((sum, n) => sum + n, 0);
+        // Replicas' tables (replica_<name>_g<n>) are longer than Tidings' own names.
+        const width = Math.max(17, ...Object.keys(result.rows).map((name) => name.length + 1));
         emit(context, globals, result, () =>
           [
             `${dryRun ? 'Would delete' : 'Deleted'} ${total} rows of tenant ${tenant}:`,
-            ...Object.entries(result.rows).map(([name, n]) => `  ${name.padEnd(17)} ${n}`),
+            ...Object.entries(result.rows).map(([name, n]) => `  ${name.padEnd(width)} ${n}`),
             ...(dryRun ? [`Delete them with: tidings tenants purge ${tenant} --yes`] : ['Recorded in tenant_actions.']),
           ].join('\n'),
         );

@@ -15,6 +15,7 @@ import { iso, toEnvelope, type LogRow } from '../codec.ts';
 import { schemaOf } from '../sql/schema.ts';
 import { defaultActor } from './chunks.ts';
 import { explainMissingSchema } from './schema.ts';
+import { generationStatements, metaStatements, replicaBase } from '../../replica/sql.ts';
 
 export interface TenantSummary {
   readonly tenant: string;
@@ -188,8 +189,7 @@ export async function resumeTenant(db: SqlDriver, options: ActingOptions): Promi
 
 /**
  * Where a tenant's rows are, table by table, in the order a purge deletes them: what points into the log
- * (held messages, inbox records) before the log itself. Replica tables are not covered: a replica's rows
- * are the application's, shaped by its projection (docs/tenancy.md says how to purge them).
+ * (held messages, inbox records) before the log itself. Replicas' tables follow (`replicaRows`).
  */
 const TENANT_ROWS: ReadonlyArray<readonly [table: string, where: (s: string) => string]> = [
   ['held', (s) => `coalesce(x.message ->> 'tenant', (select l.tenant from ${s}.log l where l.position = x.position)) = $1`],
@@ -215,7 +215,7 @@ export interface PurgeResult {
  * Deletes every row Tidings keeps of a tenant, in one transaction, with an audit row of what it deleted;
  * `dryRun` counts them and deletes nothing (and writes no audit row). Suspend the tenant first, or messages
  * handled meanwhile may publish new ones. Other tenants' rows are untouched (test/tenants.pg.test.ts checks
- * table by table).
+ * table by table). Replicas' rows are counted per table, as `replica_<name>_g<n>`.
  */
 export async function purgeTenant(db: SqlDriver, options: ActingOptions & { readonly dryRun?: boolean | undefined }): Promise<PurgeResult> {
   const s = schemaOf(options.schema);
@@ -231,6 +231,7 @@ export async function purgeTenant(db: SqlDriver, options: ActingOptions & { read
         const { rows: counted } = await tx.query<{ n: string | number }>(sql, [tenant]);
         rows[table] = Number(counted[0]?.n ?? 0);
       }
+      Object.assign(rows, await replicaRows(tx, options.schema, tenant, dryRun));
       if (!dryRun) await audit(tx, s, 'purge', tenant, options.actor ?? defaultActor(), { rows });
       return { tenant, dryRun, rows };
     }),
@@ -260,6 +261,32 @@ export async function* exportTenant(db: Queryable, options: ActingOptions & { re
     if (rows.length < chunk) return;
     after = Number(rows[rows.length - 1]!.position);
   }
+}
+
+/**
+ * Deletes (or counts) the tenant's rows in every replica of the schema (src/replica): the generation readers
+ * see, and the one a rebuild is filling. The replicas' meta rows are locked (for share) so that no rebuild
+ * switches generations under the purge; a rebuild's pages written after the purge come from its source,
+ * which an erasure purges too (docs/tenancy.md).
+ */
+async function replicaRows(tx: Queryable, schema: string, tenant: string, dryRun: boolean): Promise<Record<string, number>> {
+  const meta = metaStatements(schema);
+  const rows: Record<string, number> = {};
+  const { rows: replicas } = await tx.query<{ name: string; generation: number; building: number | null }>(meta.tables);
+  for (const replica of replicas) {
+    const tables = generationStatements(schema, replicaBase(replica.name), replica.name, meta.meta);
+    for (const generation of [replica.generation, replica.building]) {
+      if (generation === null) continue;
+      const table = tables.table(Number(generation));
+      const { rows: exists } = await tx.query<{ t: string | null }>('select to_regclass($1)::text as t', [table]);
+      if (exists[0]?.t == null) continue;
+      const { rows: counted } = await tx.query<{ n: string | number }>(dryRun ? tables.countTenant(Number(generation)) : tables.purge(Number(generation)), [
+        tenant,
+      ]);
+      rows[`${replicaBase(replica.name)}_g${generation}`] = Number(counted[0]?.n ?? 0);
+    }
+  }
+  return rows;
 }
 
 async function audit(db: Queryable, s: string, action: string, tenant: string, actor: string, detail: unknown): Promise<void> {
