@@ -261,6 +261,139 @@ test("isolation: a savepoint one tenant's handler leaves behind does not give a 
   assert.deepEqual(globex.after, [], "the scope the rollback brought back is bound to an older entry: nothing is visible, not acme's rows");
 });
 
+test("isolation: the batch's first attempt goes without a savepoint (its failure hands the whole batch again, with savepoints), and consecutive attempts of one tenant share its scope: every write once, each in its tenant's scope", async (t) => {
+  const world = await pgWorld(t, 'rlsb', rls);
+  if (world === undefined) return;
+  const bus = world.bus();
+  const s = `"${world.schema}"`;
+  const client = await connect();
+  t.after(() => client.end());
+  const tries = new Map<string, number>();
+  /** The attempts that got through, in the order they ran: their transaction, tenant and proof. */
+  const ran: Array<{ id: string; tenant: string; xid: string; proof: string; seen: string[] }> = [];
+  let first: string | undefined;
+  bus.subscribe(
+    'bare',
+    Ticked,
+    async (message: Message<{ key: string; seq: number }>, ctx) => {
+      const tryNumber = (tries.get(message.id) ?? 0) + 1;
+      tries.set(message.id, tryNumber);
+      first ??= message.id;
+      const [row] = (
+        await ctx.tx.query<{ xid: string; proof: string }>(`select pg_current_xact_id()::text as xid, current_setting('tidings.proof', true) as proof`)
+      ).rows;
+      const seen = (await ctx.tx.query<{ tenant: string }>(`select distinct tenant from ${s}.log order by 1`)).rows.map((r) => r.tenant);
+      await ctx.tx.query(`insert into ${s}.effects (id, tenant, scope) values ($1, $2, current_setting('tidings.scope', true))`, [message.id, message.tenant]);
+      // The batch's first attempt fails once, after its write: no savepoint to roll back to, so the batch runs again.
+      if (message.id === first && tryNumber === 1) throw new Error('the first attempt fails');
+      ran.push({ id: message.id, tenant: message.tenant!, xid: row!.xid, proof: row!.proof, seen });
+    },
+    { partitions: 1, batchSize: 10, concurrency: 1, retry: { immediate: 1, delayed: [], jitter: 0 } },
+  );
+  await bus.start();
+  await client.query(`create table ${s}.effects (id text not null, tenant text not null, scope text)`);
+  await client.query(`grant select, insert on ${s}.effects to tidings_tenant`);
+  // One transaction, so one batch: three of acme's and one of globex's, so two of acme's run one after the other.
+  await bus.transaction(async (tx) => {
+    for (const [key, tenant] of [
+      ['a1', 'acme'],
+      ['a2', 'acme'],
+      ['g1', 'globex'],
+      ['a3', 'acme'],
+    ] as const) {
+      await bus.publish(Ticked, { key, seq: 1 }, { tx, tenant });
+    }
+  });
+  await waitFor('every message handled', () => ran.length >= 4);
+  await sleep(200);
+
+  const { rows } = await client.query<{ id: string; tenant: string; scope: string }>(`select * from ${s}.effects`);
+  assert.equal(rows.length, 4, "one write kept per message: the abandoned transaction's were rolled back");
+  assert.equal(new Set(rows.map((row) => row.id)).size, 4, 'no message written twice');
+  for (const row of rows) assert.equal(row.scope, `t:${row.tenant}`, `${row.id}: written in its tenant's scope`);
+  assert.equal(tries.get(first!), 2, 'the failed first attempt ran again');
+  assert.equal(ran.length, 4, 'each message got through once');
+  assert.equal(new Set(ran.map((r) => r.xid)).size, 1, 'all in one batch transaction, handled again as a whole');
+  for (const r of ran) assert.deepEqual(r.seen, [r.tenant], `${r.id}: saw its own tenant's messages only`);
+  let shared = 0;
+  for (const [i, r] of ran.entries()) {
+    const before = ran[i - 1];
+    if (before === undefined) continue;
+    if (before.tenant === r.tenant) {
+      assert.equal(r.proof, before.proof, `${r.id} after ${before.id}, of the same tenant: the scope is shared`);
+      shared++;
+    } else assert.notEqual(r.proof, before.proof, `${r.id} after ${before.id}, of another tenant: a scope of its own`);
+  }
+  assert.ok(shared >= 1, 'two attempts of acme ran one after the other');
+
+  // The handlers wrote, so the next batch's transaction opens beside its read (tenants.ts, warm): its writes
+  // are kept once, in their scopes, and once the consumer is idle no transaction of it is left open.
+  await bus.transaction(async (tx) => {
+    await bus.publish(Ticked, { key: 'a4', seq: 1 }, { tx, tenant: 'acme' });
+    await bus.publish(Ticked, { key: 'g2', seq: 1 }, { tx, tenant: 'globex' });
+  });
+  await waitFor('the next batch handled', () => ran.length >= 6);
+  // Past a poll (1 s in the tests): the consumer's next read, with nothing to read, warmed a transaction too.
+  await sleep(1_500);
+  const { rows: after } = await client.query<{ id: string; tenant: string; scope: string }>(`select * from ${s}.effects`);
+  assert.equal(after.length, 6, 'one write kept per message');
+  for (const row of after) assert.equal(row.scope, `t:${row.tenant}`, `${row.id}: written in its tenant's scope`);
+  const { rows: sessions } = await client.query<{ state: string }>('select state from pg_stat_activity where application_name = left($1, 63)', [
+    `tidings:${world.schema}:tenants`,
+  ]);
+  assert.ok(sessions.length > 0, "the restricted pool's sessions are found");
+  const open = sessions.filter((session) => session.state !== 'idle');
+  assert.deepEqual(open, [], 'no restricted transaction is left open while the consumer is idle');
+});
+
+test("isolation: a savepoint planted by the batch's first handler (which has none of its own) does not give a later handler of another tenant its scope", async (t) => {
+  const world = await pgWorld(t, 'rlsq', rls);
+  if (world === undefined) return;
+  const bus = world.bus();
+  const s = `"${world.schema}"`;
+  const found: Array<{ tenant: string; xid: string; tries: number; before: string[]; after?: string[] | string }> = [];
+  const tries = new Map<string, number>();
+  const tenantsSeen = async (tx: PgTransaction) =>
+    (await tx.query<{ tenant: string }>(`select distinct tenant from ${s}.log order by 1`)).rows.map((row) => row.tenant);
+  bus.subscribe(
+    'planter',
+    Ticked,
+    async (message: Message<{ key: string; seq: number }>, ctx) => {
+      tries.set(message.id, (tries.get(message.id) ?? 0) + 1);
+      const [{ xid }] = (await ctx.tx.query<{ xid: string }>('select pg_current_xact_id()::text as xid')).rows as [{ xid: string }];
+      const before = await tenantsSeen(ctx.tx);
+      if (found.length === 0) {
+        // The batch's first handler: no savepoint of the attempt to step out of, it plants one of its own.
+        await ctx.tx.query('savepoint planted');
+        found.push({ tenant: message.tenant!, xid, tries: tries.get(message.id)!, before });
+        return;
+      }
+      let after: string[] | string;
+      try {
+        await ctx.tx.query('rollback to savepoint planted');
+        after = await tenantsSeen(ctx.tx);
+      } catch (error) {
+        after = (error as Error).message;
+      }
+      found.push({ tenant: message.tenant!, xid, tries: tries.get(message.id)!, before, after });
+    },
+    { partitions: 1, batchSize: 10, concurrency: 1, retry: { immediate: 0, delayed: [], jitter: 0 } },
+  );
+  await bus.start();
+  await bus.transaction(async (tx) => {
+    await bus.publish(Ticked, { key: 'a', seq: 1 }, { tx, tenant: 'acme' });
+    await bus.publish(Ticked, { key: 'g', seq: 1 }, { tx, tenant: 'globex' });
+  });
+  await waitFor('both handled', () => found.length >= 2);
+  const [planter, later] = found as [(typeof found)[number], (typeof found)[number]];
+  assert.notEqual(planter.tenant, later.tenant);
+  assert.equal(later.xid, planter.xid, 'both handlers ran in one batch transaction');
+  assert.equal(planter.tries, 1, 'the planter ran once: the first attempt of a batch handled the first time, without a savepoint');
+  assert.deepEqual(planter.before, [planter.tenant]);
+  assert.deepEqual(later.before, [later.tenant]);
+  assert.deepEqual(later.after, [], "the scope the rollback brought back is bound to an older entry: nothing is visible, not the planter's rows");
+});
+
 test('isolation: what a handler publishes and its saga rows carry its tenant; a cross-tenant subscription sees every tenant, never the consumer tables', async (t) => {
   const world = await pgWorld(t, 'rlsx', rls);
   if (world === undefined) return;

@@ -78,7 +78,7 @@ export class Publisher<Tx> {
     // A tenant's quota counts what callers publish for it; what its handlers publish follows from messages it admitted.
     if (tenant !== undefined && scope === undefined) await backbone.admit?.(tenant, contract, checked.length, effective.tx as Tx | undefined);
     // With tracing, the publish's span is the messages' creation context: their traceparent names it.
-    const span = telemetry.tracing?.publish(contract.topic, checked.length, checked[0]?.id, effective, scope?.delivery);
+    const span = telemetry.publishing(contract.topic, checked.length, checked[0]?.id, effective, scope?.delivery);
     const traced = span?.headers === undefined ? effective : { ...effective, ...span.headers };
     const seal = (item: Checked) => tooDeep(contract, () => this.#seal(contract, item, traced, time, dueAt));
     const tx = effective.tx as Tx | undefined;

@@ -68,8 +68,12 @@ export class BusTelemetry implements BackboneObserver {
     }
   }
 
-  /** The tracing, while spans can be recorded: undefined with no SDK behind the API, so nothing is built for them. */
-  get tracing(): Tracing | undefined {
+  /**
+   * The tracing, while spans can be recorded: undefined with no SDK behind the API, so nothing is built for them.
+   * Private, like everything typed by `@opentelemetry/api`: the bus's declarations name only the seams below,
+   * in Tidings' own types, so a user checking libraries needs no optional peer installed (test/declarations.unit.test.ts).
+   */
+  #recordingTracing(): Tracing | undefined {
     return this.#tracing !== undefined && this.#recording() ? this.#tracing : undefined;
   }
 
@@ -89,12 +93,26 @@ export class BusTelemetry implements BackboneObserver {
     this.#metrics?.published(topic, count);
   }
 
+  /**
+   * The `send` span of a publish of `count` messages of `topic` (`id` the first's), a child of the handling
+   * `delivery`'s process span when a handler publishes; undefined while tracing is off.
+   */
+  publishing(
+    topic: string,
+    count: number,
+    id: string | undefined,
+    given: { readonly traceparent?: string | undefined; readonly tracestate?: string | undefined },
+    delivery: object | undefined,
+  ): HopSpan | undefined {
+    return this.#recordingTracing()?.publish(topic, count, id, given, delivery);
+  }
+
   relay(envelope: Envelope, broker: string): HopSpan | undefined {
-    return this.tracing?.relay(envelope, broker);
+    return this.#recordingTracing()?.relay(envelope, broker);
   }
 
   receiving(system: string, subscription: string): Received | undefined {
-    const tracing = this.tracing;
+    const tracing = this.#recordingTracing();
     if (tracing === undefined) return undefined;
     const startedAt = epochMs();
     return (messages, partition) => {
@@ -122,7 +140,7 @@ export class BusTelemetry implements BackboneObserver {
     const metrics = this.#metrics;
     if (this.#tracing === undefined && metrics === undefined) return handle;
     return async (delivery) => {
-      const tracing = this.tracing;
+      const tracing = this.#recordingTracing();
       if (tracing === undefined && metrics === undefined) return handle(delivery);
       const started = metrics === undefined ? 0 : performance.now();
       const result =

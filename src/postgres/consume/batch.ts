@@ -137,7 +137,8 @@ export class BatchHandler {
     const handledIds: string[] = [];
     const claimed = new Set<string>();
     let earliestRetry = 0;
-    // Under tenant isolation every batch is careful: its handlers' statements run one tenant scope at a time.
+    // Under tenant isolation every batch is careful: its handlers' statements run one tenant scope at a time,
+    // each attempt in a savepoint but the first of a batch handled for the first time (see SharedScope.bare).
     const scope = new SharedScope(driver, published, replaying, this.#ctx.isolation);
 
     const handleAll = async () => {

@@ -25,6 +25,11 @@ export class Gate {
  * is held until the attempt ends. Its own statements are sent ahead of the handler's first statement where
  * the connection pipelines: no round trip of their own, and if one fails, every statement after it fails
  * too. Its savepoint's release waits to travel with the next attempt's savepoint (COMMIT releases the last).
+ *
+ * Under isolation, two statements are spared where they can be (SharedScope.bare, SharedScope.inForce): the
+ * first attempt of a batch handled for the first time opens no savepoint (if it fails, the whole batch is
+ * rolled back and handled again with savepoints), and an attempt whose tenant's scope is still the one in
+ * force (the attempt before it was its tenant's, and no consumer statement came between) enters no new one.
  */
 class AttemptScope implements Attempt {
   readonly tx: TrackedTransaction;
@@ -35,6 +40,8 @@ class AttemptScope implements Attempt {
   readonly #sent: Array<Promise<unknown>> = [];
   /** How many of `#sent` are the attempt's own. */
   #own = 0;
+  /** Without a savepoint of its own (the batch's first, see SharedScope.bare): a failure abandons the batch. */
+  #bare = false;
 
   constructor(
     private readonly shared: SharedScope,
@@ -50,6 +57,7 @@ class AttemptScope implements Attempt {
     if (this.#ended) {
       throw new TidingsError('STOPPED', 'This handler attempt has ended (timed out or finished): its transaction can no longer be used');
     }
+    if (this.shared.abandoned) throw new TidingsError('STOPPED', 'This batch is being rolled back and will be handled again');
     this.#entered ??= this.#enter();
     const session = await this.#entered;
     return this.#send(session.query<R>(text, params));
@@ -64,13 +72,13 @@ class AttemptScope implements Attempt {
       if (session.pipelined === true) sent.catch(() => undefined);
       else await sent;
     };
-    if (this.isolated !== undefined) {
-      this.shared.leftConsumerScope();
+    if (this.isolated !== undefined && !this.shared.inForce(this.isolated.scope)) {
       // The scope before the savepoint: a ROLLBACK TO it lands in the tenant's scope. (A scope set inside the
       // last attempt's savepoint outlives its release.)
       await ahead(this.isolated.isolation.enter(session, this.isolated.scope));
     }
-    await ahead(this.shared.savepoint(session));
+    this.#bare = this.shared.bare();
+    if (!this.#bare) await ahead(this.shared.savepoint(session));
     this.#own = this.#sent.length;
     return session;
   }
@@ -94,6 +102,12 @@ class AttemptScope implements Attempt {
       const failed = outcomes.findIndex((outcome) => outcome.status === 'rejected');
       // The scope or the savepoint itself failed: the transaction is unusable, the batch fails with why.
       if (failed !== -1 && failed < this.#own) throw (outcomes[failed] as PromiseRejectedResult).reason;
+      if (this.#bare) {
+        // No savepoint to roll back to: a failure (or a failed statement the handler caught) abandons the
+        // batch, which batch.ts rolls back and handles again, each attempt in a savepoint.
+        if (!keep || failed !== -1) this.shared.abandoned = true;
+        return undefined;
+      }
       if (keep && failed === -1) {
         // No statement failed, so neither can the release: it travels with the next attempt's savepoint.
         this.shared.deferRelease();
@@ -176,8 +190,10 @@ export class SharedScope {
   #last: Statement | undefined;
   /** The transaction's session, as attempts use it. */
   #session: Session | undefined;
-  /** Under isolation: the scope in force is the consumer's (`all`); an attempt's scope replaces it. */
-  #consumerScope = false;
+  /** Under isolation: the scope entered last in the transaction (`all` for the consumer's statements). */
+  #inForce: Scope | undefined;
+  /** Under isolation, for a batch handled the first time: the first attempt to use the transaction needs no savepoint. */
+  #bareFirst: boolean;
   /** A statement sent without waiting for its answer failed: the transaction is aborted, and this is why. */
   #failed: unknown;
   /** The last attempt's savepoint, kept: released with the next attempt's savepoint (COMMIT releases it anyway). */
@@ -192,6 +208,7 @@ export class SharedScope {
     this.#driver = isolation?.driver ?? driver;
     this.#published = published;
     this.#careful = careful || isolation !== undefined;
+    this.#bareFirst = isolation !== undefined && !careful;
   }
 
   get open(): boolean {
@@ -212,9 +229,26 @@ export class SharedScope {
     return this.#session === undefined ? this.#begin() : Promise.resolve(this.#session);
   }
 
-  /** An attempt sets its tenant's scope: the consumer's next statement sets `all` again. */
-  leftConsumerScope(): void {
-    this.#consumerScope = false;
+  /**
+   * Whether `scope` is the one in force; if not, the caller enters it now. Consecutive attempts of one tenant
+   * share its scope: handler SQL of that tenant can spoil it (a `set_config` of the proof) only for its own
+   * tenant's next attempts, which then see nothing; a scope of another tenant is always entered anew.
+   */
+  inForce(scope: Scope): boolean {
+    if (this.#inForce === scope) return true;
+    this.#inForce = scope;
+    return false;
+  }
+
+  /**
+   * Whether the attempt opening its savepoint now may go without: the first of a batch handled for the first
+   * time. Nothing before it in the transaction is any attempt's to keep, so if it fails, rolling the whole
+   * transaction back undoes it alone; the batch is then handled again with savepoints (abandoned).
+   */
+  bare(): boolean {
+    const bare = this.#bareFirst;
+    this.#bareFirst = false;
+    return bare;
   }
 
   /** The attempt that ended kept its writes: its savepoint is released with the next attempt's. */
@@ -328,8 +362,8 @@ export class SharedScope {
    * Where the session pipelines it travels with that statement (undefined: nothing to wait for).
    */
   #enterConsumerScope(tx: Session): Promise<void> | undefined {
-    if (this.#isolation === undefined || this.#consumerScope) return undefined;
-    this.#consumerScope = true;
+    if (this.#isolation === undefined || this.#inForce === 'all') return undefined;
+    this.#inForce = 'all';
     const entering = this.#isolation.enter(tx, 'all').then(() => undefined);
     if (tx.pipelined !== true) return entering;
     // If it fails, the transaction is aborted: the consumer's statement after it fails too, with a vaguer error.
