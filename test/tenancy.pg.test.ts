@@ -325,25 +325,6 @@ test("isolation: the batch's first attempt goes without a savepoint (its failure
     } else assert.notEqual(r.proof, before.proof, `${r.id} after ${before.id}, of another tenant: a scope of its own`);
   }
   assert.ok(shared >= 1, 'two attempts of acme ran one after the other');
-
-  // The handlers wrote, so the next batch's transaction opens beside its read (tenants.ts, warm): its writes
-  // are kept once, in their scopes, and once the consumer is idle no transaction of it is left open.
-  await bus.transaction(async (tx) => {
-    await bus.publish(Ticked, { key: 'a4', seq: 1 }, { tx, tenant: 'acme' });
-    await bus.publish(Ticked, { key: 'g2', seq: 1 }, { tx, tenant: 'globex' });
-  });
-  await waitFor('the next batch handled', () => ran.length >= 6);
-  // Past a poll (1 s in the tests): the consumer's next read, with nothing to read, warmed a transaction too.
-  await sleep(1_500);
-  const { rows: after } = await client.query<{ id: string; tenant: string; scope: string }>(`select * from ${s}.effects`);
-  assert.equal(after.length, 6, 'one write kept per message');
-  for (const row of after) assert.equal(row.scope, `t:${row.tenant}`, `${row.id}: written in its tenant's scope`);
-  const { rows: sessions } = await client.query<{ state: string }>('select state from pg_stat_activity where application_name = left($1, 63)', [
-    `tidings:${world.schema}:tenants`,
-  ]);
-  assert.ok(sessions.length > 0, "the restricted pool's sessions are found");
-  const open = sessions.filter((session) => session.state !== 'idle');
-  assert.deepEqual(open, [], 'no restricted transaction is left open while the consumer is idle');
 });
 
 test("isolation: a savepoint planted by the batch's first handler (which has none of its own) does not give a later handler of another tenant its scope", async (t) => {

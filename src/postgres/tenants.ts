@@ -21,7 +21,7 @@
 import { createHash } from 'node:crypto';
 import { TidingsError } from '../core/errors.ts';
 import { type OptionProblems, optionNames, quotaProblems, type QuotaOptions } from '../core/options.ts';
-import type { Queryable, Session, SqlDriver, Statement } from './connection/driver.ts';
+import type { Queryable, SqlDriver } from './connection/driver.ts';
 import { checkIdentifier } from './connection/identifiers.ts';
 import { pgDriver } from './connection/pg.ts';
 import { urlProblem } from './connection/url.ts';
@@ -87,29 +87,7 @@ export interface Isolation {
    * The statement is sent at once; callers on a pipelining session need not wait for its answer.
    */
   enter(session: Queryable, scope: Scope): Promise<unknown>;
-  /**
-   * Opens the next restricted transaction now (BEGIN and its transaction id, one round trip), for the next
-   * `driver.transaction` to take: a consumer calls it before a read whose handlers will likely write, so
-   * that round trip runs beside the read's instead of after it. Idempotent while one is waiting.
-   */
-  warm(): void;
-  /** Rolls back the transaction `warm` opened if no one took it (the read brought nothing, or no handler wrote). */
-  cool(): void;
 }
-
-/** A restricted transaction opened ahead by `warm`, waiting for its work (undefined: roll it back). */
-interface Warm {
-  give(work: Work | undefined): void;
-  readonly done: Promise<unknown>;
-}
-
-interface Work {
-  readonly fn: (tx: Session) => Promise<unknown>;
-  readonly atCommit: (() => Statement | undefined) | undefined;
-}
-
-/** Why a warm transaction no one took is rolled back. */
-const UNUSED = Symbol('unused');
 
 /** `all`, `any`, or a tenant's scope (`t:<tenant>`; `t:` for messages without a tenant). */
 export type Scope = 'all' | 'any' | `t:${string}`;
@@ -124,7 +102,6 @@ export class TenantIsolation implements Isolation {
   #restricted: SqlDriver | undefined;
   /** The transaction id of each open restricted transaction, which every proof in it is bound to. */
   readonly #xids = new WeakMap<object, string>();
-  #warm: Warm | undefined;
   readonly driver: Pick<SqlDriver, 'transaction'>;
 
   constructor(
@@ -133,50 +110,13 @@ export class TenantIsolation implements Isolation {
   ) {
     checkIdentifier('tenancy.role', options.role ?? tenancyDefaults.role);
     this.driver = {
-      transaction: <T>(fn: (tx: Session) => Promise<T>, atCommit?: () => Statement | undefined): Promise<T> => {
-        const warm = this.#warm;
-        this.#warm = undefined;
-        if (warm !== undefined) {
-          warm.give({ fn, atCommit });
-          return warm.done as Promise<T>;
-        }
-        return this.#open().transaction(async (tx) => fn(await this.#bound(tx)), atCommit);
-      },
+      transaction: (fn, atCommit) =>
+        this.#open().transaction(async (tx) => {
+          const { rows } = await tx.query<{ xid: string }>('select pg_current_xact_id()::text as xid');
+          this.#xids.set(tx, rows[0]!.xid);
+          return fn(tx);
+        }, atCommit),
     };
-  }
-
-  warm(): void {
-    if (this.#warm !== undefined || this.#restricted === undefined) return;
-    let give!: (work: Work | undefined) => void;
-    const given = new Promise<Work | undefined>((resolve) => {
-      give = resolve;
-    });
-    let atCommit: Work['atCommit'];
-    const done = this.#open().transaction(
-      async (tx) => {
-        await this.#bound(tx);
-        const work = await given;
-        if (work === undefined) throw UNUSED;
-        atCommit = work.atCommit;
-        return work.fn(tx);
-      },
-      () => atCommit?.(),
-    );
-    // A warm transaction no one takes ends in UNUSED (rolled back); a taker awaits `done` and sees its failure.
-    done.catch(() => undefined);
-    this.#warm = { give, done };
-  }
-
-  cool(): void {
-    this.#warm?.give(undefined);
-    this.#warm = undefined;
-  }
-
-  /** Reads the id of `tx`'s transaction, which every proof in it is bound to. */
-  async #bound(tx: Session): Promise<Session> {
-    const { rows } = await tx.query<{ xid: string }>('select pg_current_xact_id()::text as xid');
-    this.#xids.set(tx, rows[0]!.xid);
-    return tx;
   }
 
   get role(): string {
@@ -228,7 +168,6 @@ export class TenantIsolation implements Isolation {
   }
 
   async close(): Promise<void> {
-    this.cool();
     await this.#restricted?.close();
   }
 

@@ -32,8 +32,6 @@ export class PostgresConsumer implements Consumer {
   #failures = 0;
   /** The last batch's handlers wrote through `ctx.tx`: the next batch is split into sub-batches (see splitBatch). */
   #wrote = false;
-  /** Under isolation: the last read brought rows whose handlers wrote, so the next batch's transaction opens beside its read. */
-  #warm = false;
   /** The last batch's acknowledgement, still in flight while the next batch is handled (see #readAndHandle). */
   #acking: Acking | undefined;
   #unregister: (() => void) | undefined;
@@ -206,19 +204,6 @@ export class PostgresConsumer implements Consumer {
    * server scans it while this batch is handled and acknowledged (see LaneReader.prefetch).
    */
   async #readAndHandle(): Promise<boolean> {
-    const isolation = this.#ctx.isolation;
-    if (isolation === undefined || !this.#warm) return this.#readAndHandleBatch();
-    // The restricted transaction's BEGIN and transaction id (a round trip the scopes' proofs wait for) travel
-    // while the batch is read; if the batch's handlers do not take it, it is rolled back (tenants.ts, warm).
-    isolation.warm();
-    try {
-      return await this.#readAndHandleBatch();
-    } finally {
-      isolation.cool();
-    }
-  }
-
-  async #readAndHandleBatch(): Promise<boolean> {
     const spec = this.#spec;
     const lanes = [...this.#leases.lanes.values()];
     const previous = this.#acking;
@@ -253,12 +238,8 @@ export class PostgresConsumer implements Consumer {
         if (failure === undefined || failure instanceof LeaseLost) failure = outcome.reason;
       }
       this.#wrote = wrote || failure !== undefined;
-      this.#warm = wrote;
       // Every part waited for the previous acknowledgement before sending its own: if none failed, it committed.
       if (failure === undefined) this.#acking = acking;
-    } else {
-      // Nothing to read: the consumer goes idle, and must not hold a transaction open meanwhile.
-      this.#warm = false;
     }
     // Lanes with nothing to acknowledge move on in memory; their cursor is written with a later batch. The
     // lanes of sub-batches that committed move on even if another sub-batch failed: their acknowledgement
