@@ -178,6 +178,44 @@ test("a log written by few large transactions (bulk loads): the window's floor i
   }
 });
 
+test('fair reads: a split-off tenant opening a window of 100,000 of its messages reads its share of them, not the window', async (t) => {
+  if (!(await requirePostgres(t))) return;
+  const schema = await migratedSchema();
+  const client = await connect();
+  try {
+    // The noisy tenant's backlog, and a quiet tenant's messages among it.
+    await client.query(
+      `insert into ${schema}.log (topic, id, type, source, time, key, key_hash, correlation_id, tenant, data)
+       select $1, 'm' || g, $1, 'tidings://plans', now(), 'k' || (g % 100), g % 100, 'm' || g, case when g % 100 = 0 then 'quiet' else 'noisy' end,
+         jsonb_build_object('key', 'k' || (g % 100), 'seq', g)
+       from generate_series(1, 100000) g`,
+      [Ticked.topic],
+    );
+    await client.query(`analyze ${schema}.log`);
+    await client.query('set plan_cache_mode = force_generic_plan');
+    await client.query(
+      `prepare fair(text[], text[], text[], int8[], text[], int, int, int8[], int8[], int8[], text[], text, text[], text[], int, text) as ${statements(schema).readLanes(true, false, true)}`,
+    );
+    // The tenant's cursor from the beginning (floor 0), its window not opened yet: the first read opens it.
+    const explained = await client.query<{ 'QUERY PLAN': Array<{ Plan: PlanNode }> }>(
+      `explain (analyze, format json) execute fair('{"{0,1,2,3}"}', '{"1:1:"}', '{NULL}', '{NULL}', '{${Ticked.topic}}', 4, 500, '{NULL}', '{500}', '{0}', '{1}', 'plans', '{noisy}', '{NULL}', 125, '{}')`,
+    );
+    const plan = nodes(explained.rows[0]!['QUERY PLAN'][0]!.Plan) as Array<PlanNode & { 'Actual Rows'?: number; 'Actual Loops'?: number }>;
+    const onLog = plan.filter((node) => node['Relation Name'] === 'log');
+    t.diagnostic(
+      JSON.stringify(
+        onLog.map((node) => `${node['Node Type']} ${node['Index Name'] ?? ''} rows ${node['Actual Rows']} removed ${node['Rows Removed by Filter'] ?? 0}`),
+      ),
+    );
+    assert.ok(!onLog.some((node) => node['Node Type'] === 'Seq Scan'), 'no sequential scan of the log');
+    const read = onLog.reduce((sum, node) => sum + (node['Actual Rows'] ?? 0) * (node['Actual Loops'] ?? 1) + (node['Rows Removed by Filter'] ?? 0), 0);
+    assert.ok(read < 1_000, `log rows read for the tenant's share of 125: ${read}`);
+    assert.equal(plan.find((node) => node['Node Type'] === 'Limit' && node['Actual Rows'] !== 0)?.['Actual Rows'], 125, "the tenant's share");
+  } finally {
+    await client.end();
+  }
+});
+
 test("the consumer's read runs where the generic plan is forced; without JIT; the pool's connections (users' transactions) keep PostgreSQL's defaults", async (t) => {
   if (!(await requirePostgres(t))) return;
   const driver = await pgDriver({ url: DATABASE_URL, poolSize: 2, name: 'plans' });

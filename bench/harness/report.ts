@@ -159,6 +159,7 @@ const FIGURE_TABLES: Partial<Record<Workload, Array<[string, string, number?]>>>
     ['quietP50', 'quiet p50 ms'],
     ['quietP99', 'quiet p99 ms'],
     ['quietMax', 'quiet max ms'],
+    ['quietPublishP99', 'quiet publish call p99 ms'],
     ['quietEvents', 'quiet events', 0],
     ['noisyPublished', 'noisy published/s', 0],
     ['noisyHandled', 'noisy handled/s', 0],

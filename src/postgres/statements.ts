@@ -109,16 +109,23 @@ export function statements(schema: string) {
       const tenantColumns = fair ? ', solo, skip' : '';
       // A tenant's share: $f + 2 times its weight ($f + 3, JSON; 1 if not there), at least 1 (lanes.ts, shareOf).
       const cap = (tenant: string) => `greatest(1, floor($${f + 2} * coalesce(($${f + 3}::jsonb ->> ${tenant})::float8, 1)))::int8`;
+      // A group that reads one tenant alone needs no numbering: its rows in order, up to its share, so a
+      // window's first read stops after its share however many rows the window holds.
       const scan = (where: string, order: string) =>
         fair
-          ? `select ${columns}, (f.rn > ${cap('f.tenant')} and c.solo is null and f.tenant is not null) as beyond from (
+          ? `(select ${columns}, (f.rn > ${cap('f.tenant')} and f.tenant is not null) as beyond from (
               select l.position, l.tenant, row_number() over (partition by l.tenant order by l.position) as rn from ${s}.log l
-              where ${where}
-                and (c.solo is null or l.tenant = c.solo) and not coalesce(c.skip::jsonb ? l.tenant, false)
+              where c.solo is null and ${where}
+                and not coalesce(c.skip::jsonb ? l.tenant, false)
             ) f join ${s}.log l on l.position = f.position
-            where f.rn <= ${cap('f.tenant')} + 1 or c.solo is not null or f.tenant is null
+            where f.rn <= ${cap('f.tenant')} + 1 or f.tenant is null
             order by f.position
-            limit case when c.solo is null then $7 else ${cap('c.solo')} end`
+            limit $7)
+            union all
+            (select ${columns}, false as beyond from ${s}.log l
+            where c.solo is not null and ${where} and l.tenant = c.solo
+            order by ${order}
+            limit ${cap('c.solo')})`
           : `select ${columns} from ${s}.log l
             where ${where}
             order by ${order}
