@@ -1,14 +1,16 @@
 /**
  * Acknowledgements that commit alone, of every subscription of a backbone, commit together (AckGroup,
  * src/postgres/consume/ack-group.ts): one that fails its fence inside a combined transaction must fail
- * alone, and the others must commit (each message once per subscription, in key order, nothing lost).
+ * alone, and the others must commit (each message once per subscription, in key order, nothing lost); a
+ * process killed with -9 leaves each combined transaction committed whole or not at all.
  */
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { AckGroup, type AckStatement } from '../src/postgres/consume/ack-group.ts';
 import { pgWorld } from './fixtures/bus.ts';
 import { Ticked } from './fixtures/contracts.ts';
-import { connect, waitFor } from './helpers.ts';
+import { startProcess } from './fixtures/processes.ts';
+import { connect, sleep, waitFor } from './helpers.ts';
 
 /** A group on a backbone of the test's own, and statements recording inbox ids `n` (an acknowledgement's one 'fail' can turn into 'skip'). */
 async function groupOn(t: Parameters<typeof pgWorld>[0], prefix: string) {
@@ -140,6 +142,64 @@ test('subscriptions acknowledging together: one loses its lease mid-run, the oth
   const victim = handled.get('victim')!;
   assert.ok(victim.length > total, 'the batches whose acknowledgement failed its fence were read again');
   // Acknowledgements of several subscriptions did commit in one transaction (their inbox rows share it).
+  const { rows } = await db.query<{ n: number }>(
+    `select count(*)::int as n from (select xmin::text from "${schema}".inbox group by 1 having count(distinct subscription) > 1) together`,
+  );
+  assert.ok(rows[0]!.n > 0, 'some acknowledgements of several subscriptions committed together');
+});
+
+test('kill -9 of a process whose subscriptions acknowledge together: nothing lost; a message acknowledged before the kill is not handled again', {
+  timeout: 60_000,
+}, async (t) => {
+  const world = await pgWorld(t, 'ag4');
+  if (world === undefined) return;
+  const { schema } = world;
+  const db = await connect();
+  t.after(() => db.end());
+  const publisher = world.bus('publisher');
+  await publisher.start();
+  const SUBSCRIPTIONS = 5;
+  const names = Array.from({ length: SUBSCRIPTIONS }, (_, i) => `fan${i}`);
+  const env = { SCHEMA: schema, SUBSCRIPTIONS: String(SUBSCRIPTIONS), HANDLE_MS: '1' };
+  const published: string[] = [];
+  let publishing = true;
+  const publishingLoop = (async () => {
+    for (let seq = 0; publishing; seq++) {
+      const batch = Array.from({ length: 10 }, (_, i) => ({ key: `k${(seq * 10 + i) % 5}`, seq: seq * 10 + i }));
+      published.push(...(await publisher.publishMany(Ticked, batch)).map(({ id }) => id));
+      await sleep(20);
+    }
+  })();
+  const inboxes = async () => {
+    const { rows } = await db.query<{ subscription: string; message_id: string }>(`select subscription, message_id from "${schema}".inbox`);
+    const by = new Map<string, Set<string>>(names.map((name) => [name, new Set()]));
+    for (const { subscription, message_id } of rows) by.get(subscription)?.add(message_id);
+    return by;
+  };
+  const first = await startProcess('fan-worker', env);
+  // Mid-run: every subscription has acknowledged some messages, and the process is handling more.
+  await waitFor('every subscription acknowledged some', async () => [...(await inboxes()).values()].every((ids) => ids.size >= 30), 30_000);
+  await first.nextLine(/^handled /);
+  first.kill();
+  assert.equal(await first.exited, 'SIGKILL');
+  const acknowledged = await inboxes(); // final: the dead process commits nothing more
+  const second = await startProcess('fan-worker', env);
+  await sleep(500);
+  publishing = false;
+  await publishingLoop;
+  await waitFor(
+    'every message acknowledged by every subscription',
+    async () => [...(await inboxes()).values()].every((ids) => published.every((id) => ids.has(id))),
+    40_000,
+  );
+  await second.stop();
+  const again = second.lines.filter((line) => line.startsWith('handled ')).map((line) => line.split(' ') as [string, string, string]);
+  const repeated = again.filter(([, name, id]) => acknowledged.get(name)!.has(id));
+  assert.deepEqual(repeated, [], 'no message acknowledged before the kill was handled again');
+  for (const name of names) {
+    const { rows } = await db.query<{ n: number }>(`select count(*)::int as n from "${schema}".inbox where subscription = $1`, [name]);
+    assert.equal(rows[0]!.n, published.length, `${name}: every message recorded once`);
+  }
   const { rows } = await db.query<{ n: number }>(
     `select count(*)::int as n from (select xmin::text from "${schema}".inbox group by 1 having count(distinct subscription) > 1) together`,
   );
