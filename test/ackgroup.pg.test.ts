@@ -6,17 +6,27 @@
  */
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
+import pg from 'pg';
 import { AckGroup, type AckStatement } from '../src/postgres/consume/ack-group.ts';
 import { pgWorld } from './fixtures/bus.ts';
 import { Ticked } from './fixtures/contracts.ts';
 import { startProcess } from './fixtures/processes.ts';
-import { connect, sleep, waitFor } from './helpers.ts';
+import { connect, DATABASE_URL, sleep, waitFor } from './helpers.ts';
+
+/** Tidings' own pool pipelines a transaction's statements; a pool you give it (without `pipeline: true`) sends them one by one. */
+type Pooling = 'own pool (pipelined)' | 'caller pool (not pipelined)';
+const POOLINGS: Pooling[] = ['own pool (pipelined)', 'caller pool (not pipelined)'];
 
 /** A group on a backbone of the test's own, and statements recording inbox ids `n` (an acknowledgement's one 'fail' can turn into 'skip'). */
-async function groupOn(t: Parameters<typeof pgWorld>[0], prefix: string) {
+async function groupOn(t: Parameters<typeof pgWorld>[0], prefix: string, pooling: Pooling) {
   const world = await pgWorld(t, prefix);
   if (world === undefined) return undefined;
-  const backbone = world.backbone();
+  let pool: pg.Pool | undefined;
+  if (pooling === 'caller pool (not pipelined)') {
+    pool = new pg.Pool({ connectionString: DATABASE_URL, max: 6 });
+    t.after(() => pool!.end().catch(() => undefined));
+  }
+  const backbone = world.backbone(pool === undefined ? {} : { pool });
   await backbone.open();
   t.after(() => backbone.close());
   const { driver } = backbone;
@@ -36,42 +46,44 @@ async function groupOn(t: Parameters<typeof pgWorld>[0], prefix: string) {
   return { group: new AckGroup(driver), driver, schema: world.schema, insert, rows };
 }
 
-test('acknowledgements sent while one commits commit together, in one transaction', { timeout: 30_000 }, async (t) => {
-  const setUp = await groupOn(t, 'ag1');
-  if (setUp === undefined) return;
-  const { group, insert, rows } = setUp;
-  // The first goes at once; the four sent while it commits wait for it, then commit in one transaction.
-  await Promise.all([1, 2, 3, 4, 5].map((n) => group.commit(insert(n))));
-  const committed = await rows();
-  assert.deepEqual(
-    committed.map(({ n }) => n),
-    [1, 2, 3, 4, 5],
-  );
-  const transactions = new Set(committed.slice(1).map(({ tx }) => tx));
-  assert.equal(transactions.size, 1, 'the four that waited committed in one transaction');
-  assert.notEqual(committed[0]!.tx, committed[1]!.tx, 'the first went alone');
-});
+for (const pooling of POOLINGS) {
+  test(`acknowledgements sent while one commits commit together, in one transaction (${pooling})`, { timeout: 30_000 }, async (t) => {
+    const setUp = await groupOn(t, 'ag1', pooling);
+    if (setUp === undefined) return;
+    const { group, insert, rows } = setUp;
+    // The first goes at once; the four sent while it commits wait for it, then commit in one transaction.
+    await Promise.all([1, 2, 3, 4, 5].map((n) => group.commit(insert(n))));
+    const committed = await rows();
+    assert.deepEqual(
+      committed.map(({ n }) => n),
+      [1, 2, 3, 4, 5],
+    );
+    const transactions = new Set(committed.slice(1).map(({ tx }) => tx));
+    assert.equal(transactions.size, 1, 'the four that waited committed in one transaction');
+    assert.notEqual(committed[0]!.tx, committed[1]!.tx, 'the first went alone');
+  });
 
-test('one that fails inside a combined transaction fails alone: the others commit, an inbox id found recorded is skipped', {
-  timeout: 30_000,
-}, async (t) => {
-  const setUp = await groupOn(t, 'ag2');
-  if (setUp === undefined) return;
-  const { group, driver, schema, insert, rows } = setUp;
-  await driver.query(`insert into "${schema}".inbox (subscription, message_id) values ('ag', '4')`); // as another worker would
-  const failing: AckStatement = () => ({ text: 'select 1 / 0', params: [] }); // as a fence that fails (a lease lost)
-  const outcomes = await Promise.allSettled([insert(1), insert(2), failing, insert(3), insert(4)].map((ack) => group.commit(ack)));
-  assert.deepEqual(
-    outcomes.map((outcome) => outcome.status),
-    ['fulfilled', 'fulfilled', 'rejected', 'fulfilled', 'fulfilled'],
-  );
-  assert.equal(((outcomes[2] as PromiseRejectedResult).reason as { code?: string }).code, '22012', 'the failing one rejects with its own error');
-  assert.deepEqual(
-    (await rows()).map(({ n }) => n),
-    [1, 2, 3, 4],
-    'the others committed, once each',
-  );
-});
+  test(`one that fails inside a combined transaction fails alone: the others commit, an inbox id found recorded is skipped (${pooling})`, {
+    timeout: 30_000,
+  }, async (t) => {
+    const setUp = await groupOn(t, 'ag2', pooling);
+    if (setUp === undefined) return;
+    const { group, driver, schema, insert, rows } = setUp;
+    await driver.query(`insert into "${schema}".inbox (subscription, message_id) values ('ag', '4')`); // as another worker would
+    const failing: AckStatement = () => ({ text: 'select 1 / 0', params: [] }); // as a fence that fails (a lease lost)
+    const outcomes = await Promise.allSettled([insert(1), insert(2), failing, insert(3), insert(4)].map((ack) => group.commit(ack)));
+    assert.deepEqual(
+      outcomes.map((outcome) => outcome.status),
+      ['fulfilled', 'fulfilled', 'rejected', 'fulfilled', 'fulfilled'],
+    );
+    assert.equal(((outcomes[2] as PromiseRejectedResult).reason as { code?: string }).code, '22012', 'the failing one rejects with its own error');
+    assert.deepEqual(
+      (await rows()).map(({ n }) => n),
+      [1, 2, 3, 4],
+      'the others committed, once each',
+    );
+  });
+}
 
 test('subscriptions acknowledging together: one loses its lease mid-run, the others handle each message once, in key order', {
   timeout: 60_000,

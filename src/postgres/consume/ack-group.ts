@@ -75,15 +75,16 @@ export class AckGroup {
     await Promise.all(group.map((waiting) => ackAlone(this.#driver, waiting.ack).then(waiting.resolve, waiting.reject)));
   }
 
-  /** All of `group` in one transaction: the statements sent without waiting, the last with COMMIT. */
+  /** All of `group` in one transaction: the statements sent without waiting for each other, the last with COMMIT. */
   async #together(group: Waiting[]): Promise<void> {
     const last = group[group.length - 1]!;
     await this.#driver.transaction(
       async (tx) => {
-        for (const waiting of group.slice(0, -1)) {
-          // A statement that fails aborts the transaction: the COMMIT sent after it reports the rollback.
-          runStatement(tx, waiting.ack('fail')).catch(() => undefined);
-        }
+        const sent = group.slice(0, -1).map((waiting) => runStatement(tx, waiting.ack('fail')));
+        for (const statement of sent) statement.catch(() => undefined);
+        // Pipelined, the COMMIT goes right behind them: one that fails aborts the transaction, and the COMMIT
+        // reports the rollback. A pool that does not pipeline sends them one by one: they must be answered first.
+        if (!tx.pipelined) await Promise.all(sent);
       },
       () => last.ack('fail'),
     );
