@@ -13,6 +13,7 @@ import { TidingsError } from '../core/errors.ts';
 import { resolveQuotas } from '../core/options.ts';
 import { TenantQuotas } from '../core/quotas.ts';
 import type { AnyContract } from '../core/contract.ts';
+import { AckGroup } from './consume/ack-group.ts';
 import { PostgresConsumer, type ConsumerSettings } from './consume/consumer.ts';
 import { SuspendedTenants } from './consume/suspended.ts';
 import { PostgresDeadLetters } from './dead-letters.ts';
@@ -54,6 +55,8 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
   #notifier: Notifier | undefined;
   /** The workers (consumers) of this backbone, registered in `workers`: a NOTIFY need not wake them. */
   readonly #workers = new Set<string>();
+  /** The consumers' acknowledgements that commit alone, committed together (ack-group.ts). */
+  #acks: AckGroup | undefined;
   #groupCommit: GroupCommit | undefined;
   #opening: Promise<void> | undefined;
   #warn: (message: string, error?: unknown) => void;
@@ -108,6 +111,7 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
         ? await pgliteDriver({ db: o.pglite === true ? undefined : o.pglite, dataDir: o.dataDir })
         : await pgDriver({ url: o.url, pool: o.pool, poolSize: o.poolSize ?? postgresDefaults.poolSize, name: this.schema });
     this.#driver = driver;
+    this.#acks = new AckGroup(driver);
     if (o.migrate ?? postgresDefaults.migrate) await migrate(driver, this.schema);
     if ((o.tenancy?.isolation ?? tenancyDefaults.isolation) === 'rls') {
       const isolation = new TenantIsolation(this.schema, { ...o.tenancy, backboneUrl: o.url });
@@ -367,6 +371,7 @@ export class PostgresBackbone implements Backbone<PgTransaction> {
         driver: this.driver,
         sql: this.#sql,
         notifier: this.#notifier!,
+        acks: this.#acks!,
         settings,
         warn: this.#warn,
         committed: (topics) => this.#notifier?.poke(topics),

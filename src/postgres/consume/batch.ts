@@ -1,6 +1,6 @@
 import type { SubscriptionSpec } from '../../core/backbone.ts';
 import { toEnvelope, type LogRow } from '../codec.ts';
-import { ackAlone, ackStatement, deadRow, type Acknowledgement, type DeadRow, type HeldRow } from './acknowledgement.ts';
+import { ackStatement, deadRow, type Acknowledgement, type DeadRow, type HeldRow } from './acknowledgement.ts';
 import type { Attempts } from './attempts.ts';
 import type { ConsumerContext } from './context.ts';
 import type { HeldKeys } from './held.ts';
@@ -218,10 +218,10 @@ export class BatchHandler {
       else if (overlap && held.length === 0 && dead.length === 0 && published.size === 0) {
         // Nothing else waits for it: no held key, no retry, no dead letter, no write. The next batch is
         // handled while it commits; if it fails, the loop puts the lanes back and reads both batches again.
-        const acking = ackAlone(driver, ack).then(() => undefined, fenced);
+        const acking = this.#ctx.acks.commit(ack).then(() => undefined, fenced);
         acking.catch(() => undefined);
         return { wrote: false, handled: handledIds, acking };
-      } else await ackAlone(driver, ack);
+      } else await this.#ctx.acks.commit(ack);
     } catch (error) {
       fenced(error);
     }

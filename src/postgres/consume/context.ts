@@ -1,4 +1,5 @@
 import type { SqlDriver } from '../connection/driver.ts';
+import type { AckGroup } from './ack-group.ts';
 import type { Notifier } from '../notifier.ts';
 import type { Statements } from '../statements.ts';
 import type { BackboneObserver } from '../../telemetry/observer.ts';
@@ -25,6 +26,8 @@ export interface ConsumerContext {
   readonly driver: SqlDriver;
   readonly sql: Statements;
   readonly notifier: Notifier;
+  /** Commits the acknowledgements that commit alone, of every subscription of the backbone, together (ack-group.ts). */
+  readonly acks: AckGroup;
   readonly settings: ConsumerSettings;
   readonly warn: (message: string, error?: unknown) => void;
   /** Wakes consumers of topics published inside a consumer's transaction, once it committed. */
