@@ -5,7 +5,7 @@
  */
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import type { Message } from '../src/index.ts';
+import type { Bus, Message } from '../src/index.ts';
 import type { PgTransaction } from '../src/postgres/index.ts';
 import { Ticked } from './fixtures/contracts.ts';
 import { pgWorld } from './fixtures/bus.ts';
@@ -14,6 +14,14 @@ import { connect, sleep, waitFor } from './helpers.ts';
 const rls = { tenancy: { isolation: 'rls' as const } };
 
 /** Runs `sql` in a savepoint of the handler's transaction: its error (if any) is caught and undone, as a careful handler would. */
+/** One message of acme and one of globex in one transaction, so one batch: both handlers share the consumer's batch transaction. */
+async function publishAcmeAndGlobex(bus: Bus<PgTransaction>): Promise<void> {
+  await bus.transaction(async (tx) => {
+    await bus.publish(Ticked, { key: 'a', seq: 1 }, { tx, tenant: 'acme' });
+    await bus.publish(Ticked, { key: 'g', seq: 1 }, { tx, tenant: 'globex' });
+  });
+}
+
 async function attempt(tx: PgTransaction, sql: string, params: unknown[] = []): Promise<{ rows: Record<string, unknown>[]; rowCount: number; error?: string }> {
   await tx.query('savepoint probe');
   try {
@@ -245,11 +253,7 @@ test("isolation: a savepoint one tenant's handler leaves behind does not give a 
     { partitions: 1, batchSize: 10, concurrency: 1, retry: { immediate: 0, delayed: [], jitter: 0 } },
   );
   await bus.start();
-  // One transaction, so one batch: both handlers share the consumer's batch transaction.
-  await bus.transaction(async (tx) => {
-    await bus.publish(Ticked, { key: 'a', seq: 1 }, { tx, tenant: 'acme' });
-    await bus.publish(Ticked, { key: 'g', seq: 1 }, { tx, tenant: 'globex' });
-  });
+  await publishAcmeAndGlobex(bus);
   await waitFor('both handled', () => seen.size >= 2);
   const acme = seen.get('acme')!;
   const globex = seen.get('globex')!;
@@ -361,10 +365,7 @@ test("isolation: a savepoint planted by the batch's first handler (which has non
     { partitions: 1, batchSize: 10, concurrency: 1, retry: { immediate: 0, delayed: [], jitter: 0 } },
   );
   await bus.start();
-  await bus.transaction(async (tx) => {
-    await bus.publish(Ticked, { key: 'a', seq: 1 }, { tx, tenant: 'acme' });
-    await bus.publish(Ticked, { key: 'g', seq: 1 }, { tx, tenant: 'globex' });
-  });
+  await publishAcmeAndGlobex(bus);
   await waitFor('both handled', () => found.length >= 2);
   const [planter, later] = found as [(typeof found)[number], (typeof found)[number]];
   assert.notEqual(planter.tenant, later.tenant);
