@@ -58,7 +58,8 @@ export function registerDeadLetters(program: Command, context: CliContext): void
   addSelection(deadLetters.command('count').description('how many dead letters match; with stamps configured, per tenant')).action(
     async (options: SelectionOptions, command: Command) => {
       const settings = settingsOf(context, command);
-      const count = (globals: GlobalOptions) => withDeadLettersAt(globals, (store) => store.count(selectionOf([], options)));
+      // Counting changes nothing: without a selection it counts every dead letter, as list shows them.
+      const count = (globals: GlobalOptions) => withDeadLettersAt(globals, (store) => store.count({ ...selectionOf([], options), all: true }));
       if (!acrossStamps(settings)) {
         const counted = await count(globalsOf(context, command));
         emit(context, settings, { count: counted }, () => `${counted}`);
