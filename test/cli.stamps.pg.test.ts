@@ -34,7 +34,7 @@ async function makeDeadLetters(world: PgWorld, subscription: string, count: numb
   await bus.stop();
 }
 
-test('stamps: status and dead letters per tenant, --tenant narrows, changes need --tenant, an unreachable stamp is reported while the others print', async (t) => {
+test('stamps: status and dead letters per tenant, --stamp narrows, changes need --stamp, an unreachable stamp is reported while the others print', async (t) => {
   const acme = await pgWorld(t, 'clisa');
   const globex = await pgWorld(t, 'clisg');
   if (acme === undefined || globex === undefined) return;
@@ -74,18 +74,18 @@ test('stamps: status and dead letters per tenant, --tenant narrows, changes need
   assert.equal(human.code, 0, human.stderr);
   assert.match(human.stdout, new RegExp(`== tenant acme \\(schema ${acme.schema}\\) ==[\\s\\S]*== tenant globex \\(schema ${globex.schema}\\) ==`));
 
-  // --tenant narrows to one stamp, in the shape of a deployment without stamps.
-  const one = await tidings(['--json', '--tenant', 'globex', 'dead-letters', 'count']);
+  // --stamp narrows to one stamp, in the shape of a deployment without stamps.
+  const one = await tidings(['--json', '--stamp', 'globex', 'dead-letters', 'count']);
   assert.equal(one.code, 0, one.stderr);
   assert.deepEqual(JSON.parse(one.stdout), { count: 5 });
-  const oneStatus = await tidings(['--json', '--tenant', 'acme', 'status']);
+  const oneStatus = await tidings(['--json', '--stamp', 'acme', 'status']);
   assert.equal(oneStatus.code, 0, oneStatus.stderr);
   assert.equal(deadOf(JSON.parse(oneStatus.stdout)), 3);
-  const unknown = await tidings(['--tenant', 'initech', 'status']);
+  const unknown = await tidings(['--stamp', 'initech', 'status']);
   assert.equal(unknown.code, 2);
-  assert.match(unknown.stderr, /--tenant initech: no such stamp .*; the tenants are acme, globex/);
+  assert.match(unknown.stderr, /--stamp initech: no such stamp .*; the tenants are acme, globex/);
 
-  // A change without --tenant is refused and changes nothing; with it, only that tenant's dead letters go.
+  // A change without --stamp is refused and changes nothing; with it, only that tenant's dead letters go.
   for (const args of [
     ['dead-letters', 'drop', '--all'],
     ['dead-letters', 'redrive', '--all'],
@@ -96,11 +96,11 @@ test('stamps: status and dead letters per tenant, --tenant narrows, changes need
     assert.equal(refused.code, 2, `${args.join(' ')}: ${refused.stderr}`);
     assert.match(
       refused.stderr,
-      new RegExp(`tidings ${args[0]}( ${args[1]})? works on one tenant, .* has stamps for acme, globex: name one with --tenant <tenant>`),
+      new RegExp(`tidings ${args[0]}( ${args[1]})? works on one tenant, .* has stamps for acme, globex: name one with --stamp <tenant>`),
     );
   }
   assert.deepEqual(JSON.parse((await tidings(['--json', 'dead-letters', 'count'])).stdout), { acme: 3, globex: 5 }, 'nothing changed');
-  const dropped = await tidings(['--tenant', 'acme', 'dead-letters', 'drop', '--all', '--actor', 'test']);
+  const dropped = await tidings(['--stamp', 'acme', 'dead-letters', 'drop', '--all', '--actor', 'test']);
   assert.equal(dropped.code, 0, dropped.stderr);
   assert.deepEqual(JSON.parse((await tidings(['--json', 'dead-letters', 'count'])).stdout), { acme: 0, globex: 5 }, 'only acme lost its dead letters');
 

@@ -191,7 +191,7 @@ test("the CLI imports the package's public entries (tidings, tidings/postgres, .
   }
 });
 
-test('stamps in the config file: each completed from the global settings, --tenant narrows, bad ones are named by field', () => {
+test('stamps in the config file: each completed from the global settings, --stamp narrows, bad ones are named by field', () => {
   const dir = mkdtempSync(join(tmpdir(), 'tidings-stamps-'));
   const file = join(dir, 'tidings.config.json');
   try {
@@ -209,13 +209,13 @@ test('stamps in the config file: each completed from the global settings, --tena
     );
     assert.throws(
       () => oneStamp(all, 'dead-letters redrive'),
-      /tidings dead-letters redrive works on one tenant, .* has stamps for acme, globex: name one with --tenant/,
+      /tidings dead-letters redrive works on one tenant, .* has stamps for acme, globex: name one with --stamp/,
     );
-    const acme = resolveGlobals({ tenant: 'acme' }, {}, dir);
+    const acme = resolveGlobals({ stamp: 'acme' }, {}, dir);
     assert.deepEqual([acme.tenant, acme.url, acme.schema], ['acme', 'postgres://top/db', 'tidings_acme']);
-    assert.equal(oneStamp(acme, 'replay'), acme, 'with --tenant a mutating command runs on that stamp');
+    assert.equal(oneStamp(acme, 'replay'), acme, 'with --stamp a mutating command runs on that stamp');
     assert.deepEqual(everyStamp(acme), [acme]);
-    assert.throws(() => resolveGlobals({ tenant: 'initech' }, {}, dir), /--tenant initech: no such stamp in .*; the tenants are acme, globex/);
+    assert.throws(() => resolveGlobals({ stamp: 'initech' }, {}, dir), /--stamp initech: no such stamp in .*; the tenants are acme, globex/);
 
     writeFileSync(file, JSON.stringify({ stamps: { acme: { schema: 'Bad-Name', vhost: 'x' }, 'a b': {}, globex: 'tidings_globex' } }));
     assert.throws(
@@ -234,7 +234,7 @@ test('stamps in the config file: each completed from the global settings, --tena
     rmSync(file);
     const none = resolveGlobals({}, {}, dir);
     assert.equal(oneStamp(none, 'replay'), none, 'without stamps nothing changes');
-    assert.throws(() => resolveGlobals({ tenant: 'acme' }, {}, dir), /--tenant acme: no stamps are configured/);
+    assert.throws(() => resolveGlobals({ stamp: 'acme' }, {}, dir), /--stamp acme: no stamps are configured/);
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }

@@ -6,7 +6,7 @@
  * A config file may also hold `stamps`: one place per tenant (a schema, a database, a broker vhost or prefix),
  * for a deployment with a backbone per tenant (tidings/stamps). A stamp's own settings win; what it leaves out
  * comes from the usual places above. Read-only commands that make sense across tenants (status, dead-letters
- * list and count) run on every stamp unless `--tenant` names one; every other command needs `--tenant`, so
+ * list and count) run on every stamp unless `--stamp <tenant>` names one; every other command needs `--stamp <tenant>`, so
  * nothing is replayed, redriven or pruned on every tenant by accident.
  */
 import { existsSync, readFileSync } from 'node:fs';
@@ -61,7 +61,7 @@ export interface GlobalOptions {
   readonly configFile: string | undefined;
   /** The config file's stamps, one per tenant, in the file's order; empty when it has none. */
   readonly stamps: readonly Stamp[];
-  /** The stamp chosen with --tenant (its settings are then url, schema, prefix and stream above). */
+  /** The stamp chosen with --stamp (its settings are then url, schema, prefix and stream above). */
   readonly tenant: string | undefined;
 }
 
@@ -74,7 +74,8 @@ export interface GivenOptions {
   prefix?: string;
   stream?: string;
   config?: string;
-  tenant?: string;
+  /** --stamp: the tenant whose stamp to work on. */
+  stamp?: string;
 }
 
 export function resolveGlobals(given: GivenOptions, env: NodeJS.ProcessEnv, cwd: string): GlobalOptions {
@@ -107,22 +108,22 @@ export function resolveGlobals(given: GivenOptions, env: NodeJS.ProcessEnv, cwd:
     stamps,
     tenant: undefined,
   };
-  return given.tenant === undefined ? globals : atStamp(globals, stampNamed(globals, given.tenant));
+  return given.stamp === undefined ? globals : atStamp(globals, stampNamed(globals, given.stamp));
 }
 
 /**
- * The globals of a command that works on one place: with stamps configured, the one --tenant names;
- * without --tenant it is refused, naming the tenants, so that nothing changes on every tenant by accident.
+ * The globals of a command that works on one place: with stamps configured, the one --stamp names;
+ * without --stamp it is refused, naming the tenants, so that nothing changes on every tenant by accident.
  */
 export function oneStamp(globals: GlobalOptions, commandName: string): GlobalOptions {
   if (globals.stamps.length === 0 || globals.tenant !== undefined) return globals;
   throw new TidingsError(
     'INVALID_OPTIONS',
-    `tidings ${commandName} works on one tenant, and ${globals.configFile} has stamps for ${tenantList(globals)}: name one with --tenant <tenant>`,
+    `tidings ${commandName} works on one tenant, and ${globals.configFile} has stamps for ${tenantList(globals)}: name one with --stamp <tenant>`,
   );
 }
 
-/** The globals of each stamp a read-only command runs on: every stamp, or the one --tenant names; without stamps, just `globals`. */
+/** The globals of each stamp a read-only command runs on: every stamp, or the one --stamp names; without stamps, just `globals`. */
 export function everyStamp(globals: GlobalOptions): GlobalOptions[] {
   if (globals.stamps.length === 0 || globals.tenant !== undefined) return [globals];
   return globals.stamps.map((stamp) => atStamp(globals, stamp));
@@ -132,12 +133,12 @@ function stampNamed(globals: GlobalOptions, tenant: string): Stamp {
   if (globals.stamps.length === 0) {
     throw new TidingsError(
       'INVALID_OPTIONS',
-      `--tenant ${tenant}: no stamps are configured; list them in ${globals.configFile ?? CONFIG_FILE} as {"stamps": {"${tenant}": {"schema": "..."}}}`,
+      `--stamp ${tenant}: no stamps are configured; list them in ${globals.configFile ?? CONFIG_FILE} as {"stamps": {"${tenant}": {"schema": "..."}}}`,
     );
   }
   const stamp = globals.stamps.find((candidate) => candidate.tenant === tenant);
   if (stamp === undefined)
-    throw new TidingsError('INVALID_OPTIONS', `--tenant ${tenant}: no such stamp in ${globals.configFile}; the tenants are ${tenantList(globals)}`);
+    throw new TidingsError('INVALID_OPTIONS', `--stamp ${tenant}: no such stamp in ${globals.configFile}; the tenants are ${tenantList(globals)}`);
   return stamp;
 }
 

@@ -40,7 +40,7 @@ export type Register = (program: Command, context: CliContext) => void;
 
 /**
  * The global options of `command`, completed from the environment, the config file and the defaults
- * (config.ts), for one place: with stamps configured, the one --tenant names (refused without it).
+ * (config.ts), for one place: with stamps configured, the one --stamp names (refused without it).
  */
 export function globalsOf(context: CliContext, command: Command): GlobalOptions {
   return oneStamp(settingsOf(context, command), commandPath(command));

@@ -36,12 +36,12 @@ Environment and config file (the command line wins, then the environment, then t
   ${CONFIG_FILE}  in this folder or the nearest one above (or --config <file>): {"schema": "shop", "url": "postgres://..."};
                    also connectTimeout, prefix, stream, and "stamps" for a backbone per tenant:
                    {"stamps": {"acme": {"schema": "tidings_acme"}, "globex": {"url": "postgres://.../globex"}}}
-                   status and dead-letters list|count then read every stamp (or --tenant one);
-                   every other command needs --tenant
+                   status and dead-letters list|count then read every stamp (or --stamp <tenant> one);
+                   every other command needs --stamp <tenant>
 
 Examples:
   tidings status
-  tidings status --tenant acme
+  tidings status --stamp acme
   tidings tail orders.order-placed --key o-42
   tidings dead-letters list --group
   tidings dead-letters redrive --subscription billing --error "gateway timeout" --rate 50
@@ -95,7 +95,7 @@ export function buildProgram(context: CliContext): Command {
     .addOption(new Option('--config <file>', `read settings from this file instead of the nearest ${CONFIG_FILE}`))
     .addOption(
       new Option(
-        '--tenant <tenant>',
+        '--stamp <tenant>',
         `with "stamps" in ${CONFIG_FILE} (a backbone per tenant): work on this tenant's stamp only; required by commands that change things`,
       ),
     )

@@ -12,7 +12,7 @@ export type StampReading<T> =
   | { readonly tenant: string; readonly where: string; readonly value: T }
   | { readonly tenant: string; readonly where: string; readonly error: { readonly code: string; readonly message: string } };
 
-/** True when a read-only command runs on every stamp: stamps are configured and --tenant names none. */
+/** True when a read-only command runs on every stamp: stamps are configured and --stamp names none. */
 export function acrossStamps(settings: GlobalOptions): boolean {
   return settings.stamps.length > 0 && settings.tenant === undefined;
 }

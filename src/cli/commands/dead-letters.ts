@@ -273,7 +273,7 @@ async function listEveryStamp(context: CliContext, settings: GlobalOptions, opti
             `tenant ${reading.tenant}: ${reading.value.total} dead letter${reading.value.total === 1 ? '' : 's'}${reading.value.total > reading.value.deadLetters.length ? ` (${reading.value.deadLetters.length} shown)` : ''}`,
           ],
     );
-    return [shown, ...totals, ...failures(readings), 'Show one with: tidings --tenant <tenant> dead-letters show <id>'].join('\n');
+    return [shown, ...totals, ...failures(readings), 'Show one with: tidings --stamp <tenant> dead-letters show <id>'].join('\n');
   });
 }
 

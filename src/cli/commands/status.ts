@@ -53,7 +53,7 @@ export function registerStatus(program: Command, context: CliContext): void {
     });
 }
 
-/** `tidings status` with stamps configured and no --tenant: each tenant's status under its name. */
+/** `tidings status` with stamps configured and no --stamp: each tenant's status under its name. */
 async function statusOfEveryStamp(context: CliContext, settings: GlobalOptions, options: { subscription?: string; verbose?: boolean }): Promise<void> {
   const readings = await readStamps(settings, (globals) =>
     withDatabaseAt(globals, async (db) => {
