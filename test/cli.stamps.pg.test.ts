@@ -7,9 +7,10 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
+import pg from 'pg';
 import { pgWorld, type PgWorld } from './fixtures/bus.ts';
 import { Ticked } from './fixtures/contracts.ts';
-import { DATABASE_URL, runTidings, sql, waitFor } from './helpers.ts';
+import { DATABASE_URL, runTidings, sql, uniqueSchema, waitFor } from './helpers.ts';
 
 /** `count` dead letters of `subscription` in the world's schema: a handler that always fails, no retries. */
 async function makeDeadLetters(world: PgWorld, subscription: string, count: number): Promise<void> {
@@ -34,6 +35,21 @@ async function makeDeadLetters(world: PgWorld, subscription: string, count: numb
   await bus.stop();
 }
 
+/** The database of test/stamps.pg.test.ts's second stamp, created if missing; its URL. */
+async function secondDatabase(): Promise<string> {
+  const name = 'tidings_stamp_b';
+  const found = await sql('select 1 from pg_database where datname = $1', [name]);
+  if (found.length === 0) {
+    await sql(`create database "${name}"`).catch((error: { code?: string }) => {
+      // 42P04: it exists; 23505: another session created it at the same moment.
+      if (error.code !== '42P04' && error.code !== '23505') throw error;
+    });
+  }
+  const url = new URL(DATABASE_URL);
+  url.pathname = `/${name}`;
+  return url.toString();
+}
+
 test('stamps: status and dead letters per tenant, --stamp narrows, changes need --stamp, an unreachable stamp is reported while the others print', async (t) => {
   const acme = await pgWorld(t, 'clisa');
   const globex = await pgWorld(t, 'clisg');
@@ -46,12 +62,22 @@ test('stamps: status and dead letters per tenant, --stamp narrows, changes need 
   const config = join(dir, 'tidings.config.json');
   const write = (stamps: Record<string, unknown>) => writeFileSync(config, JSON.stringify({ url: DATABASE_URL, connectTimeout: 3, stamps }));
   const tidings = (args: readonly string[]) => runTidings(['--config', config, ...args], { ...process.env, DATABASE_URL: '' });
-  write({ acme: { schema: acme.schema }, globex: { schema: globex.schema } });
+  // A third tenant in a database of its own, its schema made by the CLI on that stamp alone.
+  const initech = { url: await secondDatabase(), schema: uniqueSchema('clisi') };
+  t.after(async () => {
+    const client = new pg.Client({ connectionString: initech.url });
+    await client.connect();
+    await client.query(`drop schema if exists "${initech.schema}" cascade`).finally(() => client.end());
+  });
+  write({ acme: { schema: acme.schema }, globex: { schema: globex.schema }, initech });
+  const migrated = await tidings(['--stamp', 'initech', 'migrate']);
+  assert.equal(migrated.code, 0, migrated.stderr);
 
   // Every stamp, keyed by tenant.
   const counted = await tidings(['--json', 'dead-letters', 'count']);
   assert.equal(counted.code, 0, counted.stderr);
-  assert.deepEqual(JSON.parse(counted.stdout), { acme: 3, globex: 5 });
+  assert.deepEqual(JSON.parse(counted.stdout), { acme: 3, globex: 5, initech: 0 });
+  write({ acme: { schema: acme.schema }, globex: { schema: globex.schema } });
   const listed = await tidings(['--json', 'dead-letters', 'list']);
   assert.equal(listed.code, 0, listed.stderr);
   const lists = JSON.parse(listed.stdout);
@@ -72,7 +98,10 @@ test('stamps: status and dead letters per tenant, --stamp narrows, changes need 
   assert.deepEqual([deadOf(statuses.acme), deadOf(statuses.globex)], [3, 5]);
   const human = await tidings(['status']);
   assert.equal(human.code, 0, human.stderr);
-  assert.match(human.stdout, new RegExp(`== tenant acme \\(schema ${acme.schema}\\) ==[\\s\\S]*== tenant globex \\(schema ${globex.schema}\\) ==`));
+  assert.match(
+    human.stdout,
+    new RegExp(`== tenant acme \\(schema ${acme.schema} at postgres://[^)]*\\) ==[\\s\\S]*== tenant globex \\(schema ${globex.schema} at `),
+  );
 
   // --stamp narrows to one stamp, in the shape of a deployment without stamps.
   const one = await tidings(['--json', '--stamp', 'globex', 'dead-letters', 'count']);

@@ -6,6 +6,7 @@
 import { TidingsError } from 'tidings';
 import { everyStamp, type GlobalOptions } from './config.ts';
 import { CommandFailed, emit, type CliContext } from './context.ts';
+import { describeUrl } from './internals.ts';
 
 /** One stamp's reading, or why there is none. */
 export type StampReading<T> =
@@ -22,7 +23,7 @@ export async function readStamps<T>(settings: GlobalOptions, read: (globals: Glo
   return Promise.all(
     everyStamp(settings).map(async (globals): Promise<StampReading<T>> => {
       const tenant = globals.tenant ?? '';
-      const where = `schema ${globals.schema}`;
+      const where = whereOf(globals);
       try {
         return { tenant, where, value: await read(globals) };
       } catch (error) {
@@ -54,4 +55,13 @@ export function sections<T>(readings: readonly StampReading<T>[], render: (value
       (reading) => `== tenant ${reading.tenant} (${reading.where}) ==\n${'error' in reading ? `cannot read: ${reading.error.message}` : render(reading.value)}`,
     )
     .join('\n\n');
+}
+
+/** Where a stamp is, without a password: its schema and database, or its broker with the prefix or stream. */
+function whereOf(globals: GlobalOptions): string {
+  const url = globals.url === undefined ? undefined : describeUrl(globals.url);
+  if (url === undefined) return `schema ${globals.schema}`;
+  if (/^amqps?:/.test(url)) return `${url}${globals.prefix === undefined ? '' : ` prefix ${globals.prefix}`}`;
+  if (/^nats:/.test(url)) return `${url}${globals.stream === undefined ? '' : ` stream ${globals.stream}`}`;
+  return `schema ${globals.schema} at ${url}`;
 }
