@@ -43,7 +43,8 @@ export function emitStamps<T>(context: CliContext, settings: GlobalOptions, read
   emit(context, settings, byTenant, human);
   const failed = readings.filter((reading) => 'error' in reading);
   if (failed.length === 0) return;
-  const message = `${failed.length} of ${readings.length} stamps could not be read: ${failed.map((reading) => `${reading.tenant} (${'error' in reading ? reading.error.message : ''})`).join('; ')}`;
+  // Each reason is in the output already, beside its tenant.
+  const message = `${failed.length} of ${readings.length} stamps could not be read: ${failed.map((reading) => reading.tenant).join(', ')} (the reasons are shown with them)`;
   if (failed.every((reading) => 'error' in reading && reading.error.code === 'BACKBONE_UNAVAILABLE')) throw new TidingsError('BACKBONE_UNAVAILABLE', message);
   throw new CommandFailed(message);
 }
