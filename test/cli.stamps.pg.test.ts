@@ -12,8 +12,8 @@ import { pgWorld, type PgWorld } from './fixtures/bus.ts';
 import { Ticked } from './fixtures/contracts.ts';
 import { DATABASE_URL, runTidings, sql, uniqueSchema, waitFor } from './helpers.ts';
 
-/** `count` dead letters of `subscription` in the world's schema: a handler that always fails, no retries. */
-async function makeDeadLetters(world: PgWorld, subscription: string, count: number): Promise<void> {
+/** `count` dead letters of `subscription` in the world's schema, messages of `tenant`: a handler that always fails, no retries. */
+async function makeDeadLetters(world: PgWorld, tenant: string, subscription: string, count: number): Promise<void> {
   const bus = world.bus('cli-stamps');
   bus.subscribe(
     subscription,
@@ -27,6 +27,7 @@ async function makeDeadLetters(world: PgWorld, subscription: string, count: numb
   await bus.publishMany(
     Ticked,
     Array.from({ length: count }, (_, i) => ({ key: `k${i % 3}`, seq: i + 1 })),
+    { tenant },
   );
   await waitFor(`${count} dead letters in ${world.schema}`, async () => {
     const [row] = await sql(`select count(*)::int as n from "${world.schema}".dead_letters where subscription = $1`, [subscription]);
@@ -54,8 +55,8 @@ test('stamps: status and dead letters per tenant, --stamp narrows, changes need 
   const acme = await pgWorld(t, 'clisa');
   const globex = await pgWorld(t, 'clisg');
   if (acme === undefined || globex === undefined) return;
-  await makeDeadLetters(acme, 'billing', 3);
-  await makeDeadLetters(globex, 'billing', 5);
+  await makeDeadLetters(acme, 'acme', 'billing', 3);
+  await makeDeadLetters(globex, 'globex', 'billing', 5);
 
   const dir = mkdtempSync(join(tmpdir(), 'tidings-cli-stamps-'));
   t.after(() => rmSync(dir, { recursive: true, force: true }));
@@ -102,6 +103,20 @@ test('stamps: status and dead letters per tenant, --stamp narrows, changes need 
     human.stdout,
     new RegExp(`== tenant acme \\(schema ${acme.schema} at postgres://[^)]*\\) ==[\\s\\S]*== tenant globex \\(schema ${globex.schema} at `),
   );
+
+  const tenants = await tidings(['--json', 'tenants', 'list']);
+  assert.equal(tenants.code, 0, tenants.stderr);
+  const tenantsOf = JSON.parse(tenants.stdout);
+  assert.deepEqual(
+    [
+      tenantsOf.acme.tenants.map((row: { tenant: string; messages: number }) => [row.tenant, row.messages]),
+      tenantsOf.globex.tenants.map((row: { tenant: string; messages: number }) => [row.tenant, row.messages]),
+    ],
+    [[['acme', 3]], [['globex', 5]]],
+  );
+  const tenantsTable = await tidings(['tenants', 'list']);
+  assert.match(tenantsTable.stdout, /^STAMP +TENANT +MESSAGES/m);
+  assert.match(tenantsTable.stdout, /^globex +globex +5 /m);
 
   // --stamp narrows to one stamp, in the shape of a deployment without stamps.
   const one = await tidings(['--json', '--stamp', 'globex', 'dead-letters', 'count']);

@@ -6,7 +6,7 @@
  * A config file may also hold `stamps`: one place per tenant (a schema, a database, a broker vhost or prefix),
  * for a deployment with a backbone per tenant (tidings/stamps). A stamp's own settings win; what it leaves out
  * comes from the usual places above. Read-only commands that make sense across tenants (status, dead-letters
- * list and count) run on every stamp unless `--stamp <tenant>` names one; every other command needs `--stamp <tenant>`, so
+ * list and count, tenants list) run on every stamp unless `--stamp <tenant>` names one; every other command needs `--stamp <tenant>`, so
  * nothing is replayed, redriven or pruned on every tenant by accident.
  */
 import { existsSync, readFileSync } from 'node:fs';

@@ -36,7 +36,7 @@ Environment and config file (the command line wins, then the environment, then t
   ${CONFIG_FILE}  in this folder or the nearest one above (or --config <file>): {"schema": "shop", "url": "postgres://..."};
                    also connectTimeout, prefix, stream, and "stamps" for a backbone per tenant:
                    {"stamps": {"acme": {"schema": "tidings_acme"}, "globex": {"url": "postgres://.../globex"}}}
-                   status and dead-letters list|count then read every stamp (or --stamp <tenant> one);
+                   status, dead-letters list|count and tenants list then read every stamp (or --stamp <tenant> one);
                    every other command needs --stamp <tenant>
 
 Examples:
