@@ -4,6 +4,9 @@
  * and drops them.
  */
 import assert from 'node:assert/strict';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { after, test, type TestContext } from 'node:test';
 import { createBus, type Backbone, type Bus } from '../src/index.ts';
 import { nats } from '../src/nats/index.ts';
@@ -108,4 +111,54 @@ test('an unreachable broker exits with code 3 and names it', async () => {
   assert.equal(run.code, 3, run.stderr);
   assert.match(run.stderr, /127\.0\.0\.1:1/);
   assert.doesNotMatch(run.stderr, /secret/, 'the password is not printed');
+});
+
+test('stamps on brokers: a RabbitMQ prefix and a NATS stream as two tenants, counted and dropped per tenant', async (t) => {
+  const rabbit = await rabbitTarget(t);
+  const jet = await natsTarget(t);
+  if (rabbit === undefined || jet === undefined) return;
+  const produce = async (world: Target, count: number) => {
+    const bus = createBus({ service: 'cli-stamps', backbone: world.backbone() });
+    buses.push(bus);
+    bus.subscribe(
+      'cli-billing',
+      Ticked,
+      () => {
+        throw new Error('always fails');
+      },
+      { retry: { immediate: 0, delayed: [], jitter: 0 } },
+    );
+    await bus.start();
+    await bus.publishMany(
+      Ticked,
+      Array.from({ length: count }, (_, i) => ({ key: `k${i}`, seq: i + 1 })),
+    );
+    const store = bus.backbone.deadLetters();
+    await waitFor(`${count} dead letters`, async () => (await store.count({ all: true })) === count, 20_000);
+  };
+  await Promise.all([produce(rabbit, 2), produce(jet, 3)]);
+
+  const dir = mkdtempSync(join(tmpdir(), 'tidings-cli-broker-stamps-'));
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  const config = join(dir, 'tidings.config.json');
+  // The targets' arguments are --url <url> and --prefix or --stream <value>: a stamp's settings.
+  const stampOf = ([, url, option, value]: string[]) => ({ url, [option!.slice(2)]: value });
+  writeFileSync(config, JSON.stringify({ stamps: { acme: stampOf(rabbit.args), globex: stampOf(jet.args) } }));
+  const cli = (...args: string[]) => runTidings(['--config', config, '--json', ...args]);
+
+  const counted = await cli('dead-letters', 'count');
+  assert.equal(counted.code, 0, counted.stderr);
+  assert.deepEqual(JSON.parse(counted.stdout), { acme: 2, globex: 3 });
+  const listed = await cli('dead-letters', 'list');
+  assert.equal(listed.code, 0, listed.stderr);
+  const lists = JSON.parse(listed.stdout);
+  assert.deepEqual([lists.acme.total, lists.globex.total], [2, 3]);
+
+  const refused = await cli('dead-letters', 'drop', '--all');
+  assert.equal(refused.code, 2, 'a drop on every stamp is refused');
+  assert.match(refused.stderr, /name one with --stamp <tenant>/);
+  const dropped = await cli('--stamp', 'globex', 'dead-letters', 'drop', '--all');
+  assert.equal(dropped.code, 0, dropped.stderr);
+  assert.equal(JSON.parse(dropped.stdout).count, 3);
+  assert.deepEqual(JSON.parse((await cli('dead-letters', 'count')).stdout), { acme: 2, globex: 0 }, "only globex's dead letters were dropped");
 });

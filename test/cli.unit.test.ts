@@ -9,7 +9,7 @@ import { tmpdir } from 'node:os';
 import { dirname, join, relative } from 'node:path';
 import { test } from 'node:test';
 import { fileURLToPath } from 'node:url';
-import { resolveGlobals } from '../src/cli/config.ts';
+import { everyStamp, oneStamp, resolveGlobals } from '../src/cli/config.ts';
 import { coloured, plain, styleFor } from '../src/cli/format.ts';
 import { renderStatus } from '../src/cli/status.ts';
 import type { PartitionStatus, Status, SubscriptionStatus, WorkerStatus } from '../src/postgres/index.ts';
@@ -123,7 +123,7 @@ test('settings: the command line, then TIDINGS_SCHEMA and DATABASE_URL, then tid
     writeFileSync(join(dir, 'tidings.config.json'), JSON.stringify({ shema: 'x', connectTimeout: 'soon' }));
     assert.throws(
       () => resolveGlobals({}, {}, dir),
-      /tidings\.config\.json: shema is not a setting \(the settings are url, schema, connectTimeout, prefix, stream\); connectTimeout must be a number/,
+      /tidings\.config\.json: shema is not a setting \(the settings are url, schema, connectTimeout, prefix, stream, stamps\); connectTimeout must be a number/,
     );
     rmSync(join(dir, 'tidings.config.json'));
     assert.throws(() => resolveGlobals({}, { TIDINGS_SCHEMA: 'Bad-Name' }, dir), /TIDINGS_SCHEMA "Bad-Name" is invalid/);
@@ -188,5 +188,54 @@ test("the CLI imports the package's public entries (tidings, tidings/postgres, .
         assert.ok(specifier.startsWith('node:') || entries.has(specifier) || packages.has(specifier), `${file} imports ${specifier}`);
       }
     }
+  }
+});
+
+test('stamps in the config file: each completed from the global settings, --stamp narrows, bad ones are named by field', () => {
+  const dir = mkdtempSync(join(tmpdir(), 'tidings-stamps-'));
+  const file = join(dir, 'tidings.config.json');
+  try {
+    writeFileSync(
+      file,
+      JSON.stringify({ url: 'postgres://top/db', schema: 'shared', stamps: { acme: { schema: 'tidings_acme' }, globex: { url: 'postgres://g/db' } } }),
+    );
+    const all = resolveGlobals({}, {}, dir);
+    assert.deepEqual(
+      everyStamp(all).map((stamp) => [stamp.tenant, stamp.url, stamp.schema]),
+      [
+        ['acme', 'postgres://top/db', 'tidings_acme'],
+        ['globex', 'postgres://g/db', 'shared'],
+      ],
+    );
+    assert.throws(
+      () => oneStamp(all, 'dead-letters redrive'),
+      /tidings dead-letters redrive works on one tenant, .* has stamps for acme, globex: name one with --stamp/,
+    );
+    const acme = resolveGlobals({ stamp: 'acme' }, {}, dir);
+    assert.deepEqual([acme.tenant, acme.url, acme.schema], ['acme', 'postgres://top/db', 'tidings_acme']);
+    assert.equal(oneStamp(acme, 'replay'), acme, 'with --stamp a mutating command runs on that stamp');
+    assert.deepEqual(everyStamp(acme), [acme]);
+    assert.throws(() => resolveGlobals({ stamp: 'initech' }, {}, dir), /--stamp initech: no such stamp in .*; the tenants are acme, globex/);
+
+    writeFileSync(file, JSON.stringify({ stamps: { acme: { schema: 'Bad-Name', vhost: 'x' }, 'a b': {}, globex: 'tidings_globex' } }));
+    assert.throws(
+      () => resolveGlobals({}, {}, dir),
+      (error: Error) =>
+        /stamps\.acme\.vhost is not a stamp setting \(they are url, schema, prefix, stream\)/.test(error.message) &&
+        /stamps\.acme\.schema "Bad-Name" is invalid/.test(error.message) &&
+        /stamps\.a b: "a b" is not a tenant name/.test(error.message) &&
+        /stamps\.globex must be an object/.test(error.message),
+    );
+    writeFileSync(file, JSON.stringify({ stamps: [] }));
+    assert.throws(() => resolveGlobals({}, {}, dir), /stamps must be an object of stamps by tenant/);
+    writeFileSync(file, JSON.stringify({ stamps: { acme: { url: 5 } } }));
+    assert.throws(() => resolveGlobals({}, {}, dir), /stamps\.acme\.url must be a string/);
+
+    rmSync(file);
+    const none = resolveGlobals({}, {}, dir);
+    assert.equal(oneStamp(none, 'replay'), none, 'without stamps nothing changes');
+    assert.throws(() => resolveGlobals({ stamp: 'acme' }, {}, dir), /--stamp acme: no stamps are configured/);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
   }
 });

@@ -4,7 +4,7 @@
  * with `--json` for a script). Failures become exit codes in main.ts; nothing here exits the process.
  */
 import type { Command } from 'commander';
-import { type GivenOptions, type GlobalOptions, resolveGlobals } from './config.ts';
+import { type GivenOptions, type GlobalOptions, oneStamp, resolveGlobals } from './config.ts';
 
 /** What scripts can rely on. Also listed in `tidings --help`. */
 export const exitCodes = {
@@ -38,9 +38,24 @@ export interface CliContext {
 /** Each command's file adds it to the program (program.ts lists them). */
 export type Register = (program: Command, context: CliContext) => void;
 
-/** The global options of `command`, completed from the environment, the config file and the defaults (config.ts). */
+/**
+ * The global options of `command`, completed from the environment, the config file and the defaults
+ * (config.ts), for one place: with stamps configured, the one --stamp names (refused without it).
+ */
 export function globalsOf(context: CliContext, command: Command): GlobalOptions {
+  return oneStamp(settingsOf(context, command), commandPath(command));
+}
+
+/** The global options as given, stamps and all: for commands that choose their stamps themselves (stamps.ts) or need none. */
+export function settingsOf(context: CliContext, command: Command): GlobalOptions {
   return resolveGlobals(command.optsWithGlobals<GivenOptions>(), context.env, context.cwd ?? process.cwd());
+}
+
+/** `dead-letters redrive`: the command's name under `tidings`, for messages. */
+function commandPath(command: Command): string {
+  const names: string[] = [];
+  for (let current: Command | null = command; current?.parent != null; current = current.parent) names.unshift(current.name());
+  return names.join(' ');
 }
 
 /** `value` as JSON with --json, else `human()`'s text (nothing when it is empty). */

@@ -73,7 +73,11 @@ function rootCause(error: unknown): unknown {
  * BACKBONE_UNAVAILABLE error that names the URL tried, without its password.
  */
 export async function withDatabase(context: CliContext, command: Command, run: (db: Database, globals: GlobalOptions) => Promise<void>): Promise<void> {
-  const globals = globalsOf(context, command);
+  await withDatabaseAt(globalsOf(context, command), run);
+}
+
+/** withDatabase at the place `globals` name: one stamp of several (stamps.ts). */
+export async function withDatabaseAt<T>(globals: GlobalOptions, run: (db: Database, globals: GlobalOptions) => Promise<T>): Promise<T> {
   const url = globals.url;
   if (url === undefined) {
     throw new TidingsError(
@@ -88,7 +92,7 @@ export async function withDatabase(context: CliContext, command: Command, run: (
   try {
     // One round trip first: an unreachable server costs one connect timeout, not one per pooled query.
     await db.driver.query('select 1');
-    await run(db, globals);
+    return await run(db, globals);
   } catch (error) {
     if (isUnreachable(error)) {
       const gaveUp = Date.now() - started >= globals.connectTimeout * 1_000 ? globals.connectTimeout : undefined;

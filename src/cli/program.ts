@@ -34,10 +34,14 @@ Environment and config file (the command line wins, then the environment, then t
   TIDINGS_SCHEMA   the schema when --schema is not given
   NO_COLOR         no colours, even on a terminal
   ${CONFIG_FILE}  in this folder or the nearest one above (or --config <file>): {"schema": "shop", "url": "postgres://..."};
-                   also connectTimeout, prefix, stream
+                   also connectTimeout, prefix, stream, and "stamps" for a backbone per tenant:
+                   {"stamps": {"acme": {"schema": "tidings_acme"}, "globex": {"url": "postgres://.../globex"}}}
+                   status, dead-letters list|count and tenants list then read every stamp (or --stamp <tenant> one);
+                   every other command needs --stamp <tenant>
 
 Examples:
   tidings status
+  tidings status --stamp acme
   tidings tail orders.order-placed --key o-42
   tidings dead-letters list --group
   tidings dead-letters redrive --subscription billing --error "gateway timeout" --rate 50
@@ -89,6 +93,12 @@ export function buildProgram(context: CliContext): Command {
       new Option('--connect-timeout <seconds>', `give up connecting after this long (default: ${cliDefaults.connectTimeout})`).argParser(positiveNumber),
     )
     .addOption(new Option('--config <file>', `read settings from this file instead of the nearest ${CONFIG_FILE}`))
+    .addOption(
+      new Option(
+        '--stamp <tenant>',
+        `with "stamps" in ${CONFIG_FILE} (a backbone per tenant): work on this tenant's stamp only; required by commands that change things`,
+      ),
+    )
     .addHelpText('after', HELP_AFTER);
 
   for (const register of commands) register(program, context);

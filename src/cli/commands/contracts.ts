@@ -16,7 +16,7 @@ import {
   type AsyncApiDocument,
   type ContractSet,
 } from 'tidings/asyncapi';
-import { CommandFailed, emit, globalsOf, type CliContext } from '../context.ts';
+import { CommandFailed, emit, settingsOf, type CliContext } from '../context.ts';
 import { loadModule } from '../module.ts';
 import { serviceRecords } from '../services.ts';
 
@@ -36,7 +36,7 @@ export function registerContracts(program: Command, context: CliContext): void {
       const findings = compatibility(deployed, contractsOfCode(code.contracts, code.services), { strictVersions: options.strictVersions === true });
       const breaking = findings.filter((finding) => finding.breaking);
       const against = options.against === 'registry' ? 'the registry' : options.against;
-      emit(context, globalsOf(context, command), { against, findings }, () =>
+      emit(context, settingsOf(context, command), { against, findings }, () =>
         findings.length === 0 ? `The contracts of ${options.module} are compatible with ${against}: no changes.` : renderFindings(findings),
       );
       if (breaking.length > 0) {

@@ -12,9 +12,10 @@ import {
 import { adminDefaults, deadLetterStore } from 'tidings/postgres';
 import { positiveInteger, positiveNumber } from '../arguments.ts';
 import type { GlobalOptions } from '../config.ts';
-import { CommandFailed, emit, globalsOf, showProgress, type CliContext } from '../context.ts';
-import { withDatabase } from '../database.ts';
+import { CommandFailed, emit, globalsOf, settingsOf, showProgress, type CliContext } from '../context.ts';
+import { withDatabaseAt } from '../database.ts';
 import { shortTime, table, withProgress } from '../format.ts';
+import { acrossStamps, emitStamps, readStamps, type StampReading } from '../stamps.ts';
 
 export function registerDeadLetters(program: Command, context: CliContext): void {
   const deadLetters = program.command('dead-letters').description('messages a subscription gave up on: list, show, redrive, drop');
@@ -23,6 +24,8 @@ export function registerDeadLetters(program: Command, context: CliContext): void
     .option('--limit <count>', 'show at most this many rows', positiveInteger, 50)
     .option('--group', 'one row per subscription and error (numbers and ids masked), largest first')
     .action(async (options: SelectionOptions & { limit: number; group?: boolean }, command: Command) => {
+      const settings = settingsOf(context, command);
+      if (acrossStamps(settings)) return listEveryStamp(context, settings, options);
       await withDeadLetters(context, command, async (store, globals) => {
         const selection = selectionOf([], options);
         if (options.group === true) {
@@ -51,6 +54,32 @@ export function registerDeadLetters(program: Command, context: CliContext): void
         });
       });
     });
+
+  addSelection(deadLetters.command('count').description('how many dead letters match; with stamps configured, per tenant')).action(
+    async (options: SelectionOptions, command: Command) => {
+      const settings = settingsOf(context, command);
+      // Counting changes nothing: without a selection it counts every dead letter, as list shows them.
+      const count = (globals: GlobalOptions) => withDeadLettersAt(globals, (store) => store.count({ ...selectionOf([], options), all: true }));
+      if (!acrossStamps(settings)) {
+        const counted = await count(globalsOf(context, command));
+        emit(context, settings, { count: counted }, () => `${counted}`);
+        return;
+      }
+      const readings = await readStamps(settings, count);
+      emitStamps(context, settings, readings, () =>
+        table(
+          readings,
+          [
+            { header: 'tenant', value: (reading) => reading.tenant },
+            { header: 'dead letters', value: (reading) => ('error' in reading ? '-' : reading.value), align: 'right' },
+            { header: 'where', value: (reading) => reading.where },
+            { header: 'error', value: (reading) => ('error' in reading ? reading.error.message : ''), max: 100, shrink: 1 },
+          ],
+          { width: context.columns },
+        ),
+      );
+    },
+  );
 
   addBrokerOptions(deadLetters.command('show'))
     .description('one dead letter in full: envelope with data, and every attempt with its stack')
@@ -177,24 +206,75 @@ async function withDeadLetters(
   command: Command,
   run: (store: DeadLetterStore, globals: GlobalOptions, where: string) => Promise<void>,
 ): Promise<void> {
-  const globals = globalsOf(context, command);
+  await withDeadLettersAt(globalsOf(context, command), run);
+}
+
+/** withDeadLetters at the place `globals` name: one stamp of several. */
+async function withDeadLettersAt<T>(globals: GlobalOptions, run: (store: DeadLetterStore, globals: GlobalOptions, where: string) => Promise<T>): Promise<T> {
   const url = globals.url ?? '';
   const broker = await brokerFor(url, globals);
   if (broker === undefined) {
-    await withDatabase(context, command, (db) =>
+    return withDatabaseAt(globals, (db) =>
       run(
         deadLetterStore(async () => db.driver, globals.schema),
         globals,
         `schema ${globals.schema}`,
       ),
     );
-    return;
   }
   try {
-    await run(broker.backbone.deadLetters(), globals, broker.where);
+    return await run(broker.backbone.deadLetters(), globals, broker.where);
   } finally {
     await broker.backbone.close().catch(() => undefined);
   }
+}
+
+/**
+ * `tidings dead-letters list` on every stamp: JSON keyed by tenant (each `{total, deadLetters}`, or the groups
+ * with --group); for a person, one table with a tenant column, then each tenant's total and any stamp not read.
+ */
+async function listEveryStamp(context: CliContext, settings: GlobalOptions, options: SelectionOptions & { limit: number; group?: boolean }): Promise<void> {
+  const selection = selectionOf([], options);
+  const tenantColumn = { header: 'tenant', value: (row: { tenant: string }) => row.tenant };
+  const failures = (readings: readonly StampReading<unknown>[]) =>
+    readings.flatMap((reading) => ('error' in reading ? [`tenant ${reading.tenant}: cannot read: ${reading.error.message}`] : []));
+  if (options.group === true) {
+    const readings = await readStamps(settings, (globals) => withDeadLettersAt(globals, (store) => groupOf(store, { ...selection, limit: options.limit })));
+    emitStamps(context, settings, readings, () => {
+      const rows = readings.flatMap((reading) => ('error' in reading ? [] : reading.value.map((group) => ({ ...group, tenant: reading.tenant }))));
+      return [rows.length === 0 ? 'No dead letters.' : renderGroups(rows, context.columns, tenantColumn), ...failures(readings)].join('\n');
+    });
+    return;
+  }
+  const readings = await readStamps(settings, (globals) => withDeadLettersAt(globals, (store) => store.list({ ...selection, limit: options.limit })));
+  emitStamps(context, settings, readings, () => {
+    const rows = readings.flatMap((reading) => ('error' in reading ? [] : reading.value.deadLetters.map((row) => ({ ...row, tenant: reading.tenant }))));
+    const shown =
+      rows.length === 0
+        ? 'No dead letters.'
+        : table(
+            rows,
+            [
+              tenantColumn,
+              { header: 'id', value: (row) => row.id, align: 'right' },
+              { header: 'subscription', value: (row) => row.subscription },
+              { header: 'topic', value: (row) => row.topic },
+              { header: 'key', value: (row) => row.key, max: 24, shrink: 1 },
+              { header: 'attempts', value: (row) => row.attempts },
+              { header: 'dead at', value: (row) => shortTime(row.deadAt) },
+              { header: 'reason', value: (row) => row.reason, max: 80, shrink: 2 },
+            ],
+            { width: context.columns },
+          );
+    const totals = readings.flatMap((reading) =>
+      'error' in reading
+        ? []
+        : [
+            `tenant ${reading.tenant}: ${reading.value.total} dead letter${reading.value.total === 1 ? '' : 's'}${reading.value.total > reading.value.deadLetters.length ? ` (${reading.value.deadLetters.length} shown)` : ''}`,
+          ],
+    );
+    return [shown, ...totals, ...failures(readings), 'Show one with: tidings --stamp <tenant> dead-letters show <id>'].join('\n');
+  });
 }
 
 /** A broker backbone for an amqp:// or nats:// URL, opened only to reach its dead letters (no relay, no consumers). */
@@ -253,10 +333,15 @@ function reportAction(
   }
 }
 
-function renderGroups(groups: readonly DeadLetterGroup[], width: number | undefined): string {
+function renderGroups<G extends DeadLetterGroup>(
+  groups: readonly G[],
+  width: number | undefined,
+  ...first: { header: string; value: (group: G) => string }[]
+): string {
   return table(
     groups,
     [
+      ...first,
       { header: 'count', value: (group) => group.count },
       { header: 'subscription', value: (group) => group.subscription },
       { header: 'topics', value: (group) => group.topics.join(', '), max: 30, shrink: 1 },

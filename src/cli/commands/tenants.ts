@@ -3,9 +3,11 @@ import { createWriteStream } from 'node:fs';
 import { once } from 'node:events';
 import type { Command } from 'commander';
 import { exportTenant, listTenants, purgeTenant, resumeTenant, showTenant, suspendTenant } from 'tidings/postgres';
-import { CommandFailed, emit, type CliContext } from '../context.ts';
-import { withDatabase } from '../database.ts';
+import type { GlobalOptions } from '../config.ts';
+import { CommandFailed, emit, settingsOf, type CliContext } from '../context.ts';
+import { withDatabase, withDatabaseAt } from '../database.ts';
 import { shortTime, table } from '../format.ts';
+import { acrossStamps, emitStamps, readStamps } from '../stamps.ts';
 
 const ACTOR = ['--actor <name>', 'who does this, for the audit table (default: OS user@host)'] as const;
 
@@ -15,6 +17,8 @@ export function registerTenants(program: Command, context: CliContext): void {
     .command('list')
     .description('every tenant with messages in the log or a suspension on record')
     .action(async (_options: unknown, command: Command) => {
+      const settings = settingsOf(context, command);
+      if (acrossStamps(settings)) return listEveryStamp(context, settings);
       await withDatabase(context, command, async (db, globals) => {
         const found = await listTenants(db.driver, { schema: globals.schema });
         emit(context, globals, { tenants: found }, () => {
@@ -140,4 +144,30 @@ export function registerTenants(program: Command, context: CliContext): void {
         if (file !== undefined) context.err(`Exported ${count} messages of ${tenant} to ${options.out}.\n`);
       });
     });
+}
+
+/** `tidings tenants list` on every stamp: JSON keyed by stamp (each `{tenants}`); for a person, one table with a stamp column. */
+async function listEveryStamp(context: CliContext, settings: GlobalOptions): Promise<void> {
+  const readings = await readStamps(settings, (globals) =>
+    withDatabaseAt(globals, async (db) => ({ tenants: await listTenants(db.driver, { schema: globals.schema }) })),
+  );
+  emitStamps(context, settings, readings, () => {
+    const rows = readings.flatMap((reading) => ('error' in reading ? [] : reading.value.tenants.map((row) => ({ ...row, stamp: reading.tenant }))));
+    const failures = readings.flatMap((reading) => ('error' in reading ? [`stamp ${reading.tenant}: cannot read: ${reading.error.message}`] : []));
+    const shown =
+      rows.length === 0
+        ? 'No tenants: no message in any stamp carries one.'
+        : table(
+            rows,
+            [
+              { header: 'stamp', value: (row) => row.stamp },
+              { header: 'tenant', value: (row) => row.tenant, max: 40, shrink: 1 },
+              { header: 'messages', value: (row) => row.messages },
+              { header: 'last message', value: (row) => (row.lastMessageAt === undefined ? '-' : shortTime(row.lastMessageAt)) },
+              { header: 'delivery', value: (row) => (row.suspendedAt === undefined ? 'flowing' : `suspended ${shortTime(row.suspendedAt)}`) },
+            ],
+            { width: context.columns },
+          );
+    return [shown, ...failures].join('\n');
+  });
 }
