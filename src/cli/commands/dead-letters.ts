@@ -8,13 +8,14 @@ import {
   type DeadLetterGroup,
   type DeadLetterSelection,
   type DeadLetterStore,
+  type DeadLetterSummary,
 } from 'tidings';
 import { adminDefaults, deadLetterStore } from 'tidings/postgres';
 import { positiveInteger, positiveNumber } from '../arguments.ts';
 import type { GlobalOptions } from '../config.ts';
 import { CommandFailed, emit, globalsOf, settingsOf, showProgress, type CliContext } from '../context.ts';
 import { withDatabaseAt } from '../database.ts';
-import { shortTime, table, withProgress } from '../format.ts';
+import { shortTime, table, withProgress, type Column } from '../format.ts';
 import { acrossStamps, emitStamps, readStamps, type StampReading } from '../stamps.ts';
 
 export function registerDeadLetters(program: Command, context: CliContext): void {
@@ -36,19 +37,7 @@ export function registerDeadLetters(program: Command, context: CliContext): void
         const { total, deadLetters: rows } = await store.list({ ...selection, limit: options.limit });
         emit(context, globals, { total, deadLetters: rows }, () => {
           if (total === 0) return 'No dead letters.';
-          const shown = table(
-            rows,
-            [
-              { header: 'id', value: (row) => row.id, align: 'right' },
-              { header: 'subscription', value: (row) => row.subscription },
-              { header: 'topic', value: (row) => row.topic },
-              { header: 'key', value: (row) => row.key, max: 24, shrink: 1 },
-              { header: 'attempts', value: (row) => row.attempts },
-              { header: 'dead at', value: (row) => shortTime(row.deadAt) },
-              { header: 'reason', value: (row) => row.reason, max: 80, shrink: 2 },
-            ],
-            { width: context.columns },
-          );
+          const shown = table(rows, deadLetterColumns(), { width: context.columns });
           const more = total > rows.length ? `\n${rows.length} of ${total} shown: narrow the selection or raise --limit.` : '';
           return `${shown}${more}\nShow one with: tidings dead-letters show <id>`;
         });
@@ -173,6 +162,19 @@ interface SelectionOptions {
   all?: boolean;
 }
 
+/** The columns of a dead letters' table (`list`, on one stamp or every stamp). */
+function deadLetterColumns<R extends DeadLetterSummary>(): Column<R>[] {
+  return [
+    { header: 'id', value: (row) => row.id, align: 'right' },
+    { header: 'subscription', value: (row) => row.subscription },
+    { header: 'topic', value: (row) => row.topic },
+    { header: 'key', value: (row) => row.key, max: 24, shrink: 1 },
+    { header: 'attempts', value: (row) => row.attempts },
+    { header: 'dead at', value: (row) => shortTime(row.deadAt) },
+    { header: 'reason', value: (row) => row.reason, max: 80, shrink: 2 },
+  ];
+}
+
 function addSelection(command: Command): Command {
   return addBrokerOptions(command)
     .option('--subscription <name>', 'only dead letters of this subscription')
@@ -250,22 +252,7 @@ async function listEveryStamp(context: CliContext, settings: GlobalOptions, opti
   emitStamps(context, settings, readings, () => {
     const rows = readings.flatMap((reading) => ('error' in reading ? [] : reading.value.deadLetters.map((row) => ({ ...row, tenant: reading.tenant }))));
     const shown =
-      rows.length === 0
-        ? 'No dead letters.'
-        : table(
-            rows,
-            [
-              tenantColumn,
-              { header: 'id', value: (row) => row.id, align: 'right' },
-              { header: 'subscription', value: (row) => row.subscription },
-              { header: 'topic', value: (row) => row.topic },
-              { header: 'key', value: (row) => row.key, max: 24, shrink: 1 },
-              { header: 'attempts', value: (row) => row.attempts },
-              { header: 'dead at', value: (row) => shortTime(row.deadAt) },
-              { header: 'reason', value: (row) => row.reason, max: 80, shrink: 2 },
-            ],
-            { width: context.columns },
-          );
+      rows.length === 0 ? 'No dead letters.' : table(rows, [tenantColumn, ...deadLetterColumns<(typeof rows)[number]>()], { width: context.columns });
     const totals = readings.flatMap((reading) =>
       'error' in reading
         ? []
