@@ -5,7 +5,7 @@ import { listReplicas } from 'tidings/replica';
 import { positiveNumber } from '../arguments.ts';
 import type { GlobalOptions } from '../config.ts';
 import { emit, pause, settingsOf, type CliContext } from '../context.ts';
-import { withDatabase, withDatabaseAt } from '../database.ts';
+import { type Database, withDatabase, withDatabaseAt } from '../database.ts';
 import { plain, styleFor } from '../format.ts';
 import { acrossStamps, emitStamps, readStamps, sections } from '../stamps.ts';
 import { renderReplicas, renderStatus, type StatusView } from '../status.ts';
@@ -21,18 +21,8 @@ export function registerStatus(program: Command, context: CliContext): void {
       const settings = settingsOf(context, command);
       if (acrossStamps(settings) && options.watch === undefined) return statusOfEveryStamp(context, settings, options);
       await withDatabase(context, command, async (db, globals) => {
-        const view: StatusView = {
-          verbose: options.verbose === true,
-          width: context.columns,
-          style: globals.json ? plain : styleFor(context.stdoutIsTTY, context.env),
-        };
-        const read = async () => {
-          const status = await readStatus(db.driver, { schema: globals.schema, subscription: options.subscription });
-          const replicas = options.subscription === undefined ? await listReplicas(db.driver, { schema: globals.schema }) : [];
-          const value = replicas.length === 0 ? status : { ...status, replicas };
-          const text = () => [renderStatus(status, db.description, view), ...(replicas.length === 0 ? [] : ['', renderReplicas(replicas)])].join('\n');
-          return { value, text };
-        };
+        const view = viewOf(context, globals, options);
+        const read = () => readOne(db, globals.schema, options.subscription, view);
         if (options.watch === undefined) {
           const { value, text } = await read();
           emit(context, globals, value, text);
@@ -55,26 +45,22 @@ export function registerStatus(program: Command, context: CliContext): void {
 
 /** `tidings status` with stamps configured and no --stamp: each tenant's status under its name. */
 async function statusOfEveryStamp(context: CliContext, settings: GlobalOptions, options: { subscription?: string; verbose?: boolean }): Promise<void> {
-  const readings = await readStamps(settings, (globals) =>
-    withDatabaseAt(globals, async (db) => {
-      const status = await readStatus(db.driver, { schema: globals.schema, subscription: options.subscription });
-      const replicas = options.subscription === undefined ? await listReplicas(db.driver, { schema: globals.schema }) : [];
-      return { status, replicas, description: db.description };
-    }),
-  );
-  const view: StatusView = {
-    verbose: options.verbose === true,
-    width: context.columns,
-    style: settings.json ? plain : styleFor(context.stdoutIsTTY, context.env),
+  const view = viewOf(context, settings, options);
+  const readings = await readStamps(settings, (globals) => withDatabaseAt(globals, (db) => readOne(db, globals.schema, options.subscription, view)));
+  const forJson = readings.map((reading) => ('error' in reading ? reading : { ...reading, value: reading.value.value }));
+  emitStamps(context, settings, forJson, () => sections(readings, (one) => one.text()));
+}
+
+function viewOf(context: CliContext, globals: GlobalOptions, options: { verbose?: boolean }): StatusView {
+  return { verbose: options.verbose === true, width: context.columns, style: globals.json ? plain : styleFor(context.stdoutIsTTY, context.env) };
+}
+
+/** One place's status and replicas: the value --json prints, and the text for a person. */
+async function readOne(db: Database, schema: string, subscription: string | undefined, view: StatusView): Promise<{ value: unknown; text: () => string }> {
+  const status = await readStatus(db.driver, { schema, subscription });
+  const replicas = subscription === undefined ? await listReplicas(db.driver, { schema }) : [];
+  return {
+    value: replicas.length === 0 ? status : { ...status, replicas },
+    text: () => [renderStatus(status, db.description, view), ...(replicas.length === 0 ? [] : ['', renderReplicas(replicas)])].join('\n'),
   };
-  const forJson = readings.map((reading) =>
-    'error' in reading
-      ? reading
-      : { ...reading, value: reading.value.replicas.length === 0 ? reading.value.status : { ...reading.value.status, replicas: reading.value.replicas } },
-  );
-  emitStamps(context, settings, forJson, () =>
-    sections(readings, ({ status, replicas, description }) =>
-      [renderStatus(status, description, view), ...(replicas.length === 0 ? [] : ['', renderReplicas(replicas)])].join('\n'),
-    ),
-  );
 }
