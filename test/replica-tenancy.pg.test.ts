@@ -9,7 +9,7 @@ import assert from 'node:assert/strict';
 import { after, test } from 'node:test';
 import { z } from 'zod';
 import { defineEvent, type DataOf, type Message } from '../src/index.ts';
-import { purgeTenant, type PgTransaction } from '../src/postgres/index.ts';
+import { purgeTenant, showTenant, type PgTransaction } from '../src/postgres/index.ts';
 import { bucketSql, rowHashSql } from '../src/replica/digest.ts';
 import { defineReplica, defineSource, feed, replica, source, type Replica } from '../src/replica/index.ts';
 import { pgWorld, type PgWorld } from './fixtures/bus.ts';
@@ -295,6 +295,10 @@ test("a purge deletes the tenant's rows from every replica table, and nothing of
   const printed = await tidingsInProcess(world.schema)('tenants', 'purge', 'acme', '--dry-run');
   assert.match(printed, /replica_accounts_one_g1 +5\n/, printed);
   assert.match(printed, /replica_accounts_two_g1 +5\n/);
+  const shown = await showTenant(driver, { schema: world.schema, tenant: 'acme' });
+  assert.equal(Object.keys(shown.replicas).length, 2, JSON.stringify(shown.replicas));
+  assert.deepEqual(Object.values(shown.replicas), [5, 5], "the usage counts the tenant's rows of each replica");
+  assert.match(await tidingsInProcess(world.schema)('tenants', 'show', 'acme'), /replica +5 rows in .*one/);
   const dry = await purgeTenant(driver, { schema: world.schema, tenant: 'acme', dryRun: true, actor: 'test' });
   assert.equal(dry.rows.replica_accounts_one_g1, 5);
   assert.equal(dry.rows.replica_accounts_two_g1, 5);
@@ -302,6 +306,8 @@ test("a purge deletes the tenant's rows from every replica table, and nothing of
   const purged = await purgeTenant(driver, { schema: world.schema, tenant: 'acme', actor: 'test' });
   assert.deepEqual([purged.rows.replica_accounts_one_g1, purged.rows.replica_accounts_two_g1], [5, 5]);
   for (const table of tables) assert.deepEqual(await perTenant(table), { '': 2, globex: 5 }, `${table}: no row of acme, the others' all there`);
+  assert.deepEqual(Object.values((await showTenant(driver, { schema: world.schema, tenant: 'acme' })).replicas), [0, 0]);
+  assert.deepEqual(Object.values((await showTenant(driver, { schema: world.schema, tenant: 'globex' })).replicas), [5, 5]);
   assert.equal(await two.get('a-1', { tenant: 'acme' }), undefined);
   assert.equal((await two.get('a-1', { tenant: 'globex' }))?.name, 'globex 1');
   const [audit] = await sql(`select detail from "${world.schema}".tenant_actions where action = 'purge'`);

@@ -51,6 +51,7 @@ export function registerTenants(program: Command, context: CliContext): void {
             `  waiting     ${found.held} held, ${found.scheduled} scheduled`,
             `  dead        ${found.deadLetters} dead letters`,
             `  sagas       ${found.sagas} instances`,
+            ...Object.entries(found.replicas).map(([replica, n]) => `  replica     ${n} rows in ${replica}`),
             ...(found.quota === undefined
               ? []
               : [`  quota       ${found.quota.tokens.toFixed(1)} tokens left by its last publish, ${shortTime(found.quota.at)}`]),

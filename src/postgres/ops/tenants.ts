@@ -35,6 +35,8 @@ export interface TenantUsage extends TenantSummary {
   readonly held: number;
   readonly scheduled: number;
   readonly sagas: number;
+  /** Rows of the tenant in each replica (src/replica), by replica name: the generation readers see. */
+  readonly replicas: Readonly<Record<string, number>>;
   readonly suspendedBy: string | undefined;
   readonly reason: string | undefined;
   /** Its publish quota's bucket (`tenancy.quotas`): the tokens left by its last publish, and when; undefined if it has none. */
@@ -78,7 +80,7 @@ export async function showTenant(db: Queryable, options: TenantOptions): Promise
   const tenant = checkTenant(options.tenant, 'tidings tenants show');
   return explainMissingSchema(options.schema, async () => {
     const one = async (sql: string) => Number((await db.query<{ n: string | number }>(sql, [tenant])).rows[0]?.n ?? 0);
-    const [log, handled, deadLetters, held, scheduled, sagas, state, actions, quota] = await Promise.all([
+    const [log, handled, deadLetters, held, scheduled, sagas, state, actions, quota, replicas] = await Promise.all([
       db.query<{ messages: string | number; bytes: string | number; last_at: Date | string | null }>(
         `select count(*)::int8 as messages, coalesce(sum(octet_length(data::text)), 0)::int8 as bytes, max(time) as last_at from ${s}.log where tenant = $1`,
         [tenant],
@@ -104,6 +106,7 @@ export async function showTenant(db: Queryable, options: TenantOptions): Promise
         [tenant],
       ),
       db.query<{ tokens: number; refilled_at: Date | string }>(`select tokens, refilled_at from ${s}.tenant_quotas where tenant = $1`, [tenant]),
+      replicaCounts(db, options.schema, tenant),
     ]);
     const bucket = quota.rows[0];
     const row = log.rows[0];
@@ -122,6 +125,7 @@ export async function showTenant(db: Queryable, options: TenantOptions): Promise
       held,
       scheduled,
       sagas,
+      replicas,
       actions: actions.rows.map((action) => ({ action: action.action, actor: action.actor, at: iso(action.at), detail: action.detail })),
     };
   });
@@ -270,23 +274,42 @@ export async function* exportTenant(db: Queryable, options: ActingOptions & { re
  * which an erasure purges too (docs/tenancy.md).
  */
 async function replicaRows(tx: Queryable, schema: string, tenant: string, dryRun: boolean): Promise<Record<string, number>> {
-  const meta = metaStatements(schema);
   const rows: Record<string, number> = {};
-  const { rows: replicas } = await tx.query<{ name: string; generation: number; building: number | null }>(meta.tables);
+  await eachReplicaTable(tx, schema, 'every', async ({ name, generation, tables }) => {
+    const sql = dryRun ? tables.countTenant(generation) : tables.purge(generation);
+    const { rows: counted } = await tx.query<{ n: string | number }>(sql, [tenant]);
+    rows[`${replicaBase(name)}_g${generation}`] = Number(counted[0]?.n ?? 0);
+  });
+  return rows;
+}
+
+/** The tenant's rows in each replica's current generation, by replica name (`showTenant`). */
+async function replicaCounts(db: Queryable, schema: string, tenant: string): Promise<Record<string, number>> {
+  const counts: Record<string, number> = {};
+  await eachReplicaTable(db, schema, 'current', async ({ name, generation, tables }) => {
+    const { rows } = await db.query<{ n: string | number }>(tables.countTenant(generation), [tenant]);
+    counts[name] = Number(rows[0]?.n ?? 0);
+  });
+  return counts;
+}
+
+/** Calls `fn` for each replica's generation table that exists: the current one, and with `'every'` the one a rebuild is filling. */
+async function eachReplicaTable(
+  db: Queryable,
+  schema: string,
+  generations: 'current' | 'every',
+  fn: (table: { name: string; generation: number; tables: ReturnType<typeof generationStatements> }) => Promise<void>,
+): Promise<void> {
+  const meta = metaStatements(schema);
+  const { rows: replicas } = await db.query<{ name: string; generation: number; building: number | null }>(meta.tables);
   for (const replica of replicas) {
     const tables = generationStatements(schema, replicaBase(replica.name), replica.name, meta.meta);
-    for (const generation of [replica.generation, replica.building]) {
+    for (const generation of generations === 'every' ? [replica.generation, replica.building] : [replica.generation]) {
       if (generation === null) continue;
-      const table = tables.table(Number(generation));
-      const { rows: exists } = await tx.query<{ t: string | null }>('select to_regclass($1)::text as t', [table]);
-      if (exists[0]?.t == null) continue;
-      const { rows: counted } = await tx.query<{ n: string | number }>(dryRun ? tables.countTenant(Number(generation)) : tables.purge(Number(generation)), [
-        tenant,
-      ]);
-      rows[`${replicaBase(replica.name)}_g${generation}`] = Number(counted[0]?.n ?? 0);
+      const { rows: exists } = await db.query<{ t: string | null }>('select to_regclass($1)::text as t', [tables.table(Number(generation))]);
+      if (exists[0]?.t != null) await fn({ name: replica.name, generation: Number(generation), tables });
     }
   }
-  return rows;
 }
 
 async function audit(db: Queryable, s: string, action: string, tenant: string, actor: string, detail: unknown): Promise<void> {
