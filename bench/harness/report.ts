@@ -160,6 +160,7 @@ const FIGURE_TABLES: Partial<Record<Workload, Array<[string, string, number?]>>>
     ['quietP99', 'quiet p99 ms'],
     ['quietMax', 'quiet max ms'],
     ['quietPublishP99', 'quiet publish call p99 ms'],
+    ['quietDeliveryP99', 'quiet delivery p99 ms'],
     ['quietEvents', 'quiet events', 0],
     ['noisyPublished', 'noisy published/s', 0],
     ['noisyHandled', 'noisy handled/s', 0],

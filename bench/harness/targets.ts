@@ -53,9 +53,12 @@ export function checkTargets(entries: Entry[]): TargetCheck[] {
   const tracedDrain = traced('drain', ', steady');
   const rls = (workload: Workload, label: string) => share(m(workload, withRls(label), 'rate'), m(workload, label, 'rate'));
   const [rlsDrain, rlsE2e, rlsE2eTx] = [rls('drain', ROW.tenantsDrain), rls('e2e', ROW.tenantsE2e), rls('e2e', ROW.tenantsE2eTx)];
-  const quietAlone = m('fairness', ROW.quietAlone, 'quietP99');
-  const quietFair = share(m('fairness', ROW.quietNoisyFair, 'quietP99'), quietAlone);
-  const quietOff = share(m('fairness', ROW.quietNoisy, 'quietP99'), quietAlone);
+  const quietAgainstAlone = (metric: string) => {
+    const alone = m('fairness', ROW.quietAlone, metric);
+    return { fair: share(m('fairness', ROW.quietNoisyFair, metric), alone), off: share(m('fairness', ROW.quietNoisy, metric), alone) };
+  };
+  const quiet = quietAgainstAlone('quietP99');
+  const quietDelivery = quietAgainstAlone('quietDeliveryP99');
   const scheduledP99 = m('scheduled', `${LABELS.tidings}, 1,000 due/s`, 'lateP99');
   return [
     {
@@ -118,10 +121,11 @@ export function checkTargets(entries: Entry[]): TargetCheck[] {
     },
     {
       id: 'F1',
-      measure: "quiet tenants' p99 beside a noisy tenant's backlog and 5,000/s / alone: fairness on (off) (issue 23)",
-      value: `${times(quietFair)} (${times(quietOff)})`,
-      goal: '<= 2.0x',
-      verdict: lower(quietFair, 2),
+      measure:
+        "quiet tenants' p99 beside a noisy tenant's backlog and 5,000/s / alone: delivery (publish call's return -> handler), fairness on (off); publish call -> handler, on (off) (issue 23)",
+      value: `${times(quietDelivery.fair)} (${times(quietDelivery.off)}); ${times(quiet.fair)} (${times(quiet.off)})`,
+      goal: '<= 2.0x (delivery)',
+      verdict: lower(quietDelivery.fair, 2),
     },
     {
       id: 'T5',

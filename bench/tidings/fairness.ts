@@ -6,7 +6,9 @@
  * quiet tenants' messages, and fair handler slots; docs/tenancy.md). The publishers run in a process of their
  * own (fairness-publishers.ts), the subscription in this one, as services run. Measured: the quiet tenants'
  * latency, publish call -> handler start, on the machine's monotonic clock (and the publish call alone: how
- * much of it is the publishing side); and what the noisy tenant got through.
+ * much of it is the publishing side), and from the publish call's return to handler start (delivery alone:
+ * what fair delivery controls; the publish call waits for a database the noisy tenant's writes keep busy,
+ * which `tenancy.quotas` limits, not delivery); and what the noisy tenant got through.
  */
 import { fork } from 'node:child_process';
 import { Counter, now, percentile, rate } from '../load/measure.ts';
@@ -58,6 +60,11 @@ export async function fairness(task: Task): Promise<ChildResult> {
     .sort((a, b) => a - b);
   const calledAt = new Map(sent.sentAt);
   const publishes = committedAt.map(([seq, at]) => at - calledAt.get(seq)!).sort((a, b) => a - b);
+  // Delivery alone: from the publish call's return (its message committed, visible to a read) to the handler.
+  const deliveries = committedAt
+    .map(([seq, at]) => (started.get(seq) ?? Number.NaN) - at)
+    .filter((ms) => Number.isFinite(ms))
+    .sort((a, b) => a - b);
   const noisyHandled = noisy.count;
   await bus.stop();
   return {
@@ -68,6 +75,8 @@ export async function fairness(task: Task): Promise<ChildResult> {
       quietP99: percentile(latencies, 99),
       quietMax: latencies.at(-1) ?? Number.NaN,
       quietPublishP99: percentile(publishes, 99),
+      quietDeliveryP50: percentile(deliveries, 50),
+      quietDeliveryP99: percentile(deliveries, 99),
       quietEvents: sent.sent,
       quietAchieved: sent.achievedRate,
       noisyPublished: noisyRate,
