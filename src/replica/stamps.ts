@@ -174,7 +174,7 @@ export class StampReplicas<Row> implements Replica<Row> {
     });
     if (failed.length > 0 && failed.length === replicas.length) throw failed[0]![1];
     for (const [tenant, error] of failed)
-      this.#settings.warn(`Replica ${this.name}: could not start in tenant ${tenant}'s stamp; the other stamps' run`, error);
+      this.#settings.warn(`Replica ${this.name}: could not start in tenant ${tenant}'s stamp; the other stamps' replicas run`, error);
   }
 
   /** Stops every stamp's periodic checks and fails requests still waiting. Call before `bus.stop()`. */
@@ -256,7 +256,9 @@ export class StampReplicas<Row> implements Replica<Row> {
       void preparing
         .catch(() => undefined)
         .then(() => this.#start(replica))
-        .catch((error: unknown) => this.#settings.warn(`Replica ${this.name}: could not start in tenant ${tenant}'s stamp; the other stamps' run`, error));
+        .catch((error: unknown) =>
+          this.#settings.warn(`Replica ${this.name}: could not start in tenant ${tenant}'s stamp; the other stamps' replicas run`, error),
+        );
     }
     await preparing;
   }
