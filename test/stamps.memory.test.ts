@@ -240,3 +240,48 @@ test("a saga's state lives in its tenant's stamp: one instance id, two tenants, 
   await waitFor("acme's scheduled message", () => handled.includes('acme:2'));
   assert.deepEqual(handled, ['acme:2']);
 });
+
+test('listeners hear of each stamp opening before it is used, of stamps open when they listen, and of stamps removed', async (t) => {
+  const down = new Set(['globex']);
+  const { bus, stamps, warnings } = world(t, ['acme', 'globex'], down);
+  const heard: string[] = [];
+  let published = 0;
+  bus.subscribe('billing', Placed, () => {
+    published++;
+  });
+  const stop = stamps.onStamp({
+    // Slow on purpose: a publish to the stamp must wait for it.
+    opened: async (tenant, backbone) => {
+      await new Promise((resolve) => setTimeout(resolve, 20));
+      heard.push(`opened ${tenant} ${backbone.name} (${published} handled)`);
+    },
+    removed: (tenant) => {
+      heard.push(`removed ${tenant}`);
+    },
+  });
+  await bus.start();
+  assert.deepEqual(heard, ['opened acme memory (0 handled)'], 'a stamp that cannot open is not heard of');
+  await stamps.addTenant('initech');
+  assert.equal(heard.at(-1), 'opened initech memory (0 handled)', 'addTenant resolves once the listeners have run');
+  down.delete('globex');
+  await waitFor('globex back', () => heard.includes('opened globex memory (0 handled)'));
+  await bus.publish(Placed, { key: 'k', seq: 1 }, { tenant: 'globex' });
+
+  // A listener added later hears of the stamps open now; one that throws is a warning, not a failure.
+  const late: string[] = [];
+  stamps.onStamp({
+    opened: (tenant) => {
+      late.push(tenant);
+      throw new Error('listener broke');
+    },
+  });
+  assert.deepEqual(late.sort(), ['acme', 'globex', 'initech']);
+  await waitFor('the warnings', () => warnings.filter((w) => w.includes('listener failed')).length === 3);
+  assert.match(warnings.find((w) => w.includes('listener failed')) ?? '', /a listener failed on tenant \w+'s stamp being opened \(listener broke\)/);
+
+  await stamps.removeTenant('initech');
+  assert.equal(heard.at(-1), 'removed initech');
+  stop();
+  await stamps.addTenant('hooli');
+  assert.ok(!heard.some((h) => h.includes('hooli')), 'a listener that stopped hears nothing more');
+});

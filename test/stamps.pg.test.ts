@@ -5,7 +5,6 @@
  */
 import assert from 'node:assert/strict';
 import { type TestContext, test } from 'node:test';
-import pg from 'pg';
 import { createBus, deadLetter, type Bus, type TidingsError } from '../src/index.ts';
 import { postgres, type PgTransaction } from '../src/postgres/index.ts';
 import { tenantStamps, type TenantStamps } from '../src/stamps/index.ts';
@@ -14,38 +13,7 @@ import { Ticked } from './fixtures/contracts.ts';
 import { startProcess } from './fixtures/processes.ts';
 import { createEffects, DATABASE_URL, requirePostgres, sql, uniqueSchema, waitFor } from './helpers.ts';
 import { Invoiced, Placed } from './fixtures/stamps.ts';
-
-/** The test server's URL with another database. */
-function urlOf(database: string): string {
-  const url = new URL(DATABASE_URL);
-  url.pathname = `/${database}`;
-  return url.toString();
-}
-
-/** Runs statements on `database`, creating nothing. */
-async function onDatabase<R>(database: string, fn: (client: pg.Client) => Promise<R>): Promise<R> {
-  const client = new pg.Client({ connectionString: urlOf(database) });
-  await client.connect();
-  try {
-    return await fn(client);
-  } finally {
-    await client.end();
-  }
-}
-
-const testDatabase = new URL(DATABASE_URL).pathname.slice(1);
-
-/** Creates `database` unless it exists (several test files may race for it). */
-async function ensureDatabase(database: string): Promise<void> {
-  await onDatabase(testDatabase, async (client) => {
-    const { rowCount } = await client.query('select 1 from pg_database where datname = $1', [database]);
-    if (rowCount !== 0) return;
-    await client.query(`create database "${database}"`).catch((error: { code?: string }) => {
-      // 42P04: it exists; 23505: another session created it at the same moment.
-      if (error.code !== '42P04' && error.code !== '23505') throw error;
-    });
-  });
-}
+import { ensureDatabase, onDatabase, testDatabase, urlOf } from './fixtures/databases.ts';
 
 interface Place {
   readonly database: string;

@@ -128,6 +128,10 @@ export interface DriftReport {
   readonly differingNodes: readonly number[];
   /** Set when no check ran (a rebuild was in progress). */
   readonly skipped?: string;
+  /** The tenant whose stamp the check ran in (a replica on tidings/stamps); absent on one database. */
+  readonly tenant?: string;
+  /** A check of every stamp: each stamp's report by tenant; the counts above are their sums. */
+  readonly byTenant?: Readonly<Record<string, DriftReport>>;
 }
 
 export interface RebuildProgress {
@@ -142,6 +146,10 @@ export interface RebuildReport {
   readonly rows: number;
   readonly durationMs: number;
   readonly messages: { readonly sent: number; readonly received: number };
+  /** The tenant whose stamp was rebuilt (a replica on tidings/stamps); absent on one database. */
+  readonly tenant?: string;
+  /** A rebuild of every stamp: each stamp's report by tenant; rows and messages above are their sums, generation the highest. */
+  readonly byTenant?: Readonly<Record<string, RebuildReport>>;
 }
 
 export interface ReplicaStats {

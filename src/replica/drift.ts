@@ -28,7 +28,7 @@ export async function checkDrift<Row>(
   let entries = 0;
   const driver = store.driver;
   const meta = await store.readMeta(driver);
-  const base = { checkId, replica: check.name, at: new Date(started).toISOString() };
+  const base = { checkId, replica: check.name, at: new Date(started).toISOString(), ...(check.tenant === undefined ? {} : { tenant: check.tenant }) };
   if (meta.building !== null) {
     const report: DriftReport = {
       ...base,

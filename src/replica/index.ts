@@ -5,7 +5,8 @@
  */
 export { defineReplica, feed, replicaDefaults } from './define.ts';
 export type { Feed, ReplicaDefinition, ReplicaOptions, ReplicaStats, Staleness, DriftReport, RebuildProgress, RebuildReport } from './define.ts';
-export { replica, Replica, type ReadScope } from './replica.ts';
+export { replica, SchemaReplica, type Replica, type ReadScope } from './replica.ts';
+export { StampReplicas } from './stamps.ts';
 export { defineSource, source, sourceDefaults } from './source.ts';
 export type { SourceDefinition, SourceOptions, SourceStats, ReplicaSource } from './source.ts';
 export { digestTree } from './digest.ts';

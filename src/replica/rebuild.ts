@@ -71,7 +71,14 @@ export async function rebuild<Row>(job: Rebuild<Row>, onProgress?: (progress: Re
     await store.dropGeneration(store.driver, next).catch(() => undefined);
     throw error;
   }
-  return { replica: name, generation: next, rows: done, durationMs: Date.now() - started, messages: traffic };
+  return {
+    replica: name,
+    generation: next,
+    rows: done,
+    durationMs: Date.now() - started,
+    messages: traffic,
+    ...(job.tenant === undefined ? {} : { tenant: job.tenant }),
+  };
 }
 
 /** Runs `fn` again after a deadlock or serialization failure (up to 10 times): for idempotent writes only. */

@@ -16,10 +16,12 @@
  *   replica_<name>_apply_g<n> a function applying one event to generation n (and to the one being built)
  *
  * The parts: define.ts (declaring one), this file (applying events, reading, lifecycle), store.ts (its
- * tables), cache.ts (rows in memory), requests.ts (asking the source), drift.ts, rebuild.ts.
+ * tables), cache.ts (rows in memory), requests.ts (asking the source), drift.ts, rebuild.ts, stamps.ts (one
+ * replica per stamp on a backbone per tenant, routed by tenant).
  */
 import { defaultWarning } from '../core/warnings.ts';
 import type { Bus } from '../core/bus.ts';
+import type { AnyContract, InputOf } from '../core/contract.ts';
 import { PermanentError, TidingsError } from '../core/errors.ts';
 import { bytesOver, messageLimits } from '../core/limits.ts';
 import { checkTenant, currentTenant } from '../core/tenant.ts';
@@ -45,6 +47,9 @@ import { rebuild } from './rebuild.ts';
 import { SourceRequests } from './requests.ts';
 import { ReplicaStore } from './store.ts';
 import { replicaView, viewStatements } from './sql.ts';
+import type { ReplicaReply } from './protocol.ts';
+import { TenantStamps } from '../stamps/backbone.ts';
+import { StampReplicas } from './stamps.ts';
 
 /** Which tenant's rows a read sees: by default the code's tenant (`bus.withTenant`, or the message being handled). */
 export interface ReadScope {
@@ -52,21 +57,129 @@ export interface ReadScope {
   readonly tenant?: string;
 }
 
-/** The reader a replica returns, and its operations: check, rebuild, staleness. */
-export class Replica<Row> {
+/**
+ * What `replica()` returns: the reader and its operations (check, rebuild, staleness). On one database a
+ * `SchemaReplica`; on a backbone per tenant (tidings/stamps) a `StampReplicas`, one replica per stamp, which
+ * runs each call in the current tenant's stamp (or, for what sums up, in every stamp).
+ */
+export interface Replica<Row> {
   /** The replica's full name: the definition's, with the instance appended. */
   readonly name: string;
   readonly definition: ReplicaDefinition<Row>;
-  /** The backbone's schema: the replica's tables live beside Tidings' own. */
+  /** The backbone's schema: the replica's tables live beside Tidings' own (on stamps: the current tenant's stamp's). */
   readonly schema: string;
   /** The view readers query (schema-qualified, quoted). */
   readonly view: string;
+  ready(): Promise<void>;
+  get(key: string, options?: ReadScope): Promise<Row | undefined>;
+  lookup(index: string, value: string, options?: ReadScope): Row | undefined;
+  query(where?: string, params?: readonly unknown[], options?: ReadScope & { limit?: number; orderBy?: string }): Promise<Row[]>;
+  staleness(): Promise<Staleness>;
+  caughtUp(timeoutMs?: number): Promise<void>;
+  stats(): ReplicaStats;
+  start(): Promise<void>;
+  stop(): void;
+  checkDrift(options?: { checkId?: string; repair?: boolean }): Promise<DriftReport>;
+  rebuild(options?: { onProgress?: (progress: RebuildProgress) => void }): Promise<RebuildReport>;
+}
+
+/** A replica's options, checked, with their defaults applied. */
+export interface ReplicaSettings {
+  /** The replica's full name: the definition's, with the instance appended. */
+  readonly name: string;
+  readonly memory: boolean;
+  readonly bootstrap: 'replay' | 'transfer';
+  readonly driftCheckEveryMs: number;
+  readonly requestTimeoutMs: number;
+  readonly maxNodesPerRequest: number;
+  readonly maxKeysPerRequest: number;
+  readonly pageSize: number;
+  readonly subscription: ReplicaOptions['subscription'];
+  readonly warn: (message: string, error?: unknown) => void;
+}
+
+/** Checks a replica's options (OptionProblems names each bad one) and applies the defaults. */
+export function replicaSettings(definition: Pick<ReplicaDefinition<unknown>, 'name'>, options: ReplicaOptions): ReplicaSettings {
+  const problems = new OptionProblems(`replica ${definition.name}`);
+  problems.oneOf('memory', options.memory, [true, false]);
+  problems.oneOf('bootstrap', options.bootstrap, ['replay', 'transfer']);
+  problems.integer('driftCheckEveryMs', options.driftCheckEveryMs, 0);
+  problems.integer('requestTimeoutMs', options.requestTimeoutMs, 1);
+  problems.integer('maxNodesPerRequest', options.maxNodesPerRequest, 1, digestTree.leaves);
+  problems.integer('maxKeysPerRequest', options.maxKeysPerRequest, 1, 100_000);
+  problems.integer('pageSize', options.pageSize, 1, 100_000);
+  problems.check(
+    options.instance === undefined || /^[a-z0-9]+(?:[_-][a-z0-9]+)*$/.test(options.instance),
+    `instance must be lower-case letters and digits joined by "-" or "_", got ${JSON.stringify(options.instance)}`,
+  );
+  problems.throwIfAny();
+  const d = replicaDefaults;
+  return {
+    name: options.instance === undefined ? definition.name : `${definition.name}-${options.instance}`,
+    memory: options.memory ?? d.memory,
+    bootstrap: options.bootstrap ?? (d.bootstrap as 'replay'),
+    driftCheckEveryMs: options.driftCheckEveryMs ?? d.driftCheckEveryMs,
+    requestTimeoutMs: options.requestTimeoutMs ?? d.requestTimeoutMs,
+    maxNodesPerRequest: options.maxNodesPerRequest ?? d.maxNodesPerRequest,
+    maxKeysPerRequest: options.maxKeysPerRequest ?? d.maxKeysPerRequest,
+    pageSize: options.pageSize ?? d.pageSize,
+    subscription: options.subscription,
+    warn: options.onWarning ?? defaultWarning,
+  };
+}
+
+/**
+ * Declares a replica's subscriptions on `bus`: its feeds, and the source's answers with the check and rebuild
+ * commands (on one of their own, so that a check waiting for answers never blocks the feed). Each message
+ * goes to the replica `route` names for its tenant: the one replica, or its stamp's (stamps.ts).
+ */
+export function subscribeReplica<Row>(
+  bus: Bus<PgTransaction>,
+  definition: ReplicaDefinition<Row>,
+  settings: ReplicaSettings,
+  route: (tenant: string | undefined) => SchemaReplica<Row>,
+): void {
+  const feeds = bus.subscription(`replica.${settings.name}`, {
+    ...settings.subscription,
+    startFrom: settings.bootstrap === 'replay' ? 'beginning' : 'now',
+  });
+  for (const f of definition.feeds)
+    feeds.on(f.contract, (message, ctx) => route(message.tenant).applyEvent(f, message.data, message.key, message.tenant ?? '', message.time, ctx.tx));
+  bus
+    .subscription(`replica.${settings.name}.replies`, { startFrom: 'now', concurrency: 16 })
+    .on(replyContract(definition.source, settings.name), (message) => route(message.tenant).received(message.data))
+    .on(checkContract(settings.name), (message) => {
+      const target = route(message.tenant);
+      // Not awaited: the check exchanges messages this subscription's own handlers must receive. Detached
+      // from the handler, or its publishes would join this handler's (finished) transaction.
+      bus.detached(() => {
+        void target
+          .checkDrift({ checkId: message.data.checkId })
+          .catch((error: unknown) => settings.warn(`Replica ${settings.name}: drift check ${message.data.checkId} failed`, error));
+      });
+    })
+    .on(rebuildContract(settings.name), (message) => {
+      const target = route(message.tenant);
+      // Like a check: not awaited, detached; progress and outcome go to the meta row, where
+      // `tidings replica rebuild` reads them.
+      bus.detached(() => {
+        void target.rebuildOnRequest(message.data.rebuildId);
+      });
+    });
+}
+
+/** A replica whose tables live in one schema: the bus's one PostgreSQL backbone's, or one stamp's. */
+export class SchemaReplica<Row> implements Replica<Row> {
+  readonly name: string;
+  readonly definition: ReplicaDefinition<Row>;
+  readonly schema: string;
+  readonly view: string;
+  /** The stamp's tenant, for a replica in one stamp of a backbone per tenant. */
+  readonly tenant: string | undefined;
   readonly #read: ReturnType<typeof viewStatements>;
   readonly #bus: Bus<PgTransaction>;
   readonly #backbone: PostgresBackbone;
-  readonly #options: Required<
-    Pick<ReplicaOptions, 'memory' | 'bootstrap' | 'driftCheckEveryMs' | 'requestTimeoutMs' | 'maxNodesPerRequest' | 'maxKeysPerRequest' | 'pageSize'>
-  >;
+  readonly #options: ReplicaSettings;
   readonly #feedSubscription: string;
   readonly #warn: (message: string, error?: unknown) => void;
   readonly #cache: RowCache<Row>;
@@ -81,75 +194,39 @@ export class Replica<Row> {
   readonly #counts = { applied: 0, stale: 0, deleted: 0, checks: 0, repaired: 0, rebuilds: 0 };
   #lastCheck: DriftReport | null = null;
 
-  constructor(bus: Bus<PgTransaction>, backbone: PostgresBackbone, definition: ReplicaDefinition<Row>, options: ReplicaOptions = {}) {
-    const problems = new OptionProblems(`replica ${definition.name}`);
-    problems.oneOf('memory', options.memory, [true, false]);
-    problems.oneOf('bootstrap', options.bootstrap, ['replay', 'transfer']);
-    problems.integer('driftCheckEveryMs', options.driftCheckEveryMs, 0);
-    problems.integer('requestTimeoutMs', options.requestTimeoutMs, 1);
-    problems.integer('maxNodesPerRequest', options.maxNodesPerRequest, 1, digestTree.leaves);
-    problems.integer('maxKeysPerRequest', options.maxKeysPerRequest, 1, 100_000);
-    problems.integer('pageSize', options.pageSize, 1, 100_000);
-    problems.check(
-      options.instance === undefined || /^[a-z0-9]+(?:[_-][a-z0-9]+)*$/.test(options.instance),
-      `instance must be lower-case letters and digits joined by "-" or "_", got ${JSON.stringify(options.instance)}`,
-    );
-    problems.throwIfAny();
+  /**
+   * A replica in `backbone`'s schema; its subscriptions are declared apart (subscribeReplica). In a stamp
+   * (`tenant` given) it works in the stamp's backbone directly, which is open (stamps.ts makes it when the
+   * stamp opens), and asks the source in that stamp.
+   */
+  constructor(bus: Bus<PgTransaction>, backbone: PostgresBackbone, definition: ReplicaDefinition<Row>, settings: ReplicaSettings, tenant?: string) {
     this.#bus = bus;
     this.#backbone = backbone;
     this.definition = definition;
-    this.name = options.instance === undefined ? definition.name : `${definition.name}-${options.instance}`;
+    this.tenant = tenant;
+    this.name = settings.name;
     this.schema = backbone.schema;
     this.view = replicaView(this.schema, this.name);
     this.#read = viewStatements(this.view);
     this.#feedSubscription = `replica.${this.name}`;
-    this.#warn = options.onWarning ?? defaultWarning;
-    const d = replicaDefaults;
-    this.#options = {
-      memory: options.memory ?? d.memory,
-      bootstrap: options.bootstrap ?? (d.bootstrap as 'replay'),
-      driftCheckEveryMs: options.driftCheckEveryMs ?? d.driftCheckEveryMs,
-      requestTimeoutMs: options.requestTimeoutMs ?? d.requestTimeoutMs,
-      maxNodesPerRequest: options.maxNodesPerRequest ?? d.maxNodesPerRequest,
-      maxKeysPerRequest: options.maxKeysPerRequest ?? d.maxKeysPerRequest,
-      pageSize: options.pageSize ?? d.pageSize,
-    };
+    this.#warn = settings.warn;
+    this.#options = settings;
     this.#cache = new RowCache(this.name, definition.indexes ?? {});
     this.#requests = new SourceRequests(
-      (contract, data) => bus.publishMany(contract, data),
+      <C extends AnyContract>(contract: C, data: readonly InputOf<C>[]) => bus.publishMany(contract, data, tenant === undefined ? {} : { tenant }),
       this.name,
       definition.source,
       requestContract(definition.source),
       this.#options.requestTimeoutMs,
     );
+  }
 
-    const feeds = bus.subscription(this.#feedSubscription, {
-      ...options.subscription,
-      startFrom: this.#options.bootstrap === 'replay' ? 'beginning' : 'now',
-    });
-    for (const f of definition.feeds)
-      feeds.on(f.contract, (message, ctx) => this.#apply(f, message.data, message.key, message.tenant ?? '', message.time, ctx.tx));
-    // Answers from the source, and check commands (tidings drift check), on a subscription of their own
-    // so that a check waiting for answers never blocks the feed.
-    bus
-      .subscription(`replica.${this.name}.replies`, { startFrom: 'now', concurrency: 16 })
-      .on(replyContract(definition.source, this.name), (message) => this.#requests.received(message.data))
-      .on(checkContract(this.name), (message) => {
-        // Not awaited: the check exchanges messages this subscription's own handlers must receive. Detached
-        // from the handler, or its publishes would join this handler's (finished) transaction.
-        bus.detached(() => {
-          void this.checkDrift({ checkId: message.data.checkId }).catch((error: unknown) =>
-            this.#warn(`Replica ${this.name}: drift check ${message.data.checkId} failed`, error),
-          );
-        });
-      })
-      .on(rebuildContract(this.name), (message) => {
-        // Like a check: not awaited, detached; progress and outcome go to the meta row, where
-        // `tidings replica rebuild` reads them.
-        bus.detached(() => {
-          void this.#rebuildOnRequest(message.data.rebuildId);
-        });
-      });
+  /**
+   * A transaction of the replica's database: the bus's (which opens it if need be), or in a stamp its own
+   * backbone's, since the bus's would wait for the stamp to be up, and its tables are made before that.
+   */
+  #transaction<T>(fn: (tx: PgTransaction) => Promise<T>): Promise<T> {
+    return this.tenant === undefined ? this.#bus.transaction(fn) : this.#backbone.transaction(fn);
   }
 
   /** The replica's tables, once the backbone is open (its driver exists only then). */
@@ -168,14 +245,20 @@ export class Replica<Row> {
   }
 
   async #prepare(): Promise<void> {
-    await this.#bus.transaction((tx) => this.#tables.prepare(tx));
+    await this.#transaction((tx) => this.#tables.prepare(tx));
     if (this.#options.memory) await this.#cache.reload(() => this.#tables.all());
   }
 
   // ---- applying events --------------------------------------------------------------------------------
 
+  /** @internal A reply part from the source (the replies subscription hands them here). */
+  received(reply: ReplicaReply): void {
+    this.#requests.received(reply);
+  }
+
+  /** @internal Applies one feed event in the handler's transaction (the feed subscription calls it). */
   // biome-ignore lint/suspicious/noExplicitAny: the feed's contract types its own data
-  async #apply(f: Feed<Row, any>, data: any, messageKey: string, tenant: string, time: Date, tx: PgTransaction): Promise<void> {
+  async applyEvent(f: Feed<Row, any>, data: any, messageKey: string, tenant: string, time: Date, tx: PgTransaction): Promise<void> {
     await this.ready();
     const key = f.key === undefined ? messageKey : f.key(data);
     // The replica's table is keyed by it: a key over the limit could never be stored (a btree entry is at most ~2.7 kB).
@@ -361,9 +444,10 @@ export class Replica<Row> {
     const { report, written } = await checkDrift(
       {
         name: this.name,
+        tenant: this.tenant,
         store: this.#tables,
         requests: this.#requests,
-        transaction: (fn) => this.#bus.transaction(fn),
+        transaction: (fn) => this.#transaction(fn),
         maxNodesPerRequest: this.#options.maxNodesPerRequest,
         maxKeysPerRequest: this.#options.maxKeysPerRequest,
       },
@@ -398,7 +482,14 @@ export class Replica<Row> {
   async #rebuild(options: { onProgress?: (progress: RebuildProgress) => void }): Promise<RebuildReport> {
     await this.ready();
     const report = await rebuild(
-      { name: this.name, store: this.#tables, requests: this.#requests, transaction: (fn) => this.#bus.transaction(fn), pageSize: this.#options.pageSize },
+      {
+        name: this.name,
+        tenant: this.tenant,
+        store: this.#tables,
+        requests: this.#requests,
+        transaction: (fn) => this.#transaction(fn),
+        pageSize: this.#options.pageSize,
+      },
       options.onProgress,
     );
     if (this.#options.memory) await this.#cache.reload(() => this.#tables.all());
@@ -407,10 +498,10 @@ export class Replica<Row> {
   }
 
   /**
-   * A rebuild asked for over the bus (tidings replica rebuild): its progress, then its report or error,
-   * recorded in the meta row under the request's id, at most every 100 ms until the end.
+   * @internal A rebuild asked for over the bus (tidings replica rebuild): its progress, then its report or
+   * error, recorded in the meta row under the request's id, at most every 100 ms until the end.
    */
-  async #rebuildOnRequest(rebuildId: string): Promise<void> {
+  async rebuildOnRequest(rebuildId: string): Promise<void> {
     const record = (value: Record<string, unknown>) => this.#tables.recordRebuild({ rebuildId, at: new Date().toISOString(), ...value });
     let last = 0;
     let writing: Promise<unknown> = Promise.resolve();
@@ -434,15 +525,27 @@ export class Replica<Row> {
 }
 
 /**
- * Runs a replica of `definition` on `bus`, whose backbone must be PostgreSQL (the replica's tables live in
- * its database): subscribes its feeds and returns the reader.
+ * Runs a replica of `definition` on `bus`: subscribes its feeds and returns the reader. The backbone must be
+ * PostgreSQL (the replica's tables live in its database), or a backbone per tenant whose stamps are
+ * PostgreSQL: one replica per stamp then (stamps.ts).
  */
 export function replica<Row>(bus: Bus<PgTransaction>, definition: ReplicaDefinition<Row>, options: ReplicaOptions = {}): Replica<Row> {
-  if (!(bus.backbone instanceof PostgresBackbone)) {
+  const { backbone } = bus;
+  if (backbone instanceof TenantStamps) {
+    const settings = replicaSettings(definition, options);
+    return new StampReplicas(bus, backbone, definition, settings, {
+      make: (stamp, tenant) => new SchemaReplica(bus, stamp, definition, settings, tenant),
+      subscribe: (route) => subscribeReplica(bus, definition, settings, route),
+    });
+  }
+  if (!(backbone instanceof PostgresBackbone)) {
     throw new TidingsError(
       'INVALID_OPTIONS',
-      `Invalid options for replica ${definition?.name}: the bus must run on the PostgreSQL backbone (postgres({ url }) or postgres({ pglite: true })): replicas live in its database`,
+      `Invalid options for replica ${definition?.name}: the bus must run on the PostgreSQL backbone (postgres({ url }) or postgres({ pglite: true })), or on tenantStamps() of PostgreSQL backbones: replicas live in its database`,
     );
   }
-  return new Replica(bus, bus.backbone, definition, options);
+  const settings = replicaSettings(definition, options);
+  const one = new SchemaReplica(bus, backbone, definition, settings);
+  subscribeReplica(bus, definition, settings, () => one);
+  return one;
 }

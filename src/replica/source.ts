@@ -90,15 +90,17 @@ export function source(bus: Bus<PgTransaction>, definition: SourceDefinition, op
     counts.replies += parts.length;
   };
 
-  const treeOf = (tx: PgTransaction, checkId: string): Promise<string[][]> => {
+  // Kept by tenant and check: on a backbone per tenant one check id runs in every stamp, each stamp's data its own.
+  const treeOf = (tx: PgTransaction, tenant: string | undefined, checkId: string): Promise<string[][]> => {
     const now = Date.now();
     for (const [id, entry] of trees) if (now - entry.at > cacheMs) trees.delete(id);
-    let entry = trees.get(checkId);
+    const id = identity(tenant ?? '', checkId);
+    let entry = trees.get(id);
     if (entry === undefined) {
       const tree = tx.query<{ bucket: number; digest: string | null }>(sql.digests).then((result) => buildTree(leavesFrom(result.rows)));
       entry = { at: now, tree };
-      trees.set(checkId, entry);
-      tree.catch(() => trees.delete(checkId));
+      trees.set(id, entry);
+      tree.catch(() => trees.delete(id));
     }
     return entry.tree;
   };
@@ -110,7 +112,7 @@ export function source(bus: Bus<PgTransaction>, definition: SourceDefinition, op
       const request: ReplicaRequest = message.data;
       counts.requests[request.kind]++;
       if (request.kind === 'digest') {
-        const level = (await treeOf(ctx.tx, request.checkId))[request.level] ?? [];
+        const level = (await treeOf(ctx.tx, message.tenant, request.checkId))[request.level] ?? [];
         const hashes: Record<string, string> = {};
         for (const node of request.nodes) hashes[node] = level[node] ?? '0';
         await reply(ctx.tx, request.replica, [{ kind: 'digest', requestId: request.requestId, part: 0, parts: 1, level: request.level, hashes }]);

@@ -15,6 +15,8 @@ interface Meta {
 /** What a drift check and a rebuild need of their replica: its tables, its source's answers, a bus transaction. */
 export interface ReplicaParts<Row> {
   readonly name: string;
+  /** The stamp's tenant, for a replica in one stamp of a backbone per tenant: its reports name it. */
+  readonly tenant?: string | undefined;
   readonly store: ReplicaStore<Row>;
   readonly requests: SourceRequests;
   readonly transaction: <T>(fn: (tx: PgTransaction) => Promise<T>) => Promise<T>;

@@ -25,6 +25,18 @@ interface Consumption<Tx> {
   readonly consumers: Map<Stamp<Tx>, Promise<Consumer>>;
 }
 
+/**
+ * What a part built on the stamps (a replica per stamp) learns of them: a stamp opened, or was removed.
+ * `opened` is awaited before anything is published to the stamp or handled in it (so what it makes there,
+ * tables say, exists before use); a listener that fails is reported through onWarning and holds nothing up.
+ */
+export interface StampListener<Tx> {
+  /** The stamp of `tenant` opened (at start, when added, or back after being down), with its open backbone. */
+  opened?(tenant: string, backbone: Backbone<Tx>): void | Promise<void>;
+  /** The stamp of `tenant` was removed: its consumers have stopped, its backbone is about to close. */
+  removed?(tenant: string): void | Promise<void>;
+}
+
 export class TenantStamps<Tx> implements Backbone<Tx> {
   readonly name = 'stamps';
   readonly #settings: TenantStampsSettings<Tx>;
@@ -39,6 +51,7 @@ export class TenantStamps<Tx> implements Backbone<Tx> {
   readonly #down = new Set<Stamp<Tx>>();
   /** The services' records written to the registries, for stamps that open later (contracts()). */
   readonly #records = new Map<string, ServiceRecord>();
+  readonly #listeners = new Set<StampListener<Tx>>();
   #opening: Promise<void> | undefined;
   #closed = false;
   #observer: BackboneObserver | undefined;
@@ -55,6 +68,18 @@ export class TenantStamps<Tx> implements Backbone<Tx> {
   /** The backbone of `tenant`'s stamp, for what only it can do (its own dead letters, its driver); TENANT_UNKNOWN if none. */
   stamp(tenant: string): Backbone<Tx> {
     return this.#stampOf(tenant, 'stamp()').backbone;
+  }
+
+  /**
+   * Tells `listener` of stamps opening and being removed; it hears at once (not awaited) of the stamps open
+   * now, so that one added after the bus started misses none. Returns a function that stops telling it.
+   */
+  onStamp(listener: StampListener<Tx>): () => void {
+    this.#listeners.add(listener);
+    for (const stamp of this.#stamps.values()) {
+      if (stamp.opened) void this.#tell(stamp, listener, 'opened');
+    }
+    return () => this.#listeners.delete(listener);
   }
 
   /**
@@ -92,6 +117,7 @@ export class TenantStamps<Tx> implements Backbone<Tx> {
       return consumer === undefined ? [] : [consumer];
     });
     const stopped = await Promise.allSettled(consumers.map(async (consumer) => (await consumer).stop()));
+    await Promise.all([...this.#listeners].map((listener) => this.#tell(stamp, listener, 'removed')));
     if (stamp.opened) await stamp.backbone.close();
     stamp.closed();
     const failed = stopped.find((result) => result.status === 'rejected');
@@ -514,9 +540,13 @@ export class TenantStamps<Tx> implements Backbone<Tx> {
 
   // ---- consuming --------------------------------------------------------------------------------------
 
-  /** A stamp opened: the running subscriptions start on it, and the services' records are written to it. */
+  /**
+   * A stamp opened: the listeners hear of it, then the running subscriptions start on it (a replica's tables
+   * exist before its feed runs there), and the services' records are written to it.
+   */
   async #startAll(stamp: Stamp<Tx>): Promise<void> {
     if (this.#down.delete(stamp)) this.#settings.warn(`tenantStamps: the stamp of tenant ${stamp.tenant} is open now`);
+    await Promise.all([...this.#listeners].map((listener) => this.#tell(stamp, listener, 'opened')));
     const started = await Promise.allSettled([...this.#running].map((consumption) => this.#startOn(stamp, consumption)));
     for (const result of started) {
       if (result.status === 'rejected') this.#settings.warn(`tenantStamps: a subscription could not start on tenant ${stamp.tenant}'s stamp`, result.reason);
@@ -526,6 +556,15 @@ export class TenantStamps<Tx> implements Backbone<Tx> {
       await registry
         ?.record(record)
         .catch((error: unknown) => this.#settings.warn(`tenantStamps: could not record service ${record.service} in tenant ${stamp.tenant}'s stamp`, error));
+    }
+  }
+
+  /** Tells one listener of one stamp; what it throws is a warning, since the stamp serves its tenant anyway. */
+  async #tell(stamp: Stamp<Tx>, listener: StampListener<Tx>, what: 'opened' | 'removed'): Promise<void> {
+    try {
+      await (what === 'opened' ? listener.opened?.(stamp.tenant, stamp.backbone) : listener.removed?.(stamp.tenant));
+    } catch (error) {
+      this.#settings.warn(`tenantStamps: a listener failed on tenant ${stamp.tenant}'s stamp being ${what} (${reason(error)})`, error);
     }
   }
 

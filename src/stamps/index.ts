@@ -6,7 +6,7 @@
 import { TenantStamps } from './backbone.ts';
 import type { TenantStampsOptions } from './options.ts';
 
-export { TenantStamps } from './backbone.ts';
+export { TenantStamps, type StampListener } from './backbone.ts';
 export { StampDeadLetters, type StampDeadLetter, type StampDeadLetterGroup, type StampDeadLetterSummary } from './dead-letters.ts';
 export { tenantStampsDefaults, type TenantStampsOptions } from './options.ts';
 
