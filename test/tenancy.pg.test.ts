@@ -699,6 +699,57 @@ test("isolation, first pass: a handler's `rollback to savepoint` planted by anot
   );
 });
 
+test('isolation, first pass: statements sent behind one that failed hand back nothing, even if a `rollback to savepoint` revives the transaction', async (t) => {
+  const world = await pgWorld(t, 'rlsa', rls);
+  if (world === undefined) return;
+  const bus = world.bus();
+  const s = `"${world.schema}"`;
+  const saved = latch("acme's savepoint");
+  const found = new Map<string, unknown>();
+  bus.subscribe(
+    'revive',
+    Ticked,
+    async (message: Message<{ key: string; seq: number }>, ctx) => {
+      if (found.has(message.tenant!)) return; // the careful pass: nothing more to learn
+      if (message.tenant === 'acme') {
+        // A query config object would run unread, past the check of statements that may roll back.
+        const config = { text: 'rollback to savepoint sp' } as unknown as string;
+        found.set(
+          'config',
+          await ctx.tx.query(config).then(
+            () => 'ran',
+            (error: Error) => error.message,
+          ),
+        );
+        await ctx.tx.query('savepoint sp');
+        // Fails, and globex's statements are queued behind it before its answer is back.
+        const failing = ctx.tx.query('select 1/0');
+        saved.open();
+        found.set('acme', (await Promise.allSettled([failing]))[0]!.status);
+        return;
+      }
+      await saved.wait();
+      // Sent without waiting: its scope's entry fails (the transaction is aborted), the rollback revives the
+      // transaction with acme's scope and proof as they were at `sp`, and no entry came after them.
+      const settled = await Promise.allSettled([
+        ctx.tx.query('rollback to savepoint sp'),
+        ctx.tx.query<{ tenant: string }>(`select distinct tenant from ${s}.log order by 1`),
+      ]);
+      found.set(
+        'globex',
+        settled.map((outcome) => (outcome.status === 'fulfilled' ? outcome.value.rows.map((row) => (row as { tenant?: string }).tenant ?? '-') : 'failed')),
+      );
+    },
+    { partitions: 1, batchSize: 10, concurrency: 2, retry: { immediate: 0, delayed: [], jitter: 0 } },
+  );
+  await bus.start();
+  await publishAcmeAndGlobex(bus);
+  await waitFor('both handled', () => found.has('acme') && found.has('globex'));
+  assert.match(String(found.get('config')), /must be a string under tenancy isolation/);
+  assert.equal(found.get('acme'), 'rejected');
+  assert.deepEqual(found.get('globex'), ['failed', 'failed'], "globex's statements, sent behind acme's failed one, hand back nothing: not acme's rows");
+});
+
 test('isolation: what a handler publishes and its saga rows carry its tenant; a cross-tenant subscription sees every tenant, never the consumer tables', async (t) => {
   const world = await pgWorld(t, 'rlsx', rls);
   if (world === undefined) return;

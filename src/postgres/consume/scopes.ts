@@ -129,6 +129,11 @@ interface Attempt {
 }
 
 const ROLLBACK = Symbol('rollback');
+/**
+ * Handler SQL that may roll back to a savepoint (see SharedScope.query). Only the keyword can: PL/pgSQL and
+ * SQL functions cannot, and a keyword cannot be built from parts; a false match (a literal) costs a wait.
+ */
+const ROLLS_BACK = /rollback/i;
 const NOTHING_LOST: Promise<Error | undefined> = Promise.resolve(undefined);
 
 /** A fast-mode attempt. Its `tx` is made when the handler first reads it: most handlers never do. */
@@ -187,6 +192,8 @@ export class SharedScope {
   #inForce: Scope | undefined;
   /** Commit or rollback has begun: a handler statement still on its way (not awaited by its handler) is refused. */
   #ending = false;
+  /** Under isolation, fast mode: rejects once a statement sent so far (a scope's entry or a handler's) has failed. */
+  #healthy: Promise<void> = Promise.resolve();
   /** A statement sent without waiting for its answer failed: the transaction is aborted, and this is why. */
   #failed: unknown;
   /** The last attempt's savepoint, kept: released with the next attempt's savepoint (COMMIT releases it anyway). */
@@ -259,9 +266,21 @@ export class SharedScope {
    * bound to an older entry, worth nothing (the entry counter is a sequence no rollback undoes); a failed
    * statement, the entry's included, abandons the batch, so handler SQL recovering from a failure with its
    * own savepoint runs only in careful mode, where attempts take turns. test/tenancy.pg.test.ts attacks it.
+   *
+   * In a transaction aborted by a failed statement whose answer is not back yet, a scope's entry fails
+   * without advancing the counter, so a `rollback to savepoint` sent then would revive the transaction with
+   * the scope of the savepoint's tenant, still proven. So a statement that may roll back (its text says
+   * `rollback`) is sent only once every statement before it has succeeded and none is in flight, and an
+   * answer is handed back only if every statement sent before it succeeded (`#behind`).
    */
   async query<R>(attempt: SharedAttempt, text: string, params?: readonly unknown[]): Promise<{ rows: R[]; rowCount?: number | null }> {
     if (attempt.ended) throw new TidingsError('STOPPED', 'This handler attempt has ended (timed out or finished): its transaction can no longer be used');
+    if (attempt.tenantScope !== undefined && typeof text !== 'string') {
+      // pg would run a query config object's text unread, past the `rollback` check below.
+      throw new TypeError(
+        `ctx.tx.query: the statement must be a string under tenancy isolation, not ${typeof text}; pass its text and params as two arguments`,
+      );
+    }
     this.#refuseIfEnding();
     attempt.wrote = true;
     const connection = await this.#begin();
@@ -269,30 +288,59 @@ export class SharedScope {
     // for the others' answers; any other, one at a time (pg stops queueing them for us).
     const release = connection.pipelined === true ? undefined : await this.#gate.acquire();
     try {
-      this.#refuseIfEnding();
       const scope = attempt.tenantScope;
-      if (scope === undefined || this.inForce(scope)) return await connection.query<R>(text, params);
-      const entering = this.#isolation!.enter(connection, scope);
-      if (connection.pipelined !== true) {
-        await entering;
+      if (scope === undefined) {
+        this.#refuseIfEnding();
         return await connection.query<R>(text, params);
       }
-      // Queued right behind its scope, before anything else can be: no await between the two.
-      const answer = connection.query<R>(text, params);
-      try {
+      if (ROLLS_BACK.test(text)) await this.#settled();
+      this.#refuseIfEnding();
+      const entering = this.inForce(scope) ? undefined : this.#behind(this.#isolation!.enter(connection, scope));
+      if (connection.pipelined !== true) {
         await entering;
-      } catch (error) {
-        // The statement after it fails too, with a vaguer error: the entry's is the one worth reading.
-        answer.catch(() => undefined);
-        throw error;
+        return await this.#behind(connection.query<R>(text, params));
       }
-      return await answer;
+      // Queued right behind its scope, before anything else can be: no await between the two. If the entry
+      // fails, so does the statement (#behind).
+      entering?.catch(() => undefined);
+      return await this.#behind(connection.query<R>(text, params));
     } catch (error) {
       this.abandoned = true;
       throw error;
     } finally {
       release?.();
     }
+  }
+
+  /** Resolves once no statement is in flight and none has failed (rejects if one has). */
+  async #settled(): Promise<void> {
+    for (let healthy = this.#healthy; ; ) {
+      await healthy.catch(() => {
+        throw behindFailure();
+      });
+      if (healthy === this.#healthy) return;
+      healthy = this.#healthy;
+    }
+  }
+
+  /**
+   * `sent`'s answer, handed back only if every statement sent before it succeeded; else a failure that names
+   * none of them (another tenant's error may quote its data). Answers come in the order statements were
+   * sent, so this waits for nothing more.
+   */
+  #behind<T>(sent: Promise<T>): Promise<T> {
+    const answer = this.#healthy.then(
+      () => sent,
+      () => {
+        throw behindFailure();
+      },
+    );
+    sent.catch(() => undefined);
+    this.#healthy = answer.then(() => undefined);
+    this.#healthy.catch(() => {
+      this.abandoned = true;
+    });
+    return answer;
   }
 
   /** A statement that would be sent now could not be kept: the batch is being rolled back, or is ending. */
@@ -390,6 +438,11 @@ export class SharedScope {
     });
     return undefined;
   }
+}
+
+/** A statement before this one failed; which, and why, is not this statement's handler's to read (another tenant's error may quote its data). */
+function behindFailure(): TidingsError {
+  return new TidingsError('STOPPED', "A statement sent before this one in the batch's transaction failed: the batch will be handled again");
 }
 
 /** The part of SqlDriver a scope needs. */
