@@ -270,8 +270,9 @@ export class SharedScope {
    * In a transaction aborted by a failed statement whose answer is not back yet, a scope's entry fails
    * without advancing the counter, so a `rollback to savepoint` sent then would revive the transaction with
    * the scope of the savepoint's tenant, still proven. So a statement that may roll back (its text says
-   * `rollback`) is sent only once every statement before it has succeeded and none is in flight, and an
-   * answer is handed back only if every statement sent before it succeeded (`#behind`).
+   * `rollback`) is sent only once every statement before it has succeeded, its own scope's entry among them,
+   * and none is in flight; and an answer is handed back only if every statement sent before it succeeded
+   * (`#behind`).
    */
   async query<R>(attempt: SharedAttempt, text: string, params?: readonly unknown[]): Promise<{ rows: R[]; rowCount?: number | null }> {
     if (attempt.ended) throw new TidingsError('STOPPED', 'This handler attempt has ended (timed out or finished): its transaction can no longer be used');
@@ -293,7 +294,20 @@ export class SharedScope {
         this.#refuseIfEnding();
         return await connection.query<R>(text, params);
       }
-      if (ROLLS_BACK.test(text)) await this.#settled();
+      if (ROLLS_BACK.test(text)) {
+        // Checked and sent in one go, so nothing can be queued between: the transaction is healthy, nothing
+        // is in flight, and the scope in force is its own, entered before and answered.
+        for (let healthy = this.#healthy; ; healthy = this.#healthy) {
+          await healthy.catch(() => {
+            throw behindFailure();
+          });
+          if (healthy !== this.#healthy) continue;
+          this.#refuseIfEnding();
+          if (this.inForce(scope)) break;
+          this.#behind(this.#isolation!.enter(connection, scope)).catch(() => undefined);
+        }
+        return await this.#behind(connection.query<R>(text, params));
+      }
       this.#refuseIfEnding();
       const entering = this.inForce(scope) ? undefined : this.#behind(this.#isolation!.enter(connection, scope));
       if (connection.pipelined !== true) {
@@ -309,17 +323,6 @@ export class SharedScope {
       throw error;
     } finally {
       release?.();
-    }
-  }
-
-  /** Resolves once no statement is in flight and none has failed (rejects if one has). */
-  async #settled(): Promise<void> {
-    for (let healthy = this.#healthy; ; ) {
-      await healthy.catch(() => {
-        throw behindFailure();
-      });
-      if (healthy === this.#healthy) return;
-      healthy = this.#healthy;
     }
   }
 
