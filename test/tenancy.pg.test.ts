@@ -161,49 +161,60 @@ test("isolation: handlers of several tenants writing through ctx.tx, some failin
   const client = await connect();
   t.after(() => client.end());
   const tenants = ['acme', 'globex', 'initech'];
-  const tries = new Map<string, number>();
-  /** Per key: the seqs whose writes were kept, in the order their handlers ran. */
-  const order = new Map<string, number[]>();
+  /** Per message: its last attempt's number (a batch handled again after its first pass failed counts from 1 again). */
+  const attempts = new Map<string, number>();
   bus.subscribe(
     'writer',
     Ticked,
     async (message: Message<{ key: string; seq: number }>, ctx) => {
       const id = message.id;
-      const attempt = (tries.get(id) ?? 0) + 1;
-      tries.set(id, attempt);
+      const { attempt } = ctx;
+      attempts.set(id, attempt);
       const { rows } = await ctx.tx.query<{ tenant: string }>(`select distinct tenant from ${s}.log order by 1`);
-      await ctx.tx.query(`insert into ${s}.effects (id, tenant, scope, seen) values ($1, $2, current_setting('tidings.scope', true), $3)`, [
+      const { key, seq } = message.data;
+      await ctx.tx.query(`insert into ${s}.effects (id, tenant, key, seq, scope, seen) values ($1, $2, $3, $4, current_setting('tidings.scope', true), $5)`, [
         id,
         message.tenant,
+        key,
+        seq,
         rows.map((row) => row.tenant),
       ]);
-      const { seq } = message.data;
       // Every fifth fails twice (in the batch, then again: it waits in held), every third once (retried in the batch).
       if ((seq % 5 === 0 && attempt <= 2) || (seq % 3 === 0 && attempt === 1)) throw new Error(`fails at attempt ${attempt}`);
-      order.set(message.data.key, [...(order.get(message.data.key) ?? []), seq]);
     },
     { partitions: 2, batchSize: 40, concurrency: 4, retry: { immediate: 1, delayed: [50], jitter: 0 } },
   );
   await bus.start();
-  await client.query(`create table ${s}.effects (id text not null, tenant text not null, scope text, seen text[] not null)`);
+  // `n`: the order writes were made in; only those kept are left to read.
+  await client.query(
+    `create table ${s}.effects (n bigserial, id text not null, tenant text not null, key text not null, seq int not null, scope text, seen text[] not null)`,
+  );
   await client.query(`grant select, insert on ${s}.effects to tidings_tenant`);
+  await client.query(`grant usage on sequence ${s}.effects_n_seq to tidings_tenant`);
   for (const tenant of tenants) {
     const ticks = Array.from({ length: 40 }, (_, i) => ({ key: `${tenant}-${i % 8}`, seq: Math.floor(i / 8) + 1 }));
     await bus.publishMany(Ticked, ticks, { tenant });
   }
-  await waitFor('every message handled', () => [...order.values()].reduce((sum, seqs) => sum + seqs.length, 0) >= 120);
+  const kept = async () => (await client.query<{ n: number }>(`select count(*)::int as n from ${s}.effects`)).rows[0]!.n;
+  await waitFor('every message handled', async () => (await kept()) >= 120);
   await sleep(200);
 
-  const { rows } = await client.query<{ id: string; tenant: string; scope: string | null; seen: string[] }>(`select * from ${s}.effects`);
+  const { rows } = await client.query<{ id: string; tenant: string; key: string; seq: number; scope: string | null; seen: string[] }>(
+    `select * from ${s}.effects order by n`,
+  );
   assert.equal(rows.length, 120, 'one write kept per message: those of failed attempts were rolled back');
   assert.equal(new Set(rows.map((row) => row.id)).size, 120, 'no message written twice');
   for (const row of rows) {
     assert.equal(row.scope, `t:${row.tenant}`, `${row.id}: written in its tenant's scope`);
     assert.deepEqual(row.seen, [row.tenant], `${row.id}: saw its own tenant's messages only`);
   }
+  /** Per key: the seqs whose writes were kept, in the order they were made. */
+  const order = new Map<string, number[]>();
+  for (const row of rows) order.set(row.key, [...(order.get(row.key) ?? []), row.seq]);
+  assert.equal(order.size, 24);
   for (const [key, seqs] of order) assert.deepEqual(seqs, [1, 2, 3, 4, 5], `${key}: handled once each, in order`);
   assert.ok(
-    [...tries.values()].some((n) => n === 3),
+    [...attempts.values()].some((n) => n === 3),
     'some messages were retried from held',
   );
 });
@@ -224,6 +235,7 @@ test("isolation: a savepoint one tenant's handler leaves behind does not give a 
     async (message: Message<{ key: string; seq: number }>, ctx) => {
       const [{ xid }] = (await ctx.tx.query<{ xid: string }>('select pg_current_xact_id()::text as xid')).rows as [{ xid: string }];
       if (message.tenant === 'acme') {
+        // (In the first pass there is no such savepoint: the release fails, and the batch is handled again carefully.)
         // Out of its attempt's savepoint, a savepoint of its own, and the attempt's again so nothing fails.
         await ctx.tx.query('release savepoint tidings_attempt');
         await ctx.tx.query('savepoint planted');
@@ -265,7 +277,7 @@ test("isolation: a savepoint one tenant's handler leaves behind does not give a 
   assert.deepEqual(globex.after, [], "the scope the rollback brought back is bound to an older entry: nothing is visible, not acme's rows");
 });
 
-test("isolation: the batch's first attempt goes without a savepoint (its failure hands the whole batch again, with savepoints), and consecutive attempts of one tenant share its scope: every write once, each in its tenant's scope", async (t) => {
+test("isolation: a handler failing in the first pass (no savepoints) hands the whole batch again, with savepoints, where consecutive attempts of one tenant share its scope: every write once, each in its tenant's scope", async (t) => {
   const world = await pgWorld(t, 'rlsb', rls);
   if (world === undefined) return;
   const bus = world.bus();
@@ -288,7 +300,7 @@ test("isolation: the batch's first attempt goes without a savepoint (its failure
       ).rows;
       const seen = (await ctx.tx.query<{ tenant: string }>(`select distinct tenant from ${s}.log order by 1`)).rows.map((r) => r.tenant);
       await ctx.tx.query(`insert into ${s}.effects (id, tenant, scope) values ($1, $2, current_setting('tidings.scope', true))`, [message.id, message.tenant]);
-      // The batch's first attempt fails once, after its write: no savepoint to roll back to, so the batch runs again.
+      // The batch's first attempt fails once, after its write: the first pass has no savepoint to roll back to, so the batch runs again.
       if (message.id === first && tryNumber === 1) throw new Error('the first attempt fails');
       ran.push({ id: message.id, tenant: message.tenant!, xid: row!.xid, proof: row!.proof, seen });
     },
@@ -331,7 +343,7 @@ test("isolation: the batch's first attempt goes without a savepoint (its failure
   assert.ok(shared >= 1, 'two attempts of acme ran one after the other');
 });
 
-test("isolation: a savepoint planted by the batch's first handler (which has none of its own) does not give a later handler of another tenant its scope", async (t) => {
+test("isolation: in the first pass (no savepoints), a savepoint one tenant's handler plants does not give a later handler of another tenant its scope", async (t) => {
   const world = await pgWorld(t, 'rlsq', rls);
   if (world === undefined) return;
   const bus = world.bus();
@@ -348,7 +360,7 @@ test("isolation: a savepoint planted by the batch's first handler (which has non
       const [{ xid }] = (await ctx.tx.query<{ xid: string }>('select pg_current_xact_id()::text as xid')).rows as [{ xid: string }];
       const before = await tenantsSeen(ctx.tx);
       if (found.length === 0) {
-        // The batch's first handler: no savepoint of the attempt to step out of, it plants one of its own.
+        // The first pass has no attempt's savepoint to step out of: it plants one of its own.
         await ctx.tx.query('savepoint planted');
         found.push({ tenant: message.tenant!, xid, tries: tries.get(message.id)!, before });
         return;
@@ -370,10 +382,372 @@ test("isolation: a savepoint planted by the batch's first handler (which has non
   const [planter, later] = found as [(typeof found)[number], (typeof found)[number]];
   assert.notEqual(planter.tenant, later.tenant);
   assert.equal(later.xid, planter.xid, 'both handlers ran in one batch transaction');
-  assert.equal(planter.tries, 1, 'the planter ran once: the first attempt of a batch handled the first time, without a savepoint');
+  assert.equal(planter.tries, 1, 'the planter ran once: in the first pass, nothing failed');
   assert.deepEqual(planter.before, [planter.tenant]);
   assert.deepEqual(later.before, [later.tenant]);
   assert.deepEqual(later.after, [], "the scope the rollback brought back is bound to an older entry: nothing is visible, not the planter's rows");
+});
+
+/** A one-shot signal between handlers; waiting fails after `ms` (the handlers took turns where they should not). */
+function latch(what: string, ms = 5_000): { open(): void; wait(): Promise<void> } {
+  let open!: () => void;
+  const opened = new Promise<void>((resolve) => {
+    open = resolve;
+  });
+  return {
+    open,
+    async wait() {
+      let timer: NodeJS.Timeout | undefined;
+      const late = new Promise<never>((_, reject) => {
+        timer = setTimeout(() => reject(new Error(`${what} did not come within ${ms} ms`)), ms);
+      });
+      try {
+        await Promise.race([opened, late]);
+      } finally {
+        clearTimeout(timer);
+      }
+    },
+  };
+}
+
+/** Publishes one message per entry of `tenants` (key `k<i>`) in one transaction, so they are read in one batch. */
+async function publishOneBatch(bus: Bus<PgTransaction>, tenants: readonly string[]): Promise<void> {
+  await bus.transaction(async (tx) => {
+    for (const [i, tenant] of tenants.entries()) await bus.publish(Ticked, { key: `k${i}`, seq: i }, { tx, tenant });
+  });
+}
+
+/** Replies rows a handler wrote, as a privileged session sees them: tenant (set by the column's default, from the proven scope) by request id. */
+async function repliesWritten(schema: string): Promise<Array<{ request_id: string; tenant: string | null }>> {
+  const client = await connect();
+  try {
+    return (await client.query<{ request_id: string; tenant: string | null }>(`select request_id, tenant from "${schema}".replies order by request_id`)).rows;
+  } finally {
+    await client.end();
+  }
+}
+
+test('isolation, first pass: handlers of several tenants write through ctx.tx at once, their statements interleaved: every row under its own tenant, none lost or twice, none seen by another tenant', async (t) => {
+  const world = await pgWorld(t, 'rlsi', rls);
+  if (world === undefined) return;
+  const bus = world.bus();
+  const s = `"${world.schema}"`;
+  const tenants = ['acme', 'globex', 'initech', 'acme', 'globex', 'initech', 'acme', 'globex', 'initech'];
+  const runs: Array<{ id: string; tenant: string; attempt: number; xid: string; seen: string[]; seenLog: string[] }> = [];
+  let firstWrites = 0;
+  // Opened once every handler has written its first row: waiting for it deadlocks handlers that take turns.
+  const allWrote = latch('every handler writing at once');
+  bus.subscribe(
+    'writers',
+    Ticked,
+    async (message: Message<{ key: string; seq: number }>, ctx) => {
+      const [{ xid }] = (await ctx.tx.query<{ xid: string }>('select pg_current_xact_id()::text as xid')).rows as [{ xid: string }];
+      await ctx.tx.query(`insert into ${s}.replies (request_id, data) values ($1, '{}')`, [`${message.id}/1`]);
+      if (++firstWrites === tenants.length) allWrote.open();
+      await allWrote.wait();
+      // Every tenant's rows are there now, each written by a statement interleaved with the others'.
+      await ctx.tx.query(`insert into ${s}.replies (request_id, data) values ($1, '{}')`, [`${message.id}/2`]);
+      const seen = (await ctx.tx.query<{ request_id: string }>(`select request_id from ${s}.replies order by 1`)).rows.map((row) => row.request_id);
+      const seenLog = (await ctx.tx.query<{ tenant: string }>(`select distinct tenant from ${s}.log order by 1`)).rows.map((row) => row.tenant);
+      runs.push({ id: message.id, tenant: message.tenant!, attempt: ctx.attempt, xid, seen, seenLog });
+    },
+    { partitions: 1, batchSize: 50, concurrency: tenants.length, retry: { immediate: 0, delayed: [], jitter: 0 } },
+  );
+  await bus.start();
+  await publishOneBatch(bus, tenants);
+  await waitFor('every handler done', () => runs.length >= tenants.length);
+  await waitFor('the batch committed', async () => (await repliesWritten(world.schema)).length >= 2 * tenants.length);
+  await sleep(200);
+
+  assert.equal(runs.length, tenants.length, 'each handler ran once: the first pass was kept, not handled again');
+  assert.equal(new Set(runs.map((run) => run.xid)).size, 1, 'all in one batch transaction');
+  assert.ok(
+    runs.every((run) => run.attempt === 1),
+    'no attempt failed',
+  );
+  const tenantOf = new Map(runs.map((run) => [run.id, run.tenant]));
+  const rows = await repliesWritten(world.schema);
+  assert.equal(rows.length, 2 * tenants.length, 'two rows per handler: none lost');
+  assert.equal(new Set(rows.map((row) => row.request_id)).size, rows.length, 'none written twice');
+  for (const row of rows) {
+    assert.equal(
+      row.tenant,
+      tenantOf.get(row.request_id.split('/')[0]!),
+      `${row.request_id}: under its handler's tenant (the column's default, from the proven scope)`,
+    );
+  }
+  for (const run of runs) {
+    const own = rows.filter((row) => row.tenant === run.tenant).map((row) => row.request_id);
+    assert.deepEqual(run.seen, own, `${run.id} (${run.tenant}): sees every row of its tenant's handlers and none of another tenant's`);
+    assert.deepEqual(run.seenLog, [run.tenant], `${run.id} (${run.tenant}): sees its tenant's messages only`);
+  }
+});
+
+test("isolation, first pass: a handler's select sent after another tenant's insert, in the same transaction, does not see it", async (t) => {
+  const world = await pgWorld(t, 'rlsv', rls);
+  if (world === undefined) return;
+  const bus = world.bus();
+  const s = `"${world.schema}"`;
+  const acmeWrote = latch("acme's insert");
+  const globexWrote = latch("globex's insert");
+  const found = new Map<string, { xid: string; scopes: string[]; replies: string[]; log: string[] }>();
+  let runs = 0;
+  bus.subscribe(
+    'pair',
+    Ticked,
+    async (message: Message<{ key: string; seq: number }>, ctx) => {
+      runs++;
+      const tenant = message.tenant!;
+      const scopes: string[] = [];
+      const write = async () => {
+        const { rows } = await ctx.tx.query<{ scope: string }>(
+          `insert into ${s}.replies (request_id, data) values ($1, '{}') returning current_setting('tidings.scope') as scope`,
+          [tenant],
+        );
+        scopes.push(rows[0]!.scope);
+      };
+      // acme writes, then waits for globex's insert; globex waits for acme's, writes, and only then lets acme read.
+      if (tenant === 'acme') {
+        await write();
+        acmeWrote.open();
+        await globexWrote.wait();
+      } else {
+        await acmeWrote.wait();
+        await write();
+        globexWrote.open();
+      }
+      const { rows } = await ctx.tx.query<{ xid: string; scope: string }>(
+        `select pg_current_xact_id()::text as xid, current_setting('tidings.scope') as scope`,
+      );
+      scopes.push(rows[0]!.scope);
+      const replies = (await ctx.tx.query<{ request_id: string }>(`select request_id from ${s}.replies order by 1`)).rows.map((row) => row.request_id);
+      const log = (await ctx.tx.query<{ tenant: string }>(`select distinct tenant from ${s}.log order by 1`)).rows.map((row) => row.tenant);
+      found.set(tenant, { xid: rows[0]!.xid, scopes, replies, log });
+    },
+    { partitions: 1, batchSize: 10, concurrency: 2, retry: { immediate: 0, delayed: [], jitter: 0 } },
+  );
+  await bus.start();
+  await publishAcmeAndGlobex(bus);
+  await waitFor('both handled', () => found.size >= 2);
+  await waitFor('the batch committed', async () => (await repliesWritten(world.schema)).length >= 2);
+  const acme = found.get('acme')!;
+  const globex = found.get('globex')!;
+  assert.equal(acme.xid, globex.xid, 'both handlers ran in one batch transaction');
+  assert.equal(runs, 2, 'each handler ran once: their statements interleaved, neither waited for the other to end');
+  assert.deepEqual(acme.scopes, ['t:acme', 't:acme'], "each of acme's statements ran in acme's scope, globex's statement between them");
+  assert.deepEqual(globex.scopes, ['t:globex', 't:globex']);
+  assert.deepEqual(acme.replies, ['acme'], "acme's select, sent after globex's insert, sees acme's row only");
+  assert.deepEqual(globex.replies, ['globex']);
+  assert.deepEqual(acme.log, ['acme']);
+  assert.deepEqual(globex.log, ['globex']);
+  assert.deepEqual(
+    (await repliesWritten(world.schema)).map((row) => `${row.request_id}:${row.tenant}`),
+    ['acme:acme', 'globex:globex'],
+  );
+});
+
+test('isolation: a handler failing mid-batch after others wrote in the first pass: the batch is handled again carefully, every write kept once', async (t) => {
+  const world = await pgWorld(t, 'rlsf', rls);
+  if (world === undefined) return;
+  const bus = world.bus();
+  const s = `"${world.schema}"`;
+  const tenants = ['acme', 'globex', 'initech', 'acme', 'globex', 'initech'];
+  const victimSeq = 3;
+  const runs: Array<{ id: string; seq: number; tenant: string; attempt: number; xid: string; failed: boolean }> = [];
+  let firstWrites = 0;
+  const othersWrote = latch('every first-pass handler writing');
+  bus.subscribe(
+    'writers',
+    Ticked,
+    async (message: Message<{ key: string; seq: number }>, ctx) => {
+      const { seq } = message.data;
+      const firstPass = !runs.some((run) => run.id === message.id);
+      const [{ xid }] = (await ctx.tx.query<{ xid: string }>('select pg_current_xact_id()::text as xid')).rows as [{ xid: string }];
+      await ctx.tx.query(`insert into ${s}.replies (request_id, data) values ($1, '{}')`, [message.id]);
+      // The victim fails in the first pass once every handler wrote, and in the careful pass at its first attempt
+      // (its savepoint undoes that write alone); its second attempt there succeeds.
+      const failed = seq === victimSeq && (firstPass || ctx.attempt === 1);
+      runs.push({ id: message.id, seq, tenant: message.tenant!, attempt: ctx.attempt, xid, failed });
+      if (firstPass && ++firstWrites === tenants.length) othersWrote.open();
+      if (firstPass && seq === victimSeq) await othersWrote.wait();
+      if (failed) throw new Error(`message ${seq} fails`);
+    },
+    { partitions: 1, batchSize: 50, concurrency: tenants.length, retry: { immediate: 1, delayed: [], jitter: 0 } },
+  );
+  await bus.start();
+  await publishOneBatch(bus, tenants);
+  await waitFor('the batch committed', async () => (await repliesWritten(world.schema)).length >= tenants.length);
+  await sleep(300);
+
+  const rows = await repliesWritten(world.schema);
+  assert.equal(rows.length, tenants.length, "one row per message: the first pass was rolled back, and so was the victim's failed careful attempt");
+  const tenantOf = new Map(runs.map((run) => [run.id, run.tenant]));
+  for (const row of rows) assert.equal(row.tenant, tenantOf.get(row.request_id), `${row.request_id}: under its tenant`);
+  const [first, careful, ...more] = [...new Set(runs.map((run) => run.xid))];
+  assert.equal(more.length, 0, 'two transactions: the first pass and the careful one');
+  const firstPass = runs.filter((run) => run.xid === first);
+  assert.equal(firstPass.length, tenants.length, 'in the first pass every handler wrote');
+  const carefulPass = runs.filter((run) => run.xid === careful);
+  assert.equal(carefulPass.length, tenants.length + 1, 'handled again carefully: each once, the victim twice');
+  assert.deepEqual(
+    carefulPass.filter((run) => run.seq === victimSeq).map((run) => `${run.attempt}:${run.failed}`),
+    ['1:true', '2:false'],
+    'the victim failed its first careful attempt and was retried in the same transaction',
+  );
+});
+
+test("isolation, first pass: a handler's `rollback to savepoint` after another tenant's statement (no failure) reveals nothing: the restored scope proves nothing", async (t) => {
+  const world = await pgWorld(t, 'rlsk', rls);
+  if (world === undefined) return;
+  const bus = world.bus();
+  const s = `"${world.schema}"`;
+  const saved = latch("acme's savepoint");
+  const globexWrote = latch("globex's insert");
+  const rolledBack = latch("acme's rollback");
+  const found = new Map<string, Record<string, unknown>>();
+  const rows = async (tx: PgTransaction, table: string) =>
+    (await tx.query<{ tenant: string }>(`select coalesce(tenant, '-') as tenant from ${s}.${table} order by 1`)).rows.map((row) => row.tenant);
+  bus.subscribe(
+    'rollback',
+    Ticked,
+    async (message: Message<{ key: string; seq: number }>, ctx) => {
+      if (message.tenant === 'acme') {
+        await ctx.tx.query(`insert into ${s}.replies (request_id, data) values ('acme-before', '{}')`);
+        await ctx.tx.query('savepoint x');
+        saved.open();
+        await globexWrote.wait();
+        // No statement failed, so the batch is not handled again: this undoes globex's insert too.
+        await ctx.tx.query('rollback to savepoint x');
+        found.set('acme', { replies: await rows(ctx.tx, 'replies'), log: await rows(ctx.tx, 'log') });
+        rolledBack.open();
+        return;
+      }
+      await saved.wait();
+      await ctx.tx.query(`insert into ${s}.replies (request_id, data) values ('globex', '{}')`);
+      const before = await rows(ctx.tx, 'replies');
+      globexWrote.open();
+      await rolledBack.wait();
+      found.set('globex', { before, replies: await rows(ctx.tx, 'replies'), log: await rows(ctx.tx, 'log') });
+    },
+    { partitions: 1, batchSize: 10, concurrency: 2, retry: { immediate: 0, delayed: [], jitter: 0 } },
+  );
+  await bus.start();
+  await publishAcmeAndGlobex(bus);
+  await waitFor('both handled', () => found.size >= 2);
+  await sleep(300);
+  const acme = found.get('acme')!;
+  const globex = found.get('globex')!;
+  // acme's scope, brought back by its rollback, is bound to an entry older than globex's: acme sees nothing at all.
+  assert.deepEqual(acme.replies, [], "after its rollback, acme sees nothing: not globex's rows, not even its own");
+  assert.deepEqual(acme.log, []);
+  // globex's next statements enter its scope again: its tenant's rows, none of acme's.
+  assert.deepEqual(globex.before, ['globex']);
+  assert.deepEqual(globex.replies, [], "globex's insert was undone by acme's rollback (the hazard docs/tenancy.md names), and acme's row is not shown to it");
+  assert.deepEqual(globex.log, ['globex']);
+  assert.deepEqual(
+    (await repliesWritten(world.schema)).map((row) => `${row.request_id}:${row.tenant}`),
+    ['acme-before:acme'],
+    "committed: acme's row before its savepoint; globex's was undone by acme's rollback, as it would be without isolation",
+  );
+});
+
+test("isolation, first pass: a handler's `rollback to savepoint` planted by another tenant's handler, with no failure, shows it nothing of that tenant", async (t) => {
+  const world = await pgWorld(t, 'rlsm', rls);
+  if (world === undefined) return;
+  const bus = world.bus();
+  const s = `"${world.schema}"`;
+  const saved = latch("acme's savepoint");
+  const globexDone = latch("globex's rollback");
+  const found = new Map<string, Record<string, unknown>>();
+  const rows = async (tx: PgTransaction, table: string) =>
+    (await tx.query<{ tenant: string }>(`select coalesce(tenant, '-') as tenant from ${s}.${table} order by 1`)).rows.map((row) => row.tenant);
+  bus.subscribe(
+    'rollback',
+    Ticked,
+    async (message: Message<{ key: string; seq: number }>, ctx) => {
+      if (message.tenant === 'acme') {
+        await ctx.tx.query(`insert into ${s}.replies (request_id, data) values ('acme', '{}')`);
+        await ctx.tx.query('savepoint x');
+        saved.open();
+        await globexDone.wait();
+        found.set('acme', { replies: await rows(ctx.tx, 'replies'), log: await rows(ctx.tx, 'log') });
+        return;
+      }
+      await saved.wait();
+      await ctx.tx.query(`insert into ${s}.replies (request_id, data) values ('globex', '{}')`);
+      // Back to acme's savepoint: acme's scope and proof as they were then.
+      await ctx.tx.query('rollback to savepoint x');
+      found.set('globex', { replies: await rows(ctx.tx, 'replies'), log: await rows(ctx.tx, 'log') });
+      globexDone.open();
+    },
+    { partitions: 1, batchSize: 10, concurrency: 2, retry: { immediate: 0, delayed: [], jitter: 0 } },
+  );
+  await bus.start();
+  await publishAcmeAndGlobex(bus);
+  await waitFor('both handled', () => found.size >= 2);
+  await sleep(300);
+  const acme = found.get('acme')!;
+  const globex = found.get('globex')!;
+  assert.deepEqual(globex.replies, [], "after the rollback globex sees nothing: acme's restored proof is bound to an older entry");
+  assert.deepEqual(globex.log, []);
+  assert.deepEqual(acme.replies, ['acme'], "acme's next statement enters its scope again");
+  assert.deepEqual(acme.log, ['acme']);
+  assert.deepEqual(
+    (await repliesWritten(world.schema)).map((row) => `${row.request_id}:${row.tenant}`),
+    ['acme:acme'],
+    "committed: acme's row; globex undid its own insert",
+  );
+});
+
+test('isolation, first pass: statements sent behind one that failed hand back nothing, even if a `rollback to savepoint` revives the transaction', async (t) => {
+  const world = await pgWorld(t, 'rlsa', rls);
+  if (world === undefined) return;
+  const bus = world.bus();
+  const s = `"${world.schema}"`;
+  const saved = latch("acme's savepoint");
+  const found = new Map<string, unknown>();
+  bus.subscribe(
+    'revive',
+    Ticked,
+    async (message: Message<{ key: string; seq: number }>, ctx) => {
+      if (found.has(message.tenant!)) return; // the careful pass: nothing more to learn
+      if (message.tenant === 'acme') {
+        // A query config object would run unread, past the check of statements that may roll back.
+        const config = { text: 'rollback to savepoint sp' } as unknown as string;
+        found.set(
+          'config',
+          await ctx.tx.query(config).then(
+            () => 'ran',
+            (error: Error) => error.message,
+          ),
+        );
+        await ctx.tx.query('savepoint sp');
+        // Fails, and globex's statements are queued behind it before its answer is back.
+        const failing = ctx.tx.query('select 1/0');
+        saved.open();
+        found.set('acme', (await Promise.allSettled([failing]))[0]!.status);
+        return;
+      }
+      await saved.wait();
+      // Sent without waiting: its scope's entry fails (the transaction is aborted), the rollback revives the
+      // transaction with acme's scope and proof as they were at `sp`, and no entry came after them.
+      const settled = await Promise.allSettled([
+        ctx.tx.query('rollback to savepoint sp'),
+        ctx.tx.query<{ tenant: string }>(`select distinct tenant from ${s}.log order by 1`),
+      ]);
+      found.set(
+        'globex',
+        settled.map((outcome) => (outcome.status === 'fulfilled' ? outcome.value.rows.map((row) => (row as { tenant?: string }).tenant ?? '-') : 'failed')),
+      );
+    },
+    { partitions: 1, batchSize: 10, concurrency: 2, retry: { immediate: 0, delayed: [], jitter: 0 } },
+  );
+  await bus.start();
+  await publishAcmeAndGlobex(bus);
+  await waitFor('both handled', () => found.has('acme') && found.has('globex'));
+  assert.match(String(found.get('config')), /must be a string under tenancy isolation/);
+  assert.equal(found.get('acme'), 'rejected');
+  assert.deepEqual(found.get('globex'), ['failed', 'failed'], "globex's statements, sent behind acme's failed one, hand back nothing: not acme's rows");
 });
 
 test('isolation: what a handler publishes and its saga rows carry its tenant; a cross-tenant subscription sees every tenant, never the consumer tables', async (t) => {

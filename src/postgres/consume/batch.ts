@@ -137,8 +137,7 @@ export class BatchHandler {
     const handledIds: string[] = [];
     const claimed = new Set<string>();
     let earliestRetry = 0;
-    // Under tenant isolation every batch is careful: its handlers' statements run one tenant scope at a time,
-    // each attempt in a savepoint but the first of a batch handled for the first time (see SharedScope.bare).
+    // Under tenant isolation too, fast first: each handler statement in its tenant's scope (SharedScope.query).
     const scope = new SharedScope(driver, published, replaying, this.#ctx.isolation);
 
     const handleAll = async () => {

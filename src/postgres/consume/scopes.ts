@@ -26,10 +26,8 @@ export class Gate {
  * the connection pipelines: no round trip of their own, and if one fails, every statement after it fails
  * too. Its savepoint's release waits to travel with the next attempt's savepoint (COMMIT releases the last).
  *
- * Under isolation, two statements are spared where they can be (SharedScope.bare, SharedScope.inForce): the
- * first attempt of a batch handled for the first time opens no savepoint (if it fails, the whole batch is
- * rolled back and handled again with savepoints), and an attempt whose tenant's scope is still the one in
- * force (the attempt before it was its tenant's, and no consumer statement came between) enters no new one.
+ * Under isolation, an attempt whose tenant's scope is still the one in force (the attempt before it was its
+ * tenant's, and no consumer statement came between) enters no new one (SharedScope.inForce).
  */
 class AttemptScope implements Attempt {
   readonly tx: TrackedTransaction;
@@ -40,8 +38,6 @@ class AttemptScope implements Attempt {
   readonly #sent: Array<Promise<unknown>> = [];
   /** How many of `#sent` are the attempt's own. */
   #own = 0;
-  /** Without a savepoint of its own (the batch's first, see SharedScope.bare): a failure abandons the batch. */
-  #bare = false;
 
   constructor(
     private readonly shared: SharedScope,
@@ -77,8 +73,7 @@ class AttemptScope implements Attempt {
       // last attempt's savepoint outlives its release.)
       await ahead(this.isolated.isolation.enter(session, this.isolated.scope));
     }
-    this.#bare = this.shared.bare();
-    if (!this.#bare) await ahead(this.shared.savepoint(session));
+    await ahead(this.shared.savepoint(session));
     this.#own = this.#sent.length;
     return session;
   }
@@ -102,12 +97,6 @@ class AttemptScope implements Attempt {
       const failed = outcomes.findIndex((outcome) => outcome.status === 'rejected');
       // The scope or the savepoint itself failed: the transaction is unusable, the batch fails with why.
       if (failed !== -1 && failed < this.#own) throw (outcomes[failed] as PromiseRejectedResult).reason;
-      if (this.#bare) {
-        // No savepoint to roll back to: a failure (or a failed statement the handler caught) abandons the
-        // batch, which batch.ts rolls back and handles again, each attempt in a savepoint.
-        if (!keep || failed !== -1) this.shared.abandoned = true;
-        return undefined;
-      }
       if (keep && failed === -1) {
         // No statement failed, so neither can the release: it travels with the next attempt's savepoint.
         this.shared.deferRelease();
@@ -140,6 +129,11 @@ interface Attempt {
 }
 
 const ROLLBACK = Symbol('rollback');
+/**
+ * Handler SQL that may roll back to a savepoint (see SharedScope.query). Only the keyword can: PL/pgSQL and
+ * SQL functions cannot, and a keyword cannot be built from parts; a false match (a literal) costs a wait.
+ */
+const ROLLS_BACK = /rollback/i;
 const NOTHING_LOST: Promise<Error | undefined> = Promise.resolve(undefined);
 
 /** A fast-mode attempt. Its `tx` is made when the handler first reads it: most handlers never do. */
@@ -151,6 +145,8 @@ class SharedAttempt implements Attempt {
   constructor(
     private readonly scope: SharedScope,
     private readonly published: Set<string>,
+    /** Under isolation: the tenant scope each of its statements runs in (entered before it, see SharedScope.query). */
+    readonly tenantScope?: Scope,
   ) {}
 
   get tx(): TrackedTransaction {
@@ -174,9 +170,11 @@ class SharedAttempt implements Attempt {
  *
  * Careful mode: each attempt that writes gets a savepoint (AttemptScope).
  *
- * Under tenant isolation (always careful): the transaction is the restricted role's (tenants.ts); each
- * attempt runs in its tenant's scope, and the consumer's statements (`connection`, and the one sent with
- * COMMIT) in scope `all`, set again before the first of them that follows an attempt.
+ * Under tenant isolation the transaction is the restricted role's (tenants.ts), and the consumer's statements
+ * (`connection`, and the one sent with COMMIT) run in scope `all`, set again before the first of them that
+ * follows a handler's. In fast mode each handler statement runs in its tenant's scope, entered just before
+ * it whenever another scope is in force (SharedScope.query); in careful mode each attempt's, before its
+ * savepoint (AttemptScope).
  */
 export class SharedScope {
   readonly #driver: SqlDriverLike;
@@ -192,8 +190,10 @@ export class SharedScope {
   #session: Session | undefined;
   /** Under isolation: the scope entered last in the transaction (`all` for the consumer's statements). */
   #inForce: Scope | undefined;
-  /** Under isolation, for a batch handled the first time: the first attempt to use the transaction needs no savepoint. */
-  #bareFirst: boolean;
+  /** Commit or rollback has begun: a handler statement still on its way (not awaited by its handler) is refused. */
+  #ending = false;
+  /** Under isolation, fast mode: rejects once a statement sent so far (a scope's entry or a handler's) has failed. */
+  #healthy: Promise<void> = Promise.resolve();
   /** A statement sent without waiting for its answer failed: the transaction is aborted, and this is why. */
   #failed: unknown;
   /** The last attempt's savepoint, kept: released with the next attempt's savepoint (COMMIT releases it anyway). */
@@ -202,13 +202,12 @@ export class SharedScope {
   connection: Session | undefined;
   abandoned = false;
 
-  /** With `isolation` (tenants.ts), always careful: the transaction is the restricted role's, each attempt in its tenant's scope. */
+  /** With `isolation` (tenants.ts): the transaction is the restricted role's, each handler statement in its tenant's scope. */
   constructor(driver: SqlDriverLike, published: Set<string>, careful: boolean, isolation?: Isolation) {
     this.#isolation = isolation;
     this.#driver = isolation?.driver ?? driver;
     this.#published = published;
-    this.#careful = careful || isolation !== undefined;
-    this.#bareFirst = isolation !== undefined && !careful;
+    this.#careful = careful;
   }
 
   get open(): boolean {
@@ -221,7 +220,7 @@ export class SharedScope {
       const isolated = this.#isolation === undefined ? undefined : { isolation: this.#isolation, scope };
       return new AttemptScope(this, this.#gate, this.#published, isolated);
     }
-    return new SharedAttempt(this, this.#published);
+    return new SharedAttempt(this, this.#published, this.#isolation === undefined ? undefined : scope);
   }
 
   /** Careful mode: the transaction's session, opened now if it is not yet. */
@@ -230,25 +229,15 @@ export class SharedScope {
   }
 
   /**
-   * Whether `scope` is the one in force; if not, the caller enters it now. Consecutive attempts of one tenant
-   * share its scope: handler SQL of that tenant can spoil it (a `set_config` of the proof) only for its own
-   * tenant's next attempts, which then see nothing; a scope of another tenant is always entered anew.
+   * Whether `scope` is the one in force; if not, the caller enters it now. Consecutive attempts (in fast mode,
+   * statements) of one tenant share its scope: handler SQL of that tenant can spoil it (a `set_config` of the
+   * proof) only for its own tenant's next ones, which then see nothing; another tenant's scope is always
+   * entered anew.
    */
   inForce(scope: Scope): boolean {
     if (this.#inForce === scope) return true;
     this.#inForce = scope;
     return false;
-  }
-
-  /**
-   * Whether the attempt opening its savepoint now may go without: the first of a batch handled for the first
-   * time. Nothing before it in the transaction is any attempt's to keep, so if it fails, rolling the whole
-   * transaction back undoes it alone; the batch is then handled again with savepoints (abandoned).
-   */
-  bare(): boolean {
-    const bare = this.#bareFirst;
-    this.#bareFirst = false;
-    return bare;
   }
 
   /** The attempt that ended kept its writes: its savepoint is released with the next attempt's. */
@@ -268,23 +257,99 @@ export class SharedScope {
     return session.query('release savepoint tidings_attempt').then(() => session.query('savepoint tidings_attempt'));
   }
 
-  /** Fast mode: runs a statement of `attempt`'s handler in the shared transaction, opening it if needed. */
-  async query<R>(attempt: { ended: boolean; wrote: boolean }, text: string, params?: readonly unknown[]): Promise<{ rows: R[]; rowCount?: number | null }> {
+  /**
+   * Fast mode: runs a statement of `attempt`'s handler in the shared transaction, opening it if needed.
+   *
+   * Under isolation, its tenant's scope is entered right before it unless it is the one in force, the two
+   * sent back to back: a statement runs only after its own tenant's entry, or after another statement of
+   * that tenant with nothing between. A `rollback to savepoint` in handler SQL can bring back only a proof
+   * bound to an older entry, worth nothing (the entry counter is a sequence no rollback undoes); a failed
+   * statement, the entry's included, abandons the batch, so handler SQL recovering from a failure with its
+   * own savepoint runs only in careful mode, where attempts take turns. test/tenancy.pg.test.ts attacks it.
+   *
+   * In a transaction aborted by a failed statement whose answer is not back yet, a scope's entry fails
+   * without advancing the counter, so a `rollback to savepoint` sent then would revive the transaction with
+   * the scope of the savepoint's tenant, still proven. So a statement that may roll back (its text says
+   * `rollback`) is sent only once every statement before it has succeeded, its own scope's entry among them,
+   * and none is in flight; and an answer is handed back only if every statement sent before it succeeded
+   * (`#behind`).
+   */
+  async query<R>(attempt: SharedAttempt, text: string, params?: readonly unknown[]): Promise<{ rows: R[]; rowCount?: number | null }> {
     if (attempt.ended) throw new TidingsError('STOPPED', 'This handler attempt has ended (timed out or finished): its transaction can no longer be used');
-    if (this.abandoned) throw new TidingsError('STOPPED', 'This batch is being rolled back and will be handled again');
+    if (attempt.tenantScope !== undefined && typeof text !== 'string') {
+      // pg would run a query config object's text unread, past the `rollback` check below.
+      throw new TypeError(
+        `ctx.tx.query: the statement must be a string under tenancy isolation, not ${typeof text}; pass its text and params as two arguments`,
+      );
+    }
+    this.#refuseIfEnding();
     attempt.wrote = true;
     const connection = await this.#begin();
     // A pipelining connection takes the handlers' statements as they come, each sent without waiting
     // for the others' answers; any other, one at a time (pg stops queueing them for us).
     const release = connection.pipelined === true ? undefined : await this.#gate.acquire();
     try {
-      return await connection.query<R>(text, params);
+      const scope = attempt.tenantScope;
+      if (scope === undefined) {
+        this.#refuseIfEnding();
+        return await connection.query<R>(text, params);
+      }
+      if (ROLLS_BACK.test(text)) {
+        // Checked and sent in one go, so nothing can be queued between: the transaction is healthy, nothing
+        // is in flight, and the scope in force is its own, entered before and answered.
+        for (let healthy = this.#healthy; ; healthy = this.#healthy) {
+          await healthy.catch(() => {
+            throw behindFailure();
+          });
+          if (healthy !== this.#healthy) continue;
+          this.#refuseIfEnding();
+          if (this.inForce(scope)) break;
+          this.#behind(this.#isolation!.enter(connection, scope)).catch(() => undefined);
+        }
+        return await this.#behind(connection.query<R>(text, params));
+      }
+      this.#refuseIfEnding();
+      const entering = this.inForce(scope) ? undefined : this.#behind(this.#isolation!.enter(connection, scope));
+      if (connection.pipelined !== true) {
+        await entering;
+        return await this.#behind(connection.query<R>(text, params));
+      }
+      // Queued right behind its scope, before anything else can be: no await between the two. If the entry
+      // fails, so does the statement (#behind).
+      entering?.catch(() => undefined);
+      return await this.#behind(connection.query<R>(text, params));
     } catch (error) {
       this.abandoned = true;
       throw error;
     } finally {
       release?.();
     }
+  }
+
+  /**
+   * `sent`'s answer, handed back only if every statement sent before it succeeded; else a failure that names
+   * none of them (another tenant's error may quote its data). Answers come in the order statements were
+   * sent, so this waits for nothing more.
+   */
+  #behind<T>(sent: Promise<T>): Promise<T> {
+    const answer = this.#healthy.then(
+      () => sent,
+      () => {
+        throw behindFailure();
+      },
+    );
+    sent.catch(() => undefined);
+    this.#healthy = answer.then(() => undefined);
+    this.#healthy.catch(() => {
+      this.abandoned = true;
+    });
+    return answer;
+  }
+
+  /** A statement that would be sent now could not be kept: the batch is being rolled back, or is ending. */
+  #refuseIfEnding(): void {
+    if (this.abandoned) throw new TidingsError('STOPPED', 'This batch is being rolled back and will be handled again');
+    if (this.#ending) throw new TidingsError('STOPPED', "This batch's transaction is ending: a statement sent after its handlers finished cannot join it");
   }
 
   /** Careful mode: runs `fn` in a transaction opened now, for a caller with statements of its own around the handlers'; it commits if `fn` resolves. */
@@ -301,7 +366,10 @@ export class SharedScope {
 
   /** Commits, with `last` (the acknowledgement) sent in the same round trip as COMMIT. */
   async commit(last?: Statement): Promise<void> {
-    if (last !== undefined && this.#session !== undefined) await this.#enterConsumerScope(this.#session);
+    this.#ending = true;
+    // Still opening if its only statement so far was one a handler sent without waiting for it.
+    const session = this.#session ?? (await this.#opening);
+    if (last !== undefined && session !== undefined) await this.#enterConsumerScope(session);
     this.#last = last;
     this.#end?.resolve();
     try {
@@ -312,6 +380,7 @@ export class SharedScope {
   }
 
   async rollback(): Promise<void> {
+    this.#ending = true;
     this.#end?.reject(ROLLBACK);
     await this.#finished?.catch((error: unknown) => {
       if (error !== ROLLBACK) throw error;
@@ -372,6 +441,11 @@ export class SharedScope {
     });
     return undefined;
   }
+}
+
+/** A statement before this one failed; which, and why, is not this statement's handler's to read (another tenant's error may quote its data). */
+function behindFailure(): TidingsError {
+  return new TidingsError('STOPPED', "A statement sent before this one in the batch's transaction failed: the batch will be handled again");
 }
 
 /** The part of SqlDriver a scope needs. */
