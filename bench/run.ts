@@ -5,7 +5,8 @@
  * each system's ratio to Tidings.
  *
  *   npm run bench                  the full run: 2 rounds (scaling, issue 21's rows, brokers, replicas once), ~40 minutes
- *   npm run bench -- --quick       smoke check, 1 round, small sizes (fails only on errors; CI runs it)
+ *   npm run bench -- --quick       a quick look: 1 round, small sizes, every row
+ *   npm run bench -- --smoke       smoke check (CI runs it): --quick's sizes, one row per system and workload; fails only on errors
  *   options: --rounds N, --sync-off (database bench_async, synchronous_commit off),
  *            --only drain,e2e (workloads, or row groups: --only tracing), --systems tidings,pgboss (systems),
  *            --rows 'steady;1k keys' (label substrings, ';' between: labels have commas), --no-write,
@@ -32,6 +33,7 @@ const snapshot = join(here, '.snapshot', String(process.pid));
 const { values: args } = parseArgs({
   options: {
     quick: { type: 'boolean', default: false },
+    smoke: { type: 'boolean', default: false },
     rounds: { type: 'string' },
     'sync-off': { type: 'boolean', default: false },
     only: { type: 'string' },
@@ -43,7 +45,9 @@ const { values: args } = parseArgs({
   },
 });
 
-const quick = args.quick === true;
+/** `--smoke`: every system's path through every workload once (the first of its rows), nothing measured closely. */
+const smoke = args.smoke === true;
+const quick = args.quick === true || smoke;
 const sizes: Sizes = { ...(quick ? QUICK : FULL) };
 if (args.rounds !== undefined) sizes.rounds = Math.max(1, Number(args.rounds));
 const syncOff = args['sync-off'] === true;
@@ -99,7 +103,7 @@ async function run(started: number): Promise<void> {
   rmSync(join(here, '.snapshot'), { recursive: true, force: true });
   buildSnapshot(snapshot);
   log(
-    `Tidings benchmark (${quick ? 'quick' : 'full'}, ${sizes.rounds} round${sizes.rounds > 1 ? 's' : ''}), database ${database} (synchronous_commit ${String((env.postgres as { synchronous_commit: string }).synchronous_commit)})`,
+    `Tidings benchmark (${smoke ? 'smoke' : quick ? 'quick' : 'full'}, ${sizes.rounds} round${sizes.rounds > 1 ? 's' : ''}), database ${database} (synchronous_commit ${String((env.postgres as { synchronous_commit: string }).synchronous_commit)})`,
   );
 
   // --only names workloads, or groups of rows (`--only tracing`: issue 22's rows of every workload).
@@ -114,6 +118,10 @@ async function run(started: number): Promise<void> {
       ),
     }))
     .filter((step) => step.rows.length > 0);
+  if (smoke) {
+    const seen = new Set<string>();
+    for (const step of plan) step.rows = step.rows.filter((row) => !seen.has(`${step.workload}/${row.system}`) && seen.add(`${step.workload}/${row.system}`));
+  }
   const results = new Map<string, { workload: Workload; row: Row; runs: ChildResult[] }>();
   let cutShort = false;
   rounds: for (let round = 1; round <= sizes.rounds; round++) {
@@ -126,7 +134,8 @@ async function run(started: number): Promise<void> {
           break rounds;
         }
         const task = taskFor(row, step.workload, sizes, db, quick, round);
-        const background = await backgroundLoad(300);
+        // A smoke run measures nothing closely: it spares the 0.3 s sample.
+        const background = smoke ? Number.NaN : await backgroundLoad(300);
         const t0 = Date.now();
         const result = await runTask(task, snapshot);
         const seconds = (Date.now() - t0) / 1000;
