@@ -211,6 +211,21 @@ test('fair reads: a split-off tenant opening a window of 100,000 of its messages
     const read = onLog.reduce((sum, node) => sum + (node['Actual Rows'] ?? 0) * (node['Actual Loops'] ?? 1) + (node['Rows Removed by Filter'] ?? 0), 0);
     assert.ok(read < 1_000, `log rows read for the tenant's share of 125: ${read}`);
     assert.equal(plan.find((node) => node['Node Type'] === 'Limit' && node['Actual Rows'] !== 0)?.['Actual Rows'], 125, "the tenant's share");
+
+    // The partition's own cursor opening the same window numbers its rows per tenant: it reads its span from
+    // the floor (500 positions), not the window's 100,000.
+    const lane = await client.query<{ 'QUERY PLAN': Array<{ Plan: PlanNode }> }>(
+      `explain (analyze, format json) execute fair('{"{0,1,2,3}"}', '{"1:1:"}', '{NULL}', '{NULL}', '{${Ticked.topic}}', 4, 500, '{NULL}', '{500}', '{0}', '{1}', 'plans', '{NULL}', '{NULL}', 125, '{}')`,
+    );
+    const lanePlan = nodes(lane.rows[0]!['QUERY PLAN'][0]!.Plan) as Array<PlanNode & { 'Actual Rows'?: number; 'Actual Loops'?: number }>;
+    const laneOnLog = lanePlan.filter((node) => node['Relation Name'] === 'log');
+    t.diagnostic(
+      JSON.stringify(
+        laneOnLog.map((node) => `${node['Node Type']} ${node['Index Name'] ?? ''} rows ${node['Actual Rows']} removed ${node['Rows Removed by Filter'] ?? 0}`),
+      ),
+    );
+    const laneRead = laneOnLog.reduce((sum, node) => sum + (node['Actual Rows'] ?? 0) * (node['Actual Loops'] ?? 1) + (node['Rows Removed by Filter'] ?? 0), 0);
+    assert.ok(laneRead < 2_000, `log rows read by the partition's cursor opening a window of 100,000: ${laneRead}`);
   } finally {
     await client.end();
   }

@@ -110,7 +110,11 @@ export function statements(schema: string) {
       // A tenant's share: $f + 2 times its weight ($f + 3, JSON; 1 if not there), at least 1 (lanes.ts, shareOf).
       const cap = (tenant: string) => `greatest(1, floor($${f + 2} * coalesce(($${f + 3}::jsonb ->> ${tenant})::float8, 1)))::int8`;
       // A group that reads one tenant alone needs no numbering: its rows in order, up to its share, so a
-      // window's first read stops after its share however many rows the window holds.
+      // window's first read stops after its share however many rows the window holds. One that numbers its
+      // rows per tenant numbers every row of its range before its limit applies: its first read of a window
+      // spans `span` positions from the floor, as the reads after it do, not the whole window (a window over a
+      // backlog of 20,000 cost ~35 ms, in which a quiet tenant's message waited).
+      const firstEnd = fair ? 'case when c.solo is null then least(now.last, w.floor + c.span) else now.last end' : 'now.last';
       const scan = (where: string, order: string) =>
         fair
           ? `(select ${columns}, (f.rn > ${cap('f.tenant')} and f.tenant is not null) as beyond from (
@@ -139,7 +143,7 @@ export function statements(schema: string) {
               then (pg_snapshot_xmax(snap)::text::int8 + age(pg_snapshot_xmax(snap)::xid))::text::xid8 end as next_xid
           from (select pg_current_snapshot() as snap, coalesce(pg_sequence_last_value('${s}.log_position_seq'::regclass), 0) as last offset 0) taken
         )
-        select c.n as lane_group, now.snap::text as win, now.last as hi, now.next_xid::text as next_xid, now.last as range_end, m.*
+        select c.n as lane_group, now.snap::text as win, now.last as hi, now.next_xid::text as next_xid, ${firstEnd} as range_end, m.*
         from groups c cross join now
         cross join lateral (
           select least(f.last, (
@@ -152,7 +156,7 @@ export function statements(schema: string) {
         ) w
         left join lateral (
           ${scan(
-            `l.position > w.floor and l.position <= now.last
+            `l.position > w.floor and l.position <= ${firstEnd}
             and pg_visible_in_snapshot(l.xid, now.snap) and not pg_visible_in_snapshot(l.xid, c.done::pg_snapshot)
             ${topic}and l.key_hash % $6 = any(c.parts)`,
             'l.position',
