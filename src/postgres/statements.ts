@@ -111,10 +111,11 @@ export function statements(schema: string) {
       const cap = (tenant: string) => `greatest(1, floor($${f + 2} * coalesce(($${f + 3}::jsonb ->> ${tenant})::float8, 1)))::int8`;
       // A group that reads one tenant alone needs no numbering: its rows in order, up to its share, so a
       // window's first read stops after its share however many rows the window holds. One that numbers its
-      // rows per tenant numbers every row of its range before its limit applies: its first read of a window
-      // spans `span` positions from the floor, as the reads after it do, not the whole window (a window over a
-      // backlog of 20,000 cost ~35 ms, in which a quiet tenant's message waited).
-      const firstEnd = fair ? 'case when c.solo is null then least(now.last, w.floor + c.span) else now.last end' : 'now.last';
+      // rows per tenant numbers every row of its range before its limit applies, so its first read of a
+      // window spans at most 100 batches' positions from the floor (a window over a backlog of 1,000,000 would
+      // cost seconds; one of 20,000 costs ~35 ms). Not less: the reads after it walk the rest in spans, a
+      // read and a batch each, and a quiet tenant's message beyond a noisy backlog waited for them all.
+      const firstEnd = fair ? 'case when c.solo is null then least(now.last, w.floor + greatest(c.span, $7 * 100)) else now.last end' : 'now.last';
       const scan = (where: string, order: string) =>
         fair
           ? `(select ${columns}, (f.rn > ${cap('f.tenant')} and f.tenant is not null) as beyond from (
