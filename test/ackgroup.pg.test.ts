@@ -83,46 +83,6 @@ for (const pooling of POOLINGS) {
       'the others committed, once each',
     );
   });
-
-  test(`a subscription's acknowledgements queued behind one another commit in order, and none behind one that fails is sent (${pooling})`, {
-    timeout: 30_000,
-  }, async (t) => {
-    const setUp = await groupOn(t, 'ag5', pooling);
-    if (setUp === undefined) return;
-    const { group, insert, rows } = setUp;
-    const worker = {};
-    const other = {};
-    const failing: AckStatement = () => ({ text: 'select 1 / 0', params: [] }); // as a fence that fails (a lease lost)
-    // The worker's 2 and 3 queue behind its 1 (in one group or after it); its 5 and 6 behind its 4, which fails.
-    // Another subscription's 7, queued between them, is not the worker's chain: it commits whatever the worker's do.
-    const sent = [
-      group.commit(insert(1), worker),
-      group.commit(insert(2), worker),
-      group.commit(insert(3), worker),
-      group.commit(failing, worker),
-      group.commit(insert(7), other),
-      group.commit(insert(5), worker),
-      group.commit(insert(6), worker),
-    ];
-    const outcomes = await Promise.allSettled(sent);
-    assert.deepEqual(
-      outcomes.map((outcome) => outcome.status),
-      ['fulfilled', 'fulfilled', 'fulfilled', 'rejected', 'fulfilled', 'rejected', 'rejected'],
-    );
-    assert.equal(((outcomes[3] as PromiseRejectedResult).reason as { code?: string }).code, '22012', 'the failing one rejects with its own error');
-    for (const index of [5, 6]) assert.match(String((outcomes[index] as PromiseRejectedResult).reason), /an earlier acknowledgement failed/);
-    assert.deepEqual(
-      (await rows()).map(({ n }) => n),
-      [1, 2, 3, 7],
-      'none queued behind the failed one was sent; the other chain committed',
-    );
-    // A chain whose last acknowledgement failed starts afresh: the next is sent (the worker read its batches again).
-    await group.commit(insert(8), worker);
-    assert.deepEqual(
-      (await rows()).map(({ n }) => n),
-      [1, 2, 3, 7, 8],
-    );
-  });
 }
 
 test('subscriptions acknowledging together: one loses its lease mid-run, the others handle each message once, in key order', {

@@ -12,40 +12,8 @@ const MAX_GROUP = 64;
 
 interface Waiting {
   readonly ack: AckStatement;
-  /** The subscription's acknowledgement before this one, queued too: this one commits only after it, and fails if it does. */
-  readonly after: Settling | undefined;
-  /** What `commit` returned for it. */
-  readonly promise: Promise<void>;
   readonly resolve: () => void;
   readonly reject: (error: unknown) => void;
-}
-
-/** A promise whose outcome can be read once known. */
-interface Settling {
-  readonly promise: Promise<void>;
-  outcome: 'pending' | 'committed' | 'failed';
-  error?: unknown;
-}
-
-function settling(promise: Promise<void>): Settling {
-  const state: Settling = { promise, outcome: 'pending' };
-  promise.then(
-    () => {
-      state.outcome = 'committed';
-    },
-    (error: unknown) => {
-      state.outcome = 'failed';
-      state.error = error;
-    },
-  );
-  return state;
-}
-
-/** Why an acknowledgement queued behind another was not sent: that one failed, and its batch and this one are read again. */
-export class AckBehindFailed extends Error {
-  constructor(cause: unknown) {
-    super(`an earlier acknowledgement failed: ${(cause as Error)?.message ?? String(cause)}`, { cause });
-  }
 }
 
 /**
@@ -70,105 +38,45 @@ export class AckGroup {
   readonly #driver: SqlDriver;
   #waiting: Waiting[] = [];
   #flushing = false;
-  /** Each chain's last acknowledgement (see `commit`). */
-  readonly #last = new Map<object, Settling>();
 
   constructor(driver: SqlDriver) {
     this.#driver = driver;
   }
 
-  /**
-   * Commits `ack`, with the others waiting at the time; resolves once it has committed, rejects as `ackAlone`
-   * would. `chain`: the subscription's worker, whose acknowledgements may be queued while the one before is
-   * still committing: each commits after the one before it, in the same transaction or a later one, and is
-   * never sent if that one failed (AckBehindFailed), so its cursors never move past a batch whose
-   * acknowledgement failed.
-   */
-  commit(ack: AckStatement, chain?: object): Promise<void> {
-    const before = chain === undefined ? undefined : this.#last.get(chain);
-    const after = before?.outcome === 'committed' ? undefined : before;
-    let resolve!: () => void;
-    let reject!: (error: unknown) => void;
-    const promise = new Promise<void>((resolveIt, rejectIt) => {
-      resolve = resolveIt;
-      reject = rejectIt;
-    });
-    if (chain !== undefined) {
-      const state = settling(promise);
-      this.#last.set(chain, state);
-      // Forget a chain once its last acknowledgement has settled: a stopped worker leaves nothing behind.
-      const forget = () => {
-        if (this.#last.get(chain) === state) this.#last.delete(chain);
-      };
-      promise.then(forget, forget);
-    }
-    if (this.#driver.embedded) {
-      // One session (PGlite): a combined transaction would hold it from the handlers' transactions; nothing to gain.
-      (after?.promise ?? Promise.resolve()).then(() => ackAlone(this.#driver, ack), behind).then(resolve, reject);
-    } else {
-      this.#waiting.push({ ack, after, promise, resolve, reject });
+  /** Commits `ack`, with the others waiting at the time; resolves once it has committed, rejects as `ackAlone` would. */
+  commit(ack: AckStatement): Promise<void> {
+    // One session (PGlite): a combined transaction would hold it from the handlers' transactions; nothing to gain.
+    if (this.#driver.embedded) return ackAlone(this.#driver, ack);
+    return new Promise((resolve, reject) => {
+      this.#waiting.push({ ack, resolve, reject });
       if (!this.#flushing) void this.#flush();
-    }
-    return promise;
+    });
   }
 
   async #flush(): Promise<void> {
     this.#flushing = true;
     try {
-      while (this.#waiting.length > 0) {
-        // An acknowledgement behind one still pending (committing elsewhere) waits for it: let it settle.
-        if (this.#waiting[0]!.after?.outcome === 'pending') await this.#waiting[0]!.after.promise.catch(() => undefined);
-        await this.#commitGroup(this.#takeGroup());
-      }
+      while (this.#waiting.length > 0) await this.#commitGroup(this.#waiting.splice(0, MAX_GROUP));
     } finally {
       this.#flushing = false;
     }
   }
 
-  /**
-   * The next group, in the order acknowledgements came: up to MAX_GROUP, stopping before one whose previous
-   * acknowledgement is outside the group and not yet committed. Those whose previous one failed are refused here.
-   */
-  #takeGroup(): Waiting[] {
-    const group: Waiting[] = [];
-    const inGroup = new Set<Promise<void>>();
-    while (this.#waiting.length > 0 && group.length < MAX_GROUP) {
-      const waiting = this.#waiting[0]!;
-      const after = waiting.after;
-      if (after !== undefined && after.outcome === 'failed') {
-        this.#waiting.shift();
-        waiting.reject(new AckBehindFailed(after.error));
-        continue;
-      }
-      if (after !== undefined && after.outcome === 'pending' && !inGroup.has(after.promise)) break;
-      this.#waiting.shift();
-      group.push(waiting);
-      inGroup.add(waiting.promise);
-    }
-    return group;
-  }
-
   async #commitGroup(group: Waiting[]): Promise<void> {
-    if (group.length === 0) return;
     if (group.length > 1) {
       try {
         await this.#together(group);
         for (const waiting of group) waiting.resolve();
         return;
       } catch {
-        // Rolled back (or its outcome unknown): each goes again alone, and fails alone, below; one behind
-        // another of its subscription in the group goes once that one has committed, and not if it failed.
+        // Rolled back (or its outcome unknown): each goes again alone, and fails alone, below.
       }
     }
-    await Promise.all(
-      group.map((waiting) =>
-        (waiting.after?.promise ?? Promise.resolve()).then(() => ackAlone(this.#driver, waiting.ack), behind).then(waiting.resolve, waiting.reject),
-      ),
-    );
+    await Promise.all(group.map((waiting) => ackAlone(this.#driver, waiting.ack).then(waiting.resolve, waiting.reject)));
   }
 
   /** All of `group` in one transaction: the statements sent without waiting for each other, the last with COMMIT. */
-  async #together(group: readonly Waiting[]): Promise<void> {
+  async #together(group: Waiting[]): Promise<void> {
     const last = group[group.length - 1]!;
     await this.#driver.transaction(
       async (tx) => {
@@ -181,8 +89,4 @@ export class AckGroup {
       () => last.ack('fail'),
     );
   }
-}
-
-function behind(error: unknown): never {
-  throw error instanceof AckBehindFailed ? error : new AckBehindFailed(error);
 }

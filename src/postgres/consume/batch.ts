@@ -38,9 +38,9 @@ interface BatchRun {
   readonly part: BatchPart;
   /** Messages per partition in the whole batch (the cursors' `handled` counters). */
   readonly counts: ReadonlyMap<number, number>;
-  /** The last acknowledgement before this one, maybe still committing (and those before it): this one commits after it. */
+  /** The acknowledgement before this one, still in flight: this one is sent once it has committed. */
   readonly previous: Acking | undefined;
-  /** If the handlers only acknowledge, do not wait for the acknowledgements: hand it back, queued behind the others. */
+  /** If the handlers only acknowledge, do not wait for the acknowledgement: hand it back in flight. */
   readonly overlap: boolean;
 }
 
@@ -207,14 +207,6 @@ export class BatchHandler {
       try {
         await handleAll();
         if (scope.abandoned) throw new ReplayCarefully();
-        if (!scope.open && overlap && held.length === 0 && dead.length === 0 && published.size === 0) {
-          // Nothing else waits for it: no held key, no retry, no dead letter, no write. It is queued behind
-          // the acknowledgements still committing (in order, never past one that fails: AckGroup), and the
-          // next batch is handled meanwhile; if one fails, the loop puts the lanes back and reads again.
-          const acking = this.#ctx.acks.commit(ack, this).then(() => undefined, fenced);
-          acking.catch(() => undefined);
-          return { wrote: false, handled: handledIds, acking };
-        }
         await previous?.done;
       } catch (error) {
         if (scope.open) await scope.rollback();
@@ -222,7 +214,13 @@ export class BatchHandler {
       }
       // In the handlers' transaction, the acknowledgement travels with its COMMIT; without one, it commits alone.
       if (scope.open) await scope.commit(ack('skip'));
-      else await this.#ctx.acks.commit(ack, this);
+      else if (overlap && held.length === 0 && dead.length === 0 && published.size === 0) {
+        // Nothing else waits for it: no held key, no retry, no dead letter, no write. The next batch is
+        // handled while it commits; if it fails, the loop puts the lanes back and reads both batches again.
+        const acking = this.#ctx.acks.commit(ack).then(() => undefined, fenced);
+        acking.catch(() => undefined);
+        return { wrote: false, handled: handledIds, acking };
+      } else await this.#ctx.acks.commit(ack);
     } catch (error) {
       fenced(error);
     }

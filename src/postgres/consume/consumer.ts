@@ -11,12 +11,6 @@ import { Gate } from './scopes.ts';
 export type { ConsumerContext, ConsumerSettings } from './context.ts';
 
 /**
- * Acknowledgements of one subscription queued at once (each a batch handled, not yet committed): enough to
- * keep handling while a commit waits for its WAL flush, few enough that a failure reads little again.
- */
-const MAX_ACKS_QUEUED = 4;
-
-/**
  * One subscription's worker in this process: the loop that wires its parts. It holds leases on some of the
  * subscription's partitions (its lanes: leases.ts), reads all of them with one statement (lanes.ts),
  * handles the messages with up to `concurrency` keys in flight and acknowledges the batch with one more
@@ -38,8 +32,8 @@ export class PostgresConsumer implements Consumer {
   #failures = 0;
   /** The last batch's handlers wrote through `ctx.tx`: the next batch is split into sub-batches (see splitBatch). */
   #wrote = false;
-  /** Acknowledgements not known to have committed, oldest first: queued while the next batches are handled (see #readAndHandle). */
-  #ackings: Acking[] = [];
+  /** The last batch's acknowledgement, still in flight while the next batch is handled (see #readAndHandle). */
+  #acking: Acking | undefined;
   #unregister: (() => void) | undefined;
 
   constructor(ctx: ConsumerContext, spec: SubscriptionSpec, handle: DeliveryHandler<PgTransaction>) {
@@ -48,7 +42,7 @@ export class PostgresConsumer implements Consumer {
     this.#leases = new Leases(ctx, spec, {
       batchGate: this.#batchGate,
       settledAck: async () => {
-        await this.#ackings.at(-1)?.done.catch(() => undefined);
+        await this.#acking?.done.catch(() => undefined);
       },
       acquired: () => {
         this.#held.invalidate();
@@ -87,7 +81,7 @@ export class PostgresConsumer implements Consumer {
     this.#unregister?.();
     this.#wakeUp?.();
     await this.#loop;
-    await this.#ackings.at(-1)?.done.catch(() => undefined);
+    await this.#acking?.done.catch(() => undefined);
     await this.#reader.settle();
     await this.#leases.stop();
     await this.#leases.unregister();
@@ -153,25 +147,21 @@ export class PostgresConsumer implements Consumer {
   }
 
   /**
-   * Waits for the acknowledgements still committing, oldest first, or for all but `keep` of them. If one
-   * failed, the lanes go back to where they were before its batch, whose messages are read again with those of
-   * the batches after it (their acknowledgements, queued behind it, were not sent: AckGroup), and the failure
-   * is thrown.
+   * Waits for the in-flight acknowledgement. If it failed, the lanes go back to where they were before its
+   * batch, whose messages are read again (no later acknowledgement was sent: each waits for the one before),
+   * and the failure is thrown.
    */
-  async #settled(keep = 0): Promise<void> {
-    while (this.#ackings.length > keep) {
-      const acking = this.#ackings.shift()!;
-      try {
-        await acking.done;
-      } catch (error) {
-        // Those queued behind it fail too, unsent: wait for that, so the next acknowledgement starts a chain afresh.
-        await Promise.allSettled(this.#ackings.map((behind) => behind.done));
-        this.#ackings = [];
-        for (const [lane, cursor] of acking.before) if (this.#leases.lanes.get(lane.partition) === lane) Object.assign(lane, cursor);
-        this.#reader.forget();
-        this.#dirty = true;
-        throw error;
-      }
+  async #settled(): Promise<void> {
+    const acking = this.#acking;
+    if (acking === undefined) return;
+    this.#acking = undefined;
+    try {
+      await acking.done;
+    } catch (error) {
+      for (const [lane, cursor] of acking.before) if (this.#leases.lanes.get(lane.partition) === lane) Object.assign(lane, cursor);
+      this.#reader.forget();
+      this.#dirty = true;
+      throw error;
     }
   }
 
@@ -216,15 +206,12 @@ export class PostgresConsumer implements Consumer {
   async #readAndHandle(): Promise<boolean> {
     const spec = this.#spec;
     const lanes = [...this.#leases.lanes.values()];
-    // Bounded: a batch handled while more than this many acknowledgements commit waits for the oldest.
-    await this.#settled(MAX_ACKS_QUEUED - 1);
-    const previous = this.#ackings.at(-1);
+    const previous = this.#acking;
     const received = this.#ctx.observer?.receiving('postgres', spec.name);
     const read = await this.#reader.next(lanes);
     received?.(read.rows, lanes.length === 1 ? lanes[0]!.partition : undefined);
     const { more, next } = read;
-    const uncommitted = this.#ackings.length === 1 ? previous?.handled : new Set(this.#ackings.flatMap((acking) => [...acking.handled]));
-    const readAhead = more && !this.#ctx.driver.embedded && !this.#stopping ? this.#reader.prefetch(lanes, next, uncommitted) : undefined;
+    const readAhead = more && !this.#ctx.driver.embedded && !this.#stopping ? this.#reader.prefetch(lanes, next, previous?.handled) : undefined;
     /** Lanes whose sub-batch failed: they stay where they were and read the same messages again. */
     const failed = new Set<number>();
     let failure: unknown;
@@ -251,12 +238,8 @@ export class PostgresConsumer implements Consumer {
         if (failure === undefined || failure instanceof LeaseLost) failure = outcome.reason;
       }
       this.#wrote = wrote || failure !== undefined;
-      // A part that waited for the acknowledgements before it and committed its own leaves none in flight; one
-      // handed back in flight is queued behind them.
-      if (failure === undefined) {
-        if (acking === undefined) this.#ackings = [];
-        else this.#ackings.push(acking);
-      }
+      // Every part waited for the previous acknowledgement before sending its own: if none failed, it committed.
+      if (failure === undefined) this.#acking = acking;
     }
     // Lanes with nothing to acknowledge move on in memory; their cursor is written with a later batch. The
     // lanes of sub-batches that committed move on even if another sub-batch failed: their acknowledgement
