@@ -161,6 +161,7 @@ const FIGURE_TABLES: Partial<Record<Workload, Array<[string, string, number?]>>>
     ['quietMax', 'quiet max ms'],
     ['quietPublishP99', 'quiet publish call p99 ms'],
     ['quietDeliveryP99', 'quiet delivery p99 ms'],
+    ['quietSteadyDeliveryP99', 'quiet delivery p99 after 1 s ms'],
     ['quietEvents', 'quiet events', 0],
     ['noisyPublished', 'noisy published/s', 0],
     ['noisyHandled', 'noisy handled/s', 0],
