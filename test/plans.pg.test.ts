@@ -196,36 +196,33 @@ test('fair reads: a split-off tenant opening a window of 100,000 of its messages
     await client.query(
       `prepare fair(text[], text[], text[], int8[], text[], int, int, int8[], int8[], int8[], text[], text, text[], text[], int, text) as ${statements(schema).readLanes(true, false, true)}`,
     );
+    /** Runs `execute` under EXPLAIN ANALYZE: the plan's nodes, and the log rows it read (returned or thrown away). */
+    const explainRead = async (execute: string) => {
+      const explained = await client.query<{ 'QUERY PLAN': Array<{ Plan: PlanNode }> }>(`explain (analyze, format json) ${execute}`);
+      const plan = nodes(explained.rows[0]!['QUERY PLAN'][0]!.Plan) as Array<PlanNode & { 'Actual Rows'?: number; 'Actual Loops'?: number }>;
+      const onLog = plan.filter((node) => node['Relation Name'] === 'log');
+      t.diagnostic(
+        JSON.stringify(
+          onLog.map((node) => `${node['Node Type']} ${node['Index Name'] ?? ''} rows ${node['Actual Rows']} removed ${node['Rows Removed by Filter'] ?? 0}`),
+        ),
+      );
+      assert.ok(!onLog.some((node) => node['Node Type'] === 'Seq Scan'), 'no sequential scan of the log');
+      const read = onLog.reduce((sum, node) => sum + (node['Actual Rows'] ?? 0) * (node['Actual Loops'] ?? 1) + (node['Rows Removed by Filter'] ?? 0), 0);
+      return { plan, read };
+    };
     // The tenant's cursor from the beginning (floor 0), its window not opened yet: the first read opens it.
-    const explained = await client.query<{ 'QUERY PLAN': Array<{ Plan: PlanNode }> }>(
-      `explain (analyze, format json) execute fair('{"{0,1,2,3}"}', '{"1:1:"}', '{NULL}', '{NULL}', '{${Ticked.topic}}', 4, 500, '{NULL}', '{500}', '{0}', '{1}', 'plans', '{noisy}', '{NULL}', 125, '{}')`,
+    const tenant = await explainRead(
+      `execute fair('{"{0,1,2,3}"}', '{"1:1:"}', '{NULL}', '{NULL}', '{${Ticked.topic}}', 4, 500, '{NULL}', '{500}', '{0}', '{1}', 'plans', '{noisy}', '{NULL}', 125, '{}')`,
     );
-    const plan = nodes(explained.rows[0]!['QUERY PLAN'][0]!.Plan) as Array<PlanNode & { 'Actual Rows'?: number; 'Actual Loops'?: number }>;
-    const onLog = plan.filter((node) => node['Relation Name'] === 'log');
-    t.diagnostic(
-      JSON.stringify(
-        onLog.map((node) => `${node['Node Type']} ${node['Index Name'] ?? ''} rows ${node['Actual Rows']} removed ${node['Rows Removed by Filter'] ?? 0}`),
-      ),
-    );
-    assert.ok(!onLog.some((node) => node['Node Type'] === 'Seq Scan'), 'no sequential scan of the log');
-    const read = onLog.reduce((sum, node) => sum + (node['Actual Rows'] ?? 0) * (node['Actual Loops'] ?? 1) + (node['Rows Removed by Filter'] ?? 0), 0);
-    assert.ok(read < 1_000, `log rows read for the tenant's share of 125: ${read}`);
-    assert.equal(plan.find((node) => node['Node Type'] === 'Limit' && node['Actual Rows'] !== 0)?.['Actual Rows'], 125, "the tenant's share");
+    assert.ok(tenant.read < 1_000, `log rows read for the tenant's share of 125: ${tenant.read}`);
+    assert.equal(tenant.plan.find((node) => node['Node Type'] === 'Limit' && node['Actual Rows'] !== 0)?.['Actual Rows'], 125, "the tenant's share");
 
     // The partition's own cursor opening a window numbers its rows per tenant: it reads at most 100 batches'
     // positions from the floor (50,000 at 500 a batch), not the whole window. (Here a batch of 200.)
-    const lane = await client.query<{ 'QUERY PLAN': Array<{ Plan: PlanNode }> }>(
-      `explain (analyze, format json) execute fair('{"{0,1,2,3}"}', '{"1:1:"}', '{NULL}', '{NULL}', '{${Ticked.topic}}', 4, 200, '{NULL}', '{200}', '{0}', '{1}', 'plans', '{NULL}', '{NULL}', 50, '{}')`,
+    const lane = await explainRead(
+      `execute fair('{"{0,1,2,3}"}', '{"1:1:"}', '{NULL}', '{NULL}', '{${Ticked.topic}}', 4, 200, '{NULL}', '{200}', '{0}', '{1}', 'plans', '{NULL}', '{NULL}', 50, '{}')`,
     );
-    const lanePlan = nodes(lane.rows[0]!['QUERY PLAN'][0]!.Plan) as Array<PlanNode & { 'Actual Rows'?: number; 'Actual Loops'?: number }>;
-    const laneOnLog = lanePlan.filter((node) => node['Relation Name'] === 'log');
-    t.diagnostic(
-      JSON.stringify(
-        laneOnLog.map((node) => `${node['Node Type']} ${node['Index Name'] ?? ''} rows ${node['Actual Rows']} removed ${node['Rows Removed by Filter'] ?? 0}`),
-      ),
-    );
-    const laneRead = laneOnLog.reduce((sum, node) => sum + (node['Actual Rows'] ?? 0) * (node['Actual Loops'] ?? 1) + (node['Rows Removed by Filter'] ?? 0), 0);
-    assert.ok(laneRead < 21_000, `log rows read by the partition's cursor opening a window of 100,000: ${laneRead}`);
+    assert.ok(lane.read < 21_000, `log rows read by the partition's cursor opening a window of 100,000: ${lane.read}`);
   } finally {
     await client.end();
   }

@@ -418,6 +418,11 @@ async function publishOneBatch(bus: Bus<PgTransaction>, tenants: readonly string
 }
 
 /** Replies rows a handler wrote, as a privileged session sees them: tenant (set by the column's default, from the proven scope) by request id. */
+/** The tenant of each row of `table` that `tx` sees, in order ('-' for none). */
+async function tenantsSeen(tx: PgTransaction, table: string): Promise<string[]> {
+  return (await tx.query<{ tenant: string }>(`select coalesce(tenant, '-') as tenant from ${table} order by 1`)).rows.map((row) => row.tenant);
+}
+
 async function repliesWritten(schema: string): Promise<Array<{ request_id: string; tenant: string | null }>> {
   const client = await connect();
   try {
@@ -605,8 +610,7 @@ test("isolation, first pass: a handler's `rollback to savepoint` after another t
   const globexWrote = latch("globex's insert");
   const rolledBack = latch("acme's rollback");
   const found = new Map<string, Record<string, unknown>>();
-  const rows = async (tx: PgTransaction, table: string) =>
-    (await tx.query<{ tenant: string }>(`select coalesce(tenant, '-') as tenant from ${s}.${table} order by 1`)).rows.map((row) => row.tenant);
+  const rows = (tx: PgTransaction, table: string) => tenantsSeen(tx, `${s}.${table}`);
   bus.subscribe(
     'rollback',
     Ticked,
@@ -659,8 +663,7 @@ test("isolation, first pass: a handler's `rollback to savepoint` planted by anot
   const saved = latch("acme's savepoint");
   const globexDone = latch("globex's rollback");
   const found = new Map<string, Record<string, unknown>>();
-  const rows = async (tx: PgTransaction, table: string) =>
-    (await tx.query<{ tenant: string }>(`select coalesce(tenant, '-') as tenant from ${s}.${table} order by 1`)).rows.map((row) => row.tenant);
+  const rows = (tx: PgTransaction, table: string) => tenantsSeen(tx, `${s}.${table}`);
   bus.subscribe(
     'rollback',
     Ticked,
