@@ -341,7 +341,8 @@ export function steps(quick: boolean, sizes: Sizes): Step[] {
       ],
     },
     { workload: 'saga', once: true, rows: [{ system: 'tidings', label: 'Tidings saga, 3 steps', variant: plain, group: 'time', reference: true }] },
-    { workload: 'fairness', once: true, rows: fairness },
+    // Every round: a p99 of 2,000 quiet messages swings 2x-8x between single rounds (docs/tenancy.md).
+    { workload: 'fairness', rows: fairness },
     ...brokerSteps().map((step) => ({ ...step, once: true })),
     { workload: 'fanout', rows: fourRows(plain, 'base', '', { events: sizes.fanoutEvents, warmUpEvents: sizes.fanoutWarmUp }) },
     { workload: 'login', once: true, rows: [replicaRow] },
