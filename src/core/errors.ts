@@ -141,6 +141,11 @@ export class HandlerTimeoutError extends TidingsError {
   }
 }
 
+/** What went wrong, in words: an Error's message, anything else as a string. */
+export function errorMessage(error: unknown): string {
+  return error instanceof Error ? error.message : String(error);
+}
+
 export function isPermanent(error: unknown): boolean {
   // A publish for another tenant (TENANT_FORBIDDEN) is the handler's bug: no retry makes it right.
   return error instanceof PermanentError || (error instanceof TidingsError && (error.code === 'INVALID_PAYLOAD' || error.code === 'TENANT_FORBIDDEN'));

@@ -22,7 +22,7 @@
 import { defaultWarning } from '../core/warnings.ts';
 import type { Bus } from '../core/bus.ts';
 import type { AnyContract, InputOf } from '../core/contract.ts';
-import { PermanentError, TidingsError } from '../core/errors.ts';
+import { errorMessage, PermanentError, TidingsError } from '../core/errors.ts';
 import { bytesOver, messageLimits } from '../core/limits.ts';
 import { checkTenant, currentTenant } from '../core/tenant.ts';
 import { OptionProblems } from '../core/options.ts';
@@ -45,7 +45,7 @@ import { checkDrift } from './drift.ts';
 import { checkContract, rebuildContract, replyContract, requestContract } from './protocol.ts';
 import { rebuild } from './rebuild.ts';
 import { SourceRequests } from './requests.ts';
-import { ReplicaStore } from './store.ts';
+import { type ReplicaParts, ReplicaStore } from './store.ts';
 import { replicaView, viewStatements } from './sql.ts';
 import type { ReplicaReply } from './protocol.ts';
 import { TenantStamps } from '../stamps/backbone.ts';
@@ -441,18 +441,8 @@ export class SchemaReplica<Row> implements Replica<Row> {
 
   async #check(options: { checkId?: string; repair?: boolean }): Promise<DriftReport> {
     await this.ready();
-    const { report, written } = await checkDrift(
-      {
-        name: this.name,
-        tenant: this.tenant,
-        store: this.#tables,
-        requests: this.#requests,
-        transaction: (fn) => this.#transaction(fn),
-        maxNodesPerRequest: this.#options.maxNodesPerRequest,
-        maxKeysPerRequest: this.#options.maxKeysPerRequest,
-      },
-      options,
-    );
+    const { maxNodesPerRequest, maxKeysPerRequest } = this.#options;
+    const { report, written } = await checkDrift({ ...this.#parts(), maxNodesPerRequest, maxKeysPerRequest }, options);
     if (this.#options.memory) for (const [key, entry] of written) this.#cache.remember(key, entry, true);
     this.#lastCheck = report;
     if (report.skipped === undefined) {
@@ -460,6 +450,11 @@ export class SchemaReplica<Row> implements Replica<Row> {
       this.#counts.repaired += report.repaired;
     }
     return report;
+  }
+
+  /** What a drift check and a rebuild need of this replica (store.ts, ReplicaParts). */
+  #parts(): ReplicaParts<Row> {
+    return { name: this.name, tenant: this.tenant, store: this.#tables, requests: this.#requests, transaction: (fn) => this.#transaction(fn) };
   }
 
   /** Fills a fresh table from the source's state and switches readers to it at once (rebuild.ts). */
@@ -481,17 +476,7 @@ export class SchemaReplica<Row> implements Replica<Row> {
 
   async #rebuild(options: { onProgress?: (progress: RebuildProgress) => void }): Promise<RebuildReport> {
     await this.ready();
-    const report = await rebuild(
-      {
-        name: this.name,
-        tenant: this.tenant,
-        store: this.#tables,
-        requests: this.#requests,
-        transaction: (fn) => this.#transaction(fn),
-        pageSize: this.#options.pageSize,
-      },
-      options.onProgress,
-    );
+    const report = await rebuild({ ...this.#parts(), pageSize: this.#options.pageSize }, options.onProgress);
     if (this.#options.memory) await this.#cache.reload(() => this.#tables.all());
     this.#counts.rebuilds++;
     return report;
@@ -519,7 +504,7 @@ export class SchemaReplica<Row> implements Replica<Row> {
     } catch (error) {
       await writing;
       this.#warn(`Replica ${this.name}: rebuild ${rebuildId} failed`, error);
-      await record({ state: 'failed', error: error instanceof Error ? error.message : String(error) }).catch(() => undefined);
+      await record({ state: 'failed', error: errorMessage(error) }).catch(() => undefined);
     }
   }
 }

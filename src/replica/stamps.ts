@@ -10,7 +10,7 @@
 import type { Backbone } from '../core/backbone.ts';
 import type { Bus } from '../core/bus.ts';
 import { newId } from '../core/envelope.ts';
-import { TidingsError } from '../core/errors.ts';
+import { errorMessage, TidingsError } from '../core/errors.ts';
 import { checkTenant, currentTenant } from '../core/tenant.ts';
 import { PostgresBackbone } from '../postgres/backbone.ts';
 import type { PgTransaction } from '../postgres/transaction.ts';
@@ -120,7 +120,7 @@ export class StampReplicas<Row> implements Replica<Row> {
       (a, b) => (a?.newestEventAt == null || (b.newestEventAt !== null && b.newestEventAt > a.newestEventAt) ? b : a),
       undefined,
     );
-    return { lag: each.reduce((n, s) => n + s.lag, 0), newestEventAt: newest?.newestEventAt ?? null, ageMs: newest?.ageMs ?? null };
+    return { lag: sumOf(each, (s) => s.lag), newestEventAt: newest?.newestEventAt ?? null, ageMs: newest?.ageMs ?? null };
   }
 
   /** Each open stamp's staleness, by tenant. */
@@ -138,7 +138,7 @@ export class StampReplicas<Row> implements Replica<Row> {
   /** Every stamp's counts summed; `lastCheck` is the latest check of any stamp (it names its tenant). `statsByTenant()` has each stamp's. */
   stats(): ReplicaStats {
     const each = Object.values(this.statsByTenant());
-    const sum = (count: (stats: ReplicaStats) => number) => each.reduce((n, stats) => n + count(stats), 0);
+    const sum = (count: (stats: ReplicaStats) => number) => sumOf(each, count);
     const checks = each.flatMap((stats) => (stats.lastCheck === null ? [] : [stats.lastCheck]));
     return {
       applied: sum((s) => s.applied),
@@ -227,12 +227,9 @@ export class StampReplicas<Row> implements Replica<Row> {
     return {
       replica: this.name,
       generation: Math.max(0, ...reports.map((report) => report.generation)),
-      rows: reports.reduce((n, report) => n + report.rows, 0),
+      rows: sumOf(reports, (report) => report.rows),
       durationMs: Date.now() - started,
-      messages: {
-        sent: reports.reduce((n, report) => n + report.messages.sent, 0),
-        received: reports.reduce((n, report) => n + report.messages.received, 0),
-      },
+      messages: { sent: sumOf(reports, (report) => report.messages.sent), received: sumOf(reports, (report) => report.messages.received) },
       byTenant,
     };
   }
@@ -357,7 +354,7 @@ export class StampReplicas<Row> implements Replica<Row> {
     const cause = failed[0]![1];
     throw new TidingsError(
       cause instanceof TidingsError ? cause.code : 'BACKBONE_UNAVAILABLE',
-      `Replica ${this.name}: ${what} failed in the stamp of ${failed.map(([tenant, error]) => `tenant ${tenant} (${reason(error)})`).join(', ')}; ${Object.keys(results).join(', ') || 'no other tenant'} went through. Run it for one tenant with { tenant }, or inside bus.withTenant(tenant, fn)`,
+      `Replica ${this.name}: ${what} failed in the stamp of ${failed.map(([tenant, error]) => `tenant ${tenant} (${errorMessage(error)})`).join(', ')}; ${Object.keys(results).join(', ') || 'no other tenant'} went through. Run it for one tenant with { tenant }, or inside bus.withTenant(tenant, fn)`,
       { cause, retryable: true },
     );
   }
@@ -366,7 +363,7 @@ export class StampReplicas<Row> implements Replica<Row> {
 /** Every stamp's drift report as one: the counts summed, the first samples of each, and each stamp's report by tenant. */
 function sumDrift(replica: string, checkId: string, started: number, byTenant: Record<string, DriftReport>): DriftReport {
   const reports = Object.values(byTenant);
-  const sum = (count: (report: DriftReport) => number) => reports.reduce((n, report) => n + count(report), 0);
+  const sum = (count: (report: DriftReport) => number) => sumOf(reports, count);
   const samples = (kind: keyof DriftReport['samples']) => reports.flatMap((report) => report.samples[kind]).slice(0, 10);
   const differingNodes: number[] = [];
   for (const report of reports) {
@@ -398,6 +395,7 @@ function sumDrift(replica: string, checkId: string, started: number, byTenant: R
   };
 }
 
-function reason(error: unknown): string {
-  return error instanceof Error ? error.message : String(error);
+/** The sum of `count` over `items`: the stamps' parts of what sums up. */
+function sumOf<T>(items: readonly T[], count: (item: T) => number): number {
+  return items.reduce((n, item) => n + count(item), 0);
 }

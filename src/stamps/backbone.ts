@@ -10,7 +10,7 @@ import { AsyncLocalStorage } from 'node:async_hooks';
 import type { Backbone, Consumer, Delivery, DeliveryHandler, DeliveryResult, Outgoing, Reply, SagaStore, SubscriptionSpec } from '../core/backbone.ts';
 import type { ContractRegistry, RecordedService, ServiceRecord } from '../core/catalog.ts';
 import type { AnyContract } from '../core/contract.ts';
-import { TidingsError } from '../core/errors.ts';
+import { errorMessage, TidingsError } from '../core/errors.ts';
 import { checkTenant, currentTenant } from '../core/tenant.ts';
 import type { BackboneStatus, HealthCheck, SubscriptionState } from '../telemetry/status.ts';
 import type { BackboneObserver } from '../telemetry/observer.ts';
@@ -161,7 +161,7 @@ export class TenantStamps<Tx> implements Backbone<Tx> {
     if (failed.length === stamps.length) {
       throw new TidingsError(
         'BACKBONE_UNAVAILABLE',
-        `No stamp could open (${failed.map((stamp) => `${stamp.tenant}: ${reason(stamp.failure)}`).join('; ')}): check each tenant's backbone`,
+        `No stamp could open (${failed.map((stamp) => `${stamp.tenant}: ${errorMessage(stamp.failure)}`).join('; ')}): check each tenant's backbone`,
         { cause: failed[0]!.failure, retryable: true },
       );
     }
@@ -207,7 +207,7 @@ export class TenantStamps<Tx> implements Backbone<Tx> {
     const done = [...byTenant.keys()].filter((stamp) => !failed.includes(stamp)).map((stamp) => stamp.tenant);
     throw new TidingsError(
       'PUBLISH_FAILED',
-      `Publishing for tenants ${failed.map((stamp) => stamp.tenant).join(', ')} failed (${reason(first)}); the messages of ${done.join(', ') || 'no other tenant'} were written: publish again only the failed tenants' messages (their ids are kept, so an inbox de-duplicates them)`,
+      `Publishing for tenants ${failed.map((stamp) => stamp.tenant).join(', ')} failed (${errorMessage(first)}); the messages of ${done.join(', ') || 'no other tenant'} were written: publish again only the failed tenants' messages (their ids are kept, so an inbox de-duplicates them)`,
       { cause: first, retryable: true },
     );
   }
@@ -398,12 +398,12 @@ export class TenantStamps<Tx> implements Backbone<Tx> {
   async health(): Promise<readonly HealthCheck[]> {
     const byStamp = await Promise.all(
       [...this.#stamps.values()].map(async (stamp): Promise<HealthCheck[]> => {
-        if (!stamp.up) return [{ name: `${stamp.tenant}: stamp`, ok: false, detail: `not open: ${reason(stamp.failure ?? 'opening')}` }];
+        if (!stamp.up) return [{ name: `${stamp.tenant}: stamp`, ok: false, detail: `not open: ${errorMessage(stamp.failure ?? 'opening')}` }];
         try {
           const own = (await stamp.backbone.health?.()) ?? [{ name: 'stamp', ok: true, detail: 'open' }];
           return own.map((check) => ({ ...check, name: `${stamp.tenant}: ${check.name}` }));
         } catch (error) {
-          return [{ name: `${stamp.tenant}: stamp`, ok: false, detail: reason(error) }];
+          return [{ name: `${stamp.tenant}: stamp`, ok: false, detail: errorMessage(error) }];
         }
       }),
     );
@@ -513,7 +513,7 @@ export class TenantStamps<Tx> implements Backbone<Tx> {
     } catch (error) {
       throw new TidingsError(
         'BACKBONE_UNAVAILABLE',
-        `The stamp of tenant ${stamp.tenant} is unavailable (${reason(error)}); the other tenants' stamps are not affected. Try again once it is back`,
+        `The stamp of tenant ${stamp.tenant} is unavailable (${errorMessage(error)}); the other tenants' stamps are not affected. Try again once it is back`,
         { cause: error, retryable: true },
       );
     }
@@ -525,7 +525,7 @@ export class TenantStamps<Tx> implements Backbone<Tx> {
     if (!this.#down.has(stamp)) {
       this.#down.add(stamp);
       this.#settings.warn(
-        `tenantStamps: the stamp of tenant ${stamp.tenant} could not open (${reason(stamp.failure)}); its tenant waits while the others run, and it is tried again every ${this.#settings.reopenMs} ms`,
+        `tenantStamps: the stamp of tenant ${stamp.tenant} could not open (${errorMessage(stamp.failure)}); its tenant waits while the others run, and it is tried again every ${this.#settings.reopenMs} ms`,
         stamp.failure,
       );
     }
@@ -564,7 +564,7 @@ export class TenantStamps<Tx> implements Backbone<Tx> {
     try {
       await (what === 'opened' ? listener.opened?.(stamp.tenant, stamp.backbone) : listener.removed?.(stamp.tenant));
     } catch (error) {
-      this.#settings.warn(`tenantStamps: a listener failed on tenant ${stamp.tenant}'s stamp being ${what} (${reason(error)})`, error);
+      this.#settings.warn(`tenantStamps: a listener failed on tenant ${stamp.tenant}'s stamp being ${what} (${errorMessage(error)})`, error);
     }
   }
 
@@ -605,10 +605,6 @@ export class TenantStamps<Tx> implements Backbone<Tx> {
       return this.#delivering.run(stamp, () => handle(own));
     };
   }
-}
-
-function reason(error: unknown): string {
-  return error instanceof Error ? error.message : String(error);
 }
 
 function oldest(a: number | null | undefined, b: number | null | undefined): number | null | undefined {

@@ -13,7 +13,7 @@ import {
   type DeadLetterStore,
   type DeadLetterSummary,
 } from '../core/dead-letters.ts';
-import { TidingsError } from '../core/errors.ts';
+import { errorMessage, TidingsError } from '../core/errors.ts';
 import type { Stamp } from './stamp.ts';
 
 /** A dead letter as the stamps list it: its id prefixed with its tenant, and the tenant named. */
@@ -147,7 +147,7 @@ export class StampDeadLetters implements DeadLetterStore {
       if (error instanceof TidingsError && error.code === 'INVALID_OPTIONS') throw error;
       throw new TidingsError(
         'BACKBONE_UNAVAILABLE',
-        `The dead letters of tenant ${stamp.tenant}'s stamp could not be read or changed: ${error instanceof Error ? error.message : String(error)}. The other stamps' are untouched by this failure; act on the others with backbone.stamp(tenant).deadLetters()`,
+        `The dead letters of tenant ${stamp.tenant}'s stamp could not be read or changed: ${errorMessage(error)}. The other stamps' are untouched by this failure; act on the others with backbone.stamp(tenant).deadLetters()`,
         { cause: error, retryable: true },
       );
     }
