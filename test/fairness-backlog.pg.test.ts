@@ -98,8 +98,40 @@ test(
     t.diagnostic(`noisy messages handled before the last quiet one: fair ${fair}, unfair ${unfair} (backlog 2000)`);
     // Unfair: the backlog is one window, read in commit order before the window the quiet messages are in.
     assert.equal(unfair, 2_000, 'without fairness the whole backlog goes first');
-    // Fair: the noisy tenant is split off after a quarter of the first read; the quiet window is read beside it.
+    // Fair: the noisy tenant is split off after a twentieth of the first read; the quiet window is read beside it.
     assert.ok(fair !== -1 && fair < 1_000, `fair: ${fair} noisy messages were handled before the last quiet one`);
+  },
+);
+
+test(
+  'fair reads: a tenant alone on a fair subscription is read in whole batches once it has been alone a second, not a share at a time',
+  bounded,
+  async (t) => {
+    const world = await pgWorld(t, 'fairalone');
+    if (world === undefined) return;
+    const { schema } = world;
+    const db = await connect();
+    try {
+      const bus = world.bus();
+      const backlog = 30_000;
+      for (let seq = 0; seq < backlog / NOISY_KEYS; seq += 50) await bus.publishMany(Ticked, noisyTicks(seq, seq + 50), { tenant: 'noisy' });
+      // Every acknowledgement moves the partition's cursor: one update of `cursors` per batch (one partition).
+      await db.query(`create table "${schema}".acks (n int);
+      create function "${schema}".count_ack() returns trigger language plpgsql as $$ begin insert into "${schema}".acks values (1); return null; end $$;
+      create trigger count_ack after update on "${schema}".cursors for each statement execute function "${schema}".count_ack();`);
+      let handled = 0;
+      bus.subscribe('fair', Ticked, () => void handled++, { partitions: 1, batchSize: 100, concurrency: 4, startFrom: 'beginning', tenantConcurrency: 1 });
+      await bus.start();
+      await waitFor('the backlog', () => handled === backlog, 60_000);
+      await bus.stop();
+      const batches = Number((await db.query(`select count(*)::int as n from "${schema}".acks`)).rows[0].n);
+      t.diagnostic(`${backlog} messages of one tenant in ${batches} batches of at most 100`);
+      // Its share of a read (5 of 100) while others may be active, its first second; whole batches after it.
+      // At its share throughout it would take 6,000.
+      assert.ok(batches < 2_000, `${batches} batches for a backlog of ${backlog}, batchSize 100`);
+    } finally {
+      await db.end();
+    }
   },
 );
 

@@ -90,11 +90,11 @@ test("the generic plan of the consumer's read opens a window on a log of 200,000
     );
     // The fair read (tenantConcurrency): the same scan, its rows numbered per tenant.
     await client.query(
-      `prepare fair(text[], text[], text[], int8[], text[], int, int, int8[], int8[], int8[], text[], text, text[], text[], int, text) as ${statements(schema).readLanes(true, false, true)}`,
+      `prepare fair(text[], text[], text[], int8[], text[], int, int, int8[], int8[], int8[], text[], text, text[], text[], int, text, int) as ${statements(schema).readLanes(true, false, true)}`,
     );
     // `done`'s floor unknown (a cursor of a version before migration 017): the window's transactions are found by xid.
     const args = `'{"{0,1,2,3}"}', '{"${done}"}', '{NULL}', '{NULL}', '{${Ticked.topic}}', 4, 500, '{NULL}', '{500}', '{NULL}', '{NULL}', 'plans'`;
-    for (const execute of [`execute read(${args})`, `execute fair(${args}, '{NULL}', '{NULL}', 125, '{}')`]) {
+    for (const execute of [`execute read(${args})`, `execute fair(${args}, '{NULL}', '{NULL}', 125, '{}', 125)`]) {
       const explained = await client.query<{ 'QUERY PLAN': Array<{ Plan: PlanNode }> }>(`explain (analyze, format json) ${execute}`);
       const all = nodes(explained.rows[0]!['QUERY PLAN'][0]!.Plan);
       const onLog = all.filter((node) => node['Relation Name'] === 'log');
@@ -215,7 +215,7 @@ test('fair reads: a split-off tenant opening a window of 100,000 of its messages
     await client.query(`analyze ${schema}.log`);
     await client.query('set plan_cache_mode = force_generic_plan');
     await client.query(
-      `prepare fair(text[], text[], text[], int8[], text[], int, int, int8[], int8[], int8[], text[], text, text[], text[], int, text) as ${statements(schema).readLanes(true, false, true)}`,
+      `prepare fair(text[], text[], text[], int8[], text[], int, int, int8[], int8[], int8[], text[], text, text[], text[], int, text, int) as ${statements(schema).readLanes(true, false, true)}`,
     );
     /** Runs `execute` under EXPLAIN ANALYZE: the plan's nodes, and the log rows it read (returned or thrown away). */
     const explainRead = async (execute: string) => {
@@ -233,7 +233,7 @@ test('fair reads: a split-off tenant opening a window of 100,000 of its messages
     };
     // The tenant's cursor from the beginning (floor 0), its window not opened yet: the first read opens it.
     const tenant = await explainRead(
-      `execute fair('{"{0,1,2,3}"}', '{"1:1:"}', '{NULL}', '{NULL}', '{${Ticked.topic}}', 4, 500, '{NULL}', '{500}', '{0}', '{1}', 'plans', '{noisy}', '{NULL}', 125, '{}')`,
+      `execute fair('{"{0,1,2,3}"}', '{"1:1:"}', '{NULL}', '{NULL}', '{${Ticked.topic}}', 4, 500, '{NULL}', '{500}', '{0}', '{1}', 'plans', '{noisy}', '{NULL}', 125, '{}', 125)`,
     );
     assert.ok(tenant.read < 1_000, `log rows read for the tenant's share of 125: ${tenant.read}`);
     assert.equal(tenant.plan.find((node) => node['Node Type'] === 'Limit' && node['Actual Rows'] !== 0)?.['Actual Rows'], 125, "the tenant's share");
@@ -241,7 +241,7 @@ test('fair reads: a split-off tenant opening a window of 100,000 of its messages
     // The partition's own cursor opening a window numbers its rows per tenant: it reads at most 100 batches'
     // positions from the floor (50,000 at 500 a batch), not the whole window. (Here a batch of 200.)
     const lane = await explainRead(
-      `execute fair('{"{0,1,2,3}"}', '{"1:1:"}', '{NULL}', '{NULL}', '{${Ticked.topic}}', 4, 200, '{NULL}', '{200}', '{0}', '{1}', 'plans', '{NULL}', '{NULL}', 50, '{}')`,
+      `execute fair('{"{0,1,2,3}"}', '{"1:1:"}', '{NULL}', '{NULL}', '{${Ticked.topic}}', 4, 200, '{NULL}', '{200}', '{0}', '{1}', 'plans', '{NULL}', '{NULL}', 50, '{}', 50)`,
     );
     assert.ok(lane.read < 21_000, `log rows read by the partition's cursor opening a window of 100,000: ${lane.read}`);
   } finally {

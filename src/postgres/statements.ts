@@ -107,8 +107,10 @@ export function statements(schema: string) {
       const f = inbox ? 13 : 12;
       const tenants = fair ? `, $${f}::text[], $${f + 1}::text[]` : '';
       const tenantColumns = fair ? ', solo, skip' : '';
-      // A tenant's share: $f + 2 times its weight ($f + 3, JSON; 1 if not there), at least 1 (lanes.ts, shareOf).
-      const cap = (tenant: string) => `greatest(1, floor($${f + 2} * coalesce(($${f + 3}::jsonb ->> ${tenant})::float8, 1)))::int8`;
+      // A tenant's share of a read from the lane's cursor: $f + 2 times its weight ($f + 3, JSON; 1 if not
+      // there), at least 1; a split-off tenant's cursor reads $f + 4 times its weight (lanes.ts, shareOf).
+      const times = (rows: number, tenant: string) => `greatest(1, floor($${rows} * coalesce(($${f + 3}::jsonb ->> ${tenant})::float8, 1)))::int8`;
+      const cap = (tenant: string) => times(f + 2, tenant);
       // A group that reads one tenant alone needs no numbering: its rows in order, up to its share, so a
       // window's first read stops after its share however many rows the window holds. One that numbers its
       // rows per tenant numbers every row of its range before its limit applies, so its first read of a
@@ -130,7 +132,7 @@ export function statements(schema: string) {
             (select ${columns}, false as beyond from ${s}.log l
             where c.solo is not null and ${where} and l.tenant = c.solo
             order by ${order}
-            limit ${cap('c.solo')})`
+            limit ${times(f + 4, 'c.solo')})`
           : `select ${columns} from ${s}.log l
             where ${where}
             order by ${order}

@@ -59,11 +59,18 @@ const MIN_SPAN_BATCHES = 1;
 const MAX_SPAN = 1_000_000;
 /**
  * Fair reads: a tenant takes at most this part of a read (times `batchSize`) from its lane's cursor; one
- * with more is split off onto its own cursor, which reads that many at a time. A quarter: a few busy tenants
- * share a read, and a flood takes a quarter of a batch's messages, so a batch (what a quiet tenant's message
- * waits for) stays short.
+ * with more is split off onto its own cursor, so the lane's cursor goes on to the other tenants' messages.
+ * A split-off cursor reads the batch divided among the tenants the reader has seen in the last
+ * ACTIVE_TENANT_MS, at least this part of it: a tenant alone takes whole batches, and beside many quiet
+ * tenants a flood takes a twentieth of a batch at a time, so a batch, what a quiet tenant's message waits
+ * for, stays short (issue 23: at a quarter, the quiet tenants' p99 was 4x theirs alone).
  */
-const FAIR_READ_SHARE = 0.25;
+const FAIR_SHARE = 0.05;
+const ACTIVE_TENANT_MS = 1_000;
+/** A read is planned again when the log or the inbox has grown fourfold since its plan, counted from at least this many rows. */
+const REPLAN_AFTER_ROWS = 1_000;
+/** Tells the readers of a process apart in their statements' names: each plans its own (see LaneReader.#read). */
+let readers = 0;
 
 /** A lane as its lease was acquired: the cursor stored for it (see `statements.acquire`). */
 export function acquiredLane(spec: SubscriptionSpec, row: AcquiredCursor): Lane {
@@ -145,7 +152,7 @@ export interface ReadBatch {
 interface ReadAhead {
   /** The cursors it read from (cursorsKey). */
   readonly cursors: string;
-  readonly rows: Promise<ReadRow[]>;
+  readonly rows: Promise<ReadRows>;
   /** Ids the batch before it handled: its `seen` flags were taken before their inbox rows committed. */
   readonly handledBefore: Set<string>;
 }
@@ -161,6 +168,12 @@ type ReadRow = LogRow & {
   /** Fair reads: a row past its tenant's share, returned only to say the tenant has more (not handled). */
   beyond?: boolean;
 };
+
+/** What one read returned, and what a split-off tenant's cursor (at weight 1) could read in it. */
+interface ReadRows {
+  readonly rows: ReadRow[];
+  readonly take: number;
+}
 
 /** Who reads which messages of a lane: its own cursor (`tenant` undefined: every tenant not split off), or a split-off tenant's. */
 interface Reader {
@@ -183,7 +196,7 @@ interface ReadGroup {
  * `done`, so groups merge by themselves.
  *
  * Fair reads (a subscription with `tenantConcurrency` or `tenantWeights`): a lane's cursor reads in commit
- * order too, but a tenant takes at most a share of each read (FAIR_READ_SHARE, times its weight in
+ * order too, but a tenant takes at most a share of each read (FAIR_SHARE, times its weight in
  * `tenantWeights`). A tenant with more in the read is split off at its last row taken: from there it reads
  * on from its own cursor (in the same window), its share of every read, while the lane's cursor goes on
  * without it, so a backlog is read beside the other tenants' new messages instead of ahead of them. Each
@@ -195,10 +208,14 @@ export class LaneReader {
   readonly #ctx: ConsumerContext;
   readonly #spec: SubscriptionSpec;
   readonly #fair: boolean;
-  /** Fair reads: a tenant's share of a read (FAIR_READ_SHARE) at weight 1; a split-off tenant's cursor reads its share at once. */
+  readonly #id = ++readers;
+  /** Fair reads: a tenant's share of a read from a lane's cursor (FAIR_SHARE) at weight 1. */
   readonly #share: number;
-  /** The log's last position when last read: how large the log has grown (see #read). */
-  #logEnd = 0;
+  /** Fair reads: when each tenant was last seen in a read (null's as ''): those of the last ACTIVE_TENANT_MS share reads. */
+  readonly #seen = new Map<string, number>();
+  readonly #started = Date.now();
+  /** This reader's read statement: its name's generation, and the log and the rows read when it was planned (see #read). */
+  #plan = { generation: 0, logEnd: -1, rowsRead: 0 };
   /** Rows this reader has read: about how much it has added to the inbox (see #read). */
   #rowsRead = 0;
   #ahead: ReadAhead | undefined;
@@ -207,7 +224,7 @@ export class LaneReader {
     this.#ctx = ctx;
     this.#spec = spec;
     this.#fair = spec.tenantShares !== undefined;
-    this.#share = Math.max(1, Math.floor(spec.batchSize * FAIR_READ_SHARE));
+    this.#share = Math.max(1, Math.floor(spec.batchSize * FAIR_SHARE));
   }
 
   /** The next batch of `lanes`, from the read sent ahead if it read from where they are. */
@@ -216,7 +233,11 @@ export class LaneReader {
     const groups = groupReaders(lanes);
     const ahead = this.#ahead;
     this.#ahead = undefined;
-    const rows = await (ahead !== undefined && ahead.cursors === cursorsKey(groups) ? ahead.rows : this.#read(groups));
+    const { rows, take } = await (ahead !== undefined && ahead.cursors === cursorsKey(groups) ? ahead.rows : this.#read(groups));
+    if (this.#fair) {
+      const now = Date.now();
+      for (const row of rows) if (row.position !== null) this.#seen.set(row.tenant ?? '', now);
+    }
     const perGroup = new Map<number, { rows: ReadRow[]; window: string; hi: number; nextXid: string | null; rangeEnd: number }>();
     for (const row of rows) {
       const index = Number(row.lane_group) - 1;
@@ -237,7 +258,7 @@ export class LaneReader {
       const entry = perGroup.get(index);
       if (entry === undefined) continue;
       const first = group.cursor;
-      const full = entry.rows.length === (group.tenant === undefined ? spec.batchSize : this.#shareOf(group.tenant));
+      const full = entry.rows.length === (group.tenant === undefined ? spec.batchSize : this.#shareOf(group.tenant, take));
       const { done, doneLast, doneNextXid } = first;
       const window = { window: entry.window, hi: entry.hi, windowNextXid: first.window === null ? entry.nextXid : first.windowNextXid };
       let moved: Cursor;
@@ -319,14 +340,25 @@ export class LaneReader {
   }
 
   /** What a split-off tenant's cursor reads at once: its share of a read, times its weight (as `statements.readLanes` has it). */
-  #shareOf(tenant: string): number {
-    return Math.max(1, Math.floor(this.#share * (this.#spec.tenantShares?.weights[tenant] ?? 1)));
+  #shareOf(tenant: string, take: number): number {
+    return Math.max(1, Math.floor(take * (this.#spec.tenantShares?.weights[tenant] ?? 1)));
+  }
+
+  /** What a split-off tenant's cursor reads at once at weight 1: the batch among the tenants seen lately, at least its fair share. */
+  #take(): number {
+    const now = Date.now();
+    // Who else is active is known only after a while of reading.
+    if (now - this.#started < ACTIVE_TENANT_MS) return this.#share;
+    const since = now - ACTIVE_TENANT_MS;
+    for (const [tenant, at] of this.#seen) if (at < since) this.#seen.delete(tenant);
+    return Math.max(this.#share, Math.floor(this.#spec.batchSize / Math.max(1, this.#seen.size)));
   }
 
   /** One statement reading the next messages of every group of lanes. */
-  async #read(groups: ReadGroup[]): Promise<ReadRow[]> {
+  async #read(groups: ReadGroup[]): Promise<ReadRows> {
     const { driver, sql } = this.#ctx;
     const spec = this.#spec;
+    const take = this.#fair ? this.#take() : 0;
     const params: unknown[] = [
       groups.map((group) => `{${group.readers.map((reader) => reader.lane.partition).join(',')}}`),
       groups.map((group) => group.cursor.done),
@@ -347,23 +379,29 @@ export class LaneReader {
         groups.map((group) => (group.except.length === 0 ? null : JSON.stringify(group.except))),
         this.#share,
         JSON.stringify(spec.tenantShares?.weights ?? {}),
+        take,
       );
     }
     const everyTopic = spec.topics.includes(EVERY_TOPIC);
-    // A prepared statement keeps the plan it was given while the log was small (a sequential scan, which
-    // costs milliseconds once the log holds thousands): a new name each time the log grows fourfold plans it
-    // again. The same for the inbox, which grows by what this reader reads: a plan made while it was empty
-    // looks the `seen` flags up by hashing all of the subscription's inbox ids, every read, so a backlog of
-    // 1,000,000 drained slower and slower (13,000/s down to 1,600/s) where nothing analyzes the tables
-    // (autovacuum off), and until autovacuum does where it is on.
-    const scale = Math.floor(Math.log2(this.#logEnd + 1) / 2);
-    const inboxScale = spec.inbox ? Math.floor(Math.log2(this.#rowsRead + 1) / 2) : 0;
-    const name = `tidings.${sql.schema}.read.${spec.inbox}.${everyTopic}.${this.#fair}.${scale}.${inboxScale}`;
+    const plan = this.#plan;
+    const name = `tidings.${sql.schema}.read.${this.#id}.${plan.generation}`;
     const { rows } = await driver.planned<ReadRow>(name, sql.readLanes(spec.inbox, everyTopic, this.#fair), params);
-    const hi = Number(rows[0]?.hi ?? 0);
-    if (hi > this.#logEnd) this.#logEnd = hi;
+    const logEnd = Number(rows[0]?.hi ?? 0);
     this.#rowsRead += rows.length;
-    return rows;
+    // A prepared statement keeps the plan it was given (a forced generic plan: see connection/pg.ts). One
+    // made on a small log scans it sequentially, which costs milliseconds once it holds thousands; one made
+    // on an empty inbox looks the `seen` flags up by hashing all of the subscription's inbox ids, every
+    // read, so a backlog of 1,000,000 drained slower and slower (13,000/s down to 1,600/s) where nothing
+    // analyzes the tables (autovacuum off), and until autovacuum does where it is on. So the read is planned
+    // again (a new name) once the log, or what this reader added to the inbox, has grown fourfold since its
+    // plan; not before: planning costs a few milliseconds, at a consumer's start too (test/plans.pg.test.ts).
+    if (plan.logEnd < 0) plan.logEnd = logEnd;
+    else if (
+      logEnd > 4 * Math.max(plan.logEnd, REPLAN_AFTER_ROWS) ||
+      (spec.inbox && this.#rowsRead - plan.rowsRead > 3 * Math.max(plan.rowsRead, REPLAN_AFTER_ROWS))
+    )
+      this.#plan = { generation: plan.generation + 1, logEnd: -1, rowsRead: this.#rowsRead };
+    return { rows, take };
   }
 }
 
