@@ -825,3 +825,46 @@ test('isolation: refused on embedded PostgreSQL and with a role that bypasses it
   const bus = world.bus('test', { tenancy: { isolation: 'rls', role: 'tidings_bypass' } });
   await assert.rejects(bus.start(), /bypasses row-level security/);
 });
+
+test("isolation, first pass: a batch's handlers start tenant by tenant, so its tenants' statements enter their scopes once each, not once per message", async (t) => {
+  const world = await pgWorld(t, 'rlsorder', rls);
+  if (world === undefined) return;
+  const bus = world.bus();
+  const s = `"${world.schema}"`;
+  // 40 messages of 4 tenants, interleaved as they were published: a, b, c, d, a, b, ...
+  const tenants = Array.from({ length: 40 }, (_, i) => ['acme', 'globex', 'initech', 'umbrella'][i % 4]!);
+  const wrote = new Map<string, string>();
+  bus.subscribe(
+    'writers',
+    Ticked,
+    async (message: Message<{ key: string; seq: number }>, ctx) => {
+      await ctx.tx.query(`insert into ${s}.replies (request_id, data) values ($1, '{}')`, [message.id]);
+      wrote.set(message.id, message.tenant!);
+    },
+    { partitions: 1, batchSize: 50, concurrency: 4 },
+  );
+  // A scope entered advances the sequence tenancy_entries once (migration 018).
+  const entries = async () => {
+    const client = await connect();
+    try {
+      return Number((await client.query(`select coalesce(pg_sequence_last_value('${s}.tenancy_entries'), 0) as n`)).rows[0].n);
+    } finally {
+      await client.end();
+    }
+  };
+  await bus.start();
+  const before = await entries();
+  await publishOneBatch(bus, tenants);
+  await waitFor('every handler done', () => wrote.size === tenants.length);
+  await waitFor('the batch committed', async () => (await repliesWritten(world.schema)).length === tenants.length);
+  const entered = (await entries()) - before;
+  const rows = await repliesWritten(world.schema);
+  assert.deepEqual(
+    rows.map((row) => row.tenant),
+    rows.map((row) => wrote.get(row.request_id)),
+    'every row under its own tenant',
+  );
+  t.diagnostic(`${tenants.length} messages of 4 tenants, interleaved: ${entered} scopes entered`);
+  // In read order, four handlers at a time of four different tenants: a scope entered for almost every statement.
+  assert.ok(entered <= 12, `${entered} scopes entered for 40 statements of 4 tenants`);
+});
