@@ -339,7 +339,7 @@ export class LaneReader {
     this.#ahead = undefined;
   }
 
-  /** What a split-off tenant's cursor reads at once: its share of a read, times its weight (as `statements.readLanes` has it). */
+  /** What a split-off tenant's cursor reads at once in a read made with `take` (see #take), times its weight (as `statements.readLanes` has it). */
   #shareOf(tenant: string, take: number): number {
     return Math.max(1, Math.floor(take * (this.#spec.tenantShares?.weights[tenant] ?? 1)));
   }
