@@ -69,8 +69,13 @@ const FAIR_SHARE = 0.05;
 const ACTIVE_TENANT_MS = 1_000;
 /** A read is planned again when the log or the inbox has grown fourfold since its plan, counted from at least this many rows. */
 const REPLAN_AFTER_ROWS = 1_000;
-/** Tells the readers of a process apart in their statements' names: each plans its own (see LaneReader.#read). */
-let readers = 0;
+/**
+ * The read statement's plans in this process, by variant (schema, inbox, every topic, fair): its name's
+ * generation, the log's end when that generation was planned, and the rows its readers have read, then and
+ * since (what they add to the inbox). Shared by the readers of a variant, as their prepared statements are:
+ * one per generation on each connection (~400 KB each), not one per subscription. See LaneReader.#read.
+ */
+const readPlans = new Map<string, { generation: number; logEnd: number; rowsAtPlan: number; rowsRead: number }>();
 
 /** A lane as its lease was acquired: the cursor stored for it (see `statements.acquire`). */
 export function acquiredLane(spec: SubscriptionSpec, row: AcquiredCursor): Lane {
@@ -208,16 +213,11 @@ export class LaneReader {
   readonly #ctx: ConsumerContext;
   readonly #spec: SubscriptionSpec;
   readonly #fair: boolean;
-  readonly #id = ++readers;
   /** Fair reads: a tenant's share of a read from a lane's cursor (FAIR_SHARE) at weight 1. */
   readonly #share: number;
   /** Fair reads: when each tenant was last seen in a read (null's as ''): those of the last ACTIVE_TENANT_MS share reads. */
   readonly #seen = new Map<string, number>();
   readonly #started = Date.now();
-  /** This reader's read statement: its name's generation, and the log and the rows read when it was planned (see #read). */
-  #plan = { generation: 0, logEnd: -1, rowsRead: 0 };
-  /** Rows this reader has read: about how much it has added to the inbox (see #read). */
-  #rowsRead = 0;
   #ahead: ReadAhead | undefined;
 
   constructor(ctx: ConsumerContext, spec: SubscriptionSpec) {
@@ -383,24 +383,29 @@ export class LaneReader {
       );
     }
     const everyTopic = spec.topics.includes(EVERY_TOPIC);
-    const plan = this.#plan;
-    const name = `tidings.${sql.schema}.read.${this.#id}.${plan.generation}`;
+    const variant = `${sql.schema}.${spec.inbox}.${everyTopic}.${this.#fair}`;
+    let plan = readPlans.get(variant);
+    if (plan === undefined) readPlans.set(variant, (plan = { generation: 0, logEnd: -1, rowsAtPlan: 0, rowsRead: 0 }));
+    const generation = plan.generation;
+    const name = `tidings.${variant}.read.${generation}`;
     const { rows } = await driver.planned<ReadRow>(name, sql.readLanes(spec.inbox, everyTopic, this.#fair), params);
     const logEnd = Number(rows[0]?.hi ?? 0);
-    this.#rowsRead += rows.length;
+    plan.rowsRead += rows.length;
     // A prepared statement keeps the plan it was given (a forced generic plan: see connection/pg.ts). One
     // made on a small log scans it sequentially, which costs milliseconds once it holds thousands; one made
     // on an empty inbox looks the `seen` flags up by hashing all of the subscription's inbox ids, every
     // read, so a backlog of 1,000,000 drained slower and slower (13,000/s down to 1,600/s) where nothing
     // analyzes the tables (autovacuum off), and until autovacuum does where it is on. So the read is planned
-    // again (a new name) once the log, or what this reader added to the inbox, has grown fourfold since its
+    // again (a new name) once the log, or what the readers added to the inbox, has grown fourfold since its
     // plan; not before: planning costs a few milliseconds, at a consumer's start too (test/plans.pg.test.ts).
+    // Another reader may have moved the variant on meanwhile.
+    if (plan.generation !== generation) return { rows, take };
     if (plan.logEnd < 0) plan.logEnd = logEnd;
     else if (
       logEnd > 4 * Math.max(plan.logEnd, REPLAN_AFTER_ROWS) ||
-      (spec.inbox && this.#rowsRead - plan.rowsRead > 3 * Math.max(plan.rowsRead, REPLAN_AFTER_ROWS))
+      (spec.inbox && plan.rowsRead - plan.rowsAtPlan > 3 * Math.max(plan.rowsAtPlan, REPLAN_AFTER_ROWS))
     )
-      this.#plan = { generation: plan.generation + 1, logEnd: -1, rowsRead: this.#rowsRead };
+      Object.assign(plan, { generation: generation + 1, logEnd: -1, rowsAtPlan: plan.rowsRead });
     return { rows, take };
   }
 }
