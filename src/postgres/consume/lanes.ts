@@ -75,7 +75,13 @@ const REPLAN_AFTER_ROWS = 1_000;
  * since (what they add to the inbox). Shared by the readers of a variant, as their prepared statements are:
  * one per generation on each connection (~400 KB each), not one per subscription. See LaneReader.#read.
  */
-const readPlans = new Map<string, { generation: number; logEnd: number; rowsAtPlan: number; rowsRead: number }>();
+const readPlans = new Map<string, ReadPlan>();
+interface ReadPlan {
+  generation: number;
+  logEnd: number;
+  rowsAtPlan: number;
+  rowsRead: number;
+}
 
 /** A lane as its lease was acquired: the cursor stored for it (see `statements.acquire`). */
 export function acquiredLane(spec: SubscriptionSpec, row: AcquiredCursor): Lane {
@@ -387,27 +393,33 @@ export class LaneReader {
     let plan = readPlans.get(variant);
     if (plan === undefined) readPlans.set(variant, (plan = { generation: 0, logEnd: -1, rowsAtPlan: 0, rowsRead: 0 }));
     const generation = plan.generation;
-    const name = `tidings.${variant}.read.${generation}`;
-    const { rows } = await driver.planned<ReadRow>(name, sql.readLanes(spec.inbox, everyTopic, this.#fair), params);
-    const logEnd = Number(rows[0]?.hi ?? 0);
-    plan.rowsRead += rows.length;
-    // A prepared statement keeps the plan it was given (a forced generic plan: see connection/pg.ts). One
-    // made on a small log scans it sequentially, which costs milliseconds once it holds thousands; one made
-    // on an empty inbox looks the `seen` flags up by hashing all of the subscription's inbox ids, every
-    // read, so a backlog of 1,000,000 drained slower and slower (13,000/s down to 1,600/s) where nothing
-    // analyzes the tables (autovacuum off), and until autovacuum does where it is on. So the read is planned
-    // again (a new name) once the log, or what the readers added to the inbox, has grown fourfold since its
-    // plan; not before: planning costs a few milliseconds, at a consumer's start too (test/plans.pg.test.ts).
-    // Another reader may have moved the variant on meanwhile.
-    if (plan.generation !== generation) return { rows, take };
-    if (plan.logEnd < 0) plan.logEnd = logEnd;
-    else if (
-      logEnd > 4 * Math.max(plan.logEnd, REPLAN_AFTER_ROWS) ||
-      (spec.inbox && plan.rowsRead - plan.rowsAtPlan > 3 * Math.max(plan.rowsAtPlan, REPLAN_AFTER_ROWS))
-    )
-      Object.assign(plan, { generation: generation + 1, logEnd: -1, rowsAtPlan: plan.rowsRead });
+    const { rows } = await driver.planned<ReadRow>(`tidings.${variant}.read.${generation}`, sql.readLanes(spec.inbox, everyTopic, this.#fair), params);
+    planAfterRead(plan, generation, Number(rows[0]?.hi ?? 0), rows.length, spec.inbox);
     return { rows, take };
   }
+}
+
+/**
+ * Counts a read of `plan`'s variant made with its `generation`, which found the log ending at `logEnd`, and
+ * moves the variant to a new generation (a new statement name, planned again) once the log, or what the
+ * readers added to the inbox, has grown fourfold since that generation was planned. A prepared statement
+ * keeps the plan it was given (a forced generic plan: see connection/pg.ts). One made on a small log scans
+ * it sequentially, which costs milliseconds once it holds thousands; one made on an empty inbox looks the
+ * `seen` flags up by hashing all of the subscription's inbox ids, every read, so a backlog of 1,000,000
+ * drained slower and slower (13,000/s down to 1,600/s) where nothing analyzes the tables (autovacuum off),
+ * and until autovacuum does where it is on. Not sooner: planning costs a few milliseconds, at a consumer's
+ * start too (test/plans.pg.test.ts).
+ */
+function planAfterRead(plan: ReadPlan, generation: number, logEnd: number, rows: number, inbox: boolean): void {
+  plan.rowsRead += rows;
+  // Another reader may have moved the variant on meanwhile.
+  if (plan.generation !== generation) return;
+  if (plan.logEnd < 0) plan.logEnd = logEnd;
+  else if (
+    logEnd > 4 * Math.max(plan.logEnd, REPLAN_AFTER_ROWS) ||
+    (inbox && plan.rowsRead - plan.rowsAtPlan > 3 * Math.max(plan.rowsAtPlan, REPLAN_AFTER_ROWS))
+  )
+    Object.assign(plan, { generation: generation + 1, logEnd: -1, rowsAtPlan: plan.rowsRead });
 }
 
 /** A split-off tenant whose cursor closed a window at the snapshot the lane's closed one at: it joins the lane's cursor again. */
