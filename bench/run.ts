@@ -9,7 +9,7 @@
  *   npm run bench -- --smoke       smoke check (CI runs it): --quick's sizes, one row per system and workload; fails only on errors
  *   options: --rounds N, --sync-off (database bench_async, synchronous_commit off),
  *            --only drain,e2e (workloads, or row groups: --only tracing), --systems tidings,pgboss (systems),
- *            --rows 'steady;1k keys' (label substrings, ';' between: labels have commas), --no-write,
+ *            --rows 'steady;1k keys' (label substrings, ';' between: labels have commas; a closing $ matches a label's end), --no-write,
  *            --stop-after <minutes> (start no task after that; report what ran), --out <name> (results/<name>.*)
  */
 import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
@@ -55,8 +55,15 @@ const database = syncOff ? 'bench_async' : 'bench';
 const db = { url: `${SERVER}/${database}`, name: database };
 const onlyWorkloads = args.only?.split(',').map((s) => s.trim());
 const onlySystems = args.systems?.split(',').map((s) => s.trim());
-/** `--rows 'a;b'`: only rows whose label contains one of these (case-insensitive): one table row, alternated with another build. */
+/**
+ * `--rows 'a;b'`: only rows whose label contains one of these (case-insensitive), or ends with one written
+ * with a closing `$` (`'(1 process)$'`, not its RLS twin): one table row, alternated with another build.
+ */
 const onlyRows = args.rows?.split(';').map((s) => s.trim().toLowerCase());
+
+function labelMatches(label: string, part: string): boolean {
+  return part.endsWith('$') ? label.endsWith(part.slice(0, -1)) : label.includes(part);
+}
 
 /**
  * A run cut short (`--stop-after <minutes>`, or SIGINT / SIGTERM) finishes the task that runs, starts no
@@ -114,7 +121,7 @@ async function run(started: number): Promise<void> {
         (row) =>
           (onlyWorkloads === undefined || onlyWorkloads.includes(step.workload) || onlyWorkloads.includes(row.group)) &&
           (onlySystems === undefined || onlySystems.includes(row.system)) &&
-          (onlyRows === undefined || onlyRows.some((part) => row.label.toLowerCase().includes(part))),
+          (onlyRows === undefined || onlyRows.some((part) => labelMatches(row.label.toLowerCase(), part))),
       ),
     }))
     .filter((step) => step.rows.length > 0);
