@@ -99,7 +99,10 @@ export function statements(schema: string) {
     readLanes: (inbox: boolean, everyTopic: boolean, fair: boolean) => {
       // Every topic: $5 stays a parameter, so both variants take the same list.
       const topic = everyTopic ? 'and $5::text[] is not null ' : 'and l.topic = any($5::text[]) ';
-      const seen = inbox ? `exists (select 1 from ${s}.inbox i where i.subscription = $12 and i.message_id = l.id) as seen` : 'false as seen';
+      // `offset 0`: the lookup stays a probe of the inbox's key per row read. Without it PostgreSQL may answer
+      // the `exists` by hashing every id of the subscription's inbox, a plan a read prepared on an empty inbox
+      // keeps as the inbox grows (test/plans.pg.test.ts: 200,000 ids hashed at every read).
+      const seen = inbox ? `exists (select 1 from ${s}.inbox i where i.subscription = $12 and i.message_id = l.id offset 0) as seen` : 'false as seen';
       const columns = `${logColumns}, l.key_hash % $6 as partition, ${seen}`;
       // Fair reads (lanes.ts, LaneReader): per group, the tenant it reads alone (`solo`, its share of rows),
       // or the tenants it leaves out (`skip`, a JSON array); a tenant's share of a read (`cap`). Rows are

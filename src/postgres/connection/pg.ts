@@ -62,6 +62,8 @@ export async function pgDriver(options: PgDriverOptions): Promise<SqlDriver> {
    * The `planned` statements' pool, opened on first use: few connections, each taking statements pipelined.
    * Without JIT: a read returns a batch in a millisecond, and on a log not analyzed yet (just after a bulk
    * load) its estimates passed `jit_above_cost`, and compiling it cost 1.8 s before the first message.
+   * Kept open while idle (pg closes an idle connection after 10 s by default): each holds the reads it has
+   * planned, and a new one would connect and plan again before the first message after a quiet spell.
    */
   const plannersPool = (): PgPoolLike => {
     if (planners !== undefined) return planners;
@@ -69,6 +71,7 @@ export async function pgDriver(options: PgDriverOptions): Promise<SqlDriver> {
     planners = new Pool({
       ...config,
       max: PLANNED_CONNECTIONS,
+      idleTimeoutMillis: 0,
       keepAlive: true,
       pipeline: true,
       application_name: `tidings-reader:${options.name}`,

@@ -71,7 +71,7 @@ export class PostgresConsumer implements Consumer {
       stopWakes();
       stopSignals();
     };
-    await this.#leases.start();
+    await Promise.all([this.#leases.start(), this.#reader.warm()]);
     this.#loop = this.#run();
   }
 

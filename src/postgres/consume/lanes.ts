@@ -67,20 +67,18 @@ const MAX_SPAN = 1_000_000;
  */
 const FAIR_SHARE = 0.05;
 const ACTIVE_TENANT_MS = 1_000;
-/** A read is planned again when the log or the inbox has grown fourfold since its plan, counted from at least this many rows. */
+/** A read is planned again when the log has grown fourfold since its plan, counted from at least this many rows. */
 const REPLAN_AFTER_ROWS = 1_000;
 /**
  * The read statement's plans in this process, by variant (schema, inbox, every topic, fair): its name's
- * generation, the log's end when that generation was planned, and the rows its readers have read, then and
- * since (what they add to the inbox). Shared by the readers of a variant, as their prepared statements are:
- * one per generation on each connection (~400 KB each), not one per subscription. See LaneReader.#read.
+ * generation and the log's end when that generation was planned. Shared by the readers of a variant, as their
+ * prepared statements are: one per generation on each connection (~400 KB each), not one per subscription.
+ * See LaneReader.#read.
  */
 const readPlans = new Map<string, ReadPlan>();
 interface ReadPlan {
   generation: number;
   logEnd: number;
-  rowsAtPlan: number;
-  rowsRead: number;
 }
 
 /** A lane as its lease was acquired: the cursor stored for it (see `statements.acquire`). */
@@ -360,11 +358,42 @@ export class LaneReader {
     return Math.max(this.#share, Math.floor(this.#spec.batchSize / Math.max(1, this.#seen.size)));
   }
 
+  /**
+   * Opens the reader's connections and plans its read on each (two where Tidings opens them: connection/pg.ts),
+   * with a read of no lanes, which scans nothing: the subscription's first read then waits for neither. On a
+   * slow machine that was ~15 ms to connect and ~50 ms to plan, what the first messages of a backlog waited
+   * for (issue 23). A failure is left to the first read to meet, and report.
+   */
+  async warm(): Promise<void> {
+    const { name, text } = this.#statement();
+    const params = this.#params([], this.#share);
+    await Promise.all([0, 1].map(() => this.#ctx.driver.planned(name, text, params).catch(() => undefined)));
+  }
+
   /** One statement reading the next messages of every group of lanes. */
   async #read(groups: ReadGroup[]): Promise<ReadRows> {
-    const { driver, sql } = this.#ctx;
-    const spec = this.#spec;
     const take = this.#fair ? this.#take() : 0;
+    const { name, text, plan, generation } = this.#statement();
+    const { rows } = await this.#ctx.driver.planned<ReadRow>(name, text, this.#params(groups, take));
+    planAfterRead(plan, generation, Number(rows[0]?.hi ?? 0));
+    return { rows, take };
+  }
+
+  /** The read statement of this reader's variant, named by the generation of its plan (see planAfterRead). */
+  #statement(): { name: string; text: string; plan: ReadPlan; generation: number } {
+    const { sql } = this.#ctx;
+    const spec = this.#spec;
+    const everyTopic = spec.topics.includes(EVERY_TOPIC);
+    const variant = `${sql.schema}.${spec.inbox}.${everyTopic}.${this.#fair}`;
+    let plan = readPlans.get(variant);
+    if (plan === undefined) readPlans.set(variant, (plan = { generation: 0, logEnd: -1 }));
+    const { generation } = plan;
+    return { name: `tidings.${variant}.read.${generation}`, text: sql.readLanes(spec.inbox, everyTopic, this.#fair), plan, generation };
+  }
+
+  /** The read's parameters for `groups` (see `statements.readLanes`); `take`: what a split-off tenant's cursor reads at weight 1. */
+  #params(groups: ReadGroup[], take: number): unknown[] {
+    const spec = this.#spec;
     const params: unknown[] = [
       groups.map((group) => `{${group.readers.map((reader) => reader.lane.partition).join(',')}}`),
       groups.map((group) => group.cursor.done),
@@ -388,38 +417,25 @@ export class LaneReader {
         take,
       );
     }
-    const everyTopic = spec.topics.includes(EVERY_TOPIC);
-    const variant = `${sql.schema}.${spec.inbox}.${everyTopic}.${this.#fair}`;
-    let plan = readPlans.get(variant);
-    if (plan === undefined) readPlans.set(variant, (plan = { generation: 0, logEnd: -1, rowsAtPlan: 0, rowsRead: 0 }));
-    const generation = plan.generation;
-    const { rows } = await driver.planned<ReadRow>(`tidings.${variant}.read.${generation}`, sql.readLanes(spec.inbox, everyTopic, this.#fair), params);
-    planAfterRead(plan, generation, Number(rows[0]?.hi ?? 0), rows.length, spec.inbox);
-    return { rows, take };
+    return params;
   }
 }
 
 /**
  * Counts a read of `plan`'s variant made with its `generation`, which found the log ending at `logEnd`, and
- * moves the variant to a new generation (a new statement name, planned again) once the log, or what the
- * readers added to the inbox, has grown fourfold since that generation was planned. A prepared statement
- * keeps the plan it was given (a forced generic plan: see connection/pg.ts). One made on a small log scans
- * it sequentially, which costs milliseconds once it holds thousands; one made on an empty inbox looks the
- * `seen` flags up by hashing all of the subscription's inbox ids, every read, so a backlog of 1,000,000
- * drained slower and slower (13,000/s down to 1,600/s) where nothing analyzes the tables (autovacuum off),
- * and until autovacuum does where it is on. Not sooner: planning costs a few milliseconds, at a consumer's
- * start too (test/plans.pg.test.ts).
+ * moves the variant to a new generation (a new statement name, planned again) once the log has grown
+ * fourfold since that generation was planned. A prepared statement keeps the plan it was given (a forced
+ * generic plan: see connection/pg.ts); one made on a small log scans it sequentially, which costs
+ * milliseconds once it holds thousands, where nothing analyzes the tables (autovacuum off), and until
+ * autovacuum does where it is on. Not sooner: planning costs milliseconds (~25 ms on a slow machine, on each
+ * of the reader's connections), and a read waits for it (test/plans.pg.test.ts). The inbox needs no new
+ * plan as it grows: its lookup is planned to probe it row by row whatever its size (statements.readLanes).
  */
-function planAfterRead(plan: ReadPlan, generation: number, logEnd: number, rows: number, inbox: boolean): void {
-  plan.rowsRead += rows;
+function planAfterRead(plan: ReadPlan, generation: number, logEnd: number): void {
   // Another reader may have moved the variant on meanwhile.
   if (plan.generation !== generation) return;
   if (plan.logEnd < 0) plan.logEnd = logEnd;
-  else if (
-    logEnd > 4 * Math.max(plan.logEnd, REPLAN_AFTER_ROWS) ||
-    (inbox && plan.rowsRead - plan.rowsAtPlan > 3 * Math.max(plan.rowsAtPlan, REPLAN_AFTER_ROWS))
-  )
-    Object.assign(plan, { generation: generation + 1, logEnd: -1, rowsAtPlan: plan.rowsRead });
+  else if (logEnd > 4 * Math.max(plan.logEnd, REPLAN_AFTER_ROWS)) Object.assign(plan, { generation: generation + 1, logEnd: -1 });
 }
 
 /** A split-off tenant whose cursor closed a window at the snapshot the lane's closed one at: it joins the lane's cursor again. */
