@@ -71,7 +71,9 @@ export class PostgresConsumer implements Consumer {
       stopWakes();
       stopSignals();
     };
-    await Promise.all([this.#leases.start(), this.#reader.warm()]);
+    // The reader's connections open and its read is planned while the leases are taken.
+    this.#reader.warm();
+    await this.#leases.start();
     this.#loop = this.#run();
   }
 

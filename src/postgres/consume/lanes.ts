@@ -223,6 +223,8 @@ export class LaneReader {
   readonly #seen = new Map<string, number>();
   readonly #started = Date.now();
   #ahead: ReadAhead | undefined;
+  /** The warm-up sent at start (see warm), awaited before stopping so that no statement is left behind. */
+  #warming: Promise<void> | undefined;
 
   constructor(ctx: ConsumerContext, spec: SubscriptionSpec) {
     this.#ctx = ctx;
@@ -339,6 +341,7 @@ export class LaneReader {
 
   /** Waits for the read sent ahead, if any, so stopping leaves no statement behind. */
   async settle(): Promise<void> {
+    await this.#warming;
     await this.#ahead?.rows.catch(() => undefined);
     this.#ahead = undefined;
   }
@@ -360,14 +363,14 @@ export class LaneReader {
 
   /**
    * Opens the reader's connections and plans its read on each (two where Tidings opens them: connection/pg.ts),
-   * with a read of no lanes, which scans nothing: the subscription's first read then waits for neither. On a
-   * slow machine that was ~15 ms to connect and ~50 ms to plan, what the first messages of a backlog waited
-   * for (issue 23). A failure is left to the first read to meet, and report.
+   * with a read of no lanes, which scans nothing, so that the subscription's first reads wait for neither
+   * (on a slow machine ~15 ms to connect and ~50 ms to plan, what the first messages of a backlog waited for).
+   * Not awaited: the first read queues behind it on its connection. A failure is left to the reads to meet.
    */
-  async warm(): Promise<void> {
+  warm(): void {
     const { name, text } = this.#statement();
     const params = this.#params([], this.#share);
-    await Promise.all([0, 1].map(() => this.#ctx.driver.planned(name, text, params).catch(() => undefined)));
+    this.#warming = Promise.all([0, 1].map(() => this.#ctx.driver.planned(name, text, params).catch(() => undefined))).then(() => undefined);
   }
 
   /** One statement reading the next messages of every group of lanes. */
