@@ -4,6 +4,7 @@ import { AsyncLocalStorage } from 'node:async_hooks';
 import { test } from 'node:test';
 import { z } from 'zod';
 import { createBus, defineEvent, retryLater, TidingsError, type Bus } from '../src/index.ts';
+import type { Clock } from '../src/core/clock.ts';
 import { memory, MemoryTransaction, type MemoryBackbone } from '../src/memory/index.ts';
 import { Ticked, ticksSeen } from './fixtures/contracts.ts';
 import { sleep, waitFor } from './helpers.ts';
@@ -650,4 +651,28 @@ test('ctx.signal: quiet when the handler finishes, already aborted when first re
   await inHandler;
   await stopped.stop();
   assert.equal(abortedByStop, true);
+});
+
+test("a scheduled message is never handled before its due time, even when the timer fires early (Node's timers can, by a millisecond)", async (t) => {
+  // The wall clock, with timers that fire 20 ms before they are due.
+  const early: Clock = {
+    now: () => Date.now(),
+    setTimeout: (fn, ms) => setTimeout(fn, Math.max(0, ms - 20)),
+    clearTimeout: (timer) => clearTimeout(timer as NodeJS.Timeout | undefined),
+  };
+  const bus = busOn(t, memory({ clock: early }));
+  const handledAt = new Map<number, number>();
+  bus.subscribe('early', Ticked, async (message) => {
+    handledAt.set(message.data.seq, Date.now());
+  });
+  await bus.start();
+  const due = Date.now() + 100;
+  await bus.publish(Ticked, { key: 'a', seq: 1 }, { deliverAt: new Date(due) });
+  const cancelled = await bus.publish(Ticked, { key: 'b', seq: 2 }, { deliverAt: new Date(due) });
+  await sleep(90); // past the first early firing (at +80 ms): it waited the rest, and can still be cancelled
+  assert.equal(await bus.cancelScheduled(cancelled.id), true, 'still waiting after its timer fired early');
+  await waitFor('the scheduled message', () => handledAt.has(1), 5_000);
+  assert.ok(handledAt.get(1)! >= due, `handled ${due - handledAt.get(1)!} ms early`);
+  await sleep(50);
+  assert.equal(handledAt.has(2), false, 'the cancelled one never');
 });

@@ -55,11 +55,21 @@ export class MemoryPublisher {
   }
 
   #later(message: Outgoing): void {
-    const { clock } = this.#settings;
     const { id } = message.envelope;
     // The same id scheduled twice (a retried publish) is one message, as on PostgreSQL.
     if (this.#scheduled.has(id)) return;
+    this.#wait(message);
+  }
+
+  /**
+   * Commits `message` at its due time. Node's timers run on a clock of their own, which can fire one a
+   * millisecond before the wall clock reaches it (CI saw a message handled 1 ms early): then it waits the rest.
+   */
+  #wait(message: Outgoing): void {
+    const { clock } = this.#settings;
+    const { id } = message.envelope;
     const timer = clock.setTimeout(() => {
+      if (clock.now() < message.dueAt!) return this.#wait(message);
       this.#scheduled.delete(id);
       this.#append(message);
     }, message.dueAt! - clock.now());
