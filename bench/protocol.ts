@@ -65,6 +65,11 @@ export interface Variant {
   noisy?: boolean;
   /** Fairness workload: the subscription shares handler slots between tenants (`tenantConcurrency`). */
   fair?: boolean;
+  /**
+   * Fairness workload: the noisy tenant's events on a topic and subscription of their own, in the same
+   * process: the same load on the machine, no subscription shared (as a queue per tenant would be).
+   */
+  isolated?: boolean;
 }
 
 export interface Task {

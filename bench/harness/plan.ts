@@ -159,6 +159,7 @@ export const ROW = {
   quietAlone: 'Tidings, quiet tenants alone',
   quietNoisy: 'Tidings, quiet + noisy tenant, fairness off',
   quietNoisyFair: 'Tidings, quiet + noisy tenant, tenantConcurrency 1',
+  quietNoisyIsolated: 'Tidings, quiet + noisy tenant on a subscription of its own',
 } as const;
 
 /** The label of a tenancy row with row-level security on. */
@@ -223,11 +224,15 @@ export function steps(quick: boolean, sizes: Sizes): Step[] {
     { system: 'tenancy', label, variant, group, reference: true, ...(sizes && { sizes }) },
     { system: 'tenancy', label: withRls(label), variant: { ...variant, rls: true }, group, ...(sizes && { sizes }) },
   ];
-  /** Issue 23: the quiet tenants alone, then beside the noisy one, fairness off and on. */
+  /**
+   * Issue 23: the quiet tenants alone, then beside the noisy one, fairness off and on, and the noisy one on a
+   * subscription of its own (what the machine's load alone does to the quiet tenants).
+   */
   const fairness: Row[] = [
     { system: 'tenancy', label: ROW.quietAlone, variant: tenants, group: 'fairness', reference: true },
     { system: 'tenancy', label: ROW.quietNoisy, variant: { ...tenants, noisy: true }, group: 'fairness' },
     { system: 'tenancy', label: ROW.quietNoisyFair, variant: { ...tenants, noisy: true, fair: true }, group: 'fairness' },
+    { system: 'tenancy', label: ROW.quietNoisyIsolated, variant: { ...tenants, noisy: true, isolated: true }, group: 'fairness' },
   ];
   /** A Tidings row of a scaling table; the table's first row is the one the others are compared with. */
   const tidingsScaling = (group: Row['group'], label: string, variant: Variant, rowSizes: Row['sizes'], reference: boolean): Row => ({

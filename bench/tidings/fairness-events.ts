@@ -4,10 +4,10 @@ import { tidings } from './build.ts';
 
 const { defineEvent } = await tidings<typeof import('../../src/index.ts')>('index');
 
-export const TenantEvent = defineEvent('bench.tenant-event', {
-  schema: z.object({ key: z.string(), seq: z.number(), payload: z.string() }),
-  key: (e) => e.key,
-});
+const schema = z.object({ key: z.string(), seq: z.number(), payload: z.string() });
+export const TenantEvent = defineEvent('bench.tenant-event', { schema, key: (e) => e.key });
+/** The noisy tenant's events when it has a subscription of its own (variant `isolated`). */
+export const IsolatedEvent = defineEvent('bench.isolated-event', { schema, key: (e) => e.key });
 
 export const NOISY = 'noisy';
 const NOISY_KEYS = 1_000;

@@ -13,7 +13,7 @@ import { openLoop, type Sent } from '../load/latency.ts';
 import { now, rate, sleep } from '../load/measure.ts';
 import type { FairnessSizes, Task } from '../protocol.ts';
 import { tidings } from './build.ts';
-import { NOISY, noisyEvents, PAYLOAD, TenantEvent } from './fairness-events.ts';
+import { IsolatedEvent, NOISY, noisyEvents, PAYLOAD, TenantEvent } from './fairness-events.ts';
 
 const { createBus } = await tidings<typeof import('../../src/index.ts')>('index');
 const { postgres } = await tidings<typeof import('../../src/postgres/index.ts')>('postgres/index');
@@ -70,9 +70,10 @@ async function publishNoisy(): Promise<number> {
   const ticks = Math.round((sizes.seconds * 1_000) / TICK_MS);
   const begin = now();
   const inFlight: Promise<unknown>[] = [];
+  const contract = task.variant.isolated === true ? IsolatedEvent : TenantEvent;
   for (let tick = 0; tick < ticks; tick++) {
     await sleep(begin + tick * TICK_MS - now());
-    inFlight.push(bus.publishMany(TenantEvent, noisyEvents(sizes.backlog + tick * perTick, perTick), { tenant: NOISY }));
+    inFlight.push(bus.publishMany(contract, noisyEvents(sizes.backlog + tick * perTick, perTick), { tenant: NOISY }));
   }
   await Promise.all(inFlight);
   return rate(ticks * perTick, now() - begin);

@@ -3,7 +3,9 @@
  * event), alone, or beside a noisy tenant whose backlog is stored before the subscription starts and who
  * publishes at a high rate meanwhile (a `publishMany` every 20 ms); with the subscription's fairness off
  * (`tenantConcurrency` unset) or on (`tenantConcurrency: 1`: fair reads, so the backlog is read beside the
- * quiet tenants' messages, and fair handler slots; docs/tenancy.md). The publishers run in a process of their
+ * quiet tenants' messages, and fair handler slots; docs/tenancy.md); or with the noisy tenant's events on a topic and subscription
+ * of their own in the same process (`isolated`: the machine as loaded, nothing shared: what a queue per
+ * tenant would give at best). The publishers run in a process of their
  * own (fairness-publishers.ts), the subscription in this one, as services run. Measured: the quiet tenants'
  * latency, publish call -> handler start, on the machine's monotonic clock (and the publish call alone: how
  * much of it is the publishing side), and from the publish call's return to handler start (delivery alone:
@@ -14,7 +16,7 @@ import { fork } from 'node:child_process';
 import { Counter, now, percentile, rate } from '../load/measure.ts';
 import { freshSchema } from '../load/pg.ts';
 import type { ChildResult, FairnessSizes, Task } from '../protocol.ts';
-import { NOISY, noisyEvents, TenantEvent as Ev } from './fairness-events.ts';
+import { IsolatedEvent, NOISY, noisyEvents, TenantEvent as Ev } from './fairness-events.ts';
 import type { PublishersReport } from './fairness-publishers.ts';
 import { newBus, SCHEMA } from './pg-bus.ts';
 
@@ -23,13 +25,23 @@ export async function fairness(task: Task): Promise<ChildResult> {
   await freshSchema(task, SCHEMA);
   const bus = newBus(task);
   await bus.transaction(async () => undefined); // opens and migrates
+  const isolated = task.variant.isolated === true;
   if (task.variant.noisy === true) {
     for (let first = 0; first < sizes.backlog; first += 1_000)
-      await bus.publishMany(Ev, noisyEvents(first, Math.min(1_000, sizes.backlog - first)), { tenant: NOISY });
+      await bus.publishMany(isolated ? IsolatedEvent : Ev, noisyEvents(first, Math.min(1_000, sizes.backlog - first)), { tenant: NOISY });
   }
   const started = new Map<number, number>();
   const quiet = new Counter();
   const noisy = new Counter();
+  const options = {
+    concurrency: 8,
+    partitions: 4,
+    batchSize: 500,
+    startFrom: 'beginning',
+    ...(task.variant.fair === true ? { tenantConcurrency: 1 } : {}),
+  } as const;
+  // The noisy tenant on a subscription of its own: the same load, nothing shared with the quiet tenants.
+  if (isolated) bus.subscribe('noisy', IsolatedEvent, async () => noisy.add(), options);
   bus.subscribe(
     'fair',
     Ev,
@@ -40,13 +52,7 @@ export async function fairness(task: Task): Promise<ChildResult> {
         quiet.add();
       }
     },
-    {
-      concurrency: 8,
-      partitions: 4,
-      batchSize: 500,
-      startFrom: 'beginning',
-      ...(task.variant.fair === true ? { tenantConcurrency: 1 } : {}),
-    },
+    options,
   );
   const publishers = await startPublishers(task);
   const t0 = now();
