@@ -607,7 +607,7 @@ test('handler timeouts: each attempt gets its whole timeout from its own start, 
   assert.deepEqual(bus.stats().subscriptions.timeouts, { handled: 4, retried: 0, deadLettered: 4 });
 });
 
-test('ctx.signal: quiet when the handler finishes, already aborted when first read after a timeout, aborted when the bus stops', async (t) => {
+test('ctx.signal: quiet when the handler finishes, already aborted when first read after a timeout, aborted when the bus stops after its grace', async (t) => {
   const seen: Array<{ seq: number; aborted: boolean; reason?: string | undefined }> = [];
   const timeouts = busOn(t);
   timeouts.subscribe(
@@ -634,23 +634,36 @@ test('ctx.signal: quiet when the handler finishes, already aborted when first re
     ],
   );
 
-  const stopped = busOn(t);
-  let entered!: () => void;
-  const inHandler = new Promise<void>((resolve) => {
-    entered = resolve;
-  });
-  let abortedByStop = false;
-  stopped.subscribe('waits-for-stop', Ticked, async (_message, ctx) => {
+  // bus.stop(): the handlers in flight finish within the grace, and one still running after it is told through
+  // its signal (not its 30 s timeout, which is what ended it before stopGraceMs).
+  const stopped = createBus({ service: 'test', backbone: memory(), stopGraceMs: 150 });
+  t.after(() => stopped.stop());
+  let inFlight = 0;
+  let quickFinished: boolean | undefined;
+  let stopReason: unknown;
+  stopped.subscribe('waits-for-stop', Ticked, async (message, ctx) => {
+    inFlight++;
+    if (message.data.seq === 3) {
+      await sleep(80); // in flight when the stop begins, done within the grace: never aborted
+      quickFinished = !ctx.signal.aborted;
+      return;
+    }
     const signal = ctx.signal;
-    entered();
     await new Promise((resolve) => signal.addEventListener('abort', resolve, { once: true }));
-    abortedByStop = signal.aborted;
+    stopReason = signal.reason;
   });
   await stopped.start();
-  await stopped.publish(Ticked, { key: 'c', seq: 2 });
-  await inHandler;
+  await stopped.publishMany(Ticked, [
+    { key: 'c', seq: 2 },
+    { key: 'd', seq: 3 },
+  ]);
+  await waitFor('both handlers in flight', () => inFlight === 2);
+  const began = performance.now();
   await stopped.stop();
-  assert.equal(abortedByStop, true);
+  const took = performance.now() - began;
+  assert.equal(quickFinished, true, 'the handler that finished within the grace saw no abort');
+  assert.ok(stopReason instanceof TidingsError && stopReason.code === 'STOPPED', `aborted by the stop, not by ${String(stopReason)}`);
+  assert.ok(took >= 140 && took < 5_000, `stop took ${took.toFixed(0)} ms with a grace of 150 ms`);
 });
 
 test("a scheduled message is never handled before its due time, even when the timer fires early (Node's timers can, by a millisecond)", async (t) => {

@@ -36,6 +36,12 @@ export interface BusOptions<Tx> {
   publishes?: readonly AnyContract[];
   /** Every message this bus publishes must carry a tenant: one without fails with TENANT_REQUIRED (docs/tenancy.md). */
   requireTenant?: boolean;
+  /**
+   * How long `bus.stop()` lets the handlers in flight finish before it aborts their `ctx.signal` with a
+   * STOPPED error (default 10 s): a handler that watches the signal then ends, and its message is delivered
+   * again later, to this service's next worker. Handlers still finish or time out (`timeoutMs`) after it.
+   */
+  stopGraceMs?: number;
 }
 
 /** A bus's options once checked, with their defaults. */
@@ -49,6 +55,7 @@ interface BusSettings<Tx> {
   readonly telemetry: BusTelemetry;
   readonly publishes: readonly AnyContract[];
   readonly requireTenant: boolean;
+  readonly stopGraceMs: number;
 }
 
 const busOptionNames = optionNames<BusOptions<unknown>>()(
@@ -62,6 +69,7 @@ const busOptionNames = optionNames<BusOptions<unknown>>()(
   'logger',
   'telemetry',
   'requireTenant',
+  'stopGraceMs',
 );
 
 /** Letters, digits and the other characters a URI authority takes unescaped. */
@@ -79,6 +87,7 @@ export function busSettings<Tx>(options: BusOptions<Tx>): BusSettings<Tx> {
   problems.integer('maxPayloadBytes', options?.maxPayloadBytes, 1);
   checkTelemetryOptions(problems, options?.telemetry, options?.logger);
   problems.oneOf('requireTenant', options?.requireTenant, [true, false]);
+  problems.integer('stopGraceMs', options?.stopGraceMs, 0, 3_600_000);
   problems.throwIfAny();
   const publishes = checkPublishes(options.publishes);
   const subscriptionDefaults = options.subscriptionDefaults ?? {};
@@ -94,5 +103,6 @@ export function busSettings<Tx>(options: BusOptions<Tx>): BusSettings<Tx> {
     telemetry: new BusTelemetry({ backbone: options.backbone as Backbone<unknown>, telemetry: options.telemetry, logger: options.logger, warn }),
     publishes,
     requireTenant: options.requireTenant ?? busDefaults.requireTenant,
+    stopGraceMs: options.stopGraceMs ?? busDefaults.stopGraceMs,
   };
 }

@@ -61,6 +61,7 @@ export class Bus<Tx = unknown> {
   /** Errors of subscriptions started in the background, rethrown by stop(). */
   readonly #background: unknown[] = [];
   #stopping = new AbortController();
+  readonly #stopGraceMs: number;
   #opened: Promise<void> | undefined;
   /** The backbone opened (health checks it only then: a check must not be what opens it). */
   #backboneOpen = false;
@@ -78,6 +79,7 @@ export class Bus<Tx = unknown> {
     this.#warn = settings.warn;
     this.#telemetry = settings.telemetry;
     this.#publishes = settings.publishes;
+    this.#stopGraceMs = settings.stopGraceMs;
     this.backbone.observe?.(this.#telemetry);
     const open = () => this.#open();
     this.#publisher = new Publisher({ ...settings, open });
@@ -287,7 +289,8 @@ export class Bus<Tx = unknown> {
 
   /**
    * Graceful: finishes in-flight handlers, acknowledges them, releases leases, then closes the backbone.
-   * Every call gets the same promise, so a SIGINT and a SIGTERM handler, or a framework's hook and your
+   * Handlers still running after `stopGraceMs` (default 10 s) see their `ctx.signal` aborted (a STOPPED
+   * error), so one that waits on it ends; its message is delivered again later. Every call gets the same promise, so a SIGINT and a SIGTERM handler, or a framework's hook and your
    * own, may both call it (test/lifecycle.pg.test.ts).
    */
   stop(): Promise<void> {
@@ -304,8 +307,15 @@ export class Bus<Tx = unknown> {
     await this.#schedules.stop();
     const consumers = [...this.#consumers.values()];
     this.#consumers.clear();
-    await Promise.all(consumers.map((consumer) => consumer.stop()));
-    this.#stopping.abort(new TidingsError('STOPPED', 'The bus is stopping'));
+    // The handlers in flight finish first; those still running after the grace are told, through ctx.signal.
+    const stopping = () => this.#stopping.abort(new TidingsError('STOPPED', 'The bus is stopping'));
+    const grace = setTimeout(stopping, this.#stopGraceMs);
+    try {
+      await Promise.all(consumers.map((consumer) => consumer.stop()));
+    } finally {
+      clearTimeout(grace);
+    }
+    stopping();
     if (this.#opened !== undefined) await this.#opened.catch(() => undefined);
     await this.backbone.close();
     this.#state = 'stopped';

@@ -138,6 +138,8 @@ export function createPipeline<Tx>(options: PipelineOptions<Tx>): DeliveryHandle
       return { outcome: 'retry', delayMs: Math.max(outcome.afterMs, 0), error };
     } catch (error) {
       const record = describeError(error);
+      // Ended by bus.stop() through its signal: the next worker tries again, whatever the policy has left.
+      if (abort.interrupted) return { outcome: 'retry', delayMs: 0, error: record };
       if (isPermanent(error)) return { outcome: 'dead-letter', reason: `permanent error: ${record.message}`, error: record };
       const delay = nextRetryDelay(options.retry, attempt);
       if (delay === undefined) return exhausted(attempt, record);
@@ -227,6 +229,11 @@ class LazyAbort {
       }
     }
     return this.#controller.signal;
+  }
+
+  /** The handler read its signal, and the bus's stop (not the timeout) aborted it. */
+  get interrupted(): boolean {
+    return this.#controller !== undefined && !this.#aborted && this.stopping.aborted;
   }
 
   abort(reason: unknown): void {

@@ -79,6 +79,11 @@ export const busDefaults = {
   requestTimeoutMs: 30_000,
   /** Whether every message must carry a tenant. */
   requireTenant: false,
+  /**
+   * How long `bus.stop()` lets in-flight handlers finish before it aborts their `ctx.signal`: under the 30 s
+   * Kubernetes gives a pod between SIGTERM and SIGKILL, with room for the acknowledgements and the close.
+   */
+  stopGraceMs: 10_000,
 } as const;
 
 /** A tenant's publish rate: a token bucket that refills `ratePerSecond` and holds at most `burst` (docs/tenancy.md, "Quotas"). */

@@ -90,8 +90,13 @@ export function conformance<Tx>(target: ConformanceTarget<Tx>): void {
     return namespace;
   }
 
-  function newBus(namespace: Namespace<Tx>, service = 'conformance'): Bus<Tx> {
-    const bus = createBus<Tx>({ service, backbone: namespace.backbone(), subscriptionDefaults: target.subscribeOptions });
+  function newBus(namespace: Namespace<Tx>, service = 'conformance', stopGraceMs?: number): Bus<Tx> {
+    const bus = createBus<Tx>({
+      service,
+      backbone: namespace.backbone(),
+      subscriptionDefaults: target.subscribeOptions,
+      ...(stopGraceMs !== undefined && { stopGraceMs }),
+    });
     buses.push(bus);
     busesOf.get(namespace)?.push(bus);
     return bus;
@@ -399,6 +404,45 @@ export function conformance<Tx>(target: ConformanceTarget<Tx>): void {
       assert.equal(handledIds.size, total, 'nothing lost');
       assert.equal([...handledIds.values()].filter((n) => n > 1).length, 0, 'nothing handled twice after a graceful stop');
       if (namespace.effects !== undefined) assert.equal((await namespace.effects.rows()).length, total);
+    });
+
+    test('a stop past its grace aborts the signal of a handler waiting on it; its message goes to the next worker, not to dead letters', async (t) => {
+      if (!target.offers.durable) return t.skip(`${target.name} keeps nothing after its backbone closes`);
+      const namespace = await world(t);
+      if (namespace === undefined) return;
+      // No retry left by the policy: an attempt the stop ended must still not dead-letter its message.
+      const options = { retry: { immediate: 0, delayed: [] }, timeoutMs: 120_000 };
+      const first = newBus(namespace, 'conformance', 300);
+      let waiting = false;
+      let reason: unknown;
+      first.subscribe(
+        'interrupted',
+        Ticked,
+        async (_message, ctx) => {
+          waiting = true;
+          await new Promise((resolve) => ctx.signal.addEventListener('abort', resolve, { once: true }));
+          reason = ctx.signal.reason;
+          throw reason;
+        },
+        options,
+      );
+      await first.start();
+      await first.publish(Ticked, { key: 'k', seq: 1 });
+      await waitFor('the handler waiting on its signal', () => waiting, 20_000);
+      const began = performance.now();
+      await stop(first);
+      const took = performance.now() - began;
+      assert.equal((reason as { code?: string } | undefined)?.code, 'STOPPED', `aborted by the stop, not by ${String(reason)}`);
+      assert.ok(took >= 290 && took < 30_000, `stop took ${took.toFixed(0)} ms with a grace of 300 ms`);
+
+      const second = newBus(namespace);
+      const handled: number[] = [];
+      second.subscribe('interrupted', Ticked, (message) => void handled.push(message.data.seq), options);
+      await second.start();
+      await waitFor('the message handled by the next worker', () => handled.length > 0, 30_000);
+      await sleep(200);
+      assert.deepEqual(handled, [1]);
+      assert.equal(await second.backbone.deadLetters().count({ subscription: 'interrupted' }), 0, 'not dead-lettered');
     });
 
     test('exactly-once effect: a handler that fails after writing through ctx.tx leaves no write; the retry writes once', async (t) => {
