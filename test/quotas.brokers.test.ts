@@ -1,7 +1,8 @@
 /**
  * Per-tenant publish quotas on the brokers (outbox/index.ts): with an outbox, two processes' buses share one
  * budget per tenant through the outbox database's table; without one, each process has its own (as
- * docs/tenancy.md says). Counted: what gets through of what is asked at once.
+ * docs/tenancy.md says). Counted: what gets through of what is asked at once. And fair shares, which the
+ * brokers do not offer: a subscription asking for them is warned, not silently ignored.
  */
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
@@ -53,4 +54,37 @@ test("NATS with an outbox: the outbox's own tenancy.quotas apply when the broker
   await Promise.all(buses.map((bus) => bus.start()));
   assert.equal((await accepted(buses[0]!, 'acme')) + (await accepted(buses[1]!, 'acme')), 3);
   assert.equal(await accepted(buses[0]!, 'globex'), 3, 'another tenant has its own budget');
+});
+
+test('RabbitMQ and NATS: a subscription with tenantConcurrency or tenantWeights is warned that they apply on PostgreSQL only', async (t) => {
+  const warnings: string[] = [];
+  const onWarning = (message: string) => void warnings.push(message);
+  const rabbit = await requireBroker(t, 'RabbitMQ', RABBITMQ_URL);
+  if (rabbit) {
+    const harness = new Harness();
+    t.after(() => harness.cleanup());
+    const bus = harness.bus('fair', { rabbit: { onWarning } });
+    bus.subscribe('fair-rabbit', Ticked, () => undefined, { tenantConcurrency: 2 });
+    bus.subscribe('plain-rabbit', Ticked, () => undefined);
+    await bus.start();
+  }
+  const space = await natsNamespace(t, 'fair');
+  if (space !== undefined) {
+    t.after(() => space.cleanup());
+    const bus = createBus({ service: 'fair', backbone: nats({ ...space.options(), onWarning }) });
+    t.after(() => bus.stop());
+    bus.subscribe('fair-nats', Ticked, () => undefined, { tenantWeights: { acme: 3 } });
+    bus.subscribe('plain-nats', Ticked, () => undefined);
+    await bus.start();
+  }
+  const about = (name: string) => warnings.filter((warning) => warning.startsWith(`Subscription ${name}:`));
+  if (rabbit) {
+    assert.equal(about('fair-rabbit').length, 1);
+    assert.match(about('fair-rabbit')[0]!, /apply on PostgreSQL only, and are ignored on RabbitMQ; .*a vhost of its own with tenantStamps/);
+  }
+  if (space !== undefined) {
+    assert.equal(about('fair-nats').length, 1);
+    assert.match(about('fair-nats')[0]!, /ignored on NATS; .*a subject prefix of its own/);
+  }
+  assert.deepEqual([...about('plain-rabbit'), ...about('plain-nats')], [], 'no warning without the options');
 });

@@ -116,6 +116,15 @@ export interface Consumer {
 /** In `SubscriptionSpec.topics`: every topic, present and future (the outbox relay reads this way). */
 export const EVERY_TOPIC = '*';
 
+/**
+ * The warning of a backbone that reads in its broker's order, for a subscription that asks for fair shares
+ * between tenants: the options would otherwise be ignored without a word (docs/tenancy.md, "Fair delivery").
+ */
+export function fairSharesIgnored(spec: SubscriptionSpec, backbone: 'RabbitMQ' | 'NATS', ownPlace: string): string | undefined {
+  if (spec.tenantShares === undefined) return undefined;
+  return `Subscription ${spec.name}: tenantConcurrency and tenantWeights apply on PostgreSQL only, and are ignored on ${backbone}; to keep a noisy tenant from holding up the others there, give each tenant ${ownPlace} of its own with tenantStamps (docs/tenancy.md, "A backbone per tenant")`;
+}
+
 export interface SubscriptionSpec {
   readonly name: string;
   /** Topic names, or `[EVERY_TOPIC]`. */

@@ -2,7 +2,7 @@
  * The NATS JetStream broker: opens the connection (connection.ts) and the streams and KV buckets
  * (topology.ts) once, publishes (publisher.ts), and starts a consumer per subscription (consume/).
  */
-import type { Consumer, DeliveryHandler, Outgoing, SubscriptionSpec } from '../core/backbone.ts';
+import { fairSharesIgnored, type Consumer, type DeliveryHandler, type Outgoing, type SubscriptionSpec } from '../core/backbone.ts';
 import type { Broker } from '../core/broker.ts';
 import type { BackboneDescription, ContractRegistry } from '../core/catalog.ts';
 import type { DeadLetterStore } from '../core/dead-letters.ts';
@@ -92,6 +92,8 @@ export class NatsBroker implements Broker {
   }
 
   async consume(spec: SubscriptionSpec, handle: DeliveryHandler<undefined>): Promise<Consumer> {
+    const ignored = fairSharesIgnored(spec, 'NATS', 'a subject prefix');
+    if (ignored !== undefined) this.#warn(ignored);
     const ctx = await this.context();
     await claimCommands(ctx, spec);
     const consumer = new NatsConsumer(ctx, spec, handle);

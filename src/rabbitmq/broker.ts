@@ -1,6 +1,6 @@
 /** The RabbitMQ broker: the connection, publishing with confirms, a consumer per subscription, dead letters. */
 import type { Consumer, DeliveryHandler, Outgoing, SubscriptionSpec } from '../core/backbone.ts';
-import { EVERY_TOPIC } from '../core/backbone.ts';
+import { EVERY_TOPIC, fairSharesIgnored } from '../core/backbone.ts';
 import type { Broker } from '../core/broker.ts';
 import type { DeadLetterStore } from '../core/dead-letters.ts';
 import type { BackboneDescription } from '../core/catalog.ts';
@@ -92,6 +92,8 @@ export class RabbitBroker implements Broker {
         `Subscription ${spec.name}: RabbitMQ subscriptions name their topics; "every topic" is for the outbox relay on PostgreSQL`,
       );
     }
+    const ignored = fairSharesIgnored(spec, 'RabbitMQ', 'a vhost');
+    if (ignored !== undefined) this.#settings.warn(ignored);
     await this.open();
     const deadline = Date.now() + this.#settings.connectTimeoutMs;
     await this.#checkPartitions(spec, deadline);
