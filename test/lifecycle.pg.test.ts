@@ -51,46 +51,6 @@ test('stop() during start(): the start completes or gives up, nothing is left ru
   await assert.rejects(bus.start(), /This bus was stopped/);
 });
 
-test('stop() past its grace aborts ctx.signal of a handler waiting on it: the stop ends, and the message goes to the next worker, not to dead letters', async (t) => {
-  const schema = await setup(t);
-  if (schema === undefined) return;
-  const backbone = () => postgres({ url: DATABASE_URL, schema, onWarning: () => undefined });
-  // No retry left by the policy: an attempt the stop ended must still not dead-letter its message.
-  const options = { retry: { immediate: 0, delayed: [] }, timeoutMs: 120_000 };
-  const first = createBus({ service: 'grace', backbone: backbone(), stopGraceMs: 300 });
-  let waiting = false;
-  let reason: unknown;
-  first.subscribe(
-    'grace',
-    Ticked,
-    async (_message, ctx) => {
-      waiting = true;
-      await new Promise((resolve) => ctx.signal.addEventListener('abort', resolve, { once: true }));
-      reason = ctx.signal.reason;
-      throw reason; // as fetch(url, { signal }) would
-    },
-    options,
-  );
-  await first.start();
-  await first.publish(Ticked, { key: 'k', seq: 1 });
-  await waitFor('the handler waiting on its signal', () => waiting);
-  const began = performance.now();
-  await first.stop();
-  const took = performance.now() - began;
-  assert.ok(reason instanceof Error && (reason as { code?: string }).code === 'STOPPED', `aborted by the stop, not by ${String(reason)}`);
-  assert.ok(took >= 290 && took < 20_000, `stop took ${took.toFixed(0)} ms with a grace of 300 ms`);
-
-  const second = createBus({ service: 'grace', backbone: backbone() });
-  t.after(() => second.stop());
-  const handled: Array<{ seq: number; attempt: number }> = [];
-  second.subscribe('grace', Ticked, (message, ctx) => void handled.push({ seq: message.data.seq, attempt: ctx.attempt }), options);
-  await second.start();
-  await waitFor('the message handled by the next worker', () => handled.length > 0, 30_000);
-  assert.deepEqual(handled, [{ seq: 1, attempt: 2 }], 'handled once more, its interrupted attempt counted');
-  const dead = await withClient(async (db) => (await db.query(`select count(*)::int as n from "${schema}".dead_letters`)).rows[0].n as number);
-  assert.equal(dead, 0);
-});
-
 /** A small pool: readStatus sends its statements at once. */
 async function withClient<T>(fn: (db: pg.Pool) => Promise<T>): Promise<T> {
   const pool = new pg.Pool({ connectionString: DATABASE_URL, max: 4 });

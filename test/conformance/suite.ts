@@ -436,12 +436,12 @@ export function conformance<Tx>(target: ConformanceTarget<Tx>): void {
       assert.ok(took >= 290 && took < 30_000, `stop took ${took.toFixed(0)} ms with a grace of 300 ms`);
 
       const second = newBus(namespace);
-      const handled: number[] = [];
-      second.subscribe('interrupted', Ticked, (message) => void handled.push(message.data.seq), options);
+      const handled: Array<{ seq: number; attempt: number }> = [];
+      second.subscribe('interrupted', Ticked, (message, ctx) => void handled.push({ seq: message.data.seq, attempt: ctx.attempt }), options);
       await second.start();
       await waitFor('the message handled by the next worker', () => handled.length > 0, 30_000);
       await sleep(200);
-      assert.deepEqual(handled, [1]);
+      assert.deepEqual(handled, [{ seq: 1, attempt: 2 }], 'handled once more, the interrupted attempt counted');
       assert.equal(await second.backbone.deadLetters().count({ subscription: 'interrupted' }), 0, 'not dead-lettered');
     });
 
