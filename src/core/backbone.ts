@@ -148,7 +148,7 @@ export interface SubscriptionSpec {
   readonly retry?: ResolvedRetry | undefined;
   /** Its handlers may touch every tenant's data (a backbone that enforces tenancy lets them). */
   readonly crossTenant?: boolean | undefined;
-  /** Fair shares of handler slots between tenants, for a backbone that schedules by tenant (PostgreSQL). */
+  /** Fair shares of handler slots between tenants, for a backbone that schedules by tenant (PostgreSQL, memory). */
   readonly tenantShares?: { readonly perTenant: number | undefined; readonly weights: Readonly<Record<string, number>> } | undefined;
 }
 

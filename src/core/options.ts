@@ -31,10 +31,10 @@ export interface SubscribeOptions {
   crossTenant?: boolean;
   /**
    * Keys of one tenant in flight at once within a batch (times its weight), so a tenant whose keys fill a
-   * batch leaves slots to the others; undefined: no cap. PostgreSQL (docs/tenancy.md, "Fair delivery").
+   * batch leaves slots to the others; undefined: no cap. PostgreSQL and memory (docs/tenancy.md, "Fair delivery").
    */
   tenantConcurrency?: number;
-  /** Tenants' shares of a batch's slots relative to each other (default 1 each): `{ acme: 3 }`. PostgreSQL. */
+  /** Tenants' shares of a batch's slots relative to each other (default 1 each): `{ acme: 3 }`. PostgreSQL and memory. */
   tenantWeights?: Record<string, number>;
 }
 

@@ -1,5 +1,6 @@
 import { EVERY_TOPIC, type SubscriptionSpec } from '../../core/backbone.ts';
 import { partitionOf } from '../../core/envelope.ts';
+import type { TenantSlots } from './fair.ts';
 import { KeyLine, Lane, type Entry, type GroupContext, type LaneHolder, type Stored } from './state.ts';
 
 /**
@@ -24,12 +25,15 @@ export class Group {
   outstanding = 0;
   /** The disagreement on topics last warned about (see #assignLanes). */
   #disagreement = '';
+  /** Ready keys are kept by tenant, for workers that share their slots between tenants (fair.ts). */
+  readonly #byTenant: boolean;
 
   constructor(spec: SubscriptionSpec, ctx: GroupContext) {
     this.name = spec.name;
     this.topics = [...spec.topics];
     this.partitions = spec.partitions;
     this.inbox = spec.inbox;
+    this.#byTenant = spec.tenantShares !== undefined;
     this.#ctx = ctx;
     this.#lanes = Array.from({ length: spec.partitions }, (_, index) => new Lane(index));
   }
@@ -174,11 +178,28 @@ export class Group {
     for (const worker of able) worker.schedule();
   }
 
-  /** The next key a worker may handle from one of its lanes, marked busy, with its head message. */
-  take(worker: LaneHolder): { line: KeyLine; entry: Entry } | undefined {
-    for (const lane of worker.readyLanes) {
+  /**
+   * The next key a worker may handle from one of its lanes, marked busy, with its head message: the lanes in
+   * turn, or with `slots` the key of the tenant furthest behind its share, among those under their cap.
+   */
+  take(worker: LaneHolder, slots?: TenantSlots): { line: KeyLine; entry: Entry } | undefined {
+    for (;;) {
+      let lane: Lane | undefined;
+      let tenant: string | undefined;
+      if (slots === undefined || !this.#byTenant) lane = worker.readyLanes.values().next().value;
+      else {
+        let best = Number.POSITIVE_INFINITY;
+        for (const candidate of worker.readyLanes) {
+          for (const name of candidate.ready.tenants()) {
+            const priority = slots.priority(name);
+            if (priority !== undefined && priority < best) [best, lane, tenant] = [priority, candidate, name];
+          }
+        }
+      }
+      // None, or every tenant with a ready key is at its cap: a key that ends makes room.
+      if (lane === undefined) return undefined;
       worker.readyLanes.delete(lane);
-      const line = lane.ready.shift();
+      const line = lane.ready.shift(tenant);
       // Round robin between lanes: one with more ready keys goes to the back of the worker's list.
       if (lane.ready.length > 0) worker.readyLanes.add(lane);
       if (line === undefined) continue;
@@ -188,7 +209,6 @@ export class Group {
       line.busy = true;
       return { line, entry };
     }
-    return undefined;
   }
 
   /**
@@ -242,7 +262,7 @@ export class Group {
     if (line.ready || line.busy || line.retryAt !== 0 || line.pending.length === 0) return;
     line.ready = true;
     const lane = line.lane;
-    lane.ready.push(line);
+    lane.ready.push(this.#byTenant ? (line.pending.peek()!.message.envelope.tenant ?? '') : '', line);
     if (lane.ready.length === 1 && lane.owner !== undefined) {
       lane.owner.readyLanes.add(lane);
       lane.owner.schedule();

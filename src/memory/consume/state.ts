@@ -3,6 +3,7 @@ import type { AttemptRecord } from '../../core/backbone.ts';
 import type { Clock, ClockTimer } from '../../core/clock.ts';
 import type { Envelope } from '../../core/envelope.ts';
 import { Deque } from '../deque.ts';
+import { ReadyKeys } from './fair.ts';
 import type { MemoryTransaction } from '../transaction.ts';
 import type { BackboneObserver } from '../../telemetry/observer.ts';
 
@@ -71,8 +72,8 @@ export class KeyLine {
 /** One partition of a subscription; a worker holds it while it runs. */
 export class Lane {
   readonly keys = new Map<string, KeyLine>();
-  /** Keys with a message that can be handled now, in the order they became ready. */
-  readonly ready = new Deque<KeyLine>();
+  /** Keys with a message that can be handled now, in the order they became ready (by tenant, if fair). */
+  readonly ready = new ReadyKeys();
   owner: LaneHolder | undefined;
   constructor(readonly index: number) {}
 }

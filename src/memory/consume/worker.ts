@@ -2,6 +2,7 @@ import { AsyncResource } from 'node:async_hooks';
 import { runAttempts } from '../../core/attempts.ts';
 import type { Consumer, DeliveryHandler, SubscriptionSpec } from '../../core/backbone.ts';
 import type { MemoryTransaction } from '../transaction.ts';
+import { TenantSlots } from './fair.ts';
 import type { Group } from './group.ts';
 import type { Entry, GroupContext, KeyLine, Lane, LaneHolder } from './state.ts';
 
@@ -29,6 +30,8 @@ export class MemoryWorker implements Consumer, LaneHolder {
   #dispatched = 0;
   #stopping = false;
   #stopped: Promise<void> | undefined;
+  /** With `tenantConcurrency` or `tenantWeights`: the slots shared between tenants. */
+  readonly #slots: TenantSlots | undefined;
 
   constructor(group: Group, spec: SubscriptionSpec, handle: DeliveryHandler<MemoryTransaction>, ctx: GroupContext) {
     this.topics = spec.topics;
@@ -36,6 +39,7 @@ export class MemoryWorker implements Consumer, LaneHolder {
     this.#spec = spec;
     this.#handle = handle;
     this.#ctx = ctx;
+    this.#slots = spec.tenantShares === undefined ? undefined : new TenantSlots(spec.tenantShares);
   }
 
   /** Pumps on a later turn of the event loop (coalesced). */
@@ -58,8 +62,9 @@ export class MemoryWorker implements Consumer, LaneHolder {
         this.schedule();
         break;
       }
-      const next = this.#group.take(this);
+      const next = this.#group.take(this, this.#slots);
       if (next === undefined) break;
+      this.#slots?.started(next.entry.message.envelope.tenant ?? '');
       this.#dispatched++;
       this.#inFlight++;
       taken.push(next);
@@ -111,6 +116,7 @@ export class MemoryWorker implements Consumer, LaneHolder {
       } else if (result.kind === 'retry') how = 'again';
     } finally {
       this.#inFlight--;
+      this.#slots?.ended(entry.message.envelope.tenant ?? '');
       group.release(line, entry, how, delayMs);
       if (!this.#stopping) this.#pump();
     }
