@@ -3,10 +3,11 @@ import assert from 'node:assert/strict';
 import { AsyncLocalStorage } from 'node:async_hooks';
 import { test } from 'node:test';
 import { z } from 'zod';
-import { createBus, defineEvent, retryLater, TidingsError, type Bus } from '../src/index.ts';
+import { createBus, defineEvent, retryLater, TidingsError, type Bus, type SubscribeOptions } from '../src/index.ts';
 import type { Clock } from '../src/core/clock.ts';
 import { memory, MemoryTransaction, type MemoryBackbone } from '../src/memory/index.ts';
 import { Ticked, ticksSeen } from './fixtures/contracts.ts';
+import { noisyBacklogRun } from './fixtures/fairness.ts';
 import { sleep, waitFor } from './helpers.ts';
 
 const Shipped = defineEvent('test.shipped', {
@@ -691,43 +692,7 @@ test("a scheduled message is never handled before its due time, even when the ti
 });
 
 test("fair shares on the memory backbone: a noisy tenant's backlog gets its share of the slots, the quiet tenants the rest; weights, per-key order", async (t) => {
-  const quiet = ['q1', 'q2', 'q3', 'q4', 'q5', 'q6'];
-  /** A noisy tenant's backlog (8 keys x 10 messages) queued ahead of one message per quiet tenant. */
-  const run = async (options: { tenantConcurrency?: number; tenantWeights?: Record<string, number> }) => {
-    const bus = busOn(t);
-    const order = new Map<string, number[]>();
-    let noisyHandled = 0;
-    let quietHandled = 0;
-    let noisyBeforeQuiet = 0;
-    let noisyRunning = 0;
-    let peakNoisy = 0;
-    bus.subscribe(
-      'fair',
-      Ticked,
-      async (message) => {
-        const noisy = message.tenant === 'noisy';
-        if (noisy) peakNoisy = Math.max(peakNoisy, ++noisyRunning);
-        await sleep(noisy ? 15 : 1);
-        if (noisy) {
-          noisyRunning--;
-          noisyHandled++;
-        } else if (++quietHandled === quiet.length) noisyBeforeQuiet = noisyHandled;
-        order.set(message.key, [...(order.get(message.key) ?? []), message.data.seq]);
-      },
-      { partitions: 2, concurrency: 4, startFrom: 'beginning', ...options },
-    );
-    for (let seq = 1; seq <= 10; seq++)
-      await bus.publishMany(
-        Ticked,
-        Array.from({ length: 8 }, (_, key) => ({ key: `noisy-${key}`, seq })),
-        { tenant: 'noisy' },
-      );
-    for (const tenant of quiet) await bus.publish(Ticked, { key: tenant, seq: 1 }, { tenant });
-    await bus.start();
-    await waitFor('every message', () => noisyHandled === 80 && quietHandled === quiet.length);
-    for (const [key, seqs] of order) if (key.startsWith('noisy')) assert.deepEqual(seqs, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], `${key} in order`);
-    return { noisyBeforeQuiet, peakNoisy };
-  };
+  const run = (options: SubscribeOptions) => noisyBacklogRun(busOn(t), { partitions: 2, ...options });
   const fair = await run({ tenantConcurrency: 1 });
   assert.equal(fair.peakNoisy, 1, 'one noisy key in flight at a time');
   assert.ok(fair.noisyBeforeQuiet <= 4, `${fair.noisyBeforeQuiet} noisy messages were handled before the last quiet one`);
