@@ -36,6 +36,7 @@ function cursor(partition: number, lag: number, leaseRemainingMs = 5_000): Parti
     lag,
     oldestUnprocessedAgeMs: lag > 0 ? 1_500 : null,
     updatedAt: '2026-01-01T00:00:00Z',
+    readApart: [],
   };
 }
 
@@ -51,6 +52,7 @@ function subscription(name: string, lag: number, extra: Partial<SubscriptionStat
     heldMessages: 0,
     deadLetters: 0,
     cursors: [cursor(0, lag), cursor(1, 0), cursor(2, 0), cursor(3, 0)],
+    readApart: [],
     workers: [worker],
     disagreements: [],
     ...extra,
@@ -61,7 +63,7 @@ const status: Status = {
   schema: 'shop',
   at: '2026-01-01T00:00:00Z',
   subscriptions: [
-    subscription('billing.charge-orders', 7),
+    subscription('billing.charge-orders', 7, { readApart: ['acme'] }),
     subscription('shipping.ship-paid-orders', 0, { heldKeys: 1, heldMessages: 2, deadLetters: 1 }),
     subscription('replica.credentials-gw1.replies', 0),
     subscription('replica-source.identity.users', 0),
@@ -78,6 +80,8 @@ test('status is compact: detail only where something needs a look, replica plumb
   assert.match(text, /\nshipping\.ship-paid-orders: 4 partitions; 1 key held for a retry \(2 messages\)\n/);
   assert.match(text, /\(and 2 replica request\/reply subscriptions, all caught up, 80 handled: --verbose shows them\)/);
   assert.doesNotMatch(text, /replica\.credentials-gw1\.replies/);
+  assert.match(text, /\nbilling\.charge-orders: read apart by fair delivery \(more than their share of a read\): acme\n/);
+  assert.equal(text.match(/read apart/g)?.length, 1, 'only where a tenant is');
   assert.match(text, /1 dead letter: tidings dead-letters list --group/);
   const verbose = renderStatus(status, 'postgres://db/shop', { verbose: true, width: undefined, style: plain });
   assert.match(verbose, /replica\.credentials-gw1\.replies/);

@@ -173,6 +173,10 @@ test('fair reads: kill -9 of the consumer mid-backlog while a tenant is split of
       const status = await readStatus(db, { schema, subscription: 'ordered' });
       const done = Number((await db.query(`select count(*)::int as n from "${schema}".effects`)).rows[0].n);
       assert.equal(status.subscriptions[0]!.lag, published.size - done, 'lag counts every message not handled');
+      // And it names the tenant read apart, while one is (it joins back once caught up).
+      const apart =
+        (await db.query(`select bool_or(tenants ? 'noisy') as apart from "${schema}".cursors where subscription = 'ordered'`)).rows[0].apart === true;
+      assert.deepEqual(status.subscriptions[0]!.readApart, apart ? ['noisy'] : []);
       worker = await startProcess('worker', env);
     }
     await publishQuiet();

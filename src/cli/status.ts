@@ -93,6 +93,12 @@ export function renderStatus(status: Status, where: string, view: StatusView): s
       );
     }
   }
+  // Fair delivery at work: who is read apart is who floods the subscription.
+  for (const sub of status.subscriptions) {
+    if (sub.readApart.length === 0) continue;
+    const tenants = sub.readApart.length > 10 ? `${sub.readApart.slice(0, 10).join(', ')} and ${sub.readApart.length - 10} more` : sub.readApart.join(', ');
+    lines.push('', `${sub.name}: read apart by fair delivery (more than their share of a read): ${tenants}`);
+  }
   for (const sub of status.subscriptions) {
     const found = troubles(sub);
     if (!view.verbose && (found.length === 0 || (quietPlumbing && isReplicaPlumbing(sub.name)))) continue;

@@ -23,6 +23,11 @@ export interface PartitionStatus {
   /** Age of the oldest of them (by publication time), null when there is none. */
   readonly oldestUnprocessedAgeMs: number | null;
   readonly updatedAt: string;
+  /**
+   * Tenants read from a cursor of their own (fair delivery: each took more than its share of a read, and its
+   * backlog is read beside the others' messages, docs/tenancy.md); usually the noisy ones.
+   */
+  readonly readApart: string[];
 }
 
 export interface WorkerStatus {
@@ -55,6 +60,8 @@ export interface SubscriptionStatus {
   readonly heldMessages: number;
   readonly deadLetters: number;
   readonly cursors: PartitionStatus[];
+  /** The tenants any of its partitions reads apart (see PartitionStatus.readApart). */
+  readonly readApart: string[];
   readonly workers: WorkerStatus[];
   /**
    * Live workers that lack a handler for some of the subscription's topics (a rolling deploy that adds or
@@ -97,6 +104,7 @@ export async function readStatus(db: Queryable, options: StatusOptions): Promise
         lag: string | number;
         oldest_ms: number | string | null;
         updated_at: Date | string;
+        read_apart: string[];
       }>(sql.cursors, [only]),
       db.query<{
         id: string;
@@ -139,6 +147,7 @@ export async function readStatus(db: Queryable, options: StatusOptions): Promise
             // Publication times come from the publishers' clocks: never report a negative age.
             oldestUnprocessedAgeMs: row.oldest_ms === null ? null : Math.max(0, Math.round(Number(row.oldest_ms))),
             updatedAt: iso(row.updated_at),
+            readApart: row.read_apart,
           }),
         );
       const ages = own.map((cursor) => cursor.oldestUnprocessedAgeMs).filter((age): age is number => age !== null);
@@ -153,6 +162,7 @@ export async function readStatus(db: Queryable, options: StatusOptions): Promise
         heldMessages: heldBy.get(sub.name)?.messages ?? 0,
         deadLetters: deadBy.get(sub.name) ?? 0,
         cursors: own,
+        readApart: [...new Set(own.flatMap((cursor) => cursor.readApart))].sort(),
         workers: allWorkers.filter((worker) => worker.subscription === sub.name),
         disagreements: allWorkers
           .filter((worker) => worker.subscription === sub.name && worker.live && worker.topics !== null && !worker.topics.includes('*'))

@@ -42,7 +42,8 @@ export function statusStatements(schema: string) {
     subscriptions: `select name, topics, partitions from ${s}.subscriptions where $1::text is null or name = $1 order by name`,
     cursors: `select c.subscription, c.partition, c.owner, c.epoch::text as epoch, c.lease_expires_at,
             (extract(epoch from c.lease_expires_at - now()) * 1000)::float8 as lease_remaining_ms,
-            c.handled::int8 as handled, lag.lag, (extract(epoch from now() - lag.oldest) * 1000)::float8 as oldest_ms, c.updated_at
+            c.handled::int8 as handled, lag.lag, (extract(epoch from now() - lag.oldest) * 1000)::float8 as oldest_ms, c.updated_at,
+            array(select jsonb_object_keys(coalesce(c.tenants, '{}'::jsonb)) order by 1) as read_apart
           from ${s}.cursors c join ${s}.subscriptions sub on sub.name = c.subscription
           ${lagJoin(s)}
           where $1::text is null or c.subscription = $1
