@@ -73,11 +73,33 @@ export class RowCache<Row> {
     tenants.add(entry.tenant);
   }
 
-  /** Replaces every row with what `read` returns; entries remembered while it reads win if newer. */
+  /**
+   * From now on, what is remembered is kept for the next `reload`, as if it came while that reload read: a
+   * rebuild starts it before it fills the new table, so that rows applied while it runs, and committed
+   * only after the reload's read, are not lost to memory.
+   */
+  capture(): void {
+    this.#reloading ??= [];
+  }
+
+  /** Stops a capture with no reload after it (a rebuild that failed). */
+  release(): void {
+    this.#reloading = undefined;
+  }
+
+  /**
+   * Replaces every row with what `read` returns; entries remembered while it reads (or since `capture`) win if
+   * newer, and so does a row memory already holds at a newer version than the table's: memory runs ahead of
+   * the table by the batch being acknowledged, whose commit may come after the read's snapshot.
+   */
   async reload(read: () => Promise<Array<[string, Entry<Row>]>>): Promise<void> {
-    this.#reloading = [];
+    this.#reloading ??= [];
     try {
       const fresh = new Map((await read()).map(([key, entry]) => [identity(entry.tenant, key), [key, entry] as [string, Entry<Row>]]));
+      for (const [id, [key, entry]] of fresh) {
+        const held = this.#rows.get(id);
+        if (held !== undefined && held.version > entry.version) fresh.set(id, [key, held]);
+      }
       for (const [key, entry] of this.#reloading) {
         const have = fresh.get(identity(entry.tenant, key));
         if (have === undefined || have[1].version < entry.version) fresh.set(identity(entry.tenant, key), [key, entry]);

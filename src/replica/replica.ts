@@ -476,7 +476,14 @@ export class SchemaReplica<Row> implements Replica<Row> {
 
   async #rebuild(options: { onProgress?: (progress: RebuildProgress) => void }): Promise<RebuildReport> {
     await this.ready();
-    const report = await rebuild({ ...this.#parts(), pageSize: this.#options.pageSize }, options.onProgress);
+    if (this.#options.memory) this.#cache.capture();
+    let report: RebuildReport;
+    try {
+      report = await rebuild({ ...this.#parts(), pageSize: this.#options.pageSize }, options.onProgress);
+    } catch (error) {
+      this.#cache.release();
+      throw error;
+    }
     if (this.#options.memory) await this.#cache.reload(() => this.#tables.all());
     this.#counts.rebuilds++;
     return report;
