@@ -3,10 +3,10 @@
  * event), alone, or beside a noisy tenant whose backlog is stored before the subscription starts and who
  * publishes at a high rate meanwhile (a `publishMany` every 20 ms); with the subscription's fairness off
  * (`tenantConcurrency` unset) or on (`tenantConcurrency: 1`: fair reads, so the backlog is read beside the
- * quiet tenants' messages, and fair handler slots; docs/tenancy.md); or with the noisy tenant's events on a topic and subscription
- * of their own in the same process (`isolated`: the machine as loaded, nothing shared: what a queue per
- * tenant would give at best). The publishers run in a process of their
- * own (fairness-publishers.ts), the subscription in this one, as services run. Measured: the quiet tenants'
+ * quiet tenants' messages, and fair handler slots; docs/tenancy.md); or with the noisy tenant's events on a
+ * topic and subscription of their own in the same process (`isolated`: the machine as loaded, nothing
+ * shared: what a queue per tenant would give at best). The publishers run in a process of their own
+ * (fairness-publishers.ts), the subscription in this one, as services run. Measured: the quiet tenants'
  * latency, publish call -> handler start, on the machine's monotonic clock (and the publish call alone: how
  * much of it is the publishing side), and from the publish call's return to handler start (delivery alone:
  * what fair delivery controls; the publish call waits for a database the noisy tenant's writes keep busy,

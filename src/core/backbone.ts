@@ -125,6 +125,24 @@ export function fairSharesIgnored(spec: SubscriptionSpec, backbone: 'RabbitMQ' |
   return `Subscription ${spec.name}: tenantConcurrency and tenantWeights apply on PostgreSQL only, and are ignored on ${backbone}; to keep a noisy tenant from holding up the others there, give each tenant ${ownPlace} of its own with tenantStamps (docs/tenancy.md, "A backbone per tenant")`;
 }
 
+/** Fair shares of handler slots between tenants: the subscription options `tenantConcurrency` and `tenantWeights`. */
+export interface TenantShares {
+  /** Keys of one tenant in flight at once (times its weight); undefined: no cap. */
+  readonly perTenant: number | undefined;
+  /** A tenant's share relative to the others' (1 unless named). */
+  readonly weights: Readonly<Record<string, number>>;
+}
+
+/** A tenant's weight (1 unless named; never 0, so that every tenant keeps a turn). */
+export function shareWeight(shares: TenantShares, tenant: string): number {
+  return Math.max(shares.weights[tenant] ?? 1, 0.001);
+}
+
+/** How many keys a tenant of `weight` may have in flight at once (at least 1; infinite without a cap). */
+export function shareCap(shares: TenantShares, weight: number): number {
+  return shares.perTenant === undefined ? Number.POSITIVE_INFINITY : Math.max(1, Math.floor(shares.perTenant * weight));
+}
+
 export interface SubscriptionSpec {
   readonly name: string;
   /** Topic names, or `[EVERY_TOPIC]`. */
@@ -149,7 +167,7 @@ export interface SubscriptionSpec {
   /** Its handlers may touch every tenant's data (a backbone that enforces tenancy lets them). */
   readonly crossTenant?: boolean | undefined;
   /** Fair shares of handler slots between tenants, for a backbone that schedules by tenant (PostgreSQL, memory). */
-  readonly tenantShares?: { readonly perTenant: number | undefined; readonly weights: Readonly<Record<string, number>> } | undefined;
+  readonly tenantShares?: TenantShares | undefined;
 }
 
 export type { AttemptRecord } from './errors.ts';

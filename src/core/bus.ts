@@ -290,8 +290,9 @@ export class Bus<Tx = unknown> {
   /**
    * Graceful: finishes in-flight handlers, acknowledges them, releases leases, then closes the backbone.
    * Handlers still running after `stopGraceMs` (default 10 s) see their `ctx.signal` aborted (a STOPPED
-   * error), so one that waits on it ends; its message is delivered again later. Every call gets the same promise, so a SIGINT and a SIGTERM handler, or a framework's hook and your
-   * own, may both call it (test/lifecycle.pg.test.ts).
+   * error), so one that waits on it ends; its message is delivered again later. Every call gets the same
+   * promise, so a SIGINT and a SIGTERM handler, or a framework's hook and your own, may both call it
+   * (test/lifecycle.pg.test.ts).
    */
   stop(): Promise<void> {
     this.#stopped ??= this.#stop();

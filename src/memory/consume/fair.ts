@@ -1,3 +1,4 @@
+import { shareCap, shareWeight, type TenantShares } from '../../core/backbone.ts';
 import { Deque } from '../deque.ts';
 import type { KeyLine } from './state.ts';
 
@@ -51,27 +52,22 @@ export class ReadyKeys {
  * level with the tenants present, so it is not owed the turns it was not there for.
  */
 export class TenantSlots {
-  readonly #perTenant: number | undefined;
-  readonly #weights: Readonly<Record<string, number>>;
   readonly #tenants = new Map<string, { running: number; started: number; weight: number }>();
 
-  constructor(shares: { readonly perTenant: number | undefined; readonly weights: Readonly<Record<string, number>> }) {
-    this.#perTenant = shares.perTenant;
-    this.#weights = shares.weights;
-  }
+  constructor(private readonly shares: TenantShares) {}
 
   /** How far behind its share `tenant` is (lower goes first), or undefined if it is at its cap. */
   priority(tenant: string): number | undefined {
     const state = this.#tenants.get(tenant);
     if (state === undefined) return this.#level();
-    if (this.#perTenant !== undefined && state.running >= Math.max(1, Math.floor(this.#perTenant * state.weight))) return undefined;
+    if (state.running >= shareCap(this.shares, state.weight)) return undefined;
     return state.started / state.weight;
   }
 
   started(tenant: string): void {
     let state = this.#tenants.get(tenant);
     if (state === undefined) {
-      const weight = this.#weightOf(tenant);
+      const weight = shareWeight(this.shares, tenant);
       this.#tenants.set(tenant, (state = { running: 0, started: this.#level() * weight, weight }));
     }
     state.running++;
@@ -91,9 +87,5 @@ export class TenantSlots {
     let level: number | undefined;
     for (const state of this.#tenants.values()) level = Math.min(level ?? Number.POSITIVE_INFINITY, state.started / state.weight);
     return level ?? 0;
-  }
-
-  #weightOf(tenant: string): number {
-    return Math.max(this.#weights[tenant] ?? 1, 0.001);
   }
 }

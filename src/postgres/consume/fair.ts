@@ -6,27 +6,21 @@
  * for its weight (weighted round robin), never to one that already has `perTenant x weight` keys in flight
  * while another waits. A key is one item: its messages stay in order, one at a time.
  */
-interface FairShares {
-  /** Keys of one tenant in flight at once (times its weight); undefined: no cap. */
-  readonly perTenant?: number | undefined;
-  /** A tenant's share relative to others (default 1): twice the slots for 2. */
-  readonly weights?: Readonly<Record<string, number>> | undefined;
-}
+import { shareCap, shareWeight, type TenantShares } from '../../core/backbone.ts';
 
 /** Runs `fn` on every item, `limit` at once, sharing the slots fairly between the items' tenants. Throws the first error, after all ran. */
 async function forEachFair<T>(
   items: readonly T[],
   limit: number,
   tenantOf: (item: T) => string,
-  shares: FairShares,
+  shares: TenantShares,
   fn: (item: T) => Promise<void>,
 ): Promise<void> {
   const queues = new Map<string, { items: T[]; next: number; started: number; running: number; weight: number }>();
   for (const item of items) {
     const tenant = tenantOf(item);
     let queue = queues.get(tenant);
-    if (queue === undefined)
-      queues.set(tenant, (queue = { items: [], next: 0, started: 0, running: 0, weight: Math.max(shares.weights?.[tenant] ?? 1, 0.001) }));
+    if (queue === undefined) queues.set(tenant, (queue = { items: [], next: 0, started: 0, running: 0, weight: shareWeight(shares, tenant) }));
     queue.items.push(item);
   }
   const errors: unknown[] = [];
@@ -38,7 +32,7 @@ async function forEachFair<T>(
     let best: (typeof queues extends Map<string, infer Q> ? Q : never) | undefined;
     for (const queue of queues.values()) {
       if (queue.next >= queue.items.length) continue;
-      if (shares.perTenant !== undefined && queue.running >= Math.max(1, Math.floor(shares.perTenant * queue.weight))) continue;
+      if (queue.running >= shareCap(shares, queue.weight)) continue;
       if (best === undefined || queue.started / queue.weight < best.started / best.weight) best = queue;
     }
     if (best === undefined) return undefined;
@@ -83,7 +77,7 @@ export function forEachSlot<T>(
   items: readonly T[],
   limit: number,
   tenantOf: (item: T) => string,
-  shares: FairShares | undefined,
+  shares: TenantShares | undefined,
   fn: (item: T) => Promise<void>,
 ): Promise<void> {
   return shares === undefined ? forEachLimit(items, limit, fn) : forEachFair(items, limit, tenantOf, shares, fn);
